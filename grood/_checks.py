@@ -1,0 +1,125 @@
+"""Input validation and array conversion shared by the public API.
+
+Every public entry point turns user input into a torch tensor *view* (no copy where the input is
+already a tensor or a numpy array of a supported dtype), validates it here, and remembers the
+input's kind so results can be handed back as the same type. Nothing here writes into the
+caller's memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a detector is used before ``fit``."""
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """Where an input came from, so an output can be returned as the same type."""
+
+    is_numpy: bool
+    device: torch.device
+
+    def wrap(self, x: Tensor) -> Any:
+        """Return ``x`` as a numpy array or as a tensor on the input's device."""
+        if self.is_numpy:
+            return x.detach().cpu().numpy()
+        return x.to(self.device)
+
+
+def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
+    """View ``x`` (tensor, numpy array or nested sequence) as a tensor without copying."""
+    if isinstance(x, Tensor):
+        if x.requires_grad:
+            x = x.detach()
+        return x, ArrayKind(False, x.device)
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise TypeError(f"{name} must be a numeric array, got an array of Python objects")
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        with warnings.catch_warnings():
+            # Read-only arrays (memory maps, np.load(..., mmap_mode="r")) are only ever read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            if any(st < 0 for st in arr.strides):
+                arr = np.ascontiguousarray(arr)  # torch cannot view negative strides
+            try:
+                t = torch.from_numpy(arr)
+            except TypeError as exc:
+                raise TypeError(f"{name} has unsupported dtype {arr.dtype}") from exc
+        return t, ArrayKind(True, torch.device("cpu"))
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+
+
+def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None) -> None:
+    """Check that ``x`` is a non-empty floating-point matrix ``[N, D]``."""
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be floating point (float16, bfloat16, float32 or float64), "
+            f"got {str(x.dtype).removeprefix('torch.')}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has no rows")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns")
+    if n_cols is not None and x.shape[1] != n_cols:
+        raise ValueError(
+            f"{name} has {x.shape[1]} columns but the detector was fitted on {n_cols} features"
+        )
+
+
+def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:
+    """Raise naming the rows of ``x`` that hold NaN or Inf."""
+    finite = torch.isfinite(x)
+    if x.ndim == 2:
+        finite = finite.all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten()
+    shown = ", ".join(str(int(i) + row_offset) for i in bad[:5])
+    more = f" (first 5 of {bad.numel()})" if bad.numel() > 5 else ""
+    raise ValueError(f"{name} contains NaN or Inf in row(s) {shown}{more}")
+
+
+def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None) -> None:
+    """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids."""
+    if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
+        raise TypeError(
+            f"{name} must hold integer class ids, got dtype {str(y.dtype).removeprefix('torch.')}"
+        )
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}")
+    if y.shape[0] != n_rows:
+        raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
+    if n_rows == 0:
+        raise ValueError(f"{name} is empty")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise ValueError(f"{name} must be >= 0, found {lo}")
+    if n_classes is not None and hi >= n_classes:
+        raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batches(n: int, batch_size: int):
+    """Yield ``(start, stop)`` pairs covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)

@@ -1,0 +1,209 @@
+"""Standard OOD baselines with GROOD's interface, for comparisons on the same inputs.
+
+All of them follow the scikit-learn outlier-estimator shape — ``fit(X, y=None)`` returns
+``self``, ``score_samples(X)`` returns one score per row, **higher = more in-distribution** —
+and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs`` says what
+``X`` is: the classifier's ``"logits"`` or its penultimate ``"features"``.
+
+* :class:`MSP` — maximum softmax probability (Hendrycks & Gimpel, ICLR 2017).
+* :class:`Energy` — negative free energy ``T * logsumexp(logits / T)`` (Liu et al., NeurIPS 2020).
+* :class:`KNN` — distance to the k-th nearest L2-normalised training feature (Sun et al.,
+  ICML 2022).
+* :class:`Mahalanobis` — minimum Mahalanobis distance to the class means under one shared
+  covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from grood import ops
+from grood._checks import (
+    NotFittedError,
+    as_tensor,
+    batches,
+    check_finite_rows,
+    check_labels,
+    check_matrix,
+)
+from grood.functional import class_prototypes
+
+
+class _Baseline:
+    inputs: ClassVar[str]
+    name: ClassVar[str]
+
+    def _read(self, x: Any, *, fitting: bool = False) -> tuple[Tensor, Any]:
+        if not fitting and not hasattr(self, "n_features_in_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit()")
+        t, kind = as_tensor(x, self.inputs)
+        check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
+        check_finite_rows(t, self.inputs)
+        return t, kind
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class MSP(_Baseline):
+    """Maximum softmax probability of the logits.
+
+    Args:
+        temperature (float): softmax temperature.
+    """
+
+    inputs = "logits"
+    name = "MSP"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def fit(self, logits: Any, labels: Any = None) -> MSP:
+        """Record the number of classes; nothing is learned."""
+        x, _ = self._read(logits, fitting=True)
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def score_samples(self, logits: Any) -> Any:
+        """``max softmax(logits / T)``, shape [N]."""
+        x, kind = self._read(logits)
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return kind.wrap(torch.softmax(x / self.temperature, dim=1).amax(dim=1))
+
+
+class Energy(_Baseline):
+    """Negative free energy of the logits.
+
+    Args:
+        temperature (float): energy temperature T.
+    """
+
+    inputs = "logits"
+    name = "Energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def fit(self, logits: Any, labels: Any = None) -> Energy:
+        """Record the number of classes; nothing is learned."""
+        x, _ = self._read(logits, fitting=True)
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def score_samples(self, logits: Any) -> Any:
+        """``T * logsumexp(logits / T)``, shape [N]."""
+        x, kind = self._read(logits)
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        t = self.temperature
+        return kind.wrap(t * torch.logsumexp(x / t, dim=1))
+
+
+def _normalise(x: Tensor) -> Tensor:
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class KNN(_Baseline):
+    """Deep nearest neighbours on L2-normalised features.
+
+    Args:
+        k (int): which neighbour's distance scores a sample (Sun et al. use 50 on CIFAR-10).
+        backend (str): backend of the nearest-neighbour search (see :mod:`grood.ops`).
+        batch_size (int): queries per search batch.
+    """
+
+    inputs = "features"
+    name = "KNN"
+
+    def __init__(self, k: int = 50, backend: str = "auto", batch_size: int = 4096) -> None:
+        self.k = k
+        self.backend = backend
+        self.batch_size = batch_size
+
+    def fit(self, features: Any, labels: Any = None) -> KNN:
+        """Store the normalised training features."""
+        x, _ = self._read(features, fitting=True)
+        if not 1 <= self.k <= x.shape[0]:
+            raise ValueError(f"k={self.k} needs 1 <= k <= {x.shape[0]} training samples")
+        self.train_features_ = _normalise(x)
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def score_samples(self, features: Any) -> Any:
+        """Minus the Euclidean distance to the k-th nearest training feature, shape [N]."""
+        x, kind = self._read(features)
+        q = _normalise(x).to(self.train_features_.device)
+        out = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        for r0, r1 in batches(q.shape[0], self.batch_size):
+            dist, _ = ops.knn(q[r0:r1], self.train_features_, self.k, backend=self.backend)
+            out[r0:r1] = -dist[:, self.k - 1].sqrt()
+        return kind.wrap(out)
+
+
+class Mahalanobis(_Baseline):
+    """Minimum Mahalanobis distance to the class means with one shared (tied) covariance.
+
+    The covariance is the within-class scatter over all training samples; its pseudo-inverse
+    is applied by whitening (eigenvectors with eigenvalues above ``rcond * max``), so the
+    search for the nearest class mean is a plain L2 search in whitened space.
+
+    Args:
+        rcond (float): relative cut-off for small eigenvalues of the covariance.
+        backend (str): backend of the nearest-mean search.
+        batch_size (int): rows per batch while fitting and scoring.
+    """
+
+    inputs = "features"
+    name = "Mahalanobis"
+
+    def __init__(self, rcond: float = 1e-10, backend: str = "auto",
+                 batch_size: int = 4096) -> None:
+        self.rcond = rcond
+        self.backend = backend
+        self.batch_size = batch_size
+
+    def fit(self, features: Any, labels: Any) -> Mahalanobis:
+        """Fit class means and the shared covariance (float64, streamed over batches)."""
+        x, _ = self._read(features, fitting=True)
+        y, _ = as_tensor(labels, "labels")
+        check_labels(y, "labels", x.shape[0])
+        n, d = x.shape
+        n_classes = int(y.max()) + 1
+        state = None
+        scatter = torch.zeros((d, d), dtype=torch.float64, device=x.device)
+        for r0, r1 in batches(n, self.batch_size):
+            xb = x[r0:r1].to(torch.float64)
+            state = class_prototypes(xb, y[r0:r1], n_classes, state=state)
+            scatter += xb.T @ xb
+        means = state.prototypes(torch.float64)
+        counts = state.counts.to(torch.float64)
+        cov = (scatter - (means.T * counts) @ means) / n
+        evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+        keep = evals > self.rcond * evals.max().clamp_min(0)
+        if not bool(keep.any()):
+            raise ValueError("the features have zero within-class variance")
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        whitening = evecs[:, keep] / evals[keep].sqrt()  # [D, r]
+        # Whiten around the overall mean, so float32 scoring does not cancel large offsets.
+        center = state.sums.sum(0) / n
+        self.center_ = center.to(dt)
+        self.whitening_ = whitening.to(dt)
+        self.class_means_ = means.to(dt)
+        self.whitened_means_ = ((means - center) @ whitening).to(dt)  # [C, r]
+        self.n_features_in_ = d
+        return self
+
+    def score_samples(self, features: Any) -> Any:
+        """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]."""
+        x, kind = self._read(features)
+        dev = self.whitening_.device
+        out = torch.empty(x.shape[0], dtype=self.whitening_.dtype, device=dev)
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            z = (x[r0:r1].to(device=dev, dtype=self.whitening_.dtype) - self.center_) @ self.whitening_
+            dist, _ = ops.knn(z, self.whitened_means_, 1, backend=self.backend)
+            out[r0:r1] = -dist[:, 0]
+        return kind.wrap(out)

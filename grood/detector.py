@@ -1,0 +1,397 @@
+"""The GROOD detector: fit on training features, score new features (higher = in-distribution)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from grood import ops
+from grood._checks import (
+    NotFittedError,
+    as_tensor,
+    batches,
+    check_finite_rows,
+    check_labels,
+    check_matrix,
+    compute_dtype,
+)
+from grood.functional import class_prototypes
+from grood.index import ExactIndex
+from grood.prototypes import (
+    OODPrototypeSource,
+    PrototypeContext,
+    resolve_source,
+    source_from_config,
+)
+
+FILE_FORMAT = "grood.GROOD"
+FILE_FORMAT_VERSION = 1
+_TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype", "index.vectors")
+
+
+class GROOD:
+    """Gradient-aware out-of-distribution detector (ElAraby et al., arXiv 2312.14427).
+
+    Fitting builds class prototypes (mean training feature per class) and an OOD prototype,
+    then indexes the gradient of the nearest-class-prototype softmax loss with respect to the
+    OOD prototype for every training sample the classifier gets right. A new sample's score is
+    minus the squared L2 distance from its gradient to the k-th nearest indexed gradient.
+
+    **Scores are higher for in-distribution samples** (as scikit-learn's ``score_samples``).
+
+    Args:
+        ood_prototype (str | OODPrototypeSource): how to make the OOD prototype: ``"mean"`` (mean
+            of the class prototypes, the default), ``"features"`` (mean of the ``ood_features``
+            given to ``fit``), or a source object (see :mod:`grood.prototypes`).
+        k (int): score by the distance to the k-th nearest training gradient.
+        backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
+        device (str | torch.device, optional): where the detector's state lives and is
+            computed; by default the device of the features given to ``fit``.
+        batch_size (int): rows processed at a time; bounds working memory when scoring.
+        progress (bool, optional): show progress bars; by default only on a terminal.
+
+    Attributes (after ``fit``):
+        class_prototypes_ (Tensor): [C, D]. class_counts_ (Tensor): [C] training samples.
+        ood_prototype_ (Tensor): [D]. index_ (ExactIndex): the training gradients.
+        n_features_in_ (int), n_classes_ (int), n_train_ (int).
+        train_accuracy_ (float): fraction of training samples classified correctly (by the
+            given logits, or by the nearest class prototype), i.e. indexed.
+        backend_ (dict): the backend used for each operation. device_, dtype_.
+    """
+
+    def __init__(
+        self,
+        ood_prototype: str | OODPrototypeSource = "mean",
+        k: int = 1,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        batch_size: int = 4096,
+        progress: bool | None = None,
+    ) -> None:
+        self.ood_prototype = ood_prototype
+        self.k = k
+        self.backend = backend
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments, as scikit-learn estimators report them."""
+        return {name: getattr(self, name) for name in
+                ("ood_prototype", "k", "backend", "device", "batch_size", "progress")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"GROOD({args})"
+
+    def _check_params(self) -> OODPrototypeSource:
+        for name in ("k", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        ops.check_backend_name(self.backend)
+        return resolve_source(self.ood_prototype)
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False,
+                    disable=None if self.progress is None else not self.progress)
+
+    def fit(self, features: Any, labels: Any, *, logits: Any = None,
+            ood_features: Any = None) -> GROOD:
+        """Fit the detector on training features.
+
+        Args:
+            features (Tensor | ndarray): training features, shape [N, D].
+            labels (Tensor | ndarray): integer class ids in ``[0, C)``, shape [N]. Without
+                logits, C is ``labels.max() + 1``; every class needs at least one sample.
+            logits (Tensor | ndarray, optional): the classifier's logits, shape [N, C]; a sample
+                is indexed when ``argmax(logits) == label``. Without logits, when its nearest
+                class prototype is its label.
+            ood_features (Tensor | ndarray, optional): OOD features [M, D], for
+                ``ood_prototype="features"``.
+
+        Returns:
+            GROOD: ``self``.
+        """
+        source = self._check_params()
+        x, _ = as_tensor(features, "features")
+        check_matrix(x, "features")
+        y, _ = as_tensor(labels, "labels")
+        n, d = x.shape
+        lg = None
+        n_classes = None
+        if logits is not None:
+            lg, _ = as_tensor(logits, "logits")
+            check_matrix(lg, "logits")
+            if lg.shape[0] != n:
+                raise ValueError(f"logits has {lg.shape[0]} rows but features have {n}")
+            n_classes = lg.shape[1]
+        check_labels(y, "labels", n, n_classes=n_classes)
+        if n_classes is None:
+            n_classes = int(y.max()) + 1
+
+        inputs = {} if ood_features is None else {"ood_features": ood_features}
+        missing = [name for name in source.needs if name not in inputs]
+        if missing:
+            raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in fit()")
+        unused = [name for name in inputs if name not in source.needs]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} given to fit() but ood_prototype="
+                             f"{source.name!r} does not use it (use ood_prototype='features')")
+
+        device = torch.device(self.device) if self.device is not None else x.device
+        dtype = compute_dtype(x.dtype)
+        backend = {op: ops.resolve_backend(self.backend, op, device) for op in ops.OPERATIONS}
+        grad_fn = ops.get_op("ncp_gradient", backend["ncp_gradient"])
+
+        state = None
+        with self._bar(n, "grood fit: class prototypes") as bar:
+            for r0, r1 in batches(n, self.batch_size):
+                xb = x[r0:r1].to(device)
+                check_finite_rows(xb, "features", row_offset=r0)
+                state = class_prototypes(xb, y[r0:r1].to(device), n_classes, state=state)
+                bar.update(r1 - r0)
+        protos = state.prototypes(dtype)
+        p_ood = source.build(PrototypeContext(protos, inputs, self.batch_size))
+        if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
+            raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
+                             f"shape [{d}]")
+        p_ood = p_ood.to(device=device, dtype=dtype)
+
+        index = ExactIndex(d, dtype=dtype, device=device, backend=backend["knn"])
+        index.reserve(n)
+        with self._bar(n, "grood fit: gradient index") as bar:
+            for r0, r1 in batches(n, self.batch_size):
+                res = grad_fn(x[r0:r1].to(device), protos, p_ood)
+                if lg is None:
+                    guess = res.pred
+                else:
+                    lb = lg[r0:r1].to(device)
+                    check_finite_rows(lb, "logits", row_offset=r0)
+                    guess = lb.argmax(dim=1)
+                correct = y[r0:r1].to(device) == guess
+                index.add(res.grad[correct])
+                bar.update(r1 - r0)
+        if index.ntotal == 0:
+            raise ValueError("no training sample is classified correctly, so the gradient index "
+                             "would be empty; check that labels match the features/logits")
+        if self.k > index.ntotal:
+            raise ValueError(f"k={self.k} but only {index.ntotal} training samples are "
+                             "classified correctly and indexed")
+        index.trim()
+
+        self.class_prototypes_ = protos
+        self.class_counts_ = state.counts
+        self.ood_prototype_ = p_ood
+        self.ood_source_ = source
+        self.index_ = index
+        self.n_features_in_ = d
+        self.n_classes_ = n_classes
+        self.n_train_ = n
+        self.train_accuracy_ = index.ntotal / n
+        self.backend_ = backend
+        self.device_ = device
+        self.dtype_ = dtype
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "index_"):
+            raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
+                                 "GROOD.load() first")
+
+    def _passes(self, features: Any, *, with_scores: bool
+                ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
+        """Yield ``(start, stop, scores, preds)`` per batch of validated rows."""
+        self._check_fitted()
+        x, _ = as_tensor(features, "features")
+        check_matrix(x, "features", n_cols=self.n_features_in_)
+        grad_fn = ops.get_op("ncp_gradient", self.backend_["ncp_gradient"])
+        with self._bar(x.shape[0], "grood score") as bar:
+            for r0, r1 in batches(x.shape[0], self.batch_size):
+                xb = x[r0:r1].to(self.device_)
+                check_finite_rows(xb, "features", row_offset=r0)
+                res = grad_fn(xb, self.class_prototypes_, self.ood_prototype_)
+                scores = None
+                if with_scores:
+                    dist, _ = self.index_.search(res.grad, self.k)
+                    scores = 0.0 - dist[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
+                bar.update(r1 - r0)
+                yield r0, r1, scores, res.pred
+
+    def score_and_predict(self, features: Any) -> tuple[Any, Any]:
+        """Scores (higher = in-distribution) and nearest-prototype classes in one pass.
+
+        Args:
+            features (Tensor | ndarray): shape [N, D].
+
+        Returns:
+            tuple: ``(scores [N], preds [N])``, numpy arrays for numpy input, tensors on the
+            input's device for tensor input.
+        """
+        x, kind = as_tensor(features, "features")
+        n = x.shape[0] if x.ndim else 0
+        scores = torch.empty(n, dtype=getattr(self, "dtype_", torch.float32))
+        preds = torch.empty(n, dtype=torch.int64)
+        for r0, r1, s, p in self._passes(x, with_scores=True):
+            scores[r0:r1] = s.cpu()
+            preds[r0:r1] = p.cpu()
+        return kind.wrap(scores), kind.wrap(preds)
+
+    def score_samples(self, features: Any) -> Any:
+        """GROOD score per sample: ``-||g(x) - g_k||^2``; higher = more in-distribution.
+
+        Args:
+            features (Tensor | ndarray): shape [N, D].
+
+        Returns:
+            Tensor | ndarray: scores, shape [N], the same type as the input.
+        """
+        return self.score_and_predict(features)[0]
+
+    def predict(self, features: Any) -> Any:
+        """Nearest class prototype for each sample (int64), shape [N]."""
+        x, kind = as_tensor(features, "features")
+        preds = [p.cpu() for _, _, _, p in self._passes(x, with_scores=False)]
+        return kind.wrap(torch.cat(preds))
+
+    # Saving and loading: safetensors (never pickle) plus a SHA-256 over tensors and metadata.
+
+    def _metadata(self) -> dict[str, str]:
+        params = {
+            "ood_prototype": {"name": self.ood_source_.name, "params": self.ood_source_.params()},
+            "k": self.k,
+            "backend": self.backend,
+            "batch_size": self.batch_size,
+        }
+        state = {
+            "n_features_in": self.n_features_in_,
+            "n_classes": self.n_classes_,
+            "n_train": self.n_train_,
+            "train_accuracy": self.train_accuracy_,
+            "dtype": str(self.dtype_).removeprefix("torch."),
+            "index": self.index_.kind,
+        }
+        return {
+            "format": FILE_FORMAT,
+            "format_version": str(FILE_FORMAT_VERSION),
+            "params": json.dumps(params, sort_keys=True),
+            "state": json.dumps(state, sort_keys=True),
+        }
+
+    def _tensors(self) -> dict[str, Tensor]:
+        tensors = {
+            "class_prototypes": self.class_prototypes_,
+            "class_counts": self.class_counts_,
+            "ood_prototype": self.ood_prototype_,
+            "index.vectors": self.index_.state_dict()["vectors"],
+        }
+        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted detector to a ``.safetensors`` file (atomically)."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        tensors = self._tensors()
+        meta = self._metadata()
+        meta["digest"] = _digest(tensors, meta)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None
+             ) -> GROOD:
+        """Read a detector written by :meth:`save`.
+
+        The file is checked before use: its format and version, a SHA-256 digest over every
+        tensor and the metadata, and the consistency of all shapes. Nothing in it is executed.
+
+        Args:
+            path: the ``.safetensors`` file.
+            device: where to put the detector (default: CPU).
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no detector file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                tensors = {name: f.get_tensor(name) for name in names}
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise ValueError(f"{path} is not a readable grood detector file (damaged, truncated "
+                             f"or not safetensors): {exc}") from exc
+        if meta.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a grood detector file "
+                             f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
+        try:
+            version = int(meta.get("format_version", ""))
+        except ValueError:
+            raise ValueError(f"{path}: invalid format_version "
+                             f"{meta.get('format_version')!r}") from None
+        if version != FILE_FORMAT_VERSION:
+            raise ValueError(f"{path} has detector format version {version}; this grood reads "
+                             f"version {FILE_FORMAT_VERSION}")
+        if names != set(_TENSOR_NAMES):
+            raise ValueError(f"{path} holds tensors {sorted(names)}, expected "
+                             f"{sorted(_TENSOR_NAMES)}")
+        stored = meta.pop("digest", None)
+        if stored != _digest(tensors, meta):
+            raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+        params = json.loads(meta["params"])
+        state = json.loads(meta["state"])
+
+        protos, counts = tensors["class_prototypes"], tensors["class_counts"]
+        p_ood, vectors = tensors["ood_prototype"], tensors["index.vectors"]
+        c, d = state["n_classes"], state["n_features_in"]
+        if (tuple(protos.shape) != (c, d) or tuple(counts.shape) != (c,)
+                or tuple(p_ood.shape) != (d,) or vectors.ndim != 2 or vectors.shape[1] != d
+                or vectors.shape[0] < params["k"]):
+            raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
+                             f"{c} classes of dimension {d}")
+
+        det = cls(
+            ood_prototype=source_from_config(params["ood_prototype"]["name"],
+                                             params["ood_prototype"]["params"]),
+            k=params["k"], backend=params["backend"], device=device,
+            batch_size=params["batch_size"],
+        )
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        det.backend_ = {op: ops.resolve_backend(det.backend, op, dev) for op in ops.OPERATIONS}
+        det.class_prototypes_ = protos.to(dev)
+        det.class_counts_ = counts.to(dev)
+        det.ood_prototype_ = p_ood.to(dev)
+        det.ood_source_ = det.ood_prototype
+        det.index_ = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
+                                                backend=det.backend_["knn"])
+        det.n_features_in_ = d
+        det.n_classes_ = c
+        det.n_train_ = state["n_train"]
+        det.train_accuracy_ = state["train_accuracy"]
+        det.device_ = dev
+        det.dtype_ = protos.dtype
+        return det
+
+
+def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over the metadata (without the digest) and every tensor's name, type and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "digest"},
+                        sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,306 @@
+"""Pure-PyTorch GROOD operations: the portable fallback and the test oracle for the kernels.
+
+Every function here has the same name, signature and return contract as its Triton kernel in
+``grood_kernels`` (where one exists) and is exact in float64 when given float64.
+
+The math (DESIGN.md §1). For a feature ``h``, class prototypes ``p_1..p_C`` and the OOD
+prototype ``p_o``::
+
+    s_j  = -||h - p_j||_2            for j in {1..C, o}
+    lse  = log(sum_j exp(s_j))       (over all C + 1 terms)
+    q_o  = exp(s_o - lse)
+    g(h) = q_o * (h - p_o) / ||h - p_o||_2      (g = 0 where h == p_o)
+
+Distances are computed by matrix multiply in coordinates centred on the OOD prototype
+(``u = h - p_o``, ``P_j = p_j - p_o``): ``u`` is needed for the gradient anyway, ``||u||`` is
+the OOD distance itself, and centring removes most of the cancellation that makes
+``||h||^2 + ||p||^2 - 2 h.p`` inaccurate for large, non-negative (post-ReLU) features.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from grood._checks import compute_dtype
+
+# Elements of the largest temporary tile (rows x classes, or queries x database rows).
+# 2**22 float32 values are 16 MiB: small enough for any machine, large enough for a fast GEMM.
+TILE_ELEMENTS = 1 << 22
+
+
+class NCPGradient(NamedTuple):
+    """Result of :func:`ncp_gradient`.
+
+    Attributes:
+        grad (Tensor): gradient of the NCP loss w.r.t. the OOD prototype, shape [N, D].
+        q_ood (Tensor): softmax probability of the OOD prototype, shape [N].
+        pred (Tensor): index of the nearest class prototype (int64, first on ties), shape [N].
+        min_dist (Tensor): Euclidean (not squared) distance to that prototype, shape [N].
+        lse (Tensor): log-sum-exp of the C + 1 negative distances, shape [N].
+    """
+
+    grad: Tensor
+    q_ood: Tensor
+    pred: Tensor
+    min_dist: Tensor
+    lse: Tensor
+
+
+class PrototypeState(NamedTuple):
+    """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
+
+    Attributes:
+        sums (Tensor): per-class feature sums in float64, shape [C, D].
+        counts (Tensor): per-class sample counts (int64), shape [C].
+    """
+
+    sums: Tensor
+    counts: Tensor
+
+    def prototypes(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Class means, shape [C, D]; raises if a class has no samples."""
+        empty = (self.counts == 0).nonzero().flatten()
+        if empty.numel():
+            shown = ", ".join(str(int(c)) for c in empty[:10])
+            more = f" (first 10 of {empty.numel()})" if empty.numel() > 10 else ""
+            raise ValueError(
+                f"class(es) {shown}{more} have no training samples; every class id in "
+                f"0..{self.counts.numel() - 1} needs at least one"
+            )
+        return (self.sums / self.counts[:, None].to(self.sums.dtype)).to(dtype)
+
+
+def _check_same_device(*tensors: Tensor) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")
+
+
+def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if d is not None and x.shape[-1] != d:
+        raise ValueError(f"{name} has dimension {x.shape[-1]}, expected {d}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+def ncp_gradient(
+    h: Tensor,
+    prototypes: Tensor,
+    ood_prototype: Tensor,
+    *,
+    block_rows: int | None = None,
+    block_classes: int | None = None,
+) -> NCPGradient:
+    """Closed-form gradient of the NCP softmax loss with respect to the OOD prototype.
+
+    Streams over rows and over blocks of prototypes with an online log-sum-exp, so no tensor
+    larger than one ``[block_rows, block_classes]`` tile is ever made.
+
+    Args:
+        h (Tensor): features, shape [N, D]; float16, bfloat16, float32 or float64.
+        prototypes (Tensor): class prototypes, shape [C, D].
+        ood_prototype (Tensor): OOD prototype, shape [D].
+        block_rows (int, optional): rows per tile; by default sized to ``TILE_ELEMENTS``.
+        block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
+
+    Returns:
+        NCPGradient: ``grad`` [N, D], ``q_ood`` [N], ``pred`` [N], ``min_dist`` [N], ``lse`` [N].
+        Floating outputs are float64 for float64 inputs and float32 otherwise.
+    """
+    _check_dims("h", h, 2)
+    d = h.shape[1]
+    _check_dims("prototypes", prototypes, 2, d)
+    _check_dims("ood_prototype", ood_prototype, 1, d)
+    _check_same_device(h, prototypes, ood_prototype)
+    n, c = h.shape[0], prototypes.shape[0]
+    if c == 0:
+        raise ValueError("prototypes is empty: need at least one class")
+    dt = compute_dtype(torch.promote_types(torch.promote_types(h.dtype, prototypes.dtype),
+                                           ood_prototype.dtype))
+    bc = block_classes or min(c, 1 << 14)
+    bn = block_rows or max(1, TILE_ELEMENTS // bc)
+
+    p_o = ood_prototype.to(dt)
+    centred = prototypes.to(dt) - p_o  # [C, D]
+    centred_sq = (centred * centred).sum(1)  # [C]
+
+    grad = torch.empty((n, d), dtype=dt, device=h.device)
+    q_ood = torch.empty(n, dtype=dt, device=h.device)
+    pred = torch.empty(n, dtype=torch.int64, device=h.device)
+    min_dist = torch.empty(n, dtype=dt, device=h.device)
+    lse = torch.empty(n, dtype=dt, device=h.device)
+
+    for r0 in range(0, n, bn):
+        r1 = min(r0 + bn, n)
+        u = h[r0:r1].to(dt) - p_o  # [bn, D]
+        u_sq = (u * u).sum(1)  # [bn]
+        d_ood = u_sq.sqrt()
+        # Online log-sum-exp, seeded with the OOD term: running max m, running sum l.
+        m = -d_ood
+        acc = torch.ones_like(m)
+        best = torch.full_like(m, float("inf"))
+        arg = torch.zeros(r1 - r0, dtype=torch.int64, device=h.device)
+        for c0 in range(0, c, bc):
+            c1 = min(c0 + bc, c)
+            dots = u @ centred[c0:c1].T  # [bn, bc]
+            dist = (u_sq[:, None] + centred_sq[None, c0:c1] - 2.0 * dots).clamp_min_(0).sqrt_()
+            blk_min, blk_arg = dist.min(dim=1)
+            better = blk_min < best  # strict: the first prototype wins ties
+            best = torch.where(better, blk_min, best)
+            arg = torch.where(better, blk_arg + c0, arg)
+            m_new = torch.maximum(m, -blk_min)
+            acc = acc * torch.exp(m - m_new) + torch.exp(-dist - m_new[:, None]).sum(1)
+            m = m_new
+        row_lse = m + torch.log(acc)
+        q = torch.exp(-d_ood - row_lse)
+        scale = torch.where(d_ood > 0, q / torch.where(d_ood > 0, d_ood, 1.0), 0.0)
+        grad[r0:r1] = u * scale[:, None]
+        q_ood[r0:r1] = q
+        pred[r0:r1] = arg
+        min_dist[r0:r1] = best
+        lse[r0:r1] = row_lse
+    return NCPGradient(grad, q_ood, pred, min_dist, lse)
+
+
+def class_prototypes(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    state: PrototypeState | None = None,
+) -> PrototypeState:
+    """Add a batch to running per-class sums and counts (float64 sums, exact order-free counts).
+
+    Feed batches one after another and call ``state.prototypes()`` at the end::
+
+        state = None
+        for x, y in batches:
+            state = class_prototypes(x, y, num_classes, state=state)
+        prototypes = state.prototypes()
+
+    Sums and counts can be all-reduced across processes before ``prototypes()``.
+
+    Args:
+        features (Tensor): features, shape [N, D].
+        labels (Tensor): integer class ids in ``[0, num_classes)``, shape [N].
+        num_classes (int): number of classes C.
+        state (PrototypeState, optional): the running state to add to; a new one if omitted.
+
+    Returns:
+        PrototypeState: ``sums`` [C, D] (float64) and ``counts`` [C] (int64). The input state
+        is not modified.
+    """
+    _check_dims("features", features, 2)
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels must have shape [{features.shape[0]}], got {tuple(labels.shape)}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    labels = labels.to(device=features.device, dtype=torch.int64)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), "
+                         f"found [{int(labels.min())}, {int(labels.max())}]")
+    d = features.shape[1]
+    if state is None:
+        sums = torch.zeros((num_classes, d), dtype=torch.float64, device=features.device)
+        counts = torch.zeros(num_classes, dtype=torch.int64, device=features.device)
+    else:
+        if tuple(state.sums.shape) != (num_classes, d):
+            raise ValueError(
+                f"state holds sums of shape {tuple(state.sums.shape)}, "
+                f"expected {(num_classes, d)}"
+            )
+        sums, counts = state.sums.clone(), state.counts.clone()
+    sums.index_add_(0, labels, features.to(torch.float64))
+    counts += torch.bincount(labels, minlength=num_classes)
+    return PrototypeState(sums, counts)
+
+
+def _sq_dists(q: Tensor, q_sq: Tensor, x: Tensor) -> Tensor:
+    """Squared L2 distances by matrix multiply, clamped at 0; shape [len(q), len(x)]."""
+    return (q_sq[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)).clamp_min_(0)
+
+
+def _lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by (distance, index); index -1 (no candidate) sorts last among equals."""
+    by_i = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
+    dist, idx = dist.gather(1, by_i), idx.gather(1, by_i)
+    by_d = torch.sort(dist, dim=1, stable=True).indices
+    return dist.gather(1, by_d), idx.gather(1, by_d)
+
+
+def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):
+    """Keep the k smallest of two candidate lists, lower index first among equal distances."""
+    cand_d, cand_i = _lex_sort(torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1))
+    return cand_d[:, :k], cand_i[:, :k]
+
+
+def knn(
+    queries: Tensor,
+    database: Tensor,
+    k: int = 1,
+    *,
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact k-nearest-neighbour search by squared L2 distance, like ``faiss.IndexFlatL2``.
+
+    The database is streamed in blocks with a running top-k per query, so no [Q, M] matrix is
+    made. Candidates are picked with the matrix-multiply expansion and their distances are then
+    recomputed directly as ``||q - x||^2`` so returned distances carry no cancellation error.
+    Among equal distances the lower database index comes first.
+
+    Args:
+        queries (Tensor): query vectors, shape [Q, D].
+        database (Tensor): database vectors, shape [M, D].
+        k (int): number of neighbours, >= 1.
+        block_size (int, optional): database rows per tile; by default sized to
+            ``TILE_ELEMENTS``.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
+        indices [Q, k]. When M < k the missing entries are ``inf`` and ``-1`` (as in faiss).
+    """
+    _check_dims("queries", queries, 2)
+    _check_dims("database", database, 2, queries.shape[1])
+    _check_same_device(queries, database)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n_q, n_db = queries.shape[0], database.shape[0]
+    dt = compute_dtype(torch.promote_types(queries.dtype, database.dtype))
+    dev = queries.device
+    out_d = torch.full((n_q, k), float("inf"), dtype=dt, device=dev)
+    out_i = torch.full((n_q, k), -1, dtype=torch.int64, device=dev)
+    if n_q == 0 or n_db == 0:
+        return out_d, out_i
+    bq = min(n_q, 1024)
+    bm = block_size or max(256, TILE_ELEMENTS // bq)
+    for q0 in range(0, n_q, bq):
+        q1 = min(q0 + bq, n_q)
+        q = queries[q0:q1].to(dt)  # [bq, D]
+        q_sq = (q * q).sum(1)
+        best_d = torch.full((q1 - q0, k), float("inf"), dtype=dt, device=dev)
+        best_i = torch.full((q1 - q0, k), -1, dtype=torch.int64, device=dev)
+        for m0 in range(0, n_db, bm):
+            m1 = min(m0 + bm, n_db)
+            dist = _sq_dists(q, q_sq, database[m0:m1].to(dt))  # [bq, bm]
+            if k == 1:
+                blk_d, blk_i = dist.min(dim=1, keepdim=True)  # first index on ties
+            else:
+                blk_d, blk_i = torch.topk(dist, min(k, m1 - m0), dim=1, largest=False)
+            best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, k)
+        # Re-rank the k candidates by their directly computed distance.
+        valid = best_i >= 0
+        exact = torch.full_like(best_d, float("inf"))
+        for j in range(k):
+            rows = valid[:, j]
+            if bool(rows.any()):
+                diff = q[rows] - database[best_i[rows, j]].to(dt)
+                exact[rows, j] = (diff * diff).sum(1)
+        out_d[q0:q1], out_i[q0:q1] = _lex_sort(exact, best_i)
+    return out_d, out_i

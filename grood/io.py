@@ -1,0 +1,78 @@
+"""Reading and writing feature files for the command line.
+
+A feature file holds ``features`` [N, D] and optionally ``labels`` [N] and ``logits`` [N, C]:
+
+* ``.npy``: one 2-D array, the features.
+* ``.npz``: arrays named ``features``, ``labels``, ``logits`` (loaded without pickle).
+* ``.pt`` / ``.pth``: a tensor (the features) or a dict of tensors with those names, read with
+  ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+* ``.safetensors``: tensors with those names.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+KEYS = ("features", "labels", "logits")
+
+
+class FeatureFile(NamedTuple):
+    """Arrays read from a feature file; ``labels`` and ``logits`` may be None."""
+
+    features: Any
+    labels: Any
+    logits: Any
+
+
+def load_features(path: str | os.PathLike) -> FeatureFile:
+    """Read a feature file (see the module docstring for the formats)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no feature file at {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+    try:
+        if suffix == ".npy":
+            arrays = {"features": np.load(path, mmap_mode="r", allow_pickle=False)}
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            arrays = obj if isinstance(obj, dict) else {"features": obj}
+        else:
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path}: could not read the file ({exc})") from exc
+    if "features" not in arrays:
+        raise ValueError(f"{path} has no 'features' array; it holds {sorted(arrays)}")
+    for key in KEYS:
+        value = arrays.get(key)
+        if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):
+            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not an array")
+    return FeatureFile(*(arrays.get(k) for k in KEYS))
+
+
+def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) -> None:
+    """Write scores to ``.npy`` (scores only) or ``.csv`` (``index,score,pred`` rows)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        np.save(path, scores)
+    elif path.suffix.lower() == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "score", "pred"])
+            for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
+                writer.writerow([i, repr(s), p])
+    else:
+        raise ValueError(f"{path}: scores are written as .npy or .csv, not {path.suffix!r}")

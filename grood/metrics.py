@@ -1,0 +1,94 @@
+"""OOD detection metrics with OpenOOD's definitions.
+
+OOD samples are the positive class and scores are higher for in-distribution samples, so a
+sample is flagged as OOD when its score is *at or below* a threshold. Over all distinct
+thresholds (ties move together):
+
+* ``auroc``: area under the ROC curve (trapezoidal), OOD as positive.
+* ``fpr95``: the fraction of ID samples flagged as OOD at the first threshold (walking from the
+  most OOD-like score upward) at which at least 95 % of OOD samples are flagged.
+* ``aupr_in``: area under the precision-recall curve with ID as positive, ranked by score.
+* ``aupr_out``: area under the precision-recall curve with OOD as positive, ranked by -score.
+
+The PR areas are trapezoidal over the curve that ``sklearn.metrics.precision_recall_curve``
+returns, as OpenOOD computes them (not average precision). One note on ``fpr95``: OpenOOD reads
+it from ``sklearn.metrics.roc_curve`` with its default ``drop_intermediate=True``, which can
+drop the exact crossing point when ties make several thresholds collinear and then reports a
+slightly larger FPR; this module uses every threshold, i.e. the definition above.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _as_scores(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return arr
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _cumulative_counts(scores: np.ndarray, positive: np.ndarray):
+    """True and false positives at each distinct threshold, ranking by descending score."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, pos = scores[order], positive[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tps = np.cumsum(pos)[last_of_run].astype(np.float64)
+    fps = (last_of_run + 1) - tps
+    return tps, fps
+
+
+def _pr_area(scores: np.ndarray, positive: np.ndarray) -> float:
+    tps, fps = _cumulative_counts(scores, positive)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    # The curve starts at (recall 0, precision 1), as scikit-learn's does.
+    recall = np.r_[0.0, recall]
+    precision = np.r_[1.0, precision]
+    return _trapezoid(precision, recall)
+
+
+def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve with OOD as positive: ``(fpr, tpr)`` over every distinct threshold."""
+    id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    conf = np.r_[id_s, ood_s]
+    is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
+    tps, fps = _cumulative_counts(-conf, is_ood)
+    return np.r_[0.0, fps / id_s.size], np.r_[0.0, tps / ood_s.size]
+
+
+def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
+                ) -> dict[str, float]:
+    """AUROC, FPR at 95 % TPR and AUPR-in/out for one ID set against one OOD set.
+
+    Args:
+        id_scores (array-like): scores of in-distribution samples, shape [N_id].
+        ood_scores (array-like): scores of OOD samples, shape [N_ood]. Higher = more ID.
+        recall_level (float): the TPR (fraction of OOD detected) for ``fpr95``.
+
+    Returns:
+        dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out`` as floats in [0, 1].
+    """
+    id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    fpr, tpr = roc_curve(id_s, ood_s)
+    conf = np.r_[id_s, ood_s]
+    is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
+    return {
+        "auroc": _trapezoid(tpr, fpr),
+        "fpr95": float(fpr[np.argmax(tpr >= recall_level)]),
+        "aupr_in": _pr_area(conf, ~is_ood),
+        "aupr_out": _pr_area(-conf, is_ood),
+    }

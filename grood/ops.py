@@ -1,0 +1,85 @@
+"""The one place that chooses a backend for each operation.
+
+``backend="torch"`` always runs :mod:`grood.functional`. ``backend="triton"`` runs the kernel
+from :mod:`grood_kernels` and raises :class:`BackendUnavailableError` with the reason when it
+cannot (no kernel for that operation, triton not installed, tensors not on a CUDA device and
+``TRITON_INTERPRET=1`` not set). ``backend="auto"`` takes Triton when it can run and falls
+back to torch quietly otherwise. Nothing is decided at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from grood import functional
+
+BACKENDS = ("auto", "torch", "triton")
+OPERATIONS = ("ncp_gradient", "knn")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def check_backend_name(backend: str) -> None:
+    """Raise a clear error for anything but ``auto``, ``torch`` or ``triton``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def triton_unavailable_reason(op: str, device: torch.device) -> str | None:
+    """Why the Triton kernel for ``op`` cannot run on ``device``, or None if it can."""
+    import grood_kernels
+
+    if op not in grood_kernels.KERNELS:
+        return f"this version of grood has no Triton kernel for {op!r}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'grood[triton]')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            f"the tensors are on {device.type!r}: Triton kernels run on CUDA devices, and on the "
+            "CPU only under the interpreter (export TRITON_INTERPRET=1 before starting Python)"
+        )
+    return None
+
+
+def resolve_backend(backend: str, op: str, device: torch.device | str) -> str:
+    """Return the concrete backend (``"torch"`` or ``"triton"``) for ``op`` on ``device``."""
+    check_backend_name(backend)
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown operation {op!r}; known: {OPERATIONS}")
+    if backend == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(op, torch.device(device))
+    if backend == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f"backend='triton' cannot run {op}: {reason}")
+        return "triton"
+    return "torch" if reason is not None else "triton"
+
+
+def get_op(op: str, backend: str) -> Callable[..., Any]:
+    """The implementation of ``op`` for an already resolved backend."""
+    if backend == "torch":
+        return getattr(functional, op)
+    if backend == "triton":
+        return getattr(importlib.import_module(f"grood_kernels.{op}"), op)
+    raise ValueError(f"resolved backend must be 'torch' or 'triton', got {backend!r}")
+
+
+def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwargs):
+    """:func:`grood.functional.ncp_gradient` on the chosen backend."""
+    impl = resolve_backend(backend, "ncp_gradient", h.device)
+    return get_op("ncp_gradient", impl)(h, prototypes, ood_prototype, **kwargs)
+
+
+def knn(queries, database, k: int = 1, *, backend: str = "auto", **kwargs):
+    """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)``."""
+    impl = resolve_backend(backend, "knn", queries.device)
+    return get_op("knn", impl)(queries, database, k, **kwargs)

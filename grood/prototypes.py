@@ -1,0 +1,128 @@
+"""Where the OOD prototype comes from.
+
+``GROOD(ood_prototype=...)`` takes either the name of a registered source or a source object
+with its own parameters. A source declares what it ``needs`` from the caller (for example
+``ood_features``); the detector checks that before building, so a missing input is reported by
+name instead of failing inside the source. New sources (for example ones that need the model)
+register a name with :func:`register_source` and plug in without any change to ``GROOD``.
+
+Sources available here:
+
+* ``"mean"`` (:class:`MeanOfClassPrototypes`): the mean of the class prototypes. Needs no OOD
+  data.
+* ``"features"`` (:class:`OODFeatureMean`): the mean of user-given OOD features
+  (``fit(..., ood_features=X)``), the way OpenOOD's shipped configuration uses a validation OOD
+  set.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from grood._checks import as_tensor, batches, check_finite_rows, check_matrix
+
+
+@dataclass
+class PrototypeContext:
+    """What a source may use to build the OOD prototype.
+
+    Attributes:
+        class_prototypes (Tensor): class prototypes, shape [C, D], in the detector's dtype.
+        inputs (dict): caller-supplied inputs by name (e.g. ``ood_features``); a source reads
+            only the names in its ``needs``.
+        batch_size (int): rows per batch when a source streams data.
+    """
+
+    class_prototypes: Tensor
+    inputs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 4096
+
+
+class OODPrototypeSource(ABC):
+    """A way of making the OOD prototype ``p_o``, shape [D]."""
+
+    #: Registry name, used in ``GROOD(ood_prototype=name)`` and in saved files.
+    name: ClassVar[str]
+    #: Names of the inputs ``build`` requires in ``PrototypeContext.inputs``.
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments, saved with the detector."""
+        return {}
+
+    @abstractmethod
+    def build(self, ctx: PrototypeContext) -> Tensor:
+        """Return the OOD prototype, shape [D], dtype and device of ``ctx.class_prototypes``."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+SOURCES: dict[str, type[OODPrototypeSource]] = {}
+
+
+def register_source(cls: type[OODPrototypeSource]) -> type[OODPrototypeSource]:
+    """Class decorator that makes a source available by its ``name``."""
+    if cls.name in SOURCES and SOURCES[cls.name] is not cls:
+        raise ValueError(f"an OOD prototype source named {cls.name!r} is already registered")
+    SOURCES[cls.name] = cls
+    return cls
+
+
+def resolve_source(spec: str | OODPrototypeSource) -> OODPrototypeSource:
+    """Turn ``GROOD``'s ``ood_prototype`` argument into a source object."""
+    if isinstance(spec, OODPrototypeSource):
+        return spec
+    if isinstance(spec, str):
+        if spec not in SOURCES:
+            raise ValueError(
+                f"unknown ood_prototype {spec!r}; available: {', '.join(sorted(SOURCES))}"
+            )
+        return SOURCES[spec]()
+    raise TypeError(
+        "ood_prototype must be a source name or an OODPrototypeSource, "
+        f"got {type(spec).__name__}"
+    )
+
+
+def source_from_config(name: str, params: dict[str, Any]) -> OODPrototypeSource:
+    """Rebuild a source from the name and parameters stored in a saved detector."""
+    if name not in SOURCES:
+        raise ValueError(f"saved detector uses unknown OOD prototype source {name!r}")
+    return SOURCES[name](**params)
+
+
+@register_source
+class MeanOfClassPrototypes(OODPrototypeSource):
+    """The mean of the class prototypes: a point "between" all classes, no OOD data needed."""
+
+    name = "mean"
+
+    def build(self, ctx: PrototypeContext) -> Tensor:
+        protos = ctx.class_prototypes
+        return protos.to(torch.float64).mean(0).to(protos.dtype)
+
+
+@register_source
+class OODFeatureMean(OODPrototypeSource):
+    """The mean of user-given OOD features, streamed in batches with a float64 sum."""
+
+    name = "features"
+    needs = ("ood_features",)
+
+    def build(self, ctx: PrototypeContext) -> Tensor:
+        protos = ctx.class_prototypes
+        x, _ = as_tensor(ctx.inputs["ood_features"], "ood_features")
+        check_matrix(x, "ood_features", n_cols=protos.shape[1])
+        total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
+        for r0, r1 in batches(x.shape[0], ctx.batch_size):
+            chunk = x[r0:r1].to(protos.device)
+            check_finite_rows(chunk, "ood_features", row_offset=r0)
+            total += chunk.to(torch.float64).sum(0)
+        return (total / x.shape[0]).to(protos.dtype)

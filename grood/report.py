@@ -1,0 +1,97 @@
+"""Tables and pictures of OOD results: a Markdown table, ROC curves, score histograms."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from grood.metrics import roc_curve
+
+METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-in",
+                 "aupr_out": "AUPR-out"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; floats are printed as percentages with two decimals."""
+
+    def cell(v: object) -> str:
+        return f"{100 * v:.2f}" if isinstance(v, float) else str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) for i, h in enumerate(header)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w)
+                              for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
+            for r in text]
+    return "\n".join([line, rule, *body])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
+             ood_names: Sequence[str], path: str | os.PathLike) -> Path:
+    """ROC curves (OOD positive), one panel per OOD set and one curve per method.
+
+    Args:
+        scores: ``scores[method][dataset]`` arrays (higher = ID).
+        id_name: the in-distribution dataset's key.
+        ood_names: keys of the OOD datasets, one panel each.
+        path: the PNG file to write.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ood_names), figsize=(5 * len(ood_names), 4.6),
+                             squeeze=False)
+    for ax, ood in zip(axes[0], ood_names, strict=True):
+        for method, by_set in scores.items():
+            fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
+            area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+            ax.plot(fpr, tpr, lw=1.6, label=f"{method} ({100 * area:.1f})")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.axhline(0.95, color="0.8", lw=0.8, ls=":")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (ID flagged as OOD)",
+               ylabel="true positive rate (OOD detected)", title=f"{id_name} vs {ood}")
+        ax.legend(loc="lower right", fontsize=8, title="method (AUROC %)", title_fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
+                    path: str | os.PathLike) -> Path:
+    """Score histograms, one panel per method, one colour per dataset."""
+    plt = _pyplot()
+    methods = list(scores)
+    cols = min(3, len(methods))
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        by_set = scores[method]
+        lo = min(float(np.min(v)) for v in by_set.values())
+        hi = max(float(np.max(v)) for v in by_set.values())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+        for name, values in by_set.items():
+            ax.hist(values, bins=bins, alpha=0.5, density=True, label=name)
+        # Log density: detectors such as MSP and GROOD pile ID scores into one bin near the top.
+        ax.set_yscale("log")
+        ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
