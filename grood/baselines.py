@@ -203,7 +203,8 @@ class Mahalanobis(_Baseline):
         dev = self.whitening_.device
         out = torch.empty(x.shape[0], dtype=self.whitening_.dtype, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
-            z = (x[r0:r1].to(device=dev, dtype=self.whitening_.dtype) - self.center_) @ self.whitening_
+            xb = x[r0:r1].to(device=dev, dtype=self.whitening_.dtype)
+            z = (xb - self.center_) @ self.whitening_
             dist, _ = ops.knn(z, self.whitened_means_, 1, backend=self.backend)
             out[r0:r1] = -dist[:, 0]
         return kind.wrap(out)

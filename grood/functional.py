@@ -29,6 +29,9 @@ from grood._checks import compute_dtype
 # Elements of the largest temporary tile (rows x classes, or queries x database rows).
 # 2**22 float32 values are 16 MiB: small enough for any machine, large enough for a fast GEMM.
 TILE_ELEMENTS = 1 << 22
+# Extra nearest-neighbour candidates per query, beyond k, that are re-ranked by their exact
+# distance: near-ties the matrix-multiply expansion misorders by rounding are put right.
+RERANK_EXTRA = 4
 
 
 class NCPGradient(NamedTuple):
@@ -251,8 +254,9 @@ def knn(
     """Exact k-nearest-neighbour search by squared L2 distance, like ``faiss.IndexFlatL2``.
 
     The database is streamed in blocks with a running top-k per query, so no [Q, M] matrix is
-    made. Candidates are picked with the matrix-multiply expansion and their distances are then
-    recomputed directly as ``||q - x||^2`` so returned distances carry no cancellation error.
+    made. ``k + RERANK_EXTRA`` candidates are picked with the matrix-multiply expansion around the
+    database mean; their distances are then recomputed directly as ``||q - x||^2`` and the best
+    k kept, so returned distances carry no cancellation error and near-ties are ordered right.
     Among equal distances the lower database index comes first.
 
     Args:
@@ -278,17 +282,49 @@ def knn(
     out_i = torch.full((n_q, k), -1, dtype=torch.int64, device=dev)
     if n_q == 0 or n_db == 0:
         return out_d, out_i
+    n_cand = k + RERANK_EXTRA  # candidates kept per query, re-ranked exactly at the end
     bq = min(n_q, 1024)
     bm = block_size or max(256, TILE_ELEMENTS // bq)
+    # Distances are translation invariant: expanding around the database mean keeps
+    # ||q||^2 + ||x||^2 - 2 q.x from cancelling when all vectors share a large offset.
+    shift = (database.sum(0, dtype=torch.float64) / n_db).to(dt)
     for q0 in range(0, n_q, bq):
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
-        q_sq = (q * q).sum(1)
+        qc = q - shift
+        q_sq = (qc * qc).sum(1)
+        best_d = torch.full((q1 - q0, n_cand), float("inf"), dtype=dt, device=dev)
+        best_i = torch.full((q1 - q0, n_cand), -1, dtype=torch.int64, device=dev)
+        for m0 in range(0, n_db, bm):
+            m1 = min(m0 + bm, n_db)
+            dist = _sq_dists(qc, q_sq, database[m0:m1].to(dt) - shift)  # [bq, bm]
+            blk_d, blk_i = torch.topk(dist, min(n_cand, m1 - m0), dim=1, largest=False)
+            best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)
+        # Re-rank the candidates by their directly computed distance.
+        exact = torch.full_like(best_d, float("inf"))
+        for j in range(n_cand):
+            rows = best_i[:, j] >= 0
+            if bool(rows.any()):
+                diff = q[rows] - database[best_i[rows, j]].to(dt)
+                exact[rows, j] = (diff * diff).sum(1)
+        exact, best_i = _lex_sort(exact, best_i)
+        out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
+    return out_d, out_i
+    bq = min(n_q, 1024)
+    bm = block_size or max(256, TILE_ELEMENTS // bq)
+    # Distances are translation invariant: expanding around the database mean keeps
+    # ||q||^2 + ||x||^2 - 2 q.x from cancelling when all vectors share a large offset.
+    shift = (database.sum(0, dtype=torch.float64) / n_db).to(dt)
+    for q0 in range(0, n_q, bq):
+        q1 = min(q0 + bq, n_q)
+        q = queries[q0:q1].to(dt)  # [bq, D]
+        qc = q - shift
+        q_sq = (qc * qc).sum(1)
         best_d = torch.full((q1 - q0, k), float("inf"), dtype=dt, device=dev)
         best_i = torch.full((q1 - q0, k), -1, dtype=torch.int64, device=dev)
         for m0 in range(0, n_db, bm):
             m1 = min(m0 + bm, n_db)
-            dist = _sq_dists(q, q_sq, database[m0:m1].to(dt))  # [bq, bm]
+            dist = _sq_dists(qc, q_sq, database[m0:m1].to(dt) - shift)  # [bq, bm]
             if k == 1:
                 blk_d, blk_i = dist.min(dim=1, keepdim=True)  # first index on ties
             else:

@@ -39,7 +39,11 @@ def triton_unavailable_reason(op: str, device: torch.device) -> str | None:
 
     if op not in grood_kernels.KERNELS:
         return f"this version of grood has no Triton kernel for {op!r}"
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or deliberately blocked installation
+        found = False
+    if not found:
         return "triton is not installed (pip install 'grood[triton]')"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (

@@ -1,0 +1,28 @@
+"""Shared fixtures. Triton's interpreter must be chosen before triton is first imported."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+
+def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, spread: float = 0.3,
+                       dtype: torch.dtype = torch.float64):
+    """Non-negative, clustered features like a post-ReLU penultimate layer, with labels."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand((n_classes, dim), generator=gen, dtype=torch.float64) * 2.0
+    labels = torch.arange(n) % n_classes
+    labels = labels[torch.randperm(n, generator=gen)]
+    noise = torch.randn((n, dim), generator=gen, dtype=torch.float64) * spread
+    return (centres[labels] + noise).clamp_min(0).to(dtype), labels
+
+
+@pytest.fixture
+def toy_set():
+    """Three well separated classes in 5-D (float32), with an OOD set far from all of them."""
+    x, y = clustered_features(90, 3, 5, seed=1, spread=0.15, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    ood = torch.rand((30, 5), generator=gen) * 6.0 + 3.0
+    return x, y, ood

@@ -1,0 +1,66 @@
+"""The baselines against direct float64 computations of their definitions."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+from reference import knn_naive
+
+from grood import KNN, MSP, Energy, Mahalanobis, NotFittedError
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(40, 7, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def test_msp(logits):
+    s = MSP(temperature=2.0).fit(logits).score_samples(logits)
+    torch.testing.assert_close(s, torch.softmax(logits / 2.0, 1).max(1).values)
+
+
+def test_energy(logits):
+    s = Energy(temperature=0.5).fit(logits.numpy()).score_samples(logits.numpy())
+    assert isinstance(s, np.ndarray)
+    np.testing.assert_allclose(s, 0.5 * torch.logsumexp(logits / 0.5, 1).numpy(), rtol=1e-6)
+
+
+def test_knn_is_kth_normalised_distance():
+    x, _ = clustered_features(60, 3, 9, seed=1)
+    q, _ = clustered_features(13, 3, 9, seed=2)
+    s = KNN(k=4).fit(x).score_samples(q)
+    xn, qn = x / x.norm(dim=1, keepdim=True), q / q.norm(dim=1, keepdim=True)
+    ref_d, _ = knn_naive(qn, xn, 4)
+    torch.testing.assert_close(s, -ref_d[:, 3].sqrt(), rtol=1e-9, atol=1e-12)
+
+
+def test_mahalanobis_matches_pinv_definition():
+    x, y = clustered_features(120, 4, 6, seed=3)
+    q, _ = clustered_features(17, 4, 6, seed=4, spread=0.6)
+    s = Mahalanobis().fit(x, y).score_samples(q)
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    centred = x - means[y]
+    precision = torch.linalg.pinv(centred.T @ centred / 120, hermitian=True)
+    diffs = q[:, None, :] - means[None]
+    ref = -torch.einsum("ncd,de,nce->nc", diffs, precision, diffs).min(1).values
+    torch.testing.assert_close(s, ref, rtol=1e-8, atol=1e-8)
+
+
+def test_scores_are_higher_for_in_distribution():
+    x, y = clustered_features(90, 3, 5, seed=5, spread=0.1, dtype=torch.float32)
+    # Far in both angle (for KNN's normalised features) and position: scaled unit vectors.
+    far = 5.0 * torch.eye(5).repeat(4, 1) - 2.0 * torch.eye(5).roll(1, 0).repeat(4, 1)
+    for det in (KNN(k=3).fit(x), Mahalanobis().fit(x, y)):
+        assert float(det.score_samples(x).min()) > float(det.score_samples(far).max())
+
+
+def test_baselines_check_input():
+    with pytest.raises(NotFittedError, match="MSP is not fitted"):
+        MSP().score_samples(torch.zeros(2, 3))
+    msp = MSP().fit(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="logits has 4 columns"):
+        msp.score_samples(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 1"):
+        msp.score_samples(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
+    with pytest.raises(ValueError, match="k=10 needs"):
+        KNN(k=10).fit(torch.rand(5, 2))

@@ -1,0 +1,123 @@
+"""The grood command: demo at a reduced size, fit / score / eval on feature files, help."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+
+from grood import GROOD
+from grood.cli import build_parser, main
+
+
+def test_demo_at_reduced_size(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--epochs", "3", "--n-noise", "60", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for method in ("GROOD", "MSP", "Energy", "KNN (k=10)", "Mahalanobis"):
+        assert f"| {method}" in text
+    assert "near AUROC" in text and "far FPR@95" in text
+    for png in ("roc.png", "score_histograms.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    results = json.loads((out / "results.json").read_text())
+    assert results["sizes"]["noise (far-OOD)"] == 60
+    auroc = results["metrics"]["GROOD"]["noise (far-OOD)"]["auroc"]
+    assert 0.5 < auroc <= 1.0
+
+
+def test_demo_is_deterministic(tmp_path):
+    from grood.demo import DemoConfig, run_demo
+
+    a = run_demo(DemoConfig(out=tmp_path / "a", epochs=2, n_noise=40, progress=False))
+    b = run_demo(DemoConfig(out=tmp_path / "b", epochs=2, n_noise=40, progress=False))
+    assert a["metrics"] == b["metrics"]
+
+
+def _write(path, **arrays):
+    if path.suffix == ".npz":
+        np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
+    elif path.suffix == ".pt":
+        torch.save(arrays, path)
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(arrays, str(path))
+    else:
+        np.save(path, arrays["features"].numpy())
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt", ".safetensors"])
+def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
+    x, y = clustered_features(90, 3, 8, seed=0, spread=0.2, dtype=torch.float32)
+    logits = torch.nn.functional.one_hot(y, 3).float() * 4
+    train = tmp_path / f"train{suffix}"
+    _write(train, features=x[:60], labels=y[:60], logits=logits[:60])
+    test = tmp_path / f"test{suffix}"
+    _write(test, features=x[60:], labels=y[60:])
+    ood = tmp_path / "ood.npy"
+    _write(ood, features=torch.rand(25, 8) * 4 + 2)
+    det_path = tmp_path / "det.safetensors"
+
+    assert main(["fit", str(train), "-o", str(det_path), "-k", "2"]) == 0
+    assert "indexed 60 gradients" in capsys.readouterr().out
+
+    assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.npy")]) == 0
+    expected = GROOD.load(det_path).score_samples(x[60:].numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), expected)
+    assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.csv")]) == 0
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0] == "index,score,pred" and len(rows) == 31
+    assert float(rows[1].split(",")[1]) == pytest.approx(float(expected[0]))
+    capsys.readouterr()
+
+    assert main(["eval", str(det_path), "--id", str(test), "--ood", str(ood),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| ood.npy" in text and "nearest-prototype accuracy" in text
+    metrics = json.loads((tmp_path / "m.json").read_text())[str(ood)]
+    assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+
+
+def test_fit_with_ood_features_file(tmp_path, capsys):
+    x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "t.npz", features=x, labels=y)
+    _write(tmp_path / "o.npy", features=torch.rand(7, 4))
+    rc = main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "d.safetensors"),
+               "--ood-features", str(tmp_path / "o.npy")])
+    assert rc == 0
+    det = GROOD.load(tmp_path / "d.safetensors")
+    assert det.ood_source_.name == "features"
+    np.testing.assert_allclose(det.ood_prototype_.numpy(), np.load(tmp_path / "o.npy").mean(0),
+                               rtol=1e-6)
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    x, _ = clustered_features(10, 2, 4, dtype=torch.float32)
+    _write(tmp_path / "nolabels.npz", features=x)
+    rc = main(["fit", str(tmp_path / "nolabels.npz"), "-o", str(tmp_path / "d.safetensors")])
+    assert rc == 2
+    assert "has no 'labels' array" in capsys.readouterr().err
+    rc = main(["score", str(tmp_path / "missing.safetensors"), str(tmp_path / "nolabels.npz"),
+               "-o", str(tmp_path / "s.npy")])
+    assert rc == 2
+    assert "no detector file" in capsys.readouterr().err
+    np.savez(tmp_path / "wrongkey.npz", feats=x.numpy())
+    rc = main(["fit", str(tmp_path / "wrongkey.npz"), "-o", str(tmp_path / "d.safetensors")])
+    assert rc == 2
+    assert "no 'features' array; it holds ['feats']" in capsys.readouterr().err
+
+
+def test_help_lists_commands_and_options():
+    parser = build_parser()
+    text = parser.format_help()
+    for cmd in ("demo", "fit", "score", "eval"):
+        assert cmd in text
+    out = subprocess.run([sys.executable, "-m", "grood", "fit", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    assert "--ood-prototype" in out.stdout and "Feature files:" in out.stdout

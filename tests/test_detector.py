@@ -1,0 +1,336 @@
+"""The GROOD detector's contract: definitions, sign, types, errors, save/load."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+from reference import grood_scores_naive
+
+from grood import GROOD, NotFittedError, functional, ops
+from grood.prototypes import OODPrototypeSource, register_source
+
+
+def _data(seed=0, n=80, c=4, d=11):
+    x, y = clustered_features(n, c, d, seed=seed, spread=0.5, dtype=torch.float32)
+    test, _ = clustered_features(25, c, d, seed=seed + 100, spread=0.8, dtype=torch.float32)
+    return x, y, test
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("batch_size", [7, 4096], ids=["batch7", "batch4096"])
+def test_scores_equal_float64_definition(k, batch_size):
+    x, y, test = _data()
+    det = GROOD(k=k, batch_size=batch_size).fit(x, y)
+    ref_scores, ref_pred = grood_scores_naive(x.double(), y, test.double(), k=k)
+    scores, pred = det.score_and_predict(test)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-4, atol=1e-6)
+    assert torch.equal(pred, ref_pred)
+    assert torch.equal(det.predict(test), ref_pred)
+
+
+def test_float64_input_is_exact():
+    x, y, test = _data(seed=3)
+    det = GROOD().fit(x.double(), y)
+    ref, _ = grood_scores_naive(x.double(), y, test.double())
+    torch.testing.assert_close(det.score_samples(test.double()), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_logits_choose_which_samples_are_indexed():
+    x, y, test = _data(seed=4)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(x.shape[0], 4, generator=gen)
+    det = GROOD().fit(x, y, logits=logits)
+    assert det.index_.ntotal == int((logits.argmax(1) == y).sum())
+    ref, _ = grood_scores_naive(x.double(), y, test.double(), logits=logits)
+    torch.testing.assert_close(det.score_samples(test).double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_ood_features_source():
+    x, y, test = _data(seed=5)
+    ood = torch.rand(30, 11) * 3
+    det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood.numpy())
+    torch.testing.assert_close(det.ood_prototype_, ood.mean(0))
+    ref, _ = grood_scores_naive(x.double(), y, test.double(), p_ood=ood.double().mean(0))
+    torch.testing.assert_close(det.score_samples(test).double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_higher_score_means_in_distribution(toy_set):
+    x, y, ood = toy_set
+    det = GROOD().fit(x, y)
+    id_scores = det.score_samples(x)
+    ood_scores = det.score_samples(ood)
+    assert float(id_scores.min()) > float(ood_scores.max())
+    assert torch.equal(id_scores, torch.zeros_like(id_scores))  # own gradient is in the index
+
+
+def test_fit_returns_self_and_records_state():
+    x, y, _ = _data()
+    det = GROOD()
+    assert det.fit(x, y) is det
+    assert det.n_features_in_ == 11 and det.n_classes_ == 4 and det.n_train_ == 80
+    assert det.backend_ == {"ncp_gradient": "torch", "knn": "torch"}
+    assert det.class_prototypes_.shape == (4, 11)
+    assert int(det.class_counts_.sum()) == 80
+    assert 0 < det.train_accuracy_ <= 1
+    assert det.index_.ntotal == round(det.train_accuracy_ * 80)
+
+
+def test_unfitted_detector_raises():
+    det = GROOD()
+    with pytest.raises(NotFittedError, match="not fitted"):
+        det.score_samples(np.zeros((2, 3), np.float32))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        det.predict(torch.zeros(2, 3))
+    with pytest.raises(NotFittedError):
+        det.save("never-written.safetensors")
+
+
+def test_numpy_in_numpy_out_and_torch_in_torch_out():
+    x, y, test = _data()
+    det = GROOD().fit(x.numpy(), y.numpy())
+    s_np, p_np = det.score_and_predict(test.numpy())
+    assert isinstance(s_np, np.ndarray) and s_np.dtype == np.float32 and s_np.shape == (25,)
+    assert isinstance(p_np, np.ndarray) and p_np.dtype == np.int64
+    s_t = det.score_samples(test)
+    assert isinstance(s_t, torch.Tensor)
+    np.testing.assert_array_equal(s_np, s_t.numpy())
+    assert isinstance(det.predict(test.numpy()), np.ndarray)
+
+
+def test_inputs_are_not_modified():
+    x, y, test = _data()
+    logits = torch.randn(80, 4)
+    ood = torch.rand(5, 11)
+    copies = [t.clone() for t in (x, y, test, logits, ood)]
+    det = GROOD(ood_prototype="features").fit(x, y, logits=logits, ood_features=ood)
+    det.score_and_predict(test)
+    det.predict(test)
+    for t, c in zip((x, y, test, logits, ood), copies, strict=True):
+        assert torch.equal(t, c)
+
+
+def test_read_only_numpy_inputs_are_accepted():
+    x, y, test = _data()
+    arrays = [x.numpy().copy(), y.numpy().copy(), test.numpy().copy()]
+    for a in arrays:
+        a.setflags(write=False)
+    det = GROOD().fit(arrays[0], arrays[1])
+    assert det.score_samples(arrays[2]).shape == (25,)
+
+
+def test_scoring_works_in_batches_of_batch_size(monkeypatch):
+    x, y, test = _data()
+    det = GROOD(batch_size=6).fit(x, y)
+    seen = []
+    real = functional.ncp_gradient
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.shape[0])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "ncp_gradient", spy)
+    det.score_samples(test)
+    assert max(seen) <= 6 and sum(seen) == 25
+
+
+# Bad input: every case raises before any work, with a message naming the problem.
+
+
+def _bad_fit_cases():
+    x, y, _ = _data()
+    nan_x = x.clone()
+    nan_x[5, 2] = float("nan")
+    inf_x = x.clone()
+    inf_x[[3, 9]] = float("inf")
+    gap_y = y.clone()
+    gap_y[gap_y == 2] = 3  # class 2 disappears
+    return [
+        ("nan-row", (nan_x, y), {}, ValueError, r"features contains NaN or Inf in row\(s\) 5"),
+        ("inf-rows", (inf_x, y), {}, ValueError, r"row\(s\) 3, 9"),
+        ("1d-features", (x[:, 0], y), {}, ValueError, "must be a 2-D array"),
+        ("int-features", (x.long(), y), {}, TypeError, "must be floating point"),
+        ("empty", (x[:0], y[:0]), {}, ValueError, "features is empty"),
+        ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
+        ("bool-labels", (x, y > 1), {}, TypeError, "labels must hold integer class ids"),
+        ("negative-label", (x, y - 1), {}, ValueError, "labels must be >= 0"),
+        ("length-mismatch", (x, y[:-1]), {}, ValueError, "labels has 79 entries"),
+        ("empty-class", (x, gap_y), {}, ValueError, r"class\(es\) 2 have no training samples"),
+        ("label-vs-logits", (x, y), {"logits": torch.randn(80, 3)}, ValueError,
+         "class id 3, out of range for 3 classes"),
+        ("logits-rows", (x, y), {"logits": torch.randn(79, 4)}, ValueError,
+         "logits has 79 rows"),
+        ("nan-logits", (x, y), {"logits": torch.full((80, 4), float("nan"))}, ValueError,
+         "logits contains NaN"),
+        ("missing-ood-features", (x, y), {"source": "features"}, ValueError,
+         "needs ood_features"),
+        ("unused-ood-features", (x, y), {"ood_features": torch.rand(3, 11)}, ValueError,
+         "does not use it"),
+        ("ood-features-dim", (x, y), {"source": "features", "ood_features": torch.rand(3, 4)},
+         ValueError, "ood_features has 4 columns"),
+        ("not-an-array", ("features", y), {}, TypeError, "must be a torch.Tensor or a numpy"),
+    ]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "exc", "match"),
+                         [c[1:] for c in _bad_fit_cases()], ids=[c[0] for c in _bad_fit_cases()])
+def test_bad_fit_input_is_named(args, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    source = kwargs.pop("source", "mean")
+    with pytest.raises(exc, match=match):
+        GROOD(ood_prototype=source).fit(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("param", "value", "match"), [
+    ("k", 0, "k must be a positive integer"),
+    ("batch_size", 2.5, "batch_size must be a positive integer"),
+    ("backend", "cuda", "backend must be one of"),
+    ("ood_prototype", "nearest", "unknown ood_prototype 'nearest'; available: features, mean"),
+    ("ood_prototype", 3, "ood_prototype must be a source name"),
+])
+def test_bad_parameters_are_named(param, value, match):
+    x, y, _ = _data()
+    with pytest.raises((ValueError, TypeError), match=match):
+        GROOD(**{param: value}).fit(x, y)
+
+
+def test_k_larger_than_index_is_refused():
+    x, y, _ = _data()
+    with pytest.raises(ValueError, match="k=500 but only"):
+        GROOD(k=500).fit(x, y)
+
+
+def test_no_correct_training_sample_is_refused():
+    x, y, _ = _data()
+    wrong = torch.nn.functional.one_hot((y + 1) % 4, 4).float()
+    with pytest.raises(ValueError, match="no training sample is classified correctly"):
+        GROOD().fit(x, y, logits=wrong)
+
+
+@pytest.mark.parametrize(("make", "exc", "match"), [
+    (lambda t: t[:, :5], ValueError, "has 5 columns but the detector was fitted on 11"),
+    (lambda t: torch.where(torch.arange(25)[:, None] == 7, float("nan"), t), ValueError,
+     r"NaN or Inf in row\(s\) 7"),
+    (lambda t: t[:0], ValueError, "features is empty"),
+    (lambda t: t.long(), TypeError, "floating point"),
+])
+def test_bad_score_input_is_named(make, exc, match):
+    x, y, test = _data()
+    det = GROOD(batch_size=4).fit(x, y)
+    with pytest.raises(exc, match=match):
+        det.score_samples(make(test))
+
+
+def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, y, _ = _data()
+    with pytest.raises(ops.BackendUnavailableError, match="backend='triton' cannot run"):
+        GROOD(backend="triton").fit(x, y)
+
+
+# Saving and loading.
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    x, y, test = _data()
+    det = GROOD(k=2, batch_size=9).fit(x, y, logits=torch.randn(80, 4) + 3 * torch.nn.functional
+                                       .one_hot(y, 4))
+    path = tmp_path / "det.safetensors"
+    det.save(path)
+    loaded = GROOD.load(path)
+    assert loaded.k == 2 and loaded.batch_size == 9
+    for name in ("class_prototypes_", "class_counts_", "ood_prototype_"):
+        assert torch.equal(getattr(loaded, name), getattr(det, name))
+    assert torch.equal(loaded.index_.vectors, det.index_.vectors)
+    assert torch.equal(loaded.score_samples(test), det.score_samples(test))
+    assert torch.equal(loaded.predict(test), det.predict(test))
+    assert loaded.train_accuracy_ == det.train_accuracy_
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_custom_source_is_saved_by_name_and_params(tmp_path):
+    @register_source
+    class Shifted(OODPrototypeSource):
+        name = "test-shifted"
+
+        def __init__(self, offset: float = 0.0):
+            self.offset = offset
+
+        def params(self):
+            return {"offset": self.offset}
+
+        def build(self, ctx):
+            return ctx.class_prototypes.mean(0) + self.offset
+
+    x, y, test = _data()
+    det = GROOD(ood_prototype=Shifted(0.25)).fit(x, y)
+    det.save(tmp_path / "d.safetensors")
+    loaded = GROOD.load(tmp_path / "d.safetensors")
+    assert isinstance(loaded.ood_prototype, Shifted) and loaded.ood_prototype.offset == 0.25
+    assert torch.equal(loaded.score_samples(test), det.score_samples(test))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    x, y, _ = _data()
+    path = tmp_path / "det.safetensors"
+    GROOD().fit(x, y).save(path)
+    return path
+
+
+def test_truncated_file_is_refused(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable grood detector file"):
+        GROOD.load(saved)
+
+
+def test_bit_flip_is_refused(saved):
+    data = bytearray(saved.read_bytes())
+    data[-10] ^= 0x40
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum does not match"):
+        GROOD.load(saved)
+
+
+def test_other_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ValueError, match="not a grood detector file"):
+        GROOD.load(path)
+
+
+def test_garbage_and_missing_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable grood detector file"):
+        GROOD.load(junk)
+    with pytest.raises(FileNotFoundError, match="no detector file"):
+        GROOD.load(tmp_path / "absent.safetensors")
+
+
+def test_future_format_version_is_refused(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = "99"
+    save_file(tensors, str(saved), metadata=meta)
+    with pytest.raises(ValueError, match="format version 99; this grood reads version 1"):
+        GROOD.load(saved)
+
+
+def test_tampered_metadata_is_refused(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["params"] = meta["params"].replace('"k": 1', '"k": 2')
+    save_file(tensors, str(saved), metadata=meta)
+    with pytest.raises(ValueError, match="checksum does not match"):
+        GROOD.load(saved)

@@ -1,0 +1,199 @@
+"""grood.functional against plain float64 loops and torch.autograd."""
+
+import pytest
+import torch
+from conftest import clustered_features
+from reference import knn_naive, ncp_naive, prototypes_naive
+
+from grood import functional as F
+
+# (N, C, D): single row, single class, prime sizes, an aligned size, one past a block.
+SHAPES = [(1, 1, 1), (1, 3, 7), (7, 1, 13), (13, 5, 31), (64, 16, 64), (65, 17, 129)]
+
+
+def _ids(shapes):
+    return [f"N{n}-C{c}-D{d}" for n, c, d in shapes]
+
+
+def _problem(n, c, d, dtype=torch.float64, seed=0):
+    x, y = clustered_features(max(n, c) + c, c, d, seed=seed)
+    protos = prototypes_naive(x, y, c)
+    h = x[:n]
+    return h.to(dtype), protos.to(dtype), protos.mean(0).to(dtype)
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=_ids(SHAPES))
+def test_ncp_gradient_matches_loop_float64(n, c, d):
+    h, protos, p_ood = _problem(n, c, d)
+    res = F.ncp_gradient(h, protos, p_ood)
+    grad, q, pred, min_dist, lse = ncp_naive(h, protos, p_ood)
+    assert res.grad.dtype == torch.float64
+    torch.testing.assert_close(res.grad, grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.q_ood, q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.min_dist, min_dist, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(res.lse, lse, rtol=1e-10, atol=1e-10)
+    assert torch.equal(res.pred, pred)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_ncp_gradient_low_precision_inputs_close_to_float64(dtype):
+    h, protos, p_ood = _problem(33, 9, 40, dtype=dtype, seed=3)
+    res = F.ncp_gradient(h, protos, p_ood)
+    assert res.grad.dtype == torch.float32
+    grad, q, *_ = ncp_naive(h, protos, p_ood)  # reference on the same rounded inputs
+    torch.testing.assert_close(res.grad.double(), grad, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(res.q_ood.double(), q, rtol=2e-5, atol=2e-6)
+
+
+def test_ncp_gradient_streaming_blocks_give_same_result():
+    h, protos, p_ood = _problem(50, 23, 17, seed=4)
+    whole = F.ncp_gradient(h, protos, p_ood)
+    tiled = F.ncp_gradient(h, protos, p_ood, block_rows=7, block_classes=5)
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("target", ["pred", "random"])
+def test_closed_form_gradient_equals_autograd(target):
+    h, protos, p_ood = _problem(11, 6, 9, seed=5)
+    res = F.ncp_gradient(h, protos, p_ood)
+    gen = torch.Generator().manual_seed(0)
+    labels = res.pred if target == "pred" else torch.randint(0, 6, (11,), generator=gen)
+    for i in range(h.shape[0]):
+        p_o = p_ood.clone().requires_grad_(True)
+        s = -torch.cat([torch.linalg.norm(h[i] - protos, dim=1),
+                        torch.linalg.norm(h[i] - p_o)[None]])
+        loss = -torch.log_softmax(s, 0)[labels[i]]
+        (auto,) = torch.autograd.grad(loss, p_o)
+        torch.testing.assert_close(res.grad[i], auto, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_is_zero_where_h_equals_ood_prototype():
+    h, protos, p_ood = _problem(4, 3, 6)
+    h = h.clone()
+    h[2] = p_ood
+    res = F.ncp_gradient(h, protos, p_ood)
+    assert torch.equal(res.grad[2], torch.zeros(6, dtype=torch.float64))
+    assert bool(torch.isfinite(res.grad).all())
+    assert bool(torch.isfinite(res.q_ood).all())
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6], ids=["1e3", "1e6"])
+def test_large_distances_do_not_overflow(scale):
+    h, protos, p_ood = _problem(9, 4, 8, dtype=torch.float32, seed=6)
+    res = F.ncp_gradient(h * scale, protos * scale, p_ood * scale)
+    for t in (res.grad, res.q_ood, res.lse, res.min_dist):
+        assert bool(torch.isfinite(t).all())
+    _, q, *_ = ncp_naive(h * scale, protos * scale, p_ood * scale)
+    torch.testing.assert_close(res.q_ood.double(), q, rtol=1e-3, atol=1e-6)
+
+
+def test_ncp_gradient_does_not_modify_inputs():
+    h, protos, p_ood = _problem(10, 3, 5, dtype=torch.float32)
+    copies = [t.clone() for t in (h, protos, p_ood)]
+    F.ncp_gradient(h, protos, p_ood)
+    for t, c in zip((h, protos, p_ood), copies, strict=True):
+        assert torch.equal(t, c)
+
+
+def test_ncp_gradient_strided_input():
+    h, protos, p_ood = _problem(20, 4, 10)
+    wide = torch.zeros(20, 30, dtype=torch.float64)
+    wide[:, ::3] = h
+    res = F.ncp_gradient(wide[:, ::3], protos, p_ood)
+    torch.testing.assert_close(res.grad, F.ncp_gradient(h, protos, p_ood).grad)
+
+
+@pytest.mark.parametrize(("h_shape", "p_shape", "o_shape", "match"), [
+    ((4,), (3, 4), (4,), "h must have 2"),
+    ((2, 4), (3, 5), (4,), "prototypes has dimension 5"),
+    ((2, 4), (3, 4), (5,), "ood_prototype has dimension 5"),
+    ((2, 4), (0, 4), (4,), "prototypes is empty"),
+])
+def test_ncp_gradient_shape_errors(h_shape, p_shape, o_shape, match):
+    with pytest.raises(ValueError, match=match):
+        F.ncp_gradient(torch.zeros(h_shape), torch.zeros(p_shape), torch.zeros(o_shape))
+
+
+def test_class_prototypes_batchwise_equals_one_shot():
+    x, y = clustered_features(101, 7, 12, seed=7)
+    one = F.class_prototypes(x, y, 7)
+    state = None
+    for start in range(0, 101, 17):
+        state = F.class_prototypes(x[start:start + 17], y[start:start + 17], 7, state=state)
+    torch.testing.assert_close(state.sums, one.sums)
+    assert torch.equal(state.counts, one.counts)
+    torch.testing.assert_close(state.prototypes(torch.float64), prototypes_naive(x, y, 7))
+
+
+def test_class_prototypes_state_is_not_modified():
+    x, y = clustered_features(20, 2, 3)
+    first = F.class_prototypes(x[:10], y[:10], 2)
+    sums = first.sums.clone()
+    F.class_prototypes(x[10:], y[10:], 2, state=first)
+    assert torch.equal(first.sums, sums)
+
+
+def test_empty_class_is_named():
+    x = torch.rand(6, 3)
+    y = torch.tensor([0, 0, 2, 2, 4, 4])
+    state = F.class_prototypes(x, y, 5)
+    with pytest.raises(ValueError, match=r"class\(es\) 1, 3 have no training samples"):
+        state.prototypes()
+
+
+def test_class_prototypes_label_range():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        F.class_prototypes(torch.rand(3, 2), torch.tensor([0, 1, 2]), 2)
+
+
+KNN_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 3), (9, 37, 11, 1), (9, 37, 11, 4), (64, 65, 8, 16)]
+
+
+@pytest.mark.parametrize(("q", "m", "d", "k"), KNN_SHAPES,
+                         ids=[f"Q{q}-M{m}-D{d}-k{k}" for q, m, d, k in KNN_SHAPES])
+@pytest.mark.parametrize("block", [None, 4], ids=["one-block", "block4"])
+def test_knn_matches_brute_force(q, m, d, k, block):
+    gen = torch.Generator().manual_seed(q * 1000 + m)
+    db = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    queries = torch.randn(q, d, generator=gen, dtype=torch.float64)
+    dist, idx = F.knn(queries, db, k, block_size=block)
+    ref_d, ref_i = knn_naive(queries, db, k)
+    torch.testing.assert_close(dist, ref_d, rtol=1e-12, atol=1e-12)
+    assert torch.equal(idx, ref_i)
+
+
+def test_knn_float32_distances_are_exact_after_rerank():
+    # Large common offset: the GEMM expansion alone would lose the small distances.
+    gen = torch.Generator().manual_seed(1)
+    db = (torch.randn(200, 16, generator=gen) * 1e-2 + 100.0).float()
+    queries = (db[:20] + torch.randn(20, 16, generator=gen) * 1e-3).float()
+    dist, idx = F.knn(queries, db, 1)
+    ref_d, ref_i = knn_naive(queries, db, 1)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-4, atol=0)
+
+
+def test_knn_ties_and_duplicates_prefer_lower_index():
+    db = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    dist, idx = F.knn(torch.zeros(1, 2), db, 4, block_size=2)
+    assert idx.tolist() == [[0, 1, 2, 3]]
+    assert dist.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    dist, idx = F.knn(torch.tensor([[1.0, 0.0]]), db, 3, block_size=2)
+    assert idx.tolist() == [[0, 2, 4]]
+    assert dist.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_knn_pads_like_faiss_when_database_is_smaller_than_k():
+    dist, idx = F.knn(torch.zeros(2, 3), torch.ones(2, 3), 4)
+    assert idx.tolist() == [[0, 1, -1, -1]] * 2
+    assert dist[:, :2].tolist() == [[3.0, 3.0]] * 2
+    assert bool(torch.isinf(dist[:, 2:]).all())
+
+
+def test_knn_rejects_bad_k_and_dimension():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        F.knn(torch.zeros(2, 3), torch.zeros(4, 3), 0)
+    with pytest.raises(ValueError, match="database has dimension 4, expected 3"):
+        F.knn(torch.zeros(2, 3), torch.zeros(4, 4))

@@ -1,0 +1,79 @@
+"""grood.metrics against scikit-learn, on data with many ties."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from grood import ood_metrics
+from grood.metrics import roc_curve
+
+
+def _sklearn_reference(id_s, ood_s, recall=0.95):
+    conf = np.r_[id_s, ood_s]
+    is_ood = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]
+    fpr, tpr, _ = skm.roc_curve(is_ood, -conf, drop_intermediate=False)
+    p_in, r_in, _ = skm.precision_recall_curve(1 - is_ood, conf)
+    p_out, r_out, _ = skm.precision_recall_curve(is_ood, -conf)
+    return {
+        "auroc": skm.auc(fpr, tpr),
+        "fpr95": fpr[np.argmax(tpr >= recall)],
+        "aupr_in": skm.auc(r_in, p_in),
+        "aupr_out": skm.auc(r_out, p_out),
+    }
+
+
+@pytest.mark.parametrize("levels", [3, 10, 1000], ids=["3-levels", "10-levels", "1000-levels"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_sklearn_with_ties(levels, seed):
+    rng = np.random.default_rng(seed)
+    id_s = rng.integers(0, levels, 301) / levels + 0.3
+    ood_s = rng.integers(0, levels, 157) / levels
+    ours = ood_metrics(id_s, ood_s)
+    ref = _sklearn_reference(id_s, ood_s)
+    for key in ("auroc", "fpr95", "aupr_in", "aupr_out"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert ours["auroc"] == pytest.approx(skm.roc_auc_score(
+        np.r_[np.zeros(301), np.ones(157)], -np.r_[id_s, ood_s]), abs=1e-12)
+
+
+def test_perfect_and_inverted_separation():
+    perfect = ood_metrics([2.0, 3.0, 4.0], [0.0, 1.0])
+    assert perfect == {"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    inverted = ood_metrics([0.0, 1.0], [2.0, 3.0, 4.0])
+    assert inverted["auroc"] == 0.0 and inverted["fpr95"] == 1.0
+
+
+def test_all_tied_scores_give_chance():
+    m = ood_metrics(np.zeros(10), np.zeros(30))
+    assert m["auroc"] == pytest.approx(0.5)
+    assert m["fpr95"] == 1.0
+
+
+def test_fpr95_definition_on_a_small_case():
+    # OOD (positive) flagged when score <= t. 20 OOD scores 0..19; ID scores 18.5, 30..38.
+    ood = np.arange(20.0)
+    ids = np.r_[18.5, np.arange(30.0, 39.0)]
+    # 95 % of 20 OOD = 19 detected at t = 18, where no ID sample is flagged yet.
+    assert ood_metrics(ids, ood)["fpr95"] == 0.0
+    ids = np.r_[17.5, np.arange(30.0, 39.0)]  # now one ID sample (of 10) lies below 18
+    assert ood_metrics(ids, ood)["fpr95"] == pytest.approx(0.1)
+
+
+def test_accepts_tensors_and_lists():
+    a = ood_metrics(torch.tensor([1.0, 2.0, 3.0]), [0.5, 2.5])
+    b = ood_metrics(np.array([1.0, 2.0, 3.0]), np.array([0.5, 2.5]))
+    assert a == b
+    fpr, tpr = roc_curve([1.0, 2.0], [0.0])
+    assert fpr[0] == 0.0 and tpr[-1] == 1.0 and fpr[-1] == 1.0
+
+
+@pytest.mark.parametrize(("id_s", "ood_s", "match"), [
+    ([], [1.0], "id_scores is empty"),
+    ([1.0], [], "ood_scores is empty"),
+    ([1.0, np.nan], [0.0], "id_scores contains NaN or Inf"),
+    ([[1.0]], [0.0], "id_scores must be 1-D"),
+])
+def test_bad_scores_are_named(id_s, ood_s, match):
+    with pytest.raises(ValueError, match=match):
+        ood_metrics(id_s, ood_s)

@@ -1,0 +1,74 @@
+"""Backend dispatch, and grood working with neither triton nor faiss importable."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import grood_kernels
+from grood import ops
+
+
+def test_torch_backend_always_resolves():
+    for op in ops.OPERATIONS:
+        assert ops.resolve_backend("torch", op, "cpu") == "torch"
+
+
+def test_auto_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ops.resolve_backend("auto", "ncp_gradient", "cpu") == "torch"
+
+
+def test_triton_without_kernel_names_the_reason():
+    assert "ncp_gradient" not in grood_kernels.KERNELS
+    with pytest.raises(ops.BackendUnavailableError, match="no Triton kernel for 'ncp_gradient'"):
+        ops.resolve_backend("triton", "ncp_gradient", "cpu")
+
+
+def test_triton_on_cpu_without_interpreter_names_the_reason(monkeypatch):
+    monkeypatch.setattr(grood_kernels, "KERNELS", frozenset({"knn"}))
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ops.resolve_backend("triton", "knn", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.resolve_backend("triton", "knn", "cpu") == "triton"
+
+
+def test_unknown_backend_and_operation():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.resolve_backend("cuda", "knn", "cpu")
+    with pytest.raises(ValueError, match="unknown operation"):
+        ops.resolve_backend("auto", "softmax", "cpu")
+
+
+def test_ops_functions_run_the_torch_twins():
+    q = torch.rand(5, 3)
+    _dist, idx = ops.knn(q, q, 1, backend="torch")
+    assert idx.flatten().tolist() == [0, 1, 2, 3, 4]
+    res = ops.ncp_gradient(q, q[:2], q.mean(0), backend="auto")
+    assert res.grad.shape == (5, 3)
+
+
+def test_grood_imports_and_scores_without_triton_or_faiss():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None   # any import of triton now fails
+        sys.modules["faiss"] = None
+        import numpy as np
+        import grood
+        x = np.random.default_rng(0).random((40, 6), dtype=np.float32)
+        y = np.arange(40) % 3
+        det = grood.GROOD(backend="auto").fit(x, y)
+        assert det.backend_ == {"ncp_gradient": "torch", "knn": "torch"}
+        s = det.score_samples(x)
+        assert s.shape == (40,) and np.isfinite(s).all()
+        assert "triton" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
