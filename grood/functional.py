@@ -29,6 +29,8 @@ from grood._checks import compute_dtype
 # Elements of the largest temporary tile (rows x classes, or queries x database rows).
 # 2**22 float32 values are 16 MiB: small enough for any machine, large enough for a fast GEMM.
 TILE_ELEMENTS = 1 << 22
+# Elements of a [rows, D] feature tile: 2**19 float32 values (2 MiB) stay in a CPU's cache.
+ROW_TILE_ELEMENTS = 1 << 19
 # Extra nearest-neighbour candidates per query, beyond k, that are re-ranked by their exact
 # distance: near-ties the matrix-multiply expansion misorders by rounding are put right.
 RERANK_EXTRA = 4
@@ -126,7 +128,9 @@ def ncp_gradient(
     dt = compute_dtype(torch.promote_types(torch.promote_types(h.dtype, prototypes.dtype),
                                            ood_prototype.dtype))
     bc = block_classes or min(c, 1 << 14)
-    bn = block_rows or max(1, TILE_ELEMENTS // bc)
+    # Rows per tile: bounded by the distance tile and by keeping the [rows, D] tile in cache,
+    # since for small C the element-wise work, not the GEMM, sets the pace.
+    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, ROW_TILE_ELEMENTS // d))
 
     p_o = ood_prototype.to(dt)
     centred = prototypes.to(dt) - p_o  # [C, D]
@@ -141,8 +145,8 @@ def ncp_gradient(
     for r0 in range(0, n, bn):
         r1 = min(r0 + bn, n)
         u = h[r0:r1].to(dt) - p_o  # [bn, D]
-        u_sq = (u * u).sum(1)  # [bn]
-        d_ood = u_sq.sqrt()
+        d_ood = torch.linalg.vector_norm(u, dim=1)  # [bn]
+        u_sq = d_ood * d_ood
         # Online log-sum-exp, seeded with the OOD term: running max m, running sum l.
         m = -d_ood
         acc = torch.ones_like(m)
@@ -150,8 +154,8 @@ def ncp_gradient(
         arg = torch.zeros(r1 - r0, dtype=torch.int64, device=h.device)
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
-            dots = u @ centred[c0:c1].T  # [bn, bc]
-            dist = (u_sq[:, None] + centred_sq[None, c0:c1] - 2.0 * dots).clamp_min_(0).sqrt_()
+            dist = torch.addmm(centred_sq[None, c0:c1], u, centred[c0:c1].T, alpha=-2.0)
+            dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
             blk_min, blk_arg = dist.min(dim=1)
             better = blk_min < best  # strict: the first prototype wins ties
             best = torch.where(better, blk_min, best)
@@ -162,7 +166,7 @@ def ncp_gradient(
         row_lse = m + torch.log(acc)
         q = torch.exp(-d_ood - row_lse)
         scale = torch.where(d_ood > 0, q / torch.where(d_ood > 0, d_ood, 1.0), 0.0)
-        grad[r0:r1] = u * scale[:, None]
+        torch.mul(u, scale[:, None], out=grad[r0:r1])
         q_ood[r0:r1] = q
         pred[r0:r1] = arg
         min_dist[r0:r1] = best
@@ -225,11 +229,6 @@ def class_prototypes(
     return PrototypeState(sums, counts)
 
 
-def _sq_dists(q: Tensor, q_sq: Tensor, x: Tensor) -> Tensor:
-    """Squared L2 distances by matrix multiply, clamped at 0; shape [len(q), len(x)]."""
-    return (q_sq[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)).clamp_min_(0)
-
-
 def _lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each row by (distance, index); index -1 (no candidate) sorts last among equals."""
     by_i = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
@@ -249,20 +248,26 @@ def knn(
     database: Tensor,
     k: int = 1,
     *,
+    database_sq_norms: Tensor | None = None,
     block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact k-nearest-neighbour search by squared L2 distance, like ``faiss.IndexFlatL2``.
 
     The database is streamed in blocks with a running top-k per query, so no [Q, M] matrix is
-    made. ``k + RERANK_EXTRA`` candidates are picked with the matrix-multiply expansion around the
-    database mean; their distances are then recomputed directly as ``||q - x||^2`` and the best
-    k kept, so returned distances carry no cancellation error and near-ties are ordered right.
-    Among equal distances the lower database index comes first.
+    made. ``k + RERANK_EXTRA`` candidates per query are picked with the expansion
+    ``||q||^2 + ||x||^2 - 2 q.x``; their distances are then recomputed directly as
+    ``||q - x||^2`` and the best k kept, so returned distances carry no cancellation error and
+    near-ties are ordered right. Among equal distances the lower database index comes first.
+    The expansion can still pick the wrong candidates when every vector shares an offset far
+    larger than their spread: centre such data first (GROOD's gradients have norm <= 1 and
+    need no centring).
 
     Args:
         queries (Tensor): query vectors, shape [Q, D].
         database (Tensor): database vectors, shape [M, D].
         k (int): number of neighbours, >= 1.
+        database_sq_norms (Tensor, optional): ``||x||^2`` of every database row, shape [M], in
+            the compute dtype; computed here when omitted (an index caches them).
         block_size (int, optional): database rows per tile; by default sized to
             ``TILE_ELEMENTS``.
 
@@ -285,19 +290,22 @@ def knn(
     n_cand = k + RERANK_EXTRA  # candidates kept per query, re-ranked exactly at the end
     bq = min(n_q, 1024)
     bm = block_size or max(256, TILE_ELEMENTS // bq)
-    # Distances are translation invariant: expanding around the database mean keeps
-    # ||q||^2 + ||x||^2 - 2 q.x from cancelling when all vectors share a large offset.
-    shift = (database.sum(0, dtype=torch.float64) / n_db).to(dt)
+    if database_sq_norms is None:
+        database_sq_norms = database_sq_norms_of(database, dt, block_size=bm)
+    elif tuple(database_sq_norms.shape) != (n_db,):
+        raise ValueError(f"database_sq_norms must have shape [{n_db}], "
+                         f"got {tuple(database_sq_norms.shape)}")
     for q0 in range(0, n_q, bq):
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
-        qc = q - shift
-        q_sq = (qc * qc).sum(1)
+        q_sq = (q * q).sum(1)
         best_d = torch.full((q1 - q0, n_cand), float("inf"), dtype=dt, device=dev)
         best_i = torch.full((q1 - q0, n_cand), -1, dtype=torch.int64, device=dev)
         for m0 in range(0, n_db, bm):
             m1 = min(m0 + bm, n_db)
-            dist = _sq_dists(qc, q_sq, database[m0:m1].to(dt) - shift)  # [bq, bm]
+            dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), q,
+                               database[m0:m1].to(dt).T, alpha=-2.0)
+            dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]
             blk_d, blk_i = torch.topk(dist, min(n_cand, m1 - m0), dim=1, largest=False)
             best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)
         # Re-rank the candidates by their directly computed distance.
@@ -310,33 +318,14 @@ def knn(
         exact, best_i = _lex_sort(exact, best_i)
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i
-    bq = min(n_q, 1024)
-    bm = block_size or max(256, TILE_ELEMENTS // bq)
-    # Distances are translation invariant: expanding around the database mean keeps
-    # ||q||^2 + ||x||^2 - 2 q.x from cancelling when all vectors share a large offset.
-    shift = (database.sum(0, dtype=torch.float64) / n_db).to(dt)
-    for q0 in range(0, n_q, bq):
-        q1 = min(q0 + bq, n_q)
-        q = queries[q0:q1].to(dt)  # [bq, D]
-        qc = q - shift
-        q_sq = (qc * qc).sum(1)
-        best_d = torch.full((q1 - q0, k), float("inf"), dtype=dt, device=dev)
-        best_i = torch.full((q1 - q0, k), -1, dtype=torch.int64, device=dev)
-        for m0 in range(0, n_db, bm):
-            m1 = min(m0 + bm, n_db)
-            dist = _sq_dists(qc, q_sq, database[m0:m1].to(dt) - shift)  # [bq, bm]
-            if k == 1:
-                blk_d, blk_i = dist.min(dim=1, keepdim=True)  # first index on ties
-            else:
-                blk_d, blk_i = torch.topk(dist, min(k, m1 - m0), dim=1, largest=False)
-            best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, k)
-        # Re-rank the k candidates by their directly computed distance.
-        valid = best_i >= 0
-        exact = torch.full_like(best_d, float("inf"))
-        for j in range(k):
-            rows = valid[:, j]
-            if bool(rows.any()):
-                diff = q[rows] - database[best_i[rows, j]].to(dt)
-                exact[rows, j] = (diff * diff).sum(1)
-        out_d[q0:q1], out_i[q0:q1] = _lex_sort(exact, best_i)
-    return out_d, out_i
+
+
+def database_sq_norms_of(database: Tensor, dtype: torch.dtype | None = None, *,
+                         block_size: int = 65536) -> Tensor:
+    """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over row blocks."""
+    dt = dtype or compute_dtype(database.dtype)
+    out = torch.empty(database.shape[0], dtype=dt, device=database.device)
+    for m0 in range(0, database.shape[0], block_size):
+        blk = database[m0:m0 + block_size].to(dt)
+        out[m0:m0 + block_size] = (blk * blk).sum(1)
+    return out

@@ -3,7 +3,8 @@
 :class:`ExactIndex` holds the vectors in one tensor and searches them exactly (squared L2, the
 ``(D, I)`` contract of faiss) through the backend chosen in :mod:`grood.ops`. Vectors are added
 in batches into a buffer that grows geometrically (or is reserved up front when the final size
-is known), so building never holds two copies of the index.
+is known), so building never holds two copies of the index. Squared norms of the vectors are
+computed once, at the first search, and reused by every later search.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from grood import ops
+from grood.functional import database_sq_norms_of
 
 
 class ExactIndex:
@@ -34,6 +36,7 @@ class ExactIndex:
         self.backend = backend
         self._buf = torch.empty((0, dim), dtype=dtype, device=self.device)
         self._n = 0
+        self._sq_norms: Tensor | None = None  # ||x||^2 per vector, cached for searches
 
     @property
     def ntotal(self) -> int:
@@ -61,6 +64,7 @@ class ExactIndex:
             self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
         self._buf[self._n : self._n + n] = x.to(device=self.device, dtype=self.dtype)
         self._n += n
+        self._sq_norms = None
 
     def trim(self) -> None:
         """Release unused reserved capacity."""
@@ -71,8 +75,11 @@ class ExactIndex:
         """Exact k-NN: ``(D, I)``, squared L2 distances [Q, k] and int64 indices [Q, k]."""
         if self._n == 0:
             raise ValueError("the index is empty")
+        if self._sq_norms is None:
+            self._sq_norms = database_sq_norms_of(self.vectors)
         impl = ops.get_op("knn", self.backend)
-        return impl(queries.to(device=self.device, dtype=self.dtype), self.vectors, k)
+        return impl(queries.to(device=self.device, dtype=self.dtype), self.vectors, k,
+                    database_sq_norms=self._sq_norms)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""
