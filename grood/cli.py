@@ -17,11 +17,19 @@ EPILOG_FILES = (
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from grood.demo import DemoConfig, run_demo
+    from grood.demo import DemoConfig, run_demo, run_seeds
 
     cfg = DemoConfig(out=Path(args.out), seed=args.seed, epochs=args.epochs,
                      n_noise=args.n_noise, knn_k=args.knn_k,
                      progress=False if args.quiet else None)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds > 1:
+        table = run_seeds(cfg, args.seeds)
+        print(f"grood demo — seeds {args.seed}..{args.seed + args.seeds - 1}, mean ± std in "
+              f"percent; per-seed tables and plots in {args.out}/seed*/\n")
+        print(table)
+        return 0
     summary = run_demo(cfg)
     print(f"grood demo — in-distribution: digits 0-5 ({summary['sizes']['train']} training "
           "images); OOD: digits 6-9 (near), uniform noise (far). Percentages; FPR@95 lower is "
@@ -126,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of far-OOD noise images (default: %(default)s)")
     demo.add_argument("--knn-k", type=int, default=10,
                       help="neighbour used by the KNN baseline (default: %(default)s)")
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="run this many seeds from --seed on and print mean ± std "
+                           "(default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_cmd_demo)
 

@@ -191,3 +191,25 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _short(name: str) -> str:
     """``"digits 6-9 (near-OOD)"`` -> ``"near"``; ``"noise (far-OOD)"`` -> ``"far"``."""
     return name.split("(")[-1].split("-")[0] if "(" in name else name
+
+
+def run_seeds(cfg: DemoConfig, n_seeds: int) -> str:
+    """Run the demo for seeds ``cfg.seed .. cfg.seed + n_seeds - 1`` (each into
+    ``cfg.out / f"seed{s}"``) and return a Markdown table of mean ± std AUROC and FPR@95."""
+    from dataclasses import replace
+
+    runs = [run_demo(replace(cfg, seed=s, out=cfg.out / f"seed{s}"))
+            for s in range(cfg.seed, cfg.seed + n_seeds)]
+    methods = list(runs[0]["metrics"])
+    sets = list(runs[0]["metrics"][methods[0]])
+    header = ["method"] + [f"{_short(o)} {METRIC_LABELS[k]}" for o in sets
+                           for k in ("auroc", "fpr95")]
+    rows = []
+    for m in methods:
+        row = [m]
+        for o in sets:
+            for k in ("auroc", "fpr95"):
+                values = 100 * np.array([r["metrics"][m][o][k] for r in runs])
+                row.append(f"{values.mean():.2f} ± {values.std():.2f}")
+        rows.append(row)
+    return markdown_table(header, rows)

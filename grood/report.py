@@ -82,8 +82,11 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         lo = min(float(np.min(v)) for v in by_set.values())
         hi = max(float(np.max(v)) for v in by_set.values())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
-        for name, values in by_set.items():
-            ax.hist(values, bins=bins, alpha=0.5, density=True, label=name)
+        for i, (name, values) in enumerate(by_set.items()):
+            color = f"C{i}"
+            ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
+            ax.hist(values, bins=bins, density=True, color=color, histtype="step", lw=1.4,
+                    label=name)
         # Log density: detectors such as MSP and GROOD pile ID scores into one bin near the top.
         ax.set_yscale("log")
         ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")

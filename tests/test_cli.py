@@ -30,6 +30,15 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     assert 0.5 < auroc <= 1.0
 
 
+def test_demo_over_several_seeds(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-noise", "20", "--seeds",
+               "2", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "seeds 0..1" in text and "| GROOD" in text and " ± " in text
+    assert (tmp_path / "seed0" / "roc.png").is_file() and (tmp_path / "seed1" / "roc.png").is_file()
+
+
 def test_demo_is_deterministic(tmp_path):
     from grood.demo import DemoConfig, run_demo
 
