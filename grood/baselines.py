@@ -49,57 +49,54 @@ class _Baseline:
         return f"{type(self).__name__}({args})"
 
 
-class MSP(_Baseline):
-    """Maximum softmax probability of the logits.
-
-    Args:
-        temperature (float): softmax temperature.
-    """
+class _LogitBaseline(_Baseline):
+    """A score computed from the logits alone, with a temperature; nothing is learned."""
 
     inputs = "logits"
-    name = "MSP"
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
-    def fit(self, logits: Any, labels: Any = None) -> MSP:
-        """Record the number of classes; nothing is learned."""
+    def fit(self, logits: Any, labels: Any = None) -> _LogitBaseline:
+        """Record the number of classes (for input checks); returns ``self``."""
         x, _ = self._read(logits, fitting=True)
         self.n_features_in_ = x.shape[1]
         return self
 
     def score_samples(self, logits: Any) -> Any:
-        """``max softmax(logits / T)``, shape [N]."""
+        """One score per row of ``logits`` [N, C], shape [N]; higher = in-distribution."""
         x, kind = self._read(logits)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return kind.wrap(torch.softmax(x / self.temperature, dim=1).amax(dim=1))
+        return kind.wrap(self._score(x / self.temperature))
+
+    def _score(self, scaled: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
-class Energy(_Baseline):
-    """Negative free energy of the logits.
+class MSP(_LogitBaseline):
+    """Maximum softmax probability ``max softmax(logits / T)``.
+
+    Args:
+        temperature (float): softmax temperature T.
+    """
+
+    name = "MSP"
+
+    def _score(self, scaled: Tensor) -> Tensor:
+        return torch.softmax(scaled, dim=1).amax(dim=1)
+
+
+class Energy(_LogitBaseline):
+    """Negative free energy ``T * logsumexp(logits / T)``.
 
     Args:
         temperature (float): energy temperature T.
     """
 
-    inputs = "logits"
     name = "Energy"
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
-
-    def fit(self, logits: Any, labels: Any = None) -> Energy:
-        """Record the number of classes; nothing is learned."""
-        x, _ = self._read(logits, fitting=True)
-        self.n_features_in_ = x.shape[1]
-        return self
-
-    def score_samples(self, logits: Any) -> Any:
-        """``T * logsumexp(logits / T)``, shape [N]."""
-        x, kind = self._read(logits)
-        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        t = self.temperature
-        return kind.wrap(t * torch.logsumexp(x / t, dim=1))
+    def _score(self, scaled: Tensor) -> Tensor:
+        return self.temperature * torch.logsumexp(scaled, dim=1)
 
 
 def _normalise(x: Tensor) -> Tensor:

@@ -187,32 +187,42 @@ class GROOD:
             raise ValueError(f"k={self.k} but only {index.ntotal} training samples are "
                              "classified correctly and indexed")
         index.trim()
+        self._set_fitted(protos, state.counts, p_ood, source, index, n_train=n,
+                         train_accuracy=index.ntotal / n, backend=backend, device=device)
+        return self
 
+    def _set_fitted(self, protos: Tensor, counts: Tensor, p_ood: Tensor,
+                    source: OODPrototypeSource, index: ExactIndex, *, n_train: int,
+                    train_accuracy: float, backend: dict[str, str],
+                    device: torch.device) -> None:
+        """Set every learned attribute (from ``fit`` or ``load``)."""
         self.class_prototypes_ = protos
-        self.class_counts_ = state.counts
+        self.class_counts_ = counts
         self.ood_prototype_ = p_ood
         self.ood_source_ = source
         self.index_ = index
-        self.n_features_in_ = d
-        self.n_classes_ = n_classes
-        self.n_train_ = n
-        self.train_accuracy_ = index.ntotal / n
+        self.n_classes_, self.n_features_in_ = protos.shape
+        self.n_train_ = n_train
+        self.train_accuracy_ = train_accuracy
         self.backend_ = backend
         self.device_ = device
-        self.dtype_ = dtype
-        return self
+        self.dtype_ = protos.dtype
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):
             raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
                                  "GROOD.load() first")
 
-    def _passes(self, features: Any, *, with_scores: bool
-                ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
-        """Yield ``(start, stop, scores, preds)`` per batch of validated rows."""
+    def _read(self, features: Any) -> tuple[Tensor, Any]:
+        """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
-        x, _ = as_tensor(features, "features")
+        x, kind = as_tensor(features, "features")
         check_matrix(x, "features", n_cols=self.n_features_in_)
+        return x, kind
+
+    def _passes(self, x: Tensor, *, with_scores: bool
+                ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
+        """Yield ``(start, stop, scores, preds)`` for each batch of rows of ``x``."""
         grad_fn = ops.get_op("ncp_gradient", self.backend_["ncp_gradient"])
         with self._bar(x.shape[0], "grood score") as bar:
             for r0, r1 in batches(x.shape[0], self.batch_size):
@@ -236,13 +246,12 @@ class GROOD:
             tuple: ``(scores [N], preds [N])``, numpy arrays for numpy input, tensors on the
             input's device for tensor input.
         """
-        x, kind = as_tensor(features, "features")
-        n = x.shape[0] if x.ndim else 0
-        scores = torch.empty(n, dtype=getattr(self, "dtype_", torch.float32))
-        preds = torch.empty(n, dtype=torch.int64)
+        x, kind = self._read(features)
+        scores = torch.empty(x.shape[0], dtype=self.dtype_, device=self.device_)
+        preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
         for r0, r1, s, p in self._passes(x, with_scores=True):
-            scores[r0:r1] = s.cpu()
-            preds[r0:r1] = p.cpu()
+            scores[r0:r1] = s
+            preds[r0:r1] = p
         return kind.wrap(scores), kind.wrap(preds)
 
     def score_samples(self, features: Any) -> Any:
@@ -258,9 +267,11 @@ class GROOD:
 
     def predict(self, features: Any) -> Any:
         """Nearest class prototype for each sample (int64), shape [N]."""
-        x, kind = as_tensor(features, "features")
-        preds = [p.cpu() for _, _, _, p in self._passes(x, with_scores=False)]
-        return kind.wrap(torch.cat(preds))
+        x, kind = self._read(features)
+        preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
+        for r0, r1, _, p in self._passes(x, with_scores=False):
+            preds[r0:r1] = p
+        return kind.wrap(preds)
 
     # Saving and loading: safetensors (never pickle) plus a SHA-256 over tensors and metadata.
 
@@ -362,26 +373,21 @@ class GROOD:
             raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
                              f"{c} classes of dimension {d}")
 
+        source_cfg = params["ood_prototype"]
+        source = source_from_config(source_cfg["name"], source_cfg["params"])
         det = cls(
-            ood_prototype=source_from_config(params["ood_prototype"]["name"],
-                                             params["ood_prototype"]["params"]),
+            # A source with no parameters is given back by name, as it was most likely given.
+            ood_prototype=source if source_cfg["params"] else source_cfg["name"],
             k=params["k"], backend=params["backend"], device=device,
             batch_size=params["batch_size"],
         )
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        det.backend_ = {op: ops.resolve_backend(det.backend, op, dev) for op in ops.OPERATIONS}
-        det.class_prototypes_ = protos.to(dev)
-        det.class_counts_ = counts.to(dev)
-        det.ood_prototype_ = p_ood.to(dev)
-        det.ood_source_ = det.ood_prototype
-        det.index_ = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
-                                                backend=det.backend_["knn"])
-        det.n_features_in_ = d
-        det.n_classes_ = c
-        det.n_train_ = state["n_train"]
-        det.train_accuracy_ = state["train_accuracy"]
-        det.device_ = dev
-        det.dtype_ = protos.dtype
+        backend = {op: ops.resolve_backend(det.backend, op, dev) for op in ops.OPERATIONS}
+        index = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
+                                           backend=backend["knn"])
+        det._set_fitted(protos.to(dev), counts.to(dev), p_ood.to(dev), source, index,
+                        n_train=state["n_train"], train_accuracy=state["train_accuracy"],
+                        backend=backend, device=dev)
         return det
 
 
