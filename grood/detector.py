@@ -23,7 +23,7 @@ from grood._checks import (
     check_matrix,
     compute_dtype,
 )
-from grood.functional import class_prototypes
+from grood.functional import NCPGradient, check_precision, class_prototypes
 from grood.index import ExactIndex
 from grood.prototypes import (
     OODPrototypeSource,
@@ -53,6 +53,10 @@ class GROOD:
             given to ``fit``), or a source object (see :mod:`grood.prototypes`).
         k (int): score by the distance to the k-th nearest training gradient.
         backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
+        precision (str): the distance GEMM's precision in the gradient step: ``"ieee"`` (fp32,
+            the default), ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` (tensor cores on CUDA); the
+            nearest prototypes' distances are recomputed exactly in every mode (see
+            :func:`grood.functional.ncp_gradient`).
         device (str | torch.device, optional): where the detector's state lives and is
             computed; by default the device of the features given to ``fit``.
         batch_size (int): rows processed at a time; bounds working memory when scoring.
@@ -72,6 +76,7 @@ class GROOD:
         ood_prototype: str | OODPrototypeSource = "mean",
         k: int = 1,
         backend: str = "auto",
+        precision: str = "ieee",
         device: str | torch.device | None = None,
         batch_size: int = 4096,
         progress: bool | None = None,
@@ -79,6 +84,7 @@ class GROOD:
         self.ood_prototype = ood_prototype
         self.k = k
         self.backend = backend
+        self.precision = precision
         self.device = device
         self.batch_size = batch_size
         self.progress = progress
@@ -86,7 +92,8 @@ class GROOD:
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments, as scikit-learn estimators report them."""
         return {name: getattr(self, name) for name in
-                ("ood_prototype", "k", "backend", "device", "batch_size", "progress")}
+                ("ood_prototype", "k", "backend", "precision", "device", "batch_size",
+                 "progress")}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -98,6 +105,7 @@ class GROOD:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         ops.check_backend_name(self.backend)
+        check_precision(self.precision)
         return resolve_source(self.ood_prototype)
 
     def _bar(self, total: int, desc: str) -> tqdm:
@@ -149,8 +157,8 @@ class GROOD:
 
         device = torch.device(self.device) if self.device is not None else x.device
         dtype = compute_dtype(x.dtype)
-        backend = {op: ops.resolve_backend(self.backend, op, device) for op in ops.OPERATIONS}
-        grad_fn = ops.get_op("ncp_gradient", backend["ncp_gradient"])
+        backend = {op: ops.resolve_backend(self.backend, op, device, dtype)
+                   for op in ops.OPERATIONS}
 
         state = None
         with self._bar(n, "grood fit: class prototypes") as bar:
@@ -165,12 +173,13 @@ class GROOD:
             raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                              f"shape [{d}]")
         p_ood = p_ood.to(device=device, dtype=dtype)
+        grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], self.precision)
 
         index = ExactIndex(d, dtype=dtype, device=device, backend=backend["knn"])
         index.reserve(n)
         with self._bar(n, "grood fit: gradient index") as bar:
             for r0, r1 in batches(n, self.batch_size):
-                res = grad_fn(x[r0:r1].to(device), protos, p_ood)
+                res = grads(x[r0:r1].to(device))
                 if lg is None:
                     guess = res.pred
                 else:
@@ -187,12 +196,13 @@ class GROOD:
             raise ValueError(f"k={self.k} but only {index.ntotal} training samples are "
                              "classified correctly and indexed")
         index.trim()
-        self._set_fitted(protos, state.counts, p_ood, source, index, n_train=n,
+        self._set_fitted(protos, state.counts, p_ood, source, index, grads, n_train=n,
                          train_accuracy=index.ntotal / n, backend=backend, device=device)
         return self
 
     def _set_fitted(self, protos: Tensor, counts: Tensor, p_ood: Tensor,
-                    source: OODPrototypeSource, index: ExactIndex, *, n_train: int,
+                    source: OODPrototypeSource, index: ExactIndex, grads: _GradientStep,
+                    *, n_train: int,
                     train_accuracy: float, backend: dict[str, str],
                     device: torch.device) -> None:
         """Set every learned attribute (from ``fit`` or ``load``)."""
@@ -201,6 +211,7 @@ class GROOD:
         self.ood_prototype_ = p_ood
         self.ood_source_ = source
         self.index_ = index
+        self._grads = grads
         self.n_classes_, self.n_features_in_ = protos.shape
         self.n_train_ = n_train
         self.train_accuracy_ = train_accuracy
@@ -223,12 +234,11 @@ class GROOD:
     def _passes(self, x: Tensor, *, with_scores: bool
                 ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
         """Yield ``(start, stop, scores, preds)`` for each batch of rows of ``x``."""
-        grad_fn = ops.get_op("ncp_gradient", self.backend_["ncp_gradient"])
         with self._bar(x.shape[0], "grood score") as bar:
             for r0, r1 in batches(x.shape[0], self.batch_size):
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
-                res = grad_fn(xb, self.class_prototypes_, self.ood_prototype_)
+                res = self._grads(xb)
                 scores = None
                 if with_scores:
                     dist, _ = self.index_.search(res.grad, self.k)
@@ -280,6 +290,7 @@ class GROOD:
             "ood_prototype": {"name": self.ood_source_.name, "params": self.ood_source_.params()},
             "k": self.k,
             "backend": self.backend,
+            "precision": self.precision,
             "batch_size": self.batch_size,
         }
         state = {
@@ -378,17 +389,39 @@ class GROOD:
         det = cls(
             # A source with no parameters is given back by name, as it was most likely given.
             ood_prototype=source if source_cfg["params"] else source_cfg["name"],
-            k=params["k"], backend=params["backend"], device=device,
+            k=params["k"], backend=params["backend"], precision=params["precision"],
+            device=device,
             batch_size=params["batch_size"],
         )
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        backend = {op: ops.resolve_backend(det.backend, op, dev) for op in ops.OPERATIONS}
+        backend = {op: ops.resolve_backend(det.backend, op, dev, protos.dtype)
+                   for op in ops.OPERATIONS}
         index = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
                                            backend=backend["knn"])
-        det._set_fitted(protos.to(dev), counts.to(dev), p_ood.to(dev), source, index,
+        protos, p_ood = protos.to(dev), p_ood.to(dev)
+        grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
+        det._set_fitted(protos, counts.to(dev), p_ood, source, index, grads,
                         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
                         backend=backend, device=dev)
         return det
+
+
+class _GradientStep:
+    """The NCP gradient of feature batches against fixed prototypes, on one backend.
+
+    Holds what is computed once per fit: the squared norms of the prototypes relative to the
+    OOD prototype, and the implementation chosen by :mod:`grood.ops`.
+    """
+
+    def __init__(self, protos: Tensor, p_ood: Tensor, backend: str, precision: str) -> None:
+        self.protos, self.p_ood, self.precision = protos, p_ood, precision
+        centred = protos.to(torch.float64) - p_ood.to(torch.float64)
+        self.sq_norms = (centred * centred).sum(1).to(protos.dtype)  # [C]
+        self.fn = ops.get_op("ncp_gradient", backend)
+
+    def __call__(self, h: Tensor) -> NCPGradient:
+        return self.fn(h, self.protos, self.p_ood, precision=self.precision,
+                       prototype_sq_norms=self.sq_norms)
 
 
 def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:

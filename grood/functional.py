@@ -19,6 +19,7 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -93,23 +94,63 @@ def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None) -> None:
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
 
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+# Nearest prototypes per row whose distances are recomputed exactly (fp32 differences, no
+# GEMM expansion) after the blocked pass; they dominate q_ood, lse and the prediction.
+NCP_CANDIDATES = 4
+
+
+def check_precision(precision: str) -> None:
+    """Raise a clear error for an unknown precision mode."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+@contextmanager
+def _matmul_mode(precision: str, device: torch.device):
+    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32
+    flags.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = saved
+
+
 def ncp_gradient(
     h: Tensor,
     prototypes: Tensor,
     ood_prototype: Tensor,
     *,
+    precision: str = "ieee",
+    prototype_sq_norms: Tensor | None = None,
     block_rows: int | None = None,
     block_classes: int | None = None,
 ) -> NCPGradient:
     """Closed-form gradient of the NCP softmax loss with respect to the OOD prototype.
 
     Streams over rows and over blocks of prototypes with an online log-sum-exp, so no tensor
-    larger than one ``[block_rows, block_classes]`` tile is ever made.
+    larger than one ``[block_rows, block_classes]`` tile is ever made. Distances come from a
+    GEMM in the chosen precision; then the ``NCP_CANDIDATES`` nearest prototypes of each row
+    get their distances recomputed exactly from differences and replace their GEMM estimates
+    in the log-sum-exp, the prediction and ``min_dist``. Those terms dominate ``q_ood``, so
+    the reduced-precision modes stay close to fp32 where it matters.
 
     Args:
         h (Tensor): features, shape [N, D]; float16, bfloat16, float32 or float64.
         prototypes (Tensor): class prototypes, shape [C, D].
         ood_prototype (Tensor): OOD prototype, shape [D].
+        precision (str): the distance GEMM's precision: ``"ieee"`` (full fp32), ``"tf32"``
+            (TF32 tensor cores on CUDA; the same as ieee on the CPU), ``"tf32x3"`` (split
+            precision, fp32-faithful; computed as ieee here) or ``"bf16"`` (operands rounded
+            to bfloat16, products accumulated in fp32). Ignored for float64 inputs.
+        prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2`` for every class, shape
+            [C] (squared norms of the prototypes *relative to the OOD prototype*); computed
+            here when omitted.
         block_rows (int, optional): rows per tile; by default sized to ``TILE_ELEMENTS``.
         block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
 
@@ -122,19 +163,30 @@ def ncp_gradient(
     _check_dims("prototypes", prototypes, 2, d)
     _check_dims("ood_prototype", ood_prototype, 1, d)
     _check_same_device(h, prototypes, ood_prototype)
+    check_precision(precision)
     n, c = h.shape[0], prototypes.shape[0]
     if c == 0:
         raise ValueError("prototypes is empty: need at least one class")
     dt = compute_dtype(torch.promote_types(torch.promote_types(h.dtype, prototypes.dtype),
                                            ood_prototype.dtype))
+    if dt == torch.float64:
+        precision = "ieee"
     bc = block_classes or min(c, 1 << 14)
     # Rows per tile: bounded by the distance tile and by keeping the [rows, D] tile in cache,
     # since for small C the element-wise work, not the GEMM, sets the pace.
     bn = block_rows or max(1, min(TILE_ELEMENTS // bc, ROW_TILE_ELEMENTS // d))
+    n_cand = min(NCP_CANDIDATES, c)
 
     p_o = ood_prototype.to(dt)
     centred = prototypes.to(dt) - p_o  # [C, D]
-    centred_sq = (centred * centred).sum(1)  # [C]
+    if prototype_sq_norms is None:
+        centred_sq = (centred * centred).sum(1)  # [C]
+    elif tuple(prototype_sq_norms.shape) != (c,):
+        raise ValueError(f"prototype_sq_norms must have shape [{c}], "
+                         f"got {tuple(prototype_sq_norms.shape)}")
+    else:
+        centred_sq = prototype_sq_norms.to(dt)
+    gemm_protos = centred.bfloat16().to(dt) if precision == "bf16" else centred
 
     grad = torch.empty((n, d), dtype=dt, device=h.device)
     q_ood = torch.empty(n, dtype=dt, device=h.device)
@@ -147,29 +199,37 @@ def ncp_gradient(
         u = h[r0:r1].to(dt) - p_o  # [bn, D]
         d_ood = torch.linalg.vector_norm(u, dim=1)  # [bn]
         u_sq = d_ood * d_ood
-        # Online log-sum-exp, seeded with the OOD term: running max m, running sum l.
+        gemm_u = u.bfloat16().to(dt) if precision == "bf16" else u
+        # Online log-sum-exp, seeded with the OOD term: running max m, running sum acc.
         m = -d_ood
         acc = torch.ones_like(m)
-        best = torch.full_like(m, float("inf"))
-        arg = torch.zeros(r1 - r0, dtype=torch.int64, device=h.device)
+        cand_d = torch.full((r1 - r0, n_cand), float("inf"), dtype=dt, device=h.device)
+        cand_i = torch.full((r1 - r0, n_cand), -1, dtype=torch.int64, device=h.device)
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
-            dist = torch.addmm(centred_sq[None, c0:c1], u, centred[c0:c1].T, alpha=-2.0)
+            with _matmul_mode(precision, h.device):
+                dist = torch.addmm(centred_sq[None, c0:c1], gemm_u, gemm_protos[c0:c1].T,
+                                   alpha=-2.0)
             dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
-            blk_min, blk_arg = dist.min(dim=1)
-            better = blk_min < best  # strict: the first prototype wins ties
-            best = torch.where(better, blk_min, best)
-            arg = torch.where(better, blk_arg + c0, arg)
-            m_new = torch.maximum(m, -blk_min)
+            blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
+            cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
+            m_new = torch.maximum(m, -blk_d[:, 0])
             acc = acc * torch.exp(m - m_new) + torch.exp(-dist - m_new[:, None]).sum(1)
             m = m_new
-        row_lse = m + torch.log(acc)
+        # Exact distances of the candidates replace their GEMM estimates in the sum.
+        exact = torch.stack([torch.linalg.vector_norm(u - centred[cand_i[:, j]], dim=1)
+                             for j in range(n_cand)], dim=1)  # [bn, n_cand]
+        rest = (acc - torch.exp(-cand_d - m[:, None]).sum(1)).clamp_min_(0)
+        m2 = torch.maximum(m, -exact.min(1).values)
+        acc2 = rest * torch.exp(m - m2) + torch.exp(-exact - m2[:, None]).sum(1)
+        row_lse = m2 + torch.log(acc2)
+        exact, cand_i = _lex_sort(exact, cand_i)
         q = torch.exp(-d_ood - row_lse)
         scale = torch.where(d_ood > 0, q / torch.where(d_ood > 0, d_ood, 1.0), 0.0)
         torch.mul(u, scale[:, None], out=grad[r0:r1])
         q_ood[r0:r1] = q
-        pred[r0:r1] = arg
-        min_dist[r0:r1] = best
+        pred[r0:r1] = cand_i[:, 0]
+        min_dist[r0:r1] = exact[:, 0]
         lse[r0:r1] = row_lse
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
 

@@ -33,12 +33,17 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def triton_unavailable_reason(op: str, device: torch.device) -> str | None:
-    """Why the Triton kernel for ``op`` cannot run on ``device``, or None if it can."""
+def triton_unavailable_reason(op: str, device: torch.device,
+                              dtype: torch.dtype | None = None) -> str | None:
+    """Why the Triton kernel for ``op`` cannot run on ``device`` and ``dtype``, or None."""
     import grood_kernels
 
     if op not in grood_kernels.KERNELS:
         return f"this version of grood has no Triton kernel for {op!r}"
+    supported = grood_kernels.KERNELS[op]
+    if dtype is not None and str(dtype).removeprefix("torch.") not in supported:
+        return (f"the {op} kernel takes {', '.join(supported)} inputs, not "
+                f"{str(dtype).removeprefix('torch.')}")
     try:
         found = importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or deliberately blocked installation
@@ -53,19 +58,25 @@ def triton_unavailable_reason(op: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, op: str, device: torch.device | str) -> str:
-    """Return the concrete backend (``"torch"`` or ``"triton"``) for ``op`` on ``device``."""
+def resolve_backend(backend: str, op: str, device: torch.device | str,
+                    dtype: torch.dtype | None = None) -> str:
+    """Return the concrete backend (``"torch"`` or ``"triton"``) for ``op``.
+
+    ``auto`` takes Triton only for CUDA tensors (on the CPU the interpreter is far slower than
+    torch); ``triton`` also runs on the CPU under ``TRITON_INTERPRET=1``.
+    """
     check_backend_name(backend)
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}; known: {OPERATIONS}")
     if backend == "torch":
         return "torch"
-    reason = triton_unavailable_reason(op, torch.device(device))
+    device = torch.device(device)
+    reason = triton_unavailable_reason(op, device, dtype)
     if backend == "triton":
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run {op}: {reason}")
         return "triton"
-    return "torch" if reason is not None else "triton"
+    return "triton" if reason is None and device.type == "cuda" else "torch"
 
 
 def get_op(op: str, backend: str) -> Callable[..., Any]:
@@ -79,11 +90,11 @@ def get_op(op: str, backend: str) -> Callable[..., Any]:
 
 def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwargs):
     """:func:`grood.functional.ncp_gradient` on the chosen backend."""
-    impl = resolve_backend(backend, "ncp_gradient", h.device)
+    impl = resolve_backend(backend, "ncp_gradient", h.device, h.dtype)
     return get_op("ncp_gradient", impl)(h, prototypes, ood_prototype, **kwargs)
 
 
 def knn(queries, database, k: int = 1, *, backend: str = "auto", **kwargs):
     """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)``."""
-    impl = resolve_backend(backend, "knn", queries.device)
+    impl = resolve_backend(backend, "knn", queries.device, queries.dtype)
     return get_op("knn", impl)(queries, database, k, **kwargs)

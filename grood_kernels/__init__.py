@@ -6,7 +6,8 @@ kernel modules, so listing what it provides (``KERNELS``) is free. ``grood`` rea
 through :mod:`grood.ops`.
 """
 
-#: Names of the operations this package implements as Triton kernels, each in a module of the
-#: same name. The dispatcher in ``grood.ops`` picks the Triton backend only for names listed
-#: here.
-KERNELS: frozenset[str] = frozenset()
+#: Operations implemented as Triton kernels (each in a module of the same name), with the input
+#: dtypes each kernel accepts. The dispatcher in ``grood.ops`` picks Triton only for these.
+KERNELS: dict[str, tuple[str, ...]] = {
+    "ncp_gradient": ("float16", "bfloat16", "float32"),
+}

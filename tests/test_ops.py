@@ -22,19 +22,34 @@ def test_auto_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
 
 
 def test_triton_without_kernel_names_the_reason():
-    assert "ncp_gradient" not in grood_kernels.KERNELS
-    with pytest.raises(ops.BackendUnavailableError, match="no Triton kernel for 'ncp_gradient'"):
-        ops.resolve_backend("triton", "ncp_gradient", "cpu")
+    assert "knn" not in grood_kernels.KERNELS
+    with pytest.raises(ops.BackendUnavailableError, match="no Triton kernel for 'knn'"):
+        ops.resolve_backend("triton", "knn", "cpu")
 
 
 def test_triton_on_cpu_without_interpreter_names_the_reason(monkeypatch):
-    monkeypatch.setattr(grood_kernels, "KERNELS", frozenset({"knn"}))
     monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        ops.resolve_backend("triton", "knn", "cpu")
+        ops.resolve_backend("triton", "ncp_gradient", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert ops.resolve_backend("triton", "knn", "cpu") == "triton"
+    assert ops.resolve_backend("triton", "ncp_gradient", "cpu") == "triton"
+    # auto never picks the (slow) interpreter on the CPU.
+    assert ops.resolve_backend("auto", "ncp_gradient", "cpu") == "torch"
+
+
+def test_unsupported_dtype_names_the_reason(monkeypatch):
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ops.BackendUnavailableError, match="takes float16, bfloat16, float32"):
+        ops.resolve_backend("triton", "ncp_gradient", "cpu", torch.float64)
+
+
+def test_missing_triton_names_the_extra(monkeypatch):
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ops.BackendUnavailableError, match=r"pip install 'grood\[triton\]'"):
+        ops.resolve_backend("triton", "ncp_gradient", "cuda")
+    assert ops.resolve_backend("auto", "ncp_gradient", "cuda") == "torch"
 
 
 def test_unknown_backend_and_operation():

@@ -1,0 +1,231 @@
+"""Fused NCP gradient: prototype distances, online softmax and the OOD-prototype gradient.
+
+For a feature row ``h``, centred class prototypes ``P_c = p_c - p_o`` and ``u = h - p_o``::
+
+    d_c  = sqrt(max(||u||^2 + ||P_c||^2 - 2 u.P_c, 0))     (GEMM, tile by tile)
+    d_o  = ||u||
+    lse  = log(exp(-d_o) + sum_c exp(-d_c))                (online: running max and sum)
+    q_o  = exp(-d_o - lse)
+    grad = q_o * u / d_o                                   (0 where d_o == 0)
+
+One program owns ``BLOCK_N`` rows. It walks the prototypes in ``BLOCK_C`` blocks, each a
+``tl.dot`` over ``BLOCK_D`` slices of D, so only a [BLOCK_N, BLOCK_C] tile of distances ever
+exists (in registers); no [N, C] tensor is written. While walking it keeps the running
+max / sum-exp and the ``N_CAND`` nearest prototypes by GEMM distance. Those candidates' distances
+are then recomputed exactly from differences in fp32 and replace their GEMM estimates in the
+sum, the prediction and ``min_dist``: the nearest prototypes dominate ``q_o``, so a tensor-core
+GEMM (``tf32``, ``bf16``) changes only the small far terms. A last pass over D writes the
+gradient. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grood.functional import NCP_CANDIDATES, NCPGradient, check_precision
+
+#: ``precision`` name -> the kernel's DOT_MODE.
+DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int]:
+    """One known-good (BLOCK_N, BLOCK_C, BLOCK_D); every block is >= 16 as tl.dot needs."""
+    block_c = min(64, max(16, triton.next_power_of_2(c)))
+    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    block_d = 32 if precision == "ieee" else 64
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    return block_n, block_c, block_d
+
+
+@triton.jit
+def _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd):
+    """Centred feature tile ``h - p_o`` in fp32, zero outside the valid columns."""
+    h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+    return tl.where(mask_d[None, :], h - p_o[None, :], 0.0)  # [BLOCK_N, BLOCK_D]
+
+
+@triton.jit
+def _ncp_gradient_kernel(
+    h_ptr, proto_ptr, pood_ptr, psq_ptr,
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+    N, C, D,
+    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    arange_c = tl.arange(0, BLOCK_C)
+    arange_d = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, N_CAND)
+
+    # ||u||^2, the squared distance to the OOD prototype.
+    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, offs_d < D, stride_hn, stride_hd)
+        u_sq += tl.sum(u * u, axis=1)
+    d_ood = tl.sqrt(u_sq)
+
+    # Online log-sum-exp seeded with the OOD term, and the N_CAND nearest prototypes.
+    m = -d_ood
+    acc = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + arange_c
+        mask_c = offs_c < C
+        dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + arange_d
+            mask_d = offs_d < D
+            u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
+            p = tl.load(proto_ptr + offs_c[:, None] * stride_pc + offs_d[None, :] * stride_pd,
+                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
+            if DOT_MODE == 3:
+                dots = tl.dot(u.to(tl.bfloat16), tl.trans(p.to(tl.bfloat16)), dots)
+            elif DOT_MODE == 2:
+                dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32x3")
+            elif DOT_MODE == 1:
+                dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32")
+            else:
+                dots = tl.dot(u, tl.trans(p), dots, input_precision="ieee")
+        p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=0.0)
+        dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0))
+        dist = tl.where(mask_c[None, :], dist, float("inf"))  # [BLOCK_N, BLOCK_C]
+
+        m_new = tl.maximum(m, -tl.min(dist, axis=1))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
+        m = m_new
+
+        # Insert this block's N_CAND nearest into the candidates (replacing the worst).
+        for _ in tl.static_range(N_CAND):
+            j = tl.argmin(dist, axis=1, tie_break_left=True)
+            v = tl.min(dist, axis=1)
+            worst = tl.max(cand_d, axis=1)
+            worst_at = tl.argmax(cand_d, axis=1, tie_break_left=True)
+            slot = (slots[None, :] == worst_at[:, None]) & (v < worst)[:, None]
+            cand_d = tl.where(slot, v[:, None], cand_d)
+            cand_i = tl.where(slot, (c0 + j).to(tl.int64)[:, None], cand_i)
+            dist = tl.where(arange_c[None, :] == j[:, None], float("inf"), dist)
+
+    # Exact distances of the candidates, from differences.
+    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
+        for r in tl.static_range(N_CAND):
+            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1)  # [BLOCK_N]
+            ok = mask_n & (idx >= 0)
+            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
+                        + offs_d[None, :] * stride_pd,
+                        mask=ok[:, None] & mask_d[None, :], other=0.0)
+            diff = tl.where(mask_d[None, :], u - p, 0.0)
+            part = tl.sum(diff * diff, axis=1)
+            exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+    valid = cand_i >= 0
+    exact = tl.where(valid, tl.sqrt(exact_sq), float("inf"))
+
+    # Swap the candidates' GEMM terms for exact ones in the sum.
+    rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m[:, None]), 0.0), axis=1)
+    rest = tl.maximum(rest, 0.0)
+    best = tl.min(exact, axis=1)
+    m2 = tl.maximum(m, -best)
+    acc2 = rest * tl.exp(m - m2) + tl.sum(tl.exp(-exact - m2[:, None]), axis=1)
+    lse = m2 + tl.log(acc2)
+    pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
+    q = tl.exp(-d_ood - lse)
+    scale = tl.where(d_ood > 0, q / tl.where(d_ood > 0, d_ood, 1.0), 0.0)
+    tl.store(q_ptr + offs_n, q, mask=mask_n)
+    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+    tl.store(mind_ptr + offs_n, best, mask=mask_n)
+    tl.store(pred_ptr + offs_n, pred, mask=mask_n)
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
+        tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 u * scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+
+
+def ncp_gradient(
+    h: torch.Tensor,
+    prototypes: torch.Tensor,
+    ood_prototype: torch.Tensor,
+    *,
+    precision: str = "ieee",
+    prototype_sq_norms: torch.Tensor | None = None,
+) -> NCPGradient:
+    """Triton twin of :func:`grood.functional.ncp_gradient` (same arguments and results).
+
+    Args:
+        h (Tensor): features [N, D], float32 / float16 / bfloat16, any strides.
+        prototypes (Tensor): class prototypes [C, D].
+        ood_prototype (Tensor): OOD prototype [D].
+        precision (str): ``"ieee"``, ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` for the GEMM.
+        prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2``, shape [C], fp32.
+
+    Returns:
+        NCPGradient: ``grad`` [N, D] fp32, ``q_ood``, ``pred`` (int64), ``min_dist``, ``lse``.
+
+    The launcher makes one fp32 copy of the centred prototypes ([C, D], small next to the
+    features) and none of ``h``, whose strides go to the kernel.
+    """
+    check_precision(precision)
+    if h.ndim != 2 or prototypes.ndim != 2 or ood_prototype.ndim != 1:
+        raise ValueError("expected h [N, D], prototypes [C, D] and ood_prototype [D], got "
+                         f"{tuple(h.shape)}, {tuple(prototypes.shape)}, "
+                         f"{tuple(ood_prototype.shape)}")
+    n, d = h.shape
+    c = prototypes.shape[0]
+    if prototypes.shape[1] != d or ood_prototype.shape[0] != d:
+        raise ValueError(f"feature dimensions differ: h {d}, prototypes {prototypes.shape[1]}, "
+                         f"ood_prototype {ood_prototype.shape[0]}")
+    if c == 0:
+        raise ValueError("prototypes is empty: need at least one class")
+    for name, t in (("h", h), ("prototypes", prototypes), ("ood_prototype", ood_prototype)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"the Triton ncp_gradient takes float32, float16 or bfloat16; "
+                            f"{name} is {t.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+
+    p_o = ood_prototype.to(torch.float32).contiguous()
+    centred = (prototypes.to(torch.float32) - p_o).contiguous()  # [C, D]
+    if prototype_sq_norms is None:
+        p_sq = (centred * centred).sum(1)
+    else:
+        if tuple(prototype_sq_norms.shape) != (c,):
+            raise ValueError(f"prototype_sq_norms must have shape [{c}], "
+                             f"got {tuple(prototype_sq_norms.shape)}")
+        p_sq = prototype_sq_norms.to(device=h.device, dtype=torch.float32).contiguous()
+
+    dev = h.device
+    grad = torch.empty((n, d), dtype=torch.float32, device=dev)
+    q_ood = torch.empty(n, dtype=torch.float32, device=dev)
+    pred = torch.empty(n, dtype=torch.int64, device=dev)
+    min_dist = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return NCPGradient(grad, q_ood, pred, min_dist, lse)
+
+    block_n, block_c, block_d = block_sizes(n, c, d, precision)
+    grid = (triton.cdiv(n, block_n),)
+    _ncp_gradient_kernel[grid](
+        h, centred, p_o, p_sq,
+        grad, q_ood, pred, min_dist, lse,
+        n, c, d,
+        h.stride(0), h.stride(1), centred.stride(0), centred.stride(1),
+        grad.stride(0), grad.stride(1),
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+        N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],
+    )
+    return NCPGradient(grad, q_ood, pred, min_dist, lse)
