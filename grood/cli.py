@@ -109,6 +109,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from grood.bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``grood`` command."""
     parser = argparse.ArgumentParser(
@@ -180,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--device", default=None)
     ev.set_defaults(func=_cmd_eval)
+    from grood.bench import add_arguments
+
+    bench = sub.add_parser(
+        "bench", help="check the gradient step on the device, then time it",
+        description="Check the Triton kernel against the float64 torch twin on realistic "
+                    "features in every precision mode, then time it against the plain torch "
+                    "closed form and the per-sample autograd reference (one Markdown report).")
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -157,8 +157,7 @@ class GROOD:
 
         device = torch.device(self.device) if self.device is not None else x.device
         dtype = compute_dtype(x.dtype)
-        backend = {op: ops.resolve_backend(self.backend, op, device, dtype)
-                   for op in ops.OPERATIONS}
+        backend = ops.resolve_backends(self.backend, device, dtype)
 
         state = None
         with self._bar(n, "grood fit: class prototypes") as bar:
@@ -394,8 +393,7 @@ class GROOD:
             batch_size=params["batch_size"],
         )
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        backend = {op: ops.resolve_backend(det.backend, op, dev, protos.dtype)
-                   for op in ops.OPERATIONS}
+        backend = ops.resolve_backends(det.backend, dev, protos.dtype)
         index = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
                                            backend=backend["knn"])
         protos, p_ood = protos.to(dev), p_ood.to(dev)

@@ -212,7 +212,10 @@ def ncp_gradient(
                                    alpha=-2.0)
             dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
             blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
-            cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
+            if c0 == 0 and c1 - c0 >= n_cand:
+                cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
+            else:
+                cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
             m_new = torch.maximum(m, -blk_d[:, 0])
             acc = acc * torch.exp(m - m_new) + torch.exp(-dist - m_new[:, None]).sum(1)
             m = m_new

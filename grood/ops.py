@@ -79,6 +79,21 @@ def resolve_backend(backend: str, op: str, device: torch.device | str,
     return "triton" if reason is None and device.type == "cuda" else "torch"
 
 
+def resolve_backends(backend: str, device: torch.device | str,
+                     dtype: torch.dtype | None = None) -> dict[str, str]:
+    """The concrete backend of every operation, for a detector asked to use ``backend``.
+
+    An explicit ``"triton"`` applies to the operations grood has a Triton kernel for (and
+    raises if one of those cannot run); operations without a kernel run on torch, which the
+    returned mapping shows.
+    """
+    import grood_kernels
+
+    return {op: resolve_backend("torch" if backend == "triton" and op not in
+                                grood_kernels.KERNELS else backend, op, device, dtype)
+            for op in OPERATIONS}
+
+
 def get_op(op: str, backend: str) -> Callable[..., Any]:
     """The implementation of ``op`` for an already resolved backend."""
     if backend == "torch":

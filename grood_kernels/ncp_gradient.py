@@ -31,13 +31,19 @@ DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int]:
-    """One known-good (BLOCK_N, BLOCK_C, BLOCK_D); every block is >= 16 as tl.dot needs."""
-    block_c = min(64, max(16, triton.next_power_of_2(c)))
+def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, int]:
+    """One known-good launch configuration: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps).
+
+    Tensor-core modes take a wider class block, so each row tile of ``h`` is re-read from
+    memory fewer times (C / BLOCK_C passes); fp32 FMA dots keep a 64 x 64 tile of
+    registers. Every block is at least 16, as ``tl.dot`` needs.
+    """
+    wide = precision != "ieee"
+    block_c = min(128 if wide else 64, max(16, triton.next_power_of_2(c)))
     block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_d = 32 if precision == "ieee" else 64
-    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
-    return block_n, block_c, block_d
+    block_d = min(32, max(16, triton.next_power_of_2(d)))
+    num_warps = 8 if wide and block_c * block_n >= 8192 else 4
+    return block_n, block_c, block_d, num_warps
 
 
 @triton.jit
@@ -217,7 +223,7 @@ def ncp_gradient(
     if n == 0:
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
-    block_n, block_c, block_d = block_sizes(n, c, d, precision)
+    block_n, block_c, block_d, num_warps = block_sizes(n, c, d, precision)
     grid = (triton.cdiv(n, block_n),)
     _ncp_gradient_kernel[grid](
         h, centred, p_o, p_sq,
@@ -227,5 +233,6 @@ def ncp_gradient(
         grad.stride(0), grad.stride(1),
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
         N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],
+        num_warps=num_warps,
     )
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

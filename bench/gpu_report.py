@@ -1,0 +1,12 @@
+"""GPU report for the gradient step (the same as ``grood bench``).
+
+    python bench/gpu_report.py            # on a CUDA machine: accuracy, then the timing table
+    TRITON_INTERPRET=1 python bench/gpu_report.py --tiny --device cpu   # check the script here
+"""
+
+import sys
+
+from grood.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

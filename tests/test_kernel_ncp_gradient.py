@@ -1,0 +1,180 @@
+"""The Triton ncp_gradient kernel against the float64 torch twin.
+
+Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set in conftest before
+triton is imported) and on a CUDA device when one is present and the interpreter is off.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import clustered_features
+from reference import ncp_naive, prototypes_naive
+
+pytest.importorskip("triton")
+
+from grood import GROOD, functional
+from grood_kernels import ncp_gradient as kernel_module
+from grood_kernels.ncp_gradient import ncp_gradient
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def gpu(test):
+    """Marks a test that needs compiled Triton on a CUDA device (the interpreter's bf16 dot is
+    not the hardware's); it skips cleanly elsewhere."""
+    skip = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device with compiled Triton")
+    return pytest.mark.gpu(skip(test))
+
+
+# (N, C, D): one row, a prime, one past a 64-row block, C across two 64-class blocks,
+# D over several BLOCK_D slices and not a multiple of one.
+SHAPES = [(1, 1, 1), (1, 5, 7), (13, 3, 129), (33, 70, 33), (65, 17, 20), (7, 130, 70)]
+
+
+def _problem(n, c, d, dtype=torch.float32, seed=0):
+    x, y = clustered_features(n + 2 * c, c, d, seed=seed)
+    protos = prototypes_naive(x, y, c)
+    return (x[:n].to(DEVICE, dtype), protos.to(DEVICE, torch.float32),
+            protos.mean(0).to(DEVICE, torch.float32))
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Make every tensor the launcher allocates start as NaN (floats) or -7 (integers)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(kernel_module.torch, "empty", empty)
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
+def test_matches_float64_twin(n, c, d, poisoned_outputs):
+    h, protos, p_ood = _problem(n, c, d)
+    res = ncp_gradient(h, protos, p_ood)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    for t in (res.grad, res.q_ood, res.min_dist, res.lse):
+        assert bool(torch.isfinite(t).all())
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.min_dist.double(), ref.min_dist, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.pred.cpu(), ref.pred.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_inputs(dtype):
+    h, protos, p_ood = _problem(20, 9, 40, dtype=dtype, seed=1)
+    res = ncp_gradient(h, protos, p_ood)
+    grad, q, pred, _, _ = ncp_naive(h.cpu(), protos.cpu(), p_ood.cpu())
+    assert res.grad.dtype == torch.float32
+    torch.testing.assert_close(res.grad.double().cpu(), grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double().cpu(), q, rtol=1e-5, atol=1e-7)
+    assert torch.equal(res.pred.cpu(), pred)
+
+
+def test_gradient_equals_autograd():
+    h, protos, p_ood = _problem(6, 4, 9, seed=2)
+    res = ncp_gradient(h, protos, p_ood)
+    for i in range(6):
+        p_o = p_ood.double().clone().requires_grad_(True)
+        hi = h[i].double()
+        s = -torch.cat([torch.linalg.norm(hi - protos.double(), dim=1),
+                        torch.linalg.norm(hi - p_o)[None]])
+        (auto,) = torch.autograd.grad(-torch.log_softmax(s, 0)[i % 4], p_o)
+        torch.testing.assert_close(res.grad[i].double(), auto, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6], ids=["1e3", "1e6"])
+def test_large_distances_stay_finite(scale):
+    h, protos, p_ood = _problem(9, 5, 12, seed=3)
+    res = ncp_gradient(h * scale, protos * scale, p_ood * scale)
+    for t in (res.grad, res.q_ood, res.lse, res.min_dist):
+        assert bool(torch.isfinite(t).all())
+    ref = functional.ncp_gradient((h * scale).double(), (protos * scale).double(),
+                                  (p_ood * scale).double())
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-3, atol=1e-12)
+
+
+def test_row_equal_to_ood_prototype_has_zero_gradient():
+    h, protos, p_ood = _problem(5, 3, 10, seed=4)
+    h = h.clone()
+    h[3] = p_ood
+    res = ncp_gradient(h, protos, p_ood)
+    assert torch.equal(res.grad[3].cpu(), torch.zeros(10))
+    assert bool(torch.isfinite(res.q_ood).all())
+
+
+def test_strided_inputs_are_read_in_place():
+    h, protos, p_ood = _problem(11, 6, 21, seed=5)
+    wide = torch.zeros(11, 63, device=DEVICE)
+    wide[:, ::3] = h
+    transposed = h.T.contiguous().T  # column-major: stride (1, N)
+    want = ncp_gradient(h, protos, p_ood)
+    for view in (wide[:, ::3], transposed):
+        got = ncp_gradient(view, protos, p_ood)
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+
+
+def test_inputs_are_not_modified():
+    h, protos, p_ood = _problem(9, 4, 8, seed=6)
+    copies = [t.clone() for t in (h, protos, p_ood)]
+    ncp_gradient(h, protos, p_ood)
+    for t, c in zip((h, protos, p_ood), copies, strict=True):
+        assert torch.equal(t, c)
+
+
+def test_given_prototype_norms_are_used():
+    h, protos, p_ood = _problem(8, 5, 16, seed=7)
+    norms = ((protos - p_ood) ** 2).sum(1)
+    a = ncp_gradient(h, protos, p_ood, prototype_sq_norms=norms)
+    b = ncp_gradient(h, protos, p_ood)
+    torch.testing.assert_close(a.q_ood, b.q_ood)
+    with pytest.raises(ValueError, match="prototype_sq_norms must have shape"):
+        ncp_gradient(h, protos, p_ood, prototype_sq_norms=norms[:2])
+
+
+def test_launcher_checks():
+    h, protos, p_ood = _problem(4, 3, 6)
+    with pytest.raises(TypeError, match="float64"):
+        ncp_gradient(h.double(), protos, p_ood)
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        ncp_gradient(h, protos[:, :5], p_ood)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ncp_gradient(h, protos, p_ood, precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_fp32_faithful_modes(precision):
+    h, protos, p_ood = _problem(40, 37, 64, seed=8)
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    # tf32 GEMM terms are only the far prototypes after the exact re-ranking.
+    rtol = 1e-3 if precision == "tf32" else 1e-5
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=rtol, atol=1e-7)
+    assert torch.equal(res.pred.cpu(), ref.pred.cpu())
+
+
+@gpu
+def test_bf16_mode_on_gpu():
+    h, protos, p_ood = _problem(256, 100, 512, seed=9)
+    res = ncp_gradient(h, protos, p_ood, precision="bf16")
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-2, atol=1e-6)
+    assert float((res.pred == ref.pred).double().mean()) > 0.99
+
+
+def test_detector_on_the_triton_backend_matches_torch():
+    x, y = clustered_features(70, 4, 24, seed=10, spread=0.5, dtype=torch.float32)
+    test, _ = clustered_features(20, 4, 24, seed=11, spread=0.8, dtype=torch.float32)
+    tri = GROOD(backend="triton", device=DEVICE).fit(x, y)
+    ref = GROOD(backend="torch").fit(x, y)
+    assert tri.backend_ == {"ncp_gradient": "triton", "knn": "torch"}  # grood has no knn kernel
+    assert ref.backend_["ncp_gradient"] == "torch"
+    torch.testing.assert_close(tri.score_samples(test), ref.score_samples(test),
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(tri.predict(test), ref.predict(test))
