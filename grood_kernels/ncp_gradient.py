@@ -1,6 +1,7 @@
 """Fused NCP gradient: prototype distances, online softmax and the OOD-prototype gradient.
 
-For a feature row ``h``, centred class prototypes ``P_c = p_c - p_o`` and ``u = h - p_o``::
+For a feature row ``h``, class prototypes centred on the OOD prototype, ``P_c = p_c - p_o``,
+and ``u = h - p_o`` (both centred tile by tile as they are loaded)::
 
     d_c  = sqrt(max(||u||^2 + ||P_c||^2 - 2 u.P_c, 0))     (GEMM, tile by tile)
     d_o  = ||u||
@@ -47,12 +48,12 @@ def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, 
 
 
 @triton.jit
-def _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd):
-    """Centred feature tile ``h - p_o`` in fp32, zero outside the valid columns."""
-    h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    return tl.where(mask_d[None, :], h - p_o[None, :], 0.0)  # [BLOCK_N, BLOCK_D]
+def _load_centred(x_ptr, offs_r, mask_r, stride_r, offs_d, mask_d, stride_d, p_o):
+    """Rows of ``x`` minus the OOD prototype, in fp32; zero outside the valid entries."""
+    mask = mask_r[:, None] & mask_d[None, :]
+    x = tl.load(x_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+                mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, x - p_o[None, :], 0.0)  # [rows, BLOCK_D]
 
 
 @triton.jit
@@ -67,15 +68,18 @@ def _ncp_gradient_kernel(
     pid_n = tl.program_id(0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    arange_c = tl.arange(0, BLOCK_C)
-    arange_d = tl.arange(0, BLOCK_D)
+    # int64 offsets: a transposed h of 1.28 M rows has stride_hd * D beyond 2**31.
+    arange_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     slots = tl.arange(0, N_CAND)
 
     # ||u||^2, the squared distance to the OOD prototype.
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, offs_d < D, stride_hn, stride_hd)
+        mask_d = offs_d < D
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
         u_sq += tl.sum(u * u, axis=1)
     d_ood = tl.sqrt(u_sq)
 
@@ -91,9 +95,10 @@ def _ncp_gradient_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + arange_d
             mask_d = offs_d < D
-            u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
-            p = tl.load(proto_ptr + offs_c[:, None] * stride_pc + offs_d[None, :] * stride_pd,
-                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
+            p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+            u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
+            p = _load_centred(proto_ptr, offs_c, mask_c, stride_pc, offs_d, mask_d, stride_pd,
+                              p_o)  # [BLOCK_C, BLOCK_D]
             if DOT_MODE == 3:
                 dots = tl.dot(u.to(tl.bfloat16), tl.trans(p.to(tl.bfloat16)), dots)
             elif DOT_MODE == 2:
@@ -118,7 +123,7 @@ def _ncp_gradient_kernel(
             worst_at = tl.argmax(cand_d, axis=1, tie_break_left=True)
             slot = (slots[None, :] == worst_at[:, None]) & (v < worst)[:, None]
             cand_d = tl.where(slot, v[:, None], cand_d)
-            cand_i = tl.where(slot, (c0 + j).to(tl.int64)[:, None], cand_i)
+            cand_i = tl.where(slot, c0 + j.to(tl.int64)[:, None], cand_i)
             dist = tl.where(arange_c[None, :] == j[:, None], float("inf"), dist)
 
     # Exact distances of the candidates, from differences.
@@ -126,13 +131,13 @@ def _ncp_gradient_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
         for r in tl.static_range(N_CAND):
             idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1)  # [BLOCK_N]
             ok = mask_n & (idx >= 0)
-            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
-                        + offs_d[None, :] * stride_pd,
-                        mask=ok[:, None] & mask_d[None, :], other=0.0)
+            p = _load_centred(proto_ptr, tl.maximum(idx, 0), ok, stride_pc, offs_d, mask_d,
+                              stride_pd, p_o)  # row idx of each candidate slot r
             diff = tl.where(mask_d[None, :], u - p, 0.0)
             part = tl.sum(diff * diff, axis=1)
             exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
@@ -157,7 +162,8 @@ def _ncp_gradient_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, offs_d, mask_d, stride_hn, stride_hd)
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                  u * scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
 
@@ -182,8 +188,10 @@ def ncp_gradient(
     Returns:
         NCPGradient: ``grad`` [N, D] fp32, ``q_ood``, ``pred`` (int64), ``min_dist``, ``lse``.
 
-    The launcher makes one fp32 copy of the centred prototypes ([C, D], small next to the
-    features) and none of ``h``, whose strides go to the kernel.
+    Nothing is copied: ``h`` and ``prototypes`` are read in place through their strides and
+    centred on the OOD prototype inside the kernel. Extra device memory is ``p_o`` in fp32
+    ([D]) and, when ``prototype_sq_norms`` is not given, the norms ([C]; computed 4096
+    prototypes at a time).
     """
     check_precision(precision)
     if h.ndim != 2 or prototypes.ndim != 2 or ood_prototype.ndim != 1:
@@ -205,9 +213,9 @@ def ncp_gradient(
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
 
     p_o = ood_prototype.to(torch.float32).contiguous()
-    centred = (prototypes.to(torch.float32) - p_o).contiguous()  # [C, D]
     if prototype_sq_norms is None:
-        p_sq = (centred * centred).sum(1)
+        p_sq = torch.cat([((blk.to(torch.float32) - p_o) ** 2).sum(1)
+                          for blk in prototypes.split(4096)])
     else:
         if tuple(prototype_sq_norms.shape) != (c,):
             raise ValueError(f"prototype_sq_norms must have shape [{c}], "
@@ -226,10 +234,10 @@ def ncp_gradient(
     block_n, block_c, block_d, num_warps = block_sizes(n, c, d, precision)
     grid = (triton.cdiv(n, block_n),)
     _ncp_gradient_kernel[grid](
-        h, centred, p_o, p_sq,
+        h, prototypes, p_o, p_sq,
         grad, q_ood, pred, min_dist, lse,
         n, c, d,
-        h.stride(0), h.stride(1), centred.stride(0), centred.stride(1),
+        h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
         grad.stride(0), grad.stride(1),
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
         N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],

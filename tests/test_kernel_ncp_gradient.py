@@ -118,6 +118,13 @@ def test_strided_inputs_are_read_in_place():
     for view in (wide[:, ::3], transposed):
         got = ncp_gradient(view, protos, p_ood)
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    wide_protos = torch.zeros(6, 42, device=DEVICE)
+    wide_protos[:, 1::2] = protos
+    got = ncp_gradient(h, wide_protos[:, 1::2], p_ood)
+    torch.testing.assert_close(got.q_ood, want.q_ood, rtol=0, atol=0)
+    half = ncp_gradient(h, protos.half(), p_ood.half())
+    ref = functional.ncp_gradient(h.double(), protos.half().double(), p_ood.half().double())
+    torch.testing.assert_close(half.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
 
 
 def test_inputs_are_not_modified():
