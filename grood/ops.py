@@ -106,7 +106,8 @@ def get_op(op: str, backend: str) -> Callable[..., Any]:
 def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwargs):
     """:func:`grood.functional.ncp_gradient` on the chosen backend."""
     impl = resolve_backend(backend, "ncp_gradient", h.device, h.dtype)
-    return get_op("ncp_gradient", impl)(h, prototypes, ood_prototype, **kwargs)
+    return functional.NCPGradient(*get_op("ncp_gradient", impl)(h, prototypes, ood_prototype,
+                                                                 **kwargs))
 
 
 def knn(queries, database, k: int = 1, *, backend: str = "auto", **kwargs):

@@ -21,14 +21,29 @@ gradient. The same computation in PyTorch is :func:`grood.functional.ncp_gradien
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-from grood.functional import NCP_CANDIDATES, NCPGradient, check_precision
-
-#: ``precision`` name -> the kernel's DOT_MODE.
+#: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
 DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
+#: Nearest prototypes per row re-ranked exactly (equal to ``grood.functional``'s; a test
+#: holds them together, since this package does not import ``grood``).
+NCP_CANDIDATES = 4
+
+
+class NCPGradient(NamedTuple):
+    """The kernel's results; the same fields as ``grood.functional.NCPGradient``."""
+
+    grad: torch.Tensor  # [N, D] fp32
+    q_ood: torch.Tensor  # [N] fp32
+    pred: torch.Tensor  # [N] int64
+    min_dist: torch.Tensor  # [N] fp32
+    lse: torch.Tensor  # [N] fp32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -45,6 +60,34 @@ def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, 
     block_d = min(32, max(16, triton.next_power_of_2(d)))
     num_warps = 8 if wide and block_c * block_n >= 8192 else 4
     return block_n, block_c, block_d, num_warps
+
+
+#: Launch configurations tried when ``GROOD_AUTOTUNE=1`` (BLOCK_N, BLOCK_C, BLOCK_D, warps).
+TUNE_CONFIGS = [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8),
+                (128, 128, 32, 8), (32, 128, 64, 4)]
+_tuned: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _autotune_enabled(device: torch.device) -> bool:
+    """Autotuning is opt-in (``GROOD_AUTOTUNE=1``) and needs a GPU, not the interpreter."""
+    return (os.environ.get("GROOD_AUTOTUNE") == "1" and device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _tune(launch, key: tuple, n: int, c: int) -> tuple[int, int, int, int]:
+    """Time every config of ``TUNE_CONFIGS`` once on this call's inputs; cache the fastest."""
+    if key not in _tuned:
+        best, best_ms = None, float("inf")
+        for cfg in TUNE_CONFIGS:
+            if cfg[0] > max(16, triton.next_power_of_2(n)) or cfg[1] > max(
+                    16, triton.next_power_of_2(c)):
+                continue
+            launch(cfg)  # compile
+            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _tuned[key] = best
+    return _tuned[key]
 
 
 @triton.jit
@@ -193,7 +236,8 @@ def ncp_gradient(
     ([D]) and, when ``prototype_sq_norms`` is not given, the norms ([C]; computed 4096
     prototypes at a time).
     """
-    check_precision(precision)
+    if precision not in DOT_MODES:
+        raise ValueError(f"precision must be one of {tuple(DOT_MODES)}, got {precision!r}")
     if h.ndim != 2 or prototypes.ndim != 2 or ood_prototype.ndim != 1:
         raise ValueError("expected h [N, D], prototypes [C, D] and ood_prototype [D], got "
                          f"{tuple(h.shape)}, {tuple(prototypes.shape)}, "
@@ -231,16 +275,23 @@ def ncp_gradient(
     if n == 0:
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
-    block_n, block_c, block_d, num_warps = block_sizes(n, c, d, precision)
-    grid = (triton.cdiv(n, block_n),)
-    _ncp_gradient_kernel[grid](
-        h, prototypes, p_o, p_sq,
-        grad, q_ood, pred, min_dist, lse,
-        n, c, d,
-        h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
-        grad.stride(0), grad.stride(1),
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
-        N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],
-        num_warps=num_warps,
-    )
+    def launch(cfg: tuple[int, int, int, int]) -> None:
+        block_n, block_c, block_d, num_warps = cfg
+        _ncp_gradient_kernel[(triton.cdiv(n, block_n),)](
+            h, prototypes, p_o, p_sq,
+            grad, q_ood, pred, min_dist, lse,
+            n, c, d,
+            h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
+            grad.stride(0), grad.stride(1),
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+            N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],
+            num_warps=num_warps,
+        )
+
+    if _autotune_enabled(h.device):
+        key = (precision, h.dtype, triton.next_power_of_2(c), triton.next_power_of_2(d),
+               n >= 4096, torch.cuda.get_device_name(h.device))
+        launch(_tune(launch, key, n, c))
+    else:
+        launch(block_sizes(n, c, d, precision))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

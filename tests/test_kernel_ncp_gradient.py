@@ -185,3 +185,21 @@ def test_detector_on_the_triton_backend_matches_torch():
     torch.testing.assert_close(tri.score_samples(test), ref.score_samples(test),
                                rtol=1e-4, atol=1e-6)
     assert torch.equal(tri.predict(test), ref.predict(test))
+
+
+def test_contract_constants_agree_with_the_torch_twin():
+    assert kernel_module.NCP_CANDIDATES == functional.NCP_CANDIDATES
+    assert tuple(kernel_module.DOT_MODES) == functional.PRECISIONS
+    assert kernel_module.NCPGradient._fields == functional.NCPGradient._fields
+
+
+def test_kernels_package_does_not_import_grood():
+    import subprocess
+    import sys
+
+    code = ("import sys, grood_kernels.ncp_gradient; "
+            "print(any(m == 'grood' or m.startswith('grood.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
