@@ -186,6 +186,7 @@ def test_bad_fit_input_is_named(args, kwargs, exc, match):
     ("backend", "cuda", "backend must be one of"),
     ("ood_prototype", "nearest", "unknown ood_prototype 'nearest'; available: features, mean"),
     ("ood_prototype", 3, "ood_prototype must be a source name"),
+    ("precision", "fp8", "precision must be one of"),
 ])
 def test_bad_parameters_are_named(param, value, match):
     x, y, _ = _data()
@@ -334,3 +335,17 @@ def test_tampered_metadata_is_refused(saved):
     save_file(tensors, str(saved), metadata=meta)
     with pytest.raises(ValueError, match="checksum does not match"):
         GROOD.load(saved)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_reduced_precision_modes_keep_scores_and_survive_save(precision, tmp_path):
+    x, y, test = _data(seed=8)
+    ref = GROOD().fit(x, y)
+    det = GROOD(precision=precision).fit(x, y)
+    torch.testing.assert_close(det.score_samples(test), ref.score_samples(test),
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(det.predict(test), ref.predict(test))
+    det.save(tmp_path / "d.safetensors")
+    loaded = GROOD.load(tmp_path / "d.safetensors")
+    assert loaded.precision == precision
+    assert torch.equal(loaded.score_samples(test), det.score_samples(test))
