@@ -24,7 +24,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood.functional import NCPGradient, check_precision, class_prototypes
-from grood.index import ExactIndex
+from grood.index import INDEX_KINDS, index_from_state, make_index
 from grood.prototypes import (
     OODPrototypeSource,
     PrototypeContext,
@@ -34,7 +34,7 @@ from grood.prototypes import (
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 1
-_TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype", "index.vectors")
+_TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 
 
 class GROOD:
@@ -52,6 +52,12 @@ class GROOD:
             of the class prototypes, the default), ``"features"`` (mean of the ``ood_features``
             given to ``fit``), or a source object (see :mod:`grood.prototypes`).
         k (int): score by the distance to the k-th nearest training gradient.
+        index (str): how the training gradients are searched: ``"exact"`` (default; grood's
+            kernel or its torch twin), ``"faiss-flat"`` (exact, faiss) or ``"faiss-ivf"``
+            (approximate IVF-Flat, as the reference implementation; see
+            :class:`grood.index.FaissIVFIndex`).
+        index_options (dict, optional): options of the index (``faiss-ivf``: ``nlist``,
+            ``nprobe``, ``reference_batch_size``).
         backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
         precision (str): the distance GEMM's precision in the gradient step: ``"ieee"`` (fp32,
             the default), ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` (tensor cores on CUDA); the
@@ -75,6 +81,8 @@ class GROOD:
         self,
         ood_prototype: str | OODPrototypeSource = "mean",
         k: int = 1,
+        index: str = "exact",
+        index_options: dict[str, Any] | None = None,
         backend: str = "auto",
         precision: str = "ieee",
         device: str | torch.device | None = None,
@@ -83,6 +91,8 @@ class GROOD:
     ) -> None:
         self.ood_prototype = ood_prototype
         self.k = k
+        self.index = index
+        self.index_options = index_options
         self.backend = backend
         self.precision = precision
         self.device = device
@@ -92,8 +102,8 @@ class GROOD:
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments, as scikit-learn estimators report them."""
         return {name: getattr(self, name) for name in
-                ("ood_prototype", "k", "backend", "precision", "device", "batch_size",
-                 "progress")}
+                ("ood_prototype", "k", "index", "index_options", "backend", "precision",
+                 "device", "batch_size", "progress")}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -106,6 +116,8 @@ class GROOD:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         ops.check_backend_name(self.backend)
         check_precision(self.precision)
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
         return resolve_source(self.ood_prototype)
 
     def _bar(self, total: int, desc: str) -> tqdm:
@@ -174,7 +186,8 @@ class GROOD:
         p_ood = p_ood.to(device=device, dtype=dtype)
         grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], self.precision)
 
-        index = ExactIndex(d, dtype=dtype, device=device, backend=backend["knn"])
+        index = make_index(self.index, d, dtype=dtype, device=device, backend=backend["knn"],
+                           options=self.index_options)
         index.reserve(n)
         with self._bar(n, "grood fit: gradient index") as bar:
             for r0, r1 in batches(n, self.batch_size):
@@ -200,7 +213,7 @@ class GROOD:
         return self
 
     def _set_fitted(self, protos: Tensor, counts: Tensor, p_ood: Tensor,
-                    source: OODPrototypeSource, index: ExactIndex, grads: _GradientStep,
+                    source: OODPrototypeSource, index: Any, grads: _GradientStep,
                     *, n_train: int,
                     train_accuracy: float, backend: dict[str, str],
                     device: torch.device) -> None:
@@ -288,6 +301,8 @@ class GROOD:
         params = {
             "ood_prototype": {"name": self.ood_source_.name, "params": self.ood_source_.params()},
             "k": self.k,
+            "index": self.index,
+            "index_options": self.index_options,
             "backend": self.backend,
             "precision": self.precision,
             "batch_size": self.batch_size,
@@ -312,7 +327,7 @@ class GROOD:
             "class_prototypes": self.class_prototypes_,
             "class_counts": self.class_counts_,
             "ood_prototype": self.ood_prototype_,
-            "index.vectors": self.index_.state_dict()["vectors"],
+            **{f"index.{name}": t for name, t in self.index_.state_dict().items()},
         }
         return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
@@ -365,9 +380,10 @@ class GROOD:
         if version != FILE_FORMAT_VERSION:
             raise ValueError(f"{path} has detector format version {version}; this grood reads "
                              f"version {FILE_FORMAT_VERSION}")
-        if names != set(_TENSOR_NAMES):
+        if not names >= set(_TENSOR_NAMES) or any(
+                n not in _TENSOR_NAMES and not n.startswith("index.") for n in names):
             raise ValueError(f"{path} holds tensors {sorted(names)}, expected "
-                             f"{sorted(_TENSOR_NAMES)}")
+                             f"{sorted(_TENSOR_NAMES)} and index.*")
         stored = meta.pop("digest", None)
         if stored != _digest(tensors, meta):
             raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
@@ -375,11 +391,14 @@ class GROOD:
         state = json.loads(meta["state"])
 
         protos, counts = tensors["class_prototypes"], tensors["class_counts"]
-        p_ood, vectors = tensors["ood_prototype"], tensors["index.vectors"]
+        p_ood = tensors["ood_prototype"]
         c, d = state["n_classes"], state["n_features_in"]
+        index_state = {n.removeprefix("index."): t for n, t in tensors.items()
+                       if n.startswith("index.")}
+        vectors = index_state.get("vectors")
         if (tuple(protos.shape) != (c, d) or tuple(counts.shape) != (c,)
-                or tuple(p_ood.shape) != (d,) or vectors.ndim != 2 or vectors.shape[1] != d
-                or vectors.shape[0] < params["k"]):
+                or tuple(p_ood.shape) != (d,) or (vectors is not None and (
+                    vectors.ndim != 2 or vectors.shape[1] != d))):
             raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
                              f"{c} classes of dimension {d}")
 
@@ -388,14 +407,17 @@ class GROOD:
         det = cls(
             # A source with no parameters is given back by name, as it was most likely given.
             ood_prototype=source if source_cfg["params"] else source_cfg["name"],
-            k=params["k"], backend=params["backend"], precision=params["precision"],
-            device=device,
+            k=params["k"], index=params["index"], index_options=params["index_options"],
+            backend=params["backend"], precision=params["precision"], device=device,
             batch_size=params["batch_size"],
         )
         dev = torch.device(device) if device is not None else torch.device("cpu")
         backend = ops.resolve_backends(det.backend, dev, protos.dtype)
-        index = ExactIndex.from_state_dict({"vectors": vectors}, device=dev,
-                                           backend=backend["knn"])
+        index = index_from_state(state["index"], index_state, device=dev,
+                                 backend=backend["knn"], options=params["index_options"])
+        if index.dim != d or index.ntotal < params["k"]:
+            raise ValueError(f"{path} is inconsistent: its index holds {index.ntotal} vectors "
+                             f"of dimension {index.dim}")
         protos, p_ood = protos.to(dev), p_ood.to(dev)
         grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
         det._set_fitted(protos, counts.to(dev), p_ood, source, index, grads,

@@ -1,5 +1,17 @@
 """The gradient index: the training gradients GROOD scores against.
 
+Three kinds, chosen by ``GROOD(index=...)`` and all returning faiss' ``(D, I)`` (squared L2
+distances and int64 indices):
+
+* ``"exact"`` (:class:`ExactIndex`, the default): exact search by grood's own kernel or its
+  torch twin.
+* ``"faiss-flat"`` (:class:`FaissFlatIndex`): exact search by ``faiss.IndexFlatL2``.
+* ``"faiss-ivf"`` (:class:`FaissIVFIndex`): the reference implementation's approximate
+  IVF-Flat search, to reproduce published numbers.
+
+faiss is imported only when a faiss index is built or loaded; it moves to the GPU when the
+installed faiss has GPU support and the detector's device is a CUDA device.
+
 :class:`ExactIndex` holds the vectors in one tensor and searches them exactly (squared L2, the
 ``(D, I)`` contract of faiss) through the backend chosen in :mod:`grood.ops`. Vectors are added
 in batches into a buffer that grows geometrically (or is reserved up front when the final size
@@ -9,11 +21,17 @@ computed once, at the first search, and reused by every later search.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from grood import ops
 from grood.functional import database_sq_norms_of
+
+INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf")
 
 
 class ExactIndex:
@@ -87,10 +105,265 @@ class ExactIndex:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
-                        backend: str = "torch") -> ExactIndex:
+                        backend: str = "torch", **_: Any) -> ExactIndex:
         """Rebuild an index saved by :meth:`state_dict`."""
         vectors = state["vectors"]
         index = cls(vectors.shape[1], dtype=vectors.dtype, device=device, backend=backend)
         index._buf = vectors.to(device)
         index._n = vectors.shape[0]
         return index
+
+
+def import_faiss():
+    """Import faiss, or explain which extra to install."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "this index needs faiss: pip install 'grood[faiss-cpu]', or 'grood[faiss-gpu]' on a "
+            "CUDA machine (never both: they install the same module)"
+        ) from exc
+    return faiss
+
+
+def _to_gpu_if_possible(faiss, index, device: torch.device) -> tuple[Any, Any]:
+    """Move a faiss index to ``device`` when it is CUDA and faiss was built with GPU support.
+
+    Returns ``(index, gpu_resources)``; the caller keeps the resources alive with the index.
+    """
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return index, None
+    if faiss.get_num_gpus() < 1:
+        return index, None
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, device.index or 0, index), resources
+
+
+def _to_cpu(faiss, index):
+    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and \
+        type(index).__name__.startswith("Gpu") else index
+
+
+def _as_float32_rows(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
+
+
+class _FaissIndex:
+    """Shared parts of the faiss-backed indexes (float32 vectors, like faiss)."""
+
+    kind: str
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.faiss = import_faiss()
+        self.dim = dim
+        self.device = torch.device(device)
+        self.index: Any = None
+        self._keep: list[Any] = []  # objects the faiss index points to (quantizer, GPU resources)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def reserve(self, capacity: int) -> None:
+        """The expected total number of vectors (faiss needs no buffer)."""
+        self.capacity = capacity
+
+    def trim(self) -> None:
+        """Finish building (nothing to release for a flat index)."""
+
+    def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """``(D, I)`` for ``queries`` [Q, D]: float32 squared L2 [Q, k] and int64 [Q, k]."""
+        if self.ntotal == 0:
+            raise ValueError("the index is empty")
+        dist, idx = self.index.search(_as_float32_rows(queries), k)
+        return (torch.from_numpy(dist).to(queries.device),
+                torch.from_numpy(idx).to(queries.device))
+
+
+class FaissFlatIndex(_FaissIndex):
+    """Exact search with ``faiss.IndexFlatL2`` (fp32; on the GPU with faiss-gpu).
+
+    Args:
+        dim (int): vector dimension D.
+        device (torch.device | str): a CUDA device moves the index to the GPU when faiss has
+            GPU support.
+    """
+
+    kind = "faiss-flat"
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(dim, device)
+        self.index, res = _to_gpu_if_possible(self.faiss, self.faiss.IndexFlatL2(dim),
+                                              self.device)
+        self._keep.append(res)
+
+    def add(self, x: Tensor) -> None:
+        """Append vectors ``x`` of shape [n, D]."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        if x.shape[0]:
+            self.index.add(_as_float32_rows(x))
+
+    @property
+    def vectors(self) -> Tensor:
+        """The indexed vectors, shape [ntotal, D] (a copy)."""
+        cpu = _to_cpu(self.faiss, self.index)
+        return torch.from_numpy(cpu.reconstruct_n(0, cpu.ntotal)).reshape(-1, self.dim)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that define the index (for saving)."""
+        return {"vectors": self.vectors.contiguous()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
+                        **_: Any) -> FaissFlatIndex:
+        """Rebuild an index saved by :meth:`state_dict`."""
+        vectors = state["vectors"]
+        index = cls(vectors.shape[1], device=device)
+        index.add(vectors)
+        return index
+
+
+class FaissIVFIndex(_FaissIndex):
+    """Approximate search with ``faiss.IndexIVFFlat`` (L2), as the reference implementation.
+
+    **Approximate**: a query is compared only with the vectors in the ``nprobe`` inverted lists
+    whose centroids are nearest to it, so the reported neighbour can be farther than the true
+    one. Use it to reproduce published numbers; use ``"exact"`` otherwise.
+
+    The reference trains the coarse quantizer on the gradients of the first
+    ``T = min(600, int(0.8 * B))`` training batches (B batches in all), with
+    ``nlist = int(4 * sqrt(T))`` lists, and searches with ``nprobe = 4``. Here B is counted in
+    batches of ``reference_batch_size`` rows from the expected index size (``reserve``); when
+    the size is not known in advance the quantizer is trained when building ends.
+
+    Args:
+        dim (int): vector dimension D.
+        nlist (int, optional): number of inverted lists; by default the reference's rule.
+        nprobe (int): lists visited per query (reference: 4).
+        reference_batch_size (int): rows per training batch in the reference's rule.
+        device (torch.device | str): a CUDA device moves the index to the GPU when faiss has
+            GPU support.
+    """
+
+    kind = "faiss-ivf"
+
+    def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = 4,
+                 reference_batch_size: int = 128, device: torch.device | str = "cpu") -> None:
+        super().__init__(dim, device)
+        for name, value in (("nlist", nlist), ("nprobe", nprobe),
+                            ("reference_batch_size", reference_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.reference_batch_size = reference_batch_size
+        self.capacity: int | None = None
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+
+    def options(self) -> dict[str, Any]:
+        """Constructor options (saved with the detector)."""
+        return {"nlist": self.nlist, "nprobe": self.nprobe,
+                "reference_batch_size": self.reference_batch_size}
+
+    @property
+    def ntotal(self) -> int:
+        return self._n_pending + super().ntotal
+
+    def _train_batches(self, n_rows: int) -> int:
+        """The reference's T = min(600, int(0.8 * B)) for B batches covering ``n_rows``."""
+        batches = math.ceil(n_rows / self.reference_batch_size)
+        return max(1, min(600, int(0.8 * batches)))
+
+    def _build(self) -> None:
+        """Train the quantizer on the pending vectors, then add them."""
+        train = np.concatenate(self._pending)
+        if self.nlist is not None:
+            nlist = self.nlist
+        else:
+            size = self.capacity if self.capacity is not None else train.shape[0]
+            nlist = int(4 * math.sqrt(self._train_batches(size)))
+        nlist = min(nlist, train.shape[0])  # faiss needs at least nlist training points
+        quantizer = self.faiss.IndexFlatL2(self.dim)
+        index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_L2)
+        index.train(train)
+        index.add(train)
+        index.nprobe = self.nprobe
+        self.index, res = _to_gpu_if_possible(self.faiss, index, self.device)
+        self._keep += [quantizer, res]
+        self._pending, self._n_pending = [], 0
+
+    def add(self, x: Tensor) -> None:
+        """Append vectors; the first ones are kept until the quantizer can be trained."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        if not x.shape[0]:
+            return
+        rows = _as_float32_rows(x)
+        if self.index is not None:
+            self.index.add(rows)
+            return
+        self._pending.append(rows)
+        self._n_pending += rows.shape[0]
+        if self.capacity is not None and self._n_pending >= (
+                self._train_batches(self.capacity) * self.reference_batch_size):
+            self._build()
+
+    def trim(self) -> None:
+        """Finish building: train on what is pending if that has not happened yet."""
+        if self.index is None and self._n_pending:
+            self._build()
+
+    def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        self.trim()
+        return super().search(queries, k)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The serialised faiss index as a uint8 tensor (faiss' own format, no pickle)."""
+        self.trim()
+        data = self.faiss.serialize_index(_to_cpu(self.faiss, self.index))
+        return {"faiss": torch.from_numpy(np.asarray(data, dtype=np.uint8).copy())}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
+                        options: dict[str, Any] | None = None, **_: Any) -> FaissIVFIndex:
+        """Rebuild an index saved by :meth:`state_dict`."""
+        faiss = import_faiss()
+        cpu_index = faiss.deserialize_index(state["faiss"].numpy())
+        index = cls(cpu_index.d, device=device, **(options or {}))
+        cpu_index.nprobe = index.nprobe
+        index.index, res = _to_gpu_if_possible(faiss, cpu_index, index.device)
+        index._keep += [cpu_index, res]
+        return index
+
+
+def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
+               backend: str, options: dict[str, Any] | None = None):
+    """A new, empty index of ``kind`` (one of ``INDEX_KINDS``)."""
+    options = dict(options or {})
+    if kind == "exact":
+        if options:
+            raise ValueError(f"index='exact' takes no index_options, got {sorted(options)}")
+        return ExactIndex(dim, dtype=dtype, device=device, backend=backend)
+    if kind == "faiss-flat":
+        if options:
+            raise ValueError(f"index='faiss-flat' takes no index_options, got {sorted(options)}")
+        return FaissFlatIndex(dim, device=device)
+    if kind == "faiss-ivf":
+        unknown = set(options) - {"nlist", "nprobe", "reference_batch_size"}
+        if unknown:
+            raise ValueError(f"index='faiss-ivf' takes index_options nlist, nprobe and "
+                             f"reference_batch_size, not {sorted(unknown)}")
+        return FaissIVFIndex(dim, device=device, **options)
+    raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+
+
+def index_from_state(kind: str, state: dict[str, Tensor], *, device: torch.device,
+                     backend: str, options: dict[str, Any] | None = None):
+    """Rebuild a saved index of ``kind``."""
+    classes = {"exact": ExactIndex, "faiss-flat": FaissFlatIndex, "faiss-ivf": FaissIVFIndex}
+    if kind not in classes:
+        raise ValueError(f"unknown index kind {kind!r}")
+    return classes[kind].from_state_dict(state, device=device, backend=backend, options=options)

@@ -1,0 +1,126 @@
+"""Gradient index kinds: exact, faiss-flat and faiss-ivf; building, search, save/load."""
+
+import sys
+
+import pytest
+import torch
+from conftest import clustered_features
+from reference import knn_naive
+
+from grood import GROOD
+from grood.index import ExactIndex, make_index
+
+
+def _vectors(n=300, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen), torch.randn(25, d, generator=gen)
+
+
+def test_exact_index_grows_in_batches_and_searches_exactly():
+    db, q = _vectors()
+    index = ExactIndex(16)
+    for start in range(0, 300, 37):
+        index.add(db[start:start + 37])
+    index.trim()
+    assert index.ntotal == 300 and torch.equal(index.vectors, db)
+    dist, idx = index.search(q, 3)
+    ref_d, ref_i = knn_naive(q, db, 3)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_index_refuses_wrong_shape_and_empty_search():
+    index = ExactIndex(4)
+    with pytest.raises(ValueError, match=r"shape \[n, 4\]"):
+        index.add(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="the index is empty"):
+        index.search(torch.zeros(1, 4))
+
+
+def test_unknown_index_and_options_are_named():
+    with pytest.raises(ValueError, match="index must be one of"):
+        GROOD(index="hnsw").fit(torch.rand(10, 3), torch.arange(10) % 2)
+    with pytest.raises(ValueError, match="takes no index_options"):
+        make_index("exact", 3, dtype=torch.float32, device=torch.device("cpu"),
+                   backend="torch", options={"nprobe": 2})
+
+
+def test_missing_faiss_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"pip install 'grood\[faiss-cpu\]'"):
+        GROOD(index="faiss-flat").fit(torch.rand(10, 3), torch.arange(10) % 2)
+
+
+faiss = pytest.importorskip("faiss")
+
+
+def test_faiss_flat_equals_exact():
+    db, q = _vectors(seed=1)
+    flat = make_index("faiss-flat", 16, dtype=torch.float32, device=torch.device("cpu"),
+                      backend="torch")
+    exact = ExactIndex(16)
+    for start in range(0, 300, 64):
+        flat.add(db[start:start + 64])
+        exact.add(db[start:start + 64])
+    d_f, i_f = flat.search(q, 4)
+    d_e, i_e = exact.search(q, 4)
+    assert torch.equal(i_f, i_e)
+    torch.testing.assert_close(d_f, d_e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(flat.vectors, db)
+
+
+def test_faiss_ivf_follows_the_reference_rule_and_trains_early():
+    index = make_index("faiss-ivf", 8, dtype=torch.float32, device=torch.device("cpu"),
+                       backend="torch", options={"reference_batch_size": 2})
+    index.reserve(100)  # B = 50 batches, T = min(600, 40) = 40 batches = 80 rows
+    x, _ = clustered_features(100, 5, 8, seed=2, dtype=torch.float32)
+    index.add(x[:70])
+    assert index.index is None and index.ntotal == 70  # still collecting training rows
+    index.add(x[70:84])
+    assert index.index is not None and index.index.nlist == int(4 * 40 ** 0.5)
+    index.add(x[84:])
+    assert index.ntotal == 100 and index.index.nprobe == 4
+
+
+def test_faiss_ivf_is_exact_when_it_probes_every_list():
+    x, _ = clustered_features(400, 8, 12, seed=3, dtype=torch.float32)
+    q, _ = clustered_features(50, 8, 12, seed=4, spread=0.6, dtype=torch.float32)
+    index = make_index("faiss-ivf", 12, dtype=torch.float32, device=torch.device("cpu"),
+                       backend="torch", options={"nlist": 8, "nprobe": 8})
+    index.add(x)
+    _, idx = index.search(q, 1)
+    _, ref = knn_naive(q, x, 1)
+    assert torch.equal(idx, ref)
+
+
+def test_faiss_ivf_recall_against_exact():
+    x, y = clustered_features(3000, 10, 32, seed=5, spread=0.5, dtype=torch.float32)
+    test, _ = clustered_features(300, 10, 32, seed=6, spread=0.6, dtype=torch.float32)
+    exact = GROOD().fit(x, y)
+    ivf = GROOD(index="faiss-ivf", index_options={"reference_batch_size": 32}).fit(x, y)
+    g = exact._grads(test).grad
+    _, i_exact = exact.index_.search(g, 1)
+    _, i_ivf = ivf.index_.search(g, 1)
+    recall = float((i_exact == i_ivf).double().mean())
+    # Approximate by design: nprobe = 4 of int(4 * sqrt(min(600, 0.8 * 94))) = 34 lists.
+    assert ivf.index_.index.nlist == 34
+    assert recall > 0.5
+    # Its scores are never better than exact (it can only miss the true nearest neighbour).
+    assert bool((ivf.score_samples(test) <= exact.score_samples(test) + 1e-6).all())
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss-flat", "faiss-ivf"])
+def test_detector_save_load_with_each_index(kind, tmp_path):
+    x, y = clustered_features(200, 4, 10, seed=7, spread=0.4, dtype=torch.float32)
+    test, _ = clustered_features(30, 4, 10, seed=8, spread=0.7, dtype=torch.float32)
+    options = {"nlist": 6, "nprobe": 2} if kind == "faiss-ivf" else None
+    det = GROOD(index=kind, index_options=options).fit(x, y)
+    det.save(tmp_path / "d.safetensors")
+    loaded = GROOD.load(tmp_path / "d.safetensors")
+    assert loaded.index == kind and loaded.index_.kind == kind
+    assert loaded.index_options == options
+    assert torch.equal(loaded.score_samples(test), det.score_samples(test))
+    if kind != "faiss-ivf":
+        exact = GROOD().fit(x, y)
+        torch.testing.assert_close(det.score_samples(test), exact.score_samples(test),
+                                   rtol=1e-5, atol=1e-6)
