@@ -59,10 +59,10 @@ class GROOD:
         index_options (dict, optional): options of the index (``faiss-ivf``: ``nlist``,
             ``nprobe``, ``reference_batch_size``).
         backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
-        precision (str): the distance GEMM's precision in the gradient step: ``"ieee"`` (fp32,
-            the default), ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` (tensor cores on CUDA); the
-            nearest prototypes' distances are recomputed exactly in every mode (see
-            :func:`grood.functional.ncp_gradient`).
+        precision (str): precision of the distance GEMMs (gradient step and exact search):
+            ``"ieee"`` (fp32, the default), ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` (tensor
+            cores on CUDA); the nearest prototypes' and neighbours' distances are recomputed
+            exactly in every mode (see :mod:`grood.functional`).
         device (str | torch.device, optional): where the detector's state lives and is
             computed; by default the device of the features given to ``fit``.
         batch_size (int): rows processed at a time; bounds working memory when scoring.
@@ -187,7 +187,7 @@ class GROOD:
         grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], self.precision)
 
         index = make_index(self.index, d, dtype=dtype, device=device, backend=backend["knn"],
-                           options=self.index_options)
+                           precision=self.precision, options=self.index_options)
         index.reserve(n)
         with self._bar(n, "grood fit: gradient index") as bar:
             for r0, r1 in batches(n, self.batch_size):
@@ -414,7 +414,8 @@ class GROOD:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         backend = ops.resolve_backends(det.backend, dev, protos.dtype)
         index = index_from_state(state["index"], index_state, device=dev,
-                                 backend=backend["knn"], options=params["index_options"])
+                                 backend=backend["knn"], precision=det.precision,
+                                 options=params["index_options"])
         if index.dim != d or index.ntotal < params["k"]:
             raise ValueError(f"{path} is inconsistent: its index holds {index.ntotal} vectors "
                              f"of dimension {index.dim}")

@@ -311,6 +311,7 @@ def knn(
     database: Tensor,
     k: int = 1,
     *,
+    precision: str = "ieee",
     database_sq_norms: Tensor | None = None,
     block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -329,6 +330,8 @@ def knn(
         queries (Tensor): query vectors, shape [Q, D].
         database (Tensor): database vectors, shape [M, D].
         k (int): number of neighbours, >= 1.
+        precision (str): precision of the GEMM that picks candidates (as in
+            :func:`ncp_gradient`); returned distances are exact in every mode.
         database_sq_norms (Tensor, optional): ``||x||^2`` of every database row, shape [M], in
             the compute dtype; computed here when omitted (an index caches them).
         block_size (int, optional): database rows per tile; by default sized to
@@ -343,8 +346,11 @@ def knn(
     _check_same_device(queries, database)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_precision(precision)
     n_q, n_db = queries.shape[0], database.shape[0]
     dt = compute_dtype(torch.promote_types(queries.dtype, database.dtype))
+    if dt == torch.float64:
+        precision = "ieee"
     dev = queries.device
     out_d = torch.full((n_q, k), float("inf"), dtype=dt, device=dev)
     out_i = torch.full((n_q, k), -1, dtype=torch.int64, device=dev)
@@ -362,12 +368,17 @@ def knn(
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
         q_sq = (q * q).sum(1)
+        gemm_q = q.bfloat16().to(dt) if precision == "bf16" else q
         best_d = torch.full((q1 - q0, n_cand), float("inf"), dtype=dt, device=dev)
         best_i = torch.full((q1 - q0, n_cand), -1, dtype=torch.int64, device=dev)
         for m0 in range(0, n_db, bm):
             m1 = min(m0 + bm, n_db)
-            dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), q,
-                               database[m0:m1].to(dt).T, alpha=-2.0)
+            blk = database[m0:m1].to(dt)
+            if precision == "bf16":
+                blk = blk.bfloat16().to(dt)
+            with _matmul_mode(precision, dev):
+                dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
+                                   alpha=-2.0)
             dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]
             blk_d, blk_i = torch.topk(dist, min(n_cand, m1 - m0), dim=1, largest=False)
             best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)

@@ -42,16 +42,20 @@ class ExactIndex:
         dtype (torch.dtype): storage and compute dtype.
         device (torch.device | str): where the vectors live and are searched.
         backend (str): ``"torch"`` or ``"triton"``, already resolved by :mod:`grood.ops`.
+        precision (str): precision of the candidate GEMM (distances are exact in every mode;
+            see :func:`grood.functional.knn`).
     """
 
     kind = "exact"
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", backend: str = "torch") -> None:
+                 device: torch.device | str = "cpu", backend: str = "torch",
+                 precision: str = "ieee") -> None:
         self.dim = dim
         self.dtype = dtype
         self.device = torch.device(device)
         self.backend = backend
+        self.precision = precision
         self._buf = torch.empty((0, dim), dtype=dtype, device=self.device)
         self._n = 0
         self._sq_norms: Tensor | None = None  # ||x||^2 per vector, cached for searches
@@ -97,7 +101,7 @@ class ExactIndex:
             self._sq_norms = database_sq_norms_of(self.vectors)
         impl = ops.get_op("knn", self.backend)
         return impl(queries.to(device=self.device, dtype=self.dtype), self.vectors, k,
-                    database_sq_norms=self._sq_norms)
+                    precision=self.precision, database_sq_norms=self._sq_norms)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""
@@ -105,10 +109,12 @@ class ExactIndex:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
-                        backend: str = "torch", **_: Any) -> ExactIndex:
+                        backend: str = "torch", precision: str = "ieee",
+                        **_: Any) -> ExactIndex:
         """Rebuild an index saved by :meth:`state_dict`."""
         vectors = state["vectors"]
-        index = cls(vectors.shape[1], dtype=vectors.dtype, device=device, backend=backend)
+        index = cls(vectors.shape[1], dtype=vectors.dtype, device=device, backend=backend,
+                    precision=precision)
         index._buf = vectors.to(device)
         index._n = vectors.shape[0]
         return index
@@ -340,13 +346,13 @@ class FaissIVFIndex(_FaissIndex):
 
 
 def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
-               backend: str, options: dict[str, Any] | None = None):
+               backend: str, precision: str = "ieee", options: dict[str, Any] | None = None):
     """A new, empty index of ``kind`` (one of ``INDEX_KINDS``)."""
     options = dict(options or {})
     if kind == "exact":
         if options:
             raise ValueError(f"index='exact' takes no index_options, got {sorted(options)}")
-        return ExactIndex(dim, dtype=dtype, device=device, backend=backend)
+        return ExactIndex(dim, dtype=dtype, device=device, backend=backend, precision=precision)
     if kind == "faiss-flat":
         if options:
             raise ValueError(f"index='faiss-flat' takes no index_options, got {sorted(options)}")
@@ -361,9 +367,11 @@ def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
 
 
 def index_from_state(kind: str, state: dict[str, Tensor], *, device: torch.device,
-                     backend: str, options: dict[str, Any] | None = None):
+                     backend: str, precision: str = "ieee",
+                     options: dict[str, Any] | None = None):
     """Rebuild a saved index of ``kind``."""
     classes = {"exact": ExactIndex, "faiss-flat": FaissFlatIndex, "faiss-ivf": FaissIVFIndex}
     if kind not in classes:
         raise ValueError(f"unknown index kind {kind!r}")
-    return classes[kind].from_state_dict(state, device=device, backend=backend, options=options)
+    return classes[kind].from_state_dict(state, device=device, backend=backend,
+                                         precision=precision, options=options)

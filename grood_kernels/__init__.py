@@ -10,4 +10,5 @@ through :mod:`grood.ops`.
 #: dtypes each kernel accepts. The dispatcher in ``grood.ops`` picks Triton only for these.
 KERNELS: dict[str, tuple[str, ...]] = {
     "ncp_gradient": ("float16", "bfloat16", "float32"),
+    "knn": ("float16", "bfloat16", "float32"),
 }

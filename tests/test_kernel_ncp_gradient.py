@@ -180,7 +180,7 @@ def test_detector_on_the_triton_backend_matches_torch():
     test, _ = clustered_features(20, 4, 24, seed=11, spread=0.8, dtype=torch.float32)
     tri = GROOD(backend="triton", device=DEVICE).fit(x, y)
     ref = GROOD(backend="torch").fit(x, y)
-    assert tri.backend_ == {"ncp_gradient": "triton", "knn": "torch"}  # grood has no knn kernel
+    assert tri.backend_ == {"ncp_gradient": "triton", "knn": "triton"}
     assert ref.backend_["ncp_gradient"] == "torch"
     torch.testing.assert_close(tri.score_samples(test), ref.score_samples(test),
                                rtol=1e-4, atol=1e-6)

@@ -21,10 +21,15 @@ def test_auto_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
     assert ops.resolve_backend("auto", "ncp_gradient", "cpu") == "torch"
 
 
-def test_triton_without_kernel_names_the_reason():
-    assert "knn" not in grood_kernels.KERNELS
+def test_triton_without_kernel_names_the_reason(monkeypatch):
+    monkeypatch.setattr(grood_kernels, "KERNELS", {"ncp_gradient": ("float32",)})
     with pytest.raises(ops.BackendUnavailableError, match="no Triton kernel for 'knn'"):
         ops.resolve_backend("triton", "knn", "cpu")
+    # A detector asked for triton still runs the operations without a kernel on torch.
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.resolve_backends("triton", "cpu", torch.float32) == {
+        "ncp_gradient": "triton", "knn": "torch"}
 
 
 def test_triton_on_cpu_without_interpreter_names_the_reason(monkeypatch):

@@ -1,0 +1,112 @@
+"""The Triton knn kernel against float64 brute force (interpreter on the CPU, or a GPU)."""
+
+import os
+
+import pytest
+import torch
+from conftest import clustered_features
+from reference import knn_naive
+
+pytest.importorskip("triton")
+
+from grood import GROOD, functional
+from grood_kernels import knn as kernel_module
+from grood_kernels.knn import knn
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# (Q, M, D, k): single query / row, primes, one past a 64-row block, k up to 16, M < k.
+CASES = [(1, 1, 1, 1), (1, 5, 3, 3), (9, 37, 11, 1), (9, 37, 11, 4), (65, 130, 20, 16),
+         (3, 2, 4, 5), (17, 257, 33, 2)]
+
+
+def _data(q, m, d, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    db = torch.randn(m, d, generator=gen)
+    queries = torch.randn(q, d, generator=gen)
+    return queries.to(DEVICE, dtype), db.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize(("q", "m", "d", "k"), CASES,
+                         ids=[f"Q{q}-M{m}-D{d}-k{k}" for q, m, d, k in CASES])
+def test_matches_float64_brute_force(q, m, d, k, monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # every buffer the launcher allocates starts poisoned
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(kernel_module.torch, "empty", nan_empty)
+    queries, db = _data(q, m, d, seed=q * 1000 + m)
+    dist, idx = knn(queries, db, k)
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), k)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_and_duplicate_rows_prefer_the_lower_index():
+    db = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]],
+                      device=DEVICE)
+    dist, idx = knn(torch.tensor([[1.0, 0.0]], device=DEVICE), db, 3)
+    assert idx.tolist() == [[0, 2, 4]] and dist.tolist() == [[0.0, 0.0, 0.0]]
+    dist, idx = knn(torch.zeros(1, 2, device=DEVICE), db, 4)
+    assert idx.tolist() == [[0, 1, 2, 3]]
+
+
+def test_pads_like_faiss_when_database_is_smaller_than_k():
+    dist, idx = knn(torch.zeros(2, 3, device=DEVICE), torch.ones(2, 3, device=DEVICE), 4)
+    assert idx.tolist() == [[0, 1, -1, -1]] * 2
+    assert bool(torch.isinf(dist[:, 2:]).all()) and dist[:, :2].tolist() == [[3.0, 3.0]] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_storage(dtype):
+    queries, db = _data(12, 90, 24, seed=3, dtype=dtype)
+    dist, idx = knn(queries, db, 2)
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 2)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_precision_modes_return_exact_fp32_results(precision):
+    queries, db = _data(20, 150, 40, seed=4)
+    dist, idx = knn(queries, db, 3, precision=precision)
+    ref_d, ref_i = functional.knn(queries.double(), db.double(), 3)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_inputs_and_given_norms():
+    queries, db = _data(10, 70, 16, seed=5)
+    wide = torch.zeros(70, 48, device=DEVICE)
+    wide[:, ::3] = db
+    want = knn(queries, db, 2)
+    got = knn(queries.T.contiguous().T, wide[:, ::3], 2,
+              database_sq_norms=(db * db).sum(1))
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+
+
+def test_launcher_checks():
+    queries, db = _data(3, 5, 4, seed=6)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn(queries, db, 0)
+    with pytest.raises(TypeError, match="float64"):
+        knn(queries.double(), db.double())
+    with pytest.raises(ValueError, match="database_sq_norms must have shape"):
+        knn(queries, db, database_sq_norms=torch.ones(2, device=DEVICE))
+    assert kernel_module.RERANK_EXTRA == functional.RERANK_EXTRA
+    assert tuple(kernel_module.DOT_MODES) == functional.PRECISIONS
+
+
+def test_recall_on_real_grood_gradients():
+    x, y = clustered_features(400, 6, 24, seed=7, spread=0.5, dtype=torch.float32)
+    test, _ = clustered_features(40, 6, 24, seed=8, spread=0.7, dtype=torch.float32)
+    det = GROOD(backend="torch").fit(x, y)
+    grads = det._grads(test).grad.to(DEVICE)
+    db = det.index_.vectors.to(DEVICE)
+    _, idx = knn(grads, db, 1)
+    _, ref = knn_naive(grads.cpu(), db.cpu(), 1)
+    assert torch.equal(idx.cpu(), ref)
