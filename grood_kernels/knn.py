@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from grood_kernels._topk import insert_nearest
+
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
 DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 #: Candidates beyond k re-ranked exactly (equal to ``grood.functional.RERANK_EXTRA``).
@@ -89,15 +91,7 @@ def _knn_candidates_kernel(
         dist = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dots, 0.0)
         dist = tl.where(mask_m[None, :], dist, float("inf"))  # [BLOCK_Q, BLOCK_M]
         # Insert this tile's nearest rows into the candidates, replacing the worst.
-        for _ in tl.static_range(N_CAND):
-            j = tl.argmin(dist, axis=1, tie_break_left=True)
-            v = tl.min(dist, axis=1)
-            worst = tl.max(cand_d, axis=1)
-            worst_at = tl.argmax(cand_d, axis=1, tie_break_left=True)
-            slot = (slots[None, :] == worst_at[:, None]) & (v < worst)[:, None]
-            cand_d = tl.where(slot, v[:, None], cand_d)
-            cand_i = tl.where(slot, m0 + j.to(tl.int64)[:, None], cand_i)
-            dist = tl.where(arange_m[None, :] == j[:, None], float("inf"), dist)
+        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M)
 
     out = (offs_q[:, None] * SPLIT + pid_s) * N_CAND + slots[None, :]
     tl.store(out_d_ptr + out, cand_d, mask=mask_q[:, None])

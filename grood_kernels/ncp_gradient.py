@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from grood_kernels._topk import insert_nearest
+
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
 DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 #: Nearest prototypes per row re-ranked exactly (equal to ``grood.functional``'s; a test
@@ -159,15 +161,7 @@ def _ncp_gradient_kernel(
         m = m_new
 
         # Insert this block's N_CAND nearest into the candidates (replacing the worst).
-        for _ in tl.static_range(N_CAND):
-            j = tl.argmin(dist, axis=1, tie_break_left=True)
-            v = tl.min(dist, axis=1)
-            worst = tl.max(cand_d, axis=1)
-            worst_at = tl.argmax(cand_d, axis=1, tie_break_left=True)
-            slot = (slots[None, :] == worst_at[:, None]) & (v < worst)[:, None]
-            cand_d = tl.where(slot, v[:, None], cand_d)
-            cand_i = tl.where(slot, c0 + j.to(tl.int64)[:, None], cand_i)
-            dist = tl.where(arange_c[None, :] == j[:, None], float("inf"), dist)
+        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
 
     # Exact distances of the candidates, from differences.
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)

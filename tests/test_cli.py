@@ -138,6 +138,8 @@ def test_bench_report_runs_at_tiny_size(capsys):
     text = capsys.readouterr().out
     assert "| triton | ieee |" in text and "| torch | bf16 |" in text
     assert "| tiny-100 | 64 | 100 | 24 | triton | tf32 |" in text
+    assert "## Nearest-neighbour search" in text and "| triton | tf32 | float32 | " in text
+    assert "faiss" in text
     # The accuracy rows carry real numbers, not placeholders.
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error

@@ -1,0 +1,175 @@
+"""The search part of ``grood bench``: exact k-NN over the gradient index.
+
+First the accuracy of every precision mode on real GROOD gradients (recall@1 and distance error
+against float64 brute force), then timings of exact 1-NN search: grood's kernel (and its torch
+twin) against torch chunked GEMM + min in the same precision, in the same run on the same
+device, and faiss-cpu's exact flat search on a smaller database, compared per TFLOP.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from grood import functional
+from grood.bench import (
+    PRECISIONS,
+    _peak_extra_mib,
+    _peak_for,
+    _sync,
+    _time,
+    realistic_features,
+)
+
+FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
+TINY_SEARCH_SHAPES = [("tiny", 40, 700, 24)]
+
+
+def _knn_op(backend: str):
+    if backend == "triton":
+        from grood_kernels.knn import knn
+
+        return knn
+    return functional.knn
+
+
+def torch_gemm_min(queries: Tensor, database: Tensor, precision: str,
+                   chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """The plain baseline: chunked GEMM over the database and a running minimum."""
+    q = queries.bfloat16() if precision == "bf16" else queries
+    q_sq = (queries.float() ** 2).sum(1)
+    best_d = torch.full((queries.shape[0],), float("inf"), device=queries.device)
+    best_i = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32
+    flags.allow_tf32 = precision == "tf32"
+    try:
+        for m0 in range(0, database.shape[0], chunk):
+            x = database[m0:m0 + chunk]
+            x = x.bfloat16() if precision == "bf16" else x
+            d = (q_sq[:, None] + (x.float() ** 2).sum(1)[None] - 2 * (q @ x.T).float())
+            v, i = d.min(1)
+            better = v < best_d
+            best_d = torch.where(better, v, best_d)
+            best_i = torch.where(better, i + m0, best_i)
+    finally:
+        flags.allow_tf32 = saved
+    return best_d, best_i
+
+
+def gradient_index(device: str, tiny: bool) -> tuple[Tensor, Tensor]:
+    """Real GROOD gradients: an index from training features, queries from ID and OOD tests."""
+    from grood import GROOD
+
+    c, d = (10, 24) if tiny else (100, 512)
+    n_train, n_test = (600, 100) if tiny else (50000, 2000)
+    x, y = realistic_features(n_train, c, d, seed=0, device=device)
+    det = GROOD(backend="torch").fit(x, y)
+    ids, _ = realistic_features(n_test, c, d, seed=1, device=device)
+    ood, _ = realistic_features(n_test, c, d, seed=2, device=device, novel=True)
+    queries = det._grads(torch.cat([ids, ood])).grad
+    return queries, det.index_.vectors
+
+
+def search_accuracy_table(device: str, backends: list[str], tiny: bool) -> list[str]:
+    """Recall@1 and distance error of every precision mode against float64 brute force."""
+    queries, db = gradient_index(device, tiny)
+    ref_d, ref_i = functional.knn(queries.double(), db.double(), 1)
+    lines = [f"Search accuracy on GROOD gradients ({db.shape[0]} indexed, {queries.shape[0]} "
+             f"queries, D = {db.shape[1]}; against float64 brute force):", "",
+             "| backend | precision | storage | recall@1 | max rel err of distance |",
+             "|---|---|---|---|---|"]
+    for backend in backends:
+        for precision in PRECISIONS:
+            if backend == "triton" and precision == "bf16" and device != "cuda":
+                continue  # the interpreter's bf16 dot is not the hardware's
+            for storage in (torch.float32, torch.bfloat16):
+                if storage == torch.bfloat16 and precision != "bf16":
+                    continue
+                dist, idx = _knn_op(backend)(queries.to(storage), db.to(storage), 1,
+                                             precision=precision)
+                recall = float((idx[:, 0] == ref_i[:, 0]).double().mean())
+                err = float(((dist[:, 0].double() - ref_d[:, 0]).abs()
+                             / ref_d[:, 0].clamp_min(1e-30)).max())
+                lines.append(f"| {backend} | {precision} | {str(storage)[6:]} | {recall:.4f} "
+                             f"| {err:.2e} |")
+    return lines
+
+
+def _faiss_rate(device: str, d: int, tiny: bool) -> str:
+    """faiss-cpu exact flat search, TFLOP/s on a smaller database (or why it was not run)."""
+    try:
+        import faiss
+    except ImportError:
+        return "faiss not installed"
+    q, m = (20, 500) if tiny else (1000, 100000)
+    gen = torch.Generator().manual_seed(5)
+    db = torch.randn(m, d, generator=gen).numpy()
+    queries = torch.randn(q, d, generator=gen).numpy()
+    index = faiss.IndexFlatL2(d)
+    index.add(db)
+    index.search(queries[:2], 1)
+    t0 = time.perf_counter()
+    index.search(queries, 1)
+    t = time.perf_counter() - t0
+    return (f"faiss-cpu {faiss.__version__} IndexFlatL2 ({faiss.omp_get_max_threads()} "
+            f"threads): {2.0 * q * m * d / t / 1e12:.3f} TFLOP/s on Q = {q}, M = {m}, D = {d}")
+
+
+def search_timing_table(device: str, backends: list[str], tiny: bool,
+                        repeat: int) -> list[str]:
+    """1-NN search timings against torch GEMM + min in the same precision."""
+    peaks = _peak_for(device)
+    lines = ["| shape | Q | M | D | backend | precision | storage | s | queries/s | TFLOP/s | "
+             "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, q, m, d in (TINY_SEARCH_SHAPES if tiny else FULL_SEARCH_SHAPES):
+        gen = torch.Generator(device=device).manual_seed(11)
+        db = torch.randn(m, d, generator=gen, device=device).abs_()
+        queries = torch.randn(q, d, generator=gen, device=device).abs_()
+        n_check = min(q, 100)
+        ref_i = _exact_reference(queries[:n_check], db)
+        flops = 2.0 * q * m * d
+        for precision in PRECISIONS:
+            storages = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
+            for storage in storages:
+                data = db if storage == torch.float32 else db.to(storage)
+                t_ref = _time(partial(torch_gemm_min, queries, data, precision), device, repeat)
+                for backend in backends:
+                    if backend == "triton" and precision == "bf16" and device != "cuda":
+                        continue
+                    call = partial(_knn_op(backend), queries, data, 1, precision=precision)
+                    t = _time(call, device, repeat)
+                    mem = _peak_extra_mib(call, device)
+                    _, idx = _knn_op(backend)(queries[:n_check], data, 1, precision=precision)
+                    recall = float((idx[:, 0] == ref_i).double().mean())
+                    peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks
+                            else "n/a")
+                    lines.append(
+                        f"| {name} | {q} | {m} | {d} | {backend} | {precision} | "
+                        f"{str(storage)[6:]} | {t:.4f} | {q / t:,.0f} | "
+                        f"{flops / t / 1e12:.2f} | {peak} | {t_ref / t:.2f}x | {mem:.1f} | "
+                        f"{recall:.3f} |")
+        del db, queries
+        notes.append(_faiss_rate(device, d, tiny))
+    return [*lines, "", *notes]
+
+
+def _exact_reference(queries: Tensor, database: Tensor, chunk: int = 65536) -> Tensor:
+    """Nearest row of ``database`` for each query, by float64 differences (the ground truth)."""
+    best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64,
+                      device=queries.device)
+    arg = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+    q = queries.double()
+    for m0 in range(0, database.shape[0], chunk):
+        x = database[m0:m0 + chunk].double()
+        d = torch.cdist(q, x).square()
+        v, i = d.min(1)
+        better = v < best
+        best, arg = torch.where(better, v, best), torch.where(better, i + m0, arg)
+    _sync(str(queries.device.type))
+    return arg
