@@ -159,25 +159,52 @@ class GROOD:
             n_classes = int(y.max()) + 1
 
         inputs = {} if ood_features is None else {"ood_features": ood_features}
+        self._check_inputs(source, inputs, "fit()")
+        device = torch.device(self.device) if self.device is not None else x.device
+
+        def passes(desc: str):
+            with self._bar(n, desc) as bar:
+                for r0, r1 in batches(n, self.batch_size):
+                    yield (x[r0:r1].to(device), y[r0:r1].to(device),
+                           None if lg is None else lg[r0:r1].to(device))
+                    bar.update(r1 - r0)
+
+        return self._fit_core(source, inputs, passes, n_classes=n_classes, d=d, device=device,
+                              dtype=compute_dtype(x.dtype))
+
+    @staticmethod
+    def _check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str) -> None:
         missing = [name for name in source.needs if name not in inputs]
         if missing:
-            raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in fit()")
+            raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in "
+                             f"{where}")
         unused = [name for name in inputs if name not in source.needs]
         if unused:
-            raise ValueError(f"{', '.join(unused)} given to fit() but ood_prototype="
-                             f"{source.name!r} does not use it (use ood_prototype='features')")
+            raise ValueError(f"{', '.join(unused)} given to {where} but ood_prototype="
+                             f"{source.name!r} does not use it")
 
-        device = torch.device(self.device) if self.device is not None else x.device
-        dtype = compute_dtype(x.dtype)
+    def _fit_core(self, source: OODPrototypeSource, inputs: dict[str, Any], passes, *,
+                  n_classes: int | None, d: int, device: torch.device,
+                  dtype: torch.dtype) -> GROOD:
+        """Fit from two streamed passes over the training set.
+
+        ``passes(desc)`` yields ``(features [B, D], labels [B], logits [B, C] or None)``
+        batches on ``device``; it is called twice: class prototypes, then the gradient index.
+        Without ``n_classes`` it is the width of the first batch's logits.
+        """
         backend = ops.resolve_backends(self.backend, device, dtype)
-
-        state = None
-        with self._bar(n, "grood fit: class prototypes") as bar:
-            for r0, r1 in batches(n, self.batch_size):
-                xb = x[r0:r1].to(device)
-                check_finite_rows(xb, "features", row_offset=r0)
-                state = class_prototypes(xb, y[r0:r1].to(device), n_classes, state=state)
-                bar.update(r1 - r0)
+        state, n = None, 0
+        for xb, yb, lb in passes("grood fit: class prototypes"):
+            if n_classes is None:
+                if lb is None:
+                    raise ValueError("the number of classes is unknown: the model gave no "
+                                     "logits")
+                n_classes = lb.shape[1]
+            _check_batch(xb, yb, lb, d, n_classes, n)
+            state = class_prototypes(xb, yb, n_classes, state=state)
+            n += xb.shape[0]
+        if state is None:
+            raise ValueError("the training data is empty")
         protos = state.prototypes(dtype)
         p_ood = source.build(PrototypeContext(protos, inputs, self.batch_size))
         if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
@@ -189,18 +216,10 @@ class GROOD:
         index = make_index(self.index, d, dtype=dtype, device=device, backend=backend["knn"],
                            precision=self.precision, options=self.index_options)
         index.reserve(n)
-        with self._bar(n, "grood fit: gradient index") as bar:
-            for r0, r1 in batches(n, self.batch_size):
-                res = grads(x[r0:r1].to(device))
-                if lg is None:
-                    guess = res.pred
-                else:
-                    lb = lg[r0:r1].to(device)
-                    check_finite_rows(lb, "logits", row_offset=r0)
-                    guess = lb.argmax(dim=1)
-                correct = y[r0:r1].to(device) == guess
-                index.add(res.grad[correct])
-                bar.update(r1 - r0)
+        for xb, yb, lb in passes("grood fit: gradient index"):
+            res = grads(xb)
+            guess = res.pred if lb is None else lb.argmax(dim=1)
+            index.add(res.grad[yb == guess])
         if index.ntotal == 0:
             raise ValueError("no training sample is classified correctly, so the gradient index "
                              "would be empty; check that labels match the features/logits")
@@ -443,6 +462,21 @@ class _GradientStep:
     def __call__(self, h: Tensor) -> NCPGradient:
         return self.fn(h, self.protos, self.p_ood, precision=self.precision,
                        prototype_sq_norms=self.sq_norms)
+
+
+def _check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_classes: int,
+                 offset: int) -> None:
+    """Validate one streamed training batch; row numbers are counted from the first batch."""
+    check_matrix(xb, "features", n_cols=d)
+    check_finite_rows(xb, "features", row_offset=offset)
+    if yb is None:
+        raise ValueError("the training batches carry no labels")
+    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes)
+    if lb is not None:
+        if lb.shape != (xb.shape[0], n_classes):
+            raise ValueError(f"logits of shape {tuple(lb.shape)} do not match "
+                             f"{xb.shape[0]} rows and {n_classes} classes")
+        check_finite_rows(lb, "logits", row_offset=offset)
 
 
 def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:

@@ -1,0 +1,246 @@
+"""Features and logits from any ``nn.Module``, streamed from a DataLoader.
+
+:class:`FeatureExtractor` takes the penultimate features (and optionally an intermediate
+layer) with forward hooks on named modules, or from a model whose forward returns them
+(``forward(x, return_feature_list=True) -> (logits, [..., penultimate])``, the OpenOOD
+convention). Every output is flattened to ``[N, D]``. Extraction runs under ``torch.no_grad``
+in eval mode, and the model's previous train/eval mode is restored afterwards.
+
+Loaders may yield tensors, ``(x, y, ...)`` tuples or lists, or dicts with ``data`` and
+``label`` keys (the OpenOOD convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(inputs, labels or None)`` from a loader's batch (tensor, tuple/list or dict)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        if "data" not in batch:
+            raise ValueError(f"a dict batch needs a 'data' key; it has {sorted(batch)}")
+        return batch["data"], batch.get("label")
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], labels
+    raise TypeError("a loader must yield tensors, (inputs, labels) tuples or dicts with "
+                    f"'data' and 'label'; got {type(batch).__name__}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode, then restore each one's previous mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@dataclass
+class Extracted:
+    """One batch of extraction: ``features`` [B, D] and, when available, ``logits`` [B, C]
+    and ``early`` [B, E] (the intermediate layer), all flattened."""
+
+    features: Tensor
+    logits: Tensor | None
+    early: Tensor | None
+
+
+class FeatureExtractor:
+    """Penultimate features (and logits, and an intermediate layer) of a model.
+
+    Args:
+        model (nn.Module): the classifier; its forward returns logits, or
+            ``(logits, feature_list)`` when called with ``return_feature_list=True``.
+        features (str, optional): name of the module whose output is the penultimate feature
+            (as in ``model.named_modules()``, e.g. ``"avgpool"``). Without it the model must
+            accept ``return_feature_list=True``; its last feature is used.
+        early (str, optional): name of an intermediate module to capture as well (e.g.
+            ``"layer3"``), or an index into the feature list of a ``return_feature_list`` model.
+        device (str | torch.device, optional): where inputs are sent; by default the model's.
+        autocast (torch.dtype, optional): run the forward under ``torch.autocast`` with this
+            dtype (e.g. ``torch.bfloat16``); features are returned in float32.
+        progress (bool, optional): show a progress bar over batches (None: on a terminal).
+    """
+
+    def __init__(self, model: nn.Module, *, features: str | None = None,
+                 early: str | int | None = None, device: str | torch.device | None = None,
+                 autocast: torch.dtype | None = None, progress: bool | None = None) -> None:
+        self.model = model
+        self.features = features
+        self.early = early
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.autocast = autocast
+        self.progress = progress
+        names = dict(model.named_modules())
+        for role, name in (("features", features), ("early", early)):
+            if isinstance(name, str) and name not in names:
+                shown = ", ".join(n for n in names if n)[:300]
+                raise ValueError(f"{role}={name!r} is not a module of the model; its modules "
+                                 f"are: {shown}")
+        self._modules = names
+
+    @contextmanager
+    def _hooks(self):
+        captured: dict[str, Tensor] = {}
+        handles = []
+        for role in ("features", "early"):
+            name = getattr(self, role)
+            if isinstance(name, str):
+                def hook(_module, _inputs, output, role=role):
+                    captured[role] = output[0] if isinstance(output, tuple) else output
+                handles.append(self._modules[name].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward(self, x: Tensor, captured: dict[str, Tensor]) -> Extracted:
+        x = x.to(self.device)
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
+               else nullcontext())
+        with ctx:
+            if self.features is None:
+                try:
+                    out = self.model(x, return_feature_list=True)
+                except TypeError as exc:
+                    raise ValueError("the model's forward does not take "
+                                     "return_feature_list=True: name the penultimate module "
+                                     "with features=...") from exc
+                logits, feature_list = out
+                captured.setdefault("features", feature_list[-1])
+                if isinstance(self.early, int):
+                    captured["early"] = feature_list[self.early]
+            else:
+                logits = self.model(x)
+                if isinstance(logits, tuple):
+                    logits = logits[0]
+        if "features" not in captured:
+            raise ValueError(f"module {self.features!r} did not run in the forward pass")
+        if self.early is not None and "early" not in captured:
+            raise ValueError(f"module {self.early!r} did not run in the forward pass")
+
+        def flat(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(t.shape[0], -1).float()
+
+        logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
+        return Extracted(flat(captured["features"]), flat(logits), flat(captured.get("early")))
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Extracted:
+        """Extract one batch of inputs."""
+        with eval_mode(self.model), self._hooks() as captured:
+            return self._forward(x, captured)
+
+    def batches(self, loader: Iterable, *, desc: str = "grood: extracting",
+                limit: int | None = None) -> Iterator[tuple[Extracted, Tensor | None, Tensor]]:
+        """Yield ``(extracted, labels, inputs)`` batch by batch (inputs on the model's device).
+
+        Args:
+            loader: any iterable of batches (DataLoader, list, generator).
+            desc: the progress bar's label.
+            limit: stop after this many samples.
+        """
+        total = None
+        if limit is not None:
+            total = limit
+        elif hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__"):
+            total = len(loader.dataset)
+        seen = 0
+        with tqdm(total=total, desc=desc, unit="img", leave=False,
+                  disable=None if self.progress is None else not self.progress) as bar, \
+                eval_mode(self.model), torch.no_grad():
+            for batch in loader:
+                x, y = split_batch(batch)
+                if limit is not None and seen + x.shape[0] > limit:
+                    x = x[: limit - seen]
+                    y = None if y is None else y[: limit - seen]
+                x = x.to(self.device)
+                with self._hooks() as captured:
+                    out = self._forward(x, captured)
+                yield out, (None if y is None else y.to(self.device)), x
+                seen += x.shape[0]
+                bar.update(x.shape[0])
+                if limit is not None and seen >= limit:
+                    break
+
+    def extract(self, loader: Iterable) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """All features [N, D], logits [N, C] and labels [N] of a loader, on the CPU.
+
+        Holds the whole set in memory; ``GROOD.fit_model`` / ``score_model`` stream instead.
+        """
+        feats, logits, labels = [], [], []
+        for out, y, _ in self.batches(loader):
+            feats.append(out.features.cpu())
+            if out.logits is not None:
+                logits.append(out.logits.cpu())
+            if y is not None:
+                labels.append(y.cpu())
+        if not feats:
+            raise ValueError("the loader yielded no batches")
+        return (torch.cat(feats), torch.cat(logits) if logits else None,
+                torch.cat(labels) if labels else None)
+
+
+def split_model(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
+    """Split a model whose top-level children run in order into ``(stem, tail)`` after ``at``.
+
+    ``stem(x)`` is the output of child ``at``; ``tail(h)`` runs the remaining children (with a
+    flatten before the first ``nn.Linear`` on a >2-D input). Check the split with
+    :func:`check_split`, which :class:`~grood.sources.Mixup` does before using it.
+    """
+    children = list(model.named_children())
+    names = [n for n, _ in children]
+    if at not in names:
+        raise ValueError(f"cannot split the model at {at!r}: it is not one of its top-level "
+                         f"children ({', '.join(names)}); pass split=(stem, tail) instead")
+    cut = names.index(at) + 1
+    return _Chain([m for _, m in children[:cut]]), _Chain([m for _, m in children[cut:]])
+
+
+class _Chain(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear) and x.ndim > 2:
+                x = x.flatten(1)
+            x = layer(x)
+        return x
+
+
+@torch.no_grad()
+def check_split(model: nn.Module, stem: nn.Module, tail: nn.Module, probe: Tensor) -> None:
+    """Raise unless ``tail(stem(x))`` reproduces the model's logits on a probe batch."""
+    with eval_mode(model):
+        full = model(probe)
+        full = full[0] if isinstance(full, tuple) else full
+        parts = tail(stem(probe))
+        parts = parts[0] if isinstance(parts, tuple) else parts
+    if parts.shape != full.shape or not torch.allclose(parts, full, rtol=1e-4, atol=1e-5):
+        raise ValueError("the model cannot be split into stem and tail by its top-level "
+                         "children (running them in order does not reproduce its output); "
+                         "pass split=(stem, tail) with tail(stem(x)) == model(x)")
