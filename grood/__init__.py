@@ -12,6 +12,7 @@ from grood.baselines import KNN, MSP, Energy, Mahalanobis
 from grood.detector import GROOD
 from grood.metrics import ood_metrics
 from grood.ops import BackendUnavailableError
+from grood.sources import Mixup, UniformNoise
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,9 @@ __all__ = [
     "BackendUnavailableError",
     "Energy",
     "Mahalanobis",
+    "Mixup",
     "NotFittedError",
+    "UniformNoise",
     "__version__",
     "ood_metrics",
 ]

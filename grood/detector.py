@@ -172,6 +172,92 @@ class GROOD:
         return self._fit_core(source, inputs, passes, n_classes=n_classes, d=d, device=device,
                               dtype=compute_dtype(x.dtype))
 
+    def fit_model(self, model: Any, train_loader: Any, *, features: str | None = None,
+                  ood_loader: Any = None, device: str | torch.device | None = None,
+                  autocast: torch.dtype | None = None) -> GROOD:
+        """Fit from a model and its training loader, streaming (no feature matrix is kept).
+
+        Runs the model over ``train_loader`` twice (class prototypes, then the gradient index;
+        model-level OOD prototype sources add their own passes), so memory holds the
+        prototypes and the index, not the training features. A sample is indexed when the
+        model classifies it correctly.
+
+        Args:
+            model (nn.Module): the classifier.
+            train_loader: batches of ``(inputs, labels)`` (tuples or ``data``/``label`` dicts).
+            features (str, optional): the penultimate module's name (see
+                :class:`grood.extract.FeatureExtractor`); without it the model must take
+                ``return_feature_list=True``.
+            ood_loader (optional): OOD batches for ``ood_prototype="features"`` (their mean
+                penultimate feature is the OOD prototype; OpenOOD's ``val`` OOD set).
+            device, autocast: where and in which autocast dtype the model runs.
+
+        Returns:
+            GROOD: ``self``.
+        """
+        from grood.extract import FeatureExtractor
+        from grood.sources import ModelContext
+
+        source = self._check_params()
+        extractor = FeatureExtractor(model, features=features, device=device,
+                                     autocast=autocast, progress=self.progress)
+        probe = extractor.batches(train_loader, desc="grood: probing", limit=1)
+        first = next(probe, None)
+        probe.close()
+        if first is None:
+            raise ValueError("the training loader yielded no batches")
+        d = first[0].features.shape[1]
+        inputs: dict[str, Any] = {}
+        if "model" in source.needs:
+            inputs["model"] = ModelContext(extractor, train_loader, tuple(first[2].shape[1:]))
+        if ood_loader is not None:
+            total, count = torch.zeros(d, dtype=torch.float64), 0
+            for out, _, _ in extractor.batches(ood_loader, desc="grood fit: OOD features"):
+                check_finite_rows(out.features, "OOD features")
+                total += out.features.double().sum(0).cpu()
+                count += out.features.shape[0]
+            inputs["ood_features"] = (total / max(count, 1))[None].float()
+        self._check_inputs(source, inputs, "fit_model()")
+        dev = torch.device(self.device) if self.device is not None else extractor.device
+
+        def passes(desc: str):
+            for out, y, _ in extractor.batches(train_loader, desc=desc):
+                yield (out.features.to(dev), None if y is None else y.to(dev),
+                       None if out.logits is None else out.logits.to(dev))
+
+        self._fit_core(source, inputs, passes, n_classes=None, d=d, device=dev,
+                       dtype=torch.float32)
+        self.extractor_ = {"features": features}
+        return self
+
+    def score_model(self, model: Any, loader: Any, *, features: str | None = None,
+                    device: str | torch.device | None = None,
+                    autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Scores (higher = in-distribution) and nearest-prototype classes of a loader.
+
+        Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``.
+        ``features`` defaults to the one used by :meth:`fit_model`.
+        """
+        from grood.extract import FeatureExtractor
+
+        self._check_fitted()
+        if features is None:
+            features = getattr(self, "extractor_", {}).get("features")
+        extractor = FeatureExtractor(model, features=features, device=device,
+                                     autocast=autocast, progress=self.progress)
+        scores, preds = [], []
+        for out, _, _ in extractor.batches(loader, desc="grood score"):
+            s, p = self.score_and_predict(out.features)
+            scores.append(s.cpu())
+            preds.append(p.cpu())
+        if not scores:
+            raise ValueError("the loader yielded no batches")
+        return torch.cat(scores), torch.cat(preds)
+
+    def predict_model(self, model: Any, loader: Any, **kwargs: Any) -> Tensor:
+        """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""
+        return self.score_model(model, loader, **kwargs)[1]
+
     @staticmethod
     def _check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str) -> None:
         missing = [name for name in source.needs if name not in inputs]
@@ -333,6 +419,7 @@ class GROOD:
             "train_accuracy": self.train_accuracy_,
             "dtype": str(self.dtype_).removeprefix("torch."),
             "index": self.index_.kind,
+            "extractor": getattr(self, "extractor_", None),
         }
         return {
             "format": FILE_FORMAT,
@@ -440,6 +527,8 @@ class GROOD:
                              f"of dimension {index.dim}")
         protos, p_ood = protos.to(dev), p_ood.to(dev)
         grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
+        if state.get("extractor") is not None:
+            det.extractor_ = state["extractor"]
         det._set_fitted(protos, counts.to(dev), p_ood, source, index, grads,
                         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
                         backend=backend, device=dev)

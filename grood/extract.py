@@ -101,7 +101,8 @@ class FeatureExtractor:
         self._modules = names
 
     @contextmanager
-    def _hooks(self):
+    def capture(self):
+        """Context manager: a dict that the named modules write their outputs into."""
         captured: dict[str, Tensor] = {}
         handles = []
         for role in ("features", "early"):
@@ -150,7 +151,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Extracted:
         """Extract one batch of inputs."""
-        with eval_mode(self.model), self._hooks() as captured:
+        with eval_mode(self.model), self.capture() as captured:
             return self._forward(x, captured)
 
     def batches(self, loader: Iterable, *, desc: str = "grood: extracting",
@@ -177,7 +178,7 @@ class FeatureExtractor:
                     x = x[: limit - seen]
                     y = None if y is None else y[: limit - seen]
                 x = x.to(self.device)
-                with self._hooks() as captured:
+                with self.capture() as captured:
                     out = self._forward(x, captured)
                 yield out, (None if y is None else y.to(self.device)), x
                 seen += x.shape[0]

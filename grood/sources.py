@@ -1,0 +1,236 @@
+"""OOD prototype sources that need the model: the paper's synthetic samples.
+
+Both are values of ``GROOD(ood_prototype=...)`` and work with :meth:`GROOD.fit_model`, which
+hands them the model, its feature extractor and the training loader (``needs = ("model",)``).
+
+* ``"mixup"`` (:class:`Mixup`): mix an intermediate-layer feature of a training image with the
+  intermediate-layer prototype of its second most likely class, run the rest of the network,
+  and average the penultimate features.
+* ``"noise"`` (:class:`UniformNoise`): uniform-noise images, Gaussian-blurred, of which the
+  most OOD-like by energy are kept; their penultimate features are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grood.extract import FeatureExtractor, check_split, eval_mode, split_batch, split_model
+from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
+
+
+@dataclass
+class ModelContext:
+    """What model-level sources receive as ``PrototypeContext.inputs["model"]``.
+
+    Attributes:
+        extractor (FeatureExtractor): the model and how its features are taken.
+        train_loader (Iterable): the training loader (batches with labels).
+        input_shape (tuple): shape of one input, e.g. ``(3, 224, 224)``.
+    """
+
+    extractor: FeatureExtractor
+    train_loader: Iterable
+    input_shape: tuple[int, ...]
+
+
+def _model_context(ctx: PrototypeContext) -> ModelContext:
+    return ctx.inputs["model"]
+
+
+@register_source
+class Mixup(OODPrototypeSource):
+    """The paper's synthetic OOD prototype from intermediate-layer mixup.
+
+    For each training image (up to ``n_samples``): take its feature ``e`` at the intermediate
+    layer and its second most likely class ``c2`` (by the model's logits), form
+    ``lam * e + (1 - lam) * P_early[c2]`` with ``P_early`` the class prototypes at that layer,
+    run the rest of the network on it, and average the resulting penultimate features.
+
+    Cost: one extra pass over the training loader for the intermediate prototypes and one over
+    ``n_samples`` images for the mixing. The intermediate prototypes take ``C x E`` float32
+    values (E = the layer's size per image): for layer3 of a ResNet-50 at 224x224 that is
+    1024 x 14 x 14 = 200,704 values per class, 0.8 GB for ImageNet's 1,000 classes, on the
+    model's device.
+
+    Args:
+        layer (str): the intermediate module, a top-level child of the model when the split is
+            derived (e.g. ``"layer3"``).
+        lam (float): weight of the image's own feature (the paper's λ; default 0.5).
+        n_samples (int, optional): images to mix; all training images by default.
+        split (tuple, optional): ``(stem, tail)`` modules with ``tail(stem(x)) == model(x)``,
+            for models whose top-level children do not run in order. The penultimate module
+            named by ``features`` must run inside ``tail``.
+    """
+
+    name = "mixup"
+    needs = ("model",)
+
+    def __init__(self, layer: str = "layer3", lam: float = 0.5, n_samples: int | None = None,
+                 split: tuple[nn.Module, nn.Module] | None = None) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        self.layer, self.lam, self.n_samples, self.split = layer, lam, n_samples, split
+
+    def params(self) -> dict[str, Any]:
+        return {"layer": self.layer, "lam": self.lam, "n_samples": self.n_samples}
+
+    def _stem_tail(self, mc: ModelContext, probe: Tensor) -> tuple[nn.Module, nn.Module]:
+        model = mc.extractor.model
+        stem, tail = self.split if self.split is not None else split_model(model, self.layer)
+        check_split(model, stem, tail, probe)
+        if mc.extractor.features is None:
+            raise ValueError("mixup needs the penultimate module by name (features=...) so it "
+                             "can read it while the tail runs")
+        return stem, tail
+
+    @torch.no_grad()
+    def build(self, ctx: PrototypeContext) -> Tensor:
+        mc = _model_context(ctx)
+        ex = mc.extractor
+        n_classes = ctx.class_prototypes.shape[0]
+        sums: Tensor | None = None
+        counts = torch.zeros(n_classes, dtype=torch.int64, device=ex.device)
+        stem = tail = None
+        with eval_mode(ex.model):
+            for batch in mc.train_loader:
+                x, y = split_batch(batch)
+                x, y = x.to(ex.device), y.to(ex.device)
+                if stem is None:
+                    stem, tail = self._stem_tail(mc, x[:4])
+                e = stem(x).flatten(1).float()
+                if sums is None:
+                    sums = torch.zeros((n_classes, e.shape[1]), device=ex.device)
+                sums.index_add_(0, y, e)
+                counts += torch.bincount(y, minlength=n_classes)
+            if sums is None:
+                raise ValueError("the training loader yielded no batches")
+            early_protos = sums / counts.clamp_min(1)[:, None]
+
+            total = torch.zeros(ctx.class_prototypes.shape[1], dtype=torch.float64,
+                                device=ex.device)
+            seen = 0
+            for batch in mc.train_loader:
+                x, _ = split_batch(batch)
+                x = x.to(ex.device)
+                if self.n_samples is not None:
+                    x = x[: self.n_samples - seen]
+                e = stem(x)
+                logits = tail(e)
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                second = logits.topk(2, dim=1).indices[:, 1] if logits.shape[1] > 1 else \
+                    logits.argmax(1)
+                mixed = self.lam * e + (1 - self.lam) * early_protos[second].view_as(e)
+                with ex.capture() as captured:
+                    tail(mixed.to(e.dtype))
+                feats = captured["features"].flatten(1).double()
+                total += feats.sum(0)
+                seen += x.shape[0]
+                if self.n_samples is not None and seen >= self.n_samples:
+                    break
+        return (total / max(seen, 1)).to(ctx.class_prototypes.dtype)
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur each image [B, C, H, W] with its own Gaussian ``sigma`` [B] (separable, reflect).
+
+    Args:
+        images (Tensor): images, shape [B, C, H, W].
+        sigma (Tensor): standard deviation per image, shape [B], > 0.
+        kernel_size (int): odd kernel width (clipped to the image size).
+    """
+    b, c, h, w = images.shape
+    k = min(kernel_size, 2 * ((min(h, w) - 1) // 2) + 1)
+    half = k // 2
+    t = torch.arange(k, dtype=images.dtype, device=images.device) - half
+    kern = torch.exp(-0.5 * (t[None, :] / sigma[:, None].to(images.dtype)) ** 2)
+    kern = kern / kern.sum(1, keepdim=True)  # [B, k]
+    kern = kern.repeat_interleave(c, dim=0)  # one kernel per (image, channel)
+    x = images.reshape(1, b * c, h, w)
+    if half:
+        x = nn.functional.pad(x, (half, half, 0, 0), mode="reflect")
+        x = nn.functional.conv2d(x, kern[:, None, None, :], groups=b * c)
+        x = nn.functional.pad(x, (0, 0, half, half), mode="reflect")
+        x = nn.functional.conv2d(x, kern[:, None, :, None], groups=b * c)
+    return x.reshape(b, c, h, w)
+
+
+@register_source
+class UniformNoise(OODPrototypeSource):
+    """OOD prototype from blurred uniform-noise images, keeping the most OOD-like ones.
+
+    Batches of images uniform in ``value_range`` (the model's input shape) are blurred with a
+    Gaussian of a random sigma in ``sigma_range`` per image (smooth blobs instead of pixel
+    noise). Of each batch, the ``keep`` fraction with the lowest energy score
+    ``logsumexp(logits)`` is kept — the least in-distribution by the model's own judgement,
+    since the OOD prototype should stand for what the model considers foreign — and the
+    penultimate features of the kept images are averaged.
+
+    Args:
+        n_samples (int): noise images to generate.
+        keep (float): fraction of each batch kept (lowest energy).
+        batch_size (int): images per forward pass.
+        sigma_range (tuple[float, float]): range of the blur's standard deviation, in pixels.
+        kernel_size (int): blur kernel width (odd).
+        value_range (tuple[float, float]): range of the uniform pixel values, in the model's
+            input space (after any normalisation the model expects).
+        seed (int): seed of the noise, so the prototype is reproducible.
+        input_shape (tuple, optional): one input's shape; by default the training loader's.
+    """
+
+    name = "noise"
+    needs = ("model",)
+
+    def __init__(self, n_samples: int = 1000, keep: float = 0.1, batch_size: int = 100,
+                 sigma_range: tuple[float, float] = (0.2, 5.0), kernel_size: int = 7,
+                 value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                 input_shape: tuple[int, ...] | None = None) -> None:
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must lie in (0, 1], got {keep}")
+        if n_samples < 1 or batch_size < 1:
+            raise ValueError("n_samples and batch_size must be positive")
+        self.n_samples, self.keep, self.batch_size = n_samples, keep, batch_size
+        self.sigma_range, self.kernel_size = tuple(sigma_range), kernel_size
+        self.value_range, self.seed = tuple(value_range), seed
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_samples": self.n_samples, "keep": self.keep, "batch_size": self.batch_size,
+                "sigma_range": list(self.sigma_range), "kernel_size": self.kernel_size,
+                "value_range": list(self.value_range), "seed": self.seed,
+                "input_shape": None if self.input_shape is None else list(self.input_shape)}
+
+    def images(self, n: int, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """``n`` blurred noise images of ``shape`` (on the CPU, from ``gen``)."""
+        lo, hi = self.value_range
+        x = torch.rand((n, *shape), generator=gen) * (hi - lo) + lo
+        if len(shape) == 3:
+            s0, s1 = self.sigma_range
+            sigma = torch.rand(n, generator=gen) * (s1 - s0) + s0
+            x = gaussian_blur(x, sigma, self.kernel_size)
+        return x
+
+    @torch.no_grad()
+    def build(self, ctx: PrototypeContext) -> Tensor:
+        mc = _model_context(ctx)
+        shape = self.input_shape or mc.input_shape
+        gen = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros(ctx.class_prototypes.shape[1], dtype=torch.float64,
+                            device=mc.extractor.device)
+        kept = 0
+        for start in range(0, self.n_samples, self.batch_size):
+            n = min(self.batch_size, self.n_samples - start)
+            out = mc.extractor(self.images(n, shape, gen))
+            if out.logits is None:
+                raise ValueError("the noise source needs the model's logits (energy score)")
+            energy = torch.logsumexp(out.logits.double(), dim=1)
+            n_keep = max(1, math.ceil(self.keep * n))
+            idx = torch.topk(energy, n_keep, largest=False).indices
+            total += out.features[idx].double().sum(0)
+            kept += n_keep
+        return (total / kept).to(ctx.class_prototypes.dtype)

@@ -1,0 +1,234 @@
+"""From a model and loaders to scores: extraction, fit_model/score_model, mixup and noise."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from grood import GROOD, Mixup, UniformNoise
+from grood.extract import FeatureExtractor, check_split, split_model
+from grood.sources import gaussian_blur
+
+
+def small_cnn(n_classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, n_classes),
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+class ResNetLike(nn.Module):
+    """A residual net whose forward is not its children in order (flatten in forward)."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.layer1 = Block(6)
+        self.layer2 = Block(6)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, n_classes)
+
+    def forward(self, x, return_feature_list=False):
+        e = self.layer1(torch.relu(self.stem(x)))
+        f = self.avgpool(self.layer2(e)).flatten(1) * 2.0  # not a child: cannot be derived
+        logits = self.fc(f)
+        return (logits, [e, f]) if return_feature_list else logits
+
+
+def _images(n=60, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.rand(n, 1, 8, 8, generator=gen) * 0.3
+    for c in range(3):  # a bright bar per class
+        x[y == c, 0, 2 * c + 1, :] += 1.0
+    return x, y
+
+
+class DictData(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"data": self.x[i], "label": self.y[i]}
+
+
+@pytest.mark.parametrize("style", ["tuple", "dict", "tensor"])
+def test_loaders_of_each_style(style):
+    x, y = _images()
+    model = small_cnn()
+    ex = FeatureExtractor(model, features="8")
+    if style == "tuple":
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    elif style == "dict":
+        loader = DataLoader(DictData(x, y), batch_size=16)
+    else:
+        loader = [x[i:i + 16] for i in range(0, 60, 16)]
+    feats, logits, labels = ex.extract(loader)
+    assert feats.shape == (60, 16) and logits.shape == (60, 3)
+    assert (labels is None) == (style == "tensor")
+    with torch.no_grad():
+        want = model[:9](x)
+    torch.testing.assert_close(feats, want)
+
+
+def test_hooks_on_a_residual_net_and_feature_list_models():
+    x, _ = _images(10)
+    model = ResNetLike()
+    by_hook = FeatureExtractor(model, features="avgpool", early="layer1")(x)
+    assert by_hook.features.shape == (10, 6) and by_hook.early.shape == (10, 6 * 64)
+    by_list = FeatureExtractor(model, early=0)(x)  # return_feature_list=True
+    with torch.no_grad():
+        logits, (e, f) = model(x, return_feature_list=True)
+    torch.testing.assert_close(by_list.features, f)
+    torch.testing.assert_close(by_list.early, e.flatten(1))
+    torch.testing.assert_close(by_list.logits, logits)
+
+
+def test_eval_mode_is_restored_and_unknown_modules_named():
+    model = small_cnn()
+    model.train()
+    model[1].eval()
+    FeatureExtractor(model, features="8")(torch.rand(2, 1, 8, 8))
+    assert model.training and not model[1].training
+    with pytest.raises(ValueError, match="features='avgpool' is not a module of the model"):
+        FeatureExtractor(model, features="avgpool")
+    with pytest.raises(ValueError, match="return_feature_list"):
+        FeatureExtractor(small_cnn())(torch.rand(2, 1, 8, 8))
+
+
+def test_split_of_a_sequential_model_and_refusal_for_a_residual_one():
+    x, _ = _images(8)
+    model = small_cnn()
+    stem, tail = split_model(model, "2")
+    check_split(model, stem, tail, x)
+    res = ResNetLike()
+    stem, tail = split_model(res, "layer1")
+    with pytest.raises(ValueError, match="cannot be split"):
+        check_split(res, stem, tail, x)
+    with pytest.raises(ValueError, match="not one of its top-level children"):
+        split_model(res, "layer9")
+
+
+def _train(model, x, y, steps=150):
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x, y = _images(90)
+    return _train(small_cnn(), x, y), x, y
+
+
+def test_fit_model_equals_fit_on_extracted_features(trained):
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    det = GROOD(batch_size=16).fit_model(model, loader, features="8")
+    feats, logits, labels = FeatureExtractor(model, features="8").extract(loader)
+    ref = GROOD().fit(feats, labels, logits=logits)
+    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
+    assert det.index_.ntotal == ref.index_.ntotal
+    test, _ = _images(30, seed=5)
+    scores, preds = det.score_model(model, DataLoader(TensorDataset(test), batch_size=7))
+    torch.testing.assert_close(scores, ref.score_samples(FeatureExtractor(
+        model, features="8")(test).features))
+    assert torch.equal(preds, det.predict_model(model, [test]))
+
+
+def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    det = GROOD(ood_prototype=Mixup(layer="2", lam=1.0)).fit_model(model, loader, features="8")
+    feats, _, _ = FeatureExtractor(model, features="8").extract(loader)
+    torch.testing.assert_close(det.ood_prototype_, feats.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_mixup_and_noise_are_finite_deterministic_and_differ(trained):
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    protos = {}
+    for source in (Mixup(layer="5", lam=0.5), UniformNoise(n_samples=64, batch_size=32),
+                   "mean"):
+        a = GROOD(ood_prototype=source).fit_model(model, loader, features="8")
+        b = GROOD(ood_prototype=source).fit_model(model, loader, features="8")
+        assert bool(torch.isfinite(a.ood_prototype_).all())
+        assert torch.equal(a.ood_prototype_, b.ood_prototype_)
+        protos[str(source)] = a.ood_prototype_
+    values = list(protos.values())
+    assert not torch.allclose(values[0], values[1]) and not torch.allclose(values[0], values[2])
+
+
+def test_mixup_needs_a_splittable_model_or_an_explicit_split():
+    x, y = _images(30)
+    model = ResNetLike()
+    loader = [(x, y)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        GROOD(ood_prototype=Mixup(layer="layer1")).fit_model(model, loader, features="avgpool")
+
+    class Stem(nn.Module):
+        def forward(self, x):
+            return model.layer1(torch.relu(model.stem(x)))
+
+    class Tail(nn.Module):
+        def forward(self, e):
+            return model.fc(model.avgpool(model.layer2(e)).flatten(1) * 2.0)
+
+    det = GROOD(ood_prototype=Mixup(layer="layer1", split=(Stem(), Tail()))).fit_model(
+        model, loader, features="avgpool")
+    assert bool(torch.isfinite(det.ood_prototype_).all())
+
+
+def test_noise_keeps_the_lowest_energy_images(trained):
+    model, x, y = trained
+    source = UniformNoise(n_samples=40, batch_size=40, keep=0.25, seed=3)
+    det = GROOD(ood_prototype=source).fit_model(model, [(x, y)], features="8")
+    imgs = source.images(40, (1, 8, 8), torch.Generator().manual_seed(3))
+    out = FeatureExtractor(model, features="8")(imgs)
+    keep = torch.logsumexp(out.logits, 1).argsort()[:10]
+    torch.testing.assert_close(det.ood_prototype_, out.features[keep].mean(0), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_gaussian_blur_preserves_mean_and_smooths():
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.rand(3, 2, 16, 16, generator=gen)
+    out = gaussian_blur(imgs, torch.tensor([0.5, 1.5, 4.0]), 7)
+    assert out.shape == imgs.shape
+    torch.testing.assert_close(out.mean((2, 3)), imgs.mean((2, 3)), rtol=0.05, atol=0.02)
+    spread = out.std((1, 2, 3))
+    assert bool(spread[0] > spread[1] > spread[2])
+
+
+def test_ood_loader_feeds_the_features_source(trained):
+    model, x, y = trained
+    ood = torch.rand(20, 1, 8, 8)
+    det = GROOD(ood_prototype="features").fit_model(model, [(x, y)], features="8",
+                                                     ood_loader=[ood])
+    want = FeatureExtractor(model, features="8")(ood).features.mean(0)
+    torch.testing.assert_close(det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_without_labels_is_refused(trained):
+    model, x, _ = trained
+    with pytest.raises(ValueError, match="carry no labels"):
+        GROOD().fit_model(model, [x], features="8")
