@@ -1,0 +1,120 @@
+"""The OpenOOD postprocessor and pytorch-ood detector adapters."""
+
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from grood import GROOD, ood_metrics
+from grood.integrations.openood import GROODPostprocessor
+from grood.integrations.pytorch_ood import GROODDetector
+
+
+class OpenOODNet(nn.Module):
+    """An OpenOOD-style net: forward(x, return_feature_list=True) -> (logits, features)."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 16, 16)
+        self.fc = nn.Linear(16, n_classes)
+
+    def forward(self, x, return_feature_list=False):
+        e = torch.relu(self.conv(x))
+        f = torch.relu(self.fc1(nn.functional.max_pool2d(e, 2).flatten(1)))
+        logits = self.fc(f)
+        return (logits, [e, f]) if return_feature_list else logits
+
+
+def _images(n, seed, ood=False):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.rand(n, 1, 8, 8, generator=gen) * 0.3
+    for c in range(3):
+        if ood:  # a vertical bar: a pattern the classes never have
+            x[y == c, 0, :, 2 * c + 1] += 1.0
+        else:
+            x[y == c, 0, 2 * c + 1, :] += 1.0
+    return x, (torch.full((n,), -1) if ood else y)
+
+
+class Dicts(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"data": self.x[i], "label": self.y[i]}
+
+
+def _loader(n, seed, ood=False):
+    return DataLoader(Dicts(*_images(n, seed, ood)), batch_size=16)
+
+
+def _trained_net():
+    net = OpenOODNet()
+    x, y = _images(120, 0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def test_openood_protocol_on_an_openood_style_net():
+    net = _trained_net()
+    id_loaders = {"train": _loader(120, 0), "val": _loader(30, 1), "test": _loader(60, 2)}
+    ood_loaders = {"val": _loader(30, 3, ood=True),
+                   "near": {"bars": _loader(60, 4, ood=True)},
+                   "far": {"noise": DataLoader(Dicts(torch.rand(60, 1, 8, 8),
+                                                     torch.full((60,), -1)), batch_size=16)}}
+    for source in ("mean", "val", "noise"):
+        post = GROODPostprocessor(ood_prototype=source)
+        post.setup(net, id_loaders, ood_loaders)
+        id_pred, id_conf, id_label = post.inference(net, id_loaders["test"])
+        assert id_pred.dtype.kind == "i" and id_conf.shape == (60,) and id_label.shape == (60,)
+        assert float((id_pred == id_label).mean()) > 0.9
+        for group in ("near", "far"):
+            for loader in ood_loaders[group].values():
+                _, ood_conf, ood_label = post.inference(net, loader)
+                assert (ood_label == -1).all()
+                assert ood_metrics(id_conf, ood_conf)["auroc"] > 0.7, (source, group)
+        pred, conf = post.postprocess(net, next(iter(id_loaders["test"]))["data"])
+        assert torch.equal(pred, torch.from_numpy(id_pred[:16]))
+        np.testing.assert_allclose(conf.numpy(), id_conf[:16], rtol=1e-6)
+    assert "openood" not in sys.modules
+
+
+def test_openood_val_source_uses_the_val_ood_loader():
+    net = _trained_net()
+    post = GROODPostprocessor(ood_prototype="val")
+    ood_val = _loader(30, 3, ood=True)
+    post.setup(net, {"train": _loader(120, 0)}, {"val": ood_val})
+    with torch.no_grad():
+        feats = torch.cat([net(b["data"], return_feature_list=True)[1][-1] for b in ood_val])
+    torch.testing.assert_close(post.detector.ood_prototype_, feats.mean(0), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_pytorch_ood_sign_is_outlier_high():
+    net = _trained_net()
+    det = GROODDetector(net).fit(DataLoader(torch.utils.data.TensorDataset(*_images(120, 0)),
+                                            batch_size=32))
+    x_in, _ = _images(30, 5)
+    x_out, _ = _images(30, 6, ood=True)
+    grood_scores = GROOD().fit_model(net, [_images(120, 0)]).score_model(net, [x_in])[0]
+    torch.testing.assert_close(det.predict(x_in), -grood_scores)
+    assert float(det(x_out).mean()) > float(det(x_in).mean())
+    with torch.no_grad():
+        feats = net(x_in, return_feature_list=True)[1][-1]
+    torch.testing.assert_close(det.predict_features(feats), det.predict(x_in))
+    feat_det = GROODDetector().fit_features(feats, torch.arange(30) % 3)
+    assert feat_det.predict_features(feats).shape == (30,)
+    assert "pytorch_ood" not in sys.modules
