@@ -1,10 +1,12 @@
-"""``grood demo``: GROOD and four baselines on real handwritten digits, on the CPU.
+"""``grood demo``: GROOD (three OOD prototype sources) and four baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
 stratified training split; the held-out test split of digits 0-5 is the ID test set. Digits
 6-9 are near-OOD (same kind of image, unseen classes) and uniform-noise images are far-OOD.
-Every detector is fitted on the same training features/logits and scored on the same sets.
+GROOD is fitted from the model itself (``fit_model``) with each OOD prototype source — the
+paper's ``mixup`` synthetic samples, blurred-noise images (``noise``) and the mean of the class
+prototypes (``mean``); the baselines use the same model's penultimate features and logits.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from grood import GROOD, KNN, MSP, Energy, Mahalanobis, ood_metrics
+from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
+from grood.extract import FeatureExtractor
 from grood.report import METRIC_LABELS, markdown_table, plot_histograms, plot_roc
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
@@ -35,7 +40,9 @@ class DemoConfig:
         seed (int): seed for the split, the noise images and training.
         epochs (int): training epochs of the CNN.
         train_fraction (float): fraction of each ID class used for training.
-        n_noise (int): number of far-OOD noise images.
+        n_noise (int): number of far-OOD noise images (the test set).
+        n_noise_prototype (int): blurred noise images generated for GROOD's ``noise`` OOD
+            prototype (separate from the far-OOD test images).
         knn_k (int): neighbour used by the KNN baseline (scaled down from Sun et al.'s 50 for
             a training set of ~750 images).
         progress (bool | None): show progress bars (None: only on a terminal).
@@ -46,27 +53,23 @@ class DemoConfig:
     epochs: int = 30
     train_fraction: float = 0.7
     n_noise: int = 500
+    n_noise_prototype: int = 1000
     knn_k: int = 10
     progress: bool | None = None
 
 
-class DigitsNet(nn.Module):
-    """A small CNN for 8x8 digits; ``features`` returns the 128-d post-ReLU penultimate layer."""
+class DigitsNet(nn.Sequential):
+    """A small CNN for 8x8 digits. Its named children run in order, so grood can split it for
+    the mixup OOD prototype; ``relu3`` is the 128-d post-ReLU penultimate layer."""
 
     def __init__(self, n_classes: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, n_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+        super().__init__(OrderedDict([
+            ("conv1", nn.Conv2d(1, 32, 3, padding=1)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("relu2", nn.ReLU()),
+            ("pool", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(64 * 4 * 4, 128)), ("relu3", nn.ReLU()),
+            ("head", nn.Linear(128, n_classes)),
+        ]))
 
 
 def load_digit_sets(cfg: DemoConfig) -> dict[str, tuple[Tensor, Tensor]]:
@@ -117,13 +120,6 @@ def train_classifier(x: Tensor, y: Tensor, cfg: DemoConfig) -> DigitsNet:
     return net
 
 
-@torch.no_grad()
-def extract(net: DigitsNet, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Penultimate features [N, 128] and logits [N, C]."""
-    feats = net.features(x)
-    return feats, net.head(feats)
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """Train, fit every detector, evaluate, write plots; returns the results as a dict."""
     start = time.perf_counter()
@@ -135,29 +131,47 @@ def run_demo(cfg: DemoConfig) -> dict:
     log(f"grood demo: {x_train.shape[0]} training images of digits 0-5; "
         + ", ".join(f"{len(v[0])} {k}" for k, v in sets.items()))
     net = train_classifier(x_train, y_train, cfg)
-    f_train, l_train = extract(net, x_train)
-    feats = {name: extract(net, x) for name, (x, _) in sets.items()}
     id_name, *ood_names = list(sets)
     y_test = sets[id_name][1]
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=128)
+    loaders = {name: DataLoader(TensorDataset(x), batch_size=128) for name, (x, _) in
+               sets.items()}
 
-    detectors = {
-        "GROOD": GROOD(progress=cfg.progress).fit(f_train, y_train, logits=l_train),
+    # GROOD from the model itself, with each OOD prototype source.
+    sources = {"mixup": Mixup(layer="pool", lam=0.5),
+               "noise": UniformNoise(n_samples=cfg.n_noise_prototype, seed=cfg.seed),
+               "mean": "mean"}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    accuracy: dict[str, float] = {}
+    train_accuracy = 0.0
+    for name, source in sources.items():
+        det = GROOD(ood_prototype=source, progress=cfg.progress).fit_model(
+            net, train_loader, features="relu3")
+        method = f"GROOD ({name})"
+        scores[method] = {}
+        for set_name, loader in loaders.items():
+            s, pred = det.score_model(net, loader)
+            scores[method][set_name] = s.numpy()
+            if set_name == id_name:
+                accuracy[method] = float((pred == y_test).float().mean())
+        train_accuracy = det.train_accuracy_
+
+    # Baselines on the same penultimate features and logits.
+    extractor = FeatureExtractor(net, features="relu3", progress=False)
+    f_train, l_train, _ = extractor.extract(train_loader)
+    feats = {name: extractor.extract(loader)[:2] for name, loader in loaders.items()}
+    baselines = {
         "MSP": MSP().fit(l_train),
         "Energy": Energy().fit(l_train),
         f"KNN (k={cfg.knn_k})": KNN(k=cfg.knn_k).fit(f_train),
         "Mahalanobis": Mahalanobis().fit(f_train, y_train),
     }
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    accuracy: dict[str, float] = {}
-    for method, det in detectors.items():
-        use_logits = getattr(det, "inputs", "features") == "logits"
+    for method, det in baselines.items():
+        use_logits = det.inputs == "logits"
         scores[method] = {name: np.asarray(det.score_samples(f[1] if use_logits else f[0]))
                           for name, f in feats.items()}
-        if isinstance(det, GROOD):
-            accuracy[method] = float((det.predict(feats[id_name][0]) == y_test).float().mean())
-        else:
-            accuracy[method] = classifier_acc
+        accuracy[method] = classifier_acc
 
     results = {m: {ood: ood_metrics(s[id_name], s[ood]) for ood in ood_names}
                for m, s in scores.items()}
@@ -173,12 +187,13 @@ def run_demo(cfg: DemoConfig) -> dict:
              plot_histograms(scores, cfg.out / "score_histograms.png")]
     summary = {
         "config": {"seed": cfg.seed, "epochs": cfg.epochs, "train_fraction": cfg.train_fraction,
-                   "n_noise": cfg.n_noise, "knn_k": cfg.knn_k},
+                   "n_noise": cfg.n_noise, "n_noise_prototype": cfg.n_noise_prototype,
+                   "knn_k": cfg.knn_k},
         "sizes": {"train": int(x_train.shape[0]), **{k: len(v[0]) for k, v in sets.items()}},
         "classifier_accuracy": classifier_acc,
         "id_accuracy": accuracy,
         "metrics": results,
-        "grood_train_accuracy": detectors["GROOD"].train_accuracy_,
+        "grood_train_accuracy": train_accuracy,
         "seconds": time.perf_counter() - start,
     }
     (cfg.out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -18,7 +18,8 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--epochs", "3", "--n-noise", "60", "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    for method in ("GROOD", "MSP", "Energy", "KNN (k=10)", "Mahalanobis"):
+    for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "Energy",
+                   "KNN (k=10)", "Mahalanobis"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
     for png in ("roc.png", "score_histograms.png"):
@@ -26,7 +27,7 @@ def test_demo_at_reduced_size(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     results = json.loads((out / "results.json").read_text())
     assert results["sizes"]["noise (far-OOD)"] == 60
-    auroc = results["metrics"]["GROOD"]["noise (far-OOD)"]["auroc"]
+    auroc = results["metrics"]["GROOD (mixup)"]["noise (far-OOD)"]["auroc"]
     assert 0.5 < auroc <= 1.0
 
 
