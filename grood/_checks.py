@@ -63,8 +63,9 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
 
 
-def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None) -> None:
-    """Check that ``x`` is a non-empty floating-point matrix ``[N, D]``."""
+def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
+                 allow_empty: bool = False) -> None:
+    """Check that ``x`` is a floating-point matrix ``[N, D]``, non-empty unless allowed."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -72,7 +73,7 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None) -> None:
             f"{name} must be floating point (float16, bfloat16, float32 or float64), "
             f"got {str(x.dtype).removeprefix('torch.')}"
         )
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: it has no rows")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has zero columns")

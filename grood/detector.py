@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from grood import distributed as dist
 from grood import ops
 from grood._checks import (
     NotFittedError,
@@ -23,7 +24,7 @@ from grood._checks import (
     check_matrix,
     compute_dtype,
 )
-from grood.functional import NCPGradient, check_precision, class_prototypes
+from grood.functional import NCPGradient, PrototypeState, check_precision, class_prototypes
 from grood.index import INDEX_KINDS, index_from_state, make_index
 from grood.prototypes import (
     OODPrototypeSource,
@@ -34,6 +35,7 @@ from grood.prototypes import (
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 1
+SHARDED_FORMAT = "grood.GROOD.sharded"
 _TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 
 
@@ -65,6 +67,9 @@ class GROOD:
             exactly in every mode (see :mod:`grood.functional`).
         device (str | torch.device, optional): where the detector's state lives and is
             computed; by default the device of the features given to ``fit``.
+        distributed (bool): fit and score across the processes of the initialized
+            ``torch.distributed`` group, each rank passing its own shard (see
+            :mod:`grood.distributed`).
         batch_size (int): rows processed at a time; bounds working memory when scoring.
         progress (bool, optional): show progress bars; by default only on a terminal.
 
@@ -88,6 +93,7 @@ class GROOD:
         device: str | torch.device | None = None,
         batch_size: int = 4096,
         progress: bool | None = None,
+        distributed: bool = False,
     ) -> None:
         self.ood_prototype = ood_prototype
         self.k = k
@@ -98,12 +104,13 @@ class GROOD:
         self.device = device
         self.batch_size = batch_size
         self.progress = progress
+        self.distributed = distributed
 
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments, as scikit-learn estimators report them."""
         return {name: getattr(self, name) for name in
                 ("ood_prototype", "k", "index", "index_options", "backend", "precision",
-                 "device", "batch_size", "progress")}
+                 "device", "batch_size", "progress", "distributed")}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -118,6 +125,9 @@ class GROOD:
         check_precision(self.precision)
         if self.index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
+        if self.distributed and not dist.is_initialized():
+            raise ValueError("distributed=True needs an initialized torch.distributed process "
+                             "group (start with torchrun and call init_process_group)")
         return resolve_source(self.ood_prototype)
 
     def _bar(self, total: int, desc: str) -> tqdm:
@@ -157,6 +167,8 @@ class GROOD:
         check_labels(y, "labels", n, n_classes=n_classes)
         if n_classes is None:
             n_classes = int(y.max()) + 1
+            if self.distributed:  # every rank needs the same class count
+                n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
 
         inputs = {} if ood_features is None else {"ood_features": ood_features}
         self._check_inputs(source, inputs, "fit()")
@@ -291,8 +303,12 @@ class GROOD:
             n += xb.shape[0]
         if state is None:
             raise ValueError("the training data is empty")
+        reduce = dist.all_reduce if self.distributed else (lambda t: t)
+        if self.distributed:
+            state = PrototypeState(reduce(state.sums), reduce(state.counts))
+            n = int(reduce(torch.tensor([n])))
         protos = state.prototypes(dtype)
-        p_ood = source.build(PrototypeContext(protos, inputs, self.batch_size))
+        p_ood = source.build(PrototypeContext(protos, inputs, self.batch_size, reduce))
         if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
             raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                              f"shape [{d}]")
@@ -306,22 +322,26 @@ class GROOD:
             res = grads(xb)
             guess = res.pred if lb is None else lb.argmax(dim=1)
             index.add(res.grad[yb == guess])
-        if index.ntotal == 0:
+        shard_sizes = ([int(t) for t in dist.all_gather_rows(torch.tensor([index.ntotal]))]
+                       if self.distributed else [index.ntotal])
+        total = sum(shard_sizes)
+        if total == 0:
             raise ValueError("no training sample is classified correctly, so the gradient index "
                              "would be empty; check that labels match the features/logits")
-        if self.k > index.ntotal:
-            raise ValueError(f"k={self.k} but only {index.ntotal} training samples are "
+        if self.k > total:
+            raise ValueError(f"k={self.k} but only {total} training samples are "
                              "classified correctly and indexed")
-        index.trim()
+        if index.ntotal:
+            index.trim()
         self._set_fitted(protos, state.counts, p_ood, source, index, grads, n_train=n,
-                         train_accuracy=index.ntotal / n, backend=backend, device=device)
+                         train_accuracy=total / n, backend=backend, device=device,
+                         shard_sizes=shard_sizes)
         return self
 
     def _set_fitted(self, protos: Tensor, counts: Tensor, p_ood: Tensor,
                     source: OODPrototypeSource, index: Any, grads: _GradientStep,
-                    *, n_train: int,
-                    train_accuracy: float, backend: dict[str, str],
-                    device: torch.device) -> None:
+                    *, n_train: int, train_accuracy: float, backend: dict[str, str],
+                    device: torch.device, shard_sizes: list[int] | None = None) -> None:
         """Set every learned attribute (from ``fit`` or ``load``)."""
         self.class_prototypes_ = protos
         self.class_counts_ = counts
@@ -329,6 +349,8 @@ class GROOD:
         self.ood_source_ = source
         self.index_ = index
         self._grads = grads
+        # Sizes of every rank's index shard, in rank order (one entry in one process).
+        self.shard_sizes_ = shard_sizes if shard_sizes is not None else [index.ntotal]
         self.n_classes_, self.n_features_in_ = protos.shape
         self.n_train_ = n_train
         self.train_accuracy_ = train_accuracy
@@ -345,23 +367,49 @@ class GROOD:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
         x, kind = as_tensor(features, "features")
-        check_matrix(x, "features", n_cols=self.n_features_in_)
+        # A rank of a distributed detector may have no rows; it still joins the searches.
+        check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self.distributed)
         return x, kind
 
     def _passes(self, x: Tensor, *, with_scores: bool
                 ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
         """Yield ``(start, stop, scores, preds)`` for each batch of rows of ``x``."""
-        with self._bar(x.shape[0], "grood score") as bar:
-            for r0, r1 in batches(x.shape[0], self.batch_size):
+        n = x.shape[0]
+        n_batches = -(-n // self.batch_size)
+        if self.distributed and with_scores:  # every rank joins every collective search
+            n_batches = int(dist.all_reduce(torch.tensor([n_batches]), "max"))
+        with self._bar(n, "grood score") as bar:
+            for b in range(n_batches):
+                r0, r1 = min(b * self.batch_size, n), min((b + 1) * self.batch_size, n)
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
                 res = self._grads(xb)
                 scores = None
                 if with_scores:
-                    dist, _ = self.index_.search(res.grad, self.k)
-                    scores = 0.0 - dist[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
+                    dist_k = (self._search_sharded(res.grad) if self.distributed
+                              else self.index_.search(res.grad, self.k)[0])
+                    scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred
+
+    def _search_sharded(self, grads: Tensor) -> Tensor:
+        """k nearest over all ranks' shards for this rank's query gradients; distances."""
+        rank, _ = dist.rank_and_world()
+        per_rank = dist.all_gather_rows(grads)
+        queries = torch.cat(per_rank)
+        k, offset = self.k, sum(self.shard_sizes_[:rank])
+        if self.index_.ntotal:
+            d, i = self.index_.search(queries, k)
+            i = torch.where(i >= 0, i + offset, i)
+        else:
+            d = torch.full((queries.shape[0], k), float("inf"), dtype=self.dtype_,
+                           device=queries.device)
+            i = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)
+        d_all = dist.all_gather_rows(d.to(self.dtype_))
+        i_all = dist.all_gather_rows(i)
+        merged, _ = dist.merge_topk(d_all, i_all, k)
+        start = sum(t.shape[0] for t in per_rank[:rank])
+        return merged[start:start + grads.shape[0]]
 
     def score_and_predict(self, features: Any) -> tuple[Any, Any]:
         """Scores (higher = in-distribution) and nearest-prototype classes in one pass.
@@ -420,6 +468,7 @@ class GROOD:
             "dtype": str(self.dtype_).removeprefix("torch."),
             "index": self.index_.kind,
             "extractor": getattr(self, "extractor_", None),
+            "shard_sizes": self.shard_sizes_,
         }
         return {
             "format": FILE_FORMAT,
@@ -438,21 +487,112 @@ class GROOD:
         return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted detector to a ``.safetensors`` file (atomically)."""
+        """Write the fitted detector to a ``.safetensors`` file (atomically).
+
+        A distributed detector is saved by every rank: rank r writes its index shard to
+        ``<path stem>.rank<r>.safetensors`` and rank 0 writes ``path`` as a JSON manifest
+        listing the shards with their SHA-256 digests.
+        """
+        self._check_fitted()
+        path = Path(path)
+        if not self.distributed:
+            self._save_file(path)
+            return
+        rank, world = dist.rank_and_world()
+        shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
+        self._save_file(shard)
+        digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+        digests = dist.all_gather_rows(torch.tensor(list(digest.encode()), dtype=torch.uint8))
+        if rank == 0:
+            manifest = {
+                "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
+                "world_size": world,
+                "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
+                            "sha256": bytes(d.tolist()).decode()}
+                           for r, d in enumerate(digests)],
+            }
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=2))
+            os.replace(tmp, path)
+        dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
+
+    def _save_file(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        self._check_fitted()
         tensors = self._tensors()
         meta = self._metadata()
         meta["digest"] = _digest(tensors, meta)
-        path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None
-             ) -> GROOD:
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+             distributed: bool = False) -> GROOD:
+        """Read a detector written by :meth:`save` (a file, or a sharded detector's manifest).
+
+        A sharded detector loads on as many ranks as saved it with ``distributed=True`` (each
+        rank reads its shard), or whole into one process: its shards' indexes are joined in
+        rank order (exact and faiss-flat indexes).
+        """
+        path = Path(path)
+        if path.is_file() and path.read_bytes()[:1] == b"{":
+            return cls._load_sharded(path, device=device, distributed=distributed)
+        if distributed:
+            raise ValueError(f"{path} is a single-process detector; load it without "
+                             "distributed=True")
+        return cls._load_file(path, device=device)
+
+    @classmethod
+    def _load_sharded(cls, path: Path, *, device: str | torch.device | None,
+                      distributed: bool) -> GROOD:
+        try:
+            manifest = json.loads(path.read_text())
+            shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
+                      for s in manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a valid grood shard manifest: {exc}") from exc
+        if manifest.get("format") != SHARDED_FORMAT:
+            raise ValueError(f"{path} is not a grood shard manifest")
+        if manifest.get("format_version") != FILE_FORMAT_VERSION:
+            raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
+                             f"this grood reads version {FILE_FORMAT_VERSION}")
+        for shard, digest in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
+            if hashlib.sha256(shard.read_bytes()).hexdigest() != digest:
+                raise ValueError(f"{shard} does not match the digest in {path}")
+        if distributed:
+            rank, world = dist.rank_and_world()
+            if world != len(shards):
+                raise ValueError(f"{path} has {len(shards)} shards but the process group has "
+                                 f"{world} ranks")
+            det = cls._load_file(shards[rank][0], device=device)
+            det.distributed = True
+            det.shard_sizes_ = [int(t) for t in dist.all_gather_rows(
+                torch.tensor([det.index_.ntotal]))]
+            return det
+        parts = [cls._load_file(shard, device=device) for shard, _ in shards]
+        det = parts[0]
+        if any(p.index_.kind != det.index_.kind for p in parts) or det.index_.kind not in (
+                "exact", "faiss-flat"):
+            raise ValueError(f"the shards of {path} hold {det.index_.kind!r} indexes, which "
+                             "cannot be joined in one process")
+        joined = make_index(det.index_.kind, det.n_features_in_, dtype=det.dtype_,
+                            device=det.device_, backend=det.backend_["knn"],
+                            precision=det.precision)
+        joined.reserve(sum(p.index_.ntotal for p in parts))
+        for p in parts:
+            if p.index_.ntotal:
+                joined.add(p.index_.vectors)
+        joined.trim()
+        det.index_ = joined
+        det.shard_sizes_ = [joined.ntotal]
+        det.distributed = False
+        return det
+
+    @classmethod
+    def _load_file(cls, path: Path, *, device: str | torch.device | None) -> GROOD:
         """Read a detector written by :meth:`save`.
 
         The file is checked before use: its format and version, a SHA-256 digest over every
@@ -522,7 +662,9 @@ class GROOD:
         index = index_from_state(state["index"], index_state, device=dev,
                                  backend=backend["knn"], precision=det.precision,
                                  options=params["index_options"])
-        if index.dim != d or index.ntotal < params["k"]:
+        shard_sizes = state.get("shard_sizes", [index.ntotal])
+        if index.dim != d or sum(shard_sizes) < params["k"] or (
+                len(shard_sizes) == 1 and index.ntotal != shard_sizes[0]):
             raise ValueError(f"{path} is inconsistent: its index holds {index.ntotal} vectors "
                              f"of dimension {index.dim}")
         protos, p_ood = protos.to(dev), p_ood.to(dev)

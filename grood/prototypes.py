@@ -18,6 +18,7 @@ Sources available here:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,11 +37,15 @@ class PrototypeContext:
         inputs (dict): caller-supplied inputs by name (e.g. ``ood_features``); a source reads
             only the names in its ``needs``.
         batch_size (int): rows per batch when a source streams data.
+        reduce (callable): sums a tensor over all processes (the identity in one process); a
+            source that averages data of its own applies it to its sums and counts, so every
+            rank of a distributed fit builds the same prototype.
     """
 
     class_prototypes: Tensor
     inputs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 4096
+    reduce: Callable[[Tensor], Tensor] = lambda t: t
 
 
 class OODPrototypeSource(ABC):
@@ -125,4 +130,6 @@ class OODFeatureMean(OODPrototypeSource):
             chunk = x[r0:r1].to(protos.device)
             check_finite_rows(chunk, "ood_features", row_offset=r0)
             total += chunk.to(torch.float64).sum(0)
-        return (total / x.shape[0]).to(protos.dtype)
+        count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
+                                        device=protos.device))
+        return (ctx.reduce(total) / count).to(protos.dtype)

@@ -110,6 +110,7 @@ class Mixup(OODPrototypeSource):
                 counts += torch.bincount(y, minlength=n_classes)
             if sums is None:
                 raise ValueError("the training loader yielded no batches")
+            sums, counts = ctx.reduce(sums), ctx.reduce(counts)
             early_protos = sums / counts.clamp_min(1)[:, None]
 
             total = torch.zeros(ctx.class_prototypes.shape[1], dtype=torch.float64,
@@ -133,7 +134,10 @@ class Mixup(OODPrototypeSource):
                 seen += x.shape[0]
                 if self.n_samples is not None and seen >= self.n_samples:
                     break
-        return (total / max(seen, 1)).to(ctx.class_prototypes.dtype)
+        total = ctx.reduce(total)
+        seen = float(ctx.reduce(torch.tensor([float(seen)], dtype=torch.float64,
+                                             device=total.device)))
+        return (total / max(seen, 1.0)).to(ctx.class_prototypes.dtype)
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:

@@ -1,0 +1,84 @@
+"""Collectives for running GROOD on several processes with ``torch.distributed``.
+
+grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``torchrun`` or
+``torch.distributed.init_process_group``) and adds no networking of its own. With
+``GROOD(distributed=True)``:
+
+* fitting: every rank passes its own shard of the training data; prototype sums and counts
+  (and those of the OOD prototype sources) are all-reduced, so every rank ends with the
+  prototypes of a single-process fit on the union;
+* the gradient index is sharded by rows: each rank indexes its own correctly classified
+  samples, and rank r's rows have global ids starting at the total of ranks 0..r-1;
+* scoring: each rank scores its own rows; the query gradients are gathered, every rank
+  searches all of them against its shard, and the per-shard k nearest (distance, global id)
+  lists are merged, so each rank gets the scores a single-process detector would give.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without a process group."""
+    if not is_initialized():
+        return 0, 1
+    dist = _dist()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _comm_device(t: Tensor) -> torch.device:
+    """NCCL reduces CUDA tensors; gloo reduces CPU tensors."""
+    backend = _dist().get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else \
+        torch.device("cpu")
+
+
+def all_reduce(t: Tensor, op: str = "sum") -> Tensor:
+    """All-reduce ``t`` (``sum`` or ``max``) and return the result on ``t``'s device."""
+    dist = _dist()
+    work = t.to(_comm_device(t)).clone()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return work.to(t.device)
+
+
+def all_gather_rows(t: Tensor) -> list[Tensor]:
+    """Every rank's ``t`` (same trailing shape, any number of rows), in rank order."""
+    dist = _dist()
+    dev = _comm_device(t)
+    _, world = rank_and_world()
+    n = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t.to(dev)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [o[: int(s)].to(t.device) for o, s in zip(out, sizes, strict=True)]
+
+
+def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Merge per-shard ``(D, I)`` lists [Q, k] into the global k nearest.
+
+    Order is (distance, global id), so equal distances go to the lower id, as in one process;
+    missing entries (id -1) sort last.
+    """
+    d, i = torch.cat(dists, dim=1), torch.cat(ids, dim=1)
+    by_id = torch.argsort(torch.where(i < 0, torch.iinfo(torch.int64).max, i), dim=1)
+    d, i = d.gather(1, by_id), i.gather(1, by_id)
+    by_d = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, by_d), i.gather(1, by_d)

@@ -1,0 +1,103 @@
+"""torch.distributed (gloo, CPU): a sharded fit and score equal the single-process detector."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import clustered_features
+
+from grood import GROOD
+
+pytestmark = pytest.mark.skipif(not tdist.is_available() or sys.platform == "win32",
+                                reason="needs torch.distributed with gloo")
+
+
+def _data():
+    x, y = clustered_features(157, 5, 12, seed=0, spread=0.6, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.nn.functional.one_hot(y, 5).float() * 2 + torch.randn(157, 5, generator=gen)
+    test, _ = clustered_features(61, 5, 12, seed=2, spread=0.9, dtype=torch.float32)
+    ood = torch.rand(23, 12, generator=gen) * 3
+    return x, y, logits, test, ood
+
+
+def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    try:
+        x, y, logits, test, ood = _data()
+        part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
+        fit_kwargs = {}
+        if "logits" in fit_kwargs_names:
+            fit_kwargs["logits"] = part(logits)
+        if "ood_features" in fit_kwargs_names:
+            fit_kwargs["ood_features"] = part(ood)
+        det = GROOD(distributed=True, batch_size=7, **kwargs).fit(part(x), part(y),
+                                                                  **fit_kwargs)
+        # Ranks score different numbers of rows (one rank none at all for world 3).
+        rows = torch.tensor_split(test, world)[rank] if rank != world - 1 or world < 3 else \
+            test[:0]
+        scores = det.score_samples(rows)  # an idle rank still joins the collective searches
+        torch.save({"protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
+                    "scores": scores, "sizes": det.shard_sizes_,
+                    "acc": det.train_accuracy_, "pred": det.predict(test)},
+                   f"{tmp}/rank{rank}.pt")
+        det.save(f"{tmp}/det.json")
+    finally:
+        tdist.destroy_process_group()
+
+
+CASES = [
+    (2, {}, ("logits",)),
+    (3, {"k": 3}, ()),
+    (2, {"ood_prototype": "features"}, ("logits", "ood_features")),
+]
+
+
+@pytest.mark.parametrize(("world", "kwargs", "fit_kwargs"), CASES,
+                         ids=["2-ranks-logits", "3-ranks-k3", "2-ranks-ood-features"])
+def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwargs):
+    mp.spawn(_worker, args=(world, str(tmp_path), kwargs, fit_kwargs), nprocs=world,
+             join=True)
+    x, y, logits, test, ood = _data()
+    fit_args = {"logits": logits} if "logits" in fit_kwargs else {}
+    if "ood_features" in fit_kwargs:
+        fit_args["ood_features"] = ood
+    single = GROOD(batch_size=7, **kwargs).fit(x, y, **fit_args)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for res in results:
+        assert torch.equal(res["protos"], single.class_prototypes_)
+        assert torch.equal(res["p_ood"], single.ood_prototype_)
+        assert res["acc"] == single.train_accuracy_
+        assert sum(res["sizes"]) == single.index_.ntotal
+        assert torch.equal(res["pred"], single.predict(test))
+    scores = torch.cat([r["scores"] for r in results])
+    n_scored = scores.shape[0]
+    assert torch.equal(scores, single.score_samples(test)[:n_scored])
+
+    # The sharded detector, loaded whole into one process, is the single-process detector.
+    joined = GROOD.load(tmp_path / "det.json")
+    assert torch.equal(joined.index_.vectors, single.index_.vectors)
+    assert torch.equal(joined.score_samples(test), single.score_samples(test))
+
+
+def test_sharded_manifest_detects_a_damaged_shard(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path), {}, ()), nprocs=2, join=True)
+    shard = tmp_path / "det.rank1.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the digest"):
+        GROOD.load(tmp_path / "det.json")
+    os.remove(shard)
+    with pytest.raises(FileNotFoundError, match="which is missing"):
+        GROOD.load(tmp_path / "det.json")
+
+
+def test_distributed_without_a_process_group_is_refused():
+    x, y, *_ = _data()
+    with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
+        GROOD(distributed=True).fit(x, y)
