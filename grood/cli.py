@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,25 +43,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """Join the process group that torchrun describes (NCCL on GPUs, gloo otherwise)."""
+    if not getattr(args, "distributed", False):
+        return 0, 1
+    import torch
+    import torch.distributed as tdist
+
+    if "RANK" not in os.environ:
+        raise RuntimeError("--distributed runs under torchrun (e.g. torchrun --nproc-per-node "
+                           "4 -m grood fit --distributed ...)")
+    if not tdist.is_initialized():
+        use_nccl = torch.cuda.is_available() and args.device not in (None, "cpu")
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        tdist.init_process_group("nccl" if use_nccl else "gloo")
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def _shard(x, rank: int, world: int):
+    """This rank's contiguous block of rows (a view; memory maps stay on disk)."""
+    if x is None or world == 1:
+        return x
+    n = x.shape[0]
+    start, stop = n * rank // world, n * (rank + 1) // world
+    return x[start:stop]
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features
 
+    rank, world = _init_distributed(args)
     train = load_features(args.train)
     if train.labels is None:
         raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels")
     ood = load_features(args.ood_features).features if args.ood_features else None
     prototype = args.ood_prototype or ("features" if ood is not None else "mean")
     det = GROOD(ood_prototype=prototype, k=args.k, backend=args.backend, device=args.device,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, distributed=world > 1 or args.distributed)
     logits = None if args.ignore_logits else train.logits
-    det.fit(train.features, train.labels, logits=logits, ood_features=ood)
+    det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
+            logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
     det.save(args.out)
+    if rank:
+        return 0
     print(f"fitted on {det.n_train_} samples, {det.n_classes_} classes, dimension "
-          f"{det.n_features_in_}; indexed {det.index_.ntotal} gradients "
+          f"{det.n_features_in_}; indexed {sum(det.shard_sizes_)} gradients "
           f"({100 * det.train_accuracy_:.1f} % classified correctly by "
           f"{'the nearest prototype' if logits is None else 'the logits'}); "
-          f"backend {det.backend_}; saved {args.out}")
+          f"backend {det.backend_}" + (f"; {world} shards" if world > 1 else "")
+          + f"; saved {args.out}")
     return 0
 
 
@@ -70,11 +103,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features, save_scores
 
-    det = GROOD.load(args.detector, device=args.device)
+    rank, world = _init_distributed(args)
+    det = GROOD.load(args.detector, device=args.device, distributed=args.distributed)
     if args.batch_size:
         det.batch_size = args.batch_size
     data = load_features(args.features)
-    scores, preds = det.score_and_predict(data.features)
+    scores, preds = det.score_and_predict(_shard(data.features, rank, world))
+    if world > 1:
+        import torch
+
+        from grood.distributed import all_gather_rows
+
+        scores = torch.cat(all_gather_rows(torch.as_tensor(np.asarray(scores))))
+        preds = torch.cat(all_gather_rows(torch.as_tensor(np.asarray(preds))))
+        if rank:
+            return 0
     scores, preds = np.asarray(scores), np.asarray(preds)
     save_scores(args.out, scores, preds)
     print(f"scored {scores.size} samples (higher = in-distribution; min {scores.min():.6g}, "
@@ -163,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--batch-size", type=int, default=4096)
+    fit.add_argument("--distributed", action="store_true",
+                     help="under torchrun: every rank fits on its block of rows; saves one "
+                          "shard per rank and a manifest at --out")
     fit.set_defaults(func=_cmd_fit)
 
     score = sub.add_parser("score", help="score a feature file with a saved detector",
@@ -174,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
     score.add_argument("--device", default=None)
     score.add_argument("--batch-size", type=int, default=None)
+    score.add_argument("--distributed", action="store_true",
+                       help="under torchrun, with a sharded detector: every rank scores its "
+                            "block of rows against all shards; rank 0 writes --out")
     score.set_defaults(func=_cmd_score)
 
     ev = sub.add_parser("eval", help="AUROC / FPR@95 / AUPR of ID vs OOD feature files",
@@ -206,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"grood {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "distributed", False):
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():  # leave the group cleanly before the process exits
+                tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -101,3 +101,28 @@ def test_distributed_without_a_process_group_is_refused():
     x, y, *_ = _data()
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
         GROOD(distributed=True).fit(x, y)
+
+
+def test_cli_under_torchrun_matches_one_process(tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    x, y, logits, test, _ = _data()
+    np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy(),
+             logits=logits.numpy())
+    np.save(tmp_path / "test.npy", test.numpy())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "grood"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (["fit", "--distributed", str(tmp_path / "train.npz"), "-o",
+                 str(tmp_path / "sharded.json")],
+                ["score", "--distributed", str(tmp_path / "sharded.json"),
+                 str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npy")]):
+        out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    single = GROOD().fit(x, y, logits=logits)
+    np.testing.assert_array_equal(np.load(tmp_path / "sharded.npy"),
+                                  single.score_samples(test.numpy()))
+    assert len(list(tmp_path.glob("sharded.rank*.safetensors"))) == 2
