@@ -130,7 +130,7 @@ class GROOD:
                              "group (start with torchrun and call init_process_group)")
         return resolve_source(self.ood_prototype)
 
-    def _bar(self, total: int, desc: str) -> tqdm:
+    def _bar(self, total: int | None, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False,
                     disable=None if self.progress is None else not self.progress)
 
@@ -183,6 +183,57 @@ class GROOD:
 
         return self._fit_core(source, inputs, passes, n_classes=n_classes, d=d, device=device,
                               dtype=compute_dtype(x.dtype))
+
+    def fit_batches(self, batches: Any, *, ood_features: Any = None,
+                    n_classes: int | None = None) -> GROOD:
+        """Fit from batches instead of whole arrays (datasets larger than memory).
+
+        Args:
+            batches: a re-iterable (list, DataLoader) or a function returning a new iterator of
+                ``(features [B, D], labels [B])`` or ``(features, labels, logits [B, C])``
+                batches (tensors or numpy arrays). It is read twice: class prototypes, then the
+                gradient index; memory holds one batch at a time, the prototypes and the index.
+            ood_features (optional): for ``ood_prototype="features"``.
+            n_classes (int, optional): the number of classes; by default the logits' width,
+                or one more than the largest label of the first pass.
+
+        Returns:
+            GROOD: ``self``.
+        """
+        source = self._check_params()
+        if not callable(batches) and iter(batches) is batches:
+            raise TypeError("batches must be re-iterable (a list, a DataLoader) or a function "
+                            "returning a new iterator: fitting reads them twice, and an "
+                            "iterator or generator is used up after one pass")
+        inputs = {} if ood_features is None else {"ood_features": ood_features}
+        self._check_inputs(source, inputs, "fit_batches()")
+        first = _peek_batch(batches)
+        d = first[0].shape[1]
+        device = torch.device(self.device) if self.device is not None else first[0].device
+        if n_classes is None and first[2] is None:
+            n_classes = 0
+            for _, yb, _ in _iter_batches(batches, "first pass"):
+                n_classes = max(n_classes, int(yb.max()) + 1)
+            if self.distributed:
+                n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
+
+        def passes(desc: str):
+            with self._bar(None, desc) as bar:
+                for xb, yb, lb in _iter_batches(batches, desc):
+                    yield (xb.to(device), yb.to(device), None if lb is None else lb.to(device))
+                    bar.update(xb.shape[0])
+
+        return self._fit_core(source, inputs, passes, n_classes=n_classes, d=d, device=device,
+                              dtype=compute_dtype(first[0].dtype))
+
+    def score_batches(self, batches: Any) -> Iterator[tuple[Any, Any]]:
+        """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
+
+        Memory holds one batch (and the index); each result has the type of its batch.
+        """
+        self._check_fitted()
+        for batch in batches:
+            yield self.score_and_predict(batch)
 
     def fit_model(self, model: Any, train_loader: Any, *, features: str | None = None,
                   ood_loader: Any = None, device: str | torch.device | None = None,
@@ -693,6 +744,35 @@ class _GradientStep:
     def __call__(self, h: Tensor) -> NCPGradient:
         return self.fn(h, self.protos, self.p_ood, precision=self.precision,
                        prototype_sq_norms=self.sq_norms)
+
+
+def _iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """``(features, labels, logits or None)`` tensors from a re-iterable or a factory."""
+    source = batches() if callable(batches) else batches
+    empty = True
+    for i, batch in enumerate(source):
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise TypeError(f"batch {i} must be (features, labels) or (features, labels, "
+                            f"logits), got {type(batch).__name__}")
+        x, _ = as_tensor(batch[0], "features")
+        y, _ = as_tensor(batch[1], "labels")
+        lg = as_tensor(batch[2], "logits")[0] if len(batch) == 3 and batch[2] is not None \
+            else None
+        empty = False
+        yield x, y, lg
+    if empty:
+        raise ValueError(f"batches yielded nothing in the {desc}; pass a list, a DataLoader "
+                         "or a function returning a new iterator (a generator is used up "
+                         "after one pass)")
+
+
+def _peek_batch(batches: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The first batch, checked, without consuming a re-iterable."""
+    it = _iter_batches(batches, "first pass")
+    first = next(it)
+    it.close()
+    check_matrix(first[0], "features")
+    return first
 
 
 def _check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_classes: int,

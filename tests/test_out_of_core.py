@@ -1,0 +1,136 @@
+"""Datasets larger than memory: memory-mapped files and iterables of batches."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+
+from grood import GROOD
+
+
+def _arrays():
+    x, y = clustered_features(300, 4, 10, seed=0, spread=0.5, dtype=torch.float32)
+    logits = torch.nn.functional.one_hot(y, 4).float() * 3
+    return x, y, logits
+
+
+@pytest.mark.parametrize("style", ["list", "factory", "with-logits"])
+def test_fit_batches_equals_fit(style):
+    x, y, logits = _arrays()
+    if style == "with-logits":
+        batches = [(x[i:i + 64], y[i:i + 64], logits[i:i + 64]) for i in range(0, 300, 64)]
+        ref = GROOD().fit(x, y, logits=logits)
+    else:
+        pieces = [(x[i:i + 64].numpy(), y[i:i + 64].numpy()) for i in range(0, 300, 64)]
+        batches = pieces if style == "list" else (lambda: iter(pieces))
+        ref = GROOD().fit(x, y)
+    det = GROOD().fit_batches(batches)
+    assert torch.equal(det.class_prototypes_, ref.class_prototypes_)
+    assert torch.equal(det.index_.vectors, ref.index_.vectors)
+    test = x[:50]
+    got = torch.cat([s for s, _ in det.score_batches([test[:20], test[20:]])])
+    assert torch.equal(got, ref.score_samples(test))
+
+
+def test_fit_batches_refuses_a_generator_and_bad_batches():
+    x, y, _ = _arrays()
+    with pytest.raises(TypeError, match="used up after one pass"):
+        GROOD().fit_batches(b for b in [(x, y)])
+    with pytest.raises(TypeError, match=r"must be \(features, labels\)"):
+        GROOD().fit_batches([x])
+    with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 67"):  # counted overall
+        bad = x.clone()
+        bad[67] = float("nan")
+        GROOD().fit_batches([(bad[:64], y[:64]), (bad[64:], y[64:])])
+
+
+def test_memmap_input_equals_in_memory(tmp_path):
+    x, y, _logits = _arrays()
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    ym = np.load(tmp_path / "y.npy", mmap_mode="r")
+    det = GROOD(batch_size=50).fit(xm, ym)
+    ref = GROOD(batch_size=50).fit(x, y)
+    assert torch.equal(det.index_.vectors, ref.index_.vectors)
+    np.testing.assert_array_equal(det.score_samples(xm), ref.score_samples(x).numpy())
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, threading, time
+    import numpy as np
+    from grood import GROOD
+
+    def anon_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    peak, stop = [0.0], [False]
+    def sample():
+        while not stop[0]:
+            peak[0] = max(peak[0], anon_mib())
+            time.sleep(0.002)
+
+    folder = sys.argv[1]
+    x = np.load(f"{folder}/x.npy", mmap_mode="r")
+    y = np.load(f"{folder}/y.npy", mmap_mode="r")
+    logits = np.load(f"{folder}/logits.npy", mmap_mode="r")
+    det = GROOD(batch_size=2048, progress=False)
+    baseline = anon_mib()
+    threading.Thread(target=sample, daemon=True).start()
+    det.fit(x, y, logits=logits)
+    fit_peak = peak[0] - baseline
+    peak[0] = 0.0
+    base2 = anon_mib()
+    scores = det.score_samples(x)
+    score_peak = peak[0] - base2
+    stop[0] = True
+    print(json.dumps({"fit": fit_peak, "score": score_peak, "n": int(scores.shape[0]),
+                      "finite": bool(np.isfinite(scores).all()),
+                      "indexed": det.index_.ntotal}))
+""")
+
+
+def test_streaming_a_file_larger_than_the_budget_stays_under_it(tmp_path):
+    # The features file is 256 MiB, 4.5x the budget, which covers the working tiles and the
+    # outputs (12 bytes per row).
+    n, d, budget_mib = 700_000, 96, 56
+    xm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32,
+                                   shape=(n, d))
+    ym = np.lib.format.open_memmap(tmp_path / "y.npy", mode="w+", dtype=np.int64, shape=(n,))
+    lm = np.lib.format.open_memmap(tmp_path / "logits.npy", mode="w+", dtype=np.float32,
+                                   shape=(n, 4))
+    rng = np.random.default_rng(0)
+    centres = rng.random((4, d), dtype=np.float32) * 3
+    for i in range(0, n, 50_000):
+        m = min(50_000, n - i)
+        labels = rng.integers(0, 4, m)
+        xm[i:i + m] = centres[labels] + rng.standard_normal((m, d), dtype=np.float32) * 0.3
+        ym[i:i + m] = labels
+        # The classifier is right on 1 sample in 100, so the index itself stays small.
+        right = rng.random(m) < 0.01
+        lm[i:i + m] = np.eye(4, dtype=np.float32)[np.where(right, labels, (labels + 1) % 4)]
+    for arr in (xm, ym, lm):
+        arr.flush()
+    del xm, ym, lm
+    file_mib = (tmp_path / "x.npy").stat().st_size / 2**20
+    assert file_mib > 3 * budget_mib
+    # A fixed mmap threshold makes glibc return every large freed block at once; its default
+    # dynamic threshold keeps freed tiles in the heap, so the reading would depend on history.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["n"] == n and res["finite"]
+    index_mib = res["indexed"] * d * 4 / 2**20
+    assert res["fit"] < budget_mib + index_mib, res
+    assert res["score"] < budget_mib, res
