@@ -369,8 +369,11 @@ class GROOD:
         index = make_index(self.index, d, dtype=dtype, device=device, backend=backend["knn"],
                            precision=self.precision, options=self.index_options)
         index.reserve(n)
+        offset = 0
         for xb, yb, lb in passes("grood fit: gradient index"):
             res = grads(xb)
+            _check_finite_result(res, xb, offset)
+            offset += xb.shape[0]
             guess = res.pred if lb is None else lb.argmax(dim=1)
             index.add(res.grad[yb == guess])
         shard_sizes = ([int(t) for t in dist.all_gather_rows(torch.tensor([index.ntotal]))]
@@ -435,6 +438,7 @@ class GROOD:
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
                 res = self._grads(xb)
+                _check_finite_result(res, xb, r0)
                 scores = None
                 if with_scores:
                     dist_k = (self._search_sharded(res.grad) if self.distributed
@@ -744,6 +748,16 @@ class _GradientStep:
     def __call__(self, h: Tensor) -> NCPGradient:
         return self.fn(h, self.protos, self.p_ood, precision=self.precision,
                        prototype_sq_norms=self.sq_norms)
+
+
+def _check_finite_result(res: NCPGradient, xb: Tensor, offset: int) -> None:
+    """Refuse to go on when finite features gave non-finite distances (float32 overflow)."""
+    ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
+    if bool(ok.all()):
+        return
+    row = int((~ok).nonzero()[0]) + offset
+    raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) are too "
+                     "large for distances in float32; pass float64 features or rescale them")
 
 
 def _iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:

@@ -19,6 +19,7 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -100,6 +101,17 @@ PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 NCP_CANDIDATES = 4
 
 
+def pow2_scale(max_abs: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``max_abs``.
+
+    Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
+    latter do not overflow or underflow.
+    """
+    if max_abs == 0.0 or not math.isfinite(max_abs) or 2.0**-20 <= max_abs <= 2.0**20:
+        return 1.0
+    return 2.0 ** round(math.log2(max_abs))
+
+
 def check_precision(precision: str) -> None:
     """Raise a clear error for an unknown precision mode."""
     if precision not in PRECISIONS:
@@ -177,16 +189,25 @@ def ncp_gradient(
     bn = block_rows or max(1, min(TILE_ELEMENTS // bc, ROW_TILE_ELEMENTS // d))
     n_cand = min(NCP_CANDIDATES, c)
 
-    p_o = ood_prototype.to(dt)
-    centred = prototypes.to(dt) - p_o  # [C, D]
-    if prototype_sq_norms is None:
-        centred_sq = (centred * centred).sum(1)  # [C]
-    elif tuple(prototype_sq_norms.shape) != (c,):
+    if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
         raise ValueError(f"prototype_sq_norms must have shape [{c}], "
                          f"got {tuple(prototype_sq_norms.shape)}")
-    else:
-        centred_sq = prototype_sq_norms.to(dt)
-    gemm_protos = centred.bfloat16().to(dt) if precision == "bf16" else centred
+    proto_max = max(float(prototypes.abs().max()), float(ood_prototype.abs().max()))
+    scaled: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def centred_at(sc: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(p_o, centred prototypes, their squared norms, GEMM operand) divided by ``sc``."""
+        if sc not in scaled:
+            p_o = ood_prototype.to(dt) / sc
+            centred = prototypes.to(dt) / sc - p_o  # [C, D]
+            if prototype_sq_norms is not None and sc == 1.0:
+                centred_sq = prototype_sq_norms.to(dt)
+            else:
+                centred_sq = (centred * centred).sum(1)  # [C]
+            gemm = centred.bfloat16().to(dt) if precision == "bf16" else centred
+            scaled.clear()
+            scaled[sc] = (p_o, centred, centred_sq, gemm)
+        return scaled[sc]
 
     grad = torch.empty((n, d), dtype=dt, device=h.device)
     q_ood = torch.empty(n, dtype=dt, device=h.device)
@@ -196,9 +217,14 @@ def ncp_gradient(
 
     for r0 in range(0, n, bn):
         r1 = min(r0 + bn, n)
-        u = h[r0:r1].to(dt) - p_o  # [bn, D]
-        d_ood = torch.linalg.vector_norm(u, dim=1)  # [bn]
-        u_sq = d_ood * d_ood
+        # Work in units of a power of two near the largest magnitude (exact rescaling), so
+        # squared distances neither overflow nor underflow for huge or tiny features.
+        sc = pow2_scale(max(float(h[r0:r1].abs().max()), proto_max))
+        p_o, centred, centred_sq, gemm_protos = centred_at(sc)
+        u = h[r0:r1].to(dt) / sc - p_o  # [bn, D], in units of sc
+        u_norm = torch.linalg.vector_norm(u, dim=1)  # [bn]
+        u_sq = u_norm * u_norm
+        d_ood = u_norm * sc
         gemm_u = u.bfloat16().to(dt) if precision == "bf16" else u
         # Online log-sum-exp, seeded with the OOD term: running max m, running sum acc.
         m = -d_ood
@@ -210,7 +236,7 @@ def ncp_gradient(
             with _matmul_mode(precision, h.device):
                 dist = torch.addmm(centred_sq[None, c0:c1], gemm_u, gemm_protos[c0:c1].T,
                                    alpha=-2.0)
-            dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
+            dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_().mul_(sc)  # [bn, bc]
             blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
             if c0 == 0 and c1 - c0 >= n_cand:
                 cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
@@ -221,14 +247,13 @@ def ncp_gradient(
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum.
         exact = torch.stack([torch.linalg.vector_norm(u - centred[cand_i[:, j]], dim=1)
-                             for j in range(n_cand)], dim=1)  # [bn, n_cand]
+                             for j in range(n_cand)], dim=1) * sc  # [bn, n_cand]
         rest = (acc - torch.exp(-cand_d - m[:, None]).sum(1)).clamp_min_(0)
-        m2 = torch.maximum(m, -exact.min(1).values)
-        acc2 = rest * torch.exp(m - m2) + torch.exp(-exact - m2[:, None]).sum(1)
-        row_lse = m2 + torch.log(acc2)
+        # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
+        row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact, dim=1))
         exact, cand_i = _lex_sort(exact, cand_i)
         q = torch.exp(-d_ood - row_lse)
-        scale = torch.where(d_ood > 0, q / torch.where(d_ood > 0, d_ood, 1.0), 0.0)
+        scale = torch.where(u_norm > 0, q / torch.where(u_norm > 0, u_norm, 1.0), 0.0)
         torch.mul(u, scale[:, None], out=grad[r0:r1])
         q_ood[r0:r1] = q
         pred[r0:r1] = cand_i[:, 0]

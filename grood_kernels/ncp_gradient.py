@@ -21,15 +21,15 @@ gradient. The same computation in PyTorch is :func:`grood.functional.ncp_gradien
 
 from __future__ import annotations
 
-import os
+import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 from grood_kernels._topk import insert_nearest
+from grood_kernels._tuning import autotune_enabled, tune
 
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
 DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
@@ -47,6 +47,14 @@ class NCPGradient(NamedTuple):
     min_dist: torch.Tensor  # [N] fp32
     lse: torch.Tensor  # [N] fp32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def pow2_scale(max_abs: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``max_abs`` (the same
+    rule as ``grood.functional.pow2_scale``)."""
+    if max_abs == 0.0 or not math.isfinite(max_abs) or 2.0**-20 <= max_abs <= 2.0**20:
+        return 1.0
+    return 2.0 ** round(math.log2(max_abs))
 
 
 def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, int]:
@@ -67,45 +75,31 @@ def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, 
 #: Launch configurations tried when ``GROOD_AUTOTUNE=1`` (BLOCK_N, BLOCK_C, BLOCK_D, warps).
 TUNE_CONFIGS = [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8),
                 (128, 128, 32, 8), (32, 128, 64, 4)]
-_tuned: dict[tuple, tuple[int, int, int, int]] = {}
-
-
-def _autotune_enabled(device: torch.device) -> bool:
-    """Autotuning is opt-in (``GROOD_AUTOTUNE=1``) and needs a GPU, not the interpreter."""
-    return (os.environ.get("GROOD_AUTOTUNE") == "1" and device.type == "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1")
-
-
-def _tune(launch, key: tuple, n: int, c: int) -> tuple[int, int, int, int]:
-    """Time every config of ``TUNE_CONFIGS`` once on this call's inputs; cache the fastest."""
-    if key not in _tuned:
-        best, best_ms = None, float("inf")
-        for cfg in TUNE_CONFIGS:
-            if cfg[0] > max(16, triton.next_power_of_2(n)) or cfg[1] > max(
-                    16, triton.next_power_of_2(c)):
-                continue
-            launch(cfg)  # compile
-            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        _tuned[key] = best
-    return _tuned[key]
 
 
 @triton.jit
-def _load_centred(x_ptr, offs_r, mask_r, stride_r, offs_d, mask_d, stride_d, p_o):
-    """Rows of ``x`` minus the OOD prototype, in fp32; zero outside the valid entries."""
+def _load_centred(x_ptr, offs_r, mask_r, stride_r, offs_d, mask_d, stride_d, p_o, inv_scale):
+    """Rows of ``x / scale`` minus the (scaled) OOD prototype, in fp32; zero outside."""
     mask = mask_r[:, None] & mask_d[None, :]
     x = tl.load(x_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
                 mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, x - p_o[None, :], 0.0)  # [rows, BLOCK_D]
+    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)  # [rows, BLOCK_D]
+
+
+@triton.jit
+def _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale):
+    """The centred feature tile ``u`` [BLOCK_N, BLOCK_D] and the scaled ``p_o`` slice."""
+    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+    u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o,
+                      inv_scale)
+    return u, p_o
 
 
 @triton.jit
 def _ncp_gradient_kernel(
     h_ptr, proto_ptr, pood_ptr, psq_ptr,
     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
-    N, C, D,
+    N, C, D, scale, inv_scale,
     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
@@ -118,15 +112,16 @@ def _ncp_gradient_kernel(
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     slots = tl.arange(0, N_CAND)
 
-    # ||u||^2, the squared distance to the OOD prototype.
+    # ||u||^2, the squared distance to the OOD prototype (in units of ``scale``).
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
+        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
+                         stride_hd, inv_scale)
         u_sq += tl.sum(u * u, axis=1)
-    d_ood = tl.sqrt(u_sq)
+    u_norm = tl.sqrt(u_sq)
+    d_ood = u_norm * scale
 
     # Online log-sum-exp seeded with the OOD term, and the N_CAND nearest prototypes.
     m = -d_ood
@@ -140,10 +135,10 @@ def _ncp_gradient_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + arange_d
             mask_d = offs_d < D
-            p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-            u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
+            u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
+                             stride_hd, inv_scale)
             p = _load_centred(proto_ptr, offs_c, mask_c, stride_pc, offs_d, mask_d, stride_pd,
-                              p_o)  # [BLOCK_C, BLOCK_D]
+                              p_o, inv_scale)  # [BLOCK_C, BLOCK_D]
             if DOT_MODE == 3:
                 dots = tl.dot(u.to(tl.bfloat16), tl.trans(p.to(tl.bfloat16)), dots)
             elif DOT_MODE == 2:
@@ -153,7 +148,7 @@ def _ncp_gradient_kernel(
             else:
                 dots = tl.dot(u, tl.trans(p), dots, input_precision="ieee")
         p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=0.0)
-        dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0))
+        dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0)) * scale
         dist = tl.where(mask_c[None, :], dist, float("inf"))  # [BLOCK_N, BLOCK_C]
 
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
@@ -168,29 +163,30 @@ def _ncp_gradient_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
+        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
+                         stride_hd, inv_scale)
         for r in tl.static_range(N_CAND):
             idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1)  # [BLOCK_N]
             ok = mask_n & (idx >= 0)
             p = _load_centred(proto_ptr, tl.maximum(idx, 0), ok, stride_pc, offs_d, mask_d,
-                              stride_pd, p_o)  # row idx of each candidate slot r
+                              stride_pd, p_o, inv_scale)  # row idx of each candidate slot r
             diff = tl.where(mask_d[None, :], u - p, 0.0)
             part = tl.sum(diff * diff, axis=1)
             exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
     valid = cand_i >= 0
-    exact = tl.where(valid, tl.sqrt(exact_sq), float("inf"))
+    exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
 
     # Swap the candidates' GEMM terms for exact ones in the sum.
     rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m[:, None]), 0.0), axis=1)
     rest = tl.maximum(rest, 0.0)
     best = tl.min(exact, axis=1)
-    m2 = tl.maximum(m, -best)
-    acc2 = rest * tl.exp(m - m2) + tl.sum(tl.exp(-exact - m2[:, None]), axis=1)
-    lse = m2 + tl.log(acc2)
+    lse_exact = -best + tl.log(tl.sum(tl.exp(-exact + best[:, None]), axis=1))
+    lse_rest = m + tl.log(rest)  # -inf when the candidates were all of the sum
+    top = tl.maximum(lse_rest, lse_exact)
+    lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
     q = tl.exp(-d_ood - lse)
-    scale = tl.where(d_ood > 0, q / tl.where(d_ood > 0, d_ood, 1.0), 0.0)
+    g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
     tl.store(q_ptr + offs_n, q, mask=mask_n)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
     tl.store(mind_ptr + offs_n, best, mask=mask_n)
@@ -199,10 +195,10 @@ def _ncp_gradient_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o)
+        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
+                         stride_hd, inv_scale)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                 u * scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
 
 
 def ncp_gradient(
@@ -250,9 +246,13 @@ def ncp_gradient(
         if t.device != h.device:
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
 
-    p_o = ood_prototype.to(torch.float32).contiguous()
-    if prototype_sq_norms is None:
-        p_sq = torch.cat([((blk.to(torch.float32) - p_o) ** 2).sum(1)
+    # Work in units of a power of two near the largest magnitude (exact rescaling), so
+    # squared distances neither overflow nor underflow for huge or tiny features.
+    biggest = max(float(t.abs().max()) for t in (h, prototypes, ood_prototype)) if n else 0.0
+    scale = pow2_scale(biggest)
+    p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
+    if prototype_sq_norms is None or scale != 1.0:
+        p_sq = torch.cat([((blk.to(torch.float32) / scale - p_o) ** 2).sum(1)
                           for blk in prototypes.split(4096)])
     else:
         if tuple(prototype_sq_norms.shape) != (c,):
@@ -274,7 +274,7 @@ def ncp_gradient(
         _ncp_gradient_kernel[(triton.cdiv(n, block_n),)](
             h, prototypes, p_o, p_sq,
             grad, q_ood, pred, min_dist, lse,
-            n, c, d,
+            n, c, d, scale, 1.0 / scale,
             h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
             grad.stride(0), grad.stride(1),
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
@@ -282,10 +282,10 @@ def ncp_gradient(
             num_warps=num_warps,
         )
 
-    if _autotune_enabled(h.device):
+    if autotune_enabled(h.device):
         key = (precision, h.dtype, triton.next_power_of_2(c), triton.next_power_of_2(d),
                n >= 4096, torch.cuda.get_device_name(h.device))
-        launch(_tune(launch, key, n, c))
+        launch(tune(launch, key, n, c, TUNE_CONFIGS))
     else:
         launch(block_sizes(n, c, d, precision))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

@@ -79,14 +79,15 @@ def test_gradient_is_zero_where_h_equals_ood_prototype():
     assert bool(torch.isfinite(res.q_ood).all())
 
 
-@pytest.mark.parametrize("scale", [1e3, 1e6], ids=["1e3", "1e6"])
-def test_large_distances_do_not_overflow(scale):
+@pytest.mark.parametrize("scale", [1e-30, 1e3, 1e6, 1e30], ids=["1e-30", "1e3", "1e6", "1e30"])
+def test_extreme_magnitudes_do_not_overflow_or_underflow(scale):
     h, protos, p_ood = _problem(9, 4, 8, dtype=torch.float32, seed=6)
     res = F.ncp_gradient(h * scale, protos * scale, p_ood * scale)
     for t in (res.grad, res.q_ood, res.lse, res.min_dist):
         assert bool(torch.isfinite(t).all())
-    _, q, *_ = ncp_naive(h * scale, protos * scale, p_ood * scale)
+    grad, q, *_ = ncp_naive(h * scale, protos * scale, p_ood * scale)
     torch.testing.assert_close(res.q_ood.double(), q, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(res.grad.double(), grad, rtol=1e-4, atol=1e-6)
 
 
 def test_ncp_gradient_does_not_modify_inputs():

@@ -89,8 +89,8 @@ def test_gradient_equals_autograd():
         torch.testing.assert_close(res.grad[i].double(), auto, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("scale", [1e3, 1e6], ids=["1e3", "1e6"])
-def test_large_distances_stay_finite(scale):
+@pytest.mark.parametrize("scale", [1e-30, 1e3, 1e6, 1e30], ids=["1e-30", "1e3", "1e6", "1e30"])
+def test_extreme_magnitudes_stay_finite_and_correct(scale):
     h, protos, p_ood = _problem(9, 5, 12, seed=3)
     res = ncp_gradient(h * scale, protos * scale, p_ood * scale)
     for t in (res.grad, res.q_ood, res.lse, res.min_dist):
@@ -98,6 +98,8 @@ def test_large_distances_stay_finite(scale):
     ref = functional.ncp_gradient((h * scale).double(), (protos * scale).double(),
                                   (p_ood * scale).double())
     torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.min_dist.double(), ref.min_dist, rtol=1e-5, atol=0)
 
 
 def test_row_equal_to_ood_prototype_has_zero_gradient():
