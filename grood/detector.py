@@ -603,12 +603,15 @@ class GROOD:
                       distributed: bool) -> GROOD:
         try:
             manifest = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a grood detector file: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
+            raise ValueError(f"{path} is not a grood shard manifest")
+        try:
             shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
                       for s in manifest["shards"]]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise ValueError(f"{path} is not a valid grood shard manifest: {exc}") from exc
-        if manifest.get("format") != SHARDED_FORMAT:
-            raise ValueError(f"{path} is not a grood shard manifest")
         if manifest.get("format_version") != FILE_FORMAT_VERSION:
             raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
                              f"this grood reads version {FILE_FORMAT_VERSION}")
@@ -750,14 +753,28 @@ class _GradientStep:
                        prototype_sq_norms=self.sq_norms)
 
 
+# Largest feature-to-prototype distance the float32 softmax resolves: at 2**16 a float32
+# distance is accurate to 2**-8, so exp(-distance) terms carry errors under 0.4 %.
+FLOAT32_DISTANCE_LIMIT = 2.0**16
+
+
 def _check_finite_result(res: NCPGradient, xb: Tensor, offset: int) -> None:
-    """Refuse to go on when finite features gave non-finite distances (float32 overflow)."""
+    """Refuse to go on when the gradient step cannot be trusted for a row.
+
+    Finite features can still give non-finite or meaningless softmax terms in float32 when the
+    distances are huge: the softmax of negative distances is not scale-invariant, and float32
+    cannot resolve distance differences below its resolution at that magnitude.
+    """
     ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
+    if res.lse.dtype != torch.float64:
+        ok &= (res.min_dist <= FLOAT32_DISTANCE_LIMIT) & (-res.lse <= FLOAT32_DISTANCE_LIMIT)
     if bool(ok.all()):
         return
     row = int((~ok).nonzero()[0]) + offset
-    raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) are too "
-                     "large for distances in float32; pass float64 features or rescale them")
+    raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) lie "
+                     f"farther than {FLOAT32_DISTANCE_LIMIT:.0f} from the prototypes, beyond "
+                     "what the softmax of distances resolves in float32; pass float64 features "
+                     "or rescale them (GROOD's scores depend on the scale)")
 
 
 def _iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:

@@ -227,33 +227,43 @@ def ncp_gradient(
         d_ood = u_norm * sc
         gemm_u = u.bfloat16().to(dt) if precision == "bf16" else u
         # Online log-sum-exp, seeded with the OOD term: running max m, running sum acc.
-        m = -d_ood
-        acc = torch.ones_like(m)
+        # exp and log are not correctly rounded and torch evaluates them differently at a
+        # tensor's vectorised body and its tail, so float32 results would depend on the batch
+        # shape. Evaluated in float64 and then rounded, they do not (and are more accurate).
+        sm = torch.float64
+        m = -d_ood.to(sm)  # online log-sum-exp, seeded with the OOD term: running max
+        acc = torch.ones_like(m)  # and running sum
         cand_d = torch.full((r1 - r0, n_cand), float("inf"), dtype=dt, device=h.device)
         cand_i = torch.full((r1 - r0, n_cand), -1, dtype=torch.int64, device=h.device)
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
             with _matmul_mode(precision, h.device):
-                dist = torch.addmm(centred_sq[None, c0:c1], gemm_u, gemm_protos[c0:c1].T,
-                                   alpha=-2.0)
+                # One row would take the matrix-vector path, which sums in another order;
+                # a repeated row keeps results independent of the batch size.
+                rows = gemm_u if gemm_u.shape[0] > 1 else gemm_u.expand(2, -1)
+                dist = torch.addmm(centred_sq[None, c0:c1], rows, gemm_protos[c0:c1].T,
+                                   alpha=-2.0)[: gemm_u.shape[0]]
             dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_().mul_(sc)  # [bn, bc]
             blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
             if c0 == 0 and c1 - c0 >= n_cand:
                 cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
             else:
                 cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
-            m_new = torch.maximum(m, -blk_d[:, 0])
-            acc = acc * torch.exp(m - m_new) + torch.exp(-dist - m_new[:, None]).sum(1)
+            m_new = torch.maximum(m, -blk_d[:, 0].to(sm))
+            acc = acc * torch.exp(m - m_new) + torch.exp(-dist.to(sm) - m_new[:, None]).sum(1)
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum.
         exact = torch.stack([torch.linalg.vector_norm(u - centred[cand_i[:, j]], dim=1)
                              for j in range(n_cand)], dim=1) * sc  # [bn, n_cand]
-        rest = (acc - torch.exp(-cand_d - m[:, None]).sum(1)).clamp_min_(0)
+        rest = (acc - torch.exp(-cand_d.to(sm) - m[:, None]).sum(1)).clamp_min_(0)
         # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
-        row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact, dim=1))
+        row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact.to(sm), dim=1))
         exact, cand_i = _lex_sort(exact, cand_i)
-        q = torch.exp(-d_ood - row_lse)
-        scale = torch.where(u_norm > 0, q / torch.where(u_norm > 0, u_norm, 1.0), 0.0)
+        q = torch.exp(-d_ood.to(sm) - row_lse)
+        u_norm64 = u_norm.to(sm)
+        scale = torch.where(u_norm64 > 0, q / torch.where(u_norm64 > 0, u_norm64, 1.0),
+                            0.0).to(dt)
+        q, row_lse = q.to(dt), row_lse.to(dt)
         torch.mul(u, scale[:, None], out=grad[r0:r1])
         q_ood[r0:r1] = q
         pred[r0:r1] = cand_i[:, 0]

@@ -1,0 +1,231 @@
+"""Hostile and broken inputs: every call returns finite, correct results or a clear error.
+
+Property-based (hypothesis) over shapes, dtypes, magnitudes from 1e-30 to 1e30, NaN/Inf,
+duplicated rows, a single class, C > N and strided layouts, for the functional ops, the
+kernels (interpreter), the index, the detector and saved files.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from reference import grood_scores_naive, knn_naive, ncp_naive
+
+from grood import GROOD, functional
+from grood.index import ExactIndex
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+EXPONENTS = [-30, -10, -3, 0, 3, 10, 30]
+CLEAR_ERRORS = (ValueError, TypeError)
+FAST = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def training_sets(draw):
+    n = draw(st.integers(1, 24))
+    c = draw(st.integers(1, 5))
+    d = draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** draw(st.sampled_from(EXPONENTS))
+    x = torch.rand(n, d, generator=gen, dtype=torch.float64) * scale
+    if draw(st.booleans()) and n > 1:  # duplicated rows
+        x[n - 1] = x[0]
+    y = torch.randint(0, c, (n,), generator=gen)
+    dtype = draw(st.sampled_from(DTYPES))
+    poison = draw(st.sampled_from(["none", "none", "nan", "inf"]))
+    xd = x.to(dtype)
+    if poison != "none":
+        xd[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = float(poison)
+    layout = draw(st.sampled_from(["contiguous", "strided", "column-major"]))
+    if layout == "strided":
+        wide = torch.zeros(n, 2 * d, dtype=dtype)
+        wide[:, ::2] = xd
+        xd = wide[:, ::2]
+    elif layout == "column-major":
+        xd = xd.T.contiguous().T
+    return xd, y
+
+
+@FAST
+@given(training_sets(), st.integers(1, 3))
+def test_detector_fit_and_score_are_finite_and_correct_or_refused(data, k):
+    x, y = data
+    try:
+        det = GROOD(k=k, progress=False).fit(x, y)
+    except CLEAR_ERRORS as exc:
+        msg = str(exc)
+        assert any(s in msg for s in ("NaN or Inf", "no training samples", "classified",
+                                      "k=", "float32")), msg
+        return
+    assert bool(torch.isfinite(x).all())
+    scores, preds = det.score_and_predict(x)
+    assert bool(torch.isfinite(scores).all())
+    ref_scores, ref_pred = grood_scores_naive(x.double(), y, x.double(), k=k)
+    tol = 1e-9 if x.dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=tol, atol=tol)
+    assert torch.equal(preds, ref_pred)
+
+
+@FAST
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 7), st.integers(1, 6),
+       st.sampled_from(EXPONENTS), st.booleans(), st.integers(0, 2**16))
+def test_knn_matches_brute_force(n_q, n_db, d, k, exponent, duplicates, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** exponent
+    db = torch.randn(n_db, d, generator=gen, dtype=torch.float64) * scale
+    if duplicates and n_db > 2:
+        db[1] = db[0]
+    queries = torch.randn(n_q, d, generator=gen, dtype=torch.float64) * scale
+    dist, idx = functional.knn(queries, db, k, block_size=5)
+    ref_d, ref_i = knn_naive(queries, db, k)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist, ref_d, rtol=1e-9, atol=0)
+    index = ExactIndex(d, dtype=torch.float64)
+    for start in range(0, n_db, 7):
+        index.add(db[start:start + 7])
+    assert torch.equal(index.search(queries, k)[1], ref_i)
+
+
+@FAST
+@given(st.integers(1, 20), st.integers(1, 30), st.integers(1, 9), st.sampled_from(EXPONENTS),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
+def test_ncp_gradient_matches_loop_c_may_exceed_n(n, c, d, exponent, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** exponent
+    h = (torch.rand(n, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    protos = (torch.rand(c, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    p_ood = protos.double().mean(0).to(dtype)
+    res = functional.ncp_gradient(h, protos, p_ood, block_classes=4)
+    for t in res[:2] + res[3:]:
+        assert bool(torch.isfinite(t).all())
+    grad, q, pred, min_dist, lse = ncp_naive(h, protos, p_ood)
+    # float32 distances are accurate to about 1e-7 of their size, and the softmax of negative
+    # distances turns that absolute error into a relative error of q and grad.
+    size = float(torch.maximum(min_dist, -lse).max())
+    tol = 1e-9 if dtype == torch.float64 else 2e-5 + 1e-6 * size
+    assume(dtype == torch.float64 or size < 2.0**16)  # beyond, the detector refuses
+    torch.testing.assert_close(res.grad.double(), grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(res.q_ood.double(), q, rtol=tol, atol=tol)
+    # Rounding may swap the order of prototypes closer than float32 resolution.
+    d_pred = ((h.double() - protos.double()[res.pred]) ** 2).sum(1)
+    d_best = ((h.double() - protos.double()[pred]) ** 2).sum(1)
+    torch.testing.assert_close(d_pred, d_best, rtol=1e-5 if dtype == torch.float32 else 0,
+                               atol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 70), st.integers(1, 40), st.sampled_from(EXPONENTS),
+       st.integers(0, 2**16))
+def test_kernels_match_twins_under_the_interpreter(n, c, d, exponent, seed):
+    pytest.importorskip("triton")
+    from grood_kernels.knn import knn as knn_kernel
+    from grood_kernels.ncp_gradient import ncp_gradient as ncp_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** exponent
+    h = torch.rand(n, d, generator=gen) * scale
+    protos = torch.rand(c, d, generator=gen) * scale
+    p_ood = protos.mean(0)
+    got = ncp_kernel(h, protos, p_ood)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    assume(float(ref.min_dist.max()) < 2.0**16)  # beyond, float32 cannot resolve the softmax
+    for t in got[:2] + got[3:]:
+        assert bool(torch.isfinite(t).all())
+    torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.q_ood.double(), ref.q_ood, rtol=1e-4, atol=1e-6)
+    dist, _ = knn_kernel(got.grad, got.grad[: max(1, n // 2)], 2)
+    ref_d, _ = knn_naive(got.grad, got.grad[: max(1, n // 2)], 2)
+    torch.testing.assert_close(dist.double(), ref_d.to(dist.device), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    x, y = torch.rand(40, 6), torch.arange(40) % 3
+    path = tmp_path_factory.mktemp("saved") / "det.safetensors"
+    GROOD(progress=False).fit(x, y).save(path)
+    return path.read_bytes()
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_damaged_byte_is_refused(saved_bytes, tmp_path, data):
+    pos = data.draw(st.integers(0, len(saved_bytes) - 1))
+    bit = data.draw(st.integers(0, 7))
+    damaged = bytearray(saved_bytes)
+    damaged[pos] ^= 1 << bit
+    path = tmp_path / f"d{pos}-{bit}.safetensors"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError):
+        GROOD.load(path)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_truncation_is_refused(saved_bytes, tmp_path, data):
+    cut = data.draw(st.integers(0, len(saved_bytes) - 1))
+    path = tmp_path / f"t{cut}.safetensors"
+    path.write_bytes(saved_bytes[:cut])
+    with pytest.raises(ValueError):
+        GROOD.load(path)
+
+
+def test_consistent_digest_but_mismatched_dimension_is_refused(saved_bytes, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.detector import _digest
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(saved_bytes)
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["ood_prototype"] = torch.zeros(7)  # dimension 7 against 6 everywhere else
+    meta.pop("digest")
+    meta["digest"] = _digest(tensors, meta)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="inconsistent"):
+        GROOD.load(tmp_path / "bad.safetensors")
+
+
+def test_a_pickle_file_is_refused_without_running_it(tmp_path, capsys):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="not a readable grood detector file"):
+        GROOD.load(path)
+    assert "must never run" not in capsys.readouterr().out
+    (tmp_path / "evil.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a grood shard manifest"):
+        GROOD.load(tmp_path / "evil.json")
+
+
+def test_single_class_and_more_classes_than_samples():
+    x = torch.rand(5, 3)
+    det = GROOD(progress=False).fit(x, torch.zeros(5, dtype=torch.int64))
+    assert det.n_classes_ == 1 and bool(torch.isfinite(det.score_samples(x)).all())
+    # C > N: some class has no sample, which is named.
+    with pytest.raises(ValueError, match=r"class\(es\) 5, 6, 7 have no training samples"):
+        GROOD(progress=False).fit(x, torch.arange(5), logits=torch.eye(5, 8))
+
+
+def test_scores_are_bitwise_reproducible():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 16, generator=gen), torch.randint(0, 6, (300,), generator=gen)
+    q = torch.rand(100, 16, generator=gen)
+    runs = [GROOD(batch_size=64, progress=False).fit(x, y).score_samples(q) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    numpy_run = GROOD(batch_size=64, progress=False).fit(x.numpy(), y.numpy())
+    np.testing.assert_array_equal(numpy_run.score_samples(q.numpy()), runs[0].numpy())
