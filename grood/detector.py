@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +30,6 @@ from grood.prototypes import (
     resolve_source,
     source_from_config,
 )
-
-FILE_FORMAT = "grood.GROOD"
-FILE_FORMAT_VERSION = 1
-SHARDED_FORMAT = "grood.GROOD.sharded"
-_TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 
 
 class GROOD:
@@ -503,9 +496,40 @@ class GROOD:
             preds[r0:r1] = p
         return kind.wrap(preds)
 
-    # Saving and loading: safetensors (never pickle) plus a SHA-256 over tensors and metadata.
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted detector to a ``.safetensors`` file (atomically).
 
-    def _metadata(self) -> dict[str, str]:
+        The file holds tensors and JSON metadata only (no pickle) and a SHA-256 digest over
+        both. A distributed detector is saved by every rank: rank r writes its index shard to
+        ``<path stem>.rank<r>.safetensors`` and rank 0 writes ``path`` as a JSON manifest
+        listing the shards with their SHA-256 digests. See :mod:`grood.persistence`.
+        """
+        from grood import persistence
+
+        self._check_fitted()
+        persistence.save(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+             distributed: bool = False) -> GROOD:
+        """Read a detector written by :meth:`save` (a file, or a sharded detector's manifest).
+
+        Everything is checked before use — format and version, the digest, the consistency of
+        all shapes — and nothing in the file is executed. A sharded detector loads on as many
+        ranks as saved it with ``distributed=True`` (each rank reads its shard), or whole into
+        one process, its shards' indexes joined in rank order (exact and faiss-flat indexes).
+
+        Args:
+            path: the ``.safetensors`` file or the shard manifest.
+            device: where to put the detector (default: CPU).
+            distributed: load this rank's shard of a sharded detector.
+        """
+        from grood import persistence
+
+        return persistence.load(cls, Path(path), device=device, distributed=distributed)
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+        """``(params, state, tensors)``: everything :meth:`_restore` needs, for saving."""
         params = {
             "ood_prototype": {"name": self.ood_source_.name, "params": self.ood_source_.params()},
             "k": self.k,
@@ -525,187 +549,18 @@ class GROOD:
             "extractor": getattr(self, "extractor_", None),
             "shard_sizes": self.shard_sizes_,
         }
-        return {
-            "format": FILE_FORMAT,
-            "format_version": str(FILE_FORMAT_VERSION),
-            "params": json.dumps(params, sort_keys=True),
-            "state": json.dumps(state, sort_keys=True),
-        }
-
-    def _tensors(self) -> dict[str, Tensor]:
         tensors = {
             "class_prototypes": self.class_prototypes_,
             "class_counts": self.class_counts_,
             "ood_prototype": self.ood_prototype_,
             **{f"index.{name}": t for name, t in self.index_.state_dict().items()},
         }
-        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted detector to a ``.safetensors`` file (atomically).
-
-        A distributed detector is saved by every rank: rank r writes its index shard to
-        ``<path stem>.rank<r>.safetensors`` and rank 0 writes ``path`` as a JSON manifest
-        listing the shards with their SHA-256 digests.
-        """
-        self._check_fitted()
-        path = Path(path)
-        if not self.distributed:
-            self._save_file(path)
-            return
-        rank, world = dist.rank_and_world()
-        shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
-        self._save_file(shard)
-        digest = hashlib.sha256(shard.read_bytes()).hexdigest()
-        digests = dist.all_gather_rows(torch.tensor(list(digest.encode()), dtype=torch.uint8))
-        if rank == 0:
-            manifest = {
-                "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
-                "world_size": world,
-                "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
-                            "sha256": bytes(d.tolist()).decode()}
-                           for r, d in enumerate(digests)],
-            }
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2))
-            os.replace(tmp, path)
-        dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
-
-    def _save_file(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = self._tensors()
-        meta = self._metadata()
-        meta["digest"] = _digest(tensors, meta)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        return params, state, {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-             distributed: bool = False) -> GROOD:
-        """Read a detector written by :meth:`save` (a file, or a sharded detector's manifest).
-
-        A sharded detector loads on as many ranks as saved it with ``distributed=True`` (each
-        rank reads its shard), or whole into one process: its shards' indexes are joined in
-        rank order (exact and faiss-flat indexes).
-        """
-        path = Path(path)
-        if path.is_file() and path.read_bytes()[:1] == b"{":
-            return cls._load_sharded(path, device=device, distributed=distributed)
-        if distributed:
-            raise ValueError(f"{path} is a single-process detector; load it without "
-                             "distributed=True")
-        return cls._load_file(path, device=device)
-
-    @classmethod
-    def _load_sharded(cls, path: Path, *, device: str | torch.device | None,
-                      distributed: bool) -> GROOD:
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a grood detector file: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
-            raise ValueError(f"{path} is not a grood shard manifest")
-        try:
-            shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
-                      for s in manifest["shards"]]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is not a valid grood shard manifest: {exc}") from exc
-        if manifest.get("format_version") != FILE_FORMAT_VERSION:
-            raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
-                             f"this grood reads version {FILE_FORMAT_VERSION}")
-        for shard, digest in shards:
-            if not shard.is_file():
-                raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
-            if hashlib.sha256(shard.read_bytes()).hexdigest() != digest:
-                raise ValueError(f"{shard} does not match the digest in {path}")
-        if distributed:
-            rank, world = dist.rank_and_world()
-            if world != len(shards):
-                raise ValueError(f"{path} has {len(shards)} shards but the process group has "
-                                 f"{world} ranks")
-            det = cls._load_file(shards[rank][0], device=device)
-            det.distributed = True
-            det.shard_sizes_ = [int(t) for t in dist.all_gather_rows(
-                torch.tensor([det.index_.ntotal]))]
-            return det
-        parts = [cls._load_file(shard, device=device) for shard, _ in shards]
-        det = parts[0]
-        if any(p.index_.kind != det.index_.kind for p in parts) or det.index_.kind not in (
-                "exact", "faiss-flat"):
-            raise ValueError(f"the shards of {path} hold {det.index_.kind!r} indexes, which "
-                             "cannot be joined in one process")
-        joined = make_index(det.index_.kind, det.n_features_in_, dtype=det.dtype_,
-                            device=det.device_, backend=det.backend_["knn"],
-                            precision=det.precision)
-        joined.reserve(sum(p.index_.ntotal for p in parts))
-        for p in parts:
-            if p.index_.ntotal:
-                joined.add(p.index_.vectors)
-        joined.trim()
-        det.index_ = joined
-        det.shard_sizes_ = [joined.ntotal]
-        det.distributed = False
-        return det
-
-    @classmethod
-    def _load_file(cls, path: Path, *, device: str | torch.device | None) -> GROOD:
-        """Read a detector written by :meth:`save`.
-
-        The file is checked before use: its format and version, a SHA-256 digest over every
-        tensor and the metadata, and the consistency of all shapes. Nothing in it is executed.
-
-        Args:
-            path: the ``.safetensors`` file.
-            device: where to put the detector (default: CPU).
-        """
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no detector file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                names = set(f.keys())
-                tensors = {name: f.get_tensor(name) for name in names}
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise ValueError(f"{path} is not a readable grood detector file (damaged, truncated "
-                             f"or not safetensors): {exc}") from exc
-        if meta.get("format") != FILE_FORMAT:
-            raise ValueError(f"{path} is not a grood detector file "
-                             f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
-        try:
-            version = int(meta.get("format_version", ""))
-        except ValueError:
-            raise ValueError(f"{path}: invalid format_version "
-                             f"{meta.get('format_version')!r}") from None
-        if version != FILE_FORMAT_VERSION:
-            raise ValueError(f"{path} has detector format version {version}; this grood reads "
-                             f"version {FILE_FORMAT_VERSION}")
-        if not names >= set(_TENSOR_NAMES) or any(
-                n not in _TENSOR_NAMES and not n.startswith("index.") for n in names):
-            raise ValueError(f"{path} holds tensors {sorted(names)}, expected "
-                             f"{sorted(_TENSOR_NAMES)} and index.*")
-        stored = meta.pop("digest", None)
-        if stored != _digest(tensors, meta):
-            raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
-        params = json.loads(meta["params"])
-        state = json.loads(meta["state"])
-
-        protos, counts = tensors["class_prototypes"], tensors["class_counts"]
-        p_ood = tensors["ood_prototype"]
-        c, d = state["n_classes"], state["n_features_in"]
-        index_state = {n.removeprefix("index."): t for n, t in tensors.items()
-                       if n.startswith("index.")}
-        vectors = index_state.get("vectors")
-        if (tuple(protos.shape) != (c, d) or tuple(counts.shape) != (c,)
-                or tuple(p_ood.shape) != (d,) or (vectors is not None and (
-                    vectors.ndim != 2 or vectors.shape[1] != d))):
-            raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
-                             f"{c} classes of dimension {d}")
-
+    def _restore(cls, params: dict[str, Any], state: dict[str, Any],
+                 tensors: dict[str, Tensor], device: str | torch.device | None) -> GROOD:
+        """Rebuild a fitted detector from checked, saved parts (see :mod:`grood.persistence`)."""
         source_cfg = params["ood_prototype"]
         source = source_from_config(source_cfg["name"], source_cfg["params"])
         det = cls(
@@ -716,24 +571,21 @@ class GROOD:
             batch_size=params["batch_size"],
         )
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        protos = tensors["class_prototypes"].to(dev)
+        p_ood = tensors["ood_prototype"].to(dev)
         backend = ops.resolve_backends(det.backend, dev, protos.dtype)
+        index_state = {n.removeprefix("index."): t for n, t in tensors.items()
+                       if n.startswith("index.")}
         index = index_from_state(state["index"], index_state, device=dev,
                                  backend=backend["knn"], precision=det.precision,
                                  options=params["index_options"])
-        shard_sizes = state.get("shard_sizes", [index.ntotal])
-        if index.dim != d or sum(shard_sizes) < params["k"] or (
-                len(shard_sizes) == 1 and index.ntotal != shard_sizes[0]):
-            raise ValueError(f"{path} is inconsistent: its index holds {index.ntotal} vectors "
-                             f"of dimension {index.dim}")
-        protos, p_ood = protos.to(dev), p_ood.to(dev)
         grads = _GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
         if state.get("extractor") is not None:
             det.extractor_ = state["extractor"]
-        det._set_fitted(protos, counts.to(dev), p_ood, source, index, grads,
+        det._set_fitted(protos, tensors["class_counts"].to(dev), p_ood, source, index, grads,
                         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
                         backend=backend, device=dev)
         return det
-
 
 class _GradientStep:
     """The NCP gradient of feature batches against fixed prototypes, on one backend.
@@ -819,15 +671,3 @@ def _check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_cla
             raise ValueError(f"logits of shape {tuple(lb.shape)} do not match "
                              f"{xb.shape[0]} rows and {n_classes} classes")
         check_finite_rows(lb, "logits", row_offset=offset)
-
-
-def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
-    """SHA-256 over the metadata (without the digest) and every tensor's name, type and bytes."""
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "digest"},
-                        sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

@@ -180,7 +180,7 @@ def test_consistent_digest_but_mismatched_dimension_is_refused(saved_bytes, tmp_
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from grood.detector import _digest
+    from grood.persistence import digest
 
     src = tmp_path / "src.safetensors"
     src.write_bytes(saved_bytes)
@@ -189,7 +189,7 @@ def test_consistent_digest_but_mismatched_dimension_is_refused(saved_bytes, tmp_
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["ood_prototype"] = torch.zeros(7)  # dimension 7 against 6 everywhere else
     meta.pop("digest")
-    meta["digest"] = _digest(tensors, meta)
+    meta["digest"] = digest(tensors, meta)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="inconsistent"):
         GROOD.load(tmp_path / "bad.safetensors")

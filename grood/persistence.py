@@ -1,0 +1,194 @@
+"""Saving and loading detectors: safetensors files, JSON metadata, SHA-256 digests.
+
+A detector file is a ``.safetensors`` file: tensors (prototypes, counts, the OOD prototype and
+the index's ``index.*`` tensors) and string metadata — the format name and version, the
+constructor parameters and fitted state as JSON, and a SHA-256 digest over every tensor and
+the metadata. Loading checks all of it (format, version, digest, the consistency of every
+shape) before anything is used, and never unpickles or executes anything from a file.
+
+A distributed detector is saved as one such file per rank plus a JSON manifest that lists
+them with the SHA-256 of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grood import distributed as dist
+from grood.index import make_index
+
+FILE_FORMAT = "grood.GROOD"
+FILE_FORMAT_VERSION = 1
+SHARDED_FORMAT = "grood.GROOD.sharded"
+TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
+
+
+def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over the metadata (without the digest) and every tensor's name, type and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "digest"},
+                        sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_file(det: Any, path: Path) -> None:
+    """Write one detector file, atomically (a temporary file, then a rename)."""
+    from safetensors.torch import save_file as write
+
+    params, state, tensors = det._state()
+    meta = {
+        "format": FILE_FORMAT,
+        "format_version": str(FILE_FORMAT_VERSION),
+        "params": json.dumps(params, sort_keys=True),
+        "state": json.dumps(state, sort_keys=True),
+    }
+    meta["digest"] = digest(tensors, meta)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def save(det: Any, path: Path) -> None:
+    """Save ``det`` to ``path``; a distributed detector as shards plus a manifest."""
+    if not det.distributed:
+        save_file(det, path)
+        return
+    rank, world = dist.rank_and_world()
+    shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
+    save_file(det, shard)
+    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    shas = dist.all_gather_rows(torch.tensor(list(sha.encode()), dtype=torch.uint8))
+    if rank == 0:
+        manifest = {
+            "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
+            "world_size": world,
+            "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
+                        "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+    dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
+
+
+def load(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
+    """Load a detector file or a shard manifest (see ``GROOD.load``)."""
+    if path.is_file() and path.read_bytes()[:1] == b"{":
+        return _load_sharded(cls, path, device=device, distributed=distributed)
+    if distributed:
+        raise ValueError(f"{path} is a single-process detector; load it without "
+                         "distributed=True")
+    return load_file(cls, path, device=device)
+
+
+def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a grood detector file: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
+        raise ValueError(f"{path} is not a grood shard manifest")
+    try:
+        shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
+                  for s in manifest["shards"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a valid grood shard manifest: {exc}") from exc
+    if manifest.get("format_version") != FILE_FORMAT_VERSION:
+        raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
+                         f"this grood reads version {FILE_FORMAT_VERSION}")
+    for shard, sha in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
+        if hashlib.sha256(shard.read_bytes()).hexdigest() != sha:
+            raise ValueError(f"{shard} does not match the digest in {path}")
+    if distributed:
+        rank, world = dist.rank_and_world()
+        if world != len(shards):
+            raise ValueError(f"{path} has {len(shards)} shards but the process group has "
+                             f"{world} ranks")
+        det = load_file(cls, shards[rank][0], device=device)
+        det.distributed = True
+        det.shard_sizes_ = [int(t) for t in dist.all_gather_rows(
+            torch.tensor([det.index_.ntotal]))]
+        return det
+    parts = [load_file(cls, shard, device=device) for shard, _ in shards]
+    det = parts[0]
+    if any(p.index_.kind != det.index_.kind for p in parts) or det.index_.kind not in (
+            "exact", "faiss-flat"):
+        raise ValueError(f"the shards of {path} hold {det.index_.kind!r} indexes, which "
+                         "cannot be joined in one process")
+    joined = make_index(det.index_.kind, det.n_features_in_, dtype=det.dtype_,
+                        device=det.device_, backend=det.backend_["knn"],
+                        precision=det.precision)
+    joined.reserve(sum(p.index_.ntotal for p in parts))
+    for p in parts:
+        if p.index_.ntotal:
+            joined.add(p.index_.vectors)
+    joined.trim()
+    det.index_ = joined
+    det.shard_sizes_ = [joined.ntotal]
+    det.distributed = False
+    return det
+
+
+def load_file(cls: Any, path: Path, *, device: Any) -> Any:
+    """Read and check one detector file, then rebuild the detector with ``cls._restore``."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no detector file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise ValueError(f"{path} is not a readable grood detector file (damaged, truncated "
+                         f"or not safetensors): {exc}") from exc
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not a grood detector file "
+                         f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ValueError(f"{path}: invalid format_version "
+                         f"{meta.get('format_version')!r}") from None
+    if version != FILE_FORMAT_VERSION:
+        raise ValueError(f"{path} has detector format version {version}; this grood reads "
+                         f"version {FILE_FORMAT_VERSION}")
+    if not names >= set(TENSOR_NAMES) or any(
+            n not in TENSOR_NAMES and not n.startswith("index.") for n in names):
+        raise ValueError(f"{path} holds tensors {sorted(names)}, expected "
+                         f"{sorted(TENSOR_NAMES)} and index.*")
+    stored = meta.pop("digest", None)
+    if stored != digest(tensors, meta):
+        raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+    params = json.loads(meta["params"])
+    state = json.loads(meta["state"])
+
+    c, d = state["n_classes"], state["n_features_in"]
+    vectors = tensors.get("index.vectors")
+    if (tuple(tensors["class_prototypes"].shape) != (c, d)
+            or tuple(tensors["class_counts"].shape) != (c,)
+            or tuple(tensors["ood_prototype"].shape) != (d,)
+            or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
+        raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
+                         f"{c} classes of dimension {d}")
+    det = cls._restore(params, state, tensors, device)
+    shard_sizes = state.get("shard_sizes", [det.index_.ntotal])
+    if det.index_.dim != d or sum(shard_sizes) < params["k"] or (
+            len(shard_sizes) == 1 and det.index_.ntotal != shard_sizes[0]):
+        raise ValueError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
+                         f"vectors of dimension {det.index_.dim}")
+    return det
