@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 
 def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, spread: float = 0.3,
@@ -26,3 +27,16 @@ def toy_set():
     gen = torch.Generator().manual_seed(2)
     ood = torch.rand((30, 5), generator=gen) * 6.0 + 3.0
     return x, y, ood
+
+
+class DictDataset(Dataset):
+    """Samples as OpenOOD's loaders give them: dicts with ``data`` and ``label``."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"data": self.x[i], "label": self.y[i]}

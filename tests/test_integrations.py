@@ -4,8 +4,9 @@ import sys
 
 import numpy as np
 import torch
+from conftest import DictDataset
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from grood import GROOD, ood_metrics
 from grood.integrations.openood import GROODPostprocessor
@@ -41,19 +42,8 @@ def _images(n, seed, ood=False):
     return x, (torch.full((n,), -1) if ood else y)
 
 
-class Dicts(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"data": self.x[i], "label": self.y[i]}
-
-
 def _loader(n, seed, ood=False):
-    return DataLoader(Dicts(*_images(n, seed, ood)), batch_size=16)
+    return DataLoader(DictDataset(*_images(n, seed, ood)), batch_size=16)
 
 
 def _trained_net():
@@ -73,7 +63,7 @@ def test_openood_protocol_on_an_openood_style_net():
     id_loaders = {"train": _loader(120, 0), "val": _loader(30, 1), "test": _loader(60, 2)}
     ood_loaders = {"val": _loader(30, 3, ood=True),
                    "near": {"bars": _loader(60, 4, ood=True)},
-                   "far": {"noise": DataLoader(Dicts(torch.rand(60, 1, 8, 8),
+                   "far": {"noise": DataLoader(DictDataset(torch.rand(60, 1, 8, 8),
                                                      torch.full((60,), -1)), batch_size=16)}}
     for source in ("mean", "val", "noise"):
         post = GROODPostprocessor(ood_prototype=source)

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from conftest import DictDataset
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from grood import GROOD, Mixup, UniformNoise
 from grood.extract import FeatureExtractor, check_split, split_model
@@ -56,17 +57,6 @@ def _images(n=60, seed=0):
     return x, y
 
 
-class DictData(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"data": self.x[i], "label": self.y[i]}
-
-
 @pytest.mark.parametrize("style", ["tuple", "dict", "tensor"])
 def test_loaders_of_each_style(style):
     x, y = _images()
@@ -75,7 +65,7 @@ def test_loaders_of_each_style(style):
     if style == "tuple":
         loader = DataLoader(TensorDataset(x, y), batch_size=16)
     elif style == "dict":
-        loader = DataLoader(DictData(x, y), batch_size=16)
+        loader = DataLoader(DictDataset(x, y), batch_size=16)
     else:
         loader = [x[i:i + 16] for i in range(0, 60, 16)]
     feats, logits, labels = ex.extract(loader)
