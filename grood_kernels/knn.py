@@ -4,11 +4,11 @@ For queries ``q`` [Q, D] and database rows ``x`` [M, D]::
 
     d(q, x) = ||q||^2 + ||x||^2 - 2 q.x        (GEMM, tile by tile, clamped at 0)
 
-Program (pid_q, pid_s) owns ``BLOCK_Q`` queries and the ``pid_s``-th of ``SPLIT`` contiguous
+Program (pid_q, pid_s) owns ``BLOCK_Q`` queries and the ``pid_s``-th of ``n_split`` contiguous
 ranges of the database, so small query batches still fill the GPU. It walks its range in
 ``BLOCK_M`` rows, each a ``tl.dot`` over ``BLOCK_D`` slices of D, and keeps the ``N_CAND``
 nearest rows per query in registers; no [Q, M] matrix is ever written. The launcher merges
-the SPLIT candidate lists, recomputes the distances of the best ``k + RERANK_EXTRA`` exactly
+the n_split candidate lists, recomputes the distances of the best ``k + RERANK_EXTRA`` exactly
 from differences in fp32, and returns the k nearest, so the result matches exact fp32 search
 even when the GEMM runs on tensor cores (``tf32``, ``bf16``). Ties go to the lower index.
 The same computation in PyTorch is :func:`grood.functional.knn`.
@@ -30,9 +30,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def launch_config(n_q: int, n_db: int, precision: str) -> tuple[int, int, int, int, int]:
-    """One known-good configuration: (BLOCK_Q, BLOCK_M, BLOCK_D, SPLIT, num_warps).
+    """One known-good configuration: (BLOCK_Q, BLOCK_M, BLOCK_D, split, num_warps).
 
-    SPLIT divides the database among programs until about 512 programs are in flight.
+    ``split`` divides the database among programs until about 512 programs are in flight.
     """
     block_q = min(64, max(16, triton.next_power_of_2(n_q)))
     block_m = 128 if precision != "ieee" else 64
@@ -47,10 +47,10 @@ def launch_config(n_q: int, n_db: int, precision: str) -> tuple[int, int, int, i
 @triton.jit
 def _knn_candidates_kernel(
     q_ptr, x_ptr, qsq_ptr, xsq_ptr, out_d_ptr, out_i_ptr,
-    Q, M, D, rows_per_split,
+    Q, M, D, rows_per_split, n_split,
     stride_qn, stride_qd, stride_xm, stride_xd,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_CAND: tl.constexpr, SPLIT: tl.constexpr, DOT_MODE: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     pid_q = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -93,7 +93,7 @@ def _knn_candidates_kernel(
         # Insert this tile's nearest rows into the candidates, replacing the worst.
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M)
 
-    out = (offs_q[:, None] * SPLIT + pid_s) * N_CAND + slots[None, :]
+    out = (offs_q[:, None] * n_split + pid_s) * N_CAND + slots[None, :]
     tl.store(out_d_ptr + out, cand_d, mask=mask_q[:, None])
     tl.store(out_i_ptr + out, cand_i, mask=mask_q[:, None])
 
@@ -162,10 +162,10 @@ def knn(
     grid = (triton.cdiv(n_q, block_q), split)
     _knn_candidates_kernel[grid](
         queries, database, q_sq, x_sq, cand_d, cand_i,
-        n_q, n_db, d, rows_per_split,
+        n_q, n_db, d, rows_per_split, split,
         queries.stride(0), queries.stride(1), database.stride(0), database.stride(1),
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d,
-        N_CAND=n_cand, SPLIT=split, DOT_MODE=DOT_MODES[precision], num_warps=num_warps,
+        N_CAND=n_cand, DOT_MODE=DOT_MODES[precision], num_warps=num_warps,
     )
     # Merge the per-split lists, then re-rank the best n_keep by exact fp32 distances.
     cand_d, cand_i = cand_d.view(n_q, -1), cand_i.view(n_q, -1)
