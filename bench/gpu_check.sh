@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One prepared call for a GPU machine: the kernel tests with compiled Triton (not the
+# interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md.
+#
+# The lent machines have torch, triton and pytest but not tqdm or safetensors: carry their
+# wheels (and faiss-cpu's, for the report's faiss row) as the device README describes and put
+# them on PYTHONPATH before calling this script. REPEAT sets the timed runs per entry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python - <<'PY'
+import sys
+
+import torch
+import triton
+
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh needs a CUDA device")
+print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
+PY
+python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py \
+    tests/test_kernel_knn.py
+python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
