@@ -2,9 +2,9 @@
 # One prepared call for a GPU machine: the kernel tests with compiled Triton (not the
 # interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md.
 #
-# The lent machines have torch, triton and pytest but not tqdm or safetensors: carry their
-# wheels (and faiss-cpu's, for the report's faiss row) as the device README describes and put
-# them on PYTHONPATH before calling this script. REPEAT sets the timed runs per entry.
+# The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
+# (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
+# report says faiss is not installed. REPEAT sets the timed runs per entry (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
