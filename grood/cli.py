@@ -203,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ignore-logits", action="store_true",
                      help="decide which samples are correct by the nearest prototype even if "
                           "the file has logits")
-    fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                     help="implementation of the hot paths (default: auto)")
     fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
-    fit.add_argument("--batch-size", type=int, default=4096)
+    fit.add_argument("--batch-size", type=int, default=4096,
+                     help="rows per batch (default: %(default)s)")
     fit.add_argument("--distributed", action="store_true",
                      help="under torchrun: every rank fits on its block of rows; saves one "
                           "shard per rank and a manifest at --out")
@@ -218,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("detector", help="detector file written by 'grood fit'")
     score.add_argument("features", help="feature file to score")
     score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
-    score.add_argument("--device", default=None)
-    score.add_argument("--batch-size", type=int, default=None)
+    score.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    score.add_argument("--batch-size", type=int, default=None,
+                       help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun, with a sharded detector: every rank scores its "
                             "block of rows against all shards; rank 0 writes --out")
@@ -233,15 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--id", required=True, help="in-distribution test feature file")
     ev.add_argument("--ood", required=True, nargs="+", help="OOD feature file(s)")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     ev.set_defaults(func=_cmd_eval)
     from grood.bench import add_arguments
 
     bench = sub.add_parser(
-        "bench", help="check the gradient step on the device, then time it",
-        description="Check the Triton kernel against the float64 torch twin on realistic "
-                    "features in every precision mode, then time it against the plain torch "
-                    "closed form and the per-sample autograd reference (one Markdown report).")
+        "bench", help="check the kernels on the device, then time them (Markdown report)",
+        description="Check the Triton kernels (gradient step and exact search) against "
+                    "float64 on realistic features in every precision mode, then time them "
+                    "against plain torch in the same precision, the per-sample autograd "
+                    "reference and faiss-cpu (one Markdown report).")
     add_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
     return parser
