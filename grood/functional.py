@@ -101,15 +101,21 @@ PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 NCP_CANDIDATES = 4
 
 
-def pow2_scale(max_abs: float) -> float:
-    """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``max_abs``.
+def max_abs(x: Tensor) -> float:
+    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
+
+
+def pow2_scale(magnitude: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``magnitude``.
 
     Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
     latter do not overflow or underflow.
     """
-    if max_abs == 0.0 or not math.isfinite(max_abs) or 2.0**-20 <= max_abs <= 2.0**20:
+    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
         return 1.0
-    return 2.0 ** round(math.log2(max_abs))
+    return 2.0 ** round(math.log2(magnitude))
 
 
 def check_precision(precision: str) -> None:
@@ -192,7 +198,7 @@ def ncp_gradient(
     if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
         raise ValueError(f"prototype_sq_norms must have shape [{c}], "
                          f"got {tuple(prototype_sq_norms.shape)}")
-    proto_max = max(float(prototypes.abs().max()), float(ood_prototype.abs().max()))
+    proto_max = max(max_abs(prototypes), max_abs(ood_prototype))
     scaled: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def centred_at(sc: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -219,7 +225,7 @@ def ncp_gradient(
         r1 = min(r0 + bn, n)
         # Work in units of a power of two near the largest magnitude (exact rescaling), so
         # squared distances neither overflow nor underflow for huge or tiny features.
-        sc = pow2_scale(max(float(h[r0:r1].abs().max()), proto_max))
+        sc = pow2_scale(max(max_abs(h[r0:r1]), proto_max))
         p_o, centred, centred_sq, gemm_protos = centred_at(sc)
         u = h[r0:r1].to(dt) / sc - p_o  # [bn, D], in units of sc
         u_norm = torch.linalg.vector_norm(u, dim=1)  # [bn]

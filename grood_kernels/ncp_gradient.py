@@ -49,12 +49,18 @@ class NCPGradient(NamedTuple):
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def pow2_scale(max_abs: float) -> float:
-    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``max_abs`` (the same
+def _max_abs(x: torch.Tensor) -> float:
+    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
+
+
+def pow2_scale(magnitude: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``magnitude`` (the same
     rule as ``grood.functional.pow2_scale``)."""
-    if max_abs == 0.0 or not math.isfinite(max_abs) or 2.0**-20 <= max_abs <= 2.0**20:
+    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
         return 1.0
-    return 2.0 ** round(math.log2(max_abs))
+    return 2.0 ** round(math.log2(magnitude))
 
 
 def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, int]:
@@ -248,7 +254,7 @@ def ncp_gradient(
 
     # Work in units of a power of two near the largest magnitude (exact rescaling), so
     # squared distances neither overflow nor underflow for huge or tiny features.
-    biggest = max(float(t.abs().max()) for t in (h, prototypes, ood_prototype)) if n else 0.0
+    biggest = max(_max_abs(t) for t in (h, prototypes, ood_prototype)) if n else 0.0
     scale = pow2_scale(biggest)
     p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
     if prototype_sq_norms is None or scale != 1.0:
