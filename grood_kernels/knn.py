@@ -99,7 +99,9 @@ def _knn_candidates_kernel(
 
 
 def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
-    return torch.cat([(b.to(torch.float32) ** 2).sum(1) for b in x.split(block)])
+    """``||x||^2`` per row in fp32, by a fused reduction (no squared copy of ``x``)."""
+    return torch.cat([torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).square()
+                      for b in x.split(block)])
 
 
 def knn(
