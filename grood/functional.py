@@ -259,8 +259,7 @@ def ncp_gradient(
             acc = acc * torch.exp(m - m_new) + torch.exp(-dist.to(sm) - m_new[:, None]).sum(1)
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum.
-        exact = torch.stack([torch.linalg.vector_norm(u - centred[cand_i[:, j]], dim=1)
-                             for j in range(n_cand)], dim=1) * sc  # [bn, n_cand]
+        exact = torch.linalg.vector_norm(u[:, None, :] - centred[cand_i], dim=2) * sc
         rest = (acc - torch.exp(-cand_d.to(sm) - m[:, None]).sum(1)).clamp_min_(0)
         # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
         row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact.to(sm), dim=1))
