@@ -77,8 +77,7 @@ def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, 
     Order is (distance, global id), so equal distances go to the lower id, as in one process;
     missing entries (id -1) sort last.
     """
-    d, i = torch.cat(dists, dim=1), torch.cat(ids, dim=1)
-    by_id = torch.argsort(torch.where(i < 0, torch.iinfo(torch.int64).max, i), dim=1)
-    d, i = d.gather(1, by_id), i.gather(1, by_id)
-    by_d = torch.sort(d, dim=1, stable=True).indices[:, :k]
-    return d.gather(1, by_d), i.gather(1, by_d)
+    from grood.functional import lex_sort
+
+    d, i = lex_sort(torch.cat(dists, dim=1), torch.cat(ids, dim=1))
+    return d[:, :k], i[:, :k]

@@ -263,7 +263,7 @@ def ncp_gradient(
         rest = (acc - torch.exp(-cand_d.to(sm) - m[:, None]).sum(1)).clamp_min_(0)
         # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
         row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact.to(sm), dim=1))
-        exact, cand_i = _lex_sort(exact, cand_i)
+        exact, cand_i = lex_sort(exact, cand_i)
         q = torch.exp(-d_ood.to(sm) - row_lse)
         u_norm64 = u_norm.to(sm)
         scale = torch.where(u_norm64 > 0, q / torch.where(u_norm64 > 0, u_norm64, 1.0),
@@ -332,7 +332,7 @@ def class_prototypes(
     return PrototypeState(sums, counts)
 
 
-def _lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each row by (distance, index); index -1 (no candidate) sorts last among equals."""
     by_i = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
     dist, idx = dist.gather(1, by_i), idx.gather(1, by_i)
@@ -342,7 +342,7 @@ def _lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):
     """Keep the k smallest of two candidate lists, lower index first among equal distances."""
-    cand_d, cand_i = _lex_sort(torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1))
+    cand_d, cand_i = lex_sort(torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1))
     return cand_d[:, :k], cand_i[:, :k]
 
 
@@ -429,7 +429,7 @@ def knn(
             if bool(rows.any()):
                 diff = q[rows] - database[best_i[rows, j]].to(dt)
                 exact[rows, j] = (diff * diff).sum(1)
-        exact, best_i = _lex_sort(exact, best_i)
+        exact, best_i = lex_sort(exact, best_i)
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i
 

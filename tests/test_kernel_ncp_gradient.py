@@ -191,6 +191,8 @@ def test_detector_on_the_triton_backend_matches_torch():
 
 def test_contract_constants_agree_with_the_torch_twin():
     assert kernel_module.NCP_CANDIDATES == functional.NCP_CANDIDATES
+    for m in (0.0, 1e-30, 2.0**-21, 1e-6, 1.0, 2.0**20, 3e7, 1e30, float("inf")):
+        assert kernel_module.pow2_scale(m) == functional.pow2_scale(m)
     assert tuple(kernel_module.DOT_MODES) == functional.PRECISIONS
     assert kernel_module.NCPGradient._fields == functional.NCPGradient._fields
 
