@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from datetime import date
+from functools import partial
 
 import torch
 
 from grood import __version__, functional
-
-
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from grood.bench import median_time
 
 
 def _check_ncp(h, protos, p_ood) -> float:
@@ -66,27 +56,25 @@ def main() -> None:
         h = torch.rand(n, d, generator=gen)
         protos = torch.rand(c, d, generator=gen)
         p_ood = protos.mean(0)
-        err = _check_ncp(h, protos, p_ood)
-        t_op = _time(lambda h=h, p=protos, o=p_ood: functional.ncp_gradient(h, p, o),
-                     args.repeat)
-        t_mm = _time(lambda h=h, p=protos: h @ p.T, args.repeat)
-        t_pass = _time(lambda h=h: h * 2, args.repeat)
-        flops = 2.0 * n * c * d
-        print(f"| ncp_gradient | N={n} C={c} D={d} | {1e3 * t_op:.1f} | "
-              f"{flops / t_op / 1e9:.1f} | {1e3 * t_mm:.1f} | {t_op / t_mm:.2f} | "
-              f"{1e3 * t_pass:.1f} | q_ood max rel err {err:.1e} |")
+        _row(args.repeat, f"ncp_gradient | N={n} C={c} D={d}",
+             partial(functional.ncp_gradient, h, protos, p_ood), h, protos,
+             f"q_ood max rel err {_check_ncp(h, protos, p_ood):.1e}")
     for q, m, d in knn_shapes:
         queries = torch.rand(q, d, generator=gen)
         db = torch.rand(m, d, generator=gen)
-        recall = _check_knn(queries, db)
-        t_op = _time(lambda a=queries, b=db: functional.knn(a, b, 1), args.repeat)
-        t_mm = _time(lambda a=queries, b=db: a @ b.T, args.repeat)
-        t_pass = _time(lambda b=db: b * 2, args.repeat)
-        flops = 2.0 * q * m * d
-        print(f"| knn k=1 | Q={q} M={m} D={d} | {1e3 * t_op:.1f} | {flops / t_op / 1e9:.1f} | "
-              f"{1e3 * t_mm:.1f} | {t_op / t_mm:.2f} | {1e3 * t_pass:.1f} | "
-              f"recall@1 vs fp64 {recall:.3f} |")
+        _row(args.repeat, f"knn k=1 | Q={q} M={m} D={d}", partial(functional.knn, queries, db, 1),
+             queries, db, f"recall@1 vs fp64 {_check_knn(queries, db):.3f}")
 
+
+def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: str) -> None:
+    """Time ``op`` against ``a @ b.T`` (same FLOPs) and one pass over the larger input."""
+    t_op = median_time(op, "cpu", repeat)
+    t_mm = median_time(partial(torch.mm, a, b.T), "cpu", repeat)
+    big = a if a.numel() >= b.numel() else b
+    t_pass = median_time(partial(torch.mul, big, 2), "cpu", repeat)
+    flops = 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
+    print(f"| {label} | {1e3 * t_op:.1f} | {flops / t_op / 1e9:.1f} | {1e3 * t_mm:.1f} | "
+          f"{t_op / t_mm:.2f} | {1e3 * t_pass:.1f} | {check} |")
 
 if __name__ == "__main__":
     main()

@@ -97,25 +97,25 @@ def autograd_reference(h: Tensor, protos: Tensor, p_ood: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], object], device: str, repeat: int) -> float:
+def median_time(fn: Callable[[], object], device: str, repeat: int) -> float:
     fn()  # compile / warm up
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeat):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def _peak_extra_mib(fn: Callable[[], object], device: str) -> float:
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
     """Peak device memory during ``fn`` beyond what was allocated before, minus its outputs."""
     if device != "cuda":
         return float("nan")
@@ -130,7 +130,7 @@ def _peak_extra_mib(fn: Callable[[], object], device: str) -> float:
     return (peak - before - kept) / 2**20
 
 
-def _peak_for(device: str) -> dict[str, float] | None:
+def device_peaks(device: str) -> dict[str, float] | None:
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
@@ -162,25 +162,26 @@ def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
             continue  # the interpreter's bf16 dot is not the hardware's
         if backend == "torch" and precision != "tf32x3":
             # The plain closed form (no exact re-ranking), for comparison.
-            grad, q, pred = torch_closed_form(id_x, protos, p_ood, precision)
-            g_err = float(((grad.double() - ref.grad).norm(dim=1)
-                           / ref.grad.norm(dim=1).clamp_min(1e-30)).max())
-            q_err = float(((q.double() - ref.q_ood).abs() / ref.q_ood).max())
-            changed = float((pred != ref.pred).double().mean())
+            g_err, q_err, changed = _errors(*torch_closed_form(id_x, protos, p_ood, precision),
+                                            ref)
             lines.append(f"| torch closed form | {precision} | {g_err:.2e} | {q_err:.2e} | "
                          f"{100 * changed:.3f} % | n/a | n/a |")
-        op = _op(backend)
-        res = op(id_x, protos, p_ood, precision=precision)
-        g_err = float(((res.grad.double() - ref.grad).norm(dim=1)
-                       / ref.grad.norm(dim=1).clamp_min(1e-30)).max())
-        q_err = float(((res.q_ood.double() - ref.q_ood).abs() / ref.q_ood).max())
-        changed = float((res.pred != ref.pred).double().mean())
+        res = _op(backend)(id_x, protos, p_ood, precision=precision)
+        g_err, q_err, changed = _errors(res.grad, res.q_ood, res.pred, ref)
         det = GROOD(backend=backend, precision=precision, device=device).fit(x, y)
         auroc = ood_metrics(det.score_samples(id_x).cpu(), det.score_samples(ood_x).cpu())[
             "auroc"]
         lines.append(f"| {backend} | {precision} | {g_err:.2e} | {q_err:.2e} | "
                      f"{100 * changed:.3f} % | {auroc:.6f} | {auroc - ref_auroc:+.1e} |")
     return lines
+
+
+def _errors(grad: Tensor, q: Tensor, pred: Tensor, ref) -> tuple[float, float, float]:
+    """Max relative error of grad (per row) and q_ood against ``ref``; fraction of changed pred."""
+    g_err = float(((grad.double() - ref.grad).norm(dim=1)
+                   / ref.grad.norm(dim=1).clamp_min(1e-30)).max())
+    q_err = float(((q.double() - ref.q_ood).abs() / ref.q_ood).max())
+    return g_err, q_err, float((pred != ref.pred).double().mean())
 
 
 def _op(backend: str):
@@ -203,23 +204,23 @@ def timing_table(device: str, backends: list[str], shapes, repeat: int) -> list[
 
 def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[str],
                 repeat: int) -> list[str]:
-    peaks = _peak_for(device)
+    peaks = device_peaks(device)
     h, _ = realistic_features(n, c, d, seed=3, device=device)
     protos, _ = realistic_features(c, c, d, seed=4, device=device)
     p_ood = protos.mean(0)
     n_auto = min(n, 64)
-    t_auto = _time(partial(autograd_reference, h[:n_auto], protos, p_ood), device, 1)
+    t_auto = median_time(partial(autograd_reference, h[:n_auto], protos, p_ood), device, 1)
     auto_rate = n_auto / t_auto
     flops = 2.0 * n * c * d
     lines = []
     for precision in PRECISIONS:
-        t_ref = _time(partial(torch_closed_form, h, protos, p_ood, precision), device, repeat)
+        t_ref = median_time(partial(torch_closed_form, h, protos, p_ood, precision), device, repeat)
         for backend in backends:
             if backend == "triton" and precision == "bf16" and device != "cuda":
                 continue  # the interpreter's bf16 dot is not the hardware's
             call = partial(_op(backend), h, protos, p_ood, precision=precision)
-            t = _time(call, device, repeat)
-            mem = _peak_extra_mib(call, device)
+            t = median_time(call, device, repeat)
+            mem = peak_extra_mib(call, device)
             peak = f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks else "n/a"
             lines.append(
                 f"| {name} | {n} | {c} | {d} | {backend} | {precision} | {1e3 * t:.3f} | "

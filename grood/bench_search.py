@@ -17,11 +17,11 @@ from torch import Tensor
 from grood import functional
 from grood.bench import (
     PRECISIONS,
-    _peak_extra_mib,
-    _peak_for,
-    _sync,
-    _time,
+    device_peaks,
+    median_time,
+    peak_extra_mib,
     realistic_features,
+    synchronize,
 )
 
 FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
@@ -122,7 +122,7 @@ def _faiss_rate(device: str, d: int, tiny: bool) -> str:
 def search_timing_table(device: str, backends: list[str], tiny: bool,
                         repeat: int) -> list[str]:
     """1-NN search timings against torch GEMM + min in the same precision."""
-    peaks = _peak_for(device)
+    peaks = device_peaks(device)
     lines = ["| shape | Q | M | D | backend | precision | storage | s | queries/s | TFLOP/s | "
              "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -138,13 +138,14 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
             storages = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
             for storage in storages:
                 data = db if storage == torch.float32 else db.to(storage)
-                t_ref = _time(partial(torch_gemm_min, queries, data, precision), device, repeat)
+                t_ref = median_time(partial(torch_gemm_min, queries, data, precision), device,
+                                    repeat)
                 for backend in backends:
                     if backend == "triton" and precision == "bf16" and device != "cuda":
                         continue
                     call = partial(_knn_op(backend), queries, data, 1, precision=precision)
-                    t = _time(call, device, repeat)
-                    mem = _peak_extra_mib(call, device)
+                    t = median_time(call, device, repeat)
+                    mem = peak_extra_mib(call, device)
                     _, idx = _knn_op(backend)(queries[:n_check], data, 1, precision=precision)
                     recall = float((idx[:, 0] == ref_i).double().mean())
                     peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks
@@ -171,5 +172,5 @@ def _exact_reference(queries: Tensor, database: Tensor, chunk: int = 65536) -> T
         v, i = d.min(1)
         better = v < best
         best, arg = torch.where(better, v, best), torch.where(better, i + m0, arg)
-    _sync(str(queries.device.type))
+    synchronize(str(queries.device.type))
     return arg
