@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grood_kernels._launch import KernelLaunch, run
 from grood_kernels._topk import insert_nearest
 
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
@@ -104,6 +105,38 @@ def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
                       for b in x.split(block)])
 
 
+def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, precision: str,
+          cfg: tuple[int, int, int, int, int], rows_per_split: int) -> KernelLaunch:
+    """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
+    block_q, block_m, block_d, split, num_warps = cfg
+    n_q, d = queries.shape
+    return KernelLaunch(
+        _knn_candidates_kernel, (triton.cdiv(n_q, block_q), split),
+        (queries, database, q_sq, x_sq, cand_d, cand_i,
+         n_q, database.shape[0], d, rows_per_split, split,
+         queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
+        {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_D": block_d,
+         "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision]},
+        num_warps, 3)
+
+
+def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
+                     dtype=torch.float32, storage=None,
+                     configs: str = "launcher") -> list[KernelLaunch]:
+    """The launches :func:`knn` makes at this shape, on ``meta`` tensors (for the compile
+    report). There are no autotuning candidates, so ``configs`` changes nothing."""
+    def meta(*shape, dt=torch.float32):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    block_q, block_m, block_d, split, num_warps = launch_config(n_q, n_db, precision)
+    rows_per_split = triton.cdiv(triton.cdiv(n_db, split), block_m) * block_m
+    split = triton.cdiv(n_db, rows_per_split)
+    n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
+    return [_plan(meta(n_q, d, dt=dtype), meta(n_db, d, dt=storage or dtype), meta(n_q), meta(n_db),
+                  meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int64), precision,
+                  (block_q, block_m, block_d, split, num_warps), rows_per_split)]
+
+
 def knn(
     queries: torch.Tensor,
     database: torch.Tensor,
@@ -161,14 +194,8 @@ def knn(
     split = triton.cdiv(n_db, rows_per_split)
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
     cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int64, device=dev)
-    grid = (triton.cdiv(n_q, block_q), split)
-    _knn_candidates_kernel[grid](
-        queries, database, q_sq, x_sq, cand_d, cand_i,
-        n_q, n_db, d, rows_per_split, split,
-        queries.stride(0), queries.stride(1), database.stride(0), database.stride(1),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d,
-        N_CAND=n_cand, DOT_MODE=DOT_MODES[precision], num_warps=num_warps,
-    )
+    run(_plan(queries, database, q_sq, x_sq, cand_d, cand_i, precision,
+              (block_q, block_m, block_d, split, num_warps), rows_per_split))
     # Merge the per-split lists, then re-rank the best n_keep by exact fp32 distances.
     cand_d, cand_i = cand_d.view(n_q, -1), cand_i.view(n_q, -1)
     n_keep = min(n_keep, cand_d.shape[1])

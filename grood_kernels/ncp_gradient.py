@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grood_kernels._launch import KernelLaunch, run
 from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
 
@@ -207,6 +208,38 @@ def _ncp_gradient_kernel(
                  u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
 
 
+def _plan(h, prototypes, p_o, p_sq, outputs, scale: float, precision: str,
+          cfg: tuple[int, int, int, int]) -> KernelLaunch:
+    """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
+    grad, q_ood, pred, min_dist, lse = outputs
+    n, d = h.shape
+    block_n, block_c, block_d, num_warps = cfg
+    return KernelLaunch(
+        _ncp_gradient_kernel, (triton.cdiv(n, block_n),),
+        (h, prototypes, p_o, p_sq, grad, q_ood, pred, min_dist, lse,
+         n, prototypes.shape[0], d, scale, 1.0 / scale,
+         h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
+         grad.stride(0), grad.stride(1)),
+        {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_D": block_d,
+         "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
+        num_warps, 3)
+
+
+def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
+                     configs: str = "launcher") -> list[KernelLaunch]:
+    """The launches :func:`ncp_gradient` makes at this shape, on ``meta`` tensors (for the
+    compile report); ``configs="all"`` adds every autotuning candidate."""
+    def meta(*shape, dt=torch.float32):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
+    cfgs = [block_sizes(n, c, d, precision)]
+    if configs == "all":
+        cfgs += [cfg for cfg in TUNE_CONFIGS if cfg not in cfgs]
+    return [_plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), meta(d), meta(c), outs, 1.0,
+                  precision, cfg) for cfg in cfgs]
+
+
 def ncp_gradient(
     h: torch.Tensor,
     prototypes: torch.Tensor,
@@ -276,17 +309,8 @@ def ncp_gradient(
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
     def launch(cfg: tuple[int, int, int, int]) -> None:
-        block_n, block_c, block_d, num_warps = cfg
-        _ncp_gradient_kernel[(triton.cdiv(n, block_n),)](
-            h, prototypes, p_o, p_sq,
-            grad, q_ood, pred, min_dist, lse,
-            n, c, d, scale, 1.0 / scale,
-            h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
-            grad.stride(0), grad.stride(1),
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
-            N_CAND=NCP_CANDIDATES, DOT_MODE=DOT_MODES[precision],
-            num_warps=num_warps,
-        )
+        run(_plan(h, prototypes, p_o, p_sq, (grad, q_ood, pred, min_dist, lse), scale,
+                  precision, cfg))
 
     if autotune_enabled(h.device):
         key = (precision, h.dtype, triton.next_power_of_2(c), triton.next_power_of_2(d),

@@ -1,0 +1,380 @@
+"""Compile report: what every shipped kernel launch compiles to, and a traffic/roofline model.
+
+    python bench/compile_report.py                       # every kernel, mode, shape, sm_90a + sm_100a
+    python bench/compile_report.py --kernel knn --arch sm_90a --json out.json --dump dumps/
+    python bench/compile_report.py --configs all         # every autotuning candidate too
+    grood bench --compile ...                            # the same
+
+No GPU is needed. Each kernel module describes its launches with ``compile_launches`` (the
+same :class:`grood_kernels._launch.KernelLaunch` its launcher runs, built on ``meta``
+tensors), so the configuration compiled here is the one the launcher picks at that shape.
+Each is compiled with ``triton.compile`` for the target, assembled with the ``ptxas-blackwell``
+shipped in the triton wheel (registers, spills) and disassembled with ``cuobjdump`` (MMA
+instructions); TTGIR gives the MMA kind and how many wgmma groups stay in flight.
+
+The model (:mod:`bench.traffic_model`) follows each kernel's tile schedule and gives FLOPs,
+bytes from HBM, bytes through L2 and the lower-bound time under each roof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import traffic_model  # noqa: E402
+
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+#: (label, N, C, D) for the gradient step: the GPU report's shapes.
+NCP_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
+              ("ImageNet-1k", 65536, 1000, 2048), ("C=21841", 65536, 21841, 1024)]
+#: (label, Q, M, D) for exact search.
+KNN_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
+#: One small shape per kernel, for the test suite.
+SMALL = {"ncp_gradient": [("small", 256, 10, 64)], "knn": [("small", 256, 4096, 64)]}
+ARCHS = {"sm_90a": 90, "sm_100a": 100}
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling one launch
+
+def _type_of(value) -> tuple[str, bool]:
+    """Triton's runtime specialisation of one argument: (type, divisible by 16)."""
+    if isinstance(value, torch.Tensor):
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+        # The CUDA caching allocator returns 256-byte aligned blocks; meta tensors model that.
+        return "*" + names[value.dtype], True
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot describe kernel argument {value!r}")
+
+
+def specialise(launch) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``ASTSource``, as the JIT would build them:
+    integers equal to 1 become constants, aligned pointers and integers divisible by 16 carry
+    ``tt.divisibility``."""
+    names = launch.fn.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(names, launch.args)):
+        if isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+            continue
+        ty, div16 = _type_of(value)
+        signature[name] = ty
+        if div16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    for name, value in launch.constexprs.items():
+        signature[name], constexprs[name] = "constexpr", value
+    missing = [n for n in names if n not in signature]
+    if missing:
+        raise ValueError(f"launch of {launch.fn.__name__} lacks arguments {missing}")
+    return {n: signature[n] for n in names}, constexprs, attrs
+
+
+def _tool(name: str) -> Path | None:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
+def compile_launch(launch, arch: str) -> dict:
+    """Compile (and assemble, where ``ptxas-blackwell`` exists) one launch for ``arch``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialise(launch)
+    src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+                                  options={"num_warps": launch.num_warps,
+                                           "num_stages": launch.num_stages})
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    rec = {"smem_bytes": int(compiled.metadata.shared), "ttgir": ttgir, "ptx": ptx,
+           "mma": mma_kind(ttgir), "wgmma_pendings": wgmma_pendings(ttgir),
+           "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
+           "cubin": None, "sass_counts": {}, "assembler": None}
+    ptxas = _tool("ptxas-blackwell")
+    if ptxas is None:
+        rec["assembler"] = "ptxas-blackwell not found in this triton: TTGIR facts only"
+        return rec
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path, cubin_path = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx_path.write_text(ptx)
+        out = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx_path), "-o",
+                              str(cubin_path)], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            rec["assembler"] = f"ptxas-blackwell failed: {out.stderr.strip()[:300]}"
+            return rec
+        rec.update(parse_ptxas(out.stdout + out.stderr))
+        rec["assembler"] = "ptxas-blackwell"
+        rec["cubin"] = cubin_path.read_bytes()
+        cuobjdump = _tool("cuobjdump")
+        if cuobjdump is not None:
+            sass = subprocess.run([str(cuobjdump), "-sass", str(cubin_path)],
+                                  capture_output=True, text=True, check=False).stdout
+            rec["sass_counts"] = sass_counts(sass)
+    return rec
+
+
+def parse_ptxas(text: str) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` output."""
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None}
+
+
+def mma_kind(ttgir: str) -> str:
+    """The GEMM path TTGIR shows: wgmma, tcgen05, mma.sync or FMA."""
+    if "ttng.warp_group_dot " in ttgir or "ttng.warp_group_dot\n" in ttgir:
+        return "wgmma"
+    if "ttng.tc_gen5_mma" in ttgir:
+        return "tcgen05"
+    if "tt.dot" in ttgir:
+        return "mma.sync" if "#ttg.nvidia_mma" in ttgir else "FMA"
+    return "none"
+
+
+def wgmma_pendings(ttgir: str) -> int | None:
+    """The smallest ``pendings`` of the wgmma waits inside loops (None without wgmma)."""
+    waits = [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
+    if "ttng.warp_group_dot " not in ttgir:
+        return None
+    if not waits:
+        return None
+    # The wait inside the K-loop decides the overlap; the wait after the loop drains to 0.
+    in_loop = _waits_in_loops(ttgir)
+    return min(in_loop) if in_loop else min(waits)
+
+
+def _waits_in_loops(ttgir: str) -> list[int]:
+    """``pendings`` of the wgmma waits that sit inside an ``scf.for`` body."""
+    depth, found = 0, []
+    for line in ttgir.splitlines():
+        m = re.search(r"warp_group_dot_wait[^\n]*pendings = (\d+)", line)
+        if m and depth > 0:
+            found.append(int(m.group(1)))
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            depth += 1
+        elif line.strip().startswith("}") and depth > 0 and "scf.yield" not in line:
+            depth -= line.strip().count("}")
+            depth = max(depth, 0)
+    return found
+
+
+def sass_counts(sass: str) -> dict[str, int]:
+    """Counts of the SASS instructions that say how the GEMM runs."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    keep = ("HGMMA", "HMMA", "FFMA", "FFMA2", "UTCHMMA", "UTCQMMA", "UTCOMMA", "UTCMMA",
+            "LDL", "STL")
+    return {op: sum(1 for o in ops if o == op) for op in keep if op in ops}
+
+
+def ctas_per_sm(registers: int | None, num_warps: int, smem: int) -> tuple[int, str]:
+    """Resident programs per SM (Hopper and Blackwell limits) and the binding limit."""
+    limits = {"threads": 2048 // (32 * num_warps), "CTA slots": 32}
+    if registers:
+        per_warp = math.ceil(registers * 32 / 256) * 256  # allocated per warp, 256 at a time
+        limits["registers"] = 65536 // (per_warp * num_warps)
+    # 228 KB per SM with 1 KB reserved per resident block.
+    limits["shared memory"] = (228 * 1024) // (smem + 1024)
+    binding = min(limits, key=lambda k: limits[k])
+    return limits[binding], binding
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+def kernel_cases(kernels, shapes: str):
+    """(kernel, label, dims) for the requested kernels and shape set."""
+    for kernel in kernels:
+        table = SMALL[kernel] if shapes == "small" else (
+            NCP_SHAPES if kernel == "ncp_gradient" else KNN_SHAPES)
+        for label, *dims in table:
+            yield kernel, label, tuple(dims)
+
+
+def precisions_of(kernel: str) -> list[str]:
+    """Precision modes (and, for search, index storage) each kernel is compiled in."""
+    if kernel == "knn":
+        return [*PRECISIONS, "bf16-storage"]
+    return list(PRECISIONS)
+
+
+def launches(kernel: str, dims, precision: str, configs: str):
+    import importlib
+
+    module = importlib.import_module(f"grood_kernels.{kernel}")
+    if kernel == "knn" and precision == "bf16-storage":
+        return module.compile_launches(*dims, "bf16", storage=torch.bfloat16, configs=configs)
+    return module.compile_launches(*dims, precision, configs=configs)
+
+
+def build_records(kernels, archs, precisions, shapes: str = "full", configs: str = "launcher",
+                  dump: Path | None = None, progress: bool = True) -> list[dict]:
+    """Compile every (kernel, shape, precision, arch, configuration); one record each."""
+    records = []
+    for kernel, label, dims in kernel_cases(kernels, shapes):
+        for precision in precisions_of(kernel):
+            if precisions and precision not in precisions:
+                continue
+            for arch in archs:
+                for i, launch in enumerate(launches(kernel, dims, precision, configs)):
+                    if progress:
+                        print(f"compiling {kernel} {precision} {label} {arch} "
+                              f"[{launch.fn.__name__}]", file=sys.stderr)
+                    records.append(_record(kernel, label, dims, precision, arch, i, launch,
+                                           dump))
+    return records
+
+
+def _record(kernel, label, dims, precision, arch, index, launch, dump):
+    facts = compile_launch(launch, arch)
+    n_sm = traffic_model.ROOFS[arch]["sms"]
+    ctas, binding = ctas_per_sm(facts["registers"], launch.num_warps, facts["smem_bytes"])
+    grid = math.prod(launch.grid)
+    block = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUP"))}
+    name = f"{kernel}_{precision}_{label}_{arch}" + (f"_cfg{index}" if index else "") + (
+        f"_{launch.fn.__name__.strip('_')}" if not launch.fn.__name__.startswith(
+            f"_{kernel}") else "")
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{name}.ttgir").write_text(facts["ttgir"])
+        (dump / f"{name}.ptx").write_text(facts["ptx"])
+        if facts["cubin"] is not None:
+            (dump / f"{name}.cubin").write_bytes(facts["cubin"])
+    rec = {
+        "kernel": kernel, "function": launch.fn.__name__, "precision": precision,
+        "shape": label, "dims": list(dims), "arch": arch, "config": index,
+        "block": block, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+        "registers": facts["registers"], "spill_store_bytes": facts["spill_store_bytes"],
+        "spill_load_bytes": facts["spill_load_bytes"], "smem_bytes": facts["smem_bytes"],
+        "ctas_per_sm": ctas, "ctas_limit": binding, "mma": facts["mma"],
+        "wgmma_pendings": facts["wgmma_pendings"], "sass": facts["sass_counts"],
+        "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
+    }
+    rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas))
+    return rec
+
+
+def _kb(b):
+    return f"{b / 1024:.0f} KB"
+
+
+def _bytes(b):
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def markdown(records: list[dict]) -> str:
+    """The report as Markdown tables: one for the compiled facts, one for the model."""
+    lines = [
+        "| kernel | mode | shape | arch | function | tiles | warps/stages | regs | spills st/ld "
+        "| smem | CTAs/SM (limit) | MMA | pendings | grid | waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        tiles = ",".join(str(v) for v in r["block"].values())
+        spills = ("?" if r["spill_store_bytes"] is None
+                  else f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B")
+        lines.append(
+            f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
+            f"{r['function']} | {tiles} | {r['num_warps']}/{r['num_stages']} | "
+            f"{r['registers'] if r['registers'] is not None else '?'} | {spills} | "
+            f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']} | "
+            f"{'–' if r['wgmma_pendings'] is None else r['wgmma_pendings']} | {r['grid']} | "
+            f"{r['waves']} |")
+    lines += [
+        "",
+        "| kernel | mode | shape | arch | GFLOP | HBM | L2 | compute ms | HBM ms | L2 ms "
+        "| binding | best fraction of compute roof |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for r in records:
+        key = (r["kernel"], r["precision"], r["shape"], r["arch"], r["config"])
+        if key in seen or r.get("model_total") is False:
+            continue
+        seen.add(key)
+        b = r["bound_ms"]
+        lines.append(
+            f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
+            f"{r['flops'] / 1e9:.1f} | {_bytes(r['hbm_bytes'])} | {_bytes(r['l2_bytes'])} | "
+            f"{b['compute']:.3f} | {b['hbm']:.3f} | {b['l2']:.3f} | {r['binding_roof']} | "
+            f"{100 * r['structure_fraction']:.0f} % |")
+    return "\n".join(lines)
+
+
+JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config", "block",
+             "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
+             "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings", "sass", "grid",
+             "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
+             "structure_fraction", "model_notes", "assembler")
+
+
+def header() -> str:
+    import triton
+
+    return (f"triton {triton.__version__} | torch {torch.__version__} | assembler: "
+            f"{'ptxas-blackwell' if _tool('ptxas-blackwell') else 'none (TTGIR only)'} | "
+            f"{date.today().isoformat()}\n\n{traffic_model.describe_roofs()}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's options (shared by ``grood bench --compile``)."""
+    parser.add_argument("--kernel", choices=["ncp_gradient", "knn"], action="append",
+                        help="kernel(s) to report (default: all)")
+    parser.add_argument("--arch", choices=list(ARCHS), action="append",
+                        help="target(s) (default: sm_90a and sm_100a)")
+    parser.add_argument("--precision", action="append",
+                        help="precision mode(s) (default: all; search adds bf16-storage)")
+    parser.add_argument("--shapes", choices=["full", "small"], default="full",
+                        help="the GPU report's shapes, or one small shape per kernel")
+    parser.add_argument("--configs", choices=["launcher", "all"], default="launcher",
+                        help="the launcher's configuration, or every autotuning candidate too")
+    parser.add_argument("--json", type=Path, help="write one record per configuration here")
+    parser.add_argument("--dump", type=Path,
+                        help="write each configuration's .ttgir, .ptx and .cubin here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report for parsed ``args``."""
+    records = build_records(args.kernel or ["ncp_gradient", "knn"], args.arch or list(ARCHS),
+                            args.precision, args.shapes, args.configs, args.dump,
+                            progress=not args.quiet)
+    print(header())
+    print()
+    print(markdown(records))
+    if args.json:
+        args.json.write_text(json.dumps([{k: r.get(k) for k in JSON_KEYS} for r in records],
+                                        indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""One launch description shared by the launchers and the compile report.
+
+A launcher builds a :class:`KernelLaunch` (kernel, grid, arguments, compile-time constants,
+warps, stages) and runs it with :func:`run`. ``bench/compile_report.py`` builds the very same
+record from tensors on the ``meta`` device and compiles it for a GPU target without launching
+it, so the report sees exactly the configuration the launcher picks at a shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class KernelLaunch(NamedTuple):
+    """Everything that decides what a kernel launch compiles to.
+
+    Attributes:
+        fn: the ``@triton.jit`` kernel.
+        grid (tuple[int, ...]): program grid.
+        args (tuple): positional runtime arguments (tensors, ints, floats), in kernel order.
+        constexprs (dict[str, Any]): ``tl.constexpr`` arguments by name.
+        num_warps (int): warps per program.
+        num_stages (int): software-pipelining depth.
+    """
+
+    fn: Any
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+def run(launch: KernelLaunch) -> None:
+    """Launch a described kernel."""
+    launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
+                           num_stages=launch.num_stages)
