@@ -1,6 +1,6 @@
 """Compile report: what every shipped kernel launch compiles to, and a traffic/roofline model.
 
-    python bench/compile_report.py                       # every kernel, mode, shape, sm_90a + sm_100a
+    python bench/compile_report.py            # every kernel, mode, shape; sm_90a and sm_100a
     python bench/compile_report.py --kernel knn --arch sm_90a --json out.json --dump dumps/
     python bench/compile_report.py --configs all         # every autotuning candidate too
     grood bench --compile ...                            # the same
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import traffic_model  # noqa: E402
+import traffic_model
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 #: (label, N, C, D) for the gradient step: the GPU report's shapes.
@@ -70,7 +70,7 @@ def specialise(launch) -> tuple[dict, dict, dict]:
     ``tt.divisibility``."""
     names = launch.fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    for i, (name, value) in enumerate(zip(names, launch.args)):
+    for i, (name, value) in enumerate(zip(names, launch.args, strict=False)):
         if isinstance(value, int) and not isinstance(value, bool) and value == 1:
             signature[name], constexprs[name] = "constexpr", 1
             continue
@@ -161,24 +161,16 @@ def wgmma_pendings(ttgir: str) -> int | None:
         return None
     if not waits:
         return None
-    # The wait inside the K-loop decides the overlap; the wait after the loop drains to 0.
+    # The waits inside the K-loops decide the overlap; the wait after a loop drains it to 0.
     in_loop = _waits_in_loops(ttgir)
     return min(in_loop) if in_loop else min(waits)
 
 
 def _waits_in_loops(ttgir: str) -> list[int]:
-    """``pendings`` of the wgmma waits that sit inside an ``scf.for`` body."""
-    depth, found = 0, []
-    for line in ttgir.splitlines():
-        m = re.search(r"warp_group_dot_wait[^\n]*pendings = (\d+)", line)
-        if m and depth > 0:
-            found.append(int(m.group(1)))
-        if "scf.for" in line and line.rstrip().endswith("{"):
-            depth += 1
-        elif line.strip().startswith("}") and depth > 0 and "scf.yield" not in line:
-            depth -= line.strip().count("}")
-            depth = max(depth, 0)
-    return found
+    """``pendings`` of the wgmma waits in K-loops: those that wait on a just-issued dot. A wait
+    on a loop's result (``%name#0``) drains that loop after its last step and is left out."""
+    return [int(p) for p in
+            re.findall(r"warp_group_dot_wait %[\w.]+(?:,| \{)[^\n]*pendings = (\d+)", ttgir)]
 
 
 def sass_counts(sass: str) -> dict[str, int]:

@@ -86,79 +86,94 @@ def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int) -> di
     return fn(launch, precision, arch, ctas)
 
 
-def _ncp_single_pass(launch, precision, arch, ctas):
-    """grood 0.1's gradient step: one program per BLOCK_N rows walks every class block.
+def _ncp_class_groups(launch, precision, arch, ctas):
+    """The gradient step: program (row block, class group), group fastest; the last program of
+    a row block merges the groups' partials, re-ranks and writes the gradient.
 
-    Per program: the h tile is read once for ||u||^2, once per class block for the GEMM
-    (centred in registers on the way), once for the exact re-rank and once for the gradient;
-    every program reads all prototypes; the re-rank gathers 4 prototype rows per feature row.
+    Per program and class block: the feature tile (BLOCK_N x D) and the prepared prototype tile
+    (BLOCK_C x D_pad) go through L2. The feature tile comes from HBM once when the row tiles of
+    the resident programs (resident / n_groups row blocks) fit the L2 budget; the prepared
+    prototypes once, or once per wave when they do not fit. The finishing program reads its
+    row tile twice more (exact re-rank, gradient) from L2, gathers 4 raw prototype rows per
+    feature row, and writes the gradient.
     """
-    h, protos = launch.args[0], launch.args[1]
-    n, c, d = launch.args[9], launch.args[10], launch.args[11]
+    h, op, protos = launch.args[0], launch.args[1], launch.args[2]
+    n, c, d = launch.args[13], launch.args[14], launch.args[15]
+    groups = launch.args[18]
+    # tf32x3 runs one tf32 GEMM over 4 x D (u_hi, u_lo against P_hi, P_lo): 4/3 of the work
+    # the tf32x3 roof (tf32 / 3) assumes.
+    k_factor = op.shape[1] / (math.ceil(d / 64) * 64)
     bn, bc, bd = (launch.constexprs[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D"))
-    eh, ep = _esize(h), _esize(protos)
-    n_cb = math.ceil(c / bc)
-    programs = math.ceil(n / bn)
+    n_cand = launch.constexprs["N_CAND"]
+    eh, eo, ep = _esize(h), _esize(op), _esize(protos)
+    n_cb, n_rb = math.ceil(c / bc), math.ceil(n / bn)
+    d_pad = math.ceil(d / bd) * bd
+    programs = n_rb * groups
     conc = ROOFS[arch]["sms"] * ctas
-    notes = []
-    flops = 2.0 * programs * bn * n_cb * bc * math.ceil(d / bd) * bd
-    h_reads = n_cb + 3
-    h_bytes = n * d * eh
-    l2 = h_bytes * h_reads
-    resident = min(conc, programs) * bn * d * eh <= l2_budget(arch)
-    hbm = h_bytes * (1 if resident else h_reads)
-    notes.append(f"h read {h_reads}x per row tile, "
-                 + ("re-reads L2-resident" if resident else "re-reads from HBM (tiles of the "
-                    "resident programs exceed the L2 budget)"))
-    p_bytes = c * d * ep
-    l2 += programs * p_bytes
     waves = programs / conc
-    if p_bytes <= l2_budget(arch):
-        hbm += p_bytes
-    else:
-        hbm += math.ceil(waves) * p_bytes
-        notes.append("prototypes re-read from HBM every wave")
-    rerank = n * 4 * d * ep
-    l2 += rerank
+    budget = l2_budget(arch)
+    notes = [f"{groups} class group(s)"]
+    flops = 2.0 * n_rb * bn * n_cb * bc * d_pad * (4 / 3 if k_factor > 1 else 1)
+    h_bytes, op_bytes = n * d * eh, op.shape[0] * op.shape[1] * eo
+    l2 = n_rb * n_cb * (bn * d * eh + bc * d_pad * k_factor * eo)
+    resident = min(conc, programs) / groups * bn * d * eh <= budget
+    hbm = h_bytes if resident else h_bytes * (n_cb / groups + 2)
+    if not resident:
+        notes.append("row tiles of the resident programs exceed the L2 budget")
+    p_passes = 1 if op_bytes <= budget else math.ceil(waves)
+    hbm += op_bytes * p_passes
+    if p_passes > 1:
+        notes.append(f"prepared prototypes streamed from HBM once per wave ({p_passes} waves)")
+    part = groups * n * (4 * (2 + n_cand) + 4 * n_cand)
+    l2 += 2 * part + 2 * h_bytes + n_cand * n * d * ep
+    hbm += part
+    if c * d * ep > budget:  # gathered rows of prototypes that do not stay in L2
+        hbm += n_cand * n * d * ep
     out = n * d * 4 + n * (4 * 4 + 8)
     hbm += out
     l2 += out
+    minimum = h_bytes + n * d * 4 + op_bytes * p_passes
+    notes.append(f"HBM {hbm / minimum:.2f}x the minimum (h once, grad once, prototypes once "
+                 "per wave)")
     return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
 
 
-def _knn_split(launch, precision, arch, ctas):
-    """grood 0.1's search: program (query block, database split) streams its split; every
-    database tile re-loads the query tile; the first grid axis (query blocks) runs fastest."""
+def _knn_grouped(launch, precision, arch, ctas):
+    """Exact search: program (query block, database split) streams its split; programs run in
+    groups of GROUP_Q query blocks x every split, query block fastest.
+
+    Per program and database tile: the query tile and the database tile go through L2. Each
+    database tile is read from HBM once per query group (the group's programs running together
+    share it); the group's query tiles stay L2-resident while it streams. The merge and exact
+    re-rank after the kernel read the candidates and k + 4 database rows per query.
+    """
     q, x = launch.args[0], launch.args[1]
-    n_q, m, d, rows_per_split, split = launch.args[6:11]
-    bq, bm, bd = (launch.constexprs[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_D"))
+    n_q, m, d, rows_per_split, split, n_qb = launch.args[7:13]
+    bq, bm, bd, group_q, n_cand = (launch.constexprs[k] for k in (
+        "BLOCK_Q", "BLOCK_M", "BLOCK_D", "GROUP_Q", "N_CAND"))
     eq, ex = _esize(q), _esize(x)
-    n_qb = math.ceil(n_q / bq)
     tiles = math.ceil(rows_per_split / bm)
     programs = n_qb * split
     conc = ROOFS[arch]["sms"] * ctas
     notes = []
     flops = 2.0 * programs * tiles * bq * bm * math.ceil(d / bd) * bd
-    q_tile, x_tile = bq * d * eq, bm * d * ex
-    l2 = programs * tiles * (q_tile + x_tile)
-    # Resident programs: consecutive query blocks of one or two splits.
-    q_resident = min(conc, n_qb) * q_tile <= l2_budget(arch)
-    if q_resident:
-        hbm = n_q * d * eq * math.ceil(programs / conc)
-        notes.append("query tiles L2-resident within a wave")
-    else:
-        hbm = programs * tiles * q_tile
-        notes.append("query tiles of the resident programs exceed the L2 budget: re-read "
-                     "from HBM with every database tile")
-    db_passes = math.ceil(n_qb / conc)
-    hbm += m * d * ex * db_passes
-    cand = programs * bq * launch.constexprs["N_CAND"] * 12
-    hbm += cand
-    l2 += cand
+    l2 = programs * tiles * (bq * d * eq + bm * d * ex)
+    groups = math.ceil(n_qb / group_q)
+    q_resident = min(group_q, n_qb) * bq * d * eq <= l2_budget(arch)
+    hbm = n_q * d * eq if q_resident else programs * tiles * bq * d * eq
+    if not q_resident:
+        notes.append("a group's query tiles exceed the L2 budget")
+    hbm += m * d * ex * groups
+    notes.append(f"database read {groups}x from HBM ({groups} query group(s) of {group_q} "
+                 "blocks)")
+    cand = programs * bq * n_cand * 8
+    rerank = n_q * (n_cand + 1) * d * 4
+    hbm += 2 * cand + rerank
+    l2 += 2 * cand + rerank
     return finish(flops, 2.0 * n_q * m * d, hbm, l2, precision, arch, programs / conc, notes)
 
 
 MODELS = {
-    "_ncp_gradient_kernel": _ncp_single_pass,
-    "_knn_candidates_kernel": _knn_split,
+    "_ncp_gradient_kernel": _ncp_class_groups,
+    "_knn_candidates_kernel": _knn_grouped,
 }

@@ -2,19 +2,23 @@
 
 Each launcher has one known-good configuration from a small named heuristic; with the
 environment variable set and a CUDA device, it instead times a short list of configurations
-once per shape class on the call's own inputs and keeps the fastest for the process.
+once per device and shape class on the call's own inputs and keeps the fastest. Choices are
+remembered across processes in a JSON file (``$GROOD_CACHE_DIR/autotune.json``, by default
+``~/.cache/grood/autotune.json``), keyed by device name, triton version and shape class.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-_tuned: dict[tuple, tuple[int, ...]] = {}
+_tuned: dict[str, list[int]] = {}
 
 
 def autotune_enabled(device: torch.device) -> bool:
@@ -23,18 +27,52 @@ def autotune_enabled(device: torch.device) -> bool:
             and os.environ.get("TRITON_INTERPRET") != "1")
 
 
-def tune(launch: Callable[[tuple[int, ...]], None], key: tuple, n_rows: int, n_cols: int,
-         configs: list[tuple[int, ...]]) -> tuple[int, ...]:
-    """Time every config (first two entries: row and column blocks) once; cache the fastest."""
-    if key not in _tuned:
-        best, best_ms = None, float("inf")
-        for cfg in configs:
-            if cfg[0] > max(16, triton.next_power_of_2(n_rows)) or cfg[1] > max(
-                    16, triton.next_power_of_2(n_cols)):
-                continue
-            launch(cfg)  # compile
-            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        _tuned[key] = best
-    return _tuned[key]
+def cache_file() -> Path:
+    """Where tuned choices are remembered."""
+    root = os.environ.get("GROOD_CACHE_DIR") or Path.home() / ".cache" / "grood"
+    return Path(root) / "autotune.json"
+
+
+def _load() -> dict[str, list[int]]:
+    try:
+        data = json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save(entries: dict[str, list[int]]) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**_load(), **entries}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice is kept for this process only
+        pass
+
+
+def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_cols: int,
+         configs: Sequence[Sequence[int]], device: torch.device) -> Sequence[int]:
+    """The fastest of ``configs`` (first two entries: row and column blocks) for ``key`` on
+    this device: timed once, then remembered (in this process and in the cache file)."""
+    name = f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}|{key!r}"
+    if name not in _tuned:
+        stored = _load().get(name)
+        usable = [list(c) for c in configs]
+        if stored is not None and stored in usable:
+            _tuned[name] = stored
+        else:
+            best, best_ms = None, float("inf")
+            for cfg in configs:
+                if cfg[0] > max(16, triton.next_power_of_2(n_rows)) or cfg[1] > max(
+                        16, triton.next_power_of_2(n_cols)):
+                    continue
+                launch(cfg)  # compile
+                ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+                if ms < best_ms:
+                    best, best_ms = list(cfg), ms
+            _tuned[name] = best if best is not None else list(configs[0])
+            _save({name: _tuned[name]})
+    chosen = _tuned[name]
+    return next(c for c in configs if list(c) == chosen)

@@ -4,17 +4,28 @@ For queries ``q`` [Q, D] and database rows ``x`` [M, D]::
 
     d(q, x) = ||q||^2 + ||x||^2 - 2 q.x        (GEMM, tile by tile, clamped at 0)
 
-Program (pid_q, pid_s) owns ``BLOCK_Q`` queries and the ``pid_s``-th of ``n_split`` contiguous
-ranges of the database, so small query batches still fill the GPU. It walks its range in
-``BLOCK_M`` rows, each a ``tl.dot`` over ``BLOCK_D`` slices of D, and keeps the ``N_CAND``
-nearest rows per query in registers; no [Q, M] matrix is ever written. The launcher merges
-the n_split candidate lists, recomputes the distances of the best ``k + RERANK_EXTRA`` exactly
-from differences in fp32, and returns the k nearest, so the result matches exact fp32 search
-even when the GEMM runs on tensor cores (``tf32``, ``bf16``). Ties go to the lower index.
-The same computation in PyTorch is :func:`grood.functional.knn`.
+Schedule. Program (query block, database split) streams its split in ``BLOCK_M``-row tiles,
+each a ``tl.dot`` over ``BLOCK_D`` slices of D, and keeps the ``N_CAND`` nearest rows per query
+in registers; no [Q, M] matrix is ever written. Programs are ordered in groups of
+``GROUP_Q`` query blocks: the programs running together are the group's query blocks against
+a few neighbouring splits, so each database tile is read from HBM once per group and shared in
+L2 by ``GROUP_Q`` programs, and the group's query tiles stay L2-resident while they stream.
+The split count fills whole waves of the device. Operands go from memory to ``tl.dot`` as
+loaded: in ``bf16`` mode the queries are cast once in the launcher and the database is stored
+in bf16 (``bf16`` storage: half the bytes); an fp32 database in ``bf16`` mode is cast per tile.
+
+Top-k: insertion rounds are gated (a tile with nothing nearer than a row's current worst
+candidate costs one row minimum); ties go to the lower index. The launcher merges the splits'
+candidates by (distance, index), recomputes the best ``k + RERANK_EXTRA`` distances exactly
+from fp32 differences (from ``rerank_database`` when given: the fp32 copy of a bf16-stored
+database, on the device or in host memory) and returns the k nearest, so results match exact
+fp32 search in every mode. The same computation in PyTorch is :func:`grood.functional.knn`.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,33 +39,83 @@ DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 #: Candidates beyond k re-ranked exactly (equal to ``grood.functional.RERANK_EXTRA``).
 RERANK_EXTRA = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Bytes of query tiles a group of programs keeps L2-resident (a quarter of an H100's L2).
+L2_QUERY_BUDGET = 12 << 20
+DEFAULT_SMS = 132
 
 
-def launch_config(n_q: int, n_db: int, precision: str) -> tuple[int, int, int, int, int]:
-    """One known-good configuration: (BLOCK_Q, BLOCK_M, BLOCK_D, split, num_warps).
+class LaunchConfig(NamedTuple):
+    """Tiles, warps, stages, query blocks per group and database splits."""
 
-    ``split`` divides the database among programs until about 512 programs are in flight.
+    block_q: int
+    block_m: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    group_q: int
+    n_split: int
+
+
+def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
+                  n_sm: int = DEFAULT_SMS) -> LaunchConfig:
+    """One known-good configuration for this shape.
+
+    ``tf32`` / ``bf16``: 128 x 128 tiles on two warpgroups, 32-wide K-steps (64 in bf16), 4
+    stages; ``tf32x3``: 64 x 128 on one warpgroup; ``ieee`` (FMA): 32 x 64 tiles on 8 warps.
+    None of them spills (``bench/compile_report.py``). The database is split
+    so that (query blocks x splits) fills whole waves of ``n_sm`` x CTAs/SM programs, each split
+    at least 4 tiles long; ``GROUP_Q`` query blocks (their tiles within ``L2_QUERY_BUDGET``)
+    share each database tile.
     """
-    block_q = min(64, max(16, triton.next_power_of_2(n_q)))
-    block_m = 128 if precision != "ieee" else 64
+    if precision == "ieee":
+        block_q, block_m, block_d, warps, stages, ctas = 32, 64, 32, 8, 3, 2
+    elif precision == "tf32x3":  # three MMAs per step: a 64-row tile keeps it spill-free
+        block_q, block_m, block_d, warps, stages, ctas = 64, 128, 32, 4, 3, 2
+    else:
+        block_q, block_m, warps, stages, ctas = 128, 128, 8, 4, 1
+        block_d = 64 if precision == "bf16" else 32
+    block_q = min(block_q, max(16, triton.next_power_of_2(n_q)))
     block_m = min(block_m, max(16, triton.next_power_of_2(n_db)))
-    block_d = 32
-    q_blocks = triton.cdiv(n_q, block_q)
-    split = max(1, min(triton.cdiv(n_db, block_m), triton.cdiv(512, q_blocks)))
-    num_warps = 8 if block_q * block_m >= 8192 else 4
-    return block_q, block_m, block_d, split, num_warps
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    n_qb = triton.cdiv(n_q, block_q)
+    group_q = max(1, min(n_qb, L2_QUERY_BUDGET // (block_q * d * q_bytes)))
+    tiles = triton.cdiv(n_db, block_m)
+    slots = n_sm * ctas
+    # Whole waves: the smallest split count with n_qb * split a multiple of the slots, or
+    # else the one that wastes least of the last wave, among splits of >= 4 tiles.
+    best, best_waste = 1, 1.0
+    for split in range(1, max(1, tiles // 4) + 1):
+        programs = n_qb * split
+        waves = programs / slots
+        waste = (math.ceil(waves) - waves) / math.ceil(waves)
+        if waste < best_waste - 1e-9 or (waves < 1 and split > best):
+            best, best_waste = split, waste
+        if waves >= 1 and waste < 0.05:
+            break
+    return LaunchConfig(block_q, block_m, block_d, warps, stages, group_q, best)
 
 
 @triton.jit
 def _knn_candidates_kernel(
-    q_ptr, x_ptr, qsq_ptr, xsq_ptr, out_d_ptr, out_i_ptr,
-    Q, M, D, rows_per_split, n_split,
+    # pointers
+    q_ptr, x_ptr, qsq_ptr, xsq_ptr, out_d_ptr, out_i_ptr, count_ptr,
+    # sizes
+    Q, M, D, rows_per_split, n_split, n_qb,
+    # strides
     stride_qn, stride_qd, stride_xm, stride_xd,
+    # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+    GROUP_Q: tl.constexpr, N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
-    pid_q = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    # Grouped order: GROUP_Q query blocks x every split, the query block fastest.
+    pid = tl.program_id(0).to(tl.int64)
+    per_group = GROUP_Q * n_split
+    first_q = (pid // per_group) * GROUP_Q
+    group_size = tl.minimum(n_qb - first_q, GROUP_Q)
+    pid_q = first_q + (pid % per_group) % group_size
+    pid_s = (pid % per_group) // group_size
+
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < Q
     arange_m = tl.arange(0, BLOCK_M).to(tl.int64)
@@ -63,7 +124,7 @@ def _knn_candidates_kernel(
     q_sq = tl.load(qsq_ptr + offs_q, mask=mask_q, other=0.0)
 
     cand_d = tl.full([BLOCK_Q, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_Q, N_CAND], -1, dtype=tl.int64)
+    cand_i = tl.full([BLOCK_Q, N_CAND], -1, dtype=tl.int32)
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, stop, BLOCK_M):
@@ -79,7 +140,7 @@ def _knn_candidates_kernel(
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
             if DOT_MODE == 3:
                 dots = tl.dot(q.to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)), dots)
-            elif DOT_MODE == 2:
+            elif DOT_MODE == 2:  # (casts are no-ops for fp32 storage)
                 dots = tl.dot(q.to(tl.float32), tl.trans(x.to(tl.float32)), dots,
                               input_precision="tf32x3")
             elif DOT_MODE == 1:
@@ -91,8 +152,8 @@ def _knn_candidates_kernel(
         x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=0.0)
         dist = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dots, 0.0)
         dist = tl.where(mask_m[None, :], dist, float("inf"))  # [BLOCK_Q, BLOCK_M]
-        # Insert this tile's nearest rows into the candidates, replacing the worst.
-        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M)
+        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M,
+                                        count_ptr, COUNT)
 
     out = (offs_q[:, None] * n_split + pid_s) * N_CAND + slots[None, :]
     tl.store(out_d_ptr + out, cand_d, mask=mask_q[:, None])
@@ -105,36 +166,51 @@ def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
                       for b in x.split(block)])
 
 
-def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, precision: str,
-          cfg: tuple[int, int, int, int, int], rows_per_split: int) -> KernelLaunch:
+def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str,
+          cfg: LaunchConfig, rows_per_split: int, count: bool = False) -> KernelLaunch:
     """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
-    block_q, block_m, block_d, split, num_warps = cfg
     n_q, d = queries.shape
+    n_qb = triton.cdiv(n_q, cfg.block_q)
     return KernelLaunch(
-        _knn_candidates_kernel, (triton.cdiv(n_q, block_q), split),
-        (queries, database, q_sq, x_sq, cand_d, cand_i,
-         n_q, database.shape[0], d, rows_per_split, split,
+        _knn_candidates_kernel, (n_qb * cfg.n_split,),
+        (queries, database, q_sq, x_sq, cand_d, cand_i, counter,
+         n_q, database.shape[0], d, rows_per_split, cfg.n_split, n_qb,
          queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
-        {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_D": block_d,
-         "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision]},
-        num_warps, 3)
+        {"BLOCK_Q": cfg.block_q, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
+         "GROUP_Q": cfg.group_q, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
+         "COUNT": count},
+        cfg.num_warps, cfg.num_stages)
+
+
+def _rows_per_split(n_db: int, cfg: LaunchConfig) -> tuple[int, int]:
+    rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_m) * cfg.block_m
+    return rows, triton.cdiv(n_db, rows)
 
 
 def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
                      dtype=torch.float32, storage=None,
                      configs: str = "launcher") -> list[KernelLaunch]:
     """The launches :func:`knn` makes at this shape, on ``meta`` tensors (for the compile
-    report). There are no autotuning candidates, so ``configs`` changes nothing."""
+    report). ``storage`` is the database dtype (default: ``dtype``). There are no autotuning
+    candidates, so ``configs`` changes nothing."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
-    block_q, block_m, block_d, split, num_warps = launch_config(n_q, n_db, precision)
-    rows_per_split = triton.cdiv(triton.cdiv(n_db, split), block_m) * block_m
-    split = triton.cdiv(n_db, rows_per_split)
+    q_dtype = torch.bfloat16 if precision == "bf16" else dtype
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_dtype.itemsize)
+    rows, split = _rows_per_split(n_db, cfg)
+    cfg = cfg._replace(n_split=split)
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
-    return [_plan(meta(n_q, d, dt=dtype), meta(n_db, d, dt=storage or dtype), meta(n_q), meta(n_db),
-                  meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int64), precision,
-                  (block_q, block_m, block_d, split, num_warps), rows_per_split)]
+    return [_plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
+                  meta(n_db), meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32),
+                  meta(1, dt=torch.int32), precision, cfg, rows)]
+
+
+def lex_order(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-row order by (distance, index); a missing candidate (-1) sorts last."""
+    order = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
+    by_dist = torch.sort(dist.gather(1, order), dim=1, stable=True).indices
+    return order.gather(1, by_dist)
 
 
 def knn(
@@ -144,6 +220,8 @@ def knn(
     *,
     precision: str = "ieee",
     database_sq_norms: torch.Tensor | None = None,
+    rerank_database: torch.Tensor | None = None,
+    insert_rounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`grood.functional.knn`: ``(D, I)`` of the k nearest rows.
 
@@ -153,11 +231,17 @@ def knn(
         k (int): neighbours per query (>= 1).
         precision (str): ``"ieee"``, ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` for the GEMM that
             picks candidates; returned distances are exact fp32 in every mode.
-        database_sq_norms (Tensor, optional): ``||x||^2`` per database row, [M], fp32.
+        database_sq_norms (Tensor, optional): ``||x||^2`` per database row, [M], fp32 (of the
+            exact rows when the database is a rounded copy).
+        rerank_database (Tensor, optional): the exact rows [M, D] the final distances are
+            computed from (e.g. the fp32 original of a bf16-stored database; on the device or
+            in host memory). Default: ``database``.
+        insert_rounds (Tensor, optional): int32 [1] on the queries' device; the kernel adds the
+            number of top-k insertion rounds it ran (for measuring the gating).
 
     Returns:
-        tuple[Tensor, Tensor]: squared distances [Q, k] (fp32, ascending) and int64 indices
-        [Q, k]; ``inf`` / ``-1`` where M < k.
+        tuple[Tensor, Tensor]: squared distances [Q, k] (fp32, ascending; ties by lower index)
+        and int64 indices [Q, k]; ``inf`` / ``-1`` where M < k.
     """
     if precision not in DOT_MODES:
         raise ValueError(f"precision must be one of {tuple(DOT_MODES)}, got {precision!r}")
@@ -172,46 +256,62 @@ def knn(
                             f"{t.dtype}")
     if database.device != queries.device:
         raise ValueError(f"database is on {database.device} but queries on {queries.device}")
+    if rerank_database is not None and tuple(rerank_database.shape) != tuple(database.shape):
+        raise ValueError(f"rerank_database has shape {tuple(rerank_database.shape)}, the "
+                         f"database {tuple(database.shape)}")
     n_q, d = queries.shape
     n_db = database.shape[0]
+    if n_db >= 2**31 - 1:
+        raise ValueError(f"the Triton knn indexes up to 2**31 - 2 rows, got {n_db}")
     dev = queries.device
     out_d = torch.full((n_q, k), float("inf"), dtype=torch.float32, device=dev)
     out_i = torch.full((n_q, k), -1, dtype=torch.int64, device=dev)
     if n_q == 0 or n_db == 0:
         return out_d, out_i
+    exact_rows = database if rerank_database is None else rerank_database
     if database_sq_norms is None:
-        database_sq_norms = _sq_norms(database)
+        database_sq_norms = _sq_norms(exact_rows)
     elif tuple(database_sq_norms.shape) != (n_db,):
         raise ValueError(f"database_sq_norms must have shape [{n_db}], "
                          f"got {tuple(database_sq_norms.shape)}")
     x_sq = database_sq_norms.to(device=dev, dtype=torch.float32).contiguous()
     q_sq = _sq_norms(queries)
+    # bf16 mode: the queries are cast once here, so both operands reach tl.dot as loaded
+    # when the database is stored in bf16.
+    q_op = queries.to(torch.bfloat16) if precision == "bf16" else queries
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
-    block_q, block_m, block_d, split, num_warps = launch_config(n_q, n_db, precision)
-    rows_per_split = triton.cdiv(triton.cdiv(n_db, split), block_m) * block_m
-    split = triton.cdiv(n_db, rows_per_split)
+    n_sm = (torch.cuda.get_device_properties(dev).multi_processor_count
+            if dev.type == "cuda" else DEFAULT_SMS)
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_op.element_size(), n_sm=n_sm)
+    rows, split = _rows_per_split(n_db, cfg)
+    cfg = cfg._replace(n_split=split)
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
-    cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int64, device=dev)
-    run(_plan(queries, database, q_sq, x_sq, cand_d, cand_i, precision,
-              (block_q, block_m, block_d, split, num_warps), rows_per_split))
-    # Merge the per-split lists, then re-rank the best n_keep by exact fp32 distances.
-    cand_d, cand_i = cand_d.view(n_q, -1), cand_i.view(n_q, -1)
-    n_keep = min(n_keep, cand_d.shape[1])
-    best = torch.topk(cand_d, n_keep, dim=1, largest=False).indices
-    idx = cand_i.gather(1, best)  # [Q, n_keep]
-    exact = torch.full(idx.shape, float("inf"), dtype=torch.float32, device=dev)
-    for j in range(n_keep):
-        rows = idx[:, j] >= 0
-        if bool(rows.any()):
-            diff = queries[rows].to(torch.float32) - database[idx[rows, j]].to(torch.float32)
-            exact[rows, j] = (diff * diff).sum(1)
-    # Sort by (distance, index); a missing candidate (-1) sorts last.
-    order = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
-    exact, idx = exact.gather(1, order), idx.gather(1, order)
-    order = torch.sort(exact, dim=1, stable=True).indices
-    exact, idx = exact.gather(1, order), idx.gather(1, order)
-    kk = min(k, n_keep)
-    out_d[:, :kk], out_i[:, :kk] = exact[:, :kk], idx[:, :kk]
+    cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int32, device=dev)
+    counter = insert_rounds if insert_rounds is not None else torch.zeros(1, dtype=torch.int32,
+                                                                          device=dev)
+    run(_plan(q_op, database, q_sq, x_sq, cand_d, cand_i, counter, precision, cfg, rows,
+              count=insert_rounds is not None))
+    return _merge_and_rerank(queries, exact_rows, cand_d.view(n_q, -1),
+                             cand_i.view(n_q, -1).long(), k, out_d, out_i)
+
+
+def _merge_and_rerank(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):
+    """Best ``k + RERANK_EXTRA`` split candidates by (distance, index), their exact fp32
+    distances, and the k nearest by (exact distance, index)."""
+    n_keep = min(k + RERANK_EXTRA, cand_d.shape[1])
+    order = lex_order(cand_d, cand_i)[:, :n_keep]
+    idx = cand_i.gather(1, order)  # [Q, n_keep]
+    for r0 in range(0, idx.shape[0], chunk):
+        sel = idx[r0:r0 + chunk]
+        rows = exact_rows[sel.clamp_min(0).to(exact_rows.device)].to(queries.device,
+                                                                      torch.float32)
+        diff = queries[r0:r0 + chunk, None, :].to(torch.float32) - rows  # [chunk, n_keep, D]
+        exact = torch.where(sel >= 0, (diff * diff).sum(2), float("inf"))
+        best = lex_order(exact, sel)[:, :k]
+        kk = best.shape[1]
+        out_d[r0:r0 + chunk, :kk] = exact.gather(1, best)
+        out_i[r0:r0 + chunk, :kk] = torch.where(exact.gather(1, best) < float("inf"),
+                                                sel.gather(1, best), -1)
     return out_d, out_i

@@ -1,7 +1,7 @@
 """Fused NCP gradient: prototype distances, online softmax and the OOD-prototype gradient.
 
 For a feature row ``h``, class prototypes centred on the OOD prototype, ``P_c = p_c - p_o``,
-and ``u = h - p_o`` (both centred tile by tile as they are loaded)::
+and ``u = h - p_o``::
 
     d_c  = sqrt(max(||u||^2 + ||P_c||^2 - 2 u.P_c, 0))     (GEMM, tile by tile)
     d_o  = ||u||
@@ -9,19 +9,26 @@ and ``u = h - p_o`` (both centred tile by tile as they are loaded)::
     q_o  = exp(-d_o - lse)
     grad = q_o * u / d_o                                   (0 where d_o == 0)
 
-One program owns ``BLOCK_N`` rows. It walks the prototypes in ``BLOCK_C`` blocks, each a
-``tl.dot`` over ``BLOCK_D`` slices of D, so only a [BLOCK_N, BLOCK_C] tile of distances ever
-exists (in registers); no [N, C] tensor is written. While walking it keeps the running
-max / sum-exp and the ``N_CAND`` nearest prototypes by GEMM distance. Those candidates' distances
-are then recomputed exactly from differences in fp32 and replace their GEMM estimates in the
-sum, the prediction and ``min_dist``: the nearest prototypes dominate ``q_o``, so a tensor-core
-GEMM (``tf32``, ``bf16``) changes only the small far terms. A last pass over D writes the
-gradient. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`.
+Schedule. The grid is (row block x class group), group index fastest, so the ``n_groups``
+programs that share a ``BLOCK_N``-row tile of ``h`` run side by side and read it from HBM
+once between them (L2 serves the rest). The prototypes reach ``tl.dot`` untouched: they are
+prepared once (centred on ``p_o``, scaled, cast to the GEMM's operand dtype, zero-padded to
+whole tiles; :func:`prepare_prototypes`) and kept while the caller keeps its prototype tensor.
+The feature tile is centred in registers on the A operand. ``||u||^2`` comes out of the first
+class block's K-loop. Each program walks its group's class blocks with a running max /
+sum-exp and the ``N_CAND`` nearest prototypes by GEMM distance (insertion gated: a block that
+holds nothing nearer than a row's current worst candidate costs one comparison), and writes
+them as a partial result. The last program of a row block to finish (an atomic counter)
+merges the partials, recomputes the candidates' distances exactly from fp32 differences
+(they replace their GEMM estimates in the sum, the prediction and ``min_dist``), and writes the
+gradient, while the row tile is still in L2. Only a [BLOCK_N, BLOCK_C] tile of distances ever
+exists. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -29,7 +36,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._launch import KernelLaunch, run
-from grood_kernels._topk import insert_nearest
+from grood_kernels._topk import insert_nearest, merge_candidates
 from grood_kernels._tuning import autotune_enabled, tune
 
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
@@ -37,6 +44,14 @@ DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 #: Nearest prototypes per row re-ranked exactly (equal to ``grood.functional``'s; a test
 #: holds them together, since this package does not import ``grood``).
 NCP_CANDIDATES = 4
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The prepared prototype operand is zero-padded to these multiples (rows, columns), which
+#: cover every BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
+PAD_ROWS, PAD_COLS = 128, 64
+#: Bytes of feature tiles the programs resident at one time may keep re-reading from L2
+#: (half of an H100's 50 MB L2, which is two partitions).
+L2_BUDGET = 24 << 20
+DEFAULT_SMS = 132
 
 
 class NCPGradient(NamedTuple):
@@ -47,7 +62,27 @@ class NCPGradient(NamedTuple):
     pred: torch.Tensor  # [N] int64
     min_dist: torch.Tensor  # [N] fp32
     lse: torch.Tensor  # [N] fp32
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LaunchConfig(NamedTuple):
+    """Tiles, warps, stages, and the number of class groups sharing a row tile."""
+
+    block_n: int
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    n_groups: int
+
+
+class PreparedPrototypes(NamedTuple):
+    """The GEMM operand made from the prototypes, once per (prototypes, p_o, mode, scale)."""
+
+    operand: torch.Tensor  # [C_pad, D_pad] fp32 or bf16: (p_c - p_o) / scale, zero-padded;
+    #                        tf32x3: [C_pad, 4 D_pad], per feature (hi, lo, hi, lo)
+    sq_norms: torch.Tensor  # [C] fp32, ||p_c / scale - p_o / scale||^2
+    p_o: torch.Tensor  # [D] fp32, p_o / scale
+    scale: float
 
 
 def _max_abs(x: torch.Tensor) -> float:
@@ -64,131 +99,248 @@ def pow2_scale(magnitude: float) -> float:
     return 2.0 ** round(math.log2(magnitude))
 
 
-def block_sizes(n: int, c: int, d: int, precision: str) -> tuple[int, int, int, int]:
-    """One known-good launch configuration: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps).
+def operand_dtype(precision: str) -> torch.dtype:
+    """The dtype the prototypes are stored in for the GEMM of ``precision``."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
-    Tensor-core modes take a wider class block, so each row tile of ``h`` is re-read from
-    memory fewer times (C / BLOCK_C passes); fp32 FMA dots keep a 64 x 64 tile of
-    registers. Every block is at least 16, as ``tl.dot`` needs.
+
+def block_sizes(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
+                n_sm: int = DEFAULT_SMS) -> LaunchConfig:
+    """One known-good launch configuration for this shape.
+
+    Tensor-core modes: 128-row x 128-class tiles on two warpgroups (8 warps), 32-wide K-steps,
+    4 stages (128 KB of shared memory in tf32; ``tf32x3``: 16-wide K-steps of 4 x 16 operand
+    columns, 3 stages). ``ieee`` (FMA): 32 x 64 tiles on 4 warps so
+    nothing spills. The class groups: as few as keep the feature tiles of the programs resident
+    at one time within ``L2_BUDGET`` (each row tile is then read from HBM once), each a whole
+    number of class blocks.
     """
-    wide = precision != "ieee"
-    block_c = min(128 if wide else 64, max(16, triton.next_power_of_2(c)))
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_d = min(32, max(16, triton.next_power_of_2(d)))
-    num_warps = 8 if wide and block_c * block_n >= 8192 else 4
-    return block_n, block_c, block_d, num_warps
+    if precision == "ieee":
+        block_n, block_c, block_d, warps, stages, ctas = 32, 64, 32, 4, 3, 3
+    else:
+        block_n, block_c, block_d, warps, stages, ctas = 128, 128, 32, 8, 4, 1
+        if precision == "tf32x3":  # its K-step carries 4 x BLOCK_D operand columns
+            block_d, stages = 16, 3
+    block_c = min(block_c, max(16, triton.next_power_of_2(c)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    return LaunchConfig(block_n, block_c, block_d, warps, stages,
+                        n_groups(n, c, d, block_n, block_c, h_bytes, n_sm * ctas))
 
 
-#: Launch configurations tried when ``GROOD_AUTOTUNE=1`` (BLOCK_N, BLOCK_C, BLOCK_D, warps).
-TUNE_CONFIGS = [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8),
-                (128, 128, 32, 8), (32, 128, 64, 4)]
+def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
+             resident: int) -> int:
+    """Class groups per row tile: the fewest that keep the row tiles of ``resident`` programs
+    within ``L2_BUDGET``, rounded to whole class blocks per group."""
+    n_cb = triton.cdiv(c, block_c)
+    row_blocks = triton.cdiv(n, block_n)
+    tile = block_n * d * h_bytes
+    need = max(1, math.ceil(min(resident, row_blocks * n_cb) * tile / L2_BUDGET))
+    per_group = max(1, n_cb // min(need, n_cb))
+    return triton.cdiv(n_cb, per_group)
 
 
-@triton.jit
-def _load_centred(x_ptr, offs_r, mask_r, stride_r, offs_d, mask_d, stride_d, p_o, inv_scale):
-    """Rows of ``x / scale`` minus the (scaled) OOD prototype, in fp32; zero outside."""
-    mask = mask_r[:, None] & mask_d[None, :]
-    x = tl.load(x_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
-                mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)  # [rows, BLOCK_D]
+#: Launch configurations tried when ``GROOD_AUTOTUNE=1``:
+#: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape.
+TUNE_CONFIGS = [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
+                (128, 64, 32, 4, 4), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
 
 
 @triton.jit
 def _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale):
-    """The centred feature tile ``u`` [BLOCK_N, BLOCK_D] and the scaled ``p_o`` slice."""
+    """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside."""
+    mask = mask_n[:, None] & mask_d[None, :]
     p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    u = _load_centred(h_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, p_o,
-                      inv_scale)
-    return u, p_o
+    x = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)
+
+
+@triton.jit
+def _split_tf32(x):
+    """``x = hi + lo`` with ``hi`` exact in tf32 (10 mantissa bits kept) and ``lo = x - hi``
+    exact in fp32: the operands of a three-product tf32 GEMM that is fp32-faithful."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
+                      stride_hn, stride_hd, stride_oc,
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr):
+    """``u . P_c`` for one class block [BLOCK_N, BLOCK_C] (and ``||u||^2`` when WITH_SQ).
+
+    The prepared operand is padded to whole tiles, so its loads need no mask and go to
+    ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand).
+    """
+    offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
+                    inv_scale)  # [BLOCK_N, BLOCK_D]
+        if WITH_SQ:
+            u_sq += tl.sum(u * u, axis=1)
+        p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :])  # [BLOCK_C, BLOCK_D]
+        if DOT_MODE == 3:
+            dots = tl.dot(u.to(tl.bfloat16), tl.trans(p), dots)
+        elif DOT_MODE == 2:
+            # Split precision as one tf32 GEMM over 4 x BLOCK_D: per feature, (u_hi, u_hi,
+            # u_lo, u_lo) (join appends the new axis last) against the prepared
+            # (P_hi, P_lo, P_hi, P_lo). One dot keeps the MMA
+            # asynchronous (three separate dots each wait for their own).
+            u_hi, u_lo = _split_tf32(u)
+            pair = tl.join(u_hi, u_lo)
+            a = tl.reshape(tl.join(pair, pair), [BLOCK_N, 4 * BLOCK_D])
+            p4 = tl.load(op_ptr + offs_c[:, None] * stride_oc + 4 * d0
+                         + tl.arange(0, 4 * BLOCK_D)[None, :])
+            dots = tl.dot(a, tl.trans(p4), dots, input_precision="tf32")
+        elif DOT_MODE == 1:
+            dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32")
+        else:
+            dots = tl.dot(u, tl.trans(p), dots, input_precision="ieee")
+    return dots, u_sq
+
+
+@triton.jit
+def _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C: tl.constexpr):
+    """Distances from the GEMM [BLOCK_N, BLOCK_C], +inf for padded classes."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=0.0)
+    dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0)) * scale
+    return tl.where(mask_c[None, :], dist, float("inf"))
 
 
 @triton.jit
 def _ncp_gradient_kernel(
-    h_ptr, proto_ptr, pood_ptr, psq_ptr,
+    # pointers: inputs
+    h_ptr, op_ptr, proto_ptr, pood_ptr, psq_ptr,
+    # pointers: partial results per (class group, row) and the per-row-block arrival counters
+    part_f_ptr, part_i_ptr, count_ptr,
+    # pointers: outputs
     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
-    N, C, D, scale, inv_scale,
-    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+    # sizes and scalars
+    N, C, D, scale, inv_scale, n_groups, blocks_per_group,
+    # strides
+    stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
+    # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // n_groups
+    group = pid % n_groups
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    # int64 offsets: a transposed h of 1.28 M rows has stride_hd * D beyond 2**31.
-    arange_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     slots = tl.arange(0, N_CAND)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    cb0 = group * blocks_per_group
+    cb1 = tl.minimum(cb0 + blocks_per_group, n_cb)
 
-    # ||u||^2, the squared distance to the OOD prototype (in units of ``scale``).
-    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
-                         stride_hd, inv_scale)
-        u_sq += tl.sum(u * u, axis=1)
-    u_norm = tl.sqrt(u_sq)
-    d_ood = u_norm * scale
-
-    # Online log-sum-exp seeded with the OOD term, and the N_CAND nearest prototypes.
-    m = -d_ood
-    acc = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    # First class block of the group: also ||u||^2; seeds the running max / sum-exp.
+    c0 = cb0 * BLOCK_C
+    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
+                                   stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
+                                   DOT_MODE, True)
+    dist = _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C)
+    m = -tl.min(dist, axis=1)
+    acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int64)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + arange_c
-        mask_c = offs_c < C
-        dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + arange_d
-            mask_d = offs_d < D
-            u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
-                             stride_hd, inv_scale)
-            p = _load_centred(proto_ptr, offs_c, mask_c, stride_pc, offs_d, mask_d, stride_pd,
-                              p_o, inv_scale)  # [BLOCK_C, BLOCK_D]
-            if DOT_MODE == 3:
-                dots = tl.dot(u.to(tl.bfloat16), tl.trans(p.to(tl.bfloat16)), dots)
-            elif DOT_MODE == 2:
-                dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32x3")
-            elif DOT_MODE == 1:
-                dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32")
-            else:
-                dots = tl.dot(u, tl.trans(p), dots, input_precision="ieee")
-        p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=0.0)
-        dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0)) * scale
-        dist = tl.where(mask_c[None, :], dist, float("inf"))  # [BLOCK_N, BLOCK_C]
-
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
+    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
+    for cb in range(cb0 + 1, cb1):
+        c0 = cb * BLOCK_C
+        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
+                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
+                                    DOT_MODE, False)
+        dist = _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C)
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new
-
-        # Insert this block's N_CAND nearest into the candidates (replacing the worst).
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
 
-    # Exact distances of the candidates, from differences.
+    # Partial result of this group: [m, acc, cand_d...] (fp32) and cand_i (int32) per row.
+    W: tl.constexpr = 2 + N_CAND
+    row = group * N + offs_n
+    tl.store(part_f_ptr + row * W, m, mask=mask_n)
+    tl.store(part_f_ptr + row * W + 1, acc, mask=mask_n)
+    tl.store(part_f_ptr + row[:, None] * W + 2 + slots[None, :], cand_d, mask=mask_n[:, None])
+    tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], cand_i, mask=mask_n[:, None])
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == n_groups - 1:
+        tl.debug_barrier()
+        _finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+                     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+                     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                     BLOCK_N, BLOCK_D, N_CAND)
+
+
+@triton.jit
+def _finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+                 grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+                 offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+                 stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr):
+    """Merge the groups' partials of one row tile, re-rank exactly, write the results."""
+    W: tl.constexpr = 2 + N_CAND
+    slots = tl.arange(0, N_CAND)
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
+    for g in range(0, n_groups):  # in class order, so lower class ids win exact ties
+        row = g * N + offs_n
+        m_g = tl.load(part_f_ptr + row * W, mask=mask_n, other=0.0, cache_modifier=".cg")
+        s_g = tl.load(part_f_ptr + row * W + 1, mask=mask_n, other=0.0, cache_modifier=".cg")
+        d_g = tl.load(part_f_ptr + row[:, None] * W + 2 + slots[None, :],
+                      mask=mask_n[:, None], other=float("inf"), cache_modifier=".cg")
+        i_g = tl.load(part_i_ptr + row[:, None] * N_CAND + slots[None, :],
+                      mask=mask_n[:, None], other=-1, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_g)
+        acc = acc * tl.exp(m - m_new) + s_g * tl.exp(m_g - m_new)
+        m = m_new
+        cand_d, cand_i = merge_candidates(d_g, i_g, cand_d, cand_i, N_CAND)
+
+    # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
+    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
-                         stride_hd, inv_scale)
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                    inv_scale)
+        u_sq += tl.sum(u * u, axis=1)
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
         for r in tl.static_range(N_CAND):
-            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1)  # [BLOCK_N]
+            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
             ok = mask_n & (idx >= 0)
-            p = _load_centred(proto_ptr, tl.maximum(idx, 0), ok, stride_pc, offs_d, mask_d,
-                              stride_pd, p_o, inv_scale)  # row idx of each candidate slot r
-            diff = tl.where(mask_d[None, :], u - p, 0.0)
+            mask = ok[:, None] & mask_d[None, :]
+            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
+                        + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+            diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
             part = tl.sum(diff * diff, axis=1)
             exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+    u_norm = tl.sqrt(u_sq)
+    d_ood = u_norm * scale
     valid = cand_i >= 0
     exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
 
-    # Swap the candidates' GEMM terms for exact ones in the sum.
-    rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m[:, None]), 0.0), axis=1)
+    # The OOD term joins the sum; the candidates' GEMM terms are swapped for exact ones.
+    m_all = tl.maximum(m, -d_ood)
+    acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
+    rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)
     rest = tl.maximum(rest, 0.0)
     best = tl.min(exact, axis=1)
-    lse_exact = -best + tl.log(tl.sum(tl.exp(-exact + best[:, None]), axis=1))
-    lse_rest = m + tl.log(rest)  # -inf when the candidates were all of the sum
+    shift = tl.where(best < float("inf"), best, 0.0)  # rows past N have no candidates
+    lse_exact = -shift + tl.log(tl.sum(tl.exp(-exact + shift[:, None]), axis=1))
+    lse_rest = m_all + tl.log(rest)  # -inf when the candidates were all of the sum
     top = tl.maximum(lse_rest, lse_exact)
     lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
@@ -197,32 +349,86 @@ def _ncp_gradient_kernel(
     tl.store(q_ptr + offs_n, q, mask=mask_n)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
     tl.store(mind_ptr + offs_n, best, mask=mask_n)
-    tl.store(pred_ptr + offs_n, pred, mask=mask_n)
-
+    tl.store(pred_ptr + offs_n, pred.to(tl.int64), mask=mask_n)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        u, p_o = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
-                         stride_hd, inv_scale)
+        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                    inv_scale)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                  u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
 
 
-def _plan(h, prototypes, p_o, p_sq, outputs, scale: float, precision: str,
-          cfg: tuple[int, int, int, int]) -> KernelLaunch:
+_prepared: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, PreparedPrototypes]] = {}
+
+
+def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
+                       scale: float = 1.0) -> PreparedPrototypes:
+    """The GEMM operand of the prototypes: ``(p_c - p_o) / scale`` in the mode's operand dtype,
+    zero-padded to whole tiles, with its fp32 squared norms.
+
+    Kept (one per prototype tensor, mode and scale) while the caller's tensors live and are
+    not modified in place (their version counters are checked), so a detector prepares it
+    once. Costs one [C_pad, D_pad] tensor (fp32, or bf16 in ``bf16`` mode).
+    """
+    key = (id(prototypes), id(ood_prototype), precision, scale)
+    versions = (prototypes._version, ood_prototype._version)
+    hit = _prepared.get(key)
+    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
+            and hit[2] == versions:
+        return hit[3]
+    c, d = prototypes.shape
+    p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
+    c_pad, d_pad = triton.cdiv(c, PAD_ROWS) * PAD_ROWS, triton.cdiv(d, PAD_COLS) * PAD_COLS
+    split = precision == "tf32x3"
+    operand = torch.zeros((c_pad, (4 if split else 1) * d_pad), dtype=operand_dtype(precision),
+                          device=prototypes.device)
+    sq = torch.empty(c, dtype=torch.float32, device=prototypes.device)
+    for r0 in range(0, c, 4096):
+        centred = prototypes[r0:r0 + 4096].to(torch.float32) / scale - p_o
+        r1 = r0 + centred.shape[0]
+        if split:  # tf32x3: per feature (hi, lo, hi, lo); hi exact in tf32, lo the rest
+            hi = (centred.view(torch.int32) & -8192).view(torch.float32)
+            quad = operand[r0:r1].view(r1 - r0, d_pad, 4)
+            quad[:, :d, 0] = quad[:, :d, 2] = hi
+            quad[:, :d, 1] = quad[:, :d, 3] = centred - hi
+        else:
+            operand[r0:r1, :d] = centred
+        sq[r0:r1] = (centred * centred).sum(1)
+    prep = PreparedPrototypes(operand, sq, p_o, scale)
+    for k in [k for k, v in _prepared.items() if v[0]() is None or v[1]() is None]:
+        del _prepared[k]  # drop entries whose tensors are gone
+    if len(_prepared) >= 16:
+        _prepared.pop(next(iter(_prepared)))
+    _prepared[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, prep)
+    return prep
+
+
+def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
+          cfg: LaunchConfig) -> KernelLaunch:
     """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
     grad, q_ood, pred, min_dist, lse = outputs
+    part_f, part_i, counters = scratch
     n, d = h.shape
-    block_n, block_c, block_d, num_warps = cfg
+    c = prototypes.shape[0]
+    per_group = triton.cdiv(triton.cdiv(c, cfg.block_c), cfg.n_groups)
     return KernelLaunch(
-        _ncp_gradient_kernel, (triton.cdiv(n, block_n),),
-        (h, prototypes, p_o, p_sq, grad, q_ood, pred, min_dist, lse,
-         n, prototypes.shape[0], d, scale, 1.0 / scale,
-         h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
-         grad.stride(0), grad.stride(1)),
-        {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_D": block_d,
+        _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_n) * cfg.n_groups,),
+        (h, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
+         grad, q_ood, pred, min_dist, lse,
+         n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_groups, per_group,
+         h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
+         prototypes.stride(1), grad.stride(0), grad.stride(1)),
+        {"BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_c, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
-        num_warps, 3)
+        cfg.num_warps, cfg.num_stages)
+
+
+def _scratch(n: int, cfg: LaunchConfig, device, empty=torch.empty, zeros=torch.zeros):
+    """Partial results per (class group, row) and one arrival counter per row block."""
+    return (empty((cfg.n_groups, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
+            empty((cfg.n_groups, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
+            zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device))
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -233,11 +439,25 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
         return torch.empty(shape, dtype=dt, device="meta")
 
     outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
-    cfgs = [block_sizes(n, c, d, precision)]
+    size = torch.empty((), dtype=dtype).element_size()
+    cfgs = [block_sizes(n, c, d, precision, h_bytes=size)]
     if configs == "all":
-        cfgs += [cfg for cfg in TUNE_CONFIGS if cfg not in cfgs]
-    return [_plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), meta(d), meta(c), outs, 1.0,
-                  precision, cfg) for cfg in cfgs]
+        cfgs += [_tuned_config(t, n, c, d, size) for t in TUNE_CONFIGS]
+    prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
+                                   (4 if precision == "tf32x3" else 1)
+                                   * triton.cdiv(d, PAD_COLS) * PAD_COLS,
+                                   dt=operand_dtype(precision)), meta(c), meta(d), 1.0)
+    return [_plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), prep, meta(c),
+                  _scratch(n, cfg, "meta"), outs, precision, cfg) for cfg in cfgs]
+
+
+def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
+                  n_sm: int = DEFAULT_SMS) -> LaunchConfig:
+    block_n, block_c, block_d, warps, stages = t
+    block_c = min(block_c, max(16, triton.next_power_of_2(c)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    return LaunchConfig(block_n, block_c, block_d, warps, stages,
+                        n_groups(n, c, d, block_n, block_c, h_bytes, n_sm))
 
 
 def ncp_gradient(
@@ -260,10 +480,10 @@ def ncp_gradient(
     Returns:
         NCPGradient: ``grad`` [N, D] fp32, ``q_ood``, ``pred`` (int64), ``min_dist``, ``lse``.
 
-    Nothing is copied: ``h`` and ``prototypes`` are read in place through their strides and
-    centred on the OOD prototype inside the kernel. Extra device memory is ``p_o`` in fp32
-    ([D]) and, when ``prototype_sq_norms`` is not given, the norms ([C]; computed 4096
-    prototypes at a time).
+    ``h`` is read in place through its strides and centred on the OOD prototype inside the
+    kernel. The prototypes' GEMM operand is prepared once and kept while the caller keeps the
+    same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
+    per class group 24 bytes of partial results per row.
     """
     if precision not in DOT_MODES:
         raise ValueError(f"precision must be one of {tuple(DOT_MODES)}, got {precision!r}")
@@ -284,20 +504,9 @@ def ncp_gradient(
                             f"{name} is {t.dtype}")
         if t.device != h.device:
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
-
-    # Work in units of a power of two near the largest magnitude (exact rescaling), so
-    # squared distances neither overflow nor underflow for huge or tiny features.
-    biggest = max(_max_abs(t) for t in (h, prototypes, ood_prototype)) if n else 0.0
-    scale = pow2_scale(biggest)
-    p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
-    if prototype_sq_norms is None or scale != 1.0:
-        p_sq = torch.cat([((blk.to(torch.float32) / scale - p_o) ** 2).sum(1)
-                          for blk in prototypes.split(4096)])
-    else:
-        if tuple(prototype_sq_norms.shape) != (c,):
-            raise ValueError(f"prototype_sq_norms must have shape [{c}], "
-                             f"got {tuple(prototype_sq_norms.shape)}")
-        p_sq = prototype_sq_norms.to(device=h.device, dtype=torch.float32).contiguous()
+    if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
+        raise ValueError(f"prototype_sq_norms must have shape [{c}], "
+                         f"got {tuple(prototype_sq_norms.shape)}")
 
     dev = h.device
     grad = torch.empty((n, d), dtype=torch.float32, device=dev)
@@ -307,15 +516,26 @@ def ncp_gradient(
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
+    # Work in units of a power of two near the largest magnitude (exact rescaling), so
+    # squared distances neither overflow nor underflow for huge or tiny features.
+    scale = pow2_scale(max(_max_abs(t) for t in (h, prototypes, ood_prototype)))
+    prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
+    psq = prep.sq_norms
+    if prototype_sq_norms is not None and scale == 1.0:
+        psq = prototype_sq_norms.to(device=dev, dtype=torch.float32).contiguous()
+    n_sm = (torch.cuda.get_device_properties(dev).multi_processor_count
+            if dev.type == "cuda" else DEFAULT_SMS)
 
-    def launch(cfg: tuple[int, int, int, int]) -> None:
-        run(_plan(h, prototypes, p_o, p_sq, (grad, q_ood, pred, min_dist, lse), scale,
+    def launch(cfg: LaunchConfig) -> None:
+        run(_plan(h, prototypes, prep, psq, _scratch(n, cfg, dev), (grad, q_ood, pred,
+                                                                     min_dist, lse),
                   precision, cfg))
 
-    if autotune_enabled(h.device):
-        key = (precision, h.dtype, triton.next_power_of_2(c), triton.next_power_of_2(d),
-               n >= 4096, torch.cuda.get_device_name(h.device))
-        launch(tune(launch, key, n, c, TUNE_CONFIGS))
+    if autotune_enabled(dev):
+        key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
+               triton.next_power_of_2(d), n >= 4096)
+        cands = [_tuned_config(t, n, c, d, h.element_size(), n_sm) for t in TUNE_CONFIGS]
+        launch(tune(launch, key, n, c, cands, dev))
     else:
-        launch(block_sizes(n, c, d, precision))
+        launch(block_sizes(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

@@ -110,3 +110,73 @@ def test_recall_on_real_grood_gradients():
     _, idx = knn(grads, db, 1)
     _, ref = knn_naive(grads.cpu(), db.cpu(), 1)
     assert torch.equal(idx.cpu(), ref)
+
+
+def _tied_problem():
+    """Integer-valued queries and database in {-2..2} (exact in every precision mode), with a
+    block of 50 database rows duplicated further on: many exact ties, across tiles and splits."""
+    gen = torch.Generator().manual_seed(7)
+    db = torch.randint(-2, 3, (900, 24), generator=gen).float()
+    db[600:650] = db[100:150]
+    queries = torch.randint(-2, 3, (20, 24), generator=gen).float()
+    queries[:10] = db[110:120] + (torch.rand(10, 24, generator=gen) < 0.1).float()
+    return queries.to(DEVICE), db.to(DEVICE)
+
+
+def _small_tiles(monkeypatch, group_q=2):
+    """Force small tiles, several query groups (the last one partial) and database splits."""
+    real = kernel_module.launch_config
+
+    def small(n_q, n_db, d, precision, **kw):
+        cfg = real(n_q, n_db, d, precision, **kw)
+        return cfg._replace(block_q=16, block_m=16, block_d=16, num_warps=4, group_q=group_q,
+                            n_split=max(1, min(7, n_db // 64)))
+
+    monkeypatch.setattr(kernel_module, "launch_config", small)
+
+
+PRECISIONS = ["ieee", "tf32", "tf32x3",
+              pytest.param("bf16", marks=pytest.mark.skipif(
+                  not ON_GPU, reason="the interpreter's bf16 dot is not the hardware's"))]
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_exact_ties_follow_the_lower_index_rule(k, precision, monkeypatch):
+    _small_tiles(monkeypatch)
+    queries, db = _tied_problem()
+    dist, idx = knn(queries, db, k, precision=precision)
+    ref_d, ref_i = functional.knn(queries, db, k)
+    assert torch.equal(idx.cpu(), ref_i.cpu())
+    assert torch.equal(dist.cpu(), ref_d.cpu().float())
+
+
+def test_grouped_order_and_splits_cover_every_row(monkeypatch):
+    _small_tiles(monkeypatch, group_q=3)
+    queries, db = _data(83, 700, 19, seed=5)
+    dist, idx = knn(queries, db, 3)
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 3)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_insertion_runs_fewer_rounds(monkeypatch):
+    _small_tiles(monkeypatch)
+    x, _ = clustered_features(1200, 8, 16, seed=2, dtype=torch.float32)
+    queries, db = x[:40].to(DEVICE), x[40:].to(DEVICE)
+    rounds = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _, idx = knn(queries, db, 1, insert_rounds=rounds)
+    _, ref_i = knn_naive(queries.cpu(), db.cpu(), 1)
+    assert torch.equal(idx.cpu(), ref_i)
+    cfg = kernel_module.launch_config(40, 1160, 16, "ieee")
+    tiles = -(-1160 // (cfg.n_split * 16)) * cfg.n_split
+    ungated = -(-40 // 16) * tiles * 8  # every tile of every program runs N_CAND = 8 rounds
+    assert 0 < int(rounds) < ungated / 2
+
+
+def test_bf16_storage_with_an_exact_copy_for_the_rerank():
+    queries, db = _data(30, 300, 40, seed=9)
+    dist, idx = knn(queries, db.to(torch.bfloat16), 2, rerank_database=db.cpu())
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 2)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)

@@ -207,3 +207,41 @@ def test_kernels_package_does_not_import_grood():
                          timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
+    """Several class groups per row tile (the last one shorter), merged by the last program."""
+    def small(n, c, d, precision, **kw):
+        return kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3)
+
+    monkeypatch.setattr(kernel_module, "block_sizes", small)
+    h, protos, p_ood = _problem(37, 75, 21)  # 5 class blocks: groups of 2, 2 and 1
+    res = ncp_gradient(h, protos, p_ood)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    for t, r in zip(res[:2], ref[:2], strict=True):
+        torch.testing.assert_close(t.double(), r, rtol=2e-5, atol=1e-7)
+    assert torch.equal(res.pred, ref.pred)
+
+
+def hard_softmax_problem(n=48, c=300, d=32, seed=0):
+    """Features whose nearest prototype holds little of the softmax mass: many prototypes at
+    nearly the same distance (q of the nearest about 0.05 or less), at realistic norms."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.rand(d, generator=gen, dtype=torch.float64) * 4 + 2
+    protos = centre + 0.05 * torch.randn(c, d, generator=gen, dtype=torch.float64)
+    h = centre + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return h, protos, protos.mean(0) + 0.02
+
+
+def test_hard_softmax_matches_float64():
+    h, protos, p_ood = hard_softmax_problem()
+    ref = functional.ncp_gradient(h, protos, p_ood)
+    q_near = torch.exp(-ref.min_dist - ref.lse)
+    assert float(q_near.max()) < 0.06  # the nearest prototype is not dominant
+    res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
+                       p_ood.float().to(DEVICE))
+    torch.testing.assert_close(res.q_ood.double().cpu(), ref.q_ood, rtol=1e-4, atol=0)
+    # Elementwise, h - p_o carries fp32 input rounding; measure against each row's scale.
+    err = (res.grad.double().cpu() - ref.grad).abs().amax(1) / ref.grad.abs().amax(1)
+    assert float(err.max()) < 1e-4
+    assert torch.equal(res.pred.cpu(), ref.pred)
