@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -363,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Compiled for a GPU target: the interpreter's kernels cannot be compiled.
+    os.environ["TRITON_INTERPRET"] = "0"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

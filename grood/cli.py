@@ -247,12 +247,47 @@ def build_parser() -> argparse.ArgumentParser:
                     "against plain torch in the same precision, the per-sample autograd "
                     "reference and faiss-cpu (one Markdown report).")
     add_arguments(bench)
+    bench.add_argument("--compile", action="store_true",
+                       help="instead: the compile report of every kernel launch (sm_90a, "
+                            "sm_100a; no GPU needed); later options go to "
+                            "bench/compile_report.py (see its --help)")
+    bench.add_argument("--pipeline", action="store_true",
+                       help="instead: the whole fit + score pipeline at ImageNet-1k scale, "
+                            "stage by stage; later options go to bench/pipeline.py (e.g. "
+                            "--scale 0.02 --device cpu)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
 
+#: ``grood bench --compile`` / ``--pipeline`` run these scripts from the source checkout.
+BENCH_SCRIPTS = {"--compile": "compile_report", "--pipeline": "pipeline"}
+
+
+def _run_bench_script(flag: str, argv: list[str]) -> int:
+    """Run ``bench/<script>.py`` of the source checkout with ``argv``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{BENCH_SCRIPTS[flag]}.py"
+    if not path.exists():
+        print(f"grood bench {flag}: error: {path} not found; this command runs the benchmark "
+              "scripts of a source checkout (git clone, then pip install -e .)", file=sys.stderr)
+        return 2
+    if flag == "--compile":  # compiles for a GPU target: never through the interpreter
+        os.environ["TRITON_INTERPRET"] = "0"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"grood_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``grood`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        for flag in BENCH_SCRIPTS:
+            if flag in argv:
+                return _run_bench_script(flag, [a for a in argv[1:] if a != flag])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -144,3 +144,16 @@ def test_bench_report_runs_at_tiny_size(capsys):
     # The accuracy rows carry real numbers, not placeholders.
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
+
+
+def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
+    from grood.cli import main
+
+    assert main(["bench", "--pipeline", "--scale", "0.001", "--classes", "10", "--dim", "16",
+                 "--device", "cpu", "--backend", "torch", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("prototype pass", "gradient pass", "index build", "gradient step",
+                  "exact 1-NN search"):
+        assert f"| {stage} |" in out or f"| fit: {stage} |" in out or f"| score: {stage} |" in out
+    diff = float(out.split("check: max |score - GROOD.score_samples| = ")[1].split()[0])
+    assert diff < 1e-6

@@ -1,0 +1,111 @@
+"""The compile report (bench/compile_report.py): compiled facts and the traffic model.
+
+Compiles one small launch per kernel for sm_90a (no GPU needed). The facts need the
+``ptxas-blackwell`` shipped in triton's wheel; without it only the TTGIR facts are checked.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import compile_report  # noqa: E402
+import traffic_model  # noqa: E402
+
+HAS_PTXAS = compile_report._tool("ptxas-blackwell") is not None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compile_report.py"), "--shapes", "small", "--arch",
+         "sm_90a", "--precision", "tf32", "--json", str(out / "r.json"), "--dump",
+         str(out / "dump"), "--quiet"], capture_output=True, text=True, check=True,
+        env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    return proc.stdout, json.loads((out / "r.json").read_text()), out / "dump"
+
+
+def test_every_kernel_has_a_record_with_the_documented_keys(report):
+    _, records, _ = report
+    assert {r["kernel"] for r in records} == {"ncp_gradient", "knn"}
+    for r in records:
+        assert set(compile_report.JSON_KEYS) <= set(r)
+        assert r["arch"] == "sm_90a" and r["precision"] == "tf32"
+        assert r["mma"] == "wgmma"
+        assert r["wgmma_pendings"] >= 1
+        assert r["smem_bytes"] > 0 and r["grid"] >= 1 and r["ctas_per_sm"] >= 1
+        assert r["flops"] > 0 and r["hbm_bytes"] > 0 and r["l2_bytes"] >= r["hbm_bytes"] / 2
+        assert set(r["bound_ms"]) == {"compute", "hbm", "l2"}
+        assert r["binding_roof"] in r["bound_ms"]
+        assert 0 < r["structure_fraction"] <= 1
+        if HAS_PTXAS:
+            assert 0 < r["registers"] <= 255
+            assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0
+
+
+def test_markdown_and_dumps(report):
+    text, records, dump = report
+    assert "| kernel | mode | shape | arch |" in text
+    assert text.count("| ncp_gradient | tf32 | small | sm_90a |") == 2  # facts and model rows
+    for suffix in ("ttgir", "ptx") + (("cubin",) if HAS_PTXAS else ()):
+        assert len(list(dump.glob(f"*.{suffix}"))) == len(records)
+    assert "warp_group_dot" in next(dump.glob("ncp_gradient_*.ttgir")).read_text()
+
+
+def test_occupancy_rule():
+    # 8 warps at 168 registers: 168 * 32 rounds to 5376 per warp, 43008 per CTA -> 1 CTA.
+    assert compile_report.ctas_per_sm(168, 8, 16 * 1024) == (1, "registers")
+    assert compile_report.ctas_per_sm(64, 4, 100 * 1024) == (2, "shared memory")
+    assert compile_report.ctas_per_sm(32, 4, 1024) == (16, "threads")
+
+
+def test_pendings_ignore_the_drain_after_a_loop():
+    ttgir = ("%a = ttng.warp_group_dot %x, %y, %z {isAsync = true}\n"
+             "%b:2 = ttng.warp_group_dot_wait %a, %y {pendings = 1 : i32}\n"
+             "%c = ttng.warp_group_dot_wait %loop#0 {pendings = 0 : i32}\n")
+    assert compile_report.wgmma_pendings(ttgir) == 1
+
+
+def test_search_model_bytes_by_hand():
+    """knn at Q = 1000, M = 100,000, D = 256, tf32, counted by hand from the schedule."""
+    from grood_kernels import knn
+
+    (launch,) = knn.compile_launches(1000, 100_000, 256, "tf32")
+    bq, bm = launch.constexprs["BLOCK_Q"], launch.constexprs["BLOCK_M"]
+    group_q, n_cand = launch.constexprs["GROUP_Q"], launch.constexprs["N_CAND"]
+    rows_per_split, split, n_qb = launch.args[10], launch.args[11], launch.args[12]
+    assert (bq, bm, n_qb) == (128, 128, 8)
+    tiles = math.ceil(rows_per_split / bm)
+    programs = n_qb * split
+    # Every program streams `tiles` database tiles, re-loading its query tile with each.
+    l2_gemm = programs * tiles * (128 * 256 * 4 + 128 * 256 * 4)
+    # HBM: the queries once (the group's tiles stay resident), the database once per group.
+    groups = math.ceil(8 / group_q)
+    hbm_gemm = 1000 * 256 * 4 + 100_000 * 256 * 4 * groups
+    cand = programs * 128 * n_cand * 8
+    rerank = 1000 * (n_cand + 1) * 256 * 4
+    m = traffic_model.model("knn", launch, (1000, 100_000, 256), "tf32", "sm_90a", 1)
+    assert m["hbm_bytes"] == hbm_gemm + 2 * cand + rerank
+    assert m["l2_bytes"] == l2_gemm + 2 * cand + rerank
+    assert m["flops"] == 2.0 * programs * tiles * 128 * 128 * 256
+
+
+def test_gradient_model_reads_h_once_at_imagenet_shape():
+    from grood_kernels import ncp_gradient
+
+    (launch,) = ncp_gradient.compile_launches(65536, 1000, 2048, "tf32")
+    m = traffic_model.model("ncp_gradient", launch, (65536, 1000, 2048), "tf32", "sm_90a", 1)
+    h_and_grad = 2 * 65536 * 2048 * 4
+    assert h_and_grad < m["hbm_bytes"] < 1.1 * h_and_grad
+    assert launch.grid[0] == 512 * launch.args[18]  # row blocks x class groups
+    assert torch.empty(0, device="meta").device.type == "meta"
