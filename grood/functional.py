@@ -340,6 +340,19 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return dist.gather(1, by_d), idx.gather(1, by_d)
 
 
+def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` smallest entries of each row of ``dist`` [R, M] and their column indices,
+    taking the lowest columns among entries equal to the n-th smallest (``torch.topk`` breaks
+    such ties arbitrarily). Returned in column order."""
+    kth = torch.topk(dist, n, dim=1, largest=False).values[:, -1:]  # [R, 1]
+    below = dist < kth
+    at = dist == kth
+    need = n - below.sum(1, keepdim=True)
+    chosen = below | (at & (at.cumsum(1) <= need))  # exactly n per row
+    cols = chosen.nonzero()[:, 1].view(dist.shape[0], n)
+    return dist.gather(1, cols), cols
+
+
 def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):
     """Keep the k smallest of two candidate lists, lower index first among equal distances."""
     cand_d, cand_i = lex_sort(torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1))
@@ -420,7 +433,7 @@ def knn(
                 dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
                                    alpha=-2.0)
             dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]
-            blk_d, blk_i = torch.topk(dist, min(n_cand, m1 - m0), dim=1, largest=False)
+            blk_d, blk_i = topk_lowest_index(dist, min(n_cand, m1 - m0))
             best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)
         # Re-rank the candidates by their directly computed distance.
         exact = torch.full_like(best_d, float("inf"))

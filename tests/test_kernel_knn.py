@@ -118,9 +118,19 @@ def _tied_problem():
     gen = torch.Generator().manual_seed(7)
     db = torch.randint(-2, 3, (900, 24), generator=gen).float()
     db[600:650] = db[100:150]
+    db[300:400] = db[0]  # 100 copies of one row: more ties than any candidate list holds
     queries = torch.randint(-2, 3, (20, 24), generator=gen).float()
     queries[:10] = db[110:120] + (torch.rand(10, 24, generator=gen) < 0.1).float()
+    queries[10] = db[0]
     return queries.to(DEVICE), db.to(DEVICE)
+
+
+def lexicographic_knn(queries, db, k):
+    """Float64 brute force, ordered by (distance, index)."""
+    d = ((queries.double().cpu()[:, None] - db.double().cpu()[None]) ** 2).sum(2)
+    idx = torch.arange(db.shape[0]).expand_as(d).clone()
+    d, idx = functional.lex_sort(d, idx)
+    return d[:, :k], idx[:, :k]
 
 
 def _small_tiles(monkeypatch, group_q=2):
@@ -146,9 +156,11 @@ def test_exact_ties_follow_the_lower_index_rule(k, precision, monkeypatch):
     _small_tiles(monkeypatch)
     queries, db = _tied_problem()
     dist, idx = knn(queries, db, k, precision=precision)
-    ref_d, ref_i = functional.knn(queries, db, k)
-    assert torch.equal(idx.cpu(), ref_i.cpu())
-    assert torch.equal(dist.cpu(), ref_d.cpu().float())
+    ref_d, ref_i = lexicographic_knn(queries, db, k)
+    assert torch.equal(idx.cpu(), ref_i)
+    assert torch.equal(dist.cpu().double(), ref_d)
+    _, twin_i = functional.knn(queries, db, k, block_size=64)
+    assert torch.equal(twin_i.cpu(), ref_i)
 
 
 def test_grouped_order_and_splits_cover_every_row(monkeypatch):
