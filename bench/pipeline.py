@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import sys
+import threading
 import time
 from datetime import date
 
@@ -45,10 +46,15 @@ def _rss() -> int:
 
 
 class Stage:
-    """Times one stage (device synchronised) and its peak extra memory."""
+    """Times one stage (device synchronised) and its peak extra memory: the CUDA allocator's
+    peak on a GPU, the process's resident set sampled every 5 ms on the CPU."""
 
     def __init__(self, name: str, device: str, rows: list) -> None:
         self.name, self.device, self.rows = name, device, rows
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, _rss())
 
     def __enter__(self):
         _sync(self.device)
@@ -56,14 +62,22 @@ class Stage:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base = _rss()
+            self.base = self.peak = _rss()
+            self.done = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         _sync(self.device)
         ms = (time.perf_counter() - self.t0) * 1e3
-        peak = (torch.cuda.max_memory_allocated() if self.device == "cuda" else _rss())
+        if self.device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self.done.set()
+            self.sampler.join()
+            peak = max(self.peak, _rss())
         self.rows.append((self.name, ms, max(0, peak - self.base) / 2**20))
         return False
 

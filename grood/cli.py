@@ -80,8 +80,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels")
     ood = load_features(args.ood_features).features if args.ood_features else None
     prototype = args.ood_prototype or ("features" if ood is not None else "mean")
+    index_options = None
+    if args.index_storage != "float32":
+        index_options = {"storage": args.index_storage, "exact_copy": args.exact_copy}
     det = GROOD(ood_prototype=prototype, k=args.k, backend=args.backend, device=args.device,
-                batch_size=args.batch_size, distributed=world > 1 or args.distributed)
+                batch_size=args.batch_size, distributed=world > 1 or args.distributed,
+                precision=args.precision, index_options=index_options)
     logits = None if args.ignore_logits else train.logits
     det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
             logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
@@ -206,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                      help="implementation of the hot paths (default: auto)")
     fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    fit.add_argument("--precision", choices=["ieee", "tf32", "tf32x3", "bf16"], default="ieee",
+                     help="GEMM precision of the gradient step and the search; results are "
+                          "re-ranked exactly in fp32 (default: ieee)")
+    fit.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],
+                     default="float32",
+                     help="dtype the gradient index is searched in; half precision streams "
+                          "half the bytes, and candidates are re-ranked from the exact copy "
+                          "(default: float32)")
+    fit.add_argument("--exact-copy", choices=["device", "host"], default="device",
+                     help="with a half-precision --index-storage: keep the exact copy on the "
+                          "device or in host memory (default: device)")
     fit.add_argument("--batch-size", type=int, default=4096,
                      help="rows per batch (default: %(default)s)")
     fit.add_argument("--distributed", action="store_true",

@@ -366,6 +366,7 @@ def knn(
     *,
     precision: str = "ieee",
     database_sq_norms: Tensor | None = None,
+    rerank_database: Tensor | None = None,
     block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact k-nearest-neighbour search by squared L2 distance, like ``faiss.IndexFlatL2``.
@@ -387,6 +388,9 @@ def knn(
             :func:`ncp_gradient`); returned distances are exact in every mode.
         database_sq_norms (Tensor, optional): ``||x||^2`` of every database row, shape [M], in
             the compute dtype; computed here when omitted (an index caches them).
+        rerank_database (Tensor, optional): the exact rows [M, D] the returned distances are
+            computed from when ``database`` is a rounded copy (e.g. bf16 storage of an fp32
+            index); it may live on another device (host memory). Default: ``database``.
         block_size (int, optional): database rows per tile; by default sized to
             ``TILE_ELEMENTS``.
 
@@ -401,7 +405,11 @@ def knn(
         raise ValueError(f"k must be >= 1, got {k}")
     check_precision(precision)
     n_q, n_db = queries.shape[0], database.shape[0]
-    dt = compute_dtype(torch.promote_types(queries.dtype, database.dtype))
+    exact_rows = database if rerank_database is None else rerank_database
+    if tuple(exact_rows.shape) != tuple(database.shape):
+        raise ValueError(f"rerank_database has shape {tuple(exact_rows.shape)}, the database "
+                         f"{tuple(database.shape)}")
+    dt = compute_dtype(torch.promote_types(queries.dtype, exact_rows.dtype))
     if dt == torch.float64:
         precision = "ieee"
     dev = queries.device
@@ -413,7 +421,7 @@ def knn(
     bq = min(n_q, 1024)
     bm = block_size or max(256, TILE_ELEMENTS // bq)
     if database_sq_norms is None:
-        database_sq_norms = database_sq_norms_of(database, dt, block_size=bm)
+        database_sq_norms = database_sq_norms_of(exact_rows, dt, block_size=bm).to(dev)
     elif tuple(database_sq_norms.shape) != (n_db,):
         raise ValueError(f"database_sq_norms must have shape [{n_db}], "
                          f"got {tuple(database_sq_norms.shape)}")
@@ -440,7 +448,7 @@ def knn(
         for j in range(n_cand):
             rows = best_i[:, j] >= 0
             if bool(rows.any()):
-                diff = q[rows] - database[best_i[rows, j]].to(dt)
+                diff = q[rows] - exact_rows[best_i[rows, j].to(exact_rows.device)].to(dev, dt)
                 exact[rows, j] = (diff * diff).sum(1)
         exact, best_i = lex_sort(exact, best_i)
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]

@@ -34,31 +34,61 @@ from grood.functional import database_sq_norms_of
 INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf")
 
 
+#: ``index_options={"storage": ...}`` of the exact index -> the dtype searched.
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                  "float16": torch.float16, "fp16": torch.float16}
+EXACT_COPY_PLACES = ("device", "host")
+
+
 class ExactIndex:
     """Exact nearest-neighbour index over vectors of dimension ``dim``.
 
     Args:
         dim (int): vector dimension D.
-        dtype (torch.dtype): storage and compute dtype.
-        device (torch.device | str): where the vectors live and are searched.
+        dtype (torch.dtype): dtype of the exact vectors (and of the search when ``storage``
+            is not given).
+        device (torch.device | str): where the vectors are searched.
         backend (str): ``"torch"`` or ``"triton"``, already resolved by :mod:`grood.ops`.
         precision (str): precision of the candidate GEMM (distances are exact in every mode;
             see :func:`grood.functional.knn`).
+        storage (str, optional): ``"bfloat16"`` / ``"float16"``: search a half-precision copy
+            of the vectors (half the bytes streamed per search; in ``precision="bf16"`` it
+            goes to the tensor cores as stored). The candidates' distances are still recomputed
+            from the exact vectors, so results equal exact search at the index's dtype.
+        exact_copy (str): where the exact vectors live when ``storage`` is set: ``"device"``
+            (beside the half-precision copy: 1.5x the memory of one copy) or ``"host"`` (pinned
+            host memory on a GPU machine: the device holds only the half-precision copy, and
+            each search gathers ``k + 4`` rows per query from the host).
     """
 
     kind = "exact"
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", backend: str = "torch",
-                 precision: str = "ieee") -> None:
+                 precision: str = "ieee", storage: str | None = None,
+                 exact_copy: str = "device") -> None:
+        if storage is not None and storage not in STORAGE_DTYPES:
+            raise ValueError(f"index_options storage must be one of {sorted(STORAGE_DTYPES)}, "
+                             f"got {storage!r}")
+        if exact_copy not in EXACT_COPY_PLACES:
+            raise ValueError(f"index_options exact_copy must be one of {EXACT_COPY_PLACES}, "
+                             f"got {exact_copy!r}")
         self.dim = dim
         self.dtype = dtype
         self.device = torch.device(device)
         self.backend = backend
         self.precision = precision
-        self._buf = torch.empty((0, dim), dtype=dtype, device=self.device)
+        self.storage = None if storage is None else STORAGE_DTYPES[storage]
+        if self.storage == dtype:
+            self.storage = None
+        self.exact_copy = exact_copy
+        # The exact vectors: on the search device, or in host memory when asked.
+        self.exact_device = (torch.device("cpu") if self.storage is not None
+                             and exact_copy == "host" else self.device)
+        self._buf = torch.empty((0, dim), dtype=dtype, device=self.exact_device)
         self._n = 0
         self._sq_norms: Tensor | None = None  # ||x||^2 per vector, cached for searches
+        self._stored: Tensor | None = None  # the half-precision copy searched, when asked
 
     @property
     def ntotal(self) -> int:
@@ -67,13 +97,13 @@ class ExactIndex:
 
     @property
     def vectors(self) -> Tensor:
-        """The indexed vectors, shape [ntotal, D] (a view; do not modify)."""
+        """The indexed (exact) vectors, shape [ntotal, D] (a view; do not modify)."""
         return self._buf[: self._n]
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` vectors in total, so later ``add`` calls do not copy."""
         if capacity > self._buf.shape[0]:
-            grown = torch.empty((capacity, self.dim), dtype=self.dtype, device=self.device)
+            grown = torch.empty((capacity, self.dim), dtype=self.dtype, device=self.exact_device)
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
 
@@ -84,24 +114,41 @@ class ExactIndex:
         n = x.shape[0]
         if self._n + n > self._buf.shape[0]:
             self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
-        self._buf[self._n : self._n + n] = x.to(device=self.device, dtype=self.dtype)
+        self._buf[self._n : self._n + n] = x.to(device=self.exact_device, dtype=self.dtype)
         self._n += n
         self._sq_norms = None
+        self._stored = None
 
     def trim(self) -> None:
         """Release unused reserved capacity."""
         if self._buf.shape[0] != self._n:
             self._buf = self._buf[: self._n].clone()
 
+    def _searched(self) -> Tensor:
+        """The vectors the candidate GEMM reads: the exact ones, or their stored copy."""
+        if self.storage is None:
+            return self.vectors
+        if self._stored is None:
+            self._stored = torch.empty((self._n, self.dim), dtype=self.storage,
+                                       device=self.device)
+            for m0 in range(0, self._n, 65536):
+                self._stored[m0:m0 + 65536] = self._buf[m0:min(m0 + 65536, self._n)].to(
+                    self.device, self.storage)
+            if self.exact_device.type == "cpu" and self.device.type == "cuda":
+                self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
+        return self._stored
+
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Exact k-NN: ``(D, I)``, squared L2 distances [Q, k] and int64 indices [Q, k]."""
         if self._n == 0:
             raise ValueError("the index is empty")
+        searched = self._searched()
         if self._sq_norms is None:
-            self._sq_norms = database_sq_norms_of(self.vectors)
+            self._sq_norms = database_sq_norms_of(self.vectors).to(self.device)
         impl = ops.get_op("knn", self.backend)
-        return impl(queries.to(device=self.device, dtype=self.dtype), self.vectors, k,
-                    precision=self.precision, database_sq_norms=self._sq_norms)
+        extra = {} if self.storage is None else {"rerank_database": self.vectors}
+        return impl(queries.to(device=self.device, dtype=self.dtype), searched, k,
+                    precision=self.precision, database_sq_norms=self._sq_norms, **extra)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""
@@ -110,12 +157,12 @@ class ExactIndex:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
                         backend: str = "torch", precision: str = "ieee",
-                        **_: Any) -> ExactIndex:
+                        options: dict[str, Any] | None = None, **_: Any) -> ExactIndex:
         """Rebuild an index saved by :meth:`state_dict`."""
         vectors = state["vectors"]
         index = cls(vectors.shape[1], dtype=vectors.dtype, device=device, backend=backend,
-                    precision=precision)
-        index._buf = vectors.to(device)
+                    precision=precision, **(options or {}))
+        index._buf = vectors.to(index.exact_device)
         index._n = vectors.shape[0]
         return index
 
@@ -350,9 +397,12 @@ def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
     """A new, empty index of ``kind`` (one of ``INDEX_KINDS``)."""
     options = dict(options or {})
     if kind == "exact":
-        if options:
-            raise ValueError(f"index='exact' takes no index_options, got {sorted(options)}")
-        return ExactIndex(dim, dtype=dtype, device=device, backend=backend, precision=precision)
+        unknown = set(options) - {"storage", "exact_copy"}
+        if unknown:
+            raise ValueError(f"index='exact' takes index_options storage and exact_copy, not "
+                             f"{sorted(unknown)}")
+        return ExactIndex(dim, dtype=dtype, device=device, backend=backend, precision=precision,
+                          **options)
     if kind == "faiss-flat":
         if options:
             raise ValueError(f"index='faiss-flat' takes no index_options, got {sorted(options)}")

@@ -157,3 +157,16 @@ def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
         assert f"| {stage} |" in out or f"| fit: {stage} |" in out or f"| score: {stage} |" in out
     diff = float(out.split("check: max |score - GROOD.score_samples| = ")[1].split()[0])
     assert diff < 1e-6
+
+
+def test_fit_with_half_precision_index_storage(tmp_path):
+    x, y = clustered_features(200, 4, 8, seed=2, dtype=torch.float32)
+    _write(tmp_path / "t.npz", features=x, labels=y)
+    for name, extra in (("plain", []), ("half", ["--index-storage", "bfloat16",
+                                                 "--exact-copy", "host"])):
+        assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / f"{name}.safetensors"),
+                     *extra]) == 0
+    half = GROOD.load(tmp_path / "half.safetensors")
+    assert half.index_options == {"storage": "bfloat16", "exact_copy": "host"}
+    assert torch.equal(half.score_samples(x[:40]),
+                       GROOD.load(tmp_path / "plain.safetensors").score_samples(x[:40]))

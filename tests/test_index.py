@@ -41,7 +41,7 @@ def test_unknown_index_and_options_are_named():
     with pytest.raises(ValueError, match="index must be one of"):
         GROOD(index="hnsw").fit(torch.rand(10, 3), torch.arange(10) % 2)
     with pytest.raises(ValueError, match="takes no index_options"):
-        make_index("exact", 3, dtype=torch.float32, device=torch.device("cpu"),
+        make_index("faiss-flat", 3, dtype=torch.float32, device=torch.device("cpu"),
                    backend="torch", options={"nprobe": 2})
 
 
@@ -124,3 +124,33 @@ def test_detector_save_load_with_each_index(kind, tmp_path):
         exact = GROOD().fit(x, y)
         torch.testing.assert_close(det.score_samples(test), exact.score_samples(test),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("exact_copy", ["device", "host"])
+def test_half_precision_storage_searches_exactly(exact_copy, tmp_path):
+    from grood import GROOD
+
+    x, y = clustered_features(600, 5, 24, seed=4, dtype=torch.float32)
+    q, _ = clustered_features(50, 5, 24, seed=5, dtype=torch.float32)
+    plain = GROOD(ood_prototype="mean").fit(x, y)
+    half = GROOD(ood_prototype="mean", index_options={"storage": "bfloat16",
+                                                      "exact_copy": exact_copy}).fit(x, y)
+    assert half.index_._searched().dtype == torch.bfloat16
+    assert half.index_.vectors.dtype == torch.float32
+    assert torch.equal(half.score_samples(q), plain.score_samples(q))
+    half.save(tmp_path / "d.safetensors")
+    again = GROOD.load(tmp_path / "d.safetensors")
+    assert again.index_.storage == torch.bfloat16
+    assert torch.equal(again.score_samples(q), plain.score_samples(q))
+
+
+def test_exact_index_options_are_checked():
+    from grood import GROOD
+
+    x, y = clustered_features(60, 3, 4, seed=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="storage must be one of"):
+        GROOD(index_options={"storage": "int8"}).fit(x, y)
+    with pytest.raises(ValueError, match="exact_copy must be one of"):
+        GROOD(index_options={"storage": "bf16", "exact_copy": "disk"}).fit(x, y)
+    with pytest.raises(ValueError, match="takes index_options storage and exact_copy"):
+        GROOD(index_options={"nprobe": 3}).fit(x, y)
