@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call for a GPU machine: the kernel tests with compiled Triton (not the
-# interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md.
+# interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md,
+# then the whole ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16
+# index storage, written to $OUT/pipeline.md.
 #
 # The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
 # (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
@@ -22,3 +24,6 @@ PY
 python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py \
     tests/test_kernel_knn.py
 python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
+for precision in tf32 ieee; do
+    python bench/pipeline.py --precision "$precision" --quiet | tee -a "${OUT:-.}/pipeline.md"
+done

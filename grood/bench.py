@@ -176,6 +176,51 @@ def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
     return lines
 
 
+def hard_softmax_features(n: int, n_classes: int, dim: int, *, seed: int, device: str,
+                          spread: float = 0.15) -> tuple[Tensor, Tensor]:
+    """Features whose nearest prototype holds little of the softmax mass, and the prototypes.
+
+    Post-ReLU-like features of realistic norm (about 64 at D = 2048): class prototypes scatter
+    by ``spread`` around one shared non-negative centre and samples by ``spread`` around their
+    prototype, so a sample is only slightly nearer its own prototype than hundreds of others.
+    At C = 1000, D = 2048 the nearest prototype's softmax probability is about 0.04.
+    """
+    centre = torch.relu(torch.randn(dim, generator=torch.Generator().manual_seed(3))) * 2.0
+    protos = torch.relu(centre + spread * torch.randn(
+        n_classes, dim, generator=torch.Generator().manual_seed(4)))
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=gen)
+    h = torch.relu(protos[labels] + spread * torch.randn(n, dim, generator=gen))
+    return h.to(device), protos.to(device)
+
+
+def hard_softmax_table(device: str, backends: list[str], tiny: bool) -> list[str]:
+    """Errors of every mode against float64 where the softmax is hard (no dominant term)."""
+    n, c, d = (64, 100, 64) if tiny else (2000, 1000, 2048)
+    h, protos = hard_softmax_features(n, c, d, seed=1, device=device)
+    p_ood = protos.double().mean(0).float()
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    q_near = torch.exp(-ref.min_dist - ref.lse)
+    lines = [f"Hard softmax (N = {n}, C = {c}, D = {d}; the nearest prototype's probability: "
+             f"median {float(q_near.median()):.3f}, max {float(q_near.max()):.3f}; feature norm "
+             f"{float(h.norm(dim=1).mean()):.1f}), errors against float64:", "",
+             "| backend | precision | max rel err grad | max rel err q_ood | pred changed |",
+             "|---|---|---|---|---|"]
+    for precision in PRECISIONS:
+        if "torch" in backends and precision != "tf32x3":
+            errs = _errors(*torch_closed_form(h, protos, p_ood, precision), ref)
+            lines.append(f"| torch closed form | {precision} | {errs[0]:.2e} | {errs[1]:.2e} | "
+                         f"{100 * errs[2]:.3f} % |")
+        for backend in backends:
+            if backend == "triton" and precision == "bf16" and device != "cuda":
+                continue  # the interpreter's bf16 dot is not the hardware's
+            res = _op(backend)(h, protos, p_ood, precision=precision)
+            errs = _errors(res.grad, res.q_ood, res.pred, ref)
+            lines.append(f"| {backend} | {precision} | {errs[0]:.2e} | {errs[1]:.2e} | "
+                         f"{100 * errs[2]:.3f} % |")
+    return lines
+
+
 def _errors(grad: Tensor, q: Tensor, pred: Tensor, ref) -> tuple[float, float, float]:
     """Max relative error of grad (per row) and q_ood against ``ref``; fraction of changed pred."""
     g_err = float(((grad.double() - ref.grad).norm(dim=1)
@@ -269,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
             for backend in backends:
                 print("\n".join(accuracy_table(device, backend, args.tiny)))
                 print()
+            print("\n".join(hard_softmax_table(device, backends, args.tiny)))
+            print()
         shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
         print("\n".join(timing_table(device, backends, shapes, args.repeat)))
         print("\nTFLOP/s counts the distance GEMM only (2·N·C·D). 'vs torch closed form': the "

@@ -119,13 +119,40 @@ def _faiss_rate(device: str, d: int, tiny: bool) -> str:
             f"threads): {2.0 * q * m * d / t / 1e12:.3f} TFLOP/s on Q = {q}, M = {m}, D = {d}")
 
 
+def _faiss_gpu_row(queries: Tensor, db: Tensor, ref_i: Tensor, repeat: int) -> str | None:
+    """faiss-gpu's exact flat search on the same data, when the installed faiss has GPU
+    support (None otherwise)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    if not hasattr(faiss, "StandardGpuResources") or queries.device.type != "cuda":
+        return None
+    res = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatL2(res, db.shape[1])
+    index.add(db.cpu().numpy())
+    q = queries.cpu().numpy()
+    index.search(q[:2], 1)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _, idx = index.search(q, 1)
+        times.append(time.perf_counter() - t0)
+    t = sorted(times)[len(times) // 2]
+    recall = float((torch.from_numpy(idx[: ref_i.shape[0], 0]).to(ref_i.device) == ref_i)
+                   .double().mean())
+    n_q, (m, d) = queries.shape[0], db.shape
+    return (f"faiss-gpu {faiss.__version__} GpuIndexFlatL2 (fp32, host queries): {t:.4f} s, "
+            f"{2.0 * n_q * m * d / t / 1e12:.2f} TFLOP/s, recall@1 vs fp64 {recall:.3f}")
+
+
 def search_timing_table(device: str, backends: list[str], tiny: bool,
                         repeat: int) -> list[str]:
     """1-NN search timings against torch GEMM + min in the same precision."""
     peaks = device_peaks(device)
     lines = ["| shape | Q | M | D | backend | precision | storage | s | queries/s | TFLOP/s | "
-             "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 | recall@1 vs "
+             "exact fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, q, m, d in (TINY_SEARCH_SHAPES if tiny else FULL_SEARCH_SHAPES):
         gen = torch.Generator(device=device).manual_seed(11)
@@ -133,6 +160,7 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
         queries = torch.randn(q, d, generator=gen, device=device).abs_()
         n_check = min(q, 100)
         ref_i = _exact_reference(queries[:n_check], db)
+        ref32_i = functional.knn(queries[:n_check], db, 1)[1][:, 0]
         flops = 2.0 * q * m * d
         for precision in PRECISIONS:
             storages = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
@@ -143,18 +171,26 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
                 for backend in backends:
                     if backend == "triton" and precision == "bf16" and device != "cuda":
                         continue
-                    call = partial(_knn_op(backend), queries, data, 1, precision=precision)
+                    # bf16 storage: candidates from the bf16 rows, re-ranked on the fp32 ones.
+                    extra = {} if storage == torch.float32 else {"rerank_database": db}
+                    call = partial(_knn_op(backend), queries, data, 1, precision=precision,
+                                   **extra)
                     t = median_time(call, device, repeat)
                     mem = peak_extra_mib(call, device)
-                    _, idx = _knn_op(backend)(queries[:n_check], data, 1, precision=precision)
+                    _, idx = _knn_op(backend)(queries[:n_check], data, 1, precision=precision,
+                                              **extra)
                     recall = float((idx[:, 0] == ref_i).double().mean())
+                    recall32 = float((idx[:, 0] == ref32_i).double().mean())
                     peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks
                             else "n/a")
                     lines.append(
                         f"| {name} | {q} | {m} | {d} | {backend} | {precision} | "
                         f"{str(storage)[6:]} | {t:.4f} | {q / t:,.0f} | "
                         f"{flops / t / 1e12:.2f} | {peak} | {t_ref / t:.2f}x | {mem:.1f} | "
-                        f"{recall:.3f} |")
+                        f"{recall:.3f} | {recall32:.3f} |")
+        gpu_row = _faiss_gpu_row(queries, db, ref_i, repeat)
+        if gpu_row is not None:
+            notes.append(f"{name}: {gpu_row}")
         del db, queries
         notes.append(_faiss_rate(device, d, tiny))
     return [*lines, "", *notes]

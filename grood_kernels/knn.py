@@ -61,16 +61,18 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
     """One known-good configuration for this shape.
 
     ``tf32`` / ``bf16``: 128 x 128 tiles on two warpgroups, 32-wide K-steps (64 in bf16), 4
-    stages; ``tf32x3``: 64 x 128 on one warpgroup; ``ieee`` (FMA): 32 x 64 tiles on 8 warps.
+    stages; ``tf32x3``: 64 x 128 on one warpgroup, 16-wide K-steps; ``ieee`` (FMA): 32 x 64
+    tiles on 8 warps, 16-wide K-steps.
     None of them spills (``bench/compile_report.py``). The database is split
     so that (query blocks x splits) fills whole waves of ``n_sm`` x CTAs/SM programs, each split
     at least 4 tiles long; ``GROUP_Q`` query blocks (their tiles within ``L2_QUERY_BUDGET``)
     share each database tile.
     """
+    # (Tiles chosen spill-free with both triton 3.6 and 3.9; bench/compile_report.py.)
     if precision == "ieee":
-        block_q, block_m, block_d, warps, stages, ctas = 32, 64, 32, 8, 3, 2
+        block_q, block_m, block_d, warps, stages, ctas = 32, 64, 16, 8, 3, 2
     elif precision == "tf32x3":  # three MMAs per step: a 64-row tile keeps it spill-free
-        block_q, block_m, block_d, warps, stages, ctas = 64, 128, 32, 4, 3, 2
+        block_q, block_m, block_d, warps, stages, ctas = 64, 128, 16, 4, 3, 2
     else:
         block_q, block_m, warps, stages, ctas = 128, 128, 8, 4, 1
         block_d = 64 if precision == "bf16" else 32
