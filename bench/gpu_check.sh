@@ -24,6 +24,6 @@ PY
 python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py \
     tests/test_kernel_knn.py
 python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
-for precision in tf32 ieee; do
-    python bench/pipeline.py --precision "$precision" --quiet | tee -a "${OUT:-.}/pipeline.md"
-done
+python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"
+python bench/pipeline.py --precision bf16 --index-storage bfloat16 --quiet \
+    | tee -a "${OUT:-.}/pipeline.md"

@@ -83,7 +83,8 @@ class Stage:
 
 
 def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, backend: str,
-                 precision: str, batch: int, progress: bool) -> tuple[list, torch.Tensor, tuple]:
+                 precision: str, batch: int, progress: bool,
+                 storage: torch.dtype = torch.float32) -> tuple[list, torch.Tensor, tuple]:
     """Run every stage once; returns the stage rows, the scores and the data."""
     from tqdm import tqdm
 
@@ -112,13 +113,16 @@ def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, bac
         index = grads[keep]
         del grads
         sq = functional.database_sq_norms_of(index)
+        # Half-precision storage: searched in bf16 / fp16, re-ranked on the fp32 rows.
+        searched = index if storage == torch.float32 else index.to(storage)
+        extra = {} if storage == torch.float32 else {"rerank_database": index}
     with Stage("score: gradient step", device, rows):
         qg = torch.cat([ops.ncp_gradient(q[r0:r0 + batch], protos, p_ood, backend=backend,
                                          precision=precision).grad
                         for r0 in bar(range(0, n_query, batch), "query gradients")])
     with Stage("score: exact 1-NN search", device, rows):
-        dist = torch.cat([ops.knn(qg[r0:r0 + batch], index, 1, backend=backend,
-                                  precision=precision, database_sq_norms=sq)[0]
+        dist = torch.cat([ops.knn(qg[r0:r0 + batch], searched, 1, backend=backend,
+                                  precision=precision, database_sq_norms=sq, **extra)[0]
                           for r0 in bar(range(0, n_query, batch), "search")])
     return rows, -dist[:, 0], (x, y, q, int(keep.sum()))
 
@@ -138,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3", "bf16"])
+    parser.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],
+                        default="float32", help="dtype the index is searched in (re-ranked "
+                        "on the fp32 rows)")
     parser.add_argument("--batch", type=int, default=16384, help="rows per call")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with GROOD.fit/score_samples (default: <= 200,000 rows)")
@@ -151,14 +158,15 @@ def run(args: argparse.Namespace) -> int:
     n_query = max(1, round(FULL["n_query"] * args.scale))
     rows, scores, (x, y, q, n_indexed) = run_pipeline(
         n_train, n_query, args.classes, args.dim, device=device, backend=args.backend,
-        precision=args.precision, batch=args.batch, progress=not args.quiet)
+        precision=args.precision, batch=args.batch, progress=not args.quiet,
+        storage=getattr(torch, args.index_storage))
     name = torch.cuda.get_device_name() if device == "cuda" else (
         f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
     print(f"grood {__version__} | torch {torch.__version__} | {name} | python "
           f"{platform.python_version()} | {date.today().isoformat()}")
     print(f"train {n_train:,} x {args.dim} (C = {args.classes}; {n_indexed:,} indexed), "
-          f"queries {n_query:,}; backend {args.backend}, precision {args.precision}, "
-          f"batch {args.batch}\n")
+          f"queries {n_query:,}; backend {args.backend}, precision {args.precision}, index "
+          f"storage {args.index_storage}, batch {args.batch}\n")
     print("| stage | ms | rows/s | peak extra MiB |")
     print("|---|---|---|---|")
     total = {"fit": 0.0, "score": 0.0}
@@ -171,8 +179,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"| **fit + score** | {total['fit'] + total['score']:,.1f} | | |")
     check = args.check if args.check is not None else n_train <= 200_000
     if check:
+        options = (None if args.index_storage == "float32"
+                   else {"storage": args.index_storage})
         det = GROOD(ood_prototype="mean", backend=args.backend, precision=args.precision,
-                    device=device).fit(x, y)
+                    device=device, index_options=options).fit(x, y)
         ref = det.score_samples(q)
         diff = float((ref.to(scores.device) - scores).abs().max())
         print(f"\ncheck: max |score - GROOD.score_samples| = {diff:.3g} "
