@@ -57,7 +57,7 @@ class LaunchConfig(NamedTuple):
 
 
 def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
-                  n_sm: int = DEFAULT_SMS) -> LaunchConfig:
+                  n_sm: int | None = None) -> LaunchConfig:
     """One known-good configuration for this shape.
 
     ``tf32`` / ``bf16``: 128 x 128 tiles on two warpgroups, 32-wide K-steps (64 in bf16), 4
@@ -82,7 +82,7 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
     n_qb = triton.cdiv(n_q, block_q)
     group_q = max(1, min(n_qb, L2_QUERY_BUDGET // (block_q * d * q_bytes)))
     tiles = triton.cdiv(n_db, block_m)
-    slots = n_sm * ctas
+    slots = (n_sm or DEFAULT_SMS) * ctas
     # Whole waves: the smallest split count with n_qb * split a multiple of the slots, or
     # else the one that wastes least of the last wave, among splits of >= 4 tiles.
     best, best_waste = 1, 1.0
