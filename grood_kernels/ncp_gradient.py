@@ -28,7 +28,6 @@ exists. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`
 from __future__ import annotations
 
 import math
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -36,7 +35,17 @@ import triton
 import triton.language as tl
 
 from grood_kernels._launch import KernelLaunch, run
-from grood_kernels._topk import insert_nearest, merge_candidates
+from grood_kernels._ncp_finish import finish_rows, load_u
+from grood_kernels._prepare import (
+    PAD_COLS,
+    PAD_ROWS,
+    PreparedPrototypes,
+    max_abs,
+    operand_dtype,
+    pow2_scale,
+    prepare_prototypes,
+)
+from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
 
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
@@ -45,9 +54,6 @@ DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 #: holds them together, since this package does not import ``grood``).
 NCP_CANDIDATES = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: The prepared prototype operand is zero-padded to these multiples (rows, columns), which
-#: cover every BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
-PAD_ROWS, PAD_COLS = 128, 64
 #: Bytes of feature tiles the programs resident at one time may keep re-reading from L2
 #: (half of an H100's 50 MB L2, which is two partitions).
 L2_BUDGET = 24 << 20
@@ -73,35 +79,6 @@ class LaunchConfig(NamedTuple):
     num_warps: int
     num_stages: int
     n_groups: int
-
-
-class PreparedPrototypes(NamedTuple):
-    """The GEMM operand made from the prototypes, once per (prototypes, p_o, mode, scale)."""
-
-    operand: torch.Tensor  # [C_pad, D_pad] fp32 or bf16: (p_c - p_o) / scale, zero-padded;
-    #                        tf32x3: [C_pad, 4 D_pad], per feature (hi, lo, hi, lo)
-    sq_norms: torch.Tensor  # [C] fp32, ||p_c / scale - p_o / scale||^2
-    p_o: torch.Tensor  # [D] fp32, p_o / scale
-    scale: float
-
-
-def _max_abs(x: torch.Tensor) -> float:
-    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi))
-
-
-def pow2_scale(magnitude: float) -> float:
-    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``magnitude`` (the same
-    rule as ``grood.functional.pow2_scale``)."""
-    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
-        return 1.0
-    return 2.0 ** round(math.log2(magnitude))
-
-
-def operand_dtype(precision: str) -> torch.dtype:
-    """The dtype the prototypes are stored in for the GEMM of ``precision``."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def block_sizes(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
@@ -147,16 +124,6 @@ TUNE_CONFIGS = [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
 
 
 @triton.jit
-def _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale):
-    """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside."""
-    mask = mask_n[:, None] & mask_d[None, :]
-    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    x = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)
-
-
-@triton.jit
 def _split_tf32(x):
     """``x = hi + lo`` with ``hi`` exact in tf32 (10 mantissa bits kept) and ``lo = x - hi``
     exact in fp32: the operands of a three-product tf32 GEMM that is fp32-faithful."""
@@ -180,7 +147,7 @@ def _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
                     inv_scale)  # [BLOCK_N, BLOCK_D]
         if WITH_SQ:
             u_sq += tl.sum(u * u, axis=1)
@@ -274,134 +241,11 @@ def _ncp_gradient_kernel(
     arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
     if arrived == n_groups - 1:
         tl.debug_barrier()
-        _finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+        finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
                      grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
                      offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                      stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
                      BLOCK_N, BLOCK_D, N_CAND)
-
-
-@triton.jit
-def _finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-                 grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
-                 offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
-                 stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr):
-    """Merge the groups' partials of one row tile, re-rank exactly, write the results."""
-    W: tl.constexpr = 2 + N_CAND
-    slots = tl.arange(0, N_CAND)
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
-    for g in range(0, n_groups):  # in class order, so lower class ids win exact ties
-        row = g * N + offs_n
-        m_g = tl.load(part_f_ptr + row * W, mask=mask_n, other=0.0, cache_modifier=".cg")
-        s_g = tl.load(part_f_ptr + row * W + 1, mask=mask_n, other=0.0, cache_modifier=".cg")
-        d_g = tl.load(part_f_ptr + row[:, None] * W + 2 + slots[None, :],
-                      mask=mask_n[:, None], other=float("inf"), cache_modifier=".cg")
-        i_g = tl.load(part_i_ptr + row[:, None] * N_CAND + slots[None, :],
-                      mask=mask_n[:, None], other=-1, cache_modifier=".cg")
-        m_new = tl.maximum(m, m_g)
-        acc = acc * tl.exp(m - m_new) + s_g * tl.exp(m_g - m_new)
-        m = m_new
-        cand_d, cand_i = merge_candidates(d_g, i_g, cand_d, cand_i, N_CAND)
-
-    # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
-    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale)
-        u_sq += tl.sum(u * u, axis=1)
-        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        for r in tl.static_range(N_CAND):
-            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
-            ok = mask_n & (idx >= 0)
-            mask = ok[:, None] & mask_d[None, :]
-            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
-                        + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
-            part = tl.sum(diff * diff, axis=1)
-            exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
-    u_norm = tl.sqrt(u_sq)
-    d_ood = u_norm * scale
-    valid = cand_i >= 0
-    exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
-
-    # The OOD term joins the sum; the candidates' GEMM terms are swapped for exact ones.
-    m_all = tl.maximum(m, -d_ood)
-    acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
-    rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)
-    rest = tl.maximum(rest, 0.0)
-    best = tl.min(exact, axis=1)
-    shift = tl.where(best < float("inf"), best, 0.0)  # rows past N have no candidates
-    lse_exact = -shift + tl.log(tl.sum(tl.exp(-exact + shift[:, None]), axis=1))
-    lse_rest = m_all + tl.log(rest)  # -inf when the candidates were all of the sum
-    top = tl.maximum(lse_rest, lse_exact)
-    lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
-    pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
-    q = tl.exp(-d_ood - lse)
-    g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
-    tl.store(q_ptr + offs_n, q, mask=mask_n)
-    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
-    tl.store(mind_ptr + offs_n, best, mask=mask_n)
-    tl.store(pred_ptr + offs_n, pred.to(tl.int64), mask=mask_n)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u = _load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale)
-        tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
-
-
-_prepared: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, PreparedPrototypes]] = {}
-
-
-def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
-                       scale: float = 1.0) -> PreparedPrototypes:
-    """The GEMM operand of the prototypes: ``(p_c - p_o) / scale`` in the mode's operand dtype,
-    zero-padded to whole tiles, with its fp32 squared norms.
-
-    Kept (one per prototype tensor, mode and scale) while the caller's tensors live and are
-    not modified in place (their version counters are checked), so a detector prepares it
-    once. Costs one [C_pad, D_pad] tensor (fp32, or bf16 in ``bf16`` mode).
-    """
-    key = (id(prototypes), id(ood_prototype), precision, scale)
-    versions = (prototypes._version, ood_prototype._version)
-    hit = _prepared.get(key)
-    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
-            and hit[2] == versions:
-        return hit[3]
-    c, d = prototypes.shape
-    p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
-    c_pad, d_pad = triton.cdiv(c, PAD_ROWS) * PAD_ROWS, triton.cdiv(d, PAD_COLS) * PAD_COLS
-    split = precision == "tf32x3"
-    operand = torch.zeros((c_pad, (4 if split else 1) * d_pad), dtype=operand_dtype(precision),
-                          device=prototypes.device)
-    sq = torch.empty(c, dtype=torch.float32, device=prototypes.device)
-    for r0 in range(0, c, 4096):
-        centred = prototypes[r0:r0 + 4096].to(torch.float32) / scale - p_o
-        r1 = r0 + centred.shape[0]
-        if split:  # tf32x3: per feature (hi, lo, hi, lo); hi exact in tf32, lo the rest
-            hi = (centred.view(torch.int32) & -8192).view(torch.float32)
-            quad = operand[r0:r1].view(r1 - r0, d_pad, 4)
-            quad[:, :d, 0] = quad[:, :d, 2] = hi
-            quad[:, :d, 1] = quad[:, :d, 3] = centred - hi
-        else:
-            operand[r0:r1, :d] = centred
-        sq[r0:r1] = (centred * centred).sum(1)
-    prep = PreparedPrototypes(operand, sq, p_o, scale)
-    for k in [k for k, v in _prepared.items() if v[0]() is None or v[1]() is None]:
-        del _prepared[k]  # drop entries whose tensors are gone
-    if len(_prepared) >= 16:
-        _prepared.pop(next(iter(_prepared)))
-    _prepared[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, prep)
-    return prep
 
 
 def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
@@ -424,11 +268,12 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         cfg.num_warps, cfg.num_stages)
 
 
-def _scratch(n: int, cfg: LaunchConfig, device, empty=torch.empty, zeros=torch.zeros):
+def _scratch(n: int, cfg: LaunchConfig, device):
     """Partial results per (class group, row) and one arrival counter per row block."""
-    return (empty((cfg.n_groups, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
-            empty((cfg.n_groups, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-            zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device))
+    return (torch.empty((cfg.n_groups, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
+                        device=device),
+            torch.empty((cfg.n_groups, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
+            torch.zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device))
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -518,7 +363,7 @@ def ncp_gradient(
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
     # Work in units of a power of two near the largest magnitude (exact rescaling), so
     # squared distances neither overflow nor underflow for huge or tiny features.
-    scale = pow2_scale(max(_max_abs(t) for t in (h, prototypes, ood_prototype)))
+    scale = pow2_scale(max(max_abs(t) for t in (h, prototypes, ood_prototype)))
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:

@@ -245,3 +245,16 @@ def test_hard_softmax_matches_float64():
     err = (res.grad.double().cpu() - ref.grad).abs().amax(1) / ref.grad.abs().amax(1)
     assert float(err.max()) < 1e-4
     assert torch.equal(res.pred.cpu(), ref.pred)
+
+
+def test_prepared_prototypes_are_kept_and_refreshed_after_in_place_changes():
+    from grood_kernels._prepare import prepare_prototypes
+
+    h, protos, p_ood = _problem(20, 9, 17)
+    assert prepare_prototypes(protos, p_ood, "tf32") is prepare_prototypes(protos, p_ood, "tf32")
+    first = ncp_gradient(h, protos, p_ood)
+    protos.mul_(1.5)  # the cached operand must not be reused
+    again = ncp_gradient(h, protos, p_ood)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    torch.testing.assert_close(again.q_ood.double(), ref.q_ood, rtol=2e-5, atol=1e-7)
+    assert not torch.equal(first.q_ood, again.q_ood)

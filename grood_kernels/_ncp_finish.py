@@ -1,0 +1,95 @@
+"""Device functions of the gradient-step kernel: the centred feature tile, and the finish of a
+row tile (merge of the class groups' partials, exact re-rank, results and gradient)."""
+
+import triton
+import triton.language as tl
+
+from grood_kernels._topk import merge_candidates
+
+
+@triton.jit
+def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale):
+    """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside."""
+    mask = mask_n[:, None] & mask_d[None, :]
+    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+    x = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)
+
+
+@triton.jit
+def finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+                 grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+                 offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+                 stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr):
+    """Merge the groups' partials of one row tile, re-rank exactly, write the results."""
+    W: tl.constexpr = 2 + N_CAND
+    slots = tl.arange(0, N_CAND)
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
+    for g in range(0, n_groups):  # in class order, so lower class ids win exact ties
+        row = g * N + offs_n
+        m_g = tl.load(part_f_ptr + row * W, mask=mask_n, other=0.0, cache_modifier=".cg")
+        s_g = tl.load(part_f_ptr + row * W + 1, mask=mask_n, other=0.0, cache_modifier=".cg")
+        d_g = tl.load(part_f_ptr + row[:, None] * W + 2 + slots[None, :],
+                      mask=mask_n[:, None], other=float("inf"), cache_modifier=".cg")
+        i_g = tl.load(part_i_ptr + row[:, None] * N_CAND + slots[None, :],
+                      mask=mask_n[:, None], other=-1, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_g)
+        acc = acc * tl.exp(m - m_new) + s_g * tl.exp(m_g - m_new)
+        m = m_new
+        cand_d, cand_i = merge_candidates(d_g, i_g, cand_d, cand_i, N_CAND)
+
+    # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
+    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                    inv_scale)
+        u_sq += tl.sum(u * u, axis=1)
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+        for r in tl.static_range(N_CAND):
+            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
+            ok = mask_n & (idx >= 0)
+            mask = ok[:, None] & mask_d[None, :]
+            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
+                        + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+            diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
+            part = tl.sum(diff * diff, axis=1)
+            exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+    u_norm = tl.sqrt(u_sq)
+    d_ood = u_norm * scale
+    valid = cand_i >= 0
+    exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
+
+    # The OOD term joins the sum; the candidates' GEMM terms are swapped for exact ones.
+    m_all = tl.maximum(m, -d_ood)
+    acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
+    rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)
+    rest = tl.maximum(rest, 0.0)
+    best = tl.min(exact, axis=1)
+    shift = tl.where(best < float("inf"), best, 0.0)  # rows past N have no candidates
+    lse_exact = -shift + tl.log(tl.sum(tl.exp(-exact + shift[:, None]), axis=1))
+    lse_rest = m_all + tl.log(rest)  # -inf when the candidates were all of the sum
+    top = tl.maximum(lse_rest, lse_exact)
+    lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
+    pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
+    q = tl.exp(-d_ood - lse)
+    g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
+    tl.store(q_ptr + offs_n, q, mask=mask_n)
+    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+    tl.store(mind_ptr + offs_n, best, mask=mask_n)
+    tl.store(pred_ptr + offs_n, pred.to(tl.int64), mask=mask_n)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                    inv_scale)
+        tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])

@@ -1,0 +1,98 @@
+"""The prototypes' GEMM operand for the gradient-step kernel, prepared once and kept.
+
+The kernel loads the prototypes straight into ``tl.dot``, so whatever sits between memory and
+the MMA — centring on the OOD prototype, the power-of-two scale, the cast to the operand dtype,
+padding to whole tiles, the tf32x3 split — is done here, once per (prototype tensor, OOD
+prototype, precision, scale), and kept while the caller keeps those tensors unchanged.
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple
+
+import torch
+
+#: The prepared operand is zero-padded to these multiples (rows, columns), which cover every
+#: BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
+PAD_ROWS, PAD_COLS = 128, 64
+
+
+class PreparedPrototypes(NamedTuple):
+    """The GEMM operand made from the prototypes, once per (prototypes, p_o, mode, scale)."""
+
+    operand: torch.Tensor  # [C_pad, D_pad] fp32 or bf16: (p_c - p_o) / scale, zero-padded;
+    #                        tf32x3: [C_pad, 4 D_pad], per feature (hi, lo, hi, lo)
+    sq_norms: torch.Tensor  # [C] fp32, ||p_c / scale - p_o / scale||^2
+    p_o: torch.Tensor  # [D] fp32, p_o / scale
+    scale: float
+
+
+def max_abs(x: torch.Tensor) -> float:
+    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
+
+
+def pow2_scale(magnitude: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``magnitude`` (the same
+    rule as ``grood.functional.pow2_scale``)."""
+    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
+        return 1.0
+    return 2.0 ** round(math.log2(magnitude))
+
+
+def operand_dtype(precision: str) -> torch.dtype:
+    """The dtype the prototypes are stored in for the GEMM of ``precision``."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+_prepared: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, PreparedPrototypes]] = {}
+
+
+def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
+                       scale: float = 1.0) -> PreparedPrototypes:
+    """The GEMM operand of the prototypes: ``(p_c - p_o) / scale`` in the mode's operand dtype,
+    zero-padded to whole tiles, with its fp32 squared norms.
+
+    Kept (one per prototype tensor, mode and scale) while the caller's tensors live and are
+    not modified in place (their version counters are checked), so a detector prepares it
+    once. Costs one [C_pad, D_pad] tensor (fp32, or bf16 in ``bf16`` mode).
+    """
+    key = (id(prototypes), id(ood_prototype), precision, scale)
+    versions = (prototypes._version, ood_prototype._version)
+    hit = _prepared.get(key)
+    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
+            and hit[2] == versions:
+        return hit[3]
+    c, d = prototypes.shape
+    p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
+    c_pad, d_pad = _cdiv(c, PAD_ROWS) * PAD_ROWS, _cdiv(d, PAD_COLS) * PAD_COLS
+    split = precision == "tf32x3"
+    operand = torch.zeros((c_pad, (4 if split else 1) * d_pad), dtype=operand_dtype(precision),
+                          device=prototypes.device)
+    sq = torch.empty(c, dtype=torch.float32, device=prototypes.device)
+    for r0 in range(0, c, 4096):
+        centred = prototypes[r0:r0 + 4096].to(torch.float32) / scale - p_o
+        r1 = r0 + centred.shape[0]
+        if split:  # tf32x3: per feature (hi, lo, hi, lo); hi exact in tf32, lo the rest
+            hi = (centred.view(torch.int32) & -8192).view(torch.float32)
+            quad = operand[r0:r1].view(r1 - r0, d_pad, 4)
+            quad[:, :d, 0] = quad[:, :d, 2] = hi
+            quad[:, :d, 1] = quad[:, :d, 3] = centred - hi
+        else:
+            operand[r0:r1, :d] = centred
+        sq[r0:r1] = (centred * centred).sum(1)
+    prep = PreparedPrototypes(operand, sq, p_o, scale)
+    for k in [k for k, v in _prepared.items() if v[0]() is None or v[1]() is None]:
+        del _prepared[k]  # drop entries whose tensors are gone
+    if len(_prepared) >= 16:
+        _prepared.pop(next(iter(_prepared)))
+    _prepared[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, prep)
+    return prep
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
