@@ -83,7 +83,9 @@ def make_demo(folder: Path) -> None:
     from digits_model import TinyDigitsNet
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = DemoConfig(epochs=20, progress=False)
+    print(f"training a small digits model and fitting a detector into {folder} "
+          "(about 10-30 s on a laptop CPU) ...", file=sys.stderr, flush=True)
+    cfg = DemoConfig(epochs=20, progress=None)
     sets = load_digit_sets(cfg)
     x, y = sets["train"]
     net = train_classifier(x, y, cfg)
@@ -95,16 +97,23 @@ def make_demo(folder: Path) -> None:
                                     features="relu3").save(folder / "detector.safetensors")
     images = folder / "images"
     images.mkdir(exist_ok=True)
-    samples = {"digit": sets["digits 0-5 (ID test)"][0][:6],
-               "unseen-digit": sets["digits 6-9 (near-OOD)"][0][:6],
-               "noise": sets["noise (far-OOD)"][0][:6]}
-    for kind, batch in samples.items():
-        for i, img in enumerate(batch):
-            pixels = (img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels, mode="L").resize((32, 32), Image.Resampling.NEAREST).save(
-                images / f"{kind}-{i}.png")
+    # One test image of each known digit 0-5 (named by its digit), six unseen digits 6-9 and
+    # six noise images.
+    id_x, id_y = sets["digits 0-5 (ID test)"]
+    named = {f"digit-{c}": id_x[int((id_y == c).nonzero()[0])] for c in range(6)}
+    named.update({f"unseen-digit-{i}": img
+                  for i, img in enumerate(sets["digits 6-9 (near-OOD)"][0][:6])})
+    named.update({f"noise-{i}": img for i, img in enumerate(sets["noise (far-OOD)"][0][:6])})
+    for name, img in named.items():
+        pixels = (img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((32, 32), Image.Resampling.NEAREST).save(
+            images / f"{name}.png")
     print(f"wrote {folder / 'model.pt'}, {folder / 'detector.safetensors'} and "
-          f"{3 * 6} images in {images}")
+          f"{len(named)} images in {images}\nnext, score them:\n"
+          f"  python {Path(__file__).as_posix()} {images} "
+          f"--model-def {(Path(__file__).parent / 'digits_model.py').as_posix()}:TinyDigitsNet "
+          f"--checkpoint {folder / 'model.pt'} --detector {folder / 'detector.safetensors'} "
+          f"--features relu3 --size 8 --grayscale --out {folder / 'scores.csv'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,41 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
         raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes")
 
 
+def check_device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), or a one-line error naming why it
+    cannot be used here."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', "
+                         f"'cuda:1'): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} needs CUDA, but this torch "
+                             f"({torch.__version__}) sees no usable CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    return dev
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """Raise a clear error unless ``value`` is a positive int (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_class_count(max_label: int, n_samples: int, name: str = "labels") -> None:
+    """Every class id in 0..max_label needs a sample: refuse more classes than samples before
+    anything is allocated for them (a stray huge label would otherwise ask for terabytes)."""
+    if max_label + 1 > n_samples:
+        raise ValueError(f"{name} holds class id {max_label}, but there are only {n_samples} "
+                         f"samples: class ids must run 0..C-1 with every class present, so C "
+                         f"cannot exceed the number of samples")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

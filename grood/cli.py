@@ -73,7 +73,11 @@ def _shard(x, rank: int, world: int):
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features
+    from grood.persistence import save_target
 
+    # The output is checked before any work, so a bad path fails in a second, not after a fit.
+    save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
+                else (".safetensors",))
     rank, world = _init_distributed(args)
     train = load_features(args.train)
     if train.labels is None:
@@ -83,9 +87,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     index_options = None
     if args.index_storage != "float32":
         index_options = {"storage": args.index_storage, "exact_copy": args.exact_copy}
+    if args.index != "exact" and index_options is not None:
+        raise ValueError("--index-storage applies to --index exact only")
     det = GROOD(ood_prototype=prototype, k=args.k, backend=args.backend, device=args.device,
                 batch_size=args.batch_size, distributed=world > 1 or args.distributed,
-                precision=args.precision, index_options=index_options)
+                precision=args.precision, index=args.index, index_options=index_options)
     logits = None if args.ignore_logits else train.logits
     det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
             logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
@@ -109,7 +115,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     rank, world = _init_distributed(args)
     det = GROOD.load(args.detector, device=args.device, distributed=args.distributed)
-    if args.batch_size:
+    if args.batch_size is not None:
         det.batch_size = args.batch_size
     data = load_features(args.features)
     scores, preds = det.score_and_predict(_shard(data.features, rank, world))
@@ -144,8 +150,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         ood_scores = np.asarray(det.score_samples(load_features(path).features))
         m = ood_metrics(id_scores, ood_scores)
         results[str(path)] = m
-        rows.append([Path(path).name, len(ood_scores), *(m[k] for k in METRIC_LABELS)])
-    print(f"ID: {Path(args.id).name} ({len(id_scores)} samples)", end="")
+        # The path as given: two sets in different folders may share a file name.
+        rows.append([str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)])
+    print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if id_data.labels is not None:
         acc = float(np.mean(id_pred == np.asarray(id_data.labels)))
         print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
@@ -160,6 +167,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from grood.bench import run
 
     return run(args)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer, or a usage error that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,18 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the file has them) and save it as .safetensors.",
                          epilog=EPILOG_FILES)
     fit.add_argument("train", help="training feature file with 'features' and 'labels'")
-    fit.add_argument("-o", "--out", required=True, help="detector file to write (.safetensors)")
+    fit.add_argument("-o", "--out", required=True,
+                     help="detector file to write (.safetensors); with --distributed, the "
+                          "JSON manifest (e.g. detector.json), beside which every rank "
+                          "writes its shard (detector.rank<r>.safetensors)")
     fit.add_argument("--ood-prototype", choices=["mean", "features"], default=None,
                      help="OOD prototype source (default: 'features' when --ood-features is "
                           "given, else 'mean')")
     fit.add_argument("--ood-features", help="feature file of OOD samples for the prototype")
-    fit.add_argument("-k", type=int, default=1, help="score by the k-th neighbour (default: 1)")
+    fit.add_argument("-k", type=positive_int, default=1,
+                     help="score by the k-th neighbour (default: 1)")
     fit.add_argument("--ignore-logits", action="store_true",
                      help="decide which samples are correct by the nearest prototype even if "
                           "the file has logits")
     fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                      help="implementation of the hot paths (default: auto)")
     fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    fit.add_argument("--index", choices=["exact", "faiss-flat", "faiss-ivf"], default="exact",
+                     help="gradient index: exact search by grood (default), by faiss, or the "
+                          "reference implementation's approximate IVF search (needs faiss)")
     fit.add_argument("--precision", choices=["ieee", "tf32", "tf32x3", "bf16"], default="ieee",
                      help="GEMM precision of the gradient step and the search; results are "
                           "re-ranked exactly in fp32 (default: ieee)")
@@ -221,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--exact-copy", choices=["device", "host"], default="device",
                      help="with a half-precision --index-storage: keep the exact copy on the "
                           "device or in host memory (default: device)")
-    fit.add_argument("--batch-size", type=int, default=4096,
+    fit.add_argument("--batch-size", type=positive_int, default=4096,
                      help="rows per batch (default: %(default)s)")
     fit.add_argument("--distributed", action="store_true",
                      help="under torchrun: every rank fits on its block of rows; saves one "
@@ -236,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("features", help="feature file to score")
     score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
     score.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
-    score.add_argument("--batch-size", type=int, default=None,
+    score.add_argument("--batch-size", type=positive_int, default=None,
                        help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun, with a sharded detector: every rank scores its "
@@ -306,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"grood {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
+from grood._progress import progress
 from grood.extract import FeatureExtractor
 from grood.report import METRIC_LABELS, markdown_table, plot_histograms, plot_roc
 
@@ -105,8 +105,8 @@ def train_classifier(x: Tensor, y: Tensor, cfg: DemoConfig) -> DigitsNet:
     opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     net.train()
-    bar = tqdm(range(cfg.epochs), desc="grood demo: training the CNN", unit="epoch",
-               leave=False, disable=None if cfg.progress is None else not cfg.progress)
+    bar = progress(range(cfg.epochs), desc="grood demo: training the CNN", unit="epochs",
+                   enabled=cfg.progress)
     for _ in bar:
         order = torch.randperm(x.shape[0], generator=gen)
         for i in range(0, x.shape[0], 64):

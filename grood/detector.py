@@ -9,19 +9,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from grood import distributed as dist
-from grood import ops
+from grood import functional, ops
 from grood._checks import (
     NotFittedError,
     as_tensor,
     batches,
+    check_class_count,
+    check_device,
     check_finite_rows,
     check_labels,
     check_matrix,
+    check_positive_int,
     compute_dtype,
 )
+from grood._progress import progress
 from grood.functional import NCPGradient, PrototypeState, check_precision, class_prototypes
 from grood.index import INDEX_KINDS, index_from_state, make_index
 from grood.prototypes import (
@@ -111,9 +114,8 @@ class GROOD:
 
     def _check_params(self) -> OODPrototypeSource:
         for name in ("k", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
+        check_device(self.device)
         ops.check_backend_name(self.backend)
         check_precision(self.precision)
         if self.index not in INDEX_KINDS:
@@ -123,9 +125,9 @@ class GROOD:
                              "group (start with torchrun and call init_process_group)")
         return resolve_source(self.ood_prototype)
 
-    def _bar(self, total: int | None, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False,
-                    disable=None if self.progress is None else not self.progress)
+    def _bar(self, total: int | None, desc: str):
+        return progress(total=total, desc=desc, unit="rows", enabled=self.progress,
+                        unit_scale=True)
 
     def fit(self, features: Any, labels: Any, *, logits: Any = None,
             ood_features: Any = None) -> GROOD:
@@ -160,8 +162,11 @@ class GROOD:
         check_labels(y, "labels", n, n_classes=n_classes)
         if n_classes is None:
             n_classes = int(y.max()) + 1
+            n_total = n
             if self.distributed:  # every rank needs the same class count
                 n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
+                n_total = int(dist.all_reduce(torch.tensor([n])))
+            check_class_count(n_classes - 1, n_total)
 
         inputs = {} if ood_features is None else {"ood_features": ood_features}
         self._check_inputs(source, inputs, "fit()")
@@ -364,8 +369,7 @@ class GROOD:
         index.reserve(n)
         offset = 0
         for xb, yb, lb in passes("grood fit: gradient index"):
-            res = grads(xb)
-            _check_finite_result(res, xb, offset)
+            res = _far_rows_in_float64(grads(xb), xb, grads, offset)
             offset += xb.shape[0]
             guess = res.pred if lb is None else lb.argmax(dim=1)
             index.add(res.grad[yb == guess])
@@ -413,6 +417,9 @@ class GROOD:
     def _read(self, features: Any) -> tuple[Tensor, Any]:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
+        # Parameters may be changed after fit or load: check them where they are used.
+        for name in ("k", "batch_size"):
+            check_positive_int(getattr(self, name), name)
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
         check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self.distributed)
@@ -430,8 +437,7 @@ class GROOD:
                 r0, r1 = min(b * self.batch_size, n), min((b + 1) * self.batch_size, n)
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
-                res = self._grads(xb)
-                _check_finite_result(res, xb, r0)
+                res = _far_rows_in_float64(self._grads(xb), xb, self._grads, r0)
                 scores = None
                 if with_scores:
                     dist_k = (self._search_sharded(res.grad) if self.distributed
@@ -470,7 +476,9 @@ class GROOD:
             input's device for tensor input.
         """
         x, kind = self._read(features)
-        scores = torch.empty(x.shape[0], dtype=self.dtype_, device=self.device_)
+        # float64 features are scored in float64 (gradient step and exact search).
+        out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
+        scores = torch.empty(x.shape[0], dtype=out_dtype, device=self.device_)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
         for r0, r1, s, p in self._passes(x, with_scores=True):
             scores[r0:r1] = s
@@ -601,6 +609,9 @@ class _GradientStep:
         self.fn = ops.get_op("ncp_gradient", backend)
 
     def __call__(self, h: Tensor) -> NCPGradient:
+        if h.dtype == torch.float64 and self.protos.dtype != torch.float64:
+            # float64 features are computed in float64 (the kernels take no float64).
+            return functional.ncp_gradient(h, self.protos, self.p_ood)
         return self.fn(h, self.protos, self.p_ood, precision=self.precision,
                        prototype_sq_norms=self.sq_norms)
 
@@ -610,23 +621,43 @@ class _GradientStep:
 FLOAT32_DISTANCE_LIMIT = 2.0**16
 
 
-def _check_finite_result(res: NCPGradient, xb: Tensor, offset: int) -> None:
-    """Refuse to go on when the gradient step cannot be trusted for a row.
+# float64 resolves the softmax of distances up to 2**44 (the same relative resolution).
+FLOAT64_DISTANCE_LIMIT = 2.0**44
 
-    Finite features can still give non-finite or meaningless softmax terms in float32 when the
+
+def _far_rows_in_float64(res: NCPGradient, xb: Tensor, step: _GradientStep,
+                         offset: int) -> NCPGradient:
+    """Recompute in float64 the rows float32 cannot resolve; refuse only beyond float64.
+
+    Finite features can give non-finite or meaningless softmax terms in float32 when the
     distances are huge: the softmax of negative distances is not scale-invariant, and float32
-    cannot resolve distance differences below its resolution at that magnitude.
+    cannot resolve distance differences below its resolution at that magnitude. Such a row is
+    far out of distribution, not an error: it alone is redone in float64 (on every backend),
+    and its float64 results replace the float32 ones.
     """
     ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
     if res.lse.dtype != torch.float64:
         ok &= (res.min_dist <= FLOAT32_DISTANCE_LIMIT) & (-res.lse <= FLOAT32_DISTANCE_LIMIT)
     if bool(ok.all()):
-        return
-    row = int((~ok).nonzero()[0]) + offset
-    raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) lie "
-                     f"farther than {FLOAT32_DISTANCE_LIMIT:.0f} from the prototypes, beyond "
-                     "what the softmax of distances resolves in float32; pass float64 features "
-                     "or rescale them (GROOD's scores depend on the scale)")
+        return res
+    bad = (~ok).nonzero()[:, 0]
+    r64 = functional.ncp_gradient(xb[bad].double(), step.protos.double(),
+                                  step.p_ood.double())
+    good64 = (torch.isfinite(r64.q_ood) & torch.isfinite(r64.lse)
+              & torch.isfinite(r64.grad).all(1) & (r64.min_dist <= FLOAT64_DISTANCE_LIMIT)
+              & (-r64.lse <= FLOAT64_DISTANCE_LIMIT))
+    if not bool(good64.all()):
+        row = int(bad[int((~good64).nonzero()[0])]) + offset
+        raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) "
+                         f"lie farther than {FLOAT64_DISTANCE_LIMIT:.3g} from the prototypes, "
+                         "beyond what the softmax of distances resolves even in float64; "
+                         "rescale them (GROOD's scores depend on the scale)")
+    fields = []
+    for mine, fixed in zip(res, r64, strict=True):
+        out = mine.clone()
+        out[bad] = fixed.to(mine.dtype)
+        fields.append(out)
+    return NCPGradient(*fields)
 
 
 def _iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from grood._progress import progress
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -169,8 +170,7 @@ class FeatureExtractor:
         elif hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__"):
             total = len(loader.dataset)
         seen = 0
-        with tqdm(total=total, desc=desc, unit="img", leave=False,
-                  disable=None if self.progress is None else not self.progress) as bar, \
+        with progress(total=total, desc=desc, unit="img", enabled=self.progress) as bar, \
                 eval_mode(self.model), torch.no_grad():
             for batch in loader:
                 x, y = split_batch(batch)

@@ -343,14 +343,24 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The ``n`` smallest entries of each row of ``dist`` [R, M] and their column indices,
     taking the lowest columns among entries equal to the n-th smallest (``torch.topk`` breaks
-    such ties arbitrarily). Returned in column order."""
-    kth = torch.topk(dist, n, dim=1, largest=False).values[:, -1:]  # [R, 1]
-    below = dist < kth
-    at = dist == kth
-    need = n - below.sum(1, keepdim=True)
-    chosen = below | (at & (at.cumsum(1) <= need))  # exactly n per row
-    cols = chosen.nonzero()[:, 1].view(dist.shape[0], n)
-    return dist.gather(1, cols), cols
+    such ties arbitrarily). A row needs that only when its (n+1)-th smallest equals its n-th;
+    only those rows are redone, so the common case costs one ``torch.topk`` and no tile-sized
+    temporary."""
+    extra = min(n + 1, dist.shape[1])
+    vals, cols = torch.topk(dist, extra, dim=1, largest=False)
+    if extra == n:
+        return vals, cols
+    crowded = (vals[:, n] == vals[:, n - 1]).nonzero()[:, 0]
+    vals, cols = vals[:, :n], cols[:, :n]
+    if crowded.numel():
+        sub, kth = dist[crowded], vals[crowded, n - 1:]
+        below, at = sub < kth, sub == kth
+        need = n - below.sum(1, keepdim=True)
+        chosen = below | (at & (at.cumsum(1, dtype=torch.int32) <= need))  # n per row
+        fixed = chosen.nonzero()[:, 1].view(crowded.numel(), n)
+        cols = cols.index_put((crowded,), fixed)
+        vals = vals.index_put((crowded,), sub.gather(1, fixed))
+    return vals, cols
 
 
 def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):

@@ -145,10 +145,23 @@ class ExactIndex:
         searched = self._searched()
         if self._sq_norms is None:
             self._sq_norms = database_sq_norms_of(self.vectors).to(self.device)
-        impl = ops.get_op("knn", self.backend)
         extra = {} if self.storage is None else {"rerank_database": self.vectors}
+        if queries.dtype == torch.float64 and self.dtype != torch.float64:
+            # float64 queries are searched in float64 (by the torch implementation).
+            return ops.get_op("knn", "torch")(
+                queries.to(self.device), searched, k, database_sq_norms=self._sq_norms.double(),
+                **({"rerank_database": self.vectors} if self.storage is not None else {}))
+        impl = ops.get_op("knn", self.backend)
         return impl(queries.to(device=self.device, dtype=self.dtype), searched, k,
                     precision=self.precision, database_sq_norms=self._sq_norms, **extra)
+
+    def __repr__(self) -> str:
+        storage = "" if self.storage is None else (
+            f", storage={str(self.storage).removeprefix('torch.')}, exact copy on "
+            f"{self.exact_device}")
+        return (f"ExactIndex({self.ntotal} vectors of dimension {self.dim}, "
+                f"{str(self.dtype).removeprefix('torch.')}, on {self.device}, backend "
+                f"{self.backend}, precision {self.precision}{storage})")
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""
@@ -224,6 +237,11 @@ class _FaissIndex:
 
     def trim(self) -> None:
         """Finish building (nothing to release for a flat index)."""
+
+    def __repr__(self) -> str:
+        where = type(self.index).__name__ if self.index is not None else "empty"
+        return (f"{type(self).__name__}({self.ntotal} vectors of dimension {self.dim}, "
+                f"float32, faiss {where}, on {self.device})")
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """``(D, I)`` for ``queries`` [Q, D]: float32 squared L2 [Q, k] and int64 [Q, k]."""

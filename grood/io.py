@@ -46,12 +46,23 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # pickled objects, or not a torch file at all
+                raise ValueError(
+                    f"{path} is not a tensors-only .pt file: grood reads .pt files with "
+                    "torch.load(weights_only=True), which loads tensors and plain "
+                    "containers and refuses anything else; save a tensor or a dict of "
+                    "tensors (or use .npz / .safetensors)") from exc
             arrays = obj if isinstance(obj, dict) else {"features": obj}
         else:
             from safetensors.torch import load_file
 
             arrays = load_file(str(path))
+    except ValueError as exc:
+        if "tensors-only" in str(exc):
+            raise
+        raise ValueError(f"{path}: could not read the file ({exc})") from exc
     except Exception as exc:
         raise ValueError(f"{path}: could not read the file ({exc})") from exc
     if "features" not in arrays:

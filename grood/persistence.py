@@ -42,11 +42,53 @@ def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save_file(det: Any, path: Path) -> None:
-    """Write one detector file, atomically (a temporary file, then a rename)."""
+def save_target(path: str | os.PathLike, *, suffixes: tuple[str, ...] = (".safetensors",)
+                ) -> Path:
+    """The file a save to ``path`` writes: symlinks resolved, checked before any work.
+
+    Refuses a name without one of ``suffixes``, a missing or non-writable folder, and an
+    existing target that is not a regular file (a device node, a folder, a FIFO).
+    """
+    path = Path(path)
+    if path.suffix not in suffixes:
+        raise ValueError(f"detector files are written as {' or '.join(suffixes)}; got "
+                         f"{str(path)!r} (name it e.g. {path.stem}{suffixes[0]})")
+    target = Path(os.path.realpath(path))  # write through symlinks, to what they point at
+    if target.exists() and not target.is_file():
+        raise ValueError(f"refusing to replace {target}: it exists and is not a regular file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot save to {path}: the folder {folder} is not writable")
+    return target
+
+
+def _umask_mode() -> int:
+    """0o666 less the process umask: the mode any newly created output file gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _replace_atomically(tmp: Path, target: Path) -> None:
+    """Give ``tmp`` the usual file mode, flush it to disk and rename it over ``target``."""
+    os.chmod(tmp, _umask_mode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> None:
+    """Write one detector file, atomically (a temporary file beside the target, then a
+    rename); through symlinks, with the umask's file mode. ``shard=(rank, world)`` marks the
+    file as that rank's shard of a sharded detector."""
     from safetensors.torch import save_file as write
 
+    target = save_target(path)
     params, state, tensors = det._state()
+    if shard is not None:
+        state["shard"] = {"rank": shard[0], "world": shard[1]}
     meta = {
         "format": FILE_FORMAT,
         "format_version": str(FILE_FORMAT_VERSION),
@@ -54,9 +96,12 @@ def save_file(det: Any, path: Path) -> None:
         "state": json.dumps(state, sort_keys=True),
     }
     meta["digest"] = digest(tensors, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tensors, str(tmp), metadata=meta)
+        _replace_atomically(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save(det: Any, path: Path) -> None:
@@ -64,9 +109,10 @@ def save(det: Any, path: Path) -> None:
     if not det.distributed:
         save_file(det, path)
         return
+    path = save_target(path, suffixes=(".json", ".safetensors"))
     rank, world = dist.rank_and_world()
     shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
-    save_file(det, shard)
+    save_file(det, shard, shard=(rank, world))
     sha = hashlib.sha256(shard.read_bytes()).hexdigest()
     shas = dist.all_gather_rows(torch.tensor(list(sha.encode()), dtype=torch.uint8))
     if rank == 0:
@@ -76,14 +122,20 @@ def save(det: Any, path: Path) -> None:
             "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
                         "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(manifest, indent=2))
+            _replace_atomically(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
 
 
 def load(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
     """Load a detector file or a shard manifest (see ``GROOD.load``)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass the detector file (.safetensors) "
+                                "or a sharded detector's manifest (.json) in it")
     if path.is_file() and path.read_bytes()[:1] == b"{":
         return _load_sharded(cls, path, device=device, distributed=distributed)
     if distributed:
@@ -107,6 +159,17 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
     if manifest.get("format_version") != FILE_FORMAT_VERSION:
         raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
                          f"this grood reads version {FILE_FORMAT_VERSION}")
+    world = manifest.get("world_size")
+    if not shards:
+        raise ValueError(f"{path} lists no shards")
+    if isinstance(world, bool) or not isinstance(world, int) or world != len(shards):
+        raise ValueError(f"{path} is inconsistent: world_size {world!r} but "
+                         f"{len(shards)} shard(s) listed (one per rank is needed)")
+    names = [shard.name for shard, _ in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path} lists the same shard file more than once")
+    if path.name in names:
+        raise ValueError(f"{path} lists itself as a shard")
     for shard, sha in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
@@ -117,20 +180,30 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
         if world != len(shards):
             raise ValueError(f"{path} has {len(shards)} shards but the process group has "
                              f"{world} ranks")
-        det = load_file(cls, shards[rank][0], device=device)
+        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world))
         det.distributed = True
-        det.shard_sizes_ = [int(t) for t in dist.all_gather_rows(
-            torch.tensor([det.index_.ntotal]))]
+        gathered = [int(t) for t in dist.all_gather_rows(torch.tensor([det.index_.ntotal]))]
+        if gathered != det.shard_sizes_:
+            raise ValueError(f"{path}: the shards do not belong to one detector (sizes "
+                             f"{gathered}, shard {rank} expects {det.shard_sizes_})")
         return det
-    parts = [load_file(cls, shard, device=device) for shard, _ in shards]
+    parts = [load_file(cls, shard, device=device, shard=(r, world))
+             for r, (shard, _) in enumerate(shards)]
     det = parts[0]
+    for r, p in enumerate(parts[1:], start=1):
+        if (p.shard_sizes_ != det.shard_sizes_
+                or not torch.equal(p.class_prototypes_, det.class_prototypes_)
+                or not torch.equal(p.ood_prototype_, det.ood_prototype_)):
+            raise ValueError(f"{path}: shard {shards[r][0].name} comes from another detector "
+                             f"than {shards[0][0].name}")
     if any(p.index_.kind != det.index_.kind for p in parts) or det.index_.kind not in (
             "exact", "faiss-flat"):
         raise ValueError(f"the shards of {path} hold {det.index_.kind!r} indexes, which "
                          "cannot be joined in one process")
     joined = make_index(det.index_.kind, det.n_features_in_, dtype=det.dtype_,
                         device=det.device_, backend=det.backend_["knn"],
-                        precision=det.precision)
+                        precision=det.precision,
+                        options=det.index_options if det.index_.kind == "exact" else None)
     joined.reserve(sum(p.index_.ntotal for p in parts))
     for p in parts:
         if p.index_.ntotal:
@@ -142,8 +215,13 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
     return det
 
 
-def load_file(cls: Any, path: Path, *, device: Any) -> Any:
-    """Read and check one detector file, then rebuild the detector with ``cls._restore``."""
+def load_file(cls: Any, path: Path, *, device: Any,
+              shard: tuple[int, int] | None = None) -> Any:
+    """Read and check one detector file, then rebuild the detector with ``cls._restore``.
+
+    ``shard=(rank, world)`` when the file is read as that rank's shard of a manifest; a shard
+    file on its own is refused (it holds part of the index).
+    """
     from safetensors import safe_open
 
     if not path.is_file():
@@ -185,10 +263,41 @@ def load_file(cls: Any, path: Path, *, device: Any) -> Any:
             or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
         raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
                          f"{c} classes of dimension {d}")
+    shard_sizes = state.get("shard_sizes", [vectors.shape[0]] if vectors is not None else None)
+    if shard_sizes is None and shard is None:
+        shard_sizes = [0]  # an index without vectors in the file (faiss): checked below
+        unknown_size = True
+    else:
+        unknown_size = False
+    if (not isinstance(shard_sizes, list) or not shard_sizes
+            or not all(isinstance(v, int) and v >= 0 for v in shard_sizes)):
+        raise ValueError(f"{path} is inconsistent: invalid shard_sizes {shard_sizes!r}")
+    record = state.get("shard")
+    if shard is None and (len(shard_sizes) > 1
+                          or (isinstance(record, dict) and record.get("world", 1) > 1)):
+        raise ValueError(f"{path} is one shard of a detector saved by {len(shard_sizes)} "
+                         "ranks and holds only part of its index; load the JSON manifest "
+                         "saved beside it")
+    if shard is not None and record is not None and record != {"rank": shard[0],
+                                                               "world": shard[1]}:
+        raise ValueError(f"{path} is not rank {shard[0]}'s shard of a {shard[1]}-rank "
+                         f"detector (it says {record})")
+    if shard is not None and record is None and shard[1] == 1:
+        # Files written before shards were marked come from multi-rank saves only.
+        raise ValueError(f"{path} is a single-process detector file, not a shard")
+    if shard is not None and len(shard_sizes) != shard[1]:
+        raise ValueError(f"{path} belongs to a detector of {len(shard_sizes)} rank(s), not "
+                         f"{shard[1]} as its manifest says")
     det = cls._restore(params, state, tensors, device)
-    shard_sizes = state.get("shard_sizes", [det.index_.ntotal])
-    if det.index_.dim != d or sum(shard_sizes) < params["k"] or (
-            len(shard_sizes) == 1 and det.index_.ntotal != shard_sizes[0]):
+    own = shard_sizes[shard[0]] if shard is not None else shard_sizes[0]
+    if unknown_size:
+        own = det.index_.ntotal
+    if det.index_.dim != d or max(sum(shard_sizes), own) < params["k"] \
+            or det.index_.ntotal != own:
         raise ValueError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
-                         f"vectors of dimension {det.index_.dim}")
+                         f"vectors of dimension {det.index_.dim}"
+                         + (f" where rank {shard[0]}'s shard should hold {own}"
+                            if shard is not None else ""))
+    if shard is not None:
+        det.shard_sizes_ = list(shard_sizes)  # every rank's, as saved
     return det

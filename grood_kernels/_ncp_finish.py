@@ -75,8 +75,12 @@ def finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
     rest = tl.maximum(rest, 0.0)
     best = tl.min(exact, axis=1)
     shift = tl.where(best < float("inf"), best, 0.0)  # rows past N have no candidates
-    lse_exact = -shift + tl.log(tl.sum(tl.exp(-exact + shift[:, None]), axis=1))
-    lse_rest = m_all + tl.log(rest)  # -inf when the candidates were all of the sum
+    # log of a zero sum is -inf; the argument is kept positive so nothing divides by zero.
+    s_exact = tl.sum(tl.exp(-exact + shift[:, None]), axis=1)
+    lse_exact = tl.where(s_exact > 0, -shift + tl.log(tl.maximum(s_exact, 1e-38)),
+                         float("-inf"))
+    # -inf when the candidates were all of the sum
+    lse_rest = tl.where(rest > 0, m_all + tl.log(tl.maximum(rest, 1e-38)), float("-inf"))
     top = tl.maximum(lse_rest, lse_exact)
     lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties

@@ -103,6 +103,7 @@ def test_distributed_without_a_process_group_is_refused():
         GROOD(distributed=True).fit(x, y)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_matches_one_process(tmp_path):
     import subprocess
 

@@ -1,26 +1,29 @@
 """The image-folder example runs end to end on generated images and a small model."""
 
 import csv
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "score_image_folder.py"
 
 
+@pytest.mark.slow
 def test_score_image_folder_example(tmp_path):
     run = [sys.executable, str(SCRIPT)]
     made = subprocess.run([*run, "--make-demo", str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert made.returncode == 0, made.stderr
     out = tmp_path / "scores.csv"
-    scored = subprocess.run(
-        [*run, str(tmp_path / "images"), "--model-def",
-         f"{ROOT / 'examples' / 'digits_model.py'}:TinyDigitsNet", "--checkpoint",
-         str(tmp_path / "model.pt"), "--detector", str(tmp_path / "detector.safetensors"),
-         "--features", "relu3", "--size", "8", "--grayscale", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+    # The command --make-demo prints as the next step is the one that scores the images.
+    next_cmd = shlex.split(made.stdout.split("next, score them:")[1].strip())
+    assert next_cmd[0] == "python" and next_cmd[-1] == str(out)
+    scored = subprocess.run([sys.executable, *next_cmd[1:]], capture_output=True, text=True,
+                            timeout=300)
     assert scored.returncode == 0, scored.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 18
@@ -28,4 +31,7 @@ def test_score_image_folder_example(tmp_path):
     digits = [v for k, v in score.items() if k.startswith("digit-")]
     noise = [v for k, v in score.items() if k.startswith("noise-")]
     assert min(digits) > max(noise)  # every noise image is more OOD-like than every digit
+    # digit-c.png shows the digit c: the detector's nearest prototype says so.
+    assert {r["file"]: int(r["pred"]) for r in rows if r["file"].startswith("digit-")} == {
+        f"digit-{c}.png": c for c in range(6)}
     assert sorted(int(r["ood_rank"]) for r in rows) == list(range(18))

@@ -60,7 +60,7 @@ def test_detector_fit_and_score_are_finite_and_correct_or_refused(data, k):
     except CLEAR_ERRORS as exc:
         msg = str(exc)
         assert any(s in msg for s in ("NaN or Inf", "no training samples", "classified",
-                                      "k=", "float32")), msg
+                                      "k=", "float64", "number of samples")), msg
         return
     assert bool(torch.isfinite(x).all())
     scores, preds = det.score_and_predict(x)
@@ -118,6 +118,7 @@ def test_ncp_gradient_matches_loop_c_may_exceed_n(n, c, d, exponent, dtype, seed
                                atol=0)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 20), st.integers(1, 70), st.integers(1, 40), st.sampled_from(EXPONENTS),
        st.integers(0, 2**16))
@@ -136,8 +137,11 @@ def test_kernels_match_twins_under_the_interpreter(n, c, d, exponent, seed):
     assume(float(ref.min_dist.max()) < 2.0**16)  # beyond, float32 cannot resolve the softmax
     for t in got[:2] + got[3:]:
         assert bool(torch.isfinite(t).all())
-    torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.q_ood.double(), ref.q_ood, rtol=1e-4, atol=1e-6)
+    # q_ood = exp(-d_ood - lse): float32 distances of size d carry about d * 2**-23 of rounding
+    # each, which the exponential turns into relative error of q.
+    rtol = 1e-4 + 4 * float(ref.min_dist.max()) * 2.0**-23
+    torch.testing.assert_close(got.grad.double(), ref.grad, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(got.q_ood.double(), ref.q_ood, rtol=rtol, atol=1e-6)
     dist, _ = knn_kernel(got.grad, got.grad[: max(1, n // 2)], 2)
     ref_d, _ = knn_naive(got.grad, got.grad[: max(1, n // 2)], 2)
     torch.testing.assert_close(dist.double(), ref_d.to(dist.device), rtol=1e-5, atol=1e-7)

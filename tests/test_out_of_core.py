@@ -99,6 +99,7 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_streaming_a_file_larger_than_the_budget_stays_under_it(tmp_path):
     # The features file is 256 MiB, 4.5x the budget, which covers the working tiles and the
     # outputs (12 bytes per row).

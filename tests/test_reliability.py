@@ -1,0 +1,352 @@
+"""Hostile use that must give a clear error or the right answer, never a silent wrong score.
+
+Each test reproduces one case of adversarial testing: partial or edited sharded detectors,
+parameters changed after loading, save targets that are links or device nodes, file modes,
+stray huge labels, unusable devices, far-away rows, float64 queries.
+"""
+
+import json
+import os
+import shutil
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import clustered_features
+
+from grood import GROOD
+from grood.cli import main
+
+
+def _shard_worker(rank, world, tmp):
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    try:
+        x, y = clustered_features(120, 4, 6, seed=rank, spread=0.5, dtype=torch.float32)
+        GROOD(distributed=True, progress=False).fit(x, y).save(f"{tmp}/det.json")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A detector saved by 2 gloo ranks: det.json, det.rank0/1.safetensors."""
+    if not tdist.is_available() or sys.platform == "win32":
+        pytest.skip("needs torch.distributed with gloo")
+    tmp = tmp_path_factory.mktemp("sharded")
+    mp.spawn(_shard_worker, args=(2, str(tmp)), nprocs=2, join=True)
+    return tmp
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.glob("det*"):
+        shutil.copy(f, dst / f.name)
+    return dst / "det.json"
+
+
+def test_a_single_shard_is_refused(sharded):
+    with pytest.raises(ValueError, match="one shard of a detector saved by 2 ranks"):
+        GROOD.load(sharded / "det.rank1.safetensors")
+    assert GROOD.load(sharded / "det.json").index_.ntotal > 0  # the manifest still loads
+
+
+@pytest.mark.parametrize("edit", ["one shard", "twice", "huge world", "no shards", "itself",
+                                  "foreign"])
+def test_edited_manifests_are_refused(sharded, tmp_path, edit):
+    manifest_path = _copy(sharded, tmp_path / "copy")
+    manifest = json.loads(manifest_path.read_text())
+    if edit == "one shard":
+        manifest["shards"] = manifest["shards"][:1]
+        match = "world_size 2 but 1 shard"
+    elif edit == "twice":
+        manifest["shards"] = [manifest["shards"][0]] * 2
+        match = "same shard file more than once"
+    elif edit == "huge world":
+        manifest["world_size"] = 10**9
+        match = "world_size 1000000000 but 2 shard"
+    elif edit == "no shards":
+        manifest["shards"] = []
+        match = "lists no shards"
+    elif edit == "itself":
+        manifest["shards"][1]["file"] = "det.json"
+        match = "lists itself"
+    else:  # a shard of another 2-rank detector, with a matching digest
+        x, y = clustered_features(90, 4, 6, seed=9, spread=0.5, dtype=torch.float32)
+        other = GROOD(progress=False).fit(x, y)
+        other.shard_sizes_ = [other.index_.ntotal, 5]  # as if saved by rank 0 of 2
+        other.save(tmp_path / "copy" / "det.rank1.safetensors")
+        import hashlib
+
+        manifest["shards"][1]["sha256"] = hashlib.sha256(
+            (tmp_path / "copy" / "det.rank1.safetensors").read_bytes()).hexdigest()
+        match = "inconsistent|another detector"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=match):
+        GROOD.load(manifest_path)
+
+
+@pytest.fixture
+def fitted():
+    x, y = clustered_features(200, 4, 8, seed=1, dtype=torch.float32)
+    return GROOD(progress=False).fit(x, y), x
+
+
+@pytest.mark.parametrize("value", [-5, 0, 2.5, True])
+def test_batch_size_and_k_are_checked_where_used(fitted, tmp_path, value):
+    det, x = fitted
+    det.save(tmp_path / "d.safetensors")
+    loaded = GROOD.load(tmp_path / "d.safetensors")
+    loaded.batch_size = value
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        loaded.score_samples(x)
+    loaded.batch_size, loaded.k = 64, value
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        loaded.score_samples(x)
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_cli_batch_size_must_be_positive(fitted, tmp_path, capsys, value):
+    det, x = fitted
+    det.save(tmp_path / "d.safetensors")
+    np.save(tmp_path / "x.npy", x.numpy())
+    with pytest.raises(SystemExit):
+        main(["score", str(tmp_path / "d.safetensors"), str(tmp_path / "x.npy"), "-o",
+              str(tmp_path / "s.npy"), "--batch-size", value])
+    assert "positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_save_writes_through_a_symlink(fitted, tmp_path):
+    det, x = fitted
+    real = tmp_path / "store" / "real.safetensors"
+    real.parent.mkdir()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    det.save(link)
+    assert link.is_symlink() and real.is_file()
+    assert torch.equal(GROOD.load(link).score_samples(x), det.score_samples(x))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_save_refuses_to_replace_what_is_not_a_regular_file(fitted, tmp_path):
+    det, _ = fitted
+    link = tmp_path / "null.safetensors"
+    link.symlink_to("/dev/null")
+    with pytest.raises(ValueError, match="not a regular file"):
+        det.save(link)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        det.save(tmp_path / "dir.safetensors")
+
+
+def test_saved_files_get_the_umask_mode(fitted, tmp_path):
+    det, _ = fitted
+    old = os.umask(0o022)
+    try:
+        det.save(tmp_path / "d.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "d.safetensors").st_mode) == 0o644
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_save_names_and_folders_are_checked_first(fitted, tmp_path):
+    det, _ = fitted
+    with pytest.raises(ValueError, match=r"written as \.safetensors"):
+        det.save(tmp_path / "det.pkl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        det.save(tmp_path / "missing" / "det.safetensors")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        GROOD.load(tmp_path)
+
+
+def test_cli_fit_checks_the_output_before_fitting(tmp_path, capsys):
+    x, y = clustered_features(50, 2, 4, seed=1, dtype=torch.float32)
+    np.savez(tmp_path / "t.npz", features=x.numpy(), labels=y.numpy())
+    for out, message in ((tmp_path / "nowhere" / "d.safetensors", "does not exist"),
+                         (tmp_path / "d.txt", "written as .safetensors")):
+        assert main(["fit", str(tmp_path / "t.npz"), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert "fitted on" not in capsys.readouterr().out
+
+
+def test_a_stray_huge_label_is_refused_before_allocating():
+    x, y = clustered_features(100, 3, 4, seed=1, dtype=torch.float32)
+    y[0] = 10**12
+    with pytest.raises(ValueError, match="cannot exceed the number of samples"):
+        GROOD(progress=False).fit(x, y)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_unusable_device_is_a_one_line_error(tmp_path, capsys):
+    x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="sees no usable CUDA device"):
+        GROOD(device="cuda").fit(x, y)
+    with pytest.raises(ValueError, match="not a device name"):
+        GROOD(device="tpu:7").fit(x, y)
+    np.savez(tmp_path / "t.npz", features=x.numpy(), labels=y.numpy())
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "d.safetensors"),
+                 "--device", "cuda"]) == 2
+    assert "no usable CUDA device" in capsys.readouterr().err
+
+
+def test_one_far_row_is_scored_in_float64_not_failed(fitted):
+    det, x = fitted
+    far = x[:5].clone()
+    far[2] += 1e6  # float32 cannot resolve the softmax at this distance
+    scores, _ = det.score_and_predict(far)
+    assert bool(torch.isfinite(scores).all())
+    near = det.score_samples(x[:5])
+    assert torch.equal(scores[[0, 1, 3, 4]], near[[0, 1, 3, 4]])
+    assert float(scores[2]) < float(near.min())  # far out of distribution scores lowest
+    ref, _ = det.score_and_predict(far.double())  # the whole batch in float64
+    torch.testing.assert_close(scores[2].double(), ref[2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="even in float64"):
+        det.score_samples(x[:2] + 1e15)
+
+
+def test_float64_queries_are_scored_in_float64(fitted):
+    det, x = fitted
+    s64 = det.score_samples(x.double())
+    assert s64.dtype == torch.float64
+    torch.testing.assert_close(s64, det.score_samples(x).double(), rtol=1e-4, atol=1e-6)
+
+
+def test_index_repr_describes_it(fitted):
+    det, _ = fitted
+    assert repr(det.index_).startswith(f"ExactIndex({det.index_.ntotal} vectors of dimension 8")
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickle"])
+def test_cli_refuses_non_tensor_pt_files_without_unsafe_advice(tmp_path, capsys, content):
+    path = tmp_path / "x.pt"
+    if content == "garbage":
+        path.write_bytes(b"\x00not a torch file at all")
+    else:
+        torch.save({"features": torch.rand(4, 3), "extra": np.random.default_rng(0)}, path)
+    assert main(["fit", str(path), "-o", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "not a tensors-only .pt file" in err
+    assert "weights_only=False" not in err
+
+
+def test_cli_eval_names_sets_by_path_and_fit_takes_an_index(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    x, y = clustered_features(120, 3, 6, seed=1, dtype=torch.float32)
+    np.savez(tmp_path / "t.npz", features=x.numpy(), labels=y.numpy())
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "set.npy", (torch.rand(20, 6) * 3).numpy())
+    det_path = tmp_path / "d.safetensors"
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", str(det_path), "--index",
+                 "faiss-flat"]) == 0
+    assert GROOD.load(det_path).index == "faiss-flat"
+    assert "FaissFlatIndex(" in repr(GROOD.load(det_path).index_)
+    capsys.readouterr()
+    assert main(["eval", str(det_path), "--id", str(tmp_path / "t.npz"), "--ood",
+                 str(tmp_path / "a" / "set.npy"), str(tmp_path / "b" / "set.npy")]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "a" / "set.npy") in out and str(tmp_path / "b" / "set.npy") in out
+
+
+def test_plain_progress_lines_off_a_terminal(capsys):
+    from grood._progress import PlainProgress
+
+    with PlainProgress(total=4, desc="grood fit", unit="rows", every_s=0.0) as bar:
+        bar.update(2)
+        bar.update(2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "grood fit: at 2/4 rows (50 %), 0 s"
+    assert lines[-1].startswith("grood fit: done 4/4 rows (100 %)")
+    with PlainProgress(total=4, desc="quick", every_s=60.0) as bar:
+        bar.update(4)
+    assert capsys.readouterr().err == ""  # short operations stay silent
+
+
+# Property-based: any edit of a manifest, any save target.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EDITS = st.fixed_dictionaries({
+    "order": st.lists(st.sampled_from([0, 1, 2]), min_size=0, max_size=4),
+    "world": st.one_of(st.just("keep"), st.integers(-1, 5), st.just(True), st.just("2")),
+})
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=EDITS)
+def test_any_manifest_edit_is_refused_or_scores_the_same(sharded, tmp_path_factory, edit):
+    folder = tmp_path_factory.mktemp("edit")
+    manifest_path = _copy(sharded, folder / "copy")
+    original = json.loads(manifest_path.read_text())
+    x, _ = clustered_features(30, 4, 6, seed=5, spread=0.5, dtype=torch.float32)
+    expected = GROOD.load(manifest_path).score_samples(x)
+    # Entry 2 is a foreign shard: a one-process detector's file, listed with its digest.
+    xf, yf = clustered_features(40, 4, 6, seed=8, spread=0.5, dtype=torch.float32)
+    GROOD(progress=False).fit(xf, yf).save(folder / "copy" / "foreign.safetensors")
+    import hashlib
+
+    foreign = {"file": "foreign.safetensors", "sha256": hashlib.sha256(
+        (folder / "copy" / "foreign.safetensors").read_bytes()).hexdigest()}
+    pool = [*original["shards"], foreign]
+    manifest = dict(original, shards=[pool[i] for i in edit["order"]])
+    if edit["world"] != "keep":
+        manifest["world_size"] = edit["world"]
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        scores = GROOD.load(manifest_path).score_samples(x)
+    except (ValueError, FileNotFoundError):
+        return
+    assert torch.equal(scores, expected)
+
+
+TARGETS = st.sampled_from(["new", "existing", "link-to-file", "dangling-link", "link-to-dir",
+                           "dir", "link-to-dev-null", "missing-folder", "wrong-suffix"])
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=TARGETS)
+def test_any_save_target_is_written_correctly_or_refused_untouched(fitted, tmp_path_factory,
+                                                                    kind):
+    det, x = fitted
+    root = tmp_path_factory.mktemp("target")
+    target = root / "det.safetensors"
+    other = root / "other.safetensors"
+    if kind == "existing":
+        target.write_bytes(b"old")
+    elif kind == "link-to-file":
+        other.write_bytes(b"old")
+        target.symlink_to(other)
+    elif kind == "dangling-link":
+        target.symlink_to(root / "not-yet.safetensors")
+    elif kind == "link-to-dir":
+        (root / "d").mkdir()
+        target.symlink_to(root / "d")
+    elif kind == "dir":
+        target.mkdir()
+    elif kind == "link-to-dev-null":
+        target.symlink_to("/dev/null")
+    elif kind == "missing-folder":
+        target = root / "missing" / "det.safetensors"
+    elif kind == "wrong-suffix":
+        target = root / "det.pkl"
+    before = {p.name: (p.is_symlink(), p.is_file() and p.read_bytes()) for p in root.iterdir()}
+    try:
+        det.save(target)
+    except (ValueError, OSError):
+        after = {p.name: (p.is_symlink(), p.is_file() and p.read_bytes())
+                 for p in root.iterdir()}
+        assert after == before  # nothing replaced, nothing left behind
+        return
+    assert torch.equal(GROOD.load(target).score_samples(x), det.score_samples(x))
+    if kind in ("link-to-file", "dangling-link"):
+        assert target.is_symlink()  # written through the link, which stays
