@@ -209,11 +209,14 @@ class GROOD:
         d = first[0].shape[1]
         device = torch.device(self.device) if self.device is not None else first[0].device
         if n_classes is None and first[2] is None:
-            n_classes = 0
+            n_classes, n_rows = 0, 0
             for _, yb, _ in _iter_batches(batches, "first pass"):
                 n_classes = max(n_classes, int(yb.max()) + 1)
+                n_rows += yb.shape[0]
             if self.distributed:
                 n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
+                n_rows = int(dist.all_reduce(torch.tensor([n_rows])))
+            check_class_count(n_classes - 1, n_rows)
 
         def passes(desc: str):
             with self._bar(None, desc) as bar:
@@ -534,7 +537,8 @@ class GROOD:
         """
         from grood import persistence
 
-        return persistence.load(cls, Path(path), device=device, distributed=distributed)
+        return persistence.load(cls, Path(path), device=check_device(device),
+                                distributed=distributed)
 
     def _state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
         """``(params, state, tensors)``: everything :meth:`_restore` needs, for saving."""

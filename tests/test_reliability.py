@@ -350,3 +350,18 @@ def test_any_save_target_is_written_correctly_or_refused_untouched(fitted, tmp_p
     assert torch.equal(GROOD.load(target).score_samples(x), det.score_samples(x))
     if kind in ("link-to-file", "dangling-link"):
         assert target.is_symlink()  # written through the link, which stays
+
+
+def test_fit_batches_refuses_a_stray_huge_label_too():
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    y[5] = 10**9
+    with pytest.raises(ValueError, match="cannot exceed the number of samples"):
+        GROOD(progress=False).fit_batches([(x[:30], y[:30]), (x[30:], y[30:])])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_load_on_an_unusable_device_is_a_one_line_error(fitted, tmp_path):
+    det, _ = fitted
+    det.save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="no usable CUDA device"):
+        GROOD.load(tmp_path / "d.safetensors", device="cuda")
