@@ -117,10 +117,19 @@ def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
     return triton.cdiv(n_cb, per_group)
 
 
-#: Launch configurations tried when ``GROOD_AUTOTUNE=1``:
-#: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape.
-TUNE_CONFIGS = [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
-                (128, 64, 32, 4, 4), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+#: Launch configurations tried when ``GROOD_AUTOTUNE=1``, per GEMM kind:
+#: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape. Every
+#: one compiles without spills (``bench/compile_report.py --configs all``).
+TUNE_CONFIGS = {
+    "fma": [(32, 64, 32, 4, 3), (32, 64, 32, 8, 3)],
+    "tensor": [(128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 4),
+               (128, 64, 32, 8, 4), (64, 64, 32, 4, 3)],
+}
+
+
+def tune_configs(precision: str) -> list[tuple[int, ...]]:
+    """The autotuning candidates of ``precision``."""
+    return TUNE_CONFIGS["fma" if precision == "ieee" else "tensor"]
 
 
 @triton.jit
@@ -287,7 +296,9 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
     size = torch.empty((), dtype=dtype).element_size()
     cfgs = [block_sizes(n, c, d, precision, h_bytes=size)]
     if configs == "all":
-        cfgs += [_tuned_config(t, n, c, d, size) for t in TUNE_CONFIGS]
+        tiles = {cfg[:5] for cfg in cfgs}
+        cfgs += [cfg for cfg in (_tuned_config(t, n, c, d, size, precision)
+                                 for t in tune_configs(precision)) if cfg[:5] not in tiles]
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
@@ -296,9 +307,11 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
                   _scratch(n, cfg, "meta"), outs, precision, cfg) for cfg in cfgs]
 
 
-def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
+def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
                   n_sm: int = DEFAULT_SMS) -> LaunchConfig:
     block_n, block_c, block_d, warps, stages = t
+    if precision == "tf32x3":  # its K-step carries 4 x BLOCK_D operand columns
+        block_d = 16
     block_c = min(block_c, max(16, triton.next_power_of_2(c)))
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     return LaunchConfig(block_n, block_c, block_d, warps, stages,
@@ -379,7 +392,8 @@ def ncp_gradient(
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
-        cands = [_tuned_config(t, n, c, d, h.element_size(), n_sm) for t in TUNE_CONFIGS]
+        cands = [_tuned_config(t, n, c, d, h.element_size(), precision, n_sm)
+                 for t in tune_configs(precision)]
         launch(tune(launch, key, n, c, cands, dev))
     else:
         launch(block_sizes(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
