@@ -4,6 +4,7 @@ Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set in conftes
 triton is imported) and on a CUDA device when one is present and the interpreter is off.
 """
 
+import json
 import os
 
 import pytest
@@ -258,3 +259,34 @@ def test_prepared_prototypes_are_kept_and_refreshed_after_in_place_changes():
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     torch.testing.assert_close(again.q_ood.double(), ref.q_ood, rtol=2e-5, atol=1e-7)
     assert not torch.equal(first.q_ood, again.q_ood)
+
+
+def test_autotune_choice_is_remembered_across_processes(tmp_path, monkeypatch):
+    """GROOD_AUTOTUNE=1: configurations are timed once per device and shape class, the
+    fastest is kept in the cache file, and a new process (a cleared in-memory table) reuses it
+    without timing again."""
+    from grood_kernels import _tuning
+
+    monkeypatch.setenv("GROOD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_tuning.torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    monkeypatch.setattr(_tuning, "_tuned", {})
+    cfgs = [kernel_module.LaunchConfig(64, 64, 32, 4, 3, 1),
+            kernel_module.LaunchConfig(32, 64, 32, 4, 3, 1)]
+    timed, launched = [], []
+    speed = {cfgs[0]: 2.0, cfgs[1]: 1.0}
+
+    def bench(fn, **kw):
+        fn()
+        timed.append(launched[-1])
+        return speed[launched[-1]]
+
+    monkeypatch.setattr(_tuning.triton.testing, "do_bench", bench)
+    chosen = _tuning.tune(launched.append, ("ncp", "tf32", 128), 4096, 128, cfgs, "cuda")
+    assert chosen == cfgs[1] and set(timed) == set(cfgs)
+    saved = json.loads((tmp_path / "autotune.json").read_text())
+    assert list(saved.values()) == [list(cfgs[1])]
+    monkeypatch.setattr(_tuning, "_tuned", {})  # a new process
+    timed.clear()
+    assert _tuning.tune(launched.append, ("ncp", "tf32", 128), 4096, 128, cfgs,
+                        "cuda") == cfgs[1]
+    assert timed == []  # read from the file, not timed again
