@@ -32,7 +32,7 @@ def finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
     for g in range(0, n_groups):  # in class order, so lower class ids win exact ties
-        row = g * N + offs_n
+        row = (offs_n * 0 + g) * N + offs_n  # int64: g * N may pass 2**31
         m_g = tl.load(part_f_ptr + row * W, mask=mask_n, other=0.0, cache_modifier=".cg")
         s_g = tl.load(part_f_ptr + row * W + 1, mask=mask_n, other=0.0, cache_modifier=".cg")
         d_g = tl.load(part_f_ptr + row[:, None] * W + 2 + slots[None, :],
