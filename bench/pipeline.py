@@ -27,17 +27,12 @@ from datetime import date
 import torch
 
 from grood import GROOD, __version__, functional, ops
-from grood.bench import realistic_features
+from grood.bench import realistic_features, synchronize
 
 #: OpenOOD v1.5 ImageNet-1k: 1,281,167 training images; the ID test set (45,000) plus its
 #: near-OOD (SSB-hard 49,000, NINCO 5,879) and far-OOD (iNaturalist 10,000, Textures 5,160,
 #: OpenImage-O 17,000) sets: about 132,000 queries.
 FULL = {"n_train": 1_281_167, "n_query": 132_000, "classes": 1000, "dim": 2048}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _rss() -> int:
@@ -57,7 +52,7 @@ class Stage:
             self.peak = max(self.peak, _rss())
 
     def __enter__(self):
-        _sync(self.device)
+        synchronize(self.device)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
@@ -70,7 +65,7 @@ class Stage:
         return self
 
     def __exit__(self, *exc):
-        _sync(self.device)
+        synchronize(self.device)
         ms = (time.perf_counter() - self.t0) * 1e3
         if self.device == "cuda":
             peak = torch.cuda.max_memory_allocated()

@@ -148,9 +148,8 @@ class ExactIndex:
         extra = {} if self.storage is None else {"rerank_database": self.vectors}
         if queries.dtype == torch.float64 and self.dtype != torch.float64:
             # float64 queries are searched in float64 (by the torch implementation).
-            return ops.get_op("knn", "torch")(
-                queries.to(self.device), searched, k, database_sq_norms=self._sq_norms.double(),
-                **({"rerank_database": self.vectors} if self.storage is not None else {}))
+            return ops.get_op("knn", "torch")(queries.to(self.device), searched, k,
+                                              database_sq_norms=self._sq_norms.double(), **extra)
         impl = ops.get_op("knn", self.backend)
         return impl(queries.to(device=self.device, dtype=self.dtype), searched, k,
                     precision=self.precision, database_sq_norms=self._sq_norms, **extra)

@@ -263,19 +263,18 @@ def load_file(cls: Any, path: Path, *, device: Any,
             or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
         raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
                          f"{c} classes of dimension {d}")
-    shard_sizes = state.get("shard_sizes", [vectors.shape[0]] if vectors is not None else None)
-    if shard_sizes is None and shard is None:
-        shard_sizes = [0]  # an index without vectors in the file (faiss): checked below
-        unknown_size = True
-    else:
-        unknown_size = False
-    if (not isinstance(shard_sizes, list) or not shard_sizes
+    # Every rank's index size (one entry for a single-process detector); files without it
+    # hold a whole index.
+    shard_sizes = state.get("shard_sizes")
+    if shard_sizes is not None and (
+            not isinstance(shard_sizes, list) or not shard_sizes
             or not all(isinstance(v, int) and v >= 0 for v in shard_sizes)):
         raise ValueError(f"{path} is inconsistent: invalid shard_sizes {shard_sizes!r}")
+    n_ranks = len(shard_sizes) if shard_sizes is not None else 1
     record = state.get("shard")
-    if shard is None and (len(shard_sizes) > 1
+    if shard is None and (n_ranks > 1
                           or (isinstance(record, dict) and record.get("world", 1) > 1)):
-        raise ValueError(f"{path} is one shard of a detector saved by {len(shard_sizes)} "
+        raise ValueError(f"{path} is one shard of a detector saved by {n_ranks} "
                          "ranks and holds only part of its index; load the JSON manifest "
                          "saved beside it")
     if shard is not None and record is not None and record != {"rank": shard[0],
@@ -285,15 +284,14 @@ def load_file(cls: Any, path: Path, *, device: Any,
     if shard is not None and record is None and shard[1] == 1:
         # Files written before shards were marked come from multi-rank saves only.
         raise ValueError(f"{path} is a single-process detector file, not a shard")
-    if shard is not None and len(shard_sizes) != shard[1]:
-        raise ValueError(f"{path} belongs to a detector of {len(shard_sizes)} rank(s), not "
+    if shard is not None and n_ranks != shard[1]:
+        raise ValueError(f"{path} belongs to a detector of {n_ranks} rank(s), not "
                          f"{shard[1]} as its manifest says")
     det = cls._restore(params, state, tensors, device)
-    own = shard_sizes[shard[0]] if shard is not None else shard_sizes[0]
-    if unknown_size:
-        own = det.index_.ntotal
-    if det.index_.dim != d or max(sum(shard_sizes), own) < params["k"] \
-            or det.index_.ntotal != own:
+    if shard_sizes is None:
+        shard_sizes = [det.index_.ntotal]
+    own = shard_sizes[shard[0] if shard is not None else 0]
+    if det.index_.dim != d or sum(shard_sizes) < params["k"] or det.index_.ntotal != own:
         raise ValueError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
                          f"vectors of dimension {det.index_.dim}"
                          + (f" where rank {shard[0]}'s shard should hold {own}"

@@ -8,7 +8,14 @@ it, so the report sees exactly the configuration the launcher picks at a shape.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
+
+import torch
+
+#: SMs assumed when planning a launch off a GPU (the interpreter, the compile report): an
+#: H100 / H200 SXM.
+DEFAULT_SMS = 132
 
 
 class KernelLaunch(NamedTuple):
@@ -35,3 +42,17 @@ def run(launch: KernelLaunch) -> None:
     """Launch a described kernel."""
     launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
                            num_stages=launch.num_stages)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA ``device`` (looked up once per device), else None
+    (the launch heuristics then plan for ``DEFAULT_SMS``)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

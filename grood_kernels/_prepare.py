@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,7 +50,34 @@ def operand_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-_prepared: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, PreparedPrototypes]] = {}
+#: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
+_kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
+
+
+def _keep(prototypes: torch.Tensor, ood_prototype: torch.Tensor, what: tuple,
+          make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
+    both tensors live unmodified (identity through weak references, and version counters)."""
+    key = (id(prototypes), id(ood_prototype), *what)
+    versions = (prototypes._version, ood_prototype._version)
+    hit = _kept.get(key)
+    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
+            and hit[2] == versions:
+        return hit[3]
+    value = make()
+    for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
+        del _kept[k]  # drop entries whose tensors are gone
+    if len(_kept) >= 32:
+        _kept.pop(next(iter(_kept)))
+    _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
+    return value
+
+
+def prototype_magnitude(prototypes: torch.Tensor, ood_prototype: torch.Tensor) -> float:
+    """The largest absolute value of the prototypes and the OOD prototype (kept like the
+    prepared operand, so a detector does not reduce its prototypes on every batch)."""
+    return _keep(prototypes, ood_prototype, ("magnitude",),
+                 lambda: max(max_abs(prototypes), max_abs(ood_prototype)))
 
 
 def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
@@ -61,12 +89,12 @@ def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, pr
     not modified in place (their version counters are checked), so a detector prepares it
     once. Costs one [C_pad, D_pad] tensor (fp32, or bf16 in ``bf16`` mode).
     """
-    key = (id(prototypes), id(ood_prototype), precision, scale)
-    versions = (prototypes._version, ood_prototype._version)
-    hit = _prepared.get(key)
-    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
-            and hit[2] == versions:
-        return hit[3]
+    return _keep(prototypes, ood_prototype, ("operand", precision, scale),
+                 lambda: _prepare(prototypes, ood_prototype, precision, scale))
+
+
+def _prepare(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
+             scale: float) -> PreparedPrototypes:
     c, d = prototypes.shape
     p_o = (ood_prototype.to(torch.float32) / scale).contiguous()
     c_pad, d_pad = _cdiv(c, PAD_ROWS) * PAD_ROWS, _cdiv(d, PAD_COLS) * PAD_COLS
@@ -85,13 +113,7 @@ def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, pr
         else:
             operand[r0:r1, :d] = centred
         sq[r0:r1] = (centred * centred).sum(1)
-    prep = PreparedPrototypes(operand, sq, p_o, scale)
-    for k in [k for k, v in _prepared.items() if v[0]() is None or v[1]() is None]:
-        del _prepared[k]  # drop entries whose tensors are gone
-    if len(_prepared) >= 16:
-        _prepared.pop(next(iter(_prepared)))
-    _prepared[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, prep)
-    return prep
+    return PreparedPrototypes(operand, sq, p_o, scale)
 
 
 def _cdiv(a: int, b: int) -> int:

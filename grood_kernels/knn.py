@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._launch import KernelLaunch, run
+from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, run, sm_count
 from grood_kernels._topk import insert_nearest
 
 #: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
@@ -41,7 +41,6 @@ RERANK_EXTRA = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Bytes of query tiles a group of programs keeps L2-resident (a quarter of an H100's L2).
 L2_QUERY_BUDGET = 12 << 20
-DEFAULT_SMS = 132
 
 
 class LaunchConfig(NamedTuple):
@@ -284,9 +283,8 @@ def knn(
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
-    n_sm = (torch.cuda.get_device_properties(dev).multi_processor_count
-            if dev.type == "cuda" else DEFAULT_SMS)
-    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_op.element_size(), n_sm=n_sm)
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_op.element_size(),
+                        n_sm=sm_count(dev))
     rows, split = _rows_per_split(n_db, cfg)
     cfg = cfg._replace(n_split=split)
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)

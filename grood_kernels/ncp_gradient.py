@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._launch import KernelLaunch, run
+from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, run, sm_count
 from grood_kernels._ncp_finish import finish_rows, load_u
 from grood_kernels._prepare import (
     PAD_COLS,
@@ -44,6 +44,7 @@ from grood_kernels._prepare import (
     operand_dtype,
     pow2_scale,
     prepare_prototypes,
+    prototype_magnitude,
 )
 from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
@@ -57,7 +58,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Bytes of feature tiles the programs resident at one time may keep re-reading from L2
 #: (half of an H100's 50 MB L2, which is two partitions).
 L2_BUDGET = 24 << 20
-DEFAULT_SMS = 132
 
 
 class NCPGradient(NamedTuple):
@@ -82,7 +82,7 @@ class LaunchConfig(NamedTuple):
 
 
 def block_sizes(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
-                n_sm: int = DEFAULT_SMS) -> LaunchConfig:
+                n_sm: int | None = None) -> LaunchConfig:
     """One known-good launch configuration for this shape.
 
     Tensor-core modes: 128-row x 128-class tiles on two warpgroups (8 warps), 32-wide K-steps,
@@ -93,16 +93,24 @@ def block_sizes(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
     number of class blocks.
     """
     if precision == "ieee":
-        block_n, block_c, block_d, warps, stages, ctas = 32, 64, 32, 4, 3, 3
+        tiles, ctas = (32, 64, 32, 4, 3), 3
     else:
-        block_n, block_c, block_d, warps, stages, ctas = 128, 128, 32, 8, 4, 1
+        tiles, ctas = (128, 128, 32, 8, 4), 1
         if precision == "tf32x3":  # its K-step carries 4 x BLOCK_D operand columns
-            block_d, stages = 16, 3
+            tiles = (128, 128, 16, 8, 3)
+    return _fit_config(tiles, n, c, d, h_bytes, (n_sm or DEFAULT_SMS) * ctas)
+
+
+def _fit_config(tiles: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
+                resident: int) -> LaunchConfig:
+    """``tiles`` (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages) shrunk to the shape (every block
+    at least 16, as ``tl.dot`` needs), with the class groups for ``resident`` programs."""
+    block_n, block_c, block_d, warps, stages = tiles
     block_c = min(block_c, max(16, triton.next_power_of_2(c)))
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     return LaunchConfig(block_n, block_c, block_d, warps, stages,
-                        n_groups(n, c, d, block_n, block_c, h_bytes, n_sm * ctas))
+                        n_groups(n, c, d, block_n, block_c, h_bytes, resident))
 
 
 def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
@@ -308,14 +316,10 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
 
 
 def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
-                  n_sm: int = DEFAULT_SMS) -> LaunchConfig:
-    block_n, block_c, block_d, warps, stages = t
+                  n_sm: int | None = None) -> LaunchConfig:
     if precision == "tf32x3":  # its K-step carries 4 x BLOCK_D operand columns
-        block_d = 16
-    block_c = min(block_c, max(16, triton.next_power_of_2(c)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    return LaunchConfig(block_n, block_c, block_d, warps, stages,
-                        n_groups(n, c, d, block_n, block_c, h_bytes, n_sm))
+        t = (*t[:2], 16, *t[3:])
+    return _fit_config(t, n, c, d, h_bytes, n_sm or DEFAULT_SMS)
 
 
 def ncp_gradient(
@@ -376,13 +380,12 @@ def ncp_gradient(
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
     # Work in units of a power of two near the largest magnitude (exact rescaling), so
     # squared distances neither overflow nor underflow for huge or tiny features.
-    scale = pow2_scale(max(max_abs(t) for t in (h, prototypes, ood_prototype)))
+    scale = pow2_scale(max(max_abs(h), prototype_magnitude(prototypes, ood_prototype)))
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:
         psq = prototype_sq_norms.to(device=dev, dtype=torch.float32).contiguous()
-    n_sm = (torch.cuda.get_device_properties(dev).multi_processor_count
-            if dev.type == "cuda" else DEFAULT_SMS)
+    n_sm = sm_count(dev)
 
     def launch(cfg: LaunchConfig) -> None:
         run(_plan(h, prototypes, prep, psq, _scratch(n, cfg, dev), (grad, q_ood, pred,
