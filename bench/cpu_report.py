@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from grood import __version__, functional
-from grood.bench import median_time
+from grood._bench.common import median_time
 
 
 def _check_ncp(h, protos, p_ood) -> float:

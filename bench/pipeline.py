@@ -4,7 +4,7 @@
     python bench/pipeline.py --scale 0.02 --device cpu     # 2 % of the rows
     grood bench --pipeline ...        # the same
 
-Features are ``grood.bench.realistic_features`` (non-negative, clustered like a ResNet's
+Features are ``grood._bench.common.realistic_features`` (non-negative, clustered like a ResNet's
 post-ReLU penultimate layer), made on the device before timing starts. Stages, in the order
 ``GROOD.fit`` / ``score_samples`` run them: the prototype pass (float64 sums and counts), the
 gradient pass over the training rows (each row indexed when its nearest class prototype is its
@@ -27,7 +27,7 @@ from datetime import date
 import torch
 
 from grood import GROOD, __version__, functional, ops
-from grood.bench import realistic_features, synchronize
+from grood._bench.common import realistic_features, synchronize
 
 #: OpenOOD v1.5 ImageNet-1k: 1,281,167 training images; the ID test set (45,000) plus its
 #: near-OOD (SSB-hard 49,000, NINCO 5,879) and far-OOD (iNaturalist 10,000, Textures 5,160,

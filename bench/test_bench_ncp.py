@@ -7,8 +7,8 @@ CUDA device (compiled kernels); on the CPU only the torch backend is timed.
 import pytest
 import torch
 
-from grood import functional
-from grood.bench import realistic_features
+from grood import functional, ops
+from grood._bench.common import realistic_features
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -17,14 +17,6 @@ SHAPES = [(65536, 10, 512), (65536, 100, 512), (65536, 1000, 2048)] if CUDA else
 CASES = [("torch", p) for p in ("ieee", "bf16")]
 if CUDA:
     CASES += [("triton", p) for p in ("ieee", "tf32x3", "tf32", "bf16")] + [("torch", "tf32")]
-
-
-def _op(backend):
-    if backend == "triton":
-        from grood_kernels.ncp_gradient import ncp_gradient
-
-        return ncp_gradient
-    return functional.ncp_gradient
 
 
 def _sync():
@@ -38,7 +30,7 @@ def test_ncp_gradient(benchmark, backend, precision, n, c, d):
     h, _ = realistic_features(n, c, d, seed=0, device=DEVICE)
     protos, _ = realistic_features(c, c, d, seed=1, device=DEVICE)
     p_ood = protos.mean(0)
-    op = _op(backend)
+    op = ops.get_op("ncp_gradient", backend)
     ref = functional.ncp_gradient(h[:256].double(), protos.double(), p_ood.double())
     got = op(h[:256], protos, p_ood, precision=precision)
     rtol = 1e-2 if precision == "bf16" else 1e-3 if precision == "tf32" else 1e-4

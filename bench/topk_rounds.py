@@ -3,7 +3,7 @@
     TRITON_INTERPRET=1 python bench/topk_rounds.py        # on the CPU, under the interpreter
     python bench/topk_rounds.py                           # on a GPU
 
-Fits GROOD on clustered post-ReLU-like features (``grood.bench.realistic_features``), then
+Fits GROOD on clustered post-ReLU-like features (``grood._bench.common.realistic_features``), then
 searches query gradients against the indexed training gradients with the Triton kernel, which
 counts the insertion rounds it runs (``insert_rounds``). Ungated, every database tile of every
 program runs ``N_CAND`` rounds (argmin, min, argmax and two selects over the whole tile); gated,
@@ -19,7 +19,7 @@ import sys
 import torch
 
 from grood import GROOD, functional
-from grood.bench import realistic_features
+from grood._bench.common import realistic_features
 
 
 def main(argv: list[str] | None = None) -> int:

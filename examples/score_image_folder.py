@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from grood import GROOD
+from grood.errors import require
+
+Image = require("PIL.Image", extra="images", purpose="reading image files")
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -5,13 +5,21 @@
 >>> scores = detector.score_samples(test_features)   # higher = more in-distribution
 
 Works with plain PyTorch; Triton kernels (``grood[triton]``) and faiss indexes are optional.
+
+Extension points: OOD-prototype sources (:class:`OODPrototypeSource`, :func:`register_source`)
+and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 """
 
-from grood._checks import NotFittedError
 from grood.baselines import KNN, MSP, Energy, Mahalanobis
 from grood.detector import GROOD
+from grood.errors import (
+    BackendUnavailableError,
+    DetectorFileError,
+    MissingExtraError,
+    NotFittedError,
+)
 from grood.metrics import ood_metrics
-from grood.ops import BackendUnavailableError
+from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
 
 __version__ = "0.1.0"
@@ -21,11 +29,16 @@ __all__ = [
     "KNN",
     "MSP",
     "BackendUnavailableError",
+    "DetectorFileError",
     "Energy",
     "Mahalanobis",
+    "MissingExtraError",
     "Mixup",
     "NotFittedError",
+    "OODPrototypeSource",
+    "PrototypeContext",
     "UniformNoise",
     "__version__",
     "ood_metrics",
+    "register_source",
 ]

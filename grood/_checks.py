@@ -20,10 +20,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a detector is used before ``fit``."""
-
-
 @dataclass(frozen=True)
 class ArrayKind:
     """Where an input came from, so an output can be returned as the same type."""

@@ -22,17 +22,18 @@ from torch import Tensor
 
 from grood import ops
 from grood._checks import (
-    NotFittedError,
     as_tensor,
     batches,
     check_finite_rows,
     check_labels,
     check_matrix,
 )
+from grood._params import Parameters
+from grood.errors import NotFittedError
 from grood.functional import class_prototypes
 
 
-class _Baseline:
+class _Baseline(Parameters):
     inputs: ClassVar[str]
     name: ClassVar[str]
 
@@ -43,10 +44,6 @@ class _Baseline:
         check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
         check_finite_rows(t, self.inputs)
         return t, kind
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 class _LogitBaseline(_Baseline):

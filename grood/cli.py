@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grood import __version__
+from grood.errors import DetectorFileError
 
 EPILOG_FILES = (
     "Feature files: .npy (a 2-D features array), .npz / .pt / .safetensors holding "
@@ -163,12 +164,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from grood.bench import run
-
-    return run(args)
-
-
 def positive_int(text: str) -> int:
     """An argparse type: a positive integer, or a usage error that says so."""
     try:
@@ -180,8 +175,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def feature_sources() -> list[str]:
+    """Registered OOD-prototype sources that a command line of feature files can feed (they
+    need nothing, or only ``ood_features``); sources that need the model are for Python."""
+    from grood.prototypes import SOURCES
+
+    return [name for name, cls in SOURCES.items() if set(cls.needs) <= {"ood_features"}]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``grood`` command."""
+    """The argument parser of the ``grood`` command (choices read from the registries)."""
+    from grood.functional import PRECISIONS
+    from grood.index import index_kinds
+    from grood.ops import BACKENDS
+
     parser = argparse.ArgumentParser(
         prog="grood",
         description="GROOD: gradient-aware out-of-distribution detection. Scores are higher "
@@ -220,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detector file to write (.safetensors); with --distributed, the "
                           "JSON manifest (e.g. detector.json), beside which every rank "
                           "writes its shard (detector.rank<r>.safetensors)")
-    fit.add_argument("--ood-prototype", choices=["mean", "features"], default=None,
+    fit.add_argument("--ood-prototype", choices=feature_sources(), default=None,
                      help="OOD prototype source (default: 'features' when --ood-features is "
                           "given, else 'mean')")
     fit.add_argument("--ood-features", help="feature file of OOD samples for the prototype")
@@ -229,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ignore-logits", action="store_true",
                      help="decide which samples are correct by the nearest prototype even if "
                           "the file has logits")
-    fit.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+    fit.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="implementation of the hot paths (default: auto)")
     fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
-    fit.add_argument("--index", choices=["exact", "faiss-flat", "faiss-ivf"], default="exact",
+    fit.add_argument("--index", choices=index_kinds(), default="exact",
                      help="gradient index: exact search by grood (default), by faiss, or the "
                           "reference implementation's approximate IVF search (needs faiss)")
-    fit.add_argument("--precision", choices=["ieee", "tf32", "tf32x3", "bf16"], default="ieee",
+    fit.add_argument("--precision", choices=PRECISIONS, default="ieee",
                      help="GEMM precision of the gradient step and the search; results are "
                           "re-ranked exactly in fp32 (default: ieee)")
     fit.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],
@@ -278,29 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     ev.set_defaults(func=_cmd_eval)
-    from grood.bench import add_arguments
-
-    bench = sub.add_parser(
-        "bench", help="check the kernels on the device, then time them (Markdown report)",
-        description="Check the Triton kernels (gradient step and exact search) against "
-                    "float64 on realistic features in every precision mode, then time them "
-                    "against plain torch in the same precision, the per-sample autograd "
-                    "reference and faiss-cpu (one Markdown report).")
-    add_arguments(bench)
-    bench.add_argument("--compile", action="store_true",
-                       help="instead: the compile report of every kernel launch (sm_90a, "
-                            "sm_100a; no GPU needed); later options go to "
-                            "bench/compile_report.py (see its --help)")
-    bench.add_argument("--pipeline", action="store_true",
-                       help="instead: the whole fit + score pipeline at ImageNet-1k scale, "
-                            "stage by stage; later options go to bench/pipeline.py (e.g. "
-                            "--scale 0.02 --device cpu)")
-    bench.set_defaults(func=_cmd_bench)
+    # 'grood bench ...' is handed whole to the benchmark code (see main), which is imported
+    # only then; this entry lists the command in 'grood --help'.
+    sub.add_parser(
+        "bench", add_help=False,
+        help="check the kernels on the device, then time them (Markdown report); "
+             "'grood bench --help' for its options",
+        description="Check the Triton kernels against float64, then time them.")
     return parser
 
 
 #: ``grood bench --compile`` / ``--pipeline`` run these scripts from the source checkout.
 BENCH_SCRIPTS = {"--compile": "compile_report", "--pipeline": "pipeline"}
+
+
+def _run_bench(argv: list[str]) -> int:
+    """``grood bench``: the device report, or with ``--compile`` / ``--pipeline`` a script."""
+    for flag in BENCH_SCRIPTS:
+        if flag in argv:
+            return _run_bench_script(flag, [a for a in argv if a != flag])
+    from grood._bench.report import main as report_main
+
+    return report_main(argv, prog="grood bench")
 
 
 def _run_bench_script(flag: str, argv: list[str]) -> int:
@@ -325,12 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``grood`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        for flag in BENCH_SCRIPTS:
-            if flag in argv:
-                return _run_bench_script(flag, [a for a in argv[1:] if a != flag])
+        return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except DetectorFileError as exc:  # a file to replace, not an option to change
+        print(f"grood {args.command}: error: unusable detector file: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"grood {args.command}: error: {exc}", file=sys.stderr)
         return 2

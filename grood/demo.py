@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
 from grood._progress import progress
+from grood.errors import require
 from grood.extract import FeatureExtractor
 from grood.report import METRIC_LABELS, markdown_table, plot_histograms, plot_roc
 
@@ -74,9 +75,9 @@ class DigitsNet(nn.Sequential):
 
 def load_digit_sets(cfg: DemoConfig) -> dict[str, tuple[Tensor, Tensor]]:
     """Images [N, 1, 8, 8] in [0, 1] and labels for train / ID test / near-OOD / far-OOD."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require("sklearn.datasets", extra="demo",
+                       purpose="the demo's data (scikit-learn's bundled digits)")
+    digits = datasets.load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -123,6 +124,9 @@ def train_classifier(x: Tensor, y: Tensor, cfg: DemoConfig) -> DigitsNet:
 def run_demo(cfg: DemoConfig) -> dict:
     """Train, fit every detector, evaluate, write plots; returns the results as a dict."""
     start = time.perf_counter()
+    # Both optional dependencies are checked before minutes of training, not after.
+    require("sklearn.datasets", extra="demo", purpose="the demo's data (scikit-learn's digits)")
+    require("matplotlib", extra="demo", purpose="the demo's ROC and histogram plots")
     torch.manual_seed(cfg.seed)
     log = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress is not False else (
         lambda msg: None)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grood_kernels.contract import lex_sort
+
 
 def _dist():
     import torch.distributed as dist
@@ -77,7 +79,32 @@ def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, 
     Order is (distance, global id), so equal distances go to the lower id, as in one process;
     missing entries (id -1) sort last.
     """
-    from grood.functional import lex_sort
-
     d, i = lex_sort(torch.cat(dists, dim=1), torch.cat(ids, dim=1))
     return d[:, :k], i[:, :k]
+
+
+def shard_sizes(ntotal: int) -> list[int]:
+    """Every rank's index size, in rank order (``ntotal`` is this rank's)."""
+    return [int(t) for t in all_gather_rows(torch.tensor([ntotal]))]
+
+
+def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype) -> Tensor:
+    """Distances [Q, k] from this rank's query ``grads`` to their k nearest over every rank's
+    index shard (``sizes``: every rank's shard size, in rank order).
+
+    Every rank gathers all ranks' queries, searches them against its own shard (global ids
+    offset by the sizes of the shards before it), and the per-shard lists are merged by
+    (distance, global id), so the result equals a search of one index holding every shard.
+    """
+    rank, _ = rank_and_world()
+    per_rank = all_gather_rows(grads)
+    queries = torch.cat(per_rank)
+    if index.ntotal:
+        d, i = index.search(queries, k)
+        i = torch.where(i >= 0, i + sum(sizes[:rank]), i)
+    else:
+        d = torch.full((queries.shape[0], k), float("inf"), dtype=dtype, device=queries.device)
+        i = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)
+    merged, _ = merge_topk(all_gather_rows(d.to(dtype)), all_gather_rows(i), k)
+    start = sum(t.shape[0] for t in per_rank[:rank])
+    return merged[start:start + grads.shape[0]]

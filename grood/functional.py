@@ -3,8 +3,8 @@
 Every function here has the same name, signature and return contract as its Triton kernel in
 ``grood_kernels`` (where one exists) and is exact in float64 when given float64.
 
-The math (DESIGN.md §1). For a feature ``h``, class prototypes ``p_1..p_C`` and the OOD
-prototype ``p_o``::
+The math (ElAraby et al., arXiv 2312.14427; the README's "What it computes"). For a feature
+``h``, class prototypes ``p_1..p_C`` and the OOD prototype ``p_o``::
 
     s_j  = -||h - p_j||_2            for j in {1..C, o}
     lse  = log(sum_j exp(s_j))       (over all C + 1 terms)
@@ -19,7 +19,6 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -27,34 +26,40 @@ import torch
 from torch import Tensor
 
 from grood._checks import compute_dtype
+from grood_kernels.contract import (  # shared with the kernels, re-exported here
+    NCP_CANDIDATES,
+    PRECISIONS,
+    RERANK_EXTRA,
+    NCPGradient,
+    check_precision,
+    lex_sort,
+    max_abs,
+    pow2_scale,
+)
+
+__all__ = [
+    "NCP_CANDIDATES",
+    "PRECISIONS",
+    "RERANK_EXTRA",
+    "NCPGradient",
+    "PrototypeState",
+    "check_precision",
+    "class_prototypes",
+    "database_sq_norms_of",
+    "knn",
+    "lex_sort",
+    "matmul_precision",
+    "max_abs",
+    "ncp_gradient",
+    "pow2_scale",
+    "topk_lowest_index",
+]
 
 # Elements of the largest temporary tile (rows x classes, or queries x database rows).
 # 2**22 float32 values are 16 MiB: small enough for any machine, large enough for a fast GEMM.
 TILE_ELEMENTS = 1 << 22
 # Elements of a [rows, D] feature tile: 2**19 float32 values (2 MiB) stay in a CPU's cache.
 ROW_TILE_ELEMENTS = 1 << 19
-# Extra nearest-neighbour candidates per query, beyond k, that are re-ranked by their exact
-# distance: near-ties the matrix-multiply expansion misorders by rounding are put right.
-RERANK_EXTRA = 4
-
-
-class NCPGradient(NamedTuple):
-    """Result of :func:`ncp_gradient`.
-
-    Attributes:
-        grad (Tensor): gradient of the NCP loss w.r.t. the OOD prototype, shape [N, D].
-        q_ood (Tensor): softmax probability of the OOD prototype, shape [N].
-        pred (Tensor): index of the nearest class prototype (int64, first on ties), shape [N].
-        min_dist (Tensor): Euclidean (not squared) distance to that prototype, shape [N].
-        lse (Tensor): log-sum-exp of the C + 1 negative distances, shape [N].
-    """
-
-    grad: Tensor
-    q_ood: Tensor
-    pred: Tensor
-    min_dist: Tensor
-    lse: Tensor
-
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -95,37 +100,8 @@ def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None) -> None:
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
 
-PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
-# Nearest prototypes per row whose distances are recomputed exactly (fp32 differences, no
-# GEMM expansion) after the blocked pass; they dominate q_ood, lse and the prediction.
-NCP_CANDIDATES = 4
-
-
-def max_abs(x: Tensor) -> float:
-    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi))
-
-
-def pow2_scale(magnitude: float) -> float:
-    """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``magnitude``.
-
-    Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
-    latter do not overflow or underflow.
-    """
-    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
-        return 1.0
-    return 2.0 ** round(math.log2(magnitude))
-
-
-def check_precision(precision: str) -> None:
-    """Raise a clear error for an unknown precision mode."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
 @contextmanager
-def _matmul_mode(precision: str, device: torch.device):
+def matmul_precision(precision: str, device: torch.device):
     """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards)."""
     if device.type != "cuda":
         yield
@@ -237,13 +213,13 @@ def ncp_gradient(
         # tensor's vectorised body and its tail, so float32 results would depend on the batch
         # shape. Evaluated in float64 and then rounded, they do not (and are more accurate).
         sm = torch.float64
-        m = -d_ood.to(sm)  # online log-sum-exp, seeded with the OOD term: running max
-        acc = torch.ones_like(m)  # and running sum
+        m = -d_ood.to(sm)  # running max
+        acc = torch.ones_like(m)  # running sum
         cand_d = torch.full((r1 - r0, n_cand), float("inf"), dtype=dt, device=h.device)
         cand_i = torch.full((r1 - r0, n_cand), -1, dtype=torch.int64, device=h.device)
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
-            with _matmul_mode(precision, h.device):
+            with matmul_precision(precision, h.device):
                 # One row would take the matrix-vector path, which sums in another order;
                 # a repeated row keeps results independent of the batch size.
                 rows = gemm_u if gemm_u.shape[0] > 1 else gemm_u.expand(2, -1)
@@ -330,14 +306,6 @@ def class_prototypes(
     sums.index_add_(0, labels, features.to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)
     return PrototypeState(sums, counts)
-
-
-def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by (distance, index); index -1 (no candidate) sorts last among equals."""
-    by_i = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
-    dist, idx = dist.gather(1, by_i), idx.gather(1, by_i)
-    by_d = torch.sort(dist, dim=1, stable=True).indices
-    return dist.gather(1, by_d), idx.gather(1, by_d)
 
 
 def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -447,7 +415,7 @@ def knn(
             blk = database[m0:m1].to(dt)
             if precision == "bf16":
                 blk = blk.bfloat16().to(dt)
-            with _matmul_mode(precision, dev):
+            with matmul_precision(precision, dev):
                 dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
                                    alpha=-2.0)
             dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]

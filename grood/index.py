@@ -1,7 +1,9 @@
 """The gradient index: the training gradients GROOD scores against.
 
-Three kinds, chosen by ``GROOD(index=...)`` and all returning faiss' ``(D, I)`` (squared L2
-distances and int64 indices):
+Every index implements :class:`GradientIndex` (faiss' ``(D, I)`` contract: squared L2
+distances and int64 indices) and is registered by its ``kind`` with :func:`register_index`;
+``GROOD(index=kind)``, saved files and the command line find it in the registry. Three kinds
+ship with grood:
 
 * ``"exact"`` (:class:`ExactIndex`, the default): exact search by grood's own kernel or its
   torch twin.
@@ -22,7 +24,8 @@ computed once, at the first search, and reused by every later search.
 from __future__ import annotations
 
 import math
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +34,97 @@ from torch import Tensor
 from grood import ops
 from grood.functional import database_sq_norms_of
 
-INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf")
+
+class GradientIndex(ABC):
+    """What GROOD needs from an index of training gradients.
+
+    A new kind subclasses this, sets ``kind`` (its registry name) and ``option_names`` (the
+    ``index_options`` it accepts), implements the abstract methods, and registers itself with
+    :func:`register_index`. Then ``GROOD(index=kind)`` fits, scores, saves and loads with it.
+
+    Attributes:
+        kind (str): registry name, used in ``GROOD(index=...)`` and in saved files.
+        option_names (tuple[str, ...]): names ``index_options`` may hold for this kind.
+        joinable (bool): the shards of a multi-rank detector holding this kind can be joined
+            into one index in one process (needs :attr:`vectors`).
+        dim (int): vector dimension D.
+    """
+
+    kind: ClassVar[str]
+    option_names: ClassVar[tuple[str, ...]] = ()
+    joinable: ClassVar[bool] = False
+    dim: int
+
+    @classmethod
+    @abstractmethod
+    def create(cls, dim: int, *, dtype: torch.dtype, device: torch.device, backend: str,
+               precision: str, options: dict[str, Any]) -> GradientIndex:
+        """A new, empty index (``options`` holds only names in ``option_names``)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
+                        backend: str = "torch", precision: str = "ieee",
+                        options: dict[str, Any] | None = None) -> GradientIndex:
+        """Rebuild an index from the tensors :meth:`state_dict` gave."""
+
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+
+    def reserve(self, capacity: int) -> None:  # noqa: B027 (optional hook)
+        """The expected total number of vectors, before the first ``add`` (a hint)."""
+
+    @abstractmethod
+    def add(self, x: Tensor) -> None:
+        """Append vectors ``x`` [n, D] (copied); their ids continue from ``ntotal``."""
+
+    def trim(self) -> None:  # noqa: B027 (optional hook)
+        """Finish building: release spare capacity, train what waits for all the data."""
+
+    @abstractmethod
+    def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """``(D, I)``: squared L2 distances [Q, k] and int64 ids [Q, k] (-1 / inf where
+        fewer than k vectors exist), nearest first."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that define the index, for saving (no pickled objects)."""
+
+    def _check_rows(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+
+
+#: Index classes by ``kind``; filled by :func:`register_index`.
+INDEXES: dict[str, type[GradientIndex]] = {}
+
+
+def register_index(cls: type[GradientIndex]) -> type[GradientIndex]:
+    """Class decorator: make ``cls`` available as ``GROOD(index=cls.kind)``."""
+    if not (isinstance(cls, type) and issubclass(cls, GradientIndex)):
+        raise TypeError(f"register_index takes a GradientIndex subclass, got {cls!r}")
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{cls.__name__} needs a non-empty string 'kind'")
+    if kind in INDEXES and INDEXES[kind] is not cls:
+        raise ValueError(f"an index kind {kind!r} is already registered "
+                         f"({INDEXES[kind].__name__})")
+    INDEXES[kind] = cls
+    return cls
+
+
+def index_kinds() -> tuple[str, ...]:
+    """The registered index kinds, in registration order."""
+    return tuple(INDEXES)
+
+
+def index_class(kind: str) -> type[GradientIndex]:
+    """The class registered as ``kind``; a clear error naming the known kinds otherwise."""
+    if kind not in INDEXES:
+        raise ValueError(f"index must be one of {index_kinds()}, got {kind!r}")
+    return INDEXES[kind]
 
 
 #: ``index_options={"storage": ...}`` of the exact index -> the dtype searched.
@@ -40,7 +133,8 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": 
 EXACT_COPY_PLACES = ("device", "host")
 
 
-class ExactIndex:
+@register_index
+class ExactIndex(GradientIndex):
     """Exact nearest-neighbour index over vectors of dimension ``dim``.
 
     Args:
@@ -62,6 +156,8 @@ class ExactIndex:
     """
 
     kind = "exact"
+    option_names = ("storage", "exact_copy")
+    joinable = True
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", backend: str = "torch",
@@ -107,10 +203,15 @@ class ExactIndex:
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
 
+    @classmethod
+    def create(cls, dim: int, *, dtype: torch.dtype, device: torch.device, backend: str,
+               precision: str, options: dict[str, Any]) -> ExactIndex:
+        return cls(dim, dtype=dtype, device=device, backend=backend, precision=precision,
+                   **options)
+
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` of shape [n, D] (copied into the index)."""
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        self._check_rows(x)
         n = x.shape[0]
         if self._n + n > self._buf.shape[0]:
             self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
@@ -213,10 +314,8 @@ def _as_float32_rows(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
 
 
-class _FaissIndex:
+class _FaissIndex(GradientIndex):
     """Shared parts of the faiss-backed indexes (float32 vectors, like faiss)."""
-
-    kind: str
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.faiss = import_faiss()
@@ -234,9 +333,6 @@ class _FaissIndex:
         """The expected total number of vectors (faiss needs no buffer)."""
         self.capacity = capacity
 
-    def trim(self) -> None:
-        """Finish building (nothing to release for a flat index)."""
-
     def __repr__(self) -> str:
         where = type(self.index).__name__ if self.index is not None else "empty"
         return (f"{type(self).__name__}({self.ntotal} vectors of dimension {self.dim}, "
@@ -251,6 +347,7 @@ class _FaissIndex:
                 torch.from_numpy(idx).to(queries.device))
 
 
+@register_index
 class FaissFlatIndex(_FaissIndex):
     """Exact search with ``faiss.IndexFlatL2`` (fp32; on the GPU with faiss-gpu).
 
@@ -261,6 +358,7 @@ class FaissFlatIndex(_FaissIndex):
     """
 
     kind = "faiss-flat"
+    joinable = True
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         super().__init__(dim, device)
@@ -268,10 +366,13 @@ class FaissFlatIndex(_FaissIndex):
                                               self.device)
         self._keep.append(res)
 
+    @classmethod
+    def create(cls, dim: int, *, device: torch.device, **_: Any) -> FaissFlatIndex:
+        return cls(dim, device=device)
+
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` of shape [n, D]."""
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        self._check_rows(x)
         if x.shape[0]:
             self.index.add(_as_float32_rows(x))
 
@@ -295,6 +396,7 @@ class FaissFlatIndex(_FaissIndex):
         return index
 
 
+@register_index
 class FaissIVFIndex(_FaissIndex):
     """Approximate search with ``faiss.IndexIVFFlat`` (L2), as the reference implementation.
 
@@ -318,6 +420,7 @@ class FaissIVFIndex(_FaissIndex):
     """
 
     kind = "faiss-ivf"
+    option_names = ("nlist", "nprobe", "reference_batch_size")
 
     def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = 4,
                  reference_batch_size: int = 128, device: torch.device | str = "cpu") -> None:
@@ -332,6 +435,11 @@ class FaissIVFIndex(_FaissIndex):
         self.capacity: int | None = None
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
+
+    @classmethod
+    def create(cls, dim: int, *, device: torch.device, options: dict[str, Any],
+               **_: Any) -> FaissIVFIndex:
+        return cls(dim, device=device, **options)
 
     def options(self) -> dict[str, Any]:
         """Constructor options (saved with the detector)."""
@@ -367,8 +475,7 @@ class FaissIVFIndex(_FaissIndex):
 
     def add(self, x: Tensor) -> None:
         """Append vectors; the first ones are kept until the quantizer can be trained."""
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        self._check_rows(x)
         if not x.shape[0]:
             return
         rows = _as_float32_rows(x)
@@ -410,35 +517,27 @@ class FaissIVFIndex(_FaissIndex):
 
 
 def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
-               backend: str, precision: str = "ieee", options: dict[str, Any] | None = None):
-    """A new, empty index of ``kind`` (one of ``INDEX_KINDS``)."""
+               backend: str, precision: str = "ieee",
+               options: dict[str, Any] | None = None) -> GradientIndex:
+    """A new, empty index of a registered ``kind``, its ``options`` checked by name."""
+    cls = index_class(kind)
     options = dict(options or {})
-    if kind == "exact":
-        unknown = set(options) - {"storage", "exact_copy"}
-        if unknown:
-            raise ValueError(f"index='exact' takes index_options storage and exact_copy, not "
-                             f"{sorted(unknown)}")
-        return ExactIndex(dim, dtype=dtype, device=device, backend=backend, precision=precision,
-                          **options)
-    if kind == "faiss-flat":
-        if options:
-            raise ValueError(f"index='faiss-flat' takes no index_options, got {sorted(options)}")
-        return FaissFlatIndex(dim, device=device)
-    if kind == "faiss-ivf":
-        unknown = set(options) - {"nlist", "nprobe", "reference_batch_size"}
-        if unknown:
-            raise ValueError(f"index='faiss-ivf' takes index_options nlist, nprobe and "
-                             f"reference_batch_size, not {sorted(unknown)}")
-        return FaissIVFIndex(dim, device=device, **options)
-    raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+    unknown = set(options) - set(cls.option_names)
+    if unknown:
+        names = cls.option_names
+        takes = ("no index_options" if not names else f"index_options {names[0]}"
+                 if len(names) == 1 else
+                 f"index_options {', '.join(names[:-1])} and {names[-1]}")
+        raise ValueError(f"index={kind!r} takes {takes}, not {sorted(unknown)}")
+    return cls.create(dim, dtype=dtype, device=device, backend=backend, precision=precision,
+                      options=options)
 
 
 def index_from_state(kind: str, state: dict[str, Tensor], *, device: torch.device,
                      backend: str, precision: str = "ieee",
-                     options: dict[str, Any] | None = None):
-    """Rebuild a saved index of ``kind``."""
-    classes = {"exact": ExactIndex, "faiss-flat": FaissFlatIndex, "faiss-ivf": FaissIVFIndex}
-    if kind not in classes:
-        raise ValueError(f"unknown index kind {kind!r}")
-    return classes[kind].from_state_dict(state, device=device, backend=backend,
+                     options: dict[str, Any] | None = None) -> GradientIndex:
+    """Rebuild a saved index of a registered ``kind``."""
+    if kind not in INDEXES:
+        raise ValueError(f"unknown index kind {kind!r} (registered: {index_kinds()})")
+    return INDEXES[kind].from_state_dict(state, device=device, backend=backend,
                                          precision=precision, options=options)

@@ -18,13 +18,10 @@ from typing import Any
 import torch
 
 from grood import functional
+from grood.errors import BackendUnavailableError
 
 BACKENDS = ("auto", "torch", "triton")
 OPERATIONS = ("ncp_gradient", "knn")
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
 
 
 def check_backend_name(backend: str) -> None:

@@ -22,12 +22,45 @@ import torch
 from torch import Tensor
 
 from grood import distributed as dist
-from grood.index import make_index
+from grood import ops
+from grood.errors import DetectorFileError
+from grood.index import GradientIndex, index_class, index_from_state, make_index
+from grood.prototypes import source_from_config
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 1
 SHARDED_FORMAT = "grood.GROOD.sharded"
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
+
+
+def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """``(params, state, tensors)`` of a fitted detector: everything :func:`restore` needs."""
+    params = {
+        "ood_prototype": {"name": det.ood_source_.name, "params": det.ood_source_.params()},
+        "k": det.k,
+        "index": det.index,
+        "index_options": det.index_options,
+        "backend": det.backend,
+        "precision": det.precision,
+        "batch_size": det.batch_size,
+    }
+    state = {
+        "n_features_in": det.n_features_in_,
+        "n_classes": det.n_classes_,
+        "n_train": det.n_train_,
+        "train_accuracy": det.train_accuracy_,
+        "dtype": str(det.dtype_).removeprefix("torch."),
+        "index": det.index_.kind,
+        "extractor": getattr(det, "extractor_", None),
+        "shard_sizes": det.shard_sizes_,
+    }
+    tensors = {
+        "class_prototypes": det.class_prototypes_,
+        "class_counts": det.class_counts_,
+        "ood_prototype": det.ood_prototype_,
+        **{f"index.{name}": t for name, t in det.index_.state_dict().items()},
+    }
+    return params, state, {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
 
 
 def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
@@ -86,7 +119,7 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
     from safetensors.torch import save_file as write
 
     target = save_target(path)
-    params, state, tensors = det._state()
+    params, state, tensors = detector_state(det)
     if shard is not None:
         state["shard"] = {"rank": shard[0], "world": shard[1]}
     meta = {
@@ -139,8 +172,8 @@ def load(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
     if path.is_file() and path.read_bytes()[:1] == b"{":
         return _load_sharded(cls, path, device=device, distributed=distributed)
     if distributed:
-        raise ValueError(f"{path} is a single-process detector; load it without "
-                         "distributed=True")
+        raise DetectorFileError(f"{path} is a single-process detector; load it without "
+                                "distributed=True")
     return load_file(cls, path, device=device)
 
 
@@ -148,76 +181,118 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
-        raise ValueError(f"{path} is not a grood detector file: {exc}") from exc
+        raise DetectorFileError(f"{path} is not a grood detector file: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
-        raise ValueError(f"{path} is not a grood shard manifest")
+        raise DetectorFileError(f"{path} is not a grood shard manifest")
     try:
         shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
                   for s in manifest["shards"]]
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a valid grood shard manifest: {exc}") from exc
+        raise DetectorFileError(f"{path} is not a valid grood shard manifest: {exc}") from exc
     if manifest.get("format_version") != FILE_FORMAT_VERSION:
-        raise ValueError(f"{path} has manifest version {manifest.get('format_version')}; "
-                         f"this grood reads version {FILE_FORMAT_VERSION}")
+        raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}; "
+                                f"this grood reads version {FILE_FORMAT_VERSION}")
     world = manifest.get("world_size")
     if not shards:
-        raise ValueError(f"{path} lists no shards")
+        raise DetectorFileError(f"{path} lists no shards")
     if isinstance(world, bool) or not isinstance(world, int) or world != len(shards):
-        raise ValueError(f"{path} is inconsistent: world_size {world!r} but "
-                         f"{len(shards)} shard(s) listed (one per rank is needed)")
+        raise DetectorFileError(f"{path} is inconsistent: world_size {world!r} but "
+                                f"{len(shards)} shard(s) listed (one per rank is needed)")
     names = [shard.name for shard, _ in shards]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path} lists the same shard file more than once")
+        raise DetectorFileError(f"{path} lists the same shard file more than once")
     if path.name in names:
-        raise ValueError(f"{path} lists itself as a shard")
+        raise DetectorFileError(f"{path} lists itself as a shard")
     for shard, sha in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
         if hashlib.sha256(shard.read_bytes()).hexdigest() != sha:
-            raise ValueError(f"{shard} does not match the digest in {path}")
+            raise DetectorFileError(f"{shard} does not match the digest in {path}")
     if distributed:
         rank, world = dist.rank_and_world()
         if world != len(shards):
-            raise ValueError(f"{path} has {len(shards)} shards but the process group has "
-                             f"{world} ranks")
-        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world))
-        det.distributed = True
-        gathered = [int(t) for t in dist.all_gather_rows(torch.tensor([det.index_.ntotal]))]
+            raise DetectorFileError(f"{path} has {len(shards)} shards but the process group "
+                                    f"has {world} ranks")
+        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world),
+                        distributed=True)
+        gathered = dist.shard_sizes(det.index_.ntotal)
         if gathered != det.shard_sizes_:
-            raise ValueError(f"{path}: the shards do not belong to one detector (sizes "
-                             f"{gathered}, shard {rank} expects {det.shard_sizes_})")
+            raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
+                                    f"{gathered}, shard {rank} expects {det.shard_sizes_})")
         return det
-    parts = [load_file(cls, shard, device=device, shard=(r, world))
-             for r, (shard, _) in enumerate(shards)]
-    det = parts[0]
-    for r, p in enumerate(parts[1:], start=1):
-        if (p.shard_sizes_ != det.shard_sizes_
-                or not torch.equal(p.class_prototypes_, det.class_prototypes_)
-                or not torch.equal(p.ood_prototype_, det.ood_prototype_)):
-            raise ValueError(f"{path}: shard {shards[r][0].name} comes from another detector "
-                             f"than {shards[0][0].name}")
-    if any(p.index_.kind != det.index_.kind for p in parts) or det.index_.kind not in (
-            "exact", "faiss-flat"):
-        raise ValueError(f"the shards of {path} hold {det.index_.kind!r} indexes, which "
-                         "cannot be joined in one process")
-    joined = make_index(det.index_.kind, det.n_features_in_, dtype=det.dtype_,
-                        device=det.device_, backend=det.backend_["knn"],
-                        precision=det.precision,
-                        options=det.index_options if det.index_.kind == "exact" else None)
-    joined.reserve(sum(p.index_.ntotal for p in parts))
-    for p in parts:
-        if p.index_.ntotal:
-            joined.add(p.index_.vectors)
-    joined.trim()
-    det.index_ = joined
-    det.shard_sizes_ = [joined.ntotal]
-    det.distributed = False
+    parts = [read_file(shard, shard=(r, world)) for r, (shard, _) in enumerate(shards)]
+    params, state, tensors = parts[0]
+    for r, (_, st, ts) in enumerate(parts[1:], start=1):
+        if (st.get("shard_sizes") != state.get("shard_sizes")
+                or not torch.equal(ts["class_prototypes"], tensors["class_prototypes"])
+                or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
+            raise DetectorFileError(f"{path}: shard {shards[r][0].name} comes from another "
+                                    f"detector than {shards[0][0].name}")
+    kinds = {st["index"] for _, st, _ in parts}
+    if len(kinds) > 1 or not index_class(state["index"]).joinable:
+        raise DetectorFileError(f"the shards of {path} hold {sorted(kinds)} indexes, which "
+                                "cannot be joined in one process")
+    index_states = [{n.removeprefix("index."): t for n, t in ts.items() if n.startswith("index.")}
+                    for _, _, ts in parts]
+    det = restore(cls, params, state, tensors, device, index_states=index_states)
+    if det.index_.ntotal != sum(state["shard_sizes"]):
+        raise DetectorFileError(f"{path}: the shards hold {det.index_.ntotal} vectors, not the "
+                                f"{sum(state['shard_sizes'])} their records list")
     return det
 
 
-def load_file(cls: Any, path: Path, *, device: Any,
-              shard: tuple[int, int] | None = None) -> Any:
-    """Read and check one detector file, then rebuild the detector with ``cls._restore``.
+def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
+            tensors: dict[str, Tensor], device: Any, *,
+            index_states: list[dict[str, Tensor]] | None = None,
+            shard_sizes: list[int] | None = None, distributed: bool = False) -> Any:
+    """Build a fitted detector of class ``cls`` from checked, saved parts, in one step.
+
+    ``index_states``: the index tensors of several shards, joined in order into one index
+    (their sizes must match ``shard_sizes``); by default the file's own ``index.*`` tensors.
+    """
+    from grood.detector import FittedState
+
+    source_cfg = params["ood_prototype"]
+    source = source_from_config(source_cfg["name"], source_cfg["params"])
+    det = cls(
+        # A source with no parameters is given back by name, as it was most likely given.
+        ood_prototype=source if source_cfg["params"] else source_cfg["name"],
+        k=params["k"], index=params["index"], index_options=params["index_options"],
+        backend=params["backend"], precision=params["precision"], device=device,
+        batch_size=params["batch_size"], distributed=distributed,
+    )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    protos = tensors["class_prototypes"].to(dev)
+    p_ood = tensors["ood_prototype"].to(dev)
+    backend = ops.resolve_backends(det.backend, dev, protos.dtype)
+    kind, options = state["index"], params["index_options"]
+
+    def build(index_state: dict[str, Tensor]) -> GradientIndex:
+        return index_from_state(kind, index_state, device=dev, backend=backend["knn"],
+                                precision=det.precision, options=options)
+
+    if index_states is None:
+        index = build({n.removeprefix("index."): t for n, t in tensors.items()
+                       if n.startswith("index.")})
+    else:
+        parts = [build(st) for st in index_states]
+        index = make_index(kind, protos.shape[1], dtype=protos.dtype, device=dev,
+                           backend=backend["knn"], precision=det.precision, options=options)
+        index.reserve(sum(part.ntotal for part in parts))
+        for part in parts:
+            if part.ntotal:
+                index.add(part.vectors)
+        index.trim()
+    det._set_fitted(FittedState(
+        protos, tensors["class_counts"].to(dev), p_ood, source, index, backend, dev,
+        n_train=state["n_train"], train_accuracy=state["train_accuracy"],
+        shard_sizes=shard_sizes, extractor=state.get("extractor")))
+    return det
+
+
+def read_file(path: Path, *, shard: tuple[int, int] | None = None
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """Read and check one detector file: ``(params, state, tensors)``, nothing built yet.
 
     ``shard=(rank, world)`` when the file is read as that rank's shard of a manifest; a shard
     file on its own is refused (it holds part of the index).
@@ -232,26 +307,26 @@ def load_file(cls: Any, path: Path, *, device: Any,
             names = set(f.keys())
             tensors = {name: f.get_tensor(name) for name in names}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise ValueError(f"{path} is not a readable grood detector file (damaged, truncated "
-                         f"or not safetensors): {exc}") from exc
+        raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
+                                f"or not safetensors): {exc}") from exc
     if meta.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not a grood detector file "
-                         f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
+        raise DetectorFileError(f"{path} is not a grood detector file "
+                                f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
-        raise ValueError(f"{path}: invalid format_version "
-                         f"{meta.get('format_version')!r}") from None
+        raise DetectorFileError(f"{path}: invalid format_version "
+                                f"{meta.get('format_version')!r}") from None
     if version != FILE_FORMAT_VERSION:
-        raise ValueError(f"{path} has detector format version {version}; this grood reads "
-                         f"version {FILE_FORMAT_VERSION}")
+        raise DetectorFileError(f"{path} has detector format version {version}; this grood reads "
+                                f"version {FILE_FORMAT_VERSION}")
     if not names >= set(TENSOR_NAMES) or any(
             n not in TENSOR_NAMES and not n.startswith("index.") for n in names):
-        raise ValueError(f"{path} holds tensors {sorted(names)}, expected "
-                         f"{sorted(TENSOR_NAMES)} and index.*")
+        raise DetectorFileError(f"{path} holds tensors {sorted(names)}, expected "
+                                f"{sorted(TENSOR_NAMES)} and index.*")
     stored = meta.pop("digest", None)
     if stored != digest(tensors, meta):
-        raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+        raise DetectorFileError(f"{path} is corrupt: its checksum does not match its contents")
     params = json.loads(meta["params"])
     state = json.loads(meta["state"])
 
@@ -261,41 +336,52 @@ def load_file(cls: Any, path: Path, *, device: Any,
             or tuple(tensors["class_counts"].shape) != (c,)
             or tuple(tensors["ood_prototype"].shape) != (d,)
             or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
-        raise ValueError(f"{path} is inconsistent: tensor shapes do not match "
-                         f"{c} classes of dimension {d}")
+        raise DetectorFileError(f"{path} is inconsistent: tensor shapes do not match "
+                                f"{c} classes of dimension {d}")
     # Every rank's index size (one entry for a single-process detector); files without it
     # hold a whole index.
     shard_sizes = state.get("shard_sizes")
     if shard_sizes is not None and (
             not isinstance(shard_sizes, list) or not shard_sizes
             or not all(isinstance(v, int) and v >= 0 for v in shard_sizes)):
-        raise ValueError(f"{path} is inconsistent: invalid shard_sizes {shard_sizes!r}")
+        raise DetectorFileError(f"{path} is inconsistent: invalid shard_sizes {shard_sizes!r}")
     n_ranks = len(shard_sizes) if shard_sizes is not None else 1
     record = state.get("shard")
     if shard is None and (n_ranks > 1
                           or (isinstance(record, dict) and record.get("world", 1) > 1)):
-        raise ValueError(f"{path} is one shard of a detector saved by {n_ranks} "
-                         "ranks and holds only part of its index; load the JSON manifest "
-                         "saved beside it")
+        raise DetectorFileError(f"{path} is one shard of a detector saved by {n_ranks} "
+                                "ranks and holds only part of its index; load the JSON manifest "
+                                "saved beside it")
     if shard is not None and record is not None and record != {"rank": shard[0],
                                                                "world": shard[1]}:
-        raise ValueError(f"{path} is not rank {shard[0]}'s shard of a {shard[1]}-rank "
-                         f"detector (it says {record})")
+        raise DetectorFileError(f"{path} is not rank {shard[0]}'s shard of a {shard[1]}-rank "
+                                f"detector (it says {record})")
     if shard is not None and record is None and shard[1] == 1:
         # Files written before shards were marked come from multi-rank saves only.
-        raise ValueError(f"{path} is a single-process detector file, not a shard")
+        raise DetectorFileError(f"{path} is a single-process detector file, not a shard")
     if shard is not None and n_ranks != shard[1]:
-        raise ValueError(f"{path} belongs to a detector of {n_ranks} rank(s), not "
-                         f"{shard[1]} as its manifest says")
-    det = cls._restore(params, state, tensors, device)
-    if shard_sizes is None:
-        shard_sizes = [det.index_.ntotal]
-    own = shard_sizes[shard[0] if shard is not None else 0]
-    if det.index_.dim != d or sum(shard_sizes) < params["k"] or det.index_.ntotal != own:
-        raise ValueError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
-                         f"vectors of dimension {det.index_.dim}"
-                         + (f" where rank {shard[0]}'s shard should hold {own}"
-                            if shard is not None else ""))
-    if shard is not None:
-        det.shard_sizes_ = list(shard_sizes)  # every rank's, as saved
+        raise DetectorFileError(f"{path} belongs to a detector of {n_ranks} rank(s), not "
+                                f"{shard[1]} as its manifest says")
+    if shard_sizes is not None and sum(shard_sizes) < params["k"]:
+        raise DetectorFileError(f"{path} is inconsistent: k={params['k']} but its index "
+                                f"holds {sum(shard_sizes)} vectors in all")
+    return params, state, tensors
+
+
+def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | None = None,
+              distributed: bool = False) -> Any:
+    """Read, check and build one detector file (see :func:`read_file`)."""
+    params, state, tensors = read_file(path, shard=shard)
+    shard_sizes = state.get("shard_sizes")
+    det = restore(cls, params, state, tensors, device,
+                  shard_sizes=shard_sizes if shard is not None else None,
+                  distributed=distributed)
+    sizes = shard_sizes if shard_sizes is not None else [det.index_.ntotal]
+    own = sizes[shard[0] if shard is not None else 0]
+    if det.index_.dim != state["n_features_in"] or sum(sizes) < params["k"] or (
+            det.index_.ntotal != own):
+        raise DetectorFileError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
+                                f"vectors of dimension {det.index_.dim}"
+                                + (f" where rank {shard[0]}'s shard should hold {own}"
+                                   if shard is not None else ""))
     return det

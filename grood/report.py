@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grood.errors import require
 from grood.metrics import roc_curve
 
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-in",
@@ -31,8 +32,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plots",
+                         purpose="plotting ROC curves and score histograms")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

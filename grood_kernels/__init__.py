@@ -2,13 +2,16 @@
 
 One kernel per module, each with its launcher; every kernel has a same-name, same-signature
 pure-PyTorch twin in :mod:`grood.functional`. This package imports ``triton`` only inside the
-kernel modules, so listing what it provides (``KERNELS``) is free. ``grood`` reaches it only
-through :mod:`grood.ops`.
+kernel modules, so listing what it provides (``KERNELS``) is free. ``grood`` reaches the
+kernels only through :mod:`grood.ops`, and shares their constants, result type and tie order
+through the triton-free :mod:`grood_kernels.contract`. This package never imports ``grood``.
 """
+
+from grood_kernels.contract import KERNEL_DTYPES
 
 #: Operations implemented as Triton kernels (each in a module of the same name), with the input
 #: dtypes each kernel accepts. The dispatcher in ``grood.ops`` picks Triton only for these.
 KERNELS: dict[str, tuple[str, ...]] = {
-    "ncp_gradient": ("float16", "bfloat16", "float32"),
-    "knn": ("float16", "bfloat16", "float32"),
+    op: tuple(str(dt).removeprefix("torch.") for dt in KERNEL_DTYPES)
+    for op in ("ncp_gradient", "knn")
 }

@@ -38,6 +38,30 @@ class KernelLaunch(NamedTuple):
     num_stages: int
 
 
+class LaunchConfig(NamedTuple):
+    """How a launcher tiles its GEMM and splits the work (one shape for every kernel).
+
+    Attributes:
+        block_rows (int): rows of the streamed operand per program (features, queries).
+        block_cols (int): columns of the GEMM per inner step (classes, database rows).
+        block_d (int): the K-step (feature dimensions per ``tl.dot``).
+        num_warps (int): warps per program.
+        num_stages (int): software-pipelining depth.
+        n_split (int): programs sharing one row block, each over its own part of the columns
+            (class groups of the gradient step; database splits of the search).
+        group_rows (int): row blocks launched next to each other so they share the column
+            tiles in L2 (the search's query groups; 1 where unused).
+    """
+
+    block_rows: int
+    block_cols: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    n_split: int = 1
+    group_rows: int = 1
+
+
 def run(launch: KernelLaunch) -> None:
     """Launch a described kernel."""
     launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,

@@ -18,11 +18,17 @@ def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd
 
 
 @triton.jit
-def finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-                 grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
-                 offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
-                 stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr):
+def finish_rows(
+    # pointers: inputs, the groups' partial results, outputs
+    h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+    # the row tile; sizes and scalars
+    offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+    # strides
+    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
+):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results."""
     W: tl.constexpr = 2 + N_CAND
     slots = tl.arange(0, N_CAND)

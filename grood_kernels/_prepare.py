@@ -9,12 +9,13 @@ Imports torch only.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+
+from grood_kernels.contract import max_abs
 
 #: The prepared operand is zero-padded to these multiples (rows, columns), which cover every
 #: BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
@@ -29,20 +30,6 @@ class PreparedPrototypes(NamedTuple):
     sq_norms: torch.Tensor  # [C] fp32, ||p_c / scale - p_o / scale||^2
     p_o: torch.Tensor  # [D] fp32, p_o / scale
     scale: float
-
-
-def max_abs(x: torch.Tensor) -> float:
-    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi))
-
-
-def pow2_scale(magnitude: float) -> float:
-    """1 for magnitudes in [2**-20, 2**20], else the power of two nearest ``magnitude`` (the same
-    rule as ``grood.functional.pow2_scale``)."""
-    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
-        return 1.0
-    return 2.0 ** round(math.log2(magnitude))
 
 
 def operand_dtype(precision: str) -> torch.dtype:

@@ -25,34 +25,24 @@ fp32 search in every mode. The same computation in PyTorch is :func:`grood.funct
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, run, sm_count
+from grood_kernels._dot import dot_t
+from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, LaunchConfig, run, sm_count
 from grood_kernels._topk import insert_nearest
+from grood_kernels.contract import (
+    DOT_MODES,
+    KERNEL_DTYPES,
+    RERANK_EXTRA,
+    check_precision,
+    lex_order,
+)
 
-#: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
-DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
-#: Candidates beyond k re-ranked exactly (equal to ``grood.functional.RERANK_EXTRA``).
-RERANK_EXTRA = 4
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Bytes of query tiles a group of programs keeps L2-resident (a quarter of an H100's L2).
 L2_QUERY_BUDGET = 12 << 20
-
-
-class LaunchConfig(NamedTuple):
-    """Tiles, warps, stages, query blocks per group and database splits."""
-
-    block_q: int
-    block_m: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    group_q: int
-    n_split: int
 
 
 def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
@@ -93,7 +83,7 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
             best, best_waste = split, waste
         if waves >= 1 and waste < 0.05:
             break
-    return LaunchConfig(block_q, block_m, block_d, warps, stages, group_q, best)
+    return LaunchConfig(block_q, block_m, block_d, warps, stages, n_split=best, group_rows=group_q)
 
 
 @triton.jit
@@ -139,17 +129,7 @@ def _knn_candidates_kernel(
                         mask=mask_q[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_Q, BLOCK_D]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            if DOT_MODE == 3:
-                dots = tl.dot(q.to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)), dots)
-            elif DOT_MODE == 2:  # (casts are no-ops for fp32 storage)
-                dots = tl.dot(q.to(tl.float32), tl.trans(x.to(tl.float32)), dots,
-                              input_precision="tf32x3")
-            elif DOT_MODE == 1:
-                dots = tl.dot(q.to(tl.float32), tl.trans(x.to(tl.float32)), dots,
-                              input_precision="tf32")
-            else:
-                dots = tl.dot(q.to(tl.float32), tl.trans(x.to(tl.float32)), dots,
-                              input_precision="ieee")
+            dots = dot_t(q, x, dots, DOT_MODE)
         x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=0.0)
         dist = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dots, 0.0)
         dist = tl.where(mask_m[None, :], dist, float("inf"))  # [BLOCK_Q, BLOCK_M]
@@ -171,20 +151,20 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
           cfg: LaunchConfig, rows_per_split: int, count: bool = False) -> KernelLaunch:
     """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
     n_q, d = queries.shape
-    n_qb = triton.cdiv(n_q, cfg.block_q)
+    n_qb = triton.cdiv(n_q, cfg.block_rows)
     return KernelLaunch(
         _knn_candidates_kernel, (n_qb * cfg.n_split,),
         (queries, database, q_sq, x_sq, cand_d, cand_i, counter,
          n_q, database.shape[0], d, rows_per_split, cfg.n_split, n_qb,
          queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
-        {"BLOCK_Q": cfg.block_q, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
-         "GROUP_Q": cfg.group_q, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
+        {"BLOCK_Q": cfg.block_rows, "BLOCK_M": cfg.block_cols, "BLOCK_D": cfg.block_d,
+         "GROUP_Q": cfg.group_rows, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
          "COUNT": count},
         cfg.num_warps, cfg.num_stages)
 
 
 def _rows_per_split(n_db: int, cfg: LaunchConfig) -> tuple[int, int]:
-    rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_m) * cfg.block_m
+    rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_cols) * cfg.block_cols
     return rows, triton.cdiv(n_db, rows)
 
 
@@ -205,13 +185,6 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
     return [_plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
                   meta(n_db), meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32),
                   meta(1, dt=torch.int32), precision, cfg, rows)]
-
-
-def lex_order(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Per-row order by (distance, index); a missing candidate (-1) sorts last."""
-    order = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
-    by_dist = torch.sort(dist.gather(1, order), dim=1, stable=True).indices
-    return order.gather(1, by_dist)
 
 
 def knn(
@@ -244,15 +217,14 @@ def knn(
         tuple[Tensor, Tensor]: squared distances [Q, k] (fp32, ascending; ties by lower index)
         and int64 indices [Q, k]; ``inf`` / ``-1`` where M < k.
     """
-    if precision not in DOT_MODES:
-        raise ValueError(f"precision must be one of {tuple(DOT_MODES)}, got {precision!r}")
+    check_precision(precision)
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"expected queries [Q, D] and database [M, D], got "
                          f"{tuple(queries.shape)} and {tuple(database.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     for name, t in (("queries", queries), ("database", database)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton knn takes float32, float16 or bfloat16; {name} is "
                             f"{t.dtype}")
     if database.device != queries.device:

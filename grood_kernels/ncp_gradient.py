@@ -28,60 +28,40 @@ exists. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, run, sm_count
+from grood_kernels._dot import dot_t
+from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, LaunchConfig, run, sm_count
 from grood_kernels._ncp_finish import finish_rows, load_u
 from grood_kernels._prepare import (
     PAD_COLS,
     PAD_ROWS,
     PreparedPrototypes,
-    max_abs,
     operand_dtype,
-    pow2_scale,
     prepare_prototypes,
     prototype_magnitude,
 )
 from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
+from grood_kernels.contract import (
+    DOT_MODES,
+    KERNEL_DTYPES,
+    NCP_CANDIDATES,
+    NCPGradient,
+    check_precision,
+    max_abs,
+    pow2_scale,
+)
 
-#: ``precision`` name -> the kernel's DOT_MODE (the same names as ``grood.functional``).
-DOT_MODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
-#: Nearest prototypes per row re-ranked exactly (equal to ``grood.functional``'s; a test
-#: holds them together, since this package does not import ``grood``).
-NCP_CANDIDATES = 4
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Bytes of feature tiles the programs resident at one time may keep re-reading from L2
 #: (half of an H100's 50 MB L2, which is two partitions).
 L2_BUDGET = 24 << 20
 
 
-class NCPGradient(NamedTuple):
-    """The kernel's results; the same fields as ``grood.functional.NCPGradient``."""
-
-    grad: torch.Tensor  # [N, D] fp32
-    q_ood: torch.Tensor  # [N] fp32
-    pred: torch.Tensor  # [N] int64
-    min_dist: torch.Tensor  # [N] fp32
-    lse: torch.Tensor  # [N] fp32
-
-
-class LaunchConfig(NamedTuple):
-    """Tiles, warps, stages, and the number of class groups sharing a row tile."""
-
-    block_n: int
-    block_c: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    n_groups: int
-
-
-def block_sizes(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
+def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
                 n_sm: int | None = None) -> LaunchConfig:
     """One known-good launch configuration for this shape.
 
@@ -110,7 +90,7 @@ def _fit_config(tiles: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     return LaunchConfig(block_n, block_c, block_d, warps, stages,
-                        n_groups(n, c, d, block_n, block_c, h_bytes, resident))
+                        n_split=n_groups(n, c, d, block_n, block_c, h_bytes, resident))
 
 
 def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
@@ -149,10 +129,17 @@ def _split_tf32(x):
 
 
 @triton.jit
-def _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
-                      stride_hn, stride_hd, stride_oc,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr):
+def _class_block_dots(
+    # pointers: features, the prepared operand, the OOD prototype
+    h_ptr, op_ptr, pood_ptr,
+    # the row tile, the class block; sizes and scalars
+    offs_n, mask_n, c0, D, inv_scale,
+    # strides
+    stride_hn, stride_hd, stride_oc,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr,
+):
     """``u . P_c`` for one class block [BLOCK_N, BLOCK_C] (and ``||u||^2`` when WITH_SQ).
 
     The prepared operand is padded to whole tiles, so its loads need no mask and go to
@@ -169,9 +156,7 @@ def _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
         if WITH_SQ:
             u_sq += tl.sum(u * u, axis=1)
         p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :])  # [BLOCK_C, BLOCK_D]
-        if DOT_MODE == 3:
-            dots = tl.dot(u.to(tl.bfloat16), tl.trans(p), dots)
-        elif DOT_MODE == 2:
+        if DOT_MODE == 2:
             # Split precision as one tf32 GEMM over 4 x BLOCK_D: per feature, (u_hi, u_hi,
             # u_lo, u_lo) (join appends the new axis last) against the prepared
             # (P_hi, P_lo, P_hi, P_lo). One dot keeps the MMA
@@ -181,11 +166,9 @@ def _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
             a = tl.reshape(tl.join(pair, pair), [BLOCK_N, 4 * BLOCK_D])
             p4 = tl.load(op_ptr + offs_c[:, None] * stride_oc + 4 * d0
                          + tl.arange(0, 4 * BLOCK_D)[None, :])
-            dots = tl.dot(a, tl.trans(p4), dots, input_precision="tf32")
-        elif DOT_MODE == 1:
-            dots = tl.dot(u, tl.trans(p), dots, input_precision="tf32")
+            dots = dot_t(a, p4, dots, 1)
         else:
-            dots = tl.dot(u, tl.trans(p), dots, input_precision="ieee")
+            dots = dot_t(u, p, dots, DOT_MODE)
     return dots, u_sq
 
 
@@ -272,25 +255,25 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
     part_f, part_i, counters = scratch
     n, d = h.shape
     c = prototypes.shape[0]
-    per_group = triton.cdiv(triton.cdiv(c, cfg.block_c), cfg.n_groups)
+    per_group = triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
     return KernelLaunch(
-        _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_n) * cfg.n_groups,),
+        _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
         (h, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
          grad, q_ood, pred, min_dist, lse,
-         n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_groups, per_group,
+         n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, per_group,
          h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
          prototypes.stride(1), grad.stride(0), grad.stride(1)),
-        {"BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_c, "BLOCK_D": cfg.block_d,
+        {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
         cfg.num_warps, cfg.num_stages)
 
 
 def _scratch(n: int, cfg: LaunchConfig, device):
     """Partial results per (class group, row) and one arrival counter per row block."""
-    return (torch.empty((cfg.n_groups, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
+    return (torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
                         device=device),
-            torch.empty((cfg.n_groups, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-            torch.zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device))
+            torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
+            torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device))
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -302,7 +285,7 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
 
     outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
     size = torch.empty((), dtype=dtype).element_size()
-    cfgs = [block_sizes(n, c, d, precision, h_bytes=size)]
+    cfgs = [launch_config(n, c, d, precision, h_bytes=size)]
     if configs == "all":
         tiles = {cfg[:5] for cfg in cfgs}
         cfgs += [cfg for cfg in (_tuned_config(t, n, c, d, size, precision)
@@ -347,8 +330,7 @@ def ncp_gradient(
     same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
     per class group 24 bytes of partial results per row.
     """
-    if precision not in DOT_MODES:
-        raise ValueError(f"precision must be one of {tuple(DOT_MODES)}, got {precision!r}")
+    check_precision(precision)
     if h.ndim != 2 or prototypes.ndim != 2 or ood_prototype.ndim != 1:
         raise ValueError("expected h [N, D], prototypes [C, D] and ood_prototype [D], got "
                          f"{tuple(h.shape)}, {tuple(prototypes.shape)}, "
@@ -361,7 +343,7 @@ def ncp_gradient(
     if c == 0:
         raise ValueError("prototypes is empty: need at least one class")
     for name, t in (("h", h), ("prototypes", prototypes), ("ood_prototype", ood_prototype)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton ncp_gradient takes float32, float16 or bfloat16; "
                             f"{name} is {t.dtype}")
         if t.device != h.device:
@@ -399,5 +381,5 @@ def ncp_gradient(
                  for t in tune_configs(precision)]
         launch(tune(launch, key, n, c, cands, dev))
     else:
-        launch(block_sizes(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
+        launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

@@ -1,4 +1,5 @@
-"""Independent float64 implementations of DESIGN.md §1, written as plain loops.
+"""Independent float64 implementations of GROOD's math (arXiv 2312.14427; the README's
+"What it computes"), written as plain loops.
 
 Nothing here shares code with grood: these are the definitions the library is held to.
 """

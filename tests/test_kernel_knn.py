@@ -10,6 +10,7 @@ from reference import knn_naive
 pytest.importorskip("triton")
 
 from grood import GROOD, functional
+from grood_kernels import contract
 from grood_kernels import knn as kernel_module
 from grood_kernels.knn import knn
 
@@ -97,8 +98,8 @@ def test_launcher_checks():
         knn(queries.double(), db.double())
     with pytest.raises(ValueError, match="database_sq_norms must have shape"):
         knn(queries, db, database_sq_norms=torch.ones(2, device=DEVICE))
-    assert kernel_module.RERANK_EXTRA == functional.RERANK_EXTRA
-    assert tuple(kernel_module.DOT_MODES) == functional.PRECISIONS
+    assert kernel_module.RERANK_EXTRA is contract.RERANK_EXTRA is functional.RERANK_EXTRA
+    assert kernel_module.lex_order is contract.lex_order
 
 
 def test_recall_on_real_grood_gradients():
@@ -139,8 +140,8 @@ def _small_tiles(monkeypatch, group_q=2):
 
     def small(n_q, n_db, d, precision, **kw):
         cfg = real(n_q, n_db, d, precision, **kw)
-        return cfg._replace(block_q=16, block_m=16, block_d=16, num_warps=4, group_q=group_q,
-                            n_split=max(1, min(7, n_db // 64)))
+        return cfg._replace(block_rows=16, block_cols=16, block_d=16, num_warps=4,
+                            group_rows=group_q, n_split=max(1, min(7, n_db // 64)))
 
     monkeypatch.setattr(kernel_module, "launch_config", small)
 

@@ -15,6 +15,7 @@ from reference import ncp_naive, prototypes_naive
 pytest.importorskip("triton")
 
 from grood import GROOD, functional
+from grood_kernels import contract
 from grood_kernels import ncp_gradient as kernel_module
 from grood_kernels.ncp_gradient import ncp_gradient
 
@@ -190,12 +191,17 @@ def test_detector_on_the_triton_backend_matches_torch():
     assert torch.equal(tri.predict(test), ref.predict(test))
 
 
-def test_contract_constants_agree_with_the_torch_twin():
-    assert kernel_module.NCP_CANDIDATES == functional.NCP_CANDIDATES
-    for m in (0.0, 1e-30, 2.0**-21, 1e-6, 1.0, 2.0**20, 3e7, 1e30, float("inf")):
-        assert kernel_module.pow2_scale(m) == functional.pow2_scale(m)
-    assert tuple(kernel_module.DOT_MODES) == functional.PRECISIONS
-    assert kernel_module.NCPGradient._fields == functional.NCPGradient._fields
+def test_kernel_and_twin_share_the_contract():
+    # One definition each, imported by both sides (grood_kernels.contract).
+    for name in ("NCP_CANDIDATES", "DOT_MODES", "NCPGradient", "pow2_scale", "max_abs"):
+        assert getattr(kernel_module, name) is getattr(contract, name)
+    for name in ("NCP_CANDIDATES", "PRECISIONS", "NCPGradient", "pow2_scale", "lex_sort"):
+        assert getattr(functional, name) is getattr(contract, name)
+    assert tuple(contract.DOT_MODES) == contract.PRECISIONS
+    # The scaling rule: 1 inside [2**-20, 2**20] (and for 0 / inf), else the nearest power of 2.
+    for m, want in ((0.0, 1.0), (1e-30, 2.0**-100), (2.0**-21, 2.0**-21), (1e-6, 1.0),
+                    (1.0, 1.0), (2.0**20, 1.0), (3e7, 2.0**25), (float("inf"), 1.0)):
+        assert contract.pow2_scale(m) == want
 
 
 def test_kernels_package_does_not_import_grood():
@@ -215,7 +221,7 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
     def small(n, c, d, precision, **kw):
         return kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3)
 
-    monkeypatch.setattr(kernel_module, "block_sizes", small)
+    monkeypatch.setattr(kernel_module, "launch_config", small)
     h, protos, p_ood = _problem(37, 75, 21)  # 5 class blocks: groups of 2, 2 and 1
     res = ncp_gradient(h, protos, p_ood)
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())

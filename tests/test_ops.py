@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from reference import knn_naive, ncp_naive
 
 import grood_kernels
 from grood import ops
@@ -64,12 +65,25 @@ def test_unknown_backend_and_operation():
         ops.resolve_backend("auto", "softmax", "cpu")
 
 
-def test_ops_functions_run_the_torch_twins():
-    q = torch.rand(5, 3)
-    _dist, idx = ops.knn(q, q, 1, backend="torch")
-    assert idx.flatten().tolist() == [0, 1, 2, 3, 4]
-    res = ops.ncp_gradient(q, q[:2], q.mean(0), backend="auto")
-    assert res.grad.shape == (5, 3)
+def test_ops_functions_match_the_float64_definitions():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.rand(37, 9, generator=gen)
+    protos = torch.rand(5, 9, generator=gen)
+    p_ood = protos.mean(0)
+    res = ops.ncp_gradient(h, protos, p_ood, backend="auto")
+    assert isinstance(res, ops.functional.NCPGradient)
+    grad, q, pred, min_dist, lse = ncp_naive(h, protos, p_ood)
+    torch.testing.assert_close(res.grad.double(), grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.q_ood.double(), q, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(res.min_dist.double(), min_dist, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.lse.double(), lse, rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.pred, pred)
+
+    db = torch.rand(41, 9, generator=gen)
+    dist, idx = ops.knn(h, db, 3, backend="torch")
+    ref_d, ref_i = knn_naive(h, db, 3)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-6)
+    assert torch.equal(idx, ref_i)
 
 
 def test_grood_imports_and_scores_without_triton_or_faiss():

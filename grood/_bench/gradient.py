@@ -1,4 +1,4 @@
-"""``grood bench`` / ``bench/gpu_report.py``: check the gradient step on the device, then time it.
+"""The gradient-step part of ``grood bench``: check it on the device, then time it.
 
 Order of work: (1) correctness of the Triton kernel against the float64 torch twin on
 realistic features (non-negative, clustered like a ResNet's post-ReLU penultimate layer), in
@@ -12,53 +12,24 @@ timed call, and every number comes from the same run on the same device.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from datetime import date
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from grood import __version__, functional, ood_metrics
+from grood import functional, ood_metrics, ops
+from grood._bench.common import (
+    PRECISIONS,
+    device_peaks,
+    median_time,
+    peak_extra_mib,
+    realistic_features,
+)
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
-# Dense peak TFLOP/s of the math each precision uses (NVIDIA datasheets, SXM parts):
-# ieee = fp32 FMA, tf32/tf32x3 = TF32 tensor cores, bf16 = BF16 tensor cores.
-PEAKS = {
-    "H100": {"ieee": 67.0, "tf32": 494.7, "tf32x3": 494.7, "bf16": 989.4},
-    "H200": {"ieee": 67.0, "tf32": 494.7, "tf32x3": 494.7, "bf16": 989.4},
-    "A100": {"ieee": 19.5, "tf32": 156.0, "tf32x3": 156.0, "bf16": 312.0},
-}
+#: (name, N, C, D) of the timing table.
 FULL_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
                ("ImageNet-1k", 65536, 1000, 2048), ("large-C", 65536, 21841, 1024)]
 TINY_SHAPES = [("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)]
-
-
-def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: str,
-                       novel: bool = False) -> tuple[Tensor, Tensor]:
-    """Non-negative clustered features like post-ReLU penultimate activations, with labels.
-
-    Class centres are sparse non-negative vectors (a ReLU of Gaussians, about half zero), the
-    same for every ``seed``; samples are ReLU(centre + noise) drawn with ``seed``, so
-    coordinates are often exactly zero and norms are large next to the distances between
-    classes. ``novel=True`` gives near-OOD classes whose centres lie midway between two known
-    classes.
-    """
-    centre_gen = torch.Generator().manual_seed(3)
-    centres = torch.relu(torch.randn(n_classes, dim, generator=centre_gen)) * 2.0
-    if novel:  # near-OOD: each new class sits midway between two known classes
-        pairs = torch.randint(0, n_classes, (n_classes, 2), generator=centre_gen)
-        centres = 0.5 * (centres[pairs[:, 0]] + centres[pairs[:, 1]])
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, n_classes, (n,), generator=gen)
-    noise = torch.randn(n, dim, generator=gen)
-    x = torch.relu(centres[labels] + noise)
-    return x.to(device), labels.to(device)
 
 
 def torch_closed_form(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str):
@@ -67,13 +38,8 @@ def torch_closed_form(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str):
     a, b = h.to(dt), protos.to(dt)
     if precision == "bf16":
         a, b = a.bfloat16(), b.bfloat16()
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_tf32
-    flags.allow_tf32 = precision == "tf32"
-    try:
+    with functional.matmul_precision(precision, h.device):
         dots = (a @ b.T).to(dt)
-    finally:
-        flags.allow_tf32 = saved
     d2 = (h * h).sum(1, keepdim=True) + (protos * protos).sum(1)[None] - 2 * dots
     dist = d2.clamp_min(0).sqrt()
     diff = h - p_ood
@@ -95,46 +61,6 @@ def autograd_reference(h: Tensor, protos: Tensor, p_ood: Tensor) -> Tensor:
         loss = -torch.log_softmax(s, 0)[int(s[:-1].argmax())]
         out.append(torch.autograd.grad(loss, p_o)[0])
     return torch.stack(out)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], object], device: str, repeat: int) -> float:
-    fn()  # compile / warm up
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
-    """Peak device memory during ``fn`` beyond what was allocated before, minus its outputs."""
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    kept = torch.cuda.memory_allocated() - before  # the outputs
-    del out
-    return (peak - before - kept) / 2**20
-
-
-def device_peaks(device: str) -> dict[str, float] | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAKS.items() if k in name), None)
 
 
 def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
@@ -166,7 +92,7 @@ def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
                                             ref)
             lines.append(f"| torch closed form | {precision} | {g_err:.2e} | {q_err:.2e} | "
                          f"{100 * changed:.3f} % | n/a | n/a |")
-        res = _op(backend)(id_x, protos, p_ood, precision=precision)
+        res = ops.get_op("ncp_gradient", backend)(id_x, protos, p_ood, precision=precision)
         g_err, q_err, changed = _errors(res.grad, res.q_ood, res.pred, ref)
         det = GROOD(backend=backend, precision=precision, device=device).fit(x, y)
         auroc = ood_metrics(det.score_samples(id_x).cpu(), det.score_samples(ood_x).cpu())[
@@ -214,7 +140,7 @@ def hard_softmax_table(device: str, backends: list[str], tiny: bool) -> list[str
         for backend in backends:
             if backend == "triton" and precision == "bf16" and device != "cuda":
                 continue  # the interpreter's bf16 dot is not the hardware's
-            res = _op(backend)(h, protos, p_ood, precision=precision)
+            res = ops.get_op("ncp_gradient", backend)(h, protos, p_ood, precision=precision)
             errs = _errors(res.grad, res.q_ood, res.pred, ref)
             lines.append(f"| {backend} | {precision} | {errs[0]:.2e} | {errs[1]:.2e} | "
                          f"{100 * errs[2]:.3f} % |")
@@ -227,14 +153,6 @@ def _errors(grad: Tensor, q: Tensor, pred: Tensor, ref) -> tuple[float, float, f
                    / ref.grad.norm(dim=1).clamp_min(1e-30)).max())
     q_err = float(((q.double() - ref.q_ood).abs() / ref.q_ood).max())
     return g_err, q_err, float((pred != ref.pred).double().mean())
-
-
-def _op(backend: str):
-    if backend == "triton":
-        from grood_kernels.ncp_gradient import ncp_gradient
-
-        return ncp_gradient
-    return functional.ncp_gradient
 
 
 def timing_table(device: str, backends: list[str], shapes, repeat: int) -> list[str]:
@@ -263,7 +181,8 @@ def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[s
         for backend in backends:
             if backend == "triton" and precision == "bf16" and device != "cuda":
                 continue  # the interpreter's bf16 dot is not the hardware's
-            call = partial(_op(backend), h, protos, p_ood, precision=precision)
+            op = ops.get_op("ncp_gradient", backend)
+            call = partial(op, h, protos, p_ood, precision=precision)
             t = median_time(call, device, repeat)
             mem = peak_extra_mib(call, device)
             peak = f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks else "n/a"
@@ -272,77 +191,3 @@ def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[s
                 f"{n / t:,.0f} | {flops / t / 1e12:.2f} | {peak} | {t_ref / t:.2f}x | "
                 f"{(n / t) / auto_rate:,.0f}x | {mem:.1f} |")
     return lines
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The report's options (shared by ``grood bench`` and ``bench/gpu_report.py``)."""
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny shapes, to check the script itself (e.g. on the CPU)")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="timed runs per entry; the median is reported (default: 5)")
-    parser.add_argument("--device", default=None,
-                        help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--skip-accuracy", action="store_true",
-                        help="only the timing tables")
-    parser.add_argument("--only", choices=["gradient", "search"], default=None,
-                        help="run one part: the gradient step or the nearest-neighbour search")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the report (Markdown) for parsed ``args``."""
-    from grood import ops
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    triton_ok = ops.triton_unavailable_reason("ncp_gradient", torch.device(device)) is None
-    backends = ["triton", "torch"] if triton_ok else ["torch"]
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends
-    print(f"grood {__version__} | torch {torch.__version__} | triton {triton_version} | "
-          f"{dev_name} | python {platform.python_version()} | {date.today().isoformat()}"
-          + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
-             else ""))
-    print()
-    if args.only != "search":
-        print("## Gradient step\n")
-        if not args.skip_accuracy:
-            for backend in backends:
-                print("\n".join(accuracy_table(device, backend, args.tiny)))
-                print()
-            print("\n".join(hard_softmax_table(device, backends, args.tiny)))
-            print()
-        shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
-        print("\n".join(timing_table(device, backends, shapes, args.repeat)))
-        print("\nTFLOP/s counts the distance GEMM only (2·N·C·D). 'vs torch closed form': the "
-              "plain torch closed form (full [N, C] distances) in the same precision, same "
-              "device, same run. 'vs autograd loop': one autograd call per sample, timed on up "
-              "to 64 samples. Peak extra memory: device memory beyond inputs and outputs during "
-              "one call.\n")
-    if args.only != "gradient":
-        from grood.bench_search import search_accuracy_table, search_timing_table
-
-        print("## Nearest-neighbour search\n")
-        if not args.skip_accuracy:
-            print("\n".join(search_accuracy_table(device, backends, args.tiny)))
-            print()
-        print("\n".join(search_timing_table(device, backends, args.tiny, args.repeat)))
-        print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
-              "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
-              "run. recall@1 is measured on the first 100 queries against float64 brute force.")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``bench/gpu_report.py``."""
-    parser = argparse.ArgumentParser(prog="gpu_report.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,8 +14,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from grood import functional
-from grood.bench import (
+from grood import functional, ops
+from grood._bench.common import (
     PRECISIONS,
     device_peaks,
     median_time,
@@ -28,14 +28,6 @@ FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50
 TINY_SEARCH_SHAPES = [("tiny", 40, 700, 24)]
 
 
-def _knn_op(backend: str):
-    if backend == "triton":
-        from grood_kernels.knn import knn
-
-        return knn
-    return functional.knn
-
-
 def torch_gemm_min(queries: Tensor, database: Tensor, precision: str,
                    chunk: int = 65536) -> tuple[Tensor, Tensor]:
     """The plain baseline: chunked GEMM over the database and a running minimum."""
@@ -43,10 +35,7 @@ def torch_gemm_min(queries: Tensor, database: Tensor, precision: str,
     q_sq = (queries.float() ** 2).sum(1)
     best_d = torch.full((queries.shape[0],), float("inf"), device=queries.device)
     best_i = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_tf32
-    flags.allow_tf32 = precision == "tf32"
-    try:
+    with functional.matmul_precision(precision, queries.device):
         for m0 in range(0, database.shape[0], chunk):
             x = database[m0:m0 + chunk]
             x = x.bfloat16() if precision == "bf16" else x
@@ -55,8 +44,6 @@ def torch_gemm_min(queries: Tensor, database: Tensor, precision: str,
             better = v < best_d
             best_d = torch.where(better, v, best_d)
             best_i = torch.where(better, i + m0, best_i)
-    finally:
-        flags.allow_tf32 = saved
     return best_d, best_i
 
 
@@ -89,7 +76,7 @@ def search_accuracy_table(device: str, backends: list[str], tiny: bool) -> list[
             for storage in (torch.float32, torch.bfloat16):
                 if storage == torch.bfloat16 and precision != "bf16":
                     continue
-                dist, idx = _knn_op(backend)(queries.to(storage), db.to(storage), 1,
+                dist, idx = ops.get_op("knn", backend)(queries.to(storage), db.to(storage), 1,
                                              precision=precision)
                 recall = float((idx[:, 0] == ref_i[:, 0]).double().mean())
                 err = float(((dist[:, 0].double() - ref_d[:, 0]).abs()
@@ -173,12 +160,11 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
                         continue
                     # bf16 storage: candidates from the bf16 rows, re-ranked on the fp32 ones.
                     extra = {} if storage == torch.float32 else {"rerank_database": db}
-                    call = partial(_knn_op(backend), queries, data, 1, precision=precision,
-                                   **extra)
+                    op = ops.get_op("knn", backend)
+                    call = partial(op, queries, data, 1, precision=precision, **extra)
                     t = median_time(call, device, repeat)
                     mem = peak_extra_mib(call, device)
-                    _, idx = _knn_op(backend)(queries[:n_check], data, 1, precision=precision,
-                                              **extra)
+                    _, idx = op(queries[:n_check], data, 1, precision=precision, **extra)
                     recall = float((idx[:, 0] == ref_i).double().mean())
                     recall32 = float((idx[:, 0] == ref32_i).double().mean())
                     peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks

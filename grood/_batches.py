@@ -1,0 +1,54 @@
+"""Training data given as batches: iterate a re-iterable or a factory, peek, check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor
+
+from grood._checks import as_tensor, check_finite_rows, check_labels, check_matrix
+
+
+def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """``(features, labels, logits or None)`` tensors from a re-iterable or a factory."""
+    source = batches() if callable(batches) else batches
+    empty = True
+    for i, batch in enumerate(source):
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise TypeError(f"batch {i} must be (features, labels) or (features, labels, "
+                            f"logits), got {type(batch).__name__}")
+        x, _ = as_tensor(batch[0], "features")
+        y = None if batch[1] is None else as_tensor(batch[1], "labels")[0]
+        lg = as_tensor(batch[2], "logits")[0] if len(batch) == 3 and batch[2] is not None \
+            else None
+        empty = False
+        yield x, y, lg
+    if empty:
+        raise ValueError(f"batches yielded nothing in the {desc}; pass a list, a DataLoader "
+                         "or a function returning a new iterator (a generator is used up "
+                         "after one pass)")
+
+
+def peek_batch(batches: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The first batch, checked, without consuming a re-iterable."""
+    it = iter_batches(batches, "first pass")
+    first = next(it)
+    it.close()
+    check_matrix(first[0], "features")
+    return first
+
+
+def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_classes: int,
+                 offset: int) -> None:
+    """Validate one streamed training batch; row numbers are counted from the first batch."""
+    check_matrix(xb, "features", n_cols=d)
+    check_finite_rows(xb, "features", row_offset=offset)
+    if yb is None:
+        raise ValueError("the training batches carry no labels")
+    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes)
+    if lb is not None:
+        if lb.shape != (xb.shape[0], n_classes):
+            raise ValueError(f"logits of shape {tuple(lb.shape)} do not match "
+                             f"{xb.shape[0]} rows and {n_classes} classes")
+        check_finite_rows(lb, "logits", row_offset=offset)

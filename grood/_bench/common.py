@@ -1,0 +1,84 @@
+"""What every part of ``grood bench`` shares: test features, timing, memory and peaks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+# Dense peak TFLOP/s of the math each precision uses (NVIDIA datasheets, SXM parts):
+# ieee = fp32 FMA, tf32/tf32x3 = TF32 tensor cores, bf16 = BF16 tensor cores.
+PEAKS = {
+    "H100": {"ieee": 67.0, "tf32": 494.7, "tf32x3": 494.7, "bf16": 989.4},
+    "H200": {"ieee": 67.0, "tf32": 494.7, "tf32x3": 494.7, "bf16": 989.4},
+    "A100": {"ieee": 19.5, "tf32": 156.0, "tf32x3": 156.0, "bf16": 312.0},
+}
+
+
+def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: str,
+                       novel: bool = False) -> tuple[Tensor, Tensor]:
+    """Non-negative clustered features like post-ReLU penultimate activations, with labels.
+
+    Class centres are sparse non-negative vectors (a ReLU of Gaussians, about half zero), the
+    same for every ``seed``; samples are ReLU(centre + noise) drawn with ``seed``, so
+    coordinates are often exactly zero and norms are large next to the distances between
+    classes. ``novel=True`` gives near-OOD classes whose centres lie midway between two known
+    classes.
+    """
+    centre_gen = torch.Generator().manual_seed(3)
+    centres = torch.relu(torch.randn(n_classes, dim, generator=centre_gen)) * 2.0
+    if novel:  # near-OOD: each new class sits midway between two known classes
+        pairs = torch.randint(0, n_classes, (n_classes, 2), generator=centre_gen)
+        centres = 0.5 * (centres[pairs[:, 0]] + centres[pairs[:, 1]])
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=gen)
+    noise = torch.randn(n, dim, generator=gen)
+    x = torch.relu(centres[labels] + noise)
+    return x.to(device), labels.to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, repeat: int) -> float:
+    """Median seconds of ``repeat`` synchronised calls of ``fn``, after one warm-up call."""
+    fn()  # compile / warm up
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak device memory during ``fn`` beyond what was allocated before, minus its outputs."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    kept = torch.cuda.memory_allocated() - before  # the outputs
+    del out
+    return (peak - before - kept) / 2**20
+
+
+def device_peaks(device: str) -> dict[str, float] | None:
+    """Peak TFLOP/s per precision of the current CUDA device, if it is in ``PEAKS``."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAKS.items() if k in name), None)

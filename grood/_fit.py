@@ -1,0 +1,139 @@
+"""The fit itself: class prototypes, the OOD prototype and the gradient index from two passes.
+
+:class:`grood.detector.GROOD` turns its inputs (arrays, batches, a model) into passes over the
+training set and sets the :class:`FittedState` this returns; detector files
+(:mod:`grood.persistence`) build the same state from what they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grood import distributed as dist
+from grood import ops
+from grood._batches import check_batch
+from grood._checks import as_tensor, check_class_count, check_labels, check_matrix
+from grood._gradients import GradientStep, far_rows_in_float64
+from grood.functional import PrototypeState, class_prototypes
+from grood.index import GradientIndex, make_index
+from grood.prototypes import OODPrototypeSource, PrototypeContext
+
+
+@dataclass
+class FittedState:
+    """Everything a fit learns (or a detector file holds), set on a detector in one step."""
+
+    class_prototypes: Tensor  # [C, D]
+    class_counts: Tensor  # [C]
+    ood_prototype: Tensor  # [D]
+    source: OODPrototypeSource
+    index: GradientIndex
+    backend: dict[str, str]
+    device: torch.device
+    n_train: int
+    train_accuracy: float
+    shard_sizes: list[int] | None = None  # every rank's index size; None: [index.ntotal]
+    extractor: dict[str, Any] | None = None  # fit_model's feature settings
+
+
+def training_arrays(features: Any, labels: Any, logits: Any
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``fit``'s arrays as checked tensor views: features [N, D], labels [N] (in range of the
+    logits' width when given), logits [N, C] or None."""
+    x, _ = as_tensor(features, "features")
+    check_matrix(x, "features")
+    y, _ = as_tensor(labels, "labels")
+    lg = None
+    if logits is not None:
+        lg, _ = as_tensor(logits, "logits")
+        check_matrix(lg, "logits")
+        if lg.shape[0] != x.shape[0]:
+            raise ValueError(f"logits has {lg.shape[0]} rows but features have {x.shape[0]}")
+    check_labels(y, "labels", x.shape[0], n_classes=None if lg is None else lg.shape[1])
+    return x, y, lg
+
+
+def class_count(n_classes: int, n_rows: int, distributed: bool) -> int:
+    """The class count from the labels (every rank's largest, when distributed), checked to
+    leave no class without samples."""
+    if distributed:  # every rank needs the same class count
+        n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
+        n_rows = int(dist.all_reduce(torch.tensor([n_rows])))
+    check_class_count(n_classes - 1, n_rows)
+    return n_classes
+
+
+def check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str) -> None:
+    """Every input the source ``needs`` is given, and nothing it does not use."""
+    missing = [name for name in source.needs if name not in inputs]
+    if missing:
+        raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in "
+                         f"{where}")
+    unused = [name for name in inputs if name not in source.needs]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} given to {where} but ood_prototype="
+                         f"{source.name!r} does not use it")
+
+
+
+def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], passes, *,
+               n_classes: int | None, d: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[FittedState, GradientStep]:
+    """What ``det`` learns from two streamed passes over the training set.
+
+    ``det`` gives the parameters (backend, precision, index, k, batch size, distributed).
+
+    ``passes(desc)`` yields ``(features [B, D], labels [B], logits [B, C] or None)``
+    batches on ``device``; it is called twice: class prototypes, then the gradient index.
+    Without ``n_classes`` it is the width of the first batch's logits.
+    """
+    backend = ops.resolve_backends(det.backend, device, dtype)
+    state, n = None, 0
+    for xb, yb, lb in passes("grood fit: class prototypes"):
+        if n_classes is None:
+            if lb is None:
+                raise ValueError("the number of classes is unknown: the model gave no "
+                                 "logits")
+            n_classes = lb.shape[1]
+        check_batch(xb, yb, lb, d, n_classes, n)
+        state = class_prototypes(xb, yb, n_classes, state=state)
+        n += xb.shape[0]
+    if state is None:
+        raise ValueError("the training data is empty")
+    reduce = dist.all_reduce if det.distributed else (lambda t: t)
+    if det.distributed:
+        state = PrototypeState(reduce(state.sums), reduce(state.counts))
+        n = int(reduce(torch.tensor([n])))
+    protos = state.prototypes(dtype)
+    p_ood = source.build(PrototypeContext(protos, inputs, det.batch_size, reduce))
+    if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
+        raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
+                         f"shape [{d}]")
+    p_ood = p_ood.to(device=device, dtype=dtype)
+    grads = GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
+
+    index = make_index(det.index, d, dtype=dtype, device=device, backend=backend["knn"],
+                       precision=det.precision, options=det.index_options)
+    index.reserve(n)
+    offset = 0
+    for xb, yb, lb in passes("grood fit: gradient index"):
+        res = far_rows_in_float64(grads(xb), xb, grads, offset)
+        offset += xb.shape[0]
+        guess = res.pred if lb is None else lb.argmax(dim=1)
+        index.add(res.grad[yb == guess])
+    shard_sizes = dist.shard_sizes(index.ntotal) if det.distributed else [index.ntotal]
+    total = sum(shard_sizes)
+    if total == 0:
+        raise ValueError("no training sample is classified correctly, so the gradient index "
+                         "would be empty; check that labels match the features/logits")
+    if det.k > total:
+        raise ValueError(f"k={det.k} but only {total} training samples are "
+                         "classified correctly and indexed")
+    if index.ntotal:
+        index.trim()
+    return FittedState(protos, state.counts, p_ood, source, index, backend, device,
+                       n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes), grads

@@ -1,0 +1,78 @@
+"""The gradient step of a fitted detector: ``g(h)`` of feature batches, on one backend.
+
+Holds what is computed once per fit, and recomputes in float64 the rows whose distances are too
+large for the float32 softmax to resolve (such rows are far out of distribution, not errors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grood import functional, ops
+from grood.functional import NCPGradient
+
+
+class GradientStep:
+    """The NCP gradient of feature batches against fixed prototypes, on one backend.
+
+    Holds what is computed once per fit: the squared norms of the prototypes relative to the
+    OOD prototype, and the implementation chosen by :mod:`grood.ops`.
+    """
+
+    def __init__(self, protos: Tensor, p_ood: Tensor, backend: str, precision: str) -> None:
+        self.protos, self.p_ood, self.precision = protos, p_ood, precision
+        centred = protos.to(torch.float64) - p_ood.to(torch.float64)
+        self.sq_norms = (centred * centred).sum(1).to(protos.dtype)  # [C]
+        self.fn = ops.get_op("ncp_gradient", backend)
+
+    def __call__(self, h: Tensor) -> NCPGradient:
+        if h.dtype == torch.float64 and self.protos.dtype != torch.float64:
+            # float64 features are computed in float64 (the kernels take no float64).
+            return functional.ncp_gradient(h, self.protos, self.p_ood)
+        return self.fn(h, self.protos, self.p_ood, precision=self.precision,
+                       prototype_sq_norms=self.sq_norms)
+
+
+# Largest feature-to-prototype distance the float32 softmax resolves: at 2**16 a float32
+# distance is accurate to 2**-8, so exp(-distance) terms carry errors under 0.4 %.
+FLOAT32_DISTANCE_LIMIT = 2.0**16
+
+
+# float64 resolves the softmax of distances up to 2**44 (the same relative resolution).
+FLOAT64_DISTANCE_LIMIT = 2.0**44
+
+
+def far_rows_in_float64(res: NCPGradient, xb: Tensor, step: GradientStep,
+                         offset: int) -> NCPGradient:
+    """Recompute in float64 the rows float32 cannot resolve; refuse only beyond float64.
+
+    Finite features can give non-finite or meaningless softmax terms in float32 when the
+    distances are huge: the softmax of negative distances is not scale-invariant, and float32
+    cannot resolve distance differences below its resolution at that magnitude. Such a row is
+    far out of distribution, not an error: it alone is redone in float64 (on every backend),
+    and its float64 results replace the float32 ones.
+    """
+    ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
+    if res.lse.dtype != torch.float64:
+        ok &= (res.min_dist <= FLOAT32_DISTANCE_LIMIT) & (-res.lse <= FLOAT32_DISTANCE_LIMIT)
+    if bool(ok.all()):
+        return res
+    bad = (~ok).nonzero()[:, 0]
+    r64 = functional.ncp_gradient(xb[bad].double(), step.protos.double(),
+                                  step.p_ood.double())
+    good64 = (torch.isfinite(r64.q_ood) & torch.isfinite(r64.lse)
+              & torch.isfinite(r64.grad).all(1) & (r64.min_dist <= FLOAT64_DISTANCE_LIMIT)
+              & (-r64.lse <= FLOAT64_DISTANCE_LIMIT))
+    if not bool(good64.all()):
+        row = int(bad[int((~good64).nonzero()[0])]) + offset
+        raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) "
+                         f"lie farther than {FLOAT64_DISTANCE_LIMIT:.3g} from the prototypes, "
+                         "beyond what the softmax of distances resolves even in float64; "
+                         "rescale them (GROOD's scores depend on the scale)")
+    fields = []
+    for mine, fixed in zip(res, r64, strict=True):
+        out = mine.clone()
+        out[bad] = fixed.to(mine.dtype)
+        fields.append(out)
+    return NCPGradient(*fields)

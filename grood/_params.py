@@ -1,0 +1,63 @@
+"""Constructor parameters as scikit-learn reads them: ``get_params`` / ``set_params``.
+
+The names come from the signature of ``__init__``, which stores each argument unchanged under
+its own name (validation happens in ``fit``), so ``sklearn.base.clone`` works and a new
+parameter never has to be listed twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+class Parameters:
+    """Mixin: ``get_params(deep)``, ``set_params(**params)`` and a ``repr`` from ``__init__``."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        names = []
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{cls.__name__}.__init__ must name every parameter "
+                                f"(no *{p.name} / **{p.name})")
+            names.append(p.name)
+        return names
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments by name; with ``deep``, also ``name__sub`` of nested
+        estimators (objects with their own ``get_params``)."""
+        out: dict[str, Any] = {}
+        for name in self._param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{name}__{k}", v) for k, v in value.get_params().items())
+            out[name] = value
+        return out
+
+    def set_params(self, **params: Any) -> Self:
+        """Set constructor arguments (``name=value``, or ``name__sub=value`` for a nested
+        estimator); unknown names raise ``ValueError``. Takes effect at the next ``fit``
+        (``k`` and ``batch_size`` also at the next ``score_samples``)."""
+        valid = self._param_names()
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            name, _, sub = key.partition("__")
+            if name not in valid:
+                raise ValueError(f"{type(self).__name__} has no parameter {name!r}; "
+                                 f"valid: {', '.join(valid)}")
+            if sub:
+                nested.setdefault(name, {})[sub] = value
+            else:
+                setattr(self, name, value)
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())
+        return f"{type(self).__name__}({args})"

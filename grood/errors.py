@@ -1,0 +1,49 @@
+"""The exceptions grood raises on purpose, in one place.
+
+Each subclasses the built-in exception callers would catch without knowing grood
+(``ValueError``, ``RuntimeError``, ``ImportError``), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "DetectorFileError",
+    "MissingExtraError",
+    "NotFittedError",
+]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """A detector (or baseline) was used before ``fit`` or ``load``."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+class DetectorFileError(ValueError):
+    """A detector file or shard manifest cannot be used: not a grood file, damaged, of another
+    format version, inconsistent, or not matching its manifest. The message names the file."""
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the ``pip`` extra."""
+
+
+def require(module: str, *, extra: str, purpose: str):
+    """Import and return ``module``, or raise :class:`MissingExtraError` naming the extra.
+
+    Args:
+        module: the module to import (e.g. ``"sklearn.datasets"``).
+        extra: the extra of grood that installs it (e.g. ``"demo"``).
+        purpose: what needs it, for the message (e.g. ``"the demo's digits data"``).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{purpose} needs {module.split('.')[0]!r}, which is not installed: "
+            f"pip install 'grood[{extra}]'") from exc

@@ -1,0 +1,110 @@
+"""From a model and data loaders to a fitted detector and scores: a thin layer over the
+feature path.
+
+The model runs batch by batch (:class:`grood.extract.FeatureExtractor`); its penultimate
+features and logits go to :meth:`GROOD.fit_batches` and :meth:`GROOD.score_and_predict`, so
+memory holds one batch, the prototypes and the index, never the training features.
+``GROOD.fit_model`` / ``score_model`` / ``predict_model`` call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from grood._checks import check_finite_rows
+
+if TYPE_CHECKING:
+    from grood.detector import GROOD
+
+
+def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
+              features: str | None = None, ood_loader: Iterable | None = None,
+              device: str | torch.device | None = None,
+              autocast: torch.dtype | None = None) -> GROOD:
+    """Fit ``det`` from a model and its training loader, streaming.
+
+    Runs the model over ``train_loader`` twice (class prototypes, then the gradient index;
+    model-level OOD prototype sources add their own passes). A sample is indexed when the
+    model classifies it correctly.
+
+    Args:
+        det (GROOD): the detector to fit.
+        model (nn.Module): the classifier.
+        train_loader: batches of ``(inputs, labels)`` (tuples or ``data``/``label`` dicts).
+        features (str, optional): the penultimate module's name (see
+            :class:`grood.extract.FeatureExtractor`); without it the model must take
+            ``return_feature_list=True``.
+        ood_loader (optional): OOD batches for ``ood_prototype="features"`` (their mean
+            penultimate feature is the OOD prototype; OpenOOD's ``val`` OOD set).
+        device, autocast: where and in which autocast dtype the model runs.
+
+    Returns:
+        GROOD: ``det``, fitted.
+    """
+    from grood.extract import FeatureExtractor
+    from grood.prototypes import resolve_source
+    from grood.sources import ModelContext
+
+    source = resolve_source(det.ood_prototype)
+    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
+                                 progress=det.progress)
+    probe = extractor.batches(train_loader, desc="grood: probing", limit=1)
+    first = next(probe, None)
+    probe.close()
+    if first is None:
+        raise ValueError("the training loader yielded no batches")
+    if first[1] is None:
+        raise ValueError("the training batches carry no labels")
+    d = first[0].features.shape[1]
+    inputs: dict[str, Any] = {}
+    if "model" in source.needs:
+        inputs["model"] = ModelContext(extractor, train_loader, tuple(first[2].shape[1:]))
+    ood_features = None
+    if ood_loader is not None:
+        total, count = torch.zeros(d, dtype=torch.float64), 0
+        for out, _, _ in extractor.batches(ood_loader, desc="grood fit: OOD features"):
+            check_finite_rows(out.features, "OOD features")
+            total += out.features.double().sum(0).cpu()
+            count += out.features.shape[0]
+        ood_features = (total / max(count, 1))[None].float()
+    dev = torch.device(det.device) if det.device is not None else extractor.device
+
+    def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
+        for out, y, _ in extractor.batches(train_loader, desc="grood fit"):
+            yield (out.features.to(dev), None if y is None else y.to(dev),
+                   None if out.logits is None else out.logits.to(dev))
+
+    if ood_features is not None:
+        inputs["ood_features"] = ood_features
+    # The extractor reports progress (it knows the loader's length); the fit adds no bar.
+    return det._fit_stream(training_batches, inputs, None, "fit_model()",
+                           extractor={"features": features}, bar=False)
+
+
+def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
+                features: str | None = None, device: str | torch.device | None = None,
+                autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Scores (higher = in-distribution) and nearest-prototype classes of a loader.
+
+    Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``.
+    ``features`` defaults to the one used by :func:`fit_model`.
+    """
+    from grood.extract import FeatureExtractor
+
+    det._check_fitted()
+    if features is None:
+        features = getattr(det, "extractor_", {}).get("features")
+    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
+                                 progress=det.progress)
+    scores, preds = [], []
+    for out, _, _ in extractor.batches(loader, desc="grood score"):
+        s, p = det.score_and_predict(out.features)
+        scores.append(s.cpu())
+        preds.append(p.cpu())
+    if not scores:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(scores), torch.cat(preds)

@@ -1,0 +1,87 @@
+"""What the Triton kernels and their PyTorch twins share, in one triton-free module.
+
+``grood_kernels`` never imports ``grood``; ``grood.functional`` (the twins), ``grood.ops`` (the
+dispatcher) and the kernels all import the names below from here, so a precision mode, a
+candidate count, the scaling rule or the tie order cannot drift apart between a kernel and its
+twin. Importing this module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+#: GEMM precision modes, by name: fp32 FMA, one tf32 product, three tf32 products
+#: (fp32-faithful), bf16 operands (see :func:`grood.functional.ncp_gradient`).
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+#: ``precision`` -> the ``DOT_MODE`` constant of the kernels' ``tl.dot`` helper.
+DOT_MODES = {name: mode for mode, name in enumerate(PRECISIONS)}
+
+#: Nearest prototypes per row whose distances are recomputed exactly (fp32 differences, no
+#: GEMM expansion) after the blocked pass; they dominate q_ood, lse and the prediction.
+NCP_CANDIDATES = 4
+#: Extra nearest-neighbour candidates per query, beyond k, re-ranked by their exact distance:
+#: near-ties the matrix-multiply expansion misorders by rounding are put right.
+RERANK_EXTRA = 4
+
+#: Input dtypes the kernels take (the twins also take float64).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class NCPGradient(NamedTuple):
+    """Result of ``ncp_gradient`` (kernel and twin alike).
+
+    Attributes:
+        grad (Tensor): gradient of the NCP loss w.r.t. the OOD prototype, shape [N, D].
+        q_ood (Tensor): softmax probability of the OOD prototype, shape [N].
+        pred (Tensor): index of the nearest class prototype (int64, first on ties), shape [N].
+        min_dist (Tensor): Euclidean (not squared) distance to that prototype, shape [N].
+        lse (Tensor): log-sum-exp of the C + 1 negative distances, shape [N].
+    """
+
+    grad: Tensor
+    q_ood: Tensor
+    pred: Tensor
+    min_dist: Tensor
+    lse: Tensor
+
+
+def check_precision(precision: str) -> None:
+    """Raise a clear error for an unknown precision mode."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def max_abs(x: Tensor) -> float:
+    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
+
+
+def pow2_scale(magnitude: float) -> float:
+    """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``magnitude``.
+
+    Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
+    latter do not overflow or underflow.
+    """
+    if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
+        return 1.0
+    return 2.0 ** round(math.log2(magnitude))
+
+
+def lex_order(dist: Tensor, idx: Tensor) -> Tensor:
+    """Per-row order by (distance, index); a missing candidate (index -1) sorts last among
+    equal distances. Equal distances go to the lower index, as in exact search."""
+    order = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1)
+    by_dist = torch.sort(dist.gather(1, order), dim=1, stable=True).indices
+    return order.gather(1, by_dist)
+
+
+def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dist, idx)`` with each row sorted by :func:`lex_order`."""
+    order = lex_order(dist, idx)
+    return dist.gather(1, order), idx.gather(1, order)
+
