@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grood import __version__
-from grood.errors import DetectorFileError
+from grood.errors import DetectorFileError, MissingExtraError
 
 EPILOG_FILES = (
     "Feature files: .npy (a 2-D features array), .npz / .pt / .safetensors holding "
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DetectorFileError as exc:  # a file to replace, not an option to change
         print(f"grood {args.command}: error: unusable detector file: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, MissingExtraError) as exc:
         print(f"grood {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -44,6 +44,11 @@ def require(module: str, *, extra: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        top = module.split(".")[0]
         raise MissingExtraError(
-            f"{purpose} needs {module.split('.')[0]!r}, which is not installed: "
+            f"{purpose} needs {DISTRIBUTIONS.get(top, top)}, which is not installed: "
             f"pip install 'grood[{extra}]'") from exc
+
+
+#: Import names whose distribution (what pip installs) is named otherwise.
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "Pillow"}

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
+from grood._fit import FittedState
 from grood.errors import DetectorFileError
 from grood.index import GradientIndex, index_class, index_from_state, make_index
 from grood.prototypes import source_from_config
@@ -250,8 +251,6 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
     ``index_states``: the index tensors of several shards, joined in order into one index
     (their sizes must match ``shard_sizes``); by default the file's own ``index.*`` tensors.
     """
-    from grood.detector import FittedState
-
     source_cfg = params["ood_prototype"]
     source = source_from_config(source_cfg["name"], source_cfg["params"])
     det = cls(
