@@ -10,6 +10,7 @@ Extension points: OOD-prototype sources (:class:`OODPrototypeSource`, :func:`reg
 and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 """
 
+from grood import library  # noqa: F401  (registers the torch.ops.grood custom ops)
 from grood.baselines import KNN, MSP, Energy, Mahalanobis
 from grood.detector import GROOD
 from grood.errors import (
@@ -18,6 +19,7 @@ from grood.errors import (
     MissingExtraError,
     NotFittedError,
 )
+from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
@@ -31,6 +33,7 @@ __all__ = [
     "BackendUnavailableError",
     "DetectorFileError",
     "Energy",
+    "GradientIndex",
     "Mahalanobis",
     "MissingExtraError",
     "Mixup",
@@ -40,5 +43,6 @@ __all__ = [
     "UniformNoise",
     "__version__",
     "ood_metrics",
+    "register_index",
     "register_source",
 ]

@@ -17,7 +17,7 @@ from grood import distributed as dist
 from grood import ops
 from grood._batches import check_batch
 from grood._checks import as_tensor, check_class_count, check_labels, check_matrix
-from grood._gradients import GradientStep, far_rows_in_float64
+from grood._gradients import GradientStep, resolve_far_rows
 from grood.functional import PrototypeState, class_prototypes
 from grood.index import GradientIndex, make_index
 from grood.prototypes import OODPrototypeSource, PrototypeContext
@@ -121,7 +121,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     index.reserve(n)
     offset = 0
     for xb, yb, lb in passes("grood fit: gradient index"):
-        res = far_rows_in_float64(grads(xb), xb, grads, offset)
+        res = resolve_far_rows(grads(xb), xb, grads.protos, grads.p_ood, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)
         index.add(res.grad[yb == guess])

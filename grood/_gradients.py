@@ -43,8 +43,8 @@ FLOAT32_DISTANCE_LIMIT = 2.0**16
 FLOAT64_DISTANCE_LIMIT = 2.0**44
 
 
-def far_rows_in_float64(res: NCPGradient, xb: Tensor, step: GradientStep,
-                         offset: int) -> NCPGradient:
+def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor,
+                     offset: int) -> NCPGradient:
     """Recompute in float64 the rows float32 cannot resolve; refuse only beyond float64.
 
     Finite features can give non-finite or meaningless softmax terms in float32 when the
@@ -59,8 +59,7 @@ def far_rows_in_float64(res: NCPGradient, xb: Tensor, step: GradientStep,
     if bool(ok.all()):
         return res
     bad = (~ok).nonzero()[:, 0]
-    r64 = functional.ncp_gradient(xb[bad].double(), step.protos.double(),
-                                  step.p_ood.double())
+    r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
     good64 = (torch.isfinite(r64.q_ood) & torch.isfinite(r64.lse)
               & torch.isfinite(r64.grad).all(1) & (r64.min_dist <= FLOAT64_DISTANCE_LIMIT)
               & (-r64.lse <= FLOAT64_DISTANCE_LIMIT))

@@ -8,12 +8,12 @@ a fitted detector is :mod:`grood._gradients`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
@@ -28,16 +28,17 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._fit import FittedState, check_inputs, class_count, fit_passes, training_arrays
-from grood._gradients import GradientStep, far_rows_in_float64
+from grood._gradients import GradientStep, resolve_far_rows
 from grood._params import Parameters
 from grood._progress import progress
 from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import index_class
+from grood.model import ModelFrontEnd
 from grood.prototypes import OODPrototypeSource, resolve_source
 
 
-class GROOD(Parameters):
+class GROOD(Parameters, ModelFrontEnd):
     """Gradient-aware out-of-distribution detector (ElAraby et al., arXiv 2312.14427).
 
     Fitting builds class prototypes (mean training feature per class) and an OOD prototype,
@@ -219,28 +220,6 @@ class GROOD(Parameters):
         for batch in batches:
             yield self.score_and_predict(batch)
 
-    def fit_model(self, model: nn.Module, train_loader: Iterable, *, features: str | None = None,
-                  ood_loader: Iterable | None = None, device: str | torch.device | None = None,
-                  autocast: torch.dtype | None = None) -> GROOD:
-        """Fit from a model and its training loader, streaming (:func:`grood.model.fit_model`)."""
-        from grood.model import fit_model
-
-        return fit_model(self, model, train_loader, features=features, ood_loader=ood_loader,
-                         device=device, autocast=autocast)
-
-    def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
-                    device: str | torch.device | None = None,
-                    autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """CPU ``(scores [N], preds [N])`` of a loader (:func:`grood.model.score_model`)."""
-        from grood.model import score_model
-
-        return score_model(self, model, loader, features=features, device=device,
-                           autocast=autocast)
-
-    def predict_model(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> Tensor:
-        """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""
-        return self.score_model(model, loader, **kwargs)[1]
-
     def _set_fitted(self, fitted: FittedState, grads: GradientStep | None = None) -> None:
         """Set every learned attribute at once (from ``fit`` or from a detector file)."""
         self.class_prototypes_ = fitted.class_prototypes
@@ -290,7 +269,8 @@ class GROOD(Parameters):
                 r0, r1 = min(b * self.batch_size, n), min((b + 1) * self.batch_size, n)
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
-                res = far_rows_in_float64(self._grads(xb), xb, self._grads, r0)
+                res = resolve_far_rows(self._grads(xb), xb, self._grads.protos,
+                                       self._grads.p_ood, r0)
                 scores = None
                 if with_scores:
                     dist_k = (dist.search_sharded(self.index_, res.grad, self.k,

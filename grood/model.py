@@ -19,6 +19,7 @@ from grood._checks import check_finite_rows
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
+    from grood.head import GROODAttached, GROODHead
 
 
 def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
@@ -108,3 +109,41 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
     if not scores:
         raise ValueError("the loader yielded no batches")
     return torch.cat(scores), torch.cat(preds)
+
+
+class ModelFrontEnd:
+    """The model-facing methods of :class:`grood.detector.GROOD`: loaders in, scores out
+    (:func:`fit_model`, :func:`score_model`), and the detector as a module
+    (:mod:`grood.head`)."""
+
+    def fit_model(self, model: nn.Module, train_loader: Iterable, *, features: str | None = None,
+                  ood_loader: Iterable | None = None, device: str | torch.device | None = None,
+                  autocast: torch.dtype | None = None) -> Any:
+        """Fit from a model and its training loader, streaming (:func:`grood.model.fit_model`)."""
+        return fit_model(self, model, train_loader, features=features, ood_loader=ood_loader,
+                         device=device, autocast=autocast)
+
+    def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
+                    device: str | torch.device | None = None,
+                    autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """CPU ``(scores [N], preds [N])`` of a loader (:func:`grood.model.score_model`)."""
+        return score_model(self, model, loader, features=features, device=device,
+                           autocast=autocast)
+
+    def predict_model(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> Tensor:
+        """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""
+        return self.score_model(model, loader, **kwargs)[1]
+
+    def as_module(self) -> GROODHead:
+        """This detector as an ``nn.Module``: ``forward(features) -> (score, pred)``, ready for
+        ``torch.compile`` and ``torch.export`` (see :mod:`grood.head`)."""
+        from grood.head import as_module
+
+        return as_module(self)
+
+    def attach(self, model: nn.Module, features: str | None = None) -> GROODAttached:
+        """``model`` with this detector as a head on its ``features`` module: ``forward(x) ->
+        (logits, score, pred)`` in one pass (see :class:`grood.head.GROODAttached`)."""
+        from grood.head import GROODAttached
+
+        return GROODAttached(model, self.as_module(), features)

@@ -1,0 +1,150 @@
+"""GROOD inside a model: a scoring head (an ``nn.Module``), and a model with the head attached.
+
+``GROOD.as_module()`` gives a :class:`GROODHead` whose ``forward(features)`` returns
+``(score, pred)`` — the detector's own scores (higher = in-distribution) and nearest-prototype
+classes. ``GROOD.attach(model, features="avgpool")`` gives a :class:`GROODAttached` whose
+``forward(x)`` returns ``(logits, score, pred)`` from one forward pass of the model.
+
+Both hold everything as buffers (prototypes, the OOD prototype, the prototypes' squared norms
+relative to it, the exact index and its squared norms), so they follow ``.to(device)``,
+survive ``state_dict`` round trips and save with the model. Their forward is made of grood's
+custom ops (:mod:`grood.library`) and plain torch, so ``torch.compile(fullgraph=True)``
+compiles it with no graph break and ``torch.export.export`` exports it.
+
+Limits: the index must be grood's exact index (a faiss index stays outside: score with the
+detector); a distributed detector's sharded index cannot be held by one module; the ops read
+tensor values on the host (see :mod:`grood.library`), so the module is not CUDA-graph
+capturable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+import grood.library  # noqa: F401  (registers torch.ops.grood.*)
+
+if TYPE_CHECKING:
+    from grood.detector import GROOD
+
+
+class GROODHead(nn.Module):
+    """GROOD scoring of penultimate features as a module.
+
+    Args:
+        class_prototypes (Tensor): [C, D]. ood_prototype (Tensor): [D].
+        index_vectors (Tensor): the indexed training gradients [M, D] (exact rows).
+        k (int): score by the k-th nearest indexed gradient.
+        precision (str): GEMM precision of both ops (see :mod:`grood.functional`).
+        backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
+        index_storage (Tensor, optional): a half-precision copy of ``index_vectors`` that the
+            search streams (``index_options={"storage": ...}``); distances stay exact.
+    """
+
+    def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
+                 *, k: int = 1, precision: str = "ieee", backend: str = "auto",
+                 index_storage: Tensor | None = None) -> None:
+        super().__init__()
+        if index_vectors.shape[0] < k:
+            raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
+        centred = class_prototypes.double() - ood_prototype.double()
+        self.register_buffer("class_prototypes", class_prototypes.detach().clone())
+        self.register_buffer("ood_prototype", ood_prototype.detach().clone())
+        self.register_buffer("prototype_sq_norms",
+                             (centred * centred).sum(1).to(class_prototypes.dtype))
+        self.register_buffer("index_vectors", index_vectors.detach().clone())
+        self.register_buffer("index_sq_norms", torch.linalg.vector_norm(
+            index_vectors.double(), dim=1).square().to(index_vectors.dtype))
+        self.register_buffer("index_storage", None if index_storage is None
+                             else index_storage.detach().clone())
+        self.k, self.precision, self.backend = k, precision, backend
+
+    def extra_repr(self) -> str:
+        c, d = self.class_prototypes.shape
+        return (f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}, "
+                f"precision={self.precision!r}, backend={self.backend!r}")
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
+        in-distribution) and nearest-prototype classes (int64)."""
+        grood_ops = torch.ops.grood
+        wide = features.dtype == torch.float64  # float64 features are scored in float64
+        res = grood_ops.ncp_gradient(features, self.class_prototypes, self.ood_prototype,
+                                     self.precision, None if wide else self.prototype_sq_norms,
+                                     self.backend)
+        res = grood_ops.resolve_rows(features, self.class_prototypes, self.ood_prototype, *res)
+        stored = self.index_storage is not None and not wide
+        dist, _ = grood_ops.knn(res[0], self.index_storage if stored else self.index_vectors,
+                                self.k, self.precision, None if wide else self.index_sq_norms,
+                                self.index_vectors if stored else None, self.backend)
+        return 0.0 - dist[:, self.k - 1], res[2]
+
+
+class GROODAttached(nn.Module):
+    """A classifier with a GROOD head on its penultimate features: ``forward(x)`` returns
+    ``(logits, score, pred)`` from one pass of the model.
+
+    The model is traced with ``torch.fx`` and its graph made to return the ``features``
+    module's output beside the logits (the model's parameters are shared, not copied). A model
+    that FX cannot trace is refused with the reason; give ``features=None`` if its forward takes
+    ``return_feature_list=True`` (OpenOOD's networks), whose last feature is used.
+    """
+
+    def __init__(self, model: nn.Module, head: GROODHead, features: str | None) -> None:
+        super().__init__()
+        self.head = head
+        self.features = features
+        if features is None:
+            self.model = model
+            return
+        names = dict(model.named_modules())
+        if features not in names:
+            shown = ", ".join(n for n in names if n)[:300]
+            raise ValueError(f"features={features!r} is not a module of the model; its modules "
+                             f"are: {shown}")
+        try:
+            traced = torch.fx.symbolic_trace(model)
+        except Exception as exc:  # FX raises many types for untraceable Python
+            raise ValueError(f"attach() traces the model with torch.fx, which failed ({exc}); "
+                             "use GROOD.score_model, or a model whose forward takes "
+                             "return_feature_list=True with features=None") from exc
+        calls = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == features]
+        if len(calls) != 1:
+            raise ValueError(f"module {features!r} runs {len(calls)} times in the traced forward "
+                             "pass; attach() needs exactly one")
+        output = next(n for n in traced.graph.nodes if n.op == "output")
+        output.args = ((output.args[0], calls[0]),)
+        traced.recompile()
+        self.model = traced
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.features is None:
+            logits, feature_list = self.model(x, return_feature_list=True)
+            feats = feature_list[-1]
+        else:
+            logits, feats = self.model(x)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        score, pred = self.head(feats.reshape(feats.shape[0], -1).float())
+        return logits, score, pred
+
+
+def as_module(det: GROOD) -> GROODHead:
+    """The fitted detector ``det`` as a :class:`GROODHead` on the detector's device."""
+    from grood.index import ExactIndex
+
+    det._check_fitted()
+    index = det.index_
+    if not isinstance(index, ExactIndex):
+        raise ValueError(f"as_module() holds grood's exact index; this detector's index is "
+                         f"{index.kind!r} (a faiss index stays outside a module: score with "
+                         "the detector, or fit with index='exact')")
+    if det.distributed:
+        raise ValueError("as_module() needs the whole index in one process; this detector is "
+                         "sharded across ranks (load it without distributed=True)")
+    storage = index._searched() if index.storage is not None else None
+    return GROODHead(det.class_prototypes_, det.ood_prototype_,
+                     index.vectors.to(det.device_), k=det.k, precision=det.precision,
+                     backend=det.backend, index_storage=storage)

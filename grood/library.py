@@ -1,0 +1,108 @@
+"""grood's operations as PyTorch custom ops: ``torch.ops.grood.*``.
+
+Registered with :mod:`torch.library` when this module is imported (``import grood`` does), so
+``torch.compile`` (``fullgraph=True``), ``torch.export`` and FX see each one as a single node
+with a shape function, instead of tracing into Python that reads tensor values:
+
+* ``grood::ncp_gradient(h, prototypes, ood_prototype, precision="ieee",
+  prototype_sq_norms=None, backend="auto") -> (grad, q_ood, pred, min_dist, lse)`` —
+  :func:`grood.ops.ncp_gradient` (the Triton kernel on CUDA when it can run, else the torch
+  implementation);
+* ``grood::resolve_rows(h, prototypes, ood_prototype, grad, q_ood, pred, min_dist, lse)
+  -> (grad, q_ood, pred, min_dist, lse)`` — what the detector does after the gradient step:
+  refuses NaN/Inf feature rows (naming the row) and recomputes in float64 the rows whose
+  distances float32 cannot resolve;
+* ``grood::knn(queries, database, k, precision="ieee", database_sq_norms=None,
+  rerank_database=None, backend="auto") -> (D, I)`` — :func:`grood.ops.knn`.
+
+Every op has a fake (meta) implementation, so shapes and dtypes propagate without running it,
+and none aliases or modifies its inputs. The ops are not differentiable (GROOD scores are not
+trained through). The implementations run eagerly and read tensor values (the power-of-two
+scale, tie handling, the checks), so they synchronise with a CUDA device: a model holding
+them compiles and exports, but is not CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grood import functional, ops
+from grood._checks import check_finite_rows, compute_dtype
+
+__all__ = ["knn", "ncp_gradient", "resolve_rows"]
+
+_NCP = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _ncp_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return compute_dtype(dtype)
+
+
+@torch.library.custom_op("grood::ncp_gradient", mutates_args=())
+def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor,
+                 precision: str = "ieee", prototype_sq_norms: Tensor | None = None,
+                 backend: str = "auto") -> _NCP:
+    """The NCP gradient of ``h`` [N, D]; see :func:`grood.functional.ncp_gradient`."""
+    kwargs = {} if prototype_sq_norms is None else {"prototype_sq_norms": prototype_sq_norms}
+    if h.dtype == torch.float64 or prototypes.dtype == torch.float64:
+        backend = "torch"  # the kernels take no float64
+    return tuple(ops.ncp_gradient(h, prototypes, ood_prototype, backend=backend,
+                                  precision=precision, **kwargs))
+
+
+@ncp_gradient.register_fake
+def _(h, prototypes, ood_prototype, precision="ieee", prototype_sq_norms=None,
+      backend="auto"):
+    n, d = h.shape
+    dt = _ncp_dtype(h, prototypes, ood_prototype)
+    return (h.new_empty((n, d), dtype=dt), h.new_empty((n,), dtype=dt),
+            h.new_empty((n,), dtype=torch.int64), h.new_empty((n,), dtype=dt),
+            h.new_empty((n,), dtype=dt))
+
+
+@torch.library.custom_op("grood::resolve_rows", mutates_args=())
+def resolve_rows(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Tensor,
+                 q_ood: Tensor, pred: Tensor, min_dist: Tensor, lse: Tensor) -> _NCP:
+    """Refuse non-finite feature rows; redo in float64 the rows float32 cannot resolve."""
+    from grood._gradients import resolve_far_rows
+
+    check_finite_rows(h, "features")
+    res = resolve_far_rows(functional.NCPGradient(grad, q_ood, pred, min_dist, lse), h,
+                           prototypes, ood_prototype, 0)
+    # Outputs never alias inputs (the op contract): copy what came through unchanged.
+    return tuple(out.clone() if out is given else out
+                 for out, given in zip(res, (grad, q_ood, pred, min_dist, lse), strict=True))
+
+
+@resolve_rows.register_fake
+def _(h, prototypes, ood_prototype, grad, q_ood, pred, min_dist, lse):
+    return tuple(torch.empty_like(t) for t in (grad, q_ood, pred, min_dist, lse))
+
+
+@torch.library.custom_op("grood::knn", mutates_args=())
+def knn(queries: Tensor, database: Tensor, k: int, precision: str = "ieee",
+        database_sq_norms: Tensor | None = None, rerank_database: Tensor | None = None,
+        backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact k-NN ``(D, I)`` of ``queries`` in ``database``; see :func:`grood.functional.knn`."""
+    kwargs = {}
+    if database_sq_norms is not None:
+        kwargs["database_sq_norms"] = database_sq_norms
+    if rerank_database is not None:
+        kwargs["rerank_database"] = rerank_database
+    if queries.dtype == torch.float64:
+        backend = "torch"
+    return ops.knn(queries, database, k, backend=backend, precision=precision, **kwargs)
+
+
+@knn.register_fake
+def _(queries, database, k, precision="ieee", database_sq_norms=None, rerank_database=None,
+      backend="auto"):
+    exact = database if rerank_database is None else rerank_database
+    dt = _ncp_dtype(queries, exact)
+    n_q = queries.shape[0]
+    return (queries.new_empty((n_q, k), dtype=dt),
+            queries.new_empty((n_q, k), dtype=torch.int64))

@@ -1,0 +1,211 @@
+"""grood inside torch programs: the torch.ops.grood custom ops, the GROOD head, attach()."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import clustered_features
+from torch import nn
+
+from grood import GROOD, functional
+from grood.head import GROODHead
+
+OPS = torch.ops.grood
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _data(n=37, c=5, d=9, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.rand(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    protos = torch.rand(c, d, generator=gen, dtype=torch.float64).to(dtype)
+    return h, protos, protos.mean(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_on_the_torch_implementation(dtype):
+    h, protos, p_ood = _data(dtype=dtype)
+    torch.library.opcheck(OPS.ncp_gradient.default, (h, protos, p_ood),
+                          {"precision": "ieee", "backend": "torch"})
+    res = OPS.ncp_gradient(h, protos, p_ood)
+    torch.library.opcheck(OPS.resolve_rows.default, (h, protos, p_ood, *res))
+    db = torch.rand(23, 9, dtype=dtype)
+    torch.library.opcheck(OPS.knn.default, (h, db, 3), {"backend": "torch"})
+    norms = (db.double() ** 2).sum(1).to(dtype)
+    torch.library.opcheck(OPS.knn.default, (h, db, 2),
+                          {"database_sq_norms": norms, "backend": "torch"})
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton registration runs under the interpreter")
+def test_opcheck_on_the_triton_kernels():
+    h, protos, p_ood = _data(n=19, c=6, d=16)
+    torch.library.opcheck(OPS.ncp_gradient.default, (h, protos, p_ood),
+                          {"precision": "ieee", "backend": "triton"})
+    torch.library.opcheck(OPS.knn.default, (h, torch.rand(21, 16), 2),
+                          {"precision": "tf32x3", "backend": "triton"})
+
+
+def test_ops_equal_the_functional_twins():
+    h, protos, p_ood = _data()
+    want = functional.ncp_gradient(h, protos, p_ood)
+    got = OPS.ncp_gradient(h, protos, p_ood, "ieee", None, "torch")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    d, i = OPS.knn(h, protos, 2, "ieee", None, None, "torch")
+    wd, wi = functional.knn(h, protos, 2)
+    assert torch.equal(d, wd) and torch.equal(i, wi)
+
+
+def test_resolve_rows_refuses_nan_and_recomputes_far_rows():
+    h, protos, p_ood = _data()
+    bad = h.clone()
+    bad[4, 2] = float("nan")
+    res = OPS.ncp_gradient(h, protos, p_ood)
+    with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 4"):
+        OPS.resolve_rows(bad, protos, p_ood, *res)
+    far = h.clone()
+    far[3] = 1e5  # distances far beyond what the float32 softmax resolves
+    res = OPS.ncp_gradient(far, protos, p_ood)
+    fixed = OPS.resolve_rows(far, protos, p_ood, *res)
+    ref = functional.ncp_gradient(far.double(), protos.double(), p_ood.double())
+    torch.testing.assert_close(fixed[1].double(), ref.q_ood, rtol=1e-5, atol=0)
+    assert torch.equal(fixed[2], ref.pred)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x, y = clustered_features(240, 4, 12, seed=5, dtype=torch.float32)
+    test = torch.cat([clustered_features(40, 4, 12, seed=6, dtype=torch.float32)[0],
+                      3 * torch.rand(20, 12)])
+    return GROOD(k=3).fit(x, y), test
+
+
+def test_head_gives_the_detectors_scores(fitted):
+    det, test = fitted
+    head = det.as_module()
+    want_s, want_p = det.score_and_predict(test)
+    score, pred = head(test)
+    assert torch.equal(score, want_s) and torch.equal(pred, want_p)
+    # float64 features are scored in float64, as the detector does.
+    s64, p64 = head(test.double())
+    w64, wp64 = det.score_and_predict(test.double())
+    assert s64.dtype == torch.float64 and torch.equal(s64, w64) and torch.equal(p64, wp64)
+
+
+def test_head_with_half_precision_index_storage():
+    x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
+    det = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
+    head = det.as_module()
+    assert head.index_storage.dtype == torch.bfloat16
+    assert torch.equal(head(x)[0], det.score_samples(x))
+
+
+def test_head_state_dict_round_trip_and_to(fitted):
+    det, test = fitted
+    head = det.as_module()
+    # A head of the same shapes, all zeros, takes the saved buffers and scores the same.
+    fresh = GROODHead(torch.zeros_like(head.class_prototypes), torch.zeros(12),
+                      torch.zeros_like(head.index_vectors), k=3)
+    fresh.load_state_dict(head.state_dict())
+    assert torch.equal(fresh(test)[0], head(test)[0])
+    assert set(head.state_dict()) == {"class_prototypes", "ood_prototype", "prototype_sq_norms",
+                                      "index_vectors", "index_sq_norms"}
+    wide = det.as_module().to(torch.float64)
+    assert wide.index_vectors.dtype == torch.float64
+    torch.testing.assert_close(wide(test.double())[0], det.score_samples(test.double()))
+
+
+def test_head_has_no_graph_break_and_exports(fitted):
+    det, test = fitted
+    head = det.as_module()
+    explained = torch._dynamo.explain(head)(test)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    exported = torch.export.export(head, (test,))
+    score, pred = exported.module()(test)
+    want = head(test)
+    assert torch.equal(score, want[0]) and torch.equal(pred, want[1])
+
+
+@pytest.mark.slow
+def test_head_compiles_with_fullgraph(fitted):
+    det, test = fitted
+    head = det.as_module()
+    compiled = torch.compile(head, fullgraph=True)
+    score, pred = compiled(test)
+    want = head(test)
+    torch.testing.assert_close(score, want[0], rtol=1e-6, atol=0)
+    assert torch.equal(pred, want[1])
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(2))
+        self.avgpool = nn.Flatten()
+        self.fc = nn.Linear(24, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.avgpool(self.body(x)))
+
+
+class FeatureListNet(SmallCNN):
+    def forward(self, x, return_feature_list=False):
+        feats = self.avgpool(self.body(x))
+        logits = self.fc(feats)
+        return (logits, [feats]) if return_feature_list else logits
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.tensor([0.0, 0.05, -0.05]))
+    images = torch.rand(60, 1, 6, 6)
+    labels = torch.arange(60) % 3  # 3 classes; the correctly classified ones are indexed
+    det = GROOD(k=2).fit_model(net, [(images, labels)], features="avgpool")
+    return net, det, images
+
+
+def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
+    net, det, images = cnn
+    attached = det.attach(net, features="avgpool")
+    logits, score, pred = attached(images)
+    want_s, want_p = det.score_model(net, [images])
+    assert torch.equal(logits, net(images))
+    assert torch.equal(score, want_s) and torch.equal(pred, want_p)
+    assert any(name.startswith("head.") for name in attached.state_dict())
+    explained = torch._dynamo.explain(attached)(images)
+    assert explained.graph_break_count == 0
+    exported = torch.export.export(attached, (images,)).module()(images)
+    assert all(torch.equal(a, b) for a, b in zip(exported, (logits, score, pred), strict=True))
+
+
+def test_attach_with_a_feature_list_model(cnn):
+    _, det, images = cnn
+    net = FeatureListNet().eval()
+    net.load_state_dict(cnn[0].state_dict())
+    _, score, _ = det.attach(net, features=None)(images)
+    assert torch.equal(score, det.score_model(net, [images])[0])
+
+
+def test_attach_and_as_module_refuse_what_they_cannot_hold(cnn, tmp_path):
+    net, det, _ = cnn
+    with pytest.raises(ValueError, match="is not a module of the model"):
+        det.attach(net, features="nope")
+
+    class Untraceable(SmallCNN):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: FX cannot trace it
+                return self.fc(self.avgpool(self.body(x)))
+            return self.fc(self.avgpool(self.body(-x)))
+
+    with pytest.raises(ValueError, match=r"traces the model with torch\.fx"):
+        det.attach(Untraceable(), features="avgpool")
+    with pytest.raises(ValueError, match="not fitted"):
+        GROOD().as_module()
+    pytest.importorskip("faiss")
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="'faiss-flat'"):
+        GROOD(index="faiss-flat").fit(x, y).as_module()
