@@ -203,7 +203,7 @@ def ncp_gradient(
         # squared distances neither overflow nor underflow for huge or tiny features.
         sc = pow2_scale(max(max_abs(h[r0:r1]), proto_max))
         p_o, centred, centred_sq, gemm_protos = centred_at(sc)
-        u = h[r0:r1].to(dt) / sc - p_o  # [bn, D], in units of sc
+        u = (h[r0:r1].to(dt) / sc if sc != 1.0 else h[r0:r1].to(dt)) - p_o  # [bn, D], units sc
         u_norm = torch.linalg.vector_norm(u, dim=1)  # [bn]
         u_sq = u_norm * u_norm
         d_ood = u_norm * sc
@@ -225,7 +225,9 @@ def ncp_gradient(
                 rows = gemm_u if gemm_u.shape[0] > 1 else gemm_u.expand(2, -1)
                 dist = torch.addmm(centred_sq[None, c0:c1], rows, gemm_protos[c0:c1].T,
                                    alpha=-2.0)[: gemm_u.shape[0]]
-            dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_().mul_(sc)  # [bn, bc]
+            dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
+            if sc != 1.0:
+                dist.mul_(sc)
             blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
             if c0 == 0 and c1 - c0 >= n_cand:
                 cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
@@ -234,8 +236,15 @@ def ncp_gradient(
             m_new = torch.maximum(m, -blk_d[:, 0].to(sm))
             acc = acc * torch.exp(m - m_new) + torch.exp(-dist.to(sm) - m_new[:, None]).sum(1)
             m = m_new
-        # Exact distances of the candidates replace their GEMM estimates in the sum.
-        exact = torch.linalg.vector_norm(u[:, None, :] - centred[cand_i], dim=2) * sc
+        # Exact distances of the candidates replace their GEMM estimates in the sum: fp32
+        # differences, one candidate slot at a time so the [rows, D] difference stays in cache.
+        exact = torch.empty_like(cand_d)
+        diff = torch.empty_like(u)
+        for j in range(cand_i.shape[1]):
+            torch.sub(u, centred.index_select(0, cand_i[:, j]), out=diff)
+            torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
+        if sc != 1.0:
+            exact.mul_(sc)
         rest = (acc - torch.exp(-cand_d.to(sm) - m[:, None]).sum(1)).clamp_min_(0)
         # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
         row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact.to(sm), dim=1))
