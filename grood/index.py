@@ -406,27 +406,40 @@ class FaissIVFIndex(_FaissIndex):
 
     The reference trains the coarse quantizer on the gradients of the first
     ``T = min(600, int(0.8 * B))`` training batches (B batches in all), with
-    ``nlist = int(4 * sqrt(T))`` lists, and searches with ``nprobe = 4``. Here B is counted in
-    batches of ``reference_batch_size`` rows from the expected index size (``reserve``); when
-    the size is not known in advance the quantizer is trained when building ends.
+    ``nlist = int(4 * sqrt(T))`` lists, and searches with ``nprobe = 4``. By default B is
+    counted in batches of ``reference_batch_size`` rows from the expected index size
+    (``reserve``); when the size is not known in advance the quantizer is trained when building
+    ends. With ``loader_batches=B`` it is counted as the reference does: every ``add`` call is
+    one loader batch (the gradients of its correctly classified rows, possibly none), the
+    quantizer is trained on the first T calls' rows, and ``omit_batch_t=True`` leaves out the
+    rows of call T, as the reference's code does (off unless asked for).
 
     Args:
         dim (int): vector dimension D.
         nlist (int, optional): number of inverted lists; by default the reference's rule.
         nprobe (int): lists visited per query (reference: 4).
         reference_batch_size (int): rows per training batch in the reference's rule.
+        loader_batches (int, optional): B, the number of loader batches the index is built
+            from, one ``add`` call each (see above).
+        omit_batch_t (bool): with ``loader_batches``, do not index the rows of batch T.
         device (torch.device | str): a CUDA device moves the index to the GPU when faiss has
             GPU support.
     """
 
     kind = "faiss-ivf"
-    option_names = ("nlist", "nprobe", "reference_batch_size")
+    option_names = ("nlist", "nprobe", "reference_batch_size", "loader_batches",
+                    "omit_batch_t")
 
     def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = 4,
-                 reference_batch_size: int = 128, device: torch.device | str = "cpu") -> None:
+                 reference_batch_size: int = 128, loader_batches: int | None = None,
+                 omit_batch_t: bool = False, device: torch.device | str = "cpu") -> None:
         super().__init__(dim, device)
+        if not isinstance(omit_batch_t, bool) or (omit_batch_t and loader_batches is None):
+            raise ValueError("omit_batch_t must be a bool, and True only with loader_batches")
+        self.loader_batches, self.omit_batch_t, self._calls = loader_batches, omit_batch_t, 0
         for name, value in (("nlist", nlist), ("nprobe", nprobe),
-                            ("reference_batch_size", reference_batch_size)):
+                            ("reference_batch_size", reference_batch_size),
+                            ("loader_batches", loader_batches)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.nlist = nlist
@@ -444,19 +457,23 @@ class FaissIVFIndex(_FaissIndex):
     def options(self) -> dict[str, Any]:
         """Constructor options (saved with the detector)."""
         return {"nlist": self.nlist, "nprobe": self.nprobe,
-                "reference_batch_size": self.reference_batch_size}
+                "reference_batch_size": self.reference_batch_size,
+                "loader_batches": self.loader_batches, "omit_batch_t": self.omit_batch_t}
 
     @property
     def ntotal(self) -> int:
         return self._n_pending + super().ntotal
 
     def _train_batches(self, n_rows: int) -> int:
-        """The reference's T = min(600, int(0.8 * B)) for B batches covering ``n_rows``."""
-        batches = math.ceil(n_rows / self.reference_batch_size)
+        """The reference's T = min(600, int(0.8 * B)) for B batches: the loader's, or those of
+        ``reference_batch_size`` rows covering ``n_rows``."""
+        batches = self.loader_batches or math.ceil(n_rows / self.reference_batch_size)
         return max(1, min(600, int(0.8 * batches)))
 
     def _build(self) -> None:
         """Train the quantizer on the pending vectors, then add them."""
+        if not self._pending:
+            raise ValueError("no indexed vector among the batches the IVF quantizer trains on")
         train = np.concatenate(self._pending)
         if self.nlist is not None:
             nlist = self.nlist
@@ -476,6 +493,9 @@ class FaissIVFIndex(_FaissIndex):
     def add(self, x: Tensor) -> None:
         """Append vectors; the first ones are kept until the quantizer can be trained."""
         self._check_rows(x)
+        if self.loader_batches is not None:
+            self._add_loader_batch(x)
+            return
         if not x.shape[0]:
             return
         rows = _as_float32_rows(x)
@@ -487,6 +507,21 @@ class FaissIVFIndex(_FaissIndex):
         if self.capacity is not None and self._n_pending >= (
                 self._train_batches(self.capacity) * self.reference_batch_size):
             self._build()
+
+    def _add_loader_batch(self, x: Tensor) -> None:
+        """One loader batch's rows, counted as the reference counts them (see the class)."""
+        call, self._calls = self._calls, self._calls + 1
+        t = self._train_batches(0)
+        rows = _as_float32_rows(x)
+        if call < t:
+            if rows.shape[0]:
+                self._pending.append(rows)
+                self._n_pending += rows.shape[0]
+            return
+        if self.index is None:
+            self._build()
+        if rows.shape[0] and not (call == t and self.omit_batch_t):
+            self.index.add(rows)
 
     def trim(self) -> None:
         """Finish building: train on what is pending if that has not happened yet."""

@@ -3,6 +3,7 @@
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import DictDataset
 from torch import nn
@@ -10,7 +11,11 @@ from torch.utils.data import DataLoader
 
 from grood import GROOD, ood_metrics
 from grood.integrations.openood import GROODPostprocessor
-from grood.integrations.pytorch_ood import GROODDetector
+from grood.integrations.pytorch_ood import (
+    GROODDetector,
+    ModelNotSetException,
+    RequiresFittingException,
+)
 
 
 class OpenOODNet(nn.Module):
@@ -93,18 +98,36 @@ def test_openood_val_source_uses_the_val_ood_loader():
                                atol=1e-6)
 
 
-def test_pytorch_ood_sign_is_outlier_high():
+def test_pytorch_ood_adapter_without_pytorch_ood():
+    """The adapter works with pytorch-ood absent (tests/integration/ runs it against 0.4.0)."""
     net = _trained_net()
-    det = GROODDetector(net).fit(DataLoader(torch.utils.data.TensorDataset(*_images(120, 0)),
-                                            batch_size=32))
+
+    def encoder(x):
+        return net(x, return_feature_list=True)[1][-1]
+
+    x_train, y_train = _images(120, 0)
+    y_mixed = y_train.clone()
+    y_mixed[::7] = -1  # OOD-labelled rows are skipped, as pytorch-ood's detectors do
+    loader = DataLoader(torch.utils.data.TensorDataset(x_train, y_mixed), batch_size=32)
+    det = GROODDetector(encoder, head=net.fc).fit(loader)
     x_in, _ = _images(30, 5)
     x_out, _ = _images(30, 6, ood=True)
-    grood_scores = GROOD().fit_model(net, [_images(120, 0)]).score_model(net, [x_in])[0]
-    torch.testing.assert_close(det.predict(x_in), -grood_scores)
+    known = y_mixed >= 0
+    ref = GROOD().fit_model(net, [(x_train[known], y_train[known])])
+    torch.testing.assert_close(det.predict(x_in), -ref.score_model(net, [x_in])[0])
     assert float(det(x_out).mean()) > float(det(x_in).mean())
+    # fit(loader) is fit_features on the extracted features: the same detector.
     with torch.no_grad():
-        feats = net(x_in, return_feature_list=True)[1][-1]
-    torch.testing.assert_close(det.predict_features(feats), det.predict(x_in))
-    feat_det = GROODDetector().fit_features(feats, torch.arange(30) % 3)
-    assert feat_det.predict_features(feats).shape == (30,)
+        feats = encoder(x_train)
+    by_features = GROODDetector(head=net.fc).fit_features(feats, y_mixed)
+    assert torch.equal(by_features.predict_features(encoder(x_in)), det.predict(x_in))
+    with pytest.raises(RequiresFittingException):
+        GROODDetector(encoder).predict(x_in)
+    with pytest.raises(ModelNotSetException):
+        GROODDetector().fit(loader)
+    det.set_hyperparameters(k=3)
+    assert det.get_hyperparameters() == {"k": 3} and det.grood.k == 1
+    det.predict(x_in)
+    assert det.grood.k == 3  # k applies at the next scoring, no refit needed
+    assert det.to("cpu") is det and det.device == torch.device("cpu")
     assert "pytorch_ood" not in sys.modules

@@ -1,67 +1,189 @@
 """GROOD as a pytorch-ood detector.
 
-pytorch-ood detectors score *outliers*: larger = more likely OOD. This adapter returns
-``-score`` of :class:`grood.GROOD` (whose scores are higher for in-distribution samples). It
-follows pytorch-ood's feature-detector API by name — ``fit(loader)``, ``fit_features(x, y)``,
-``predict(x)``, ``predict_features(x)``, and calling the detector predicts — without importing
-pytorch-ood.
+When ``pytorch_ood`` imports, :class:`GROODDetector` is a ``pytorch_ood.api.FeaturesDetector``
+(so ``Benchmark.evaluate``, ``GridSearch`` and ``OODMetrics`` take it) and raises pytorch-ood's
+``RequiresFittingException`` / ``ModelNotSetException``; without pytorch-ood it offers the same
+methods on its own. pytorch-ood detectors score *outliers*: this one returns minus the GROOD
+score, so larger = more likely OOD.
+
+Conventions followed: an ``encoder`` callable maps inputs to pooled features [B, D]; rows
+labelled < 0 (OOD) are skipped when fitting; ``fit(loader)`` extracts features and calls
+``fit_features``, so both paths fit the same detector; the hyper-parameters ``k``,
+``ood_prototype`` and ``precision`` are attributes listed in ``hyperparameter_space``.
+
+Which training rows are indexed (one rule on both paths): a row is indexed when the classifier
+gets it right — ``argmax(head(features)) == label`` when a ``head`` (features → logits, e.g.
+``model.fc``) is given, or ``logits`` passed to ``fit_features`` — and otherwise when its
+nearest class prototype is its label.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from grood import persistence
 from grood.detector import GROOD
-from grood.extract import FeatureExtractor
+
+try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
+    from pytorch_ood.api import FeaturesDetector as _Base
+    from pytorch_ood.api import ModelNotSetException, RequiresFittingException
+except ImportError:
+    _Base = None
+
+    class RequiresFittingException(Exception):
+        """``predict`` was called before ``fit``."""
+
+        def __init__(self, msg: str = "You have to call fit() before predict()") -> None:
+            super().__init__(msg)
+
+    class ModelNotSetException(ValueError):
+        """``predict`` or ``fit`` needs an encoder, and none was given."""
+
+        def __init__(self, msg: str = "this detector needs an encoder for inputs; use "
+                                      "fit_features / predict_features") -> None:
+            super().__init__(msg)
 
 
-class GROODDetector:
-    """pytorch-ood style GROOD detector (outlier scores: larger = more OOD).
-
-    Args:
-        model (nn.Module, optional): the classifier, for ``fit(loader)`` and ``predict(x)``.
-        features (str, optional): name of its penultimate module (see
-            :class:`grood.extract.FeatureExtractor`).
-        **grood_kwargs: passed to :class:`grood.GROOD` (``ood_prototype``, ``k``, ...).
-    """
+class _StandIn:
+    """The part of pytorch-ood's ``Detector`` API used here, for when it is not installed."""
 
     requires_fit = True
+    hyperparameter_space: ClassVar[dict[str, list]] = {}
 
-    def __init__(self, model: torch.nn.Module | None = None, features: str | None = None,
-                 **grood_kwargs: Any) -> None:
-        self.model = model
-        self.features = features
-        self.detector = GROOD(**grood_kwargs)
+    @property
+    def device(self) -> torch.device | None:
+        for value in (self.encoder, self.head):
+            if isinstance(value, nn.Module):
+                for t in (*value.parameters(), *value.buffers()):
+                    return t.device
+        return getattr(self, "_device", None)
 
-    def _need_model(self) -> torch.nn.Module:
-        if self.model is None:
-            raise ValueError("this GROODDetector was created without a model; use "
-                             "fit_features / predict_features, or pass model=...")
-        return self.model
-
-    def fit(self, data_loader: Any, device: Any = None) -> GROODDetector:
-        """Fit on a loader of ``(x, y)`` batches through the model."""
-        self.detector.fit_model(self._need_model(), data_loader, features=self.features,
-                                device=device)
+    def to(self, device: str | torch.device) -> Any:
+        self._device = torch.device(device)
+        for value in (self.encoder, self.head):
+            if isinstance(value, nn.Module):
+                value.to(self._device)
         return self
 
-    def fit_features(self, x: Tensor, y: Tensor, logits: Tensor | None = None
-                     ) -> GROODDetector:
-        """Fit on penultimate features ``x`` [N, D] and labels ``y`` [N]."""
-        self.detector.fit(x, y, logits=logits)
+    def get_hyperparameters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.hyperparameter_space}
+
+    def set_hyperparameters(self, **kwargs: Any) -> Any:
+        for name, value in kwargs.items():
+            if name not in self.hyperparameter_space:
+                raise ValueError(f"unknown hyperparameter {name!r} for GROODDetector; known: "
+                                 f"{list(self.hyperparameter_space)}")
+            setattr(self, name, value)
         return self
-
-    def predict_features(self, x: Tensor) -> Tensor:
-        """Outlier scores of features ``x`` [B, D] (larger = more OOD)."""
-        return -self.detector.score_samples(x)
-
-    def predict(self, x: Tensor) -> Tensor:
-        """Outlier scores of model inputs ``x`` (larger = more OOD)."""
-        out = FeatureExtractor(self._need_model(), features=self.features, progress=False)(x)
-        return self.predict_features(out.features)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.predict(x)
+
+
+class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
+    """GROOD (ElAraby et al., arXiv 2312.14427) for pytorch-ood: outlier scores, larger = OOD.
+
+    Args:
+        encoder (callable, optional): inputs -> pooled penultimate features [B, D] (e.g. the
+            network without its last layer). ``None`` when only ``fit_features`` /
+            ``predict_features`` are used.
+        head (callable, optional): features -> logits (e.g. ``model.fc``); decides which
+            training rows are indexed (see the module notes).
+        k (int): score by the k-th nearest indexed gradient.
+        ood_prototype (str): ``"mean"`` (of the class prototypes) — the sources that need only
+            features; model-level sources are for :class:`grood.GROOD` itself.
+        precision (str): GEMM precision (``"ieee"``, ``"tf32"``, ``"tf32x3"``, ``"bf16"``).
+        **grood_kwargs: further :class:`grood.GROOD` arguments (``index``, ``backend``, ...).
+    """
+
+    requires_fit = True
+    #: Search space for ``pytorch_ood.utils.GridSearch``.
+    hyperparameter_space: ClassVar[dict[str, list]] = {"k": [1, 2, 5, 10, 20, 50]}
+
+    def __init__(self, encoder: Callable[[Tensor], Tensor] | None = None, *,
+                 head: Callable[[Tensor], Tensor] | None = None, k: int = 1,
+                 ood_prototype: str = "mean", precision: str = "ieee",
+                 **grood_kwargs: Any) -> None:
+        self.encoder = encoder
+        self.head = head
+        self.k = k
+        self.ood_prototype = ood_prototype
+        self.precision = precision
+        self.grood_kwargs = grood_kwargs
+        self.grood: GROOD | None = None
+
+    def _params(self) -> dict[str, Any]:
+        return {"k": self.k, "ood_prototype": self.ood_prototype, "precision": self.precision,
+                **self.grood_kwargs}
+
+    def to(self, device: str | torch.device) -> GROODDetector:
+        """Move the encoder, the head and the fitted detector's state to ``device``."""
+        super().to(device)
+        if self.grood is not None:  # rebuilt from its own state on the new device
+            params, state, tensors = persistence.detector_state(self.grood)
+            self.grood = persistence.restore(GROOD, params, state, tensors, device)
+        return self
+
+    @torch.no_grad()
+    def fit(self, data_loader: Iterable, device: str | torch.device | None = None
+            ) -> GROODDetector:
+        """Fit on a loader of ``(x, y)`` batches through the encoder; rows labelled < 0 are
+        skipped. Equals ``fit_features`` on the extracted features."""
+        if self.encoder is None:
+            raise ModelNotSetException()
+        device = device or self.device or "cpu"
+        feats, labels = [], []
+        for x, y in data_loader:
+            known = y >= 0
+            if bool(known.any()):
+                z = self.encoder(x[known].to(device))
+                feats.append(z.reshape(z.shape[0], -1).detach())
+                labels.append(y[known].to(z.device))
+        if not feats:
+            raise ValueError("the loader holds no in-distribution rows (labels >= 0)")
+        return self.fit_features(torch.cat(feats), torch.cat(labels))
+
+    def fit_features(self, x: Tensor, y: Tensor, logits: Tensor | None = None
+                     ) -> GROODDetector:
+        """Fit on features ``x`` [N, D] and labels ``y`` [N]; rows labelled < 0 are skipped.
+
+        ``logits`` [N, C] (or the ``head``'s logits of ``x``) decide which rows are indexed;
+        without either, the nearest class prototype does.
+        """
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        known = y >= 0
+        if not bool(known.any()):
+            raise ValueError("no in-distribution rows (labels >= 0) to fit on")
+        x, y = x[known], y[known]
+        if logits is None and self.head is not None:
+            with torch.no_grad():
+                logits = self.head(x)
+        elif logits is not None:
+            logits = torch.as_tensor(logits)[known]
+        self.grood = GROOD(**self._params()).fit(x.detach(), y, logits=logits)
+        return self
+
+    def _fitted(self) -> GROOD:
+        if self.grood is None:
+            raise RequiresFittingException()
+        # Hyper-parameters set after fit that need no refit take effect here.
+        self.grood.k = self.k
+        return self.grood
+
+    def predict_features(self, x: Tensor) -> Tensor:
+        """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device."""
+        return 0.0 - self._fitted().score_samples(torch.as_tensor(x).detach())
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Outlier scores of model inputs ``x`` through the encoder (larger = more OOD)."""
+        if self.encoder is None:
+            raise ModelNotSetException()
+        self._fitted()
+        device = self.device
+        z = self.encoder(x if device is None else x.to(device))
+        return self.predict_features(z.reshape(z.shape[0], -1))

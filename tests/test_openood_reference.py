@@ -1,0 +1,119 @@
+"""The OpenOOD adapter's reference mode against an independent implementation of the official
+postprocessor's rules (val prototype from the first whole batches reaching 100 rows; IVF
+quantizer trained on the first T = min(600, int(0.8 B)) loader batches, nlist = int(4 sqrt T),
+nprobe 4; optionally batch T left out), and its OpenOOD base class."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+
+import pytest
+import torch
+from conftest import DictDataset
+from test_integrations import _images, _trained_net
+from torch.utils.data import DataLoader
+
+from grood import functional
+
+faiss = pytest.importorskip("faiss")
+
+
+def _loader(n, seed, ood=False, batch_size=16):
+    return DataLoader(DictDataset(*_images(n, seed, ood)), batch_size=batch_size)
+
+
+def _features(net, x):
+    with torch.no_grad():
+        logits, feats = net(x, return_feature_list=True)
+    return feats[-1].float(), logits
+
+
+def reference_scores(net, train, val, test_x, omit_batch_t):
+    """The official rules, written out: OOD prototype, class prototypes, IVF index, scores."""
+    taken, n = [], 0
+    for batch in val:  # whole batches until 100 rows
+        taken.append(_features(net, batch["data"])[0])
+        n += taken[-1].shape[0]
+        if n >= 100:
+            break
+    p_ood = torch.cat(taken).double().mean(0).float()
+    per_batch = [(*_features(net, b["data"]), b["label"]) for b in train]
+    feats = torch.cat([f for f, _, _ in per_batch])
+    labels = torch.cat([y for _, _, y in per_batch])
+    protos = torch.stack([feats[labels == c].double().mean(0) for c in range(3)]).float()
+    centred = protos.double() - p_ood.double()
+    sq = (centred * centred).sum(1).float()
+
+    def grads(f):
+        return functional.ncp_gradient(f, protos, p_ood, prototype_sq_norms=sq).grad
+
+    n_batches = len(per_batch)
+    t = max(1, min(600, int(0.8 * n_batches)))
+    correct = [grads(f)[lg.argmax(1) == y].numpy() for f, lg, y in per_batch]
+    train_rows = torch.cat([torch.from_numpy(c) for c in correct[:t]]).numpy()
+    quantizer = faiss.IndexFlatL2(train_rows.shape[1])
+    nlist = min(int(4 * math.sqrt(t)), train_rows.shape[0])
+    index = faiss.IndexIVFFlat(quantizer, train_rows.shape[1], nlist, faiss.METRIC_L2)
+    index.train(train_rows)
+    index.add(train_rows)
+    for i in range(t, n_batches):
+        if omit_batch_t and i == t:
+            continue
+        if correct[i].shape[0]:
+            index.add(correct[i])
+    index.nprobe = 4
+    dist, _ = index.search(grads(_features(net, test_x)[0]).numpy(), 1)
+    return -torch.from_numpy(dist[:, 0]), index.ntotal
+
+
+@pytest.mark.parametrize("omit", [False, True])
+def test_reference_mode_reproduces_the_official_rules(omit):
+    from grood.integrations.openood import GROODPostprocessor
+
+    net = _trained_net()
+    train, val = _loader(200, 0), _loader(150, 3, ood=True)
+    test_x = torch.cat([_images(40, 5)[0], _images(40, 6, ood=True)[0]])
+    post = GROODPostprocessor(ood_prototype="val", reference=True, omit_batch_t=omit)
+    post.setup(net, {"train": train}, {"val": val})
+    want, ntotal = reference_scores(net, train, val, test_x, omit)
+    _, conf = post.postprocess(net, test_x)
+    assert post.detector.index_.ntotal == ntotal
+    assert post.detector.index_.index.nlist == int(4 * math.sqrt(int(0.8 * len(train))))
+    assert torch.equal(conf, want)
+
+
+def test_config_switches_reference_mode_and_the_val_prototype():
+    from grood.integrations.openood import GROODPostprocessor
+
+    args = {"use_val_ood": True, "K": 3, "reference": True}
+    config = types.SimpleNamespace(postprocessor=types.SimpleNamespace(postprocessor_args=args))
+    post = GROODPostprocessor(config)
+    assert (post.ood_prototype, post.reference, post.omit_batch_t) == ("val", True, False)
+    assert post.grood_kwargs["k"] == 3
+    with pytest.raises(ValueError, match="needs reference=True"):
+        GROODPostprocessor(omit_batch_t=True)
+
+
+def test_subclasses_openoods_base_postprocessor_when_it_imports(monkeypatch):
+    class BasePostprocessor:
+        def __init__(self, config):
+            self.config = config
+
+    fake = types.ModuleType("openood.postprocessors.base_postprocessor")
+    fake.BasePostprocessor = BasePostprocessor
+    for name in ("openood", "openood.postprocessors"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    import grood.integrations.openood as adapter
+
+    try:
+        reloaded = importlib.reload(adapter)
+        post = reloaded.GROODPostprocessor(None)
+        assert isinstance(post, BasePostprocessor) and post.config is None
+    finally:
+        monkeypatch.undo()
+        importlib.reload(adapter)
+    assert adapter.GROODPostprocessor.__mro__[1] is object
