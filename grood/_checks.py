@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: What the public API takes and gives back for arrays: a torch tensor or a numpy array (the
+#: result has the input's type: numpy in, numpy out; tensor in, tensor on the input's device).
+ArrayLike = Tensor | np.ndarray
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from grood import ops
 from grood._checks import (
+    ArrayLike,
     as_tensor,
     batches,
     check_finite_rows,
@@ -54,13 +55,13 @@ class _LogitBaseline(_Baseline):
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
-    def fit(self, logits: Any, labels: Any = None) -> _LogitBaseline:
+    def fit(self, logits: ArrayLike, labels: ArrayLike | None = None) -> _LogitBaseline:
         """Record the number of classes (for input checks); returns ``self``."""
         x, _ = self._read(logits, fitting=True)
         self.n_features_in_ = x.shape[1]
         return self
 
-    def score_samples(self, logits: Any) -> Any:
+    def score_samples(self, logits: ArrayLike) -> ArrayLike:
         """One score per row of ``logits`` [N, C], shape [N]; higher = in-distribution."""
         x, kind = self._read(logits)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -118,7 +119,7 @@ class KNN(_Baseline):
         self.backend = backend
         self.batch_size = batch_size
 
-    def fit(self, features: Any, labels: Any = None) -> KNN:
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None) -> KNN:
         """Store the normalised training features."""
         x, _ = self._read(features, fitting=True)
         if not 1 <= self.k <= x.shape[0]:
@@ -127,7 +128,7 @@ class KNN(_Baseline):
         self.n_features_in_ = x.shape[1]
         return self
 
-    def score_samples(self, features: Any) -> Any:
+    def score_samples(self, features: ArrayLike) -> ArrayLike:
         """Minus the Euclidean distance to the k-th nearest training feature, shape [N]."""
         x, kind = self._read(features)
         q = _normalise(x).to(self.train_features_.device)
@@ -160,7 +161,7 @@ class Mahalanobis(_Baseline):
         self.backend = backend
         self.batch_size = batch_size
 
-    def fit(self, features: Any, labels: Any) -> Mahalanobis:
+    def fit(self, features: ArrayLike, labels: ArrayLike) -> Mahalanobis:
         """Fit class means and the shared covariance (float64, streamed over batches)."""
         x, _ = self._read(features, fitting=True)
         y, _ = as_tensor(labels, "labels")
@@ -191,7 +192,7 @@ class Mahalanobis(_Baseline):
         self.n_features_in_ = d
         return self
 
-    def score_samples(self, features: Any) -> Any:
+    def score_samples(self, features: ArrayLike) -> ArrayLike:
         """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]."""
         x, kind = self._read(features)
         dev = self.whitening_.device

@@ -8,7 +8,7 @@ a fitted detector is :mod:`grood._gradients`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from grood import distributed as dist
 from grood import ops
 from grood._batches import iter_batches, peek_batch
 from grood._checks import (
+    ArrayLike,
     as_tensor,
     batches,
     check_device,
@@ -115,8 +116,8 @@ class GROOD(Parameters, ModelFrontEnd):
                              "group (start with torchrun and call init_process_group)")
         return resolve_source(self.ood_prototype)
 
-    def fit(self, features: Any, labels: Any, *, logits: Any = None,
-            ood_features: Any = None) -> GROOD:
+    def fit(self, features: ArrayLike, labels: ArrayLike, *, logits: ArrayLike | None = None,
+            ood_features: ArrayLike | None = None) -> GROOD:
         """Fit the detector on training features.
 
         Args:
@@ -153,7 +154,7 @@ class GROOD(Parameters, ModelFrontEnd):
                                      device=device, dtype=compute_dtype(x.dtype)))
         return self
 
-    def fit_batches(self, batches: Any, *, ood_features: Any = None,
+    def fit_batches(self, batches: Any, *, ood_features: ArrayLike | None = None,
                     n_classes: int | None = None,
                     source_inputs: dict[str, Any] | None = None) -> GROOD:
         """Fit from batches instead of whole arrays (datasets larger than memory).
@@ -211,7 +212,8 @@ class GROOD(Parameters, ModelFrontEnd):
         self._set_fitted(fitted, grads)
         return self
 
-    def score_batches(self, batches: Any) -> Iterator[tuple[Any, Any]]:
+    def score_batches(self, batches: Iterable[ArrayLike]
+                      ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
         """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
 
         Memory holds one batch (and the index); each result has the type of its batch.
@@ -280,7 +282,7 @@ class GROOD(Parameters, ModelFrontEnd):
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred
 
-    def score_and_predict(self, features: Any) -> tuple[Any, Any]:
+    def score_and_predict(self, features: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
         """``(scores [N], preds [N])`` of features [N, D] in one pass: scores higher for
         in-distribution, nearest-prototype classes; numpy for numpy input, else tensors on
         the input's device."""
@@ -294,12 +296,12 @@ class GROOD(Parameters, ModelFrontEnd):
             preds[r0:r1] = p
         return kind.wrap(scores), kind.wrap(preds)
 
-    def score_samples(self, features: Any) -> Any:
+    def score_samples(self, features: ArrayLike) -> ArrayLike:
         """GROOD score per sample of features [N, D]: ``-||g(x) - g_k||^2``, higher = more
         in-distribution; shape [N], the same type as the input."""
         return self.score_and_predict(features)[0]
 
-    def predict(self, features: Any) -> Any:
+    def predict(self, features: ArrayLike) -> ArrayLike:
         """Nearest class prototype for each sample (int64), shape [N]."""
         x, kind = self._read(features)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
