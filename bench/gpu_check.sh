@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call for a GPU machine: the kernel tests with compiled Triton (not the
+# One prepared call for a GPU machine: the kernel and custom-op/head tests with compiled Triton (not the
 # interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md,
 # then the whole ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16
 # index storage, written to $OUT/pipeline.md.
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     sys.exit("gpu_check.sh needs a CUDA device")
 print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
 PY
-python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py \
+python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py tests/test_library.py \
     tests/test_kernel_knn.py
 python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
 python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"

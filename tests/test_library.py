@@ -209,3 +209,18 @@ def test_attach_and_as_module_refuse_what_they_cannot_hold(cnn, tmp_path):
     x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="'faiss-flat'"):
         GROOD(index="faiss-flat").fit(x, y).as_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ops_and_compiled_head_on_a_cuda_device():
+    h, protos, p_ood = (t.cuda() for t in _data(n=300, c=40, d=64))
+    torch.library.opcheck(OPS.ncp_gradient.default, (h, protos, p_ood),
+                          {"precision": "tf32", "backend": "triton"})
+    torch.library.opcheck(OPS.knn.default, (h, protos, 3), {"backend": "triton"})
+    x, y = clustered_features(2000, 10, 64, seed=8, dtype=torch.float32)
+    det = GROOD(device="cuda", backend="triton").fit(x.cuda(), y.cuda())
+    test = x[:500].cuda()
+    want_s, want_p = det.score_and_predict(test)
+    score, pred = torch.compile(det.as_module(), fullgraph=True)(test)
+    assert torch.equal(score, want_s) and torch.equal(pred, want_p)

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--skip-accuracy", action="store_true",
                         help="only the timing tables")
-    parser.add_argument("--only", choices=["gradient", "search"], default=None,
-                        help="run one part: the gradient step or the nearest-neighbour search")
+    parser.add_argument("--only", choices=["gradient", "search", "head"], default=None,
+                        help="run one part: the gradient step, the nearest-neighbour search, "
+                             "or the GROOD head in a compiled program")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
           + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
              else ""))
     print()
-    if args.only != "search":
+    if args.only in (None, "gradient"):
         print("## Gradient step\n")
         if not args.skip_accuracy:
             for backend in backends:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
               "device, same run. 'vs autograd loop': one autograd call per sample, timed on up "
               "to 64 samples. Peak extra memory: device memory beyond inputs and outputs during "
               "one call.\n")
-    if args.only != "gradient":
+    if args.only in (None, "search"):
         print("## Nearest-neighbour search\n")
         if not args.skip_accuracy:
             print("\n".join(search_accuracy_table(device, backends, args.tiny)))
@@ -88,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
         print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
               "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
               "run. recall@1 is measured on the first 100 queries against float64 brute force.")
+    if args.only in (None, "head"):
+        from grood._bench.head import head_table
+
+        print("\n## The GROOD head in a compiled program\n")
+        print("\n".join(head_table(device, backends[0], args.tiny, args.repeat)))
+        print("\nThe ops read values on the host, so the head is not CUDA-graph capturable; "
+              "compiled and exported heads run grood's custom ops as single nodes.")
     return 0
 
 
