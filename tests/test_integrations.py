@@ -126,7 +126,8 @@ def test_pytorch_ood_adapter_without_pytorch_ood():
     with pytest.raises(ModelNotSetException):
         GROODDetector().fit(loader)
     det.set_hyperparameters(k=3)
-    assert det.get_hyperparameters() == {"k": 3} and det.grood.k == 1
+    assert det.get_hyperparameters() == {"k": 3, "ood_prototype": "mean", "precision": "ieee"}
+    assert det.grood.k == 1
     det.predict(x_in)
     assert det.grood.k == 3  # k applies at the next scoring, no refit needed
     assert det.to("cpu") is det and det.device == torch.device("cpu")

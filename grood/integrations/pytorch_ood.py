@@ -101,8 +101,11 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
     """
 
     requires_fit = True
-    #: Search space for ``pytorch_ood.utils.GridSearch``.
-    hyperparameter_space: ClassVar[dict[str, list]] = {"k": [1, 2, 5, 10, 20, 50]}
+    #: Search space for ``pytorch_ood.utils.GridSearch`` (every hyper-parameter is listed, so
+    #: ``get_hyperparameters`` / ``set_hyperparameters`` reach all three; widen a list to
+    #: search it, e.g. ``"precision": ["ieee", "bf16"]``).
+    hyperparameter_space: ClassVar[dict[str, list]] = {
+        "k": [1, 2, 5, 10, 20, 50], "ood_prototype": ["mean"], "precision": ["ieee"]}
 
     def __init__(self, encoder: Callable[[Tensor], Tensor] | None = None, *,
                  head: Callable[[Tensor], Tensor] | None = None, k: int = 1,

@@ -47,7 +47,9 @@ def test_is_a_pytorch_ood_features_detector_with_its_exceptions(setup):
     with pytest.raises(ModelNotSetException):
         GROODDetector().fit(_loader(*setup["train"]))
     assert det.to("cpu") is det and det.device == torch.device("cpu")
-    assert det.get_hyperparameters() == {"k": 1}
+    assert det.get_hyperparameters() == {"k": 1, "ood_prototype": "mean", "precision": "ieee"}
+    det.set_hyperparameters(precision="tf32x3")
+    assert det.precision == "tf32x3"
 
 
 def test_fit_skips_ood_rows_and_equals_fit_features(setup):
