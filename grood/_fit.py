@@ -17,7 +17,7 @@ from grood import distributed as dist
 from grood import ops
 from grood._batches import check_batch
 from grood._checks import as_tensor, check_class_count, check_labels, check_matrix
-from grood._gradients import GradientStep, resolve_far_rows
+from grood._gradients import GradientStep
 from grood.functional import PrototypeState, class_prototypes
 from grood.index import GradientIndex, make_index
 from grood.prototypes import OODPrototypeSource, PrototypeContext
@@ -79,7 +79,6 @@ def check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str)
                          f"{source.name!r} does not use it")
 
 
-
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], passes, *,
                n_classes: int | None, d: int, device: torch.device,
                dtype: torch.dtype) -> tuple[FittedState, GradientStep]:
@@ -121,7 +120,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     index.reserve(n)
     offset = 0
     for xb, yb, lb in passes("grood fit: gradient index"):
-        res = resolve_far_rows(grads(xb), xb, grads.protos, grads.p_ood, offset)
+        res = grads.resolved(xb, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)
         index.add(res.grad[yb == guess])

@@ -13,6 +13,12 @@ from grood import functional, ops
 from grood.functional import NCPGradient
 
 
+def centred_sq_norms(protos: Tensor, p_ood: Tensor) -> Tensor:
+    """``||p_c - p_o||^2`` per class [C], summed in float64, in the prototypes' dtype."""
+    centred = protos.to(torch.float64) - p_ood.to(torch.float64)
+    return (centred * centred).sum(1).to(protos.dtype)
+
+
 class GradientStep:
     """The NCP gradient of feature batches against fixed prototypes, on one backend.
 
@@ -22,8 +28,7 @@ class GradientStep:
 
     def __init__(self, protos: Tensor, p_ood: Tensor, backend: str, precision: str) -> None:
         self.protos, self.p_ood, self.precision = protos, p_ood, precision
-        centred = protos.to(torch.float64) - p_ood.to(torch.float64)
-        self.sq_norms = (centred * centred).sum(1).to(protos.dtype)  # [C]
+        self.sq_norms = centred_sq_norms(protos, p_ood)  # [C]
         self.fn = ops.get_op("ncp_gradient", backend)
 
     def __call__(self, h: Tensor) -> NCPGradient:
@@ -32,6 +37,11 @@ class GradientStep:
             return functional.ncp_gradient(h, self.protos, self.p_ood)
         return self.fn(h, self.protos, self.p_ood, precision=self.precision,
                        prototype_sq_norms=self.sq_norms)
+
+    def resolved(self, h: Tensor, row_offset: int) -> NCPGradient:
+        """``self(h)`` with the rows float32 cannot resolve redone in float64
+        (:func:`resolve_far_rows`; ``row_offset`` numbers the rows in its errors)."""
+        return resolve_far_rows(self(h), h, self.protos, self.p_ood, row_offset)
 
 
 # Largest feature-to-prototype distance the float32 softmax resolves: at 2**16 a float32

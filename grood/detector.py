@@ -29,7 +29,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._fit import FittedState, check_inputs, class_count, fit_passes, training_arrays
-from grood._gradients import GradientStep, resolve_far_rows
+from grood._gradients import GradientStep
 from grood._params import Parameters
 from grood._progress import progress
 from grood.errors import NotFittedError
@@ -271,8 +271,7 @@ class GROOD(Parameters, ModelFrontEnd):
                 r0, r1 = min(b * self.batch_size, n), min((b + 1) * self.batch_size, n)
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
-                res = resolve_far_rows(self._grads(xb), xb, self._grads.protos,
-                                       self._grads.p_ood, r0)
+                res = self._grads.resolved(xb, r0)
                 scores = None
                 if with_scores:
                     dist_k = (dist.search_sharded(self.index_, res.grad, self.k,

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
+from grood._gradients import centred_sq_norms
+from grood.functional import database_sq_norms_of
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
@@ -49,14 +51,13 @@ class GROODHead(nn.Module):
         super().__init__()
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
-        centred = class_prototypes.double() - ood_prototype.double()
+        # The same squared norms the detector's gradient step and exact index use.
         self.register_buffer("class_prototypes", class_prototypes.detach().clone())
         self.register_buffer("ood_prototype", ood_prototype.detach().clone())
         self.register_buffer("prototype_sq_norms",
-                             (centred * centred).sum(1).to(class_prototypes.dtype))
+                             centred_sq_norms(class_prototypes, ood_prototype).detach())
         self.register_buffer("index_vectors", index_vectors.detach().clone())
-        self.register_buffer("index_sq_norms", torch.linalg.vector_norm(
-            index_vectors.double(), dim=1).square().to(index_vectors.dtype))
+        self.register_buffer("index_sq_norms", database_sq_norms_of(index_vectors.detach()))
         self.register_buffer("index_storage", None if index_storage is None
                              else index_storage.detach().clone())
         self.k, self.precision, self.backend = k, precision, backend

@@ -35,6 +35,12 @@ __all__ = ["knn", "ncp_gradient", "resolve_rows"]
 _NCP = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def _backend_for(backend: str, *tensors: Tensor) -> str:
+    """float64 inputs are computed in float64, by the torch implementation (the kernels take
+    no float64), whatever backend was asked for."""
+    return "torch" if any(t.dtype == torch.float64 for t in tensors) else backend
+
+
 def _ncp_dtype(*tensors: Tensor) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -48,8 +54,7 @@ def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor,
                  backend: str = "auto") -> _NCP:
     """The NCP gradient of ``h`` [N, D]; see :func:`grood.functional.ncp_gradient`."""
     kwargs = {} if prototype_sq_norms is None else {"prototype_sq_norms": prototype_sq_norms}
-    if h.dtype == torch.float64 or prototypes.dtype == torch.float64:
-        backend = "torch"  # the kernels take no float64
+    backend = _backend_for(backend, h, prototypes, ood_prototype)
     return tuple(ops.ncp_gradient(h, prototypes, ood_prototype, backend=backend,
                                   precision=precision, **kwargs))
 
@@ -93,8 +98,8 @@ def knn(queries: Tensor, database: Tensor, k: int, precision: str = "ieee",
         kwargs["database_sq_norms"] = database_sq_norms
     if rerank_database is not None:
         kwargs["rerank_database"] = rerank_database
-    if queries.dtype == torch.float64:
-        backend = "torch"
+    backend = _backend_for(backend, queries, database,
+                           *(t for t in (rerank_database,) if t is not None))
     return ops.knn(queries, database, k, backend=backend, precision=precision, **kwargs)
 
 

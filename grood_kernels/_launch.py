@@ -62,6 +62,12 @@ class LaunchConfig(NamedTuple):
     group_rows: int = 1
 
 
+def fit_tile(block: int, size: int) -> int:
+    """``block`` shrunk to a dimension of ``size`` (a power of two, at least 16 as ``tl.dot``
+    needs)."""
+    return min(block, max(16, 1 << max(0, size - 1).bit_length()))
+
+
 def run(launch: KernelLaunch) -> None:
     """Launch a described kernel."""
     launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,

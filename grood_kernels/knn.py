@@ -31,7 +31,14 @@ import triton
 import triton.language as tl
 
 from grood_kernels._dot import dot_t
-from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, LaunchConfig, run, sm_count
+from grood_kernels._launch import (
+    DEFAULT_SMS,
+    KernelLaunch,
+    LaunchConfig,
+    fit_tile,
+    run,
+    sm_count,
+)
 from grood_kernels._topk import insert_nearest
 from grood_kernels.contract import (
     DOT_MODES,
@@ -65,9 +72,8 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
     else:
         block_q, block_m, warps, stages, ctas = 128, 128, 8, 4, 1
         block_d = 64 if precision == "bf16" else 32
-    block_q = min(block_q, max(16, triton.next_power_of_2(n_q)))
-    block_m = min(block_m, max(16, triton.next_power_of_2(n_db)))
-    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    block_q, block_m = fit_tile(block_q, n_q), fit_tile(block_m, n_db)
+    block_d = fit_tile(block_d, d)
     n_qb = triton.cdiv(n_q, block_q)
     group_q = max(1, min(n_qb, L2_QUERY_BUDGET // (block_q * d * q_bytes)))
     tiles = triton.cdiv(n_db, block_m)
@@ -163,9 +169,13 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
         cfg.num_warps, cfg.num_stages)
 
 
-def _rows_per_split(n_db: int, cfg: LaunchConfig) -> tuple[int, int]:
+def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int,
+             n_sm: int | None = None) -> tuple[LaunchConfig, int]:
+    """The launch configuration with its database split realised in whole tiles, and the
+    rows per split (the last split may be shorter; none is empty)."""
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, n_sm=n_sm)
     rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_cols) * cfg.block_cols
-    return rows, triton.cdiv(n_db, rows)
+    return cfg._replace(n_split=triton.cdiv(n_db, rows)), rows
 
 
 def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
@@ -178,9 +188,8 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
         return torch.empty(shape, dtype=dt, device="meta")
 
     q_dtype = torch.bfloat16 if precision == "bf16" else dtype
-    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_dtype.itemsize)
-    rows, split = _rows_per_split(n_db, cfg)
-    cfg = cfg._replace(n_split=split)
+    cfg, rows = _planned(n_q, n_db, d, precision, q_dtype.itemsize)
+    split = cfg.n_split
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
     return [_plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
                   meta(n_db), meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32),
@@ -255,10 +264,8 @@ def knn(
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
-    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_op.element_size(),
-                        n_sm=sm_count(dev))
-    rows, split = _rows_per_split(n_db, cfg)
-    cfg = cfg._replace(n_split=split)
+    cfg, rows = _planned(n_q, n_db, d, precision, q_op.element_size(), sm_count(dev))
+    split = cfg.n_split
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
     cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int32, device=dev)
     counter = insert_rounds if insert_rounds is not None else torch.zeros(1, dtype=torch.int32,

@@ -34,7 +34,14 @@ import triton
 import triton.language as tl
 
 from grood_kernels._dot import dot_t
-from grood_kernels._launch import DEFAULT_SMS, KernelLaunch, LaunchConfig, run, sm_count
+from grood_kernels._launch import (
+    DEFAULT_SMS,
+    KernelLaunch,
+    LaunchConfig,
+    fit_tile,
+    run,
+    sm_count,
+)
 from grood_kernels._ncp_finish import finish_rows, load_u
 from grood_kernels._prepare import (
     PAD_COLS,
@@ -62,7 +69,7 @@ L2_BUDGET = 24 << 20
 
 
 def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
-                n_sm: int | None = None) -> LaunchConfig:
+                  n_sm: int | None = None) -> LaunchConfig:
     """One known-good launch configuration for this shape.
 
     Tensor-core modes: 128-row x 128-class tiles on two warpgroups (8 warps), 32-wide K-steps,
@@ -86,9 +93,7 @@ def _fit_config(tiles: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
     """``tiles`` (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages) shrunk to the shape (every block
     at least 16, as ``tl.dot`` needs), with the class groups for ``resident`` programs."""
     block_n, block_c, block_d, warps, stages = tiles
-    block_c = min(block_c, max(16, triton.next_power_of_2(c)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    block_n, block_c, block_d = fit_tile(block_n, n), fit_tile(block_c, c), fit_tile(block_d, d)
     return LaunchConfig(block_n, block_c, block_d, warps, stages,
                         n_split=n_groups(n, c, d, block_n, block_c, h_bytes, resident))
 
