@@ -53,25 +53,30 @@ L2_QUERY_BUDGET = 12 << 20
 
 
 def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
-                  n_sm: int | None = None) -> LaunchConfig:
+                  x_bytes: int = 4, n_sm: int | None = None) -> LaunchConfig:
     """One known-good configuration for this shape.
 
-    ``tf32`` / ``bf16``: 128 x 128 tiles on two warpgroups, 32-wide K-steps (64 in bf16), 4
-    stages; ``tf32x3``: 64 x 128 on one warpgroup, 16-wide K-steps; ``ieee`` (FMA): 32 x 64
-    tiles on 8 warps, 16-wide K-steps.
-    None of them spills (``bench/compile_report.py``). The database is split
-    so that (query blocks x splits) fills whole waves of ``n_sm`` x CTAs/SM programs, each split
-    at least 4 tiles long; ``GROUP_Q`` query blocks (their tiles within ``L2_QUERY_BUDGET``)
-    share each database tile.
+    ``tf32``: 128 queries x 256 database rows on two warpgroups, 16-wide K-steps, 4 stages
+    (42.7 FLOP per byte of operand loads: compute-bound under the model's L2 roof, where
+    128 x 128 tiles are not); ``bf16`` with a bf16-stored database: 128 x 256, 32-wide K-steps;
+    ``bf16`` on an fp32 database (cast per tile): 128 x 128, 64-wide K-steps; ``tf32x3``:
+    64 x 128 on one warpgroup, 16-wide K-steps; ``ieee`` (FMA): 32 x 64 tiles on 8 warps,
+    16-wide K-steps.
+    None of them spills under triton 3.6 or 3.9 (``bench/compile_report.py``). The database is
+    split so that (query blocks x splits) fills whole waves of ``n_sm`` x CTAs/SM programs,
+    each split at least 4 tiles long; ``GROUP_Q`` query blocks (their tiles within
+    ``L2_QUERY_BUDGET``) share each database tile.
     """
-    # (Tiles chosen spill-free with both triton 3.6 and 3.9; bench/compile_report.py.)
     if precision == "ieee":
         block_q, block_m, block_d, warps, stages, ctas = 32, 64, 16, 8, 3, 2
     elif precision == "tf32x3":  # three MMAs per step: a 64-row tile keeps it spill-free
         block_q, block_m, block_d, warps, stages, ctas = 64, 128, 16, 4, 3, 2
-    else:
-        block_q, block_m, warps, stages, ctas = 128, 128, 8, 4, 1
-        block_d = 64 if precision == "bf16" else 32
+    elif precision == "tf32":
+        block_q, block_m, block_d, warps, stages, ctas = 128, 256, 16, 8, 4, 1
+    elif x_bytes == 2:  # bf16 on bf16 storage: both operands go to the MMA as loaded
+        block_q, block_m, block_d, warps, stages, ctas = 128, 256, 32, 8, 4, 1
+    else:  # bf16 on an fp32 database: the cast in registers needs the smaller tile
+        block_q, block_m, block_d, warps, stages, ctas = 128, 128, 64, 8, 4, 1
     block_q, block_m = fit_tile(block_q, n_q), fit_tile(block_m, n_db)
     block_d = fit_tile(block_d, d)
     n_qb = triton.cdiv(n_q, block_q)
@@ -103,7 +108,7 @@ def _knn_candidates_kernel(
     # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_Q: tl.constexpr, N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
-    COUNT: tl.constexpr,
+    EVEN_D: tl.constexpr, COUNT: tl.constexpr,
 ):
     # Grouped order: GROUP_Q query blocks x every split, the query block fastest.
     pid = tl.program_id(0).to(tl.int64)
@@ -115,10 +120,13 @@ def _knn_candidates_kernel(
 
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < Q
-    arange_m = tl.arange(0, BLOCK_M).to(tl.int64)
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    arange_m = tl.arange(0, BLOCK_M)
+    arange_d = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, N_CAND)
     q_sq = tl.load(qsq_ptr + offs_q, mask=mask_q, other=0.0)
+    # Rows past the end are loaded clamped to the last row (valid memory, no load mask) and
+    # their results discarded: the K-loop carries no predicates, only its two pointer tiles.
+    q_rows = q_ptr + tl.minimum(offs_q, Q - 1).to(tl.int64)[:, None] * stride_qn
 
     cand_d = tl.full([BLOCK_Q, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_Q, N_CAND], -1, dtype=tl.int32)
@@ -127,18 +135,25 @@ def _knn_candidates_kernel(
     for m0 in range(start, stop, BLOCK_M):
         offs_m = m0 + arange_m
         mask_m = offs_m < stop
-        dots = tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.float32)
+        q_ptrs = q_rows + arange_d[None, :] * stride_qd
+        x_ptrs = (x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+                  + arange_d[None, :] * stride_xd)
+        # The accumulator starts at -||x||^2 / 2 (+inf rows past the split become -inf), so
+        # the epilogue holds no per-column operand: d = ||q||^2 - 2 (q.x - ||x||^2 / 2).
+        x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=float("inf"))
+        dots = tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.float32) - 0.5 * x_sq[None, :]
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + arange_d
-            mask_d = offs_d < D
-            q = tl.load(q_ptr + offs_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=mask_q[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_Q, BLOCK_D]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+            if EVEN_D:
+                q = tl.load(q_ptrs)  # [BLOCK_Q, BLOCK_D]
+                x = tl.load(x_ptrs)  # [BLOCK_M, BLOCK_D]
+            else:
+                mask_d = d0 + arange_d < D
+                q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=mask_d[None, :], other=0.0)
             dots = dot_t(q, x, dots, DOT_MODE)
-        x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=0.0)
-        dist = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dots, 0.0)
-        dist = tl.where(mask_m[None, :], dist, float("inf"))  # [BLOCK_Q, BLOCK_M]
+            q_ptrs += BLOCK_D * stride_qd
+            x_ptrs += BLOCK_D * stride_xd
+        dist = tl.maximum(q_sq[:, None] - 2.0 * dots, 0.0)  # [BLOCK_Q, BLOCK_M]
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M,
                                         count_ptr, COUNT)
 
@@ -165,15 +180,15 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
          queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
         {"BLOCK_Q": cfg.block_rows, "BLOCK_M": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "GROUP_Q": cfg.group_rows, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
-         "COUNT": count},
+         "EVEN_D": d % cfg.block_d == 0, "COUNT": count},
         cfg.num_warps, cfg.num_stages)
 
 
-def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int,
+def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes: int,
              n_sm: int | None = None) -> tuple[LaunchConfig, int]:
     """The launch configuration with its database split realised in whole tiles, and the
     rows per split (the last split may be shorter; none is empty)."""
-    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, n_sm=n_sm)
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, x_bytes=x_bytes, n_sm=n_sm)
     rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_cols) * cfg.block_cols
     return cfg._replace(n_split=triton.cdiv(n_db, rows)), rows
 
@@ -188,7 +203,8 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
         return torch.empty(shape, dtype=dt, device="meta")
 
     q_dtype = torch.bfloat16 if precision == "bf16" else dtype
-    cfg, rows = _planned(n_q, n_db, d, precision, q_dtype.itemsize)
+    cfg, rows = _planned(n_q, n_db, d, precision, q_dtype.itemsize,
+                         (storage or dtype).itemsize)
     split = cfg.n_split
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
     return [_plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
@@ -264,7 +280,8 @@ def knn(
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
-    cfg, rows = _planned(n_q, n_db, d, precision, q_op.element_size(), sm_count(dev))
+    cfg, rows = _planned(n_q, n_db, d, precision, q_op.element_size(),
+                         database.element_size(), sm_count(dev))
     split = cfg.n_split
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
     cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int32, device=dev)

@@ -84,11 +84,11 @@ def test_search_model_bytes_by_hand():
     bq, bm = launch.constexprs["BLOCK_Q"], launch.constexprs["BLOCK_M"]
     group_q, n_cand = launch.constexprs["GROUP_Q"], launch.constexprs["N_CAND"]
     rows_per_split, split, n_qb = launch.args[10], launch.args[11], launch.args[12]
-    assert (bq, bm, n_qb) == (128, 128, 8)
+    assert (bq, bm, n_qb) == (128, 256, 8)
     tiles = math.ceil(rows_per_split / bm)
     programs = n_qb * split
     # Every program streams `tiles` database tiles, re-loading its query tile with each.
-    l2_gemm = programs * tiles * (128 * 256 * 4 + 128 * 256 * 4)
+    l2_gemm = programs * tiles * (128 * 256 * 4 + 256 * 256 * 4)
     # HBM: the queries once (the group's tiles stay resident), the database once per group.
     groups = math.ceil(8 / group_q)
     hbm_gemm = 1000 * 256 * 4 + 100_000 * 256 * 4 * groups
@@ -97,7 +97,7 @@ def test_search_model_bytes_by_hand():
     m = traffic_model.model("knn", launch, (1000, 100_000, 256), "tf32", "sm_90a", 1)
     assert m["hbm_bytes"] == hbm_gemm + 2 * cand + rerank
     assert m["l2_bytes"] == l2_gemm + 2 * cand + rerank
-    assert m["flops"] == 2.0 * programs * tiles * 128 * 128 * 256
+    assert m["flops"] == 2.0 * programs * tiles * 128 * 256 * 256
 
 
 def test_gradient_model_reads_h_once_at_imagenet_shape():
