@@ -53,6 +53,18 @@ FLOAT32_DISTANCE_LIMIT = 2.0**16
 FLOAT64_DISTANCE_LIMIT = 2.0**44
 
 
+def resolved_rows(res: NCPGradient, limit: float | None = None) -> Tensor:
+    """Rows [N] (bool, on the device; no value is read on the host) whose results are finite
+    and, for float32 results, within ``FLOAT32_DISTANCE_LIMIT`` (or within ``limit`` when
+    given). Non-finite features give non-finite results, so they are never resolved."""
+    ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
+    if limit is None and res.lse.dtype != torch.float64:
+        limit = FLOAT32_DISTANCE_LIMIT
+    if limit is not None:
+        ok &= (res.min_dist <= limit) & (-res.lse <= limit)
+    return ok
+
+
 def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor,
                      offset: int) -> NCPGradient:
     """Recompute in float64 the rows float32 cannot resolve; refuse only beyond float64.
@@ -63,16 +75,12 @@ def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor
     far out of distribution, not an error: it alone is redone in float64 (on every backend),
     and its float64 results replace the float32 ones.
     """
-    ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad).all(1)
-    if res.lse.dtype != torch.float64:
-        ok &= (res.min_dist <= FLOAT32_DISTANCE_LIMIT) & (-res.lse <= FLOAT32_DISTANCE_LIMIT)
+    ok = resolved_rows(res)
     if bool(ok.all()):
         return res
     bad = (~ok).nonzero()[:, 0]
     r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
-    good64 = (torch.isfinite(r64.q_ood) & torch.isfinite(r64.lse)
-              & torch.isfinite(r64.grad).all(1) & (r64.min_dist <= FLOAT64_DISTANCE_LIMIT)
-              & (-r64.lse <= FLOAT64_DISTANCE_LIMIT))
+    good64 = resolved_rows(r64, FLOAT64_DISTANCE_LIMIT)
     if not bool(good64.all()):
         row = int(bad[int((~good64).nonzero()[0])]) + offset
         raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) "

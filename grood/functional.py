@@ -150,7 +150,12 @@ def ncp_gradient(
 
     Returns:
         NCPGradient: ``grad`` [N, D], ``q_ood`` [N], ``pred`` [N], ``min_dist`` [N], ``lse`` [N].
-        Floating outputs are float64 for float64 inputs and float32 otherwise.
+        Floating outputs are float64 for float64 inputs and float32 otherwise. Distances are
+        computed in units of a power of two near the prototypes' magnitude; a row whose
+        distances do not fit the compute dtype in those units (features some 2**60 times the
+        prototypes' magnitude, in float32) comes out non-finite. Such rows are far beyond what
+        the float32 softmax resolves anyway: the detector redoes them in float64
+        (:func:`grood._gradients.resolve_far_rows`).
     """
     _check_dims("h", h, 2)
     d = h.shape[1]
@@ -174,22 +179,18 @@ def ncp_gradient(
     if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
         raise ValueError(f"prototype_sq_norms must have shape [{c}], "
                          f"got {tuple(prototype_sq_norms.shape)}")
-    proto_max = max(max_abs(prototypes), max_abs(ood_prototype))
-    scaled: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-
-    def centred_at(sc: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(p_o, centred prototypes, their squared norms, GEMM operand) divided by ``sc``."""
-        if sc not in scaled:
-            p_o = ood_prototype.to(dt) / sc
-            centred = prototypes.to(dt) / sc - p_o  # [C, D]
-            if prototype_sq_norms is not None and sc == 1.0:
-                centred_sq = prototype_sq_norms.to(dt)
-            else:
-                centred_sq = (centred * centred).sum(1)  # [C]
-            gemm = centred.bfloat16().to(dt) if precision == "bf16" else centred
-            scaled.clear()
-            scaled[sc] = (p_o, centred, centred_sq, gemm)
-        return scaled[sc]
+    # Work in units of a power of two near the prototypes' magnitude (exact rescaling), so
+    # squared distances neither overflow nor underflow for huge or tiny prototypes. The scale
+    # depends on the prototypes only, never on h, so no value of h is read on the host (the
+    # rule the kernel shares: grood_kernels.contract.pow2_scale).
+    sc = pow2_scale(max(max_abs(prototypes), max_abs(ood_prototype)))
+    p_o = ood_prototype.to(dt) / sc
+    centred = prototypes.to(dt) / sc - p_o  # [C, D], units sc
+    if prototype_sq_norms is not None and sc == 1.0:
+        centred_sq = prototype_sq_norms.to(dt)
+    else:
+        centred_sq = (centred * centred).sum(1)  # [C]
+    gemm_protos = centred.bfloat16().to(dt) if precision == "bf16" else centred
 
     grad = torch.empty((n, d), dtype=dt, device=h.device)
     q_ood = torch.empty(n, dtype=dt, device=h.device)
@@ -199,10 +200,6 @@ def ncp_gradient(
 
     for r0 in range(0, n, bn):
         r1 = min(r0 + bn, n)
-        # Work in units of a power of two near the largest magnitude (exact rescaling), so
-        # squared distances neither overflow nor underflow for huge or tiny features.
-        sc = pow2_scale(max(max_abs(h[r0:r1]), proto_max))
-        p_o, centred, centred_sq, gemm_protos = centred_at(sc)
         u = (h[r0:r1].to(dt) / sc if sc != 1.0 else h[r0:r1].to(dt)) - p_o  # [bn, D], units sc
         u_norm = torch.linalg.vector_norm(u, dim=1)  # [bn]
         u_sq = u_norm * u_norm

@@ -11,25 +11,39 @@ survive ``state_dict`` round trips and save with the model. Their forward is mad
 custom ops (:mod:`grood.library`) and plain torch, so ``torch.compile(fullgraph=True)``
 compiles it with no graph break and ``torch.export.export`` exports it.
 
+CUDA graphs: with ``checks="flag"`` on the Triton backend nothing in the forward reads a value
+on the host, so the head (or a model attached with it) can be captured and replayed
+(:func:`capture_cuda_graph`; ``torch.compile(mode="reduce-overhead")`` works the same way).
+Rows it cannot score in the compute dtype then come out as score NaN and pred -1, counted in
+the ``unresolved_rows`` buffer: score those rows with the detector, which resolves far rows in
+float64 and names non-finite ones. The default ``checks="raise"`` behaves like the detector and
+reads values on the host.
+
 Limits: the index must be grood's exact index (a faiss index stays outside: score with the
-detector); a distributed detector's sharded index cannot be held by one module; the ops read
-tensor values on the host (see :mod:`grood.library`), so the module is not CUDA-graph
-capturable.
+detector); a distributed detector's sharded index cannot be held by one module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
-from grood._gradients import centred_sq_norms
-from grood.functional import database_sq_norms_of
+from grood._gradients import centred_sq_norms, resolved_rows
+from grood.functional import NCPGradient, database_sq_norms_of
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
+
+#: What the head does with rows it cannot score in the compute dtype (non-finite features,
+#: or distances beyond what the float32 softmax resolves): ``"raise"`` as the detector does
+#: (an error naming a non-finite row; far rows redone in float64), reading values on the
+#: host; ``"flag"`` without reading anything on the host (CUDA-graph capturable): such rows
+#: get score NaN and pred -1, and ``unresolved_rows`` counts them.
+CHECKS = ("raise", "flag")
 
 
 class GROODHead(nn.Module):
@@ -43,14 +57,19 @@ class GROODHead(nn.Module):
         backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
         index_storage (Tensor, optional): a half-precision copy of ``index_vectors`` that the
             search streams (``index_options={"storage": ...}``); distances stay exact.
+        checks (str): ``"raise"`` (default; the detector's behaviour, which reads values on
+            the host) or ``"flag"`` (nothing read on the host: unresolvable rows score NaN,
+            pred -1, and are counted in the ``unresolved_rows`` buffer). See :data:`CHECKS`.
     """
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
-                 index_storage: Tensor | None = None) -> None:
+                 index_storage: Tensor | None = None, checks: str = "raise") -> None:
         super().__init__()
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
+        if checks not in CHECKS:
+            raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
         # The same squared norms the detector's gradient step and exact index use.
         self.register_buffer("class_prototypes", class_prototypes.detach().clone())
         self.register_buffer("ood_prototype", ood_prototype.detach().clone())
@@ -60,27 +79,47 @@ class GROODHead(nn.Module):
         self.register_buffer("index_sq_norms", database_sq_norms_of(index_vectors.detach()))
         self.register_buffer("index_storage", None if index_storage is None
                              else index_storage.detach().clone())
-        self.k, self.precision, self.backend = k, precision, backend
+        # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted on
+        # the device across calls; read it once per batch or epoch, reset with zero_().
+        self.register_buffer("unresolved_rows", torch.zeros((), dtype=torch.int64,
+                                                            device=class_prototypes.device),
+                             persistent=False)
+        self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
         return (f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}, "
-                f"precision={self.precision!r}, backend={self.backend!r}")
+                f"precision={self.precision!r}, backend={self.backend!r}, checks={self.checks!r}")
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
         in-distribution) and nearest-prototype classes (int64)."""
         grood_ops = torch.ops.grood
         wide = features.dtype == torch.float64  # float64 features are scored in float64
+        finite = None
+        if self.checks == "flag":  # non-finite rows go to the kernels as zeros, then flagged
+            finite = torch.isfinite(features).all(1)
+            features = torch.where(finite[:, None], features, 0.0)
         res = grood_ops.ncp_gradient(features, self.class_prototypes, self.ood_prototype,
                                      self.precision, None if wide else self.prototype_sq_norms,
                                      self.backend)
-        res = grood_ops.resolve_rows(features, self.class_prototypes, self.ood_prototype, *res)
+        bad = None
+        if self.checks == "raise":
+            res = grood_ops.resolve_rows(features, self.class_prototypes, self.ood_prototype,
+                                         *res)
+        else:  # "flag": decided on the device; the search gets zeros for the flagged rows
+            bad = ~(finite & resolved_rows(NCPGradient(*res)))
+            res = (torch.where(bad[:, None], 0.0, res[0]), *res[1:])
         stored = self.index_storage is not None and not wide
         dist, _ = grood_ops.knn(res[0], self.index_storage if stored else self.index_vectors,
                                 self.k, self.precision, None if wide else self.index_sq_norms,
                                 self.index_vectors if stored else None, self.backend)
-        return 0.0 - dist[:, self.k - 1], res[2]
+        score, pred = 0.0 - dist[:, self.k - 1], res[2]
+        if bad is not None:
+            self.unresolved_rows.add_(bad.sum())
+            score = torch.where(bad, float("nan"), score)
+            pred = torch.where(bad, -1, pred)
+        return score, pred
 
 
 class GROODAttached(nn.Module):
@@ -132,8 +171,9 @@ class GROODAttached(nn.Module):
         return logits, score, pred
 
 
-def as_module(det: GROOD) -> GROODHead:
-    """The fitted detector ``det`` as a :class:`GROODHead` on the detector's device."""
+def as_module(det: GROOD, checks: str = "raise") -> GROODHead:
+    """The fitted detector ``det`` as a :class:`GROODHead` on the detector's device (``checks``:
+    see :data:`CHECKS`)."""
     from grood.index import ExactIndex
 
     det._check_fitted()
@@ -148,4 +188,36 @@ def as_module(det: GROOD) -> GROODHead:
     storage = index._searched() if index.storage is not None else None
     return GROODHead(det.class_prototypes_, det.ood_prototype_,
                      index.vectors.to(det.device_), k=det.k, precision=det.precision,
-                     backend=det.backend, index_storage=storage)
+                     backend=det.backend, index_storage=storage, checks=checks)
+
+
+def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor], tuple]:
+    """``module``'s forward on inputs shaped like ``example``, captured in a CUDA graph.
+
+    Returns ``run(x)``: copies ``x`` into the graph's input, replays the graph and returns its
+    outputs, which the next call overwrites (clone what you keep). The module must read
+    nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it) on
+    the Triton backend. Warm-up runs on a side stream first, as capture needs.
+    """
+    if example.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need CUDA tensors; the example is on {example.device}")
+    static = example.clone()
+    module(static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        module(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = module(static)
+
+    def run(x: Tensor) -> tuple:
+        if x.shape != static.shape:
+            raise ValueError(f"the graph was captured for inputs of shape {tuple(static.shape)}"
+                             f", got {tuple(x.shape)}")
+        static.copy_(x)
+        graph.replay()
+        return out
+
+    return run

@@ -17,9 +17,13 @@ with a shape function, instead of tracing into Python that reads tensor values:
 
 Every op has a fake (meta) implementation, so shapes and dtypes propagate without running it,
 and none aliases or modifies its inputs. The ops are not differentiable (GROOD scores are not
-trained through). The implementations run eagerly and read tensor values (the power-of-two
-scale, tie handling, the checks), so they synchronise with a CUDA device: a model holding
-them compiles and exports, but is not CUDA-graph capturable.
+trained through). On the Triton backend ``ncp_gradient`` and ``knn`` read no tensor value on
+the host (the power-of-two scale is fixed per prototype set; tested by refusing every
+tensor-to-Python conversion during a call), so they can be captured in CUDA graphs;
+``resolve_rows`` reads values by design (it raises, and redoes rows in float64), which is why
+the head's ``checks="flag"`` replaces it with device-side flags. The torch implementations read
+values (tie handling, the prototypes' scale), which on a CUDA device without triton means a
+synchronisation per call.
 """
 
 from __future__ import annotations

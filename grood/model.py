@@ -134,16 +134,18 @@ class ModelFrontEnd:
         """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""
         return self.score_model(model, loader, **kwargs)[1]
 
-    def as_module(self) -> GROODHead:
+    def as_module(self, checks: str = "raise") -> GROODHead:
         """This detector as an ``nn.Module``: ``forward(features) -> (score, pred)``, ready for
-        ``torch.compile`` and ``torch.export`` (see :mod:`grood.head`)."""
+        ``torch.compile`` and ``torch.export``; ``checks="flag"`` makes it read nothing on the
+        host, for CUDA graphs (see :mod:`grood.head`)."""
         from grood.head import as_module
 
-        return as_module(self)
+        return as_module(self, checks)
 
-    def attach(self, model: nn.Module, features: str | None = None) -> GROODAttached:
+    def attach(self, model: nn.Module, features: str | None = None,
+               checks: str = "raise") -> GROODAttached:
         """``model`` with this detector as a head on its ``features`` module: ``forward(x) ->
         (logits, score, pred)`` in one pass (see :class:`grood.head.GROODAttached`)."""
         from grood.head import GROODAttached
 
-        return GROODAttached(model, self.as_module(), features)
+        return GROODAttached(model, self.as_module(checks), features)

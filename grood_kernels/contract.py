@@ -65,7 +65,9 @@ def pow2_scale(magnitude: float) -> float:
     """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``magnitude``.
 
     Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
-    latter do not overflow or underflow.
+    latter do not overflow or underflow. The gradient step (kernel and twin) takes the scale
+    from the prototypes' magnitude alone, never from the features: it is fixed per prototype
+    set, so no feature value is read on the host and the launch never waits for the device.
     """
     if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
         return 1.0

@@ -59,7 +59,6 @@ from grood_kernels.contract import (
     NCP_CANDIDATES,
     NCPGradient,
     check_precision,
-    max_abs,
     pow2_scale,
 )
 
@@ -136,23 +135,26 @@ def _split_tf32(x):
 @triton.jit
 def _class_block_dots(
     # pointers: features, the prepared operand, the OOD prototype
-    h_ptr, op_ptr, pood_ptr,
+    h_ptr, op_ptr, pood_ptr, psq_ptr,
     # the row tile, the class block; sizes and scalars
-    offs_n, mask_n, c0, D, inv_scale,
+    offs_n, mask_n, c0, C, D, inv_scale,
     # strides
     stride_hn, stride_hd, stride_oc,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr,
 ):
-    """``u . P_c`` for one class block [BLOCK_N, BLOCK_C] (and ``||u||^2`` when WITH_SQ).
+    """``u . P_c - ||P_c||^2 / 2`` for one class block [BLOCK_N, BLOCK_C] (-inf for classes
+    past C), and ``||u||^2`` when WITH_SQ.
 
-    The prepared operand is padded to whole tiles, so its loads need no mask and go to
-    ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand).
+    The accumulator starts at ``-||P_c||^2 / 2``, so the distances need no per-class operand
+    after the K-loop. The prepared operand is padded to whole tiles, so its loads need no mask
+    and go to ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand).
     """
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
+    dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32) - 0.5 * p_sq[None, :]
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
@@ -178,13 +180,9 @@ def _class_block_dots(
 
 
 @triton.jit
-def _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C: tl.constexpr):
-    """Distances from the GEMM [BLOCK_N, BLOCK_C], +inf for padded classes."""
-    offs_c = c0 + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=0.0)
-    dist = tl.sqrt(tl.maximum(u_sq[:, None] + p_sq[None, :] - 2.0 * dots, 0.0)) * scale
-    return tl.where(mask_c[None, :], dist, float("inf"))
+def _distances(dots, u_sq, scale):
+    """Distances from the shifted GEMM [BLOCK_N, BLOCK_C] (+inf for classes past C)."""
+    return tl.sqrt(tl.maximum(u_sq[:, None] - 2.0 * dots, 0.0)) * scale
 
 
 @triton.jit
@@ -215,10 +213,11 @@ def _ncp_gradient_kernel(
 
     # First class block of the group: also ||u||^2; seeds the running max / sum-exp.
     c0 = cb0 * BLOCK_C
-    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
+    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
+                                   inv_scale,
                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
                                    DOT_MODE, True)
-    dist = _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C)
+    dist = _distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
@@ -226,10 +225,11 @@ def _ncp_gradient_kernel(
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
     for cb in range(cb0 + 1, cb1):
         c0 = cb * BLOCK_C
-        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, offs_n, mask_n, c0, D, inv_scale,
+        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
+                                    inv_scale,
                                     stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
                                     DOT_MODE, False)
-        dist = _distances(dots, u_sq, psq_ptr, c0, C, scale, BLOCK_C)
+        dist = _distances(dots, u_sq, scale)
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new
@@ -365,9 +365,10 @@ def ncp_gradient(
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
-    # Work in units of a power of two near the largest magnitude (exact rescaling), so
-    # squared distances neither overflow nor underflow for huge or tiny features.
-    scale = pow2_scale(max(max_abs(h), prototype_magnitude(prototypes, ood_prototype)))
+    # Work in units of a power of two near the prototypes' magnitude (exact rescaling; the
+    # twin's rule, contract.pow2_scale): kept with the prototypes, so nothing here reads a
+    # value of h and the launch never synchronises with the device.
+    scale = pow2_scale(prototype_magnitude(prototypes, ood_prototype))
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:

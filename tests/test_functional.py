@@ -90,6 +90,27 @@ def test_extreme_magnitudes_do_not_overflow_or_underflow(scale):
     torch.testing.assert_close(res.grad.double(), grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_scale_follows_the_prototypes_not_the_features():
+    """Rows larger than the prototypes are computed in the prototypes' units: within float32's
+    softmax resolution they are accurate, and one too large for float32 in those units comes
+    out non-finite on its own (the detector redoes it in float64), leaving every other row as
+    computed alone."""
+    h, protos, p_ood = _problem(9, 4, 8, dtype=torch.float32, seed=6)
+    big = h.clone()
+    big[2] *= 1e3
+    res = F.ncp_gradient(big, protos, p_ood)
+    grad, q, *_ = ncp_naive(big, protos, p_ood)
+    torch.testing.assert_close(res.grad.double(), grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double(), q, rtol=1e-3, atol=1e-30)
+    huge = h.clone()
+    huge[5] = 1e25  # its squared distances overflow float32 in the prototypes' units
+    res = F.ncp_gradient(huge, protos, p_ood)
+    assert not bool(torch.isfinite(res.min_dist[5]))
+    alone = F.ncp_gradient(h[torch.arange(9) != 5], protos, p_ood)
+    for got, want in zip(res, alone, strict=True):
+        assert torch.equal(got[torch.arange(9) != 5], want)
+
+
 def test_ncp_gradient_does_not_modify_inputs():
     h, protos, p_ood = _problem(10, 3, 5, dtype=torch.float32)
     copies = [t.clone() for t in (h, protos, p_ood)]

@@ -10,7 +10,7 @@ from conftest import clustered_features
 from torch import nn
 
 from grood import GROOD, functional
-from grood.head import GROODHead
+from grood.head import GROODHead, capture_cuda_graph
 
 OPS = torch.ops.grood
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,6 +44,30 @@ def test_opcheck_on_the_triton_kernels():
                           {"precision": "ieee", "backend": "triton"})
     torch.library.opcheck(OPS.knn.default, (h, torch.rand(21, 16), 2),
                           {"precision": "tf32x3", "backend": "triton"})
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton launchers run under the interpreter")
+def test_triton_launchers_read_no_tensor_value_on_the_host(monkeypatch):
+    """Nothing in the Triton path of either op turns a tensor into a Python value (which on
+    a GPU waits for the device and breaks CUDA-graph capture); only the prototypes' cached
+    facts are computed on first use, so one warm call comes first."""
+    from grood_kernels.knn import knn
+    from grood_kernels.ncp_gradient import ncp_gradient
+
+    h, protos, p_ood = _data(n=37, c=5, d=20)
+    db = torch.rand(50, 20)
+    first = ncp_gradient(h, protos, p_ood, precision="tf32")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    again = ncp_gradient(h * 3.0, protos, p_ood, precision="tf32")
+    dist, idx = knn(again.grad, db, 4, precision="tf32")
+    monkeypatch.undo()
+    assert dist.shape == (37, 4) and bool((idx >= 0).all())
+    assert not torch.equal(again.grad, first.grad)
 
 
 def test_ops_equal_the_functional_twins():
@@ -137,6 +161,69 @@ def test_head_compiles_with_fullgraph(fitted):
     assert torch.equal(pred, want[1])
 
 
+def _with_bad_rows(test):
+    bad = test.clone()
+    bad[3, 5] = float("nan")
+    bad[7] += 1e6  # distances far beyond what the float32 softmax resolves
+    return bad
+
+
+def test_flag_checks_score_unresolvable_rows_nan_and_count_them(fitted):
+    det, test = fitted
+    bad = _with_bad_rows(test)
+    with pytest.raises(ValueError, match=r"row\(s\) 3"):
+        det.as_module()(bad)  # checks="raise": the detector's behaviour
+    head = det.as_module(checks="flag")
+    score, pred = head(bad)
+    flagged = torch.zeros(len(test), dtype=torch.bool)
+    flagged[[3, 7]] = True
+    assert bool(score[flagged].isnan().all()) and bool((pred[flagged] == -1).all())
+    want_s, want_p = det.score_and_predict(bad[~flagged])
+    assert torch.equal(score[~flagged], want_s) and torch.equal(pred[~flagged], want_p)
+    assert int(head.unresolved_rows) == 2
+    head(bad)
+    assert int(head.unresolved_rows) == 4  # counted across calls until reset
+    head.unresolved_rows.zero_()
+    assert torch.equal(head(test)[0], det.score_samples(test))
+    assert int(head.unresolved_rows) == 0
+    assert "unresolved_rows" not in head.state_dict()  # a counter, not a parameter
+    with pytest.raises(ValueError, match="checks must be one of"):
+        det.as_module(checks="ignore")
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        capture_cuda_graph(head, test)
+
+
+def test_flag_checks_compile_without_graph_break_and_export(fitted):
+    det, test = fitted
+    bad = _with_bad_rows(test)
+    head = det.as_module(checks="flag")
+    explained = torch._dynamo.explain(head)(bad)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    exported = torch.export.export(det.as_module(checks="flag"), (bad,))
+    got, want = exported.module()(bad), det.as_module(checks="flag")(bad)
+    assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton launchers run under the interpreter")
+def test_flag_checks_on_triton_read_no_tensor_value_on_the_host(fitted, monkeypatch):
+    det, test = fitted
+    bad = _with_bad_rows(test)
+    head = GROODHead(det.class_prototypes_, det.ood_prototype_, det.index_.vectors, k=3,
+                     backend="triton", checks="flag")
+    first = head(bad)  # the prototypes' cached facts are made on first use
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    again = head(bad)
+    monkeypatch.undo()
+    assert torch.equal(again[0].nan_to_num(), first[0].nan_to_num())
+    assert int(head.unresolved_rows) == 4
+
+
 class SmallCNN(nn.Module):
     def __init__(self, n_classes: int = 3) -> None:
         super().__init__()
@@ -224,3 +311,29 @@ def test_ops_and_compiled_head_on_a_cuda_device():
     want_s, want_p = det.score_and_predict(test)
     score, pred = torch.compile(det.as_module(), fullgraph=True)(test)
     assert torch.equal(score, want_s) and torch.equal(pred, want_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flag_head_captures_in_a_cuda_graph():
+    """checks="flag" reads nothing on the host: the ops run with sync debugging set to error,
+    and the head captured in a CUDA graph and replayed on new features equals eager."""
+    x, y = clustered_features(2000, 10, 64, seed=9, dtype=torch.float32)
+    det = GROOD(device="cuda", backend="triton", precision="tf32").fit(x.cuda(), y.cuda())
+    head = det.as_module(checks="flag")
+    static = _with_bad_rows(x[:512]).cuda()
+    head(static)  # warm: compile the kernels, cache the prototypes' facts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        head(static)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    run = capture_cuda_graph(head, static)
+    fresh = _with_bad_rows(x[512:1024]).cuda()
+    head.unresolved_rows.zero_()
+    out_s, out_p = run(fresh)
+    torch.cuda.synchronize()
+    want_s, want_p = det.as_module(checks="flag")(fresh)
+    assert torch.equal(out_s.nan_to_num(), want_s.nan_to_num()) and torch.equal(out_p, want_p)
+    assert int(head.unresolved_rows) == 2

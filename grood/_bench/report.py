@@ -90,12 +90,16 @@ def run(args: argparse.Namespace) -> int:
               "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
               "run. recall@1 is measured on the first 100 queries against float64 brute force.")
     if args.only in (None, "head"):
-        from grood._bench.head import head_table
+        from grood._bench.head import attached_table, head_table
 
         print("\n## The GROOD head in a compiled program\n")
         print("\n".join(head_table(device, backends[0], args.tiny, args.repeat)))
-        print("\nThe ops read values on the host, so the head is not CUDA-graph capturable; "
-              "compiled and exported heads run grood's custom ops as single nodes.")
+        print()
+        print("\n".join(attached_table(device, backends[0], args.tiny, args.repeat)))
+        print("\nCompiled and exported heads run grood's custom ops as single nodes. With "
+              "checks='raise' (the default) the head reads values on the host; the CUDA-graph "
+              "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
+              "counted on the device).")
     return 0
 
 
