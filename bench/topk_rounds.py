@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mismatch against the torch twin ({precision}, k = {k})",
                       file=sys.stderr)
                 return 1
-            (launch,) = kernel.compile_launches(queries.shape[0], database.shape[0],
-                                                args.dim, precision, k=k)
+            launch = kernel.compile_launches(queries.shape[0], database.shape[0],
+                                             args.dim, precision, k=k)[0]
             n_cand = launch.constexprs["N_CAND"]
             rows, split = launch.args[10], launch.args[11]
             tiles = sum(-(-min(rows, database.shape[0] - s * rows) // launch.constexprs[

@@ -144,8 +144,9 @@ def _knn_grouped(launch, precision, arch, ctas):
 
     Per program and database tile: the query tile and the database tile go through L2. Each
     database tile is read from HBM once per query group (the group's programs running together
-    share it); the group's query tiles stay L2-resident while it streams. The merge and exact
-    re-rank after the kernel read the candidates and k + 4 database rows per query.
+    share it); the group's query tiles stay L2-resident while it streams. Each program writes
+    its candidate list once; the merge and exact re-rank that read them are the next launch
+    (:func:`_knn_merge`).
     """
     q, x = launch.args[0], launch.args[1]
     n_q, m, d, rows_per_split, split, n_qb = launch.args[7:13]
@@ -167,13 +168,29 @@ def _knn_grouped(launch, precision, arch, ctas):
     notes.append(f"database read {groups}x from HBM ({groups} query group(s) of {group_q} "
                  "blocks)")
     cand = programs * bq * n_cand * 8
-    rerank = n_q * (n_cand + 1) * d * 4
-    hbm += 2 * cand + rerank
-    l2 += 2 * cand + rerank
+    hbm += cand
+    l2 += cand
     return finish(flops, 2.0 * n_q * m * d, hbm, l2, precision, arch, programs / conc, notes)
+
+
+def _knn_merge(launch, precision, arch, ctas):
+    """The search's fused merge and exact re-rank: per query, the splits' candidate lists
+    (distance + id) are read, ``N_KEEP`` exact rows gathered (from HBM: random rows of an index
+    far larger than L2), the query row read once, k results written. Its arithmetic (3 FMA-pipe
+    operations per gathered element) runs on the CUDA cores; it is a memory-bound step."""
+    q, x = launch.args[0], launch.args[1]
+    n_q, w, d, k = launch.args[6:10]
+    n_keep = launch.constexprs["N_KEEP"]
+    gathered = n_q * n_keep * d * _esize(x)
+    hbm = n_q * w * 8 + n_q * d * _esize(q) + gathered + n_q * k * 12
+    flops = 3.0 * n_q * n_keep * d
+    notes = [f"{n_keep} exact rows gathered per query; memory-bound by design"]
+    return finish(flops, flops, hbm, hbm, "ieee", arch, launch.grid[0] / (ROOFS[arch]["sms"]
+                                                                          * ctas), notes)
 
 
 MODELS = {
     "_ncp_gradient_kernel": _ncp_class_groups,
     "_knn_candidates_kernel": _knn_grouped,
+    "_merge_rerank_kernel": _knn_merge,
 }

@@ -15,11 +15,12 @@ loaded: in ``bf16`` mode the queries are cast once in the launcher and the datab
 in bf16 (``bf16`` storage: half the bytes); an fp32 database in ``bf16`` mode is cast per tile.
 
 Top-k: insertion rounds are gated (a tile with nothing nearer than a row's current worst
-candidate costs one row minimum); ties go to the lower index. The launcher merges the splits'
-candidates by (distance, index), recomputes the best ``k + RERANK_EXTRA`` distances exactly
-from fp32 differences (from ``rerank_database`` when given: the fp32 copy of a bf16-stored
-database, on the device or in host memory) and returns the k nearest, so results match exact
-fp32 search in every mode. The same computation in PyTorch is :func:`grood.functional.knn`.
+candidate costs one row minimum); ties go to the lower index. One fused kernel then merges the
+splits' candidates by (distance, index), recomputes the best ``k + RERANK_EXTRA`` distances
+exactly from fp32 differences (from ``rerank_database`` when given: the fp32 copy of a
+bf16-stored database) and writes the k nearest (:mod:`grood_kernels._knn_merge`), so results
+match exact fp32 search in every mode; exact rows held in host memory are merged in torch.
+The same computation in PyTorch is :func:`grood.functional.knn`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._dot import dot_t
+from grood_kernels._knn_merge import merge_and_rerank, merge_plan
 from grood_kernels._launch import (
     DEFAULT_SMS,
     KernelLaunch,
@@ -50,6 +52,9 @@ from grood_kernels.contract import (
 
 #: Bytes of query tiles a group of programs keeps L2-resident (a quarter of an H100's L2).
 L2_QUERY_BUDGET = 12 << 20
+#: Largest ``k + RERANK_EXTRA`` the fused merge-and-re-rank kernel takes (it unrolls one
+#: gather per kept candidate); larger k, and exact rows held in host memory, merge in torch.
+MAX_FUSED_KEEP = 36
 
 
 def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
@@ -129,7 +134,7 @@ def _knn_candidates_kernel(
     q_rows = q_ptr + tl.minimum(offs_q, Q - 1).to(tl.int64)[:, None] * stride_qn
 
     cand_d = tl.full([BLOCK_Q, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_Q, N_CAND], -1, dtype=tl.int32)
+    cand_i = tl.full([BLOCK_Q, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, stop, BLOCK_M):
@@ -159,7 +164,7 @@ def _knn_candidates_kernel(
 
     out = (offs_q[:, None] * n_split + pid_s) * N_CAND + slots[None, :]
     tl.store(out_d_ptr + out, cand_d, mask=mask_q[:, None])
-    tl.store(out_i_ptr + out, cand_i, mask=mask_q[:, None])
+    tl.store(out_i_ptr + out, tl.maximum(cand_i, -1), mask=mask_q[:, None])
 
 
 def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
@@ -197,8 +202,9 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
                      dtype=torch.float32, storage=None,
                      configs: str = "launcher") -> list[KernelLaunch]:
     """The launches :func:`knn` makes at this shape, on ``meta`` tensors (for the compile
-    report). ``storage`` is the database dtype (default: ``dtype``). There are no autotuning
-    candidates, so ``configs`` changes nothing."""
+    report): the search, then the fused merge and exact re-rank (its exact rows in ``dtype``,
+    on the device). ``storage`` is the database dtype (default: ``dtype``). There are no
+    autotuning candidates, so ``configs`` changes nothing."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
@@ -207,9 +213,13 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
                          (storage or dtype).itemsize)
     split = cfg.n_split
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
-    return [_plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
-                  meta(n_db), meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32),
-                  meta(1, dt=torch.int32), precision, cfg, rows)]
+    cand_d, cand_i = meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32)
+    search = _plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
+                   meta(n_db), cand_d, cand_i, meta(1, dt=torch.int32), precision, cfg, rows)
+    merge = merge_plan(meta(n_q, d, dt=dtype), meta(n_db, d, dt=dtype),
+                       cand_d.view(n_q, -1), cand_i.view(n_q, -1), k, k + RERANK_EXTRA,
+                       meta(n_q, k), meta(n_q, k, dt=torch.int64))
+    return [search, merge]
 
 
 def knn(
@@ -289,13 +299,18 @@ def knn(
                                                                           device=dev)
     run(_plan(q_op, database, q_sq, x_sq, cand_d, cand_i, counter, precision, cfg, rows,
               count=insert_rounds is not None))
-    return _merge_and_rerank(queries, exact_rows, cand_d.view(n_q, -1),
-                             cand_i.view(n_q, -1).long(), k, out_d, out_i)
+    if exact_rows.device == dev and n_keep <= MAX_FUSED_KEEP:
+        merge_and_rerank(queries, exact_rows, cand_d.view(n_q, -1), cand_i.view(n_q, -1), k,
+                         n_keep, out_d, out_i)
+        return out_d, out_i
+    return _merge_and_rerank_torch(queries, exact_rows, cand_d.view(n_q, -1),
+                                   cand_i.view(n_q, -1).long(), k, out_d, out_i)
 
 
-def _merge_and_rerank(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):
+def _merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):
     """Best ``k + RERANK_EXTRA`` split candidates by (distance, index), their exact fp32
-    distances, and the k nearest by (exact distance, index)."""
+    distances, and the k nearest by (exact distance, index): the fused kernel's computation
+    (:mod:`grood_kernels._knn_merge`) in torch, for exact rows in host memory or large k."""
     n_keep = min(k + RERANK_EXTRA, cand_d.shape[1])
     order = lex_order(cand_d, cand_i)[:, :n_keep]
     idx = cand_i.gather(1, order)  # [Q, n_keep]

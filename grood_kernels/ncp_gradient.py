@@ -221,7 +221,7 @@ def _ncp_gradient_kernel(
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
     for cb in range(cb0 + 1, cb1):
         c0 = cb * BLOCK_C
@@ -241,7 +241,8 @@ def _ncp_gradient_kernel(
     tl.store(part_f_ptr + row * W, m, mask=mask_n)
     tl.store(part_f_ptr + row * W + 1, acc, mask=mask_n)
     tl.store(part_f_ptr + row[:, None] * W + 2 + slots[None, :], cand_d, mask=mask_n[:, None])
-    tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], cand_i, mask=mask_n[:, None])
+    tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], tl.maximum(cand_i, -1),
+             mask=mask_n[:, None])
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
     if arrived == n_groups - 1:

@@ -38,12 +38,17 @@ def report(tmp_path_factory):
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
     _, records, _ = report
     assert {r["kernel"] for r in records} == {"ncp_gradient", "knn"}
+    assert sorted(r["function"] for r in records) == [
+        "_knn_candidates_kernel", "_merge_rerank_kernel", "_ncp_gradient_kernel"]
     for r in records:
         assert set(compile_report.JSON_KEYS) <= set(r)
         assert r["arch"] == "sm_90a" and r["precision"] == "tf32"
-        assert r["mma"] == "wgmma"
-        assert r["wgmma_pendings"] >= 1
-        assert r["smem_bytes"] > 0 and r["grid"] >= 1 and r["ctas_per_sm"] >= 1
+        if r["function"] == "_merge_rerank_kernel":  # no GEMM: gathers and CUDA-core math
+            assert r["mma"] == "none"
+        else:
+            assert r["mma"] == "wgmma"
+            assert r["wgmma_pendings"] >= 1
+        assert r["smem_bytes"] >= 0 and r["grid"] >= 1 and r["ctas_per_sm"] >= 1
         assert r["flops"] > 0 and r["hbm_bytes"] > 0 and r["l2_bytes"] >= r["hbm_bytes"] / 2
         assert set(r["bound_ms"]) == {"compute", "hbm", "l2"}
         assert r["binding_roof"] in r["bound_ms"]
@@ -80,7 +85,7 @@ def test_search_model_bytes_by_hand():
     """knn at Q = 1000, M = 100,000, D = 256, tf32, counted by hand from the schedule."""
     from grood_kernels import knn
 
-    (launch,) = knn.compile_launches(1000, 100_000, 256, "tf32")
+    launch, merge = knn.compile_launches(1000, 100_000, 256, "tf32")
     bq, bm = launch.constexprs["BLOCK_Q"], launch.constexprs["BLOCK_M"]
     group_q, n_cand = launch.constexprs["GROUP_Q"], launch.constexprs["N_CAND"]
     rows_per_split, split, n_qb = launch.args[10], launch.args[11], launch.args[12]
@@ -92,12 +97,17 @@ def test_search_model_bytes_by_hand():
     # HBM: the queries once (the group's tiles stay resident), the database once per group.
     groups = math.ceil(8 / group_q)
     hbm_gemm = 1000 * 256 * 4 + 100_000 * 256 * 4 * groups
-    cand = programs * 128 * n_cand * 8
-    rerank = 1000 * (n_cand + 1) * 256 * 4
+    cand = programs * 128 * n_cand * 8  # each program writes its candidate list once
     m = traffic_model.model("knn", launch, (1000, 100_000, 256), "tf32", "sm_90a", 1)
-    assert m["hbm_bytes"] == hbm_gemm + 2 * cand + rerank
-    assert m["l2_bytes"] == l2_gemm + 2 * cand + rerank
+    assert m["hbm_bytes"] == hbm_gemm + cand
+    assert m["l2_bytes"] == l2_gemm + cand
     assert m["flops"] == 2.0 * programs * tiles * 128 * 256 * 256
+    # The fused merge: reads every candidate list and the query, gathers k + 4 = 5 exact
+    # rows per query, writes k = 1 result (distance fp32 + index int64).
+    assert merge.fn.__name__ == "_merge_rerank_kernel"
+    mm = traffic_model.model("knn", merge, (1000, 100_000, 256), "tf32", "sm_90a", 1)
+    read = 1000 * split * n_cand * 8  # the real queries' lists, not the padded tile rows
+    assert mm["hbm_bytes"] == read + 1000 * 256 * 4 + 1000 * 5 * 256 * 4 + 1000 * 12
 
 
 def test_gradient_model_reads_h_once_at_imagenet_shape():

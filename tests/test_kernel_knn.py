@@ -193,3 +193,64 @@ def test_bf16_storage_with_an_exact_copy_for_the_rerank():
     ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 2)
     assert torch.equal(idx.cpu(), ref_i)
     torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 6, 32])
+def test_fused_merge_equals_the_torch_merge(k):
+    """The fused merge-and-re-rank kernel against the same computation in torch, on candidate
+    lists shaped as the search leaves them (disjoint ascending id ranges per split, empty
+    slots, exact ties across splits), wider than one merge chunk."""
+    from grood_kernels._knn_merge import merge_and_rerank
+    from grood_kernels.knn import _merge_and_rerank_torch
+
+    gen = torch.Generator().manual_seed(k)
+    db = torch.randint(-2, 3, (600, 12), generator=gen).float()
+    db[300:400] = db[:100]  # exact ties across splits
+    queries = torch.randint(-2, 3, (37, 12), generator=gen).float()
+    n_split, n_cand = 12, triton_next_pow2(k + 4)
+    rows = 600 // n_split
+    cand_d = torch.full((37, n_split, n_cand), float("inf"))
+    cand_i = torch.full((37, n_split, n_cand), -1, dtype=torch.int32)
+    for s in range(n_split):
+        ids = torch.arange(s * rows, (s + 1) * rows)
+        d = ((queries[:, None, :] - db[ids][None]) ** 2).sum(2)
+        keep = min(n_cand - (s % 3), rows)  # some splits leave empty slots
+        order = torch.sort(d, dim=1, stable=True).indices[:, :keep]
+        cand_d[:, s, :keep] = d.gather(1, order)
+        cand_i[:, s, :keep] = ids[order].int()
+    queries, db = queries.to(DEVICE), db.to(DEVICE)
+    cand_d, cand_i = cand_d.view(37, -1).to(DEVICE), cand_i.view(37, -1).to(DEVICE)
+    out_d = torch.full((37, k), float("nan"), device=DEVICE)
+    out_i = torch.full((37, k), -7, dtype=torch.int64, device=DEVICE)
+    merge_and_rerank(queries, db, cand_d, cand_i, k, k + 4, out_d, out_i)
+    ref_d, ref_i = _merge_and_rerank_torch(queries, db, cand_d, cand_i.long(), k,
+                                           torch.empty_like(out_d), torch.empty_like(out_i))
+    assert torch.equal(out_i, ref_i)
+    assert torch.equal(out_d, ref_d)  # integer data: every order of summation is exact
+    assert torch.equal(out_i.cpu(), lexicographic_knn(queries, db, k)[1])
+
+
+def test_large_k_merges_in_torch():
+    queries, db = _data(9, 300, 10, seed=4)
+    dist, idx = knn(queries, db, 40)  # k + 4 > MAX_FUSED_KEEP
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 40)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def test_a_nearer_row_evicts_the_highest_id_among_tied_worst_candidates(monkeypatch):
+    """Ten rows tie at the worst kept distance when three nearer rows arrive in a later tile:
+    the three evicted must be the highest ids of the tie (7, 6, 5), so the 4th nearest is 0."""
+    _small_tiles(monkeypatch)
+    db = torch.zeros(32, 4)
+    db[:, 0] = 10.0
+    db[:10] = torch.tensor([2.0, 1.0, 0.0, 0.0])  # squared distance 5, ids 0..9
+    db[16:19] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # squared distance 1, in the second tile
+    queries = torch.zeros(3, 4)
+    dist, idx = knn(queries.to(DEVICE), db.to(DEVICE), 4)
+    assert idx.cpu().tolist() == [[16, 17, 18, 0]] * 3
+    assert dist.cpu().tolist() == [[1.0, 1.0, 1.0, 5.0]] * 3
