@@ -269,6 +269,24 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
     assert all(torch.equal(a, b) for a, b in zip(exported, (logits, score, pred), strict=True))
 
 
+def test_attach_with_flag_checks(cnn):
+    """attach(checks="flag"): the same scores on images it can score, NaN (and a count) for
+    an image whose features are not finite, no graph break."""
+    net, det, images = cnn
+    attached = det.attach(net, features="avgpool", checks="flag")
+    assert attached.head.checks == "flag"
+    bad = images.clone()
+    bad[4] = float("inf")
+    logits, score, pred = attached(bad)
+    want_s, want_p = det.score_model(net, [images])
+    keep = torch.arange(60) != 4
+    assert torch.equal(logits[keep], net(images)[keep])
+    assert torch.equal(score[keep], want_s[keep]) and torch.equal(pred[keep], want_p[keep])
+    assert bool(score[4].isnan()) and int(pred[4]) == -1
+    assert int(attached.head.unresolved_rows) == 1
+    assert torch._dynamo.explain(attached)(bad).graph_break_count == 0
+
+
 def test_attach_with_a_feature_list_model(cnn):
     _, det, images = cnn
     net = FeatureListNet().eval()
