@@ -34,6 +34,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     check_precision,
     lex_sort,
     max_abs,
+    ncp_scale,
     pow2_scale,
 )
 
@@ -181,9 +182,8 @@ def ncp_gradient(
                          f"got {tuple(prototype_sq_norms.shape)}")
     # Work in units of a power of two near the prototypes' magnitude (exact rescaling), so
     # squared distances neither overflow nor underflow for huge or tiny prototypes. The scale
-    # depends on the prototypes only, never on h, so no value of h is read on the host (the
-    # rule the kernel shares: grood_kernels.contract.pow2_scale).
-    sc = pow2_scale(max(max_abs(prototypes), max_abs(ood_prototype)))
+    # depends on the prototypes only, never on h (the rule the kernel shares).
+    sc = ncp_scale(prototypes, ood_prototype)
     p_o = ood_prototype.to(dt) / sc
     centred = prototypes.to(dt) / sc - p_o  # [C, D], units sc
     if prototype_sq_norms is not None and sc == 1.0:

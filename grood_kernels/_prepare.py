@@ -9,13 +9,11 @@ Imports torch only.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from grood_kernels.contract import max_abs
+from grood_kernels.contract import kept_per_prototypes
 
 #: The prepared operand is zero-padded to these multiples (rows, columns), which cover every
 #: BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
@@ -37,36 +35,6 @@ def operand_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-#: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
-_kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
-
-
-def _keep(prototypes: torch.Tensor, ood_prototype: torch.Tensor, what: tuple,
-          make: Callable[[], Any]) -> Any:
-    """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
-    both tensors live unmodified (identity through weak references, and version counters)."""
-    key = (id(prototypes), id(ood_prototype), *what)
-    versions = (prototypes._version, ood_prototype._version)
-    hit = _kept.get(key)
-    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
-            and hit[2] == versions:
-        return hit[3]
-    value = make()
-    for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
-        del _kept[k]  # drop entries whose tensors are gone
-    if len(_kept) >= 32:
-        _kept.pop(next(iter(_kept)))
-    _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
-    return value
-
-
-def prototype_magnitude(prototypes: torch.Tensor, ood_prototype: torch.Tensor) -> float:
-    """The largest absolute value of the prototypes and the OOD prototype (kept like the
-    prepared operand, so a detector does not reduce its prototypes on every batch)."""
-    return _keep(prototypes, ood_prototype, ("magnitude",),
-                 lambda: max(max_abs(prototypes), max_abs(ood_prototype)))
-
-
 def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,
                        scale: float = 1.0) -> PreparedPrototypes:
     """The GEMM operand of the prototypes: ``(p_c - p_o) / scale`` in the mode's operand dtype,
@@ -76,8 +44,8 @@ def prepare_prototypes(prototypes: torch.Tensor, ood_prototype: torch.Tensor, pr
     not modified in place (their version counters are checked), so a detector prepares it
     once. Costs one [C_pad, D_pad] tensor (fp32, or bf16 in ``bf16`` mode).
     """
-    return _keep(prototypes, ood_prototype, ("operand", precision, scale),
-                 lambda: _prepare(prototypes, ood_prototype, precision, scale))
+    return kept_per_prototypes(prototypes, ood_prototype, ("operand", precision, scale),
+                               lambda: _prepare(prototypes, ood_prototype, precision, scale))
 
 
 def _prepare(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: str,

@@ -9,7 +9,9 @@ twin. Importing this module imports torch only.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -65,13 +67,44 @@ def pow2_scale(magnitude: float) -> float:
     """1 for magnitudes in [2**-20, 2**20]; otherwise the power of two nearest ``magnitude``.
 
     Dividing by a power of two is exact, so rescaled results equal unscaled ones wherever the
-    latter do not overflow or underflow. The gradient step (kernel and twin) takes the scale
-    from the prototypes' magnitude alone, never from the features: it is fixed per prototype
-    set, so no feature value is read on the host and the launch never waits for the device.
+    latter do not overflow or underflow. The gradient step takes it from the prototypes'
+    magnitude alone (:func:`ncp_scale`), never from the features.
     """
     if magnitude == 0.0 or not math.isfinite(magnitude) or 2.0**-20 <= magnitude <= 2.0**20:
         return 1.0
     return 2.0 ** round(math.log2(magnitude))
+
+
+#: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
+_kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
+
+
+def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
+                        make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
+    both tensors live unmodified (identity through weak references, and version counters)."""
+    key = (id(prototypes), id(ood_prototype), *what)
+    versions = (prototypes._version, ood_prototype._version)
+    hit = _kept.get(key)
+    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
+            and hit[2] == versions:
+        return hit[3]
+    value = make()
+    for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
+        del _kept[k]  # drop entries whose tensors are gone
+    if len(_kept) >= 32:
+        _kept.pop(next(iter(_kept)))
+    _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
+    return value
+
+
+def ncp_scale(prototypes: Tensor, ood_prototype: Tensor) -> float:
+    """The gradient step's unit (kernel and twin): :func:`pow2_scale` of the largest absolute
+    value of the prototypes and the OOD prototype, kept with them, so a detector reduces its
+    prototypes once and no feature value is ever read on the host."""
+    return pow2_scale(kept_per_prototypes(
+        prototypes, ood_prototype, ("magnitude",),
+        lambda: max(max_abs(prototypes), max_abs(ood_prototype))))
 
 
 def lex_order(dist: Tensor, idx: Tensor) -> Tensor:

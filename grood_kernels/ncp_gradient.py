@@ -49,7 +49,6 @@ from grood_kernels._prepare import (
     PreparedPrototypes,
     operand_dtype,
     prepare_prototypes,
-    prototype_magnitude,
 )
 from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
@@ -59,7 +58,7 @@ from grood_kernels.contract import (
     NCP_CANDIDATES,
     NCPGradient,
     check_precision,
-    pow2_scale,
+    ncp_scale,
 )
 
 #: Bytes of feature tiles the programs resident at one time may keep re-reading from L2
@@ -367,9 +366,9 @@ def ncp_gradient(
     if n == 0:
         return NCPGradient(grad, q_ood, pred, min_dist, lse)
     # Work in units of a power of two near the prototypes' magnitude (exact rescaling; the
-    # twin's rule, contract.pow2_scale): kept with the prototypes, so nothing here reads a
-    # value of h and the launch never synchronises with the device.
-    scale = pow2_scale(prototype_magnitude(prototypes, ood_prototype))
+    # twin's rule): kept with the prototypes, so nothing here reads a value of h and the
+    # launch never synchronises with the device.
+    scale = ncp_scale(prototypes, ood_prototype)
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:

@@ -193,9 +193,10 @@ def test_detector_on_the_triton_backend_matches_torch():
 
 def test_kernel_and_twin_share_the_contract():
     # One definition each, imported by both sides (grood_kernels.contract).
-    for name in ("NCP_CANDIDATES", "DOT_MODES", "NCPGradient", "pow2_scale"):
+    for name in ("NCP_CANDIDATES", "DOT_MODES", "NCPGradient", "ncp_scale"):
         assert getattr(kernel_module, name) is getattr(contract, name)
-    for name in ("NCP_CANDIDATES", "PRECISIONS", "NCPGradient", "pow2_scale", "lex_sort"):
+    for name in ("NCP_CANDIDATES", "PRECISIONS", "NCPGradient", "ncp_scale", "pow2_scale",
+                 "lex_sort"):
         assert getattr(functional, name) is getattr(contract, name)
     assert tuple(contract.DOT_MODES) == contract.PRECISIONS
     # The scaling rule: 1 inside [2**-20, 2**20] (and for 0 / inf), else the nearest power of 2.
