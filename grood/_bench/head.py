@@ -42,13 +42,21 @@ def head_table(device: str, backend: str, tiny: bool, repeat: int) -> list[str]:
              "| path | max abs score diff vs detector | pred changed | ms | samples/s |",
              "|---|---|---|---|---|"]
     for name, run in runs.items():
-        score, pred = run()
-        diff = float((score.double() - want_s.double()).abs().max())
-        changed = float((pred != want_p).double().mean())
-        t = median_time(run, device, repeat)
-        lines.append(f"| {name} | {diff:.2e} | {100 * changed:.3f} % | {1e3 * t:.2f} | "
-                     f"{n / t:,.0f} |")
+        lines.append(_timed_row(name, run, run(), want_s, want_p, n, device, repeat))
     return lines
+
+
+def _timed_row(name: str, run, scored: tuple[Tensor, Tensor], want_s: Tensor, want_p: Tensor,
+               n: int, device: str, repeat: int, lead: tuple[str, ...] = ()) -> str:
+    """One table row: ``lead`` cells, then ``scored``'s (score, pred) against the detector's
+    (max abs score difference, predictions changed), then the time of ``run`` and samples/s."""
+    score, pred = scored
+    diff = float((score.double() - want_s.double()).abs().max())
+    changed = float((pred != want_p).double().mean())
+    t = median_time(run, device, repeat)
+    cells = [name, *lead, f"{diff:.2e}", f"{100 * changed:.3f} %", f"{1e3 * t:.2f}",
+             f"{n / t:,.0f}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 
@@ -127,10 +135,6 @@ def attached_table(device: str, backend: str, tiny: bool, repeat: int) -> list[s
             out = run()
             if isinstance(out, Tensor):  # the classifier alone: logits only
                 out = (out, want_s, want_p)
-            score_diff = float((out[1].double() - want_s.double()).abs().max())
-            changed = float((out[2] != want_p).double().mean())
-            t = median_time(run, device, repeat)
-            lines.append(f"| {name} | {float((out[0] - logits).abs().max()):.2e} | "
-                         f"{score_diff:.2e} | {100 * changed:.3f} % | {1e3 * t:.2f} | "
-                         f"{batch / t:,.0f} |")
+            lines.append(_timed_row(name, run, out[1:], want_s, want_p, batch, device, repeat,
+                                    (f"{float((out[0] - logits).abs().max()):.2e}",)))
     return lines
