@@ -46,6 +46,15 @@ def test_opcheck_on_the_triton_kernels():
                           {"precision": "tf32x3", "backend": "triton"})
 
 
+def _refuse_host_reads(monkeypatch):
+    """Make every tensor-to-Python conversion fail (until ``monkeypatch.undo()``)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton launchers run under the interpreter")
 def test_triton_launchers_read_no_tensor_value_on_the_host(monkeypatch):
     """Nothing in the Triton path of either op turns a tensor into a Python value (which on
@@ -58,11 +67,7 @@ def test_triton_launchers_read_no_tensor_value_on_the_host(monkeypatch):
     db = torch.rand(50, 20)
     first = ncp_gradient(h, protos, p_ood, precision="tf32")
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    _refuse_host_reads(monkeypatch)
     again = ncp_gradient(h * 3.0, protos, p_ood, precision="tf32")
     dist, idx = knn(again.grad, db, 4, precision="tf32")
     monkeypatch.undo()
@@ -213,11 +218,7 @@ def test_flag_checks_on_triton_read_no_tensor_value_on_the_host(fitted, monkeypa
                      backend="triton", checks="flag")
     first = head(bad)  # the prototypes' cached facts are made on first use
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    _refuse_host_reads(monkeypatch)
     again = head(bad)
     monkeypatch.undo()
     assert torch.equal(again[0].nan_to_num(), first[0].nan_to_num())
