@@ -21,26 +21,12 @@ import triton
 import triton.language as tl
 
 from grood_kernels._launch import KernelLaunch, fit_tile, run
-from grood_kernels._topk import merge_candidates
+from grood_kernels._topk import merge_candidates, pop_nearest
 
 #: Candidate entries per query read per merge step (a power of two).
 W_CHUNK = 64
 #: Queries per program.
 BLOCK_Q = 16
-
-
-@triton.jit
-def _lex_pick(vals, ids, slot, dst_d, dst_i, dst_slots, BIG: tl.constexpr):
-    """Move each row's smallest (value, id) entry of ``vals`` / ``ids`` into slot ``slot`` of
-    ``dst``; returns the updated source and destination."""
-    v = tl.min(vals, axis=1)
-    big = tl.where(ids >= 0, ids, BIG)
-    j = tl.min(tl.where(vals == v[:, None], big, BIG), axis=1)
-    j = tl.where(v < float("inf"), j, -1)
-    dst_d = tl.where(dst_slots[None, :] == slot, v[:, None], dst_d)
-    dst_i = tl.where(dst_slots[None, :] == slot, j[:, None].to(dst_i.dtype), dst_i)
-    vals = tl.where((vals == v[:, None]) & (big == j[:, None]), float("inf"), vals)
-    return vals, dst_d, dst_i
 
 
 @triton.jit
@@ -51,19 +37,19 @@ def _merge_rerank_kernel(
     BLOCK_Q: tl.constexpr, W_CHUNK: tl.constexpr, N_KEEP: tl.constexpr,
     KEEP_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < Q
+    rows = offs_q.to(tl.int64)  # Q * W may pass 2**31
     slots = tl.arange(0, KEEP_PAD)
     real = slots < N_KEEP
     # Slots past N_KEEP hold -inf: never the worst, so never replaced, and never re-ranked.
     keep_d = tl.where(real[None, :], float("inf"), float("-inf")) + tl.zeros(
         [BLOCK_Q, KEEP_PAD], dtype=tl.float32)
-    keep_i = tl.full([BLOCK_Q, KEEP_PAD], -1, dtype=tl.int32)
+    keep_i = tl.full([BLOCK_Q, KEEP_PAD], -1, dtype=tl.int32) - slots[None, :]  # -1 - slot
     cols = tl.arange(0, W_CHUNK)
     for w0 in range(0, W, W_CHUNK):
         m = mask_q[:, None] & (w0 + cols < W)[None, :]
-        at = offs_q[:, None] * W + w0 + cols[None, :]
+        at = rows[:, None] * W + w0 + cols[None, :]
         new_d = tl.load(cd_ptr + at, mask=m, other=float("inf"))
         new_i = tl.load(ci_ptr + at, mask=m, other=-1)
         keep_d, keep_i = merge_candidates(new_d, new_i, keep_d, keep_i, KEEP_PAD)
@@ -74,7 +60,7 @@ def _merge_rerank_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
-        q = tl.load(q_ptr + offs_q.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                     mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         for r in tl.static_range(N_KEEP):
             idx = tl.sum(tl.where(slots[None, :] == r, keep_i, 0), axis=1)
@@ -91,11 +77,12 @@ def _merge_rerank_kernel(
     out_slots = tl.arange(0, K_PAD)
     best_d = tl.full([BLOCK_Q, K_PAD], float("inf"), dtype=tl.float32)
     best_i = tl.full([BLOCK_Q, K_PAD], -1, dtype=tl.int64)
-    ids = keep_i.to(tl.int64)
     for r in tl.static_range(K_PAD):
-        exact, best_d, best_i = _lex_pick(exact, ids, r, best_d, best_i, out_slots,
-                                          9223372036854775807)
-    at = offs_q[:, None] * K + out_slots[None, :]
+        v, j, exact = pop_nearest(exact, keep_i)
+        best_d = tl.where(out_slots[None, :] == r, v[:, None], best_d)
+        j = tl.where(v < float("inf"), j, -1).to(tl.int64)
+        best_i = tl.where(out_slots[None, :] == r, j[:, None], best_i)
+    at = rows[:, None] * K + out_slots[None, :]
     m = mask_q[:, None] & (out_slots < K)[None, :]
     tl.store(out_d_ptr + at, best_d, mask=m)
     tl.store(out_i_ptr + at, best_i, mask=m)
@@ -114,7 +101,7 @@ def merge_plan(queries: torch.Tensor, exact_rows: torch.Tensor, cand_d: torch.Te
         {"BLOCK_Q": BLOCK_Q, "W_CHUNK": W_CHUNK, "N_KEEP": n_keep,
          "KEEP_PAD": triton.next_power_of_2(n_keep), "K_PAD": triton.next_power_of_2(k),
          "BLOCK_D": fit_tile(64, d)},
-        4, 2)
+        8, 2)
 
 
 def merge_and_rerank(queries: torch.Tensor, exact_rows: torch.Tensor, cand_d: torch.Tensor,

@@ -36,7 +36,7 @@ def finish_rows(
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     for g in range(0, n_groups):  # in class order, so lower class ids win exact ties
         row = (offs_n * 0 + g) * N + offs_n  # int64: g * N may pass 2**31
         m_g = tl.load(part_f_ptr + row * W, mask=mask_n, other=0.0, cache_modifier=".cg")

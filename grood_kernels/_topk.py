@@ -1,7 +1,7 @@
 """Device helpers shared by the kernels: a running top-k of distance tiles, in registers.
 
-Both keep, per row, ``N_CAND`` candidates (distance, id), with +inf and a negative id in empty
-slots (distinct ones, ``-1 - slot``, for :func:`insert_nearest`), and follow one rule: an entry
+Both keep, per row, ``N_CAND`` candidates (distance, id), with +inf and a distinct negative id
+(``-1 - slot``) in empty slots, and follow one rule (:func:`replace_worst`): an entry
 replaces the row's worst candidate by (distance, id) only when strictly nearer, and among equal
 distances the lower id is taken first, so lower ids win exact ties.
 """
@@ -11,11 +11,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _worst_slot(cand_d, cand_i, worst):
-    """Per row, the slot a nearer entry replaces: the worst by (distance, id) — among slots at
-    the worst distance the highest id, so lower ids survive exact ties (empty slots first)."""
-    key = tl.where(cand_d == worst[:, None], cand_i, -2)
-    return tl.argmax(key, axis=1, tie_break_left=True)
+def pop_nearest(vals, ids):
+    """Each row's nearest entry by (value, id), negative ids after every other, and ``vals``
+    with it set to +inf: returns ``(value, id, vals)`` (id 2**31 - 1 where the row has none).
+    ``ids`` are int32."""
+    v = tl.min(vals, axis=1)
+    big = tl.where(ids >= 0, ids, 2147483647)
+    j = tl.min(tl.where(vals == v[:, None], big, 2147483647), axis=1)
+    return v, j, tl.where((vals == v[:, None]) & (big == j[:, None]), float("inf"), vals)
+
+
+@triton.jit
+def replace_worst(cand_d, cand_i, worst, v, new_id, better):
+    """Put ``(v, new_id)`` in place of each row's worst candidate by (distance, id) where
+    ``better``: among slots at the ``worst`` distance, the one with the highest id, so lower ids
+    survive exact ties. Ids in a row must be distinct (empty slots: ``-1 - slot``)."""
+    at_worst = cand_d == worst[:, None]
+    worst_id = tl.max(tl.where(at_worst, cand_i, -2147483647), axis=1)
+    slot = at_worst & (cand_i == worst_id[:, None]) & better[:, None]
+    return (tl.where(slot, v[:, None], cand_d),
+            tl.where(slot, new_id.to(cand_i.dtype)[:, None], cand_i))
 
 
 @triton.jit
@@ -49,11 +64,7 @@ def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.
                 if COUNT:
                     tl.atomic_add(count_ptr, 1)
                 j = tl.argmin(dist, axis=1, tie_break_left=True)
-                at_worst = cand_d == worst[:, None]
-                worst_id = tl.max(tl.where(at_worst, cand_i, -2147483647), axis=1)
-                slot = at_worst & (cand_i == worst_id[:, None]) & better[:, None]
-                cand_d = tl.where(slot, v[:, None], cand_d)
-                cand_i = tl.where(slot, (col0 + j).to(cand_i.dtype)[:, None], cand_i)
+                cand_d, cand_i = replace_worst(cand_d, cand_i, worst, v, col0 + j, better)
                 dist = tl.where(cols[None, :] == j[:, None], float("inf"), dist)
             else:
                 going = going * 0
@@ -62,22 +73,15 @@ def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.
 
 @triton.jit
 def merge_candidates(new_d, new_i, cand_d, cand_i, N_CAND: tl.constexpr):
-    """Merge another candidate list [ROWS, N_CAND] (ids given per entry) into ``cand``.
+    """Merge another candidate list [ROWS, N_CAND] (ids given per entry) into ``cand``, whose
+    empty slots hold distinct negative ids.
 
     Entries are taken nearest first, lowest id first among equal distances, and replace the
     worst candidate when strictly nearer; empty entries (+inf) never enter. Lists from
     disjoint, ascending id ranges merged in order keep the lower-id-wins rule.
     """
-    slots = tl.arange(0, N_CAND)
     for _ in tl.static_range(N_CAND):
-        v = tl.min(new_d, axis=1)
-        big = tl.where(new_i >= 0, new_i, 2147483647)
-        j_id = tl.min(tl.where(new_d == v[:, None], big, 2147483647), axis=1)
+        v, j_id, new_d = pop_nearest(new_d, new_i)
         worst = tl.max(cand_d, axis=1)
-        worst_at = _worst_slot(cand_d, cand_i, worst)
-        better = v < worst
-        slot = (slots[None, :] == worst_at[:, None]) & better[:, None]
-        cand_d = tl.where(slot, v[:, None], cand_d)
-        cand_i = tl.where(slot, j_id.to(cand_i.dtype)[:, None], cand_i)
-        new_d = tl.where((new_d == v[:, None]) & (big == j_id[:, None]), float("inf"), new_d)
+        cand_d, cand_i = replace_worst(cand_d, cand_i, worst, v, j_id, v < worst)
     return cand_d, cand_i
