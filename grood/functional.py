@@ -32,6 +32,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     RERANK_EXTRA,
     NCPGradient,
     check_precision,
+    kept_per_prototypes,
     lex_sort,
     max_abs,
     ncp_scale,
@@ -59,8 +60,16 @@ __all__ = [
 # Elements of the largest temporary tile (rows x classes, or queries x database rows).
 # 2**22 float32 values are 16 MiB: small enough for any machine, large enough for a fast GEMM.
 TILE_ELEMENTS = 1 << 22
-# Elements of a [rows, D] feature tile: 2**19 float32 values (2 MiB) stay in a CPU's cache.
-ROW_TILE_ELEMENTS = 1 << 19
+# The gradient step's per-tile working set, in elements: rows x (2 D + 3 C_block) (the
+# feature tile, the re-rank's difference rows, the distance tile and its float64 softmax
+# terms). 2**22 (16 MiB of float32) keeps each tile's element-wise passes in a server CPU's
+# L2 + L3 while making tiles large enough that per-tile dispatch does not dominate at small C.
+ROW_TILE_ELEMENTS = 1 << 22
+# Fewest rows per tile when the class block is wide: every row tile re-reads the block.
+MIN_TILE_ROWS = 256
+# Class-block widths (exclusive, inclusive) where the CPU picks candidates by successive
+# minima instead of torch.topk (bench/cpu_report.py measures both).
+_MIN_ROUNDS_WIDTH = (24, 160)
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -146,7 +155,8 @@ def ncp_gradient(
         prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2`` for every class, shape
             [C] (squared norms of the prototypes *relative to the OOD prototype*); computed
             here when omitted.
-        block_rows (int, optional): rows per tile; by default sized to ``TILE_ELEMENTS``.
+        block_rows (int, optional): rows per tile; by default sized to ``ROW_TILE_ELEMENTS``
+            and ``TILE_ELEMENTS``.
         block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
 
     Returns:
@@ -172,9 +182,11 @@ def ncp_gradient(
     if dt == torch.float64:
         precision = "ieee"
     bc = block_classes or min(c, 1 << 14)
-    # Rows per tile: bounded by the distance tile and by keeping the [rows, D] tile in cache,
-    # since for small C the element-wise work, not the GEMM, sets the pace.
-    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, ROW_TILE_ELEMENTS // d))
+    # Rows per tile: the tile's working set stays in cache (for small C the element-wise work
+    # and per-tile dispatch, not the GEMM, set the pace), but enough rows to amortise reading
+    # the class block, and no distance tile above TILE_ELEMENTS.
+    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, max(
+        MIN_TILE_ROWS, ROW_TILE_ELEMENTS // (2 * d + 3 * bc) // 64 * 64)))
     n_cand = min(NCP_CANDIDATES, c)
 
     if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
@@ -184,13 +196,11 @@ def ncp_gradient(
     # squared distances neither overflow nor underflow for huge or tiny prototypes. The scale
     # depends on the prototypes only, never on h (the rule the kernel shares).
     sc = ncp_scale(prototypes, ood_prototype)
-    p_o = ood_prototype.to(dt) / sc
-    centred = prototypes.to(dt) / sc - p_o  # [C, D], units sc
+    p_o, centred, centred_sq, gemm_protos = kept_per_prototypes(
+        prototypes, ood_prototype, ("torch operand", dt, precision == "bf16"),
+        lambda: _centred_prototypes(prototypes, ood_prototype, sc, dt, precision == "bf16"))
     if prototype_sq_norms is not None and sc == 1.0:
         centred_sq = prototype_sq_norms.to(dt)
-    else:
-        centred_sq = (centred * centred).sum(1)  # [C]
-    gemm_protos = centred.bfloat16().to(dt) if precision == "bf16" else centred
 
     grad = torch.empty((n, d), dtype=dt, device=h.device)
     q_ood = torch.empty(n, dtype=dt, device=h.device)
@@ -198,22 +208,27 @@ def ncp_gradient(
     min_dist = torch.empty(n, dtype=dt, device=h.device)
     lse = torch.empty(n, dtype=dt, device=h.device)
 
+    sm = torch.float64  # the softmax's dtype (see below)
+    diff_buf = torch.empty((min(bn, n), d), dtype=dt, device=h.device)  # re-rank scratch
     for r0 in range(0, n, bn):
         r1 = min(r0 + bn, n)
-        u = (h[r0:r1].to(dt) / sc if sc != 1.0 else h[r0:r1].to(dt)) - p_o  # [bn, D], units sc
+        # u lives in the gradient's output rows: they are scaled in place at the end, so the
+        # tile is written once and no [rows, D] temporary is allocated per tile.
+        u = grad[r0:r1]
+        if sc != 1.0:
+            torch.div(h[r0:r1].to(dt), sc, out=u).sub_(p_o)  # [bn, D], units sc
+        else:
+            torch.sub(h[r0:r1].to(dt), p_o, out=u)
         u_norm = torch.linalg.vector_norm(u, dim=1)  # [bn]
         u_sq = u_norm * u_norm
-        d_ood = u_norm * sc
+        d_ood = u_norm * sc if sc != 1.0 else u_norm
         gemm_u = u.bfloat16().to(dt) if precision == "bf16" else u
         # Online log-sum-exp, seeded with the OOD term: running max m, running sum acc.
         # exp and log are not correctly rounded and torch evaluates them differently at a
         # tensor's vectorised body and its tail, so float32 results would depend on the batch
         # shape. Evaluated in float64 and then rounded, they do not (and are more accurate).
-        sm = torch.float64
-        m = -d_ood.to(sm)  # running max
-        acc = torch.ones_like(m)  # running sum
-        cand_d = torch.full((r1 - r0, n_cand), float("inf"), dtype=dt, device=h.device)
-        cand_i = torch.full((r1 - r0, n_cand), -1, dtype=torch.int64, device=h.device)
+        neg_ood = -d_ood.to(sm)
+        m, acc = neg_ood, None
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
             with matmul_precision(precision, h.device):
@@ -225,37 +240,43 @@ def ncp_gradient(
             dist = dist.add_(u_sq[:, None]).clamp_min_(0).sqrt_()  # [bn, bc]
             if sc != 1.0:
                 dist.mul_(sc)
-            blk_d, blk_i = torch.topk(dist, min(n_cand, c1 - c0), dim=1, largest=False)
-            if c0 == 0 and c1 - c0 >= n_cand:
-                cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
-            else:
-                cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
+            blk_d, blk_i = _nearest(dist, min(n_cand, c1 - c0))
             m_new = torch.maximum(m, -blk_d[:, 0].to(sm))
-            acc = acc * torch.exp(m - m_new) + torch.exp(-dist.to(sm) - m_new[:, None]).sum(1)
+            blk_sum = torch.sub(m_new.neg()[:, None], dist).exp_().sum(1)
+            if acc is None:  # first block: the running sum holds only the OOD term, 1
+                acc = torch.exp(m - m_new).add_(blk_sum)
+                cand_d, cand_i = blk_d, blk_i
+                if c1 - c0 < n_cand:  # fewer classes in the block than candidate slots
+                    cand_d, cand_i = _merge_topk(
+                        torch.full_like(blk_d[:, :1], float("inf")).expand(-1, n_cand),
+                        torch.full_like(blk_i[:, :1], -1).expand(-1, n_cand),
+                        blk_d, blk_i, n_cand)
+            else:
+                acc = acc.mul_(torch.exp(m - m_new)).add_(blk_sum)
+                cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum: fp32
-        # differences, one candidate slot at a time so the [rows, D] difference stays in cache.
+        # differences, one candidate slot at a time so the [rows, D] difference stays in cache
+        # (p - u is exactly -(u - p) in IEEE arithmetic: the same norm, one buffer).
         exact = torch.empty_like(cand_d)
-        diff = torch.empty_like(u)
+        diff = diff_buf[: r1 - r0]
         for j in range(cand_i.shape[1]):
-            # p - u is exactly -(u - p) in IEEE arithmetic: the same norm, one buffer.
             torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
             torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
         if sc != 1.0:
             exact.mul_(sc)
-        rest = (acc - torch.exp(-cand_d.to(sm) - m[:, None]).sum(1)).clamp_min_(0)
+        rest = (acc - torch.sub(m.neg()[:, None], cand_d).exp_().sum(1)).clamp_min_(0)
         # log(rest) is -inf when the candidates were all of the sum: logaddexp handles it.
         row_lse = torch.logaddexp(m + torch.log(rest), torch.logsumexp(-exact.to(sm), dim=1))
-        exact, cand_i = lex_sort(exact, cand_i)
-        q = torch.exp(-d_ood.to(sm) - row_lse)
+        best_dist, best_class = _lex_first(exact, cand_i)
+        q = torch.sub(neg_ood, row_lse).exp_()
         u_norm64 = u_norm.to(sm)
         scale = torch.where(u_norm64 > 0, q / torch.where(u_norm64 > 0, u_norm64, 1.0),
                             0.0).to(dt)
-        q, row_lse = q.to(dt), row_lse.to(dt)
-        torch.mul(u, scale[:, None], out=grad[r0:r1])
+        u.mul_(scale[:, None])  # u is grad[r0:r1]
         q_ood[r0:r1] = q
-        pred[r0:r1] = cand_i[:, 0]
-        min_dist[r0:r1] = exact[:, 0]
+        pred[r0:r1] = best_class
+        min_dist[r0:r1] = best_dist
         lse[r0:r1] = row_lse
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
@@ -336,6 +357,46 @@ def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
         cols = cols.index_put((crowded,), fixed)
         vals = vals.index_put((crowded,), sub.gather(1, fixed))
     return vals, cols
+
+
+def _centred_prototypes(prototypes: Tensor, ood_prototype: Tensor, sc: float,
+                        dt: torch.dtype, bf16: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradient step's prototype operands in units ``sc``: the OOD prototype [D], the
+    centred prototypes [C, D], their squared norms [C] and the GEMM's copy of them (rounded
+    to bfloat16 values in bf16 mode). Made once per prototype set (``kept_per_prototypes``)."""
+    p_o = ood_prototype.to(dt) / sc
+    centred = prototypes.to(dt) / sc - p_o
+    centred_sq = (centred * centred).sum(1)
+    return p_o, centred, centred_sq, centred.bfloat16().to(dt) if bf16 else centred
+
+
+def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest entries of each row of ``dist`` [R, M] (ascending) and their columns.
+
+    ``torch.topk`` on the CPU costs far more than k row minima when M is a few hundred; there
+    the k entries are taken by successive minima (the lowest column first among equal ones)."""
+    if dist.device.type != "cpu" or not _MIN_ROUNDS_WIDTH[0] < dist.shape[1] <= \
+            _MIN_ROUNDS_WIDTH[1]:
+        return torch.topk(dist, k, dim=1, largest=False)
+    work = dist.clone()
+    vals = torch.empty((dist.shape[0], k), dtype=dist.dtype, device=dist.device)
+    cols = torch.empty((dist.shape[0], k), dtype=torch.int64, device=dist.device)
+    for j in range(k):
+        torch.min(work, 1, out=(vals[:, j], cols[:, j]))
+        if j + 1 < k:
+            work.scatter_(1, cols[:, j:j + 1], float("inf"))
+    return vals, cols
+
+
+def _lex_first(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The first entry of each row in :func:`lex_order` (smallest distance, then lowest index)
+    without sorting: ``(dist, idx)`` of shape [R]. ``idx`` holds distinct non-negative ids per
+    row; a row's distances are all NaN or none is (NaN sorts last, as in ``torch.sort``)."""
+    key = torch.nan_to_num(dist, nan=float("inf"), posinf=float("inf"))
+    at_min = key == key.amin(1, keepdim=True)
+    first = torch.where(at_min, idx, torch.iinfo(idx.dtype).max).amin(1)
+    picked = idx == first[:, None]  # exactly one entry per row
+    return torch.where(picked, dist, 0).sum(1), first
 
 
 def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):

@@ -54,6 +54,36 @@ def test_ncp_gradient_streaming_blocks_give_same_result():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("c", [10, 50, 300], ids=["topk", "minima", "topk-wide"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_ncp_gradient_candidate_pickers_ties_and_tiles(c, dtype):
+    """Both CPU candidate pickers (torch.topk, successive minima for a few dozen classes) give
+    the float64 loop's answer; duplicated prototypes go to the lower class id; rows computed
+    alone or in tiles of 3 agree with the whole batch (to rounding: the CPU GEMM's summation
+    order may follow the row count)."""
+    h, protos, p_ood = _problem(12, c, 9, seed=8)
+    protos = protos.clone()
+    protos[c - 2] = protos[c // 3]  # a duplicate with a higher id
+    h = h.clone()
+    h[4] = protos[c // 3]  # a row on both duplicates
+    h[7] = (protos[1] + protos[c // 3]) / 2
+    h, protos, p_ood = h.to(dtype), protos.to(dtype), p_ood.to(dtype)
+    res = F.ncp_gradient(h, protos, p_ood)
+    grad, q, pred, min_dist, _ = ncp_naive(h, protos, p_ood)
+    assert torch.equal(res.pred, pred) and int(res.pred[4]) == c // 3
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else \
+        {"rtol": 2e-5, "atol": 2e-6}
+    torch.testing.assert_close(res.q_ood.double(), q, **tol)
+    torch.testing.assert_close(res.grad.double(), grad, **tol)
+    torch.testing.assert_close(res.min_dist.double(), min_dist, rtol=1e-6, atol=1e-6)
+    tiled = F.ncp_gradient(h, protos, p_ood, block_rows=3)
+    alone = [F.ncp_gradient(h[i:i + 1], protos, p_ood) for i in range(12)]
+    for other in (tiled, [torch.cat(parts) for parts in zip(*alone, strict=True)]):
+        assert torch.equal(other[2], res.pred)  # pred
+        for mine, theirs in zip(res, other, strict=True):
+            torch.testing.assert_close(mine, theirs, **tol)
+
+
 @pytest.mark.parametrize("target", ["pred", "random"])
 def test_closed_form_gradient_equals_autograd(target):
     h, protos, p_ood = _problem(11, 6, 9, seed=5)
