@@ -394,7 +394,8 @@ def _lex_first(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     row; a row's distances are all NaN or none is (NaN sorts last, as in ``torch.sort``)."""
     key = torch.nan_to_num(dist, nan=float("inf"), posinf=float("inf"))
     at_min = key == key.amin(1, keepdim=True)
-    first = torch.where(at_min, idx, torch.iinfo(idx.dtype).max).amin(1)
+    # min(dim).values, not amin: amin over a short int64 row is ~20x slower on the CPU.
+    first = torch.where(at_min, idx, torch.iinfo(idx.dtype).max).min(1).values
     picked = idx == first[:, None]  # exactly one entry per row
     return torch.where(picked, dist, 0).sum(1), first
 
