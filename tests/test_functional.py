@@ -84,6 +84,21 @@ def test_ncp_gradient_candidate_pickers_ties_and_tiles(c, dtype):
             torch.testing.assert_close(mine, theirs, **tol)
 
 
+@pytest.mark.parametrize("change", ["prototypes", "ood_prototype"])
+def test_kept_prototype_operands_follow_in_place_changes(change):
+    """The centred prototypes are kept per prototype set between calls; changing either
+    tensor in place must not reuse them (a stale operand would be a silent wrong score)."""
+    h, protos, p_ood = _problem(15, 6, 11, dtype=torch.float32, seed=9)
+    protos, p_ood = protos.clone(), p_ood.clone()
+    first = F.ncp_gradient(h, protos, p_ood)
+    (protos if change == "prototypes" else p_ood).mul_(1.25)
+    again = F.ncp_gradient(h, protos, p_ood)
+    fresh = F.ncp_gradient(h, protos.clone(), p_ood.clone())
+    assert not torch.equal(first.q_ood, again.q_ood)
+    for a, b in zip(again, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("target", ["pred", "random"])
 def test_closed_form_gradient_equals_autograd(target):
     h, protos, p_ood = _problem(11, 6, 9, seed=5)
