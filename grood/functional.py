@@ -378,14 +378,16 @@ def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if dist.device.type != "cpu" or not _MIN_ROUNDS_WIDTH[0] < dist.shape[1] <= \
             _MIN_ROUNDS_WIDTH[1]:
         return torch.topk(dist, k, dim=1, largest=False)
-    work = dist.clone()
-    vals = torch.empty((dist.shape[0], k), dtype=dist.dtype, device=dist.device)
+    # Non-finite entries (rows beyond the dtype's range) become the largest finite value, so
+    # an entry taken (set to inf) is never taken again and a row's k columns are distinct.
+    big = torch.finfo(dist.dtype).max
+    work = torch.nan_to_num(dist, nan=big, posinf=big)
     cols = torch.empty((dist.shape[0], k), dtype=torch.int64, device=dist.device)
     for j in range(k):
-        torch.min(work, 1, out=(vals[:, j], cols[:, j]))
+        cols[:, j] = work.argmin(1)
         if j + 1 < k:
             work.scatter_(1, cols[:, j:j + 1], float("inf"))
-    return vals, cols
+    return dist.gather(1, cols), cols
 
 
 def _lex_first(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

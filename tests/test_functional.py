@@ -156,6 +156,40 @@ def test_the_scale_follows_the_prototypes_not_the_features():
         assert torch.equal(got[torch.arange(9) != 5], want)
 
 
+@pytest.mark.parametrize("c", [4, 40], ids=["topk", "minima"])
+def test_rows_beyond_float32_stay_alone_with_either_candidate_picker(c):
+    """Rows whose distances overflow (or are NaN) come out non-finite on their own, whichever
+    way candidates are picked; every other row is as computed without them."""
+    h, protos, p_ood = _problem(9, c, 8, dtype=torch.float32, seed=10)
+    bad = h.clone()
+    bad[2], bad[5, 3], bad[7, 0] = 1e25, float("inf"), float("nan")
+    res = F.ncp_gradient(bad, protos, p_ood)
+    rows = torch.tensor([2, 5, 7])
+    assert not bool(torch.isfinite(res.min_dist[rows]).any())
+    assert not bool(torch.isfinite(res.q_ood[rows]).all())
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[rows] = False
+    alone = F.ncp_gradient(h[keep], protos, p_ood)
+    assert torch.equal(res.pred[keep], alone.pred)
+    for got, want in zip(res, alone, strict=True):
+        torch.testing.assert_close(got[keep], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("width", [10, 40, 400], ids=["topk", "minima", "topk-wide"])
+def test_candidate_picker_gives_distinct_columns_on_non_finite_rows(width):
+    """The k candidates of a row are distinct columns even where the row is all inf or NaN
+    (taking an entry by setting it to inf must not leave it to be taken again)."""
+    d = torch.rand(4, width)
+    d[1] = float("inf")
+    d[2] = float("nan")
+    d[3, : width - 2] = float("inf")  # two finite entries, then inf ones
+    vals, cols = F._nearest(d, 4)
+    assert all(len(set(row)) == 4 for row in cols.tolist())
+    assert torch.equal(vals[0], torch.sort(d[0]).values[:4])
+    assert set(cols[3, :2].tolist()) == {width - 2, width - 1}
+    assert bool(torch.isinf(vals[3, 2:]).all())
+
+
 def test_ncp_gradient_does_not_modify_inputs():
     h, protos, p_ood = _problem(10, 3, 5, dtype=torch.float32)
     copies = [t.clone() for t in (h, protos, p_ood)]
