@@ -146,7 +146,11 @@ def ncp_gradient(
 
     Args:
         h (Tensor): features, shape [N, D]; float16, bfloat16, float32 or float64.
-        prototypes (Tensor): class prototypes, shape [C, D].
+        prototypes (Tensor): class prototypes, shape [C, D]. The centred copy of them made
+            from this tensor and ``ood_prototype`` is kept for later calls with the same two
+            tensors while both live unmodified (identity and version counter: in-place torch
+            operations are seen). A change torch does not see, through a NumPy array sharing
+            the memory or through ``.data``, needs new tensors.
         ood_prototype (Tensor): OOD prototype, shape [D].
         precision (str): the distance GEMM's precision: ``"ieee"`` (full fp32), ``"tf32"``
             (TF32 tensor cores on CUDA; the same as ieee on the CPU), ``"tf32x3"`` (split

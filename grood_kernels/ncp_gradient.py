@@ -322,7 +322,10 @@ def ncp_gradient(
 
     Args:
         h (Tensor): features [N, D], float32 / float16 / bfloat16, any strides.
-        prototypes (Tensor): class prototypes [C, D].
+        prototypes (Tensor): class prototypes [C, D]. The GEMM operand prepared from this
+            tensor and ``ood_prototype`` is kept for later calls with the same two tensors
+            while both live unmodified (identity and version counter); a change torch does not
+            see (through a NumPy array sharing the memory, or ``.data``) needs new tensors.
         ood_prototype (Tensor): OOD prototype [D].
         precision (str): ``"ieee"``, ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` for the GEMM.
         prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2``, shape [C], fp32.
