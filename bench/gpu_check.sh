@@ -6,7 +6,8 @@
 #
 # The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
 # (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
-# report says faiss is not installed. REPEAT sets the timed runs per entry (default 3).
+# report says faiss is not installed. REPEAT sets the timed runs per entry (default 3). Each
+# step's start time (seconds since the script began) goes to $OUT/gpu_check_steps.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -21,9 +22,15 @@ if not torch.cuda.is_available():
     sys.exit("gpu_check.sh needs a CUDA device")
 print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
 PY
+step() { echo "[gpu_check] ${SECONDS}s: $*" | tee -a "${OUT:-.}/gpu_check_steps.log"; }  # for the budget
+step "kernel, custom-op and head tests (compiled Triton)"
 python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py tests/test_library.py \
     tests/test_kernel_knn.py
+step "report"
 python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
+step "pipeline, tf32"
 python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"
+step "pipeline, bf16 with bf16 index storage"
 python bench/pipeline.py --precision bf16 --index-storage bfloat16 --quiet \
     | tee -a "${OUT:-.}/pipeline.md"
+step "done"
