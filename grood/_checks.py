@@ -150,6 +150,16 @@ def check_class_count(max_label: int, n_samples: int, name: str = "labels") -> N
                          f"cannot exceed the number of samples")
 
 
+def check_not_tracked(op: str, *tensors: Tensor) -> None:
+    """Refuse inputs that autograd is tracking: grood's operations are not differentiable (the
+    closed-form gradient is a score, not a training signal), and silently dropping the graph
+    would leave a caller's backward pass without the score's part."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(f"{op} is not differentiable, but an input requires grad: call it "
+                         "under torch.no_grad() (or torch.inference_mode()), or pass "
+                         "tensor.detach()")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

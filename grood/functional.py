@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from grood._checks import compute_dtype
+from grood._checks import check_not_tracked, compute_dtype
 from grood_kernels.contract import (  # shared with the kernels, re-exported here
     NCP_CANDIDATES,
     PRECISIONS,
@@ -177,6 +177,7 @@ def ncp_gradient(
     _check_dims("prototypes", prototypes, 2, d)
     _check_dims("ood_prototype", ood_prototype, 1, d)
     _check_same_device(h, prototypes, ood_prototype)
+    check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
     check_precision(precision)
     n, c = h.shape[0], prototypes.shape[0]
     if c == 0:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from grood import functional
+from grood._checks import check_not_tracked
 from grood.errors import BackendUnavailableError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -101,7 +102,9 @@ def get_op(op: str, backend: str) -> Callable[..., Any]:
 
 
 def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwargs):
-    """:func:`grood.functional.ncp_gradient` on the chosen backend."""
+    """:func:`grood.functional.ncp_gradient` on the chosen backend (not differentiable:
+    inputs that autograd tracks are refused on every backend)."""
+    check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
     impl = resolve_backend(backend, "ncp_gradient", h.device, h.dtype)
     return functional.NCPGradient(*get_op("ncp_gradient", impl)(h, prototypes, ood_prototype,
                                                                  **kwargs))

@@ -106,3 +106,24 @@ def test_grood_imports_and_scores_without_triton_or_faiss():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ncp_gradient_refuses_tracked_inputs_with_a_clear_error(backend):
+    """The gradient step is not differentiable: features autograd tracks are refused, naming
+    the fix, on every backend (instead of a deep out= error on one and silently detached
+    outputs on the other); under torch.no_grad() the same call runs."""
+    from grood import functional
+
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 6, generator=gen)
+    h = torch.rand(5, 6, generator=gen).requires_grad_(True)
+    with pytest.raises(ValueError, match=r"not differentiable.*torch.no_grad\(\)"):
+        ops.ncp_gradient(h, protos, protos.mean(0), backend=backend)
+    with pytest.raises(ValueError, match="not differentiable"):
+        functional.ncp_gradient(h, protos, protos.mean(0))
+    with torch.no_grad():
+        res = ops.ncp_gradient(h, protos, protos.mean(0), backend=backend)
+    assert not res.grad.requires_grad
+    # The custom op runs its implementation with grad mode off: the forward pass works.
+    torch.ops.grood.ncp_gradient(h, protos, protos.mean(0))
