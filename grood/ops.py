@@ -111,6 +111,8 @@ def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwarg
 
 
 def knn(queries, database, k: int = 1, *, backend: str = "auto", **kwargs):
-    """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)``."""
+    """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)`` (not
+    differentiable: inputs that autograd tracks are refused on every backend)."""
+    check_not_tracked("knn", queries, database)
     impl = resolve_backend(backend, "knn", queries.device, queries.dtype)
     return get_op("knn", impl)(queries, database, k, **kwargs)

@@ -125,5 +125,8 @@ def test_ncp_gradient_refuses_tracked_inputs_with_a_clear_error(backend):
     with torch.no_grad():
         res = ops.ncp_gradient(h, protos, protos.mean(0), backend=backend)
     assert not res.grad.requires_grad
-    # The custom op runs its implementation with grad mode off: the forward pass works.
+    with pytest.raises(ValueError, match="knn is not differentiable"):
+        ops.knn(h, protos, 1, backend=backend)
+    # The custom ops run their implementations with grad mode off: the forward pass works.
     torch.ops.grood.ncp_gradient(h, protos, protos.mean(0))
+    torch.ops.grood.knn(h, protos, 1)
