@@ -24,8 +24,12 @@ print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.ge
 PY
 step() { echo "[gpu_check] ${SECONDS}s: $*" | tee -a "${OUT:-.}/gpu_check_steps.log"; }  # for the budget
 step "kernel, custom-op and head tests (compiled Triton)"
-python -m pytest -q -x -p no:cacheprovider tests/test_kernel_ncp_gradient.py tests/test_library.py \
-    tests/test_kernel_knn.py
+# Compiling the kernels' variants dominates this step: with pytest-xdist (on the lent machines'
+# image) 8 processes compile side by side.
+parallel=()
+if python -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+python -m pytest -q -x -p no:cacheprovider "${parallel[@]}" tests/test_kernel_ncp_gradient.py \
+    tests/test_library.py tests/test_kernel_knn.py
 step "report"
 python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
 step "pipeline, tf32"
