@@ -238,7 +238,7 @@ def ncp_gradient(
             c1 = min(c0 + bc, c)
             with matmul_precision(precision, h.device):
                 # One row would take the matrix-vector path, which sums in another order;
-                # a repeated row keeps results independent of the batch size.
+                # a repeated row keeps it on the matrix-matrix path of larger batches.
                 rows = gemm_u if gemm_u.shape[0] > 1 else gemm_u.expand(2, -1)
                 dist = torch.addmm(centred_sq[None, c0:c1], rows, gemm_protos[c0:c1].T,
                                    alpha=-2.0)[: gemm_u.shape[0]]
