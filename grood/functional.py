@@ -189,8 +189,8 @@ def ncp_gradient(
     bc = block_classes or min(c, 1 << 14)
     # Rows per tile: the tile's working set stays in cache (for small C the element-wise work
     # and per-tile dispatch, not the GEMM, set the pace), but enough rows to amortise reading
-    # the class block, and no distance tile above TILE_ELEMENTS.
-    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, max(
+    # the class block, and no [rows, C] or [rows, D] tile above TILE_ELEMENTS.
+    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, TILE_ELEMENTS // d, max(
         MIN_TILE_ROWS, ROW_TILE_ELEMENTS // (2 * d + 3 * bc) // 64 * 64)))
     n_cand = min(NCP_CANDIDATES, c)
 
