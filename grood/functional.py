@@ -68,7 +68,7 @@ ROW_TILE_ELEMENTS = 1 << 22
 # Fewest rows per tile when the class block is wide: every row tile re-reads the block.
 MIN_TILE_ROWS = 256
 # Class-block widths (exclusive, inclusive) where the CPU picks candidates by successive
-# minima instead of torch.topk (bench/cpu_report.py measures both).
+# minima instead of torch.topk (both timed in bench/RESULTS.md, "CPU fallback speed").
 _MIN_ROUNDS_WIDTH = (24, 160)
 
 class PrototypeState(NamedTuple):
@@ -233,7 +233,10 @@ def ncp_gradient(
         # tensor's vectorised body and its tail, so float32 results would depend on the batch
         # shape. Evaluated in float64 and then rounded, they do not (and are more accurate).
         neg_ood = -d_ood.to(sm)
-        m, acc = neg_ood, None
+        m = neg_ood  # running max
+        acc = torch.ones_like(m)  # running sum
+        cand_d = torch.full((r1 - r0, n_cand), float("inf"), dtype=dt, device=h.device)
+        cand_i = torch.full((r1 - r0, n_cand), -1, dtype=torch.int64, device=h.device)
         for c0 in range(0, c, bc):
             c1 = min(c0 + bc, c)
             with matmul_precision(precision, h.device):
@@ -247,18 +250,12 @@ def ncp_gradient(
                 dist.mul_(sc)
             blk_d, blk_i = _nearest(dist, min(n_cand, c1 - c0))
             m_new = torch.maximum(m, -blk_d[:, 0].to(sm))
-            blk_sum = torch.sub(m_new.neg()[:, None], dist).exp_().sum(1)
-            if acc is None:  # first block: the running sum holds only the OOD term, 1
-                acc = torch.exp(m - m_new).add_(blk_sum)
-                cand_d, cand_i = blk_d, blk_i
-                if c1 - c0 < n_cand:  # fewer classes in the block than candidate slots
-                    cand_d, cand_i = _merge_topk(
-                        torch.full_like(blk_d[:, :1], float("inf")).expand(-1, n_cand),
-                        torch.full_like(blk_i[:, :1], -1).expand(-1, n_cand),
-                        blk_d, blk_i, n_cand)
+            if c0 == 0 and c1 - c0 >= n_cand:
+                cand_d, cand_i = blk_d, blk_i  # the first block fills every candidate slot
             else:
-                acc = acc.mul_(torch.exp(m - m_new)).add_(blk_sum)
                 cand_d, cand_i = _merge_topk(cand_d, cand_i, blk_d, blk_i + c0, n_cand)
+            acc = acc.mul_(torch.exp(m - m_new)).add_(
+                torch.sub(m_new.neg()[:, None], dist).exp_().sum(1))
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum: fp32
         # differences, one candidate slot at a time so the [rows, D] difference stays in cache
