@@ -11,6 +11,7 @@ from torch import Tensor
 
 from grood import functional, ops
 from grood.functional import NCPGradient
+from grood_kernels.contract import kept_per_prototypes
 
 
 def centred_sq_norms(protos: Tensor, p_ood: Tensor) -> Tensor:
@@ -22,14 +23,20 @@ def centred_sq_norms(protos: Tensor, p_ood: Tensor) -> Tensor:
 class GradientStep:
     """The NCP gradient of feature batches against fixed prototypes, on one backend.
 
-    Holds what is computed once per fit: the squared norms of the prototypes relative to the
-    OOD prototype, and the implementation chosen by :mod:`grood.ops`.
+    Holds the implementation chosen by :mod:`grood.ops` and the squared norms of the
+    prototypes relative to the OOD prototype, computed once per fit and recomputed if either
+    tensor is changed in place (a fitted detector's ``class_prototypes_`` is this tensor).
     """
 
     def __init__(self, protos: Tensor, p_ood: Tensor, backend: str, precision: str) -> None:
         self.protos, self.p_ood, self.precision = protos, p_ood, precision
-        self.sq_norms = centred_sq_norms(protos, p_ood)  # [C]
         self.fn = ops.get_op("ncp_gradient", backend)
+
+    @property
+    def sq_norms(self) -> Tensor:
+        """``||p_c - p_o||^2`` per class [C], kept while both tensors live unmodified."""
+        return kept_per_prototypes(self.protos, self.p_ood, ("centred sq norms",),
+                                   lambda: centred_sq_norms(self.protos, self.p_ood))
 
     def __call__(self, h: Tensor) -> NCPGradient:
         if h.dtype == torch.float64 and self.protos.dtype != torch.float64:

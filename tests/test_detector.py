@@ -109,6 +109,22 @@ def test_inputs_are_not_modified():
         assert torch.equal(t, c)
 
 
+def test_gradient_step_follows_in_place_prototype_changes():
+    """The gradient step keeps the prototypes' squared norms between batches; a fitted
+    detector's prototypes changed in place must not be scored with the old norms."""
+    from grood import functional
+
+    x, y, test = _data(n=200, c=10)  # more classes than exact candidates per row
+    det = GROOD().fit(x, y)
+    before = det.predict(test)
+    det.class_prototypes_[0] = det.class_prototypes_[1] + 0.01  # class 0 moves onto class 1
+    want = functional.ncp_gradient(test, det.class_prototypes_.clone(), det.ood_prototype_)
+    got = det._grads(test)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(det.predict(test), before)
+
+
 def test_read_only_numpy_inputs_are_accepted():
     x, y, test = _data()
     arrays = [x.numpy().copy(), y.numpy().copy(), test.numpy().copy()]
