@@ -34,7 +34,7 @@ from grood._params import Parameters
 from grood._progress import progress
 from grood.errors import NotFittedError
 from grood.functional import check_precision
-from grood.index import index_class
+from grood.index import ExactIndex, index_class
 from grood.model import ModelFrontEnd
 from grood.prototypes import OODPrototypeSource, resolve_source
 
@@ -253,6 +253,15 @@ class GROOD(Parameters, ModelFrontEnd):
         # Parameters may be changed after fit or load: check them where they are used.
         for name in ("k", "batch_size"):
             check_positive_int(getattr(self, name), name)
+        indexed = sum(self.shard_sizes_)
+        if self.k > indexed:  # the k-th neighbour would be missing: a -inf score
+            raise ValueError(f"k={self.k} but the index holds only {indexed} training "
+                             "gradients; lower k (or refit)")
+        check_precision(self.precision)
+        if self.precision != self._grads.precision:  # applies from this call on, as k does
+            self._grads.precision = self.precision
+            if isinstance(self.index_, ExactIndex):
+                self.index_.precision = self.precision
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
         check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self.distributed)

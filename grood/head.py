@@ -94,6 +94,9 @@ class GROODHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
         in-distribution) and nearest-prototype classes (int64)."""
+        if not 1 <= self.k <= self.index_vectors.shape[0]:  # k may be set after construction
+            raise ValueError(f"k={self.k} but the index holds {self.index_vectors.shape[0]} "
+                             "vectors (k must be at least 1 and at most that)")
         grood_ops = torch.ops.grood
         wide = features.dtype == torch.float64  # float64 features are scored in float64
         finite = None

@@ -216,6 +216,34 @@ def test_k_larger_than_index_is_refused():
         GROOD(k=500).fit(x, y)
 
 
+def test_k_raised_past_the_index_after_fit_is_refused():
+    """Parameters may change after fit; a k past the indexed count would score every row
+    -inf (the k-th neighbour missing) instead of failing."""
+    x, y, test = _data()
+    det = GROOD().fit(x, y)
+    det.k = det.index_.ntotal + 1
+    for method in (det.score_samples, det.score_and_predict):
+        with pytest.raises(ValueError, match=f"k={det.k} but the index holds only"):
+            method(test)
+    det.k = det.index_.ntotal  # the largest k that is still a score
+    assert torch.isfinite(det.score_samples(test)).all()
+
+
+def test_precision_set_after_fit_is_checked_and_used(monkeypatch):
+    x, y, test = _data()
+    det = GROOD().fit(x, y)
+    det.precision = "fp8"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        det.score_samples(test)
+    seen = []
+    real = ops.get_op("knn", "torch")
+    monkeypatch.setattr(det.index_, "search", lambda q, k: (
+        seen.append(det.index_.precision), real(q, det.index_.vectors, k))[1])
+    det.precision = "bf16"
+    det.score_samples(test)
+    assert det._grads.precision == "bf16" and seen == ["bf16"]
+
+
 def test_no_correct_training_sample_is_refused():
     x, y, _ = _data()
     wrong = torch.nn.functional.one_hot((y + 1) % 4, 4).float()

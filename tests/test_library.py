@@ -121,6 +121,17 @@ def test_head_gives_the_detectors_scores(fitted):
     assert s64.dtype == torch.float64 and torch.equal(s64, w64) and torch.equal(p64, wp64)
 
 
+@pytest.mark.parametrize("k", [0, 10**6])
+def test_head_refuses_a_k_set_beyond_its_index(fitted, k):
+    """k set after construction past the indexed count would leave the k-th neighbour
+    missing: a -inf score for every row, not a score."""
+    det, test = fitted
+    head = det.as_module()
+    head.k = k
+    with pytest.raises(ValueError, match=f"k={k} but the index holds"):
+        head(test)
+
+
 def test_head_with_half_precision_index_storage():
     x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
     det = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
