@@ -3,6 +3,7 @@
     python bench/compile_report.py            # every kernel, mode, shape; sm_90a and sm_100a
     python bench/compile_report.py --kernel knn --arch sm_90a --json out.json --dump dumps/
     python bench/compile_report.py --configs all         # every autotuning candidate too
+    python bench/compile_report.py --plot roofline.png   # and the model's roofline picture
     grood bench --compile ...                            # the same
 
 No GPU is needed. Each kernel module describes its launches with ``compile_launches`` (the
@@ -346,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write one record per configuration here")
     parser.add_argument("--dump", type=Path,
                         help="write each configuration's .ttgir, .ptx and .cubin here")
+    parser.add_argument("--plot", type=Path,
+                        help="draw the model's roofline (one panel per target) into this PNG "
+                             "(needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -360,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps([{k: r.get(k) for k in JSON_KEYS} for r in records],
                                         indent=1))
+    if args.plot:
+        import roofline
+
+        roofline.plot(records, args.plot)
     return 0
 
 

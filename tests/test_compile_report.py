@@ -119,3 +119,24 @@ def test_gradient_model_reads_h_once_at_imagenet_shape():
     assert h_and_grad < m["hbm_bytes"] < 1.1 * h_and_grad
     assert launch.grid[0] == 512 * launch.args[18]  # row blocks x class groups
     assert torch.empty(0, device="meta").device.type == "meta"
+
+
+def test_roofline_picture_of_the_report(report, tmp_path):
+    """The model's roofline is drawn from the report's records: one point per kernel launch
+    and mode at the launcher's configuration, the merge once per shape."""
+    pytest.importorskip("matplotlib")
+    import roofline
+
+    _, records, _ = report
+    pts = roofline.points(records, "sm_90a")
+    funcs = {(p["function"], p["mode"]) for p in pts}
+    assert ("_ncp_gradient_kernel", "tf32") in funcs and ("_knn_candidates_kernel", "tf32") in funcs
+    for p in pts:  # the point sits at the binding bound: on or under every roof
+        roof = traffic_model.ROOFS["sm_90a"]
+        assert p["tflops"] <= roof["hbm_tbs"] * p["intensity"] * (1 + 1e-9)
+        if p["mode"]:
+            assert p["tflops"] <= roof["tflops"][p["mode"]] * (1 + 1e-9)
+    out = roofline.plot(records, tmp_path / "roof.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no records for sm_100a"):
+        roofline.plot(records, tmp_path / "none.png", archs=["sm_100a"])
