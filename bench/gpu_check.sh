@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared call for a GPU machine: the kernel and custom-op/head tests with compiled Triton (not the
 # interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md,
-# then the whole ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16
-# index storage, written to $OUT/pipeline.md.
+# with its timings as JSON in $OUT/gpu_report.json and drawn beside the compile report's model
+# in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports), then the whole
+# ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16 index storage,
+# written to $OUT/pipeline.md.
 #
 # The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
 # (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
@@ -31,7 +33,12 @@ if python -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 python -m pytest -q -x -p no:cacheprovider "${parallel[@]}" tests/test_kernel_ncp_gradient.py \
     tests/test_library.py tests/test_kernel_knn.py
 step "report"
-python bench/gpu_report.py --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_report.md"
+python bench/gpu_report.py --repeat "${REPEAT:-3}" --json "${OUT:-.}/gpu_report.json" \
+    | tee "${OUT:-.}/gpu_report.md"
+# The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
+# the same command from the returned gpu_report.json).
+python bench/roofline.py bench/compile_report.json "${OUT:-.}/roofline_measured.png" \
+    --measured "${OUT:-.}/gpu_report.json" || echo "[gpu_check] roofline not drawn (see above)"
 step "pipeline, tf32"
 python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"
 step "pipeline, bf16 with bf16 index storage"

@@ -7,12 +7,18 @@ its compute, HBM and L2 bounds). Points on the diagonal are HBM-bound, points on
 compute-bound; points below both are held by L2 traffic (hollow markers) or by a partly empty
 last wave. Nothing here is measured: it draws :mod:`traffic_model`'s bounds.
 
+With ``--measured`` (the JSON of ``bench/gpu_report.py --json``), the Triton kernels' timings
+from a GPU run are drawn beside their model points as stars, at the same intensity: the
+vertical gap between a star and its point is the modelled bound over the measured time.
+
     python bench/compile_report.py --plot docs/roofline.png                  # compile, draw
     python bench/roofline.py bench/compile_report.json docs/roofline.png     # from a report
+    python bench/roofline.py bench/compile_report.json out.png --measured gpu_report.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -54,8 +60,39 @@ def points(records: list[dict], arch: str) -> list[dict]:
     return out
 
 
-def plot(records: list[dict], path: Path, archs: list[str] | None = None) -> Path:
-    """Draw the roofline panels of ``records`` (compile-report records) into ``path``."""
+#: Compute capability of a measured device -> the compile target whose panel it joins.
+CAPABILITY_ARCH = {(9, 0): "sm_90a", (10, 0): "sm_100a"}
+
+
+def measured_points(pts: list[dict], measured: dict) -> list[tuple[dict, float]]:
+    """``(model point, measured TFLOP/s)`` for each model point with a Triton timing of the same
+    kernel, dimensions and mode in ``measured`` (``gpu_report.py --json``). The measured rate
+    counts the model's executed FLOPs, so both points use one numerator."""
+    times = {(t["kernel"], tuple(t["dims"]), t["precision"]): t["seconds"]
+             for t in measured["timings"] if t["backend"] == "triton"}
+    out = []
+    for p in pts:
+        t = times.get((p["kernel"], tuple(p["dims"]), p["mode"]))
+        if t is not None and p["mode"] is not None:
+            out.append((p, p["flops"] / t / 1e12))
+    return out
+
+
+def measured_arch(measured: dict) -> str:
+    """The panel a GPU run's timings belong to, from its device's compute capability."""
+    run = measured["run"]
+    cap = tuple(run.get("capability") or ())
+    if cap not in CAPABILITY_ARCH or run.get("interpreted"):
+        raise ValueError(f"timings from {run.get('device')} (capability {cap or 'none'}"
+                         f"{', Triton interpreter' if run.get('interpreted') else ''}) have no "
+                         f"model panel: the model covers {sorted(CAPABILITY_ARCH.values())}")
+    return CAPABILITY_ARCH[cap]
+
+
+def plot(records: list[dict], path: Path, archs: list[str] | None = None,
+         measured: dict | None = None) -> Path:
+    """Draw the roofline panels of ``records`` (compile-report records) into ``path``, with a
+    GPU run's timings (``gpu_report.py --json``) on their target's panel when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +100,8 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None) -> Pat
     from matplotlib.lines import Line2D
 
     archs = archs or [a for a in traffic_model.ROOFS if any(r["arch"] == a for r in records)]
+    on = measured_arch(measured) if measured is not None else None
+    n_measured = 0
     fig, axes = plt.subplots(1, len(archs), figsize=(7.5 * len(archs), 6), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         roof = traffic_model.ROOFS[arch]
@@ -93,10 +132,20 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None) -> Pat
             ax.annotate(SHAPE_LABELS.get(p["shape"], p["shape"]),
                         (p["intensity"], p["tflops"]), xytext=(4, -3 if compute else 3),
                         textcoords="offset points", fontsize=7, color=colour)
+        low = min(p["tflops"] for p in pts)
+        if arch == on:
+            for p, tflops in measured_points(pts, measured):
+                low = min(low, tflops)
+                colour = MODE_COLOURS[p["mode"]]
+                ax.plot([p["intensity"]] * 2, [p["tflops"], tflops], color=colour, lw=0.8,
+                        ls=":", zorder=2)
+                ax.scatter(p["intensity"], tflops, marker="*", s=120, zorder=4,
+                           facecolors=colour, edgecolors="black", linewidths=0.6)
+                n_measured += 1
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
-        ax.set_ylim(min(p["tflops"] for p in pts) / 3, top * 2)
+        ax.set_ylim(low / 3, top * 2)
         ax.set_xlabel("MMA FLOPs per HBM byte (model)")
         ax.set_ylabel("TFLOP/s allowed by the modelled bound")
         ax.set_title(f"{arch} ({roof['device']}, roofs {roof['source']}; L2 "
@@ -110,9 +159,20 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None) -> Pat
     handles += [Line2D([], [], ls="", marker="o", color=MODE_COLOURS[m], label=m) for m in modes]
     handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", color="0.3",
                           label="L2-bound (hollow)"))
+    title = ("grood kernels at the launcher's configurations: the compile report's traffic "
+             "model (lower bounds, not measurements)")
+    if measured is not None:
+        if not n_measured:
+            raise ValueError("no Triton timing in the measured run matches a model point "
+                             "(kernel, dimensions and mode must be the compile report's)")
+        run = measured["run"]
+        handles.append(Line2D([], [], ls="", marker="*", markersize=11, color="0.3",
+                              markeredgecolor="black", label="measured"))
+        title = (f"grood kernels: the compile report's model (points, lower bounds) and "
+                 f"measured ({run['device']}, torch {run['torch']}, triton {run['triton']}, "
+                 f"{run['date']}; stars)")
     axes[0][-1].legend(handles=handles, loc="lower right", fontsize=8)
-    fig.suptitle("grood kernels at the launcher's configurations: the compile report's traffic "
-                 "model (lower bounds, not measurements)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,13 +182,18 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__.strip().splitlines()[0])
-        print("usage: python bench/roofline.py REPORT.json OUT.png", file=sys.stderr)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path, help="a compile report's JSON (--json)")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--measured", type=Path,
+                        help="a GPU run's timings (bench/gpu_report.py --json)")
+    args = parser.parse_args(argv)
+    measured = json.loads(args.measured.read_text()) if args.measured else None
+    try:
+        print(plot(json.loads(args.report.read_text()), args.out, measured=measured))
+    except ValueError as err:
+        print(f"roofline.py: {err}", file=sys.stderr)
         return 2
-    records = json.loads(Path(args[0]).read_text())
-    print(plot(records, Path(args[1])))
     return 0
 
 

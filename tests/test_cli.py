@@ -137,10 +137,16 @@ def test_help_lists_commands_and_options():
 
 
 @pytest.mark.slow
-def test_bench_report_runs_at_tiny_size(capsys):
+def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     pytest.importorskip("triton")
-    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1"]) == 0
+    out = tmp_path / "timings.json"
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["run"]["device"] and saved["run"]["capability"] is None
+    kinds = {(t["kernel"], t["precision"], t["backend"]) for t in saved["timings"]}
+    assert ("ncp_gradient", "tf32", "triton") in kinds and ("knn", "bf16-storage", "torch") in kinds
+    assert all(t["seconds"] > 0 for t in saved["timings"])
     assert "| triton | ieee |" in text and "| torch | bf16 |" in text
     assert "| tiny-100 | 64 | 100 | 24 | triton | tf32 |" in text
     assert "## Nearest-neighbour search" in text and "| triton | tf32 | float32 | " in text

@@ -140,3 +140,31 @@ def test_roofline_picture_of_the_report(report, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="no records for sm_100a"):
         roofline.plot(records, tmp_path / "none.png", archs=["sm_100a"])
+
+
+def test_roofline_draws_a_gpu_runs_timings_beside_the_model(report, tmp_path):
+    """A GPU run's Triton timings (gpu_report --json) join the panel of their device's target,
+    matched by kernel, dimensions and mode; the star sits at model flops / measured time."""
+    pytest.importorskip("matplotlib")
+    import roofline
+
+    _, records, _ = report
+    pts = [p for p in roofline.points(records, "sm_90a") if p["mode"]]
+    timings = [{"kernel": p["kernel"], "dims": p["dims"], "precision": p["mode"],
+                "backend": backend, "seconds": max(p["bound_ms"].values()) / 1e3 * 4}
+               for p in pts for backend in ("triton", "torch")]
+    run = {"device": "NVIDIA H200", "capability": [9, 0], "torch": "2.11.0", "triton": "3.6.0",
+           "date": "2026-11-29", "interpreted": False}
+    measured = {"run": run, "timings": timings}
+    got = roofline.measured_points(pts, measured)
+    assert len(got) == len(pts)
+    for p, tflops in got:
+        assert tflops == pytest.approx(p["tflops"] / 4)
+    assert roofline.plot(records, tmp_path / "m.png", measured=measured).stat().st_size > 10_000
+    for bad, match in (({**run, "capability": [8, 0]}, "have no model panel"),
+                       ({**run, "interpreted": True}, "Triton interpreter")):
+        with pytest.raises(ValueError, match=match):
+            roofline.plot(records, tmp_path / "x.png", measured={"run": bad, "timings": timings})
+    other = [{**t, "dims": [1, 2, 3]} for t in timings]
+    with pytest.raises(ValueError, match="no Triton timing"):
+        roofline.plot(records, tmp_path / "y.png", measured={"run": run, "timings": other})

@@ -41,6 +41,19 @@ def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: s
     return x.to(device), labels.to(device)
 
 
+#: Timings of this run, one dict per timed kernel call (``--json`` writes them): ``kernel``
+#: (``ncp_gradient`` / ``knn``), ``dims`` (N, C, D or Q, M, D), ``precision`` (search rows on
+#: bf16 storage: ``bf16-storage``), ``backend`` and the median ``seconds``.
+TIMINGS: list[dict] = []
+
+
+def record_timing(kernel: str, dims: tuple[int, ...], precision: str, backend: str,
+                  seconds: float) -> None:
+    """Keep one timing for the machine-readable report."""
+    TIMINGS.append({"kernel": kernel, "dims": list(dims), "precision": precision,
+                    "backend": backend, "seconds": seconds})
+
+
 def synchronize(device: str) -> None:
     """Wait for the device's queued work (a no-op off CUDA)."""
     if device == "cuda":

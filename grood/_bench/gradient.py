@@ -24,6 +24,7 @@ from grood._bench.common import (
     median_time,
     peak_extra_mib,
     realistic_features,
+    record_timing,
 )
 
 #: (name, N, C, D) of the timing table.
@@ -184,6 +185,7 @@ def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[s
             op = ops.get_op("ncp_gradient", backend)
             call = partial(op, h, protos, p_ood, precision=precision)
             t = median_time(call, device, repeat)
+            record_timing("ncp_gradient", (n, c, d), precision, backend, t)
             mem = peak_extra_mib(call, device)
             peak = f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks else "n/a"
             lines.append(

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--skip-accuracy", action="store_true",
                         help="only the timing tables")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the kernel timings, with the device and versions, as "
+                             "JSON (bench/roofline.py draws them beside the compile report's "
+                             "model)")
     parser.add_argument("--only", choices=["gradient", "search", "head"], default=None,
                         help="run one part: the gradient step, the nearest-neighbour search, "
                              "or the GROOD head in a compiled program")
@@ -48,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the report (Markdown) for parsed ``args``."""
     from grood import ops
+    from grood._bench.common import TIMINGS
 
+    TIMINGS.clear()  # this run's timings only
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     triton_ok = ops.triton_unavailable_reason("ncp_gradient", torch.device(device)) is None
     backends = ["triton", "torch"] if triton_ok else ["torch"]
@@ -100,7 +106,24 @@ def run(args: argparse.Namespace) -> int:
               "checks='raise' (the default) the head reads values on the host; the CUDA-graph "
               "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
               "counted on the device).")
+    if args.json:
+        _write_json(args.json, device, dev_name, triton_version)
     return 0
+
+
+def _write_json(path: str, device: str, dev_name: str, triton_version: str) -> None:
+    """The run's kernel timings (:data:`grood._bench.common.TIMINGS`) with what they ran on."""
+    import json
+
+    from grood._bench.common import TIMINGS
+
+    capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None
+    meta = {"grood": __version__, "torch": torch.__version__, "triton": triton_version,
+            "device": dev_name, "capability": capability, "python": platform.python_version(),
+            "date": date.today().isoformat(),
+            "interpreted": os.environ.get("TRITON_INTERPRET") == "1"}
+    with open(path, "w") as f:
+        json.dump({"run": meta, "timings": TIMINGS}, f, indent=1)
 
 
 def main(argv: list[str] | None = None, prog: str = "grood bench") -> int:

@@ -21,6 +21,7 @@ from grood._bench.common import (
     median_time,
     peak_extra_mib,
     realistic_features,
+    record_timing,
     synchronize,
 )
 
@@ -163,6 +164,8 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
                     op = ops.get_op("knn", backend)
                     call = partial(op, queries, data, 1, precision=precision, **extra)
                     t = median_time(call, device, repeat)
+                    record_timing("knn", (q, m, d), precision if storage == torch.float32
+                                  else f"{precision}-storage", backend, t)
                     mem = peak_extra_mib(call, device)
                     _, idx = op(queries[:n_check], data, 1, precision=precision, **extra)
                     recall = float((idx[:, 0] == ref_i).double().mean())
