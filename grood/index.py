@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from grood import ops
+from grood._checks import check_finite_rows
 from grood.functional import database_sq_norms_of
 
 
@@ -95,6 +96,10 @@ class GradientIndex(ABC):
     def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"index vectors must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"index vectors must be floating point, got {x.dtype}")
+        # A NaN row would never be found (its distances are NaN) and an Inf row found wrongly.
+        check_finite_rows(x, "index vectors", row_offset=self.ntotal)
 
 
 #: Index classes by ``kind``; filled by :func:`register_index`.

@@ -37,6 +37,24 @@ def test_exact_index_refuses_wrong_shape_and_empty_search():
         index.search(torch.zeros(1, 4))
 
 
+@pytest.mark.parametrize("kind", ["exact", "faiss-flat", "faiss-ivf"])
+def test_non_finite_or_integer_vectors_are_refused(kind):
+    """A NaN row would silently never be found and an Inf row found wrongly: refused, named
+    by its row number in the index; nothing is added."""
+    if kind != "exact":
+        pytest.importorskip("faiss")
+    index = make_index(kind, 4, dtype=torch.float32, device=torch.device("cpu"),
+                       backend="torch")
+    index.add(torch.zeros(3, 4))
+    bad = torch.zeros(4, 4)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"index vectors contains NaN or Inf in row\(s\) 5"):
+        index.add(bad)
+    with pytest.raises(TypeError, match="floating point"):
+        index.add(torch.zeros(2, 4, dtype=torch.int64))
+    assert index.ntotal == 3
+
+
 def test_unknown_index_and_options_are_named():
     with pytest.raises(ValueError, match="index must be one of"):
         GROOD(index="hnsw").fit(torch.rand(10, 3), torch.arange(10) % 2)
