@@ -237,6 +237,7 @@ class GROOD(Parameters, ModelFrontEnd):
         self.n_train_ = fitted.n_train
         self.train_accuracy_ = fitted.train_accuracy
         self.backend_ = fitted.backend
+        self._backend_asked = self.backend  # what backend_ was resolved from
         self.device_ = fitted.device
         self.dtype_ = fitted.class_prototypes.dtype
         if fitted.extractor is not None:
@@ -262,6 +263,13 @@ class GROOD(Parameters, ModelFrontEnd):
             self._grads.precision = self.precision
             if isinstance(self.index_, ExactIndex):
                 self.index_.precision = self.precision
+        ops.check_backend_name(self.backend)
+        if self.backend != self._backend_asked:  # so does a new backend (same answers)
+            resolved = ops.resolve_backends(self.backend, self.device_, self.dtype_)
+            self._grads.fn = ops.get_op("ncp_gradient", resolved["ncp_gradient"])
+            if isinstance(self.index_, ExactIndex):
+                self.index_.backend = resolved["knn"]
+            self.backend_, self._backend_asked = resolved, self.backend
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
         check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self.distributed)

@@ -1,5 +1,8 @@
 """The GROOD detector's contract: definitions, sign, types, errors, save/load."""
 
+import os
+from importlib.util import find_spec
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +245,26 @@ def test_precision_set_after_fit_is_checked_and_used(monkeypatch):
     det.precision = "bf16"
     det.score_samples(test)
     assert det._grads.precision == "bf16" and seen == ["bf16"]
+
+
+def test_backend_set_after_fit_is_checked_and_used(monkeypatch):
+    x, y, test = _data()
+    det = GROOD().fit(x, y)  # auto: torch on the CPU
+    want = det.score_samples(test)
+    det.backend = "gpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        det.score_samples(test)
+    det.backend = "triton"
+    monkeypatch.setattr(ops, "triton_unavailable_reason", lambda *a, **k: "no triton here")
+    with pytest.raises(RuntimeError, match="no triton here"):
+        det.score_samples(test)
+    monkeypatch.undo()
+    if find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1":
+        det.backend = "triton"  # the kernels (interpreted here) give the same scores
+        torch.testing.assert_close(det.score_samples(test), want, rtol=1e-5, atol=1e-5)
+        assert det.backend_ == {"ncp_gradient": "triton", "knn": "triton"}
+    det.backend = "torch"
+    assert torch.equal(det.score_samples(test), want) and det.backend_["knn"] == "torch"
 
 
 def test_no_correct_training_sample_is_refused():
