@@ -60,6 +60,10 @@ class GROODHead(nn.Module):
         checks (str): ``"raise"`` (default; the detector's behaviour, which reads values on
             the host) or ``"flag"`` (nothing read on the host: unresolvable rows score NaN,
             pred -1, and are counted in the ``unresolved_rows`` buffer). See :data:`CHECKS`.
+
+    The buffers are one fitted state (the squared norms are derived from the prototypes and
+    the index): replace them together, through ``load_state_dict`` or a new head, never one
+    tensor in place.
     """
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
