@@ -14,6 +14,8 @@ vertical gap between a star and its point is the modelled bound over the measure
     python bench/compile_report.py --plot docs/roofline.png                  # compile, draw
     python bench/roofline.py bench/compile_report.json docs/roofline.png     # from a report
     python bench/roofline.py bench/compile_report.json out.png --measured gpu_report.json
+    python bench/roofline.py bench/compile_report.json docs/roofline.png \
+        --before bench/compile_report_before.json        # arrows from grood 0.1.0's kernels
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def measured_arch(measured: dict) -> str:
 
 
 def plot(records: list[dict], path: Path, archs: list[str] | None = None,
-         measured: dict | None = None) -> Path:
+         measured: dict | None = None, before: list[dict] | None = None) -> Path:
     """Draw the roofline panels of ``records`` (compile-report records) into ``path``, with a
-    GPU run's timings (``gpu_report.py --json``) on their target's panel when given."""
+    GPU run's timings (``gpu_report.py --json``) on their target's panel when given, and an
+    arrow from each launch's point in an earlier report (``before``) to its point now."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +136,19 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
                         (p["intensity"], p["tflops"]), xytext=(4, -3 if compute else 3),
                         textcoords="offset points", fontsize=7, color=colour)
         low = min(p["tflops"] for p in pts)
+        if before is not None:
+            then = {(p["function"], p["mode"], p["shape"]): p for p in points(before, arch)}
+            for p in pts:
+                old = then.get((p["function"], p["mode"], p["shape"]))
+                if old is None:
+                    continue
+                low = min(low, old["tflops"])
+                ax.scatter(old["intensity"], old["tflops"], marker=KERNEL_MARKERS.get(
+                    p["function"], ("x",))[0], s=22, facecolors="none", edgecolors="0.6",
+                    linewidths=0.8, zorder=2)
+                ax.annotate("", (p["intensity"], p["tflops"]), (old["intensity"], old["tflops"]),
+                            arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.7},
+                            zorder=2)
         if arch == on:
             for p, tflops in measured_points(pts, measured):
                 low = min(low, tflops)
@@ -159,6 +175,9 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
     handles += [Line2D([], [], ls="", marker="o", color=MODE_COLOURS[m], label=m) for m in modes]
     handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", color="0.3",
                           label="L2-bound (hollow)"))
+    if before is not None:
+        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", color="0.6",
+                              markersize=5, label="before (arrow: to now)"))
     title = ("grood kernels at the launcher's configurations: the compile report's traffic "
              "model (lower bounds, not measurements)")
     if measured is not None:
@@ -187,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--measured", type=Path,
                         help="a GPU run's timings (bench/gpu_report.py --json)")
+    parser.add_argument("--before", type=Path,
+                        help="an earlier compile report's JSON: arrows from its points to now")
     args = parser.parse_args(argv)
     measured = json.loads(args.measured.read_text()) if args.measured else None
+    before = json.loads(args.before.read_text()) if args.before else None
     try:
-        print(plot(json.loads(args.report.read_text()), args.out, measured=measured))
+        print(plot(json.loads(args.report.read_text()), args.out, measured=measured,
+                   before=before))
     except ValueError as err:
         print(f"roofline.py: {err}", file=sys.stderr)
         return 2

@@ -138,6 +138,8 @@ def test_roofline_picture_of_the_report(report, tmp_path):
             assert p["tflops"] <= roof["tflops"][p["mode"]] * (1 + 1e-9)
     out = roofline.plot(records, tmp_path / "roof.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    earlier = [{**r, "hbm_bytes": 2 * r["hbm_bytes"]} for r in records]  # arrows from these
+    assert roofline.plot(records, tmp_path / "b.png", before=earlier).stat().st_size > 10_000
     with pytest.raises(ValueError, match="no records for sm_100a"):
         roofline.plot(records, tmp_path / "none.png", archs=["sm_100a"])
 
