@@ -264,7 +264,8 @@ class GROOD(Parameters, ModelFrontEnd):
             if isinstance(self.index_, ExactIndex):
                 self.index_.precision = self.precision
         ops.check_backend_name(self.backend)
-        if self.backend != getattr(self, "_backend_asked", self.backend):  # same answers
+        # A new backend applies from this call on too (another implementation, same answers).
+        if self.backend != getattr(self, "_backend_asked", self.backend):
             resolved = ops.resolve_backends(self.backend, self.device_, self.dtype_)
             self._grads.fn = ops.get_op("ncp_gradient", resolved["ncp_gradient"])
             if isinstance(self.index_, ExactIndex):
