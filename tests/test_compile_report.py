@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,11 @@ HAS_PTXAS = compile_report._tool("ptxas-blackwell") is not None
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
+    plot = ["--plot", str(out / "roofline.png")] if find_spec("matplotlib") else []
     proc = subprocess.run(
         [sys.executable, str(BENCH / "compile_report.py"), "--shapes", "small", "--arch",
          "sm_90a", "--precision", "tf32", "--json", str(out / "r.json"), "--dump",
-         str(out / "dump"), "--quiet"], capture_output=True, text=True, check=True,
+         str(out / "dump"), "--quiet", *plot], capture_output=True, text=True, check=True,
         env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
     return proc.stdout, json.loads((out / "r.json").read_text()), out / "dump"
 
@@ -136,6 +138,8 @@ def test_roofline_picture_of_the_report(report, tmp_path):
         assert p["tflops"] <= roof["hbm_tbs"] * p["intensity"] * (1 + 1e-9)
         if p["mode"]:
             assert p["tflops"] <= roof["tflops"][p["mode"]] * (1 + 1e-9)
+    drawn = report[2].parent / "roofline.png"  # by compile_report.py --plot
+    assert drawn.read_bytes()[:4] == b"\x89PNG"
     out = roofline.plot(records, tmp_path / "roof.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     earlier = [{**r, "hbm_bytes": 2 * r["hbm_bytes"]} for r in records]  # arrows from these
