@@ -4,7 +4,9 @@
 # with its timings as JSON in $OUT/gpu_report.json and drawn beside the compile report's model
 # in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports), then the whole
 # ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16 index storage,
-# written to $OUT/pipeline.md.
+# written to $OUT/pipeline.md, and last (so a run cut short loses only it) the gradient step's
+# launch configurations side by side in $OUT/gpu_configs.md (the launcher's choice against
+# every autotuning candidate, tf32, CIFAR-10/100 and ImageNet-1k shapes).
 #
 # The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
 # (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
@@ -44,4 +46,6 @@ python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"
 step "pipeline, bf16 with bf16 index storage"
 python bench/pipeline.py --precision bf16 --index-storage bfloat16 --quiet \
     | tee -a "${OUT:-.}/pipeline.md"
+step "gradient-step launch configurations (tf32: the launcher's and each autotuning candidate)"
+python bench/gpu_report.py --only configs --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_configs.md"
 step "done"

@@ -156,6 +156,24 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
 
 
+def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
+    """``grood bench --only configs``: the launcher's tiles first, then each distinct autotuning
+    candidate, with its time and its agreement with the launcher's results."""
+    pytest.importorskip("triton")
+    from grood_kernels import ncp_gradient as kernel
+
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| tiny-100 | tf32 |")]
+    assert "(launcher)" in rows[0] and "| 1.00x | 0.0e+00 | 0.0000 |" in rows[0]
+    distinct = {kernel._tuned_config(t, 64, 100, 24, 4, "tf32")
+                for t in kernel.tune_configs("tf32")}
+    assert len(rows) == len(distinct | {kernel.launch_config(64, 100, 24, "tf32")})
+    for row in rows:  # every candidate agrees with the launcher's results
+        cells = [c.strip() for c in row.split("|")]
+        assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+
+
 def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
     from grood.cli import main
 

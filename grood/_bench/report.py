@@ -44,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the kernel timings, with the device and versions, as "
                              "JSON (bench/roofline.py draws them beside the compile report's "
                              "model)")
-    parser.add_argument("--only", choices=["gradient", "search", "head"], default=None,
+    parser.add_argument("--only", choices=["gradient", "search", "head", "configs"],
+                        default=None,
                         help="run one part: the gradient step, the nearest-neighbour search, "
-                             "or the GROOD head in a compiled program")
+                             "the GROOD head in a compiled program, or (only when asked) the "
+                             "gradient step's launch configurations side by side")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +108,18 @@ def run(args: argparse.Namespace) -> int:
               "checks='raise' (the default) the head reads values on the host; the CUDA-graph "
               "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
               "counted on the device).")
+    if args.only == "configs":
+        from grood._bench.configs import CONFIG_SHAPES, TINY_CONFIG_SHAPES, config_table
+
+        print("## Gradient step: launch configurations\n")
+        if "triton" not in backends:
+            print("The Triton kernels cannot run here; nothing to compare.")
+        else:
+            print("\n".join(config_table(device, TINY_CONFIG_SHAPES if args.tiny
+                                          else CONFIG_SHAPES, repeat=args.repeat)))
+            print("\nThe launcher's configuration first, then every autotuning candidate "
+                  "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
+                  "are against the launcher's results.")
     if args.json:
         _write_json(args.json, device, dev_name, triton_version)
     return 0

@@ -1,0 +1,78 @@
+"""``grood bench --only configs``: the gradient step's launch configurations side by side.
+
+For each shape and tensor-core mode it runs the Triton gradient step with the configuration
+the launcher picks and with every autotuning candidate (what ``GROOD_AUTOTUNE=1`` chooses
+from), on the same inputs: time, and the largest difference from the launcher's results, so a
+candidate is judged on speed and agreement together. This is the evidence for changing the
+launcher's heuristic on a device; each configuration is compiled once (warm-up, not timed).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from grood._bench.common import median_time, realistic_features
+
+#: (name, N, C, D): the report's shapes where the choice of tiles is open (C = 21,841 is
+#: timed by the main table).
+CONFIG_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
+                 ("ImageNet-1k", 65536, 1000, 2048)]
+TINY_CONFIG_SHAPES = [("tiny-100", 64, 100, 24)]
+CONFIG_PRECISIONS = ("tf32",)
+
+
+def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
+                 repeat: int = 3) -> list[str]:
+    """Markdown rows: every candidate configuration of the gradient step, timed."""
+    from grood_kernels import ncp_gradient as kernel
+    from grood_kernels._launch import sm_count
+    from grood_kernels._prepare import prepare_prototypes
+    from grood_kernels.contract import ncp_scale
+
+    lines = ["| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
+             "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, n, c, d in shapes:
+        h, _ = realistic_features(n, c, d, seed=3, device=device)
+        protos, _ = realistic_features(c, c, d, seed=4, device=device)
+        p_ood = protos.mean(0)
+        n_sm = sm_count(h.device)
+        for precision in precisions:
+            prep = prepare_prototypes(protos, p_ood, precision, ncp_scale(protos, p_ood))
+            base = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
+                                        n_sm=n_sm)
+            cands = [base]
+            for t in kernel.tune_configs(precision):
+                cfg = kernel._tuned_config(t, n, c, d, h.element_size(), precision, n_sm)
+                if cfg not in cands:
+                    cands.append(cfg)
+            ref, base_ms = None, None
+            for cfg in cands:
+                outs = (torch.empty((n, d), device=device), torch.empty(n, device=device),
+                        torch.empty(n, dtype=torch.int64, device=device),
+                        torch.empty(n, device=device), torch.empty(n, device=device))
+
+                t = median_time(partial(_launch, h, protos, prep, outs, precision, cfg),
+                                device, repeat)
+                if ref is None:
+                    ref, base_ms = outs, t
+                q_diff = float(((outs[1] - ref[1]).abs() / ref[1].abs().clamp_min(1e-30)).max())
+                pred_diff = float((outs[2] != ref[2]).double().mean())
+                tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
+                label = " (launcher)" if cfg is base else ""
+                lines.append(
+                    f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
+                    f"{label} | {cfg.n_split} | {1e3 * t:.3f} | {base_ms / t:.2f}x | "
+                    f"{q_diff:.1e} | {pred_diff:.4f} |")
+    return lines
+
+
+def _launch(h, protos, prep, outs, precision: str, cfg) -> None:
+    """One gradient-step launch in configuration ``cfg`` (fresh partials, as the launcher)."""
+    from grood_kernels import ncp_gradient as kernel
+    from grood_kernels._launch import run
+
+    run(kernel._plan(h, protos, prep, prep.sq_norms, kernel._scratch(h.shape[0], cfg, h.device),
+                     outs, precision, cfg))
