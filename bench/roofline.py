@@ -62,8 +62,9 @@ def points(records: list[dict], arch: str) -> list[dict]:
 
 
 def _bound_seconds(r: dict, mode: str | None) -> float:
-    """The record's binding bound in seconds; recomputed from its FLOPs and bytes when the
-    report's bounds (rounded to 0.1 us) are all zero, as at tiny test shapes."""
+    """The record's binding bound in seconds: its reported bound, or the bound recomputed from
+    its FLOPs and bytes (no wave quantisation) where that is larger — the report rounds bounds
+    to 0.1 us, so at tiny shapes they read zero."""
     roof = traffic_model.ROOFS[r["arch"]]
     compute = "bf16" if (mode or "ieee").startswith("bf16") else (mode or "ieee")
     raw = max(r["flops"] / (roof["tflops"][compute] * 1e12),
