@@ -33,6 +33,7 @@ MODE_COLOURS = {"ieee": "#4c72b0", "tf32": "#dd8452", "tf32x3": "#55a868", "bf16
                 "bf16-storage": "#8172b3"}
 #: Marker per kernel function.
 KERNEL_MARKERS = {"_ncp_gradient_kernel": ("o", "gradient step"),
+                  "_ncp_single_read_kernel": ("D", "gradient step, single read"),
                   "_knn_candidates_kernel": ("s", "search"),
                   "_merge_rerank_kernel": ("^", "search merge + re-rank")}
 #: Kernel functions whose launch does not depend on the precision mode.

@@ -138,6 +138,32 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
 
 
+def _ncp_single_read(launch, precision, arch, ctas):
+    """The gradient step's single-read variant: one program per row tile holds the tile in
+    registers from load to store; every class in one block. Per program: the feature tile and
+    the prepared operand (all classes, D_PAD wide) through L2, 4 gathered raw prototype rows
+    per feature row, the gradient written once. The prototypes fit L2 wherever it applies, so
+    HBM sees h once, the operand once, the gradient once."""
+    h, op, protos = launch.args[0], launch.args[1], launch.args[2]
+    n, c, d = launch.args[10], launch.args[11], launch.args[12]
+    bn, bc, dp = (launch.constexprs[k] for k in ("BLOCK_N", "BLOCK_C", "D_PAD"))
+    n_cand = launch.constexprs["N_CAND"]
+    eh, eo, ep = _esize(h), _esize(op), _esize(protos)
+    n_rb = math.ceil(n / bn)
+    conc = ROOFS[arch]["sms"] * ctas
+    waves = n_rb / conc
+    flops = 2.0 * n_rb * bn * bc * dp
+    h_bytes, op_bytes = n * d * eh, bc * dp * eo
+    out = n * d * 4 + n * (4 * 4 + 8)
+    l2 = n_rb * (bn * d * eh + op_bytes) + n_cand * n * d * ep + out
+    hbm = h_bytes + min(op.shape[0], bc) * op.shape[1] * eo + c * d * ep + out
+    minimum = h_bytes + n * d * 4 + min(op.shape[0], bc) * op.shape[1] * eo
+    notes = ["single read (tile held in registers)",
+             f"HBM {hbm / minimum:.2f}x the minimum (h once, grad once, prototypes once "
+             "per wave)"]
+    return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
+
+
 def _knn_grouped(launch, precision, arch, ctas):
     """Exact search: program (query block, database split) streams its split; programs run in
     groups of GROUP_Q query blocks x every split, query block fastest.
@@ -191,6 +217,7 @@ def _knn_merge(launch, precision, arch, ctas):
 
 MODELS = {
     "_ncp_gradient_kernel": _ncp_class_groups,
+    "_ncp_single_read_kernel": _ncp_single_read,
     "_knn_candidates_kernel": _knn_grouped,
     "_merge_rerank_kernel": _knn_merge,
 }

@@ -51,6 +51,8 @@ class LaunchConfig(NamedTuple):
             (class groups of the gradient step; database splits of the search).
         group_rows (int): row blocks launched next to each other so they share the column
             tiles in L2 (the search's query groups; 1 where unused).
+        single_read (bool): the gradient step's variant that holds the whole feature tile in
+            registers (``block_d`` is then all of D, padded to a power of two).
     """
 
     block_rows: int
@@ -60,6 +62,7 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     n_split: int = 1
     group_rows: int = 1
+    single_read: bool = False
 
 
 def fit_tile(block: int, size: int) -> int:

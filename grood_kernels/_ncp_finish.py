@@ -69,12 +69,27 @@ def finish_rows(
             diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
             part = tl.sum(diff * diff, axis=1)
             exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
+    store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                    inv_scale)
+        tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C):
+    """Per row, from the running max ``m`` and sum ``acc`` of the GEMM terms (OOD term not yet
+    in), the candidates (GEMM distances ``cand_d``, ids ``cand_i``, -1 or less where empty), their
+    exact squared distances and ``||u||^2`` (units ``scale``): ``(q_ood, lse, min_dist, pred,
+    gradient scale q_ood / ||u||)``. The candidates' GEMM terms are swapped for exact ones."""
     u_norm = tl.sqrt(u_sq)
     d_ood = u_norm * scale
     valid = cand_i >= 0
     exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
-
-    # The OOD term joins the sum; the candidates' GEMM terms are swapped for exact ones.
     m_all = tl.maximum(m, -d_ood)
     acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
     rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)
@@ -92,14 +107,13 @@ def finish_rows(
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
     q = tl.exp(-d_ood - lse)
     g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
+    return q, lse, best, pred, g_scale
+
+
+@triton.jit
+def store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred):
+    """Write one row tile's q_ood, lse, min_dist and pred (int64)."""
     tl.store(q_ptr + offs_n, q, mask=mask_n)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
     tl.store(mind_ptr + offs_n, best, mask=mask_n)
     tl.store(pred_ptr + offs_n, pred.to(tl.int64), mask=mask_n)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale)
-        tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])

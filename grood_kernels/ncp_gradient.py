@@ -23,6 +23,12 @@ merges the partials, recomputes the candidates' distances exactly from fp32 diff
 (they replace their GEMM estimates in the sum, the prediction and ``min_dist``), and writes the
 gradient, while the row tile is still in L2. Only a [BLOCK_N, BLOCK_C] tile of distances ever
 exists. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`.
+
+Where every class fits one block the class split cannot share the row tile, and the finish
+re-reads it from L2 twice. For small C and D (:func:`single_read_config`) an autotuning
+candidate, :func:`_ncp_single_read_kernel`, holds the whole centred tile in registers from its
+load to the gradient's store, so ``h`` is read once; ``GROOD_AUTOTUNE=1`` times it against the
+class-group kernel on the device.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from grood_kernels._launch import (
     run,
     sm_count,
 )
-from grood_kernels._ncp_finish import finish_rows, load_u
+from grood_kernels._ncp_finish import finish_rows, load_u, row_results, store_row_results
 from grood_kernels._prepare import (
     PAD_COLS,
     PAD_ROWS,
@@ -121,6 +127,34 @@ TUNE_CONFIGS = {
 def tune_configs(precision: str) -> list[tuple[int, ...]]:
     """The autotuning candidates of ``precision``."""
     return TUNE_CONFIGS["fma" if precision == "ieee" else "tensor"]
+
+
+#: Largest class count (per tensor-core mode) and feature width at which the single-read
+#: variant compiles spill-free for sm_90a under triton 3.6 and 3.9: 16-row tiles on 8 warps
+#: (``mma.sync``), the centred tile held in registers (``bench/compile_report.py --configs
+#: all``; tf32 at C = 100 and 32- or 64-row tiles spill).
+SINGLE_READ_LIMITS = {"tf32": 16, "bf16": 128}
+SINGLE_READ_MAX_D = 512
+
+
+def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
+    """The single-read variant's configuration for this shape, where it applies: every class
+    in one block and the feature tile in registers, so ``h`` is read once at any C it takes
+    (the class-group kernel re-reads its row tile from L2 when C fits one block)."""
+    if c > SINGLE_READ_LIMITS.get(precision, 0) or d > SINGLE_READ_MAX_D:
+        return None
+    return LaunchConfig(16, max(16, triton.next_power_of_2(c)),
+                        max(16, triton.next_power_of_2(d)), 8, 1, single_read=True)
+
+
+def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
+                      n_sm: int | None = None) -> list[LaunchConfig]:
+    """Every autotuning candidate at this shape: the tile list fitted to it, and the
+    single-read variant where it applies."""
+    cands = [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
+             for t in tune_configs(precision)]
+    single = single_read_config(c, d, precision)
+    return cands + ([single] if single is not None else [])
 
 
 @triton.jit
@@ -253,13 +287,79 @@ def _ncp_gradient_kernel(
                      BLOCK_N, BLOCK_D, N_CAND)
 
 
+@triton.jit
+def _ncp_single_read_kernel(
+    # pointers: inputs
+    h_ptr, op_ptr, proto_ptr, pood_ptr, psq_ptr,
+    # pointers: outputs
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+    # sizes and scalars
+    N, C, D, scale, inv_scale,
+    # strides
+    stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """The whole step for one row tile with every class in one block and the whole centred
+    tile [BLOCK_N, D_PAD] held in registers from its load to the gradient's store: ``h`` is
+    read from memory once. One ``tl.dot`` over all of D, the softmax and candidates of the
+    single class block, the exact re-rank against the held tile, the results (an autotuning
+    candidate for small C and D; see :func:`single_read_config`)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    slots = tl.arange(0, N_CAND)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)
+    mask_d = offs_d < D
+    u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale)
+    u_sq = tl.sum(u * u, axis=1)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
+    # The prepared operand is zero-padded to whole tiles of 64 columns; D_PAD may pass them.
+    p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :], mask=mask_d[None, :],
+                other=0.0)
+    dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32) - 0.5 * p_sq[None, :],
+                 DOT_MODE)
+    dist = _distances(dots, u_sq, scale)
+    m = -tl.min(dist, axis=1)
+    acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
+    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
+    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
+    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C)
+    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
+    for r in tl.static_range(N_CAND):
+        idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
+        ok = mask_n & (idx >= 0)
+        mask = ok[:, None] & mask_d[None, :]
+        pr = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
+                     + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+        diff = tl.where(mask, u - (pr * inv_scale - p_o[None, :]), 0.0)
+        exact_sq = tl.where(slots[None, :] == r, tl.sum(diff * diff, axis=1)[:, None], exact_sq)
+    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
+    store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
+    tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+
+
 def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
           cfg: LaunchConfig) -> KernelLaunch:
     """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
     grad, q_ood, pred, min_dist, lse = outputs
-    part_f, part_i, counters = scratch
     n, d = h.shape
     c = prototypes.shape[0]
+    if cfg.single_read:
+        return KernelLaunch(
+            _ncp_single_read_kernel, (triton.cdiv(n, cfg.block_rows),),
+            (h, prep.operand, prototypes, prep.p_o, psq, grad, q_ood, pred, min_dist, lse,
+             n, c, d, prep.scale, 1.0 / prep.scale,
+             h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
+             prototypes.stride(1), grad.stride(0), grad.stride(1)),
+            {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
+             "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
+            cfg.num_warps, cfg.num_stages)
+    part_f, part_i, counters = scratch
     per_group = triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
     return KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
@@ -274,7 +374,10 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
 
 
 def _scratch(n: int, cfg: LaunchConfig, device):
-    """Partial results per (class group, row) and one arrival counter per row block."""
+    """Partial results per (class group, row) and one arrival counter per row block (none
+    for the single-read variant)."""
+    if cfg.single_read:
+        return ()
     return (torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
                         device=device),
             torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
@@ -292,9 +395,9 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
     size = torch.empty((), dtype=dtype).element_size()
     cfgs = [launch_config(n, c, d, precision, h_bytes=size)]
     if configs == "all":
-        tiles = {cfg[:5] for cfg in cfgs}
-        cfgs += [cfg for cfg in (_tuned_config(t, n, c, d, size, precision)
-                                 for t in tune_configs(precision)) if cfg[:5] not in tiles]
+        for cfg in candidate_configs(n, c, d, precision, size):
+            if all(cfg[:5] != k[:5] or cfg.single_read != k.single_read for k in cfgs):
+                cfgs.append(cfg)
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
@@ -386,8 +489,7 @@ def ncp_gradient(
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
-        cands = [_tuned_config(t, n, c, d, h.element_size(), precision, n_sm)
-                 for t in tune_configs(precision)]
+        cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm)
         launch(tune(launch, key, n, c, cands, dev))
     else:
         launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))

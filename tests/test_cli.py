@@ -163,15 +163,16 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
     from grood_kernels import ncp_gradient as kernel
 
     assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| tiny-100 | tf32 |")]
-    assert "(launcher)" in rows[0] and "| 1.00x | 0.0e+00 | 0.0000 |" in rows[0]
-    distinct = {kernel._tuned_config(t, 64, 100, 24, 4, "tf32")
-                for t in kernel.tune_configs("tf32")}
-    assert len(rows) == len(distinct | {kernel.launch_config(64, 100, 24, "tf32")})
-    for row in rows:  # every candidate agrees with the launcher's results
-        cells = [c.strip() for c in row.split("|")]
-        assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+    text = capsys.readouterr().out
+    for name, n, c, d in (("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} | tf32 |")]
+        assert "(launcher)" in rows[0] and "| 1.00x | 0.0e+00 | 0.0000 |" in rows[0]
+        distinct = set(kernel.candidate_configs(n, c, d, "tf32", 4))
+        assert len(rows) == len(distinct | {kernel.launch_config(n, c, d, "tf32")})
+        assert sum("single read" in row for row in rows) == (c <= 16)
+        for row in rows:  # every candidate agrees with the launcher's results
+            cells = [cell.strip() for cell in row.split("|")]
+            assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
 
 
 def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):

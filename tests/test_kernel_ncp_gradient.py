@@ -297,3 +297,66 @@ def test_autotune_choice_is_remembered_across_processes(tmp_path, monkeypatch):
     assert _tuning.tune(launched.append, ("ncp", "tf32", 128), 4096, 128, cfgs,
                         "cuda") == cfgs[1]
     assert timed == []  # read from the file, not timed again
+
+
+# (N, C, D) within the single-read variant's limits: one row, C under the candidate count,
+# C = 16 and C = 100 (128-wide block), D not a power of two (padded in registers).
+SINGLE_READ_SHAPES = [(1, 1, 1), (1, 5, 7), (13, 3, 129), (33, 16, 33), (65, 10, 20),
+                      (7, 100, 70)]
+
+
+@pytest.fixture
+def single_read(monkeypatch):
+    """Make the launcher run the single-read variant (an autotuning candidate) at any shape."""
+    def config(n, c, d, precision, **kw):
+        return kernel_module.single_read_config(c, d, "bf16")
+
+    monkeypatch.setattr(kernel_module, "launch_config", config)
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SINGLE_READ_SHAPES,
+                         ids=[f"N{n}-C{c}-D{d}" for n, c, d in SINGLE_READ_SHAPES])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_single_read_variant_matches_float64_twin(n, c, d, precision, single_read,
+                                                  poisoned_outputs):
+    h, protos, p_ood = _problem(n, c, d)
+    h = h.T.contiguous().T  # read through its strides
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    for t in (res.grad, res.q_ood, res.min_dist, res.lse):
+        assert bool(torch.isfinite(t).all())
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.min_dist.double(), ref.min_dist, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.pred.cpu(), ref.pred.cpu())
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
+def test_single_read_variant_ties_and_magnitudes(scale, single_read):
+    """Duplicated prototypes tie exactly (the lower class id wins) and huge or tiny magnitudes
+    work in the shared power-of-two units, as in the class-group kernel."""
+    h, protos, p_ood = _problem(40, 12, 24, seed=3)
+    protos[5] = protos[2]
+    h[:8] = protos[2]  # rows on the duplicated prototype
+    h, protos, p_ood = h * scale, protos * scale, p_ood * scale
+    res = ncp_gradient(h, protos, p_ood, precision="tf32")
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    assert torch.equal(res.pred, ref.pred) and bool((res.pred[:8] == 2).all())
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)  # unit-free
+
+
+def test_single_read_variant_is_offered_where_it_compiles_spill_free():
+    """Only where the compile report found it spill-free: D <= 512, C <= 16 in tf32, C <= 128
+    in bf16; never in ieee or tf32x3. The autotuning candidates include it there."""
+    cfg = kernel_module.single_read_config(100, 512, "bf16")
+    assert cfg.single_read and (cfg.block_rows, cfg.block_cols, cfg.block_d) == (16, 128, 512)
+    assert kernel_module.single_read_config(10, 40, "tf32").block_d == 64
+    for c, d, precision in [(17, 64, "tf32"), (129, 64, "bf16"), (10, 513, "bf16"),
+                            (10, 64, "ieee"), (10, 64, "tf32x3")]:
+        assert kernel_module.single_read_config(c, d, precision) is None
+    cands = kernel_module.candidate_configs(4096, 10, 512, "tf32", 4)
+    assert sum(cfg.single_read for cfg in cands) == 1
+    assert not any(cfg.single_read for cfg in kernel_module.candidate_configs(
+        4096, 1000, 2048, "tf32", 4))

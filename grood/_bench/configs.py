@@ -19,8 +19,8 @@ from grood._bench.common import median_time, realistic_features
 #: timed by the main table).
 CONFIG_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
                  ("ImageNet-1k", 65536, 1000, 2048)]
-TINY_CONFIG_SHAPES = [("tiny-100", 64, 100, 24)]
-CONFIG_PRECISIONS = ("tf32",)
+TINY_CONFIG_SHAPES = [("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)]
+CONFIG_PRECISIONS = ("tf32", "bf16")
 
 
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
@@ -40,12 +40,13 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         p_ood = protos.mean(0)
         n_sm = sm_count(h.device)
         for precision in precisions:
+            if precision == "bf16" and device != "cuda":
+                continue  # the interpreter's bf16 dot is not the hardware's
             prep = prepare_prototypes(protos, p_ood, precision, ncp_scale(protos, p_ood))
             base = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
                                         n_sm=n_sm)
             cands = [base]
-            for t in kernel.tune_configs(precision):
-                cfg = kernel._tuned_config(t, n, c, d, h.element_size(), precision, n_sm)
+            for cfg in kernel.candidate_configs(n, c, d, precision, h.element_size(), n_sm):
                 if cfg not in cands:
                     cands.append(cfg)
             ref, base_ms = None, None
@@ -61,7 +62,8 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                 q_diff = float(((outs[1] - ref[1]).abs() / ref[1].abs().clamp_min(1e-30)).max())
                 pred_diff = float((outs[2] != ref[2]).double().mean())
                 tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
-                label = " (launcher)" if cfg is base else ""
+                label = (" (launcher)" if cfg is base else
+                         " (single read: all of D in registers)" if cfg.single_read else "")
                 lines.append(
                     f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                     f"{label} | {cfg.n_split} | {1e3 * t:.3f} | {base_ms / t:.2f}x | "
