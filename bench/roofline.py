@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -202,7 +203,7 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
                  f"measured ({run['device']}, torch {run['torch']}, triton {run['triton']}, "
                  f"{run['date']}; stars)")
     axes[0][-1].legend(handles=handles, loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(textwrap.fill(title, 90 * len(archs)), fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
