@@ -59,16 +59,8 @@ def finish_rows(
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
                     inv_scale)
         u_sq += tl.sum(u * u, axis=1)
-        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        for r in tl.static_range(N_CAND):
-            idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
-            ok = mask_n & (idx >= 0)
-            mask = ok[:, None] & mask_d[None, :]
-            p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
-                        + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
-            part = tl.sum(diff * diff, axis=1)
-            exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+        exact_sq = add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d,
+                                mask_d, stride_pc, stride_pd, inv_scale, N_CAND)
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in range(0, D, BLOCK_D):
@@ -78,6 +70,26 @@ def finish_rows(
                     inv_scale)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                  u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc,
+                 stride_pd, inv_scale, N_CAND: tl.constexpr):
+    """``exact_sq`` [rows, N_CAND] plus each candidate's squared distance to the centred
+    feature tile ``u`` over the columns ``offs_d``, from fp32 differences against the raw
+    prototype rows (centred here); empty candidates (negative ids) add nothing."""
+    slots = tl.arange(0, N_CAND)
+    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+    for r in tl.static_range(N_CAND):
+        idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
+        ok = mask_n & (idx >= 0)
+        mask = ok[:, None] & mask_d[None, :]
+        p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
+                    + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+        diff = tl.where(mask, u - (p * inv_scale - p_o[None, :]), 0.0)
+        part = tl.sum(diff * diff, axis=1)
+        exact_sq = tl.where(slots[None, :] == r, exact_sq + part[:, None], exact_sq)
+    return exact_sq
 
 
 @triton.jit

@@ -48,7 +48,13 @@ from grood_kernels._launch import (
     run,
     sm_count,
 )
-from grood_kernels._ncp_finish import finish_rows, load_u, row_results, store_row_results
+from grood_kernels._ncp_finish import (
+    add_exact_sq,
+    finish_rows,
+    load_u,
+    row_results,
+    store_row_results,
+)
 from grood_kernels._prepare import (
     PAD_COLS,
     PAD_ROWS,
@@ -327,16 +333,9 @@ def _ncp_single_read_kernel(
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C)
-    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
-    for r in tl.static_range(N_CAND):
-        idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
-        ok = mask_n & (idx >= 0)
-        mask = ok[:, None] & mask_d[None, :]
-        pr = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
-                     + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-        diff = tl.where(mask, u - (pr * inv_scale - p_o[None, :]), 0.0)
-        exact_sq = tl.where(slots[None, :] == r, tl.sum(diff * diff, axis=1)[:, None], exact_sq)
+    exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i,
+                            proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc, stride_pd,
+                            inv_scale, N_CAND)
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
