@@ -155,12 +155,13 @@ def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None) -> list[LaunchConfig]:
-    """Every autotuning candidate at this shape: the tile list fitted to it, and the
-    single-read variant where it applies."""
-    cands = [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
-             for t in tune_configs(precision)]
-    single = single_read_config(c, d, precision)
-    return cands + ([single] if single is not None else [])
+    """Every distinct autotuning candidate at this shape: the tile list fitted to it (small
+    shapes shrink several tiles to the same one), and the single-read variant where it
+    applies."""
+    fitted = [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
+              for t in tune_configs(precision)]
+    fitted.append(single_read_config(c, d, precision))
+    return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
 @triton.jit
@@ -394,9 +395,7 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
     size = torch.empty((), dtype=dtype).element_size()
     cfgs = [launch_config(n, c, d, precision, h_bytes=size)]
     if configs == "all":
-        for cfg in candidate_configs(n, c, d, precision, size):
-            if all(cfg[:5] != k[:5] or cfg.single_read != k.single_read for k in cfgs):
-                cfgs.append(cfg)
+        cfgs += [cfg for cfg in candidate_configs(n, c, d, precision, size) if cfg != cfgs[0]]
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
