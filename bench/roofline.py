@@ -68,8 +68,7 @@ def _bound_seconds(r: dict, mode: str | None) -> float:
     its FLOPs and bytes (no wave quantisation) where that is larger — the report rounds bounds
     to 0.1 us, so at tiny shapes they read zero."""
     roof = traffic_model.ROOFS[r["arch"]]
-    compute = "bf16" if (mode or "ieee").startswith("bf16") else (mode or "ieee")
-    raw = max(r["flops"] / (roof["tflops"][compute] * 1e12),
+    raw = max(r["flops"] / (roof["tflops"][traffic_model._mode_roof(mode or "ieee")] * 1e12),
               r["hbm_bytes"] / (roof["hbm_tbs"] * 1e12), r["l2_bytes"] / (roof["l2_tbs"] * 1e12))
     return max(max(r["bound_ms"].values()) / 1e3, raw)
 
@@ -117,10 +116,12 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
     archs = archs or [a for a in traffic_model.ROOFS if any(r["arch"] == a for r in records)]
     on = measured_arch(measured) if measured is not None else None
     n_measured = 0
+    drawn: list[dict] = []
     fig, axes = plt.subplots(1, len(archs), figsize=(7.5 * len(archs), 6), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         roof = traffic_model.ROOFS[arch]
         pts = points(records, arch)
+        drawn += pts
         if not pts:
             raise ValueError(f"no records for {arch}")
         lo = min(p["intensity"] for p in pts) / 3
@@ -179,8 +180,8 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
         ax.set_title(f"{arch} ({roof['device']}, roofs {roof['source']}; L2 "
                      f"{roof['l2_tbs']} TB/s assumed)", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-    kernels = sorted({p["function"] for a in archs for p in points(records, a)})
-    modes = sorted({p["mode"] for a in archs for p in points(records, a)} - {None},
+    kernels = sorted({p["function"] for p in drawn})
+    modes = sorted({p["mode"] for p in drawn} - {None},
                    key=list(MODE_COLOURS).index)
     handles = [Line2D([], [], ls="", marker=KERNEL_MARKERS.get(k, ("x", k))[0], color="0.3",
                       label=KERNEL_MARKERS.get(k, ("x", k))[1]) for k in kernels]

@@ -14,6 +14,10 @@ from functools import partial
 import torch
 
 from grood._bench.common import median_time, realistic_features
+from grood_kernels import ncp_gradient as kernel
+from grood_kernels._launch import run, sm_count
+from grood_kernels._prepare import prepare_prototypes
+from grood_kernels.contract import ncp_scale
 
 #: (name, N, C, D): the report's shapes where the choice of tiles is open (C = 21,841 is
 #: timed by the main table).
@@ -25,12 +29,8 @@ CONFIG_PRECISIONS = ("tf32", "bf16")
 
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                  repeat: int = 3) -> list[str]:
-    """Markdown rows: every candidate configuration of the gradient step, timed."""
-    from grood_kernels import ncp_gradient as kernel
-    from grood_kernels._launch import sm_count
-    from grood_kernels._prepare import prepare_prototypes
-    from grood_kernels.contract import ncp_scale
-
+    """Markdown rows: every candidate configuration of the gradient step, timed (needs
+    triton: this module is imported only where the Triton kernels can run)."""
     lines = ["| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
              "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |",
              "|---|---|---|---|---|---|---|---|"]
@@ -71,8 +71,5 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
 
 def _launch(h, protos, prep, outs, precision: str, cfg) -> None:
     """One gradient-step launch in configuration ``cfg`` (fresh partials, as the launcher)."""
-    from grood_kernels import ncp_gradient as kernel
-    from grood_kernels._launch import run
-
     run(kernel._plan(h, protos, prep, prep.sq_norms, kernel._scratch(h.shape[0], cfg, h.device),
                      outs, precision, cfg))

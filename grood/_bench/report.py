@@ -109,35 +109,33 @@ def run(args: argparse.Namespace) -> int:
               "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
               "counted on the device).")
     if args.only == "configs":
-        from grood._bench.configs import CONFIG_SHAPES, TINY_CONFIG_SHAPES, config_table
-
         print("## Gradient step: launch configurations\n")
         if "triton" not in backends:
             print("The Triton kernels cannot run here; nothing to compare.")
         else:
+            from grood._bench.configs import CONFIG_SHAPES, TINY_CONFIG_SHAPES, config_table
+
             print("\n".join(config_table(device, TINY_CONFIG_SHAPES if args.tiny
                                           else CONFIG_SHAPES, repeat=args.repeat)))
             print("\nThe launcher's configuration first, then every autotuning candidate "
                   "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
                   "are against the launcher's results.")
     if args.json:
-        _write_json(args.json, device, dev_name, triton_version)
+        _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted)
     return 0
 
 
-def _write_json(path: str, device: str, dev_name: str, triton_version: str) -> None:
+def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
+                triton_version: str, interpreted: bool) -> None:
     """The run's kernel timings (:data:`grood._bench.common.TIMINGS`) with what they ran on."""
     import json
-
-    from grood._bench.common import TIMINGS
 
     capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None
     meta = {"grood": __version__, "torch": torch.__version__, "triton": triton_version,
             "device": dev_name, "capability": capability, "python": platform.python_version(),
-            "date": date.today().isoformat(),
-            "interpreted": os.environ.get("TRITON_INTERPRET") == "1"}
+            "date": date.today().isoformat(), "interpreted": interpreted}
     with open(path, "w") as f:
-        json.dump({"run": meta, "timings": TIMINGS}, f, indent=1)
+        json.dump({"run": meta, "timings": timings}, f, indent=1)
 
 
 def main(argv: list[str] | None = None, prog: str = "grood bench") -> int:
