@@ -67,9 +67,13 @@ TILE_ELEMENTS = 1 << 22
 ROW_TILE_ELEMENTS = 1 << 22
 # Fewest rows per tile when the class block is wide: every row tile re-reads the block.
 MIN_TILE_ROWS = 256
-# Class-block widths (exclusive, inclusive) where the CPU picks candidates by successive
-# minima instead of torch.topk (both timed in bench/RESULTS.md, "CPU fallback speed").
+# Class-block widths (exclusive, inclusive) where the CPU picks float32 candidates by minima of
+# packed keys, and float64 ones by successive argmin rounds, instead of torch.topk (timed in
+# bench/RESULTS.md, "CPU fallback speed").
+_KEYED_WIDTH = (16, 4096)
 _MIN_ROUNDS_WIDTH = (24, 160)
+# Low bits of a float32 value widened to float64 that are always zero: the column goes there.
+_KEY_BITS = 29
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -339,11 +343,11 @@ def class_prototypes(
 
 
 def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """The ``n`` smallest entries of each row of ``dist`` [R, M] and their column indices,
-    taking the lowest columns among entries equal to the n-th smallest (``torch.topk`` breaks
-    such ties arbitrarily). A row needs that only when its (n+1)-th smallest equals its n-th;
-    only those rows are redone, so the common case costs one ``torch.topk`` and no tile-sized
-    temporary."""
+    """The ``n`` smallest entries of each row of ``dist`` [R, M] (ascending) and their column
+    indices, taking the lowest columns among entries equal to the n-th smallest (``torch.topk``
+    breaks such ties arbitrarily). A row needs that only when its (n+1)-th smallest equals its
+    n-th; only those rows are redone, so the common case costs one ``torch.topk`` and no
+    tile-sized temporary. Equal entries inside the n may come in any column order."""
     extra = min(n + 1, dist.shape[1])
     vals, cols = torch.topk(dist, extra, dim=1, largest=False)
     if extra == n:
@@ -355,9 +359,10 @@ def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
         below, at = sub < kth, sub == kth
         need = n - below.sum(1, keepdim=True)
         chosen = below | (at & (at.cumsum(1, dtype=torch.int32) <= need))  # n per row
-        fixed = chosen.nonzero()[:, 1].view(crowded.numel(), n)
+        picked = chosen.nonzero()[:, 1].view(-1, n)
+        fixed_d, fixed = lex_sort(sub.gather(1, picked), picked)
         cols = cols.index_put((crowded,), fixed)
-        vals = vals.index_put((crowded,), sub.gather(1, fixed))
+        vals = vals.index_put((crowded,), fixed_d)
     return vals, cols
 
 
@@ -373,13 +378,45 @@ def _centred_prototypes(prototypes: Tensor, ood_prototype: Tensor, sc: float,
 
 
 def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k smallest entries of each row of ``dist`` [R, M] (ascending) and their columns.
+    """The k smallest entries of each row of ``dist`` [R, M] (ascending) and their columns,
+    the lowest columns among entries equal to the k-th smallest.
 
-    ``torch.topk`` on the CPU costs far more than k row minima when M is a few hundred; there
-    the k entries are taken by successive minima (the lowest column first among equal ones)."""
-    if dist.device.type != "cpu" or not _MIN_ROUNDS_WIDTH[0] < dist.shape[1] <= \
-            _MIN_ROUNDS_WIDTH[1]:
-        return torch.topk(dist, k, dim=1, largest=False)
+    ``torch.topk`` on the CPU costs far more than k row minima when M is a few dozen to a few
+    thousand; there the k entries are taken by successive minima."""
+    if dist.device.type == "cpu":
+        width = dist.shape[1]
+        if dist.dtype == torch.float32 and _KEYED_WIDTH[0] < width <= _KEYED_WIDTH[1]:
+            return _nearest_keyed(dist, k)
+        if _MIN_ROUNDS_WIDTH[0] < width <= _MIN_ROUNDS_WIDTH[1]:
+            return _nearest_rounds(dist, k)
+    return topk_lowest_index(dist, k)
+
+
+def _nearest_keyed(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`_nearest` for a float32 tile by ``amin`` over float64 keys.
+
+    A float32 value widened to float64 leaves the low 29 mantissa bits zero; the column goes
+    there. For non-negative keys the float64 order is the order of their bit patterns, so one
+    vectorised ``amin`` gives the smallest value and, among equal values, the lowest column
+    (``argmin`` over a short row is not vectorised: several times slower). Non-finite entries
+    become the largest finite float32 first (an inf key with column bits would be NaN), and
+    -0.0 becomes 0.0 (its sign bit would order it before every other key)."""
+    big = torch.finfo(torch.float32).max
+    key = torch.nan_to_num(dist, nan=big, posinf=big, neginf=big).to(torch.float64).abs_()
+    bits = key.view(torch.int64)
+    bits.bitwise_or_(torch.arange(dist.shape[1], device=dist.device))
+    picked = torch.empty((dist.shape[0], k), dtype=torch.float64, device=dist.device)
+    mask = (1 << _KEY_BITS) - 1
+    for j in range(k):
+        torch.amin(key, 1, out=picked[:, j])
+        if j + 1 < k:  # a taken entry becomes inf: above every finite key, never taken again
+            key.scatter_(1, picked[:, j:j + 1].view(torch.int64) & mask, float("inf"))
+    cols = picked.view(torch.int64) & mask
+    return dist.gather(1, cols), cols
+
+
+def _nearest_rounds(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`_nearest` by successive ``argmin`` rounds (any floating dtype)."""
     # Non-finite entries (rows beyond the dtype's range) become the largest finite value, so
     # an entry taken (set to inf) is never taken again and a row's k columns are distinct.
     big = torch.finfo(dist.dtype).max

@@ -40,6 +40,10 @@ class NCPGradient(NamedTuple):
         grad (Tensor): gradient of the NCP loss w.r.t. the OOD prototype, shape [N, D].
         q_ood (Tensor): softmax probability of the OOD prototype, shape [N].
         pred (Tensor): index of the nearest class prototype (int64, first on ties), shape [N].
+            Ties are settled among the ``NCP_CANDIDATES`` nearest by the distance GEMM: where
+            more prototypes than that are at exactly the same distance (five duplicates of one
+            prototype), the GEMM's rounding, which can differ between its output columns,
+            decides which of them are compared.
         min_dist (Tensor): Euclidean (not squared) distance to that prototype, shape [N].
         lse (Tensor): log-sum-exp of the C + 1 negative distances, shape [N].
     """

@@ -54,13 +54,14 @@ def test_ncp_gradient_streaming_blocks_give_same_result():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("c", [10, 50, 300], ids=["topk", "minima", "topk-wide"])
+@pytest.mark.parametrize("c", [10, 50, 300, 5000], ids=["topk", "minima", "wide", "widest"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_ncp_gradient_candidate_pickers_ties_and_tiles(c, dtype):
-    """Both CPU candidate pickers (torch.topk, successive minima for a few dozen classes) give
-    the float64 loop's answer; duplicated prototypes go to the lower class id; rows computed
-    alone or in tiles of 3 agree with the whole batch (to rounding: the CPU GEMM's summation
-    order may follow the row count)."""
+    """Every CPU candidate picker (torch.topk; packed-key minima for float32 and argmin rounds
+    for float64 where the class block is a few dozen to a few thousand wide) gives the float64
+    loop's answer; duplicated prototypes go to the lower class id; rows computed alone or in
+    tiles of 3 agree with the whole batch (to rounding: the CPU GEMM's summation order may
+    follow the row count)."""
     h, protos, p_ood = _problem(12, c, 9, seed=8)
     protos = protos.clone()
     protos[c - 2] = protos[c // 3]  # a duplicate with a higher id
@@ -175,11 +176,12 @@ def test_rows_beyond_float32_stay_alone_with_either_candidate_picker(c):
         torch.testing.assert_close(got[keep], want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("width", [10, 40, 400], ids=["topk", "minima", "topk-wide"])
-def test_candidate_picker_gives_distinct_columns_on_non_finite_rows(width):
+@pytest.mark.parametrize("width", [10, 40, 400, 5000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_candidate_picker_gives_distinct_columns_on_non_finite_rows(width, dtype):
     """The k candidates of a row are distinct columns even where the row is all inf or NaN
     (taking an entry by setting it to inf must not leave it to be taken again)."""
-    d = torch.rand(4, width)
+    d = torch.rand(4, width, dtype=dtype)
     d[1] = float("inf")
     d[2] = float("nan")
     d[3, : width - 2] = float("inf")  # two finite entries, then inf ones
@@ -188,6 +190,46 @@ def test_candidate_picker_gives_distinct_columns_on_non_finite_rows(width):
     assert torch.equal(vals[0], torch.sort(d[0]).values[:4])
     assert set(cols[3, :2].tolist()) == {width - 2, width - 1}
     assert bool(torch.isinf(vals[3, 2:]).all())
+
+
+@pytest.mark.parametrize(("width", "dtype"), [
+    (40, torch.float32), (400, torch.float32), (4096, torch.float32), (40, torch.float64),
+], ids=["keys", "keys-wide", "keys-widest", "argmin-rounds"])
+def test_candidate_picker_orders_ties_by_column(width, dtype):
+    """The minima pickers take equal entries (zeros of both signs, repeated values, the
+    largest finite value) lowest column first: a stable sort of the row. (``torch.topk``,
+    used outside their widths, leaves the order of ties unspecified; the exact re-rank then
+    orders the candidates it got.)"""
+    gen = torch.Generator().manual_seed(width)
+    d = torch.randint(0, 7, (6, width), generator=gen).to(dtype) / 8  # many exact ties
+    d[0, ::3] = -0.0
+    d[1, 1::2] = 0.0
+    d[2] = torch.finfo(dtype).max
+    d[3, -5:] = torch.finfo(dtype).tiny  # the smallest normal value, last columns
+    vals, cols = F._nearest(d, 4)
+    # -0.0 == 0.0: a stable sort on the magnitude gives the expected columns.
+    want = torch.sort(d.abs(), dim=1, stable=True).indices[:, :4]
+    assert torch.equal(cols, want)
+    assert torch.equal(vals, d.gather(1, want))
+
+
+@pytest.mark.parametrize(("width", "dtype"), [
+    (6, torch.float32), (10, torch.float32), (16, torch.float64), (5000, torch.float32),
+    (300, torch.float64),
+])
+def test_topk_picker_takes_lowest_columns_among_ties(width, dtype):
+    """Where ``torch.topk`` picks (few classes, very many, float64 outside the argmin rounds'
+    widths), rows with more equal entries than candidates still get the lowest columns, in
+    ascending order of value (the running maximum of the softmax reads the first)."""
+    d = torch.ones(5, width, dtype=dtype)
+    d[1, width // 2:] = 0.5  # ties in the upper half only
+    d[2, -1] = 0.25  # one smaller entry, last column, then ties
+    d[3] = torch.arange(width, 0, -1, dtype=dtype) % 3  # repeated values, interleaved
+    vals, cols = F._nearest(d, 4)
+    want = torch.sort(d, dim=1, stable=True).indices[:, :4]
+    assert torch.equal(cols.sort(1).values, want.sort(1).values)
+    assert torch.equal(vals, d.gather(1, cols))
+    assert bool((vals[:, 1:] >= vals[:, :-1]).all())
 
 
 def test_ncp_gradient_does_not_modify_inputs():
