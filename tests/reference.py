@@ -58,3 +58,17 @@ def grood_scores_naive(train_x, train_y, test_x, *, logits=None, k=1, p_ood=None
         d = sorted(float(((g - gi) ** 2).sum()) for gi in index)
         scores.append(-d[k - 1])
     return torch.tensor(scores, dtype=torch.float64), pred_test
+
+
+def duplicated_prototypes_problem(c: int, dtype: torch.dtype = torch.float32, *, copies: int = 7,
+                                  n: int = 9, d: int = 6, seed: int = 0):
+    """Features nearest to ``copies`` identical prototypes (class ids 3, 4, ...), more than the
+    gradient step re-ranks. Integer coordinates keep every distance exact in any summation
+    order, so the copies tie bit for bit in a GEMM as well. Returns (h, protos, p_ood); every
+    row's prediction must be class 3."""
+    gen = torch.Generator().manual_seed(c)
+    protos = torch.randint(-3, 4, (c, d), generator=gen).to(dtype) + 40
+    protos[3:3 + copies] = torch.randint(-3, 4, (d,), generator=gen).to(dtype)
+    h = protos[3] + torch.randint(-1, 2, (n, d), generator=gen).to(dtype)
+    return h, protos, torch.full((d,), 64.0, dtype=dtype)
+

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import clustered_features
-from reference import knn_naive, ncp_naive, prototypes_naive
+from reference import duplicated_prototypes_problem, knn_naive, ncp_naive, prototypes_naive
 
 from grood import functional as F
 
@@ -83,6 +83,18 @@ def test_ncp_gradient_candidate_pickers_ties_and_tiles(c, dtype):
         assert torch.equal(other[2], res.pred)  # pred
         for mine, theirs in zip(res, other, strict=True):
             torch.testing.assert_close(mine, theirs, **tol)
+
+
+@pytest.mark.parametrize("c", [10, 40, 5000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_ncp_gradient_predicts_lowest_of_many_duplicated_prototypes(c, dtype):
+    """Seven copies of the nearest prototype, more than the NCP_CANDIDATES re-ranked: every
+    row predicts the first copy, in one class block or several."""
+    h, protos, p_ood = duplicated_prototypes_problem(c, dtype)
+    for block in (None, 4):
+        res = F.ncp_gradient(h, protos, p_ood, block_classes=block)
+        assert res.pred.tolist() == [3] * h.shape[0]
+        torch.testing.assert_close(res.min_dist, (h - protos[3]).norm(dim=1))
 
 
 @pytest.mark.parametrize("change", ["prototypes", "ood_prototype"])

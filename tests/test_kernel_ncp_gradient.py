@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from conftest import clustered_features
-from reference import ncp_naive, prototypes_naive
+from reference import duplicated_prototypes_problem, ncp_naive, prototypes_naive
 
 pytest.importorskip("triton")
 
@@ -234,6 +234,22 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
     for t, r in zip(res[:2], ref[:2], strict=True):
         torch.testing.assert_close(t.double(), r, rtol=2e-5, atol=1e-7)
     assert torch.equal(res.pred, ref.pred)
+
+
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "single-read"])
+def test_many_duplicated_prototypes_predict_the_lowest_id(monkeypatch, blocks):
+    """Twenty copies of the nearest prototype (more than the candidates re-ranked), in one
+    class block, spread over two of five 16-class blocks merged across class groups, or in
+    the single-read variant: the first copy wins, as in the float64 twin."""
+    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3),
+               "single-read": lambda n, c, d, *a, **kw:
+               kernel_module.single_read_config(c, d, "bf16")}
+    if blocks in configs:
+        monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
+    h, protos, p_ood = (t.to(DEVICE) for t in duplicated_prototypes_problem(70, copies=20))
+    res = ncp_gradient(h, protos, p_ood)
+    assert res.pred.tolist() == [3] * h.shape[0]
+    torch.testing.assert_close(res.min_dist, (h - protos[3]).norm(dim=1))
 
 
 def hard_softmax_problem(n=48, c=300, d=32, seed=0):
