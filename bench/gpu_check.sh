@@ -34,6 +34,10 @@ parallel=()
 if python -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 python -m pytest -q -x -p no:cacheprovider "${parallel[@]}" tests/test_kernel_ncp_gradient.py \
     tests/test_library.py tests/test_kernel_knn.py
+# The torch path on the device (sync-free candidate picking); a failure here is reported, not
+# fatal, so the timings below are still taken.
+python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py \
+    || echo "[gpu_check] torch-path GPU tests failed (see above)"
 step "report"
 python bench/gpu_report.py --repeat "${REPEAT:-3}" --json "${OUT:-.}/gpu_report.json" \
     | tee "${OUT:-.}/gpu_report.md"

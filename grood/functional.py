@@ -382,13 +382,17 @@ def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
     the lowest columns among entries equal to the k-th smallest.
 
     ``torch.topk`` on the CPU costs far more than k row minima when M is a few dozen to a few
-    thousand; there the k entries are taken by successive minima."""
-    if dist.device.type == "cpu":
-        width = dist.shape[1]
-        if dist.dtype == torch.float32 and _KEYED_WIDTH[0] < width <= _KEYED_WIDTH[1]:
-            return _nearest_keyed(dist, k)
-        if _MIN_ROUNDS_WIDTH[0] < width <= _MIN_ROUNDS_WIDTH[1]:
-            return _nearest_rounds(dist, k)
+    thousand; there the k entries are taken by successive minima. Off the CPU they always
+    are: :func:`topk_lowest_index` reads on the host which rows tie, a synchronisation per
+    class block that the minima do not need."""
+    width = dist.shape[1]
+    if dist.device.type != "cpu":
+        return _nearest_keyed(dist, k) if dist.dtype == torch.float32 and \
+            width < 1 << _KEY_BITS else _nearest_rounds(dist, k)
+    if dist.dtype == torch.float32 and _KEYED_WIDTH[0] < width <= _KEYED_WIDTH[1]:
+        return _nearest_keyed(dist, k)
+    if _MIN_ROUNDS_WIDTH[0] < width <= _MIN_ROUNDS_WIDTH[1]:
+        return _nearest_rounds(dist, k)
     return topk_lowest_index(dist, k)
 
 

@@ -97,6 +97,25 @@ def test_ncp_gradient_predicts_lowest_of_many_duplicated_prototypes(c, dtype):
         torch.testing.assert_close(res.min_dist, (h - protos[3]).norm(dim=1))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("c", [10, 40, 5000])
+def test_ncp_gradient_on_cuda_is_sync_free_and_picks_like_the_cpu(c):
+    """Off the CPU the candidates come from minima, never read on the host: a warm call runs
+    with CUDA sync debugging set to error, and predicts the lowest of many duplicates."""
+    h, protos, p_ood = (t.cuda() for t in duplicated_prototypes_problem(c, torch.float32))
+    F.ncp_gradient(h, protos, p_ood)  # warm: the prototypes' scale is read once, then kept
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = F.ncp_gradient(h, protos, p_ood)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert res.pred.tolist() == [3] * h.shape[0]
+    cpu = F.ncp_gradient(h.cpu(), protos.cpu(), p_ood.cpu())
+    torch.testing.assert_close(res.q_ood.cpu(), cpu.q_ood, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("change", ["prototypes", "ood_prototype"])
 def test_kept_prototype_operands_follow_in_place_changes(change):
     """The centred prototypes are kept per prototype set between calls; changing either
