@@ -397,7 +397,8 @@ def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _nearest_keyed(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """:func:`_nearest` for a float32 tile by ``amin`` over float64 keys.
+    """:func:`_nearest` for a float32 tile of distances (entries >= 0, or not finite) by
+    ``amin`` over float64 keys.
 
     A float32 value widened to float64 leaves the low 29 mantissa bits zero; the column goes
     there. For non-negative keys the float64 order is the order of their bit patterns, so one
