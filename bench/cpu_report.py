@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from grood import __version__, functional
-from grood._bench.common import median_time
+from grood._bench.common import interleaved_median_times
 
 
 def _check_ncp(h, protos, p_ood) -> float:
@@ -38,7 +38,8 @@ def _check_knn(q, db) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small shapes, quick")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds; each calls the op and both baselines once (default 5)")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     if args.small:
@@ -48,7 +49,8 @@ def main() -> None:
         ncp_shapes = [(16384, 10, 512), (16384, 100, 512), (4096, 1000, 2048)]
         knn_shapes = [(1024, 50000, 512), (256, 100000, 2048)]
     print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} | "
-          f"{torch.get_num_threads()} threads | {date.today().isoformat()}\n")
+          f"{torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
+          f"{args.repeat} rounds, op and baselines interleaved\n")
     print("| op | shape | ms | GFLOP/s | torch.mm same FLOPs (ms) | op / mm | one pass x*2 (ms) "
           "| op / pass | check |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -67,11 +69,11 @@ def main() -> None:
 
 
 def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: str) -> None:
-    """Time ``op`` against ``a @ b.T`` (same FLOPs) and one pass over the larger input."""
-    t_op = median_time(op, "cpu", repeat)
-    t_mm = median_time(partial(torch.mm, a, b.T), "cpu", repeat)
+    """Time ``op`` against ``a @ b.T`` (same FLOPs) and one pass over the larger input, the
+    three called in turn in every round (medians over the rounds)."""
     big = a if a.numel() >= b.numel() else b
-    t_pass = median_time(partial(torch.mul, big, 2), "cpu", repeat)
+    t_op, t_mm, t_pass = interleaved_median_times(
+        [op, partial(torch.mm, a, b.T), partial(torch.mul, big, 2)], "cpu", repeat)
     flops = 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
     print(f"| {label} | {1e3 * t_op:.1f} | {flops / t_op / 1e9:.1f} | {1e3 * t_mm:.1f} | "
           f"{t_op / t_mm:.2f} | {1e3 * t_pass:.1f} | {t_op / t_pass:.2f} | {check} |")

@@ -70,7 +70,7 @@ MIN_TILE_ROWS = 256
 # Class-block widths (exclusive, inclusive) where the CPU picks float32 candidates by minima of
 # packed keys, and float64 ones by successive argmin rounds, instead of torch.topk (timed in
 # bench/RESULTS.md, "CPU fallback speed").
-_KEYED_WIDTH = (16, 4096)
+_KEYED_WIDTH = (16, 384)
 _MIN_ROUNDS_WIDTH = (24, 160)
 # Low bits of a float32 value widened to float64 that are always zero: the column goes there.
 _KEY_BITS = 29
@@ -381,8 +381,8 @@ def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k smallest entries of each row of ``dist`` [R, M] (ascending) and their columns,
     the lowest columns among entries equal to the k-th smallest.
 
-    ``torch.topk`` on the CPU costs far more than k row minima when M is a few dozen to a few
-    thousand; there the k entries are taken by successive minima. Off the CPU they always
+    ``torch.topk`` on the CPU costs more than k row minima when M is a few dozen to a few
+    hundred; there the k entries are taken by successive minima. Off the CPU they always
     are: :func:`topk_lowest_index` reads on the host which rows tie, a synchronisation per
     class block that the minima do not need."""
     width = dist.shape[1]

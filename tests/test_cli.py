@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,23 @@ def test_fit_with_half_precision_index_storage(tmp_path):
     assert half.index_options == {"storage": "bfloat16", "exact_copy": "host"}
     assert torch.equal(half.score_samples(x[:40]),
                        GROOD.load(tmp_path / "plain.safetensors").score_samples(x[:40]))
+
+
+def test_interleaved_timing_calls_every_entry_once_per_round():
+    """The CPU report's baselines are timed in the same rounds as the op (a drifting machine
+    slows all of them alike): one warm-up round, then a, b, a, b, ..."""
+    from grood._bench.common import interleaved_median_times
+
+    calls = []
+    times = interleaved_median_times([lambda: calls.append("a"), lambda: calls.append("b")],
+                                     "cpu", 3)
+    assert calls == ["a", "b"] * 4
+    assert len(times) == 2 and all(t >= 0 for t in times)
+
+
+def test_cpu_report_runs_at_small_size():
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_report.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--repeat", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("| ncp_gradient |") == 2 and out.count("| knn k=1 |") == 1
+    assert "interleaved" in out

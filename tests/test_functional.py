@@ -54,11 +54,11 @@ def test_ncp_gradient_streaming_blocks_give_same_result():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("c", [10, 50, 300, 5000], ids=["topk", "minima", "wide", "widest"])
+@pytest.mark.parametrize("c", [10, 50, 300, 1000], ids=["topk", "minima", "wide", "topk-wide"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_ncp_gradient_candidate_pickers_ties_and_tiles(c, dtype):
     """Every CPU candidate picker (torch.topk; packed-key minima for float32 and argmin rounds
-    for float64 where the class block is a few dozen to a few thousand wide) gives the float64
+    for float64 where the class block is a few dozen to a few hundred wide) gives the float64
     loop's answer; duplicated prototypes go to the lower class id; rows computed alone or in
     tiles of 3 agree with the whole batch (to rounding: the CPU GEMM's summation order may
     follow the row count)."""
@@ -224,8 +224,8 @@ def test_candidate_picker_gives_distinct_columns_on_non_finite_rows(width, dtype
 
 
 @pytest.mark.parametrize(("width", "dtype"), [
-    (40, torch.float32), (400, torch.float32), (4096, torch.float32), (40, torch.float64),
-], ids=["keys", "keys-wide", "keys-widest", "argmin-rounds"])
+    (17, torch.float32), (40, torch.float32), (384, torch.float32), (40, torch.float64),
+], ids=["keys-narrowest", "keys", "keys-widest", "argmin-rounds"])
 def test_candidate_picker_orders_ties_by_column(width, dtype):
     """The minima pickers take equal entries (zeros of both signs, repeated values, the
     largest finite value) lowest column first: a stable sort of the row. (``torch.topk``,

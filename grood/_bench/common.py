@@ -74,6 +74,24 @@ def median_time(fn: Callable[[], object], device: str, repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: list[Callable[[], object]], device: str,
+                             repeat: int) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeat`` rounds that call them in turn (one
+    warm-up round first), so a machine whose speed drifts during the run slows every entry
+    alike and the ratios between them hold."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, times, strict=True):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
     """Peak device memory during ``fn`` beyond what was allocated before, minus its outputs."""
     if device != "cuda":
