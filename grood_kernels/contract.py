@@ -9,6 +9,7 @@ twin. Importing this module imports torch only.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -81,24 +82,31 @@ def pow2_scale(magnitude: float) -> float:
 
 #: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
 _kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
+#: Threads scoring at once (one detector shared by a server's workers) read and update
+#: ``_kept`` under this lock; the values themselves are made outside it.
+_kept_lock = threading.Lock()
 
 
 def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
                         make: Callable[[], Any]) -> Any:
     """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
-    both tensors live unmodified (identity through weak references, and version counters)."""
+    both tensors live unmodified (identity through weak references, and version counters).
+    Safe to call from several threads at once; two threads that miss together both make the
+    value (``make`` may itself keep values: it runs outside the lock)."""
     key = (id(prototypes), id(ood_prototype), *what)
     versions = (prototypes._version, ood_prototype._version)
-    hit = _kept.get(key)
+    with _kept_lock:
+        hit = _kept.get(key)
     if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
             and hit[2] == versions:
         return hit[3]
     value = make()
-    for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
-        del _kept[k]  # drop entries whose tensors are gone
-    if len(_kept) >= 32:
-        _kept.pop(next(iter(_kept)))
-    _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
+    with _kept_lock:
+        for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
+            del _kept[k]  # drop entries whose tensors are gone
+        if len(_kept) >= 32:
+            _kept.pop(next(iter(_kept)))
+        _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
     return value
 
 

@@ -2,7 +2,7 @@
 
 Each test reproduces one case of adversarial testing: partial or edited sharded detectors,
 parameters changed after loading, save targets that are links or device nodes, file modes,
-stray huge labels, unusable devices, far-away rows, float64 queries.
+stray huge labels, unusable devices, far-away rows, float64 queries, threads scoring at once.
 """
 
 import json
@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -365,3 +366,63 @@ def test_load_on_an_unusable_device_is_a_one_line_error(fitted, tmp_path):
     det.save(tmp_path / "d.safetensors")
     with pytest.raises(ValueError, match="no usable CUDA device"):
         GROOD.load(tmp_path / "d.safetensors", device="cuda")
+
+
+@pytest.fixture
+def busy_thread_switching():
+    """Switch threads as often as CPython allows, so races show within a short test."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(saved)
+
+
+def _in_threads(work, n_threads=6):
+    """Run ``work()`` in ``n_threads`` threads at once; the exceptions they raised."""
+    errors = []
+
+    def guarded():
+        try:
+            work()
+        except Exception as e:  # every failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_gradient_step_from_many_threads_with_fresh_prototypes(busy_thread_switching):
+    """Threads computing gradients at once, each with new prototype tensors (so the kept
+    per-prototype values are added and dropped concurrently): no error, right results."""
+    from grood import functional
+
+    x, _ = clustered_features(40, 3, 5, seed=2, dtype=torch.float32)
+    h = x[:8]
+    want = functional.ncp_gradient(h.double(), x[8:11].double(), x[11].double())
+
+    def work():
+        for _ in range(150):
+            res = functional.ncp_gradient(h, x[8:11].clone(), x[11].clone())
+            torch.testing.assert_close(res.q_ood.double(), want.q_ood, rtol=1e-5, atol=1e-7)
+
+    assert _in_threads(work) == []
+
+
+def test_one_detector_scores_from_many_threads(busy_thread_switching):
+    """A fitted detector shared by several threads (a server's workers) gives each caller the
+    scores it gives alone."""
+    x, y = clustered_features(600, 5, 12, seed=3, dtype=torch.float32)
+    det = GROOD(progress=False).fit(x, y)
+    test = x[:120] + 0.1
+    want = det.score_samples(test)
+
+    def work():
+        for i in range(20):
+            rows = slice(3 * i, 3 * i + 40)
+            assert torch.equal(det.score_samples(test[rows]), want[rows])
+
+    assert _in_threads(work) == []
