@@ -92,7 +92,11 @@ def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
     """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
     both tensors live unmodified (identity through weak references, and version counters).
     Safe to call from several threads at once; two threads that miss together both make the
-    value (``make`` may itself keep values: it runs outside the lock)."""
+    value (``make`` may itself keep values: it runs outside the lock). Inference tensors
+    (made under ``torch.inference_mode``) have no version counter, so nothing made from them
+    is kept: the value is made afresh on every call."""
+    if prototypes.is_inference() or ood_prototype.is_inference():
+        return make()
     key = (id(prototypes), id(ood_prototype), *what)
     versions = (prototypes._version, ood_prototype._version)
     with _kept_lock:

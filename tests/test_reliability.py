@@ -426,3 +426,26 @@ def test_one_detector_scores_from_many_threads(busy_thread_switching):
             assert torch.equal(det.score_samples(test[rows]), want[rows])
 
     assert _in_threads(work) == []
+
+
+def test_fit_and_score_under_inference_mode():
+    """OOD evaluation code often runs under ``torch.inference_mode()``, whose tensors have no
+    version counter: fitting, scoring, predicting and the functional op work there (and a
+    detector fitted there scores outside it), with the scores of ordinary mode."""
+    from grood import functional
+
+    x, y = clustered_features(300, 4, 8, seed=5, dtype=torch.float32)
+    test = x[:25] + 0.05
+    det = GROOD(progress=False).fit(x, y)
+    want, want_pred = det.score_samples(test), det.predict(test)
+    with torch.inference_mode():
+        inside = GROOD(progress=False).fit(x, y)
+        assert torch.equal(inside.score_samples(test), want)
+        assert torch.equal(det.score_samples(test), want)
+        assert torch.equal(inside.predict(test), want_pred)
+        protos, p_ood = x[:4].clone(), x[4].clone()  # inference tensors
+        got = functional.ncp_gradient(test, protos, p_ood)
+    assert torch.equal(inside.score_samples(test), want)
+    ref = functional.ncp_gradient(test, x[:4].clone(), x[4].clone())
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
