@@ -115,7 +115,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood.io import load_features, save_scores
 
     rank, world = _init_distributed(args)
-    det = GROOD.load(args.detector, device=args.device, distributed=args.distributed)
+    det = GROOD.load(args.detector, device=args.device, distributed=args.distributed,
+                     backend=args.backend)
     if args.batch_size is not None:
         det.batch_size = args.batch_size
     data = load_features(args.features)
@@ -143,7 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.io import load_features
     from grood.report import METRIC_LABELS, markdown_table
 
-    det = GROOD.load(args.detector, device=args.device)
+    det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     id_data = load_features(args.id)
     id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
     rows, results = [], {}
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("features", help="feature file to score")
     score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
     score.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    score.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="run on this backend instead of the saved one (e.g. auto, to "
+                            "score on a CPU a detector fitted with --backend triton)")
     score.add_argument("--batch-size", type=positive_int, default=None,
                        help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
@@ -284,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ood", required=True, nargs="+", help="OOD feature file(s)")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    ev.add_argument("--backend", choices=BACKENDS, default=None,
+                    help="run on this backend instead of the saved one")
     ev.set_defaults(func=_cmd_eval)
     # 'grood bench ...' is handed whole to the benchmark code (see main), which is imported
     # only then; this entry lists the command in 'grood --help'.

@@ -337,12 +337,14 @@ class GROOD(Parameters, ModelFrontEnd):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-             distributed: bool = False) -> GROOD:
+             distributed: bool = False, backend: str | None = None) -> GROOD:
         """Read a detector written by :meth:`save` onto ``device`` (default: CPU), everything
         checked before use and nothing in the file executed. A manifest loads with
         ``distributed=True`` on as many ranks as saved it, or whole into one process (indexes
-        joined in rank order). Raises :class:`grood.errors.DetectorFileError` for a bad file."""
+        joined in rank order). ``backend`` replaces the saved one (``"auto"`` or ``"torch"`` to
+        score on a CPU a detector fitted with ``backend="triton"`` on a GPU). Raises
+        :class:`grood.errors.DetectorFileError` for a bad file."""
         from grood import persistence
 
         return persistence.load(cls, Path(path), device=check_device(device),
-                                distributed=distributed)
+                                distributed=distributed, backend=backend)

@@ -24,7 +24,7 @@ from torch import Tensor
 from grood import distributed as dist
 from grood import ops
 from grood._fit import FittedState
-from grood.errors import DetectorFileError
+from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.index import GradientIndex, index_class, index_from_state, make_index
 from grood.prototypes import source_from_config
 
@@ -165,20 +165,23 @@ def save(det: Any, path: Path) -> None:
     dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
 
 
-def load(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
+def load(cls: Any, path: Path, *, device: Any, distributed: bool,
+         backend: str | None = None) -> Any:
     """Load a detector file or a shard manifest (see ``GROOD.load``)."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass the detector file (.safetensors) "
                                 "or a sharded detector's manifest (.json) in it")
     if path.is_file() and path.read_bytes()[:1] == b"{":
-        return _load_sharded(cls, path, device=device, distributed=distributed)
+        return _load_sharded(cls, path, device=device, distributed=distributed,
+                             backend=backend)
     if distributed:
         raise DetectorFileError(f"{path} is a single-process detector; load it without "
                                 "distributed=True")
-    return load_file(cls, path, device=device)
+    return load_file(cls, path, device=device, backend=backend)
 
 
-def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> Any:
+def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
+                  backend: str | None) -> Any:
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
@@ -215,7 +218,7 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
             raise DetectorFileError(f"{path} has {len(shards)} shards but the process group "
                                     f"has {world} ranks")
         det = load_file(cls, shards[rank][0], device=device, shard=(rank, world),
-                        distributed=True)
+                        distributed=True, backend=backend)
         gathered = dist.shard_sizes(det.index_.ntotal)
         if gathered != det.shard_sizes_:
             raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
@@ -235,7 +238,8 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
                                 "cannot be joined in one process")
     index_states = [{n.removeprefix("index."): t for n, t in ts.items() if n.startswith("index.")}
                     for _, _, ts in parts]
-    det = restore(cls, params, state, tensors, device, index_states=index_states)
+    det = restore(cls, params, state, tensors, device, index_states=index_states,
+                  backend=backend)
     if det.index_.ntotal != sum(state["shard_sizes"]):
         raise DetectorFileError(f"{path}: the shards hold {det.index_.ntotal} vectors, not the "
                                 f"{sum(state['shard_sizes'])} their records list")
@@ -245,11 +249,13 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool) -> An
 def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
             tensors: dict[str, Tensor], device: Any, *,
             index_states: list[dict[str, Tensor]] | None = None,
-            shard_sizes: list[int] | None = None, distributed: bool = False) -> Any:
+            shard_sizes: list[int] | None = None, distributed: bool = False,
+            backend: str | None = None) -> Any:
     """Build a fitted detector of class ``cls`` from checked, saved parts, in one step.
 
     ``index_states``: the index tensors of several shards, joined in order into one index
     (their sizes must match ``shard_sizes``); by default the file's own ``index.*`` tensors.
+    ``backend``: run on this backend instead of the saved one.
     """
     source_cfg = params["ood_prototype"]
     source = source_from_config(source_cfg["name"], source_cfg["params"])
@@ -257,17 +263,25 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         # A source with no parameters is given back by name, as it was most likely given.
         ood_prototype=source if source_cfg["params"] else source_cfg["name"],
         k=params["k"], index=params["index"], index_options=params["index_options"],
-        backend=params["backend"], precision=params["precision"], device=device,
+        backend=params["backend"] if backend is None else backend,
+        precision=params["precision"], device=device,
         batch_size=params["batch_size"], distributed=distributed,
     )
     dev = torch.device(device) if device is not None else torch.device("cpu")
     protos = tensors["class_prototypes"].to(dev)
     p_ood = tensors["ood_prototype"].to(dev)
-    backend = ops.resolve_backends(det.backend, dev, protos.dtype)
+    try:
+        resolved = ops.resolve_backends(det.backend, dev, protos.dtype)
+    except BackendUnavailableError as exc:
+        if backend is not None:  # the caller's own choice
+            raise
+        raise BackendUnavailableError(
+            f"{exc}. The detector was saved with backend={det.backend!r}; to run it here, "
+            f"load it with GROOD.load(path, backend='auto') (or 'torch')") from exc
     kind, options = state["index"], params["index_options"]
 
     def build(index_state: dict[str, Tensor]) -> GradientIndex:
-        return index_from_state(kind, index_state, device=dev, backend=backend["knn"],
+        return index_from_state(kind, index_state, device=dev, backend=resolved["knn"],
                                 precision=det.precision, options=options)
 
     if index_states is None:
@@ -276,14 +290,14 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
     else:
         parts = [build(st) for st in index_states]
         index = make_index(kind, protos.shape[1], dtype=protos.dtype, device=dev,
-                           backend=backend["knn"], precision=det.precision, options=options)
+                           backend=resolved["knn"], precision=det.precision, options=options)
         index.reserve(sum(part.ntotal for part in parts))
         for part in parts:
             if part.ntotal:
                 index.add(part.vectors)
         index.trim()
     det._set_fitted(FittedState(
-        protos, tensors["class_counts"].to(dev), p_ood, source, index, backend, dev,
+        protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
         shard_sizes=shard_sizes, extractor=state.get("extractor")))
     return det
@@ -368,13 +382,13 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None
 
 
 def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | None = None,
-              distributed: bool = False) -> Any:
+              distributed: bool = False, backend: str | None = None) -> Any:
     """Read, check and build one detector file (see :func:`read_file`)."""
     params, state, tensors = read_file(path, shard=shard)
     shard_sizes = state.get("shard_sizes")
     det = restore(cls, params, state, tensors, device,
                   shard_sizes=shard_sizes if shard is not None else None,
-                  distributed=distributed)
+                  distributed=distributed, backend=backend)
     sizes = shard_sizes if shard_sizes is not None else [det.index_.ntotal]
     own = sizes[shard[0] if shard is not None else 0]
     if det.index_.dim != state["n_features_in"] or sum(sizes) < params["k"] or (

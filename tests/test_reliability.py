@@ -449,3 +449,33 @@ def test_fit_and_score_under_inference_mode():
     ref = functional.ncp_gradient(test, x[:4].clone(), x[4].clone())
     for a, b in zip(got, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_detector_saved_on_triton_loads_where_triton_cannot_run(tmp_path, monkeypatch, capsys):
+    """A detector fitted with backend="triton" on a GPU, loaded on a machine where Triton
+    cannot run: a clear error that says how to load it, and ``backend=`` (``--backend`` on the
+    command line) runs it there with the scores of a torch-backend detector."""
+    import numpy as np
+
+    from grood import ops
+    from grood.errors import BackendUnavailableError
+
+    x, y = clustered_features(300, 4, 8, seed=6, dtype=torch.float32)
+    path = tmp_path / "det.safetensors"
+    GROOD(backend="triton", progress=False).fit(x, y).save(path)
+    want = GROOD(backend="torch", progress=False).fit(x, y).score_samples(x[:20])
+
+    def no_triton(op, device, dtype=None):
+        return "no Triton on this machine (simulated)"
+
+    monkeypatch.setattr(ops, "triton_unavailable_reason", no_triton)
+    with pytest.raises(BackendUnavailableError, match=r"GROOD.load\(path, backend='auto'\)"):
+        GROOD.load(path)
+    det = GROOD.load(path, backend="auto")
+    assert det.backend == "auto" and det.backend_ == {"ncp_gradient": "torch", "knn": "torch"}
+    torch.testing.assert_close(det.score_samples(x[:20]), want, rtol=1e-5, atol=1e-6)
+    feats = tmp_path / "test.npz"
+    np.savez(feats, features=x[:20].numpy())
+    assert main(["score", str(path), str(feats), "-o", str(tmp_path / "s.npy"),
+                 "--backend", "torch"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.numpy(), rtol=1e-5, atol=1e-6)
