@@ -41,9 +41,24 @@ class ArrayKind:
 def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
     """View ``x`` (tensor, numpy array or nested sequence) as a tensor without copying."""
     if isinstance(x, Tensor):
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} is a {str(x.layout).removeprefix('torch.')} tensor; pass "
+                            "a dense one (tensor.to_dense())")
+        if x.is_meta:
+            raise ValueError(f"{name} is on the meta device and holds no values")
         if x.requires_grad:
             x = x.detach()
         return x, ArrayKind(False, x.device)
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):  # a scipy.sparse matrix or array
+        raise TypeError(f"{name} is a sparse {type(x).__name__}; pass a dense array "
+                        "(x.toarray())")
+    if isinstance(x, np.ma.MaskedArray):
+        masked = int(np.ma.count_masked(x))
+        if masked:
+            raise ValueError(f"{name} is a masked array with {masked} masked entries, whose "
+                             "values would be used as they are: fill them "
+                             "(numpy.ma.filled) or drop those rows first")
+        x = x.data
     if isinstance(x, np.ndarray) or hasattr(x, "__array__") or isinstance(x, (list, tuple)):
         arr = np.asarray(x)
         if arr.dtype == object:

@@ -31,6 +31,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     PRECISIONS,
     RERANK_EXTRA,
     NCPGradient,
+    check_dense,
     check_precision,
     kept_per_prototypes,
     lex_sort,
@@ -106,6 +107,7 @@ def _check_same_device(*tensors: Tensor) -> None:
 
 
 def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None) -> None:
+    check_dense(**{name: x})
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
     if d is not None and x.shape[-1] != d:
@@ -182,6 +184,7 @@ def ncp_gradient(
     _check_dims("ood_prototype", ood_prototype, 1, d)
     _check_same_device(h, prototypes, ood_prototype)
     check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
+    check_dense(prototype_sq_norms=prototype_sq_norms)
     check_precision(precision)
     n, c = h.shape[0], prototypes.shape[0]
     if c == 0:
@@ -494,6 +497,7 @@ def knn(
     _check_dims("queries", queries, 2)
     _check_dims("database", database, 2, queries.shape[1])
     _check_same_device(queries, database)
+    check_dense(database_sq_norms=database_sq_norms, rerank_database=rerank_database)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     check_precision(precision)

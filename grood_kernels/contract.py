@@ -62,6 +62,15 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def check_dense(**tensors: Tensor | None) -> None:
+    """Refuse sparse (or other non-strided) tensors by name, before any kernel or torch op
+    fails on them with an error about storage or a missing backend."""
+    for name, t in tensors.items():
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass "
+                            "a dense one (tensor.to_dense())")
+
+
 def max_abs(x: Tensor) -> float:
     """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
     lo, hi = torch.aminmax(x)

@@ -46,6 +46,7 @@ from grood_kernels.contract import (
     DOT_MODES,
     KERNEL_DTYPES,
     RERANK_EXTRA,
+    check_dense,
     check_precision,
     lex_order,
 )
@@ -253,6 +254,8 @@ def knn(
         and int64 indices [Q, k]; ``inf`` / ``-1`` where M < k.
     """
     check_precision(precision)
+    check_dense(queries=queries, database=database, database_sq_norms=database_sq_norms,
+                rerank_database=rerank_database)
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"expected queries [Q, D] and database [M, D], got "
                          f"{tuple(queries.shape)} and {tuple(database.shape)}")

@@ -69,6 +69,7 @@ from grood_kernels.contract import (
     KERNEL_DTYPES,
     NCP_CANDIDATES,
     NCPGradient,
+    check_dense,
     check_precision,
     ncp_scale,
 )
@@ -440,6 +441,8 @@ def ncp_gradient(
     per class group 24 bytes of partial results per row.
     """
     check_precision(precision)
+    check_dense(h=h, prototypes=prototypes, ood_prototype=ood_prototype,
+                prototype_sq_norms=prototype_sq_norms)
     if h.ndim != 2 or prototypes.ndim != 2 or ood_prototype.ndim != 1:
         raise ValueError("expected h [N, D], prototypes [C, D] and ood_prototype [D], got "
                          f"{tuple(h.shape)}, {tuple(prototypes.shape)}, "

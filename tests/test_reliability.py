@@ -5,6 +5,7 @@ parameters changed after loading, save targets that are links or device nodes, f
 stray huge labels, unusable devices, far-away rows, float64 queries, threads scoring at once.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -479,3 +480,43 @@ def test_detector_saved_on_triton_loads_where_triton_cannot_run(tmp_path, monkey
     assert main(["score", str(path), str(feats), "-o", str(tmp_path / "s.npy"),
                  "--backend", "torch"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_meta_and_masked_inputs_get_clear_errors():
+    """Inputs whose values cannot be read as given are refused by name: sparse tensors (the
+    API, the functional ops and the kernels), scipy sparse matrices, meta tensors, and masked
+    arrays with masked entries (their hidden values would be scored); a masked array with
+    nothing masked is an ordinary array."""
+    from grood import functional
+
+    x, y = clustered_features(200, 3, 6, seed=7, dtype=torch.float32)
+    det = GROOD(progress=False).fit(x, y)
+    test = x[:5]
+    for bad in (test.to_sparse(), test.to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"features is a sparse_c.. tensor; pass a dense one"):
+            det.score_samples(bad)
+    with pytest.raises(ValueError, match="features is on the meta device"):
+        det.score_samples(torch.empty(5, 6, device="meta"))
+    masked = np.ma.masked_array(test.numpy(), mask=np.zeros((5, 6), dtype=bool))
+    np.testing.assert_array_equal(det.score_samples(masked), det.score_samples(test.numpy()))
+    masked[1, 2] = np.ma.masked
+    with pytest.raises(ValueError, match="masked array with 1 masked entries"):
+        det.score_samples(masked)
+    protos = det.class_prototypes_
+    calls = [lambda: functional.ncp_gradient(test, protos.to_sparse(), protos[0]),
+             lambda: functional.knn(test, x, 1, rerank_database=x.to_sparse())]
+    if importlib.util.find_spec("triton") is not None:
+        from grood_kernels.knn import knn as kernel_knn
+        from grood_kernels.ncp_gradient import ncp_gradient as kernel_ncp
+
+        calls += [lambda: kernel_ncp(test.to_sparse(), protos, protos[0]),
+                  lambda: kernel_knn(test, x.to_sparse(), 1)]
+    for call in calls:
+        with pytest.raises(TypeError, match="is a sparse_coo tensor; pass a dense one"):
+            call()
+    if importlib.util.find_spec("scipy") is not None:
+        from scipy import sparse
+
+        with pytest.raises(TypeError, match="features is a sparse csr_matrix; pass a dense"):
+            det.score_samples(sparse.csr_matrix(test.numpy()))
