@@ -175,6 +175,17 @@ def check_not_tracked(op: str, *tensors: Tensor) -> None:
                          "tensor.detach()")
 
 
+def ordinary(t: Tensor) -> Tensor:
+    """``t``, or an ordinary copy of it if it is an inference tensor (made under
+    ``torch.inference_mode``): a fitted detector's prototypes must have a version counter, so
+    the values derived from them can be kept between calls (and CUDA-graph captures need no
+    host read to remake them)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

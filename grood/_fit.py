@@ -16,7 +16,7 @@ from torch import Tensor
 from grood import distributed as dist
 from grood import ops
 from grood._batches import check_batch
-from grood._checks import as_tensor, check_class_count, check_labels, check_matrix
+from grood._checks import as_tensor, check_class_count, check_labels, check_matrix, ordinary
 from grood._gradients import GradientStep
 from grood.functional import PrototypeState, class_prototypes
 from grood.index import GradientIndex, make_index
@@ -112,7 +112,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                          f"shape [{d}]")
-    p_ood = p_ood.to(device=device, dtype=dtype)
+    # Fitted under torch.inference_mode, the prototypes would have no version counter.
+    protos, p_ood = ordinary(protos), ordinary(p_ood.to(device=device, dtype=dtype))
     grads = GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)
 
     index = make_index(det.index, d, dtype=dtype, device=device, backend=backend["knn"],

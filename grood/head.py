@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
+from grood._checks import ordinary
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, database_sq_norms_of
 
@@ -75,8 +76,8 @@ class GROODHead(nn.Module):
         if checks not in CHECKS:
             raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
         # The same squared norms the detector's gradient step and exact index use.
-        self.register_buffer("class_prototypes", class_prototypes.detach().clone())
-        self.register_buffer("ood_prototype", ood_prototype.detach().clone())
+        self.register_buffer("class_prototypes", ordinary(class_prototypes.detach().clone()))
+        self.register_buffer("ood_prototype", ordinary(ood_prototype.detach().clone()))
         self.register_buffer("prototype_sq_norms",
                              centred_sq_norms(class_prototypes, ood_prototype).detach())
         self.register_buffer("index_vectors", index_vectors.detach().clone())

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
+from grood._checks import ordinary
 from grood._fit import FittedState
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.index import GradientIndex, index_class, index_from_state, make_index
@@ -268,8 +269,8 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         batch_size=params["batch_size"], distributed=distributed,
     )
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    protos = tensors["class_prototypes"].to(dev)
-    p_ood = tensors["ood_prototype"].to(dev)
+    protos = ordinary(tensors["class_prototypes"].to(dev))
+    p_ood = ordinary(tensors["ood_prototype"].to(dev))
     try:
         resolved = ops.resolve_backends(det.backend, dev, protos.dtype)
     except BackendUnavailableError as exc:

@@ -432,7 +432,8 @@ def test_one_detector_scores_from_many_threads(busy_thread_switching):
 def test_fit_and_score_under_inference_mode():
     """OOD evaluation code often runs under ``torch.inference_mode()``, whose tensors have no
     version counter: fitting, scoring, predicting and the functional op work there (and a
-    detector fitted there scores outside it), with the scores of ordinary mode."""
+    detector fitted there scores outside it), with the scores of ordinary mode; the fitted
+    prototypes are ordinary tensors."""
     from grood import functional
 
     x, y = clustered_features(300, 4, 8, seed=5, dtype=torch.float32)
@@ -441,6 +442,10 @@ def test_fit_and_score_under_inference_mode():
     want, want_pred = det.score_samples(test), det.predict(test)
     with torch.inference_mode():
         inside = GROOD(progress=False).fit(x, y)
+        # Ordinary tensors, so what is derived from them is kept (and a head from them can
+        # be captured in a CUDA graph without remaking it).
+        assert not inside.class_prototypes_.is_inference()
+        assert not inside.as_module().class_prototypes.is_inference()
         assert torch.equal(inside.score_samples(test), want)
         assert torch.equal(det.score_samples(test), want)
         assert torch.equal(inside.predict(test), want_pred)
