@@ -8,6 +8,7 @@ caller's memory.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -150,10 +151,18 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
-def check_positive_int(value: Any, name: str) -> None:
-    """Raise a clear error unless ``value`` is a positive int (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer (a Python, numpy or 0-d torch
+    integer; not a bool or a float such as 2.0), else a clear error."""
+    boolean = isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, Tensor) and value.dtype == torch.bool)
+    try:
+        number = None if boolean else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def check_class_count(max_label: int, n_samples: int, name: str = "labels") -> None:

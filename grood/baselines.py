@@ -28,6 +28,7 @@ from grood._checks import (
     check_finite_rows,
     check_labels,
     check_matrix,
+    check_positive_int,
 )
 from grood._params import Parameters
 from grood.errors import NotFittedError
@@ -41,6 +42,9 @@ class _Baseline(Parameters):
     def _read(self, x: Any, *, fitting: bool = False) -> tuple[Tensor, Any]:
         if not fitting and not hasattr(self, "n_features_in_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit()")
+        for name in ("k", "batch_size"):  # where a baseline has them; numpy ints become ints
+            if hasattr(self, name):
+                setattr(self, name, check_positive_int(getattr(self, name), name))
         t, kind = as_tensor(x, self.inputs)
         check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
         check_finite_rows(t, self.inputs)

@@ -105,8 +105,8 @@ class GROOD(Parameters, ModelFrontEnd):
         self.distributed = distributed
 
     def _check_params(self) -> OODPrototypeSource:
-        for name in ("k", "batch_size"):
-            check_positive_int(getattr(self, name), name)
+        for name in ("k", "batch_size"):  # numpy / torch integers are kept as Python ints
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         check_device(self.device)
         ops.check_backend_name(self.backend)
         check_precision(self.precision)
@@ -253,7 +253,7 @@ class GROOD(Parameters, ModelFrontEnd):
         self._check_fitted()
         # Parameters may be changed after fit or load: check them where they are used.
         for name in ("k", "batch_size"):
-            check_positive_int(getattr(self, name), name)
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         indexed = sum(self.shard_sizes_)
         if self.k > indexed:  # the k-th neighbour would be missing: a -inf score
             raise ValueError(f"k={self.k} but the index holds only {indexed} training "

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._checks import ordinary
+from grood._checks import check_positive_int, ordinary
 from grood._fit import FittedState
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.index import GradientIndex, index_class, index_from_state, make_index
@@ -39,12 +39,12 @@ def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
     """``(params, state, tensors)`` of a fitted detector: everything :func:`restore` needs."""
     params = {
         "ood_prototype": {"name": det.ood_source_.name, "params": det.ood_source_.params()},
-        "k": det.k,
+        "k": check_positive_int(det.k, "k"),
         "index": det.index,
         "index_options": det.index_options,
         "backend": det.backend,
         "precision": det.precision,
-        "batch_size": det.batch_size,
+        "batch_size": check_positive_int(det.batch_size, "batch_size"),
     }
     state = {
         "n_features_in": det.n_features_in_,

@@ -525,3 +525,30 @@ def test_sparse_meta_and_masked_inputs_get_clear_errors():
 
         with pytest.raises(TypeError, match="features is a sparse csr_matrix; pass a dense"):
             det.score_samples(sparse.csr_matrix(test.numpy()))
+
+
+def test_numpy_and_torch_integer_parameters(tmp_path):
+    """k and batch_size from a config or an array (numpy or 0-d torch integers) work like
+    Python ints and are kept as Python ints once checked (a saved file holds JSON ints);
+    booleans, floats and strings are refused by name."""
+    x, y = clustered_features(300, 3, 8, seed=9, dtype=torch.float32)
+    want = GROOD(k=3, batch_size=64, progress=False).fit(x, y).score_samples(x[:20])
+    det = GROOD(k=np.int64(3), batch_size=np.int32(64), progress=False).fit(x, y)
+    assert torch.equal(det.score_samples(x[:20]), want)
+    assert type(det.k) is int and type(det.batch_size) is int
+    det.k, det.batch_size = torch.tensor(3), np.uint16(7)  # set after fit, saved unchecked
+    det.save(tmp_path / "d.safetensors")
+    again = GROOD.load(tmp_path / "d.safetensors")
+    assert (again.k, again.batch_size) == (3, 7)
+    assert torch.equal(again.score_samples(x[:20]), want)
+    for bad in (2.0, True, np.bool_(True), torch.tensor(True), np.float64(3), "3", 0):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            GROOD(k=bad, progress=False).fit(x, y)
+    from grood.baselines import KNN, Mahalanobis
+
+    knn = KNN(k=np.int64(5), batch_size=np.int32(16)).fit(x)
+    assert torch.equal(knn.score_samples(x[:20]), KNN(k=5, batch_size=16).fit(x).score_samples(
+        x[:20]))
+    for baseline in (KNN(batch_size=0), Mahalanobis(batch_size=0), KNN(k=2.0)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            baseline.fit(x, y)
