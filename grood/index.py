@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from grood import ops
-from grood._checks import check_finite_rows
+from grood._checks import check_finite_rows, check_positive_int
 from grood.functional import database_sq_norms_of
 
 
@@ -442,11 +443,12 @@ class FaissIVFIndex(_FaissIndex):
         if not isinstance(omit_batch_t, bool) or (omit_batch_t and loader_batches is None):
             raise ValueError("omit_batch_t must be a bool, and True only with loader_batches")
         self.loader_batches, self.omit_batch_t, self._calls = loader_batches, omit_batch_t, 0
-        for name, value in (("nlist", nlist), ("nprobe", nprobe),
-                            ("reference_batch_size", reference_batch_size),
-                            ("loader_batches", loader_batches)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        nlist, nprobe, reference_batch_size, loader_batches = (
+            None if value is None else check_positive_int(value, name)
+            for name, value in (("nlist", nlist), ("nprobe", nprobe),
+                                ("reference_batch_size", reference_batch_size),
+                                ("loader_batches", loader_batches)))
+        self.loader_batches = loader_batches
         self.nlist = nlist
         self.nprobe = nprobe
         self.reference_batch_size = reference_batch_size
@@ -561,6 +563,9 @@ def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
                options: dict[str, Any] | None = None) -> GradientIndex:
     """A new, empty index of a registered ``kind``, its ``options`` checked by name."""
     cls = index_class(kind)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"index_options must be a dict of option names to values, got "
+                        f"{type(options).__name__}")
     options = dict(options or {})
     unknown = set(options) - set(cls.option_names)
     if unknown:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,13 +36,24 @@ SHARDED_FORMAT = "grood.GROOD.sharded"
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and 0-d tensors as Python numbers (for the JSON header)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.generic, Tensor)) and np.ndim(value) == 0:
+        return value.item()
+    return value
+
+
 def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
     """``(params, state, tensors)`` of a fitted detector: everything :func:`restore` needs."""
     params = {
         "ood_prototype": {"name": det.ood_source_.name, "params": det.ood_source_.params()},
         "k": check_positive_int(det.k, "k"),
         "index": det.index,
-        "index_options": det.index_options,
+        "index_options": _plain(det.index_options),
         "backend": det.backend,
         "precision": det.precision,
         "batch_size": check_positive_int(det.batch_size, "batch_size"),

@@ -528,9 +528,9 @@ def test_sparse_meta_and_masked_inputs_get_clear_errors():
 
 
 def test_numpy_and_torch_integer_parameters(tmp_path):
-    """k and batch_size from a config or an array (numpy or 0-d torch integers) work like
-    Python ints and are kept as Python ints once checked (a saved file holds JSON ints);
-    booleans, floats and strings are refused by name."""
+    """k, batch_size and integer index options from a config or an array (numpy or 0-d torch
+    integers) work like Python ints (a saved file holds JSON ints); booleans, floats and
+    strings are refused by name, as are index_options that are not a dict."""
     x, y = clustered_features(300, 3, 8, seed=9, dtype=torch.float32)
     want = GROOD(k=3, batch_size=64, progress=False).fit(x, y).score_samples(x[:20])
     det = GROOD(k=np.int64(3), batch_size=np.int32(64), progress=False).fit(x, y)
@@ -552,3 +552,14 @@ def test_numpy_and_torch_integer_parameters(tmp_path):
     for baseline in (KNN(batch_size=0), Mahalanobis(batch_size=0), KNN(k=2.0)):
         with pytest.raises(ValueError, match="must be a positive integer"):
             baseline.fit(x, y)
+    with pytest.raises(TypeError, match="index_options must be a dict"):
+        GROOD(index_options=["storage"], progress=False).fit(x, y)
+    if importlib.util.find_spec("faiss") is None:
+        return
+    opts = {"nlist": np.int64(4), "nprobe": np.int32(2)}
+    ivf = GROOD(index="faiss-ivf", index_options=opts, progress=False).fit(x, y)
+    plain = GROOD(index="faiss-ivf", index_options={"nlist": 4, "nprobe": 2}, progress=False)
+    assert torch.equal(ivf.score_samples(x[:20]), plain.fit(x, y).score_samples(x[:20]))
+    assert type(opts["nlist"]) is np.int64  # the caller's options are left as given
+    ivf.save(tmp_path / "ivf.safetensors")
+    assert GROOD.load(tmp_path / "ivf.safetensors").index_options == {"nlist": 4, "nprobe": 2}
