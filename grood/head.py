@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -99,7 +100,10 @@ class GROODHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
         in-distribution) and nearest-prototype classes (int64)."""
-        if not 1 <= self.k <= self.index_vectors.shape[0]:  # k may be set after construction
+        # k may be set after construction: a static check (no graph break when compiled).
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
+            raise ValueError(f"k must be a positive Python or numpy integer, got {self.k!r}")
+        if not 1 <= self.k <= self.index_vectors.shape[0]:
             raise ValueError(f"k={self.k} but the index holds {self.index_vectors.shape[0]} "
                              "vectors (k must be at least 1 and at most that)")
         grood_ops = torch.ops.grood

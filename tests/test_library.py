@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import clustered_features
@@ -129,6 +130,20 @@ def test_head_refuses_a_k_set_beyond_its_index(fitted, k):
     head = det.as_module()
     head.k = k
     with pytest.raises(ValueError, match=f"k={k} but the index holds"):
+        head(test)
+
+
+@pytest.mark.parametrize("k", [2.0, True, torch.tensor(2)], ids=["float", "bool", "tensor"])
+def test_head_refuses_a_k_that_is_not_an_integer(fitted, k):
+    """A k set after construction that is not an int gets a clear error in the forward (a
+    float used to reach the custom op's schema check; a numpy integer works)."""
+    det, test = fitted
+    head = det.as_module()
+    want = head(test)[0]
+    head.k = np.int64(det.k)
+    assert torch.equal(head(test)[0], want)
+    head.k = k
+    with pytest.raises(ValueError, match="k must be a positive Python or numpy integer"):
         head(test)
 
 
