@@ -79,6 +79,26 @@ def check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str)
                          f"{source.name!r} does not use it")
 
 
+def check_same_passes(n_first: int, counts_first: Tensor, n_second: int,
+                      seen_second: Tensor) -> None:
+    """Fitting reads the training batches twice (class prototypes, then gradients): both
+    passes must give the same rows. Row counts and per-class label counts are compared (one
+    host read at the end); a loader that shuffles with ``drop_last``, resamples or yields
+    another split fails here, instead of prototypes and index coming from different data."""
+    counts_second = seen_second[1:].cpu()
+    if n_first == n_second and int(seen_second[0]) == 0 and torch.equal(
+            counts_first.cpu(), counts_second):
+        return
+    differ = (counts_first.cpu() != counts_second).nonzero().flatten()[:5].tolist()
+    detail = (f"; labels outside 0..{counts_first.numel() - 1}: {int(seen_second[0])}"
+              if int(seen_second[0]) else "")
+    raise ValueError(
+        f"the training batches changed between fitting's two passes: {n_first} rows in the "
+        f"class-prototype pass, {n_second} in the gradient pass (per-class counts differ for "
+        f"classes {differ}{detail}). Fitting reads the batches twice and needs the same rows "
+        "both times: use a loader without drop_last-with-shuffle, resampling or augmentation")
+
+
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], passes, *,
                n_classes: int | None, d: int, device: torch.device,
                dtype: torch.dtype) -> tuple[FittedState, GradientStep]:
@@ -103,6 +123,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         n += xb.shape[0]
     if state is None:
         raise ValueError("the training data is empty")
+    n_local, counts_local = n, state.counts.clone()  # to compare the second pass with
     reduce = dist.all_reduce if det.distributed else (lambda t: t)
     if det.distributed:
         state = PrototypeState(reduce(state.sums), reduce(state.counts))
@@ -120,11 +141,15 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                        precision=det.precision, options=det.index_options)
     index.reserve(n)
     offset = 0
+    seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     for xb, yb, lb in passes("grood fit: gradient index"):
         res = grads.resolved(xb, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)
         index.add(res.grad[yb == guess])
+        known = (yb >= 0) & (yb < n_classes)
+        seen += torch.bincount(torch.where(known, yb.long() + 1, 0), minlength=n_classes + 1)
+    check_same_passes(n_local, counts_local, offset, seen)
     shard_sizes = dist.shard_sizes(index.ntotal) if det.distributed else [index.ntotal]
     total = sum(shard_sizes)
     if total == 0:

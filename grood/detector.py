@@ -164,6 +164,9 @@ class GROOD(Parameters, ModelFrontEnd):
                 ``(features [B, D], labels [B])`` or ``(features, labels, logits [B, C])``
                 batches (tensors or numpy arrays). It is read twice: class prototypes, then the
                 gradient index; memory holds one batch at a time, the prototypes and the index.
+                Both passes must give the same rows, in any order: a second pass with other
+                row or per-class label counts (drop_last with shuffling, resampling) is
+                refused. Augmented batches are not detected: pass test-time transforms.
             ood_features (optional): for ``ood_prototype="features"``.
             n_classes (int, optional): the number of classes; by default the logits' width,
                 or one more than the largest label of the first pass.

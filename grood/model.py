@@ -30,7 +30,9 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
 
     Runs the model over ``train_loader`` twice (class prototypes, then the gradient index;
     model-level OOD prototype sources add their own passes). A sample is indexed when the
-    model classifies it correctly.
+    model classifies it correctly. Both passes must give the same samples, in any order (a
+    loader that drops a different last batch each time is refused); use test-time
+    transforms, since augmentation would give other features each pass.
 
     Args:
         det (GROOD): the detector to fit.

@@ -563,3 +563,39 @@ def test_numpy_and_torch_integer_parameters(tmp_path):
     assert type(opts["nlist"]) is np.int64  # the caller's options are left as given
     ivf.save(tmp_path / "ivf.safetensors")
     assert GROOD.load(tmp_path / "ivf.safetensors").index_options == {"nlist": 4, "nprobe": 2}
+
+
+def test_training_batches_that_change_between_passes_are_refused():
+    """Fitting reads the batches twice (prototypes, then gradients): a loader that gives
+    other rows the second time (drop_last with shuffling, resampling, another split) used to
+    build prototypes and index from different data. Row and per-class label counts are
+    compared; the same rows in another order (a shuffling loader) are fine."""
+    x, y = clustered_features(600, 3, 8, seed=10, dtype=torch.float32)
+    want = GROOD(progress=False).fit(x, y).score_samples(x[:30])
+
+    # fit_batches reads: the first batch, a pass counting classes, the prototype pass and
+    # the gradient pass (the 4th call).
+    def loader(last_rows: int):
+        calls = []
+
+        def batches():
+            calls.append(None)
+            order = torch.randperm(600, generator=torch.Generator().manual_seed(len(calls)))
+            rows = order[:last_rows] if len(calls) == 4 else order
+            return iter([(x[rows[i:i + 100]], y[rows[i:i + 100]])
+                         for i in range(0, rows.numel(), 100)])
+        return batches
+
+    shuffled = GROOD(progress=False).fit_batches(loader(600))
+    torch.testing.assert_close(shuffled.score_samples(x[:30]), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="600 rows in the class-prototype pass, 500 in the "
+                                         "gradient pass"):
+        GROOD(progress=False).fit_batches(loader(500))
+
+    def relabelled():  # the same rows, some other labels in the gradient pass
+        relabelled.calls = getattr(relabelled, "calls", 0) + 1
+        labels = y if relabelled.calls < 4 else torch.where(torch.arange(600) < 60, 0, y)
+        return iter([(x[i:i + 100], labels[i:i + 100]) for i in range(0, 600, 100)])
+
+    with pytest.raises(ValueError, match="changed between fitting's two passes"):
+        GROOD(progress=False).fit_batches(relabelled)
