@@ -78,7 +78,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     # The output is checked before any work, so a bad path fails in a second, not after a fit.
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
-                else (".safetensors",))
+                else (".safetensors",),
+                inputs={"training file": args.train, "OOD feature file": args.ood_features})
     rank, world = _init_distributed(args)
     train = load_features(args.train)
     if train.labels is None:
@@ -113,7 +114,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from grood import GROOD
     from grood.io import load_features, save_scores
+    from grood.persistence import save_target
 
+    save_target(args.out, suffixes=(".npy", ".csv"), what="scores",
+                inputs={"detector file": args.detector, "feature file": args.features})
     rank, world = _init_distributed(args)
     det = GROOD.load(args.detector, device=args.device, distributed=args.distributed,
                      backend=args.backend)
@@ -142,8 +146,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from grood import GROOD, ood_metrics
     from grood.io import load_features
+    from grood.persistence import save_target
     from grood.report import METRIC_LABELS, markdown_table
 
+    if args.json:
+        save_target(args.json, suffixes=None, what="metrics",
+                    inputs={"detector file": args.detector, "ID feature file": args.id,
+                            **{f"OOD feature file {p}": p for p in args.ood}})
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     id_data = load_features(args.id)
     id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))

@@ -78,7 +78,8 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) 
     """Write scores to ``.npy`` (scores only) or ``.csv`` (``index,score,pred`` rows)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        np.save(path, scores)
+        with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
+            np.save(f, scores)
     elif path.suffix.lower() == ".csv":
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)

@@ -89,17 +89,25 @@ def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save_target(path: str | os.PathLike, *, suffixes: tuple[str, ...] = (".safetensors",)
-                ) -> Path:
+def save_target(path: str | os.PathLike, *,
+                suffixes: tuple[str, ...] | None = (".safetensors",),
+                what: str = "detector files", inputs: dict[str, Any] | None = None) -> Path:
     """The file a save to ``path`` writes: symlinks resolved, checked before any work.
 
-    Refuses a name without one of ``suffixes``, a missing or non-writable folder, and an
-    existing target that is not a regular file (a device node, a folder, a FIFO).
+    Refuses a name without one of ``suffixes`` (any case; None: any name), a missing or
+    non-writable folder,
+    an existing target that is not a regular file (a device node, a folder, a FIFO), and one
+    that is the same file as any of ``inputs`` (name -> path; the command would overwrite what
+    it reads).
     """
     path = Path(path)
-    if path.suffix not in suffixes:
-        raise ValueError(f"detector files are written as {' or '.join(suffixes)}; got "
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} are written as {' or '.join(suffixes)}; got "
                          f"{str(path)!r} (name it e.g. {path.stem}{suffixes[0]})")
+    for name, source in (inputs or {}).items():
+        if source is not None and _same_file(path, Path(source)):
+            raise ValueError(f"{path} is the {name} this command reads: writing there would "
+                             "overwrite it; choose another output name")
     target = Path(os.path.realpath(path))  # write through symlinks, to what they point at
     if target.exists() and not target.is_file():
         raise ValueError(f"refusing to replace {target}: it exists and is not a regular file")
@@ -109,6 +117,14 @@ def save_target(path: str | os.PathLike, *, suffixes: tuple[str, ...] = (".safet
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save to {path}: the folder {folder} is not writable")
     return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through links; an ``a`` not yet made is not)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _umask_mode() -> int:

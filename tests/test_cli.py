@@ -220,3 +220,40 @@ def test_cpu_report_runs_at_small_size():
                          capture_output=True, text=True, check=True).stdout
     assert out.count("| ncp_gradient |") == 2 and out.count("| knn k=1 |") == 1
     assert "interleaved" in out
+
+
+def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
+    """An output named like an input (directly or through a link) is refused before any
+    work, for every command; output names are checked before scoring; an upper-case .NPY is
+    written under exactly that name."""
+    x, y = clustered_features(120, 3, 6, seed=4, dtype=torch.float32)
+    train, test = tmp_path / "train.safetensors", tmp_path / "test.npy"
+    _write(train, features=x, labels=y)
+    np.save(test, x[:20].numpy())
+    (tmp_path / "link.npy").symlink_to(test)
+    det = tmp_path / "det.safetensors"
+    assert main(["fit", str(train), "-o", str(det)]) == 0
+    before = test.read_bytes(), train.read_bytes(), det.read_bytes()
+    attempts = [
+        ["score", str(det), str(test), "-o", str(test)],
+        ["score", str(det), str(tmp_path / "link.npy"), "-o", str(test)],
+        ["score", str(det), str(test), "-o", str(tmp_path / "link.npy")],
+        ["fit", str(train), "-o", str(train)],
+        ["eval", str(det), "--id", str(test), "--ood", str(test), "--json", str(test)],
+        ["eval", str(det), "--id", str(test), "--ood", str(test), "--json", str(det)],
+    ]
+    for argv in attempts:
+        assert main(argv) == 2, argv
+        assert "this command reads: writing there would overwrite it" in capsys.readouterr().err
+    assert (test.read_bytes(), train.read_bytes(), det.read_bytes()) == before
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before checking the output name")
+
+    with monkeypatch.context() as m:
+        m.setattr(GROOD, "score_and_predict", no_scoring)
+        assert main(["score", str(det), str(test), "-o", str(tmp_path / "s.txt")]) == 2
+    assert "scores are written as .npy or .csv" in capsys.readouterr().err
+    assert main(["score", str(det), str(test), "-o", str(tmp_path / "S.NPY")]) == 0
+    assert np.load(tmp_path / "S.NPY").shape == (20,)
+    assert not (tmp_path / "S.NPY.npy").exists()
