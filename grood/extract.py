@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grood._checks import check_device
 from grood._progress import progress
 
 
@@ -90,7 +91,10 @@ class FeatureExtractor:
         self.model = model
         self.features = features
         self.early = early
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = check_device(device) if device is not None else model_device(model)
+        if autocast not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast must be torch.float16, torch.bfloat16 or None, got "
+                             f"{autocast!r}")
         self.autocast = autocast
         self.progress = progress
         names = dict(model.named_modules())

@@ -101,6 +101,21 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         FeatureExtractor(small_cnn())(torch.rand(2, 1, 8, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.float64])
+def test_extractor_refuses_an_autocast_dtype_torch_would_ignore(dtype):
+    """torch.autocast warns and runs in full precision for other dtypes; the extractor says
+    so instead of silently running something other than what was asked."""
+    with pytest.raises(ValueError, match=r"autocast must be torch\.float16, torch\.bfloat16"):
+        FeatureExtractor(small_cnn(), features="8", autocast=dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_extractor_names_an_unusable_device():
+    with pytest.raises(ValueError, match="needs CUDA, but this torch"):
+        GROOD().fit_model(small_cnn(), [(torch.rand(4, 1, 8, 8), torch.arange(4) % 2)],
+                          features="8", device="cuda")
+
+
 def test_split_of_a_sequential_model_and_refusal_for_a_residual_one():
     x, _ = _images(8)
     model = small_cnn()
