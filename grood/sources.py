@@ -13,6 +13,7 @@ hands them the model, its feature extractor and the training loader (``needs = (
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grood._checks import check_positive_int
 from grood.extract import FeatureExtractor, check_split, eval_mode, split_batch, split_model
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 
@@ -73,8 +75,11 @@ class Mixup(OODPrototypeSource):
 
     def __init__(self, layer: str = "layer3", lam: float = 0.5, n_samples: int | None = None,
                  split: tuple[nn.Module, nn.Module] | None = None) -> None:
+        lam = _real(lam, "lam")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        if n_samples is not None:  # 0 would read as "all" further on: refuse it here
+            n_samples = check_positive_int(n_samples, "n_samples")
         self.layer, self.lam, self.n_samples, self.split = layer, lam, n_samples, split
 
     def params(self) -> dict[str, Any]:
@@ -140,6 +145,19 @@ class Mixup(OODPrototypeSource):
         return (total / max(seen, 1.0)).to(ctx.class_prototypes.dtype)
 
 
+def _real(value: Any, name: str) -> float:
+    """``value`` as a finite Python float (numpy scalars included), or a clear error."""
+    try:
+        number = None if isinstance(value, (str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return number
+
+
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Blur each image [B, C, H, W] with its own Gaussian ``sigma`` [B] (separable, reflect).
 
@@ -194,14 +212,29 @@ class UniformNoise(OODPrototypeSource):
                  sigma_range: tuple[float, float] = (0.2, 5.0), kernel_size: int = 7,
                  value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  input_shape: tuple[int, ...] | None = None) -> None:
+        keep = _real(keep, "keep")
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must lie in (0, 1], got {keep}")
-        if n_samples < 1 or batch_size < 1:
-            raise ValueError("n_samples and batch_size must be positive")
+        n_samples = check_positive_int(n_samples, "n_samples")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        kernel_size = check_positive_int(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a centred blur), got {kernel_size}")
+        s0, s1 = (_real(v, "sigma_range") for v in sigma_range)
+        if not 0.0 < s0 <= s1:
+            raise ValueError(f"sigma_range must be (low, high) with 0 < low <= high, got "
+                             f"{tuple(sigma_range)}")
+        lo, hi = (_real(v, "value_range") for v in value_range)
+        if not lo < hi:
+            raise ValueError(f"value_range must be (low, high) with low < high, got "
+                             f"{tuple(value_range)}")
         self.n_samples, self.keep, self.batch_size = n_samples, keep, batch_size
-        self.sigma_range, self.kernel_size = tuple(sigma_range), kernel_size
-        self.value_range, self.seed = tuple(value_range), seed
-        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.sigma_range, self.kernel_size = (s0, s1), kernel_size
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.value_range, self.seed = (lo, hi), operator.index(seed)
+        self.input_shape = None if input_shape is None else tuple(
+            check_positive_int(v, "input_shape") for v in input_shape)
 
     def params(self) -> dict[str, Any]:
         return {"n_samples": self.n_samples, "keep": self.keep, "batch_size": self.batch_size,

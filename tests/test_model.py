@@ -237,3 +237,31 @@ def test_loader_without_labels_is_refused(trained):
     model, x, _ = trained
     with pytest.raises(ValueError, match="carry no labels"):
         GROOD().fit_model(model, [x], features="8")
+
+
+def test_source_parameters_are_checked_and_kept_as_plain_numbers():
+    """Mixup and UniformNoise refuse parameters that would silently mean something else
+    (n_samples=0 read as "all", an even blur kernel, an inverted range, a string λ) and keep
+    numpy numbers as Python ones, so a detector's saved header stays JSON."""
+    import json
+
+    import numpy as np
+
+    mixup = Mixup(layer="1", lam=np.float32(0.25), n_samples=np.int64(10))
+    noise = UniformNoise(n_samples=np.int64(40), keep=np.float64(0.5), batch_size=np.int32(8))
+    json.dumps([mixup.params(), noise.params()])
+    assert mixup.params()["n_samples"] == 10 and noise.params()["batch_size"] == 8
+    bad = [
+        (lambda: Mixup(n_samples=0), "n_samples must be a positive integer"),
+        (lambda: Mixup(lam="0.5"), "lam must be a real number"),
+        (lambda: Mixup(lam=float("nan")), "lam must be a finite real number"),
+        (lambda: UniformNoise(kernel_size=4), "kernel_size must be odd"),
+        (lambda: UniformNoise(kernel_size=0), "kernel_size must be a positive integer"),
+        (lambda: UniformNoise(sigma_range=(-1.0, 2.0)), "sigma_range must be"),
+        (lambda: UniformNoise(value_range=(1.0, 0.0)), "value_range must be"),
+        (lambda: UniformNoise(seed=1.5), "seed must be an integer"),
+        (lambda: UniformNoise(n_samples=0), "n_samples must be a positive integer"),
+    ]
+    for make, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make()
