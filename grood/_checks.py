@@ -165,6 +165,18 @@ def check_positive_int(value: Any, name: str) -> int:
     return number
 
 
+def check_positive_real(value: Any, name: str) -> float:
+    """``value`` as a Python float if it is a finite real number > 0 (numpy scalars too; not a
+    bool or a string), else a clear error."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
 def check_class_count(max_label: int, n_samples: int, name: str = "labels") -> None:
     """Every class id in 0..max_label needs a sample: refuse more classes than samples before
     anything is allocated for them (a stray huge label would otherwise ask for terabytes)."""

@@ -29,6 +29,7 @@ from grood._checks import (
     check_labels,
     check_matrix,
     check_positive_int,
+    check_positive_real,
 )
 from grood._params import Parameters
 from grood.errors import NotFittedError
@@ -45,6 +46,8 @@ class _Baseline(Parameters):
         for name in ("k", "batch_size"):  # where a baseline has them; numpy ints become ints
             if hasattr(self, name):
                 setattr(self, name, check_positive_int(getattr(self, name), name))
+        if hasattr(self, "temperature"):  # 0 or NaN gave NaN scores, < 0 inverted them
+            self.temperature = check_positive_real(self.temperature, "temperature")
         t, kind = as_tensor(x, self.inputs)
         check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
         check_finite_rows(t, self.inputs)
@@ -168,6 +171,12 @@ class Mahalanobis(_Baseline):
     def fit(self, features: ArrayLike, labels: ArrayLike) -> Mahalanobis:
         """Fit class means and the shared covariance (float64, streamed over batches)."""
         x, _ = self._read(features, fitting=True)
+        try:
+            ok = not isinstance(self.rcond, (bool, str)) and 0.0 <= float(self.rcond) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"rcond must be a number in [0, 1), got {self.rcond!r}")
         y, _ = as_tensor(labels, "labels")
         check_labels(y, "labels", x.shape[0])
         n, d = x.shape

@@ -64,3 +64,20 @@ def test_baselines_check_input():
         msp.score_samples(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
     with pytest.raises(ValueError, match="k=10 needs"):
         KNN(k=10).fit(torch.rand(5, 2))
+
+
+def test_baseline_parameters_that_would_give_nan_or_inverted_scores_are_refused():
+    """A temperature of 0 or NaN gave NaN scores and a negative one inverted the ranking
+    silently; a negative rcond whitens by roundoff-negative eigenvalues. Numpy numbers work."""
+    logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    for temperature in (0, -1.0, float("nan"), "1", True, None):
+        for cls in (MSP, Energy):
+            with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+                cls(temperature=temperature).fit(logits)
+    assert torch.equal(Energy(temperature=np.float32(2)).fit(logits).score_samples(logits),
+                       Energy(temperature=2.0).fit(logits).score_samples(logits))
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(60) % 3
+    for rcond in (-1e-3, 1.0, float("nan"), None, "0"):
+        with pytest.raises(ValueError, match=r"rcond must be a number in \[0, 1\)"):
+            Mahalanobis(rcond=rcond).fit(x, y)
