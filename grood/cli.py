@@ -21,11 +21,13 @@ EPILOG_FILES = (
 def _cmd_demo(args: argparse.Namespace) -> int:
     from grood.demo import DemoConfig, run_demo, run_seeds
 
-    cfg = DemoConfig(out=Path(args.out), seed=args.seed, epochs=args.epochs,
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder; the demo writes its "
+                         "plots and results into a folder")
+    cfg = DemoConfig(out=out, seed=args.seed, epochs=args.epochs,
                      n_noise=args.n_noise, knn_k=args.knn_k,
                      progress=False if args.quiet else None)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.seeds > 1:
         table = run_seeds(cfg, args.seeds)
         print(f"grood demo — seeds {args.seed}..{args.seed + args.seeds - 1}, mean ± std in "
@@ -216,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes ROC curves and score histograms as PNG files.")
     demo.add_argument("--out", default="grood-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=30,
+    demo.add_argument("--epochs", type=positive_int, default=30,
                       help="training epochs of the CNN (default: %(default)s)")
-    demo.add_argument("--n-noise", type=int, default=500,
+    demo.add_argument("--n-noise", type=positive_int, default=500,
                       help="number of far-OOD noise images (default: %(default)s)")
-    demo.add_argument("--knn-k", type=int, default=10,
+    demo.add_argument("--knn-k", type=positive_int, default=10,
                       help="neighbour used by the KNN baseline (default: %(default)s)")
-    demo.add_argument("--seeds", type=int, default=1,
+    demo.add_argument("--seeds", type=positive_int, default=1,
                       help="run this many seeds from --seed on and print mean ± std "
                            "(default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")

@@ -257,3 +257,18 @@ def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     assert main(["score", str(det), str(test), "-o", str(tmp_path / "S.NPY")]) == 0
     assert np.load(tmp_path / "S.NPY").shape == (20,)
     assert not (tmp_path / "S.NPY.npy").exists()
+
+
+def test_demo_refuses_counts_of_zero_and_a_file_as_its_folder(tmp_path, capsys):
+    """--epochs / --n-noise / --knn-k / --seeds of 0 meant an untrained net, "the loader
+    yielded no batches" or a k error from inside; --out naming a file failed with a raw
+    errno. All are usage errors now, before anything runs."""
+    for flag in ("--epochs", "--n-noise", "--knn-k", "--seeds"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--out", str(tmp_path / "d"), flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: must be a positive integer" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
