@@ -62,16 +62,7 @@ def synchronize(device: str) -> None:
 
 def median_time(fn: Callable[[], object], device: str, repeat: int) -> float:
     """Median seconds of ``repeat`` synchronised calls of ``fn``, after one warm-up call."""
-    fn()  # compile / warm up
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_median_times([fn], device, repeat)[0]
 
 
 def interleaved_median_times(fns: list[Callable[[], object]], device: str,
@@ -80,7 +71,7 @@ def interleaved_median_times(fns: list[Callable[[], object]], device: str,
     warm-up round first), so a machine whose speed drifts during the run slows every entry
     alike and the ratios between them hold."""
     for fn in fns:
-        fn()
+        fn()  # compile / warm up
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for fn, out in zip(fns, times, strict=True):
