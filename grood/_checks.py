@@ -8,6 +8,7 @@ caller's memory.
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from grood_kernels.contract import check_dense
 
 #: What the public API takes and gives back for arrays: a torch tensor or a numpy array (the
 #: result has the input's type: numpy in, numpy out; tensor in, tensor on the input's device).
@@ -42,9 +45,7 @@ class ArrayKind:
 def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
     """View ``x`` (tensor, numpy array or nested sequence) as a tensor without copying."""
     if isinstance(x, Tensor):
-        if x.layout != torch.strided:
-            raise TypeError(f"{name} is a {str(x.layout).removeprefix('torch.')} tensor; pass "
-                            "a dense one (tensor.to_dense())")
+        check_dense(**{name: x})
         if x.is_meta:
             raise ValueError(f"{name} is on the meta device and holds no values")
         if x.requires_grad:
@@ -151,28 +152,56 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as a Python int if it is a positive integer (a Python, numpy or 0-d torch
-    integer; not a bool or a float such as 2.0), else a clear error."""
-    boolean = isinstance(value, (bool, np.bool_)) or (
-        isinstance(value, Tensor) and value.dtype == torch.bool)
+def _integer(value: Any) -> int | None:
+    """``value`` as a Python int if it is a Python, numpy or 0-d torch integer (not a bool,
+    not a float such as 2.0), else None."""
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
     try:
-        number = None if boolean else operator.index(value)
+        return operator.index(value)
     except TypeError:
-        number = None
+        return None
+
+
+def check_integer(value: Any, name: str) -> int:
+    """``value`` as a Python int (see :func:`_integer`), else a clear error."""
+    number = _integer(value)
+    if number is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return number
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer (see :func:`_integer`), else a
+    clear error."""
+    number = _integer(value)
     if number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
 
 
-def check_positive_real(value: Any, name: str) -> float:
-    """``value`` as a Python float if it is a finite real number > 0 (numpy scalars too; not a
-    bool or a string), else a clear error."""
+def check_real(value: Any, name: str) -> float:
+    """``value`` as a finite Python float (numpy and 0-d torch numbers too; not a bool or a
+    string), else a clear error."""
     try:
         number = None if isinstance(value, (bool, np.bool_, str, bytes)) else float(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or not np.isfinite(number) or number <= 0:
+    if number is None:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return number
+
+
+def check_positive_real(value: Any, name: str) -> float:
+    """``value`` as a Python float if it is a finite real number > 0, else a clear error."""
+    try:
+        number = check_real(value, name)
+    except ValueError:
+        number = 0.0
+    if number <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return number
 

@@ -30,6 +30,7 @@ from grood._checks import (
     check_matrix,
     check_positive_int,
     check_positive_real,
+    check_real,
 )
 from grood._params import Parameters
 from grood.errors import NotFittedError
@@ -172,10 +173,10 @@ class Mahalanobis(_Baseline):
         """Fit class means and the shared covariance (float64, streamed over batches)."""
         x, _ = self._read(features, fitting=True)
         try:
-            ok = not isinstance(self.rcond, (bool, str)) and 0.0 <= float(self.rcond) < 1.0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+            rcond = check_real(self.rcond, "rcond")
+        except ValueError:
+            rcond = -1.0
+        if not 0.0 <= rcond < 1.0:
             raise ValueError(f"rcond must be a number in [0, 1), got {self.rcond!r}")
         y, _ = as_tensor(labels, "labels")
         check_labels(y, "labels", x.shape[0])

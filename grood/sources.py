@@ -13,7 +13,6 @@ hands them the model, its feature extractor and the training loader (``needs = (
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grood._checks import check_positive_int
+from grood._checks import check_integer, check_positive_int, check_real
 from grood.extract import FeatureExtractor, check_split, eval_mode, split_batch, split_model
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 
@@ -75,7 +74,7 @@ class Mixup(OODPrototypeSource):
 
     def __init__(self, layer: str = "layer3", lam: float = 0.5, n_samples: int | None = None,
                  split: tuple[nn.Module, nn.Module] | None = None) -> None:
-        lam = _real(lam, "lam")
+        lam = check_real(lam, "lam")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
         if n_samples is not None:  # 0 would read as "all" further on: refuse it here
@@ -145,19 +144,6 @@ class Mixup(OODPrototypeSource):
         return (total / max(seen, 1.0)).to(ctx.class_prototypes.dtype)
 
 
-def _real(value: Any, name: str) -> float:
-    """``value`` as a finite Python float (numpy scalars included), or a clear error."""
-    try:
-        number = None if isinstance(value, (str, bytes)) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None:
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return number
-
-
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Blur each image [B, C, H, W] with its own Gaussian ``sigma`` [B] (separable, reflect).
 
@@ -212,7 +198,7 @@ class UniformNoise(OODPrototypeSource):
                  sigma_range: tuple[float, float] = (0.2, 5.0), kernel_size: int = 7,
                  value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  input_shape: tuple[int, ...] | None = None) -> None:
-        keep = _real(keep, "keep")
+        keep = check_real(keep, "keep")
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must lie in (0, 1], got {keep}")
         n_samples = check_positive_int(n_samples, "n_samples")
@@ -220,19 +206,17 @@ class UniformNoise(OODPrototypeSource):
         kernel_size = check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (a centred blur), got {kernel_size}")
-        s0, s1 = (_real(v, "sigma_range") for v in sigma_range)
+        s0, s1 = (check_real(v, "sigma_range") for v in sigma_range)
         if not 0.0 < s0 <= s1:
             raise ValueError(f"sigma_range must be (low, high) with 0 < low <= high, got "
                              f"{tuple(sigma_range)}")
-        lo, hi = (_real(v, "value_range") for v in value_range)
+        lo, hi = (check_real(v, "value_range") for v in value_range)
         if not lo < hi:
             raise ValueError(f"value_range must be (low, high) with low < high, got "
                              f"{tuple(value_range)}")
         self.n_samples, self.keep, self.batch_size = n_samples, keep, batch_size
         self.sigma_range, self.kernel_size = (s0, s1), kernel_size
-        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.value_range, self.seed = (lo, hi), operator.index(seed)
+        self.value_range, self.seed = (lo, hi), check_integer(seed, "seed")
         self.input_shape = None if input_shape is None else tuple(
             check_positive_int(v, "input_shape") for v in input_shape)
 
