@@ -95,10 +95,9 @@ def save_target(path: str | os.PathLike, *,
     """The file a save to ``path`` writes: symlinks resolved, checked before any work.
 
     Refuses a name without one of ``suffixes`` (any case; None: any name), a missing or
-    non-writable folder,
-    an existing target that is not a regular file (a device node, a folder, a FIFO), and one
-    that is the same file as any of ``inputs`` (name -> path; the command would overwrite what
-    it reads).
+    non-writable folder, an existing target that is not a regular file (a device node, a
+    folder, a FIFO), and one that is the same file as any of ``inputs`` (name -> path; the
+    command would overwrite what it reads).
     """
     path = Path(path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
