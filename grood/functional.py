@@ -409,10 +409,7 @@ def _nearest_keyed(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
     (``argmin`` over a short row is not vectorised: several times slower). Non-finite entries
     become the largest finite float32 first (an inf key with column bits would be NaN), and
     -0.0 becomes 0.0 (its sign bit would order it before every other key)."""
-    big = torch.finfo(torch.float32).max
-    key = torch.nan_to_num(dist, nan=big, posinf=big, neginf=big).to(torch.float64).abs_()
-    bits = key.view(torch.int64)
-    bits.bitwise_or_(torch.arange(dist.shape[1], device=dist.device))
+    key = _column_keys(dist)
     picked = torch.empty((dist.shape[0], k), dtype=torch.float64, device=dist.device)
     mask = (1 << _KEY_BITS) - 1
     for j in range(k):
@@ -420,6 +417,29 @@ def _nearest_keyed(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if j + 1 < k:  # a taken entry becomes inf: above every finite key, never taken again
             key.scatter_(1, picked[:, j:j + 1].view(torch.int64) & mask, float("inf"))
     cols = picked.view(torch.int64) & mask
+    return dist.gather(1, cols), cols
+
+
+def _column_keys(dist: Tensor) -> Tensor:
+    """Float64 keys of a float32 tile [R, M] (M < 2**_KEY_BITS) ordered as (value, column):
+    the value widened (non-finite entries as the largest finite float32, -0.0 as 0.0) with the
+    column in the low mantissa bits it leaves zero. Distinct within a row."""
+    big = torch.finfo(torch.float32).max
+    key = torch.nan_to_num(dist, nan=big, posinf=big, neginf=big).to(torch.float64).abs_()
+    key.view(torch.int64).bitwise_or_(torch.arange(dist.shape[1], device=dist.device))
+    return key
+
+
+def _smallest_in_order(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` smallest entries of each row of ``dist`` [R, M] (M >= n, entries >= 0 or
+    not finite) in (value, column) order, without reading anything on the host: one
+    ``torch.topk`` over :func:`_column_keys` for float32, a stable sort otherwise. Used off
+    the CPU, where :func:`topk_lowest_index`'s host read of the tied rows would be a
+    synchronisation per tile."""
+    if dist.dtype == torch.float32 and dist.shape[1] < 1 << _KEY_BITS:
+        cols = torch.topk(_column_keys(dist), n, dim=1, largest=False).indices
+    else:
+        cols = torch.sort(dist, dim=1, stable=True).indices[:, :n]
     return dist.gather(1, cols), cols
 
 
@@ -522,6 +542,9 @@ def knn(
     elif tuple(database_sq_norms.shape) != (n_db,):
         raise ValueError(f"database_sq_norms must have shape [{n_db}], "
                          f"got {tuple(database_sq_norms.shape)}")
+    # Off the CPU nothing is read on the host (a synchronisation per tile), except the
+    # candidates' indices when the re-rank rows live on another device.
+    pick = topk_lowest_index if dev.type == "cpu" else _smallest_in_order
     for q0 in range(0, n_q, bq):
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
@@ -538,15 +561,17 @@ def knn(
                 dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
                                    alpha=-2.0)
             dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]
-            blk_d, blk_i = topk_lowest_index(dist, min(n_cand, m1 - m0))
+            blk_d, blk_i = pick(dist, min(n_cand, m1 - m0))
             best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)
-        # Re-rank the candidates by their directly computed distance.
-        exact = torch.full_like(best_d, float("inf"))
+        # Re-rank the candidates by their directly computed distance; a missing candidate
+        # (index -1, fewer database rows than candidates) reads row 0 and stays at inf.
+        exact = torch.empty_like(best_d)
+        found = best_i >= 0
+        rows_at = best_i.clamp_min(0).to(exact_rows.device)
         for j in range(n_cand):
-            rows = best_i[:, j] >= 0
-            if bool(rows.any()):
-                diff = q[rows] - exact_rows[best_i[rows, j].to(exact_rows.device)].to(dev, dt)
-                exact[rows, j] = (diff * diff).sum(1)
+            diff = q - exact_rows[rows_at[:, j]].to(dev, dt)
+            exact[:, j] = (diff * diff).sum(1)
+        exact = torch.where(found, exact, float("inf"))
         exact, best_i = lex_sort(exact, best_i)
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i

@@ -378,6 +378,63 @@ def test_knn_pads_like_faiss_when_database_is_smaller_than_k():
     assert bool(torch.isinf(dist[:, 2:]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-keys", "fp64-sort"])
+def test_off_cpu_picker_orders_ties_by_column(dtype):
+    """The picker knn uses off the CPU reads nothing on the host and still takes equal
+    entries lowest column first (a stable sort's first n), with inf and NaN last."""
+    gen = torch.Generator().manual_seed(3)
+    d = torch.randint(0, 5, (7, 300), generator=gen).to(dtype) / 4  # many exact ties
+    d[0] = 1.0
+    d[1, ::2] = -0.0
+    d[2, :290] = float("inf")
+    d[3, 5:] = float("nan")
+    d[4] = torch.finfo(dtype).max
+    for n in (1, 4, 9):
+        vals, cols = F._smallest_in_order(d, n)
+        want = torch.sort(torch.nan_to_num(d.abs(), nan=float("inf")), dim=1,
+                          stable=True).indices[:, :n]
+        assert torch.equal(cols, want)
+        torch.testing.assert_close(vals, d.gather(1, want), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("q", "m", "d", "k"), KNN_SHAPES,
+                         ids=[f"Q{q}-M{m}-D{d}-k{k}" for q, m, d, k in KNN_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_knn_with_the_off_cpu_picker_matches(monkeypatch, q, m, d, k, dtype):
+    """knn with the sync-free picker it uses off the CPU (forced here on the CPU) returns what
+    the CPU picker does, ties and padding included."""
+    gen = torch.Generator().manual_seed(q + m)
+    db = torch.randint(-2, 3, (m, d), generator=gen).to(dtype)  # duplicate rows, exact ties
+    queries = torch.randint(-2, 3, (q, d), generator=gen).to(dtype)
+    want = F.knn(queries, db, k, block_size=4)
+    monkeypatch.setattr(F, "topk_lowest_index", F._smallest_in_order)
+    got = F.knn(queries, db, k, block_size=4)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_on_cuda_is_sync_free_and_matches_the_cpu():
+    """The torch knn on a CUDA device reads nothing on the host (CUDA sync debugging set to
+    error) and returns the CPU's neighbours, duplicates and padding included."""
+    gen = torch.Generator().manual_seed(5)
+    db = torch.randint(-2, 3, (3000, 16), generator=gen).float()
+    queries = torch.randint(-2, 3, (50, 16), generator=gen).float()
+    norms = F.database_sq_norms_of(db.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = F.knn(queries.cuda(), db.cuda(), 5, database_sq_norms=norms, block_size=512)
+        pad = F.knn(queries.cuda(), db[:3].cuda(), 5, database_sq_norms=norms[:3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = F.knn(queries, db, 5, block_size=512)
+    assert torch.equal(got[1].cpu(), want[1])
+    assert torch.equal(got[0].cpu(), want[0])
+    assert torch.equal(pad[1].cpu(), F.knn(queries, db[:3], 5)[1])
+
+
 def test_knn_rejects_bad_k_and_dimension():
     with pytest.raises(ValueError, match="k must be >= 1"):
         F.knn(torch.zeros(2, 3), torch.zeros(4, 3), 0)
