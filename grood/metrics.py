@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_real
+
 
 def _as_scores(x: Any, name: str) -> np.ndarray:
     if hasattr(x, "detach"):
@@ -77,18 +79,21 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
     Args:
         id_scores (array-like): scores of in-distribution samples, shape [N_id].
         ood_scores (array-like): scores of OOD samples, shape [N_ood]. Higher = more ID.
-        recall_level (float): the TPR (fraction of OOD detected) for ``fpr95``.
+        recall_level (float): the TPR (fraction of OOD detected, in (0, 1]) for ``fpr95``.
 
     Returns:
         dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out`` as floats in [0, 1].
     """
+    level = check_real(recall_level, "recall_level")
+    if not 0 < level <= 1:  # 95 (a percentage) would find no threshold and report fpr95 = 0
+        raise ValueError(f"recall_level is a fraction in (0, 1], got {recall_level!r}")
     id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
     fpr, tpr = roc_curve(id_s, ood_s)
     conf = np.r_[id_s, ood_s]
     is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
     return {
         "auroc": _trapezoid(tpr, fpr),
-        "fpr95": float(fpr[np.argmax(tpr >= recall_level)]),
+        "fpr95": float(fpr[np.argmax(tpr >= level)]),
         "aupr_in": _pr_area(conf, ~is_ood),
         "aupr_out": _pr_area(-conf, is_ood),
     }

@@ -77,3 +77,17 @@ def test_accepts_tensors_and_lists():
 def test_bad_scores_are_named(id_s, ood_s, match):
     with pytest.raises(ValueError, match=match):
         ood_metrics(id_s, ood_s)
+
+
+@pytest.mark.parametrize("level", [95, 0, -0.5, 1.01, float("nan"), "0.95", True])
+def test_recall_level_outside_a_fraction_is_refused(level):
+    """A percentage (95) found no threshold and reported fpr95 = 0, a perfect-looking score."""
+    with pytest.raises(ValueError, match="recall_level"):
+        ood_metrics([1.0, 2.0, 3.0], [0.5, 2.5], recall_level=level)
+
+
+def test_recall_level_accepts_numpy_numbers_and_one():
+    ids, ood = [1.0, 2.0, 3.0, 4.0], [0.5, 2.5, 3.5]
+    assert ood_metrics(ids, ood, recall_level=np.float32(0.5)) == ood_metrics(
+        ids, ood, recall_level=0.5)
+    assert ood_metrics(ids, ood, recall_level=1)["fpr95"] == pytest.approx(0.75)
