@@ -11,8 +11,8 @@ survive ``state_dict`` round trips and save with the model. Their forward is mad
 custom ops (:mod:`grood.library`) and plain torch, so ``torch.compile(fullgraph=True)``
 compiles it with no graph break and ``torch.export.export`` exports it.
 
-CUDA graphs: with ``checks="flag"`` on the Triton backend nothing in the forward reads a value
-on the host, so the head (or a model attached with it) can be captured and replayed
+CUDA graphs: with ``checks="flag"`` nothing in the forward reads a value on the host (either
+backend; see :mod:`grood.library`), so the head (or a model attached with it) can be captured and replayed
 (:func:`capture_cuda_graph`; ``torch.compile(mode="reduce-overhead")`` works the same way).
 Rows it cannot score in the compute dtype then come out as score NaN and pred -1, counted in
 the ``unresolved_rows`` buffer: score those rows with the detector, which resolves far rows in
@@ -208,8 +208,7 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
 
     Returns ``run(x)``: copies ``x`` into the graph's input, replays the graph and returns its
     outputs, which the next call overwrites (clone what you keep). The module must read
-    nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it) on
-    the Triton backend. Warm-up runs on a side stream first, as capture needs.
+    nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it). Warm-up runs on a side stream first, as capture needs.
     """
     if example.device.type != "cuda":
         raise ValueError(f"CUDA graphs need CUDA tensors; the example is on {example.device}")

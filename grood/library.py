@@ -17,13 +17,16 @@ with a shape function, instead of tracing into Python that reads tensor values:
 
 Every op has a fake (meta) implementation, so shapes and dtypes propagate without running it,
 and none aliases or modifies its inputs. The ops are not differentiable (GROOD scores are not
-trained through). On the Triton backend ``ncp_gradient`` and ``knn`` read no tensor value on
-the host (the power-of-two scale is fixed per prototype set; tested by refusing every
-tensor-to-Python conversion during a call), so they can be captured in CUDA graphs;
-``resolve_rows`` reads values by design (it raises, and redoes rows in float64), which is why
-the head's ``checks="flag"`` replaces it with device-side flags. The torch implementations read
-values (tie handling, the prototypes' scale), which on a CUDA device without triton means a
-synchronisation per call.
+trained through). On a CUDA device ``ncp_gradient`` and ``knn`` read no tensor value on the
+host, on either backend, once the prototypes' power-of-two scale has been read (on the first
+call with a prototype set, then kept with it): the Triton kernels take it as an argument, and
+the torch implementations pick candidates with device-side minima, keyed ``topk`` or stable
+sorts instead of reading which rows tie (on the CPU, where a host read costs nothing, they
+take whichever is faster). So both can be captured in CUDA graphs; the GPU tests check it by
+running them with CUDA sync debugging set to error. ``knn`` with ``rerank_database`` on
+another device (host memory) moves the candidates' indices there, a synchronisation by
+nature. ``resolve_rows`` reads values by design (it raises, and redoes rows in float64), which
+is why the head's ``checks="flag"`` replaces it with device-side flags.
 """
 
 from __future__ import annotations

@@ -360,11 +360,13 @@ def test_ops_and_compiled_head_on_a_cuda_device():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flag_head_captures_in_a_cuda_graph():
-    """checks="flag" reads nothing on the host: the ops run with sync debugging set to error,
-    and the head captured in a CUDA graph and replayed on new features equals eager."""
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_flag_head_captures_in_a_cuda_graph(backend):
+    """checks="flag" reads nothing on the host, on either backend: the ops run with sync
+    debugging set to error, and the head captured in a CUDA graph and replayed on new
+    features equals eager."""
     x, y = clustered_features(2000, 10, 64, seed=9, dtype=torch.float32)
-    det = GROOD(device="cuda", backend="triton", precision="tf32").fit(x.cuda(), y.cuda())
+    det = GROOD(device="cuda", backend=backend, precision="tf32").fit(x.cuda(), y.cuda())
     head = det.as_module(checks="flag")
     static = _with_bad_rows(x[:512]).cuda()
     head(static)  # warm: compile the kernels, cache the prototypes' facts
