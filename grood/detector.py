@@ -51,7 +51,7 @@ class GROOD(Parameters, ModelFrontEnd):
 
     Args:
         ood_prototype (str | OODPrototypeSource): how to make the OOD prototype: ``"mean"`` (mean
-            of the class prototypes, the default), ``"features"`` (mean of the ``ood_features``
+            of the class prototypes, the default; needs two classes), ``"features"`` (mean of the ``ood_features``
             given to ``fit``), or a source object (see :mod:`grood.prototypes`).
         k (int): score by the distance to the k-th nearest training gradient.
         index (str): a registered index kind (:mod:`grood.index`): ``"exact"`` (default),

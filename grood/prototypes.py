@@ -9,7 +9,7 @@ register a name with :func:`register_source` and plug in without any change to `
 Sources available here:
 
 * ``"mean"`` (:class:`MeanOfClassPrototypes`): the mean of the class prototypes. Needs no OOD
-  data.
+  data, and at least two classes.
 * ``"features"`` (:class:`OODFeatureMean`): the mean of user-given OOD features
   (``fit(..., ood_features=X)``), the way OpenOOD's shipped configuration uses a validation OOD
   set.
@@ -111,6 +111,13 @@ class MeanOfClassPrototypes(OODPrototypeSource):
 
     def build(self, ctx: PrototypeContext) -> Tensor:
         protos = ctx.class_prototypes
+        if protos.shape[0] < 2:
+            # The mean of one prototype is that prototype: the softmax would weigh the class
+            # and the OOD prototype equally for every sample (q_ood = 1/2), not GROOD.
+            raise ValueError(
+                "the 'mean' OOD prototype needs at least two classes: with one class it is "
+                "that class's prototype itself; give OOD features (ood_prototype='features', "
+                "fit(..., ood_features=X)) or another OOD prototype source")
         return protos.to(torch.float64).mean(0).to(protos.dtype)
 
 

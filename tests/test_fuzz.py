@@ -60,7 +60,8 @@ def test_detector_fit_and_score_are_finite_and_correct_or_refused(data, k):
     except CLEAR_ERRORS as exc:
         msg = str(exc)
         assert any(s in msg for s in ("NaN or Inf", "no training samples", "classified",
-                                      "k=", "float64", "number of samples")), msg
+                                      "k=", "float64", "number of samples",
+                                      "at least two classes")), msg
         return
     assert bool(torch.isfinite(x).all())
     scores, preds = det.score_and_predict(x)
@@ -218,8 +219,13 @@ def test_a_pickle_file_is_refused_without_running_it(tmp_path, capsys):
 
 def test_single_class_and_more_classes_than_samples():
     x = torch.rand(5, 3)
-    det = GROOD(progress=False).fit(x, torch.zeros(5, dtype=torch.int64))
+    one_class = torch.zeros(5, dtype=torch.int64)
+    det = GROOD(ood_prototype="features", progress=False).fit(
+        x, one_class, ood_features=torch.rand(4, 3) + 2)
     assert det.n_classes_ == 1 and bool(torch.isfinite(det.score_samples(x)).all())
+    # The mean of one prototype is the prototype: q_ood would be 1/2 for every sample.
+    with pytest.raises(ValueError, match="'mean' OOD prototype needs at least two classes"):
+        GROOD(progress=False).fit(x, one_class)
     # C > N: some class has no sample, which is named.
     with pytest.raises(ValueError, match=r"class\(es\) 5, 6, 7 have no training samples"):
         GROOD(progress=False).fit(x, torch.arange(5), logits=torch.eye(5, 8))
