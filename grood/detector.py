@@ -51,8 +51,9 @@ class GROOD(Parameters, ModelFrontEnd):
 
     Args:
         ood_prototype (str | OODPrototypeSource): how to make the OOD prototype: ``"mean"`` (mean
-            of the class prototypes, the default; needs two classes), ``"features"`` (mean of the ``ood_features``
-            given to ``fit``), or a source object (see :mod:`grood.prototypes`).
+            of the class prototypes, the default; needs two classes), ``"features"`` (mean of
+            the ``ood_features`` given to ``fit``), or a source object (see
+            :mod:`grood.prototypes`).
         k (int): score by the distance to the k-th nearest training gradient.
         index (str): a registered index kind (:mod:`grood.index`): ``"exact"`` (default),
             ``"faiss-flat"`` (exact, faiss) or ``"faiss-ivf"`` (the reference's approximate

@@ -12,8 +12,9 @@ custom ops (:mod:`grood.library`) and plain torch, so ``torch.compile(fullgraph=
 compiles it with no graph break and ``torch.export.export`` exports it.
 
 CUDA graphs: with ``checks="flag"`` nothing in the forward reads a value on the host (either
-backend; see :mod:`grood.library`), so the head (or a model attached with it) can be captured and replayed
-(:func:`capture_cuda_graph`; ``torch.compile(mode="reduce-overhead")`` works the same way).
+backend; see :mod:`grood.library`), so the head (or a model attached with it) can be captured
+and replayed (:func:`capture_cuda_graph`; ``torch.compile(mode="reduce-overhead")`` works the
+same way).
 Rows it cannot score in the compute dtype then come out as score NaN and pred -1, counted in
 the ``unresolved_rows`` buffer: score those rows with the detector, which resolves far rows in
 float64 and names non-finite ones. The default ``checks="raise"`` behaves like the detector and
@@ -208,7 +209,8 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
 
     Returns ``run(x)``: copies ``x`` into the graph's input, replays the graph and returns its
     outputs, which the next call overwrites (clone what you keep). The module must read
-    nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it). Warm-up runs on a side stream first, as capture needs.
+    nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it).
+    Warm-up runs on a side stream first, as capture needs.
     """
     if example.device.type != "cuda":
         raise ValueError(f"CUDA graphs need CUDA tensors; the example is on {example.device}")
