@@ -41,8 +41,8 @@ class Parameters:
 
     def set_params(self, **params: Any) -> Self:
         """Set constructor arguments (``name=value``, or ``name__sub=value`` for a nested
-        estimator); unknown names raise ``ValueError``. Takes effect at the next ``fit``
-        (``k`` and ``batch_size`` also at the next ``score_samples``)."""
+        estimator); unknown names raise ``ValueError``. Takes effect at the next ``fit``; an
+        estimator may apply some at the next score too (its class says which)."""
         valid = self._param_names()
         nested: dict[str, dict[str, Any]] = {}
         for key, value in params.items():

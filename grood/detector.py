@@ -8,7 +8,7 @@ a fitted detector is :mod:`grood._gradients`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,12 @@ class GROOD(Parameters, ModelFrontEnd):
             :mod:`grood.distributed`).
         batch_size (int): rows processed at a time; bounds working memory when scoring.
         progress (bool, optional): show progress bars; by default only on a terminal.
+
+    Changed after ``fit`` (``set_params`` or assignment), ``k``, ``batch_size``,
+    ``precision``, ``backend``, ``progress`` and an index's search options (IVF ``nprobe``)
+    apply from the next score on; the others (the OOD prototype, the index kind and its
+    build options, the device) from the next ``fit``, and a saved detector keeps what it was
+    fitted with.
 
     Attributes (after ``fit``):
         class_prototypes_ (Tensor): [C, D]. class_counts_ (Tensor): [C] training samples.
@@ -267,6 +273,12 @@ class GROOD(Parameters, ModelFrontEnd):
             self._grads.precision = self.precision
             if isinstance(self.index_, ExactIndex):
                 self.index_.precision = self.precision
+        if self.index == self.index_.kind:  # search options (IVF nprobe) apply as k does
+            options = self.index_options
+            if options is not None and not isinstance(options, Mapping):
+                raise TypeError(f"index_options must be a dict of option names to values, "
+                                f"got {type(options).__name__}")
+            self.index_.set_search_options(options or {})
         ops.check_backend_name(self.backend)
         # A new backend applies from this call on too (another implementation, same answers).
         if self.backend != getattr(self, "_backend_asked", self.backend):

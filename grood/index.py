@@ -54,6 +54,9 @@ class GradientIndex(ABC):
 
     kind: ClassVar[str]
     option_names: ClassVar[tuple[str, ...]] = ()
+    #: Options that only steer searches (IVF's ``nprobe``): a fitted detector applies their
+    #: current ``index_options`` values at every score; the others take effect at the next fit.
+    search_option_names: ClassVar[tuple[str, ...]] = ()
     joinable: ClassVar[bool] = False
     dim: int
 
@@ -93,6 +96,15 @@ class GradientIndex(ABC):
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index, for saving (no pickled objects)."""
+
+    def options(self) -> dict[str, Any]:
+        """The ``index_options`` this index was built with (JSON values), saved with a
+        detector so that loading rebuilds this index whatever ``index_options`` says by then."""
+        return {}
+
+    def set_search_options(self, options: Mapping[str, Any]) -> None:  # noqa: B027 (optional)
+        """Apply the :attr:`search_option_names` entries of ``options`` (a missing one goes
+        back to its default)."""
 
     def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -180,6 +192,7 @@ class ExactIndex(GradientIndex):
         self.device = torch.device(device)
         self.backend = backend
         self.precision = precision
+        self._storage_name = storage
         self.storage = None if storage is None else STORAGE_DTYPES[storage]
         if self.storage == dtype:
             self.storage = None
@@ -272,6 +285,9 @@ class ExactIndex(GradientIndex):
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""
         return {"vectors": self.vectors.contiguous()}
+
+    def options(self) -> dict[str, Any]:
+        return {"storage": self._storage_name, "exact_copy": self.exact_copy}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
@@ -402,6 +418,10 @@ class FaissFlatIndex(_FaissIndex):
         return index
 
 
+#: Inverted lists an IVF search visits per query by default, as the reference implementation.
+REFERENCE_NPROBE = 4
+
+
 @register_index
 class FaissIVFIndex(_FaissIndex):
     """Approximate search with ``faiss.IndexIVFFlat`` (L2), as the reference implementation.
@@ -435,8 +455,9 @@ class FaissIVFIndex(_FaissIndex):
     kind = "faiss-ivf"
     option_names = ("nlist", "nprobe", "reference_batch_size", "loader_batches",
                     "omit_batch_t")
+    search_option_names = ("nprobe",)
 
-    def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = 4,
+    def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = REFERENCE_NPROBE,
                  reference_batch_size: int = 128, loader_batches: int | None = None,
                  omit_batch_t: bool = False, device: torch.device | str = "cpu") -> None:
         super().__init__(dim, device)
@@ -459,6 +480,13 @@ class FaissIVFIndex(_FaissIndex):
     def create(cls, dim: int, *, device: torch.device, options: dict[str, Any],
                **_: Any) -> FaissIVFIndex:
         return cls(dim, device=device, **options)
+
+    def set_search_options(self, options: Mapping[str, Any]) -> None:
+        nprobe = check_positive_int(options.get("nprobe", REFERENCE_NPROBE), "nprobe")
+        if nprobe != self.nprobe:
+            self.nprobe = nprobe
+            if self.index is not None:
+                self.index.nprobe = nprobe
 
     def options(self) -> dict[str, Any]:
         """Constructor options (saved with the detector)."""

@@ -65,6 +65,9 @@ def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         "train_accuracy": det.train_accuracy_,
         "dtype": str(det.dtype_).removeprefix("torch."),
         "index": det.index_.kind,
+        # What the index was built with: params' index_options may have changed since fit
+        # (they apply at the next fit), and loading must rebuild this index, not another.
+        "index_options": _plain(det.index_.options()),
         "extractor": getattr(det, "extractor_", None),
         "shard_sizes": det.shard_sizes_,
     }
@@ -306,7 +309,11 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         raise BackendUnavailableError(
             f"{exc}. The detector was saved with backend={det.backend!r}; to run it here, "
             f"load it with GROOD.load(path, backend='auto') (or 'torch')") from exc
-    kind, options = state["index"], params["index_options"]
+    kind = state["index"]
+    # Files that predate state["index_options"] rebuild with the saved parameters' options
+    # when those were meant for this kind of index.
+    options = state.get("index_options", params["index_options"] if params["index"] == kind
+                        else None)
 
     def build(index_state: dict[str, Tensor]) -> GradientIndex:
         return index_from_state(kind, index_state, device=dev, backend=resolved["knn"],

@@ -172,3 +172,53 @@ def test_exact_index_options_are_checked():
         GROOD(index_options={"storage": "bf16", "exact_copy": "disk"}).fit(x, y)
     with pytest.raises(ValueError, match="takes index_options storage and exact_copy"):
         GROOD(index_options={"nprobe": 3}).fit(x, y)
+
+
+def test_index_options_changed_after_fit_take_effect_at_the_next_fit_even_through_a_file(
+        tmp_path):
+    """The index kind and build options set after fit are for the next fit: the detector, and
+    the one loaded from its file, keep the index it was fitted with (a changed kind made the
+    file unloadable, with another kind's options given to this index's constructor)."""
+    x, y = clustered_features(200, 4, 10, seed=7, spread=0.4, dtype=torch.float32)
+    test, _ = clustered_features(30, 4, 10, seed=8, spread=0.7, dtype=torch.float32)
+    det = GROOD().fit(x, y)
+    want = det.score_samples(test)
+    det.set_params(index="faiss-ivf", index_options={"nprobe": 8})
+    assert torch.equal(det.score_samples(test), want)
+    det.save(tmp_path / "kind.safetensors")
+    loaded = GROOD.load(tmp_path / "kind.safetensors")
+    assert loaded.index_.kind == "exact" and loaded.index == "faiss-ivf"
+    assert torch.equal(loaded.score_samples(test), want)
+
+    det = GROOD().fit(x, y)
+    det.set_params(index_options={"storage": "bfloat16"})
+    det.save(tmp_path / "storage.safetensors")
+    loaded = GROOD.load(tmp_path / "storage.safetensors")
+    assert loaded.index_.storage is None and loaded.index_options == {"storage": "bfloat16"}
+    assert torch.equal(loaded.score_samples(test), want)
+    det.set_params(index_options=["storage", "bfloat16"])
+    with pytest.raises(TypeError, match="index_options must be a dict"):
+        det.score_samples(test)
+
+
+def test_ivf_nprobe_set_after_fit_applies_to_scores_and_to_the_saved_file(tmp_path):
+    """nprobe steers searches only: changed after fit it applies at the next score, as k does,
+    and the detector loaded from the file scores the same (the file used it, memory did not)."""
+    pytest.importorskip("faiss")
+    x, y = clustered_features(400, 4, 10, seed=3, spread=0.6, dtype=torch.float32)
+    test, _ = clustered_features(60, 4, 10, seed=4, spread=0.9, dtype=torch.float32)
+    det = GROOD(index="faiss-ivf", index_options={"nlist": 16, "nprobe": 1}).fit(x, y)
+    one = det.score_samples(test)
+    det.set_params(index_options={"nlist": 16, "nprobe": 16})  # every list: exact search
+    every = det.score_samples(test)
+    assert det.index_.nprobe == 16 and not torch.equal(every, one)
+    exact = GROOD().fit(x, y).score_samples(test)
+    torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-6)
+    det.save(tmp_path / "d.safetensors")
+    assert torch.equal(GROOD.load(tmp_path / "d.safetensors").score_samples(test), every)
+    det.set_params(index_options={"nlist": 16})  # back to the default, 4
+    det.score_samples(test)
+    assert det.index_.nprobe == 4 and det.index_.index.nprobe == 4
+    det.set_params(index_options={"nprobe": 0})
+    with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+        det.score_samples(test)

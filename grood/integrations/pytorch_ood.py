@@ -174,7 +174,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         if self.grood is None:
             raise RequiresFittingException()
         # Hyper-parameters set after fit that need no refit take effect here.
-        self.grood.k = self.k
+        self.grood.k, self.grood.precision = self.k, self.precision
         return self.grood
 
     def predict_features(self, x: Tensor) -> Tensor:
