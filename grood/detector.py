@@ -74,8 +74,8 @@ class GROOD(Parameters, ModelFrontEnd):
     Changed after ``fit`` (``set_params`` or assignment), ``k``, ``batch_size``,
     ``precision``, ``backend``, ``progress`` and an index's search options (IVF ``nprobe``)
     apply from the next score on; the others (the OOD prototype, the index kind and its
-    build options, the device) from the next ``fit``, and a saved detector keeps what it was
-    fitted with.
+    build options, the device, ``distributed``) from the next ``fit``, and a saved detector
+    keeps what it was fitted with.
 
     Attributes (after ``fit``):
         class_prototypes_ (Tensor): [C, D]. class_counts_ (Tensor): [C] training samples.
@@ -248,6 +248,9 @@ class GROOD(Parameters, ModelFrontEnd):
         self.train_accuracy_ = fitted.train_accuracy
         self.backend_ = fitted.backend
         self._backend_asked = self.backend  # what backend_ was resolved from
+        # Scoring joins the other ranks' searches when the fit (or load) was distributed;
+        # ``distributed`` changed afterwards is for the next fit.
+        self._sharded = bool(self.distributed)
         self.device_ = fitted.device
         self.dtype_ = fitted.class_prototypes.dtype
         if fitted.extractor is not None:
@@ -289,7 +292,7 @@ class GROOD(Parameters, ModelFrontEnd):
             self.backend_, self._backend_asked = resolved, self.backend
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
-        check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self.distributed)
+        check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self._sharded)
         return x, kind
 
     def _passes(self, x: Tensor, *, with_scores: bool
@@ -297,7 +300,7 @@ class GROOD(Parameters, ModelFrontEnd):
         """Yield ``(start, stop, scores, preds)`` for each batch of rows of ``x``."""
         n = x.shape[0]
         n_batches = -(-n // self.batch_size)
-        if self.distributed and with_scores:  # every rank joins every collective search
+        if self._sharded and with_scores:  # every rank joins every collective search
             n_batches = int(dist.all_reduce(torch.tensor([n_batches]), "max"))
         with progress(total=n, desc="grood score", unit="rows", enabled=self.progress,
                       unit_scale=True) as bar:
@@ -310,7 +313,7 @@ class GROOD(Parameters, ModelFrontEnd):
                 if with_scores:
                     dist_k = (dist.search_sharded(self.index_, res.grad, self.k,
                                                   self.shard_sizes_, self.dtype_)
-                              if self.distributed else self.index_.search(res.grad, self.k)[0])
+                              if self._sharded else self.index_.search(res.grad, self.k)[0])
                     scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred

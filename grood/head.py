@@ -195,7 +195,7 @@ def as_module(det: GROOD, checks: str = "raise") -> GROODHead:
         raise ValueError(f"as_module() holds grood's exact index; this detector's index is "
                          f"{index.kind!r} (a faiss index stays outside a module: score with "
                          "the detector, or fit with index='exact')")
-    if det.distributed:
+    if det._sharded:
         raise ValueError("as_module() needs the whole index in one process; this detector is "
                          "sharded across ranks (load it without distributed=True)")
     storage = index._searched() if index.storage is not None else None

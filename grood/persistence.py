@@ -171,7 +171,7 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
 
 def save(det: Any, path: Path) -> None:
     """Save ``det`` to ``path``; a distributed detector as shards plus a manifest."""
-    if not det.distributed:
+    if not det._sharded:
         save_file(det, path)
         return
     path = save_target(path, suffixes=(".json", ".safetensors"))

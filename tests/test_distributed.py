@@ -41,8 +41,13 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         rows = torch.tensor_split(test, world)[rank] if rank != world - 1 or world < 3 else \
             test[:0]
         scores = det.score_samples(rows)  # an idle rank still joins the collective searches
+        # distributed changed after fit is for the next fit: scores still search every shard
+        # (they searched this rank's shard only, silently, before).
+        det.set_params(distributed=False)
+        flipped = det.score_samples(rows)
+        det.set_params(distributed=True)
         torch.save({"protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
-                    "scores": scores, "sizes": det.shard_sizes_,
+                    "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test)},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
@@ -74,6 +79,7 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
         assert res["acc"] == single.train_accuracy_
         assert sum(res["sizes"]) == single.index_.ntotal
         assert torch.equal(res["pred"], single.predict(test))
+    assert all(torch.equal(r["flipped"], r["scores"]) for r in results)
     scores = torch.cat([r["scores"] for r in results])
     n_scored = scores.shape[0]
     assert torch.equal(scores, single.score_samples(test)[:n_scored])
@@ -101,6 +107,12 @@ def test_distributed_without_a_process_group_is_refused():
     x, y, *_ = _data()
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
         GROOD(distributed=True).fit(x, y)
+    # Set after a single-process fit it is for the next fit: scoring stays in this process
+    # (it called collectives without a process group before).
+    det = GROOD().fit(x, y)
+    want = det.score_samples(x[:9])
+    det.set_params(distributed=True)
+    assert torch.equal(det.score_samples(x[:9]), want)
 
 
 @pytest.mark.slow
