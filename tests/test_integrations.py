@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DictDataset
+from conftest import DictDataset, clustered_features
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -128,7 +128,27 @@ def test_pytorch_ood_adapter_without_pytorch_ood():
     det.set_hyperparameters(k=3)
     assert det.get_hyperparameters() == {"k": 3, "ood_prototype": "mean", "precision": "ieee"}
     assert det.grood.k == 1
+    det.set_hyperparameters(precision="tf32")
     det.predict(x_in)
     assert det.grood.k == 3  # k applies at the next scoring, no refit needed
+    assert det.grood.precision == "tf32"  # so does the GEMM precision
     assert det.to("cpu") is det and det.device == torch.device("cpu")
     assert "pytorch_ood" not in sys.modules
+
+
+@pytest.mark.parametrize(("n_labels", "n_logits", "match"), [
+    ((50,), None, r"labels must have shape \[60\]"),
+    ((60, 1), None, r"labels must have shape \[60\]"),
+    ((60,), (50, 3), r"logits must have shape \[60, C\]"),
+])
+def test_pytorch_ood_adapter_names_mismatched_shapes(n_labels, n_logits, match):
+    """Shapes are checked before the rows labelled < 0 are dropped (a mask of the wrong shape
+    failed inside torch's indexing)."""
+    x, y = clustered_features(60, 3, 5, seed=0, dtype=torch.float32)
+    labels = y[: n_labels[0]].reshape(n_labels)
+    logits = None if n_logits is None else torch.randn(n_logits)
+    with pytest.raises(ValueError, match=match):
+        GROODDetector().fit_features(x, labels, logits)
+    # A loader may give labels as a list.
+    det = GROODDetector(encoder=lambda t: t).fit([(x, y.tolist())])
+    assert det.grood.n_train_ == 60

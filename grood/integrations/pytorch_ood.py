@@ -141,6 +141,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         device = device or self.device or "cpu"
         feats, labels = [], []
         for x, y in data_loader:
+            y = torch.as_tensor(y)
             known = y >= 0
             if bool(known.any()):
                 z = self.encoder(x[known].to(device))
@@ -158,6 +159,18 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         without either, the nearest class prototype does.
         """
         x, y = torch.as_tensor(x), torch.as_tensor(y)
+        # Shapes are checked before the unknown rows are dropped (a mask of the wrong shape
+        # fails inside torch's indexing).
+        if x.ndim != 2:
+            raise ValueError(f"features must be a 2-D array [N, D], got shape {tuple(x.shape)}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"labels must have shape [{x.shape[0]}] (one per feature row), "
+                             f"got {tuple(y.shape)}")
+        if logits is not None:
+            logits = torch.as_tensor(logits)
+            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(f"logits must have shape [{x.shape[0]}, C] (one row per "
+                                 f"feature row), got {tuple(logits.shape)}")
         known = y >= 0
         if not bool(known.any()):
             raise ValueError("no in-distribution rows (labels >= 0) to fit on")
@@ -166,7 +179,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             with torch.no_grad():
                 logits = self.head(x)
         elif logits is not None:
-            logits = torch.as_tensor(logits)[known]
+            logits = logits[known]
         self.grood = GROOD(**self._params()).fit(x.detach(), y, logits=logits)
         return self
 
