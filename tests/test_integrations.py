@@ -152,3 +152,13 @@ def test_pytorch_ood_adapter_names_mismatched_shapes(n_labels, n_logits, match):
     # A loader may give labels as a list.
     det = GROODDetector(encoder=lambda t: t).fit([(x, y.tolist())])
     assert det.grood.n_train_ == 60
+
+
+def test_openood_reference_mode_refuses_an_index_of_its_own():
+    """reference=True builds the official code's IVF index; an index given beside it was
+    silently replaced."""
+    with pytest.raises(ValueError, match="index cannot be given"):
+        GROODPostprocessor(reference=True, index="exact")
+    with pytest.raises(ValueError, match="index_options cannot be given"):
+        GROODPostprocessor(reference=True, index_options={"nprobe": 8})
+    assert GROODPostprocessor(index="exact").grood_kwargs == {"index": "exact"}

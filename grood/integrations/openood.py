@@ -78,6 +78,10 @@ class GROODPostprocessor(_Base):  # type: ignore[misc]
         if self.omit_batch_t and not self.reference:
             raise ValueError("omit_batch_t emulates the official code's index: it needs "
                              "reference=True")
+        given = sorted({"index", "index_options"} & set(grood_kwargs))
+        if self.reference and given:  # they would be replaced by the reference's index
+            raise ValueError(f"reference=True builds the official code's index (faiss-ivf, "
+                             f"nprobe 4); {' and '.join(given)} cannot be given with it")
         self.grood_kwargs = {**{k: args[k] for k in ("k", "batch_size") if k in args},
                              **grood_kwargs}
         self.APS_mode = False  # no hyper-parameter search
