@@ -264,32 +264,7 @@ class GROOD(Parameters, ModelFrontEnd):
     def _read(self, features: Any) -> tuple[Tensor, Any]:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
-        # Parameters may be changed after fit or load: check them where they are used.
-        for name in ("k", "batch_size"):
-            setattr(self, name, check_positive_int(getattr(self, name), name))
-        indexed = sum(self.shard_sizes_)
-        if self.k > indexed:  # the k-th neighbour would be missing: a -inf score
-            raise ValueError(f"k={self.k} but the index holds only {indexed} training "
-                             "gradients; lower k (or refit)")
-        check_precision(self.precision)
-        if self.precision != self._grads.precision:  # applies from this call on, as k does
-            self._grads.precision = self.precision
-            if isinstance(self.index_, ExactIndex):
-                self.index_.precision = self.precision
-        if self.index == self.index_.kind:  # search options (IVF nprobe) apply as k does
-            options = self.index_options
-            if options is not None and not isinstance(options, Mapping):
-                raise TypeError(f"index_options must be a dict of option names to values, "
-                                f"got {type(options).__name__}")
-            self.index_.set_search_options(options or {})
-        ops.check_backend_name(self.backend)
-        # A new backend applies from this call on too (another implementation, same answers).
-        if self.backend != getattr(self, "_backend_asked", self.backend):
-            resolved = ops.resolve_backends(self.backend, self.device_, self.dtype_)
-            self._grads.fn = ops.get_op("ncp_gradient", resolved["ncp_gradient"])
-            if isinstance(self.index_, ExactIndex):
-                self.index_.backend = resolved["knn"]
-            self.backend_, self._backend_asked = resolved, self.backend
+        apply_score_time_params(self)
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
         check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self._sharded)
@@ -367,3 +342,34 @@ class GROOD(Parameters, ModelFrontEnd):
 
         return persistence.load(cls, Path(path), device=check_device(device),
                                 distributed=distributed, backend=backend)
+
+
+def apply_score_time_params(det: GROOD) -> None:
+    """Check the parameters a fitted detector applies at every score (they may have been
+    changed after fit or load: see the class) and bring its gradient step and index up to
+    date with them."""
+    for name in ("k", "batch_size"):
+        setattr(det, name, check_positive_int(getattr(det, name), name))
+    indexed = sum(det.shard_sizes_)
+    if det.k > indexed:  # the k-th neighbour would be missing: a -inf score
+        raise ValueError(f"k={det.k} but the index holds only {indexed} training gradients; "
+                         "lower k (or refit)")
+    check_precision(det.precision)
+    if det.precision != det._grads.precision:
+        det._grads.precision = det.precision
+        if isinstance(det.index_, ExactIndex):
+            det.index_.precision = det.precision
+    if det.index == det.index_.kind:  # search options (IVF nprobe); others: next fit
+        options = det.index_options
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"index_options must be a dict of option names to values, got "
+                            f"{type(options).__name__}")
+        det.index_.set_search_options(options or {})
+    ops.check_backend_name(det.backend)
+    # A new backend: another implementation, the same answers.
+    if det.backend != getattr(det, "_backend_asked", det.backend):
+        resolved = ops.resolve_backends(det.backend, det.device_, det.dtype_)
+        det._grads.fn = ops.get_op("ncp_gradient", resolved["ncp_gradient"])
+        if isinstance(det.index_, ExactIndex):
+            det.index_.backend = resolved["knn"]
+        det.backend_, det._backend_asked = resolved, det.backend

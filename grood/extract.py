@@ -107,14 +107,16 @@ class FeatureExtractor:
 
     @contextmanager
     def capture(self):
-        """Context manager: a dict that the named modules write their outputs into."""
-        captured: dict[str, Tensor] = {}
+        """Context manager: a dict that the named modules write their outputs into (a list
+        per role: one entry per call of the module)."""
+        captured: dict[str, list[Tensor]] = {}
         handles = []
         for role in ("features", "early"):
             name = getattr(self, role)
             if isinstance(name, str):
                 def hook(_module, _inputs, output, role=role):
-                    captured[role] = output[0] if isinstance(output, tuple) else output
+                    captured.setdefault(role, []).append(
+                        output[0] if isinstance(output, tuple) else output)
                 handles.append(self._modules[name].register_forward_hook(hook))
         try:
             yield captured
@@ -122,7 +124,7 @@ class FeatureExtractor:
             for h in handles:
                 h.remove()
 
-    def _forward(self, x: Tensor, captured: dict[str, Tensor]) -> Extracted:
+    def _forward(self, x: Tensor, captured: dict[str, list[Tensor]]) -> Extracted:
         x = x.to(self.device)
         ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                else nullcontext())
@@ -135,23 +137,33 @@ class FeatureExtractor:
                                      "return_feature_list=True: name the penultimate module "
                                      "with features=...") from exc
                 logits, feature_list = out
-                captured.setdefault("features", feature_list[-1])
+                captured.setdefault("features", [feature_list[-1]])
                 if isinstance(self.early, int):
-                    captured["early"] = feature_list[self.early]
+                    captured["early"] = [feature_list[self.early]]
             else:
                 logits = self.model(x)
                 if isinstance(logits, tuple):
                     logits = logits[0]
-        if "features" not in captured:
-            raise ValueError(f"module {self.features!r} did not run in the forward pass")
-        if self.early is not None and "early" not in captured:
-            raise ValueError(f"module {self.early!r} did not run in the forward pass")
+        feats = self.output_of(captured, "features")
+        early = self.output_of(captured, "early")
 
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(t.shape[0], -1).float()
 
         logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
-        return Extracted(flat(captured["features"]), flat(logits), flat(captured.get("early")))
+        return Extracted(flat(feats), flat(logits), flat(early))
+
+    def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:
+        """The one output of the ``role`` (``"features"`` / ``"early"``) module in
+        ``captured`` (None when none is asked for); an error unless a named module ran once."""
+        name, outputs = getattr(self, role), captured.get(role, [])
+        if not isinstance(name, str):  # from the model's feature list, or not asked for
+            return outputs[0] if outputs else None
+        if len(outputs) != 1:
+            # A module used at several places (a shared activation) has no one output.
+            raise ValueError(f"module {name!r} ({role}) ran {len(outputs)} times in the "
+                             "forward pass; name a module that runs exactly once")
+        return outputs[0]
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Extracted:

@@ -133,7 +133,7 @@ class Mixup(OODPrototypeSource):
                 mixed = self.lam * e + (1 - self.lam) * early_protos[second].view_as(e)
                 with ex.capture() as captured:
                     tail(mixed.to(e.dtype))
-                feats = captured["features"].flatten(1).double()
+                feats = ex.output_of(captured, "features").flatten(1).double()
                 total += feats.sum(0)
                 seen += x.shape[0]
                 if self.n_samples is not None and seen >= self.n_samples:

@@ -101,6 +101,29 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         FeatureExtractor(small_cnn())(torch.rand(2, 1, 8, 8))
 
 
+def test_a_module_that_runs_more_or_less_than_once_is_refused():
+    """A module used at several places (one activation module shared by layers) has no single
+    output: its last call's output was taken silently."""
+
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 6)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.b(self.act(self.a(self.act(x))))
+
+    model = SharedReLU()
+    x = torch.rand(4, 6)
+    with pytest.raises(ValueError, match=r"module 'act' \(features\) ran 2 times"):
+        FeatureExtractor(model, features="act")(x)
+    with pytest.raises(ValueError, match=r"module 'unused' \(early\) ran 0 times"):
+        FeatureExtractor(model, features="a", early="unused")(x)
+    out = FeatureExtractor(model, features="a")(x)
+    torch.testing.assert_close(out.features, model.a(model.act(x)))
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.float64])
 def test_extractor_refuses_an_autocast_dtype_torch_would_ignore(dtype):
     """torch.autocast warns and runs in full precision for other dtypes; the extractor says
