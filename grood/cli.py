@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from grood import __version__
@@ -157,23 +158,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             **{f"OOD feature file {p}": p for p in args.ood}})
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     id_data = load_features(args.id)
-    id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
+    with _naming(args.id):  # several feature files: an error says which one
+        id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
+        labels = None if id_data.labels is None else np.asarray(id_data.labels)
+        if labels is not None and labels.shape != id_pred.shape:
+            raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
+                             "(one per feature row)")
     rows, results = [], {}
     for path in args.ood:
-        ood_scores = np.asarray(det.score_samples(load_features(path).features))
+        with _naming(path):
+            ood_scores = np.asarray(det.score_samples(load_features(path).features))
         m = ood_metrics(id_scores, ood_scores)
         results[str(path)] = m
         # The path as given: two sets in different folders may share a file name.
         rows.append([str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)])
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
-    if id_data.labels is not None:
-        acc = float(np.mean(id_pred == np.asarray(id_data.labels)))
+    if labels is not None:
+        acc = float(np.mean(id_pred == labels))
         print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
     print("\n")
     print(markdown_table(["OOD set", "n", *METRIC_LABELS.values()], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+@contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Prefix the message of a ValueError / TypeError raised inside with the file ``path``."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(str(path)):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def positive_int(text: str) -> int:

@@ -126,6 +126,29 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "no 'features' array; it holds ['feats']" in capsys.readouterr().err
 
 
+def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
+    """eval reads several feature files: a bad one is named, and ID labels of the wrong shape
+    are refused (labels [N, 1] broadcast against the predictions into an N x N accuracy)."""
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    _write(tmp_path / "id.npz", features=x[:20], labels=y[:20])
+    _write(tmp_path / "far.npz", features=x[:5] + 9)
+    bad = x[:5].clone()
+    bad[2, 1] = float("nan")
+    _write(tmp_path / "bad.npz", features=bad)
+    capsys.readouterr()
+    rc = main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "far.npz"),
+               str(tmp_path / "bad.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path / 'bad.npz'}: features contains NaN or Inf in row(s) 2" in err
+    np.savez(tmp_path / "id_col.npz", features=x[:20].numpy(), labels=y[:20, None].numpy())
+    rc = main(["eval", det, "--id", str(tmp_path / "id_col.npz"), "--ood",
+               str(tmp_path / "far.npz")])
+    assert rc == 2 and "'labels' has shape (20, 1), expected (20,)" in capsys.readouterr().err
+
+
 def test_help_lists_commands_and_options():
     parser = build_parser()
     text = parser.format_help()
