@@ -31,6 +31,34 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join([line, rule, *body])
 
 
+def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str] | None = None
+             ) -> dict[str, dict[str, np.ndarray]]:
+    """``scores[method][dataset]`` as 1-D float64 arrays (only ``sets`` when given), or an
+    error naming the method and dataset whose scores are missing, empty or not finite (a
+    head with ``checks="flag"`` gives NaN for rows it could not score)."""
+    if not scores:
+        raise ValueError("no methods to plot: scores is empty")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for method, by_set in scores.items():
+        names = list(by_set) if sets is None else list(sets)
+        if not names:
+            raise ValueError(f"no datasets to plot for {method!r}")
+        out[method] = {}
+        for name in names:
+            if name not in by_set:
+                raise ValueError(f"scores[{method!r}] has no {name!r} scores; it has "
+                                 f"{sorted(by_set)}")
+            values = by_set[name]
+            if hasattr(values, "detach"):
+                values = values.detach().cpu().double().numpy()
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            if values.size == 0 or not np.isfinite(values).all():
+                raise ValueError(f"scores[{method!r}][{name!r}] is empty or holds NaN or Inf; "
+                                 "plot finite scores only")
+            out[method][name] = values
+    return out
+
+
 def _pyplot():
     matplotlib = require("matplotlib", extra="plots",
                          purpose="plotting ROC curves and score histograms")
@@ -51,6 +79,9 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         path: the PNG file to write.
     """
     plt = _pyplot()
+    if not ood_names:
+        raise ValueError("no OOD datasets to plot: ood_names is empty")
+    scores = _checked(scores, [id_name, *ood_names])
     fig, axes = plt.subplots(1, len(ood_names), figsize=(5 * len(ood_names), 4.6),
                              squeeze=False)
     for ax, ood in zip(axes[0], ood_names, strict=True):
@@ -74,6 +105,7 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike) -> Path:
     """Score histograms, one panel per method, one colour per dataset."""
     plt = _pyplot()
+    scores = _checked(scores)
     methods = list(scores)
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)

@@ -91,3 +91,27 @@ def test_recall_level_accepts_numpy_numbers_and_one():
     assert ood_metrics(ids, ood, recall_level=np.float32(0.5)) == ood_metrics(
         ids, ood, recall_level=0.5)
     assert ood_metrics(ids, ood, recall_level=1)["fpr95"] == pytest.approx(0.75)
+
+
+def test_plots_write_pngs_and_name_scores_they_cannot_draw(tmp_path):
+    """ROC curves and histograms draw finite scores; NaN (a flagged head's unscored rows),
+    an empty set or a missing dataset is named by method and set, not failed on inside
+    matplotlib."""
+    pytest.importorskip("matplotlib")
+    from grood.report import plot_histograms, plot_roc
+
+    rng = np.random.default_rng(0)
+    scores = {"GROOD": {"id": rng.normal(1, 1, 50), "far": rng.normal(-1, 1, 40)},
+              "MSP": {"id": torch.rand(50), "far": torch.rand(40)}}
+    for path in (plot_roc(scores, "id", ["far"], tmp_path / "roc.png"),
+                 plot_histograms(scores, tmp_path / "hist.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores["MSP"]["far"] = torch.tensor([0.5, float("nan")])
+    with pytest.raises(ValueError, match=r"scores\['MSP'\]\['far'\] is empty or holds NaN"):
+        plot_histograms(scores, tmp_path / "h.png")
+    with pytest.raises(ValueError, match=r"scores\['GROOD'\] has no 'near' scores"):
+        plot_roc(scores, "id", ["near"], tmp_path / "r.png")
+    with pytest.raises(ValueError, match="ood_names is empty"):
+        plot_roc(scores, "id", [], tmp_path / "r.png")
+    with pytest.raises(ValueError, match="scores is empty"):
+        plot_histograms({}, tmp_path / "h.png")
