@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from grood._checks import check_not_tracked, compute_dtype
+from grood._checks import check_not_tracked, check_positive_int, compute_dtype
 from grood_kernels.contract import (  # shared with the kernels, re-exported here
     NCP_CANDIDATES,
     PRECISIONS,
@@ -186,6 +186,7 @@ def ncp_gradient(
     check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
     check_dense(prototype_sq_norms=prototype_sq_norms)
     check_precision(precision)
+    block_rows, block_classes = _block_sizes(block_rows=block_rows, block_classes=block_classes)
     n, c = h.shape[0], prototypes.shape[0]
     if c == 0:
         raise ValueError("prototypes is empty: need at least one class")
@@ -343,6 +344,12 @@ def class_prototypes(
     sums.index_add_(0, labels, features.to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)
     return PrototypeState(sums, counts)
+
+
+def _block_sizes(**sizes: int | None) -> tuple[int | None, ...]:
+    """Tile sizes given by name: each None (the default) or a positive integer (a size of
+    0 or less left every tile out: outputs never written, or no neighbour found)."""
+    return tuple(None if v is None else check_positive_int(v, name) for name, v in sizes.items())
 
 
 def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -518,8 +525,8 @@ def knn(
     _check_dims("database", database, 2, queries.shape[1])
     _check_same_device(queries, database)
     check_dense(database_sq_norms=database_sq_norms, rerank_database=rerank_database)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_positive_int(k, "k")
+    (block_size,) = _block_sizes(block_size=block_size)
     check_precision(precision)
     n_q, n_db = queries.shape[0], database.shape[0]
     exact_rows = database if rerank_database is None else rerank_database
@@ -580,6 +587,7 @@ def knn(
 def database_sq_norms_of(database: Tensor, dtype: torch.dtype | None = None, *,
                          block_size: int = 65536) -> Tensor:
     """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over row blocks."""
+    block_size = check_positive_int(block_size, "block_size")
     dt = dtype or compute_dtype(database.dtype)
     out = torch.empty(database.shape[0], dtype=dt, device=database.device)
     for m0 in range(0, database.shape[0], block_size):

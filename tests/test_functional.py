@@ -436,7 +436,24 @@ def test_knn_on_cuda_is_sync_free_and_matches_the_cpu():
 
 
 def test_knn_rejects_bad_k_and_dimension():
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        F.knn(torch.zeros(2, 3), torch.zeros(4, 3), 0)
+    for k in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            F.knn(torch.zeros(2, 3), torch.zeros(4, 3), k)
     with pytest.raises(ValueError, match="database has dimension 4, expected 3"):
         F.knn(torch.zeros(2, 3), torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5])
+def test_tile_sizes_must_be_positive_integers(size):
+    """A negative tile size skipped every tile: knn found no neighbour (indices -1) and the
+    gradient step failed inside torch.empty; 0 or a float were taken or failed elsewhere."""
+    h, protos, p_ood = _problem(12, 3, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        F.knn(h, protos, 1, block_size=size)
+    with pytest.raises(ValueError, match="block_rows must be a positive integer"):
+        F.ncp_gradient(h, protos, p_ood, block_rows=size)
+    with pytest.raises(ValueError, match="block_classes must be a positive integer"):
+        F.ncp_gradient(h, protos, p_ood, block_classes=size)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        F.database_sq_norms_of(protos, block_size=size)
+
