@@ -35,18 +35,32 @@ def peek_batch(batches: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     it = iter_batches(batches, "first pass")
     first = next(it)
     it.close()
-    check_matrix(first[0], "features")
+    check_matrix(first[0], "features", allow_empty=True)  # an empty batch still has D columns
     return first
 
 
+def label_count(yb: Tensor | None) -> tuple[int, int]:
+    """``(largest label + 1, rows)`` of one batch's labels (0 for an empty batch)."""
+    if yb is None:
+        raise ValueError("the training batches carry no labels")
+    return (int(yb.max()) + 1 if yb.numel() else 0), yb.shape[0]
+
+
 def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_classes: int,
-                 offset: int) -> None:
-    """Validate one streamed training batch; row numbers are counted from the first batch."""
-    check_matrix(xb, "features", n_cols=d)
+                offset: int, with_logits: bool) -> None:
+    """Validate one streamed training batch; row numbers are counted from the first batch.
+    A batch may be empty; ``with_logits``: whether the first batch gave logits (every batch
+    must do as it did: logits decide which rows are indexed)."""
+    check_matrix(xb, "features", n_cols=d, allow_empty=True)
     check_finite_rows(xb, "features", row_offset=offset)
     if yb is None:
         raise ValueError("the training batches carry no labels")
-    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes)
+    if (lb is not None) != with_logits:
+        raise ValueError(f"the batch at row {offset} {'has no' if with_logits else 'has'} "
+                         f"logits and the first batch {'has' if with_logits else 'has none'}: "
+                         "logits decide which rows are indexed, so give them for every batch "
+                         "or for none")
+    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes, allow_empty=True)
     if lb is not None:
         if lb.shape != (xb.shape[0], n_classes):
             raise ValueError(f"logits of shape {tuple(lb.shape)} do not match "

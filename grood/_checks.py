@@ -113,8 +113,10 @@ def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:
     raise ValueError(f"{name} contains NaN or Inf in row(s) {shown}{more}")
 
 
-def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None) -> None:
-    """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids."""
+def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,
+                 allow_empty: bool = False) -> None:
+    """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for
+    an empty batch, when allowed)."""
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
         raise TypeError(
             f"{name} must hold integer class ids, got dtype {str(y.dtype).removeprefix('torch.')}"
@@ -124,6 +126,8 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
     if y.shape[0] != n_rows:
         raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
     if n_rows == 0:
+        if allow_empty:
+            return
         raise ValueError(f"{name} is empty")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:

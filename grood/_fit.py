@@ -63,6 +63,8 @@ def class_count(n_classes: int, n_rows: int, distributed: bool) -> int:
     if distributed:  # every rank needs the same class count
         n_classes = int(dist.all_reduce(torch.tensor([n_classes]), "max"))
         n_rows = int(dist.all_reduce(torch.tensor([n_rows])))
+    if n_rows == 0:
+        raise ValueError("the training data is empty: every batch has 0 rows")
     check_class_count(n_classes - 1, n_rows)
     return n_classes
 
@@ -111,14 +113,15 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     Without ``n_classes`` it is the width of the first batch's logits.
     """
     backend = ops.resolve_backends(det.backend, device, dtype)
-    state, n = None, 0
+    state, n, with_logits = None, 0, None
     for xb, yb, lb in passes("grood fit: class prototypes"):
         if n_classes is None:
             if lb is None:
                 raise ValueError("the number of classes is unknown: the model gave no "
                                  "logits")
             n_classes = lb.shape[1]
-        check_batch(xb, yb, lb, d, n_classes, n)
+        with_logits = lb is not None if with_logits is None else with_logits
+        check_batch(xb, yb, lb, d, n_classes, n, with_logits)
         state = class_prototypes(xb, yb, n_classes, state=state)
         n += xb.shape[0]
     if state is None:
@@ -128,6 +131,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     if det.distributed:
         state = PrototypeState(reduce(state.sums), reduce(state.counts))
         n = int(reduce(torch.tensor([n])))
+    if n == 0:
+        raise ValueError("the training data is empty: every batch has 0 rows")
     protos = state.prototypes(dtype)
     p_ood = source.build(PrototypeContext(protos, inputs, det.batch_size, reduce))
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
@@ -143,6 +148,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     offset = 0
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     for xb, yb, lb in passes("grood fit: gradient index"):
+        if (lb is not None) != with_logits:  # the first pass checked everything else
+            check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
         res = grads.resolved(xb, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._batches import iter_batches, peek_batch
+from grood._batches import iter_batches, label_count, peek_batch
 from grood._checks import (
     ArrayLike,
     as_tensor,
@@ -202,9 +202,10 @@ class GROOD(Parameters, ModelFrontEnd):
         first = peek_batch(batches)
         d = first[0].shape[1]
         device = torch.device(self.device) if self.device is not None else first[0].device
-        if n_classes is None and first[2] is None:  # one pass to count the classes
-            counts = [(int(yb.max()) + 1, yb.shape[0])
-                      for _, yb, _ in iter_batches(batches, "first pass")]
+        if n_classes is not None:
+            n_classes = check_positive_int(n_classes, "n_classes")
+        elif first[2] is None:  # one pass to count the classes
+            counts = [label_count(yb) for _, yb, _ in iter_batches(batches, "first pass")]
             n_classes = class_count(max(c for c, _ in counts), sum(r for _, r in counts),
                                     self.distributed)
 

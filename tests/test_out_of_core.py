@@ -50,6 +50,31 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         GROOD().fit_batches([(bad[:64], y[:64]), (bad[64:], y[64:])])
 
 
+def test_fit_batches_takes_empty_batches_and_refuses_mixed_logits():
+    """Empty batches (a filtered stream) are skipped (counting the classes failed on one
+    inside torch's max); logits given for some batches only would index those rows by the
+    logits and the others by the nearest prototype: refused, in either order."""
+    x, y, logits = _arrays()
+    empty = (x[:0], y[:0])
+    ref = GROOD().fit(x, y)
+    for batches in ([empty, (x[:150], y[:150]), empty, (x[150:], y[150:])],
+                    lambda: iter([(x[:150], y[:150]), empty, (x[150:], y[150:])])):
+        det = GROOD().fit_batches(batches)
+        assert torch.equal(det.index_.vectors, ref.index_.vectors) and det.n_train_ == 300
+    with pytest.raises(ValueError, match="the batch at row 150 has no logits"):
+        GROOD().fit_batches([(x[:150], y[:150], logits[:150]), (x[150:], y[150:])])
+    with pytest.raises(ValueError, match="the batch at row 150 has logits and the first"):
+        GROOD().fit_batches([(x[:150], y[:150]), (x[150:], y[150:], logits[150:])],
+                            n_classes=4)
+    with pytest.raises(ValueError, match="the training data is empty"):
+        GROOD().fit_batches([empty, empty])
+    with pytest.raises(ValueError, match="the training data is empty"):
+        GROOD().fit_batches([empty], n_classes=3)
+    for bad in (0, 4.0, "4"):
+        with pytest.raises(ValueError, match="n_classes must be a positive integer"):
+            GROOD().fit_batches([(x, y)], n_classes=bad)
+
+
 def test_memmap_input_equals_in_memory(tmp_path):
     x, y, _logits = _arrays()
     np.save(tmp_path / "x.npy", x.numpy())
