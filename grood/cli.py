@@ -205,6 +205,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_real(text: str) -> float:
+    """An argparse type: a finite number > 0, or a usage error that says so."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def feature_sources() -> list[str]:
     """Registered OOD-prototype sources that a command line of feature files can feed (they
     need nothing, or only ``ood_features``); sources that need the model are for Python."""

@@ -295,3 +295,20 @@ def test_demo_refuses_counts_of_zero_and_a_file_as_its_folder(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--repeat", "0"], "--repeat: must be a positive integer"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--json", "/nonexistent-folder/t.json"], "the folder /nonexistent-folder does not exist"),
+])
+def test_bench_usage_errors_come_before_any_run(argv, message, capsys):
+    """A zero repeat count failed after the kernels ran (no median of nothing); an unknown
+    device or an unwritable --json path failed in torch or at the very end."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--tiny", "--only", "head", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["bench", "--device", "cuda"])
+        assert "no CUDA device is available here" in capsys.readouterr().err

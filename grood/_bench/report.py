@@ -34,9 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options (shared by ``grood bench`` and ``bench/gpu_report.py``)."""
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes, to check the script itself (e.g. on the CPU)")
-    parser.add_argument("--repeat", type=int, default=5,
+    from grood.cli import positive_int
+
+    parser.add_argument("--repeat", type=positive_int, default=5,
                         help="timed runs per entry; the median is reported (default: 5)")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--skip-accuracy", action="store_true",
                         help="only the timing tables")
@@ -140,9 +142,20 @@ def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
 
 def main(argv: list[str] | None = None, prog: str = "grood bench") -> int:
     """Entry point of ``grood bench`` and ``bench/gpu_report.py``."""
+    from grood.persistence import save_target
+
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    # Usage errors before any kernel runs (a run can take minutes).
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if args.json:
+        try:
+            save_target(args.json, suffixes=None, what="timings")
+        except (ValueError, OSError) as exc:
+            parser.error(f"--json: {exc}")
+    return run(args)
 
 
 if __name__ == "__main__":
