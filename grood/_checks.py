@@ -153,6 +153,15 @@ def check_device(device: Any) -> torch.device | None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
                              "device(s) are visible")
+    elif dev.type == "meta":
+        raise ValueError(f"device {str(device)!r} holds no values (shapes only); grood "
+                         "computes on 'cpu' or 'cuda'")
+    elif dev.type != "cpu":  # mps, xpu, ...: torch says whether this build can use it
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # torch raises several types (a missing backend module too)
+            raise ValueError(f"device {str(device)!r} cannot be used by this torch "
+                             f"({torch.__version__}): {exc}") from None
     return dev
 
 

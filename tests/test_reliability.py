@@ -193,6 +193,12 @@ def test_unusable_device_is_a_one_line_error(tmp_path, capsys):
         GROOD(device="cuda").fit(x, y)
     with pytest.raises(ValueError, match="not a device name"):
         GROOD(device="tpu:7").fit(x, y)
+    # Device types torch knows but cannot use here failed inside the fit (meta: in .item()).
+    with pytest.raises(ValueError, match="'meta' holds no values"):
+        GROOD(device="meta").fit(x, y)
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(ValueError, match="'xpu' cannot be used by this torch"):
+            GROOD(device="xpu").fit(x, y)
     np.savez(tmp_path / "t.npz", features=x.numpy(), labels=y.numpy())
     assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "d.safetensors"),
                  "--device", "cuda"]) == 2
