@@ -21,7 +21,7 @@ import torch
 
 from grood import __version__, functional
 from grood._bench.common import interleaved_median_times
-from grood.cli import positive_int
+from grood._checks import positive_int_arg
 
 
 def _check_ncp(h, protos, p_ood) -> float:
@@ -39,7 +39,7 @@ def _check_knn(q, db) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small shapes, quick")
-    parser.add_argument("--repeat", type=positive_int, default=5,
+    parser.add_argument("--repeat", type=positive_int_arg, default=5,
                         help="rounds; each calls the op and both baselines once (default 5)")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ import torch
 
 from grood import GROOD, __version__, functional, ops
 from grood._bench.common import realistic_features, synchronize
-from grood.cli import positive_int, positive_real
+from grood._checks import positive_int_arg, positive_real_arg
 
 #: OpenOOD v1.5 ImageNet-1k: 1,281,167 training images; the ID test set (45,000) plus its
 #: near-OOD (SSB-hard 49,000, NINCO 5,879) and far-OOD (iNaturalist 10,000, Textures 5,160,
@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``grood bench --pipeline``)."""
-    parser.add_argument("--scale", type=positive_real, default=1.0,
+    parser.add_argument("--scale", type=positive_real_arg, default=1.0,
                         help="fraction of the ImageNet-1k row counts (default 1.0)")
-    parser.add_argument("--classes", type=positive_int, default=FULL["classes"])
-    parser.add_argument("--dim", type=positive_int, default=FULL["dim"])
+    parser.add_argument("--classes", type=positive_int_arg, default=FULL["classes"])
+    parser.add_argument("--dim", type=positive_int_arg, default=FULL["dim"])
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],
                         default="float32", help="dtype the index is searched in (re-ranked "
                         "on the fp32 rows)")
-    parser.add_argument("--batch", type=positive_int, default=16384, help="rows per call")
+    parser.add_argument("--batch", type=positive_int_arg, default=16384, help="rows per call")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with GROOD.fit/score_samples (default: <= 200,000 rows)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

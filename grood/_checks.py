@@ -8,6 +8,7 @@ caller's memory.
 
 from __future__ import annotations
 
+import argparse
 import math
 import operator
 import warnings
@@ -258,3 +259,19 @@ def batches(n: int, batch_size: int):
     """Yield ``(start, stop)`` pairs covering ``range(n)``."""
     for start in range(0, n, batch_size):
         yield start, min(start + batch_size, n)
+
+
+def positive_int_arg(text: str) -> int:
+    """An argparse type: a positive integer, or a usage error that says so."""
+    try:
+        return check_positive_int(int(text), "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+
+
+def positive_real_arg(text: str) -> float:
+    """An argparse type: a finite number > 0, or a usage error that says so."""
+    try:
+        return check_positive_real(float(text), "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from grood import __version__
+from grood._checks import positive_int_arg
 from grood.errors import DetectorFileError, MissingExtraError
 
 EPILOG_FILES = (
@@ -194,28 +195,6 @@ def _naming(path: str) -> Iterator[None]:
         raise type(exc)(f"{path}: {exc}") from exc
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a positive integer, or a usage error that says so."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def positive_real(text: str) -> float:
-    """An argparse type: a finite number > 0, or a usage error that says so."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
 def feature_sources() -> list[str]:
     """Registered OOD-prototype sources that a command line of feature files can feed (they
     need nothing, or only ``ood_features``); sources that need the model are for Python."""
@@ -247,13 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes ROC curves and score histograms as PNG files.")
     demo.add_argument("--out", default="grood-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--epochs", type=positive_int, default=30,
+    demo.add_argument("--epochs", type=positive_int_arg, default=30,
                       help="training epochs of the CNN (default: %(default)s)")
-    demo.add_argument("--n-noise", type=positive_int, default=500,
+    demo.add_argument("--n-noise", type=positive_int_arg, default=500,
                       help="number of far-OOD noise images (default: %(default)s)")
-    demo.add_argument("--knn-k", type=positive_int, default=10,
+    demo.add_argument("--knn-k", type=positive_int_arg, default=10,
                       help="neighbour used by the KNN baseline (default: %(default)s)")
-    demo.add_argument("--seeds", type=positive_int, default=1,
+    demo.add_argument("--seeds", type=positive_int_arg, default=1,
                       help="run this many seeds from --seed on and print mean ± std "
                            "(default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
@@ -272,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OOD prototype source (default: 'features' when --ood-features is "
                           "given, else 'mean')")
     fit.add_argument("--ood-features", help="feature file of OOD samples for the prototype")
-    fit.add_argument("-k", type=positive_int, default=1,
+    fit.add_argument("-k", type=positive_int_arg, default=1,
                      help="score by the k-th neighbour (default: 1)")
     fit.add_argument("--ignore-logits", action="store_true",
                      help="decide which samples are correct by the nearest prototype even if "
@@ -294,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--exact-copy", choices=["device", "host"], default="device",
                      help="with a half-precision --index-storage: keep the exact copy on the "
                           "device or in host memory (default: device)")
-    fit.add_argument("--batch-size", type=positive_int, default=4096,
+    fit.add_argument("--batch-size", type=positive_int_arg, default=4096,
                      help="rows per batch (default: %(default)s)")
     fit.add_argument("--distributed", action="store_true",
                      help="under torchrun: every rank fits on its block of rows; saves one "
@@ -312,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--backend", choices=BACKENDS, default=None,
                        help="run on this backend instead of the saved one (e.g. auto, to "
                             "score on a CPU a detector fitted with --backend triton)")
-    score.add_argument("--batch-size", type=positive_int, default=None,
+    score.add_argument("--batch-size", type=positive_int_arg, default=None,
                        help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun, with a sharded detector: every rank scores its "

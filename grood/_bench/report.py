@@ -28,15 +28,14 @@ from grood._bench.gradient import (
     timing_table,
 )
 from grood._bench.search import search_accuracy_table, search_timing_table
+from grood._checks import positive_int_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options (shared by ``grood bench`` and ``bench/gpu_report.py``)."""
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes, to check the script itself (e.g. on the CPU)")
-    from grood.cli import positive_int
-
-    parser.add_argument("--repeat", type=positive_int, default=5,
+    parser.add_argument("--repeat", type=positive_int_arg, default=5,
                         help="timed runs per entry; the median is reported (default: 5)")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="cuda or cpu (default: cuda when available)")
