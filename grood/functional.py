@@ -106,12 +106,14 @@ def _check_same_device(*tensors: Tensor) -> None:
         raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")
 
 
-def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None) -> None:
+def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None,
+                against: str = "") -> None:
     check_dense(**{name: x})
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
     if d is not None and x.shape[-1] != d:
-        raise ValueError(f"{name} has dimension {x.shape[-1]}, expected {d}")
+        raise ValueError(f"{name} has dimension {x.shape[-1]}, expected {d} (the dimension "
+                         f"of {against})")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
@@ -180,8 +182,8 @@ def ncp_gradient(
     """
     _check_dims("h", h, 2)
     d = h.shape[1]
-    _check_dims("prototypes", prototypes, 2, d)
-    _check_dims("ood_prototype", ood_prototype, 1, d)
+    _check_dims("prototypes", prototypes, 2, d, "h")
+    _check_dims("ood_prototype", ood_prototype, 1, d, "h")
     _check_same_device(h, prototypes, ood_prototype)
     check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
     check_dense(prototype_sq_norms=prototype_sq_norms)
@@ -522,7 +524,7 @@ def knn(
         indices [Q, k]. When M < k the missing entries are ``inf`` and ``-1`` (as in faiss).
     """
     _check_dims("queries", queries, 2)
-    _check_dims("database", database, 2, queries.shape[1])
+    _check_dims("database", database, 2, queries.shape[1], "queries")
     _check_same_device(queries, database)
     check_dense(database_sq_norms=database_sq_norms, rerank_database=rerank_database)
     k = check_positive_int(k, "k")

@@ -107,6 +107,10 @@ class GROODHead(nn.Module):
         if not 1 <= self.k <= self.index_vectors.shape[0]:
             raise ValueError(f"k={self.k} but the index holds {self.index_vectors.shape[0]} "
                              "vectors (k must be at least 1 and at most that)")
+        d = self.class_prototypes.shape[1]
+        if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
+            raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
+                             f"got {tuple(features.shape)}")
         grood_ops = torch.ops.grood
         wide = features.dtype == torch.float64  # float64 features are scored in float64
         finite = None

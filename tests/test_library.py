@@ -147,6 +147,19 @@ def test_head_refuses_a_k_that_is_not_an_integer(fitted, k):
         head(test)
 
 
+def test_head_names_features_of_the_wrong_shape(fitted):
+    """Features of another width were reported as the prototypes' dimension being wrong."""
+    det, test = fitted
+    head = det.as_module()
+    d = test.shape[1]
+    for bad in (test[:, :-1], test.reshape(-1), test[:, :, None]):
+        with pytest.raises(ValueError, match=rf"features must have shape \[N, {d}\]"):
+            head(bad)
+    with pytest.raises(ValueError, match=r"prototypes has dimension \d+, expected \d+ \(the "
+                                         r"dimension of h\)"):
+        functional.ncp_gradient(test[:, :-1], det.class_prototypes_, det.ood_prototype_)
+
+
 def test_head_with_half_precision_index_storage():
     x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
     det = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
