@@ -290,6 +290,7 @@ class GROOD(Parameters, ModelFrontEnd):
                     dist_k = (dist.search_sharded(self.index_, res.grad, self.k,
                                                   self.shard_sizes_, self.dtype_)
                               if self._sharded else self.index_.search(res.grad, self.k)[0])
+                    check_found(dist_k, self.k, r0, self.index_)
                     scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred
@@ -343,6 +344,24 @@ class GROOD(Parameters, ModelFrontEnd):
 
         return persistence.load(cls, Path(path), device=check_device(device),
                                 distributed=distributed, backend=backend)
+
+
+def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:
+    """Refuse rows whose k-th neighbour the search did not find. An approximate index (IVF)
+    visits a few inverted lists, which may hold fewer than k vectors: faiss pads the missing
+    neighbours at distance FLT_MAX, a score of -3.4e38 (silently the most OOD sample of any
+    set). Exact search finds every neighbour (k never exceeds the indexed count)."""
+    if isinstance(index, ExactIndex):
+        return
+    missing = (dist_k[:, k - 1] >= torch.finfo(torch.float32).max).nonzero()[:, 0]
+    if missing.numel():
+        nprobe = getattr(index, "nprobe", None)
+        raise ValueError(
+            f"the {index.kind} search found fewer than k={k} neighbours for row "
+            f"{row_offset + int(missing[0])} ({missing.numel()} of rows {row_offset}.."
+            f"{row_offset + dist_k.shape[0] - 1})"
+            + (f": the nprobe={nprobe} inverted lists it visits hold fewer vectors; raise "
+               "nprobe (index_options, applied at the next score) or lower k" if nprobe else ""))
 
 
 def apply_score_time_params(det: GROOD) -> None:

@@ -222,3 +222,22 @@ def test_ivf_nprobe_set_after_fit_applies_to_scores_and_to_the_saved_file(tmp_pa
     det.set_params(index_options={"nprobe": 0})
     with pytest.raises(ValueError, match="nprobe must be a positive integer"):
         det.score_samples(test)
+
+
+def test_ivf_search_that_finds_fewer_than_k_neighbours_is_refused():
+    """The few inverted lists an IVF search visits may hold fewer than k vectors: faiss pads
+    the k-th neighbour at distance FLT_MAX, which scored -3.4e38 (silently the most OOD
+    sample). Refused with the row and the remedy; a larger nprobe, set after fit, scores."""
+    pytest.importorskip("faiss")
+    x, y = clustered_features(400, 4, 10, seed=3, spread=0.6, dtype=torch.float32)
+    test, _ = clustered_features(60, 4, 10, seed=4, spread=0.9, dtype=torch.float32)
+    det = GROOD(index="faiss-ivf", index_options={"nlist": 64, "nprobe": 1}, k=20,
+                batch_size=16).fit(x, y)
+    with pytest.raises(ValueError, match=r"fewer than k=20 neighbours for row \d+ .*raise "
+                                         r"nprobe"):
+        det.score_samples(test)
+    det.set_params(index_options={"nlist": 64, "nprobe": 64})
+    scores = det.score_samples(test)
+    assert bool((scores > -1e30).all())
+    torch.testing.assert_close(scores, GROOD(k=20).fit(x, y).score_samples(test), rtol=1e-5,
+                               atol=1e-6)
