@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from grood._checks import as_tensor, check_finite_rows, check_labels, check_matrix
+from grood._checks import as_labels, as_tensor, check_finite_rows, check_labels, check_matrix
 
 
 def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
@@ -19,7 +19,7 @@ def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tens
             raise TypeError(f"batch {i} must be (features, labels) or (features, labels, "
                             f"logits), got {type(batch).__name__}")
         x, _ = as_tensor(batch[0], "features")
-        y = None if batch[1] is None else as_tensor(batch[1], "labels")[0]
+        y = None if batch[1] is None else as_labels(batch[1])
         lg = as_tensor(batch[2], "logits")[0] if len(batch) == 3 and batch[2] is not None \
             else None
         empty = False

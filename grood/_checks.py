@@ -114,6 +114,25 @@ def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:
     raise ValueError(f"{name} contains NaN or Inf in row(s) {shown}{more}")
 
 
+#: Unsigned label dtypes wider than uint8, which many torch operations do not take: labels in
+#: them are read as int64 (a copy) by :func:`as_labels`.
+WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64")
+                      if hasattr(torch, n))
+
+
+def as_labels(labels: Any, name: str = "labels") -> Tensor:
+    """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
+    (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold."""
+    y, _ = as_tensor(labels, name)
+    if y.dtype == getattr(torch, "uint64", None):  # torch reduces no uint64: read the bits
+        y = y.view(torch.int64).clone()
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"{name} holds a class id of 2**63 or more")
+    elif y.dtype in WIDE_UNSIGNED:
+        y = y.to(torch.int64)
+    return y
+
+
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,
                  allow_empty: bool = False) -> None:
     """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for

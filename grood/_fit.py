@@ -16,7 +16,14 @@ from torch import Tensor
 from grood import distributed as dist
 from grood import ops
 from grood._batches import check_batch
-from grood._checks import as_tensor, check_class_count, check_labels, check_matrix, ordinary
+from grood._checks import (
+    as_labels,
+    as_tensor,
+    check_class_count,
+    check_labels,
+    check_matrix,
+    ordinary,
+)
 from grood._gradients import GradientStep
 from grood.functional import PrototypeState, class_prototypes
 from grood.index import GradientIndex, make_index
@@ -46,7 +53,7 @@ def training_arrays(features: Any, labels: Any, logits: Any
     logits' width when given), logits [N, C] or None."""
     x, _ = as_tensor(features, "features")
     check_matrix(x, "features")
-    y, _ = as_tensor(labels, "labels")
+    y = as_labels(labels)
     lg = None
     if logits is not None:
         lg, _ = as_tensor(logits, "logits")

@@ -23,6 +23,7 @@ from torch import Tensor
 from grood import ops
 from grood._checks import (
     ArrayLike,
+    as_labels,
     as_tensor,
     batches,
     check_finite_rows,
@@ -178,7 +179,7 @@ class Mahalanobis(_Baseline):
             rcond = -1.0
         if not 0.0 <= rcond < 1.0:
             raise ValueError(f"rcond must be a number in [0, 1), got {self.rcond!r}")
-        y, _ = as_tensor(labels, "labels")
+        y = as_labels(labels)
         check_labels(y, "labels", x.shape[0])
         n, d = x.shape
         n_classes = int(y.max()) + 1

@@ -605,3 +605,22 @@ def test_training_batches_that_change_between_passes_are_refused():
 
     with pytest.raises(ValueError, match="changed between fitting's two passes"):
         GROOD(progress=False).fit_batches(relabelled)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_numpy_labels_are_class_ids(dtype):
+    """numpy's wide unsigned labels were refused as "not integer class ids" (torch computes
+    little in uint16/32/64); they are read as int64, the caller's array left as it was."""
+    from grood.baselines import Mahalanobis
+
+    x, y = clustered_features(80, 3, 5, seed=2, dtype=torch.float32)
+    want = GROOD().fit(x, y).score_samples(x[:9])
+    labels = y.numpy().astype(dtype)
+    before = labels.copy()
+    assert torch.equal(GROOD().fit(x, labels).score_samples(x[:9]), want)
+    assert torch.equal(GROOD().fit_batches([(x, labels)]).score_samples(x[:9]), want)
+    Mahalanobis().fit(x, labels)
+    np.testing.assert_array_equal(labels, before)
+    if dtype is np.uint64:
+        with pytest.raises(ValueError, match=r"class id of 2\*\*63 or more"):
+            GROOD().fit(x, np.full(80, 2**64 - 1, np.uint64))
