@@ -326,8 +326,11 @@ def class_prototypes(
         raise ValueError(
             f"labels must have shape [{features.shape[0]}], got {tuple(labels.shape)}"
         )
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # .to(int64) would truncate 1.7 to class 1, and read booleans as classes 0 and 1
+        raise TypeError(f"labels must hold integer class ids, got "
+                        f"{str(labels.dtype).removeprefix('torch.')}")
+    num_classes = check_positive_int(num_classes, "num_classes")
     labels = labels.to(device=features.device, dtype=torch.int64)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), "

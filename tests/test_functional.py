@@ -457,3 +457,15 @@ def test_tile_sizes_must_be_positive_integers(size):
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         F.database_sq_norms_of(protos, block_size=size)
 
+
+def test_class_prototypes_refuses_labels_that_are_not_class_ids():
+    """Float labels were cast to int64 (1.7 counted as class 1) and booleans read as 0/1."""
+    x, y = clustered_features(20, 3, 4, seed=3)
+    for labels in (y.double() + 0.7, y.float(), y > 0):
+        with pytest.raises(TypeError, match="labels must hold integer class ids"):
+            F.class_prototypes(x, labels, 3)
+    for n in (0, 3.0, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            F.class_prototypes(x, y, n)
+    assert F.class_prototypes(x, y.to(torch.uint8), 3).counts.sum() == 20
+
