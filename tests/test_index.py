@@ -241,3 +241,36 @@ def test_ivf_search_that_finds_fewer_than_k_neighbours_is_refused():
     assert bool((scores > -1e30).all())
     torch.testing.assert_close(scores, GROOD(k=20).fit(x, y).score_samples(test), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_files_without_the_fitted_index_options_still_load(tmp_path):
+    """Files written before the index's own options were saved rebuild the index with the
+    saved index_options when those were meant for its kind, and with defaults when not."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import digest
+
+    x, y = clustered_features(200, 4, 10, seed=7, spread=0.4, dtype=torch.float32)
+    test, _ = clustered_features(30, 4, 10, seed=8, spread=0.7, dtype=torch.float32)
+    for kind_after, options in (("exact", {"storage": "bfloat16"}),
+                                ("faiss-ivf", {"nprobe": 8})):
+        det = GROOD().fit(x, y)
+        det.set_params(index=kind_after, index_options=options)
+        det.save(tmp_path / "new.safetensors")
+        with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(meta["state"])
+        del state["index_options"]  # as an older grood wrote it
+        meta["state"] = json.dumps(state)
+        meta.pop("digest")
+        meta["digest"] = digest(tensors, meta)
+        save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+        old = GROOD.load(tmp_path / "old.safetensors")
+        assert old.index_.kind == "exact"
+        want_storage = torch.bfloat16 if kind_after == "exact" else None
+        assert old.index_.storage == want_storage
+        assert torch.equal(old.score_samples(test), det.score_samples(test))
