@@ -351,6 +351,25 @@ class _FaissIndex(GradientIndex):
         """Number of vectors in the index."""
         return 0 if self.index is None else int(self.index.ntotal)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep (a fitted detector with a faiss index
+        goes through joblib and multiprocessing): the faiss index in faiss' own serialised
+        form, without the module and GPU resources, which unpickling makes again."""
+        state = self.__dict__.copy()
+        del state["faiss"]
+        state["_keep"] = []
+        if self.index is not None:
+            state["index"] = self.faiss.serialize_index(_to_cpu(self.faiss, self.index))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.faiss = import_faiss()
+        if self.index is not None:
+            cpu = self.faiss.deserialize_index(self.index)
+            self.index, res = _to_gpu_if_possible(self.faiss, cpu, self.device)
+            self._keep = [cpu, res]
+
     def reserve(self, capacity: int) -> None:
         """The expected total number of vectors (faiss needs no buffer)."""
         self.capacity = capacity

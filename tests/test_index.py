@@ -274,3 +274,25 @@ def test_files_without_the_fitted_index_options_still_load(tmp_path):
         want_storage = torch.bfloat16 if kind_after == "exact" else None
         assert old.index_.storage == want_storage
         assert torch.equal(old.score_samples(test), det.score_samples(test))
+
+
+@pytest.mark.parametrize("kind", ["faiss-flat", "faiss-ivf"])
+def test_detectors_with_a_faiss_index_pickle_and_deepcopy(kind):
+    """A fitted detector holding a faiss index could not be pickled or deep-copied ("cannot
+    pickle 'module' object"), so it could not go through joblib or multiprocessing."""
+    import copy
+    import pickle
+
+    x, y = clustered_features(300, 4, 10, seed=5, spread=0.5, dtype=torch.float32)
+    test, _ = clustered_features(40, 4, 10, seed=6, spread=0.8, dtype=torch.float32)
+    options = {"nlist": 8, "nprobe": 3} if kind == "faiss-ivf" else None
+    det = GROOD(index=kind, index_options=options).fit(x, y)
+    want = det.score_samples(test)
+    for other in (pickle.loads(pickle.dumps(det)), copy.deepcopy(det)):
+        assert other.index_.ntotal == det.index_.ntotal
+        assert torch.equal(other.score_samples(test), want)
+    copied = copy.deepcopy(det)  # a copy is independent of the original
+    copied.index_.add(torch.zeros(2, 10))
+    assert copied.index_.ntotal == det.index_.ntotal + 2
+    if kind == "faiss-ivf":
+        assert copied.index_.index.nprobe == 3
