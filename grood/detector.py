@@ -230,6 +230,9 @@ class GROOD(Parameters, ModelFrontEnd):
         Memory holds one batch (and the index); each result has the type of its batch.
         """
         self._check_fitted()
+        if hasattr(batches, "shape"):  # one array: iterating it would score row by row
+            raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
+                            "array with score_and_predict or score_samples")
         for batch in batches:
             yield self.score_and_predict(batch)
 

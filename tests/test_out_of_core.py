@@ -36,6 +36,9 @@ def test_fit_batches_equals_fit(style):
     test = x[:50]
     got = torch.cat([s for s, _ in det.score_batches([test[:20], test[20:]])])
     assert torch.equal(got, ref.score_samples(test))
+    for one_array in (test, test.numpy()):  # iterated, it would be scored row by row
+        with pytest.raises(TypeError, match="score_batches takes an iterable of batches"):
+            next(det.score_batches(one_array))
 
 
 def test_fit_batches_refuses_a_generator_and_bad_batches():
