@@ -84,6 +84,8 @@ def test_openood_protocol_on_an_openood_style_net():
         pred, conf = post.postprocess(net, next(iter(id_loaders["test"]))["data"])
         assert torch.equal(pred, torch.from_numpy(id_pred[:16]))
         np.testing.assert_allclose(conf.numpy(), id_conf[:16], rtol=1e-6)
+    with pytest.raises(ValueError, match="yielded no batches"):  # torch.cat([]) before
+        post.inference(net, [])
     assert "openood" not in sys.modules
 
 

@@ -130,6 +130,8 @@ class GROODPostprocessor(_Base):  # type: ignore[misc]
             preds.append(pred.cpu())
             confs.append(conf.cpu())
             labels.append(torch.full((x.shape[0],), -1) if y is None else y.cpu())
+        if not preds:
+            raise ValueError("the data loader yielded no batches")
         return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(),
                 torch.cat(labels).numpy().astype(int))
 
