@@ -9,6 +9,7 @@ memory holds one batch, the prototypes and the index, never the training feature
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -99,8 +100,15 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
     from grood.extract import FeatureExtractor
 
     det._check_fitted()
+    fitted_on = getattr(det, "extractor_", {}).get("features")
     if features is None:
-        features = getattr(det, "extractor_", {}).get("features")
+        features = fitted_on
+    elif fitted_on is not None and features != fitted_on:
+        # Another layer of the same width would be scored against the wrong prototypes and
+        # index without any error; a renamed module (a wrapped model) is legitimate.
+        warnings.warn(f"score_model reads features={features!r}, but the detector was fitted "
+                      f"on features={fitted_on!r}; scores are only meaningful for the same "
+                      "layer", UserWarning, stacklevel=3)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)
     scores, preds = [], []

@@ -181,6 +181,10 @@ def test_fit_model_equals_fit_on_extracted_features(trained):
     torch.testing.assert_close(scores, ref.score_samples(FeatureExtractor(
         model, features="8")(test).features))
     assert torch.equal(preds, det.predict_model(model, [test]))
+    # Layer "7" (the Linear before the ReLU "8") has the same width: no shape error would
+    # tell, so scoring another layer than the fitted one warns.
+    with pytest.warns(UserWarning, match="fitted on features='8'"):
+        det.score_model(model, [test], features="7")
 
 
 def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):
