@@ -84,6 +84,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
                 else (".safetensors",),
                 inputs={"training file": args.train, "OOD feature file": args.ood_features})
+    if args.ood_prototype == "features" and not args.ood_features:
+        raise ValueError("--ood-prototype features needs --ood-features FILE")
+    if args.ood_features and args.ood_prototype not in (None, "features"):
+        raise ValueError(f"--ood-features is read only with --ood-prototype features, not "
+                         f"{args.ood_prototype}")
     rank, world = _init_distributed(args)
     train = load_features(args.train)
     if train.labels is None:

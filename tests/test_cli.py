@@ -108,6 +108,14 @@ def test_fit_with_ood_features_file(tmp_path, capsys):
     assert det.ood_source_.name == "features"
     np.testing.assert_allclose(det.ood_prototype_.numpy(), np.load(tmp_path / "o.npy").mean(0),
                                rtol=1e-6)
+    capsys.readouterr()
+    out = ["-o", str(tmp_path / "e.safetensors")]
+    assert main(["fit", str(tmp_path / "t.npz"), *out, "--ood-prototype", "features"]) == 2
+    assert "--ood-prototype features needs --ood-features FILE" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "t.npz"), *out, "--ood-prototype", "mean",
+                 "--ood-features", str(tmp_path / "o.npy")]) == 2
+    assert "--ood-features is read only with --ood-prototype features" in \
+        capsys.readouterr().err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
