@@ -197,6 +197,17 @@ def _integer(value: Any) -> int | None:
         return None
 
 
+def check_flag(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
+    """``value`` as a Python bool (numpy bools too; None when allowed), else a clear error: a
+    string such as "no" would otherwise count as true."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def check_integer(value: Any, name: str) -> int:
     """``value`` as a Python int (see :func:`_integer`), else a clear error."""
     number = _integer(value)

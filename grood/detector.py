@@ -24,6 +24,7 @@ from grood._checks import (
     batches,
     check_device,
     check_finite_rows,
+    check_flag,
     check_matrix,
     check_positive_int,
     compute_dtype,
@@ -114,6 +115,8 @@ class GROOD(Parameters, ModelFrontEnd):
     def _check_params(self) -> OODPrototypeSource:
         for name in ("k", "batch_size"):  # numpy / torch integers are kept as Python ints
             setattr(self, name, check_positive_int(getattr(self, name), name))
+        self.progress = check_flag(self.progress, "progress", allow_none=True)
+        self.distributed = check_flag(self.distributed, "distributed")
         check_device(self.device)
         ops.check_backend_name(self.backend)
         check_precision(self.precision)
@@ -346,7 +349,8 @@ class GROOD(Parameters, ModelFrontEnd):
         from grood import persistence
 
         return persistence.load(cls, Path(path), device=check_device(device),
-                                distributed=distributed, backend=backend)
+                                distributed=check_flag(distributed, "distributed"),
+                                backend=backend)
 
 
 def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:
@@ -373,6 +377,7 @@ def apply_score_time_params(det: GROOD) -> None:
     date with them."""
     for name in ("k", "batch_size"):
         setattr(det, name, check_positive_int(getattr(det, name), name))
+    det.progress = check_flag(det.progress, "progress", allow_none=True)
     indexed = sum(det.shard_sizes_)
     if det.k > indexed:  # the k-th neighbour would be missing: a -inf score
         raise ValueError(f"k={det.k} but the index holds only {indexed} training gradients; "

@@ -624,3 +624,22 @@ def test_unsigned_numpy_labels_are_class_ids(dtype):
     if dtype is np.uint64:
         with pytest.raises(ValueError, match=r"class id of 2\*\*63 or more"):
             GROOD().fit(x, np.full(80, 2**64 - 1, np.uint64))
+
+
+def test_flags_must_be_booleans(tmp_path):
+    """progress="no" counted as true (bars shown), distributed="no" asked for a process
+    group; numpy booleans are fine."""
+    x, y = clustered_features(40, 2, 4, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="progress must be True, False or None, got 'no'"):
+        GROOD(progress="no").fit(x, y)
+    with pytest.raises(ValueError, match="distributed must be True or False, got 'no'"):
+        GROOD(distributed="no").fit(x, y)
+    det = GROOD(progress=np.bool_(False), distributed=np.bool_(False)).fit(x, y)
+    assert det.progress is False and det.distributed is False
+    det.progress = "off"  # set after fit: checked where it is used
+    with pytest.raises(ValueError, match="progress must be"):
+        det.score_samples(x)
+    det.progress = None
+    det.save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="distributed must be True or False"):
+        GROOD.load(tmp_path / "d.safetensors", distributed="yes")
