@@ -262,6 +262,8 @@ class GROOD(Parameters, ModelFrontEnd):
         self.dtype_ = fitted.class_prototypes.dtype
         if fitted.extractor is not None:
             self.extractor_ = fitted.extractor
+        elif hasattr(self, "extractor_"):  # refitted from arrays: the old layer no longer holds
+            del self.extractor_
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):

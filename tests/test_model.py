@@ -185,6 +185,9 @@ def test_fit_model_equals_fit_on_extracted_features(trained):
     # tell, so scoring another layer than the fitted one warns.
     with pytest.warns(UserWarning, match="fitted on features='8'"):
         det.score_model(model, [test], features="7")
+    # Refitted from arrays, the detector no longer claims a layer (a stale one was kept).
+    det.fit(feats, labels)
+    assert not hasattr(det, "extractor_")
 
 
 def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):
