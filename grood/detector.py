@@ -8,7 +8,7 @@ a fitted detector is :mod:`grood._gradients`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from grood._params import Parameters
 from grood._progress import progress
 from grood.errors import NotFittedError
 from grood.functional import check_precision
-from grood.index import ExactIndex, index_class
+from grood.index import ExactIndex, check_index_options, index_class
 from grood.model import ModelFrontEnd
 from grood.prototypes import OODPrototypeSource, resolve_source
 
@@ -113,13 +113,9 @@ class GROOD(Parameters, ModelFrontEnd):
         self.distributed = distributed
 
     def _check_params(self) -> OODPrototypeSource:
-        for name in ("k", "batch_size"):  # numpy / torch integers are kept as Python ints
-            setattr(self, name, check_positive_int(getattr(self, name), name))
-        self.progress = check_flag(self.progress, "progress", allow_none=True)
+        check_score_time_params(self)
         self.distributed = check_flag(self.distributed, "distributed")
         check_device(self.device)
-        ops.check_backend_name(self.backend)
-        check_precision(self.precision)
         index_class(self.index)  # a clear error for an unknown kind
         if self.distributed and not dist.is_initialized():
             raise ValueError("distributed=True needs an initialized torch.distributed process "
@@ -359,8 +355,8 @@ def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:
     """Refuse rows whose k-th neighbour the search did not find. An approximate index (IVF)
     visits a few inverted lists, which may hold fewer than k vectors: faiss pads the missing
     neighbours at distance FLT_MAX, a score of -3.4e38 (silently the most OOD sample of any
-    set). Exact search finds every neighbour (k never exceeds the indexed count)."""
-    if isinstance(index, ExactIndex):
+    set). Exact searches find every neighbour (k never exceeds the indexed count)."""
+    if not index.approximate:
         return
     missing = (dist_k[:, k - 1] >= torch.finfo(torch.float32).max).nonzero()[:, 0]
     if missing.numel():
@@ -373,29 +369,31 @@ def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:
                "nprobe (index_options, applied at the next score) or lower k" if nprobe else ""))
 
 
+def check_score_time_params(det: GROOD) -> None:
+    """Check the parameters a detector also applies at every score (``fit`` checks them too);
+    numpy / torch integers and numpy bools are kept as Python ones."""
+    for name in ("k", "batch_size"):
+        setattr(det, name, check_positive_int(getattr(det, name), name))
+    det.progress = check_flag(det.progress, "progress", allow_none=True)
+    check_precision(det.precision)
+    ops.check_backend_name(det.backend)
+
+
 def apply_score_time_params(det: GROOD) -> None:
     """Check the parameters a fitted detector applies at every score (they may have been
     changed after fit or load: see the class) and bring its gradient step and index up to
     date with them."""
-    for name in ("k", "batch_size"):
-        setattr(det, name, check_positive_int(getattr(det, name), name))
-    det.progress = check_flag(det.progress, "progress", allow_none=True)
+    check_score_time_params(det)
     indexed = sum(det.shard_sizes_)
     if det.k > indexed:  # the k-th neighbour would be missing: a -inf score
         raise ValueError(f"k={det.k} but the index holds only {indexed} training gradients; "
                          "lower k (or refit)")
-    check_precision(det.precision)
     if det.precision != det._grads.precision:
         det._grads.precision = det.precision
         if isinstance(det.index_, ExactIndex):
             det.index_.precision = det.precision
     if det.index == det.index_.kind:  # search options (IVF nprobe); others: next fit
-        options = det.index_options
-        if options is not None and not isinstance(options, Mapping):
-            raise TypeError(f"index_options must be a dict of option names to values, got "
-                            f"{type(options).__name__}")
-        det.index_.set_search_options(options or {})
-    ops.check_backend_name(det.backend)
+        det.index_.set_search_options(check_index_options(det.index_options))
     # A new backend: another implementation, the same answers.
     if det.backend != getattr(det, "_backend_asked", det.backend):
         resolved = ops.resolve_backends(det.backend, det.device_, det.dtype_)

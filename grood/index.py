@@ -54,9 +54,9 @@ class GradientIndex(ABC):
 
     kind: ClassVar[str]
     option_names: ClassVar[tuple[str, ...]] = ()
-    #: Options that only steer searches (IVF's ``nprobe``): a fitted detector applies their
-    #: current ``index_options`` values at every score; the others take effect at the next fit.
-    search_option_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether a search may miss neighbours (visit only part of the index): a detector then
+    #: checks that the k-th neighbour was found.
+    approximate: ClassVar[bool] = False
     joinable: ClassVar[bool] = False
     dim: int
 
@@ -103,8 +103,9 @@ class GradientIndex(ABC):
         return {}
 
     def set_search_options(self, options: Mapping[str, Any]) -> None:  # noqa: B027 (optional)
-        """Apply the :attr:`search_option_names` entries of ``options`` (a missing one goes
-        back to its default)."""
+        """Apply the entries of ``options`` that only steer searches (IVF's ``nprobe``; a
+        missing one goes back to its default): a fitted detector calls this at every score
+        with its current ``index_options``; the other options take effect at the next fit."""
 
     def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -474,7 +475,7 @@ class FaissIVFIndex(_FaissIndex):
     kind = "faiss-ivf"
     option_names = ("nlist", "nprobe", "reference_batch_size", "loader_batches",
                     "omit_batch_t")
-    search_option_names = ("nprobe",)
+    approximate = True
 
     def __init__(self, dim: int, *, nlist: int | None = None, nprobe: int = REFERENCE_NPROBE,
                  reference_batch_size: int = 128, loader_batches: int | None = None,
@@ -604,15 +605,20 @@ class FaissIVFIndex(_FaissIndex):
         return index
 
 
+def check_index_options(options: Any) -> dict[str, Any]:
+    """``index_options`` as a new dict (None: empty), or a clear error if it is not a mapping."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"index_options must be a dict of option names to values, got "
+                        f"{type(options).__name__}")
+    return dict(options or {})
+
+
 def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
                backend: str, precision: str = "ieee",
                options: dict[str, Any] | None = None) -> GradientIndex:
     """A new, empty index of a registered ``kind``, its ``options`` checked by name."""
     cls = index_class(kind)
-    if options is not None and not isinstance(options, Mapping):
-        raise TypeError(f"index_options must be a dict of option names to values, got "
-                        f"{type(options).__name__}")
-    options = dict(options or {})
+    options = check_index_options(options)
     unknown = set(options) - set(cls.option_names)
     if unknown:
         names = cls.option_names
