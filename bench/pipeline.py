@@ -28,7 +28,7 @@ import torch
 
 from grood import GROOD, __version__, functional, ops
 from grood._bench.common import realistic_features, synchronize
-from grood._checks import positive_int_arg, positive_real_arg
+from grood._checks import bench_device_arg, positive_int_arg, positive_real_arg
 
 #: OpenOOD v1.5 ImageNet-1k: 1,281,167 training images; the ID test set (45,000) plus its
 #: near-OOD (SSB-hard 49,000, NINCO 5,879) and far-OOD (iNaturalist 10,000, Textures 5,160,
@@ -126,10 +126,7 @@ def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, bac
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
-    return run(args)
+    return run(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the ImageNet-1k row counts (default 1.0)")
     parser.add_argument("--classes", type=positive_int_arg, default=FULL["classes"])
     parser.add_argument("--dim", type=positive_int_arg, default=FULL["dim"])
-    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], type=bench_device_arg,
                         help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3", "bf16"])
