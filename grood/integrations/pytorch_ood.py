@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from grood import persistence
+from grood._checks import check_matrix
 from grood.detector import GROOD
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
@@ -161,8 +162,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         # Shapes are checked before the unknown rows are dropped (a mask of the wrong shape
         # fails inside torch's indexing).
-        if x.ndim != 2:
-            raise ValueError(f"features must be a 2-D array [N, D], got shape {tuple(x.shape)}")
+        check_matrix(x, "features")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"labels must have shape [{x.shape[0]}] (one per feature row), "
                              f"got {tuple(y.shape)}")
