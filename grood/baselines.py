@@ -140,11 +140,15 @@ class KNN(_Baseline):
     def score_samples(self, features: ArrayLike) -> ArrayLike:
         """Minus the Euclidean distance to the k-th nearest training feature, shape [N]."""
         x, kind = self._read(features)
+        n_train = self.train_features_.shape[0]
+        if self.k > n_train:  # the search would pad with inf: every score -inf
+            raise ValueError(f"k={self.k} but {n_train} training features were stored; "
+                             "lower k (or refit)")
         q = _normalise(x).to(self.train_features_.device)
         out = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
         for r0, r1 in batches(q.shape[0], self.batch_size):
             dist, _ = ops.knn(q[r0:r1], self.train_features_, self.k, backend=self.backend)
-            out[r0:r1] = -dist[:, self.k - 1].sqrt()
+            out[r0:r1] = 0.0 - dist[:, self.k - 1].sqrt()  # 0.0 - x: no "-0.0"
         return kind.wrap(out)
 
 
@@ -216,5 +220,5 @@ class Mahalanobis(_Baseline):
             xb = x[r0:r1].to(device=dev, dtype=self.whitening_.dtype)
             z = (xb - self.center_) @ self.whitening_
             dist, _ = ops.knn(z, self.whitened_means_, 1, backend=self.backend)
-            out[r0:r1] = -dist[:, 0]
+            out[r0:r1] = 0.0 - dist[:, 0]
         return kind.wrap(out)

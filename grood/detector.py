@@ -226,14 +226,15 @@ class GROOD(Parameters, ModelFrontEnd):
                       ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
         """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
 
-        Memory holds one batch (and the index); each result has the type of its batch.
+        Memory holds one batch (and the index); each result has the type of its batch. An
+        empty batch [0, D] yields empty results (``score_and_predict`` refuses one).
         """
         self._check_fitted()
         if hasattr(batches, "shape"):  # one array: iterating it would score row by row
             raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
                             "array with score_and_predict or score_samples")
         for batch in batches:
-            yield self.score_and_predict(batch)
+            yield self._score_and_predict(batch, allow_empty=True)
 
     def _set_fitted(self, fitted: FittedState, grads: GradientStep | None = None) -> None:
         """Set every learned attribute at once (from ``fit`` or from a detector file)."""
@@ -266,13 +267,14 @@ class GROOD(Parameters, ModelFrontEnd):
             raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
                                  "GROOD.load() first")
 
-    def _read(self, features: Any) -> tuple[Tensor, Any]:
+    def _read(self, features: Any, allow_empty: bool = False) -> tuple[Tensor, Any]:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
         apply_score_time_params(self)
         x, kind = as_tensor(features, "features")
         # A rank of a distributed detector may have no rows; it still joins the searches.
-        check_matrix(x, "features", n_cols=self.n_features_in_, allow_empty=self._sharded)
+        check_matrix(x, "features", n_cols=self.n_features_in_,
+                     allow_empty=allow_empty or self._sharded)
         return x, kind
 
     def _passes(self, x: Tensor, *, with_scores: bool
@@ -303,7 +305,11 @@ class GROOD(Parameters, ModelFrontEnd):
         """``(scores [N], preds [N])`` of features [N, D] in one pass: scores higher for
         in-distribution, nearest-prototype classes; numpy for numpy input, else tensors on
         the input's device."""
-        x, kind = self._read(features)
+        return self._score_and_predict(features)
+
+    def _score_and_predict(self, features: ArrayLike, allow_empty: bool = False
+                           ) -> tuple[ArrayLike, ArrayLike]:
+        x, kind = self._read(features, allow_empty)
         # float64 features are scored in float64 (gradient step and exact search).
         out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
         scores = torch.empty(x.shape[0], dtype=out_dtype, device=self.device_)

@@ -22,14 +22,32 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._checks import check_real
 
+# Integers beyond 2**53 are not all exact in float64: distinct scores would tie.
+_EXACT_INT = 2**53
+
+
+def as_score_array(x: Any, name: str) -> np.ndarray:
+    """Scores as a float64 numpy array (any shape), or an error if they are not real numbers
+    or are integers that float64 would round (distinct scores tying silently)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind in "iu" and arr.size and (arr.max() > _EXACT_INT
+                                                or arr.min() < -_EXACT_INT):
+        raise ValueError(f"{name} holds integers beyond 2**53, which float64 cannot tell "
+                         "apart (distinct scores would tie); rescale them")
+    return arr.astype(np.float64)
+
 
 def _as_scores(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    arr = as_score_array(x, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from grood.errors import require
-from grood.metrics import roc_curve
+from grood.metrics import as_score_array, roc_curve
 
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-in",
                  "aupr_out": "AUPR-out"}
@@ -48,10 +48,7 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
             if name not in by_set:
                 raise ValueError(f"scores[{method!r}] has no {name!r} scores; it has "
                                  f"{sorted(by_set)}")
-            values = by_set[name]
-            if hasattr(values, "detach"):
-                values = values.detach().cpu().double().numpy()
-            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            values = as_score_array(by_set[name], f"scores[{method!r}][{name!r}]").reshape(-1)
             if values.size == 0 or not np.isfinite(values).all():
                 raise ValueError(f"scores[{method!r}][{name!r}] is empty or holds NaN or Inf; "
                                  "plot finite scores only")

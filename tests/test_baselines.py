@@ -34,6 +34,19 @@ def test_knn_is_kth_normalised_distance():
     torch.testing.assert_close(s, -ref_d[:, 3].sqrt(), rtol=1e-9, atol=1e-12)
 
 
+def test_knn_refuses_k_above_the_stored_features_and_gives_no_negative_zero():
+    """k raised above the training set after fit scored every sample -inf (the search pads
+    with inf); an exact match scored -0.0."""
+    x, _ = clustered_features(20, 2, 5, seed=1, dtype=torch.float32)
+    det = KNN(k=3).fit(x)
+    det.k = 21
+    with pytest.raises(ValueError, match="k=21 but 20 training features were stored"):
+        det.score_samples(x)
+    det.k = 1
+    s = det.score_samples(x[:1])
+    assert s.item() == 0.0 and not torch.signbit(s).any()
+
+
 def test_mahalanobis_matches_pinv_definition():
     x, y = clustered_features(120, 4, 6, seed=3)
     q, _ = clustered_features(17, 4, 6, seed=4, spread=0.6)

@@ -79,6 +79,21 @@ def test_bad_scores_are_named(id_s, ood_s, match):
         ood_metrics(id_s, ood_s)
 
 
+def test_integer_scores_beyond_float64_exactness_are_refused():
+    """Integer scores above 2**53 rounded to the same float64: 2**60 and 2**60 + 1 tied and
+    a perfect separation reported AUROC 0.5. Exact integers still work; non-numbers are named."""
+    big = np.array([2**60 + 1, 2**60 + 2], dtype=np.int64)
+    for ids in (big, torch.from_numpy(big)):
+        with pytest.raises(ValueError, match="id_scores holds integers beyond 2"):
+            ood_metrics(ids, np.array([2**60]))
+    assert ood_metrics(np.array([2**53, 3]), np.array([2]))["auroc"] == 1.0
+    assert ood_metrics(torch.tensor([3, 4], dtype=torch.uint8), [1])["auroc"] == 1.0
+    assert ood_metrics(torch.tensor([0.5, 1.0]).bfloat16(), [0.25])["auroc"] == 1.0
+    for bad in (np.array(["1.0", "2.0"]), np.array([1 + 1j, 2 + 0j])):
+        with pytest.raises(TypeError, match="id_scores must hold real numbers"):
+            ood_metrics(bad, [0.5])
+
+
 @pytest.mark.parametrize("level", [95, 0, -0.5, 1.01, float("nan"), "0.95", True])
 def test_recall_level_outside_a_fraction_is_refused(level):
     """A percentage (95) found no threshold and reported fpr95 = 0, a perfect-looking score."""
@@ -115,3 +130,5 @@ def test_plots_write_pngs_and_name_scores_they_cannot_draw(tmp_path):
         plot_roc(scores, "id", [], tmp_path / "r.png")
     with pytest.raises(ValueError, match="scores is empty"):
         plot_histograms({}, tmp_path / "h.png")
+    with pytest.raises(ValueError, match=r"scores\['big'\]\['id'\] holds integers beyond"):
+        plot_histograms({"big": {"id": np.array([2**60, 2**60 + 1])}}, tmp_path / "h.png")

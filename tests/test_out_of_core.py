@@ -34,8 +34,12 @@ def test_fit_batches_equals_fit(style):
     assert torch.equal(det.class_prototypes_, ref.class_prototypes_)
     assert torch.equal(det.index_.vectors, ref.index_.vectors)
     test = x[:50]
-    got = torch.cat([s for s, _ in det.score_batches([test[:20], test[20:]])])
-    assert torch.equal(got, ref.score_samples(test))
+    got = torch.cat([s for s, _ in det.score_batches([test[:20], test[:0], test[20:]])])
+    assert torch.equal(got, ref.score_samples(test))  # an empty batch yields empty results
+    (s, p), = det.score_batches([test[:0].numpy()])
+    assert s.shape == p.shape == (0,) and isinstance(s, np.ndarray)
+    with pytest.raises(ValueError, match="features is empty"):
+        det.score_and_predict(test[:0])
     for one_array in (test, test.numpy()):  # iterated, it would be scored row by row
         with pytest.raises(TypeError, match="score_batches takes an iterable of batches"):
             next(det.score_batches(one_array))
