@@ -111,6 +111,8 @@ class GROODHead(nn.Module):
         if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
             raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
                              f"got {tuple(features.shape)}")
+        if not features.is_floating_point():  # the ops would blame their argument "h"
+            raise TypeError(f"features must be floating point, got {features.dtype}")
         grood_ops = torch.ops.grood
         wide = features.dtype == torch.float64  # float64 features are scored in float64
         finite = None

@@ -148,13 +148,16 @@ def test_head_refuses_a_k_that_is_not_an_integer(fitted, k):
 
 
 def test_head_names_features_of_the_wrong_shape(fitted):
-    """Features of another width were reported as the prototypes' dimension being wrong."""
+    """Features of another width were reported as the prototypes' dimension being wrong, and
+    integer features as a wrong "h"."""
     det, test = fitted
     head = det.as_module()
     d = test.shape[1]
     for bad in (test[:, :-1], test.reshape(-1), test[:, :, None]):
         with pytest.raises(ValueError, match=rf"features must have shape \[N, {d}\]"):
             head(bad)
+    with pytest.raises(TypeError, match=r"features must be floating point, got torch\.int64"):
+        head(test.long())  # the op named its own argument, "h"
     with pytest.raises(ValueError, match=r"prototypes has dimension \d+, expected \d+ \(the "
                                          r"dimension of h\)"):
         functional.ncp_gradient(test[:, :-1], det.class_prototypes_, det.ood_prototype_)
