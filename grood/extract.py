@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,18 +26,31 @@ from grood._progress import progress
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """``(inputs, labels or None)`` from a loader's batch (tensor, tuple/list or dict)."""
+    """``(inputs, labels or None)`` from a loader's batch (tensor, tuple/list or dict).
+
+    Labels given as a list or NumPy array (a custom ``collate_fn``) are read as a tensor; a
+    second element that is not numbers (file names, a metadata dict) is not labels."""
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, dict):
         if "data" not in batch:
             raise ValueError(f"a dict batch needs a 'data' key; it has {sorted(batch)}")
-        return batch["data"], batch.get("label")
+        return batch["data"], _labels_of(batch.get("label"))
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], labels
+        return batch[0], _labels_of(batch[1]) if len(batch) > 1 else None
     raise TypeError("a loader must yield tensors, (inputs, labels) tuples or dicts with "
                     f"'data' and 'label'; got {type(batch).__name__}")
+
+
+def _labels_of(obj: Any) -> Tensor | None:
+    if obj is None or isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        try:  # numbers of any dtype: the label checks name a wrong one
+            return torch.as_tensor(np.asarray(obj))
+        except (TypeError, ValueError, RuntimeError):  # strings, objects, ragged lists
+            return None
+    return None
 
 
 @contextmanager

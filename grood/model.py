@@ -72,9 +72,14 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         total, count = torch.zeros(d, dtype=torch.float64), 0
         for out, _, _ in extractor.batches(ood_loader, desc="grood fit: OOD features"):
             check_finite_rows(out.features, "OOD features")
+            if out.features.shape[1] != d:  # e.g. a flattened conv map of other-sized images
+                raise ValueError(f"the OOD loader gives features of width "
+                                 f"{out.features.shape[1]}, the training loader {d}")
             total += out.features.double().sum(0).cpu()
             count += out.features.shape[0]
-        ood_features = (total / max(count, 1))[None].float()
+        if count == 0:  # the mean of nothing would make the origin the OOD prototype
+            raise ValueError("the OOD loader yielded no samples")
+        ood_features = (total / count)[None].float()
     dev = torch.device(det.device) if det.device is not None else extractor.device
 
     def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:

@@ -263,6 +263,31 @@ def test_ood_loader_feeds_the_features_source(trained):
     torch.testing.assert_close(det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
 
 
+def test_ood_loader_that_is_empty_or_of_another_width_is_refused(trained):
+    """An OOD loader that yielded nothing made the origin the OOD prototype, silently; one
+    whose flattened feature map had another width failed inside torch's broadcasting."""
+    model, x, y = trained
+    with pytest.raises(ValueError, match="the OOD loader yielded no samples"):
+        GROOD(ood_prototype="features").fit_model(model, [(x, y)], features="8",
+                                                  ood_loader=[])
+    with pytest.raises(ValueError, match="OOD loader gives features of width 16, the "
+                                         "training loader 64"):  # pooled maps 4 x 2 x 2 / 4 x 4
+        GROOD(ood_prototype="features").fit_model(model, [(x, y)], features="2",
+                                                  ood_loader=[x[:, :, ::2, ::2]])
+
+
+def test_labels_as_lists_or_arrays_are_read(trained):
+    """A collate_fn giving labels as a list or NumPy array: they were taken for no labels
+    (tuples) or failed on ``.to`` (dicts)."""
+    model, x, y = trained
+    ref = GROOD().fit_model(model, [(x, y)], features="8")
+    for batch in ((x, y.tolist()), (x, y.numpy()), {"data": x, "label": y.tolist()}):
+        det = GROOD().fit_model(model, [batch], features="8")
+        assert torch.equal(det.class_prototypes_, ref.class_prototypes_)
+    with pytest.raises(ValueError, match="carry no labels"):  # file names are not labels
+        GROOD().fit_model(model, [(x, [f"img{i}.png" for i in range(len(x))])], features="8")
+
+
 def test_loader_without_labels_is_refused(trained):
     model, x, _ = trained
     with pytest.raises(ValueError, match="carry no labels"):
