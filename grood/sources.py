@@ -141,7 +141,10 @@ class Mixup(OODPrototypeSource):
         total = ctx.reduce(total)
         seen = float(ctx.reduce(torch.tensor([float(seen)], dtype=torch.float64,
                                              device=total.device)))
-        return (total / max(seen, 1.0)).to(ctx.class_prototypes.dtype)
+        if seen == 0:  # the mean of nothing would make the origin the OOD prototype
+            raise ValueError("mixup's pass over the training loader yielded no samples (a "
+                             "loader that can be iterated only once?)")
+        return (total / seen).to(ctx.class_prototypes.dtype)
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:

@@ -198,6 +198,28 @@ def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):
     torch.testing.assert_close(det.ood_prototype_, feats.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_mixup_refuses_a_loader_empty_on_its_second_pass(trained):
+    """A loader that gave nothing on mixup's mixing pass made the origin the prototype."""
+    from grood.prototypes import PrototypeContext
+    from grood.sources import ModelContext
+
+    model, x, y = trained
+
+    class Once:  # yields its batch on the first iteration only
+        def __init__(self):
+            self.used = False
+
+        def __iter__(self):
+            batches = [] if self.used else [(x, y)]
+            self.used = True
+            return iter(batches)
+
+    ex = FeatureExtractor(model, features="8")
+    ctx = PrototypeContext(ex(x).features[:3], {"model": ModelContext(ex, Once(), (1, 8, 8))})
+    with pytest.raises(ValueError, match="mixup's pass over the training loader yielded no"):
+        Mixup(layer="2").build(ctx)
+
+
 def test_mixup_and_noise_are_finite_deterministic_and_differ(trained):
     model, x, y = trained
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
