@@ -525,6 +525,9 @@ def knn(
     Returns:
         tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
         indices [Q, k]. When M < k the missing entries are ``inf`` and ``-1`` (as in faiss).
+        Values are not checked (that would read them on the host): a query with NaN gets no
+        neighbour (``inf``, ``-1``) and database rows with NaN are never found; the indexes of
+        :mod:`grood.index` refuse both by row.
     """
     _check_dims("queries", queries, 2)
     _check_dims("database", database, 2, queries.shape[1], "queries")

@@ -40,7 +40,7 @@ def test_exact_index_refuses_wrong_shape_and_empty_search():
 @pytest.mark.parametrize("kind", ["exact", "faiss-flat", "faiss-ivf"])
 def test_non_finite_or_integer_vectors_are_refused(kind):
     """A NaN row would silently never be found and an Inf row found wrongly: refused, named
-    by its row number in the index; nothing is added."""
+    by its row number in the index; nothing is added. Queries are checked the same way."""
     if kind != "exact":
         pytest.importorskip("faiss")
     index = make_index(kind, 4, dtype=torch.float32, device=torch.device("cpu"),
@@ -53,6 +53,14 @@ def test_non_finite_or_integer_vectors_are_refused(kind):
     with pytest.raises(TypeError, match="floating point"):
         index.add(torch.zeros(2, 4, dtype=torch.int64))
     assert index.ntotal == 3
+    # Queries too: a NaN query found no neighbour (distance inf, index -1), silently.
+    for bad_rows in (bad, bad.double()):
+        with pytest.raises(ValueError, match=r"queries contains NaN or Inf in row\(s\) 2"):
+            index.search(bad_rows, 1)
+    with pytest.raises(ValueError, match=r"queries must have shape \[n, 4\], got \(4,\)"):
+        index.search(torch.zeros(4), 1)
+    with pytest.raises(TypeError, match="queries must be floating point"):
+        index.search(torch.zeros(2, 4, dtype=torch.int64), 1)
 
 
 def test_unknown_index_and_options_are_named():
