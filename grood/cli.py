@@ -158,10 +158,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target
     from grood.report import METRIC_LABELS, markdown_table
 
+    inputs = {"detector file": args.detector, "ID feature file": args.id,
+              **{f"OOD feature file {p}": p for p in args.ood}}
     if args.json:
-        save_target(args.json, suffixes=None, what="metrics",
-                    inputs={"detector file": args.detector, "ID feature file": args.id,
-                            **{f"OOD feature file {p}": p for p in args.ood}})
+        save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
+    plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     id_data = load_features(args.id)
     with _naming(args.id):  # several feature files: an error says which one
@@ -171,11 +172,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
                              "(one per feature row)")
     rows, results = [], {}
+    id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
+    sets = {id_key: id_scores}
     for path in args.ood:
         with _naming(path):
             ood_scores = np.asarray(det.score_samples(load_features(path).features))
         m = ood_metrics(id_scores, ood_scores)
         results[str(path)] = m
+        sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
         rows.append([str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)])
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
@@ -186,7 +190,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(["OOD set", "n", *METRIC_LABELS.values()], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if plots is not None:
+        from grood.report import plot_histograms, plot_roc
+
+        scores = {"GROOD": sets}
+        written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0]),
+                   plot_histograms(scores, plots[1])]
+        print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)")
     return 0
+
+
+def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
+    """``grood eval --plots``: the two PNG files in ``folder`` (made if missing), checked, and
+    matplotlib imported, before any scoring."""
+    from grood.persistence import save_target
+    from grood.report import pyplot
+
+    pyplot()  # a missing extra is named now, not after the scoring
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--plots takes a folder; {folder} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    return (save_target(out / "roc.png", suffixes=(".png",), what="plots", inputs=inputs),
+            save_target(out / "histograms.png", suffixes=(".png",), what="plots",
+                        inputs=inputs))
 
 
 @contextmanager
@@ -310,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("detector", help="detector file written by 'grood fit'")
     ev.add_argument("--id", required=True, help="in-distribution test feature file")
     ev.add_argument("--ood", required=True, nargs="+", help="OOD feature file(s)")
+    ev.add_argument("--plots", metavar="DIR",
+                    help="also draw ROC curves (DIR/roc.png) and score histograms "
+                         "(DIR/histograms.png); needs matplotlib (grood[plots])")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     ev.add_argument("--backend", choices=BACKENDS, default=None,

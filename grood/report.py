@@ -56,7 +56,8 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
     return out
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; a missing extra is named."""
     matplotlib = require("matplotlib", extra="plots",
                          purpose="plotting ROC curves and score histograms")
     matplotlib.use("Agg")
@@ -65,9 +66,22 @@ def _pyplot():
     return plt
 
 
+def _grid(plt, panels: int, size: tuple[float, float]):
+    """A figure of ``panels`` panels, three to a row; returns it and the used axes (the
+    unused ones are hidden)."""
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows),
+                             squeeze=False)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:panels]
+
+
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
              ood_names: Sequence[str], path: str | os.PathLike) -> Path:
-    """ROC curves (OOD positive), one panel per OOD set and one curve per method.
+    """ROC curves (OOD positive), one panel per OOD set (three to a row) and one curve per
+    method.
 
     Args:
         scores: ``scores[method][dataset]`` arrays (higher = ID).
@@ -75,13 +89,12 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         ood_names: keys of the OOD datasets, one panel each.
         path: the PNG file to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not ood_names:
         raise ValueError("no OOD datasets to plot: ood_names is empty")
     scores = _checked(scores, [id_name, *ood_names])
-    fig, axes = plt.subplots(1, len(ood_names), figsize=(5 * len(ood_names), 4.6),
-                             squeeze=False)
-    for ax, ood in zip(axes[0], ood_names, strict=True):
+    fig, axes = _grid(plt, len(ood_names), (5.0, 4.6))
+    for ax, ood in zip(axes, ood_names, strict=True):
         for method, by_set in scores.items():
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
             area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
@@ -101,13 +114,11 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike) -> Path:
     """Score histograms, one panel per method, one colour per dataset."""
-    plt = _pyplot()
+    plt = pyplot()
     scores = _checked(scores)
     methods = list(scores)
-    cols = min(3, len(methods))
-    rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    for ax, method in zip(axes.flat, methods, strict=False):
+    fig, axes = _grid(plt, len(methods), (4.6, 3.4))
+    for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
         lo = min(float(np.min(v)) for v in by_set.values())
         hi = max(float(np.max(v)) for v in by_set.values())
@@ -121,8 +132,6 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         ax.set_yscale("log")
         ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(methods):]:
-        ax.axis("off")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

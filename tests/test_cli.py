@@ -97,6 +97,27 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
 
 
+def test_eval_draws_roc_curves_and_histograms(tmp_path, capsys):
+    """``grood eval --plots DIR`` writes two PNGs (the folder made if missing); a folder that
+    is a file is refused before any scoring."""
+    pytest.importorskip("matplotlib")
+    x, y = clustered_features(60, 3, 8, seed=0, spread=0.2, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x[:40], labels=y[:40])
+    _write(tmp_path / "test.npy", features=x[40:])
+    oods = [tmp_path / f"ood{i}.npy" for i in range(4)]  # four panels: two rows of ROC curves
+    for i, path in enumerate(oods):
+        _write(path, features=torch.rand(15, 8) * (i + 2))
+    det = tmp_path / "det.safetensors"
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det)]) == 0
+    args = ["eval", str(det), "--id", str(tmp_path / "test.npy"), "--ood", *map(str, oods)]
+    assert main([*args, "--plots", str(tmp_path / "figs" / "run1")]) == 0
+    assert "(ROC curves)" in capsys.readouterr().out
+    for name in ("roc.png", "histograms.png"):
+        assert (tmp_path / "figs" / "run1" / name).read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--plots", str(tmp_path / "test.npy")]) == 2
+    assert "--plots takes a folder" in capsys.readouterr().err
+
+
 def test_fit_with_ood_features_file(tmp_path, capsys):
     x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
     _write(tmp_path / "t.npz", features=x, labels=y)
