@@ -60,9 +60,10 @@ def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_clas
                          f"logits and the first batch {'has' if with_logits else 'has none'}: "
                          "logits decide which rows are indexed, so give them for every batch "
                          "or for none")
-    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes, allow_empty=True)
     if lb is not None:
         if lb.shape != (xb.shape[0], n_classes):
             raise ValueError(f"logits of shape {tuple(lb.shape)} do not match "
                              f"{xb.shape[0]} rows and {n_classes} classes")
         check_finite_rows(lb, "logits", row_offset=offset)
+    check_labels(yb, "labels", xb.shape[0], n_classes=n_classes, allow_empty=True,
+                 n_classes_from="the logits' columns" if lb is not None else "n_classes")

@@ -134,9 +134,9 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
 
 
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,
-                 allow_empty: bool = False) -> None:
+                 n_classes_from: str = "", allow_empty: bool = False) -> None:
     """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for
-    an empty batch, when allowed)."""
+    an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from."""
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
         raise TypeError(
             f"{name} must hold integer class ids, got dtype {str(y.dtype).removeprefix('torch.')}"
@@ -153,7 +153,8 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
     if lo < 0:
         raise ValueError(f"{name} must be >= 0, found {lo}")
     if n_classes is not None and hi >= n_classes:
-        raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes")
+        raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes"
+                         + (f" ({n_classes_from})" if n_classes_from else ""))
 
 
 def check_device(device: Any) -> torch.device | None:

@@ -60,7 +60,8 @@ def training_arrays(features: Any, labels: Any, logits: Any
         check_matrix(lg, "logits")
         if lg.shape[0] != x.shape[0]:
             raise ValueError(f"logits has {lg.shape[0]} rows but features have {x.shape[0]}")
-    check_labels(y, "labels", x.shape[0], n_classes=None if lg is None else lg.shape[1])
+    check_labels(y, "labels", x.shape[0], n_classes=None if lg is None else lg.shape[1],
+                 n_classes_from="the logits' columns")
     return x, y, lg
 
 

@@ -175,7 +175,7 @@ def _bad_fit_cases():
         ("length-mismatch", (x, y[:-1]), {}, ValueError, "labels has 79 entries"),
         ("empty-class", (x, gap_y), {}, ValueError, r"class\(es\) 2 have no training samples"),
         ("label-vs-logits", (x, y), {"logits": torch.randn(80, 3)}, ValueError,
-         "class id 3, out of range for 3 classes"),
+         r"class id 3, out of range for 3 classes \(the logits' columns\)"),
         ("logits-rows", (x, y), {"logits": torch.randn(79, 4)}, ValueError,
          "logits has 79 rows"),
         ("nan-logits", (x, y), {"logits": torch.full((80, 4), float("nan"))}, ValueError,

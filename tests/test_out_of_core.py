@@ -80,6 +80,11 @@ def test_fit_batches_takes_empty_batches_and_refuses_mixed_logits():
     for bad in (0, 4.0, "4"):
         with pytest.raises(ValueError, match="n_classes must be a positive integer"):
             GROOD().fit_batches([(x, y)], n_classes=bad)
+    # A label beyond the class count says where the count came from.
+    with pytest.raises(ValueError, match=r"class id 3, out of range for 3 classes \(n_classes\)"):
+        GROOD().fit_batches([(x, y)], n_classes=3)
+    with pytest.raises(ValueError, match=r"out of range for 3 classes \(the logits' columns\)"):
+        GROOD().fit_batches([(x, y, logits[:, :3])])
 
 
 def test_memmap_input_equals_in_memory(tmp_path):
