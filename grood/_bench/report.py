@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "grood bench") -> int:
     """Entry point of ``grood bench`` and ``bench/gpu_report.py``."""
     from grood.persistence import save_target
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0].replace("``", "'"))  # plain text
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.json:  # a usage error before any kernel runs (a run can take minutes)
