@@ -32,6 +32,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     RERANK_EXTRA,
     NCPGradient,
     check_dense,
+    check_has_columns,
     check_precision,
     kept_per_prototypes,
     lex_sort,
@@ -192,6 +193,7 @@ def ncp_gradient(
     n, c = h.shape[0], prototypes.shape[0]
     if c == 0:
         raise ValueError("prototypes is empty: need at least one class")
+    check_has_columns(d, "h and the prototypes")
     dt = compute_dtype(torch.promote_types(torch.promote_types(h.dtype, prototypes.dtype),
                                            ood_prototype.dtype))
     if dt == torch.float64:
@@ -533,6 +535,7 @@ def knn(
     _check_dims("database", database, 2, queries.shape[1], "queries")
     _check_same_device(queries, database)
     check_dense(database_sq_norms=database_sq_norms, rerank_database=rerank_database)
+    check_has_columns(queries.shape[1], "queries and the database")
     k = check_positive_int(k, "k")
     (block_size,) = _block_sizes(block_size=block_size)
     check_precision(precision)

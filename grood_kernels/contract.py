@@ -62,6 +62,13 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def check_has_columns(d: int, what: str) -> None:
+    """Refuse vectors of dimension 0 (every distance would be 0; the kernels' tiling divides
+    by D)."""
+    if d == 0:
+        raise ValueError(f"{what} have dimension 0: vectors need at least one component")
+
+
 def check_dense(**tensors: Tensor | None) -> None:
     """Refuse sparse (or other non-strided) tensors by name, before any kernel or torch op
     fails on them with an error about storage or a missing backend."""

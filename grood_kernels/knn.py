@@ -47,6 +47,7 @@ from grood_kernels.contract import (
     KERNEL_DTYPES,
     RERANK_EXTRA,
     check_dense,
+    check_has_columns,
     check_precision,
     lex_order,
 )
@@ -261,6 +262,7 @@ def knn(
                          f"{tuple(queries.shape)} and {tuple(database.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_has_columns(queries.shape[1], "queries and the database")
     for name, t in (("queries", queries), ("database", database)):
         if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton knn takes float32, float16 or bfloat16; {name} is "

@@ -70,6 +70,7 @@ from grood_kernels.contract import (
     NCP_CANDIDATES,
     NCPGradient,
     check_dense,
+    check_has_columns,
     check_precision,
     ncp_scale,
 )
@@ -454,6 +455,7 @@ def ncp_gradient(
                          f"ood_prototype {ood_prototype.shape[0]}")
     if c == 0:
         raise ValueError("prototypes is empty: need at least one class")
+    check_has_columns(d, "h and the prototypes")
     for name, t in (("h", h), ("prototypes", prototypes), ("ood_prototype", ood_prototype)):
         if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton ncp_gradient takes float32, float16 or bfloat16; "

@@ -130,3 +130,14 @@ def test_ncp_gradient_refuses_tracked_inputs_with_a_clear_error(backend):
     # The custom ops run their implementations with grad mode off: the forward pass works.
     torch.ops.grood.ncp_gradient(h, protos, protos.mean(0))
     torch.ops.grood.knn(h, protos, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vectors_of_dimension_zero_are_refused(backend):
+    """D = 0 crashed in the tiling (ZeroDivisionError) or in an empty reduction, and the torch
+    knn returned distance 0 to everything; every op now names it."""
+    h, protos, p_ood = torch.zeros(3, 0), torch.zeros(2, 0), torch.zeros(0)
+    with pytest.raises(ValueError, match="h and the prototypes have dimension 0"):
+        ops.ncp_gradient(h, protos, p_ood, backend=backend)
+    with pytest.raises(ValueError, match="queries and the database have dimension 0"):
+        ops.knn(h, protos, 1, backend=backend)
