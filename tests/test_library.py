@@ -197,6 +197,21 @@ def test_head_has_no_graph_break_and_exports(fitted):
     assert torch.equal(score, want[0]) and torch.equal(pred, want[1])
 
 
+def test_head_exports_with_a_dynamic_batch_and_reloads(fitted, tmp_path):
+    """One exported program for every batch size, saved and loaded with torch.export (the
+    ops are found again once grood is imported)."""
+    det, test = fitted
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(det.as_module(), (test[:5],),
+                                   dynamic_shapes=({0: batch},))
+    torch.export.save(exported, tmp_path / "head.pt2")
+    program = torch.export.load(tmp_path / "head.pt2").module()
+    for n in (1, 7, test.shape[0]):
+        score, pred = program(test[:n])
+        assert torch.equal(score, det.score_samples(test[:n]))
+        assert torch.equal(pred, det.predict(test[:n]))
+
+
 @pytest.mark.slow
 def test_head_compiles_with_fullgraph(fitted):
     det, test = fitted
