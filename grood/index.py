@@ -117,6 +117,10 @@ class GradientIndex(ABC):
         check_finite_rows(x, name, row_offset=self.ntotal if name == "index vectors" else 0)
 
 
+#: Rows converted at a time when the exact index makes its half-precision copy (bounds the
+#: temporary a device-to-device conversion needs).
+STORAGE_CHUNK_ROWS = 65536
+
 #: Index classes by ``kind``; filled by :func:`register_index`.
 INDEXES: dict[str, type[GradientIndex]] = {}
 
@@ -250,15 +254,19 @@ class ExactIndex(GradientIndex):
         """The vectors the candidate GEMM reads: the exact ones, or their stored copy."""
         if self.storage is None:
             return self.vectors
-        if self._stored is None:
-            self._stored = torch.empty((self._n, self.dim), dtype=self.storage,
-                                       device=self.device)
-            for m0 in range(0, self._n, 65536):
-                self._stored[m0:m0 + 65536] = self._buf[m0:min(m0 + 65536, self._n)].to(
+        stored = self._stored
+        if stored is None:
+            # Filled in full before it is published: a thread scoring at the same time must
+            # not find a half-written copy (two threads that miss together both make one).
+            stored = torch.empty((self._n, self.dim), dtype=self.storage, device=self.device)
+            step = STORAGE_CHUNK_ROWS
+            for m0 in range(0, self._n, step):
+                stored[m0:m0 + step] = self._buf[m0:min(m0 + step, self._n)].to(
                     self.device, self.storage)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
-        return self._stored
+            self._stored = stored
+        return stored
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Exact k-NN: ``(D, I)``, squared L2 distances [Q, k] and int64 indices [Q, k]."""

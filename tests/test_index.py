@@ -1,6 +1,7 @@
 """Gradient index kinds: exact, faiss-flat and faiss-ivf; building, search, save/load."""
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -304,3 +305,23 @@ def test_detectors_with_a_faiss_index_pickle_and_deepcopy(kind):
     assert copied.index_.ntotal == det.index_.ntotal + 2
     if kind == "faiss-ivf":
         assert copied.index_.index.nprobe == 3
+
+
+def test_threads_scoring_a_fresh_half_precision_index_see_a_whole_copy(monkeypatch):
+    """The half-precision copy is made at the first search. It was published before it was
+    filled, so threads scoring a fresh detector at once searched half-written rows and gave
+    other scores than one thread (seen with 8 threads and the default chunk; a chunk of a few
+    rows widens the window)."""
+    import grood.index
+
+    monkeypatch.setattr(grood.index, "STORAGE_CHUNK_ROWS", 4)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2000, 16, generator=gen), torch.randint(0, 5, (2000,), generator=gen)
+    queries = [torch.rand(64, 16, generator=gen) for _ in range(8)]
+    want = [GROOD(k=2, index_options={"storage": "bfloat16"}).fit(x, y).score_samples(q)
+            for q in queries]
+    for _ in range(3):
+        det = GROOD(k=2, index_options={"storage": "bfloat16"}).fit(x, y)
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(det.score_samples, queries))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
