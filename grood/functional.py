@@ -25,7 +25,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from grood._checks import check_not_tracked, check_positive_int, compute_dtype
+from grood._checks import (
+    check_finite_rows,
+    check_not_tracked,
+    check_positive_int,
+    compute_dtype,
+)
 from grood_kernels.contract import (  # shared with the kernels, re-exported here
     NCP_CANDIDATES,
     PRECISIONS,
@@ -337,6 +342,7 @@ def class_prototypes(
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), "
                          f"found [{int(labels.min())}, {int(labels.max())}]")
+    check_finite_rows(features, "features")  # a NaN row would make its class's mean NaN
     d = features.shape[1]
     if state is None:
         sums = torch.zeros((num_classes, d), dtype=torch.float64, device=features.device)
@@ -347,6 +353,12 @@ def class_prototypes(
                 f"state holds sums of shape {tuple(state.sums.shape)}, "
                 f"expected {(num_classes, d)}"
             )
+        if state.sums.dtype != torch.float64 or state.counts.dtype != torch.int64 or \
+                tuple(state.counts.shape) != (num_classes,):
+            raise ValueError(
+                "state must hold float64 sums [C, D] and int64 counts [C], as "
+                f"class_prototypes returns them; got {state.sums.dtype} sums and "
+                f"{state.counts.dtype} counts of shape {tuple(state.counts.shape)}")
         sums, counts = state.sums.clone(), state.counts.clone()
     sums.index_add_(0, labels, features.to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)

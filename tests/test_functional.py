@@ -322,6 +322,22 @@ def test_class_prototypes_label_range():
         F.class_prototypes(torch.rand(3, 2), torch.tensor([0, 1, 2]), 2)
 
 
+def test_class_prototypes_refuses_non_finite_rows_and_a_state_of_other_dtypes():
+    """A NaN row made its class's prototype NaN, silently; float32 sums in a hand-made state
+    failed inside index_add_."""
+    x, y = torch.rand(4, 3), torch.tensor([0, 1, 0, 1])
+    bad = x.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"features contains NaN or Inf in row\(s\) 2"):
+        F.class_prototypes(bad, y, 2)
+    state = F.class_prototypes(x, y, 2)
+    for wrong in (F.PrototypeState(state.sums.float(), state.counts),
+                  F.PrototypeState(state.sums, state.counts.int()),
+                  F.PrototypeState(state.sums, state.counts[:1])):
+        with pytest.raises(ValueError, match="state must hold float64 sums"):
+            F.class_prototypes(x, y, 2, state=wrong)
+
+
 KNN_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 3), (9, 37, 11, 1), (9, 37, 11, 4), (64, 65, 8, 16)]
 
 
