@@ -184,7 +184,9 @@ def ncp_gradient(
         distances do not fit the compute dtype in those units (features some 2**60 times the
         prototypes' magnitude, in float32) comes out non-finite. Such rows are far beyond what
         the float32 softmax resolves anyway: the detector redoes them in float64
-        (:func:`grood._gradients.resolve_far_rows`).
+        (:func:`grood._gradients.resolve_far_rows`). Values of ``h`` are not checked (that
+        would read them on the host): a row with NaN or Inf comes out with NaN ``q_ood`` and
+        ``grad``; the detector and the head check rows before this op.
     """
     _check_dims("h", h, 2)
     d = h.shape[1]
