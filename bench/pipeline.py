@@ -133,12 +133,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``grood bench --pipeline``)."""
     parser.add_argument("--scale", type=positive_real_arg, default=1.0,
                         help="fraction of the ImageNet-1k row counts (default 1.0)")
-    parser.add_argument("--classes", type=positive_int_arg, default=FULL["classes"])
-    parser.add_argument("--dim", type=positive_int_arg, default=FULL["dim"])
+    parser.add_argument("--classes", type=positive_int_arg, default=FULL["classes"],
+                        help="classes C (default: %(default)s)")
+    parser.add_argument("--dim", type=positive_int_arg, default=FULL["dim"],
+                        help="feature dimension D (default: %(default)s)")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"], type=bench_device_arg,
                         help="cuda or cpu (default: cuda if present)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3", "bf16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                        help="implementation of the hot paths (default: %(default)s)")
+    parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3", "bf16"],
+                        help="GEMM precision (default: %(default)s)")
     parser.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],
                         default="float32", help="dtype the index is searched in (re-ranked "
                         "on the fp32 rows)")
