@@ -164,3 +164,6 @@ def test_openood_reference_mode_refuses_an_index_of_its_own():
     with pytest.raises(ValueError, match="index_options cannot be given"):
         GROODPostprocessor(reference=True, index_options={"nprobe": 8})
     assert GROODPostprocessor(index="exact").grood_kwargs == {"index": "exact"}
+    post = GROODPostprocessor(reference=True)  # the official rule counts the loader's batches
+    with pytest.raises(ValueError, match="needs a training loader with a length"):
+        post.setup(_trained_net(), {"train": (b for b in _loader(30, 0))}, {})

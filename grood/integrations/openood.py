@@ -101,6 +101,10 @@ class GROODPostprocessor(_Base):  # type: ignore[misc]
         kwargs = dict(self.grood_kwargs)
         train = id_loader_dict["train"]
         if self.reference:
+            if not hasattr(train, "__len__"):  # a generator: the rule counts the batches
+                raise ValueError("reference=True needs a training loader with a length (the "
+                                 "official index is trained on a share of its batches); "
+                                 f"got {type(train).__name__}")
             kwargs["index"] = "faiss-ivf"
             kwargs["index_options"] = {"nprobe": 4, "loader_batches": len(train),
                                        "omit_batch_t": self.omit_batch_t}
