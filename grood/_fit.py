@@ -22,6 +22,7 @@ from grood._checks import (
     check_class_count,
     check_labels,
     check_matrix,
+    compute_dtype,
     ordinary,
 )
 from grood._gradients import GradientStep
@@ -63,6 +64,21 @@ def training_arrays(features: Any, labels: Any, logits: Any
     check_labels(y, "labels", x.shape[0], n_classes=None if lg is None else lg.shape[1],
                  n_classes_from="the logits' columns")
     return x, y, lg
+
+
+def check_ranks_agree(det: Any, source: OODPrototypeSource, features: Tensor,
+                      logits: Tensor | None, n_classes: int | None = None) -> None:
+    """In a distributed fit, refuse ranks whose settings or feature layout differ (the
+    collectives that follow would abort or hang on mismatched shapes), on every rank."""
+    if det.distributed:
+        dist.check_agree({
+            "feature dimension": features.shape[1],
+            "feature dtype": str(compute_dtype(features.dtype)).removeprefix("torch."),
+            "logit columns": None if logits is None else logits.shape[1],
+            "n_classes": n_classes,
+            "ood_prototype": {"name": source.name, "params": source.params()},
+            **{name: getattr(det, name) for name in ("k", "index", "index_options",
+                                                     "precision", "backend")}}, "fit")
 
 
 def class_count(n_classes: int, n_rows: int, distributed: bool) -> int:

@@ -29,7 +29,14 @@ from grood._checks import (
     check_positive_int,
     compute_dtype,
 )
-from grood._fit import FittedState, check_inputs, class_count, fit_passes, training_arrays
+from grood._fit import (
+    FittedState,
+    check_inputs,
+    check_ranks_agree,
+    class_count,
+    fit_passes,
+    training_arrays,
+)
 from grood._gradients import GradientStep
 from grood._params import Parameters
 from grood._progress import progress
@@ -142,6 +149,7 @@ class GROOD(Parameters, ModelFrontEnd):
         source = self._check_params()
         x, y, lg = training_arrays(features, labels, logits)
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
+        check_ranks_agree(self, source, x, lg)
         if n_classes is None:
             n_classes = class_count(int(y.max()) + 1, n, self.distributed)
         inputs = {} if ood_features is None else {"ood_features": ood_features}
@@ -200,6 +208,7 @@ class GROOD(Parameters, ModelFrontEnd):
         check_inputs(source, inputs, where)
         first = peek_batch(batches)
         d = first[0].shape[1]
+        check_ranks_agree(self, source, first[0], first[2], n_classes)
         device = torch.device(self.device) if self.device is not None else first[0].device
         if n_classes is not None:
             n_classes = check_positive_int(n_classes, "n_classes")
@@ -283,7 +292,7 @@ class GROOD(Parameters, ModelFrontEnd):
         n = x.shape[0]
         n_batches = -(-n // self.batch_size)
         if self._sharded and with_scores:  # every rank joins every collective search
-            n_batches = int(dist.all_reduce(torch.tensor([n_batches]), "max"))
+            n_batches = sharded_batch_count(self, n_batches, x.dtype)
         with progress(total=n, desc="grood score", unit="rows", enabled=self.progress,
                       unit_scale=True) as bar:
             for b in range(n_batches):
@@ -355,6 +364,16 @@ class GROOD(Parameters, ModelFrontEnd):
         return persistence.load(cls, Path(path), device=check_device(device),
                                 distributed=check_flag(distributed, "distributed"),
                                 backend=backend)
+
+
+def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype) -> int:
+    """The most batches any rank of a sharded detector scores (every rank joins every search),
+    after checking the ranks search alike (k, the queries' dtype): ranks that differ would
+    exchange lists of other shapes, which aborts in gloo and hangs in NCCL."""
+    out_dtype = torch.promote_types(det.dtype_, compute_dtype(dtype))
+    dist.check_agree({"k": det.k, "feature dtype": str(out_dtype).removeprefix("torch.")},
+                     "score")
+    return int(dist.all_reduce(torch.tensor([n_batches]), "max"))
 
 
 def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:

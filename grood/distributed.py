@@ -16,6 +16,9 @@ grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``t
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -71,6 +74,22 @@ def all_gather_rows(t: Tensor) -> list[Tensor]:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
     return [o[: int(s)].to(t.device) for o, s in zip(out, sizes, strict=True)]
+
+
+def check_agree(fields: dict[str, Any], what: str) -> None:
+    """Raise on every rank unless every rank passes equal ``fields`` (JSON values), naming
+    the first field that differs and each rank's value. A collective: every rank calls it at
+    the same point, before collectives whose shapes depend on those fields (ranks that
+    disagree there abort in gloo or hang in NCCL)."""
+    blob = json.dumps(fields, sort_keys=True, default=repr).encode()
+    views = [json.loads(bytes(t.tolist())) for t in
+             all_gather_rows(torch.tensor(list(blob), dtype=torch.uint8))]
+    for key in fields:
+        values = [view.get(key) for view in views]
+        if any(v != values[0] for v in values[1:]):
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise ValueError(f"the ranks of a distributed {what} disagree on {key} ({shown}); "
+                             "every rank must give the same settings and feature layout")
 
 
 def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, Tensor]:

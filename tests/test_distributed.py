@@ -103,6 +103,60 @@ def test_sharded_manifest_detects_a_damaged_shard(tmp_path):
         GROOD.load(tmp_path / "det.json")
 
 
+def _disagreeing_worker(rank, world, tmp):
+    """Ranks that differ in what shapes the collectives: each case must raise the same
+    ValueError on every rank (gloo aborted the process, or a rank waited forever), and the
+    process group stays usable afterwards."""
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    errors = {}
+
+    def attempt(name, call):
+        try:
+            call()
+        except ValueError as exc:
+            errors[name] = str(exc)
+
+    try:
+        x, y, logits, test, _ = _data()
+        part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
+        xr, yr = part(x), part(y)
+        attempt("dimension", lambda: GROOD(distributed=True).fit(
+            xr if rank == 0 else torch.cat([xr, xr[:, :1]], 1), yr))
+        attempt("source", lambda: GROOD(distributed=True, ood_prototype="mean" if rank == 0
+                                        else "features").fit(xr, yr, ood_features=xr[:3]
+                                                             if rank else None))
+        attempt("logits", lambda: GROOD(distributed=True).fit(
+            xr, yr, logits=part(logits) if rank == 0 else None))
+        det = GROOD(distributed=True).fit(xr, yr)
+        det.k = 1 + rank
+        attempt("score k", lambda: det.score_samples(part(test)))
+        det.k = 1
+        attempt("score dtype", lambda: det.score_samples(part(test).double() if rank
+                                                         else part(test)))
+        torch.save({"errors": errors, "scores": det.score_samples(part(test))},
+                   f"{tmp}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ranks_that_disagree_are_named_on_every_rank(tmp_path):
+    mp.spawn(_disagreeing_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    x, y, _, test, _ = _data()
+    want = {"dimension": "feature dimension (rank 0: 12, rank 1: 13)",
+            "source": "ood_prototype (rank 0: {'name': 'mean'",
+            "logits": "logit columns (rank 0: 5, rank 1: None)",
+            "score k": "a distributed score disagree on k (rank 0: 1, rank 1: 2)",
+            "score dtype": "feature dtype (rank 0: 'float32', rank 1: 'float64')"}
+    single = GROOD().fit(x, y).score_samples(test)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        assert set(res["errors"]) == set(want)
+        for name, text in want.items():
+            assert text in res["errors"][name], (name, res["errors"][name])
+    assert torch.equal(torch.cat([r["scores"] for r in results]), single)
+
+
 def test_distributed_without_a_process_group_is_refused():
     x, y, *_ = _data()
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
