@@ -55,7 +55,12 @@ class Parameters:
             else:
                 setattr(self, name, value)
         for name, sub_params in nested.items():
-            getattr(self, name).set_params(**sub_params)
+            target = getattr(self, name)
+            if not hasattr(target, "set_params") or isinstance(target, type):
+                raise ValueError(f"{type(self).__name__}.{name} is {target!r}, which has no "
+                                 f"parameters to set ({', '.join(sub_params)}); set {name} "
+                                 "to an object that has them")
+            target.set_params(**sub_params)
         return self
 
     def __repr__(self) -> str:

@@ -17,6 +17,8 @@ Sources available here:
 
 from __future__ import annotations
 
+import copy
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +61,42 @@ class OODPrototypeSource(ABC):
     def params(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments, saved with the detector."""
         return {}
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments by name, as scikit-learn reads them: ``GROOD.get_params()``
+        lists them as ``ood_prototype__<name>``, ``set_params`` and grid searches set them,
+        and ``sklearn.base.clone`` rebuilds the source from them. Each is read from the
+        attribute of its name, else from :meth:`params`."""
+        out: dict[str, Any] = {}
+        saved = self.params()
+        for p in list(inspect.signature(type(self).__init__).parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if hasattr(self, p.name):
+                out[p.name] = getattr(self, p.name)
+            elif p.name in saved:
+                out[p.name] = saved[p.name]
+            else:
+                raise TypeError(f"{type(self).__name__} keeps its constructor argument "
+                                f"{p.name!r} neither as self.{p.name} nor in params(); store "
+                                "it under its own name")
+        return out
+
+    def __sklearn_clone__(self) -> OODPrototypeSource:
+        """A new source from copies of this one's arguments (``sklearn.base.clone``; the
+        constructors check and normalise their arguments, which clone's default refuses)."""
+        return type(self)(**copy.deepcopy(self.get_params()))
+
+    def set_params(self, **params: Any) -> OODPrototypeSource:
+        """Set constructor arguments by name, checked as the constructor checks them (the
+        source is rebuilt from all its arguments); unknown names raise ``ValueError``."""
+        current = self.get_params()
+        unknown = sorted(set(params) - set(current))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameter {unknown[0]!r}; valid: "
+                             f"{', '.join(current) or 'none'}")
+        self.__dict__.update(type(self)(**{**current, **params}).__dict__)
+        return self
 
     @abstractmethod
     def build(self, ctx: PrototypeContext) -> Tensor:

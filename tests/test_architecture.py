@@ -15,7 +15,7 @@ import torch
 from conftest import clustered_features
 
 import grood
-from grood import GROOD, KNN, Mahalanobis
+from grood import GROOD, KNN, Mahalanobis, Mixup, UniformNoise
 from grood.cli import main
 from grood.index import (
     INDEXES,
@@ -187,6 +187,29 @@ def test_scikit_learn_clone_and_params():
     # Parameters are stored as given and checked at fit.
     with pytest.raises(ValueError, match="k must be"):
         GROOD(k=0).fit(*clustered_features(30, 3, 4, seed=1, dtype=torch.float32))
+
+
+def test_ood_sources_take_part_in_scikit_learn_parameters():
+    """A source's arguments are ``ood_prototype__<name>`` parameters: listed, set (checked as
+    the constructor checks them) and cloned. Before, ``set_params(ood_prototype__lam=...)``
+    and a grid search over it failed with AttributeError, and cloning a UniformNoise source
+    was refused by scikit-learn (its constructor normalises its ranges)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import ParameterGrid
+
+    det = GROOD(ood_prototype=Mixup(layer="layer2", lam=0.3))
+    assert det.get_params()["ood_prototype__lam"] == 0.3
+    for params in ParameterGrid({"ood_prototype__lam": [0.2, 0.8], "k": [1, 2]}):
+        assert clone(det).set_params(**params).ood_prototype.lam == params["ood_prototype__lam"]
+    assert det.ood_prototype.lam == 0.3  # clones carry their own source
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        det.set_params(ood_prototype__lam=2)
+    with pytest.raises(ValueError, match="Mixup has no parameter 'alpha'"):
+        det.set_params(ood_prototype__alpha=2)
+    with pytest.raises(ValueError, match="ood_prototype is 'mean', which has no parameters"):
+        GROOD().set_params(ood_prototype__lam=0.5)
+    noise = clone(GROOD(ood_prototype=UniformNoise(n_samples=10, sigma_range=(1, 2))))
+    assert noise.ood_prototype.sigma_range == (1.0, 2.0)
 
 
 def test_extension_points_are_exported():
