@@ -62,41 +62,52 @@ class OODPrototypeSource(ABC):
         """JSON-serialisable constructor arguments, saved with the detector."""
         return {}
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Constructor arguments by name, as scikit-learn reads them: ``GROOD.get_params()``
-        lists them as ``ood_prototype__<name>``, ``set_params`` and grid searches set them,
-        and ``sklearn.base.clone`` rebuilds the source from them. Each is read from the
-        attribute of its name, else from :meth:`params`."""
-        out: dict[str, Any] = {}
+    def _arguments(self) -> tuple[dict[str, Any], list[str]]:
+        """Constructor arguments found (the attribute of each name, else :meth:`params`),
+        and the names of those found in neither."""
+        found: dict[str, Any] = {}
+        missing = []
         saved = self.params()
         for p in list(inspect.signature(type(self).__init__).parameters.values())[1:]:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if hasattr(self, p.name):
-                out[p.name] = getattr(self, p.name)
+                found[p.name] = getattr(self, p.name)
             elif p.name in saved:
-                out[p.name] = saved[p.name]
+                found[p.name] = saved[p.name]
             else:
-                raise TypeError(f"{type(self).__name__} keeps its constructor argument "
-                                f"{p.name!r} neither as self.{p.name} nor in params(); store "
-                                "it under its own name")
-        return out
+                missing.append(p.name)
+        return found, missing
 
-    def __sklearn_clone__(self) -> OODPrototypeSource:
-        """A new source from copies of this one's arguments (``sklearn.base.clone``; the
-        constructors check and normalise their arguments, which clone's default refuses)."""
-        return type(self)(**copy.deepcopy(self.get_params()))
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments by name, as scikit-learn reads them: ``GROOD.get_params()``
+        lists them as ``ood_prototype__<name>``, ``set_params`` and grid searches set them,
+        and ``sklearn.base.clone`` rebuilds the source from them. Each is read from the
+        attribute of its name, else from :meth:`params` (arguments kept in neither are not
+        listed, and such a source cannot be given new arguments)."""
+        return self._arguments()[0]
 
     def set_params(self, **params: Any) -> OODPrototypeSource:
         """Set constructor arguments by name, checked as the constructor checks them (the
         source is rebuilt from all its arguments); unknown names raise ``ValueError``."""
-        current = self.get_params()
+        current, missing = self._arguments()
+        if missing:
+            raise TypeError(f"{type(self).__name__} keeps its constructor argument(s) "
+                            f"{', '.join(missing)} neither as attributes of the same name nor "
+                            "in params(), so it cannot be rebuilt with new arguments")
         unknown = sorted(set(params) - set(current))
         if unknown:
             raise ValueError(f"{type(self).__name__} has no parameter {unknown[0]!r}; valid: "
                              f"{', '.join(current) or 'none'}")
         self.__dict__.update(type(self)(**{**current, **params}).__dict__)
         return self
+
+    def __sklearn_clone__(self) -> OODPrototypeSource:
+        """A new source from copies of this one's arguments (``sklearn.base.clone``; the
+        constructors check and normalise their arguments, which clone's default refuses); a
+        deep copy when the arguments cannot all be read back."""
+        args, missing = self._arguments()
+        return copy.deepcopy(self) if missing else type(self)(**copy.deepcopy(args))
 
     @abstractmethod
     def build(self, ctx: PrototypeContext) -> Tensor:

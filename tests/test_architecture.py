@@ -15,7 +15,7 @@ import torch
 from conftest import clustered_features
 
 import grood
-from grood import GROOD, KNN, Mahalanobis, Mixup, UniformNoise
+from grood import GROOD, KNN, Mahalanobis, Mixup, OODPrototypeSource, UniformNoise
 from grood.cli import main
 from grood.index import (
     INDEXES,
@@ -210,6 +210,20 @@ def test_ood_sources_take_part_in_scikit_learn_parameters():
         GROOD().set_params(ood_prototype__lam=0.5)
     noise = clone(GROOD(ood_prototype=UniformNoise(n_samples=10, sigma_range=(1, 2))))
     assert noise.ood_prototype.sigma_range == (1.0, 2.0)
+
+    class Hidden(OODPrototypeSource):  # keeps its argument under another name
+        name = "test-hidden"
+
+        def __init__(self, shift: float = 0.0):
+            self._shift = shift
+
+        def build(self, ctx):
+            return ctx.class_prototypes.mean(0) + self._shift
+
+    hidden = GROOD(ood_prototype=Hidden(0.5))
+    assert clone(hidden).ood_prototype._shift == 0.5  # copied, not rebuilt with defaults
+    with pytest.raises(TypeError, match="cannot be rebuilt with new arguments"):
+        hidden.set_params(ood_prototype__shift=1.0)
 
 
 def test_extension_points_are_exported():
