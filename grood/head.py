@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
-from grood._checks import ordinary
+from grood._checks import check_finite_rows, check_matrix, check_positive_int, ordinary
 from grood._gradients import centred_sq_norms, resolved_rows
-from grood.functional import NCPGradient, database_sq_norms_of
+from grood.functional import NCPGradient, check_precision, database_sq_norms_of
+from grood.ops import check_backend_name
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
@@ -66,15 +67,20 @@ class GROODHead(nn.Module):
 
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
-    tensor in place.
+    tensor in place. The constructor checks them once (shapes that fit together, floating
+    dtypes, finite values) and its settings; the forward reads no value of them.
     """
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
                  index_storage: Tensor | None = None, checks: str = "raise") -> None:
         super().__init__()
+        _check_state(class_prototypes, ood_prototype, index_vectors, index_storage)
+        k = check_positive_int(k, "k")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
+        check_precision(precision)
+        check_backend_name(backend)
         if checks not in CHECKS:
             raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
         # The same squared norms the detector's gradient step and exact index use.
@@ -139,6 +145,28 @@ class GROODHead(nn.Module):
             score = torch.where(bad, float("nan"), score)
             pred = torch.where(bad, -1, pred)
         return score, pred
+
+
+def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
+                 storage: Tensor | None) -> None:
+    """A head's tensors: one fitted state of matching shapes and finite values, checked once
+    (the forward reads no values of them)."""
+    check_matrix(protos, "class_prototypes")
+    d = protos.shape[1]
+    if p_ood.shape != (d,) or not p_ood.is_floating_point():
+        raise ValueError(f"ood_prototype must be a floating-point vector [{d}] (the "
+                         f"prototypes' dimension), got {p_ood.dtype} of shape "
+                         f"{tuple(p_ood.shape)}")
+    check_matrix(vectors, "index_vectors")
+    if vectors.shape[1] != d:
+        raise ValueError(f"index_vectors have dimension {vectors.shape[1]}, the prototypes {d}")
+    if storage is not None and (storage.shape != vectors.shape
+                                or not storage.is_floating_point()):
+        raise ValueError(f"index_storage must be a floating-point copy of index_vectors, shape "
+                         f"{tuple(vectors.shape)}; got {storage.dtype} {tuple(storage.shape)}")
+    for name, t in (("class_prototypes", protos), ("ood_prototype", p_ood[None]),
+                    ("index_vectors", vectors)):
+        check_finite_rows(t, name)
 
 
 class GROODAttached(nn.Module):

@@ -163,6 +163,30 @@ def test_head_names_features_of_the_wrong_shape(fitted):
         functional.ncp_gradient(test[:, :-1], det.class_prototypes_, det.ood_prototype_)
 
 
+def test_head_refuses_a_state_that_does_not_fit_together():
+    """A head built directly from tensors: mismatched widths failed in torch's broadcasting
+    or were blamed on "queries", NaN prototypes were reported as far features at the first
+    forward, and k=0 was accepted until then; each is named at construction now."""
+    protos, p_ood, vectors = torch.rand(3, 4), torch.rand(4), torch.rand(10, 4)
+    nan_protos = protos.clone()
+    nan_protos[1, 2] = float("nan")
+    for args, kwargs, match in [
+        ((protos, torch.rand(5), vectors), {}, r"ood_prototype must be a floating-point "
+                                               r"vector \[4\]"),
+        ((protos, p_ood, torch.rand(10, 5)), {}, "index_vectors have dimension 5, the "
+                                                 "prototypes 4"),
+        ((protos[0], p_ood, vectors), {}, "class_prototypes must be a 2-D array"),
+        ((nan_protos, p_ood, vectors), {}, r"class_prototypes contains NaN or Inf in row\(s\) 1"),
+        ((protos, p_ood, vectors), {"k": 0}, "k must be a positive integer"),
+        ((protos, p_ood, vectors), {"precision": "fp8"}, "precision must be one of"),
+        ((protos, p_ood, vectors), {"backend": "cuda"}, "backend must be one of"),
+        ((protos, p_ood, vectors), {"index_storage": vectors[:5].bfloat16()},
+         "index_storage must be a floating-point copy of index_vectors"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            GROODHead(*args, **kwargs)
+
+
 def test_head_with_half_precision_index_storage():
     x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
     det = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
