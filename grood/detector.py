@@ -305,7 +305,7 @@ class GROOD(Parameters, ModelFrontEnd):
                     dist_k = (dist.search_sharded(self.index_, res.grad, self.k,
                                                   self.shard_sizes_, self.dtype_)
                               if self._sharded else self.index_.search(res.grad, self.k)[0])
-                    check_found(dist_k, self.k, r0, self.index_)
+                    check_found(dist_k, self.k, (r0, r1), self.index_)
                     scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred
@@ -376,11 +376,18 @@ def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype) -> int:
     return int(dist.all_reduce(torch.tensor([n_batches]), "max"))
 
 
-def check_found(dist_k: Tensor, k: int, row_offset: int, index: Any) -> None:
-    """Refuse rows whose k-th neighbour the search did not find. An approximate index (IVF)
-    visits a few inverted lists, which may hold fewer than k vectors: faiss pads the missing
-    neighbours at distance FLT_MAX, a score of -3.4e38 (silently the most OOD sample of any
-    set). Exact searches find every neighbour (k never exceeds the indexed count)."""
+def check_found(dist_k: Tensor, k: int, rows: tuple[int, int], index: Any) -> None:
+    """Refuse a search result of another shape than [rows, k] (an index registered by a user
+    is called here), and rows whose k-th neighbour the search did not find. An approximate
+    index (IVF) visits a few inverted lists, which may hold fewer than k vectors: faiss pads
+    the missing neighbours at distance FLT_MAX, a score of -3.4e38 (silently the most OOD
+    sample of any set). Exact searches find every neighbour (k never exceeds the indexed
+    count)."""
+    row_offset, n_rows = rows[0], rows[1] - rows[0]
+    if tuple(dist_k.shape) != (n_rows, k) or not dist_k.is_floating_point():
+        raise ValueError(f"the {index.kind} index returned distances of shape "
+                         f"{tuple(dist_k.shape)} ({dist_k.dtype}) for {n_rows} queries and "
+                         f"k={k}; GradientIndex.search must return [Q, k] floating distances")
     if not index.approximate:
         return
     missing = (dist_k[:, k - 1] >= torch.finfo(torch.float32).max).nonzero()[:, 0]

@@ -285,6 +285,12 @@ def test_an_index_registered_by_a_user_fits_scores_saves_and_loads(tmp_path):
         assert torch.equal(again.score_samples(x), det.score_samples(x))
         with pytest.raises(ValueError, match="takes index_options scale, not"):
             GROOD(index="test-scan", index_options={"nprobe": 2}).fit(x, y)
+        # A search that returns another shape than [Q, k] is named, not indexed into.
+        det.k = 2
+        det.index_.search = lambda q, k=1: _ScanIndex.search(det.index_, q, 1)
+        with pytest.raises(ValueError, match=r"test-scan index returned distances of shape "
+                                             r"\(90, 1\).*for 90 queries and k=2"):
+            det.score_samples(x)
         assert _ScanIndex.kind in [a for a in _cli_index_choices()]
     finally:
         INDEXES.pop("test-scan", None)
