@@ -123,6 +123,10 @@ SOURCES: dict[str, type[OODPrototypeSource]] = {}
 
 def register_source(cls: type[OODPrototypeSource]) -> type[OODPrototypeSource]:
     """Class decorator that makes a source available by its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, OODPrototypeSource)):
+        raise TypeError(f"register_source takes an OODPrototypeSource subclass, got {cls!r}")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty string 'name'")
     if cls.name in SOURCES and SOURCES[cls.name] is not cls:
         raise ValueError(f"an OOD prototype source named {cls.name!r} is already registered")
     SOURCES[cls.name] = cls

@@ -319,6 +319,22 @@ def test_register_index_refuses_what_is_not_an_index():
                    backend="torch", options={"nlist": 3})
 
 
+def test_register_source_refuses_what_is_not_a_source():
+    """register_source read ``cls.name`` of anything (AttributeError for a class without
+    one) and registered a name of None."""
+    from grood import register_source
+
+    with pytest.raises(TypeError, match="OODPrototypeSource subclass"):
+        register_source(dict)  # type: ignore[arg-type]
+
+    class Nameless(OODPrototypeSource):
+        def build(self, ctx):
+            return ctx.class_prototypes.mean(0)
+
+    with pytest.raises(TypeError, match="Nameless needs a non-empty string 'name'"):
+        register_source(Nameless)
+
+
 def test_a_damaged_detector_file_is_a_detector_file_error(tmp_path, capsys):
     x, y = clustered_features(30, 3, 4, seed=3, dtype=torch.float32)
     path = tmp_path / "d.safetensors"
