@@ -643,3 +643,30 @@ def test_flags_must_be_booleans(tmp_path):
     det.save(tmp_path / "d.safetensors")
     with pytest.raises(ValueError, match="distributed must be True or False"):
         GROOD.load(tmp_path / "d.safetensors", distributed="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_row_check_finds_every_non_finite_row_and_only_those(dtype):
+    """The check reads rows' sums first (one pass, no [N, D] temporary) and looks element by
+    element only where a sum is not finite: rows whose finite values overflow the sum pass,
+    a row with +inf and -inf (sum NaN) and one with a single NaN are named, with the offset."""
+    from grood._checks import check_finite_rows
+
+    big = torch.finfo(dtype).max
+    x = torch.rand(9, 6).to(dtype)
+    x[1] = big  # finite, but its sum overflows
+    check_finite_rows(x, "features")
+    for rows, values in (([4], [float("nan")]), ([2, 7], [float("inf"), -float("inf")]),
+                         ([0, 8], [float("nan"), float("inf")])):
+        bad = x.clone()
+        for r, v in zip(rows, values, strict=True):
+            bad[r, 3] = v
+        bad[rows[0], 4] = -float("inf")  # +inf and -inf in one row sum to NaN
+        shown = ", ".join(str(r + 100) for r in sorted(rows))
+        with pytest.raises(ValueError, match=rf"features contains NaN or Inf in row\(s\) "
+                                             rf"{shown}$"):
+            check_finite_rows(bad, "features", row_offset=100)
+    vector = torch.ones(5, dtype=dtype)
+    vector[2] = float("nan")
+    with pytest.raises(ValueError, match=r"row\(s\) 2"):
+        check_finite_rows(vector, "ood_prototype")
