@@ -146,7 +146,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
             n_classes = lb.shape[1]
         with_logits = lb is not None if with_logits is None else with_logits
         check_batch(xb, yb, lb, d, n_classes, n, with_logits)
-        state = class_prototypes(xb, yb, n_classes, state=state)
+        state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
         n += xb.shape[0]
     if state is None:
         raise ValueError("the training data is empty")

@@ -191,7 +191,7 @@ class Mahalanobis(_Baseline):
         scatter = torch.zeros((d, d), dtype=torch.float64, device=x.device)
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
-            state = class_prototypes(xb, y[r0:r1], n_classes, state=state)
+            state = class_prototypes(xb, y[r0:r1], n_classes, state=state, in_place=True)
             scatter += xb.T @ xb
         means = state.prototypes(torch.float64)
         counts = state.counts.to(torch.float64)

@@ -322,6 +322,23 @@ def test_class_prototypes_label_range():
         F.class_prototypes(torch.rand(3, 2), torch.tensor([0, 1, 2]), 2)
 
 
+def test_class_prototypes_in_pieces_and_in_place_give_the_same_sums(monkeypatch):
+    """The CPU widens a batch to float64 a piece at a time (the same additions in the same
+    order: bit-identical sums); ``in_place`` adds to the given state's tensors, while the
+    default leaves them as they were."""
+    x, y = clustered_features(103, 5, 7, seed=4, dtype=torch.float32)
+    whole = torch.zeros(5, 7, dtype=torch.float64).index_add_(0, y, x.double())
+    monkeypatch.setattr(F, "PROTOTYPE_CHUNK_ELEMENTS", 7 * 10)  # pieces of 10 rows
+    state = F.class_prototypes(x, y, 5)
+    assert torch.equal(state.sums, whole)
+    before = state.sums.clone()
+    copied = F.class_prototypes(x[:40], y[:40], 5, state=state)
+    assert torch.equal(state.sums, before) and copied.sums is not state.sums
+    added = F.class_prototypes(x[:40], y[:40], 5, state=state, in_place=True)
+    assert added.sums is state.sums and torch.equal(added.sums, copied.sums)
+    assert torch.equal(added.counts, copied.counts)
+
+
 def test_class_prototypes_refuses_non_finite_rows_and_a_state_of_other_dtypes():
     """A NaN row made its class's prototype NaN, silently; float32 sums in a hand-made state
     failed inside index_add_."""
