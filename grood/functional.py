@@ -360,6 +360,9 @@ def class_prototypes(
                 f"state holds sums of shape {tuple(state.sums.shape)}, "
                 f"expected {(num_classes, d)}"
             )
+        if state.sums.device != features.device or state.counts.device != features.device:
+            raise ValueError(f"state is on {state.sums.device}, the features on "
+                             f"{features.device}: keep the running state with the batches")
         if state.sums.dtype != torch.float64 or state.counts.dtype != torch.int64 or \
                 tuple(state.counts.shape) != (num_classes,):
             raise ValueError(

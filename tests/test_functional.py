@@ -353,6 +353,9 @@ def test_class_prototypes_refuses_non_finite_rows_and_a_state_of_other_dtypes():
                   F.PrototypeState(state.sums, state.counts[:1])):
         with pytest.raises(ValueError, match="state must hold float64 sums"):
             F.class_prototypes(x, y, 2, state=wrong)
+    with pytest.raises(ValueError, match="state is on meta, the features on cpu"):
+        F.class_prototypes(x, y, 2, state=F.PrototypeState(state.sums.to("meta"),
+                                                           state.counts.to("meta")))
 
 
 KNN_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 3), (9, 37, 11, 1), (9, 37, 11, 4), (64, 65, 8, 16)]
