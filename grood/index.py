@@ -107,14 +107,21 @@ class GradientIndex(ABC):
         missing one goes back to its default): a fitted detector calls this at every score
         with its current ``index_options``; the other options take effect at the next fit."""
 
-    def _check_rows(self, x: Tensor, name: str = "index vectors") -> None:
+    def _check_rows(self, x: Tensor) -> None:
+        """Vectors to add, rows numbered from the index's current size in errors. A NaN row
+        would never be found (its distances are NaN) and an Inf row found wrongly."""
+        self._check_vectors(x, "index vectors", self.ntotal)
+
+    def _check_queries(self, queries: Tensor) -> None:
+        """Queries to search: a NaN query would find no neighbour (distance inf, index -1)."""
+        self._check_vectors(queries, "queries", 0)
+
+    def _check_vectors(self, x: Tensor, name: str, row_offset: int) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        # A NaN row would never be found (its distances are NaN) and an Inf row found
-        # wrongly; a NaN query would find no neighbour (distance inf, index -1).
-        check_finite_rows(x, name, row_offset=self.ntotal if name == "index vectors" else 0)
+        check_finite_rows(x, name, row_offset=row_offset)
 
 
 #: Rows converted at a time when the exact index makes its half-precision copy (bounds the
@@ -272,7 +279,7 @@ class ExactIndex(GradientIndex):
         """Exact k-NN: ``(D, I)``, squared L2 distances [Q, k] and int64 indices [Q, k]."""
         if self._n == 0:
             raise ValueError("the index is empty")
-        self._check_rows(queries, "queries")
+        self._check_queries(queries)
         searched = self._searched()
         if self._sq_norms is None:
             self._sq_norms = database_sq_norms_of(self.vectors).to(self.device)
@@ -394,7 +401,7 @@ class _FaissIndex(GradientIndex):
         """``(D, I)`` for ``queries`` [Q, D]: float32 squared L2 [Q, k] and int64 [Q, k]."""
         if self.ntotal == 0:
             raise ValueError("the index is empty")
-        self._check_rows(queries, "queries")
+        self._check_queries(queries)
         dist, idx = self.index.search(_as_float32_rows(queries), k)
         return (torch.from_numpy(dist).to(queries.device),
                 torch.from_numpy(idx).to(queries.device))

@@ -57,7 +57,8 @@ def _as_scores(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+def trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Area under the curve ``y(x)`` by the trapezoidal rule (the areas every metric uses)."""
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
@@ -78,7 +79,7 @@ def _pr_area(scores: np.ndarray, positive: np.ndarray) -> float:
     # The curve starts at (recall 0, precision 1), as scikit-learn's does.
     recall = np.r_[0.0, recall]
     precision = np.r_[1.0, precision]
-    return _trapezoid(precision, recall)
+    return trapezoid(precision, recall)
 
 
 def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +111,7 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
     conf = np.r_[id_s, ood_s]
     is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
     return {
-        "auroc": _trapezoid(tpr, fpr),
+        "auroc": trapezoid(tpr, fpr),
         "fpr95": float(fpr[np.argmax(tpr >= level)]),
         "aupr_in": _pr_area(conf, ~is_ood),
         "aupr_out": _pr_area(-conf, is_ood),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from grood.errors import require
-from grood.metrics import as_score_array, roc_curve
+from grood.metrics import as_score_array, roc_curve, trapezoid
 
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-in",
                  "aupr_out": "AUPR-out"}
@@ -97,8 +97,7 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
     for ax, ood in zip(axes, ood_names, strict=True):
         for method, by_set in scores.items():
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
-            area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-            ax.plot(fpr, tpr, lw=1.6, label=f"{method} ({100 * area:.1f})")
+            ax.plot(fpr, tpr, lw=1.6, label=f"{method} ({100 * trapezoid(tpr, fpr):.1f})")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.axhline(0.95, color="0.8", lw=0.8, ls=":")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (ID flagged as OOD)",
