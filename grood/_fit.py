@@ -71,14 +71,15 @@ def check_ranks_agree(det: Any, source: OODPrototypeSource, features: Tensor,
     """In a distributed fit, refuse ranks whose settings or feature layout differ (the
     collectives that follow would abort or hang on mismatched shapes), on every rank."""
     if det.distributed:
-        dist.check_agree({
+        fields = {
             "feature dimension": features.shape[1],
             "feature dtype": str(compute_dtype(features.dtype)).removeprefix("torch."),
             "logit columns": None if logits is None else logits.shape[1],
             "n_classes": n_classes,
             "ood_prototype": {"name": source.name, "params": source.params()},
             **{name: getattr(det, name) for name in ("k", "index", "index_options",
-                                                     "precision", "backend")}}, "fit")
+                                                     "precision", "backend")}}
+        dist.check_agree(dist.gather_json(fields), fields, "fit")
 
 
 def class_count(n_classes: int, n_rows: int, distributed: bool) -> int:

@@ -368,12 +368,13 @@ class GROOD(Parameters, ModelFrontEnd):
 
 def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype) -> int:
     """The most batches any rank of a sharded detector scores (every rank joins every search),
-    after checking the ranks search alike (k, the queries' dtype): ranks that differ would
-    exchange lists of other shapes, which aborts in gloo and hangs in NCCL."""
+    after checking the ranks search alike (k, the queries' dtype), in one exchange: ranks that
+    differ would exchange lists of other shapes, which aborts in gloo and hangs in NCCL."""
     out_dtype = torch.promote_types(det.dtype_, compute_dtype(dtype))
-    dist.check_agree({"k": det.k, "feature dtype": str(out_dtype).removeprefix("torch.")},
-                     "score")
-    return int(dist.all_reduce(torch.tensor([n_batches]), "max"))
+    views = dist.gather_json({"k": det.k, "feature dtype": str(out_dtype).removeprefix("torch."),
+                              "batches": n_batches})
+    dist.check_agree(views, ("k", "feature dtype"), "score")
+    return max(view["batches"] for view in views)
 
 
 def check_found(dist_k: Tensor, k: int, rows: tuple[int, int], index: Any) -> None:

@@ -76,15 +76,19 @@ def all_gather_rows(t: Tensor) -> list[Tensor]:
     return [o[: int(s)].to(t.device) for o, s in zip(out, sizes, strict=True)]
 
 
-def check_agree(fields: dict[str, Any], what: str) -> None:
-    """Raise on every rank unless every rank passes equal ``fields`` (JSON values), naming
-    the first field that differs and each rank's value. A collective: every rank calls it at
-    the same point, before collectives whose shapes depend on those fields (ranks that
+def gather_json(value: Any) -> list[Any]:
+    """Every rank's ``value`` (JSON-serialisable; others as their repr), in rank order."""
+    blob = json.dumps(value, sort_keys=True, default=repr).encode()
+    return [json.loads(bytes(t.tolist())) for t in
+            all_gather_rows(torch.tensor(list(blob), dtype=torch.uint8))]
+
+
+def check_agree(views: list[dict[str, Any]], keys: Any, what: str) -> None:
+    """Raise (on every rank: each holds the same ``views``, from :func:`gather_json`) unless
+    all ranks have equal values under ``keys``, naming the first that differs and each rank's
+    value. Call it before collectives whose shapes depend on those values (ranks that
     disagree there abort in gloo or hang in NCCL)."""
-    blob = json.dumps(fields, sort_keys=True, default=repr).encode()
-    views = [json.loads(bytes(t.tolist())) for t in
-             all_gather_rows(torch.tensor(list(blob), dtype=torch.uint8))]
-    for key in fields:
+    for key in keys:
         values = [view.get(key) for view in views]
         if any(v != values[0] for v in values[1:]):
             shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
