@@ -14,19 +14,25 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+def init_parameters(cls: type) -> tuple[list[str], list[str]]:
+    """Names of ``cls.__init__``'s named parameters (after ``self``), and of its ``*args`` /
+    ``**kwargs`` ones."""
+    named, variadic = [], []
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        (variadic if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) else named).append(p.name)
+    return named, variadic
+
+
 class Parameters:
     """Mixin: ``get_params(deep)``, ``set_params(**params)`` and a ``repr`` from ``__init__``."""
 
     @classmethod
     def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        names = []
-        for p in list(sig.parameters.values())[1:]:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise TypeError(f"{cls.__name__}.__init__ must name every parameter "
-                                f"(no *{p.name} / **{p.name})")
-            names.append(p.name)
-        return names
+        named, variadic = init_parameters(cls)
+        if variadic:
+            raise TypeError(f"{cls.__name__}.__init__ must name every parameter "
+                            f"(no *{variadic[0]} / **{variadic[0]})")
+        return named
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Constructor arguments by name; with ``deep``, also ``name__sub`` of nested

@@ -18,7 +18,6 @@ Sources available here:
 from __future__ import annotations
 
 import copy
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from grood._checks import as_tensor, batches, check_finite_rows, check_matrix
+from grood._params import init_parameters
 
 
 @dataclass
@@ -68,15 +68,13 @@ class OODPrototypeSource(ABC):
         found: dict[str, Any] = {}
         missing = []
         saved = self.params()
-        for p in list(inspect.signature(type(self).__init__).parameters.values())[1:]:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            if hasattr(self, p.name):
-                found[p.name] = getattr(self, p.name)
-            elif p.name in saved:
-                found[p.name] = saved[p.name]
+        for name in init_parameters(type(self))[0]:
+            if hasattr(self, name):
+                found[name] = getattr(self, name)
+            elif name in saved:
+                found[name] = saved[name]
             else:
-                missing.append(p.name)
+                missing.append(name)
         return found, missing
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
