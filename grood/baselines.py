@@ -74,9 +74,13 @@ class _LogitBaseline(_Baseline):
         """One score per row of ``logits`` [N, C], shape [N]; higher = in-distribution."""
         x, kind = self._read(logits)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return kind.wrap(self._score(x / self.temperature))
+        # Shifted by each row's largest logit before the temperature divides them, so large
+        # logits or a small temperature cannot overflow to inf (and NaN scores).
+        top = x.amax(dim=1, keepdim=True)
+        return kind.wrap(self._score((x - top) / self.temperature, top[:, 0]))
 
-    def _score(self, scaled: Tensor) -> Tensor:
+    def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
+        """The score from ``(logits - top) / T`` and each row's largest logit ``top``."""
         raise NotImplementedError
 
 
@@ -89,8 +93,8 @@ class MSP(_LogitBaseline):
 
     name = "MSP"
 
-    def _score(self, scaled: Tensor) -> Tensor:
-        return torch.softmax(scaled, dim=1).amax(dim=1)
+    def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
+        return torch.softmax(shifted, dim=1).amax(dim=1)
 
 
 class Energy(_LogitBaseline):
@@ -102,13 +106,20 @@ class Energy(_LogitBaseline):
 
     name = "Energy"
 
-    def _score(self, scaled: Tensor) -> Tensor:
-        return self.temperature * torch.logsumexp(scaled, dim=1)
+    def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
+        # T * logsumexp(x / T) = top + T * logsumexp((x - top) / T)
+        return top + self.temperature * torch.logsumexp(shifted, dim=1)
 
 
 def _normalise(x: Tensor) -> Tensor:
+    """Rows divided by their L2 norms (zero rows stay zero), at any magnitude: each row is
+    first scaled by the power of two that brings its largest entry into [0.5, 1), which is
+    exact, so the norm neither overflows (rows above ~1e19 in float32) nor underflows (below
+    ~1e-19) and rows of ordinary magnitude get the same bits as without it."""
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    _, exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True))
+    x = torch.ldexp(x, -exponent)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class KNN(_Baseline):

@@ -47,6 +47,33 @@ def test_knn_refuses_k_above_the_stored_features_and_gives_no_negative_zero():
     assert s.item() == 0.0 and not torch.signbit(s).any()
 
 
+def test_knn_scores_do_not_depend_on_the_features_magnitude():
+    """Normalising rows of 1e30 overflowed the float32 norm (every row became zero and every
+    sample scored 0, the most in-distribution score) and rows of 1e-30 underflowed it (all
+    scores ~1e-18); normalised features do not depend on the scale."""
+    x, _ = clustered_features(60, 3, 9, seed=1, dtype=torch.float32)
+    q, _ = clustered_features(13, 3, 9, seed=2, dtype=torch.float32)
+    ref = KNN(k=4).fit(x).score_samples(q)
+    for scale in (2.0 ** -110, 2.0 ** 110):  # powers of two: the same bits
+        assert torch.equal(KNN(k=4).fit(x * scale).score_samples(q * scale), ref)
+    for scale in (1e-30, 1e30):
+        torch.testing.assert_close(KNN(k=4).fit(x * scale).score_samples(q * scale), ref)
+    zero = KNN(k=1).fit(x).score_samples(torch.zeros(1, 9))  # as in Sun et al.: distance 1
+    assert zero.item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_logit_baselines_do_not_overflow_for_large_logits_or_small_temperatures():
+    """logits / T overflowed float32 to inf: MSP scored NaN and Energy inf or NaN."""
+    logits = torch.randn(30, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    big = (logits * 1e37).float()
+    msp = MSP(temperature=0.5).fit(big).score_samples(big)
+    torch.testing.assert_close(msp.double(), torch.softmax(big.double() / 0.5, 1).amax(1))
+    energy = Energy(temperature=1e-3).fit(big).score_samples(big)
+    assert torch.isfinite(energy).all()
+    torch.testing.assert_close(energy.double(),
+                               1e-3 * torch.logsumexp(big.double() / 1e-3, 1), rtol=1e-6, atol=0)
+
+
 def test_mahalanobis_matches_pinv_definition():
     x, y = clustered_features(120, 4, 6, seed=3)
     q, _ = clustered_features(17, 4, 6, seed=4, spread=0.6)
