@@ -223,13 +223,17 @@ class Mahalanobis(_Baseline):
         return self
 
     def score_samples(self, features: ArrayLike) -> ArrayLike:
-        """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]."""
+        """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]; float64
+        when the fit or the features are float64 (as for the other detectors), else float32."""
         x, kind = self._read(features)
         dev = self.whitening_.device
-        out = torch.empty(x.shape[0], dtype=self.whitening_.dtype, device=dev)
+        dt = torch.float64 if torch.float64 in (x.dtype, self.whitening_.dtype) else torch.float32
+        center, whitening = self.center_.to(dt), self.whitening_.to(dt)
+        means = self.whitened_means_.to(dt)
+        out = torch.empty(x.shape[0], dtype=dt, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
-            xb = x[r0:r1].to(device=dev, dtype=self.whitening_.dtype)
-            z = (xb - self.center_) @ self.whitening_
-            dist, _ = ops.knn(z, self.whitened_means_, 1, backend=self.backend)
+            xb = x[r0:r1].to(device=dev, dtype=dt)
+            z = (xb - center) @ whitening
+            dist, _ = ops.knn(z, means, 1, backend=self.backend)
             out[r0:r1] = 0.0 - dist[:, 0]
         return kind.wrap(out)

@@ -86,6 +86,18 @@ def test_mahalanobis_matches_pinv_definition():
     torch.testing.assert_close(s, ref, rtol=1e-8, atol=1e-8)
 
 
+def test_feature_baselines_score_float64_features_in_float64():
+    """A Mahalanobis fitted on float32 rounded float64 features to float32 and returned
+    float32 scores (GROOD and KNN return float64 for float64 input)."""
+    x, y = clustered_features(80, 3, 6, seed=6, dtype=torch.float32)
+    q, _ = clustered_features(9, 3, 6, seed=7, dtype=torch.float64)
+    for det in (Mahalanobis().fit(x, y), KNN(k=2).fit(x)):
+        assert det.score_samples(q).dtype == torch.float64
+        assert det.score_samples(q.float()).dtype == torch.float32
+    maha = Mahalanobis().fit(x, y)
+    torch.testing.assert_close(maha.score_samples(q).float(), maha.score_samples(q.float()))
+
+
 def test_scores_are_higher_for_in_distribution():
     x, y = clustered_features(90, 3, 5, seed=5, spread=0.1, dtype=torch.float32)
     # Far in both angle (for KNN's normalised features) and position: scaled unit vectors.
