@@ -139,6 +139,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     """
     backend = ops.resolve_backends(det.backend, device, dtype)
     state, n, with_logits = None, 0, None
+    right = torch.zeros((), dtype=torch.int64, device=device)  # rows the logits get right
     for xb, yb, lb in passes("grood fit: class prototypes"):
         if n_classes is None:
             if lb is None:
@@ -148,6 +149,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         with_logits = lb is not None if with_logits is None else with_logits
         check_batch(xb, yb, lb, d, n_classes, n, with_logits)
         state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
+        if lb is not None:
+            right += (lb.argmax(dim=1) == yb).sum()
         n += xb.shape[0]
     if state is None:
         raise ValueError("the training data is empty")
@@ -169,7 +172,11 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
 
     index = make_index(det.index, d, dtype=dtype, device=device, backend=backend["knn"],
                        precision=det.precision, options=det.index_options)
-    index.reserve(n)
+    # Room for this process's rows to be indexed: with logits, exactly the rows they get
+    # right (so finishing the index copies nothing); without, every local row (trimmed at
+    # the end). Not the all-reduced count: a rank indexes only its own rows.
+    index.reserve(int(right) if with_logits else n_local)
+    index.expect_training_rows(n)
     offset = 0
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     for xb, yb, lb in passes("grood fit: gradient index"):

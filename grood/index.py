@@ -79,7 +79,13 @@ class GradientIndex(ABC):
         """Number of vectors in the index."""
 
     def reserve(self, capacity: int) -> None:  # noqa: B027 (optional hook)
-        """The expected total number of vectors, before the first ``add`` (a hint)."""
+        """The expected total number of vectors, before the first ``add`` (a hint for
+        memory: room for them is made at once)."""
+
+    def expect_training_rows(self, n: int) -> None:  # noqa: B027 (optional hook)
+        """The number of training rows the index is built from, correctly classified or not
+        (all ranks together), before the first ``add`` (a hint; IVF's reference rule counts
+        the training set's batches)."""
 
     @abstractmethod
     def add(self, x: Tensor) -> None:
@@ -388,10 +394,6 @@ class _FaissIndex(GradientIndex):
             self.index, res = _to_gpu_if_possible(self.faiss, cpu, self.device)
             self._keep = [cpu, res]
 
-    def reserve(self, capacity: int) -> None:
-        """The expected total number of vectors (faiss needs no buffer)."""
-        self.capacity = capacity
-
     def __repr__(self) -> str:
         where = type(self.index).__name__ if self.index is not None else "empty"
         return (f"{type(self).__name__}({self.ntotal} vectors of dimension {self.dim}, "
@@ -471,12 +473,13 @@ class FaissIVFIndex(_FaissIndex):
     The reference trains the coarse quantizer on the gradients of the first
     ``T = min(600, int(0.8 * B))`` training batches (B batches in all), with
     ``nlist = int(4 * sqrt(T))`` lists, and searches with ``nprobe = 4``. By default B is
-    counted in batches of ``reference_batch_size`` rows from the expected index size
-    (``reserve``); when the size is not known in advance the quantizer is trained when building
-    ends. With ``loader_batches=B`` it is counted as the reference does: every ``add`` call is
-    one loader batch (the gradients of its correctly classified rows, possibly none), the
-    quantizer is trained on the first T calls' rows, and ``omit_batch_t=True`` leaves out the
-    rows of call T, as the reference's code does (off unless asked for).
+    counted in batches of ``reference_batch_size`` rows from the training set's size
+    (``expect_training_rows``); when the size is not known in advance the quantizer is trained
+    when building ends. With ``loader_batches=B`` it is counted as the reference does: every
+    ``add`` call is one loader batch (the gradients of its correctly classified rows,
+    possibly none), the quantizer is trained on the first T calls' rows, and
+    ``omit_batch_t=True`` leaves out the rows of call T, as the reference's code does (off
+    unless asked for).
 
     Args:
         dim (int): vector dimension D.
@@ -510,7 +513,7 @@ class FaissIVFIndex(_FaissIndex):
         self.nlist = nlist
         self.nprobe = nprobe
         self.reference_batch_size = reference_batch_size
-        self.capacity: int | None = None
+        self.training_rows: int | None = None
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 
@@ -536,6 +539,9 @@ class FaissIVFIndex(_FaissIndex):
     def ntotal(self) -> int:
         return self._n_pending + super().ntotal
 
+    def expect_training_rows(self, n: int) -> None:
+        self.training_rows = n
+
     def _train_batches(self, n_rows: int) -> int:
         """The reference's T = min(600, int(0.8 * B)) for B batches: the loader's, or those of
         ``reference_batch_size`` rows covering ``n_rows``."""
@@ -550,7 +556,7 @@ class FaissIVFIndex(_FaissIndex):
         if self.nlist is not None:
             nlist = self.nlist
         else:
-            size = self.capacity if self.capacity is not None else train.shape[0]
+            size = self.training_rows if self.training_rows is not None else train.shape[0]
             nlist = int(4 * math.sqrt(self._train_batches(size)))
         nlist = min(nlist, train.shape[0])  # faiss needs at least nlist training points
         quantizer = self.faiss.IndexFlatL2(self.dim)
@@ -576,8 +582,8 @@ class FaissIVFIndex(_FaissIndex):
             return
         self._pending.append(rows)
         self._n_pending += rows.shape[0]
-        if self.capacity is not None and self._n_pending >= (
-                self._train_batches(self.capacity) * self.reference_batch_size):
+        if self.training_rows is not None and self._n_pending >= (
+                self._train_batches(self.training_rows) * self.reference_batch_size):
             self._build()
 
     def _add_loader_batch(self, x: Tensor) -> None:

@@ -48,6 +48,25 @@ def test_logits_choose_which_samples_are_indexed():
     torch.testing.assert_close(det.score_samples(test).double(), ref, rtol=1e-4, atol=1e-6)
 
 
+def test_fit_reserves_the_index_it_will_hold(monkeypatch):
+    """With logits the rows to index are known after the first pass: the exact index is
+    made that size at once (nothing to copy when it is finished); without, room for every
+    row, trimmed at the end. (A distributed rank reserved every rank's rows.)"""
+    from grood.index import ExactIndex
+
+    reserved = []
+    real = ExactIndex.reserve
+    monkeypatch.setattr(ExactIndex, "reserve",
+                        lambda self, n: (reserved.append(n), real(self, n))[1])
+    x, y, _ = _data(seed=4)
+    logits = torch.randn(x.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    det = GROOD(batch_size=16).fit(x, y, logits=logits)
+    assert reserved == [det.index_.ntotal] == [int((logits.argmax(1) == y).sum())]
+    reserved.clear()
+    det = GROOD(batch_size=16).fit(x, y)
+    assert reserved == [x.shape[0]] and det.index_.vectors.shape[0] == det.index_.ntotal
+
+
 def test_ood_features_source():
     x, y, test = _data(seed=5)
     ood = torch.rand(30, 11) * 3

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from conftest import clustered_features
 
 from grood import GROOD
+from grood.index import ExactIndex
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")
@@ -27,6 +28,8 @@ def _data():
 def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
                              world_size=world)
+    reserved, real_reserve = [], ExactIndex.reserve
+    ExactIndex.reserve = lambda self, n: (reserved.append(n), real_reserve(self, n))[1]
     try:
         x, y, logits, test, ood = _data()
         part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
@@ -48,7 +51,8 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         det.set_params(distributed=True)
         torch.save({"protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
-                    "acc": det.train_accuracy_, "pred": det.predict(test)},
+                    "acc": det.train_accuracy_, "pred": det.predict(test),
+                    "reserved": reserved, "local_rows": part(x).shape[0]},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
     finally:
@@ -78,6 +82,8 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
         assert torch.equal(res["p_ood"], single.ood_prototype_)
         assert res["acc"] == single.train_accuracy_
         assert sum(res["sizes"]) == single.index_.ntotal
+        # A rank makes room for its own rows only (it reserved every rank's rows).
+        assert res["reserved"] and max(res["reserved"]) <= res["local_rows"]
         assert torch.equal(res["pred"], single.predict(test))
     assert all(torch.equal(r["flipped"], r["scores"]) for r in results)
     scores = torch.cat([r["scores"] for r in results])

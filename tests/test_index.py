@@ -99,7 +99,7 @@ def test_faiss_flat_equals_exact():
 def test_faiss_ivf_follows_the_reference_rule_and_trains_early():
     index = make_index("faiss-ivf", 8, dtype=torch.float32, device=torch.device("cpu"),
                        backend="torch", options={"reference_batch_size": 2})
-    index.reserve(100)  # B = 50 batches, T = min(600, 40) = 40 batches = 80 rows
+    index.expect_training_rows(100)  # B = 50 batches, T = min(600, 40) = 40 batches = 80 rows
     x, _ = clustered_features(100, 5, 8, seed=2, dtype=torch.float32)
     index.add(x[:70])
     assert index.index is None and index.ntotal == 70  # still collecting training rows
