@@ -51,7 +51,8 @@ def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_clas
     """Validate one streamed training batch; row numbers are counted from the first batch.
     A batch may be empty; ``with_logits``: whether the first batch gave logits (every batch
     must do as it did: logits decide which rows are indexed)."""
-    check_matrix(xb, "features", n_cols=d, allow_empty=True)
+    check_matrix(xb, "features", n_cols=d, allow_empty=True,
+                 cols_from="the first training batch has {}")
     check_finite_rows(xb, "features", row_offset=offset)
     if yb is None:
         raise ValueError("the training batches carry no labels")

@@ -82,8 +82,10 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
 
 
 def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
-                 allow_empty: bool = False) -> None:
-    """Check that ``x`` is a floating-point matrix ``[N, D]``, non-empty unless allowed."""
+                 allow_empty: bool = False,
+                 cols_from: str = "the detector was fitted on {} features") -> None:
+    """Check that ``x`` is a floating-point matrix ``[N, D]``, non-empty unless allowed, with
+    ``n_cols`` columns when given (``cols_from`` says where that number comes from)."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -97,7 +99,7 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
         raise ValueError(f"{name} has zero columns")
     if n_cols is not None and x.shape[1] != n_cols:
         raise ValueError(
-            f"{name} has {x.shape[1]} columns but the detector was fitted on {n_cols} features"
+            f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}"
         )
 
 

@@ -182,7 +182,8 @@ class OODFeatureMean(OODPrototypeSource):
     def build(self, ctx: PrototypeContext) -> Tensor:
         protos = ctx.class_prototypes
         x, _ = as_tensor(ctx.inputs["ood_features"], "ood_features")
-        check_matrix(x, "ood_features", n_cols=protos.shape[1])
+        check_matrix(x, "ood_features", n_cols=protos.shape[1],
+                     cols_from="the training features have {}")
         total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
         for r0, r1 in batches(x.shape[0], ctx.batch_size):
             chunk = x[r0:r1].to(protos.device)

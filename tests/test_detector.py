@@ -74,6 +74,9 @@ def test_ood_features_source():
     torch.testing.assert_close(det.ood_prototype_, ood.mean(0))
     ref, _ = grood_scores_naive(x.double(), y, test.double(), p_ood=ood.double().mean(0))
     torch.testing.assert_close(det.score_samples(test).double(), ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ood_features has 4 columns but the training "
+                                         "features have 11"):
+        GROOD(ood_prototype="features").fit(x, y, ood_features=ood[:, :4])
 
 
 def test_higher_score_means_in_distribution(toy_set):

@@ -55,6 +55,9 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         bad = x.clone()
         bad[67] = float("nan")
         GROOD().fit_batches([(bad[:64], y[:64]), (bad[64:], y[64:])])
+    with pytest.raises(ValueError, match="features has 5 columns but the first training batch "
+                                         f"has {x.shape[1]}"):
+        GROOD().fit_batches([(x[:64], y[:64]), (x[64:, :5], y[64:])])
 
 
 def test_fit_batches_takes_empty_batches_and_refuses_mixed_logits():
