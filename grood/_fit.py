@@ -161,7 +161,14 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         n = int(reduce(torch.tensor([n])))
     if n == 0:
         raise ValueError("the training data is empty: every batch has 0 rows")
-    protos = state.prototypes(dtype)
+    try:
+        protos = state.prototypes(dtype)
+    except ValueError as exc:  # classes without samples: say where the class count came from
+        hint = (f"the class count, {n_classes}, is the logits' width: give the logits of the "
+                "classes trained on (e.g. logits[:, kept]), with labels numbered in that order"
+                if with_logits else "class ids must run from 0 without gaps: renumber the "
+                "labels (e.g. np.unique(labels, return_inverse=True)[1])")
+        raise ValueError(f"{exc}; {hint}") from None
     p_ood = source.build(PrototypeContext(protos, inputs, det.batch_size, reduce))
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "

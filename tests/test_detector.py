@@ -67,6 +67,18 @@ def test_fit_reserves_the_index_it_will_hold(monkeypatch):
     assert reserved == [x.shape[0]] and det.index_.vectors.shape[0] == det.index_.ntotal
 
 
+def test_a_class_without_samples_is_named_with_where_the_class_count_came_from():
+    """A model's logits over more classes than the training labels use (a subset of
+    ImageNet's classes) or labels with gaps: the error says how to fix it."""
+    x, y, _ = _data(seed=4)
+    logits = torch.randn(x.shape[0], 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"class\(es\) 4, 5 have no training samples.*"
+                                         r"the class count, 6, is the logits' width"):
+        GROOD().fit(x, y, logits=logits)
+    with pytest.raises(ValueError, match=r"class\(es\) 0 have no .*renumber the labels"):
+        GROOD().fit(x, y + 1)
+
+
 def test_ood_features_source():
     x, y, test = _data(seed=5)
     ood = torch.rand(30, 11) * 3
