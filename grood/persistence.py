@@ -88,8 +88,22 @@ def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's memory, not a copy
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read 16 MiB at a time (a shard may be larger than free memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(prefix)) == prefix
 
 
 def save_target(path: str | os.PathLike, *,
@@ -178,7 +192,7 @@ def save(det: Any, path: Path) -> None:
     rank, world = dist.rank_and_world()
     shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
     save_file(det, shard, shard=(rank, world))
-    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    sha = file_sha256(shard)
     shas = dist.all_gather_rows(torch.tensor(list(sha.encode()), dtype=torch.uint8))
     if rank == 0:
         manifest = {
@@ -202,7 +216,7 @@ def load(cls: Any, path: Path, *, device: Any, distributed: bool,
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass the detector file (.safetensors) "
                                 "or a sharded detector's manifest (.json) in it")
-    if path.is_file() and path.read_bytes()[:1] == b"{":
+    if path.is_file() and _starts_with(path, b"{"):  # a manifest (JSON)
         return _load_sharded(cls, path, device=device, distributed=distributed,
                              backend=backend)
     if distributed:
@@ -241,7 +255,7 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     for shard, sha in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
-        if hashlib.sha256(shard.read_bytes()).hexdigest() != sha:
+        if file_sha256(shard) != sha:
             raise DetectorFileError(f"{shard} does not match the digest in {path}")
     if distributed:
         rank, world = dist.rank_and_world()
@@ -267,10 +281,11 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     if len(kinds) > 1 or not index_class(state["index"]).joinable:
         raise DetectorFileError(f"the shards of {path} hold {sorted(kinds)} indexes, which "
                                 "cannot be joined in one process")
-    index_states = [{n.removeprefix("index."): t for n, t in ts.items() if n.startswith("index.")}
-                    for _, _, ts in parts]
+    # Each shard's index tensors leave its record, so the join can release them one by one.
+    index_states = [{n.removeprefix("index."): ts.pop(n) for n in
+                     [n for n in ts if n.startswith("index.")]} for _, _, ts in parts]
     det = restore(cls, params, state, tensors, device, index_states=index_states,
-                  backend=backend)
+                  index_rows=sum(state["shard_sizes"]), backend=backend)
     if det.index_.ntotal != sum(state["shard_sizes"]):
         raise DetectorFileError(f"{path}: the shards hold {det.index_.ntotal} vectors, not the "
                                 f"{sum(state['shard_sizes'])} their records list")
@@ -280,12 +295,15 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
 def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
             tensors: dict[str, Tensor], device: Any, *,
             index_states: list[dict[str, Tensor]] | None = None,
+            index_rows: int | None = None,
             shard_sizes: list[int] | None = None, distributed: bool = False,
             backend: str | None = None) -> Any:
     """Build a fitted detector of class ``cls`` from checked, saved parts, in one step.
 
     ``index_states``: the index tensors of several shards, joined in order into one index
     (their sizes must match ``shard_sizes``); by default the file's own ``index.*`` tensors.
+    The list is consumed: each shard is released once it is joined (``index_rows``, their
+    total, makes room at once), so joining holds about one copy of the index, not two.
     ``backend``: run on this backend instead of the saved one.
     """
     source_cfg = params["ood_prototype"]
@@ -323,13 +341,15 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         index = build({n.removeprefix("index."): t for n, t in tensors.items()
                        if n.startswith("index.")})
     else:
-        parts = [build(st) for st in index_states]
         index = make_index(kind, protos.shape[1], dtype=protos.dtype, device=dev,
                            backend=resolved["knn"], precision=det.precision, options=options)
-        index.reserve(sum(part.ntotal for part in parts))
-        for part in parts:
+        if index_rows is not None:
+            index.reserve(index_rows)
+        while index_states:
+            part = build(index_states.pop(0))
             if part.ntotal:
                 index.add(part.vectors)
+            del part
         index.trim()
     det._set_fitted(FittedState(
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
@@ -353,7 +373,10 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             names = set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
+            # Copied out of the file's memory map: a detector must not change (or crash
+            # with SIGBUS) when its file is overwritten in place after loading, and the
+            # digest below then checks exactly the bytes that are used.
+            tensors = {name: f.get_tensor(name).clone() for name in names}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
                                 f"or not safetensors): {exc}") from exc

@@ -349,6 +349,26 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_loaded_detector_does_not_change_when_its_file_is_overwritten_in_place(tmp_path):
+    """Loaded tensors were views of the file's memory map: writing other bytes into the same
+    file (cp, a non-atomic writer) changed a loaded detector's scores silently, and
+    truncating it would crash it with SIGBUS."""
+    x, y, test = _data()
+    path = tmp_path / "det.safetensors"
+    GROOD().fit(x, y).save(path)
+    loaded = GROOD.load(path)
+    want = loaded.score_samples(test)
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # every tensor zeroed, in the same inode
+    with open(path, "r+b") as f:
+        f.write(data)
+    assert torch.equal(loaded.score_samples(test), want)
+    with open(path, "r+b") as f:
+        f.truncate(header)
+    assert torch.equal(loaded.score_samples(test), want)
+
+
 def test_custom_source_is_saved_by_name_and_params(tmp_path):
     @register_source
     class Shifted(OODPrototypeSource):

@@ -102,9 +102,12 @@ def test_memmap_input_equals_in_memory(tmp_path):
     np.testing.assert_array_equal(det.score_samples(xm), ref.score_samples(x).numpy())
 
 
-MEMORY_PROBE = textwrap.dedent("""
-    import json, sys, threading, time
+#: The start of a memory probe: ``anon_mib()`` reads the process's anonymous memory and
+#: ``sample()`` (run in a thread) keeps its peak in ``peak[0]`` until ``stop[0]``.
+PROBE_PRELUDE = textwrap.dedent("""
+    import gc, json, sys, threading, time
     import numpy as np
+    import torch
     from grood import GROOD
 
     def anon_mib():
@@ -117,8 +120,10 @@ MEMORY_PROBE = textwrap.dedent("""
     def sample():
         while not stop[0]:
             peak[0] = max(peak[0], anon_mib())
-            time.sleep(0.002)
+            time.sleep(0.001)
+""")
 
+MEMORY_PROBE = PROBE_PRELUDE + textwrap.dedent("""
     folder = sys.argv[1]
     x = np.load(f"{folder}/x.npy", mmap_mode="r")
     y = np.load(f"{folder}/y.npy", mmap_mode="r")
@@ -175,3 +180,41 @@ def test_streaming_a_file_larger_than_the_budget_stays_under_it(tmp_path):
     index_mib = res["indexed"] * d * 4 / 2**20
     assert res["fit"] < budget_mib + index_mib, res
     assert res["score"] < budget_mib, res
+
+
+SAVE_LOAD_PROBE = PROBE_PRELUDE + textwrap.dedent("""
+    n, d = 100_000, 160
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 4
+    x = torch.rand(4, d, generator=gen)[y] + 0.1 * torch.rand(n, d, generator=gen)
+    det = GROOD(progress=False).fit(x, y, logits=torch.nn.functional.one_hot(y, 4).float())
+    del x, y
+    gc.collect()
+    path = sys.argv[1] + "/det.safetensors"
+    threading.Thread(target=sample, daemon=True).start()
+    peak[0] = base = anon_mib()
+    det.save(path)
+    save_peak = peak[0] - base
+    del det
+    gc.collect()
+    peak[0] = base = anon_mib()
+    det = GROOD.load(path)
+    load_peak = peak[0] - base
+    stop[0] = True
+    print(json.dumps({"save": save_peak, "load": load_peak,
+                      "index": det.index_.ntotal * d * 4 / 2**20}))
+""")
+
+
+@pytest.mark.slow
+def test_save_and_load_hold_no_second_copy_of_the_index(tmp_path):
+    """The file digest hashed a bytes copy of every tensor (saving took one index size of
+    extra memory, loading two) and loading read the whole file to see whether it is JSON."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", SAVE_LOAD_PROBE, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["index"] > 60
+    assert res["save"] < 0.25 * res["index"], res
+    assert res["load"] < 1.25 * res["index"], res
