@@ -5,7 +5,7 @@ A feature file holds ``features`` [N, D] and optionally ``labels`` [N] and ``log
 * ``.npy``: one 2-D array, the features.
 * ``.npz``: arrays named ``features``, ``labels``, ``logits`` (loaded without pickle).
 * ``.pt`` / ``.pth``: a tensor (the features) or a dict of tensors with those names, read with
-  ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+  ``torch.load(weights_only=True)``, which refuses arbitrary objects (memory-mapped).
 * ``.safetensors``: tensors with those names.
 """
 
@@ -47,7 +47,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
                 arrays = {k: z[k] for k in z.files}
         elif suffix in (".pt", ".pth"):
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = _torch_load(path)
             except Exception as exc:  # pickled objects, or not a torch file at all
                 raise ValueError(
                     f"{path} is not a tensors-only .pt file: grood reads .pt files with "
@@ -72,6 +72,18 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):
             raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not an array")
     return FeatureFile(*(arrays.get(k) for k in KEYS))
+
+
+def _torch_load(path: Path) -> Any:
+    """A tensors-only .pt file, memory-mapped where its format allows (so a file larger than
+    memory is read batch by batch, as a .npy file is); files in torch's legacy format are read
+    whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) -> None:

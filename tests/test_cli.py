@@ -341,3 +341,19 @@ def test_bench_usage_errors_come_before_any_run(argv, message, capsys):
         with pytest.raises(SystemExit):
             main(["bench", "--device", "cuda"])
         assert "no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_pt_feature_files_are_memory_mapped_and_legacy_ones_still_read(tmp_path):
+    """A .pt feature file larger than memory is read batch by batch, as a .npy file is;
+    files in torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+    from grood.io import load_features
+
+    x = torch.arange(24, dtype=torch.float32).view(6, 4)
+    torch.save({"features": x, "labels": torch.arange(6)}, tmp_path / "new.pt")
+    torch.save(x, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    mapped = load_features(tmp_path / "new.pt")
+    assert torch.equal(mapped.features, x) and torch.equal(mapped.labels, torch.arange(6))
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path / "new.pt") in maps.read_text()
+    assert torch.equal(load_features(tmp_path / "legacy.pt").features, x)
