@@ -129,8 +129,10 @@ class FeatureExtractor:
             name = getattr(self, role)
             if isinstance(name, str):
                 def hook(_module, _inputs, output, role=role):
-                    captured.setdefault(role, []).append(
-                        output[0] if isinstance(output, tuple) else output)
+                    # A copy: a later in-place op (an nn.ReLU(inplace=True) after the named
+                    # module, as in VGG or MobileNet) would change the captured output.
+                    out = output[0] if isinstance(output, tuple) else output
+                    captured.setdefault(role, []).append(out.clone())
                 handles.append(self._modules[name].register_forward_hook(hook))
         try:
             yield captured

@@ -201,8 +201,12 @@ class GROODAttached(nn.Module):
         if len(calls) != 1:
             raise ValueError(f"module {features!r} runs {len(calls)} times in the traced forward "
                              "pass; attach() needs exactly one")
+        # The graph returns a copy made as soon as the module has run: an in-place op after
+        # it (nn.ReLU(inplace=True), as in VGG) would change the module's output itself.
+        with traced.graph.inserting_after(calls[0]):
+            copy = traced.graph.call_method("clone", (calls[0],))
         output = next(n for n in traced.graph.nodes if n.op == "output")
-        output.args = ((output.args[0], calls[0]),)
+        output.args = ((output.args[0], copy),)
         traced.recompile()
         self.model = traced
 

@@ -126,7 +126,7 @@ class Mixup(OODPrototypeSource):
                 if self.n_samples is not None:
                     x = x[: self.n_samples - seen]
                 e = stem(x)
-                logits = tail(e)
+                logits = tail(e.clone())  # the tail may change its input in place
                 logits = logits[0] if isinstance(logits, tuple) else logits
                 second = logits.topk(2, dim=1).indices[:, 1] if logits.shape[1] > 1 else \
                     logits.argmax(1)

@@ -342,3 +342,40 @@ def test_source_parameters_are_checked_and_kept_as_plain_numbers():
     for make, message in bad:
         with pytest.raises(ValueError, match=message):
             make()
+
+
+def vgg_like():
+    """nn.ReLU(inplace=True) after every layer, as in torchvision's VGG and AlexNet."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3),
+    ).eval()
+
+
+def test_outputs_changed_in_place_later_are_read_as_the_named_module_gave_them():
+    """A module whose output the next layer changes in place (nn.ReLU(inplace=True)): the
+    extractor and an attached head read the post-ReLU values instead of the named module's,
+    and mixup mixed the intermediate feature after the tail's ReLU had changed it, silently."""
+    model, (x, y) = vgg_like(), _images(60)
+    with torch.no_grad():
+        linear = model[7](model[:7](x))  # the named module's own output: pre-ReLU
+    assert bool((linear < 0).any())
+    torch.testing.assert_close(FeatureExtractor(model, features="7")(x).features, linear,
+                               rtol=0, atol=0)
+    det = GROOD().fit(linear, y)
+    with torch.no_grad():
+        logits, score, _ = det.attach(model, features="7")(x)
+    assert torch.equal(score, det.score_samples(linear)) and torch.equal(logits, model(x))
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    mixed_det = GROOD(ood_prototype=Mixup(layer="3", lam=0.5)).fit_model(model, loader,
+                                                                        features="7")
+    with torch.no_grad():  # mixup at the conv "3", whose output the tail's ReLU changes
+        early = model[:4](x)
+        protos = torch.stack([early[y == c].mean(0) for c in range(3)])
+        second = model[4:](early.clone()).topk(2, dim=1).indices[:, 1]
+        mixed = 0.5 * early + 0.5 * protos[second]
+        want = model[7](model[4:7](mixed)).mean(0)
+    torch.testing.assert_close(mixed_det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
