@@ -48,7 +48,8 @@ class GradientIndex(ABC):
         kind (str): registry name, used in ``GROOD(index=...)`` and in saved files.
         option_names (tuple[str, ...]): names ``index_options`` may hold for this kind.
         joinable (bool): the shards of a multi-rank detector holding this kind can be joined
-            into one index in one process (needs :attr:`vectors`).
+            into one index in one process: its :meth:`state_dict` is ``{"vectors": [n, D]}``
+            and :meth:`from_state_dict` rebuilds it from the rows of every shard in order.
         dim (int): vector dimension D.
     """
 

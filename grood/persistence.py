@@ -27,7 +27,7 @@ from grood import ops
 from grood._checks import check_positive_int, ordinary
 from grood._fit import FittedState
 from grood.errors import BackendUnavailableError, DetectorFileError
-from grood.index import GradientIndex, index_class, index_from_state, make_index
+from grood.index import GradientIndex, index_class, index_from_state
 from grood.prototypes import source_from_config
 
 FILE_FORMAT = "grood.GROOD"
@@ -269,41 +269,58 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
             raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
                                     f"{gathered}, shard {rank} expects {det.shard_sizes_})")
         return det
-    parts = [read_file(shard, shard=(r, world)) for r, (shard, _) in enumerate(shards)]
-    params, state, tensors = parts[0]
-    for r, (_, st, ts) in enumerate(parts[1:], start=1):
-        if (st.get("shard_sizes") != state.get("shard_sizes")
+    return _join_shards(cls, path, [shard for shard, _ in shards], device=device,
+                        backend=backend)
+
+
+def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
+                 backend: str | None) -> Any:
+    """The shards of ``path`` joined into one single-process detector, read one at a time
+    straight into the joined index (about one copy of the index in memory, not two)."""
+    params, state, tensors = read_file(shards[0], shard=(0, len(shards)))
+    kind = state["index"]
+    if not index_class(kind).joinable:
+        raise DetectorFileError(f"the shards of {path} hold {kind!r} indexes, which cannot be "
+                                "joined in one process")
+    sizes = state["shard_sizes"]
+    if "index.vectors" not in tensors:
+        raise DetectorFileError(f"{shards[0]} holds no index vectors to join "
+                                f"(tensors {sorted(tensors)})")
+    first = tensors.pop("index.vectors")
+    joined = torch.empty((sum(sizes), first.shape[1]), dtype=first.dtype)
+    offset = first.shape[0]
+    joined[:offset] = first
+    del first
+    for r, shard in enumerate(shards[1:], start=1):
+        rows = joined[offset:offset + sizes[r]] if offset + sizes[r] <= joined.shape[0] else None
+        _, st, ts = read_file(shard, shard=(r, len(shards)),
+                              into={"index.vectors": rows} if rows is not None else None)
+        if (st.get("shard_sizes") != sizes
                 or not torch.equal(ts["class_prototypes"], tensors["class_prototypes"])
                 or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
-            raise DetectorFileError(f"{path}: shard {shards[r][0].name} comes from another "
-                                    f"detector than {shards[0][0].name}")
-    kinds = {st["index"] for _, st, _ in parts}
-    if len(kinds) > 1 or not index_class(state["index"]).joinable:
-        raise DetectorFileError(f"the shards of {path} hold {sorted(kinds)} indexes, which "
-                                "cannot be joined in one process")
-    # Each shard's index tensors leave its record, so the join can release them one by one.
-    index_states = [{n.removeprefix("index."): ts.pop(n) for n in
-                     [n for n in ts if n.startswith("index.")]} for _, _, ts in parts]
-    det = restore(cls, params, state, tensors, device, index_states=index_states,
-                  index_rows=sum(state["shard_sizes"]), backend=backend)
-    if det.index_.ntotal != sum(state["shard_sizes"]):
-        raise DetectorFileError(f"{path}: the shards hold {det.index_.ntotal} vectors, not the "
-                                f"{sum(state['shard_sizes'])} their records list")
-    return det
+            raise DetectorFileError(f"{path}: shard {shard.name} comes from another "
+                                    f"detector than {shards[0].name}")
+        if st["index"] != kind:
+            raise DetectorFileError(f"the shards of {path} hold {sorted({kind, st['index']})} "
+                                    "indexes, which cannot be joined in one process")
+        if ts["index.vectors"] is not rows:  # not the rows its record gives it
+            raise DetectorFileError(f"{path}: shard {shard.name} holds "
+                                    f"{ts['index.vectors'].shape[0]} vectors, not the "
+                                    f"{sizes[r]} the records list")
+        offset += sizes[r]
+    if offset != joined.shape[0]:
+        raise DetectorFileError(f"{path}: the shards hold {offset} vectors, not the "
+                                f"{joined.shape[0]} their records list")
+    tensors["index.vectors"] = joined
+    return restore(cls, params, state, tensors, device, backend=backend)
 
 
 def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
             tensors: dict[str, Tensor], device: Any, *,
-            index_states: list[dict[str, Tensor]] | None = None,
-            index_rows: int | None = None,
             shard_sizes: list[int] | None = None, distributed: bool = False,
             backend: str | None = None) -> Any:
     """Build a fitted detector of class ``cls`` from checked, saved parts, in one step.
 
-    ``index_states``: the index tensors of several shards, joined in order into one index
-    (their sizes must match ``shard_sizes``); by default the file's own ``index.*`` tensors.
-    The list is consumed: each shard is released once it is joined (``index_rows``, their
-    total, makes room at once), so joining holds about one copy of the index, not two.
     ``backend``: run on this backend instead of the saved one.
     """
     source_cfg = params["ood_prototype"]
@@ -337,20 +354,8 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         return index_from_state(kind, index_state, device=dev, backend=resolved["knn"],
                                 precision=det.precision, options=options)
 
-    if index_states is None:
-        index = build({n.removeprefix("index."): t for n, t in tensors.items()
-                       if n.startswith("index.")})
-    else:
-        index = make_index(kind, protos.shape[1], dtype=protos.dtype, device=dev,
-                           backend=resolved["knn"], precision=det.precision, options=options)
-        if index_rows is not None:
-            index.reserve(index_rows)
-        while index_states:
-            part = build(index_states.pop(0))
-            if part.ntotal:
-                index.add(part.vectors)
-            del part
-        index.trim()
+    index = build({n.removeprefix("index."): t for n, t in tensors.items()
+                   if n.startswith("index.")})
     det._set_fitted(FittedState(
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
@@ -358,12 +363,15 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
     return det
 
 
-def read_file(path: Path, *, shard: tuple[int, int] | None = None
+def read_file(path: Path, *, shard: tuple[int, int] | None = None,
+              into: dict[str, Tensor] | None = None
               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
     """Read and check one detector file: ``(params, state, tensors)``, nothing built yet.
 
     ``shard=(rank, world)`` when the file is read as that rank's shard of a manifest; a shard
-    file on its own is refused (it holds part of the index).
+    file on its own is refused (it holds part of the index). ``into``: tensors by name to read
+    into (and return) where the file's tensor has the same shape and dtype; the others are
+    read into new memory.
     """
     from safetensors import safe_open
 
@@ -376,7 +384,12 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None
             # Copied out of the file's memory map: a detector must not change (or crash
             # with SIGBUS) when its file is overwritten in place after loading, and the
             # digest below then checks exactly the bytes that are used.
-            tensors = {name: f.get_tensor(name).clone() for name in names}
+            tensors = {}
+            for name in names:
+                mapped, dest = f.get_tensor(name), (into or {}).get(name)
+                fits = (dest is not None and dest.shape == mapped.shape
+                        and dest.dtype == mapped.dtype)
+                tensors[name] = dest.copy_(mapped) if fits else mapped.clone()
     except Exception as exc:  # safetensors raises several types for damaged files
         raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
                                 f"or not safetensors): {exc}") from exc
