@@ -192,7 +192,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         res = grads.resolved(xb, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)
-        index.add(res.grad[yb == guess])
+        index.add_where(res.grad, yb == guess)
         known = (yb >= 0) & (yb < n_classes)
         seen += torch.bincount(torch.where(known, yb.long() + 1, 0), minlength=n_classes + 1)
     check_same_passes(n_local, counts_local, offset, seen)

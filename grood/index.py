@@ -92,6 +92,11 @@ class GradientIndex(ABC):
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` [n, D] (copied); their ids continue from ``ntotal``."""
 
+    def add_where(self, x: Tensor, keep: Tensor) -> None:
+        """Append the rows of ``x`` [n, D] where ``keep`` (bool [n]) is true, in order."""
+        _check_keep(x, keep)
+        self.add(x[keep])
+
     def trim(self) -> None:  # noqa: B027 (optional hook)
         """Finish building: release spare capacity, train what waits for all the data."""
 
@@ -124,11 +129,20 @@ class GradientIndex(ABC):
         self._check_vectors(queries, "queries", 0)
 
     def _check_vectors(self, x: Tensor, name: str, row_offset: int) -> None:
+        self._check_shape(x, name)
+        check_finite_rows(x, name, row_offset=row_offset)
+
+    def _check_shape(self, x: Tensor, name: str) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        check_finite_rows(x, name, row_offset=row_offset)
+
+
+def _check_keep(x: Tensor, keep: Tensor) -> None:
+    if keep.dtype != torch.bool or tuple(keep.shape) != (x.shape[0],):
+        raise ValueError(f"keep must be a bool mask of shape [{x.shape[0]}], got "
+                         f"{keep.dtype} {tuple(keep.shape)}")
 
 
 #: Rows converted at a time when the exact index makes its half-precision copy (bounds the
@@ -255,6 +269,26 @@ class ExactIndex(GradientIndex):
         if self._n + n > self._buf.shape[0]:
             self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
         self._buf[self._n : self._n + n] = x.to(device=self.exact_device, dtype=self.dtype)
+        self._n += n
+        self._sq_norms = None
+        self._stored = None
+
+    def add_where(self, x: Tensor, keep: Tensor) -> None:
+        """Append the rows of ``x`` where ``keep`` is true, selected straight into the index
+        (``x[keep]`` would first make a copy of them: a fresh allocation whose page faults
+        cost as much as the copy itself)."""
+        self._check_shape(x, "index vectors")
+        _check_keep(x, keep)
+        if x.dtype != self.dtype or x.device != self.exact_device:
+            self.add(x[keep])  # converted on the way in anyway
+            return
+        rows = keep.nonzero().squeeze(1)
+        n = rows.numel()
+        if self._n + n > self._buf.shape[0]:
+            self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
+        added = self._buf[self._n : self._n + n]
+        torch.index_select(x, 0, rows, out=added)
+        self._check_vectors(added, "index vectors", self._n)  # before they count
         self._n += n
         self._sq_norms = None
         self._stored = None

@@ -38,6 +38,37 @@ def test_exact_index_refuses_wrong_shape_and_empty_search():
         index.search(torch.zeros(1, 4))
 
 
+@pytest.mark.parametrize("kind", ["exact", "faiss-flat"])
+def test_add_where_appends_the_kept_rows_as_add_does(kind):
+    """fit adds each batch's correctly classified gradients with add_where; the exact index
+    selects them straight into its storage (x[keep] first made a copy of them)."""
+    if kind != "exact":
+        pytest.importorskip("faiss")
+    db, _ = _vectors()
+    gen = torch.Generator().manual_seed(3)
+    by_mask = make_index(kind, 16, dtype=torch.float32, device=torch.device("cpu"),
+                         backend="torch")
+    ref = make_index(kind, 16, dtype=torch.float32, device=torch.device("cpu"),
+                     backend="torch")
+    by_mask.reserve(40)  # grows past it
+    for start in range(0, 300, 64):
+        x = db[start:start + 64]
+        keep = torch.rand(x.shape[0], generator=gen) < 0.7
+        by_mask.add_where(x if start % 128 else x.double(), keep)  # float64: converted
+        ref.add(x[keep])
+    assert by_mask.ntotal == ref.ntotal and torch.equal(by_mask.vectors, ref.vectors)
+    bad = torch.zeros(5, 16)
+    bad[3, 0] = float("inf")
+    keep = torch.tensor([True, False, True, True, False])
+    with pytest.raises(ValueError, match=rf"NaN or Inf in row\(s\) {ref.ntotal + 2}"):
+        by_mask.add_where(bad, keep)  # numbered by its place in the index
+    assert by_mask.ntotal == ref.ntotal and torch.equal(by_mask.vectors, ref.vectors)
+    by_mask.add_where(bad, ~keep | torch.tensor([False, False, False, False, False]))
+    assert by_mask.ntotal == ref.ntotal + 2
+    with pytest.raises(ValueError, match=r"keep must be a bool mask of shape \[5\]"):
+        by_mask.add_where(bad, torch.ones(5, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("kind", ["exact", "faiss-flat", "faiss-ivf"])
 def test_non_finite_or_integer_vectors_are_refused(kind):
     """A NaN row would silently never be found and an Inf row found wrongly: refused, named
