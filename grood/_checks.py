@@ -63,7 +63,11 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
                              "(numpy.ma.filled) or drop those rows first")
         x = x.data
     if isinstance(x, np.ndarray) or hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-        arr = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except ValueError as exc:  # ragged nested lists
+            raise ValueError(f"{name} is not a rectangular array (rows of different lengths?)"
+                             f": {exc}") from None
         if arr.dtype == object:
             raise TypeError(f"{name} must be a numeric array, got an array of Python objects")
         if arr.dtype.byteorder == ">":

@@ -314,6 +314,8 @@ def test_no_correct_training_sample_is_refused():
      r"NaN or Inf in row\(s\) 7"),
     (lambda t: t[:0], ValueError, "features is empty"),
     (lambda t: t.long(), TypeError, "floating point"),
+    (lambda t: [row.tolist() for row in t[:3]] + [[1.0]], ValueError,
+     "features is not a rectangular array"),
 ])
 def test_bad_score_input_is_named(make, exc, match):
     x, y, test = _data()
