@@ -150,7 +150,9 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                 labels.append(y[known].to(z.device))
         if not feats:
             raise ValueError("the loader holds no in-distribution rows (labels >= 0)")
-        return self.fit_features(torch.cat(feats), torch.cat(labels))
+        x, y = torch.cat(feats), torch.cat(labels)
+        feats.clear()  # the batches, once joined: one copy of the features while fitting
+        return self.fit_features(x, y)
 
     def fit_features(self, x: Tensor, y: Tensor, logits: Tensor | None = None
                      ) -> GROODDetector:
@@ -174,11 +176,13 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         known = y >= 0
         if not bool(known.any()):
             raise ValueError("no in-distribution rows (labels >= 0) to fit on")
-        x, y = x[known], y[known]
+        every = bool(known.all())
+        if not every:  # (a mask index copies the rows even when it keeps them all)
+            x, y = x[known], y[known]
         if logits is None and self.head is not None:
             with torch.no_grad():
                 logits = self.head(x)
-        elif logits is not None:
+        elif logits is not None and not every:
             logits = logits[known]
         self.grood = GROOD(**self._params()).fit(x.detach(), y, logits=logits)
         return self
