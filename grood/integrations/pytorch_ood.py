@@ -144,10 +144,15 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         for x, y in data_loader:
             y = torch.as_tensor(y)
             known = y >= 0
-            if bool(known.any()):
-                z = self.encoder(x[known].to(device))
-                feats.append(z.reshape(z.shape[0], -1).detach())
-                labels.append(y[known].to(z.device))
+            if bool(known.all()):  # the usual training batch: no copy through the mask
+                x_known, y_known = x, y
+            elif bool(known.any()):
+                x_known, y_known = x[known], y[known]
+            else:
+                continue
+            z = self.encoder(x_known.to(device))
+            feats.append(z.reshape(z.shape[0], -1).detach())
+            labels.append(y_known.to(z.device))
         if not feats:
             raise ValueError("the loader holds no in-distribution rows (labels >= 0)")
         x, y = torch.cat(feats), torch.cat(labels)
