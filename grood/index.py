@@ -265,13 +265,8 @@ class ExactIndex(GradientIndex):
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` of shape [n, D] (copied into the index)."""
         self._check_rows(x)
-        n = x.shape[0]
-        if self._n + n > self._buf.shape[0]:
-            self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
-        self._buf[self._n : self._n + n] = x.to(device=self.exact_device, dtype=self.dtype)
-        self._n += n
-        self._sq_norms = None
-        self._stored = None
+        self._room(x.shape[0])[...] = x.to(device=self.exact_device, dtype=self.dtype)
+        self._appended(x.shape[0])
 
     def add_where(self, x: Tensor, keep: Tensor) -> None:
         """Append the rows of ``x`` where ``keep`` is true, selected straight into the index
@@ -283,12 +278,18 @@ class ExactIndex(GradientIndex):
             self.add(x[keep])  # converted on the way in anyway
             return
         rows = keep.nonzero().squeeze(1)
-        n = rows.numel()
+        added = torch.index_select(x, 0, rows, out=self._room(rows.numel()))
+        check_finite_rows(added, "index vectors", row_offset=self._n)  # before they count
+        self._appended(rows.numel())
+
+    def _room(self, n: int) -> Tensor:
+        """The buffer rows the next ``n`` vectors go to (growing it when they do not fit)."""
         if self._n + n > self._buf.shape[0]:
             self.reserve(max(self._n + n, 2 * self._buf.shape[0]))
-        added = self._buf[self._n : self._n + n]
-        torch.index_select(x, 0, rows, out=added)
-        self._check_vectors(added, "index vectors", self._n)  # before they count
+        return self._buf[self._n : self._n + n]
+
+    def _appended(self, n: int) -> None:
+        """Count ``n`` vectors written to :meth:`_room`; the cached norms and copy are stale."""
         self._n += n
         self._sq_norms = None
         self._stored = None
