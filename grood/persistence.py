@@ -286,15 +286,21 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
     if "index.vectors" not in tensors:
         raise DetectorFileError(f"{shards[0]} holds no index vectors to join "
                                 f"(tensors {sorted(tensors)})")
+    def wrong_rows(shard: Path, vectors: Tensor, n: int) -> DetectorFileError:
+        return DetectorFileError(f"{path}: shard {shard.name} holds {vectors.dtype} vectors of "
+                                 f"shape {tuple(vectors.shape)}, not the {n} rows of "
+                                 f"{joined.dtype} the records list")
+
     first = tensors.pop("index.vectors")
     joined = torch.empty((sum(sizes), first.shape[1]), dtype=first.dtype)
-    offset = first.shape[0]
-    joined[:offset] = first
+    if first.shape[0] != sizes[0]:
+        raise wrong_rows(shards[0], first, sizes[0])
+    joined[:sizes[0]] = first
     del first
+    offset = sizes[0]
     for r, shard in enumerate(shards[1:], start=1):
-        rows = joined[offset:offset + sizes[r]] if offset + sizes[r] <= joined.shape[0] else None
-        _, st, ts = read_file(shard, shard=(r, len(shards)),
-                              into={"index.vectors": rows} if rows is not None else None)
+        rows = joined[offset:offset + sizes[r]]
+        _, st, ts = read_file(shard, shard=(r, len(shards)), into={"index.vectors": rows})
         if (st.get("shard_sizes") != sizes
                 or not torch.equal(ts["class_prototypes"], tensors["class_prototypes"])
                 or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
@@ -303,14 +309,9 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
         if st["index"] != kind:
             raise DetectorFileError(f"the shards of {path} hold {sorted({kind, st['index']})} "
                                     "indexes, which cannot be joined in one process")
-        if ts["index.vectors"] is not rows:  # not the rows its record gives it
-            raise DetectorFileError(f"{path}: shard {shard.name} holds "
-                                    f"{ts['index.vectors'].shape[0]} vectors, not the "
-                                    f"{sizes[r]} the records list")
+        if ts["index.vectors"] is not rows:  # read elsewhere: not the rows of its record
+            raise wrong_rows(shard, ts["index.vectors"], sizes[r])
         offset += sizes[r]
-    if offset != joined.shape[0]:
-        raise DetectorFileError(f"{path}: the shards hold {offset} vectors, not the "
-                                f"{joined.shape[0]} their records list")
     tensors["index.vectors"] = joined
     return restore(cls, params, state, tensors, device, backend=backend)
 
