@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,12 +79,8 @@ def _torch_load(path: Path) -> Any:
     """A tensors-only .pt file, memory-mapped where its format allows (so a file larger than
     memory is read batch by batch, as a .npy file is); files in torch's legacy format are read
     whole."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap can only be used" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True,
+                      mmap=zipfile.is_zipfile(path))  # torch's zip format maps; legacy not
 
 
 def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) -> None:
