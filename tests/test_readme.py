@@ -36,11 +36,10 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.layer3(self.stem(x))), 1))
 
 
-def _namespace(tmp_path):
+def _namespace():
     x, y = clustered_features(120, 3, 16, seed=0, dtype=torch.float32)
     test, _ = clustered_features(40, 3, 16, seed=1, spread=0.5, dtype=torch.float32)
     logits = torch.nn.functional.one_hot(y, 3).float() * 3
-    ood = torch.rand(20, 16, generator=torch.Generator().manual_seed(2)) * 4
     gen = torch.Generator().manual_seed(3)
     model = SmallResNet().eval()
     images = torch.rand(48, 1, 8, 8, generator=gen)
@@ -51,7 +50,7 @@ def _namespace(tmp_path):
         "test_features": test.numpy(), "scores_id": np.linspace(0.0, 1.0, 30),
         "scores_ood": np.linspace(-1.0, 0.5, 20), "model": model, "resnet": model,
         "train_loader": loader, "test_loader": loader, "images": images[:4],
-        "features": torch.as_tensor(test[:8]), "torch": torch, "ood": ood,
+        "torch": torch,
     }
 
 
@@ -90,7 +89,7 @@ def test_the_readme_has_python_examples():
 @pytest.mark.parametrize(("index", "block"), _runnable())
 def test_readme_example_runs(index, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that save write here
-    ns = _namespace(tmp_path)
+    ns = _namespace()
     if "openood" in block:
         pytest.importorskip("faiss")  # the reference mode's IVF index
         ns.update(_openood_namespace())
