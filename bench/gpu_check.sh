@@ -8,50 +8,85 @@
 # launch configurations side by side in $OUT/gpu_configs.md (the launcher's choice against
 # every autotuning candidate, tf32, CIFAR-10/100 and ImageNet-1k shapes).
 #
-# The lent machines' image has everything grood needs except faiss: carry faiss-cpu's wheel
-# (as the device README describes, on PYTHONPATH) for the report's faiss row; without it the
-# report says faiss is not installed. REPEAT sets the timed runs per entry (default 3). Each
-# step's start time (seconds since the script began) goes to $OUT/gpu_check_steps.log.
-set -euo pipefail
+# Every step has its own time limit and a failing step does not stop the ones after it (its
+# status is printed and logged), so one call always ends inside BUDGET seconds (default 560)
+# with whatever the steps produced. The lent machines' image has everything grood needs
+# except faiss: carry faiss-cpu's wheel (as the device README describes, on PYTHONPATH) for the
+# report's faiss row; without it the report says faiss is not installed. REPEAT sets the timed
+# runs per entry (default 3). Each step's start time and end status (seconds since the script
+# began) go to $OUT/gpu_check_steps.log.
+#
+#   TINY=1 bash bench/gpu_check.sh    # the same steps at tiny sizes on the CPU (interpreter)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+out="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python - <<'PY'
+budget="${BUDGET:-560}"
+if [[ "${TINY:-0}" == 1 ]]; then
+    export TRITON_INTERPRET=1
+    size=(--tiny --device cpu) pipe=(--scale 0.0001 --classes 10 --dim 32 --device cpu)
+else
+    export TRITON_INTERPRET=0
+    size=() pipe=()
+    python - <<'PY' || exit 1
 import sys
 
 import torch
 import triton
 
 if not torch.cuda.is_available():
-    sys.exit("gpu_check.sh needs a CUDA device")
+    sys.exit("gpu_check.sh needs a CUDA device (TINY=1 runs it on the CPU at tiny sizes)")
 print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
 PY
-step() { echo "[gpu_check] ${SECONDS}s: $*" | tee -a "${OUT:-.}/gpu_check_steps.log"; }  # for the budget
-step "kernel, custom-op and head tests (compiled Triton)"
-# Compiling the kernels' variants dominates this step: with pytest-xdist (on the lent machines'
-# image) 8 processes compile side by side.
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total \
+        --format=csv 2>/dev/null || true
+fi
+log() { echo "[gpu_check] ${SECONDS}s: $*" | tee -a "$out/gpu_check_steps.log"; }
+# step LIMIT NAME COMMAND: run the shell COMMAND for at most LIMIT seconds (less where the
+# budget has less left), killing its whole process group at the limit
+step() {
+    local limit=$1 name=$2 cmd=$3
+    local left=$((budget - SECONDS - 5))
+    ((limit > left)) && limit=$left
+    if ((limit < 10)); then log "skipped (budget spent): $name"; return; fi
+    log "start (limit ${limit}s): $name"
+    timeout --kill-after=5 "$limit" bash -o pipefail -c "$cmd"
+    local rc=$?
+    case $rc in
+        0) log "done: $name" ;;
+        124 | 137) log "TIMED OUT after ${limit}s: $name" ;;
+        *) log "FAILED (exit $rc): $name" ;;
+    esac
+}
+
+# Compiling the kernels' variants dominates the tests: with pytest-xdist (on the lent machines'
+# image) 8 processes compile side by side; the compiled kernels stay in triton's cache for the
+# report after them.
 parallel=()
-if python -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
-python -m pytest -q -x -p no:cacheprovider "${parallel[@]}" tests/test_kernel_ncp_gradient.py \
-    tests/test_library.py tests/test_kernel_knn.py --deselect "$torch_capture"
+step 150 "kernel, custom-op and head tests (compiled Triton)" \
+    "python -m pytest -q --maxfail=10 -p no:cacheprovider ${parallel[*]} \
+    tests/test_kernel_ncp_gradient.py tests/test_library.py tests/test_kernel_knn.py \
+    --deselect '$torch_capture'"
 # The torch path on the device (sync-free candidate picking in both ops, the head captured in a
-# CUDA graph on the torch backend); a failure here is reported, not fatal, so the timings below
-# are still taken.
-python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py "$torch_capture" \
-    || echo "[gpu_check] torch-path GPU tests failed (see above)"
-step "report"
-python bench/gpu_report.py --repeat "${REPEAT:-3}" --json "${OUT:-.}/gpu_report.json" \
-    | tee "${OUT:-.}/gpu_report.md"
+# CUDA graph on the torch backend).
+step 60 "torch-path GPU tests" \
+    "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture'"
+step 200 "report (accuracy, gradient step, search, head)" \
+    "python bench/gpu_report.py ${size[*]} --repeat ${REPEAT:-3} --json '$out/gpu_report.json' \
+    | tee '$out/gpu_report.md'"
 # The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
 # the same command from the returned gpu_report.json).
-python bench/roofline.py bench/compile_report.json "${OUT:-.}/roofline_measured.png" \
-    --measured "${OUT:-.}/gpu_report.json" || echo "[gpu_check] roofline not drawn (see above)"
-step "pipeline, tf32"
-python bench/pipeline.py --precision tf32 --quiet | tee "${OUT:-.}/pipeline.md"
-step "pipeline, bf16 with bf16 index storage"
-python bench/pipeline.py --precision bf16 --index-storage bfloat16 --quiet \
-    | tee -a "${OUT:-.}/pipeline.md"
-step "gradient-step launch configurations (tf32: the launcher's and each autotuning candidate)"
-python bench/gpu_report.py --only configs --repeat "${REPEAT:-3}" | tee "${OUT:-.}/gpu_configs.md"
-step "done"
+step 30 "roofline picture" "python bench/roofline.py bench/compile_report.json \
+    '$out/roofline_measured.png' --measured '$out/gpu_report.json'"
+pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
+step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'"
+step 70 "pipeline, bf16 with bf16 index storage" \
+    "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'"
+step 150 "gradient-step launch configurations (the launcher's and each candidate)" \
+    "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
+    | tee '$out/gpu_configs.md'"
+log "end"
