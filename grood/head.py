@@ -38,6 +38,7 @@ from grood._checks import check_finite_rows, check_matrix, check_positive_int, o
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
+from grood_kernels.contract import pinning_kept_values
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
@@ -248,20 +249,25 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
     Returns ``run(x)``: copies ``x`` into the graph's input, replays the graph and returns its
     outputs, which the next call overwrites (clone what you keep). The module must read
     nothing on the host: a GROOD head with ``checks="flag"`` (or a model attached with it).
-    Warm-up runs on a side stream first, as capture needs.
+    Warm-up runs on a side stream first, as capture needs. ``run`` holds the module and the
+    values the ops derived from its prototypes (the graph reads their memory on every replay),
+    so ``capture_cuda_graph(det.as_module(checks="flag"), x)`` needs no other reference. The
+    graph replays the state it was captured with: after changing the module's buffers, capture
+    again.
     """
     if example.device.type != "cuda":
         raise ValueError(f"CUDA graphs need CUDA tensors; the example is on {example.device}")
     static = example.clone()
-    module(static)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with pinning_kept_values() as derived:
         module(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = module(static)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            module(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = module(static)
 
     def run(x: Tensor) -> tuple:
         if x.shape != static.shape:
@@ -271,4 +277,7 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
         graph.replay()
         return out
 
+    # The graph reads these tensors' memory by address: freed, it would be reused and the
+    # replay would read other data (a silent wrong score).
+    run.module, run.derived = module, derived
     return run

@@ -97,10 +97,41 @@ def pow2_scale(magnitude: float) -> float:
 
 
 #: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
+#: An entry lives exactly as long as both tensors: a weak reference's callback drops it when
+#: either is freed. No entry of live tensors is ever evicted, since a CUDA graph captured with
+#: a value reads its memory on every replay (a freed value's memory would be reused).
 _kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
 #: Threads scoring at once (one detector shared by a server's workers) read and update
-#: ``_kept`` under this lock; the values themselves are made outside it.
-_kept_lock = threading.Lock()
+#: ``_kept`` under this lock; the values themselves are made outside it. Re-entrant: a tensor
+#: freed while the lock is held (a garbage collection inside it) calls :func:`_drop_kept`.
+_kept_lock = threading.RLock()
+#: Per thread, the lists that :func:`pinning_kept_values` blocks collect returned values in.
+_pins = threading.local()
+
+
+def _drop_kept(key: tuple, ref: weakref.ref) -> None:
+    """A kept value's tensor was freed: drop its entry (unless a newer one replaced it)."""
+    with _kept_lock:
+        hit = _kept.get(key)
+        if hit is not None and (hit[0] is ref or hit[1] is ref):
+            del _kept[key]
+
+
+class pinning_kept_values:
+    """``with pinning_kept_values() as pinned:`` collects in the list ``pinned`` every value
+    :func:`kept_per_prototypes` returns in this thread inside the block: the holder of
+    ``pinned`` keeps them alive whatever happens to the cache later (a CUDA graph captured in
+    the block keeps reading them; the prototypes changed in place would replace them)."""
+
+    def __enter__(self) -> list:
+        self.pinned: list = []
+        if not hasattr(_pins, "stack"):
+            _pins.stack = []
+        _pins.stack.append(self.pinned)
+        return self.pinned
+
+    def __exit__(self, *exc) -> None:
+        _pins.stack.remove(self.pinned)
 
 
 def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
@@ -111,6 +142,14 @@ def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
     value (``make`` may itself keep values: it runs outside the lock). Inference tensors
     (made under ``torch.inference_mode``) have no version counter, so nothing made from them
     is kept: the value is made afresh on every call."""
+    value = _kept_value(prototypes, ood_prototype, what, make)
+    for pinned in getattr(_pins, "stack", ()):
+        pinned.append(value)
+    return value
+
+
+def _kept_value(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
+                make: Callable[[], Any]) -> Any:
     if prototypes.is_inference() or ood_prototype.is_inference():
         return make()
     key = (id(prototypes), id(ood_prototype), *what)
@@ -122,11 +161,9 @@ def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
         return hit[3]
     value = make()
     with _kept_lock:
-        for k in [k for k, v in _kept.items() if v[0]() is None or v[1]() is None]:
-            del _kept[k]  # drop entries whose tensors are gone
-        if len(_kept) >= 32:
-            _kept.pop(next(iter(_kept)))
-        _kept[key] = (weakref.ref(prototypes), weakref.ref(ood_prototype), versions, value)
+        refs = [weakref.ref(t, lambda ref, key=key: _drop_kept(key, ref))
+                for t in (prototypes, ood_prototype)]
+        _kept[key] = (refs[0], refs[1], versions, value)
     return value
 
 

@@ -131,6 +131,41 @@ def test_kept_prototype_operands_follow_in_place_changes(change):
         assert torch.equal(a, b)
 
 
+def test_kept_values_live_as_long_as_their_tensors_and_pinned_ones_longer():
+    """A kept value of live prototypes is never evicted by other prototype sets (a CUDA graph
+    captured with it reads its memory on every replay); it goes when a tensor is freed, and a
+    pinned one stays with its holder after that and after an in-place change."""
+    import gc
+    import weakref
+
+    from grood_kernels import contract
+
+    made = []
+
+    def make():
+        made.append(torch.zeros(3))
+        return made[-1]
+
+    protos, p_ood = torch.ones(2, 3), torch.ones(3)
+    with contract.pinning_kept_values() as pinned:
+        first = contract.kept_per_prototypes(protos, p_ood, ("test",), make)
+    assert pinned == [first]
+    for _ in range(40):  # many other live prototype sets
+        others = (torch.ones(2, 3), torch.ones(3))
+        contract.kept_per_prototypes(*others, ("test",), make)
+    assert contract.kept_per_prototypes(protos, p_ood, ("test",), make) is first
+    held = weakref.ref(first)
+    protos.mul_(2)  # in place: a new value replaces the kept one, the pinned one stays
+    assert contract.kept_per_prototypes(protos, p_ood, ("test",), make) is not first
+    del first, made[:]
+    gc.collect()
+    assert held() is pinned[0]
+    keys = [k for k in contract._kept if k[2:] == ("test",)]
+    del protos, others
+    gc.collect()
+    assert len([k for k in contract._kept if k[2:] == ("test",)]) < len(keys)
+
+
 @pytest.mark.parametrize("target", ["pred", "random"])
 def test_closed_form_gradient_equals_autograd(target):
     h, protos, p_ood = _problem(11, 6, 9, seed=5)

@@ -439,3 +439,29 @@ def test_flag_head_captures_in_a_cuda_graph(backend):
     want_s, want_p = det.as_module(checks="flag")(fresh)
     assert torch.equal(out_s.nan_to_num(), want_s.nan_to_num()) and torch.equal(out_p, want_p)
     assert int(head.unresolved_rows) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graph_of_a_temporary_head_keeps_its_memory(backend):
+    """capture_cuda_graph(det.as_module(checks="flag"), x) with no other reference to the head:
+    the replay read the freed buffers and prepared operands once other allocations reused
+    their memory (garbage scores on some rows in the GPU report), and a kept operand of live
+    prototypes could be evicted by other prototype sets."""
+    import gc
+
+    x, y = clustered_features(3000, 40, 96, seed=4, dtype=torch.float32)
+    det = GROOD(device="cuda", backend=backend, precision="tf32").fit(x.cuda(), y.cuda())
+    test = x[:700].cuda()
+    run = capture_cuda_graph(det.as_module(checks="flag"), test)
+    gc.collect()
+    junk = [torch.full((1 << 20,), 3e38, device="cuda") for _ in range(64)]  # reuse freed memory
+    for i in range(40):  # other prototype sets, each with its own kept operands
+        GROOD(device="cuda", backend=backend, precision="tf32").fit(
+            x[:1000].cuda() * (1 + i), y[:1000].cuda()).score_samples(test[:8])
+    want_s, want_p = det.as_module(checks="flag")(test)
+    score, pred = run(test)
+    torch.cuda.synchronize()
+    del junk
+    assert torch.equal(score.nan_to_num(), want_s.nan_to_num()) and torch.equal(pred, want_p)
