@@ -492,12 +492,13 @@ def test_knn_on_cuda_is_sync_free_and_matches_the_cpu():
     gen = torch.Generator().manual_seed(5)
     db = torch.randint(-2, 3, (3000, 16), generator=gen).float()
     queries = torch.randint(-2, 3, (50, 16), generator=gen).float()
-    norms = F.database_sq_norms_of(db.cuda())
+    q_dev, db_dev = queries.cuda(), db.cuda()  # the copies from host memory synchronise
+    norms = F.database_sq_norms_of(db_dev)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = F.knn(queries.cuda(), db.cuda(), 5, database_sq_norms=norms, block_size=512)
-        pad = F.knn(queries.cuda(), db[:3].cuda(), 5, database_sq_norms=norms[:3])
+        got = F.knn(q_dev, db_dev, 5, database_sq_norms=norms, block_size=512)
+        pad = F.knn(q_dev, db_dev[:3], 5, database_sq_norms=norms[:3])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want = F.knn(queries, db, 5, block_size=512)

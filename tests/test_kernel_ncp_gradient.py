@@ -54,15 +54,17 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(kernel_module.torch, "empty", empty)
 
 
-def _assert_matches_twin(res, h, protos, p_ood):
-    """Every output finite and equal to the float64 twin's within fp32 rounding, same pred."""
+def _assert_matches_twin(res, h, protos, p_ood, rtol=1e-5):
+    """Every output finite and equal to the float64 twin's within fp32 rounding (``rtol``:
+    wider for tf32, whose GEMM terms remain for the prototypes past the exactly recomputed
+    candidates), same pred; min_dist is always exact."""
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     for t in (res.grad, res.q_ood, res.min_dist, res.lse):
         assert bool(torch.isfinite(t).all())
-    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(res.min_dist.double(), ref.min_dist, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(res.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.lse.double(), ref.lse, rtol=rtol, atol=1e-5)
     assert torch.equal(res.pred.cpu(), ref.pred.cpu())
 
 
@@ -124,9 +126,12 @@ def test_strided_inputs_are_read_in_place():
     wide[:, ::3] = h
     transposed = h.T.contiguous().T  # column-major: stride (1, N)
     want = ncp_gradient(h, protos, p_ood)
+    # Bit for bit under the interpreter; compiled, the strides change the registers' layout
+    # and with it the order of the row sums (a few fp32 ulps, seen on an H200).
+    tol = {"rtol": 1e-6, "atol": 1e-7} if ON_GPU else {"rtol": 0, "atol": 0}
     for view in (wide[:, ::3], transposed):
         got = ncp_gradient(view, protos, p_ood)
-        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+        torch.testing.assert_close(got.grad, want.grad, **tol)
     wide_protos = torch.zeros(6, 42, device=DEVICE)
     wide_protos[:, 1::2] = protos
     got = ncp_gradient(h, wide_protos[:, 1::2], p_ood)
@@ -343,7 +348,9 @@ def test_single_read_variant_matches_float64_twin(n, c, d, precision, single_rea
     h, protos, p_ood = _problem(n, c, d)
     h = h.T.contiguous().T  # read through its strides
     res = ncp_gradient(h, protos, p_ood, precision=precision)
-    _assert_matches_twin(res, h, protos, p_ood)
+    # On a GPU tf32 rounds the GEMM terms of the prototypes past the 4 candidates (C > 4);
+    # the interpreter computes them in fp32.
+    _assert_matches_twin(res, h, protos, p_ood, rtol=1e-3 if precision == "tf32" else 1e-5)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
