@@ -53,6 +53,8 @@ class LaunchConfig(NamedTuple):
             tiles in L2 (the search's query groups; 1 where unused).
         single_read (bool): the gradient step's variant that holds the whole feature tile in
             registers (``block_d`` is then all of D, padded to a power of two).
+        staged (bool): the gradient step's variant whose pre-pass writes the centred features
+            into the gradient's rows, so both GEMM operands reach ``tl.dot`` as loaded.
     """
 
     block_rows: int
@@ -63,6 +65,7 @@ class LaunchConfig(NamedTuple):
     n_split: int = 1
     group_rows: int = 1
     single_read: bool = False
+    staged: bool = False
 
 
 def fit_tile(block: int, size: int) -> int:

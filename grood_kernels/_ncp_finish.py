@@ -8,28 +8,41 @@ from grood_kernels._topk import merge_candidates
 
 
 @triton.jit
-def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale):
-    """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside."""
+def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale,
+           STAGED: tl.constexpr = 0):
+    """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside.
+    With ``STAGED`` the pointer holds ``u`` already (the staged variant's pre-pass wrote it):
+    the tile is loaded as it is, with nothing between the load and its use."""
     mask = mask_n[:, None] & mask_d[None, :]
-    p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    x = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, x * inv_scale - p_o[None, :], 0.0)
+    if STAGED:
+        u = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                    mask=mask, other=0.0)
+    else:
+        p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+        x = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                    mask=mask, other=0.0).to(tl.float32)
+        u = tl.where(mask, x * inv_scale - p_o[None, :], 0.0)
+    return u
 
 
 @triton.jit
 def finish_rows(
-    # pointers: inputs, the groups' partial results, outputs
+    # pointers: inputs, the groups' partial results, outputs, ||u||^2 (STAGED)
     h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
     # the row tile; sizes and scalars
     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
     # strides
     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
+    STAGED: tl.constexpr,
 ):
-    """Merge the groups' partials of one row tile, re-rank exactly, write the results."""
+    """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
+    ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
+    at the end) and ``||u||^2`` comes from the pre-pass."""
+    if STAGED:  # u in fp32, in the gradient's rows
+        h_ptr, stride_hn, stride_hd = grad_ptr, stride_gn, stride_gd
     W: tl.constexpr = 2 + N_CAND
     slots = tl.arange(0, N_CAND)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -57,17 +70,20 @@ def finish_rows(
         offs_d = d0 + arange_d
         mask_d = offs_d < D
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale)
-        u_sq += tl.sum(u * u, axis=1)
+                    inv_scale, STAGED)
+        if STAGED == 0:
+            u_sq += tl.sum(u * u, axis=1)
         exact_sq = add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d,
                                 mask_d, stride_pc, stride_pd, inv_scale, N_CAND)
+    if STAGED:
+        u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale)
+                    inv_scale, STAGED)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                  u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
 

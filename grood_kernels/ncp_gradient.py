@@ -155,6 +155,24 @@ def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
                         max(16, triton.next_power_of_2(d)), 8, 1, single_read=True)
 
 
+#: Modes whose staged variant hands ``tl.dot`` its A operand as loaded (tf32x3 splits it in
+#: registers; ieee's FMA dot reads both operands from registers anyway).
+STAGED_PRECISIONS = ("tf32", "bf16")
+
+
+def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
+                  n_sm: int | None = None) -> LaunchConfig | None:
+    """The staged variant of the launcher's configuration, where it applies: a pre-pass
+    writes ``u = h / scale - p_o`` and ``||u||^2`` into the gradient's rows, and the kernel's
+    K-loop loads both GEMM operands straight into the MMA (the centring otherwise sits between
+    the feature tile's load and ``tl.dot``). Costs one more write and read of [N, D] fp32, and
+    in bf16 a [N, D] bf16 copy of ``u`` (the A operand as the MMA takes it)."""
+    if precision not in STAGED_PRECISIONS:
+        return None
+    # The kernel's A operand is then the fp32 rows: the class groups are sized for 4 bytes.
+    return launch_config(n, c, d, precision, h_bytes=4, n_sm=n_sm)._replace(staged=True)
+
+
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None) -> list[LaunchConfig]:
     """Every distinct autotuning candidate at this shape: the tile list fitted to it (small
@@ -163,6 +181,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     fitted = [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
               for t in tune_configs(precision)]
     fitted.append(single_read_config(c, d, precision))
+    fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
@@ -184,14 +203,15 @@ def _class_block_dots(
     stride_hn, stride_hd, stride_oc,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr,
+    DOT_MODE: tl.constexpr, WITH_SQ: tl.constexpr, STAGED: tl.constexpr,
 ):
     """``u . P_c - ||P_c||^2 / 2`` for one class block [BLOCK_N, BLOCK_C] (-inf for classes
     past C), and ``||u||^2`` when WITH_SQ.
 
     The accumulator starts at ``-||P_c||^2 / 2``, so the distances need no per-class operand
     after the K-loop. The prepared operand is padded to whole tiles, so its loads need no mask
-    and go to ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand).
+    and go to ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand),
+    or with ``STAGED`` loaded centred from the pre-pass's rows and passed on as loaded.
     """
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -201,7 +221,7 @@ def _class_block_dots(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
-                    inv_scale)  # [BLOCK_N, BLOCK_D]
+                    inv_scale, STAGED)  # [BLOCK_N, BLOCK_D]
         if WITH_SQ:
             u_sq += tl.sum(u * u, axis=1)
         p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :])  # [BLOCK_C, BLOCK_D]
@@ -239,9 +259,11 @@ def _ncp_gradient_kernel(
     N, C, D, scale, inv_scale, n_groups, blocks_per_group,
     # strides
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
+    # the pre-pass's ||u||^2 per row (STAGED; unread otherwise)
+    usq_ptr,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
@@ -253,12 +275,20 @@ def _ncp_gradient_kernel(
     cb0 = group * blocks_per_group
     cb1 = tl.minimum(cb0 + blocks_per_group, n_cb)
 
-    # First class block of the group: also ||u||^2; seeds the running max / sum-exp.
+    # First class block of the group: also ||u||^2 (the pre-pass's, STAGED); seeds the
+    # running max / sum-exp.
     c0 = cb0 * BLOCK_C
-    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
-                                   inv_scale,
-                                   stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
-                                   DOT_MODE, True)
+    if STAGED:
+        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
+                                    inv_scale,
+                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
+                                    DOT_MODE, False, True)
+        u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C,
+                                       D, inv_scale,
+                                       stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C,
+                                       BLOCK_D, DOT_MODE, True, False)
     dist = _distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
@@ -270,7 +300,7 @@ def _ncp_gradient_kernel(
         dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
                                     inv_scale,
                                     stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
-                                    DOT_MODE, False)
+                                    DOT_MODE, False, STAGED)
         dist = _distances(dots, u_sq, scale)
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
@@ -290,10 +320,45 @@ def _ncp_gradient_kernel(
     if arrived == n_groups - 1:
         tl.debug_barrier()
         finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-                     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+                     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
                      offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                      stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                     BLOCK_N, BLOCK_D, N_CAND)
+                     BLOCK_N, BLOCK_D, N_CAND, STAGED)
+
+
+@triton.jit
+def _centre_rows_kernel(
+    h_ptr, pood_ptr, u_ptr, usq_ptr, op_ptr,
+    N, D, inv_scale,
+    stride_hn, stride_hd, stride_un, stride_ud, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_ROWS: tl.constexpr,
+):
+    """The staged variant's pre-pass: ``u = h / scale - p_o`` into the gradient's rows (which
+    the finish scales in place) and ``||u||^2`` per row; one read of ``h``, one write. With
+    ``BF16_ROWS`` also ``u`` rounded to bf16 into ``op_ptr`` (the bf16 GEMM's A operand, the
+    rounding the kernel's cast would make)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                   inv_scale)
+        u_sq += tl.sum(u * u, axis=1)
+        mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud, u,
+                 mask=mask)
+        if BF16_ROWS:
+            tl.store(op_ptr + offs_n[:, None] * stride_on + offs_d[None, :],
+                     u.to(tl.bfloat16), mask=mask)
+    tl.store(usq_ptr + offs_n, u_sq, mask=mask_n)
+
+
+#: The pre-pass's tile: rows x feature columns per step, warps (a memory-bound copy).
+CENTRE_TILE = (16, 256, 4)
 
 
 @triton.jit
@@ -346,13 +411,14 @@ def _ncp_single_read_kernel(
 
 
 def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
-          cfg: LaunchConfig) -> KernelLaunch:
-    """The launch for one configuration (also compiled, unlaunched, by the compile report)."""
+          cfg: LaunchConfig) -> tuple[KernelLaunch, ...]:
+    """The launches for one configuration, in order (also compiled, unlaunched, by the compile
+    report): the gradient-step kernel, after the staged variant's pre-pass."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = h.shape
     c = prototypes.shape[0]
     if cfg.single_read:
-        return KernelLaunch(
+        return (KernelLaunch(
             _ncp_single_read_kernel, (triton.cdiv(n, cfg.block_rows),),
             (h, prep.operand, prototypes, prep.p_o, psq, grad, q_ood, pred, min_dist, lse,
              n, c, d, prep.scale, 1.0 / prep.scale,
@@ -360,30 +426,48 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
              prototypes.stride(1), grad.stride(0), grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
-            cfg.num_warps, cfg.num_stages)
-    part_f, part_i, counters = scratch
+            cfg.num_warps, cfg.num_stages),)
+    part_f, part_i, counters, u_sq, op_rows = scratch
     per_group = triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
-    return KernelLaunch(
+    pre: tuple[KernelLaunch, ...] = ()
+    rows = h
+    if cfg.staged:  # u into the gradient's rows: the kernel reads them as its A operand
+        if precision == "tf32x3":
+            raise ValueError("the staged variant takes ieee, tf32 or bf16, not tf32x3")
+        bn, bd, warps = CENTRE_TILE
+        bf16_rows = precision == "bf16"  # the A operand in bf16, as the MMA takes it
+        rows = op_rows if bf16_rows else grad
+        pre = (KernelLaunch(
+            _centre_rows_kernel, (triton.cdiv(n, bn),),
+            (h, prep.p_o, grad, u_sq, rows, n, d, 1.0 / prep.scale, h.stride(0), h.stride(1),
+             grad.stride(0), grad.stride(1), rows.stride(0)),
+            {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows)}, warps, 1),)
+    return (*pre, KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
-        (h, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
+        (rows, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
          grad, q_ood, pred, min_dist, lse,
          n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, per_group,
-         h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
-         prototypes.stride(1), grad.stride(0), grad.stride(1)),
+         rows.stride(0), rows.stride(1), prep.operand.stride(0), prototypes.stride(0),
+         prototypes.stride(1), grad.stride(0), grad.stride(1), u_sq),
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
-         "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
-        cfg.num_warps, cfg.num_stages)
+         "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
+         "STAGED": int(cfg.staged)},
+        cfg.num_warps, cfg.num_stages))
 
 
-def _scratch(n: int, cfg: LaunchConfig, device):
-    """Partial results per (class group, row) and one arrival counter per row block (none
-    for the single-read variant)."""
+def _scratch(n: int, d: int, cfg: LaunchConfig, precision: str, device):
+    """Partial results per (class group, row), one arrival counter per row block, and for the
+    staged variant ``||u||^2`` per row and (bf16) the bf16 rows of ``u``; none for the
+    single-read variant."""
     if cfg.single_read:
         return ()
+    bf16_rows = cfg.staged and precision == "bf16"
     return (torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
                         device=device),
             torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-            torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device))
+            torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device),
+            torch.empty(n if cfg.staged else 1, dtype=torch.float32, device=device),
+            torch.empty((n, d) if bf16_rows else (1, 1), dtype=torch.bfloat16, device=device))
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -402,8 +486,9 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
                                    dt=operand_dtype(precision)), meta(c), meta(d), 1.0)
-    return [_plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), prep, meta(c),
-                  _scratch(n, cfg, "meta"), outs, precision, cfg) for cfg in cfgs]
+    return [launch for cfg in cfgs
+            for launch in _plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), prep, meta(c),
+                                _scratch(n, d, cfg, precision, "meta"), outs, precision, cfg)]
 
 
 def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
@@ -485,9 +570,9 @@ def ncp_gradient(
     n_sm = sm_count(dev)
 
     def launch(cfg: LaunchConfig) -> None:
-        run(_plan(h, prototypes, prep, psq, _scratch(n, cfg, dev), (grad, q_ood, pred,
-                                                                     min_dist, lse),
-                  precision, cfg))
+        for planned in _plan(h, prototypes, prep, psq, _scratch(n, d, cfg, precision, dev),
+                             (grad, q_ood, pred, min_dist, lse), precision, cfg):
+            run(planned)
 
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),

@@ -181,7 +181,12 @@ def test_fp32_faithful_modes(precision):
 
 
 @gpu
-def test_bf16_mode_on_gpu():
+@pytest.mark.parametrize("variant", ["launcher", "staged"])
+def test_bf16_mode_on_gpu(variant, request):
+    """bf16 on the device (the interpreter's bf16 dot is not the hardware's); the staged
+    variant's pre-pass writes the bf16 rows of u that its MMA reads."""
+    if variant == "staged":
+        request.getfixturevalue("staged")
     h, protos, p_ood = _problem(256, 100, 512, seed=9)
     res = ncp_gradient(h, protos, p_ood, precision="bf16")
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
@@ -381,3 +386,62 @@ def test_single_read_variant_is_offered_where_it_compiles_spill_free():
     assert sum(cfg.single_read for cfg in cands) == 1
     assert not any(cfg.single_read for cfg in kernel_module.candidate_configs(
         4096, 1000, 2048, "tf32", 4))
+
+
+@pytest.fixture
+def staged(monkeypatch):
+    """Make the launcher run the staged variant (an autotuning candidate) at any shape."""
+    real = kernel_module.launch_config
+
+    def config(n, c, d, precision, **kw):
+        return real(n, c, d, precision, **kw)._replace(staged=True)
+
+    monkeypatch.setattr(kernel_module, "launch_config", config)
+
+
+# tf32 on a GPU keeps tf32 GEMM terms past the 4 candidates; the interpreter computes fp32.
+STAGED_RTOL = 1e-3 if ON_GPU else 1e-5
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
+def test_staged_variant_matches_float64_twin(n, c, d, staged, poisoned_outputs):
+    """The pre-pass writes u into the gradient's rows and the kernel reads them as its A
+    operand, then scales them in place: every output against the twin, h read through its
+    strides, outputs poisoned first."""
+    h, protos, p_ood = _problem(n, c, d)
+    h = h.T.contiguous().T
+    res = ncp_gradient(h, protos, p_ood, precision="tf32")
+    _assert_matches_twin(res, h, protos, p_ood, rtol=STAGED_RTOL)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
+def test_staged_variant_ties_magnitudes_and_half_inputs(scale, staged):
+    """Exact ties go to the lower class id, huge and tiny magnitudes work in the power-of-two
+    units, and float16 features are centred by the pre-pass in fp32."""
+    h, protos, p_ood = _problem(40, 12, 24, seed=3)
+    protos[5] = protos[2]
+    h[:8] = protos[2]
+    h, protos, p_ood = h * scale, protos * scale, p_ood * scale
+    res = ncp_gradient(h, protos, p_ood, precision="tf32")
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    assert torch.equal(res.pred, ref.pred) and bool((res.pred[:8] == 2).all())
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=STAGED_RTOL, atol=1e-7)
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=STAGED_RTOL, atol=1e-6)
+    h16, protos16, p16 = _problem(20, 9, 40, dtype=torch.float16, seed=1)
+    res = ncp_gradient(h16, protos16, p16, precision="tf32")
+    _assert_matches_twin(res, h16, protos16, p16, rtol=STAGED_RTOL)
+
+
+def test_staged_variant_is_offered_in_tf32_and_bf16_only():
+    """An autotuning candidate in the modes whose A operand then reaches tl.dot as loaded;
+    the launcher's own choice is not staged; tf32x3 refuses it."""
+    for precision in ("tf32", "bf16"):
+        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
+        assert sum(cfg.staged for cfg in cands) == 1
+        assert not kernel_module.launch_config(65536, 1000, 2048, precision).staged
+    for precision in ("ieee", "tf32x3"):
+        assert kernel_module.staged_config(65536, 1000, 2048, precision, 4) is None
+    h, protos, _ = _problem(8, 3, 16)
+    cfg = kernel_module.launch_config(8, 3, 16, "tf32x3")._replace(staged=True)
+    with pytest.raises(ValueError, match="staged variant takes"):
+        kernel_module._plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)

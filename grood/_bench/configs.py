@@ -9,6 +9,7 @@ launcher's heuristic on a device; each configuration is compiled once (warm-up, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -28,12 +29,12 @@ CONFIG_PRECISIONS = ("tf32", "bf16")
 
 
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
-                 repeat: int = 3) -> list[str]:
+                 repeat: int = 3) -> Iterator[str]:
     """Markdown rows: every candidate configuration of the gradient step, timed (needs
     triton: this module is imported only where the Triton kernels can run)."""
-    lines = ["| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
-             "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |",
-             "|---|---|---|---|---|---|---|---|"]
+    yield ("| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
+           "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |")
+    yield "|---|---|---|---|---|---|---|---|"
     for name, n, c, d in shapes:
         h, _ = realistic_features(n, c, d, seed=3, device=device)
         protos, _ = realistic_features(c, c, d, seed=4, device=device)
@@ -61,15 +62,17 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                 pred_diff = float((outs[2] != ref[2]).double().mean())
                 tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
                 label = (" (launcher)" if cfg is base else
-                         " (single read: all of D in registers)" if cfg.single_read else "")
-                lines.append(
+                         " (single read: all of D in registers)" if cfg.single_read else
+                         " (staged: u centred by a pre-pass)" if cfg.staged else "")
+                yield (
                     f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                     f"{label} | {cfg.n_split} | {1e3 * t:.3f} | {base_ms / t:.2f}x | "
                     f"{q_diff:.1e} | {pred_diff:.4f} |")
-    return lines
 
 
 def _launch(h, protos, prep, outs, precision: str, cfg) -> None:
     """One gradient-step launch in configuration ``cfg`` (fresh partials, as the launcher)."""
-    run(kernel._plan(h, protos, prep, prep.sq_norms, kernel._scratch(h.shape[0], cfg, h.device),
-                     outs, precision, cfg))
+    for planned in kernel._plan(h, protos, prep, prep.sq_norms,
+                                kernel._scratch(*h.shape, cfg, precision, h.device), outs,
+                                precision, cfg):
+        run(planned)
