@@ -111,6 +111,7 @@ def compile_launch(launch, arch: str) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     rec = {"smem_bytes": int(compiled.metadata.shared), "ttgir": ttgir, "ptx": ptx,
            "mma": mma_kind(ttgir), "wgmma_pendings": wgmma_pendings(ttgir),
+           "wgmma_a": wgmma_a_operand(ttgir),
            "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
            "cubin": None, "sass_counts": {}, "assembler": None}
     ptxas = _tool("ptxas-blackwell")
@@ -166,6 +167,17 @@ def wgmma_pendings(ttgir: str) -> int | None:
     # The waits inside the K-loops decide the overlap; the wait after a loop drains it to 0.
     in_loop = _waits_in_loops(ttgir)
     return min(in_loop) if in_loop else min(waits)
+
+
+def wgmma_a_operand(ttgir: str) -> str | None:
+    """Where the wgmma's A operand comes from: ``"smem"`` (loaded into shared memory and read
+    by the MMA as it is) or ``"registers"`` (changed in registers first: a conversion, a
+    cast or arithmetic between the load and the MMA); None without wgmma. The first wgmma
+    decides (a kernel's K-loop has one kind)."""
+    found = re.search(r"ttng\.warp_group_dot %[^\n{:]*(?:\{[^}\n]*\})? : (\S+)", ttgir)
+    if found is None:
+        return None
+    return "smem" if found.group(1).startswith("!ttg.memdesc") else "registers"
 
 
 def _waits_in_loops(ttgir: str) -> list[int]:
@@ -263,7 +275,8 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "registers": facts["registers"], "spill_store_bytes": facts["spill_store_bytes"],
         "spill_load_bytes": facts["spill_load_bytes"], "smem_bytes": facts["smem_bytes"],
         "ctas_per_sm": ctas, "ctas_limit": binding, "mma": facts["mma"],
-        "wgmma_pendings": facts["wgmma_pendings"], "sass": facts["sass_counts"],
+        "wgmma_pendings": facts["wgmma_pendings"], "wgmma_a": facts["wgmma_a"],
+        "sass": facts["sass_counts"],
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas))
@@ -282,7 +295,7 @@ def markdown(records: list[dict]) -> str:
     """The report as Markdown tables: one for the compiled facts, one for the model."""
     lines = [
         "| kernel | mode | shape | arch | function | tiles | warps/stages | regs | spills st/ld "
-        "| smem | CTAs/SM (limit) | MMA | pendings | grid | waves |",
+        "| smem | CTAs/SM (limit) | MMA (A from) | pendings | grid | waves |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -293,7 +306,8 @@ def markdown(records: list[dict]) -> str:
             f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
             f"{r['function']} | {tiles} | {r['num_warps']}/{r['num_stages']} | "
             f"{r['registers'] if r['registers'] is not None else '?'} | {spills} | "
-            f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']} | "
+            f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']}"
+            f"{'' if r.get('wgmma_a') is None else ' (' + r['wgmma_a'] + ')'} | "
             f"{'–' if r['wgmma_pendings'] is None else r['wgmma_pendings']} | {r['grid']} | "
             f"{r['waves']} |")
     lines += [
@@ -319,7 +333,8 @@ def markdown(records: list[dict]) -> str:
 
 JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config", "block",
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
-             "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings", "sass", "grid",
+             "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings", "wgmma_a",
+             "sass", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
              "structure_fraction", "model_notes", "assembler")
 

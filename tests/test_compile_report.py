@@ -177,3 +177,42 @@ def test_roofline_draws_a_gpu_runs_timings_beside_the_model(report, tmp_path):
     other = [{**t, "dims": [1, 2, 3]} for t in timings]
     with pytest.raises(ValueError, match="no Triton timing"):
         roofline.plot(records, tmp_path / "y.png", measured={"run": run, "timings": other})
+
+
+def test_wgmma_a_operand_reads_where_the_mma_takes_a_from():
+    """A read by the MMA from shared memory as loaded, or changed in registers first (the
+    gradient step's centring or a cast between the load and tl.dot)."""
+    smem = ("%d = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32, isAsync = true} : "
+            "!ttg.memdesc<128x32xf32, #shared> * !ttg.memdesc<32x128xf32, #shared1> -> t\n")
+    regs = ("%d = ttng.warp_group_dot %a, %b, %c {isAsync = true} : tensor<128x16xf32, "
+            "#ttg.dot_op<{opIdx = 0}>> * !ttg.memdesc<16x128xf32, #shared3> -> t\n")
+    assert compile_report.wgmma_a_operand(smem) == "smem"
+    assert compile_report.wgmma_a_operand(regs) == "registers"
+    assert compile_report.wgmma_a_operand("%d = tt.dot %a, %b, %c : tensor<16x16xf32>") is None
+
+
+def test_staged_gradient_step_feeds_both_operands_from_shared_memory():
+    """The staged variant's K-loop takes the centred rows into the MMA as loaded (the
+    launcher's centres them in registers first), with a memory-bound pre-pass before it.
+    Compiled in a process without the interpreter, as the report itself runs."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(BENCH)!r})
+import compile_report
+from grood_kernels import ncp_gradient
+launches = [l for l in ncp_gradient.compile_launches(4096, 256, 512, "tf32", configs="all")
+            if l.constexprs.get("STAGED") or "BF16_ROWS" in l.constexprs]
+records = [compile_report._record("ncp_gradient", "t", (4096, 256, 512), "tf32", "sm_90a",
+                                  i, l, None) for i, l in enumerate(launches)]
+print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    pre, main = json.loads(proc.stdout)
+    assert (pre["function"], main["function"]) == ("_centre_rows_kernel", "_ncp_gradient_kernel")
+    assert pre["mma"] == "none" and pre["binding_roof"] == "hbm"
+    assert pre["hbm_bytes"] == 4096 * 512 * 8 + 4096 * 4
+    assert main["mma"] == "wgmma" and main["wgmma_a"] == "smem"
+    assert main["wgmma_pendings"] >= 1
+    if HAS_PTXAS:
+        assert main["spill_store_bytes"] == 0
