@@ -12,6 +12,7 @@ timed call, and every number comes from the same run on the same device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -156,14 +157,13 @@ def _errors(grad: Tensor, q: Tensor, pred: Tensor, ref) -> tuple[float, float, f
     return g_err, q_err, float((pred != ref.pred).double().mean())
 
 
-def timing_table(device: str, backends: list[str], shapes, repeat: int) -> list[str]:
+def timing_table(device: str, backends: list[str], shapes, repeat: int) -> Iterator[str]:
     """Timings of the gradient step against the torch closed form and the autograd loop."""
-    lines = ["| shape | N | C | D | backend | precision | ms | samples/s | TFLOP/s | % of peak | "
-             "vs torch closed form | vs autograd loop | peak extra MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    yield ("| shape | N | C | D | backend | precision | ms | samples/s | TFLOP/s | % of peak | "
+           "vs torch closed form | vs autograd loop | peak extra MiB |")
+    yield "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     for name, n, c, d in shapes:
-        lines += _time_shape(name, n, c, d, device, backends, repeat)
-    return lines
+        yield from _time_shape(name, n, c, d, device, backends, repeat)
 
 
 def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[str],

@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gradient step's launch configurations side by side")
 
 
+def _emit(lines) -> None:
+    """Print a table's lines as they come (a long table cut short keeps its finished rows)."""
+    for line in lines:
+        print(line, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the report (Markdown) for parsed ``args``."""
     from grood import ops
@@ -78,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
         print("## Gradient step\n")
         if not args.skip_accuracy:
             for backend in backends:
-                print("\n".join(accuracy_table(device, backend, args.tiny)))
+                _emit(accuracy_table(device, backend, args.tiny))
                 print()
-            print("\n".join(hard_softmax_table(device, backends, args.tiny)))
+            _emit(hard_softmax_table(device, backends, args.tiny))
             print()
         shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
-        print("\n".join(timing_table(device, backends, shapes, args.repeat)))
+        _emit(timing_table(device, backends, shapes, args.repeat))
         print("\nTFLOP/s counts the distance GEMM only (2·N·C·D). 'vs torch closed form': the "
               "plain torch closed form (full [N, C] distances) in the same precision, same "
               "device, same run. 'vs autograd loop': one autograd call per sample, timed on up "
@@ -92,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.only in (None, "search"):
         print("## Nearest-neighbour search\n")
         if not args.skip_accuracy:
-            print("\n".join(search_accuracy_table(device, backends, args.tiny)))
+            _emit(search_accuracy_table(device, backends, args.tiny))
             print()
-        print("\n".join(search_timing_table(device, backends, args.tiny, args.repeat)))
+        _emit(search_timing_table(device, backends, args.tiny, args.repeat))
         print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
               "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
               "run. recall@1 is measured on the first 100 queries against float64 brute force.")
@@ -102,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         from grood._bench.head import attached_table, head_table
 
         print("\n## The GROOD head in a compiled program\n")
-        print("\n".join(head_table(device, backends[0], args.tiny, args.repeat)))
+        _emit(head_table(device, backends[0], args.tiny, args.repeat))
         print()
-        print("\n".join(attached_table(device, backends[0], args.tiny, args.repeat)))
+        _emit(attached_table(device, backends[0], args.tiny, args.repeat))
         print("\nCompiled and exported heads run grood's custom ops as single nodes. With "
               "checks='raise' (the default) the head reads values on the host; the CUDA-graph "
               "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
@@ -116,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from grood._bench.configs import CONFIG_SHAPES, TINY_CONFIG_SHAPES, config_table
 
-            print("\n".join(config_table(device, TINY_CONFIG_SHAPES if args.tiny
-                                          else CONFIG_SHAPES, repeat=args.repeat)))
+            _emit(config_table(device, TINY_CONFIG_SHAPES if args.tiny
+                                         else CONFIG_SHAPES, repeat=args.repeat))
             print("\nThe launcher's configuration first, then every autotuning candidate "
                   "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
                   "are against the launcher's results.")

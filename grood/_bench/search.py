@@ -9,6 +9,7 @@ device, and faiss-cpu's exact flat search on a smaller database, compared per TF
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -135,12 +136,13 @@ def _faiss_gpu_row(queries: Tensor, db: Tensor, ref_i: Tensor, repeat: int) -> s
 
 
 def search_timing_table(device: str, backends: list[str], tiny: bool,
-                        repeat: int) -> list[str]:
+                        repeat: int) -> Iterator[str]:
     """1-NN search timings against torch GEMM + min in the same precision."""
     peaks = device_peaks(device)
-    lines = ["| shape | Q | M | D | backend | precision | storage | s | queries/s | TFLOP/s | "
-             "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 | recall@1 vs "
-             "exact fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    yield ("| shape | Q | M | D | backend | precision | storage | s | queries/s | TFLOP/s | "
+           "% of peak | vs torch GEMM+min | peak extra MiB | recall@1 vs fp64 | recall@1 vs "
+           "exact fp32 |")
+    yield "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     notes = []
     for name, q, m, d in (TINY_SEARCH_SHAPES if tiny else FULL_SEARCH_SHAPES):
         gen = torch.Generator(device=device).manual_seed(11)
@@ -172,7 +174,7 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
                     recall32 = float((idx[:, 0] == ref32_i).double().mean())
                     peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks
                             else "n/a")
-                    lines.append(
+                    yield (
                         f"| {name} | {q} | {m} | {d} | {backend} | {precision} | "
                         f"{str(storage)[6:]} | {t:.4f} | {q / t:,.0f} | "
                         f"{flops / t / 1e12:.2f} | {peak} | {t_ref / t:.2f}x | {mem:.1f} | "
@@ -182,7 +184,8 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
             notes.append(f"{name}: {gpu_row}")
         del db, queries
         notes.append(_faiss_rate(device, d, tiny))
-    return [*lines, "", *notes]
+    yield ""
+    yield from notes
 
 
 def _exact_reference(queries: Tensor, database: Tensor, chunk: int = 65536) -> Tensor:
