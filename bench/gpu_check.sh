@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared call for a GPU machine: the kernel and custom-op/head tests with compiled Triton (not the
-# interpreter), then the full report (bench/gpu_report.py), written to $OUT/gpu_report.md,
-# with its timings as JSON in $OUT/gpu_report.json and drawn beside the compile report's model
-# in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports), then the whole
-# ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32 and with bf16 index storage,
-# written to $OUT/pipeline.md, and last (so a run cut short loses only it) the gradient step's
-# launch configurations side by side in $OUT/gpu_configs.md (the launcher's choice against
-# every autotuning candidate, tf32, CIFAR-10/100 and ImageNet-1k shapes).
+# One prepared call for a GPU machine: the kernel and custom-op/head tests with compiled Triton
+# (not the interpreter); the report's gradient step and head (bench/gpu_report.py) into
+# $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside the compile
+# report's model in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports);
+# the gradient step's launch configurations side by side in $OUT/gpu_configs.md (the launcher's
+# choice against every autotuning candidate, the staged variant included, tf32 and bf16,
+# CIFAR-10/100 and ImageNet-1k shapes); the whole ImageNet-1k fit + score pipeline
+# (bench/pipeline.py) in tf32 and with bf16 index storage into $OUT/pipeline.md; and last,
+# with what the budget has left, the search's timings into $OUT/gpu_search.md. Eight files in
+# all (with a log of the whole call), the device tool's limit.
 #
 # Every step has its own time limit and a failing step does not stop the ones after it (its
 # status is printed and logged), so one call always ends inside BUDGET seconds (default 560)
@@ -75,18 +77,24 @@ step 150 "kernel, custom-op and head tests (compiled Triton)" \
 # CUDA graph on the torch backend).
 step 60 "torch-path GPU tests" \
     "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture'"
-step 200 "report (accuracy, gradient step, search, head)" \
-    "python bench/gpu_report.py ${size[*]} --repeat ${REPEAT:-3} --json '$out/gpu_report.json' \
-    | tee '$out/gpu_report.md'"
+step 200 "report: accuracy and timings of the gradient step, the head in compiled programs" \
+    "python bench/gpu_report.py ${size[*]} --only gradient --only head --repeat ${REPEAT:-3} \
+    --json '$out/gpu_report.json' | tee '$out/gpu_report.md'"
 # The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
 # the same command from the returned gpu_report.json).
 step 30 "roofline picture" "python bench/roofline.py bench/compile_report.json \
     '$out/roofline_measured.png' --measured '$out/gpu_report.json'"
+# The launcher's tiles against every autotuning candidate, the staged variant included.
+step 170 "gradient-step launch configurations (the launcher's and each candidate)" \
+    "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
+    | tee '$out/gpu_configs.md'"
 pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
 step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'"
 step 70 "pipeline, bf16 with bf16 index storage" \
     "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'"
-step 150 "gradient-step launch configurations (the launcher's and each candidate)" \
-    "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
-    | tee '$out/gpu_configs.md'"
+# Last, with whatever the budget has left: its rows print as they are measured, so a run cut
+# short keeps the finished ones.
+step 600 "report: nearest-neighbour search" \
+    "python bench/gpu_report.py ${size[*]} --only search --repeat ${REPEAT:-3} \
+    | tee '$out/gpu_search.md'"
 log "end"

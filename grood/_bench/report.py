@@ -45,11 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the kernel timings, with the device and versions, as "
                              "JSON (bench/roofline.py draws them beside the compile report's "
                              "model)")
-    parser.add_argument("--only", choices=["gradient", "search", "head", "configs"],
-                        default=None,
-                        help="run one part: the gradient step, the nearest-neighbour search, "
-                             "the GROOD head in a compiled program, or (only when asked) the "
-                             "gradient step's launch configurations side by side")
+    parser.add_argument("--only", choices=SECTIONS, action="append", default=None,
+                        help="run these parts, in the report's order (repeatable): the "
+                             "gradient step, the GROOD head in a compiled program, the "
+                             "nearest-neighbour search, or (only when asked) the gradient "
+                             "step's launch configurations side by side")
+
+
+#: The report's parts, in the order they run; all but "configs" by default.
+SECTIONS = ("gradient", "head", "search", "configs")
 
 
 def _emit(lines) -> None:
@@ -80,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
           + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
              else ""))
     print()
-    if args.only in (None, "gradient"):
+    def save() -> None:  # after each part: a run cut short keeps the timings taken so far
+        if args.json:
+            _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted)
+
+    parts = args.only or [p for p in SECTIONS if p != "configs"]
+    if "gradient" in parts:
         print("## Gradient step\n")
         if not args.skip_accuracy:
             for backend in backends:
@@ -95,16 +104,8 @@ def run(args: argparse.Namespace) -> int:
               "device, same run. 'vs autograd loop': one autograd call per sample, timed on up "
               "to 64 samples. Peak extra memory: device memory beyond inputs and outputs during "
               "one call.\n")
-    if args.only in (None, "search"):
-        print("## Nearest-neighbour search\n")
-        if not args.skip_accuracy:
-            _emit(search_accuracy_table(device, backends, args.tiny))
-            print()
-        _emit(search_timing_table(device, backends, args.tiny, args.repeat))
-        print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
-              "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
-              "run. recall@1 is measured on the first 100 queries against float64 brute force.")
-    if args.only in (None, "head"):
+        save()
+    if "head" in parts:
         from grood._bench.head import attached_table, head_table
 
         print("\n## The GROOD head in a compiled program\n")
@@ -115,7 +116,17 @@ def run(args: argparse.Namespace) -> int:
               "checks='raise' (the default) the head reads values on the host; the CUDA-graph "
               "rows use checks='flag', which reads none (unresolvable rows score NaN and are "
               "counted on the device).")
-    if args.only == "configs":
+    if "search" in parts:
+        print("\n## Nearest-neighbour search\n")
+        if not args.skip_accuracy:
+            _emit(search_accuracy_table(device, backends, args.tiny))
+            print()
+        _emit(search_timing_table(device, backends, args.tiny, args.repeat))
+        print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
+              "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
+              "run. recall@1 is measured on the first 100 queries against float64 brute force.")
+        save()
+    if "configs" in parts:
         print("## Gradient step: launch configurations\n")
         if "triton" not in backends:
             print("The Triton kernels cannot run here; nothing to compare.")
@@ -127,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
             print("\nThe launcher's configuration first, then every autotuning candidate "
                   "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
                   "are against the launcher's results.")
-    if args.json:
-        _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted)
+    save()
     return 0
 
 
