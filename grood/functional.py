@@ -72,6 +72,14 @@ TILE_ELEMENTS = 1 << 22
 # terms). 2**22 (16 MiB of float32) keeps each tile's element-wise passes in a server CPU's
 # L2 + L3 while making tiles large enough that per-tile dispatch does not dominate at small C.
 ROW_TILE_ELEMENTS = 1 << 22
+# Off the CPU the element-wise passes need no cache residency, and each torch op costs a
+# host-side launch (tens of microseconds): tiles as large as this many elements (64 MiB of
+# float32; their float64 softmax / key temporaries twice that) keep a tile's launches few next
+# to its GPU work. On an H200 the CPU-sized tiles made the torch gradient step host-bound
+# (243 ms for 65,536 x 1,000 x 2,048: ~114 tiles of ~60 launches).
+DEVICE_TILE_ELEMENTS = 1 << 24
+# Queries per tile of the search off the CPU (the database tile follows from the budget).
+DEVICE_QUERY_ROWS = 4096
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
 PROTOTYPE_CHUNK_ELEMENTS = 1 << 19
 # Fewest rows per tile when the class block is wide: every row tile re-reads the block.
@@ -176,7 +184,7 @@ def ncp_gradient(
             [C] (squared norms of the prototypes *relative to the OOD prototype*); computed
             here when omitted.
         block_rows (int, optional): rows per tile; by default sized to ``ROW_TILE_ELEMENTS``
-            and ``TILE_ELEMENTS``.
+            and ``TILE_ELEMENTS`` on the CPU, to ``DEVICE_TILE_ELEMENTS`` elsewhere.
         block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
 
     Returns:
@@ -208,11 +216,7 @@ def ncp_gradient(
     if dt == torch.float64:
         precision = "ieee"
     bc = block_classes or min(c, 1 << 14)
-    # Rows per tile: the tile's working set stays in cache (for small C the element-wise work
-    # and per-tile dispatch, not the GEMM, set the pace), but enough rows to amortise reading
-    # the class block, and no [rows, C] or [rows, D] tile above TILE_ELEMENTS.
-    bn = block_rows or max(1, min(TILE_ELEMENTS // bc, TILE_ELEMENTS // d, max(
-        MIN_TILE_ROWS, ROW_TILE_ELEMENTS // (2 * d + 3 * bc) // 64 * 64)))
+    bn = block_rows or gradient_tile_rows(h.device.type, bc, d)
     n_cand = min(NCP_CANDIDATES, c)
 
     if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
@@ -378,6 +382,28 @@ def class_prototypes(
         sums.index_add_(0, labels[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)
     return PrototypeState(sums, counts)
+
+
+def gradient_tile_rows(device_type: str, block_classes: int, d: int) -> int:
+    """Rows per tile of :func:`ncp_gradient` by default. On the CPU the tile's working set
+    stays in cache (for small C the element-wise work and per-tile dispatch, not the GEMM, set
+    the pace), with enough rows to amortise reading the class block and no [rows, C] or
+    [rows, D] tile above ``TILE_ELEMENTS``; elsewhere as many rows as
+    ``DEVICE_TILE_ELEMENTS`` allows (each tile's launches cost host time, not cache)."""
+    if device_type == "cpu":
+        return max(1, min(TILE_ELEMENTS // block_classes, TILE_ELEMENTS // d, max(
+            MIN_TILE_ROWS, ROW_TILE_ELEMENTS // (2 * d + 3 * block_classes) // 64 * 64)))
+    return max(1, min(DEVICE_TILE_ELEMENTS // block_classes, DEVICE_TILE_ELEMENTS // d))
+
+
+def search_tile(device_type: str, n_queries: int) -> tuple[int, int]:
+    """(queries, database rows) per tile of :func:`knn` by default: ``TILE_ELEMENTS`` on the
+    CPU, ``DEVICE_TILE_ELEMENTS`` elsewhere."""
+    if device_type == "cpu":
+        bq = min(n_queries, 1024)
+        return bq, max(256, TILE_ELEMENTS // bq)
+    bq = min(n_queries, DEVICE_QUERY_ROWS)
+    return bq, max(256, DEVICE_TILE_ELEMENTS // bq)
 
 
 def _block_sizes(**sizes: int | None) -> tuple[int | None, ...]:
@@ -549,7 +575,7 @@ def knn(
             computed from when ``database`` is a rounded copy (e.g. bf16 storage of an fp32
             index); it may live on another device (host memory). Default: ``database``.
         block_size (int, optional): database rows per tile; by default sized to
-            ``TILE_ELEMENTS``.
+            ``TILE_ELEMENTS`` on the CPU and ``DEVICE_TILE_ELEMENTS`` elsewhere.
 
     Returns:
         tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
@@ -580,8 +606,8 @@ def knn(
     if n_q == 0 or n_db == 0:
         return out_d, out_i
     n_cand = k + RERANK_EXTRA  # candidates kept per query, re-ranked exactly at the end
-    bq = min(n_q, 1024)
-    bm = block_size or max(256, TILE_ELEMENTS // bq)
+    bq, bm = search_tile(dev.type, n_q)
+    bm = block_size or bm
     if database_sq_norms is None:
         database_sq_norms = database_sq_norms_of(exact_rows, dt, block_size=bm).to(dev)
     elif tuple(database_sq_norms.shape) != (n_db,):
