@@ -101,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         _emit(timing_table(device, backends, shapes, args.repeat))
         print("\nTFLOP/s counts the distance GEMM only (2·N·C·D). 'vs torch closed form': the "
               "plain torch closed form (full [N, C] distances) in the same precision, same "
-              "device, same run. 'vs autograd loop': one autograd call per sample, timed on up "
-              "to 64 samples. Peak extra memory: device memory beyond inputs and outputs during "
-              "one call.\n")
+              "device, same run. 'vs torch GEMM alone': the distance GEMM h @ P.T by itself "
+              "(cuBLAS on a GPU), the floor where the GEMM dominates. 'vs autograd loop': one "
+              "autograd call per sample, timed on up to 64 samples. Peak extra memory: device "
+              "memory beyond inputs and outputs during one call.\n")
         save()
     if "head" in parts:
         from grood._bench.head import attached_table, head_table
