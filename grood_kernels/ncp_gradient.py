@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grood_kernels._centre import CENTRE_TILE, _centre_rows_kernel
 from grood_kernels._dot import dot_t
 from grood_kernels._launch import (
     DEFAULT_SMS,
@@ -324,41 +325,6 @@ def _ncp_gradient_kernel(
                      offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                      stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
                      BLOCK_N, BLOCK_D, N_CAND, STAGED)
-
-
-@triton.jit
-def _centre_rows_kernel(
-    h_ptr, pood_ptr, u_ptr, usq_ptr, op_ptr,
-    N, D, inv_scale,
-    stride_hn, stride_hd, stride_un, stride_ud, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_ROWS: tl.constexpr,
-):
-    """The staged variant's pre-pass: ``u = h / scale - p_o`` into the gradient's rows (which
-    the finish scales in place) and ``||u||^2`` per row; one read of ``h``, one write. With
-    ``BF16_ROWS`` also ``u`` rounded to bf16 into ``op_ptr`` (the bf16 GEMM's A operand, the
-    rounding the kernel's cast would make)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                   inv_scale)
-        u_sq += tl.sum(u * u, axis=1)
-        mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud, u,
-                 mask=mask)
-        if BF16_ROWS:
-            tl.store(op_ptr + offs_n[:, None] * stride_on + offs_d[None, :],
-                     u.to(tl.bfloat16), mask=mask)
-    tl.store(usq_ptr + offs_n, u_sq, mask=mask_n)
-
-
-#: The pre-pass's tile: rows x feature columns per step, warps (a memory-bound copy).
-CENTRE_TILE = (16, 256, 4)
 
 
 @triton.jit
