@@ -4,7 +4,7 @@
 # $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside the compile
 # report's model in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports);
 # the gradient step's launch configurations side by side in $OUT/gpu_configs.md (the launcher's
-# choice against every autotuning candidate, the staged variant included, tf32 and bf16,
+# choice against every autotuning candidate, the staged variant included, ieee, tf32, bf16,
 # CIFAR-10/100 and ImageNet-1k shapes); the whole ImageNet-1k fit + score pipeline
 # (bench/pipeline.py) in tf32 and with bf16 index storage into $OUT/pipeline.md; and last,
 # with what the budget has left, the search's timings into $OUT/gpu_search.md. Eight files in

@@ -157,8 +157,8 @@ def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
 
 
 #: Modes whose staged variant hands ``tl.dot`` its A operand as loaded (tf32x3 splits it in
-#: registers; ieee's FMA dot reads both operands from registers anyway).
-STAGED_PRECISIONS = ("tf32", "bf16")
+#: registers; ieee's FMA dot still reads it from shared memory without the centring between).
+STAGED_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,

@@ -404,14 +404,16 @@ STAGED_RTOL = 1e-3 if ON_GPU else 1e-5
 
 
 @pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
-def test_staged_variant_matches_float64_twin(n, c, d, staged, poisoned_outputs):
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_staged_variant_matches_float64_twin(n, c, d, precision, staged, poisoned_outputs):
     """The pre-pass writes u into the gradient's rows and the kernel reads them as its A
     operand, then scales them in place: every output against the twin, h read through its
     strides, outputs poisoned first."""
     h, protos, p_ood = _problem(n, c, d)
     h = h.T.contiguous().T
-    res = ncp_gradient(h, protos, p_ood, precision="tf32")
-    _assert_matches_twin(res, h, protos, p_ood, rtol=STAGED_RTOL)
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    _assert_matches_twin(res, h, protos, p_ood,
+                         rtol=STAGED_RTOL if precision == "tf32" else 1e-5)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
@@ -432,15 +434,15 @@ def test_staged_variant_ties_magnitudes_and_half_inputs(scale, staged):
     _assert_matches_twin(res, h16, protos16, p16, rtol=STAGED_RTOL)
 
 
-def test_staged_variant_is_offered_in_tf32_and_bf16_only():
-    """An autotuning candidate in the modes whose A operand then reaches tl.dot as loaded;
-    the launcher's own choice is not staged; tf32x3 refuses it."""
-    for precision in ("tf32", "bf16"):
+def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
+    """An autotuning candidate in ieee, tf32 and bf16, whose A operand then reaches tl.dot
+    as loaded; the launcher's own choice is not staged; tf32x3 (split in registers) refuses
+    it."""
+    for precision in ("ieee", "tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
         assert sum(cfg.staged for cfg in cands) == 1
         assert not kernel_module.launch_config(65536, 1000, 2048, precision).staged
-    for precision in ("ieee", "tf32x3"):
-        assert kernel_module.staged_config(65536, 1000, 2048, precision, 4) is None
+    assert kernel_module.staged_config(65536, 1000, 2048, "tf32x3", 4) is None
     h, protos, _ = _problem(8, 3, 16)
     cfg = kernel_module.launch_config(8, 3, 16, "tf32x3")._replace(staged=True)
     with pytest.raises(ValueError, match="staged variant takes"):

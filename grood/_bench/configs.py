@@ -25,7 +25,7 @@ from grood_kernels.contract import ncp_scale
 CONFIG_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
                  ("ImageNet-1k", 65536, 1000, 2048)]
 TINY_CONFIG_SHAPES = [("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)]
-CONFIG_PRECISIONS = ("tf32", "bf16")
+CONFIG_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
