@@ -6,9 +6,9 @@
 # the gradient step's launch configurations side by side in $OUT/gpu_configs.md (the launcher's
 # choice against every autotuning candidate, the staged variant included, ieee, tf32, bf16,
 # CIFAR-10/100 and ImageNet-1k shapes); the whole ImageNet-1k fit + score pipeline
-# (bench/pipeline.py) in tf32 and with bf16 index storage into $OUT/pipeline.md; and last,
-# with what the budget has left, the search's timings into $OUT/gpu_search.md. Eight files in
-# all (with a log of the whole call), the device tool's limit.
+# (bench/pipeline.py) in tf32 into $OUT/pipeline.md; the search's timings into
+# $OUT/gpu_search.md; last, the pipeline with bf16 index storage (appended to pipeline.md).
+# Eight files in all (with a log of the whole call), the device tool's limit.
 #
 # Every step has its own time limit and a failing step does not stop the ones after it (its
 # status is printed and logged), so one call always ends inside BUDGET seconds (default 560)
@@ -90,11 +90,10 @@ step 170 "gradient-step launch configurations (the launcher's and each candidate
     | tee '$out/gpu_configs.md'"
 pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
 step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'"
-step 70 "pipeline, bf16 with bf16 index storage" \
-    "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'"
-# Last, with whatever the budget has left: its rows print as they are measured, so a run cut
-# short keeps the finished ones.
-step 600 "report: nearest-neighbour search" \
+# The search's rows print as they are measured, so a run cut short keeps the finished ones.
+step 150 "report: nearest-neighbour search" \
     "python bench/gpu_report.py ${size[*]} --only search --repeat ${REPEAT:-3} \
     | tee '$out/gpu_search.md'"
+step 70 "pipeline, bf16 with bf16 index storage" \
+    "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'"
 log "end"
