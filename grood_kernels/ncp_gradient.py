@@ -28,7 +28,10 @@ Where every class fits one block the class split cannot share the row tile, and 
 re-reads it from L2 twice. For small C and D (:func:`single_read_config`) an autotuning
 candidate, :func:`_ncp_single_read_kernel`, holds the whole centred tile in registers from its
 load to the gradient's store, so ``h`` is read once; ``GROOD_AUTOTUNE=1`` times it against the
-class-group kernel on the device.
+class-group kernel on the device. Another candidate, the staged variant (``ieee``, ``tf32``,
+``bf16``; :func:`staged_config`), centres the rows in a pre-pass (:mod:`grood_kernels._centre`)
+into the gradient's rows, so the K-loop hands both operands to ``tl.dot`` as loaded; the finish
+reads ``u`` back from those rows and scales them in place.
 """
 
 from __future__ import annotations
