@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -53,9 +55,16 @@ def _save(entries: dict[str, list[int]]) -> None:
 
 
 def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_cols: int,
-         configs: Sequence[Sequence[int]], device: torch.device) -> Sequence[int]:
+         configs: Sequence[Sequence[int]], device: torch.device, *,
+         results: Callable[[], Any] | None = None,
+         agree: Callable[[Any, Any], bool] | None = None) -> Sequence[int]:
     """The fastest of ``configs`` (first two entries: row and column blocks) for ``key`` on
-    this device: timed once, then remembered (in this process and in the cache file)."""
+    this device: timed once, then remembered (in this process and in the cache file).
+
+    With ``results`` (a snapshot of the call's outputs, taken after a launch) and ``agree``
+    (two snapshots -> bool), a configuration whose results disagree with the first one's (the
+    launcher's) is left out with a warning: speed alone would otherwise let a variant the
+    compiler got wrong win, and every later call would score with it."""
     name = f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}|{key!r}"
     if name not in _tuned:
         stored = _load().get(name)
@@ -63,12 +72,21 @@ def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_col
         if stored is not None and stored in usable:
             _tuned[name] = stored
         else:
-            best, best_ms = None, float("inf")
+            best, best_ms, reference = None, float("inf"), None
             for cfg in configs:
                 if cfg[0] > max(16, triton.next_power_of_2(n_rows)) or cfg[1] > max(
                         16, triton.next_power_of_2(n_cols)):
                     continue
                 launch(cfg)  # compile
+                if results is not None and agree is not None:
+                    if reference is None:
+                        reference = results()
+                    elif not agree(reference, results()):
+                        warnings.warn(f"grood autotuning: configuration {tuple(cfg)} gives "
+                                      "results that disagree with the launcher's on this "
+                                      f"device (triton {triton.__version__}); not used",
+                                      RuntimeWarning, stacklevel=2)
+                        continue
                 ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
                 if ms < best_ms:
                     best, best_ms = list(cfg), ms

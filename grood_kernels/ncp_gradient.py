@@ -467,6 +467,16 @@ def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, prec
     return _fit_config(t, n, c, d, h_bytes, n_sm or DEFAULT_SMS)
 
 
+def _agree(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Two configurations' ``(q_ood, pred)`` agree: q_ood to the spread the launch
+    configurations show on a GPU (summation order; at most 1.2e-5 relative on an H200), with a
+    margin for the tensor-core modes' rounding, and at most 0.1 % of predictions changed
+    (exact ties may go either way)."""
+    (q_a, p_a), (q_b, p_b) = a, b
+    return (torch.allclose(q_b, q_a, rtol=1e-3, atol=1e-6, equal_nan=True)
+            and float((p_a != p_b).float().mean()) <= 1e-3)
+
+
 def ncp_gradient(
     h: torch.Tensor,
     prototypes: torch.Tensor,
@@ -543,11 +553,15 @@ def ncp_gradient(
                              (grad, q_ood, pred, min_dist, lse), precision, cfg):
             run(planned)
 
+    base = launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm)
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
-        cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm)
-        launch(tune(launch, key, n, c, cands, dev))
+        cands = [base] + [cfg for cfg in candidate_configs(n, c, d, precision,
+                                                            h.element_size(), n_sm)
+                          if cfg != base]
+        launch(tune(launch, key, n, c, cands, dev,
+                    results=lambda: (q_ood.clone(), pred.clone()), agree=_agree))
     else:
-        launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
+        launch(base)
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

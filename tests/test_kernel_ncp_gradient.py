@@ -330,6 +330,42 @@ def test_autotune_choice_is_remembered_across_processes(tmp_path, monkeypatch):
     assert timed == []  # read from the file, not timed again
 
 
+def test_autotune_never_picks_a_configuration_whose_results_disagree(tmp_path, monkeypatch):
+    """A candidate the compiler got wrong on the device must not win on speed: the tuner
+    compares each candidate's results with the launcher's (the first) and leaves out, with a
+    warning, one that disagrees, however fast."""
+    from grood_kernels import _tuning
+
+    monkeypatch.setenv("GROOD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_tuning.torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    monkeypatch.setattr(_tuning, "_tuned", {})
+    cfgs = [kernel_module.LaunchConfig(128, 128, 32, 8, 4, 1),
+            kernel_module.LaunchConfig(128, 128, 32, 8, 4, 1, staged=True),
+            kernel_module.LaunchConfig(64, 128, 32, 4, 4, 1)]
+    speed = {cfgs[0]: 3.0, cfgs[1]: 1.0, cfgs[2]: 2.0}  # the wrong one is the fastest
+    q_ood, pred = torch.ones(50), torch.zeros(50, dtype=torch.int64)
+    state = {}
+
+    def launch(cfg):
+        state["last"] = cfg
+        q_ood.fill_(0.5 if cfg == cfgs[1] else 1.0)  # cfgs[1] "miscompiled"
+
+    def bench(fn, **kw):
+        fn()
+        return speed[state["last"]]
+
+    monkeypatch.setattr(_tuning.triton.testing, "do_bench", bench)
+    with pytest.warns(RuntimeWarning, match="disagree with the launcher's"):
+        chosen = _tuning.tune(launch, ("ncp", "tf32", 128), 4096, 128, cfgs, "cuda",
+                              results=lambda: (q_ood.clone(), pred.clone()),
+                              agree=kernel_module._agree)
+    assert chosen == cfgs[2]
+    a = (torch.tensor([0.5, 1e-8]), torch.tensor([1, 2]))
+    assert kernel_module._agree(a, (torch.tensor([0.5002, 2e-8]), torch.tensor([1, 2])))
+    assert not kernel_module._agree(a, (torch.tensor([0.51, 1e-8]), torch.tensor([1, 2])))
+    assert not kernel_module._agree(a, (a[0], torch.tensor([1, 3])))
+
+
 # (N, C, D) within the single-read variant's limits: one row, C under the candidate count,
 # C = 16 and C = 100 (128-wide block), D not a power of two (padded in registers).
 SINGLE_READ_SHAPES = [(1, 1, 1), (1, 5, 7), (13, 3, 129), (33, 16, 33), (65, 10, 20),
