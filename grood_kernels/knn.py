@@ -145,10 +145,10 @@ def _knn_candidates_kernel(
         q_ptrs = q_rows + arange_d[None, :] * stride_qd
         x_ptrs = (x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
                   + arange_d[None, :] * stride_xd)
-        # The accumulator starts at -||x||^2 / 2 (+inf rows past the split become -inf), so
-        # the epilogue holds no per-column operand: d = ||q||^2 - 2 (q.x - ||x||^2 / 2).
-        x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=float("inf"))
-        dots = tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.float32) - 0.5 * x_sq[None, :]
+        # d = ||q||^2 - 2 (q.x - ||x||^2 / 2), +inf rows past the split becoming -inf. The
+        # accumulator starts at zero and the norms come in after the K-loop: started at
+        # -||x||^2 / 2, its magnitude would set the precision every product is added at.
+        dots = tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             if EVEN_D:
                 q = tl.load(q_ptrs)  # [BLOCK_Q, BLOCK_D]
@@ -160,6 +160,8 @@ def _knn_candidates_kernel(
             dots = dot_t(q, x, dots, DOT_MODE)
             q_ptrs += BLOCK_D * stride_qd
             x_ptrs += BLOCK_D * stride_xd
+        x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=float("inf"))  # after the loop:
+        dots = dots - 0.5 * x_sq[None, :]  # no registers held during it
         dist = tl.maximum(q_sq[:, None] - 2.0 * dots, 0.0)  # [BLOCK_Q, BLOCK_M]
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M,
                                         count_ptr, COUNT)

@@ -212,15 +212,18 @@ def _class_block_dots(
     """``u . P_c - ||P_c||^2 / 2`` for one class block [BLOCK_N, BLOCK_C] (-inf for classes
     past C), and ``||u||^2`` when WITH_SQ.
 
-    The accumulator starts at ``-||P_c||^2 / 2``, so the distances need no per-class operand
-    after the K-loop. The prepared operand is padded to whole tiles, so its loads need no mask
-    and go to ``tl.dot`` as loaded; the feature tile is centred in registers (the A operand),
-    or with ``STAGED`` loaded centred from the pre-pass's rows and passed on as loaded.
+    The accumulator starts at zero and ``||P_c||^2 / 2`` is subtracted after the K-loop: started
+    there, the accumulator's magnitude would set the precision every product is added at (the
+    tensor cores align a step's products to the accumulator; FMA rounds to it), which on an
+    H200 put tf32x3 at 4e-5 relative in q_ood where the softmax is hard (ieee 1.8e-6); the
+    norms are loaded after the loop, so they hold no registers during it. The prepared operand
+    is padded to whole tiles, so its loads need no mask and go to ``tl.dot`` as loaded; the
+    feature tile is centred in registers (the A operand), or with ``STAGED`` loaded centred
+    from the pre-pass's rows and passed on as loaded.
     """
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
-    dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32) - 0.5 * p_sq[None, :]
+    dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
@@ -242,7 +245,8 @@ def _class_block_dots(
             dots = dot_t(a, p4, dots, 1)
         else:
             dots = dot_t(u, p, dots, DOT_MODE)
-    return dots, u_sq
+    p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
+    return dots - 0.5 * p_sq[None, :], u_sq
 
 
 @triton.jit
@@ -362,8 +366,8 @@ def _ncp_single_read_kernel(
     # The prepared operand is zero-padded to whole tiles of 64 columns; D_PAD may pass them.
     p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :], mask=mask_d[None, :],
                 other=0.0)
-    dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32) - 0.5 * p_sq[None, :],
-                 DOT_MODE)
+    dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), DOT_MODE) \
+        - 0.5 * p_sq[None, :]
     dist = _distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
