@@ -179,11 +179,13 @@ def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None) -> list[LaunchConfig]:
-    """Every distinct autotuning candidate at this shape: the tile list fitted to it (small
-    shapes shrink several tiles to the same one), and the single-read variant where it
-    applies."""
-    fitted = [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
-              for t in tune_configs(precision)]
+    """Every distinct autotuning candidate at this shape, the launcher's configuration first
+    (the tuner checks the others' results against it): the tile list fitted to it (small
+    shapes shrink several tiles to the same one), the single-read and staged variants where
+    they apply."""
+    fitted = [launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
+    fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
+               for t in tune_configs(precision)]
     fitted.append(single_read_config(c, d, precision))
     fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
@@ -286,17 +288,12 @@ def _ncp_gradient_kernel(
     # First class block of the group: also ||u||^2 (the pre-pass's, STAGED); seeds the
     # running max / sum-exp.
     c0 = cb0 * BLOCK_C
+    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
+                                   inv_scale,
+                                   stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
+                                   DOT_MODE, STAGED == 0, STAGED)
     if STAGED:
-        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
-                                    inv_scale,
-                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
-                                    DOT_MODE, False, True)
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C,
-                                       D, inv_scale,
-                                       stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C,
-                                       BLOCK_D, DOT_MODE, True, False)
     dist = _distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
@@ -421,7 +418,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          grad, q_ood, pred, min_dist, lse,
          n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, per_group,
          rows.stride(0), rows.stride(1), prep.operand.stride(0), prototypes.stride(0),
-         prototypes.stride(1), grad.stride(0), grad.stride(1), u_sq),
+         prototypes.stride(1), grad.stride(0), grad.stride(1),
+         u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged)},
@@ -430,17 +428,18 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
 
 def _scratch(n: int, d: int, cfg: LaunchConfig, precision: str, device):
     """Partial results per (class group, row), one arrival counter per row block, and for the
-    staged variant ``||u||^2`` per row and (bf16) the bf16 rows of ``u``; none for the
-    single-read variant."""
+    staged variant ``||u||^2`` per row and (bf16) the bf16 rows of ``u`` (None otherwise);
+    nothing for the single-read variant."""
     if cfg.single_read:
         return ()
-    bf16_rows = cfg.staged and precision == "bf16"
+    u_sq = torch.empty(n, dtype=torch.float32, device=device) if cfg.staged else None
+    op_rows = (torch.empty((n, d), dtype=torch.bfloat16, device=device)
+               if cfg.staged and precision == "bf16" else None)
     return (torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
                         device=device),
             torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
             torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device),
-            torch.empty(n if cfg.staged else 1, dtype=torch.float32, device=device),
-            torch.empty((n, d) if bf16_rows else (1, 1), dtype=torch.bfloat16, device=device))
+            u_sq, op_rows)
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -452,9 +451,8 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
 
     outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
     size = torch.empty((), dtype=dtype).element_size()
-    cfgs = [launch_config(n, c, d, precision, h_bytes=size)]
-    if configs == "all":
-        cfgs += [cfg for cfg in candidate_configs(n, c, d, precision, size) if cfg != cfgs[0]]
+    cfgs = (candidate_configs(n, c, d, precision, size) if configs == "all"
+            else [launch_config(n, c, d, precision, h_bytes=size)])
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
@@ -557,15 +555,12 @@ def ncp_gradient(
                              (grad, q_ood, pred, min_dist, lse), precision, cfg):
             run(planned)
 
-    base = launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm)
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
-        cands = [base] + [cfg for cfg in candidate_configs(n, c, d, precision,
-                                                            h.element_size(), n_sm)
-                          if cfg != base]
+        cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm)
         launch(tune(launch, key, n, c, cands, dev,
                     results=lambda: (q_ood.clone(), pred.clone()), agree=_agree))
     else:
-        launch(base)
+        launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
