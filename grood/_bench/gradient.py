@@ -37,12 +37,7 @@ TINY_SHAPES = [("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)]
 
 def torch_closed_form(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str):
     """The straightforward torch closed form: full [N, C] distances, softmax, gradient."""
-    dt = torch.float32
-    a, b = h.to(dt), protos.to(dt)
-    if precision == "bf16":
-        a, b = a.bfloat16(), b.bfloat16()
-    with functional.matmul_precision(precision, h.device):
-        dots = (a @ b.T).to(dt)
+    dots = torch_gemm(h.float(), protos.float(), precision).float()
     d2 = (h * h).sum(1, keepdim=True) + (protos * protos).sum(1)[None] - 2 * dots
     dist = d2.clamp_min(0).sqrt()
     diff = h - p_ood
