@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One prepared call for a GPU machine: the kernel and custom-op/head tests with compiled Triton
-# (not the interpreter); the report's gradient step and head (bench/gpu_report.py) into
-# $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside the compile
-# report's model in $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports);
-# the gradient step's launch configurations side by side in $OUT/gpu_configs.md (the launcher's
-# choice against every autotuning candidate, the staged variant included, ieee, tf32, bf16,
-# CIFAR-10/100 and ImageNet-1k shapes); the whole ImageNet-1k fit + score pipeline
-# (bench/pipeline.py) in tf32 into $OUT/pipeline.md; the search's timings into
-# $OUT/gpu_search.md; last, the pipeline with bf16 index storage (appended to pipeline.md).
-# Eight files in all (with a log of the whole call), the device tool's limit.
+# One prepared call for a GPU machine, its steps in this order: the kernel and custom-op/head
+# tests with compiled Triton (not the interpreter), and the torch path's GPU tests; the gradient
+# step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
+# $OUT/gpu_anatomy.md; its launch configurations side by side in $OUT/gpu_configs.md (the
+# launcher's choice against every autotuning candidate, the wide tile and the staged variant
+# included; ieee, tf32, bf16; ImageNet-1k, CIFAR-10/100 shapes); the report's gradient step
+# and head into $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside
+# the compile report's model in $OUT/roofline_measured.png (bench/roofline.py, where
+# matplotlib imports); the search's timings into $OUT/gpu_search.md; the whole ImageNet-1k fit
+# + score pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into
+# $OUT/pipeline.md. Eight files in all with a log of the whole call (the device tool's limit).
+# STEPS picks some of the steps (names: tests torch-tests anatomy configs report roofline
+# search pipeline pipeline-bf16), e.g. STEPS="anatomy configs" for a short second call.
 #
 # Every step has its own time limit and a failing step does not stop the ones after it (its
 # status is printed and logged), so one call always ends inside BUDGET seconds (default 560)
@@ -16,7 +19,7 @@
 # except faiss: carry faiss-cpu's wheel (as the device README describes, on PYTHONPATH) for the
 # report's faiss row; without it the report says faiss is not installed. REPEAT sets the timed
 # runs per entry (default 3). Each step's start time and end status (seconds since the script
-# began) go to $OUT/gpu_check_steps.log.
+# began) are printed with a "[gpu_check]" prefix.
 #
 #   TINY=1 bash bench/gpu_check.sh    # the same steps at tiny sizes on the CPU (interpreter)
 set -uo pipefail
@@ -45,7 +48,7 @@ PY
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total \
         --format=csv 2>/dev/null || true
 fi
-log() { echo "[gpu_check] ${SECONDS}s: $*" | tee -a "$out/gpu_check_steps.log"; }
+log() { echo "[gpu_check] ${SECONDS}s: $*"; }
 # step LIMIT NAME COMMAND: run the shell COMMAND for at most LIMIT seconds (less where the
 # budget has less left), killing its whole process group at the limit
 step() {
@@ -69,31 +72,39 @@ step() {
 parallel=()
 if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then parallel=(-n 12); fi
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
-step 150 "kernel, custom-op and head tests (compiled Triton)" \
+# STEPS: the steps to run, in this order (default: all of them).
+steps="${STEPS:-tests torch-tests anatomy configs report roofline search pipeline pipeline-bf16}"
+want() { [[ " $steps " == *" $1 "* ]]; }
+want tests && step 150 "kernel, custom-op and head tests (compiled Triton)" \
     "python -m pytest -q --maxfail=10 -p no:cacheprovider ${parallel[*]} \
     tests/test_kernel_ncp_gradient.py tests/test_library.py tests/test_kernel_knn.py \
     --deselect '$torch_capture'"
 # The torch path on the device (sync-free candidate picking in both ops, the head captured in a
 # CUDA graph on the torch backend).
-step 60 "torch-path GPU tests" \
+want torch-tests && step 60 "torch-path GPU tests" \
     "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture'"
-step 200 "report: accuracy and timings of the gradient step, the head in compiled programs" \
+# Where the gradient step's time goes (the K-loop alone, without the finish, the pre-pass, the
+# torch GEMM), then the launcher's tiles against every autotuning candidate (the wide tile and
+# the staged variant included).
+want anatomy && step 110 "gradient step taken apart (stages timed apart)" \
+    "python bench/gpu_report.py ${size[*]} --only anatomy --repeat ${REPEAT:-3} \
+    | tee '$out/gpu_anatomy.md'"
+want configs && step 170 "gradient-step launch configurations (the launcher's and each candidate)" \
+    "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
+    | tee '$out/gpu_configs.md'"
+want report && step 200 "report: accuracy and timings of the gradient step, the head in compiled programs" \
     "python bench/gpu_report.py ${size[*]} --only gradient --only head --repeat ${REPEAT:-3} \
     --json '$out/gpu_report.json' | tee '$out/gpu_report.md'"
 # The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
 # the same command from the returned gpu_report.json).
-step 30 "roofline picture" "python bench/roofline.py bench/compile_report.json \
+want roofline && step 30 "roofline picture" "python bench/roofline.py bench/compile_report.json \
     '$out/roofline_measured.png' --measured '$out/gpu_report.json'"
-# The launcher's tiles against every autotuning candidate, the staged variant included.
-step 170 "gradient-step launch configurations (the launcher's and each candidate)" \
-    "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
-    | tee '$out/gpu_configs.md'"
-pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
-step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'"
 # The search's rows print as they are measured, so a run cut short keeps the finished ones.
-step 150 "report: nearest-neighbour search" \
+want search && step 150 "report: nearest-neighbour search" \
     "python bench/gpu_report.py ${size[*]} --only search --repeat ${REPEAT:-3} \
     | tee '$out/gpu_search.md'"
-step 70 "pipeline, bf16 with bf16 index storage" \
+pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
+want pipeline && step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'"
+want pipeline-bf16 && step 70 "pipeline, bf16 with bf16 index storage" \
     "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'"
 log "end"

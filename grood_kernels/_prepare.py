@@ -16,8 +16,9 @@ import torch
 from grood_kernels.contract import kept_per_prototypes
 
 #: The prepared operand is zero-padded to these multiples (rows, columns), which cover every
-#: BLOCK_C and BLOCK_D the launcher uses, so its tiles load without masks.
-PAD_ROWS, PAD_COLS = 128, 64
+#: BLOCK_C and BLOCK_D the launcher and the autotuning candidates use (up to the wide tile's
+#: 256 classes), so its tiles load without masks.
+PAD_ROWS, PAD_COLS = 256, 64
 
 
 class PreparedPrototypes(NamedTuple):

@@ -177,15 +177,34 @@ def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     return launch_config(n, c, d, precision, h_bytes=4, n_sm=n_sm)._replace(staged=True)
 
 
+#: A tensor-core tile twice as wide in classes (each row tile's re-reads halved): it compiles
+#: without spills for sm_90a only where a program holds one class block (the class loop's
+#: running state then needs no registers), so it is a candidate only there.
+WIDE_TILE = (128, 256, 32, 8, 3)
+
+
+def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
+                n_sm: int | None = None, staged: bool = False) -> LaunchConfig | None:
+    """The 256-class tile where every class group is one block of it and C needs more than
+    128 classes (a tensor-core mode; None otherwise); with ``staged``, its staged variant."""
+    if precision == "ieee" or c <= 128 or (staged and precision not in STAGED_PRECISIONS):
+        return None
+    cfg = _tuned_config(WIDE_TILE, n, c, d, 4 if staged else h_bytes, precision, n_sm)
+    if cfg.n_split != triton.cdiv(c, cfg.block_cols):
+        return None
+    return cfg._replace(staged=staged)
+
+
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None) -> list[LaunchConfig]:
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
     (the tuner checks the others' results against it): the tile list fitted to it (small
-    shapes shrink several tiles to the same one), the single-read and staged variants where
-    they apply."""
+    shapes shrink several tiles to the same one), the wide tile, the single-read and staged
+    variants where they apply."""
     fitted = [launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
+    fitted += [wide_config(n, c, d, precision, h_bytes, n_sm, staged=s) for s in (False, True)]
     fitted.append(single_read_config(c, d, precision))
     fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
@@ -274,7 +293,10 @@ def _ncp_gradient_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
+    # FINISH = 0 (measurement only, ``grood bench --only configs``): the partials are written
+    # and no program finishes the rows, so the finish's share of the time can be taken apart.
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -320,15 +342,16 @@ def _ncp_gradient_kernel(
     tl.store(part_f_ptr + row[:, None] * W + 2 + slots[None, :], cand_d, mask=mask_n[:, None])
     tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], tl.maximum(cand_i, -1),
              mask=mask_n[:, None])
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == n_groups - 1:
+    if FINISH:
         tl.debug_barrier()
-        finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-                     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
-                     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
-                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                     BLOCK_N, BLOCK_D, N_CAND, STAGED)
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_groups - 1:
+            tl.debug_barrier()
+            finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+                        grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
+                        offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+                        stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED)
 
 
 @triton.jit
@@ -412,6 +435,9 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             (h, prep.p_o, grad, u_sq, rows, n, d, 1.0 / prep.scale, h.stride(0), h.stride(1),
              grad.stride(0), grad.stride(1), rows.stride(0)),
             {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows)}, warps, 1),)
+    if prep.operand.shape[0] % cfg.block_cols:  # its tiles are loaded without masks
+        raise ValueError(f"a {cfg.block_cols}-class tile passes the prepared operand's "
+                         f"{prep.operand.shape[0]} padded rows")
     return (*pre, KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
         (rows, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
@@ -422,7 +448,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged)},
+         "STAGED": int(cfg.staged), "FINISH": 1},
         cfg.num_warps, cfg.num_stages))
 
 

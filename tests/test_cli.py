@@ -228,6 +228,21 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
             assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
 
 
+def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
+    """``grood bench --only anatomy``: the step's stages, each a kernel that stops there, with
+    the whole step (launcher) last at a share of 1.00."""
+    pytest.importorskip("triton")
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "anatomy"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| tiny-100 | tf32 |")]
+    stages = [row.split("|")[3].strip() for row in rows]
+    assert stages[0].startswith("torch GEMM alone") and stages[-1] == "whole step (launcher)"
+    assert any(s.startswith("K-loop alone, A operand from the staged rows") for s in stages)
+    assert any(s.startswith("kernel without the finish") for s in stages)
+    assert rows[-1].split("|")[5].strip() == "1.00"
+    assert all(float(row.split("|")[4]) > 0 for row in rows)
+
+
 def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
     from grood.cli import main
 

@@ -476,7 +476,8 @@ def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
     it."""
     for precision in ("ieee", "tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
-        assert sum(cfg.staged for cfg in cands) == 1
+        staged = kernel_module.staged_config(65536, 1000, 2048, precision, 4)
+        assert staged in cands and staged.block_cols == cands[0].block_cols
         assert not kernel_module.launch_config(65536, 1000, 2048, precision).staged
     assert kernel_module.staged_config(65536, 1000, 2048, "tf32x3", 4) is None
     h, protos, _ = _problem(8, 3, 16)
@@ -500,3 +501,31 @@ def test_fp32_faithful_modes_stay_faithful_over_a_long_k_on_gpu(precision):
     res = ncp_gradient(h, protos, p_ood, precision=precision)
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     assert float(((res.q_ood.double() - ref.q_ood).abs() / ref.q_ood).max()) < 5e-6
+
+
+@pytest.mark.parametrize("staged_tile", [False, True], ids=["centred-in-registers", "staged"])
+def test_wide_class_tile_matches_float64_twin(monkeypatch, staged_tile, poisoned_outputs):
+    """The 256-class tile (an autotuning candidate where each class group is one block of
+    it): two groups, the second mostly padding, against the twin."""
+    def wide(n, c, d, precision, **kw):
+        return kernel_module.LaunchConfig(16, 256, 16, 4, 2, 2, staged=staged_tile)
+
+    monkeypatch.setattr(kernel_module, "launch_config", wide)
+    h, protos, p_ood = _problem(37, 300, 24, seed=5)
+    res = ncp_gradient(h, protos, p_ood, precision="tf32")
+    _assert_matches_twin(res, h, protos, p_ood, rtol=STAGED_RTOL)
+
+
+def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
+    """A tensor-core candidate where every class group is one 256-class block (ImageNet-1k);
+    not in ieee, not at C <= 128, not where a group would loop over class blocks (C = 21,841,
+    where it spills)."""
+    for precision in ("tf32", "tf32x3", "bf16"):
+        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
+        wide = [cfg for cfg in cands if cfg.block_cols == 256]
+        assert wide and all(cfg.n_split == 4 for cfg in wide)
+        assert [cfg.staged for cfg in wide] == ([False, True] if precision != "tf32x3"
+                                                else [False])
+        assert kernel_module.wide_config(65536, 21841, 1024, precision, 4) is None
+        assert kernel_module.wide_config(65536, 100, 512, precision, 4) is None
+    assert kernel_module.wide_config(65536, 1000, 2048, "ieee", 4) is None

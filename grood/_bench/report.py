@@ -49,11 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run these parts, in the report's order (repeatable): the "
                              "gradient step, the GROOD head in a compiled program, the "
                              "nearest-neighbour search, or (only when asked) the gradient "
-                             "step's launch configurations side by side")
+                             "step's launch configurations side by side and its stages "
+                             "timed apart")
 
 
 #: The report's parts, in the order they run; all but "configs" by default.
-SECTIONS = ("gradient", "head", "search", "configs")
+SECTIONS = ("gradient", "head", "search", "configs", "anatomy")
+#: Parts run only when asked for (``--only``): measurements for tuning the kernels.
+TUNING_SECTIONS = ("configs", "anatomy")
 
 
 def _emit(lines) -> None:
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted)
 
-    parts = args.only or [p for p in SECTIONS if p != "configs"]
+    parts = args.only or [p for p in SECTIONS if p not in TUNING_SECTIONS]
     if "gradient" in parts:
         print("## Gradient step\n")
         if not args.skip_accuracy:
@@ -139,6 +142,24 @@ def run(args: argparse.Namespace) -> int:
             print("\nThe launcher's configuration first, then every autotuning candidate "
                   "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
                   "are against the launcher's results.")
+    if "anatomy" in parts:
+        print("\n## Gradient step: where the time goes\n")
+        if "triton" not in backends:
+            print("The Triton kernels cannot run here; nothing to take apart.")
+        else:
+            from grood._bench.anatomy import anatomy_table
+            from grood._bench.configs import (
+                CONFIG_PRECISIONS,
+                CONFIG_SHAPES,
+                TINY_CONFIG_SHAPES,
+            )
+
+            _emit(anatomy_table(device, TINY_CONFIG_SHAPES if args.tiny else CONFIG_SHAPES[:2],
+                                CONFIG_PRECISIONS, repeat=args.repeat))
+            print("\nEach stage is a kernel that stops there, at the launcher's tiles (the "
+                  "staged rows at the staged variant's), timed in turns with the others on the "
+                  "same inputs; 'share' is against the whole step (launcher). The torch GEMM "
+                  "is the floor a fused step approaches where the GEMM dominates.")
     save()
     return 0
 
