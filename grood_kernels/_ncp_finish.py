@@ -36,11 +36,12 @@ def finish_rows(
     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
-    STAGED: tl.constexpr,
+    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr,
 ):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
-    at the end) and ``||u||^2`` comes from the pre-pass."""
+    at the end) and ``||u||^2`` comes from the pre-pass. ``FINISH_STAGES``: software-pipelining
+    stages of the two loops over D (1: none)."""
     if STAGED:  # u in fp32, in the gradient's rows
         h_ptr, stride_hn, stride_hd = grad_ptr, stride_gn, stride_gd
     W: tl.constexpr = 2 + N_CAND
@@ -66,7 +67,7 @@ def finish_rows(
     # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
@@ -79,7 +80,7 @@ def finish_rows(
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,

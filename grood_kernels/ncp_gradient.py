@@ -177,22 +177,25 @@ def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     return launch_config(n, c, d, precision, h_bytes=4, n_sm=n_sm)._replace(staged=True)
 
 
-#: A tensor-core tile twice as wide in classes (each row tile's re-reads halved): it compiles
-#: without spills for sm_90a only where a program holds one class block (the class loop's
-#: running state then needs no registers), so it is a candidate only there.
+#: A tensor-core tile twice as wide in classes (each row tile's re-reads halved), in the staged
+#: variant (A and B from shared memory, as in a plain GEMM). It compiles without spills for
+#: sm_90a under triton 3.6 and 3.9 where a program holds one class block (the class loop's
+#: running state then needs no registers), so it is a candidate only there; centred in
+#: registers instead, it spills under triton 3.6.
 WIDE_TILE = (128, 256, 32, 8, 3)
 
 
 def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
-                n_sm: int | None = None, staged: bool = False) -> LaunchConfig | None:
-    """The 256-class tile where every class group is one block of it and C needs more than
-    128 classes (a tensor-core mode; None otherwise); with ``staged``, its staged variant."""
-    if precision == "ieee" or c <= 128 or (staged and precision not in STAGED_PRECISIONS):
+                n_sm: int | None = None) -> LaunchConfig | None:
+    """The staged 256-class tile where every class group is one block of it and C needs more
+    than 128 classes (tf32 and bf16; None otherwise). Its class groups are sized for the
+    staged rows' 4 bytes per element."""
+    if precision not in ("tf32", "bf16") or c <= 128:
         return None
-    cfg = _tuned_config(WIDE_TILE, n, c, d, 4 if staged else h_bytes, precision, n_sm)
+    cfg = _tuned_config(WIDE_TILE, n, c, d, 4, precision, n_sm)
     if cfg.n_split != triton.cdiv(c, cfg.block_cols):
         return None
-    return cfg._replace(staged=staged)
+    return cfg._replace(staged=True)
 
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
@@ -204,7 +207,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     fitted = [launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
-    fitted += [wide_config(n, c, d, precision, h_bytes, n_sm, staged=s) for s in (False, True)]
+    fitted.append(wide_config(n, c, d, precision, h_bytes, n_sm))
     fitted.append(single_read_config(c, d, precision))
     fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
@@ -295,8 +298,11 @@ def _ncp_gradient_kernel(
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
     FINISH: tl.constexpr,
 ):
-    # FINISH = 0 (measurement only, ``grood bench --only configs``): the partials are written
-    # and no program finishes the rows, so the finish's share of the time can be taken apart.
+    # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
+    # each step's loads issued during the one before, in the shared memory the K-loop's
+    # stages leave free; see finish_stages). 0 (measurement only, ``grood bench --only
+    # anatomy``): the partials are written and no program finishes the rows, so the finish's
+    # share can be taken apart.
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -351,7 +357,7 @@ def _ncp_gradient_kernel(
                         grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED)
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH)
 
 
 @triton.jit
@@ -448,8 +454,19 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged), "FINISH": 1},
+         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols)},
         cfg.num_warps, cfg.num_stages))
+
+
+def finish_stages(precision: str, block_cols: int) -> int:
+    """Pipelining stages of the finish's loops: 2 in tf32 and bf16 on tiles of up to 128
+    classes (the loads of one D-step in flight during the one before: the exact re-rank
+    gathers 4 prototype rows per feature row, and the last program of a row block runs it
+    alone; it fits in the shared memory the K-loop's stages leave, with no spills and the same
+    CTAs per SM, sm_90a); otherwise 1: ``ieee``'s 32-row tiles would spill at C = 100,
+    ``tf32x3`` would lose its second CTA per SM at C = 10 (and spill on sm_100a), and the
+    256-class tile would spill."""
+    return 2 if precision in ("tf32", "bf16") and block_cols <= 128 else 1
 
 
 def _scratch(n: int, d: int, cfg: LaunchConfig, precision: str, device):

@@ -208,11 +208,15 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
-    pre, main = json.loads(proc.stdout)
-    assert (pre["function"], main["function"]) == ("_centre_rows_kernel", "_ncp_gradient_kernel")
-    assert pre["mma"] == "none" and pre["binding_roof"] == "hbm"
-    assert pre["hbm_bytes"] == 4096 * 512 * 8 + 4096 * 4
-    assert main["mma"] == "wgmma" and main["wgmma_a"] == "smem"
-    assert main["wgmma_pendings"] >= 1
-    if HAS_PTXAS:
-        assert main["spill_store_bytes"] == 0
+    records = json.loads(proc.stdout)
+    # the staged variants of the launcher's 128-class tile and of the 256-class wide tile
+    assert sorted(r["block"]["BLOCK_C"] for r in records[1::2]) == [128, 256]
+    for pre, main in zip(records[::2], records[1::2], strict=True):
+        assert (pre["function"], main["function"]) == ("_centre_rows_kernel",
+                                                       "_ncp_gradient_kernel")
+        assert pre["mma"] == "none" and pre["binding_roof"] == "hbm"
+        assert pre["hbm_bytes"] == 4096 * 512 * 8 + 4096 * 4
+        assert main["mma"] == "wgmma" and main["wgmma_a"] == "smem"
+        assert main["wgmma_pendings"] >= 1
+        if HAS_PTXAS:
+            assert main["spill_store_bytes"] == 0

@@ -6,7 +6,9 @@ kernel's K-loop alone (:func:`_kloop_kernel`: the shipped class-block GEMM, ever
 of every program, row maxima written), with the feature tile centred in registers and, as the
 staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole kernel
 without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``); the
-whole step, launcher and staged. The differences between rows are the stages' costs.
+whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them in
+the tensor-core modes); the whole step, launcher and staged. The differences between rows are
+the stages' costs.
 """
 
 from __future__ import annotations
@@ -98,8 +100,11 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                 ("staged pre-pass alone (u and its norms written)",
                  partial(run, pre), False)]
         stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
-                       partial(launch_step, h, protos, prep, outs, precision, cfg, False),
-                       True))
+                       partial(launch_step, h, protos, prep, outs, precision, cfg, 0), True))
+        if kernel.finish_stages(precision, cfg.block_cols) > 1:
+            stages.append(("whole step, the finish's loops not pipelined",
+                           partial(launch_step, h, protos, prep, outs, precision, cfg, 1),
+                           True))
         if staged_cfg is not None:
             stages.append(("whole step, staged variant",
                            partial(launch_step, h, protos, prep, outs, precision, staged_cfg),

@@ -88,7 +88,7 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             pred_diff = float((outs[2] != ref[2]).double().mean())
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
             label = (" (launcher)" if cfg is base else
-                     " (wide tile, staged)" if cfg.block_cols > 128 and cfg.staged else
+                     " (wide tile, staged)" if cfg.block_cols > 128 else
                      " (single read: all of D in registers)" if cfg.single_read else
                      " (staged: u centred by a pre-pass)" if cfg.staged else "")
             yield (
@@ -97,15 +97,15 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                 f"{q_diff:.1e} | {pred_diff:.4f} |")
 
 
-def launch_step(h, protos, prep, outs, precision: str, cfg, finish: bool = True) -> None:
+def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None) -> None:
     """One gradient step in configuration ``cfg`` with fresh scratch, as the launcher makes it
-    (the arrival counters start at zero); without the finish unless ``finish`` (the anatomy's
-    measurement)."""
+    (the arrival counters start at zero); ``finish`` overrides the kernel's ``FINISH`` (0: no
+    finish; 1: its loops not pipelined), for the anatomy's measurements."""
     plan = kernel._plan(h, protos, prep, prep.sq_norms,
                         kernel._scratch(*h.shape, cfg, precision, h.device), outs, precision,
                         cfg)
     last = plan[-1]
-    if not finish:
-        last = last._replace(constexprs={**last.constexprs, "FINISH": 0})
+    if finish is not None:
+        last = last._replace(constexprs={**last.constexprs, "FINISH": finish})
     for launch in (*plan[:-1], last):
         run(launch)
