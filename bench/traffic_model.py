@@ -230,8 +230,33 @@ def _centre_rows(launch, precision, arch, ctas):
                   launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
 
 
+def _ncp_epilogue(launch, precision, arch, ctas):
+    """The split gradient step's epilogue over one chunk of rows: its fp32 GEMM results read
+    once, the centred rows (the gradient's, written by the pre-pass) read twice (exact re-rank,
+    gradient) and written once scaled, 4 raw prototype rows gathered per feature row (from L2
+    where the prototypes fit the budget, else from HBM). The GEMM before it runs in the BLAS
+    (cuBLAS on a GPU) and is not modelled: it reads the rows and the prototypes and writes the
+    results this kernel reads."""
+    dots, protos = launch.args[0], launch.args[1]
+    r, c, d = launch.args[10], launch.args[12], launch.args[13]
+    n_cand = launch.constexprs["N_CAND"]
+    ep = _esize(protos)
+    results = r * c * _esize(dots)
+    gathered = n_cand * r * d * ep
+    rows = 3 * r * d * 4
+    out = r * (4 * 4 + 8)
+    hbm = results + rows + out + (gathered if c * d * ep > l2_budget(arch) else c * d * ep)
+    l2 = results + rows + out + gathered
+    flops = 3.0 * r * n_cand * d + 8.0 * r * c
+    notes = ["split variant: the GEMM runs in the BLAS before this kernel (not modelled)",
+             f"{n_cand} exact rows gathered per feature row; memory-bound by design"]
+    return finish(flops, flops, hbm, l2, "ieee", arch,
+                  launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
+
+
 MODELS = {
     "_centre_rows_kernel": _centre_rows,
+    "_ncp_epilogue_kernel": _ncp_epilogue,
     "_ncp_gradient_kernel": _ncp_class_groups,
     "_ncp_single_read_kernel": _ncp_single_read,
     "_knn_candidates_kernel": _knn_grouped,

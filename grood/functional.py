@@ -19,7 +19,6 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -41,6 +40,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     check_precision,
     kept_per_prototypes,
     lex_sort,
+    matmul_precision,
     max_abs,
     ncp_scale,
     pow2_scale,
@@ -132,21 +132,6 @@ def _check_dims(name: str, x: Tensor, ndim: int, d: int | None = None,
                          f"of {against})")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
-
-
-@contextmanager
-def matmul_precision(precision: str, device: torch.device):
-    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards)."""
-    if device.type != "cuda":
-        yield
-        return
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_tf32
-    flags.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        flags.allow_tf32 = saved
 
 
 def ncp_gradient(

@@ -38,6 +38,14 @@ class KernelLaunch(NamedTuple):
     num_stages: int
 
 
+class TorchCall(NamedTuple):
+    """A step of a launch plan that runs in torch, not Triton (the split gradient step's
+    GEMM): ``fn(*args)``. The compile report skips it."""
+
+    fn: Any
+    args: tuple
+
+
 class LaunchConfig(NamedTuple):
     """How a launcher tiles its GEMM and splits the work (one shape for every kernel).
 
@@ -55,6 +63,9 @@ class LaunchConfig(NamedTuple):
             registers (``block_d`` is then all of D, padded to a power of two).
         staged (bool): the gradient step's variant whose pre-pass writes the centred features
             into the gradient's rows, so both GEMM operands reach ``tl.dot`` as loaded.
+        split (bool): the gradient step's variant whose GEMM runs in torch (cuBLAS on a GPU)
+            over chunks of those rows, each followed by a Triton epilogue over its results
+            (the tiles then describe the epilogue).
     """
 
     block_rows: int
@@ -66,6 +77,7 @@ class LaunchConfig(NamedTuple):
     group_rows: int = 1
     single_read: bool = False
     staged: bool = False
+    split: bool = False
 
 
 def fit_tile(block: int, size: int) -> int:
@@ -74,8 +86,11 @@ def fit_tile(block: int, size: int) -> int:
     return min(block, max(16, 1 << max(0, size - 1).bit_length()))
 
 
-def run(launch: KernelLaunch) -> None:
-    """Launch a described kernel."""
+def run(launch: KernelLaunch | TorchCall) -> None:
+    """Launch a described kernel (or run a plan's torch step)."""
+    if isinstance(launch, TorchCall):
+        launch.fn(*launch.args)
+        return
     launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
                            num_stages=launch.num_stages)
 

@@ -26,6 +26,13 @@ def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd
 
 
 @triton.jit
+def distances(dots, u_sq, scale):
+    """Distances from the shifted GEMM ``u . P_c - ||P_c||^2 / 2`` [rows, classes] (+inf for
+    classes past C, whose shift is -inf)."""
+    return tl.sqrt(tl.maximum(u_sq[:, None] - 2.0 * dots, 0.0)) * scale
+
+
+@triton.jit
 def finish_rows(
     # pointers: inputs, the groups' partial results, outputs, ||u||^2 (STAGED)
     h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
@@ -46,7 +53,6 @@ def finish_rows(
         h_ptr, stride_hn, stride_hd = grad_ptr, stride_gn, stride_gd
     W: tl.constexpr = 2 + N_CAND
     slots = tl.arange(0, N_CAND)
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
@@ -64,6 +70,30 @@ def finish_rows(
         m = m_new
         cand_d, cand_i = merge_candidates(d_g, i_g, cand_d, cand_i, N_CAND)
 
+    rerank_and_write(h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+                     usq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale, inv_scale,
+                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                     BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES)
+
+
+@triton.jit
+def rerank_and_write(
+    # pointers: inputs (h, or u in the gradient's rows when STAGED), outputs, ||u||^2 (STAGED)
+    h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
+    # the row tile's running max and sum of the GEMM terms and its candidates
+    m, acc, cand_d, cand_i,
+    # the row tile; sizes and scalars
+    offs_n, mask_n, C, D, scale, inv_scale,
+    # strides
+    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
+    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr,
+):
+    """From a row tile's merged softmax terms and candidates: the candidates' exact distances
+    (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
+    is the gradient's rows, holding ``u``, scaled in place at the end."""
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)

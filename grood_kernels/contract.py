@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -189,3 +190,18 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     order = lex_order(dist, idx)
     return dist.gather(1, order), idx.gather(1, order)
 
+
+
+@contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32
+    flags.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = saved

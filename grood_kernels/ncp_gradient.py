@@ -31,12 +31,15 @@ load to the gradient's store, so ``h`` is read once; ``GROOD_AUTOTUNE=1`` times 
 class-group kernel on the device. Another candidate, the staged variant (``ieee``, ``tf32``,
 ``bf16``; :func:`staged_config`), centres the rows in a pre-pass (:mod:`grood_kernels._centre`)
 into the gradient's rows, so the K-loop hands both operands to ``tl.dot`` as loaded; the finish
-reads ``u`` back from those rows and scales them in place.
+reads ``u`` back from those rows and scales them in place. A third, the split variant
+(:func:`split_config`, :mod:`grood_kernels._split`), runs the GEMM of those rows in torch
+(cuBLAS on a GPU) chunk by chunk and everything after it in one Triton epilogue per chunk.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,12 +51,14 @@ from grood_kernels._launch import (
     DEFAULT_SMS,
     KernelLaunch,
     LaunchConfig,
+    TorchCall,
     fit_tile,
     run,
     sm_count,
 )
 from grood_kernels._ncp_finish import (
     add_exact_sq,
+    distances,
     finish_rows,
     load_u,
     row_results,
@@ -66,6 +71,7 @@ from grood_kernels._prepare import (
     operand_dtype,
     prepare_prototypes,
 )
+from grood_kernels._split import _ncp_epilogue_kernel, split_gemm, split_rows
 from grood_kernels._topk import insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
 from grood_kernels.contract import (
@@ -198,18 +204,33 @@ def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     return cfg._replace(staged=True)
 
 
+#: Modes whose GEMM the BLAS can run as the kernels do (cuBLAS has no three-product tf32).
+SPLIT_PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def split_config(c: int, d: int, precision: str) -> LaunchConfig | None:
+    """The split variant (:mod:`grood_kernels._split`: pre-pass, ``torch.mm`` over row
+    chunks, a Triton epilogue per chunk) where its mode applies; the tiles are the
+    epilogue's: 32 rows x 64 classes, 64-wide D-steps in the re-rank, 4 warps (spill-free for
+    sm_90a under triton 3.6 and 3.9, where 128 classes spill)."""
+    if precision not in SPLIT_PRECISIONS:
+        return None
+    return LaunchConfig(32, fit_tile(64, c), fit_tile(64, d), 4, 2, split=True)
+
+
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None) -> list[LaunchConfig]:
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
     (the tuner checks the others' results against it): the tile list fitted to it (small
-    shapes shrink several tiles to the same one), the wide tile, the single-read and staged
-    variants where they apply."""
+    shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
+    split variants where they apply."""
     fitted = [launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
     fitted.append(wide_config(n, c, d, precision, h_bytes, n_sm))
     fitted.append(single_read_config(c, d, precision))
     fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
+    fitted.append(split_config(c, d, precision))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
@@ -274,12 +295,6 @@ def _class_block_dots(
 
 
 @triton.jit
-def _distances(dots, u_sq, scale):
-    """Distances from the shifted GEMM [BLOCK_N, BLOCK_C] (+inf for classes past C)."""
-    return tl.sqrt(tl.maximum(u_sq[:, None] - 2.0 * dots, 0.0)) * scale
-
-
-@triton.jit
 def _ncp_gradient_kernel(
     # pointers: inputs
     h_ptr, op_ptr, proto_ptr, pood_ptr, psq_ptr,
@@ -322,7 +337,7 @@ def _ncp_gradient_kernel(
                                    DOT_MODE, STAGED == 0, STAGED)
     if STAGED:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
-    dist = _distances(dots, u_sq, scale)
+    dist = distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
@@ -334,7 +349,7 @@ def _ncp_gradient_kernel(
                                     inv_scale,
                                     stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
                                     DOT_MODE, False, STAGED)
-        dist = _distances(dots, u_sq, scale)
+        dist = distances(dots, u_sq, scale)
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new
@@ -394,7 +409,7 @@ def _ncp_single_read_kernel(
                 other=0.0)
     dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), DOT_MODE) \
         - 0.5 * p_sq[None, :]
-    dist = _distances(dots, u_sq, scale)
+    dist = distances(dots, u_sq, scale)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
@@ -426,13 +441,14 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
             cfg.num_warps, cfg.num_stages),)
-    part_f, part_i, counters, u_sq, op_rows = scratch
+    part_f, part_i, counters, u_sq, op_rows, dots = scratch
     per_group = triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
     pre: tuple[KernelLaunch, ...] = ()
     rows = h
-    if cfg.staged:  # u into the gradient's rows: the kernel reads them as its A operand
+    if cfg.staged or cfg.split:  # u into the gradient's rows: the GEMM's A operand
         if precision == "tf32x3":
-            raise ValueError("the staged variant takes ieee, tf32 or bf16, not tf32x3")
+            raise ValueError(f"the {'split' if cfg.split else 'staged'} variant takes ieee, "
+                             "tf32 or bf16, not tf32x3")
         bn, bd, warps = CENTRE_TILE
         bf16_rows = precision == "bf16"  # the A operand in bf16, as the MMA takes it
         rows = op_rows if bf16_rows else grad
@@ -441,6 +457,9 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             (h, prep.p_o, grad, u_sq, rows, n, d, 1.0 / prep.scale, h.stride(0), h.stride(1),
              grad.stride(0), grad.stride(1), rows.stride(0)),
             {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows)}, warps, 1),)
+    if cfg.split:
+        return (*pre, *_split_steps(rows, prototypes, prep, psq, u_sq, dots, outputs,
+                                    precision, cfg))
     if prep.operand.shape[0] % cfg.block_cols:  # its tiles are loaded without masks
         raise ValueError(f"a {cfg.block_cols}-class tile passes the prepared operand's "
                          f"{prep.operand.shape[0]} padded rows")
@@ -458,6 +477,31 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         cfg.num_warps, cfg.num_stages))
 
 
+def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, outputs,
+                 precision: str, cfg: LaunchConfig) -> tuple[TorchCall | KernelLaunch, ...]:
+    """The split variant after its pre-pass: per chunk of rows, the GEMM of the centred rows
+    by the prepared prototypes in torch, then the epilogue kernel over its results."""
+    grad, q_ood, pred, min_dist, lse = outputs
+    n, d = grad.shape
+    c = prototypes.shape[0]
+    chunk = dots.shape[0]
+    operand = prep.operand[:c, :d]  # the padding holds zeros; the BLAS needs none
+    steps: list[TorchCall | KernelLaunch] = []
+    for r0 in range(0, n, chunk):
+        r = min(chunk, n - r0)
+        steps.append(TorchCall(split_gemm, (rows[r0:r0 + r], operand, dots[:r], precision)))
+        steps.append(KernelLaunch(
+            _ncp_epilogue_kernel, (triton.cdiv(r, cfg.block_rows),),
+            (dots, prototypes, prep.p_o, psq, u_sq, grad, q_ood, pred, min_dist, lse,
+             r, r0, c, d, prep.scale, 1.0 / prep.scale,
+             dots.stride(0), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
+             grad.stride(1)),
+            {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
+             "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2},
+            cfg.num_warps, cfg.num_stages))
+    return tuple(steps)
+
+
 def finish_stages(precision: str, block_cols: int) -> int:
     """Pipelining stages of the finish's loops: 2 in tf32 and bf16 on tiles of up to 128
     classes (the loads of one D-step in flight during the one before: the exact re-rank
@@ -469,26 +513,43 @@ def finish_stages(precision: str, block_cols: int) -> int:
     return 2 if precision in ("tf32", "bf16") and block_cols <= 128 else 1
 
 
-def _scratch(n: int, d: int, cfg: LaunchConfig, precision: str, device):
-    """Partial results per (class group, row), one arrival counter per row block, and for the
-    staged variant ``||u||^2`` per row and (bf16) the bf16 rows of ``u`` (None otherwise);
-    nothing for the single-read variant."""
+class Scratch(NamedTuple):
+    """What one call of the gradient step allocates besides its outputs (None where unused)."""
+
+    part_f: torch.Tensor | None  # partial results per (class group, row): m, sum, 4 distances
+    part_i: torch.Tensor | None  # and the 4 candidate ids
+    counters: torch.Tensor | None  # arrivals per row block
+    u_sq: torch.Tensor | None  # ||u||^2 per row (staged and split variants)
+    op_rows: torch.Tensor | None  # bf16 rows of u (staged and split variants in bf16)
+    dots: torch.Tensor | None  # the split variant's fp32 [rows, C] GEMM results, per chunk
+
+
+def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
+    """Partial results per (class group, row) and one arrival counter per row block (the
+    class-group kernel); ``||u||^2`` per row and, in bf16, the bf16 rows of ``u`` (staged and
+    split variants); the split variant's chunk of GEMM results; nothing for the single-read
+    variant."""
     if cfg.single_read:
         return ()
-    u_sq = torch.empty(n, dtype=torch.float32, device=device) if cfg.staged else None
+    centred = cfg.staged or cfg.split
+    u_sq = torch.empty(n, dtype=torch.float32, device=device) if centred else None
     op_rows = (torch.empty((n, d), dtype=torch.bfloat16, device=device)
-               if cfg.staged and precision == "bf16" else None)
-    return (torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32,
-                        device=device),
-            torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-            torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device),
-            u_sq, op_rows)
+               if centred and precision == "bf16" else None)
+    if cfg.split:
+        dots = torch.empty((split_rows(n, c, cfg.block_rows), c), dtype=torch.float32,
+                           device=device)
+        return Scratch(None, None, None, u_sq, op_rows, dots)
+    return Scratch(
+        torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
+        torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
+        torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device),
+        u_sq, op_rows, None)
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
                      configs: str = "launcher") -> list[KernelLaunch]:
-    """The launches :func:`ncp_gradient` makes at this shape, on ``meta`` tensors (for the
-    compile report); ``configs="all"`` adds every autotuning candidate."""
+    """The Triton launches :func:`ncp_gradient` makes at this shape, on ``meta`` tensors (for
+    the compile report); ``configs="all"`` adds every autotuning candidate."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
@@ -500,9 +561,14 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
                                    dt=operand_dtype(precision)), meta(c), meta(d), 1.0)
+    def scratch(cfg):  # the split variant as one chunk: its epilogue's facts for all N rows
+        s = _scratch(n, c, d, cfg, precision, "meta")
+        return s._replace(dots=meta(n, c)) if cfg.split else s
+
     return [launch for cfg in cfgs
             for launch in _plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), prep, meta(c),
-                                _scratch(n, d, cfg, precision, "meta"), outs, precision, cfg)]
+                                scratch(cfg), outs, precision, cfg)
+            if isinstance(launch, KernelLaunch)]  # the split variant's GEMM runs in torch
 
 
 def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
@@ -594,7 +660,7 @@ def ncp_gradient(
     n_sm = sm_count(dev)
 
     def launch(cfg: LaunchConfig) -> None:
-        for planned in _plan(h, prototypes, prep, psq, _scratch(n, d, cfg, precision, dev),
+        for planned in _plan(h, prototypes, prep, psq, _scratch(n, c, d, cfg, precision, dev),
                              (grad, q_ood, pred, min_dist, lse), precision, cfg):
             run(planned)
 

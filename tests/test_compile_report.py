@@ -200,8 +200,9 @@ import json, sys
 sys.path.insert(0, {str(BENCH)!r})
 import compile_report
 from grood_kernels import ncp_gradient
-launches = [l for l in ncp_gradient.compile_launches(4096, 256, 512, "tf32", configs="all")
-            if l.constexprs.get("STAGED") or "BF16_ROWS" in l.constexprs]
+every = ncp_gradient.compile_launches(4096, 256, 512, "tf32", configs="all")
+launches = [l for i, l in enumerate(every) if l.constexprs.get("STAGED")
+            or ("BF16_ROWS" in l.constexprs and every[i + 1].constexprs.get("STAGED"))]
 records = [compile_report._record("ncp_gradient", "t", (4096, 256, 512), "tf32", "sm_90a",
                                   i, l, None) for i, l in enumerate(launches)]
 print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
@@ -220,3 +221,30 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
         assert main["wgmma_pendings"] >= 1
         if HAS_PTXAS:
             assert main["spill_store_bytes"] == 0
+
+
+def test_split_gradient_step_reports_its_epilogue():
+    """The split variant's Triton part (pre-pass, then the epilogue over the BLAS's results)
+    compiles without spills and is modelled as memory-bound; its GEMM runs in torch and is
+    not among the compiled launches."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(BENCH)!r})
+import compile_report
+from grood_kernels import ncp_gradient
+every = ncp_gradient.compile_launches(4096, 256, 512, "tf32", configs="all")
+i = [l.fn.__name__ for l in every].index("_ncp_epilogue_kernel")
+records = [compile_report._record("ncp_gradient", "t", (4096, 256, 512), "tf32", "sm_90a",
+                                  j, every[j], None) for j in (i - 1, i)]
+print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    pre, epi = json.loads(proc.stdout)
+    assert pre["function"] == "_centre_rows_kernel"
+    assert epi["mma"] == "none" and epi["binding_roof"] == "hbm"
+    assert "GEMM runs in the BLAS" in epi["model_notes"]
+    # the GEMM's results read once, the centred rows read twice and written once
+    assert epi["hbm_bytes"] >= 4096 * 256 * 4 + 3 * 4096 * 512 * 4
+    if HAS_PTXAS:
+        assert epi["spill_store_bytes"] == 0

@@ -181,12 +181,13 @@ def test_fp32_faithful_modes(precision):
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["launcher", "staged"])
+@pytest.mark.parametrize("variant", ["launcher", "staged", "split"])
 def test_bf16_mode_on_gpu(variant, request):
     """bf16 on the device (the interpreter's bf16 dot is not the hardware's); the staged
-    variant's pre-pass writes the bf16 rows of u that its MMA reads."""
-    if variant == "staged":
-        request.getfixturevalue("staged")
+    variant's pre-pass writes the bf16 rows of u that its MMA reads, the split variant's
+    cuBLAS GEMM reads them (fp32 results through ``out_dtype``) in chunks of 32 rows."""
+    if variant != "launcher":
+        request.getfixturevalue(variant)
     h, protos, p_ood = _problem(256, 100, 512, seed=9)
     res = ncp_gradient(h, protos, p_ood, precision="bf16")
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
@@ -441,10 +442,12 @@ STAGED_RTOL = 1e-3 if ON_GPU else 1e-5
 
 @pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
-def test_staged_variant_matches_float64_twin(n, c, d, precision, staged, poisoned_outputs):
-    """The pre-pass writes u into the gradient's rows and the kernel reads them as its A
-    operand, then scales them in place: every output against the twin, h read through its
-    strides, outputs poisoned first."""
+def test_centred_variants_match_float64_twin(n, c, d, precision, centred_variant,
+                                             poisoned_outputs):
+    """The pre-pass writes u into the gradient's rows; the staged kernel reads them as its A
+    operand, the split variant's torch GEMM reads them chunk by chunk (chunks of 32 rows) and
+    its epilogue after it; both scale them in place: every output against the twin, h read
+    through its strides, outputs and scratch (the GEMM's buffer too) poisoned first."""
     h, protos, p_ood = _problem(n, c, d)
     h = h.T.contiguous().T
     res = ncp_gradient(h, protos, p_ood, precision=precision)
@@ -453,19 +456,20 @@ def test_staged_variant_matches_float64_twin(n, c, d, precision, staged, poisone
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
-def test_staged_variant_ties_magnitudes_and_half_inputs(scale, staged):
-    """Exact ties go to the lower class id, huge and tiny magnitudes work in the power-of-two
-    units, and float16 features are centred by the pre-pass in fp32."""
-    h, protos, p_ood = _problem(40, 12, 24, seed=3)
-    protos[5] = protos[2]
-    h[:8] = protos[2]
+def test_centred_variants_ties_magnitudes_and_half_inputs(scale, centred_variant):
+    """Exact ties across class blocks (and the split variant's row chunks) go to the lower
+    class id, magnitudes far from 1 work in the power-of-two units, float16 features are
+    centred by the pre-pass in fp32."""
+    h, protos, p_ood = _problem(70, 140, 24, seed=3)
+    protos[129] = protos[2]  # a copy in a later class block
+    h[:40] = protos[2]  # over two of the split variant's chunks
     h, protos, p_ood = h * scale, protos * scale, p_ood * scale
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
-    assert torch.equal(res.pred, ref.pred) and bool((res.pred[:8] == 2).all())
+    assert torch.equal(res.pred, ref.pred) and bool((res.pred[:40] == 2).all())
     torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=STAGED_RTOL, atol=1e-7)
     torch.testing.assert_close(res.grad.double(), ref.grad, rtol=STAGED_RTOL, atol=1e-6)
-    h16, protos16, p16 = _problem(20, 9, 40, dtype=torch.float16, seed=1)
+    h16, protos16, p16 = _problem(40, 9, 40, dtype=torch.float16, seed=1)
     res = ncp_gradient(h16, protos16, p16, precision="tf32")
     _assert_matches_twin(res, h16, protos16, p16, rtol=STAGED_RTOL)
 
@@ -483,7 +487,7 @@ def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
     h, protos, _ = _problem(8, 3, 16)
     cfg = kernel_module.launch_config(8, 3, 16, "tf32x3")._replace(staged=True)
     with pytest.raises(ValueError, match="staged variant takes"):
-        kernel_module._plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
+        kernel_module._plan(h, protos, None, None, (None,) * 6, (h,) * 5, "tf32x3", cfg)
 
 
 @gpu
@@ -531,3 +535,42 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
         assert kernel_module.wide_config(65536, 1000, 2048, precision, 4) is None
         assert all(cfg.block_cols <= 128
                    for cfg in kernel_module.candidate_configs(65536, 1000, 2048, precision, 4))
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Make the launcher run the split variant (the GEMM in torch, a Triton epilogue per row
+    chunk) with chunks of one 32-row block, so most test shapes take several chunks."""
+    from grood_kernels import _split
+
+    monkeypatch.setattr(kernel_module, "launch_config",
+                        lambda n, c, d, precision, **kw: kernel_module.split_config(c, d,
+                                                                                    precision))
+    monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
+
+
+@pytest.fixture(params=["staged", "split"])
+def centred_variant(request):
+    """The launcher runs the staged or the split variant (both centre the rows in a
+    pre-pass)."""
+    request.getfixturevalue(request.param)
+    return request.param
+
+
+def test_split_variant_is_offered_in_the_modes_the_blas_runs():
+    """A candidate in ieee, tf32 and bf16 (never the launcher's own choice); tf32x3, which no
+    BLAS runs as the kernels do, refuses it. Its buffer of GEMM results stays within its
+    bound at C = 21,841, whatever N."""
+    from grood_kernels import _split
+
+    for precision in ("ieee", "tf32", "bf16"):
+        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
+        assert [cfg.split for cfg in cands].count(True) == 1 and not cands[0].split
+    assert kernel_module.split_config(1000, 2048, "tf32x3") is None
+    h, protos, _ = _problem(8, 3, 16)
+    cfg = kernel_module.split_config(3, 16, "tf32")
+    with pytest.raises(ValueError, match="split variant takes"):
+        kernel_module._plan(h, protos, None, None, (None,) * 6, (h,) * 5, "tf32x3", cfg)
+    rows = _split.split_rows(65536, 21841, 32)
+    assert rows % 32 == 0 and 0 < rows * 21841 <= _split.SPLIT_BUFFER_ELEMENTS
+    assert _split.split_rows(100, 10, 32) == 128  # one chunk of whole row blocks

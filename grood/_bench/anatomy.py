@@ -7,8 +7,8 @@ of every program, row maxima written), with the feature tile centred in register
 staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole kernel
 without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``); the
 whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them in
-the tensor-core modes); the whole step, launcher and staged. The differences between rows are
-the stages' costs.
+the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
+epilogue) and the launcher's. The differences between rows are the stages' costs.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
         staged_cfg = kernel.staged_config(n, c, d, precision, h.element_size(), p.n_sm)
         if staged_cfg is not None:
             pre = kernel._plan(h, protos, prep, prep.sq_norms,
-                               kernel._scratch(n, d, staged_cfg, precision, h.device),
+                               kernel._scratch(n, c, d, staged_cfg, precision, h.device),
                                outs, precision, staged_cfg)[0]
             run(pre)  # the pre-pass's rows, for the staged K-loop alone
             rows = pre.args[4]
@@ -108,6 +108,11 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
         if staged_cfg is not None:
             stages.append(("whole step, staged variant",
                            partial(launch_step, h, protos, prep, outs, precision, staged_cfg),
+                           True))
+        split_cfg = kernel.split_config(c, d, precision)
+        if split_cfg is not None:
+            stages.append(("whole step, split variant (torch GEMM, Triton epilogue)",
+                           partial(launch_step, h, protos, prep, outs, precision, split_cfg),
                            True))
         stages.append(("whole step (launcher)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg), True))

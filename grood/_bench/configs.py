@@ -90,7 +90,9 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             label = (" (launcher)" if cfg is base else
                      " (wide tile, staged)" if cfg.block_cols > 128 else
                      " (single read: all of D in registers)" if cfg.single_read else
-                     " (staged: u centred by a pre-pass)" if cfg.staged else "")
+                     " (staged: u centred by a pre-pass)" if cfg.staged else
+                     " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split
+                     else "")
             yield (
                 f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                 f"{label} | {cfg.n_split} | {1e3 * t:.3f} | {base_ms / t:.2f}x | "
@@ -101,8 +103,9 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
     """One gradient step in configuration ``cfg`` with fresh scratch, as the launcher makes it
     (the arrival counters start at zero); ``finish`` overrides the kernel's ``FINISH`` (0: no
     finish; 1: its loops not pipelined), for the anatomy's measurements."""
+    (n, d), c = h.shape, protos.shape[0]
     plan = kernel._plan(h, protos, prep, prep.sq_norms,
-                        kernel._scratch(*h.shape, cfg, precision, h.device), outs, precision,
+                        kernel._scratch(n, c, d, cfg, precision, h.device), outs, precision,
                         cfg)
     last = plan[-1]
     if finish is not None:
