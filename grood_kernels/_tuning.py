@@ -64,7 +64,9 @@ def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_col
     With ``results`` (a snapshot of the call's outputs, taken after a launch) and ``agree``
     (two snapshots -> bool), a configuration whose results disagree with the first one's (the
     launcher's) is left out with a warning: speed alone would otherwise let a variant the
-    compiler got wrong win, and every later call would score with it."""
+    compiler got wrong win, and every later call would score with it. A candidate that fails
+    to compile or launch on this device is left out with a warning too (the first, the
+    launcher's, must work)."""
     name = f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}|{key!r}"
     if name not in _tuned:
         stored = _load().get(name)
@@ -73,11 +75,19 @@ def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_col
             _tuned[name] = stored
         else:
             best, best_ms, reference = None, float("inf"), None
-            for cfg in configs:
+            for i, cfg in enumerate(configs):
                 if cfg[0] > max(16, triton.next_power_of_2(n_rows)) or cfg[1] > max(
                         16, triton.next_power_of_2(n_cols)):
                     continue
-                launch(cfg)  # compile
+                try:
+                    launch(cfg)  # compile
+                except Exception as exc:  # any candidate may fail to build on a device
+                    if i == 0:  # the launcher's own configuration must work
+                        raise
+                    warnings.warn(f"grood autotuning: configuration {tuple(cfg)} fails on "
+                                  f"this device ({type(exc).__name__}: {exc}); not used",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
                 if results is not None and agree is not None:
                     if reference is None:
                         reference = results()

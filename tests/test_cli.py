@@ -372,3 +372,29 @@ def test_pt_feature_files_are_memory_mapped_and_legacy_ones_still_read(tmp_path)
     if maps.exists():
         assert str(tmp_path / "new.pt") in maps.read_text()
     assert torch.equal(load_features(tmp_path / "legacy.pt").features, x)
+
+
+def test_bench_tuning_tables_report_a_failing_candidate_and_go_on(capsys, monkeypatch):
+    """A candidate that fails on the device gets a 'failed' row in the configs and anatomy
+    tables; the rows after it are still measured (a one-shot GPU run keeps its table)."""
+    pytest.importorskip("triton")
+    from grood._bench import anatomy, configs
+
+    real = configs.launch_step
+
+    def failing(h, protos, prep, outs, precision, cfg, finish=None):
+        if cfg.split:
+            raise RuntimeError("no such GEMM here")
+        return real(h, protos, prep, outs, precision, cfg, finish)
+
+    monkeypatch.setattr(configs, "launch_step", failing)
+    monkeypatch.setattr(anatomy, "launch_step", failing)
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs",
+                 "--only", "anatomy"]) == 0
+    text = capsys.readouterr().out
+    for table_row in ("(split: torch GEMM over row chunks, Triton epilogue) | 1 | failed: "
+                      "RuntimeError: no such GEMM here",
+                      "whole step, split variant (torch GEMM, Triton epilogue) | failed: "
+                      "RuntimeError"):
+        assert table_row in text
+    assert "| tiny-100 | tf32 | whole step (launcher) | " in text

@@ -574,3 +574,30 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     rows = _split.split_rows(65536, 21841, 32)
     assert rows % 32 == 0 and 0 < rows * 21841 <= _split.SPLIT_BUFFER_ELEMENTS
     assert _split.split_rows(100, 10, 32) == 128  # one chunk of whole row blocks
+
+
+def test_autotune_leaves_out_a_configuration_that_fails_on_the_device(tmp_path, monkeypatch):
+    """A candidate that fails to compile or launch (out of shared memory, an op the device's
+    torch lacks) is left out with a warning; the launcher's own configuration must work."""
+    from grood_kernels import _tuning
+
+    monkeypatch.setenv("GROOD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_tuning.torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    monkeypatch.setattr(_tuning, "_tuned", {})
+    cfgs = [kernel_module.LaunchConfig(128, 128, 32, 8, 4, 1),
+            kernel_module.split_config(1000, 2048, "bf16"),
+            kernel_module.LaunchConfig(64, 128, 32, 4, 4, 1)]
+
+    def launch(cfg):
+        if cfg.split:
+            raise RuntimeError("mm.dtype_out is not implemented here")
+
+    monkeypatch.setattr(_tuning.triton.testing, "do_bench",
+                        lambda fn, **kw: (fn(), 1.0)[1])
+    with pytest.warns(RuntimeWarning, match="fails on this device"):
+        chosen = _tuning.tune(launch, ("ncp", "bf16", 1024), 4096, 1000, cfgs, "cuda")
+    assert chosen == cfgs[0]
+    monkeypatch.setattr(_tuning, "_tuned", {})
+    (tmp_path / "autotune.json").unlink()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        _tuning.tune(launch, ("ncp", "bf16", 1024), 4096, 1000, cfgs[1:], "cuda")

@@ -79,13 +79,6 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         base = cands[0]  # the launcher's
         ref, base_ms = None, None
         for cfg in cands:
-            outs = p.outputs()
-            t = median_time(partial(launch_step, h, protos, p.prep, outs, precision, cfg),
-                            device, repeat)
-            if ref is None:
-                ref, base_ms = outs, t
-            q_diff = float(((outs[1] - ref[1]).abs() / ref[1].abs().clamp_min(1e-30)).max())
-            pred_diff = float((outs[2] != ref[2]).double().mean())
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
             label = (" (launcher)" if cfg is base else
                      " (wide tile, staged)" if cfg.block_cols > 128 else
@@ -93,10 +86,23 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                      " (staged: u centred by a pre-pass)" if cfg.staged else
                      " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split
                      else "")
-            yield (
-                f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
-                f"{label} | {cfg.n_split} | {1e3 * t:.3f} | {base_ms / t:.2f}x | "
-                f"{q_diff:.1e} | {pred_diff:.4f} |")
+            row = (f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
+                   f"{label} | {cfg.n_split} | ")
+            outs = p.outputs()
+            try:
+                t = median_time(partial(launch_step, h, protos, p.prep, outs, precision, cfg),
+                                device, repeat)
+            except Exception as exc:  # a candidate that fails here must not end the table
+                if ref is None:
+                    raise
+                yield row + f"failed: {type(exc).__name__}: {str(exc)[:120]} | – | – | – |"
+                continue
+            if ref is None:
+                ref, base_ms = outs, t
+            q_diff = float(((outs[1] - ref[1]).abs() / ref[1].abs().clamp_min(1e-30)).max())
+            pred_diff = float((outs[2] != ref[2]).double().mean())
+            yield (row + f"{1e3 * t:.3f} | {base_ms / t:.2f}x | {q_diff:.1e} | "
+                   f"{pred_diff:.4f} |")
 
 
 def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None) -> None:
