@@ -614,7 +614,9 @@ def ncp_gradient(
     ``h`` is read in place through its strides and centred on the OOD prototype inside the
     kernel. The prototypes' GEMM operand is prepared once and kept while the caller keeps the
     same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
-    per class group 24 bytes of partial results per row.
+    per class group 24 bytes of partial results per row. Variants ``GROOD_AUTOTUNE=1`` may
+    pick add 4 bytes per row (staged, split), a bf16 copy of the centred rows in bf16, and for
+    the split variant a buffer of GEMM results of at most 256 MiB.
     """
     check_precision(precision)
     check_dense(h=h, prototypes=prototypes, ood_prototype=ood_prototype,
