@@ -64,7 +64,8 @@ def _ncp_epilogue_kernel(
 ):
     """One row block of a chunk: the class blocks of its GEMM results with a running max /
     sum-exp and the N_CAND nearest candidates (as the fused kernel's class loop, the first
-    block seeding), then the exact re-rank, the results and the gradient."""
+    block seeding), then the exact re-rank, the results and the gradient. Its loops are
+    software-pipelined over ``FINISH_STAGES`` (the next block's loads in flight)."""
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = local < R
@@ -82,7 +83,7 @@ def _ncp_epilogue_kernel(
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C)
-    for c0 in range(BLOCK_C, C, BLOCK_C):
+    for c0 in tl.range(BLOCK_C, C, BLOCK_C, num_stages=FINISH_STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         dots = tl.load(dots_ptr + local[:, None] * stride_dn + offs_c[None, :],
