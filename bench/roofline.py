@@ -37,7 +37,8 @@ KERNEL_MARKERS = {"_ncp_gradient_kernel": ("o", "gradient step"),
                   "_ncp_single_read_kernel": ("D", "gradient step, single read"),
                   "_knn_candidates_kernel": ("s", "search"),
                   "_merge_rerank_kernel": ("^", "search merge + re-rank"),
-                  "_centre_rows_kernel": ("v", "gradient step, staged pre-pass")}
+                  "_centre_rows_kernel": ("v", "gradient step, staged pre-pass"),
+                  "_ncp_epilogue_kernel": ("P", "gradient step, split epilogue")}
 #: Kernel functions whose launch does not depend on the precision mode.
 MODE_FREE = {"_merge_rerank_kernel"}
 #: Short shape labels drawn beside the points.

@@ -165,9 +165,10 @@ def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
                         max(16, triton.next_power_of_2(d)), 8, 1, single_read=True)
 
 
-#: Modes whose staged variant hands ``tl.dot`` its A operand as loaded (tf32x3 splits it in
-#: registers; ieee's FMA dot still reads it from shared memory without the centring between).
-STAGED_PRECISIONS = ("ieee", "tf32", "bf16")
+#: Modes of the variants whose pre-pass centres the rows for the GEMM (staged, split): their
+#: A operand then goes to the MMA (or the BLAS) as written. Not tf32x3: the staged kernel would
+#: split it in registers again, and no BLAS runs the three-product tf32 GEMM.
+PREPASS_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
@@ -177,7 +178,7 @@ def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     K-loop loads both GEMM operands straight into the MMA (the centring otherwise sits between
     the feature tile's load and ``tl.dot``). Costs one more write and read of [N, D] fp32, and
     in bf16 a [N, D] bf16 copy of ``u`` (the A operand as the MMA takes it)."""
-    if precision not in STAGED_PRECISIONS:
+    if precision not in PREPASS_PRECISIONS:
         return None
     # The kernel's A operand is then the fp32 rows: the class groups are sized for 4 bytes.
     return launch_config(n, c, d, precision, h_bytes=4, n_sm=n_sm)._replace(staged=True)
@@ -204,16 +205,12 @@ def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     return cfg._replace(staged=True)
 
 
-#: Modes whose GEMM the BLAS can run as the kernels do (cuBLAS has no three-product tf32).
-SPLIT_PRECISIONS = ("ieee", "tf32", "bf16")
-
-
 def split_config(c: int, d: int, precision: str) -> LaunchConfig | None:
     """The split variant (:mod:`grood_kernels._split`: pre-pass, ``torch.mm`` over row
     chunks, a Triton epilogue per chunk) where its mode applies; the tiles are the
     epilogue's: 32 rows x 64 classes, 64-wide D-steps in the re-rank, 4 warps (spill-free for
     sm_90a under triton 3.6 and 3.9, where 128 classes spill)."""
-    if precision not in SPLIT_PRECISIONS:
+    if precision not in PREPASS_PRECISIONS:
         return None
     return LaunchConfig(32, fit_tile(64, c), fit_tile(64, d), 4, 2, split=True)
 
@@ -446,9 +443,9 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
     pre: tuple[KernelLaunch, ...] = ()
     rows = h
     if cfg.staged or cfg.split:  # u into the gradient's rows: the GEMM's A operand
-        if precision == "tf32x3":
-            raise ValueError(f"the {'split' if cfg.split else 'staged'} variant takes ieee, "
-                             "tf32 or bf16, not tf32x3")
+        if precision not in PREPASS_PRECISIONS:
+            raise ValueError(f"the {'split' if cfg.split else 'staged'} variant takes "
+                             f"{', '.join(PREPASS_PRECISIONS)}, not {precision}")
         bn, bd, warps = CENTRE_TILE
         bf16_rows = precision == "bf16"  # the A operand in bf16, as the MMA takes it
         rows = op_rows if bf16_rows else grad

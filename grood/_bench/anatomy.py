@@ -116,18 +116,18 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                            True))
         stages.append(("whole step (launcher)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg), True))
-        failed = []
-        for stage in stages:  # compile each first: one that fails must not end the table
+        working = []
+        for i, stage in enumerate(stages):  # compile each first: a failure ends no table
             try:
                 stage[1]()
             except Exception as exc:
-                failed.append((stage, exc))
-        if any(stage[0] == stages[-1][0] for stage, _ in failed):
-            raise failed[-1][1]  # the launcher's whole step, the table's reference
-        for (label, _, _), exc in failed:
-            yield (f"| {p.name} | {precision} | {label} | failed: {type(exc).__name__}: "
-                   f"{str(exc)[:120]} | – | – |")
-        stages = [s for s in stages if all(s is not f for f, _ in failed)]
+                if i == len(stages) - 1:  # the launcher's whole step, the shares' reference
+                    raise
+                yield (f"| {p.name} | {precision} | {stage[0]} | failed: "
+                       f"{type(exc).__name__}: {str(exc)[:120]} | – | – |")
+                continue
+            working.append(stage)
+        stages = working
         times = interleaved_median_times([fn for _, fn, _ in stages], device, repeat)
         for (label, _, gemm), t in zip(stages, times, strict=True):
             tflops = f"{2 * n * c * d / t / 1e12:.1f}" if gemm else "–"
