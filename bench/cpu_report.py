@@ -6,8 +6,16 @@ element-wise pass over the input (``x * 2``, the memory-traffic floor that domin
 small). It checks the op
 against a float64 computation first. Prints one table; nothing is asserted.
 
+``--stages`` adds a second table: the gradient step taken apart. Each stage the op runs per row
+tile (the first write of the output, the GEMM, the distances, the softmax terms, the candidate
+pick, the exact re-rank, the gradient's scaling) is timed alone over the whole input, with the
+same torch calls on the same tiles, interleaved with the op and the baselines. Their sum
+should come near the op; the stages the op cannot do without (the first write of a fresh
+output and the GEMM) against the issue's targets say how much room is left.
+
     python bench/cpu_report.py            # default shapes (about a minute on 2 cores)
     python bench/cpu_report.py --small    # quick check
+    python bench/cpu_report.py --stages   # and the gradient step's stages
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from grood import __version__, functional
 from grood._bench.common import interleaved_median_times
 from grood._checks import positive_int_arg
+from grood.functional import NCP_CANDIDATES, gradient_tile_rows
 
 
 def _check_ncp(h, protos, p_ood) -> float:
@@ -41,6 +50,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small shapes, quick")
     parser.add_argument("--repeat", type=positive_int_arg, default=5,
                         help="rounds; each calls the op and both baselines once (default 5)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time the gradient step's stages alone (second table)")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     if args.small:
@@ -67,6 +78,8 @@ def main() -> None:
         db = torch.rand(m, d, generator=gen)
         _row(args.repeat, f"knn k=1 | Q={q} M={m} D={d}", partial(functional.knn, queries, db, 1),
              queries, db, f"recall@1 vs fp64 {_check_knn(queries, db):.3f}")
+    if args.stages:
+        _stages_table(ncp_shapes, args.repeat)
 
 
 def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: str) -> None:
@@ -78,6 +91,93 @@ def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: s
     flops = 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
     print(f"| {label} | {1e3 * t_op:.1f} | {flops / t_op / 1e9:.1f} | {1e3 * t_mm:.1f} | "
           f"{t_op / t_mm:.2f} | {1e3 * t_pass:.1f} | {t_op / t_pass:.2f} | {check} |")
+
+
+# Stages of functional.ncp_gradient (float32, ieee, prototypes near 1 so no rescaling), in the
+# order the op runs them on each row tile.
+STAGES = ("first write", "norms", "GEMM", "distances", "softmax", "pick", "re-rank", "scale")
+
+
+def _stage_fns(h: torch.Tensor, protos: torch.Tensor, p_ood: torch.Tensor) -> list:
+    """One function per entry of ``STAGES``, each running that stage's torch calls over every
+    row tile of ``h`` as ``functional.ncp_gradient`` does (inputs of later stages made once,
+    outside the timing)."""
+    n, d = h.shape
+    c = protos.shape[0]
+    bn = gradient_tile_rows("cpu", c, d)
+    tiles = [(r0, min(r0 + bn, n)) for r0 in range(0, n, bn)]
+    centred = protos - p_ood
+    centred_sq = (centred * centred).sum(1)
+    u = h - p_ood
+    u_sq = torch.linalg.vector_norm(u, dim=1) ** 2
+    gemm = [torch.addmm(centred_sq[None], u[a:b], centred.T, alpha=-2.0) for a, b in tiles]
+    dist = [g.add(u_sq[a:b, None]).clamp_min_(0).sqrt_()
+            for g, (a, b) in zip(gemm, tiles, strict=True)]
+    m = [-x.amin(1).double() for x in dist]
+    cand = [functional._nearest(x, min(NCP_CANDIDATES, c))[1] for x in dist]
+    buf = torch.empty((min(bn, n), d))
+    scale = torch.rand(n)
+    work = torch.empty((n, d))
+
+    def first_write():
+        out = torch.empty((n, d))
+        for a, b in tiles:
+            torch.sub(h[a:b], p_ood, out=out[a:b])
+
+    def norms():
+        for a, b in tiles:
+            torch.linalg.vector_norm(u[a:b], dim=1)
+
+    def gemm_stage():
+        for a, b in tiles:
+            torch.addmm(centred_sq[None], u[a:b], centred.T, alpha=-2.0)
+
+    def distances():
+        for g, (a, b) in zip(gemm, tiles, strict=True):
+            g.clone().add_(u_sq[a:b, None]).clamp_min_(0).sqrt_()
+
+    def softmax():
+        for x, mx in zip(dist, m, strict=True):
+            torch.sub(mx.neg()[:, None], x).exp_().sum(1)
+
+    def pick():
+        for x in dist:
+            functional._nearest(x, min(NCP_CANDIDATES, c))
+
+    def rerank():
+        for ci, (a, b) in zip(cand, tiles, strict=True):
+            exact = torch.empty(ci.shape)
+            for j in range(ci.shape[1]):
+                torch.index_select(centred, 0, ci[:, j], out=buf[: b - a]).sub_(u[a:b])
+                torch.linalg.vector_norm(buf[: b - a], dim=1, out=exact[:, j])
+
+    def scale_stage():  # in the op in place; here into a buffer of the output's size
+        for a, b in tiles:
+            torch.mul(u[a:b], scale[a:b, None], out=work[a:b])
+
+    return [first_write, norms, gemm_stage, distances, softmax, pick, rerank, scale_stage]
+
+
+def _stages_table(shapes: list[tuple[int, int, int]], repeat: int) -> None:
+    """Print the gradient step's stages at each shape (see the module docstring)."""
+    print("\nGradient step taken apart (ms; each stage alone over all row tiles):\n")
+    print("| shape | op | pass x*2 | mm | " + " | ".join(STAGES)
+          + " | sum of stages | op - sum | first write + GEMM | all but re-rank |")
+    print("|---" * (len(STAGES) + 8) + "|")
+    gen = torch.Generator().manual_seed(1)
+    for n, c, d in shapes:
+        h = torch.rand(n, d, generator=gen)
+        protos = torch.rand(c, d, generator=gen)
+        p_ood = protos.mean(0)
+        fns = [partial(functional.ncp_gradient, h, protos, p_ood), partial(torch.mul, h, 2),
+               partial(torch.mm, h, protos.T), *_stage_fns(h, protos, p_ood)]
+        t = [1e3 * x for x in interleaved_median_times(fns, "cpu", repeat)]
+        st = dict(zip(STAGES, t[3:], strict=True))
+        cells = " | ".join(f"{x:.1f}" for x in t)
+        total = sum(st.values())
+        print(f"| N={n} C={c} D={d} | {cells} | {total:.1f} | {t[0] - total:.1f} | "
+              f"{st['first write'] + st['GEMM']:.1f} | {total - st['re-rank']:.1f} |")
+
 
 if __name__ == "__main__":
     main()

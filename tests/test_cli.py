@@ -289,6 +289,23 @@ def test_cpu_report_runs_at_small_size():
     assert "interleaved" in out
 
 
+def test_cpu_report_stages_table():
+    """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
+    their sum, the op's remainder and the two partial sums, all numbers."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_report.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--stages", "--repeat", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    table = out.split("taken apart")[1]
+    header = next(line for line in table.splitlines() if line.startswith("| shape |"))
+    rows = [line for line in table.splitlines() if line.startswith("| N=")]
+    assert len(rows) == 2
+    assert "re-rank" in header and "first write + GEMM" in header
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == header.count("|") - 1
+        assert all(float(c) == float(c) for c in cells[1:])  # numbers, none NaN
+
+
 def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     """An output named like an input (directly or through a link) is refused before any
     work, for every command; output names are checked before scoring; an upper-case .NPY is
