@@ -194,14 +194,22 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 @contextmanager
 def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards)."""
+    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards).
+
+    Through the per-backend setting ``torch.backends.cuda.matmul.fp32_precision`` alone, the
+    value ATen's matmuls read: the legacy getters (``allow_tf32``,
+    ``torch.get_float32_matmul_precision``) raise once a program has set TF32 through the
+    per-backend or generic API. Reading the setting answers the generic one
+    (``torch.backends.fp32_precision``) where this backend's own is ``"none"``; it is given
+    back as ``"none"`` then, so nothing stays pinned."""
     if device.type != "cuda":
         yield
         return
     flags = torch.backends.cuda.matmul
-    saved = flags.allow_tf32
-    flags.allow_tf32 = precision == "tf32"
+    own = flags.fp32_precision
+    saved = "none" if own == torch.backends.fp32_precision else own
+    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
     try:
         yield
     finally:
-        flags.allow_tf32 = saved
+        flags.fp32_precision = saved

@@ -141,3 +141,59 @@ def test_vectors_of_dimension_zero_are_refused(backend):
         ops.ncp_gradient(h, protos, p_ood, backend=backend)
     with pytest.raises(ValueError, match="queries and the database have dimension 0"):
         ops.knn(h, protos, 1, backend=backend)
+
+
+# How a program may have set TF32 before calling grood: nothing, the legacy flags, the
+# per-backend API (torch >= 2.9's recommended way), the generic one, cuDNN's.
+_TF32_SETUPS = {
+    "untouched": "",
+    "legacy allow_tf32": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "legacy matmul precision": "torch.set_float32_matmul_precision('high')",
+    "per-backend tf32": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "per-backend ieee": "torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+    "generic tf32": "torch.backends.fp32_precision = 'tf32'",
+    "cudnn per-backend tf32": "torch.backends.cudnn.fp32_precision = 'tf32'",
+}
+
+
+@pytest.mark.parametrize("setup", list(_TF32_SETUPS))
+def test_matmul_precision_works_under_every_tf32_setting_and_restores_it(setup):
+    """The precision guard of the CUDA matmuls (tf32 only in ``tf32`` mode) neither fails nor
+    leaves a trace, whichever API the program set TF32 through. The legacy getters raise once
+    the per-backend API was used (torch >= 2.9), so the guard must not read them; ATen's
+    matmuls read the per-backend value. Runs in a fresh process per setting (the flags are
+    process-wide; they need no GPU to be read and set)."""
+    code = textwrap.dedent(f"""
+        import json, warnings
+        warnings.simplefilter("ignore")
+        import torch
+        from grood_kernels.contract import matmul_precision
+        {_TF32_SETUPS[setup]}
+
+        def state():
+            out = {{}}
+            getters = {{
+                "cuda.matmul": lambda: torch.backends.cuda.matmul.fp32_precision,
+                "generic": lambda: torch.backends.fp32_precision,
+                "allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+                "legacy precision": torch.get_float32_matmul_precision,
+            }}
+            for name, get in getters.items():
+                try:
+                    out[name] = get()
+                except RuntimeError:
+                    out[name] = "raises"
+            return out
+
+        before = state()
+        inside = {{}}
+        for mode in ("ieee", "tf32", "tf32x3", "bf16"):
+            with matmul_precision(mode, torch.device("cuda")):
+                inside[mode] = torch.backends.cuda.matmul.fp32_precision
+        print(json.dumps({{"before": before, "inside": inside, "after": state()}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert out["inside"] == {"ieee": "ieee", "tf32": "tf32", "tf32x3": "ieee", "bf16": "ieee"}
+    assert out["after"] == out["before"]
