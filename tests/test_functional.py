@@ -116,6 +116,43 @@ def test_ncp_gradient_on_cuda_is_sync_free_and_picks_like_the_cpu(c):
     torch.testing.assert_close(res.q_ood.cpu(), cpu.q_ood, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("setup", ["torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+                                   "torch.backends.fp32_precision = 'tf32'",
+                                   "torch.backends.cuda.matmul.allow_tf32 = True"])
+def test_matmul_precision_decides_the_cuda_gemm_whatever_the_program_set(setup):
+    """On the device, with the program's TF32 on (per-backend, generic or legacy API): inside
+    grood's guard an ieee GEMM is fp32 and a tf32 one uses TF32, and the program's setting is
+    back afterwards. In a fresh process (the flags are process-wide)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("ignore")
+        import torch
+        from grood.functional import matmul_precision
+        {setup}
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(512, 2048, device="cuda", generator=gen)
+        b = torch.randn(2048, 512, device="cuda", generator=gen)
+        ref = a.double() @ b.double()
+        err = lambda x: ((x.double() - ref).abs().max() / ref.abs().max()).item()
+        before = torch.backends.cuda.matmul.fp32_precision
+        with matmul_precision("ieee", a.device):
+            ieee = a @ b
+        with matmul_precision("tf32", a.device):
+            tf32 = a @ b
+        print(err(ieee), err(tf32), before, torch.backends.cuda.matmul.fp32_precision)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ieee, tf32, before, after = res.stdout.split()
+    assert float(ieee) < 5e-6 < 3e-5 < float(tf32), (ieee, tf32)
+    assert before == after == "tf32"
+
+
 @pytest.mark.parametrize("change", ["prototypes", "ood_prototype"])
 def test_kept_prototype_operands_follow_in_place_changes(change):
     """The centred prototypes are kept per prototype set between calls; changing either
