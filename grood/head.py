@@ -258,7 +258,10 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
     if example.device.type != "cuda":
         raise ValueError(f"CUDA graphs need CUDA tensors; the example is on {example.device}")
     static = example.clone()
-    with pinning_kept_values() as derived:
+    # Streams and the capture belong to the current device: make it the example's (a module
+    # on cuda:1 while cuda:0 is current would otherwise be warmed up and captured elsewhere).
+    dev = example.device
+    with torch.cuda.device(dev), pinning_kept_values() as derived:
         module(static)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -273,8 +276,9 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
         if x.shape != static.shape:
             raise ValueError(f"the graph was captured for inputs of shape {tuple(static.shape)}"
                              f", got {tuple(x.shape)}")
-        static.copy_(x)
-        graph.replay()
+        with torch.cuda.device(dev):
+            static.copy_(x)
+            graph.replay()
         return out
 
     # The graph reads these tensors' memory by address: freed, it would be reused and the

@@ -8,6 +8,7 @@ it, so the report sees exactly the configuration the launcher picks at a shape.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -86,13 +87,25 @@ def fit_tile(block: int, size: int) -> int:
     return min(block, max(16, 1 << max(0, size - 1).bit_length()))
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device for what runs inside (nothing off CUDA).
+
+    Triton launches a kernel on the *current* device and that device's current stream, not
+    on its tensors' device: a kernel for tensors on ``cuda:1`` while ``cuda:0`` is current
+    would run on the other GPU, unordered with the work on ``cuda:1`` that made its inputs.
+    Under this guard it runs on ``cuda:1``'s current stream, where torch queues that work."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def run(launch: KernelLaunch | TorchCall) -> None:
-    """Launch a described kernel (or run a plan's torch step)."""
+    """Launch a described kernel (or run a plan's torch step), on its tensors' device."""
     if isinstance(launch, TorchCall):
         launch.fn(*launch.args)
         return
-    launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                           num_stages=launch.num_stages)
+    device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
+    with on_device(device):
+        launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
+                               num_stages=launch.num_stages)
 
 
 def sm_count(device: torch.device) -> int | None:

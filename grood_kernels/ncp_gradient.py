@@ -53,6 +53,7 @@ from grood_kernels._launch import (
     LaunchConfig,
     TorchCall,
     fit_tile,
+    on_device,
     run,
     sm_count,
 )
@@ -667,8 +668,10 @@ def ncp_gradient(
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
         cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm)
-        launch(tune(launch, key, n, c, cands, dev,
-                    results=lambda: (q_ood.clone(), pred.clone()), agree=_agree))
+        with on_device(dev):  # the timing's events and synchronisations on h's device too
+            cfg = tune(launch, key, n, c, cands, dev,
+                       results=lambda: (q_ood.clone(), pred.clone()), agree=_agree)
+        launch(cfg)
     else:
         launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

@@ -195,6 +195,56 @@ def test_bf16_mode_on_gpu(variant, request):
     assert float((res.pred == ref.pred).double().mean()) > 0.99
 
 
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current device and stream, not the tensors': every launch of
+    the gradient step (all variants' steps) and of the search goes through the guard that
+    makes the tensors' device current, with the tensors' device."""
+    from grood_kernels import _launch
+    from grood_kernels.knn import knn
+
+    seen = []
+    guard = _launch.on_device
+    monkeypatch.setattr(_launch, "on_device", lambda dev: seen.append(dev) or guard(dev))
+    launches = []
+    real_run = _launch.run
+
+    def counting_run(launch):
+        launches.append(launch)
+        return real_run(launch)
+
+    monkeypatch.setattr(kernel_module, "run", counting_run)
+    h, protos, p_ood = _problem(40, 7, 24)
+    ncp_gradient(h, protos, p_ood)
+    kernels = [x for x in launches if not isinstance(x, _launch.TorchCall)]
+    assert kernels and len(seen) == len(kernels)
+    assert all(dev == h.device for dev in seen)
+    seen.clear()
+    knn(h, protos, 2)
+    assert seen and all(dev == h.device for dev in seen)
+    assert guard(torch.device("cpu")).__class__.__name__ == "nullcontext"
+    cuda1 = guard(torch.device("cuda", 1))  # made, not entered: no GPU needed
+    assert isinstance(cuda1, torch.cuda.device) and cuda1.idx == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_second_gpu_while_the_first_is_current():
+    """Scoring on cuda:1 with cuda:0 current gives the CPU twin's results (the kernels run
+    on cuda:1, ordered with the work that made their inputs there)."""
+    x, y = clustered_features(300, 5, 48, seed=12, dtype=torch.float32)
+    h, protos, p_ood = x[:200], prototypes_naive(x, y, 5), prototypes_naive(x, y, 5).mean(0)
+    torch.cuda.set_device(0)
+    on1 = [t.to("cuda:1") * 1.0 for t in (h, protos, p_ood)]  # made by kernels on cuda:1
+    res = ncp_gradient(*on1)
+    ref = functional.ncp_gradient(h, protos, p_ood)
+    torch.testing.assert_close(res.q_ood.cpu(), ref.q_ood, rtol=1e-5, atol=1e-7)
+    assert res.grad.device == torch.device("cuda", 1)
+    det = GROOD(device="cuda:1", backend="triton").fit(x, y)
+    torch.testing.assert_close(det.score_samples(x[200:].cuda(1)).cpu(),
+                               GROOD(backend="torch").fit(x, y).score_samples(x[200:]),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_detector_on_the_triton_backend_matches_torch():
     x, y = clustered_features(70, 4, 24, seed=10, spread=0.5, dtype=torch.float32)
     test, _ = clustered_features(20, 4, 24, seed=11, spread=0.8, dtype=torch.float32)
