@@ -12,10 +12,20 @@ import triton.language as tl
 
 
 @triton.jit
+def to_bf16(x):
+    """``x`` rounded to bf16. An fp16 tile goes through fp32 (exact), which rounds to the
+    same values: PTX converts fp16 to bf16 directly only from sm_80 on, fp32 to bf16 on every
+    target Triton compiles for."""
+    if x.dtype == tl.float16:
+        x = x.to(tl.float32)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
 def dot_t(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b.T`` for ``a`` [M, K] and ``b`` [N, K] (rows of both operands along K)."""
     if DOT_MODE == 3:
-        acc = tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
+        acc = tl.dot(to_bf16(a), tl.trans(to_bf16(b)), acc)
     elif DOT_MODE == 2:
         acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
                      input_precision="tf32x3")

@@ -13,6 +13,7 @@ import functools
 from typing import Any, NamedTuple
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 #: SMs assumed when planning a launch off a GPU (the interpreter, the compile report): an
 #: H100 / H200 SXM.
@@ -97,15 +98,45 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+#: Pipelining stages that fit the device's shared memory, per launch that needed fewer than
+#: it asked for (kernel, device, warps, stages asked, compile-time constants, tensor dtypes).
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
 def run(launch: KernelLaunch | TorchCall) -> None:
-    """Launch a described kernel (or run a plan's torch step), on its tensors' device."""
+    """Launch a described kernel (or run a plan's torch step), on its tensors' device.
+
+    The configurations are sized for the H100 / H200's 227 KB of shared memory per block.
+    Where a GPU has less (99 KB on sm_86 / sm_89, 163 KB on the A100, 64 KB on the T4), the
+    launch is retried with fewer software-pipelining stages, which changes no result (only
+    how far loads run ahead), and the stages that fit are remembered for this process. Triton
+    checks shared memory before it launches anything, so a refused attempt writes nothing."""
     if isinstance(launch, TorchCall):
         launch.fn(*launch.args)
         return
-    device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
+    tensors = [a for a in launch.args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device
+    key = (launch.fn, device, launch.num_warps, launch.num_stages,
+           tuple(sorted(launch.constexprs.items())), tuple(t.dtype for t in tensors))
+    stages = _FITTING_STAGES.get(key, launch.num_stages)
     with on_device(device):
-        launch.fn[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                               num_stages=launch.num_stages)
+        while True:
+            try:
+                launch.fn[launch.grid](*launch.args, **launch.constexprs,
+                                       num_warps=launch.num_warps, num_stages=stages)
+                break
+            except OutOfResources as err:
+                if err.name != "shared memory":
+                    raise
+                if stages <= 1:
+                    name = getattr(launch.fn, "__name__", str(launch.fn))
+                    raise RuntimeError(
+                        f"{name} needs {err.required} bytes of shared memory per block even "
+                        f"unpipelined; this GPU ({device}) allows {err.limit}: use "
+                        "backend='torch' on it") from err
+                stages -= 1
+    if stages != launch.num_stages:
+        _FITTING_STAGES[key] = stages
 
 
 def sm_count(device: torch.device) -> int | None:

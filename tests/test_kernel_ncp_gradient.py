@@ -226,6 +226,59 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     assert isinstance(cuda1, torch.cuda.device) and cuda1.idx == 1
 
 
+class _SmallSharedMemory:
+    """A kernel as a GPU with less shared memory sees it: launches asking for more than
+    ``max_stages`` pipelining stages are refused as Triton refuses them (before launching)."""
+
+    def __init__(self, fn, max_stages):
+        self.fn, self.max_stages, self.asked = fn, max_stages, []
+        self.__name__ = fn.__name__
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, **kwargs):
+            self.asked.append(num_stages)
+            if num_stages > self.max_stages:
+                from triton.runtime.errors import OutOfResources
+                raise OutOfResources(40000 * num_stages, 40000 * self.max_stages,
+                                     "shared memory")
+            return self.fn[grid](*args, num_stages=num_stages, **kwargs)
+        return launch
+
+
+def test_launches_fall_back_to_fewer_stages_where_shared_memory_is_smaller(poisoned_outputs):
+    """On a GPU with less shared memory than the H100's the launch is retried with fewer
+    pipelining stages (same results), remembered for later calls; where even one stage does
+    not fit, the error names the kernel, the bytes and the way out."""
+    from grood_kernels import _launch
+
+    h, protos, p_ood = _problem(33, 70, 33)
+    expected = ncp_gradient(h, protos, p_ood)
+    cfg = kernel_module.launch_config(33, 70, 33, "ieee")
+    prep = kernel_module.prepare_prototypes(protos, p_ood, "ieee", 1.0)
+    outs = tuple(torch.full_like(t, float("nan")) if t.is_floating_point() else
+                 torch.full_like(t, -7) for t in expected)
+    plan = kernel_module._plan(h, protos, prep, prep.sq_norms,
+                               kernel_module._scratch(33, 70, 33, cfg, "ieee", h.device),
+                               outs, "ieee", cfg)
+    launches = [x for x in plan if isinstance(x, _launch.KernelLaunch)]
+    assert launches and all(x.num_stages >= 2 for x in launches)
+    small = [x._replace(fn=_SmallSharedMemory(x.fn, 1)) for x in launches]
+    _launch._FITTING_STAGES.clear()
+    for x in small:
+        _launch.run(x)
+    for got, want in zip(outs, expected, strict=True):
+        assert torch.equal(got, want)
+    for x in small:
+        assert x.fn.asked == list(range(x.num_stages, 0, -1))  # down to the one that fits
+        x.fn.asked.clear()
+        _launch.run(x)
+        assert x.fn.asked == [1]  # remembered
+    refused = launches[0]._replace(fn=_SmallSharedMemory(launches[0].fn, 0))
+    with pytest.raises(RuntimeError, match=r"shared memory.*backend='torch'"):
+        _launch.run(refused)
+    _launch._FITTING_STAGES.clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_second_gpu_while_the_first_is_current():
