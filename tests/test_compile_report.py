@@ -248,3 +248,24 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
     assert epi["hbm_bytes"] >= 4096 * 256 * 4 + 3 * 4096 * 512 * 4
     if HAS_PTXAS:
         assert epi["spill_store_bytes"] == 0
+
+
+def test_other_gpus_walks_the_shared_memory_fallback():
+    """bench/other_gpus.py compiles a launch for a smaller GPU and reports the pipelining
+    stages it falls back to (the tf32 gradient step's 4-stage tile does not fit sm_86's 99 KB
+    per block, 3 stages do); on sm_90 the same launch fits as configured (no row). Compiled
+    in a fresh process without the interpreter."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import other_gpus\n"
+        "from grood_kernels import ncp_gradient\n"
+        "launch = ncp_gradient.compile_launches(65536, 1000, 2048, 'tf32')[0]\n"
+        "other_gpus.launches = lambda quick: iter([('ncp_gradient', 'ImageNet-1k', 'tf32',"
+        " launch)])\n"
+        "print(json.dumps([other_gpus.check(86, True), other_gpus.check(90, True)]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True,
+                         text=True, check=True,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "0"}).stdout
+    (rows86, count86), (rows90, count90) = json.loads(out.strip().splitlines()[-1])
+    assert count86 == count90 == 1 and len(rows86) == 1 and rows90 == []
+    assert "| sm_86 | ncp_gradient" in rows86[0] and "fits at 3 stages" in rows86[0]
+    assert "mma.sync" in rows86[0]
