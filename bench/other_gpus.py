@@ -110,7 +110,8 @@ def main() -> None:
     summary = []
     for cc in ccs:
         rows, count = check(cc, args.quick)
-        print("\n".join(rows))
+        for row in rows:
+            print(row)
         limit, example = TARGETS[cc]
         failed = sum("FAILS" in r or "DOES NOT FIT" in r for r in rows)
         summary.append(f"sm_{cc} ({example}, {limit:,} B per block): {count} launches, "
