@@ -95,8 +95,8 @@ def _tool(name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def compile_launch(launch, arch: str) -> dict:
-    """Compile (and assemble, where ``ptxas-blackwell`` exists) one launch for ``arch``."""
+def triton_compile(launch, capability: int):
+    """``triton.compile`` of one launch for a CUDA compute capability, as the JIT would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -105,9 +105,14 @@ def compile_launch(launch, arch: str) -> dict:
     src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
-                                  options={"num_warps": launch.num_warps,
-                                           "num_stages": launch.num_stages})
+        return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": launch.num_warps,
+                                       "num_stages": launch.num_stages})
+
+
+def compile_launch(launch, arch: str) -> dict:
+    """Compile (and assemble, where ``ptxas-blackwell`` exists) one launch for ``arch``."""
+    compiled = triton_compile(launch, ARCHS[arch])
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     rec = {"smem_bytes": int(compiled.metadata.shared), "ttgir": ttgir, "ptx": ptx,
            "mma": mma_kind(ttgir), "wgmma_pendings": wgmma_pendings(ttgir),

@@ -146,10 +146,7 @@ def _stage_fns(h: torch.Tensor, protos: torch.Tensor, p_ood: torch.Tensor) -> li
 
     def rerank():
         for ci, (a, b) in zip(cand, tiles, strict=True):
-            exact = torch.empty(ci.shape)
-            for j in range(ci.shape[1]):
-                torch.index_select(centred, 0, ci[:, j], out=buf[: b - a]).sub_(u[a:b])
-                torch.linalg.vector_norm(buf[: b - a], dim=1, out=exact[:, j])
+            functional._exact_candidate_distances(centred, ci, u[a:b], buf[: b - a])
 
     def scale_stage():  # in the op in place; here into a buffer of the output's size
         for a, b in tiles:

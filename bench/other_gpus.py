@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_report import mma_kind, specialise
+from compile_report import mma_kind, triton_compile
 
 #: Shared memory per block (opt-in maximum, bytes) by compute capability, with an example GPU.
 TARGETS = {70: (98304, "V100"), 75: (65536, "T4"), 80: (166912, "A100"),
@@ -37,17 +36,7 @@ STORAGES = {"": None, "bf16-storage": torch.bfloat16, "fp16-storage": torch.floa
 
 def compiled(launch, cc: int, stages: int) -> tuple[int, str]:
     """(shared memory bytes, MMA kind) of ``launch`` compiled for ``cc`` with ``stages``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, constexprs, attrs = specialise(launch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = triton.compile(ASTSource(fn=launch.fn, signature=signature,
-                                       constexprs=constexprs, attrs=attrs),
-                             target=GPUTarget("cuda", cc, 32),
-                             options={"num_warps": launch.num_warps, "num_stages": stages})
+    out = triton_compile(launch._replace(num_stages=stages), cc)
     return int(out.metadata.shared), mma_kind(out.asm["ttgir"])
 
 

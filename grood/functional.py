@@ -267,14 +267,8 @@ def ncp_gradient(
             acc = acc.mul_(torch.exp(m - m_new)).add_(
                 torch.sub(m_new.neg()[:, None], dist).exp_().sum(1))
             m = m_new
-        # Exact distances of the candidates replace their GEMM estimates in the sum: fp32
-        # differences, one candidate slot at a time so the [rows, D] difference stays in cache
-        # (p - u is exactly -(u - p) in IEEE arithmetic: the same norm, one buffer).
-        exact = torch.empty_like(cand_d)
-        diff = diff_buf[: r1 - r0]
-        for j in range(cand_i.shape[1]):
-            torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
-            torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
+        # Exact distances of the candidates replace their GEMM estimates in the sum.
+        exact = _exact_candidate_distances(centred, cand_i, u, diff_buf[: r1 - r0])
         if sc != 1.0:
             exact.mul_(sc)
         rest = (acc - torch.sub(m.neg()[:, None], cand_d).exp_().sum(1)).clamp_min_(0)
@@ -291,6 +285,18 @@ def ncp_gradient(
         min_dist[r0:r1] = best_dist
         lse[r0:r1] = row_lse
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
+
+
+def _exact_candidate_distances(centred: Tensor, cand_i: Tensor, u: Tensor,
+                               diff: Tensor) -> Tensor:
+    """``||u - centred[cand_i]||`` [rows, k] from fp32 differences, one candidate slot at a
+    time through ``diff`` (a [rows, D] scratch) so the difference stays in cache (``p - u`` is
+    exactly ``-(u - p)`` in IEEE arithmetic: the same norm)."""
+    exact = torch.empty(cand_i.shape, dtype=u.dtype, device=u.device)
+    for j in range(cand_i.shape[1]):
+        torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
+        torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
+    return exact
 
 
 def class_prototypes(

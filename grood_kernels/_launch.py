@@ -99,7 +99,7 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 #: Pipelining stages that fit the device's shared memory, per launch that needed fewer than
-#: it asked for (kernel, device, warps, stages asked, compile-time constants, tensor dtypes).
+#: it asked for (keyed by :func:`_stages_key`).
 _FITTING_STAGES: dict[tuple, int] = {}
 
 
@@ -114,11 +114,10 @@ def run(launch: KernelLaunch | TorchCall) -> None:
     if isinstance(launch, TorchCall):
         launch.fn(*launch.args)
         return
-    tensors = [a for a in launch.args if isinstance(a, torch.Tensor)]
-    device = tensors[0].device
-    key = (launch.fn, device, launch.num_warps, launch.num_stages,
-           tuple(sorted(launch.constexprs.items())), tuple(t.dtype for t in tensors))
-    stages = _FITTING_STAGES.get(key, launch.num_stages)
+    device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
+    # The table is empty unless a launch was refused: only then is the key worth building.
+    stages = (_FITTING_STAGES.get(_stages_key(launch, device), launch.num_stages)
+              if _FITTING_STAGES else launch.num_stages)
     with on_device(device):
         while True:
             try:
@@ -136,7 +135,15 @@ def run(launch: KernelLaunch | TorchCall) -> None:
                         "backend='torch' on it") from err
                 stages -= 1
     if stages != launch.num_stages:
-        _FITTING_STAGES[key] = stages
+        _FITTING_STAGES[_stages_key(launch, device)] = stages
+
+
+def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
+    """What decides a launch's shared memory: kernel, device, warps, stages asked,
+    compile-time constants and tensor dtypes."""
+    return (launch.fn, device, launch.num_warps, launch.num_stages,
+            tuple(sorted(launch.constexprs.items())),
+            tuple(a.dtype for a in launch.args if isinstance(a, torch.Tensor)))
 
 
 def sm_count(device: torch.device) -> int | None:

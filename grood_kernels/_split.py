@@ -49,6 +49,19 @@ def split_gemm(rows: torch.Tensor, operand: torch.Tensor, out: torch.Tensor,
 
 
 @triton.jit
+def _block_distances(dots_ptr, psq_ptr, local, mask_n, c0, C, stride_dn, u_sq, scale,
+                     BLOCK_C: tl.constexpr):
+    """Distances of the chunk's rows ``local`` to classes ``c0 .. c0 + BLOCK_C`` from the
+    GEMM's results (+inf past C)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dots = tl.load(dots_ptr + local[:, None] * stride_dn + offs_c[None, :],
+                   mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+    p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=float("inf"))
+    return distances(dots - 0.5 * p_sq[None, :], u_sq, scale)
+
+
+@triton.jit
 def _ncp_epilogue_kernel(
     # pointers: the chunk's GEMM results, prototypes, OOD prototype, ||P||^2, ||u||^2
     dots_ptr, proto_ptr, pood_ptr, psq_ptr, usq_ptr,
@@ -72,24 +85,16 @@ def _ncp_epilogue_kernel(
     offs_n = row0 + local
     slots = tl.arange(0, N_CAND)
     u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    dots = tl.load(dots_ptr + local[:, None] * stride_dn + offs_c[None, :],
-                   mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-    p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=float("inf"))
-    dist = distances(dots - 0.5 * p_sq[None, :], u_sq, scale)
+    dist = _block_distances(dots_ptr, psq_ptr, local, mask_n, 0, C, stride_dn, u_sq, scale,
+                            BLOCK_C)
     m = -tl.min(dist, axis=1)
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C)
     for c0 in tl.range(BLOCK_C, C, BLOCK_C, num_stages=FINISH_STAGES):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        dots = tl.load(dots_ptr + local[:, None] * stride_dn + offs_c[None, :],
-                       mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=float("inf"))
-        dist = distances(dots - 0.5 * p_sq[None, :], u_sq, scale)
+        dist = _block_distances(dots_ptr, psq_ptr, local, mask_n, c0, C, stride_dn, u_sq,
+                                scale, BLOCK_C)
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new

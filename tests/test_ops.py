@@ -1,5 +1,6 @@
 """Backend dispatch, and grood working with neither triton nor faiss importable."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -194,6 +195,6 @@ def test_matmul_precision_works_under_every_tf32_setting_and_restores_it(setup):
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["inside"] == {"ieee": "ieee", "tf32": "tf32", "tf32x3": "ieee", "bf16": "ieee"}
     assert out["after"] == out["before"]

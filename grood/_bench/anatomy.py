@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from grood._bench.common import interleaved_median_times
-from grood._bench.configs import launch_step, tuning_problems
+from grood._bench.configs import failed, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
 from grood_kernels import ncp_gradient as kernel
 from grood_kernels._launch import KernelLaunch, run
@@ -123,8 +123,7 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
             except Exception as exc:
                 if i == len(stages) - 1:  # the launcher's whole step, the shares' reference
                     raise
-                yield (f"| {p.name} | {precision} | {stage[0]} | failed: "
-                       f"{type(exc).__name__}: {str(exc)[:120]} | – | – |")
+                yield f"| {p.name} | {precision} | {stage[0]} | {failed(exc)} | – | – |"
                 continue
             working.append(stage)
         stages = working

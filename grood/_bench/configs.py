@@ -95,7 +95,7 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             except Exception as exc:  # a candidate that fails here must not end the table
                 if ref is None:
                     raise
-                yield row + f"failed: {type(exc).__name__}: {str(exc)[:120]} | – | – | – |"
+                yield row + f"{failed(exc)} | – | – | – |"
                 continue
             if ref is None:
                 ref, base_ms = outs, t
@@ -103,6 +103,11 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             pred_diff = float((outs[2] != ref[2]).double().mean())
             yield (row + f"{1e3 * t:.3f} | {base_ms / t:.2f}x | {q_diff:.1e} | "
                    f"{pred_diff:.4f} |")
+
+
+def failed(exc: Exception) -> str:
+    """The cell of a table row whose candidate or stage failed on the device."""
+    return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
 
 
 def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None) -> None:
