@@ -180,8 +180,10 @@ def ncp_gradient(
         prototypes' magnitude, in float32) comes out non-finite. Such rows are far beyond what
         the float32 softmax resolves anyway: the detector redoes them in float64
         (:func:`grood._gradients.resolve_far_rows`). Values of ``h`` are not checked (that
-        would read them on the host): a row with NaN or Inf comes out with NaN ``q_ood`` and
-        ``grad``; the detector and the head check rows before this op.
+        would read them on the host): a row with NaN or Inf, or whose ``||h - p_o||^2``
+        overflows the compute dtype, comes out with NaN ``grad``, ``q_ood``, ``min_dist`` and
+        ``lse`` and ``pred`` -1, on every backend; the detector and the head check rows before
+        this op. Prototypes or an OOD prototype with NaN or Inf are refused (ValueError).
     """
     _check_dims("h", h, 2)
     d = h.shape[1]
@@ -279,11 +281,14 @@ def ncp_gradient(
         u_norm64 = u_norm.to(sm)
         scale = torch.where(u_norm64 > 0, q / torch.where(u_norm64 > 0, u_norm64, 1.0),
                             0.0).to(dt)
-        u.mul_(scale[:, None])  # u is grad[r0:r1]
-        q_ood[r0:r1] = q
-        pred[r0:r1] = best_class
-        min_dist[r0:r1] = best_dist
-        lse[r0:r1] = row_lse
+        # A row with NaN or Inf (or a norm beyond the dtype) has no answer: NaN results and
+        # no class, the kernels' rule (whatever its distances' NaNs and infs would give).
+        ok = u_sq < float("inf")
+        u.mul_(torch.where(ok, scale, float("nan"))[:, None])  # u is grad[r0:r1]
+        q_ood[r0:r1] = torch.where(ok, q.to(dt), float("nan"))
+        pred[r0:r1] = torch.where(ok, best_class, -1)
+        min_dist[r0:r1] = torch.where(ok, best_dist, float("nan"))
+        lse[r0:r1] = torch.where(ok, row_lse.to(dt), float("nan"))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
 
@@ -571,8 +576,9 @@ def knn(
     Returns:
         tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
         indices [Q, k]. When M < k the missing entries are ``inf`` and ``-1`` (as in faiss).
-        Values are not checked (that would read them on the host): a query with NaN gets no
-        neighbour (``inf``, ``-1``) and database rows with NaN are never found; the indexes of
+        Values are not checked (that would read them on the host): a query with NaN or Inf
+        gets no neighbour (``inf``, ``-1``) and database rows with NaN or Inf are never found
+        (nor is a neighbour whose squared distance overflows the dtype); the indexes of
         :mod:`grood.index` refuse both by row.
     """
     _check_dims("queries", queries, 2)
@@ -633,8 +639,11 @@ def knn(
         for j in range(n_cand):
             diff = q - exact_rows[rows_at[:, j]].to(dev, dt)
             exact[:, j] = (diff * diff).sum(1)
+        # A neighbour at an infinite (or NaN) distance is none: an Inf in a query or a row,
+        # as the kernel, which never takes a candidate at inf.
+        found &= exact < float("inf")
         exact = torch.where(found, exact, float("inf"))
-        exact, best_i = lex_sort(exact, best_i)
+        exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i
 

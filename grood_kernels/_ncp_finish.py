@@ -144,7 +144,8 @@ def row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C):
     """Per row, from the running max ``m`` and sum ``acc`` of the GEMM terms (OOD term not yet
     in), the candidates (GEMM distances ``cand_d``, ids ``cand_i``, -1 or less where empty), their
     exact squared distances and ``||u||^2`` (units ``scale``): ``(q_ood, lse, min_dist, pred,
-    gradient scale q_ood / ||u||)``. The candidates' GEMM terms are swapped for exact ones."""
+    gradient scale q_ood / ||u||)``. The candidates' GEMM terms are swapped for exact ones.
+    Rows whose ``||u||^2`` is not finite get NaN and class -1 (NaN gradient scale)."""
     u_norm = tl.sqrt(u_sq)
     d_ood = u_norm * scale
     valid = cand_i >= 0
@@ -166,7 +167,12 @@ def row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C):
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
     q = tl.exp(-d_ood - lse)
     g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
-    return q, lse, best, pred, g_scale
+    # A row with NaN or Inf (or a norm beyond fp32) has no answer: NaN results and no class
+    # (-1), whatever the comparisons and maxima above made of its NaNs and infs.
+    ok = u_sq < float("inf")
+    nan = float("nan")
+    return (tl.where(ok, q, nan), tl.where(ok, lse, nan), tl.where(ok, best, nan),
+            tl.where(ok, pred, -1), tl.where(ok, g_scale, nan))
 
 
 @triton.jit

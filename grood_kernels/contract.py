@@ -80,9 +80,10 @@ def check_dense(**tensors: Tensor | None) -> None:
 
 
 def max_abs(x: Tensor) -> float:
-    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary)."""
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi))
+    """Largest absolute value of ``x``, by a reduction (no ``|x|`` temporary); NaN if ``x``
+    holds a NaN."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
 
 
 def pow2_scale(magnitude: float) -> float:
@@ -171,10 +172,28 @@ def _kept_value(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
 def ncp_scale(prototypes: Tensor, ood_prototype: Tensor) -> float:
     """The gradient step's unit (kernel and twin): :func:`pow2_scale` of the largest absolute
     value of the prototypes and the OOD prototype, kept with them, so a detector reduces its
-    prototypes once and no feature value is ever read on the host."""
+    prototypes once and no feature value is ever read on the host. Prototypes or an OOD
+    prototype holding NaN or Inf are refused (ValueError naming the rows)."""
     return pow2_scale(kept_per_prototypes(
         prototypes, ood_prototype, ("magnitude",),
-        lambda: max(max_abs(prototypes), max_abs(ood_prototype))))
+        lambda: _finite_magnitude(prototypes, ood_prototype)))
+
+
+def _finite_magnitude(prototypes: Tensor, ood_prototype: Tensor) -> float:
+    """The prototypes' largest absolute value, refusing NaN or Inf by row: one prototype's NaN
+    would make every row's softmax NaN (the torch twin) or be passed over by the kernels'
+    comparisons, so no backend could give an answer worth having. The magnitude is read on the
+    host anyway, so the check costs nothing more."""
+    magnitudes = max_abs(prototypes), max_abs(ood_prototype)
+    if all(map(math.isfinite, magnitudes)):  # (Python's max passes over a NaN)
+        return max(magnitudes)
+    bad = (~torch.isfinite(prototypes).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:5]))
+        more = f" (first 5 of {len(bad)})" if len(bad) > 5 else ""
+        raise ValueError(f"prototypes contains NaN or Inf in row(s) {shown}{more}: every "
+                         "class prototype must be finite")
+    raise ValueError("ood_prototype contains NaN or Inf: the OOD prototype must be finite")
 
 
 def lex_order(dist: Tensor, idx: Tensor) -> Tensor:

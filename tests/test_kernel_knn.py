@@ -61,6 +61,29 @@ def test_pads_like_faiss_when_database_is_smaller_than_k():
     assert bool(torch.isinf(dist[:, 2:]).all()) and dist[:, :2].tolist() == [[3.0, 3.0]] * 2
 
 
+# NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
+def test_queries_and_rows_with_nan_or_inf_agree_on_both_backends():
+    """A query with a NaN or an Inf has no neighbour (inf, -1) and a database row with one is
+    never found, on both backends (the torch twin returned the rows an Inf query's GEMM put
+    at inf, with inf distances, where the kernel returned none)."""
+    queries, db = _data(6, 40, 9, seed=5)
+    queries[1, 2], queries[3] = float("inf"), -float("inf")
+    queries[4, 0] = float("nan")
+    db[7, 1], db[20] = float("inf"), float("nan")
+    finite_rows = torch.tensor([i for i in range(40) if i not in (7, 20)])
+    ref_d, ref_i = knn_naive(queries[[0, 2, 5]].cpu(), db[finite_rows].cpu(), 3)
+    for dist, idx in (knn(queries, db, 3), functional.knn(queries, db, 3)):
+        assert idx[[1, 3, 4]].tolist() == [[-1] * 3] * 3
+        assert bool(torch.isinf(dist[[1, 3, 4]]).all())
+        assert torch.equal(idx[[0, 2, 5]].cpu(), finite_rows[ref_i])
+        torch.testing.assert_close(dist[[0, 2, 5]].double().cpu(), ref_d, rtol=1e-5,
+                                   atol=1e-6)
+    few = db[[7, 20, 3]]  # one finite row: the other two places stay empty
+    for dist, idx in (knn(queries[:1], few, 3), functional.knn(queries[:1], few, 3)):
+        assert idx.tolist() == [[2, -1, -1]] and bool(torch.isinf(dist[0, 1:]).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_storage(dtype):
     queries, db = _data(12, 90, 24, seed=3, dtype=dtype)

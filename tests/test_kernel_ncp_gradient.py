@@ -704,3 +704,60 @@ def test_autotune_leaves_out_a_configuration_that_fails_on_the_device(tmp_path, 
     (tmp_path / "autotune.json").unlink()
     with pytest.raises(RuntimeError, match="not implemented"):
         _tuning.tune(launch, ("ncp", "bf16", 1024), 4096, 1000, cfgs[1:], "cuda")
+
+
+#: Rows with no answer in fp32: a NaN, a +inf, a whole row of -inf, finite values whose
+#: squared distance to p_o overflows fp32 (in the prototypes' units).
+NON_FINITE_ROWS = {1: (2, float("nan")), 4: (0, float("inf")), 6: (None, -float("inf")),
+                   9: (None, 3e19)}
+
+
+# NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
+@pytest.mark.parametrize("variant", ["launcher", "class-groups", "single-read", "staged",
+                                     "split"])
+def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, request,
+                                                                     monkeypatch,
+                                                                     poisoned_outputs):
+    """Every kernel variant and the torch twin agree on rows without an answer: NaN
+    ``grad``, ``q_ood``, ``min_dist`` and ``lse`` and ``pred`` -1 (the kernels' comparisons
+    and maxima passed over the NaNs: an Inf row came out with ``q_ood`` 0 and a finite
+    ``lse``, a NaN row with class C); the other rows are as computed without them."""
+    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3),
+               "single-read": lambda n, c, d, *a, **kw:
+               kernel_module.single_read_config(c, d, "bf16")}
+    if variant in configs:
+        monkeypatch.setattr(kernel_module, "launch_config", configs[variant])
+    elif variant != "launcher":
+        request.getfixturevalue(variant)
+    h, protos, p_ood = _problem(12, 40, 19)
+    bad_rows = torch.tensor(sorted(NON_FINITE_ROWS))
+    for row, (col, value) in NON_FINITE_ROWS.items():
+        h[row, slice(None) if col is None else col] = value
+    for res in (ncp_gradient(h, protos, p_ood), functional.ncp_gradient(h, protos, p_ood)):
+        for t in (res.grad[bad_rows], res.q_ood[bad_rows], res.min_dist[bad_rows],
+                  res.lse[bad_rows]):
+            assert bool(torch.isnan(t).all())
+        assert res.pred[bad_rows].tolist() == [-1] * len(bad_rows)
+        keep = torch.ones(h.shape[0], dtype=torch.bool)
+        keep[bad_rows] = False
+        _assert_matches_twin(type(res)(*(t[keep] for t in res)), h[keep], protos, p_ood)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_finite_prototypes_are_refused_by_row(backend):
+    """A NaN or Inf prototype made every row NaN in the torch twin and was passed over by the
+    kernel's comparisons (finite, wrong q_ood): both refuse it, naming the row."""
+    op = ncp_gradient if backend == "triton" else functional.ncp_gradient
+    h, protos, p_ood = _problem(5, 6, 9)
+    for value in (float("nan"), float("inf")):
+        bad = protos.clone()
+        bad[4, 3] = value
+        with pytest.raises(ValueError, match=r"prototypes contains NaN or Inf in row\(s\) 4"):
+            op(h, bad, p_ood)
+        bad_ood = p_ood.clone()
+        bad_ood[7] = value
+        with pytest.raises(ValueError, match="ood_prototype contains NaN or Inf"):
+            op(h, protos, bad_ood)
+    torch.testing.assert_close(op(h, protos, p_ood).q_ood,  # refusal kept nothing
+                               functional.ncp_gradient(h, protos, p_ood).q_ood)
