@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call for a GPU machine, its steps in this order: the kernel and custom-op/head
-# tests with compiled Triton (not the interpreter), and the torch path's GPU tests; the gradient
+# tests with compiled Triton (not the interpreter), and the torch path's GPU tests; the device's
+# L2 and HBM read bandwidth (the compile report's model assumes the first) and the gradient
 # step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
 # $OUT/gpu_anatomy.md; its launch configurations side by side in $OUT/gpu_configs.md (the
 # launcher's choice against every autotuning candidate, the wide tile and the staged variant

@@ -23,7 +23,9 @@ import math
 
 #: Roofs per target. sm_90a: H200 figures measured on the device (dense GEMM and device copy);
 #: the L2 bandwidth is an assumption (12 TB/s SM<->L2 aggregate, the commonly quoted H100 SXM
-#: figure). sm_100a: B200 datasheet figures, not measured; its L2 bandwidth is assumed.
+#: figure; ``grood bench --only anatomy`` measures a streaming kernel's L2 and HBM read
+#: bandwidth on the device, to replace it). sm_100a: B200 datasheet figures, not measured; its
+#: L2 bandwidth is assumed.
 ROOFS = {
     "sm_90a": {"device": "H200", "sms": 132, "tflops": {"ieee": 50.0, "tf32": 406.0,
                                                           "tf32x3": 406.0 / 3, "bf16": 765.0},

@@ -241,6 +241,12 @@ def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
     assert any(s.startswith("kernel without the finish") for s in stages)
     assert rows[-1].split("|")[5].strip() == "1.00"
     assert all(float(row.split("|")[4]) > 0 for row in rows)
+    # First the memory roofs the model divides by, each measured with its bytes and time.
+    roofs = [line.split("|") for line in text.splitlines()
+             if line.startswith(("| L2:", "| HBM:"))]
+    assert [cells[1].split(":")[0].strip() for cells in roofs] == ["L2", "HBM", "HBM"]
+    assert all(float(cells[3]) > 0 and float(cells[4]) >= 0 for cells in roofs)
+    assert text.index("| L2:") < text.index("| tiny-100 |")
 
 
 def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):

@@ -1,6 +1,10 @@
-"""``grood bench --only configs``: the gradient step taken apart at the launcher's tiles.
+"""``grood bench --only anatomy``: the gradient step taken apart at the launcher's tiles.
 
-Where the step's time goes, from kernels that each stop at one stage, timed in turns on the
+First the device's memory roofs as a streaming kernel sees them (:func:`memory_roofs_table`:
+read bandwidth from L2 and from HBM, and a device copy), the figures the compile report's
+model divides by. Then
+
+where the step's time goes, from kernels that each stop at one stage, timed in turns on the
 same inputs: the distance GEMM alone in torch (cuBLAS on a GPU) on the centred operands; the
 kernel's K-loop alone (:func:`_kloop_kernel`: the shipped class-block GEMM, every class block
 of every program, row maxima written), with the feature tile centred in registers and, as the
@@ -24,7 +28,7 @@ from grood._bench.common import interleaved_median_times
 from grood._bench.configs import failed, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import KernelLaunch, run
+from grood_kernels._launch import KernelLaunch, run, sm_count
 from grood_kernels.contract import DOT_MODES
 
 
@@ -65,6 +69,58 @@ def _kloop_launch(rows: torch.Tensor, prep, n: int, c: int, d: int, precision: s
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "DOT_MODE": DOT_MODES[precision], "STAGED": int(staged)},
         cfg.num_warps, cfg.num_stages)
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, passes, BLOCK: tl.constexpr):
+    """Each program reads its grid-stride share of ``x`` [n] ``passes`` times and writes its
+    sums (so no load is optimised away): with a buffer that fits L2, every pass after the first
+    is served by L2."""
+    offs = tl.arange(0, BLOCK)
+    step = tl.num_programs(0) * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(passes):
+        for start in range(tl.program_id(0) * BLOCK, n, step):
+            acc += tl.load(x_ptr + start + offs, mask=start + offs < n, other=0.0)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + offs, acc)
+
+
+#: (label, buffer bytes, passes) of the memory-roof measurements, full size and tiny: an L2-sized
+#: buffer re-read (16 MB: within one of the H100/H200 L2's two 25 MB partitions' worth), and one
+#: far larger than any L2 read once.
+READ_ROOFS = {False: [("L2: 16 MB re-read 200 times", 16 << 20, 200),
+                      ("HBM: 2 GiB read once", 2 << 30, 1)],
+              True: [("L2: 64 KB re-read 4 times", 64 << 10, 4),
+                     ("HBM: 1 MB read once", 1 << 20, 1)]}
+READ_BLOCK, READ_PROGRAMS_PER_SM = 2048, 8
+
+
+def memory_roofs_table(device: str, tiny: bool, repeat: int = 3) -> Iterator[str]:
+    """Markdown rows: read bandwidth from L2 and from HBM, and a device copy, measured here.
+    The compile report's model divides by an assumed L2 bandwidth (12 TB/s) and an HBM copy
+    bandwidth measured on an H200; these rows say what this device does (the model's L2 roof
+    is only as good as the first row)."""
+    yield "| memory roof | bytes moved | ms | TB/s |"
+    yield "|---|---|---|---|"
+    sms = sm_count(torch.device(device))
+    programs = 4 if tiny or sms is None else READ_PROGRAMS_PER_SM * sms
+    out = torch.empty(programs * READ_BLOCK, device=device)
+    fns, moved, labels = [], [], []
+    for label, nbytes, passes in READ_ROOFS[tiny]:
+        x = torch.ones(nbytes // 4, device=device)
+        launch = KernelLaunch(_read_kernel, (programs,), (x, out, x.numel(), passes),
+                              {"BLOCK": READ_BLOCK}, 8, 1)
+        fns.append(partial(run, launch))
+        moved.append(nbytes * passes)
+        labels.append(label)
+    src = torch.ones(READ_ROOFS[tiny][-1][1] // 8, device=device)
+    dst = torch.empty_like(src)
+    fns.append(partial(dst.copy_, src))
+    moved.append(2 * src.numel() * 4)
+    labels.append(f"HBM: device copy of {src.numel() * 4 / 2**20:.3g} MiB (read + write)")
+    for label, nbytes, t in zip(labels, moved, interleaved_median_times(fns, device, repeat),
+                                strict=True):
+        yield f"| {label} | {nbytes / 1e9:.3g} GB | {1e3 * t:.3f} | {nbytes / t / 1e12:.2f} |"
 
 
 def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[str]:

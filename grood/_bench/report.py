@@ -147,13 +147,17 @@ def run(args: argparse.Namespace) -> int:
         if "triton" not in backends:
             print("The Triton kernels cannot run here; nothing to take apart.")
         else:
-            from grood._bench.anatomy import anatomy_table
+            from grood._bench.anatomy import anatomy_table, memory_roofs_table
             from grood._bench.configs import (
                 CONFIG_PRECISIONS,
                 CONFIG_SHAPES,
                 TINY_CONFIG_SHAPES,
             )
 
+            _emit(memory_roofs_table(device, args.tiny, repeat=args.repeat))
+            print("\nRead bandwidth of a plain streaming kernel (8 programs per SM, 2048 "
+                  "fp32 per load), and a device copy: the roofs the compile report's model "
+                  "assumes (L2 12 TB/s) or took from an earlier H200 run (HBM copy 4.13 TB/s).\n")
             # ImageNet-1k alone: each stage is a kernel of its own to compile on the device.
             _emit(anatomy_table(device, TINY_CONFIG_SHAPES if args.tiny else CONFIG_SHAPES[:1],
                                 CONFIG_PRECISIONS, repeat=args.repeat))
