@@ -4,7 +4,7 @@ row tile (merge of the class groups' partials, exact re-rank, results and gradie
 import triton
 import triton.language as tl
 
-from grood_kernels._topk import merge_candidates
+from grood_kernels._topk import clamp_sq, merge_candidates
 
 
 @triton.jit
@@ -28,8 +28,8 @@ def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd
 @triton.jit
 def distances(dots, u_sq, scale):
     """Distances from the shifted GEMM ``u . P_c - ||P_c||^2 / 2`` [rows, classes] (+inf for
-    classes past C, whose shift is -inf)."""
-    return tl.sqrt(tl.maximum(u_sq[:, None] - 2.0 * dots, 0.0)) * scale
+    classes past C, whose shift is -inf), through :func:`clamp_sq`."""
+    return tl.sqrt(clamp_sq(u_sq[:, None] - 2.0 * dots)) * scale
 
 
 @triton.jit

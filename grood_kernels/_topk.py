@@ -11,6 +11,15 @@ import triton.language as tl
 
 
 @triton.jit
+def clamp_sq(d2):
+    """Squared distances from the GEMM expansion clamped at 0, NaN made +inf: an entry that is
+    no distance (a row or a query with NaN or Inf) never becomes a candidate. Compiled,
+    ``maximum`` returns the number where one operand is NaN (0 here: a perfect match), and row
+    minima pass over NaN while ``argmin`` may point at one, so no NaN may reach the top-k."""
+    return tl.where(d2 == d2, tl.maximum(d2, 0.0), float("inf"))
+
+
+@triton.jit
 def pop_nearest(vals, ids):
     """Each row's nearest entry by (value, id), negative ids after every other, and ``vals``
     with it set to +inf: returns ``(value, id, vals)`` (id 2**31 - 1 where the row has none).

@@ -41,7 +41,7 @@ from grood_kernels._launch import (
     run,
     sm_count,
 )
-from grood_kernels._topk import insert_nearest
+from grood_kernels._topk import clamp_sq, insert_nearest
 from grood_kernels.contract import (
     DOT_MODES,
     KERNEL_DTYPES,
@@ -162,7 +162,7 @@ def _knn_candidates_kernel(
             x_ptrs += BLOCK_D * stride_xd
         x_sq = tl.load(xsq_ptr + offs_m, mask=mask_m, other=float("inf"))  # after the loop:
         dots = dots - 0.5 * x_sq[None, :]  # no registers held during it
-        dist = tl.maximum(q_sq[:, None] - 2.0 * dots, 0.0)  # [BLOCK_Q, BLOCK_M]
+        dist = clamp_sq(q_sq[:, None] - 2.0 * dots)  # [BLOCK_Q, BLOCK_M]
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M,
                                         count_ptr, COUNT)
 

@@ -440,7 +440,12 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
              "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
             cfg.num_warps, cfg.num_stages),)
     part_f, part_i, counters, u_sq, op_rows, dots = scratch
-    per_group = triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
+    n_cb = triton.cdiv(c, cfg.block_cols)
+    per_group = triton.cdiv(n_cb, cfg.n_split)
+    if not cfg.split and (cfg.n_split - 1) * per_group >= n_cb:
+        # An empty group's partial (no class: running max -inf, sum NaN) would poison the merge.
+        raise ValueError(f"{cfg.n_split} class groups of {per_group} blocks leave a group "
+                         f"without classes ({n_cb} blocks of {cfg.block_cols} classes)")
     pre: tuple[KernelLaunch, ...] = ()
     rows = h
     if cfg.staged or cfg.split:  # u into the gradient's rows: the GEMM's A operand

@@ -9,9 +9,13 @@ from reference import knn_naive
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 from grood import GROOD, functional
 from grood_kernels import contract
 from grood_kernels import knn as kernel_module
+from grood_kernels._topk import clamp_sq
 from grood_kernels.knn import knn
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -70,8 +74,13 @@ def test_queries_and_rows_with_nan_or_inf_agree_on_both_backends():
     queries, db = _data(6, 40, 9, seed=5)
     queries[1, 2], queries[3] = float("inf"), -float("inf")
     queries[4, 0] = float("nan")
-    db[7, 1], db[20] = float("inf"), float("nan")
-    finite_rows = torch.tensor([i for i in range(40) if i not in (7, 20)])
+    # More bad rows than the 3 + 4 candidates kept per query: compiled, a NaN distance
+    # clamped by a plain maximum became 0 and such rows filled every slot.
+    bad_rows = [2, 7, 11, 20, 21, 25, 30, 33, 39]
+    for i, row in enumerate(bad_rows):
+        db[row, i % 9] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+    db[20] = float("nan")
+    finite_rows = torch.tensor([i for i in range(40) if i not in bad_rows])
     ref_d, ref_i = knn_naive(queries[[0, 2, 5]].cpu(), db[finite_rows].cpu(), 3)
     for dist, idx in (knn(queries, db, 3), functional.knn(queries, db, 3)):
         assert idx[[1, 3, 4]].tolist() == [[-1] * 3] * 3
@@ -277,3 +286,19 @@ def test_a_nearer_row_evicts_the_highest_id_among_tied_worst_candidates(monkeypa
     dist, idx = knn(queries.to(DEVICE), db.to(DEVICE), 4)
     assert idx.cpu().tolist() == [[16, 17, 18, 0]] * 3
     assert dist.cpu().tolist() == [[1.0, 1.0, 1.0, 5.0]] * 3
+
+
+@triton.jit
+def _clamp_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, clamp_sq(tl.load(x_ptr + offs)))
+
+
+def test_clamped_squared_distances_make_nan_inf():
+    """The kernels' clamp of ``||a||^2 + ||b||^2 - 2 a.b``: negatives to 0, NaN to +inf (never
+    a candidate), whatever ``maximum`` does with NaN on the device."""
+    x = torch.tensor([2.5, -1e-3, 0.0, float("nan"), float("inf"), -float("inf"), -0.0, 7.0],
+                     device=DEVICE)
+    out = torch.full_like(x, -5.0)
+    _clamp_kernel[(1,)](x, out, N=8)
+    assert out.tolist() == [2.5, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0, 7.0]

@@ -714,23 +714,29 @@ NON_FINITE_ROWS = {1: (2, float("nan")), 4: (0, float("inf")), 6: (None, -float(
 
 # NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
+@pytest.mark.parametrize("c", [40, 3], ids=["C40", "C3-fewer-than-the-candidates"])
 @pytest.mark.parametrize("variant", ["launcher", "class-groups", "single-read", "staged",
                                      "split"])
-def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, request,
+def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, c, request,
                                                                      monkeypatch,
                                                                      poisoned_outputs):
     """Every kernel variant and the torch twin agree on rows without an answer: NaN
     ``grad``, ``q_ood``, ``min_dist`` and ``lse`` and ``pred`` -1 (the kernels' comparisons
     and maxima passed over the NaNs: an Inf row came out with ``q_ood`` 0 and a finite
-    ``lse``, a NaN row with class C); the other rows are as computed without them."""
-    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3),
+    ``lse``, a NaN row with class C); the other rows are as computed without them. Such a
+    row's distances are +inf, never candidates: compiled, a NaN clamped by a plain maximum
+    was 0, and with fewer classes than candidates the padding classes past C were taken and
+    their prototype rows read past the end."""
+    groups = min(3, -(-c // 16))  # as many as there are 16-class blocks, up to 3
+    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
+                                                                           groups),
                "single-read": lambda n, c, d, *a, **kw:
                kernel_module.single_read_config(c, d, "bf16")}
     if variant in configs:
         monkeypatch.setattr(kernel_module, "launch_config", configs[variant])
     elif variant != "launcher":
         request.getfixturevalue(variant)
-    h, protos, p_ood = _problem(12, 40, 19)
+    h, protos, p_ood = _problem(12, c, 19)
     bad_rows = torch.tensor(sorted(NON_FINITE_ROWS))
     for row, (col, value) in NON_FINITE_ROWS.items():
         h[row, slice(None) if col is None else col] = value
@@ -761,3 +767,20 @@ def test_non_finite_prototypes_are_refused_by_row(backend):
             op(h, protos, bad_ood)
     torch.testing.assert_close(op(h, protos, p_ood).q_ood,  # refusal kept nothing
                                functional.ncp_gradient(h, protos, p_ood).q_ood)
+
+
+def test_class_groups_without_classes_are_refused(monkeypatch):
+    """More class groups than class blocks would leave a group without classes, whose partial
+    (running max -inf, sum NaN) poisons every row's merge: such a launch is refused, and no
+    configuration the launcher or the tuner builds is one."""
+    monkeypatch.setattr(kernel_module, "launch_config",
+                        lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3))
+    h, protos, p_ood = _problem(5, 3, 8)
+    with pytest.raises(ValueError, match="leave a group without classes"):
+        ncp_gradient(h, protos, p_ood)
+    monkeypatch.undo()
+    for c in (1, 3, 17, 130, 1000, 21841):
+        for precision in contract.PRECISIONS:
+            for cfg in kernel_module.candidate_configs(65536, c, 512, precision, 4):
+                n_cb = -(-c // cfg.block_cols)
+                assert (cfg.n_split - 1) * -(-n_cb // cfg.n_split) < n_cb
