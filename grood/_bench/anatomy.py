@@ -1,17 +1,15 @@
 """``grood bench --only anatomy``: the gradient step taken apart at the launcher's tiles.
 
 First the device's memory roofs as a streaming kernel sees them (:func:`memory_roofs_table`:
-read bandwidth from L2 and from HBM, and a device copy), the figures the compile report's
-model divides by. Then
-
-where the step's time goes, from kernels that each stop at one stage, timed in turns on the
-same inputs: the distance GEMM alone in torch (cuBLAS on a GPU) on the centred operands; the
-kernel's K-loop alone (:func:`_kloop_kernel`: the shipped class-block GEMM, every class block
-of every program, row maxima written), with the feature tile centred in registers and, as the
-staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole kernel
-without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``); the
-whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them in
-the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
+read bandwidth from L2 and from HBM, and a device copy), the figures the compile report's model
+divides by. Then where the step's time goes, from kernels that each stop at one stage, timed in
+turns on the same inputs: the distance GEMM alone in torch (cuBLAS on a GPU) on the centred
+operands; the kernel's K-loop alone (:func:`_kloop_kernel`: the shipped class-block GEMM, every
+class block of every program, row maxima written), with the feature tile centred in registers
+and, as the staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole
+kernel without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``);
+the whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them
+in the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
 epilogue) and the launcher's. The differences between rows are the stages' costs.
 """
 
