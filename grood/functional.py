@@ -577,9 +577,10 @@ def knn(
         tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
         indices [Q, k]. When M < k the missing entries are ``inf`` and ``-1`` (as in faiss).
         Values are not checked (that would read them on the host): a query with NaN or Inf
-        gets no neighbour (``inf``, ``-1``) and database rows with NaN or Inf are never found
-        (nor is a neighbour whose squared distance overflows the dtype); the indexes of
-        :mod:`grood.index` refuse both by row.
+        gets no neighbour (``inf``, ``-1``) and database rows with NaN or Inf are never found,
+        nor are rows whose squared norm or squared distance overflows the dtype (values beyond
+        about 1.8e19 in float32; such a query gets no neighbour); the indexes of
+        :mod:`grood.index` refuse NaN and Inf by row.
     """
     _check_dims("queries", queries, 2)
     _check_dims("database", database, 2, queries.shape[1], "queries")
@@ -639,9 +640,11 @@ def knn(
         for j in range(n_cand):
             diff = q - exact_rows[rows_at[:, j]].to(dev, dt)
             exact[:, j] = (diff * diff).sum(1)
-        # A neighbour at an infinite (or NaN) distance is none: an Inf in a query or a row,
-        # as the kernel, which never takes a candidate at inf.
-        found &= exact < float("inf")
+        # A neighbour at an infinite (or NaN) distance is none: an Inf in a query or a row, or
+        # a query's or a row's squared norm beyond the dtype, whose GEMM expansion has no
+        # finite value (as the kernel, which never takes a candidate at inf).
+        found &= (exact < float("inf")) & (q_sq < float("inf"))[:, None]
+        found &= database_sq_norms[best_i.clamp_min(0)] < float("inf")
         exact = torch.where(found, exact, float("inf"))
         exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]

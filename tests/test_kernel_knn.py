@@ -68,26 +68,34 @@ def test_pads_like_faiss_when_database_is_smaller_than_k():
 # NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
 def test_queries_and_rows_with_nan_or_inf_agree_on_both_backends():
-    """A query with a NaN or an Inf has no neighbour (inf, -1) and a database row with one is
-    never found, on both backends (the torch twin returned the rows an Inf query's GEMM put
-    at inf, with inf distances, where the kernel returned none)."""
+    """A query with a NaN or an Inf, or a squared norm beyond float32, has no neighbour
+    (inf, -1) and a database row with one is never found, on both backends (the torch twin
+    returned the rows an Inf query's GEMM put at inf, with inf distances, and found rows
+    for a query whose squared norm overflowed, where the kernel returned none)."""
     queries, db = _data(6, 40, 9, seed=5)
     queries[1, 2], queries[3] = float("inf"), -float("inf")
     queries[4, 0] = float("nan")
+    queries[5, 7] = 3e19  # finite, but its squared norm overflows float32 (as row 33's)
     # More bad rows than the 3 + 4 candidates kept per query: compiled, a NaN distance
     # clamped by a plain maximum became 0 and such rows filled every slot.
     bad_rows = [2, 7, 11, 20, 21, 25, 30, 33, 39]
     for i, row in enumerate(bad_rows):
-        db[row, i % 9] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+        db[row, i % 9] = (float("nan"), float("inf"), -float("inf"), 3e19)[i % 4]
     db[20] = float("nan")
     finite_rows = torch.tensor([i for i in range(40) if i not in bad_rows])
-    ref_d, ref_i = knn_naive(queries[[0, 2, 5]].cpu(), db[finite_rows].cpu(), 3)
+    ref_d, ref_i = knn_naive(queries[[0, 2]].cpu(), db[finite_rows].cpu(), 3)
     for dist, idx in (knn(queries, db, 3), functional.knn(queries, db, 3)):
-        assert idx[[1, 3, 4]].tolist() == [[-1] * 3] * 3
-        assert bool(torch.isinf(dist[[1, 3, 4]]).all())
-        assert torch.equal(idx[[0, 2, 5]].cpu(), finite_rows[ref_i])
-        torch.testing.assert_close(dist[[0, 2, 5]].double().cpu(), ref_d, rtol=1e-5,
+        assert idx[[1, 3, 4, 5]].tolist() == [[-1] * 3] * 4
+        assert bool(torch.isinf(dist[[1, 3, 4, 5]]).all())
+        assert torch.equal(idx[[0, 2]].cpu(), finite_rows[ref_i])
+        torch.testing.assert_close(dist[[0, 2]].double().cpu(), ref_d, rtol=1e-5,
                                    atol=1e-6)
+    # Squared norms beyond float32 though the distances fit: no match on either backend (the
+    # twin found these two queries' neighbours in a batch of two, and none for one alone).
+    q_huge = torch.tensor([[9.05e19], [3.31e19]], device=DEVICE)
+    db_huge = torch.tensor([[7.77e19], [9.33e19], [3.84e19]], device=DEVICE)
+    for dist, idx in (knn(q_huge, db_huge, 2), functional.knn(q_huge, db_huge, 2)):
+        assert idx.tolist() == [[-1, -1]] * 2 and bool(torch.isinf(dist).all())
     few = db[[7, 20, 3]]  # one finite row: the other two places stay empty
     for dist, idx in (knn(queries[:1], few, 3), functional.knn(queries[:1], few, 3)):
         assert idx.tolist() == [[2, -1, -1]] and bool(torch.isinf(dist[0, 1:]).all())
