@@ -148,6 +148,45 @@ def test_kernels_match_twins_under_the_interpreter(n, c, d, exponent, seed):
     torch.testing.assert_close(dist.double(), ref_d.to(dist.device), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")  # NaN/Inf arithmetic, expected
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 40), st.integers(1, 24), st.sampled_from(EXPONENTS),
+       st.integers(0, 2**16), st.sampled_from(["ieee", "tf32", "tf32x3"]))
+def test_kernels_and_twins_agree_on_rows_without_an_answer(n, c, d, exponent, seed, precision):
+    """Rows and database rows with NaN, +Inf or -Inf among finite ones: the same answer from the
+    kernels and the twins (gradient step: NaN results and class -1 for those rows, the other
+    rows' exact nearest distances equal; search: no neighbour for those queries, those rows
+    never found, the same distances; where squared norms overflow float32, at 1e30, nothing
+    is found on either)."""
+    pytest.importorskip("triton")
+    from grood_kernels.knn import knn as knn_kernel
+    from grood_kernels.ncp_gradient import ncp_gradient as ncp_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** exponent
+    h = torch.rand(n, d, generator=gen) * scale
+    protos = torch.rand(c, d, generator=gen) * scale
+    bad = torch.rand(n, generator=gen) < 0.3
+    values = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    cols = torch.randint(0, d, (n,), generator=gen)
+    h[bad, cols[bad]] = values[torch.randint(0, 3, (n,), generator=gen)][bad]
+    got = ncp_kernel(h, protos, protos.mean(0), precision=precision)
+    ref = functional.ncp_gradient(h, protos, protos.mean(0), precision=precision)
+    for res in (got, ref):
+        assert res.pred[bad].tolist() == [-1] * int(bad.sum())
+        for t in (res.grad[bad], res.q_ood[bad], res.min_dist[bad], res.lse[bad]):
+            assert bool(torch.isnan(t).all())
+    torch.testing.assert_close(got.min_dist[~bad], ref.min_dist[~bad], rtol=1e-5, atol=0)
+    db = torch.rand(n, d, generator=gen) * scale
+    db[bad, cols[bad]] = h[bad, cols[bad]]  # the same bad entries in the database's rows
+    for dist, idx in (knn_kernel(h, db, 3), functional.knn(h, db, 3)):
+        assert bool((idx[bad] == -1).all()) and bool(torch.isinf(dist[bad]).all())
+        assert not bool(torch.isin(idx, bad.nonzero().flatten()).any())
+    torch.testing.assert_close(knn_kernel(h, db, 3)[0], functional.knn(h, db, 3)[0],
+                               rtol=1e-5, atol=0)
+
+
 @pytest.fixture(scope="module")
 def saved_bytes(tmp_path_factory):
     x, y = torch.rand(40, 6), torch.arange(40) % 3
