@@ -640,11 +640,9 @@ def knn(
         for j in range(n_cand):
             diff = q - exact_rows[rows_at[:, j]].to(dev, dt)
             exact[:, j] = (diff * diff).sum(1)
-        # A neighbour at an infinite (or NaN) distance is none: an Inf in a query or a row, or
-        # a query's or a row's squared norm beyond the dtype, whose GEMM expansion has no
-        # finite value (as the kernel, which never takes a candidate at inf).
-        found &= (exact < float("inf")) & (q_sq < float("inf"))[:, None]
-        found &= database_sq_norms[best_i.clamp_min(0)] < float("inf")
+        # The kernel's rule: a candidate needs a finite GEMM distance (not one of an Inf or NaN
+        # in a query or a row, or of a squared norm beyond the dtype) and a finite exact one.
+        found &= (best_d < float("inf")) & (exact < float("inf"))
         exact = torch.where(found, exact, float("inf"))
         exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
