@@ -350,16 +350,23 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
     assert torch.equal(res.pred, ref.pred)
 
 
+def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
+    """Make the launcher use 16-class blocks in ``groups`` class groups ("class-groups") or
+    the single-read variant ("single-read"); "launcher" leaves its own configuration."""
+    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
+                                                                           groups),
+               "single-read": lambda n, c, d, *a, **kw:
+               kernel_module.single_read_config(c, d, "bf16")}
+    if blocks in configs:
+        monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
+
+
 @pytest.mark.parametrize("blocks", ["launcher", "class-groups", "single-read"])
 def test_many_duplicated_prototypes_predict_the_lowest_id(monkeypatch, blocks):
     """Twenty copies of the nearest prototype (more than the candidates re-ranked), in one
     class block, spread over two of five 16-class blocks merged across class groups, or in
     the single-read variant: the first copy wins, as in the float64 twin."""
-    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 3),
-               "single-read": lambda n, c, d, *a, **kw:
-               kernel_module.single_read_config(c, d, "bf16")}
-    if blocks in configs:
-        monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
+    _force_blocks(monkeypatch, blocks)
     h, protos, p_ood = (t.to(DEVICE) for t in duplicated_prototypes_problem(70, copies=20))
     res = ncp_gradient(h, protos, p_ood)
     assert res.pred.tolist() == [3] * h.shape[0]
@@ -727,15 +734,10 @@ def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, c,
     row's distances are +inf, never candidates: compiled, a NaN clamped by a plain maximum
     was 0, and with fewer classes than candidates the padding classes past C were taken and
     their prototype rows read past the end."""
-    groups = min(3, -(-c // 16))  # as many as there are 16-class blocks, up to 3
-    configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
-                                                                           groups),
-               "single-read": lambda n, c, d, *a, **kw:
-               kernel_module.single_read_config(c, d, "bf16")}
-    if variant in configs:
-        monkeypatch.setattr(kernel_module, "launch_config", configs[variant])
-    elif variant != "launcher":
+    if variant in ("staged", "split"):
         request.getfixturevalue(variant)
+    else:  # as many class groups as there are 16-class blocks, up to 3
+        _force_blocks(monkeypatch, variant, groups=min(3, -(-c // 16)))
     h, protos, p_ood = _problem(12, c, 19)
     bad_rows = torch.tensor(sorted(NON_FINITE_ROWS))
     for row, (col, value) in NON_FINITE_ROWS.items():
