@@ -38,6 +38,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     check_dense,
     check_has_columns,
     check_precision,
+    check_sq_norms,
     kept_per_prototypes,
     lex_sort,
     matmul_precision,
@@ -167,7 +168,8 @@ def ncp_gradient(
             to bfloat16, products accumulated in fp32). Ignored for float64 inputs.
         prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2`` for every class, shape
             [C] (squared norms of the prototypes *relative to the OOD prototype*); computed
-            here when omitted.
+            here when omitted. Norms that are not those of the prototypes (NaN, Inf, negative,
+            another prototype set) are refused, checked once per tensor (ValueError).
         block_rows (int, optional): rows per tile; by default sized to ``ROW_TILE_ELEMENTS``
             and ``TILE_ELEMENTS`` on the CPU, to ``DEVICE_TILE_ELEMENTS`` elsewhere.
         block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
@@ -213,6 +215,8 @@ def ncp_gradient(
     # squared distances neither overflow nor underflow for huge or tiny prototypes. The scale
     # depends on the prototypes only, never on h (the rule the kernel shares).
     sc = ncp_scale(prototypes, ood_prototype)
+    if prototype_sq_norms is not None:
+        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
     p_o, centred, centred_sq, gemm_protos = kept_per_prototypes(
         prototypes, ood_prototype, ("torch operand", dt, precision == "bf16"),
         lambda: _centred_prototypes(prototypes, ood_prototype, sc, dt, precision == "bf16"))

@@ -98,11 +98,12 @@ def pow2_scale(magnitude: float) -> float:
     return 2.0 ** round(math.log2(magnitude))
 
 
-#: Values derived from a caller's (prototypes, OOD prototype), by what they were derived for.
-#: An entry lives exactly as long as both tensors: a weak reference's callback drops it when
-#: either is freed. No entry of live tensors is ever evicted, since a CUDA graph captured with
-#: a value reads its memory on every replay (a freed value's memory would be reused).
-_kept: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], Any]] = {}
+#: Values derived from a caller's (prototypes, OOD prototype), and any other tensors they
+#: depend on, by what they were derived for. An entry lives exactly as long as its tensors: a
+#: weak reference's callback drops it when one is freed. No entry of live tensors is ever
+#: evicted, since a CUDA graph captured with a value reads its memory on every replay (a freed
+#: value's memory would be reused).
+_kept: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]] = {}
 #: Threads scoring at once (one detector shared by a server's workers) read and update
 #: ``_kept`` under this lock; the values themselves are made outside it. Re-entrant: a tensor
 #: freed while the lock is held (a garbage collection inside it) calls :func:`_drop_kept`.
@@ -115,7 +116,7 @@ def _drop_kept(key: tuple, ref: weakref.ref) -> None:
     """A kept value's tensor was freed: drop its entry (unless a newer one replaced it)."""
     with _kept_lock:
         hit = _kept.get(key)
-        if hit is not None and (hit[0] is ref or hit[1] is ref):
+        if hit is not None and any(r is ref for r in hit[0]):
             del _kept[key]
 
 
@@ -137,35 +138,35 @@ class pinning_kept_values:
 
 
 def kept_per_prototypes(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
-                        make: Callable[[], Any]) -> Any:
-    """``make()``, computed once per (prototype tensor, OOD prototype, ``what``) and kept while
-    both tensors live unmodified (identity through weak references, and version counters).
-    Safe to call from several threads at once; two threads that miss together both make the
-    value (``make`` may itself keep values: it runs outside the lock). Inference tensors
-    (made under ``torch.inference_mode``) have no version counter, so nothing made from them
-    is kept: the value is made afresh on every call."""
-    value = _kept_value(prototypes, ood_prototype, what, make)
+                        make: Callable[[], Any], *, also: tuple[Tensor, ...] = ()) -> Any:
+    """``make()``, computed once per (prototype tensor, OOD prototype, the tensors ``also``,
+    ``what``) and kept while those tensors live unmodified (identity through weak references,
+    and version counters). Safe to call from several threads at once; two threads that miss
+    together both make the value (``make`` may itself keep values: it runs outside the lock).
+    Inference tensors (made under ``torch.inference_mode``) have no version counter, so nothing
+    made from them is kept: the value is made afresh on every call."""
+    value = _kept_value((prototypes, ood_prototype, *also), what, make)
     for pinned in getattr(_pins, "stack", ()):
         pinned.append(value)
     return value
 
 
-def _kept_value(prototypes: Tensor, ood_prototype: Tensor, what: tuple,
-                make: Callable[[], Any]) -> Any:
-    if prototypes.is_inference() or ood_prototype.is_inference():
+def _kept_value(tensors: tuple[Tensor, ...], what: tuple, make: Callable[[], Any]) -> Any:
+    if any(t.is_inference() for t in tensors):
         return make()
-    key = (id(prototypes), id(ood_prototype), *what)
-    versions = (prototypes._version, ood_prototype._version)
+    # The tensors' ids lead, then what, then the ids of tensors past the first two.
+    key = (id(tensors[0]), id(tensors[1]), *what, *map(id, tensors[2:]))
+    versions = tuple(t._version for t in tensors)
     with _kept_lock:
         hit = _kept.get(key)
-    if hit is not None and hit[0]() is prototypes and hit[1]() is ood_prototype \
-            and hit[2] == versions:
-        return hit[3]
+    if hit is not None and hit[1] == versions \
+            and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
+        return hit[2]
     value = make()
     with _kept_lock:
-        refs = [weakref.ref(t, lambda ref, key=key: _drop_kept(key, ref))
-                for t in (prototypes, ood_prototype)]
-        _kept[key] = (refs[0], refs[1], versions, value)
+        refs = tuple(weakref.ref(t, lambda ref, key=key: _drop_kept(key, ref))
+                     for t in tensors)
+        _kept[key] = (refs, versions, value)
     return value
 
 
@@ -194,6 +195,39 @@ def _finite_magnitude(prototypes: Tensor, ood_prototype: Tensor) -> float:
         raise ValueError(f"prototypes contains NaN or Inf in row(s) {shown}{more}: every "
                          "class prototype must be finite")
     raise ValueError("ood_prototype contains NaN or Inf: the OOD prototype must be finite")
+
+
+def check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) -> None:
+    """Refuse given squared norms ``||p_c - p_o||^2`` [C] that are not those of the prototypes
+    (NaN, Inf, negative, or from another prototype set, OOD prototype or class order): the
+    kernels and twins trust them in the distance expansion, where a wrong one moves its class
+    silently. Checked once per (norms, prototypes, OOD prototype) while all three live
+    unmodified, so a detector or head that passes the same norms every call reads them once.
+    The tolerance (1e-3 relative, plus 1e-6 of the largest norm) accepts the squares summed
+    in any order in fp32 or float64, and nothing that would move a class."""
+    kept_per_prototypes(prototypes, ood_prototype, ("given squared norms",),
+                        lambda: _check_sq_norms(sq_norms, prototypes, ood_prototype),
+                        also=(sq_norms,))
+
+
+def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor,
+                    block: int = 4096) -> bool:
+    given = sq_norms.to(device=prototypes.device, dtype=torch.float64)
+    expected = torch.empty_like(given)
+    p_o = ood_prototype.to(torch.float64)
+    for c0 in range(0, prototypes.shape[0], block):  # no [C, D] float64 temporary
+        diff = prototypes[c0:c0 + block].to(torch.float64) - p_o
+        expected[c0:c0 + block] = (diff * diff).sum(1)
+    tol = 1e-3 * expected + 1e-6 * float(expected.max())
+    bad = (~((given - expected).abs() <= tol)).nonzero().flatten().tolist()  # NaN: bad
+    if bad:
+        shown = ", ".join(f"{i} (given {float(given[i]):.6g}, the prototypes' "
+                          f"{float(expected[i]):.6g})" for i in bad[:3])
+        more = f"; {len(bad)} classes in all" if len(bad) > 3 else ""
+        raise ValueError(f"prototype_sq_norms are not ||p_c - p_o||^2 of these prototypes and "
+                         f"OOD prototype at class(es) {shown}{more}: pass the squared norms "
+                         "of the prototypes relative to the OOD prototype, or none")
+    return True
 
 
 def lex_order(dist: Tensor, idx: Tensor) -> Tensor:

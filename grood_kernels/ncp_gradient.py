@@ -83,6 +83,7 @@ from grood_kernels.contract import (
     check_dense,
     check_has_columns,
     check_precision,
+    check_sq_norms,
     ncp_scale,
 )
 
@@ -609,7 +610,8 @@ def ncp_gradient(
             see (through a NumPy array sharing the memory, or ``.data``) needs new tensors.
         ood_prototype (Tensor): OOD prototype [D].
         precision (str): ``"ieee"``, ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` for the GEMM.
-        prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2``, shape [C], fp32.
+        prototype_sq_norms (Tensor, optional): ``||p_c - p_o||^2``, shape [C], fp32; refused
+            where they are not those of the prototypes (checked once per tensor).
 
     Returns:
         NCPGradient: ``grad`` [N, D] fp32, ``q_ood``, ``pred`` (int64), ``min_dist``, ``lse``.
@@ -658,6 +660,8 @@ def ncp_gradient(
     # twin's rule): kept with the prototypes, so nothing here reads a value of h and the
     # launch never synchronises with the device.
     scale = ncp_scale(prototypes, ood_prototype)
+    if prototype_sq_norms is not None:
+        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:

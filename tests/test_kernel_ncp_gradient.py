@@ -159,6 +159,43 @@ def test_given_prototype_norms_are_used():
         ncp_gradient(h, protos, p_ood, prototype_sq_norms=norms[:2])
 
 
+@pytest.mark.parametrize("op", [ncp_gradient, functional.ncp_gradient], ids=["kernel", "twin"])
+def test_given_prototype_norms_that_are_not_the_prototypes_are_refused(op):
+    """Norms enter the distance expansion unchecked by the kernel: one that is NaN, Inf,
+    negative, of other prototypes or in another class order moved its class silently (a NaN
+    one made the kernel pass over the class and the twin score NaN; with one class the kernel
+    gave pred -4). Both backends refuse them, naming the class; float64 and fp32 sums of the
+    right squares pass."""
+    h, protos, p_ood = _problem(8, 5, 16, seed=7)
+    diff = protos - p_ood
+    exact = (diff.double() ** 2).sum(1)
+    for good in (exact.float(), (diff * diff).flip(1).sum(1), exact):
+        torch.testing.assert_close(op(h, protos, p_ood, prototype_sq_norms=good).q_ood,
+                                   op(h, protos, p_ood).q_ood)
+
+    def spoilt(at, value):
+        out = exact.float().clone()
+        out[at] = value
+        return out
+
+    cases = [spoilt(2, float("nan")), spoilt(0, float("inf")), spoilt(4, -1.0),
+             exact.float() * 3, exact.float().flip(0), ((protos - 2 * p_ood) ** 2).sum(1)]
+    for bad in cases:
+        with pytest.raises(ValueError, match="prototype_sq_norms are not"):
+            op(h, protos, p_ood, prototype_sq_norms=bad)
+    with pytest.raises(ValueError, match=r"class\(es\) 2 \(given nan"):
+        op(h, protos, p_ood, prototype_sq_norms=cases[0])
+    one = protos[:1]  # the kernel's pred was -4 for every row here
+    with pytest.raises(ValueError, match="prototype_sq_norms are not"):
+        op(h, one, p_ood, prototype_sq_norms=torch.tensor([float("nan")], device=DEVICE))
+    # Checked once per tensor, again after an in-place change.
+    norms = exact.float()
+    op(h, protos, p_ood, prototype_sq_norms=norms)
+    norms[1] = -5.0
+    with pytest.raises(ValueError, match=r"class\(es\) 1 "):
+        op(h, protos, p_ood, prototype_sq_norms=norms)
+
+
 def test_launcher_checks():
     h, protos, p_ood = _problem(4, 3, 6)
     with pytest.raises(TypeError, match="float64"):
