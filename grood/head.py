@@ -38,7 +38,7 @@ from grood._checks import check_finite_rows, check_matrix, check_positive_int, o
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
-from grood_kernels.contract import pinning_kept_values
+from grood_kernels.contract import pinning_kept_values, sq_norms_mismatch
 
 if TYPE_CHECKING:
     from grood.detector import GROOD
@@ -69,7 +69,9 @@ class GROODHead(nn.Module):
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
     tensor in place. The constructor checks them once (shapes that fit together, floating
-    dtypes, finite values) and its settings; the forward reads no value of them.
+    dtypes, finite values, a stored copy within rounding of the index) and its settings;
+    ``load_state_dict`` checks a loaded state the same way and its squared norms against the
+    prototypes and the index, and refuses it whole; the forward reads no value of them.
     """
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
@@ -99,6 +101,34 @@ class GROODHead(nn.Module):
                                                             device=class_prototypes.device),
                              persistent=False)
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """A loaded state is checked as the constructor checks its tensors, and its derived
+        buffers against what they derive from, before anything is copied: a state with NaN or
+        Inf, squared norms of other prototypes or another index, or a stored copy of other
+        vectors would score silently wrong (the forward reads no value). A refused state
+        leaves the head as it was; ``load_state_dict`` raises naming the reason."""
+        state = {}
+        for name, buf in self._buffers.items():
+            if name in self._non_persistent_buffers_set or (
+                    buf is None and prefix + name not in state_dict):
+                continue  # a counter; an index without a stored copy
+            t = state_dict.get(prefix + name, buf)
+            if buf is None or not isinstance(t, Tensor) or t.shape != buf.shape:
+                break  # missing, extra or misshapen entries: torch's own errors name them
+            state[name] = t.detach()
+        else:
+            try:
+                _check_state(state["class_prototypes"], state["ood_prototype"],
+                             state["index_vectors"], state.get("index_storage"))
+                _check_derived(state)
+            except ValueError as exc:
+                error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
+                                  "state, saved and loaded together)")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
@@ -168,6 +198,28 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
     for name, t in (("class_prototypes", protos), ("ood_prototype", p_ood[None]),
                     ("index_vectors", vectors)):
         check_finite_rows(t, name)
+    if storage is not None:
+        # A rounded copy: within half-precision rounding of the exact vectors (bf16's 2**-8
+        # relative, fp16's subnormal spacing) — another set's copy would steer the search.
+        near = ((storage.to(vectors.device, torch.float64) - vectors.to(torch.float64)).abs()
+                <= 2.0**-8 * vectors.abs().to(torch.float64) + 2.0**-24).all(1)
+        if not bool(near.all()):
+            rows = (~near).nonzero().flatten()[:3].tolist()
+            raise ValueError(f"index_storage is not a rounded copy of index_vectors (row(s) "
+                             f"{rows} differ by more than half-precision rounding)")
+
+
+def _check_derived(state: dict) -> None:
+    """A state's squared norms against the prototypes and index they derive from."""
+    for name, given, expected in (
+            ("prototype_sq_norms", state["prototype_sq_norms"],
+             centred_sq_norms(state["class_prototypes"], state["ood_prototype"])),
+            ("index_sq_norms", state["index_sq_norms"],
+             database_sq_norms_of(state["index_vectors"], torch.float64))):
+        bad = sq_norms_mismatch(given, expected)
+        if bad:
+            raise ValueError(f"{name} are not the squared norms of the state's "
+                             f"{'prototypes' if name[0] == 'p' else 'index_vectors'} at {bad}")
 
 
 class GROODAttached(nn.Module):

@@ -212,22 +212,32 @@ def check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) 
 
 def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor,
                     block: int = 4096) -> bool:
-    given = sq_norms.to(device=prototypes.device, dtype=torch.float64)
-    expected = torch.empty_like(given)
+    expected = torch.empty(prototypes.shape[0], dtype=torch.float64, device=prototypes.device)
     p_o = ood_prototype.to(torch.float64)
     for c0 in range(0, prototypes.shape[0], block):  # no [C, D] float64 temporary
         diff = prototypes[c0:c0 + block].to(torch.float64) - p_o
         expected[c0:c0 + block] = (diff * diff).sum(1)
-    tol = 1e-3 * expected + 1e-6 * float(expected.max())
-    bad = (~((given - expected).abs() <= tol)).nonzero().flatten().tolist()  # NaN: bad
+    bad = sq_norms_mismatch(sq_norms, expected)
     if bad:
-        shown = ", ".join(f"{i} (given {float(given[i]):.6g}, the prototypes' "
-                          f"{float(expected[i]):.6g})" for i in bad[:3])
-        more = f"; {len(bad)} classes in all" if len(bad) > 3 else ""
         raise ValueError(f"prototype_sq_norms are not ||p_c - p_o||^2 of these prototypes and "
-                         f"OOD prototype at class(es) {shown}{more}: pass the squared norms "
-                         "of the prototypes relative to the OOD prototype, or none")
+                         f"OOD prototype at class(es) {bad}: pass the squared norms of the "
+                         "prototypes relative to the OOD prototype, or none")
     return True
+
+
+def sq_norms_mismatch(given: Tensor, expected: Tensor) -> str:
+    """Where squared norms ``given`` [M] are not ``expected`` [M] (NaN, Inf and negative ones
+    included) within 1e-3 relative plus 1e-6 of the largest: "" where they all agree, else the
+    first three indices with both values, and the count."""
+    given = given.to(device=expected.device, dtype=torch.float64)
+    expected = expected.to(torch.float64)
+    top = float(expected.max()) if expected.numel() else 0.0
+    bad = (~((given - expected).abs() <= 1e-3 * expected + 1e-6 * top)).nonzero().flatten()
+    if bad.numel() == 0:
+        return ""
+    shown = ", ".join(f"{int(i)} (given {float(given[i]):.6g}, expected "
+                      f"{float(expected[i]):.6g})" for i in bad[:3])
+    return shown + (f"; {bad.numel()} in all" if bad.numel() > 3 else "")
 
 
 def lex_order(dist: Tensor, idx: Tensor) -> Tensor:

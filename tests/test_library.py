@@ -182,6 +182,8 @@ def test_head_refuses_a_state_that_does_not_fit_together():
         ((protos, p_ood, vectors), {"backend": "cuda"}, "backend must be one of"),
         ((protos, p_ood, vectors), {"index_storage": vectors[:5].bfloat16()},
          "index_storage must be a floating-point copy of index_vectors"),
+        ((protos, p_ood, vectors), {"index_storage": vectors.flip(0).bfloat16()},
+         "index_storage is not a rounded copy of index_vectors"),
     ]:
         with pytest.raises(ValueError, match=match):
             GROODHead(*args, **kwargs)
@@ -208,6 +210,52 @@ def test_head_state_dict_round_trip_and_to(fitted):
     wide = det.as_module().to(torch.float64)
     assert wide.index_vectors.dtype == torch.float64
     torch.testing.assert_close(wide(test.double())[0], det.score_samples(test.double()))
+
+
+def _spoil(name, how):
+    def spoil(state, other):
+        if how == "other fit":
+            state[name] = other[name]
+        elif how == "nan":
+            state[name] = state[name].clone()
+            state[name].view(-1)[1] = float("nan")
+        else:
+            state[name] = state[name] * 3
+    return spoil
+
+
+@pytest.mark.parametrize("name,how,match", [
+    ("class_prototypes", "nan", r"class_prototypes contains NaN or Inf in row\(s\) 0"),
+    ("class_prototypes", "other fit", "prototype_sq_norms are not the squared norms of the "
+                                      "state's prototypes"),
+    ("ood_prototype", "other fit", "prototype_sq_norms are not"),
+    ("prototype_sq_norms", "nan", r"prototype_sq_norms are not .* at 1 \(given nan"),
+    ("prototype_sq_norms", "scaled", "prototype_sq_norms are not"),
+    ("index_vectors", "nan", r"index_vectors contains NaN or Inf in row\(s\) 0"),
+    ("index_vectors", "other fit", "index_storage is not a rounded copy of index_vectors"),
+    ("index_sq_norms", "scaled", "index_sq_norms are not the squared norms of the state's "
+                                 "index_vectors"),
+    ("index_storage", "other fit", "index_storage is not a rounded copy of index_vectors"),
+])
+def test_head_refuses_a_corrupt_or_mismatched_state(name, how, match):
+    """A state dict with NaN, norms of other prototypes or another index, or buffers from two
+    fits loaded silently and scored wrong (the forward reads no value): it is refused, naming
+    the reason, and the head keeps its state."""
+    def head_of(seed):
+        x, y = clustered_features(120, 4, 12, seed=seed, dtype=torch.float32)
+        return GROOD(k=2, index_options={"storage": "bfloat16"}).fit(x, y).as_module()
+
+    head, other = head_of(5), head_of(8)
+    test = clustered_features(30, 4, 12, seed=6, dtype=torch.float32)[0]
+    before = head(test)
+    state = head.state_dict()
+    _spoil(name, how)(state, other.state_dict())
+    with pytest.raises(RuntimeError, match=match):
+        head.load_state_dict(state)
+    for a, b in zip(head(test), before, strict=True):
+        assert torch.equal(a, b)
+    head.load_state_dict(other.state_dict())  # a whole other fit loads
+    assert torch.equal(head(test)[0], other(test)[0])
 
 
 def test_head_has_no_graph_break_and_exports(fitted):
