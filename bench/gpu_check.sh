@@ -98,8 +98,14 @@ want report && step 200 "report: accuracy and timings of the gradient step, the 
     --json '$out/gpu_report.json' | tee '$out/gpu_report.md'"
 # The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
 # the same command from the returned gpu_report.json).
-want roofline && step 30 "roofline picture" "python bench/roofline.py bench/compile_report.json \
-    '$out/roofline_measured.png' --measured '$out/gpu_report.json'"
+roofline=(python bench/roofline.py bench/compile_report.json "$out/roofline_measured.png"
+          --measured "$out/gpu_report.json")
+if want roofline && ! python -c "import matplotlib" 2>/dev/null; then
+    log "skipped (matplotlib not installed): roofline picture; draw it from the returned JSON"
+    log "    with: $(printf '%q ' "${roofline[@]}")"
+elif want roofline; then
+    step 30 "roofline picture" "$(printf '%q ' "${roofline[@]}")"
+fi
 # The search's rows print as they are measured, so a run cut short keeps the finished ones.
 want search && step 150 "report: nearest-neighbour search" \
     "python bench/gpu_report.py ${size[*]} --only search --repeat ${REPEAT:-3} \
