@@ -570,7 +570,10 @@ def knn(
         precision (str): precision of the GEMM that picks candidates (as in
             :func:`ncp_gradient`); returned distances are exact in every mode.
         database_sq_norms (Tensor, optional): ``||x||^2`` of every database row, shape [M], in
-            the compute dtype; computed here when omitted (an index caches them).
+            the compute dtype; computed here when omitted (an index caches them). Trusted, not
+            checked (that would read the whole database once more): norms of other rows steer
+            the candidates, and the returned neighbours are then exact distances to the wrong
+            rows. :class:`grood.head.GROODHead` checks its cached norms when it loads them.
         rerank_database (Tensor, optional): the exact rows [M, D] the returned distances are
             computed from when ``database`` is a rounded copy (e.g. bf16 storage of an fp32
             index); it may live on another device (host memory). Default: ``database``.

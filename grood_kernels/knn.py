@@ -245,7 +245,8 @@ def knn(
         precision (str): ``"ieee"``, ``"tf32"``, ``"tf32x3"`` or ``"bf16"`` for the GEMM that
             picks candidates; returned distances are exact fp32 in every mode.
         database_sq_norms (Tensor, optional): ``||x||^2`` per database row, [M], fp32 (of the
-            exact rows when the database is a rounded copy).
+            exact rows when the database is a rounded copy); trusted, not checked (as in the
+            twin).
         rerank_database (Tensor, optional): the exact rows [M, D] the final distances are
             computed from (e.g. the fp32 original of a bf16-stored database; on the device or
             in host memory). Default: ``database``.
