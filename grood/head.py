@@ -34,7 +34,13 @@ import torch
 from torch import Tensor, nn
 
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
-from grood._checks import check_finite_rows, check_matrix, check_positive_int, ordinary
+from grood._checks import (
+    check_finite_rows,
+    check_matrix,
+    check_positive_int,
+    compute_dtype,
+    ordinary,
+)
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
@@ -89,10 +95,10 @@ class GROODHead(nn.Module):
         # The same squared norms the detector's gradient step and exact index use.
         self.register_buffer("class_prototypes", ordinary(class_prototypes.detach().clone()))
         self.register_buffer("ood_prototype", ordinary(ood_prototype.detach().clone()))
-        self.register_buffer("prototype_sq_norms",
-                             centred_sq_norms(class_prototypes, ood_prototype).detach())
+        self.register_buffer("prototype_sq_norms", None)
         self.register_buffer("index_vectors", index_vectors.detach().clone())
-        self.register_buffer("index_sq_norms", database_sq_norms_of(index_vectors.detach()))
+        self.register_buffer("index_sq_norms", None)
+        self._derive_norms()
         self.register_buffer("index_storage", None if index_storage is None
                              else index_storage.detach().clone())
         # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted on
@@ -101,6 +107,23 @@ class GROODHead(nn.Module):
                                                             device=class_prototypes.device),
                              persistent=False)
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
+
+    def _derive_norms(self) -> None:
+        """The squared norms from the head's own prototypes and index, in their compute dtype
+        (float32 for half-precision buffers: half-precision norms overflow or round past the
+        prototypes' own rounding), summed in float64."""
+        with torch.no_grad():
+            self.prototype_sq_norms = centred_sq_norms(self.class_prototypes, self.ood_prototype)
+            self.index_sq_norms = database_sq_norms_of(
+                self.index_vectors, torch.float64).to(compute_dtype(self.index_vectors.dtype))
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the norms are derived again from the
+        converted prototypes and index (converted norms would be norms of the unconverted
+        ones, and half-precision ones overflow)."""
+        super()._apply(fn, recurse)
+        self._derive_norms()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -129,6 +152,7 @@ class GROODHead(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self._derive_norms()  # of the buffers as loaded (rounded to the head's dtype)
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape

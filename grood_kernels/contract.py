@@ -227,12 +227,14 @@ def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor,
 
 def sq_norms_mismatch(given: Tensor, expected: Tensor) -> str:
     """Where squared norms ``given`` [M] are not ``expected`` [M] (NaN, Inf and negative ones
-    included) within 1e-3 relative plus 1e-6 of the largest: "" where they all agree, else the
-    first three indices with both values, and the count."""
+    included) within 1e-3 relative (or the rounding of ``given``'s dtype, where coarser) plus
+    1e-6 of the largest: "" where they all agree, else the first three indices with both
+    values, and the count."""
+    rtol = max(1e-3, torch.finfo(given.dtype).eps) if given.is_floating_point() else 1e-3
     given = given.to(device=expected.device, dtype=torch.float64)
     expected = expected.to(torch.float64)
     top = float(expected.max()) if expected.numel() else 0.0
-    bad = (~((given - expected).abs() <= 1e-3 * expected + 1e-6 * top)).nonzero().flatten()
+    bad = (~((given - expected).abs() <= rtol * expected + 1e-6 * top)).nonzero().flatten()
     if bad.numel() == 0:
         return ""
     shown = ", ".join(f"{int(i)} (given {float(given[i]):.6g}, expected "

@@ -258,6 +258,35 @@ def test_head_refuses_a_corrupt_or_mismatched_state(name, how, match):
     assert torch.equal(head(test)[0], other(test)[0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_head_derives_its_norms_from_its_own_buffers(backend, dtype):
+    """``.to(half)`` converted the squared norms with the prototypes: float16 norms past 65504
+    were inf (every row unresolvable in float32: NaN with checks="flag"), bfloat16 ones were
+    the unconverted prototypes' norms, rounded. The head derives them again in float32 from
+    its converted buffers, and again after loading a float32 state."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, y = clustered_features(120, 4, 64, seed=1, dtype=torch.float32)
+    det = GROOD(k=2, backend=backend).fit(100 * x, y)
+    head = det.as_module(checks="flag").to(dtype)
+    assert head.prototype_sq_norms.dtype == head.index_sq_norms.dtype == torch.float32
+    torch.testing.assert_close(head.prototype_sq_norms.double(),
+                               ((head.class_prototypes.double() - head.ood_prototype.double())
+                                ** 2).sum(1), rtol=1e-6, atol=0)
+    test = (100 * x[:20]).to(dtype)
+    score, pred = head(test)
+    assert int(head.unresolved_rows) == 0
+    want_s, want_p = det.score_and_predict(test)
+    assert torch.equal(pred, want_p)
+    torch.testing.assert_close(score, want_s, rtol=1e-4, atol=1e-6)
+    fresh = GROODHead(torch.zeros(4, 64), torch.zeros(64), torch.zeros_like(det.index_.vectors),
+                      k=2, backend=backend, checks="flag").to(dtype)
+    fresh.load_state_dict(det.as_module().state_dict())
+    assert torch.equal(fresh.prototype_sq_norms, head.prototype_sq_norms)
+    assert torch.equal(fresh(test)[0], score)
+
+
 def test_head_has_no_graph_break_and_exports(fitted):
     det, test = fitted
     head = det.as_module()
