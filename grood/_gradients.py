@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from grood import functional, ops
-from grood._checks import compute_dtype
+from grood._checks import compute_dtype, ordinary
 from grood.functional import NCPGradient
 from grood_kernels.contract import kept_per_prototypes
 
@@ -37,8 +37,10 @@ class GradientStep:
     @property
     def sq_norms(self) -> Tensor:
         """``||p_c - p_o||^2`` per class [C], kept while both tensors live unmodified."""
+        # An ordinary tensor even when first made under torch.inference_mode: the ops check
+        # given norms once per tensor, which needs its version counter.
         return kept_per_prototypes(self.protos, self.p_ood, ("centred sq norms",),
-                                   lambda: centred_sq_norms(self.protos, self.p_ood))
+                                   lambda: ordinary(centred_sq_norms(self.protos, self.p_ood)))
 
     def __call__(self, h: Tensor) -> NCPGradient:
         if h.dtype == torch.float64 and self.protos.dtype != torch.float64:

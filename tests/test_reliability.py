@@ -458,6 +458,21 @@ def test_fit_and_score_under_inference_mode():
         protos, p_ood = x[:4].clone(), x[4].clone()  # inference tensors
         got = functional.ncp_gradient(test, protos, p_ood)
     assert torch.equal(inside.score_samples(test), want)
+    # The squared norms a detector passes are ordinary too, so the ops check them once, not
+    # on every batch (first made under inference mode here).
+    from grood_kernels import contract
+
+    checks = []
+    real = contract._check_sq_norms
+    contract._check_sq_norms = lambda *a, **k: checks.append(1) or real(*a, **k)
+    try:
+        with torch.inference_mode():
+            fresh = GROOD(progress=False).fit(x, y)
+            for rows in (test[:10], test[10:]):
+                fresh.score_samples(rows)
+    finally:
+        contract._check_sq_norms = real
+    assert len(checks) == 1
     ref = functional.ncp_gradient(test, x[:4].clone(), x[4].clone())
     for a, b in zip(got, ref, strict=True):
         assert torch.equal(a, b)
