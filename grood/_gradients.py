@@ -12,14 +12,14 @@ from torch import Tensor
 from grood import functional, ops
 from grood._checks import compute_dtype, ordinary
 from grood.functional import NCPGradient
+from grood_kernels import contract
 from grood_kernels.contract import kept_per_prototypes
 
 
 def centred_sq_norms(protos: Tensor, p_ood: Tensor) -> Tensor:
     """``||p_c - p_o||^2`` per class [C], summed in float64, in the compute dtype of the
     prototypes (float32 for half-precision ones, whose range the norms may pass)."""
-    centred = protos.to(torch.float64) - p_ood.to(torch.float64)
-    return (centred * centred).sum(1).to(compute_dtype(protos.dtype))
+    return contract.centred_sq_norms(protos, p_ood, compute_dtype(protos.dtype))
 
 
 class GradientStep:

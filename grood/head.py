@@ -225,8 +225,12 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
     if storage is not None:
         # A rounded copy: within half-precision rounding of the exact vectors (bf16's 2**-8
         # relative, fp16's subnormal spacing) — another set's copy would steer the search.
-        near = ((storage.to(vectors.device, torch.float64) - vectors.to(torch.float64)).abs()
-                <= 2.0**-8 * vectors.abs().to(torch.float64) + 2.0**-24).all(1)
+        near = torch.empty(vectors.shape[0], dtype=torch.bool, device=vectors.device)
+        dt = compute_dtype(vectors.dtype)
+        for m0 in range(0, vectors.shape[0], 65536):  # no [M, D] temporaries
+            v = vectors[m0:m0 + 65536].to(dt)
+            s = storage[m0:m0 + 65536].to(vectors.device, dt)
+            near[m0:m0 + 65536] = ((s - v).abs() <= 2.0**-8 * v.abs() + 2.0**-24).all(1)
         if not bool(near.all()):
             rows = (~near).nonzero().flatten()[:3].tolist()
             raise ValueError(f"index_storage is not a rounded copy of index_vectors (row(s) "

@@ -210,14 +210,20 @@ def check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) 
                         also=(sq_norms,))
 
 
-def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor,
-                    block: int = 4096) -> bool:
-    expected = torch.empty(prototypes.shape[0], dtype=torch.float64, device=prototypes.device)
+def centred_sq_norms(prototypes: Tensor, ood_prototype: Tensor,
+                     dtype: torch.dtype = torch.float64, block: int = 4096) -> Tensor:
+    """``||p_c - p_o||^2`` per class [C], summed in float64 over blocks of classes (no
+    [C, D] float64 temporary), in ``dtype``."""
+    out = torch.empty(prototypes.shape[0], dtype=dtype, device=prototypes.device)
     p_o = ood_prototype.to(torch.float64)
-    for c0 in range(0, prototypes.shape[0], block):  # no [C, D] float64 temporary
+    for c0 in range(0, prototypes.shape[0], block):
         diff = prototypes[c0:c0 + block].to(torch.float64) - p_o
-        expected[c0:c0 + block] = (diff * diff).sum(1)
-    bad = sq_norms_mismatch(sq_norms, expected)
+        out[c0:c0 + block] = (diff * diff).sum(1)
+    return out
+
+
+def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) -> bool:
+    bad = sq_norms_mismatch(sq_norms, centred_sq_norms(prototypes, ood_prototype))
     if bad:
         raise ValueError(f"prototype_sq_norms are not ||p_c - p_o||^2 of these prototypes and "
                          f"OOD prototype at class(es) {bad}: pass the squared norms of the "
@@ -226,15 +232,22 @@ def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor,
 
 
 def sq_norms_mismatch(given: Tensor, expected: Tensor) -> str:
-    """Where squared norms ``given`` [M] are not ``expected`` [M] (NaN, Inf and negative ones
-    included) within 1e-3 relative (or the rounding of ``given``'s dtype, where coarser) plus
-    1e-6 of the largest: "" where they all agree, else the first three indices with both
-    values, and the count."""
-    rtol = max(1e-3, torch.finfo(given.dtype).eps) if given.is_floating_point() else 1e-3
-    given = given.to(device=expected.device, dtype=torch.float64)
+    """Where squared norms ``given`` [M] are not ``expected`` [M] (float64): neither equal to
+    them rounded to ``given``'s dtype (which takes norms that overflow or underflow it) nor
+    within 1e-3 relative (or that dtype's rounding, where coarser) plus 1e-6 of the largest.
+    NaN, and Inf or negative values where the norms fit, never agree. "" where they all agree,
+    else the first three indices with both values, and the count."""
+    given = given.to(expected.device)
+    if given.is_floating_point():
+        rtol = max(1e-3, torch.finfo(given.dtype).eps)
+        rounded = given == expected.to(given.dtype)
+    else:
+        rtol, rounded = 1e-3, torch.zeros(given.shape, dtype=torch.bool, device=given.device)
+    given = given.to(torch.float64)
     expected = expected.to(torch.float64)
     top = float(expected.max()) if expected.numel() else 0.0
-    bad = (~((given - expected).abs() <= rtol * expected + 1e-6 * top)).nonzero().flatten()
+    near = (given - expected).abs() <= rtol * expected + 1e-6 * top
+    bad = (~(rounded | near)).nonzero().flatten()
     if bad.numel() == 0:
         return ""
     shown = ", ".join(f"{int(i)} (given {float(given[i]):.6g}, expected "

@@ -173,6 +173,14 @@ def test_given_prototype_norms_that_are_not_the_prototypes_are_refused(op):
         torch.testing.assert_close(op(h, protos, p_ood, prototype_sq_norms=good).q_ood,
                                    op(h, protos, p_ood).q_ood)
 
+    for m in (1e-30, 1e25):  # fp32 norms that underflow to 0 or overflow to inf pass (the
+        # ops work in units of the prototypes' magnitude there and derive their own)
+        small, p_small = protos * m, p_ood * m
+        norms = ((small - p_small) ** 2).sum(1)
+        assert not bool(((norms > 0) & (norms < float("inf"))).any())
+        torch.testing.assert_close(op(h * m, small, p_small, prototype_sq_norms=norms).q_ood,
+                                   op(h * m, small, p_small).q_ood)
+
     def spoilt(at, value):
         out = exact.float().clone()
         out[at] = value
