@@ -203,8 +203,8 @@ def check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) 
     kernels and twins trust them in the distance expansion, where a wrong one moves its class
     silently. Checked once per (norms, prototypes, OOD prototype) while all three live
     unmodified, so a detector or head that passes the same norms every call reads them once.
-    The tolerance (1e-3 relative, plus 1e-6 of the largest norm) accepts the squares summed
-    in any order in fp32 or float64, and nothing that would move a class."""
+    The tolerance (:func:`sq_norms_mismatch`) accepts the squares summed in any order in fp32
+    or float64, and nothing that would move a class."""
     kept_per_prototypes(prototypes, ood_prototype, ("given squared norms",),
                         lambda: _check_sq_norms(sq_norms, prototypes, ood_prototype),
                         also=(sq_norms,))
