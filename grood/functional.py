@@ -208,15 +208,12 @@ def ncp_gradient(
     bn = block_rows or gradient_tile_rows(h.device.type, bc, d)
     n_cand = min(NCP_CANDIDATES, c)
 
-    if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
-        raise ValueError(f"prototype_sq_norms must have shape [{c}], "
-                         f"got {tuple(prototype_sq_norms.shape)}")
+    if prototype_sq_norms is not None:
+        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
     # Work in units of a power of two near the prototypes' magnitude (exact rescaling), so
     # squared distances neither overflow nor underflow for huge or tiny prototypes. The scale
     # depends on the prototypes only, never on h (the rule the kernel shares).
     sc = ncp_scale(prototypes, ood_prototype)
-    if prototype_sq_norms is not None:
-        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
     p_o, centred, centred_sq, gemm_protos = kept_per_prototypes(
         prototypes, ood_prototype, ("torch operand", dt, precision == "bf16"),
         lambda: _centred_prototypes(prototypes, ood_prototype, sc, dt, precision == "bf16"))

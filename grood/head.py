@@ -111,11 +111,10 @@ class GROODHead(nn.Module):
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
         (float32 for half-precision buffers: half-precision norms overflow or round past the
-        prototypes' own rounding), summed in float64."""
+        prototypes' own rounding), by the detector's and the exact index's own rules."""
         with torch.no_grad():
             self.prototype_sq_norms = centred_sq_norms(self.class_prototypes, self.ood_prototype)
-            self.index_sq_norms = database_sq_norms_of(
-                self.index_vectors, torch.float64).to(compute_dtype(self.index_vectors.dtype))
+            self.index_sq_norms = database_sq_norms_of(self.index_vectors)
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``...: the norms are derived again from the
@@ -239,15 +238,14 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
 
 def _check_derived(state: dict) -> None:
     """A state's squared norms against the prototypes and index they derive from."""
-    for name, given, expected in (
-            ("prototype_sq_norms", state["prototype_sq_norms"],
+    for name, source, expected in (
+            ("prototype_sq_norms", "prototypes",
              centred_sq_norms(state["class_prototypes"], state["ood_prototype"])),
-            ("index_sq_norms", state["index_sq_norms"],
+            ("index_sq_norms", "index_vectors",
              database_sq_norms_of(state["index_vectors"], torch.float64))):
-        bad = sq_norms_mismatch(given, expected)
+        bad = sq_norms_mismatch(state[name], expected)
         if bad:
-            raise ValueError(f"{name} are not the squared norms of the state's "
-                             f"{'prototypes' if name[0] == 'p' else 'index_vectors'} at {bad}")
+            raise ValueError(f"{name} are not the squared norms of the state's {source} at {bad}")
 
 
 class GROODAttached(nn.Module):

@@ -198,13 +198,17 @@ def _finite_magnitude(prototypes: Tensor, ood_prototype: Tensor) -> float:
 
 
 def check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) -> None:
-    """Refuse given squared norms ``||p_c - p_o||^2`` [C] that are not those of the prototypes
-    (NaN, Inf, negative, or from another prototype set, OOD prototype or class order): the
-    kernels and twins trust them in the distance expansion, where a wrong one moves its class
-    silently. Checked once per (norms, prototypes, OOD prototype) while all three live
-    unmodified, so a detector or head that passes the same norms every call reads them once.
-    The tolerance (:func:`sq_norms_mismatch`) accepts the squares summed in any order in fp32
-    or float64, and nothing that would move a class."""
+    """Refuse given squared norms ``||p_c - p_o||^2`` that are not [C], or not those of the
+    prototypes (NaN, Inf, negative, or from another prototype set, OOD prototype or class
+    order): the kernels and twins trust them in the distance expansion, where a wrong one moves
+    its class silently. The values are checked once per (norms, prototypes, OOD prototype)
+    while all three live unmodified, so a detector or head that passes the same norms every
+    call reads them once, and after the prototypes' own check (:func:`ncp_scale`). The
+    tolerance (:func:`sq_norms_mismatch`) accepts the squares summed in any order in fp32 or
+    float64, and nothing that would move a class."""
+    c = prototypes.shape[0]
+    if tuple(sq_norms.shape) != (c,):
+        raise ValueError(f"prototype_sq_norms must have shape [{c}], got {tuple(sq_norms.shape)}")
     kept_per_prototypes(prototypes, ood_prototype, ("given squared norms",),
                         lambda: _check_sq_norms(sq_norms, prototypes, ood_prototype),
                         also=(sq_norms,))
@@ -223,6 +227,7 @@ def centred_sq_norms(prototypes: Tensor, ood_prototype: Tensor,
 
 
 def _check_sq_norms(sq_norms: Tensor, prototypes: Tensor, ood_prototype: Tensor) -> bool:
+    ncp_scale(prototypes, ood_prototype)  # NaN or Inf prototypes are named as such
     bad = sq_norms_mismatch(sq_norms, centred_sq_norms(prototypes, ood_prototype))
     if bad:
         raise ValueError(f"prototype_sq_norms are not ||p_c - p_o||^2 of these prototypes and "

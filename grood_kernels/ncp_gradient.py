@@ -644,9 +644,8 @@ def ncp_gradient(
                             f"{name} is {t.dtype}")
         if t.device != h.device:
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
-    if prototype_sq_norms is not None and tuple(prototype_sq_norms.shape) != (c,):
-        raise ValueError(f"prototype_sq_norms must have shape [{c}], "
-                         f"got {tuple(prototype_sq_norms.shape)}")
+    if prototype_sq_norms is not None:
+        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
 
     dev = h.device
     grad = torch.empty((n, d), dtype=torch.float32, device=dev)
@@ -660,8 +659,6 @@ def ncp_gradient(
     # twin's rule): kept with the prototypes, so nothing here reads a value of h and the
     # launch never synchronises with the device.
     scale = ncp_scale(prototypes, ood_prototype)
-    if prototype_sq_norms is not None:
-        check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
     prep = prepare_prototypes(prototypes, ood_prototype, precision, scale)
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:

@@ -212,16 +212,15 @@ def test_head_state_dict_round_trip_and_to(fitted):
     torch.testing.assert_close(wide(test.double())[0], det.score_samples(test.double()))
 
 
-def _spoil(name, how):
-    def spoil(state, other):
-        if how == "other fit":
-            state[name] = other[name]
-        elif how == "nan":
-            state[name] = state[name].clone()
-            state[name].view(-1)[1] = float("nan")
-        else:
-            state[name] = state[name] * 3
-    return spoil
+def _spoil(state, other, name, how):
+    """``state`` with its entry ``name`` taken from ``other``, given a NaN, or tripled."""
+    if how == "other fit":
+        state[name] = other[name]
+    elif how == "nan":
+        state[name] = state[name].clone()
+        state[name].view(-1)[1] = float("nan")
+    else:
+        state[name] = state[name] * 3
 
 
 @pytest.mark.parametrize("name,how,match", [
@@ -249,7 +248,7 @@ def test_head_refuses_a_corrupt_or_mismatched_state(name, how, match):
     test = clustered_features(30, 4, 12, seed=6, dtype=torch.float32)[0]
     before = head(test)
     state = head.state_dict()
-    _spoil(name, how)(state, other.state_dict())
+    _spoil(state, other.state_dict(), name, how)
     with pytest.raises(RuntimeError, match=match):
         head.load_state_dict(state)
     for a, b in zip(head(test), before, strict=True):
