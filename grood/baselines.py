@@ -50,6 +50,8 @@ class _Baseline(Parameters):
                 setattr(self, name, check_positive_int(getattr(self, name), name))
         if hasattr(self, "temperature"):  # 0 or NaN gave NaN scores, < 0 inverted them
             self.temperature = check_positive_real(self.temperature, "temperature")
+        if hasattr(self, "backend"):  # before a fit's work, not at the first score after it
+            ops.check_backend_name(self.backend)
         t, kind = as_tensor(x, self.inputs)
         check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
         check_finite_rows(t, self.inputs)

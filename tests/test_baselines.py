@@ -133,3 +133,18 @@ def test_baseline_parameters_that_would_give_nan_or_inverted_scores_are_refused(
     for rcond in (-1e-3, 1.0, float("nan"), None, "0"):
         with pytest.raises(ValueError, match=r"rcond must be a number in \[0, 1\)"):
             Mahalanobis(rcond=rcond).fit(x, y)
+
+
+def test_an_unknown_backend_is_refused_before_the_fit_does_its_work():
+    """A misspelt backend was stored and only refused at the first score, after the fit had
+    done its work (normalised every training feature, or summed the covariance)."""
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(30) % 3
+    for det in (KNN(k=2, backend="cuda"), Mahalanobis(backend="Torch")):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            det.fit(x, y)
+        assert not hasattr(det, "n_features_in_")
+    knn = KNN(k=2).fit(x)
+    knn.backend = "gpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        knn.score_samples(x)
