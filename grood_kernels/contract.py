@@ -9,6 +9,7 @@ twin. Importing this module imports torch only.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -61,6 +62,20 @@ def check_precision(precision: str) -> None:
     """Raise a clear error for an unknown precision mode."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def check_k(k: Any) -> int:
+    """``k`` as a Python int if it is a positive Python, numpy or 0-d torch integer (not a
+    bool, not a float such as 2.0), else a clear error (the same rule on both backends)."""
+    number = None
+    if not isinstance(k, bool) and not (isinstance(k, Tensor) and k.dtype == torch.bool):
+        try:
+            number = operator.index(k)
+        except TypeError:
+            number = None
+    if number is None or number < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return number
 
 
 def check_has_columns(d: int, what: str) -> None:

@@ -48,6 +48,7 @@ from grood_kernels.contract import (
     RERANK_EXTRA,
     check_dense,
     check_has_columns,
+    check_k,
     check_precision,
     lex_order,
 )
@@ -263,8 +264,7 @@ def knn(
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"expected queries [Q, D] and database [M, D], got "
                          f"{tuple(queries.shape)} and {tuple(database.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_k(k)
     check_has_columns(queries.shape[1], "queries and the database")
     for name, t in (("queries", queries), ("database", database)):
         if t.dtype not in KERNEL_DTYPES:

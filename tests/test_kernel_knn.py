@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import clustered_features
@@ -132,8 +133,10 @@ def test_strided_inputs_and_given_norms():
 
 def test_launcher_checks():
     queries, db = _data(3, 5, 4, seed=6)
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        knn(queries, db, 0)
+    for k in (0, -1, 2.0, True, "2"):  # 2.0 failed inside torch.full, True ran as k = 1
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            knn(queries, db, k)
+    assert torch.equal(knn(queries, db, np.int64(2))[1], knn(queries, db, 2)[1])
     with pytest.raises(TypeError, match="float64"):
         knn(queries.double(), db.double())
     with pytest.raises(ValueError, match="database_sq_norms must have shape"):
