@@ -40,6 +40,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+    _check_numpy_format(path, suffix)
     try:
         if suffix == ".npy":
             arrays = {"features": np.load(path, mmap_mode="r", allow_pickle=False)}
@@ -73,6 +74,22 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):
             raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not an array")
     return FeatureFile(*(arrays.get(k) for k in KEYS))
+
+
+def _check_numpy_format(path: Path, suffix: str) -> None:
+    """A clear error for a ``.npy`` without numpy's header or a ``.npz`` that is no zip archive
+    (numpy would take either for a pickle and say so, which they are not meant to be)."""
+    if suffix == ".npy":
+        with open(path, "rb") as f:
+            ok = f.read(6) == b"\x93NUMPY"
+        what = "a NumPy .npy file (no .npy header)"
+    elif suffix == ".npz":
+        ok = zipfile.is_zipfile(path)
+        what = "a NumPy .npz file (not a zip archive)"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{path} is not {what}: damaged, truncated, or another format")
 
 
 def _torch_load(path: Path) -> Any:

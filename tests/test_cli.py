@@ -421,3 +421,19 @@ def test_bench_tuning_tables_report_a_failing_candidate_and_go_on(capsys, monkey
                       "RuntimeError"):
         assert table_row in text
     assert "| tiny-100 | tf32 | whole step (launcher) | " in text
+
+
+def test_a_numpy_file_that_is_not_one_is_named_as_such(tmp_path):
+    """A damaged .npz (or a .npy without numpy's header) was reported in numpy's words, that
+    the file "contains pickled (object) data"."""
+    from grood.io import load_features
+
+    np.savez(tmp_path / "good.npz", features=np.ones((3, 2), np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:40])
+    (tmp_path / "text.npy").write_text("0.5, 1.5\n")
+    for name, what in (("cut.npz", r"not a NumPy \.npz file \(not a zip archive\)"),
+                       ("text.npy", r"not a NumPy \.npy file \(no \.npy header\)")):
+        with pytest.raises(ValueError, match=what) as exc:
+            load_features(tmp_path / name)
+        assert "pickle" not in str(exc.value)
+    assert load_features(tmp_path / "good.npz").features.shape == (3, 2)
