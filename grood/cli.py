@@ -75,12 +75,23 @@ def _shard(x, rank: int, world: int):
     return x[start:stop]
 
 
+def _require_files(files: dict[str, str | None]) -> None:
+    """Every input file named on the command line exists, checked before any work: a
+    misspelt last OOD set fails in a second, not after the detector is loaded and the ID set
+    scored."""
+    for what, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"no {what} at {path}")
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features
     from grood.persistence import save_target
 
-    # The output is checked before any work, so a bad path fails in a second, not after a fit.
+    # The inputs and the output are checked before any work, so a bad path fails in a second,
+    # not after a fit.
+    _require_files({"feature file": args.train, "OOD feature file": args.ood_features})
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
                 else (".safetensors",),
                 inputs={"training file": args.train, "OOD feature file": args.ood_features})
@@ -125,6 +136,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood.io import load_features, save_scores
     from grood.persistence import save_target
 
+    _require_files({"detector file": args.detector, "feature file": args.features})
     save_target(args.out, suffixes=(".npy", ".csv"), what="scores",
                 inputs={"detector file": args.detector, "feature file": args.features})
     rank, world = _init_distributed(args)
@@ -158,6 +170,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target
     from grood.report import METRIC_LABELS, markdown_table
 
+    _require_files({"detector file": args.detector, "feature file": args.id})
+    for path in args.ood:
+        _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
               **{f"OOD feature file {p}": p for p in args.ood}}
     if args.json:

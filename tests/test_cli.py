@@ -178,6 +178,32 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
     assert rc == 2 and "'labels' has shape (20, 1), expected (20,)" in capsys.readouterr().err
 
 
+def test_a_missing_input_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """A misspelt last OOD set (or feature file to score) was found only after the detector
+    was loaded and the ID set scored."""
+    from grood import GROOD
+
+    x, y = clustered_features(40, 2, 4, seed=2, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the detector was loaded before the inputs were checked")
+
+    monkeypatch.setattr(GROOD, "load", no_load)
+    missing = str(tmp_path / "ood_typo.npz")
+    for argv, what in (
+            (["eval", det, "--id", str(tmp_path / "train.npz"), "--ood",
+              str(tmp_path / "train.npz"), missing], "feature file"),
+            (["score", det, missing, "-o", str(tmp_path / "s.npy")], "feature file"),
+            (["fit", str(tmp_path / "train.npz"), "--ood-features", missing, "-o", det],
+             "OOD feature file")):
+        assert main(argv) == 2
+        assert f"no {what} at {missing}" in capsys.readouterr().err
+
+
 def test_help_lists_commands_and_options():
     parser = build_parser()
     text = parser.format_help()
