@@ -10,6 +10,20 @@ from torch import Tensor
 from grood._checks import as_labels, as_tensor, check_finite_rows, check_labels, check_matrix
 
 
+def check_reiterable(batches: Any, what: str, *, factory: bool = True) -> None:
+    """Refuse a one-pass iterator (a generator, ``iter(loader)``) before any work: fitting
+    reads its data more than once, and a used-up iterator would only be found empty on the
+    second pass, after the first had run over the whole set. ``factory``: a function
+    returning a new iterator is also taken."""
+    if factory and callable(batches):
+        return
+    if iter(batches) is batches:
+        raise TypeError(f"{what} must be re-iterable (a list, a DataLoader"
+                        + (") or a function returning a new iterator" if factory else ")")
+                        + ": fitting reads it more than once, and an iterator or generator "
+                        "is used up after one pass")
+
+
 def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
     """``(features, labels, logits or None)`` tensors from a re-iterable or a factory."""
     source = batches() if callable(batches) else batches

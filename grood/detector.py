@@ -17,7 +17,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._batches import iter_batches, label_count, peek_batch
+from grood._batches import check_reiterable, iter_batches, label_count, peek_batch
 from grood._checks import (
     ArrayLike,
     as_tensor,
@@ -200,10 +200,7 @@ class GROOD(Parameters, ModelFrontEnd):
                     bar: bool = True) -> GROOD:
         """:meth:`fit_batches` with the sources' ``inputs``; ``extractor`` is kept with the
         fitted state; ``bar=False`` when the batches report their own progress."""
-        if not callable(batches) and iter(batches) is batches:
-            raise TypeError("batches must be re-iterable (a list, a DataLoader) or a function "
-                            "returning a new iterator: fitting reads them twice, and an "
-                            "iterator or generator is used up after one pass")
+        check_reiterable(batches, "batches")
         source = self._check_params()
         check_inputs(source, inputs, where)
         first = peek_batch(batches)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from grood._batches import check_reiterable
 from grood._checks import check_finite_rows
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
+    check_reiterable(train_loader, "train_loader", factory=False)
     source = resolve_source(det.ood_prototype)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)

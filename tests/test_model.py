@@ -198,6 +198,22 @@ def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):
     torch.testing.assert_close(det.ood_prototype_, feats.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_fit_model_refuses_a_one_pass_loader_before_running_the_model(trained):
+    """A generator (or ``iter(loader)``) was run through the model for the prototypes and only
+    found empty on the index's pass; the whole first pass was wasted."""
+    model, x, y = trained
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for loader in ((b for b in [(x[:45], y[:45]), (x[45:], y[45:])]),
+                       iter(DataLoader(TensorDataset(x, y), batch_size=32))):
+            with pytest.raises(TypeError, match="train_loader must be re-iterable"):
+                GROOD().fit_model(model, loader, features="8")
+        assert not calls
+    finally:
+        handle.remove()
+
+
 def test_mixup_refuses_a_loader_empty_on_its_second_pass(trained):
     """A loader that gave nothing on mixup's mixing pass made the origin the prototype."""
     from grood.prototypes import PrototypeContext
