@@ -106,6 +106,7 @@ class GROODHead(nn.Module):
         self.register_buffer("unresolved_rows", torch.zeros((), dtype=torch.int64,
                                                             device=class_prototypes.device),
                              persistent=False)
+        self._ordinary_buffers()
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
 
     def _derive_norms(self) -> None:
@@ -115,6 +116,17 @@ class GROODHead(nn.Module):
         with torch.no_grad():
             self.prototype_sq_norms = centred_sq_norms(self.class_prototypes, self.ood_prototype)
             self.index_sq_norms = database_sq_norms_of(self.index_vectors)
+        self._ordinary_buffers()
+
+    def _ordinary_buffers(self) -> None:
+        """Every buffer an ordinary tensor. A head made, moved (``.to()``) or loaded under
+        ``torch.inference_mode`` got inference tensors, which have no version counter (the
+        ops' values derived from them, such as the squared norms' check, were remade on every
+        call) and cannot be updated in place outside that mode (the ``unresolved_rows``
+        counter of ``checks="flag"`` failed there)."""
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_inference():
+                self._buffers[name] = ordinary(buf)
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``...: the norms are derived again from the

@@ -127,12 +127,15 @@ _kept_lock = threading.RLock()
 _pins = threading.local()
 
 
-def _drop_kept(key: tuple, ref: weakref.ref) -> None:
-    """A kept value's tensor was freed: drop its entry (unless a newer one replaced it)."""
-    with _kept_lock:
-        hit = _kept.get(key)
+def _drop_kept(key: tuple, ref: weakref.ref, kept: dict = _kept,
+               lock: threading.RLock = _kept_lock) -> None:
+    """A kept value's tensor was freed: drop its entry (unless a newer one replaced it). The
+    cache and its lock are bound at definition: a tensor freed while the interpreter shuts
+    down (module globals already None) still finds them."""
+    with lock:
+        hit = kept.get(key)
         if hit is not None and any(r is ref for r in hit[0]):
-            del _kept[key]
+            del kept[key]
 
 
 class pinning_kept_values:
@@ -179,7 +182,7 @@ def _kept_value(tensors: tuple[Tensor, ...], what: tuple, make: Callable[[], Any
         return hit[2]
     value = make()
     with _kept_lock:
-        refs = tuple(weakref.ref(t, lambda ref, key=key: _drop_kept(key, ref))
+        refs = tuple(weakref.ref(t, lambda ref, key=key, drop=_drop_kept: drop(key, ref))
                      for t in tensors)
         _kept[key] = (refs, versions, value)
     return value

@@ -478,6 +478,65 @@ def test_fit_and_score_under_inference_mode():
         assert torch.equal(a, b)
 
 
+def test_a_head_made_moved_or_loaded_under_inference_mode_holds_ordinary_tensors():
+    """A head built, moved with ``.to()`` or loaded under ``torch.inference_mode`` (a serving
+    script's ``@torch.inference_mode() def main()``) held inference tensors: the squared
+    norms' check ran on every call, and with ``checks="flag"`` every call outside that mode
+    failed ("Inplace update to inference tensor outside InferenceMode")."""
+    from grood_kernels import contract
+
+    x, y = clustered_features(300, 4, 8, seed=6, dtype=torch.float32)
+    test = x[:20] + 0.05
+    det = GROOD(progress=False).fit(x, y)
+    want = det.score_samples(test)
+    state = det.as_module().state_dict()
+
+    def loaded():
+        head = det.as_module(checks="flag")
+        head.load_state_dict(state)
+        return head
+
+    makers = {"made": lambda: det.as_module(checks="flag"),
+              "moved": lambda: det.as_module(checks="flag").double().float(),
+              "loaded": loaded}
+    checks = []
+    real = contract._check_sq_norms
+    contract._check_sq_norms = lambda *a, **k: checks.append(1) or real(*a, **k)
+    try:
+        for how, make in makers.items():
+            checks.clear()
+            with torch.inference_mode():
+                head = make()
+                for _ in range(3):
+                    head(test)
+            assert len(checks) == 1, how
+            assert not any(b.is_inference() for b in head.buffers()), how
+            score, _ = head(test)  # outside the mode
+            torch.testing.assert_close(score, want, rtol=1e-5, atol=1e-6)
+            assert int(head.unresolved_rows) == 0
+    finally:
+        contract._check_sq_norms = real
+
+
+def test_kept_values_are_dropped_quietly_while_the_interpreter_shuts_down(monkeypatch):
+    """A tensor with a kept value freed during shutdown (module globals already None) raised
+    in its weak reference's callback: "Exception ignored in ... 'NoneType' object is not
+    callable" at the end of a script."""
+    import gc
+
+    from grood_kernels import contract
+
+    protos, p_ood = torch.randn(3, 4), torch.randn(4)
+    contract.ncp_scale(protos, p_ood)
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    for name in ("_kept", "_kept_lock", "_drop_kept"):
+        monkeypatch.setattr(contract, name, None)
+    del protos
+    gc.collect()
+    assert not raised
+
+
 def test_detector_saved_on_triton_loads_where_triton_cannot_run(tmp_path, monkeypatch, capsys):
     """A detector fitted with backend="triton" on a GPU, loaded on a machine where Triton
     cannot run: a clear error that says how to load it, and ``backend=`` (``--backend`` on the
