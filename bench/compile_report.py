@@ -11,7 +11,8 @@ same :class:`grood_kernels._launch.KernelLaunch` its launcher runs, built on ``m
 tensors), so the configuration compiled here is the one the launcher picks at that shape.
 Each is compiled with ``triton.compile`` for the target, assembled with the ``ptxas-blackwell``
 shipped in the triton wheel (registers, spills) and disassembled with ``cuobjdump`` (MMA
-instructions); TTGIR gives the MMA kind and how many wgmma groups stay in flight.
+instructions, and which spill instructions sit inside the K-loops: :func:`hot_loop`); TTGIR
+gives the MMA kind and how many wgmma groups stay in flight.
 
 The model (:mod:`bench.traffic_model`) follows each kernel's tile schedule and gives FLOPs,
 bytes from HBM, bytes through L2 and the lower-bound time under each roof.
@@ -118,7 +119,7 @@ def compile_launch(launch, arch: str) -> dict:
            "mma": mma_kind(ttgir), "wgmma_pendings": wgmma_pendings(ttgir),
            "wgmma_a": wgmma_a_operand(ttgir),
            "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
-           "cubin": None, "sass_counts": {}, "assembler": None}
+           "cubin": None, "sass_counts": {}, "hot_loop": None, "assembler": None}
     ptxas = _tool("ptxas-blackwell")
     if ptxas is None:
         rec["assembler"] = "ptxas-blackwell not found in this triton: TTGIR facts only"
@@ -139,6 +140,7 @@ def compile_launch(launch, arch: str) -> dict:
             sass = subprocess.run([str(cuobjdump), "-sass", str(cubin_path)],
                                   capture_output=True, text=True, check=False).stdout
             rec["sass_counts"] = sass_counts(sass)
+            rec["hot_loop"] = hot_loop(sass)
     return rec
 
 
@@ -198,6 +200,44 @@ def sass_counts(sass: str) -> dict[str, int]:
     keep = ("HGMMA", "HMMA", "FFMA", "FFMA2", "UTCHMMA", "UTCQMMA", "UTCOMMA", "UTCMMA",
             "LDL", "STL")
     return {op: sum(1 for o in ops if o == op) for op in keep if op in ops}
+
+
+#: SASS opcodes of the GEMM's multiply-adds, by kind: tensor cores, then CUDA-core FMA.
+MMA_OPS = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA", "UTCMMA")
+FMA_OPS = ("FFMA", "FFMA2")
+
+
+def hot_loop(sass: str) -> dict | None:
+    """The K-loops in disassembled SASS, and the spill instructions inside them.
+
+    Loops are the address ranges of backward branches (``BRA`` to a lower address); K-loops
+    are the innermost ones (holding no other) with tensor-core MMA instructions, or, where
+    there are none, those with at least half the most FMA instructions any innermost loop
+    holds (an FMA kernel's finish has a few in its loops over D). Returns ``{"loops", "mma",
+    "LDL", "STL"}`` (how many K-loops, and the instructions of each kind inside them), or None
+    without one. A spilled value reloaded outside them (before the class loop, after a class
+    block's K-loop) costs an L1 access per class block; inside, one per K-step."""
+    code = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in re.findall(
+        r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
+    loops = set()
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
+        if op == "BRA" and target and int(target.group(1), 16) <= addr:
+            loops.add((int(target.group(1), 16), addr))
+    inner = [lp for lp in loops
+             if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+
+    def count(lp, ops):
+        return sum(1 for a, op, _ in code if lp[0] <= a <= lp[1] and op in ops)
+
+    for ops, share in ((MMA_OPS, 0.0), (FMA_OPS, 0.5)):
+        most = max((count(lp, ops) for lp in inner), default=0)
+        k_loops = [lp for lp in inner if count(lp, ops) > 0 and count(lp, ops) >= share * most]
+        if k_loops:
+            return {"loops": len(k_loops), "mma": sum(count(lp, ops) for lp in k_loops),
+                    "LDL": sum(count(lp, ("LDL",)) for lp in k_loops),
+                    "STL": sum(count(lp, ("STL",)) for lp in k_loops)}
+    return None
 
 
 def ctas_per_sm(registers: int | None, num_warps: int, smem: int) -> tuple[int, str]:
@@ -281,7 +321,7 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "spill_load_bytes": facts["spill_load_bytes"], "smem_bytes": facts["smem_bytes"],
         "ctas_per_sm": ctas, "ctas_limit": binding, "mma": facts["mma"],
         "wgmma_pendings": facts["wgmma_pendings"], "wgmma_a": facts["wgmma_a"],
-        "sass": facts["sass_counts"],
+        "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas))
@@ -307,6 +347,9 @@ def markdown(records: list[dict]) -> str:
         tiles = ",".join(str(v) for v in r["block"].values())
         spills = ("?" if r["spill_store_bytes"] is None
                   else f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B")
+        hot = r.get("hot_loop")
+        if r["spill_store_bytes"] and hot is not None:  # where they are: in the K-loop?
+            spills += f" ({hot['STL']} / {hot['LDL']} in K-loop)"
         lines.append(
             f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
             f"{r['function']} | {tiles} | {r['num_warps']}/{r['num_stages']} | "
@@ -339,7 +382,7 @@ def markdown(records: list[dict]) -> str:
 JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config", "block",
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
              "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings", "wgmma_a",
-             "sass", "grid",
+             "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
              "structure_fraction", "model_notes", "assembler")
 

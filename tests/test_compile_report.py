@@ -58,6 +58,37 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
         if HAS_PTXAS:
             assert 0 < r["registers"] <= 255
             assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0
+        if r["sass"] and r["mma"] == "wgmma":  # disassembled: the K-loop found, no spill
+            assert r["hot_loop"]["loops"] >= 1 and r["hot_loop"]["mma"] >= 1
+            assert r["hot_loop"]["LDL"] == r["hot_loop"]["STL"] == 0
+
+
+def test_k_loop_spills_are_told_from_spills_outside_it():
+    """The report says whether spills sit in a K-loop (one L1 access per K-step) or outside
+    (one per class block): loops are backward branches, K-loops the innermost with MMAs."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R4 ;
+        /*0020*/                   HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24 ;
+        /*0030*/                   LDL R5, [R1+0x4] ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   LDL R6, [R1] ;
+        /*0060*/                   FFMA R7, R6, R6, R7 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   BRA 0x10 ;
+        /*0090*/                   EXIT ;
+    """
+    assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0}
+    fma = sass.replace("HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24", "FFMA R2, R3, R3, R2")
+    # Two FFMA loops of one FFMA each: both count (each holds at least half the most).
+    assert compile_report.hot_loop(fma) == {"loops": 2, "mma": 2, "LDL": 1, "STL": 0}
+    assert compile_report.hot_loop("/*0000*/ EXIT ;") is None
+    rec = {"spill_store_bytes": 8, "spill_load_bytes": 8, "hot_loop": {"STL": 0, "LDL": 1}}
+    base = {"kernel": "k", "precision": "tf32", "shape": "s", "arch": "sm_90a",
+            "function": "f", "block": {}, "num_warps": 8, "num_stages": 3, "registers": 255,
+            "smem_bytes": 0, "ctas_per_sm": 1, "ctas_limit": "registers", "mma": "wgmma",
+            "wgmma_pendings": 1, "grid": 1, "waves": 1, "config": 0, "model_total": False}
+    assert "8 / 8 B (0 / 1 in K-loop)" in compile_report.markdown([{**base, **rec}])
 
 
 def test_markdown_and_dumps(report):
