@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import traceback
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from triton.runtime.errors import OutOfResources
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 #: SMs assumed when planning a launch off a GPU (the interpreter, the compile report): an
 #: H100 / H200 SXM.
@@ -110,7 +114,9 @@ def run(launch: KernelLaunch | TorchCall) -> None:
     Where a GPU has less (99 KB on sm_86 / sm_89, 163 KB on the A100, 64 KB on the T4), the
     launch is retried with fewer software-pipelining stages, which changes no result (only
     how far loads run ahead), and the stages that fit are remembered for this process. Triton
-    checks shared memory before it launches anything, so a refused attempt writes nothing."""
+    checks shared memory before it launches anything, so a refused attempt writes nothing.
+    A kernel Triton fails to compile for the device is named in a RuntimeError with the
+    device, the triton version and the way out (``backend='torch'``)."""
     if isinstance(launch, TorchCall):
         launch.fn(*launch.args)
         return
@@ -134,8 +140,37 @@ def run(launch: KernelLaunch | TorchCall) -> None:
                         f"unpipelined; this GPU ({device}) allows {err.limit}: use "
                         "backend='torch' on it") from err
                 stages -= 1
+            except (CompilationError, PTXASError, RuntimeError) as err:
+                if not _from_compiler(err):
+                    raise
+                name = getattr(launch.fn, "__name__", str(launch.fn))
+                first = next((line for line in str(err).splitlines() if line.strip()),
+                             type(err).__name__)
+                raise RuntimeError(
+                    f"{name} did not compile for this GPU ({device}, compute capability "
+                    f"{_capability(device)}) with triton {triton.__version__}: {first[:300]}. "
+                    "backend='torch' runs the operation without Triton (another triton "
+                    "version may compile it)") from err
     if stages != launch.num_stages:
         _FITTING_STAGES[_stages_key(launch, device)] = stages
+
+
+def _from_compiler(err: BaseException) -> bool:
+    """Whether ``err`` is Triton failing to compile a kernel (its front end, an MLIR pass,
+    ptxas), not the launch or the kernel failing on the device: the frame that raised it is in
+    triton's compiler package or a backend's ``compiler.py`` (not its driver)."""
+    if isinstance(err, (CompilationError, PTXASError)):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    path = Path(frames[-1].filename) if frames else Path()
+    return "triton" in path.parts and ("compiler" in path.parts or path.name == "compiler.py")
+
+
+def _capability(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "none"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
 
 
 def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
@@ -144,6 +179,21 @@ def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
     return (launch.fn, device, launch.num_warps, launch.num_stages,
             tuple(sorted(launch.constexprs.items())),
             tuple(a.dtype for a in launch.args if isinstance(a, torch.Tensor)))
+
+
+def flat_gate(device: torch.device) -> bool:
+    """The kernels' ``FLAT_GATE`` for ``device``: on for CUDA GPUs of compute capability 10 and
+    later (tcgen05; see :func:`grood_kernels._topk.any_row`), off elsewhere (``meta`` tensors
+    included: the compile report sets it per target)."""
+    if device.type != "cuda":
+        return False
+    return _cuda_major(device.index if device.index is not None
+                       else torch.cuda.current_device()) >= 10
+
+
+@functools.cache
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def sm_count(device: torch.device) -> int | None:

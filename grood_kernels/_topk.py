@@ -43,8 +43,25 @@ def replace_worst(cand_d, cand_i, worst, v, new_id, better):
 
 
 @triton.jit
+def any_row(flags, FLAT_GATE: tl.constexpr):
+    """Whether any entry of the 1-D ``flags`` is set, as a scalar. ``FLAT_GATE`` (the
+    launchers set it on sm_100 and later): the flags are reshaped, their order free, before
+    the reduction. Under triton 3.6, compiling for sm_100 (tcgen05), a scalar reduction of a
+    row reduction of the MMA accumulator fails in the TMEM layout pass ("parent layout must
+    have at least rank >= 2"), which took every tensor-core mode of both kernels down on
+    Blackwell GPUs; on sm_90a the reshape costs spills under triton 3.6 (the search in tf32),
+    so it is not done there."""
+    if FLAT_GATE:
+        return tl.max(tl.reshape(flags.to(tl.int32), [flags.shape[0]], can_reorder=True),
+                      axis=0) > 0
+    else:
+        return tl.max(flags.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.constexpr,
-                   count_ptr=None, COUNT: tl.constexpr = False):
+                   count_ptr=None, COUNT: tl.constexpr = False,
+                   FLAT_GATE: tl.constexpr = False):
     """Merge the N_CAND smallest entries of each row of ``dist`` into the candidates.
 
     Args:
@@ -54,6 +71,7 @@ def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.
             distinct negative ids (``-1 - slot``), so the slot to replace is unique.
         col0: the global id of the tile's first column.
         count_ptr, COUNT: when COUNT, add the number of insertion rounds run to ``*count_ptr``.
+        FLAT_GATE: how the gate's flags are reduced (see :func:`any_row`).
 
     Each round takes every row's smallest remaining entry (the leftmost on ties) and puts it in
     place of the row's worst candidate by (distance, id) when strictly smaller. Rounds are
@@ -69,7 +87,7 @@ def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.
             v = tl.min(dist, axis=1)
             worst = tl.max(cand_d, axis=1)
             better = v < worst
-            if tl.max(better.to(tl.int32), axis=0) > 0:
+            if any_row(better, FLAT_GATE):
                 if COUNT:
                     tl.atomic_add(count_ptr, 1)
                 j = tl.argmin(dist, axis=1, tie_break_left=True)

@@ -38,6 +38,7 @@ from grood_kernels._launch import (
     KernelLaunch,
     LaunchConfig,
     fit_tile,
+    flat_gate,
     run,
     sm_count,
 )
@@ -116,7 +117,7 @@ def _knn_candidates_kernel(
     # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_Q: tl.constexpr, N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
-    EVEN_D: tl.constexpr, COUNT: tl.constexpr,
+    EVEN_D: tl.constexpr, COUNT: tl.constexpr, FLAT_GATE: tl.constexpr,
 ):
     # Grouped order: GROUP_Q query blocks x every split, the query block fastest.
     pid = tl.program_id(0).to(tl.int64)
@@ -165,7 +166,7 @@ def _knn_candidates_kernel(
         dots = dots - 0.5 * x_sq[None, :]  # no registers held during it
         dist = clamp_sq(q_sq[:, None] - 2.0 * dots)  # [BLOCK_Q, BLOCK_M]
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, m0, N_CAND, BLOCK_M,
-                                        count_ptr, COUNT)
+                                        count_ptr, COUNT, FLAT_GATE)
 
     out = (offs_q[:, None] * n_split + pid_s) * N_CAND + slots[None, :]
     tl.store(out_d_ptr + out, cand_d, mask=mask_q[:, None])
@@ -190,7 +191,8 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
          queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
         {"BLOCK_Q": cfg.block_rows, "BLOCK_M": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "GROUP_Q": cfg.group_rows, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
-         "EVEN_D": d % cfg.block_d == 0, "COUNT": count},
+         "EVEN_D": d % cfg.block_d == 0, "COUNT": count,
+         "FLAT_GATE": flat_gate(queries.device)},
         cfg.num_warps, cfg.num_stages)
 
 

@@ -53,6 +53,7 @@ from grood_kernels._launch import (
     LaunchConfig,
     TorchCall,
     fit_tile,
+    flat_gate,
     on_device,
     run,
     sm_count,
@@ -310,7 +311,7 @@ def _ncp_gradient_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
-    FINISH: tl.constexpr,
+    FINISH: tl.constexpr, FLAT_GATE: tl.constexpr,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
@@ -341,7 +342,8 @@ def _ncp_gradient_kernel(
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
-    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
+    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
+                                    FLAT_GATE=FLAT_GATE)
     for cb in range(cb0 + 1, cb1):
         c0 = cb * BLOCK_C
         dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
@@ -352,7 +354,8 @@ def _ncp_gradient_kernel(
         m_new = tl.maximum(m, -tl.min(dist, axis=1))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new
-        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
+        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
+                                    FLAT_GATE=FLAT_GATE)
 
     # Partial result of this group: [m, acc, cand_d...] (fp32) and cand_i (int32) per row.
     W: tl.constexpr = 2 + N_CAND
@@ -386,7 +389,7 @@ def _ncp_single_read_kernel(
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
-    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, FLAT_GATE: tl.constexpr,
 ):
     """The whole step for one row tile with every class in one block and the whole centred
     tile [BLOCK_N, D_PAD] held in registers from its load to the gradient's store: ``h`` is
@@ -413,7 +416,8 @@ def _ncp_single_read_kernel(
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
     cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
-    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C)
+    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C,
+                                    FLAT_GATE=FLAT_GATE)
     exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i,
                             proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc, stride_pd,
                             inv_scale, N_CAND)
@@ -438,7 +442,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
              h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
              prototypes.stride(1), grad.stride(0), grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
-             "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
+             "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
+             "FLAT_GATE": flat_gate(h.device)},
             cfg.num_warps, cfg.num_stages),)
     part_f, part_i, counters, u_sq, op_rows, dots = scratch
     n_cb = triton.cdiv(c, cfg.block_cols)
@@ -477,7 +482,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols)},
+         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
+         "FLAT_GATE": flat_gate(h.device)},
         cfg.num_warps, cfg.num_stages))
 
 

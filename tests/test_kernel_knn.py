@@ -313,3 +313,14 @@ def test_clamped_squared_distances_make_nan_inf():
     out = torch.full_like(x, -5.0)
     _clamp_kernel[(1,)](x, out, N=8)
     assert out.tolist() == [2.5, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0, 7.0]
+
+
+def test_the_flat_top_k_gate_gives_the_same_results(monkeypatch):
+    """On sm_100 and later the launcher reshapes the top-k gate's flags before reducing them
+    (``FLAT_GATE``, a workaround for triton 3.6's TMEM layout pass): the same neighbours and
+    distances, bit for bit, over many database tiles."""
+    queries, db = _data(21, 700, 24, seed=8)
+    want = knn(queries, db, 5)
+    monkeypatch.setattr(kernel_module, "flat_gate", lambda device: True)
+    got = knn(queries, db, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -6,6 +6,7 @@ triton is imported) and on a CUDA device when one is present and the interpreter
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,41 @@ def test_launches_fall_back_to_fewer_stages_where_shared_memory_is_smaller(poiso
     with pytest.raises(RuntimeError, match=r"shared memory.*backend='torch'"):
         _launch.run(refused)
     _launch._FITTING_STAGES.clear()
+
+
+def _raising_from(filename, message):
+    """A kernel whose launch raises RuntimeError(message) from code in ``filename``."""
+    namespace = {}
+    exec(compile(f"def fail(*args, **kwargs):\n    raise RuntimeError({message!r})\n",
+                 filename, "exec"), namespace)
+
+    class Kernel:
+        __name__ = "_some_kernel"
+
+        def __getitem__(self, grid):
+            return namespace["fail"]
+    return Kernel()
+
+
+def test_a_kernel_that_does_not_compile_is_named_with_the_way_out():
+    """A kernel Triton fails to compile on this GPU (an MLIR pass, as triton 3.6 on Blackwell
+    did) raised the compiler's own "PassManager::run failed" from deep inside the launch; the
+    error now names the kernel, the device, the triton version and backend='torch'. Errors of
+    the launch itself (the driver) pass through as they are."""
+    from grood_kernels import _launch
+
+    site = Path("site-packages") / "triton"
+    failing = _launch.KernelLaunch(
+        _raising_from(str(site / "backends" / "nvidia" / "compiler.py"),
+                      "PassManager::run failed"), (1,), (torch.zeros(1),), {}, 4, 2)
+    with pytest.raises(RuntimeError, match=r"_some_kernel did not compile for this GPU \(cpu, "
+                       r"compute capability none\) with triton .*: PassManager::run failed\. "
+                       r"backend='torch'"):
+        _launch.run(failing)
+    launch_error = failing._replace(fn=_raising_from(
+        str(site / "backends" / "nvidia" / "driver.py"), "CUDA error: an illegal memory access"))
+    with pytest.raises(RuntimeError, match=r"^CUDA error: an illegal memory access$"):
+        _launch.run(launch_error)
 
 
 @pytest.mark.gpu
@@ -831,3 +867,18 @@ def test_class_groups_without_classes_are_refused(monkeypatch):
             for cfg in kernel_module.candidate_configs(65536, c, 512, precision, 4):
                 n_cb = -(-c // cfg.block_cols)
                 assert (cfg.n_split - 1) * -(-n_cb // cfg.n_split) < n_cb
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_the_flat_top_k_gate_gives_the_same_results(monkeypatch, precision):
+    """On sm_100 and later the launcher reshapes the top-k gate's flags before reducing them
+    (``FLAT_GATE``, a workaround for triton 3.6's TMEM layout pass): the same candidates, so
+    the same results, bit for bit, with several class blocks and groups."""
+    h, protos, p_ood = _problem(37, 70, 20, seed=4)
+    monkeypatch.setattr(kernel_module, "launch_config",
+                        lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 2))
+    want = ncp_gradient(h, protos, p_ood, precision=precision)
+    monkeypatch.setattr(kernel_module, "flat_gate", lambda device: True)
+    got = ncp_gradient(h, protos, p_ood, precision=precision)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
