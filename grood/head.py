@@ -39,7 +39,6 @@ from grood._checks import (
     check_matrix,
     check_positive_int,
     compute_dtype,
-    ordinary,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
@@ -92,47 +91,44 @@ class GROODHead(nn.Module):
         check_backend_name(backend)
         if checks not in CHECKS:
             raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
-        # The same squared norms the detector's gradient step and exact index use.
-        self.register_buffer("class_prototypes", ordinary(class_prototypes.detach().clone()))
-        self.register_buffer("ood_prototype", ordinary(ood_prototype.detach().clone()))
-        self.register_buffer("prototype_sq_norms", None)
-        self.register_buffer("index_vectors", index_vectors.detach().clone())
-        self.register_buffer("index_sq_norms", None)
-        self._derive_norms()
-        self.register_buffer("index_storage", None if index_storage is None
-                             else index_storage.detach().clone())
-        # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted on
-        # the device across calls; read it once per batch or epoch, reset with zero_().
-        self.register_buffer("unresolved_rows", torch.zeros((), dtype=torch.int64,
-                                                            device=class_prototypes.device),
-                             persistent=False)
-        self._ordinary_buffers()
+        # Ordinary tensors even when made under torch.inference_mode (a serving script's
+        # decorated main): inference tensors have no version counter, so the ops' values
+        # derived from them (the squared norms' check) were remade on every call, and they
+        # cannot be updated in place outside that mode (the checks="flag" counter failed
+        # there). The same holds for .to() and the derived norms, below.
+        with torch.inference_mode(False):
+            self.register_buffer("class_prototypes", class_prototypes.detach().clone())
+            self.register_buffer("ood_prototype", ood_prototype.detach().clone())
+            # The same squared norms the detector's gradient step and exact index use.
+            self.register_buffer("prototype_sq_norms", None)
+            self.register_buffer("index_vectors", index_vectors.detach().clone())
+            self.register_buffer("index_sq_norms", None)
+            self._derive_norms()
+            self.register_buffer("index_storage", None if index_storage is None
+                                 else index_storage.detach().clone())
+            # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted
+            # on the device across calls; read it once per batch or epoch, reset with zero_().
+            self.register_buffer("unresolved_rows",
+                                 torch.zeros((), dtype=torch.int64,
+                                             device=class_prototypes.device),
+                                 persistent=False)
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
 
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
         (float32 for half-precision buffers: half-precision norms overflow or round past the
         prototypes' own rounding), by the detector's and the exact index's own rules."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors (see init)
             self.prototype_sq_norms = centred_sq_norms(self.class_prototypes, self.ood_prototype)
             self.index_sq_norms = database_sq_norms_of(self.index_vectors)
-        self._ordinary_buffers()
-
-    def _ordinary_buffers(self) -> None:
-        """Every buffer an ordinary tensor. A head made, moved (``.to()``) or loaded under
-        ``torch.inference_mode`` got inference tensors, which have no version counter (the
-        ops' values derived from them, such as the squared norms' check, were remade on every
-        call) and cannot be updated in place outside that mode (the ``unresolved_rows``
-        counter of ``checks="flag"`` failed there)."""
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.is_inference():
-                self._buffers[name] = ordinary(buf)
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``...: the norms are derived again from the
         converted prototypes and index (converted norms would be norms of the unconverted
-        ones, and half-precision ones overflow)."""
-        super()._apply(fn, recurse)
+        ones, and half-precision ones overflow). The converted buffers are ordinary tensors
+        even under ``torch.inference_mode`` (see the constructor), made so without a copy."""
+        with torch.inference_mode(False):
+            super()._apply(fn, recurse)
         self._derive_norms()
         return self
 
