@@ -252,8 +252,12 @@ class ExactIndex(GradientIndex):
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` vectors in total, so later ``add`` calls do not copy."""
         if capacity > self._buf.shape[0]:
-            grown = torch.empty((capacity, self.dim), dtype=self.dtype, device=self.exact_device)
-            grown[: self._n] = self._buf[: self._n]
+            # Outside inference mode: an index filled under torch.inference_mode (a fit there)
+            # must take later adds outside it, into the capacity reserved here.
+            with torch.inference_mode(False):
+                grown = torch.empty((capacity, self.dim), dtype=self.dtype,
+                                    device=self.exact_device)
+                grown[: self._n] = self._buf[: self._n]
             self._buf = grown
 
     @classmethod
@@ -297,7 +301,8 @@ class ExactIndex(GradientIndex):
     def trim(self) -> None:
         """Release unused reserved capacity."""
         if self._buf.shape[0] != self._n:
-            self._buf = self._buf[: self._n].clone()
+            with torch.inference_mode(False):  # see reserve
+                self._buf = self._buf[: self._n].clone()
 
     def _searched(self) -> Tensor:
         """The vectors the candidate GEMM reads: the exact ones, or their stored copy."""

@@ -356,3 +356,23 @@ def test_threads_scoring_a_fresh_half_precision_index_see_a_whole_copy(monkeypat
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(det.score_samples, queries))
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_an_index_filled_under_inference_mode_takes_adds_outside_it():
+    """A fit under ``torch.inference_mode`` left the exact index's buffer an inference tensor:
+    an add outside that mode into reserved capacity failed ("Inplace update to inference
+    tensor outside InferenceMode")."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        index = ExactIndex(6)
+        index.add(torch.randn(10, 6, generator=gen))
+        index.reserve(20)
+    more = torch.randn(4, 6, generator=gen)
+    index.add(more)
+    index.add_where(more, torch.tensor([True, False, True, False]))
+    assert index.ntotal == 16 and torch.equal(index.vectors[10:14], more)
+    assert torch.equal(index.vectors[14:], more[[0, 2]])
+    with torch.inference_mode():
+        index.trim()
+    index.add(more)
+    assert index.ntotal == 20
