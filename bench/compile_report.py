@@ -97,15 +97,15 @@ def _tool(name: str) -> Path | None:
 
 
 def triton_compile(launch, capability: int):
-    """``triton.compile`` of one launch for a CUDA compute capability, as the JIT would (with
-    the ``FLAT_GATE`` its launcher sets on a GPU of that capability)."""
+    """``triton.compile`` of one launch for a CUDA compute capability, as the JIT would (as
+    ``grood_kernels._launch.run`` launches it on a GPU of that capability)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if "FLAT_GATE" in launch.constexprs:
-        launch = launch._replace(constexprs={**launch.constexprs,
-                                             "FLAT_GATE": capability >= 100})
+    from grood_kernels._launch import for_target
+
+    launch = for_target(launch, capability // 10)
     signature, constexprs, attrs = specialise(launch)
     src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     with warnings.catch_warnings():

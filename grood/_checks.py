@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grood_kernels.contract import check_dense
+from grood_kernels.contract import check_dense, check_positive_int, integer_value
 
 #: What the public API takes and gives back for arrays: a torch tensor or a numpy array (the
 #: result has the input's type: numpy in, numpy out; tensor in, tensor on the input's device).
@@ -204,18 +203,6 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
-def _integer(value: Any) -> int | None:
-    """``value`` as a Python int if it is a Python, numpy or 0-d torch integer (not a bool,
-    not a float such as 2.0), else None."""
-    if isinstance(value, (bool, np.bool_)) or (
-            isinstance(value, Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def check_flag(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
     """``value`` as a Python bool (numpy bools too; None when allowed), else a clear error: a
     string such as "no" would otherwise count as true."""
@@ -228,19 +215,10 @@ def check_flag(value: Any, name: str, *, allow_none: bool = False) -> bool | Non
 
 
 def check_integer(value: Any, name: str) -> int:
-    """``value`` as a Python int (see :func:`_integer`), else a clear error."""
-    number = _integer(value)
+    """``value`` as a Python int (see :func:`integer_value`), else a clear error."""
+    number = integer_value(value)
     if number is None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return number
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as a Python int if it is a positive integer (see :func:`_integer`), else a
-    clear error."""
-    number = _integer(value)
-    if number is None or number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
 
 

@@ -37,7 +37,6 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     NCPGradient,
     check_dense,
     check_has_columns,
-    check_k,
     check_precision,
     check_sq_norms,
     kept_per_prototypes,
@@ -592,7 +591,7 @@ def knn(
     _check_same_device(queries, database)
     check_dense(database_sq_norms=database_sq_norms, rerank_database=rerank_database)
     check_has_columns(queries.shape[1], "queries and the database")
-    k = check_k(k)
+    k = check_positive_int(k, "k")
     (block_size,) = _block_sizes(block_size=block_size)
     check_precision(precision)
     n_q, n_db = queries.shape[0], database.shape[0]

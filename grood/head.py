@@ -43,6 +43,7 @@ from grood._checks import (
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
+from grood_kernels import contract
 from grood_kernels.contract import pinning_kept_values, sq_norms_mismatch
 
 if TYPE_CHECKING:
@@ -234,10 +235,11 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
         # relative, fp16's subnormal spacing) — another set's copy would steer the search.
         near = torch.empty(vectors.shape[0], dtype=torch.bool, device=vectors.device)
         dt = compute_dtype(vectors.dtype)
-        for m0 in range(0, vectors.shape[0], 65536):  # no [M, D] temporaries
-            v = vectors[m0:m0 + 65536].to(dt)
-            s = storage[m0:m0 + 65536].to(vectors.device, dt)
-            near[m0:m0 + 65536] = ((s - v).abs() <= 2.0**-8 * v.abs() + 2.0**-24).all(1)
+        step = 65536  # rows at a time: no [M, D] temporaries
+        for m0 in range(0, vectors.shape[0], step):
+            v = vectors[m0:m0 + step].to(dt)
+            s = storage[m0:m0 + step].to(vectors.device, dt)
+            near[m0:m0 + step] = ((s - v).abs() <= 2.0**-8 * v.abs() + 2.0**-24).all(1)
         if not bool(near.all()):
             rows = (~near).nonzero().flatten()[:3].tolist()
             raise ValueError(f"index_storage is not a rounded copy of index_vectors (row(s) "
@@ -248,7 +250,7 @@ def _check_derived(state: dict) -> None:
     """A state's squared norms against the prototypes and index they derive from."""
     for name, source, expected in (
             ("prototype_sq_norms", "prototypes",
-             centred_sq_norms(state["class_prototypes"], state["ood_prototype"])),
+             contract.centred_sq_norms(state["class_prototypes"], state["ood_prototype"])),
             ("index_sq_norms", "index_vectors",
              database_sq_norms_of(state["index_vectors"], torch.float64))):
         bad = sq_norms_mismatch(state[name], expected)

@@ -121,6 +121,7 @@ def run(launch: KernelLaunch | TorchCall) -> None:
         launch.fn(*launch.args)
         return
     device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
+    launch = for_target(launch, _major(device))
     # The table is empty unless a launch was refused: only then is the key worth building.
     stages = (_FITTING_STAGES.get(_stages_key(launch, device), launch.num_stages)
               if _FITTING_STAGES else launch.num_stages)
@@ -181,14 +182,22 @@ def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
             tuple(a.dtype for a in launch.args if isinstance(a, torch.Tensor)))
 
 
-def flat_gate(device: torch.device) -> bool:
-    """The kernels' ``FLAT_GATE`` for ``device``: on for CUDA GPUs of compute capability 10 and
-    later (tcgen05; see :func:`grood_kernels._topk.any_row`), off elsewhere (``meta`` tensors
-    included: the compile report sets it per target)."""
+def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
+    """``launch`` as compiled for a GPU of compute capability ``major``.x: kernels that take
+    ``FLAT_GATE`` get it on from sm_100 (tcgen05; see :func:`grood_kernels._topk.any_row`),
+    off before. :func:`run` applies it for the device, the compile report for its target, so
+    both compile the same kernel."""
+    if "FLAT_GATE" not in getattr(launch.fn, "arg_names", ()):
+        return launch
+    return launch._replace(constexprs={**launch.constexprs, "FLAT_GATE": major >= 10})
+
+
+def _major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA ``device`` (0 elsewhere)."""
     if device.type != "cuda":
-        return False
+        return 0
     return _cuda_major(device.index if device.index is not None
-                       else torch.cuda.current_device()) >= 10
+                       else torch.cuda.current_device())
 
 
 @functools.cache

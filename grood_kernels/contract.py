@@ -64,17 +64,24 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def check_k(k: Any) -> int:
-    """``k`` as a Python int if it is a positive Python, numpy or 0-d torch integer (not a
-    bool, not a float such as 2.0), else a clear error (the same rule on both backends)."""
-    number = None
-    if not isinstance(k, bool) and not (isinstance(k, Tensor) and k.dtype == torch.bool):
-        try:
-            number = operator.index(k)
-        except TypeError:
-            number = None
+def integer_value(value: Any) -> int | None:
+    """``value`` as a Python int if it is a Python, numpy or 0-d torch integer (not a bool,
+    numpy's included, not a float such as 2.0), else None."""
+    if type(value).__name__ in ("bool", "bool_") or (
+            isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer (see :func:`integer_value`), else
+    a clear error (one rule for grood's parameters and both backends' ``k``)."""
+    number = integer_value(value)
     if number is None or number < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
 
 

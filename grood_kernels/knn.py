@@ -38,7 +38,6 @@ from grood_kernels._launch import (
     KernelLaunch,
     LaunchConfig,
     fit_tile,
-    flat_gate,
     run,
     sm_count,
 )
@@ -49,7 +48,7 @@ from grood_kernels.contract import (
     RERANK_EXTRA,
     check_dense,
     check_has_columns,
-    check_k,
+    check_positive_int,
     check_precision,
     lex_order,
 )
@@ -117,7 +116,7 @@ def _knn_candidates_kernel(
     # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_Q: tl.constexpr, N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
-    EVEN_D: tl.constexpr, COUNT: tl.constexpr, FLAT_GATE: tl.constexpr,
+    EVEN_D: tl.constexpr, COUNT: tl.constexpr, FLAT_GATE: tl.constexpr = False,
 ):
     # Grouped order: GROUP_Q query blocks x every split, the query block fastest.
     pid = tl.program_id(0).to(tl.int64)
@@ -191,8 +190,7 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
          queries.stride(0), queries.stride(1), database.stride(0), database.stride(1)),
         {"BLOCK_Q": cfg.block_rows, "BLOCK_M": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "GROUP_Q": cfg.group_rows, "N_CAND": cand_d.shape[2], "DOT_MODE": DOT_MODES[precision],
-         "EVEN_D": d % cfg.block_d == 0, "COUNT": count,
-         "FLAT_GATE": flat_gate(queries.device)},
+         "EVEN_D": d % cfg.block_d == 0, "COUNT": count},
         cfg.num_warps, cfg.num_stages)
 
 
@@ -266,7 +264,7 @@ def knn(
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"expected queries [Q, D] and database [M, D], got "
                          f"{tuple(queries.shape)} and {tuple(database.shape)}")
-    k = check_k(k)
+    k = check_positive_int(k, "k")
     check_has_columns(queries.shape[1], "queries and the database")
     for name, t in (("queries", queries), ("database", database)):
         if t.dtype not in KERNEL_DTYPES:

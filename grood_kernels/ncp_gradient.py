@@ -53,7 +53,6 @@ from grood_kernels._launch import (
     LaunchConfig,
     TorchCall,
     fit_tile,
-    flat_gate,
     on_device,
     run,
     sm_count,
@@ -311,7 +310,7 @@ def _ncp_gradient_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
-    FINISH: tl.constexpr, FLAT_GATE: tl.constexpr,
+    FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
@@ -389,7 +388,7 @@ def _ncp_single_read_kernel(
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
-    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, FLAT_GATE: tl.constexpr,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, FLAT_GATE: tl.constexpr = False,
 ):
     """The whole step for one row tile with every class in one block and the whole centred
     tile [BLOCK_N, D_PAD] held in registers from its load to the gradient's store: ``h`` is
@@ -442,8 +441,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
              h.stride(0), h.stride(1), prep.operand.stride(0), prototypes.stride(0),
              prototypes.stride(1), grad.stride(0), grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
-             "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-             "FLAT_GATE": flat_gate(h.device)},
+             "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
             cfg.num_warps, cfg.num_stages),)
     part_f, part_i, counters, u_sq, op_rows, dots = scratch
     n_cb = triton.cdiv(c, cfg.block_cols)
@@ -482,8 +480,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
-         "FLAT_GATE": flat_gate(h.device)},
+         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols)},
         cfg.num_warps, cfg.num_stages))
 
 
