@@ -7,12 +7,14 @@ convention). Every output is flattened to ``[N, D]``. Extraction runs under ``to
 in eval mode, and the model's previous train/eval mode is restored afterwards.
 
 Loaders may yield tensors, ``(x, y, ...)`` tuples or lists, or dicts with ``data`` and
-``label`` keys (the OpenOOD convention).
+``label`` keys (the OpenOOD convention). Models may return their logits as a tensor, as the
+first element of a tuple, or under ``logits`` in a mapping or an output object (Hugging Face's
+``ModelOutput``): see :func:`logits_of`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,34 @@ def _labels_of(obj: Any) -> Tensor | None:
         except (TypeError, ValueError, RuntimeError):  # strings, objects, ragged lists
             return None
     return None
+
+
+def logits_of(output: Any) -> Tensor | None:
+    """The logits in a model's output.
+
+    A tensor is the logits; a tuple or list holds them first (torchvision's auxiliary outputs,
+    ``(logits, features)``); a mapping (a dict, Hugging Face's ``ModelOutput``) or another
+    object holds them as ``logits``; ``None`` has none. Anything else is an error naming what
+    came back, so that a model's logits are never silently left out (without them, ``fit``
+    would index the samples their nearest prototype gets right instead of the samples the
+    model gets right).
+    """
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return logits_of(output["logits"])
+        raise ValueError(f"the model returned a {type(output).__name__} with keys "
+                         f"{sorted(map(str, output))[:10]} and no 'logits'; wrap the model so "
+                         "that its forward returns the logits (a tensor)")
+    found = getattr(output, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    raise TypeError(f"the model returned a {type(output).__name__}, from which grood cannot "
+                    "read logits: return a tensor, a tuple with the logits first, or a mapping "
+                    "or object with 'logits'")
 
 
 @contextmanager
@@ -153,13 +183,12 @@ class FeatureExtractor:
                                      "return_feature_list=True: name the penultimate module "
                                      "with features=...") from exc
                 logits, feature_list = out
+                logits = logits_of(logits)
                 captured.setdefault("features", [feature_list[-1]])
                 if isinstance(self.early, int):
                     captured["early"] = [feature_list[self.early]]
             else:
-                logits = self.model(x)
-                if isinstance(logits, tuple):
-                    logits = logits[0]
+                logits = logits_of(self.model(x))
         feats = self.output_of(captured, "features")
         early = self.output_of(captured, "early")
 
@@ -269,10 +298,11 @@ class _Chain(nn.Module):
 def check_split(model: nn.Module, stem: nn.Module, tail: nn.Module, probe: Tensor) -> None:
     """Raise unless ``tail(stem(x))`` reproduces the model's logits on a probe batch."""
     with eval_mode(model):
-        full = model(probe)
-        full = full[0] if isinstance(full, tuple) else full
-        parts = tail(stem(probe))
-        parts = parts[0] if isinstance(parts, tuple) else parts
+        full = logits_of(model(probe))
+        parts = logits_of(tail(stem(probe)))
+    if not isinstance(full, Tensor) or not isinstance(parts, Tensor):
+        raise ValueError("the model's output holds no logits to check a split against (see "
+                         "grood.extract.logits_of)")
     if parts.shape != full.shape or not torch.allclose(parts, full, rtol=1e-4, atol=1e-5):
         raise ValueError("the model cannot be split into stem and tail by its top-level "
                          "children (running them in order does not reproduce its output); "

@@ -41,6 +41,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
+from grood.extract import logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
 from grood_kernels import contract
@@ -305,8 +306,7 @@ class GROODAttached(nn.Module):
             feats = feature_list[-1]
         else:
             logits, feats = self.model(x)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
         score, pred = self.head(feats.reshape(feats.shape[0], -1).float())
         return logits, score, pred
 

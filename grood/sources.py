@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from grood._checks import check_integer, check_positive_int, check_real
-from grood.extract import FeatureExtractor, check_split, eval_mode, split_batch, split_model
+from grood.extract import (
+    FeatureExtractor,
+    check_split,
+    eval_mode,
+    logits_of,
+    split_batch,
+    split_model,
+)
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 
 
@@ -126,8 +133,11 @@ class Mixup(OODPrototypeSource):
                 if self.n_samples is not None:
                     x = x[: self.n_samples - seen]
                 e = stem(x)
-                logits = tail(e.clone())  # the tail may change its input in place
-                logits = logits[0] if isinstance(logits, tuple) else logits
+                logits = logits_of(tail(e.clone()))  # the tail may change its input in place
+                if logits is None or logits.ndim != 2:
+                    raise ValueError("Mixup needs the model's logits [B, C] (to pick each "
+                                     "sample's second most likely class); the tail returned "
+                                     f"{'none' if logits is None else tuple(logits.shape)}")
                 second = logits.topk(2, dim=1).indices[:, 1] if logits.shape[1] > 1 else \
                     logits.argmax(1)
                 mixed = self.lam * e + (1 - self.lam) * early_protos[second].view_as(e)

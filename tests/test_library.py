@@ -427,6 +427,26 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
     assert all(torch.equal(a, b) for a, b in zip(exported, (logits, score, pred), strict=True))
 
 
+class DictOutputNet(SmallCNN):
+    """Logits returned under "logits" in a dict (the Hugging Face convention)."""
+
+    def forward(self, x):
+        feats = self.avgpool(self.body(x))
+        return {"features": feats, "logits": self.fc(feats)}
+
+
+def test_attach_reads_logits_from_a_dict_output(cnn):
+    net, det, images = cnn
+    dict_net = DictOutputNet().eval()
+    dict_net.load_state_dict(net.state_dict())
+    attached = det.attach(dict_net, features="avgpool")
+    logits, score, pred = attached(images)
+    want_s, want_p = det.score_model(net, [images])
+    assert torch.equal(logits, net(images))
+    assert torch.equal(score, want_s) and torch.equal(pred, want_p)
+    assert torch._dynamo.explain(attached)(images).graph_break_count == 0
+
+
 def test_attach_with_flag_checks(cnn):
     """attach(checks="flag"): the same scores on images it can score, NaN (and a count) for
     an image whose features are not finite, no graph break."""

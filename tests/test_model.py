@@ -1,5 +1,7 @@
 """From a model and loaders to scores: extraction, fit_model/score_model, mixup and noise."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DictDataset
@@ -395,3 +397,65 @@ def test_outputs_changed_in_place_later_are_read_as_the_named_module_gave_them()
         mixed = 0.5 * early + 0.5 * protos[second]
         want = model[7](model[4:7](mixed)).mean(0)
     torch.testing.assert_close(mixed_det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
+
+
+class _Output(dict):
+    """A mapping output like Hugging Face's ``ModelOutput`` (an ordered dict subclass)."""
+
+
+@dataclasses.dataclass
+class _Record:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _Wrapped(nn.Module):
+    """The trained model, its logits returned in another container."""
+
+    def __init__(self, model, style):
+        super().__init__()
+        self.net, self.style = model, style
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.style == "mapping":
+            return _Output(logits=logits, hidden=x)
+        if self.style == "dict-first":  # a dict whose first value is not the logits
+            return {"hidden": x.flatten(1), "logits": logits}
+        if self.style == "object":
+            return _Record(logits=logits, hidden=x)
+        if self.style == "no-logits":
+            return {"out": logits}
+        return "not an output"
+
+
+@pytest.mark.parametrize("style", ["mapping", "dict-first", "object"])
+def test_logits_returned_in_a_mapping_or_an_object_are_read(trained, style):
+    # Without them fit would silently index the samples their nearest prototype gets right
+    # rather than those the model gets right, and the noise source would find no energy.
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    wrapped = _Wrapped(model, style)
+    plain = GROOD(ood_prototype=UniformNoise(n_samples=32, batch_size=16)).fit_model(
+        model, loader, features="8")
+    det = GROOD(ood_prototype=UniformNoise(n_samples=32, batch_size=16)).fit_model(
+        wrapped, loader, features="net.8")
+    _, logits, _ = FeatureExtractor(wrapped, features="net.8").extract(loader)
+    torch.testing.assert_close(logits, model(x))
+    assert det.index_.ntotal == plain.index_.ntotal == int((model(x).argmax(1) == y).sum())
+    torch.testing.assert_close(det.ood_prototype_, plain.ood_prototype_)
+    torch.testing.assert_close(det.score_model(wrapped, [x])[0], plain.score_model(model, [x])[0])
+    # Mixup reads its second most likely class from a tail that returns such an output too.
+    stem, tail = split_model(model, "5")
+    mixed = Mixup(layer="5", split=(stem, lambda e: _Wrapped(tail, style)(e)))
+    det = GROOD(ood_prototype=mixed).fit_model(wrapped, loader, features="net.8")
+    ref = GROOD(ood_prototype=Mixup(layer="5")).fit_model(model, loader, features="8")
+    torch.testing.assert_close(det.ood_prototype_, ref.ood_prototype_)
+
+
+def test_an_output_without_readable_logits_is_refused_by_name(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match=r"_Output|keys \['out'\] and no 'logits'"):
+        GROOD().fit_model(_Wrapped(model, "no-logits"), [(x, y)], features="net.8")
+    with pytest.raises(TypeError, match="returned a str"):
+        GROOD().fit_model(_Wrapped(model, "other"), [(x, y)], features="net.8")
