@@ -158,10 +158,15 @@ class FeatureExtractor:
         for role in ("features", "early"):
             name = getattr(self, role)
             if isinstance(name, str):
-                def hook(_module, _inputs, output, role=role):
+                def hook(_module, _inputs, output, role=role, name=name):
                     # A copy: a later in-place op (an nn.ReLU(inplace=True) after the named
                     # module, as in VGG or MobileNet) would change the captured output.
-                    out = output[0] if isinstance(output, tuple) else output
+                    out = output[0] if isinstance(output, (tuple, list)) and output else output
+                    if not isinstance(out, Tensor):
+                        raise TypeError(f"module {name!r} ({role}) returned a "
+                                        f"{type(output).__name__}, not a tensor (or a tuple "
+                                        "with one first); name a module whose output is the "
+                                        "feature tensor")
                     captured.setdefault(role, []).append(out.clone())
                 handles.append(self._modules[name].register_forward_hook(hook))
         try:

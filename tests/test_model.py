@@ -459,3 +459,23 @@ def test_an_output_without_readable_logits_is_refused_by_name(trained):
         GROOD().fit_model(_Wrapped(model, "no-logits"), [(x, y)], features="net.8")
     with pytest.raises(TypeError, match="returned a str"):
         GROOD().fit_model(_Wrapped(model, "other"), [(x, y)], features="net.8")
+
+
+class _DictBlock(nn.Module):
+    def forward(self, x):
+        return {"hidden": x.flatten(1)}
+
+
+class _DictBlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.fc = _DictBlock(), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(x)["hidden"])
+
+
+def test_a_named_module_whose_output_is_not_a_tensor_is_refused_by_name():
+    x, y = _images(12)
+    with pytest.raises(TypeError, match=r"module 'block' \(features\) returned a dict"):
+        GROOD().fit_model(_DictBlockNet(), [(x, y)], features="block")
