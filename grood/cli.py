@@ -219,9 +219,9 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
     """``grood eval --plots``: the two PNG files in ``folder`` (made if missing), checked, and
     matplotlib imported, before any scoring."""
     from grood.persistence import save_target
-    from grood.report import pyplot
+    from grood.report import figure_class
 
-    pyplot()  # a missing extra is named now, not after the scoring
+    figure_class()  # a missing extra is named now, not after the scoring
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--plots takes a folder; {folder} is a file")

@@ -56,23 +56,23 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
     return out
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend; a missing extra is named."""
-    matplotlib = require("matplotlib", extra="plots",
-                         purpose="plotting ROC curves and score histograms")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure_class():
+    """matplotlib's ``Figure``, a missing extra named. Figures are made from it directly, not
+    through pyplot: drawing a report neither switches the caller's backend (a notebook's
+    inline display keeps working) nor leaves figures open in pyplot's global list."""
+    require("matplotlib", extra="plots", purpose="plotting ROC curves and score histograms")
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure
 
 
-def _grid(plt, panels: int, size: tuple[float, float]):
+def _grid(panels: int, size: tuple[float, float]):
     """A figure of ``panels`` panels, three to a row; returns it and the used axes (the
     unused ones are hidden)."""
     cols = min(3, panels)
     rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows),
-                             squeeze=False)
+    fig = figure_class()(figsize=(size[0] * cols, size[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     return fig, list(axes.flat)[:panels]
@@ -89,11 +89,11 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         ood_names: keys of the OOD datasets, one panel each.
         path: the PNG file to write.
     """
-    plt = pyplot()
+    figure_class()
     if not ood_names:
         raise ValueError("no OOD datasets to plot: ood_names is empty")
     scores = _checked(scores, [id_name, *ood_names])
-    fig, axes = _grid(plt, len(ood_names), (5.0, 4.6))
+    fig, axes = _grid(len(ood_names), (5.0, 4.6))
     for ax, ood in zip(axes, ood_names, strict=True):
         for method, by_set in scores.items():
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
@@ -106,17 +106,16 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike) -> Path:
     """Score histograms, one panel per method, one colour per dataset."""
-    plt = pyplot()
+    figure_class()
     scores = _checked(scores)
     methods = list(scores)
-    fig, axes = _grid(plt, len(methods), (4.6, 3.4))
+    fig, axes = _grid(len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
         lo = min(float(np.min(v)) for v in by_set.values())
@@ -134,5 +133,4 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -132,3 +132,25 @@ def test_plots_write_pngs_and_name_scores_they_cannot_draw(tmp_path):
         plot_histograms({}, tmp_path / "h.png")
     with pytest.raises(ValueError, match=r"scores\['big'\]\['id'\] holds integers beyond"):
         plot_histograms({"big": {"id": np.array([2**60, 2**60 + 1])}}, tmp_path / "h.png")
+
+
+def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+    """Drawing a report does not switch the caller's backend (a notebook's inline display)
+    nor open figures in pyplot's list."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from grood.report import plot_histograms, plot_roc
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        open_figures = plt.get_fignums()
+        scores = {"GROOD": {"id": np.arange(5.0), "far": np.arange(4.0) - 2}}
+        plot_roc(scores, "id", ["far"], tmp_path / "roc.png")
+        plot_histograms(scores, tmp_path / "hist.png")
+        assert matplotlib.get_backend() == "pdf"
+        assert plt.get_fignums() == open_figures
+        assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)
