@@ -389,7 +389,10 @@ def _to_gpu_if_possible(faiss, index, device: torch.device) -> tuple[Any, Any]:
     if faiss.get_num_gpus() < 1:
         return index, None
     resources = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(resources, device.index or 0, index), resources
+    # "cuda" is the current device, where torch puts the detector's tensors (each rank's own
+    # GPU after torch.cuda.set_device(local_rank)), not GPU 0.
+    gpu = device.index if device.index is not None else torch.cuda.current_device()
+    return faiss.index_cpu_to_gpu(resources, gpu, index), resources
 
 
 def _to_cpu(faiss, index):

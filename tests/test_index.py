@@ -109,6 +109,32 @@ def test_missing_faiss_names_the_extra(monkeypatch):
         GROOD(index="faiss-flat").fit(torch.rand(10, 3), torch.arange(10) % 2)
 
 
+def test_faiss_gpu_index_goes_to_the_current_device_for_plain_cuda(monkeypatch):
+    """device "cuda" means the current GPU (where torch puts the detector's tensors: each
+    rank's own after torch.cuda.set_device), so the faiss index goes there, not to GPU 0."""
+    from grood.index import _to_gpu_if_possible
+
+    moved = []
+
+    class FakeGpuFaiss:
+        StandardGpuResources = object
+
+        @staticmethod
+        def get_num_gpus():
+            return 4
+
+        @staticmethod
+        def index_cpu_to_gpu(resources, gpu, index):
+            moved.append(gpu)
+            return index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    for device, want in (("cuda", 2), ("cuda:3", 3), ("cuda:0", 0)):
+        _to_gpu_if_possible(FakeGpuFaiss, "index", torch.device(device))
+        assert moved.pop() == want
+    assert _to_gpu_if_possible(FakeGpuFaiss, "index", torch.device("cpu")) == ("index", None)
+
+
 faiss = pytest.importorskip("faiss")
 
 
