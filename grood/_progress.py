@@ -1,7 +1,8 @@
 """Progress reporting: a tqdm bar on a terminal, periodic plain lines elsewhere.
 
 tqdm draws nothing when stderr is not a terminal (logs, CI, ``nohup``), so a long fit or the
-demo would print nothing for minutes. :func:`progress` returns a tqdm bar on a terminal and,
+demo would print nothing for minutes. :func:`progress` returns a tqdm bar on a terminal or in
+a Jupyter kernel (``tqdm.auto``'s widget there; a kernel's stderr is no terminal) and,
 elsewhere, a :class:`PlainProgress` that writes one plain line to stderr every
 ``PLAIN_EVERY_S`` seconds of a long operation (short ones stay silent).
 """
@@ -68,12 +69,20 @@ class PlainProgress:
         self.close()
 
 
+def _in_jupyter_kernel() -> bool:
+    """Whether this is an IPython kernel (a Jupyter notebook), without importing IPython."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", enabled: bool | None = None, **tqdm_kwargs: Any):
     """A progress bar: ``enabled=False`` none, ``True`` always tqdm, ``None`` tqdm on a
-    terminal and periodic plain lines otherwise."""
+    terminal or in a Jupyter kernel and periodic plain lines otherwise."""
     if enabled is False:
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=True, **tqdm_kwargs)
-    if enabled is None and not sys.stderr.isatty():
+    if enabled is None and not sys.stderr.isatty() and not _in_jupyter_kernel():
         return PlainProgress(iterable, total=total, desc=desc, unit=unit)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, **tqdm_kwargs)

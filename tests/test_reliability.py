@@ -278,6 +278,25 @@ def test_plain_progress_lines_off_a_terminal(capsys):
     assert capsys.readouterr().err == ""  # short operations stay silent
 
 
+def test_progress_is_a_bar_in_a_jupyter_kernel_and_plain_lines_in_logs(monkeypatch):
+    """A kernel's stderr is no terminal, yet a notebook shows tqdm's bar; a log gets lines."""
+    import types
+
+    from grood._progress import PlainProgress, progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    assert isinstance(progress(total=3, desc="fit"), PlainProgress)
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    bar = progress(total=3, desc="fit")
+    assert not isinstance(bar, PlainProgress)
+    bar.close()
+    terminal = types.SimpleNamespace(get_ipython=lambda: types.SimpleNamespace())  # IPython REPL
+    monkeypatch.setitem(sys.modules, "IPython", terminal)
+    assert isinstance(progress(total=3, desc="fit"), PlainProgress)
+
+
 # Property-based: any edit of a manifest, any save target.
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
