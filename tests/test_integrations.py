@@ -89,6 +89,18 @@ def test_openood_protocol_on_an_openood_style_net():
     assert "openood" not in sys.modules
 
 
+def test_openood_inference_shows_progress_only_when_asked(monkeypatch, capsys):
+    net = _trained_net()
+    post = GROODPostprocessor()
+    post.setup(net, {"train": _loader(120, 0)}, {})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # tqdm's bar
+    capsys.readouterr()
+    post.inference(net, _loader(60, 2), progress=True)
+    assert "grood: scoring" in capsys.readouterr().err
+    post.inference(net, _loader(60, 2), progress=False)
+    assert "grood: scoring" not in capsys.readouterr().err
+
+
 def test_openood_val_source_uses_the_val_ood_loader():
     net = _trained_net()
     post = GROODPostprocessor(ood_prototype="val")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grood._progress import progress as progress_bar
 from grood.detector import GROOD
 from grood.extract import FeatureExtractor, split_batch
 
@@ -126,9 +127,11 @@ class GROODPostprocessor(_Base):  # type: ignore[misc]
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(pred_list, conf_list, label_list)`` over a loader, as OpenOOD's evaluator reads."""
+        """``(pred_list, conf_list, label_list)`` over a loader, as OpenOOD's evaluator reads;
+        ``progress`` shows a bar over its batches (plain lines when stderr is no terminal)."""
         preds, confs, labels = [], [], []
-        for batch in data_loader:
+        for batch in progress_bar(data_loader, desc="grood: scoring", unit="batch",
+                                  enabled=None if progress else False):
             x, y = split_batch(batch)
             pred, conf = self.postprocess(net, x)
             preds.append(pred.cpu())
