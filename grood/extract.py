@@ -7,9 +7,10 @@ convention). Every output is flattened to ``[N, D]``. Extraction runs under ``to
 in eval mode, and the model's previous train/eval mode is restored afterwards.
 
 Loaders may yield tensors, ``(x, y, ...)`` tuples or lists, or dicts with ``data`` and
-``label`` keys (the OpenOOD convention). Models may return their logits as a tensor, as the
-first element of a tuple, or under ``logits`` in a mapping or an output object (Hugging Face's
-``ModelOutput``): see :func:`logits_of`.
+``label`` keys (the OpenOOD convention; Hugging Face's ``pixel_values`` / ``labels`` and a few
+other common names too: :data:`INPUT_KEYS`, :data:`LABEL_KEYS`). Models may return their
+logits as a tensor, as the first element of a tuple, or under ``logits`` in a mapping or an
+output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 """
 
 from __future__ import annotations
@@ -26,22 +27,37 @@ from torch import Tensor, nn
 from grood._checks import check_device
 from grood._progress import progress
 
+#: Keys of a dict batch that hold the inputs (OpenOOD's ``data``, Hugging Face's
+#: ``pixel_values``, datasets' ``image``), then those that hold the labels; the first present
+#: is used.
+INPUT_KEYS = ("data", "pixel_values", "image", "images", "input", "inputs")
+LABEL_KEYS = ("label", "labels", "target", "targets")
+
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     """``(inputs, labels or None)`` from a loader's batch (tensor, tuple/list or dict).
 
     Labels given as a list or NumPy array (a custom ``collate_fn``) are read as a tensor; a
-    second element that is not numbers (file names, a metadata dict) is not labels."""
+    second element that is not numbers (file names, a metadata dict) is not labels. A dict's
+    inputs and labels are under the first of :data:`INPUT_KEYS` and :data:`LABEL_KEYS` it
+    has."""
     if isinstance(batch, Tensor):
         return batch, None
-    if isinstance(batch, dict):
-        if "data" not in batch:
-            raise ValueError(f"a dict batch needs a 'data' key; it has {sorted(batch)}")
-        return batch["data"], _labels_of(batch.get("label"))
+    if isinstance(batch, Mapping):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None:
+            raise ValueError(f"a dict batch needs its inputs under one of {list(INPUT_KEYS)}; "
+                             f"it has {sorted(map(str, batch))}")
+        if not isinstance(batch[key], Tensor):
+            raise TypeError(f"a dict batch's {key!r} must be a tensor of inputs, got "
+                            f"{type(batch[key]).__name__}")
+        label = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return batch[key], _labels_of(label)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0], _labels_of(batch[1]) if len(batch) > 1 else None
     raise TypeError("a loader must yield tensors, (inputs, labels) tuples or dicts with "
-                    f"'data' and 'label'; got {type(batch).__name__}")
+                    f"inputs under {INPUT_KEYS[0]!r} (or {', '.join(map(repr, INPUT_KEYS[1:]))})"
+                    f" and labels under {LABEL_KEYS[0]!r}; got {type(batch).__name__}")
 
 
 def _labels_of(obj: Any) -> Tensor | None:

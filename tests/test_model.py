@@ -59,7 +59,7 @@ def _images(n=60, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("style", ["tuple", "dict", "tensor"])
+@pytest.mark.parametrize("style", ["tuple", "dict", "hugging-face", "image", "tensor"])
 def test_loaders_of_each_style(style):
     x, y = _images()
     model = small_cnn()
@@ -68,14 +68,30 @@ def test_loaders_of_each_style(style):
         loader = DataLoader(TensorDataset(x, y), batch_size=16)
     elif style == "dict":
         loader = DataLoader(DictDataset(x, y), batch_size=16)
+    elif style == "hugging-face":
+        loader = [{"pixel_values": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, 60, 16)]
+    elif style == "image":  # a datasets-style batch, with a column that is not an input
+        loader = [{"image": x[i:i + 16], "label": y[i:i + 16].tolist(), "id": list(range(16))}
+                  for i in range(0, 60, 16)]
     else:
         loader = [x[i:i + 16] for i in range(0, 60, 16)]
     feats, logits, labels = ex.extract(loader)
     assert feats.shape == (60, 16) and logits.shape == (60, 3)
     assert (labels is None) == (style == "tensor")
+    if labels is not None:
+        assert torch.equal(labels, y)
     with torch.no_grad():
         want = model[:9](x)
     torch.testing.assert_close(feats, want)
+
+
+def test_a_dict_batch_without_inputs_is_refused_naming_the_keys_it_reads():
+    ex = FeatureExtractor(small_cnn(), features="8")
+    with pytest.raises(ValueError, match=r"inputs under one of \['data', 'pixel_values'.*"
+                                         r"it has \['x_img', 'y'\]"):
+        ex.extract([{"x_img": torch.rand(4, 1, 8, 8), "y": torch.zeros(4)}])
+    with pytest.raises(TypeError, match="'image' must be a tensor of inputs, got list"):
+        ex.extract([{"image": ["a.png", "b.png"], "label": [0, 1]}])
 
 
 def test_hooks_on_a_residual_net_and_feature_list_models():
