@@ -99,6 +99,19 @@ def logits_of(output: Any) -> Tensor | None:
                     "or object with 'logits'")
 
 
+def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> None:
+    """Raise unless ``name`` is in ``names`` (a model's ``named_modules()``), listing them and
+    suggesting the one name that ends in ``.name`` (the model wrapped by torch.compile's
+    ``_orig_mod``, DataParallel's ``module`` or another container)."""
+    if name in names:
+        return
+    near = [n for n in names if n.endswith("." + name)]
+    hint = f" (did you mean {near[0]!r}? the model is wrapped)" if len(near) == 1 else ""
+    shown = ", ".join(n for n in names if n)[:300]
+    raise ValueError(f"{role}={name!r} is not a module of the model{hint}; its modules are: "
+                     f"{shown}")
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """Put every submodule in eval mode, then restore each one's previous mode."""
@@ -159,10 +172,8 @@ class FeatureExtractor:
         self.progress = progress
         names = dict(model.named_modules())
         for role, name in (("features", features), ("early", early)):
-            if isinstance(name, str) and name not in names:
-                shown = ", ".join(n for n in names if n)[:300]
-                raise ValueError(f"{role}={name!r} is not a module of the model; its modules "
-                                 f"are: {shown}")
+            if isinstance(name, str):
+                check_module_name(names, name, role)
         self._modules = names
 
     @contextmanager

@@ -41,7 +41,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
-from grood.extract import logits_of
+from grood.extract import check_module_name, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
 from grood_kernels import contract
@@ -276,11 +276,7 @@ class GROODAttached(nn.Module):
         if features is None:
             self.model = model
             return
-        names = dict(model.named_modules())
-        if features not in names:
-            shown = ", ".join(n for n in names if n)[:300]
-            raise ValueError(f"features={features!r} is not a module of the model; its modules "
-                             f"are: {shown}")
+        check_module_name(dict(model.named_modules()), features, "features")
         try:
             traced = torch.fx.symbolic_trace(model)
         except Exception as exc:  # FX raises many types for untraceable Python

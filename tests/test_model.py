@@ -117,6 +117,14 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         FeatureExtractor(model, features="avgpool")
     with pytest.raises(ValueError, match="return_feature_list"):
         FeatureExtractor(small_cnn())(torch.rand(2, 1, 8, 8))
+    # A wrapped model (torch.compile's _orig_mod, DataParallel's module): the name is suggested.
+    wrapped = nn.Sequential()
+    wrapped.add_module("module", model)
+    with pytest.raises(ValueError, match=r"features='8' is not a module of the model \(did "
+                                         r"you mean 'module.8'\? the model is wrapped\)"):
+        FeatureExtractor(wrapped, features="8")
+    with pytest.raises(ValueError, match=r"did you mean 'module\.8'"):
+        GROOD().fit(torch.rand(6, 16), torch.arange(6) % 2).attach(wrapped, features="8")
 
 
 def test_a_module_that_runs_more_or_less_than_once_is_refused():
