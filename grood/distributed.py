@@ -9,9 +9,10 @@ grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``t
   prototypes of a single-process fit on the union;
 * the gradient index is sharded by rows: each rank indexes its own correctly classified
   samples, and rank r's rows have global ids starting at the total of ranks 0..r-1;
-* scoring: each rank scores its own rows; the query gradients are gathered, every rank
-  searches all of them against its shard, and the per-shard k nearest (distance, global id)
-  lists are merged, so each rank gets the scores a single-process detector would give.
+* scoring: each rank scores its own rows; the query gradients travel round a ring of the
+  ranks, each searching every block against its shard, and the per-shard k nearest
+  (distance, global id) lists go back to the rank that owns the queries and are merged there,
+  so each rank gets the scores a single-process detector would give.
 """
 
 from __future__ import annotations
@@ -115,19 +116,63 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     """Distances [Q, k] from this rank's query ``grads`` to their k nearest over every rank's
     index shard (``sizes``: every rank's shard size, in rank order).
 
-    Every rank gathers all ranks' queries, searches them against its own shard (global ids
-    offset by the sizes of the shards before it), and the per-shard lists are merged by
-    (distance, global id), so the result equals a search of one index holding every shard.
+    The ranks' query blocks travel round a ring, each with the k nearest (distance, global id)
+    found for it so far: at each of ``world`` steps a rank passes the block it holds on while
+    searching it against its own shard (global ids offset by the sizes of the shards before
+    it), merges what it found into the block's list, and passes the list after it; a last hop
+    returns each list to the rank that owns the queries. A rank holds two blocks at a time,
+    where gathering every rank's queries to every rank would hold ``world`` of them (2 GB per
+    rank for 64 ranks of 4,096 rows at D = 2048). Lists merge by (distance, global id), a total
+    order, so the result equals a search of one index holding every shard. Point-to-point
+    sends only (gloo in torch 2.11 has no all-to-all).
     """
-    rank, _ = rank_and_world()
-    per_rank = all_gather_rows(grads)
-    queries = torch.cat(per_rank)
-    if index.ntotal:
-        d, i = index.search(queries, k)
-        i = torch.where(i >= 0, i + sum(sizes[:rank]), i)
-    else:
-        d = torch.full((queries.shape[0], k), float("inf"), dtype=dtype, device=queries.device)
-        i = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)
-    merged, _ = merge_topk(all_gather_rows(d.to(dtype)), all_gather_rows(i), k)
-    start = sum(t.shape[0] for t in per_rank[:rank])
-    return merged[start:start + grads.shape[0]]
+    dist = _dist()
+    rank, world = rank_and_world()
+    dev = _comm_device(grads)
+    counts = [int(t) for t in all_gather_rows(torch.tensor([grads.shape[0]]))]
+    offset = sum(sizes[:rank])
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    if world == 1:  # nothing to pass round (and no rank to send to but itself)
+        return _search_local(index, grads, k, offset, dtype)[0]
+
+    def no_neighbours(rows: int) -> tuple[Tensor, Tensor]:
+        return (torch.full((rows, k), float("inf"), dtype=dtype, device=dev),
+                torch.full((rows, k), -1, dtype=torch.int64, device=dev))
+
+    def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int):
+        """Post sends of ``send`` to the next rank and receives of ``recv`` from the previous
+        one (an empty block is neither sent nor received: both ends know its size)."""
+        ops = [dist.P2POp(dist.isend, t, nxt) for t in send if send_rows]
+        ops += [dist.P2POp(dist.irecv, t, prv) for t in recv if recv_rows]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    block = grads.to(dev).contiguous()
+    best_d, best_i = no_neighbours(block.shape[0])
+    for step in range(world):
+        owner, coming = (rank - step) % world, (rank - step - 1) % world
+        last = step == world - 1
+        incoming = torch.empty((counts[coming], grads.shape[1]), dtype=grads.dtype, device=dev)
+        pending = [] if last else exchange([block], counts[owner], [incoming], counts[coming])
+        if index.ntotal and block.shape[0]:
+            d, i = _search_local(index, block.to(grads.device), k, offset, dtype)
+            best_d, best_i = merge_topk([best_d, d.to(dev)], [best_i, i.to(dev)], k)
+            # Contiguous, as sends need, and held here until the sends are done.
+            best_d, best_i = best_d.contiguous(), best_i.contiguous()
+        # The list goes on after the block (the last hop: back to the queries' owner).
+        in_d, in_i = no_neighbours(counts[coming])
+        pending += exchange([best_d, best_i], counts[owner], [in_d, in_i], counts[coming])
+        for work in pending:
+            work.wait()
+        block, best_d, best_i = incoming, in_d, in_i
+    return best_d.to(grads.device)
+
+
+def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
+    """This rank's shard's k nearest ``(distances in dtype, global ids)`` for ``queries``."""
+    if not index.ntotal:
+        return (torch.full((queries.shape[0], k), float("inf"), dtype=dtype,
+                           device=queries.device),
+                torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device))
+    d, i = index.search(queries, k)
+    return d.to(dtype), torch.where(i >= 0, i + offset, i)

@@ -43,7 +43,14 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         # Ranks score different numbers of rows (one rank none at all for world 3).
         rows = torch.tensor_split(test, world)[rank] if rank != world - 1 or world < 3 else \
             test[:0]
-        scores = det.score_samples(rows)  # an idle rank still joins the collective searches
+        # The queries travel round a ring: nothing of their width is gathered to every rank.
+        gathered, real_all_gather = [], tdist.all_gather
+        tdist.all_gather = lambda out, t, *a, **kw: (gathered.append(t.shape),
+                                                     real_all_gather(out, t, *a, **kw))[1]
+        try:
+            scores = det.score_samples(rows)  # an idle rank still joins the searches
+        finally:
+            tdist.all_gather = real_all_gather
         # distributed changed after fit is for the next fit: scores still search every shard
         # (they searched this rank's shard only, silently, before).
         det.set_params(distributed=False)
@@ -52,7 +59,8 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         torch.save({"protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test),
-                    "reserved": reserved, "local_rows": part(x).shape[0]},
+                    "reserved": reserved, "local_rows": part(x).shape[0],
+                    "gathered": gathered},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
     finally:
@@ -60,6 +68,7 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
 
 
 CASES = [
+    (1, {}, ("logits",)),
     (2, {}, ("logits",)),
     (3, {"k": 3}, ()),
     (2, {"ood_prototype": "features"}, ("logits", "ood_features")),
@@ -67,7 +76,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("world", "kwargs", "fit_kwargs"), CASES,
-                         ids=["2-ranks-logits", "3-ranks-k3", "2-ranks-ood-features"])
+                         ids=["1-rank", "2-ranks-logits", "3-ranks-k3", "2-ranks-ood-features"])
 def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwargs):
     mp.spawn(_worker, args=(world, str(tmp_path), kwargs, fit_kwargs), nprocs=world,
              join=True)
@@ -86,6 +95,8 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
         assert res["reserved"] and max(res["reserved"]) <= res["local_rows"]
         assert torch.equal(res["pred"], single.predict(test))
     assert all(torch.equal(r["flipped"], r["scores"]) for r in results)
+    # Only 1-D counts and settings are gathered while scoring, no rows of queries or results.
+    assert all(len(shape) == 1 for r in results for shape in r["gathered"])
     scores = torch.cat([r["scores"] for r in results])
     n_scored = scores.shape[0]
     assert torch.equal(scores, single.score_samples(test)[:n_scored])
