@@ -200,15 +200,18 @@ class Mahalanobis(_Baseline):
         check_labels(y, "labels", x.shape[0])
         n, d = x.shape
         n_classes = int(y.max()) + 1
-        state = None
+        state = shift = None
         scatter = torch.zeros((d, d), dtype=torch.float64, device=x.device)
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
             state = class_prototypes(xb, y[r0:r1], n_classes, state=state, in_place=True)
-            scatter += xb.T @ xb
+            # Second moments about the first batch's mean: about the origin, features whose
+            # offset dwarfs their spread (1e6 : 1) would cancel most digits below.
+            shift = xb.mean(0) if shift is None else shift
+            scatter += (xb - shift).T @ (xb - shift)
         means = state.prototypes(torch.float64)
         counts = state.counts.to(torch.float64)
-        cov = (scatter - (means.T * counts) @ means) / n
+        cov = (scatter - ((means - shift).T * counts) @ (means - shift)) / n
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
         keep = evals > self.rcond * evals.max().clamp_min(0)
         if not bool(keep.any()):
