@@ -213,7 +213,7 @@ class Mahalanobis(_Baseline):
         counts = state.counts.to(torch.float64)
         cov = (scatter - ((means - shift).T * counts) @ (means - shift)) / n
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
-        keep = evals > self.rcond * evals.max().clamp_min(0)
+        keep = evals > rcond * evals.max().clamp_min(0)
         if not bool(keep.any()):
             raise ValueError("the features have zero within-class variance")
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
