@@ -170,6 +170,15 @@ class FeatureExtractor:
                              f"{autocast!r}")
         self.autocast = autocast
         self.progress = progress
+        if early is not None and (isinstance(early, bool)
+                                  or not isinstance(early, (str, int))):
+            raise TypeError(f"early must be a module name or an index into the feature list, "
+                            f"got {early!r}")
+        if isinstance(early, int) and features is not None:
+            # (it would index a feature list that a hooked forward does not make: no output)
+            raise ValueError(f"early={early!r} indexes the feature list of a model called with "
+                             "return_feature_list=True, so it needs features=None; with "
+                             f"features={features!r} name the early module instead")
         names = dict(model.named_modules())
         for role, name in (("features", features), ("early", early)):
             if isinstance(name, str):

@@ -127,6 +127,16 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         GROOD().fit(torch.rand(6, 16), torch.arange(6) % 2).attach(wrapped, features="8")
 
 
+def test_an_early_index_needs_a_feature_list_model():
+    """early=2 with a hooked features module read nothing (no feature list is made)."""
+    with pytest.raises(ValueError, match=r"early=2 indexes the feature list.*features=None"):
+        FeatureExtractor(ResNetLike(), features="avgpool", early=2)
+    with pytest.raises(TypeError, match="early must be a module name or an index"):
+        FeatureExtractor(ResNetLike(), early=True)
+    out = FeatureExtractor(ResNetLike(), early=0)(torch.rand(2, 1, 8, 8))
+    assert out.early.shape == (2, 6 * 8 * 8)
+
+
 def test_a_module_that_runs_more_or_less_than_once_is_refused():
     """A module used at several places (one activation module shared by layers) has no single
     output: its last call's output was taken silently."""
