@@ -103,6 +103,9 @@ def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> None
     """Raise unless ``name`` is in ``names`` (a model's ``named_modules()``), listing them and
     suggesting the one name that ends in ``.name`` (the model wrapped by torch.compile's
     ``_orig_mod``, DataParallel's ``module`` or another container)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{role} must be a module name (e.g. 'avgpool', as in "
+                        f"model.named_modules()), got {name!r}")
     if name in names:
         return
     near = [n for n in names if n.endswith("." + name)]
@@ -170,6 +173,9 @@ class FeatureExtractor:
                              f"{autocast!r}")
         self.autocast = autocast
         self.progress = progress
+        if features is not None and not isinstance(features, str):
+            raise TypeError(f"features must be a module name (e.g. 'avgpool', as in "
+                            f"model.named_modules()) or None, got {features!r}")
         if early is not None and (isinstance(early, bool)
                                   or not isinstance(early, (str, int))):
             raise TypeError(f"early must be a module name or an index into the feature list, "

@@ -133,6 +133,10 @@ def test_an_early_index_needs_a_feature_list_model():
         FeatureExtractor(ResNetLike(), features="avgpool", early=2)
     with pytest.raises(TypeError, match="early must be a module name or an index"):
         FeatureExtractor(ResNetLike(), early=True)
+    with pytest.raises(TypeError, match="features must be a module name"):
+        GROOD().fit_model(small_cnn(), [_images(6)], features=8)  # 8: not the name "8"
+    with pytest.raises(TypeError, match="features must be a module name"):
+        GROOD().fit(torch.rand(6, 16), torch.arange(6) % 2).attach(small_cnn(), features=8)
     out = FeatureExtractor(ResNetLike(), early=0)(torch.rand(2, 1, 8, 8))
     assert out.early.shape == (2, 6 * 8 * 8)
 
