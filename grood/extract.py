@@ -3,8 +3,11 @@
 :class:`FeatureExtractor` takes the penultimate features (and optionally an intermediate
 layer) with forward hooks on named modules, or from a model whose forward returns them
 (``forward(x, return_feature_list=True) -> (logits, [..., penultimate])``, the OpenOOD
-convention). Every output is flattened to ``[N, D]``. Extraction runs under ``torch.no_grad``
-in eval mode, and the model's previous train/eval mode is restored afterwards.
+convention). A name ending in ``:input`` reads the module's input instead of its output
+(``"heads.head:input"``: what a ViT's classifier receives, the class token that ``forward``
+selects by slicing). Every output is flattened to ``[N, D]``. Extraction runs under
+``torch.no_grad`` in eval mode, and the model's previous train/eval mode is restored
+afterwards.
 
 Loaders may yield tensors, ``(x, y, ...)`` tuples or lists, or dicts with ``data`` and
 ``label`` keys (the OpenOOD convention; Hugging Face's ``pixel_values`` / ``labels`` and a few
@@ -99,17 +102,30 @@ def logits_of(output: Any) -> Tensor | None:
                     "or object with 'logits'")
 
 
-def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> None:
-    """Raise unless ``name`` is in ``names`` (a model's ``named_modules()``), listing them and
-    suggesting the one name that ends in ``.name`` (the model wrapped by torch.compile's
-    ``_orig_mod``, DataParallel's ``module`` or another container)."""
+#: Appended to a module's name, its input rather than its output: ``"heads.head:input"`` is
+#: what a ViT's classifier receives (the class token, selected in ``forward`` by slicing, which
+#: no module outputs).
+INPUT_SUFFIX = ":input"
+
+
+def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> tuple[str, bool]:
+    """``(module name, whether its input is meant)`` for ``name`` (a module name, or one with
+    :data:`INPUT_SUFFIX`), or an error: a name not in ``names`` (a model's ``named_modules()``)
+    lists them, and suggests the one name ending in ``.name`` (the model wrapped by
+    torch.compile's ``_orig_mod``, DataParallel's ``module`` or another container)."""
     if not isinstance(name, str):
         raise TypeError(f"{role} must be a module name (e.g. 'avgpool', as in "
                         f"model.named_modules()), got {name!r}")
     if name in names:
-        return
-    near = [n for n in names if n.endswith("." + name)]
-    hint = f" (did you mean {near[0]!r}? the model is wrapped)" if len(near) == 1 else ""
+        return name, False
+    module, takes_input = name, False
+    if name.endswith(INPUT_SUFFIX):
+        module, takes_input = name[: -len(INPUT_SUFFIX)], True
+        if module in names:
+            return module, True
+    near = [n for n in names if n.endswith("." + module)]
+    hint = (f" (did you mean {near[0] + (INPUT_SUFFIX if takes_input else '')!r}? the model "
+            "is wrapped)" if len(near) == 1 else "")
     shown = ", ".join(n for n in names if n)[:300]
     raise ValueError(f"{role}={name!r} is not a module of the model{hint}; its modules are: "
                      f"{shown}")
@@ -186,9 +202,10 @@ class FeatureExtractor:
                              "return_feature_list=True, so it needs features=None; with "
                              f"features={features!r} name the early module instead")
         names = dict(model.named_modules())
-        for role, name in (("features", features), ("early", early)):
-            if isinstance(name, str):
-                check_module_name(names, name, role)
+        # role -> (module name, whether its input is read)
+        self._targets = {role: check_module_name(names, name, role)
+                         for role, name in (("features", features), ("early", early))
+                         if isinstance(name, str)}
         self._modules = names
 
     @contextmanager
@@ -197,20 +214,29 @@ class FeatureExtractor:
         per role: one entry per call of the module)."""
         captured: dict[str, list[Tensor]] = {}
         handles = []
-        for role in ("features", "early"):
+        for role, (module, takes_input) in self._targets.items():
             name = getattr(self, role)
-            if isinstance(name, str):
-                def hook(_module, _inputs, output, role=role, name=name):
-                    # A copy: a later in-place op (an nn.ReLU(inplace=True) after the named
-                    # module, as in VGG or MobileNet) would change the captured output.
-                    out = output[0] if isinstance(output, (tuple, list)) and output else output
-                    if not isinstance(out, Tensor):
-                        raise TypeError(f"module {name!r} ({role}) returned a "
-                                        f"{type(output).__name__}, not a tensor (or a tuple "
-                                        "with one first); name a module whose output is the "
-                                        "feature tensor")
-                    captured.setdefault(role, []).append(out.clone())
-                handles.append(self._modules[name].register_forward_hook(hook))
+
+            def keep(value, role=role, name=name, takes_input=takes_input):
+                # A copy: a later in-place op (an nn.ReLU(inplace=True) after the named module,
+                # as in VGG or MobileNet, or inside it for an input) would change it.
+                out = value[0] if isinstance(value, (tuple, list)) and value else value
+                if not isinstance(out, Tensor):
+                    what = ("was called without a tensor as its first positional argument"
+                            if takes_input else f"returned a {type(value).__name__}, not a "
+                            "tensor (or a tuple with one first)")
+                    raise TypeError(f"module {name!r} ({role}) {what}; name a module whose "
+                                    f"{'input' if takes_input else 'output'} is the feature "
+                                    "tensor")
+                captured.setdefault(role, []).append(out.clone())
+
+            target = self._modules[module]
+            if takes_input:  # before the module runs: it may change its input in place
+                handles.append(target.register_forward_pre_hook(
+                    lambda _module, args, keep=keep: keep(args)))
+            else:
+                handles.append(target.register_forward_hook(
+                    lambda _module, _args, output, keep=keep: keep(output)))
         try:
             yield captured
         finally:

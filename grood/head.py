@@ -276,21 +276,31 @@ class GROODAttached(nn.Module):
         if features is None:
             self.model = model
             return
-        check_module_name(dict(model.named_modules()), features, "features")
+        module, takes_input = check_module_name(dict(model.named_modules()), features,
+                                                "features")
         try:
             traced = torch.fx.symbolic_trace(model)
         except Exception as exc:  # FX raises many types for untraceable Python
             raise ValueError(f"attach() traces the model with torch.fx, which failed ({exc}); "
                              "use GROOD.score_model, or a model whose forward takes "
                              "return_feature_list=True with features=None") from exc
-        calls = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == features]
+        calls = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == module]
         if len(calls) != 1:
-            raise ValueError(f"module {features!r} runs {len(calls)} times in the traced forward "
+            raise ValueError(f"module {module!r} runs {len(calls)} times in the traced forward "
                              "pass; attach() needs exactly one")
-        # The graph returns a copy made as soon as the module has run: an in-place op after
-        # it (nn.ReLU(inplace=True), as in VGG) would change the module's output itself.
-        with traced.graph.inserting_after(calls[0]):
-            copy = traced.graph.call_method("clone", (calls[0],))
+        if takes_input:
+            # Its first positional argument, copied before the module runs (it may change its
+            # input in place).
+            if not calls[0].args or not isinstance(calls[0].args[0], torch.fx.Node):
+                raise ValueError(f"module {module!r} is called without a tensor as its first "
+                                 f"positional argument; {features!r} has no input to read")
+            with traced.graph.inserting_before(calls[0]):
+                copy = traced.graph.call_method("clone", (calls[0].args[0],))
+        else:
+            # A copy made as soon as the module has run: an in-place op after it
+            # (nn.ReLU(inplace=True), as in VGG) would change the module's output itself.
+            with traced.graph.inserting_after(calls[0]):
+                copy = traced.graph.call_method("clone", (calls[0],))
         output = next(n for n in traced.graph.nodes if n.op == "output")
         output.args = ((output.args[0], copy),)
         traced.recompile()

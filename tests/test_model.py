@@ -517,3 +517,72 @@ def test_a_named_module_whose_output_is_not_a_tensor_is_refused_by_name():
     x, y = _images(12)
     with pytest.raises(TypeError, match=r"module 'block' \(features\) returned a dict"):
         GROOD().fit_model(_DictBlockNet(), [(x, y)], features="block")
+
+
+class _TokenNet(nn.Module):
+    """A ViT-like classifier: its penultimate feature is the class token, taken by slicing in
+    forward, so no module outputs it; the head's input is the only module-level handle."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Linear(8, 12)
+        self.norm = nn.LayerNorm(12)
+        self.heads = nn.Sequential()
+        self.heads.add_module("head", nn.Linear(12, 3))
+
+    def forward(self, x):
+        tokens = self.norm(self.embed(x.reshape(x.shape[0], 8, 8)))  # [B, 8 tokens, 12]
+        cls = tokens[:, 0]
+        return self.heads(cls)
+
+
+def test_features_can_be_a_modules_input():
+    """features="heads.head:input" reads what the classifier receives (a ViT's class token):
+    fit_model, score_model, the sources and attach() alike."""
+    x, y = _images(60)
+    model = _TokenNet().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    with torch.no_grad():
+        want = model.norm(model.embed(x.reshape(60, 8, 8)))[:, 0]
+    feats, logits, _ = FeatureExtractor(model, features="heads.head:input").extract(loader)
+    torch.testing.assert_close(feats, want)
+    torch.testing.assert_close(logits, model(x))
+    det = GROOD(ood_prototype=UniformNoise(n_samples=16, batch_size=8)).fit_model(
+        model, loader, features="heads.head:input")
+    ref = GROOD(ood_prototype="features").fit(feats, y, logits=logits,
+                                              ood_features=det.ood_prototype_[None])
+    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
+    scores, preds = det.score_model(model, [x])
+    torch.testing.assert_close(scores, ref.score_samples(want))
+    att_logits, att_scores, att_preds = det.attach(model, features="heads.head:input")(x)
+    torch.testing.assert_close(att_logits, model(x))
+    assert torch.equal(att_preds, preds)
+    torch.testing.assert_close(att_scores, scores)
+    # The input of a module that changes it in place is read as it came in.
+    torch.manual_seed(3)
+    relu_net = nn.Sequential(nn.Linear(64, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
+    flat = x.flatten(1)
+    with torch.no_grad():
+        pre = relu_net[0](flat)
+    assert bool((pre < 0).any())
+    torch.testing.assert_close(FeatureExtractor(relu_net, features="1:input")(flat).features, pre)
+    det = GROOD().fit(pre, y)
+    torch.testing.assert_close(det.attach(relu_net, features="1:input")(flat)[1],
+                               det.score_samples(pre))
+    # An input that is not a tensor, or a module name with the suffix that does not exist.
+    with pytest.raises(ValueError, match=r"features='head:input' is not a module of the model "
+                                         r"\(did you mean 'heads.head:input'\?"):
+        FeatureExtractor(model, features="head:input")
+    with pytest.raises(TypeError, match=r"module 'embed:input' \(features\) was called "
+                                        "without a tensor"):
+        FeatureExtractor(_KwargNet(), features="embed:input")(torch.rand(2, 1, 8, 8))
+
+
+class _KwargNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Identity(), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.embed(input=x.flatten(1)))
