@@ -1,0 +1,47 @@
+"""GROOD on a Hugging Face transformers model (a small ViT made from its config, no download):
+batches of ``pixel_values`` / ``labels``, logits in a ``ModelOutput``, and the class token read
+as the classifier's input. Skipped where transformers does not import; CI runs it in the
+integration venv (.ci/run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from grood import GROOD  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(60, 1, 16, 16, generator=gen)
+    y = torch.arange(60) % 3
+    for c in range(3):  # a bright bar per class
+        x[y == c, 0, 4 * c, :] += 2.0
+    return model, x, y
+
+
+def test_a_vit_from_transformers_fits_and_scores_on_its_class_token(vit):
+    model, x, y = vit
+    loader = [{"pixel_values": x[i:i + 20], "labels": y[i:i + 20]} for i in range(0, 60, 20)]
+    det = GROOD().fit_model(model, loader, features="classifier:input")
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+        cls = model.vit.layernorm(out.hidden_states[-1])[:, 0]  # what the classifier receives
+    ref = GROOD().fit(cls, y, logits=out.logits)
+    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
+    # Indexed: the rows the model's logits (inside its ModelOutput) get right.
+    assert det.index_.ntotal == int((out.logits.argmax(1) == y).sum()) == ref.index_.ntotal
+    scores, preds = det.score_model(model, [{"pixel_values": x}])
+    torch.testing.assert_close(scores, ref.score_samples(cls))
+    assert torch.equal(preds, ref.predict(cls))
+    # attach() traces with torch.fx, which these models do not allow: refused with the way out.
+    with pytest.raises(ValueError, match=r"torch\.fx.*GROOD\.score_model"):
+        det.attach(model, features="classifier:input")
