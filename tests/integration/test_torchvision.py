@@ -1,0 +1,65 @@
+"""GROOD on torchvision's own models (made from their constructors, no download): a
+VisionTransformer, whose penultimate feature is the class token it selects by slicing (read as
+``heads.head:input``), and a ResNet (``avgpool``), through fit_model, score_model and
+attach(). Skipped where torchvision does not import (beside the CPU build of torch); CI runs it
+in the integration venv (.ci/run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+models = pytest.importorskip("torchvision.models")
+
+from grood import GROOD  # noqa: E402
+
+
+def _images(n=48, size=16):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, size, size, generator=gen)
+    y = torch.arange(n) % 3
+    for c in range(3):  # a bright bar per class
+        x[y == c, :, 4 * c, :] += 2.0
+    return x, y
+
+
+def _vit():
+    torch.manual_seed(0)
+    return models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                    hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+
+
+def _class_token(vit, x):
+    """What the ViT's head receives, recomputed from its parts (torchvision's forward)."""
+    tokens = vit._process_input(x)
+    cls = vit.class_token.expand(x.shape[0], -1, -1)
+    return vit.encoder(torch.cat([cls, tokens], dim=1))[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_torchvision_models_fit_score_and_attach(kind):
+    x, y = _images()
+    if kind == "vit":
+        model, features = _vit(), "heads.head:input"
+        with torch.no_grad():
+            feats = _class_token(model, x)
+    else:
+        torch.manual_seed(0)
+        model, features = models.resnet18(num_classes=3).eval(), "avgpool"
+        with torch.no_grad():
+            feats = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(
+                model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+    det = GROOD().fit_model(model, loader, features=features)
+    with torch.no_grad():
+        logits = model(x)
+    ref = GROOD().fit(feats, y, logits=logits)
+    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
+    assert det.index_.ntotal == ref.index_.ntotal == int((logits.argmax(1) == y).sum())
+    scores, preds = det.score_model(model, [x])
+    torch.testing.assert_close(scores, ref.score_samples(feats))
+    assert torch.equal(preds, ref.predict(feats))
+    att_logits, att_scores, att_preds = det.attach(model, features=features)(x)
+    torch.testing.assert_close(att_logits, logits)
+    torch.testing.assert_close(att_scores, scores)
+    assert torch.equal(att_preds, preds)
