@@ -210,8 +210,8 @@ class FeatureExtractor:
 
     @contextmanager
     def capture(self):
-        """Context manager: a dict that the named modules write their outputs into (a list
-        per role: one entry per call of the module)."""
+        """Context manager: a dict that the named modules write their outputs (their inputs,
+        for names ending in ``:input``) into (a list per role: one entry per call)."""
         captured: dict[str, list[Tensor]] = {}
         handles = []
         for role, (module, takes_input) in self._targets.items():
