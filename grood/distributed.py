@@ -135,10 +135,6 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     if world == 1:  # nothing to pass round (and no rank to send to but itself)
         return _search_local(index, grads, k, offset, dtype)[0]
 
-    def no_neighbours(rows: int) -> tuple[Tensor, Tensor]:
-        return (torch.full((rows, k), float("inf"), dtype=dtype, device=dev),
-                torch.full((rows, k), -1, dtype=torch.int64, device=dev))
-
     def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int):
         """Post sends of ``send`` to the next rank and receives of ``recv`` from the previous
         one (an empty block is neither sent nor received: both ends know its size)."""
@@ -147,19 +143,19 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
         return dist.batch_isend_irecv(ops) if ops else []
 
     block = grads.to(dev).contiguous()
-    best_d, best_i = no_neighbours(block.shape[0])
+    best_d, best_i = _no_neighbours(block.shape[0], k, dtype, dev)
     for step in range(world):
         owner, coming = (rank - step) % world, (rank - step - 1) % world
         last = step == world - 1
         incoming = torch.empty((counts[coming], grads.shape[1]), dtype=grads.dtype, device=dev)
         pending = [] if last else exchange([block], counts[owner], [incoming], counts[coming])
-        if index.ntotal and block.shape[0]:
+        if block.shape[0]:
             d, i = _search_local(index, block.to(grads.device), k, offset, dtype)
             best_d, best_i = merge_topk([best_d, d.to(dev)], [best_i, i.to(dev)], k)
             # Contiguous, as sends need, and held here until the sends are done.
             best_d, best_i = best_d.contiguous(), best_i.contiguous()
         # The list goes on after the block (the last hop: back to the queries' owner).
-        in_d, in_i = no_neighbours(counts[coming])
+        in_d, in_i = _no_neighbours(counts[coming], k, dtype, dev)
         pending += exchange([best_d, best_i], counts[owner], [in_d, in_i], counts[coming])
         for work in pending:
             work.wait()
@@ -171,8 +167,13 @@ def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtyp
                   ) -> tuple[Tensor, Tensor]:
     """This rank's shard's k nearest ``(distances in dtype, global ids)`` for ``queries``."""
     if not index.ntotal:
-        return (torch.full((queries.shape[0], k), float("inf"), dtype=dtype,
-                           device=queries.device),
-                torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device))
+        return _no_neighbours(queries.shape[0], k, dtype, queries.device)
     d, i = index.search(queries, k)
     return d.to(dtype), torch.where(i >= 0, i + offset, i)
+
+
+def _no_neighbours(rows: int, k: int, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """``rows`` lists of k missing neighbours: distance ``inf``, id -1 (they merge last)."""
+    return (torch.full((rows, k), float("inf"), dtype=dtype, device=device),
+            torch.full((rows, k), -1, dtype=torch.int64, device=device))

@@ -189,9 +189,6 @@ class FeatureExtractor:
                              f"{autocast!r}")
         self.autocast = autocast
         self.progress = progress
-        if features is not None and not isinstance(features, str):
-            raise TypeError(f"features must be a module name (e.g. 'avgpool', as in "
-                            f"model.named_modules()) or None, got {features!r}")
         if early is not None and (isinstance(early, bool)
                                   or not isinstance(early, (str, int))):
             raise TypeError(f"early must be a module name or an index into the feature list, "
@@ -203,9 +200,10 @@ class FeatureExtractor:
                              f"features={features!r} name the early module instead")
         names = dict(model.named_modules())
         # role -> (module name, whether its input is read)
+        # (an integer early indexes the feature list; any other features is checked here)
         self._targets = {role: check_module_name(names, name, role)
                          for role, name in (("features", features), ("early", early))
-                         if isinstance(name, str)}
+                         if name is not None and not (role == "early" and isinstance(name, int))}
         self._modules = names
 
     @contextmanager

@@ -66,12 +66,12 @@ def figure_class():
     return Figure
 
 
-def _grid(panels: int, size: tuple[float, float]):
-    """A figure of ``panels`` panels, three to a row; returns it and the used axes (the
-    unused ones are hidden)."""
+def _grid(figure, panels: int, size: tuple[float, float]):
+    """A ``figure`` (the class) of ``panels`` panels, three to a row; returns it and the used
+    axes (the unused ones are hidden)."""
     cols = min(3, panels)
     rows = -(-panels // cols)
-    fig = figure_class()(figsize=(size[0] * cols, size[1] * rows))
+    fig = figure(figsize=(size[0] * cols, size[1] * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
@@ -89,11 +89,11 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         ood_names: keys of the OOD datasets, one panel each.
         path: the PNG file to write.
     """
-    figure_class()
+    figure = figure_class()  # a missing extra is named before any check
     if not ood_names:
         raise ValueError("no OOD datasets to plot: ood_names is empty")
     scores = _checked(scores, [id_name, *ood_names])
-    fig, axes = _grid(len(ood_names), (5.0, 4.6))
+    fig, axes = _grid(figure, len(ood_names), (5.0, 4.6))
     for ax, ood in zip(axes, ood_names, strict=True):
         for method, by_set in scores.items():
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
@@ -112,10 +112,10 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike) -> Path:
     """Score histograms, one panel per method, one colour per dataset."""
-    figure_class()
+    figure = figure_class()  # a missing extra is named before any check
     scores = _checked(scores)
     methods = list(scores)
-    fig, axes = _grid(len(methods), (4.6, 3.4))
+    fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
         lo = min(float(np.min(v)) for v in by_set.values())

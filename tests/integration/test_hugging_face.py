@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from grood import GROOD  # noqa: E402
 
+from ._end_to_end import check_fit_model_equals_fit  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def vit():
@@ -35,13 +37,8 @@ def test_a_vit_from_transformers_fits_and_scores_on_its_class_token(vit):
     with torch.no_grad():
         out = model(pixel_values=x, output_hidden_states=True)
         cls = model.vit.layernorm(out.hidden_states[-1])[:, 0]  # what the classifier receives
-    ref = GROOD().fit(cls, y, logits=out.logits)
-    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
     # Indexed: the rows the model's logits (inside its ModelOutput) get right.
-    assert det.index_.ntotal == int((out.logits.argmax(1) == y).sum()) == ref.index_.ntotal
-    scores, preds = det.score_model(model, [{"pixel_values": x}])
-    torch.testing.assert_close(scores, ref.score_samples(cls))
-    assert torch.equal(preds, ref.predict(cls))
+    check_fit_model_equals_fit(det, model, [{"pixel_values": x}], cls, y, out.logits)
     # attach() traces with torch.fx, which these models do not allow: refused with the way out.
     with pytest.raises(ValueError, match=r"torch\.fx.*GROOD\.score_model"):
         det.attach(model, features="classifier:input")

@@ -12,6 +12,8 @@ timm = pytest.importorskip("timm")
 
 from grood import GROOD  # noqa: E402
 
+from ._end_to_end import check_attach, check_fit_model_equals_fit  # noqa: E402
+
 
 def test_a_timm_vit_scores_on_what_its_head_receives():
     torch.manual_seed(0)
@@ -24,12 +26,5 @@ def test_a_timm_vit_scores_on_what_its_head_receives():
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True)
         logits = model(x)
-    ref = GROOD().fit(feats, y, logits=logits)
-    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
-    assert det.index_.ntotal == ref.index_.ntotal == int((logits.argmax(1) == y).sum())
-    scores, preds = det.score_model(model, [x])
-    torch.testing.assert_close(scores, ref.score_samples(feats))
-    att_logits, att_scores, att_preds = det.attach(model, features="head:input")(x)
-    torch.testing.assert_close(att_logits, logits)
-    torch.testing.assert_close(att_scores, scores)
-    assert torch.equal(att_preds, preds) and torch.equal(preds, ref.predict(feats))
+    scores, preds = check_fit_model_equals_fit(det, model, [x], feats, y, logits)
+    check_attach(det, model, "head:input", x, logits, scores, preds)

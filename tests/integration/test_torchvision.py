@@ -13,6 +13,8 @@ models = pytest.importorskip("torchvision.models")
 
 from grood import GROOD  # noqa: E402
 
+from ._end_to_end import check_attach, check_fit_model_equals_fit  # noqa: E402
+
 
 def _images(n=48, size=16):
     gen = torch.Generator().manual_seed(1)
@@ -53,13 +55,5 @@ def test_torchvision_models_fit_score_and_attach(kind):
     det = GROOD().fit_model(model, loader, features=features)
     with torch.no_grad():
         logits = model(x)
-    ref = GROOD().fit(feats, y, logits=logits)
-    torch.testing.assert_close(det.class_prototypes_, ref.class_prototypes_)
-    assert det.index_.ntotal == ref.index_.ntotal == int((logits.argmax(1) == y).sum())
-    scores, preds = det.score_model(model, [x])
-    torch.testing.assert_close(scores, ref.score_samples(feats))
-    assert torch.equal(preds, ref.predict(feats))
-    att_logits, att_scores, att_preds = det.attach(model, features=features)(x)
-    torch.testing.assert_close(att_logits, logits)
-    torch.testing.assert_close(att_scores, scores)
-    assert torch.equal(att_preds, preds)
+    scores, preds = check_fit_model_equals_fit(det, model, [x], feats, y, logits)
+    check_attach(det, model, features, x, logits, scores, preds)
