@@ -20,7 +20,7 @@ from grood.errors import (
     NotFittedError,
 )
 from grood.index import GradientIndex, register_index
-from grood.metrics import ood_metrics
+from grood.metrics import ood_metrics, threshold_at_tpr
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
 
@@ -45,4 +45,5 @@ __all__ = [
     "ood_metrics",
     "register_index",
     "register_source",
+    "threshold_at_tpr",
 ]

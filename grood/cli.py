@@ -1,4 +1,4 @@
-"""The ``grood`` command: ``demo``, ``fit``, ``score`` and ``eval``."""
+"""The ``grood`` command: ``demo``, ``fit``, ``calibrate``, ``score`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -87,14 +87,21 @@ def _require_files(files: dict[str, str | None]) -> None:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features
+    from grood.metrics import check_tpr
     from grood.persistence import save_target
 
     # The inputs and the output are checked before any work, so a bad path fails in a second,
     # not after a fit.
-    _require_files({"feature file": args.train, "OOD feature file": args.ood_features})
+    _require_files({"feature file": args.train, "OOD feature file": args.ood_features,
+                    "calibration feature file": args.calibrate})
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
                 else (".safetensors",),
-                inputs={"training file": args.train, "OOD feature file": args.ood_features})
+                inputs={"training file": args.train, "OOD feature file": args.ood_features,
+                        "calibration feature file": args.calibrate})
+    if args.tpr is not None and args.calibrate is None:
+        raise ValueError("--tpr applies with --calibrate FILE (held-out ID features)")
+    if args.tpr is not None:
+        check_tpr(args.tpr)  # before the fit
     if args.ood_prototype == "features" and not args.ood_features:
         raise ValueError("--ood-prototype features needs --ood-features FILE")
     if args.ood_features and args.ood_prototype not in (None, "features"):
@@ -105,6 +112,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if train.labels is None:
         raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels")
     ood = load_features(args.ood_features).features if args.ood_features else None
+    # Read (memory-mapped) before the fit: an unreadable file fails now, not after it.
+    calibration = load_features(args.calibrate).features if args.calibrate else None
     prototype = args.ood_prototype or ("features" if ood is not None else "mean")
     index_options = None
     if args.index_storage != "float32":
@@ -117,6 +126,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     logits = None if args.ignore_logits else train.logits
     det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
             logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
+    if calibration is not None:
+        with _naming(args.calibrate):
+            det.calibrate(_shard(calibration, rank, world),
+                          tpr=0.95 if args.tpr is None else args.tpr)
     det.save(args.out)
     if rank:
         return 0
@@ -125,7 +138,33 @@ def _cmd_fit(args: argparse.Namespace) -> int:
           f"({100 * det.train_accuracy_:.1f} % classified correctly by "
           f"{'the nearest prototype' if logits is None else 'the logits'}); "
           f"backend {det.backend_}" + (f"; {world} shards" if world > 1 else "")
-          + f"; saved {args.out}")
+          + (f"; {_threshold_line(det)}" if args.calibrate else "") + f"; saved {args.out}")
+    return 0
+
+
+def _threshold_line(det) -> str:
+    """The saved threshold, in words."""
+    cal = det.calibration_
+    return (f"threshold {cal['threshold']:.6g} (accepts {100 * cal['tpr']:g} % of the "
+            f"{cal['n']} held-out ID rows it was chosen on; lower scores are flagged as OOD)")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from grood import GROOD
+    from grood.io import load_features
+    from grood.persistence import save_target
+
+    _require_files({"detector file": args.detector, "feature file": args.features})
+    # The detector file may be replaced by its calibrated self (saving is atomic and the
+    # loaded detector holds its own copy); the features must not be overwritten.
+    save_target(args.out, inputs={"feature file": args.features})
+    det = GROOD.load(args.detector, device=args.device, backend=args.backend)
+    if args.batch_size is not None:
+        det.batch_size = args.batch_size
+    with _naming(args.features):
+        det.calibrate(load_features(args.features).features, tpr=args.tpr)
+    det.save(args.out)
+    print(f"{_threshold_line(det)}; saved {args.out}")
     return 0
 
 
@@ -133,6 +172,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from grood import GROOD
+    from grood.calibration import current_threshold
     from grood.io import load_features, save_scores
     from grood.persistence import save_target
 
@@ -144,6 +184,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                      backend=args.backend)
     if args.batch_size is not None:
         det.batch_size = args.batch_size
+    # A saved threshold, checked to hold for the detector's search (k, nprobe) as saved.
+    threshold = current_threshold(det) if hasattr(det, "calibration_") else None
     data = load_features(args.features)
     scores, preds = det.score_and_predict(_shard(data.features, rank, world))
     if world > 1:
@@ -156,9 +198,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if rank:
             return 0
     scores, preds = np.asarray(scores), np.asarray(preds)
-    save_scores(args.out, scores, preds)
+    flags = None if threshold is None else scores < threshold
+    save_scores(args.out, scores, preds, flags)
+    flagged = "" if flags is None else (
+        f"; {int(flags.sum())} ({100 * flags.mean():.2f} %) flagged as OOD, scoring below "
+        f"the detector's threshold {threshold:.6g}")
     print(f"scored {scores.size} samples (higher = in-distribution; min {scores.min():.6g}, "
-          f"median {np.median(scores):.6g}, max {scores.max():.6g}); wrote {args.out}")
+          f"median {np.median(scores):.6g}, max {scores.max():.6g}){flagged}; wrote {args.out}")
     return 0
 
 
@@ -166,6 +212,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from grood import GROOD, ood_metrics
+    from grood.calibration import current_threshold
     from grood.io import load_features
     from grood.persistence import save_target
     from grood.report import METRIC_LABELS, markdown_table
@@ -179,6 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
+    threshold = current_threshold(det) if hasattr(det, "calibration_") else None
     id_data = load_features(args.id)
     with _naming(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
@@ -196,13 +244,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results[str(path)] = m
         sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
-        rows.append([str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)])
+        row = [str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)]
+        if threshold is not None:  # the fraction the detector's threshold flags
+            m["flagged"] = float(np.mean(ood_scores < threshold))
+            row.append(m["flagged"])
+        rows.append(row)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
         print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
+    header = ["OOD set", "n", *METRIC_LABELS.values()]
+    if threshold is not None:
+        kept = float(np.mean(id_scores >= threshold))
+        print(f"; {100 * kept:.2f} % accepted at the detector's {_threshold_line(det)}",
+              end="")
+        header.append("flagged")
     print("\n")
-    print(markdown_table(["OOD set", "n", *METRIC_LABELS.values()], rows))
+    print(markdown_table(header, rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if plots is not None:
@@ -325,11 +383,38 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--distributed", action="store_true",
                      help="under torchrun: every rank fits on its block of rows; saves one "
                           "shard per rank and a manifest at --out")
+    fit.add_argument("--calibrate", metavar="FILE",
+                     help="held-out in-distribution feature file: save with the detector the "
+                          "score threshold that accepts --tpr of its rows ('grood score' then "
+                          "flags lower scores as OOD)")
+    fit.add_argument("--tpr", type=float, default=None,
+                     help="with --calibrate: the fraction of ID rows to accept (default: 0.95)")
     fit.set_defaults(func=_cmd_fit)
+
+    cal = sub.add_parser(
+        "calibrate", help="choose a saved detector's OOD threshold on held-out ID features",
+        description="Score held-out in-distribution features and save the detector with the "
+                    "threshold that accepts --tpr of them: 'grood score' then writes an 'ood' "
+                    "column (.csv) and 'grood eval' the fraction of each OOD set flagged.",
+        epilog=EPILOG_FILES)
+    cal.add_argument("detector", help="detector file written by 'grood fit'")
+    cal.add_argument("features", help="held-out in-distribution feature file (not the "
+                                      "training file)")
+    cal.add_argument("-o", "--out", required=True,
+                     help="detector file to write (.safetensors; may be the detector itself)")
+    cal.add_argument("--tpr", type=float, default=0.95,
+                     help="fraction of the ID rows to accept (default: %(default)s)")
+    cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    cal.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="run on this backend instead of the saved one")
+    cal.add_argument("--batch-size", type=positive_int_arg, default=None,
+                     help="rows per batch (default: the detector's)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     score = sub.add_parser("score", help="score a feature file with a saved detector",
                            description="Score every row of a feature file. Writes .npy "
-                                       "(scores) or .csv (index,score,pred).",
+                                       "(scores) or .csv (index,score,pred, and ood when the "
+                                       "detector holds a threshold: 'grood calibrate').",
                            epilog=EPILOG_FILES)
     score.add_argument("detector", help="detector file written by 'grood fit'")
     score.add_argument("features", help="feature file to score")

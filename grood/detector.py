@@ -40,6 +40,7 @@ from grood._fit import (
 from grood._gradients import GradientStep
 from grood._params import Parameters
 from grood._progress import progress
+from grood.calibration import Calibration
 from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import ExactIndex, check_index_options, index_class
@@ -47,7 +48,7 @@ from grood.model import ModelFrontEnd
 from grood.prototypes import OODPrototypeSource, resolve_source
 
 
-class GROOD(Parameters, ModelFrontEnd):
+class GROOD(Parameters, ModelFrontEnd, Calibration):
     """Gradient-aware out-of-distribution detector (ElAraby et al., arXiv 2312.14427).
 
     Fitting builds class prototypes (mean training feature per class) and an OOD prototype,
@@ -93,6 +94,7 @@ class GROOD(Parameters, ModelFrontEnd):
         train_accuracy_ (float): fraction of training samples classified correctly (by the
             given logits, or by the nearest class prototype), i.e. indexed.
         backend_ (dict): the backend used for each operation. device_, dtype_.
+        threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 
     def __init__(
@@ -267,6 +269,10 @@ class GROOD(Parameters, ModelFrontEnd):
             self.extractor_ = fitted.extractor
         elif hasattr(self, "extractor_"):  # refitted from arrays: the old layer no longer holds
             del self.extractor_
+        self._drop_calibration()  # a threshold chosen on another fit's scores
+
+    def _apply_score_params(self) -> None:
+        apply_score_time_params(self)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):

@@ -100,8 +100,10 @@ def _torch_load(path: Path) -> Any:
                       mmap=zipfile.is_zipfile(path))  # torch's zip format maps; legacy not
 
 
-def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) -> None:
-    """Write scores to ``.npy`` (scores only) or ``.csv`` (``index,score,pred`` rows)."""
+def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
+                flags: np.ndarray | None = None) -> None:
+    """Write scores to ``.npy`` (scores only) or ``.csv`` (``index,score,pred`` rows, and
+    ``ood`` (1 = flagged) when ``flags`` are given)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
@@ -109,8 +111,10 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray) 
     elif path.suffix.lower() == ".csv":
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "score", "pred"])
-            for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
-                writer.writerow([i, repr(s), p])
+            writer.writerow(["index", "score", "pred", *(["ood"] if flags is not None else [])])
+            extra = [[]] * len(scores) if flags is None else [[int(f)] for f in flags.tolist()]
+            for i, (s, p, e) in enumerate(zip(scores.tolist(), preds.tolist(), extra,
+                                              strict=True)):
+                writer.writerow([i, repr(s), p, *e])
     else:
         raise ValueError(f"{path}: scores are written as .npy or .csv, not {path.suffix!r}")

@@ -19,6 +19,7 @@ slightly larger FPR; this module uses every threshold, i.e. the definition above
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,39 @@ def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
     is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
     tps, fps = _cumulative_counts(-conf, is_ood)
     return np.r_[0.0, fps / id_s.size], np.r_[0.0, tps / ood_s.size]
+
+
+def check_tpr(tpr: Any) -> float:
+    """``tpr`` as a float in (0, 1], or an error naming it."""
+    level = check_real(tpr, "tpr")
+    if not 0 < level <= 1:  # 95 (a percentage) would accept nothing
+        raise ValueError(f"tpr is a fraction in (0, 1], got {tpr!r}")
+    return level
+
+
+def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
+    """The decision threshold that accepts a fraction ``tpr`` of in-distribution samples.
+
+    A sample is accepted as ID when its score is at or above the threshold and flagged as OOD
+    below it. The threshold is the largest that accepts at least ``tpr`` of ``id_scores`` —
+    one of those scores, so the comparison is exact in their dtype; tied scores are accepted
+    together, so the accepted fraction may exceed ``tpr``. Choose it on held-out ID data: the
+    training set's own scores are higher than new samples' (with k = 1 its indexed rows score
+    0).
+
+    Args:
+        id_scores (array-like): scores of held-out in-distribution samples, shape [N].
+        tpr (float): the fraction of them to accept, in (0, 1].
+
+    Returns:
+        float: the threshold.
+    """
+    level = check_tpr(tpr)
+    s = _as_scores(id_scores, "id_scores")
+    # The fewest samples to accept; rounded first so that 0.7 * 10 = 7.000000000000001 asks
+    # for 7, not 8.
+    m = max(1, math.ceil(round(level * s.size, 9)))
+    return float(np.partition(s, s.size - m)[s.size - m])
 
 
 def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95

@@ -26,6 +26,7 @@ from grood import distributed as dist
 from grood import ops
 from grood._checks import check_positive_int, ordinary
 from grood._fit import FittedState
+from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.index import GradientIndex, index_class, index_from_state
 from grood.prototypes import source_from_config
@@ -70,6 +71,7 @@ def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         "index_options": _plain(det.index_.options()),
         "extractor": getattr(det, "extractor_", None),
         "shard_sizes": det.shard_sizes_,
+        "calibration": getattr(det, "calibration_", None),
     }
     tensors = {
         "class_prototypes": det.class_prototypes_,
@@ -361,6 +363,9 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
         shard_sizes=shard_sizes, extractor=state.get("extractor")))
+    if state.get("calibration") is not None:
+        det.calibration_ = state["calibration"]
+        det.threshold_ = det.calibration_["threshold"]
     return det
 
 
@@ -447,6 +452,7 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     if shard is not None and n_ranks != shard[1]:
         raise DetectorFileError(f"{path} belongs to a detector of {n_ranks} rank(s), not "
                                 f"{shard[1]} as its manifest says")
+    check_calibration(path, state.get("calibration"))
     if shard_sizes is not None and sum(shard_sizes) < params["k"]:
         raise DetectorFileError(f"{path} is inconsistent: k={params['k']} but its index "
                                 f"holds {sum(shard_sizes)} vectors in all")

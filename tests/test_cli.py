@@ -463,3 +463,51 @@ def test_a_numpy_file_that_is_not_one_is_named_as_such(tmp_path):
             load_features(tmp_path / name)
         assert "pickle" not in str(exc.value)
     assert load_features(tmp_path / "good.npz").features.shape == (3, 2)
+
+
+def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys):
+    """``fit --calibrate`` and ``grood calibrate`` (in place) save the threshold GROOD.calibrate
+    chooses; ``score`` then writes an ``ood`` column (.csv) and ``eval`` the fraction of each
+    set flagged; the training file and --tpr without --calibrate are refused."""
+    x, y = clustered_features(150, 3, 8, seed=0, spread=0.3, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x[:90], labels=y[:90])
+    _write(tmp_path / "val.npy", features=x[90:130])
+    _write(tmp_path / "test.npy", features=x[130:])
+    _write(tmp_path / "ood.npy", features=torch.rand(25, 8) * 4 + 2)
+    det_path, plain = tmp_path / "det.safetensors", tmp_path / "plain.safetensors"
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det_path), "--calibrate",
+                 str(tmp_path / "val.npy"), "--tpr", "0.9"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    expected = GROOD().fit(x[:90], y[:90]).calibrate(x[90:130], tpr=0.9)
+    assert GROOD.load(det_path).calibration_ == expected.calibration_
+
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(plain)]) == 0
+    assert main(["calibrate", str(plain), str(tmp_path / "val.npy"), "-o", str(plain),
+                 "--tpr", "0.9"]) == 0
+    assert GROOD.load(plain).calibration_ == expected.calibration_
+    capsys.readouterr()
+
+    assert main(["score", str(det_path), str(tmp_path / "test.npy"), "-o",
+                 str(tmp_path / "s.csv")]) == 0
+    assert "flagged as OOD" in capsys.readouterr().out
+    rows = [r.split(",") for r in (tmp_path / "s.csv").read_text().splitlines()]
+    assert rows[0] == ["index", "score", "pred", "ood"]
+    flags = expected.is_ood(x[130:].numpy())
+    assert [int(r[3]) for r in rows[1:]] == flags.astype(int).tolist()
+
+    assert main(["eval", str(det_path), "--id", str(tmp_path / "test.npy"), "--ood",
+                 str(tmp_path / "ood.npy"), "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| flagged |" in text and "accepted at the detector's threshold" in text
+    m = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npy")]
+    assert m["flagged"] == float(expected.is_ood(np.load(tmp_path / "ood.npy")).mean())
+
+    assert main(["calibrate", str(plain), str(tmp_path / "train.npz"), "-o",
+                 str(tmp_path / "c.safetensors")]) == 2
+    assert "not on the training set" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(plain), "--tpr", "0.9"]) == 2
+    assert "--tpr applies with --calibrate" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "new.safetensors"),
+                 "--calibrate", str(tmp_path / "val.npy"), "--tpr", "95"]) == 2
+    assert "tpr is a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "new.safetensors").exists()

@@ -472,3 +472,72 @@ def test_reduced_precision_modes_keep_scores_and_survive_save(precision, tmp_pat
     loaded = GROOD.load(tmp_path / "d.safetensors")
     assert loaded.precision == precision
     assert torch.equal(loaded.score_samples(test), det.score_samples(test))
+
+
+def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):
+    """The threshold accepts tpr of the held-out ID rows; is_ood is score < threshold in the
+    input's type; it is saved, dropped by a new fit, and refused once the search it was chosen
+    for changed (k) or on the training rows."""
+    x, y, test = _data(seed=3, n=120)
+    val, _ = clustered_features(60, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
+    det = GROOD().fit(x, y)
+    with pytest.raises(NotFittedError, match=r"no threshold yet: call calibrate"):
+        det.is_ood(test)
+    assert det.calibrate(val, tpr=0.9) is det
+    scores = det.score_samples(val)
+    assert det.threshold_ in scores.tolist()
+    assert (scores >= det.threshold_).float().mean() >= 0.9
+    assert (scores > det.threshold_).float().mean() < 0.9  # the largest such threshold
+    assert det.calibration_ == {"threshold": det.threshold_, "tpr": 0.9, "n": 60, "k": 1,
+                                "nprobe": None}
+    flags = det.is_ood(test)
+    assert flags.dtype == torch.bool
+    assert torch.equal(flags, det.score_samples(test) < det.threshold_)
+    np.testing.assert_array_equal(det.is_ood(test.numpy()), flags.numpy())
+
+    det.save(tmp_path / "d.safetensors")
+    loaded = GROOD.load(tmp_path / "d.safetensors")
+    assert loaded.calibration_ == det.calibration_
+    assert torch.equal(loaded.is_ood(test), flags)
+
+    det.k = 2
+    with pytest.raises(ValueError, match=r"another search \(k=1 -> 2\); set it back"):
+        det.is_ood(test)
+    det.k = 1
+    det.fit(x, y)  # a new fit: the threshold belonged to the old one
+    assert not hasattr(det, "threshold_")
+    with pytest.raises(ValueError, match=r"score 0 \(their gradients are indexed training"):
+        det.calibrate(x)
+    with pytest.raises(ValueError, match=r"tpr is a fraction"):
+        det.calibrate(val, tpr=95)
+    assert not hasattr(det, "threshold_")
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 0.5, "tpr": 0.95, "n": 3, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 1.5, "n": 3, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 0.9, "n": 0, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 0.9}, [1, 2]])
+def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
+    """A calibration that passes the checksum (rewritten with a new digest) but is not one
+    calibrate() makes is refused by name, not used to flag samples."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import digest
+
+    x, y, _ = _data(seed=3)
+    val, _ = clustered_features(30, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
+    path = tmp_path / "d.safetensors"
+    GROOD().fit(x, y).calibrate(val).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    state["calibration"] = bad
+    meta["state"] = json.dumps(state)
+    meta["digest"] = digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="inconsistent: invalid calibration"):
+        GROOD.load(path)

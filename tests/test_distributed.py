@@ -56,7 +56,10 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         det.set_params(distributed=False)
         flipped = det.score_samples(rows)
         det.set_params(distributed=True)
-        torch.save({"protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
+        # The threshold comes from every rank's rows (an idle rank gives none).
+        det.calibrate(rows, tpr=0.8)
+        torch.save({"threshold": det.calibration_, "protos": det.class_prototypes_,
+                    "p_ood": det.ood_prototype_,
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test),
                     "reserved": reserved, "local_rows": part(x).shape[0],
@@ -100,11 +103,14 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     scores = torch.cat([r["scores"] for r in results])
     n_scored = scores.shape[0]
     assert torch.equal(scores, single.score_samples(test)[:n_scored])
+    single.calibrate(test[:n_scored], tpr=0.8)
+    assert all(r["threshold"] == single.calibration_ for r in results)
 
     # The sharded detector, loaded whole into one process, is the single-process detector.
     joined = GROOD.load(tmp_path / "det.json")
     assert torch.equal(joined.index_.vectors, single.index_.vectors)
     assert torch.equal(joined.score_samples(test), single.score_samples(test))
+    assert joined.calibration_ == single.calibration_
 
 
 def test_sharded_manifest_detects_a_damaged_shard(tmp_path):

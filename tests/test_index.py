@@ -402,3 +402,19 @@ def test_an_index_filled_under_inference_mode_takes_adds_outside_it():
         index.trim()
     index.add(more)
     assert index.ntotal == 20
+
+
+def test_a_threshold_holds_for_the_nprobe_it_was_chosen_with():
+    """IVF's nprobe changes its scores (it visits more or fewer lists): a threshold chosen at
+    one nprobe is refused at another, and holds again when set back."""
+    pytest.importorskip("faiss")
+    x, y = clustered_features(300, 4, 10, seed=7, spread=0.4, dtype=torch.float32)
+    val, _ = clustered_features(40, 4, 10, seed=9, spread=0.7, dtype=torch.float32)
+    det = GROOD(index="faiss-ivf", index_options={"nlist": 6, "nprobe": 2}).fit(x, y)
+    det.calibrate(val)
+    assert det.calibration_["nprobe"] == 2
+    det.set_params(index_options={"nlist": 6, "nprobe": 6})
+    with pytest.raises(ValueError, match=r"another search \(nprobe=2 -> 6\)"):
+        det.is_ood(val)
+    det.set_params(index_options={"nlist": 6, "nprobe": 2})
+    assert det.is_ood(val).float().mean() <= 0.05

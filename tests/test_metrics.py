@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from grood import ood_metrics
+from grood import ood_metrics, threshold_at_tpr
 from grood.metrics import roc_curve
 
 
@@ -154,3 +154,34 @@ def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
         assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tpr", [0.1, 0.7, 0.95, 1.0])
+def test_threshold_is_the_largest_that_accepts_tpr_of_the_scores(seed, tpr):
+    """Against its definition, by brute force over every candidate, on tied and untied scores
+    (levels: how many distinct values), sizes where tpr * n is whole and where it is not."""
+    rng = np.random.default_rng(seed)
+    n = [10, 20, 37, 101][seed]
+    s = rng.integers(0, 6, n).astype(np.float64) if seed % 2 else rng.normal(size=n)
+    t = threshold_at_tpr(s, tpr)
+    assert t in s
+    accepted = np.mean(s >= t)
+    assert accepted >= tpr - 1e-12
+    above = s[s > t]
+    # Any larger candidate accepts too few (fractions like 0.7 * 10 count as exactly 7 of 10).
+    assert all(np.sum(s >= c) < round(tpr * n, 9) for c in above)
+
+
+def test_threshold_on_a_small_case_and_its_input_checks():
+    s = np.arange(1.0, 11.0)
+    assert threshold_at_tpr(s, 0.7) == 4.0  # 4..10: seven of ten
+    assert threshold_at_tpr(s, 0.1) == 10.0
+    assert threshold_at_tpr(torch.tensor(s, dtype=torch.float32), 1) == 1.0
+    assert threshold_at_tpr([2.0, 2.0, 2.0, 1.0], 0.5) == 2.0  # ties accepted together (75 %)
+    with pytest.raises(ValueError, match=r"tpr is a fraction in \(0, 1\]"):
+        threshold_at_tpr(s, 95)
+    with pytest.raises(ValueError, match="id_scores contains NaN"):
+        threshold_at_tpr([1.0, float("nan")], 0.5)
+    with pytest.raises(ValueError, match="id_scores is empty"):
+        threshold_at_tpr([], 0.5)

@@ -586,3 +586,26 @@ class _KwargNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.embed(input=x.flatten(1)))
+
+
+def test_calibrate_model_equals_calibrate_on_extracted_features(trained):
+    """calibrate_model streams a held-out loader through the model (score_model's options)
+    and sets the threshold calibrate sets on those features; a tpr out of range is refused
+    before the model runs."""
+    model, x, y = trained
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=32),
+                            features="8")
+    val, _ = _images(40, seed=6)
+    loader = DataLoader(TensorDataset(val), batch_size=16)
+    det.calibrate_model(model, loader, tpr=0.9)
+    ref = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=32),
+                            features="8")
+    ref.calibrate(FeatureExtractor(model, features="8")(val).features, tpr=0.9)
+    assert det.calibration_ == ref.calibration_
+
+    class Never(nn.Module):
+        def forward(self, inp):
+            raise AssertionError("the model ran")
+
+    with pytest.raises(ValueError, match=r"tpr is a fraction in \(0, 1\]"):
+        det.calibrate_model(Never(), loader, tpr=90)

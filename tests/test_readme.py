@@ -39,6 +39,7 @@ class SmallResNet(nn.Module):
 def _namespace():
     x, y = clustered_features(120, 3, 16, seed=0, dtype=torch.float32)
     test, _ = clustered_features(40, 3, 16, seed=1, spread=0.5, dtype=torch.float32)
+    val, _ = clustered_features(30, 3, 16, seed=2, spread=0.5, dtype=torch.float32)
     logits = torch.nn.functional.one_hot(y, 3).float() * 3
     gen = torch.Generator().manual_seed(3)
     model = SmallResNet().eval()
@@ -47,7 +48,8 @@ def _namespace():
     loader = DataLoader(TensorDataset(images, labels), batch_size=16)
     return {
         "train_features": x.numpy(), "train_labels": y.numpy(), "train_logits": logits.numpy(),
-        "test_features": test.numpy(), "scores_id": np.linspace(0.0, 1.0, 30),
+        "test_features": test.numpy(), "val_features": val.numpy(),
+        "scores_id": np.linspace(0.0, 1.0, 30),
         "scores_ood": np.linspace(-1.0, 0.5, 20), "model": model, "resnet": model,
         "train_loader": loader, "test_loader": loader, "images": images[:4],
         "torch": torch,

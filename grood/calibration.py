@@ -1,0 +1,126 @@
+"""An OOD decision threshold for a fitted detector, chosen on held-out in-distribution data.
+
+Scores rank samples; a deployment has to decide. :class:`Calibration` (a part of
+:class:`grood.GROOD`) chooses the threshold that accepts a fraction ``tpr`` of held-out ID
+samples (:func:`grood.metrics.threshold_at_tpr`) and flags samples scoring below it. The
+threshold belongs to the scores it was chosen on: it is recorded with the search settings they
+depend on beyond the fitted state (``k``, IVF's ``nprobe``), saved with the detector
+(:mod:`grood.persistence`, checked by :func:`check_calibration` when read), refused once those
+settings changed, and dropped by a new ``fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from grood import distributed as dist
+from grood._checks import ArrayLike
+from grood.errors import DetectorFileError, NotFittedError
+from grood.metrics import as_score_array, check_tpr, threshold_at_tpr
+
+#: What ``calibration_`` records.
+RECORD_KEYS = ("threshold", "tpr", "n", "k", "nprobe")
+
+
+class Calibration:
+    """``calibrate`` / ``calibrate_model`` / ``is_ood`` of a fitted detector (it scores with
+    ``score_samples`` / ``score_model``)."""
+
+    def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Any:
+        """Choose the threshold :meth:`is_ood` flags by, on held-out in-distribution features.
+
+        ``threshold_`` becomes the largest score that accepts at least a fraction ``tpr`` of
+        ``features`` (:func:`grood.metrics.threshold_at_tpr`); ``calibration_`` records it
+        with ``tpr``, the number of rows and the search it holds for (``k``, and IVF's
+        ``nprobe``). Saved with the detector; a new ``fit`` drops it. A distributed detector
+        chooses it from every rank's rows.
+
+        Use data the detector was not fitted on: training rows score higher than new samples
+        (with ``k=1`` an indexed row scores 0), so a threshold of 0 — at least ``tpr`` of the
+        rows are indexed gradients — is refused.
+
+        Returns:
+            the detector.
+        """
+        level = check_tpr(tpr)  # before any scoring
+        return self._calibrate_on(self.score_samples(features), level)
+
+    def calibrate_model(self, model: Any, loader: Any, *, tpr: float = 0.95,
+                        **kwargs: Any) -> Any:
+        """:meth:`calibrate` on a held-out ID loader's samples, through ``model``
+        (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
+        level = check_tpr(tpr)
+        return self._calibrate_on(self.score_model(model, loader, **kwargs)[0], level)
+
+    def _calibrate_on(self, scores: Any, tpr: float) -> Any:
+        """Set the threshold from held-out ID ``scores`` (every rank's, when sharded)."""
+        scores = torch.from_numpy(as_score_array(scores, "scores"))
+        if self._sharded:
+            scores = torch.cat(dist.all_gather_rows(scores))
+        threshold = threshold_at_tpr(scores.numpy(), tpr)
+        if threshold >= 0:
+            zero = int((scores == 0).sum())
+            raise ValueError(
+                f"{zero} of the {scores.numel()} calibration rows score 0 (their gradients are "
+                f"indexed training gradients), so a threshold accepting tpr={tpr} of them "
+                "would flag every new sample: calibrate on held-out in-distribution data, not "
+                "on the training set")
+        self.calibration_ = {"threshold": threshold, "tpr": tpr,
+                             "n": int(scores.numel()), **self._search_setting()}
+        self.threshold_ = threshold
+        return self
+
+    def is_ood(self, features: ArrayLike) -> ArrayLike:
+        """Whether each sample of features [N, D] scores below ``threshold_`` (set by
+        :meth:`calibrate` or loaded with the detector): bool [N], numpy for numpy input, else
+        a tensor on the input's device."""
+        threshold = current_threshold(self)
+        return self.score_samples(features) < threshold
+
+    def _search_setting(self) -> dict[str, Any]:
+        """What the scores a threshold was chosen on depend on beyond the fitted state."""
+        return {"k": self.k, "nprobe": getattr(self.index_, "nprobe", None)}
+
+    def _drop_calibration(self) -> None:
+        """Forget the threshold (a new fit: it was chosen on the old one's scores)."""
+        self.__dict__.pop("threshold_", None)
+        self.__dict__.pop("calibration_", None)
+
+
+def current_threshold(det: Any) -> float:
+    """``det.threshold_``, after checking that the detector still scores as it did when the
+    threshold was chosen (``k`` and IVF's ``nprobe`` may have changed since: its scores, and
+    the fraction of ID samples the threshold accepts, with them)."""
+    det._check_fitted()
+    if not hasattr(det, "calibration_"):
+        raise NotFittedError("this GROOD detector has no threshold yet: call "
+                             "calibrate(held_out_id_features) after fit()")
+    det._apply_score_params()  # k checked, the index's search options brought up to date
+    now, then = det._search_setting(), det.calibration_
+    changed = [f"{key}={then[key]} -> {now[key]}" for key in now if now[key] != then[key]]
+    if changed:
+        raise ValueError(f"the threshold was chosen on scores of another search "
+                         f"({', '.join(changed)}); set it back or calibrate again")
+    return det.threshold_
+
+
+def check_calibration(path: Any, record: Any) -> None:
+    """A saved threshold is one :meth:`Calibration.calibrate` records, or the file is refused:
+    a damaged one would flag samples by a wrong threshold without a word."""
+    if record is None:
+        return
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    ok = (isinstance(record, dict) and set(record) == set(RECORD_KEYS)
+          and isinstance(record["threshold"], float)
+          and bool(np.isfinite(record["threshold"])) and record["threshold"] < 0
+          and isinstance(record["tpr"], float) and 0 < record["tpr"] <= 1
+          and whole(record["n"]) and whole(record["k"])
+          and (record["nprobe"] is None or whole(record["nprobe"])))
+    if not ok:
+        raise DetectorFileError(f"{path} is inconsistent: invalid calibration {record!r}")
