@@ -267,8 +267,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from grood.report import plot_histograms, plot_roc
 
         scores = {"GROOD": sets}
-        written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0]),
-                   plot_histograms(scores, plots[1])]
+        marks = None if threshold is None else {"GROOD": (threshold,
+                                                          det.calibration_["tpr"])}
+        written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0], marks),
+                   plot_histograms(scores, plots[1], marks)]
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)")
     return 0
 

@@ -56,6 +56,21 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
     return out
 
 
+def _checked_thresholds(thresholds: Mapping[str, tuple[float, float]] | None,
+                        scores: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """``{method: (threshold, tpr)}`` for methods that have scores, finite, tpr in (0, 1]."""
+    out = {}
+    for method, value in (thresholds or {}).items():
+        if method not in scores:
+            raise ValueError(f"a threshold for {method!r}, which has no scores")
+        t, tpr = (float(v) for v in value)
+        if not np.isfinite(t) or not 0 < tpr <= 1:
+            raise ValueError(f"thresholds[{method!r}] must be (finite threshold, tpr in (0, 1]),"
+                             f" got {value!r}")
+        out[method] = (t, tpr)
+    return out
+
+
 def figure_class():
     """matplotlib's ``Figure``, a missing extra named. Figures are made from it directly, not
     through pyplot: drawing a report neither switches the caller's backend (a notebook's
@@ -79,7 +94,8 @@ def _grid(figure, panels: int, size: tuple[float, float]):
 
 
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
-             ood_names: Sequence[str], path: str | os.PathLike) -> Path:
+             ood_names: Sequence[str], path: str | os.PathLike,
+             thresholds: Mapping[str, tuple[float, float]] | None = None) -> Path:
     """ROC curves (OOD positive), one panel per OOD set (three to a row) and one curve per
     method.
 
@@ -88,16 +104,25 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         id_name: the in-distribution dataset's key.
         ood_names: keys of the OOD datasets, one panel each.
         path: the PNG file to write.
+        thresholds: ``{method: (threshold, tpr)}``: that method's operating point (the
+            fractions of ID and OOD samples scoring below the threshold) marked on its curve.
     """
     figure = figure_class()  # a missing extra is named before any check
     if not ood_names:
         raise ValueError("no OOD datasets to plot: ood_names is empty")
     scores = _checked(scores, [id_name, *ood_names])
+    thresholds = _checked_thresholds(thresholds, scores)
     fig, axes = _grid(figure, len(ood_names), (5.0, 4.6))
     for ax, ood in zip(axes, ood_names, strict=True):
         for method, by_set in scores.items():
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
-            ax.plot(fpr, tpr, lw=1.6, label=f"{method} ({100 * trapezoid(tpr, fpr):.1f})")
+            line, = ax.plot(fpr, tpr, lw=1.6,
+                            label=f"{method} ({100 * trapezoid(tpr, fpr):.1f})")
+            if method in thresholds:
+                t, kept = thresholds[method]
+                ax.plot(np.mean(by_set[id_name] < t), np.mean(by_set[ood] < t), "o",
+                        color=line.get_color(), ms=6, mec="k", mew=0.8,
+                        label=f"{method} at its threshold ({100 * kept:g} % ID kept)")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.axhline(0.95, color="0.8", lw=0.8, ls=":")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (ID flagged as OOD)",
@@ -110,10 +135,16 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
 
 
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
-                    path: str | os.PathLike) -> Path:
-    """Score histograms, one panel per method, one colour per dataset."""
+                    path: str | os.PathLike,
+                    thresholds: Mapping[str, tuple[float, float]] | None = None) -> Path:
+    """Score histograms, one panel per method, one colour per dataset.
+
+    ``thresholds``: ``{method: (threshold, tpr)}``, a decision threshold (scores below it
+    flagged as OOD; :meth:`grood.GROOD.calibrate`) drawn as a dashed line in that method's
+    panel."""
     figure = figure_class()  # a missing extra is named before any check
     scores = _checked(scores)
+    thresholds = _checked_thresholds(thresholds, scores)
     methods = list(scores)
     fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
@@ -126,6 +157,10 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
             ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
             ax.hist(values, bins=bins, density=True, color=color, histtype="step", lw=1.4,
                     label=name)
+        if method in thresholds:
+            t, tpr = thresholds[method]
+            ax.axvline(t, color="0.2", lw=1.2, ls="--",
+                       label=f"threshold ({100 * tpr:g} % of ID kept)")
         # Log density: detectors such as MSP and GROOD pile ID scores into one bin near the top.
         ax.set_yscale("log")
         ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -501,6 +502,10 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
     assert "| flagged |" in text and "accepted at the detector's threshold" in text
     m = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npy")]
     assert m["flagged"] == float(expected.is_ood(np.load(tmp_path / "ood.npy")).mean())
+    if find_spec("matplotlib"):  # the pictures mark the threshold (tests/test_metrics.py)
+        assert main(["eval", str(det_path), "--id", str(tmp_path / "test.npy"), "--ood",
+                     str(tmp_path / "ood.npy"), "--plots", str(tmp_path / "figs")]) == 0
+        assert (tmp_path / "figs" / "histograms.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(["calibrate", str(plain), str(tmp_path / "train.npz"), "-o",
                  str(tmp_path / "c.safetensors")]) == 2

@@ -185,3 +185,38 @@ def test_threshold_on_a_small_case_and_its_input_checks():
         threshold_at_tpr([1.0, float("nan")], 0.5)
     with pytest.raises(ValueError, match="id_scores is empty"):
         threshold_at_tpr([], 0.5)
+
+
+def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
+    """With thresholds, the ROC curve gets its operating point (the fractions of ID and OOD
+    scores below the threshold) and the histogram a line at the threshold; a threshold of a
+    method without scores, or a tpr outside (0, 1], is refused."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from grood import report
+
+    drawn = []
+
+    class Recording(Figure):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            drawn.append(self)
+
+    monkeypatch.setattr(report, "figure_class", lambda: Recording)
+    rng = np.random.default_rng(0)
+    scores = {"GROOD": {"id": rng.normal(1, 1, 200), "far": rng.normal(-1, 1, 150)}}
+    t = threshold_at_tpr(scores["GROOD"]["id"], 0.9)
+    report.plot_roc(scores, "id", ["far"], tmp_path / "r.png", {"GROOD": (t, 0.9)})
+    report.plot_histograms(scores, tmp_path / "h.png", {"GROOD": (t, 0.9)})
+    points = [ln.get_xydata()[0] for ln in drawn[0].axes[0].lines if ln.get_marker() == "o"]
+    np.testing.assert_allclose(points, [[np.mean(scores["GROOD"]["id"] < t),
+                                         np.mean(scores["GROOD"]["far"] < t)]])
+    assert points[0][0] == pytest.approx(0.1, abs=0.006)
+    vertical = [ln for ln in drawn[1].axes[0].lines if ln.get_linestyle() == "--"]
+    assert len(vertical) == 1 and vertical[0].get_xdata()[0] == t
+    assert "threshold (90 % of ID kept)" in vertical[0].get_label()
+    with pytest.raises(ValueError, match="a threshold for 'MSP', which has no scores"):
+        report.plot_histograms(scores, tmp_path / "h.png", {"MSP": (t, 0.9)})
+    with pytest.raises(ValueError, match=r"tpr in \(0, 1\]"):
+        report.plot_roc(scores, "id", ["far"], tmp_path / "r.png", {"GROOD": (t, 95)})
