@@ -70,8 +70,17 @@ class Calibration:
                 "on the training set")
         self.calibration_ = {"threshold": threshold, "tpr": tpr,
                              "n": int(scores.numel()), **self._search_setting()}
-        self.threshold_ = threshold
         return self
+
+    @property
+    def threshold_(self) -> float:
+        """The threshold :meth:`is_ood` flags by (read-only: it is ``calibration_``'s, which
+        is what a saved detector keeps)."""
+        try:
+            return self.calibration_["threshold"]
+        except AttributeError:
+            raise AttributeError("threshold_: the detector has no threshold yet (call "
+                                 "calibrate)") from None
 
     def is_ood(self, features: ArrayLike) -> ArrayLike:
         """Whether each sample of features [N, D] scores below ``threshold_`` (set by
@@ -86,7 +95,6 @@ class Calibration:
 
     def _drop_calibration(self) -> None:
         """Forget the threshold (a new fit: it was chosen on the old one's scores)."""
-        self.__dict__.pop("threshold_", None)
         self.__dict__.pop("calibration_", None)
 
 

@@ -365,7 +365,6 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         shard_sizes=shard_sizes, extractor=state.get("extractor")))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
-        det.threshold_ = det.calibration_["threshold"]
     return det
 
 

@@ -490,6 +490,8 @@ def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):
     assert (scores > det.threshold_).float().mean() < 0.9  # the largest such threshold
     assert det.calibration_ == {"threshold": det.threshold_, "tpr": 0.9, "n": 60, "k": 1,
                                 "nprobe": None}
+    with pytest.raises(AttributeError):  # one threshold: the one saved and used
+        det.threshold_ = -1.0
     flags = det.is_ood(test)
     assert flags.dtype == torch.bool
     assert torch.equal(flags, det.score_samples(test) < det.threshold_)
