@@ -38,6 +38,7 @@ def test_float64_input_is_exact():
     torch.testing.assert_close(det.score_samples(test.double()), ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # random logits, on purpose
 def test_logits_choose_which_samples_are_indexed():
     x, y, test = _data(seed=4)
     gen = torch.Generator().manual_seed(0)
@@ -48,6 +49,7 @@ def test_logits_choose_which_samples_are_indexed():
     torch.testing.assert_close(det.score_samples(test).double(), ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # random logits, on purpose
 def test_fit_reserves_the_index_it_will_hold(monkeypatch):
     """With logits the rows to index are known after the first pass: the exact index is
     made that size at once (nothing to copy when it is finished); without, room for every
@@ -134,6 +136,7 @@ def test_numpy_in_numpy_out_and_torch_in_torch_out():
     assert isinstance(det.predict(test.numpy()), np.ndarray)
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # random logits, on purpose
 def test_inputs_are_not_modified():
     x, y, test = _data()
     logits = torch.randn(80, 4)
@@ -543,3 +546,24 @@ def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="inconsistent: invalid calibration"):
         GROOD.load(path)
+
+
+def test_logits_in_another_class_order_than_the_labels_are_named():
+    """Logits whose columns follow another class order (a permuted label map) would index an
+    arbitrary subset of the training rows: fit warns, naming both accuracies; logits in the
+    labels' order do not warn."""
+    import warnings
+
+    x, y = clustered_features(300, 5, 12, seed=4, spread=0.3, dtype=torch.float32)
+    logits = torch.nn.functional.one_hot(y, 5).float() * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GROOD().fit(x, y, logits=logits)
+    shuffled = logits[:, torch.tensor([0, 2, 3, 4, 1])]  # class 0 keeps its column
+    with pytest.warns(UserWarning, match=r"the logits classify 20\.0 % of the training rows "
+                                         r"correctly, their nearest class prototype 100\.0 %"):
+        GROOD().fit(x, y, logits=shuffled)
+    none_right = logits[:, torch.tensor([1, 2, 3, 4, 0])]
+    with pytest.raises(ValueError, match=r"no training sample is classified correctly.*"
+                                         r"prototype gets 100\.0 % right: are the logits'"):
+        GROOD().fit(x, y, logits=none_right)

@@ -291,6 +291,7 @@ def test_mixup_and_noise_are_finite_deterministic_and_differ(trained):
     assert not torch.allclose(values[0], values[1]) and not torch.allclose(values[0], values[2])
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained model
 def test_mixup_needs_a_splittable_model_or_an_explicit_split():
     x, y = _images(30)
     model = ResNetLike()
@@ -410,6 +411,7 @@ def vgg_like():
     ).eval()
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained model
 def test_outputs_changed_in_place_later_are_read_as_the_named_module_gave_them():
     """A module whose output the next layer changes in place (nn.ReLU(inplace=True)): the
     extractor and an attached head read the post-ReLU values instead of the named module's,
