@@ -322,6 +322,18 @@ def test_cpu_report_runs_at_small_size():
     assert "interleaved" in out
 
 
+def test_calibration_digits_runs_at_small_size():
+    """bench/calibration_digits.py: one seed, a short training; one row per seed and the
+    mean, every fraction a percentage."""
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parents[1] / "bench" / "calibration_digits.py"
+    out = subprocess.run([sys.executable, str(script), "--seeds", "1", "--epochs", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [r for r in out.splitlines() if r.startswith("| 0 |")]
+    assert len(rows) == 1 and "| mean ± std |" in out
+    assert all(0 <= float(v) <= 100 for v in rows[0].strip("|").split("|")[1:])
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""
