@@ -11,6 +11,7 @@ settings changed, and dropped by a new ``fit``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -61,13 +62,19 @@ class Calibration:
         if self._sharded:
             scores = torch.cat(dist.all_gather_rows(scores))
         threshold = threshold_at_tpr(scores.numpy(), tpr)
+        zero = int((scores == 0).sum())
         if threshold >= 0:
-            zero = int((scores == 0).sum())
             raise ValueError(
                 f"{zero} of the {scores.numel()} calibration rows score 0 (their gradients are "
                 f"indexed training gradients), so a threshold accepting tpr={tpr} of them "
                 "would flag every new sample: calibrate on held-out in-distribution data, not "
                 "on the training set")
+        if zero > 0.01 * scores.numel():  # more than exact duplicates explain
+            warnings.warn(
+                f"{zero} of the {scores.numel()} calibration rows score 0, i.e. equal indexed "
+                "training rows: is part of the calibration set from the training set? Its "
+                "rows score higher than new samples and lower the threshold", UserWarning,
+                stacklevel=3)
         self.calibration_ = {"threshold": threshold, "tpr": tpr,
                              "n": int(scores.numel()), **self._search_setting()}
         return self

@@ -513,6 +513,10 @@ def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):
     assert not hasattr(det, "threshold_")
     with pytest.raises(ValueError, match=r"score 0 \(their gradients are indexed training"):
         det.calibrate(x)
+    with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows score 0.*part of the "
+                                         r"calibration set from the training set"):
+        det.calibrate(torch.cat([val, x[:10]]), tpr=0.9)
+    det.fit(x, y)
     with pytest.raises(ValueError, match=r"tpr is a fraction"):
         det.calibrate(val, tpr=95)
     assert not hasattr(det, "threshold_")
