@@ -15,6 +15,7 @@ from grood import GROOD  # noqa: E402
 from ._end_to_end import check_attach, check_fit_model_equals_fit  # noqa: E402
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained model
 def test_a_timm_vit_scores_on_what_its_head_receives():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3,

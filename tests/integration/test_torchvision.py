@@ -38,6 +38,7 @@ def _class_token(vit, x):
     return vit.encoder(torch.cat([cls, tokens], dim=1))[:, 0]
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained model
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_torchvision_models_fit_score_and_attach(kind):
     x, y = _images()
