@@ -205,8 +205,10 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "-m", "grood"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The threshold comes from both ranks' halves of the calibration file.
+    calibrate = ["--calibrate", str(tmp_path / "test.npy"), "--tpr", "0.8"]
     for cmd in (["fit", "--distributed", str(tmp_path / "train.npz"), "-o",
-                 str(tmp_path / "sharded.json")],
+                 str(tmp_path / "sharded.json"), *calibrate],
                 ["score", "--distributed", str(tmp_path / "sharded.json"),
                  str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npy")]):
         out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
@@ -214,7 +216,8 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     # The one-process reference runs with the same thread count: BLAS sums in a different
     # order with more threads, which may move a score by one float32 ulp.
-    for cmd in (["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "one.safetensors")],
+    for cmd in (["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "one.safetensors"),
+                 *calibrate],
                 ["score", str(tmp_path / "one.safetensors"), str(tmp_path / "test.npy"), "-o",
                  str(tmp_path / "one.npy")]):
         out = subprocess.run([sys.executable, "-m", "grood", *cmd], capture_output=True,
@@ -226,3 +229,5 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
                                GROOD().fit(x, y, logits=logits).score_samples(test.numpy()),
                                rtol=1e-6)
     assert len(list(tmp_path.glob("sharded.rank*.safetensors"))) == 2
+    assert GROOD.load(tmp_path / "sharded.json").calibration_ == \
+        GROOD.load(tmp_path / "one.safetensors").calibration_
