@@ -18,6 +18,7 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -312,11 +313,26 @@ class FeatureExtractor:
                 x = x.to(self.device)
                 with self.capture() as captured:
                     out = self._forward(x, captured)
+                if seen == 0:
+                    self._check_not_logits(out)
                 yield out, (None if y is None else y.to(self.device)), x
                 seen += x.shape[0]
                 bar.update(x.shape[0])
                 if limit is not None and seen >= limit:
                     break
+
+    def _check_not_logits(self, out: Extracted) -> None:
+        """Warn when the features read are the model's logits (``features="fc"`` for the
+        classifier itself): GROOD's prototypes and gradients are meant for the penultimate
+        feature, and nothing else would say so."""
+        if (out.logits is not None and out.features.shape == out.logits.shape
+                and torch.equal(out.features, out.logits)):
+            hint = (f" (e.g. '{self.features}:input' when {self.features!r} is the classifier)"
+                    if isinstance(self.features, str) else "")
+            warnings.warn(
+                f"features={self.features!r} reads the model's logits (the same values): GROOD "
+                f"works on the penultimate feature, what the classifier receives{hint}",
+                UserWarning, stacklevel=4)
 
     def extract(self, loader: Iterable) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """All features [N, D], logits [N, C] and labels [N] of a loader, on the CPU.

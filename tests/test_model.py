@@ -611,3 +611,18 @@ def test_calibrate_model_equals_calibrate_on_extracted_features(trained):
 
     with pytest.raises(ValueError, match=r"tpr is a fraction in \(0, 1\]"):
         det.calibrate_model(Never(), loader, tpr=90)
+
+
+def test_features_that_are_the_logits_are_named(trained):
+    """features naming the classifier itself reads the logits: fit_model warns and names the
+    classifier's input; the penultimate layer does not warn."""
+    import warnings
+
+    model, x, y = trained
+    loader = [(x, y)]
+    with pytest.warns(UserWarning, match=r"features='9' reads the model's logits.*"
+                                         r"\(e\.g\. '9:input' when '9' is the classifier\)"):
+        GROOD().fit_model(model, loader, features="9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GROOD().fit_model(model, loader, features="9:input")
