@@ -313,8 +313,9 @@ class FeatureExtractor:
                 x = x.to(self.device)
                 with self.capture() as captured:
                     out = self._forward(x, captured)
-                if seen == 0:
+                if not getattr(self, "_logits_checked", False):  # once per extractor
                     self._check_not_logits(out)
+                    self._logits_checked = True
                 yield out, (None if y is None else y.to(self.device)), x
                 seen += x.shape[0]
                 bar.update(x.shape[0])

@@ -621,8 +621,10 @@ def test_features_that_are_the_logits_are_named(trained):
     model, x, y = trained
     loader = [(x, y)]
     with pytest.warns(UserWarning, match=r"features='9' reads the model's logits.*"
-                                         r"\(e\.g\. '9:input' when '9' is the classifier\)"):
+                                         r"\(e\.g\. '9:input' when '9' is the classifier\)"
+                      ) as record:
         GROOD().fit_model(model, loader, features="9")
+    assert sum("reads the model's logits" in str(w.message) for w in record) == 1  # once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GROOD().fit_model(model, loader, features="9:input")
