@@ -236,6 +236,14 @@ def check_real(value: Any, name: str) -> float:
     return number
 
 
+def check_fraction(value: Any, name: str) -> float:
+    """``value`` as a Python float in (0, 1], else a clear error (95, a percentage, is one)."""
+    number = check_real(value, name)
+    if not 0 < number <= 1:
+        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}")
+    return number
+
+
 def check_positive_real(value: Any, name: str) -> float:
     """``value`` as a Python float if it is a finite real number > 0, else a clear error."""
     try:

@@ -127,6 +127,11 @@ def check_same_passes(n_first: int, counts_first: Tensor, n_second: int,
         "both times: use a loader without drop_last-with-shuffle, resampling or augmentation")
 
 
+#: What logits that get few training rows right (against the nearest prototype) suggest.
+CLASS_ORDER_HINT = ("are the logits' columns in the labels' class order, and the model trained "
+                    "on these classes?")
+
+
 def check_logits_agree(by_logits: float, by_prototype: float) -> None:
     """Warn when the logits get far fewer training rows right than the nearest class
     prototype does: logits whose columns follow another class order than the labels (another
@@ -135,8 +140,7 @@ def check_logits_agree(by_logits: float, by_prototype: float) -> None:
     if by_logits < 0.5 * by_prototype:
         warnings.warn(
             f"the logits classify {100 * by_logits:.1f} % of the training rows correctly, "
-            f"their nearest class prototype {100 * by_prototype:.1f} %: are the logits' "
-            "columns in the labels' class order, and the model trained on these classes? "
+            f"their nearest class prototype {100 * by_prototype:.1f} %: {CLASS_ORDER_HINT} "
             "GROOD indexes only the rows the logits get right", UserWarning, stacklevel=4)
 
 
@@ -200,7 +204,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     index.expect_training_rows(n)
     offset = 0
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
-    by_prototype = torch.zeros((), dtype=torch.int64, device=device)  # rows it gets right
+    proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
     for xb, yb, lb in passes("grood fit: gradient index"):
         if (lb is not None) != with_logits:  # the first pass checked everything else
             check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
@@ -209,20 +213,20 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         guess = res.pred if lb is None else lb.argmax(dim=1)
         index.add_where(res.grad, yb == guess)
         if lb is not None:
-            by_prototype += (yb == res.pred).sum()
+            proto_right += (yb == res.pred).sum()
         known = (yb >= 0) & (yb < n_classes)
         seen += torch.bincount(torch.where(known, yb.long() + 1, 0), minlength=n_classes + 1)
     check_same_passes(n_local, counts_local, offset, seen)
     shard_sizes = dist.shard_sizes(index.ntotal) if det.distributed else [index.ntotal]
     total = sum(shard_sizes)
     # With logits: how many rows their nearest prototype gets right, to compare.
-    by_prototype = int(reduce(by_prototype)) / n if with_logits else None
+    by_prototype = int(reduce(proto_right)) / n if with_logits else None
     if total == 0:
         raise ValueError("no training sample is classified correctly, so the gradient index "
                          "would be empty; check that labels match the features/logits"
                          + ("" if not by_prototype else
                             f" (their nearest class prototype gets {100 * by_prototype:.1f} % "
-                            "right: are the logits' columns in the labels' class order?)"))
+                            f"right: {CLASS_ORDER_HINT})"))
     if det.k > total:
         raise ValueError(f"k={det.k} but only {total} training samples are "
                          "classified correctly and indexed")

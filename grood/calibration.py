@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from grood import distributed as dist
-from grood._checks import ArrayLike
+from grood._checks import ArrayLike, check_fraction
 from grood.errors import DetectorFileError, NotFittedError
-from grood.metrics import as_score_array, check_tpr, threshold_at_tpr
+from grood.metrics import as_score_array, threshold_at_tpr
 
 #: What ``calibration_`` records.
 RECORD_KEYS = ("threshold", "tpr", "n", "k", "nprobe")
@@ -46,14 +46,14 @@ class Calibration:
         Returns:
             the detector.
         """
-        level = check_tpr(tpr)  # before any scoring
+        level = check_fraction(tpr, "tpr")  # before any scoring
         return self._calibrate_on(self.score_samples(features), level)
 
     def calibrate_model(self, model: Any, loader: Any, *, tpr: float = 0.95,
                         **kwargs: Any) -> Any:
         """:meth:`calibrate` on a held-out ID loader's samples, through ``model``
         (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
-        level = check_tpr(tpr)
+        level = check_fraction(tpr, "tpr")
         return self._calibrate_on(self.score_model(model, loader, **kwargs)[0], level)
 
     def _calibrate_on(self, scores: Any, tpr: float) -> Any:
@@ -105,12 +105,15 @@ class Calibration:
         self.__dict__.pop("calibration_", None)
 
 
-def current_threshold(det: Any) -> float:
+def current_threshold(det: Any, *, required: bool = True) -> float | None:
     """``det.threshold_``, after checking that the detector still scores as it did when the
     threshold was chosen (``k`` and IVF's ``nprobe`` may have changed since: its scores, and
-    the fraction of ID samples the threshold accepts, with them)."""
+    the fraction of ID samples the threshold accepts, with them). Without a threshold: an
+    error, or ``None`` when not ``required``."""
     det._check_fitted()
     if not hasattr(det, "calibration_"):
+        if not required:
+            return None
         raise NotFittedError("this GROOD detector has no threshold yet: call "
                              "calibrate(held_out_id_features) after fit()")
     det._apply_score_params()  # k checked, the index's search options brought up to date

@@ -86,8 +86,8 @@ def _require_files(files: dict[str, str | None]) -> None:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
+    from grood._checks import check_fraction
     from grood.io import load_features
-    from grood.metrics import check_tpr
     from grood.persistence import save_target
 
     # The inputs and the output are checked before any work, so a bad path fails in a second,
@@ -101,7 +101,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.tpr is not None and args.calibrate is None:
         raise ValueError("--tpr applies with --calibrate FILE (held-out ID features)")
     if args.tpr is not None:
-        check_tpr(args.tpr)  # before the fit
+        check_fraction(args.tpr, "tpr")  # before the fit
     if args.ood_prototype == "features" and not args.ood_features:
         raise ValueError("--ood-prototype features needs --ood-features FILE")
     if args.ood_features and args.ood_prototype not in (None, "features"):
@@ -185,7 +185,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         det.batch_size = args.batch_size
     # A saved threshold, checked to hold for the detector's search (k, nprobe) as saved.
-    threshold = current_threshold(det) if hasattr(det, "calibration_") else None
+    threshold = current_threshold(det, required=False)
     data = load_features(args.features)
     scores, preds = det.score_and_predict(_shard(data.features, rank, world))
     if world > 1:
@@ -226,7 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
-    threshold = current_threshold(det) if hasattr(det, "calibration_") else None
+    threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
     with _naming(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))

@@ -206,6 +206,7 @@ class FeatureExtractor:
                          for role, name in (("features", features), ("early", early))
                          if name is not None and not (role == "early" and isinstance(name, int))}
         self._modules = names
+        self._logits_checked = False  # _check_not_logits runs on the first batch only
 
     @contextmanager
     def capture(self):
@@ -313,7 +314,7 @@ class FeatureExtractor:
                 x = x.to(self.device)
                 with self.capture() as captured:
                     out = self._forward(x, captured)
-                if not getattr(self, "_logits_checked", False):  # once per extractor
+                if not self._logits_checked:
                     self._check_not_logits(out)
                     self._logits_checked = True
                 yield out, (None if y is None else y.to(self.device)), x

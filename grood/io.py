@@ -111,10 +111,8 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
     elif path.suffix.lower() == ".csv":
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "score", "pred", *(["ood"] if flags is not None else [])])
-            extra = [[]] * len(scores) if flags is None else [[int(f)] for f in flags.tolist()]
-            for i, (s, p, e) in enumerate(zip(scores.tolist(), preds.tolist(), extra,
-                                              strict=True)):
-                writer.writerow([i, repr(s), p, *e])
+            writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else []))
+            for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
+                writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else []))
     else:
         raise ValueError(f"{path}: scores are written as .npy or .csv, not {path.suffix!r}")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_real
+from ._checks import check_fraction
 
 # Integers beyond 2**53 are not all exact in float64: distinct scores would tie.
 _EXACT_INT = 2**53
@@ -92,14 +92,6 @@ def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, fps / id_s.size], np.r_[0.0, tps / ood_s.size]
 
 
-def check_tpr(tpr: Any) -> float:
-    """``tpr`` as a float in (0, 1], or an error naming it."""
-    level = check_real(tpr, "tpr")
-    if not 0 < level <= 1:  # 95 (a percentage) would accept nothing
-        raise ValueError(f"tpr is a fraction in (0, 1], got {tpr!r}")
-    return level
-
-
 def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
     """The decision threshold that accepts a fraction ``tpr`` of in-distribution samples.
 
@@ -117,7 +109,7 @@ def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
     Returns:
         float: the threshold.
     """
-    level = check_tpr(tpr)
+    level = check_fraction(tpr, "tpr")  # 95 (a percentage) would accept nothing
     s = _as_scores(id_scores, "id_scores")
     # The fewest samples to accept; rounded first so that 0.7 * 10 = 7.000000000000001 asks
     # for 7, not 8.
@@ -137,9 +129,8 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
     Returns:
         dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out`` as floats in [0, 1].
     """
-    level = check_real(recall_level, "recall_level")
-    if not 0 < level <= 1:  # 95 (a percentage) would find no threshold and report fpr95 = 0
-        raise ValueError(f"recall_level is a fraction in (0, 1], got {recall_level!r}")
+    # 95 (a percentage) would find no threshold and report fpr95 = 0
+    level = check_fraction(recall_level, "recall_level")
     id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
     fpr, tpr = roc_curve(id_s, ood_s)
     conf = np.r_[id_s, ood_s]

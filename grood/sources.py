@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grood._checks import check_integer, check_positive_int, check_real
+from grood._checks import check_fraction, check_integer, check_positive_int, check_real
 from grood.extract import (
     FeatureExtractor,
     check_split,
@@ -211,9 +211,7 @@ class UniformNoise(OODPrototypeSource):
                  sigma_range: tuple[float, float] = (0.2, 5.0), kernel_size: int = 7,
                  value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  input_shape: tuple[int, ...] | None = None) -> None:
-        keep = check_real(keep, "keep")
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must lie in (0, 1], got {keep}")
+        keep = check_fraction(keep, "keep")
         n_samples = check_positive_int(n_samples, "n_samples")
         batch_size = check_positive_int(batch_size, "batch_size")
         kernel_size = check_positive_int(kernel_size, "kernel_size")
