@@ -132,6 +132,21 @@ def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> tupl
                      f"{shown}")
 
 
+def copy_of_feature(value: Any, name: str, role: str, takes_input: bool) -> Tensor:
+    """A copy of the tensor a named module gave (its output, or a tuple's first element) or
+    received (``value``: its positional arguments), or an error naming the module. A copy: a
+    later in-place op (an ``nn.ReLU(inplace=True)`` after the module, as in VGG or MobileNet,
+    or inside it for an input) would change it."""
+    out = value[0] if isinstance(value, (tuple, list)) and value else value
+    if not isinstance(out, Tensor):
+        what = ("was called without a tensor as its first positional argument" if takes_input
+                else f"returned a {type(value).__name__}, not a tensor (or a tuple with one "
+                "first)")
+        raise TypeError(f"module {name!r} ({role}) {what}; name a module whose "
+                        f"{'input' if takes_input else 'output'} is the feature tensor")
+    return out.clone()
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """Put every submodule in eval mode, then restore each one's previous mode."""
@@ -218,17 +233,8 @@ class FeatureExtractor:
             name = getattr(self, role)
 
             def keep(value, role=role, name=name, takes_input=takes_input):
-                # A copy: a later in-place op (an nn.ReLU(inplace=True) after the named module,
-                # as in VGG or MobileNet, or inside it for an input) would change it.
-                out = value[0] if isinstance(value, (tuple, list)) and value else value
-                if not isinstance(out, Tensor):
-                    what = ("was called without a tensor as its first positional argument"
-                            if takes_input else f"returned a {type(value).__name__}, not a "
-                            "tensor (or a tuple with one first)")
-                    raise TypeError(f"module {name!r} ({role}) {what}; name a module whose "
-                                    f"{'input' if takes_input else 'output'} is the feature "
-                                    "tensor")
-                captured.setdefault(role, []).append(out.clone())
+                captured.setdefault(role, []).append(
+                    copy_of_feature(value, name, role, takes_input))
 
             target = self._modules[module]
             if takes_input:  # before the module runs: it may change its input in place

@@ -26,6 +26,7 @@ detector); a distributed detector's sharded index cannot be held by one module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
-from grood.extract import check_module_name, logits_of
+from grood.extract import check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
 from grood_kernels import contract
@@ -259,59 +260,122 @@ def _check_derived(state: dict) -> None:
             raise ValueError(f"{name} are not the squared norms of the state's {source} at {bad}")
 
 
+class _Tap:
+    """Mixed into the attached model's copy of the ``features`` module: while the attached
+    forward runs (``_grood_box`` is its list), the module's output (or input) is copied into
+    it. A class per module class (:func:`_tapped_class`), so the copy is still an instance of
+    the module's own class and holds the same parameters under the same names."""
+
+    def forward(self, *args, **kwargs):
+        box, (name, takes_input) = self._grood_box, self._grood_tap
+        if box is not None and takes_input:  # before it runs: it may change its input
+            box.append(copy_of_feature(args, name, "features", True))
+        out = super().forward(*args, **kwargs)
+        if box is not None and not takes_input:
+            box.append(copy_of_feature(out, name, "features", False))
+        return out
+
+    def __reduce_ex__(self, protocol):  # pickle and deepcopy by the module's own class
+        return _rebuild_tap, (type(self).__bases__[1], dict(self.__dict__))
+
+
+@functools.cache
+def _tapped_class(cls: type) -> type:
+    return type(cls.__name__, (_Tap, cls), {"__module__": cls.__module__,
+                                            "__qualname__": cls.__qualname__})
+
+
+def _rebuild_tap(cls: type, state: dict) -> nn.Module:
+    module = object.__new__(_tapped_class(cls))
+    module.__dict__.update(state)
+    return module
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A new module object sharing everything with ``module`` (parameters, buffers, hooks,
+    submodules) but its own dict of submodules, which can then be changed."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__["_modules"] = dict(module._modules)
+    return twin
+
+
+def _tapped_model(model: nn.Module, module: str, features: str, takes_input: bool
+                  ) -> nn.Module:
+    """``model`` with the module ``module`` replaced by a tapped copy, and every module on a
+    path to it by a shallow copy: the user's model is left as it was, and the parameters are
+    the same tensors. Every path to the module (one registered under two names) is tapped."""
+    target = model.get_submodule(module)
+    copies = {id(model): _shallow(model)}
+    for path, sub in model.named_modules(remove_duplicate=False):
+        if sub is target:
+            parts = path.split(".")
+            for i in range(1, len(parts) + 1):
+                ancestor = model.get_submodule(".".join(parts[:i]))
+                if id(ancestor) not in copies:
+                    copies[id(ancestor)] = _shallow(ancestor)
+    for twin in copies.values():
+        twin._modules.update({n: copies[id(child)] for n, child in twin._modules.items()
+                              if child is not None and id(child) in copies})
+    tap, cls = copies[id(target)], type(target)
+    if issubclass(cls, _Tap):  # the model of an attached model
+        cls = cls.__bases__[1]
+    tap.__class__ = _tapped_class(cls)
+    tap._grood_box, tap._grood_tap = None, (features, takes_input)
+    return copies[id(model)]
+
+
 class GROODAttached(nn.Module):
     """A classifier with a GROOD head on its penultimate features: ``forward(x)`` returns
     ``(logits, score, pred)`` from one pass of the model.
 
-    The model is traced with ``torch.fx`` and its graph made to return the ``features``
-    module's output beside the logits (the model's parameters are shared, not copied). A model
-    that FX cannot trace is refused with the reason; give ``features=None`` if its forward takes
-    ``return_feature_list=True`` (OpenOOD's networks), whose last feature is used.
+    The ``features`` module's output (or, with ``:input``, its input) is read as the model's
+    forward runs, by a copy of that module that hands it over — any model's forward, traceable
+    or not (Hugging Face and timm models, data-dependent control flow). The model itself is not
+    changed: the attached one holds shallow copies of the modules on the path to ``features``
+    and shares every parameter, buffer and other module with it (same names in
+    ``state_dict``). Switch train/eval on the attached model: the copies keep their own mode.
+    ``features=None`` uses a ``return_feature_list=True`` forward (OpenOOD's networks), whose
+    last feature is read. The ``features`` module must run exactly once per forward, reached
+    through its registered name (a module kept in a plain list, or a model compiled before
+    attaching, bypasses the copy: an error says so). One forward at a time per attached model.
     """
 
     def __init__(self, model: nn.Module, head: GROODHead, features: str | None) -> None:
         super().__init__()
         self.head = head
         self.features = features
+        self._module = None
         if features is None:
             self.model = model
             return
         module, takes_input = check_module_name(dict(model.named_modules()), features,
                                                 "features")
-        try:
-            traced = torch.fx.symbolic_trace(model)
-        except Exception as exc:  # FX raises many types for untraceable Python
-            raise ValueError(f"attach() traces the model with torch.fx, which failed ({exc}); "
-                             "use GROOD.score_model, or a model whose forward takes "
-                             "return_feature_list=True with features=None") from exc
-        calls = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == module]
-        if len(calls) != 1:
-            raise ValueError(f"module {module!r} runs {len(calls)} times in the traced forward "
-                             "pass; attach() needs exactly one")
-        if takes_input:
-            # Its first positional argument, copied before the module runs (it may change its
-            # input in place).
-            if not calls[0].args or not isinstance(calls[0].args[0], torch.fx.Node):
-                raise ValueError(f"module {module!r} is called without a tensor as its first "
-                                 f"positional argument; {features!r} has no input to read")
-            with traced.graph.inserting_before(calls[0]):
-                copy = traced.graph.call_method("clone", (calls[0].args[0],))
-        else:
-            # A copy made as soon as the module has run: an in-place op after it
-            # (nn.ReLU(inplace=True), as in VGG) would change the module's output itself.
-            with traced.graph.inserting_after(calls[0]):
-                copy = traced.graph.call_method("clone", (calls[0],))
-        output = next(n for n in traced.graph.nodes if n.op == "output")
-        output.args = ((output.args[0], copy),)
-        traced.recompile()
-        self.model = traced
+        if not module:
+            raise ValueError(f"features={features!r} names the whole model; name its "
+                             "penultimate module (e.g. 'avgpool', or 'fc:input')")
+        self.model = _tapped_model(model, module, features, takes_input)
+        self._module = module
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.features is None:
+        if self._module is None:
             logits, feature_list = self.model(x, return_feature_list=True)
             feats = feature_list[-1]
         else:
-            logits, feats = self.model(x)
+            tap, box = self.model.get_submodule(self._module), []
+            tap._grood_box = box
+            try:
+                logits = self.model(x)
+            finally:
+                tap._grood_box = None
+            if len(box) != 1:
+                why = (" (its forward reaches the module by another route than its "
+                       "registered name: a module kept in a plain list, a model compiled "
+                       "or wrapped before attaching)" if not box else "")
+                raise ValueError(f"module {self.features!r} (features) ran {len(box)} times "
+                                 f"in the forward pass{why}; attach() needs a module that "
+                                 "runs exactly once")
+            feats = box[0]
         logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
         score, pred = self.head(feats.reshape(feats.shape[0], -1).float())
         return logits, score, pred

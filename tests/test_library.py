@@ -478,20 +478,87 @@ def test_attach_and_as_module_refuse_what_they_cannot_hold(cnn, tmp_path):
     with pytest.raises(ValueError, match="is not a module of the model"):
         det.attach(net, features="nope")
 
-    class Untraceable(SmallCNN):
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: FX cannot trace it
-                return self.fc(self.avgpool(self.body(x)))
-            return self.fc(self.avgpool(self.body(-x)))
-
-    with pytest.raises(ValueError, match=r"traces the model with torch\.fx"):
-        det.attach(Untraceable(), features="avgpool")
+    with pytest.raises(ValueError, match="features='' names the whole model"):
+        det.attach(net, features="")
     with pytest.raises(ValueError, match="not fitted"):
         GROOD().as_module()
     pytest.importorskip("faiss")
     x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="'faiss-flat'"):
         GROOD(index="faiss-flat").fit(x, y).as_module()
+
+
+class Untraceable(SmallCNN):
+    """Data-dependent control flow (torch.fx cannot trace it); the features module also kept
+    in a plain list and registered under a second name, and run twice on request."""
+
+    def __init__(self):
+        super().__init__()
+        self.listed = [self.avgpool]  # not a registered path
+        self.alias = self.avgpool  # a second registered name
+
+    def forward(self, x, route="name"):
+        body = self.body(x) if x.sum() > 0 else self.body(x.flip(0)).flip(0)
+        if route == "list":
+            return self.fc(self.listed[0](body))
+        if route == "alias":
+            return self.fc(self.alias(body))
+        if route == "twice":
+            self.avgpool(body)
+        return self.fc(self.avgpool(body))
+
+
+def test_attach_reads_any_forward_and_leaves_the_model_as_it_was(cnn):
+    """A forward torch.fx cannot trace is attached all the same; the model given is not
+    changed (its modules, their classes, hooks and mode), the attached one shares its
+    parameters under the same names, copies and pickles, and follows train/eval."""
+    import copy
+    import pickle
+
+    net, det, images = cnn
+    model = Untraceable().eval()
+    model.load_state_dict(net.state_dict())
+    modules = dict(model.named_modules())
+    attached = det.attach(model, features="avgpool")
+    logits, score, pred = attached(images)
+    want_s, want_p = det.score_model(net, [images])
+    assert torch.equal(logits, net(images))
+    assert torch.equal(score, want_s) and torch.equal(pred, want_p)
+    assert dict(model.named_modules()) == modules  # the same objects, nothing added
+    assert all(type(m) is type(modules[n]) for n, m in model.named_modules())
+    assert type(model.avgpool) is nn.Flatten and not model.avgpool._forward_hooks
+    assert "_grood_box" not in vars(model.avgpool)
+    assert isinstance(attached.model.avgpool, nn.Flatten)  # a copy, of the module's class
+    shared = attached.model.state_dict(keep_vars=True)
+    assert {k: v for k, v in shared.items()} == dict(model.state_dict(keep_vars=True))
+    assert all(shared[k] is v for k, v in model.state_dict(keep_vars=True).items())
+    for twin in (copy.deepcopy(attached), pickle.loads(pickle.dumps(attached))):
+        got = twin(images)
+        assert all(torch.equal(a, b) for a, b in zip(got, (logits, score, pred), strict=True))
+    attached.train()
+    assert attached.model.training and attached.model.avgpool.training
+    attached.eval()
+    assert not attached.model.avgpool.training
+
+    class Routed(nn.Module):
+        def __init__(self, route):
+            super().__init__()
+            self.net, self.route = model, route
+
+        def forward(self, x):
+            return self.net(x, route=self.route)
+
+    with pytest.raises(ValueError, match=r"'net.avgpool' \(features\) ran 0 times in the "
+                                         r"forward pass \(its forward reaches the module by "
+                                         r"another route"):
+        det.attach(Routed("list"), features="net.avgpool")(images)
+    with pytest.raises(ValueError, match=r"ran 2 times in the forward pass; attach\(\) needs "
+                                         "a module that runs exactly once"):
+        det.attach(Routed("twice"), features="net.avgpool")(images)
+    again = det.attach(attached.model, features="avgpool")  # the model of an attached model
+    assert torch.equal(again(images)[1], score) and torch.equal(attached(images)[1], score)
+    for route in ("name", "alias"):  # a module registered under two names: read through either
+        assert torch.equal(det.attach(Routed(route), features="net.avgpool")(images)[1], score)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """GROOD on a Hugging Face transformers model (a small ViT made from its config, no download):
 batches of ``pixel_values`` / ``labels``, logits in a ``ModelOutput``, and the class token read
-as the classifier's input. Skipped where transformers does not import; CI runs it in the
-integration venv (.ci/run)."""
+as the classifier's input, through fit_model, score_model and attach(). Skipped where
+transformers does not import; CI runs it in the integration venv (.ci/run)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from grood import GROOD  # noqa: E402
 
-from ._end_to_end import check_fit_model_equals_fit  # noqa: E402
+from ._end_to_end import check_attach, check_fit_model_equals_fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,13 @@ def test_a_vit_from_transformers_fits_and_scores_on_its_class_token(vit):
         out = model(pixel_values=x, output_hidden_states=True)
         cls = model.vit.layernorm(out.hidden_states[-1])[:, 0]  # what the classifier receives
     # Indexed: the rows the model's logits (inside its ModelOutput) get right.
-    check_fit_model_equals_fit(det, model, [{"pixel_values": x}], cls, y, out.logits)
-    # attach() traces with torch.fx, which these models do not allow: refused with the way out.
-    with pytest.raises(ValueError, match=r"torch\.fx.*GROOD\.score_model"):
-        det.attach(model, features="classifier:input")
+    scores, preds = check_fit_model_equals_fit(det, model, [{"pixel_values": x}], cls, y,
+                                               out.logits)
+    # attach(): the model's logits and the detector's scores in one pass (torch.fx cannot
+    # trace this model; attach does not need it), and as one graph for compile and export.
+    check_attach(det, model, "classifier:input", x, out.logits, scores, preds)
+    attached = det.attach(model, features="classifier:input")
+    assert torch._dynamo.explain(attached)(x).graph_break_count == 0
+    exported = torch.export.export(attached, (x,)).module()(x)
+    torch.testing.assert_close(exported[1], scores)
+    assert torch.equal(exported[2], preds)
