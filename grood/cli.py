@@ -48,6 +48,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "e.g. cpu, cuda, cuda:1 (default: auto, cuda when torch sees a GPU, else cpu)"
+
+
+def resolved_device(device: str | None) -> str | None:
+    """``--device`` as GROOD takes it: ``"auto"`` is ``"cuda"`` where torch sees a usable CUDA
+    device (under torchrun, each rank's LOCAL_RANK device), else ``"cpu"``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
     """Join the process group that torchrun describes (NCCL on GPUs, gloo otherwise)."""
     if not getattr(args, "distributed", False):
@@ -365,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the file has logits")
     fit.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="implementation of the hot paths (default: auto)")
-    fit.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    fit.add_argument("--device", default="auto", help=DEVICE_HELP)
     fit.add_argument("--index", choices=index_kinds(), default="exact",
                      help="gradient index: exact search by grood (default), by faiss, or the "
                           "reference implementation's approximate IVF search (needs faiss)")
@@ -406,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detector file to write (.safetensors; may be the detector itself)")
     cal.add_argument("--tpr", type=float, default=0.95,
                      help="fraction of the ID rows to accept (default: %(default)s)")
-    cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     cal.add_argument("--backend", choices=BACKENDS, default=None,
                      help="run on this backend instead of the saved one")
     cal.add_argument("--batch-size", type=positive_int_arg, default=None,
@@ -421,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("detector", help="detector file written by 'grood fit'")
     score.add_argument("features", help="feature file to score")
     score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
-    score.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    score.add_argument("--device", default="auto", help=DEVICE_HELP)
     score.add_argument("--backend", choices=BACKENDS, default=None,
                        help="run on this backend instead of the saved one (e.g. auto, to "
                             "score on a CPU a detector fitted with --backend triton)")
@@ -443,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
                          "(DIR/histograms.png); needs matplotlib (grood[plots])")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
-    ev.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--backend", choices=BACKENDS, default=None,
                     help="run on this backend instead of the saved one")
     ev.set_defaults(func=_cmd_eval)
@@ -495,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if hasattr(args, "device"):
+        args.device = resolved_device(args.device)
     try:
         return args.func(args)
     except DetectorFileError as exc:  # a file to replace, not an option to change

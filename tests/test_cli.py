@@ -216,6 +216,29 @@ def test_help_lists_commands_and_options():
     assert "--ood-prototype" in out.stdout and "Feature files:" in out.stdout
 
 
+def test_device_defaults_to_a_gpu_where_torch_sees_one(tmp_path, monkeypatch, capsys):
+    """--device auto (the default) is cuda where torch sees a GPU and cpu elsewhere; a device
+    named on the command line is kept."""
+    x, y = clustered_features(40, 3, 4, seed=0, dtype=torch.float32)
+    np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) == 0
+    assert build_parser().parse_args(["score", "d", "f", "-o", "o"]).device == "auto"
+    seen = []
+
+    def load(path, device=None, **kwargs):
+        seen.append(device)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(GROOD, "load", staticmethod(load))
+    argv = ["score", str(tmp_path / "d.safetensors"), str(tmp_path / "train.npz"), "-o",
+            str(tmp_path / "s.npy")]
+    for available, extra, want in ((True, [], "cuda"), (False, [], "cpu"),
+                                   (True, ["--device", "cpu"], "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert main(argv + extra) == 2 and "stop here" in capsys.readouterr().err
+        assert seen.pop() == want
+
+
 @pytest.mark.slow
 def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     pytest.importorskip("triton")
