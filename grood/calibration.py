@@ -12,6 +12,7 @@ settings changed, and dropped by a new ``fit``.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,10 @@ class Calibration:
     """``calibrate`` / ``calibrate_model`` / ``is_ood`` of a fitted detector (it scores with
     ``score_samples`` / ``score_model``)."""
 
+    #: While calibrating: per scored batch, the number of rows whose nearest indexed gradient
+    #: is at distance 0 (indexed training rows; device tensors, read once at the end).
+    _exact_matches: list | None = None
+
     def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Any:
         """Choose the threshold :meth:`is_ood` flags by, on held-out in-distribution features.
 
@@ -47,34 +52,58 @@ class Calibration:
             the detector.
         """
         level = check_fraction(tpr, "tpr")  # before any scoring
-        return self._calibrate_on(self.score_samples(features), level)
+        with self._counting_training_rows() as found:
+            scores = self.score_samples(features)
+        return self._calibrate_on(scores, level, found)
 
     def calibrate_model(self, model: Any, loader: Any, *, tpr: float = 0.95,
                         **kwargs: Any) -> Any:
         """:meth:`calibrate` on a held-out ID loader's samples, through ``model``
         (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
         level = check_fraction(tpr, "tpr")
-        return self._calibrate_on(self.score_model(model, loader, **kwargs)[0], level)
+        with self._counting_training_rows() as found:
+            scores = self.score_model(model, loader, **kwargs)[0]
+        return self._calibrate_on(scores, level, found)
 
-    def _calibrate_on(self, scores: Any, tpr: float) -> Any:
-        """Set the threshold from held-out ID ``scores`` (every rank's, when sharded)."""
+    @contextmanager
+    def _counting_training_rows(self):
+        """Collect, while scoring, how many rows have an indexed gradient at distance 0."""
+        self._exact_matches = found = []
+        try:
+            yield found
+        finally:
+            del self._exact_matches  # back to the class's None
+
+    def _count_training_rows(self, dist_k: Any) -> None:
+        """While calibrating, count the rows of a scored batch whose nearest indexed gradient
+        (``dist_k``'s first column) is at distance 0 (a device sum, read at the end)."""
+        if self._exact_matches is not None:
+            self._exact_matches.append((dist_k[:, 0] == 0).sum())
+
+    def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Any:
+        """Set the threshold from held-out ID ``scores`` (every rank's, when sharded);
+        ``found``: the scoring's counts of rows equal to indexed training rows."""
         scores = torch.from_numpy(as_score_array(scores, "scores"))
+        matches = torch.stack(found).sum() if found else torch.zeros((), dtype=torch.int64)
         if self._sharded:
             scores = torch.cat(dist.all_gather_rows(scores))
+            matches = dist.all_reduce(matches.reshape(1))
         threshold = threshold_at_tpr(scores.numpy(), tpr)
-        zero = int((scores == 0).sum())
+        zero, n = int(matches.sum()), scores.numel()
         if threshold >= 0:
             raise ValueError(
-                f"{zero} of the {scores.numel()} calibration rows score 0 (their gradients are "
-                f"indexed training gradients), so a threshold accepting tpr={tpr} of them "
-                "would flag every new sample: calibrate on held-out in-distribution data, not "
-                "on the training set")
-        if zero > 0.01 * scores.numel():  # more than exact duplicates explain
+                f"{zero} of the {n} calibration rows score 0 (their gradients are indexed "
+                f"training gradients), so a threshold accepting tpr={tpr} of them would flag "
+                "every new sample: calibrate on held-out in-distribution data, not on the "
+                "training set")
+        if zero > 0.01 * n:  # more than exact duplicates explain
+            held = ", so they score 0" if self.k == 1 else f", one of their k={self.k} neighbours"
             warnings.warn(
-                f"{zero} of the {scores.numel()} calibration rows score 0, i.e. equal indexed "
-                "training rows: is part of the calibration set from the training set? Its "
-                "rows score higher than new samples and lower the threshold", UserWarning,
-                stacklevel=3)
+                f"{zero} of the {n} calibration rows equal indexed training rows (an indexed "
+                f"gradient at distance 0{held}): is part of the calibration set from the "
+                "training set? Such rows score higher than new in-distribution samples, which "
+                "raises the threshold: more of those would be flagged than tpr says",
+                UserWarning, stacklevel=3)
         self.calibration_ = {"threshold": threshold, "tpr": tpr,
                              "n": int(scores.numel()), **self._search_setting()}
         return self

@@ -309,6 +309,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration):
                                                   self.shard_sizes_, self.dtype_)
                               if self._sharded else self.index_.search(res.grad, self.k)[0])
                     check_found(dist_k, self.k, (r0, r1), self.index_)
+                    self._count_training_rows(dist_k)  # while calibrating
                     scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
                 bar.update(r1 - r0)
                 yield r0, r1, scores, res.pred

@@ -1,6 +1,7 @@
 """The GROOD detector's contract: definitions, sign, types, errors, save/load."""
 
 import os
+import warnings
 from importlib.util import find_spec
 
 import numpy as np
@@ -513,13 +514,39 @@ def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):
     assert not hasattr(det, "threshold_")
     with pytest.raises(ValueError, match=r"score 0 \(their gradients are indexed training"):
         det.calibrate(x)
-    with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows score 0.*part of the "
-                                         r"calibration set from the training set"):
+    with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows equal indexed "
+                                         r"training rows \(an indexed gradient at distance 0, "
+                                         r"so they score 0\).*part of the calibration set from "
+                                         r"the training set.*raises the threshold"):
         det.calibrate(torch.cat([val, x[:10]]), tpr=0.9)
     det.fit(x, y)
     with pytest.raises(ValueError, match=r"tpr is a fraction"):
         det.calibrate(val, tpr=95)
     assert not hasattr(det, "threshold_")
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss-flat", "faiss-ivf"])
+def test_calibrating_on_training_rows_is_named_at_every_k(index):
+    """With k >= 2 a training row does not score 0 (its k-th neighbour is another row), but
+    its nearest indexed gradient is its own, at distance 0: counted while scoring and named,
+    on every index; held-out rows alone are not."""
+    if index != "exact":
+        pytest.importorskip("faiss")
+    x, y, _ = _data(seed=3, n=120)
+    val, _ = clustered_features(60, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
+    options = {"nlist": 4, "nprobe": 4} if index == "faiss-ivf" else None
+    det = GROOD(k=3, index=index, index_options=options).fit(x, y)
+    mixed = torch.cat([val, x[:10]])
+    assert bool((det.score_samples(mixed) < 0).all())  # no score of 0 to go by
+    with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows equal indexed training "
+                                         r"rows \(an indexed gradient at distance 0, one of "
+                                         r"their k=3 neighbours\)"):
+        det.calibrate(mixed, tpr=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.calibrate(val, tpr=0.9)
+        det.score_samples(x)  # outside calibrate nothing is counted
+    assert det._exact_matches is None
 
 
 @pytest.mark.parametrize("bad", [{"threshold": 0.5, "tpr": 0.95, "n": 3, "k": 1, "nprobe": None},

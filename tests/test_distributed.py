@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,10 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         det.set_params(distributed=False)
         flipped = det.score_samples(rows)
         det.set_params(distributed=True)
+        # Training rows among the calibration rows are counted over every rank.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det.calibrate(torch.cat([rows, part(x)]), tpr=0.8)
         # The threshold comes from every rank's rows (an idle rank gives none).
         det.calibrate(rows, tpr=0.8)
         torch.save({"threshold": det.calibration_, "protos": det.class_prototypes_,
@@ -63,7 +68,7 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test),
                     "reserved": reserved, "local_rows": part(x).shape[0],
-                    "gathered": gathered},
+                    "gathered": gathered, "warned": [str(w.message) for w in caught]},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
     finally:
@@ -103,6 +108,9 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     scores = torch.cat([r["scores"] for r in results])
     n_scored = scores.shape[0]
     assert torch.equal(scores, single.score_samples(test)[:n_scored])
+    with pytest.warns(UserWarning, match="equal indexed training rows") as caught:
+        single.calibrate(torch.cat([test[:n_scored], x]), tpr=0.8)
+    assert all(r["warned"] == [str(w.message) for w in caught] for r in results)
     single.calibrate(test[:n_scored], tpr=0.8)
     assert all(r["threshold"] == single.calibration_ for r in results)
 

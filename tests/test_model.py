@@ -604,6 +604,9 @@ def test_calibrate_model_equals_calibrate_on_extracted_features(trained):
                             features="8")
     ref.calibrate(FeatureExtractor(model, features="8")(val).features, tpr=0.9)
     assert det.calibration_ == ref.calibration_
+    with pytest.warns(UserWarning, match=r"of the 48 calibration rows equal indexed training"):
+        det.calibrate_model(model, DataLoader(TensorDataset(torch.cat([val, x[:8]])),
+                                              batch_size=16), tpr=0.9)
 
     class Never(nn.Module):
         def forward(self, inp):
