@@ -27,6 +27,7 @@ detector); a distributed detector's sharded index cannot be held by one module.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -325,6 +326,23 @@ def _tapped_model(model: nn.Module, module: str, features: str, takes_input: boo
     return copies[id(model)]
 
 
+def _warn_if_training(model: nn.Module) -> None:
+    """Name the layers of ``model`` that compute differently in training mode (batch norm
+    with running statistics, dropout), if it is in that mode: the attached model would score
+    the features that mode gives, not those ``fit_model`` read (in eval mode), silently."""
+    moving = [name for name, m in model.named_modules() if m.training and (
+        (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats)
+        or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))]
+    if moving:
+        shown = ", ".join(moving[:3]) + (f" and {len(moving) - 3} more" if len(moving) > 3
+                                         else "")
+        warnings.warn(f"attach(): the model is in training mode, where {shown} compute "
+                      "differently (batch statistics, dropout): the attached model would score "
+                      "features unlike those fit_model and score_model read in eval mode; "
+                      "call .eval() on the model or the attached model to score as the "
+                      "detector does", UserWarning, stacklevel=4)
+
+
 class GROODAttached(nn.Module):
     """A classifier with a GROOD head on its penultimate features: ``forward(x)`` returns
     ``(logits, score, pred)`` from one pass of the model.
@@ -343,6 +361,7 @@ class GROODAttached(nn.Module):
 
     def __init__(self, model: nn.Module, head: GROODHead, features: str | None) -> None:
         super().__init__()
+        _warn_if_training(model)
         self.head = head
         self.features = features
         self._module = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -559,6 +560,29 @@ def test_attach_reads_any_forward_and_leaves_the_model_as_it_was(cnn):
     assert torch.equal(again(images)[1], score) and torch.equal(attached(images)[1], score)
     for route in ("name", "alias"):  # a module registered under two names: read through either
         assert torch.equal(det.attach(Routed(route), features="net.avgpool")(images)[1], score)
+
+
+def test_attaching_a_model_in_training_mode_is_named():
+    """A model still in training mode (as torchvision and timm build them) would have its
+    batch norm use batch statistics and its dropout drop: the attached model's scores would
+    not be the detector's. attach() names those layers; in eval mode it is silent."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(4, 3))
+    images = torch.rand(30, 1, 6, 6)
+    det = GROOD().fit_model(model, [(images, torch.arange(30) % 3)], features="4")
+    with pytest.warns(UserWarning, match=r"attach\(\): the model is in training mode, where "
+                                         r"1, 5 compute differently.*call \.eval\(\)"):
+        attached = det.attach(model, features="4")
+    assert not torch.equal(attached(images)[1], det.score_model(model, [images])[0])
+    attached.eval()
+    assert torch.equal(attached(images)[1], det.score_model(model, [images])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.attach(model.eval(), features="4")
+        det.attach(nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(36, 3)),
+                   features="0")  # nothing that depends on the mode
 
 
 @pytest.mark.gpu
