@@ -45,15 +45,16 @@ def replace_worst(cand_d, cand_i, worst, v, new_id, better):
 @triton.jit
 def any_row(flags, FLAT_GATE: tl.constexpr):
     """Whether any entry of the 1-D ``flags`` is set, as a scalar. ``FLAT_GATE`` (on from
-    sm_100: :func:`grood_kernels._launch.for_target`): the flags are reshaped, their order
-    free, before the reduction. Under triton 3.6, compiling for sm_100 (tcgen05), a scalar
+    sm_100: :func:`grood_kernels._launch.for_target`): a reduction over every axis, which
+    triton lowers through a reshape whose order is free (the public ``can_reorder`` flag for
+    that is deprecated from triton 3.9; a plain reshape of the same shape folds away and
+    brings the failure back). Under triton 3.6, compiling for sm_100 (tcgen05), a scalar
     reduction of a row reduction of the MMA accumulator fails in the TMEM layout pass ("parent
     layout must have at least rank >= 2"), which took every tensor-core mode of both kernels
     down on Blackwell GPUs; on sm_90a the reshape costs spills under triton 3.6 (the search in
     tf32), so it is not done there."""
     if FLAT_GATE:
-        return tl.max(tl.reshape(flags.to(tl.int32), [flags.shape[0]], can_reorder=True),
-                      axis=0) > 0
+        return tl.max(flags.to(tl.int32), axis=None) > 0
     else:
         return tl.max(flags.to(tl.int32), axis=0) > 0
 
