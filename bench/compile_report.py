@@ -218,9 +218,12 @@ def hot_loop(sass: str) -> dict | None:
     are the innermost ones (holding no other) with tensor-core MMA instructions, or, where
     there are none, those with at least half the most FMA instructions any innermost loop
     holds (an FMA kernel's finish has a few in its loops over D). Returns ``{"loops", "mma",
-    "LDL", "STL"}`` (how many K-loops, and the instructions of each kind inside them), or None
-    without one. A spilled value reloaded outside them (before the class loop, after a class
-    block's K-loop) costs an L1 access per class block; inside, one per K-step."""
+    "LDL", "STL", "outer_LDL", "outer_STL"}`` (how many K-loops, the instructions of each kind
+    inside them, and the spill instructions inside the loops that enclose a K-loop: the loop
+    over class blocks or database tiles, and any loop around it), or None without one. A
+    spilled value reloaded inside a K-loop costs an L1 access per K-step; elsewhere in the
+    outer loops (a top-k insertion after each tile's K-loop), up to one per tile; outside
+    every loop, once."""
     code = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in re.findall(
         r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
     loops = set()
@@ -238,9 +241,16 @@ def hot_loop(sass: str) -> dict | None:
         most = max((count(lp, ops) for lp in inner), default=0)
         k_loops = [lp for lp in inner if count(lp, ops) > 0 and count(lp, ops) >= share * most]
         if k_loops:
+            outer = [lp for lp in loops if lp not in k_loops and any(
+                lp[0] <= k[0] and k[1] <= lp[1] for k in k_loops)]
+
+            in_outer = {op: sum(1 for a, o, _ in code if o == op
+                                and any(lp[0] <= a <= lp[1] for lp in outer))
+                        for op in ("LDL", "STL")}
             return {"loops": len(k_loops), "mma": sum(count(lp, ops) for lp in k_loops),
                     "LDL": sum(count(lp, ("LDL",)) for lp in k_loops),
-                    "STL": sum(count(lp, ("STL",)) for lp in k_loops)}
+                    "STL": sum(count(lp, ("STL",)) for lp in k_loops),
+                    "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"]}
     return None
 
 
@@ -275,12 +285,18 @@ def precisions_of(kernel: str) -> list[str]:
     return list(PRECISIONS)
 
 
-def launches(kernel: str, dims, precision: str, configs: str):
+def launches(kernel: str, dims, precision: str, configs: str, arch: str = "sm_90a"):
+    """The launches ``kernel``'s launcher makes at ``dims`` for a GPU of ``arch`` (the search
+    picks its tiles per target: :data:`grood_kernels.knn.BLACKWELL_SMALL_TILES`)."""
     import importlib
 
     module = importlib.import_module(f"grood_kernels.{kernel}")
-    if kernel == "knn" and precision == "bf16-storage":
-        return module.compile_launches(*dims, "bf16", storage=torch.bfloat16, configs=configs)
+    if kernel == "knn":
+        major = ARCHS[arch] // 10
+        if precision == "bf16-storage":
+            return module.compile_launches(*dims, "bf16", storage=torch.bfloat16,
+                                           configs=configs, major=major)
+        return module.compile_launches(*dims, precision, configs=configs, major=major)
     return module.compile_launches(*dims, precision, configs=configs)
 
 
@@ -293,7 +309,7 @@ def build_records(kernels, archs, precisions, shapes: str = "full", configs: str
             if precisions and precision not in precisions:
                 continue
             for arch in archs:
-                for i, launch in enumerate(launches(kernel, dims, precision, configs)):
+                for i, launch in enumerate(launches(kernel, dims, precision, configs, arch)):
                     if progress:
                         print(f"compiling {kernel} {precision} {label} {arch} "
                               f"[{launch.fn.__name__}]", file=sys.stderr)
@@ -353,7 +369,10 @@ def markdown(records: list[dict]) -> str:
                   else f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B")
         hot = r.get("hot_loop")
         if r["spill_store_bytes"] and hot is not None:  # where they are: in the K-loop?
-            spills += f" ({hot['STL']} / {hot['LDL']} in K-loop)"
+            spills += f" ({hot['STL']} / {hot['LDL']} in K-loop"
+            if "outer_STL" in hot:  # reports saved before outer loops were counted lack it
+                spills += f", {hot['outer_STL']} / {hot['outer_LDL']} in outer loops"
+            spills += ")"
         lines.append(
             f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
             f"{r['function']} | {tiles} | {r['num_warps']}/{r['num_stages']} | "

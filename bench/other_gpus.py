@@ -40,8 +40,9 @@ def compiled(launch, cc: int, stages: int) -> tuple[int, str]:
     return int(out.metadata.shared), mma_kind(out.asm["ttgir"])
 
 
-def launches(quick: bool):
-    """(kernel, shape, mode, launch) for every launch the launchers make at the shapes."""
+def launches(quick: bool, cc: int):
+    """(kernel, shape, mode, launch) for every launch the launchers make at the shapes on a
+    GPU of compute capability ``cc`` (e.g. 89)."""
     from grood_kernels import knn, ncp_gradient
 
     ncp = [s for s in NCP_SHAPES if s[0] == "ImageNet-1k"] if quick else NCP_SHAPES
@@ -52,7 +53,8 @@ def launches(quick: bool):
         for label, q, m, d in KNN_SHAPES:
             for name, storage in STORAGES.items():
                 mode = f"{precision} {name}".strip()
-                for launch in knn.compile_launches(q, m, d, precision, storage=storage):
+                for launch in knn.compile_launches(q, m, d, precision, storage=storage,
+                                                   major=cc // 10):
                     yield "knn", label, mode, launch
 
 
@@ -60,7 +62,7 @@ def check(cc: int, quick: bool) -> tuple[list[str], int]:
     """Table rows for target ``cc`` (launches that fall back or fail) and the launch count."""
     limit, _ = TARGETS[cc]
     rows, count = [], 0
-    for kernel, label, mode, launch in launches(quick):
+    for kernel, label, mode, launch in launches(quick, cc):
         count += 1
         name = launch.fn.__name__
         stages = launch.num_stages

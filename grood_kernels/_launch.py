@@ -121,7 +121,7 @@ def run(launch: KernelLaunch | TorchCall) -> None:
         launch.fn(*launch.args)
         return
     device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
-    launch = for_target(launch, _major(device))
+    launch = for_target(launch, target_major(device))
     # The table is empty unless a launch was refused: only then is the key worth building.
     stages = (_FITTING_STAGES.get(_stages_key(launch, device), launch.num_stages)
               if _FITTING_STAGES else launch.num_stages)
@@ -192,8 +192,28 @@ def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
     return launch._replace(constexprs={**launch.constexprs, "FLAT_GATE": major >= 10})
 
 
-def _major(device: torch.device) -> int:
-    """The compute capability's major number of a CUDA ``device`` (0 elsewhere)."""
+#: Triton releases before this one compile a tensor-core (tcgen05) accumulator's row
+#: reductions on Blackwell with register spills at the tiles Hopper takes (triton 3.6:
+#: kilobytes per thread for a 128 x 256 fp32 accumulator; 3.9: none; 3.7 and 3.8 not
+#: checked): kernels pick smaller Blackwell tiles there (:func:`blackwell_small_tiles`).
+TCGEN05_SPILL_FREE_FROM = (3, 9)
+
+
+def triton_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed triton."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def blackwell_small_tiles(major: int) -> bool:
+    """Whether a GPU of compute capability ``major``.x needs the smaller tensor-core tiles
+    under the installed triton (see :data:`TCGEN05_SPILL_FREE_FROM`)."""
+    return major >= 10 and triton_version() < TCGEN05_SPILL_FREE_FROM
+
+
+def target_major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA ``device``, which its launches compile
+    for (0 elsewhere: the interpreter)."""
     if device.type != "cuda":
         return 0
     return _cuda_major(device.index if device.index is not None

@@ -37,9 +37,11 @@ from grood_kernels._launch import (
     DEFAULT_SMS,
     KernelLaunch,
     LaunchConfig,
+    blackwell_small_tiles,
     fit_tile,
     run,
     sm_count,
+    target_major,
 )
 from grood_kernels._topk import clamp_sq, insert_nearest
 from grood_kernels.contract import (
@@ -60,8 +62,21 @@ L2_QUERY_BUDGET = 12 << 20
 MAX_FUSED_KEEP = 36
 
 
+#: Tensor-core tiles for Blackwell under triton before 3.9 (``blackwell_small_tiles``), where
+#: the tiles above spill (triton 3.6, sm_100a: 8,036 bytes per thread at tf32's 128 x 256,
+#: 320 at bf16's 128 x 128 x 64 on an fp32 database, 72 at tf32x3's 64 x 128): the largest
+#: checked that compile without a spill there. Key: precision, or ``"bf16-storage"``.
+#: Values: block_q, block_m, block_d, warps, stages, CTAs/SM.
+BLACKWELL_SMALL_TILES = {
+    "tf32": (128, 128, 16, 4, 4, 2),
+    "bf16-storage": (128, 128, 32, 4, 4, 2),
+    "bf16": (128, 128, 16, 4, 4, 2),
+    "tf32x3": (128, 64, 16, 4, 3, 2),
+}
+
+
 def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int = 4,
-                  x_bytes: int = 4, n_sm: int | None = None) -> LaunchConfig:
+                  x_bytes: int = 4, n_sm: int | None = None, major: int = 9) -> LaunchConfig:
     """One known-good configuration for this shape.
 
     ``tf32``: 128 queries x 256 database rows on two warpgroups, 16-wide K-steps, 4 stages
@@ -70,7 +85,9 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
     ``bf16`` on an fp32 database (cast per tile): 128 x 128, 64-wide K-steps; ``tf32x3``:
     64 x 128 on one warpgroup, 16-wide K-steps; ``ieee`` (FMA): 32 x 64 tiles on 8 warps,
     16-wide K-steps.
-    None of them spills under triton 3.6 or 3.9 (``bench/compile_report.py``). The database is
+    None of them spills under triton 3.6 or 3.9 on sm_90a (``bench/compile_report.py``); for a
+    Blackwell GPU (``major`` >= 10, the compute capability compiled for) under triton before
+    3.9, :data:`BLACKWELL_SMALL_TILES` replaces the tensor-core tiles. The database is
     split so that (query blocks x splits) fills whole waves of ``n_sm`` x CTAs/SM programs,
     each split at least 4 tiles long; ``GROUP_Q`` query blocks (their tiles within
     ``L2_QUERY_BUDGET``) share each database tile.
@@ -85,6 +102,9 @@ def launch_config(n_q: int, n_db: int, d: int, precision: str, *, q_bytes: int =
         block_q, block_m, block_d, warps, stages, ctas = 128, 256, 32, 8, 4, 1
     else:  # bf16 on an fp32 database: the cast in registers needs the smaller tile
         block_q, block_m, block_d, warps, stages, ctas = 128, 128, 64, 8, 4, 1
+    if precision != "ieee" and blackwell_small_tiles(major):
+        key = "bf16-storage" if precision == "bf16" and x_bytes == 2 else precision
+        block_q, block_m, block_d, warps, stages, ctas = BLACKWELL_SMALL_TILES[key]
     block_q, block_m = fit_tile(block_q, n_q), fit_tile(block_m, n_db)
     block_d = fit_tile(block_d, d)
     n_qb = triton.cdiv(n_q, block_q)
@@ -195,27 +215,29 @@ def _plan(queries, database, q_sq, x_sq, cand_d, cand_i, counter, precision: str
 
 
 def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes: int,
-             n_sm: int | None = None) -> tuple[LaunchConfig, int]:
+             n_sm: int | None = None, major: int = 9) -> tuple[LaunchConfig, int]:
     """The launch configuration with its database split realised in whole tiles, and the
     rows per split (the last split may be shorter; none is empty)."""
-    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, x_bytes=x_bytes, n_sm=n_sm)
+    cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, x_bytes=x_bytes, n_sm=n_sm,
+                        major=major)
     rows = triton.cdiv(triton.cdiv(n_db, cfg.n_split), cfg.block_cols) * cfg.block_cols
     return cfg._replace(n_split=triton.cdiv(n_db, rows)), rows
 
 
 def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
-                     dtype=torch.float32, storage=None,
-                     configs: str = "launcher") -> list[KernelLaunch]:
-    """The launches :func:`knn` makes at this shape, on ``meta`` tensors (for the compile
-    report): the search, then the fused merge and exact re-rank (its exact rows in ``dtype``,
-    on the device). ``storage`` is the database dtype (default: ``dtype``). There are no
-    autotuning candidates, so ``configs`` changes nothing."""
+                     dtype=torch.float32, storage=None, configs: str = "launcher",
+                     major: int = 9) -> list[KernelLaunch]:
+    """The launches :func:`knn` makes at this shape on a GPU of compute capability
+    ``major``.x, on ``meta`` tensors (for the compile report): the search, then the fused
+    merge and exact re-rank (its exact rows in ``dtype``, on the device). ``storage`` is the
+    database dtype (default: ``dtype``). There are no autotuning candidates, so ``configs``
+    changes nothing."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
     q_dtype = torch.bfloat16 if precision == "bf16" else dtype
     cfg, rows = _planned(n_q, n_db, d, precision, q_dtype.itemsize,
-                         (storage or dtype).itemsize)
+                         (storage or dtype).itemsize, major=major)
     split = cfg.n_split
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
     cand_d, cand_i = meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32)
@@ -299,7 +321,7 @@ def knn(
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
     cfg, rows = _planned(n_q, n_db, d, precision, q_op.element_size(),
-                         database.element_size(), sm_count(dev))
+                         database.element_size(), sm_count(dev), target_major(dev))
     split = cfg.n_split
     cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
     cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int32, device=dev)

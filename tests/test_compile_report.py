@@ -64,8 +64,9 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
 
 
 def test_k_loop_spills_are_told_from_spills_outside_it():
-    """The report says whether spills sit in a K-loop (one L1 access per K-step) or outside
-    (one per class block): loops are backward branches, K-loops the innermost with MMAs."""
+    """The report says whether spills sit in a K-loop (one L1 access per K-step), elsewhere in
+    the loop over tiles that holds it (one per class block or database tile), or outside:
+    loops are backward branches, K-loops the innermost with MMAs."""
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   STL [R1], R4 ;
@@ -78,16 +79,26 @@ def test_k_loop_spills_are_told_from_spills_outside_it():
         /*0080*/                   BRA 0x10 ;
         /*0090*/                   EXIT ;
     """
-    assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0}
+    # The loop 0x10-0x80 holds the K-loop: its spills run once per tile (the K-loop's too).
+    outer = {"outer_LDL": 2, "outer_STL": 1}
+    assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0, **outer}
     fma = sass.replace("HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24", "FFMA R2, R3, R3, R2")
     # Two FFMA loops of one FFMA each: both count (each holds at least half the most).
-    assert compile_report.hot_loop(fma) == {"loops": 2, "mma": 2, "LDL": 1, "STL": 0}
+    assert compile_report.hot_loop(fma) == {"loops": 2, "mma": 2, "LDL": 1, "STL": 0, **outer}
+    # Without the outer loop, the spills before and after the K-loop run once.
+    flat = sass.replace("/*0080*/                   BRA 0x10 ;", "/*0080*/ NOP ;")
+    assert compile_report.hot_loop(flat) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0,
+                                             "outer_LDL": 0, "outer_STL": 0}
     assert compile_report.hot_loop("/*0000*/ EXIT ;") is None
-    rec = {"spill_store_bytes": 8, "spill_load_bytes": 8, "hot_loop": {"STL": 0, "LDL": 1}}
+    rec = {"spill_store_bytes": 8, "spill_load_bytes": 8,
+           "hot_loop": {"STL": 0, "LDL": 1, "outer_STL": 1, "outer_LDL": 2}}
     base = {"kernel": "k", "precision": "tf32", "shape": "s", "arch": "sm_90a",
             "function": "f", "block": {}, "num_warps": 8, "num_stages": 3, "registers": 255,
             "smem_bytes": 0, "ctas_per_sm": 1, "ctas_limit": "registers", "mma": "wgmma",
             "wgmma_pendings": 1, "grid": 1, "waves": 1, "config": 0, "model_total": False}
+    assert "8 / 8 B (0 / 1 in K-loop, 1 / 2 in outer loops)" in compile_report.markdown(
+        [{**base, **rec}])
+    rec["hot_loop"] = {"STL": 0, "LDL": 1}  # a report saved before outer loops were counted
     assert "8 / 8 B (0 / 1 in K-loop)" in compile_report.markdown([{**base, **rec}])
 
 
@@ -290,7 +301,7 @@ def test_other_gpus_walks_the_shared_memory_fallback():
         "import json, sys; sys.path.insert(0, sys.argv[1]); import other_gpus\n"
         "from grood_kernels import ncp_gradient\n"
         "launch = ncp_gradient.compile_launches(65536, 1000, 2048, 'tf32')[0]\n"
-        "other_gpus.launches = lambda quick: iter([('ncp_gradient', 'ImageNet-1k', 'tf32',"
+        "other_gpus.launches = lambda quick, cc: iter([('ncp_gradient', 'ImageNet-1k', 'tf32',"
         " launch)])\n"
         "print(json.dumps([other_gpus.check(86, True), other_gpus.check(90, True)]))\n")
     out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True,

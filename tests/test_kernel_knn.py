@@ -321,6 +321,36 @@ def test_the_flat_top_k_gate_gives_the_same_results(monkeypatch):
     distances, bit for bit, over many database tiles."""
     queries, db = _data(21, 700, 24, seed=8)
     want = knn(queries, db, 5)
-    monkeypatch.setattr(_launch, "_major", lambda device: 10)  # as on sm_100
+    monkeypatch.setattr(_launch, "target_major", lambda device: 10)  # as on sm_100
     got = knn(queries, db, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_blackwell_takes_smaller_tiles_under_older_triton(monkeypatch):
+    """Under triton before 3.9 the search's Hopper tiles spill on Blackwell (tcgen05): the
+    launcher takes BLACKWELL_SMALL_TILES there, for every tensor-core mode, and only there
+    (not on Hopper, not in ieee, not under triton 3.9); the results are the same, bit for bit
+    (neighbours and exact distances), with the flat gate on as on sm_100."""
+    def cfg(precision, major, x_bytes=4):
+        c = kernel_module.launch_config(4096, 1 << 20, 512, precision, x_bytes=x_bytes,
+                                        major=major)
+        return (c.block_rows, c.block_cols, c.block_d, c.num_warps, c.num_stages)
+
+    hopper = {p: cfg(p, 9) for p in ("ieee", "tf32", "tf32x3", "bf16")}
+    monkeypatch.setattr(_launch, "triton_version", lambda: (3, 6))
+    small = kernel_module.BLACKWELL_SMALL_TILES
+    for precision in ("tf32", "tf32x3", "bf16"):
+        assert cfg(precision, 10) == small[precision][:5] != hopper[precision]
+        assert cfg(precision, 9) == hopper[precision]
+    assert cfg("bf16", 10, x_bytes=2) == small["bf16-storage"][:5]
+    assert cfg("ieee", 10) == hopper["ieee"]
+    monkeypatch.setattr(_launch, "triton_version", lambda: (3, 9))
+    assert cfg("tf32", 10) == hopper["tf32"]
+
+    queries, db = _data(37, 900, 24, seed=9)
+    want = knn(queries, db, 5, precision="tf32")
+    monkeypatch.setattr(_launch, "triton_version", lambda: (3, 6))
+    monkeypatch.setattr(kernel_module, "target_major", lambda device: 10)
+    monkeypatch.setattr(_launch, "target_major", lambda device: 10)
+    got = knn(queries, db, 5, precision="tf32")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

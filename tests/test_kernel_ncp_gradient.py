@@ -878,7 +878,7 @@ def test_the_flat_top_k_gate_gives_the_same_results(monkeypatch, precision):
     monkeypatch.setattr(kernel_module, "launch_config",
                         lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2, 2))
     want = ncp_gradient(h, protos, p_ood, precision=precision)
-    monkeypatch.setattr(_launch, "_major", lambda device: 10)  # as on sm_100
+    monkeypatch.setattr(_launch, "target_major", lambda device: 10)  # as on sm_100
     got = ncp_gradient(h, protos, p_ood, precision=precision)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
