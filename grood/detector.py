@@ -8,6 +8,7 @@ a fitted detector is :mod:`grood._gradients`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,11 +284,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration):
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
         self._check_fitted()
         apply_score_time_params(self)
-        x, kind = as_tensor(features, "features")
-        # A rank of a distributed detector may have no rows; it still joins the searches.
-        check_matrix(x, "features", n_cols=self.n_features_in_,
-                     allow_empty=allow_empty or self._sharded)
-        return x, kind
+        return read_features(self, features, allow_empty)
 
     def _passes(self, x: Tensor, *, with_scores: bool
                 ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
@@ -404,6 +401,32 @@ def check_found(dist_k: Tensor, k: int, rows: tuple[int, int], index: Any) -> No
             f"{row_offset + dist_k.shape[0] - 1})"
             + (f": the nprobe={nprobe} inverted lists it visits hold fewer vectors; raise "
                "nprobe (index_options, applied at the next score) or lower k" if nprobe else ""))
+
+
+def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor, Any]:
+    """``features`` as a tensor (and what to return results as), checked to fit the fitted
+    ``det``. Features on a GPU that a detector in host memory scores are named once per
+    detector: every batch goes to the CPU, is scored there, and comes back, silently slow."""
+    x, kind = as_tensor(features, "features")
+    # A rank of a distributed detector may have no rows; it still joins the searches.
+    check_matrix(x, "features", n_cols=det.n_features_in_, allow_empty=allow_empty or det._sharded)
+    note = elsewhere_note(x.device, det.device_)
+    if note is not None and not det.__dict__.get("_told_elsewhere"):
+        det._told_elsewhere = True
+        warnings.warn(note, UserWarning, stacklevel=4)
+    return x, kind
+
+
+def elsewhere_note(features_device: torch.device, detector_device: torch.device) -> str | None:
+    """What to say when features on an accelerator are scored by a detector on the CPU (the
+    other way round, features in host memory going to the detector's GPU, is the usual
+    path: nothing to say)."""
+    if features_device.type == "cpu" or detector_device.type != "cpu":
+        return None
+    return (f"features are on {features_device}, the detector in host memory: every batch is "
+            f"copied to the CPU and scored there, and the results copied back; load it onto "
+            f"the GPU (GROOD.load(path, device='{features_device}')) or fit it there to score "
+            "where the features are")
 
 
 def check_score_time_params(det: GROOD) -> None:

@@ -598,3 +598,32 @@ def test_logits_in_another_class_order_than_the_labels_are_named():
     with pytest.raises(ValueError, match=r"no training sample is classified correctly.*"
                                          r"prototype gets 100\.0 % right: are the logits'"):
         GROOD().fit(x, y, logits=none_right)
+
+
+def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
+    """A detector loaded without device= lives in host memory; features on a GPU were then
+    copied to the CPU batch by batch and scored there, silently. The note names both devices
+    and the way out; features in host memory going to a detector's GPU are the usual path."""
+    from grood.detector import elsewhere_note
+
+    note = elsewhere_note(torch.device("cuda:1"), torch.device("cpu"))
+    assert note is not None and "features are on cuda:1, the detector in host memory" in note
+    assert "GROOD.load(path, device='cuda:1')" in note
+    assert elsewhere_note(torch.device("cpu"), torch.device("cuda:0")) is None
+    assert elsewhere_note(torch.device("cpu"), torch.device("cpu")) is None
+    assert elsewhere_note(torch.device("cuda:0"), torch.device("cuda:0")) is None
+    x, y, test = _data(seed=4)
+    det = GROOD().fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.score_samples(test)  # both in host memory: nothing to say
+        if torch.cuda.is_available():
+            GROOD(device="cuda").fit(x, y).score_samples(test)
+    if torch.cuda.is_available():
+        with pytest.warns(UserWarning, match=r"features are on cuda:0, the detector in host"):
+            got = det.score_samples(test.cuda())
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), det.score_samples(test))
+        with warnings.catch_warnings():  # once per detector
+            warnings.simplefilter("error")
+            det.score_samples(test.cuda())
