@@ -92,7 +92,8 @@ run_step() {
     # The torch path on the device (sync-free candidate picking in both ops, the head captured
     # in a CUDA graph on the torch backend).
     torch-tests) step 60 "torch-path GPU tests" \
-        "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture'" ;;
+        "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture' \
+        tests/test_detector.py" ;;
     # Where the gradient step's time goes (the K-loop alone, without the finish, the pre-pass,
     # the torch GEMM), then the launcher's tiles against every autotuning candidate (the wide
     # tile and the staged variant included).

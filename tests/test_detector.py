@@ -600,6 +600,7 @@ def test_logits_in_another_class_order_than_the_labels_are_named():
         GROOD().fit(x, y, logits=none_right)
 
 
+@pytest.mark.gpu  # its CUDA half runs in bench/gpu_check.sh; the rest runs anywhere
 def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
     """A detector loaded without device= lives in host memory; features on a GPU were then
     copied to the CPU batch by batch and scored there, silently. The note names both devices
