@@ -92,10 +92,10 @@ class Calibration:
         zero, n = int(matches.sum()), scores.numel()
         if threshold >= 0:
             raise ValueError(
-                f"{zero} of the {n} calibration rows score 0 (their gradients are indexed "
-                f"training gradients), so a threshold accepting tpr={tpr} of them would flag "
-                "every new sample: calibrate on held-out in-distribution data, not on the "
-                "training set")
+                f"{int((scores == 0).sum())} of the {n} calibration rows score 0 (their "
+                f"gradients are indexed training gradients), so a threshold accepting "
+                f"tpr={tpr} of them would flag every new sample: calibrate on held-out "
+                "in-distribution data, not on the training set")
         if zero > 0.01 * n:  # more than exact duplicates explain
             held = ", so they score 0" if self.k == 1 else f", one of their k={self.k} neighbours"
             warnings.warn(
@@ -104,8 +104,8 @@ class Calibration:
                 "training set? Such rows score higher than new in-distribution samples, which "
                 "raises the threshold: more of those would be flagged than tpr says",
                 UserWarning, stacklevel=3)
-        self.calibration_ = {"threshold": threshold, "tpr": tpr,
-                             "n": int(scores.numel()), **self._search_setting()}
+        self.calibration_ = {"threshold": threshold, "tpr": tpr, "n": n,
+                             **self._search_setting()}
         return self
 
     @property

@@ -199,6 +199,7 @@ def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
 TCGEN05_SPILL_FREE_FROM = (3, 9)
 
 
+@functools.cache
 def triton_version() -> tuple[int, int]:
     """``(major, minor)`` of the installed triton."""
     major, minor = triton.__version__.split(".")[:2]
