@@ -46,10 +46,11 @@ from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import ExactIndex, check_index_options, index_class
 from grood.model import ModelFrontEnd
+from grood.persistence import Placement
 from grood.prototypes import OODPrototypeSource, resolve_source
 
 
-class GROOD(Parameters, ModelFrontEnd, Calibration):
+class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
     """Gradient-aware out-of-distribution detector (ElAraby et al., arXiv 2312.14427).
 
     Fitting builds class prototypes (mean training feature per class) and an OOD prototype,
@@ -424,9 +425,9 @@ def elsewhere_note(features_device: torch.device, detector_device: torch.device)
     if features_device.type == "cpu" or detector_device.type != "cpu":
         return None
     return (f"features are on {features_device}, the detector in host memory: every batch is "
-            f"copied to the CPU and scored there, and the results copied back; load it onto "
-            f"the GPU (GROOD.load(path, device='{features_device}')) or fit it there to score "
-            "where the features are")
+            f"copied to the CPU and scored there, and the results copied back; move it to the "
+            f"GPU (det.to('{features_device}'), or GROOD.load(path, device="
+            f"'{features_device}')) or fit it there to score where the features are")
 
 
 def check_score_time_params(det: GROOD) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,12 +24,15 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._checks import check_positive_int, ordinary
+from grood._checks import check_device, check_positive_int, ordinary
 from grood._fit import FittedState
 from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
-from grood.index import GradientIndex, index_class, index_from_state
+from grood.functional import check_precision
+from grood.index import index_class, index_from_state
 from grood.prototypes import source_from_config
+
+_D = TypeVar("_D", bound="Placement")
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 1
@@ -48,8 +51,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
-    """``(params, state, tensors)`` of a fitted detector: everything :func:`restore` needs."""
+def detector_state(det: Any, *, host: bool = True
+                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """``(params, state, tensors)`` of a fitted detector: everything :func:`restore` needs;
+    the tensors contiguous, in host memory unless ``host`` is False (then where they are)."""
     params = {
         "ood_prototype": {"name": det.ood_source_.name, "params": det.ood_source_.params()},
         "k": check_positive_int(det.k, "k"),
@@ -79,7 +84,8 @@ def detector_state(det: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         "ood_prototype": det.ood_prototype_,
         **{f"index.{name}": t for name, t in det.index_.state_dict().items()},
     }
-    return params, state, {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    return params, state, {n: (t.detach().cpu() if host else t.detach()).contiguous()
+                           for n, t in tensors.items()}
 
 
 def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
@@ -337,36 +343,87 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
         batch_size=params["batch_size"], distributed=distributed,
     )
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    # Files that predate state["index_options"] rebuild with the saved parameters' options
+    # when those were meant for this kind of index.
+    options = state.get("index_options", params["index_options"]
+                        if params["index"] == state["index"] else None)
+    hint = None if backend is not None else (  # None: the caller's own choice
+        f"The detector was saved with backend={det.backend!r}; to run it here, load it with "
+        "GROOD.load(path, backend='auto') (or 'torch')")
+    install(det, {**state, "index_options": options}, tensors, dev, source=source,
+            shard_sizes=shard_sizes, hint=hint)
+    return det
+
+
+def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: torch.device, *,
+            source: Any, shard_sizes: list[int] | None = None, hint: str | None = None
+            ) -> None:
+    """Set the fitted state ``state`` / ``tensors`` (as :func:`detector_state` gives them) on
+    ``det``, on ``dev``, in one step: everything is built there before the detector changes.
+    ``hint``: what to do when ``det.backend`` cannot run on ``dev`` (None: the error as is)."""
     protos = ordinary(tensors["class_prototypes"].to(dev))
     p_ood = ordinary(tensors["ood_prototype"].to(dev))
     try:
         resolved = ops.resolve_backends(det.backend, dev, protos.dtype)
     except BackendUnavailableError as exc:
-        if backend is not None:  # the caller's own choice
+        if hint is None:
             raise
-        raise BackendUnavailableError(
-            f"{exc}. The detector was saved with backend={det.backend!r}; to run it here, "
-            f"load it with GROOD.load(path, backend='auto') (or 'torch')") from exc
+        raise BackendUnavailableError(f"{exc}. {hint}") from exc
     kind = state["index"]
-    # Files that predate state["index_options"] rebuild with the saved parameters' options
-    # when those were meant for this kind of index.
-    options = state.get("index_options", params["index_options"] if params["index"] == kind
-                        else None)
-
-    def build(index_state: dict[str, Tensor]) -> GradientIndex:
-        return index_from_state(kind, index_state, device=dev, backend=resolved["knn"],
-                                precision=det.precision, options=options)
-
-    index = build({n.removeprefix("index."): t for n, t in tensors.items()
-                   if n.startswith("index.")})
+    index = index_from_state(kind, {n.removeprefix("index."): t for n, t in tensors.items()
+                                    if n.startswith("index.")},
+                             device=dev, backend=resolved["knn"], precision=det.precision,
+                             options=state["index_options"])
     det._set_fitted(FittedState(
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
         shard_sizes=shard_sizes, extractor=state.get("extractor")))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
-    return det
 
+
+
+class Placement:
+    """``to(device)`` of a fitted detector (a base of :class:`grood.GROOD`)."""
+
+    def to(self: _D, device: str | torch.device) -> _D:
+        """Move the fitted detector to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
+        ``torch.device``), in place, and return it (as ``nn.Module.to`` does).
+
+        Prototypes, counts and the index move there (a faiss index is rebuilt there: on the
+        GPU where faiss has GPU support), the backend is resolved again for that device, and
+        the threshold, feature settings and parameters are kept; the scores are then computed
+        there. Everything is built on the new device before the detector changes: when the
+        move fails (no such device, too little memory, ``backend="triton"`` where Triton cannot
+        run — set ``backend="auto"`` first) the detector is as it was. A distributed detector
+        is refused (each rank holds its own shard on its own device; load its manifest with
+        ``device=``). The ``device`` parameter (where the next fit runs) is not changed.
+        """
+        self._check_fitted()
+        if device is None:
+            raise ValueError("to() needs a device ('cpu', 'cuda', 'cuda:1' or a torch.device)")
+        dev = check_device(device)
+        if self._sharded:
+            raise ValueError("to(): this detector is sharded across ranks, each shard on its "
+                             "rank's device; load its manifest with GROOD.load(path, "
+                             "device=..., distributed=True) to place the shards, or without "
+                             "distributed=True for the whole index in one process")
+        # What the move resolves and builds with, when changed since fit.
+        check_precision(self.precision)
+        ops.check_backend_name(self.backend)
+        if dev != self.device_:
+            move(self, dev)
+        return self
+
+
+def move(det: Any, dev: torch.device) -> None:
+    """Rebuild the fitted, unsharded ``det`` on ``dev`` from its own state (see
+    :meth:`Placement.to`)."""
+    _, state, tensors = detector_state(det, host=False)
+    install(det, state, tensors, dev, source=det.ood_source_,
+            hint=f"The detector's backend is {det.backend!r}; to move it to {dev}, set "
+                 "det.backend = 'auto' (or 'torch') first")
+    det.__dict__.pop("_told_elsewhere", None)  # a note about the old device
 
 def read_file(path: Path, *, shard: tuple[int, int] | None = None,
               into: dict[str, Tensor] | None = None

@@ -628,3 +628,90 @@ def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
         with warnings.catch_warnings():  # once per detector
             warnings.simplefilter("error")
             det.score_samples(test.cuda())
+
+
+@pytest.mark.parametrize("index, options", [
+    ("exact", None), ("exact", {"storage": "bfloat16"}), ("faiss-flat", None),
+    ("faiss-ivf", {"nlist": 4, "nprobe": 4})], ids=["exact", "exact-bf16", "flat", "ivf"])
+def test_a_moved_detector_gives_the_same_answers_and_keeps_its_threshold(index, options):
+    """``to(device)`` rebuilds the fitted state on the device from the detector's own state
+    (the path every move takes; run here onto the CPU it is on): the same scores, classes and
+    flags bit for bit, the threshold, parameters and feature settings kept, a new index."""
+    from grood.persistence import move
+
+    if index != "exact":
+        pytest.importorskip("faiss")
+    x, y, test = _data(seed=6, n=120)
+    det = GROOD(k=2, index=index, index_options=options, batch_size=16).fit(x, y)
+    det.calibrate(test[:20], tpr=0.9)
+    det.extractor_ = {"layer": "avgpool"}  # what fit_model records
+    scores, pred = det.score_and_predict(test)
+    flags, params, old_index = det.is_ood(test), det.get_params(), det.index_
+    move(det, torch.device("cpu"))
+    assert det.index_ is not old_index and det.index_.kind == index
+    assert torch.equal(det.score_samples(test), scores) and torch.equal(det.predict(test), pred)
+    assert torch.equal(det.is_ood(test), flags)
+    assert det.get_params() == params and det.extractor_ == {"layer": "avgpool"}
+    assert det.calibration_["tpr"] == 0.9 and det.device_ == torch.device("cpu")
+    same = det.index_
+    assert det.to("cpu") is det and det.index_ is same  # where it is already: nothing to do
+
+
+def test_moving_a_detector_fails_clearly_and_leaves_it_as_it_was(monkeypatch):
+    """An unfitted detector, no device, a device that is not there, and a backend that cannot
+    run where it is moved to are named; a failed move changes nothing."""
+    from grood.errors import BackendUnavailableError
+    from grood.persistence import move
+
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        GROOD().to("cpu")
+    x, y, test = _data(seed=7)
+    det = GROOD().fit(x, y)
+    with pytest.raises(ValueError, match="to\\(\\) needs a device"):
+        det.to(None)
+    with pytest.raises(ValueError, match="'gpu0' is not a device name"):
+        det.to("gpu0")
+    with pytest.raises(ValueError, match="'cuda:7'"):
+        det.to("cuda:7")
+    det.precision = "fp8"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        det.to("cpu")
+    det.precision = "ieee"
+    scores, index = det.score_samples(test), det.index_
+
+    def no_triton(op, device, dtype=None):
+        return "no Triton on this machine (simulated)"
+
+    monkeypatch.setattr(ops, "triton_unavailable_reason", no_triton)
+    det.backend = "triton"
+    with pytest.raises(BackendUnavailableError, match=r"to move it to cpu, set det\.backend = "
+                                                      r"'auto' \(or 'torch'\) first"):
+        move(det, torch.device("cpu"))
+    assert det.index_ is index and det.backend_ == {"ncp_gradient": "torch", "knn": "torch"}
+    det.backend = "auto"
+    assert torch.equal(det.score_samples(test), scores)
+
+
+@pytest.mark.gpu  # its CUDA half runs in bench/gpu_check.sh; the rest runs anywhere
+def test_a_detector_moved_to_the_gpu_and_back_scores_as_before():
+    """Fitted in host memory, moved to the GPU: the features' own device scores without a
+    note, within rounding of the CPU's scores, with the same classes and threshold; moved
+    back, bit for bit the detector it was."""
+    x, y, test = _data(seed=8)
+    det = GROOD().fit(x, y)
+    det.calibrate(test[:15], tpr=0.9)
+    scores, pred = det.score_and_predict(test)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            det.to("cuda")
+        assert torch.equal(det.score_samples(test), scores)
+        return
+    assert det.to("cuda") is det and det.device_.type == "cuda"
+    assert det.class_prototypes_.is_cuda and det.index_.vectors.is_cuda
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # features where the detector is: nothing to say
+        got, got_pred = det.score_and_predict(test.cuda())
+    torch.testing.assert_close(got.cpu(), scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_pred.cpu(), pred) and det.threshold_ == det.calibration_["threshold"]
+    det.to("cpu")
+    assert torch.equal(det.score_samples(test), scores)
