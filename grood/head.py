@@ -3,7 +3,8 @@
 ``GROOD.as_module()`` gives a :class:`GROODHead` whose ``forward(features)`` returns
 ``(score, pred)`` — the detector's own scores (higher = in-distribution) and nearest-prototype
 classes. ``GROOD.attach(model, features="avgpool")`` gives a :class:`GROODAttached` whose
-``forward(x)`` returns ``(logits, score, pred)`` from one forward pass of the model.
+``forward(x)`` returns ``(logits, score, pred)`` from one forward pass of the model. With
+``flags=True`` (a calibrated detector) both hold its threshold and also return ``is_ood``.
 
 Both hold everything as buffers (prototypes, the OOD prototype, the prototypes' squared norms
 relative to it, the exact index and its squared norms), so they follow ``.to(device)``,
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 import grood.library  # noqa: F401  (registers torch.ops.grood.*)
 from grood._checks import (
     check_finite_rows,
+    check_flag,
     check_matrix,
     check_positive_int,
     compute_dtype,
@@ -74,6 +76,11 @@ class GROODHead(nn.Module):
         checks (str): ``"raise"`` (default; the detector's behaviour, which reads values on
             the host) or ``"flag"`` (nothing read on the host: unresolvable rows score NaN,
             pred -1, and are counted in the ``unresolved_rows`` buffer). See :data:`CHECKS`.
+        threshold (float, optional): a calibrated threshold (``det.threshold_``, chosen at
+            this ``k``). Given, the forward also returns ``is_ood`` = not ``score >=
+            threshold`` (the detector's ``is_ood``; rows scored NaN by ``checks="flag"`` are
+            flagged), and the threshold is a float64 buffer (``state_dict``; ``.to()`` moves
+            it and keeps its dtype).
 
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
@@ -85,7 +92,8 @@ class GROODHead(nn.Module):
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
-                 index_storage: Tensor | None = None, checks: str = "raise") -> None:
+                 index_storage: Tensor | None = None, checks: str = "raise",
+                 threshold: float | None = None) -> None:
         super().__init__()
         _check_state(class_prototypes, ood_prototype, index_vectors, index_storage)
         k = check_positive_int(k, "k")
@@ -95,6 +103,8 @@ class GROODHead(nn.Module):
         check_backend_name(backend)
         if checks not in CHECKS:
             raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
+        if threshold is not None:
+            threshold = _check_threshold(threshold)
         # Ordinary tensors even when made under torch.inference_mode (a serving script's
         # decorated main): inference tensors have no version counter, so the ops' values
         # derived from them (the squared norms' check) were remade on every call, and they
@@ -116,7 +126,13 @@ class GROODHead(nn.Module):
                                  torch.zeros((), dtype=torch.int64,
                                              device=class_prototypes.device),
                                  persistent=False)
+            if threshold is not None:  # is_ood: score below it; float64 holds it as chosen
+                self.register_buffer("threshold", torch.tensor(
+                    threshold, dtype=torch.float64, device=class_prototypes.device))
+            else:
+                self.threshold = None
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
+        self.threshold_k = k  # the k its threshold was chosen at
 
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
@@ -131,8 +147,11 @@ class GROODHead(nn.Module):
         converted prototypes and index (converted norms would be norms of the unconverted
         ones, and half-precision ones overflow). The converted buffers are ordinary tensors
         even under ``torch.inference_mode`` (see the constructor), made so without a copy."""
+        threshold = self.threshold
         with torch.inference_mode(False):
             super()._apply(fn, recurse)
+            if threshold is not None:  # the device follows; the value stays as chosen
+                self.threshold = threshold.to(self.threshold.device, torch.float64)
         self._derive_norms()
         return self
 
@@ -157,6 +176,8 @@ class GROODHead(nn.Module):
                 _check_state(state["class_prototypes"], state["ood_prototype"],
                              state["index_vectors"], state.get("index_storage"))
                 _check_derived(state)
+                if "threshold" in state:
+                    _check_threshold(state["threshold"])
             except ValueError as exc:
                 error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
                                   "state, saved and loaded together)")
@@ -167,18 +188,25 @@ class GROODHead(nn.Module):
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
+        threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
         return (f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}, "
-                f"precision={self.precision!r}, backend={self.backend!r}, checks={self.checks!r}")
+                f"precision={self.precision!r}, backend={self.backend!r}, checks={self.checks!r}"
+                + threshold)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
-        in-distribution) and nearest-prototype classes (int64)."""
+        in-distribution) and nearest-prototype classes (int64); with a threshold also
+        ``is_ood [N]`` (bool)."""
         # k may be set after construction: a static check (no graph break when compiled).
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
             raise ValueError(f"k must be a positive Python or numpy integer, got {self.k!r}")
         if not 1 <= self.k <= self.index_vectors.shape[0]:
             raise ValueError(f"k={self.k} but the index holds {self.index_vectors.shape[0]} "
                              "vectors (k must be at least 1 and at most that)")
+        if self.threshold is not None and self.k != self.threshold_k:
+            raise ValueError(f"the head's threshold was chosen on scores at "
+                             f"k={self.threshold_k}, and k is now {self.k}: set k back, or "
+                             "calibrate the detector at this k and make a new head")
         d = self.class_prototypes.shape[1]
         if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
             raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
@@ -210,7 +238,9 @@ class GROODHead(nn.Module):
             self.unresolved_rows.add_(bad.sum())
             score = torch.where(bad, float("nan"), score)
             pred = torch.where(bad, -1, pred)
-        return score, pred
+        if self.threshold is None:
+            return score, pred
+        return score, pred, ~(score >= self.threshold)  # NaN (unscored) rows: flagged
 
 
 def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
@@ -247,6 +277,22 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
             rows = (~near).nonzero().flatten()[:3].tolist()
             raise ValueError(f"index_storage is not a rounded copy of index_vectors (row(s) "
                              f"{rows} differ by more than half-precision rounding)")
+
+
+def _check_threshold(threshold: float | Tensor) -> float:
+    """A head's threshold as a Python float: one finite real number (a 0-d tensor in a
+    state)."""
+    if isinstance(threshold, Tensor):
+        ok = threshold.ndim == 0 and threshold.is_floating_point()
+        value = float(threshold) if ok else None
+    else:
+        ok = isinstance(threshold, (int, float, np.floating, np.integer)) and not isinstance(
+            threshold, (bool, np.bool_))
+        value = float(threshold) if ok else None
+    if value is None or not np.isfinite(value):
+        raise ValueError(f"threshold must be one finite real number (a calibrated "
+                         f"det.threshold_), got {threshold!r}")
+    return value
 
 
 def _check_derived(state: dict) -> None:
@@ -376,7 +422,8 @@ class GROODAttached(nn.Module):
         self.model = _tapped_model(model, module, features, takes_input)
         self._module = module
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``(logits, score, pred)``, and ``is_ood`` when the head holds a threshold."""
         if self._module is None:
             logits, feature_list = self.model(x, return_feature_list=True)
             feats = feature_list[-1]
@@ -396,13 +443,14 @@ class GROODAttached(nn.Module):
                                  "runs exactly once")
             feats = box[0]
         logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
-        score, pred = self.head(feats.reshape(feats.shape[0], -1).float())
-        return logits, score, pred
+        return (logits, *self.head(feats.reshape(feats.shape[0], -1).float()))
 
 
-def as_module(det: GROOD, checks: str = "raise") -> GROODHead:
+def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHead:
     """The fitted detector ``det`` as a :class:`GROODHead` on the detector's device (``checks``:
-    see :data:`CHECKS`)."""
+    see :data:`CHECKS`); with ``flags`` it holds the detector's calibrated threshold and also
+    returns ``is_ood``."""
+    from grood.calibration import current_threshold
     from grood.index import ExactIndex
 
     det._check_fitted()
@@ -414,10 +462,13 @@ def as_module(det: GROOD, checks: str = "raise") -> GROODHead:
     if det._sharded:
         raise ValueError("as_module() needs the whole index in one process; this detector is "
                          "sharded across ranks (load it without distributed=True)")
+    # Checked for the search it was chosen for; an uncalibrated detector says how to get one.
+    threshold = current_threshold(det) if check_flag(flags, "flags") else None
     storage = index._searched() if index.storage is not None else None
     return GROODHead(det.class_prototypes_, det.ood_prototype_,
                      index.vectors.to(det.device_), k=det.k, precision=det.precision,
-                     backend=det.backend, index_storage=storage, checks=checks)
+                     backend=det.backend, index_storage=storage, checks=checks,
+                     threshold=threshold)
 
 
 def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor], tuple]:

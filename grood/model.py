@@ -151,18 +151,20 @@ class ModelFrontEnd:
         """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""
         return self.score_model(model, loader, **kwargs)[1]
 
-    def as_module(self, checks: str = "raise") -> GROODHead:
+    def as_module(self, checks: str = "raise", flags: bool = False) -> GROODHead:
         """This detector as an ``nn.Module``: ``forward(features) -> (score, pred)``, ready for
         ``torch.compile`` and ``torch.export``; ``checks="flag"`` makes it read nothing on the
-        host, for CUDA graphs (see :mod:`grood.head`)."""
+        host, for CUDA graphs; ``flags=True`` (a calibrated detector) holds ``threshold_`` and
+        returns ``(score, pred, is_ood)`` (see :mod:`grood.head`)."""
         from grood.head import as_module
 
-        return as_module(self, checks)
+        return as_module(self, checks, flags)
 
     def attach(self, model: nn.Module, features: str | None = None,
-               checks: str = "raise") -> GROODAttached:
+               checks: str = "raise", flags: bool = False) -> GROODAttached:
         """``model`` with this detector as a head on its ``features`` module: ``forward(x) ->
-        (logits, score, pred)`` in one pass (see :class:`grood.head.GROODAttached`)."""
+        (logits, score, pred)`` in one pass, ``(logits, score, pred, is_ood)`` with ``flags``
+        (see :class:`grood.head.GROODAttached`)."""
         from grood.head import GROODAttached
 
-        return GROODAttached(model, self.as_module(checks), features)
+        return GROODAttached(model, self.as_module(checks, flags), features)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 from conftest import clustered_features
 from torch import nn
 
-from grood import GROOD, functional
+from grood import GROOD, NotFittedError, functional
 from grood.head import GROODHead, capture_cuda_graph
 
 OPS = torch.ops.grood
@@ -368,6 +369,79 @@ def test_flag_checks_compile_without_graph_break_and_export(fitted):
     assert torch.equal(got[1], want[1])
 
 
+def test_a_head_with_flags_gives_the_detectors_flags_and_keeps_its_threshold(tmp_path):
+    """as_module(flags=True) holds the calibrated threshold (float64, in state_dict) and
+    returns the detector's is_ood bit for bit, eager, compiled without a graph break and
+    exported; unscored rows (checks="flag") come out flagged; .to() keeps the threshold."""
+    x, y = clustered_features(240, 4, 12, seed=5, dtype=torch.float32)
+    val, _ = clustered_features(60, 4, 12, seed=7, dtype=torch.float32)
+    test = torch.cat([clustered_features(40, 4, 12, seed=6, dtype=torch.float32)[0],
+                      3 * torch.rand(20, 12)])
+    det = GROOD(k=3).fit(x, y).calibrate(val, tpr=0.9)
+    head = det.as_module(flags=True)
+    score, pred, is_ood = head(test)
+    assert torch.equal(score, det.score_samples(test)) and torch.equal(pred, det.predict(test))
+    assert is_ood.dtype == torch.bool and torch.equal(is_ood, det.is_ood(test))
+    assert 0 < int(is_ood.sum()) < len(test)  # the threshold splits these rows
+    s64, _, f64 = head(test.double())
+    assert torch.equal(s64, det.score_samples(test.double()))
+    assert torch.equal(f64, det.is_ood(test.double()))
+    assert head.threshold.dtype == torch.float64 and float(head.threshold) == det.threshold_
+    assert "threshold=" in repr(head) and "threshold" in head.state_dict()
+    half = det.as_module(flags=True).to(torch.bfloat16)
+    assert half.threshold.dtype == torch.float64 and float(half.threshold) == det.threshold_
+    assert torch._dynamo.explain(head)(test).graph_break_count == 0
+    exported = torch.export.export(head, (test,)).module()(test)
+    assert all(torch.equal(a, b) for a, b in zip(exported, (score, pred, is_ood), strict=True))
+    flag_head = det.as_module(checks="flag", flags=True)
+    bad = _with_bad_rows(test)
+    f_score, _, f_ood = flag_head(bad)
+    assert bool(f_score[[3, 7]].isnan().all()) and bool(f_ood[[3, 7]].all())
+    keep = torch.ones(len(test), dtype=torch.bool)
+    keep[[3, 7]] = False
+    assert torch.equal(f_ood[keep], det.is_ood(bad[keep]))
+    # A state round trip carries the threshold; a damaged one is refused whole.
+    other = det.as_module(flags=True)
+    state = head.state_dict()
+    state["threshold"] = torch.tensor(-1.0e30, dtype=torch.float64)
+    other.load_state_dict(state)
+    assert not bool(other(test)[2].any())  # no score is below -1e30
+    state["threshold"] = torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"threshold must be one finite real number.*"
+                                           r"nothing was loaded"):
+        other.load_state_dict(state)
+    assert not bool(other(test)[2].any())  # as it was
+
+
+def test_a_head_with_flags_needs_a_threshold_for_its_search(fitted, cnn):
+    """flags=True on a detector without a threshold, or with one chosen at another k, is
+    refused by name, as is a head whose k is changed after it was made, a threshold that is
+    not a finite number, and a flags value that is not a bool; attach passes flags on."""
+    det, _ = fitted
+    with pytest.raises(NotFittedError, match="no threshold yet: call calibrate"):
+        det.as_module(flags=True)
+    with pytest.raises(ValueError, match="flags must be True or False"):
+        det.as_module(flags="yes")
+    with pytest.raises(ValueError, match="threshold must be one finite real number"):
+        GROODHead(det.class_prototypes_, det.ood_prototype_, det.index_.vectors,
+                  threshold=float("inf"))
+    net, cdet, images = cnn
+    held_out = torch.rand(40, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    cdet = copy.deepcopy(cdet).calibrate_model(net, [held_out], tpr=0.9)
+    attached = cdet.attach(net, features="avgpool", flags=True)
+    logits, score, pred, is_ood = attached(images)
+    want_s, want_p = cdet.score_model(net, [images])
+    assert torch.equal(logits, net(images)) and torch.equal(score, want_s)
+    assert torch.equal(pred, want_p)
+    assert torch.equal(is_ood, want_s < cdet.threshold_) and 0 < int(is_ood.sum()) < 60
+    attached.head.k = 1  # the threshold was chosen on k=2 scores
+    with pytest.raises(ValueError, match=r"threshold was chosen on scores at k=2, and k is "
+                                         r"now 1: set k back"):
+        attached(images)
+    cdet.k = 1
+    with pytest.raises(ValueError, match=r"another search \(k=2 -> 1\)"):
+        cdet.as_module(flags=True)
+
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton launchers run under the interpreter")
 def test_flag_checks_on_triton_read_no_tensor_value_on_the_host(fitted, monkeypatch):
     det, test = fitted
@@ -612,7 +686,8 @@ def test_flag_head_captures_in_a_cuda_graph(backend):
     features equals eager."""
     x, y = clustered_features(2000, 10, 64, seed=9, dtype=torch.float32)
     det = GROOD(device="cuda", backend=backend, precision="tf32").fit(x.cuda(), y.cuda())
-    head = det.as_module(checks="flag")
+    det.calibrate(x[:300].cuda() + 0.05, tpr=0.9)
+    head = det.as_module(checks="flag", flags=True)  # the threshold as a buffer: no host read
     static = _with_bad_rows(x[:512]).cuda()
     head(static)  # warm: compile the kernels, cache the prototypes' facts
     torch.cuda.synchronize()
@@ -624,10 +699,11 @@ def test_flag_head_captures_in_a_cuda_graph(backend):
     run = capture_cuda_graph(head, static)
     fresh = _with_bad_rows(x[512:1024]).cuda()
     head.unresolved_rows.zero_()
-    out_s, out_p = run(fresh)
+    out_s, out_p, out_f = run(fresh)
     torch.cuda.synchronize()
-    want_s, want_p = det.as_module(checks="flag")(fresh)
+    want_s, want_p, want_f = det.as_module(checks="flag", flags=True)(fresh)
     assert torch.equal(out_s.nan_to_num(), want_s.nan_to_num()) and torch.equal(out_p, want_p)
+    assert torch.equal(out_f, want_f) and bool(out_f[[3, 7]].all())
     assert int(head.unresolved_rows) == 2
 
 

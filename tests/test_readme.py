@@ -101,7 +101,7 @@ def test_readme_example_runs(index, block, tmp_path, monkeypatch):
         model = ns["model"]
         with torch.no_grad():  # the attached model's penultimate features (avgpool, 8 wide)
             feats = model.avgpool(model.layer3(model.stem(
-                torch.rand(90, 1, 8, 8, generator=torch.Generator().manual_seed(4))))).flatten(1)
-        ns["features"] = feats[:8]
-        ns["det"] = GROOD().fit(feats, torch.arange(90) % 3)
+                torch.rand(120, 1, 8, 8, generator=torch.Generator().manual_seed(4))))).flatten(1)
+        ns["features"], ns["val_features"] = feats[:8], feats[90:]
+        ns["det"] = GROOD().fit(feats[:90], torch.arange(90) % 3)
     exec(compile(block, f"README.md block {index + 1}", "exec"), ns)
