@@ -3,6 +3,8 @@ fitted on the features recomputed from the model's parts."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from grood import GROOD
@@ -24,8 +26,12 @@ def check_fit_model_equals_fit(det, model, batches, feats, y, logits):
 
 def check_attach(det, model, features, x, logits, scores, preds):
     """``det.attach(model, features)`` gives the model's logits and the detector's scores and
-    predictions in one pass."""
+    predictions in one pass; calibrated (on the images mirrored: not the training rows),
+    ``flags=True`` adds the detector's ``is_ood``."""
     att_logits, att_scores, att_preds = det.attach(model, features=features)(x)
     torch.testing.assert_close(att_logits, logits)
     torch.testing.assert_close(att_scores, scores)
     assert torch.equal(att_preds, preds)
+    det = copy.deepcopy(det).calibrate_model(model, [x.flip(-1)], tpr=0.9)
+    *_, att_flags = det.attach(model, features=features, flags=True)(x)
+    assert torch.equal(att_flags, det.score_model(model, [x])[0] < det.threshold_)
