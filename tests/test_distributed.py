@@ -63,8 +63,13 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
             det.calibrate(torch.cat([rows, part(x)]), tpr=0.8)
         # The threshold comes from every rank's rows (an idle rank gives none).
         det.calibrate(rows, tpr=0.8)
-        torch.save({"threshold": det.calibration_, "protos": det.class_prototypes_,
-                    "p_ood": det.ood_prototype_,
+        try:  # a shard cannot be moved alone
+            det.to("cpu")
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        torch.save({"threshold": det.calibration_, "refused": refused,
+                    "protos": det.class_prototypes_, "p_ood": det.ood_prototype_,
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test),
                     "reserved": reserved, "local_rows": part(x).shape[0],
@@ -113,6 +118,7 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     assert all(r["warned"] == [str(w.message) for w in caught] for r in results)
     single.calibrate(test[:n_scored], tpr=0.8)
     assert all(r["threshold"] == single.calibration_ for r in results)
+    assert all("to(): this detector is sharded across ranks" in r["refused"] for r in results)
 
     # The sharded detector, loaded whole into one process, is the single-process detector.
     joined = GROOD.load(tmp_path / "det.json")
