@@ -403,6 +403,8 @@ class Placement:
         if device is None:
             raise ValueError("to() needs a device ('cpu', 'cuda', 'cuda:1' or a torch.device)")
         dev = check_device(device)
+        if dev.type == "cpu":  # one host memory: "cpu:1" is "cpu"
+            dev = torch.device("cpu")
         if self._sharded:
             raise ValueError("to(): this detector is sharded across ranks, each shard on its "
                              "rank's device; load its manifest with GROOD.load(path, "

@@ -655,6 +655,7 @@ def test_a_moved_detector_gives_the_same_answers_and_keeps_its_threshold(index, 
     assert det.calibration_["tpr"] == 0.9 and det.device_ == torch.device("cpu")
     same = det.index_
     assert det.to("cpu") is det and det.index_ is same  # where it is already: nothing to do
+    assert det.to("cpu:1").index_ is same and det.device_ == torch.device("cpu")
 
 
 def test_moving_a_detector_fails_clearly_and_leaves_it_as_it_was(monkeypatch):
