@@ -382,7 +382,6 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
         det.calibration_ = state["calibration"]
 
 
-
 class Placement:
     """``to(device)`` of a fitted detector (a base of :class:`grood.GROOD`)."""
 
