@@ -190,7 +190,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood.persistence import save_target
 
     _require_files({"detector file": args.detector, "feature file": args.features})
-    save_target(args.out, suffixes=(".npy", ".csv"), what="scores",
+    save_target(args.out, suffixes=(".npy", ".npz", ".csv"), what="scores",
                 inputs={"detector file": args.detector, "feature file": args.features})
     rank, world = _init_distributed(args)
     det = GROOD.load(args.detector, device=args.device, distributed=args.distributed,
@@ -212,7 +212,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             return 0
     scores, preds = np.asarray(scores), np.asarray(preds)
     flags = None if threshold is None else scores < threshold
-    save_scores(args.out, scores, preds, flags)
+    save_scores(args.out, scores, preds, flags, threshold)
     flagged = "" if flags is None else (
         f"; {int(flags.sum())} ({100 * flags.mean():.2f} %) flagged as OOD, scoring below "
         f"the detector's threshold {threshold:.6g}")
@@ -428,12 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score a feature file with a saved detector",
                            description="Score every row of a feature file. Writes .npy "
-                                       "(scores) or .csv (index,score,pred, and ood when the "
-                                       "detector holds a threshold: 'grood calibrate').",
+                                       "(scores), .npz (arrays score, pred, and ood and "
+                                       "threshold when the detector holds a threshold: 'grood "
+                                       "calibrate') or .csv (index,score,pred, and ood).",
                            epilog=EPILOG_FILES)
     score.add_argument("detector", help="detector file written by 'grood fit'")
     score.add_argument("features", help="feature file to score")
-    score.add_argument("-o", "--out", required=True, help="output file, .npy or .csv")
+    score.add_argument("-o", "--out", required=True, help="output file, .npy, .npz or .csv")
     score.add_argument("--device", default="auto", help=DEVICE_HELP)
     score.add_argument("--backend", choices=BACKENDS, default=None,
                        help="run on this backend instead of the saved one (e.g. auto, to "

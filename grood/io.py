@@ -101,13 +101,20 @@ def _torch_load(path: Path) -> Any:
 
 
 def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
-                flags: np.ndarray | None = None) -> None:
-    """Write scores to ``.npy`` (scores only) or ``.csv`` (``index,score,pred`` rows, and
-    ``ood`` (1 = flagged) when ``flags`` are given)."""
+                flags: np.ndarray | None = None, threshold: float | None = None) -> None:
+    """Write scores to ``.npy`` (scores only), ``.npz`` (arrays ``score``, ``pred``, and
+    ``ood`` (bool) and ``threshold`` when ``flags`` are given) or ``.csv``
+    (``index,score,pred`` rows, and ``ood`` (1 = flagged) when ``flags`` are given)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
             np.save(f, scores)
+    elif path.suffix.lower() == ".npz":
+        arrays = {"score": scores, "pred": preds}
+        if flags is not None:
+            arrays.update(ood=flags, threshold=np.float64(threshold))
+        with open(path, "wb") as f:  # through a file, as above
+            np.savez(f, **arrays)
     elif path.suffix.lower() == ".csv":
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -115,4 +122,5 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
             for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
                 writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else []))
     else:
-        raise ValueError(f"{path}: scores are written as .npy or .csv, not {path.suffix!r}")
+        raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
+                         f"{path.suffix!r}")

@@ -84,6 +84,11 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.npy")]) == 0
     expected = GROOD.load(det_path).score_samples(x[60:].numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), expected)
+    assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as out:  # no threshold: scores and classes
+        assert set(out.files) == {"score", "pred"}
+        np.testing.assert_array_equal(out["score"], expected)
+        np.testing.assert_array_equal(out["pred"], GROOD.load(det_path).predict(x[60:].numpy()))
     assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.csv")]) == 0
     rows = (tmp_path / "s.csv").read_text().splitlines()
     assert rows[0] == "index,score,pred" and len(rows) == 31
@@ -405,7 +410,7 @@ def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(GROOD, "score_and_predict", no_scoring)
         assert main(["score", str(det), str(test), "-o", str(tmp_path / "s.txt")]) == 2
-    assert "scores are written as .npy or .csv" in capsys.readouterr().err
+    assert "scores are written as .npy or .npz or .csv" in capsys.readouterr().err
     assert main(["score", str(det), str(test), "-o", str(tmp_path / "S.NPY")]) == 0
     assert np.load(tmp_path / "S.NPY").shape == (20,)
     assert not (tmp_path / "S.NPY.npy").exists()
@@ -530,6 +535,12 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
     assert rows[0] == ["index", "score", "pred", "ood"]
     flags = expected.is_ood(x[130:].numpy())
     assert [int(r[3]) for r in rows[1:]] == flags.astype(int).tolist()
+    assert main(["score", str(det_path), str(tmp_path / "test.npy"), "-o",
+                 str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as out:  # the flags and the threshold they came from
+        assert out["ood"].dtype == bool and np.array_equal(out["ood"], flags)
+        assert float(out["threshold"]) == expected.threshold_
+        np.testing.assert_array_equal(out["score"], expected.score_samples(x[130:].numpy()))
 
     assert main(["eval", str(det_path), "--id", str(tmp_path / "test.npy"), "--ood",
                  str(tmp_path / "ood.npy"), "--json", str(tmp_path / "m.json")]) == 0
