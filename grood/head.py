@@ -129,10 +129,13 @@ class GROODHead(nn.Module):
             if threshold is not None:  # is_ood: score below it; float64 holds it as chosen
                 self.register_buffer("threshold", torch.tensor(
                     threshold, dtype=torch.float64, device=class_prototypes.device))
+                # The k it was chosen at, saved with it: a state's threshold of another k is
+                # refused on load (the forward reads none of it).
+                self.register_buffer("threshold_k", torch.tensor(k, dtype=torch.int64))
             else:
                 self.threshold = None
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
-        self.threshold_k = k  # the k its threshold was chosen at
+        self._threshold_k = k  # the same, read by the forward without a host read
 
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
@@ -178,6 +181,7 @@ class GROODHead(nn.Module):
                 _check_derived(state)
                 if "threshold" in state:
                     _check_threshold(state["threshold"])
+                    _check_threshold_k(state.get("threshold_k"), self._threshold_k)
             except ValueError as exc:
                 error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
                                   "state, saved and loaded together)")
@@ -203,9 +207,9 @@ class GROODHead(nn.Module):
         if not 1 <= self.k <= self.index_vectors.shape[0]:
             raise ValueError(f"k={self.k} but the index holds {self.index_vectors.shape[0]} "
                              "vectors (k must be at least 1 and at most that)")
-        if self.threshold is not None and self.k != self.threshold_k:
+        if self.threshold is not None and self.k != self._threshold_k:
             raise ValueError(f"the head's threshold was chosen on scores at "
-                             f"k={self.threshold_k}, and k is now {self.k}: set k back, or "
+                             f"k={self._threshold_k}, and k is now {self.k}: set k back, or "
                              "calibrate the detector at this k and make a new head")
         d = self.class_prototypes.shape[1]
         if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
@@ -293,6 +297,18 @@ def _check_threshold(threshold: float | Tensor) -> float:
         raise ValueError(f"threshold must be one finite real number (a calibrated "
                          f"det.threshold_), got {threshold!r}")
     return value
+
+
+def _check_threshold_k(saved: Tensor | None, k: int) -> None:
+    """A state's threshold was chosen at the head's own ``k`` (scores at another k are other
+    numbers: its flags would be silently wrong)."""
+    if saved is None or saved.ndim != 0 or saved.is_floating_point() or saved.is_complex():
+        raise ValueError(f"threshold_k must be the k the threshold was chosen at (an integer), "
+                         f"got {saved!r}")
+    if int(saved) != k:
+        raise ValueError(f"the state's threshold was chosen on scores at k={int(saved)}; this "
+                         f"head scores at k={k}: make the head from a detector calibrated at "
+                         f"k={int(saved)}, or calibrate at k={k}")
 
 
 def _check_derived(state: dict) -> None:

@@ -411,6 +411,13 @@ def test_a_head_with_flags_gives_the_detectors_flags_and_keeps_its_threshold(tmp
                                            r"nothing was loaded"):
         other.load_state_dict(state)
     assert not bool(other(test)[2].any())  # as it was
+    assert int(head.state_dict()["threshold_k"]) == 3
+    det.k = 1  # the same buffers, a threshold chosen on k=1 scores
+    at_1 = det.calibrate(val, tpr=0.9).as_module(flags=True)
+    with pytest.raises(RuntimeError, match=r"the state's threshold was chosen on scores at "
+                                           r"k=3; this head scores at k=1"):
+        at_1.load_state_dict(head.state_dict())
+    assert float(at_1.threshold) == det.threshold_  # refused whole
 
 
 def test_a_head_with_flags_needs_a_threshold_for_its_search(fitted, cnn):
