@@ -243,7 +243,6 @@ def hot_loop(sass: str) -> dict | None:
         if k_loops:
             outer = [lp for lp in loops if lp not in k_loops and any(
                 lp[0] <= k[0] and k[1] <= lp[1] for k in k_loops)]
-
             in_outer = {op: sum(1 for a, o, _ in code if o == op
                                 and any(lp[0] <= a <= lp[1] for lp in outer))
                         for op in ("LDL", "STL")}

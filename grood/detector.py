@@ -267,6 +267,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
         self._sharded = bool(self.distributed)
         self.device_ = fitted.device
         self.dtype_ = fitted.class_prototypes.dtype
+        self.__dict__.pop("_told_elsewhere", None)  # a note about another device's state
         if fitted.extractor is not None:
             self.extractor_ = fitted.extractor
         elif hasattr(self, "extractor_"):  # refitted from arrays: the old layer no longer holds

@@ -181,7 +181,7 @@ class GROODHead(nn.Module):
                 _check_derived(state)
                 if "threshold" in state:
                     _check_threshold(state["threshold"])
-                    _check_threshold_k(state.get("threshold_k"), self._threshold_k)
+                    _check_threshold_k(state["threshold_k"], self._threshold_k)
             except ValueError as exc:
                 error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
                                   "state, saved and loaded together)")
@@ -288,27 +288,24 @@ def _check_threshold(threshold: float | Tensor) -> float:
     state)."""
     if isinstance(threshold, Tensor):
         ok = threshold.ndim == 0 and threshold.is_floating_point()
-        value = float(threshold) if ok else None
     else:
         ok = isinstance(threshold, (int, float, np.floating, np.integer)) and not isinstance(
             threshold, (bool, np.bool_))
-        value = float(threshold) if ok else None
+    value = float(threshold) if ok else None
     if value is None or not np.isfinite(value):
         raise ValueError(f"threshold must be one finite real number (a calibrated "
                          f"det.threshold_), got {threshold!r}")
     return value
 
 
-def _check_threshold_k(saved: Tensor | None, k: int) -> None:
+def _check_threshold_k(saved: Tensor, k: int) -> None:
     """A state's threshold was chosen at the head's own ``k`` (scores at another k are other
-    numbers: its flags would be silently wrong)."""
-    if saved is None or saved.ndim != 0 or saved.is_floating_point() or saved.is_complex():
-        raise ValueError(f"threshold_k must be the k the threshold was chosen at (an integer), "
-                         f"got {saved!r}")
-    if int(saved) != k:
-        raise ValueError(f"the state's threshold was chosen on scores at k={int(saved)}; this "
-                         f"head scores at k={k}: make the head from a detector calibrated at "
-                         f"k={int(saved)}, or calibrate at k={k}")
+    numbers: its flags would be silently wrong). ``saved``: the state's 0-d ``threshold_k``
+    (its shape already checked against the head's)."""
+    if saved.is_floating_point() or saved.is_complex() or int(saved) != k:
+        raise ValueError(f"the state's threshold was chosen on scores at k={saved.item()}; "
+                         f"this head scores at k={k}: make the head from a detector calibrated "
+                         f"at k={saved.item()}, or calibrate at k={k}")
 
 
 def _check_derived(state: dict) -> None:

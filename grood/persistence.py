@@ -424,7 +424,7 @@ def move(det: Any, dev: torch.device) -> None:
     install(det, state, tensors, dev, source=det.ood_source_,
             hint=f"The detector's backend is {det.backend!r}; to move it to {dev}, set "
                  "det.backend = 'auto' (or 'torch') first")
-    det.__dict__.pop("_told_elsewhere", None)  # a note about the old device
+
 
 def read_file(path: Path, *, shard: tuple[int, int] | None = None,
               into: dict[str, Tensor] | None = None
