@@ -47,6 +47,9 @@ class FittedState:
     train_accuracy: float
     shard_sizes: list[int] | None = None  # every rank's index size; None: [index.ntotal]
     extractor: dict[str, Any] | None = None  # fit_model's feature settings
+    # The training-row number of each indexed gradient (int64 [index.ntotal], in index order;
+    # None: not known, see :func:`indexed_rows`).
+    indexed_rows: Tensor | None = None
 
 
 def training_arrays(features: Any, labels: Any, logits: Any
@@ -202,7 +205,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     # the end). Not the all-reduced count: a rank indexes only its own rows.
     index.reserve(int(right) if with_logits else n_local)
     index.expect_training_rows(n)
-    offset = 0
+    offset, kept = 0, []  # kept: each add_where call's mask
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
     for xb, yb, lb in passes("grood fit: gradient index"):
@@ -211,7 +214,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
         res = grads.resolved(xb, offset)
         offset += xb.shape[0]
         guess = res.pred if lb is None else lb.argmax(dim=1)
-        index.add_where(res.grad, yb == guess)
+        kept.append(yb == guess)
+        index.add_where(res.grad, kept[-1])
         if lb is not None:
             proto_right += (yb == res.pred).sum()
         known = (yb >= 0) & (yb < n_classes)
@@ -232,7 +236,30 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                          "classified correctly and indexed")
     if with_logits:
         check_logits_agree(total / n, by_prototype)
+    rows = indexed_rows(kept, index, n_local, det.distributed)
     if index.ntotal:
         index.trim()
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
-                       n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes), grads
+                       n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
+                       indexed_rows=rows), grads
+
+
+def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int,
+                 distributed: bool) -> Tensor | None:
+    """The training-row number of every gradient in ``index``, in index order (int64, where
+    the masks are), from the masks ``kept`` of its ``add_where`` calls. Rows are
+    numbered in the order fit read them; in a distributed fit, every rank's rows follow the
+    rows of the ranks before it (the order a manifest's shards are joined in). None where
+    the index holds other rows than the calls kept (a registered index that drops rows
+    without saying so in ``omitted_calls``)."""
+    offset = 0
+    if distributed:  # every rank joins, whatever it finds below
+        rank, _ = dist.rank_and_world()
+        offset = sum(dist.shard_sizes(n_local)[:rank])
+    keep = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+    if index.omitted_calls:
+        keep, ends = keep.clone(), [0, *torch.tensor([m.shape[0] for m in kept]).cumsum(0)]
+        for call in index.omitted_calls:
+            keep[ends[call]:ends[call + 1]] = False
+    rows = keep.nonzero().squeeze(1) + offset
+    return rows if rows.numel() == index.ntotal else None

@@ -46,11 +46,12 @@ from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import ExactIndex, check_index_options, index_class
 from grood.model import ModelFrontEnd
+from grood.neighbours import Neighbours
 from grood.persistence import Placement
 from grood.prototypes import OODPrototypeSource, resolve_source
 
 
-class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
+class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
     """Gradient-aware out-of-distribution detector (ElAraby et al., arXiv 2312.14427).
 
     Fitting builds class prototypes (mean training feature per class) and an OOD prototype,
@@ -96,6 +97,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
         train_accuracy_ (float): fraction of training samples classified correctly (by the
             given logits, or by the nearest class prototype), i.e. indexed.
         backend_ (dict): the backend used for each operation. device_, dtype_.
+        indexed_rows_ (Tensor): the training-row number of each indexed gradient, in index
+            order (see :meth:`kneighbors`); None for a detector loaded from a grood 0.1 file.
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 
@@ -257,6 +260,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
                                             fitted.backend["ncp_gradient"], self.precision)
         # Sizes of every rank's index shard, in rank order (one entry in one process).
         self.shard_sizes_ = list(fitted.shard_sizes or [fitted.index.ntotal])
+        self.indexed_rows_ = fitted.indexed_rows  # training row of each indexed gradient
         self.n_classes_, self.n_features_in_ = fitted.class_prototypes.shape
         self.n_train_ = fitted.n_train
         self.train_accuracy_ = fitted.train_accuracy
@@ -288,13 +292,17 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
         apply_score_time_params(self)
         return read_features(self, features, allow_empty)
 
-    def _passes(self, x: Tensor, *, with_scores: bool
-                ) -> Iterator[tuple[int, int, Tensor | None, Tensor]]:
-        """Yield ``(start, stop, scores, preds)`` for each batch of rows of ``x``."""
+    def _passes(self, x: Tensor, *, k: int | None, rows: bool = False
+                ) -> Iterator[tuple[int, int, tuple[Tensor, Tensor] | None, Tensor]]:
+        """Yield ``(start, stop, found, preds)`` for each batch of rows of ``x``: ``found`` is
+        the batch's k nearest indexed gradients ``(distances, ids)`` [B, k] (ids as training-row
+        numbers with ``rows``), None without ``k``."""
         n = x.shape[0]
         n_batches = -(-n // self.batch_size)
-        if self._sharded and with_scores:  # every rank joins every collective search
-            n_batches = sharded_batch_count(self, n_batches, x.dtype)
+        if self._sharded and k:  # every rank joins every collective search
+            n_batches = sharded_batch_count(self, n_batches, x.dtype, k, rows)
+        if rows and self.indexed_rows_ is None:
+            raise ValueError(UNNAMED_ROWS)
         with progress(total=n, desc="grood score", unit="rows", enabled=self.progress,
                       unit_scale=True) as bar:
             for b in range(n_batches):
@@ -302,16 +310,9 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
                 xb = x[r0:r1].to(self.device_)
                 check_finite_rows(xb, "features", row_offset=r0)
                 res = self._grads.resolved(xb, r0)
-                scores = None
-                if with_scores:
-                    dist_k = (dist.search_sharded(self.index_, res.grad, self.k,
-                                                  self.shard_sizes_, self.dtype_)
-                              if self._sharded else self.index_.search(res.grad, self.k)[0])
-                    check_found(dist_k, self.k, (r0, r1), self.index_)
-                    self._count_training_rows(dist_k)  # while calibrating
-                    scores = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
+                found = None if k is None else search(self, res.grad, k, (r0, r1), rows)
                 bar.update(r1 - r0)
-                yield r0, r1, scores, res.pred
+                yield r0, r1, found, res.pred
 
     def score_and_predict(self, features: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
         """``(scores [N], preds [N])`` of features [N, D] in one pass: scores higher for
@@ -326,8 +327,9 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
         out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
         scores = torch.empty(x.shape[0], dtype=out_dtype, device=self.device_)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
-        for r0, r1, s, p in self._passes(x, with_scores=True):
-            scores[r0:r1] = s
+        for r0, r1, (dist_k, _), p in self._passes(x, k=self.k):
+            self._count_training_rows(dist_k)  # while calibrating
+            scores[r0:r1] = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
             preds[r0:r1] = p
         return kind.wrap(scores), kind.wrap(preds)
 
@@ -340,7 +342,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
         """Nearest class prototype for each sample (int64), shape [N]."""
         x, kind = self._read(features)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
-        for r0, r1, _, p in self._passes(x, with_scores=False):
+        for r0, r1, _, p in self._passes(x, k=None):
             preds[r0:r1] = p
         return kind.wrap(preds)
 
@@ -369,15 +371,39 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Placement):
                                 backend=backend)
 
 
-def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype) -> int:
+#: Why ``kneighbors`` cannot name a detector's neighbours.
+UNNAMED_ROWS = ("this detector does not know which training rows its indexed gradients come "
+                "from (a file saved by grood 0.1, or an index that drops rows it was given): "
+                "refit it to name neighbours")
+
+
+def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype, k: int,
+                        rows: bool) -> int:
     """The most batches any rank of a sharded detector scores (every rank joins every search),
-    after checking the ranks search alike (k, the queries' dtype), in one exchange: ranks that
-    differ would exchange lists of other shapes, which aborts in gloo and hangs in NCCL."""
+    after checking the ranks search alike (k, the queries' dtype, neighbours named by training
+    row), in one exchange: ranks that differ would exchange lists of other shapes, which aborts
+    in gloo and hangs in NCCL."""
     out_dtype = torch.promote_types(det.dtype_, compute_dtype(dtype))
-    views = dist.gather_json({"k": det.k, "feature dtype": str(out_dtype).removeprefix("torch."),
+    views = dist.gather_json({"k": k, "feature dtype": str(out_dtype).removeprefix("torch."),
+                              "rows named": rows and det.indexed_rows_ is not None,
                               "batches": n_batches})
-    dist.check_agree(views, ("k", "feature dtype"), "score")
+    dist.check_agree(views, ("k", "feature dtype", "rows named"), "score")
     return max(view["batches"] for view in views)
+
+
+def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool
+           ) -> tuple[Tensor, Tensor]:
+    """The k nearest indexed gradients of a batch's ``grads`` over every shard: ``(distances,
+    ids)`` [B, k], ids as training-row numbers with ``rows``; checked by :func:`check_found`."""
+    named = det.indexed_rows_ if rows else None
+    if det._sharded:
+        d, i = dist.search_sharded(det.index_, grads, k, det.shard_sizes_, det.dtype_, named)
+    else:
+        d, i = det.index_.search(grads, k)
+    check_found(d, k, batch, det.index_)
+    if named is not None and not det._sharded:
+        i = dist.row_numbers(i, named, det.index_)
+    return d, i
 
 
 def check_found(dist_k: Tensor, k: int, rows: tuple[int, int], index: Any) -> None:

@@ -112,9 +112,12 @@ def shard_sizes(ntotal: int) -> list[int]:
     return [int(t) for t in all_gather_rows(torch.tensor([ntotal]))]
 
 
-def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype) -> Tensor:
-    """Distances [Q, k] from this rank's query ``grads`` to their k nearest over every rank's
-    index shard (``sizes``: every rank's shard size, in rank order).
+def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype,
+                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(distances, ids)`` [Q, k] from this rank's query ``grads`` to their k nearest over
+    every rank's index shard (``sizes``: every rank's shard size, in rank order): ids are
+    global index ids, or with ``rows`` (this rank's shard's training-row numbers, increasing
+    with the global ids) training-row numbers.
 
     The ranks' query blocks travel round a ring, each with the k nearest (distance, global id)
     found for it so far: at each of ``world`` steps a rank passes the block it holds on while
@@ -133,7 +136,7 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     offset = sum(sizes[:rank])
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     if world == 1:  # nothing to pass round (and no rank to send to but itself)
-        return _search_local(index, grads, k, offset, dtype)[0]
+        return _search_local(index, grads, k, offset, dtype, rows)
 
     def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int):
         """Post sends of ``send`` to the next rank and receives of ``recv`` from the previous
@@ -150,7 +153,7 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
         incoming = torch.empty((counts[coming], grads.shape[1]), dtype=grads.dtype, device=dev)
         pending = [] if last else exchange([block], counts[owner], [incoming], counts[coming])
         if block.shape[0]:
-            d, i = _search_local(index, block.to(grads.device), k, offset, dtype)
+            d, i = _search_local(index, block.to(grads.device), k, offset, dtype, rows)
             best_d, best_i = merge_topk([best_d, d.to(dev)], [best_i, i.to(dev)], k)
             # Contiguous, as sends need, and held here until the sends are done.
             best_d, best_i = best_d.contiguous(), best_i.contiguous()
@@ -160,16 +163,30 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
         for work in pending:
             work.wait()
         block, best_d, best_i = incoming, in_d, in_i
-    return best_d.to(grads.device)
+    return best_d.to(grads.device), best_i.to(grads.device)
 
 
-def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtype
-                  ) -> tuple[Tensor, Tensor]:
-    """This rank's shard's k nearest ``(distances in dtype, global ids)`` for ``queries``."""
+def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtype,
+                  rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """This rank's shard's k nearest ``(distances in dtype, global ids)`` for ``queries``;
+    with ``rows``, training-row numbers instead of ids."""
     if not index.ntotal:
         return _no_neighbours(queries.shape[0], k, dtype, queries.device)
     d, i = index.search(queries, k)
+    if rows is not None:
+        return d.to(dtype), row_numbers(i, rows, index)
     return d.to(dtype), torch.where(i >= 0, i + offset, i)
+
+
+def row_numbers(ids: Tensor, rows: Tensor, index) -> Tensor:
+    """Index ``ids`` [Q, k] (-1: none) as the training-row numbers ``rows`` of the index's
+    vectors (-1 kept); ids outside the index (a registered index's search) are refused."""
+    bad = (ids < -1) | (ids >= rows.numel())
+    if bool(bad.any()):
+        raise ValueError(f"the {index.kind} index returned id {int(ids[bad][0])}, outside its "
+                         f"{rows.numel()} vectors")
+    rows = rows.to(ids.device)
+    return torch.where(ids >= 0, rows[ids.clamp(min=0)], ids)
 
 
 def _no_neighbours(rows: int, k: int, dtype: torch.dtype, device: torch.device

@@ -59,6 +59,9 @@ class GradientIndex(ABC):
     #: checks that the k-th neighbour was found.
     approximate: ClassVar[bool] = False
     joinable: ClassVar[bool] = False
+    #: ``add`` / ``add_where`` calls (numbered from 0) whose rows the index left out on
+    #: purpose; a detector names its indexed training rows by the calls it made and this.
+    omitted_calls: tuple[int, ...] = ()
     dim: int
 
     @classmethod
@@ -642,7 +645,9 @@ class FaissIVFIndex(_FaissIndex):
             return
         if self.index is None:
             self._build()
-        if rows.shape[0] and not (call == t and self.omit_batch_t):
+        if call == t and self.omit_batch_t:
+            self.omitted_calls = (call,)
+        elif rows.shape[0]:
             self.index.add(rows)
 
     def trim(self) -> None:

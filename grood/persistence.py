@@ -35,9 +35,13 @@ from grood.prototypes import source_from_config
 _D = TypeVar("_D", bound="Placement")
 
 FILE_FORMAT = "grood.GROOD"
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2
+#: Versions this grood reads: version 1 files (grood 0.1) hold no ``indexed_rows``.
+READABLE_VERSIONS = (1, 2)
 SHARDED_FORMAT = "grood.GROOD.sharded"
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
+#: Tensors a file may hold besides those and ``index.*``.
+OPTIONAL_TENSORS = ("indexed_rows",)
 
 
 def _plain(value: Any) -> Any:
@@ -84,6 +88,8 @@ def detector_state(det: Any, *, host: bool = True
         "ood_prototype": det.ood_prototype_,
         **{f"index.{name}": t for name, t in det.index_.state_dict().items()},
     }
+    if getattr(det, "indexed_rows_", None) is not None:
+        tensors["indexed_rows"] = det.indexed_rows_
     return params, state, {n: (t.detach().cpu() if host else t.detach()).contiguous()
                            for n, t in tensors.items()}
 
@@ -246,9 +252,9 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
                   for s in manifest["shards"]]
     except (KeyError, TypeError) as exc:
         raise DetectorFileError(f"{path} is not a valid grood shard manifest: {exc}") from exc
-    if manifest.get("format_version") != FILE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}; "
-                                f"this grood reads version {FILE_FORMAT_VERSION}")
+                                f"this grood reads versions {READABLE_VERSIONS}")
     world = manifest.get("world_size")
     if not shards:
         raise DetectorFileError(f"{path} lists no shards")
@@ -305,7 +311,7 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
         raise wrong_rows(shards[0], first, sizes[0])
     joined[:sizes[0]] = first
     del first
-    offset = sizes[0]
+    offset, row_numbers = sizes[0], [tensors.pop("indexed_rows", None)]
     for r, shard in enumerate(shards[1:], start=1):
         rows = joined[offset:offset + sizes[r]]
         _, st, ts = read_file(shard, shard=(r, len(shards)), into={"index.vectors": rows})
@@ -319,8 +325,15 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
                                     "indexes, which cannot be joined in one process")
         if ts["index.vectors"] is not rows:  # read elsewhere: not the rows of its record
             raise wrong_rows(shard, ts["index.vectors"], sizes[r])
+        row_numbers.append(ts.get("indexed_rows"))
         offset += sizes[r]
     tensors["index.vectors"] = joined
+    if all(r is not None for r in row_numbers):  # each shard's own are checked, not all
+        tensors["indexed_rows"] = torch.cat(row_numbers)
+        if (any(r.numel() != n for r, n in zip(row_numbers, sizes, strict=True))
+                or not training_row_numbers(tensors["indexed_rows"], state["n_train"])):
+            raise DetectorFileError(f"{path}: the shards' indexed_rows do not number "
+                                    f"{sum(sizes)} training rows in rank order")
     return restore(cls, params, state, tensors, device, backend=backend)
 
 
@@ -377,7 +390,8 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
     det._set_fitted(FittedState(
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
-        shard_sizes=shard_sizes, extractor=state.get("extractor")))
+        shard_sizes=shard_sizes, extractor=state.get("extractor"),
+        indexed_rows=tensors["indexed_rows"].to(dev) if "indexed_rows" in tensors else None))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
 
@@ -464,13 +478,15 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     except ValueError:
         raise DetectorFileError(f"{path}: invalid format_version "
                                 f"{meta.get('format_version')!r}") from None
-    if version != FILE_FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise DetectorFileError(f"{path} has detector format version {version}; this grood reads "
-                                f"version {FILE_FORMAT_VERSION}")
+                                f"versions {READABLE_VERSIONS}")
+    optional = OPTIONAL_TENSORS if version >= 2 else ()
     if not names >= set(TENSOR_NAMES) or any(
-            n not in TENSOR_NAMES and not n.startswith("index.") for n in names):
+            n not in TENSOR_NAMES + optional and not n.startswith("index.") for n in names):
         raise DetectorFileError(f"{path} holds tensors {sorted(names)}, expected "
-                                f"{sorted(TENSOR_NAMES)} and index.*")
+                                f"{sorted(TENSOR_NAMES)}, index.* and (optionally) "
+                                f"{', '.join(optional) or 'nothing else'}")
     stored = meta.pop("digest", None)
     if stored != digest(tensors, meta):
         raise DetectorFileError(f"{path} is corrupt: its checksum does not match its contents")
@@ -485,6 +501,10 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
             or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
         raise DetectorFileError(f"{path} is inconsistent: tensor shapes do not match "
                                 f"{c} classes of dimension {d}")
+    rows = tensors.get("indexed_rows")
+    if rows is not None and not training_row_numbers(rows, state["n_train"]):
+        raise DetectorFileError(f"{path} is inconsistent: its indexed_rows are not increasing "
+                                f"training-row numbers below n_train={state['n_train']}")
     # Every rank's index size (one entry for a single-process detector); files without it
     # hold a whole index.
     shard_sizes = state.get("shard_sizes")
@@ -516,6 +536,15 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     return params, state, tensors
 
 
+def training_row_numbers(rows: Tensor, n_train: Any) -> bool:
+    """Whether ``rows`` can be a detector's ``indexed_rows``: int64 [n], strictly increasing,
+    in ``0 .. n_train - 1``."""
+    if rows.dtype != torch.int64 or rows.ndim != 1 or not isinstance(n_train, int):
+        return False
+    return not rows.numel() or bool(rows[0] >= 0 and rows[-1] < n_train
+                                    and (rows[1:] > rows[:-1]).all())
+
+
 def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | None = None,
               distributed: bool = False, backend: str | None = None) -> Any:
     """Read, check and build one detector file (see :func:`read_file`)."""
@@ -526,10 +555,12 @@ def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | Non
                   distributed=distributed, backend=backend)
     sizes = shard_sizes if shard_sizes is not None else [det.index_.ntotal]
     own = sizes[shard[0] if shard is not None else 0]
+    rows = det.indexed_rows_
     if det.index_.dim != state["n_features_in"] or sum(sizes) < params["k"] or (
-            det.index_.ntotal != own):
+            det.index_.ntotal != own) or (rows is not None and rows.numel() != own):
         raise DetectorFileError(f"{path} is inconsistent: its index holds {det.index_.ntotal} "
                                 f"vectors of dimension {det.index_.dim}"
+                                + ("" if rows is None else f" with {rows.numel()} row numbers")
                                 + (f" where rank {shard[0]}'s shard should hold {own}"
                                    if shard is not None else ""))
     return det

@@ -73,7 +73,8 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
                     "scores": scores, "flipped": flipped, "sizes": det.shard_sizes_,
                     "acc": det.train_accuracy_, "pred": det.predict(test),
                     "reserved": reserved, "local_rows": part(x).shape[0],
-                    "gathered": gathered, "warned": [str(w.message) for w in caught]},
+                    "gathered": gathered, "warned": [str(w.message) for w in caught],
+                    "neighbours": det.kneighbors(rows, 2)},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
     finally:
@@ -113,6 +114,12 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     scores = torch.cat([r["scores"] for r in results])
     n_scored = scores.shape[0]
     assert torch.equal(scores, single.score_samples(test)[:n_scored])
+    # Neighbours are named by training row over every shard (rank 0's rows first), as in
+    # one process.
+    want = single.kneighbors(test[:n_scored], 2)
+    for got, ref in zip(zip(*[r["neighbours"] for r in results], strict=True), want,
+                        strict=True):
+        assert torch.equal(torch.cat(got), ref)
     with pytest.warns(UserWarning, match="equal indexed training rows") as caught:
         single.calibrate(torch.cat([test[:n_scored], x]), tpr=0.8)
     assert all(r["warned"] == [str(w.message) for w in caught] for r in results)
@@ -124,6 +131,7 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     joined = GROOD.load(tmp_path / "det.json")
     assert torch.equal(joined.index_.vectors, single.index_.vectors)
     assert torch.equal(joined.score_samples(test), single.score_samples(test))
+    assert torch.equal(joined.indexed_rows_, single.indexed_rows_)
     assert joined.calibration_ == single.calibration_
 
 

@@ -65,8 +65,13 @@ def reference_scores(net, train, val, test_x, omit_batch_t):
         if correct[i].shape[0]:
             index.add(correct[i])
     index.nprobe = 4
-    dist, _ = index.search(grads(_features(net, test_x)[0]).numpy(), 1)
-    return -torch.from_numpy(dist[:, 0]), index.ntotal
+    dist, ids = index.search(grads(_features(net, test_x)[0]).numpy(), 1)
+    # The training row of each indexed gradient, in the order the reference added them.
+    starts = [0, *torch.tensor([y.shape[0] for _, _, y in per_batch]).cumsum(0).tolist()]
+    rows = torch.cat([(lg.argmax(1) == y).nonzero().squeeze(1) + starts[i]
+                      for i, (_, lg, y) in enumerate(per_batch)
+                      if not (omit_batch_t and i == t)])
+    return -torch.from_numpy(dist[:, 0]), index.ntotal, rows[torch.from_numpy(ids[:, 0])]
 
 
 @pytest.mark.parametrize("omit", [False, True])
@@ -78,9 +83,12 @@ def test_reference_mode_reproduces_the_official_rules(omit):
     test_x = torch.cat([_images(40, 5)[0], _images(40, 6, ood=True)[0]])
     post = GROODPostprocessor(ood_prototype="val", reference=True, omit_batch_t=omit)
     post.setup(net, {"train": train}, {"val": val})
-    want, ntotal = reference_scores(net, train, val, test_x, omit)
+    want, ntotal, nearest = reference_scores(net, train, val, test_x, omit)
     _, conf = post.postprocess(net, test_x)
     assert post.detector.index_.ntotal == ntotal
+    # The neighbours are named by training row, the omitted batch's rows left out.
+    features = _features(net, test_x)[0]
+    assert torch.equal(post.detector.kneighbors(features)[1][:, 0], nearest)
     assert post.detector.index_.index.nlist == int(4 * math.sqrt(int(0.8 * len(train))))
     assert torch.equal(conf, want)
 

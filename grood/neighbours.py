@@ -1,0 +1,48 @@
+"""Which training samples a sample is nearest to in gradient space: ``GROOD.kneighbors``.
+
+A score is the distance to the k-th nearest indexed training gradient; :class:`Neighbours` (a
+part of :class:`grood.GROOD`) names those gradients by the training rows they were computed
+from, so a score can be checked against the training images behind it (an OOD sample scored
+as in-distribution, and the training sample it lies next to).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from grood._checks import ArrayLike, check_positive_int, compute_dtype
+
+
+class Neighbours:
+    """``kneighbors`` of a fitted detector."""
+
+    def kneighbors(self, features: ArrayLike, n_neighbors: int | None = None
+                   ) -> tuple[Any, Any]:
+        """The nearest indexed training gradients of each sample's gradient.
+
+        Returns ``(distances, rows)``, both [N, n_neighbors], nearest first: the squared L2
+        distances in gradient space (as the score uses them: ``score_samples`` is
+        ``-distances[:, k - 1]`` for ``n_neighbors >= k``; squared, as faiss gives them, where
+        scikit-learn's ``kneighbors`` gives plain distances) and the training-row numbers of
+        those gradients (int64): the position of the row among the rows ``fit`` read
+        (``fit``'s arrays, ``fit_batches``' batches or ``fit_model``'s loader, in order; in a
+        distributed fit, rank 0's rows, then rank 1's, ...). Only correctly classified
+        training rows are indexed (``indexed_rows_`` lists them); equal distances list the
+        lower row first. ``n_neighbors`` defaults to ``k``; numpy in, numpy out, else tensors
+        on the input's device. A detector loaded from a grood 0.1 file does not know its
+        rows and says so.
+        """
+        x, kind = self._read(features)
+        k = self.k if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+        indexed = sum(self.shard_sizes_)
+        if k > indexed:
+            raise ValueError(f"n_neighbors={k} but the index holds only {indexed} training "
+                             "gradients")
+        out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
+        dists = torch.empty((x.shape[0], k), dtype=out_dtype, device=self.device_)
+        rows = torch.empty((x.shape[0], k), dtype=torch.int64, device=self.device_)
+        for r0, r1, (d, i), _ in self._passes(x, k=k, rows=True):
+            dists[r0:r1], rows[r0:r1] = d, i
+        return kind.wrap(dists), kind.wrap(rows)
