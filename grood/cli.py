@@ -187,11 +187,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.calibration import current_threshold
     from grood.io import load_features, save_scores
+    from grood.neighbours import neighbours_and_predict
     from grood.persistence import save_target
 
     _require_files({"detector file": args.detector, "feature file": args.features})
     save_target(args.out, suffixes=(".npy", ".npz", ".csv"), what="scores",
                 inputs={"detector file": args.detector, "feature file": args.features})
+    if args.neighbours and args.out.lower().endswith(".npy"):
+        raise ValueError(f"{args.out}: .npy output holds the scores alone; write .npz or .csv "
+                         "to keep the neighbours (--neighbours)")
     rank, world = _init_distributed(args)
     det = GROOD.load(args.detector, device=args.device, distributed=args.distributed,
                      backend=args.backend)
@@ -200,19 +204,30 @@ def _cmd_score(args: argparse.Namespace) -> int:
     # A saved threshold, checked to hold for the detector's search (k, nprobe) as saved.
     threshold = current_threshold(det, required=False)
     data = load_features(args.features)
-    scores, preds = det.score_and_predict(_shard(data.features, rank, world))
+    features = _shard(data.features, rank, world)
+    neighbours = None
+    if args.neighbours:  # the scores come from the same search: -distance to the k-th
+        dists, rows, preds, _ = neighbours_and_predict(det, features,
+                                                       max(args.neighbours, det.k))
+        scores = 0.0 - dists[:, det.k - 1]
+        neighbours = (dists[:, :args.neighbours], rows[:, :args.neighbours])
+    else:
+        scores, preds = det.score_and_predict(features)
+    # As numpy arrays (the neighbours come as tensors on the detector's device).
+    results = [np.asarray(r.cpu() if hasattr(r, "cpu") else r)
+               for r in (scores, preds, *(neighbours or ()))]
     if world > 1:
         import torch
 
         from grood.distributed import all_gather_rows
 
-        scores = torch.cat(all_gather_rows(torch.as_tensor(np.asarray(scores))))
-        preds = torch.cat(all_gather_rows(torch.as_tensor(np.asarray(preds))))
+        results = [torch.cat(all_gather_rows(torch.from_numpy(r))).numpy() for r in results]
         if rank:
             return 0
-    scores, preds = np.asarray(scores), np.asarray(preds)
+    scores, preds, *rest = results
     flags = None if threshold is None else scores < threshold
-    save_scores(args.out, scores, preds, flags, threshold)
+    save_scores(args.out, scores, preds, flags, threshold,
+                neighbours=tuple(rest) if rest else None)
     flagged = "" if flags is None else (
         f"; {int(flags.sum())} ({100 * flags.mean():.2f} %) flagged as OOD, scoring below "
         f"the detector's threshold {threshold:.6g}")
@@ -439,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--backend", choices=BACKENDS, default=None,
                        help="run on this backend instead of the saved one (e.g. auto, to "
                             "score on a CPU a detector fitted with --backend triton)")
+    score.add_argument("--neighbours", type=positive_int_arg, default=0, metavar="N",
+                       help="also write each sample's N nearest training rows in gradient "
+                            "space and their squared distances (.npz arrays neighbour_row, "
+                            "neighbour_distance; .csv columns neighbour_row_1.. and "
+                            "neighbour_distance_1..); rows number the training rows in the "
+                            "order 'grood fit' read them")
     score.add_argument("--batch-size", type=positive_int_arg, default=None,
                        help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",

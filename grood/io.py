@@ -101,26 +101,39 @@ def _torch_load(path: Path) -> Any:
 
 
 def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
-                flags: np.ndarray | None = None, threshold: float | None = None) -> None:
+                flags: np.ndarray | None = None, threshold: float | None = None, *,
+                neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Write scores to ``.npy`` (scores only), ``.npz`` (arrays ``score``, ``pred``, and
-    ``ood`` (bool) and ``threshold`` when ``flags`` are given) or ``.csv``
-    (``index,score,pred`` rows, and ``ood`` (1 = flagged) when ``flags`` are given)."""
+    ``ood`` (bool) and ``threshold`` when ``flags`` are given, ``neighbour_distance`` and
+    ``neighbour_row`` [N, n] when ``neighbours`` (distances, training rows) are) or ``.csv``
+    (``index,score,pred`` rows, then ``ood`` (1 = flagged) when ``flags`` are given, then
+    ``neighbour_row_1..n`` and ``neighbour_distance_1..n``)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
+        if neighbours is not None:
+            raise ValueError(f"{path}: .npy holds the scores alone, not the neighbours")
         with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
             np.save(f, scores)
     elif path.suffix.lower() == ".npz":
         arrays = {"score": scores, "pred": preds}
         if flags is not None:
             arrays.update(ood=flags, threshold=np.float64(threshold))
+        if neighbours is not None:
+            arrays.update(neighbour_distance=neighbours[0], neighbour_row=neighbours[1])
         with open(path, "wb") as f:  # through a file, as above
             np.savez(f, **arrays)
     elif path.suffix.lower() == ".csv":
+        n = 0 if neighbours is None else neighbours[1].shape[1]
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else []))
+            writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else [])
+                            + [f"neighbour_row_{j + 1}" for j in range(n)]
+                            + [f"neighbour_distance_{j + 1}" for j in range(n)])
             for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
-                writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else []))
+                writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else [])
+                                + (neighbours[1][i].tolist() + [repr(v) for v in
+                                                                neighbours[0][i].tolist()]
+                                   if n else []))
     else:
         raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
                          f"{path.suffix!r}")

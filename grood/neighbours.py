@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from grood._checks import ArrayLike, check_positive_int, compute_dtype
 
@@ -34,15 +35,25 @@ class Neighbours:
         on the input's device. A detector loaded from a grood 0.1 file does not know its
         rows and says so.
         """
-        x, kind = self._read(features)
-        k = self.k if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
-        indexed = sum(self.shard_sizes_)
-        if k > indexed:
-            raise ValueError(f"n_neighbors={k} but the index holds only {indexed} training "
-                             "gradients")
-        out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
-        dists = torch.empty((x.shape[0], k), dtype=out_dtype, device=self.device_)
-        rows = torch.empty((x.shape[0], k), dtype=torch.int64, device=self.device_)
-        for r0, r1, (d, i), _ in self._passes(x, k=k, rows=True):
-            dists[r0:r1], rows[r0:r1] = d, i
+        dists, rows, _, kind = neighbours_and_predict(self, features, n_neighbors)
         return kind.wrap(dists), kind.wrap(rows)
+
+
+def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | None
+                           ) -> tuple[Tensor, Tensor, Tensor, Any]:
+    """One pass of :meth:`Neighbours.kneighbors` that also keeps the predictions: ``(distances,
+    rows, preds, kind)`` as tensors on the detector's device, ``kind`` what to return them as
+    (the scores are ``-distances[:, det.k - 1]`` where ``n_neighbors >= det.k``)."""
+    x, kind = det._read(features)
+    k = det.k if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+    indexed = sum(det.shard_sizes_)
+    if k > indexed:
+        raise ValueError(f"n_neighbors={k} but the index holds only {indexed} training "
+                         "gradients")
+    out_dtype = torch.promote_types(det.dtype_, compute_dtype(x.dtype))
+    dists = torch.empty((x.shape[0], k), dtype=out_dtype, device=det.device_)
+    rows = torch.empty((x.shape[0], k), dtype=torch.int64, device=det.device_)
+    preds = torch.empty(x.shape[0], dtype=torch.int64, device=det.device_)
+    for r0, r1, (d, i), p in det._passes(x, k=k, rows=True):
+        dists[r0:r1], rows[r0:r1], preds[r0:r1] = d, i, p
+    return dists, rows, preds, kind

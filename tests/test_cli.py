@@ -93,7 +93,28 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     rows = (tmp_path / "s.csv").read_text().splitlines()
     assert rows[0] == "index,score,pred" and len(rows) == 31
     assert float(rows[1].split(",")[1]) == pytest.approx(float(expected[0]))
+    # --neighbours: the nearest training rows beside the same scores (k = 2 > 1 neighbour).
+    dist, near = GROOD.load(det_path).kneighbors(x[60:].numpy(), 3)
+    for n in (1, 3):
+        assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "n.npz"),
+                     "--neighbours", str(n)]) == 0
+        with np.load(tmp_path / "n.npz") as out:
+            assert set(out.files) == {"score", "pred", "neighbour_distance", "neighbour_row"}
+            np.testing.assert_array_equal(out["score"], expected)
+            np.testing.assert_array_equal(out["neighbour_row"], near[:, :n])
+            np.testing.assert_array_equal(out["neighbour_distance"], dist[:, :n])
+    assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "n.csv"),
+                 "--neighbours", "2"]) == 0
+    rows = (tmp_path / "n.csv").read_text().splitlines()
+    assert rows[0] == ("index,score,pred,neighbour_row_1,neighbour_row_2,"
+                       "neighbour_distance_1,neighbour_distance_2")
+    first = rows[1].split(",")
+    assert [int(v) for v in first[3:5]] == near[0, :2].tolist()
+    assert [float(v) for v in first[5:]] == dist[0, :2].tolist()
     capsys.readouterr()
+    assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "n.npy"),
+                 "--neighbours", "2"]) == 2
+    assert "holds the scores alone" in capsys.readouterr().err
 
     assert main(["eval", str(det_path), "--id", str(test), "--ood", str(ood),
                  "--json", str(tmp_path / "m.json")]) == 0

@@ -232,7 +232,10 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     for cmd in (["fit", "--distributed", str(tmp_path / "train.npz"), "-o",
                  str(tmp_path / "sharded.json"), *calibrate],
                 ["score", "--distributed", str(tmp_path / "sharded.json"),
-                 str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npy")]):
+                 str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npy")],
+                ["score", "--distributed", str(tmp_path / "sharded.json"),
+                 str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npz"),
+                 "--neighbours", "2"]):
         out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
                              env=env)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -247,6 +250,12 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "sharded.npy"),
                                   np.load(tmp_path / "one.npy"))
+    # Neighbours over both shards, named by the training file's rows.
+    dist, near = GROOD.load(tmp_path / "one.safetensors").kneighbors(test.numpy(), 2)
+    with np.load(tmp_path / "sharded.npz") as out:
+        np.testing.assert_array_equal(out["score"], np.load(tmp_path / "one.npy"))
+        np.testing.assert_array_equal(out["neighbour_row"], near)
+        np.testing.assert_array_equal(out["neighbour_distance"], dist)
     np.testing.assert_allclose(np.load(tmp_path / "one.npy"),
                                GROOD().fit(x, y, logits=logits).score_samples(test.numpy()),
                                rtol=1e-6)
