@@ -27,7 +27,13 @@ from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood
 from grood._progress import progress
 from grood.errors import require
 from grood.extract import FeatureExtractor
-from grood.report import METRIC_LABELS, markdown_table, plot_histograms, plot_roc
+from grood.report import (
+    METRIC_LABELS,
+    markdown_table,
+    plot_histograms,
+    plot_neighbours,
+    plot_roc,
+)
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 
@@ -159,6 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             if set_name == id_name:
                 accuracy[method] = float((pred == y_test).float().mean())
         train_accuracy = det.train_accuracy_
+    explained = det  # the last source's (mean) detector, whose neighbours are drawn
 
     # Baselines on the same penultimate features and logits.
     extractor = FeatureExtractor(net, features="relu3", progress=False)
@@ -188,7 +195,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     plots = [plot_roc(scores, id_name, ood_names, cfg.out / "roc.png"),
-             plot_histograms(scores, cfg.out / "score_histograms.png")]
+             plot_histograms(scores, cfg.out / "score_histograms.png"),
+             plot_neighbours(extremes(explained, {n: (sets[n][0], feats[n][0]) for n in sets}),
+                             x_train[:, 0].numpy(), cfg.out / "neighbours.png",
+                             y_train.numpy())]
     summary = {
         "config": {"seed": cfg.seed, "epochs": cfg.epochs, "train_fraction": cfg.train_fraction,
                    "n_noise": cfg.n_noise, "n_noise_prototype": cfg.n_noise_prototype,
@@ -205,6 +215,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["table"] = table
     summary["plots"] = [str(p) for p in plots]
     return summary
+
+
+def extremes(det: GROOD, sets: dict[str, tuple[Tensor, Tensor]], n_neighbours: int = 3
+             ) -> list[dict]:
+    """For each set (images [N, 1, H, W], features [N, D]): its highest- and lowest-scoring
+    sample with its nearest training rows in gradient space (``det.kneighbors``), as
+    :func:`grood.report.plot_neighbours` draws them."""
+    out = []
+    for name, (images, features) in sets.items():
+        dists, rows = det.kneighbors(features, max(n_neighbours, det.k))
+        scores = 0.0 - dists[:, det.k - 1]
+        for which, i in (("highest", int(scores.argmax())), ("lowest", int(scores.argmin()))):
+            kind = name.split("(")[-1].rstrip(")") if "(" in name else name  # "near-OOD"
+            out.append({"image": images[i, 0].numpy(), "title": f"{kind}: {which} score",
+                        "score": float(scores[i]), "rows": rows[i, :n_neighbours].numpy(),
+                        "distances": dists[i, :n_neighbours].numpy()})
+    return out
 
 
 def _short(name: str) -> str:

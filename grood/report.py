@@ -1,4 +1,5 @@
-"""Tables and pictures of OOD results: a Markdown table, ROC curves, score histograms."""
+"""Tables and pictures of OOD results: a Markdown table, ROC curves, score histograms, samples
+beside their nearest training samples."""
 
 from __future__ import annotations
 
@@ -165,6 +166,60 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         ax.set_yscale("log")
         ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_neighbours(examples: Sequence[Mapping[str, object]], train_images: np.ndarray,
+                    path: str | os.PathLike, train_labels: np.ndarray | None = None) -> Path:
+    """Samples beside the training images nearest to them in gradient space, one row each.
+
+    Args:
+        examples: per row, a mapping with ``"image"`` (the sample, [H, W] or [H, W, 3]),
+            ``"title"`` (str), ``"score"`` (float), ``"rows"`` (training-row numbers, nearest
+            first, as :meth:`grood.GROOD.kneighbors` gives them) and ``"distances"`` (their
+            squared gradient distances); every row shows as many neighbours as it has.
+        train_images: the training images, indexed by those row numbers ([N, H, W] or
+            [N, H, W, 3]).
+        path: the PNG file to write.
+        train_labels: the training labels, written under each neighbour when given.
+    """
+    figure = figure_class()  # a missing extra is named before any check
+    if not examples:
+        raise ValueError("no examples to plot: examples is empty")
+    train_images = np.asarray(train_images)
+    n_cols = 1 + max(len(np.asarray(e["rows"])) for e in examples)
+    fig = figure(figsize=(1.7 * n_cols + 0.4, 1.8 * len(examples)))
+    axes = fig.subplots(len(examples), n_cols, squeeze=False)
+    for r, example in enumerate(examples):
+        rows = np.asarray(example["rows"]).reshape(-1)
+        dists = np.asarray(example["distances"], dtype=np.float64).reshape(-1)
+        if rows.shape != dists.shape or rows.size == 0:
+            raise ValueError(f"example {r}: rows and distances must be equal-length lists of "
+                             f"neighbours, got {rows.shape} and {dists.shape}")
+        if rows.min() < 0 or rows.max() >= len(train_images):
+            raise ValueError(f"example {r}: training row {int(rows.max())} is outside the "
+                             f"{len(train_images)} training images")
+        panels = [(example["image"], f"{example['title']}\nscore {example['score']:.3g}")]
+        for j, (row, dist) in enumerate(zip(rows.tolist(), dists.tolist(), strict=True)):
+            label = "" if train_labels is None else f", class {train_labels[row]}"
+            panels.append((train_images[row], f"{j + 1}: train #{row}{label}\nd² {dist:.3g}"))
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            image, title = panels[c]
+            ax.imshow(np.asarray(image), cmap="gray_r", interpolation="nearest")
+            ax.set_title(title, fontsize=7.5)
+            if c == 0:  # the sample itself, framed apart from its neighbours
+                for spine in ax.spines.values():
+                    spine.set(color="C3", lw=2)
+    fig.suptitle("nearest training samples in gradient space (d²: squared gradient "
+                 "distance; score = -d² of the k-th)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

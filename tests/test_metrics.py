@@ -134,6 +134,28 @@ def test_plots_write_pngs_and_name_scores_they_cannot_draw(tmp_path):
         plot_histograms({"big": {"id": np.array([2**60, 2**60 + 1])}}, tmp_path / "h.png")
 
 
+def test_neighbour_picture_draws_each_sample_beside_its_training_rows(tmp_path):
+    """One row per sample, as many neighbours as it has; rows outside the training images or
+    lists of unequal length are named, not drawn."""
+    pytest.importorskip("matplotlib")
+    from grood.report import plot_neighbours
+
+    rng = np.random.default_rng(1)
+    train = rng.random((20, 8, 8))
+    examples = [{"image": rng.random((8, 8)), "title": "near-OOD", "score": -0.5,
+                 "rows": np.array([3, 7, 1]), "distances": np.array([0.5, 0.6, 0.9])},
+                {"image": rng.random((8, 8)), "title": "ID", "score": -1e-20,
+                 "rows": [4], "distances": [1e-20]}]
+    path = plot_neighbours(examples, train, tmp_path / "n.png", train_labels=np.arange(20) % 3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="training row 20 is outside the 20 training images"):
+        plot_neighbours([{**examples[0], "rows": [20, 1, 2]}], train, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="equal-length lists"):
+        plot_neighbours([{**examples[0], "distances": [0.5]}], train, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="examples is empty"):
+        plot_neighbours([], train, tmp_path / "x.png")
+
+
 def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
     """Drawing a report does not switch the caller's backend (a notebook's inline display)
     nor open figures in pyplot's list."""
