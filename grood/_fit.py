@@ -236,7 +236,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                          "classified correctly and indexed")
     if with_logits:
         check_logits_agree(total / n, by_prototype)
-    rows = indexed_rows(kept, index, n_local, det.distributed)
+    rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
@@ -244,10 +244,10 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                        indexed_rows=rows), grads
 
 
-def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int,
-                 distributed: bool) -> Tensor | None:
-    """The training-row number of every gradient in ``index``, in index order (int64, where
-    the masks are), from the masks ``kept`` of its ``add_where`` calls. Rows are
+def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int, distributed: bool,
+                 device: torch.device) -> Tensor | None:
+    """The training-row number of every gradient in ``index``, in index order (int64, on
+    ``device``), from the masks ``kept`` of its ``add_where`` calls. Rows are
     numbered in the order fit read them; in a distributed fit, every rank's rows follow the
     rows of the ranks before it (the order a manifest's shards are joined in). None where
     the index holds other rows than the calls kept (a registered index that drops rows
@@ -256,7 +256,8 @@ def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int,
     if distributed:  # every rank joins, whatever it finds below
         rank, _ = dist.rank_and_world()
         offset = sum(dist.shard_sizes(n_local)[:rank])
-    keep = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+    keep = torch.cat(kept).to(device) if kept else torch.zeros(0, dtype=torch.bool,
+                                                               device=device)
     if index.omitted_calls:
         keep, ends = keep.clone(), [0, *torch.tensor([m.shape[0] for m in kept]).cumsum(0)]
         for call in index.omitted_calls:

@@ -702,6 +702,7 @@ def test_a_detector_moved_to_the_gpu_and_back_scores_as_before():
     det = GROOD().fit(x, y)
     det.calibrate(test[:15], tpr=0.9)
     scores, pred = det.score_and_predict(test)
+    near = det.kneighbors(test, 2)[1]
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
             det.to("cuda")
@@ -714,5 +715,8 @@ def test_a_detector_moved_to_the_gpu_and_back_scores_as_before():
         got, got_pred = det.score_and_predict(test.cuda())
     torch.testing.assert_close(got.cpu(), scores, rtol=1e-5, atol=1e-6)
     assert torch.equal(got_pred.cpu(), pred) and det.threshold_ == det.calibration_["threshold"]
+    assert det.indexed_rows_.is_cuda and torch.equal(det.kneighbors(test.cuda(), 2)[1].cpu(), near)
+    fitted_there = GROOD().fit(x.cuda(), y.cuda())  # rows recorded on the GPU
+    assert torch.equal(fitted_there.indexed_rows_.cpu(), det.indexed_rows_.cpu())
     det.to("cpu")
     assert torch.equal(det.score_samples(test), scores)
