@@ -10,7 +10,7 @@ memory holds one batch, the prototypes and the index, never the training feature
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -104,6 +104,27 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
     Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``.
     ``features`` defaults to the one used by :func:`fit_model`.
     """
+    return _stream(det, model, loader, det.score_and_predict, features=features,
+                   device=device, autocast=autocast)
+
+
+def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
+                     n_neighbors: int | None = None, *, features: str | None = None,
+                     device: str | torch.device | None = None,
+                     autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """:meth:`grood.GROOD.kneighbors` of a loader's samples, streamed through the model: CPU
+    tensors ``(distances [N, n], training rows [N, n])``; the training rows number the rows
+    of the loader :func:`fit_model` read, in its order."""
+    return _stream(det, model, loader, lambda f: det.kneighbors(f, n_neighbors),
+                   features=features, device=device, autocast=autocast)
+
+
+def _stream(det: GROOD, model: nn.Module, loader: Iterable,
+            fn: Callable[[Tensor], tuple[Tensor, Tensor]], *, features: str | None,
+            device: str | torch.device | None, autocast: torch.dtype | None
+            ) -> tuple[Tensor, Tensor]:
+    """``fn`` (features -> two tensors) over a loader's batches of ``features`` (by default
+    the layer :func:`fit_model` read), concatenated on the CPU."""
     from grood.extract import FeatureExtractor
 
     det._check_fitted()
@@ -113,19 +134,19 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
     elif fitted_on is not None and features != fitted_on:
         # Another layer of the same width would be scored against the wrong prototypes and
         # index without any error; a renamed module (a wrapped model) is legitimate.
-        warnings.warn(f"score_model reads features={features!r}, but the detector was fitted "
-                      f"on features={fitted_on!r}; scores are only meaningful for the same "
-                      "layer", UserWarning, stacklevel=3)
+        warnings.warn(f"the detector reads features={features!r} here, but was fitted on "
+                      f"features={fitted_on!r}; scores are only meaningful for the same "
+                      "layer", UserWarning, stacklevel=4)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)
-    scores, preds = [], []
+    first, second = [], []
     for out, _, _ in extractor.batches(loader, desc="grood score"):
-        s, p = det.score_and_predict(out.features)
-        scores.append(s.cpu())
-        preds.append(p.cpu())
-    if not scores:
+        a, b = fn(out.features)
+        first.append(a.cpu())
+        second.append(b.cpu())
+    if not first:
         raise ValueError("the loader yielded no batches")
-    return torch.cat(scores), torch.cat(preds)
+    return torch.cat(first), torch.cat(second)
 
 
 class ModelFrontEnd:
@@ -146,6 +167,15 @@ class ModelFrontEnd:
         """CPU ``(scores [N], preds [N])`` of a loader (:func:`grood.model.score_model`)."""
         return score_model(self, model, loader, features=features, device=device,
                            autocast=autocast)
+
+    def kneighbors_model(self, model: nn.Module, loader: Iterable,
+                         n_neighbors: int | None = None, *, features: str | None = None,
+                         device: str | torch.device | None = None,
+                         autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """CPU ``(distances, training rows)`` [N, n] of a loader's samples
+        (:func:`grood.model.kneighbors_model`)."""
+        return kneighbors_model(self, model, loader, n_neighbors, features=features,
+                                device=device, autocast=autocast)
 
     def predict_model(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> Tensor:
         """Nearest-prototype classes of a loader's samples (CPU tensor [N])."""

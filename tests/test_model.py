@@ -221,6 +221,13 @@ def test_fit_model_equals_fit_on_extracted_features(trained):
     torch.testing.assert_close(scores, ref.score_samples(FeatureExtractor(
         model, features="8")(test).features))
     assert torch.equal(preds, det.predict_model(model, [test]))
+    # Neighbours from the loader: training rows of the loader fit_model read, in its order.
+    dists, rows = det.kneighbors_model(model, DataLoader(TensorDataset(test), batch_size=7), 2)
+    assert torch.equal(det.indexed_rows_, ref.indexed_rows_)
+    ref_d, ref_r = ref.kneighbors(FeatureExtractor(model, features="8")(test).features, 2)
+    assert torch.equal(rows, ref_r) and dists.device.type == "cpu"
+    torch.testing.assert_close(dists, ref_d)
+    assert torch.equal(0.0 - dists[:, 0], scores)
     # Layer "7" (the Linear before the ReLU "8") has the same width: no shape error would
     # tell, so scoring another layer than the fitted one warns.
     with pytest.warns(UserWarning, match="fitted on features='8'"):
