@@ -98,7 +98,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             given logits, or by the nearest class prototype), i.e. indexed.
         backend_ (dict): the backend used for each operation. device_, dtype_.
         indexed_rows_ (Tensor): the training-row number of each indexed gradient, in index
-            order (see :meth:`kneighbors`); None for a detector loaded from a grood 0.1 file.
+            order (see :meth:`kneighbors`); None for one loaded from a version 1 file.
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 
@@ -373,8 +373,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
 #: Why ``kneighbors`` cannot name a detector's neighbours.
 UNNAMED_ROWS = ("this detector does not know which training rows its indexed gradients come "
-                "from (a file saved by grood 0.1, or an index that drops rows it was given): "
-                "refit it to name neighbours")
+                "from (a version 1 detector file, saved before rows were recorded, or an index "
+                "that drops rows it was given): refit it to name neighbours")
 
 
 def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype, k: int,

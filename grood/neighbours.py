@@ -32,8 +32,8 @@ class Neighbours:
         distributed fit, rank 0's rows, then rank 1's, ...). Only correctly classified
         training rows are indexed (``indexed_rows_`` lists them); equal distances list the
         lower row first. ``n_neighbors`` defaults to ``k``; numpy in, numpy out, else tensors
-        on the input's device. A detector loaded from a grood 0.1 file does not know its
-        rows and says so.
+        on the input's device. A detector loaded from a version 1 file (saved before
+        detectors recorded their indexed rows) does not know its rows and says so.
         """
         dists, rows, _, kind = neighbours_and_predict(self, features, n_neighbors)
         return kind.wrap(dists), kind.wrap(rows)

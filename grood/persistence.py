@@ -36,7 +36,7 @@ _D = TypeVar("_D", bound="Placement")
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 2
-#: Versions this grood reads: version 1 files (grood 0.1) hold no ``indexed_rows``.
+#: Versions this grood reads: version 1 files hold no ``indexed_rows``.
 READABLE_VERSIONS = (1, 2)
 SHARDED_FORMAT = "grood.GROOD.sharded"
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")

@@ -136,7 +136,7 @@ def _rewrite(path, edit):
     save_file(tensors, str(path), metadata=meta)
 
 
-def test_a_grood_0_1_file_loads_and_says_it_cannot_name_rows(tmp_path):
+def test_a_version_1_file_loads_and_says_it_cannot_name_rows(tmp_path):
     x, y, test = _data(seed=6)
     det = GROOD().fit(x, y)
     path = tmp_path / "old.safetensors"
