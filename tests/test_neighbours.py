@@ -243,3 +243,18 @@ def test_triton_backend_names_the_same_rows(precision):
     want_d, want_r = ref.kneighbors(test, 3)
     assert torch.equal(rows, want_r)
     torch.testing.assert_close(dist, want_d, rtol=1e-5, atol=1e-7)
+
+
+def test_a_file_written_before_rows_were_recorded_still_loads():
+    """tests/data/detector_v1.safetensors was saved by the version-1 writer (this repository
+    before indexed rows were recorded) from the data below: it loads, scores as a detector
+    fitted now, and cannot name neighbours."""
+    from pathlib import Path
+
+    x, y = clustered_features(64, 3, 6, seed=11, spread=0.6, dtype=torch.float32)
+    old = GROOD.load(Path(__file__).parent / "data" / "detector_v1.safetensors")
+    new = GROOD(k=2).fit(x, y)
+    assert old.indexed_rows_ is None and old.k == 2
+    assert torch.equal(old.score_samples(x), new.score_samples(x))
+    with pytest.raises(ValueError, match="version 1 detector file"):
+        old.kneighbors(x)
