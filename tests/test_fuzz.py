@@ -70,6 +70,15 @@ def test_detector_fit_and_score_are_finite_and_correct_or_refused(data, k):
     tol = 1e-9 if x.dtype == torch.float64 else 1e-4
     torch.testing.assert_close(scores.double(), ref_scores, rtol=tol, atol=tol)
     assert torch.equal(preds, ref_pred)
+    # The neighbours behind the scores: indexed training rows, the k-th at minus the score,
+    # each at the distance of its own gradient.
+    dists, rows = det.kneighbors(x, k)
+    assert torch.equal(0.0 - dists[:, k - 1], scores)
+    assert bool(torch.isin(rows, det.indexed_rows_).all())
+    assert bool((dists[:, 1:] >= dists[:, :-1]).all())
+    g = det._grads.resolved(x, 0).grad.double()
+    again = (g[:, None, :] - g[rows]).square().sum(-1)
+    torch.testing.assert_close(again, dists.double(), rtol=tol, atol=tol * float(again.max()))
 
 
 @FAST
