@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, Energy, KNN and Mahalanobis on "
                     "near-OOD (digits 6-9) and far-OOD (noise images). Prints a table and "
-                    "writes ROC curves and score histograms as PNG files.")
+                    "writes ROC curves, score histograms and each set's extreme-scoring images "
+                    "beside their nearest training images in gradient space as PNG files.")
     demo.add_argument("--out", default="grood-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--epochs", type=positive_int_arg, default=30,

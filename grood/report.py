@@ -76,7 +76,8 @@ def figure_class():
     """matplotlib's ``Figure``, a missing extra named. Figures are made from it directly, not
     through pyplot: drawing a report neither switches the caller's backend (a notebook's
     inline display keeps working) nor leaves figures open in pyplot's global list."""
-    require("matplotlib", extra="plots", purpose="plotting ROC curves and score histograms")
+    require("matplotlib", extra="plots", purpose="plotting ROC curves, score histograms and "
+            "neighbours")
     from matplotlib.figure import Figure
 
     return Figure
