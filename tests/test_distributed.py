@@ -77,6 +77,9 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
                     "neighbours": det.kneighbors(rows, 2)},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
+        # Loaded back as shards, the detector names the same neighbours.
+        loaded = GROOD.load(f"{tmp}/det.json", distributed=True)
+        torch.save(loaded.kneighbors(rows, 2), f"{tmp}/rank{rank}.loaded.pt")
     finally:
         tdist.destroy_process_group()
 
@@ -117,9 +120,10 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     # Neighbours are named by training row over every shard (rank 0's rows first), as in
     # one process.
     want = single.kneighbors(test[:n_scored], 2)
-    for got, ref in zip(zip(*[r["neighbours"] for r in results], strict=True), want,
-                        strict=True):
-        assert torch.equal(torch.cat(got), ref)
+    loaded = [torch.load(tmp_path / f"rank{r}.loaded.pt") for r in range(world)]
+    for found in ([r["neighbours"] for r in results], loaded):
+        for got, ref in zip(zip(*found, strict=True), want, strict=True):
+            assert torch.equal(torch.cat(got), ref)
     with pytest.warns(UserWarning, match="equal indexed training rows") as caught:
         single.calibrate(torch.cat([test[:n_scored], x]), tpr=0.8)
     assert all(r["warned"] == [str(w.message) for w in caught] for r in results)
