@@ -196,7 +196,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     plots = [plot_roc(scores, id_name, ood_names, cfg.out / "roc.png"),
              plot_histograms(scores, cfg.out / "score_histograms.png"),
-             plot_neighbours(extremes(explained, {n: (sets[n][0], feats[n][0]) for n in sets}),
+             plot_neighbours(extremes(explained, {n: (sets[n][0], feats[n][0]) for n in sets},
+                                      scores["GROOD (mean)"]),
                              x_train[:, 0].numpy(), cfg.out / "neighbours.png",
                              y_train.numpy())]
     summary = {
@@ -217,20 +218,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def extremes(det: GROOD, sets: dict[str, tuple[Tensor, Tensor]], n_neighbours: int = 3
-             ) -> list[dict]:
-    """For each set (images [N, 1, H, W], features [N, D]): its highest- and lowest-scoring
-    sample with its nearest training rows in gradient space (``det.kneighbors``), as
+def extremes(det: GROOD, sets: dict[str, tuple[Tensor, Tensor]],
+             scores: dict[str, np.ndarray], n_neighbours: int = 3) -> list[dict]:
+    """For each set (images [N, 1, H, W], features [N, D]; ``scores``: ``det``'s scores of
+    it): its highest- and lowest-scoring sample with its nearest training rows in gradient
+    space (``det.kneighbors`` of those two samples), as
     :func:`grood.report.plot_neighbours` draws them."""
     out = []
     for name, (images, features) in sets.items():
-        dists, rows = det.kneighbors(features, max(n_neighbours, det.k))
-        scores = 0.0 - dists[:, det.k - 1]
-        for which, i in (("highest", int(scores.argmax())), ("lowest", int(scores.argmin()))):
-            kind = name.split("(")[-1].rstrip(")") if "(" in name else name  # "near-OOD"
+        kind = name.split("(")[-1].rstrip(")") if "(" in name else name  # "near-OOD"
+        picked = [int(scores[name].argmax()), int(scores[name].argmin())]
+        dists, rows = det.kneighbors(features[picked], n_neighbours)
+        for j, (which, i) in enumerate(zip(("highest", "lowest"), picked, strict=True)):
             out.append({"image": images[i, 0].numpy(), "title": f"{kind}: {which} score",
-                        "score": float(scores[i]), "rows": rows[i, :n_neighbours].numpy(),
-                        "distances": dists[i, :n_neighbours].numpy()})
+                        "score": float(scores[name][i]), "rows": rows[j].numpy(),
+                        "distances": dists[j].numpy()})
     return out
 
 

@@ -46,7 +46,7 @@ from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import ExactIndex, check_index_options, index_class
 from grood.model import ModelFrontEnd
-from grood.neighbours import Neighbours
+from grood.neighbours import Neighbours, check_within_index, result_dtype, search_all
 from grood.persistence import Placement
 from grood.prototypes import OODPrototypeSource, resolve_source
 
@@ -323,15 +323,9 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
     def _score_and_predict(self, features: ArrayLike, allow_empty: bool = False
                            ) -> tuple[ArrayLike, ArrayLike]:
         x, kind = self._read(features, allow_empty)
-        # float64 features are scored in float64 (gradient step and exact search).
-        out_dtype = torch.promote_types(self.dtype_, compute_dtype(x.dtype))
-        scores = torch.empty(x.shape[0], dtype=out_dtype, device=self.device_)
-        preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
-        for r0, r1, (dist_k, _), p in self._passes(x, k=self.k):
-            self._count_training_rows(dist_k)  # while calibrating
-            scores[r0:r1] = 0.0 - dist_k[:, self.k - 1]  # 0.0 - x: no "-0.0" scores
-            preds[r0:r1] = p
-        return kind.wrap(scores), kind.wrap(preds)
+        dists, _, preds = search_all(self, x, self.k)
+        self._count_training_rows(dists)  # while calibrating
+        return kind.wrap(0.0 - dists[:, self.k - 1]), kind.wrap(preds)  # 0.0 - x: no "-0.0"
 
     def score_samples(self, features: ArrayLike) -> ArrayLike:
         """GROOD score per sample of features [N, D]: ``-||g(x) - g_k||^2``, higher = more
@@ -383,8 +377,8 @@ def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype, k: int,
     after checking the ranks search alike (k, the queries' dtype, neighbours named by training
     row), in one exchange: ranks that differ would exchange lists of other shapes, which aborts
     in gloo and hangs in NCCL."""
-    out_dtype = torch.promote_types(det.dtype_, compute_dtype(dtype))
-    views = dist.gather_json({"k": k, "feature dtype": str(out_dtype).removeprefix("torch."),
+    views = dist.gather_json({"k": k, "feature dtype": str(result_dtype(det, dtype))
+                                                       .removeprefix("torch."),
                               "rows named": rows and det.indexed_rows_ is not None,
                               "batches": n_batches})
     dist.check_agree(views, ("k", "feature dtype", "rows named"), "score")
@@ -472,10 +466,7 @@ def apply_score_time_params(det: GROOD) -> None:
     changed after fit or load: see the class) and bring its gradient step and index up to
     date with them."""
     check_score_time_params(det)
-    indexed = sum(det.shard_sizes_)
-    if det.k > indexed:  # the k-th neighbour would be missing: a -inf score
-        raise ValueError(f"k={det.k} but the index holds only {indexed} training gradients; "
-                         "lower k (or refit)")
+    check_within_index(det, det.k, "k")
     if det.precision != det._grads.precision:
         det._grads.precision = det.precision
         if isinstance(det.index_, ExactIndex):

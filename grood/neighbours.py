@@ -1,4 +1,5 @@
-"""Which training samples a sample is nearest to in gradient space: ``GROOD.kneighbors``.
+"""Which training samples a sample is nearest to in gradient space: ``GROOD.kneighbors``, and
+the search over every row that it and the scores share (:func:`search_all`).
 
 A score is the distance to the k-th nearest indexed training gradient; :class:`Neighbours` (a
 part of :class:`grood.GROOD`) names those gradients by the training rows they were computed
@@ -46,14 +47,37 @@ def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | Non
     (the scores are ``-distances[:, det.k - 1]`` where ``n_neighbors >= det.k``)."""
     x, kind = det._read(features)
     k = det.k if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
-    indexed = sum(det.shard_sizes_)
-    if k > indexed:
-        raise ValueError(f"n_neighbors={k} but the index holds only {indexed} training "
-                         "gradients")
-    out_dtype = torch.promote_types(det.dtype_, compute_dtype(x.dtype))
-    dists = torch.empty((x.shape[0], k), dtype=out_dtype, device=det.device_)
-    rows = torch.empty((x.shape[0], k), dtype=torch.int64, device=det.device_)
-    preds = torch.empty(x.shape[0], dtype=torch.int64, device=det.device_)
-    for r0, r1, (d, i), p in det._passes(x, k=k, rows=True):
-        dists[r0:r1], rows[r0:r1], preds[r0:r1] = d, i, p
+    check_within_index(det, k, "n_neighbors")
+    dists, rows, preds = search_all(det, x, k, rows=True)
     return dists, rows, preds, kind
+
+
+def result_dtype(det: Any, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scores and distances for features of ``dtype``: float64 features are
+    scored in float64 (gradient step and exact search)."""
+    return torch.promote_types(det.dtype_, compute_dtype(dtype))
+
+
+def check_within_index(det: Any, value: int, name: str) -> None:
+    """``value`` neighbours (``k`` or ``n_neighbors``) exist among every rank's indexed
+    gradients: a missing one would be a -inf score or an empty row."""
+    indexed = sum(det.shard_sizes_)
+    if value > indexed:
+        raise ValueError(f"{name}={value} but the index holds only {indexed} training "
+                         f"gradients; lower {name} (or refit)")
+
+
+def search_all(det: Any, x: Tensor, k: int, rows: bool = False
+               ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Every row of the checked features ``x``, batch by batch: ``(distances [N, k], ids
+    [N, k] as training-row numbers with ``rows`` (None without), preds [N])`` of its k nearest
+    indexed gradients, on the detector's device."""
+    n = x.shape[0]
+    dists = torch.empty((n, k), dtype=result_dtype(det, x.dtype), device=det.device_)
+    ids = torch.empty((n, k), dtype=torch.int64, device=det.device_) if rows else None
+    preds = torch.empty(n, dtype=torch.int64, device=det.device_)
+    for r0, r1, (d, i), p in det._passes(x, k=k, rows=rows):
+        dists[r0:r1], preds[r0:r1] = d, p
+        if ids is not None:
+            ids[r0:r1] = i
+    return dists, ids, preds

@@ -88,7 +88,7 @@ def detector_state(det: Any, *, host: bool = True
         "ood_prototype": det.ood_prototype_,
         **{f"index.{name}": t for name, t in det.index_.state_dict().items()},
     }
-    if getattr(det, "indexed_rows_", None) is not None:
+    if det.indexed_rows_ is not None:
         tensors["indexed_rows"] = det.indexed_rows_
     return params, state, {n: (t.detach().cpu() if host else t.detach()).contiguous()
                            for n, t in tensors.items()}
@@ -328,7 +328,7 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
         row_numbers.append(ts.get("indexed_rows"))
         offset += sizes[r]
     tensors["index.vectors"] = joined
-    if all(r is not None for r in row_numbers):  # each shard's own are checked, not all
+    if all(r is not None for r in row_numbers):  # read_file checked each shard's alone
         tensors["indexed_rows"] = torch.cat(row_numbers)
         if (any(r.numel() != n for r, n in zip(row_numbers, sizes, strict=True))
                 or not training_row_numbers(tensors["indexed_rows"], state["n_train"])):
