@@ -18,6 +18,7 @@ from grood.errors import (
     DetectorFileError,
     MissingExtraError,
     NotFittedError,
+    RankFailedError,
 )
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_at_tpr
@@ -40,6 +41,7 @@ __all__ = [
     "NotFittedError",
     "OODPrototypeSource",
     "PrototypeContext",
+    "RankFailedError",
     "UniformNoise",
     "__version__",
     "ood_metrics",

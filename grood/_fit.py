@@ -70,6 +70,12 @@ def training_arrays(features: Any, labels: Any, logits: Any
     return x, y, lg
 
 
+def distributing(det: Any) -> bool:
+    """Whether ``det`` fits with other ranks (asked to, and a process group exists; without
+    one, its parameter check says so)."""
+    return bool(det.distributed) and dist.is_initialized()
+
+
 def check_ranks_agree(det: Any, source: OODPrototypeSource, features: Tensor,
                       logits: Tensor | None, n_classes: int | None = None) -> None:
     """In a distributed fit, refuse ranks whose settings or feature layout differ (the
@@ -161,20 +167,22 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     backend = ops.resolve_backends(det.backend, device, dtype)
     state, n, with_logits = None, 0, None
     right = torch.zeros((), dtype=torch.int64, device=device)  # rows the logits get right
-    for xb, yb, lb in passes("grood fit: class prototypes"):
-        if n_classes is None:
-            if lb is None:
-                raise ValueError("the number of classes is unknown: the model gave no "
-                                 "logits")
-            n_classes = lb.shape[1]
-        with_logits = lb is not None if with_logits is None else with_logits
-        check_batch(xb, yb, lb, d, n_classes, n, with_logits)
-        state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
-        if lb is not None:
-            right += (lb.argmax(dim=1) == yb).sum()
-        n += xb.shape[0]
-    if state is None:
-        raise ValueError("the training data is empty")
+    # Each pass is rank-local work: a rank that fails in it stops every rank.
+    with dist.together(det.distributed, "reading its training batches (class prototypes)"):
+        for xb, yb, lb in passes("grood fit: class prototypes"):
+            if n_classes is None:
+                if lb is None:
+                    raise ValueError("the number of classes is unknown: the model gave no "
+                                     "logits")
+                n_classes = lb.shape[1]
+            with_logits = lb is not None if with_logits is None else with_logits
+            check_batch(xb, yb, lb, d, n_classes, n, with_logits)
+            state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
+            if lb is not None:
+                right += (lb.argmax(dim=1) == yb).sum()
+            n += xb.shape[0]
+        if state is None:
+            raise ValueError("the training data is empty")
     n_local, counts_local = n, state.counts.clone()  # to compare the second pass with
     reduce = dist.all_reduce if det.distributed else (lambda t: t)
     if det.distributed:
@@ -190,7 +198,9 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                 if with_logits else "class ids must run from 0 without gaps: renumber the "
                 "labels (e.g. np.unique(labels, return_inverse=True)[1])")
         raise ValueError(f"{exc}; {hint}") from None
-    p_ood = source.build(PrototypeContext(protos, inputs, det.batch_size, reduce))
+    p_ood = source.build(PrototypeContext(
+        protos, inputs, det.batch_size, reduce,
+        together=lambda what: dist.together(det.distributed, what)))
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                          f"shape [{d}]")
@@ -208,19 +218,21 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     offset, kept = 0, []  # kept: each add_where call's mask
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
-    for xb, yb, lb in passes("grood fit: gradient index"):
-        if (lb is not None) != with_logits:  # the first pass checked everything else
-            check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
-        res = grads.resolved(xb, offset)
-        offset += xb.shape[0]
-        guess = res.pred if lb is None else lb.argmax(dim=1)
-        kept.append(yb == guess)
-        index.add_where(res.grad, kept[-1])
-        if lb is not None:
-            proto_right += (yb == res.pred).sum()
-        known = (yb >= 0) & (yb < n_classes)
-        seen += torch.bincount(torch.where(known, yb.long() + 1, 0), minlength=n_classes + 1)
-    check_same_passes(n_local, counts_local, offset, seen)
+    with dist.together(det.distributed, "reading its training batches (gradient index)"):
+        for xb, yb, lb in passes("grood fit: gradient index"):
+            if (lb is not None) != with_logits:  # the first pass checked everything else
+                check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
+            res = grads.resolved(xb, offset)
+            offset += xb.shape[0]
+            guess = res.pred if lb is None else lb.argmax(dim=1)
+            kept.append(yb == guess)
+            index.add_where(res.grad, kept[-1])
+            if lb is not None:
+                proto_right += (yb == res.pred).sum()
+            known = (yb >= 0) & (yb < n_classes)
+            seen += torch.bincount(torch.where(known, yb.long() + 1, 0),
+                                   minlength=n_classes + 1)
+        check_same_passes(n_local, counts_local, offset, seen)
     shard_sizes = dist.shard_sizes(index.ntotal) if det.distributed else [index.ntotal]
     total = sum(shard_sizes)
     # With logits: how many rows their nearest prototype gets right, to compare.

@@ -35,6 +35,7 @@ from grood._fit import (
     check_inputs,
     check_ranks_agree,
     class_count,
+    distributing,
     fit_passes,
     training_arrays,
 )
@@ -44,7 +45,7 @@ from grood._progress import progress
 from grood.calibration import Calibration
 from grood.errors import NotFittedError
 from grood.functional import check_precision
-from grood.index import ExactIndex, check_index_options, index_class
+from grood.index import ExactIndex, check_index_options, check_search_result, index_class
 from grood.model import ModelFrontEnd
 from grood.neighbours import Neighbours, check_within_index, result_dtype, search_all
 from grood.persistence import Placement
@@ -153,14 +154,14 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         Returns:
             GROOD: ``self``.
         """
-        source = self._check_params()
-        x, y, lg = training_arrays(features, labels, logits)
+        with dist.together(distributing(self), "reading its training arrays"):
+            source, (x, y, lg) = self._check_params(), training_arrays(features, labels, logits)
+            inputs = {} if ood_features is None else {"ood_features": ood_features}
+            check_inputs(source, inputs, "fit()")
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
         check_ranks_agree(self, source, x, lg)
         if n_classes is None:
             n_classes = class_count(int(y.max()) + 1, n, self.distributed)
-        inputs = {} if ood_features is None else {"ood_features": ood_features}
-        check_inputs(source, inputs, "fit()")
         device = torch.device(self.device) if self.device is not None else x.device
 
         def passes(desc: str):
@@ -207,17 +208,19 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                     bar: bool = True) -> GROOD:
         """:meth:`fit_batches` with the sources' ``inputs``; ``extractor`` is kept with the
         fitted state; ``bar=False`` when the batches report their own progress."""
-        check_reiterable(batches, "batches")
-        source = self._check_params()
-        check_inputs(source, inputs, where)
-        first = peek_batch(batches)
+        with dist.together(distributing(self), "reading its first training batch"):
+            check_reiterable(batches, "batches")
+            source = self._check_params()
+            check_inputs(source, inputs, where)
+            first = peek_batch(batches)
         d = first[0].shape[1]
         check_ranks_agree(self, source, first[0], first[2], n_classes)
         device = torch.device(self.device) if self.device is not None else first[0].device
         if n_classes is not None:
             n_classes = check_positive_int(n_classes, "n_classes")
         elif first[2] is None:  # one pass to count the classes
-            counts = [label_count(yb) for _, yb, _ in iter_batches(batches, "first pass")]
+            with dist.together(self.distributed, "counting the classes of its batches"):
+                counts = [label_count(yb) for _, yb, _ in iter_batches(batches, "first pass")]
             n_classes = class_count(max(c for c, _ in counts), sum(r for _, r in counts),
                                     self.distributed)
 
@@ -286,11 +289,15 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
                                  "GROOD.load() first")
 
-    def _read(self, features: Any, allow_empty: bool = False) -> tuple[Tensor, Any]:
-        """Check the detector is fitted and ``features`` fits it; returns (tensor, kind)."""
+    def _read(self, features: Any, allow_empty: bool = False, *, search: bool = False
+              ) -> tuple[Tensor, Any]:
+        """Check the detector is fitted and ``features`` fits it; returns (tensor, kind).
+        ``search``: the features will be searched, which a sharded detector does with every
+        rank, so a rank whose features are refused stops every rank."""
         self._check_fitted()
-        apply_score_time_params(self)
-        return read_features(self, features, allow_empty)
+        with dist.together(search and self._sharded, "reading its features"):
+            apply_score_time_params(self)
+            return read_features(self, features, allow_empty)
 
     def _passes(self, x: Tensor, *, k: int | None, rows: bool = False
                 ) -> Iterator[tuple[int, int, tuple[Tensor, Tensor] | None, Tensor]]:
@@ -307,9 +314,11 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                       unit_scale=True) as bar:
             for b in range(n_batches):
                 r0, r1 = min(b * self.batch_size, n), min((b + 1) * self.batch_size, n)
-                xb = x[r0:r1].to(self.device_)
-                check_finite_rows(xb, "features", row_offset=r0)
-                res = self._grads.resolved(xb, r0)
+                with dist.together(self._sharded and k is not None,
+                                   f"computing the gradients of its rows {r0} to {r1 - 1}"):
+                    xb = x[r0:r1].to(self.device_)
+                    check_finite_rows(xb, "features", row_offset=r0)
+                    res = self._grads.resolved(xb, r0)
                 found = None if k is None else search(self, res.grad, k, (r0, r1), rows)
                 bar.update(r1 - r0)
                 yield r0, r1, found, res.pred
@@ -322,7 +331,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
     def _score_and_predict(self, features: ArrayLike, allow_empty: bool = False
                            ) -> tuple[ArrayLike, ArrayLike]:
-        x, kind = self._read(features, allow_empty)
+        x, kind = self._read(features, allow_empty, search=True)
         dists, _, preds = search_all(self, x, self.k)
         self._count_training_rows(dists)  # while calibrating
         return kind.wrap(0.0 - dists[:, self.k - 1]), kind.wrap(preds)  # 0.0 - x: no "-0.0"
@@ -390,28 +399,28 @@ def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool
     """The k nearest indexed gradients of a batch's ``grads`` over every shard: ``(distances,
     ids)`` [B, k], ids as training-row numbers with ``rows``; checked by :func:`check_found`."""
     named = det.indexed_rows_ if rows else None
-    if det._sharded:
-        d, i = dist.search_sharded(det.index_, grads, k, det.shard_sizes_, det.dtype_, named)
+    if det._sharded:  # checked on every rank at once
+        d, i = dist.search_sharded(det.index_, grads, k, det.shard_sizes_, det.dtype_, named,
+                                   check=lambda found: check_found(found, k, batch, det.index_),
+                                   what=f"searching the neighbours of its rows {batch[0]} to "
+                                        f"{batch[1] - 1}")
     else:
         d, i = det.index_.search(grads, k)
-    check_found(d, k, batch, det.index_)
+        check_search_result(d, i, grads.shape[0], k, det.index_)
+        check_found(d, k, batch, det.index_)
     if named is not None and not det._sharded:
         i = dist.row_numbers(i, named, det.index_)
     return d, i
 
 
 def check_found(dist_k: Tensor, k: int, rows: tuple[int, int], index: Any) -> None:
-    """Refuse a search result of another shape than [rows, k] (an index registered by a user
-    is called here), and rows whose k-th neighbour the search did not find. An approximate
-    index (IVF) visits a few inverted lists, which may hold fewer than k vectors: faiss pads
-    the missing neighbours at distance FLT_MAX, a score of -3.4e38 (silently the most OOD
-    sample of any set). Exact searches find every neighbour (k never exceeds the indexed
-    count)."""
-    row_offset, n_rows = rows[0], rows[1] - rows[0]
-    if tuple(dist_k.shape) != (n_rows, k) or not dist_k.is_floating_point():
-        raise ValueError(f"the {index.kind} index returned distances of shape "
-                         f"{tuple(dist_k.shape)} ({dist_k.dtype}) for {n_rows} queries and "
-                         f"k={k}; GradientIndex.search must return [Q, k] floating distances")
+    """Refuse rows whose k-th neighbour the search (of every shard, where sharded; its
+    result's shape checked by :func:`grood.index.check_search_result`) did not find. An
+    approximate index (IVF) visits a few inverted lists, which may hold fewer than k
+    vectors: faiss pads the missing neighbours at distance FLT_MAX, a score of -3.4e38
+    (silently the most OOD sample of any set). Exact searches find every neighbour (k never
+    exceeds the indexed count)."""
+    row_offset = rows[0]
     if not index.approximate:
         return
     missing = (dist_k[:, k - 1] >= torch.finfo(torch.float32).max).nonzero()[:, 0]

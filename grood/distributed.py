@@ -18,11 +18,15 @@ grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from grood.errors import RankFailedError
+from grood.index import check_search_result
 from grood_kernels.contract import lex_sort
 
 
@@ -97,6 +101,44 @@ def check_agree(views: list[dict[str, Any]], keys: Any, what: str) -> None:
                              "every rank must give the same settings and feature layout")
 
 
+@contextmanager
+def together(active: bool, what: str) -> Iterator[None]:
+    """Run a block of rank-local work (reading and checking inputs, a pass over a loader) so
+    that it fails on every rank or on none, where ``active`` (a distributed fit or search).
+
+    A rank whose block raised re-raises its own error; every other rank raises
+    :class:`grood.errors.RankFailedError` naming that rank and its message (``what``: the step,
+    for the message). Without this, a rank that failed alone would skip the collectives the
+    others wait in, and its next collective would meet theirs: a baffling error or abort in
+    gloo, a hang or mismatched data in NCCL. Costs one all-reduce of a flag when nothing
+    failed. Only rank-local work belongs in the block: a rank failing before a collective
+    inside it would meet the others' collective with this one's."""
+    if not active:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:  # every rank learns of it below; KeyboardInterrupt is not held
+        error = exc
+    raise_together(error, what)
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Every rank's part of :func:`together`: raise on every rank if ``error`` is set on any
+    (its own error where it is set, :class:`RankFailedError` elsewhere)."""
+    if not int(all_reduce(torch.tensor([0 if error is None else 1]), "max")):
+        return
+    views = gather_json(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(views) if msg is not None]
+    rank, msg = failed[0]
+    others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if failed[1:] else ""
+    raise RankFailedError(f"rank {rank}{others} failed while {what}, so this rank stops too; "
+                          f"rank {rank}'s error: {msg}")
+
+
 def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
     """Merge per-shard ``(D, I)`` lists [Q, k] into the global k nearest.
 
@@ -113,7 +155,8 @@ def shard_sizes(ntotal: int) -> list[int]:
 
 
 def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype,
-                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   rows: Tensor | None = None, check: Any = None,
+                   what: str = "searching") -> tuple[Tensor, Tensor]:
     """``(distances, ids)`` [Q, k] from this rank's query ``grads`` to their k nearest over
     every rank's index shard (``sizes``: every rank's shard size, in rank order): ids are
     global index ids, or with ``rows`` (this rank's shard's training-row numbers, increasing
@@ -128,6 +171,11 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     rank for 64 ranks of 4,096 rows at D = 2048). Lists merge by (distance, global id), a total
     order, so the result equals a search of one index holding every shard. Point-to-point
     sends only (gloo in torch 2.11 has no all-to-all).
+
+    A rank whose own search fails (a registered index that raises or returns ids outside
+    it) keeps passing the blocks and lists on, and every rank raises at the end
+    (:func:`together`; ``what`` names the step), as every rank does where ``check`` (called
+    with this rank's distances) raises on one of them.
     """
     dist = _dist()
     rank, world = rank_and_world()
@@ -136,7 +184,11 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     offset = sum(sizes[:rank])
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     if world == 1:  # nothing to pass round (and no rank to send to but itself)
-        return _search_local(index, grads, k, offset, dtype, rows)
+        with together(True, what):
+            d, i = _search_local(index, grads, k, offset, dtype, rows)
+            if check is not None:
+                check(d)
+        return d, i
 
     def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int):
         """Post sends of ``send`` to the next rank and receives of ``recv`` from the previous
@@ -147,22 +199,32 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
 
     block = grads.to(dev).contiguous()
     best_d, best_i = _no_neighbours(block.shape[0], k, dtype, dev)
+    error = None  # this rank's own search failed: raised on every rank after the ring
     for step in range(world):
         owner, coming = (rank - step) % world, (rank - step - 1) % world
         last = step == world - 1
         incoming = torch.empty((counts[coming], grads.shape[1]), dtype=grads.dtype, device=dev)
         pending = [] if last else exchange([block], counts[owner], [incoming], counts[coming])
-        if block.shape[0]:
-            d, i = _search_local(index, block.to(grads.device), k, offset, dtype, rows)
-            best_d, best_i = merge_topk([best_d, d.to(dev)], [best_i, i.to(dev)], k)
-            # Contiguous, as sends need, and held here until the sends are done.
-            best_d, best_i = best_d.contiguous(), best_i.contiguous()
+        if block.shape[0] and error is None:
+            try:
+                d, i = _search_local(index, block.to(grads.device), k, offset, dtype, rows)
+            except Exception as exc:  # the list goes on unmerged; every rank raises below
+                error = exc
+            else:
+                best_d, best_i = merge_topk([best_d, d.to(dev)], [best_i, i.to(dev)], k)
+                # Contiguous, as sends need, and held here until the sends are done.
+                best_d, best_i = best_d.contiguous(), best_i.contiguous()
         # The list goes on after the block (the last hop: back to the queries' owner).
         in_d, in_i = _no_neighbours(counts[coming], k, dtype, dev)
         pending += exchange([best_d, best_i], counts[owner], [in_d, in_i], counts[coming])
         for work in pending:
             work.wait()
         block, best_d, best_i = incoming, in_d, in_i
+    with together(True, what):
+        if error is not None:
+            raise error
+        if check is not None:
+            check(best_d)
     return best_d.to(grads.device), best_i.to(grads.device)
 
 
@@ -173,6 +235,7 @@ def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtyp
     if not index.ntotal:
         return _no_neighbours(queries.shape[0], k, dtype, queries.device)
     d, i = index.search(queries, k)
+    check_search_result(d, i, queries.shape[0], k, index)  # before it is merged with others
     if rows is not None:
         return d.to(dtype), row_numbers(i, rows, index)
     return d.to(dtype), torch.where(i >= 0, i + offset, i)

@@ -11,6 +11,7 @@ __all__ = [
     "DetectorFileError",
     "MissingExtraError",
     "NotFittedError",
+    "RankFailedError",
 ]
 
 
@@ -25,6 +26,13 @@ class BackendUnavailableError(RuntimeError):
 class DetectorFileError(ValueError):
     """A detector file or shard manifest cannot be used: not a grood file, damaged, of another
     format version, inconsistent, or not matching its manifest. The message names the file."""
+
+
+class RankFailedError(ValueError, RuntimeError):
+    """Another rank of a distributed fit or score failed (bad input on that rank, a loader
+    that raised there): every other rank raises this, naming the rank and its error, while
+    that rank raises its own error. The ranks leave the step together, so the process group
+    stays usable."""
 
 
 class MissingExtraError(ImportError):

@@ -711,3 +711,18 @@ def index_from_state(kind: str, state: dict[str, Tensor], *, device: torch.devic
         raise ValueError(f"unknown index kind {kind!r} (registered: {index_kinds()})")
     return INDEXES[kind].from_state_dict(state, device=device, backend=backend,
                                          precision=precision, options=options)
+
+
+def check_search_result(dists: Tensor, ids: Tensor, n_queries: int, k: int,
+                        index: GradientIndex) -> None:
+    """Refuse a search result other than floating distances and integer ids, both
+    [n_queries, k] (an index registered by a user is called here): a narrower one would be
+    broadcast into place, or merged with other shards' lists, without a word."""
+    want = (n_queries, k)
+    if (tuple(dists.shape) != want or not dists.is_floating_point()
+            or tuple(ids.shape) != want or ids.is_floating_point() or ids.is_complex()):
+        raise ValueError(f"the {index.kind} index returned distances of shape "
+                         f"{tuple(dists.shape)} ({dists.dtype}) and ids of shape "
+                         f"{tuple(ids.shape)} ({ids.dtype}) for {n_queries} queries and k={k}; "
+                         "GradientIndex.search must return [Q, k] floating distances and "
+                         "[Q, k] integer ids")

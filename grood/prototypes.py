@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,12 +43,19 @@ class PrototypeContext:
         reduce (callable): sums a tensor over all processes (the identity in one process); a
             source that averages data of its own applies it to its sums and counts, so every
             rank of a distributed fit builds the same prototype.
+        together (callable): ``with ctx.together("what it does"):`` around a source's
+            rank-local work before a ``reduce`` (a pass over its inputs or a loader): where it
+            raises on one rank of a distributed fit, every rank raises (that rank its own
+            error, the others :class:`grood.errors.RankFailedError`) instead of the others
+            waiting in the ``reduce`` (see :func:`grood.distributed.together`); nothing in one
+            process.
     """
 
     class_prototypes: Tensor
     inputs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 4096
     reduce: Callable[[Tensor], Tensor] = lambda t: t
+    together: Callable[[str], AbstractContextManager] = lambda what: nullcontext()
 
 
 class OODPrototypeSource(ABC):
@@ -181,14 +189,15 @@ class OODFeatureMean(OODPrototypeSource):
 
     def build(self, ctx: PrototypeContext) -> Tensor:
         protos = ctx.class_prototypes
-        x, _ = as_tensor(ctx.inputs["ood_features"], "ood_features")
-        check_matrix(x, "ood_features", n_cols=protos.shape[1],
-                     cols_from="the training features have {}")
-        total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
-        for r0, r1 in batches(x.shape[0], ctx.batch_size):
-            chunk = x[r0:r1].to(protos.device)
-            check_finite_rows(chunk, "ood_features", row_offset=r0)
-            total += chunk.to(torch.float64).sum(0)
+        with ctx.together("averaging its ood_features"):
+            x, _ = as_tensor(ctx.inputs["ood_features"], "ood_features")
+            check_matrix(x, "ood_features", n_cols=protos.shape[1],
+                         cols_from="the training features have {}")
+            total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
+            for r0, r1 in batches(x.shape[0], ctx.batch_size):
+                chunk = x[r0:r1].to(protos.device)
+                check_finite_rows(chunk, "ood_features", row_offset=r0)
+                total += chunk.to(torch.float64).sum(0)
         count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
                                         device=protos.device))
         return (ctx.reduce(total) / count).to(protos.dtype)

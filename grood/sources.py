@@ -100,6 +100,28 @@ class Mixup(OODPrototypeSource):
                              "can read it while the tail runs")
         return stem, tail
 
+    def _mixed_sum(self, ex: Any, stem: Any, tail: Any, early_protos: Tensor, batch: Any,
+                   seen: int, total: Tensor) -> int:
+        """Add one batch's mixed penultimate features into ``total`` (float64, in place);
+        returns the batch's rows used (``n_samples`` caps them)."""
+        x, _ = split_batch(batch)
+        x = x.to(ex.device)
+        if self.n_samples is not None:
+            x = x[: self.n_samples - seen]
+        e = stem(x)
+        logits = logits_of(tail(e.clone()))  # the tail may change its input in place
+        if logits is None or logits.ndim != 2:
+            raise ValueError("Mixup needs the model's logits [B, C] (to pick each sample's "
+                             "second most likely class); the tail returned "
+                             f"{'none' if logits is None else tuple(logits.shape)}")
+        second = logits.topk(2, dim=1).indices[:, 1] if logits.shape[1] > 1 else \
+            logits.argmax(1)
+        mixed = self.lam * e + (1 - self.lam) * early_protos[second].view_as(e)
+        with ex.capture() as captured:
+            tail(mixed.to(e.dtype))
+        total += ex.output_of(captured, "features").flatten(1).double().sum(0)
+        return x.shape[0]
+
     @torch.no_grad()
     def build(self, ctx: PrototypeContext) -> Tensor:
         mc = _model_context(ctx)
@@ -109,45 +131,30 @@ class Mixup(OODPrototypeSource):
         counts = torch.zeros(n_classes, dtype=torch.int64, device=ex.device)
         stem = tail = None
         with eval_mode(ex.model):
-            for batch in mc.train_loader:
-                x, y = split_batch(batch)
-                x, y = x.to(ex.device), y.to(ex.device)
-                if stem is None:
-                    stem, tail = self._stem_tail(mc, x[:4])
-                e = stem(x).flatten(1).float()
+            with ctx.together("reading its training loader (mixup's early prototypes)"):
+                for batch in mc.train_loader:
+                    x, y = split_batch(batch)
+                    x, y = x.to(ex.device), y.to(ex.device)
+                    if stem is None:
+                        stem, tail = self._stem_tail(mc, x[:4])
+                    e = stem(x).flatten(1).float()
+                    if sums is None:
+                        sums = torch.zeros((n_classes, e.shape[1]), device=ex.device)
+                    sums.index_add_(0, y, e)
+                    counts += torch.bincount(y, minlength=n_classes)
                 if sums is None:
-                    sums = torch.zeros((n_classes, e.shape[1]), device=ex.device)
-                sums.index_add_(0, y, e)
-                counts += torch.bincount(y, minlength=n_classes)
-            if sums is None:
-                raise ValueError("the training loader yielded no batches")
+                    raise ValueError("the training loader yielded no batches")
             sums, counts = ctx.reduce(sums), ctx.reduce(counts)
             early_protos = sums / counts.clamp_min(1)[:, None]
 
             total = torch.zeros(ctx.class_prototypes.shape[1], dtype=torch.float64,
                                 device=ex.device)
             seen = 0
-            for batch in mc.train_loader:
-                x, _ = split_batch(batch)
-                x = x.to(ex.device)
-                if self.n_samples is not None:
-                    x = x[: self.n_samples - seen]
-                e = stem(x)
-                logits = logits_of(tail(e.clone()))  # the tail may change its input in place
-                if logits is None or logits.ndim != 2:
-                    raise ValueError("Mixup needs the model's logits [B, C] (to pick each "
-                                     "sample's second most likely class); the tail returned "
-                                     f"{'none' if logits is None else tuple(logits.shape)}")
-                second = logits.topk(2, dim=1).indices[:, 1] if logits.shape[1] > 1 else \
-                    logits.argmax(1)
-                mixed = self.lam * e + (1 - self.lam) * early_protos[second].view_as(e)
-                with ex.capture() as captured:
-                    tail(mixed.to(e.dtype))
-                feats = ex.output_of(captured, "features").flatten(1).double()
-                total += feats.sum(0)
-                seen += x.shape[0]
-                if self.n_samples is not None and seen >= self.n_samples:
-                    break
+            with ctx.together("reading its training loader (mixup's mixed features)"):
+                for batch in mc.train_loader:
+                    seen += self._mixed_sum(ex, stem, tail, early_protos, batch, seen, total)
+                    if self.n_samples is not None and seen >= self.n_samples:
+                        break
         total = ctx.reduce(total)
         seen = float(ctx.reduce(torch.tensor([float(seen)], dtype=torch.float64,
                                              device=total.device)))

@@ -229,7 +229,7 @@ def test_ood_sources_take_part_in_scikit_learn_parameters():
 def test_extension_points_are_exported():
     for name in ("OODPrototypeSource", "PrototypeContext", "register_source",
                  "NotFittedError", "BackendUnavailableError", "DetectorFileError",
-                 "MissingExtraError"):
+                 "MissingExtraError", "RankFailedError"):
         assert name in grood.__all__ and hasattr(grood, name)
     assert (ROOT / "grood" / "py.typed").exists()
 
@@ -290,6 +290,16 @@ def test_an_index_registered_by_a_user_fits_scores_saves_and_loads(tmp_path):
         det.index_.search = lambda q, k=1: _ScanIndex.search(det.index_, q, 1)
         with pytest.raises(ValueError, match=r"test-scan index returned distances of shape "
                                              r"\(90, 1\).*for 90 queries and k=2"):
+            det.score_samples(x)
+        # ... as are ids narrower than the distances (kneighbors would broadcast them into
+        # every column) and ids that are not integers.
+        det.index_.search = lambda q, k=1: (lambda d, i: (d, i[:, :1]))(
+            *_ScanIndex.search(det.index_, q, k))
+        with pytest.raises(ValueError, match=r"ids of shape \(90, 1\) \(torch.int64\)"):
+            det.kneighbors(x)
+        det.index_.search = lambda q, k=1: (lambda d, i: (d, i.double()))(
+            *_ScanIndex.search(det.index_, q, k))
+        with pytest.raises(ValueError, match=r"\(90, 2\) \(torch.float64\) for 90 queries"):
             det.score_samples(x)
         assert _ScanIndex.kind in [a for a in _cli_index_choices()]
     finally:

@@ -152,20 +152,28 @@ def test_sharded_manifest_detects_a_damaged_shard(tmp_path):
         GROOD.load(tmp_path / "det.json")
 
 
+def _recorder():
+    """``(seen, attempt)``: ``attempt(name, call)`` runs ``call`` and records in ``seen[name]``
+    None, or the type name and message of what it raised."""
+    seen = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            seen[name] = None
+        except Exception as exc:
+            seen[name] = (type(exc).__name__, str(exc))
+
+    return seen, attempt
+
+
 def _disagreeing_worker(rank, world, tmp):
     """Ranks that differ in what shapes the collectives: each case must raise the same
     ValueError on every rank (gloo aborted the process, or a rank waited forever), and the
     process group stays usable afterwards."""
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
                              world_size=world)
-    errors = {}
-
-    def attempt(name, call):
-        try:
-            call()
-        except ValueError as exc:
-            errors[name] = str(exc)
-
+    seen, attempt = _recorder()
     try:
         x, y, logits, test, _ = _data()
         part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
@@ -183,6 +191,7 @@ def _disagreeing_worker(rank, world, tmp):
         det.k = 1
         attempt("score dtype", lambda: det.score_samples(part(test).double() if rank
                                                          else part(test)))
+        errors = {name: got[1] for name, got in seen.items() if got and got[0] == "ValueError"}
         torch.save({"errors": errors, "scores": det.score_samples(part(test))},
                    f"{tmp}/rank{rank}.pt")
     finally:
@@ -203,6 +212,85 @@ def test_ranks_that_disagree_are_named_on_every_rank(tmp_path):
         assert set(res["errors"]) == set(want)
         for name, text in want.items():
             assert text in res["errors"][name], (name, res["errors"][name])
+    assert torch.equal(torch.cat([r["scores"] for r in results]), single)
+
+
+def _failing_rank_worker(rank, world, tmp):
+    """Each case fails on one rank only (bad input there, a loader or index that raises
+    there): that rank raises its own error, every other rank a RankFailedError naming it, and
+    the process group stays usable (before, the others waited in a collective the failed rank
+    never joined, and met its next one: a baffling error, a gloo abort, or a hang)."""
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    seen, attempt = _recorder()
+    try:
+        x, y, logits, test, _ = _data()
+        part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
+        xr, yr, tr = part(x), part(y), part(test)
+        bad_x = xr.clone()
+        if rank == 1:
+            bad_x[4, 2] = float("nan")
+        attempt("fit nan", lambda: GROOD(distributed=True).fit(bad_x, yr))
+
+        def batches():  # rank 1's loader fails in the gradient pass (its 4th iteration:
+            calls = {"n": 0}  # the first batch, the class count, prototypes, gradients)
+
+            def make():
+                calls["n"] += 1
+                for b in range(3):
+                    if rank == 1 and calls["n"] == 4 and b == 2:
+                        raise OSError("disk read failed")
+                    yield xr[b::3], yr[b::3]
+            return make
+        attempt("fit loader", lambda: GROOD(distributed=True).fit_batches(batches()))
+        attempt("fit ood features", lambda: GROOD(distributed=True, ood_prototype="features")
+                .fit(xr, yr, ood_features=bad_x[:6]))
+        attempt("fit labels", lambda: GROOD(distributed=True).fit(
+            xr, yr - rank, logits=part(logits)))
+        det = GROOD(distributed=True, batch_size=8).fit(xr, yr)
+        bad_t = tr.clone()
+        if rank == 1:
+            bad_t[11, 0] = float("inf")
+        attempt("score nan", lambda: det.score_samples(bad_t))
+        attempt("score width", lambda: det.score_samples(tr if rank else tr[:, :5]))
+        attempt("kneighbors nan", lambda: det.kneighbors(bad_t, 2))
+        search = det.index_.search
+        if rank == 1:  # a registered index that fails in the ring's search, then one whose
+            det.index_.search = lambda q, k: (_ for _ in ()).throw(RuntimeError("index down"))
+        attempt("search raises", lambda: det.score_samples(tr))
+        if rank == 0:  # ... results of the wrong shape (refused after the ring)
+            det.index_.search = lambda q, k: tuple(t[:, :1] for t in search(q, k))
+        else:
+            det.index_.search = search
+        det.k = 2
+        attempt("search shape", lambda: det.score_samples(tr))
+        det.index_.search, det.k = search, 1
+        torch.save({"seen": seen, "scores": det.score_samples(tr)}, f"{tmp}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
+    mp.spawn(_failing_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    x, y, _, test, _ = _data()
+    # case: (failing rank, its error type, text in its message, the step others name)
+    want = {"fit nan": (1, "ValueError", "NaN or Inf", "(class prototypes)"),
+            "fit loader": (1, "OSError", "disk read failed", "(gradient index)"),
+            "fit ood features": (1, "ValueError", "ood_features", "averaging its ood_features"),
+            "fit labels": (1, "ValueError", "label", "reading its training arrays"),
+            "score nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
+            "score width": (0, "ValueError", "12", "reading its features"),
+            "kneighbors nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
+            "search raises": (1, "RuntimeError", "index down", "searching the neighbours"),
+            "search shape": (0, "ValueError", "shape", "searching the neighbours")}
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, (bad, kind, text, step) in want.items():
+        own, other = results[bad]["seen"][name], results[1 - bad]["seen"][name]
+        assert own is not None and own[0] == kind and text in own[1], (name, own)
+        assert other is not None and other[0] == "RankFailedError", (name, other)
+        assert f"rank {bad} failed while" in other[1] and step in other[1], (name, other)
+        assert own[1] in other[1], (name, other)  # the failed rank's message, whole
+    single = GROOD(batch_size=8).fit(x, y).score_samples(test)
     assert torch.equal(torch.cat([r["scores"] for r in results]), single)
 
 
