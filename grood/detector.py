@@ -243,14 +243,10 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
 
         Memory holds one batch (and the index); each result has the type of its batch. An
-        empty batch [0, D] yields empty results (``score_and_predict`` refuses one).
+        empty batch [0, D] yields empty results (``score_and_predict`` refuses one). A sharded
+        detector's ranks call it together, each with its own batches, as many as it has.
         """
-        self._check_fitted()
-        if hasattr(batches, "shape"):  # one array: iterating it would score row by row
-            raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
-                            "array with score_and_predict or score_samples")
-        for batch in batches:
-            yield self._score_and_predict(batch, allow_empty=True)
+        return score_stream(self, batches)
 
     def _set_fitted(self, fitted: FittedState, grads: GradientStep | None = None) -> None:
         """Set every learned attribute at once (from ``fit`` or from a detector file)."""
@@ -394,13 +390,49 @@ def sharded_batch_count(det: GROOD, n_batches: int, dtype: torch.dtype, k: int,
     return max(view["batches"] for view in views)
 
 
+def score_stream(det: GROOD, batches: Iterable[ArrayLike]
+                 ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
+    """:meth:`GROOD.score_batches`' generator (its checks run at the first ``next``)."""
+    det._check_fitted()
+    if hasattr(batches, "shape"):  # one array: iterating it would score row by row
+        raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
+                        "array with score_and_predict or score_samples")
+    stream = in_step(det, batches) if det._sharded else ((b, True) for b in batches)
+    for batch, own in stream:
+        result = det._score_and_predict(batch, allow_empty=True)
+        if own:
+            yield result
+
+
+def in_step(det: GROOD, batches: Iterable[ArrayLike]) -> Iterator[tuple[Any, bool]]:
+    """A sharded detector's ``score_batches`` batches, in step with the other ranks (each
+    search is collective): ``(batch, True)`` for each of this rank's batches, then, while
+    another rank still has batches, ``(empty batch, False)`` so that this rank joins its
+    searches (in float64 where that rank's batch is float64, as the ranks' query dtypes must
+    agree). One exchange per step: whether each rank has a batch, and its dtype."""
+    it = iter(batches)
+    while True:
+        with dist.together(True, "reading its next batch to score"):
+            batch = next(it, None)
+            dtype = None if batch is None else compute_dtype(as_tensor(batch, "batch")[0].dtype)
+        views = dist.gather_json(None if dtype is None else str(dtype))
+        if batch is not None:
+            yield batch, True
+        elif any(views):
+            dtype = getattr(torch, next(v for v in views if v).removeprefix("torch."))
+            yield torch.empty((0, det.n_features_in_), dtype=dtype, device=det.device_), False
+        else:
+            return
+
+
 def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool
            ) -> tuple[Tensor, Tensor]:
     """The k nearest indexed gradients of a batch's ``grads`` over every shard: ``(distances,
     ids)`` [B, k], ids as training-row numbers with ``rows``; checked by :func:`check_found`."""
     named = det.indexed_rows_ if rows else None
     if det._sharded:  # checked on every rank at once
-        d, i = dist.search_sharded(det.index_, grads, k, det.shard_sizes_, det.dtype_, named,
+        d, i = dist.search_sharded(det.index_, grads, k, det.shard_sizes_,
+                                   result_dtype(det, grads.dtype), named,
                                    check=lambda found: check_found(found, k, batch, det.index_),
                                    what=f"searching the neighbours of its rows {batch[0]} to "
                                         f"{batch[1] - 1}")

@@ -4,6 +4,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
@@ -292,6 +293,52 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
         assert own[1] in other[1], (name, other)  # the failed rank's message, whole
     single = GROOD(batch_size=8).fit(x, y).score_samples(test)
     assert torch.equal(torch.cat([r["scores"] for r in results]), single)
+
+
+def _uneven_batches_worker(rank, world, tmp):
+    """score_batches with as many batches as each rank has: rank 0 three (numpy), rank 1 one
+    (a tensor), rank 2 none (it joins in float64, the others' dtype); and a loader that raises
+    on rank 1."""
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    try:
+        x, y, _, test, _ = _data()
+        det = GROOD(distributed=True).fit(*(torch.tensor_split(t, world)[rank] for t in (x, y)))
+        mine = {0: [test[:10].double().numpy(), test[10:20].double().numpy(),
+                    test[20:25].double().numpy()],
+                1: [test[25:32].double()], 2: []}[rank]
+        results = list(det.score_batches(mine))
+
+        def failing():
+            yield test[:3]
+            if rank == 1:
+                raise OSError("shard file vanished")
+            yield test[3:6]
+        seen, attempt = _recorder()
+        attempt("loader", lambda: list(det.score_batches(failing())))
+        torch.save({"results": results, "seen": seen}, f"{tmp}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
+    mp.spawn(_uneven_batches_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
+    x, y, _, test, _ = _data()
+    single = GROOD().fit(x, y)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    assert [len(g["results"]) for g in got] == [3, 1, 0]
+    scores = [torch.as_tensor(s) for g in got for s, _ in g["results"]]
+    preds = [torch.as_tensor(p) for g in got for _, p in g["results"]]
+    assert all(isinstance(s, np.ndarray) for s, _ in got[0]["results"])
+    want_s, want_p = single.score_and_predict(test[:32].double())
+    # float64 queries are scored in float64 over the ring too (float32 distances there
+    # once differed by 4.5e-8); other batch shapes sum in another order, hence not bit-equal
+    torch.testing.assert_close(torch.cat(scores), want_s, rtol=1e-12, atol=0)
+    assert torch.equal(torch.cat(preds), want_p)
+    assert got[1]["seen"]["loader"] == ("OSError", "shard file vanished")
+    for r in (0, 2):
+        kind, text = got[r]["seen"]["loader"]
+        assert kind == "RankFailedError" and "rank 1 failed while reading its next batch" in text
 
 
 def test_distributed_without_a_process_group_is_refused():
