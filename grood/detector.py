@@ -397,32 +397,12 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
     if hasattr(batches, "shape"):  # one array: iterating it would score row by row
         raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
                         "array with score_and_predict or score_samples")
-    stream = in_step(det, batches) if det._sharded else ((b, True) for b in batches)
+    stream = (dist.in_step(batches, det.n_features_in_, det.device_) if det._sharded
+              else ((b, True) for b in batches))
     for batch, own in stream:
         result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result
-
-
-def in_step(det: GROOD, batches: Iterable[ArrayLike]) -> Iterator[tuple[Any, bool]]:
-    """A sharded detector's ``score_batches`` batches, in step with the other ranks (each
-    search is collective): ``(batch, True)`` for each of this rank's batches, then, while
-    another rank still has batches, ``(empty batch, False)`` so that this rank joins its
-    searches (in float64 where that rank's batch is float64, as the ranks' query dtypes must
-    agree). One exchange per step: whether each rank has a batch, and its dtype."""
-    it = iter(batches)
-    while True:
-        with dist.together(True, "reading its next batch to score"):
-            batch = next(it, None)
-            dtype = None if batch is None else compute_dtype(as_tensor(batch, "batch")[0].dtype)
-        views = dist.gather_json(None if dtype is None else str(dtype))
-        if batch is not None:
-            yield batch, True
-        elif any(views):
-            dtype = getattr(torch, next(v for v in views if v).removeprefix("torch."))
-            yield torch.empty((0, det.n_features_in_), dtype=dtype, device=det.device_), False
-        else:
-            return
 
 
 def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool

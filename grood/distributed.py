@@ -18,13 +18,14 @@ grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from grood._checks import as_tensor, compute_dtype
 from grood.errors import RankFailedError
 from grood.index import check_search_result
 from grood_kernels.contract import lex_sort
@@ -137,6 +138,29 @@ def raise_together(error: BaseException | None, what: str) -> None:
     others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if failed[1:] else ""
     raise RankFailedError(f"rank {rank}{others} failed while {what}, so this rank stops too; "
                           f"rank {rank}'s error: {msg}")
+
+
+def in_step(batches: Iterable[Any], n_features: int, device: torch.device
+            ) -> Iterator[tuple[Any, bool]]:
+    """This rank's batches of features to search (each search over a sharded index is
+    collective), in step with the other ranks': ``(batch, True)`` for each of its batches,
+    then, while another rank still has batches, ``(empty [0, n_features] batch, False)`` so
+    that this rank joins that rank's searches (in float64 where that rank's batch is float64:
+    the ranks' query dtypes must agree). A rank whose batches raise stops every rank
+    (:func:`together`). One exchange per step: whether each rank has a batch, and its dtype."""
+    it = iter(batches)
+    while True:
+        with together(True, "reading its next batch to score"):
+            batch = next(it, None)
+            dtype = None if batch is None else compute_dtype(as_tensor(batch, "batch")[0].dtype)
+        views = gather_json(None if dtype is None else str(dtype))
+        if batch is not None:
+            yield batch, True
+        elif any(views):
+            dtype = getattr(torch, next(v for v in views if v).removeprefix("torch."))
+            yield torch.empty((0, n_features), dtype=dtype, device=device), False
+        else:
+            return
 
 
 def merge_topk(dists: list[Tensor], ids: list[Tensor], k: int) -> tuple[Tensor, Tensor]:

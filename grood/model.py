@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from grood import distributed as dist
 from grood._batches import check_reiterable
 from grood._checks import check_finite_rows
 
@@ -139,9 +140,15 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
                       "layer", UserWarning, stacklevel=4)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)
+    feats = (out.features for out, _, _ in extractor.batches(loader, desc="grood score"))
+    # A sharded detector's ranks search together, each rank's loader as long as it is: the
+    # empty batches a rank joins with add no rows (and give its results their shape when its
+    # own loader had none).
+    stream = (dist.in_step(feats, det.n_features_in_, det.device_) if det._sharded
+              else ((f, True) for f in feats))
     first, second = [], []
-    for out, _, _ in extractor.batches(loader, desc="grood score"):
-        a, b = fn(out.features)
+    for batch, _ in stream:
+        a, b = fn(batch)
         first.append(a.cpu())
         second.append(b.cpu())
     if not first:

@@ -295,6 +295,12 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
     assert torch.equal(torch.cat([r["scores"] for r in results]), single)
 
 
+def _net():
+    """A small classifier over the test features (its penultimate layer: module "1")."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+
+
 def _uneven_batches_worker(rank, world, tmp):
     """score_batches with as many batches as each rank has: rank 0 three (numpy), rank 1 one
     (a tensor), rank 2 none (it joins in float64, the others' dtype); and a loader that raises
@@ -316,11 +322,21 @@ def _uneven_batches_worker(rank, world, tmp):
             yield test[3:6]
         seen, attempt = _recorder()
         attempt("loader", lambda: list(det.score_batches(failing())))
-        torch.save({"results": results, "seen": seen}, f"{tmp}/rank{rank}.pt")
+        # score_model streams a loader the same way: 2, 1 and 0 batches.
+        net = _net()
+        mdet = GROOD(distributed=True).fit_model(
+            net, [(xs, ys) for xs, ys in zip(*(torch.tensor_split(t, world)[rank].split(20)
+                                                for t in (x, y)), strict=True)],
+            features="1")
+        loaders = {0: [(test[:9], None), (test[9:20], None)], 1: [(test[20:31], None)], 2: []}
+        model_scores = mdet.score_model(net, [b for b, _ in loaders[rank]])
+        torch.save({"results": results, "seen": seen, "model": model_scores},
+                   f"{tmp}/rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained net's logits
 def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
     mp.spawn(_uneven_batches_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
     x, y, _, test, _ = _data()
@@ -335,6 +351,13 @@ def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
     # once differed by 4.5e-8); other batch shapes sum in another order, hence not bit-equal
     torch.testing.assert_close(torch.cat(scores), want_s, rtol=1e-12, atol=0)
     assert torch.equal(torch.cat(preds), want_p)
+    net = _net()
+    want = GROOD().fit_model(net, list(zip(x.split(20), y.split(20), strict=True)),
+                             features="1").score_model(net, [test[:31]])
+    assert [len(g["model"][0]) for g in got] == [20, 11, 0]
+    for i in (0, 1):
+        torch.testing.assert_close(torch.cat([g["model"][i] for g in got]), want[i],
+                                   rtol=1e-6, atol=1e-7)
     assert got[1]["seen"]["loader"] == ("OSError", "shard file vanished")
     for r in (0, 2):
         kind, text = got[r]["seen"]["loader"]
