@@ -202,26 +202,29 @@ def save(det: Any, path: Path) -> None:
     if not det._sharded:
         save_file(det, path)
         return
-    path = save_target(path, suffixes=(".json", ".safetensors"))
     rank, world = dist.rank_and_world()
-    shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
-    save_file(det, shard, shard=(rank, world))
-    sha = file_sha256(shard)
+    # A rank that cannot write its shard (or rank 0 its manifest) stops every rank.
+    with dist.together(True, "writing its shard of the detector"):
+        path = save_target(path, suffixes=(".json", ".safetensors"))
+        shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
+        save_file(det, shard, shard=(rank, world))
+        sha = file_sha256(shard)
     shas = dist.all_gather_rows(torch.tensor(list(sha.encode()), dtype=torch.uint8))
-    if rank == 0:
-        manifest = {
-            "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
-            "world_size": world,
-            "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
-                        "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
-        }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(manifest, indent=2))
-            _replace_atomically(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    dist.all_reduce(torch.zeros(1))  # the manifest exists when save returns on any rank
+    # (its flag exchange also makes every rank return after the manifest exists)
+    with dist.together(True, "writing the detector's manifest"):
+        if rank == 0:
+            manifest = {
+                "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
+                "world_size": world,
+                "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
+                            "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
+            }
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(manifest, indent=2))
+                _replace_atomically(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def load(cls: Any, path: Path, *, device: Any, distributed: bool,
@@ -241,6 +244,28 @@ def load(cls: Any, path: Path, *, device: Any, distributed: bool,
 
 def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
                   backend: str | None) -> Any:
+    if not distributed:
+        return _join_shards(cls, path, [shard for shard, _ in _manifest_shards(path)],
+                            device=device, backend=backend)
+    rank, world = dist.rank_and_world()
+    # A rank that cannot read its shard stops every rank (they would wait below).
+    with dist.together(dist.is_initialized(), "loading its shard of the detector"):
+        shards = _manifest_shards(path)
+        if world != len(shards):
+            raise DetectorFileError(f"{path} has {len(shards)} shards but the process group "
+                                    f"has {world} ranks")
+        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world),
+                        distributed=True, backend=backend)
+    gathered = dist.shard_sizes(det.index_.ntotal)
+    if gathered != det.shard_sizes_:
+        raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
+                                f"{gathered}, shard {rank} expects {det.shard_sizes_})")
+    return det
+
+
+def _manifest_shards(path: Path) -> list[tuple[Path, str]]:
+    """The ``(shard file, sha256)`` pairs a shard manifest lists, every file checked
+    against its digest."""
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
@@ -271,20 +296,7 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
         if file_sha256(shard) != sha:
             raise DetectorFileError(f"{shard} does not match the digest in {path}")
-    if distributed:
-        rank, world = dist.rank_and_world()
-        if world != len(shards):
-            raise DetectorFileError(f"{path} has {len(shards)} shards but the process group "
-                                    f"has {world} ranks")
-        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world),
-                        distributed=True, backend=backend)
-        gathered = dist.shard_sizes(det.index_.ntotal)
-        if gathered != det.shard_sizes_:
-            raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
-                                    f"{gathered}, shard {rank} expects {det.shard_sizes_})")
-        return det
-    return _join_shards(cls, path, [shard for shard, _ in shards], device=device,
-                        backend=backend)
+    return shards
 
 
 def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,

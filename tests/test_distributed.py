@@ -11,7 +11,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import clustered_features
 
-from grood import GROOD
+from grood import GROOD, persistence
 from grood.index import ExactIndex
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or sys.platform == "win32",
@@ -266,6 +266,18 @@ def _failing_rank_worker(rank, world, tmp):
         det.k = 2
         attempt("search shape", lambda: det.score_samples(tr))
         det.index_.search, det.k = search, 1
+        if rank == 1:  # its shard's path is taken by a folder
+            os.mkdir(f"{tmp}/taken.rank1.safetensors")
+        attempt("save", lambda: det.save(f"{tmp}/taken.json"))
+        det.save(f"{tmp}/ok.json")
+        load_file = persistence.load_file
+        if rank == 1:  # reading its shard fails (out of memory on its device, say)
+            persistence.load_file = lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("out of memory"))
+        attempt("load", lambda: GROOD.load(f"{tmp}/ok.json", distributed=True))
+        persistence.load_file = load_file
+        again = GROOD.load(f"{tmp}/ok.json", distributed=True)
+        assert torch.equal(again.score_samples(tr), det.score_samples(tr))
         torch.save({"seen": seen, "scores": det.score_samples(tr)}, f"{tmp}/rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
@@ -283,7 +295,9 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
             "score width": (0, "ValueError", "12", "reading its features"),
             "kneighbors nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
             "search raises": (1, "RuntimeError", "index down", "searching the neighbours"),
-            "search shape": (0, "ValueError", "shape", "searching the neighbours")}
+            "search shape": (0, "ValueError", "shape", "searching the neighbours"),
+            "save": (1, "ValueError", "taken.rank1.safetensors: it exists", "writing its shard"),
+            "load": (1, "RuntimeError", "out of memory", "loading its shard")}
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (bad, kind, text, step) in want.items():
         own, other = results[bad]["seen"][name], results[1 - bad]["seen"][name]
