@@ -11,6 +11,7 @@ and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 """
 
 from grood import library  # noqa: F401  (registers the torch.ops.grood custom ops)
+from grood._version import __version__
 from grood.baselines import KNN, MSP, Energy, Mahalanobis
 from grood.detector import GROOD
 from grood.errors import (
@@ -24,8 +25,6 @@ from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_at_tpr
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GROOD",

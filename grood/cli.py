@@ -1,4 +1,4 @@
-"""The ``grood`` command: ``demo``, ``fit``, ``calibrate``, ``score`` and ``eval``."""
+"""The ``grood`` command: ``demo``, ``fit``, ``calibrate``, ``score``, ``eval`` and ``info``."""
 
 from __future__ import annotations
 
@@ -234,6 +234,68 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(f"scored {scores.size} samples (higher = in-distribution; min {scores.min():.6g}, "
           f"median {np.median(scores):.6g}, max {scores.max():.6g}){flagged}; wrote {args.out}")
     return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from grood.persistence import describe
+
+    info = describe(Path(args.detector), check=args.check)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("\n".join(info_lines(info)))
+    return 0
+
+
+def info_lines(info: dict) -> list[str]:
+    """``grood info``'s text: one labelled line per part of a detector file's description
+    (:func:`grood.persistence.describe`)."""
+    kind = "sharded GROOD detector (manifest)" if info["sharded"] else "GROOD detector"
+    writer = f", written by {info['written_by']}" if info["written_by"] else ""
+    rows = ("training rows recorded (kneighbors names them)" if info["rows_recorded"] else
+            "training rows not recorded (a format version 1 file, or an index that drops "
+            "rows): kneighbors needs a refit")
+    opts = {k: v for k, v in (info["index_options"] or {}).items() if v is not None}
+    if "storage" not in opts:  # where the exact copy of half-precision storage is kept
+        opts.pop("exact_copy", None)
+    options = ", ".join(f"{k} {v}" for k, v in sorted(opts.items()))
+    source = info["ood_prototype"] or {}
+    settings = ", ".join(f"{k}={v!r}" for k, v in sorted((source.get("params") or {}).items()))
+    lines = [
+        f"{info['file']}: {kind}, format version {info['format_version']}{writer} "
+        f"({_size(info['bytes'])})",
+        f"  training     {info['n_train']:,} rows, {info['n_classes']:,} classes, "
+        f"{info['n_features_in']:,}-d {info['dtype']} features; "
+        f"{100 * info['train_accuracy']:.2f} % classified correctly",
+        f"  index        {info['index']}{f' ({options})' if options else ''}, "
+        f"{info['indexed']:,} gradients; {rows}",
+        f"  scoring      k = {info['k']}, precision {info['precision']}, backend "
+        f"{info['backend']}, batch size {info['batch_size']}",
+        f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}",
+    ]
+    if info["extractor"]:
+        lines.append(f"  model        fit_model read {info['extractor']}")
+    cal = info["calibration"]
+    lines.append(
+        f"  threshold    {cal['threshold']:.6g}: accepts {100 * cal['tpr']:g} % of the "
+        f"{cal['n']:,} held-out ID rows it was chosen on; lower scores are flagged as OOD"
+        if cal else "  threshold    none (grood calibrate sets one)")
+    if info["shards"]:
+        lines.append(f"  shards       {len(info['shards'])}: " + ", ".join(
+            f"{s['file']} ({s['gradients']:,})" for s in info["shards"]))
+    lines.append("  checked      every tensor and digest, as loading checks them" if info["checked"]
+                 else "  checked      header only (--check reads every tensor and verifies "
+                      "the digests)")
+    return lines
+
+
+def _size(n: int) -> str:
+    """Bytes in words: 2.5 KB, 10.3 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # not reached
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -483,6 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=BACKENDS, default=None,
                     help="run on this backend instead of the saved one")
     ev.set_defaults(func=_cmd_eval)
+    info = sub.add_parser("info", help="what a saved detector file holds",
+                          description="Describe a detector file (or a sharded detector's "
+                                      "manifest): format version and writer, training set, "
+                                      "index, scoring settings, OOD prototype, threshold, "
+                                      "shards. Reads the header alone unless --check is given.")
+    info.add_argument("detector", help="detector file (.safetensors) or shard manifest (.json)")
+    info.add_argument("--check", action="store_true",
+                      help="also read every tensor and verify the digests, as loading does "
+                           "(slow for a large index; builds nothing)")
+    info.add_argument("--json", action="store_true",
+                      help="print the description as JSON instead of text")
+    info.set_defaults(func=_cmd_info)
     # 'grood bench ...' is handed whole to the benchmark code (see main), which is imported
     # only then; this entry lists the command in 'grood --help'.
     sub.add_parser(

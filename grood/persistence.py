@@ -26,6 +26,7 @@ from grood import distributed as dist
 from grood import ops
 from grood._checks import check_device, check_positive_int, ordinary
 from grood._fit import FittedState
+from grood._version import __version__
 from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
@@ -39,6 +40,13 @@ FILE_FORMAT_VERSION = 2
 #: Versions this grood reads: version 1 files hold no ``indexed_rows``.
 READABLE_VERSIONS = (1, 2)
 SHARDED_FORMAT = "grood.GROOD.sharded"
+#: What files and manifests record as their writer (files before format version 2's
+#: ``written_by`` do not say).
+WRITER = f"grood {__version__}"
+#: The end of a refusal by format version.
+READS = (f"this grood ({__version__}) reads versions "
+         f"{', '.join(str(v) for v in READABLE_VERSIONS)}: read it with the grood that wrote "
+         "it, or a newer one")
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 #: Tensors a file may hold besides those and ``index.*``.
 OPTIONAL_TENSORS = ("indexed_rows",)
@@ -115,6 +123,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _writer(meta: dict[str, Any]) -> str:
+    """`` (written by grood X)`` where a file or manifest records its writer."""
+    writer = meta.get("written_by")
+    return f" (written by {writer})" if isinstance(writer, str) and writer else ""
+
+
 def _starts_with(path: Path, prefix: bytes) -> bool:
     with open(path, "rb") as f:
         return f.read(len(prefix)) == prefix
@@ -185,6 +199,7 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
     meta = {
         "format": FILE_FORMAT,
         "format_version": str(FILE_FORMAT_VERSION),
+        "written_by": WRITER,
         "params": json.dumps(params, sort_keys=True),
         "state": json.dumps(state, sort_keys=True),
     }
@@ -215,7 +230,7 @@ def save(det: Any, path: Path) -> None:
         if rank == 0:
             manifest = {
                 "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
-                "world_size": world,
+                "written_by": WRITER, "world_size": world,
                 "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
                             "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
             }
@@ -263,9 +278,9 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     return det
 
 
-def _manifest_shards(path: Path) -> list[tuple[Path, str]]:
-    """The ``(shard file, sha256)`` pairs a shard manifest lists, every file checked
-    against its digest."""
+def _manifest_shards(path: Path, verify: bool = True) -> list[tuple[Path, str]]:
+    """The ``(shard file, sha256)`` pairs a shard manifest lists, every file checked against
+    its digest where ``verify``."""
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
@@ -278,8 +293,8 @@ def _manifest_shards(path: Path) -> list[tuple[Path, str]]:
     except (KeyError, TypeError) as exc:
         raise DetectorFileError(f"{path} is not a valid grood shard manifest: {exc}") from exc
     if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}; "
-                                f"this grood reads versions {READABLE_VERSIONS}")
+        raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}"
+                                f"{_writer(manifest)}; {READS}")
     world = manifest.get("world_size")
     if not shards:
         raise DetectorFileError(f"{path} lists no shards")
@@ -294,7 +309,7 @@ def _manifest_shards(path: Path) -> list[tuple[Path, str]]:
     for shard, sha in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
-        if file_sha256(shard) != sha:
+        if verify and file_sha256(shard) != sha:
             raise DetectorFileError(f"{shard} does not match the digest in {path}")
     return shards
 
@@ -482,17 +497,7 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     except Exception as exc:  # safetensors raises several types for damaged files
         raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
                                 f"or not safetensors): {exc}") from exc
-    if meta.get("format") != FILE_FORMAT:
-        raise DetectorFileError(f"{path} is not a grood detector file "
-                                f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise DetectorFileError(f"{path}: invalid format_version "
-                                f"{meta.get('format_version')!r}") from None
-    if version not in READABLE_VERSIONS:
-        raise DetectorFileError(f"{path} has detector format version {version}; this grood reads "
-                                f"versions {READABLE_VERSIONS}")
+    version = _format_version(path, meta)
     optional = OPTIONAL_TENSORS if version >= 2 else ()
     if not names >= set(TENSOR_NAMES) or any(
             n not in TENSOR_NAMES + optional and not n.startswith("index.") for n in names):
@@ -546,6 +551,82 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} is inconsistent: k={params['k']} but its index "
                                 f"holds {sum(shard_sizes)} vectors in all")
     return params, state, tensors
+
+
+def _format_version(path: Path, meta: dict[str, str]) -> int:
+    """The format version of a detector file's metadata, refused unless this grood reads it."""
+    if meta.get("format") != FILE_FORMAT:
+        raise DetectorFileError(f"{path} is not a grood detector file "
+                                f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise DetectorFileError(f"{path}: invalid format_version "
+                                f"{meta.get('format_version')!r}") from None
+    if version not in READABLE_VERSIONS:
+        raise DetectorFileError(f"{path} has detector format version {version}{_writer(meta)}; "
+                                f"{READS}")
+    return version
+
+
+def describe(path: Path, *, check: bool = False) -> dict[str, Any]:
+    """What a detector file or shard manifest holds (``grood info``), as JSON values: from the
+    headers alone (no tensor read, digests not checked), or with ``check`` after reading and
+    checking every tensor and digest as loading does (one shard at a time; no index built)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no detector file at {path}")
+    sharded = _starts_with(path, b"{")
+    files = ([shard for shard, _ in _manifest_shards(path, verify=check)] if sharded
+             else [path])
+    heads = [read_header(f) for f in files]
+    if check:  # everything loading checks, shard by shard
+        for r, f in enumerate(files):
+            read_file(f, shard=(r, len(files)) if sharded else None)
+    params, state, meta, _ = heads[0]
+    sizes = state.get("shard_sizes")
+    if sharded:  # the manifest's own version and writer
+        meta = json.loads(path.read_text())
+    elif sizes is not None and len(sizes) > 1:
+        raise DetectorFileError(f"{path} is one shard of a detector saved by {len(sizes)} "
+                                "ranks and holds only part of its index; describe the JSON "
+                                "manifest saved beside it")
+    return {
+        "file": str(path), "sharded": sharded, "checked": check,
+        "format_version": int(meta["format_version"]), "written_by": meta.get("written_by"),
+        "bytes": sum(f.stat().st_size for f in files),
+        "shards": ([{"file": f.name, "gradients": n} for f, n in zip(files, sizes, strict=True)]
+                   if sharded else None),
+        **{key: state.get(key) for key in ("n_train", "n_classes", "n_features_in", "dtype",
+                                           "train_accuracy", "index", "index_options",
+                                           "extractor", "calibration")},
+        "indexed": sum(sizes) if sizes else None,
+        "rows_recorded": all("indexed_rows" in names for *_, names in heads),
+        **{key: params.get(key) for key in ("k", "precision", "backend", "batch_size",
+                                            "ood_prototype")},
+    }
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], set[str]]:
+    """``(params, state, metadata, tensor names)`` of one detector file from its header alone:
+    no tensor is read and the digest is not checked (:func:`read_file` does both)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no detector file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
+                                f"or not safetensors): {exc}") from exc
+    _format_version(path, meta)
+    try:
+        params, state = json.loads(meta["params"]), json.loads(meta["state"])
+    except (KeyError, ValueError) as exc:
+        raise DetectorFileError(f"{path} is corrupt: unreadable metadata ({exc})") from None
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise DetectorFileError(f"{path} is corrupt: unreadable metadata")
+    return params, state, meta, names
 
 
 def training_row_numbers(rows: Tensor, n_train: Any) -> bool:

@@ -234,7 +234,7 @@ def test_a_missing_input_file_fails_before_any_work(tmp_path, capsys, monkeypatc
 def test_help_lists_commands_and_options():
     parser = build_parser()
     text = parser.format_help()
-    for cmd in ("demo", "fit", "score", "eval"):
+    for cmd in ("demo", "fit", "score", "eval", "info"):
         assert cmd in text
     out = subprocess.run([sys.executable, "-m", "grood", "fit", "--help"], capture_output=True,
                          text=True, timeout=60)
@@ -583,3 +583,49 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
                  "--calibrate", str(tmp_path / "val.npy"), "--tpr", "95"]) == 2
     assert "tpr is a fraction" in capsys.readouterr().err
     assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood import __version__
+
+    x, y = clustered_features(90, 3, 6, seed=1, dtype=torch.float32)
+    det = GROOD(k=2, ood_prototype="features").fit(x, y, ood_features=x[:5] + 3)
+    det.calibrate(clustered_features(30, 3, 6, seed=5, dtype=torch.float32)[0], tpr=0.9)
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    for part in (f"GROOD detector, format version 2, written by grood {__version__}",
+                 "90 rows, 3 classes, 6-d float32 features",
+                 f"{det.index_.ntotal} gradients; training rows recorded",
+                 "k = 2, precision ieee", "prototype 'features'",
+                 f"{det.threshold_:.6g}: accepts 90 % of the 30 held-out ID rows",
+                 "header only"):
+        assert part in text, (part, text)
+    assert main(["info", "--json", "--check", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["checked"] and info["n_train"] == 90 and info["indexed"] == det.index_.ntotal
+    assert info["calibration"] == det.calibration_ and info["k"] == 2
+    # A damaged tensor: the header still reads, --check refuses it (exit 3, as score does).
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["class_prototypes"][0, 0] += 1
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["info", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["info", "--check", str(path)]) == 3
+    assert "is corrupt: its checksum does not match" in capsys.readouterr().err
+    # A file of a newer format: refused, naming its writer.
+    meta.update(format_version="3", written_by="grood 7.1.0")
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["info", str(path)]) == 3
+    assert "format version 3 (written by grood 7.1.0)" in capsys.readouterr().err
+    # A format version 1 file names no writer and no training rows.
+    assert main(["info", str(Path(__file__).parent / "data" / "detector_v1.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "format version 1 (" in text and "training rows not recorded" in text
+    assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
+    assert "no detector file" in capsys.readouterr().err

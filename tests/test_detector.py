@@ -10,7 +10,7 @@ import torch
 from conftest import clustered_features
 from reference import grood_scores_naive
 
-from grood import GROOD, NotFittedError, ops
+from grood import GROOD, NotFittedError, __version__, ops
 from grood.prototypes import OODPrototypeSource, register_source
 
 
@@ -445,9 +445,16 @@ def test_future_format_version_is_refused(saved):
     with safe_open(str(saved), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = "99"
+    assert meta["written_by"] == f"grood {__version__}"  # files name their writer
+    meta.update(format_version="99", written_by="grood 9.0.0")
     save_file(tensors, str(saved), metadata=meta)
-    with pytest.raises(ValueError, match=r"format version 99; this grood reads versions \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"format version 99 \(written by grood 9\.0\.0\); "
+                                         r"this grood \(.+\) reads versions 1, 2: read it with "
+                                         "the grood that wrote it, or a newer one"):
+        GROOD.load(saved)
+    del meta["written_by"]  # one that does not say (as format version 1 files do not)
+    save_file(tensors, str(saved), metadata=meta)
+    with pytest.raises(ValueError, match=r"format version 99; this grood"):
         GROOD.load(saved)
 
 

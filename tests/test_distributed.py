@@ -11,8 +11,10 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import clustered_features
 
-from grood import GROOD, persistence
+from grood import GROOD, __version__, persistence
+from grood.cli import main
 from grood.index import ExactIndex
+from grood.persistence import describe
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")
@@ -140,14 +142,28 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     assert joined.calibration_ == single.calibration_
 
 
-def test_sharded_manifest_detects_a_damaged_shard(tmp_path):
+def test_sharded_manifest_detects_a_damaged_shard(tmp_path, capsys):
     mp.spawn(_worker, args=(2, str(tmp_path), {}, ()), nprocs=2, join=True)
+    # grood info describes the manifest and its shards, and refuses a shard on its own.
+    info = describe(tmp_path / "det.json", check=True)
+    det = GROOD.load(tmp_path / "det.json")
+    assert info["sharded"] and info["written_by"] == f"grood {__version__}"
+    sizes = [s["gradients"] for s in info["shards"]]
+    assert len(sizes) == 2 and sum(sizes) == info["indexed"] == det.index_.ntotal
+    assert info["rows_recorded"] and info["n_train"] == det.n_train_
+    assert main(["info", str(tmp_path / "det.json")]) == 0
+    assert "shards       2: det.rank0.safetensors (" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="one shard of a detector saved by 2 ranks"):
+        describe(tmp_path / "det.rank0.safetensors")
     shard = tmp_path / "det.rank1.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 1
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match the digest"):
         GROOD.load(tmp_path / "det.json")
+    describe(tmp_path / "det.json")  # the headers alone do not see it
+    with pytest.raises(ValueError, match="does not match the digest"):
+        describe(tmp_path / "det.json", check=True)
     os.remove(shard)
     with pytest.raises(FileNotFoundError, match="which is missing"):
         GROOD.load(tmp_path / "det.json")
