@@ -133,11 +133,12 @@ def raise_together(error: BaseException | None, what: str) -> None:
     views = gather_json(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    failed = [(r, msg) for r, msg in enumerate(views) if msg is not None]
-    rank, msg = failed[0]
-    others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if failed[1:] else ""
+    failed = {r: msg for r, msg in enumerate(views) if msg is not None}
+    rank, *rest = failed
+    others = f" (and rank(s) {', '.join(str(r) for r in rest)})" if rest else ""
     raise RankFailedError(f"rank {rank}{others} failed while {what}, so this rank stops too; "
-                          f"rank {rank}'s error: {msg}")
+                          f"rank {rank}'s error: {failed[rank]}", ranks=list(failed),
+                          step=what, errors=failed)
 
 
 def in_step(batches: Iterable[Any], n_features: int, device: torch.device

@@ -32,7 +32,18 @@ class RankFailedError(ValueError, RuntimeError):
     """Another rank of a distributed fit or score failed (bad input on that rank, a loader
     that raised there): every other rank raises this, naming the rank and its error, while
     that rank raises its own error. The ranks leave the step together, so the process group
-    stays usable."""
+    stays usable.
+
+    Attributes:
+        ranks (list[int]): the ranks that failed, lowest first.
+        step (str): what they were doing (e.g. "reading its features").
+        errors (dict[int, str]): each failed rank's error, as ``"TypeName: message"``.
+    """
+
+    def __init__(self, message: str, *, ranks: list[int] | None = None, step: str = "",
+                 errors: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.ranks, self.step, self.errors = list(ranks or []), step, dict(errors or {})
 
 
 class MissingExtraError(ImportError):

@@ -269,6 +269,10 @@ def _failing_rank_worker(rank, world, tmp):
         if rank == 1:
             bad_t[11, 0] = float("inf")
         attempt("score nan", lambda: det.score_samples(bad_t))
+        try:  # what a RankFailedError holds besides its message
+            det.score_samples(bad_t)
+        except ValueError as exc:
+            detail = [getattr(exc, name, None) for name in ("ranks", "step", "errors")]
         attempt("score width", lambda: det.score_samples(tr if rank else tr[:, :5]))
         attempt("kneighbors nan", lambda: det.kneighbors(bad_t, 2))
         search = det.index_.search
@@ -294,7 +298,8 @@ def _failing_rank_worker(rank, world, tmp):
         persistence.load_file = load_file
         again = GROOD.load(f"{tmp}/ok.json", distributed=True)
         assert torch.equal(again.score_samples(tr), det.score_samples(tr))
-        torch.save({"seen": seen, "scores": det.score_samples(tr)}, f"{tmp}/rank{rank}.pt")
+        torch.save({"seen": seen, "scores": det.score_samples(tr), "detail": detail},
+                   f"{tmp}/rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
@@ -321,6 +326,9 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
         assert other is not None and other[0] == "RankFailedError", (name, other)
         assert f"rank {bad} failed while" in other[1] and step in other[1], (name, other)
         assert own[1] in other[1], (name, other)  # the failed rank's message, whole
+    assert results[0]["detail"] == [
+        [1], "computing the gradients of its rows 8 to 15",
+        {1: "ValueError: features contains NaN or Inf in row(s) 11"}]
     single = GROOD(batch_size=8).fit(x, y).score_samples(test)
     assert torch.equal(torch.cat([r["scores"] for r in results]), single)
 
