@@ -12,7 +12,13 @@ grood uses an existing process group (NCCL on GPUs, gloo on CPUs; started by ``t
 * scoring: each rank scores its own rows; the query gradients travel round a ring of the
   ranks, each searching every block against its shard, and the per-shard k nearest
   (distance, global id) lists go back to the rank that owns the queries and are merged there,
-  so each rank gets the scores a single-process detector would give.
+  so each rank gets the scores a single-process detector would give;
+* failures: rank-local work (reading a shard's rows, a pass over a loader, a search of the
+  rank's own shard, writing or reading its shard file) runs inside :func:`together`, so a
+  rank that fails there stops every rank (it raises its own error, the others
+  :class:`grood.errors.RankFailedError`) instead of leaving them in a collective it never
+  joins; ranks whose settings or feature layout differ are refused by :func:`check_agree`
+  before the collectives they would break.
 """
 
 from __future__ import annotations
