@@ -569,10 +569,11 @@ def _format_version(path: Path, meta: dict[str, str]) -> int:
     return version
 
 
-def describe(path: Path, *, check: bool = False) -> dict[str, Any]:
+def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     """What a detector file or shard manifest holds (``grood info``), as JSON values: from the
     headers alone (no tensor read, digests not checked), or with ``check`` after reading and
     checking every tensor and digest as loading does (one shard at a time; no index built)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no detector file at {path}")
     sharded = _starts_with(path, b"{")
