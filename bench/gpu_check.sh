@@ -90,10 +90,10 @@ run_step() {
         tests/test_kernel_ncp_gradient.py tests/test_library.py tests/test_kernel_knn.py \
         --deselect '$torch_capture'" ;;
     # The torch path on the device (sync-free candidate picking in both ops, the head captured
-    # in a CUDA graph on the torch backend).
+    # in a CUDA graph on the torch backend; a one-rank NCCL group's collectives).
     torch-tests) step 60 "torch-path GPU tests" \
         "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture' \
-        tests/test_detector.py" ;;
+        tests/test_detector.py tests/test_distributed.py" ;;
     # Where the gradient step's time goes (the K-loop alone, without the finish, the pre-pass,
     # the torch GEMM), then the launcher's tiles against every autotuning candidate (the wide
     # tile and the staged variant included).

@@ -402,6 +402,49 @@ def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
         assert kind == "RankFailedError" and "rank 1 failed while reading its next batch" in text
 
 
+def _one_rank_worker(rank, world, tmp, backend):
+    """A sharded detector on one rank of an NCCL group (gloo without a GPU): every collective
+    grood makes (flags, JSON views, shard sizes, the ring's search) on the device's tensors."""
+    tdist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank,
+                             world_size=world)
+    try:
+        dev = "cuda" if backend == "nccl" else "cpu"
+        x, y, logits, test, _ = _data()
+        det = GROOD(distributed=True).fit(x.to(dev), y.to(dev), logits=logits.to(dev))
+        scores, preds = det.score_and_predict(test.to(dev))
+        dists, rows = det.kneighbors(test.to(dev), 3)
+        streamed = [s for s, _ in det.score_batches([test[:20].to(dev), test[20:].to(dev)])]
+        det.save(f"{tmp}/one.json")
+        again = GROOD.load(f"{tmp}/one.json", distributed=True, device=dev)
+        bad = test.to(dev).clone()
+        bad[3, 1] = float("nan")
+        seen, attempt = _recorder()
+        attempt("nan", lambda: det.score_samples(bad))
+        torch.save({"scores": scores.cpu(), "preds": preds.cpu(), "dists": dists.cpu(),
+                    "rows": rows.cpu(), "streamed": torch.cat(streamed).cpu(),
+                    "again": again.score_samples(test.to(dev)).cpu(), "seen": seen},
+                   f"{tmp}/out.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.gpu  # its NCCL half runs in bench/gpu_check.sh; gloo elsewhere
+def test_one_rank_of_a_device_process_group_scores_as_one_process(tmp_path):
+    backend = "nccl" if torch.cuda.is_available() and tdist.is_nccl_available() else "gloo"
+    mp.spawn(_one_rank_worker, args=(1, str(tmp_path), backend), nprocs=1, join=True)
+    got = torch.load(tmp_path / "out.pt")
+    x, y, logits, test, _ = _data()
+    dev = "cuda" if backend == "nccl" else "cpu"
+    single = GROOD().fit(x.to(dev), y.to(dev), logits=logits.to(dev))
+    scores, preds = single.score_and_predict(test.to(dev))
+    dists, rows = single.kneighbors(test.to(dev), 3)
+    for name in ("scores", "streamed", "again"):
+        torch.testing.assert_close(got[name], scores.cpu(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["dists"], dists.cpu(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(got["preds"], preds.cpu()) and torch.equal(got["rows"], rows.cpu())
+    assert got["seen"]["nan"] == ("ValueError", "features contains NaN or Inf in row(s) 3")
+
+
 def test_distributed_without_a_process_group_is_refused():
     x, y, *_ = _data()
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
