@@ -268,7 +268,7 @@ def info_lines(info: dict) -> list[str]:
         f"{info['n_features_in']:,}-d {info['dtype']} features; "
         f"{100 * info['train_accuracy']:.2f} % classified correctly",
         f"  index        {info['index']}{f' ({options})' if options else ''}, "
-        f"{info['indexed']:,} gradients; {rows}",
+        f"{'?' if info['indexed'] is None else format(info['indexed'], ',')} gradients; {rows}",
         f"  scoring      k = {info['k']}, precision {info['precision']}, backend "
         f"{info['backend']}, batch size {info['batch_size']}",
         f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}",
@@ -290,12 +290,11 @@ def info_lines(info: dict) -> list[str]:
 
 
 def _size(n: int) -> str:
-    """Bytes in words: 2.5 KB, 10.3 GB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # not reached
+    """Bytes in words: 812 B, 2.5 KB, 10.3 GB."""
+    units, value, i = ("B", "KB", "MB", "GB", "TB"), float(n), 0
+    while value >= 1000 and i < len(units) - 1:
+        value, i = value / 1000, i + 1
+    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -583,8 +583,10 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     if check:  # everything loading checks, shard by shard
         for r, f in enumerate(files):
             read_file(f, shard=(r, len(files)) if sharded else None)
-    params, state, meta, _ = heads[0]
-    sizes = state.get("shard_sizes")
+    params, state, meta, shapes = heads[0]
+    # Every rank's index size; files saved before it was recorded hold one whole index.
+    sizes = state.get("shard_sizes") or (
+        [shapes["index.vectors"][0]] if "index.vectors" in shapes else None)
     if sharded:  # the manifest's own version and writer
         meta = json.loads(path.read_text())
     elif sizes is not None and len(sizes) > 1:
@@ -601,22 +603,25 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
                                            "train_accuracy", "index", "index_options",
                                            "extractor", "calibration")},
         "indexed": sum(sizes) if sizes else None,
-        "rows_recorded": all("indexed_rows" in names for *_, names in heads),
+        "rows_recorded": all("indexed_rows" in shapes for *_, shapes in heads),
         **{key: params.get(key) for key in ("k", "precision", "backend", "batch_size",
                                             "ood_prototype")},
     }
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], set[str]]:
-    """``(params, state, metadata, tensor names)`` of one detector file from its header alone:
-    no tensor is read and the digest is not checked (:func:`read_file` does both)."""
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str],
+                                      dict[str, list[int]]]:
+    """``(params, state, metadata, tensor shapes by name)`` of one detector file from its
+    header alone: no tensor is read and the digest is not checked (:func:`read_file` does
+    both)."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"no detector file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta, names = f.metadata() or {}, set(f.keys())
+            meta = f.metadata() or {}
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
                                 f"or not safetensors): {exc}") from exc
@@ -627,7 +632,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, s
         raise DetectorFileError(f"{path} is corrupt: unreadable metadata ({exc})") from None
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise DetectorFileError(f"{path} is corrupt: unreadable metadata")
-    return params, state, meta, names
+    return params, state, meta, shapes
 
 
 def training_row_numbers(rows: Tensor, n_train: Any) -> bool:
