@@ -51,7 +51,7 @@ class Calibration:
         Returns:
             the detector.
         """
-        level = check_fraction(tpr, "tpr")  # before any scoring
+        level = self._checked_tpr(tpr)  # before any scoring
         with self._counting_training_rows() as found:
             scores = self.score_samples(features)
         return self._calibrate_on(scores, level, found)
@@ -60,10 +60,20 @@ class Calibration:
                         **kwargs: Any) -> Any:
         """:meth:`calibrate` on a held-out ID loader's samples, through ``model``
         (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
-        level = check_fraction(tpr, "tpr")
+        level = self._checked_tpr(tpr)
         with self._counting_training_rows() as found:
             scores = self.score_model(model, loader, **kwargs)[0]
         return self._calibrate_on(scores, level, found)
+
+    def _checked_tpr(self, tpr: Any) -> float:
+        """``tpr`` checked; a sharded detector's ranks must give the same one (each would
+        otherwise keep another threshold, chosen on the same gathered scores)."""
+        sharded = getattr(self, "_sharded", False)
+        with dist.together(sharded, "checking tpr"):
+            level = check_fraction(tpr, "tpr")
+        if sharded:
+            dist.check_agree(dist.gather_json({"tpr": level}), ("tpr",), "calibration")
+        return level
 
     @contextmanager
     def _counting_training_rows(self):

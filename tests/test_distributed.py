@@ -208,6 +208,7 @@ def _disagreeing_worker(rank, world, tmp):
         det.k = 1
         attempt("score dtype", lambda: det.score_samples(part(test).double() if rank
                                                          else part(test)))
+        attempt("calibration tpr", lambda: det.calibrate(part(test), tpr=0.9 - 0.1 * rank))
         errors = {name: got[1] for name, got in seen.items() if got and got[0] == "ValueError"}
         torch.save({"errors": errors, "scores": det.score_samples(part(test))},
                    f"{tmp}/rank{rank}.pt")
@@ -222,7 +223,9 @@ def test_ranks_that_disagree_are_named_on_every_rank(tmp_path):
             "source": "ood_prototype (rank 0: {'name': 'mean'",
             "logits": "logit columns (rank 0: 5, rank 1: None)",
             "score k": "a distributed score disagree on k (rank 0: 1, rank 1: 2)",
-            "score dtype": "feature dtype (rank 0: 'float32', rank 1: 'float64')"}
+            "score dtype": "feature dtype (rank 0: 'float32', rank 1: 'float64')",
+            "calibration tpr": "a distributed calibration disagree on tpr (rank 0: 0.9, "
+                               "rank 1: 0.8"}
     single = GROOD().fit(x, y).score_samples(test)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
@@ -275,6 +278,7 @@ def _failing_rank_worker(rank, world, tmp):
             detail = [getattr(exc, name, None) for name in ("ranks", "step", "errors")]
         attempt("score width", lambda: det.score_samples(tr if rank else tr[:, :5]))
         attempt("kneighbors nan", lambda: det.kneighbors(bad_t, 2))
+        attempt("calibrate tpr", lambda: det.calibrate(tr, tpr=1.5 if rank else 0.9))
         search = det.index_.search
         if rank == 1:  # a registered index that fails in the ring's search, then one whose
             det.index_.search = lambda q, k: (_ for _ in ()).throw(RuntimeError("index down"))
@@ -315,6 +319,7 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
             "score nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
             "score width": (0, "ValueError", "12", "reading its features"),
             "kneighbors nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
+            "calibrate tpr": (1, "ValueError", "tpr", "checking tpr"),
             "search raises": (1, "RuntimeError", "index down", "searching the neighbours"),
             "search shape": (0, "ValueError", "shape", "searching the neighbours"),
             "save": (1, "ValueError", "taken.rank1.safetensors: it exists", "writing its shard"),
