@@ -285,14 +285,15 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
                                  "GROOD.load() first")
 
-    def _read(self, features: Any, allow_empty: bool = False, *, search: bool = False
-              ) -> tuple[Tensor, Any]:
+    def _read(self, features: Any, allow_empty: bool = False, *, search: bool = False,
+              uses_k: bool = True) -> tuple[Tensor, Any]:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind).
         ``search``: the features will be searched, which a sharded detector does with every
-        rank, so a rank whose features are refused stops every rank."""
+        rank, so a rank whose features are refused stops every rank. ``uses_k``: ``k`` is
+        searched for (and must lie within the index)."""
         self._check_fitted()
         with dist.together(search and self._sharded, "reading its features"):
-            apply_score_time_params(self)
+            apply_score_time_params(self, uses_k=uses_k)
             return read_features(self, features, allow_empty)
 
     def _passes(self, x: Tensor, *, k: int | None, rows: bool = False
@@ -339,7 +340,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
     def predict(self, features: ArrayLike) -> ArrayLike:
         """Nearest class prototype for each sample (int64), shape [N]."""
-        x, kind = self._read(features)
+        x, kind = self._read(features, uses_k=False)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)
         for r0, r1, _, p in self._passes(x, k=None):
             preds[r0:r1] = p
@@ -482,12 +483,14 @@ def check_score_time_params(det: GROOD) -> None:
     ops.check_backend_name(det.backend)
 
 
-def apply_score_time_params(det: GROOD) -> None:
+def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
     """Check the parameters a fitted detector applies at every score (they may have been
     changed after fit or load: see the class) and bring its gradient step and index up to
-    date with them."""
+    date with them; ``uses_k``: ``k`` must lie within the index (not for ``predict``, nor for
+    ``kneighbors`` with its own ``n_neighbors``)."""
     check_score_time_params(det)
-    check_within_index(det, det.k, "k")
+    if uses_k:
+        check_within_index(det, det.k, "k")
     if det.precision != det._grads.precision:
         det._grads.precision = det.precision
         if isinstance(det.index_, ExactIndex):

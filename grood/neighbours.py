@@ -45,9 +45,12 @@ def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | Non
     """One pass of :meth:`Neighbours.kneighbors` that also keeps the predictions: ``(distances,
     rows, preds, kind)`` as tensors on the detector's device, ``kind`` what to return them as
     (the scores are ``-distances[:, det.k - 1]`` where ``n_neighbors >= det.k``)."""
-    x, kind = det._read(features, search=True)
-    k = det.k if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
-    check_within_index(det, k, "n_neighbors")
+    x, kind = det._read(features, search=True, uses_k=n_neighbors is None)
+    if n_neighbors is not None:  # (the detector's k was checked with the features)
+        k = check_positive_int(n_neighbors, "n_neighbors")
+        check_within_index(det, k, "n_neighbors")
+    else:
+        k = det.k
     dists, rows, preds = search_all(det, x, k, rows=True)
     return dists, rows, preds, kind
 

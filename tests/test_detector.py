@@ -266,6 +266,12 @@ def test_k_raised_past_the_index_after_fit_is_refused():
     for method in (det.score_samples, det.score_and_predict):
         with pytest.raises(ValueError, match=f"k={det.k} but the index holds only"):
             method(test)
+    with pytest.raises(ValueError, match=f"k={det.k} but the index holds only"):
+        det.kneighbors(test)  # the detector's k is its default
+    # What does not search for the k-th neighbour still works: predict, kneighbors with
+    # its own n_neighbors.
+    assert torch.equal(det.predict(test), GROOD().fit(x, y).predict(test))
+    assert det.kneighbors(test, 2)[0].shape == (test.shape[0], 2)
     det.k = det.index_.ntotal  # the largest k that is still a score
     assert torch.isfinite(det.score_samples(test)).all()
 
