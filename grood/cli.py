@@ -273,8 +273,9 @@ def info_lines(info: dict) -> list[str]:
         f"{info['backend']}, batch size {info['batch_size']}",
         f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}",
     ]
-    if info["extractor"]:
-        lines.append(f"  model        fit_model read {info['extractor']}")
+    if info["extractor"]:  # fit_model's feature settings, which score_model reuses
+        lines.append("  model        fit_model read " + ", ".join(
+            f"{k} {v!r}" for k, v in sorted(info["extractor"].items()) if v is not None))
     cal = info["calibration"]
     lines.append(
         f"  threshold    {cal['threshold']:.6g}: accepts {100 * cal['tpr']:g} % of the "

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -629,3 +630,11 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
     assert "format version 1 (" in text and "training rows not recorded" in text
     assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
     assert "no detector file" in capsys.readouterr().err
+    # fit_model's feature layer, which score_model reads again.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained net's logits
+        GROOD().fit_model(net, [(x[:45], y[:45]), (x[45:], y[45:])], features="1").save(path)
+    assert main(["info", str(path)]) == 0
+    assert "  model        fit_model read features '1'" in capsys.readouterr().out
