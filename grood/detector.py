@@ -398,9 +398,7 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
     if hasattr(batches, "shape"):  # one array: iterating it would score row by row
         raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
                         "array with score_and_predict or score_samples")
-    stream = (dist.in_step(batches, det.n_features_in_, det.device_) if det._sharded
-              else ((b, True) for b in batches))
-    for batch, own in stream:
+    for batch, own in dist.in_step(batches, det.n_features_in_, det.device_, det._sharded):
         result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result

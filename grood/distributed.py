@@ -147,14 +147,18 @@ def raise_together(error: BaseException | None, what: str) -> None:
                           step=what, errors=failed)
 
 
-def in_step(batches: Iterable[Any], n_features: int, device: torch.device
+def in_step(batches: Iterable[Any], n_features: int, device: torch.device, active: bool = True
             ) -> Iterator[tuple[Any, bool]]:
     """This rank's batches of features to search (each search over a sharded index is
     collective), in step with the other ranks': ``(batch, True)`` for each of its batches,
     then, while another rank still has batches, ``(empty [0, n_features] batch, False)`` so
     that this rank joins that rank's searches (in float64 where that rank's batch is float64:
     the ranks' query dtypes must agree). A rank whose batches raise stops every rank
-    (:func:`together`). One exchange per step: whether each rank has a batch, and its dtype."""
+    (:func:`together`). One exchange per step: whether each rank has a batch, and its dtype.
+    Not ``active`` (a detector in one process): each batch as it comes, ``(batch, True)``."""
+    if not active:
+        yield from ((batch, True) for batch in batches)
+        return
     it = iter(batches)
     while True:
         with together(True, "reading its next batch to score"):

@@ -144,10 +144,8 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     # A sharded detector's ranks search together, each rank's loader as long as it is: the
     # empty batches a rank joins with add no rows (and give its results their shape when its
     # own loader had none).
-    stream = (dist.in_step(feats, det.n_features_in_, det.device_) if det._sharded
-              else ((f, True) for f in feats))
     first, second = [], []
-    for batch, _ in stream:
+    for batch, _ in dist.in_step(feats, det.n_features_in_, det.device_, det._sharded):
         a, b = fn(batch)
         first.append(a.cpu())
         second.append(b.cpu())

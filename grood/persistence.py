@@ -495,8 +495,7 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
                         and dest.dtype == mapped.dtype)
                 tensors[name] = dest.copy_(mapped) if fits else mapped.clone()
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
-                                f"or not safetensors): {exc}") from exc
+        raise _unreadable(path, exc) from exc
     version = _format_version(path, meta)
     optional = OPTIONAL_TENSORS if version >= 2 else ()
     if not names >= set(TENSOR_NAMES) or any(
@@ -551,6 +550,12 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} is inconsistent: k={params['k']} but its index "
                                 f"holds {sum(shard_sizes)} vectors in all")
     return params, state, tensors
+
+
+def _unreadable(path: Path, exc: Exception) -> DetectorFileError:
+    """The error for a file safetensors cannot read."""
+    return DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
+                             f"or not safetensors): {exc}")
 
 
 def _format_version(path: Path, meta: dict[str, str]) -> int:
@@ -623,8 +628,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, s
             meta = f.metadata() or {}
             shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
-                                f"or not safetensors): {exc}") from exc
+        raise _unreadable(path, exc) from exc
     _format_version(path, meta)
     try:
         params, state = json.loads(meta["params"]), json.loads(meta["state"])

@@ -3,6 +3,7 @@
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -29,12 +30,22 @@ def _data():
     return x, y, logits, test, ood
 
 
-def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+@contextmanager
+def _process_group(rank, world, tmp, backend="gloo"):
+    """This spawned process as ``rank`` of a ``world``-rank group (a file store in ``tmp``),
+    left again at the end whatever the worker raised."""
+    tdist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank,
                              world_size=world)
-    reserved, real_reserve = [], ExactIndex.reserve
-    ExactIndex.reserve = lambda self, n: (reserved.append(n), real_reserve(self, n))[1]
     try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
+    with _process_group(rank, world, tmp):
+        reserved, real_reserve = [], ExactIndex.reserve
+        ExactIndex.reserve = lambda self, n: (reserved.append(n), real_reserve(self, n))[1]
         x, y, logits, test, ood = _data()
         part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
         fit_kwargs = {}
@@ -83,8 +94,6 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
         # Loaded back as shards, the detector names the same neighbours.
         loaded = GROOD.load(f"{tmp}/det.json", distributed=True)
         torch.save(loaded.kneighbors(rows, 2), f"{tmp}/rank{rank}.loaded.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 CASES = [
@@ -188,10 +197,8 @@ def _disagreeing_worker(rank, world, tmp):
     """Ranks that differ in what shapes the collectives: each case must raise the same
     ValueError on every rank (gloo aborted the process, or a rank waited forever), and the
     process group stays usable afterwards."""
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                             world_size=world)
-    seen, attempt = _recorder()
-    try:
+    with _process_group(rank, world, tmp):
+        seen, attempt = _recorder()
         x, y, logits, test, _ = _data()
         part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
         xr, yr = part(x), part(y)
@@ -212,8 +219,6 @@ def _disagreeing_worker(rank, world, tmp):
         errors = {name: got[1] for name, got in seen.items() if got and got[0] == "ValueError"}
         torch.save({"errors": errors, "scores": det.score_samples(part(test))},
                    f"{tmp}/rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 def test_ranks_that_disagree_are_named_on_every_rank(tmp_path):
@@ -240,10 +245,8 @@ def _failing_rank_worker(rank, world, tmp):
     there): that rank raises its own error, every other rank a RankFailedError naming it, and
     the process group stays usable (before, the others waited in a collective the failed rank
     never joined, and met its next one: a baffling error, a gloo abort, or a hang)."""
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                             world_size=world)
-    seen, attempt = _recorder()
-    try:
+    with _process_group(rank, world, tmp):
+        seen, attempt = _recorder()
         x, y, logits, test, _ = _data()
         part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
         xr, yr, tr = part(x), part(y), part(test)
@@ -304,8 +307,6 @@ def _failing_rank_worker(rank, world, tmp):
         assert torch.equal(again.score_samples(tr), det.score_samples(tr))
         torch.save({"seen": seen, "scores": det.score_samples(tr), "detail": detail},
                    f"{tmp}/rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
@@ -348,9 +349,7 @@ def _uneven_batches_worker(rank, world, tmp):
     """score_batches with as many batches as each rank has: rank 0 three (numpy), rank 1 one
     (a tensor), rank 2 none (it joins in float64, the others' dtype); and a loader that raises
     on rank 1."""
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                             world_size=world)
-    try:
+    with _process_group(rank, world, tmp):
         x, y, _, test, _ = _data()
         det = GROOD(distributed=True).fit(*(torch.tensor_split(t, world)[rank] for t in (x, y)))
         mine = {0: [test[:10].double().numpy(), test[10:20].double().numpy(),
@@ -375,8 +374,6 @@ def _uneven_batches_worker(rank, world, tmp):
         model_scores = mdet.score_model(net, [b for b, _ in loaders[rank]])
         torch.save({"results": results, "seen": seen, "model": model_scores},
                    f"{tmp}/rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore:the logits classify")  # an untrained net's logits
@@ -410,9 +407,7 @@ def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
 def _one_rank_worker(rank, world, tmp, backend):
     """A sharded detector on one rank of an NCCL group (gloo without a GPU): every collective
     grood makes (flags, JSON views, shard sizes, the ring's search) on the device's tensors."""
-    tdist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank,
-                             world_size=world)
-    try:
+    with _process_group(rank, world, tmp, backend):
         dev = "cuda" if backend == "nccl" else "cpu"
         x, y, logits, test, _ = _data()
         det = GROOD(distributed=True).fit(x.to(dev), y.to(dev), logits=logits.to(dev))
@@ -429,8 +424,6 @@ def _one_rank_worker(rank, world, tmp, backend):
                     "rows": rows.cpu(), "streamed": torch.cat(streamed).cpu(),
                     "again": again.score_samples(test.to(dev)).cpu(), "seen": seen},
                    f"{tmp}/out.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 @pytest.mark.gpu  # its NCCL half runs in bench/gpu_check.sh; gloo elsewhere
