@@ -278,13 +278,12 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     return det
 
 
-def _manifest_shards(path: Path, verify: bool = True) -> list[tuple[Path, str]]:
+def _manifest_shards(path: Path, verify: bool = True,
+                     manifest: Any = None) -> list[tuple[Path, str]]:
     """The ``(shard file, sha256)`` pairs a shard manifest lists, every file checked against
-    its digest where ``verify``."""
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DetectorFileError(f"{path} is not a grood detector file: {exc}") from exc
+    its digest where ``verify`` (``manifest``: the file's JSON, where already read)."""
+    if manifest is None:
+        manifest = _read_manifest(path)
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
         raise DetectorFileError(f"{path} is not a grood shard manifest")
     try:
@@ -312,6 +311,14 @@ def _manifest_shards(path: Path, verify: bool = True) -> list[tuple[Path, str]]:
         if verify and file_sha256(shard) != sha:
             raise DetectorFileError(f"{shard} does not match the digest in {path}")
     return shards
+
+
+def _read_manifest(path: Path) -> Any:
+    """A shard manifest's JSON, or the error that says the file is not one."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DetectorFileError(f"{path} is not a grood detector file: {exc}") from exc
 
 
 def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
@@ -582,8 +589,9 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no detector file at {path}")
     sharded = _starts_with(path, b"{")
-    files = ([shard for shard, _ in _manifest_shards(path, verify=check)] if sharded
-             else [path])
+    manifest = _read_manifest(path) if sharded else None
+    files = ([shard for shard, _ in _manifest_shards(path, verify=check, manifest=manifest)]
+             if sharded else [path])
     heads = [read_header(f) for f in files]
     if check:  # everything loading checks, shard by shard
         for r, f in enumerate(files):
@@ -593,7 +601,11 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     sizes = state.get("shard_sizes") or (
         [shapes["index.vectors"][0]] if "index.vectors" in shapes else None)
     if sharded:  # the manifest's own version and writer
-        meta = json.loads(path.read_text())
+        meta = manifest
+        if sizes is None or len(sizes) != len(files):
+            raise DetectorFileError(f"{path} lists {len(files)} shard(s) but {files[0].name} "
+                                    f"records {'no' if sizes is None else len(sizes)} shard "
+                                    "size(s): the files are not one detector's")
     elif sizes is not None and len(sizes) > 1:
         raise DetectorFileError(f"{path} is one shard of a detector saved by {len(sizes)} "
                                 "ranks and holds only part of its index; describe the JSON "

@@ -1,6 +1,7 @@
 """The grood command: demo at a reduced size, fit / score / eval on feature files, help."""
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -630,6 +631,17 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
     assert "format version 1 (" in text and "training rows not recorded" in text
     assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
     assert "no detector file" in capsys.readouterr().err
+    # A manifest naming two copies of a one-process file: not one sharded detector's files.
+    from grood.persistence import SHARDED_FORMAT, file_sha256
+    det.save(path)
+    shutil.copy(path, tmp_path / "e.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps({
+        "format": SHARDED_FORMAT, "format_version": 2, "world_size": 2,
+        "shards": [{"file": f, "sha256": file_sha256(tmp_path / f)}
+                   for f in ("d.safetensors", "e.safetensors")]}))
+    assert main(["info", str(tmp_path / "m.json")]) == 3
+    assert "lists 2 shard(s) but d.safetensors records 1 shard size(s)" in (
+        capsys.readouterr().err)
     # fit_model's feature layer, which score_model reads again.
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
