@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from torch import Tensor
@@ -24,8 +24,10 @@ def check_reiterable(batches: Any, what: str, *, factory: bool = True) -> None:
                         "is used up after one pass")
 
 
-def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """``(features, labels, logits or None)`` tensors from a re-iterable or a factory."""
+def iter_batches(batches: Any, desc: str
+                 ) -> Generator[tuple[Tensor, Tensor | None, Tensor | None], None, None]:
+    """``(features, labels or None, logits or None)`` tensors from a re-iterable or a factory
+    (a batch's labels may be None where the fit needs none: the checks name them)."""
     source = batches() if callable(batches) else batches
     empty = True
     for i, batch in enumerate(source):
@@ -44,7 +46,7 @@ def iter_batches(batches: Any, desc: str) -> Iterator[tuple[Tensor, Tensor, Tens
                          "after one pass)")
 
 
-def peek_batch(batches: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+def peek_batch(batches: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The first batch, checked, without consuming a re-iterable."""
     it = iter_batches(batches, "first pass")
     first = next(it)

@@ -12,7 +12,7 @@ import argparse
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -174,6 +174,10 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
                          + (f" ({n_classes_from})" if n_classes_from else ""))
 
 
+@overload
+def check_device(device: None) -> None: ...
+@overload
+def check_device(device: str | int | torch.device) -> torch.device: ...
 def check_device(device: Any) -> torch.device | None:
     """``device`` as a ``torch.device`` (None stays None), or a one-line error naming why it
     cannot be used here."""
@@ -203,6 +207,10 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
+@overload
+def check_flag(value: Any, name: str, *, allow_none: Literal[False] = False) -> bool: ...
+@overload
+def check_flag(value: Any, name: str, *, allow_none: bool) -> bool | None: ...
 def check_flag(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
     """``value`` as a Python bool (numpy bools too; None when allowed), else a clear error: a
     string such as "no" would otherwise count as true."""

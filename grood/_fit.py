@@ -183,6 +183,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
             n += xb.shape[0]
         if state is None:
             raise ValueError("the training data is empty")
+    assert n_classes is not None and with_logits is not None  # (set by the first batch)
     n_local, counts_local = n, state.counts.clone()  # to compare the second pass with
     reduce = dist.all_reduce if det.distributed else (lambda t: t)
     if det.distributed:
@@ -246,7 +247,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     if det.k > total:
         raise ValueError(f"k={det.k} but only {total} training samples are "
                          "classified correctly and indexed")
-    if with_logits:
+    if by_prototype is not None:  # (with logits)
         check_logits_agree(total / n, by_prototype)
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:

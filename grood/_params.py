@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 def init_parameters(cls: type) -> tuple[list[str], list[str]]:
     """Names of ``cls.__init__``'s named parameters (after ``self``), and of its ``*args`` /
     ``**kwargs`` ones."""
-    named, variadic = [], []
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+    named: list[str] = []
+    variadic: list[str] = []
+    init = cls.__init__  # type: ignore[misc]  # a class's own __init__, not an instance's
+    for p in list(inspect.signature(init).parameters.values())[1:]:
         (variadic if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) else named).append(p.name)
     return named, variadic
 

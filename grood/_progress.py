@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ class PlainProgress:
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None,
                  desc: str = "", unit: str = "it", every_s: float = PLAIN_EVERY_S) -> None:
         self.iterable = iterable
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        if total is None and isinstance(iterable, Sized):
             total = len(iterable)
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.n = 0
@@ -57,6 +57,8 @@ class PlainProgress:
         self._line(final=True)
 
     def __iter__(self) -> Iterator:
+        if self.iterable is None:
+            raise TypeError("this progress counter was made without an iterable")
         for item in self.iterable:
             yield item
             self.update(1)

@@ -15,7 +15,7 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -41,15 +41,20 @@ from grood.functional import class_prototypes
 class _Baseline(Parameters):
     inputs: ClassVar[str]
     name: ClassVar[str]
+    n_features_in_: int  # set by fit
+
+    if TYPE_CHECKING:  # each baseline's own
+        def score_samples(self, x: ArrayLike, /) -> ArrayLike: ...
 
     def _read(self, x: Any, *, fitting: bool = False) -> tuple[Tensor, Any]:
         if not fitting and not hasattr(self, "n_features_in_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit()")
-        for name in ("k", "batch_size"):  # where a baseline has them; numpy ints become ints
+        # Where a baseline has them: numpy ints become ints; a temperature of 0 or NaN gave
+        # NaN scores, one below 0 inverted them.
+        for name, check in (("k", check_positive_int), ("batch_size", check_positive_int),
+                            ("temperature", check_positive_real)):
             if hasattr(self, name):
-                setattr(self, name, check_positive_int(getattr(self, name), name))
-        if hasattr(self, "temperature"):  # 0 or NaN gave NaN scores, < 0 inverted them
-            self.temperature = check_positive_real(self.temperature, "temperature")
+                setattr(self, name, check(getattr(self, name), name))
         if hasattr(self, "backend"):  # before a fit's work, not at the first score after it
             ops.check_backend_name(self.backend)
         t, kind = as_tensor(x, self.inputs)
@@ -209,6 +214,7 @@ class Mahalanobis(_Baseline):
             # offset dwarfs their spread (1e6 : 1) would cancel most digits below.
             shift = xb.mean(0) if shift is None else shift
             scatter += (xb - shift).T @ (xb - shift)
+        assert state is not None and shift is not None  # (x has rows: fit checked it)
         means = state.prototypes(torch.float64)
         counts = state.counts.to(torch.float64)
         cov = (scatter - ((means - shift).T * counts) @ (means - shift)) / n

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
@@ -22,6 +22,13 @@ from grood import distributed as dist
 from grood._checks import ArrayLike, check_fraction
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_at_tpr
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch import Tensor, nn
+
+    from grood.index import GradientIndex
 
 #: What ``calibration_`` records.
 RECORD_KEYS = ("threshold", "tpr", "n", "k", "nprobe")
@@ -34,6 +41,17 @@ class Calibration:
     #: While calibrating: per scored batch, the number of rows whose nearest indexed gradient
     #: is at distance 0 (indexed training rows; device tensors, read once at the end).
     _exact_matches: list | None = None
+
+    if TYPE_CHECKING:  # what the detector class provides
+        k: int
+        index_: GradientIndex
+        _sharded: bool
+
+        def score_samples(self, features: ArrayLike) -> ArrayLike: ...
+
+        def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
+                        device: str | torch.device | None = None,
+                        autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]: ...
 
     def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Any:
         """Choose the threshold :meth:`is_ood` flags by, on held-out in-distribution features.
@@ -144,6 +162,10 @@ class Calibration:
         self.__dict__.pop("calibration_", None)
 
 
+@overload
+def current_threshold(det: Any, *, required: Literal[True] = True) -> float: ...
+@overload
+def current_threshold(det: Any, *, required: bool) -> float | None: ...
 def current_threshold(det: Any, *, required: bool = True) -> float | None:
     """``det.threshold_``, after checking that the detector still scores as it did when the
     threshold was chosen (``k`` and IVF's ``nprobe`` may have changed since: its scores, and

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from grood import __version__
 from grood._checks import positive_int_arg
@@ -205,7 +206,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     threshold = current_threshold(det, required=False)
     data = load_features(args.features)
     features = _shard(data.features, rank, world)
-    neighbours = None
+    neighbours: tuple[Any, Any] | None = None
+    scores: Any  # tensors, or arrays as the features were; numpy arrays below
+    preds: Any
     if args.neighbours:  # the scores come from the same search: -distance to the k-th
         dists, rows, preds, _ = neighbours_and_predict(det, features,
                                                        max(args.neighbours, det.k))
@@ -227,7 +230,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores, preds, *rest = results
     flags = None if threshold is None else scores < threshold
     save_scores(args.out, scores, preds, flags, threshold,
-                neighbours=tuple(rest) if rest else None)
+                neighbours=(rest[0], rest[1]) if rest else None)
     flagged = "" if flags is None else (
         f"; {int(flags.sum())} ({100 * flags.mean():.2f} %) flagged as OOD, scoring below "
         f"the detector's threshold {threshold:.6g}")
@@ -594,6 +597,8 @@ def _run_bench_script(flag: str, argv: list[str]) -> int:
         os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"grood_bench_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be imported as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)

@@ -27,6 +27,7 @@ from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood
 from grood._progress import progress
 from grood.errors import require
 from grood.extract import FeatureExtractor
+from grood.prototypes import OODPrototypeSource
 from grood.report import (
     METRIC_LABELS,
     markdown_table,
@@ -87,14 +88,15 @@ def load_digit_sets(cfg: DemoConfig) -> dict[str, tuple[Tensor, Tensor]]:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_idx, test_idx = [], []
+    train_parts: list[Tensor] = []
+    test_parts: list[Tensor] = []
     for c in ID_CLASSES:
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(idx.numel(), generator=gen)]
         cut = round(cfg.train_fraction * idx.numel())
-        train_idx.append(idx[:cut])
-        test_idx.append(idx[cut:])
-    train_idx, test_idx = torch.cat(train_idx), torch.cat(test_idx)
+        train_parts.append(idx[:cut])
+        test_parts.append(idx[cut:])
+    train_idx, test_idx = torch.cat(train_parts), torch.cat(test_parts)
     near = ~torch.isin(labels, torch.tensor(ID_CLASSES))
     noise = torch.rand((cfg.n_noise, 1, 8, 8), generator=gen)
     return {
@@ -127,6 +129,15 @@ def train_classifier(x: Tensor, y: Tensor, cfg: DemoConfig) -> DigitsNet:
     return net
 
 
+def _features_and_logits(extractor: FeatureExtractor, loader: DataLoader
+                         ) -> tuple[Tensor, Tensor]:
+    """A loader's penultimate features and logits (the demo's network returns both)."""
+    feats, logits, _ = extractor.extract(loader)
+    if logits is None:
+        raise ValueError("the demo's network gave no logits")
+    return feats, logits
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Train, fit every detector, evaluate, write plots; returns the results as a dict."""
     start = time.perf_counter()
@@ -148,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                sets.items()}
 
     # GROOD from the model itself, with each OOD prototype source.
-    sources = {"mixup": Mixup(layer="pool", lam=0.5),
+    sources: dict[str, str | OODPrototypeSource] = {"mixup": Mixup(layer="pool", lam=0.5),
                "noise": UniformNoise(n_samples=cfg.n_noise_prototype, seed=cfg.seed),
                "mean": "mean"}
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -169,8 +180,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # Baselines on the same penultimate features and logits.
     extractor = FeatureExtractor(net, features="relu3", progress=False)
-    f_train, l_train, _ = extractor.extract(train_loader)
-    feats = {name: extractor.extract(loader)[:2] for name, loader in loaders.items()}
+    f_train, l_train = _features_and_logits(extractor, train_loader)
+    feats = {name: _features_and_logits(extractor, loader) for name, loader in loaders.items()}
     baselines = {
         "MSP": MSP().fit(l_train),
         "Energy": Energy().fit(l_train),

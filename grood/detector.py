@@ -454,7 +454,7 @@ def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor,
     check_matrix(x, "features", n_cols=det.n_features_in_, allow_empty=allow_empty or det._sharded)
     note = elsewhere_note(x.device, det.device_)
     if note is not None and not det.__dict__.get("_told_elsewhere"):
-        det._told_elsewhere = True
+        det.__dict__["_told_elsewhere"] = True  # (a note per fitted state, not a parameter)
         warnings.warn(note, UserWarning, stacklevel=4)
     return x, kind
 

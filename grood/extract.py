@@ -19,7 +19,7 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +109,7 @@ def logits_of(output: Any) -> Tensor | None:
 INPUT_SUFFIX = ":input"
 
 
-def check_module_name(names: dict[str, nn.Module], name: str, role: str) -> tuple[str, bool]:
+def check_module_name(names: dict[str, nn.Module], name: Any, role: str) -> tuple[str, bool]:
     """``(module name, whether its input is meant)`` for ``name`` (a module name, or one with
     :data:`INPUT_SUFFIX`), or an error: a name not in ``names`` (a model's ``named_modules()``)
     lists them, and suggests the one name ending in ``.name`` (the model wrapped by
@@ -199,7 +199,7 @@ class FeatureExtractor:
         self.model = model
         self.features = features
         self.early = early
-        self.device = check_device(device) if device is not None else model_device(model)
+        self.device: torch.device = check_device(device) or model_device(model)
         if autocast not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast must be torch.float16, torch.bfloat16 or None, got "
                              f"{autocast!r}")
@@ -262,6 +262,9 @@ class FeatureExtractor:
                                      "return_feature_list=True: name the penultimate module "
                                      "with features=...") from exc
                 logits, feature_list = out
+                if not feature_list:
+                    raise ValueError("the model's forward returned an empty feature list: "
+                                     "name the penultimate module with features=...")
                 logits = logits_of(logits)
                 captured.setdefault("features", [feature_list[-1]])
                 if isinstance(self.early, int):
@@ -270,12 +273,13 @@ class FeatureExtractor:
                 logits = logits_of(self.model(x))
         feats = self.output_of(captured, "features")
         early = self.output_of(captured, "early")
+        assert feats is not None  # (captured above, or named and checked by output_of)
 
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(t.shape[0], -1).float()
 
         logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
-        return Extracted(flat(feats), flat(logits), flat(early))
+        return Extracted(feats.reshape(feats.shape[0], -1).float(), flat(logits), flat(early))
 
     def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:
         """The one output of the ``role`` (``"features"`` / ``"early"``) module in
@@ -296,7 +300,8 @@ class FeatureExtractor:
             return self._forward(x, captured)
 
     def batches(self, loader: Iterable, *, desc: str = "grood: extracting",
-                limit: int | None = None) -> Iterator[tuple[Extracted, Tensor | None, Tensor]]:
+                limit: int | None = None
+                ) -> Generator[tuple[Extracted, Tensor | None, Tensor], None, None]:
         """Yield ``(extracted, labels, inputs)`` batch by batch (inputs on the model's device).
 
         Args:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -89,6 +89,17 @@ class GROODHead(nn.Module):
     ``load_state_dict`` checks a loaded state the same way and its squared norms against the
     prototypes and the index, and refuses it whole; the forward reads no value of them.
     """
+
+    # Buffers (registered in the constructor).
+    class_prototypes: Tensor
+    ood_prototype: Tensor
+    prototype_sq_norms: Tensor
+    index_vectors: Tensor
+    index_sq_norms: Tensor
+    index_storage: Tensor | None
+    unresolved_rows: Tensor
+    threshold: Tensor | None
+    threshold_k: Tensor
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
@@ -231,6 +242,7 @@ class GROODHead(nn.Module):
             res = grood_ops.resolve_rows(features, self.class_prototypes, self.ood_prototype,
                                          *res)
         else:  # "flag": decided on the device; the search gets zeros for the flagged rows
+            assert finite is not None  # (found above)
             bad = ~(finite & resolved_rows(NCPGradient(*res)))
             res = (torch.where(bad[:, None], 0.0, res[0]), *res[1:])
         stored = self.index_storage is not None and not wide
@@ -326,6 +338,9 @@ class _Tap:
     it. A class per module class (:func:`_tapped_class`), so the copy is still an instance of
     the module's own class and holds the same parameters under the same names."""
 
+    _grood_box: list[Tensor] | None
+    _grood_tap: tuple[str, bool]
+
     def forward(self, *args, **kwargs):
         box, (name, takes_input) = self._grood_box, self._grood_tap
         if box is not None and takes_input:  # before it runs: it may change its input
@@ -346,7 +361,7 @@ def _tapped_class(cls: type) -> type:
 
 
 def _rebuild_tap(cls: type, state: dict) -> nn.Module:
-    module = object.__new__(_tapped_class(cls))
+    module: nn.Module = object.__new__(_tapped_class(cls))
     module.__dict__.update(state)
     return module
 
@@ -377,10 +392,11 @@ def _tapped_model(model: nn.Module, module: str, features: str, takes_input: boo
     for twin in copies.values():
         twin._modules.update({n: copies[id(child)] for n, child in twin._modules.items()
                               if child is not None and id(child) in copies})
-    tap, cls = copies[id(target)], type(target)
+    twin, cls = copies[id(target)], cast(type, type(target))
     if issubclass(cls, _Tap):  # the model of an attached model
         cls = cls.__bases__[1]
-    tap.__class__ = _tapped_class(cls)
+    twin.__class__ = _tapped_class(cls)
+    tap = cast(_Tap, twin)
     tap._grood_box, tap._grood_tap = None, (features, takes_input)
     return copies[id(model)]
 
@@ -441,7 +457,8 @@ class GROODAttached(nn.Module):
             logits, feature_list = self.model(x, return_feature_list=True)
             feats = feature_list[-1]
         else:
-            tap, box = self.model.get_submodule(self._module), []
+            tap = cast(_Tap, self.model.get_submodule(self._module))
+            box: list[Tensor] = []
             tap._grood_box = box
             try:
                 logits = self.model(x)
@@ -484,7 +501,8 @@ def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHe
                      threshold=threshold)
 
 
-def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor], tuple]:
+def capture_cuda_graph(module: Callable[[Tensor], tuple], example: Tensor
+                       ) -> Callable[[Tensor], tuple]:
     """``module``'s forward on inputs shaped like ``example``, captured in a CUDA graph.
 
     Returns ``run(x)``: copies ``x`` into the graph's input, replays the graph and returns its
@@ -524,5 +542,5 @@ def capture_cuda_graph(module: nn.Module, example: Tensor) -> Callable[[Tensor],
 
     # The graph reads these tensors' memory by address: freed, it would be reused and the
     # replay would read other data (a silent wrong score).
-    run.module, run.derived = module, derived
+    run.__dict__.update(module=module, derived=derived)
     return run

@@ -551,11 +551,11 @@ class FaissIVFIndex(_FaissIndex):
         super().__init__(dim, device)
         if not isinstance(omit_batch_t, bool) or (omit_batch_t and loader_batches is None):
             raise ValueError("omit_batch_t must be a bool, and True only with loader_batches")
-        nlist, nprobe, reference_batch_size, loader_batches = (
-            None if value is None else check_positive_int(value, name)
-            for name, value in (("nlist", nlist), ("nprobe", nprobe),
-                                ("reference_batch_size", reference_batch_size),
-                                ("loader_batches", loader_batches)))
+        nlist, loader_batches = (None if value is None else check_positive_int(value, name)
+                                 for name, value in (("nlist", nlist),
+                                                     ("loader_batches", loader_batches)))
+        nprobe = check_positive_int(nprobe, "nprobe")
+        reference_batch_size = check_positive_int(reference_batch_size, "reference_batch_size")
         self.loader_batches, self.omit_batch_t, self._calls = loader_batches, omit_batch_t, 0
         self.nlist = nlist
         self.nprobe = nprobe

@@ -115,7 +115,7 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
         with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
             np.save(f, scores)
     elif path.suffix.lower() == ".npz":
-        arrays = {"score": scores, "pred": preds}
+        arrays: dict[str, Any] = {"score": scores, "pred": preds}
         if flags is not None:
             arrays.update(ood=flags, threshold=np.float64(threshold))
         if neighbours is not None:
@@ -123,7 +123,8 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
         with open(path, "wb") as f:  # through a file, as above
             np.savez(f, **arrays)
     elif path.suffix.lower() == ".csv":
-        n = 0 if neighbours is None else neighbours[1].shape[1]
+        rows, dists = (None, None) if neighbours is None else (neighbours[1], neighbours[0])
+        n = 0 if rows is None else rows.shape[1]
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else [])
@@ -131,9 +132,8 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
                             + [f"neighbour_distance_{j + 1}" for j in range(n)])
             for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
                 writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else [])
-                                + (neighbours[1][i].tolist() + [repr(v) for v in
-                                                                neighbours[0][i].tolist()]
-                                   if n else []))
+                                + (rows[i].tolist() + [repr(v) for v in dists[i].tolist()]
+                                   if rows is not None and dists is not None and n else []))
     else:
         raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
                          f"{path.suffix!r}")

@@ -86,8 +86,9 @@ def resolve_rows(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Ten
     res = resolve_far_rows(functional.NCPGradient(grad, q_ood, pred, min_dist, lse), h,
                            prototypes, ood_prototype, 0)
     # Outputs never alias inputs (the op contract): copy what came through unchanged.
-    return tuple(out.clone() if out is given else out
-                 for out, given in zip(res, (grad, q_ood, pred, min_dist, lse), strict=True))
+    g, q, p, m, s = (out.clone() if out is given else out
+                     for out, given in zip(res, (grad, q_ood, pred, min_dist, lse), strict=True))
+    return g, q, p, m, s
 
 
 @resolve_rows.register_fake

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -121,7 +121,7 @@ def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
 
 
 def _stream(det: GROOD, model: nn.Module, loader: Iterable,
-            fn: Callable[[Tensor], tuple[Tensor, Tensor]], *, features: str | None,
+            fn: Callable[[Tensor], tuple[Any, Any]], *, features: str | None,
             device: str | torch.device | None, autocast: torch.dtype | None
             ) -> tuple[Tensor, Tensor]:
     """``fn`` (features -> two tensors) over a loader's batches of ``features`` (by default
@@ -163,14 +163,14 @@ class ModelFrontEnd:
                   ood_loader: Iterable | None = None, device: str | torch.device | None = None,
                   autocast: torch.dtype | None = None) -> Any:
         """Fit from a model and its training loader, streaming (:func:`grood.model.fit_model`)."""
-        return fit_model(self, model, train_loader, features=features, ood_loader=ood_loader,
-                         device=device, autocast=autocast)
+        return fit_model(cast("GROOD", self), model, train_loader, features=features,
+                         ood_loader=ood_loader, device=device, autocast=autocast)
 
     def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
                     device: str | torch.device | None = None,
                     autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """CPU ``(scores [N], preds [N])`` of a loader (:func:`grood.model.score_model`)."""
-        return score_model(self, model, loader, features=features, device=device,
+        return score_model(cast("GROOD", self), model, loader, features=features, device=device,
                            autocast=autocast)
 
     def kneighbors_model(self, model: nn.Module, loader: Iterable,
@@ -179,7 +179,7 @@ class ModelFrontEnd:
                          autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """CPU ``(distances, training rows)`` [N, n] of a loader's samples
         (:func:`grood.model.kneighbors_model`)."""
-        return kneighbors_model(self, model, loader, n_neighbors, features=features,
+        return kneighbors_model(cast("GROOD", self), model, loader, n_neighbors, features=features,
                                 device=device, autocast=autocast)
 
     def predict_model(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> Tensor:
@@ -193,7 +193,7 @@ class ModelFrontEnd:
         returns ``(score, pred, is_ood)`` (see :mod:`grood.head`)."""
         from grood.head import as_module
 
-        return as_module(self, checks, flags)
+        return as_module(cast("GROOD", self), checks, flags)
 
     def attach(self, model: nn.Module, features: str | None = None,
                checks: str = "raise", flags: bool = False) -> GROODAttached:

@@ -52,6 +52,7 @@ def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | Non
     else:
         k = det.k
     dists, rows, preds = search_all(det, x, k, rows=True)
+    assert rows is not None  # (asked for)
     return dists, rows, preds, kind
 
 

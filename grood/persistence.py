@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's memory, not a copy
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # its memory, not a copy
     return h.hexdigest()
 
 
@@ -362,9 +362,10 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
         row_numbers.append(ts.get("indexed_rows"))
         offset += sizes[r]
     tensors["index.vectors"] = joined
-    if all(r is not None for r in row_numbers):  # read_file checked each shard's alone
-        tensors["indexed_rows"] = torch.cat(row_numbers)
-        if (any(r.numel() != n for r, n in zip(row_numbers, sizes, strict=True))
+    recorded = [r for r in row_numbers if r is not None]
+    if len(recorded) == len(row_numbers):  # read_file checked each shard's alone
+        tensors["indexed_rows"] = torch.cat(recorded)
+        if (any(r.numel() != n for r, n in zip(recorded, sizes, strict=True))
                 or not training_row_numbers(tensors["indexed_rows"], state["n_train"])):
             raise DetectorFileError(f"{path}: the shards' indexed_rows do not number "
                                     f"{sum(sizes)} training rows in rank order")
@@ -433,6 +434,14 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
 class Placement:
     """``to(device)`` of a fitted detector (a base of :class:`grood.GROOD`)."""
 
+    if TYPE_CHECKING:  # what the detector class provides
+        precision: str
+        backend: str
+        device_: torch.device
+        _sharded: bool
+
+        def _check_fitted(self) -> None: ...
+
     def to(self: _D, device: str | torch.device) -> _D:
         """Move the fitted detector to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
         ``torch.device``), in place, and return it (as ``nn.Module.to`` does).
@@ -500,7 +509,8 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
                 mapped, dest = f.get_tensor(name), (into or {}).get(name)
                 fits = (dest is not None and dest.shape == mapped.shape
                         and dest.dtype == mapped.dtype)
-                tensors[name] = dest.copy_(mapped) if fits else mapped.clone()
+                tensors[name] = (dest.copy_(mapped) if dest is not None and fits
+                                 else mapped.clone())
     except Exception as exc:  # safetensors raises several types for damaged files
         raise _unreadable(path, exc) from exc
     version = _format_version(path, meta)
@@ -596,12 +606,13 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     if check:  # everything loading checks, shard by shard
         for r, f in enumerate(files):
             read_file(f, shard=(r, len(files)) if sharded else None)
-    params, state, meta, shapes = heads[0]
+    params, state, header_meta, shapes = heads[0]
+    # The version and writer: a sharded detector's manifest's own.
+    meta: dict[str, Any] = manifest if manifest is not None else header_meta
     # Every rank's index size; files saved before it was recorded hold one whole index.
     sizes = state.get("shard_sizes") or (
         [shapes["index.vectors"][0]] if "index.vectors" in shapes else None)
-    if sharded:  # the manifest's own version and writer
-        meta = manifest
+    if sharded:
         if sizes is None or len(sizes) != len(files):
             raise DetectorFileError(f"{path} lists {len(files)} shard(s) but {files[0].name} "
                                     f"records {'no' if sizes is None else len(sizes)} shard "
@@ -615,7 +626,7 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
         "format_version": int(meta["format_version"]), "written_by": meta.get("written_by"),
         "bytes": sum(f.stat().st_size for f in files),
         "shards": ([{"file": f.name, "gradients": n} for f, n in zip(files, sizes, strict=True)]
-                   if sharded else None),
+                   if sharded and sizes is not None else None),
         **{key: state.get(key) for key in ("n_train", "n_classes", "n_features_in", "dtype",
                                            "train_accuracy", "index", "index_options",
                                            "extractor", "calibration")},

@@ -134,6 +134,9 @@ class Mixup(OODPrototypeSource):
             with ctx.together("reading its training loader (mixup's early prototypes)"):
                 for batch in mc.train_loader:
                     x, y = split_batch(batch)
+                    if y is None:
+                        raise ValueError("mixup's early prototypes need the training "
+                                         "loader's labels; a batch came without them")
                     x, y = x.to(ex.device), y.to(ex.device)
                     if stem is None:
                         stem, tail = self._stem_tail(mc, x[:4])
@@ -156,12 +159,12 @@ class Mixup(OODPrototypeSource):
                     if self.n_samples is not None and seen >= self.n_samples:
                         break
         total = ctx.reduce(total)
-        seen = float(ctx.reduce(torch.tensor([float(seen)], dtype=torch.float64,
-                                             device=total.device)))
-        if seen == 0:  # the mean of nothing would make the origin the OOD prototype
+        every = float(ctx.reduce(torch.tensor([float(seen)], dtype=torch.float64,
+                                              device=total.device)))  # over every rank
+        if every == 0:  # the mean of nothing would make the origin the OOD prototype
             raise ValueError("mixup's pass over the training loader yielded no samples (a "
                              "loader that can be iterated only once?)")
-        return (total / seen).to(ctx.class_prototypes.dtype)
+        return (total / every).to(ctx.class_prototypes.dtype)
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:

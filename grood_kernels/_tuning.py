@@ -14,13 +14,15 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import triton
 import triton.testing
 
 _tuned: dict[str, list[int]] = {}
+#: A configuration: a sequence of ints, the first two the row and column blocks.
+_Config = TypeVar("_Config", bound=Sequence[int])
 
 
 def autotune_enabled(device: torch.device) -> bool:
@@ -54,10 +56,10 @@ def _save(entries: dict[str, list[int]]) -> None:
         pass
 
 
-def tune(launch: Callable[[Sequence[int]], None], key: tuple, n_rows: int, n_cols: int,
-         configs: Sequence[Sequence[int]], device: torch.device, *,
+def tune(launch: Callable[[_Config], None], key: tuple, n_rows: int, n_cols: int,
+         configs: Sequence[_Config], device: torch.device, *,
          results: Callable[[], Any] | None = None,
-         agree: Callable[[Any, Any], bool] | None = None) -> Sequence[int]:
+         agree: Callable[[Any, Any], bool] | None = None) -> _Config:
     """The fastest of ``configs`` (first two entries: row and column blocks) for ``key`` on
     this device: timed once, then remembered (in this process and in the cache file).
 

@@ -8,6 +8,7 @@ twin. Importing this module imports torch only.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import threading
@@ -189,8 +190,8 @@ def _kept_value(tensors: tuple[Tensor, ...], what: tuple, make: Callable[[], Any
         return hit[2]
     value = make()
     with _kept_lock:
-        refs = tuple(weakref.ref(t, lambda ref, key=key, drop=_drop_kept: drop(key, ref))
-                     for t in tensors)
+        # partial binds the function now: a tensor freed at shutdown still reaches it.
+        refs = tuple(weakref.ref(t, functools.partial(_drop_kept, key)) for t in tensors)
         _kept[key] = (refs, versions, value)
     return value
 
@@ -315,7 +316,8 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
         return
     flags = torch.backends.cuda.matmul
     own = flags.fp32_precision
-    saved = "none" if own == torch.backends.fp32_precision else own
+    # The global setting is a module attribute torch sets at run time, unknown to its stubs.
+    saved = "none" if own == torch.backends.fp32_precision else own  # type: ignore[attr-defined]
     flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
     try:
         yield

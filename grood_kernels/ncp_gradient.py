@@ -137,7 +137,7 @@ def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
 #: Launch configurations tried when ``GROOD_AUTOTUNE=1``, per GEMM kind:
 #: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape. Every
 #: one compiles without spills (``bench/compile_report.py --configs all``).
-TUNE_CONFIGS = {
+TUNE_CONFIGS: dict[str, list[tuple[int, ...]]] = {
     "fma": [(32, 64, 32, 4, 3), (32, 64, 32, 8, 3)],
     "tensor": [(128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 4),
                (64, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 64, 32, 4, 3)],
@@ -223,7 +223,8 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     (the tuner checks the others' results against it): the tile list fitted to it (small
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
     split variants where they apply."""
-    fitted = [launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
+    fitted: list[LaunchConfig | None] = [
+        launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
     fitted.append(wide_config(n, c, d, precision, h_bytes, n_sm))
@@ -427,7 +428,7 @@ def _ncp_single_read_kernel(
 
 
 def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
-          cfg: LaunchConfig) -> tuple[KernelLaunch, ...]:
+          cfg: LaunchConfig) -> tuple[KernelLaunch | TorchCall, ...]:
     """The launches for one configuration, in order (also compiled, unlaunched, by the compile
     report): the gradient-step kernel, after the staged variant's pre-pass."""
     grad, q_ood, pred, min_dist, lse = outputs

@@ -106,6 +106,13 @@ def test_hooks_on_a_residual_net_and_feature_list_models():
     torch.testing.assert_close(by_list.early, e.flatten(1))
     torch.testing.assert_close(by_list.logits, logits)
 
+    class NoFeatures(nn.Module):  # a feature list with nothing in it
+        def forward(self, x, return_feature_list=False):
+            return (x.flatten(1), []) if return_feature_list else x.flatten(1)
+
+    with pytest.raises(ValueError, match="returned an empty feature list: name the penultimate"):
+        FeatureExtractor(NoFeatures())(x)
+
 
 def test_eval_mode_is_restored_and_unknown_modules_named():
     model = small_cnn()

@@ -15,7 +15,7 @@ epilogue) and the launcher's. The differences between rows are the stages' costs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -103,7 +103,9 @@ def memory_roofs_table(device: str, tiny: bool, repeat: int = 3) -> Iterator[str
     sms = sm_count(torch.device(device))
     programs = 4 if tiny or sms is None else READ_PROGRAMS_PER_SM * sms
     out = torch.empty(programs * READ_BLOCK, device=device)
-    fns, moved, labels = [], [], []
+    fns: list[Callable[[], object]] = []
+    moved: list[int] = []
+    labels: list[str] = []
     for label, nbytes, passes in READ_ROOFS[tiny]:
         x = torch.ones(nbytes // 4, device=device)
         launch = KernelLaunch(_read_kernel, (programs,), (x, out, x.numel(), passes),
@@ -133,9 +135,10 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                                    n_sm=p.n_sm)
         outs = p.outputs()
         p_ood = p.p_ood
-        stages = [("torch GEMM alone (cuBLAS on a GPU), centred operands",
-                   partial(torch_gemm, h / scale - p_ood / scale,
-                           (protos - p_ood) / scale, precision), True)]
+        stages: list[tuple[str, Callable[[], object], bool]] = [
+            ("torch GEMM alone (cuBLAS on a GPU), centred operands",
+             partial(torch_gemm, h / scale - p_ood / scale, (protos - p_ood) / scale,
+                     precision), True)]
         best = torch.empty((cfg.n_split, n), device=device)
         stages.append(("K-loop alone, feature tile centred in registers (launcher)",
                        partial(run, _kloop_launch(h, prep, n, c, d, precision, cfg, best,

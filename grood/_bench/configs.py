@@ -17,7 +17,7 @@ import torch
 
 from grood._bench.common import median_time, realistic_features
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import run, sm_count
+from grood_kernels._launch import KernelLaunch, run, sm_count
 from grood_kernels._prepare import PreparedPrototypes, prepare_prototypes
 from grood_kernels.contract import ncp_scale
 
@@ -77,7 +77,7 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm)
         base = cands[0]  # the launcher's
-        ref, base_ms = None, None
+        ref, base_ms = None, 0.0  # (the launcher's, timed first)
         for cfg in cands:
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
             label = (" (launcher)" if cfg is base else
@@ -120,6 +120,7 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
                         cfg)
     last = plan[-1]
     if finish is not None:
+        assert isinstance(last, KernelLaunch)  # (the step's own kernel comes last)
         last = last._replace(constexprs={**last.constexprs, "FINISH": finish})
     for launch in (*plan[:-1], last):
         run(launch)

@@ -35,7 +35,8 @@ FULL_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
 TINY_SHAPES = [("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)]
 
 
-def torch_closed_form(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str):
+def torch_closed_form(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The straightforward torch closed form: full [N, C] distances, softmax, gradient."""
     dots = torch_gemm(h.float(), protos.float(), precision).float()
     d2 = (h * h).sum(1, keepdim=True) + (protos * protos).sum(1)[None] - 2 * dots
@@ -82,8 +83,8 @@ def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
     p_ood = protos.mean(0)
     ref = functional.ncp_gradient(id_x.double(), protos.double(), p_ood.double())
     ref_det = GROOD(backend="torch").fit(x.double(), y)
-    ref_auroc = ood_metrics(ref_det.score_samples(id_x.double()).cpu(),
-                            ref_det.score_samples(ood_x.double()).cpu())["auroc"]
+    ref_auroc = ood_metrics(ref_det.score_samples(id_x.double()),
+                            ref_det.score_samples(ood_x.double()))["auroc"]
     lines = [f"Accuracy against float64 ({backend} backend; C = {c}, D = {d}; {n_train} "
              f"training, {n_test} ID and {n_test} OOD samples of clustered post-ReLU-like "
              "features):", "",
@@ -101,8 +102,7 @@ def accuracy_table(device: str, backend: str, tiny: bool) -> list[str]:
         res = ops.get_op("ncp_gradient", backend)(id_x, protos, p_ood, precision=precision)
         g_err, q_err, changed = _errors(res.grad, res.q_ood, res.pred, ref)
         det = GROOD(backend=backend, precision=precision, device=device).fit(x, y)
-        auroc = ood_metrics(det.score_samples(id_x).cpu(), det.score_samples(ood_x).cpu())[
-            "auroc"]
+        auroc = ood_metrics(det.score_samples(id_x), det.score_samples(ood_x))["auroc"]
         lines.append(f"| {backend} | {precision} | {g_err:.2e} | {q_err:.2e} | "
                      f"{100 * changed:.3f} % | {auroc:.6f} | {auroc - ref_auroc:+.1e} |")
     return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from functools import partial
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from grood._bench.common import (
     record_timing,
     synchronize,
 )
+from grood.index import ExactIndex
 
 FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
 TINY_SEARCH_SHAPES = [("tiny", 40, 700, 24)]
@@ -60,7 +62,7 @@ def gradient_index(device: str, tiny: bool) -> tuple[Tensor, Tensor]:
     ids, _ = realistic_features(n_test, c, d, seed=1, device=device)
     ood, _ = realistic_features(n_test, c, d, seed=2, device=device, novel=True)
     queries = det._grads(torch.cat([ids, ood])).grad
-    return queries, det.index_.vectors
+    return queries, cast(ExactIndex, det.index_).vectors
 
 
 def search_accuracy_table(device: str, backends: list[str], tiny: bool) -> list[str]:

@@ -18,7 +18,7 @@ the gradients of batch T, as the official code does (a defect there: off unless 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ REFERENCE_VAL_ROWS = 100
 SOURCES = ("mean", "val", "noise", "mixup")
 
 
-class GROODPostprocessor(_Base):  # type: ignore[misc]
+class GROODPostprocessor(_Base):
     """OpenOOD postprocessor computing GROOD scores (``conf``, higher = ID) and predictions.
 
     Args:
@@ -122,8 +122,9 @@ class GROODPostprocessor(_Base):  # type: ignore[misc]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pred, conf)`` for one batch: nearest-prototype classes and GROOD scores."""
         out = self._extractor(net)(data)
-        conf, pred = self.detector.score_and_predict(out.features)
-        return pred, conf
+        assert self.detector is not None  # (checked by _extractor)
+        conf, pred = self.detector.score_and_predict(out.features)  # tensors in, tensors out
+        return cast(torch.Tensor, pred), cast(torch.Tensor, conf)
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ nearest class prototype is its label.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,13 +35,13 @@ try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwis
 except ImportError:
     _Base = None
 
-    class RequiresFittingException(Exception):
+    class RequiresFittingException(Exception):  # type: ignore[no-redef]
         """``predict`` was called before ``fit``."""
 
         def __init__(self, msg: str = "You have to call fit() before predict()") -> None:
             super().__init__(msg)
 
-    class ModelNotSetException(ValueError):
+    class ModelNotSetException(ValueError):  # type: ignore[no-redef]
         """``predict`` or ``fit`` needs an encoder, and none was given."""
 
         def __init__(self, msg: str = "this detector needs an encoder for inputs; use "
@@ -54,6 +54,11 @@ class _StandIn:
 
     requires_fit = True
     hyperparameter_space: ClassVar[dict[str, list]] = {}
+    encoder: Any  # the detector's, as pytorch-ood's Detector has them
+    head: Any
+
+    if TYPE_CHECKING:
+        def predict(self, x: Tensor) -> Tensor: ...
 
     @property
     def device(self) -> torch.device | None:
@@ -201,7 +206,8 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
 
     def predict_features(self, x: Tensor) -> Tensor:
         """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device."""
-        return 0.0 - self._fitted().score_samples(torch.as_tensor(x).detach())
+        scores = cast(Tensor, self._fitted().score_samples(torch.as_tensor(x).detach()))
+        return 0.0 - scores
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
