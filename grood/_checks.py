@@ -12,7 +12,7 @@ import argparse
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from grood_kernels.contract import check_dense, check_positive_int, integer_valu
 #: What the public API takes and gives back for arrays: a torch tensor or a numpy array (the
 #: result has the input's type: numpy in, numpy out; tensor in, tensor on the input's device).
 ArrayLike = Tensor | np.ndarray
+#: The same, where the result's type follows the input's (for type checkers: a tensor in, a
+#: tensor out; a numpy array in, a numpy array out; either in, either out).
+ArrayT = TypeVar("ArrayT", bound=Tensor | np.ndarray)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)

@@ -23,6 +23,7 @@ from torch import Tensor
 from grood import ops
 from grood._checks import (
     ArrayLike,
+    ArrayT,
     as_labels,
     as_tensor,
     batches,
@@ -44,7 +45,7 @@ class _Baseline(Parameters):
     n_features_in_: int  # set by fit
 
     if TYPE_CHECKING:  # each baseline's own
-        def score_samples(self, x: ArrayLike, /) -> ArrayLike: ...
+        def score_samples(self, x: ArrayT, /) -> ArrayT: ...
 
     def _read(self, x: Any, *, fitting: bool = False) -> tuple[Tensor, Any]:
         if not fitting and not hasattr(self, "n_features_in_"):
@@ -77,7 +78,7 @@ class _LogitBaseline(_Baseline):
         self.n_features_in_ = x.shape[1]
         return self
 
-    def score_samples(self, logits: ArrayLike) -> ArrayLike:
+    def score_samples(self, logits: ArrayT) -> ArrayT:
         """One score per row of ``logits`` [N, C], shape [N]; higher = in-distribution."""
         x, kind = self._read(logits)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -155,7 +156,7 @@ class KNN(_Baseline):
         self.n_features_in_ = x.shape[1]
         return self
 
-    def score_samples(self, features: ArrayLike) -> ArrayLike:
+    def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the Euclidean distance to the k-th nearest training feature, shape [N]."""
         x, kind = self._read(features)
         n_train = self.train_features_.shape[0]
@@ -233,7 +234,7 @@ class Mahalanobis(_Baseline):
         self.n_features_in_ = d
         return self
 
-    def score_samples(self, features: ArrayLike) -> ArrayLike:
+    def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]; float64
         when the fit or the features are float64 (as for the other detectors), else float32."""
         x, kind = self._read(features)

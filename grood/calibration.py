@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import numpy as np
 import torch
 
 from grood import distributed as dist
-from grood._checks import ArrayLike, check_fraction
+from grood._checks import ArrayLike, ArrayT, check_fraction
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_at_tpr
 
@@ -47,7 +47,7 @@ class Calibration:
         index_: GradientIndex
         _sharded: bool
 
-        def score_samples(self, features: ArrayLike) -> ArrayLike: ...
+        def score_samples(self, features: ArrayT) -> ArrayT: ...
 
         def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
                         device: str | torch.device | None = None,
@@ -146,12 +146,12 @@ class Calibration:
             raise AttributeError("threshold_: the detector has no threshold yet (call "
                                  "calibrate)") from None
 
-    def is_ood(self, features: ArrayLike) -> ArrayLike:
+    def is_ood(self, features: ArrayT) -> ArrayT:
         """Whether each sample of features [N, D] scores below ``threshold_`` (set by
         :meth:`calibrate` or loaded with the detector): bool [N], numpy for numpy input, else
         a tensor on the input's device."""
         threshold = current_threshold(self)
-        return self.score_samples(features) < threshold
+        return cast(ArrayT, self.score_samples(features) < threshold)  # (same type as scores)
 
     def _search_setting(self) -> dict[str, Any]:
         """What the scores a threshold was chosen on depend on beyond the fitted state."""

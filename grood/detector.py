@@ -21,6 +21,7 @@ from grood import ops
 from grood._batches import check_reiterable, iter_batches, label_count, peek_batch
 from grood._checks import (
     ArrayLike,
+    ArrayT,
     as_tensor,
     batches,
     check_device,
@@ -320,25 +321,25 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                 bar.update(r1 - r0)
                 yield r0, r1, found, res.pred
 
-    def score_and_predict(self, features: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
+    def score_and_predict(self, features: ArrayT) -> tuple[ArrayT, ArrayT]:
         """``(scores [N], preds [N])`` of features [N, D] in one pass: scores higher for
         in-distribution, nearest-prototype classes; numpy for numpy input, else tensors on
         the input's device."""
         return self._score_and_predict(features)
 
     def _score_and_predict(self, features: ArrayLike, allow_empty: bool = False
-                           ) -> tuple[ArrayLike, ArrayLike]:
+                           ) -> tuple[Any, Any]:
         x, kind = self._read(features, allow_empty, search=True)
         dists, _, preds = search_all(self, x, self.k)
         self._count_training_rows(dists)  # while calibrating
         return kind.wrap(0.0 - dists[:, self.k - 1]), kind.wrap(preds)  # 0.0 - x: no "-0.0"
 
-    def score_samples(self, features: ArrayLike) -> ArrayLike:
+    def score_samples(self, features: ArrayT) -> ArrayT:
         """GROOD score per sample of features [N, D]: ``-||g(x) - g_k||^2``, higher = more
         in-distribution; shape [N], the same type as the input."""
         return self.score_and_predict(features)[0]
 
-    def predict(self, features: ArrayLike) -> ArrayLike:
+    def predict(self, features: ArrayT) -> ArrayT:
         """Nearest class prototype for each sample (int64), shape [N]."""
         x, kind = self._read(features, uses_k=False)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=self.device_)

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grood._checks import ArrayLike, check_positive_int, compute_dtype
+from grood._checks import ArrayLike, ArrayT, check_positive_int, compute_dtype
 
 
 class Neighbours:
     """``kneighbors`` of a fitted detector."""
 
-    def kneighbors(self, features: ArrayLike, n_neighbors: int | None = None
-                   ) -> tuple[Any, Any]:
+    def kneighbors(self, features: ArrayT, n_neighbors: int | None = None
+                   ) -> tuple[ArrayT, ArrayT]:
         """The nearest indexed training gradients of each sample's gradient.
 
         Returns ``(distances, rows)``, both [N, n_neighbors], nearest first: the squared L2
