@@ -96,7 +96,8 @@ class Calibration:
     @contextmanager
     def _counting_training_rows(self):
         """Collect, while scoring, how many rows have an indexed gradient at distance 0."""
-        self._exact_matches = found = []
+        found: list[Tensor] = []
+        self._exact_matches = found
         try:
             yield found
         finally:

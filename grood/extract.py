@@ -19,7 +19,7 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -224,7 +224,7 @@ class FeatureExtractor:
         self._logits_checked = False  # _check_not_logits runs on the first batch only
 
     @contextmanager
-    def capture(self):
+    def capture(self) -> Iterator[dict[str, list[Tensor]]]:
         """Context manager: a dict that the named modules write their outputs (their inputs,
         for names ending in ``:input``) into (a list per role: one entry per call)."""
         captured: dict[str, list[Tensor]] = {}

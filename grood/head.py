@@ -164,8 +164,10 @@ class GROODHead(nn.Module):
         threshold = self.threshold
         with torch.inference_mode(False):
             super()._apply(fn, recurse)
-            if threshold is not None:  # the device follows; the value stays as chosen
-                self.threshold = threshold.to(self.threshold.device, torch.float64)
+            converted = self.threshold
+            if threshold is not None and converted is not None:
+                # The device follows; the value stays as chosen.
+                self.threshold = threshold.to(converted.device, torch.float64)
         self._derive_norms()
         return self
 
@@ -345,7 +347,7 @@ class _Tap:
         box, (name, takes_input) = self._grood_box, self._grood_tap
         if box is not None and takes_input:  # before it runs: it may change its input
             box.append(copy_of_feature(args, name, "features", True))
-        out = super().forward(*args, **kwargs)
+        out = super().forward(*args, **kwargs)  # type: ignore[misc]  # the module's own class
         if box is not None and not takes_input:
             box.append(copy_of_feature(out, name, "features", False))
         return out
