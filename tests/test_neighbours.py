@@ -101,6 +101,28 @@ def test_every_index_kind_names_its_rows_and_keeps_them_through_save_load_and_mo
     assert torch.equal(again.kneighbors(test, 3)[1], rows)
 
 
+@pytest.mark.gpu  # run by bench/gpu_check.sh's torch-path step
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("storage", ["float32", "bfloat16-host"])
+def test_neighbours_on_the_gpu_name_the_rows_the_cpu_names(storage):
+    """Fitted on the GPU (the torch backend, and the bf16 index whose exact rows stay in
+    pinned host memory): the same training rows as a float64 scan, distances within rounding,
+    the score minus the k-th distance bit for bit, results on the features' device."""
+    x, y, test = _data(seed=6)
+    options = ({"storage": "bfloat16", "exact_copy": "host"} if storage == "bfloat16-host"
+               else None)
+    det = GROOD(k=2, backend="torch", device="cuda", index_options=options).fit(x, y)
+    dist, rows = det.kneighbors(test.cuda(), 3)
+    assert dist.device.type == rows.device.type == "cuda"
+    want_d, want_r = _brute_force(det, x.cuda(), test.cuda(), 3)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-4, atol=1e-6)
+    assert torch.equal(rows, want_r)
+    assert torch.equal(det.score_samples(test.cuda()), 0.0 - dist[:, 1])
+    cpu_dist, cpu_rows = det.kneighbors(test, 3)  # host features: results in host memory
+    assert cpu_rows.device.type == "cpu" and torch.equal(cpu_rows, rows.cpu())
+    assert torch.equal(cpu_dist, dist.cpu())
+
+
 def test_bad_requests_are_named():
     x, y, test = _data(seed=5)
     with pytest.raises(NotFittedError):
