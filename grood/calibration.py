@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from torch import Tensor, nn
+    from typing_extensions import Self
 
     from grood.index import GradientIndex
 
@@ -53,7 +54,7 @@ class Calibration:
                         device: str | torch.device | None = None,
                         autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]: ...
 
-    def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Any:
+    def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Self:
         """Choose the threshold :meth:`is_ood` flags by, on held-out in-distribution features.
 
         ``threshold_`` becomes the largest score that accepts at least a fraction ``tpr`` of
@@ -75,7 +76,7 @@ class Calibration:
         return self._calibrate_on(scores, level, found)
 
     def calibrate_model(self, model: Any, loader: Any, *, tpr: float = 0.95,
-                        **kwargs: Any) -> Any:
+                        **kwargs: Any) -> Self:
         """:meth:`calibrate` on a held-out ID loader's samples, through ``model``
         (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
         level = self._checked_tpr(tpr)
@@ -109,7 +110,7 @@ class Calibration:
         if self._exact_matches is not None:
             self._exact_matches.append((dist_k[:, 0] == 0).sum())
 
-    def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Any:
+    def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Self:
         """Set the threshold from held-out ID ``scores`` (every rank's, when sharded);
         ``found``: the scoring's counts of rows equal to indexed training rows."""
         scores = torch.from_numpy(as_score_array(scores, "scores"))

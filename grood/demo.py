@@ -189,9 +189,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "Mahalanobis": Mahalanobis().fit(f_train, y_train),
     }
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
-    for method, det in baselines.items():
-        use_logits = det.inputs == "logits"
-        scores[method] = {name: np.asarray(det.score_samples(f[1] if use_logits else f[0]))
+    for method, baseline in baselines.items():
+        use_logits = baseline.inputs == "logits"
+        scores[method] = {name: np.asarray(baseline.score_samples(f[1] if use_logits else f[0]))
                           for name, f in feats.items()}
         accuracy[method] = classifier_acc
 

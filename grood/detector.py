@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -51,6 +51,9 @@ from grood.model import ModelFrontEnd
 from grood.neighbours import Neighbours, check_within_index, result_dtype, search_all
 from grood.persistence import Placement
 from grood.prototypes import OODPrototypeSource, resolve_source
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
@@ -139,7 +142,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         return resolve_source(self.ood_prototype)
 
     def fit(self, features: ArrayLike, labels: ArrayLike, *, logits: ArrayLike | None = None,
-            ood_features: ArrayLike | None = None) -> GROOD:
+            ood_features: ArrayLike | None = None) -> Self:
         """Fit the detector on training features.
 
         Args:
@@ -179,7 +182,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
     def fit_batches(self, batches: Any, *, ood_features: ArrayLike | None = None,
                     n_classes: int | None = None,
-                    source_inputs: dict[str, Any] | None = None) -> GROOD:
+                    source_inputs: dict[str, Any] | None = None) -> Self:
         """Fit from batches instead of whole arrays (datasets larger than memory).
 
         Args:
@@ -206,7 +209,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
     def _fit_stream(self, batches: Any, inputs: dict[str, Any], n_classes: int | None,
                     where: str, *, extractor: dict[str, Any] | None = None,
-                    bar: bool = True) -> GROOD:
+                    bar: bool = True) -> Self:
         """:meth:`fit_batches` with the sources' ``inputs``; ``extractor`` is kept with the
         fitted state; ``bar=False`` when the batches report their own progress."""
         with dist.together(distributing(self), "reading its first training batch"):
@@ -358,7 +361,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-             distributed: bool = False, backend: str | None = None) -> GROOD:
+             distributed: bool = False, backend: str | None = None) -> Self:
         """Read a detector written by :meth:`save` onto ``device`` (default: CPU), everything
         checked before use and nothing in the file executed. A manifest loads with
         ``distributed=True`` on as many ranks as saved it, or whole into one process (indexes

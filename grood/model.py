@@ -21,6 +21,8 @@ from grood._batches import check_reiterable
 from grood._checks import check_finite_rows
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from grood.detector import GROOD
     from grood.head import GROODAttached, GROODHead
 
@@ -161,10 +163,11 @@ class ModelFrontEnd:
 
     def fit_model(self, model: nn.Module, train_loader: Iterable, *, features: str | None = None,
                   ood_loader: Iterable | None = None, device: str | torch.device | None = None,
-                  autocast: torch.dtype | None = None) -> Any:
+                  autocast: torch.dtype | None = None) -> Self:
         """Fit from a model and its training loader, streaming (:func:`grood.model.fit_model`)."""
-        return fit_model(cast("GROOD", self), model, train_loader, features=features,
-                         ood_loader=ood_loader, device=device, autocast=autocast)
+        fit_model(cast("GROOD", self), model, train_loader, features=features,
+                  ood_loader=ood_loader, device=device, autocast=autocast)
+        return self
 
     def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
                     device: str | torch.device | None = None,

@@ -10,6 +10,10 @@ from typing_extensions import assert_type
 from grood import GROOD, KNN, MSP, Energy, Mahalanobis
 
 
+class MyDetector(GROOD):
+    """A subclass: its fit and calibrate return it, typed as itself."""
+
+
 def _data() -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
     centres = 4.0 * torch.eye(3, 5)
@@ -19,8 +23,8 @@ def _data() -> tuple[Tensor, Tensor]:
 
 def test_a_tensor_in_gives_tensors_out_and_numpy_gives_numpy() -> None:
     x, y = _data()
-    det = GROOD().fit(x, y)
-    det.calibrate(x[:30] + 0.1, tpr=0.9)
+    det = assert_type(GROOD().fit(x, y), GROOD)  # fit, calibrate and load return the detector
+    assert assert_type(det.calibrate(x[:30] + 0.1, tpr=0.9), GROOD) is det
     scores, preds = det.score_and_predict(x)
     assert_type(scores, Tensor)
     assert_type(det.score_samples(x), Tensor)
@@ -50,3 +54,12 @@ def test_the_baselines_keep_the_input_type_too() -> None:
                           np.ndarray)
     for logit_baseline in (MSP().fit(logits), Energy().fit(logits)):
         assert isinstance(assert_type(logit_baseline.score_samples(logits), Tensor), Tensor)
+
+
+def test_a_subclass_keeps_its_type_through_fit_and_calibrate(tmp_path) -> None:
+    x, y = _data()
+    det = assert_type(MyDetector().fit(x, y).calibrate(x[:30] + 0.1), MyDetector)
+    assert isinstance(det, MyDetector)
+    det.save(tmp_path / "d.safetensors")
+    again = assert_type(MyDetector.load(tmp_path / "d.safetensors"), MyDetector)
+    assert isinstance(again, MyDetector)
