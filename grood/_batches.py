@@ -63,10 +63,10 @@ def label_count(yb: Tensor | None) -> tuple[int, int]:
 
 
 def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_classes: int,
-                offset: int, with_logits: bool) -> None:
-    """Validate one streamed training batch; row numbers are counted from the first batch.
-    A batch may be empty; ``with_logits``: whether the first batch gave logits (every batch
-    must do as it did: logits decide which rows are indexed)."""
+                offset: int, with_logits: bool) -> Tensor:
+    """Validate one streamed training batch, returning its labels; row numbers are counted
+    from the first batch. A batch may be empty; ``with_logits``: whether the first batch gave
+    logits (every batch must do as it did: logits decide which rows are indexed)."""
     check_matrix(xb, "features", n_cols=d, allow_empty=True,
                  cols_from="the first training batch has {}")
     check_finite_rows(xb, "features", row_offset=offset)
@@ -84,3 +84,4 @@ def check_batch(xb: Tensor, yb: Tensor | None, lb: Tensor | None, d: int, n_clas
         check_finite_rows(lb, "logits", row_offset=offset)
     check_labels(yb, "labels", xb.shape[0], n_classes=n_classes, allow_empty=True,
                  n_classes_from="the logits' columns" if lb is not None else "n_classes")
+    return yb

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
@@ -301,7 +302,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def batches(n: int, batch_size: int):
+def batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` pairs covering ``range(n)``."""
     for start in range(0, n, batch_size):
         yield start, min(start + batch_size, n)

@@ -8,6 +8,7 @@ training set and sets the :class:`FittedState` this returns; detector files
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,8 @@ def check_logits_agree(by_logits: float, by_prototype: float) -> None:
             "GROOD indexes only the rows the logits get right", UserWarning, stacklevel=4)
 
 
-def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], passes, *,
+def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
+               passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
                n_classes: int | None, d: int, device: torch.device,
                dtype: torch.dtype) -> tuple[FittedState, GradientStep]:
     """What ``det`` learns from two streamed passes over the training set.
@@ -176,7 +178,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
                                      "logits")
                 n_classes = lb.shape[1]
             with_logits = lb is not None if with_logits is None else with_logits
-            check_batch(xb, yb, lb, d, n_classes, n, with_logits)
+            yb = check_batch(xb, yb, lb, d, n_classes, n, with_logits)
             state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
             if lb is not None:
                 right += (lb.argmax(dim=1) == yb).sum()
@@ -221,8 +223,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any], pas
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
     with dist.together(det.distributed, "reading its training batches (gradient index)"):
         for xb, yb, lb in passes("grood fit: gradient index"):
-            if (lb is not None) != with_logits:  # the first pass checked everything else
-                check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
+            if yb is None or (lb is not None) != with_logits:  # the first pass checked the rest
+                yb = check_batch(xb, yb, lb, d, n_classes, offset, with_logits)
             res = grads.resolved(xb, offset)
             offset += xb.shape[0]
             guess = res.pred if lb is None else lb.argmax(dim=1)

@@ -80,7 +80,7 @@ def _in_jupyter_kernel() -> bool:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", enabled: bool | None = None, **tqdm_kwargs: Any):
+             unit: str = "it", enabled: bool | None = None, **tqdm_kwargs: Any) -> Any:
     """A progress bar: ``enabled=False`` none, ``True`` always tqdm, ``None`` tqdm on a
     terminal or in a Jupyter kernel and periodic plain lines otherwise."""
     if enabled is False:

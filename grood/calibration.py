@@ -12,6 +12,7 @@ settings changed, and dropped by a new ``fit``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
@@ -95,7 +96,7 @@ class Calibration:
         return level
 
     @contextmanager
-    def _counting_training_rows(self):
+    def _counting_training_rows(self) -> Iterator[list[Tensor]]:
         """Collect, while scoring, how many rows have an indexed gradient at distance 0."""
         found: list[Tensor] = []
         self._exact_matches = found

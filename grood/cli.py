@@ -80,7 +80,7 @@ def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
     return tdist.get_rank(), tdist.get_world_size()
 
 
-def _shard(x, rank: int, world: int):
+def _shard(x: Any, rank: int, world: int) -> Any:
     """This rank's contiguous block of rows (a view; memory maps stay on disk)."""
     if x is None or world == 1:
         return x
@@ -156,7 +156,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threshold_line(det) -> str:
+def _threshold_line(det: Any) -> str:
     """The saved threshold, in words."""
     cal = det.calibration_
     return (f"threshold {cal['threshold']:.6g} (accepts {100 * cal['tpr']:g} % of the "

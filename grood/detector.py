@@ -168,7 +168,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             n_classes = class_count(int(y.max()) + 1, n, self.distributed)
         device = torch.device(self.device) if self.device is not None else x.device
 
-        def passes(desc: str):
+        def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
             with progress(total=n, desc=desc, unit="rows", enabled=self.progress,
                           unit_scale=True) as bar:
                 for r0, r1 in batches(n, self.batch_size):
@@ -228,7 +228,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             n_classes = class_count(max(c for c, _ in counts), sum(r for _, r in counts),
                                     self.distributed)
 
-        def passes(desc: str):
+        def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
             with progress(desc=desc, unit="rows", enabled=self.progress and bar,
                           unit_scale=True) as rows:
                 for xb, yb, lb in iter_batches(batches, desc):

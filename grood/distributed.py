@@ -37,7 +37,7 @@ from grood.index import check_search_result
 from grood_kernels.contract import lex_sort
 
 
-def _dist():
+def _dist() -> Any:
     import torch.distributed as dist
 
     return dist
@@ -189,7 +189,7 @@ def shard_sizes(ntotal: int) -> list[int]:
     return [int(t) for t in all_gather_rows(torch.tensor([ntotal]))]
 
 
-def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype,
+def search_sharded(index: Any, grads: Tensor, k: int, sizes: list[int], dtype: torch.dtype,
                    rows: Tensor | None = None, check: Any = None,
                    what: str = "searching") -> tuple[Tensor, Tensor]:
     """``(distances, ids)`` [Q, k] from this rank's query ``grads`` to their k nearest over
@@ -225,7 +225,8 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
                 check(d)
         return d, i
 
-    def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int):
+    def exchange(send: list[Tensor], send_rows: int, recv: list[Tensor], recv_rows: int
+                 ) -> list[Any]:
         """Post sends of ``send`` to the next rank and receives of ``recv`` from the previous
         one (an empty block is neither sent nor received: both ends know its size)."""
         ops = [dist.P2POp(dist.isend, t, nxt) for t in send if send_rows]
@@ -263,7 +264,7 @@ def search_sharded(index, grads: Tensor, k: int, sizes: list[int], dtype: torch.
     return best_d.to(grads.device), best_i.to(grads.device)
 
 
-def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtype,
+def _search_local(index: Any, queries: Tensor, k: int, offset: int, dtype: torch.dtype,
                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """This rank's shard's k nearest ``(distances in dtype, global ids)`` for ``queries``;
     with ``rows``, training-row numbers instead of ids."""
@@ -276,7 +277,7 @@ def _search_local(index, queries: Tensor, k: int, offset: int, dtype: torch.dtyp
     return d.to(dtype), torch.where(i >= 0, i + offset, i)
 
 
-def row_numbers(ids: Tensor, rows: Tensor, index) -> Tensor:
+def row_numbers(ids: Tensor, rows: Tensor, index: Any) -> Tensor:
     """Index ``ids`` [Q, k] (-1: none) as the training-row numbers ``rows`` of the index's
     vectors (-1 kept); ids outside the index (a registered index's search) are refused."""
     bad = (ids < -1) | (ids >= rows.numel())

@@ -6,6 +6,8 @@ Each subclasses the built-in exception callers would catch without knowing grood
 
 from __future__ import annotations
 
+from types import ModuleType
+
 __all__ = [
     "BackendUnavailableError",
     "DetectorFileError",
@@ -50,7 +52,7 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the ``pip`` extra."""
 
 
-def require(module: str, *, extra: str, purpose: str):
+def require(module: str, *, extra: str, purpose: str) -> ModuleType:
     """Import and return ``module``, or raise :class:`MissingExtraError` naming the extra.
 
     Args:

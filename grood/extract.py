@@ -148,7 +148,7 @@ def copy_of_feature(value: Any, name: str, role: str, takes_input: bool) -> Tens
 
 
 @contextmanager
-def eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode, then restore each one's previous mode."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -232,7 +232,8 @@ class FeatureExtractor:
         for role, (module, takes_input) in self._targets.items():
             name = getattr(self, role)
 
-            def keep(value, role=role, name=name, takes_input=takes_input):
+            def keep(value: Any, role: str = role, name: str = name,
+                     takes_input: bool = takes_input) -> None:
                 captured.setdefault(role, []).append(
                     copy_of_feature(value, name, role, takes_input))
 

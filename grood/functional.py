@@ -533,7 +533,8 @@ def _lex_first(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(picked, dist, 0).sum(1), first
 
 
-def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int):
+def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int
+                ) -> tuple[Tensor, Tensor]:
     """Keep the k smallest of two candidate lists, lower index first among equal distances."""
     cand_d, cand_i = lex_sort(torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1))
     return cand_d[:, :k], cand_i[:, :k]

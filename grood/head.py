@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ class GROODHead(nn.Module):
             self.prototype_sq_norms = centred_sq_norms(self.class_prototypes, self.ood_prototype)
             self.index_sq_norms = database_sq_norms_of(self.index_vectors)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GROODHead:
         """``.to()``, ``.half()``, ``.cuda()``...: the norms are derived again from the
         converted prototypes and index (converted norms would be norms of the unconverted
         ones, and half-precision ones overflow). The converted buffers are ordinary tensors
@@ -171,8 +171,10 @@ class GROODHead(nn.Module):
         self._derive_norms()
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         """A loaded state is checked as the constructor checks its tensors, and its derived
         buffers against what they derive from, before anything is copied: a state with NaN or
         Inf, squared norms of other prototypes or another index, or a stored copy of other
@@ -343,7 +345,7 @@ class _Tap:
     _grood_box: list[Tensor] | None
     _grood_tap: tuple[str, bool]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         box, (name, takes_input) = self._grood_box, self._grood_tap
         if box is not None and takes_input:  # before it runs: it may change its input
             box.append(copy_of_feature(args, name, "features", True))
@@ -352,7 +354,8 @@ class _Tap:
             box.append(copy_of_feature(out, name, "features", False))
         return out
 
-    def __reduce_ex__(self, protocol):  # pickle and deepcopy by the module's own class
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # Pickled and deep-copied as the module's own class.
         return _rebuild_tap, (type(self).__bases__[1], dict(self.__dict__))
 
 

@@ -370,7 +370,7 @@ class ExactIndex(GradientIndex):
         return index
 
 
-def import_faiss():
+def import_faiss() -> Any:
     """Import faiss, or explain which extra to install."""
     try:
         import faiss
@@ -382,7 +382,7 @@ def import_faiss():
     return faiss
 
 
-def _to_gpu_if_possible(faiss, index, device: torch.device) -> tuple[Any, Any]:
+def _to_gpu_if_possible(faiss: Any, index: Any, device: torch.device) -> tuple[Any, Any]:
     """Move a faiss index to ``device`` when it is CUDA and faiss was built with GPU support.
 
     Returns ``(index, gpu_resources)``; the caller keeps the resources alive with the index.
@@ -398,7 +398,7 @@ def _to_gpu_if_possible(faiss, index, device: torch.device) -> tuple[Any, Any]:
     return faiss.index_cpu_to_gpu(resources, gpu, index), resources
 
 
-def _to_cpu(faiss, index):
+def _to_cpu(faiss: Any, index: Any) -> Any:
     return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and \
         type(index).__name__.startswith("Gpu") else index
 

@@ -62,13 +62,15 @@ def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor,
     """The NCP gradient of ``h`` [N, D]; see :func:`grood.functional.ncp_gradient`."""
     kwargs = {} if prototype_sq_norms is None else {"prototype_sq_norms": prototype_sq_norms}
     backend = _backend_for(backend, h, prototypes, ood_prototype)
-    return tuple(ops.ncp_gradient(h, prototypes, ood_prototype, backend=backend,
-                                  precision=precision, **kwargs))
+    grad, q_ood, pred, min_dist, lse = ops.ncp_gradient(h, prototypes, ood_prototype,
+                                                        backend=backend, precision=precision,
+                                                        **kwargs)
+    return grad, q_ood, pred, min_dist, lse
 
 
 @ncp_gradient.register_fake
-def _(h, prototypes, ood_prototype, precision="ieee", prototype_sq_norms=None,
-      backend="auto"):
+def _(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, precision: str = "ieee",
+      prototype_sq_norms: Tensor | None = None, backend: str = "auto") -> _NCP:
     n, d = h.shape
     dt = _ncp_dtype(h, prototypes, ood_prototype)
     return (h.new_empty((n, d), dtype=dt), h.new_empty((n,), dtype=dt),
@@ -92,8 +94,10 @@ def resolve_rows(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Ten
 
 
 @resolve_rows.register_fake
-def _(h, prototypes, ood_prototype, grad, q_ood, pred, min_dist, lse):
-    return tuple(torch.empty_like(t) for t in (grad, q_ood, pred, min_dist, lse))
+def _(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Tensor, q_ood: Tensor,
+      pred: Tensor, min_dist: Tensor, lse: Tensor) -> _NCP:
+    return (torch.empty_like(grad), torch.empty_like(q_ood), torch.empty_like(pred),
+            torch.empty_like(min_dist), torch.empty_like(lse))
 
 
 @torch.library.custom_op("grood::knn", mutates_args=())
@@ -112,8 +116,9 @@ def knn(queries: Tensor, database: Tensor, k: int, precision: str = "ieee",
 
 
 @knn.register_fake
-def _(queries, database, k, precision="ieee", database_sq_norms=None, rerank_database=None,
-      backend="auto"):
+def _(queries: Tensor, database: Tensor, k: int, precision: str = "ieee",
+      database_sq_norms: Tensor | None = None, rerank_database: Tensor | None = None,
+      backend: str = "auto") -> tuple[Tensor, Tensor]:
     exact = database if rerank_database is None else rerank_database
     dt = _ncp_dtype(queries, exact)
     n_q = queries.shape[0]

@@ -63,7 +63,8 @@ def trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _cumulative_counts(scores: np.ndarray, positive: np.ndarray):
+def _cumulative_counts(scores: np.ndarray, positive: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """True and false positives at each distinct threshold, ranking by descending score."""
     order = np.argsort(-scores, kind="mergesort")
     s, pos = scores[order], positive[order]

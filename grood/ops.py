@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from grood import functional
 from grood._checks import check_not_tracked
 from grood.errors import BackendUnavailableError
+from grood.functional import NCPGradient
 
 BACKENDS = ("auto", "torch", "triton")
 OPERATIONS = ("ncp_gradient", "knn")
@@ -101,7 +103,8 @@ def get_op(op: str, backend: str) -> Callable[..., Any]:
     raise ValueError(f"resolved backend must be 'torch' or 'triton', got {backend!r}")
 
 
-def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwargs):
+def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, *, backend: str = "auto",
+                 **kwargs: Any) -> NCPGradient:
     """:func:`grood.functional.ncp_gradient` on the chosen backend (not differentiable:
     inputs that autograd tracks are refused on every backend)."""
     check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
@@ -110,7 +113,8 @@ def ncp_gradient(h, prototypes, ood_prototype, *, backend: str = "auto", **kwarg
                                                                  **kwargs))
 
 
-def knn(queries, database, k: int = 1, *, backend: str = "auto", **kwargs):
+def knn(queries: Tensor, database: Tensor, k: int = 1, *, backend: str = "auto",
+        **kwargs: Any) -> tuple[Tensor, Tensor]:
     """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)`` (not
     differentiable: inputs that autograd tracks are refused on every backend)."""
     check_not_tracked("knn", queries, database)

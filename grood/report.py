@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def _checked_thresholds(thresholds: Mapping[str, tuple[float, float]] | None,
     return out
 
 
-def figure_class():
+def figure_class() -> Any:
     """matplotlib's ``Figure``, a missing extra named. Figures are made from it directly, not
     through pyplot: drawing a report neither switches the caller's backend (a notebook's
     inline display keeps working) nor leaves figures open in pyplot's global list."""
@@ -83,7 +84,7 @@ def figure_class():
     return Figure
 
 
-def _grid(figure, panels: int, size: tuple[float, float]):
+def _grid(figure: Any, panels: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
     """A ``figure`` (the class) of ``panels`` panels, three to a row; returns it and the used
     axes (the unused ones are hidden)."""
     cols = min(3, panels)
