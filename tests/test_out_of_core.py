@@ -60,6 +60,21 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         GROOD().fit_batches([(x[:64], y[:64]), (x[64:, :5], y[64:])])
 
 
+def test_batches_that_lose_their_labels_in_the_second_pass_are_refused():
+    """A factory whose later passes give other batches: a batch without labels in the
+    gradient-index pass is named (it was compared with the predictions as None)."""
+    x, y, _ = _arrays()
+    calls = []
+
+    def factory():  # the first batch, the prototype pass, then the gradient-index pass
+        calls.append(1)
+        return iter([(x[:150], y[:150]), (x[150:], y[150:] if len(calls) < 3 else None)])
+
+    with pytest.raises(ValueError, match="the training batches carry no labels"):
+        GROOD().fit_batches(factory, n_classes=4)
+    assert len(calls) == 3
+
+
 def test_fit_batches_takes_empty_batches_and_refuses_mixed_logits():
     """Empty batches (a filtered stream) are skipped (counting the classes failed on one
     inside torch's max); logits given for some batches only would index those rows by the
