@@ -529,6 +529,34 @@ def test_a_numpy_file_that_is_not_one_is_named_as_such(tmp_path):
     assert load_features(tmp_path / "good.npz").features.shape == (3, 2)
 
 
+def test_feature_and_score_files_that_cannot_be_used_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from grood.io import load_features, save_scores
+
+    with pytest.raises(FileNotFoundError, match="no feature file at"):
+        load_features(tmp_path / "absent.npz")
+    (tmp_path / "f.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'; use one of"):
+        load_features(tmp_path / "f.csv")
+    (tmp_path / "f.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=r"f\.safetensors: could not read the file"):
+        load_features(tmp_path / "f.safetensors")
+    torch.save({"features": torch.ones(3, 2), "labels": [0, 1, 2]}, tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="'labels' is a list, not an array"):
+        load_features(tmp_path / "f.pt")
+    save_file({"features": np.ones((3, 2), np.float32)}, str(tmp_path / "g.safetensors"))
+    assert load_features(tmp_path / "g.safetensors").features.shape == (3, 2)
+    scores, preds = np.zeros(3), np.zeros(3, np.int64)
+    neighbours = (np.zeros((3, 2)), np.zeros((3, 2), np.int64))
+    with pytest.raises(ValueError, match=r"\.npy holds the scores alone, not the neighbours"):
+        save_scores(tmp_path / "s.npy", scores, preds, None, None, neighbours=neighbours)
+    with pytest.raises(ValueError, match=r"scores are written as \.npy, \.npz or \.csv, not "
+                                         r"'\.txt'"):
+        save_scores(tmp_path / "s.txt", scores, preds, None, None)
+    assert not (tmp_path / "s.npy").exists() and not (tmp_path / "s.txt").exists()
+
+
 def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys):
     """``fit --calibrate`` and ``grood calibrate`` (in place) save the threshold GROOD.calibrate
     chooses; ``score`` then writes an ``ood`` column (.csv) and ``eval`` the fraction of each

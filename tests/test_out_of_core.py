@@ -60,6 +60,40 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         GROOD().fit_batches([(x[:64], y[:64]), (x[64:, :5], y[64:])])
 
 
+def test_fit_batches_with_ood_features_equals_fit():
+    x, y, _ = _arrays()
+    ood = x[:40] + 2.0
+    ref = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    det = GROOD(ood_prototype="features").fit_batches(
+        [(x[:150], y[:150]), (x[150:], y[150:])], ood_features=ood.numpy())
+    assert torch.equal(det.ood_prototype_, ref.ood_prototype_)
+    assert torch.equal(det.score_samples(x[:30]), ref.score_samples(x[:30]))
+
+
+def test_bad_streams_and_sources_are_named():
+    from grood.prototypes import OODPrototypeSource
+
+    x, y, logits = _arrays()
+    with pytest.raises(ValueError, match="batches yielded nothing in the first pass"):
+        GROOD().fit_batches(lambda: iter([]))
+    with pytest.raises(ValueError, match="the training batches carry no labels"):
+        GROOD().fit_batches([(x, None)])  # the classes counted from the labels
+    with pytest.raises(ValueError, match=r"logits of shape \(150, 3\) do not match 150 rows "
+                                         "and 4 classes"):
+        GROOD().fit_batches([(x[:150], y[:150], logits[:150]),
+                             (x[150:], y[150:], logits[150:, :3])])
+
+    class Wrong(OODPrototypeSource):  # not registered: used as an object only
+        name = "test-wrong-shape"
+
+        def build(self, ctx):
+            return ctx.class_prototypes[:, :3].mean(0)
+
+    with pytest.raises(ValueError, match=r"OOD prototype source Wrong\(\) did not give a "
+                                         r"finite vector of shape \[10\]"):
+        GROOD(ood_prototype=Wrong()).fit_batches([(x, y)])
+
+
 def test_batches_that_lose_their_labels_in_the_second_pass_are_refused():
     """A factory whose later passes give other batches: a batch without labels in the
     gradient-index pass is named (it was compared with the predictions as None)."""

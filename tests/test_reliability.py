@@ -58,7 +58,8 @@ def test_a_single_shard_is_refused(sharded):
 
 
 @pytest.mark.parametrize("edit", ["one shard", "twice", "huge world", "no shards", "itself",
-                                  "foreign"])
+                                  "foreign", "not json", "other format", "no file key",
+                                  "newer version"])
 def test_edited_manifests_are_refused(sharded, tmp_path, edit):
     manifest_path = _copy(sharded, tmp_path / "copy")
     manifest = json.loads(manifest_path.read_text())
@@ -77,6 +78,20 @@ def test_edited_manifests_are_refused(sharded, tmp_path, edit):
     elif edit == "itself":
         manifest["shards"][1]["file"] = "det.json"
         match = "lists itself"
+    elif edit == "other format":
+        manifest["format"] = "something.else"
+        match = "is not a grood shard manifest"
+    elif edit == "no file key":
+        del manifest["shards"][0]["file"]
+        match = "is not a valid grood shard manifest: 'file'"
+    elif edit == "newer version":
+        manifest.update(format_version=3, written_by="grood 9.0.0")
+        match = r"manifest version 3 \(written by grood 9\.0\.0\); this grood"
+    elif edit == "not json":
+        manifest_path.write_text("{" + json.dumps(manifest)[:40])
+        with pytest.raises(ValueError, match="is not a grood detector file"):
+            GROOD.load(manifest_path)
+        return
     else:  # a shard of another 2-rank detector, with a matching digest
         x, y = clustered_features(90, 4, 6, seed=9, spread=0.5, dtype=torch.float32)
         other = GROOD(progress=False).fit(x, y)
