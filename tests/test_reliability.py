@@ -641,6 +641,37 @@ def test_sparse_meta_and_masked_inputs_get_clear_errors():
             det.score_samples(sparse.csr_matrix(test.numpy()))
 
 
+def test_arrays_in_any_numpy_layout_score_as_the_plain_array(tmp_path):
+    """Big-endian, Fortran-ordered, negatively strided, read-only and memory-mapped arrays,
+    nested lists and tensors that autograd tracks score as the plain array does (fit on
+    big-endian features and labels too); arrays of Python objects or strings are refused."""
+    x, y = clustered_features(150, 3, 6, seed=3, dtype=torch.float32)
+    det = GROOD(progress=False).fit(x, y)
+    test = clustered_features(12, 3, 6, seed=4, dtype=torch.float32)[0].numpy()
+    want = det.score_samples(test)
+    np.save(tmp_path / "t.npy", test)
+    frozen = test.copy()
+    frozen.flags.writeable = False
+    layouts = {"big-endian": test.astype(">f4"), "fortran": np.asfortranarray(test),
+               "reversed twice": test[::-1][::-1], "negative stride": test[::-1],
+               "read-only": frozen, "memory map": np.load(tmp_path / "t.npy", mmap_mode="r")}
+    for name, arr in layouts.items():
+        got = det.score_samples(arr)
+        expected = want[::-1] if name == "negative stride" else want
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    np.testing.assert_allclose(det.score_samples(test.tolist()), want, rtol=1e-4)  # float64
+    tracked = torch.from_numpy(test).requires_grad_()
+    scores = det.score_samples(tracked)
+    assert not scores.requires_grad and torch.equal(scores, torch.from_numpy(want))
+    swapped = GROOD(progress=False).fit(x.numpy().astype(">f4"), y.numpy().astype(">i8"))
+    assert torch.equal(swapped.index_.vectors, det.index_.vectors)
+    with pytest.raises(TypeError, match="features must be a numeric array, got an array of "
+                                        "Python objects"):
+        det.score_samples(test.astype(object))
+    with pytest.raises(TypeError, match="labels has unsupported dtype <U"):
+        GROOD().fit(x, y.numpy().astype(str))
+
+
 def test_numpy_and_torch_integer_parameters(tmp_path):
     """k, batch_size and integer index options from a config or an array (numpy or 0-d torch
     integers) work like Python ints (a saved file holds JSON ints); booleans, floats and
