@@ -53,8 +53,13 @@ def _as_scores(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        shown = ", ".join(str(int(i)) for i in bad[:5])
+        more = f" (first 5 of {bad.size})" if bad.size > 5 else ""
+        raise ValueError(f"{name} contains NaN or Inf at position(s) {shown}{more}: drop or "
+                         "rescore those samples (a GROOD head with checks='flag' scores the "
+                         "rows it cannot resolve NaN)")
     return arr
 
 

@@ -71,7 +71,9 @@ def test_accepts_tensors_and_lists():
 @pytest.mark.parametrize(("id_s", "ood_s", "match"), [
     ([], [1.0], "id_scores is empty"),
     ([1.0], [], "ood_scores is empty"),
-    ([1.0, np.nan], [0.0], "id_scores contains NaN or Inf"),
+    ([1.0, np.nan], [0.0], r"id_scores contains NaN or Inf at position\(s\) 1: drop or "),
+    ([1.0], [0.0] + [np.inf] * 7, r"ood_scores contains NaN or Inf at position\(s\) 1, 2, 3, "
+                                  r"4, 5 \(first 5 of 7\)"),
     ([[1.0]], [0.0], "id_scores must be 1-D"),
 ])
 def test_bad_scores_are_named(id_s, ood_s, match):
