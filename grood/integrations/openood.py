@@ -18,7 +18,7 @@ the gradients of batch T, as the official code does (a defect there: off unless 
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,8 +123,8 @@ class GROODPostprocessor(_Base):
         """``(pred, conf)`` for one batch: nearest-prototype classes and GROOD scores."""
         out = self._extractor(net)(data)
         assert self.detector is not None  # (checked by _extractor)
-        conf, pred = self.detector.score_and_predict(out.features)  # tensors in, tensors out
-        return cast(torch.Tensor, pred), cast(torch.Tensor, conf)
+        conf, pred = self.detector.score_and_predict(out.features)
+        return pred, conf
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

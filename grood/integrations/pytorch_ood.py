@@ -20,7 +20,7 @@ nearest class prototype is its label.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -206,8 +206,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
 
     def predict_features(self, x: Tensor) -> Tensor:
         """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device."""
-        scores = cast(Tensor, self._fitted().score_samples(torch.as_tensor(x).detach()))
-        return 0.0 - scores
+        return 0.0 - self._fitted().score_samples(torch.as_tensor(x).detach())
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
