@@ -376,9 +376,24 @@ def class_prototypes(
     step = max(1, PROTOTYPE_CHUNK_ELEMENTS // d if features.device.type == "cpu"
                else features.shape[0])
     for r0 in range(0, features.shape[0], step):
-        sums.index_add_(0, labels[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
+        add_rows_by_class(sums, labels[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)
     return PrototypeState(sums, counts)
+
+
+def add_rows_by_class(sums: Tensor, labels: Tensor, rows: Tensor) -> None:
+    """``sums[labels[i]] += rows[i]`` for every row, adding in the same order on every run.
+
+    On the CPU ``index_add_`` adds the rows in order. On a GPU it adds them with atomics, in
+    whatever order the threads arrive: the float64 sums, and so the prototypes, would differ
+    in their last bits from one fit to the next. ``index_put_`` with ``accumulate=True``
+    sorts the rows by class there first (the path ``index_add_`` takes under
+    ``torch.use_deterministic_algorithms``), so a fit on a GPU is reproducible bit for bit.
+    """
+    if sums.device.type == "cpu":
+        sums.index_add_(0, labels, rows)
+    else:
+        sums.index_put_((labels,), rows, accumulate=True)
 
 
 def gradient_tile_rows(device_type: str, block_classes: int, d: int) -> int:

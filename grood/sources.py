@@ -29,6 +29,7 @@ from grood.extract import (
     split_batch,
     split_model,
 )
+from grood.functional import add_rows_by_class
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 
 
@@ -143,7 +144,7 @@ class Mixup(OODPrototypeSource):
                     e = stem(x).flatten(1).float()
                     if sums is None:
                         sums = torch.zeros((n_classes, e.shape[1]), device=ex.device)
-                    sums.index_add_(0, y, e)
+                    add_rows_by_class(sums, y, e)
                     counts += torch.bincount(y, minlength=n_classes)
                 if sums is None:
                     raise ValueError("the training loader yielded no batches")

@@ -706,6 +706,28 @@ def test_moving_a_detector_fails_clearly_and_leaves_it_as_it_was(monkeypatch):
     assert torch.equal(det.score_samples(test), scores)
 
 
+@pytest.mark.gpu  # run by bench/gpu_check.sh's torch-path step
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fits_on_the_gpu_are_reproducible_bit_for_bit(dtype):
+    """The class sums are added in a fixed order on the GPU too (index_add_'s atomics would
+    make float64 sums, and so prototypes, differ in their last bits between fits): three fits
+    of 20,000 rows give the same prototypes, index and scores bit for bit, and prototypes
+    equal to the CPU's float64 means within rounding."""
+    x, y = clustered_features(20_000, 7, 48, seed=11, spread=0.5, dtype=dtype)
+    test, _ = clustered_features(300, 7, 48, seed=12, spread=0.8, dtype=dtype)
+    fits = [GROOD(device="cuda", backend="torch", batch_size=4096).fit(x, y) for _ in range(3)]
+    scores = [det.score_samples(test.cuda()) for det in fits]
+    for det, s in zip(fits[1:], scores[1:], strict=True):
+        assert torch.equal(det.class_prototypes_, fits[0].class_prototypes_)
+        assert torch.equal(det.ood_prototype_, fits[0].ood_prototype_)
+        assert torch.equal(det.index_.vectors, fits[0].index_.vectors)
+        assert torch.equal(s, scores[0])
+    means = torch.stack([x[y == c].double().mean(0) for c in range(7)])
+    torch.testing.assert_close(fits[0].class_prototypes_.cpu().double(), means,
+                               rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
 @pytest.mark.gpu  # its CUDA half runs in bench/gpu_check.sh; the rest runs anywhere
 def test_a_detector_moved_to_the_gpu_and_back_scores_as_before():
     """Fitted in host memory, moved to the GPU: the features' own device scores without a
