@@ -288,6 +288,10 @@ def test_ivf_nprobe_set_after_fit_applies_to_scores_and_to_the_saved_file(tmp_pa
     det.set_params(index_options={"nprobe": 0})
     with pytest.raises(ValueError, match="nprobe must be a positive integer"):
         det.score_samples(test)
+    # None for an option with a default (it failed inside faiss, or in arithmetic).
+    for name in ("nprobe", "reference_batch_size"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got None"):
+            GROOD(index="faiss-ivf", index_options={name: None}).fit(x, y)
 
 
 def test_ivf_search_that_finds_fewer_than_k_neighbours_is_refused():
