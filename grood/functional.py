@@ -53,6 +53,7 @@ __all__ = [
     "RERANK_EXTRA",
     "NCPGradient",
     "PrototypeState",
+    "add_rows_by_class",
     "check_precision",
     "class_prototypes",
     "database_sq_norms_of",
