@@ -159,8 +159,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _threshold_line(det: Any) -> str:
     """The saved threshold, in words."""
     cal = det.calibration_
-    return (f"threshold {cal['threshold']:.6g} (accepts {100 * cal['tpr']:g} % of the "
-            f"{cal['n']} held-out ID rows it was chosen on; lower scores are flagged as OOD)")
+    return f"threshold {cal['threshold']:.6g} ({_accepts(cal)})"
+
+
+def _accepts(cal: dict[str, Any]) -> str:
+    """What a calibration record's threshold accepts, in words."""
+    return (f"accepts {100 * cal['tpr']:g} % of the {cal['n']:,} held-out ID rows it was "
+            "chosen on; lower scores are flagged as OOD")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -280,10 +285,8 @@ def info_lines(info: dict) -> list[str]:
         lines.append("  model        fit_model read " + ", ".join(
             f"{k} {v!r}" for k, v in sorted(info["extractor"].items()) if v is not None))
     cal = info["calibration"]
-    lines.append(
-        f"  threshold    {cal['threshold']:.6g}: accepts {100 * cal['tpr']:g} % of the "
-        f"{cal['n']:,} held-out ID rows it was chosen on; lower scores are flagged as OOD"
-        if cal else "  threshold    none (grood calibrate sets one)")
+    lines.append(f"  threshold    {cal['threshold']:.6g}: {_accepts(cal)}" if cal
+                 else "  threshold    none (grood calibrate sets one)")
     if info["shards"]:
         lines.append(f"  shards       {len(info['shards'])}: " + ", ".join(
             f"{s['file']} ({s['gradients']:,})" for s in info["shards"]))

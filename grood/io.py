@@ -123,8 +123,7 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
         with open(path, "wb") as f:  # through a file, as above
             np.savez(f, **arrays)
     elif path.suffix.lower() == ".csv":
-        rows, dists = (None, None) if neighbours is None else (neighbours[1], neighbours[0])
-        n = 0 if rows is None else rows.shape[1]
+        n = 0 if neighbours is None else neighbours[1].shape[1]
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else [])
@@ -132,8 +131,9 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
                             + [f"neighbour_distance_{j + 1}" for j in range(n)])
             for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
                 writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else [])
-                                + (rows[i].tolist() + [repr(v) for v in dists[i].tolist()]
-                                   if rows is not None and dists is not None and n else []))
+                                + (neighbours[1][i].tolist()
+                                   + [repr(v) for v in neighbours[0][i].tolist()]
+                                   if neighbours is not None else []))
     else:
         raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
                          f"{path.suffix!r}")

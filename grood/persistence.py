@@ -507,10 +507,10 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
             tensors = {}
             for name in names:
                 mapped, dest = f.get_tensor(name), (into or {}).get(name)
-                fits = (dest is not None and dest.shape == mapped.shape
-                        and dest.dtype == mapped.dtype)
-                tensors[name] = (dest.copy_(mapped) if dest is not None and fits
-                                 else mapped.clone())
+                if dest is not None and dest.shape == mapped.shape and dest.dtype == mapped.dtype:
+                    tensors[name] = dest.copy_(mapped)
+                else:
+                    tensors[name] = mapped.clone()
     except Exception as exc:  # safetensors raises several types for damaged files
         raise _unreadable(path, exc) from exc
     version = _format_version(path, meta)

@@ -10,7 +10,6 @@ detector's scores (max abs difference, predictions changed), then their throughp
 from __future__ import annotations
 
 from functools import partial
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ def head_table(device: str, backend: str, tiny: bool, repeat: int) -> list[str]:
     feats, _ = realistic_features(n, c, d, seed=1, device=device)
     det = GROOD(backend=backend, precision="ieee" if tiny else "tf32").fit(x, y)
     head = det.as_module()
-    want_s, want_p = cast(tuple[Tensor, Tensor], det.score_and_predict(feats))
+    want_s, want_p = det.score_and_predict(feats)
     torch._dynamo.reset()
     compiled = torch.compile(head, fullgraph=True)
     exported = torch.export.export(head, (feats,)).module()
@@ -117,8 +116,7 @@ def attached_table(device: str, backend: str, tiny: bool, repeat: int) -> list[s
     images = torch.randn(batch, 3, size, size, device=device)
     with torch.no_grad():
         logits = net(images)
-        want_s, want_p = cast(tuple[Tensor, Tensor],
-                              det.score_and_predict(net.avgpool(net.body(images)).flatten(1)))
+        want_s, want_p = det.score_and_predict(net.avgpool(net.body(images)).flatten(1))
         attached = det.attach(net, features="avgpool", checks="flag")
         runs = {"classifier alone, eager": partial(net, images),
                 "classifier + head, eager": partial(attached, images)}
