@@ -101,7 +101,7 @@ def _require_files(files: dict[str, str | None]) -> None:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood._checks import check_fraction
-    from grood.io import load_features
+    from grood.io import HOW_TO_WRITE, load_features
     from grood.persistence import save_target
 
     # The inputs and the output are checked before any work, so a bad path fails in a second,
@@ -124,7 +124,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     rank, world = _init_distributed(args)
     train = load_features(args.train)
     if train.labels is None:
-        raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels")
+        raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels. "
+                         f"{HOW_TO_WRITE}")
     ood = load_features(args.ood_features).features if args.ood_features else None
     # Read (memory-mapped) before the fit: an unreadable file fails now, not after it.
     calibration = load_features(args.calibrate).features if args.calibrate else None

@@ -22,6 +22,9 @@ import torch
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 KEYS = ("features", "labels", "logits")
+#: How to write a feature file, for the errors that find one lacking.
+HOW_TO_WRITE = ("A feature file names its arrays: np.savez(path, features=X, labels=y) (logits "
+                "too, if there are any), or torch.save({'features': X, 'labels': y}, path)")
 
 
 class FeatureFile(NamedTuple):
@@ -68,7 +71,8 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     except Exception as exc:
         raise ValueError(f"{path}: could not read the file ({exc})") from exc
     if "features" not in arrays:
-        raise ValueError(f"{path} has no 'features' array; it holds {sorted(arrays)}")
+        raise ValueError(f"{path} has no 'features' array; it holds {sorted(arrays)}. "
+                         f"{HOW_TO_WRITE}")
     for key in KEYS:
         value = arrays.get(key)
         if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):

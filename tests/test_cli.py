@@ -173,7 +173,9 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     _write(tmp_path / "nolabels.npz", features=x)
     rc = main(["fit", str(tmp_path / "nolabels.npz"), "-o", str(tmp_path / "d.safetensors")])
     assert rc == 2
-    assert "has no 'labels' array" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no 'labels' array" in err
+    assert "np.savez(path, features=X, labels=y)" in err  # how to write one that works
     rc = main(["score", str(tmp_path / "missing.safetensors"), str(tmp_path / "nolabels.npz"),
                "-o", str(tmp_path / "s.npy")])
     assert rc == 2
@@ -181,7 +183,9 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     np.savez(tmp_path / "wrongkey.npz", feats=x.numpy())
     rc = main(["fit", str(tmp_path / "wrongkey.npz"), "-o", str(tmp_path / "d.safetensors")])
     assert rc == 2
-    assert "no 'features' array; it holds ['feats']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no 'features' array; it holds ['feats']" in err
+    assert "np.savez(path, features=X, labels=y)" in err
 
 
 def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
