@@ -315,6 +315,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.report import METRIC_LABELS, markdown_table
 
     _require_files({"detector file": args.detector, "feature file": args.id})
+    real = [os.path.realpath(p) for p in args.ood]
+    repeated = [p for i, p in enumerate(args.ood) if real[i] in real[:i]]
+    if repeated:  # one row and one metrics entry per set
+        raise ValueError(f"--ood names the same file more than once: {', '.join(repeated)}")
     for path in args.ood:
         _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
@@ -543,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG_FILES)
     ev.add_argument("detector", help="detector file written by 'grood fit'")
     ev.add_argument("--id", required=True, help="in-distribution test feature file")
-    ev.add_argument("--ood", required=True, nargs="+", help="OOD feature file(s)")
+    # extend: a repeated --ood adds its files (the default action would keep the last only)
+    ev.add_argument("--ood", required=True, nargs="+", action="extend",
+                    help="OOD feature file(s); may be repeated")
     ev.add_argument("--plots", metavar="DIR",
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
                          "(DIR/histograms.png); needs matplotlib (grood[plots])")

@@ -211,6 +211,31 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
     assert rc == 2 and "'labels' has shape (20, 1), expected (20,)" in capsys.readouterr().err
 
 
+def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, capsys):
+    """``--ood a --ood b`` evaluates both (argparse's default action kept only b, silently);
+    the same file named twice (as given or by another path) is refused."""
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    _write(tmp_path / "id.npz", features=x[:20])
+    _write(tmp_path / "a.npz", features=x[:7] + 9)
+    _write(tmp_path / "b.npz", features=x[:5] - 9)
+    capsys.readouterr()
+    out = tmp_path / "m.json"
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
+                 "--ood", str(tmp_path / "b.npz"), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {tmp_path / 'a.npz'} | 7 " in table and f"| {tmp_path / 'b.npz'} | 5 " in table
+    assert sorted(json.loads(out.read_text())) == [str(tmp_path / "a.npz"),
+                                                   str(tmp_path / "b.npz")]
+    again = tmp_path / "sub" / ".." / "a.npz"
+    (tmp_path / "sub").mkdir()
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
+                 str(tmp_path / "b.npz"), "--ood", str(again)]) == 2
+    assert f"--ood names the same file more than once: {again}" in capsys.readouterr().err
+
+
 def test_a_missing_input_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
     """A misspelt last OOD set (or feature file to score) was found only after the detector
     was loaded and the ID set scored."""
