@@ -94,7 +94,12 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
     """Check that ``x`` is a floating-point matrix ``[N, D]``, non-empty unless allowed, with
     ``n_cols`` columns when given (``cols_from`` says where that number comes from)."""
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}")
+        hint = ""
+        if x.ndim > 2 and all(size == 1 for size in x.shape[2:]):
+            # a pooled feature map, e.g. a hook on a ResNet's avgpool
+            hint = ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
+                    "x.flatten(1); numpy: x.reshape(len(x), -1))")
+        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}{hint}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be floating point (float16, bfloat16, float32 or float64), "

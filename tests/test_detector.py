@@ -205,6 +205,9 @@ def _bad_fit_cases():
         ("nan-row", (nan_x, y), {}, ValueError, r"features contains NaN or Inf in row\(s\) 5"),
         ("inf-rows", (inf_x, y), {}, ValueError, r"row\(s\) 3, 9"),
         ("1d-features", (x[:, 0], y), {}, ValueError, "must be a 2-D array"),
+        ("pooled-map", (x[:, :, None, None], y), {}, ValueError,
+         r"got shape \(80, \d+, 1, 1\); a pooled feature map \[N, D, 1, \.\.\.\]: flatten "
+         r"it to \[N, D\] \(torch: x.flatten\(1\); numpy: x.reshape\(len\(x\), -1\)\)"),
         ("int-features", (x.long(), y), {}, TypeError, "must be floating point"),
         ("empty", (x[:0], y[:0]), {}, ValueError, "features is empty"),
         ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
