@@ -112,6 +112,8 @@ run_step() {
             log "    with: $(printf '%q ' "${roofline[@]}")"
         elif [[ ! -s "$out/gpu_report.json" ]]; then
             log "skipped (no gpu_report.json: run the report step first): roofline picture"
+        elif ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+            log "skipped (no GPU: the model has no panel for the interpreter's timings): roofline picture"
         else
             step 30 "roofline picture" "$(printf '%q ' "${roofline[@]}")"
         fi ;;
