@@ -329,9 +329,18 @@ def positive_real_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
 
 
+def fraction_arg(text: str) -> float:
+    """An argparse type: a fraction in (0, 1], or a usage error that says so (95, a
+    percentage, is one)."""
+    try:
+        return check_fraction(float(text), "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
+
 def bench_device_arg(text: str) -> str:
     """An argparse type for the benchmarks' ``--device`` (with ``choices=["cuda", "cpu"]``):
     "cuda" is a usage error where no CUDA device is available, before anything runs."""
     if text == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("no CUDA device is available here")
     return text
+

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from grood import __version__
-from grood._checks import positive_int_arg
+from grood._checks import fraction_arg, positive_int_arg
 from grood.errors import DetectorFileError, MissingExtraError
 
 EPILOG_FILES = (
@@ -100,7 +100,6 @@ def _require_files(files: dict[str, str | None]) -> None:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
-    from grood._checks import check_fraction
     from grood.io import HOW_TO_WRITE, load_features
     from grood.persistence import save_target
 
@@ -114,8 +113,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                         "calibration feature file": args.calibrate})
     if args.tpr is not None and args.calibrate is None:
         raise ValueError("--tpr applies with --calibrate FILE (held-out ID features)")
-    if args.tpr is not None:
-        check_fraction(args.tpr, "tpr")  # before the fit
     if args.ood_prototype == "features" and not args.ood_features:
         raise ValueError("--ood-prototype features needs --ood-features FILE")
     if args.ood_features and args.ood_prototype not in (None, "features"):
@@ -491,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out in-distribution feature file: save with the detector the "
                           "score threshold that accepts --tpr of its rows ('grood score' then "
                           "flags lower scores as OOD)")
-    fit.add_argument("--tpr", type=float, default=None,
+    fit.add_argument("--tpr", type=fraction_arg, default=None,
                      help="with --calibrate: the fraction of ID rows to accept (default: 0.95)")
     fit.set_defaults(func=_cmd_fit)
 
@@ -506,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "training file)")
     cal.add_argument("-o", "--out", required=True,
                      help="detector file to write (.safetensors; may be the detector itself)")
-    cal.add_argument("--tpr", type=float, default=0.95,
+    cal.add_argument("--tpr", type=fraction_arg, default=0.95,
                      help="fraction of the ID rows to accept (default: %(default)s)")
     cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     cal.add_argument("--backend", choices=BACKENDS, default=None,

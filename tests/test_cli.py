@@ -638,10 +638,19 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
     assert "not on the training set" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "train.npz"), "-o", str(plain), "--tpr", "0.9"]) == 2
     assert "--tpr applies with --calibrate" in capsys.readouterr().err
-    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "new.safetensors"),
-                 "--calibrate", str(tmp_path / "val.npy"), "--tpr", "95"]) == 2
-    assert "tpr is a fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "new.safetensors"),
+              "--calibrate", str(tmp_path / "val.npy"), "--tpr", "95"])
+    assert usage.value.code == 2
+    assert "argument --tpr: must be a fraction in (0, 1], got '95'" in capsys.readouterr().err
     assert not (tmp_path / "new.safetensors").exists()
+    # a usage error, not one of the feature file's (it was named as the file's before)
+    with pytest.raises(SystemExit) as usage:
+        main(["calibrate", str(plain), str(tmp_path / "val.npy"), "-o",
+              str(tmp_path / "c.safetensors"), "--tpr", "nan"])
+    assert usage.value.code == 2
+    assert "argument --tpr: must be a fraction in (0, 1], got 'nan'" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsys):
