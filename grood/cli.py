@@ -129,7 +129,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     prototype = args.ood_prototype or ("features" if ood is not None else "mean")
     index_options = None
     if args.index_storage != "float32":
-        index_options = {"storage": args.index_storage, "exact_copy": args.exact_copy}
+        index_options = {"storage": args.index_storage,
+                         "exact_copy": args.exact_copy or "device"}
+    elif args.exact_copy is not None:  # the index is searched in fp32: it has no exact copy
+        raise ValueError("--exact-copy applies with a half-precision --index-storage "
+                         "(bfloat16 or float16)")
     if args.index != "exact" and index_options is not None:
         raise ValueError("--index-storage applies to --index exact only")
     det = GROOD(ood_prototype=prototype, k=args.k, backend=args.backend, device=args.device,
@@ -476,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype the gradient index is searched in; half precision streams "
                           "half the bytes, and candidates are re-ranked from the exact copy "
                           "(default: float32)")
-    fit.add_argument("--exact-copy", choices=["device", "host"], default="device",
+    fit.add_argument("--exact-copy", choices=["device", "host"], default=None,
                      help="with a half-precision --index-storage: keep the exact copy on the "
                           "device or in host memory (default: device)")
     fit.add_argument("--batch-size", type=positive_int_arg, default=4096,

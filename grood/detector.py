@@ -135,7 +135,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         check_score_time_params(self)
         self.distributed = check_flag(self.distributed, "distributed")
         check_device(self.device)
-        index_class(self.index)  # a clear error for an unknown kind
+        # An unknown kind, or options it refuses, before any pass over the data.
+        index_class(self.index).check_options(check_index_options(self.index_options))
         if self.distributed and not dist.is_initialized():
             raise ValueError("distributed=True needs an initialized torch.distributed process "
                              "group (start with torchrun and call init_process_group)")

@@ -64,6 +64,27 @@ class GradientIndex(ABC):
     omitted_calls: tuple[int, ...] = ()
     dim: int
 
+    #: Whether :meth:`check_options` makes an empty one-dimensional index on the CPU to check
+    #: the options' values (grood's kinds: their constructors check every value, and a faiss
+    #: kind imports faiss); a registered kind gets the check of names only, unless it sets it.
+    check_by_creating: ClassVar[bool] = False
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse ``options`` this kind does not take, by name, and with
+        :attr:`check_by_creating` values it refuses. A fit calls it before its first pass
+        over the data, where :meth:`create` runs after one."""
+        unknown = set(options) - set(cls.option_names)
+        if unknown:
+            names = cls.option_names
+            takes = ("no index_options" if not names else f"index_options {names[0]}"
+                     if len(names) == 1 else
+                     f"index_options {', '.join(names[:-1])} and {names[-1]}")
+            raise ValueError(f"index={cls.kind!r} takes {takes}, not {sorted(unknown)}")
+        if cls.check_by_creating:  # float64: refuses only what every feature dtype would
+            cls.create(1, dtype=torch.float64, device=torch.device("cpu"), backend="torch",
+                       precision="ieee", options=options)
+
     @classmethod
     @abstractmethod
     def create(cls, dim: int, *, dtype: torch.dtype, device: torch.device, backend: str,
@@ -213,6 +234,7 @@ class ExactIndex(GradientIndex):
     kind = "exact"
     option_names = ("storage", "exact_copy")
     joinable = True
+    check_by_creating = True
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", backend: str = "torch",
@@ -266,8 +288,17 @@ class ExactIndex(GradientIndex):
     @classmethod
     def create(cls, dim: int, *, dtype: torch.dtype, device: torch.device, backend: str,
                precision: str, options: dict[str, Any]) -> ExactIndex:
-        return cls(dim, dtype=dtype, device=device, backend=backend, precision=precision,
-                   **options)
+        index = cls(dim, dtype=dtype, device=device, backend=backend, precision=precision,
+                    **options)
+        if index.exact_copy == "host" and index.storage is None:  # a new fit's options only
+            # (a file saved with them still loads): the one copy would stay on the device
+            why = ("no storage is given" if index._storage_name is None else
+                   f"storage {index._storage_name!r} is the vectors' own dtype")
+            raise ValueError(
+                "index_options exact_copy='host' keeps the exact vectors in host memory beside "
+                f"a lower-precision copy searched on the device, but {why}: give storage="
+                "'bfloat16' or 'float16' too, or leave exact_copy out")
+        return index
 
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` of shape [n, D] (copied into the index)."""
@@ -409,6 +440,8 @@ def _as_float32_rows(x: Tensor) -> np.ndarray:
 
 class _FaissIndex(GradientIndex):
     """Shared parts of the faiss-backed indexes (float32 vectors, like faiss)."""
+
+    check_by_creating = True
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.faiss = import_faiss()
@@ -692,13 +725,7 @@ def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
     """A new, empty index of a registered ``kind``, its ``options`` checked by name."""
     cls = index_class(kind)
     options = check_index_options(options)
-    unknown = set(options) - set(cls.option_names)
-    if unknown:
-        names = cls.option_names
-        takes = ("no index_options" if not names else f"index_options {names[0]}"
-                 if len(names) == 1 else
-                 f"index_options {', '.join(names[:-1])} and {names[-1]}")
-        raise ValueError(f"index={kind!r} takes {takes}, not {sorted(unknown)}")
+    cls.check_options(options)
     return cls.create(dim, dtype=dtype, device=device, backend=backend, precision=precision,
                       options=options)
 

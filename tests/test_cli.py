@@ -380,6 +380,14 @@ def test_fit_with_half_precision_index_storage(tmp_path):
     assert half.index_options == {"storage": "bfloat16", "exact_copy": "host"}
     assert torch.equal(half.score_samples(x[:40]),
                        GROOD.load(tmp_path / "plain.safetensors").score_samples(x[:40]))
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "dev.safetensors"),
+                 "--index-storage", "float16"]) == 0
+    assert GROOD.load(tmp_path / "dev.safetensors").index_options == {
+        "storage": "float16", "exact_copy": "device"}
+    # An fp32 index has no exact copy: the option was dropped without a word.
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "no.safetensors"),
+                 "--exact-copy", "host"]) == 2
+    assert not (tmp_path / "no.safetensors").exists()
 
 
 def test_interleaved_timing_calls_every_entry_once_per_round():

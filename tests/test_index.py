@@ -240,6 +240,45 @@ def test_exact_index_options_are_checked():
         GROOD(index_options={"nprobe": 3}).fit(x, y)
 
 
+@pytest.mark.parametrize("kind, options, message", [
+    ("exact", {"storage": "int8"}, "storage must be one of"),
+    ("exact", {"exact_copy": "host"}, "exact_copy='host' .* but no storage is given"),
+    ("exact", {"bogus": 1}, "takes index_options storage and exact_copy"),
+    ("faiss-ivf", {"nprobe": 0}, "nprobe must be a positive integer, got 0"),
+    ("faiss-ivf", {"omit_batch_t": True}, "True only with loader_batches"),
+    ("faiss-flat", {}, r"pip install 'grood\[faiss-cpu\]'"),
+])
+def test_index_options_are_refused_before_any_pass_over_the_data(monkeypatch, kind, options,
+                                                                 message):
+    """They were checked where the index is made, after the prototype pass: with fit_model a
+    whole pass of the model over the training set (faiss missing too)."""
+    if kind == "faiss-flat":  # faiss missing: named before the data is read too
+        monkeypatch.setitem(sys.modules, "faiss", None)
+    elif kind == "faiss-ivf":
+        pytest.importorskip("faiss")
+    x, y = clustered_features(60, 3, 4, seed=4, dtype=torch.float32)
+    reads = []
+
+    def batches():
+        reads.append(1)
+        yield x, y
+
+    with pytest.raises((ValueError, ImportError), match=message):
+        GROOD(index=kind, index_options=options).fit_batches(batches)
+    assert not reads
+
+
+def test_an_exact_copy_in_host_memory_needs_a_lower_precision_copy_to_search():
+    x, y = clustered_features(60, 3, 4, seed=4, dtype=torch.float32)
+    # storage that is the vectors' own dtype: no second copy (refused when the index is made)
+    with pytest.raises(ValueError, match="storage 'float32' is the vectors' own dtype"):
+        GROOD(index_options={"storage": "float32", "exact_copy": "host"}).fit(x, y)
+    # float64 features: a float32 copy is lower precision, and the exact rows may live on the
+    # host
+    det = GROOD(index_options={"storage": "float32", "exact_copy": "host"}).fit(x.double(), y)
+    assert det.index_.exact_copy == "host" and det.index_.storage == torch.float32
+
+
 def test_index_options_changed_after_fit_take_effect_at_the_next_fit_even_through_a_file(
         tmp_path):
     """The index kind and build options set after fit are for the next fit: the detector, and
