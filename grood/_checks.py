@@ -163,12 +163,15 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
                  n_classes_from: str = "", allow_empty: bool = False) -> None:
     """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for
     an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from."""
+    # [N, C] labels: one-hot or soft targets (a mixup loader's), not class ids
+    hint = ("" if y.ndim != 2 else f"; pass a column of class ids as {name}.reshape(-1)"
+            if y.shape[1] == 1 else
+            f"; for one-hot or soft-target labels [N, C] pass their class ids, {name}.argmax(1)")
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
-        raise TypeError(
-            f"{name} must hold integer class ids, got dtype {str(y.dtype).removeprefix('torch.')}"
-        )
+        raise TypeError(f"{name} must hold integer class ids, got dtype "
+                        f"{str(y.dtype).removeprefix('torch.')}{hint}")
     if y.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}")
+        raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}{hint}")
     if y.shape[0] != n_rows:
         raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
     if n_rows == 0:

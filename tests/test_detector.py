@@ -212,6 +212,11 @@ def _bad_fit_cases():
         ("empty", (x[:0], y[:0]), {}, ValueError, "features is empty"),
         ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
         ("bool-labels", (x, y > 1), {}, TypeError, "labels must hold integer class ids"),
+        ("one-hot-labels", (x, torch.nn.functional.one_hot(y).float()), {}, TypeError,
+         r"got dtype float32; for one-hot or soft-target labels \[N, C\] pass their class "
+         r"ids, labels.argmax\(1\)"),
+        ("column-labels", (x, y[:, None]), {}, ValueError,
+         r"got shape \(80, 1\); pass a column of class ids as labels.reshape\(-1\)"),
         ("negative-label", (x, y - 1), {}, ValueError, "labels must be >= 0"),
         ("length-mismatch", (x, y[:-1]), {}, ValueError, "labels has 79 entries"),
         ("empty-class", (x, gap_y), {}, ValueError, r"class\(es\) 2 have no training samples"),
