@@ -96,6 +96,18 @@ def _grid(figure: Any, panels: int, size: tuple[float, float]) -> tuple[Any, lis
     return fig, list(axes.flat)[:panels]
 
 
+def _colors(n: int) -> list[Any]:
+    """``n`` distinct line colours: matplotlib's default cycle (10 colours), tab20 for up to 20,
+    and beyond it a sampled colour map (the cycle repeats after 10: an 11th dataset would get
+    the first one's colour, and the ID set's own where that is first)."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if n <= 20 else "turbo"]
+    return [cmap(i) if n <= 20 else cmap(i / (n - 1)) for i in range(n)]
+
+
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
              ood_names: Sequence[str], path: str | os.PathLike,
              thresholds: Mapping[str, tuple[float, float]] | None = None) -> Path:
@@ -116,10 +128,11 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
     scores = _checked(scores, [id_name, *ood_names])
     thresholds = _checked_thresholds(thresholds, scores)
     fig, axes = _grid(figure, len(ood_names), (5.0, 4.6))
+    colors = _colors(len(scores))
     for ax, ood in zip(axes, ood_names, strict=True):
-        for method, by_set in scores.items():
+        for color, (method, by_set) in zip(colors, scores.items(), strict=True):
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
-            line, = ax.plot(fpr, tpr, lw=1.6,
+            line, = ax.plot(fpr, tpr, lw=1.6, color=color,
                             label=f"{method} ({100 * trapezoid(tpr, fpr):.1f})")
             if method in thresholds:
                 t, kept = thresholds[method]
@@ -155,8 +168,7 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         lo = min(float(np.min(v)) for v in by_set.values())
         hi = max(float(np.max(v)) for v in by_set.values())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
-        for i, (name, values) in enumerate(by_set.items()):
-            color = f"C{i}"
+        for color, (name, values) in zip(_colors(len(by_set)), by_set.items(), strict=True):
             ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
             ax.hist(values, bins=bins, density=True, color=color, histtype="step", lw=1.4,
                     label=name)
@@ -167,10 +179,13 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         # Log density: detectors such as MSP and GROOD pile ID scores into one bin near the top.
         ax.set_yscale("log")
         ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")
-        ax.legend(fontsize=8)
+        if len(by_set) > 6:  # beside the panel: inside, the list would cover the histograms
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # with a legend beside the last panel
     return path
 
 

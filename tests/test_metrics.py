@@ -244,3 +244,35 @@ def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
         report.plot_histograms(scores, tmp_path / "h.png", {"MSP": (t, 0.9)})
     with pytest.raises(ValueError, match=r"tpr in \(0, 1\]"):
         report.plot_roc(scores, "id", ["far"], tmp_path / "r.png", {"GROOD": (t, 95)})
+
+
+def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
+    """Past matplotlib's 10-colour cycle an 11th dataset took the ID set's colour; a long
+    legend goes beside the panel rather than over the histograms."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from grood import report
+
+    drawn = []
+
+    class Recording(Figure):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            drawn.append(self)
+
+    monkeypatch.setattr(report, "figure_class", lambda: Recording)
+    rng = np.random.default_rng(1)
+    sets = {f"set{i}": rng.normal(-0.2 * i, 1, 50) for i in range(23)}
+    methods = {f"method{i}": sets for i in range(12)}
+    report.plot_histograms({"GROOD": sets}, tmp_path / "h.png")
+    report.plot_roc(methods, "set0", ["set1"], tmp_path / "r.png")
+    steps = [p for p in drawn[0].axes[0].patches if not p.get_fill()]  # one outline per set
+    assert len({to_rgba(p.get_edgecolor()) for p in steps}) == len(sets)
+    curves = [ln for ln in drawn[1].axes[0].lines if ln.get_label().startswith("method")]
+    assert len({to_rgba(ln.get_color()) for ln in curves}) == len(methods)
+    legend = drawn[0].axes[0].get_legend()
+    assert legend.get_bbox_to_anchor().x0 > drawn[0].axes[0].get_window_extent().x1
+    assert all(len(set(map(to_rgba, report._colors(n)))) == n for n in (1, 10, 11, 20, 21, 40))
+    assert report._colors(3) == ["C0", "C1", "C2"]  # the default cycle where it suffices
