@@ -211,11 +211,8 @@ def test_threshold_on_a_small_case_and_its_input_checks():
         threshold_at_tpr([], 0.5)
 
 
-def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
-    """With thresholds, the ROC curve gets its operating point (the fractions of ID and OOD
-    scores below the threshold) and the histogram a line at the threshold; a threshold of a
-    method without scores, or a tpr outside (0, 1], is refused."""
-    pytest.importorskip("matplotlib")
+def recorded_figures(monkeypatch) -> list:
+    """The figures grood.report draws from here on, in order (kept for the test to read)."""
     from matplotlib.figure import Figure
 
     from grood import report
@@ -228,6 +225,17 @@ def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
             drawn.append(self)
 
     monkeypatch.setattr(report, "figure_class", lambda: Recording)
+    return drawn
+
+
+def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
+    """With thresholds, the ROC curve gets its operating point (the fractions of ID and OOD
+    scores below the threshold) and the histogram a line at the threshold; a threshold of a
+    method without scores, or a tpr outside (0, 1], is refused."""
+    pytest.importorskip("matplotlib")
+    from grood import report
+
+    drawn = recorded_figures(monkeypatch)
     rng = np.random.default_rng(0)
     scores = {"GROOD": {"id": rng.normal(1, 1, 200), "far": rng.normal(-1, 1, 150)}}
     t = threshold_at_tpr(scores["GROOD"]["id"], 0.9)
@@ -251,18 +259,10 @@ def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
     legend goes beside the panel rather than over the histograms."""
     pytest.importorskip("matplotlib")
     from matplotlib.colors import to_rgba
-    from matplotlib.figure import Figure
 
     from grood import report
 
-    drawn = []
-
-    class Recording(Figure):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            drawn.append(self)
-
-    monkeypatch.setattr(report, "figure_class", lambda: Recording)
+    drawn = recorded_figures(monkeypatch)
     rng = np.random.default_rng(1)
     sets = {f"set{i}": rng.normal(-0.2 * i, 1, 50) for i in range(23)}
     methods = {f"method{i}": sets for i in range(12)}
