@@ -38,6 +38,9 @@ from grood._params import Parameters
 from grood.errors import NotFittedError
 from grood.functional import class_prototypes
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 
 class _Baseline(Parameters):
     inputs: ClassVar[str]
@@ -72,7 +75,7 @@ class _LogitBaseline(_Baseline):
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
-    def fit(self, logits: ArrayLike, labels: ArrayLike | None = None) -> _LogitBaseline:
+    def fit(self, logits: ArrayLike, labels: ArrayLike | None = None) -> Self:
         """Record the number of classes (for input checks); returns ``self``."""
         x, _ = self._read(logits, fitting=True)
         self.n_features_in_ = x.shape[1]
@@ -147,7 +150,7 @@ class KNN(_Baseline):
         self.backend = backend
         self.batch_size = batch_size
 
-    def fit(self, features: ArrayLike, labels: ArrayLike | None = None) -> KNN:
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None) -> Self:
         """Store the normalised training features."""
         x, _ = self._read(features, fitting=True)
         if not 1 <= self.k <= x.shape[0]:
@@ -193,7 +196,7 @@ class Mahalanobis(_Baseline):
         self.backend = backend
         self.batch_size = batch_size
 
-    def fit(self, features: ArrayLike, labels: ArrayLike) -> Mahalanobis:
+    def fit(self, features: ArrayLike, labels: ArrayLike) -> Self:
         """Fit class means and the shared covariance (float64, streamed over batches)."""
         x, _ = self._read(features, fitting=True)
         try:

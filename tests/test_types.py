@@ -54,6 +54,11 @@ def test_the_baselines_keep_the_input_type_too() -> None:
                           np.ndarray)
     for logit_baseline in (MSP().fit(logits), Energy().fit(logits)):
         assert isinstance(assert_type(logit_baseline.score_samples(logits), Tensor), Tensor)
+    # fit returns the baseline's own class
+    assert type(assert_type(KNN(k=2).fit(x), KNN)) is KNN
+    assert type(assert_type(Mahalanobis().fit(x, y), Mahalanobis)) is Mahalanobis
+    assert type(assert_type(MSP().fit(logits), MSP)) is MSP
+    assert type(assert_type(Energy().fit(logits), Energy)) is Energy
 
 
 def test_a_subclass_keeps_its_type_through_fit_and_calibrate(tmp_path) -> None:
