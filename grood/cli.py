@@ -71,7 +71,7 @@ def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
 
     if "RANK" not in os.environ:
         raise RuntimeError("--distributed runs under torchrun (e.g. torchrun --nproc-per-node "
-                           "4 -m grood fit --distributed ...)")
+                           f"4 -m grood {args.command} --distributed ...)")
     if not tdist.is_initialized():
         use_nccl = torch.cuda.is_available() and args.device not in (None, "cpu")
         if use_nccl:

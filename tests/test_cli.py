@@ -188,6 +188,20 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "np.savez(path, features=X, labels=y)" in err
 
 
+def test_distributed_outside_torchrun_names_the_command_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    x, y = clustered_features(30, 3, 4, seed=3, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    for command in (["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.json")],
+                    ["score", det, str(tmp_path / "train.npz"), "-o", str(tmp_path / "s.csv")]):
+        assert main([*command, "--distributed"]) == 2
+        assert (f"--distributed runs under torchrun (e.g. torchrun --nproc-per-node 4 -m grood "
+                f"{command[0]} --distributed ...)") in capsys.readouterr().err
+
+
 def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
     """eval reads several feature files: a bad one is named, and ID labels of the wrong shape
     are refused (labels [N, 1] broadcast against the predictions into an N x N accuracy)."""
