@@ -118,6 +118,21 @@ def make_demo(folder: Path) -> None:
           f"--features relu3 --size 8 --grayscale --out {folder / 'scores.csv'}")
 
 
+def check_normalisation(parser: argparse.ArgumentParser, mean: list[float] | None,
+                        std: list[float] | None, channels: int) -> None:
+    """--mean and --std together, one value or one per input channel each, std > 0 (a mean of
+    two values on a grayscale image made two channels of it)."""
+    if (mean is None) != (std is None):
+        parser.error("--mean and --std go together (the image is normalised by both)")
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, channels):
+            takes = ("one value (one input channel with --grayscale)" if channels == 1 else
+                     f"one value or {channels} (one per input channel)")
+            parser.error(f"{name} takes {takes}, got {len(values)}")
+    if std is not None and not all(v > 0 for v in std):
+        parser.error(f"--std values must be > 0, got {std}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="?", type=Path, help="folder of images to score")
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.images and args.model_def and args.checkpoint and args.detector):
         parser.error("images, --model-def, --checkpoint and --detector are required")
+    check_normalisation(parser, args.mean, args.std, 1 if args.grayscale else 3)
     model = load_model(args.model_def, args.checkpoint)
     detector = GROOD.load(args.detector)
     data = ImageFolder(args.images, args.size, args.grayscale, args.mean, args.std)

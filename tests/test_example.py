@@ -35,3 +35,21 @@ def test_score_image_folder_example(tmp_path):
     assert {r["file"]: int(r["pred"]) for r in rows if r["file"].startswith("digit-")} == {
         f"digit-{c}.png": c for c in range(6)}
     assert sorted(int(r["ood_rank"]) for r in rows) == list(range(18))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grayscale", "--mean", "0.5", "0.5", "--std", "0.2", "0.2"],
+     "--mean takes one value (one input channel with --grayscale), got 2"),
+    (["--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.2"],
+     "--std takes one value or 3 (one per input channel), got 2"),
+    (["--mean", "0.5"], "--mean and --std go together"),
+    (["--std", "0.5"], "--mean and --std go together"),  # it was ignored
+    (["--mean", "0.5", "--std", "0"], "--std values must be > 0"),
+])
+def test_score_image_folder_checks_its_normalisation(tmp_path, flags, message):
+    """A two-value mean on a grayscale image made two channels of it; --std alone was ignored
+    and --mean alone failed dividing by None. Refused before anything is read."""
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--model-def", "m.py:M",
+                           "--checkpoint", "m.pt", "--detector", "d.safetensors", *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
