@@ -12,6 +12,7 @@ import argparse
 import math
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
@@ -347,3 +348,15 @@ def bench_device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError("no CUDA device is available here")
     return text
 
+
+@contextmanager
+def prefixed_errors(prefix: str) -> Iterator[None]:
+    """Prefix the message of a ValueError / TypeError raised inside with ``prefix`` (which
+    file, which batch); subclasses (``DetectorFileError``, ...) and messages that already
+    start with it pass unchanged."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(prefix):
+            raise
+        raise type(exc)(f"{prefix}: {exc}") from exc

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from grood import __version__
-from grood._checks import fraction_arg, positive_int_arg
+from grood._checks import fraction_arg, positive_int_arg, prefixed_errors
 from grood.errors import DetectorFileError, MissingExtraError
 
 EPILOG_FILES = (
@@ -393,15 +393,9 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
                         inputs=inputs))
 
 
-@contextmanager
-def _naming(path: str) -> Iterator[None]:
+def _naming(path: str) -> contextlib.AbstractContextManager[None]:
     """Prefix the message of a ValueError / TypeError raised inside with the file ``path``."""
-    try:
-        yield
-    except (ValueError, TypeError) as exc:
-        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(str(path)):
-            raise
-        raise type(exc)(f"{path}: {exc}") from exc
+    return prefixed_errors(str(path))
 
 
 def feature_sources() -> list[str]:

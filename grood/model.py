@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from grood import distributed as dist
 from grood._batches import check_reiterable
-from grood._checks import check_finite_rows
+from grood._checks import check_finite_rows, prefixed_errors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -147,10 +147,13 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     # empty batches a rank joins with add no rows (and give its results their shape when its
     # own loader had none).
     first, second = [], []
-    for batch, _ in dist.in_step(feats, det.n_features_in_, det.device_, det._sharded):
-        a, b = fn(batch)
+    number = 0  # of the loader's batches, which an error names
+    for batch, own in dist.in_step(feats, det.n_features_in_, det.device_, det._sharded):
+        with prefixed_errors(f"the loader's batch {number} (numbered from 0)"):
+            a, b = fn(batch)
         first.append(a.cpu())
         second.append(b.cpu())
+        number += own
     if not first:
         raise ValueError("the loader yielded no batches")
     return torch.cat(first), torch.cat(second)

@@ -134,6 +134,19 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         GROOD().fit(torch.rand(6, 16), torch.arange(6) % 2).attach(wrapped, features="8")
 
 
+def test_score_model_names_the_loader_batch_an_error_comes_from():
+    """Features the model gives with NaN or Inf are named by the loader's batch and the row in
+    it (row numbers alone were ambiguous over a loader)."""
+    x, y = _images()
+    model = small_cnn()
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16), features="8")
+    images = x.clone()
+    images[37] = float("inf")
+    with pytest.raises(ValueError, match=r"^the loader's batch 2 \(numbered from 0\): features "
+                                         r"contains NaN or Inf in row\(s\) 5$"):
+        det.score_model(model, DataLoader(TensorDataset(images), batch_size=16))
+
+
 def test_an_early_index_needs_a_feature_list_model():
     """early=2 with a hooked features module read nothing (no feature list is made)."""
     with pytest.raises(ValueError, match=r"early=2 indexes the feature list.*features=None"):

@@ -43,6 +43,14 @@ def test_fit_batches_equals_fit(style):
     for one_array in (test, test.numpy()):  # iterated, it would be scored row by row
         with pytest.raises(TypeError, match="score_batches takes an iterable of batches"):
             next(det.score_batches(one_array))
+    # A bad batch is named by its number: its row numbers are the batch's own.
+    bad = test.clone()
+    bad[23, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^batch 2 \(numbered from 0\): features contains "
+                                         r"NaN or Inf in row\(s\) 3$"):
+        list(det.score_batches([bad[:20], test[:0], bad[20:]]))  # empty batches count too
+    with pytest.raises(ValueError, match=r"^batch 2 \(numbered from 0\): features has 3 "):
+        list(det.score_batches([test[:20], test[:0], test[20:, :3]]))
 
 
 def test_fit_batches_refuses_a_generator_and_bad_batches():
