@@ -318,14 +318,21 @@ class FeatureExtractor:
         seen = 0
         with progress(total=total, desc=desc, unit="img", enabled=self.progress) as bar, \
                 eval_mode(self.model), torch.no_grad():
-            for batch in loader:
+            for number, batch in enumerate(loader):
                 x, y = split_batch(batch)
                 if limit is not None and seen + x.shape[0] > limit:
                     x = x[: limit - seen]
                     y = None if y is None else y[: limit - seen]
                 x = x.to(self.device)
-                with self.capture() as captured:
-                    out = self._forward(x, captured)
+                try:
+                    with self.capture() as captured:
+                        out = self._forward(x, captured)
+                except Exception as exc:  # the model's own error, with where it happened
+                    if hasattr(exc, "add_note"):  # Python 3.11+
+                        exc.add_note(f"grood ({desc}): raised running the model on the "
+                                     f"loader's batch {number} (numbered from 0), inputs of "
+                                     f"shape {tuple(x.shape)}")
+                    raise
                 if not self._logits_checked:
                     self._check_not_logits(out)
                     self._logits_checked = True

@@ -1,6 +1,7 @@
 """From a model and loaders to scores: extraction, fit_model/score_model, mixup and noise."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -145,6 +146,20 @@ def test_score_model_names_the_loader_batch_an_error_comes_from():
     with pytest.raises(ValueError, match=r"^the loader's batch 2 \(numbered from 0\): features "
                                          r"contains NaN or Inf in row\(s\) 5$"):
         det.score_model(model, DataLoader(TensorDataset(images), batch_size=16))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_model_that_fails_on_a_batch_is_named_with_the_batch():
+    """The model's own error passes unchanged, with a note saying which loader batch (and
+    input shape) it was running on."""
+    x, y = _images()
+    model = small_cnn()
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16), features="8")
+    odd = [x[:4], torch.rand(4, 2, 8, 8)]  # two channels where the model takes one
+    with pytest.raises(RuntimeError) as failed:
+        det.score_model(model, odd)
+    assert ("grood (grood score): raised running the model on the loader's batch 1 (numbered "
+            "from 0), inputs of shape (4, 2, 8, 8)") in failed.value.__notes__
 
 
 def test_an_early_index_needs_a_feature_list_model():
