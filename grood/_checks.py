@@ -164,15 +164,12 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
                  n_classes_from: str = "", allow_empty: bool = False) -> None:
     """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for
     an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from."""
-    # [N, C] labels: one-hot or soft targets (a mixup loader's), not class ids
-    hint = ("" if y.ndim != 2 else f"; pass a column of class ids as {name}.reshape(-1)"
-            if y.shape[1] == 1 else
-            f"; for one-hot or soft-target labels [N, C] pass their class ids, {name}.argmax(1)")
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must hold integer class ids, got dtype "
-                        f"{str(y.dtype).removeprefix('torch.')}{hint}")
+                        f"{str(y.dtype).removeprefix('torch.')}{_labels_hint(y, name)}")
     if y.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}{hint}")
+        raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}"
+                         f"{_labels_hint(y, name)}")
     if y.shape[0] != n_rows:
         raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
     if n_rows == 0:
@@ -185,6 +182,16 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
     if n_classes is not None and hi >= n_classes:
         raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes"
                          + (f" ({n_classes_from})" if n_classes_from else ""))
+
+
+def _labels_hint(y: Tensor, name: str) -> str:
+    """How to make class ids of 2-D labels: a column of ids, or one-hot / soft targets (a
+    mixup loader's) [N, C]."""
+    if y.ndim != 2:
+        return ""
+    if y.shape[1] == 1:
+        return f"; pass a column of class ids as {name}.reshape(-1)"
+    return f"; for one-hot or soft-target labels [N, C] pass their class ids, {name}.argmax(1)"
 
 
 @overload
@@ -340,6 +347,7 @@ def fraction_arg(text: str) -> float:
         return check_fraction(float(text), "value")
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
+
 
 def bench_device_arg(text: str) -> str:
     """An argparse type for the benchmarks' ``--device`` (with ``choices=["cuda", "cpu"]``):

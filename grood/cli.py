@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -143,7 +142,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
             logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
     if calibration is not None:
-        with _naming(args.calibrate):
+        with prefixed_errors(args.calibrate):
             det.calibrate(_shard(calibration, rank, world),
                           tpr=0.95 if args.tpr is None else args.tpr)
     det.save(args.out)
@@ -182,7 +181,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     if args.batch_size is not None:
         det.batch_size = args.batch_size
-    with _naming(args.features):
+    with prefixed_errors(args.features):
         det.calibrate(load_features(args.features).features, tpr=args.tpr)
     det.save(args.out)
     print(f"{_threshold_line(det)}; saved {args.out}")
@@ -330,7 +329,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
-    with _naming(args.id):  # several feature files: an error says which one
+    with prefixed_errors(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         labels = None if id_data.labels is None else np.asarray(id_data.labels)
         if labels is not None and labels.shape != id_pred.shape:
@@ -340,7 +339,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
     for path in args.ood:
-        with _naming(path):
+        with prefixed_errors(path):
             ood_scores = np.asarray(det.score_samples(load_features(path).features))
         m = ood_metrics(id_scores, ood_scores)
         results[str(path)] = m
@@ -391,11 +390,6 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
     return (save_target(out / "roc.png", suffixes=(".png",), what="plots", inputs=inputs),
             save_target(out / "histograms.png", suffixes=(".png",), what="plots",
                         inputs=inputs))
-
-
-def _naming(path: str) -> contextlib.AbstractContextManager[None]:
-    """Prefix the message of a ValueError / TypeError raised inside with the file ``path``."""
-    return prefixed_errors(str(path))
 
 
 def feature_sources() -> list[str]:

@@ -404,13 +404,12 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
     if hasattr(batches, "shape"):  # one array: iterating it would score row by row
         raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
                         "array with score_and_predict or score_samples")
-    number = 0  # of this caller's batches, which an error names
-    for batch, own in dist.in_step(batches, det.n_features_in_, det.device_, det._sharded):
+    for batch, own, number in dist.in_step(batches, det.n_features_in_, det.device_,
+                                           det._sharded):
         with prefixed_errors(f"batch {number} (numbered from 0)"):
             result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result
-            number += 1
 
 
 def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool

@@ -148,28 +148,31 @@ def raise_together(error: BaseException | None, what: str) -> None:
 
 
 def in_step(batches: Iterable[Any], n_features: int, device: torch.device, active: bool = True
-            ) -> Iterator[tuple[Any, bool]]:
+            ) -> Iterator[tuple[Any, bool, int]]:
     """This rank's batches of features to search (each search over a sharded index is
-    collective), in step with the other ranks': ``(batch, True)`` for each of its batches,
-    then, while another rank still has batches, ``(empty [0, n_features] batch, False)`` so
-    that this rank joins that rank's searches (in float64 where that rank's batch is float64:
-    the ranks' query dtypes must agree). A rank whose batches raise stops every rank
-    (:func:`together`). One exchange per step: whether each rank has a batch, and its dtype.
-    Not ``active`` (a detector in one process): each batch as it comes, ``(batch, True)``."""
+    collective), in step with the other ranks': ``(batch, True, number)`` for each of its
+    batches (numbered from 0, for errors to name), then, while another rank still has
+    batches, ``(empty [0, n_features] batch, False, number of its batches)`` so that this rank
+    joins that rank's searches (in float64 where that rank's batch is float64: the ranks'
+    query dtypes must agree). A rank whose batches raise stops every rank (:func:`together`).
+    One exchange per step: whether each rank has a batch, and its dtype. Not ``active`` (a
+    detector in one process): each batch as it comes."""
     if not active:
-        yield from ((batch, True) for batch in batches)
+        yield from ((batch, True, number) for number, batch in enumerate(batches))
         return
     it = iter(batches)
+    number = 0
     while True:
         with together(True, "reading its next batch to score"):
             batch = next(it, None)
             dtype = None if batch is None else compute_dtype(as_tensor(batch, "batch")[0].dtype)
         views = gather_json(None if dtype is None else str(dtype))
         if batch is not None:
-            yield batch, True
+            yield batch, True, number
+            number += 1
         elif any(views):
             dtype = getattr(torch, next(v for v in views if v).removeprefix("torch."))
-            yield torch.empty((0, n_features), dtype=dtype, device=device), False
+            yield torch.empty((0, n_features), dtype=dtype, device=device), False, number
         else:
             return
 

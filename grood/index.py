@@ -70,10 +70,8 @@ class GradientIndex(ABC):
     check_by_creating: ClassVar[bool] = False
 
     @classmethod
-    def check_options(cls, options: dict[str, Any]) -> None:
-        """Refuse ``options`` this kind does not take, by name, and with
-        :attr:`check_by_creating` values it refuses. A fit calls it before its first pass
-        over the data, where :meth:`create` runs after one."""
+    def check_option_names(cls, options: dict[str, Any]) -> None:
+        """Refuse ``options`` this kind does not take, by name."""
         unknown = set(options) - set(cls.option_names)
         if unknown:
             names = cls.option_names
@@ -81,6 +79,13 @@ class GradientIndex(ABC):
                      if len(names) == 1 else
                      f"index_options {', '.join(names[:-1])} and {names[-1]}")
             raise ValueError(f"index={cls.kind!r} takes {takes}, not {sorted(unknown)}")
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse ``options`` this kind does not take, by name, and with
+        :attr:`check_by_creating` values it refuses. A fit calls it before its first pass
+        over the data, where :meth:`create` runs after one."""
+        cls.check_option_names(options)
         if cls.check_by_creating:  # float64: refuses only what every feature dtype would
             cls.create(1, dtype=torch.float64, device=torch.device("cpu"), backend="torch",
                        precision="ieee", options=options)
@@ -725,7 +730,7 @@ def make_index(kind: str, dim: int, *, dtype: torch.dtype, device: torch.device,
     """A new, empty index of a registered ``kind``, its ``options`` checked by name."""
     cls = index_class(kind)
     options = check_index_options(options)
-    cls.check_options(options)
+    cls.check_option_names(options)  # the values: by create (a fit checked both before)
     return cls.create(dim, dtype=dtype, device=device, backend=backend, precision=precision,
                       options=options)
 

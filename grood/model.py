@@ -147,13 +147,11 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     # empty batches a rank joins with add no rows (and give its results their shape when its
     # own loader had none).
     first, second = [], []
-    number = 0  # of the loader's batches, which an error names
-    for batch, own in dist.in_step(feats, det.n_features_in_, det.device_, det._sharded):
+    for batch, _, number in dist.in_step(feats, det.n_features_in_, det.device_, det._sharded):
         with prefixed_errors(f"the loader's batch {number} (numbered from 0)"):
             a, b = fn(batch)
         first.append(a.cpu())
         second.append(b.cpu())
-        number += own
     if not first:
         raise ValueError("the loader yielded no batches")
     return torch.cat(first), torch.cat(second)
