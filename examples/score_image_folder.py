@@ -133,6 +133,17 @@ def check_normalisation(parser: argparse.ArgumentParser, mean: list[float] | Non
         parser.error(f"--std values must be > 0, got {std}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a batch of 0 images, or a 0-pixel input, is no run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="?", type=Path, help="folder of images to score")
@@ -141,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", type=Path, help="GROOD detector (.safetensors)")
     parser.add_argument("--features", help="name of the penultimate module (default: the "
                         "model's return_feature_list output)")
-    parser.add_argument("--size", type=int, default=224, help="input size (square)")
+    parser.add_argument("--size", type=positive_int, default=224, help="input size (square)")
     parser.add_argument("--grayscale", action="store_true", help="one input channel")
     parser.add_argument("--mean", type=float, nargs="+", help="per-channel normalisation mean")
     parser.add_argument("--std", type=float, nargs="+", help="per-channel normalisation std")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", type=Path, default=Path("scores.csv"))
     parser.add_argument("--make-demo", type=Path, metavar="DIR",
                         help="write a small model, detector and images to DIR, then stop")

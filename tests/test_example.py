@@ -45,10 +45,13 @@ def test_score_image_folder_example(tmp_path):
     (["--mean", "0.5"], "--mean and --std go together"),
     (["--std", "0.5"], "--mean and --std go together"),  # it was ignored
     (["--mean", "0.5", "--std", "0"], "--std values must be > 0"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    (["--size", "-3"], "--size: expected an integer >= 1, got -3"),
 ])
-def test_score_image_folder_checks_its_normalisation(tmp_path, flags, message):
+def test_score_image_folder_checks_its_flags(tmp_path, flags, message):
     """A two-value mean on a grayscale image made two channels of it; --std alone was ignored
-    and --mean alone failed dividing by None. Refused before anything is read."""
+    and --mean alone failed dividing by None; --batch-size 0 failed inside torch's DataLoader.
+    Refused before anything is read."""
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--model-def", "m.py:M",
                            "--checkpoint", "m.pt", "--detector", "d.safetensors", *flags],
                           capture_output=True, text=True, timeout=120)
