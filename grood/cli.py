@@ -49,6 +49,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 DEVICE_HELP = "e.g. cpu, cuda, cuda:1 (default: auto, cuda when torch sees a GPU, else cpu)"
+PRECISION_HELP = ("GEMM precision to score in instead of the saved one (e.g. tf32 or bf16 for "
+                  "tensor-core speed on a GPU; the errors each mode adds are in the README)")
 
 
 def resolved_device(device: str | None) -> str | None:
@@ -169,6 +171,14 @@ def _accepts(cal: dict[str, Any]) -> str:
             "chosen on; lower scores are flagged as OOD")
 
 
+def _override(det: Any, args: argparse.Namespace) -> None:
+    """The scoring settings given on the command line in place of the saved ones."""
+    if args.batch_size is not None:
+        det.batch_size = args.batch_size
+    if args.precision is not None:
+        det.precision = args.precision
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.io import load_features
@@ -179,8 +189,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     # loaded detector holds its own copy); the features must not be overwritten.
     save_target(args.out, inputs={"feature file": args.features})
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
-    if args.batch_size is not None:
-        det.batch_size = args.batch_size
+    _override(det, args)
     with prefixed_errors(args.features):
         det.calibrate(load_features(args.features).features, tpr=args.tpr)
     det.save(args.out)
@@ -206,8 +215,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     rank, world = _init_distributed(args)
     det = GROOD.load(args.detector, device=args.device, distributed=args.distributed,
                      backend=args.backend)
-    if args.batch_size is not None:
-        det.batch_size = args.batch_size
+    _override(det, args)
     # A saved threshold, checked to hold for the detector's search (k, nprobe) as saved.
     threshold = current_threshold(det, required=False)
     data = load_features(args.features)
@@ -327,6 +335,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
+    _override(det, args)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
     with prefixed_errors(args.id):  # several feature files: an error says which one
@@ -500,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     cal.add_argument("--backend", choices=BACKENDS, default=None,
                      help="run on this backend instead of the saved one")
+    cal.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="GEMM precision to score in instead of the saved one (saved with "
+                          "the threshold chosen in it)")
     cal.add_argument("--batch-size", type=positive_int_arg, default=None,
                      help="rows per batch (default: the detector's)")
     cal.set_defaults(func=_cmd_calibrate)
@@ -523,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "neighbour_distance; .csv columns neighbour_row_1.. and "
                             "neighbour_distance_1..); rows number the training rows in the "
                             "order 'grood fit' read them")
+    score.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     score.add_argument("--batch-size", type=positive_int_arg, default=None,
                        help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
@@ -546,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--backend", choices=BACKENDS, default=None,
                     help="run on this backend instead of the saved one")
+    ev.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    ev.add_argument("--batch-size", type=positive_int_arg, default=None,
+                    help="rows per batch (default: the detector's)")
     ev.set_defaults(func=_cmd_eval)
     info = sub.add_parser("info", help="what a saved detector file holds",
                           description="Describe a detector file (or a sharded detector's "

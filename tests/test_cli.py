@@ -738,3 +738,45 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
         GROOD().fit_model(net, [(x[:45], y[:45]), (x[45:], y[45:])], features="1").save(path)
     assert main(["info", str(path)]) == 0
     assert "  model        fit_model read features '1'" in capsys.readouterr().out
+
+
+def test_score_eval_and_calibrate_take_precision_and_batch_size(tmp_path, capsys, monkeypatch):
+    """--precision and --batch-size replace the saved settings for the run (a detector fitted
+    in ieee scores in tf32 on a GPU without a refit); calibrate saves them with its threshold,
+    score and eval leave the file as it was."""
+    import grood.detector
+
+    x, y = clustered_features(120, 3, 8, seed=0, spread=0.3, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x[:80], labels=y[:80])
+    _write(tmp_path / "val.npy", features=x[80:])
+    det_path = tmp_path / "det.safetensors"
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det_path)]) == 0
+    seen = []
+    real = grood.detector.GROOD.score_and_predict
+
+    def spy(self, features):
+        seen.append((self.precision, self.batch_size))
+        return real(self, features)
+
+    monkeypatch.setattr(grood.detector.GROOD, "score_and_predict", spy)
+    flags = ["--precision", "tf32", "--batch-size", "7"]
+    assert main(["score", str(det_path), str(tmp_path / "val.npy"), "-o",
+                 str(tmp_path / "s.npy"), *flags]) == 0
+    assert main(["eval", str(det_path), "--id", str(tmp_path / "val.npy"), "--ood",
+                 str(tmp_path / "train.npz"), *flags]) == 0
+    assert len(seen) >= 3 and set(seen) == {("tf32", 7)}  # score; eval: ID and OOD sets
+    saved = GROOD.load(det_path)
+    assert (saved.precision, saved.batch_size) == ("ieee", 4096)
+    # The CPU computes every mode in fp32: the same scores.
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"),
+                                  saved.score_samples(x[80:].numpy()))
+    out = tmp_path / "cal.safetensors"
+    assert main(["calibrate", str(det_path), str(tmp_path / "val.npy"), "-o", str(out),
+                 *flags]) == 0
+    cal = GROOD.load(out)
+    assert (cal.precision, cal.batch_size) == ("tf32", 7)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["score", str(det_path), str(tmp_path / "val.npy"), "-o", str(tmp_path / "t.npy"),
+              "--precision", "fp8"])
+    assert "argument --precision: invalid choice: 'fp8'" in capsys.readouterr().err
