@@ -572,8 +572,26 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     return params, state, tensors
 
 
+# Files often passed where a detector belongs, by their first bytes (none of these can open
+# a safetensors file: read as its header length they give tens of MB or more).
+_OTHER_FILES = ((b"PK\x03\x04", "a zip archive, as NumPy writes .npz files and torch.save .pt "
+                                  "files (feature files, model checkpoints)"),
+                (b"\x93NUMPY", "a NumPy .npy array"),
+                (b"\x80\x02\x8a\x0a", "a pickle from torch.save's legacy format"))
+_DETECTOR_IS = "a detector is the .safetensors file GROOD.save and 'grood fit' write"
+
+
 def _unreadable(path: Path, exc: Exception) -> DetectorFileError:
-    """The error for a file safetensors cannot read."""
+    """The error for a file safetensors cannot read: what it is where its first bytes say."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    for magic, what in _OTHER_FILES:
+        if head.startswith(magic):
+            return DetectorFileError(f"{path} is not a grood detector file: it is {what}; "
+                                     f"{_DETECTOR_IS}")
     return DetectorFileError(f"{path} is not a readable grood detector file (damaged, truncated "
                              f"or not safetensors): {exc}")
 
@@ -581,8 +599,12 @@ def _unreadable(path: Path, exc: Exception) -> DetectorFileError:
 def _format_version(path: Path, meta: dict[str, str]) -> int:
     """The format version of a detector file's metadata, refused unless this grood reads it."""
     if meta.get("format") != FILE_FORMAT:
+        if "format" not in meta:
+            raise DetectorFileError(f"{path} is not a grood detector file: it is a safetensors "
+                                    "file grood did not write (a feature file or model "
+                                    f"weights?); {_DETECTOR_IS}")
         raise DetectorFileError(f"{path} is not a grood detector file "
-                                f"(format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
+                                f"(format {meta['format']!r}, expected {FILE_FORMAT!r})")
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:

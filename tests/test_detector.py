@@ -10,7 +10,7 @@ import torch
 from conftest import clustered_features
 from reference import grood_scores_naive
 
-from grood import GROOD, NotFittedError, __version__, ops
+from grood import GROOD, DetectorFileError, NotFittedError, __version__, ops
 from grood.prototypes import OODPrototypeSource, register_source
 
 
@@ -439,7 +439,28 @@ def test_other_safetensors_file_is_refused(tmp_path):
 
     path = tmp_path / "model.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ValueError, match="not a grood detector file"):
+    with pytest.raises(ValueError, match="not a grood detector file: it is a safetensors file "
+                                         "grood did not write"):
+        GROOD.load(path)
+
+
+@pytest.mark.parametrize("kind", ["npz", "npy", "pt", "legacy pt"])
+def test_a_feature_file_or_checkpoint_given_as_the_detector_is_named(tmp_path, kind):
+    """Arguments given in the wrong order (``grood score features.npz detector.safetensors``)
+    were reported as a damaged safetensors file with a 'header too large'."""
+    path = tmp_path / f"features.{kind.split()[-1]}"
+    x = np.zeros((3, 4), np.float32)
+    if kind == "npz":
+        np.savez(path, features=x)
+    elif kind == "npy":
+        np.save(path, x)
+    else:
+        torch.save({"features": torch.from_numpy(x)}, path,
+                   _use_new_zipfile_serialization=kind == "pt")
+    what = {"npz": "a zip archive, as NumPy writes .npz files", "npy": "a NumPy .npy array",
+            "pt": "a zip archive", "legacy pt": "a pickle from torch.save's legacy format"}[kind]
+    with pytest.raises(DetectorFileError, match=f"is not a grood detector file: it is {what}.*"
+                                                 "a detector is the .safetensors file"):
         GROOD.load(path)
 
 
