@@ -94,9 +94,14 @@ def check_has_columns(d: int, what: str) -> None:
 
 
 def check_dense(**tensors: Tensor | None) -> None:
-    """Refuse sparse (or other non-strided) tensors by name, before any kernel or torch op
-    fails on them with an error about storage or a missing backend."""
+    """Refuse what is not a tensor (a NumPy array) and sparse (or other non-strided) tensors by
+    name, before any kernel or torch op fails on them with an error about storage, a missing
+    backend or a missing attribute."""
     for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            hint = (" (torch.from_numpy(x) makes one without a copy; GROOD's own methods also "
+                    "take NumPy arrays)" if type(t).__module__.split(".")[0] == "numpy" else "")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
         if t is not None and t.layout != torch.strided:
             raise TypeError(f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass "
                             "a dense one (tensor.to_dense())")

@@ -641,6 +641,30 @@ def test_sparse_meta_and_masked_inputs_get_clear_errors():
             det.score_samples(sparse.csr_matrix(test.numpy()))
 
 
+def test_the_functional_ops_and_kernels_name_a_numpy_argument():
+    """They take tensors; a NumPy array failed inside with "'numpy.ndarray' object has no
+    attribute 'layout'"."""
+    from grood import functional
+
+    x = torch.randn(6, 4)
+    calls = {"h": lambda: functional.ncp_gradient(x.numpy(), x[:2], x[0]),
+             "ood_prototype": lambda: functional.ncp_gradient(x, x[:2], x[0].numpy()),
+             "database": lambda: functional.knn(x, x.numpy(), 1),
+             "features": lambda: functional.class_prototypes(x.numpy(), torch.zeros(6), 1)}
+    if importlib.util.find_spec("triton") is not None:
+        from grood_kernels.knn import knn as kernel_knn
+        from grood_kernels.ncp_gradient import ncp_gradient as kernel_ncp
+
+        calls["prototypes"] = lambda: kernel_ncp(x, x[:2].numpy(), x[0])
+        calls["queries"] = lambda: kernel_knn(x.numpy(), x, 1)
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got ndarray "
+                                            r"\(torch.from_numpy\(x\) makes one"):
+            call()
+    with pytest.raises(TypeError, match=r"queries must be a torch\.Tensor, got list$"):
+        functional.knn(x.tolist(), x, 1)
+
+
 def test_arrays_in_any_numpy_layout_score_as_the_plain_array(tmp_path):
     """Big-endian, Fortran-ordered, negatively strided, read-only and memory-mapped arrays,
     nested lists and tensors that autograd tracks score as the plain array does (fit on
