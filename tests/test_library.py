@@ -150,8 +150,8 @@ def test_head_refuses_a_k_that_is_not_an_integer(fitted, k):
 
 
 def test_head_names_features_of_the_wrong_shape(fitted):
-    """Features of another width were reported as the prototypes' dimension being wrong, and
-    integer features as a wrong "h"."""
+    """Features of another width were reported as the prototypes' dimension being wrong,
+    integer features as a wrong "h", and a NumPy array as a missing attribute."""
     det, test = fitted
     head = det.as_module()
     d = test.shape[1]
@@ -160,6 +160,8 @@ def test_head_names_features_of_the_wrong_shape(fitted):
             head(bad)
     with pytest.raises(TypeError, match=r"features must be floating point, got torch\.int64"):
         head(test.long())  # the op named its own argument, "h"
+    with pytest.raises(TypeError, match=r"features must be a torch\.Tensor, got ndarray"):
+        head(test.numpy())  # it failed on a missing attribute, is_floating_point
     with pytest.raises(ValueError, match=r"prototypes has dimension \d+, expected \d+ \(the "
                                          r"dimension of h\)"):
         functional.ncp_gradient(test[:, :-1], det.class_prototypes_, det.ood_prototype_)
