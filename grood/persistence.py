@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -186,10 +186,10 @@ def _replace_atomically(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> None:
+def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> str:
     """Write one detector file, atomically (a temporary file beside the target, then a
     rename); through symlinks, with the umask's file mode. ``shard=(rank, world)`` marks the
-    file as that rank's shard of a sharded detector."""
+    file as that rank's shard of a sharded detector. Returns the file's digest."""
     from safetensors.torch import save_file as write
 
     target = save_target(path)
@@ -210,6 +210,7 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
         _replace_atomically(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    return meta["digest"]
 
 
 def save(det: Any, path: Path) -> None:
@@ -222,9 +223,12 @@ def save(det: Any, path: Path) -> None:
     with dist.together(True, "writing its shard of the detector"):
         path = save_target(path, suffixes=(".json", ".safetensors"))
         shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
-        save_file(det, shard, shard=(rank, world))
-        sha = file_sha256(shard)
-    shas = dist.all_gather_rows(torch.tensor(list(sha.encode()), dtype=torch.uint8))
+        # The digest lets a load check the shard in the pass that reads it; the file's
+        # SHA-256 is kept for manifests read by tools that know no digest.
+        file_digest = save_file(det, shard, shard=(rank, world))
+        sums = file_sha256(shard) + file_digest
+    gathered = [bytes(s.tolist()).decode() for s in
+                dist.all_gather_rows(torch.tensor(list(sums.encode()), dtype=torch.uint8))]
     # (its flag exchange also makes every rank return after the manifest exists)
     with dist.together(True, "writing the detector's manifest"):
         if rank == 0:
@@ -232,7 +236,8 @@ def save(det: Any, path: Path) -> None:
                 "format": SHARDED_FORMAT, "format_version": FILE_FORMAT_VERSION,
                 "written_by": WRITER, "world_size": world,
                 "shards": [{"file": path.with_name(f"{path.stem}.rank{r}.safetensors").name,
-                            "sha256": bytes(s.tolist()).decode()} for r, s in enumerate(shas)],
+                            "sha256": s[:64], "digest": s[64:]}
+                           for r, s in enumerate(gathered)],
             }
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
@@ -260,8 +265,7 @@ def load(cls: Any, path: Path, *, device: Any, distributed: bool,
 def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
                   backend: str | None) -> Any:
     if not distributed:
-        return _join_shards(cls, path, [shard for shard, _ in _manifest_shards(path)],
-                            device=device, backend=backend)
+        return _join_shards(cls, path, _manifest_shards(path), device=device, backend=backend)
     rank, world = dist.rank_and_world()
     # A rank that cannot read its shard stops every rank (they would wait below).
     with dist.together(dist.is_initialized(), "loading its shard of the detector"):
@@ -271,8 +275,8 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
         if world != len(shards):
             raise DetectorFileError(f"{path} has {len(shards)} shards but the process group "
                                     f"has {world} ranks")
-        det = load_file(cls, shards[rank][0], device=device, shard=(rank, world),
-                        distributed=True, backend=backend)
+        det = load_file(cls, shards[rank].file, device=device, shard=(rank, world),
+                        distributed=True, backend=backend, listed=(shards[rank].digest, path))
     gathered = dist.shard_sizes(det.index_.ntotal)
     if gathered != det.shard_sizes_:
         raise DetectorFileError(f"{path}: the shards do not belong to one detector (sizes "
@@ -280,19 +284,30 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     return det
 
 
+class _Shard(NamedTuple):
+    """One entry of a shard manifest."""
+
+    file: Path
+    sha256: str  # of the whole file
+    digest: str | None  # the file's own digest (manifests written before it was listed: None)
+
+
 def _manifest_shards(path: Path, verify: bool = True, manifest: Any = None, *,
-                     rank: int | None = None) -> list[tuple[Path, str]]:
-    """The ``(shard file, sha256)`` pairs a shard manifest lists, every file checked against
-    its digest where ``verify`` (only ``rank``'s, where given; ``manifest``: the file's JSON,
-    where already read). Every listed file must exist."""
+                     rank: int | None = None) -> list[_Shard]:
+    """The shards a manifest lists (``manifest``: the file's JSON, where already read). Every
+    listed file must exist. Where ``verify`` (only ``rank``'s shard, where given), a file the
+    manifest lists without its digest is hashed whole here; one listed with it is checked by
+    :func:`read_file` as it is read (pass ``listed``), so it is read once, not twice."""
     if manifest is None:
         manifest = _read_manifest(path)
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
         raise DetectorFileError(f"{path} is not a grood shard manifest")
     try:
-        shards = [(path.with_name(Path(s["file"]).name), s["sha256"])
+        shards = [_Shard(path.with_name(Path(s["file"]).name), s["sha256"], s.get("digest"))
                   for s in manifest["shards"]]
-    except (KeyError, TypeError) as exc:
+        if not all(isinstance(s.digest, (str, type(None))) for s in shards):
+            raise TypeError("a shard's digest is not a string")
+    except (KeyError, TypeError, AttributeError) as exc:
         raise DetectorFileError(f"{path} is not a valid grood shard manifest: {exc}") from exc
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}"
@@ -303,15 +318,15 @@ def _manifest_shards(path: Path, verify: bool = True, manifest: Any = None, *,
     if isinstance(world, bool) or not isinstance(world, int) or world != len(shards):
         raise DetectorFileError(f"{path} is inconsistent: world_size {world!r} but "
                                 f"{len(shards)} shard(s) listed (one per rank is needed)")
-    names = [shard.name for shard, _ in shards]
+    names = [shard.file.name for shard in shards]
     if len(set(names)) != len(names):
         raise DetectorFileError(f"{path} lists the same shard file more than once")
     if path.name in names:
         raise DetectorFileError(f"{path} lists itself as a shard")
-    for r, (shard, sha) in enumerate(shards):
+    for r, (shard, sha, listed) in enumerate(shards):
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {shard.name}, which is missing")
-        if verify and rank in (None, r) and file_sha256(shard) != sha:
+        if verify and rank in (None, r) and listed is None and file_sha256(shard) != sha:
             raise DetectorFileError(f"{shard} does not match the digest in {path}")
     return shards
 
@@ -324,11 +339,13 @@ def _read_manifest(path: Path) -> Any:
         raise DetectorFileError(f"{path} is not a grood detector file: {exc}") from exc
 
 
-def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
+def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
                  backend: str | None) -> Any:
     """The shards of ``path`` joined into one single-process detector, read one at a time
     straight into the joined index (about one copy of the index in memory, not two)."""
-    params, state, tensors = read_file(shards[0], shard=(0, len(shards)))
+    shards = [s.file for s in listed]
+    params, state, tensors = read_file(shards[0], shard=(0, len(shards)),
+                                       listed=(listed[0].digest, path))
     kind = state["index"]
     if not index_class(kind).joinable:
         raise DetectorFileError(f"the shards of {path} hold {kind!r} indexes, which cannot be "
@@ -351,7 +368,8 @@ def _join_shards(cls: Any, path: Path, shards: list[Path], *, device: Any,
     offset, row_numbers = sizes[0], [tensors.pop("indexed_rows", None)]
     for r, shard in enumerate(shards[1:], start=1):
         rows = joined[offset:offset + sizes[r]]
-        _, st, ts = read_file(shard, shard=(r, len(shards)), into={"index.vectors": rows})
+        _, st, ts = read_file(shard, shard=(r, len(shards)), into={"index.vectors": rows},
+                              listed=(listed[r].digest, path))
         if (st.get("shard_sizes") != sizes
                 or not torch.equal(ts["class_prototypes"], tensors["class_prototypes"])
                 or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
@@ -487,14 +505,16 @@ def move(det: Any, dev: torch.device) -> None:
 
 
 def read_file(path: Path, *, shard: tuple[int, int] | None = None,
-              into: dict[str, Tensor] | None = None
+              into: dict[str, Tensor] | None = None,
+              listed: tuple[str | None, Path] | None = None
               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
     """Read and check one detector file: ``(params, state, tensors)``, nothing built yet.
 
     ``shard=(rank, world)`` when the file is read as that rank's shard of a manifest; a shard
     file on its own is refused (it holds part of the index). ``into``: tensors by name to read
     into (and return) where the file's tensor has the same shape and dtype; the others are
-    read into new memory.
+    read into new memory. ``listed=(digest, manifest)``: the digest a manifest lists for the
+    file, which its contents must have (None: the manifest lists none).
     """
     from safetensors import safe_open
 
@@ -523,8 +543,10 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} holds tensors {sorted(names)}, expected "
                                 f"{sorted(TENSOR_NAMES)}, index.* and (optionally) "
                                 f"{', '.join(optional) or 'nothing else'}")
-    stored = meta.pop("digest", None)
-    if stored != digest(tensors, meta):
+    stored, computed = meta.pop("digest", None), digest(tensors, meta)
+    if listed is not None and listed[0] is not None and listed[0] != computed:
+        raise DetectorFileError(f"{path} does not match the digest in {listed[1]}")
+    if stored != computed:
         raise DetectorFileError(f"{path} is corrupt: its checksum does not match its contents")
     params = json.loads(meta["params"])
     state = json.loads(meta["state"])
@@ -625,12 +647,14 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(f"no detector file at {path}")
     sharded = _starts_with(path, b"{")
     manifest = _read_manifest(path) if sharded else None
-    files = ([shard for shard, _ in _manifest_shards(path, verify=check, manifest=manifest)]
-             if sharded else [path])
+    listed = (_manifest_shards(path, verify=check, manifest=manifest) if sharded
+              else [_Shard(path, "", None)])
+    files = [s.file for s in listed]
     heads = [read_header(f) for f in files]
     if check:  # everything loading checks, shard by shard
-        for r, f in enumerate(files):
-            read_file(f, shard=(r, len(files)) if sharded else None)
+        for r, s in enumerate(listed):
+            read_file(s.file, shard=(r, len(files)) if sharded else None,
+                      listed=(s.digest, path) if sharded else None)
     params, state, header_meta, shapes = heads[0]
     # The version and writer: a sharded detector's manifest's own.
     meta: dict[str, Any] = manifest if manifest is not None else header_meta
@@ -697,9 +721,10 @@ def training_row_numbers(rows: Tensor, n_train: Any) -> bool:
 
 
 def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | None = None,
-              distributed: bool = False, backend: str | None = None) -> Any:
+              distributed: bool = False, backend: str | None = None,
+              listed: tuple[str | None, Path] | None = None) -> Any:
     """Read, check and build one detector file (see :func:`read_file`)."""
-    params, state, tensors = read_file(path, shard=shard)
+    params, state, tensors = read_file(path, shard=shard, listed=listed)
     shard_sizes = state.get("shard_sizes")
     det = restore(cls, params, state, tensors, device,
                   shard_sizes=shard_sizes if shard is not None else None,

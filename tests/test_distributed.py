@@ -91,15 +91,18 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
                     "neighbours": det.kneighbors(rows, 2)},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
-        # Loaded back as shards, the detector names the same neighbours; each rank hashes
-        # only the shard it reads.
-        hashed, real_sha = [], persistence.file_sha256
-        persistence.file_sha256 = lambda path: (hashed.append(path.name), real_sha(path))[1]
+        # Loaded back as shards, the detector names the same neighbours; each rank reads
+        # only its own shard, once (checked against the manifest's digest as it is read).
+        read, real_sha, real_read = [], persistence.file_sha256, persistence.read_file
+        persistence.file_sha256 = lambda path: (read.append(("hash", path.name)),
+                                                real_sha(path))[1]
+        persistence.read_file = lambda path, **kw: (read.append(("read", path.name)),
+                                                    real_read(path, **kw))[1]
         try:
             loaded = GROOD.load(f"{tmp}/det.json", distributed=True)
         finally:
-            persistence.file_sha256 = real_sha
-        torch.save(hashed, f"{tmp}/rank{rank}.hashed.pt")
+            persistence.file_sha256, persistence.read_file = real_sha, real_read
+        torch.save(read, f"{tmp}/rank{rank}.read.pt")
         torch.save(loaded.kneighbors(rows, 2), f"{tmp}/rank{rank}.loaded.pt")
 
 
@@ -140,8 +143,8 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     # one process.
     want = single.kneighbors(test[:n_scored], 2)
     loaded = [torch.load(tmp_path / f"rank{r}.loaded.pt") for r in range(world)]
-    assert [torch.load(tmp_path / f"rank{r}.hashed.pt") for r in range(world)] == [
-        [f"det.rank{r}.safetensors"] for r in range(world)]
+    assert [torch.load(tmp_path / f"rank{r}.read.pt") for r in range(world)] == [
+        [("read", f"det.rank{r}.safetensors")] for r in range(world)]
     for found in ([r["neighbours"] for r in results], loaded):
         for got, ref in zip(zip(*found, strict=True), want, strict=True):
             assert torch.equal(torch.cat(got), ref)

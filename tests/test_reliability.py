@@ -20,7 +20,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import clustered_features
 
-from grood import GROOD
+from grood import GROOD, DetectorFileError, persistence
 from grood.cli import main
 
 
@@ -99,12 +99,59 @@ def test_edited_manifests_are_refused(sharded, tmp_path, edit):
         other.save(tmp_path / "copy" / "det.rank1.safetensors")
         import hashlib
 
-        manifest["shards"][1]["sha256"] = hashlib.sha256(
-            (tmp_path / "copy" / "det.rank1.safetensors").read_bytes()).hexdigest()
+        from safetensors import safe_open
+
+        foreign = tmp_path / "copy" / "det.rank1.safetensors"
+        with safe_open(str(foreign), framework="pt") as f:
+            manifest["shards"][1]["digest"] = f.metadata()["digest"]
+        manifest["shards"][1]["sha256"] = hashlib.sha256(foreign.read_bytes()).hexdigest()
         match = "inconsistent|another detector"
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=match):
         GROOD.load(manifest_path)
+
+
+@pytest.mark.parametrize("listed", ["digest", "sha256 only"])
+def test_a_shard_is_checked_against_its_manifest_as_it_is_read(sharded, tmp_path, listed):
+    """A manifest lists each shard's SHA-256 and its digest: loading checks the digest on the
+    bytes it reads (one pass over each shard); a manifest without digests (written before
+    they were listed) has each shard hashed whole first. Either way a shard changed after the
+    manifest was written is refused, also when its own digest was made to fit its contents,
+    and a listed digest that was edited is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    manifest_path = _copy(sharded, tmp_path / "copy")
+    manifest = json.loads(manifest_path.read_text())
+    assert all(len(s["digest"]) == len(s["sha256"]) == 64 for s in manifest["shards"])
+    if listed == "sha256 only":
+        for entry in manifest["shards"]:
+            del entry["digest"]
+    manifest_path.write_text(json.dumps(manifest))
+    x, _ = clustered_features(20, 4, 6, seed=5, spread=0.5, dtype=torch.float32)
+    expected = GROOD.load(sharded / "det.json").score_samples(x)
+    assert torch.equal(GROOD.load(manifest_path).score_samples(x), expected)
+    # Shard 1 rewritten with one index value changed and a digest that fits it.
+    shard = tmp_path / "copy" / "det.rank1.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors["index.vectors"][0, 0] += 1
+    meta["digest"] = persistence.digest(tensors, meta)
+    save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(DetectorFileError, match=r"det\.rank1\.safetensors does not match the "
+                                                "digest in"):
+        GROOD.load(manifest_path)
+    if listed == "digest":  # the manifest's digest edited, the shard as saved
+        shutil.copy(sharded / "det.rank1.safetensors", shard)
+        manifest["shards"][0]["digest"] = "0" * 64
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(DetectorFileError, match=r"det\.rank0\.safetensors does not match"):
+            GROOD.load(manifest_path)
+        manifest["shards"][0]["digest"] = 7
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(DetectorFileError, match="not a valid grood shard manifest"):
+            GROOD.load(manifest_path)
 
 
 @pytest.fixture
