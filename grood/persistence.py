@@ -269,7 +269,7 @@ def _load_sharded(cls: Any, path: Path, *, device: Any, distributed: bool,
     rank, world = dist.rank_and_world()
     # A rank that cannot read its shard stops every rank (they would wait below).
     with dist.together(dist.is_initialized(), "loading its shard of the detector"):
-        # Each rank hashes the one shard it reads (every rank hashing every shard read the
+        # Each rank checks the one shard it reads (every rank hashing every shard read the
         # whole index world_size times over).
         shards = _manifest_shards(path, rank=rank)
         if world != len(shards):
