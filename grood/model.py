@@ -134,14 +134,14 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     fitted_on = getattr(det, "extractor_", {}).get("features")
     if features is None:
         features = fitted_on
-    elif fitted_on is not None and features != fitted_on:
+    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
+                                 progress=det.progress)  # refuses a name the model lacks
+    if fitted_on is not None and features != fitted_on:
         # Another layer of the same width would be scored against the wrong prototypes and
         # index without any error; a renamed module (a wrapped model) is legitimate.
         warnings.warn(f"the detector reads features={features!r} here, but was fitted on "
                       f"features={fitted_on!r}; scores are only meaningful for the same "
                       "layer", UserWarning, stacklevel=4)
-    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
-                                 progress=det.progress)
     feats = (out.features for out, _, _ in extractor.batches(loader, desc="grood score"))
     # A sharded detector's ranks search together, each rank's loader as long as it is: the
     # empty batches a rank joins with add no rows (and give its results their shape when its

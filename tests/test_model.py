@@ -2,6 +2,7 @@
 
 import dataclasses
 import sys
+import warnings
 
 import pytest
 import torch
@@ -267,6 +268,11 @@ def test_fit_model_equals_fit_on_extracted_features(trained):
     # tell, so scoring another layer than the fitted one warns.
     with pytest.warns(UserWarning, match="fitted on features='8'"):
         det.score_model(model, [test], features="7")
+    # A name the model lacks is an error alone (it came after a warning about that layer).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="features='77' is not a module of the model"):
+            det.score_model(model, [test], features="77")
     # Refitted from arrays, the detector no longer claims a layer (a stale one was kept).
     det.fit(feats, labels)
     assert not hasattr(det, "extractor_")
