@@ -24,6 +24,7 @@ computed once, at the first search, and reused by every later search.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -643,6 +644,10 @@ class FaissIVFIndex(_FaissIndex):
         else:
             size = self.training_rows if self.training_rows is not None else train.shape[0]
             nlist = int(4 * math.sqrt(self._train_batches(size)))
+        if self.nlist is not None and nlist > train.shape[0]:
+            warnings.warn(f"nlist={nlist} is more than the {train.shape[0]} gradients the IVF "
+                          f"quantizer is trained on; it gets {train.shape[0]} lists",
+                          UserWarning, stacklevel=2)
         nlist = min(nlist, train.shape[0])  # faiss needs at least nlist training points
         quantizer = self.faiss.IndexFlatL2(self.dim)
         index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_L2)

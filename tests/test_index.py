@@ -1,6 +1,7 @@
 """Gradient index kinds: exact, faiss-flat and faiss-ivf; building, search, save/load."""
 
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -164,6 +165,26 @@ def test_faiss_ivf_follows_the_reference_rule_and_trains_early():
     assert index.index is not None and index.index.nlist == int(4 * 40 ** 0.5)
     index.add(x[84:])
     assert index.ntotal == 100 and index.index.nprobe == 4
+
+
+def test_faiss_ivf_says_when_a_given_nlist_exceeds_its_training_vectors():
+    """nlist is capped at the training vectors (faiss needs one per list at least): silently,
+    before, for an nlist the user gave; the reference's rule is capped without a word."""
+    x, _ = clustered_features(30, 3, 4, seed=2, dtype=torch.float32)
+    index = make_index("faiss-ivf", 4, dtype=torch.float32, device=torch.device("cpu"),
+                       backend="torch", options={"nlist": 50})
+    index.add(x)
+    with pytest.warns(UserWarning, match="nlist=50 is more than the 30 gradients the IVF "
+                                         "quantizer is trained on; it gets 30 lists"):
+        index.trim()
+    assert index.index.nlist == 30
+    default = make_index("faiss-ivf", 4, dtype=torch.float32, device=torch.device("cpu"),
+                         backend="torch", options={"reference_batch_size": 1})
+    default.add(x[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default.trim()  # the rule asks for int(4 * sqrt(2)) = 5 lists
+    assert default.index.nlist == 3
 
 
 def test_faiss_ivf_is_exact_when_it_probes_every_list():
