@@ -100,7 +100,8 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
             # a pooled feature map, e.g. a hook on a ResNet's avgpool
             hint = ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
                     "x.flatten(1); numpy: x.reshape(len(x), -1))")
-        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}{hint}")
+        dims = "[N, C]" if name == "logits" else "[N, D]"  # a row of C class scores
+        raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}{hint}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be floating point (float16, bfloat16, float32 or float64), "

@@ -224,6 +224,8 @@ def _bad_fit_cases():
          r"class id 3, out of range for 3 classes \(the logits' columns\)"),
         ("logits-rows", (x, y), {"logits": torch.randn(79, 4)}, ValueError,
          "logits has 79 rows"),
+        ("1d-logits", (x, y), {"logits": torch.randn(80)}, ValueError,  # not "[N, D]"
+         r"logits must be a 2-D array \[N, C\], got shape \(80,\)"),
         ("nan-logits", (x, y), {"logits": torch.full((80, 4), float("nan"))}, ValueError,
          "logits contains NaN"),
         ("missing-ood-features", (x, y), {"source": "features"}, ValueError,
