@@ -150,35 +150,77 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
     return path
 
 
+#: Decades the nonzero score magnitudes of a method must span (5th to 95th percentile) for
+#: ``scale="auto"`` to draw them on a log axis.
+LOG_SCALE_DECADES = 3.0
+
+
+def _log_scaled(by_set: Mapping[str, np.ndarray], threshold: float | None) -> bool:
+    """Whether ``scale="auto"`` draws a method's panel on a log axis of -score: every score
+    <= 0 (and the threshold < 0) with nonzero magnitudes spanning more than
+    :data:`LOG_SCALE_DECADES` decades. GROOD's do: a confident ID sample's gradient is near 0,
+    so its score is near 0 (-1e-20 is common), while OOD samples score near -1; on a linear
+    axis every ID score falls in the last bin."""
+    values = np.concatenate(list(by_set.values()))
+    if values.max() > 0 or (threshold is not None and threshold >= 0):
+        return False
+    mags = -values[values < 0]
+    if mags.size < 2:
+        return False
+    lo, hi = np.percentile(mags, [5, 95])
+    return bool(hi > lo * 10**LOG_SCALE_DECADES)
+
+
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike,
-                    thresholds: Mapping[str, tuple[float, float]] | None = None) -> Path:
+                    thresholds: Mapping[str, tuple[float, float]] | None = None, *,
+                    scale: str = "auto") -> Path:
     """Score histograms, one panel per method, one colour per dataset.
 
     ``thresholds``: ``{method: (threshold, tpr)}``, a decision threshold (scores below it
     flagged as OOD; :meth:`grood.GROOD.calibrate`) drawn as a dashed line in that method's
-    panel."""
+    panel. ``scale``: ``"linear"`` (density over the scores), ``"log"`` (the fraction of each
+    set over -score on a log axis, running right to left so that in-distribution stays on
+    the right; scores of 0 fall in the rightmost bin, and the legend counts them; every score
+    and threshold must be <= 0, and < 0 for a threshold) or ``"auto"``: log for a method
+    whose scores are all <= 0 and whose nonzero magnitudes span more than 3 decades (GROOD's
+    do), linear otherwise."""
+    if scale not in ("auto", "linear", "log"):
+        raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
     figure = figure_class()  # a missing extra is named before any check
     scores = _checked(scores)
     thresholds = _checked_thresholds(thresholds, scores)
     methods = list(scores)
+    logs = {}
+    for method in methods:
+        t = thresholds[method][0] if method in thresholds else None
+        if scale == "log" and (max(float(v.max()) for v in scores[method].values()) > 0
+                               or (t is not None and t >= 0)):
+            raise ValueError(f"scale='log' draws -score on a log axis: {method!r} has scores "
+                             "above 0 or a threshold of 0 or more; use scale='linear'")
+        logs[method] = scale == "log" or (scale == "auto" and _log_scaled(scores[method], t))
     fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
-        lo = min(float(np.min(v)) for v in by_set.values())
-        hi = max(float(np.max(v)) for v in by_set.values())
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
-        for color, (name, values) in zip(_colors(len(by_set)), by_set.items(), strict=True):
-            ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
-            ax.hist(values, bins=bins, density=True, color=color, histtype="step", lw=1.4,
-                    label=name)
+        if logs[method]:
+            _log_histograms(ax, by_set)
+        else:
+            lo = min(float(np.min(v)) for v in by_set.values())
+            hi = max(float(np.max(v)) for v in by_set.values())
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+            for color, (name, values) in zip(_colors(len(by_set)), by_set.items(),
+                                             strict=True):
+                ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
+                ax.hist(values, bins=bins, density=True, color=color, histtype="step",
+                        lw=1.4, label=name)
+            ax.set(xlabel="score (higher = in-distribution)", ylabel="density (log)")
         if method in thresholds:
             t, tpr = thresholds[method]
-            ax.axvline(t, color="0.2", lw=1.2, ls="--",
+            ax.axvline(-t if logs[method] else t, color="0.2", lw=1.2, ls="--",
                        label=f"threshold ({100 * tpr:g} % of ID kept)")
-        # Log density: detectors such as MSP and GROOD pile ID scores into one bin near the top.
+        # Log counts: detectors such as MSP and GROOD pile ID scores into one bin near the top.
         ax.set_yscale("log")
-        ax.set(title=method, xlabel="score (higher = in-distribution)", ylabel="density (log)")
+        ax.set_title(method)
         if len(by_set) > 6:  # beside the panel: inside, the list would cover the histograms
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         else:
@@ -187,6 +229,27 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # with a legend beside the last panel
     return path
+
+
+def _log_histograms(ax: Any, by_set: Mapping[str, np.ndarray]) -> None:
+    """Each set's fraction per bin over -score, log-spaced bins on a log axis drawn right to
+    left (in-distribution on the right, as on a linear score axis)."""
+    mags = {name: -values for name, values in by_set.items()}
+    pooled = np.concatenate(list(mags.values()))
+    lo, hi = float(pooled[pooled > 0].min()), float(pooled.max())
+    bins = np.geomspace(lo, hi if hi > lo else lo * 10.0, 41)
+    for color, (name, m) in zip(_colors(len(mags)), mags.items(), strict=True):
+        zeros = int(np.count_nonzero(m == 0))
+        label = name + (f" ({zeros} at 0, in the rightmost bin)" if zeros else "")
+        weights = np.full(m.shape, 1.0 / m.size)
+        m = np.maximum(m, lo)  # a score of 0 has no place on a log axis: the nearest bin
+        ax.hist(m, bins=bins, weights=weights, color=color, alpha=0.25)
+        ax.hist(m, bins=bins, weights=weights, color=color, histtype="step", lw=1.4,
+                label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(bins[-1], bins[0])  # right to left: higher scores (nearer 0) on the right
+    ax.set(xlabel="-score, log scale (right = in-distribution)",
+           ylabel="fraction of the set (log)")
 
 
 def plot_neighbours(examples: Sequence[Mapping[str, object]], train_images: np.ndarray,

@@ -276,3 +276,52 @@ def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
     assert legend.get_bbox_to_anchor().x0 > drawn[0].axes[0].get_window_extent().x1
     assert all(len(set(map(to_rgba, report._colors(n)))) == n for n in (1, 10, 11, 20, 21, 40))
     assert report._colors(3) == ["C0", "C1", "C2"]  # the default cycle where it suffices
+
+
+def test_histograms_of_scores_spanning_decades_use_a_log_axis_of_minus_score(tmp_path,
+                                                                          monkeypatch):
+    """GROOD's ID scores lie between about -1e-25 and -1e-6 and its OOD scores near -1: on a
+    linear axis every ID score fell in the last bin. ``scale="auto"`` draws such a method's
+    panel as each set's fraction over -score on a log axis running right to left (ID stays on
+    the right); other methods keep their linear density panels."""
+    pytest.importorskip("matplotlib")
+    from grood import report
+
+    drawn = recorded_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    ident = -(10.0 ** rng.uniform(-25, -6, 300))
+    ident[:4] = 0.0  # training rows score exactly 0
+    grood_sets = {"id": ident, "ood": -rng.uniform(0.05, 1.0, 200)}
+    scores = {"GROOD": grood_sets, "Energy": {"id": rng.normal(12, 3, 300),
+                                              "ood": rng.normal(4, 2, 200)}}
+    report.plot_histograms(scores, tmp_path / "h.png", {"GROOD": (-1e-3, 0.95)})
+    log_ax, linear_ax = drawn[0].axes[:2]
+    assert log_ax.get_xscale() == "log" and linear_ax.get_xscale() == "linear"
+    left, right = log_ax.get_xlim()
+    assert left > right and left == pytest.approx(1.0, rel=0.05)  # -score falls to the right
+    assert right == pytest.approx(-ident[ident < 0].max())
+    filled = [p for p in log_ax.patches if p.get_fill()]
+    heights = [sum(r.get_height() for r in filled[i * 40:(i + 1) * 40]) for i in range(2)]
+    np.testing.assert_allclose(heights, [1.0, 1.0])  # each set's fractions, zeros included
+    labels = [t.get_text() for t in log_ax.get_legend().get_texts()]
+    assert labels[0] == "id (4 at 0, in the rightmost bin)" and labels[1] == "ood"
+    line = next(ln for ln in log_ax.lines if ln.get_linestyle() == "--")
+    assert line.get_xdata()[0] == 1e-3  # the threshold, at -threshold
+    assert "-score, log scale" in log_ax.get_xlabel()
+    assert linear_ax.get_xlabel() == "score (higher = in-distribution)"
+
+    # Scores within a few decades, any positive score, or a threshold of 0 stay linear.
+    for sets, marks in (({"id": -rng.uniform(0.01, 1, 50)}, None),
+                        ({"id": np.append(ident, 1e-9)}, None),
+                        (grood_sets, {"GROOD": (0.0, 0.95)})):
+        report.plot_histograms({"GROOD": sets}, tmp_path / "h.png", marks)
+        assert drawn[-1].axes[0].get_xscale() == "linear"
+    report.plot_histograms({"GROOD": {"id": -rng.uniform(0.01, 1, 50)}}, tmp_path / "h.png",
+                           scale="log")
+    assert drawn[-1].axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="'Energy' has scores above 0"):
+        report.plot_histograms(scores, tmp_path / "h.png", scale="log")
+    with pytest.raises(ValueError, match="scale must be 'auto', 'linear' or 'log'"):
+        report.plot_histograms(scores, tmp_path / "h.png", scale="symlog")
+    assert report.plot_histograms(scores, tmp_path / "h.png", scale="linear").exists()
+    assert drawn[-1].axes[0].get_xscale() == "linear"
