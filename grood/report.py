@@ -195,9 +195,11 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     for method in methods:
         t = thresholds[method][0] if method in thresholds else None
         if scale == "log" and (max(float(v.max()) for v in scores[method].values()) > 0
+                               or min(float(v.min()) for v in scores[method].values()) == 0
                                or (t is not None and t >= 0)):
             raise ValueError(f"scale='log' draws -score on a log axis: {method!r} has scores "
-                             "above 0 or a threshold of 0 or more; use scale='linear'")
+                             "above 0, none below 0, or a threshold of 0 or more; use "
+                             "scale='linear'")
         logs[method] = scale == "log" or (scale == "auto" and _log_scaled(scores[method], t))
     fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):

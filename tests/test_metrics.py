@@ -321,6 +321,8 @@ def test_histograms_of_scores_spanning_decades_use_a_log_axis_of_minus_score(tmp
     assert drawn[-1].axes[0].get_xscale() == "log"
     with pytest.raises(ValueError, match="'Energy' has scores above 0"):
         report.plot_histograms(scores, tmp_path / "h.png", scale="log")
+    with pytest.raises(ValueError, match="'GROOD' has scores above 0, none below 0"):
+        report.plot_histograms({"GROOD": {"id": np.zeros(5)}}, tmp_path / "h.png", scale="log")
     with pytest.raises(ValueError, match="scale must be 'auto', 'linear' or 'log'"):
         report.plot_histograms(scores, tmp_path / "h.png", scale="symlog")
     assert report.plot_histograms(scores, tmp_path / "h.png", scale="linear").exists()
