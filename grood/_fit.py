@@ -109,8 +109,10 @@ def check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str)
     """Every input the source ``needs`` is given, and nothing it does not use."""
     missing = [name for name in source.needs if name not in inputs]
     if missing:
+        hint = ("; it runs the model (synthetic inputs through it): fit with "
+                "fit_model(model, train_loader, ...)" if "model" in missing else "")
         raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in "
-                         f"{where}")
+                         f"{where}{hint}")
     unused = [name for name in inputs if name not in source.needs]
     if unused:
         raise ValueError(f"{', '.join(unused)} given to {where} but ood_prototype="

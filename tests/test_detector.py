@@ -228,6 +228,9 @@ def _bad_fit_cases():
          r"logits must be a 2-D array \[N, C\], got shape \(80,\)"),
         ("nan-logits", (x, y), {"logits": torch.full((80, 4), float("nan"))}, ValueError,
          "logits contains NaN"),
+        ("model-source-on-arrays", (x, y), {"source": "noise"}, ValueError,
+         r"ood_prototype='noise' needs model in fit\(\); it runs the model .*: fit with "
+         r"fit_model\(model, train_loader, \.\.\.\)"),
         ("missing-ood-features", (x, y), {"source": "features"}, ValueError,
          "needs ood_features"),
         ("unused-ood-features", (x, y), {"ood_features": torch.rand(3, 11)}, ValueError,
