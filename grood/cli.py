@@ -319,7 +319,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood import GROOD, ood_metrics
     from grood.calibration import current_threshold
     from grood.io import load_features
-    from grood.persistence import save_target
+    from grood.persistence import save_target, written_atomically
     from grood.report import METRIC_LABELS, markdown_table
 
     _require_files({"detector file": args.detector, "feature file": args.id})
@@ -372,7 +372,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print("\n")
     print(markdown_table(header, rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        with written_atomically(Path(os.path.realpath(args.json))) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
     if plots is not None:
         from grood.report import plot_histograms, plot_roc
 

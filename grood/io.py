@@ -111,14 +111,29 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
     ``ood`` (bool) and ``threshold`` when ``flags`` are given, ``neighbour_distance`` and
     ``neighbour_row`` [N, n] when ``neighbours`` (distances, training rows) are) or ``.csv``
     (``index,score,pred`` rows, then ``ood`` (1 = flagged) when ``flags`` are given, then
-    ``neighbour_row_1..n`` and ``neighbour_distance_1..n``)."""
+    ``neighbour_row_1..n`` and ``neighbour_distance_1..n``). Written atomically, through
+    symlinks: an interrupted write leaves no half-written file that looks complete."""
+    from grood.persistence import written_atomically
+
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        if neighbours is not None:
-            raise ValueError(f"{path}: .npy holds the scores alone, not the neighbours")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".csv"):
+        raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
+                         f"{path.suffix!r}")
+    if suffix == ".npy" and neighbours is not None:
+        raise ValueError(f"{path}: .npy holds the scores alone, not the neighbours")
+    with written_atomically(Path(os.path.realpath(path))) as tmp:
+        _write_scores(tmp, suffix, scores, preds, flags, threshold, neighbours)
+
+
+def _write_scores(path: Path, suffix: str, scores: np.ndarray, preds: np.ndarray,
+                  flags: np.ndarray | None, threshold: float | None,
+                  neighbours: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """:func:`save_scores`' file contents, written to ``path`` in the format of ``suffix``."""
+    if suffix == ".npy":
         with open(path, "wb") as f:  # through a file: np.save would append ".npy" to ".NPY"
             np.save(f, scores)
-    elif path.suffix.lower() == ".npz":
+    elif suffix == ".npz":
         arrays: dict[str, Any] = {"score": scores, "pred": preds}
         if flags is not None:
             arrays.update(ood=flags, threshold=np.float64(threshold))
@@ -126,7 +141,7 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
             arrays.update(neighbour_distance=neighbours[0], neighbour_row=neighbours[1])
         with open(path, "wb") as f:  # through a file, as above
             np.savez(f, **arrays)
-    elif path.suffix.lower() == ".csv":
+    else:  # .csv
         n = 0 if neighbours is None else neighbours[1].shape[1]
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -138,6 +153,3 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
                                 + (neighbours[1][i].tolist()
                                    + [repr(v) for v in neighbours[0][i].tolist()]
                                    if neighbours is not None else []))
-    else:
-        raise ValueError(f"{path}: scores are written as .npy, .npz or .csv, not "
-                         f"{path.suffix!r}")

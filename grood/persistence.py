@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -186,6 +188,20 @@ def _replace_atomically(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+@contextmanager
+def written_atomically(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` for the block to write, renamed over ``target``
+    (with the umask's file mode, flushed to disk) when the block ends without error and
+    removed otherwise: ``target`` is never seen half written, and a failed or interrupted
+    write leaves what was there before."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        _replace_atomically(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> str:
     """Write one detector file, atomically (a temporary file beside the target, then a
     rename); through symlinks, with the umask's file mode. ``shard=(rank, world)`` marks the
@@ -204,12 +220,8 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
         "state": json.dumps(state, sort_keys=True),
     }
     meta["digest"] = digest(tensors, meta)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with written_atomically(target) as tmp:
         write(tensors, str(tmp), metadata=meta)
-        _replace_atomically(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta["digest"]
 
 
@@ -239,12 +251,8 @@ def save(det: Any, path: Path) -> None:
                             "sha256": s[:64], "digest": s[64:]}
                            for r, s in enumerate(gathered)],
             }
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
+            with written_atomically(path) as tmp:
                 tmp.write_text(json.dumps(manifest, indent=2))
-                _replace_atomically(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
 
 
 def load(cls: Any, path: Path, *, device: Any, distributed: bool,

@@ -490,6 +490,38 @@ def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "S.NPY.npy").exists()
 
 
+def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch):
+    """Scores were written in place: a write that failed or was interrupted halfway (a full
+    disk, Ctrl-C during a long CSV) left a truncated file that looked complete. Now the old
+    file stays until the new one is whole, and nothing else is left in the folder."""
+    from grood import io
+
+    scores, preds = np.linspace(-1, 0, 50), np.arange(50) % 3
+    out = tmp_path / "scores.csv"
+    out.write_text("old\n")
+    real = io._write_scores
+
+    def halfway(path, *args):
+        path.write_text("index,score,pred\n0,-1.0,0\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_write_scores", halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_scores(out, scores, preds)
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "scores.csv"]
+    monkeypatch.setattr(io, "_write_scores", real)
+    io.save_scores(out, scores, preds)
+    assert len(out.read_text().splitlines()) == 51
+    # Through a link, to what it points at (the link stays a link).
+    (tmp_path / "real.npz").write_bytes(b"")
+    (tmp_path / "link.npz").symlink_to(tmp_path / "real.npz")
+    io.save_scores(tmp_path / "link.npz", scores, preds)
+    assert (tmp_path / "link.npz").is_symlink()
+    with np.load(tmp_path / "real.npz") as saved:
+        np.testing.assert_array_equal(saved["score"], scores)
+
+
 def test_demo_refuses_counts_of_zero_and_a_file_as_its_folder(tmp_path, capsys):
     """--epochs / --n-noise / --knn-k / --seeds of 0 meant an untrained net, "the loader
     yielded no batches" or a k error from inside; --out naming a file failed with a raw
