@@ -51,10 +51,14 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("L" if self.grayscale else "RGB")
-            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        try:
+            with Image.open(self.paths[i]) as img:
+                img = img.convert("L" if self.grayscale else "RGB")
+                img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        except OSError as exc:  # a truncated file's error ("Truncated File Read") names none
+            raise OSError(f"{self.paths[i]}: cannot read this image ({exc}); remove or "
+                          "replace it") from exc
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         if self.mean is not None:
             x = (x - self.mean) / self.std

@@ -56,3 +56,24 @@ def test_score_image_folder_checks_its_flags(tmp_path, flags, message):
                            "--checkpoint", "m.pt", "--detector", "d.safetensors", *flags],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """A truncated JPEG failed with Pillow's "Truncated File Read", naming no file."""
+    import importlib.util
+
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+    spec = importlib.util.spec_from_file_location("score_image_folder", SCRIPT)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 90).save(tmp_path / "a.jpg")
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    data = example.ImageFolder(tmp_path, 8, grayscale=False)
+    assert tuple(data[0].shape) == (3, 8, 8)
+    for i, name in ((1, "b.jpg"), (2, "c.png")):
+        with pytest.raises(OSError, match=f"{name}: cannot read this image"):
+            data[i]
