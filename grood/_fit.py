@@ -110,7 +110,8 @@ def check_inputs(source: OODPrototypeSource, inputs: dict[str, Any], where: str)
     missing = [name for name in source.needs if name not in inputs]
     if missing:
         hint = ("; it runs the model (synthetic inputs through it): fit with "
-                "fit_model(model, train_loader, ...)" if "model" in missing else "")
+                "fit_model(model, train_loader, ...), or give fit_batches "
+                "source_inputs={'model': model}" if "model" in missing else "")
         raise ValueError(f"ood_prototype={source.name!r} needs {', '.join(missing)} in "
                          f"{where}{hint}")
     unused = [name for name in inputs if name not in source.needs]
