@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,8 +182,13 @@ def _umask_mode() -> int:
 
 
 def _replace_atomically(tmp: Path, target: Path) -> None:
-    """Give ``tmp`` the usual file mode, flush it to disk and rename it over ``target``."""
-    os.chmod(tmp, _umask_mode())
+    """Give ``tmp`` the mode of the file it replaces (a new file: the umask's), flush it to
+    disk and rename it over ``target``. A file kept private (0600) stays private."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = _umask_mode()
+    os.chmod(tmp, mode)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
@@ -191,7 +197,8 @@ def _replace_atomically(tmp: Path, target: Path) -> None:
 @contextmanager
 def written_atomically(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target`` for the block to write, renamed over ``target``
-    (with the umask's file mode, flushed to disk) when the block ends without error and
+    (with the mode of the file it replaces, or the umask's, flushed to disk) when the block
+    ends without error and
     removed otherwise: ``target`` is never seen half written, and a failed or interrupted
     write leaves what was there before."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -209,7 +209,7 @@ def test_save_refuses_to_replace_what_is_not_a_regular_file(fitted, tmp_path):
         det.save(tmp_path / "dir.safetensors")
 
 
-def test_saved_files_get_the_umask_mode(fitted, tmp_path):
+def test_saved_files_get_the_umask_mode_or_keep_their_own(fitted, tmp_path):
     det, _ = fitted
     old = os.umask(0o022)
     try:
@@ -218,6 +218,10 @@ def test_saved_files_get_the_umask_mode(fitted, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "d.safetensors").st_mode) == 0o644
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    # A file replaced keeps its own mode (a private one became world-readable).
+    os.chmod(tmp_path / "d.safetensors", 0o600)
+    det.save(tmp_path / "d.safetensors")
+    assert stat.S_IMODE(os.stat(tmp_path / "d.safetensors").st_mode) == 0o600
 
 
 def test_save_names_and_folders_are_checked_first(fitted, tmp_path):
