@@ -636,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError, MissingExtraError) as exc:
         print(f"grood {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (detectors, scores and
+        # metrics are written atomically: none is left half-written)
+        print(f"\ngrood {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if getattr(args, "distributed", False):
             import torch.distributed as tdist

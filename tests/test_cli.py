@@ -522,6 +522,21 @@ def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch)
         np.testing.assert_array_equal(saved["score"], scores)
 
 
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C during a long fit printed a full traceback; the detector file is not made."""
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GROOD, "fit", interrupted)
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) \
+        == 130
+    assert capsys.readouterr().err == "\ngrood fit: interrupted\n"
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_demo_refuses_counts_of_zero_and_a_file_as_its_folder(tmp_path, capsys):
     """--epochs / --n-noise / --knn-k / --seeds of 0 meant an untrained net, "the loader
     yielded no batches" or a k error from inside; --out naming a file failed with a raw
