@@ -145,8 +145,18 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
                ylabel="true positive rate (OOD detected)", title=f"{id_name} vs {ood}")
         ax.legend(loc="lower right", fontsize=8, title="method (AUROC %)", title_fontsize=8)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write ``fig`` at ``path`` in the format its suffix names (PNG without one),
+    atomically (an interrupted write leaves the old picture, not a truncated one), through
+    symlinks; returns ``path``."""
+    from grood.persistence import written_atomically
+
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    with written_atomically(Path(os.path.realpath(path))) as tmp:  # (tmp has no suffix)
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower() or "png", **kwargs)
     return path
 
 
@@ -228,9 +238,7 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         else:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # with a legend beside the last panel
-    return path
+    return _save(fig, path, bbox_inches="tight")  # with a legend beside the last panel
 
 
 def _log_histograms(ax: Any, by_set: Mapping[str, np.ndarray]) -> None:
@@ -303,6 +311,4 @@ def plot_neighbours(examples: Sequence[Mapping[str, object]], train_images: np.n
     fig.suptitle("nearest training samples in gradient space (d²: squared gradient "
                  "distance; score = -d² of the k-th)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)

@@ -327,3 +327,30 @@ def test_histograms_of_scores_spanning_decades_use_a_log_axis_of_minus_score(tmp
         report.plot_histograms(scores, tmp_path / "h.png", scale="symlog")
     assert report.plot_histograms(scores, tmp_path / "h.png", scale="linear").exists()
     assert drawn[-1].axes[0].get_xscale() == "linear"
+
+
+def test_pictures_are_written_atomically_in_the_format_their_suffix_names(tmp_path,
+                                                                           monkeypatch):
+    """A drawing that failed halfway left a truncated picture; now the old one stays."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from grood import report
+
+    scores = {"GROOD": {"id": np.linspace(0, 1, 30), "ood": np.linspace(-1, 0.5, 20)}}
+    assert report.plot_roc(scores, "id", ["ood"], tmp_path / "roc.pdf").read_bytes()[:5] \
+        == b"%PDF-"
+    old = report.plot_histograms(scores, tmp_path / "h.png").read_bytes()
+    real = Figure.savefig
+
+    def halfway(self, fname, **kwargs):
+        real(self, fname, **kwargs)
+        with open(fname, "r+b") as f:
+            f.truncate(100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", halfway)
+    with pytest.raises(OSError, match="No space left"):
+        report.plot_histograms(scores, tmp_path / "h.png", scale="linear")
+    assert (tmp_path / "h.png").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "roc.pdf"]
