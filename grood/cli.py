@@ -372,7 +372,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print("\n")
     print(markdown_table(header, rows))
     if args.json:
-        with written_atomically(Path(os.path.realpath(args.json))) as tmp:
+        with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
     if plots is not None:
         from grood.report import plot_histograms, plot_roc

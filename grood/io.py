@@ -122,7 +122,7 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
                          f"{path.suffix!r}")
     if suffix == ".npy" and neighbours is not None:
         raise ValueError(f"{path}: .npy holds the scores alone, not the neighbours")
-    with written_atomically(Path(os.path.realpath(path))) as tmp:
+    with written_atomically(path) as tmp:
         _write_scores(tmp, suffix, scores, preds, flags, threshold, neighbours)
 
 

@@ -195,12 +195,12 @@ def _replace_atomically(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def written_atomically(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target`` for the block to write, renamed over ``target``
-    (with the mode of the file it replaces, or the umask's, flushed to disk) when the block
-    ends without error and
-    removed otherwise: ``target`` is never seen half written, and a failed or interrupted
-    write leaves what was there before."""
+def written_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside the file ``path`` names (through symlinks) for the block to
+    write, renamed over that file (with the mode of the file it replaces, or the umask's,
+    flushed to disk) when the block ends without error and removed otherwise: the file is
+    never seen half written, and a failed or interrupted write leaves what was there before."""
+    target = Path(os.path.realpath(path))  # write through symlinks, to what they point at
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp

@@ -155,7 +155,7 @@ def _save(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     from grood.persistence import written_atomically
 
     path = Path(path)
-    with written_atomically(Path(os.path.realpath(path))) as tmp:  # (tmp has no suffix)
+    with written_atomically(path) as tmp:  # (tmp has no suffix)
         fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower() or "png", **kwargs)
     return path
 
