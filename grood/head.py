@@ -226,9 +226,7 @@ class GROODHead(nn.Module):
             raise ValueError(f"the head's threshold was chosen on scores at "
                              f"k={self._threshold_k}, and k is now {self.k}: set k back, or "
                              "calibrate the detector at this k and make a new head")
-        if not isinstance(features, Tensor):  # a NumPy array failed on a missing attribute
-            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__} "
-                            "(torch.from_numpy(x); the detector's own methods take arrays)")
+        contract.check_dense(features=features)  # (a NumPy array failed on an attribute)
         d = self.class_prototypes.shape[1]
         if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
             raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
