@@ -165,19 +165,20 @@ def _save(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
 LOG_SCALE_DECADES = 3.0
 
 
-def _log_scaled(by_set: Mapping[str, np.ndarray], threshold: float | None) -> bool:
-    """Whether ``scale="auto"`` draws a method's panel on a log axis of -score: every score
-    <= 0 (and the threshold < 0) with nonzero magnitudes spanning more than
-    :data:`LOG_SCALE_DECADES` decades. GROOD's do: a confident ID sample's gradient is near 0,
-    so its score is near 0 (-1e-20 is common), while OOD samples score near -1; on a linear
-    axis every ID score falls in the last bin."""
+def _log_drawable(by_set: Mapping[str, np.ndarray], threshold: float | None) -> bool:
+    """Whether a method's panel can be drawn over -score on a log axis: every score <= 0,
+    some below 0, and the threshold (where one is drawn) below 0."""
     values = np.concatenate(list(by_set.values()))
-    if values.max() > 0 or (threshold is not None and threshold >= 0):
-        return False
-    mags = -values[values < 0]
-    if mags.size < 2:
-        return False
-    lo, hi = np.percentile(mags, [5, 95])
+    return bool(values.max() <= 0 < -values.min()) and (threshold is None or threshold < 0)
+
+
+def _spans_decades(by_set: Mapping[str, np.ndarray]) -> bool:
+    """Whether the nonzero score magnitudes span more than :data:`LOG_SCALE_DECADES` decades
+    (5th to 95th percentile). GROOD's do: a confident ID sample's gradient is near 0, so its
+    score is near 0 (-1e-20 is common), while OOD samples score near -1; on a linear axis
+    every ID score falls in the last bin."""
+    values = np.concatenate(list(by_set.values()))
+    lo, hi = np.percentile(-values[values < 0], [5, 95])
     return bool(hi > lo * 10**LOG_SCALE_DECADES)
 
 
@@ -203,14 +204,13 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     methods = list(scores)
     logs = {}
     for method in methods:
-        t = thresholds[method][0] if method in thresholds else None
-        if scale == "log" and (max(float(v.max()) for v in scores[method].values()) > 0
-                               or min(float(v.min()) for v in scores[method].values()) == 0
-                               or (t is not None and t >= 0)):
+        drawable = _log_drawable(scores[method], thresholds.get(method, (None,))[0])
+        if scale == "log" and not drawable:
             raise ValueError(f"scale='log' draws -score on a log axis: {method!r} has scores "
                              "above 0, none below 0, or a threshold of 0 or more; use "
                              "scale='linear'")
-        logs[method] = scale == "log" or (scale == "auto" and _log_scaled(scores[method], t))
+        logs[method] = drawable and (scale == "log" or (scale == "auto"
+                                                        and _spans_decades(scores[method])))
     fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
