@@ -1,5 +1,6 @@
 """The OpenOOD adapter's reference mode against an independent implementation of the official
-postprocessor's rules (val prototype from the first whole batches reaching 100 rows; IVF
+postprocessor's rules (val prototype from the first whole batches reaching n_noise_samples rows,
+100 by default; IVF
 quantizer trained on the first T = min(600, int(0.8 B)) loader batches, nlist = int(4 sqrt T),
 nprobe 4; optionally batch T left out), and its OpenOOD base class."""
 
@@ -31,13 +32,13 @@ def _features(net, x):
     return feats[-1].float(), logits
 
 
-def reference_scores(net, train, val, test_x, omit_batch_t):
+def reference_scores(net, train, val, test_x, omit_batch_t, val_rows=100):
     """The official rules, written out: OOD prototype, class prototypes, IVF index, scores."""
     taken, n = [], 0
-    for batch in val:  # whole batches until 100 rows
+    for batch in val:  # whole batches until val_rows rows
         taken.append(_features(net, batch["data"])[0])
         n += taken[-1].shape[0]
-        if n >= 100:
+        if n >= val_rows:
             break
     p_ood = torch.cat(taken).double().mean(0).float()
     per_batch = [(*_features(net, b["data"]), b["label"]) for b in train]
@@ -93,16 +94,70 @@ def test_reference_mode_reproduces_the_official_rules(omit):
     assert torch.equal(conf, want)
 
 
+def test_reference_mode_takes_the_val_rows_from_the_config():
+    """The official code averages val batches until n_noise_samples rows; 40 rows here are
+    three batches of 16, where the default 100 would take seven."""
+    from grood.integrations.openood import GROODPostprocessor
+
+    net = _trained_net()
+    train, val = _loader(200, 0), _loader(150, 3, ood=True)
+    test_x = torch.cat([_images(40, 5)[0], _images(40, 6, ood=True)[0]])
+    args = {"use_val_ood": True, "reference": True, "n_noise_samples": 40}
+    post = GROODPostprocessor(_config(args))
+    post.setup(net, {"train": train}, {"val": val})
+    want, _, _ = reference_scores(net, train, val, test_x, False, val_rows=40)
+    default, _, _ = reference_scores(net, train, val, test_x, False)
+    _, conf = post.postprocess(net, test_x)
+    assert torch.equal(conf, want) and not torch.equal(conf, default)
+
+
+def _config(args):
+    return types.SimpleNamespace(postprocessor=types.SimpleNamespace(postprocessor_args=args))
+
+
 def test_config_switches_reference_mode_and_the_val_prototype():
     from grood.integrations.openood import GROODPostprocessor
 
     args = {"use_val_ood": True, "K": 3, "reference": True}
-    config = types.SimpleNamespace(postprocessor=types.SimpleNamespace(postprocessor_args=args))
-    post = GROODPostprocessor(config)
+    post = GROODPostprocessor(_config(args))
     assert (post.ood_prototype, post.reference, post.omit_batch_t) == ("val", True, False)
-    assert post.grood_kwargs["k"] == 3
+    assert post.grood_kwargs["k"] == 3 and post.val_rows is None
+    assert args == {"use_val_ood": True, "K": 3, "reference": True}  # (not modified)
     with pytest.raises(ValueError, match="needs reference=True"):
         GROODPostprocessor(omit_batch_t=True)
+
+
+#: The official postprocessor's arguments with its variants switched off.
+OFFICIAL = {"pre_layer_indx": 2, "lam": 0.5, "n_noise_samples": 100, "distance_loss": False,
+            "use_val": False, "use_gaussian_noise": False, "use_val_ood": True,
+            "use_synthetic": False, "synthetic_name": "synthetic", "use_proto_mean": False,
+            "use_cosine": False, "use_pseudo_prototype": False, "no_gradients": False,
+            "use_grad_norm": False, "use_direct_grad": True, "filter_ood": False, "k": 1,
+            "sampling_ratio": 1.0}
+
+
+def test_the_official_postprocessors_arguments_are_read_or_refused_by_name():
+    from grood.integrations.openood import GROODPostprocessor
+
+    post = GROODPostprocessor(_config({**OFFICIAL, "reference": True}))
+    assert (post.ood_prototype, post.val_rows, post.grood_kwargs) == ("val", 100, {"k": 1})
+    # use_proto_mean replaces any other source there, as it does here.
+    assert GROODPostprocessor(_config({**OFFICIAL, "use_proto_mean": True})).ood_prototype \
+        == "mean"
+    for name in ("use_gaussian_noise", "use_synthetic", "use_cosine", "no_gradients",
+                 "distance_loss", "use_val", "filter_ood", "use_pseudo_prototype",
+                 "use_grad_norm"):
+        with pytest.raises(ValueError, match=f"does not implement: {name} "):
+            GROODPostprocessor(_config({**OFFICIAL, name: True}))
+    refused = [({"ood_protoype": "mean"}, r"unknown key\(s\) 'ood_protoype'; "
+                "GROODPostprocessor reads ood_prototype, "),
+               ({"K": 3, "k": 5}, "both K=3 and k=5"),
+               ({"sampling_ratio": 0.5}, "sampling_ratio=0.5: grood fits on every"),
+               ({"n_noise_samples": 0}, "n_noise_samples must be a positive integer, got 0")]
+    for args, match in refused:
+        with pytest.raises(ValueError, match=match):
+            GROODPostprocessor(_config({**OFFICIAL, **args}))
+    assert GROODPostprocessor(_config({"K": 3, "k": 3})).grood_kwargs == {"k": 3}
 
 
 def test_subclasses_openoods_base_postprocessor_when_it_imports(monkeypatch):

@@ -9,11 +9,17 @@ OpenOOD expects. When ``openood`` imports, :class:`GROODPostprocessor` subclasse
 methods on its own.
 
 ``reference=True`` reproduces the official postprocessor's numbers: the ``val`` OOD prototype
-is the mean feature of the first whole ``val`` batches that reach 100 rows; the index is
+is the mean feature of the first whole ``val`` batches that reach ``n_noise_samples`` rows (100
+when the config does not say); the index is
 faiss IVF-Flat trained on the gradients of the first ``T = min(600, int(0.8 * B))`` of the B
 training-loader batches (misclassified rows count in the batches, only correct rows are
 indexed), ``nlist = int(4 * sqrt(T))``, ``nprobe = 4``. ``omit_batch_t=True`` also leaves out
 the gradients of batch T, as the official code does (a defect there: off unless asked for).
+
+``postprocessor_args`` may hold the official postprocessor's keys (its config can be passed as
+it is): the ones grood follows are read, the ones that change nothing here are accepted, and a
+switch for a variant grood does not implement, or a key neither knows, is refused by name —
+never silently ignored, which would score with another method than the config asks for.
 """
 
 from __future__ import annotations
@@ -32,11 +38,73 @@ try:  # OpenOOD is optional (and not on PyPI): its base class when it imports
 except ImportError:
     _Base = object
 
-#: Rows of ``val`` OOD batches the reference averages for its OOD prototype (whole batches).
+#: Rows of ``val`` OOD batches the reference averages for its OOD prototype (whole batches),
+#: when the config gives no ``n_noise_samples``.
 REFERENCE_VAL_ROWS = 100
 
 #: OpenOOD-style names of the OOD prototype sources.
 SOURCES = ("mean", "val", "noise", "mixup")
+
+#: ``postprocessor_args`` keys grood reads.
+READ_ARGS = ("ood_prototype", "use_val_ood", "use_proto_mean", "k", "K", "batch_size",
+             "reference", "omit_batch_t", "n_noise_samples", "sampling_ratio")
+
+#: The official postprocessor's keys that change nothing here, and why.
+INERT_ARGS = {
+    "use_direct_grad": "the gradient is the same closed form either way",
+    "pre_layer_indx": "read only by the official synthetic (mixup) prototype",
+    "lam": "read only by the official synthetic (mixup) prototype",
+    "synthetic_name": "read only by the official synthetic (mixup) prototype",
+}
+
+#: The official postprocessor's switches for variants grood does not implement (refused when
+#: true), and what each does there.
+VARIANT_ARGS = {
+    "distance_loss": "a mean-distance loss in place of the cross-entropy",
+    "use_val": "prototypes and index from the ID validation set",
+    "use_gaussian_noise": "blurred-noise images in its OOD prototype (grood's own: "
+                          "ood_prototype='noise')",
+    "use_synthetic": "mixup features in its OOD prototype (grood's own: a Mixup source)",
+    "filter_ood": "OOD features filtered by distance before averaging",
+    "use_cosine": "an inner-product index",
+    "use_pseudo_prototype": "the distance to the predicted class's prototype as the score",
+    "no_gradients": "the distance to the OOD prototype as the score",
+    "use_grad_norm": "the gradient norm as the score",
+}
+
+
+def _config_args(config: Any) -> dict[str, Any]:
+    """``config.postprocessor.postprocessor_args`` checked key by key (see the module notes)."""
+    try:
+        args = dict(config.postprocessor.postprocessor_args)
+    except (AttributeError, TypeError):  # a config without postprocessor arguments
+        return {}
+    unknown = sorted(set(args) - set(READ_ARGS) - set(INERT_ARGS) - set(VARIANT_ARGS), key=str)
+    if unknown:
+        raise ValueError(f"postprocessor_args has unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"GROODPostprocessor reads {', '.join(READ_ARGS)}, and accepts the "
+                         f"official postprocessor's {', '.join(INERT_ARGS)}")
+    variants = [name for name in VARIANT_ARGS if args.get(name)]
+    if variants:
+        raise ValueError("postprocessor_args switches on variant(s) of the official "
+                         "postprocessor that grood does not implement: "
+                         + "; ".join(f"{name} ({VARIANT_ARGS[name]})" for name in variants)
+                         + "; set them to false (or leave them out)")
+    if "K" in args and "k" in args and args["K"] != args["k"]:
+        raise ValueError(f"postprocessor_args gives both K={args['K']!r} and k={args['k']!r}; "
+                         "give one")
+    if "K" in args:
+        args["k"] = args.pop("K")
+    ratio = args.get("sampling_ratio", 1)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio != 1:
+        raise ValueError(f"postprocessor_args sampling_ratio={ratio!r}: grood fits on every "
+                         "training batch (the official postprocessor's sampling_ratio=1); "
+                         "pass a loader over the share to use instead")
+    rows = args.get("n_noise_samples", REFERENCE_VAL_ROWS)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"postprocessor_args n_noise_samples must be a positive integer, "
+                         f"got {rows!r}")
+    return args
 
 
 class GROODPostprocessor(_Base):
@@ -44,8 +112,11 @@ class GROODPostprocessor(_Base):
 
     Args:
         config (optional): an OpenOOD config; ``config.postprocessor.postprocessor_args`` may
-            set ``ood_prototype``, ``use_val_ood`` (True: ``"val"``), ``k`` (or OpenOOD's
-            ``K``), ``batch_size``, ``reference`` and ``omit_batch_t`` (keyword arguments win).
+            set ``ood_prototype``, ``use_val_ood`` (True: ``"val"``), ``use_proto_mean`` (True:
+            ``"mean"``, over ``use_val_ood`` as in the official code), ``n_noise_samples``
+            (the ``val`` rows averaged), ``k`` (or OpenOOD's ``K``), ``batch_size``,
+            ``reference`` and ``omit_batch_t`` (keyword arguments win); other keys as the
+            module notes say.
         ood_prototype (str | OODPrototypeSource): ``"mean"`` (mean of the class prototypes),
             ``"val"`` (mean feature of ``ood_loader_dict["val"]``, OpenOOD's shipped default),
             ``"noise"``, or a source object (e.g. ``Mixup(..., split=(stem, tail))``; OpenOOD's
@@ -62,16 +133,14 @@ class GROODPostprocessor(_Base):
                  omit_batch_t: bool | None = None, **grood_kwargs: Any) -> None:
         if _Base is not object:
             super().__init__(config)
-        args = {}
-        if config is not None:
-            try:
-                args = dict(config.postprocessor.postprocessor_args)
-            except (AttributeError, TypeError):
-                args = {}
-        if "K" in args and "k" not in args:
-            args["k"] = args["K"]
-        default = "val" if args.get("use_val_ood") else "mean"
+        args: dict[str, Any] = {} if config is None else _config_args(config)
+        # The official postprocessor sets its OOD prototype to the class prototypes' mean last,
+        # over any other source it was given.
+        default = "mean" if args.get("use_proto_mean") or not args.get("use_val_ood") else "val"
         self.ood_prototype = ood_prototype or args.get("ood_prototype", default)
+        #: With the ``val`` source, the whole first ``val`` batches reaching this many rows are
+        #: averaged (``n_noise_samples``); ``None``: the whole loader (reference mode: 100).
+        self.val_rows: int | None = args.get("n_noise_samples")
         self.features = features
         self.reference = bool(args.get("reference", False) if reference is None else reference)
         self.omit_batch_t = bool(args.get("omit_batch_t", False) if omit_batch_t is None
@@ -83,8 +152,9 @@ class GROODPostprocessor(_Base):
         if self.reference and given:  # they would be replaced by the reference's index
             raise ValueError(f"reference=True builds the official code's index (faiss-ivf, "
                              f"nprobe 4); {' and '.join(given)} cannot be given with it")
-        self.grood_kwargs = {**{k: args[k] for k in ("k", "batch_size") if k in args},
-                             **grood_kwargs}
+        from_config: dict[str, Any] = {name: args[name] for name in ("k", "batch_size")
+                                       if name in args}
+        self.grood_kwargs: dict[str, Any] = {**from_config, **grood_kwargs}
         self.APS_mode = False  # no hyper-parameter search
         self.hyperparam_search_done = True
         self.detector: GROOD | None = None
@@ -97,8 +167,10 @@ class GROODPostprocessor(_Base):
             if "val" not in ood_loader_dict:
                 raise ValueError("ood_prototype='val' needs ood_loader_dict['val']")
             source, ood_loader = "features", ood_loader_dict["val"]
-            if self.reference:
-                ood_loader = _first_batches(ood_loader, REFERENCE_VAL_ROWS)
+            rows = REFERENCE_VAL_ROWS if self.reference else None
+            rows = self.val_rows or rows
+            if rows is not None:
+                ood_loader = _first_batches(ood_loader, rows)
         kwargs = dict(self.grood_kwargs)
         train = id_loader_dict["train"]
         if self.reference:
