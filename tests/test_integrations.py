@@ -150,6 +150,28 @@ def test_pytorch_ood_adapter_without_pytorch_ood():
     assert "pytorch_ood" not in sys.modules
 
 
+@pytest.mark.filterwarnings("ignore:the logits classify")  # (an untrained head: fine here)
+def test_pytorch_ood_adapter_runs_modules_in_eval_mode_and_restores_them():
+    """An encoder and head left in training mode (dropout, batch norm) fit and score as in
+    eval mode, and are handed back in the mode they came in."""
+    x, y = clustered_features(90, 3, 6, seed=1, dtype=torch.float32)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU())
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 3))
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=30)
+    encoder.eval(), head.eval()
+    want = GROODDetector(encoder, head=head).fit(loader)
+    want_scores = want.predict(x)
+    encoder.train(), head.train()
+    head[0].eval()  # a mixed model: each submodule gets its own mode back
+    det = GROODDetector(encoder, head=head).fit(loader)
+    assert torch.equal(det.grood.ood_prototype_, want.grood.ood_prototype_)
+    assert det.grood.index_.ntotal == want.grood.index_.ntotal
+    assert torch.equal(det.predict(x), want_scores)
+    assert [m.training for m in (*encoder.modules(), *head.modules())] \
+        == [True] * 5 + [True, False, True]
+
+
 @pytest.mark.parametrize(("n_labels", "n_logits", "match"), [
     ((50,), None, r"labels must have shape \[60\]"),
     ((60, 1), None, r"labels must have shape \[60\]"),

@@ -15,11 +15,17 @@ Which training rows are indexed (one rule on both paths): a row is indexed when 
 gets it right — ``argmax(head(features)) == label`` when a ``head`` (features → logits, e.g.
 ``model.fc``) is given, or ``logits`` passed to ``fit_features`` — and otherwise when its
 nearest class prototype is its label.
+
+An ``encoder`` or ``head`` that is an ``nn.Module`` runs in eval mode (as grood's own model
+front end does), and each submodule's mode is restored after the call: a network left in
+training mode would otherwise fit and score on features its dropout draws at random and its
+batch norm takes from each batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 from grood import persistence
 from grood._checks import check_matrix
 from grood.detector import GROOD
+from grood.extract import eval_mode
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
     from pytorch_ood.api import FeaturesDetector as _Base
@@ -47,6 +54,11 @@ except ImportError:
         def __init__(self, msg: str = "this detector needs an encoder for inputs; use "
                                       "fit_features / predict_features") -> None:
             super().__init__(msg)
+
+
+def _inference(fn: Any) -> AbstractContextManager:
+    """Eval mode for a module (restored after), nothing for another callable."""
+    return eval_mode(fn) if isinstance(fn, nn.Module) else nullcontext()
 
 
 class _StandIn:
@@ -145,6 +157,14 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         if self.encoder is None:
             raise ModelNotSetException()
         device = device or self.device or "cpu"
+        with _inference(self.encoder):
+            x, y = self._extract(data_loader, device)
+        return self.fit_features(x, y)
+
+    def _extract(self, data_loader: Iterable, device: str | torch.device
+                 ) -> tuple[Tensor, Tensor]:
+        """The encoder's features and the labels of the loader's rows labelled >= 0."""
+        assert self.encoder is not None  # (checked by fit)
         feats, labels = [], []
         for x, y in data_loader:
             y = torch.as_tensor(y)
@@ -162,7 +182,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             raise ValueError("the loader holds no in-distribution rows (labels >= 0)")
         x, y = torch.cat(feats), torch.cat(labels)
         feats.clear()  # the batches, once joined: one copy of the features while fitting
-        return self.fit_features(x, y)
+        return x, y
 
     def fit_features(self, x: Tensor, y: Tensor, logits: Tensor | None = None
                      ) -> GROODDetector:
@@ -190,7 +210,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         if not every:  # (a mask index copies the rows even when it keeps them all)
             x, y = x[known], y[known]
         if logits is None and self.head is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _inference(self.head):
                 logits = self.head(x)
         elif logits is not None and not every:
             logits = logits[known]
@@ -215,5 +235,6 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             raise ModelNotSetException()
         self._fitted()
         device = self.device
-        z = self.encoder(x if device is None else x.to(device))
+        with _inference(self.encoder):
+            z = self.encoder(x if device is None else x.to(device))
         return self.predict_features(z.reshape(z.shape[0], -1))
