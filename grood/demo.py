@@ -27,6 +27,7 @@ from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood
 from grood._progress import progress
 from grood.errors import require
 from grood.extract import FeatureExtractor
+from grood.persistence import written_atomically
 from grood.prototypes import OODPrototypeSource
 from grood.report import (
     METRIC_LABELS,
@@ -222,8 +223,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "grood_train_accuracy": train_accuracy,
         "seconds": time.perf_counter() - start,
     }
-    (cfg.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (cfg.out / "results.md").write_text(table + "\n")
+    for name, text in (("results.json", json.dumps(summary, indent=2)),
+                       ("results.md", table + "\n")):
+        with written_atomically(cfg.out / name) as tmp:
+            tmp.write_text(text)
     summary["table"] = table
     summary["plots"] = [str(p) for p in plots]
     return summary

@@ -29,6 +29,7 @@ from grood._bench.gradient import (
 )
 from grood._bench.search import search_accuracy_table, search_timing_table
 from grood._checks import bench_device_arg, positive_int_arg
+from grood.persistence import written_atomically
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,8 +179,8 @@ def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
     meta = {"grood": __version__, "torch": torch.__version__, "triton": triton_version,
             "device": dev_name, "capability": capability, "python": platform.python_version(),
             "date": date.today().isoformat(), "interpreted": interpreted}
-    with open(path, "w") as f:
-        json.dump({"run": meta, "timings": timings}, f, indent=1)
+    with written_atomically(path) as tmp:
+        tmp.write_text(json.dumps({"run": meta, "timings": timings}, indent=1))
 
 
 def main(argv: list[str] | None = None, prog: str = "grood bench") -> int:
