@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -620,6 +621,16 @@ def _run_bench_script(flag: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
+def _warning_printer(prog: str) -> Any:
+    """``warnings.showwarning`` for a command: one line per warning on stderr, named by the
+    command as its errors are, instead of Python's source path and line of grood's code."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        print(f"{prog}: warning{kind}: {message}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``grood`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -629,7 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "device"):
         args.device = resolved_device(args.device)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # (restores the caller's warning display after)
+            warnings.showwarning = _warning_printer(f"grood {args.command}")
+            return args.func(args)
     except DetectorFileError as exc:  # a file to replace, not an option to change
         print(f"grood {args.command}: error: unusable detector file: {exc}", file=sys.stderr)
         return 3

@@ -522,6 +522,26 @@ def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch)
         np.testing.assert_array_equal(saved["score"], scores)
 
 
+def test_warnings_print_as_one_line_named_by_the_command(tmp_path, capsys):
+    """A warning printed Python's path and line of grood's code, then that line's source."""
+    x, y = clustered_features(100, 3, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    # Calibration rows partly taken from the training set: grood warns about them.
+    _write(tmp_path / "val.npy", features=x[50:])
+    det = tmp_path / "d.safetensors"
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det)]) == 0
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["calibrate", str(det), str(tmp_path / "val.npy"), "-o",
+                     str(tmp_path / "c.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("grood calibrate: warning: 10 of the 50 calibration rows equal "
+                          "indexed training rows"), err
+    assert err.count("\n") == 1 and "cli.py" not in err
+    assert warnings.showwarning is shown  # the caller's display is back
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     """A Ctrl-C during a long fit printed a full traceback; the detector file is not made."""
     x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
