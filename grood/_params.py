@@ -1,8 +1,10 @@
-"""Constructor parameters as scikit-learn reads them: ``get_params`` / ``set_params``.
+"""Constructor parameters as scikit-learn reads them: ``get_params`` / ``set_params``, and the
+estimator tags scikit-learn 1.6+ asks every step of a ``Pipeline`` for.
 
 The names come from the signature of ``__init__``, which stores each argument unchanged under
 its own name (validation happens in ``fit``), so ``sklearn.base.clone`` works and a new
-parameter never has to be listed twice.
+parameter never has to be listed twice; whether ``fit`` needs labels comes from its signature
+too.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ class Parameters:
                                  "to an object that has them")
             target.set_params(**sub_params)
         return self
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags (1.6+, which asks for them in ``check_is_fitted`` and so in a
+        ``Pipeline``'s ``score_samples`` / ``predict``): a fit is required, and takes labels
+        when ``fit``'s second argument has no default. Imported only when scikit-learn asks."""
+        from sklearn.utils import Tags, TargetTags
+
+        fit = type(self).fit  # type: ignore[attr-defined]  # (every estimator here has one)
+        fit_args = list(inspect.signature(fit).parameters.values())[1:]
+        labels = len(fit_args) > 1 and fit_args[1].default is inspect.Parameter.empty
+        return Tags(estimator_type=None, target_tags=TargetTags(required=labels))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())

@@ -15,7 +15,7 @@ import torch
 from conftest import clustered_features
 
 import grood
-from grood import GROOD, KNN, Mahalanobis, Mixup, OODPrototypeSource, UniformNoise
+from grood import GROOD, KNN, MSP, Mahalanobis, Mixup, OODPrototypeSource, UniformNoise
 from grood.cli import main
 from grood.index import (
     INDEXES,
@@ -187,6 +187,32 @@ def test_scikit_learn_clone_and_params():
     # Parameters are stored as given and checked at fit.
     with pytest.raises(ValueError, match="k must be"):
         GROOD(k=0).fit(*clustered_features(30, 3, 4, seed=1, dtype=torch.float32))
+
+
+def test_estimators_are_steps_of_a_scikit_learn_pipeline():
+    """scikit-learn 1.6+ asks a pipeline's last step for its tags before score_samples and
+    predict; without them, a fitted pipeline ending in GROOD failed with AttributeError."""
+    pytest.importorskip("sklearn", minversion="1.6")
+    from sklearn.exceptions import NotFittedError as SkNotFitted
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils import get_tags
+    from sklearn.utils.validation import check_is_fitted
+
+    x, y = clustered_features(90, 3, 5, seed=2, dtype=torch.float32)
+    x, y = x.numpy() * 4 + 1, y.numpy()
+    with pytest.raises(SkNotFitted):
+        check_is_fitted(GROOD())
+    pipe = make_pipeline(StandardScaler(), GROOD()).fit(x, y)
+    z = StandardScaler().fit_transform(x)
+    alone = GROOD().fit(z, y)
+    np.testing.assert_array_equal(pipe.score_samples(x[:20]), alone.score_samples(z[:20]))
+    np.testing.assert_array_equal(pipe.predict(x[:20]), alone.predict(z[:20]))
+    # Labels are required where fit's second argument has no default.
+    assert [get_tags(c()).target_tags.required for c in (GROOD, Mahalanobis, KNN, MSP)] == [
+        True, True, False, False]
+    knn = make_pipeline(StandardScaler(), KNN(k=2)).fit(x)
+    assert knn.score_samples(x[:5]).shape == (5,)
 
 
 def test_ood_sources_take_part_in_scikit_learn_parameters():
