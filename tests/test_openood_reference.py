@@ -118,11 +118,18 @@ def _config(args):
 def test_config_switches_reference_mode_and_the_val_prototype():
     from grood.integrations.openood import GROODPostprocessor
 
-    args = {"use_val_ood": True, "K": 3, "reference": True}
+    args = {"use_val_ood": True, "K": 3}
     post = GROODPostprocessor(_config(args))
-    assert (post.ood_prototype, post.reference, post.omit_batch_t) == ("val", True, False)
+    assert (post.ood_prototype, post.reference, post.omit_batch_t) == ("val", False, False)
     assert post.grood_kwargs["k"] == 3 and post.val_rows is None
-    assert args == {"use_val_ood": True, "K": 3, "reference": True}  # (not modified)
+    assert args == {"use_val_ood": True, "K": 3}  # (not modified)
+    post = GROODPostprocessor(_config({"reference": True, "K": 1}))
+    assert (post.ood_prototype, post.reference, post.grood_kwargs) == ("mean", True, {"k": 1})
+    # The official code reads k and searches 1 neighbour: another k cannot be reproduced.
+    for config, kwargs in (({"reference": True, "K": 3}, {}), (None, {"reference": True,
+                                                                     "k": 2})):
+        with pytest.raises(ValueError, match="reads k but searches 1 neighbour; got k="):
+            GROODPostprocessor(config and _config(config), **kwargs)
     with pytest.raises(ValueError, match="needs reference=True"):
         GROODPostprocessor(omit_batch_t=True)
 

@@ -13,7 +13,9 @@ is the mean feature of the first whole ``val`` batches that reach ``n_noise_samp
 when the config does not say); the index is
 faiss IVF-Flat trained on the gradients of the first ``T = min(600, int(0.8 * B))`` of the B
 training-loader batches (misclassified rows count in the batches, only correct rows are
-indexed), ``nlist = int(4 * sqrt(T))``, ``nprobe = 4``. ``omit_batch_t=True`` also leaves out
+indexed), ``nlist = int(4 * sqrt(T))``, ``nprobe = 4``, scored by the nearest gradient (the
+official code reads ``k`` but searches one neighbour, so a ``k`` other than 1 is refused
+there). ``omit_batch_t=True`` also leaves out
 the gradients of batch T, as the official code does (a defect there: off unless asked for).
 
 ``postprocessor_args`` may hold the official postprocessor's keys (its config can be passed as
@@ -155,6 +157,12 @@ class GROODPostprocessor(_Base):
         from_config: dict[str, Any] = {name: args[name] for name in ("k", "batch_size")
                                        if name in args}
         self.grood_kwargs: dict[str, Any] = {**from_config, **grood_kwargs}
+        k = self.grood_kwargs.get("k", 1)
+        if self.reference and (isinstance(k, bool) or k != 1):
+            raise ValueError(f"reference=True scores as the official postprocessor does, by "
+                             f"the nearest indexed gradient: it reads k but searches 1 "
+                             f"neighbour; got k={k!r} (leave k out or set it to 1, or drop "
+                             "reference=True to score by the k-th neighbour)")
         self.APS_mode = False  # no hyper-parameter search
         self.hyperparam_search_done = True
         self.detector: GROOD | None = None
