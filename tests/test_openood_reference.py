@@ -165,6 +165,12 @@ def test_the_official_postprocessors_arguments_are_read_or_refused_by_name():
         with pytest.raises(ValueError, match=match):
             GROODPostprocessor(_config({**OFFICIAL, **args}))
     assert GROODPostprocessor(_config({"K": 3, "k": 3})).grood_kwargs == {"k": 3}
+    # With every source switch off, the official OOD prototype stays the zero vector.
+    off = {**OFFICIAL, "use_val_ood": False, "reference": True}
+    with pytest.raises(ValueError, match="would be the zero vector"):
+        GROODPostprocessor(_config(off))
+    assert GROODPostprocessor(_config(off), ood_prototype="mean").ood_prototype == "mean"
+    assert GROODPostprocessor(_config({**off, "reference": False})).ood_prototype == "mean"
 
 
 def test_subclasses_openoods_base_postprocessor_when_it_imports(monkeypatch):

@@ -147,6 +147,14 @@ class GROODPostprocessor(_Base):
         self.reference = bool(args.get("reference", False) if reference is None else reference)
         self.omit_batch_t = bool(args.get("omit_batch_t", False) if omit_batch_t is None
                                  else omit_batch_t)
+        switches = ("use_val_ood", "use_proto_mean", "use_gaussian_noise", "use_synthetic")
+        if (self.reference and ood_prototype is None and "ood_prototype" not in args
+                and any(name in args for name in switches)
+                and not any(args.get(name) for name in switches)):
+            raise ValueError("reference=True with every OOD prototype switch of the official "
+                             f"postprocessor off ({', '.join(switches)}): its OOD prototype "
+                             "would be the zero vector, which grood does not reproduce; set "
+                             "use_val_ood or use_proto_mean, or give ood_prototype")
         if self.omit_batch_t and not self.reference:
             raise ValueError("omit_batch_t emulates the official code's index: it needs "
                              "reference=True")
