@@ -207,6 +207,7 @@ class Mahalanobis(_Baseline):
             raise ValueError(f"rcond must be a number in [0, 1), got {self.rcond!r}")
         y = as_labels(labels)
         check_labels(y, "labels", x.shape[0])
+        y = y.to(x.device)  # (labels given on another device than the features)
         n, d = x.shape
         n_classes = int(y.max()) + 1
         state = shift = None

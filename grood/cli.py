@@ -324,6 +324,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.report import METRIC_LABELS, markdown_table
 
     _require_files({"detector file": args.detector, "feature file": args.id})
+    feature_baselines = [b for b in args.baselines if b in ("knn", "mahalanobis")]
+    if feature_baselines and args.train is None:
+        verb = "fits" if len(feature_baselines) == 1 else "fit"
+        raise ValueError(f"--baselines {' and '.join(feature_baselines)} {verb} on training "
+                         "features: give the training feature file with --train")
+    if args.train is not None:
+        if not feature_baselines:
+            raise ValueError("--train is read only by --baselines knn / mahalanobis")
+        _require_files({"training feature file": args.train})
     real = [os.path.realpath(p) for p in args.ood]
     repeated = [p for i, p in enumerate(args.ood) if real[i] in real[:i]]
     if repeated:  # one row and one metrics entry per set
@@ -331,7 +340,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path in args.ood:
         _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
-              **{f"OOD feature file {p}": p for p in args.ood}}
+              **{f"OOD feature file {p}": p for p in args.ood},
+              **({"training feature file": args.train} if args.train is not None else {})}
     if args.json:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     plots = _plot_targets(args.plots, inputs) if args.plots else None
@@ -339,32 +349,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _override(det, args)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
+    baselines = _fit_baselines(args, id_data)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         labels = None if id_data.labels is None else np.asarray(id_data.labels)
         if labels is not None and labels.shape != id_pred.shape:
             raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
                              "(one per feature row)")
+        id_base = {name: _baseline_scores(b, id_data, args.device)
+                   for name, b in baselines.items()}
     rows, results = [], {}
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
+    base_sets = {name: {id_key: v} for name, v in id_base.items()}
     for path in args.ood:
         with prefixed_errors(path):
-            ood_scores = np.asarray(det.score_samples(load_features(path).features))
-        m = ood_metrics(id_scores, ood_scores)
+            data = load_features(path)
+            ood_scores = np.asarray(det.score_samples(data.features))
+            ood_base = {name: _baseline_scores(b, data, args.device)
+                        for name, b in baselines.items()}
+        m: dict[str, Any] = dict(ood_metrics(id_scores, ood_scores))
         results[str(path)] = m
         sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
-        row = [str(path), len(ood_scores), *(m[k] for k in METRIC_LABELS)]
+        method = ["GROOD"] if baselines else []
+        row = [str(path), len(ood_scores), *method, *(m[k] for k in METRIC_LABELS)]
         if threshold is not None:  # the fraction the detector's threshold flags
             m["flagged"] = float(np.mean(ood_scores < threshold))
             row.append(m["flagged"])
         rows.append(row)
+        if baselines:
+            m["baselines"] = {}
+        for name, scores in ood_base.items():
+            bm = m["baselines"][name] = ood_metrics(id_base[name], scores)
+            base_sets[name][str(path)] = scores
+            rows.append(["", "", name, *(bm[k] for k in METRIC_LABELS),
+                         *([""] if threshold is not None else [])])
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
         print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
-    header = ["OOD set", "n", *METRIC_LABELS.values()]
+    header = ["OOD set", "n", *(["method"] if baselines else []), *METRIC_LABELS.values()]
     if threshold is not None:
         kept = float(np.mean(id_scores >= threshold))
         print(f"; {100 * kept:.2f} % accepted at the detector's {_threshold_line(det)}",
@@ -378,13 +403,68 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if plots is not None:
         from grood.report import plot_histograms, plot_roc
 
-        scores = {"GROOD": sets}
+        scores = {"GROOD": sets, **base_sets}
         marks = None if threshold is None else {"GROOD": (threshold,
                                                           det.calibration_["tpr"])}
         written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0], marks),
                    plot_histograms(scores, plots[1], marks)]
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)")
     return 0
+
+
+#: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
+#: logits are fitted on the ID file's (which records their width), the others on --train.
+EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
+                  "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features")}
+
+
+def _fit_baselines(args: argparse.Namespace, id_data: Any) -> dict[str, Any]:
+    """``grood eval --baselines``: each one fitted, by its display name, before any scoring."""
+    import grood.baselines
+    from grood.io import load_features
+
+    out: dict[str, Any] = {}
+    train = load_features(args.train) if args.train is not None else None
+    for key in args.baselines:
+        cls_name, inputs = EVAL_BASELINES[key]
+        cls = getattr(grood.baselines, cls_name)
+        if inputs == "logits":
+            with prefixed_errors(args.id):
+                est = cls().fit(_on(_logits(id_data, key), args.device, "logits"))
+        else:
+            assert train is not None  # (checked by _cmd_eval)
+            with prefixed_errors(args.train):
+                x = _on(train.features, args.device, "features")
+                if key == "knn":
+                    est = cls(k=args.knn_k).fit(x)
+                else:
+                    if train.labels is None:
+                        raise ValueError("--baselines mahalanobis fits one mean per class: "
+                                         "the file needs 'labels'")
+                    est = cls().fit(x, _on(train.labels, args.device, "labels"))
+        out[f"KNN (k={args.knn_k})" if key == "knn" else cls.name] = est
+    return out
+
+
+def _logits(data: Any, key: str) -> Any:
+    if data.logits is None:
+        raise ValueError(f"--baselines {key} scores logits: the file has no 'logits' array")
+    return data.logits
+
+
+def _on(x: Any, device: str, name: str) -> Any:
+    """An array of a feature file as a tensor on ``device`` (the baselines compute where their
+    inputs are; grood's detector moves its own)."""
+    from grood._checks import as_tensor
+
+    return as_tensor(x, name)[0].to(device)
+
+
+def _baseline_scores(est: Any, data: Any, device: str) -> Any:
+    """A fitted baseline's scores of one feature file (its logits or its features), numpy."""
+    key = type(est).__name__.lower()
+    x = _logits(data, key) if est.inputs == "logits" else data.features
+    return est.score_samples(_on(x, device, est.inputs)).cpu().numpy()
 
 
 def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
@@ -557,7 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plots", metavar="DIR",
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
                          "(DIR/histograms.png); needs matplotlib (grood[plots])")
-    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--json", help="also write the metrics to this JSON file (with "
+                                   "--baselines, theirs under each set's 'baselines')")
+    ev.add_argument("--baselines", nargs="+", action="extend", default=[],
+                    choices=list(EVAL_BASELINES), metavar="NAME",
+                    help="also score these baselines on the same files: msp and energy "
+                         "(from each file's logits), knn and mahalanobis (fitted on --train; "
+                         "mahalanobis on its labels too)")
+    ev.add_argument("--train", metavar="FILE",
+                    help="training feature file for --baselines knn / mahalanobis")
+    ev.add_argument("--knn-k", type=positive_int_arg, default=50,
+                    help="the neighbour KNN scores by (default 50, as Sun et al.)")
     ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--backend", choices=BACKENDS, default=None,
                     help="run on this backend instead of the saved one")

@@ -250,6 +250,58 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     assert f"--ood names the same file more than once: {again}" in capsys.readouterr().err
 
 
+def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
+    """--baselines: each baseline's metrics, fitted as grood.baselines would be by hand, in
+    the table (a row per method under each set), the JSON and the plots."""
+    from grood import KNN, MSP, Energy, Mahalanobis, ood_metrics
+
+    x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
+    means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
+    logits = x @ means.T  # a linear head: columns in the labels' order
+    ood = x[:40] * 0.5 + 3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    _write(tmp_path / "train.npz", features=x[:100], labels=y[:100], logits=logits[:100])
+    _write(tmp_path / "id.npz", features=x[100:], labels=y[100:], logits=logits[100:])
+    _write(tmp_path / "ood.npz", features=ood, logits=ood @ means.T)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--train", str(tmp_path / "train.npz")]
+    assert main([*argv, "--baselines", "msp", "energy", "--baselines", "knn",
+                 "mahalanobis", "--knn-k", "3", "--plots", str(tmp_path / "plots")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| OOD set") and "| method " in lines[2]
+    assert [line.split("|")[3].strip() for line in lines[4:9]] == [
+        "GROOD", "MSP", "Energy", "KNN (k=3)", "Mahalanobis"]
+    got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    id_x, id_l = x[100:].numpy(), logits[100:].numpy()
+    ood_x, ood_l = ood.numpy(), (ood @ means.T).numpy()
+    for name, est, a, b in (
+            ("MSP", MSP().fit(id_l), id_l, ood_l), ("Energy", Energy().fit(id_l), id_l, ood_l),
+            ("KNN (k=3)", KNN(k=3).fit(x[:100].numpy()), id_x, ood_x),
+            ("Mahalanobis", Mahalanobis().fit(x[:100].numpy(), y[:100].numpy()), id_x, ood_x)):
+        assert got["baselines"][name] == ood_metrics(est.score_samples(a), est.score_samples(b))
+    assert set(got) == {"auroc", "fpr95", "aupr_in", "aupr_out", "baselines"}
+    assert (tmp_path / "plots" / "roc.png").stat().st_size > 0
+    # What each baseline needs is named, before any scoring where it can be.
+    refused = [
+        (["--baselines", "knn"], "--baselines knn fits on training features: give the "
+                                 "training feature file with --train"),
+        (["--train", str(tmp_path / "train.npz")], "--train is read only by --baselines"),
+        (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
+          str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
+                                    "'logits' array"),
+        (["--baselines", "mahalanobis", "--train", str(tmp_path / "ood.npz")],
+         "ood.npz: --baselines mahalanobis fits one mean per class: the file needs 'labels'"),
+    ]
+    _write(tmp_path / "a.npz", features=ood)
+    for extra, message in refused:
+        base = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood",
+                str(tmp_path / "ood.npz")]
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+
+
 def test_a_missing_input_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
     """A misspelt last OOD set (or feature file to score) was found only after the detector
     was loaded and the ID set scored."""
