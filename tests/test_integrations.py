@@ -185,9 +185,11 @@ def test_pytorch_ood_adapter_names_mismatched_shapes(n_labels, n_logits, match):
     logits = None if n_logits is None else torch.randn(n_logits)
     with pytest.raises(ValueError, match=match):
         GROODDetector().fit_features(x, labels, logits)
-    # A loader may give labels as a list.
+    # A loader may give labels as a list, and NumPy batches (they failed in Tensor.to).
     det = GROODDetector(encoder=lambda t: t).fit([(x, y.tolist())])
     assert det.grood.n_train_ == 60
+    module = GROODDetector(encoder=nn.Identity()).fit([(x.numpy(), y.numpy())])
+    assert torch.equal(module.predict(x.numpy()), det.predict(x))
 
 
 def test_openood_reference_mode_refuses_an_index_of_its_own():

@@ -167,7 +167,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         assert self.encoder is not None  # (checked by fit)
         feats, labels = [], []
         for x, y in data_loader:
-            y = torch.as_tensor(y)
+            x, y = torch.as_tensor(x), torch.as_tensor(y)  # (a loader may yield NumPy arrays)
             known = y >= 0
             if bool(known.all()):  # the usual training batch: no copy through the mask
                 x_known, y_known = x, y
@@ -235,6 +235,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             raise ModelNotSetException()
         self._fitted()
         device = self.device
+        x = torch.as_tensor(x)  # (NumPy inputs too, as predict_features takes them)
         with _inference(self.encoder):
             z = self.encoder(x if device is None else x.to(device))
         return self.predict_features(z.reshape(z.shape[0], -1))
