@@ -105,3 +105,14 @@ def test_readme_example_runs(index, block, tmp_path, monkeypatch):
         ns["features"], ns["val_features"] = feats[:8], feats[90:]
         ns["det"] = GROOD().fit(feats[:90], torch.arange(90) % 3)
     exec(compile(block, f"README.md block {index + 1}", "exec"), ns)
+
+
+def test_contents_lists_every_section_with_its_anchor():
+    """The Contents line links each ``##`` section by GitHub's anchor for its title."""
+    text = (ROOT / "README.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, flags=re.M)
+    start = text.index("Contents: ")
+    contents = text[start:text.index("\n\n", start)]
+    links = re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", contents)
+    anchors = [re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads]
+    assert links == list(zip(heads, anchors, strict=True))
