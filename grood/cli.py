@@ -491,6 +491,21 @@ def feature_sources() -> list[str]:
     return [name for name, cls in SOURCES.items() if set(cls.needs) <= {"ood_features"}]
 
 
+def _scoring_options(parser: argparse.ArgumentParser, *, backend_help: str = "",
+                     precision_help: str = PRECISION_HELP) -> None:
+    """--device, and the saved detector's settings a scoring command may replace for the run
+    (``_override`` applies them)."""
+    from grood.functional import PRECISIONS
+    from grood.ops import BACKENDS
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="run on this backend instead of the saved one" + backend_help)
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
+    parser.add_argument("--batch-size", type=positive_int_arg, default=None,
+                        help="rows per batch (default: the detector's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``grood`` command (choices read from the registries)."""
     from grood.functional import PRECISIONS
@@ -588,14 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detector file to write (.safetensors; may be the detector itself)")
     cal.add_argument("--tpr", type=fraction_arg, default=0.95,
                      help="fraction of the ID rows to accept (default: %(default)s)")
-    cal.add_argument("--device", default="auto", help=DEVICE_HELP)
-    cal.add_argument("--backend", choices=BACKENDS, default=None,
-                     help="run on this backend instead of the saved one")
-    cal.add_argument("--precision", choices=PRECISIONS, default=None,
-                     help="GEMM precision to score in instead of the saved one (saved with "
-                          "the threshold chosen in it)")
-    cal.add_argument("--batch-size", type=positive_int_arg, default=None,
-                     help="rows per batch (default: the detector's)")
+    _scoring_options(cal, precision_help="GEMM precision to score in instead of the saved one "
+                                         "(saved with the threshold chosen in it)")
     cal.set_defaults(func=_cmd_calibrate)
 
     score = sub.add_parser("score", help="score a feature file with a saved detector",
@@ -607,19 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("detector", help="detector file written by 'grood fit'")
     score.add_argument("features", help="feature file to score")
     score.add_argument("-o", "--out", required=True, help="output file, .npy, .npz or .csv")
-    score.add_argument("--device", default="auto", help=DEVICE_HELP)
-    score.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="run on this backend instead of the saved one (e.g. auto, to "
-                            "score on a CPU a detector fitted with --backend triton)")
+    _scoring_options(score, backend_help=" (e.g. auto, to score on a CPU a detector fitted "
+                                         "with --backend triton)")
     score.add_argument("--neighbours", type=positive_int_arg, default=0, metavar="N",
                        help="also write each sample's N nearest training rows in gradient "
                             "space and their squared distances (.npz arrays neighbour_row, "
                             "neighbour_distance; .csv columns neighbour_row_1.. and "
                             "neighbour_distance_1..); rows number the training rows in the "
                             "order 'grood fit' read them")
-    score.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
-    score.add_argument("--batch-size", type=positive_int_arg, default=None,
-                       help="rows per batch (default: the detector's)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun, with a sharded detector: every rank scores its "
                             "block of rows against all shards; rank 0 writes --out")
@@ -648,12 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training feature file for --baselines knn / mahalanobis")
     ev.add_argument("--knn-k", type=positive_int_arg, default=50,
                     help="the neighbour KNN scores by (default 50, as Sun et al.)")
-    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
-    ev.add_argument("--backend", choices=BACKENDS, default=None,
-                    help="run on this backend instead of the saved one")
-    ev.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
-    ev.add_argument("--batch-size", type=positive_int_arg, default=None,
-                    help="rows per batch (default: the detector's)")
+    _scoring_options(ev)
     ev.set_defaults(func=_cmd_eval)
     info = sub.add_parser("info", help="what a saved detector file holds",
                           description="Describe a detector file (or a sharded detector's "
