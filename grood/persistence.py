@@ -563,8 +563,7 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} does not match the digest in {listed[1]}")
     if stored != computed:
         raise DetectorFileError(f"{path} is corrupt: its checksum does not match its contents")
-    params = json.loads(meta["params"])
-    state = json.loads(meta["state"])
+    params, state = _parsed_metadata(path, meta)
 
     c, d = state["n_classes"], state["n_features_in"]
     vectors = tensors.get("index.vectors")
@@ -717,13 +716,43 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, s
     except Exception as exc:  # safetensors raises several types for damaged files
         raise _unreadable(path, exc) from exc
     _format_version(path, meta)
+    params, state = _parsed_metadata(path, meta)
+    return params, state, meta, shapes
+
+
+def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A detector file's ``params`` and ``state``, parsed and checked field by field: what
+    loading and ``grood info`` read from them is there, of its type (a header that parses but
+    lacks a field was reported from deep inside, e.g. as a formatting error)."""
     try:
         params, state = json.loads(meta["params"]), json.loads(meta["state"])
     except (KeyError, ValueError) as exc:
         raise DetectorFileError(f"{path} is corrupt: unreadable metadata ({exc})") from None
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise DetectorFileError(f"{path} is corrupt: unreadable metadata")
-    return params, state, meta, shapes
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def text(v: Any) -> bool:
+        return isinstance(v, str)
+
+    def fraction(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+    def source(v: Any) -> bool:
+        return isinstance(v, dict) and text(v.get("name"))
+
+    fields = {"params": (params, {"k": whole, "batch_size": whole, "precision": text,
+                                  "backend": text, "index": text, "ood_prototype": source}),
+              "state": (state, {"n_train": whole, "n_classes": whole, "n_features_in": whole,
+                                "train_accuracy": fraction, "index": text, "dtype": text})}
+    bad = [f"{where}.{key}={values[key]!r}" if key in values else f"{where}.{key} missing"
+           for where, (values, checks) in fields.items()
+           for key, ok in checks.items() if not ok(values.get(key))]
+    if bad:
+        raise DetectorFileError(f"{path} is corrupt: invalid metadata {', '.join(bad)}")
+    return params, state
 
 
 def training_row_numbers(rows: Tensor, n_train: Any) -> bool:

@@ -8,6 +8,7 @@ stray huge labels, unusable devices, far-away rows, float64 queries, threads sco
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -884,3 +885,38 @@ def test_finite_row_check_finds_every_non_finite_row_and_only_those(dtype):
     vector[2] = float("nan")
     with pytest.raises(ValueError, match=r"row\(s\) 2"):
         check_finite_rows(vector, "ood_prototype")
+
+
+@pytest.mark.parametrize(("where", "key", "value", "shown"), [
+    ("state", "n_classes", None, "state.n_classes missing"),
+    ("state", "train_accuracy", "97 %", "state.train_accuracy='97 %'"),
+    ("params", "k", 0, "params.k=0"),
+    ("params", "ood_prototype", "mean", "params.ood_prototype='mean'"),
+])
+def test_metadata_fields_are_checked_when_read(fitted, tmp_path, capsys, where, key, value,
+                                               shown):
+    """A header whose JSON parses but lacks a field (or holds one of the wrong kind) failed
+    deep inside: 'grood info' with "unsupported format string passed to NoneType", loading
+    with a KeyError. Now both name the field, even under a digest that fits."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    det, _ = fitted
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    fields = json.loads(meta[where])
+    if value is None:
+        del fields[key]
+    else:
+        fields[key] = value
+    meta[where] = json.dumps(fields, sort_keys=True)
+    meta["digest"] = persistence.digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    message = f"d.safetensors is corrupt: invalid metadata {shown}"
+    with pytest.raises(DetectorFileError, match=re.escape(message)):
+        GROOD.load(path)
+    assert main(["info", str(path)]) == 3
+    assert message in capsys.readouterr().err
