@@ -333,6 +333,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not feature_baselines:
             raise ValueError("--train is read only by --baselines knn / mahalanobis")
         _require_files({"training feature file": args.train})
+    if args.knn_k is not None and "knn" not in args.baselines:
+        raise ValueError("--knn-k is read only by --baselines knn")
     real = [os.path.realpath(p) for p in args.ood]
     repeated = [p for i, p in enumerate(args.ood) if real[i] in real[:i]]
     if repeated:  # one row and one metrics entry per set
@@ -416,6 +418,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 #: logits are fitted on the ID file's (which records their width), the others on --train.
 EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
                   "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features")}
+#: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
+KNN_K = 50
 
 
 def _fit_baselines(args: argparse.Namespace, id_data: Any) -> dict[str, Any]:
@@ -436,13 +440,13 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any) -> dict[str, Any]:
             with prefixed_errors(args.train):
                 x = _on(train.features, args.device, "features")
                 if key == "knn":
-                    est = cls(k=args.knn_k).fit(x)
+                    est = cls(k=args.knn_k or KNN_K).fit(x)
                 else:
                     if train.labels is None:
                         raise ValueError("--baselines mahalanobis fits one mean per class: "
                                          "the file needs 'labels'")
                     est = cls().fit(x, _on(train.labels, args.device, "labels"))
-        out[f"KNN (k={args.knn_k})" if key == "knn" else cls.name] = est
+        out[f"KNN (k={est.k})" if key == "knn" else cls.name] = est
     return out
 
 
@@ -650,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "mahalanobis on its labels too)")
     ev.add_argument("--train", metavar="FILE",
                     help="training feature file for --baselines knn / mahalanobis")
-    ev.add_argument("--knn-k", type=positive_int_arg, default=50,
-                    help="the neighbour KNN scores by (default 50, as Sun et al.)")
+    ev.add_argument("--knn-k", type=positive_int_arg, default=None,
+                    help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
+                         "et al.)")
     _scoring_options(ev)
     ev.set_defaults(func=_cmd_eval)
     info = sub.add_parser("info", help="what a saved detector file holds",

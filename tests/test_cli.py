@@ -288,6 +288,7 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
         (["--baselines", "knn"], "--baselines knn fits on training features: give the "
                                  "training feature file with --train"),
         (["--train", str(tmp_path / "train.npz")], "--train is read only by --baselines"),
+        (["--knn-k", "3", "--baselines", "msp"], "--knn-k is read only by --baselines knn"),
         (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
           str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
                                     "'logits' array"),
