@@ -62,7 +62,9 @@ class _Baseline(Parameters):
         if hasattr(self, "backend"):  # before a fit's work, not at the first score after it
             ops.check_backend_name(self.backend)
         t, kind = as_tensor(x, self.inputs)
-        check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_)
+        check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_,
+                     cols_from=f"this {type(self).__name__} was fitted on {self.inputs} of {{}} "
+                               "columns")
         check_finite_rows(t, self.inputs)
         return t, kind
 

@@ -351,7 +351,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _override(det, args)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
-    baselines = _fit_baselines(args, id_data)
+    baselines = _fit_baselines(args, id_data, det.n_features_in_)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         labels = None if id_data.labels is None else np.asarray(id_data.labels)
@@ -422,8 +422,10 @@ EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
 KNN_K = 50
 
 
-def _fit_baselines(args: argparse.Namespace, id_data: Any) -> dict[str, Any]:
-    """``grood eval --baselines``: each one fitted, by its display name, before any scoring."""
+def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int
+                   ) -> dict[str, Any]:
+    """``grood eval --baselines``: each one fitted, by its display name, before any scoring;
+    the training features of the width the detector's (``n_features``) were."""
     import grood.baselines
     from grood.io import load_features
 
@@ -439,6 +441,10 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any) -> dict[str, Any]:
             assert train is not None  # (checked by _cmd_eval)
             with prefixed_errors(args.train):
                 x = _on(train.features, args.device, "features")
+                if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
+                    raise ValueError(f"the training features have {x.shape[1]} columns, the "
+                                     f"detector's {n_features}: --train is not the features "
+                                     "the detector was fitted on")
                 if key == "knn":
                     est = cls(k=args.knn_k or KNN_K).fit(x)
                 else:

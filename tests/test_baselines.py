@@ -113,8 +113,13 @@ def test_baselines_check_input():
     with pytest.raises(NotFittedError, match="MSP is not fitted"):
         MSP().score_samples(torch.zeros(2, 3))
     msp = MSP().fit(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="logits has 4 columns"):
+    # The baseline, not "the detector" (a GROOD beside it in a comparison), is named.
+    with pytest.raises(ValueError, match="logits has 4 columns but this MSP was fitted on "
+                                         "logits of 3 columns"):
         msp.score_samples(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="features has 2 columns but this KNN was fitted on "
+                                         "features of 3 columns"):
+        KNN(k=1).fit(torch.rand(5, 3)).score_samples(torch.rand(2, 2))
     with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 1"):
         msp.score_samples(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
     with pytest.raises(ValueError, match="k=10 needs"):

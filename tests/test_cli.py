@@ -289,6 +289,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
                                  "training feature file with --train"),
         (["--train", str(tmp_path / "train.npz")], "--train is read only by --baselines"),
         (["--knn-k", "3", "--baselines", "msp"], "--knn-k is read only by --baselines knn"),
+        (["--baselines", "knn", "--train", str(tmp_path / "narrow.npz")],
+         "narrow.npz: the training features have 5 columns, the detector's 6"),
         (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
           str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
                                     "'logits' array"),
@@ -296,6 +298,7 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
          "ood.npz: --baselines mahalanobis fits one mean per class: the file needs 'labels'"),
     ]
     _write(tmp_path / "a.npz", features=ood)
+    _write(tmp_path / "narrow.npz", features=x[:100, :5], labels=y[:100])
     for extra, message in refused:
         base = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood",
                 str(tmp_path / "ood.npz")]
