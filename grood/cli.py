@@ -358,6 +358,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if labels is not None and labels.shape != id_pred.shape:
             raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
                              "(one per feature row)")
+        logits = None if id_data.logits is None else np.asarray(id_data.logits)
+        if logits is not None and (logits.ndim != 2 or len(logits) != len(id_pred)):
+            raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
+                             "(one row per feature row)")
         id_base = {name: _baseline_scores(b, id_data, args.device)
                    for name, b in baselines.items()}
     rows, results = [], {}
@@ -391,6 +395,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
         print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
+        if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
+            acc = float(np.mean(logits.argmax(1) == labels))
+            print(f", the logits' {100 * acc:.2f} %", end="")
     header = ["OOD set", "n", *(["method"] if baselines else []), *METRIC_LABELS.values()]
     if threshold is not None:
         kept = float(np.mean(id_scores >= threshold))

@@ -270,6 +270,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     assert main([*argv, "--baselines", "msp", "energy", "--baselines", "knn",
                  "mahalanobis", "--knn-k", "3", "--plots", str(tmp_path / "plots")]) == 0
     lines = capsys.readouterr().out.splitlines()
+    right = float((logits[100:].argmax(1) == y[100:]).float().mean()) * 100
+    assert f", the logits' {right:.2f} %" in lines[0]
     assert lines[2].startswith("| OOD set") and "| method " in lines[2]
     assert [line.split("|")[3].strip() for line in lines[4:9]] == [
         "GROOD", "MSP", "Energy", "KNN (k=3)", "Mahalanobis"]
@@ -291,6 +293,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
         (["--knn-k", "3", "--baselines", "msp"], "--knn-k is read only by --baselines knn"),
         (["--baselines", "knn", "--train", str(tmp_path / "narrow.npz")],
          "narrow.npz: the training features have 5 columns, the detector's 6"),
+        (["--id", str(tmp_path / "short.npz")],
+         "short.npz: 'logits' has shape (10, 3), expected (60, C)"),
         (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
           str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
                                     "'logits' array"),
@@ -299,6 +303,7 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     ]
     _write(tmp_path / "a.npz", features=ood)
     _write(tmp_path / "narrow.npz", features=x[:100, :5], labels=y[:100])
+    _write(tmp_path / "short.npz", features=x[100:], labels=y[100:], logits=logits[:10])
     for extra, message in refused:
         base = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood",
                 str(tmp_path / "ood.npz")]
