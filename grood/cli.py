@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from grood import __version__
 from grood._checks import fraction_arg, positive_int_arg, prefixed_errors
@@ -351,7 +351,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _override(det, args)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
-    baselines = _fit_baselines(args, id_data, det.n_features_in_)
+    id_inputs = _BaselineInputs(id_data, args.device)
+    baselines = _fit_baselines(args, id_inputs, det.n_features_in_)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         labels = None if id_data.labels is None else np.asarray(id_data.labels)
@@ -362,8 +363,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if logits is not None and (logits.ndim != 2 or len(logits) != len(id_pred)):
             raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
                              "(one row per feature row)")
-        id_base = {name: _baseline_scores(b, id_data, args.device)
-                   for name, b in baselines.items()}
+        id_base = _baseline_scores(baselines, id_inputs)
     rows, results = [], {}
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
@@ -372,9 +372,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with prefixed_errors(path):
             data = load_features(path)
             ood_scores = np.asarray(det.score_samples(data.features))
-            ood_base = {name: _baseline_scores(b, data, args.device)
-                        for name, b in baselines.items()}
-        m: dict[str, Any] = dict(ood_metrics(id_scores, ood_scores))
+            ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
+        m: dict[str, Any] = ood_metrics(id_scores, ood_scores)
         results[str(path)] = m
         sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
@@ -429,25 +428,27 @@ EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
 KNN_K = 50
 
 
-def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int
-                   ) -> dict[str, Any]:
-    """``grood eval --baselines``: each one fitted, by its display name, before any scoring;
-    the training features of the width the detector's (``n_features``) were."""
+def _fit_baselines(args: argparse.Namespace, id_inputs: _BaselineInputs, n_features: int
+                   ) -> dict[str, tuple[str, Any]]:
+    """``grood eval --baselines``: each one fitted, by its display name (with its key), before
+    any scoring (those of logits on the ID file's, ``id_inputs``); the training features of the
+    width the detector's (``n_features``) were."""
     import grood.baselines
     from grood.io import load_features
 
-    out: dict[str, Any] = {}
-    train = load_features(args.train) if args.train is not None else None
+    out: dict[str, tuple[str, Any]] = {}
+    train = (_BaselineInputs(load_features(args.train), args.device)
+             if args.train is not None else None)
     for key in args.baselines:
         cls_name, inputs = EVAL_BASELINES[key]
         cls = getattr(grood.baselines, cls_name)
         if inputs == "logits":
             with prefixed_errors(args.id):
-                est = cls().fit(_on(_logits(id_data, key), args.device, "logits"))
+                est = cls().fit(id_inputs.get("logits", key))
         else:
             assert train is not None  # (checked by _cmd_eval)
             with prefixed_errors(args.train):
-                x = _on(train.features, args.device, "features")
+                x = train.get("features", key)
                 if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
                     raise ValueError(f"the training features have {x.shape[1]} columns, the "
                                      f"detector's {n_features}: --train is not the features "
@@ -455,33 +456,41 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int
                 if key == "knn":
                     est = cls(k=args.knn_k or KNN_K).fit(x)
                 else:
-                    if train.labels is None:
-                        raise ValueError("--baselines mahalanobis fits one mean per class: "
-                                         "the file needs 'labels'")
-                    est = cls().fit(x, _on(train.labels, args.device, "labels"))
-        out[f"KNN (k={est.k})" if key == "knn" else cls.name] = est
+                    est = cls().fit(x, train.get("labels", key))
+        out[f"KNN (k={est.k})" if key == "knn" else cls.name] = (key, est)
     return out
 
 
-def _logits(data: Any, key: str) -> Any:
-    if data.logits is None:
-        raise ValueError(f"--baselines {key} scores logits: the file has no 'logits' array")
-    return data.logits
+class _BaselineInputs:
+    """A feature file's arrays as tensors on the command's device, each moved once however
+    many baselines read it; a missing one is named with the baseline that needs it."""
+
+    #: What a baseline that lacks the array does with it, by array.
+    MISSING: ClassVar[dict[str, str]] = {
+        "logits": "scores logits: the file has no 'logits' array",
+        "labels": "fits one mean per class: the file needs 'labels'"}
+
+    def __init__(self, data: Any, device: str) -> None:
+        self.data, self.device = data, device
+        self.moved: dict[str, Any] = {}
+
+    def get(self, name: str, key: str) -> Any:
+        if name not in self.moved:
+            from grood._checks import as_tensor
+
+            value = getattr(self.data, name)
+            if value is None:
+                raise ValueError(f"--baselines {key} {self.MISSING[name]}")
+            self.moved[name] = as_tensor(value, name)[0].to(self.device)
+        return self.moved[name]
 
 
-def _on(x: Any, device: str, name: str) -> Any:
-    """An array of a feature file as a tensor on ``device`` (the baselines compute where their
-    inputs are; grood's detector moves its own)."""
-    from grood._checks import as_tensor
-
-    return as_tensor(x, name)[0].to(device)
-
-
-def _baseline_scores(est: Any, data: Any, device: str) -> Any:
-    """A fitted baseline's scores of one feature file (its logits or its features), numpy."""
-    key = type(est).__name__.lower()
-    x = _logits(data, key) if est.inputs == "logits" else data.features
-    return est.score_samples(_on(x, device, est.inputs)).cpu().numpy()
+def _baseline_scores(baselines: dict[str, tuple[str, Any]], inputs: _BaselineInputs
+                     ) -> dict[str, Any]:
+    """Each fitted baseline's scores of one feature file (its logits or its features), numpy
+    arrays by display name."""
+    return {name: est.score_samples(inputs.get(est.inputs, key)).cpu().numpy()
+            for name, (key, est) in baselines.items()}
 
 
 def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
