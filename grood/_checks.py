@@ -325,6 +325,12 @@ def batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + batch_size, n)
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a Python int >= 1 and not a bool: a count as a saved file's JSON
+    metadata holds it (read back, not converted)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def positive_int_arg(text: str) -> int:
     """An argparse type: a positive integer, or a usage error that says so."""
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from grood import distributed as dist
-from grood._checks import ArrayLike, ArrayT, check_fraction
+from grood._checks import ArrayLike, ArrayT, check_fraction, is_count
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_at_tpr
 
@@ -195,14 +195,11 @@ def check_calibration(path: Any, record: Any) -> None:
     if record is None:
         return
 
-    def whole(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     ok = (isinstance(record, dict) and set(record) == set(RECORD_KEYS)
           and isinstance(record["threshold"], float)
           and bool(np.isfinite(record["threshold"])) and record["threshold"] < 0
           and isinstance(record["tpr"], float) and 0 < record["tpr"] <= 1
-          and whole(record["n"]) and whole(record["k"])
-          and (record["nprobe"] is None or whole(record["nprobe"])))
+          and is_count(record["n"]) and is_count(record["k"])
+          and (record["nprobe"] is None or is_count(record["nprobe"])))
     if not ok:
         raise DetectorFileError(f"{path} is inconsistent: invalid calibration {record!r}")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._checks import check_device, check_positive_int, ordinary
+from grood._checks import check_device, check_positive_int, is_count, ordinary
 from grood._fit import FittedState
 from grood._version import __version__
 from grood.calibration import check_calibration
@@ -731,9 +731,6 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise DetectorFileError(f"{path} is corrupt: unreadable metadata")
 
-    def whole(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     def text(v: Any) -> bool:
         return isinstance(v, str)
 
@@ -743,10 +740,11 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
     def source(v: Any) -> bool:
         return isinstance(v, dict) and text(v.get("name"))
 
-    fields = {"params": (params, {"k": whole, "batch_size": whole, "precision": text,
+    fields = {"params": (params, {"k": is_count, "batch_size": is_count, "precision": text,
                                   "backend": text, "index": text, "ood_prototype": source}),
-              "state": (state, {"n_train": whole, "n_classes": whole, "n_features_in": whole,
-                                "train_accuracy": fraction, "index": text, "dtype": text})}
+              "state": (state, {"n_train": is_count, "n_classes": is_count,
+                                "n_features_in": is_count, "train_accuracy": fraction,
+                                "index": text, "dtype": text})}
     bad = [f"{where}.{key}={values[key]!r}" if key in values else f"{where}.{key} missing"
            for where, (values, checks) in fields.items()
            for key, ok in checks.items() if not ok(values.get(key))]
