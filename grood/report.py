@@ -165,19 +165,18 @@ def _save(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
 LOG_SCALE_DECADES = 3.0
 
 
-def _log_drawable(by_set: Mapping[str, np.ndarray], threshold: float | None) -> bool:
-    """Whether a method's panel can be drawn over -score on a log axis: every score <= 0,
-    some below 0, and the threshold (where one is drawn) below 0."""
-    values = np.concatenate(list(by_set.values()))
+def _log_drawable(values: np.ndarray, threshold: float | None) -> bool:
+    """Whether a method's panel (``values``: its sets' scores pooled) can be drawn over -score
+    on a log axis: every score <= 0, some below 0, and the threshold (where one is drawn)
+    below 0."""
     return bool(values.max() <= 0 < -values.min()) and (threshold is None or threshold < 0)
 
 
-def _spans_decades(by_set: Mapping[str, np.ndarray]) -> bool:
-    """Whether the nonzero score magnitudes span more than :data:`LOG_SCALE_DECADES` decades
-    (5th to 95th percentile). GROOD's do: a confident ID sample's gradient is near 0, so its
-    score is near 0 (-1e-20 is common), while OOD samples score near -1; on a linear axis
-    every ID score falls in the last bin."""
-    values = np.concatenate(list(by_set.values()))
+def _spans_decades(values: np.ndarray) -> bool:
+    """Whether the nonzero magnitudes of a method's pooled scores span more than
+    :data:`LOG_SCALE_DECADES` decades (5th to 95th percentile). GROOD's do: a confident ID
+    sample's gradient is near 0, so its score is near 0 (-1e-20 is common), while OOD samples
+    score near -1; on a linear axis every ID score falls in the last bin."""
     lo, hi = np.percentile(-values[values < 0], [5, 95])
     return bool(hi > lo * 10**LOG_SCALE_DECADES)
 
@@ -204,13 +203,14 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     methods = list(scores)
     logs = {}
     for method in methods:
-        drawable = _log_drawable(scores[method], thresholds.get(method, (None,))[0])
+        pooled = np.concatenate(list(scores[method].values()))
+        drawable = _log_drawable(pooled, thresholds.get(method, (None,))[0])
         if scale == "log" and not drawable:
             raise ValueError(f"scale='log' draws -score on a log axis: {method!r} has scores "
                              "above 0, none below 0, or a threshold of 0 or more; use "
                              "scale='linear'")
         logs[method] = drawable and (scale == "log" or (scale == "auto"
-                                                        and _spans_decades(scores[method])))
+                                                        and _spans_decades(pooled)))
     fig, axes = _grid(figure, len(methods), (4.6, 3.4))
     for ax, method in zip(axes, methods, strict=True):
         by_set = scores[method]
