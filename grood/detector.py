@@ -248,9 +248,12 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                       ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
         """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
 
-        Memory holds one batch (and the index); each result has the type of its batch. An
-        empty batch [0, D] yields empty results (``score_and_predict`` refuses one). A sharded
-        detector's ranks call it together, each with its own batches, as many as it has.
+        A batch is a features array [B, D], or a DataLoader's ``(features, labels[, logits])``
+        (or ``[features]``, from a ``TensorDataset`` of features alone), whose features are
+        scored and the rest is not read. Memory holds one batch (and the index); each result has
+        the type of its features. An empty batch [0, D] yields empty results
+        (``score_and_predict`` refuses one). A sharded detector's ranks call it together, each
+        with its own batches, as many as it has.
         """
         return score_stream(self, batches)
 
@@ -404,12 +407,23 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
     if hasattr(batches, "shape"):  # one array: iterating it would score row by row
         raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
                         "array with score_and_predict or score_samples")
-    for batch, own, number in dist.in_step(batches, det.n_features_in_, det.device_,
-                                           det._sharded):
+    for batch, own, number in dist.in_step(map(batch_features, batches), det.n_features_in_,
+                                           det.device_, det._sharded):
         with prefixed_errors(f"batch {number} (numbered from 0)"):
             result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result
+
+
+def batch_features(batch: Any) -> Any:
+    """The features of one batch given to ``score_batches``: the batch itself, or the first
+    item of a DataLoader's ``[features]``, ``(features, labels)`` or ``(features, labels,
+    logits)``: a tuple or list of 1 to 3 items whose first is a 2-D array or tensor (a batch
+    given as a list of rows holds 1-D rows)."""
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 \
+            and getattr(batch[0], "ndim", None) == 2:
+        return batch[0]
+    return batch
 
 
 def search(det: GROOD, grads: Tensor, k: int, batch: tuple[int, int], rows: bool

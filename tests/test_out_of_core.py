@@ -40,6 +40,16 @@ def test_fit_batches_equals_fit(style):
     assert s.shape == p.shape == (0,) and isinstance(s, np.ndarray)
     with pytest.raises(ValueError, match="features is empty"):
         det.score_and_predict(test[:0])
+    # A DataLoader's (features, labels[, logits]) or [features] batches: the features scored.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test, y[:50]),
+                                         batch_size=16)
+    assert torch.equal(torch.cat([s for s, _ in det.score_batches(loader)]), got)
+    alone = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test), batch_size=16)
+    assert torch.equal(torch.cat([s for s, _ in det.score_batches(alone)]), got)
+    (s, p), = det.score_batches([(test.numpy(), y[:50].numpy(), logits[:50].numpy())])
+    assert isinstance(s, np.ndarray) and np.array_equal(s, got.numpy())
+    rows = list(test[:3].numpy())  # a batch given as a list of rows [D] is still one batch
+    assert np.array_equal(next(det.score_batches([rows]))[0], got[:3].numpy())
     for one_array in (test, test.numpy()):  # iterated, it would be scored row by row
         with pytest.raises(TypeError, match="score_batches takes an iterable of batches"):
             next(det.score_batches(one_array))
