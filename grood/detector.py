@@ -248,12 +248,10 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                       ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
         """Score batches one at a time: yields ``(scores, preds)`` per batch of features.
 
-        A batch is a features array [B, D], or a DataLoader's ``(features, labels[, logits])``
-        (or ``[features]``, from a ``TensorDataset`` of features alone), whose features are
-        scored and the rest is not read. Memory holds one batch (and the index); each result has
-        the type of its features. An empty batch [0, D] yields empty results
-        (``score_and_predict`` refuses one). A sharded detector's ranks call it together, each
-        with its own batches, as many as it has.
+        A batch is a features array [B, D] or a DataLoader's batch (:func:`batch_features`).
+        Memory holds one batch (and the index); each result has the type of its features. An
+        empty batch [0, D] yields empty results (``score_and_predict`` refuses one). A sharded
+        detector's ranks call it together, each with its own batches, as many as it has.
         """
         return score_stream(self, batches)
 
