@@ -374,7 +374,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ood_scores = np.asarray(det.score_samples(data.features))
             ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
         m: dict[str, Any] = ood_metrics(id_scores, ood_scores)
-        results[str(path)] = m
+        # the sample counts the metrics came from, as the table's n column
+        results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores), **m}
+        m = results[str(path)]
         sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
         method = ["GROOD"] if baselines else []
@@ -667,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plots", metavar="DIR",
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
                          "(DIR/histograms.png); needs matplotlib (grood[plots])")
-    ev.add_argument("--json", help="also write the metrics to this JSON file (with "
-                                   "--baselines, theirs under each set's 'baselines')")
+    ev.add_argument("--json", help="also write the metrics to this JSON file, by OOD file, "
+                                   "with the row counts n_id and n_ood (with --baselines, "
+                                   "theirs under each set's 'baselines')")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp and energy "

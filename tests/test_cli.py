@@ -123,7 +123,8 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     text = capsys.readouterr().out
     assert f"| {ood} |" in text and "nearest-prototype accuracy" in text
     metrics = json.loads((tmp_path / "m.json").read_text())[str(ood)]
-    assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+    assert set(metrics) == {"n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out"}
+    assert (metrics["n_id"], metrics["n_ood"]) == (30, 25)
 
 
 def test_eval_draws_roc_curves_and_histograms(tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
             ("KNN (k=3)", KNN(k=3).fit(x[:100].numpy()), id_x, ood_x),
             ("Mahalanobis", Mahalanobis().fit(x[:100].numpy(), y[:100].numpy()), id_x, ood_x)):
         assert got["baselines"][name] == ood_metrics(est.score_samples(a), est.score_samples(b))
-    assert set(got) == {"auroc", "fpr95", "aupr_in", "aupr_out", "baselines"}
+    assert set(got) == {"n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "baselines"}
     assert (tmp_path / "plots" / "roc.png").stat().st_size > 0
     # What each baseline needs is named, before any scoring where it can be.
     refused = [
