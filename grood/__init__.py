@@ -22,7 +22,7 @@ from grood.errors import (
     RankFailedError,
 )
 from grood.index import GradientIndex, register_index
-from grood.metrics import ood_metrics, threshold_at_tpr
+from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
 
@@ -46,5 +46,6 @@ __all__ = [
     "ood_metrics",
     "register_index",
     "register_source",
+    "threshold_acceptance",
     "threshold_at_tpr",
 ]

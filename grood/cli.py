@@ -167,9 +167,14 @@ def _threshold_line(det: Any) -> str:
 
 
 def _accepts(cal: dict[str, Any]) -> str:
-    """What a calibration record's threshold accepts, in words."""
+    """What a calibration record's threshold accepts, in words: of its calibration rows, and
+    of new ID samples (:func:`grood.metrics.threshold_acceptance`)."""
+    from grood.metrics import threshold_acceptance
+
+    mean, std = threshold_acceptance(cal["n"], cal["tpr"])
     return (f"accepts {100 * cal['tpr']:g} % of the {cal['n']:,} held-out ID rows it was "
-            "chosen on; lower scores are flagged as OOD")
+            f"chosen on, {100 * mean:.1f} ± {100 * std:.1f} % of new ones; lower scores are "
+            "flagged as OOD")
 
 
 def _override(det: Any, args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from grood import ood_metrics, threshold_at_tpr
+from grood import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.metrics import roc_curve
 
 
@@ -209,6 +209,29 @@ def test_threshold_on_a_small_case_and_its_input_checks():
         threshold_at_tpr([1.0, float("nan")], 0.5)
     with pytest.raises(ValueError, match="id_scores is empty"):
         threshold_at_tpr([], 0.5)
+
+
+@pytest.mark.parametrize(("n", "tpr"), [(20, 0.95), (50, 0.95), (37, 0.7), (10, 1.0)])
+def test_threshold_acceptance_matches_simulated_calibration_sets(n, tpr):
+    """The fraction of new ID samples a threshold chosen on n held-out scores accepts, over
+    20,000 simulated calibration sets of uniform scores (a new sample at or above t has
+    probability 1 - t): its mean and spread match the closed form to sampling error."""
+    rng = np.random.default_rng(n)
+    got = np.array([1 - threshold_at_tpr(rng.random(n), tpr) for _ in range(20000)])
+    mean, std = threshold_acceptance(n, tpr)
+    assert abs(got.mean() - mean) < 4 * std / np.sqrt(got.size)
+    assert abs(got.std() - std) < 0.03 * std
+
+
+def test_threshold_acceptance_checks_its_arguments():
+    # n = 9 at tpr = 0.9: the threshold is the lowest of the 9 scores (m = 9), Beta(9, 1)
+    expected = pytest.approx((0.9, (0.9 * 0.1 / 11) ** 0.5))
+    assert threshold_acceptance(np.int64(9), 0.9) == threshold_acceptance(9, 0.9) == expected
+    for bad in (0, -3, 2.5, True, "9"):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            threshold_acceptance(bad, 0.95)
+    with pytest.raises(ValueError, match=r"tpr is a fraction in \(0, 1\]"):
+        threshold_acceptance(100, 95)
 
 
 def recorded_figures(monkeypatch) -> list:
