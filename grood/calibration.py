@@ -62,7 +62,10 @@ class Calibration:
         ``features`` (:func:`grood.metrics.threshold_at_tpr`); ``calibration_`` records it
         with ``tpr``, the number of rows and the search it holds for (``k``, and IVF's
         ``nprobe``). Saved with the detector; a new ``fit`` drops it. A distributed detector
-        chooses it from every rank's rows.
+        chooses it from every rank's rows. Of *new* ID samples it accepts a fraction whose
+        mean and spread over calibration sets of this size
+        :func:`grood.metrics.threshold_acceptance` gives (90.5 ± 6.3 % for 20 rows at
+        ``tpr=0.95``, 94.9 ± 0.7 % for 1,000).
 
         Use data the detector was not fitted on: training rows score higher than new samples
         (with ``k=1`` an indexed row scores 0), so a threshold of 0 — at least ``tpr`` of the
