@@ -59,13 +59,17 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
                     "torch.load(weights_only=True), which loads tensors and plain "
                     "containers and refuses anything else; save a tensor or a dict of "
                     "tensors (or use .npz / .safetensors)") from exc
+            if not isinstance(obj, (dict, torch.Tensor)):  # e.g. torch.save((X, y), path)
+                raise ValueError(
+                    f"{path} holds a {type(obj).__name__}, not a tensor (the features) or a "
+                    f"dict of tensors named {', '.join(KEYS)}. {HOW_TO_WRITE}")
             arrays = obj if isinstance(obj, dict) else {"features": obj}
         else:
             from safetensors.torch import load_file
 
             arrays = load_file(str(path))
     except ValueError as exc:
-        if "tensors-only" in str(exc):
+        if str(exc).startswith(str(path)):  # (already names the file and the problem)
             raise
         raise ValueError(f"{path}: could not read the file ({exc})") from exc
     except Exception as exc:

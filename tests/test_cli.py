@@ -725,6 +725,11 @@ def test_feature_and_score_files_that_cannot_be_used_are_named(tmp_path):
     torch.save({"features": torch.ones(3, 2), "labels": [0, 1, 2]}, tmp_path / "f.pt")
     with pytest.raises(ValueError, match="'labels' is a list, not an array"):
         load_features(tmp_path / "f.pt")
+    torch.save((torch.ones(3, 2), torch.zeros(3, dtype=torch.long)), tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"t\.pt holds a tuple, not a tensor \(the features\) "
+                                         r"or a dict of tensors named features, labels, "
+                                         r"logits\. A feature file names its arrays"):
+        load_features(tmp_path / "t.pt")
     save_file({"features": np.ones((3, 2), np.float32)}, str(tmp_path / "g.safetensors"))
     assert load_features(tmp_path / "g.safetensors").features.shape == (3, 2)
     scores, preds = np.zeros(3), np.zeros(3, np.int64)
