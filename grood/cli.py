@@ -397,6 +397,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             base_sets[name][str(path)] = scores
             rows.append(["", "", name, *(bm[k] for k in METRIC_LABELS),
                          *([""] if threshold is not None else [])])
+    if len(results) > 1:
+        rows += _mean_rows(results, list(baselines), threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
@@ -425,6 +427,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    plot_histograms(scores, plots[1], marks)]
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)")
     return 0
+
+
+def _mean_rows(results: dict[str, dict[str, Any]], baselines: list[str], flagged: bool
+               ) -> list[list[Any]]:
+    """``grood eval``'s last rows under several OOD sets, as OpenOOD summarises them: each
+    method's metrics (and GROOD's flagged fraction) averaged over the sets, unweighted."""
+    from grood.report import METRIC_LABELS
+
+    per_set = list(results.values())
+    rows = []
+    for i, name in enumerate(["GROOD", *baselines]):
+        metrics = [r if i == 0 else r["baselines"][name] for r in per_set]
+        row = [f"mean of {len(per_set)} sets" if i == 0 else "", "",
+               *([name] if baselines else []),
+               *(sum(m[k] for m in metrics) / len(metrics) for k in METRIC_LABELS)]
+        if flagged:
+            row.append(sum(m["flagged"] for m in metrics) / len(metrics) if i == 0 else "")
+        rows.append(row)
+    return rows
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

@@ -235,15 +235,22 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
     _write(tmp_path / "id.npz", features=x[:20])
     _write(tmp_path / "a.npz", features=x[:7] + 9)
-    _write(tmp_path / "b.npz", features=x[:5] - 9)
+    _write(tmp_path / "b.npz", features=x[40:45] + 0.3)  # near the ID rows: no clean split
     capsys.readouterr()
     out = tmp_path / "m.json"
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
                  "--ood", str(tmp_path / "b.npz"), "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert f"| {tmp_path / 'a.npz'} | 7 " in table and f"| {tmp_path / 'b.npz'} | 5 " in table
-    assert sorted(json.loads(out.read_text())) == [str(tmp_path / "a.npz"),
-                                                   str(tmp_path / "b.npz")]
+    metrics = json.loads(out.read_text())
+    assert sorted(metrics) == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]
+    # OpenOOD's summary row: each metric averaged over the sets, unweighted.
+    mean_row = [line for line in table.splitlines() if line.startswith("| mean of 2 sets ")]
+    assert len(mean_row) == 1
+    cells = [c.strip() for c in mean_row[0].split("|")[3:-1]]
+    a, b = metrics[str(tmp_path / "a.npz")], metrics[str(tmp_path / "b.npz")]
+    assert cells == [f"{100 * (a[k] + b[k]) / 2:.2f}"
+                     for k in ("auroc", "fpr95", "aupr_in", "aupr_out")]
     again = tmp_path / "sub" / ".." / "a.npz"
     (tmp_path / "sub").mkdir()
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
