@@ -15,6 +15,7 @@ from conftest import clustered_features
 
 from grood import GROOD
 from grood.cli import build_parser, main
+from grood.metrics import bootstrap_metrics
 
 
 @pytest.mark.slow
@@ -251,6 +252,20 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     a, b = metrics[str(tmp_path / "a.npz")], metrics[str(tmp_path / "b.npz")]
     assert cells == [f"{100 * (a[k] + b[k]) / 2:.2f}"
                      for k in ("auroc", "fpr95", "aupr_in", "aupr_out")]
+    # --bootstrap: each metric's 95 % interval in the cells and the JSON, seeded (seed 0).
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "b.npz"),
+                 "--bootstrap", "100", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    got = json.loads(out.read_text())[str(tmp_path / "b.npz")]
+    loaded = GROOD.load(det)
+    ci = bootstrap_metrics(loaded.score_samples(x[:20].numpy()),
+                           loaded.score_samples(x[40:45].numpy() + 0.3), n_boot=100)
+    assert got["ci95"] == {k: list(v) for k, v in ci.items()}
+    lo, hi = ci["auroc"]
+    assert f"| {100 * got['auroc']:.2f} ({100 * lo:.2f}–{100 * hi:.2f}) |" in table
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "b.npz"),
+                 "--bootstrap", "50"]) == 2
+    assert "a percentile interval needs at least 100 resamples" in capsys.readouterr().err
     again = tmp_path / "sub" / ".." / "a.npz"
     (tmp_path / "sub").mkdir()
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
