@@ -150,9 +150,7 @@ def threshold_acceptance(n: int, tpr: float = 0.95) -> tuple[float, float]:
         tuple[float, float]: ``(mean, std)``, fractions in [0, 1].
     """
     level = check_fraction(tpr, "tpr")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer (the calibration rows), got {n!r}")
-    n = int(n)
+    n = check_positive_int(n, "n")
     mean = _accepted_count(level, n) / (n + 1)
     return mean, math.sqrt(mean * (1 - mean) / (n + 2))
 
