@@ -484,7 +484,13 @@ def test_outputs_changed_in_place_later_are_read_as_the_named_module_gave_them()
         second = model[4:](early.clone()).topk(2, dim=1).indices[:, 1]
         mixed = 0.5 * early + 0.5 * protos[second]
         want = model[7](model[4:7](mixed)).mean(0)
+        first_27 = model[7](model[4:7](mixed[:27])).mean(0)
     torch.testing.assert_close(mixed_det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
+    # n_samples mixes the loader's first images only (here all 20 of one batch and 7 of the
+    # next); the intermediate prototypes still come from every image.
+    capped = GROOD(ood_prototype=Mixup(layer="3", lam=0.5, n_samples=27)).fit_model(
+        model, loader, features="7")
+    torch.testing.assert_close(capped.ood_prototype_, first_27, rtol=1e-5, atol=1e-6)
 
 
 class _Output(dict):
