@@ -372,7 +372,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
                              "(one row per feature row)")
         id_base = _baseline_scores(baselines, id_inputs)
-    rows, results = [], {}
+    rows, results, diff_rows = [], {}, []
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
     base_sets = {name: {id_key: v} for name, v in id_base.items()}
@@ -395,11 +395,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         rows.append(row)
         if baselines:
             m["baselines"] = {}
-        for name, scores in ood_base.items():
+        for j, (name, scores) in enumerate(ood_base.items()):
             bm = m["baselines"][name] = _set_metrics(id_base[name], scores, args.bootstrap)
             base_sets[name][str(path)] = scores
             rows.append(["", "", name, *_metric_cells(bm),
                          *([""] if threshold is not None else [])])
+            if args.bootstrap is not None:  # is GROOD better on these samples?
+                diff_rows.append(_difference_row(str(path) if j == 0 else "", name, m, bm, (
+                    id_scores, ood_scores), (id_base[name], scores), args.bootstrap))
     if len(results) > 1:
         rows += _mean_rows(results, list(baselines), threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
@@ -417,6 +420,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         header.append("flagged")
     print("\n")
     print(markdown_table(header, rows))
+    if diff_rows:
+        print("\nGROOD minus each baseline on the same samples, with its paired 95 % bootstrap "
+              "interval (above 0: GROOD higher, better but for FPR@95; an interval holding 0 "
+              "does not resolve the two):\n")
+        print(markdown_table(["OOD set", "baseline", *METRIC_LABELS.values()], diff_rows))
     if args.json:
         with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
@@ -454,6 +462,21 @@ def _metric_cells(m: dict[str, Any]) -> list[Any]:
         return [m[k] for k in METRIC_LABELS]
     return [f"{100 * m[k]:.2f} ({100 * m['ci95'][k][0]:.2f}–{100 * m['ci95'][k][1]:.2f})"
             for k in METRIC_LABELS]
+
+
+def _difference_row(label: str, name: str, grood_m: dict[str, Any], base_m: dict[str, Any],
+                    grood: tuple[Any, Any], base: tuple[Any, Any], n_boot: int) -> list[str]:
+    """``grood eval --bootstrap --baselines``: a row of GROOD's metrics minus one baseline's on
+    one OOD set, each with its paired bootstrap interval, kept in the baseline's JSON entry
+    (``grood_minus_ci95``)."""
+    from grood.metrics import bootstrap_difference
+    from grood.report import METRIC_LABELS
+
+    ci = bootstrap_difference(grood, base, n_boot=n_boot, progress=None)
+    base_m["grood_minus_ci95"] = {k: list(v) for k, v in ci.items()}
+    return [label, name, *(f"{100 * (grood_m[k] - base_m[k]):+.2f} "
+                           f"({100 * ci[k][0]:+.2f} to {100 * ci[k][1]:+.2f})"
+                           for k in METRIC_LABELS)]
 
 
 def _mean_rows(results: dict[str, dict[str, Any]], baselines: list[str], flagged: bool
@@ -739,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "
                          "seeded, so every run gives the same), in the table and the JSON "
-                         "('ci95')")
+                         "('ci95'); with --baselines also GROOD minus each baseline with its "
+                         "paired interval")
     _scoring_options(ev)
     ev.set_defaults(func=_cmd_eval)
     info = sub.add_parser("info", help="what a saved detector file holds",

@@ -194,8 +194,9 @@ def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
     The ID and the OOD scores are each resampled with replacement to their own size (the two
     sets are drawn separately, so each resample keeps their sizes), ``n_boot`` times from a
     generator seeded with ``seed`` (the same intervals on every run), and each metric's
-    interval is the central ``level`` of its ``n_boot`` values. An AUROC difference between two
-    methods that lies within both intervals is not resolved by these sets.
+    interval is the central ``level`` of its ``n_boot`` values. Whether one method beats
+    another on the same samples is :func:`bootstrap_difference`'s question (the two methods'
+    errors are correlated, so overlapping intervals do not settle it).
 
     Args:
         id_scores (array-like): scores of in-distribution samples, shape [N_id].
@@ -209,6 +210,30 @@ def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
     Returns:
         dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``, each ``(low, high)``.
     """
+    return _bootstrap([(id_scores, ood_scores)], n_boot, level, seed, recall_level, progress)
+
+
+def bootstrap_difference(a: tuple[Any, Any], b: tuple[Any, Any], *, n_boot: int = 1000,
+                         level: float = 0.95, seed: int = 0, recall_level: float = 0.95,
+                         progress: bool | None = False) -> dict[str, tuple[float, float]]:
+    """Paired percentile-bootstrap intervals of ``metric(a) - metric(b)`` for two methods'
+    scores of the same samples: ``a`` and ``b`` are ``(id_scores, ood_scores)`` pairs, row i
+    of each the same sample. Each resample draws the samples once and scores both methods on
+    them, so what the two share (the hard samples) cancels; an interval that excludes 0 says
+    the sets resolve which method is better by that metric (for AUROC, AUPR: ``a`` better
+    above 0; for FPR@95, ``a`` better below 0). Arguments otherwise as
+    :func:`bootstrap_metrics`.
+
+    Returns:
+        dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``, each ``(low, high)`` of the
+        difference.
+    """
+    return _bootstrap([a, b], n_boot, level, seed, recall_level, progress)
+
+
+def _bootstrap(pairs: list[tuple[Any, Any]], n_boot: int, level: float, seed: int,
+               recall_level: float, progress: bool | None) -> dict[str, tuple[float, float]]:
+    """Intervals of one method's metrics (one pair) or of the first's minus the second's."""
     from grood._progress import progress as progress_bar
 
     n_boot = check_positive_int(n_boot, "n_boot")
@@ -221,18 +246,22 @@ def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
                          "coverage below 1 (e.g. 0.95)")
     seed = check_integer(seed, "seed")
     check_fraction(recall_level, "recall_level")
-    id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    checked = [(_as_scores(i, "id_scores"), _as_scores(o, "ood_scores")) for i, o in pairs]
+    (n_id, n_ood), *others = [(i.size, o.size) for i, o in checked]
+    if any(sizes != (n_id, n_ood) for sizes in others):
+        raise ValueError(f"the two methods scored different samples: {n_id} ID and {n_ood} "
+                         f"OOD scores against {others[0][0]} and {others[0][1]}; the paired "
+                         "bootstrap needs each method's scores of the same rows")
+    ranked = [_Ranked(i, o) for i, o in checked]
     rng = np.random.default_rng(seed)
-    ranked = _Ranked(id_s, ood_s)
     values: dict[str, list[float]] = {}
     for _ in progress_bar(range(n_boot), desc="bootstrap", unit="resample", enabled=progress):
-        m = ranked.metrics(np.r_[np.bincount(rng.integers(0, id_s.size, id_s.size),
-                                             minlength=id_s.size),
-                                 np.bincount(rng.integers(0, ood_s.size, ood_s.size),
-                                             minlength=ood_s.size)].astype(np.float64),
-                           recall_level)
-        for key, value in m.items():
-            values.setdefault(key, []).append(value)
+        counts = np.r_[np.bincount(rng.integers(0, n_id, n_id), minlength=n_id),
+                       np.bincount(rng.integers(0, n_ood, n_ood), minlength=n_ood)
+                       ].astype(np.float64)
+        first, *rest = (r.metrics(counts, recall_level) for r in ranked)
+        for key, value in first.items():
+            values.setdefault(key, []).append(value - rest[0][key] if rest else value)
     tail = (1 - coverage) / 2
     return {key: (float(np.quantile(v, tail)), float(np.quantile(v, 1 - tail)))
             for key, v in values.items()}

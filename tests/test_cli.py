@@ -15,7 +15,7 @@ from conftest import clustered_features
 
 from grood import GROOD
 from grood.cli import build_parser, main
-from grood.metrics import bootstrap_metrics
+from grood.metrics import bootstrap_difference, bootstrap_metrics
 
 
 @pytest.mark.slow
@@ -308,6 +308,19 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
         assert got["baselines"][name] == ood_metrics(est.score_samples(a), est.score_samples(b))
     assert set(got) == {"n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "baselines"}
     assert (tmp_path / "plots" / "roc.png").stat().st_size > 0
+    # --bootstrap with baselines: GROOD minus each baseline, with its paired interval.
+    assert main([*argv[:-2], "--baselines", "msp", "--bootstrap", "100"]) == 0
+    text = capsys.readouterr().out
+    got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    grood_scores = [GROOD.load(det).score_samples(v) for v in (id_x, ood_x)]
+    msp = MSP().fit(id_l)
+    ci = bootstrap_difference(grood_scores, [msp.score_samples(v) for v in (id_l, ood_l)],
+                              n_boot=100)
+    assert got["baselines"]["MSP"]["grood_minus_ci95"] == {k: list(v) for k, v in ci.items()}
+    lo, hi = ci["auroc"]
+    delta = got["auroc"] - got["baselines"]["MSP"]["auroc"]
+    assert "GROOD minus each baseline on the same samples" in text
+    assert f"| {100 * delta:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f}) |" in text
     # What each baseline needs is named, before any scoring where it can be.
     refused = [
         (["--baselines", "knn"], "--baselines knn fits on training features: give the "

@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 from grood import ood_metrics, threshold_acceptance, threshold_at_tpr
-from grood.metrics import bootstrap_metrics, roc_curve
+from grood.metrics import bootstrap_difference, bootstrap_metrics, roc_curve
 
 
 def _sklearn_reference(id_s, ood_s, recall=0.95):
@@ -268,6 +268,31 @@ def test_resamples_as_counts_equal_the_resampled_arrays_bit_for_bit():
         for level in (0.95, 0.5):
             assert (_Ranked(a, b).metrics(counts.astype(np.float64), level)
                     == ood_metrics(a[i], b[o], recall_level=level)), trial
+
+
+def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
+    """Method a scores 300 ID and 200 OOD samples (Gaussians one sd apart); b is a plus noise
+    of one sd (AUROC 0.69 against 0.76 in expectation), m a plus noise of 0.5 sd (0.74), c a
+    plus noise of 0.01 sd (nearly the same ranking). The paired intervals of a - b exclude 0
+    in every metric's direction; a - m's AUROC interval excludes 0 where the two unpaired
+    intervals overlap; a - c holds 0; a - a is 0 exactly; swapping the methods negates them."""
+    rng = np.random.default_rng(2)
+    a = (rng.normal(1, 1, 300), rng.normal(0, 1, 200))
+    b, m, c = (tuple(s + rng.normal(0, sd, s.size) for s in a) for sd in (1.0, 0.5, 0.01))
+    better = bootstrap_difference(a, b, n_boot=300)
+    assert better["auroc"][0] > 0 and better["aupr_in"][0] > 0 and better["fpr95"][1] < 0
+    assert bootstrap_difference(a, m, n_boot=300)["auroc"][0] > 0
+    (a_lo, _), (_, m_hi) = (bootstrap_metrics(*x, n_boot=300)["auroc"] for x in (a, m))
+    assert m_hi > a_lo  # unpaired, they overlap
+    same = bootstrap_difference(a, c, n_boot=300)
+    assert all(lo <= 0 <= hi for lo, hi in same.values()), same
+    assert all(v == (0.0, 0.0) for v in bootstrap_difference(a, a, n_boot=100).values())
+    swapped = bootstrap_difference(b, a, n_boot=300)
+    for key, (lo, hi) in better.items():
+        assert swapped[key] == pytest.approx((-hi, -lo), abs=1e-12)
+    with pytest.raises(ValueError, match="the two methods scored different samples: 300 ID "
+                                         "and 200 OOD scores against 300 and 199"):
+        bootstrap_difference(a, (b[0], b[1][:-1]), n_boot=100)
 
 
 def test_bootstrap_is_seeded_and_checks_its_arguments():
