@@ -15,6 +15,12 @@ returns, as OpenOOD computes them (not average precision). One note on ``fpr95``
 it from ``sklearn.metrics.roc_curve`` with its default ``drop_intermediate=True``, which can
 drop the exact crossing point when ties make several thresholds collinear and then reports a
 slightly larger FPR; this module uses every threshold, i.e. the definition above.
+
+Beside them: :func:`threshold_at_tpr` (a decision threshold on held-out ID scores) with
+:func:`threshold_acceptance` (what such a threshold accepts of new ID samples, by the size of
+its calibration set), and the percentile-bootstrap intervals of the metrics for one method
+(:func:`bootstrap_metrics`) and of the difference between two on the same samples
+(:func:`bootstrap_difference`).
 """
 
 from __future__ import annotations
