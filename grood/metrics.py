@@ -76,22 +76,7 @@ def trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _cumulative_counts(scores: np.ndarray, positive: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """True and false positives at each distinct threshold, ranking by descending score."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, pos = scores[order], positive[order]
-    last_of_run = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tps = np.cumsum(pos)[last_of_run].astype(np.float64)
-    fps = (last_of_run + 1) - tps
-    return tps, fps
-
-
-def _pr_area(scores: np.ndarray, positive: np.ndarray) -> float:
-    return _pr_area_of(*_cumulative_counts(scores, positive))
-
-
-def _pr_area_of(tps: np.ndarray, fps: np.ndarray) -> float:
+def _pr_area(tps: np.ndarray, fps: np.ndarray) -> float:
     """The PR area from the true and false positives at each distinct threshold."""
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
@@ -104,10 +89,8 @@ def _pr_area_of(tps: np.ndarray, fps: np.ndarray) -> float:
 def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
     """ROC curve with OOD as positive: ``(fpr, tpr)`` over every distinct threshold."""
     id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
-    conf = np.r_[id_s, ood_s]
-    is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
-    tps, fps = _cumulative_counts(-conf, is_ood)
-    return np.r_[0.0, fps / id_s.size], np.r_[0.0, tps / ood_s.size]
+    ranked = _Ranked(id_s, ood_s)
+    return ranked.roc(ranked.unit)[:2]
 
 
 def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
@@ -180,15 +163,8 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
     # 95 (a percentage) would find no threshold and report fpr95 = 0
     level = check_fraction(recall_level, "recall_level")
     id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
-    fpr, tpr = roc_curve(id_s, ood_s)
-    conf = np.r_[id_s, ood_s]
-    is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)]
-    return {
-        "auroc": trapezoid(tpr, fpr),
-        "fpr95": float(fpr[np.argmax(tpr >= level)]),
-        "aupr_in": _pr_area(conf, ~is_ood),
-        "aupr_out": _pr_area(-conf, is_ood),
-    }
+    ranked = _Ranked(id_s, ood_s)
+    return ranked.metrics(ranked.unit, level)
 
 
 def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
@@ -274,11 +250,11 @@ def _bootstrap(pairs: list[tuple[Any, Any]], n_boot: int, level: float, seed: in
 
 
 class _Ranked:
-    """ID and OOD scores sorted once, for :func:`ood_metrics` of resamples given as counts
-    per sample: a resample holds the same distinct values with other multiplicities, so its
-    curves are the weighted cumulative counts at the ends of the runs of equal scores (runs
-    it leaves empty dropped), with no sort per resample. Equal, bit for bit, to
-    :func:`ood_metrics` of the resampled arrays (tested)."""
+    """ID and OOD scores sorted once; the metrics of the set, or of a resample of it given as
+    counts per sample (a resample holds the same distinct values with other multiplicities, so
+    its curves are the weighted cumulative counts at the ends of the runs of equal scores, the
+    runs it leaves empty dropped), with no sort per resample. The resample's metrics equal,
+    bit for bit, :func:`ood_metrics` of the resampled arrays (tested)."""
 
     def __init__(self, id_s: np.ndarray, ood_s: np.ndarray) -> None:
         conf = np.r_[id_s, ood_s]
@@ -287,24 +263,34 @@ class _Ranked:
         self.is_ood = np.r_[np.zeros(id_s.size, bool), np.ones(ood_s.size, bool)][self.order]
         self.ends_up = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
         self.ends_down = np.r_[np.flatnonzero(np.diff(s[::-1])), s.size - 1]
+        self.unit = np.ones(conf.size)  # every sample once: the set itself
 
     @staticmethod
     def _counts(w: np.ndarray, positive: np.ndarray, ends: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
+        """True and false positives at each distinct threshold present, walking ``ends``."""
         tps = np.cumsum(w * positive)[ends]
         total = np.cumsum(w)[ends]
         present = np.diff(np.r_[0.0, total]) > 0
         return tps[present], (total - tps)[present]
 
+    def roc(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(fpr, tpr, tps, fps)``: the ROC curve (OOD positive, lowest scores first) of the
+        resample holding ``counts[i]`` copies of sample i (ID samples first, then OOD, as
+        given), and the counts it comes from."""
+        return self._roc(counts[self.order])
+
+    def _roc(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        tps, fps = self._counts(w, self.is_ood, self.ends_up)
+        return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], tps, fps
+
     def metrics(self, counts: np.ndarray, recall_level: float) -> dict[str, float]:
-        """:func:`ood_metrics` of the resample holding ``counts[i]`` copies of sample i (ID
-        samples first, then OOD, as given)."""
+        """:func:`ood_metrics` of the resample holding ``counts[i]`` copies of sample i."""
         w = counts[self.order]
-        tps, fps = self._counts(w, self.is_ood, self.ends_up)  # OOD positive, lowest first
-        fpr, tpr = np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+        fpr, tpr, tps, fps = self._roc(w)
         return {
             "auroc": trapezoid(tpr, fpr),
             "fpr95": float(fpr[np.argmax(tpr >= recall_level)]),
-            "aupr_in": _pr_area_of(*self._counts(w[::-1], ~self.is_ood[::-1], self.ends_down)),
-            "aupr_out": _pr_area_of(tps, fps),
+            "aupr_in": _pr_area(*self._counts(w[::-1], ~self.is_ood[::-1], self.ends_down)),
+            "aupr_out": _pr_area(tps, fps),
         }
