@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from grood import __version__
 from grood._checks import fraction_arg, positive_int_arg, prefixed_errors
 from grood.errors import DetectorFileError, MissingExtraError
+from grood.metrics import MIN_RESAMPLES
 
 EPILOG_FILES = (
     "Feature files: .npy (a 2-D features array), .npz / .pt / .safetensors holding "
@@ -340,9 +341,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _require_files({"training feature file": args.train})
     if args.knn_k is not None and "knn" not in args.baselines:
         raise ValueError("--knn-k is read only by --baselines knn")
-    if args.bootstrap is not None and args.bootstrap < 100:
+    if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
-                         "100 resamples (1000 is usual)")
+                         f"{MIN_RESAMPLES} resamples (1000 is usual)")
     real = [os.path.realpath(p) for p in args.ood]
     repeated = [p for i, p in enumerate(args.ood) if real[i] in real[:i]]
     if repeated:  # one row and one metrics entry per set
@@ -381,7 +382,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             data = load_features(path)
             ood_scores = np.asarray(det.score_samples(data.features))
             ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
-        m: dict[str, Any] = _set_metrics(id_scores, ood_scores, args.bootstrap)
+        m, resampled = _set_metrics(id_scores, ood_scores, args.bootstrap)
         # the sample counts the metrics came from, as the table's n column
         results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores), **m}
         m = results[str(path)]
@@ -396,13 +397,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if baselines:
             m["baselines"] = {}
         for j, (name, scores) in enumerate(ood_base.items()):
-            bm = m["baselines"][name] = _set_metrics(id_base[name], scores, args.bootstrap)
+            bm, base_resampled = _set_metrics(id_base[name], scores, args.bootstrap)
+            m["baselines"][name] = bm
             base_sets[name][str(path)] = scores
             rows.append(["", "", name, *_metric_cells(bm),
                          *([""] if threshold is not None else [])])
-            if args.bootstrap is not None:  # is GROOD better on these samples?
-                diff_rows.append(_difference_row(str(path) if j == 0 else "", name, m, bm, (
-                    id_scores, ood_scores), (id_base[name], scores), args.bootstrap))
+            if resampled is not None and base_resampled is not None:  # is GROOD better here?
+                diff_rows.append(_difference_row(str(path) if j == 0 else "", name, m, bm,
+                                                 resampled, base_resampled))
     if len(results) > 1:
         rows += _mean_rows(results, list(baselines), threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
@@ -440,17 +442,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_metrics(id_scores: Any, ood_scores: Any, n_boot: int | None) -> dict[str, Any]:
+def _set_metrics(id_scores: Any, ood_scores: Any, n_boot: int | None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One method's metrics on one OOD set, with ``n_boot`` resamples their 95 % bootstrap
-    intervals under ``ci95`` (:func:`grood.metrics.bootstrap_metrics`)."""
-    from grood.metrics import bootstrap_metrics, ood_metrics
+    intervals under ``ci95``; and the resampled metrics (None without ``n_boot``), which pair
+    with another method's on the same samples (:func:`grood.metrics.resampled_metrics`)."""
+    from grood.metrics import ood_metrics, percentile_intervals, resampled_metrics
 
     m: dict[str, Any] = ood_metrics(id_scores, ood_scores)
-    if n_boot is not None:
-        m["ci95"] = {k: list(v) for k, v in
-                     bootstrap_metrics(id_scores, ood_scores, n_boot=n_boot,
-                                       progress=None).items()}
-    return m
+    if n_boot is None:
+        return m, None
+    resampled = resampled_metrics(id_scores, ood_scores, n_boot=n_boot, progress=None)
+    m["ci95"] = {k: list(v) for k, v in percentile_intervals(resampled).items()}
+    return m, resampled
 
 
 def _metric_cells(m: dict[str, Any]) -> list[Any]:
@@ -465,14 +469,16 @@ def _metric_cells(m: dict[str, Any]) -> list[Any]:
 
 
 def _difference_row(label: str, name: str, grood_m: dict[str, Any], base_m: dict[str, Any],
-                    grood: tuple[Any, Any], base: tuple[Any, Any], n_boot: int) -> list[str]:
+                    grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
+                    ) -> list[str]:
     """``grood eval --bootstrap --baselines``: a row of GROOD's metrics minus one baseline's on
-    one OOD set, each with its paired bootstrap interval, kept in the baseline's JSON entry
-    (``grood_minus_ci95``)."""
-    from grood.metrics import bootstrap_difference
+    one OOD set, each with its paired bootstrap interval (the two methods' resamples, drawn
+    alike), kept in the baseline's JSON entry (``grood_minus_ci95``)."""
+    from grood.metrics import percentile_intervals
     from grood.report import METRIC_LABELS
 
-    ci = bootstrap_difference(grood, base, n_boot=n_boot, progress=None)
+    ci = percentile_intervals({k: grood_resampled[k] - base_resampled[k]
+                               for k in grood_resampled})
     base_m["grood_minus_ci95"] = {k: list(v) for k, v in ci.items()}
     return [label, name, *(f"{100 * (grood_m[k] - base_m[k]):+.2f} "
                            f"({100 * ci[k][0]:+.2f} to {100 * ci[k][1]:+.2f})"

@@ -20,7 +20,8 @@ Beside them: :func:`threshold_at_tpr` (a decision threshold on held-out ID score
 :func:`threshold_acceptance` (what such a threshold accepts of new ID samples, by the size of
 its calibration set), and the percentile-bootstrap intervals of the metrics for one method
 (:func:`bootstrap_metrics`) and of the difference between two on the same samples
-(:func:`bootstrap_difference`).
+(:func:`bootstrap_difference`), both from the metrics of each resample
+(:func:`resampled_metrics`) and their percentiles (:func:`percentile_intervals`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, recall_level: float = 0.95
     return ranked.metrics(ranked.unit, level)
 
 
+#: Fewest resamples a percentile-bootstrap interval is placed from.
+MIN_RESAMPLES = 100
+
+
 def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
                       level: float = 0.95, seed: int = 0, recall_level: float = 0.95,
                       progress: bool | None = False) -> dict[str, tuple[float, float]]:
@@ -192,7 +197,10 @@ def bootstrap_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000,
     Returns:
         dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``, each ``(low, high)``.
     """
-    return _bootstrap([(id_scores, ood_scores)], n_boot, level, seed, recall_level, progress)
+    _check_coverage(level)  # before the resampling's work
+    return percentile_intervals(resampled_metrics(
+        id_scores, ood_scores, n_boot=n_boot, seed=seed, recall_level=recall_level,
+        progress=progress), level)
 
 
 def bootstrap_difference(a: tuple[Any, Any], b: tuple[Any, Any], *, n_boot: int = 1000,
@@ -210,43 +218,65 @@ def bootstrap_difference(a: tuple[Any, Any], b: tuple[Any, Any], *, n_boot: int 
         dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``, each ``(low, high)`` of the
         difference.
     """
-    return _bootstrap([a, b], n_boot, level, seed, recall_level, progress)
+    _check_coverage(level)
+    sizes = [tuple(_as_scores(s, name).size for s, name in zip(pair, ("id_scores", "ood_scores"),
+                                                                  strict=True))
+             for pair in (a, b)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the two methods scored different samples: {sizes[0][0]} ID and "
+                         f"{sizes[0][1]} OOD scores against {sizes[1][0]} and {sizes[1][1]}; "
+                         "the paired bootstrap needs each method's scores of the same rows")
+    ra, rb = (resampled_metrics(*pair, n_boot=n_boot, seed=seed, recall_level=recall_level,
+                                progress=progress) for pair in (a, b))
+    return percentile_intervals({key: ra[key] - rb[key] for key in ra}, level)
 
 
-def _bootstrap(pairs: list[tuple[Any, Any]], n_boot: int, level: float, seed: int,
-               recall_level: float, progress: bool | None) -> dict[str, tuple[float, float]]:
-    """Intervals of one method's metrics (one pair) or of the first's minus the second's."""
+def resampled_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000, seed: int = 0,
+                      recall_level: float = 0.95, progress: bool | None = False
+                      ) -> dict[str, np.ndarray]:
+    """Each metric of :func:`ood_metrics` over ``n_boot`` bootstrap resamples (as
+    :func:`bootstrap_metrics` draws them), by metric, [n_boot] each. The draws depend only on
+    ``seed`` and the two set sizes, so two methods' scores of the same samples resampled with
+    the same seed are paired, resample by resample (their difference is
+    :func:`bootstrap_difference`'s); :func:`percentile_intervals` turns them into intervals."""
     from grood._progress import progress as progress_bar
 
     n_boot = check_positive_int(n_boot, "n_boot")
-    if n_boot < 100:
+    if n_boot < MIN_RESAMPLES:
         raise ValueError(f"n_boot={n_boot} resamples cannot place a percentile interval's "
-                         "ends; use at least 100 (1,000 is usual)")
-    coverage = check_fraction(level, "level")
-    if coverage == 1:
-        raise ValueError("level=1 asks for an interval holding every resample; give a "
-                         "coverage below 1 (e.g. 0.95)")
+                         f"ends; use at least {MIN_RESAMPLES} (1,000 is usual)")
     seed = check_integer(seed, "seed")
     check_fraction(recall_level, "recall_level")
-    checked = [(_as_scores(i, "id_scores"), _as_scores(o, "ood_scores")) for i, o in pairs]
-    (n_id, n_ood), *others = [(i.size, o.size) for i, o in checked]
-    if any(sizes != (n_id, n_ood) for sizes in others):
-        raise ValueError(f"the two methods scored different samples: {n_id} ID and {n_ood} "
-                         f"OOD scores against {others[0][0]} and {others[0][1]}; the paired "
-                         "bootstrap needs each method's scores of the same rows")
-    ranked = [_Ranked(i, o) for i, o in checked]
+    id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    n_id, n_ood = id_s.size, ood_s.size
+    ranked = _Ranked(id_s, ood_s)
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {}
     for _ in progress_bar(range(n_boot), desc="bootstrap", unit="resample", enabled=progress):
         counts = np.r_[np.bincount(rng.integers(0, n_id, n_id), minlength=n_id),
                        np.bincount(rng.integers(0, n_ood, n_ood), minlength=n_ood)
                        ].astype(np.float64)
-        first, *rest = (r.metrics(counts, recall_level) for r in ranked)
-        for key, value in first.items():
-            values.setdefault(key, []).append(value - rest[0][key] if rest else value)
-    tail = (1 - coverage) / 2
+        for key, value in ranked.metrics(counts, recall_level).items():
+            values.setdefault(key, []).append(value)
+    return {key: np.array(v) for key, v in values.items()}
+
+
+def percentile_intervals(values: dict[str, np.ndarray], level: float = 0.95
+                         ) -> dict[str, tuple[float, float]]:
+    """The central ``level`` of each metric's resampled values (:func:`resampled_metrics`,
+    or a difference of two methods' values): ``(low, high)`` by metric."""
+    tail = (1 - _check_coverage(level)) / 2
     return {key: (float(np.quantile(v, tail)), float(np.quantile(v, 1 - tail)))
             for key, v in values.items()}
+
+
+def _check_coverage(level: Any) -> float:
+    """An interval's coverage, a fraction in (0, 1)."""
+    coverage = check_fraction(level, "level")
+    if coverage == 1:
+        raise ValueError("level=1 asks for an interval holding every resample; give a "
+                         "coverage below 1 (e.g. 0.95)")
+    return coverage
 
 
 class _Ranked:
