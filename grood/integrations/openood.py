@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grood._checks import is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
 from grood.extract import FeatureExtractor, split_batch
@@ -103,7 +104,7 @@ def _config_args(config: Any) -> dict[str, Any]:
                          "training batch (the official postprocessor's sampling_ratio=1); "
                          "pass a loader over the share to use instead")
     rows = args.get("n_noise_samples", REFERENCE_VAL_ROWS)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+    if not is_count(rows):
         raise ValueError(f"postprocessor_args n_noise_samples must be a positive integer, "
                          f"got {rows!r}")
     return args
