@@ -326,6 +326,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.calibration import current_threshold
     from grood.io import load_features
+    from grood.metrics import ood_metrics
     from grood.persistence import save_target, written_atomically
     from grood.report import METRIC_LABELS, markdown_table
 
@@ -373,40 +374,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
                              "(one row per feature row)")
         id_base = _baseline_scores(baselines, id_inputs)
-    rows, results, diff_rows = [], {}, []
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
     base_sets = {name: {id_key: v} for name, v in id_base.items()}
+    results: dict[str, dict[str, Any]] = {}
     for path in args.ood:
         with prefixed_errors(path):
             data = load_features(path)
             ood_scores = np.asarray(det.score_samples(data.features))
             ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
-        m, resampled = _set_metrics(id_scores, ood_scores, args.bootstrap)
-        # the sample counts the metrics came from, as the table's n column
-        results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores), **m}
-        m = results[str(path)]
-        sets[str(path)] = ood_scores
         # The path as given: two sets in different folders may share a file name.
-        method = ["GROOD"] if baselines else []
-        row = [str(path), len(ood_scores), *method, *_metric_cells(m)]
+        sets[str(path)] = ood_scores
+        # the sample counts the metrics came from, as the table's n column
+        m = results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores),
+                                  **ood_metrics(id_scores, ood_scores)}
         if threshold is not None:  # the fraction the detector's threshold flags
             m["flagged"] = float(np.mean(ood_scores < threshold))
-            row.append(m["flagged"])
-        rows.append(row)
         if baselines:
             m["baselines"] = {}
-        for j, (name, scores) in enumerate(ood_base.items()):
-            bm, base_resampled = _set_metrics(id_base[name], scores, args.bootstrap)
-            m["baselines"][name] = bm
+        for name, scores in ood_base.items():
+            m["baselines"][name] = ood_metrics(id_base[name], scores)
             base_sets[name][str(path)] = scores
-            rows.append(["", "", name, *_metric_cells(bm),
-                         *([""] if threshold is not None else [])])
-            if resampled is not None and base_resampled is not None:  # is GROOD better here?
-                diff_rows.append(_difference_row(str(path) if j == 0 else "", name, m, bm,
-                                                 resampled, base_resampled))
-    if len(results) > 1:
-        rows += _mean_rows(results, list(baselines), threshold is not None)
+    scores = {"GROOD": sets, **base_sets}
+    rows, diff_rows = _eval_rows(results, scores, id_key, args.bootstrap,
+                                 flagged=threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
@@ -433,7 +424,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if plots is not None:
         from grood.report import plot_histograms, plot_roc
 
-        scores = {"GROOD": sets, **base_sets}
         marks = None if threshold is None else {"GROOD": (threshold,
                                                           det.calibration_["tpr"])}
         written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0], marks),
@@ -442,19 +432,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_metrics(id_scores: Any, ood_scores: Any, n_boot: int | None
-                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """One method's metrics on one OOD set, with ``n_boot`` resamples their 95 % bootstrap
-    intervals under ``ci95``; and the resampled metrics (None without ``n_boot``), which pair
-    with another method's on the same samples (:func:`grood.metrics.resampled_metrics`)."""
-    from grood.metrics import ood_metrics, percentile_intervals, resampled_metrics
+def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
+               id_key: str, n_boot: int | None, *, flagged: bool
+               ) -> tuple[list[list[Any]], list[list[str]]]:
+    """``grood eval``'s table rows and, with ``n_boot`` resamples and baselines, the rows of
+    GROOD minus each baseline with its paired interval; the intervals go into ``results`` too
+    (``ci95``, a baseline's ``grood_minus_ci95``).
 
-    m: dict[str, Any] = ood_metrics(id_scores, ood_scores)
-    if n_boot is None:
-        return m, None
-    resampled = resampled_metrics(id_scores, ood_scores, n_boot=n_boot, progress=None)
-    m["ci95"] = {k: list(v) for k, v in percentile_intervals(resampled).items()}
-    return m, resampled
+    ``results`` holds each OOD set's metrics (GROOD's, each baseline's under ``baselines``);
+    ``scores`` each method's scores by set (GROOD first), the ID set's under ``id_key``. A row
+    per method under each set, then, under several sets, each method's metrics averaged over
+    them, unweighted, as OpenOOD summarises them. Each method is resampled once for every set
+    together (:func:`grood.metrics.resampled_set_metrics`, the ID set drawn once per resample
+    for all), so the mean's interval holds the ID set's shared error, and two methods'
+    resamples, drawn alike, pair."""
+    from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
+    from grood.report import METRIC_LABELS
+
+    paths, methods = list(results), list(scores)
+    baselines = methods[1:]
+    mean_key = "" if len(paths) > 1 else None  # no file's path is empty
+
+    def metrics_of(name: str, key: str) -> dict[str, Any]:
+        return results[key] if name == "GROOD" else results[key]["baselines"][name]
+
+    point = {name: {key: metrics_of(name, key) for key in paths} for name in methods}
+    if mean_key is not None:
+        for per_set in point.values():
+            per_set[mean_key] = {k: sum(m[k] for m in per_set.values()) / len(paths)
+                                 for k in (*METRIC_LABELS, "flagged")
+                                 if k in per_set[paths[0]]}
+    resampled: dict[str, dict[str, Any]] = {}
+    if n_boot is not None:
+        for name in methods:
+            per = resampled_set_metrics(scores[name][id_key], [scores[name][k] for k in paths],
+                                        n_boot=n_boot, progress=None)
+            resampled[name] = dict(zip(paths, per, strict=True))
+            if mean_key is not None:
+                resampled[name][mean_key] = mean_of_sets(per)
+            for key, values in resampled[name].items():
+                point[name][key]["ci95"] = {k: list(v) for k, v in
+                                            percentile_intervals(values).items()}
+    rows: list[list[Any]] = []
+    diff_rows: list[list[str]] = []
+    for key in point["GROOD"]:
+        label = key or f"mean of {len(paths)} sets"
+        for i, name in enumerate(methods):
+            m = point[name][key]
+            row = [label, m.get("n_ood", "")] if i == 0 else ["", ""]
+            row += [*([name] if baselines else []), *_metric_cells(m)]
+            if flagged:
+                row.append(m["flagged"] if i == 0 else "")
+            rows.append(row)
+        for j, name in enumerate(baselines if resampled else []):  # is GROOD better here?
+            diff_rows.append(_difference_row(label if j == 0 else "", name, point["GROOD"][key],
+                                             point[name][key], resampled["GROOD"][key],
+                                             resampled[name][key]))
+    return rows, diff_rows
 
 
 def _metric_cells(m: dict[str, Any]) -> list[Any]:
@@ -472,8 +506,9 @@ def _difference_row(label: str, name: str, grood_m: dict[str, Any], base_m: dict
                     grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
                     ) -> list[str]:
     """``grood eval --bootstrap --baselines``: a row of GROOD's metrics minus one baseline's on
-    one OOD set, each with its paired bootstrap interval (the two methods' resamples, drawn
-    alike), kept in the baseline's JSON entry (``grood_minus_ci95``)."""
+    one OOD set (or their mean over the sets), each with its paired bootstrap interval (the
+    two methods' resamples, drawn alike), kept in the baseline's entry
+    (``grood_minus_ci95``)."""
     from grood.metrics import percentile_intervals
     from grood.report import METRIC_LABELS
 
@@ -483,25 +518,6 @@ def _difference_row(label: str, name: str, grood_m: dict[str, Any], base_m: dict
     return [label, name, *(f"{100 * (grood_m[k] - base_m[k]):+.2f} "
                            f"({100 * ci[k][0]:+.2f} to {100 * ci[k][1]:+.2f})"
                            for k in METRIC_LABELS)]
-
-
-def _mean_rows(results: dict[str, dict[str, Any]], baselines: list[str], flagged: bool
-               ) -> list[list[Any]]:
-    """``grood eval``'s last rows under several OOD sets, as OpenOOD summarises them: each
-    method's metrics (and GROOD's flagged fraction) averaged over the sets, unweighted."""
-    from grood.report import METRIC_LABELS
-
-    per_set = list(results.values())
-    rows = []
-    for i, name in enumerate(["GROOD", *baselines]):
-        metrics = [r if i == 0 else r["baselines"][name] for r in per_set]
-        row = [f"mean of {len(per_set)} sets" if i == 0 else "", "",
-               *([name] if baselines else []),
-               *(sum(m[k] for m in metrics) / len(metrics) for k in METRIC_LABELS)]
-        if flagged:
-            row.append(sum(m["flagged"] for m in metrics) / len(metrics) if i == 0 else "")
-        rows.append(row)
-    return rows
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

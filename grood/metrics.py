@@ -20,8 +20,9 @@ Beside them: :func:`threshold_at_tpr` (a decision threshold on held-out ID score
 :func:`threshold_acceptance` (what such a threshold accepts of new ID samples, by the size of
 its calibration set), and the percentile-bootstrap intervals of the metrics for one method
 (:func:`bootstrap_metrics`) and of the difference between two on the same samples
-(:func:`bootstrap_difference`), both from the metrics of each resample
-(:func:`resampled_metrics`) and their percentiles (:func:`percentile_intervals`).
+(:func:`bootstrap_difference`), and of a metric's mean over several OOD sets
+(:func:`bootstrap_mean_metrics`), from the metrics of each resample (:func:`resampled_metrics`,
+:func:`resampled_set_metrics`) and their percentiles (:func:`percentile_intervals`).
 """
 
 from __future__ import annotations
@@ -239,6 +240,24 @@ def resampled_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000, se
     ``seed`` and the two set sizes, so two methods' scores of the same samples resampled with
     the same seed are paired, resample by resample (their difference is
     :func:`bootstrap_difference`'s); :func:`percentile_intervals` turns them into intervals."""
+    return resampled_set_metrics(id_scores, [ood_scores], n_boot=n_boot, seed=seed,
+                                 recall_level=recall_level, progress=progress)[0]
+
+
+def resampled_set_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...], *,
+                          n_boot: int = 1000, seed: int = 0, recall_level: float = 0.95,
+                          progress: bool | None = False) -> list[dict[str, np.ndarray]]:
+    """:func:`resampled_metrics` of one ID set against each of several OOD sets, with the ID
+    set resampled once per resample for all of them (the sets share it, so its sampling error
+    moves every set's metrics together, as it does the mean over the sets). Each resample
+    draws the ID scores, then each OOD set in the order given, from a generator seeded with
+    ``seed``: with one set, the draws of :func:`resampled_metrics`; with several, each set's
+    resamples follow the same distribution as alone but are other draws. The draws depend
+    only on ``seed`` and the sizes, so two methods' resamples of the same sets pair up.
+
+    Returns:
+        list: per OOD set, each metric's [n_boot] values by metric.
+    """
     from grood._progress import progress as progress_bar
 
     n_boot = check_positive_int(n_boot, "n_boot")
@@ -247,18 +266,55 @@ def resampled_metrics(id_scores: Any, ood_scores: Any, *, n_boot: int = 1000, se
                          f"ends; use at least {MIN_RESAMPLES} (1,000 is usual)")
     seed = check_integer(seed, "seed")
     check_fraction(recall_level, "recall_level")
-    id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
-    n_id, n_ood = id_s.size, ood_s.size
-    ranked = _Ranked(id_s, ood_s)
+    if not isinstance(ood_sets, (list, tuple)):
+        raise TypeError("ood_sets is a list of OOD score arrays, one per set; got "
+                        f"{type(ood_sets).__name__} (one set's scores go in a list of one)")
+    if not ood_sets:
+        raise ValueError("ood_sets is empty: give at least one set of OOD scores")
+    id_s = _as_scores(id_scores, "id_scores")
+    name = "ood_scores" if len(ood_sets) == 1 else "ood_sets[{}]"
+    oods = [_as_scores(s, name.format(j)) for j, s in enumerate(ood_sets)]
+    ranked = [_Ranked(id_s, ood_s) for ood_s in oods]
     rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {}
+    values: list[dict[str, list[float]]] = [{} for _ in oods]
     for _ in progress_bar(range(n_boot), desc="bootstrap", unit="resample", enabled=progress):
-        counts = np.r_[np.bincount(rng.integers(0, n_id, n_id), minlength=n_id),
-                       np.bincount(rng.integers(0, n_ood, n_ood), minlength=n_ood)
-                       ].astype(np.float64)
-        for key, value in ranked.metrics(counts, recall_level).items():
-            values.setdefault(key, []).append(value)
-    return {key: np.array(v) for key, v in values.items()}
+        id_counts = np.bincount(rng.integers(0, id_s.size, id_s.size), minlength=id_s.size)
+        for ood_s, rank, out in zip(oods, ranked, values, strict=True):
+            counts = np.r_[id_counts, np.bincount(rng.integers(0, ood_s.size, ood_s.size),
+                                                  minlength=ood_s.size)].astype(np.float64)
+            for key, value in rank.metrics(counts, recall_level).items():
+                out.setdefault(key, []).append(value)
+    return [{key: np.array(v) for key, v in out.items()} for out in values]
+
+
+def bootstrap_mean_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...], *,
+                           n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                           recall_level: float = 0.95, progress: bool | None = False
+                           ) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap intervals of each metric averaged over several OOD sets scored
+    against one ID set, unweighted (OpenOOD's near- and far-OOD summaries): the ID set is
+    resampled once per resample for every set (:func:`resampled_set_metrics`), since its
+    error is shared by them all, and each OOD set on its own. Arguments otherwise as
+    :func:`bootstrap_metrics`; with one set, its intervals.
+
+    Returns:
+        dict: ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``, each ``(low, high)`` of the
+        mean over the sets.
+    """
+    _check_coverage(level)
+    return percentile_intervals(mean_of_sets(resampled_set_metrics(
+        id_scores, ood_sets, n_boot=n_boot, seed=seed, recall_level=recall_level,
+        progress=progress)), level)
+
+
+def mean_of_sets(per_set: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each metric averaged over the sets, unweighted, resample by resample (of
+    :func:`resampled_set_metrics`' values)."""
+    mean = {key: np.zeros_like(v) for key, v in per_set[0].items()}
+    for values in per_set:
+        for key in mean:
+            mean[key] += values[key]
+    return {key: v / len(per_set) for key, v in mean.items()}
 
 
 def percentile_intervals(values: dict[str, np.ndarray], level: float = 0.95

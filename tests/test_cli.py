@@ -15,7 +15,14 @@ from conftest import clustered_features
 
 from grood import GROOD
 from grood.cli import build_parser, main
-from grood.metrics import bootstrap_difference, bootstrap_metrics
+from grood.metrics import (
+    bootstrap_difference,
+    bootstrap_mean_metrics,
+    bootstrap_metrics,
+    mean_of_sets,
+    percentile_intervals,
+    resampled_set_metrics,
+)
 
 
 @pytest.mark.slow
@@ -271,6 +278,55 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
                  str(tmp_path / "b.npz"), "--ood", str(again)]) == 2
     assert f"--ood names the same file more than once: {again}" in capsys.readouterr().err
+
+
+def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_path, capsys):
+    """--bootstrap under several OOD sets: each method is resampled once for all of them, the
+    ID set drawn once per resample (grood.metrics.resampled_set_metrics), so the mean row
+    carries the interval of the mean (bootstrap_mean_metrics) and, with --baselines, GROOD
+    minus each baseline on the mean too, paired."""
+    from grood import KNN
+
+    x, y = clustered_features(90, 3, 6, seed=5, spread=0.5, dtype=torch.float32)
+    noise = torch.randn(50, 6, generator=torch.Generator().manual_seed(2))
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    _write(tmp_path / "id.npz", features=x[60:])
+    _write(tmp_path / "near.npz", features=x[:25] + 1.5 * noise[:25])
+    _write(tmp_path / "far.npz", features=3 * noise[25:])
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    sets = [str(tmp_path / "near.npz"), str(tmp_path / "far.npz")]
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", *sets, "--bootstrap",
+                 "100", "--baselines", "knn", "--knn-k", "2", "--train",
+                 str(tmp_path / "train.npz"), "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    got = json.loads((tmp_path / "m.json").read_text())
+    grood_det, knn = GROOD.load(det), KNN(k=2).fit(x[:60].numpy())
+    ood = [x[:25] + 1.5 * noise[:25], 3 * noise[25:]]
+    grood_id, knn_id = (m.score_samples(x[60:].numpy()) for m in (grood_det, knn))
+    grood_ood, knn_ood = ([m.score_samples(v.numpy()) for v in ood] for m in (grood_det, knn))
+    per_grood = resampled_set_metrics(grood_id, grood_ood, n_boot=100)
+    per_knn = resampled_set_metrics(knn_id, knn_ood, n_boot=100)
+    for path, g, k in zip(sets, per_grood, per_knn, strict=True):
+        assert got[path]["ci95"] == {m: list(v) for m, v in percentile_intervals(g).items()}
+        assert got[path]["baselines"]["KNN (k=2)"]["ci95"] == {
+            m: list(v) for m, v in percentile_intervals(k).items()}
+    mean_ci = bootstrap_mean_metrics(grood_id, grood_ood, n_boot=100)
+    mean_auroc = (got[sets[0]]["auroc"] + got[sets[1]]["auroc"]) / 2
+    lo, hi = mean_ci["auroc"]
+    mean_row = [line for line in text.splitlines() if line.startswith("| mean of 2 sets ")]
+    assert len(mean_row) == 2  # the metrics' table and the differences'
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in mean_row]
+    assert cells[0][2:4] == ["GROOD", f"{100 * mean_auroc:.2f} ({100 * lo:.2f}–{100 * hi:.2f})"]
+    diff = percentile_intervals({m: mean_of_sets(per_grood)[m] - mean_of_sets(per_knn)[m]
+                                 for m in per_grood[0]})
+    knn_mean = (got[sets[0]]["baselines"]["KNN (k=2)"]["auroc"]
+                + got[sets[1]]["baselines"]["KNN (k=2)"]["auroc"]) / 2
+    lo, hi = diff["auroc"]
+    assert cells[1][1:3] == ["KNN (k=2)", f"{100 * (mean_auroc - knn_mean):+.2f} "
+                                          f"({100 * lo:+.2f} to {100 * hi:+.2f})"]
+    assert sorted(got) == sorted(sets)  # the JSON stays by OOD file
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
