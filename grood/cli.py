@@ -396,8 +396,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             m["baselines"][name] = ood_metrics(id_base[name], scores)
             base_sets[name][str(path)] = scores
     scores = {"GROOD": sets, **base_sets}
-    rows, diff_rows = _eval_rows(results, scores, id_key, args.bootstrap,
-                                 flagged=threshold is not None)
+    rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap,
+                                              flagged=threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
         acc = float(np.mean(id_pred == labels))
@@ -422,22 +422,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
     if plots is not None:
-        from grood.report import plot_histograms, plot_roc
+        from grood.report import plot_differences, plot_histograms, plot_roc
 
         marks = None if threshold is None else {"GROOD": (threshold,
                                                           det.calibration_["tpr"])}
         written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0], marks),
                    plot_histograms(scores, plots[1], marks)]
-        print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)")
+        if differences:
+            differences_png = plot_differences(differences, plots[2])
+        print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)"
+              + (f", and {differences_png} (GROOD minus each baseline)" if differences
+                 else ""))
     return 0
 
 
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
                id_key: str, n_boot: int | None, *, flagged: bool
-               ) -> tuple[list[list[Any]], list[list[str]]]:
+               ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
     """``grood eval``'s table rows and, with ``n_boot`` resamples and baselines, the rows of
-    GROOD minus each baseline with its paired interval; the intervals go into ``results`` too
-    (``ci95``, a baseline's ``grood_minus_ci95``).
+    GROOD minus each baseline with its paired interval and those differences by row label
+    and baseline (``(difference, low, high)`` by metric, for
+    :func:`grood.report.plot_differences`); the intervals go into ``results`` too (``ci95``,
+    a baseline's ``grood_minus_ci95``).
 
     ``results`` holds each OOD set's metrics (GROOD's, each baseline's under ``baselines``);
     ``scores`` each method's scores by set (GROOD first), the ID set's under ``id_key``. A row
@@ -475,6 +481,7 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
                                             percentile_intervals(values).items()}
     rows: list[list[Any]] = []
     diff_rows: list[list[str]] = []
+    differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
     for key in point["GROOD"]:
         label = key or f"mean of {len(paths)} sets"
         for i, name in enumerate(methods):
@@ -485,10 +492,13 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
                 row.append(m["flagged"] if i == 0 else "")
             rows.append(row)
         for j, name in enumerate(baselines if resampled else []):  # is GROOD better here?
-            diff_rows.append(_difference_row(label if j == 0 else "", name, point["GROOD"][key],
-                                             point[name][key], resampled["GROOD"][key],
-                                             resampled[name][key]))
-    return rows, diff_rows
+            d = differences.setdefault(label, {})[name] = _difference(
+                point["GROOD"][key], point[name][key], resampled["GROOD"][key],
+                resampled[name][key])
+            diff_rows.append([label if j == 0 else "", name,
+                              *(f"{100 * v:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f})"
+                                for v, lo, hi in d.values())])
+    return rows, diff_rows, differences
 
 
 def _metric_cells(m: dict[str, Any]) -> list[Any]:
@@ -502,22 +512,20 @@ def _metric_cells(m: dict[str, Any]) -> list[Any]:
             for k in METRIC_LABELS]
 
 
-def _difference_row(label: str, name: str, grood_m: dict[str, Any], base_m: dict[str, Any],
-                    grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
-                    ) -> list[str]:
-    """``grood eval --bootstrap --baselines``: a row of GROOD's metrics minus one baseline's on
-    one OOD set (or their mean over the sets), each with its paired bootstrap interval (the
-    two methods' resamples, drawn alike), kept in the baseline's entry
-    (``grood_minus_ci95``)."""
+def _difference(grood_m: dict[str, Any], base_m: dict[str, Any],
+                grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
+                ) -> dict[str, tuple[float, float, float]]:
+    """``grood eval --bootstrap --baselines``: GROOD's metrics minus one baseline's on one OOD
+    set (or their mean over the sets), each with its paired bootstrap interval (the two
+    methods' resamples, drawn alike), ``(difference, low, high)`` by metric; the interval
+    kept in the baseline's entry (``grood_minus_ci95``)."""
     from grood.metrics import percentile_intervals
     from grood.report import METRIC_LABELS
 
     ci = percentile_intervals({k: grood_resampled[k] - base_resampled[k]
                                for k in grood_resampled})
     base_m["grood_minus_ci95"] = {k: list(v) for k, v in ci.items()}
-    return [label, name, *(f"{100 * (grood_m[k] - base_m[k]):+.2f} "
-                           f"({100 * ci[k][0]:+.2f} to {100 * ci[k][1]:+.2f})"
-                           for k in METRIC_LABELS)]
+    return {k: (grood_m[k] - base_m[k], *ci[k]) for k in METRIC_LABELS}
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
@@ -593,9 +601,10 @@ def _baseline_scores(baselines: dict[str, tuple[str, Any]], inputs: _BaselineInp
             for name, (key, est) in baselines.items()}
 
 
-def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
-    """``grood eval --plots``: the two PNG files in ``folder`` (made if missing), checked, and
-    matplotlib imported, before any scoring."""
+def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path, Path]:
+    """``grood eval --plots``: its PNG files in ``folder`` (made if missing), checked, and
+    matplotlib imported, before any scoring (the third, the differences against baselines,
+    is drawn with --bootstrap and --baselines)."""
     from grood.persistence import save_target
     from grood.report import figure_class
 
@@ -604,9 +613,9 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--plots takes a folder; {folder} is a file")
     out.mkdir(parents=True, exist_ok=True)
-    return (save_target(out / "roc.png", suffixes=(".png",), what="plots", inputs=inputs),
-            save_target(out / "histograms.png", suffixes=(".png",), what="plots",
-                        inputs=inputs))
+    png = [save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)
+           for name in ("roc.png", "histograms.png", "differences.png")]
+    return png[0], png[1], png[2]
 
 
 def feature_sources() -> list[str]:

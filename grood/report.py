@@ -1,5 +1,5 @@
-"""Tables and pictures of OOD results: a Markdown table, ROC curves, score histograms, samples
-beside their nearest training samples."""
+"""Tables and pictures of OOD results: a Markdown table, ROC curves, score histograms, paired
+differences against baselines, samples beside their nearest training samples."""
 
 from __future__ import annotations
 
@@ -84,10 +84,11 @@ def figure_class() -> Any:
     return Figure
 
 
-def _grid(figure: Any, panels: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
-    """A ``figure`` (the class) of ``panels`` panels, three to a row; returns it and the used
-    axes (the unused ones are hidden)."""
-    cols = min(3, panels)
+def _grid(figure: Any, panels: int, size: tuple[float, float], per_row: int = 3
+          ) -> tuple[Any, list[Any]]:
+    """A ``figure`` (the class) of ``panels`` panels, ``per_row`` to a row; returns it and the
+    used axes (the unused ones are hidden)."""
+    cols = min(per_row, panels)
     rows = -(-panels // cols)
     fig = figure(figsize=(size[0] * cols, size[1] * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -239,6 +240,73 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
             ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path, bbox_inches="tight")  # with a legend beside the last panel
+
+
+def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+                     path: str | os.PathLike, *, method: str = "GROOD") -> Path:
+    """``method``'s metrics minus each baseline's with their paired intervals, as a forest
+    plot: a panel per metric, a row per OOD set (top to bottom as given), per baseline a
+    marker at the difference and a bar over its interval, and a line at 0 (an interval that
+    crosses it does not resolve the two methods).
+
+    Args:
+        differences: ``differences[set][baseline][metric] = (difference, low, high)``, as
+            fractions (``grood eval --bootstrap --baselines`` gives them with
+            :func:`grood.metrics.bootstrap_difference`'s intervals); every set with the same
+            baselines and metrics, metrics among ``auroc``, ``fpr95``, ``aupr_in``,
+            ``aupr_out``.
+        path: the PNG file to write.
+        method: the method the baselines are subtracted from, for the axis labels.
+    """
+    figure = figure_class()  # a missing extra is named before any check
+    sets = list(differences)
+    if not sets:
+        raise ValueError("no differences to plot: differences is empty")
+    baselines = list(differences[sets[0]])
+    metrics = list(differences[sets[0]][baselines[0]]) if baselines else []
+    if not baselines or not metrics:
+        raise ValueError(f"differences[{sets[0]!r}] holds no baseline's metrics")
+    unknown = [m for m in metrics if m not in METRIC_LABELS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; differences are of "
+                         f"{', '.join(METRIC_LABELS)}")
+    values = np.full((len(sets), len(baselines), len(metrics), 3), np.nan)
+    for i, name in enumerate(sets):
+        if list(differences[name]) != baselines:
+            raise ValueError(f"differences[{name!r}] has baselines {list(differences[name])}, "
+                             f"differences[{sets[0]!r}] {baselines}: every set needs the same")
+        for j, base in enumerate(baselines):
+            entry = differences[name][base]
+            if list(entry) != metrics:
+                raise ValueError(f"differences[{name!r}][{base!r}] has metrics {list(entry)}, "
+                                 f"expected {metrics}")
+            for m, metric in enumerate(metrics):
+                v = np.asarray(entry[metric], dtype=np.float64)
+                if v.shape != (3,) or not np.isfinite(v).all() or v[1] > v[2]:
+                    raise ValueError(f"differences[{name!r}][{base!r}][{metric!r}] must be "
+                                     "finite (difference, low, high) with low <= high, got "
+                                     f"{entry[metric]!r}")
+                values[i, j, m] = v
+    fig, axes = _grid(figure, len(metrics), (5.2, 0.9 + 0.45 * len(sets) * len(baselines)),
+                      per_row=2)
+    colors = _colors(len(baselines) + 1)[1:]  # the baselines' colours in plot_roc
+    step = 0.8 / len(baselines)
+    for m, (ax, metric) in enumerate(zip(axes, metrics, strict=True)):
+        for j, (color, base) in enumerate(zip(colors, baselines, strict=True)):
+            y = -np.arange(len(sets)) - (j - (len(baselines) - 1) / 2) * step
+            d, lo, hi = (100 * values[:, j, m, c] for c in range(3))
+            ax.hlines(y, lo, hi, color=color, lw=1.8)
+            ax.plot(d, y, "o", color=color, ms=5, label=base)
+        ax.axvline(0, color="0.3", lw=0.9, ls="--")
+        better = "below" if metric == "fpr95" else "above"
+        ax.set(yticks=-np.arange(len(sets)), yticklabels=sets, ylim=(-len(sets) + 0.5, 0.5),
+               xlabel=f"{method} minus baseline, points ({better} 0: {method} better)",
+               title=METRIC_LABELS[metric])
+    fig.tight_layout()
+    # One legend for all panels, above them (in a panel it would cover the bars).
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(baselines),
+               bbox_to_anchor=(0.5, 1.0), fontsize=9, title="baseline", title_fontsize=9)
+    return _save(fig, path, bbox_inches="tight")  # the legend and long set names included
 
 
 def _log_histograms(ax: Any, by_set: Mapping[str, np.ndarray]) -> None:

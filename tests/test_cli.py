@@ -152,6 +152,7 @@ def test_eval_draws_roc_curves_and_histograms(tmp_path, capsys):
     assert "(ROC curves)" in capsys.readouterr().out
     for name in ("roc.png", "histograms.png"):
         assert (tmp_path / "figs" / "run1" / name).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "figs" / "run1" / "differences.png").exists()  # no baselines
     assert main([*args, "--plots", str(tmp_path / "test.npy")]) == 2
     assert "--plots takes a folder" in capsys.readouterr().err
 
@@ -327,6 +328,12 @@ def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_
     assert cells[1][1:3] == ["KNN (k=2)", f"{100 * (mean_auroc - knn_mean):+.2f} "
                                           f"({100 * lo:+.2f} to {100 * hi:+.2f})"]
     assert sorted(got) == sorted(sets)  # the JSON stays by OOD file
+    if find_spec("matplotlib") is not None:  # --plots: the differences drawn as well
+        assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", *sets,
+                     "--bootstrap", "100", "--baselines", "knn", "--knn-k", "2", "--train",
+                     str(tmp_path / "train.npz"), "--plots", str(tmp_path / "figs")]) == 0
+        assert "differences.png (GROOD minus each baseline)" in capsys.readouterr().out
+        assert (tmp_path / "figs" / "differences.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):

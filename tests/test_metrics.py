@@ -425,6 +425,43 @@ def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
         report.plot_roc(scores, "id", ["far"], tmp_path / "r.png", {"GROOD": (t, 95)})
 
 
+def test_differences_are_drawn_as_a_forest_plot(tmp_path, monkeypatch):
+    """plot_differences: a panel per metric, per baseline a marker at each set's difference
+    and a bar over its interval, in points, the sets top to bottom as given, a line at 0;
+    ragged or malformed input is refused by name."""
+    pytest.importorskip("matplotlib")
+    from grood import report
+
+    drawn = recorded_figures(monkeypatch)
+    differences = {
+        "near": {"KNN": {"auroc": (0.02, -0.01, 0.05), "fpr95": (-0.1, -0.2, 0.0)},
+                 "MSP": {"auroc": (0.10, 0.06, 0.13), "fpr95": (-0.3, -0.4, -0.2)}},
+        "far": {"KNN": {"auroc": (0.01, 0.0, 0.02), "fpr95": (0.0, -0.05, 0.05)},
+                "MSP": {"auroc": (0.20, 0.15, 0.25), "fpr95": (-0.5, -0.6, -0.4)}},
+    }
+    path = report.plot_differences(differences, tmp_path / "d.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    axes = drawn[0].axes
+    assert [ax.get_title() for ax in axes] == ["AUROC", "FPR@95"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["near", "far"]
+    assert "below 0: GROOD better" in axes[1].get_xlabel()
+    markers = [ln for ln in axes[0].lines if ln.get_marker() == "o"]
+    assert [ln.get_label() for ln in markers] == ["KNN", "MSP"]
+    np.testing.assert_allclose(markers[1].get_xdata(), [10.0, 20.0])
+    bars = axes[0].collections[1].get_segments()  # MSP's intervals
+    np.testing.assert_allclose([seg[:, 0] for seg in bars], [[6.0, 13.0], [15.0, 25.0]])
+    assert bars[0][0, 1] > bars[1][0, 1]  # near above far, as given
+    for bad, message in (
+            ({}, "differences is empty"),
+            ({"near": differences["near"], "far": {"KNN": differences["far"]["KNN"]}},
+             r"differences\['far'\] has baselines \['KNN'\]"),
+            ({"near": {"KNN": {"auroc": (0.1, 0.2, 0.0)}}}, "with low <= high"),
+            ({"near": {"KNN": {"auroc": (0.1, float("nan"), 0.2)}}}, "must be finite"),
+            ({"near": {"KNN": {"acc": (0.1, 0.0, 0.2)}}}, r"unknown metric\(s\) \['acc'\]")):
+        with pytest.raises(ValueError, match=message):
+            report.plot_differences(bad, tmp_path / "d.png")
+
+
 def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
     """Past matplotlib's 10-colour cycle an 11th dataset took the ID set's colour; a long
     legend goes beside the panel rather than over the histograms."""
