@@ -287,7 +287,7 @@ def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequenc
                                      "finite (difference, low, high) with low <= high, got "
                                      f"{entry[metric]!r}")
                 values[i, j, m] = v
-    fig, axes = _grid(figure, len(metrics), (5.2, 0.9 + 0.45 * len(sets) * len(baselines)),
+    fig, axes = _grid(figure, len(metrics), (5.4, 1.2 + 0.3 * len(sets) * len(baselines)),
                       per_row=2)
     colors = _colors(len(baselines) + 1)[1:]  # the baselines' colours in plot_roc
     step = 0.8 / len(baselines)
@@ -298,10 +298,12 @@ def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequenc
             ax.hlines(y, lo, hi, color=color, lw=1.8)
             ax.plot(d, y, "o", color=color, ms=5, label=base)
         ax.axvline(0, color="0.3", lw=0.9, ls="--")
-        better = "below" if metric == "fpr95" else "above"
+        for i in range(1, len(sets)):  # between one set's bars and the next's
+            ax.axhline(-i + 0.5, color="0.85", lw=0.8)
+        side = "left" if metric == "fpr95" else "right"
         ax.set(yticks=-np.arange(len(sets)), yticklabels=sets, ylim=(-len(sets) + 0.5, 0.5),
-               xlabel=f"{method} minus baseline, points ({better} 0: {method} better)",
-               title=METRIC_LABELS[metric])
+               xlabel=f"{method} minus baseline (points)",
+               title=f"{METRIC_LABELS[metric]} ({side} of 0: {method} better)")
     fig.tight_layout()
     # One legend for all panels, above them (in a panel it would cover the bars).
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(baselines),

@@ -35,7 +35,7 @@ def test_demo_at_reduced_size(tmp_path, capsys):
                    "KNN (k=10)", "Mahalanobis"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
-    for png in ("roc.png", "score_histograms.png", "neighbours.png"):
+    for png in ("roc.png", "score_histograms.png", "differences.png", "neighbours.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     results = json.loads((out / "results.json").read_text())

@@ -442,9 +442,10 @@ def test_differences_are_drawn_as_a_forest_plot(tmp_path, monkeypatch):
     path = report.plot_differences(differences, tmp_path / "d.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     axes = drawn[0].axes
-    assert [ax.get_title() for ax in axes] == ["AUROC", "FPR@95"]
+    assert [ax.get_title() for ax in axes] == ["AUROC (right of 0: GROOD better)",
+                                               "FPR@95 (left of 0: GROOD better)"]
     assert [t.get_text() for t in axes[0].get_yticklabels()] == ["near", "far"]
-    assert "below 0: GROOD better" in axes[1].get_xlabel()
+    assert axes[1].get_xlabel() == "GROOD minus baseline (points)"
     markers = [ln for ln in axes[0].lines if ln.get_marker() == "o"]
     assert [ln.get_label() for ln in markers] == ["KNN", "MSP"]
     np.testing.assert_allclose(markers[1].get_xdata(), [10.0, 20.0])
