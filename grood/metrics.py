@@ -310,6 +310,8 @@ def bootstrap_mean_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...]
 def mean_of_sets(per_set: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Each metric averaged over the sets, unweighted, resample by resample (of
     :func:`resampled_set_metrics`' values)."""
+    if not per_set:
+        raise ValueError("mean_of_sets needs at least one set's resampled metrics")
     mean = {key: np.zeros_like(v) for key, v in per_set[0].items()}
     for values in per_set:
         for key in mean:

@@ -12,6 +12,7 @@ from grood.metrics import (
     bootstrap_difference,
     bootstrap_mean_metrics,
     bootstrap_metrics,
+    mean_of_sets,
     percentile_intervals,
     resampled_metrics,
     resampled_set_metrics,
@@ -380,6 +381,8 @@ def test_set_resamples_pair_across_methods_and_reduce_to_one_set():
             ([a, [0.0, float("inf")]], ValueError, r"ood_sets\[1\] contains NaN or Inf")):
         with pytest.raises(error, match=message):
             bootstrap_mean_metrics(id_s, sets, n_boot=100)
+    with pytest.raises(ValueError, match="needs at least one set's resampled metrics"):
+        mean_of_sets([])
 
 
 def recorded_figures(monkeypatch) -> list:
