@@ -775,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="OOD feature file(s); may be repeated")
     ev.add_argument("--plots", metavar="DIR",
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
-                         "(DIR/histograms.png); needs matplotlib (grood[plots])")
+                         "(DIR/histograms.png), and with --bootstrap and --baselines GROOD "
+                         "minus each baseline (DIR/differences.png); needs matplotlib "
+                         "(grood[plots])")
     ev.add_argument("--json", help="also write the metrics to this JSON file, by OOD file, "
                                    "with the row counts n_id and n_ood (with --baselines, "
                                    "theirs under each set's 'baselines')")
@@ -793,8 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "
                          "seeded, so every run gives the same), in the table and the JSON "
-                         "('ci95'); with --baselines also GROOD minus each baseline with its "
-                         "paired interval")
+                         "('ci95'), the mean over several OOD files too (the ID scores drawn "
+                         "once per resample for all); with --baselines also GROOD minus each "
+                         "baseline with its paired interval")
     _scoring_options(ev)
     ev.set_defaults(func=_cmd_eval)
     info = sub.add_parser("info", help="what a saved detector file holds",
