@@ -335,7 +335,7 @@ def test_mean_over_sets_interval_shares_the_id_resample_and_covers_the_true_mean
     in 93.5 %, the percentile bootstrap's usual shortfall at 60 rows; fewer than 33 of 40 has
     probability 0.4 % at that rate). Averaging three separate bootstraps, each drawing the ID
     set on its own, treats the shared error as three independent ones: its intervals are
-    about a third narrower, and they miss more often."""
+    about 40 % narrower (0.62 of the width here), and they miss more often."""
     shifts = (0.6, 1.0, 1.4)
     true_mean = sum(0.5 * (1 + math.erf(d / 2)) for d in shifts) / len(shifts)
     rng = np.random.default_rng(11)
