@@ -345,14 +345,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
-    real = [os.path.realpath(p) for p in args.ood]
-    repeated = [p for i, p in enumerate(args.ood) if real[i] in real[:i]]
+    ood_files, layout = _eval_layout(args)
+    real = [os.path.realpath(p) for p in ood_files]
+    repeated = [p for i, p in enumerate(ood_files) if real[i] in real[:i]]
     if repeated:  # one row and one metrics entry per set
-        raise ValueError(f"--ood names the same file more than once: {', '.join(repeated)}")
-    for path in args.ood:
+        raise ValueError("an OOD file is named more than once (by --ood, --near and --far "
+                         f"together): {', '.join(repeated)}")
+    for path in ood_files:
         _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
-              **{f"OOD feature file {p}": p for p in args.ood},
+              **{f"OOD feature file {p}": p for p in ood_files},
               **({"training feature file": args.train} if args.train is not None else {})}
     if args.json:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
@@ -378,7 +380,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sets = {id_key: id_scores}
     base_sets = {name: {id_key: v} for name, v in id_base.items()}
     results: dict[str, dict[str, Any]] = {}
-    for path in args.ood:
+    groups = {**{p: "near" for p in args.near}, **{p: "far" for p in args.far}}
+    for path in ood_files:
         with prefixed_errors(path):
             data = load_features(path)
             ood_scores = np.asarray(det.score_samples(data.features))
@@ -388,6 +391,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # the sample counts the metrics came from, as the table's n column
         m = results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores),
                                   **ood_metrics(id_scores, ood_scores)}
+        if path in groups:  # OpenOOD's near- or far-OOD
+            m["group"] = groups[path]
         if threshold is not None:  # the fraction the detector's threshold flags
             m["flagged"] = float(np.mean(ood_scores < threshold))
         if baselines:
@@ -396,7 +401,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             m["baselines"][name] = ood_metrics(id_base[name], scores)
             base_sets[name][str(path)] = scores
     scores = {"GROOD": sets, **base_sets}
-    rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap,
+    rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap, layout,
                                               flagged=threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if labels is not None:
@@ -426,7 +431,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         marks = None if threshold is None else {"GROOD": (threshold,
                                                           det.calibration_["tpr"])}
-        written = [plot_roc(scores, id_key, [str(p) for p in args.ood], plots[0], marks),
+        written = [plot_roc(scores, id_key, [str(p) for p in ood_files], plots[0], marks),
                    plot_histograms(scores, plots[1], marks)]
         if differences:
             differences_png = plot_differences(differences, plots[2])
@@ -436,8 +441,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``grood eval``'s OOD files in the table's order (``--near``'s, ``--far``'s, ``--ood``'s)
+    and its rows: ``(path, [])`` for a file's, ``(label, paths)`` for the mean over a group
+    of two or more (OpenOOD's near- and far-OOD summaries; ``--ood``'s files form one)."""
+    if not (args.ood or args.near or args.far):
+        raise ValueError("give the OOD feature files: --ood FILE ..., or OpenOOD's groups "
+                         "--near FILE ... and --far FILE ...")
+    files: list[str] = []
+    layout: list[tuple[str, list[str]]] = []
+    grouped = bool(args.near or args.far)
+    for group, paths in (("near-OOD ", args.near), ("far-OOD ", args.far),
+                         ("--ood " if grouped else "", args.ood)):
+        files += paths
+        layout += [(p, []) for p in paths]
+        if len(paths) > 1:
+            layout.append((f"{group}mean of {len(paths)} sets", list(paths)))
+    clash = [label for label, members in layout if members and label in files]
+    if clash:  # a row of its own and a mean row would share the label
+        raise ValueError(f"an OOD file is named like a mean row ({clash[0]!r}); give its path "
+                         "another way (e.g. ./ in front)")
+    return files, layout
+
+
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
-               id_key: str, n_boot: int | None, *, flagged: bool
+               id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]], *,
+               flagged: bool
                ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
     """``grood eval``'s table rows and, with ``n_boot`` resamples and baselines, the rows of
     GROOD minus each baseline with its paired interval and those differences by row label
@@ -445,45 +474,48 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     :func:`grood.report.plot_differences`); the intervals go into ``results`` too (``ci95``,
     a baseline's ``grood_minus_ci95``).
 
-    ``results`` holds each OOD set's metrics (GROOD's, each baseline's under ``baselines``);
-    ``scores`` each method's scores by set (GROOD first), the ID set's under ``id_key``. A row
-    per method under each set, then, under several sets, each method's metrics averaged over
-    them, unweighted, as OpenOOD summarises them. Each method is resampled once for every set
-    together (:func:`grood.metrics.resampled_set_metrics`, the ID set drawn once per resample
-    for all), so the mean's interval holds the ID set's shared error, and two methods'
-    resamples, drawn alike, pair."""
+    ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
+    ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
+    ``layout`` the rows (:func:`_eval_layout`). A row per method under each file and under
+    each mean over a group of files, the metrics averaged unweighted, as OpenOOD summarises
+    them. Each method is resampled once for every file together
+    (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
+    all), so a mean's interval holds the ID set's shared error, and two methods' resamples,
+    drawn alike, pair."""
     from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
     from grood.report import METRIC_LABELS
 
     paths, methods = list(results), list(scores)
     baselines = methods[1:]
-    mean_key = "" if len(paths) > 1 else None  # no file's path is empty
 
     def metrics_of(name: str, key: str) -> dict[str, Any]:
         return results[key] if name == "GROOD" else results[key]["baselines"][name]
 
     point = {name: {key: metrics_of(name, key) for key in paths} for name in methods}
-    if mean_key is not None:
-        for per_set in point.values():
-            per_set[mean_key] = {k: sum(m[k] for m in per_set.values()) / len(paths)
-                                 for k in (*METRIC_LABELS, "flagged")
-                                 if k in per_set[paths[0]]}
+    for per_set in point.values():
+        for label, members in layout:
+            if members:  # (keyed apart from the files: "\0" is in no path)
+                per_set["\0" + label] = {
+                    k: sum(per_set[p][k] for p in members) / len(members)
+                    for k in (*METRIC_LABELS, "flagged") if k in per_set[members[0]]}
     resampled: dict[str, dict[str, Any]] = {}
     if n_boot is not None:
         for name in methods:
             per = resampled_set_metrics(scores[name][id_key], [scores[name][k] for k in paths],
                                         n_boot=n_boot, progress=None)
             resampled[name] = dict(zip(paths, per, strict=True))
-            if mean_key is not None:
-                resampled[name][mean_key] = mean_of_sets(per)
+            for label, members in layout:
+                if members:
+                    resampled[name]["\0" + label] = mean_of_sets(
+                        [resampled[name][p] for p in members])
             for key, values in resampled[name].items():
                 point[name][key]["ci95"] = {k: list(v) for k, v in
                                             percentile_intervals(values).items()}
     rows: list[list[Any]] = []
     diff_rows: list[list[str]] = []
     differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
-    for key in point["GROOD"]:
-        label = key or f"mean of {len(paths)} sets"
+    for label, members in layout:
+        key = "\0" + label if members else label
         for i, name in enumerate(methods):
             m = point[name][key]
             row = [label, m.get("n_ood", "")] if i == 0 else ["", ""]
@@ -771,16 +803,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("detector", help="detector file written by 'grood fit'")
     ev.add_argument("--id", required=True, help="in-distribution test feature file")
     # extend: a repeated --ood adds its files (the default action would keep the last only)
-    ev.add_argument("--ood", required=True, nargs="+", action="extend",
-                    help="OOD feature file(s); may be repeated")
+    ev.add_argument("--ood", nargs="+", action="extend", default=[], metavar="FILE",
+                    help="OOD feature file(s); may be repeated; with several, a last row "
+                         "averages them")
+    ev.add_argument("--near", nargs="+", action="extend", default=[], metavar="FILE",
+                    help="near-OOD feature file(s), as OpenOOD groups them: with several, a "
+                         "row averages them (OpenOOD's near-OOD summary)")
+    ev.add_argument("--far", nargs="+", action="extend", default=[], metavar="FILE",
+                    help="far-OOD feature file(s): as --near, for OpenOOD's far-OOD summary")
     ev.add_argument("--plots", metavar="DIR",
                     help="also draw ROC curves (DIR/roc.png) and score histograms "
                          "(DIR/histograms.png), and with --bootstrap and --baselines GROOD "
                          "minus each baseline (DIR/differences.png); needs matplotlib "
                          "(grood[plots])")
     ev.add_argument("--json", help="also write the metrics to this JSON file, by OOD file, "
-                                   "with the row counts n_id and n_ood (with --baselines, "
-                                   "theirs under each set's 'baselines')")
+                                   "with the row counts n_id and n_ood, 'group' (near or far) "
+                                   "for --near and --far files, and with --baselines theirs "
+                                   "under each file's 'baselines'")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp and energy "

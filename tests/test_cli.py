@@ -278,7 +278,15 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     (tmp_path / "sub").mkdir()
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "a.npz"),
                  str(tmp_path / "b.npz"), "--ood", str(again)]) == 2
-    assert f"--ood names the same file more than once: {again}" in capsys.readouterr().err
+    assert (f"an OOD file is named more than once (by --ood, --near and --far together): "
+            f"{again}") in capsys.readouterr().err
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--near", str(tmp_path / "a.npz"),
+                 "--far", str(again)]) == 2
+    assert f"more than once (by --ood, --near and --far together): {again}" in (
+        capsys.readouterr().err)
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz")]) == 2
+    assert "give the OOD feature files: --ood FILE ..., or OpenOOD's groups" in (
+        capsys.readouterr().err)
 
 
 def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_path, capsys):
@@ -334,6 +342,54 @@ def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_
                      str(tmp_path / "train.npz"), "--plots", str(tmp_path / "figs")]) == 0
         assert "differences.png (GROOD minus each baseline)" in capsys.readouterr().out
         assert (tmp_path / "figs" / "differences.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, monkeypatch):
+    """--near and --far: OpenOOD's two summaries, each group's files then its mean (with
+    --bootstrap, the interval of the group's mean from the resamples of every file drawn
+    together), the files marked by group in the JSON; a group of one file has no mean row."""
+    x, y = clustered_features(90, 3, 6, seed=7, spread=0.5, dtype=torch.float32)
+    noise = torch.randn(80, 6, generator=torch.Generator().manual_seed(3))
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    _write(tmp_path / "id.npz", features=x[60:])
+    near = [x[:20] + 1.2 * noise[:20], x[20:40] + 1.6 * noise[20:40]]
+    far = [4 * noise[40:60], 6 * noise[60:]]
+    files = {f"n{i}.npz": v for i, v in enumerate(near)} | {
+        f"f{i}.npz": v for i, v in enumerate(far)}
+    for name, v in files.items():
+        _write(tmp_path / name, features=v)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the files by their names, as the table shows them
+    assert main(["eval", det, "--id", "id.npz", "--far", "f0.npz", "f1.npz", "--near",
+                 "n0.npz", "n1.npz", "--bootstrap", "100", "--json", "m.json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    labels = [line.split("|")[1].strip() for line in lines if line.startswith("| ")][1:]
+    assert labels == ["n0.npz", "n1.npz", "near-OOD mean of 2 sets", "f0.npz", "f1.npz",
+                      "far-OOD mean of 2 sets"]
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert [got[f]["group"] for f in ("n0.npz", "n1.npz", "f0.npz", "f1.npz")] == [
+        "near", "near", "far", "far"]
+    loaded = GROOD.load(det)
+    per = resampled_set_metrics(loaded.score_samples(x[60:].numpy()),
+                                [loaded.score_samples(v.numpy()) for v in (*near, *far)],
+                                n_boot=100)
+    for row, members in ((2, per[:2]), (5, per[2:])):
+        lo, hi = percentile_intervals(mean_of_sets(members))["auroc"]
+        sets = ("n0.npz", "n1.npz") if row == 2 else ("f0.npz", "f1.npz")
+        mean = sum(got[f]["auroc"] for f in sets) / 2
+        row_line = [line for line in lines if line.startswith("| ")][1 + row]
+        assert f"{100 * mean:.2f} ({100 * lo:.2f}–{100 * hi:.2f})" in row_line
+    # One far file: no far-OOD mean; --ood beside the groups has its own mean.
+    assert main(["eval", det, "--id", "id.npz", "--near", "n0.npz", "n1.npz", "--far",
+                 "f0.npz", "--ood", "f1.npz", "id.npz", "--json", "m.json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    labels = [line.split("|")[1].strip() for line in lines if line.startswith("| ")][1:]
+    assert labels == ["n0.npz", "n1.npz", "near-OOD mean of 2 sets", "f0.npz", "f1.npz",
+                      "id.npz", "--ood mean of 2 sets"]
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["f0.npz"]["group"] == "far" and "group" not in got["f1.npz"]
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
