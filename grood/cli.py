@@ -673,13 +673,37 @@ def _scoring_options(parser: argparse.ArgumentParser, *, backend_help: str = "",
                         help="rows per batch (default: the detector's)")
 
 
+class _StoreOnce(argparse._StoreAction):
+    """A single-valued option given twice is refused: argparse keeps the last value without a
+    word (``--id a.npz ... --id b.npz`` would evaluate b alone)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if option_string is not None and self.dest in given:
+            parser.error(f"argument {option_string}: given more than once "
+                         f"({getattr(namespace, self.dest)!r}, then {values!r}); give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The ``grood`` command's parsers (its subcommands' too): single-valued options are
+    stored once (:class:`_StoreOnce`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``grood`` command (choices read from the registries)."""
     from grood.functional import PRECISIONS
     from grood.index import index_kinds
     from grood.ops import BACKENDS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="grood",
         description="GROOD: gradient-aware out-of-distribution detection. Scores are higher "
                     "for in-distribution samples.",
@@ -693,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, Energy, KNN and Mahalanobis on "
                     "near-OOD (digits 6-9) and far-OOD (noise images). Prints a table and "
-                    "writes ROC curves, score histograms and each set's extreme-scoring images "
+                    "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
+                    "with paired bootstrap intervals, and each set's extreme-scoring images "
                     "beside their nearest training images in gradient space as PNG files.")
     demo.add_argument("--out", default="grood-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
