@@ -493,11 +493,11 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
 
     point = {name: {key: metrics_of(name, key) for key in paths} for name in methods}
     for per_set in point.values():
+        averaged = [k for k in (*METRIC_LABELS, "flagged") if k in per_set[paths[0]]]
         for label, members in layout:
             if members:  # (keyed apart from the files: "\0" is in no path)
-                per_set["\0" + label] = {
-                    k: sum(per_set[p][k] for p in members) / len(members)
-                    for k in (*METRIC_LABELS, "flagged") if k in per_set[members[0]]}
+                per_set["\0" + label] = mean_of_sets(
+                    [{k: per_set[p][k] for k in averaged} for p in members])
     resampled: dict[str, dict[str, Any]] = {}
     if n_boot is not None:
         for name in methods:
@@ -551,13 +551,11 @@ def _difference(grood_m: dict[str, Any], base_m: dict[str, Any],
     set (or their mean over the sets), each with its paired bootstrap interval (the two
     methods' resamples, drawn alike), ``(difference, low, high)`` by metric; the interval
     kept in the baseline's entry (``grood_minus_ci95``)."""
-    from grood.metrics import percentile_intervals
-    from grood.report import METRIC_LABELS
+    from grood.metrics import paired_difference
 
-    ci = percentile_intervals({k: grood_resampled[k] - base_resampled[k]
-                               for k in grood_resampled})
-    base_m["grood_minus_ci95"] = {k: list(v) for k, v in ci.items()}
-    return {k: (grood_m[k] - base_m[k], *ci[k]) for k in METRIC_LABELS}
+    d = paired_difference(grood_m, base_m, grood_resampled, base_resampled)
+    base_m["grood_minus_ci95"] = {k: [lo, hi] for k, (_, lo, hi) in d.items()}
+    return d
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

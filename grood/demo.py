@@ -29,7 +29,7 @@ from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood
 from grood._progress import progress
 from grood.errors import require
 from grood.extract import FeatureExtractor
-from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
+from grood.metrics import mean_of_sets, paired_difference, resampled_set_metrics
 from grood.persistence import written_atomically
 from grood.prototypes import OODPrototypeSource
 from grood.report import (
@@ -262,15 +262,11 @@ def paired_differences(scores: dict[str, dict[str, np.ndarray]],
         resampled[method] = [*per, mean_of_sets(per)]
     point = {method: [results[method][o] for o in ood_names] for method in resampled}
     for per_set in point.values():
-        per_set.append({k: sum(m[k] for m in per_set) / len(ood_names) for k in METRIC_LABELS})
-    out: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
-    for i, label in enumerate(labels):
-        for base in baselines:
-            ci = percentile_intervals({k: resampled[COMPARED][i][k] - resampled[base][i][k]
-                                       for k in METRIC_LABELS})
-            out.setdefault(label, {})[base] = {
-                k: (point[COMPARED][i][k] - point[base][i][k], *ci[k]) for k in METRIC_LABELS}
-    return out
+        per_set.append(mean_of_sets(per_set))
+    return {label: {base: paired_difference(point[COMPARED][i], point[base][i],
+                                            resampled[COMPARED][i], resampled[base][i])
+                    for base in baselines}
+            for i, label in enumerate(labels)}
 
 
 def extremes(det: GROOD, sets: dict[str, tuple[Tensor, Tensor]],

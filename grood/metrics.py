@@ -22,7 +22,8 @@ its calibration set), and the percentile-bootstrap intervals of the metrics for 
 (:func:`bootstrap_metrics`) and of the difference between two on the same samples
 (:func:`bootstrap_difference`), and of a metric's mean over several OOD sets
 (:func:`bootstrap_mean_metrics`), from the metrics of each resample (:func:`resampled_metrics`,
-:func:`resampled_set_metrics`) and their percentiles (:func:`percentile_intervals`).
+:func:`resampled_set_metrics`) and their percentiles (:func:`percentile_intervals`,
+:func:`paired_difference`).
 """
 
 from __future__ import annotations
@@ -307,16 +308,27 @@ def bootstrap_mean_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...]
         progress=progress)), level)
 
 
-def mean_of_sets(per_set: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Each metric averaged over the sets, unweighted, resample by resample (of
-    :func:`resampled_set_metrics`' values)."""
+def mean_of_sets(per_set: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric averaged over the sets, unweighted: of :func:`resampled_set_metrics`'
+    values resample by resample, or of :func:`ood_metrics`' values (the mean row of
+    OpenOOD's summaries)."""
     if not per_set:
         raise ValueError("mean_of_sets needs at least one set's resampled metrics")
-    mean = {key: np.zeros_like(v) for key, v in per_set[0].items()}
-    for values in per_set:
-        for key in mean:
-            mean[key] += values[key]
-    return {key: v / len(per_set) for key, v in mean.items()}
+    return {key: sum(values[key] for values in per_set) / len(per_set) for key in per_set[0]}
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float],
+                      resampled_a: dict[str, np.ndarray], resampled_b: dict[str, np.ndarray],
+                      level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """Method a's metrics minus method b's on the same samples (``a``, ``b``: as
+    :func:`ood_metrics` gives them, or :func:`mean_of_sets` of them) with the paired
+    percentile interval of the difference from their resamples, drawn alike
+    (:func:`resampled_metrics` or :func:`resampled_set_metrics` with one seed):
+    ``(difference, low, high)`` by metric, as :func:`grood.report.plot_differences` takes
+    them."""
+    ci = percentile_intervals({key: resampled_a[key] - resampled_b[key] for key in resampled_a},
+                              level)
+    return {key: (a[key] - b[key], *ci[key]) for key in ci}
 
 
 def percentile_intervals(values: dict[str, np.ndarray], level: float = 0.95
