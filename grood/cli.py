@@ -472,7 +472,8 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     GROOD minus each baseline with its paired interval and those differences by row label
     and baseline (``(difference, low, high)`` by metric, for
     :func:`grood.report.plot_differences`); the intervals go into ``results`` too (``ci95``,
-    a baseline's ``grood_minus_ci95``).
+    a baseline's ``grood_minus_ci95``), and ``results`` gains the mean rows (keyed by their
+    labels, each with ``mean_of``, its files), all in the table's order.
 
     ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
     ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
@@ -530,6 +531,16 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
             diff_rows.append([label if j == 0 else "", name,
                               *(f"{100 * v:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f})"
                                 for v, lo, hi in d.values())])
+    for label, members in layout:  # the JSON in the table's order, the means beside the files
+        if not members:
+            results[label] = results.pop(label)
+            continue
+        group = results[members[0]].get("group")
+        key = "\0" + label
+        results[label] = {"mean_of": members, **({"group": group} if group else {}),
+                          "n_id": results[members[0]]["n_id"], **point["GROOD"][key]}
+        if baselines:
+            results[label]["baselines"] = {name: point[name][key] for name in baselines}
     return rows, diff_rows, differences
 
 
@@ -842,7 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the metrics to this JSON file, by OOD file, "
                                    "with the row counts n_id and n_ood, 'group' (near or far) "
                                    "for --near and --far files, and with --baselines theirs "
-                                   "under each file's 'baselines'")
+                                   "under each file's 'baselines'; each mean row too, by its "
+                                   "label, its files under 'mean_of'")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp and energy "

@@ -252,14 +252,15 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     table = capsys.readouterr().out
     assert f"| {tmp_path / 'a.npz'} | 7 " in table and f"| {tmp_path / 'b.npz'} | 5 " in table
     metrics = json.loads(out.read_text())
-    assert sorted(metrics) == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]
+    assert list(metrics) == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "mean of 2 sets"]
     # OpenOOD's summary row: each metric averaged over the sets, unweighted.
     mean_row = [line for line in table.splitlines() if line.startswith("| mean of 2 sets ")]
     assert len(mean_row) == 1
     cells = [c.strip() for c in mean_row[0].split("|")[3:-1]]
     a, b = metrics[str(tmp_path / "a.npz")], metrics[str(tmp_path / "b.npz")]
-    assert cells == [f"{100 * (a[k] + b[k]) / 2:.2f}"
-                     for k in ("auroc", "fpr95", "aupr_in", "aupr_out")]
+    keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
+    assert cells == [f"{100 * (a[k] + b[k]) / 2:.2f}" for k in keys]
+    assert [metrics["mean of 2 sets"][k] for k in keys] == [(a[k] + b[k]) / 2 for k in keys]
     # --bootstrap: each metric's 95 % interval in the cells and the JSON, seeded (seed 0).
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "b.npz"),
                  "--bootstrap", "100", "--json", str(out)]) == 0
@@ -335,7 +336,13 @@ def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_
     lo, hi = diff["auroc"]
     assert cells[1][1:3] == ["KNN (k=2)", f"{100 * (mean_auroc - knn_mean):+.2f} "
                                           f"({100 * lo:+.2f} to {100 * hi:+.2f})"]
-    assert sorted(got) == sorted(sets)  # the JSON stays by OOD file
+    assert list(got) == [*sets, "mean of 2 sets"]  # the files, then their mean
+    mean = got["mean of 2 sets"]
+    assert mean["mean_of"] == sets and mean["auroc"] == pytest.approx(mean_auroc, abs=1e-15)
+    assert mean["ci95"]["auroc"] == pytest.approx(list(mean_ci["auroc"]), abs=1e-15)
+    assert mean["baselines"]["KNN (k=2)"]["auroc"] == pytest.approx(knn_mean, abs=1e-15)
+    assert mean["baselines"]["KNN (k=2)"]["grood_minus_ci95"]["auroc"] == pytest.approx(
+        [lo, hi], abs=1e-15)
     if find_spec("matplotlib") is not None:  # --plots: the differences drawn as well
         assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", *sets,
                      "--bootstrap", "100", "--baselines", "knn", "--knn-k", "2", "--train",
@@ -381,6 +388,13 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
         mean = sum(got[f]["auroc"] for f in sets) / 2
         row_line = [line for line in lines if line.startswith("| ")][1 + row]
         assert f"{100 * mean:.2f} ({100 * lo:.2f}–{100 * hi:.2f})" in row_line
+        # The JSON has the mean row too, under its label, with the same interval.
+        entry = got[labels[row]]
+        assert entry["mean_of"] == list(sets) and entry["group"] == got[sets[0]]["group"]
+        assert entry["auroc"] == pytest.approx(mean, abs=1e-15)
+        assert entry["ci95"]["auroc"] == pytest.approx([lo, hi], abs=1e-15)
+        assert entry["n_id"] == 30 and "n_ood" not in entry
+    assert list(got) == labels  # the table's order
     # One far file: no far-OOD mean; --ood beside the groups has its own mean.
     assert main(["eval", det, "--id", "id.npz", "--near", "n0.npz", "n1.npz", "--far",
                  "f0.npz", "--ood", "f1.npz", "id.npz", "--json", "m.json"]) == 0
@@ -390,6 +404,9 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
                       "id.npz", "--ood mean of 2 sets"]
     got = json.loads((tmp_path / "m.json").read_text())
     assert got["f0.npz"]["group"] == "far" and "group" not in got["f1.npz"]
+    assert list(got) == labels
+    assert got["--ood mean of 2 sets"]["mean_of"] == ["f1.npz", "id.npz"]
+    assert "group" not in got["--ood mean of 2 sets"]
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
