@@ -407,6 +407,12 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
     assert list(got) == labels
     assert got["--ood mean of 2 sets"]["mean_of"] == ["f1.npz", "id.npz"]
     assert "group" not in got["--ood mean of 2 sets"]
+    # A file spelled like a mean row's label would share its row and its JSON key: refused
+    # before anything is read.
+    assert main(["eval", det, "--id", "id.npz", "--near", "n0.npz", "n1.npz", "--far",
+                 "near-OOD mean of 2 sets", "--json", "m.json"]) == 2
+    assert ("an OOD file is named like a mean row ('near-OOD mean of 2 sets'); give its path "
+            "another way (e.g. ./ in front)") in capsys.readouterr().err
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
