@@ -376,6 +376,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
                              "(one row per feature row)")
         id_base = _baseline_scores(baselines, id_inputs)
+    # What the ID file alone gives, beside every row's metrics in the JSON (as OpenOOD's ACC
+    # column repeats on every row): its size, accuracies and fraction accepted.
+    id_info: dict[str, Any] = {"n_id": len(id_scores)}
+    if labels is not None:
+        id_info["id_accuracy"] = float(np.mean(id_pred == labels))
+        if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
+            id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
+    if threshold is not None:
+        id_info["id_accepted"] = float(np.mean(id_scores >= threshold))
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
     sets = {id_key: id_scores}
     base_sets = {name: {id_key: v} for name, v in id_base.items()}
@@ -389,7 +398,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # The path as given: two sets in different folders may share a file name.
         sets[str(path)] = ood_scores
         # the sample counts the metrics came from, as the table's n column
-        m = results[str(path)] = {"n_id": len(id_scores), "n_ood": len(ood_scores),
+        m = results[str(path)] = {**id_info, "n_ood": len(ood_scores),
                                   **ood_metrics(id_scores, ood_scores)}
         if path in groups:  # OpenOOD's near- or far-OOD
             m["group"] = groups[path]
@@ -404,17 +413,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap, layout,
                                               flagged=threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
-    if labels is not None:
-        acc = float(np.mean(id_pred == labels))
-        print(f"; nearest-prototype accuracy {100 * acc:.2f} %", end="")
-        if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
-            acc = float(np.mean(logits.argmax(1) == labels))
-            print(f", the logits' {100 * acc:.2f} %", end="")
+    if "id_accuracy" in id_info:
+        print(f"; nearest-prototype accuracy {100 * id_info['id_accuracy']:.2f} %", end="")
+    if "id_logits_accuracy" in id_info:
+        print(f", the logits' {100 * id_info['id_logits_accuracy']:.2f} %", end="")
     header = ["OOD set", "n", *(["method"] if baselines else []), *METRIC_LABELS.values()]
     if threshold is not None:
-        kept = float(np.mean(id_scores >= threshold))
-        print(f"; {100 * kept:.2f} % accepted at the detector's {_threshold_line(det)}",
-              end="")
+        print(f"; {100 * id_info['id_accepted']:.2f} % accepted at the detector's "
+              f"{_threshold_line(det)}", end="")
         header.append("flagged")
     print("\n")
     print(markdown_table(header, rows))
@@ -462,6 +468,10 @@ def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, l
         raise ValueError(f"an OOD file is named like a mean row ({clash[0]!r}); give its path "
                          "another way (e.g. ./ in front)")
     return files, layout
+
+
+#: ``grood eval --json``: what each row carries of the ID file alone (its mean rows too).
+_ID_KEYS = ("n_id", "id_accuracy", "id_logits_accuracy", "id_accepted")
 
 
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
@@ -535,10 +545,12 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
         if not members:
             results[label] = results.pop(label)
             continue
-        group = results[members[0]].get("group")
+        first = results[members[0]]
         key = "\0" + label
-        results[label] = {"mean_of": members, **({"group": group} if group else {}),
-                          "n_id": results[members[0]]["n_id"], **point["GROOD"][key]}
+        results[label] = {"mean_of": members, **({"group": first["group"]} if "group" in first
+                                                 else {}),
+                          **{k: first[k] for k in _ID_KEYS if k in first},
+                          **point["GROOD"][key]}
         if baselines:
             results[label]["baselines"] = {name: point[name][key] for name in baselines}
     return rows, diff_rows, differences
@@ -851,10 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "minus each baseline (DIR/differences.png); needs matplotlib "
                          "(grood[plots])")
     ev.add_argument("--json", help="also write the metrics to this JSON file, by OOD file, "
-                                   "with the row counts n_id and n_ood, 'group' (near or far) "
-                                   "for --near and --far files, and with --baselines theirs "
-                                   "under each file's 'baselines'; each mean row too, by its "
-                                   "label, its files under 'mean_of'")
+                                   "with the row counts n_id and n_ood, the ID file's "
+                                   "id_accuracy, id_logits_accuracy and id_accepted where it "
+                                   "has them, 'group' (near or far) for --near and --far "
+                                   "files, and with --baselines theirs under each file's "
+                                   "'baselines'; each mean row too, by its label, its files "
+                                   "under 'mean_of'")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp and energy "

@@ -131,8 +131,12 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     text = capsys.readouterr().out
     assert f"| {ood} |" in text and "nearest-prototype accuracy" in text
     metrics = json.loads((tmp_path / "m.json").read_text())[str(ood)]
-    assert set(metrics) == {"n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out"}
+    assert set(metrics) == {"n_id", "id_accuracy", "n_ood", "auroc", "fpr95", "aupr_in",
+                            "aupr_out"}  # no logits in the ID file: no id_logits_accuracy
     assert (metrics["n_id"], metrics["n_ood"]) == (30, 25)
+    accuracy = float(np.mean(GROOD.load(det_path).predict(x[60:].numpy()) == y[60:].numpy()))
+    assert metrics["id_accuracy"] == accuracy
+    assert f"nearest-prototype accuracy {100 * accuracy:.2f} %" in text
 
 
 def test_eval_draws_roc_curves_and_histograms(tmp_path, capsys):
@@ -441,6 +445,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     assert [line.split("|")[3].strip() for line in lines[4:9]] == [
         "GROOD", "MSP", "Energy", "KNN (k=3)", "Mahalanobis"]
     got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    assert got["id_logits_accuracy"] == float(np.mean(logits[100:].numpy().argmax(1)
+                                                       == y[100:].numpy()))
     id_x, id_l = x[100:].numpy(), logits[100:].numpy()
     ood_x, ood_l = ood.numpy(), (ood @ means.T).numpy()
     for name, est, a, b in (
@@ -448,7 +454,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
             ("KNN (k=3)", KNN(k=3).fit(x[:100].numpy()), id_x, ood_x),
             ("Mahalanobis", Mahalanobis().fit(x[:100].numpy(), y[:100].numpy()), id_x, ood_x)):
         assert got["baselines"][name] == ood_metrics(est.score_samples(a), est.score_samples(b))
-    assert set(got) == {"n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "baselines"}
+    assert set(got) == {"n_id", "id_accuracy", "id_logits_accuracy", "n_ood", "auroc", "fpr95",
+                        "aupr_in", "aupr_out", "baselines"}
     assert (tmp_path / "plots" / "roc.png").stat().st_size > 0
     # --bootstrap with baselines: GROOD minus each baseline, with its paired interval.
     assert main([*argv[:-2], "--baselines", "msp", "--bootstrap", "100"]) == 0
@@ -987,6 +994,9 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
     assert "| flagged |" in text and "accepted at the detector's threshold" in text
     m = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npy")]
     assert m["flagged"] == float(expected.is_ood(np.load(tmp_path / "ood.npy")).mean())
+    accepted = 1 - float(expected.is_ood(np.load(tmp_path / "test.npy")).mean())
+    assert m["id_accepted"] == accepted  # what the line above the table says
+    assert f"; {100 * accepted:.2f} % accepted at the detector's threshold" in text
     if find_spec("matplotlib"):  # the pictures mark the threshold (tests/test_metrics.py)
         assert main(["eval", str(det_path), "--id", str(tmp_path / "test.npy"), "--ood",
                      str(tmp_path / "ood.npy"), "--plots", str(tmp_path / "figs")]) == 0
