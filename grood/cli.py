@@ -366,7 +366,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     id_inputs = _BaselineInputs(id_data, args.device)
     baselines = _fit_baselines(args, id_inputs, det.n_features_in_)
     with prefixed_errors(args.id):  # several feature files: an error says which one
-        id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
+        with det._counting_training_rows() as found:
+            id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
+        _warn_training_rows(det, args.id, found, len(id_scores), ood=False)
         labels = None if id_data.labels is None else np.asarray(id_data.labels)
         if labels is not None and labels.shape != id_pred.shape:
             raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
@@ -393,7 +395,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path in ood_files:
         with prefixed_errors(path):
             data = load_features(path)
-            ood_scores = np.asarray(det.score_samples(data.features))
+            with det._counting_training_rows() as found:
+                ood_scores = np.asarray(det.score_samples(data.features))
+            _warn_training_rows(det, path, found, len(ood_scores), ood=True)
             ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
         # The path as given: two sets in different folders may share a file name.
         sets[str(path)] = ood_scores
@@ -445,6 +449,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               + (f", and {differences_png} (GROOD minus each baseline)" if differences
                  else ""))
     return 0
+
+
+def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) -> None:
+    """``grood eval``: a warning where more than 1 % of a file's ``n`` rows equal indexed
+    training rows (``found``: the scoring's counts of rows with an indexed gradient at distance
+    0), as calibrating on them warns: such rows score as the training set does, higher than new
+    samples of their distribution, which inflates the metrics (an ID file) or deflates them (an
+    OOD file)."""
+    zero = sum(int(t) for t in found)
+    if zero <= 0.01 * n:  # more than exact duplicates explain
+        return
+    held = "so they score 0, the highest score" if det.k == 1 else (
+        f"one of their k={det.k} neighbours")
+    what = ("is it (part of) the training set? They score higher than new in-distribution "
+            "samples would, so the metrics overstate the detector: evaluate on held-out data"
+            if not ood else
+            "they score as training samples do, so the metrics understate the detector on "
+            "this set: does it hold training images?")
+    warnings.warn(f"{path}: {zero} of its {n} rows equal indexed training rows (an indexed "
+                  f"gradient at distance 0, {held}): {what}", UserWarning, stacklevel=2)
 
 
 def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, list[str]]]]:

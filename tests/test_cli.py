@@ -419,6 +419,32 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
             "another way (e.g. ./ in front)") in capsys.readouterr().err
 
 
+def test_eval_warns_where_a_file_holds_training_rows(tmp_path, capsys):
+    """An ID file that is (part of) the training set scores as high as scores get and inflates
+    the metrics without a word: eval warns, as calibrate does, naming the file and how many of
+    its rows equal indexed training rows (an OOD file with them, the other way); held-out
+    files get no warning."""
+    x, y = clustered_features(90, 3, 6, seed=4, spread=0.5, dtype=torch.float32)
+    train, held_out, ood = (str(tmp_path / f) for f in ("train.npz", "id.npz", "ood.npz"))
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    _write(tmp_path / "id.npz", features=x[60:])
+    _write(tmp_path / "ood.npz",
+           features=4 * torch.randn(20, 6, generator=torch.Generator().manual_seed(0)))
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", train, "-o", det]) == 0
+    capsys.readouterr()
+    assert main(["eval", det, "--id", held_out, "--ood", ood]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["eval", det, "--id", train, "--ood", ood, train]) == 0
+    err = capsys.readouterr().err
+    indexed = GROOD.load(det).index_.ntotal  # the training rows behind the index
+    assert indexed > 0.01 * 60
+    said = (f"grood eval: warning: {train}: {indexed} of its 60 rows equal indexed training "
+            "rows (an indexed gradient at distance 0, so they score 0, the highest score): ")
+    assert said + "is it (part of) the training set?" in err
+    assert said + "they score as training samples do" in err
+
+
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     """--baselines: each baseline's metrics, fitted as grood.baselines would be by hand, in
     the table (a row per method under each set), the JSON and the plots."""
