@@ -363,20 +363,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _override(det, args)
     threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
+    with prefixed_errors(args.id):  # several feature files: an error says which one
+        labels, logits = _id_labels_and_logits(id_data, det.n_classes_)  # before any work
     id_inputs = _BaselineInputs(id_data, args.device)
     baselines = _fit_baselines(args, id_inputs, det.n_features_in_)
-    with prefixed_errors(args.id):  # several feature files: an error says which one
+    with prefixed_errors(args.id):
         with det._counting_training_rows() as found:
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         _warn_training_rows(det, args.id, found, len(id_scores), ood=False)
-        labels = None if id_data.labels is None else np.asarray(id_data.labels)
-        if labels is not None and labels.shape != id_pred.shape:
-            raise ValueError(f"'labels' has shape {labels.shape}, expected {id_pred.shape} "
-                             "(one per feature row)")
-        logits = None if id_data.logits is None else np.asarray(id_data.logits)
-        if logits is not None and (logits.ndim != 2 or len(logits) != len(id_pred)):
-            raise ValueError(f"'logits' has shape {logits.shape}, expected ({len(id_pred)}, C) "
-                             "(one row per feature row)")
         id_base = _baseline_scores(baselines, id_inputs)
     # What the ID file alone gives, beside every row's metrics in the JSON (as OpenOOD's ACC
     # column repeats on every row): its size, accuracies and fraction accepted.
@@ -449,6 +443,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               + (f", and {differences_png} (GROOD minus each baseline)" if differences
                  else ""))
     return 0
+
+
+def _id_labels_and_logits(data: Any, n_classes: int) -> tuple[Any, Any]:
+    """``grood eval``: the ID file's labels and logits as numpy arrays (``None`` where it has
+    none), checked against its rows and the detector's ``n_classes`` before any scoring: class
+    ids out of range (OpenOOD's -1 for OOD rows among them), float labels or logits of another
+    width would give an accuracy, and a logits baseline, without meaning, without a word."""
+    import numpy as np
+
+    from grood._checks import as_labels, check_labels
+
+    labels = logits = None
+    if getattr(data.features, "ndim", None) != 2:  # (the scoring names what is wrong)
+        return labels, logits
+    n = data.features.shape[0]
+    if data.labels is not None:
+        y = as_labels(data.labels, "labels")
+        check_labels(y, "labels", n, n_classes=n_classes, n_classes_from="the detector's")
+        labels = y.cpu().numpy()
+    if data.logits is not None:
+        logits = np.asarray(data.logits)
+        if logits.ndim != 2 or len(logits) != n:
+            raise ValueError(f"'logits' has shape {logits.shape}, expected ({n}, C) (one row "
+                             "per feature row)")
+        if logits.shape[1] != n_classes:
+            raise ValueError(f"'logits' has {logits.shape[1]} columns but the detector has "
+                             f"{n_classes} classes: these are not the logits of the classifier "
+                             "it was fitted for")
+    return labels, logits
 
 
 def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) -> None:

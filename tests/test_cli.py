@@ -217,8 +217,9 @@ def test_distributed_outside_torchrun_names_the_command_to_run(tmp_path, capsys,
 
 
 def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
-    """eval reads several feature files: a bad one is named, and ID labels of the wrong shape
-    are refused (labels [N, 1] broadcast against the predictions into an N x N accuracy)."""
+    """eval reads several feature files: a bad one is named, and ID labels or logits the
+    accuracy cannot use are refused (labels [N, 1] broadcast against the predictions into an
+    N x N accuracy; ids out of range or logits of another width were counted as wrong)."""
     x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
     _write(tmp_path / "train.npz", features=x, labels=y)
     det = str(tmp_path / "d.safetensors")
@@ -233,10 +234,30 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
                str(tmp_path / "bad.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and f"{tmp_path / 'bad.npz'}: features contains NaN or Inf in row(s) 2" in err
-    np.savez(tmp_path / "id_col.npz", features=x[:20].numpy(), labels=y[:20, None].numpy())
-    rc = main(["eval", det, "--id", str(tmp_path / "id_col.npz"), "--ood",
-               str(tmp_path / "far.npz")])
-    assert rc == 2 and "'labels' has shape (20, 1), expected (20,)" in capsys.readouterr().err
+    # ID labels and logits the accuracy (and the logits baselines) could not mean anything
+    # with are refused before any scoring, by file: a column, float ids, an id past the
+    # detector's classes, OpenOOD's -1 for OOD rows, logits of another width.
+    features = x[:20].numpy()
+    labels = y[:20].numpy()
+    for bad_arrays, said in (
+            ({"labels": labels[:, None]}, "labels must be a 1-D array, got shape (20, 1); pass "
+                                          "a column of class ids as labels.reshape(-1)"),
+            ({"labels": labels.astype(np.float32)},
+             "labels must hold integer class ids, got dtype float32"),
+            ({"labels": np.where(np.arange(20) == 4, 3, labels)},
+             "labels holds class id 3, out of range for 3 classes (the detector's)"),
+            ({"labels": np.where(np.arange(20) == 4, -1, labels)}, "labels must be >= 0, found -1"),
+            ({"labels": labels[:19]}, "labels has 19 entries but features have 20 rows"),
+            ({"logits": np.zeros((20, 4), np.float32)},
+             "'logits' has 4 columns but the detector has 3 classes: these are not the logits "
+             "of the classifier it was fitted for"),
+            ({"logits": np.zeros((19, 3), np.float32)},
+             "'logits' has shape (19, 3), expected (20, C) (one row per feature row)")):
+        np.savez(tmp_path / "id_bad.npz", features=features, **bad_arrays)
+        rc = main(["eval", det, "--id", str(tmp_path / "id_bad.npz"), "--ood",
+                   str(tmp_path / "far.npz")])
+        assert rc == 2
+        assert f"grood eval: error: {tmp_path / 'id_bad.npz'}: {said}" in capsys.readouterr().err
 
 
 def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, capsys):
