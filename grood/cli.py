@@ -392,6 +392,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             with det._counting_training_rows() as found:
                 ood_scores = np.asarray(det.score_samples(data.features))
             _warn_training_rows(det, path, found, len(ood_scores), ood=True)
+            _warn_ood_fit_set(det, path, data.features)
             ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
         # The path as given: two sets in different folders may share a file name.
         sets[str(path)] = ood_scores
@@ -492,6 +493,34 @@ def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) 
             "this set: does it hold training images?")
     warnings.warn(f"{path}: {zero} of its {n} rows equal indexed training rows (an indexed "
                   f"gradient at distance 0, {held}): {what}", UserWarning, stacklevel=2)
+
+
+def _warn_ood_fit_set(det: Any, path: str, features: Any) -> None:
+    """``grood eval``: a warning where an OOD file is the set the detector's OOD prototype
+    was averaged from (``ood_prototype="features"``, ``fit(..., ood_features=X)``): its mean
+    equals that prototype to a few units in the last place, which no other set's does. The
+    detector was shaped on those samples, so its metrics there are optimistic; OpenOOD keeps
+    such a set (its validation OOD) apart from the test sets."""
+    import torch
+
+    from grood._checks import as_tensor, batches
+    from grood.prototypes import OODFeatureMean, resolve_source
+
+    if not isinstance(resolve_source(det.ood_prototype), OODFeatureMean):
+        return
+    x, _ = as_tensor(features, "features")
+    proto = det.ood_prototype_.detach().cpu().to(torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for r0, r1 in batches(x.shape[0], 65536):  # a memory map is read a block at a time
+        total += x[r0:r1].to(device="cpu", dtype=torch.float64).sum(0)
+    mean = (total / x.shape[0]).to(det.ood_prototype_.dtype).to(torch.float64)
+    ulp = torch.finfo(det.ood_prototype_.dtype).eps * float(proto.abs().max())
+    if float((mean - proto).abs().max()) <= 4 * ulp:
+        warnings.warn(f"{path}: its mean is the detector's OOD prototype: it is the OOD set "
+                      "the detector was fitted with (grood fit --ood-features, fit(..., "
+                      "ood_features=...)), so the metrics on it are optimistic; fit on a "
+                      "validation OOD set kept apart from the test sets, as OpenOOD does",
+                      UserWarning, stacklevel=2)
 
 
 def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, list[str]]]]:

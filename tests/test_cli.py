@@ -466,6 +466,34 @@ def test_eval_warns_where_a_file_holds_training_rows(tmp_path, capsys):
     assert said + "they score as training samples do" in err
 
 
+def test_eval_warns_on_the_ood_set_the_detector_was_fitted_with(tmp_path, capsys):
+    """An OOD file that is the set the OOD prototype was averaged from (--ood-features) has
+    optimistic metrics: eval warns, naming it, whatever its dtype or row order; another set
+    from the same distribution, and any set under another OOD prototype, get no warning."""
+    x, y = clustered_features(90, 3, 6, seed=6, spread=0.5, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    fit_set, other = (2 * torch.randn(40, 6, generator=gen) + 1 for _ in range(2))
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    _write(tmp_path / "id.npz", features=x[60:])
+    _write(tmp_path / "val_ood.npz", features=fit_set)
+    np.savez(tmp_path / "same64.npz", features=fit_set.flip(0).double().numpy())
+    _write(tmp_path / "test_ood.npz", features=other)
+    det, plain = str(tmp_path / "d.safetensors"), str(tmp_path / "p.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "--ood-features",
+                 str(tmp_path / "val_ood.npz"), "-o", det]) == 0
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", plain]) == 0
+    capsys.readouterr()
+    files = [str(tmp_path / f) for f in ("val_ood.npz", "same64.npz", "test_ood.npz")]
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", *files]) == 0
+    err = capsys.readouterr().err
+    for path in files[:2]:
+        assert (f"grood eval: warning: {path}: its mean is the detector's OOD prototype: it is "
+                "the OOD set the detector was fitted with") in err
+    assert files[2] not in err
+    assert main(["eval", plain, "--id", str(tmp_path / "id.npz"), "--ood", *files]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     """--baselines: each baseline's metrics, fitted as grood.baselines would be by hand, in
     the table (a row per method under each set), the JSON and the plots."""
