@@ -449,8 +449,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _id_labels_and_logits(data: Any, n_classes: int) -> tuple[Any, Any]:
     """``grood eval``: the ID file's labels and logits as numpy arrays (``None`` where it has
     none), checked against its rows and the detector's ``n_classes`` before any scoring: class
-    ids out of range (OpenOOD's -1 for OOD rows among them), float labels or logits of another
-    width would give an accuracy, and a logits baseline, without meaning, without a word."""
+    ids out of range (OpenOOD's -1 for OOD rows among them), float labels or logits with fewer
+    columns than classes would give an accuracy without meaning, without a word (more columns
+    may be a classifier over a superset of the detector's classes)."""
     import numpy as np
 
     from grood._checks import as_labels, check_labels
@@ -468,7 +469,7 @@ def _id_labels_and_logits(data: Any, n_classes: int) -> tuple[Any, Any]:
         if logits.ndim != 2 or len(logits) != n:
             raise ValueError(f"'logits' has shape {logits.shape}, expected ({n}, C) (one row "
                              "per feature row)")
-        if logits.shape[1] != n_classes:
+        if logits.shape[1] < n_classes:  # (more may be a classifier over a superset)
             raise ValueError(f"'logits' has {logits.shape[1]} columns but the detector has "
                              f"{n_classes} classes: these are not the logits of the classifier "
                              "it was fitted for")

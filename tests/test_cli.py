@@ -248,8 +248,8 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
              "labels holds class id 3, out of range for 3 classes (the detector's)"),
             ({"labels": np.where(np.arange(20) == 4, -1, labels)}, "labels must be >= 0, found -1"),
             ({"labels": labels[:19]}, "labels has 19 entries but features have 20 rows"),
-            ({"logits": np.zeros((20, 4), np.float32)},
-             "'logits' has 4 columns but the detector has 3 classes: these are not the logits "
+            ({"logits": np.zeros((20, 2), np.float32)},
+             "'logits' has 2 columns but the detector has 3 classes: these are not the logits "
              "of the classifier it was fitted for"),
             ({"logits": np.zeros((19, 3), np.float32)},
              "'logits' has shape (19, 3), expected (20, C) (one row per feature row)")):
@@ -258,6 +258,12 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
                    str(tmp_path / "far.npz")])
         assert rc == 2
         assert f"grood eval: error: {tmp_path / 'id_bad.npz'}: {said}" in capsys.readouterr().err
+    # More logits columns than classes: a classifier over a superset of them, accepted.
+    np.savez(tmp_path / "id_wide.npz", features=features, labels=labels,
+             logits=np.eye(5, dtype=np.float32)[labels])
+    assert main(["eval", det, "--id", str(tmp_path / "id_wide.npz"), "--ood",
+                 str(tmp_path / "far.npz")]) == 0
+    assert ", the logits' 100.00 %" in capsys.readouterr().out
 
 
 def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, capsys):
