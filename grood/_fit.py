@@ -157,6 +157,24 @@ def check_logits_agree(by_logits: float, by_prototype: float) -> None:
             "GROOD indexes only the rows the logits get right", UserWarning, stacklevel=4)
 
 
+def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> None:
+    """Warn when the nearest class prototype gets hardly more training rows right than labels
+    unrelated to the features would (at most the largest class's share, however the
+    predictions fall): features and labels read in different orders (a shuffled loader for
+    one of them, another split) give class prototypes near the overall mean and an index of a
+    chance sample of the rows, and every score would follow that noise without a sign. Not
+    with two classes, where a chance level of a half leaves no room to tell, nor under 20
+    rows per class, where chance alone moves the count that far."""
+    largest = float(counts.max()) / n
+    if counts.numel() >= 3 and n >= 20 * counts.numel() and by_prototype <= 1.5 * largest:
+        warnings.warn(
+            f"the nearest class prototype classifies {100 * by_prototype:.1f} % of the "
+            f"training rows correctly, about what labels unrelated to the features give (the "
+            f"largest class holds {100 * largest:.1f} % of the rows): are the labels in the "
+            "order of the feature rows (not from a shuffled loader or another split)?",
+            UserWarning, stacklevel=4)
+
+
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
                n_classes: int | None, d: int, device: torch.device,
@@ -254,6 +272,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                          "classified correctly and indexed")
     if by_prototype is not None:  # (with logits)
         check_logits_agree(total / n, by_prototype)
+    check_labels_informative(total / n if by_prototype is None else by_prototype, state.counts,
+                             n)
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()

@@ -647,6 +647,35 @@ def test_logits_in_another_class_order_than_the_labels_are_named():
         GROOD().fit(x, y, logits=none_right)
 
 
+def test_labels_in_another_order_than_the_features_are_named():
+    """Features and labels read in different orders (a shuffled loader for one of them) give
+    prototypes near the overall mean and an index of a chance sample of the rows: fit warns
+    where the nearest prototype gets at most 1.5x the largest class's share right (what labels
+    unrelated to the features can give), with or without logits; labels in the features' order
+    do not warn, nor do two classes (chance is a half there)."""
+    import warnings
+
+    x, y = clustered_features(3000, 10, 8, seed=0, spread=0.6, dtype=torch.float32)
+    shuffled = y[torch.randperm(3000, generator=torch.Generator().manual_seed(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        right = GROOD().fit(x, y).train_accuracy_
+    assert right > 0.7
+    said = (r"the nearest class prototype classifies 1\d\.\d % of the training rows correctly, "
+            r"about what labels unrelated to the features give \(the largest class holds "
+            r"10\.0 % of the rows\): are the labels in the order of the feature rows")
+    with pytest.warns(UserWarning, match=said):
+        det = GROOD().fit(x, shuffled)
+    assert det.train_accuracy_ < 0.15
+    logits = torch.nn.functional.one_hot(shuffled, 10).float()  # the labels' own: agree
+    with pytest.warns(UserWarning, match=said):
+        GROOD().fit(x, shuffled, logits=logits)
+    two = (y % 2)[torch.randperm(3000, generator=torch.Generator().manual_seed(1))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GROOD().fit(x, two)
+
+
 @pytest.mark.gpu  # its CUDA half runs in bench/gpu_check.sh; the rest runs anywhere
 def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
     """A detector loaded without device= lives in host memory; features on a GPU were then

@@ -428,6 +428,7 @@ def test_detectors_with_a_faiss_index_pickle_and_deepcopy(kind):
         assert copied.index_.index.nprobe == 3
 
 
+@pytest.mark.filterwarnings("ignore:the nearest class prototype classifies")  # random labels
 def test_threads_scoring_a_fresh_half_precision_index_see_a_whole_copy(monkeypatch):
     """The half-precision copy is made at the first search. It was published before it was
     filled, so threads scoring a fresh detector at once searched half-written rows and gave
