@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 RECORD_KEYS = ("threshold", "tpr", "n", "k", "nprobe")
 
 
+def training_rows_clause(zero: int, n: int, k: int) -> str | None:
+    """Where ``zero`` of ``n`` scored rows have an indexed gradient at distance 0 — more than
+    1 %, more than exact duplicates explain — how such rows score at ``k``: ``"so they score
+    0"`` (k = 1) or ``"one of their k=K neighbours"``; else None. Calibrating and ``grood eval``
+    warn by it."""
+    if zero <= 0.01 * n:
+        return None
+    return "so they score 0" if k == 1 else f"one of their k={k} neighbours"
+
+
 class Calibration:
     """``calibrate`` / ``calibrate_model`` / ``is_ood`` of a fitted detector (it scores with
     ``score_samples`` / ``score_model``)."""
@@ -130,11 +140,11 @@ class Calibration:
                 f"gradients are indexed training gradients), so a threshold accepting "
                 f"tpr={tpr} of them would flag every new sample: calibrate on held-out "
                 "in-distribution data, not on the training set")
-        if zero > 0.01 * n:  # more than exact duplicates explain
-            held = ", so they score 0" if self.k == 1 else f", one of their k={self.k} neighbours"
+        held = training_rows_clause(zero, n, self.k)
+        if held is not None:
             warnings.warn(
                 f"{zero} of the {n} calibration rows equal indexed training rows (an indexed "
-                f"gradient at distance 0{held}): is part of the calibration set from the "
+                f"gradient at distance 0, {held}): is part of the calibration set from the "
                 "training set? Such rows score higher than new in-distribution samples, which "
                 "raises the threshold: more of those would be flagged than tpr says",
                 UserWarning, stacklevel=3)

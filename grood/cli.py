@@ -482,11 +482,16 @@ def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) 
     0), as calibrating on them warns: such rows score as the training set does, higher than new
     samples of their distribution, which inflates the metrics (an ID file) or deflates them (an
     OOD file)."""
-    zero = sum(int(t) for t in found)
-    if zero <= 0.01 * n:  # more than exact duplicates explain
+    import torch
+
+    from grood.calibration import training_rows_clause
+
+    zero = int(torch.stack(found).sum()) if found else 0  # (one read of the batches' counts)
+    held = training_rows_clause(zero, n, det.k)
+    if held is None:
         return
-    held = "so they score 0, the highest score" if det.k == 1 else (
-        f"one of their k={det.k} neighbours")
+    if det.k == 1:
+        held += ", the highest score"
     what = ("is it (part of) the training set? They score higher than new in-distribution "
             "samples would, so the metrics overstate the detector: evaluate on held-out data"
             if not ood else
