@@ -410,7 +410,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             base_sets[name][str(path)] = scores
     scores = {"GROOD": sets, **base_sets}
     rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap, layout,
-                                              flagged=threshold is not None)
+                                              id_info, flagged=threshold is not None)
     print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
     if "id_accuracy" in id_info:
         print(f"; nearest-prototype accuracy {100 * id_info['id_accuracy']:.2f} %", end="")
@@ -552,13 +552,9 @@ def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, l
     return files, layout
 
 
-#: ``grood eval --json``: what each row carries of the ID file alone (its mean rows too).
-_ID_KEYS = ("n_id", "id_accuracy", "id_logits_accuracy", "id_accepted")
-
-
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
-               id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]], *,
-               flagged: bool
+               id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]],
+               id_info: dict[str, Any], *, flagged: bool
                ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
     """``grood eval``'s table rows and, with ``n_boot`` resamples and baselines, the rows of
     GROOD minus each baseline with its paired interval and those differences by row label
@@ -569,9 +565,10 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
 
     ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
     ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
-    ``layout`` the rows (:func:`_eval_layout`). A row per method under each file and under
-    each mean over a group of files, the metrics averaged unweighted, as OpenOOD summarises
-    them. Each method is resampled once for every file together
+    ``layout`` the rows (:func:`_eval_layout`, whose labels no file's path equals);
+    ``id_info`` what each row carries of the ID file alone (a mean row too). A row per
+    method under each file and under each mean over a group of files, the metrics averaged
+    unweighted, as OpenOOD summarises them. Each method is resampled once for every file together
     (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
     all), so a mean's interval holds the ID set's shared error, and two methods' resamples,
     drawn alike, pair."""
@@ -588,8 +585,8 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     for per_set in point.values():
         averaged = [k for k in (*METRIC_LABELS, "flagged") if k in per_set[paths[0]]]
         for label, members in layout:
-            if members:  # (keyed apart from the files: "\0" is in no path)
-                per_set["\0" + label] = mean_of_sets(
+            if members:
+                per_set[label] = mean_of_sets(
                     [{k: per_set[p][k] for k in averaged} for p in members])
     resampled: dict[str, dict[str, Any]] = {}
     if n_boot is not None:
@@ -599,7 +596,7 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
             resampled[name] = dict(zip(paths, per, strict=True))
             for label, members in layout:
                 if members:
-                    resampled[name]["\0" + label] = mean_of_sets(
+                    resampled[name][label] = mean_of_sets(
                         [resampled[name][p] for p in members])
             for key, values in resampled[name].items():
                 point[name][key]["ci95"] = {k: list(v) for k, v in
@@ -607,10 +604,9 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     rows: list[list[Any]] = []
     diff_rows: list[list[str]] = []
     differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
-    for label, members in layout:
-        key = "\0" + label if members else label
+    for label, _ in layout:
         for i, name in enumerate(methods):
-            m = point[name][key]
+            m = point[name][label]
             row = [label, m.get("n_ood", "")] if i == 0 else ["", ""]
             row += [*([name] if baselines else []), *_metric_cells(m)]
             if flagged:
@@ -618,8 +614,8 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
             rows.append(row)
         for j, name in enumerate(baselines if resampled else []):  # is GROOD better here?
             d = differences.setdefault(label, {})[name] = _difference(
-                point["GROOD"][key], point[name][key], resampled["GROOD"][key],
-                resampled[name][key])
+                point["GROOD"][label], point[name][label], resampled["GROOD"][label],
+                resampled[name][label])
             diff_rows.append([label if j == 0 else "", name,
                               *(f"{100 * v:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f})"
                                 for v, lo, hi in d.values())])
@@ -628,13 +624,11 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
             results[label] = results.pop(label)
             continue
         first = results[members[0]]
-        key = "\0" + label
         results[label] = {"mean_of": members, **({"group": first["group"]} if "group" in first
                                                  else {}),
-                          **{k: first[k] for k in _ID_KEYS if k in first},
-                          **point["GROOD"][key]}
+                          **id_info, **point["GROOD"][label]}
         if baselines:
-            results[label]["baselines"] = {name: point[name][key] for name in baselines}
+            results[label]["baselines"] = {name: point[name][label] for name in baselines}
     return rows, diff_rows, differences
 
 
