@@ -157,16 +157,26 @@ def check_logits_agree(by_logits: float, by_prototype: float) -> None:
             "GROOD indexes only the rows the logits get right", UserWarning, stacklevel=4)
 
 
+def chance_share(accuracy: float, counts: Any, n: int) -> float | None:
+    """The largest class's share of ``n`` labelled rows (``counts`` per class) where
+    ``accuracy`` is hardly above it (at most 1.5 times): what labels unrelated to the features
+    give, however the predictions fall. None otherwise, and where it cannot tell: under three
+    classes (a chance level of a half leaves no room) or under 20 rows per class (chance alone
+    moves the count that far)."""
+    largest = float(counts.max()) / n
+    if len(counts) >= 3 and n >= 20 * len(counts) and accuracy <= 1.5 * largest:
+        return largest
+    return None
+
+
 def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> None:
     """Warn when the nearest class prototype gets hardly more training rows right than labels
-    unrelated to the features would (at most the largest class's share, however the
-    predictions fall): features and labels read in different orders (a shuffled loader for
-    one of them, another split) give class prototypes near the overall mean and an index of a
-    chance sample of the rows, and every score would follow that noise without a sign. Not
-    with two classes, where a chance level of a half leaves no room to tell, nor under 20
-    rows per class, where chance alone moves the count that far."""
-    largest = float(counts.max()) / n
-    if counts.numel() >= 3 and n >= 20 * counts.numel() and by_prototype <= 1.5 * largest:
+    unrelated to the features would (:func:`chance_share`): features and labels read in
+    different orders (a shuffled loader for one of them, another split) give class prototypes
+    near the overall mean and an index of a chance sample of the rows, and every score would
+    follow that noise without a sign."""
+    largest = chance_share(by_prototype, counts, n)
+    if largest is not None:
         warnings.warn(
             f"the nearest class prototype classifies {100 * by_prototype:.1f} % of the "
             f"training rows correctly, about what labels unrelated to the features give (the "

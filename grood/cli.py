@@ -379,6 +379,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         id_info["id_accuracy"] = float(np.mean(id_pred == labels))
         if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
             id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
+        _warn_id_accuracy(det, args.id, labels, id_info)
     if threshold is not None:
         id_info["id_accepted"] = float(np.mean(id_scores >= threshold))
     id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
@@ -474,6 +475,35 @@ def _id_labels_and_logits(data: Any, n_classes: int) -> tuple[Any, Any]:
                              f"{n_classes} classes: these are not the logits of the classifier "
                              "it was fitted for")
     return labels, logits
+
+
+def _warn_id_accuracy(det: Any, path: str, labels: Any, id_info: dict[str, Any]) -> None:
+    """``grood eval``: a warning where the detector's nearest class prototype gets hardly more
+    of the ID file's rows right than labels unrelated to the features would
+    (:func:`grood._fit.chance_share`): features from another model or preprocessing than the
+    detector's training features, or labels in another class order or row order, give
+    metrics without meaning, and nothing else in the table shows it."""
+    import numpy as np
+
+    from grood._fit import chance_share
+
+    accuracy, counts = id_info["id_accuracy"], np.bincount(labels, minlength=det.n_classes_)
+    largest = chance_share(accuracy, counts, len(labels))
+    if largest is None:
+        return
+    said = (f"{path}: the detector's nearest class prototype classifies {100 * accuracy:.1f} % "
+            f"of its rows correctly (the training set: {100 * det.train_accuracy_:.1f} %), "
+            f"about what labels unrelated to the features give (the largest class holds "
+            f"{100 * largest:.1f} % of the rows)")
+    by_logits = id_info.get("id_logits_accuracy")
+    if by_logits is not None and chance_share(by_logits, counts, len(labels)) is None:
+        said += (f", while its logits get {100 * by_logits:.1f} % right: are its features "
+                 "from the model and preprocessing the detector was fitted with?")
+    else:
+        said += (": are its features from the model the detector was fitted with, and its "
+                 "labels in the detector's class order and in the order of the rows?")
+    warnings.warn(said + " Its metrics would measure that mismatch.", UserWarning,
+                  stacklevel=2)
 
 
 def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) -> None:

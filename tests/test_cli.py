@@ -1,6 +1,7 @@
 """The grood command: demo at a reduced size, fit / score / eval on feature files, help."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -498,6 +499,46 @@ def test_eval_warns_on_the_ood_set_the_detector_was_fitted_with(tmp_path, capsys
     assert files[2] not in err
     assert main(["eval", plain, "--id", str(tmp_path / "id.npz"), "--ood", *files]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, capsys):
+    """ID rows the detector's nearest prototype gets right hardly more often than the largest
+    class's share (features of another model, labels in another order) give metrics without
+    meaning: eval warns, naming the file, its accuracy and the training set's, and where the
+    logits still get the rows right, that the features are what is wrong; a held-out file
+    with its own labels gets no warning."""
+    x, y = clustered_features(420, 3, 6, seed=7, spread=0.4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    _write(tmp_path / "train.npz", features=x[:240], labels=y[:240])
+    logits = 5 * torch.nn.functional.one_hot(y[240:], 3).float()
+    _write(tmp_path / "id.npz", features=x[240:], labels=y[240:], logits=logits)
+    other = x[240:][torch.randperm(180, generator=gen)]  # rows in another order than labels
+    _write(tmp_path / "other.npz", features=other, labels=y[240:], logits=logits)
+    _write(tmp_path / "shuffled.npz", features=other, labels=y[240:])
+    _write(tmp_path / "ood.npz", features=4 * torch.randn(30, 6, generator=gen))
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    ood = str(tmp_path / "ood.npz")
+    assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", ood]) == 0
+    assert "warning" not in capsys.readouterr().err
+    train_acc = 100 * GROOD.load(det).train_accuracy_
+    largest = 100 * np.bincount(y[240:].numpy()).max() / 180
+    for name, hint in (("other.npz", "while its logits get 100.0 % right: are its features "
+                                     "from the model and preprocessing"),
+                       ("shuffled.npz", "are its features from the model the detector was "
+                                        "fitted with, and its labels in the detector's class "
+                                        "order and in the order of the rows?")):
+        path = str(tmp_path / name)
+        assert main(["eval", det, "--id", path, "--ood", ood]) == 0
+        out, err = capsys.readouterr()
+        accuracy = re.search(r"nearest-prototype accuracy (\d+\.\d\d) %", out).group(1)
+        assert float(accuracy) < 50
+        said = (f"grood eval: warning: {path}: the detector's nearest class prototype "
+                f"classifies {float(accuracy):.1f} % of its rows correctly (the training set: "
+                f"{train_acc:.1f} %), about what labels unrelated to the features give (the "
+                f"largest class holds {largest:.1f} % of the rows)")
+        assert said in err and hint in err
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
