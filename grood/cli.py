@@ -358,6 +358,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               **({"training feature file": args.train} if args.train is not None else {})}
     if args.json:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
+    if args.csv:
+        save_target(args.csv, suffixes=(".csv",), what="OpenOOD metric tables", inputs=inputs)
+        if args.json and os.path.realpath(args.json) == os.path.realpath(args.csv):
+            raise ValueError(f"--json and --csv name the same file ({args.csv}); give each "
+                             "its own")
     plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     _override(det, args)
@@ -432,6 +437,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
+    if args.csv:
+        with written_atomically(args.csv) as tmp:
+            tmp.write_text(_openood_csv(results, layout, list(id_base)))
     if plots is not None:
         from grood.report import plot_differences, plot_histograms, plot_roc
 
@@ -660,6 +668,39 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
         if baselines:
             results[label]["baselines"] = {name: point[name][label] for name in baselines}
     return rows, diff_rows, differences
+
+
+#: ``grood eval --csv``: the name of each mean row (by its label's group), OpenOOD's for its
+#: near- and far-OOD summaries (no feature file has such a name: they all end in a suffix).
+OPENOOD_MEAN_NAMES = {"near-OOD": "nearood", "far-OOD": "farood", "--ood": "ood", "": "ood"}
+#: ``grood eval --csv``: OpenOOD's column for each metric, in its order.
+OPENOOD_COLUMNS = {"fpr95": "FPR@95", "auroc": "AUROC", "aupr_in": "AUPR_IN",
+                   "aupr_out": "AUPR_OUT"}
+
+
+def _openood_csv(results: dict[str, dict[str, Any]], layout: list[tuple[str, list[str]]],
+                 baselines: list[str]) -> str:
+    """``grood eval --csv``: the metrics as OpenOOD's evaluator tabulates them (its
+    ``ood.csv``): a row per OOD file (its path) and per mean (``nearood``, ``farood``, ``ood``
+    for ``--ood``'s files), in percent, ``ACC`` the ID file's nearest-prototype accuracy
+    (empty without labels); with baselines a ``method`` column and a row per method, theirs
+    without ``ACC`` (OpenOOD's comes from each postprocessor's own predictions)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    table = csv.writer(out, lineterminator="\n")
+    table.writerow(["dataset", *(["method"] if baselines else []), *OPENOOD_COLUMNS.values(),
+                    "ACC"])
+    for label, members in layout:
+        name = OPENOOD_MEAN_NAMES[label.rsplit("mean of", 1)[0].strip()] if members else label
+        m = results[label]
+        acc = f"{100 * m['id_accuracy']:.4f}" if "id_accuracy" in m else ""
+        for method, metrics in (("GROOD", m), *((b, m["baselines"][b]) for b in baselines)):
+            table.writerow([name, *([method] if baselines else []),
+                            *(f"{100 * metrics[k]:.4f}" for k in OPENOOD_COLUMNS),
+                            acc if method == "GROOD" else ""])
+    return out.getvalue()
 
 
 def _metric_cells(m: dict[str, Any]) -> list[Any]:
@@ -975,6 +1016,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files, and with --baselines theirs under each file's "
                                    "'baselines'; each mean row too, by its label, its files "
                                    "under 'mean_of'")
+    ev.add_argument("--csv", metavar="FILE",
+                    help="also write the metrics as OpenOOD's evaluator tabulates them (its "
+                         "ood.csv: a row per OOD file and per mean, named nearood, farood or "
+                         "ood; FPR@95, AUROC, AUPR_IN, AUPR_OUT and ACC in percent; ACC the "
+                         "ID file's nearest-prototype accuracy), with --baselines a method "
+                         "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp and energy "

@@ -1,5 +1,6 @@
 """The grood command: demo at a reduced size, fit / score / eval on feature files, help."""
 
+import csv
 import json
 import re
 import shutil
@@ -445,6 +446,56 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
                  "near-OOD mean of 2 sets", "--json", "m.json"]) == 2
     assert ("an OOD file is named like a mean row ('near-OOD mean of 2 sets'); give its path "
             "another way (e.g. ./ in front)") in capsys.readouterr().err
+
+
+def test_eval_writes_openood_csv(tmp_path, capsys, monkeypatch):
+    """--csv: OpenOOD's table (its ood.csv): a row per file and per group mean, named nearood,
+    farood or ood, FPR@95 / AUROC / AUPR_IN / AUPR_OUT in percent from the same metrics as
+    the JSON, ACC the ID file's nearest-prototype accuracy; with --baselines a method column,
+    a row per method, ACC on GROOD's rows only. --csv and --json naming one file is refused
+    before any work."""
+    x, y = clustered_features(150, 3, 6, seed=8, spread=0.5, dtype=torch.float32)
+    noise = torch.randn(60, 6, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(90, 3, generator=torch.Generator().manual_seed(5))
+    _write(tmp_path / "train.npz", features=x[:60], labels=y[:60])
+    _write(tmp_path / "id.npz", features=x[60:], labels=y[60:], logits=logits)
+    for i in range(3):
+        _write(tmp_path / f"o{i}.npz", features=(2 + i) * noise[20 * i:20 * (i + 1)],
+               logits=logits[:20])
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", det, "--id", "id.npz", "--near", "o0.npz", "o1.npz", "--far",
+                 "o2.npz", "--json", "m.json", "--csv", "ood.csv"]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    with open(tmp_path / "ood.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["dataset", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
+    assert [row[0] for row in table[1:]] == ["o0.npz", "o1.npz", "nearood", "o2.npz"]
+    for row, key in zip(table[1:], got, strict=True):
+        m = got[key]
+        assert [float(v) for v in row[1:]] == pytest.approx(
+            [100 * m[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out", "id_accuracy")],
+            abs=1e-4)
+    assert main(["eval", det, "--id", "id.npz", "--ood", "o0.npz", "o1.npz", "--baselines",
+                 "msp", "energy", "--json", "m.json", "--csv", "ood.csv"]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    with open(tmp_path / "ood.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:2] == ["dataset", "method"]
+    assert [row[:2] for row in table[1:]] == [[name, method] for name in ("o0.npz", "o1.npz",
+                                                                         "ood")
+                                              for method in ("GROOD", "MSP", "Energy")]
+    for row in table[1:]:
+        m = got[row[0] if row[0] != "ood" else "mean of 2 sets"]
+        m = m if row[1] == "GROOD" else m["baselines"][row[1]]
+        assert float(row[3]) == pytest.approx(100 * m["auroc"], abs=1e-4)
+        assert (row[6] == "") == (row[1] != "GROOD")
+    capsys.readouterr()
+    assert main(["eval", det, "--id", "id.npz", "--ood", "o0.npz", "--csv", "x.csv", "--json",
+                 "x.csv"]) == 2
+    assert "--json and --csv name the same file (x.csv)" in capsys.readouterr().err
 
 
 def test_eval_warns_where_a_file_holds_training_rows(tmp_path, capsys):
