@@ -828,7 +828,7 @@ def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
     assert diff < 1e-6
 
 
-def test_fit_with_half_precision_index_storage(tmp_path):
+def test_fit_with_half_precision_index_storage(tmp_path, capsys):
     x, y = clustered_features(200, 4, 8, seed=2, dtype=torch.float32)
     _write(tmp_path / "t.npz", features=x, labels=y)
     for name, extra in (("plain", []), ("half", ["--index-storage", "bfloat16",
@@ -846,6 +846,12 @@ def test_fit_with_half_precision_index_storage(tmp_path):
     # An fp32 index has no exact copy: the option was dropped without a word.
     assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "no.safetensors"),
                  "--exact-copy", "host"]) == 2
+    assert not (tmp_path / "no.safetensors").exists()
+    # faiss keeps its own fp32 vectors: a storage dtype for them would be dropped too.
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "no.safetensors"),
+                 "--index", "faiss-flat", "--index-storage", "bfloat16"]) == 2
+    assert "--index-storage applies to --index exact only" in capsys.readouterr().err
     assert not (tmp_path / "no.safetensors").exists()
 
 

@@ -210,6 +210,7 @@ def _bad_fit_cases():
          r"it to \[N, D\] \(torch: x.flatten\(1\); numpy: x.reshape\(len\(x\), -1\)\)"),
         ("int-features", (x.long(), y), {}, TypeError, "must be floating point"),
         ("empty", (x[:0], y[:0]), {}, ValueError, "features is empty"),
+        ("no-columns", (x[:, :0], y), {}, ValueError, "features has zero columns"),
         ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
         ("bool-labels", (x, y > 1), {}, TypeError, "labels must hold integer class ids"),
         ("one-hot-labels", (x, torch.nn.functional.one_hot(y).float()), {}, TypeError,
@@ -336,6 +337,7 @@ def test_no_correct_training_sample_is_refused():
     (lambda t: torch.where(torch.arange(25)[:, None] == 7, float("nan"), t), ValueError,
      r"NaN or Inf in row\(s\) 7"),
     (lambda t: t[:0], ValueError, "features is empty"),
+    (lambda t: t[:, :0], ValueError, "features has zero columns"),
     (lambda t: t.long(), TypeError, "floating point"),
     (lambda t: [row.tolist() for row in t[:3]] + [[1.0]], ValueError,
      "features is not a rectangular array"),
@@ -496,6 +498,43 @@ def test_future_format_version_is_refused(saved):
     save_file(tensors, str(saved), metadata=meta)
     with pytest.raises(ValueError, match=r"format version 99; this grood"):
         GROOD.load(saved)
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("format", "other-tool", r"is not a grood detector file \(format 'other-tool', expected "),
+    ("format_version", "two", r": invalid format_version 'two'"),
+    ("params", "{not json", r" is corrupt: unreadable metadata"),
+    ("state", "[1, 2]", r" is corrupt: unreadable metadata"),
+])
+def test_a_damaged_header_is_refused_by_load_and_info(saved, field, value, said):
+    """A header field that says another format, or does not parse, is refused with what is
+    wrong, both where loading reads it (which checks the digest over the settings first) and
+    where ``grood info`` reads the header alone."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import describe
+
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(saved), metadata={**meta, field: value})
+    with pytest.raises(DetectorFileError, match=said):
+        describe(saved)
+    if field in ("params", "state"):  # covered by the digest, which loading checks first
+        said = " is corrupt: its checksum does not match its contents"
+    with pytest.raises(DetectorFileError, match=said):
+        GROOD.load(saved)
+
+
+def test_info_refuses_a_truncated_or_missing_file(saved):
+    from grood.persistence import describe
+
+    saved.write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(DetectorFileError, match="not a readable grood detector file"):
+        describe(saved)
+    with pytest.raises(FileNotFoundError, match="no detector file"):
+        describe(saved.with_name("absent.safetensors"))
 
 
 def test_tampered_metadata_is_refused(saved):

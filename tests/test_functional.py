@@ -362,6 +362,24 @@ def test_ncp_gradient_shape_errors(h_shape, p_shape, o_shape, match):
         F.ncp_gradient(torch.zeros(h_shape), torch.zeros(p_shape), torch.zeros(o_shape))
 
 
+def test_functional_refusals_name_the_input():
+    """The pure-torch ops refuse what they cannot compute on, naming the input: integer
+    features, labels of another length, a running state of another shape, a re-rank database
+    of another shape than the database."""
+    x, y = clustered_features(12, 3, 4, seed=2)
+    with pytest.raises(TypeError, match=r"h must be floating point, got torch\.int64"):
+        F.ncp_gradient(x.long(), x[:3], x[0])
+    with pytest.raises(ValueError, match=r"labels must have shape \[12\], got \(11,\)"):
+        F.class_prototypes(x, y[:11], 3)
+    state = F.class_prototypes(x, y, 3)
+    with pytest.raises(ValueError, match=r"state holds sums of shape \(3, 4\), expected "
+                                         r"\(4, 4\)"):
+        F.class_prototypes(x, y, 4, state=state)
+    with pytest.raises(ValueError, match=r"rerank_database has shape \(5, 4\), the database "
+                                         r"\(12, 4\)"):
+        F.knn(x[:2], x, 1, rerank_database=x[:5])
+
+
 def test_class_prototypes_batchwise_equals_one_shot():
     x, y = clustered_features(101, 7, 12, seed=7)
     one = F.class_prototypes(x, y, 7)
