@@ -3,6 +3,7 @@
 >>> from grood import GROOD
 >>> detector = GROOD().fit(train_features, train_labels, logits=train_logits)
 >>> scores = detector.score_samples(test_features)   # higher = more in-distribution
+>>> print(evaluate(detector, test_features, {"svhn": svhn_features}).table())
 
 Works with plain PyTorch; Triton kernels (``grood[triton]``) and faiss indexes are optional.
 
@@ -21,6 +22,7 @@ from grood.errors import (
     NotFittedError,
     RankFailedError,
 )
+from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
@@ -33,6 +35,7 @@ __all__ = [
     "BackendUnavailableError",
     "DetectorFileError",
     "Energy",
+    "Evaluation",
     "GradientIndex",
     "Mahalanobis",
     "MissingExtraError",
@@ -43,6 +46,7 @@ __all__ = [
     "RankFailedError",
     "UniformNoise",
     "__version__",
+    "evaluate",
     "ood_metrics",
     "register_index",
     "register_source",

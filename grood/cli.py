@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from grood import __version__
 from grood._checks import fraction_arg, positive_int_arg, prefixed_errors
@@ -321,14 +321,10 @@ def _size(n: int) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from grood import GROOD
-    from grood.calibration import current_threshold
+    from grood.evaluation import eval_layout, evaluate, id_labels_and_logits
     from grood.io import load_features
-    from grood.metrics import ood_metrics
     from grood.persistence import save_target, written_atomically
-    from grood.report import METRIC_LABELS, markdown_table
 
     _require_files({"detector file": args.detector, "feature file": args.id})
     feature_baselines = [b for b in args.baselines if b in ("knn", "mahalanobis")]
@@ -345,12 +341,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
-    ood_files, layout = _eval_layout(args)
+    if not (args.ood or args.near or args.far):
+        raise ValueError("give the OOD feature files: --ood FILE ..., or OpenOOD's groups "
+                         "--near FILE ... and --far FILE ...")
+    ood_files = [*args.near, *args.far, *args.ood]  # the table's order
     real = [os.path.realpath(p) for p in ood_files]
     repeated = [p for i, p in enumerate(ood_files) if real[i] in real[:i]]
     if repeated:  # one row and one metrics entry per set
         raise ValueError("an OOD file is named more than once (by --ood, --near and --far "
                          f"together): {', '.join(repeated)}")
+    groups = {g: dict.fromkeys(getattr(args, g), "") for g in ("ood", "near", "far")}
+    eval_layout(groups["ood"], groups["near"], groups["far"])  # a path named like a mean row
     for path in ood_files:
         _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
@@ -366,366 +367,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     plots = _plot_targets(args.plots, inputs) if args.plots else None
     det = GROOD.load(args.detector, device=args.device, backend=args.backend)
     _override(det, args)
-    threshold = current_threshold(det, required=False)
     id_data = load_features(args.id)
     with prefixed_errors(args.id):  # several feature files: an error says which one
-        labels, logits = _id_labels_and_logits(id_data, det.n_classes_)  # before any work
-    id_inputs = _BaselineInputs(id_data, args.device)
-    baselines = _fit_baselines(args, id_inputs, det.n_features_in_)
-    with prefixed_errors(args.id):
-        with det._counting_training_rows() as found:
-            id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
-        _warn_training_rows(det, args.id, found, len(id_scores), ood=False)
-        id_base = _baseline_scores(baselines, id_inputs)
-    # What the ID file alone gives, beside every row's metrics in the JSON (as OpenOOD's ACC
-    # column repeats on every row): its size, accuracies and fraction accepted.
-    id_info: dict[str, Any] = {"n_id": len(id_scores)}
-    if labels is not None:
-        id_info["id_accuracy"] = float(np.mean(id_pred == labels))
-        if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
-            id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
-        _warn_id_accuracy(det, args.id, labels, id_info)
-    if threshold is not None:
-        id_info["id_accepted"] = float(np.mean(id_scores >= threshold))
-    id_key = f"{args.id} (ID)"  # the ID file may also be given as an OOD set
-    sets = {id_key: id_scores}
-    base_sets = {name: {id_key: v} for name, v in id_base.items()}
-    results: dict[str, dict[str, Any]] = {}
-    groups = {**{p: "near" for p in args.near}, **{p: "far" for p in args.far}}
-    for path in ood_files:
-        with prefixed_errors(path):
-            data = load_features(path)
-            with det._counting_training_rows() as found:
-                ood_scores = np.asarray(det.score_samples(data.features))
-            _warn_training_rows(det, path, found, len(ood_scores), ood=True)
-            _warn_ood_fit_set(det, path, data.features)
-            ood_base = _baseline_scores(baselines, _BaselineInputs(data, args.device))
-        # The path as given: two sets in different folders may share a file name.
-        sets[str(path)] = ood_scores
-        # the sample counts the metrics came from, as the table's n column
-        m = results[str(path)] = {**id_info, "n_ood": len(ood_scores),
-                                  **ood_metrics(id_scores, ood_scores)}
-        if path in groups:  # OpenOOD's near- or far-OOD
-            m["group"] = groups[path]
-        if threshold is not None:  # the fraction the detector's threshold flags
-            m["flagged"] = float(np.mean(ood_scores < threshold))
-        if baselines:
-            m["baselines"] = {}
-        for name, scores in ood_base.items():
-            m["baselines"][name] = ood_metrics(id_base[name], scores)
-            base_sets[name][str(path)] = scores
-    scores = {"GROOD": sets, **base_sets}
-    rows, diff_rows, differences = _eval_rows(results, scores, id_key, args.bootstrap, layout,
-                                              id_info, flagged=threshold is not None)
-    print(f"ID: {args.id} ({len(id_scores)} samples)", end="")
-    if "id_accuracy" in id_info:
-        print(f"; nearest-prototype accuracy {100 * id_info['id_accuracy']:.2f} %", end="")
-    if "id_logits_accuracy" in id_info:
-        print(f", the logits' {100 * id_info['id_logits_accuracy']:.2f} %", end="")
-    header = ["OOD set", "n", *(["method"] if baselines else []), *METRIC_LABELS.values()]
-    if threshold is not None:
-        print(f"; {100 * id_info['id_accepted']:.2f} % accepted at the detector's "
+        id_labels_and_logits(id_data, det.n_classes_)  # before any work
+    baselines = _fit_baselines(args, id_data, det.n_features_in_)
+    ev = evaluate(det, id_data, {p: p for p in args.ood}, near={p: p for p in args.near},
+                  far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
+                  id_name=args.id, device=args.device)
+    info = ev.id_info
+    print(f"ID: {args.id} ({info['n_id']} samples)", end="")
+    if "id_accuracy" in info:
+        print(f"; nearest-prototype accuracy {100 * info['id_accuracy']:.2f} %", end="")
+    if "id_logits_accuracy" in info:
+        print(f", the logits' {100 * info['id_logits_accuracy']:.2f} %", end="")
+    if "id_accepted" in info:
+        print(f"; {100 * info['id_accepted']:.2f} % accepted at the detector's "
               f"{_threshold_line(det)}", end="")
-        header.append("flagged")
     print("\n")
-    print(markdown_table(header, rows))
-    if diff_rows:
+    print(ev.table())
+    differences = ev.difference_table()
+    if differences is not None:
         print("\nGROOD minus each baseline on the same samples, with its paired 95 % bootstrap "
               "interval (above 0: GROOD higher, better but for FPR@95; an interval holding 0 "
               "does not resolve the two):\n")
-        print(markdown_table(["OOD set", "baseline", *METRIC_LABELS.values()], diff_rows))
+        print(differences)
     if args.json:
         with written_atomically(args.json) as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
+            tmp.write_text(json.dumps(ev.results, indent=2))
     if args.csv:
         with written_atomically(args.csv) as tmp:
-            tmp.write_text(_openood_csv(results, layout, list(id_base)))
+            tmp.write_text(ev.openood_csv())
     if plots is not None:
         from grood.report import plot_differences, plot_histograms, plot_roc
 
-        marks = None if threshold is None else {"GROOD": (threshold,
-                                                          det.calibration_["tpr"])}
-        written = [plot_roc(scores, id_key, [str(p) for p in ood_files], plots[0], marks),
-                   plot_histograms(scores, plots[1], marks)]
-        if differences:
-            differences_png = plot_differences(differences, plots[2])
+        marks = None if ev.threshold is None else {"GROOD": (ev.threshold,
+                                                             det.calibration_["tpr"])}
+        written = [plot_roc(ev.scores, ev.id_key, ood_files, plots[0], marks),
+                   plot_histograms(ev.scores, plots[1], marks)]
+        if ev.differences:
+            differences_png = plot_differences(ev.differences, plots[2])
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)"
-              + (f", and {differences_png} (GROOD minus each baseline)" if differences
+              + (f", and {differences_png} (GROOD minus each baseline)" if ev.differences
                  else ""))
     return 0
-
-
-def _id_labels_and_logits(data: Any, n_classes: int) -> tuple[Any, Any]:
-    """``grood eval``: the ID file's labels and logits as numpy arrays (``None`` where it has
-    none), checked against its rows and the detector's ``n_classes`` before any scoring: class
-    ids out of range (OpenOOD's -1 for OOD rows among them), float labels or logits with fewer
-    columns than classes would give an accuracy without meaning, without a word (more columns
-    may be a classifier over a superset of the detector's classes)."""
-    import numpy as np
-
-    from grood._checks import as_labels, check_labels
-
-    labels = logits = None
-    if getattr(data.features, "ndim", None) != 2:  # (the scoring names what is wrong)
-        return labels, logits
-    n = data.features.shape[0]
-    if data.labels is not None:
-        y = as_labels(data.labels, "labels")
-        check_labels(y, "labels", n, n_classes=n_classes, n_classes_from="the detector's")
-        labels = y.cpu().numpy()
-    if data.logits is not None:
-        logits = np.asarray(data.logits)
-        if logits.ndim != 2 or len(logits) != n:
-            raise ValueError(f"'logits' has shape {logits.shape}, expected ({n}, C) (one row "
-                             "per feature row)")
-        if logits.shape[1] < n_classes:  # (more may be a classifier over a superset)
-            raise ValueError(f"'logits' has {logits.shape[1]} columns but the detector has "
-                             f"{n_classes} classes: these are not the logits of the classifier "
-                             "it was fitted for")
-    return labels, logits
-
-
-def _warn_id_accuracy(det: Any, path: str, labels: Any, id_info: dict[str, Any]) -> None:
-    """``grood eval``: a warning where the detector's nearest class prototype gets hardly more
-    of the ID file's rows right than labels unrelated to the features would
-    (:func:`grood._fit.chance_share`): features from another model or preprocessing than the
-    detector's training features, or labels in another class order or row order, give
-    metrics without meaning, and nothing else in the table shows it."""
-    import numpy as np
-
-    from grood._fit import chance_share
-
-    accuracy, counts = id_info["id_accuracy"], np.bincount(labels, minlength=det.n_classes_)
-    largest = chance_share(accuracy, counts, len(labels))
-    if largest is None:
-        return
-    said = (f"{path}: the detector's nearest class prototype classifies {100 * accuracy:.1f} % "
-            f"of its rows correctly (the training set: {100 * det.train_accuracy_:.1f} %), "
-            f"about what labels unrelated to the features give (the largest class holds "
-            f"{100 * largest:.1f} % of the rows)")
-    by_logits = id_info.get("id_logits_accuracy")
-    if by_logits is not None and chance_share(by_logits, counts, len(labels)) is None:
-        said += (f", while its logits get {100 * by_logits:.1f} % right: are its features "
-                 "from the model and preprocessing the detector was fitted with?")
-    else:
-        said += (": are its features from the model the detector was fitted with, and its "
-                 "labels in the detector's class order and in the order of the rows?")
-    warnings.warn(said + " Its metrics would measure that mismatch.", UserWarning,
-                  stacklevel=2)
-
-
-def _warn_training_rows(det: Any, path: str, found: list, n: int, *, ood: bool) -> None:
-    """``grood eval``: a warning where more than 1 % of a file's ``n`` rows equal indexed
-    training rows (``found``: the scoring's counts of rows with an indexed gradient at distance
-    0), as calibrating on them warns: such rows score as the training set does, higher than new
-    samples of their distribution, which inflates the metrics (an ID file) or deflates them (an
-    OOD file)."""
-    import torch
-
-    from grood.calibration import training_rows_clause
-
-    zero = int(torch.stack(found).sum()) if found else 0  # (one read of the batches' counts)
-    held = training_rows_clause(zero, n, det.k)
-    if held is None:
-        return
-    if det.k == 1:
-        held += ", the highest score"
-    what = ("is it (part of) the training set? They score higher than new in-distribution "
-            "samples would, so the metrics overstate the detector: evaluate on held-out data"
-            if not ood else
-            "they score as training samples do, so the metrics understate the detector on "
-            "this set: does it hold training images?")
-    warnings.warn(f"{path}: {zero} of its {n} rows equal indexed training rows (an indexed "
-                  f"gradient at distance 0, {held}): {what}", UserWarning, stacklevel=2)
-
-
-def _warn_ood_fit_set(det: Any, path: str, features: Any) -> None:
-    """``grood eval``: a warning where an OOD file is the set the detector's OOD prototype
-    was averaged from (``ood_prototype="features"``, ``fit(..., ood_features=X)``): its mean
-    equals that prototype to a few units in the last place, which no other set's does. The
-    detector was shaped on those samples, so its metrics there are optimistic; OpenOOD keeps
-    such a set (its validation OOD) apart from the test sets."""
-    import torch
-
-    from grood._checks import as_tensor, batches
-    from grood.prototypes import OODFeatureMean, resolve_source
-
-    if not isinstance(resolve_source(det.ood_prototype), OODFeatureMean):
-        return
-    x, _ = as_tensor(features, "features")
-    proto = det.ood_prototype_.detach().cpu().to(torch.float64)
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    for r0, r1 in batches(x.shape[0], 65536):  # a memory map is read a block at a time
-        total += x[r0:r1].to(device="cpu", dtype=torch.float64).sum(0)
-    mean = (total / x.shape[0]).to(det.ood_prototype_.dtype).to(torch.float64)
-    ulp = torch.finfo(det.ood_prototype_.dtype).eps * float(proto.abs().max())
-    if float((mean - proto).abs().max()) <= 4 * ulp:
-        warnings.warn(f"{path}: its mean is the detector's OOD prototype: it is the OOD set "
-                      "the detector was fitted with (grood fit --ood-features, fit(..., "
-                      "ood_features=...)), so the metrics on it are optimistic; fit on a "
-                      "validation OOD set kept apart from the test sets, as OpenOOD does",
-                      UserWarning, stacklevel=2)
-
-
-def _eval_layout(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """``grood eval``'s OOD files in the table's order (``--near``'s, ``--far``'s, ``--ood``'s)
-    and its rows: ``(path, [])`` for a file's, ``(label, paths)`` for the mean over a group
-    of two or more (OpenOOD's near- and far-OOD summaries; ``--ood``'s files form one)."""
-    if not (args.ood or args.near or args.far):
-        raise ValueError("give the OOD feature files: --ood FILE ..., or OpenOOD's groups "
-                         "--near FILE ... and --far FILE ...")
-    files: list[str] = []
-    layout: list[tuple[str, list[str]]] = []
-    grouped = bool(args.near or args.far)
-    for group, paths in (("near-OOD ", args.near), ("far-OOD ", args.far),
-                         ("--ood " if grouped else "", args.ood)):
-        files += paths
-        layout += [(p, []) for p in paths]
-        if len(paths) > 1:
-            layout.append((f"{group}mean of {len(paths)} sets", list(paths)))
-    clash = [label for label, members in layout if members and label in files]
-    if clash:  # a row of its own and a mean row would share the label
-        raise ValueError(f"an OOD file is named like a mean row ({clash[0]!r}); give its path "
-                         "another way (e.g. ./ in front)")
-    return files, layout
-
-
-def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
-               id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]],
-               id_info: dict[str, Any], *, flagged: bool
-               ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
-    """``grood eval``'s table rows and, with ``n_boot`` resamples and baselines, the rows of
-    GROOD minus each baseline with its paired interval and those differences by row label
-    and baseline (``(difference, low, high)`` by metric, for
-    :func:`grood.report.plot_differences`); the intervals go into ``results`` too (``ci95``,
-    a baseline's ``grood_minus_ci95``), and ``results`` gains the mean rows (keyed by their
-    labels, each with ``mean_of``, its files), all in the table's order.
-
-    ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
-    ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
-    ``layout`` the rows (:func:`_eval_layout`, whose labels no file's path equals);
-    ``id_info`` what each row carries of the ID file alone (a mean row too). A row per
-    method under each file and under each mean over a group of files, the metrics averaged
-    unweighted, as OpenOOD summarises them. Each method is resampled once for every file together
-    (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
-    all), so a mean's interval holds the ID set's shared error, and two methods' resamples,
-    drawn alike, pair."""
-    from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
-    from grood.report import METRIC_LABELS
-
-    paths, methods = list(results), list(scores)
-    baselines = methods[1:]
-
-    def metrics_of(name: str, key: str) -> dict[str, Any]:
-        return results[key] if name == "GROOD" else results[key]["baselines"][name]
-
-    point = {name: {key: metrics_of(name, key) for key in paths} for name in methods}
-    for per_set in point.values():
-        averaged = [k for k in (*METRIC_LABELS, "flagged") if k in per_set[paths[0]]]
-        for label, members in layout:
-            if members:
-                per_set[label] = mean_of_sets(
-                    [{k: per_set[p][k] for k in averaged} for p in members])
-    resampled: dict[str, dict[str, Any]] = {}
-    if n_boot is not None:
-        for name in methods:
-            per = resampled_set_metrics(scores[name][id_key], [scores[name][k] for k in paths],
-                                        n_boot=n_boot, progress=None)
-            resampled[name] = dict(zip(paths, per, strict=True))
-            for label, members in layout:
-                if members:
-                    resampled[name][label] = mean_of_sets(
-                        [resampled[name][p] for p in members])
-            for key, values in resampled[name].items():
-                point[name][key]["ci95"] = {k: list(v) for k, v in
-                                            percentile_intervals(values).items()}
-    rows: list[list[Any]] = []
-    diff_rows: list[list[str]] = []
-    differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
-    for label, _ in layout:
-        for i, name in enumerate(methods):
-            m = point[name][label]
-            row = [label, m.get("n_ood", "")] if i == 0 else ["", ""]
-            row += [*([name] if baselines else []), *_metric_cells(m)]
-            if flagged:
-                row.append(m["flagged"] if i == 0 else "")
-            rows.append(row)
-        for j, name in enumerate(baselines if resampled else []):  # is GROOD better here?
-            d = differences.setdefault(label, {})[name] = _difference(
-                point["GROOD"][label], point[name][label], resampled["GROOD"][label],
-                resampled[name][label])
-            diff_rows.append([label if j == 0 else "", name,
-                              *(f"{100 * v:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f})"
-                                for v, lo, hi in d.values())])
-    for label, members in layout:  # the JSON in the table's order, the means beside the files
-        if not members:
-            results[label] = results.pop(label)
-            continue
-        first = results[members[0]]
-        results[label] = {"mean_of": members, **({"group": first["group"]} if "group" in first
-                                                 else {}),
-                          **id_info, **point["GROOD"][label]}
-        if baselines:
-            results[label]["baselines"] = {name: point[name][label] for name in baselines}
-    return rows, diff_rows, differences
-
-
-#: ``grood eval --csv``: the name of each mean row (by its label's group), OpenOOD's for its
-#: near- and far-OOD summaries (no feature file has such a name: they all end in a suffix).
-OPENOOD_MEAN_NAMES = {"near-OOD": "nearood", "far-OOD": "farood", "--ood": "ood", "": "ood"}
-#: ``grood eval --csv``: OpenOOD's column for each metric, in its order.
-OPENOOD_COLUMNS = {"fpr95": "FPR@95", "auroc": "AUROC", "aupr_in": "AUPR_IN",
-                   "aupr_out": "AUPR_OUT"}
-
-
-def _openood_csv(results: dict[str, dict[str, Any]], layout: list[tuple[str, list[str]]],
-                 baselines: list[str]) -> str:
-    """``grood eval --csv``: the metrics as OpenOOD's evaluator tabulates them (its
-    ``ood.csv``): a row per OOD file (its path) and per mean (``nearood``, ``farood``, ``ood``
-    for ``--ood``'s files), in percent, ``ACC`` the ID file's nearest-prototype accuracy
-    (empty without labels); with baselines a ``method`` column and a row per method, theirs
-    without ``ACC`` (OpenOOD's comes from each postprocessor's own predictions)."""
-    import csv
-    import io
-
-    out = io.StringIO()
-    table = csv.writer(out, lineterminator="\n")
-    table.writerow(["dataset", *(["method"] if baselines else []), *OPENOOD_COLUMNS.values(),
-                    "ACC"])
-    for label, members in layout:
-        name = OPENOOD_MEAN_NAMES[label.rsplit("mean of", 1)[0].strip()] if members else label
-        m = results[label]
-        acc = f"{100 * m['id_accuracy']:.4f}" if "id_accuracy" in m else ""
-        for method, metrics in (("GROOD", m), *((b, m["baselines"][b]) for b in baselines)):
-            table.writerow([name, *([method] if baselines else []),
-                            *(f"{100 * metrics[k]:.4f}" for k in OPENOOD_COLUMNS),
-                            acc if method == "GROOD" else ""])
-    return out.getvalue()
-
-
-def _metric_cells(m: dict[str, Any]) -> list[Any]:
-    """A table row's metric cells: fractions (printed as percentages), or with an interval
-    ``"94.72 (93.10–96.05)"``."""
-    from grood.report import METRIC_LABELS
-
-    if "ci95" not in m:
-        return [m[k] for k in METRIC_LABELS]
-    return [f"{100 * m[k]:.2f} ({100 * m['ci95'][k][0]:.2f}–{100 * m['ci95'][k][1]:.2f})"
-            for k in METRIC_LABELS]
-
-
-def _difference(grood_m: dict[str, Any], base_m: dict[str, Any],
-                grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
-                ) -> dict[str, tuple[float, float, float]]:
-    """``grood eval --bootstrap --baselines``: GROOD's metrics minus one baseline's on one OOD
-    set (or their mean over the sets), each with its paired bootstrap interval (the two
-    methods' resamples, drawn alike), ``(difference, low, high)`` by metric; the interval
-    kept in the baseline's entry (``grood_minus_ci95``)."""
-    from grood.metrics import paired_difference
-
-    d = paired_difference(grood_m, base_m, grood_resampled, base_resampled)
-    base_m["grood_minus_ci95"] = {k: [lo, hi] for k, (_, lo, hi) in d.items()}
-    return d
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
@@ -736,27 +420,25 @@ EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
 KNN_K = 50
 
 
-def _fit_baselines(args: argparse.Namespace, id_inputs: _BaselineInputs, n_features: int
-                   ) -> dict[str, tuple[str, Any]]:
-    """``grood eval --baselines``: each one fitted, by its display name (with its key), before
-    any scoring (those of logits on the ID file's, ``id_inputs``); the training features of the
-    width the detector's (``n_features``) were."""
+def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> list[Any]:
+    """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
+    ID file's), on the command's device; the training features of the width the detector's
+    (``n_features``) were."""
     import grood.baselines
     from grood.io import load_features
 
-    out: dict[str, tuple[str, Any]] = {}
-    train = (_BaselineInputs(load_features(args.train), args.device)
-             if args.train is not None else None)
+    train = load_features(args.train) if args.train is not None else None
+    out = []
     for key in args.baselines:
         cls_name, inputs = EVAL_BASELINES[key]
         cls = getattr(grood.baselines, cls_name)
         if inputs == "logits":
             with prefixed_errors(args.id):
-                est = cls().fit(id_inputs.get("logits", key))
+                est = cls().fit(_file_array(id_data, "logits", key, args.device))
         else:
             assert train is not None  # (checked by _cmd_eval)
             with prefixed_errors(args.train):
-                x = train.get("features", key)
+                x = _file_array(train, "features", key, args.device)
                 if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
                     raise ValueError(f"the training features have {x.shape[1]} columns, the "
                                      f"detector's {n_features}: --train is not the features "
@@ -764,41 +446,25 @@ def _fit_baselines(args: argparse.Namespace, id_inputs: _BaselineInputs, n_featu
                 if key == "knn":
                     est = cls(k=args.knn_k or KNN_K).fit(x)
                 else:
-                    est = cls().fit(x, train.get("labels", key))
-        out[f"KNN (k={est.k})" if key == "knn" else cls.name] = (key, est)
+                    est = cls().fit(x, _file_array(train, "labels", key, args.device))
+        out.append(est)
     return out
 
 
-class _BaselineInputs:
-    """A feature file's arrays as tensors on the command's device, each moved once however
-    many baselines read it; a missing one is named with the baseline that needs it."""
-
-    #: What a baseline that lacks the array does with it, by array.
-    MISSING: ClassVar[dict[str, str]] = {
-        "logits": "scores logits: the file has no 'logits' array",
-        "labels": "fits one mean per class: the file needs 'labels'"}
-
-    def __init__(self, data: Any, device: str) -> None:
-        self.data, self.device = data, device
-        self.moved: dict[str, Any] = {}
-
-    def get(self, name: str, key: str) -> Any:
-        if name not in self.moved:
-            from grood._checks import as_tensor
-
-            value = getattr(self.data, name)
-            if value is None:
-                raise ValueError(f"--baselines {key} {self.MISSING[name]}")
-            self.moved[name] = as_tensor(value, name)[0].to(self.device)
-        return self.moved[name]
+#: What a baseline that lacks a feature file's array does with it, by array.
+_MISSING = {"logits": "scores logits: the file has no 'logits' array",
+            "labels": "fits one mean per class: the file needs 'labels'"}
 
 
-def _baseline_scores(baselines: dict[str, tuple[str, Any]], inputs: _BaselineInputs
-                     ) -> dict[str, Any]:
-    """Each fitted baseline's scores of one feature file (its logits or its features), numpy
-    arrays by display name."""
-    return {name: est.score_samples(inputs.get(est.inputs, key)).cpu().numpy()
-            for name, (key, est) in baselines.items()}
+def _file_array(data: Any, name: str, key: str, device: str | None) -> Any:
+    """A feature file's array as a tensor on ``device``; a missing one named with the
+    baseline (``--baselines key``) that needs it."""
+    from grood._checks import as_tensor
+
+    value = getattr(data, name)
+    if value is None:
+        raise ValueError(f"--baselines {key} {_MISSING[name]}")
+    return as_tensor(value, name)[0].to(device)
 
 
 def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path, Path]:

@@ -434,18 +434,18 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
     lines = capsys.readouterr().out.splitlines()
     labels = [line.split("|")[1].strip() for line in lines if line.startswith("| ")][1:]
     assert labels == ["n0.npz", "n1.npz", "near-OOD mean of 2 sets", "f0.npz", "f1.npz",
-                      "id.npz", "--ood mean of 2 sets"]
+                      "id.npz", "OOD mean of 2 sets"]
     got = json.loads((tmp_path / "m.json").read_text())
     assert got["f0.npz"]["group"] == "far" and "group" not in got["f1.npz"]
     assert list(got) == labels
-    assert got["--ood mean of 2 sets"]["mean_of"] == ["f1.npz", "id.npz"]
-    assert "group" not in got["--ood mean of 2 sets"]
+    assert got["OOD mean of 2 sets"]["mean_of"] == ["f1.npz", "id.npz"]
+    assert "group" not in got["OOD mean of 2 sets"]
     # A file spelled like a mean row's label would share its row and its JSON key: refused
     # before anything is read.
     assert main(["eval", det, "--id", "id.npz", "--near", "n0.npz", "n1.npz", "--far",
                  "near-OOD mean of 2 sets", "--json", "m.json"]) == 2
-    assert ("an OOD file is named like a mean row ('near-OOD mean of 2 sets'); give its path "
-            "another way (e.g. ./ in front)") in capsys.readouterr().err
+    assert ("an OOD set is named like a mean row ('near-OOD mean of 2 sets'); name it another "
+            "way (a path, e.g. with ./ in front)") in capsys.readouterr().err
 
 
 def test_eval_writes_openood_csv(tmp_path, capsys, monkeypatch):
@@ -654,8 +654,8 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
         (["--id", str(tmp_path / "short.npz")],
          "short.npz: 'logits' has shape (10, 3), expected (60, C)"),
         (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
-          str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
-                                    "'logits' array"),
+          str(tmp_path / "a.npz")], "a.npz: the MSP baseline scores logits: this set has no "
+                                    "'logits'"),
         (["--baselines", "mahalanobis", "--train", str(tmp_path / "ood.npz")],
          "ood.npz: --baselines mahalanobis fits one mean per class: the file needs 'labels'"),
     ]

@@ -39,7 +39,7 @@ class SmallResNet(nn.Module):
 
 def _namespace():
     x, y = clustered_features(120, 3, 16, seed=0, dtype=torch.float32)
-    test, _ = clustered_features(40, 3, 16, seed=1, spread=0.5, dtype=torch.float32)
+    test, test_y = clustered_features(40, 3, 16, seed=1, spread=0.5, dtype=torch.float32)
     val, _ = clustered_features(30, 3, 16, seed=2, spread=0.5, dtype=torch.float32)
     logits = torch.nn.functional.one_hot(y, 3).float() * 3
     gen = torch.Generator().manual_seed(3)
@@ -50,6 +50,9 @@ def _namespace():
     return {
         "train_features": x.numpy(), "train_labels": y.numpy(), "train_logits": logits.numpy(),
         "test_features": test.numpy(), "val_features": val.numpy(),
+        "test_labels": test_y.numpy(),
+        "c100_features": (val + 1.5 * torch.randn(30, 16, generator=gen)).numpy(),
+        "svhn_features": (4 * torch.rand(30, 16, generator=gen)).numpy(),
         "scores_id": np.linspace(0.0, 1.0, 30),
         "scores_ood": np.linspace(-1.0, 0.5, 20), "model": model, "resnet": model,
         "train_loader": loader, "test_loader": loader, "images": images[:4],

@@ -1,0 +1,512 @@
+"""Evaluate a fitted detector: OpenOOD's metrics for an ID set against OOD sets, per set and
+per group, with bootstrap intervals and baselines scored on the same samples.
+
+:func:`evaluate` is what ``grood eval`` runs, for Python::
+
+    from grood import evaluate
+    ev = evaluate(det, {"features": x_test, "labels": y_test},
+                  near={"cifar100": x_c100, "tin": x_tin}, far={"svhn": x_svhn})
+    print(ev.table())                      # a row per set, then each group's mean
+    ev.results["near-OOD mean of 2 sets"]  # its metrics; ev.openood_csv(): OpenOOD's table
+
+Beside the metrics it checks that the evaluation measures the detector, warning (as
+``UserWarning``, naming the set) where it measures something else: ID or OOD rows that are
+indexed training rows, an OOD set that is the one the detector's OOD prototype was averaged
+from, and ID labels the nearest class prototype gets right no more often than chance (features
+of another model, labels in another order).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from grood._checks import prefixed_errors
+from grood.io import KEYS, FeatureFile, load_features
+from grood.metrics import MIN_RESAMPLES
+
+#: Groups of OOD sets, in the table's order: the keyword of :func:`evaluate` and the label
+#: of its mean row (OpenOOD's near- and far-OOD summaries; other sets beside them form a
+#: third).
+GROUPS = (("near", "near-OOD"), ("far", "far-OOD"), ("ood", "OOD"))
+#: The name of each mean row in OpenOOD's table (by its group's label; the mean of the sets
+#: given without groups has none).
+OPENOOD_MEAN_NAMES = {"near-OOD": "nearood", "far-OOD": "farood", "OOD": "ood", "": "ood"}
+#: OpenOOD's column for each metric, in its order.
+OPENOOD_COLUMNS = {"fpr95": "FPR@95", "auroc": "AUROC", "aupr_in": "AUPR_IN",
+                   "aupr_out": "AUPR_OUT"}
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        results (dict): by OOD set name and by mean label, in the table's order, each set's
+            metrics (``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``) with ``n_id``, ``n_ood``,
+            what the ID set gives (``id_accuracy``, ``id_logits_accuracy``, ``id_accepted``
+            where they apply), ``group``, ``flagged`` (at the detector's threshold), ``ci95``
+            (with ``bootstrap``), and each baseline's under ``baselines``; a mean row also
+            ``mean_of``, its sets. ``grood eval --json`` writes this.
+        scores (dict): each method's scores (GROOD first) by set, the ID set's under
+            ``id_key``: numpy arrays.
+        id_key (str): the ID set's key in ``scores``.
+        id_info (dict): what the ID set alone gives (``n_id``, accuracies, ``id_accepted``).
+        layout (list): the rows, ``(name, [])`` for a set, ``(label, names)`` for a mean.
+        differences (dict): with ``bootstrap`` and baselines, GROOD minus each baseline,
+            ``(difference, low, high)`` by metric, by row and baseline.
+        threshold (float): the detector's threshold the ``flagged`` and ``id_accepted``
+            fractions are at; None without one.
+    """
+
+    results: dict[str, dict[str, Any]]
+    scores: dict[str, dict[str, Any]]
+    id_key: str
+    id_info: dict[str, Any]
+    layout: list[tuple[str, list[str]]]
+    differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]]
+    threshold: float | None
+    _rows: list[list[Any]] = field(repr=False)
+    _diff_rows: list[list[str]] = field(repr=False)
+
+    @property
+    def baselines(self) -> list[str]:
+        """The baselines' display names, in the table's order."""
+        return list(self.scores)[1:]
+
+    def table(self) -> str:
+        """The metrics as a Markdown table, in percent: a row per set and per mean (with
+        baselines a row per method under each), intervals where ``bootstrap`` gave them,
+        ``flagged`` where the detector has a threshold."""
+        from grood.report import METRIC_LABELS, markdown_table
+
+        header = ["OOD set", "n", *(["method"] if self.baselines else []),
+                  *METRIC_LABELS.values(), *(["flagged"] if self.threshold is not None
+                                             else [])]
+        return markdown_table(header, self._rows)
+
+    def difference_table(self) -> str | None:
+        """With ``bootstrap`` and baselines: GROOD minus each baseline with its paired 95 %
+        interval, in percentage points, as a Markdown table (None otherwise)."""
+        from grood.report import METRIC_LABELS, markdown_table
+
+        if not self._diff_rows:
+            return None
+        return markdown_table(["OOD set", "baseline", *METRIC_LABELS.values()],
+                              self._diff_rows)
+
+    def openood_csv(self) -> str:
+        """The metrics as OpenOOD's evaluator tabulates them (its ``ood.csv``): a row per set
+        and per mean (``nearood``, ``farood``, ``ood``), ``FPR@95``, ``AUROC``, ``AUPR_IN``,
+        ``AUPR_OUT`` and ``ACC`` (the ID set's nearest-prototype accuracy, empty without
+        labels) in percent; with baselines a ``method`` column and a row per method, theirs
+        without ``ACC`` (OpenOOD's comes from each postprocessor's own predictions)."""
+        out = io.StringIO()
+        table = csv.writer(out, lineterminator="\n")
+        baselines = self.baselines
+        table.writerow(["dataset", *(["method"] if baselines else []),
+                        *OPENOOD_COLUMNS.values(), "ACC"])
+        for label, members in self.layout:
+            name = (OPENOOD_MEAN_NAMES[label.rsplit("mean of", 1)[0].strip()] if members
+                    else label)
+            m = self.results[label]
+            acc = f"{100 * m['id_accuracy']:.4f}" if "id_accuracy" in m else ""
+            for method, metrics in (("GROOD", m), *((b, m["baselines"][b]) for b in baselines)):
+                table.writerow([name, *([method] if baselines else []),
+                                *(f"{100 * metrics[k]:.4f}" for k in OPENOOD_COLUMNS),
+                                acc if method == "GROOD" else ""])
+        return out.getvalue()
+
+
+def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
+             near: Mapping[str, Any] | None = None, far: Mapping[str, Any] | None = None,
+             baselines: Sequence[Any] = (), bootstrap: int | None = None,
+             id_name: str = "the ID set", device: Any = None) -> Evaluation:
+    """Score an ID set and OOD sets with a fitted detector and measure each OOD set against
+    the ID set, as OpenOOD does (OOD is the positive class).
+
+    Args:
+        det (GROOD): a fitted detector (its threshold, if calibrated, gives ``flagged`` and
+            ``id_accepted``).
+        id_set: the in-distribution test set: a features array [N, D], a mapping with
+            ``features`` and optionally ``labels`` (the nearest-prototype accuracy, checked
+            against chance) and ``logits`` (their accuracy; MSP / Energy baselines), a
+            :class:`grood.io.FeatureFile`, or the path of a feature file.
+        ood: OOD sets by name, each as ``id_set``; with several, a row averages them.
+        near, far: OpenOOD's near- and far-OOD groups, by name: each group's sets, then its
+            mean row (where it has two or more); ``ood``'s sets after them.
+        baselines: fitted :mod:`grood.baselines` estimators, scored on the same sets (their
+            ``inputs``: each set's ``features`` or ``logits``).
+        bootstrap (int): resamples for each metric's 95 % percentile interval (at least 100;
+            seeded), a mean's too, and with baselines GROOD minus each with its paired
+            interval.
+        id_name (str): how messages and warnings name the ID set.
+        device: where the baselines' inputs are moved before scoring (default: as given).
+
+    Returns:
+        Evaluation: the metrics (``results``), scores, tables and OpenOOD's CSV.
+
+    Sets are read one at a time (a path is loaded when its turn comes). Warns where more
+    than 1 % of a set's rows equal indexed training rows, where an OOD set's mean is the
+    detector's OOD prototype (``ood_prototype="features"``: the set it was fitted with), and
+    where the ID labels are hardly better predicted than chance.
+    """
+    from grood.calibration import current_threshold
+    from grood.metrics import ood_metrics
+
+    det._check_fitted()
+    if bootstrap is not None and bootstrap < MIN_RESAMPLES:
+        raise ValueError(f"bootstrap={bootstrap}: a percentile interval needs at least "
+                         f"{MIN_RESAMPLES} resamples (1000 is usual)")
+    sets, layout = eval_layout(ood, near, far)
+    methods = _baseline_names(baselines)
+    threshold = current_threshold(det, required=False)
+    id_data = as_eval_set(id_set, id_name)
+    with prefixed_errors(id_name):  # before any scoring
+        labels, logits = id_labels_and_logits(id_data, det.n_classes_)
+        with det._counting_training_rows() as found:
+            id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
+        warn_training_rows(det, id_name, found, len(id_scores), ood=False)
+        id_base = _baseline_scores(methods, id_data, device)
+    # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
+    # repeats on every row): its size, accuracies and fraction accepted.
+    id_info: dict[str, Any] = {"n_id": len(id_scores)}
+    if labels is not None:
+        id_info["id_accuracy"] = float(np.mean(id_pred == labels))
+        if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
+            id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
+        warn_id_accuracy(det, id_name, labels, id_info)
+    if threshold is not None:
+        id_info["id_accepted"] = float(np.mean(id_scores >= threshold))
+    id_key = f"{id_name} (ID)"  # the ID set may also be given as an OOD set
+    scores: dict[str, dict[str, Any]] = {"GROOD": {id_key: id_scores},
+                                         **{name: {id_key: v} for name, v in id_base.items()}}
+    results: dict[str, dict[str, Any]] = {}
+    for name, (group, value) in sets.items():
+        with prefixed_errors(name):
+            data = as_eval_set(value, name)
+            with det._counting_training_rows() as found:
+                ood_scores = np.asarray(det.score_samples(data.features))
+            warn_training_rows(det, name, found, len(ood_scores), ood=True)
+            warn_ood_fit_set(det, name, data.features)
+            ood_base = _baseline_scores(methods, data, device)
+        scores["GROOD"][name] = ood_scores
+        # the sample counts the metrics came from, as the table's n column
+        m = results[name] = {**id_info, "n_ood": len(ood_scores),
+                             **ood_metrics(id_scores, ood_scores)}
+        if group != "ood":  # OpenOOD's near- or far-OOD
+            m["group"] = group
+        if threshold is not None:  # the fraction the detector's threshold flags
+            m["flagged"] = float(np.mean(ood_scores < threshold))
+        if methods:
+            m["baselines"] = {}
+        for method, s in ood_base.items():
+            m["baselines"][method] = ood_metrics(id_base[method], s)
+            scores[method][name] = s
+    rows, diff_rows, differences = _eval_rows(results, scores, id_key, bootstrap, layout,
+                                              id_info, flagged=threshold is not None)
+    return Evaluation(results, scores, id_key, id_info, layout, differences, threshold, rows,
+                      diff_rows)
+
+
+def as_eval_set(value: Any, name: str) -> FeatureFile:
+    """A set given to :func:`evaluate` as a :class:`FeatureFile`: a path is loaded, a mapping
+    read by its keys (``features``, ``labels``, ``logits``; others refused), anything else
+    taken as the features."""
+    if isinstance(value, (str, os.PathLike)):
+        return load_features(value)
+    if isinstance(value, FeatureFile):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(KEYS))
+        if unknown or "features" not in value:
+            raise ValueError(f"{name}: a set given as a mapping holds 'features' and "
+                             f"optionally 'labels' and 'logits'; got keys {sorted(value)}")
+        return FeatureFile(value["features"], value.get("labels"), value.get("logits"))
+    return FeatureFile(value, None, None)
+
+
+def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
+            far: Mapping[str, Any] | None
+            ) -> tuple[dict[str, tuple[str, Any]], list[tuple[str, list[str]]]]:
+    """The OOD sets in the table's order (near's, far's, ood's), each with its group, and the
+    rows: ``(name, [])`` for a set's, ``(label, names)`` for the mean over a group of two or
+    more."""
+    given = {"near": near or {}, "far": far or {}, "ood": ood or {}}
+    if not any(given.values()):
+        raise ValueError("give the OOD sets: ood={name: set, ...}, or OpenOOD's groups near= "
+                         "and far=")
+    grouped = bool(given["near"] or given["far"])
+    sets: dict[str, tuple[str, Any]] = {}
+    layout: list[tuple[str, list[str]]] = []
+    for group, label in GROUPS:
+        names = [str(n) for n in given[group]]
+        twice = [n for n in names if n in sets]
+        if twice:  # one row and one metrics entry per set
+            raise ValueError(f"an OOD set is named more than once (in more than one group): "
+                             f"{', '.join(twice)}")
+        sets.update({str(n): (group, v) for n, v in given[group].items()})
+        layout += [(n, []) for n in names]
+        if len(names) > 1:
+            layout.append((f"{label + ' ' if grouped else ''}mean of {len(names)} sets", names))
+    clash = [label for label, members in layout if members and label in sets]
+    if clash:  # a row of its own and a mean row would share the label
+        raise ValueError(f"an OOD set is named like a mean row ({clash[0]!r}); name it "
+                         "another way (a path, e.g. with ./ in front)")
+    return sets, layout
+
+
+def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
+    """The fitted baselines by display name (``KNN (k=50)`` with its neighbour)."""
+    from grood.baselines import KNN
+
+    out: dict[str, Any] = {}
+    for est in baselines:
+        if not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
+            raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
+                            f"{type(est).__name__}")
+        name = f"KNN (k={est.k})" if isinstance(est, KNN) else type(est).name
+        if name in out or name == "GROOD":
+            raise ValueError(f"two baselines are named {name!r}: give each once")
+        out[name] = est
+    return out
+
+
+def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any
+                     ) -> dict[str, Any]:
+    """Each fitted baseline's scores of one set (its logits or its features), numpy arrays by
+    display name; each array moved to ``device`` once however many baselines read it."""
+    from grood._checks import as_tensor
+
+    moved: dict[str, Any] = {}
+    out = {}
+    for name, est in methods.items():
+        if est.inputs not in moved:
+            value = getattr(data, est.inputs)
+            if value is None:
+                raise ValueError(f"the {name} baseline scores {est.inputs}: this set has no "
+                                 f"'{est.inputs}'")
+            t = as_tensor(value, est.inputs)[0]
+            moved[est.inputs] = t if device is None else t.to(device)
+        out[name] = np.asarray(est.score_samples(moved[est.inputs]).cpu())
+    return out
+
+
+def id_labels_and_logits(data: FeatureFile, n_classes: int) -> tuple[Any, Any]:
+    """The ID set's labels and logits as numpy arrays (``None`` where it has none), checked
+    against its rows and the detector's ``n_classes`` before any scoring: class ids out of
+    range (OpenOOD's -1 for OOD rows among them), float labels or logits with fewer columns
+    than classes would give an accuracy without meaning, without a word (more columns may be
+    a classifier over a superset of the detector's classes)."""
+    from grood._checks import as_labels, check_labels
+
+    labels = logits = None
+    if getattr(data.features, "ndim", None) != 2:  # (the scoring names what is wrong)
+        return labels, logits
+    n = data.features.shape[0]
+    if data.labels is not None:
+        y = as_labels(data.labels, "labels")
+        check_labels(y, "labels", n, n_classes=n_classes, n_classes_from="the detector's")
+        labels = y.cpu().numpy()
+    if data.logits is not None:
+        logits = np.asarray(data.logits.cpu() if hasattr(data.logits, "cpu") else data.logits)
+        if logits.ndim != 2 or len(logits) != n:
+            raise ValueError(f"'logits' has shape {logits.shape}, expected ({n}, C) (one row "
+                             "per feature row)")
+        if logits.shape[1] < n_classes:  # (more may be a classifier over a superset)
+            raise ValueError(f"'logits' has {logits.shape[1]} columns but the detector has "
+                             f"{n_classes} classes: these are not the logits of the classifier "
+                             "it was fitted for")
+    return labels, logits
+
+
+def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]) -> None:
+    """A warning where the detector's nearest class prototype gets hardly more of the ID
+    set's rows right than labels unrelated to the features would
+    (:func:`grood._fit.chance_share`): features from another model or preprocessing than the
+    detector's training features, or labels in another class order or row order, give
+    metrics without meaning, and nothing else in the table shows it."""
+    from grood._fit import chance_share
+
+    accuracy, counts = id_info["id_accuracy"], np.bincount(labels, minlength=det.n_classes_)
+    largest = chance_share(accuracy, counts, len(labels))
+    if largest is None:
+        return
+    said = (f"{name}: the detector's nearest class prototype classifies {100 * accuracy:.1f} % "
+            f"of its rows correctly (the training set: {100 * det.train_accuracy_:.1f} %), "
+            f"about what labels unrelated to the features give (the largest class holds "
+            f"{100 * largest:.1f} % of the rows)")
+    by_logits = id_info.get("id_logits_accuracy")
+    if by_logits is not None and chance_share(by_logits, counts, len(labels)) is None:
+        said += (f", while its logits get {100 * by_logits:.1f} % right: are its features "
+                 "from the model and preprocessing the detector was fitted with?")
+    else:
+        said += (": are its features from the model the detector was fitted with, and its "
+                 "labels in the detector's class order and in the order of the rows?")
+    warnings.warn(said + " Its metrics would measure that mismatch.", UserWarning,
+                  stacklevel=3)
+
+
+def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool) -> None:
+    """A warning where more than 1 % of a set's ``n`` rows equal indexed training rows
+    (``found``: the scoring's counts of rows with an indexed gradient at distance 0), as
+    calibrating on them warns: such rows score as the training set does, higher than new
+    samples of their distribution, which inflates the metrics (an ID set) or deflates them
+    (an OOD set)."""
+    import torch
+
+    from grood.calibration import training_rows_clause
+
+    zero = int(torch.stack(found).sum()) if found else 0  # (one read of the batches' counts)
+    held = training_rows_clause(zero, n, det.k)
+    if held is None:
+        return
+    if det.k == 1:
+        held += ", the highest score"
+    what = ("is it (part of) the training set? They score higher than new in-distribution "
+            "samples would, so the metrics overstate the detector: evaluate on held-out data"
+            if not ood else
+            "they score as training samples do, so the metrics understate the detector on "
+            "this set: does it hold training images?")
+    warnings.warn(f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
+                  f"gradient at distance 0, {held}): {what}", UserWarning, stacklevel=3)
+
+
+def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
+    """A warning where an OOD set is the set the detector's OOD prototype was averaged from
+    (``ood_prototype="features"``, ``fit(..., ood_features=X)``): its mean equals that
+    prototype to a few units in the last place, which no other set's does. The detector was
+    shaped on those samples, so its metrics there are optimistic; OpenOOD keeps such a set
+    (its validation OOD) apart from the test sets."""
+    import torch
+
+    from grood._checks import as_tensor, batches
+    from grood.prototypes import OODFeatureMean, resolve_source
+
+    if not isinstance(resolve_source(det.ood_prototype), OODFeatureMean):
+        return
+    x, _ = as_tensor(features, "features")
+    proto = det.ood_prototype_.detach().cpu().to(torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for r0, r1 in batches(x.shape[0], 65536):  # a memory map is read a block at a time
+        total += x[r0:r1].to(device="cpu", dtype=torch.float64).sum(0)
+    mean = (total / x.shape[0]).to(det.ood_prototype_.dtype).to(torch.float64)
+    ulp = torch.finfo(det.ood_prototype_.dtype).eps * float(proto.abs().max())
+    if float((mean - proto).abs().max()) <= 4 * ulp:
+        warnings.warn(f"{name}: its mean is the detector's OOD prototype: it is the OOD set "
+                      "the detector was fitted with (grood fit --ood-features, fit(..., "
+                      "ood_features=...)), so the metrics on it are optimistic; fit on a "
+                      "validation OOD set kept apart from the test sets, as OpenOOD does",
+                      UserWarning, stacklevel=3)
+
+
+def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
+               id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]],
+               id_info: dict[str, Any], *, flagged: bool
+               ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
+    """The table's rows and, with ``n_boot`` resamples and baselines, the rows of
+    GROOD minus each baseline with its paired interval and those differences by row label
+    and baseline (``(difference, low, high)`` by metric, for
+    :func:`grood.report.plot_differences`); the intervals go into ``results`` too (``ci95``,
+    a baseline's ``grood_minus_ci95``), and ``results`` gains the mean rows (keyed by their
+    labels, each with ``mean_of``, its files), all in the table's order.
+
+    ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
+    ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
+    ``layout`` the rows (:func:`_eval_layout`, whose labels no file's path equals);
+    ``id_info`` what each row carries of the ID file alone (a mean row too). A row per
+    method under each file and under each mean over a group of files, the metrics averaged
+    unweighted, as OpenOOD summarises them. Each method is resampled once for every file together
+    (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
+    all), so a mean's interval holds the ID set's shared error, and two methods' resamples,
+    drawn alike, pair."""
+    from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
+    from grood.report import METRIC_LABELS
+
+    paths, methods = list(results), list(scores)
+    baselines = methods[1:]
+
+    def metrics_of(name: str, key: str) -> dict[str, Any]:
+        return results[key] if name == "GROOD" else results[key]["baselines"][name]
+
+    point = {name: {key: metrics_of(name, key) for key in paths} for name in methods}
+    for per_set in point.values():
+        averaged = [k for k in (*METRIC_LABELS, "flagged") if k in per_set[paths[0]]]
+        for label, members in layout:
+            if members:
+                per_set[label] = mean_of_sets(
+                    [{k: per_set[p][k] for k in averaged} for p in members])
+    resampled: dict[str, dict[str, Any]] = {}
+    if n_boot is not None:
+        for name in methods:
+            per = resampled_set_metrics(scores[name][id_key], [scores[name][k] for k in paths],
+                                        n_boot=n_boot, progress=None)
+            resampled[name] = dict(zip(paths, per, strict=True))
+            for label, members in layout:
+                if members:
+                    resampled[name][label] = mean_of_sets(
+                        [resampled[name][p] for p in members])
+            for key, values in resampled[name].items():
+                point[name][key]["ci95"] = {k: list(v) for k, v in
+                                            percentile_intervals(values).items()}
+    rows: list[list[Any]] = []
+    diff_rows: list[list[str]] = []
+    differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
+    for label, _ in layout:
+        for i, name in enumerate(methods):
+            m = point[name][label]
+            row = [label, m.get("n_ood", "")] if i == 0 else ["", ""]
+            row += [*([name] if baselines else []), *_metric_cells(m)]
+            if flagged:
+                row.append(m["flagged"] if i == 0 else "")
+            rows.append(row)
+        for j, name in enumerate(baselines if resampled else []):  # is GROOD better here?
+            d = differences.setdefault(label, {})[name] = _difference(
+                point["GROOD"][label], point[name][label], resampled["GROOD"][label],
+                resampled[name][label])
+            diff_rows.append([label if j == 0 else "", name,
+                              *(f"{100 * v:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f})"
+                                for v, lo, hi in d.values())])
+    for label, members in layout:  # the JSON in the table's order, the means beside the files
+        if not members:
+            results[label] = results.pop(label)
+            continue
+        first = results[members[0]]
+        results[label] = {"mean_of": members, **({"group": first["group"]} if "group" in first
+                                                 else {}),
+                          **id_info, **point["GROOD"][label]}
+        if baselines:
+            results[label]["baselines"] = {name: point[name][label] for name in baselines}
+    return rows, diff_rows, differences
+
+
+def _metric_cells(m: dict[str, Any]) -> list[Any]:
+    """A table row's metric cells: fractions (printed as percentages), or with an interval
+    ``"94.72 (93.10–96.05)"``."""
+    from grood.report import METRIC_LABELS
+
+    if "ci95" not in m:
+        return [m[k] for k in METRIC_LABELS]
+    return [f"{100 * m[k]:.2f} ({100 * m['ci95'][k][0]:.2f}–{100 * m['ci95'][k][1]:.2f})"
+            for k in METRIC_LABELS]
+
+
+def _difference(grood_m: dict[str, Any], base_m: dict[str, Any],
+                grood_resampled: dict[str, Any], base_resampled: dict[str, Any]
+                ) -> dict[str, tuple[float, float, float]]:
+    """``grood eval --bootstrap --baselines``: GROOD's metrics minus one baseline's on one OOD
+    set (or their mean over the sets), each with its paired bootstrap interval (the two
+    methods' resamples, drawn alike), ``(difference, low, high)`` by metric; the interval
+    kept in the baseline's entry (``grood_minus_ci95``)."""
+    from grood.metrics import paired_difference
+
+    d = paired_difference(grood_m, base_m, grood_resampled, base_resampled)
+    base_m["grood_minus_ci95"] = {k: [lo, hi] for k, (_, lo, hi) in d.items()}
+    return d

@@ -1,0 +1,126 @@
+"""grood.evaluate: grood eval's measurements for Python, on arrays, mappings and files."""
+
+import csv
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+
+from grood import GROOD, KNN, MSP, Evaluation, NotFittedError, evaluate, ood_metrics
+from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
+
+
+@pytest.fixture
+def fitted():
+    """A detector on 3 classes, a held-out ID set with labels and logits, and four OOD sets
+    (two near, two far) with logits."""
+    x, y = clustered_features(150, 3, 6, seed=9, spread=0.5, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    det = GROOD().fit(x[:90], y[:90])
+    logits = 4 * torch.nn.functional.one_hot(y, 3).float() + torch.randn(150, 3, generator=gen)
+    noise = torch.randn(80, 6, generator=gen)
+    near = {"n0": x[:20] + 1.2 * noise[:20], "n1": x[20:40] + 1.6 * noise[20:40]}
+    far = {"f0": 4 * noise[40:60], "f1": 6 * noise[60:]}
+    ood_logits = torch.randn(20, 3, generator=gen)
+    id_set = {"features": x[90:], "labels": y[90:], "logits": logits[90:]}
+    return det, id_set, near, far, ood_logits
+
+
+def test_evaluate_measures_each_set_and_group_as_ood_metrics_does(fitted):
+    """Each set's metrics are ood_metrics of the detector's scores; each group of two or more
+    has a mean row (unweighted, as OpenOOD), in the table's order; the ID set's accuracy is
+    its nearest-prototype accuracy; arrays, tensors and mappings are all sets."""
+    det, id_set, near, far, _ = fitted
+    ev = evaluate(det, id_set, {"other": far["f1"].numpy()}, near=near,
+                  far={"f0": {"features": far["f0"]}})
+    assert isinstance(ev, Evaluation)
+    assert list(ev.results) == ["n0", "n1", "near-OOD mean of 2 sets", "f0", "other"]
+    id_scores = det.score_samples(id_set["features"]).numpy()
+    for name, x in (*near.items(), ("f0", far["f0"]), ("other", far["f1"])):
+        got = {k: ev.results[name][k] for k in ("auroc", "fpr95", "aupr_in", "aupr_out")}
+        assert got == ood_metrics(id_scores, det.score_samples(x).numpy())
+        assert ev.results[name]["n_ood"] == 20 and ev.results[name]["n_id"] == 60
+    assert [ev.results[n].get("group") for n in ("n0", "f0", "other")] == ["near", "far", None]
+    mean = ev.results["near-OOD mean of 2 sets"]
+    assert mean["mean_of"] == ["n0", "n1"] and mean["group"] == "near"
+    assert mean["auroc"] == pytest.approx((ev.results["n0"]["auroc"]
+                                           + ev.results["n1"]["auroc"]) / 2, abs=1e-15)
+    accuracy = float((det.predict(id_set["features"]) == id_set["labels"]).float().mean())
+    assert ev.results["n0"]["id_accuracy"] == pytest.approx(accuracy)
+    assert ev.id_info["id_logits_accuracy"] == pytest.approx(float(
+        (id_set["logits"].argmax(1) == id_set["labels"]).float().mean()))
+    np.testing.assert_array_equal(ev.scores["GROOD"][ev.id_key], id_scores)
+    table = ev.table()
+    assert table.splitlines()[0].startswith("| OOD set ") and "near-OOD mean of 2 sets" in table
+    assert ev.difference_table() is None and ev.threshold is None
+
+
+def test_evaluate_scores_baselines_with_intervals_and_openood_csv(fitted):
+    """Fitted baselines are scored on each set's logits or features beside GROOD, paired
+    intervals come with bootstrap, and openood_csv has a method column; a set without the
+    logits a baseline scores is named."""
+    det, id_set, near, far, ood_logits = fitted
+    msp = MSP().fit(id_set["logits"])
+    knn = KNN(k=3).fit(id_set["features"])
+    sets = {name: {"features": x, "logits": ood_logits} for name, x in near.items()}
+    ev = evaluate(det, id_set, sets, baselines=[msp, knn], bootstrap=100)
+    assert ev.baselines == ["MSP", "KNN (k=3)"]
+    id_msp = msp.score_samples(id_set["logits"]).numpy()
+    got = ev.results["n0"]["baselines"]["MSP"]
+    assert got["auroc"] == ood_metrics(id_msp, msp.score_samples(ood_logits).numpy())["auroc"]
+    assert "grood_minus_ci95" in got and "ci95" in ev.results["n0"]
+    per = resampled_set_metrics(ev.scores["GROOD"][ev.id_key],
+                                [ev.scores["GROOD"][n] for n in near], n_boot=100)
+    lo_hi = percentile_intervals(mean_of_sets(per))["auroc"]
+    assert ev.results["mean of 2 sets"]["ci95"]["auroc"] == pytest.approx(list(lo_hi),
+                                                                           abs=1e-15)
+    assert "KNN (k=3)" in ev.difference_table()
+    table = list(csv.reader(io.StringIO(ev.openood_csv())))
+    assert table[0] == ["dataset", "method", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
+    assert [r[:2] for r in table[1:4]] == [["n0", "GROOD"], ["n0", "MSP"], ["n0", "KNN (k=3)"]]
+    assert table[-1][0] == "ood"
+    with pytest.raises(ValueError, match="f0: the MSP baseline scores logits: this set has no "
+                                         "'logits'"):
+        evaluate(det, id_set, far, baselines=[msp])
+
+
+def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
+    """A set may be a feature file's path; the ID set given as the training set gets grood
+    eval's warning, naming it (id_name)."""
+    det, id_set, near, _, _ = fitted
+    np.savez(tmp_path / "id.npz", **{k: v.numpy() for k, v in id_set.items()})
+    np.savez(tmp_path / "n0.npz", features=near["n0"].numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_path = evaluate(det, str(tmp_path / "id.npz"), {"n0": tmp_path / "n0.npz"})
+    assert by_path.results["n0"]["auroc"] == evaluate(det, id_set, {"n0": near["n0"]}
+                                                      ).results["n0"]["auroc"]
+    x, y = clustered_features(150, 3, 6, seed=9, spread=0.5, dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"the training set: \d+ of its 90 rows equal indexed "
+                                         "training rows"):
+        evaluate(det, {"features": x[:90], "labels": y[:90]}, near, id_name="the training set")
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), [
+    (lambda det, s, n: evaluate(det, s), ValueError, "give the OOD sets"),
+    (lambda det, s, n: evaluate(det, s, {"n0": n["n0"]}, near=n), ValueError,
+     "an OOD set is named more than once"),
+    (lambda det, s, n: evaluate(det, s, {"mean of 2 sets": n["n0"], "a": n["n1"]}), ValueError,
+     "an OOD set is named like a mean row"),
+    (lambda det, s, n: evaluate(det, {"features": s["features"], "label": s["labels"]}, n),
+     ValueError, r"holds 'features' and optionally 'labels' and 'logits'; got keys "
+                 r"\['features', 'label'\]"),
+    (lambda det, s, n: evaluate(det, s, n, bootstrap=20), ValueError, "at least 100"),
+    (lambda det, s, n: evaluate(det, s, n, baselines=[object()]), TypeError,
+     "fitted grood.baselines estimators"),
+    (lambda det, s, n: evaluate(GROOD(), s, n), NotFittedError, "not fitted"),
+    (lambda det, s, n: evaluate(det, {**s, "labels": s["labels"] + 5}, n), ValueError,
+     "the ID set: .*out of range"),
+])
+def test_evaluate_refuses_what_it_cannot_measure(fitted, call, exc, match):
+    det, id_set, near, _, _ = fitted
+    with pytest.raises(exc, match=match):
+        call(det, id_set, near)
