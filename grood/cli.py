@@ -398,17 +398,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with written_atomically(args.csv) as tmp:
             tmp.write_text(ev.openood_csv())
     if plots is not None:
-        from grood.report import plot_differences, plot_histograms, plot_roc
-
-        marks = None if ev.threshold is None else {"GROOD": (ev.threshold,
-                                                             det.calibration_["tpr"])}
-        written = [plot_roc(ev.scores, ev.id_key, ood_files, plots[0], marks),
-                   plot_histograms(ev.scores, plots[1], marks)]
-        if ev.differences:
-            differences_png = plot_differences(ev.differences, plots[2])
+        written = ev.plot(plots)
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)"
-              + (f", and {differences_png} (GROOD minus each baseline)" if ev.differences
-                 else ""))
+              + (f", and {written[2]} (GROOD minus each baseline)" if len(written) > 2 else ""))
     return 0
 
 
@@ -467,10 +459,10 @@ def _file_array(data: Any, name: str, key: str, device: str | None) -> Any:
     return as_tensor(value, name)[0].to(device)
 
 
-def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path, Path]:
-    """``grood eval --plots``: its PNG files in ``folder`` (made if missing), checked, and
-    matplotlib imported, before any scoring (the third, the differences against baselines,
-    is drawn with --bootstrap and --baselines)."""
+def _plot_targets(folder: str, inputs: dict[str, str]) -> Path:
+    """``grood eval --plots``: the folder (made if missing), its PNG files (what
+    :meth:`grood.evaluation.Evaluation.plot` writes) checked, and matplotlib imported, before
+    any scoring."""
     from grood.persistence import save_target
     from grood.report import figure_class
 
@@ -479,9 +471,9 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> tuple[Path, Path, Path
     if out.exists() and not out.is_dir():
         raise ValueError(f"--plots takes a folder; {folder} is a file")
     out.mkdir(parents=True, exist_ok=True)
-    png = [save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)
-           for name in ("roc.png", "histograms.png", "differences.png")]
-    return png[0], png[1], png[2]
+    for name in ("roc.png", "histograms.png", "differences.png"):
+        save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)
+    return out
 
 
 def feature_sources() -> list[str]:

@@ -24,6 +24,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,8 @@ class Evaluation:
         differences (dict): with ``bootstrap`` and baselines, GROOD minus each baseline,
             ``(difference, low, high)`` by metric, by row and baseline.
         threshold (float): the detector's threshold the ``flagged`` and ``id_accepted``
-            fractions are at; None without one.
+            fractions are at; None without one. threshold_tpr (float): the fraction of
+            calibration rows it was chosen to accept.
     """
 
     results: dict[str, dict[str, Any]]
@@ -73,6 +75,7 @@ class Evaluation:
     layout: list[tuple[str, list[str]]]
     differences: dict[str, dict[str, dict[str, tuple[float, float, float]]]]
     threshold: float | None
+    threshold_tpr: float | None
     _rows: list[list[Any]] = field(repr=False)
     _diff_rows: list[list[str]] = field(repr=False)
 
@@ -101,6 +104,25 @@ class Evaluation:
             return None
         return markdown_table(["OOD set", "baseline", *METRIC_LABELS.values()],
                               self._diff_rows)
+
+    def plot(self, folder: str | os.PathLike) -> list[Path]:
+        """Draw the ROC curves (``roc.png``, a panel per OOD set, a curve per method), the
+        score histograms of every set (``histograms.png``) and, with ``bootstrap`` and
+        baselines, GROOD minus each baseline with its paired interval (``differences.png``)
+        into ``folder`` (made if missing), the detector's threshold marked where it has one;
+        needs matplotlib (``grood[plots]``). Returns the files written."""
+        from grood.report import plot_differences, plot_histograms, plot_roc
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        marks = (None if self.threshold is None or self.threshold_tpr is None
+                 else {"GROOD": (self.threshold, self.threshold_tpr)})
+        names = [label for label, members in self.layout if not members]
+        written = [plot_roc(self.scores, self.id_key, names, out / "roc.png", marks),
+                   plot_histograms(self.scores, out / "histograms.png", marks)]
+        if self.differences:
+            written.append(plot_differences(self.differences, out / "differences.png"))
+        return written
 
     def openood_csv(self) -> str:
         """The metrics as OpenOOD's evaluator tabulates them (its ``ood.csv``): a row per set
@@ -212,8 +234,9 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             scores[method][name] = s
     rows, diff_rows, differences = _eval_rows(results, scores, id_key, bootstrap, layout,
                                               id_info, flagged=threshold is not None)
-    return Evaluation(results, scores, id_key, id_info, layout, differences, threshold, rows,
-                      diff_rows)
+    tpr = None if threshold is None else float(det.calibration_["tpr"])
+    return Evaluation(results, scores, id_key, id_info, layout, differences, threshold, tpr,
+                      rows, diff_rows)
 
 
 def as_eval_set(value: Any, name: str) -> FeatureFile:

@@ -87,6 +87,27 @@ def test_evaluate_scores_baselines_with_intervals_and_openood_csv(fitted):
         evaluate(det, id_set, far, baselines=[msp])
 
 
+def test_evaluate_applies_the_threshold_and_draws_the_pictures(fitted, tmp_path):
+    """A calibrated detector's threshold gives the fraction of ID rows accepted and of each
+    OOD set flagged (a column of the table); plot() draws the ROC curves, the histograms and,
+    with bootstrap and baselines, the differences."""
+    pytest.importorskip("matplotlib")
+    det, id_set, near, _, ood_logits = fitted
+    det.calibrate(id_set["features"][:30], tpr=0.9)
+    msp = MSP().fit(id_set["logits"])
+    sets = {name: {"features": x, "logits": ood_logits} for name, x in near.items()}
+    ev = evaluate(det, id_set, sets, baselines=[msp], bootstrap=100)
+    assert (ev.threshold, ev.threshold_tpr) == (det.threshold_, 0.9)
+    scores = det.score_samples(id_set["features"]).numpy()
+    assert ev.id_info["id_accepted"] == float(np.mean(scores >= det.threshold_))
+    flagged = float(np.mean(det.score_samples(near["n1"]).numpy() < det.threshold_))
+    assert ev.results["n1"]["flagged"] == flagged
+    assert ev.table().splitlines()[0].rstrip("|").rstrip().endswith("flagged")
+    written = ev.plot(tmp_path / "plots")
+    assert [p.name for p in written] == ["roc.png", "histograms.png", "differences.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+
+
 def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
     """A set may be a feature file's path; the ID set given as the training set gets grood
     eval's warning, naming it (id_name)."""
