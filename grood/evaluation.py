@@ -257,8 +257,8 @@ def as_eval_set(value: Any, name: str) -> FeatureFile:
 
 
 def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
-            far: Mapping[str, Any] | None
-            ) -> tuple[dict[str, tuple[str, Any]], list[tuple[str, list[str]]]]:
+                far: Mapping[str, Any] | None
+                ) -> tuple[dict[str, tuple[str, Any]], list[tuple[str, list[str]]]]:
     """The OOD sets in the table's order (near's, far's, ood's), each with its group, and the
     rows: ``(name, [])`` for a set's, ``(label, names)`` for the mean over a group of two or
     more."""
@@ -296,7 +296,7 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
                             f"{type(est).__name__}")
         name = f"KNN (k={est.k})" if isinstance(est, KNN) else type(est).name
-        if name in out or name == "GROOD":
+        if name in out:
             raise ValueError(f"two baselines are named {name!r}: give each once")
         out[name] = est
     return out
