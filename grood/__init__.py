@@ -25,6 +25,7 @@ from grood.errors import (
 from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
+from grood.model import evaluate_model
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
 
@@ -47,6 +48,7 @@ __all__ = [
     "UniformNoise",
     "__version__",
     "evaluate",
+    "evaluate_model",
     "ood_metrics",
     "register_index",
     "register_source",

@@ -22,10 +22,10 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -184,14 +184,18 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
     from grood.metrics import ood_metrics
 
     det._check_fitted()
+    if det._sharded:
+        raise ValueError("evaluate scores in one process, and this detector is sharded across "
+                         "ranks: load its manifest without distributed=True for the whole "
+                         "index in one process")
     if bootstrap is not None and bootstrap < MIN_RESAMPLES:
         raise ValueError(f"bootstrap={bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
     sets, layout = eval_layout(ood, near, far)
     methods = _baseline_names(baselines)
     threshold = current_threshold(det, required=False)
-    id_data = as_eval_set(id_set, id_name)
     with prefixed_errors(id_name):  # before any scoring
+        id_data = as_eval_set(id_set, id_name)
         labels, logits = id_labels_and_logits(id_data, det.n_classes_)
         with det._counting_training_rows() as found:
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
@@ -239,10 +243,19 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                       rows, diff_rows)
 
 
+class LazySet(NamedTuple):
+    """A set that :func:`evaluate` reads when its turn comes, by calling ``read`` (how
+    :func:`grood.model.evaluate_model` runs each loader through the model)."""
+
+    read: Callable[[], FeatureFile]
+
+
 def as_eval_set(value: Any, name: str) -> FeatureFile:
     """A set given to :func:`evaluate` as a :class:`FeatureFile`: a path is loaded, a mapping
-    read by its keys (``features``, ``labels``, ``logits``; others refused), anything else
-    taken as the features."""
+    read by its keys (``features``, ``labels``, ``logits``; others refused), a
+    :class:`LazySet` read, anything else taken as the features."""
+    if isinstance(value, LazySet):
+        return value.read()
     if isinstance(value, (str, os.PathLike)):
         return load_features(value)
     if isinstance(value, FeatureFile):

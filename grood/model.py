@@ -10,7 +10,7 @@ memory holds one batch, the prototypes and the index, never the training feature
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from grood.detector import GROOD
+    from grood.evaluation import Evaluation
+    from grood.extract import FeatureExtractor
     from grood.head import GROODAttached, GROODHead
+    from grood.io import FeatureFile
 
 
 def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
@@ -128,20 +131,8 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
             ) -> tuple[Tensor, Tensor]:
     """``fn`` (features -> two tensors) over a loader's batches of ``features`` (by default
     the layer :func:`fit_model` read), concatenated on the CPU."""
-    from grood.extract import FeatureExtractor
-
     det._check_fitted()
-    fitted_on = getattr(det, "extractor_", {}).get("features")
-    if features is None:
-        features = fitted_on
-    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
-                                 progress=det.progress)  # refuses a name the model lacks
-    if fitted_on is not None and features != fitted_on:
-        # Another layer of the same width would be scored against the wrong prototypes and
-        # index without any error; a renamed module (a wrapped model) is legitimate.
-        warnings.warn(f"the detector reads features={features!r} here, but was fitted on "
-                      f"features={fitted_on!r}; scores are only meaningful for the same "
-                      "layer", UserWarning, stacklevel=4)
+    extractor = _extractor(det, model, features, device, autocast, stacklevel=5)
     feats = (out.features for out, _, _ in extractor.batches(loader, desc="grood score"))
     # A sharded detector's ranks search together, each rank's loader as long as it is: the
     # empty batches a rank joins with add no rows (and give its results their shape when its
@@ -155,6 +146,78 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     if not first:
         raise ValueError("the loader yielded no batches")
     return torch.cat(first), torch.cat(second)
+
+
+def _extractor(det: GROOD, model: nn.Module, features: str | None,
+               device: str | torch.device | None, autocast: torch.dtype | None, *,
+               stacklevel: int) -> FeatureExtractor:
+    """The extractor of ``model``'s ``features`` (by default the layer :func:`fit_model`
+    read), with a warning (at ``stacklevel``) where another layer is named."""
+    from grood.extract import FeatureExtractor
+
+    fitted_on = getattr(det, "extractor_", {}).get("features")
+    if features is None:
+        features = fitted_on
+    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
+                                 progress=det.progress)  # refuses a name the model lacks
+    if fitted_on is not None and features != fitted_on:
+        # Another layer of the same width would be scored against the wrong prototypes and
+        # index without any error; a renamed module (a wrapped model) is legitimate.
+        warnings.warn(f"the detector reads features={features!r} here, but was fitted on "
+                      f"features={fitted_on!r}; scores are only meaningful for the same "
+                      "layer", UserWarning, stacklevel=stacklevel)
+    return extractor
+
+
+def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
+                   ood: Mapping[str, Iterable] | None = None, *,
+                   near: Mapping[str, Iterable] | None = None,
+                   far: Mapping[str, Iterable] | None = None, baselines: Sequence[Any] = (),
+                   bootstrap: int | None = None, features: str | None = None,
+                   device: str | torch.device | None = None,
+                   autocast: torch.dtype | None = None) -> Evaluation:
+    """:func:`grood.evaluation.evaluate` over data loaders: each loader runs through the
+    model when its turn comes (as :func:`score_model` runs it, on the layer :func:`fit_model`
+    read by default), and its features, logits and labels (the ID loader's give the
+    accuracies) are the set, held on the CPU one set at a time beside the ID set.
+
+    ``ood``, ``near`` and ``far`` give loaders by name (OpenOOD's ``ood_loader_dict["near"]``
+    and ``["far"]`` as they are); ``baselines`` (fitted :mod:`grood.baselines` estimators)
+    score each set's logits or features.
+    """
+    from grood.evaluation import LazySet, evaluate
+
+    det._check_fitted()
+    extractor = _extractor(det, model, features, device, autocast, stacklevel=3)
+
+    def lazy(loader: Iterable, name: str) -> LazySet:
+        return LazySet(lambda: _loader_set(extractor, loader, name))
+
+    def each(sets: Mapping[str, Iterable] | None) -> dict[str, LazySet] | None:
+        return None if sets is None else {n: lazy(v, n) for n, v in sets.items()}
+
+    return evaluate(det, lazy(id_loader, "the ID loader"), each(ood), near=each(near),
+                    far=each(far), baselines=baselines, bootstrap=bootstrap,
+                    id_name="the ID loader")
+
+
+def _loader_set(extractor: FeatureExtractor, loader: Iterable, name: str) -> FeatureFile:
+    """A loader's features, labels and logits through the model, on the CPU (labels and
+    logits None where a batch lacks them)."""
+    from grood.io import FeatureFile
+
+    feats, labels, logits = [], [], []
+    for out, y, _ in extractor.batches(loader, desc=f"grood evaluate: {name}"):
+        feats.append(out.features.cpu())
+        labels.append(None if y is None else y.cpu())
+        logits.append(None if out.logits is None else out.logits.cpu())
+    if not feats:
+        raise ValueError("the loader yielded no batches")
+
+    def joined(parts: list[Tensor | None]) -> Tensor | None:
+        return None if any(p is None for p in parts) else torch.cat(cast(list[Tensor], parts))
+
+    return FeatureFile(torch.cat(feats), joined(labels), joined(logits))
 
 
 class ModelFrontEnd:

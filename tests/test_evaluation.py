@@ -125,6 +125,12 @@ def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
         evaluate(det, {"features": x[:90], "labels": y[:90]}, near, id_name="the training set")
 
 
+def _sharded(det):
+    """``det`` as a rank's shard of a detector loaded with ``distributed=True`` says it is."""
+    det._sharded = True
+    return det
+
+
 @pytest.mark.parametrize(("call", "exc", "match"), [
     (lambda det, s, n: evaluate(det, s), ValueError, "give the OOD sets"),
     (lambda det, s, n: evaluate(det, s, {"n0": n["n0"]}, near=n), ValueError,
@@ -138,6 +144,8 @@ def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
     (lambda det, s, n: evaluate(det, s, n, baselines=[object()]), TypeError,
      "fitted grood.baselines estimators"),
     (lambda det, s, n: evaluate(GROOD(), s, n), NotFittedError, "not fitted"),
+    (lambda det, s, n: evaluate(_sharded(det), s, n), ValueError,
+     "evaluate scores in one process, and this detector is sharded across ranks"),
     (lambda det, s, n: evaluate(det, {**s, "labels": s["labels"] + 5}, n), ValueError,
      "the ID set: .*out of range"),
 ])
@@ -145,3 +153,61 @@ def test_evaluate_refuses_what_it_cannot_measure(fitted, call, exc, match):
     det, id_set, near, _, _ = fitted
     with pytest.raises(exc, match=match):
         call(det, id_set, near)
+
+
+class _Net(torch.nn.Module):
+    """A classifier whose penultimate module is ``body``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_evaluate_model_runs_each_loader_through_the_model():
+    """evaluate_model gives what evaluate gives on the loaders' features, logits and labels
+    (the layer fit_model read), OOD loaders by name as OpenOOD's loader dicts hold them; an
+    empty loader is named."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from grood import evaluate_model
+
+    x, y = clustered_features(200, 3, 6, seed=11, spread=0.4, dtype=torch.float32)
+    net = _Net().eval()
+    with torch.no_grad():  # the head: nearest class mean of the body's features
+        centres = torch.stack([net.body(x[y == c]).mean(0) for c in range(3)])
+        net.fc.weight.copy_(centres)
+        net.fc.bias.copy_(-0.5 * (centres ** 2).sum(1))
+        feats, logits = net.body(x), net(x)
+    gen = torch.Generator().manual_seed(1)
+    ood = {"a": 3 * torch.randn(30, 6, generator=gen), "b": 5 * torch.rand(25, 6, generator=gen)}
+
+    def loader(inputs, labels=None):
+        data = TensorDataset(inputs) if labels is None else TensorDataset(inputs, labels)
+        return DataLoader(data, batch_size=16)
+
+    det = GROOD(progress=False).fit_model(net, loader(x[:140], y[:140]), features="body")
+    ev = evaluate_model(det, net, loader(x[140:], y[140:]),
+                        near={n: loader(v, torch.full((len(v),), -1)) for n, v in ood.items()},
+                        baselines=[MSP().fit(logits[140:])])
+    with torch.no_grad():
+        sets = {n: {"features": net.body(v), "logits": net(v)} for n, v in ood.items()}
+    want = evaluate(det, {"features": feats[140:], "labels": y[140:], "logits": logits[140:]},
+                    near=sets, baselines=[MSP().fit(logits[140:])])
+    assert list(ev.results) == list(want.results) == ["a", "b", "near-OOD mean of 2 sets"]
+    for name in ev.results:
+        for k in ("auroc", "fpr95", "id_accuracy", "id_logits_accuracy"):
+            assert ev.results[name][k] == pytest.approx(want.results[name][k], abs=1e-12)
+        assert ev.results[name]["baselines"]["MSP"]["auroc"] == pytest.approx(
+            want.results[name]["baselines"]["MSP"]["auroc"], abs=1e-12)
+    assert ev.id_info["id_accuracy"] == pytest.approx(float(
+        (det.predict(feats[140:]) == y[140:]).float().mean()))
+    with pytest.raises(ValueError, match="the ID loader: the loader yielded no batches"):
+        evaluate_model(det, net, [], {"a": loader(ood["a"])})

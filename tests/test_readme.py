@@ -56,6 +56,8 @@ def _namespace():
         "scores_id": np.linspace(0.0, 1.0, 30),
         "scores_ood": np.linspace(-1.0, 0.5, 20), "model": model, "resnet": model,
         "train_loader": loader, "test_loader": loader, "images": images[:4],
+        "c100_loader": DataLoader(TensorDataset(torch.rand(32, 1, 8, 8, generator=gen) * 2,
+                                                labels[:32]), batch_size=16),
         "torch": torch,
     }
 
