@@ -37,9 +37,9 @@ from grood.metrics import MIN_RESAMPLES
 #: of its mean row (OpenOOD's near- and far-OOD summaries; other sets beside them form a
 #: third).
 GROUPS = (("near", "near-OOD"), ("far", "far-OOD"), ("ood", "OOD"))
-#: The name of each mean row in OpenOOD's table (by its group's label; the mean of the sets
-#: given without groups has none).
-OPENOOD_MEAN_NAMES = {"near-OOD": "nearood", "far-OOD": "farood", "OOD": "ood", "": "ood"}
+#: The name of each group's mean row in OpenOOD's table; the mean of the sets given without
+#: a group (``ood``) is ``"ood"``.
+OPENOOD_MEAN_NAMES = {"near": "nearood", "far": "farood"}
 #: OpenOOD's column for each metric, in its order.
 OPENOOD_COLUMNS = {"fpr95": "FPR@95", "auroc": "AUROC", "aupr_in": "AUPR_IN",
                    "aupr_out": "AUPR_OUT"}
@@ -136,9 +136,8 @@ class Evaluation:
         table.writerow(["dataset", *(["method"] if baselines else []),
                         *OPENOOD_COLUMNS.values(), "ACC"])
         for label, members in self.layout:
-            name = (OPENOOD_MEAN_NAMES[label.rsplit("mean of", 1)[0].strip()] if members
-                    else label)
             m = self.results[label]
+            name = OPENOOD_MEAN_NAMES.get(m.get("group", "ood"), "ood") if members else label
             acc = f"{100 * m['id_accuracy']:.4f}" if "id_accuracy" in m else ""
             for method, metrics in (("GROOD", m), *((b, m["baselines"][b]) for b in baselines)):
                 table.writerow([name, *([method] if baselines else []),

@@ -187,7 +187,6 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
     """
     from grood.evaluation import LazySet, evaluate
 
-    det._check_fitted()
     extractor = _extractor(det, model, features, device, autocast, stacklevel=3)
 
     def lazy(loader: Iterable, name: str) -> LazySet:
