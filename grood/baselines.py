@@ -243,15 +243,29 @@ class Mahalanobis(_Baseline):
     def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]; float64
         when the fit or the features are float64 (as for the other detectors), else float32."""
+        dist, _, kind = self._nearest_mean(features)
+        return kind.wrap(0.0 - dist)  # 0.0 - x: no "-0.0"
+
+    def predict(self, features: ArrayT) -> ArrayT:
+        """The class whose mean is nearest in Mahalanobis distance, shape [N], int64 (the
+        lowest class id on exact ties): the classifier this baseline implies, whose accuracy
+        OpenOOD reports beside its metrics."""
+        _, idx, kind = self._nearest_mean(features)
+        return kind.wrap(idx)
+
+    def _nearest_mean(self, features: Any) -> tuple[Tensor, Tensor, Any]:
+        """Each row's smallest squared Mahalanobis distance to a class mean and that class,
+        and the input's kind."""
         x, kind = self._read(features)
         dev = self.whitening_.device
         dt = torch.float64 if torch.float64 in (x.dtype, self.whitening_.dtype) else torch.float32
         center, whitening = self.center_.to(dt), self.whitening_.to(dt)
         means = self.whitened_means_.to(dt)
-        out = torch.empty(x.shape[0], dtype=dt, device=dev)
+        dist = torch.empty(x.shape[0], dtype=dt, device=dev)
+        idx = torch.empty(x.shape[0], dtype=torch.int64, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev, dtype=dt)
             z = (xb - center) @ whitening
-            dist, _ = ops.knn(z, means, 1, backend=self.backend)
-            out[r0:r1] = 0.0 - dist[:, 0]
-        return kind.wrap(out)
+            d, i = ops.knn(z, means, 1, backend=self.backend)
+            dist[r0:r1], idx[r0:r1] = d[:, 0], i[:, 0]
+        return dist, idx, kind

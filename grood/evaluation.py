@@ -128,8 +128,9 @@ class Evaluation:
         """The metrics as OpenOOD's evaluator tabulates them (its ``ood.csv``): a row per set
         and per mean (``nearood``, ``farood``, ``ood``), ``FPR@95``, ``AUROC``, ``AUPR_IN``,
         ``AUPR_OUT`` and ``ACC`` (the ID set's nearest-prototype accuracy, empty without
-        labels) in percent; with baselines a ``method`` column and a row per method, theirs
-        without ``ACC`` (OpenOOD's comes from each postprocessor's own predictions)."""
+        labels) in percent; with baselines a ``method`` column and a row per method, each
+        with the accuracy of the predictions OpenOOD's postprocessor makes (see
+        :func:`baseline_accuracy`; empty where the ID set lacks what they need)."""
         out = io.StringIO()
         table = csv.writer(out, lineterminator="\n")
         baselines = self.baselines
@@ -138,11 +139,11 @@ class Evaluation:
         for label, members in self.layout:
             m = self.results[label]
             name = OPENOOD_MEAN_NAMES.get(m.get("group", "ood"), "ood") if members else label
-            acc = f"{100 * m['id_accuracy']:.4f}" if "id_accuracy" in m else ""
             for method, metrics in (("GROOD", m), *((b, m["baselines"][b]) for b in baselines)):
+                acc = metrics.get("id_accuracy")
                 table.writerow([name, *([method] if baselines else []),
                                 *(f"{100 * metrics[k]:.4f}" for k in OPENOOD_COLUMNS),
-                                acc if method == "GROOD" else ""])
+                                "" if acc is None else f"{100 * acc:.4f}"])
         return out.getvalue()
 
 
@@ -200,6 +201,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         warn_training_rows(det, id_name, found, len(id_scores), ood=False)
         id_base = _baseline_scores(methods, id_data, device)
+        base_info = baseline_accuracy(methods, id_data, labels, logits)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
     id_info: dict[str, Any] = {"n_id": len(id_scores)}
@@ -233,10 +235,11 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         if methods:
             m["baselines"] = {}
         for method, s in ood_base.items():
-            m["baselines"][method] = ood_metrics(id_base[method], s)
+            m["baselines"][method] = {**base_info[method], **ood_metrics(id_base[method], s)}
             scores[method][name] = s
     rows, diff_rows, differences = _eval_rows(results, scores, id_key, bootstrap, layout,
-                                              id_info, flagged=threshold is not None)
+                                              id_info, base_info,
+                                              flagged=threshold is not None)
     tpr = None if threshold is None else float(det.calibration_["tpr"])
     return Evaluation(results, scores, id_key, id_info, layout, differences, threshold, tpr,
                       rows, diff_rows)
@@ -331,6 +334,29 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any
             t = as_tensor(value, est.inputs)[0]
             moved[est.inputs] = t if device is None else t.to(device)
         out[name] = np.asarray(est.score_samples(moved[est.inputs]).cpu())
+    return out
+
+
+def baseline_accuracy(methods: dict[str, Any], data: FeatureFile, labels: Any, logits: Any
+                      ) -> dict[str, dict[str, float]]:
+    """Each baseline's ``id_accuracy`` on the labelled ID set (an empty dict without labels),
+    from the predictions OpenOOD's postprocessor for it makes: the baseline's own where it
+    predicts (``predict``: Mahalanobis, the nearest class mean), else the logits' argmax
+    (MSP, Energy and KNN predict from the classifier's logits), where the set has them."""
+    from grood._checks import as_tensor
+
+    out: dict[str, dict[str, float]] = {name: {} for name in methods}
+    if labels is None:
+        return out
+    for name, est in methods.items():
+        value = getattr(data, est.inputs)
+        if callable(getattr(est, "predict", None)) and value is not None:
+            pred = np.asarray(est.predict(as_tensor(value, est.inputs)[0]).cpu())
+        elif logits is not None:
+            pred = logits.argmax(1)
+        else:
+            continue
+        out[name]["id_accuracy"] = float(np.mean(pred == labels))
     return out
 
 
@@ -444,7 +470,8 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
 
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],
                id_key: str, n_boot: int | None, layout: list[tuple[str, list[str]]],
-               id_info: dict[str, Any], *, flagged: bool
+               id_info: dict[str, Any], base_info: dict[str, dict[str, Any]], *,
+               flagged: bool
                ) -> tuple[list[list[Any]], list[list[str]], dict[str, Any]]:
     """The table's rows and, with ``n_boot`` resamples and baselines, the rows of
     GROOD minus each baseline with its paired interval and those differences by row label
@@ -456,7 +483,8 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     ``results`` holds each OOD file's metrics (GROOD's, each baseline's under ``baselines``);
     ``scores`` each method's scores by file (GROOD first), the ID file's under ``id_key``;
     ``layout`` the rows (:func:`_eval_layout`, whose labels no file's path equals);
-    ``id_info`` what each row carries of the ID file alone (a mean row too). A row per
+    ``id_info`` what each row carries of the ID file alone (a mean row too), ``base_info``
+    what each baseline's entry on each row carries of it (:func:`baseline_accuracy`). A row per
     method under each file and under each mean over a group of files, the metrics averaged
     unweighted, as OpenOOD summarises them. Each method is resampled once for every file together
     (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
@@ -518,7 +546,8 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
                                                  else {}),
                           **id_info, **point["GROOD"][label]}
         if baselines:
-            results[label]["baselines"] = {name: point[name][label] for name in baselines}
+            results[label]["baselines"] = {name: {**base_info[name], **point[name][label]}
+                                           for name in baselines}
     return rows, diff_rows, differences
 
 

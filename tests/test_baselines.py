@@ -77,16 +77,23 @@ def test_logit_baselines_do_not_overflow_for_large_logits_or_small_temperatures(
 @pytest.mark.parametrize("offset", [0.0, 1e6])
 def test_mahalanobis_matches_pinv_definition(offset):
     """Also for features whose common offset dwarfs their spread (second moments about the
-    origin cancelled all but a few digits there: 1.5 % error at 1e6 : 1)."""
+    origin cancelled all but a few digits there: 1.5 % error at 1e6 : 1). ``predict`` is the
+    class of the smallest distance (numpy in, numpy int64 out)."""
     x, y = clustered_features(120, 4, 6, seed=3)
     q, _ = clustered_features(17, 4, 6, seed=4, spread=0.6)
-    s = Mahalanobis().fit(x + offset, y).score_samples(q + offset)
+    maha = Mahalanobis().fit(x + offset, y)
+    s = maha.score_samples(q + offset)
     means = torch.stack([x[y == c].mean(0) for c in range(4)])
     centred = x - means[y]
     precision = torch.linalg.pinv(centred.T @ centred / 120, hermitian=True)
     diffs = q[:, None, :] - means[None]
-    ref = -torch.einsum("ncd,de,nce->nc", diffs, precision, diffs).min(1).values
-    torch.testing.assert_close(s, ref, rtol=1e-8 if offset == 0 else 1e-7, atol=1e-8)
+    dist = torch.einsum("ncd,de,nce->nc", diffs, precision, diffs)
+    torch.testing.assert_close(s, -dist.min(1).values, rtol=1e-8 if offset == 0 else 1e-7,
+                               atol=1e-8)
+    pred = maha.predict((q + offset).numpy())
+    assert pred.dtype == np.int64
+    np.testing.assert_array_equal(pred, dist.argmin(1).numpy())
+    assert len(set(pred.tolist())) > 1  # (the queries are spread over the classes)
 
 
 def test_feature_baselines_score_float64_features_in_float64():

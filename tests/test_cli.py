@@ -452,8 +452,8 @@ def test_eval_writes_openood_csv(tmp_path, capsys, monkeypatch):
     """--csv: OpenOOD's table (its ood.csv): a row per file and per group mean, named nearood,
     farood or ood, FPR@95 / AUROC / AUPR_IN / AUPR_OUT in percent from the same metrics as
     the JSON, ACC the ID file's nearest-prototype accuracy; with --baselines a method column,
-    a row per method, ACC on GROOD's rows only. --csv and --json naming one file is refused
-    before any work."""
+    a row per method, MSP's and Energy's ACC the logits' accuracy. --csv and --json naming
+    one file is refused before any work."""
     x, y = clustered_features(150, 3, 6, seed=8, spread=0.5, dtype=torch.float32)
     noise = torch.randn(60, 6, generator=torch.Generator().manual_seed(4))
     logits = torch.randn(90, 3, generator=torch.Generator().manual_seed(5))
@@ -491,7 +491,9 @@ def test_eval_writes_openood_csv(tmp_path, capsys, monkeypatch):
         m = got[row[0] if row[0] != "ood" else "mean of 2 sets"]
         m = m if row[1] == "GROOD" else m["baselines"][row[1]]
         assert float(row[3]) == pytest.approx(100 * m["auroc"], abs=1e-4)
-        assert (row[6] == "") == (row[1] != "GROOD")
+        assert float(row[6]) == pytest.approx(100 * m["id_accuracy"], abs=1e-4)
+        if row[1] != "GROOD":
+            assert m["id_accuracy"] == got["o0.npz"]["id_logits_accuracy"]
     capsys.readouterr()
     assert main(["eval", det, "--id", "id.npz", "--ood", "o0.npz", "--csv", "x.csv", "--json",
                  "x.csv"]) == 2
@@ -626,7 +628,12 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
             ("MSP", MSP().fit(id_l), id_l, ood_l), ("Energy", Energy().fit(id_l), id_l, ood_l),
             ("KNN (k=3)", KNN(k=3).fit(x[:100].numpy()), id_x, ood_x),
             ("Mahalanobis", Mahalanobis().fit(x[:100].numpy(), y[:100].numpy()), id_x, ood_x)):
-        assert got["baselines"][name] == ood_metrics(est.score_samples(a), est.score_samples(b))
+        # ACC as OpenOOD's postprocessors predict: Mahalanobis its nearest class mean, the
+        # others the logits
+        pred = est.predict(id_x) if name == "Mahalanobis" else id_l.argmax(1)
+        assert got["baselines"][name] == {
+            "id_accuracy": float(np.mean(pred == y[100:].numpy())),
+            **ood_metrics(est.score_samples(a), est.score_samples(b))}
     assert set(got) == {"n_id", "id_accuracy", "id_logits_accuracy", "n_ood", "auroc", "fpr95",
                         "aupr_in", "aupr_out", "baselines"}
     assert (tmp_path / "plots" / "roc.png").stat().st_size > 0

@@ -9,7 +9,16 @@ import pytest
 import torch
 from conftest import clustered_features
 
-from grood import GROOD, KNN, MSP, Evaluation, NotFittedError, evaluate, ood_metrics
+from grood import (
+    GROOD,
+    KNN,
+    MSP,
+    Evaluation,
+    Mahalanobis,
+    NotFittedError,
+    evaluate,
+    ood_metrics,
+)
 from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
 
 
@@ -82,6 +91,27 @@ def test_evaluate_scores_baselines_with_intervals_and_openood_csv(fitted):
     assert table[0] == ["dataset", "method", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
     assert [r[:2] for r in table[1:4]] == [["n0", "GROOD"], ["n0", "MSP"], ["n0", "KNN (k=3)"]]
     assert table[-1][0] == "ood"
+    # ACC: MSP's and KNN's, the logits' (OpenOOD's postprocessors predict from them), on the
+    # baseline's entry of every row and in the CSV.
+    logits_acc = ev.id_info["id_logits_accuracy"]
+    for row in table[1:]:
+        key = "mean of 2 sets" if row[0] == "ood" else row[0]
+        m = ev.results[key] if row[1] == "GROOD" else ev.results[key]["baselines"][row[1]]
+        assert m["id_accuracy"] == (ev.id_info["id_accuracy"] if row[1] == "GROOD"
+                                    else logits_acc)
+        assert float(row[-1]) == pytest.approx(100 * m["id_accuracy"], abs=1e-4)
+    # A baseline that predicts (Mahalanobis: the nearest class mean) is scored on its own
+    # predictions: here fitted on labels shifted by one class, so it gets none right.
+    y = np.asarray(id_set["labels"])
+    maha = Mahalanobis().fit(id_set["features"], (y + 1) % 3)
+    ev = evaluate(det, id_set, sets, baselines=[maha, msp])
+    assert [ev.results[k]["baselines"]["Mahalanobis"]["id_accuracy"]
+            for k in ("n0", "mean of 2 sets")] == [0.0, 0.0]
+    assert ev.results["n0"]["baselines"]["MSP"]["id_accuracy"] == logits_acc > 0.9
+    # Without labels there is no accuracy for anyone: ACC is empty.
+    unlabelled = {"features": id_set["features"], "logits": id_set["logits"]}
+    ev = evaluate(det, unlabelled, sets, baselines=[maha, msp])
+    assert {row[-1] for row in csv.reader(io.StringIO(ev.openood_csv()))} == {"ACC", ""}
     with pytest.raises(ValueError, match="f0: the MSP baseline scores logits: this set has no "
                                          "'logits'"):
         evaluate(det, id_set, far, baselines=[msp])
