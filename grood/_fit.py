@@ -51,6 +51,9 @@ class FittedState:
     # The training-row number of each indexed gradient (int64 [index.ntotal], in index order;
     # None: not known, see :func:`indexed_rows`).
     indexed_rows: Tensor | None = None
+    # Fingerprints of the rows the OOD prototype was averaged from (float32 [M, 16], on the
+    # CPU; :func:`grood.prototypes.fingerprint_rows`); None where the source keeps none.
+    ood_fingerprints: Tensor | None = None
 
 
 def training_arrays(features: Any, labels: Any, logits: Any
@@ -232,9 +235,10 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                 if with_logits else "class ids must run from 0 without gaps: renumber the "
                 "labels (e.g. np.unique(labels, return_inverse=True)[1])")
         raise ValueError(f"{exc}; {hint}") from None
+    records: dict[str, Tensor] | None = None if det.distributed else {}
     p_ood = source.build(PrototypeContext(
         protos, inputs, det.batch_size, reduce,
-        together=lambda what: dist.together(det.distributed, what)))
+        together=lambda what: dist.together(det.distributed, what), records=records))
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                          f"shape [{d}]")
@@ -289,7 +293,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         index.trim()
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
-                       indexed_rows=rows), grads
+                       indexed_rows=rows,
+                       ood_fingerprints=(records or {}).get("ood_fingerprints")), grads
 
 
 def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int, distributed: bool,

@@ -295,7 +295,10 @@ def info_lines(info: dict) -> list[str]:
         f"{'?' if info['indexed'] is None else format(info['indexed'], ',')} gradients; {rows}",
         f"  scoring      k = {info['k']}, precision {info['precision']}, backend "
         f"{info['backend']}, batch size {info['batch_size']}",
-        f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}",
+        f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}"
+        + ("" if info.get("ood_fingerprints") is None else
+           f", averaged from {info['ood_fingerprints']:,} rows (fingerprinted: grood eval "
+           "warns on an OOD set that repeats them)"),
     ]
     if info["extractor"]:  # fit_model's feature settings, which score_model reuses
         lines.append("  model        fit_model read " + ", ".join(

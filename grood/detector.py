@@ -105,6 +105,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         backend_ (dict): the backend used for each operation. device_, dtype_.
         indexed_rows_ (Tensor): the training-row number of each indexed gradient, in index
             order (see :meth:`kneighbors`); None for one loaded from a version 1 file.
+        ood_fingerprints_ (Tensor): fingerprints of the rows ``ood_prototype="features"``
+            averaged (float32 [M, 16], CPU; see :func:`grood.evaluate`), or None.
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 
@@ -204,9 +206,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         Returns:
             GROOD: ``self``.
         """
-        inputs = dict(source_inputs or {})
-        if ood_features is not None:
-            inputs["ood_features"] = ood_features
+        inputs = dict(source_inputs or {}, **({} if ood_features is None
+                                              else {"ood_features": ood_features}))
         return self._fit_stream(batches, inputs, n_classes, "fit_batches()")
 
     def _fit_stream(self, batches: Any, inputs: dict[str, Any], n_classes: int | None,
@@ -266,7 +267,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                                             fitted.backend["ncp_gradient"], self.precision)
         # Sizes of every rank's index shard, in rank order (one entry in one process).
         self.shard_sizes_ = list(fitted.shard_sizes or [fitted.index.ntotal])
-        self.indexed_rows_ = fitted.indexed_rows  # training row of each indexed gradient
+        self.indexed_rows_, self.ood_fingerprints_ = fitted.indexed_rows, fitted.ood_fingerprints
         self.n_classes_, self.n_features_in_ = fitted.class_prototypes.shape
         self.n_train_ = fitted.n_train
         self.train_accuracy_ = fitted.train_accuracy

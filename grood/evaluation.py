@@ -441,19 +441,35 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool) -
 
 
 def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
-    """A warning where an OOD set is the set the detector's OOD prototype was averaged from
-    (``ood_prototype="features"``, ``fit(..., ood_features=X)``): its mean equals that
-    prototype to a few units in the last place, which no other set's does. The detector was
-    shaped on those samples, so its metrics there are optimistic; OpenOOD keeps such a set
-    (its validation OOD) apart from the test sets."""
+    """A warning where an OOD set repeats the rows the detector's OOD prototype was averaged
+    from (``ood_prototype="features"``, ``fit(..., ood_features=X)``). The detector was shaped
+    on those samples, so its metrics there are optimistic; OpenOOD keeps such a set (its
+    validation OOD) apart from the test sets.
+
+    Where the fit kept their fingerprints (``ood_fingerprints_``), rows are matched one by one
+    (:func:`grood.prototypes.fingerprint_matches`), and more than 1 % of the set's rows
+    matching warns, with the count. Otherwise (a distributed fit; a file saved before
+    fingerprints) the set is that set when its mean equals the prototype to a few units in the
+    last place, which no other set's does; an overlap goes unseen then."""
     import torch
 
     from grood._checks import as_tensor, batches
-    from grood.prototypes import OODFeatureMean, resolve_source
+    from grood.prototypes import OODFeatureMean, fingerprint_matches, resolve_source
 
     if not isinstance(resolve_source(det.ood_prototype), OODFeatureMean):
         return
     x, _ = as_tensor(features, "features")
+    advice = ("the detector was shaped on them (grood fit --ood-features, fit(..., "
+              "ood_features=...)), so the metrics on this set are optimistic; fit on a "
+              "validation OOD set kept apart from the test sets, as OpenOOD does")
+    recorded = getattr(det, "ood_fingerprints_", None)
+    if recorded is not None:
+        hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size).sum())
+        if hits * 100 > x.shape[0]:
+            warnings.warn(f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's "
+                          f"OOD prototype was averaged from ({hits / x.shape[0]:.1%}; of those "
+                          f"{recorded.shape[0]} rows): {advice}", UserWarning, stacklevel=3)
+        return
     proto = det.ood_prototype_.detach().cpu().to(torch.float64)
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     for r0, r1 in batches(x.shape[0], 65536):  # a memory map is read a block at a time
@@ -462,10 +478,7 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
     ulp = torch.finfo(det.ood_prototype_.dtype).eps * float(proto.abs().max())
     if float((mean - proto).abs().max()) <= 4 * ulp:
         warnings.warn(f"{name}: its mean is the detector's OOD prototype: it is the OOD set "
-                      "the detector was fitted with (grood fit --ood-features, fit(..., "
-                      "ood_features=...)), so the metrics on it are optimistic; fit on a "
-                      "validation OOD set kept apart from the test sets, as OpenOOD does",
-                      UserWarning, stacklevel=3)
+                      f"its rows were averaged from, and {advice}", UserWarning, stacklevel=3)
 
 
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],

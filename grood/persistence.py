@@ -34,7 +34,7 @@ from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
 from grood.index import index_class, index_from_state
-from grood.prototypes import source_from_config
+from grood.prototypes import FINGERPRINT_DIMS, source_from_config
 
 _D = TypeVar("_D", bound="Placement")
 
@@ -52,7 +52,7 @@ READS = (f"this grood ({__version__}) reads versions "
          "it, or a newer one")
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 #: Tensors a file may hold besides those and ``index.*``.
-OPTIONAL_TENSORS = ("indexed_rows",)
+OPTIONAL_TENSORS = ("indexed_rows", "ood_fingerprints")
 
 
 def _plain(value: Any) -> Any:
@@ -101,6 +101,8 @@ def detector_state(det: Any, *, host: bool = True
     }
     if det.indexed_rows_ is not None:
         tensors["indexed_rows"] = det.indexed_rows_
+    if getattr(det, "ood_fingerprints_", None) is not None:
+        tensors["ood_fingerprints"] = det.ood_fingerprints_
     return params, state, {n: (t.detach().cpu() if host else t.detach()).contiguous()
                            for n, t in tensors.items()}
 
@@ -462,7 +464,9 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
         protos, tensors["class_counts"].to(dev), p_ood, source, index, resolved, dev,
         n_train=state["n_train"], train_accuracy=state["train_accuracy"],
         shard_sizes=shard_sizes, extractor=state.get("extractor"),
-        indexed_rows=tensors["indexed_rows"].to(dev) if "indexed_rows" in tensors else None))
+        indexed_rows=tensors["indexed_rows"].to(dev) if "indexed_rows" in tensors else None,
+        ood_fingerprints=(tensors["ood_fingerprints"].cpu() if "ood_fingerprints" in tensors
+                          else None)))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
 
@@ -573,6 +577,13 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
             or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != d))):
         raise DetectorFileError(f"{path} is inconsistent: tensor shapes do not match "
                                 f"{c} classes of dimension {d}")
+    prints = tensors.get("ood_fingerprints")
+    if prints is not None and (prints.dtype != torch.float32 or prints.ndim != 2
+                               or prints.shape[1] != FINGERPRINT_DIMS or not prints.shape[0]
+                               or not bool(torch.isfinite(prints).all())):
+        raise DetectorFileError(f"{path} is inconsistent: its ood_fingerprints are not finite "
+                                f"float32 rows of {FINGERPRINT_DIMS} columns ({prints.dtype} "
+                                f"{list(prints.shape)})")
     rows = tensors.get("indexed_rows")
     if rows is not None and not training_row_numbers(rows, state["n_train"]):
         raise DetectorFileError(f"{path} is inconsistent: its indexed_rows are not increasing "
@@ -695,6 +706,8 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
                                            "extractor", "calibration")},
         "indexed": sum(sizes) if sizes else None,
         "rows_recorded": all("indexed_rows" in shapes for *_, shapes in heads),
+        # rows the OOD prototype was averaged from, fingerprinted (None: none recorded)
+        "ood_fingerprints": shapes.get("ood_fingerprints", [None])[0],
         **{key: params.get(key) for key in ("k", "precision", "backend", "batch_size",
                                             "ood_prototype")},
     }

@@ -43,6 +43,9 @@ class PrototypeContext:
         reduce (callable): sums a tensor over all processes (the identity in one process); a
             source that averages data of its own applies it to its sums and counts, so every
             rank of a distributed fit builds the same prototype.
+        records (dict, optional): where a source may leave tensors the detector keeps with its
+            prototype (``"ood_fingerprints"``: :func:`fingerprint_rows` of the rows averaged);
+            None in a distributed fit, whose ranks each hold part of the rows.
         together (callable): ``with ctx.together("what it does"):`` around a source's
             rank-local work before a ``reduce`` (a pass over its inputs or a loader): where it
             raises on one rank of a distributed fit, every rank raises (that rank its own
@@ -56,6 +59,7 @@ class PrototypeContext:
     batch_size: int = 4096
     reduce: Callable[[Tensor], Tensor] = lambda t: t
     together: Callable[[str], AbstractContextManager] = lambda what: nullcontext()
+    records: dict[str, Tensor] | None = None
 
 
 class OODPrototypeSource(ABC):
@@ -182,7 +186,10 @@ class MeanOfClassPrototypes(OODPrototypeSource):
 
 @register_source
 class OODFeatureMean(OODPrototypeSource):
-    """The mean of user-given OOD features, streamed in batches with a float64 sum."""
+    """The mean of user-given OOD features, streamed in batches with a float64 sum. In one
+    process it also leaves each row's fingerprint in ``ctx.records`` (a second pass over the
+    rows), so that an evaluation can tell the rows the detector was shaped on
+    (:func:`fingerprint_matches`)."""
 
     name = "features"
     needs = ("ood_features",)
@@ -200,4 +207,58 @@ class OODFeatureMean(OODPrototypeSource):
                 total += chunk.to(torch.float64).sum(0)
         count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
                                         device=protos.device))
-        return (ctx.reduce(total) / count).to(protos.dtype)
+        mean = (ctx.reduce(total) / count).to(protos.dtype)
+        if ctx.records is not None:
+            ctx.records["ood_fingerprints"] = fingerprint_rows(x, mean, ctx.batch_size)
+        return mean
+
+
+#: Columns of a row's fingerprint (:func:`fingerprint_rows`).
+FINGERPRINT_DIMS = 16
+#: How near (relative to its length) a row's fingerprint must lie to a recorded one to match.
+FINGERPRINT_TOLERANCE = 1e-2
+_FINGERPRINT_SEED = 20231222
+
+
+def _fingerprint_directions(d: int) -> Tensor:
+    """The fixed random directions [d, FINGERPRINT_DIMS] (float64, CPU) rows are projected on:
+    the same in every grood (numpy's ``RandomState`` streams never change), so fingerprints
+    saved with a detector compare with ones made later."""
+    import numpy as np
+
+    rng = np.random.RandomState(_FINGERPRINT_SEED)
+    return torch.from_numpy(rng.standard_normal((d, FINGERPRINT_DIMS)))
+
+
+def fingerprint_rows(x: Tensor, centre: Tensor, batch_size: int = 4096) -> Tensor:
+    """Each row's fingerprint: ``(x - centre)`` projected on ``FINGERPRINT_DIMS`` fixed random
+    directions, in float64, kept as float32 [N, FINGERPRINT_DIMS] on the CPU (64 bytes a row).
+    Rows that are equal, or equal but for rounding, get fingerprints equal to a small fraction
+    of their length; others, far apart ones."""
+    directions = _fingerprint_directions(x.shape[1]).to(centre.device)
+    c = centre.to(torch.float64)
+    out = torch.empty((x.shape[0], FINGERPRINT_DIMS), dtype=torch.float32)
+    for r0, r1 in batches(x.shape[0], batch_size):
+        chunk = x[r0:r1].to(device=centre.device, dtype=torch.float64)
+        out[r0:r1] = ((chunk - c) @ directions).to(device="cpu", dtype=torch.float32)
+    return out
+
+
+def fingerprint_matches(recorded: Tensor, x: Tensor, centre: Tensor,
+                        batch_size: int = 4096) -> Tensor:
+    """Which rows of ``x`` repeat a row whose fingerprint is in ``recorded`` (made by
+    :func:`fingerprint_rows` about the same ``centre``): bool [N] on the CPU, true where the
+    row's fingerprint lies within ``FINGERPRINT_TOLERANCE`` of its own length of a recorded one
+    (an exact float64 search). A rounded copy (float16, a re-extraction's last bits) matches;
+    rows as far apart as two different images are, relative to their distance from
+    ``centre``, do not."""
+    from grood.functional import knn
+
+    mine = fingerprint_rows(x, centre, batch_size).to(torch.float64)
+    theirs = recorded.to(torch.float64)
+    out = torch.empty(x.shape[0], dtype=torch.bool)
+    for r0, r1 in batches(x.shape[0], batch_size):
+        dist, _ = knn(mine[r0:r1], theirs, 1)
+        length = mine[r0:r1].square().sum(1)
+        out[r0:r1] = dist[:, 0] <= FINGERPRINT_TOLERANCE ** 2 * length
+    return out

@@ -20,6 +20,22 @@ def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, sprea
     return (centres[labels] + noise).clamp_min(0).to(dtype), labels
 
 
+def rewrite_detector_file(path, edit):
+    """Rewrite a detector file through ``edit(meta, tensors)``, with a valid digest (a file
+    damaged in a way its checksum does not catch)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import digest
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    meta.pop("digest")
+    meta["digest"] = digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
 @pytest.fixture
 def toy_set():
     """Three well separated classes in 5-D (float32), with an OOD set far from all of them."""

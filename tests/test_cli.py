@@ -527,9 +527,11 @@ def test_eval_warns_where_a_file_holds_training_rows(tmp_path, capsys):
 
 
 def test_eval_warns_on_the_ood_set_the_detector_was_fitted_with(tmp_path, capsys):
-    """An OOD file that is the set the OOD prototype was averaged from (--ood-features) has
-    optimistic metrics: eval warns, naming it, whatever its dtype or row order; another set
-    from the same distribution, and any set under another OOD prototype, get no warning."""
+    """An OOD file that repeats rows the OOD prototype was averaged from (--ood-features) has
+    optimistic metrics: eval warns, naming it and the count, whatever their dtype (float64,
+    float16) or row order, also for a file that holds only part of them; another set from the
+    same distribution, and any set under another OOD prototype, get no warning. grood info
+    says how many rows were fingerprinted."""
     x, y = clustered_features(90, 3, 6, seed=6, spread=0.5, dtype=torch.float32)
     gen = torch.Generator().manual_seed(5)
     fit_set, other = (2 * torch.randn(40, 6, generator=gen) + 1 for _ in range(2))
@@ -537,21 +539,28 @@ def test_eval_warns_on_the_ood_set_the_detector_was_fitted_with(tmp_path, capsys
     _write(tmp_path / "id.npz", features=x[60:])
     _write(tmp_path / "val_ood.npz", features=fit_set)
     np.savez(tmp_path / "same64.npz", features=fit_set.flip(0).double().numpy())
+    np.savez(tmp_path / "half16.npz", features=torch.cat([fit_set[:20], other[20:]]).half()
+             .numpy())
     _write(tmp_path / "test_ood.npz", features=other)
     det, plain = str(tmp_path / "d.safetensors"), str(tmp_path / "p.safetensors")
     assert main(["fit", str(tmp_path / "train.npz"), "--ood-features",
                  str(tmp_path / "val_ood.npz"), "-o", det]) == 0
     assert main(["fit", str(tmp_path / "train.npz"), "-o", plain]) == 0
     capsys.readouterr()
-    files = [str(tmp_path / f) for f in ("val_ood.npz", "same64.npz", "test_ood.npz")]
+    files = [str(tmp_path / f) for f in ("val_ood.npz", "same64.npz", "half16.npz",
+                                         "test_ood.npz")]
     assert main(["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", *files]) == 0
     err = capsys.readouterr().err
-    for path in files[:2]:
-        assert (f"grood eval: warning: {path}: its mean is the detector's OOD prototype: it is "
-                "the OOD set the detector was fitted with") in err
-    assert files[2] not in err
+    for path, n in zip(files[:3], (40, 40, 20), strict=True):
+        assert (f"grood eval: warning: {path}: {n} of its 40 rows repeat rows the detector's "
+                f"OOD prototype was averaged from ({n / 40:.1%}; of those 40 rows): the "
+                "detector was shaped on them") in err
+    assert files[3] not in err
     assert main(["eval", plain, "--id", str(tmp_path / "id.npz"), "--ood", *files]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert main(["info", det]) == 0
+    assert ("OOD          prototype 'features', averaged from 40 rows (fingerprinted: grood "
+            "eval warns on an OOD set that repeats them)") in capsys.readouterr().out
 
 
 def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, capsys):

@@ -241,3 +241,74 @@ def test_evaluate_model_runs_each_loader_through_the_model():
         (det.predict(feats[140:]) == y[140:]).float().mean()))
     with pytest.raises(ValueError, match="the ID loader: the loader yielded no batches"):
         evaluate_model(det, net, [], {"a": loader(ood["a"])})
+
+
+def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
+    """Under ood_prototype="features" the fit keeps a fingerprint of each row it averaged;
+    evaluate warns on a set that repeats more than 1 % of them (rounded, reordered or mixed
+    with other rows), with the count, and not on other rows of the distribution. The
+    fingerprints survive save / load and to(); a detector without them (a distributed fit's,
+    an older file's) falls back to comparing the set's mean with the prototype; a damaged
+    record is refused on load."""
+    from conftest import rewrite_detector_file
+
+    from grood import DetectorFileError
+    from grood.prototypes import FINGERPRINT_DIMS, fingerprint_matches, fingerprint_rows
+
+    x, y = clustered_features(150, 3, 6, seed=9, spread=0.5, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    fit_rows, other = (2 * torch.randn(50, 6, generator=gen) + 1 for _ in range(2))
+    det = GROOD(ood_prototype="features").fit(x[:90], y[:90], ood_features=fit_rows)
+    prints = det.ood_fingerprints_
+    assert prints.dtype == torch.float32 and prints.shape == (50, FINGERPRINT_DIMS)
+    assert prints.device.type == "cpu"
+    torch.testing.assert_close(prints, fingerprint_rows(fit_rows, det.ood_prototype_))
+    # Rounded copies match; rows a few % of their distance from the prototype apart do not.
+    centre = det.ood_prototype_
+    assert bool(fingerprint_matches(prints, fit_rows.half(), centre).all())
+    assert bool(fingerprint_matches(prints, fit_rows.double() * (1 + 1e-6), centre).all())
+    assert not bool(fingerprint_matches(prints, other, centre).any())
+    assert not bool(fingerprint_matches(prints, fit_rows + 0.1 * other, centre).any())
+    id_set = {"features": x[90:], "labels": y[90:]}
+    mixed = torch.cat([other[:45], fit_rows[7:12]])[torch.randperm(50, generator=gen)]
+    with pytest.warns(UserWarning) as caught:
+        evaluate(det, id_set, {"mixed": mixed, "other": other, "one": torch.cat(
+            [other, 2 * other, fit_rows[:1]])})
+    said = [str(w.message) for w in caught]
+    assert said == ["mixed: 5 of its 50 rows repeat rows the detector's OOD prototype was "
+                    "averaged from (10.0%; of those 50 rows): the detector was shaped on them "
+                    "(grood fit --ood-features, fit(..., ood_features=...)), so the metrics on "
+                    "this set are optimistic; fit on a validation OOD set kept apart from the "
+                    "test sets, as OpenOOD does"]  # 1 of 101 rows: within the 1 % allowed
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    assert torch.equal(GROOD.load(path).ood_fingerprints_, prints)
+    assert torch.equal(GROOD.load(path).to("cpu").ood_fingerprints_, prints)
+    # Without fingerprints: the whole set, by its mean.
+    det.ood_fingerprints_ = None
+    with pytest.warns(UserWarning, match="fit_rows: its mean is the detector's OOD prototype: "
+                                         "it is the OOD set its rows were averaged from"):
+        evaluate(det, id_set, {"fit_rows": fit_rows.flip(0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(det, id_set, {"mixed": mixed})  # (the fallback cannot see a part)
+
+    def damage(meta, tensors):
+        tensors["ood_fingerprints"] = tensors["ood_fingerprints"][:, :3].contiguous()
+
+    rewrite_detector_file(path, damage)
+    with pytest.raises(DetectorFileError, match="its ood_fingerprints are not finite float32 "
+                                                "rows of 16 columns"):
+        GROOD.load(path)
+
+
+def test_fingerprint_directions_are_fixed():
+    """Fingerprints saved with a detector are compared with ones made later, by another grood
+    and another numpy: the directions are pinned."""
+    from grood.prototypes import _fingerprint_directions
+
+    got = _fingerprint_directions(3)
+    assert got.shape == (3, 16) and got.dtype == torch.float64
+    assert torch.equal(_fingerprint_directions(5)[:3], got)
+    assert got[0, :3].tolist() == [-1.0021970223604166, -0.9083481338984757, 1.2204583505861923]
+    assert got[2, -1].item() == -0.2455845406922956

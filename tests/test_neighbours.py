@@ -6,7 +6,7 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 import torch
-from conftest import clustered_features
+from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, NotFittedError
 from grood.index import INDEXES, GradientIndex, register_index
@@ -143,21 +143,6 @@ def test_bad_requests_are_named():
                        det.indexed_rows_.expand(31, n))  # all of them, each once
 
 
-def _rewrite(path, edit):
-    """Rewrite a detector file through ``edit(meta, tensors)``, with a valid digest."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from grood.persistence import digest
-
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    edit(meta, tensors)
-    meta.pop("digest")
-    meta["digest"] = digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
-
-
 def test_a_version_1_file_loads_and_says_it_cannot_name_rows(tmp_path):
     x, y, test = _data(seed=6)
     det = GROOD().fit(x, y)
@@ -168,7 +153,7 @@ def test_a_version_1_file_loads_and_says_it_cannot_name_rows(tmp_path):
         meta["format_version"] = "1"
         del tensors["indexed_rows"]
 
-    _rewrite(path, as_version_1)
+    rewrite_detector_file(path, as_version_1)
     old = GROOD.load(path)
     assert old.indexed_rows_ is None
     assert torch.equal(old.score_samples(test), det.score_samples(test))
@@ -181,7 +166,7 @@ def test_a_version_1_file_loads_and_says_it_cannot_name_rows(tmp_path):
         meta["format_version"] = "1"
 
     det.save(path)
-    _rewrite(path, version_1_with_rows)
+    rewrite_detector_file(path, version_1_with_rows)
     with pytest.raises(DetectorFileError, match="holds tensors"):
         GROOD.load(path)
 
@@ -200,7 +185,7 @@ def test_damaged_row_numbers_are_refused(tmp_path, bad):
             "negative": rows - 1 - rows[0], "short": rows[:-1],
             "float": rows.double()}[bad]
 
-    _rewrite(path, damage)
+    rewrite_detector_file(path, damage)
     with pytest.raises(DetectorFileError, match="inconsistent"):
         GROOD.load(path)
 
