@@ -235,10 +235,12 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                 if with_logits else "class ids must run from 0 without gaps: renumber the "
                 "labels (e.g. np.unique(labels, return_inverse=True)[1])")
         raise ValueError(f"{exc}; {hint}") from None
-    records: dict[str, Tensor] | None = None if det.distributed else {}
+    records: dict[str, Tensor] = {}
     p_ood = source.build(PrototypeContext(
         protos, inputs, det.batch_size, reduce,
-        together=lambda what: dist.together(det.distributed, what), records=records))
+        together=lambda what: dist.together(det.distributed, what), records=records,
+        gather=(lambda t: torch.cat(dist.all_gather_rows(t))) if det.distributed else
+        (lambda t: t)))
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                          f"shape [{d}]")
@@ -294,7 +296,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
                        indexed_rows=rows,
-                       ood_fingerprints=(records or {}).get("ood_fingerprints")), grads
+                       ood_fingerprints=records.get("ood_fingerprints")), grads
 
 
 def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int, distributed: bool,

@@ -448,9 +448,9 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
 
     Where the fit kept their fingerprints (``ood_fingerprints_``), rows are matched one by one
     (:func:`grood.prototypes.fingerprint_matches`), and more than 1 % of the set's rows
-    matching warns, with the count. Otherwise (a distributed fit; a file saved before
-    fingerprints) the set is that set when its mean equals the prototype to a few units in the
-    last place, which no other set's does; an overlap goes unseen then."""
+    matching warns, with the count. Otherwise (a file saved before fingerprints) the set is
+    that set when its mean equals the prototype to a few units in the last place, which no
+    other set's does; an overlap goes unseen then."""
     import torch
 
     from grood._checks import as_tensor, batches

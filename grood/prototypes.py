@@ -43,9 +43,10 @@ class PrototypeContext:
         reduce (callable): sums a tensor over all processes (the identity in one process); a
             source that averages data of its own applies it to its sums and counts, so every
             rank of a distributed fit builds the same prototype.
-        records (dict, optional): where a source may leave tensors the detector keeps with its
-            prototype (``"ood_fingerprints"``: :func:`fingerprint_rows` of the rows averaged);
-            None in a distributed fit, whose ranks each hold part of the rows.
+        records (dict): where a source may leave tensors the detector keeps with its
+            prototype (``"ood_fingerprints"``: :func:`fingerprint_rows` of the rows averaged).
+        gather (callable): every process's rows of a tensor, in rank order (the tensor itself
+            in one process), for records built from rank-local data.
         together (callable): ``with ctx.together("what it does"):`` around a source's
             rank-local work before a ``reduce`` (a pass over its inputs or a loader): where it
             raises on one rank of a distributed fit, every rank raises (that rank its own
@@ -59,7 +60,8 @@ class PrototypeContext:
     batch_size: int = 4096
     reduce: Callable[[Tensor], Tensor] = lambda t: t
     together: Callable[[str], AbstractContextManager] = lambda what: nullcontext()
-    records: dict[str, Tensor] | None = None
+    records: dict[str, Tensor] = field(default_factory=dict)
+    gather: Callable[[Tensor], Tensor] = lambda t: t
 
 
 class OODPrototypeSource(ABC):
@@ -186,10 +188,10 @@ class MeanOfClassPrototypes(OODPrototypeSource):
 
 @register_source
 class OODFeatureMean(OODPrototypeSource):
-    """The mean of user-given OOD features, streamed in batches with a float64 sum. In one
-    process it also leaves each row's fingerprint in ``ctx.records`` (a second pass over the
-    rows), so that an evaluation can tell the rows the detector was shaped on
-    (:func:`fingerprint_matches`)."""
+    """The mean of user-given OOD features, streamed in batches with a float64 sum. It also
+    leaves each row's fingerprint in ``ctx.records`` (a second pass over the rows; every
+    rank's, in rank order, in a distributed fit), so that an evaluation can tell the rows the
+    detector was shaped on (:func:`fingerprint_matches`)."""
 
     name = "features"
     needs = ("ood_features",)
@@ -208,8 +210,7 @@ class OODFeatureMean(OODPrototypeSource):
         count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
                                         device=protos.device))
         mean = (ctx.reduce(total) / count).to(protos.dtype)
-        if ctx.records is not None:
-            ctx.records["ood_fingerprints"] = fingerprint_rows(x, mean, ctx.batch_size)
+        ctx.records["ood_fingerprints"] = ctx.gather(fingerprint_rows(x, mean, ctx.batch_size))
         return mean
 
 

@@ -88,7 +88,7 @@ def _worker(rank, world, tmp, kwargs, fit_kwargs_names):
                     "acc": det.train_accuracy_, "pred": det.predict(test),
                     "reserved": reserved, "local_rows": part(x).shape[0],
                     "gathered": gathered, "warned": [str(w.message) for w in caught],
-                    "neighbours": det.kneighbors(rows, 2)},
+                    "neighbours": det.kneighbors(rows, 2), "prints": det.ood_fingerprints_},
                    f"{tmp}/rank{rank}.pt")
         det.save(f"{tmp}/det.json")
         # Loaded back as shards, the detector names the same neighbours; each rank reads
@@ -133,6 +133,10 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
         # A rank makes room for its own rows only (it reserved every rank's rows).
         assert res["reserved"] and max(res["reserved"]) <= res["local_rows"]
         assert torch.equal(res["pred"], single.predict(test))
+        # Every rank keeps the fingerprints of every rank's OOD rows, in rank order.
+        assert (res["prints"] is None) == (single.ood_fingerprints_ is None)
+        if res["prints"] is not None:
+            assert torch.equal(res["prints"], single.ood_fingerprints_)
     assert all(torch.equal(r["flipped"], r["scores"]) for r in results)
     # Only 1-D counts and settings are gathered while scoring, no rows of queries or results.
     assert all(len(shape) == 1 for r in results for shape in r["gathered"])
@@ -160,6 +164,8 @@ def test_sharded_detector_equals_single_process(tmp_path, world, kwargs, fit_kwa
     assert torch.equal(joined.index_.vectors, single.index_.vectors)
     assert torch.equal(joined.score_samples(test), single.score_samples(test))
     assert torch.equal(joined.indexed_rows_, single.indexed_rows_)
+    if single.ood_fingerprints_ is not None:
+        assert torch.equal(joined.ood_fingerprints_, single.ood_fingerprints_)
     assert joined.calibration_ == single.calibration_
 
 

@@ -247,8 +247,8 @@ def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
     """Under ood_prototype="features" the fit keeps a fingerprint of each row it averaged;
     evaluate warns on a set that repeats more than 1 % of them (rounded, reordered or mixed
     with other rows), with the count, and not on other rows of the distribution. The
-    fingerprints survive save / load and to(); a detector without them (a distributed fit's,
-    an older file's) falls back to comparing the set's mean with the prototype; a damaged
+    fingerprints survive save / load and to(); a detector without them (loaded from a file
+    saved before fingerprints) falls back to comparing the set's mean with the prototype; a damaged
     record is refused on load."""
     from conftest import rewrite_detector_file
 
