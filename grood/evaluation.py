@@ -175,7 +175,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
     Returns:
         Evaluation: the metrics (``results``), scores, tables and OpenOOD's CSV.
 
-    Sets are read one at a time (a path is loaded when its turn comes). Warns where more
+    Sets are read one at a time (a path is loaded when its turn comes, and let go before the
+    next is read: memory holds one set's rows, and every set's scores). Warns where more
     than 1 % of a set's rows equal indexed training rows, where an OOD set's mean is the
     detector's OOD prototype (``ood_prototype="features"``: the set it was fitted with), and
     where the ID labels are hardly better predicted than chance.
@@ -202,6 +203,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         warn_training_rows(det, id_name, found, len(id_scores), ood=False)
         id_base = _baseline_scores(methods, id_data, device)
         base_info = baseline_accuracy(methods, id_data, labels, logits)
+        del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
     id_info: dict[str, Any] = {"n_id": len(id_scores)}
@@ -224,6 +226,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             warn_training_rows(det, name, found, len(ood_scores), ood=True)
             warn_ood_fit_set(det, name, data.features)
             ood_base = _baseline_scores(methods, data, device)
+            del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
         # the sample counts the metrics came from, as the table's n column
         m = results[name] = {**id_info, "n_ood": len(ood_scores),

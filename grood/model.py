@@ -179,7 +179,7 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
     """:func:`grood.evaluation.evaluate` over data loaders: each loader runs through the
     model when its turn comes (as :func:`score_model` runs it, on the layer :func:`fit_model`
     read by default), and its features, logits and labels (the ID loader's give the
-    accuracies) are the set, held on the CPU one set at a time beside the ID set.
+    accuracies) are the set, held on the CPU one set at a time.
 
     ``ood``, ``near`` and ``far`` give loaders by name (OpenOOD's ``ood_loader_dict["near"]``
     and ``["far"]`` as they are); ``baselines`` (fitted :mod:`grood.baselines` estimators)

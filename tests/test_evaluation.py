@@ -312,3 +312,33 @@ def test_fingerprint_directions_are_fixed():
     assert torch.equal(_fingerprint_directions(5)[:3], got)
     assert got[0, :3].tolist() == [-1.0021970223604166, -0.9083481338984757, 1.2204583505861923]
     assert got[2, -1].item() == -0.2455845406922956
+
+
+def test_evaluate_holds_one_set_at_a_time(fitted):
+    """A set's rows are let go once it is scored, before the next set is read: memory holds
+    one set's features (and every set's scores), as evaluate_model's loaders need at
+    ImageNet scale."""
+    import gc
+    import weakref
+
+    from grood.evaluation import LazySet
+    from grood.io import FeatureFile
+
+    det, id_set, near, far, _ = fitted
+    alive: list[weakref.ref] = []
+    order = []
+
+    def reading(name, x):
+        def read():
+            gc.collect()
+            order.append((name, [ref() is not None for ref in alive]))
+            features = x.clone()
+            alive.append(weakref.ref(features))
+            return FeatureFile(features, None, None)
+        return LazySet(read)
+
+    ev = evaluate(det, reading("id", id_set["features"]),
+                  {name: reading(name, x) for name, x in {**near, **far}.items()})
+    assert order == [("id", []), ("n0", [False]), ("n1", [False, False]),
+                     ("f0", [False, False, False]), ("f1", [False, False, False, False])]
+    assert list(ev.results) == ["n0", "n1", "f0", "f1", "mean of 4 sets"]
