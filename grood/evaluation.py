@@ -457,15 +457,16 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
     import torch
 
     from grood._checks import as_tensor, batches
-    from grood.prototypes import OODFeatureMean, fingerprint_matches, resolve_source
+    from grood.prototypes import OODFeatureMean, fingerprint_matches
 
-    if not isinstance(resolve_source(det.ood_prototype), OODFeatureMean):
+    recorded = getattr(det, "ood_fingerprints_", None)
+    # (the fitted source: ood_prototype set since applies from the next fit)
+    if recorded is None and not isinstance(det.ood_source_, OODFeatureMean):
         return
     x, _ = as_tensor(features, "features")
     advice = ("the detector was shaped on them (grood fit --ood-features, fit(..., "
               "ood_features=...)), so the metrics on this set are optimistic; fit on a "
               "validation OOD set kept apart from the test sets, as OpenOOD does")
-    recorded = getattr(det, "ood_fingerprints_", None)
     if recorded is not None:
         hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size).sum())
         if hits * 100 > x.shape[0]:

@@ -284,6 +284,10 @@ def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
     det.save(path)
     assert torch.equal(GROOD.load(path).ood_fingerprints_, prints)
     assert torch.equal(GROOD.load(path).to("cpu").ood_fingerprints_, prints)
+    # The fitted source decides, not ood_prototype set since (it applies from the next fit).
+    det.set_params(ood_prototype="mean")
+    with pytest.warns(UserWarning, match="mixed: 5 of its 50 rows repeat"):
+        evaluate(det, id_set, {"mixed": mixed})
     # Without fingerprints: the whole set, by its mean.
     det.ood_fingerprints_ = None
     with pytest.warns(UserWarning, match="fit_rows: its mean is the detector's OOD prototype: "
