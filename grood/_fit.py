@@ -51,7 +51,7 @@ class FittedState:
     # The training-row number of each indexed gradient (int64 [index.ntotal], in index order;
     # None: not known, see :func:`indexed_rows`).
     indexed_rows: Tensor | None = None
-    # Fingerprints of the rows the OOD prototype was averaged from (float32 [M, 16], on the
+    # Fingerprints of the rows the OOD prototype was averaged from (float64 [M, 16], on the
     # CPU; :func:`grood.prototypes.fingerprint_rows`); None where the source keeps none.
     ood_fingerprints: Tensor | None = None
 

@@ -106,7 +106,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         indexed_rows_ (Tensor): the training-row number of each indexed gradient, in index
             order (see :meth:`kneighbors`); None for one loaded from a version 1 file.
         ood_fingerprints_ (Tensor): fingerprints of the rows ``ood_prototype="features"``
-            averaged (float32 [M, 16], CPU; see :func:`grood.evaluate`), or None.
+            averaged (float64 [M, 16], CPU; see :func:`grood.evaluate`), or None.
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 

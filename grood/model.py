@@ -75,19 +75,9 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     inputs: dict[str, Any] = {}
     if "model" in source.needs:
         inputs["model"] = ModelContext(extractor, train_loader, tuple(first[2].shape[1:]))
-    ood_features = None
+    ood_features = prints = None
     if ood_loader is not None:
-        total, count = torch.zeros(d, dtype=torch.float64), 0
-        for out, _, _ in extractor.batches(ood_loader, desc="grood fit: OOD features"):
-            check_finite_rows(out.features, "OOD features")
-            if out.features.shape[1] != d:  # e.g. a flattened conv map of other-sized images
-                raise ValueError(f"the OOD loader gives features of width "
-                                 f"{out.features.shape[1]}, the training loader {d}")
-            total += out.features.double().sum(0).cpu()
-            count += out.features.shape[0]
-        if count == 0:  # the mean of nothing would make the origin the OOD prototype
-            raise ValueError("the OOD loader yielded no samples")
-        ood_features = (total / count)[None].float()
+        ood_features, prints = _ood_mean(det, extractor, ood_loader, d)
     dev = torch.device(det.device) if det.device is not None else extractor.device
 
     def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
@@ -98,8 +88,39 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     if ood_features is not None:
         inputs["ood_features"] = ood_features
     # The extractor reports progress (it knows the loader's length); the fit adds no bar.
-    return det._fit_stream(training_batches, inputs, None, "fit_model()",
-                           extractor={"features": features}, bar=False)
+    det._fit_stream(training_batches, inputs, None, "fit_model()",
+                    extractor={"features": features}, bar=False)
+    if prints is not None:  # the loader's rows, where the fit saw their mean alone
+        det.ood_fingerprints_ = prints
+    return det
+
+
+def _ood_mean(det: GROOD, extractor: FeatureExtractor, loader: Iterable, d: int
+              ) -> tuple[Tensor, Tensor]:
+    """The OOD loader's mean feature, as the one row ``ood_prototype="features"`` averages,
+    and its rows' fingerprints (:func:`grood.prototypes.fingerprint_rows`); in a distributed
+    fit, over every rank's rows (a rank may have none), the fingerprints in rank order."""
+    from grood.prototypes import fingerprint_rows
+
+    total, count, prints = torch.zeros(d, dtype=torch.float64), 0, [fingerprint_rows(
+        torch.zeros((0, d)))]
+    with dist.together(det.distributed, "reading its OOD loader"):
+        for out, _, _ in extractor.batches(loader, desc="grood fit: OOD features"):
+            check_finite_rows(out.features, "OOD features")
+            if out.features.shape[1] != d:  # e.g. a flattened conv map of other-sized images
+                raise ValueError(f"the OOD loader gives features of width "
+                                 f"{out.features.shape[1]}, the training loader {d}")
+            total += out.features.double().sum(0).cpu()
+            count += out.features.shape[0]
+            prints.append(fingerprint_rows(out.features))
+    rows = torch.cat(prints)
+    if det.distributed:  # every rank the same mean, of every rank's rows
+        total = dist.all_reduce(total)
+        count = int(dist.all_reduce(torch.tensor([count], dtype=torch.float64)))
+        rows = torch.cat(dist.all_gather_rows(rows))
+    if count == 0:  # the mean of nothing would make the origin the OOD prototype
+        raise ValueError("the OOD loader yielded no samples")
+    return (total / count)[None].float(), rows
 
 
 def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,

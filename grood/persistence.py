@@ -578,11 +578,11 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} is inconsistent: tensor shapes do not match "
                                 f"{c} classes of dimension {d}")
     prints = tensors.get("ood_fingerprints")
-    if prints is not None and (prints.dtype != torch.float32 or prints.ndim != 2
+    if prints is not None and (prints.dtype != torch.float64 or prints.ndim != 2
                                or prints.shape[1] != FINGERPRINT_DIMS or not prints.shape[0]
                                or not bool(torch.isfinite(prints).all())):
         raise DetectorFileError(f"{path} is inconsistent: its ood_fingerprints are not finite "
-                                f"float32 rows of {FINGERPRINT_DIMS} columns ({prints.dtype} "
+                                f"float64 rows of {FINGERPRINT_DIMS} columns ({prints.dtype} "
                                 f"{list(prints.shape)})")
     rows = tensors.get("indexed_rows")
     if rows is not None and not training_row_numbers(rows, state["n_train"]):

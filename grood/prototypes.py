@@ -189,9 +189,9 @@ class MeanOfClassPrototypes(OODPrototypeSource):
 @register_source
 class OODFeatureMean(OODPrototypeSource):
     """The mean of user-given OOD features, streamed in batches with a float64 sum. It also
-    leaves each row's fingerprint in ``ctx.records`` (a second pass over the rows; every
-    rank's, in rank order, in a distributed fit), so that an evaluation can tell the rows the
-    detector was shaped on (:func:`fingerprint_matches`)."""
+    leaves each row's fingerprint in ``ctx.records`` (every rank's, in rank order, in a
+    distributed fit), so that an evaluation can tell the rows the detector was shaped on
+    (:func:`fingerprint_matches`)."""
 
     name = "features"
     needs = ("ood_features",)
@@ -203,15 +203,17 @@ class OODFeatureMean(OODPrototypeSource):
             check_matrix(x, "ood_features", n_cols=protos.shape[1],
                          cols_from="the training features have {}")
             total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
+            prints = []
             for r0, r1 in batches(x.shape[0], ctx.batch_size):
                 chunk = x[r0:r1].to(protos.device)
                 check_finite_rows(chunk, "ood_features", row_offset=r0)
                 total += chunk.to(torch.float64).sum(0)
+                prints.append(fingerprint_rows(chunk))
         count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
                                         device=protos.device))
-        mean = (ctx.reduce(total) / count).to(protos.dtype)
-        ctx.records["ood_fingerprints"] = ctx.gather(fingerprint_rows(x, mean, ctx.batch_size))
-        return mean
+        ctx.records["ood_fingerprints"] = ctx.gather(
+            torch.cat(prints) if prints else fingerprint_rows(x[:0]))
+        return (ctx.reduce(total) / count).to(protos.dtype)
 
 
 #: Columns of a row's fingerprint (:func:`fingerprint_rows`).
@@ -231,35 +233,33 @@ def _fingerprint_directions(d: int) -> Tensor:
     return torch.from_numpy(rng.standard_normal((d, FINGERPRINT_DIMS)))
 
 
-def fingerprint_rows(x: Tensor, centre: Tensor, batch_size: int = 4096) -> Tensor:
-    """Each row's fingerprint: ``(x - centre)`` projected on ``FINGERPRINT_DIMS`` fixed random
-    directions, in float64, kept as float32 [N, FINGERPRINT_DIMS] on the CPU (64 bytes a row).
-    Rows that are equal, or equal but for rounding, get fingerprints equal to a small fraction
-    of their length; others, far apart ones."""
-    directions = _fingerprint_directions(x.shape[1]).to(centre.device)
-    c = centre.to(torch.float64)
-    out = torch.empty((x.shape[0], FINGERPRINT_DIMS), dtype=torch.float32)
+def fingerprint_rows(x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Each row's fingerprint: the row projected on ``FINGERPRINT_DIMS`` fixed random
+    directions, in float64 [N, FINGERPRINT_DIMS] on the CPU (128 bytes a row). Rows that are
+    equal, or equal but for rounding, get nearly equal fingerprints; rows far apart, far apart
+    ones (:func:`fingerprint_matches` compares them)."""
+    directions = _fingerprint_directions(x.shape[1]).to(x.device)
+    out = torch.empty((x.shape[0], FINGERPRINT_DIMS), dtype=torch.float64)
     for r0, r1 in batches(x.shape[0], batch_size):
-        chunk = x[r0:r1].to(device=centre.device, dtype=torch.float64)
-        out[r0:r1] = ((chunk - c) @ directions).to(device="cpu", dtype=torch.float32)
+        out[r0:r1] = (x[r0:r1].to(torch.float64) @ directions).cpu()
     return out
 
 
 def fingerprint_matches(recorded: Tensor, x: Tensor, centre: Tensor,
                         batch_size: int = 4096) -> Tensor:
-    """Which rows of ``x`` repeat a row whose fingerprint is in ``recorded`` (made by
-    :func:`fingerprint_rows` about the same ``centre``): bool [N] on the CPU, true where the
-    row's fingerprint lies within ``FINGERPRINT_TOLERANCE`` of its own length of a recorded one
-    (an exact float64 search). A rounded copy (float16, a re-extraction's last bits) matches;
-    rows as far apart as two different images are, relative to their distance from
-    ``centre``, do not."""
+    """Which rows of ``x`` repeat a row whose fingerprint is in ``recorded``
+    (:func:`fingerprint_rows`): bool [N] on the CPU, true where the row's fingerprint lies
+    within ``FINGERPRINT_TOLERANCE`` of the length of its offset from ``centre``'s (the OOD
+    prototype's) of a recorded one, by an exact float64 search. A rounded copy (float16, a
+    re-extraction's last bits) matches; rows as far apart as two different images' features
+    are, relative to their distance from ``centre``, do not."""
     from grood.functional import knn
 
-    mine = fingerprint_rows(x, centre, batch_size).to(torch.float64)
-    theirs = recorded.to(torch.float64)
+    origin = fingerprint_rows(centre[None])  # (offsets from it: no cancellation below)
+    mine = fingerprint_rows(x, batch_size) - origin
+    theirs = recorded.to(torch.float64) - origin
     out = torch.empty(x.shape[0], dtype=torch.bool)
     for r0, r1 in batches(x.shape[0], batch_size):
         dist, _ = knn(mine[r0:r1], theirs, 1)
-        length = mine[r0:r1].square().sum(1)
-        out[r0:r1] = dist[:, 0] <= FINGERPRINT_TOLERANCE ** 2 * length
+        out[r0:r1] = dist[:, 0] <= FINGERPRINT_TOLERANCE ** 2 * mine[r0:r1].square().sum(1)
     return out

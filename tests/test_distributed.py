@@ -390,7 +390,15 @@ def _uneven_batches_worker(rank, world, tmp):
             features="1")
         loaders = {0: [(test[:9], None), (test[9:20], None)], 1: [(test[20:31], None)], 2: []}
         model_scores = mdet.score_model(net, [b for b, _ in loaders[rank]])
-        torch.save({"results": results, "seen": seen, "model": model_scores},
+        # An OOD loader of 2, 1 and 0 batches (17, 6 and 0 rows): the prototype is the mean
+        # of every rank's rows (not of each rank's mean), and every rank keeps every rank's
+        # rows' fingerprints.
+        fdet = GROOD(distributed=True, ood_prototype="features").fit_model(
+            net, [(torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank])],
+            features="1", ood_loader={0: [test[32:40], test[40:49]], 1: [test[49:55]],
+                                      2: []}[rank])
+        torch.save({"results": results, "seen": seen, "model": model_scores,
+                    "p_ood": fdet.ood_prototype_, "prints": fdet.ood_fingerprints_},
                    f"{tmp}/rank{rank}.pt")
 
 
@@ -416,6 +424,11 @@ def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
     for i in (0, 1):
         torch.testing.assert_close(torch.cat([g["model"][i] for g in got]), want[i],
                                    rtol=1e-6, atol=1e-7)
+    fdet = GROOD(ood_prototype="features").fit_model(net, [(x, y)], features="1",
+                                                      ood_loader=[test[32:55]])
+    for g in got:
+        torch.testing.assert_close(g["p_ood"], fdet.ood_prototype_, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g["prints"], fdet.ood_fingerprints_, rtol=1e-12, atol=1e-12)
     assert got[1]["seen"]["loader"] == ("OSError", "shard file vanished")
     for r in (0, 2):
         kind, text = got[r]["seen"]["loader"]

@@ -260,9 +260,9 @@ def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
     fit_rows, other = (2 * torch.randn(50, 6, generator=gen) + 1 for _ in range(2))
     det = GROOD(ood_prototype="features").fit(x[:90], y[:90], ood_features=fit_rows)
     prints = det.ood_fingerprints_
-    assert prints.dtype == torch.float32 and prints.shape == (50, FINGERPRINT_DIMS)
+    assert prints.dtype == torch.float64 and prints.shape == (50, FINGERPRINT_DIMS)
     assert prints.device.type == "cpu"
-    torch.testing.assert_close(prints, fingerprint_rows(fit_rows, det.ood_prototype_))
+    torch.testing.assert_close(prints, fingerprint_rows(fit_rows), rtol=0, atol=0)
     # Rounded copies match; rows a few % of their distance from the prototype apart do not.
     centre = det.ood_prototype_
     assert bool(fingerprint_matches(prints, fit_rows.half(), centre).all())
@@ -301,7 +301,7 @@ def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
         tensors["ood_fingerprints"] = tensors["ood_fingerprints"][:, :3].contiguous()
 
     rewrite_detector_file(path, damage)
-    with pytest.raises(DetectorFileError, match="its ood_fingerprints are not finite float32 "
+    with pytest.raises(DetectorFileError, match="its ood_fingerprints are not finite float64 "
                                                 "rows of 16 columns"):
         GROOD.load(path)
 

@@ -382,12 +382,22 @@ def test_gaussian_blur_preserves_mean_and_smooths():
 
 
 def test_ood_loader_feeds_the_features_source(trained):
+    """Its mean feature is the OOD prototype, and each of its rows is fingerprinted (the fit
+    sees the mean alone), so evaluating on part of it warns."""
+    from grood import evaluate
+    from grood.prototypes import fingerprint_rows
+
     model, x, y = trained
     ood = torch.rand(20, 1, 8, 8)
     det = GROOD(ood_prototype="features").fit_model(model, [(x, y)], features="8",
-                                                     ood_loader=[ood])
-    want = FeatureExtractor(model, features="8")(ood).features.mean(0)
-    torch.testing.assert_close(det.ood_prototype_, want, rtol=1e-5, atol=1e-6)
+                                                     ood_loader=[ood[:12], ood[12:]])
+    feats = FeatureExtractor(model, features="8")(ood).features
+    torch.testing.assert_close(det.ood_prototype_, feats.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(det.ood_fingerprints_, fingerprint_rows(feats))
+    with pytest.warns(UserWarning, match="part: 5 of its 10 rows repeat rows the detector's "
+                                         "OOD prototype was averaged from"):
+        evaluate(det, FeatureExtractor(model, features="8")(x + 0.01).features,
+                 {"part": torch.cat([feats[:5], feats[:5] + 1])})
 
 
 def test_ood_loader_that_is_empty_or_of_another_width_is_refused(trained):
