@@ -53,7 +53,8 @@ class Evaluation:
         results (dict): by OOD set name and by mean label, in the table's order, each set's
             metrics (``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out``) with ``n_id``, ``n_ood``,
             what the ID set gives (``id_accuracy``, ``id_logits_accuracy``, ``id_accepted``
-            where they apply), ``group``, ``flagged`` (at the detector's threshold), ``ci95``
+            where they apply), ``group``, ``flagged`` (at the detector's threshold),
+            ``warnings`` (the set's, where it got any; ``id_warnings`` the ID set's), ``ci95``
             (with ``bootstrap``), and each baseline's under ``baselines``; a mean row also
             ``mean_of``, its sets. ``grood eval --json`` writes this.
         scores (dict): each method's scores (GROOD first) by set, the ID set's under
@@ -179,7 +180,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
     next is read: memory holds one set's rows, and every set's scores). Warns where more
     than 1 % of a set's rows equal indexed training rows, where an OOD set's mean is the
     detector's OOD prototype (``ood_prototype="features"``: the set it was fitted with), and
-    where the ID labels are hardly better predicted than chance.
+    where the ID labels are hardly better predicted than chance; each warning is kept in
+    ``results`` too (the set's ``warnings``; the ID set's ``id_warnings``, on every row).
     """
     from grood.calibration import current_threshold
     from grood.metrics import ood_metrics
@@ -200,7 +202,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         labels, logits = id_labels_and_logits(id_data, det.n_classes_)
         with det._counting_training_rows() as found:
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
-        warn_training_rows(det, id_name, found, len(id_scores), ood=False)
+        id_notes = [warn_training_rows(det, id_name, found, len(id_scores), ood=False)]
         id_base = _baseline_scores(methods, id_data, device)
         base_info = baseline_accuracy(methods, id_data, labels, logits)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
@@ -211,7 +213,9 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         id_info["id_accuracy"] = float(np.mean(id_pred == labels))
         if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
             id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
-        warn_id_accuracy(det, id_name, labels, id_info)
+        id_notes.append(warn_id_accuracy(det, id_name, labels, id_info))
+    if any(id_notes):  # the warnings, kept with the metrics (a --json file outlives stderr)
+        id_info["id_warnings"] = [note for note in id_notes if note]
     if threshold is not None:
         id_info["id_accepted"] = float(np.mean(id_scores >= threshold))
     id_key = f"{id_name} (ID)"  # the ID set may also be given as an OOD set
@@ -223,8 +227,9 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             data = as_eval_set(value, name)
             with det._counting_training_rows() as found:
                 ood_scores = np.asarray(det.score_samples(data.features))
-            warn_training_rows(det, name, found, len(ood_scores), ood=True)
-            warn_ood_fit_set(det, name, data.features)
+            notes = [note for note in (
+                warn_training_rows(det, name, found, len(ood_scores), ood=True),
+                warn_ood_fit_set(det, name, data.features)) if note]
             ood_base = _baseline_scores(methods, data, device)
             del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
@@ -233,6 +238,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                              **ood_metrics(id_scores, ood_scores)}
         if group != "ood":  # OpenOOD's near- or far-OOD
             m["group"] = group
+        if notes:
+            m["warnings"] = notes
         if threshold is not None:  # the fraction the detector's threshold flags
             m["flagged"] = float(np.mean(ood_scores < threshold))
         if methods:
@@ -391,18 +398,20 @@ def id_labels_and_logits(data: FeatureFile, n_classes: int) -> tuple[Any, Any]:
     return labels, logits
 
 
-def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]) -> None:
+def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]
+                     ) -> str | None:
     """A warning where the detector's nearest class prototype gets hardly more of the ID
     set's rows right than labels unrelated to the features would
     (:func:`grood._fit.chance_share`): features from another model or preprocessing than the
     detector's training features, or labels in another class order or row order, give
-    metrics without meaning, and nothing else in the table shows it."""
+    metrics without meaning, and nothing else in the table shows it. Returns the warning's
+    text (None: no warning), as the other checks do."""
     from grood._fit import chance_share
 
     accuracy, counts = id_info["id_accuracy"], np.bincount(labels, minlength=det.n_classes_)
     largest = chance_share(accuracy, counts, len(labels))
     if largest is None:
-        return
+        return None
     said = (f"{name}: the detector's nearest class prototype classifies {100 * accuracy:.1f} % "
             f"of its rows correctly (the training set: {100 * det.train_accuracy_:.1f} %), "
             f"about what labels unrelated to the features give (the largest class holds "
@@ -414,11 +423,13 @@ def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]) 
     else:
         said += (": are its features from the model the detector was fitted with, and its "
                  "labels in the detector's class order and in the order of the rows?")
-    warnings.warn(said + " Its metrics would measure that mismatch.", UserWarning,
-                  stacklevel=3)
+    said += " Its metrics would measure that mismatch."
+    warnings.warn(said, UserWarning, stacklevel=3)
+    return said
 
 
-def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool) -> None:
+def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
+                       ) -> str | None:
     """A warning where more than 1 % of a set's ``n`` rows equal indexed training rows
     (``found``: the scoring's counts of rows with an indexed gradient at distance 0), as
     calibrating on them warns: such rows score as the training set does, higher than new
@@ -431,7 +442,7 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool) -
     zero = int(torch.stack(found).sum()) if found else 0  # (one read of the batches' counts)
     held = training_rows_clause(zero, n, det.k)
     if held is None:
-        return
+        return None
     if det.k == 1:
         held += ", the highest score"
     what = ("is it (part of) the training set? They score higher than new in-distribution "
@@ -439,11 +450,13 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool) -
             if not ood else
             "they score as training samples do, so the metrics understate the detector on "
             "this set: does it hold training images?")
-    warnings.warn(f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
-                  f"gradient at distance 0, {held}): {what}", UserWarning, stacklevel=3)
+    said = (f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
+            f"gradient at distance 0, {held}): {what}")
+    warnings.warn(said, UserWarning, stacklevel=3)
+    return said
 
 
-def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
+def warn_ood_fit_set(det: Any, name: str, features: Any) -> str | None:
     """A warning where an OOD set repeats the rows the detector's OOD prototype was averaged
     from (``ood_prototype="features"``, ``fit(..., ood_features=X)``). The detector was shaped
     on those samples, so its metrics there are optimistic; OpenOOD keeps such a set (its
@@ -462,27 +475,32 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> None:
     recorded = getattr(det, "ood_fingerprints_", None)
     # (the fitted source: ood_prototype set since applies from the next fit)
     if recorded is None and not isinstance(det.ood_source_, OODFeatureMean):
-        return
+        return None
     x, _ = as_tensor(features, "features")
     advice = ("the detector was shaped on them (grood fit --ood-features, fit(..., "
               "ood_features=...)), so the metrics on this set are optimistic; fit on a "
               "validation OOD set kept apart from the test sets, as OpenOOD does")
     if recorded is not None:
         hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size).sum())
-        if hits * 100 > x.shape[0]:
-            warnings.warn(f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's "
-                          f"OOD prototype was averaged from ({hits / x.shape[0]:.1%}; of those "
-                          f"{recorded.shape[0]} rows): {advice}", UserWarning, stacklevel=3)
-        return
+        if hits * 100 <= x.shape[0]:
+            return None
+        said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's OOD "
+                f"prototype was averaged from ({hits / x.shape[0]:.1%}; of those "
+                f"{recorded.shape[0]} rows): {advice}")
+        warnings.warn(said, UserWarning, stacklevel=3)
+        return said
     proto = det.ood_prototype_.detach().cpu().to(torch.float64)
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     for r0, r1 in batches(x.shape[0], 65536):  # a memory map is read a block at a time
         total += x[r0:r1].to(device="cpu", dtype=torch.float64).sum(0)
     mean = (total / x.shape[0]).to(det.ood_prototype_.dtype).to(torch.float64)
     ulp = torch.finfo(det.ood_prototype_.dtype).eps * float(proto.abs().max())
-    if float((mean - proto).abs().max()) <= 4 * ulp:
-        warnings.warn(f"{name}: its mean is the detector's OOD prototype: it is the OOD set "
-                      f"its rows were averaged from, and {advice}", UserWarning, stacklevel=3)
+    if float((mean - proto).abs().max()) > 4 * ulp:
+        return None
+    said = (f"{name}: its mean is the detector's OOD prototype: it is the OOD set its rows "
+            f"were averaged from, and {advice}")
+    warnings.warn(said, UserWarning, stacklevel=3)
+    return said
 
 
 def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]],

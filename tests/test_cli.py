@@ -592,15 +592,19 @@ def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, caps
                                         "fitted with, and its labels in the detector's class "
                                         "order and in the order of the rows?")):
         path = str(tmp_path / name)
-        assert main(["eval", det, "--id", path, "--ood", ood]) == 0
+        assert main(["eval", det, "--id", path, "--ood", ood, "--json",
+                     str(tmp_path / "m.json")]) == 0
         out, err = capsys.readouterr()
         accuracy = re.search(r"nearest-prototype accuracy (\d+\.\d\d) %", out).group(1)
         assert float(accuracy) < 50
-        said = (f"grood eval: warning: {path}: the detector's nearest class prototype "
+        said = (f"{path}: the detector's nearest class prototype "
                 f"classifies {float(accuracy):.1f} % of its rows correctly (the training set: "
                 f"{train_acc:.1f} %), about what labels unrelated to the features give (the "
                 f"largest class holds {largest:.1f} % of the rows)")
-        assert said in err and hint in err
+        assert f"grood eval: warning: {said}" in err and hint in err
+        # The JSON keeps the warning with the metrics it concerns.
+        (kept,) = json.loads((tmp_path / "m.json").read_text())[ood]["id_warnings"]
+        assert kept.startswith(said) and hint in kept
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):

@@ -272,9 +272,11 @@ def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
     id_set = {"features": x[90:], "labels": y[90:]}
     mixed = torch.cat([other[:45], fit_rows[7:12]])[torch.randperm(50, generator=gen)]
     with pytest.warns(UserWarning) as caught:
-        evaluate(det, id_set, {"mixed": mixed, "other": other, "one": torch.cat(
+        ev = evaluate(det, id_set, {"mixed": mixed, "other": other, "one": torch.cat(
             [other, 2 * other, fit_rows[:1]])})
     said = [str(w.message) for w in caught]
+    assert ev.results["mixed"]["warnings"] == said  # kept with the metrics
+    assert "warnings" not in ev.results["other"] and "id_warnings" not in ev.results["mixed"]
     assert said == ["mixed: 5 of its 50 rows repeat rows the detector's OOD prototype was "
                     "averaged from (10.0%; of those 50 rows): the detector was shaped on them "
                     "(grood fit --ood-features, fit(..., ood_features=...)), so the metrics on "
