@@ -253,6 +253,12 @@ class Mahalanobis(_Baseline):
         _, idx, kind = self._nearest_mean(features)
         return kind.wrap(idx)
 
+    def score_and_predict(self, features: ArrayT) -> tuple[ArrayT, ArrayT]:
+        """``(score_samples(features), predict(features))`` from one search, as
+        :meth:`grood.GROOD.score_and_predict`."""
+        dist, idx, kind = self._nearest_mean(features)
+        return kind.wrap(0.0 - dist), kind.wrap(idx)
+
     def _nearest_mean(self, features: Any) -> tuple[Tensor, Tensor, Any]:
         """Each row's smallest squared Mahalanobis distance to a class mean and that class,
         and the input's kind."""

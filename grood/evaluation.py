@@ -203,8 +203,9 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         with det._counting_training_rows() as found:
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         id_notes = [warn_training_rows(det, id_name, found, len(id_scores), ood=False)]
-        id_base = _baseline_scores(methods, id_data, device)
-        base_info = baseline_accuracy(methods, id_data, labels, logits)
+        id_preds: dict[str, Any] = {}
+        id_base = _baseline_scores(methods, id_data, device, predictions=id_preds)
+        base_info = baseline_accuracy(methods, id_preds, labels, logits)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
@@ -327,10 +328,12 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any
-                     ) -> dict[str, Any]:
+def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
+                     predictions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each fitted baseline's scores of one set (its logits or its features), numpy arrays by
-    display name; each array moved to ``device`` once however many baselines read it."""
+    display name; each array moved to ``device`` once however many baselines read it. With
+    ``predictions``, a baseline that predicts classes (``score_and_predict``: Mahalanobis)
+    puts its predictions there too, from the same pass."""
     from grood._checks import as_tensor
 
     moved: dict[str, Any] = {}
@@ -343,30 +346,27 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any
                                  f"'{est.inputs}'")
             t = as_tensor(value, est.inputs)[0]
             moved[est.inputs] = t if device is None else t.to(device)
-        out[name] = np.asarray(est.score_samples(moved[est.inputs]).cpu())
+        if predictions is not None and callable(getattr(est, "score_and_predict", None)):
+            scores, preds = est.score_and_predict(moved[est.inputs])
+            predictions[name] = np.asarray(preds.cpu())
+        else:
+            scores = est.score_samples(moved[est.inputs])
+        out[name] = np.asarray(scores.cpu())
     return out
 
 
-def baseline_accuracy(methods: dict[str, Any], data: FeatureFile, labels: Any, logits: Any
-                      ) -> dict[str, dict[str, float]]:
+def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labels: Any,
+                      logits: Any) -> dict[str, dict[str, float]]:
     """Each baseline's ``id_accuracy`` on the labelled ID set (an empty dict without labels),
     from the predictions OpenOOD's postprocessor for it makes: the baseline's own where it
-    predicts (``predict``: Mahalanobis, the nearest class mean), else the logits' argmax
-    (MSP, Energy and KNN predict from the classifier's logits), where the set has them."""
-    from grood._checks import as_tensor
-
+    predicts (``predictions``, by :func:`_baseline_scores`: Mahalanobis, the nearest class
+    mean), else the logits' argmax (MSP, Energy and KNN predict from the classifier's
+    logits), where the set has them."""
     out: dict[str, dict[str, float]] = {name: {} for name in methods}
-    if labels is None:
-        return out
-    for name, est in methods.items():
-        value = getattr(data, est.inputs)
-        if callable(getattr(est, "predict", None)) and value is not None:
-            pred = np.asarray(est.predict(as_tensor(value, est.inputs)[0]).cpu())
-        elif logits is not None:
-            pred = logits.argmax(1)
-        else:
-            continue
-        out[name]["id_accuracy"] = float(np.mean(pred == labels))
+    for name in methods:
+        pred = predictions.get(name, None if logits is None else logits.argmax(1))
+        if labels is not None and pred is not None:
+            out[name]["id_accuracy"] = float(np.mean(pred == labels))
     return out
 
 

@@ -93,6 +93,8 @@ def test_mahalanobis_matches_pinv_definition(offset):
     pred = maha.predict((q + offset).numpy())
     assert pred.dtype == np.int64
     np.testing.assert_array_equal(pred, dist.argmin(1).numpy())
+    both = maha.score_and_predict(q + offset)
+    assert torch.equal(both[0], s) and torch.equal(both[1], torch.from_numpy(pred))
     assert len(set(pred.tolist())) > 1  # (the queries are spread over the classes)
 
 
