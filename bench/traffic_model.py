@@ -88,6 +88,15 @@ def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int) -> di
     return fn(launch, precision, arch, ctas)
 
 
+def _rerank_rows(n_cand: int) -> int:
+    """Prototype rows the gradient step's re-rank gathers per feature row where no classes
+    tie within the GEMM's error bound: the GEMM-nearest candidate's (the others only where
+    that bound lets them be nearer; see ``grood_kernels._ncp_finish.rerank_and_write``)."""
+    from grood_kernels._ncp_finish import ALWAYS_EXACT
+
+    return min(n_cand, int(getattr(ALWAYS_EXACT, "value", ALWAYS_EXACT)))
+
+
 def _ncp_class_groups(launch, precision, arch, ctas):
     """The gradient step: program (row block, class group), group fastest; the last program of
     a row block merges the groups' partials, re-ranks and writes the gradient.
@@ -96,8 +105,10 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     (BLOCK_C x D_pad) go through L2. The feature tile comes from HBM once when the row tiles of
     the resident programs (resident / n_groups row blocks) fit the L2 budget; the prepared
     prototypes once, or once per wave when they do not fit. The finishing program reads its
-    row tile twice more (exact re-rank, gradient) from L2, gathers 4 raw prototype rows per
-    feature row, and writes the gradient.
+    row tile twice more (exact re-rank, gradient) from L2, gathers the raw prototype rows of
+    the candidates it re-ranks (:func:`_rerank_rows` per feature row; all ``N_CAND`` where
+    classes tie within the GEMM's error, a worst case the notes give too), and writes the
+    gradient.
     """
     h, op, protos = launch.args[0], launch.args[1], launch.args[2]
     n, c, d = launch.args[13], launch.args[14], launch.args[15]
@@ -127,16 +138,22 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     if p_passes > 1:
         notes.append(f"prepared prototypes streamed from HBM once per wave ({p_passes} waves)")
     part = groups * n * (4 * (2 + n_cand) + 4 * n_cand)
-    l2 += 2 * part + 2 * h_bytes + n_cand * n * d * ep
+    rerank = _rerank_rows(n_cand)
+    l2 += 2 * part + 2 * h_bytes + rerank * n * d * ep
     hbm += part
-    if c * d * ep > budget:  # gathered rows of prototypes that do not stay in L2
-        hbm += n_cand * n * d * ep
+    missed = c * d * ep > budget  # gathered rows of prototypes that do not stay in L2
+    if missed:
+        hbm += rerank * n * d * ep
     out = n * d * 4 + n * (4 * 4 + 8)
     hbm += out
     l2 += out
     minimum = h_bytes + n * d * 4 + op_bytes * p_passes
     notes.append(f"HBM {hbm / minimum:.2f}x the minimum (h once, grad once, prototypes once "
                  "per wave)")
+    if missed and n_cand > rerank:
+        worst = hbm + (n_cand - rerank) * n * d * ep
+        notes.append(f"{worst / minimum:.2f}x where every row's {n_cand} candidates tie within "
+                     "the GEMM's error")
     return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
 
 
@@ -235,8 +252,9 @@ def _centre_rows(launch, precision, arch, ctas):
 def _ncp_epilogue(launch, precision, arch, ctas):
     """The split gradient step's epilogue over one chunk of rows: its fp32 GEMM results read
     once, the centred rows (the gradient's, written by the pre-pass) read twice (exact re-rank,
-    gradient) and written once scaled, 4 raw prototype rows gathered per feature row (from L2
-    where the prototypes fit the budget, else from HBM). The GEMM before it runs in the BLAS
+    gradient) and written once scaled, the re-ranked candidates' raw prototype rows gathered
+    (:func:`_rerank_rows` per feature row; from L2 where the prototypes fit the budget, else
+    from HBM). The GEMM before it runs in the BLAS
     (cuBLAS on a GPU) and is not modelled: it reads the rows and the prototypes and writes the
     results this kernel reads."""
     dots, protos = launch.args[0], launch.args[1]
@@ -244,14 +262,16 @@ def _ncp_epilogue(launch, precision, arch, ctas):
     n_cand = launch.constexprs["N_CAND"]
     ep = _esize(protos)
     results = r * c * _esize(dots)
-    gathered = n_cand * r * d * ep
+    rerank = _rerank_rows(n_cand)
+    gathered = rerank * r * d * ep
     rows = 3 * r * d * 4
     out = r * (4 * 4 + 8)
     hbm = results + rows + out + (gathered if c * d * ep > l2_budget(arch) else c * d * ep)
     l2 = results + rows + out + gathered
-    flops = 3.0 * r * n_cand * d + 8.0 * r * c
+    flops = 3.0 * r * rerank * d + 8.0 * r * c
     notes = ["split variant: the GEMM runs in the BLAS before this kernel (not modelled)",
-             f"{n_cand} exact rows gathered per feature row; memory-bound by design"]
+             f"{rerank} exact row(s) gathered per feature row (up to {n_cand} where classes "
+             "tie within the GEMM's error); memory-bound by design"]
     return finish(flops, flops, hbm, l2, "ieee", arch,
                   launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
 

@@ -32,18 +32,49 @@ def distances(dots, u_sq, scale):
     return tl.sqrt(clamp_sq(u_sq[:, None] - 2.0 * dots)) * scale
 
 
+#: Candidates re-ranked exactly in every row: the GEMM-nearest. The others are re-ranked only
+#: where the GEMM's error bound (:func:`gemm_error_sq`) lets them be nearer than it.
+ALWAYS_EXACT = tl.constexpr(1)
+
+
+@triton.jit
+def gemm_error_sq(u_sq, p_sq, D, DOT_MODE: tl.constexpr):
+    """A bound on |GEMM squared distance - exact squared distance| (units of ``scale``
+    squared), per row and candidate: ``u_sq`` [rows] and the candidates' ``||P_c||^2``
+    [rows, slots]. Operand rounding (relative ``r`` per operand: ieee 0, tf32 2**-10
+    (truncated), tf32x3 2**-19 (its hi/lo split), bf16 2**-9; ``2r + r^2`` of ``sum |u_k P_k|
+    <= |u| |P|``, twice in the distance), fp32 accumulation over the K terms of the dot and of
+    both squared norms (``gamma = K 2**-23 / (1 - K 2**-23)``: tensor cores truncate partial
+    sums, so one bit more than rounding), and the three fp32 roundings of ``|u|^2 + |P|^2 -
+    2 u.P``."""
+    if DOT_MODE == 1:
+        r = 0.0009765625  # 2**-10
+    elif DOT_MODE == 2:
+        r = 1.9073486328125e-06  # 2**-19
+    elif DOT_MODE == 3:
+        r = 0.001953125  # 2**-9
+    else:
+        r = 0.0
+    k = D * (4 if DOT_MODE == 2 else 1) * 1.1920928955078125e-07  # K 2**-23
+    gamma = k / (1.0 - k)
+    cross = tl.sqrt(u_sq)[:, None] * tl.sqrt(p_sq)
+    total = u_sq[:, None] + p_sq
+    return (2.0 * ((2.0 * r + r * r) + gamma * (1.0 + r) * (1.0 + r)) * cross + gamma * total
+            + 1.7881393432617188e-07 * (total + 2.0 * cross))  # 3 * 2**-24
+
+
 @triton.jit
 def finish_rows(
-    # pointers: inputs, the groups' partial results, outputs, ||u||^2 (STAGED)
+    # pointers: inputs, the groups' partial results, outputs, ||u||^2 (STAGED), ||P_c||^2
     h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
     # the row tile; sizes and scalars
     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
     # strides
     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
-    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr,
+    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
@@ -71,15 +102,16 @@ def finish_rows(
         cand_d, cand_i = merge_candidates(d_g, i_g, cand_d, cand_i, N_CAND)
 
     rerank_and_write(h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
-                     usq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale, inv_scale,
-                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                     BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES)
+                     usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale,
+                     inv_scale, stride_hn, stride_hd, stride_pc, stride_pd, stride_gn,
+                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE)
 
 
 @triton.jit
 def rerank_and_write(
-    # pointers: inputs (h, or u in the gradient's rows when STAGED), outputs, ||u||^2 (STAGED)
-    h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
+    # pointers: inputs (h, or u in the gradient's rows when STAGED), outputs, ||u||^2
+    # (STAGED), the prepared prototypes' ||P_c||^2
+    h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
     # the row tile's running max and sum of the GEMM terms and its candidates
     m, acc, cand_d, cand_i,
     # the row tile; sizes and scalars
@@ -88,13 +120,23 @@ def rerank_and_write(
     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
-    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr,
+    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """From a row tile's merged softmax terms and candidates: the candidates' exact distances
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
-    is the gradient's rows, holding ``u``, scaled in place at the end."""
+    is the gradient's rows, holding ``u``, scaled in place at the end.
+
+    The GEMM-nearest candidate is re-ranked in every row (``ALWAYS_EXACT``), together with
+    ``||u||^2``. Each other one is gathered and re-ranked only where its GEMM squared distance,
+    less the GEMM's error bound (:func:`gemm_error_sq`), is not above the exact one found:
+    elsewhere it provably is not the nearest, so the prediction and ``min_dist`` are those of
+    re-ranking every candidate, and its term keeps its GEMM estimate in the sum, as every
+    class past the candidates does. Rows whose classes tie within the GEMM's error re-rank
+    them all; where no row of the tile does, the second pass over D is skipped."""
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    # ||u||^2 and the candidates' exact squared distances, from differences in fp32.
+    slots = tl.arange(0, N_CAND)
+    valid = cand_i >= 0
+    # ||u||^2 and the nearest candidate's exact squared distance, from differences in fp32.
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
@@ -104,11 +146,33 @@ def rerank_and_write(
                     inv_scale, STAGED)
         if STAGED == 0:
             u_sq += tl.sum(u * u, axis=1)
-        exact_sq = add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d,
-                                mask_d, stride_pc, stride_pd, inv_scale, N_CAND)
+        exact_sq = add_exact_sq(exact_sq, u, cand_i, valid, proto_ptr, pood_ptr, mask_n,
+                                offs_d, mask_d, stride_pc, stride_pd, inv_scale, N_CAND, 0,
+                                ALWAYS_EXACT)
     if STAGED:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
-    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
+    taken = valid & (slots[None, :] < ALWAYS_EXACT)
+    if N_CAND > ALWAYS_EXACT:
+        best_sq = tl.min(tl.where(taken, exact_sq, float("inf")), axis=1)
+        p_sq = tl.load(psq_ptr + tl.maximum(cand_i, 0), mask=valid, other=0.0)
+        g = cand_d / scale
+        k = D * (4 if DOT_MODE == 2 else 1) * 1.1920928955078125e-07
+        # both sides computed in fp32 over D terms: a gamma margin on each
+        low = (g * g - gemm_error_sq(u_sq, p_sq, D, DOT_MODE)) * (1.0 - 2.0 * k / (1.0 - k))
+        gate = valid & (slots[None, :] >= ALWAYS_EXACT) & (low <= best_sq[:, None]) \
+            & mask_n[:, None]
+        if tl.max(tl.max(gate.to(tl.int32), axis=1), axis=0) > 0:
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
+                offs_d = d0 + arange_d
+                mask_d = offs_d < D
+                u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d,
+                           stride_hd, inv_scale, STAGED)
+                exact_sq = add_exact_sq(exact_sq, u, cand_i, gate, proto_ptr, pood_ptr,
+                                        mask_n, offs_d, mask_d, stride_pc, stride_pd,
+                                        inv_scale, N_CAND, ALWAYS_EXACT, N_CAND)
+        taken = taken | gate
+    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq,
+                                              scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
         offs_d = d0 + arange_d
@@ -120,16 +184,20 @@ def rerank_and_write(
 
 
 @triton.jit
-def add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc,
-                 stride_pd, inv_scale, N_CAND: tl.constexpr):
-    """``exact_sq`` [rows, N_CAND] plus each candidate's squared distance to the centred
-    feature tile ``u`` over the columns ``offs_d``, from fp32 differences against the raw
-    prototype rows (centred here); empty candidates (negative ids) add nothing."""
+def add_exact_sq(exact_sq, u, cand_i, take, proto_ptr, pood_ptr, mask_n, offs_d, mask_d,
+                 stride_pc, stride_pd, inv_scale, N_CAND: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr):
+    """``exact_sq`` [rows, N_CAND] plus, for the slots ``FIRST .. LAST - 1`` where ``take``
+    [rows, N_CAND] is set, the candidate's squared distance to the centred feature tile ``u``
+    over the columns ``offs_d``, from fp32 differences against the raw prototype rows
+    (centred here); empty candidates (negative ids) add nothing. A slot not taken is not
+    loaded (its lanes' loads are masked off: no memory traffic)."""
     slots = tl.arange(0, N_CAND)
     p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-    for r in tl.static_range(N_CAND):
+    for r in tl.static_range(FIRST, LAST):
         idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
-        ok = mask_n & (idx >= 0)
+        wanted = tl.sum(tl.where(slots[None, :] == r, take.to(tl.int32), 0), axis=1) > 0
+        ok = mask_n & (idx >= 0) & wanted
         mask = ok[:, None] & mask_d[None, :]
         p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
                     + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
@@ -140,16 +208,18 @@ def add_exact_sq(exact_sq, u, cand_i, proto_ptr, pood_ptr, mask_n, offs_d, mask_
 
 
 @triton.jit
-def row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C):
+def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C):
     """Per row, from the running max ``m`` and sum ``acc`` of the GEMM terms (OOD term not yet
     in), the candidates (GEMM distances ``cand_d``, ids ``cand_i``, -1 or less where empty), their
-    exact squared distances and ``||u||^2`` (units ``scale``): ``(q_ood, lse, min_dist, pred,
-    gradient scale q_ood / ||u||)``. The candidates' GEMM terms are swapped for exact ones.
-    Rows whose ``||u||^2`` is not finite get NaN and class -1 (NaN gradient scale)."""
+    exact squared distances where ``taken`` (the others keep their GEMM distances) and
+    ``||u||^2`` (units ``scale``): ``(q_ood, lse, min_dist, pred, gradient scale q_ood /
+    ||u||)``. The re-ranked candidates' GEMM terms are swapped for exact ones. Rows whose
+    ``||u||^2`` is not finite get NaN and class -1 (NaN gradient scale)."""
     u_norm = tl.sqrt(u_sq)
     d_ood = u_norm * scale
     valid = cand_i >= 0
-    exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
+    exact = tl.where(valid & taken, tl.sqrt(exact_sq) * scale,
+                     tl.where(valid, cand_d, float("inf")))
     m_all = tl.maximum(m, -d_ood)
     acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
     rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)

@@ -371,10 +371,10 @@ def _ncp_gradient_kernel(
         if arrived == n_groups - 1:
             tl.debug_barrier()
             finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
-                        grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr,
+                        grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH)
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE)
 
 
 @triton.jit
@@ -418,10 +418,13 @@ def _ncp_single_read_kernel(
     cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
     cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C,
                                     FLAT_GATE=FLAT_GATE)
-    exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i,
+    # Every candidate re-ranked: the tile is held, and the prototypes fit in L2 at these C.
+    valid = cand_i >= 0
+    exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i, valid,
                             proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc, stride_pd,
-                            inv_scale, N_CAND)
-    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, u_sq, scale, C)
+                            inv_scale, N_CAND, 0, N_CAND)
+    q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, valid, u_sq,
+                                              scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
@@ -505,7 +508,7 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
              dots.stride(0), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
              grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
-             "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2},
+             "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision]},
             cfg.num_warps, cfg.num_stages))
     return tuple(steps)
 

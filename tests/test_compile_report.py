@@ -311,3 +311,42 @@ def test_other_gpus_walks_the_shared_memory_fallback():
     assert count86 == count90 == 1 and len(rows86) == 1 and rows90 == []
     assert "| sm_86 | ncp_gradient" in rows86[0] and "fits at 3 stages" in rows86[0]
     assert "mma.sync" in rows86[0]
+
+
+def test_candidates_report_measures_what_each_count_buys(tmp_path):
+    """bench/candidates.py: TF32 operands keep 10 mantissa bits (truncated), bf16 rounds to
+    nearest; near-tie rows are equally far (to 1e-5) from 2-4 prototypes, the first nearest;
+    with as many candidates as the widest tie no prediction changes, with one some do, and
+    the gate of the kernels gets every one right re-ranking only the tied; the HBM model's
+    bytes grow with the rows gathered, from 1.17x (one, the gate shut) to 1.67x (all four;
+    tf32, C = 21,841)."""
+    import candidates
+
+    x = torch.tensor([1 + 2 ** -10 + 2 ** -12, -3.0, 1 + 2 ** -7 + 2 ** -8 + 2 ** -12])
+    assert candidates.rounded(x, "tf32").tolist() == [1 + 2 ** -10, -3.0, 1 + 2 ** -7 + 2 ** -8]
+    assert candidates.rounded(x, "bf16").tolist() == [1.0, -3.0, 1 + 2 ** -6]
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.relu(torch.randn(40, 24, generator=gen)) + 1
+    tied, groups = candidates.near_ties(60, protos, seed=1)
+    for row, group in zip(tied.double(), groups, strict=True):
+        d = (row - protos[group].double()).norm(dim=1)
+        assert len(group) in (2, 3, 4) and int(d.argmin()) == 0
+        assert float(d.max() - d.min()) < 3e-5 * float(d.min())  # (the float32 rows' error)
+    nearest = torch.cdist(tied.double(), protos.double()).argmin(1)
+    keep = nearest == torch.stack([g[0] for g in groups])  # no other prototype nearer
+    tied = tied[keep]
+    u, centred = tied - protos.mean(0), protos - protos.mean(0)
+    ref_pred = torch.cdist(u.double(), centred.double()).argmin(1)
+    gemm = candidates.emulated_distances(u, centred, "bf16")
+    _, _, one = candidates.step(u, centred, gemm, 1)
+    _, _, four = candidates.step(u, centred, gemm, 4)
+    assert torch.equal(four, ref_pred) and not torch.equal(one, ref_pred)
+    bound = candidates.gemm_error_bound(u, centred, "bf16")
+    _, _, gated, gathered = candidates.gated_step(u, centred, gemm, bound, always=1)
+    assert torch.equal(gated, ref_pred) and 1 < float(gathered.double().mean()) <= 4
+    text = candidates.hbm_table((65536, 21841, 1024))
+    tf32 = next(line for line in text if line.startswith("| tf32 |")).split(" | ")
+    assert "(1.17x)" in tf32[1] and "(1.34x)" in tf32[2] and "(1.67x)" in tf32[4]
+    out = tmp_path / "c.md"
+    assert candidates.main(["--tiny", "--out", str(out)]) == 0
+    assert "Near ties" in out.read_text()

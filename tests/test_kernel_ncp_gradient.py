@@ -15,9 +15,13 @@ from reference import duplicated_prototypes_problem, ncp_naive, prototypes_naive
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 from grood import GROOD, functional
 from grood_kernels import _launch, contract
 from grood_kernels import ncp_gradient as kernel_module
+from grood_kernels._ncp_finish import gemm_error_sq
 from grood_kernels.ncp_gradient import ncp_gradient
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -882,3 +886,83 @@ def test_the_flat_top_k_gate_gives_the_same_results(monkeypatch, precision):
     got = ncp_gradient(h, protos, p_ood, precision=precision)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def near_ties_problem(n=30, c=40, d=24, seed=5):
+    """Rows equally far (to 1e-6 of the distance) from 2, 3 or 4 prototypes, the first a
+    little nearer, with the OOD prototype far away: the centred vectors' norms (about 50)
+    dwarf the distances (about 2), so the fp32 GEMM expansion cannot order the tied classes
+    (its error is some 1e-3 of a squared distance) and only their exact re-rank can."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = 10 + torch.rand(c, d, generator=gen, dtype=torch.float64)
+    rows = []
+    for i in range(n):
+        chosen = protos[torch.randperm(c, generator=gen)[:2 + i % 3]]
+        edges = (chosen[1:] - chosen[0]).T  # the point of their hull equally far from all
+        rhs = 0.5 * (chosen[1:].square().sum(1) - chosen[0].square().sum()) - edges.T @ chosen[0]
+        centre = chosen[0] + edges @ torch.linalg.solve(edges.T @ edges, rhs)
+        rows.append(centre + 1e-6 * (chosen[0] - centre))
+    return torch.stack(rows), protos, torch.zeros(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, precision):
+    """Only the GEMM-nearest candidate is re-ranked in every row; the others where the GEMM's
+    error bound lets them be nearer. Rows tied between up to 4 classes below the GEMM's
+    resolution (its own ranking gets most of them wrong) open that gate: the prediction and
+    min_dist are the float64 twin's."""
+    _force_blocks(monkeypatch, blocks)
+    h, protos, p_ood = near_ties_problem()
+    ref = functional.ncp_gradient(h, protos, p_ood)
+    u, centred = (h - p_ood).float(), (protos - p_ood).float()
+    gemm = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * u @ centred.T
+    assert int((gemm.argmin(1) != ref.pred.cpu()).sum()) > 5  # (the test is a test)
+    res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
+                       p_ood.float().to(DEVICE), precision=precision)
+    assert torch.equal(res.pred.cpu(), ref.pred)
+    torch.testing.assert_close(res.min_dist.cpu().double(), ref.min_dist, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_near_ties_in_the_centred_variants(centred_variant, precision):
+    """The staged and the split variants' re-rank (the split one after a torch GEMM) open the
+    same gate."""
+    h, protos, p_ood = near_ties_problem(seed=6)
+    ref = functional.ncp_gradient(h, protos, p_ood)
+    res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
+                       p_ood.float().to(DEVICE), precision=precision)
+    assert torch.equal(res.pred.cpu(), ref.pred)
+
+
+@triton.jit
+def _bound_kernel(usq_ptr, psq_ptr, out_ptr, D, N: tl.constexpr, C: tl.constexpr,
+                  DOT_MODE: tl.constexpr):
+    """``gemm_error_sq`` of N rows' ``||u||^2`` and [N, C] ``||P||^2``, stored [N, C]."""
+    rows, cols = tl.arange(0, N), tl.arange(0, C)
+    p_sq = tl.load(psq_ptr + rows[:, None] * C + cols[None, :])
+    e = gemm_error_sq(tl.load(usq_ptr + rows), p_sq, D, DOT_MODE)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], e)
+
+
+def test_gemm_error_bound_is_the_one_measured():
+    """The kernels' bound (``gemm_error_sq``) is the formula ``bench/candidates.py`` measured
+    the gate with (ieee, tf32, bf16), and it covers the fp32 GEMM's error on the near ties."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import candidates
+
+    h, protos, p_ood = near_ties_problem(n=16, c=16)
+    u, centred = (h - p_ood).float(), (protos - p_ood).float()
+    for mode in ("ieee", "tf32", "bf16"):
+        want = candidates.gemm_error_bound(u, centred, mode)
+        out = torch.empty(16, 16, device=DEVICE)
+        _bound_kernel[(1,)](u.square().sum(1).to(DEVICE),
+                           centred.square().sum(1).expand(16, 16).contiguous().to(DEVICE),
+                           out, 24, N=16, C=16, DOT_MODE=contract.DOT_MODES[mode])
+        torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=0)
+    exact = torch.cdist(u.double(), centred.double()).square()
+    gemm = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * u @ centred.T
+    assert bool(((gemm.double() - exact).abs() <= candidates.gemm_error_bound(
+        u, centred, "ieee")).all())
