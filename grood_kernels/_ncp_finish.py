@@ -32,8 +32,9 @@ def distances(dots, u_sq, scale):
     return tl.sqrt(clamp_sq(u_sq[:, None] - 2.0 * dots)) * scale
 
 
-#: Candidates re-ranked exactly in every row: the GEMM-nearest. The others are re-ranked only
-#: where the GEMM's error bound (:func:`gemm_error_sq`) lets them be nearer than it.
+#: Candidates re-ranked exactly in every row where the re-rank is gated (``RERANK_GATE``):
+#: the GEMM-nearest. The others are re-ranked only where the GEMM's error bound
+#: (:func:`gemm_error_sq`) lets them be nearer than it.
 ALWAYS_EXACT = tl.constexpr(1)
 
 
@@ -75,6 +76,7 @@ def finish_rows(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
+    RERANK_GATE: tl.constexpr,
 ):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
@@ -104,7 +106,8 @@ def finish_rows(
     rerank_and_write(h_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
                      usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale,
                      inv_scale, stride_hn, stride_hd, stride_pc, stride_pd, stride_gn,
-                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE)
+                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE,
+                     RERANK_GATE)
 
 
 @triton.jit
@@ -121,13 +124,16 @@ def rerank_and_write(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
+    RERANK_GATE: tl.constexpr,
 ):
     """From a row tile's merged softmax terms and candidates: the candidates' exact distances
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
     is the gradient's rows, holding ``u``, scaled in place at the end.
 
-    The GEMM-nearest candidate is re-ranked in every row (``ALWAYS_EXACT``), together with
-    ``||u||^2``. Each other one is gathered and re-ranked only where its GEMM squared distance,
+    Without ``RERANK_GATE`` every candidate is re-ranked (the launcher's choice where the
+    prototypes stay in L2, so their rows cost no HBM traffic). With it, the GEMM-nearest
+    candidate is re-ranked in every row (``ALWAYS_EXACT``), together with ``||u||^2``, and
+    each other one is gathered and re-ranked only where its GEMM squared distance,
     less the GEMM's error bound (:func:`gemm_error_sq`), is not above the exact one found:
     elsewhere it provably is not the nearest, so the prediction and ``min_dist`` are those of
     re-ranking every candidate, and its term keeps its GEMM estimate in the sum, as every
@@ -136,7 +142,9 @@ def rerank_and_write(
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     slots = tl.arange(0, N_CAND)
     valid = cand_i >= 0
-    # ||u||^2 and the nearest candidate's exact squared distance, from differences in fp32.
+    # ||u||^2 and the exact squared distances of every candidate, or with the gate of the
+    # nearest one, from differences in fp32.
+    FIRST_PASS: tl.constexpr = N_CAND - RERANK_GATE * (N_CAND - ALWAYS_EXACT)
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
@@ -148,11 +156,13 @@ def rerank_and_write(
             u_sq += tl.sum(u * u, axis=1)
         exact_sq = add_exact_sq(exact_sq, u, cand_i, valid, proto_ptr, pood_ptr, mask_n,
                                 offs_d, mask_d, stride_pc, stride_pd, inv_scale, N_CAND, 0,
-                                ALWAYS_EXACT)
+                                FIRST_PASS, 0)
     if STAGED:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
-    taken = valid & (slots[None, :] < ALWAYS_EXACT)
-    if N_CAND > ALWAYS_EXACT:
+    if N_CAND <= FIRST_PASS:  # every candidate re-ranked
+        taken = valid
+    else:
+        taken = valid & (slots[None, :] < FIRST_PASS)
         best_sq = tl.min(tl.where(taken, exact_sq, float("inf")), axis=1)
         p_sq = tl.load(psq_ptr + tl.maximum(cand_i, 0), mask=valid, other=0.0)
         g = cand_d / scale
@@ -169,10 +179,10 @@ def rerank_and_write(
                            stride_hd, inv_scale, STAGED)
                 exact_sq = add_exact_sq(exact_sq, u, cand_i, gate, proto_ptr, pood_ptr,
                                         mask_n, offs_d, mask_d, stride_pc, stride_pd,
-                                        inv_scale, N_CAND, ALWAYS_EXACT, N_CAND)
+                                        inv_scale, N_CAND, ALWAYS_EXACT, N_CAND, 1)
         taken = taken | gate
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq,
-                                              scale, C)
+                                              scale, C, N_CAND > FIRST_PASS)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
         offs_d = d0 + arange_d
@@ -186,18 +196,19 @@ def rerank_and_write(
 @triton.jit
 def add_exact_sq(exact_sq, u, cand_i, take, proto_ptr, pood_ptr, mask_n, offs_d, mask_d,
                  stride_pc, stride_pd, inv_scale, N_CAND: tl.constexpr, FIRST: tl.constexpr,
-                 LAST: tl.constexpr):
-    """``exact_sq`` [rows, N_CAND] plus, for the slots ``FIRST .. LAST - 1`` where ``take``
-    [rows, N_CAND] is set, the candidate's squared distance to the centred feature tile ``u``
-    over the columns ``offs_d``, from fp32 differences against the raw prototype rows
-    (centred here); empty candidates (negative ids) add nothing. A slot not taken is not
-    loaded (its lanes' loads are masked off: no memory traffic)."""
+                 LAST: tl.constexpr, GATED: tl.constexpr):
+    """``exact_sq`` [rows, N_CAND] plus, for the slots ``FIRST .. LAST - 1`` (with ``GATED``
+    only where ``take`` [rows, N_CAND] is set), each candidate's squared distance to the
+    centred feature tile ``u`` over the columns ``offs_d``, from fp32 differences against the
+    raw prototype rows (centred here); empty candidates (negative ids) add nothing. A slot not
+    taken is not loaded (its lanes' loads are masked off: no memory traffic)."""
     slots = tl.arange(0, N_CAND)
     p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
     for r in tl.static_range(FIRST, LAST):
         idx = tl.sum(tl.where(slots[None, :] == r, cand_i, 0), axis=1).to(tl.int64)
-        wanted = tl.sum(tl.where(slots[None, :] == r, take.to(tl.int32), 0), axis=1) > 0
-        ok = mask_n & (idx >= 0) & wanted
+        ok = mask_n & (idx >= 0)
+        if GATED:
+            ok = ok & (tl.sum(tl.where(slots[None, :] == r, take.to(tl.int32), 0), axis=1) > 0)
         mask = ok[:, None] & mask_d[None, :]
         p = tl.load(proto_ptr + tl.maximum(idx, 0)[:, None] * stride_pc
                     + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
@@ -208,18 +219,23 @@ def add_exact_sq(exact_sq, u, cand_i, take, proto_ptr, pood_ptr, mask_n, offs_d,
 
 
 @triton.jit
-def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C):
+def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C,
+                GATED: tl.constexpr = 0):
     """Per row, from the running max ``m`` and sum ``acc`` of the GEMM terms (OOD term not yet
     in), the candidates (GEMM distances ``cand_d``, ids ``cand_i``, -1 or less where empty), their
-    exact squared distances where ``taken`` (the others keep their GEMM distances) and
+    exact squared distances (with ``GATED`` only where ``taken``; the others keep their GEMM
+    distances) and
     ``||u||^2`` (units ``scale``): ``(q_ood, lse, min_dist, pred, gradient scale q_ood /
     ||u||)``. The re-ranked candidates' GEMM terms are swapped for exact ones. Rows whose
     ``||u||^2`` is not finite get NaN and class -1 (NaN gradient scale)."""
     u_norm = tl.sqrt(u_sq)
     d_ood = u_norm * scale
     valid = cand_i >= 0
-    exact = tl.where(valid & taken, tl.sqrt(exact_sq) * scale,
-                     tl.where(valid, cand_d, float("inf")))
+    if GATED:
+        exact = tl.where(valid & taken, tl.sqrt(exact_sq) * scale,
+                         tl.where(valid, cand_d, float("inf")))
+    else:
+        exact = tl.where(valid, tl.sqrt(exact_sq) * scale, float("inf"))
     m_all = tl.maximum(m, -d_ood)
     acc = acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all)
     rest = acc - tl.sum(tl.where(valid, tl.exp(-cand_d - m_all[:, None]), 0.0), axis=1)

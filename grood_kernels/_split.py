@@ -74,6 +74,7 @@ def _ncp_epilogue_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
+    RERANK_GATE: tl.constexpr,
 ):
     """One row block of a chunk: the class blocks of its GEMM results with a running max /
     sum-exp and the N_CAND nearest candidates (as the fused kernel's class loop, the first
@@ -102,4 +103,5 @@ def _ncp_epilogue_kernel(
     rerank_and_write(grad_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr,
                      lse_ptr, usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D,
                      scale, inv_scale, stride_gn, stride_gd, stride_pc, stride_pd, stride_gn,
-                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1, FINISH_STAGES, DOT_MODE)
+                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1, FINISH_STAGES, DOT_MODE,
+                     RERANK_GATE)

@@ -92,6 +92,16 @@ from grood_kernels.contract import (
 L2_BUDGET = 24 << 20
 
 
+def rerank_gate(c: int, d: int) -> bool:
+    """Whether the finish gates its exact re-rank (the GEMM-nearest candidate in every row,
+    the others only where the GEMM's error bound lets them be nearer; see
+    :func:`grood_kernels._ncp_finish.rerank_and_write`): where the fp32 prototypes exceed
+    ``L2_BUDGET``, so each gathered row comes from HBM (C = 21,841 at D = 1,024). Where they
+    stay in L2 (ImageNet-1k and below) all candidates are re-ranked: their rows cost no HBM
+    traffic, and the finish keeps fewer registers."""
+    return c * d * 4 > L2_BUDGET
+
+
 def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
                   n_sm: int | None = None) -> LaunchConfig:
     """One known-good launch configuration for this shape.
@@ -311,7 +321,7 @@ def _ncp_gradient_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
-    FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False,
+    FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False, RERANK_GATE: tl.constexpr = 0,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
@@ -374,7 +384,7 @@ def _ncp_gradient_kernel(
                         grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE)
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE, RERANK_GATE)
 
 
 @triton.jit
@@ -422,7 +432,7 @@ def _ncp_single_read_kernel(
     valid = cand_i >= 0
     exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i, valid,
                             proto_ptr, pood_ptr, mask_n, offs_d, mask_d, stride_pc, stride_pd,
-                            inv_scale, N_CAND, 0, N_CAND)
+                            inv_scale, N_CAND, 0, N_CAND, 0)
     q, lse, best, pred, g_scale = row_results(m, acc, cand_d, cand_i, exact_sq, valid, u_sq,
                                               scale, C)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
@@ -484,7 +494,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          u_sq if cfg.staged else psq),  # unread unless staged
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols)},
+         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
+         "RERANK_GATE": int(rerank_gate(c, d))},
         cfg.num_warps, cfg.num_stages))
 
 
@@ -508,7 +519,8 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
              dots.stride(0), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
              grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
-             "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision]},
+             "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision],
+             "RERANK_GATE": int(rerank_gate(c, d))},
             cfg.num_warps, cfg.num_stages))
     return tuple(steps)
 

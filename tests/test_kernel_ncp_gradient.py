@@ -917,8 +917,10 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
     """Only the GEMM-nearest candidate is re-ranked in every row; the others where the GEMM's
     error bound lets them be nearer. Rows tied between up to 4 classes below the GEMM's
     resolution (its own ranking gets many of them wrong) open that gate: the prediction and
-    min_dist are the float64 twin's (on the same fp32 rows)."""
+    min_dist are the float64 twin's (on the same fp32 rows). (The launcher gates where the
+    prototypes pass L2; here it is made to at any size.)"""
     _force_blocks(monkeypatch, blocks)
+    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d: True)
     h, protos, p_ood = (t.float().double() for t in near_ties_problem())
     ref = functional.ncp_gradient(h, protos, p_ood)
     u, centred = (h - p_ood).float(), (protos - p_ood).float()
@@ -931,9 +933,10 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
 
 
 @pytest.mark.parametrize("precision", GATE_PRECISIONS)
-def test_near_ties_in_the_centred_variants(centred_variant, precision):
+def test_near_ties_in_the_centred_variants(centred_variant, precision, monkeypatch):
     """The staged and the split variants' re-rank (the split one after a torch GEMM) open the
     same gate."""
+    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d: True)
     h, protos, p_ood = (t.float().double() for t in near_ties_problem(seed=6))
     ref = functional.ncp_gradient(h, protos, p_ood)
     res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
@@ -949,6 +952,16 @@ def _bound_kernel(usq_ptr, psq_ptr, out_ptr, D, N: tl.constexpr, C: tl.constexpr
     p_sq = tl.load(psq_ptr + rows[:, None] * C + cols[None, :])
     e = gemm_error_sq(tl.load(usq_ptr + rows), p_sq, D, DOT_MODE)
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], e)
+
+
+def test_the_re_rank_is_gated_where_the_prototypes_pass_l2():
+    """Gated at C = 21,841 (89 MB of fp32 prototypes), not at ImageNet-1k (8 MB): there the
+    gathered rows come from L2 and every candidate is re-ranked, as before the gate."""
+    launch = kernel_module.compile_launches(65536, 21841, 1024, "tf32")[0]
+    assert launch.constexprs["RERANK_GATE"] == 1
+    launch = kernel_module.compile_launches(65536, 1000, 2048, "tf32")[0]
+    assert launch.constexprs["RERANK_GATE"] == 0
+    assert not kernel_module.rerank_gate(100, 512)
 
 
 def test_gemm_error_bound_is_the_one_measured():
