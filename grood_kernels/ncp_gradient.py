@@ -146,7 +146,9 @@ def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
 
 #: Launch configurations tried when ``GROOD_AUTOTUNE=1``, per GEMM kind:
 #: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape. Every
-#: one compiles without spills (``bench/compile_report.py --configs all``).
+#: one compiles without spills for sm_90a (``bench/compile_report.py --configs all``; of the
+#: other candidates, the staged 32-row FMA tile spills 4 B at C = 10 and the split variant's
+#: epilogue 12 B at C = 100 and 1,000, triton 3.9).
 TUNE_CONFIGS: dict[str, list[tuple[int, ...]]] = {
     "fma": [(32, 64, 32, 4, 3), (32, 64, 32, 8, 3)],
     "tensor": [(128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 4),
