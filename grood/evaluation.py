@@ -205,7 +205,6 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         id_notes = [warn_training_rows(det, id_name, found, len(id_scores), ood=False)]
         id_preds: dict[str, Any] = {}
         id_base = _baseline_scores(methods, id_data, device, predictions=id_preds)
-        base_info = baseline_accuracy(methods, id_preds, labels, logits)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
@@ -215,6 +214,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         if logits is not None:  # the classifier's own, as OpenOOD reports beside its metrics
             id_info["id_logits_accuracy"] = float(np.mean(logits.argmax(1) == labels))
         id_notes.append(warn_id_accuracy(det, id_name, labels, id_info))
+    base_info = baseline_accuracy(methods, id_preds, labels,
+                                  id_info.get("id_logits_accuracy"))
     if any(id_notes):  # the warnings, kept with the metrics (a --json file outlives stderr)
         id_info["id_warnings"] = [note for note in id_notes if note]
     if threshold is not None:
@@ -356,17 +357,20 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
 
 
 def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labels: Any,
-                      logits: Any) -> dict[str, dict[str, float]]:
+                      logits_accuracy: float | None) -> dict[str, dict[str, float]]:
     """Each baseline's ``id_accuracy`` on the labelled ID set (an empty dict without labels),
     from the predictions OpenOOD's postprocessor for it makes: the baseline's own where it
     predicts (``predictions``, by :func:`_baseline_scores`: Mahalanobis, the nearest class
-    mean), else the logits' argmax (MSP, Energy and KNN predict from the classifier's
-    logits), where the set has them."""
+    mean), else the logits' (``logits_accuracy``, the ID set's ``id_logits_accuracy``: MSP,
+    Energy and KNN predict from the classifier's logits), where the set has them."""
     out: dict[str, dict[str, float]] = {name: {} for name in methods}
+    if labels is None:
+        return out
     for name in methods:
-        pred = predictions.get(name, None if logits is None else logits.argmax(1))
-        if labels is not None and pred is not None:
-            out[name]["id_accuracy"] = float(np.mean(pred == labels))
+        if name in predictions:
+            out[name]["id_accuracy"] = float(np.mean(predictions[name] == labels))
+        elif logits_accuracy is not None:
+            out[name]["id_accuracy"] = logits_accuracy
     return out
 
 
