@@ -119,8 +119,10 @@ def compile_launch(launch, arch: str) -> dict:
     """Compile (and assemble, where ``ptxas-blackwell`` exists) one launch for ``arch``."""
     compiled = triton_compile(launch, ARCHS[arch])
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    pendings = wgmma_pendings(ttgir)
     rec = {"smem_bytes": int(compiled.metadata.shared), "ttgir": ttgir, "ptx": ptx,
-           "mma": mma_kind(ttgir), "wgmma_pendings": wgmma_pendings(ttgir),
+           "mma": mma_kind(ttgir), "wgmma_pendings": pendings,
+           "wgmma_pendings_ttgir": pendings, "wgmma_serialized": None,
            "wgmma_a": wgmma_a_operand(ttgir),
            "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
            "cubin": None, "sass_counts": {}, "hot_loop": None, "assembler": None}
@@ -145,16 +147,25 @@ def compile_launch(launch, arch: str) -> dict:
                                   capture_output=True, text=True, check=False).stdout
             rec["sass_counts"] = sass_counts(sass)
             rec["hot_loop"] = hot_loop(sass)
+            # What runs: the waits ptxas left in the K-loops (TTGIR's are only asked for).
+            if rec["hot_loop"] is not None and rec["hot_loop"]["gsb_waits"] is not None:
+                rec["wgmma_pendings"] = rec["hot_loop"]["gsb_waits"]
     return rec
 
 
 def parse_ptxas(text: str) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` output."""
+    """Registers and spill bytes from ``ptxas -v`` output, and why ptxas serialized the
+    function's wgmma instructions (its "Potential Performance Loss" note, C7513 / C7515: each
+    then waits for the one before, whatever the PTX's ``wgmma.wait_group`` allowed), or
+    None."""
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    serial = re.search(r"wgmma\.mma_async instructions are serialized due to (.+?)"
+                       r"(?: in the function|$)", text, re.MULTILINE)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spill.group(1)) if spill else None,
-            "spill_load_bytes": int(spill.group(2)) if spill else None}
+            "spill_load_bytes": int(spill.group(2)) if spill else None,
+            "wgmma_serialized": serial.group(1).strip() if serial else None}
 
 
 def mma_kind(ttgir: str) -> str:
@@ -218,16 +229,18 @@ def hot_loop(sass: str) -> dict | None:
     are the innermost ones (holding no other) with tensor-core MMA instructions, or, where
     there are none, those with at least half the most FMA instructions any innermost loop
     holds (an FMA kernel's finish has a few in its loops over D). Returns ``{"loops", "mma",
-    "LDL", "STL", "outer_LDL", "outer_STL"}`` (how many K-loops, the instructions of each kind
-    inside them, and the spill instructions inside the loops that enclose a K-loop: the loop
-    over class blocks or database tiles, and any loop around it), or None without one. A
+    "LDL", "STL", "outer_LDL", "outer_STL", "gsb_waits"}`` (how many K-loops, the instructions
+    of each kind inside them, the spill instructions inside the loops that enclose a K-loop:
+    the loop over class blocks or database tiles, and any loop around it; and the fewest wgmma
+    groups the K-loops' ``WARPGROUP.DEPBAR`` waits leave in flight, None without such a wait),
+    or None without one. A
     spilled value reloaded inside a K-loop costs an L1 access per K-step; elsewhere in the
     outer loops (a top-k insertion after each tile's K-loop), up to one per tile; outside
     every loop, once."""
-    code = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in re.findall(
+    code = [(int(a, 16), op.split(".")[0], rest, op) for a, op, rest in re.findall(
         r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
     loops = set()
-    for addr, op, rest in code:
+    for addr, op, rest, _ in code:
         target = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
         if op == "BRA" and target and int(target.group(1), 16) <= addr:
             loops.add((int(target.group(1), 16), addr))
@@ -235,7 +248,7 @@ def hot_loop(sass: str) -> dict | None:
              if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
 
     def count(lp, ops):
-        return sum(1 for a, op, _ in code if lp[0] <= a <= lp[1] and op in ops)
+        return sum(1 for a, op, _, _ in code if lp[0] <= a <= lp[1] and op in ops)
 
     for ops, share in ((MMA_OPS, 0.0), (FMA_OPS, 0.5)):
         most = max((count(lp, ops) for lp in inner), default=0)
@@ -243,13 +256,19 @@ def hot_loop(sass: str) -> dict | None:
         if k_loops:
             outer = [lp for lp in loops if lp not in k_loops and any(
                 lp[0] <= k[0] and k[1] <= lp[1] for k in k_loops)]
-            in_outer = {op: sum(1 for a, o, _ in code if o == op
+            # Hopper's wgmma waits in the K-loops: WARPGROUP.DEPBAR.LE gsb0, n lets n groups
+            # stay in flight (0 after every HGMMA: serialized).
+            waits = [int(w.group(1), 16) for a, _, rest, full in code
+                     if full == "WARPGROUP.DEPBAR.LE" and any(k[0] <= a <= k[1] for k in k_loops)
+                     and (w := re.search(r"gsb0\s*,\s*0x([0-9a-f]+)", rest))]
+            in_outer = {op: sum(1 for a, o, _, _ in code if o == op
                                 and any(lp[0] <= a <= lp[1] for lp in outer))
                         for op in ("LDL", "STL")}
             return {"loops": len(k_loops), "mma": sum(count(lp, ops) for lp in k_loops),
                     "LDL": sum(count(lp, ("LDL",)) for lp in k_loops),
                     "STL": sum(count(lp, ("STL",)) for lp in k_loops),
-                    "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"]}
+                    "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"],
+                    "gsb_waits": min(waits, default=None)}
     return None
 
 
@@ -286,17 +305,18 @@ def precisions_of(kernel: str) -> list[str]:
 
 def launches(kernel: str, dims, precision: str, configs: str, arch: str = "sm_90a"):
     """The launches ``kernel``'s launcher makes at ``dims`` for a GPU of ``arch`` (the search
-    picks its tiles per target: :data:`grood_kernels.knn.BLACKWELL_SMALL_TILES`)."""
+    picks its tiles per target: :data:`grood_kernels.knn.BLACKWELL_SMALL_TILES`; the gradient
+    step its variant: :data:`grood_kernels.ncp_gradient.WGMMA_CLASS_LOOP_FROM`)."""
     import importlib
 
     module = importlib.import_module(f"grood_kernels.{kernel}")
+    major = ARCHS[arch] // 10
     if kernel == "knn":
-        major = ARCHS[arch] // 10
         if precision == "bf16-storage":
             return module.compile_launches(*dims, "bf16", storage=torch.bfloat16,
                                            configs=configs, major=major)
         return module.compile_launches(*dims, precision, configs=configs, major=major)
-    return module.compile_launches(*dims, precision, configs=configs)
+    return module.compile_launches(*dims, precision, configs=configs, major=major)
 
 
 def build_records(kernels, archs, precisions, shapes: str = "full", configs: str = "launcher",
@@ -339,7 +359,9 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "registers": facts["registers"], "spill_store_bytes": facts["spill_store_bytes"],
         "spill_load_bytes": facts["spill_load_bytes"], "smem_bytes": facts["smem_bytes"],
         "ctas_per_sm": ctas, "ctas_limit": binding, "mma": facts["mma"],
-        "wgmma_pendings": facts["wgmma_pendings"], "wgmma_a": facts["wgmma_a"],
+        "wgmma_pendings": facts["wgmma_pendings"],
+        "wgmma_pendings_ttgir": facts["wgmma_pendings_ttgir"],
+        "wgmma_serialized": facts["wgmma_serialized"], "wgmma_a": facts["wgmma_a"],
         "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
     }
@@ -353,6 +375,18 @@ def _kb(b):
 
 def _bytes(b):
     return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def _pendings(r: dict) -> str:
+    """The pendings cell: the SASS K-loops' waits where assembled (what runs), with TTGIR's
+    where ptxas serialized the wgmma or the two differ."""
+    p = r["wgmma_pendings"]
+    if p is None:
+        return "–"
+    ttgir = r.get("wgmma_pendings_ttgir", p)  # reports saved before SASS waits were read
+    if r.get("wgmma_serialized"):
+        return f"{p} (serialized by ptxas; TTGIR {ttgir})"
+    return str(p) if ttgir == p else f"{p} (TTGIR {ttgir})"
 
 
 def markdown(records: list[dict]) -> str:
@@ -378,8 +412,11 @@ def markdown(records: list[dict]) -> str:
             f"{r['registers'] if r['registers'] is not None else '?'} | {spills} | "
             f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']}"
             f"{'' if r.get('wgmma_a') is None else ' (' + r['wgmma_a'] + ')'} | "
-            f"{'–' if r['wgmma_pendings'] is None else r['wgmma_pendings']} | {r['grid']} | "
-            f"{r['waves']} |")
+            f"{_pendings(r)} | {r['grid']} | {r['waves']} |")
+    reasons = sorted({r["wgmma_serialized"] for r in records if r.get("wgmma_serialized")})
+    if reasons:
+        lines += ["", "Serialized by ptxas (its \"Potential Performance Loss\" note; every "
+                  "wgmma then waits for the one before): " + "; ".join(reasons) + "."]
     lines += [
         "",
         "| kernel | mode | shape | arch | GFLOP | HBM | L2 | compute ms | HBM ms | L2 ms "
@@ -403,7 +440,8 @@ def markdown(records: list[dict]) -> str:
 
 JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config", "block",
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
-             "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings", "wgmma_a",
+             "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings",
+             "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a",
              "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
              "structure_fraction", "model_notes", "assembler")

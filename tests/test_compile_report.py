@@ -58,6 +58,9 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
         if HAS_PTXAS:
             assert 0 < r["registers"] <= 255
             assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0
+            # ptxas kept the groups in flight: without tl.assume(D > 0) the tf32 K-loop's
+            # zeroed accumulator on the no-iteration path made it serialize every wgmma.
+            assert r["wgmma_serialized"] is None, r["wgmma_serialized"]
         if r["sass"] and r["mma"] == "wgmma":  # disassembled: the K-loop found, no spill
             assert r["hot_loop"]["loops"] >= 1 and r["hot_loop"]["mma"] >= 1
             assert r["hot_loop"]["LDL"] == r["hot_loop"]["STL"] == 0
@@ -80,7 +83,7 @@ def test_k_loop_spills_are_told_from_spills_outside_it():
         /*0090*/                   EXIT ;
     """
     # The loop 0x10-0x80 holds the K-loop: its spills run once per tile (the K-loop's too).
-    outer = {"outer_LDL": 2, "outer_STL": 1}
+    outer = {"outer_LDL": 2, "outer_STL": 1, "gsb_waits": None}  # (no wgmma waits here)
     assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0, **outer}
     fma = sass.replace("HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24", "FFMA R2, R3, R3, R2")
     # Two FFMA loops of one FFMA each: both count (each holds at least half the most).
@@ -88,7 +91,7 @@ def test_k_loop_spills_are_told_from_spills_outside_it():
     # Without the outer loop, the spills before and after the K-loop run once.
     flat = sass.replace("/*0080*/                   BRA 0x10 ;", "/*0080*/ NOP ;")
     assert compile_report.hot_loop(flat) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0,
-                                             "outer_LDL": 0, "outer_STL": 0}
+                                             "outer_LDL": 0, "outer_STL": 0, "gsb_waits": None}
     assert compile_report.hot_loop("/*0000*/ EXIT ;") is None
     rec = {"spill_store_bytes": 8, "spill_load_bytes": 8,
            "hot_loop": {"STL": 0, "LDL": 1, "outer_STL": 1, "outer_LDL": 2}}
@@ -100,6 +103,57 @@ def test_k_loop_spills_are_told_from_spills_outside_it():
         [{**base, **rec}])
     rec["hot_loop"] = {"STL": 0, "LDL": 1}  # a report saved before outer loops were counted
     assert "8 / 8 B (0 / 1 in K-loop)" in compile_report.markdown([{**base, **rec}])
+
+
+def test_wgmma_waits_are_read_from_the_sass_and_the_ptxas_note():
+    """TTGIR's pendings are what triton asks for; ptxas may serialize every wgmma anyway (its
+    note C7513 / C7515), and then the SASS waits for each (``WARPGROUP.DEPBAR.LE gsb0, 0x0``
+    after every HGMMA). The report takes the SASS K-loops' waits and the note's reason."""
+    def sass(wait):
+        return f"""
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x128x8.F32.TF32 R24, R100, gdesc[UR12], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, {wait} ;
+        /*0040*/                   HGMMA.64x128x8.F32.TF32 R24, R104, gdesc[UR16], R24, gsb0 ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, {wait} ;
+        /*0060*/               @P0 BRA 0x10 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0080*/                   EXIT ;
+    """
+    # The drain after the loop (0x70) does not count.
+    assert compile_report.hot_loop(sass("0x1"))["gsb_waits"] == 1
+    assert compile_report.hot_loop(sass("0x0"))["gsb_waits"] == 0
+    ffma = sass("0x1").replace("HGMMA.64x128x8.F32.TF32 R24, R100, gdesc[UR12], R24, gsb0",
+                               "FFMA R2, R3, R3, R2").replace(
+        "HGMMA.64x128x8.F32.TF32 R24, R104, gdesc[UR16], R24, gsb0", "FFMA R2, R3, R3, R2")
+    assert compile_report.hot_loop(ffma.replace("WARPGROUP.DEPBAR.LE gsb0, 0x1", "NOP")
+                                   )["gsb_waits"] is None
+    note = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions "
+            "are serialized due to non wgmma instructions defining accumulator registers of a "
+            "wgmma between start and end of the pipeline stage in the function '_k' in line "
+            "1211\nptxas info    : Used 254 registers, used 1 barriers\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    facts = compile_report.parse_ptxas(note)
+    assert facts["registers"] == 254 and facts["spill_store_bytes"] == 0
+    assert facts["wgmma_serialized"] == ("non wgmma instructions defining accumulator "
+                                         "registers of a wgmma between start and end of the "
+                                         "pipeline stage")
+    assert compile_report.parse_ptxas(note.split("\n", 1)[1])["wgmma_serialized"] is None
+    base = {"kernel": "k", "precision": "tf32", "shape": "s", "arch": "sm_90a",
+            "function": "f", "block": {}, "num_warps": 8, "num_stages": 3, "registers": 254,
+            "spill_store_bytes": 0, "spill_load_bytes": 0, "smem_bytes": 0, "ctas_per_sm": 1,
+            "ctas_limit": "registers", "mma": "wgmma", "grid": 1, "waves": 1, "config": 0,
+            "model_total": False}
+    text = compile_report.markdown([{**base, "wgmma_pendings": 0, "wgmma_pendings_ttgir": 3,
+                                     "wgmma_serialized": facts["wgmma_serialized"]}])
+    assert "| 0 (serialized by ptxas; TTGIR 3) |" in text
+    assert "Serialized by ptxas" in text and "accumulator registers" in text
+    text = compile_report.markdown([{**base, "wgmma_pendings": 1, "wgmma_pendings_ttgir": 3,
+                                     "wgmma_serialized": None}])
+    assert "| 1 (TTGIR 3) |" in text and "Serialized" not in text
+    # A report saved before the SASS waits were read has TTGIR's only.
+    assert "| 1 |" in compile_report.markdown([{**base, "wgmma_pendings": 1}])
 
 
 def test_markdown_and_dumps(report):
