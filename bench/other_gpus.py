@@ -48,7 +48,7 @@ def launches(quick: bool, cc: int):
     ncp = [s for s in NCP_SHAPES if s[0] == "ImageNet-1k"] if quick else NCP_SHAPES
     for precision in ("ieee", "tf32", "tf32x3", "bf16"):
         for label, n, c, d in ncp:
-            for launch in ncp_gradient.compile_launches(n, c, d, precision):
+            for launch in ncp_gradient.compile_launches(n, c, d, precision, major=cc // 10):
                 yield "ncp_gradient", label, precision, launch
         for label, q, m, d in KNN_SHAPES:
             for name, storage in STORAGES.items():

@@ -56,6 +56,8 @@ from grood_kernels._launch import (
     on_device,
     run,
     sm_count,
+    target_major,
+    triton_version,
 )
 from grood_kernels._ncp_finish import (
     add_exact_sq,
@@ -102,16 +104,28 @@ def rerank_gate(c: int, d: int) -> bool:
     return c * d * 4 > L2_BUDGET
 
 
+#: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
+#: registers (the wgmma's A operand) so that, inside the class loop, ptxas serializes every
+#: wgmma of the kernel (its note C7513, "non wgmma instructions defining input registers of a
+#: wgmma": each then waits for the one before). Triton 3.6 does so for Hopper at C = 21,841
+#: in tf32 and tf32x3 (bf16 stays pipelined); 3.7.1, 3.8 and 3.9 do not. There a program that
+#: holds more than one class block takes the staged variant in tf32 (both operands from shared
+#: memory, pipelined under 3.6); tf32x3 has no staged variant and stays serialized.
+WGMMA_CLASS_LOOP_FROM = (3, 7)
+
+
 def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
-                  n_sm: int | None = None) -> LaunchConfig:
-    """One known-good launch configuration for this shape.
+                  n_sm: int | None = None, major: int = 0) -> LaunchConfig:
+    """One known-good launch configuration for this shape, on a GPU of compute capability
+    ``major``.x (0: the interpreter).
 
     Tensor-core modes: 128-row x 128-class tiles on two warpgroups (8 warps), 32-wide K-steps,
     4 stages (128 KB of shared memory in tf32; ``tf32x3``: 16-wide K-steps of 4 x 16 operand
     columns, 3 stages). ``ieee`` (FMA): 32 x 64 tiles on 4 warps so
     nothing spills. The class groups: as few as keep the feature tiles of the programs resident
     at one time within ``L2_BUDGET`` (each row tile is then read from HBM once), each a whole
-    number of class blocks.
+    number of class blocks. On Hopper under triton before :data:`WGMMA_CLASS_LOOP_FROM`, tf32
+    programs that loop over class blocks take the staged variant.
     """
     if precision == "ieee":
         tiles, ctas = (32, 64, 32, 4, 3), 3
@@ -119,7 +133,11 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
         tiles, ctas = (128, 128, 32, 8, 4), 1
         if precision == "tf32x3":  # its K-step carries 4 x BLOCK_D operand columns
             tiles = (128, 128, 16, 8, 3)
-    return _fit_config(tiles, n, c, d, h_bytes, (n_sm or DEFAULT_SMS) * ctas)
+    cfg = _fit_config(tiles, n, c, d, h_bytes, (n_sm or DEFAULT_SMS) * ctas)
+    if (major == 9 and precision == "tf32" and triton_version() < WGMMA_CLASS_LOOP_FROM
+            and triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split) > 1):
+        return staged_config(n, c, d, precision, h_bytes, n_sm) or cfg
+    return cfg
 
 
 def _fit_config(tiles: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
@@ -230,13 +248,13 @@ def split_config(c: int, d: int, precision: str) -> LaunchConfig | None:
 
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
-                      n_sm: int | None = None) -> list[LaunchConfig]:
+                      n_sm: int | None = None, major: int = 0) -> list[LaunchConfig]:
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
     (the tuner checks the others' results against it): the tile list fitted to it (small
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
     split variants where they apply."""
     fitted: list[LaunchConfig | None] = [
-        launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm)]
+        launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
     fitted.append(wide_config(n, c, d, precision, h_bytes, n_sm))
@@ -282,6 +300,13 @@ def _class_block_dots(
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if DOT_MODE != 0:
+        # At least one K-step: without it the compiled code keeps a path that skips the K-loop,
+        # where the zeroed accumulator meets the final wgmma wait, and ptxas then serializes
+        # every wgmma of the kernel (its note C7515; tf32 at every shape, bf16 at some, triton
+        # 3.6-3.9). (Not in ieee: no wgmma, and on sm_100a more registers, spilled in the
+        # K-loop.)
+        tl.assume(D > 0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
@@ -572,16 +597,17 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
-                     configs: str = "launcher") -> list[KernelLaunch]:
-    """The Triton launches :func:`ncp_gradient` makes at this shape, on ``meta`` tensors (for
-    the compile report); ``configs="all"`` adds every autotuning candidate."""
+                     configs: str = "launcher", major: int = 0) -> list[KernelLaunch]:
+    """The Triton launches :func:`ncp_gradient` makes at this shape on a GPU of compute
+    capability ``major``.x (0: none named), on ``meta`` tensors (for the compile report);
+    ``configs="all"`` adds every autotuning candidate."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
     outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
     size = torch.empty((), dtype=dtype).element_size()
-    cfgs = (candidate_configs(n, c, d, precision, size) if configs == "all"
-            else [launch_config(n, c, d, precision, h_bytes=size)])
+    cfgs = (candidate_configs(n, c, d, precision, size, major=major) if configs == "all"
+            else [launch_config(n, c, d, precision, h_bytes=size, major=major)])
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,
@@ -684,7 +710,7 @@ def ncp_gradient(
     psq = prep.sq_norms
     if prototype_sq_norms is not None and scale == 1.0:
         psq = prototype_sq_norms.to(device=dev, dtype=torch.float32).contiguous()
-    n_sm = sm_count(dev)
+    n_sm, major = sm_count(dev), target_major(dev)
 
     def launch(cfg: LaunchConfig) -> None:
         for planned in _plan(h, prototypes, prep, psq, _scratch(n, c, d, cfg, precision, dev),
@@ -694,11 +720,12 @@ def ncp_gradient(
     if autotune_enabled(dev):
         key = ("ncp_gradient", precision, str(h.dtype), triton.next_power_of_2(c),
                triton.next_power_of_2(d), n >= 4096)
-        cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm)
+        cands = candidate_configs(n, c, d, precision, h.element_size(), n_sm, major)
         with on_device(dev):  # the timing's events and synchronisations on h's device too
             cfg = tune(launch, key, n, c, cands, dev,
                        results=lambda: (q_ood.clone(), pred.clone()), agree=_agree)
         launch(cfg)
     else:
-        launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm))
+        launch(launch_config(n, c, d, precision, h_bytes=h.element_size(), n_sm=n_sm,
+                             major=major))
     return NCPGradient(grad, q_ood, pred, min_dist, lse)

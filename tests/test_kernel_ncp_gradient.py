@@ -685,6 +685,27 @@ def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
         kernel_module._plan(h, protos, None, None, (None,) * 6, (h,) * 5, "tf32x3", cfg)
 
 
+def test_hopper_under_triton_3_6_takes_the_staged_variant_where_a_program_loops_over_classes(
+        monkeypatch):
+    """Under triton before 3.7, ptxas serializes every wgmma of a tf32 K-loop that centres its
+    feature tile in registers inside the class loop (tests/test_kernel_targets.py compiles
+    it): the Hopper launcher then takes the staged variant, where a program holds more than
+    one class block, and only there."""
+    launch_config = kernel_module.launch_config
+    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 6))
+    assert launch_config(65536, 21841, 1024, "tf32", major=9).staged  # 2 groups of 86 blocks
+    assert launch_config(65536, 21841, 1024, "tf32", major=9) == kernel_module.staged_config(
+        65536, 21841, 1024, "tf32", 4)
+    assert not launch_config(65536, 1000, 2048, "tf32", major=9).staged  # 1 block a program
+    assert not launch_config(65536, 21841, 1024, "tf32", major=10).staged  # tcgen05
+    assert not launch_config(65536, 21841, 1024, "tf32", major=0).staged  # the interpreter
+    for precision in ("ieee", "tf32x3", "bf16"):  # pipelined there, or no staged variant
+        assert not launch_config(65536, 21841, 1024, precision, major=9).staged
+    assert kernel_module.candidate_configs(65536, 21841, 1024, "tf32", 4, major=9)[0].staged
+    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 7))
+    assert not launch_config(65536, 21841, 1024, "tf32", major=9).staged
+
+
 @gpu
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 def test_fp32_faithful_modes_stay_faithful_over_a_long_k_on_gpu(precision):

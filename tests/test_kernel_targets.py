@@ -1,6 +1,7 @@
 """Both kernels' tensor-core launches compile for Blackwell (sm_100a) as the launchers make
-them (no GPU needed: ``bench/compile_report.py`` compiles the launchers' own launches). The
-CI's floor environment runs this under triton 3.6, the main one under the newest triton."""
+them, and the gradient step's keep Hopper's (sm_90a) wgmma in flight (no GPU needed:
+``bench/compile_report.py`` compiles the launchers' own launches). The CI's floor environment
+runs this under triton 3.6, the main one under the newest triton."""
 
 import json
 import os
@@ -41,3 +42,41 @@ def test_tensor_core_modes_of_both_kernels_compile_for_blackwell(tmp_path):
     if records[0]["assembler"] == "ptxas-blackwell":  # assembled: registers and spills known
         for r in search:
             assert r["spill_store_bytes"] == r["spill_load_bytes"] == 0, r
+
+
+HOPPER_PLAN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import compile_report
+from grood_kernels import ncp_gradient
+out = []
+for dims in ((256, 10, 64), (256, 300, 64)):
+    for mode in ("tf32", "bf16"):
+        for launch in ncp_gradient.compile_launches(*dims, mode, major=9):
+            facts = compile_report.compile_launch(launch, "sm_90a")
+            out.append({"dims": dims, "mode": mode, "function": launch.fn.__name__,
+                        **{k: facts[k] for k in ("mma", "wgmma_pendings", "wgmma_serialized",
+                                                 "assembler")}})
+print(json.dumps(out))
+"""
+
+
+def test_gradient_step_keeps_hopper_wgmma_in_flight():
+    """The gradient step's tensor-core launches for sm_90a, as the launcher plans them, keep
+    wgmma groups in flight in the SASS, not only in TTGIR: ptxas serialized every wgmma
+    (each waiting for the one before) when the K-loop's zeroed accumulator reached the wait
+    on the path with no K-step (tf32 under triton 3.6-3.9, bf16 at C = 10; fixed by
+    ``tl.assume(D > 0)``), and under triton 3.6 when a tf32 tile centred in registers sat in
+    the class loop (C = 300 here: three class blocks in one program; the launcher takes the
+    staged variant there)."""
+    proc = subprocess.run([sys.executable, "-c", HOPPER_PLAN, str(BENCH)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "0"},
+                          cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(proc.stdout.splitlines()[-1])
+    gemm = [r for r in records if r["function"] == "_ncp_gradient_kernel"]
+    assert len(gemm) == 4 and all(r["mma"] == "wgmma" for r in gemm), records
+    if records[0]["assembler"] != "ptxas-blackwell":
+        pytest.skip("needs triton's ptxas-blackwell to read the SASS")
+    for r in gemm:
+        assert r["wgmma_serialized"] is None and r["wgmma_pendings"] >= 1, r

@@ -26,7 +26,7 @@ from grood._bench.common import interleaved_median_times
 from grood._bench.configs import failed, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import KernelLaunch, run, sm_count
+from grood_kernels._launch import KernelLaunch, run, sm_count, target_major
 from grood_kernels.contract import DOT_MODES
 
 
@@ -132,7 +132,7 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
         (n, c, d), precision, h, protos, prep = p.dims, p.precision, p.h, p.protos, p.prep
         scale = prep.scale
         cfg = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
-                                   n_sm=p.n_sm)
+                                   n_sm=p.n_sm, major=target_major(h.device))
         outs = p.outputs()
         p_ood = p.p_ood
         stages: list[tuple[str, Callable[[], object], bool]] = [

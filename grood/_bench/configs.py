@@ -17,7 +17,7 @@ import torch
 
 from grood._bench.common import median_time, realistic_features
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import KernelLaunch, run, sm_count
+from grood_kernels._launch import KernelLaunch, run, sm_count, target_major
 from grood_kernels._prepare import PreparedPrototypes, prepare_prototypes
 from grood_kernels.contract import ncp_scale
 
@@ -75,7 +75,8 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
     yield "|---|---|---|---|---|---|---|---|"
     for p in tuning_problems(device, shapes, precisions):
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
-        cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm)
+        cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
+                                         target_major(h.device))
         base = cands[0]  # the launcher's
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
         for cfg in cands:
