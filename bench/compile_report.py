@@ -229,11 +229,12 @@ def hot_loop(sass: str) -> dict | None:
     are the innermost ones (holding no other) with tensor-core MMA instructions, or, where
     there are none, those with at least half the most FMA instructions any innermost loop
     holds (an FMA kernel's finish has a few in its loops over D). Returns ``{"loops", "mma",
-    "LDL", "STL", "outer_LDL", "outer_STL", "gsb_waits"}`` (how many K-loops, the instructions
-    of each kind inside them, the spill instructions inside the loops that enclose a K-loop:
-    the loop over class blocks or database tiles, and any loop around it; and the fewest wgmma
-    groups the K-loops' ``WARPGROUP.DEPBAR`` waits leave in flight, None without such a wait),
-    or None without one. A
+    "LDL", "STL", "outer_LDL", "outer_STL", "gsb_waits", "step_instructions", "step_hgmma"}``
+    (how many K-loops, the instructions of each kind inside them, the spill instructions inside
+    the loops that enclose a K-loop: the loop over class blocks or database tiles, and any loop
+    around it; the fewest wgmma groups the K-loops' ``WARPGROUP.DEPBAR`` waits leave in
+    flight, None without such a wait; and, for the K-loop with the most MMA instructions, its
+    instructions per iteration and its HGMMA opcodes), or None without one. A
     spilled value reloaded inside a K-loop costs an L1 access per K-step; elsewhere in the
     outer loops (a top-k insertion after each tile's K-loop), up to one per tile; outside
     every loop, once."""
@@ -264,12 +265,41 @@ def hot_loop(sass: str) -> dict | None:
             in_outer = {op: sum(1 for a, o, _, _ in code if o == op
                                 and any(lp[0] <= a <= lp[1] for lp in outer))
                         for op in ("LDL", "STL")}
+            main = max(k_loops, key=lambda lp: (count(lp, ops), -lp[0]))  # ties: the first
             return {"loops": len(k_loops), "mma": sum(count(lp, ops) for lp in k_loops),
                     "LDL": sum(count(lp, ("LDL",)) for lp in k_loops),
                     "STL": sum(count(lp, ("STL",)) for lp in k_loops),
                     "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"],
-                    "gsb_waits": min(waits, default=None)}
+                    "gsb_waits": min(waits, default=None),
+                    "step_instructions": sum(1 for a, *_ in code if main[0] <= a <= main[1]),
+                    "step_hgmma": [(full + rest).split()[0] for a, _, rest, full in code
+                                   if main[0] <= a <= main[1] and full.startswith("HGMMA.")]}
     return None
+
+
+#: Hopper tensor-core multiply-adds per SM per cycle, dense, by operand type (an H100 SXM's
+#: 989 bf16 TFLOP/s at 1,830 MHz on 132 SMs: 2,048; tf32 half that).
+HGMMA_MACS_PER_CYCLE = {"TF32": 1024, "BF16": 2048, "F16": 2048}
+
+
+def issue_ratio(hot: dict | None) -> float | None:
+    """The K-loop's instruction issue against its wgmma, per K-step: the cycles its SASS
+    instructions need at one per scheduler per cycle (4 schedulers per SM) over the cycles the
+    tensor cores need for its HGMMAs at their dense peak (both scale with the warpgroups, so
+    the ratio needs neither). Above 1 the K-loop cannot keep the tensor cores busy: issuing
+    its other instructions (loads, centring, casts, address arithmetic) takes longer than the
+    MMA it feeds. A lower bound on the issue time (LDS, SHFL and MUFU issue slower); None
+    without HGMMA (FMA, tcgen05)."""
+    if not hot or not hot.get("step_hgmma"):
+        return None
+    cycles = 0.0
+    for op in hot["step_hgmma"]:
+        shape = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)", op)
+        if shape is None or shape.group(4) not in HGMMA_MACS_PER_CYCLE:
+            return None
+        m, n, k = (int(shape.group(i)) for i in (1, 2, 3))
+        cycles += m * n * k / HGMMA_MACS_PER_CYCLE[shape.group(4)]
+    return hot["step_instructions"] / cycles
 
 
 def ctas_per_sm(registers: int | None, num_warps: int, smem: int) -> tuple[int, str]:
@@ -363,6 +393,7 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "wgmma_pendings_ttgir": facts["wgmma_pendings_ttgir"],
         "wgmma_serialized": facts["wgmma_serialized"], "wgmma_a": facts["wgmma_a"],
         "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
+        "issue_ratio": issue_ratio(facts["hot_loop"]),
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas))
@@ -389,12 +420,17 @@ def _pendings(r: dict) -> str:
     return str(p) if ttgir == p else f"{p} (TTGIR {ttgir})"
 
 
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def markdown(records: list[dict]) -> str:
     """The report as Markdown tables: one for the compiled facts, one for the model."""
     lines = [
         "| kernel | mode | shape | arch | function | tiles | warps/stages | regs | spills st/ld "
-        "| smem | CTAs/SM (limit) | MMA (A from) | pendings | grid | waves |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| smem | CTAs/SM (limit) | MMA (A from) | pendings | K-step issue / MMA | grid "
+        "| waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         tiles = ",".join(str(v) for v in r["block"].values())
@@ -412,7 +448,7 @@ def markdown(records: list[dict]) -> str:
             f"{r['registers'] if r['registers'] is not None else '?'} | {spills} | "
             f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']}"
             f"{'' if r.get('wgmma_a') is None else ' (' + r['wgmma_a'] + ')'} | "
-            f"{_pendings(r)} | {r['grid']} | {r['waves']} |")
+            f"{_pendings(r)} | {_ratio(r.get('issue_ratio'))} | {r['grid']} | {r['waves']} |")
     reasons = sorted({r["wgmma_serialized"] for r in records if r.get("wgmma_serialized")})
     if reasons:
         lines += ["", "Serialized by ptxas (its \"Potential Performance Loss\" note; every "
@@ -441,7 +477,7 @@ def markdown(records: list[dict]) -> str:
 JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config", "block",
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
              "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings",
-             "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a",
+             "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a", "issue_ratio",
              "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
              "structure_fraction", "model_notes", "assembler")

@@ -299,7 +299,9 @@ def _class_block_dots(
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # ||u||^2 summed per element over the K-steps and across the row once after the loop: a
+    # row sum in every K-step cost the tf32 K-loop 31 of its 206 instructions (shuffles).
+    sq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if DOT_MODE != 0:
         # At least one K-step: without it the compiled code keeps a path that skips the K-loop,
         # where the zeroed accumulator meets the final wgmma wait, and ptxas then serializes
@@ -310,9 +312,9 @@ def _class_block_dots(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, offs_d < D, stride_hd,
-                    inv_scale, STAGED)  # [BLOCK_N, BLOCK_D]
+                    inv_scale, STAGED, SPARE_ROWS=1)  # [BLOCK_N, BLOCK_D]
         if WITH_SQ:
-            u_sq += tl.sum(u * u, axis=1)
+            sq += u * u
         p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :])  # [BLOCK_C, BLOCK_D]
         if DOT_MODE == 2:
             # Split precision as one tf32 GEMM over 4 x BLOCK_D: per feature, (u_hi, u_hi,
@@ -328,6 +330,10 @@ def _class_block_dots(
         else:
             dots = dot_t(u, p, dots, DOT_MODE)
     p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
+    if WITH_SQ:
+        u_sq = tl.sum(sq, axis=1)
+    else:
+        u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     return dots - 0.5 * p_sq[None, :], u_sq
 
 

@@ -84,14 +84,18 @@ def test_k_loop_spills_are_told_from_spills_outside_it():
     """
     # The loop 0x10-0x80 holds the K-loop: its spills run once per tile (the K-loop's too).
     outer = {"outer_LDL": 2, "outer_STL": 1, "gsb_waits": None}  # (no wgmma waits here)
-    assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0, **outer}
+    step = {"step_instructions": 3, "step_hgmma": ["HGMMA.64x128x8.F32.TF32"]}
+    assert compile_report.hot_loop(sass) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0, **outer,
+                                             **step}
     fma = sass.replace("HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24", "FFMA R2, R3, R3, R2")
     # Two FFMA loops of one FFMA each: both count (each holds at least half the most).
-    assert compile_report.hot_loop(fma) == {"loops": 2, "mma": 2, "LDL": 1, "STL": 0, **outer}
+    assert compile_report.hot_loop(fma) == {"loops": 2, "mma": 2, "LDL": 1, "STL": 0, **outer,
+                                            "step_instructions": 3, "step_hgmma": []}
     # Without the outer loop, the spills before and after the K-loop run once.
     flat = sass.replace("/*0080*/                   BRA 0x10 ;", "/*0080*/ NOP ;")
     assert compile_report.hot_loop(flat) == {"loops": 1, "mma": 1, "LDL": 1, "STL": 0,
-                                             "outer_LDL": 0, "outer_STL": 0, "gsb_waits": None}
+                                             "outer_LDL": 0, "outer_STL": 0, "gsb_waits": None,
+                                             **step}
     assert compile_report.hot_loop("/*0000*/ EXIT ;") is None
     rec = {"spill_store_bytes": 8, "spill_load_bytes": 8,
            "hot_loop": {"STL": 0, "LDL": 1, "outer_STL": 1, "outer_LDL": 2}}
@@ -122,7 +126,15 @@ def test_wgmma_waits_are_read_from_the_sass_and_the_ptxas_note():
         /*0080*/                   EXIT ;
     """
     # The drain after the loop (0x70) does not count.
-    assert compile_report.hot_loop(sass("0x1"))["gsb_waits"] == 1
+    hot = compile_report.hot_loop(sass("0x1"))
+    assert hot["gsb_waits"] == 1
+    # 6 instructions a K-step against 2 x 64 x 128 x 8 tf32 multiply-adds, 1,024 a cycle.
+    assert hot["step_instructions"] == 6
+    assert compile_report.issue_ratio(hot) == pytest.approx(6 / 128)
+    bf16 = {**hot, "step_hgmma": ["HGMMA.64x128x16.F32.BF16"] * 2}
+    assert compile_report.issue_ratio(bf16) == pytest.approx(6 / 128)
+    assert compile_report.issue_ratio({**hot, "step_hgmma": []}) is None
+    assert compile_report.issue_ratio(None) is None
     assert compile_report.hot_loop(sass("0x0"))["gsb_waits"] == 0
     ffma = sass("0x1").replace("HGMMA.64x128x8.F32.TF32 R24, R100, gdesc[UR12], R24, gsb0",
                                "FFMA R2, R3, R3, R2").replace(
