@@ -10,9 +10,11 @@ No GPU is needed. Each kernel module describes its launches with ``compile_launc
 same :class:`grood_kernels._launch.KernelLaunch` its launcher runs, built on ``meta``
 tensors), so the configuration compiled here is the one the launcher picks at that shape.
 Each is compiled with ``triton.compile`` for the target, assembled with the ``ptxas-blackwell``
-shipped in the triton wheel (registers, spills) and disassembled with ``cuobjdump`` (MMA
-instructions, and which spill instructions sit inside the K-loops: :func:`hot_loop`); TTGIR
-gives the MMA kind and how many wgmma groups stay in flight.
+shipped in the triton wheel (registers, spills, and its note where it serialized every wgmma)
+and disassembled with ``cuobjdump`` (MMA instructions, which spill instructions sit inside
+the K-loops, how many wgmma groups their waits leave in flight, and the K-step's instruction
+issue against its HGMMAs: :func:`hot_loop`, :func:`issue_ratio`); TTGIR gives the MMA kind,
+and the wgmma groups triton asks to keep in flight where nothing was assembled.
 
 The model (:mod:`bench.traffic_model`) follows each kernel's tile schedule and gives FLOPs,
 bytes from HBM, bytes through L2 and the lower-bound time under each roof.

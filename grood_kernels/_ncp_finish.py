@@ -8,6 +8,14 @@ from grood_kernels._topk import clamp_sq, merge_candidates
 
 
 @triton.jit
+def _wide(offs_d):
+    """``offs_d`` as a row of int64 column offsets: the K-loop keeps its feature offsets in
+    int32 (cheaper compares and adds), but times a column stride (a column-major ``h``: N) they
+    can pass 2**31. A contiguous ``h``'s unit stride folds the widening away."""
+    return offs_d[None, :].to(tl.int64)
+
+
+@triton.jit
 def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale,
            STAGED: tl.constexpr = 0, SPARE_ROWS: tl.constexpr = 0):
     """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside.
@@ -24,12 +32,12 @@ def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd
         rows = offs_n
         mask = mask_n[:, None] & mask_d[None, :]
     if STAGED:
-        u = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                    mask=mask, other=0.0)
+        u = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
+                    other=0.0)
     else:
         p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        x = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                    mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
+                    other=0.0).to(tl.float32)
         u = x * inv_scale - p_o[None, :]  # 0 past D: both loads give 0 there
         if not SPARE_ROWS:
             u = tl.where(mask, u, 0.0)

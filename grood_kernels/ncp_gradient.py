@@ -297,7 +297,7 @@ def _class_block_dots(
     from the pre-pass's rows and passed on as loaded.
     """
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    arange_d = tl.arange(0, BLOCK_D)  # int32: see _ncp_finish._wide
     dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     # ||u||^2 summed per element over the K-steps and across the row once after the loop: a
     # row sum in every K-step cost the tf32 K-loop 31 of its 206 instructions (shuffles).
