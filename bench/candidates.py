@@ -229,7 +229,7 @@ def hbm_table(dims: tuple[int, int, int]) -> list[str]:
             launch = compile_launches(*dims, mode, configs="launcher")[0]
             cells = []
             for g in gathers:
-                traffic_model._rerank_rows = lambda n_cand, g=g: g
+                traffic_model._rerank_rows = lambda launch, g=g: g
                 rec = traffic_model.model("ncp_gradient", launch, dims, mode, "sm_90a",
                                           3 if mode == "ieee" else 1)
                 ratio = next(note for note in rec["model_notes"].split("; ")

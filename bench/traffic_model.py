@@ -88,12 +88,16 @@ def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int) -> di
     return fn(launch, precision, arch, ctas)
 
 
-def _rerank_rows(n_cand: int) -> int:
-    """Prototype rows the gradient step's re-rank gathers per feature row where no classes
-    tie within the GEMM's error bound: the GEMM-nearest candidate's (the others only where
-    that bound lets them be nearer; see ``grood_kernels._ncp_finish.rerank_and_write``)."""
+def _rerank_rows(launch) -> int:
+    """Prototype rows the gradient step's re-rank gathers per feature row: every candidate's
+    where the launch does not gate it (no ``RERANK_GATE``); where it does and no classes tie
+    within the GEMM's error bound, the GEMM-nearest candidate's (the others only where that
+    bound lets them be nearer; see ``grood_kernels._ncp_finish.rerank_and_write``)."""
     from grood_kernels._ncp_finish import ALWAYS_EXACT
 
+    n_cand = launch.constexprs["N_CAND"]
+    if not launch.constexprs.get("RERANK_GATE"):
+        return n_cand
     return min(n_cand, int(getattr(ALWAYS_EXACT, "value", ALWAYS_EXACT)))
 
 
@@ -106,9 +110,9 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     the resident programs (resident / n_groups row blocks) fit the L2 budget; the prepared
     prototypes once, or once per wave when they do not fit. The finishing program reads its
     row tile twice more (exact re-rank, gradient) from L2, gathers the raw prototype rows of
-    the candidates it re-ranks (:func:`_rerank_rows` per feature row where the launch gates
-    the re-rank, ``RERANK_GATE``; all ``N_CAND`` where it does not, and where classes tie
-    within the GEMM's error, a worst case the notes give too), and writes the gradient.
+    the candidates it re-ranks (:func:`_rerank_rows` per feature row; all ``N_CAND`` where
+    classes tie within the GEMM's error, a worst case the notes give too), and writes the
+    gradient.
     """
     h, op, protos = launch.args[0], launch.args[1], launch.args[2]
     n, c, d = launch.args[13], launch.args[14], launch.args[15]
@@ -138,7 +142,7 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     if p_passes > 1:
         notes.append(f"prepared prototypes streamed from HBM once per wave ({p_passes} waves)")
     part = groups * n * (4 * (2 + n_cand) + 4 * n_cand)
-    rerank = _rerank_rows(n_cand) if launch.constexprs.get("RERANK_GATE") else n_cand
+    rerank = _rerank_rows(launch)
     l2 += 2 * part + 2 * h_bytes + rerank * n * d * ep
     hbm += part
     missed = c * d * ep > budget  # gathered rows of prototypes that do not stay in L2
@@ -253,8 +257,8 @@ def _ncp_epilogue(launch, precision, arch, ctas):
     """The split gradient step's epilogue over one chunk of rows: its fp32 GEMM results read
     once, the centred rows (the gradient's, written by the pre-pass) read twice (exact re-rank,
     gradient) and written once scaled, the re-ranked candidates' raw prototype rows gathered
-    (:func:`_rerank_rows` per feature row with ``RERANK_GATE``, else ``N_CAND``; from L2
-    where the prototypes fit the budget, else from HBM). The GEMM before it runs in the BLAS
+    (:func:`_rerank_rows` per feature row; from L2 where the prototypes fit the budget, else
+    from HBM). The GEMM before it runs in the BLAS
     (cuBLAS on a GPU) and is not modelled: it reads the rows and the prototypes and writes the
     results this kernel reads."""
     dots, protos = launch.args[0], launch.args[1]
@@ -262,7 +266,7 @@ def _ncp_epilogue(launch, precision, arch, ctas):
     n_cand = launch.constexprs["N_CAND"]
     ep = _esize(protos)
     results = r * c * _esize(dots)
-    rerank = _rerank_rows(n_cand) if launch.constexprs.get("RERANK_GATE") else n_cand
+    rerank = _rerank_rows(launch)
     gathered = rerank * r * d * ep
     rows = 3 * r * d * 4
     out = r * (4 * 4 + 8)

@@ -135,9 +135,15 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
             tiles = (128, 128, 16, 8, 3)
     cfg = _fit_config(tiles, n, c, d, h_bytes, (n_sm or DEFAULT_SMS) * ctas)
     if (major == 9 and precision == "tf32" and triton_version() < WGMMA_CLASS_LOOP_FROM
-            and triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split) > 1):
+            and blocks_per_group(c, cfg) > 1):
         return staged_config(n, c, d, precision, h_bytes, n_sm) or cfg
     return cfg
+
+
+def blocks_per_group(c: int, cfg: LaunchConfig) -> int:
+    """Class blocks each program of ``cfg``'s class-group kernel loops over (the last group
+    may hold fewer)."""
+    return triton.cdiv(triton.cdiv(c, cfg.block_cols), cfg.n_split)
 
 
 def _fit_config(tiles: tuple[int, ...], n: int, c: int, d: int, h_bytes: int,
@@ -492,7 +498,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             cfg.num_warps, cfg.num_stages),)
     part_f, part_i, counters, u_sq, op_rows, dots = scratch
     n_cb = triton.cdiv(c, cfg.block_cols)
-    per_group = triton.cdiv(n_cb, cfg.n_split)
+    per_group = blocks_per_group(c, cfg)
     if not cfg.split and (cfg.n_split - 1) * per_group >= n_cb:
         # An empty group's partial (no class: running max -inf, sum NaN) would poison the merge.
         raise ValueError(f"{cfg.n_split} class groups of {per_group} blocks leave a group "
