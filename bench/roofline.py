@@ -3,9 +3,10 @@
 Each point is one kernel launch at one shape and precision mode, at the launcher's
 configuration: x is its arithmetic intensity against HBM (MMA FLOPs per byte the model counts
 from or to HBM), y the throughput its modelled lower-bound time allows (FLOPs / the slowest of
-its compute, HBM and L2 bounds). Points on the diagonal are HBM-bound, points on a ceiling
-compute-bound; points below both are held by L2 traffic (hollow markers) or by a partly empty
-last wave. Nothing here is measured: it draws :mod:`traffic_model`'s bounds.
+its compute, HBM and L2 bounds, and its K-loop's instruction issue where the report has it).
+Points on the diagonal are HBM-bound, points on a ceiling compute-bound; points below both are
+held by L2 traffic (hollow markers), by instruction issue or by a partly empty last wave.
+Nothing here is measured: it draws :mod:`traffic_model`'s bounds.
 
 With ``--measured`` (the JSON of ``bench/gpu_report.py --json``), the Triton kernels' timings
 from a GPU run are drawn beside their model points as stars, at the same intensity: the

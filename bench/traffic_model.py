@@ -12,9 +12,11 @@ the bytes that the programs resident at one time (SMs x CTAs/SM) keep re-reading
 holds costs a crossing. Operands that fit are read from HBM once (or once per wave, where the
 schedule moves on to new data every wave); operands that do not fit are re-read from HBM.
 
-The model counts MMA FLOPs only: the softmax / top-k epilogue, address arithmetic and latency
-are not in it (the SASS counts in the compile report show how heavy the epilogue is). It is a
-lower bound on time, not a prediction; a GPU run beats it.
+The model counts MMA FLOPs only: the softmax / top-k epilogue and latency are not in it (the
+SASS counts in the compile report show how heavy the epilogue is). Given the compile report's
+K-step issue / MMA ratio (the K-loop's SASS instructions against its HGMMA cycles, sm_90a), the
+K-loop's instruction issue is a fourth bound: :func:`with_issue_bound`. It is a lower bound on
+time, not a prediction; a GPU run beats it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import math
 ROOFS = {
     "sm_90a": {"device": "H200", "sms": 132, "tflops": {"ieee": 50.0, "tf32": 406.0,
                                                           "tf32x3": 406.0 / 3, "bf16": 765.0},
-               "hbm_tbs": 4.13, "l2_tbs": 12.0, "l2_bytes": 50e6, "source": "measured"},
+               "hbm_tbs": 4.13, "l2_tbs": 12.0, "l2_bytes": 50e6, "source": "measured",
+               # the dense tensor-core peak (H100 / H200 SXM datasheet: 989 bf16 TFLOP/s at
+               # 1,830 MHz): the rate the compile report's issue / MMA ratio counts HGMMA at
+               "mma_peak_tflops": {"tf32": 494.7, "tf32x3": 494.7 / 3, "bf16": 989.4}},
     "sm_100a": {"device": "B200", "sms": 148, "tflops": {"ieee": 80.0, "tf32": 1100.0,
                                                            "tf32x3": 1100.0 / 3, "bf16": 2250.0},
                 "hbm_tbs": 8.0, "l2_tbs": 20.0, "l2_bytes": 126e6, "source": "datasheet"},
@@ -49,7 +54,11 @@ def describe_roofs() -> str:
         out.append(f"- {arch} model roofs ({r['device']}, {r['source']}; {r['sms']} SMs): "
                    f"fp32 FMA {t['ieee']:.0f}, tf32 {t['tf32']:.0f}, tf32x3 {t['tf32x3']:.0f}, "
                    f"bf16 {t['bf16']:.0f} TFLOP/s; HBM {r['hbm_tbs']} TB/s; L2 {r['l2_tbs']} "
-                   f"TB/s (assumed); L2 residency budget {l2_budget(arch) / 1e6:.0f} MB.")
+                   f"TB/s (assumed); L2 residency budget {l2_budget(arch) / 1e6:.0f} MB"
+                   + ("" if "mma_peak_tflops" not in r else
+                      "; K-loop issue against the dense tensor-core peak (tf32 "
+                      f"{r['mma_peak_tflops']['tf32']:.0f}, bf16 "
+                      f"{r['mma_peak_tflops']['bf16']:.0f} TFLOP/s)") + ".")
     return "\n".join(out)
 
 
@@ -77,15 +86,36 @@ def finish(flops_exec: float, flops_useful: float, hbm: float, l2: float, precis
     return {"flops": flops_exec, "hbm_bytes": hbm, "l2_bytes": l2,
             "bound_ms": {k: round(v, 4) for k, v in bounds.items()},
             "binding_roof": binding, "structure_fraction": round(ideal / bounds[binding], 3),
-            "model_notes": "; ".join(notes)}
+            "model_notes": "; ".join(notes),
+            # unrounded, for with_issue_bound (the JSON report leaves them out)
+            "ideal_ms": ideal, "binding_ms": bounds[binding], "wave_quant": quant}
 
 
-def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int) -> dict:
-    """The model of one launch; dispatched on the kernel function's name."""
+def with_issue_bound(rec: dict, issue_ratio: float | None, precision: str, arch: str) -> dict:
+    """``rec`` (a model of one launch) with the K-loop's instruction issue as a fourth bound,
+    ``issue``: the time its MMA takes at the dense tensor-core peak (not the measured roof)
+    times ``issue_ratio``, the compile report's K-step issue / MMA ratio, with the same last
+    wave. The binding roof and the best fraction follow. Unchanged without a ratio or where
+    the target has no peak for the mode (FMA; tcgen05 on sm_100a is not counted)."""
+    peak = ROOFS[arch].get("mma_peak_tflops", {}).get(_mode_roof(precision))
+    if issue_ratio is None or peak is None:
+        return rec
+    issue = issue_ratio * rec["flops"] / (peak * 1e12) * 1e3 * rec["wave_quant"]
+    bounds = {**rec["bound_ms"], "issue": round(issue, 4)}
+    binding = max(bounds, key=lambda k: bounds[k])
+    slowest = max(issue, rec["binding_ms"])
+    return {**rec, "bound_ms": bounds, "binding_roof": binding, "binding_ms": slowest,
+            "structure_fraction": round(rec["ideal_ms"] / slowest, 3)}
+
+
+def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int,
+          issue_ratio: float | None = None) -> dict:
+    """The model of one launch; dispatched on the kernel function's name. ``issue_ratio`` (the
+    compile report's, where it has one) adds the K-loop's issue bound."""
     fn = MODELS.get(launch.fn.__name__)
     if fn is None:
         raise KeyError(f"no traffic model for {launch.fn.__name__}")
-    return fn(launch, precision, arch, ctas)
+    return with_issue_bound(fn(launch, precision, arch, ctas), issue_ratio, precision, arch)
 
 
 def _rerank_rows(launch) -> int:

@@ -52,7 +52,9 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
             assert r["wgmma_pendings"] >= 1
         assert r["smem_bytes"] >= 0 and r["grid"] >= 1 and r["ctas_per_sm"] >= 1
         assert r["flops"] > 0 and r["hbm_bytes"] > 0 and r["l2_bytes"] >= r["hbm_bytes"] / 2
-        assert set(r["bound_ms"]) == {"compute", "hbm", "l2"}
+        # the K-loop's issue bound where the SASS has an HGMMA K-loop (sm_90a, assembled)
+        issue = r["issue_ratio"] is not None
+        assert set(r["bound_ms"]) == {"compute", "hbm", "l2"} | ({"issue"} if issue else set())
         assert r["binding_roof"] in r["bound_ms"]
         assert 0 < r["structure_fraction"] <= 1
         if HAS_PTXAS:
@@ -218,6 +220,34 @@ def test_search_model_bytes_by_hand():
     mm = traffic_model.model("knn", merge, (1000, 100_000, 256), "tf32", "sm_90a", 1)
     read = 1000 * split * n_cand * 8  # the real queries' lists, not the padded tile rows
     assert mm["hbm_bytes"] == read + 1000 * 256 * 4 + 1000 * 5 * 256 * 4 + 1000 * 12
+
+
+def test_issue_bound_joins_the_model_with_the_k_loop_ratio():
+    """A K-loop whose instructions take longer to issue than its HGMMAs take to run binds on
+    issue; one under 1 adds the bound and changes nothing else; no ratio, no bound."""
+    from grood_kernels import ncp_gradient
+
+    (launch,) = ncp_gradient.compile_launches(65536, 1000, 2048, "bf16", major=9)
+    dims = (65536, 1000, 2048)
+    plain = traffic_model.model("ncp_gradient", launch, dims, "bf16", "sm_90a", 1)
+    assert "issue" not in plain["bound_ms"]
+    roof = traffic_model.ROOFS["sm_90a"]
+    at_peak = plain["flops"] / (roof["mma_peak_tflops"]["bf16"] * 1e12) * 1e3
+    light = traffic_model.model("ncp_gradient", launch, dims, "bf16", "sm_90a", 1,
+                                issue_ratio=0.5)
+    assert light["bound_ms"]["issue"] == pytest.approx(0.5 * at_peak * plain["wave_quant"],
+                                                       abs=1e-4)
+    assert (light["binding_roof"], light["structure_fraction"]) == (
+        plain["binding_roof"], plain["structure_fraction"])
+    ratio = 10 * plain["binding_ms"] / (at_peak * plain["wave_quant"])  # issue 10x the slowest
+    heavy = traffic_model.model("ncp_gradient", launch, dims, "bf16", "sm_90a", 1,
+                                issue_ratio=ratio)
+    assert heavy["binding_roof"] == "issue"
+    assert heavy["structure_fraction"] == pytest.approx(plain["structure_fraction"] / 10,
+                                                        abs=1e-3)
+    # sm_100a's tcgen05 K-loop has no ratio; the FMA mode has no tensor-core peak
+    b200 = traffic_model.model("ncp_gradient", launch, dims, "bf16", "sm_100a", 1, issue_ratio=2)
+    assert "issue" not in b200["bound_ms"]
 
 
 def test_gradient_model_reads_h_once_at_imagenet_shape():
