@@ -37,8 +37,14 @@ from pathlib import Path
 
 import torch
 
+from grood._bench.common import kernel_sources
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import traffic_model
+
+#: The kernels' source digest (:func:`grood._bench.common.kernel_sources`), in the header and
+#: every record: GPU timings name the same digest.
+KERNEL_SOURCES = kernel_sources()
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 #: (label, N, C, D) for the gradient step: the GPU report's shapes.
@@ -398,6 +404,7 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
         "issue_ratio": issue_ratio(facts["hot_loop"]),
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
+        "kernels": KERNEL_SOURCES,
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas,
                                    issue_ratio=rec["issue_ratio"]))
@@ -485,13 +492,14 @@ JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config
              "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a", "issue_ratio",
              "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
-             "structure_fraction", "model_notes", "assembler")
+             "structure_fraction", "model_notes", "assembler", "kernels")
 
 
 def header() -> str:
     import triton
 
-    return (f"triton {triton.__version__} | torch {torch.__version__} | assembler: "
+    return (f"kernels {KERNEL_SOURCES} | triton {triton.__version__} | "
+            f"torch {torch.__version__} | assembler: "
             f"{'ptxas-blackwell' if _tool('ptxas-blackwell') else 'none (TTGIR only)'} | "
             f"{date.today().isoformat()}\n\n{traffic_model.describe_roofs()}")
 

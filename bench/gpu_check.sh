@@ -46,7 +46,10 @@ import triton
 
 if not torch.cuda.is_available():
     sys.exit("gpu_check.sh needs a CUDA device (TINY=1 runs it on the CPU at tiny sizes)")
-print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
+from grood._bench.common import kernel_sources
+
+print(f"kernels {kernel_sources()} | torch {torch.__version__} | triton {triton.__version__} | "
+      f"{torch.cuda.get_device_name()}")
 PY
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total \
         --format=csv 2>/dev/null || true

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import clustered_features
 
-from grood import GROOD
+from grood import GROOD, __version__
 from grood.cli import build_parser, main
 from grood.metrics import (
     bootstrap_difference,
@@ -783,6 +783,11 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["run"]["device"] and saved["run"]["capability"] is None
+    # which kernels were timed: the digest the compile report names too
+    from grood._bench.common import kernel_sources
+
+    assert saved["run"]["kernels"] == kernel_sources() != "none"
+    assert text.startswith(f"grood {__version__} (kernels {kernel_sources()}) | ")
     kinds = {(t["kernel"], t["precision"], t["backend"]) for t in saved["timings"]}
     assert ("ncp_gradient", "tf32", "triton") in kinds and ("knn", "bf16-storage", "torch") in kinds
     assert all(t["seconds"] > 0 for t in saved["timings"])
@@ -793,6 +798,23 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     # The accuracy rows carry real numbers, not placeholders.
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
+
+
+def test_kernel_sources_digest_names_the_kernel_files(tmp_path):
+    """The digest covers every kernel source file by name and content, and nothing else."""
+    from grood._bench.common import kernel_sources
+
+    for name, text in (("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("notes.txt", "-")):
+        (tmp_path / name).write_text(text)
+    first = kernel_sources(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{12}", first)
+    (tmp_path / "notes.txt").write_text("changed")  # not a source file
+    assert kernel_sources(tmp_path) == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert kernel_sources(tmp_path) != first
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "b.py").rename(tmp_path / "c.py")  # the same bytes under another name
+    assert kernel_sources(tmp_path) != first
 
 
 def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):

@@ -38,7 +38,12 @@ def report(tmp_path_factory):
 
 
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
-    _, records, _ = report
+    from grood._bench.common import kernel_sources
+
+    text, records, _ = report
+    # the kernels' source digest, as the GPU report's timings name it
+    assert text.startswith(f"kernels {kernel_sources()} | triton ")
+    assert {r["kernels"] for r in records} == {kernel_sources()}
     assert {r["kernel"] for r in records} == {"ncp_gradient", "knn"}
     assert sorted(r["function"] for r in records) == [
         "_knn_candidates_kernel", "_merge_rerank_kernel", "_ncp_gradient_kernel"]

@@ -20,6 +20,7 @@ from datetime import date
 import torch
 
 from grood import __version__
+from grood._bench.common import kernel_sources
 from grood._bench.gradient import (
     FULL_SHAPES,
     TINY_SHAPES,
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         triton_version = "not installed"
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends
-    print(f"grood {__version__} | torch {torch.__version__} | triton {triton_version} | "
+    print(f"grood {__version__} (kernels {kernel_sources()}) | torch {torch.__version__} | "
+          f"triton {triton_version} | "
           f"{dev_name} | python {platform.python_version()} | {date.today().isoformat()}"
           + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
              else ""))
@@ -176,9 +178,10 @@ def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
     import json
 
     capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None
-    meta = {"grood": __version__, "torch": torch.__version__, "triton": triton_version,
-            "device": dev_name, "capability": capability, "python": platform.python_version(),
-            "date": date.today().isoformat(), "interpreted": interpreted}
+    meta = {"grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
+            "triton": triton_version, "device": dev_name, "capability": capability,
+            "python": platform.python_version(), "date": date.today().isoformat(),
+            "interpreted": interpreted}
     with written_atomically(path) as tmp:
         tmp.write_text(json.dumps({"run": meta, "timings": timings}, indent=1))
 
