@@ -431,8 +431,8 @@ def _pendings(r: dict) -> str:
     return str(p) if ttgir == p else f"{p} (TTGIR {ttgir})"
 
 
-def _ratio(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
+def _ratio(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(records: list[dict]) -> str:
@@ -481,7 +481,7 @@ def markdown(records: list[dict]) -> str:
             f"| {r['kernel']} | {r['precision']} | {r['shape']} | {r['arch']} | "
             f"{r['flops'] / 1e9:.1f} | {_bytes(r['hbm_bytes'])} | {_bytes(r['l2_bytes'])} | "
             f"{b['compute']:.3f} | {b['hbm']:.3f} | {b['l2']:.3f} | "
-            f"{'–' if 'issue' not in b else format(b['issue'], '.3f')} | {r['binding_roof']} | "
+            f"{_ratio(b.get('issue'), 3)} | {r['binding_roof']} | "
             f"{100 * r['structure_fraction']:.0f} % |")
     return "\n".join(lines)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+from grood._bench.common import PEAKS
+
 #: Roofs per target. sm_90a: H200 figures measured on the device (dense GEMM and device copy);
 #: the L2 bandwidth is an assumption (12 TB/s SM<->L2 aggregate, the commonly quoted H100 SXM
 #: figure; ``grood bench --only anatomy`` measures a streaming kernel's L2 and HBM read
@@ -32,9 +34,12 @@ ROOFS = {
     "sm_90a": {"device": "H200", "sms": 132, "tflops": {"ieee": 50.0, "tf32": 406.0,
                                                           "tf32x3": 406.0 / 3, "bf16": 765.0},
                "hbm_tbs": 4.13, "l2_tbs": 12.0, "l2_bytes": 50e6, "source": "measured",
-               # the dense tensor-core peak (H100 / H200 SXM datasheet: 989 bf16 TFLOP/s at
-               # 1,830 MHz): the rate the compile report's issue / MMA ratio counts HGMMA at
-               "mma_peak_tflops": {"tf32": 494.7, "tf32x3": 494.7 / 3, "bf16": 989.4}},
+               # the datasheet's dense tensor-core peak (grood._bench.common.PEAKS, 989 bf16
+               # TFLOP/s at 1,830 MHz): the rate the compile report's issue / MMA ratio counts
+               # HGMMA at; tf32x3 at a third, as above
+               "mma_peak_tflops": {"tf32": PEAKS["H200"]["tf32"],
+                                   "tf32x3": PEAKS["H200"]["tf32"] / 3,
+                                   "bf16": PEAKS["H200"]["bf16"]}},
     "sm_100a": {"device": "B200", "sms": 148, "tflops": {"ieee": 80.0, "tf32": 1100.0,
                                                            "tf32x3": 1100.0 / 3, "bf16": 2250.0},
                 "hbm_tbs": 8.0, "l2_tbs": 20.0, "l2_bytes": 126e6, "source": "datasheet"},

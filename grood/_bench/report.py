@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         triton_version = "not installed"
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends
-    print(f"grood {__version__} (kernels {kernel_sources()}) | torch {torch.__version__} | "
+    kernels = kernel_sources()
+    print(f"grood {__version__} (kernels {kernels}) | torch {torch.__version__} | "
           f"triton {triton_version} | "
           f"{dev_name} | python {platform.python_version()} | {date.today().isoformat()}"
           + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     def save() -> None:  # after each part: a run cut short keeps the timings taken so far
         if args.json:
-            _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted)
+            _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted,
+                        kernels)
 
     parts = args.only or [p for p in SECTIONS if p not in TUNING_SECTIONS]
     if "gradient" in parts:
@@ -173,12 +175,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
-                triton_version: str, interpreted: bool) -> None:
-    """The run's kernel timings (:data:`grood._bench.common.TIMINGS`) with what they ran on."""
+                triton_version: str, interpreted: bool, kernels: str) -> None:
+    """The run's kernel timings (:data:`grood._bench.common.TIMINGS`) with what they ran on
+    (``kernels``: :func:`grood._bench.common.kernel_sources`)."""
     import json
 
     capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None
-    meta = {"grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
+    meta = {"grood": __version__, "kernels": kernels, "torch": torch.__version__,
             "triton": triton_version, "device": dev_name, "capability": capability,
             "python": platform.python_version(), "date": date.today().isoformat(),
             "interpreted": interpreted}
