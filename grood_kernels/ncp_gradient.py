@@ -94,14 +94,19 @@ from grood_kernels.contract import (
 L2_BUDGET = 24 << 20
 
 
-def rerank_gate(c: int, d: int) -> bool:
+def rerank_gate(c: int, d: int, precision: str) -> bool:
     """Whether the finish gates its exact re-rank (the GEMM-nearest candidate in every row,
     the others only where the GEMM's error bound lets them be nearer; see
-    :func:`grood_kernels._ncp_finish.rerank_and_write`): where the fp32 prototypes exceed
-    ``L2_BUDGET``, so each gathered row comes from HBM (C = 21,841 at D = 1,024). Where they
-    stay in L2 (ImageNet-1k and below) all candidates are re-ranked: their rows cost no HBM
-    traffic, and the finish keeps fewer registers."""
-    return c * d * 4 > L2_BUDGET
+    :func:`grood_kernels._ncp_finish.rerank_and_write`): in the tensor-core modes at every
+    shape, and in ``ieee`` where the fp32 prototypes exceed ``L2_BUDGET`` (C = 21,841 at
+    D = 1,024). The tensor-core modes are L2-bound at ImageNet-1k, where re-ranking all 4
+    candidates put 4 gathered rows per feature row through L2 (bf16: 2.15 of 10.24 GB); the
+    rows left out keep their GEMM terms in the log-sum-exp, as the other C - 4 classes do
+    (``bench/candidates.py``: ``q_ood`` 2.48e-5 to 2.57e-5 off float64 in tf32 where the
+    softmax is hard, predictions unchanged). ``ieee`` is compute-bound there, and the
+    ungated finish keeps fewer registers (under triton 3.6 the gated one costs its fifth CTA
+    per SM at CIFAR-10)."""
+    return precision != "ieee" or c * d * 4 > L2_BUDGET
 
 
 #: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
@@ -172,7 +177,8 @@ def n_groups(n: int, c: int, d: int, block_n: int, block_c: int, h_bytes: int,
 #: (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages); the class groups follow from the shape. Every
 #: one compiles without spills for sm_90a (``bench/compile_report.py --configs all``; of the
 #: other candidates, the staged 32-row FMA tile spills 4 B at C = 10 and the split variant's
-#: epilogue 12 B at C = 100 and 1,000, triton 3.9).
+#: epilogue 12 B at C = 100 and 1,000 in ``ieee``, where its re-rank is not gated; none in the
+#: tensor-core modes, triton 3.9).
 TUNE_CONFIGS: dict[str, list[tuple[int, ...]]] = {
     "fma": [(32, 64, 32, 4, 3), (32, 64, 32, 8, 3)],
     "tensor": [(128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 4),
@@ -534,7 +540,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
-         "RERANK_GATE": int(rerank_gate(c, d))},
+         "RERANK_GATE": int(rerank_gate(c, d, precision))},
         cfg.num_warps, cfg.num_stages))
 
 
@@ -559,7 +565,7 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
              grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision],
-             "RERANK_GATE": int(rerank_gate(c, d))},
+             "RERANK_GATE": int(rerank_gate(c, d, precision))},
             cfg.num_warps, cfg.num_stages))
     return tuple(steps)
 
@@ -567,7 +573,7 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
 def finish_stages(precision: str, block_cols: int) -> int:
     """Pipelining stages of the finish's loops: 2 in tf32 and bf16 on tiles of up to 128
     classes (the loads of one D-step in flight during the one before: the exact re-rank
-    gathers 4 prototype rows per feature row, and the last program of a row block runs it
+    gathers a prototype row per candidate it takes, and the last program of a row block runs it
     alone; it fits in the shared memory the K-loop's stages leave, with no spills and the same
     CTAs per SM, sm_90a); otherwise 1: ``ieee``'s 32-row tiles would spill at C = 100,
     ``tf32x3`` would lose its second CTA per SM at C = 10 (and spill on sm_100a), and the

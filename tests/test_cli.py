@@ -798,6 +798,11 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     # The accuracy rows carry real numbers, not placeholders.
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
+    # The hard-softmax table has the launcher's re-rank gate the other way round beside it.
+    for gate, precision in (("on", "ieee"), ("off", "tf32")):
+        row = next(line for line in text.splitlines()
+                   if line.startswith(f"| triton, re-rank gate {gate} | {precision} | "))
+        assert float(row.split("|")[4]) < 1e-5 and row.endswith("| 0.000 % |")
 
 
 def test_kernel_sources_digest_names_the_kernel_files(tmp_path):
@@ -828,12 +833,51 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
     for name, n, c, d in (("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)):
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} | tf32 |")]
         assert "(launcher)" in rows[0] and "| 1.00x | 0.0e+00 | 0.0000 |" in rows[0]
+        assert "(launcher, re-rank gate off)" in rows[1]  # tf32 gates: every candidate here
+        ieee = [line for line in text.splitlines() if line.startswith(f"| {name} | ieee |")]
+        assert "(launcher, re-rank gate on)" in ieee[1]
         distinct = set(kernel.candidate_configs(n, c, d, "tf32", 4))
-        assert len(rows) == len(distinct | {kernel.launch_config(n, c, d, "tf32")})
+        assert len(rows) == 1 + len(distinct | {kernel.launch_config(n, c, d, "tf32")})
         assert sum("single read" in row for row in rows) == (c <= 16)
         for row in rows:  # every candidate agrees with the launcher's results
             cells = [cell.strip() for cell in row.split("|")]
             assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+
+
+def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
+    """The GPU report's flipped-gate rows run the launcher's configuration as the op does:
+    with the launcher's own gate its outputs are the op's, bit for bit; the other way round
+    the prediction and min_dist stay the same (the gate only leaves out candidates that
+    provably are not the nearest) and q_ood moves by the far terms' rounding."""
+    pytest.importorskip("triton")
+    from grood._bench.configs import step_outputs
+    from grood._bench.gradient import hard_softmax_features
+    from grood_kernels.ncp_gradient import ncp_gradient, rerank_gate
+
+    h, protos = hard_softmax_features(40, 30, 24, seed=2, device="cpu")
+    p_ood = protos.mean(0)
+    for precision in ("ieee", "tf32"):
+        res = ncp_gradient(h, protos, p_ood, precision=precision)
+        for got, want in zip(step_outputs(h, protos, p_ood, precision), res, strict=True):
+            assert torch.equal(got, want)
+        flipped = step_outputs(h, protos, p_ood, precision,
+                               rerank_gate=int(not rerank_gate(30, 24, precision)))
+        assert torch.equal(flipped[2], res.pred) and torch.equal(flipped[3], res.min_dist)
+        torch.testing.assert_close(flipped[1], res.q_ood, rtol=1e-5, atol=0)
+    # The single-read variant has no gate to flip: said so, not ignored.
+    from grood._bench.configs import launch_step
+    from grood_kernels._prepare import prepare_prototypes
+    from grood_kernels.contract import ncp_scale
+    from grood_kernels.ncp_gradient import single_read_config
+
+    few = protos[:10]
+    cfg = single_read_config(10, 24, "tf32")
+    assert cfg is not None
+    prep = prepare_prototypes(few, p_ood, "tf32", ncp_scale(few, p_ood))
+    outs = (torch.empty(40, 24), torch.empty(40), torch.empty(40, dtype=torch.int64),
+            torch.empty(40), torch.empty(40))
+    with pytest.raises(ValueError, match="_ncp_single_read_kernel takes no RERANK_GATE"):
+        launch_step(h, few, prep, outs, "tf32", cfg, rerank_gate=0)
 
 
 def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
@@ -1106,10 +1150,10 @@ def test_bench_tuning_tables_report_a_failing_candidate_and_go_on(capsys, monkey
 
     real = configs.launch_step
 
-    def failing(h, protos, prep, outs, precision, cfg, finish=None):
+    def failing(h, protos, prep, outs, precision, cfg, finish=None, **kwargs):
         if cfg.split:
             raise RuntimeError("no such GEMM here")
-        return real(h, protos, prep, outs, precision, cfg, finish)
+        return real(h, protos, prep, outs, precision, cfg, finish, **kwargs)
 
     monkeypatch.setattr(configs, "launch_step", failing)
     monkeypatch.setattr(anatomy, "launch_step", failing)

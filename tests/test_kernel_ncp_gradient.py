@@ -941,7 +941,7 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
     min_dist are the float64 twin's (on the same fp32 rows). (The launcher gates where the
     prototypes pass L2; here it is made to at any size.)"""
     _force_blocks(monkeypatch, blocks)
-    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d: True)
+    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d, precision: True)
     h, protos, p_ood = (t.float().double() for t in near_ties_problem())
     ref = functional.ncp_gradient(h, protos, p_ood)
     u, centred = (h - p_ood).float(), (protos - p_ood).float()
@@ -957,7 +957,7 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
 def test_near_ties_in_the_centred_variants(centred_variant, precision, monkeypatch):
     """The staged and the split variants' re-rank (the split one after a torch GEMM) open the
     same gate."""
-    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d: True)
+    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d, precision: True)
     h, protos, p_ood = (t.float().double() for t in near_ties_problem(seed=6))
     ref = functional.ncp_gradient(h, protos, p_ood)
     res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
@@ -975,14 +975,17 @@ def _bound_kernel(usq_ptr, psq_ptr, out_ptr, D, N: tl.constexpr, C: tl.constexpr
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], e)
 
 
-def test_the_re_rank_is_gated_where_the_prototypes_pass_l2():
-    """Gated at C = 21,841 (89 MB of fp32 prototypes), not at ImageNet-1k (8 MB): there the
-    gathered rows come from L2 and every candidate is re-ranked, as before the gate."""
-    launch = kernel_module.compile_launches(65536, 21841, 1024, "tf32")[0]
-    assert launch.constexprs["RERANK_GATE"] == 1
-    launch = kernel_module.compile_launches(65536, 1000, 2048, "tf32")[0]
-    assert launch.constexprs["RERANK_GATE"] == 0
-    assert not kernel_module.rerank_gate(100, 512)
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3", "bf16"])
+def test_the_re_rank_is_gated_in_tensor_core_modes_and_past_l2(precision):
+    """The tensor-core modes gate at every shape (L2-bound at ImageNet-1k, where 4 gathered
+    rows per feature row were a fifth of the L2 traffic); ``ieee`` only where the fp32
+    prototypes pass L2 (C = 21,841: 89 MB), not at ImageNet-1k (8 MB) or below, where every
+    candidate is re-ranked as before the gate."""
+    for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
+        launch = kernel_module.compile_launches(65536, c, d, precision)[-1]
+        want = int(precision != "ieee" or c == 21841)
+        assert launch.constexprs["RERANK_GATE"] == want, (c, d)
+        assert kernel_module.rerank_gate(c, d, precision) == bool(want)
 
 
 def test_gemm_error_bound_is_the_one_measured():

@@ -1,10 +1,12 @@
 """``grood bench --only configs``: the gradient step's launch configurations side by side.
 
 For each shape and tensor-core mode it runs the Triton gradient step with the configuration
-the launcher picks and with every autotuning candidate (what ``GROOD_AUTOTUNE=1`` chooses
-from), on the same inputs: time, and the largest difference from the launcher's results, so a
-candidate is judged on speed and agreement together. This is the evidence for changing the
-launcher's heuristic on a device; each configuration is compiled once (warm-up, not timed).
+the launcher picks, the same with its exact re-rank's gate the other way
+(:func:`grood_kernels.ncp_gradient.rerank_gate`), and every autotuning candidate (what
+``GROOD_AUTOTUNE=1`` chooses from), on the same inputs: time, and the largest difference from
+the launcher's results, so a candidate is judged on speed and agreement together. This is the
+evidence for changing the launcher's heuristic on a device; each configuration is compiled
+once (warm-up, not timed).
 """
 
 from __future__ import annotations
@@ -78,21 +80,24 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
                                          target_major(h.device))
         base = cands[0]  # the launcher's
+        gated = kernel.rerank_gate(c, d, precision)
+        runs = [(base, " (launcher)", None),
+                (base, f" (launcher, re-rank gate {'off' if gated else 'on'})", int(not gated)),
+                *((cfg, "", None) for cfg in cands[1:])]
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
-        for cfg in cands:
+        for cfg, label, gate in runs:
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
-            label = (" (launcher)" if cfg is base else
-                     " (wide tile, staged)" if cfg.block_cols > 128 else
-                     " (single read: all of D in registers)" if cfg.single_read else
-                     " (staged: u centred by a pre-pass)" if cfg.staged else
-                     " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split
-                     else "")
+            label = label or (" (wide tile, staged)" if cfg.block_cols > 128 else
+                              " (single read: all of D in registers)" if cfg.single_read else
+                              " (staged: u centred by a pre-pass)" if cfg.staged else
+                              " (split: torch GEMM over row chunks, Triton epilogue)"
+                              if cfg.split else "")
             row = (f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                    f"{label} | {cfg.n_split} | ")
             outs = p.outputs()
             try:
-                t = median_time(partial(launch_step, h, protos, p.prep, outs, precision, cfg),
-                                device, repeat)
+                t = median_time(partial(launch_step, h, protos, p.prep, outs, precision, cfg,
+                                        rerank_gate=gate), device, repeat)
             except Exception as exc:  # a candidate that fails here must not end the table
                 if ref is None:
                     raise
@@ -111,17 +116,37 @@ def failed(exc: Exception) -> str:
     return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
 
 
-def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None) -> None:
+def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None, *,
+                rerank_gate: int | None = None) -> None:
     """One gradient step in configuration ``cfg`` with fresh scratch, as the launcher makes it
     (the arrival counters start at zero); ``finish`` overrides the kernel's ``FINISH`` (0: no
-    finish; 1: its loops not pipelined), for the anatomy's measurements."""
+    finish; 1: its loops not pipelined), for the anatomy's measurements, and ``rerank_gate``
+    its exact re-rank's ``RERANK_GATE`` (0: every candidate re-ranked; 1: gated)."""
     (n, d), c = h.shape, protos.shape[0]
     plan = kernel._plan(h, protos, prep, prep.sq_norms,
                         kernel._scratch(n, c, d, cfg, precision, h.device), outs, precision,
                         cfg)
     last = plan[-1]
-    if finish is not None:
+    override = {"FINISH": finish, "RERANK_GATE": rerank_gate}
+    override = {key: value for key, value in override.items() if value is not None}
+    if override:
         assert isinstance(last, KernelLaunch)  # (the step's own kernel comes last)
-        last = last._replace(constexprs={**last.constexprs, "FINISH": finish})
+        missing = set(override) - set(last.constexprs)
+        if missing:
+            raise ValueError(f"{last.fn.__name__} takes no {', '.join(sorted(missing))}")
+        last = last._replace(constexprs={**last.constexprs, **override})
     for launch in (*plan[:-1], last):
         run(launch)
+
+
+def step_outputs(h, protos, p_ood, precision: str, *, rerank_gate: int | None = None
+                 ) -> tuple[torch.Tensor, ...]:
+    """The Triton gradient step's outputs (grad, q_ood, pred, min_dist, lse) in the launcher's
+    configuration, with ``rerank_gate`` as :func:`launch_step` takes it."""
+    (n, d), c = h.shape, protos.shape[0]
+    prep = prepare_prototypes(protos, p_ood, precision, ncp_scale(protos, p_ood))
+    cfg = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
+                               n_sm=sm_count(h.device), major=target_major(h.device))
+    outs = TuningProblem("", (n, c, d), precision, h, protos, p_ood, prep, None).outputs()
+    launch_step(h, protos, prep, outs, precision, cfg, rerank_gate=rerank_gate)
+    return outs

@@ -150,7 +150,23 @@ def hard_softmax_table(device: str, backends: list[str], tiny: bool) -> list[str
             errs = _errors(res.grad, res.q_ood, res.pred, ref)
             lines.append(f"| {backend} | {precision} | {errs[0]:.2e} | {errs[1]:.2e} | "
                          f"{100 * errs[2]:.3f} % |")
+            if backend == "triton":  # the launcher's re-rank gate the other way round
+                lines.append(_flipped_gate_row(h, protos, p_ood, precision, ref))
     return lines
+
+
+def _flipped_gate_row(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str, ref) -> str:
+    """The hard-softmax row of the Triton step in the launcher's configuration with its exact
+    re-rank's gate (:func:`grood_kernels.ncp_gradient.rerank_gate`) the other way: what the
+    candidates the gate leaves out weigh in each mode."""
+    from grood._bench.configs import step_outputs
+    from grood_kernels.ncp_gradient import rerank_gate
+
+    gated = rerank_gate(protos.shape[0], protos.shape[1], precision)
+    grad, q, pred = step_outputs(h, protos, p_ood, precision, rerank_gate=int(not gated))[:3]
+    errs = _errors(grad, q, pred, ref)
+    return (f"| triton, re-rank gate {'off' if gated else 'on'} | {precision} | {errs[0]:.2e} | "
+            f"{errs[1]:.2e} | {100 * errs[2]:.3f} % |")
 
 
 def _errors(grad: Tensor, q: Tensor, pred: Tensor, ref) -> tuple[float, float, float]:

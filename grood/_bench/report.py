@@ -144,9 +144,11 @@ def run(args: argparse.Namespace) -> int:
 
             _emit(config_table(device, TINY_CONFIG_SHAPES if args.tiny
                                          else CONFIG_SHAPES, repeat=args.repeat))
-            print("\nThe launcher's configuration first, then every autotuning candidate "
-                  "(GROOD_AUTOTUNE=1 picks among them), on the same inputs; the differences "
-                  "are against the launcher's results.")
+            print("\nThe launcher's configuration first, then the same with its exact "
+                  "re-rank's gate the other way (off: every candidate re-ranked; on: the "
+                  "GEMM-nearest, the others where the GEMM's error lets them be nearer), then "
+                  "every autotuning candidate (GROOD_AUTOTUNE=1 picks among them), on the same "
+                  "inputs; the differences are against the launcher's results.")
     if "anatomy" in parts:
         print("\n## Gradient step: where the time goes\n")
         if "triton" not in backends:
