@@ -15,6 +15,9 @@ The reduced-precision GEMM is emulated, since the CPU has no tensor cores:
   tensor cores do with fp32 data not already rounded), the products summed exactly and the sum
   rounded to fp32. Real hardware also truncates partial sums (about 2e-5 in ``q_ood`` on an
   H200 where this model gave 1.4e-5: ``bench/RESULTS.md``), so its errors are somewhat larger.
+- ``tf32x3``: each operand split as the kernels split it, ``x = hi + lo`` with ``hi``
+  truncated to TF32 and ``lo = x - hi`` (exact in fp32) truncated again by the tensor cores;
+  the three products ``hi.hi + hi.lo + lo.hi`` summed exactly, the sum rounded to fp32.
 - ``bf16``: both operands rounded to bfloat16 (nearest even), the same summation.
 - ``ieee``: fp32 operands, the same summation (an fp32 FMA loop's own rounding is not modelled).
 
@@ -38,7 +41,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COUNTS = (1, 2, 3, 4, 8)
-MODES = ("ieee", "tf32", "bf16")
+MODES = ("ieee", "tf32", "tf32x3", "bf16")
 
 
 def rounded(x: Tensor, mode: str) -> Tensor:
@@ -51,9 +54,24 @@ def rounded(x: Tensor, mode: str) -> Tensor:
     return x.double()
 
 
+def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` (float32) as tf32x3's two operands, in float64: ``hi`` (TF32-truncated) and
+    ``lo = x - hi`` TF32-truncated, as the tensor cores take it."""
+    hi = rounded(x, "tf32")
+    return hi, rounded((x.double() - hi).float(), "tf32")
+
+
+def emulated_dots(u: Tensor, centred: Tensor, mode: str) -> Tensor:
+    """The GEMM's ``u . P_c`` [N, C] in fp32 from fp32 ``u`` and centred prototypes."""
+    if mode == "tf32x3":
+        (u_hi, u_lo), (p_hi, p_lo) = split_tf32(u), split_tf32(centred)
+        return (u_hi @ p_hi.T + u_hi @ p_lo.T + u_lo @ p_hi.T).float()
+    return (rounded(u, mode) @ rounded(centred, mode).T).float()
+
+
 def emulated_distances(u: Tensor, centred: Tensor, mode: str) -> Tensor:
     """The GEMM distances [N, C] in fp32 from fp32 ``u`` and centred prototypes."""
-    dots = (rounded(u, mode) @ rounded(centred, mode).T).float()
+    dots = emulated_dots(u, centred, mode)
     d2 = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1)[None] - 2 * dots
     return d2.clamp_min(0).sqrt()
 
@@ -74,8 +92,15 @@ def step(u: Tensor, centred: Tensor, gemm: Tensor, n_cand: int
 
 
 #: Relative error of one GEMM operand in each mode: TF32 truncation keeps 10 of fp32's 23
-#: mantissa bits (< 2**-10), bf16 rounding to nearest 7 (<= 2**-9).
-OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -9}
+#: mantissa bits (< 2**-10), bf16 rounding to nearest 7 (<= 2**-9), tf32x3's hi + lo split
+#: (lo truncated to TF32 in its turn) 2**-19.
+OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -10, "tf32x3": 2.0 ** -19, "bf16": 2.0 ** -9}
+
+
+def accumulated_terms(mode: str, d: int) -> int:
+    """Products the GEMM accumulates in fp32 per dot: ``D``, or ``4 D`` in tf32x3 (its
+    K-step carries 4 x BLOCK_D operand columns), as the kernels' bound counts them."""
+    return 4 * d if mode == "tf32x3" else d
 
 
 def gemm_error_bound(u: Tensor, centred: Tensor, mode: str) -> Tensor:
@@ -84,7 +109,7 @@ def gemm_error_bound(u: Tensor, centred: Tensor, mode: str) -> Tensor:
     terms of the dot and of both squared norms (gamma_D = D u / (1 - D u) with u = 2**-23,
     not 2**-24: tensor cores truncate their partial sums), and the
     three fp32 roundings of ``|u|^2 + |P|^2 - 2 u.P``."""
-    r, d = OPERAND_ERROR[mode], u.shape[1]
+    r, d = OPERAND_ERROR[mode], accumulated_terms(mode, u.shape[1])
     gamma = d * 2.0 ** -23 / (1 - d * 2.0 ** -23)
     un = u.double().norm(dim=1)[:, None]
     pn = centred.double().norm(dim=1)[None]
@@ -94,7 +119,8 @@ def gemm_error_bound(u: Tensor, centred: Tensor, mode: str) -> Tensor:
 
 
 def gated_step(u: Tensor, centred: Tensor, gemm: Tensor, bound: Tensor, n_cand: int = 4,
-               always: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               always: int = 2, terms: int | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`step` with ``n_cand`` candidates of which only the first ``always`` are
     re-ranked unconditionally; each later one only where its GEMM squared distance, less the
     error bound, is not above the best exact one of those (computed in fp32, so both sides
@@ -102,8 +128,10 @@ def gated_step(u: Tensor, centred: Tensor, gemm: Tensor, bound: Tensor, n_cand: 
     (``grood_kernels._ncp_finish.rerank_and_write``, ``always`` = ``ALWAYS_EXACT`` = 1). A
     skipped candidate provably cannot be the nearest, so ``pred`` and ``min_dist`` are those
     of :func:`step` with ``n_cand``; its term keeps its GEMM estimate in the log-sum-exp.
+    ``terms``: the products per dot behind the margin (:func:`accumulated_terms`; default D).
     Returns ``(grad, q_ood, pred, gathered rows per row)``."""
-    gamma = u.shape[1] * 2.0 ** -23 / (1 - u.shape[1] * 2.0 ** -23)
+    k = (terms or u.shape[1]) * 2.0 ** -23
+    gamma = k / (1 - k)
     order = torch.sort(gemm, dim=1, stable=True).indices[:, :n_cand]
     dist = gemm.double().clone()
     best = torch.full((u.shape[0],), float("inf"), dtype=torch.float64)
@@ -193,7 +221,8 @@ def errors_table(name: str, h: Tensor, protos: Tensor) -> list[str]:
                 pred4 = pred
         bound = gemm_error_bound(u, centred, mode)
         for always in (1, 2):
-            grad, q, pred, gathered = gated_step(u, centred, gemm, bound, always=always)
+            grad, q, pred, gathered = gated_step(u, centred, gemm, bound, always=always,
+                                                 terms=accumulated_terms(mode, u.shape[1]))
             q_err = float(((q - q_ref).abs() / q_ref).max())
             g_err = float(((grad - g_ref).norm(dim=1) / g_ref.norm(dim=1)).max())
             gated_rows.append(

@@ -990,7 +990,8 @@ def test_the_re_rank_is_gated_in_tensor_core_modes_and_past_l2(precision):
 
 def test_gemm_error_bound_is_the_one_measured():
     """The kernels' bound (``gemm_error_sq``) is the formula ``bench/candidates.py`` measured
-    the gate with (ieee, tf32, bf16), and it covers the fp32 GEMM's error on the near ties."""
+    the gate with (every mode), and it covers the fp32 GEMM's error on the near ties and each
+    emulated reduced-precision GEMM's."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -998,14 +999,17 @@ def test_gemm_error_bound_is_the_one_measured():
 
     h, protos, p_ood = near_ties_problem(n=16, c=16)
     u, centred = (h - p_ood).float(), (protos - p_ood).float()
-    for mode in ("ieee", "tf32", "bf16"):
+    exact = torch.cdist(u.double(), centred.double()).square()
+    for mode in ("ieee", "tf32", "tf32x3", "bf16"):
         want = candidates.gemm_error_bound(u, centred, mode)
+        dots = candidates.emulated_dots(u, centred, mode)
+        gemm = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * dots
+        assert bool(((gemm.double() - exact).abs() <= want).all()), mode
         out = torch.empty(16, 16, device=DEVICE)
         _bound_kernel[(1,)](u.square().sum(1).to(DEVICE),
                            centred.square().sum(1).expand(16, 16).contiguous().to(DEVICE),
                            out, 24, N=16, C=16, DOT_MODE=contract.DOT_MODES[mode])
         torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=0)
-    exact = torch.cdist(u.double(), centred.double()).square()
     gemm = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * u @ centred.T
     assert bool(((gemm.double() - exact).abs() <= candidates.gemm_error_bound(
         u, centred, "ieee")).all())
