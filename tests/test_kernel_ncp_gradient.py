@@ -938,8 +938,8 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
     """Only the GEMM-nearest candidate is re-ranked in every row; the others where the GEMM's
     error bound lets them be nearer. Rows tied between up to 4 classes below the GEMM's
     resolution (its own ranking gets many of them wrong) open that gate: the prediction and
-    min_dist are the float64 twin's (on the same fp32 rows). (The launcher gates where the
-    prototypes pass L2; here it is made to at any size.)"""
+    min_dist are the float64 twin's (on the same fp32 rows). (The launcher gates in the
+    tensor-core modes, and in ieee where the prototypes pass L2; here it is made to always.)"""
     _force_blocks(monkeypatch, blocks)
     monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d, precision: True)
     h, protos, p_ood = (t.float().double() for t in near_ties_problem())
