@@ -865,7 +865,7 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
         assert torch.equal(flipped[2], res.pred) and torch.equal(flipped[3], res.min_dist)
         torch.testing.assert_close(flipped[1], res.q_ood, rtol=1e-5, atol=0)
     # The single-read variant has no gate to flip: said so, not ignored.
-    from grood._bench.configs import launch_step
+    from grood._bench.configs import launch_step, step_buffers
     from grood_kernels._prepare import prepare_prototypes
     from grood_kernels.contract import ncp_scale
     from grood_kernels.ncp_gradient import single_read_config
@@ -874,8 +874,7 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
     cfg = single_read_config(10, 24, "tf32")
     assert cfg is not None
     prep = prepare_prototypes(few, p_ood, "tf32", ncp_scale(few, p_ood))
-    outs = (torch.empty(40, 24), torch.empty(40), torch.empty(40, dtype=torch.int64),
-            torch.empty(40), torch.empty(40))
+    outs = step_buffers(40, 24, h.device)
     with pytest.raises(ValueError, match="_ncp_single_read_kernel takes no RERANK_GATE"):
         launch_step(h, few, prep, outs, "tf32", cfg, rerank_gate=0)
 

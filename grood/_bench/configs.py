@@ -45,11 +45,15 @@ class TuningProblem(NamedTuple):
 
     def outputs(self) -> tuple[torch.Tensor, ...]:
         """Fresh outputs of the step: grad, q_ood, pred, min_dist, lse."""
-        n, _, d = self.dims
-        dev = self.h.device
-        return (torch.empty((n, d), device=dev), torch.empty(n, device=dev),
-                torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, device=dev),
-                torch.empty(n, device=dev))
+        return step_buffers(self.dims[0], self.dims[2], self.h.device)
+
+
+def step_buffers(n: int, d: int, device) -> tuple[torch.Tensor, ...]:
+    """Empty outputs of one gradient step of ``n`` rows of width ``d``: grad, q_ood, pred,
+    min_dist, lse."""
+    return (torch.empty((n, d), device=device), torch.empty(n, device=device),
+            torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device),
+            torch.empty(n, device=device))
 
 
 def tuning_problems(device: str, shapes, precisions) -> Iterator[TuningProblem]:
@@ -147,6 +151,6 @@ def step_outputs(h, protos, p_ood, precision: str, *, rerank_gate: int | None = 
     prep = prepare_prototypes(protos, p_ood, precision, ncp_scale(protos, p_ood))
     cfg = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
                                n_sm=sm_count(h.device), major=target_major(h.device))
-    outs = TuningProblem("", (n, c, d), precision, h, protos, p_ood, prep, None).outputs()
+    outs = step_buffers(n, d, h.device)
     launch_step(h, protos, prep, outs, precision, cfg, rerank_gate=rerank_gate)
     return outs
