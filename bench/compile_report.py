@@ -13,8 +13,10 @@ Each is compiled with ``triton.compile`` for the target, assembled with the ``pt
 shipped in the triton wheel (registers, spills, and its note where it serialized every wgmma)
 and disassembled with ``cuobjdump`` (MMA instructions, which spill instructions sit inside
 the K-loops, how many wgmma groups their waits leave in flight, and the K-step's instruction
-issue against its HGMMAs: :func:`hot_loop`, :func:`issue_ratio`); TTGIR gives the MMA kind,
-and the wgmma groups triton asks to keep in flight where nothing was assembled.
+issue against its HGMMAs: :func:`hot_loop`, :func:`issue_ratio`; the instructions between a
+one-block program's K-loop and its hand-off, which run while its tensor cores wait:
+:func:`tile_epilogue`); TTGIR gives the MMA kind, and the wgmma groups triton asks to keep in
+flight where nothing was assembled.
 
 The model (:mod:`bench.traffic_model`) follows each kernel's tile schedule and gives FLOPs,
 bytes from HBM, bytes through L2 and the lower-bound time under each roof; where the SASS has
@@ -134,7 +136,8 @@ def compile_launch(launch, arch: str) -> dict:
            "wgmma_pendings_ttgir": pendings, "wgmma_serialized": None,
            "wgmma_a": wgmma_a_operand(ttgir),
            "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
-           "cubin": None, "sass_counts": {}, "hot_loop": None, "assembler": None}
+           "cubin": None, "sass_counts": {}, "hot_loop": None, "tile_epilogue": None,
+           "assembler": None}
     ptxas = _tool("ptxas-blackwell")
     if ptxas is None:
         rec["assembler"] = "ptxas-blackwell not found in this triton: TTGIR facts only"
@@ -156,6 +159,7 @@ def compile_launch(launch, arch: str) -> dict:
                                   capture_output=True, text=True, check=False).stdout
             rec["sass_counts"] = sass_counts(sass)
             rec["hot_loop"] = hot_loop(sass)
+            rec["tile_epilogue"] = tile_epilogue(sass)
             # What runs: the waits ptxas left in the K-loops (TTGIR's are only asked for).
             if rec["hot_loop"] is not None and rec["hot_loop"]["gsb_waits"] is not None:
                 rec["wgmma_pendings"] = rec["hot_loop"]["gsb_waits"]
@@ -247,6 +251,42 @@ def hot_loop(sass: str) -> dict | None:
     spilled value reloaded inside a K-loop costs an L1 access per K-step; elsewhere in the
     outer loops (a top-k insertion after each tile's K-loop), up to one per tile; outside
     every loop, once."""
+    code, loops, found = _k_loops(sass)
+    if found is None:
+        return None
+    k_loops, ops = found
+    outer = [lp for lp in loops if lp not in k_loops and any(
+        lp[0] <= k[0] and k[1] <= lp[1] for k in k_loops)]
+    # Hopper's wgmma waits in the K-loops: WARPGROUP.DEPBAR.LE gsb0, n lets n groups
+    # stay in flight (0 after every HGMMA: serialized).
+    waits = [int(w.group(1), 16) for a, _, rest, full in code
+             if full == "WARPGROUP.DEPBAR.LE" and any(k[0] <= a <= k[1] for k in k_loops)
+             and (w := re.search(r"gsb0\s*,\s*0x([0-9a-f]+)", rest))]
+    in_outer = {op: sum(1 for a, o, _, _ in code if o == op
+                        and any(lp[0] <= a <= lp[1] for lp in outer))
+                for op in ("LDL", "STL")}
+    main = max(k_loops, key=lambda lp: (_count(code, lp, ops), -lp[0]))  # ties: the first
+    return {"loops": len(k_loops), "mma": sum(_count(code, lp, ops) for lp in k_loops),
+            "LDL": sum(_count(code, lp, ("LDL",)) for lp in k_loops),
+            "STL": sum(_count(code, lp, ("STL",)) for lp in k_loops),
+            "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"],
+            "gsb_waits": min(waits, default=None),
+            "step_instructions": sum(1 for a, *_ in code if main[0] <= a <= main[1]),
+            "step_hgmma": [(full + rest).split()[0] for a, _, rest, full in code
+                           if main[0] <= a <= main[1] and full.startswith("HGMMA.")]}
+
+
+def _count(code, lp, ops) -> int:
+    """Instructions of the opcodes ``ops`` in the address range ``lp``."""
+    return sum(1 for a, op, _, _ in code if lp[0] <= a <= lp[1] and op in ops)
+
+
+def _k_loops(sass: str):
+    """The SASS parsed as ``(code, loops, k_loops)``: ``code`` its instructions (address,
+    opcode, operands, full opcode), ``loops`` the address ranges of backward branches, and
+    ``k_loops`` ``(loops, opcodes)``: the innermost loops with tensor-core MMA instructions
+    (those opcodes), or, where there are none, with at least half the most FMA instructions
+    any innermost loop holds; None without either (see :func:`hot_loop`)."""
     code = [(int(a, 16), op.split(".")[0], rest, op) for a, op, rest in re.findall(
         r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
     loops = set()
@@ -256,34 +296,35 @@ def hot_loop(sass: str) -> dict | None:
             loops.add((int(target.group(1), 16), addr))
     inner = [lp for lp in loops
              if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-
-    def count(lp, ops):
-        return sum(1 for a, op, _, _ in code if lp[0] <= a <= lp[1] and op in ops)
-
     for ops, share in ((MMA_OPS, 0.0), (FMA_OPS, 0.5)):
-        most = max((count(lp, ops) for lp in inner), default=0)
-        k_loops = [lp for lp in inner if count(lp, ops) > 0 and count(lp, ops) >= share * most]
+        counts = {lp: _count(code, lp, ops) for lp in inner}
+        most = max(counts.values(), default=0)
+        k_loops = [lp for lp in inner if counts[lp] > 0 and counts[lp] >= share * most]
         if k_loops:
-            outer = [lp for lp in loops if lp not in k_loops and any(
-                lp[0] <= k[0] and k[1] <= lp[1] for k in k_loops)]
-            # Hopper's wgmma waits in the K-loops: WARPGROUP.DEPBAR.LE gsb0, n lets n groups
-            # stay in flight (0 after every HGMMA: serialized).
-            waits = [int(w.group(1), 16) for a, _, rest, full in code
-                     if full == "WARPGROUP.DEPBAR.LE" and any(k[0] <= a <= k[1] for k in k_loops)
-                     and (w := re.search(r"gsb0\s*,\s*0x([0-9a-f]+)", rest))]
-            in_outer = {op: sum(1 for a, o, _, _ in code if o == op
-                                and any(lp[0] <= a <= lp[1] for lp in outer))
-                        for op in ("LDL", "STL")}
-            main = max(k_loops, key=lambda lp: (count(lp, ops), -lp[0]))  # ties: the first
-            return {"loops": len(k_loops), "mma": sum(count(lp, ops) for lp in k_loops),
-                    "LDL": sum(count(lp, ("LDL",)) for lp in k_loops),
-                    "STL": sum(count(lp, ("STL",)) for lp in k_loops),
-                    "outer_LDL": in_outer["LDL"], "outer_STL": in_outer["STL"],
-                    "gsb_waits": min(waits, default=None),
-                    "step_instructions": sum(1 for a, *_ in code if main[0] <= a <= main[1]),
-                    "step_hgmma": [(full + rest).split()[0] for a, _, rest, full in code
-                                   if main[0] <= a <= main[1] and full.startswith("HGMMA.")]}
-    return None
+            return code, loops, (k_loops, ops)
+    return code, loops, None
+
+
+def tile_epilogue(sass: str) -> int | None:
+    """The SASS instructions between a program's K-loop and the atomic that hands its partial
+    results on (the gradient step's per-row-block arrival counter): where a program holds one
+    class block, the distances, the softmax terms, the candidates and the partials' stores,
+    run once per program while its tensor cores wait. Counted from the end of the last K-loop
+    to the first ``ATOM`` / ``RED`` after it; None where a loop lies between them (a class
+    loop, into which the compiler rotates each block's epilogue; on sm_100a the tensor-core
+    kernels' code from the MMA's start to the end lies inside backward branches), without a
+    K-loop or without an atomic (the search, the single-read and split variants). A static
+    count: a fresh candidate list runs all of its insertion rounds, so every instruction
+    counted runs."""
+    code, loops, found = _k_loops(sass)
+    if found is None:
+        return None
+    end = max(lp[1] for lp in found[0])
+    atomic = min((a for a, op, _, _ in code if a > end and op in ("ATOMG", "ATOM", "RED")),
+                 default=None)
+    if atomic is None or any(end < lp[1] and lp[0] < atomic for lp in loops):
+        return None
+    return sum(1 for a, *_ in code if end < a < atomic)
 
 
 #: Hopper tensor-core multiply-adds per SM per cycle, dense, by operand type (an H100 SXM's
@@ -402,7 +443,7 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "wgmma_pendings_ttgir": facts["wgmma_pendings_ttgir"],
         "wgmma_serialized": facts["wgmma_serialized"], "wgmma_a": facts["wgmma_a"],
         "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
-        "issue_ratio": issue_ratio(facts["hot_loop"]),
+        "issue_ratio": issue_ratio(facts["hot_loop"]), "tile_epilogue": facts["tile_epilogue"],
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
         "kernels": KERNEL_SOURCES,
     }
@@ -439,9 +480,9 @@ def markdown(records: list[dict]) -> str:
     """The report as Markdown tables: one for the compiled facts, one for the model."""
     lines = [
         "| kernel | mode | shape | arch | function | tiles | warps/stages | regs | spills st/ld "
-        "| smem | CTAs/SM (limit) | MMA (A from) | pendings | K-step issue / MMA | grid "
-        "| waves |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| smem | CTAs/SM (limit) | MMA (A from) | pendings | K-step issue / MMA "
+        "| tile epilogue | grid | waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         tiles = ",".join(str(v) for v in r["block"].values())
@@ -459,7 +500,8 @@ def markdown(records: list[dict]) -> str:
             f"{r['registers'] if r['registers'] is not None else '?'} | {spills} | "
             f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']}"
             f"{'' if r.get('wgmma_a') is None else ' (' + r['wgmma_a'] + ')'} | "
-            f"{_pendings(r)} | {_ratio(r.get('issue_ratio'))} | {r['grid']} | {r['waves']} |")
+            f"{_pendings(r)} | {_ratio(r.get('issue_ratio'))} | "
+            f"{r.get('tile_epilogue') or '–'} | {r['grid']} | {r['waves']} |")
     reasons = sorted({r["wgmma_serialized"] for r in records if r.get("wgmma_serialized")})
     if reasons:
         lines += ["", "Serialized by ptxas (its \"Potential Performance Loss\" note; every "
@@ -490,7 +532,7 @@ JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
              "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings",
              "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a", "issue_ratio",
-             "sass", "hot_loop", "grid",
+             "tile_epilogue", "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
              "structure_fraction", "model_notes", "assembler", "kernels")
 

@@ -37,6 +37,36 @@ def report(tmp_path_factory):
     return proc.stdout, json.loads((out / "r.json").read_text()), out / "dump"
 
 
+def test_tile_epilogue_counts_from_the_k_loop_to_the_hand_off():
+    """The instructions after the last K-loop up to the first atomic (a one-block program's
+    distances, softmax terms, candidates and partial stores); none where a loop lies between
+    them (a class loop), without an atomic, or without a K-loop."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24 ;
+        /*0020*/               @P0 BRA 0x10 ;
+        /*0030*/                   FMNMX R2, R24, R25, PT ;
+        /*0040*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0050*/               @P1 BRA 0x70 ;
+        /*0060*/                   STG.E [R4.64], R2 ;
+        /*0070*/                   ATOMG.E.ADD.STRONG.GPU PT, R5, [R6.64], R7 ;
+        /*0080*/                   EXIT ;
+    """
+    assert compile_report.tile_epilogue(sass) == 4
+    looped = sass.replace("/*0060*/                   STG.E [R4.64], R2 ;",
+                          "/*0060*/               @P2 BRA 0x0 ;")
+    assert compile_report.tile_epilogue(looped) is None
+    assert compile_report.tile_epilogue(sass.replace("ATOMG.E.ADD.STRONG.GPU", "STG.E")) is None
+    assert compile_report.tile_epilogue(sass.replace("HGMMA.64x128x8.F32.TF32", "IADD3")) is None
+    row = {"kernel": "k", "precision": "tf32", "shape": "s", "arch": "sm_90a", "function": "f",
+           "block": {}, "num_warps": 8, "num_stages": 3, "registers": 200,
+           "spill_store_bytes": 0, "spill_load_bytes": 0, "smem_bytes": 0, "ctas_per_sm": 1,
+           "ctas_limit": "registers", "mma": "wgmma", "wgmma_pendings": 1, "grid": 1,
+           "waves": 1, "config": 0, "model_total": False, "issue_ratio": 0.5}
+    assert "| 0.50 | 2799 | 1 | 1 |" in compile_report.markdown([{**row, "tile_epilogue": 2799}])
+    assert "| 0.50 | – | 1 | 1 |" in compile_report.markdown([row])
+
+
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
     from grood._bench.common import kernel_sources
 
@@ -71,6 +101,9 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
         if r["sass"] and r["mma"] == "wgmma":  # disassembled: the K-loop found, no spill
             assert r["hot_loop"]["loops"] >= 1 and r["hot_loop"]["mma"] >= 1
             assert r["hot_loop"]["LDL"] == r["hot_loop"]["STL"] == 0
+            # one class block per program at these shapes: its epilogue counted
+            if r["function"] == "_ncp_gradient_kernel":
+                assert r["tile_epilogue"] > 0
 
 
 def test_k_loop_spills_are_told_from_spills_outside_it():
