@@ -185,11 +185,21 @@ def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
 def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
     """``launch`` as compiled for a GPU of compute capability ``major``.x: kernels that take
     ``FLAT_GATE`` get it on from sm_100 (tcgen05; see :func:`grood_kernels._topk.any_row`),
-    off before. :func:`run` applies it for the device, the compile report for its target, so
-    both compile the same kernel."""
-    if "FLAT_GATE" not in getattr(launch.fn, "arg_names", ()):
+    off before; ``ONE_BLOCK`` (the gradient step's first-tile candidates, see
+    :func:`grood_kernels.ncp_gradient.one_block`) is turned off from sm_100, where the tile's
+    epilogue reads a tensor-memory accumulator and one reduction a round saves 50-130 of
+    ~3,500 instructions while lengthening some K-loops (sm_100a, triton 3.9: bf16
+    ImageNet-1k's K-step 166 -> 185 instructions). :func:`run` applies it for the device,
+    the compile report for its target, so both compile the same kernel."""
+    names = getattr(launch.fn, "arg_names", ())
+    constexprs = dict(launch.constexprs)
+    if "FLAT_GATE" in names:
+        constexprs["FLAT_GATE"] = major >= 10
+    if major >= 10 and constexprs.get("ONE_BLOCK"):
+        constexprs["ONE_BLOCK"] = 0
+    if constexprs == launch.constexprs:
         return launch
-    return launch._replace(constexprs={**launch.constexprs, "FLAT_GATE": major >= 10})
+    return launch._replace(constexprs=constexprs)
 
 
 #: Triton releases before this one compile a tensor-core (tcgen05) accumulator's row

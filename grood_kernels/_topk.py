@@ -100,6 +100,35 @@ def insert_nearest(dist, cand_d, cand_i, col0, N_CAND: tl.constexpr, N_COLS: tl.
 
 
 @triton.jit
+def first_nearest(dist, col0, ROWS: tl.constexpr, N_CAND: tl.constexpr, N_COLS: tl.constexpr):
+    """The candidates of a row tile's first distance tile: :func:`insert_nearest` into empty
+    candidates, with the same result bit for bit, and each row's minimum beside it.
+
+    From empty candidates each round of :func:`insert_nearest` fills the next slot where the
+    row still has a finite entry, so no round needs the worst candidate, the gate or the slot
+    search, and the minimum and its column come from one reduction (``tl.min`` with indices,
+    the leftmost on ties, as ``tl.argmin``) where :func:`insert_nearest` reduces the tile
+    twice. This epilogue runs while a program's tensor cores are idle. Returns ``(cand_d,
+    cand_i, row_min)``: the candidates [ROWS, N_CAND] (int32 ids; empty slots as above) and
+    ``tl.min(dist, axis=1)``.
+    """
+    cols = tl.arange(0, N_COLS)
+    slots = tl.arange(0, N_CAND)
+    cand_d = tl.full([ROWS, N_CAND], float("inf"), dtype=tl.float32)
+    cand_i = tl.full([ROWS, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
+    v, j = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    row_min = v
+    for r in tl.static_range(N_CAND):
+        if r > 0:
+            dist = tl.where(cols[None, :] == j[:, None], float("inf"), dist)
+            v, j = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        slot = (slots[None, :] == r) & (v < float("inf"))[:, None]
+        cand_d = tl.where(slot, v[:, None], cand_d)
+        cand_i = tl.where(slot, (col0 + j).to(tl.int32)[:, None], cand_i)
+    return cand_d, cand_i, row_min
+
+
+@triton.jit
 def merge_candidates(new_d, new_i, cand_d, cand_i, N_CAND: tl.constexpr):
     """Merge another candidate list [ROWS, N_CAND] (ids given per entry) into ``cand``, whose
     empty slots hold distinct negative ids.

@@ -10,19 +10,21 @@ and ``u = h - p_o``::
     grad = q_o * u / d_o                                   (0 where d_o == 0)
 
 Schedule. The grid is (row block x class group), group index fastest, so the ``n_groups``
-programs that share a ``BLOCK_N``-row tile of ``h`` run side by side and read it from HBM
-once between them (L2 serves the rest). The prototypes reach ``tl.dot`` untouched: they are
-prepared once (centred on ``p_o``, scaled, cast to the GEMM's operand dtype, zero-padded to
-whole tiles; :func:`prepare_prototypes`) and kept while the caller keeps its prototype tensor.
-The feature tile is centred in registers on the A operand. ``||u||^2`` comes out of the first
-class block's K-loop. Each program walks its group's class blocks with a running max /
-sum-exp and the ``N_CAND`` nearest prototypes by GEMM distance (insertion gated: a block that
-holds nothing nearer than a row's current worst candidate costs one comparison), and writes
-them as a partial result. The last program of a row block to finish (an atomic counter)
-merges the partials, recomputes the candidates' distances exactly from fp32 differences
-(they replace their GEMM estimates in the sum, the prediction and ``min_dist``), and writes the
-gradient, while the row tile is still in L2. Only a [BLOCK_N, BLOCK_C] tile of distances ever
-exists. The same computation in PyTorch is :func:`grood.functional.ncp_gradient`.
+programs that share a ``BLOCK_N``-row tile of ``h`` run side by side and read it from HBM once
+between them (L2 serves the rest). The prototypes reach ``tl.dot`` untouched: they are prepared
+once (centred on ``p_o``, scaled, cast to the GEMM's operand dtype, zero-padded to whole tiles;
+:func:`prepare_prototypes`) and kept while the caller keeps its prototype tensor. The feature
+tile is centred in registers on the A operand. ``||u||^2`` comes out of the first class block's
+K-loop. Each program walks its group's class blocks with a running max / sum-exp and the
+``N_CAND`` nearest prototypes by GEMM distance (insertion gated: a block that holds nothing
+nearer than a row's current worst candidate costs one comparison; where a group is one block,
+in the tensor-core modes on Hopper, the candidates come from one reduction a round instead:
+:func:`one_block`), and writes them as a partial result. The last program of a row block to
+finish (an atomic counter) merges the partials, recomputes the candidates' distances exactly
+from fp32 differences (they replace their GEMM estimates in the sum, the prediction and
+``min_dist``), and writes the gradient, while the row tile is still in L2. Only a [BLOCK_N,
+BLOCK_C] tile of distances ever exists. The same computation in PyTorch is
+:func:`grood.functional.ncp_gradient`.
 
 Where every class fits one block the class split cannot share the row tile, and the finish
 re-reads it from L2 twice. For small C and D (:func:`single_read_config`) an autotuning
@@ -75,7 +77,7 @@ from grood_kernels._prepare import (
     prepare_prototypes,
 )
 from grood_kernels._split import _ncp_epilogue_kernel, split_gemm, split_rows
-from grood_kernels._topk import insert_nearest
+from grood_kernels._topk import first_nearest, insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
 from grood_kernels.contract import (
     DOT_MODES,
@@ -143,6 +145,21 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
             and blocks_per_group(c, cfg) > 1):
         return staged_config(n, c, d, precision, h_bytes, n_sm) or cfg
     return cfg
+
+
+def one_block(c: int, cfg: LaunchConfig, precision: str) -> bool:
+    """Whether the class-group kernel takes its candidates by
+    :func:`grood_kernels._topk.first_nearest` (``ONE_BLOCK``): where each program holds one
+    class block of up to 128 classes (ImageNet-1k and below at the launcher's tiles), in the
+    tensor-core modes. There the tile's epilogue runs while the program's tensor cores wait
+    (one CTA per SM), and one reduction a round instead of the gated insertion's two takes
+    ~470 of its ~3,300 SASS instructions per warp away (sm_90a, triton 3.9 and 3.6), with no
+    spill or CTA lost. Not on the 256-class tile (it spills 264-444 bytes), nor in ``ieee``
+    (under triton 3.6 CIFAR-10 would lose its fifth CTA per SM: 96 -> 117 registers), nor from
+    sm_100 (:func:`grood_kernels._launch.for_target`). The results are the same bit for bit
+    either way."""
+    return (blocks_per_group(c, cfg) == 1 and cfg.block_cols <= 128
+            and precision != "ieee")
 
 
 def blocks_per_group(c: int, cfg: LaunchConfig) -> int:
@@ -367,12 +384,14 @@ def _ncp_gradient_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
     FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False, RERANK_GATE: tl.constexpr = 0,
+    ONE_BLOCK: tl.constexpr = 0,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
     # stages leave free; see finish_stages). 0 (measurement only, ``grood bench --only
     # anatomy``): the partials are written and no program finishes the rows, so the finish's
-    # share can be taken apart.
+    # share can be taken apart. ONE_BLOCK: every class group is one class block (the launcher
+    # knows; ``blocks_per_group`` is then 1).
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -393,24 +412,30 @@ def _ncp_gradient_kernel(
     if STAGED:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
     dist = distances(dots, u_sq, scale)
-    m = -tl.min(dist, axis=1)
-    acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
-    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
-    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
-                                    FLAT_GATE=FLAT_GATE)
-    for cb in range(cb0 + 1, cb1):
-        c0 = cb * BLOCK_C
-        dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
-                                    inv_scale,
-                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
-                                    DOT_MODE, False, STAGED)
-        dist = distances(dots, u_sq, scale)
-        m_new = tl.maximum(m, -tl.min(dist, axis=1))
-        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
-        m = m_new
+    if ONE_BLOCK:
+        # The group is this block: its candidates are the tile's nearest, one reduction a
+        # round (while the tensor cores wait), and no class loop is compiled.
+        cand_d, cand_i, nearest = first_nearest(dist, c0, BLOCK_N, N_CAND, BLOCK_C)
+        m = -nearest
+        acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
+    else:
+        m = -tl.min(dist, axis=1)
+        acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
+        cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
+        cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
-                                    FLAT_GATE=FLAT_GATE)
+                                        FLAT_GATE=FLAT_GATE)
+        for cb in range(cb0 + 1, cb1):
+            c0 = cb * BLOCK_C
+            dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0,
+                                        C, D, inv_scale, stride_hn, stride_hd, stride_oc,
+                                        BLOCK_N, BLOCK_C, BLOCK_D, DOT_MODE, False, STAGED)
+            dist = distances(dots, u_sq, scale)
+            m_new = tl.maximum(m, -tl.min(dist, axis=1))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
+            m = m_new
+            cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
+                                            FLAT_GATE=FLAT_GATE)
 
     # Partial result of this group: [m, acc, cand_d...] (fp32) and cand_i (int32) per row.
     W: tl.constexpr = 2 + N_CAND
@@ -444,7 +469,7 @@ def _ncp_single_read_kernel(
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
-    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, FLAT_GATE: tl.constexpr = False,
+    N_CAND: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """The whole step for one row tile with every class in one block and the whole centred
     tile [BLOCK_N, D_PAD] held in registers from its load to the gradient's store: ``h`` is
@@ -454,7 +479,6 @@ def _ncp_single_read_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    slots = tl.arange(0, N_CAND)
     offs_d = tl.arange(0, D_PAD).to(tl.int64)
     mask_d = offs_d < D
     u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale)
@@ -467,12 +491,9 @@ def _ncp_single_read_kernel(
     dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), DOT_MODE) \
         - 0.5 * p_sq[None, :]
     dist = distances(dots, u_sq, scale)
-    m = -tl.min(dist, axis=1)
+    cand_d, cand_i, nearest = first_nearest(dist, 0, BLOCK_N, N_CAND, BLOCK_C)
+    m = -nearest
     acc = tl.sum(tl.exp(-dist - m[:, None]), axis=1)
-    cand_d = tl.full([BLOCK_N, N_CAND], float("inf"), dtype=tl.float32)
-    cand_i = tl.full([BLOCK_N, N_CAND], -1, dtype=tl.int32) - slots[None, :]  # empty: -1 - slot
-    cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, 0, N_CAND, BLOCK_C,
-                                    FLAT_GATE=FLAT_GATE)
     # Every candidate re-ranked: the tile is held, and the prototypes fit in L2 at these C.
     valid = cand_i >= 0
     exact_sq = add_exact_sq(tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32), u, cand_i, valid,
@@ -540,7 +561,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
-         "RERANK_GATE": int(rerank_gate(c, d, precision))},
+         "RERANK_GATE": int(rerank_gate(c, d, precision)),
+         "ONE_BLOCK": int(one_block(c, cfg, precision))},
         cfg.num_warps, cfg.num_stages))
 
 

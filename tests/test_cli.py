@@ -866,6 +866,7 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
         torch.testing.assert_close(flipped[1], res.q_ood, rtol=1e-5, atol=0)
     # The single-read variant has no gate to flip: said so, not ignored.
     from grood._bench.configs import launch_step, step_buffers
+    from grood_kernels import ncp_gradient as kernel_module
     from grood_kernels._prepare import prepare_prototypes
     from grood_kernels.contract import ncp_scale
     from grood_kernels.ncp_gradient import single_read_config
@@ -877,6 +878,11 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
     outs = step_buffers(40, 24, h.device)
     with pytest.raises(ValueError, match="_ncp_single_read_kernel takes no RERANK_GATE"):
         launch_step(h, few, prep, outs, "tf32", cfg, rerank_gate=0)
+    # ONE_BLOCK only where a program holds one class block: on elsewhere would drop classes.
+    looping = kernel_module.LaunchConfig(16, 16, 16, 4, 2, 1)  # 30 classes: 2 blocks a program
+    prep = prepare_prototypes(protos, p_ood, "tf32", ncp_scale(protos, p_ood))
+    with pytest.raises(ValueError, match="ONE_BLOCK needs one class block per program"):
+        launch_step(h, protos, prep, outs, "tf32", looping, one_block=1)
 
 
 def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
@@ -890,6 +896,8 @@ def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
     assert stages[0].startswith("torch GEMM alone") and stages[-1] == "whole step (launcher)"
     assert any(s.startswith("K-loop alone, A operand from the staged rows") for s in stages)
     assert any(s.startswith("kernel without the finish") for s in stages)
+    # the tile epilogue the other way: tiny-100 in tf32 holds one class block per program
+    assert "kernel without the finish, first tile's top-4 by insertion (ONE_BLOCK off)" in stages
     assert rows[-1].split("|")[5].strip() == "1.00"
     assert all(float(row.split("|")[4]) > 0 for row in rows)
     # First the memory roofs the model divides by, each measured with its bytes and time.

@@ -22,6 +22,7 @@ from grood import GROOD, functional
 from grood_kernels import _launch, contract
 from grood_kernels import ncp_gradient as kernel_module
 from grood_kernels._ncp_finish import gemm_error_sq
+from grood_kernels._topk import first_nearest, insert_nearest
 from grood_kernels.ncp_gradient import ncp_gradient
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -963,6 +964,97 @@ def test_near_ties_in_the_centred_variants(centred_variant, precision, monkeypat
     res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
                        p_ood.float().to(DEVICE), precision=precision)
     assert torch.equal(res.pred.cpu(), ref.pred)
+
+
+@triton.jit
+def _first_nearest_kernel(dist_ptr, out_d_ptr, out_i_ptr, out_min_ptr, col0, ROWS: tl.constexpr,
+                          COLS: tl.constexpr, N_CAND: tl.constexpr, FIRST: tl.constexpr):
+    """The candidates of one [ROWS, COLS] tile from empty ones: :func:`first_nearest` (FIRST)
+    or :func:`insert_nearest` with the row minimum beside it."""
+    rows, cols, slots = tl.arange(0, ROWS), tl.arange(0, COLS), tl.arange(0, N_CAND)
+    dist = tl.load(dist_ptr + rows[:, None] * COLS + cols[None, :])
+    if FIRST:
+        cand_d, cand_i, row_min = first_nearest(dist, col0, ROWS, N_CAND, COLS)
+    else:
+        cand_d = tl.full([ROWS, N_CAND], float("inf"), dtype=tl.float32)
+        cand_i = tl.full([ROWS, N_CAND], -1, dtype=tl.int32) - slots[None, :]
+        cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, col0, N_CAND, COLS)
+        row_min = tl.min(dist, axis=1)
+    tl.store(out_d_ptr + rows[:, None] * N_CAND + slots[None, :], cand_d)
+    tl.store(out_i_ptr + rows[:, None] * N_CAND + slots[None, :], cand_i)
+    tl.store(out_min_ptr + rows, row_min)
+
+
+def test_first_tile_candidates_equal_insertion_into_empty_ones():
+    """The kernels take a row tile's first class block's candidates by ``first_nearest`` (one
+    reduction a round, no gate) where they took ``insert_nearest`` into empty candidates: the
+    same distances, ids and empty slots bit for bit, with rows of exact ties (the lower id
+    first), rows with fewer finite entries than slots (and none), the nearest in the last
+    column, and a column offset; and the row minimum the softmax starts from."""
+    rows, cols, n_cand = 16, 32, 4
+    g = torch.Generator().manual_seed(3)
+    dist = torch.rand(rows, cols, generator=g) * 10
+    dist[1] = 2.0  # all tied
+    dist[2, 5::7] = 0.5  # ties at the minimum, spread
+    dist[3] = float("inf")  # no finite entry
+    dist[4, 2:] = float("inf")  # two finite entries, fewer than the slots
+    dist[5, :] = dist[5, :].round()  # many ties across the slots
+    dist[6, -1] = -0.0  # the nearest last, a negative zero
+    dist[7, ::2] = float("inf")
+    out = []
+    for first in (True, False):
+        d = torch.full((rows, n_cand), float("nan"), device=DEVICE)
+        i = torch.full((rows, n_cand), -99, dtype=torch.int32, device=DEVICE)
+        m = torch.full((rows,), float("nan"), device=DEVICE)
+        _first_nearest_kernel[(1,)](dist.to(DEVICE), d, i, m, 64, ROWS=rows, COLS=cols,
+                                    N_CAND=n_cand, FIRST=first)
+        out.append((d.cpu(), i.cpu(), m.cpu()))
+    (d, i, m), (d_ref, i_ref, m_ref) = out
+    assert torch.equal(d.view(torch.int32), d_ref.view(torch.int32))
+    assert torch.equal(i, i_ref) and torch.equal(m.view(torch.int32), m_ref.view(torch.int32))
+    assert i[1].tolist() == [64, 65, 66, 67] and i[3].tolist() == [-1, -2, -3, -4]
+    assert i[4].tolist() == [64, 65, -3, -4] and i[6, 0] == 64 + cols - 1
+    order = torch.sort(dist, dim=1, stable=True)
+    assert torch.equal(d[~dist.isinf().all(1)][:, 0], order.values[~dist.isinf().all(1)][:, 0])
+
+
+def test_first_tile_candidates_where_a_program_holds_one_class_block():
+    """``ONE_BLOCK`` (first_nearest) in the tensor-core modes where each program holds one
+    class block of up to 128 classes (ImageNet-1k and below), not in ieee, not where programs
+    loop over class blocks (C = 21,841), not on the 256-class tile (it spills there), and
+    turned off for sm_100 and later (tcgen05) by the launch's target."""
+    for precision in ("ieee", "tf32", "tf32x3", "bf16"):
+        for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
+            launch = kernel_module.compile_launches(65536, c, d, precision)[-1]
+            want = int(precision != "ieee" and c < 21841)
+            assert launch.constexprs["ONE_BLOCK"] == want, (precision, c)
+            assert _launch.for_target(launch, 9).constexprs["ONE_BLOCK"] == want
+            assert _launch.for_target(launch, 10).constexprs["ONE_BLOCK"] == 0
+    for precision in ("tf32", "bf16"):
+        wide = kernel_module.wide_config(65536, 1000, 2048, precision, 4)
+        assert kernel_module.blocks_per_group(1000, wide) == 1
+        assert not kernel_module.one_block(1000, wide, precision)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_first_tile_candidates_give_the_same_results_bit_for_bit(monkeypatch, precision,
+                                                                   poisoned_outputs):
+    """The kernel with ``ONE_BLOCK`` on and off, at shapes where each program holds one class
+    block: every output the same bit for bit (fewer classes than candidates, exact ties among
+    duplicated prototypes, a prime N and D)."""
+    problems = [_problem(33, 61, 33), _problem(13, 3, 129), _problem(65, 17, 20),
+                tuple(t.to(DEVICE) for t in duplicated_prototypes_problem(60, copies=20))]
+    for h, protos, p_ood in problems:
+        c, d = protos.shape
+        cfg = kernel_module.launch_config(h.shape[0], c, d, precision)
+        assert kernel_module.blocks_per_group(c, cfg) == 1
+        outs = []
+        for on in (True, False):
+            monkeypatch.setattr(kernel_module, "one_block", lambda *a, on=on: on)
+            outs.append(ncp_gradient(h, protos, p_ood, precision=precision))
+        for a, b in zip(*outs, strict=True):
+            assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                               b.view(torch.int32) if b.is_floating_point() else b)
 
 
 @triton.jit

@@ -7,7 +7,9 @@ turns on the same inputs: the distance GEMM alone in torch (cuBLAS on a GPU) on 
 operands; the kernel's K-loop alone (:func:`_kloop_kernel`: the shipped class-block GEMM, every
 class block of every program, row maxima written), with the feature tile centred in registers
 and, as the staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole
-kernel without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``);
+kernel without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``),
+and so again with the first tile's candidates by insertion where the launcher takes them by
+``first_nearest`` (``ONE_BLOCK=0``: what that shorter tile epilogue saves);
 the whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them
 in the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
 epilogue) and the launcher's. The differences between rows are the stages' costs.
@@ -158,6 +160,11 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                  partial(run, pre), False)]
         stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg, 0), True))
+        if kernel.one_block(c, cfg, precision) and target_major(h.device) < 10:
+            stages.append(("kernel without the finish, first tile's top-4 by insertion "
+                           "(ONE_BLOCK off)",
+                           partial(launch_step, h, protos, prep, outs, precision, cfg, 0,
+                                   one_block=0), True))
         if kernel.finish_stages(precision, cfg.block_cols) > 1:
             stages.append(("whole step, the finish's loops not pipelined",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 1),

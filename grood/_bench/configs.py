@@ -121,17 +121,22 @@ def failed(exc: Exception) -> str:
 
 
 def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None, *,
-                rerank_gate: int | None = None) -> None:
+                rerank_gate: int | None = None, one_block: int | None = None) -> None:
     """One gradient step in configuration ``cfg`` with fresh scratch, as the launcher makes it
     (the arrival counters start at zero); ``finish`` overrides the kernel's ``FINISH`` (0: no
-    finish; 1: its loops not pipelined), for the anatomy's measurements, and ``rerank_gate``
-    its exact re-rank's ``RERANK_GATE`` (0: every candidate re-ranked; 1: gated)."""
+    finish; 1: its loops not pipelined), for the anatomy's measurements, ``rerank_gate`` its
+    exact re-rank's ``RERANK_GATE`` (0: every candidate re-ranked; 1: gated) and ``one_block``
+    its ``ONE_BLOCK`` (0: the first tile's candidates by insertion; 1 only where each program
+    holds one class block)."""
     (n, d), c = h.shape, protos.shape[0]
+    if one_block and kernel.blocks_per_group(c, cfg) != 1:
+        raise ValueError(f"ONE_BLOCK needs one class block per program; this configuration's "
+                         f"programs hold {kernel.blocks_per_group(c, cfg)}")
     plan = kernel._plan(h, protos, prep, prep.sq_norms,
                         kernel._scratch(n, c, d, cfg, precision, h.device), outs, precision,
                         cfg)
     last = plan[-1]
-    override = {"FINISH": finish, "RERANK_GATE": rerank_gate}
+    override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block}
     override = {key: value for key, value in override.items() if value is not None}
     if override:
         assert isinstance(last, KernelLaunch)  # (the step's own kernel comes last)
