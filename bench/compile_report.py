@@ -20,7 +20,8 @@ flight where nothing was assembled.
 
 The model (:mod:`bench.traffic_model`) follows each kernel's tile schedule and gives FLOPs,
 bytes from HBM, bytes through L2 and the lower-bound time under each roof; where the SASS has
-an HGMMA K-loop, the K-step's issue / MMA ratio adds the time its instructions need to issue.
+an HGMMA K-loop, the K-step's issue / MMA ratio adds the time its instructions need to issue;
+where it has a tile epilogue, an estimate of the time that needs to issue (not a bound).
 """
 
 from __future__ import annotations
@@ -448,7 +449,8 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "kernels": KERNEL_SOURCES,
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas,
-                                   issue_ratio=rec["issue_ratio"]))
+                                   issue_ratio=rec["issue_ratio"],
+                                   tile_epilogue=rec["tile_epilogue"]))
     return rec
 
 
@@ -509,8 +511,8 @@ def markdown(records: list[dict]) -> str:
     lines += [
         "",
         "| kernel | mode | shape | arch | GFLOP | HBM | L2 | compute ms | HBM ms | L2 ms "
-        "| K-loop issue ms | binding | best fraction of compute roof |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K-loop issue ms | binding | best fraction of compute roof | tile epilogue ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in records:
@@ -524,7 +526,7 @@ def markdown(records: list[dict]) -> str:
             f"{r['flops'] / 1e9:.1f} | {_bytes(r['hbm_bytes'])} | {_bytes(r['l2_bytes'])} | "
             f"{b['compute']:.3f} | {b['hbm']:.3f} | {b['l2']:.3f} | "
             f"{_ratio(b.get('issue'), 3)} | {r['binding_roof']} | "
-            f"{100 * r['structure_fraction']:.0f} % |")
+            f"{100 * r['structure_fraction']:.0f} % | {_ratio(r.get('epilogue_ms'), 3)} |")
     return "\n".join(lines)
 
 
@@ -534,7 +536,7 @@ JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config
              "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a", "issue_ratio",
              "tile_epilogue", "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
-             "structure_fraction", "model_notes", "assembler", "kernels")
+             "structure_fraction", "epilogue_ms", "model_notes", "assembler", "kernels")
 
 
 def header() -> str:

@@ -16,7 +16,9 @@ The model counts MMA FLOPs only: the softmax / top-k epilogue and latency are no
 SASS counts in the compile report show how heavy the epilogue is). Given the compile report's
 K-step issue / MMA ratio (the K-loop's SASS instructions against its HGMMA cycles, sm_90a), the
 K-loop's instruction issue is a fourth bound: :func:`with_issue_bound`. It is a lower bound on
-time, not a prediction; a GPU run beats it.
+time, not a prediction; a GPU run beats it. Beside the bounds, the tile epilogue's instructions
+(the report's count for a program that holds one class block) give an estimate of the time they
+need to issue, :func:`epilogue_ms`, which the binding roof does not take.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ ROOFS = {
                # HGMMA at; tf32x3 at a third, as above
                "mma_peak_tflops": {"tf32": PEAKS["H200"]["tf32"],
                                    "tf32x3": PEAKS["H200"]["tf32"] / 3,
-                                   "bf16": PEAKS["H200"]["bf16"]}},
+                                   "bf16": PEAKS["H200"]["bf16"]},
+               # the SM clock those peaks are quoted at: the tile epilogue's issue estimate
+               "clock_ghz": 1.83},
     "sm_100a": {"device": "B200", "sms": 148, "tflops": {"ieee": 80.0, "tf32": 1100.0,
                                                            "tf32x3": 1100.0 / 3, "bf16": 2250.0},
                 "hbm_tbs": 8.0, "l2_tbs": 20.0, "l2_bytes": 126e6, "source": "datasheet"},
@@ -113,14 +117,31 @@ def with_issue_bound(rec: dict, issue_ratio: float | None, precision: str, arch:
             "structure_fraction": round(rec["ideal_ms"] / slowest, 3)}
 
 
+def epilogue_ms(tile_epilogue: int | None, launch, arch: str) -> float | None:
+    """The time a launch's tile epilogues need to issue (the compile report's count of SASS
+    instructions per warp between a one-block program's K-loop and its hand-off), at one
+    instruction per cycle on each of the SM's 4 schedulers, over the programs each SM runs:
+    ``ceil(grid / SMs) x count x warps / 4`` cycles at the target's clock. An estimate, not a
+    bound the binding roof takes: with one CTA per SM it does not overlap that SM's MMA, but
+    other SMs' loads may fill the time; MUFU, SHFL and latency make it longer. None without a
+    count or a clock (sm_100a)."""
+    clock = ROOFS[arch].get("clock_ghz")
+    if tile_epilogue is None or clock is None:
+        return None
+    programs = math.ceil(math.prod(launch.grid) / ROOFS[arch]["sms"])
+    return round(programs * tile_epilogue * launch.num_warps / 4 / (clock * 1e9) * 1e3, 4)
+
+
 def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int,
-          issue_ratio: float | None = None) -> dict:
+          issue_ratio: float | None = None, tile_epilogue: int | None = None) -> dict:
     """The model of one launch; dispatched on the kernel function's name. ``issue_ratio`` (the
-    compile report's, where it has one) adds the K-loop's issue bound."""
+    compile report's, where it has one) adds the K-loop's issue bound, ``tile_epilogue`` the
+    epilogue's issue estimate (:func:`epilogue_ms`)."""
     fn = MODELS.get(launch.fn.__name__)
     if fn is None:
         raise KeyError(f"no traffic model for {launch.fn.__name__}")
-    return with_issue_bound(fn(launch, precision, arch, ctas), issue_ratio, precision, arch)
+    rec = with_issue_bound(fn(launch, precision, arch, ctas), issue_ratio, precision, arch)
+    return {**rec, "epilogue_ms": epilogue_ms(tile_epilogue, launch, arch)}
 
 
 def _rerank_rows(launch) -> int:

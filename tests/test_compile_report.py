@@ -288,6 +288,27 @@ def test_issue_bound_joins_the_model_with_the_k_loop_ratio():
     assert "issue" not in b200["bound_ms"]
 
 
+def test_tile_epilogue_time_is_an_estimate_beside_the_bounds():
+    """The tile epilogue's instructions per warp, issued one per cycle on each of 4 schedulers
+    over the programs an SM runs, at the target's clock: an estimate beside the bounds that
+    moves no bound; none without a count or on sm_100a (no clock)."""
+    from grood_kernels import ncp_gradient
+
+    dims = (65536, 1000, 2048)
+    (launch,) = ncp_gradient.compile_launches(*dims, "tf32", major=9)
+    plain = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_90a", 1)
+    timed = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_90a", 1,
+                                tile_epilogue=2799)
+    # 4,096 programs on 132 SMs: 32 each; 8 warps on 4 schedulers; 1.83 GHz
+    assert timed["epilogue_ms"] == pytest.approx(32 * 2799 * 2 / 1.83e9 * 1e3, abs=1e-4)
+    assert plain["epilogue_ms"] is None
+    assert {k: v for k, v in timed.items() if k != "epilogue_ms"} == {
+        k: v for k, v in plain.items() if k != "epilogue_ms"}
+    b200 = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_100a", 1,
+                               tile_epilogue=2799)
+    assert b200["epilogue_ms"] is None
+
+
 def test_gradient_model_reads_h_once_at_imagenet_shape():
     from grood_kernels import ncp_gradient
 
