@@ -182,6 +182,12 @@ def _stages_key(launch: KernelLaunch, device: torch.device) -> tuple:
             tuple(a.dtype for a in launch.args if isinstance(a, torch.Tensor)))
 
 
+def one_block_target(major: int) -> bool:
+    """Whether a GPU of compute capability ``major``.x keeps the gradient step's ``ONE_BLOCK``
+    (before sm_100; see :func:`for_target`)."""
+    return major < 10
+
+
 def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
     """``launch`` as compiled for a GPU of compute capability ``major``.x: kernels that take
     ``FLAT_GATE`` get it on from sm_100 (tcgen05; see :func:`grood_kernels._topk.any_row`),
@@ -195,7 +201,7 @@ def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
     constexprs = dict(launch.constexprs)
     if "FLAT_GATE" in names:
         constexprs["FLAT_GATE"] = major >= 10
-    if major >= 10 and constexprs.get("ONE_BLOCK"):
+    if constexprs.get("ONE_BLOCK") and not one_block_target(major):
         constexprs["ONE_BLOCK"] = 0
     if constexprs == launch.constexprs:
         return launch

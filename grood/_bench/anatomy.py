@@ -28,7 +28,13 @@ from grood._bench.common import interleaved_median_times
 from grood._bench.configs import failed, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import KernelLaunch, run, sm_count, target_major
+from grood_kernels._launch import (
+    KernelLaunch,
+    one_block_target,
+    run,
+    sm_count,
+    target_major,
+)
 from grood_kernels.contract import DOT_MODES
 
 
@@ -160,7 +166,7 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                  partial(run, pre), False)]
         stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg, 0), True))
-        if kernel.one_block(c, cfg, precision) and target_major(h.device) < 10:
+        if kernel.one_block(c, cfg, precision) and one_block_target(target_major(h.device)):
             stages.append(("kernel without the finish, first tile's top-4 by insertion "
                            "(ONE_BLOCK off)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0,
