@@ -12,7 +12,7 @@ a few neighbouring splits, so each database tile is read from HBM once per group
 L2 by ``GROUP_Q`` programs, and the group's query tiles stay L2-resident while they stream.
 The split count fills whole waves of the device. Operands go from memory to ``tl.dot`` as
 loaded: in ``bf16`` mode the queries are cast once in the launcher and the database is stored
-in bf16 (``bf16`` storage: half the bytes); an fp32 database in ``bf16`` mode is cast per tile.
+in bf16 (``bf16`` storage: half the bytes) or copied to bf16 per call (below).
 
 Top-k: insertion rounds are gated (a tile with nothing nearer than a row's current worst
 candidate costs one row minimum); ties go to the lower index. One fused kernel then merges the
@@ -20,6 +20,9 @@ splits' candidates by (distance, index), recomputes the best ``k + RERANK_EXTRA`
 exactly from fp32 differences (from ``rerank_database`` when given: the fp32 copy of a
 bf16-stored database) and writes the k nearest (:mod:`grood_kernels._knn_merge`), so results
 match exact fp32 search in every mode; exact rows held in host memory are merged in torch.
+An fp32 database in ``bf16`` mode is cast to a bf16 copy per call (in chunks of rows, one
+launch each) and searched as bf16 storage is, where there are enough queries to pay for the
+pass (:func:`casts_database`); with fewer, each tile is cast in the K-loop.
 The same computation in PyTorch is :func:`grood.functional.knn`.
 """
 
@@ -57,6 +60,16 @@ from grood_kernels.contract import (
 
 #: Bytes of query tiles a group of programs keeps L2-resident (a quarter of an H100's L2).
 L2_QUERY_BUDGET = 12 << 20
+#: Fewest queries for which ``bf16`` mode searches a bf16 copy of an fp32 (or fp16) database,
+#: cast per call (:func:`casts_database`). The compile report's model (sm_90a) puts the copy
+#: ahead from ~1,300 queries at both of its database shapes, without charging the tile cast
+#: in the K-loop for its waiting wgmma: 1.13x at 2,048 queries, 1.28x at 4,096, 1.41x at
+#: 10,000; 0.95x at 1,024 and 0.5x at 128, where the copy's pass (fp32 read, bf16 written)
+#: is most of the search.
+CAST_MIN_QUERIES = 2048
+#: Largest bf16 copy made at once, in bytes: a larger database is cast and searched in chunks
+#: of rows, one launch each (the extra device memory stays below this).
+CAST_CHUNK_BYTES = 1 << 32
 #: Largest ``k + RERANK_EXTRA`` the fused merge-and-re-rank kernel takes (it unrolls one
 #: gather per kept candidate); larger k, and exact rows held in host memory, merge in torch.
 MAX_FUSED_KEEP = 36
@@ -192,6 +205,26 @@ def _knn_candidates_kernel(
     tl.store(out_i_ptr + out, tl.maximum(cand_i, -1), mask=mask_q[:, None])
 
 
+def casts_database(n_q: int, precision: str, x_dtype: torch.dtype) -> bool:
+    """Whether :func:`knn` searches a bf16 copy of the database, cast per call, rather than
+    casting each database tile in the K-loop: in ``bf16`` mode on a database not stored in
+    bf16, for at least :data:`CAST_MIN_QUERIES` queries. Cast in the K-loop, the tile goes
+    from registers back to shared memory before the MMA, so every wgmma waits for the one
+    before (none in flight; ``bench/compile_report.py``), and the 128 x 128 tile it needs
+    reads the fp32 rows through L2 once per query block. The copy is searched as bf16
+    storage is (128 x 256 tiles, wgmma in flight), for one more pass over the database; with
+    few queries that pass is most of the search, so they keep the cast in the K-loop."""
+    return precision == "bf16" and x_dtype != torch.bfloat16 and n_q >= CAST_MIN_QUERIES
+
+
+def cast_chunks(n_db: int, d: int) -> list[tuple[int, int]]:
+    """The row ranges ``(start, stop)`` a database of ``n_db`` rows is cast and searched in:
+    as few equal chunks as keep each bf16 copy within :data:`CAST_CHUNK_BYTES`."""
+    n_chunks = max(1, math.ceil(n_db * d * 2 / CAST_CHUNK_BYTES))
+    rows = math.ceil(n_db / n_chunks)
+    return [(r0, min(r0 + rows, n_db)) for r0 in range(0, n_db, rows)]
+
+
 def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
     """``||x||^2`` per row in fp32, by a fused reduction (no squared copy of ``x``)."""
     return torch.cat([torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).square()
@@ -224,6 +257,15 @@ def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes:
     return cfg._replace(n_split=triton.cdiv(n_db, rows)), rows
 
 
+def _launch_plans(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes: int,
+                  cast: bool, n_sm: int | None = None, major: int = 9):
+    """``(start, stop, cfg, rows_per_split)`` of each search launch: one over the whole
+    database, or with ``cast`` one per chunk of its bf16 copy (:func:`cast_chunks`)."""
+    chunks = cast_chunks(n_db, d) if cast else [(0, n_db)]
+    return [(r0, r1, *_planned(n_q, r1 - r0, d, precision, q_bytes, 2 if cast else x_bytes,
+                               n_sm, major)) for r0, r1 in chunks]
+
+
 def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
                      dtype=torch.float32, storage=None, configs: str = "launcher",
                      major: int = 9) -> list[KernelLaunch]:
@@ -236,17 +278,22 @@ def compile_launches(n_q: int, n_db: int, d: int, precision: str, *, k: int = 1,
         return torch.empty(shape, dtype=dt, device="meta")
 
     q_dtype = torch.bfloat16 if precision == "bf16" else dtype
-    cfg, rows = _planned(n_q, n_db, d, precision, q_dtype.itemsize,
-                         (storage or dtype).itemsize, major=major)
-    split = cfg.n_split
+    x_dtype = storage or dtype
+    cast = casts_database(n_q, precision, x_dtype)
     n_cand = triton.next_power_of_2(k + RERANK_EXTRA)
-    cand_d, cand_i = meta(n_q, split, n_cand), meta(n_q, split, n_cand, dt=torch.int32)
-    search = _plan(meta(n_q, d, dt=q_dtype), meta(n_db, d, dt=storage or dtype), meta(n_q),
-                   meta(n_db), cand_d, cand_i, meta(1, dt=torch.int32), precision, cfg, rows)
-    merge = merge_plan(meta(n_q, d, dt=dtype), meta(n_db, d, dt=dtype),
-                       cand_d.view(n_q, -1), cand_i.view(n_q, -1), k, k + RERANK_EXTRA,
+    searches, width = [], 0
+    for r0, r1, cfg, rows in _launch_plans(n_q, n_db, d, precision, q_dtype.itemsize,
+                                           x_dtype.itemsize, cast, major=major):
+        x_op = meta(r1 - r0, d, dt=torch.bfloat16 if cast else x_dtype)
+        cand_d = meta(n_q, cfg.n_split, n_cand)
+        cand_i = meta(n_q, cfg.n_split, n_cand, dt=torch.int32)
+        searches.append(_plan(meta(n_q, d, dt=q_dtype), x_op, meta(n_q), meta(r1 - r0), cand_d,
+                              cand_i, meta(1, dt=torch.int32), precision, cfg, rows))
+        width += cfg.n_split * n_cand
+    merge = merge_plan(meta(n_q, d, dt=dtype), meta(n_db, d, dt=dtype), meta(n_q, width),
+                       meta(n_q, width, dt=torch.int32), k, k + RERANK_EXTRA,
                        meta(n_q, k), meta(n_q, k, dt=torch.int64))
-    return [search, merge]
+    return [*searches, merge]
 
 
 def knn(
@@ -258,6 +305,7 @@ def knn(
     database_sq_norms: torch.Tensor | None = None,
     rerank_database: torch.Tensor | None = None,
     insert_rounds: torch.Tensor | None = None,
+    cast_database: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`grood.functional.knn`: ``(D, I)`` of the k nearest rows.
 
@@ -275,6 +323,10 @@ def knn(
             in host memory). Default: ``database``.
         insert_rounds (Tensor, optional): int32 [1] on the queries' device; the kernel adds the
             number of top-k insertion rounds it ran (for measuring the gating).
+        cast_database (bool, optional): in ``bf16`` mode on a database not stored in bf16,
+            search a bf16 copy made per call (True) or cast each tile in the K-loop (False);
+            default :func:`casts_database`. For measuring one against the other (both
+            return exact fp32 distances of their candidates).
 
     Returns:
         tuple[Tensor, Tensor]: squared distances [Q, k] (fp32, ascending; ties by lower index)
@@ -315,26 +367,46 @@ def knn(
     x_sq = database_sq_norms.to(device=dev, dtype=torch.float32).contiguous()
     q_sq = _sq_norms(queries)
     # bf16 mode: the queries are cast once here, so both operands reach tl.dot as loaded
-    # when the database is stored in bf16.
+    # when the database is stored in bf16, or cast per call (casts_database).
     q_op = queries.to(torch.bfloat16) if precision == "bf16" else queries
+    if cast_database is None:
+        cast = casts_database(n_q, precision, database.dtype)
+    elif cast_database and (precision != "bf16" or database.dtype == torch.bfloat16):
+        raise ValueError("cast_database=True copies a database not stored in bf16 for "
+                         f"precision='bf16'; got precision={precision!r} and a "
+                         f"{database.dtype} database")
+    else:
+        cast = bool(cast_database)
+    plans = _launch_plans(n_q, n_db, d, precision, q_op.element_size(),
+                          database.element_size(), cast, sm_count(dev), target_major(dev))
+    copy = (torch.empty((plans[0][1], d), dtype=torch.bfloat16, device=dev) if cast
+            else None)
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)
-    cfg, rows = _planned(n_q, n_db, d, precision, q_op.element_size(),
-                         database.element_size(), sm_count(dev), target_major(dev))
-    split = cfg.n_split
-    cand_d = torch.empty((n_q, split, n_cand), dtype=torch.float32, device=dev)
-    cand_i = torch.empty((n_q, split, n_cand), dtype=torch.int32, device=dev)
     counter = insert_rounds if insert_rounds is not None else torch.zeros(1, dtype=torch.int32,
                                                                           device=dev)
-    run(_plan(q_op, database, q_sq, x_sq, cand_d, cand_i, counter, precision, cfg, rows,
-              count=insert_rounds is not None))
+    parts_d, parts_i = [], []
+    for r0, r1, cfg, rows in plans:
+        x_op = database
+        if copy is not None:  # the chunk's rows in bf16 (the copy is reused, stream-ordered)
+            x_op = copy[: r1 - r0]
+            x_op.copy_(database[r0:r1])
+        cand_d = torch.empty((n_q, cfg.n_split, n_cand), dtype=torch.float32, device=dev)
+        cand_i = torch.empty((n_q, cfg.n_split, n_cand), dtype=torch.int32, device=dev)
+        run(_plan(q_op, x_op, q_sq, x_sq[r0:r1], cand_d, cand_i, counter, precision, cfg,
+                  rows, count=insert_rounds is not None))
+        if r0:  # the chunk's row ids -> the database's (empty slots stay -1)
+            cand_i.add_((cand_i >= 0).to(torch.int32), alpha=r0)
+        parts_d.append(cand_d.view(n_q, -1))
+        parts_i.append(cand_i.view(n_q, -1))
+    # Chunks in order keep the splits' id ranges ascending: the merge's lower-id rule holds.
+    cand_d = parts_d[0] if len(plans) == 1 else torch.cat(parts_d, 1)
+    cand_i = parts_i[0] if len(plans) == 1 else torch.cat(parts_i, 1)
     if exact_rows.device == dev and n_keep <= MAX_FUSED_KEEP:
-        merge_and_rerank(queries, exact_rows, cand_d.view(n_q, -1), cand_i.view(n_q, -1), k,
-                         n_keep, out_d, out_i)
+        merge_and_rerank(queries, exact_rows, cand_d, cand_i, k, n_keep, out_d, out_i)
         return out_d, out_i
-    return _merge_and_rerank_torch(queries, exact_rows, cand_d.view(n_q, -1),
-                                   cand_i.view(n_q, -1).long(), k, out_d, out_i)
+    return _merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i.long(), k, out_d, out_i)
 
 
 def _merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):

@@ -508,3 +508,27 @@ def test_candidates_report_measures_what_each_count_buys(tmp_path):
     out = tmp_path / "c.md"
     assert candidates.main(["--tiny", "--out", str(out)]) == 0
     assert "Near ties" in out.read_text()
+
+
+def test_search_model_charges_the_bf16_copy_before_the_kernel():
+    """bf16 mode on an fp32 database with many queries searches a bf16 copy: the model adds
+    the copy's pass (fp32 read, bf16 written) to the HBM bytes and its time to every bound,
+    against the same launch modelled as bf16 storage (no copy)."""
+    from grood_kernels import knn
+
+    launch, _ = knn.compile_launches(4096, 100_000, 256, "bf16")
+    assert launch.args[1].dtype == torch.bfloat16
+    dims = (4096, 100_000, 256)
+    copied = traffic_model.model("knn", launch, dims, "bf16", "sm_90a", 1)
+    stored = traffic_model.model("knn", launch, dims, "bf16-storage", "sm_90a", 1)
+    cast = 100_000 * 256 * 6
+    assert copied["hbm_bytes"] == stored["hbm_bytes"] + cast
+    before = cast / (traffic_model.ROOFS["sm_90a"]["hbm_tbs"] * 1e12) * 1e3
+    for roof in ("compute", "hbm", "l2"):
+        assert copied["bound_ms"][roof] == pytest.approx(stored["bound_ms"][roof] + before,
+                                                         abs=1e-4)
+    assert "rows cast to bf16 first" in copied["model_notes"]
+    issue = traffic_model.with_issue_bound(copied, 0.5, "bf16", "sm_90a")
+    plain = traffic_model.with_issue_bound(stored, 0.5, "bf16", "sm_90a")
+    assert issue["bound_ms"]["issue"] == pytest.approx(plain["bound_ms"]["issue"] + before,
+                                                       abs=1e-4)

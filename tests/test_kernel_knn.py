@@ -1,5 +1,6 @@
 """The Triton knn kernel against float64 brute force (interpreter on the CPU, or a GPU)."""
 
+import itertools
 import os
 
 import numpy as np
@@ -354,3 +355,94 @@ def test_blackwell_takes_smaller_tiles_under_older_triton(monkeypatch):
     monkeypatch.setattr(_launch, "target_major", lambda device: 10)
     got = knn(queries, db, 5, precision="tf32")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _poison_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # every buffer the launcher allocates starts poisoned
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(kernel_module.torch, "empty", nan_empty)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_a_database_copied_to_bf16_in_chunks_searches_as_bf16_storage(k, monkeypatch):
+    """The per-call bf16 copy, cast and searched chunk by chunk (4 chunks, the last shorter;
+    the copy's buffer reused): the same neighbours and exact distances, bit for bit, as the
+    same rows stored in bf16 with the fp32 rows for the re-rank, and float64's; ties across
+    chunks go to the lower index; the caller's database is untouched. The copy is taken here
+    in ``ieee`` (the interpreter's bf16 dot is not the hardware's; the GPU runs the bf16 test
+    below), and k = 40 merges in torch."""
+    _poison_empty(monkeypatch)
+    monkeypatch.setattr(kernel_module, "casts_database",
+                        lambda n_q, precision, x_dtype: x_dtype != torch.bfloat16)
+    monkeypatch.setattr(kernel_module, "CAST_CHUNK_BYTES", 100 * 40 * 2)
+    assert kernel_module.cast_chunks(301, 40) == [(0, 76), (76, 152), (152, 228), (228, 301)]
+    queries, db = _data(30, 301, 40, seed=12)
+    db[150] = db[299] = db[17]  # one row three times, in three chunks
+    queries[3] = db[17]
+    before = db.clone()
+    dist, idx = knn(queries, db, k)
+    want_d, want_i = knn(queries, db.to(torch.bfloat16), k, rerank_database=db)
+    assert torch.equal(idx, want_i) and torch.equal(dist, want_d)
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), k)
+    assert torch.equal(idx.cpu(), ref_i)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+    assert idx[3, :3].tolist() == [17, 150, 299][:k]
+    assert torch.equal(db, before)
+
+
+def test_when_bf16_mode_copies_the_database():
+    """The rule: bf16 mode, a database not stored in bf16, CAST_MIN_QUERIES queries or more;
+    the chunks cover the rows in order within CAST_CHUNK_BYTES; the compile report's launches
+    follow it (two chunks of bf16 rows at ImageNet-1k's 1.28 M x 2,048, one fp32 launch with
+    fewer queries); ``cast_database=True`` is refused where there is nothing to copy."""
+    rule = kernel_module.casts_database
+    many = kernel_module.CAST_MIN_QUERIES
+    assert rule(many, "bf16", torch.float32) and rule(many, "bf16", torch.float16)
+    assert not rule(many - 1, "bf16", torch.float32)
+    assert not rule(many, "bf16", torch.bfloat16)
+    assert not any(rule(many, p, torch.float32) for p in ("ieee", "tf32", "tf32x3"))
+    for n_db, d in ((1281167, 2048), (50000, 512), (1, 1)):
+        chunks = kernel_module.cast_chunks(n_db, d)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n_db
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
+        assert all((r1 - r0) * d * 2 <= kernel_module.CAST_CHUNK_BYTES for r0, r1 in chunks)
+    assert len(kernel_module.cast_chunks(1281167, 2048)) == 2
+
+    searches = kernel_module.compile_launches(10000, 1281167, 2048, "bf16")[:-1]
+    assert [s.args[1].dtype for s in searches] == [torch.bfloat16] * 2
+    assert sum(s.args[1].shape[0] for s in searches) == 1281167
+    merge = kernel_module.compile_launches(10000, 1281167, 2048, "bf16")[-1]
+    assert merge.args[2].shape[1] == sum(s.args[4].shape[1] * s.args[4].shape[2]
+                                         for s in searches)
+    few = kernel_module.compile_launches(1000, 1281167, 2048, "bf16")
+    assert len(few) == 2 and few[0].args[1].dtype == torch.float32
+    assert kernel_module.compile_launches(10000, 50000, 512, "bf16",
+                                          storage=torch.bfloat16)[0].args[1].shape[0] == 50000
+
+    from grood._bench.search import _search_variants  # the GPU report times both
+
+    assert list(_search_variants(["torch", "triton"], "bf16", torch.float32, many)) == [
+        ("torch", {}), ("triton", {}), ("triton", {"cast_database": False})]
+    assert len(list(_search_variants(["triton"], "bf16", torch.float32, many - 1))) == 1
+    assert len(list(_search_variants(["triton"], "bf16", torch.bfloat16, many))) == 1
+
+    queries, db = _data(3, 5, 4, seed=6)
+    for precision, rows in (("tf32", db), ("bf16", db.to(torch.bfloat16))):
+        with pytest.raises(ValueError, match="cast_database=True"):
+            knn(queries, rows, precision=precision, cast_database=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter's bf16 dot is not the hardware's")
+def test_bf16_mode_on_an_fp32_database_copied_or_cast_per_tile():
+    """On the device: bf16 mode's per-call copy and its per-tile cast both find float64's
+    neighbours, with exact fp32 distances."""
+    queries, db = _data(300, 5000, 96, seed=13)
+    ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 4)
+    for cast in (True, False):
+        dist, idx = knn(queries, db, 4, precision="bf16", cast_database=cast)
+        assert torch.equal(idx.cpu(), ref_i)
+        torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
