@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from grood._bench.common import PEAKS
 
 #: Roofs per target. sm_90a: H200 figures measured on the device (dense GEMM and device copy);
@@ -278,7 +280,7 @@ def _knn_grouped(launch, precision, arch, ctas):
     notes.append(f"database read {groups}x from HBM ({groups} query group(s) of {group_q} "
                  "blocks)")
     before = 0.0
-    if precision == "bf16" and ex == 2:  # not bf16 storage: the launcher's copy of fp32 rows
+    if precision == "bf16" and x.dtype == torch.bfloat16:  # the launcher's copy of fp32 rows
         cast = m * d * (4 + 2)  # fp32 read, bf16 written, before the kernel starts
         before = cast / (ROOFS[arch]["hbm_tbs"] * 1e12) * 1e3
         hbm += cast

@@ -214,7 +214,12 @@ def casts_database(n_q: int, precision: str, x_dtype: torch.dtype) -> bool:
     reads the fp32 rows through L2 once per query block. The copy is searched as bf16
     storage is (128 x 256 tiles, wgmma in flight), for one more pass over the database; with
     few queries that pass is most of the search, so they keep the cast in the K-loop."""
-    return precision == "bf16" and x_dtype != torch.bfloat16 and n_q >= CAST_MIN_QUERIES
+    return _castable(precision, x_dtype) and n_q >= CAST_MIN_QUERIES
+
+
+def _castable(precision: str, x_dtype: torch.dtype) -> bool:
+    """Whether there is a bf16 copy to make: ``bf16`` mode on rows not stored in bf16."""
+    return precision == "bf16" and x_dtype != torch.bfloat16
 
 
 def cast_chunks(n_db: int, d: int) -> list[tuple[int, int]]:
@@ -371,7 +376,7 @@ def knn(
     q_op = queries.to(torch.bfloat16) if precision == "bf16" else queries
     if cast_database is None:
         cast = casts_database(n_q, precision, database.dtype)
-    elif cast_database and (precision != "bf16" or database.dtype == torch.bfloat16):
+    elif cast_database and not _castable(precision, database.dtype):
         raise ValueError("cast_database=True copies a database not stored in bf16 for "
                          f"precision='bf16'; got precision={precision!r} and a "
                          f"{database.dtype} database")

@@ -199,7 +199,7 @@ def _search_variants(backends: list[str], precision: str, storage: torch.dtype, 
     casting each tile in the K-loop instead (``cast_database=False``), for the comparison."""
     for backend in backends:
         yield backend, {}
-        if backend == "triton" and storage != torch.bfloat16:
+        if backend == "triton":
             from grood_kernels.knn import casts_database  # the Triton backend is installed
 
             if casts_database(n_q, precision, storage):
