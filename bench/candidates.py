@@ -92,9 +92,9 @@ def step(u: Tensor, centred: Tensor, gemm: Tensor, n_cand: int
 
 
 #: Relative error of one GEMM operand in each mode: TF32 truncation keeps 10 of fp32's 23
-#: mantissa bits (< 2**-10), bf16 rounding to nearest 7 (<= 2**-9), tf32x3's hi + lo split
-#: (lo truncated to TF32 in its turn) 2**-19.
-OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -10, "tf32x3": 2.0 ** -19, "bf16": 2.0 ** -9}
+#: mantissa bits (< 2**-10), bf16 rounding to nearest 7 (half a unit in the 7th bit: <= 2**-8),
+#: tf32x3's hi + lo split (lo truncated to TF32 in its turn) 2**-19.
+OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -10, "tf32x3": 2.0 ** -19, "bf16": 2.0 ** -8}
 
 
 def accumulated_terms(mode: str, d: int) -> int:

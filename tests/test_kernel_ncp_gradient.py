@@ -1057,6 +1057,16 @@ def test_first_tile_candidates_give_the_same_results_bit_for_bit(monkeypatch, pr
                                b.view(torch.int32) if b.is_floating_point() else b)
 
 
+def _candidates():
+    """``bench/candidates.py``, the CPU emulation the gate was measured with."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import candidates
+
+    return candidates
+
+
 @triton.jit
 def _bound_kernel(usq_ptr, psq_ptr, out_ptr, D, N: tl.constexpr, C: tl.constexpr,
                   DOT_MODE: tl.constexpr):
@@ -1084,11 +1094,7 @@ def test_gemm_error_bound_is_the_one_measured():
     """The kernels' bound (``gemm_error_sq``) is the formula ``bench/candidates.py`` measured
     the gate with (every mode), and it covers the fp32 GEMM's error on the near ties and each
     emulated reduced-precision GEMM's."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import candidates
-
+    candidates = _candidates()
     h, protos, p_ood = near_ties_problem(n=16, c=16)
     u, centred = (h - p_ood).float(), (protos - p_ood).float()
     exact = torch.cdist(u.double(), centred.double()).square()
@@ -1105,3 +1111,68 @@ def test_gemm_error_bound_is_the_one_measured():
     gemm = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * u @ centred.T
     assert bool(((gemm.double() - exact).abs() <= candidates.gemm_error_bound(
         u, centred, "ieee")).all())
+
+
+#: Per mode, a value the GEMM rounds by (nearly) its largest relative operand error: bf16
+#: rounds 1 + 2**-8 - 2**-16 to 1 (nearest), TF32 truncates 1 + 2**-10 - 2**-20 to 1;
+#: tf32x3's split loses at most 2**-20 of it, ieee nothing.
+COHERENT = {"ieee": 1 + 2 ** -10, "tf32": 1 + 2 ** -10 - 2 ** -20,
+            "tf32x3": 1 + 2 ** -10 - 2 ** -20, "bf16": 1 + 2 ** -8 - 2 ** -16}
+
+
+def _coherent_problem(mode, d=64):
+    """Two rows of ``COHERENT[mode]`` (the OOD prototype is 0, so u = h up to the power-of-two
+    scale), their nearest prototype equal to them (class 1, exact distance 0) but rounded by
+    the GEMM in every element the same way, so its GEMM distance is as far above 0 as operand
+    rounding can put it; class 0, all ones (exact in every mode), which the GEMM puts nearer
+    in tf32 and bf16, though it is D (x - 1)**2 away; and two far classes."""
+    x = COHERENT[mode]
+    h = torch.full((2, d), x)
+    protos = torch.stack([torch.ones(d), torch.full((d,), x), torch.full((d,), 5.0),
+                          torch.full((d,), -3.0)])
+    return h, protos, torch.zeros(d)
+
+
+@pytest.mark.parametrize("mode", ["ieee", "tf32", "tf32x3", "bf16"])
+def test_gemm_error_bound_covers_coherent_rounding(mode):
+    """Operand rounding that goes the same way in every element is the bound's worst case:
+    the bound (``gemm_error_sq`` and the emulation's formula) covers it, and the gate then
+    re-ranks the class the GEMM put second, which is the nearest. bf16's operand term was
+    2**-9 (a quarter of its 8 significant bits' unit, not half): the GEMM's error here was
+    1.97 times the bound, the gate left the nearest class out and predicted class 0."""
+    candidates = _candidates()
+    h, protos, p_ood = _coherent_problem(mode)
+    u, centred = h - p_ood, protos - p_ood
+    exact = torch.cdist(u.double(), centred.double()).square()
+    bound = candidates.gemm_error_bound(u, centred, mode)
+    dots = candidates.emulated_dots(u, centred, mode)
+    gemm_sq = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * dots
+    err = (gemm_sq.double() - exact).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    if mode in ("tf32", "bf16"):  # rounding's worst case: within 2 % of the bound
+        assert float((err / bound)[:, 1].min()) > 0.98
+    out = torch.empty(2, 4, device=DEVICE)
+    _bound_kernel[(1,)](u.square().sum(1).to(DEVICE),
+                        centred.square().sum(1).expand(2, 4).contiguous().to(DEVICE),
+                        out, u.shape[1], N=2, C=4, DOT_MODE=contract.DOT_MODES[mode])
+    torch.testing.assert_close(out.cpu().double(), bound, rtol=1e-5, atol=0)
+    gemm = candidates.emulated_distances(u, centred, mode)
+    if mode in ("tf32", "bf16"):
+        assert bool((gemm[:, 0] < gemm[:, 1]).all())  # the GEMM's nearest is class 0
+    _, _, pred, _ = candidates.gated_step(u, centred, gemm, bound, always=1)
+    assert pred.tolist() == [1, 1]
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["launcher", "staged", "split"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_gate_finds_the_nearest_under_coherent_rounding_on_gpu(precision, variant, request):
+    """On tensor cores the GEMM rounds ``_coherent_problem``'s rows and their nearest
+    prototype the same way in every element and ranks another class first; the gated
+    re-rank still returns the nearest (class 1, distance 0)."""
+    if variant != "launcher":
+        request.getfixturevalue(variant)
+    h, protos, p_ood = (t.to(DEVICE) for t in _coherent_problem(precision))
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    assert res.pred.tolist() == [1, 1]
+    assert res.min_dist.tolist() == [0.0, 0.0]
