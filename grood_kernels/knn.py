@@ -29,6 +29,7 @@ The same computation in PyTorch is :func:`grood.functional.knn`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -230,6 +231,11 @@ def cast_chunks(n_db: int, d: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n_db)) for r0 in range(0, n_db, rows)]
 
 
+def _bf16_copy(rows: int, d: int, device: torch.device) -> torch.Tensor:
+    """The buffer each chunk of the database is copied into in bf16, [rows, D]."""
+    return torch.empty((rows, d), dtype=torch.bfloat16, device=device)
+
+
 def _sq_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
     """``||x||^2`` per row in fp32, by a fused reduction (no squared copy of ``x``)."""
     return torch.cat([torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).square()
@@ -330,8 +336,10 @@ def knn(
             number of top-k insertion rounds it ran (for measuring the gating).
         cast_database (bool, optional): in ``bf16`` mode on a database not stored in bf16,
             search a bf16 copy made per call (True) or cast each tile in the K-loop (False);
-            default :func:`casts_database`. For measuring one against the other (both
-            return exact fp32 distances of their candidates).
+            default :func:`casts_database`, or the K-loop cast (with a ``RuntimeWarning``)
+            where the device has no memory for the copy, which True raises instead. For
+            measuring one against the other (both return exact fp32 distances of their
+            candidates).
 
     Returns:
         tuple[Tensor, Tensor]: squared distances [Q, k] (fp32, ascending; ties by lower index)
@@ -382,10 +390,24 @@ def knn(
                          f"{database.dtype} database")
     else:
         cast = bool(cast_database)
+    copy = None
+    if cast:
+        rows = cast_chunks(n_db, d)[0][1]
+        try:
+            copy = _bf16_copy(rows, d, dev)
+        except torch.OutOfMemoryError:
+            if cast_database:
+                raise
+            # The copy is a speed-up: without room for it, cast each tile in the K-loop,
+            # which needs no memory beyond the search's own.
+            warnings.warn(f"no device memory for the bf16 copy of the database "
+                          f"({rows * d * 2 / 2**30:.2f} GiB); the search casts its tiles in "
+                          "the kernel instead (slower; store the index in bf16, or pass "
+                          "cast_database=False, to skip the copy)", RuntimeWarning,
+                          stacklevel=2)
+            cast = False
     plans = _launch_plans(n_q, n_db, d, precision, q_op.element_size(),
                           database.element_size(), cast, sm_count(dev), target_major(dev))
-    copy = (torch.empty((plans[0][1], d), dtype=torch.bfloat16, device=dev) if cast
-            else None)
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)

@@ -446,3 +446,24 @@ def test_bf16_mode_on_an_fp32_database_copied_or_cast_per_tile():
         dist, idx = knn(queries, db, 4, precision="bf16", cast_database=cast)
         assert torch.equal(idx.cpu(), ref_i)
         torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+def test_without_memory_for_the_bf16_copy_the_search_casts_in_the_kernel(monkeypatch):
+    """The per-call bf16 copy is a speed-up: where the device cannot hold it, the search
+    casts each tile in the K-loop instead, with a warning naming the copy's size, and returns
+    what ``cast_database=False`` returns; asked for with ``cast_database=True``, the
+    out-of-memory error is raised. (Taken in ``ieee``, as the chunked-copy test above.)"""
+    monkeypatch.setattr(kernel_module, "casts_database",
+                        lambda n_q, precision, x_dtype: x_dtype != torch.bfloat16)
+    queries, db = _data(20, 150, 24, seed=13)
+    want = knn(queries, db, 3, cast_database=False)
+
+    def no_memory(rows, d, device):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {rows * d * 2} B")
+
+    monkeypatch.setattr(kernel_module, "_bf16_copy", no_memory)
+    with pytest.warns(RuntimeWarning, match=r"no device memory for the bf16 copy .*0\.00 GiB"):
+        got = knn(queries, db, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(torch.OutOfMemoryError):
+        knn(queries, db, 3, precision="bf16", cast_database=True)
