@@ -308,22 +308,38 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 @contextmanager
 def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode (restored afterwards).
+    """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode, and keep the CPU's in fp32
+    in every mode (restored afterwards).
 
-    Through the per-backend setting ``torch.backends.cuda.matmul.fp32_precision`` alone, the
-    value ATen's matmuls read: the legacy getters (``allow_tf32``,
-    ``torch.get_float32_matmul_precision``) raise once a program has set TF32 through the
-    per-backend or generic API. Reading the setting answers the generic one
-    (``torch.backends.fp32_precision``) where this backend's own is ``"none"``; it is given
-    back as ``"none"`` then, so nothing stays pinned."""
-    if device.type != "cuda":
+    On the CPU, oneDNN runs float32 matmuls with bf16 or TF32 arithmetic where the program
+    asked for it (``torch.set_float32_matmul_precision("medium")`` or ``("high")``, or
+    ``torch.backends.mkldnn.matmul.fp32_precision``) and the CPU has the instructions; the
+    torch backend's GEMM is fp32 there whatever the mode (``tf32`` is ``ieee`` on the CPU,
+    ``bf16`` rounds its operands itself), so its answers do not depend on that setting.
+
+    Through the per-backend setting (``torch.backends.cuda.matmul.fp32_precision``,
+    ``torch.backends.mkldnn.matmul.fp32_precision``) alone, the value ATen's matmuls read:
+    the legacy getters (``allow_tf32``, ``torch.get_float32_matmul_precision``) raise once a
+    program has set TF32 through the per-backend or generic API. Reading the setting answers
+    the generic one (``torch.backends.fp32_precision``) where this backend's own is
+    ``"none"``; it is given back as ``"none"`` then, so nothing stays pinned. A CPU setting
+    that is fp32 already is left alone."""
+    # oneDNN's flags are a module attribute torch sets at run time, unknown to its stubs.
+    cpu_flags = getattr(torch.backends.mkldnn, "matmul", None)
+    flags: Any
+    if device.type == "cuda":
+        flags = torch.backends.cuda.matmul
+        want = "tf32" if precision == "tf32" else "ieee"
+    elif device.type == "cpu" and cpu_flags is not None and cpu_flags.fp32_precision not in (
+            "none", "ieee"):
+        flags, want = cpu_flags, "ieee"
+    else:
         yield
         return
-    flags = torch.backends.cuda.matmul
     own = flags.fp32_precision
     # The global setting is a module attribute torch sets at run time, unknown to its stubs.
     saved = "none" if own == torch.backends.fp32_precision else own  # type: ignore[attr-defined]
-    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    flags.fp32_precision = want
     try:
         yield
     finally:

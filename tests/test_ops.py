@@ -198,3 +198,64 @@ def test_matmul_precision_works_under_every_tf32_setting_and_restores_it(setup):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["inside"] == {"ieee": "ieee", "tf32": "tf32", "tf32x3": "ieee", "bf16": "ieee"}
     assert out["after"] == out["before"]
+
+
+# How a program may ask for faster float32 matmuls on the CPU: oneDNN then uses bf16 or TF32
+# arithmetic where the CPU has it (AVX512-BF16 / AMX; this one's float32 GEMM changes under
+# "medium").
+_CPU_MATMUL_SETUPS = {
+    "untouched": "",
+    "legacy medium": "torch.set_float32_matmul_precision('medium')",
+    "legacy high": "torch.set_float32_matmul_precision('high')",
+    "per-backend bf16": "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",
+}
+
+_CPU_OPS = textwrap.dedent("""
+    import io, json, sys, warnings
+    warnings.simplefilter("ignore")
+    import torch
+    from grood import functional as F
+    from grood_kernels.contract import matmul_precision
+    {setup}
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with matmul_precision("ieee", torch.device("cpu")):
+        inside = torch.backends.mkldnn.matmul.fp32_precision
+    gen = torch.Generator().manual_seed(0)
+    h, protos = torch.rand(300, 256, generator=gen), torch.rand(50, 256, generator=gen)
+    res = F.ncp_gradient(h, protos, protos.mean(0))
+    queries, rows = torch.rand(200, 256, generator=gen), torch.rand(3000, 256, generator=gen)
+    dist, idx = F.knn(queries, rows, 5, precision="tf32")
+    buf = io.BytesIO()
+    torch.save([res.grad, res.q_ood, res.lse, res.min_dist, res.pred, dist, idx], buf)
+    print(json.dumps({{"before": before, "inside": inside,
+                      "after": torch.backends.mkldnn.matmul.fp32_precision,
+                      "results": buf.getvalue().hex()}}))
+""")
+
+
+def _cpu_ops(setup: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", _CPU_OPS.format(setup=setup)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def untouched_cpu_ops():
+    return _cpu_ops("")
+
+
+@pytest.mark.parametrize("setup", [s for s in _CPU_MATMUL_SETUPS if s != "untouched"])
+def test_cpu_answers_do_not_depend_on_the_programs_matmul_precision(setup, untouched_cpu_ops):
+    """A program that asked for bf16 or TF32 float32 matmuls on the CPU gets the torch
+    backend's answers bit for bit as without (both ops, an ieee and a tf32 GEMM): inside the
+    guard oneDNN's float32 matmuls are fp32, and the program's setting is back afterwards.
+    Untouched, the guard sets nothing. In a fresh process per setting (the flags are
+    process-wide)."""
+    out = _cpu_ops(_CPU_MATMUL_SETUPS[setup])
+    fp32 = out["before"] in ("none", "ieee")  # (a torch whose legacy call sets no oneDNN flag)
+    assert out["inside"] == (out["before"] if fp32 else "ieee")
+    assert out["after"] == out["before"]
+    assert out["before"] == "bf16" or setup != "per-backend bf16"
+    assert out["results"] == untouched_cpu_ops["results"]
+    assert untouched_cpu_ops["inside"] == untouched_cpu_ops["after"] == "none"
