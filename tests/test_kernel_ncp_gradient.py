@@ -1120,17 +1120,18 @@ COHERENT = {"ieee": 1 + 2 ** -10, "tf32": 1 + 2 ** -10 - 2 ** -20,
             "tf32x3": 1 + 2 ** -10 - 2 ** -20, "bf16": 1 + 2 ** -8 - 2 ** -16}
 
 
-def _coherent_problem(mode, d=64):
+def _coherent_problem(mode, d=64, scale=1.0):
     """Two rows of ``COHERENT[mode]`` (the OOD prototype is 0, so u = h up to the power-of-two
     scale), their nearest prototype equal to them (class 1, exact distance 0) but rounded by
     the GEMM in every element the same way, so its GEMM distance is as far above 0 as operand
     rounding can put it; class 0, all ones (exact in every mode), which the GEMM puts nearer
-    in tf32 and bf16, though it is D (x - 1)**2 away; and two far classes."""
+    in tf32 and bf16, though it is D (x - 1)**2 away; and two far classes. All times
+    ``scale``."""
     x = COHERENT[mode]
     h = torch.full((2, d), x)
     protos = torch.stack([torch.ones(d), torch.full((d,), x), torch.full((d,), 5.0),
                           torch.full((d,), -3.0)])
-    return h, protos, torch.zeros(d)
+    return h * scale, protos * scale, torch.zeros(d)
 
 
 @pytest.mark.parametrize("mode", ["ieee", "tf32", "tf32x3", "bf16"])
@@ -1161,6 +1162,15 @@ def test_gemm_error_bound_covers_coherent_rounding(mode):
         assert bool((gemm[:, 0] < gemm[:, 1]).all())  # the GEMM's nearest is class 0
     _, _, pred, _ = candidates.gated_step(u, centred, gemm, bound, always=1)
     assert pred.tolist() == [1, 1]
+    # Other lengths and magnitudes (a power of two keeps the rounding, 3 changes it)
+    for d in (1, 7, 1000, 4096):
+        for scale in (2.0 ** -40, 3.0, 2.0 ** 40):
+            u, centred, _ = _coherent_problem(mode, d, scale)
+            exact = torch.cdist(u.double(), centred.double()).square()
+            dots = candidates.emulated_dots(u, centred, mode)
+            gemm_sq = (u * u).sum(1, keepdim=True) + (centred * centred).sum(1) - 2 * dots
+            bound = candidates.gemm_error_bound(u, centred, mode)
+            assert bool(((gemm_sq.double() - exact).abs() <= bound).all()), (d, scale)
 
 
 @gpu
