@@ -49,6 +49,64 @@ def _patch_the_language_once_per_launch():
 _patch_the_language_once_per_launch()
 
 
+def _bf16_as_the_hardware_computes_it() -> bool:
+    """Triton's interpreter keeps bf16 values as their uint16 bits (numpy has no bf16), casts
+    fp32 to bf16 by truncation, and multiplies the raw bits in ``tl.dot``: a bf16 GEMM comes
+    out as garbage (the gradient step's predictions 15 % right on random rows). The GPU
+    rounds to nearest even (``cvt.rn.bf16.f32``) and the tensor cores multiply bf16 values
+    exactly, accumulating in fp32. Here the interpreter does the same: fp32 -> bf16 casts
+    round to nearest even (NaN stays NaN, overflow goes to Inf), bf16 -> fp32 widens the bits,
+    and a dot widens bf16 operands to fp32 before its fp32 matmul (their products are exact
+    in fp32). Returns whether it is in place (the interpreter's internals as in triton 3.6 and
+    3.9); bf16 kernel tests that need it skip otherwise."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    if builder is None or handle is None or not all(
+            hasattr(builder, name) for name in ("cast_impl", "create_dot")):
+        return False
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    def to_bf16(x):
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+    def to_f32(x):
+        return (np.asarray(x).astype(np.uint32) << 16).view(np.float32)
+
+    def cast_impl(self, src, dst_type):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if s == tl.float32 and d == tl.bfloat16:
+            return handle(to_bf16(src.data), d)
+        if s == tl.bfloat16 and d == tl.float32:
+            return handle(to_f32(src.data), d)
+        return cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = handle(to_f32(a.data), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = handle(to_f32(b.data), tl.float32)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.cast_impl = cast_impl
+    builder.create_dot = create_dot
+    return True
+
+
+#: Whether the interpreter computes bf16 as the GPU does
+#: (:func:`_bf16_as_the_hardware_computes_it`).
+INTERPRETER_BF16 = _bf16_as_the_hardware_computes_it()
+
+
 def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, spread: float = 0.3,
                        dtype: torch.dtype = torch.float64):
     """Non-negative, clustered features like a post-ReLU penultimate layer, with labels."""
