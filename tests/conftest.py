@@ -107,6 +107,47 @@ def _bf16_as_the_hardware_computes_it() -> bool:
 INTERPRETER_BF16 = _bf16_as_the_hardware_computes_it()
 
 
+@pytest.fixture
+def tensor_core_tf32(monkeypatch):
+    """Triton's interpreter with ``tl.dot``'s ``tf32`` and ``tf32x3`` as tensor cores compute
+    them; it computes both in fp32. TF32 keeps 10 of fp32's 23 mantissa bits (the MMA reads
+    fp32 operands and drops the low 13: truncation, within the 2**-10 the kernels' error
+    bound counts); tf32x3 splits each operand into ``hi`` (truncated) and ``lo = x - hi``
+    (truncated in its turn) and sums ``hi.lo + lo.hi + hi.hi`` in fp32. Skips where the
+    interpreter's internals are not those of triton 3.6 / 3.9."""
+    import numpy as np
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("emulates tensor cores under Triton's interpreter")
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    if builder is None or handle is None or not hasattr(builder, "create_dot"):
+        pytest.skip("this triton's interpreter differs")
+    dot = builder.create_dot
+
+    def tf32(x):
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        return (bits & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        mode = str(input_precision).rsplit(".", 1)[-1].upper()
+        if a.dtype.scalar != tl.float32 or b.dtype.scalar != tl.float32 or mode not in (
+                "TF32", "TF32X3"):
+            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        acc = np.asarray(d.data, dtype=np.float32)
+        a_hi, b_hi = tf32(a.data), tf32(b.data)
+        if mode == "TF32X3":
+            a_lo, b_lo = tf32(a.data - a_hi), tf32(b.data - b_hi)
+            acc = acc + np.matmul(a_hi, b_lo, dtype=np.float32)
+            acc = acc + np.matmul(a_lo, b_hi, dtype=np.float32)
+        return handle(acc + np.matmul(a_hi, b_hi, dtype=np.float32), d.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+
+
 def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, spread: float = 0.3,
                        dtype: torch.dtype = torch.float64):
     """Non-negative, clustered features like a post-ReLU penultimate layer, with labels."""

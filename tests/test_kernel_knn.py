@@ -112,8 +112,21 @@ def test_half_precision_storage(dtype):
     torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
-def test_precision_modes_return_exact_fp32_results(precision):
+#: bf16 runs where its dot is the hardware's: on a GPU, or under the interpreter as
+#: tests/conftest.py makes it compute bf16.
+BF16_RUNS = ON_GPU or INTERPRETER_BF16
+NEEDS_BF16 = pytest.mark.skipif(not BF16_RUNS,
+                                reason="this triton's interpreter computes bf16 dots wrongly")
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32",
+                                       pytest.param("bf16", marks=NEEDS_BF16)])
+def test_precision_modes_return_exact_fp32_results(precision, request):
+    """Every mode picks its candidates by its own GEMM (on the CPU with TF32 rounded as
+    tensor cores round it, ``tensor_core_tf32``) and returns float64's neighbours with exact
+    fp32 distances."""
+    if precision.startswith("tf32") and not ON_GPU:
+        request.getfixturevalue("tensor_core_tf32")
     queries, db = _data(20, 150, 40, seed=4)
     dist, idx = knn(queries, db, 3, precision=precision)
     ref_d, ref_i = functional.knn(queries.double(), db.double(), 3)
@@ -190,11 +203,6 @@ def _small_tiles(monkeypatch, group_q=2):
     monkeypatch.setattr(kernel_module, "launch_config", small)
 
 
-#: bf16 runs where its dot is the hardware's: on a GPU, or under the interpreter as
-#: tests/conftest.py makes it compute bf16.
-BF16_RUNS = ON_GPU or INTERPRETER_BF16
-NEEDS_BF16 = pytest.mark.skipif(not BF16_RUNS,
-                                reason="this triton's interpreter computes bf16 dots wrongly")
 PRECISIONS = ["ieee", "tf32", "tf32x3", pytest.param("bf16", marks=NEEDS_BF16)]
 
 

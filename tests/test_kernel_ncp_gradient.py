@@ -243,6 +243,28 @@ def test_fp32_faithful_modes(precision):
     assert torch.equal(res.pred.cpu(), ref.pred.cpu())
 
 
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
+@pytest.mark.parametrize(("precision", "variant"), [
+    ("tf32", "launcher"), ("tf32", "staged"), ("tf32", "split"), ("tf32x3", "launcher")])
+def test_tensor_core_tf32_modes_match_float64_twin(n, c, d, precision, variant, request,
+                                                    poisoned_outputs):
+    """tf32 and tf32x3 with the GEMM's operands rounded as tensor cores round them (on the
+    CPU: ``tensor_core_tf32``; the interpreter computes both in fp32 otherwise) against the
+    float64 twin at every shape, for the launcher, and in tf32 the staged and split variants
+    (the split variant's GEMM is torch's, fp32 on the CPU): the exact re-rank and its gate
+    keep pred and min_dist exact, and the far GEMM terms keep q_ood within tf32's 1e-3
+    (tf32x3: fp32's 1e-5)."""
+    if variant != "launcher":
+        request.getfixturevalue(variant)
+    if not ON_GPU:
+        request.getfixturevalue("tensor_core_tf32")
+    h, protos, p_ood = _problem(n, c, d)
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    _assert_matches_twin(res, h, protos, p_ood, rtol=1e-3 if precision == "tf32" else 1e-5)
+    if precision == "tf32" and variant != "split" and c > 4 and d > 20:  # (TF32 GEMM terms)
+        assert not torch.equal(res.lse, ncp_gradient(h, protos, p_ood).lse)
+
+
 @NEEDS_BF16
 @pytest.mark.parametrize("variant", ["launcher", "staged", "split"])
 def test_bf16_mode(variant, request):
@@ -1184,16 +1206,17 @@ def test_gemm_error_bound_covers_coherent_rounding(mode):
 
 
 @pytest.mark.parametrize("variant", ["launcher", "staged", "split"])
-@pytest.mark.parametrize("precision", [pytest.param("tf32", marks=pytest.mark.skipif(
-    not ON_GPU, reason="the interpreter's tf32 dot is exact fp32")),
-    pytest.param("bf16", marks=NEEDS_BF16)])
+@pytest.mark.parametrize("precision", ["tf32", pytest.param("bf16", marks=NEEDS_BF16)])
 def test_gate_finds_the_nearest_under_coherent_rounding(precision, variant, request):
     """The GEMM rounds ``_coherent_problem``'s rows and their nearest prototype the same way
     in every element and ranks another class first; the gated re-rank still returns the
     nearest (class 1, distance 0). With bf16's bound at 2**-9 it returned class 0 (under the
-    interpreter as tests/conftest.py makes it compute bf16, as on the GPU)."""
+    interpreter as tests/conftest.py makes it compute bf16 and tf32, as on the GPU; the
+    split variant's GEMM is torch's, fp32 on the CPU)."""
     if variant != "launcher":
         request.getfixturevalue(variant)
+    if precision == "tf32" and not ON_GPU:
+        request.getfixturevalue("tensor_core_tf32")
     h, protos, p_ood = (t.to(DEVICE) for t in _coherent_problem(precision))
     res = ncp_gradient(h, protos, p_ood, precision=precision)
     assert res.pred.tolist() == [1, 1]
