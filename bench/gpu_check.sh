@@ -73,7 +73,8 @@ step() {
 }
 
 # Compiling the kernels' variants dominates the tests: with pytest-xdist (on the lent machines'
-# image) 12 processes compile side by side on its 16 cores (8 took 94 s on the H200 machine);
+# image) 12 processes compile side by side on its 16 cores (8 took 94 s on the H200 machine,
+# before the bf16 and tf32 variants' tests at every shape were added: hence 180 s);
 # the compiled kernels stay in triton's cache for the report after them.
 parallel=()
 if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then parallel=(-n 12); fi
@@ -88,7 +89,7 @@ roofline=(python bench/roofline.py bench/compile_report.json "$out/roofline_meas
 pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
 run_step() {
     case $1 in
-    tests) step 150 "kernel, custom-op and head tests (compiled Triton)" \
+    tests) step 180 "kernel, custom-op and head tests (compiled Triton)" \
         "python -m pytest -q --maxfail=10 -p no:cacheprovider ${parallel[*]} \
         tests/test_kernel_ncp_gradient.py tests/test_library.py tests/test_kernel_knn.py \
         --deselect '$torch_capture'" ;;
