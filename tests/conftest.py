@@ -110,22 +110,30 @@ INTERPRETER_BF16 = _bf16_as_the_hardware_computes_it()
 @pytest.fixture
 def tensor_core_tf32(monkeypatch):
     """Triton's interpreter with ``tl.dot``'s ``tf32`` and ``tf32x3`` as tensor cores compute
-    them; it computes both in fp32. TF32 keeps 10 of fp32's 23 mantissa bits (the MMA reads
-    fp32 operands and drops the low 13: truncation, within the 2**-10 the kernels' error
-    bound counts); tf32x3 splits each operand into ``hi`` (truncated) and ``lo = x - hi``
-    (truncated in its turn) and sums ``hi.lo + lo.hi + hi.hi`` in fp32. Skips where the
-    interpreter's internals are not those of triton 3.6 / 3.9."""
-    import numpy as np
-
+    them (:func:`emulate_tensor_core_tf32`) for one test; skips where the interpreter is off
+    or its internals are not those of triton 3.6 / 3.9."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("emulates tensor cores under Triton's interpreter")
+    if not emulate_tensor_core_tf32(monkeypatch.setattr):
+        pytest.skip("this triton's interpreter differs")
+
+
+def emulate_tensor_core_tf32(setattr_) -> bool:
+    """Make Triton's interpreter compute ``tl.dot``'s ``tf32`` and ``tf32x3`` as tensor cores
+    do, through ``setattr_(obj, name, value)`` (``monkeypatch.setattr`` in a test); it
+    computes both in fp32. TF32 keeps 10 of fp32's 23 mantissa bits (the MMA reads fp32
+    operands and drops the low 13: truncation, within the 2**-10 the kernels' error bound
+    counts); tf32x3 splits each operand into ``hi`` (truncated) and ``lo = x - hi``
+    (truncated in its turn) and sums ``hi.lo + lo.hi + hi.hi`` in fp32. Returns whether the
+    interpreter's internals allowed it."""
+    import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
     handle = getattr(interpreter, "TensorHandle", None)
     if builder is None or handle is None or not hasattr(builder, "create_dot"):
-        pytest.skip("this triton's interpreter differs")
+        return False
     dot = builder.create_dot
 
     def tf32(x):
@@ -145,7 +153,8 @@ def tensor_core_tf32(monkeypatch):
             acc = acc + np.matmul(a_lo, b_hi, dtype=np.float32)
         return handle(acc + np.matmul(a_hi, b_hi, dtype=np.float32), d.dtype.scalar)
 
-    monkeypatch.setattr(builder, "create_dot", create_dot)
+    setattr_(builder, "create_dot", create_dot)
+    return True
 
 
 def clustered_features(n: int, n_classes: int, dim: int, *, seed: int = 0, spread: float = 0.3,

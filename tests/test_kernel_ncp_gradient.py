@@ -1221,3 +1221,23 @@ def test_gate_finds_the_nearest_under_coherent_rounding(precision, variant, requ
     res = ncp_gradient(h, protos, p_ood, precision=precision)
     assert res.pred.tolist() == [1, 1]
     assert res.min_dist.tolist() == [0.0, 0.0]
+
+
+def test_the_emulated_hard_softmax_script_runs(capsys, monkeypatch):
+    """``bench/emulated_hard_softmax.py`` (the kernels' hard-softmax errors on emulated
+    tensor cores) at a tiny size: a row per mode."""
+    if not (INTERPRETER_BF16 and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("runs under the interpreter as tests/conftest.py patches it")
+    import sys
+
+    import conftest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import emulated_hard_softmax
+
+    real = conftest.emulate_tensor_core_tf32  # the script's TF32 emulation, for this test only
+    monkeypatch.setattr(conftest, "emulate_tensor_core_tf32",
+                        lambda setattr_: real(monkeypatch.setattr))
+    assert emulated_hard_softmax.main(["--rows", "6", "--classes", "30", "--dim", "40"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| ieee", "| tf32x3", "| tf32", "| bf16"]
