@@ -116,7 +116,7 @@ def with_issue_bound(rec: dict, issue_ratio: float | None, precision: str, arch:
     if issue_ratio is None or peak is None:
         return rec
     issue = (issue_ratio * rec["flops"] / (peak * 1e12) * 1e3 * rec["wave_quant"]
-             + rec.get("before_ms", 0.0))
+             + rec["before_ms"])
     bounds = {**rec["bound_ms"], "issue": round(issue, 4)}
     binding = max(bounds, key=lambda k: bounds[k])
     slowest = max(issue, rec["binding_ms"])

@@ -390,9 +390,13 @@ def knn(
                          f"{database.dtype} database")
     else:
         cast = bool(cast_database)
-    copy = None
+    def plans_for(cast: bool):
+        return _launch_plans(n_q, n_db, d, precision, q_op.element_size(),
+                             database.element_size(), cast, sm_count(dev), target_major(dev))
+
+    plans, copy = plans_for(cast), None
     if cast:
-        rows = cast_chunks(n_db, d)[0][1]
+        rows = plans[0][1]  # the first chunk is the longest
         try:
             copy = _bf16_copy(rows, d, dev)
         except torch.OutOfMemoryError:
@@ -405,9 +409,7 @@ def knn(
                           "the kernel instead (slower; store the index in bf16, or pass "
                           "cast_database=False, to skip the copy)", RuntimeWarning,
                           stacklevel=2)
-            cast = False
-    plans = _launch_plans(n_q, n_db, d, precision, q_op.element_size(),
-                          database.element_size(), cast, sm_count(dev), target_major(dev))
+            plans = plans_for(False)
 
     n_keep = k + RERANK_EXTRA
     n_cand = triton.next_power_of_2(n_keep)

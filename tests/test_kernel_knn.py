@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import INTERPRETER_BF16, clustered_features
+from conftest import NEEDS_BF16, clustered_features
 from reference import knn_naive
 
 pytest.importorskip("triton")
@@ -110,13 +110,6 @@ def test_half_precision_storage(dtype):
     ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), 2)
     assert torch.equal(idx.cpu(), ref_i)
     torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-5)
-
-
-#: bf16 runs where its dot is the hardware's: on a GPU, or under the interpreter as
-#: tests/conftest.py makes it compute bf16.
-BF16_RUNS = ON_GPU or INTERPRETER_BF16
-NEEDS_BF16 = pytest.mark.skipif(not BF16_RUNS,
-                                reason="this triton's interpreter computes bf16 dots wrongly")
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import INTERPRETER_BF16, clustered_features
+from conftest import INTERPRETER_BF16, NEEDS_BF16, clustered_features
 from reference import duplicated_prototypes_problem, ncp_naive, prototypes_naive
 
 pytest.importorskip("triton")
@@ -74,10 +74,6 @@ def _assert_matches_twin(res, h, protos, p_ood, rtol=1e-5):
     assert torch.equal(res.pred.cpu(), ref.pred.cpu())
 
 
-#: bf16 runs where its dot is the hardware's: on a GPU, or under the interpreter as
-#: tests/conftest.py makes it compute bf16.
-NEEDS_BF16 = pytest.mark.skipif(not (ON_GPU or INTERPRETER_BF16),
-                                reason="this triton's interpreter computes bf16 dots wrongly")
 #: Each mode's tolerance against the float64 twin: tf32 (on a GPU) and bf16 keep their GEMM
 #: terms for the prototypes past the exactly re-ranked candidates (the interpreter's tf32
 #: is fp32).
