@@ -306,6 +306,13 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 
+#: Held by :func:`matmul_precision` while it has a matmul setting changed. The setting is one
+#: per process: two threads each saving and restoring it around their own GEMM, interleaved,
+#: would leave the second one's value (the guard's, not the program's) in place for good.
+#: Re-entrant, so a guard inside a guard in one thread restores the outer one's value.
+_matmul_setting_lock = threading.RLock()
+
+
 @contextmanager
 def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Let CUDA float32 matmuls use TF32 only in ``tf32`` mode, and keep the CPU's in fp32
@@ -323,24 +330,37 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     program has set TF32 through the per-backend or generic API. Reading the setting answers
     the generic one (``torch.backends.fp32_precision``) where this backend's own is
     ``"none"``; it is given back as ``"none"`` then, so nothing stays pinned. A CPU setting
-    that is fp32 already is left alone."""
+    that is fp32 already is left alone.
+
+    Safe in threads: a thread whose guard changes the setting holds it alone until it has
+    given the setting back (the guards around a GEMM are short; on a GPU they enclose a
+    launch)."""
     # oneDNN's flags are a module attribute torch sets at run time, unknown to its stubs.
     cpu_flags = getattr(torch.backends.mkldnn, "matmul", None)
     flags: Any
     if device.type == "cuda":
         flags = torch.backends.cuda.matmul
         want = "tf32" if precision == "tf32" else "ieee"
-    elif device.type == "cpu" and cpu_flags is not None and cpu_flags.fp32_precision not in (
-            "none", "ieee"):
+    elif device.type == "cpu" and cpu_flags is not None:
         flags, want = cpu_flags, "ieee"
     else:
         yield
         return
-    own = flags.fp32_precision
-    # The global setting is a module attribute torch sets at run time, unknown to its stubs.
-    saved = "none" if own == torch.backends.fp32_precision else own  # type: ignore[attr-defined]
-    flags.fp32_precision = want
-    try:
-        yield
-    finally:
-        flags.fp32_precision = saved
+    with _matmul_setting_lock:
+        own = flags.fp32_precision
+        # Read under the lock: outside it, an fp32 value may be another thread's guard's, given
+        # back while this thread's GEMM runs. Here it is the program's, or this thread's own
+        # outer guard's.
+        change = device.type == "cuda" or own not in ("none", "ieee")
+        if change:
+            # The global setting is a module attribute torch sets at run time, unknown to
+            # its stubs.
+            generic = torch.backends.fp32_precision  # type: ignore[attr-defined]
+            saved = "none" if own == generic else own
+            flags.fp32_precision = want
+            try:
+                yield
+            finally:
+                flags.fp32_precision = saved
+            return
+    yield

@@ -259,3 +259,56 @@ def test_cpu_answers_do_not_depend_on_the_programs_matmul_precision(setup, untou
     assert out["before"] == "bf16" or setup != "per-backend bf16"
     assert out["results"] == untouched_cpu_ops["results"]
     assert untouched_cpu_ops["inside"] == untouched_cpu_ops["after"] == "none"
+
+
+
+_THREADED_GUARDS = textwrap.dedent("""
+    import json, threading
+    import torch
+    from grood_kernels.contract import matmul_precision
+    device = torch.device({device!r})
+    flags = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    flags.fp32_precision = {program!r}
+    seen = {{}}
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with matmul_precision("tf32", device):
+            seen["a"] = flags.fp32_precision
+            a_in.set()
+            seen["b entered while a was inside"] = b_in.wait(0.5)
+        a_out.set()
+
+    def second():
+        a_in.wait()
+        with matmul_precision("ieee", device):
+            seen["b"] = flags.fp32_precision
+            b_in.set()
+            a_out.wait(5)
+            seen["b, after a left"] = flags.fp32_precision
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen["after"] = flags.fp32_precision
+    print(json.dumps(seen))
+""")
+
+
+@pytest.mark.parametrize("device, program, a", [("cpu", "bf16", "ieee"), ("cuda", "none", "tf32")])
+def test_matmul_precision_guards_in_two_threads_give_the_programs_setting_back(device, program,
+                                                                               a):
+    """Two threads' guards (tf32, then ieee), the second entering while the first is inside
+    and leaving after it: the second's GEMM sees fp32 until it leaves, and the program's
+    setting is what remains. Interleaved, the second would keep the first's value or take it
+    for the program's, and leave it in place. The second waits for the first. The CUDA flags
+    are set without a GPU. In a fresh process (the flags are process-wide)."""
+    res = subprocess.run([sys.executable, "-c", _THREADED_GUARDS.format(device=device,
+                                                                        program=program)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    assert seen == {"a": a, "b": "ieee", "b entered while a was inside": False,
+                    "b, after a left": "ieee", "after": program}
