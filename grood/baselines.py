@@ -36,7 +36,7 @@ from grood._checks import (
 )
 from grood._params import Parameters
 from grood.errors import NotFittedError
-from grood.functional import class_prototypes
+from grood.functional import class_prototypes, matmul_precision
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -271,7 +271,10 @@ class Mahalanobis(_Baseline):
         idx = torch.empty(x.shape[0], dtype=torch.int64, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev, dtype=dt)
-            z = (xb - center) @ whitening
+            # fp32 whatever the program's float32 matmul setting (TF32 on CUDA, bf16 on some
+            # CPUs), as grood's own GEMMs in ieee mode.
+            with matmul_precision("ieee", dev):
+                z = (xb - center) @ whitening
             d, i = ops.knn(z, means, 1, backend=self.backend)
             dist[r0:r1], idx[r0:r1] = d[:, 0], i[:, 0]
         return dist, idx, kind

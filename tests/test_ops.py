@@ -214,7 +214,7 @@ _CPU_OPS = textwrap.dedent("""
     import io, json, sys, warnings
     warnings.simplefilter("ignore")
     import torch
-    from grood import functional as F
+    from grood import Mahalanobis, functional as F
     from grood_kernels.contract import matmul_precision
     {setup}
     before = torch.backends.mkldnn.matmul.fp32_precision
@@ -225,8 +225,11 @@ _CPU_OPS = textwrap.dedent("""
     res = F.ncp_gradient(h, protos, protos.mean(0))
     queries, rows = torch.rand(200, 256, generator=gen), torch.rand(3000, 256, generator=gen)
     dist, idx = F.knn(queries, rows, 5, precision="tf32")
+    maha = Mahalanobis(backend="torch").fit(rows, torch.arange(3000) % 7)
+    maha_scores, maha_pred = maha.score_and_predict(queries)
     buf = io.BytesIO()
-    torch.save([res.grad, res.q_ood, res.lse, res.min_dist, res.pred, dist, idx], buf)
+    torch.save([res.grad, res.q_ood, res.lse, res.min_dist, res.pred, dist, idx, maha_scores,
+                maha_pred], buf)
     print(json.dumps({{"before": before, "inside": inside,
                       "after": torch.backends.mkldnn.matmul.fp32_precision,
                       "results": buf.getvalue().hex()}}))
@@ -248,7 +251,8 @@ def untouched_cpu_ops():
 @pytest.mark.parametrize("setup", [s for s in _CPU_MATMUL_SETUPS if s != "untouched"])
 def test_cpu_answers_do_not_depend_on_the_programs_matmul_precision(setup, untouched_cpu_ops):
     """A program that asked for bf16 or TF32 float32 matmuls on the CPU gets the torch
-    backend's answers bit for bit as without (both ops, an ieee and a tf32 GEMM): inside the
+    backend's answers bit for bit as without (both ops, an ieee and a tf32 GEMM, and the
+    Mahalanobis baseline's whitening): inside the
     guard oneDNN's float32 matmuls are fp32, and the program's setting is back afterwards.
     Untouched, the guard sets nothing. In a fresh process per setting (the flags are
     process-wide)."""
