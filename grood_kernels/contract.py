@@ -306,11 +306,12 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 
-#: Held by :func:`matmul_precision` while it has a matmul setting changed. The setting is one
-#: per process: two threads each saving and restoring it around their own GEMM, interleaved,
-#: would leave the second one's value (the guard's, not the program's) in place for good.
-#: Re-entrant, so a guard inside a guard in one thread restores the outer one's value.
-_matmul_setting_lock = threading.RLock()
+#: Per device type, held by :func:`matmul_precision` while it has that device's matmul setting
+#: changed. The setting is one per process: two threads each saving and restoring it around
+#: their own GEMM, interleaved, would leave the second one's value (the guard's, not the
+#: program's) in place for good. Re-entrant, so a guard inside a guard in one thread restores
+#: the outer one's value.
+_matmul_setting_locks = {"cuda": threading.RLock(), "cpu": threading.RLock()}
 
 
 @contextmanager
@@ -346,7 +347,7 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     else:
         yield
         return
-    with _matmul_setting_lock:
+    with _matmul_setting_locks[device.type]:
         own = flags.fp32_precision
         # Read under the lock: outside it, an fp32 value may be another thread's guard's, given
         # back while this thread's GEMM runs. Here it is the program's, or this thread's own
