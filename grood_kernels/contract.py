@@ -305,7 +305,6 @@ def lex_sort(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return dist.gather(1, order), idx.gather(1, order)
 
 
-
 #: Per device type, held by :func:`matmul_precision` while it has that device's matmul setting
 #: changed. The setting is one per process: two threads each saving and restoring it around
 #: their own GEMM, interleaved, would leave the second one's value (the guard's, not the
