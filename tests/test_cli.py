@@ -60,9 +60,27 @@ def test_demo_over_several_seeds(tmp_path, capsys):
 def test_demo_is_deterministic(tmp_path):
     from grood.demo import DemoConfig, run_demo
 
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
     a = run_demo(DemoConfig(out=tmp_path / "a", epochs=2, n_noise=40, progress=False))
+    # The run seeds torch's global generator for itself and gives the caller's state back.
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.rand(7)  # another global state: the same results
     b = run_demo(DemoConfig(out=tmp_path / "b", epochs=2, n_noise=40, progress=False))
     assert a["metrics"] == b["metrics"]
+
+
+def test_demo_training_leaves_the_callers_global_generator_alone():
+    from grood.demo import DemoConfig, train_classifier
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 8, 8, generator=gen), torch.arange(20) % 6
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    nets = [train_classifier(x, y, DemoConfig(epochs=1, progress=False)) for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def _write(path, **arrays):
