@@ -27,6 +27,7 @@ from grood._checks import (
     as_labels,
     as_tensor,
     batches,
+    check_class_count,
     check_finite_rows,
     check_labels,
     check_matrix,
@@ -212,6 +213,7 @@ class Mahalanobis(_Baseline):
         y = y.to(x.device)  # (labels given on another device than the features)
         n, d = x.shape
         n_classes = int(y.max()) + 1
+        check_class_count(n_classes - 1, n)  # before the [C, D] sums are allocated
         state = shift = None
         scatter = torch.zeros((d, d), dtype=torch.float64, device=x.device)
         for r0, r1 in batches(n, self.batch_size):

@@ -21,7 +21,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import clustered_features
 
-from grood import GROOD, DetectorFileError, persistence
+from grood import GROOD, DetectorFileError, Mahalanobis, persistence
 from grood.cli import main
 
 
@@ -451,6 +451,15 @@ def test_fit_batches_refuses_a_stray_huge_label_too():
     y[5] = 10**9
     with pytest.raises(ValueError, match="cannot exceed the number of samples"):
         GROOD(progress=False).fit_batches([(x[:30], y[:30]), (x[30:], y[30:])])
+
+
+def test_mahalanobis_refuses_a_stray_huge_label_before_allocating():
+    """Its class sums are [C, D] float64: a stray class id of 1e9 asked for 4 TB and ended in
+    the allocator's error."""
+    x, y = clustered_features(60, 3, 512, seed=1, dtype=torch.float32)
+    y[5] = 10**9
+    with pytest.raises(ValueError, match=r"holds class id 1000000000.*cannot exceed"):
+        Mahalanobis().fit(x, y)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
