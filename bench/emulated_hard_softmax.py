@@ -9,7 +9,7 @@ dot; TF32 operands are truncated to 10 mantissa bits and tf32x3's split into tru
 lo parts), so each mode's row is the kernels' arithmetic on emulated tensor cores: operand
 rounding as on the GPU, accumulation in fp32 in numpy's order (the hardware's order and its
 partial-sum truncation differ, so GPU figures may be somewhat larger). The data are
-``grood._bench.gradient.hard_softmax_features`` (C = 1,000, D = 2,048; the nearest prototype
+``grood._bench.gradient.hard_softmax_problem`` (C = 1,000, D = 2,048; the nearest prototype
 holds a few per cent of the mass), the first ``--rows`` of the GPU report's 2,000; the torch
 backend on the same rows is printed beside each row (on the CPU its tf32 is fp32; its bf16
 rounds the operands as tensor cores do).
@@ -35,20 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=2048)
     args = parser.parse_args(argv)
     import conftest  # patches the interpreter's bf16 on import
-    import torch
 
     from grood import functional
-    from grood._bench.gradient import _errors, hard_softmax_features
+    from grood._bench.gradient import _errors, hard_softmax_problem
     from grood_kernels.ncp_gradient import ncp_gradient
 
     if not (conftest.INTERPRETER_BF16 and conftest.emulate_tensor_core_tf32(setattr)):
         sys.exit("this triton's interpreter cannot be made to compute bf16 and TF32 as the GPU")
     c, d = args.classes, args.dim
-    h, protos = hard_softmax_features(max(2000, args.rows), c, d, seed=1, device="cpu")
-    h = h[: args.rows]
-    p_ood = protos.double().mean(0).float()
-    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
-    q_near = torch.exp(-ref.min_dist - ref.lse)
+    h, protos, p_ood, ref, q_near = hard_softmax_problem(max(2000, args.rows), c, d, "cpu",
+                                                         rows=args.rows)
     print(f"Hard softmax, N = {args.rows}, C = {c}, D = {d} (the nearest prototype's "
           f"probability: median {float(q_near.median()):.3f}, max {float(q_near.max()):.3f}), "
           "errors against float64:\n")

@@ -85,10 +85,9 @@ def _bf16_as_the_hardware_computes_it() -> bool:
         return False
     cast, dot = builder.cast_impl, builder.create_dot
 
-    def to_bf16(x):
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+    def to_bf16(x):  # torch's cast: round to nearest even, as cvt.rn.bf16.f32
+        x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return x32.bfloat16().view(torch.int16).numpy().view(np.uint16)
 
     def to_f32(x):
         return (np.asarray(x).astype(np.uint32) << 16).view(np.float32)

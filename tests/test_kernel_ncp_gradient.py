@@ -661,10 +661,6 @@ def staged(monkeypatch):
     monkeypatch.setattr(kernel_module, "launch_config", config)
 
 
-# tf32 on a GPU keeps tf32 GEMM terms past the 4 candidates; the interpreter computes fp32.
-STAGED_RTOL = 1e-3 if ON_GPU else 1e-5
-
-
 @pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
 @pytest.mark.parametrize("precision", MODES)
 def test_centred_variants_match_float64_twin(n, c, d, precision, centred_variant,
@@ -691,11 +687,11 @@ def test_centred_variants_ties_magnitudes_and_half_inputs(scale, centred_variant
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     assert torch.equal(res.pred, ref.pred) and bool((res.pred[:40] == 2).all())
-    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=STAGED_RTOL, atol=1e-7)
-    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=STAGED_RTOL, atol=1e-6)
+    torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=TWIN_RTOL["tf32"], atol=1e-7)
+    torch.testing.assert_close(res.grad.double(), ref.grad, rtol=TWIN_RTOL["tf32"], atol=1e-6)
     h16, protos16, p16 = _problem(40, 9, 40, dtype=torch.float16, seed=1)
     res = ncp_gradient(h16, protos16, p16, precision="tf32")
-    _assert_matches_twin(res, h16, protos16, p16, rtol=STAGED_RTOL)
+    _assert_matches_twin(res, h16, protos16, p16, rtol=TWIN_RTOL["tf32"])
 
 
 def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
@@ -763,7 +759,7 @@ def test_wide_class_tile_matches_float64_twin(monkeypatch, staged_tile, poisoned
     monkeypatch.setattr(kernel_module, "launch_config", wide)
     h, protos, p_ood = _problem(37, 300, 24, seed=5)
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
-    _assert_matches_twin(res, h, protos, p_ood, rtol=STAGED_RTOL)
+    _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL["tf32"])
 
 
 def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
@@ -1224,11 +1220,9 @@ def test_the_emulated_hard_softmax_script_runs(capsys, monkeypatch):
     tensor cores) at a tiny size: a row per mode."""
     if not (INTERPRETER_BF16 and os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("runs under the interpreter as tests/conftest.py patches it")
-    import sys
-
     import conftest
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import emulated_hard_softmax
 
     real = conftest.emulate_tensor_core_tf32  # the script's TF32 emulation, for this test only

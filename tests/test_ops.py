@@ -236,11 +236,16 @@ _CPU_OPS = textwrap.dedent("""
 """)
 
 
-def _cpu_ops(setup: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", _CPU_OPS.format(setup=setup)],
-                         capture_output=True, text=True)
+def _json_of_script(code: str) -> dict:
+    """What a script run in a fresh process prints as JSON on its last line (the matmul flags
+    are process-wide)."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _cpu_ops(setup: str) -> dict:
+    return _json_of_script(_CPU_OPS.format(setup=setup))
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +257,8 @@ def untouched_cpu_ops():
 def test_cpu_answers_do_not_depend_on_the_programs_matmul_precision(setup, untouched_cpu_ops):
     """A program that asked for bf16 or TF32 float32 matmuls on the CPU gets the torch
     backend's answers bit for bit as without (both ops, an ieee and a tf32 GEMM, and the
-    Mahalanobis baseline's whitening): inside the
-    guard oneDNN's float32 matmuls are fp32, and the program's setting is back afterwards.
+    Mahalanobis baseline's whitening): inside the guard oneDNN's float32 matmuls are fp32,
+    and the program's setting is back afterwards.
     Untouched, the guard sets nothing. In a fresh process per setting (the flags are
     process-wide)."""
     out = _cpu_ops(_CPU_MATMUL_SETUPS[setup])
@@ -263,7 +268,6 @@ def test_cpu_answers_do_not_depend_on_the_programs_matmul_precision(setup, untou
     assert out["before"] == "bf16" or setup != "per-backend bf16"
     assert out["results"] == untouched_cpu_ops["results"]
     assert untouched_cpu_ops["inside"] == untouched_cpu_ops["after"] == "none"
-
 
 
 _THREADED_GUARDS = textwrap.dedent("""
@@ -309,10 +313,6 @@ def test_matmul_precision_guards_in_two_threads_give_the_programs_setting_back(d
     setting is what remains. Interleaved, the second would keep the first's value or take it
     for the program's, and leave it in place. The second waits for the first. The CUDA flags
     are set without a GPU. In a fresh process (the flags are process-wide)."""
-    res = subprocess.run([sys.executable, "-c", _THREADED_GUARDS.format(device=device,
-                                                                        program=program)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    seen = _json_of_script(_THREADED_GUARDS.format(device=device, program=program))
     assert seen == {"a": a, "b": "ieee", "b entered while a was inside": False,
                     "b, after a left": "ieee", "after": program}

@@ -126,13 +126,22 @@ def hard_softmax_features(n: int, n_classes: int, dim: int, *, seed: int, device
     return h.to(device), protos.to(device)
 
 
+def hard_softmax_problem(n: int, c: int, d: int, device: str, rows: int | None = None):
+    """The hard-softmax table's inputs: ``n`` rows of :func:`hard_softmax_features` (seed 1;
+    the first ``rows`` of them when given), the prototypes and their mean as the OOD
+    prototype; with the float64 reference and each row's probability of its nearest
+    prototype. ``(h, protos, p_ood, ref, q_near)``."""
+    h, protos = hard_softmax_features(n, c, d, seed=1, device=device)
+    h = h[:rows]
+    p_ood = protos.double().mean(0).float()
+    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    return h, protos, p_ood, ref, torch.exp(-ref.min_dist - ref.lse)
+
+
 def hard_softmax_table(device: str, backends: list[str], tiny: bool) -> list[str]:
     """Errors of every mode against float64 where the softmax is hard (no dominant term)."""
     n, c, d = (64, 100, 64) if tiny else (2000, 1000, 2048)
-    h, protos = hard_softmax_features(n, c, d, seed=1, device=device)
-    p_ood = protos.double().mean(0).float()
-    ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
-    q_near = torch.exp(-ref.min_dist - ref.lse)
+    h, protos, p_ood, ref, q_near = hard_softmax_problem(n, c, d, device)
     lines = [f"Hard softmax (N = {n}, C = {c}, D = {d}; the nearest prototype's probability: "
              f"median {float(q_near.median()):.3f}, max {float(q_near.max()):.3f}; feature norm "
              f"{float(h.norm(dim=1).mean()):.1f}), errors against float64:", "",
