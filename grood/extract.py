@@ -18,6 +18,7 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -166,6 +167,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _widths(out: Extracted) -> tuple[int | None, ...]:
+    """The widths of a batch's features, logits and early outputs (None: not given)."""
+    return tuple(None if t is None else t.shape[1]
+                 for t in (out.features, out.logits, out.early))
+
+
 @dataclass
 class Extracted:
     """One batch of extraction: ``features`` [B, D] and, when available, ``logits`` [B, C]
@@ -277,10 +284,13 @@ class FeatureExtractor:
         assert feats is not None  # (captured above, or named and checked by output_of)
 
         def flat(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.reshape(t.shape[0], -1).float()
+            # (not reshape(n, -1), which has no answer for an output of 0 rows)
+            return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:])).float()
 
         logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
-        return Extracted(feats.reshape(feats.shape[0], -1).float(), flat(logits), flat(early))
+        flat_feats = flat(feats)
+        assert flat_feats is not None
+        return Extracted(flat_feats, flat(logits), flat(early))
 
     def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:
         """The one output of the ``role`` (``"features"`` / ``"early"``) module in
@@ -316,6 +326,12 @@ class FeatureExtractor:
         elif hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__"):
             total = len(loader.dataset)
         seen = 0
+        # Empty batches (0 rows: a collate that dropped every unreadable image of one) do not
+        # run the model (many cannot take 0 rows); each yields empty outputs of the widths the
+        # model's outputs have, learnt from the first batch with rows. Until then they are held
+        # back, and yielded in order before it, so that every batch yields once, in order.
+        widths: tuple[int | None, ...] | None = None
+        held: list[tuple[Tensor | None, Tensor]] = []
         with progress(total=total, desc=desc, unit="img", enabled=self.progress) as bar, \
                 eval_mode(self.model), torch.no_grad():
             for number, batch in enumerate(loader):
@@ -324,23 +340,55 @@ class FeatureExtractor:
                     x = x[: limit - seen]
                     y = None if y is None else y[: limit - seen]
                 x = x.to(self.device)
-                try:
-                    with self.capture() as captured:
-                        out = self._forward(x, captured)
-                except Exception as exc:  # the model's own error, with where it happened
-                    if hasattr(exc, "add_note"):  # Python 3.11+
-                        exc.add_note(f"grood ({desc}): raised running the model on the "
-                                     f"loader's batch {number} (numbered from 0), inputs of "
-                                     f"shape {tuple(x.shape)}")
-                    raise
+                y = None if y is None else y.to(self.device)
+                if x.shape[0] == 0:
+                    if widths is None:
+                        held.append((y, x))
+                    else:
+                        yield self._empty(widths), y, x
+                    continue
+                out = self._run(x, number, desc)
                 if not self._logits_checked:
                     self._check_not_logits(out)
                     self._logits_checked = True
-                yield out, (None if y is None else y.to(self.device)), x
+                widths = _widths(out)
+                for hy, hx in held:
+                    yield self._empty(widths), hy, hx
+                held.clear()
+                yield out, y, x
                 seen += x.shape[0]
                 bar.update(x.shape[0])
                 if limit is not None and seen >= limit:
                     break
+            if held:  # every batch was empty: the model's outputs of the first give the widths
+                try:
+                    widths = _widths(self._run(held[0][1], 0, desc))
+                except Exception as exc:
+                    raise ValueError(f"each of the loader's {len(held)} batch(es) has 0 rows, "
+                                     "and the model gives no outputs for an empty batch"
+                                     ) from exc
+                for hy, hx in held:
+                    yield self._empty(widths), hy, hx
+
+    def _run(self, x: Tensor, number: int, desc: str) -> Extracted:
+        """The model's outputs of the loader's batch ``number``, its own errors noted with
+        where they happened."""
+        try:
+            with self.capture() as captured:
+                return self._forward(x, captured)
+        except Exception as exc:  # the model's own error, with where it happened
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"grood ({desc}): raised running the model on the "
+                             f"loader's batch {number} (numbered from 0), inputs of "
+                             f"shape {tuple(x.shape)}")
+            raise
+
+    def _empty(self, widths: tuple[int | None, ...]) -> Extracted:
+        """Outputs of a batch of 0 rows: features, logits and early of these widths."""
+        d, c, e = (None if w is None else torch.empty((0, w), device=self.device)
+                   for w in widths)
+        assert d is not None  # (every batch has features)
+        return Extracted(d, c, e)
 
     def _check_not_logits(self, out: Extracted) -> None:
         """Warn when the features read are the model's logits (``features="fc"`` for the

@@ -131,8 +131,9 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
     Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``.
     ``features`` defaults to the one used by :func:`fit_model`.
     """
-    return _stream(det, model, loader, det.score_and_predict, features=features,
-                   device=device, autocast=autocast)
+    # (a batch of 0 rows, as a collate that dropped each of its images gives, scores as 0 rows)
+    return _stream(det, model, loader, lambda f: det._score_and_predict(f, allow_empty=True),
+                   features=features, device=device, autocast=autocast)
 
 
 def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
@@ -142,7 +143,10 @@ def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
     """:meth:`grood.GROOD.kneighbors` of a loader's samples, streamed through the model: CPU
     tensors ``(distances [N, n], training rows [N, n])``; the training rows number the rows
     of the loader :func:`fit_model` read, in its order."""
-    return _stream(det, model, loader, lambda f: det.kneighbors(f, n_neighbors),
+    from grood.neighbours import neighbours_and_predict
+
+    return _stream(det, model, loader,
+                   lambda f: neighbours_and_predict(det, f, n_neighbors, allow_empty=True)[:2],
                    features=features, device=device, autocast=autocast)
 
 

@@ -40,12 +40,13 @@ class Neighbours:
         return kind.wrap(dists), kind.wrap(rows)
 
 
-def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | None
-                           ) -> tuple[Tensor, Tensor, Tensor, Any]:
+def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | None,
+                           allow_empty: bool = False) -> tuple[Tensor, Tensor, Tensor, Any]:
     """One pass of :meth:`Neighbours.kneighbors` that also keeps the predictions: ``(distances,
     rows, preds, kind)`` as tensors on the detector's device, ``kind`` what to return them as
-    (the scores are ``-distances[:, det.k - 1]`` where ``n_neighbors >= det.k``)."""
-    x, kind = det._read(features, search=True, uses_k=n_neighbors is None)
+    (the scores are ``-distances[:, det.k - 1]`` where ``n_neighbors >= det.k``); features of
+    0 rows are refused unless ``allow_empty`` (one batch of a stream)."""
+    x, kind = det._read(features, allow_empty, search=True, uses_k=n_neighbors is None)
     if n_neighbors is not None:  # (the detector's k was checked with the features)
         k = check_positive_int(n_neighbors, "n_neighbors")
         check_within_index(det, k, "n_neighbors")

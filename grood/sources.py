@@ -109,6 +109,8 @@ class Mixup(OODPrototypeSource):
         x = x.to(ex.device)
         if self.n_samples is not None:
             x = x[: self.n_samples - seen]
+        if x.shape[0] == 0:  # (an empty batch: nothing to mix; the model need not take 0 rows)
+            return 0
         e = stem(x)
         logits = logits_of(tail(e.clone()))  # the tail may change its input in place
         if logits is None or logits.ndim != 2:
@@ -138,6 +140,8 @@ class Mixup(OODPrototypeSource):
                     if y is None:
                         raise ValueError("mixup's early prototypes need the training "
                                          "loader's labels; a batch came without them")
+                    if x.shape[0] == 0:  # (as the extractor, it does not run the model)
+                        continue
                     x, y = x.to(ex.device), y.to(ex.device)
                     if stem is None:
                         stem, tail = self._stem_tail(mc, x[:4])
@@ -147,7 +151,7 @@ class Mixup(OODPrototypeSource):
                     add_rows_by_class(sums, y, e)
                     counts += torch.bincount(y, minlength=n_classes)
                 if sums is None:
-                    raise ValueError("the training loader yielded no batches")
+                    raise ValueError("the training loader yielded no batches with rows")
             sums, counts = ctx.reduce(sums), ctx.reduce(counts)
             early_protos = sums / counts.clamp_min(1)[:, None]
 

@@ -151,6 +151,43 @@ def test_pytorch_ood_adapter_without_pytorch_ood():
 
 
 @pytest.mark.filterwarnings("ignore:the logits classify")  # (an untrained head: fine here)
+def test_empty_batches_add_no_rows_in_both_adapters():
+    """A loader batch of 0 rows neither runs the net (which may not take one) nor adds rows:
+    OpenOOD's ``inference`` and pytorch-ood's ``fit`` give what they give without it."""
+    net = _trained_net()
+
+    def refuse_empty(_module, args):
+        if args[0].shape[0] == 0:
+            raise RuntimeError("this net cannot take an empty batch")
+
+    post = GROODPostprocessor()
+    post.setup(net, {"train": _loader(120, 0)}, {})
+    batches = list(_loader(40, 2))
+    empty = {"data": batches[0]["data"][:0], "label": batches[0]["label"][:0]}
+    ref = post.inference(net, batches, progress=False)
+    x_train, y_train = _images(120, 0)
+
+    def encoder(x):
+        return net(x, return_feature_list=True)[1][-1]
+
+    plain = [(x_train[:64], y_train[:64]), (x_train[64:], y_train[64:])]
+    fitted = GROODDetector(encoder, head=net.fc).fit(plain)
+    handle = net.register_forward_pre_hook(refuse_empty)
+    try:
+        got = post.inference(net, [empty, batches[0], empty, *batches[1:], empty],
+                             progress=False)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="the data loader yielded no batches with rows"):
+            post.inference(net, [empty], progress=False)
+        det = GROODDetector(encoder, head=net.fc).fit(
+            [(x_train[:0], y_train[:0]), plain[0], (x_train[:0], y_train[:0]), plain[1]])
+        x_in, _ = _images(30, 5)
+        assert torch.equal(det.predict(x_in), fitted.predict(x_in))
+    finally:
+        handle.remove()
+
+
 def test_pytorch_ood_adapter_runs_modules_in_eval_mode_and_restores_them():
     """An encoder and head left in training mode (dropout, batch norm) fit and score as in
     eval mode, and are handed back in the mode they came in."""

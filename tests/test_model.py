@@ -10,7 +10,7 @@ from conftest import DictDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, Mixup, UniformNoise
+from grood import GROOD, Mixup, UniformNoise, evaluate_model
 from grood.extract import FeatureExtractor, check_split, split_model
 from grood.sources import gaussian_blur
 
@@ -276,6 +276,54 @@ def test_fit_model_equals_fit_on_extracted_features(trained):
     # Refitted from arrays, the detector no longer claims a layer (a stale one was kept).
     det.fit(feats, labels)
     assert not hasattr(det, "extractor_")
+
+
+def _refuse_empty(_module, args):
+    """A forward pre-hook: the module refuses an input of 0 rows (as a model that reshapes
+    with ``x.view(x.shape[0], -1)`` does)."""
+    if args[0].shape[0] == 0:
+        raise RuntimeError("this model cannot take an empty batch")
+
+
+def test_empty_batches_of_a_loader_add_no_rows_and_do_not_run_the_model(trained):
+    """A batch of 0 rows (a collate that dropped every unreadable image of one) crashed
+    extraction in reshape(0, -1); now the model is not run on it and it adds no rows, first,
+    in the middle or last, on every path that reads a loader."""
+    model, x, y = trained
+    plain = [(x[:32], y[:32]), (x[32:64], y[32:64]), (x[64:], y[64:])]
+    empty = (x[:0], y[:0])
+    gappy = [empty, plain[0], empty, empty, plain[1], plain[2], empty]
+    test, _ = _images(30, seed=5)
+    ref = GROOD().fit_model(model, plain, features="8")
+    ref_scores, ref_preds = ref.score_model(model, plain)
+    ref_mixup = GROOD(ood_prototype=Mixup(layer="2")).fit_model(model, plain, features="8")
+    handle = model[0].register_forward_pre_hook(_refuse_empty)
+    try:
+        det = GROOD().fit_model(model, gappy, features="8")
+        assert torch.equal(det.class_prototypes_, ref.class_prototypes_)
+        assert torch.equal(det.indexed_rows_, ref.indexed_rows_)
+        scores, preds = det.score_model(model, gappy)
+        assert torch.equal(scores, ref_scores) and torch.equal(preds, ref_preds)
+        dists, rows = det.kneighbors_model(model, [empty, (test,), empty], 2)
+        ref_d, ref_r = ref.kneighbors_model(model, [(test,)], 2)
+        assert torch.equal(dists, ref_d) and torch.equal(rows, ref_r)
+        mixup = GROOD(ood_prototype=Mixup(layer="2")).fit_model(model, gappy, features="8")
+        assert torch.equal(mixup.ood_prototype_, ref_mixup.ood_prototype_)
+        held_out, held_y = _images(30, seed=6)
+        noise = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+        ev = evaluate_model(det, model, [(held_out, held_y), empty], {"noise": [empty, (noise,)]})
+        assert torch.equal(torch.as_tensor(ev.scores["GROOD"]["noise"]),
+                           ref.score_model(model, [(noise,)])[0])
+        # A loader of empty batches only: nothing gives the outputs' widths.
+        with pytest.raises(ValueError, match=r"each of the loader's 2 batch\(es\) has 0 rows"):
+            det.score_model(model, [empty, empty])
+    finally:
+        handle.remove()
+    # A model that takes an empty batch gives the widths: 0 scores, as score_batches gives.
+    scores, preds = ref.score_model(model, [empty, empty])
+    assert scores.shape == preds.shape == (0,)
+    with pytest.raises(ValueError, match="every batch has 0 rows"):
+        GROOD().fit_model(model, [empty], features="8")
 
 
 def test_mixup_at_lambda_one_is_the_samples_own_feature(trained):

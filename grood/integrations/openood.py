@@ -223,12 +223,14 @@ class GROODPostprocessor(_Base):
         for batch in progress_bar(data_loader, desc="grood: scoring", unit="batch",
                                   enabled=None if progress else False):
             x, y = split_batch(batch)
+            if x.shape[0] == 0:  # (a batch of 0 rows adds none; the net need not take it)
+                continue
             pred, conf = self.postprocess(net, x)
             preds.append(pred.cpu())
             confs.append(conf.cpu())
             labels.append(torch.full((x.shape[0],), -1) if y is None else y.cpu())
         if not preds:
-            raise ValueError("the data loader yielded no batches")
+            raise ValueError("the data loader yielded no batches with rows")
         return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(),
                 torch.cat(labels).numpy().astype(int))
 

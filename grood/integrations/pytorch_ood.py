@@ -169,12 +169,12 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         for x, y in data_loader:
             x, y = torch.as_tensor(x), torch.as_tensor(y)  # (a loader may yield NumPy arrays)
             known = y >= 0
+            if not bool(known.any()):  # (an OOD batch, or one of 0 rows: the encoder not run)
+                continue
             if bool(known.all()):  # the usual training batch: no copy through the mask
                 x_known, y_known = x, y
-            elif bool(known.any()):
-                x_known, y_known = x[known], y[known]
             else:
-                continue
+                x_known, y_known = x[known], y[known]
             z = self.encoder(x_known.to(device))
             feats.append(z.reshape(z.shape[0], -1).detach())
             labels.append(y_known.to(z.device))
