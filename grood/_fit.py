@@ -200,7 +200,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     batches on ``device``; it is called twice: class prototypes, then the gradient index.
     Without ``n_classes`` it is the width of the first batch's logits.
     """
-    backend = ops.resolve_backends(det.backend, device, dtype)
+    backend = ops.resolve_backends(det.backend, device, dtype, det.precision)
     state, n, with_logits = None, 0, None
     right = torch.zeros((), dtype=torch.int64, device=device)  # rows the logits get right
     # Each pass is rank-local work: a rank that fails in it stops every rank.

@@ -272,7 +272,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         self.n_train_ = fitted.n_train
         self.train_accuracy_ = fitted.train_accuracy
         self.backend_ = fitted.backend
-        self._backend_asked = self.backend  # what backend_ was resolved from
+        self._backend_asked = (self.backend, self.precision)  # what backend_ came from
         # Scoring joins the other ranks' searches when the fit (or load) was distributed;
         # ``distributed`` changed afterwards is for the next fit.
         self._sharded = bool(self.distributed)
@@ -516,10 +516,12 @@ def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
             det.index_.precision = det.precision
     if det.index == det.index_.kind:  # search options (IVF nprobe); others: next fit
         det.index_.set_search_options(check_index_options(det.index_options))
-    # A new backend: another implementation, the same answers.
-    if det.backend != getattr(det, "_backend_asked", det.backend):
-        resolved = ops.resolve_backends(det.backend, det.device_, det.dtype_)
+    # A new backend: another implementation, the same answers (or a new precision, which
+    # one may not run in: bf16 under Triton's interpreter).
+    asked = (det.backend, det.precision)
+    if asked != getattr(det, "_backend_asked", asked):
+        resolved = ops.resolve_backends(det.backend, det.device_, det.dtype_, det.precision)
         det._grads.fn = ops.get_op("ncp_gradient", resolved["ncp_gradient"])
         if isinstance(det.index_, ExactIndex):
             det.index_.backend = resolved["knn"]
-        det.backend_, det._backend_asked = resolved, det.backend
+        det.backend_, det._backend_asked = resolved, asked

@@ -3,8 +3,9 @@
 ``backend="torch"`` always runs :mod:`grood.functional`. ``backend="triton"`` runs the kernel
 from :mod:`grood_kernels` and raises :class:`BackendUnavailableError` with the reason when it
 cannot (no kernel for that operation, triton not installed, tensors not on a CUDA device and
-``TRITON_INTERPRET=1`` not set). ``backend="auto"`` takes Triton when it can run and falls
-back to torch quietly otherwise. Nothing is decided at import time.
+``TRITON_INTERPRET=1`` not set, ``bf16`` under an interpreter that computes it wrongly).
+``backend="auto"`` takes Triton when it can run and falls back to torch quietly otherwise.
+Nothing is decided at import time.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def check_backend_name(backend: str) -> None:
 
 
 def triton_unavailable_reason(op: str, device: torch.device,
-                              dtype: torch.dtype | None = None) -> str | None:
-    """Why the Triton kernel for ``op`` cannot run on ``device`` and ``dtype``, or None."""
+                              dtype: torch.dtype | None = None,
+                              precision: str | None = None) -> str | None:
+    """Why the Triton kernel for ``op`` cannot run on ``device`` and ``dtype`` (in
+    ``precision``, where given), or None."""
     import grood_kernels
 
     if op not in grood_kernels.KERNELS:
@@ -55,15 +58,20 @@ def triton_unavailable_reason(op: str, device: torch.device,
             f"the tensors are on {device.type!r}: Triton kernels run on CUDA devices, and on the "
             "CPU only under the interpreter (export TRITON_INTERPRET=1 before starting Python)"
         )
+    if precision == "bf16" and device.type != "cuda":
+        from grood_kernels._dot import interpreter_bf16_error
+
+        return interpreter_bf16_error()
     return None
 
 
 def resolve_backend(backend: str, op: str, device: torch.device | str,
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, precision: str | None = None) -> str:
     """Return the concrete backend (``"torch"`` or ``"triton"``) for ``op``.
 
     ``auto`` takes Triton only for CUDA tensors (on the CPU the interpreter is far slower than
-    torch); ``triton`` also runs on the CPU under ``TRITON_INTERPRET=1``.
+    torch); ``triton`` also runs on the CPU under ``TRITON_INTERPRET=1``, in ``bf16`` only
+    where the interpreter computes bf16 as a GPU does (Triton 3.6 to 3.9's does not).
     """
     check_backend_name(backend)
     if op not in OPERATIONS:
@@ -71,7 +79,7 @@ def resolve_backend(backend: str, op: str, device: torch.device | str,
     if backend == "torch":
         return "torch"
     device = torch.device(device)
-    reason = triton_unavailable_reason(op, device, dtype)
+    reason = triton_unavailable_reason(op, device, dtype, precision)
     if backend == "triton":
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run {op}: {reason}")
@@ -80,7 +88,8 @@ def resolve_backend(backend: str, op: str, device: torch.device | str,
 
 
 def resolve_backends(backend: str, device: torch.device | str,
-                     dtype: torch.dtype | None = None) -> dict[str, str]:
+                     dtype: torch.dtype | None = None, precision: str | None = None
+                     ) -> dict[str, str]:
     """The concrete backend of every operation, for a detector asked to use ``backend``.
 
     An explicit ``"triton"`` applies to the operations grood has a Triton kernel for (and
@@ -90,7 +99,8 @@ def resolve_backends(backend: str, device: torch.device | str,
     import grood_kernels
 
     return {op: resolve_backend("torch" if backend == "triton" and op not in
-                                grood_kernels.KERNELS else backend, op, device, dtype)
+                                grood_kernels.KERNELS else backend, op, device, dtype,
+                                precision)
             for op in OPERATIONS}
 
 
@@ -108,7 +118,8 @@ def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, *, backen
     """:func:`grood.functional.ncp_gradient` on the chosen backend (not differentiable:
     inputs that autograd tracks are refused on every backend)."""
     check_not_tracked("ncp_gradient", h, prototypes, ood_prototype)
-    impl = resolve_backend(backend, "ncp_gradient", h.device, h.dtype)
+    impl = resolve_backend(backend, "ncp_gradient", h.device, h.dtype,
+                           kwargs.get("precision"))
     return functional.NCPGradient(*get_op("ncp_gradient", impl)(h, prototypes, ood_prototype,
                                                                  **kwargs))
 
@@ -118,5 +129,6 @@ def knn(queries: Tensor, database: Tensor, k: int = 1, *, backend: str = "auto",
     """:func:`grood.functional.knn` on the chosen backend; returns ``(D, I)`` (not
     differentiable: inputs that autograd tracks are refused on every backend)."""
     check_not_tracked("knn", queries, database)
-    impl = resolve_backend(backend, "knn", queries.device, queries.dtype)
+    impl = resolve_backend(backend, "knn", queries.device, queries.dtype,
+                           kwargs.get("precision"))
     return get_op("knn", impl)(queries, database, k, **kwargs)

@@ -450,7 +450,7 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
     protos = ordinary(tensors["class_prototypes"].to(dev))
     p_ood = ordinary(tensors["ood_prototype"].to(dev))
     try:
-        resolved = ops.resolve_backends(det.backend, dev, protos.dtype)
+        resolved = ops.resolve_backends(det.backend, dev, protos.dtype, det.precision)
     except BackendUnavailableError as exc:
         if hint is None:
             raise

@@ -7,6 +7,9 @@ in every mode. The gradient-step kernel does its own tf32x3 split (one 4-way tf3
 a prepared operand, see :mod:`grood_kernels.ncp_gradient`) and then calls this in mode 1.
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -34,3 +37,55 @@ def dot_t(a, b, acc, DOT_MODE: tl.constexpr):
     else:
         acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _bf16_probe_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr, DOT_MODE: tl.constexpr):
+    """``a @ b.T`` of two [N, N] fp32 tiles through :func:`dot_t` (the kernels' own dot)."""
+    idx = tl.arange(0, N)
+    offs = idx[:, None] * N + idx[None, :]
+    acc = dot_t(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.zeros((N, N), tl.float32),
+                DOT_MODE)
+    tl.store(out_ptr + offs, acc)
+
+
+@functools.cache
+def interpreter_bf16_error() -> str | None:
+    """Why the kernels' ``bf16`` mode computes wrongly under Triton's interpreter, or None
+    where it computes as a GPU does (fp32 rounded to nearest even in bf16, exact bf16
+    products, fp32 sums).
+
+    Triton's interpreter (3.6 to 3.9 at least) holds bf16 values as their uint16 bits: its
+    ``tl.dot`` multiplies those bit patterns, and its casts from fp32 truncate. Scores came
+    out wrong without an error. One 16 x 16 tile through the kernels' dot, of values whose
+    rounding tells nearest-even from truncation and whose bf16 products sum exactly in fp32,
+    decides it once per process, on the CPU.
+    """
+    n = 16
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    # 1 + m * 2**-9: m = 3 rounds up to 1 + 2**-7 (nearest even), truncation keeps 1.
+    a = (1 + ((7 * i + 3 * j) % 4) * 2.0 ** -9).float().contiguous()
+    b = (1 + ((5 * i + j) % 4) * 2.0 ** -9).float().contiguous()
+    out = torch.full((n, n), float("nan"))
+    _bf16_probe_kernel[(1,)](a, b, out, N=n, DOT_MODE=3)
+    want = (a.bfloat16().double() @ b.bfloat16().double().T).float()
+    if torch.equal(out, want):
+        return None
+    worst = float(((out.double() - want.double()).abs() / want.double()).nan_to_num(
+        float("inf")).max())
+    return (f"this triton's ({triton.__version__}) interpreter computes bf16 wrongly (a "
+            f"probe bf16 GEMM of the kernels' dot was off by up to {worst:.3g} relative: its "
+            "dot multiplies bf16 bit patterns and its casts truncate), so precision='bf16' "
+            "would score wrongly; on the CPU use backend='torch' (bf16 as a GPU rounds it) or "
+            "precision 'ieee', 'tf32' or 'tf32x3' (which the interpreter computes in fp32); "
+            "compiled Triton on a GPU computes bf16 right")
+
+
+def check_bf16_runs(precision: str, device: torch.device) -> None:
+    """Refuse ``precision="bf16"`` off a GPU (Triton's interpreter) where the interpreter
+    computes bf16 wrongly (:func:`interpreter_bf16_error`), with that reason."""
+    if precision == "bf16" and device.type != "cuda":
+        reason = interpreter_bf16_error()
+        if reason is not None:
+            raise RuntimeError(reason)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._dot import dot_t
+from grood_kernels._dot import check_bf16_runs, dot_t
 from grood_kernels._knn_merge import merge_and_rerank, merge_plan
 from grood_kernels._launch import (
     DEFAULT_SMS,
@@ -359,6 +359,7 @@ def knn(
                             f"{t.dtype}")
     if database.device != queries.device:
         raise ValueError(f"database is on {database.device} but queries on {queries.device}")
+    check_bf16_runs(precision, queries.device)
     if rerank_database is not None and tuple(rerank_database.shape) != tuple(database.shape):
         raise ValueError(f"rerank_database has shape {tuple(rerank_database.shape)}, the "
                          f"database {tuple(database.shape)}")

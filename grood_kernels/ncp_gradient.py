@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._centre import CENTRE_TILE, _centre_rows_kernel
-from grood_kernels._dot import dot_t
+from grood_kernels._dot import check_bf16_runs, dot_t
 from grood_kernels._launch import (
     DEFAULT_SMS,
     KernelLaunch,
@@ -731,6 +731,7 @@ def ncp_gradient(
                             f"{name} is {t.dtype}")
         if t.device != h.device:
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+    check_bf16_runs(precision, h.device)
     if prototype_sq_norms is not None:
         check_sq_norms(prototype_sq_norms, prototypes, ood_prototype)
 

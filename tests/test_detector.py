@@ -795,7 +795,7 @@ def test_moving_a_detector_fails_clearly_and_leaves_it_as_it_was(monkeypatch):
     det.precision = "ieee"
     scores, index = det.score_samples(test), det.index_
 
-    def no_triton(op, device, dtype=None):
+    def no_triton(op, device, dtype=None, precision=None):
         return "no Triton on this machine (simulated)"
 
     monkeypatch.setattr(ops, "triton_unavailable_reason", no_triton)

@@ -316,3 +316,103 @@ def test_matmul_precision_guards_in_two_threads_give_the_programs_setting_back(d
     seen = _json_of_script(_THREADED_GUARDS.format(device=device, program=program))
     assert seen == {"a": a, "b": "ieee", "b entered while a was inside": False,
                     "b, after a left": "ieee", "after": program}
+
+
+_INTERPRETER_BF16 = '''
+import json
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # this process's triton, unpatched by conftest
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+import grood_kernels.knn
+from grood import GROOD, BackendUnavailableError
+
+
+@triton.jit
+def round_trip(x_ptr, out_ptr):
+    i = tl.arange(0, 256)
+    tl.store(out_ptr + i, tl.load(x_ptr + i).to(tl.bfloat16).to(tl.float32))
+
+
+@triton.jit
+def dot16(a_ptr, b_ptr, out_ptr):
+    i = tl.arange(0, 16)
+    offs = i[:, None] * 16 + i[None, :]
+    a = tl.load(a_ptr + offs).to(tl.bfloat16)
+    b = tl.load(b_ptr + offs).to(tl.bfloat16)
+    tl.store(out_ptr + offs, tl.dot(a, b))
+
+
+# Whether this interpreter computes bf16 as a GPU does, asked of triton directly: casts round
+# to nearest even, and a dot of small integers (exact in bf16 and in fp32 sums) is exact.
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(256, generator=gen)
+cast = torch.empty(256)
+round_trip[(1,)](x, cast)
+a = torch.randint(-8, 9, (16, 16), generator=gen).float()
+b = torch.randint(-8, 9, (16, 16), generator=gen).float()
+dot = torch.empty(16, 16)
+dot16[(1,)](a, b, dot)
+right = torch.equal(cast, x.bfloat16().float()) and torch.equal(dot, a @ b)
+
+rng = np.random.default_rng(0)
+feats = rng.normal(size=(60, 8)).astype(np.float32)
+labels = np.arange(60) % 3
+feats[labels == 1] += 3
+out = {"right": right}
+try:
+    det = GROOD(backend="triton", precision="bf16").fit(feats, labels)
+    ref = GROOD(backend="torch", precision="bf16").fit(feats, labels)
+    out["fit"] = "ok"
+    out["close"] = bool(np.allclose(det.score_samples(feats), ref.score_samples(feats),
+                                    rtol=1e-2, atol=1e-3))
+except BackendUnavailableError as exc:
+    out["fit"] = str(exc)
+try:
+    t = torch.from_numpy(feats)
+    grood_kernels.knn.knn(t, t, 2, precision="bf16")
+    out["kernel"] = "ok"
+except RuntimeError as exc:
+    out["kernel"] = str(exc)
+# Fitted in tf32, then asked for bf16: refused at the next score, and fine once set back.
+det = GROOD(backend="triton", precision="tf32").fit(feats, labels)
+before = det.score_samples(feats)
+det.precision = "bf16"
+try:
+    det.score_samples(feats)
+    out["changed"] = "ok"
+except BackendUnavailableError as exc:
+    out["changed"] = str(exc)
+det.precision = "tf32"
+out["back"] = bool(np.array_equal(det.score_samples(feats), before))
+# backend="auto" runs bf16 on torch on the CPU, as before.
+out["auto"] = GROOD(precision="bf16").fit(feats, labels).backend_["ncp_gradient"]
+print(json.dumps(out))
+'''
+
+
+def test_triton_bf16_is_refused_where_the_interpreter_computes_it_wrongly(tmp_path):
+    """Triton's interpreter (3.6 and 3.9) multiplies bf16 bit patterns in ``tl.dot`` and
+    truncates its casts: ``backend="triton", precision="bf16"`` on the CPU scored wrongly
+    (relative error ~1, a quarter of the classes wrong) without a word. Where this process's
+    interpreter (unpatched, unlike the suite's) gets bf16 wrong, grood refuses it up front,
+    naming the reason, at the next score when the precision changes later, and in the kernel
+    launchers themselves; where it gets it right, the scores are the torch backend's."""
+    pytest.importorskip("triton")
+    script = tmp_path / "interpreter_bf16.py"  # (a file: Triton reads a kernel's source)
+    script.write_text(_INTERPRETER_BF16)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["back"] and out["auto"] == "torch"
+    if out["right"]:
+        assert out["fit"] == out["kernel"] == out["changed"] == "ok" and out["close"]
+    else:
+        for said in (out["fit"], out["kernel"], out["changed"]):
+            assert "interpreter computes bf16 wrongly" in said, said
+            assert "backend='torch'" in said
+        assert out["fit"].startswith("backend='triton' cannot run ncp_gradient: ")

@@ -646,7 +646,7 @@ def test_detector_saved_on_triton_loads_where_triton_cannot_run(tmp_path, monkey
     GROOD(backend="triton", progress=False).fit(x, y).save(path)
     want = GROOD(backend="torch", progress=False).fit(x, y).score_samples(x[:20])
 
-    def no_triton(op, device, dtype=None):
+    def no_triton(op, device, dtype=None, precision=None):
         return "no Triton on this machine (simulated)"
 
     monkeypatch.setattr(ops, "triton_unavailable_reason", no_triton)
