@@ -4,7 +4,9 @@ You bring a model definition (a Python file and a class name), its checkpoint (a
 and a GROOD detector fitted on the model's training set (``GROOD.fit_model(...).save(...)``).
 Images are decoded with Pillow, resized, scaled to [0, 1] (and normalised if you say how),
 and scored in batches. The CSV lists every image with its score (higher = in-distribution),
-the nearest-prototype class, and the images in order from most to least OOD-like.
+the nearest-prototype class, and the images in order from most to least OOD-like. An image
+Pillow cannot read stops the run, naming it; with ``--skip-unreadable`` it is left out of the
+batch (a batch may end up empty) and listed in the CSV without a score.
 
 Run it on generated images and a small digits model first:
 
@@ -39,30 +41,44 @@ class ImageFolder(Dataset):
     """Images of one folder (sorted by name), as float tensors [C, size, size] in [0, 1]."""
 
     def __init__(self, folder: Path, size: int, grayscale: bool,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 skip_unreadable: bool = False) -> None:
         self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)
         if not self.paths:
             raise SystemExit(f"no images ({', '.join(sorted(SUFFIXES))}) in {folder}")
         self.size, self.grayscale = size, grayscale
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: list[int] = []  # positions of the images left out (skip_unreadable)
         self.mean = None if mean is None else torch.tensor(mean)[:, None, None]
         self.std = None if std is None else torch.tensor(std)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        """Image ``i``; None for one Pillow cannot read, with ``skip_unreadable``."""
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("L" if self.grayscale else "RGB")
                 img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         except OSError as exc:  # a truncated file's error ("Truncated File Read") names none
+            if self.skip_unreadable:
+                self.unreadable.append(i)
+                return None
             raise OSError(f"{self.paths[i]}: cannot read this image ({exc}); remove or "
-                          "replace it") from exc
+                          "replace it, or pass --skip-unreadable") from exc
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         if self.mean is not None:
             x = (x - self.mean) / self.std
         return x
+
+    def collate(self, images: list[torch.Tensor | None]) -> torch.Tensor:
+        """The batch of the images read (0 of them: an empty batch, which grood skips)."""
+        kept = [x for x in images if x is not None]
+        if not kept:
+            return torch.empty((0, 1 if self.grayscale else 3, self.size, self.size))
+        return torch.stack(kept)
 
 
 def load_model(spec: str, checkpoint: Path) -> torch.nn.Module:
@@ -162,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--std", type=float, nargs="+", help="per-channel normalisation std")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", type=Path, default=Path("scores.csv"))
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out images Pillow cannot read (listed in the CSV without "
+                        "a score) instead of stopping")
     parser.add_argument("--make-demo", type=Path, metavar="DIR",
                         help="write a small model, detector and images to DIR, then stop")
     args = parser.parse_args(argv)
@@ -173,20 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     check_normalisation(parser, args.mean, args.std, 1 if args.grayscale else 3)
     model = load_model(args.model_def, args.checkpoint)
     detector = GROOD.load(args.detector)
-    data = ImageFolder(args.images, args.size, args.grayscale, args.mean, args.std)
-    scores, preds = detector.score_model(model, DataLoader(data, batch_size=args.batch_size),
-                                         features=args.features)
+    data = ImageFolder(args.images, args.size, args.grayscale, args.mean, args.std,
+                       skip_unreadable=args.skip_unreadable)
+    # (one process reads the images: the list of those left out is the dataset's own)
+    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=data.collate)
+    scores, preds = detector.score_model(model, loader, features=args.features)
+    skipped = set(data.unreadable)
+    read = [i for i in range(len(data)) if i not in skipped]
+    if not read:
+        raise SystemExit(f"none of the {len(data)} images could be read")
     order = torch.argsort(scores)  # most OOD-like first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    row = {i: (f"{s:.6g}", p, r) for i, s, p, r in zip(read, scores.tolist(), preds.tolist(),
+                                                       rank.tolist(), strict=True)}
     with open(args.out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "score", "pred", "ood_rank"])
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
-        for path, s, p, r in zip(data.paths, scores.tolist(), preds.tolist(), rank.tolist(),
-                                 strict=True):
-            writer.writerow([path.name, f"{s:.6g}", p, r])
-    print(f"scored {len(data)} images; most OOD-like: "
-          + ", ".join(data.paths[i].name for i in order[:5].tolist()) + f"; wrote {args.out}")
+        for i, path in enumerate(data.paths):
+            writer.writerow([path.name, *row.get(i, ("", "", ""))])
+    left_out = (f" ({len(skipped)} unreadable, left out: "
+                + ", ".join(data.paths[i].name for i in sorted(skipped)) + ")" if skipped else "")
+    print(f"scored {len(read)} images{left_out}; most OOD-like: "
+          + ", ".join(data.paths[read[i]].name for i in order[:5].tolist())
+          + f"; wrote {args.out}")
     return 0
 
 

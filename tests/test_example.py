@@ -35,6 +35,25 @@ def test_score_image_folder_example(tmp_path):
     assert {r["file"]: int(r["pred"]) for r in rows if r["file"].startswith("digit-")} == {
         f"digit-{c}.png": c for c in range(6)}
     assert sorted(int(r["ood_rank"]) for r in rows) == list(range(18))
+    # Unreadable files stop the run, naming one; --skip-unreadable lists them without a score.
+    # Sorted first and two to a batch, they make the first batch empty.
+    images = Path(next_cmd[2])
+    (images / "aa-broken.png").write_bytes(b"not an image")
+    (images / "ab-broken.jpg").write_bytes((images / "digit-0.png").read_bytes()[:40])
+    small = [*next_cmd[1:], "--batch-size", "2"]
+    stopped = subprocess.run([sys.executable, *small], capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode != 0 and "aa-broken.png: cannot read this image" in stopped.stderr
+    skipped = subprocess.run([sys.executable, *small, "--skip-unreadable"], capture_output=True,
+                             text=True, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "scored 18 images (2 unreadable, left out: aa-broken.png, ab-broken.jpg)" in \
+        skipped.stdout
+    again = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in again[:2]] == ["aa-broken.png", "ab-broken.jpg"]
+    assert all(r["score"] == r["pred"] == r["ood_rank"] == "" for r in again[:2])
+    assert {r["file"]: float(r["score"]) for r in again[2:]} == pytest.approx(score, rel=1e-5)
+    assert sorted(int(r["ood_rank"]) for r in again[2:]) == list(range(18))
 
 
 @pytest.mark.parametrize("flags, message", [
