@@ -479,7 +479,9 @@ class GROODAttached(nn.Module):
                                  "runs exactly once")
             feats = box[0]
         logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
-        return (logits, *self.head(feats.reshape(feats.shape[0], -1).float()))
+        # [B, ...] flattened as the extractor does, an empty batch too (reshape(0, -1) fails)
+        flat = feats.flatten(1) if feats.ndim > 1 else feats[:, None]
+        return (logits, *self.head(flat.float()))
 
 
 def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHead:

@@ -511,6 +511,10 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
     assert explained.graph_break_count == 0
     exported = torch.export.export(attached, (images,)).module()(images)
     assert all(torch.equal(a, b) for a, b in zip(exported, (logits, score, pred), strict=True))
+    # An empty batch gives empty outputs (the [0, 4, 1, 1] features failed in reshape(0, -1)).
+    empty = attached(images[:0])
+    assert [tuple(t.shape) for t in empty] == [(0, 3), (0,), (0,)]
+    assert empty[1].dtype == score.dtype and empty[2].dtype == pred.dtype
 
 
 class DictOutputNet(SmallCNN):
