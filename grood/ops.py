@@ -79,7 +79,9 @@ def resolve_backend(backend: str, op: str, device: torch.device | str,
     if backend == "torch":
         return "torch"
     device = torch.device(device)
-    reason = triton_unavailable_reason(op, device, dtype, precision)
+    # (auto runs torch off a GPU whatever the precision: no interpreter probe for it)
+    reason = triton_unavailable_reason(op, device, dtype,
+                                       precision if backend == "triton" else None)
     if backend == "triton":
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run {op}: {reason}")
