@@ -12,8 +12,8 @@ per group, with bootstrap intervals and baselines scored on the same samples.
 Beside the metrics it checks that the evaluation measures the detector, warning (as
 ``UserWarning``, naming the set) where it measures something else: ID or OOD rows that are
 indexed training rows, an OOD set that is the one the detector's OOD prototype was averaged
-from, and ID labels the nearest class prototype gets right no more often than chance (features
-of another model, labels in another order).
+from, an OOD set that repeats rows of the ID set, and ID labels the nearest class prototype
+gets right no more often than chance (features of another model, labels in another order).
 """
 
 from __future__ import annotations
@@ -179,12 +179,15 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
     Sets are read one at a time (a path is loaded when its turn comes, and let go before the
     next is read: memory holds one set's rows, and every set's scores). Warns where more
     than 1 % of a set's rows equal indexed training rows, where an OOD set's mean is the
-    detector's OOD prototype (``ood_prototype="features"``: the set it was fitted with), and
-    where the ID labels are hardly better predicted than chance; each warning is kept in
-    ``results`` too (the set's ``warnings``; the ID set's ``id_warnings``, on every row).
+    detector's OOD prototype (``ood_prototype="features"``: the set it was fitted with),
+    where more than 1 % of an OOD set's rows repeat rows of the ID set, and where the ID
+    labels are hardly better predicted than chance; each warning is kept in ``results`` too
+    (the set's ``warnings``; the ID set's ``id_warnings``, on every row).
     """
+    from grood._checks import as_tensor
     from grood.calibration import current_threshold
     from grood.metrics import ood_metrics
+    from grood.prototypes import fingerprint_rows
 
     det._check_fitted()
     if det._sharded:
@@ -203,6 +206,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         with det._counting_training_rows() as found:
             id_scores, id_pred = (np.asarray(v) for v in det.score_and_predict(id_data.features))
         id_notes = [warn_training_rows(det, id_name, found, len(id_scores), ood=False)]
+        id_prints = fingerprint_rows(as_tensor(id_data.features, "features")[0],
+                                     det.batch_size)  # 128 bytes a row, for warn_id_rows
         id_preds: dict[str, Any] = {}
         id_base = _baseline_scores(methods, id_data, device, predictions=id_preds)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
@@ -231,7 +236,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                 ood_scores = np.asarray(det.score_samples(data.features))
             notes = [note for note in (
                 warn_training_rows(det, name, found, len(ood_scores), ood=True),
-                warn_ood_fit_set(det, name, data.features)) if note]
+                warn_ood_fit_set(det, name, data.features),
+                warn_id_rows(det, name, data.features, id_prints, id_name)) if note]
             ood_base = _baseline_scores(methods, data, device)
             del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
@@ -456,6 +462,28 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
             "this set: does it hold training images?")
     said = (f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
             f"gradient at distance 0, {held}): {what}")
+    warnings.warn(said, UserWarning, stacklevel=3)
+    return said
+
+
+def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: str
+                 ) -> str | None:
+    """A warning where more than 1 % of an OOD set's rows repeat rows of the ID set, matched
+    by fingerprint as :func:`warn_ood_fit_set` matches (``id_prints``: the ID rows'
+    :func:`grood.prototypes.fingerprint_rows`): the ID set given again as an OOD set, or
+    datasets that share images. Those rows score as the ID rows they repeat, so the set's
+    metrics understate the detector by the overlap, not by anything the detector does."""
+    from grood._checks import as_tensor
+    from grood.prototypes import fingerprint_matches
+
+    x, _ = as_tensor(features, "features")
+    hits = int(fingerprint_matches(id_prints, x, det.ood_prototype_, det.batch_size).sum())
+    if hits * 100 <= x.shape[0]:
+        return None
+    said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows of {id_name} "
+            f"({hits / x.shape[0]:.1%}): they score as those in-distribution rows do, so the "
+            "metrics on this set measure that overlap, not the detector: is it the ID set "
+            "given again, or do the two datasets share samples?")
     warnings.warn(said, UserWarning, stacklevel=3)
     return said
 

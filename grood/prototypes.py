@@ -252,14 +252,32 @@ def fingerprint_matches(recorded: Tensor, x: Tensor, centre: Tensor,
     within ``FINGERPRINT_TOLERANCE`` of the length of its offset from ``centre``'s (the OOD
     prototype's) of a recorded one, by an exact float64 search. A rounded copy (float16, a
     re-extraction's last bits) matches; rows as far apart as two different images' features
-    are, relative to their distance from ``centre``, do not."""
+    are, relative to their distance from ``centre``, do not.
+
+    A match lies within that radius in every coordinate, so with both sides sorted by the
+    first one, each block of rows is searched only against the recorded rows whose first
+    coordinate comes within its radius of the block's span (a few percent of them for two
+    unrelated sets, all of them at worst); the answer is the full search's."""
     from grood.functional import knn
 
     origin = fingerprint_rows(centre[None])  # (offsets from it: no cancellation below)
     mine = fingerprint_rows(x, batch_size) - origin
     theirs = recorded.to(torch.float64) - origin
-    out = torch.empty(x.shape[0], dtype=torch.bool)
-    for r0, r1 in batches(x.shape[0], batch_size):
-        dist, _ = knn(mine[r0:r1], theirs, 1)
-        out[r0:r1] = dist[:, 0] <= FINGERPRINT_TOLERANCE ** 2 * mine[r0:r1].square().sum(1)
+    out = torch.zeros(x.shape[0], dtype=torch.bool)
+    finite = mine.isfinite().all(1).nonzero()[:, 0]  # (a NaN row repeats nothing)
+    if theirs.shape[0] == 0 or finite.numel() == 0:
+        return out
+    first, order = theirs[:, 0].sort()
+    theirs = theirs[order]
+    sq = mine.square().sum(1)
+    rows = finite[mine[finite, 0].argsort()]
+    reach = FINGERPRINT_TOLERANCE * sq.sqrt()
+    for r0, r1 in batches(rows.numel(), 1024):
+        block = rows[r0:r1]
+        span = float(reach[block].max())
+        lo = int(torch.searchsorted(first, float(mine[block[0], 0]) - span, side="left"))
+        hi = int(torch.searchsorted(first, float(mine[block[-1], 0]) + span, side="right"))
+        if lo < hi:
+            dist, _ = knn(mine[block], theirs[lo:hi], 1)
+            out[block] = dist[:, 0] <= FINGERPRINT_TOLERANCE ** 2 * sq[block]
     return out

@@ -155,6 +155,31 @@ def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
         evaluate(det, {"features": x[:90], "labels": y[:90]}, near, id_name="the training set")
 
 
+def test_an_ood_set_that_repeats_id_rows_is_named(fitted):
+    """The ID set given again as an OOD set measured AUROC 0.5 without a word; it is named
+    now, with the count, and so is a set that holds some ID rows in another dtype and order
+    among its own. Sets of other samples are not, however near the ID rows they lie."""
+    det, id_set, near, far, _ = fitted
+    x = id_set["features"]
+    mixed = torch.cat([far["f0"], x[:7].flip(0).half().float()])  # 7 of its 27 rows
+    close = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ev = evaluate(det, id_set, {"again": x.clone(), "mixed": mixed, "close": close},
+                      near=near)
+    said = [str(w.message) for w in seen]
+    assert said == [
+        "again: 60 of its 60 rows repeat rows of the ID set (100.0%): they score as those "
+        "in-distribution rows do, so the metrics on this set measure that overlap, not the "
+        "detector: is it the ID set given again, or do the two datasets share samples?",
+        "mixed: 7 of its 27 rows repeat rows of the ID set (25.9%): they score as those "
+        "in-distribution rows do, so the metrics on this set measure that overlap, not the "
+        "detector: is it the ID set given again, or do the two datasets share samples?"]
+    assert ev.results["again"]["warnings"] == said[:1]
+    assert ev.results["again"]["auroc"] == 0.5
+    assert all("warnings" not in ev.results[n] for n in ("n0", "n1", "close"))
+
+
 def _sharded(det):
     """``det`` as a rank's shard of a detector loaded with ``distributed=True`` says it is."""
     det._sharded = True
@@ -241,6 +266,33 @@ def test_evaluate_model_runs_each_loader_through_the_model():
         (det.predict(feats[140:]) == y[140:]).float().mean()))
     with pytest.raises(ValueError, match="the ID loader: the loader yielded no batches"):
         evaluate_model(det, net, [], {"a": loader(ood["a"])})
+
+
+def test_fingerprint_matches_equal_the_full_search():
+    """The windowed search (both sides sorted by the first fingerprint coordinate) decides as
+    a float64 search over every recorded row does: exact and rounded copies, near copies on
+    both sides of the tolerance, unrelated rows, a NaN row, rows tied in the first coordinate
+    (zero rows), and more rows than one block."""
+    from grood.prototypes import FINGERPRINT_TOLERANCE, fingerprint_matches, fingerprint_rows
+
+    gen = torch.Generator().manual_seed(11)
+    recorded = torch.randn(3000, 24, generator=gen).relu()
+    x = torch.randn(2500, 24, generator=gen).relu()
+    x[::5] = recorded[:500].half().float()
+    for step, scale in ((7, 1e-3), (11, 3e-2), (13, 1e-2)):
+        rows = x[3::step].shape[0]
+        x[3::step] = recorded[1000:1000 + rows] + scale * torch.randn(rows, 24, generator=gen)
+    x[1], x[2], recorded[7] = float("nan"), 0.0, 0.0
+    centre = recorded.mean(0)
+    prints = fingerprint_rows(recorded)
+    origin = fingerprint_rows(centre[None])
+    mine, theirs = fingerprint_rows(x) - origin, prints - origin
+    nearest = torch.cdist(mine, theirs, compute_mode="donot_use_mm_for_euclid_dist").min(1)[0]
+    nearest = nearest.square()
+    full = nearest <= FINGERPRINT_TOLERANCE ** 2 * mine.square().sum(1)
+    got = fingerprint_matches(prints, x, centre)
+    assert torch.equal(got, full)
+    assert 500 < int(got.sum()) < 1200 and not bool(got[1]) and bool(got[2])
 
 
 def test_ood_fit_rows_are_fingerprinted_and_found_again(tmp_path):
