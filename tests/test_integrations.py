@@ -184,6 +184,10 @@ def test_empty_batches_add_no_rows_in_both_adapters():
             [(x_train[:0], y_train[:0]), plain[0], (x_train[:0], y_train[:0]), plain[1]])
         x_in, _ = _images(30, 5)
         assert torch.equal(det.predict(x_in), fitted.predict(x_in))
+        # An empty batch scores as 0 rows, without the encoder (it failed there before).
+        none = det.predict(x_in[:0])
+        assert none.shape == (0,) and none.dtype == det.predict(x_in).dtype
+        assert det.predict_features(torch.empty(0, 16)).shape == (0,)
     finally:
         handle.remove()
 

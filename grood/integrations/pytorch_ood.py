@@ -225,8 +225,10 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         return self.grood
 
     def predict_features(self, x: Tensor) -> Tensor:
-        """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device."""
-        return 0.0 - self._fitted().score_samples(torch.as_tensor(x).detach())
+        """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device; a
+        batch of 0 rows gives 0 scores, as pytorch-ood's own detectors do."""
+        det = self._fitted()
+        return 0.0 - det._score_and_predict(torch.as_tensor(x).detach(), allow_empty=True)[0]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -236,6 +238,9 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         self._fitted()
         device = self.device
         x = torch.as_tensor(x)  # (NumPy inputs too, as predict_features takes them)
-        with _inference(self.encoder):
-            z = self.encoder(x if device is None else x.to(device))
-        return self.predict_features(z.reshape(z.shape[0], -1))
+        if x.shape[0] == 0:  # (the encoder need not take 0 rows: as fit, it is not run)
+            z = torch.empty((0, self._fitted().n_features_in_), device=device or x.device)
+        else:
+            with _inference(self.encoder):
+                z = self.encoder(x if device is None else x.to(device))
+        return self.predict_features(z.flatten(1) if z.ndim > 1 else z[:, None])
