@@ -18,7 +18,6 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -167,6 +166,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """A module's output [B, ...] as rows [B, D] (D = 1 for [B]), an empty batch's too
+    (``reshape(0, -1)`` has no answer for 0 rows)."""
+    return t.flatten(1) if t.ndim > 1 else t[:, None]
+
+
 def _widths(out: Extracted) -> tuple[int | None, ...]:
     """The widths of a batch's features, logits and early outputs (None: not given)."""
     return tuple(None if t is None else t.shape[1]
@@ -284,13 +289,10 @@ class FeatureExtractor:
         assert feats is not None  # (captured above, or named and checked by output_of)
 
         def flat(t: Tensor | None) -> Tensor | None:
-            # (not reshape(n, -1), which has no answer for an output of 0 rows)
-            return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:])).float()
+            return None if t is None else as_rows(t).float()
 
         logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
-        flat_feats = flat(feats)
-        assert flat_feats is not None
-        return Extracted(flat_feats, flat(logits), flat(early))
+        return Extracted(as_rows(feats).float(), flat(logits), flat(early))
 
     def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:
         """The one output of the ``role`` (``"features"`` / ``"early"``) module in

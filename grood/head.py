@@ -45,7 +45,7 @@ from grood._checks import (
     compute_dtype,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
-from grood.extract import check_module_name, copy_of_feature, logits_of
+from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
 from grood_kernels import contract
@@ -479,9 +479,7 @@ class GROODAttached(nn.Module):
                                  "runs exactly once")
             feats = box[0]
         logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
-        # [B, ...] flattened as the extractor does, an empty batch too (reshape(0, -1) fails)
-        flat = feats.flatten(1) if feats.ndim > 1 else feats[:, None]
-        return (logits, *self.head(flat.float()))
+        return (logits, *self.head(as_rows(feats).float()))  # (as the extractor flattens)
 
 
 def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHead:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from grood import persistence
 from grood._checks import check_matrix
 from grood.detector import GROOD
-from grood.extract import eval_mode
+from grood.extract import as_rows, eval_mode
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
     from pytorch_ood.api import FeaturesDetector as _Base
@@ -176,7 +176,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             else:
                 x_known, y_known = x[known], y[known]
             z = self.encoder(x_known.to(device))
-            feats.append(z.reshape(z.shape[0], -1).detach())
+            feats.append(as_rows(z).detach())
             labels.append(y_known.to(z.device))
         if not feats:
             raise ValueError("the loader holds no in-distribution rows (labels >= 0)")
@@ -235,12 +235,12 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         """Outlier scores of model inputs ``x`` through the encoder (larger = more OOD)."""
         if self.encoder is None:
             raise ModelNotSetException()
-        self._fitted()
+        det = self._fitted()
         device = self.device
         x = torch.as_tensor(x)  # (NumPy inputs too, as predict_features takes them)
         if x.shape[0] == 0:  # (the encoder need not take 0 rows: as fit, it is not run)
-            z = torch.empty((0, self._fitted().n_features_in_), device=device or x.device)
+            z = torch.empty((0, det.n_features_in_), device=device or x.device)
         else:
             with _inference(self.encoder):
                 z = self.encoder(x if device is None else x.to(device))
-        return self.predict_features(z.flatten(1) if z.ndim > 1 else z[:, None])
+        return self.predict_features(as_rows(z))
