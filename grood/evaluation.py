@@ -234,10 +234,12 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             data = as_eval_set(value, name)
             with det._counting_training_rows() as found:
                 ood_scores = np.asarray(det.score_samples(data.features))
+            # (its fingerprints once, for both checks against recorded rows)
+            prints = fingerprint_rows(as_tensor(data.features, "features")[0], det.batch_size)
             notes = [note for note in (
                 warn_training_rows(det, name, found, len(ood_scores), ood=True),
-                warn_ood_fit_set(det, name, data.features),
-                warn_id_rows(det, name, data.features, id_prints, id_name)) if note]
+                warn_ood_fit_set(det, name, data.features, prints),
+                warn_id_rows(det, name, data.features, id_prints, id_name, prints)) if note]
             ood_base = _baseline_scores(methods, data, device)
             del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
@@ -466,18 +468,20 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
     return said
 
 
-def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: str
-                 ) -> str | None:
+def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: str,
+                 prints: Any = None) -> str | None:
     """A warning where more than 1 % of an OOD set's rows repeat rows of the ID set, matched
     by fingerprint as :func:`warn_ood_fit_set` matches (``id_prints``: the ID rows'
     :func:`grood.prototypes.fingerprint_rows`): the ID set given again as an OOD set, or
     datasets that share images. Those rows score as the ID rows they repeat, so the set's
-    metrics understate the detector by the overlap, not by anything the detector does."""
+    metrics understate the detector by the overlap, not by anything the detector does.
+    ``prints``: the set's own fingerprints, where made already."""
     from grood._checks import as_tensor
     from grood.prototypes import fingerprint_matches
 
     x, _ = as_tensor(features, "features")
-    hits = int(fingerprint_matches(id_prints, x, det.ood_prototype_, det.batch_size).sum())
+    hits = int(fingerprint_matches(id_prints, x, det.ood_prototype_, det.batch_size,
+                                   prints).sum())
     if hits * 100 <= x.shape[0]:
         return None
     said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows of {id_name} "
@@ -488,7 +492,7 @@ def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: st
     return said
 
 
-def warn_ood_fit_set(det: Any, name: str, features: Any) -> str | None:
+def warn_ood_fit_set(det: Any, name: str, features: Any, prints: Any = None) -> str | None:
     """A warning where an OOD set repeats the rows the detector's OOD prototype was averaged
     from (``ood_prototype="features"``, ``fit(..., ood_features=X)``). The detector was shaped
     on those samples, so its metrics there are optimistic; OpenOOD keeps such a set (its
@@ -498,7 +502,8 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> str | None:
     (:func:`grood.prototypes.fingerprint_matches`), and more than 1 % of the set's rows
     matching warns, with the count. Otherwise (a file saved before fingerprints) the set is
     that set when its mean equals the prototype to a few units in the last place, which no
-    other set's does; an overlap goes unseen then."""
+    other set's does; an overlap goes unseen then. ``prints``: the set's fingerprints, where
+    made already."""
     import torch
 
     from grood._checks import as_tensor, batches
@@ -513,7 +518,8 @@ def warn_ood_fit_set(det: Any, name: str, features: Any) -> str | None:
               "ood_features=...)), so the metrics on this set are optimistic; fit on a "
               "validation OOD set kept apart from the test sets, as OpenOOD does")
     if recorded is not None:
-        hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size).sum())
+        hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size,
+                                       prints).sum())
         if hits * 100 <= x.shape[0]:
             return None
         said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's OOD "

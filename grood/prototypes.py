@@ -246,7 +246,7 @@ def fingerprint_rows(x: Tensor, batch_size: int = 4096) -> Tensor:
 
 
 def fingerprint_matches(recorded: Tensor, x: Tensor, centre: Tensor,
-                        batch_size: int = 4096) -> Tensor:
+                        batch_size: int = 4096, prints: Tensor | None = None) -> Tensor:
     """Which rows of ``x`` repeat a row whose fingerprint is in ``recorded``
     (:func:`fingerprint_rows`): bool [N] on the CPU, true where the row's fingerprint lies
     within ``FINGERPRINT_TOLERANCE`` of the length of its offset from ``centre``'s (the OOD
@@ -257,11 +257,13 @@ def fingerprint_matches(recorded: Tensor, x: Tensor, centre: Tensor,
     A match lies within that radius in every coordinate, so with both sides sorted by the
     first one, each block of rows is searched only against the recorded rows whose first
     coordinate comes within its radius of the block's span (a few percent of them for two
-    unrelated sets, all of them at worst); the answer is the full search's."""
+    unrelated sets, all of them at worst); the answer is the full search's. ``prints``:
+    ``x``'s fingerprints where they are made already (one set checked against several
+    records)."""
     from grood.functional import knn
 
     origin = fingerprint_rows(centre[None])  # (offsets from it: no cancellation below)
-    mine = fingerprint_rows(x, batch_size) - origin
+    mine = (fingerprint_rows(x, batch_size) if prints is None else prints) - origin
     theirs = recorded.to(torch.float64) - origin
     out = torch.zeros(x.shape[0], dtype=torch.bool)
     finite = mine.isfinite().all(1).nonzero()[:, 0]  # (a NaN row repeats nothing)
