@@ -236,10 +236,14 @@ _CPU_OPS = textwrap.dedent("""
 """)
 
 
-def _json_of_script(code: str) -> dict:
+def _json_of_script(code: str, path=None) -> dict:
     """What a script run in a fresh process prints as JSON on its last line (the matmul flags
-    are process-wide)."""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    are process-wide); written to ``path`` first where given (Triton reads a kernel's source
+    from its file)."""
+    if path is not None:
+        path.write_text(code)
+    args = ["-c", code] if path is None else [str(path)]
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -403,11 +407,7 @@ def test_triton_bf16_is_refused_where_the_interpreter_computes_it_wrongly(tmp_pa
     naming the reason, at the next score when the precision changes later, and in the kernel
     launchers themselves; where it gets it right, the scores are the torch backend's."""
     pytest.importorskip("triton")
-    script = tmp_path / "interpreter_bf16.py"  # (a file: Triton reads a kernel's source)
-    script.write_text(_INTERPRETER_BF16)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _json_of_script(_INTERPRETER_BF16, tmp_path / "interpreter_bf16.py")
     assert out["back"] and out["auto"] == "torch"
     if out["right"]:
         assert out["fit"] == out["kernel"] == out["changed"] == "ok" and out["close"]
