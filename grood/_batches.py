@@ -24,10 +24,11 @@ def check_reiterable(batches: Any, what: str, *, factory: bool = True) -> None:
                         "is used up after one pass")
 
 
-def iter_batches(batches: Any, desc: str
+def iter_batches(batches: Any, desc: str, distributed: bool = False
                  ) -> Generator[tuple[Tensor, Tensor | None, Tensor | None], None, None]:
     """``(features, labels or None, logits or None)`` tensors from a re-iterable or a factory
-    (a batch's labels may be None where the fit needs none: the checks name them)."""
+    (a batch's labels may be None where the fit needs none: the checks name them);
+    ``distributed``: a rank of a distributed fit, for the message where there are none."""
     source = batches() if callable(batches) else batches
     empty = True
     for i, batch in enumerate(source):
@@ -43,12 +44,17 @@ def iter_batches(batches: Any, desc: str
     if empty:
         raise ValueError(f"batches yielded nothing in the {desc}; pass a list, a DataLoader "
                          "or a function returning a new iterator (a generator is used up "
-                         "after one pass)")
+                         "after one pass)" + (
+                             "; in a distributed fit every rank needs at least one batch, "
+                             "which may have 0 rows (features [0, D], labels [0]), where "
+                             "its share of the data is empty" if distributed else ""))
 
 
-def peek_batch(batches: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The first batch, checked, without consuming a re-iterable."""
-    it = iter_batches(batches, "first pass")
+def peek_batch(batches: Any, distributed: bool = False
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The first batch, checked, without consuming a re-iterable (``distributed``: for the
+    message where there is none)."""
+    it = iter_batches(batches, "first pass", distributed)
     first = next(it)
     it.close()
     check_matrix(first[0], "features", allow_empty=True)  # an empty batch still has D columns

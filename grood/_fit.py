@@ -56,21 +56,22 @@ class FittedState:
     ood_fingerprints: Tensor | None = None
 
 
-def training_arrays(features: Any, labels: Any, logits: Any
+def training_arrays(features: Any, labels: Any, logits: Any, allow_empty: bool = False
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``fit``'s arrays as checked tensor views: features [N, D], labels [N] (in range of the
-    logits' width when given), logits [N, C] or None."""
+    logits' width when given), logits [N, C] or None. ``allow_empty``: N may be 0 (one rank's
+    shard of a distributed fit; the union is checked to have rows)."""
     x, _ = as_tensor(features, "features")
-    check_matrix(x, "features")
+    check_matrix(x, "features", allow_empty=allow_empty)
     y = as_labels(labels)
     lg = None
     if logits is not None:
         lg, _ = as_tensor(logits, "logits")
-        check_matrix(lg, "logits")
+        check_matrix(lg, "logits", allow_empty=allow_empty)
         if lg.shape[0] != x.shape[0]:
             raise ValueError(f"logits has {lg.shape[0]} rows but features have {x.shape[0]}")
     check_labels(y, "labels", x.shape[0], n_classes=None if lg is None else lg.shape[1],
-                 n_classes_from="the logits' columns")
+                 n_classes_from="the logits' columns", allow_empty=allow_empty)
     return x, y, lg
 
 

@@ -163,19 +163,20 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             GROOD: ``self``.
         """
         with dist.together(distributing(self), "reading its training arrays"):
-            source, (x, y, lg) = self._check_params(), training_arrays(features, labels, logits)
+            source = self._check_params()  # (a rank's shard may be empty, not the union)
+            x, y, lg = training_arrays(features, labels, logits, distributing(self))
             inputs = {} if ood_features is None else {"ood_features": ood_features}
             check_inputs(source, inputs, "fit()")
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
         check_ranks_agree(self, source, x, lg)
         if n_classes is None:
-            n_classes = class_count(int(y.max()) + 1, n, self.distributed)
+            n_classes = class_count(int(y.max()) + 1 if n else 0, n, self.distributed)
         device = torch.device(self.device) if self.device is not None else x.device
 
         def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
             with progress(total=n, desc=desc, unit="rows", enabled=self.progress,
                           unit_scale=True) as bar:
-                for r0, r1 in batches(n, self.batch_size):
+                for r0, r1 in batches(n, self.batch_size) if n else [(0, 0)]:
                     yield (x[r0:r1].to(device), y[r0:r1].to(device),
                            None if lg is None else lg[r0:r1].to(device))
                     bar.update(r1 - r0)
@@ -219,7 +220,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             check_reiterable(batches, "batches")
             source = self._check_params()
             check_inputs(source, inputs, where)
-            first = peek_batch(batches)
+            first = peek_batch(batches, distributing(self))
         d = first[0].shape[1]
         check_ranks_agree(self, source, first[0], first[2], n_classes)
         device = torch.device(self.device) if self.device is not None else first[0].device
@@ -296,9 +297,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
     def _read(self, features: Any, allow_empty: bool = False, *, search: bool = False,
               uses_k: bool = True) -> tuple[Tensor, Any]:
         """Check the detector is fitted and ``features`` fits it; returns (tensor, kind).
-        ``search``: the features will be searched, which a sharded detector does with every
-        rank, so a rank whose features are refused stops every rank. ``uses_k``: ``k`` is
-        searched for (and must lie within the index)."""
+        ``search``: they will be searched, by every rank where sharded (a rank whose features
+        are refused stops every rank); ``uses_k``: ``k`` is searched for (within the index)."""
         self._check_fitted()
         with dist.together(search and self._sharded, "reading its features"):
             apply_score_time_params(self, uses_k=uses_k)

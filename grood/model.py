@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from grood import distributed as dist
 from grood._batches import check_reiterable
 from grood._checks import check_finite_rows, prefixed_errors
+from grood._fit import distributing
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -60,17 +61,22 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
-    check_reiterable(train_loader, "train_loader", factory=False)
-    source = resolve_source(det.ood_prototype)
-    extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
-                                 progress=det.progress)
-    probe = extractor.batches(train_loader, desc="grood: probing", limit=1)
-    first = next(probe, None)
-    probe.close()
-    if first is None:
-        raise ValueError("the training loader yielded no batches")
-    if first[1] is None:
-        raise ValueError("the training batches carry no labels")
+    # Rank-local work: a rank that fails here (its loader, its first batch through the model)
+    # stops every rank, instead of leaving them in the fit's first collective.
+    with dist.together(distributing(det), "running the model on its first training batch"):
+        check_reiterable(train_loader, "train_loader", factory=False)
+        source = resolve_source(det.ood_prototype)
+        extractor = FeatureExtractor(model, features=features, device=device,
+                                     autocast=autocast, progress=det.progress)
+        probe = extractor.batches(train_loader, desc="grood: probing", limit=1)
+        first = next(probe, None)
+        probe.close()
+        if first is None:
+            raise ValueError("the training loader yielded no batches" + (
+                "; in a distributed fit every rank's loader needs at least one batch (a "
+                "DistributedSampler gives every rank samples)" if distributing(det) else ""))
+        if first[1] is None:
+            raise ValueError("the training batches carry no labels")
     d = first[0].features.shape[1]
     inputs: dict[str, Any] = {}
     if "model" in source.needs:

@@ -200,7 +200,8 @@ class OODFeatureMean(OODPrototypeSource):
         protos = ctx.class_prototypes
         with ctx.together("averaging its ood_features"):
             x, _ = as_tensor(ctx.inputs["ood_features"], "ood_features")
-            check_matrix(x, "ood_features", n_cols=protos.shape[1],
+            # One rank's share may be empty; the count over every rank is checked below.
+            check_matrix(x, "ood_features", n_cols=protos.shape[1], allow_empty=True,
                          cols_from="the training features have {}")
             total = torch.zeros(protos.shape[1], dtype=torch.float64, device=protos.device)
             prints = []
@@ -211,6 +212,9 @@ class OODFeatureMean(OODPrototypeSource):
                 prints.append(fingerprint_rows(chunk))
         count = ctx.reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64,
                                         device=protos.device))
+        if not int(count):  # (the same on every rank)
+            raise ValueError("ood_features is empty: it has no rows"
+                             + ("" if int(ctx.reduce(torch.ones(1))) == 1 else " on any rank"))
         ctx.records["ood_fingerprints"] = ctx.gather(
             torch.cat(prints) if prints else fingerprint_rows(x[:0]))
         return (ctx.reduce(total) / count).to(protos.dtype)

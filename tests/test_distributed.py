@@ -291,6 +291,15 @@ def _failing_rank_worker(rank, world, tmp):
                 .fit(xr, yr, ood_features=bad_x[:6]))
         attempt("fit labels", lambda: GROOD(distributed=True).fit(
             xr, yr - rank, logits=part(logits)))
+        # The model fails on rank 1's first batch (its inputs are the wrong width), or rank
+        # 1's loader has no batches: the fit stops there on every rank (the others went on
+        # into the fit's collectives, to meet rank 1's next ones).
+        attempt("fit model", lambda: GROOD(distributed=True).fit_model(
+            _net(), [(xr[:, : 12 - 7 * rank], yr)], features="1"))
+        attempt("fit model no batches", lambda: GROOD(distributed=True).fit_model(
+            _net(), [(xr, yr)][: 1 - rank], features="1"))
+        attempt("fit no batches", lambda: GROOD(distributed=True).fit_batches(
+            [(xr, yr)][: 1 - rank]))
         det = GROOD(distributed=True, batch_size=8).fit(xr, yr)
         bad_t = tr.clone()
         if rank == 1:
@@ -338,6 +347,12 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
             "fit loader": (1, "OSError", "disk read failed", "(gradient index)"),
             "fit ood features": (1, "ValueError", "ood_features", "averaging its ood_features"),
             "fit labels": (1, "ValueError", "label", "reading its training arrays"),
+            "fit model": (1, "RuntimeError", "cannot be multiplied",
+                          "running the model on its first training batch"),
+            "fit no batches": (1, "ValueError", "every rank needs at least one batch, which "
+                               "may have 0 rows", "reading its first training batch"),
+            "fit model no batches": (1, "ValueError", "every rank's loader needs at least one",
+                                     "running the model on its first training batch"),
             "score nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
             "score width": (0, "ValueError", "12", "reading its features"),
             "kneighbors nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
@@ -475,6 +490,47 @@ def test_one_rank_of_a_device_process_group_scores_as_one_process(tmp_path):
     torch.testing.assert_close(got["dists"], dists.cpu(), rtol=1e-6, atol=1e-7)
     assert torch.equal(got["preds"], preds.cpu()) and torch.equal(got["rows"], rows.cpu())
     assert got["seen"]["nan"] == ("ValueError", "features contains NaN or Inf in row(s) 3")
+
+
+def _empty_shard_worker(rank, world, tmp):
+    """Rank 1 holds no training rows and no OOD rows (more ranks than a small file's rows
+    split into, or a sampler that leaves a rank out)."""
+    with _process_group(rank, world, tmp):
+        x, y, logits, test, ood = _data()
+        mine = slice(None) if rank == 0 else slice(0, 0)
+        det = GROOD(distributed=True, ood_prototype="features").fit(
+            x[mine], y[mine], logits=logits[mine], ood_features=ood[: 0 if rank == 0 else None])
+        det.save(f"{tmp}/det.json")
+        seen, attempt = _recorder()
+        attempt("no rows anywhere", lambda: GROOD(distributed=True).fit(x[:0], y[:0]))
+        attempt("no OOD rows anywhere", lambda: GROOD(
+            distributed=True, ood_prototype="features").fit(x[mine], y[mine],
+                                                            ood_features=ood[:0]))
+        torch.save({"scores": det.score_samples(test), "sizes": det.shard_sizes_,
+                    "neighbours": det.kneighbors(test, 2), "seen": seen,
+                    "loaded": GROOD.load(f"{tmp}/det.json", distributed=True).score_samples(
+                        test)}, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_rank_with_an_empty_shard_joins_the_fit(tmp_path):
+    mp.spawn(_empty_shard_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    x, y, logits, test, ood = _data()
+    single = GROOD(ood_prototype="features").fit(x, y, logits=logits, ood_features=ood)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["sizes"] == [single.index_.ntotal, 0]
+        assert torch.equal(got["scores"], single.score_samples(test))
+        assert torch.equal(got["loaded"], got["scores"])
+        for mine, want in zip(got["neighbours"], single.kneighbors(test, 2), strict=True):
+            assert torch.equal(mine, want)
+        # Every rank's data empty is still refused, on every rank alike.
+        assert got["seen"] == {
+            "no rows anywhere": ("ValueError", "the training data is empty: every batch has "
+                                 "0 rows"),
+            "no OOD rows anywhere": ("ValueError", "ood_features is empty: it has no rows on "
+                                     "any rank")}
+    assert torch.equal(GROOD.load(tmp_path / "det.json").score_samples(test),
+                       single.score_samples(test))
 
 
 def test_distributed_without_a_process_group_is_refused():
