@@ -365,13 +365,17 @@ def bench_device_arg(text: str) -> str:
 
 
 @contextmanager
-def prefixed_errors(prefix: str) -> Iterator[None]:
+def prefixed_errors(prefix: str, only: tuple[str, ...] | None = None) -> Iterator[None]:
     """Prefix the message of a ValueError / TypeError raised inside with ``prefix`` (which
     file, which batch); subclasses (``DetectorFileError``, ...) and messages that already
-    start with it pass unchanged."""
+    start with it pass unchanged. ``only``: the names of the arrays ``prefix`` holds, where
+    other inputs are checked in the same block: only messages about one of them (starting
+    with its name) are prefixed."""
     try:
         yield
     except (ValueError, TypeError) as exc:
-        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(prefix):
+        text = str(exc)
+        if type(exc) not in (ValueError, TypeError) or text.startswith(prefix) or (
+                only is not None and not text.startswith(tuple(f"{n} " for n in only))):
             raise
         raise type(exc)(f"{prefix}: {exc}") from exc

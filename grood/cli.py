@@ -143,8 +143,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, distributed=world > 1 or args.distributed,
                 precision=args.precision, index=args.index, index_options=index_options)
     logits = None if args.ignore_logits else train.logits
-    det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
-            logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
+    # An error about one of the arrays names its file.
+    with prefixed_errors(args.train, only=("features", "labels", "logits")), \
+            prefixed_errors(args.ood_features or "", only=("ood_features",)):
+        det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
+                logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
     if calibration is not None:
         with prefixed_errors(args.calibrate):
             det.calibrate(_shard(calibration, rank, world),
@@ -230,13 +233,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     neighbours: tuple[Any, Any] | None = None
     scores: Any  # tensors, or arrays as the features were; numpy arrays below
     preds: Any
-    if args.neighbours:  # the scores come from the same search: -distance to the k-th
-        dists, rows, preds, _ = neighbours_and_predict(det, features,
-                                                       max(args.neighbours, det.k))
-        scores = 0.0 - dists[:, det.k - 1]
-        neighbours = (dists[:, :args.neighbours], rows[:, :args.neighbours])
-    else:
-        scores, preds = det.score_and_predict(features)
+    with prefixed_errors(args.features, only=("features",)):
+        if args.neighbours:  # the scores come from the same search: -distance to the k-th
+            dists, rows, preds, _ = neighbours_and_predict(det, features,
+                                                           max(args.neighbours, det.k))
+            scores = 0.0 - dists[:, det.k - 1]
+            neighbours = (dists[:, :args.neighbours], rows[:, :args.neighbours])
+        else:
+            scores, preds = det.score_and_predict(features)
     # As numpy arrays (the neighbours come as tensors on the detector's device).
     results = [np.asarray(r.cpu() if hasattr(r, "cpu") else r)
                for r in (scores, preds, *(neighbours or ()))]

@@ -286,6 +286,43 @@ def test_eval_names_the_file_an_error_comes_from(tmp_path, capsys):
     assert ", the logits' 100.00 %" in capsys.readouterr().out
 
 
+def test_fit_and_score_name_the_file_a_bad_array_comes_from(tmp_path, capsys):
+    """fit reads a training file and maybe an OOD file, score a feature file: an error about
+    an array names its file (as eval and calibrate do), and only that file; errors about
+    something else (k, the detector) carry no file name."""
+    x, y = clustered_features(60, 3, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    bad = x[:9].clone()
+    bad[5, 0] = float("inf")
+    _write(tmp_path / "bad.npz", features=bad)
+    _write(tmp_path / "narrow.npz", features=x[:9, :3])
+    _write(tmp_path / "train_bad.npz", features=torch.cat([x[:20], bad]),
+           labels=torch.cat([y[:20], y[:9]]))
+    _write(tmp_path / "floats.npz", features=x, labels=y.float())
+    capsys.readouterr()
+    out = ["-o", str(tmp_path / "d2.safetensors")]
+    for argv, said in (
+            (["score", det, str(tmp_path / "bad.npz"), "-o", str(tmp_path / "s.npy")],
+             f"{tmp_path / 'bad.npz'}: features contains NaN or Inf in row(s) 5"),
+            (["score", det, str(tmp_path / "narrow.npz"), "-o", str(tmp_path / "s.npz"),
+              "--neighbours", "2"],
+             f"{tmp_path / 'narrow.npz'}: features has 3 columns but the detector was fitted "
+             "on 4 features"),
+            (["fit", str(tmp_path / "train_bad.npz"), *out],
+             f"{tmp_path / 'train_bad.npz'}: features contains NaN or Inf in row(s) 25"),
+            (["fit", str(tmp_path / "floats.npz"), *out],
+             f"{tmp_path / 'floats.npz'}: labels must hold integer class ids"),
+            (["fit", str(tmp_path / "train.npz"), "--ood-features", str(tmp_path / "narrow.npz"),
+              *out], f"{tmp_path / 'narrow.npz'}: ood_features has 3 columns but the training "
+                     "features have 4"),
+            (["fit", str(tmp_path / "train.npz"), "-k", "500", *out],
+             "k=500 but only")):
+        assert main(argv) == 2
+        assert f"grood {argv[0]}: error: {said}" in capsys.readouterr().err, argv
+
+
 def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, capsys):
     """``--ood a --ood b`` evaluates both (argparse's default action kept only b, silently);
     the same file named twice (as given or by another path) is refused."""
