@@ -69,7 +69,7 @@ class Mixup(OODPrototypeSource):
 
     Args:
         layer (str): the intermediate module, a top-level child of the model when the split is
-            derived (e.g. ``"layer3"``).
+            derived (e.g. ``"layer3"``); None where ``split`` is given.
         lam (float): weight of the image's own feature (the paper's λ; default 0.5).
         n_samples (int, optional): images to mix; all training images by default.
         split (tuple, optional): ``(stem, tail)`` modules with ``tail(stem(x)) == model(x)``,
@@ -80,8 +80,16 @@ class Mixup(OODPrototypeSource):
     name = "mixup"
     needs = ("model",)
 
-    def __init__(self, layer: str = "layer3", lam: float = 0.5, n_samples: int | None = None,
+    def __init__(self, layer: str | None = "layer3", lam: float = 0.5,
+                 n_samples: int | None = None,
                  split: tuple[nn.Module, nn.Module] | None = None) -> None:
+        if layer is not None and not (isinstance(layer, str) and layer):
+            raise TypeError(f"layer must name a top-level child module of the model (a str, "
+                            f"e.g. 'layer3'; None with split), got {layer!r}")
+        if split is not None and not (isinstance(split, (tuple, list)) and len(split) == 2
+                                      and all(callable(m) for m in split)):
+            raise TypeError("split must be (stem, tail): two modules (or functions) with "
+                            f"tail(stem(x)) == model(x), got {split!r}")
         lam = check_real(lam, "lam")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
@@ -94,7 +102,11 @@ class Mixup(OODPrototypeSource):
 
     def _stem_tail(self, mc: ModelContext, probe: Tensor) -> tuple[nn.Module, nn.Module]:
         model = mc.extractor.model
-        stem, tail = self.split if self.split is not None else split_model(model, self.layer)
+        if self.split is None and self.layer is None:
+            raise ValueError("mixup needs the intermediate layer: layer='name' of a top-level "
+                             "child module, or split=(stem, tail)")
+        stem, tail = self.split if self.split is not None else split_model(
+            model, str(self.layer))
         check_split(model, stem, tail, probe)
         if mc.extractor.features is None:
             raise ValueError("mixup needs the penultimate module by name (features=...) so it "
@@ -196,6 +208,13 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return x.reshape(b, c, h, w)
 
 
+def _real_pair(value: Any, name: str) -> tuple[float, float]:
+    """``(low, high)`` as two finite floats, else an error naming ``name``."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    return check_real(value[0], name), check_real(value[1], name)
+
+
 @register_source
 class UniformNoise(OODPrototypeSource):
     """OOD prototype from blurred uniform-noise images, keeping the most OOD-like ones.
@@ -232,14 +251,17 @@ class UniformNoise(OODPrototypeSource):
         kernel_size = check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (a centred blur), got {kernel_size}")
-        s0, s1 = (check_real(v, "sigma_range") for v in sigma_range)
+        s0, s1 = _real_pair(sigma_range, "sigma_range")
         if not 0.0 < s0 <= s1:
             raise ValueError(f"sigma_range must be (low, high) with 0 < low <= high, got "
                              f"{tuple(sigma_range)}")
-        lo, hi = (check_real(v, "value_range") for v in value_range)
+        lo, hi = _real_pair(value_range, "value_range")
         if not lo < hi:
             raise ValueError(f"value_range must be (low, high) with low < high, got "
                              f"{tuple(value_range)}")
+        if input_shape is not None and not isinstance(input_shape, (tuple, list, torch.Size)):
+            raise TypeError("input_shape must be one input's shape as a tuple (e.g. (3, 224, "
+                            f"224)), got {input_shape!r}")
         self.n_samples, self.keep, self.batch_size = n_samples, keep, batch_size
         self.sigma_range, self.kernel_size = (s0, s1), kernel_size
         self.value_range, self.seed = (lo, hi), check_integer(seed, "seed")

@@ -394,6 +394,9 @@ def test_mixup_needs_a_splittable_model_or_an_explicit_split():
     loader = [(x, y)]
     with pytest.raises(ValueError, match="cannot be split"):
         GROOD(ood_prototype=Mixup(layer="layer1")).fit_model(model, loader, features="avgpool")
+    with pytest.raises(ValueError, match=r"mixup needs the intermediate layer: layer='name' "
+                                         r"of a top-level child module, or split=\(stem, tail\)"):
+        GROOD(ood_prototype=Mixup(layer=None)).fit_model(model, loader, features="avgpool")
 
     class Stem(nn.Module):
         def forward(self, x):
@@ -406,6 +409,10 @@ def test_mixup_needs_a_splittable_model_or_an_explicit_split():
     det = GROOD(ood_prototype=Mixup(layer="layer1", split=(Stem(), Tail()))).fit_model(
         model, loader, features="avgpool")
     assert bool(torch.isfinite(det.ood_prototype_).all())
+    # With a split the layer's name is not needed.
+    unnamed = GROOD(ood_prototype=Mixup(layer=None, split=(Stem(), Tail()))).fit_model(
+        model, loader, features="avgpool")
+    assert torch.equal(unnamed.ood_prototype_, det.ood_prototype_)
 
 
 def test_noise_keeps_the_lowest_energy_images(trained):
@@ -501,10 +508,25 @@ def test_source_parameters_are_checked_and_kept_as_plain_numbers():
         (lambda: UniformNoise(value_range=(1.0, 0.0)), "value_range must be"),
         (lambda: UniformNoise(seed=1.5), "seed must be an integer"),
         (lambda: UniformNoise(n_samples=0), "n_samples must be a positive integer"),
+        # Shapes that failed in Python's unpacking ("not enough values to unpack") or later.
+        (lambda: UniformNoise(sigma_range=(1.0,)), r"sigma_range must be a pair \(low, high\), "
+                                                   r"got \(1.0,\)"),
+        (lambda: UniformNoise(sigma_range=1.0), "sigma_range must be a pair"),
+        (lambda: UniformNoise(value_range=(0, 1, 2)), "value_range must be a pair"),
     ]
     for make, message in bad:
         with pytest.raises(ValueError, match=message):
             make()
+    # A module where a name or a pair of modules belongs was kept until the fit.
+    for make, message in (
+            (lambda: Mixup(layer=nn.Linear(2, 2)), "layer must name a top-level child module"),
+            (lambda: Mixup(layer=""), "layer must name"),
+            (lambda: Mixup(layer=3), "layer must name"),
+            (lambda: Mixup(split=nn.Linear(2, 2)), r"split must be \(stem, tail\)"),
+            (lambda: UniformNoise(input_shape=5), "input_shape must be one input's shape")):
+        with pytest.raises(TypeError, match=message):
+            make()
+    assert Mixup(None, split=[nn.Identity(), nn.Identity()]).params()["layer"] is None
 
 
 def vgg_like():
