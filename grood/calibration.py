@@ -138,7 +138,7 @@ class Calibration:
             raise ValueError(
                 f"{int((scores == 0).sum())} of the {n} calibration rows score 0 (their "
                 f"gradients are indexed training gradients), so a threshold accepting "
-                f"tpr={tpr} of them would flag every new sample: calibrate on held-out "
+                f"tpr={tpr:g} of them would flag every new sample: calibrate on held-out "
                 "in-distribution data, not on the training set")
         held = training_rows_clause(zero, n, self.k)
         if held is not None:

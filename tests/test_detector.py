@@ -633,6 +633,11 @@ def test_calibrating_on_training_rows_is_named_at_every_k(index):
         det.calibrate(val, tpr=0.9)
         det.score_samples(x)  # outside calibrate nothing is counted
     assert det._exact_matches is None
+    # With k=1 the training rows score 0, and a threshold on them alone is refused, naming
+    # tpr as given (numpy's float32 0.9 is 0.8999999761581421 as a float).
+    with pytest.raises(ValueError, match=r"10 of the 10 calibration rows score 0 .* accepting "
+                                         r"tpr=0\.9 of them would flag every new sample"):
+        det.set_params(k=1).calibrate(x[:10], tpr=np.float32(0.9))
 
 
 @pytest.mark.parametrize("bad", [{"threshold": 0.5, "tpr": 0.95, "n": 3, "k": 1, "nprobe": None},
