@@ -291,12 +291,23 @@ def as_eval_set(value: Any, name: str) -> FeatureFile:
     return FeatureFile(value, None, None)
 
 
+def check_groups(ood: Any, near: Any, far: Any) -> None:
+    """Refuse ``ood``, ``near`` or ``far`` given as anything but sets by name (one set given
+    bare, or a list of sets)."""
+    for group, value in (("ood", ood), ("near", near), ("far", far)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{group} takes OOD sets by name, a mapping ({group}={{'name': "
+                            f"set, ...}}; one set: {group}={{'ood': x}}), got "
+                            f"{type(value).__name__}")
+
+
 def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
                 far: Mapping[str, Any] | None
                 ) -> tuple[dict[str, tuple[str, Any]], list[tuple[str, list[str]]]]:
     """The OOD sets in the table's order (near's, far's, ood's), each with its group, and the
     rows: ``(name, [])`` for a set's, ``(label, names)`` for the mean over a group of two or
     more."""
+    check_groups(ood, near, far)
     given = {"near": near or {}, "far": far or {}, "ood": ood or {}}
     if not any(given.values()):
         raise ValueError("give the OOD sets: ood={name: set, ...}, or OpenOOD's groups near= "
@@ -306,10 +317,10 @@ def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
     layout: list[tuple[str, list[str]]] = []
     for group, label in GROUPS:
         names = [str(n) for n in given[group]]
-        twice = [n for n in names if n in sets]
+        twice = [n for i, n in enumerate(names) if n in sets or n in names[:i]]
         if twice:  # one row and one metrics entry per set
-            raise ValueError(f"an OOD set is named more than once (in more than one group): "
-                             f"{', '.join(twice)}")
+            raise ValueError("an OOD set is named more than once (names compare as text, "
+                             f"across groups): {', '.join(twice)}")
         sets.update({str(n): (group, v) for n, v in given[group].items()})
         layout += [(n, []) for n in names]
         if len(names) > 1:

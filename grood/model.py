@@ -216,8 +216,9 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
     and ``["far"]`` as they are); ``baselines`` (fitted :mod:`grood.baselines` estimators)
     score each set's logits or features.
     """
-    from grood.evaluation import LazySet, evaluate
+    from grood.evaluation import LazySet, check_groups, evaluate
 
+    check_groups(ood, near, far)
     extractor = _extractor(det, model, features, device, autocast, stacklevel=3)
 
     def lazy(loader: Iterable, name: str) -> LazySet:

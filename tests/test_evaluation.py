@@ -190,6 +190,15 @@ def _sharded(det):
     (lambda det, s, n: evaluate(det, s), ValueError, "give the OOD sets"),
     (lambda det, s, n: evaluate(det, s, {"n0": n["n0"]}, near=n), ValueError,
      "an OOD set is named more than once"),
+    (lambda det, s, n: evaluate(det, s, {1: n["n0"], "1": n["n1"]}), ValueError,
+     r"an OOD set is named more than once \(names compare as text, across groups\): 1$"),
+    # One set given bare failed in "Boolean value of Tensor ... is ambiguous" (a list, in
+    # "'list' object has no attribute 'items'").
+    (lambda det, s, n: evaluate(det, s, n["n0"]), TypeError,
+     r"ood takes OOD sets by name, a mapping \(ood=\{'name': set, ...\}; one set: "
+     r"ood=\{'ood': x\}\), got Tensor"),
+    (lambda det, s, n: evaluate(det, s, far=[n["n0"]]), TypeError, "far takes OOD sets by "
+                                                                    "name.*got list"),
     (lambda det, s, n: evaluate(det, s, {"mean of 2 sets": n["n0"], "a": n["n1"]}), ValueError,
      "an OOD set is named like a mean row"),
     (lambda det, s, n: evaluate(det, {"features": s["features"], "label": s["labels"]}, n),
@@ -266,6 +275,10 @@ def test_evaluate_model_runs_each_loader_through_the_model():
         (det.predict(feats[140:]) == y[140:]).float().mean()))
     with pytest.raises(ValueError, match="the ID loader: the loader yielded no batches"):
         evaluate_model(det, net, [], {"a": loader(ood["a"])})
+    # One OOD loader given bare ("'DataLoader' object has no attribute 'items'" before).
+    with pytest.raises(TypeError, match=r"ood takes OOD sets by name, a mapping .*got "
+                                        r"DataLoader"):
+        evaluate_model(det, net, loader(x[140:], y[140:]), loader(ood["a"]))
 
 
 def test_fingerprint_matches_equal_the_full_search():
