@@ -209,10 +209,15 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def _real_pair(value: Any, name: str) -> tuple[float, float]:
-    """``(low, high)`` as two finite floats, else an error naming ``name``."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
+    """``(low, high)`` (a tuple, list or array of two) as two finite floats, else an error
+    naming ``name``."""
+    try:
+        items = [] if isinstance(value, (str, bytes)) else list(value)
+    except TypeError:  # not a sequence
+        items = []
+    if len(items) != 2:
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
-    return check_real(value[0], name), check_real(value[1], name)
+    return check_real(items[0], name), check_real(items[1], name)
 
 
 @register_source

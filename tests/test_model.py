@@ -527,6 +527,7 @@ def test_source_parameters_are_checked_and_kept_as_plain_numbers():
         with pytest.raises(TypeError, match=message):
             make()
     assert Mixup(None, split=[nn.Identity(), nn.Identity()]).params()["layer"] is None
+    assert UniformNoise(sigma_range=np.array([0.5, 2.0])).params()["sigma_range"] == [0.5, 2.0]
 
 
 def vgg_like():
