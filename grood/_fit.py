@@ -189,6 +189,34 @@ def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> Non
             UserWarning, stacklevel=4)
 
 
+#: How near a class prototype (relative to the distance between the nearest two class
+#: prototypes) the OOD prototype may lie before the fit warns that it coincides with it.
+COINCIDENT_PROTOTYPES = 1e-3
+
+
+def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> None:
+    """Warn where the OOD prototype coincides with a class prototype (OOD features that are
+    that class's rows, say): GROOD then cannot tell that class from OOD, and its samples
+    score as OOD as the OOD samples, without a sign. Coinciding: nearer than
+    :data:`COINCIDENT_PROTOTYPES` times the distance between the nearest two class prototypes
+    (one class: its prototype's norm)."""
+    p64, o64 = protos.double(), p_ood.double()
+    to_ood = (p64 - o64).norm(dim=1)
+    nearest = int(to_ood.argmin())
+    if protos.shape[0] > 1:
+        scale = float(torch.pdist(p64).min())
+        beside = f"the nearest two class prototypes lie {scale:.3g} apart"
+    else:
+        scale = float(p64.norm())
+        beside = f"the class prototype's norm is {scale:.3g}"
+    if float(to_ood[nearest]) <= COINCIDENT_PROTOTYPES * scale:
+        warnings.warn(
+            f"the OOD prototype (ood_prototype={source!r}) coincides with class {nearest}'s "
+            f"prototype (distance {float(to_ood[nearest]):.3g}; {beside}): GROOD cannot tell "
+            f"class {nearest} from OOD, and its samples score as OOD ones do; are the OOD "
+            "features that class's rows?", UserWarning, stacklevel=4)
+
+
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
                n_classes: int | None, d: int, device: torch.device,
@@ -245,6 +273,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     if p_ood.shape != (d,) or not bool(torch.isfinite(p_ood).all()):
         raise ValueError(f"OOD prototype source {source!r} did not give a finite vector of "
                          f"shape [{d}]")
+    check_ood_prototype_apart(protos, p_ood, source.name)
     # Fitted under torch.inference_mode, the prototypes would have no version counter.
     protos, p_ood = ordinary(protos), ordinary(p_ood.to(device=device, dtype=dtype))
     grads = GradientStep(protos, p_ood, backend["ncp_gradient"], det.precision)

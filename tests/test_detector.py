@@ -720,6 +720,32 @@ def test_labels_in_another_order_than_the_features_are_named():
         GROOD().fit(x, two)
 
 
+def test_an_ood_prototype_on_a_class_prototype_is_named():
+    """OOD features that are one class's rows put the OOD prototype on that class's
+    prototype: GROOD cannot tell the class from OOD (on this data, fitted on 300 rows,
+    held-out rows of that class against noise gave AUROC 0.36, where noise as the OOD
+    features gives 0.95), and fit warns, naming the class; OOD features elsewhere, the mean
+    source, and the ID set's own mean do not warn."""
+    import warnings
+
+    x, y = clustered_features(400, 4, 8, seed=0, spread=0.6, dtype=torch.float32)
+    noise = 3 * torch.randn(100, 8, generator=torch.Generator().manual_seed(1))
+    said = (r"the OOD prototype \(ood_prototype='features'\) coincides with class 2's "
+            r"prototype \(distance [0-9.e-]+; the nearest two class prototypes lie [0-9.]+ "
+            r"apart\): GROOD cannot tell class 2 from OOD")
+    for rows in (x[y == 2], x[y == 2].half()):  # equal but for float16 rounding too
+        with pytest.warns(UserWarning, match=said):
+            GROOD(ood_prototype="features").fit(x, y, ood_features=rows)
+    with pytest.warns(UserWarning, match=r"coincides with class 0's prototype \(distance 0; "
+                                         r"the class prototype's norm is"):
+        GROOD(ood_prototype="features").fit(x[y == 0], y[y == 0], ood_features=x[y == 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for rows in (noise, x):
+            GROOD(ood_prototype="features").fit(x, y, ood_features=rows)
+        GROOD().fit(x, y)
+
+
 @pytest.mark.gpu  # its CUDA half runs in bench/gpu_check.sh; the rest runs anywhere
 def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
     """A detector loaded without device= lives in host memory; features on a GPU were then
