@@ -322,6 +322,11 @@ class FeatureExtractor:
             desc: the progress bar's label.
             limit: stop after this many samples.
         """
+        if isinstance(loader, (Tensor, np.ndarray)):
+            # Iterating an array gives its rows, each run through the model as a "batch".
+            raise TypeError(f"the loader must yield batches, got a {type(loader).__name__} "
+                            "(iterating it gives single rows): pass [(inputs,)] or "
+                            "[(inputs, labels)], or a DataLoader")
         total = None
         if limit is not None:
             total = limit

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from grood import distributed as dist
 from grood._batches import check_reiterable
-from grood._checks import check_finite_rows, prefixed_errors
+from grood._checks import check_finite_rows, check_positive_int, prefixed_errors
 from grood._fit import distributing
 
 if TYPE_CHECKING:
@@ -149,8 +149,13 @@ def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
     """:meth:`grood.GROOD.kneighbors` of a loader's samples, streamed through the model: CPU
     tensors ``(distances [N, n], training rows [N, n])``; the training rows number the rows
     of the loader :func:`fit_model` read, in its order."""
-    from grood.neighbours import neighbours_and_predict
+    from grood.neighbours import check_within_index, neighbours_and_predict
 
+    det._check_fitted()
+    if n_neighbors is not None:  # before the model runs (on every rank alike, when sharded)
+        with dist.together(det._sharded, "checking n_neighbors"):
+            check_within_index(det, check_positive_int(n_neighbors, "n_neighbors"),
+                               "n_neighbors")
     return _stream(det, model, loader,
                    lambda f: neighbours_and_predict(det, f, n_neighbors, allow_empty=True)[:2],
                    features=features, device=device, autocast=autocast)
@@ -186,18 +191,28 @@ def _extractor(det: GROOD, model: nn.Module, features: str | None,
     read), with a warning (at ``stacklevel``) where another layer is named."""
     from grood.extract import FeatureExtractor
 
-    fitted_on = getattr(det, "extractor_", {}).get("features")
-    if features is None:
-        features = fitted_on
+    features, note = _layer(det, features)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)  # refuses a name the model lacks
+    if note:
+        warnings.warn(note, UserWarning, stacklevel=stacklevel)
+    return extractor
+
+
+def _layer(det: GROOD, features: str | None) -> tuple[str | None, str | None]:
+    """The module whose output ``det`` reads (``features``, by default the one
+    :func:`fit_model` read), and what to warn of where another is named (to be warned once
+    the model is known to have it)."""
+    fitted_on = getattr(det, "extractor_", {}).get("features")
+    if features is None:
+        return fitted_on, None
     if fitted_on is not None and features != fitted_on:
         # Another layer of the same width would be scored against the wrong prototypes and
         # index without any error; a renamed module (a wrapped model) is legitimate.
-        warnings.warn(f"the detector reads features={features!r} here, but was fitted on "
-                      f"features={fitted_on!r}; scores are only meaningful for the same "
-                      "layer", UserWarning, stacklevel=stacklevel)
-    return extractor
+        return features, (f"the detector reads features={features!r} here, but was fitted on "
+                          f"features={fitted_on!r}; scores are only meaningful for the same "
+                          "layer")
+    return features, None
 
 
 def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
@@ -295,9 +310,14 @@ class ModelFrontEnd:
 
     def attach(self, model: nn.Module, features: str | None = None,
                checks: str = "raise", flags: bool = False) -> GROODAttached:
-        """``model`` with this detector as a head on its ``features`` module: ``forward(x) ->
-        (logits, score, pred)`` in one pass, ``(logits, score, pred, is_ood)`` with ``flags``
-        (see :class:`grood.head.GROODAttached`)."""
+        """``model`` with this detector as a head on its ``features`` module (by default the
+        one :meth:`fit_model` read): ``forward(x) -> (logits, score, pred)`` in one pass,
+        ``(logits, score, pred, is_ood)`` with ``flags`` (see
+        :class:`grood.head.GROODAttached`)."""
         from grood.head import GROODAttached
 
-        return GROODAttached(model, self.as_module(checks, flags), features)
+        features, note = _layer(cast("GROOD", self), features)
+        attached = GROODAttached(model, self.as_module(checks, flags), features)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        return attached

@@ -515,6 +515,15 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
     empty = attached(images[:0])
     assert [tuple(t.shape) for t in empty] == [(0, 3), (0,), (0,)]
     assert empty[1].dtype == score.dtype and empty[2].dtype == pred.dtype
+    # Without features= it reads the layer fit_model read, as score_model does (it asked the
+    # model for return_feature_list, which a plain model refused with a TypeError); another
+    # layer is named in a warning.
+    again = det.attach(net)(images)
+    assert all(torch.equal(a, b) for a, b in zip(again, (logits, score, pred), strict=True))
+    with pytest.warns(UserWarning, match=r"reads features='body' here, but was fitted on "
+                                         r"features='avgpool'") as caught:
+        det.attach(net, features="body")
+    assert caught[0].filename == __file__  # the caller's line
 
 
 class DictOutputNet(SmallCNN):
@@ -673,6 +682,7 @@ def test_attaching_a_model_in_training_mode_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         det.attach(model.eval(), features="4")
+        warnings.filterwarnings("ignore", "the detector reads features='0' here")
         det.attach(nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(36, 3)),
                    features="0")  # nothing that depends on the mode
 

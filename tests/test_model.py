@@ -149,6 +149,29 @@ def test_score_model_names_the_loader_batch_an_error_comes_from():
         det.score_model(model, DataLoader(TensorDataset(images), batch_size=16))
 
 
+def test_a_loader_that_is_an_array_and_a_bad_n_neighbors_are_named_before_the_model_runs():
+    """An array given as the loader yields its rows, each run through the model as a batch of
+    its own (one image [1, 8, 8] through a Conv2d expecting a batch, or a feature row of 1
+    column); n_neighbors out of range was found after the model's first batch."""
+    x, y = _images()
+    model = small_cnn()
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16), features="8")
+    for loader in (x, x.numpy()):
+        for call in (det.score_model, det.predict_model, det.kneighbors_model,
+                     lambda m, ld: det.fit_model(m, ld, features="8")):
+            with pytest.raises(TypeError, match=r"^the loader must yield batches, got a "
+                                                r"(Tensor|ndarray) \(iterating it gives single "
+                                                r"rows\): pass \[\(inputs,\)\]"):
+                call(model, loader)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for bad, said in ((0, "n_neighbors must be a positive integer, got 0"),
+                      (10_000, "n_neighbors=10000 but the index holds only")):
+        with pytest.raises(ValueError, match=f"^{said}"):
+            det.kneighbors_model(model, [x[:4]], bad)
+    assert not calls
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
 def test_a_model_that_fails_on_a_batch_is_named_with_the_batch():
     """The model's own error passes unchanged, with a note saying which loader batch (and
