@@ -9,11 +9,15 @@ caller's memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
@@ -362,6 +366,27 @@ def bench_device_arg(text: str) -> str:
     if text == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("no CUDA device is available here")
     return text
+
+
+#: Where the frames a warning skips on its way to the line that called into grood lie:
+#: grood and its kernels, and torch and contextlib (hooks and ``with`` blocks grood runs
+#: code through).
+_GROOD_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = (os.path.join(_GROOD_ROOT, "grood") + os.sep,
+             os.path.join(_GROOD_ROOT, "grood_kernels") + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+             os.path.abspath(contextlib.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function calling this one that points
+    at the first frame outside grood (and outside torch and contextlib, which grood runs code
+    through): the user's line, whichever path (``fit``, ``fit_model``, an adapter) led there."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from grood._checks import (
     check_matrix,
     compute_dtype,
     ordinary,
+    user_stacklevel,
 )
 from grood._gradients import GradientStep
 from grood.functional import PrototypeState, class_prototypes
@@ -158,7 +159,8 @@ def check_logits_agree(by_logits: float, by_prototype: float) -> None:
         warnings.warn(
             f"the logits classify {100 * by_logits:.1f} % of the training rows correctly, "
             f"their nearest class prototype {100 * by_prototype:.1f} %: {CLASS_ORDER_HINT} "
-            "GROOD indexes only the rows the logits get right", UserWarning, stacklevel=4)
+            "GROOD indexes only the rows the logits get right", UserWarning,
+            stacklevel=user_stacklevel())
 
 
 def chance_share(accuracy: float, counts: Any, n: int) -> float | None:
@@ -186,7 +188,7 @@ def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> Non
             f"training rows correctly, about what labels unrelated to the features give (the "
             f"largest class holds {100 * largest:.1f} % of the rows): are the labels in the "
             "order of the feature rows (not from a shuffled loader or another split)?",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=user_stacklevel())
 
 
 #: How near a class prototype (relative to the distance between the nearest two class
@@ -214,7 +216,7 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
             f"the OOD prototype (ood_prototype={source!r}) coincides with class {nearest}'s "
             f"prototype (distance {float(to_ood[nearest]):.3g}; {beside}): GROOD cannot tell "
             f"class {nearest} from OOD, and its samples score as OOD ones do; are the OOD "
-            "features that class's rows?", UserWarning, stacklevel=4)
+            "features that class's rows?", UserWarning, stacklevel=user_stacklevel())
 
 
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from grood import distributed as dist
-from grood._checks import ArrayLike, ArrayT, check_fraction, is_count
+from grood._checks import ArrayLike, ArrayT, check_fraction, is_count, user_stacklevel
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_at_tpr
 
@@ -147,7 +147,7 @@ class Calibration:
                 f"gradient at distance 0, {held}): is part of the calibration set from the "
                 "training set? Such rows score higher than new in-distribution samples, which "
                 "raises the threshold: more of those would be flagged than tpr says",
-                UserWarning, stacklevel=3)
+                UserWarning, stacklevel=user_stacklevel())
         self.calibration_ = {"threshold": threshold, "tpr": tpr, "n": n,
                              **self._search_setting()}
         return self

@@ -31,6 +31,7 @@ from grood._checks import (
     check_positive_int,
     compute_dtype,
     prefixed_errors,
+    user_stacklevel,
 )
 from grood._fit import (
     FittedState,
@@ -476,7 +477,7 @@ def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor,
     note = elsewhere_note(x.device, det.device_)
     if note is not None and not det.__dict__.get("_told_elsewhere"):
         det.__dict__["_told_elsewhere"] = True  # (a note per fitted state, not a parameter)
-        warnings.warn(note, UserWarning, stacklevel=4)
+        warnings.warn(note, UserWarning, stacklevel=user_stacklevel())
     return x, kind
 
 

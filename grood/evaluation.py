@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from grood._checks import prefixed_errors
+from grood._checks import prefixed_errors, user_stacklevel
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
@@ -447,7 +447,7 @@ def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]
         said += (": are its features from the model the detector was fitted with, and its "
                  "labels in the detector's class order and in the order of the rows?")
     said += " Its metrics would measure that mismatch."
-    warnings.warn(said, UserWarning, stacklevel=3)
+    warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
     return said
 
 
@@ -475,7 +475,7 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
             "this set: does it hold training images?")
     said = (f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
             f"gradient at distance 0, {held}): {what}")
-    warnings.warn(said, UserWarning, stacklevel=3)
+    warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
     return said
 
 
@@ -499,7 +499,7 @@ def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: st
             f"({hits / x.shape[0]:.1%}): they score as those in-distribution rows do, so the "
             "metrics on this set measure that overlap, not the detector: is it the ID set "
             "given again, or do the two datasets share samples?")
-    warnings.warn(said, UserWarning, stacklevel=3)
+    warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
     return said
 
 
@@ -536,7 +536,7 @@ def warn_ood_fit_set(det: Any, name: str, features: Any, prints: Any = None) -> 
         said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's OOD "
                 f"prototype was averaged from ({hits / x.shape[0]:.1%}; of those "
                 f"{recorded.shape[0]} rows): {advice}")
-        warnings.warn(said, UserWarning, stacklevel=3)
+        warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
         return said
     proto = det.ood_prototype_.detach().cpu().to(torch.float64)
     total = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -548,7 +548,7 @@ def warn_ood_fit_set(det: Any, name: str, features: Any, prints: Any = None) -> 
         return None
     said = (f"{name}: its mean is the detector's OOD prototype: it is the OOD set its rows "
             f"were averaged from, and {advice}")
-    warnings.warn(said, UserWarning, stacklevel=3)
+    warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
     return said
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from grood._checks import check_device
+from grood._checks import check_device, user_stacklevel
 from grood._progress import progress
 
 #: Keys of a dict batch that hold the inputs (OpenOOD's ``data``, Hugging Face's
@@ -408,7 +408,7 @@ class FeatureExtractor:
             warnings.warn(
                 f"features={self.features!r} reads the model's logits (the same values): GROOD "
                 f"works on the penultimate feature, what the classifier receives{hint}",
-                UserWarning, stacklevel=4)
+                UserWarning, stacklevel=user_stacklevel())
 
     def extract(self, loader: Iterable) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """All features [N, D], logits [N, C] and labels [N] of a loader, on the CPU.

@@ -43,6 +43,7 @@ from grood._checks import (
     check_matrix,
     check_positive_int,
     compute_dtype,
+    user_stacklevel,
 )
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
@@ -421,7 +422,7 @@ def _warn_if_training(model: nn.Module) -> None:
                       "differently (batch statistics, dropout): the attached model would score "
                       "features unlike those fit_model and score_model read in eval mode; "
                       "call .eval() on the model or the attached model to score as the "
-                      "detector does", UserWarning, stacklevel=4)
+                      "detector does", UserWarning, stacklevel=user_stacklevel())
 
 
 class GROODAttached(nn.Module):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from grood import ops
-from grood._checks import check_finite_rows, check_positive_int
+from grood._checks import check_finite_rows, check_positive_int, user_stacklevel
 from grood.functional import database_sq_norms_of
 
 
@@ -647,7 +647,7 @@ class FaissIVFIndex(_FaissIndex):
         if self.nlist is not None and nlist > train.shape[0]:
             warnings.warn(f"nlist={nlist} is more than the {train.shape[0]} gradients the IVF "
                           f"quantizer is trained on; it gets {train.shape[0]} lists",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=user_stacklevel())
         nlist = min(nlist, train.shape[0])  # faiss needs at least nlist training points
         quantizer = self.faiss.IndexFlatL2(self.dim)
         index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_L2)

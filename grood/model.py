@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from grood import distributed as dist
 from grood._batches import check_reiterable
-from grood._checks import check_finite_rows, check_positive_int, prefixed_errors
+from grood._checks import check_finite_rows, check_positive_int, prefixed_errors, user_stacklevel
 from grood._fit import distributing
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
     """``fn`` (features -> two tensors) over a loader's batches of ``features`` (by default
     the layer :func:`fit_model` read), concatenated on the CPU."""
     det._check_fitted()
-    extractor = _extractor(det, model, features, device, autocast, stacklevel=5)
+    extractor = _extractor(det, model, features, device, autocast)
     feats = (out.features for out, _, _ in extractor.batches(loader, desc="grood score"))
     # A sharded detector's ranks search together, each rank's loader as long as it is: the
     # empty batches a rank joins with add no rows (and give its results their shape when its
@@ -185,17 +185,17 @@ def _stream(det: GROOD, model: nn.Module, loader: Iterable,
 
 
 def _extractor(det: GROOD, model: nn.Module, features: str | None,
-               device: str | torch.device | None, autocast: torch.dtype | None, *,
-               stacklevel: int) -> FeatureExtractor:
+               device: str | torch.device | None, autocast: torch.dtype | None
+               ) -> FeatureExtractor:
     """The extractor of ``model``'s ``features`` (by default the layer :func:`fit_model`
-    read), with a warning (at ``stacklevel``) where another layer is named."""
+    read), with a warning where another layer is named."""
     from grood.extract import FeatureExtractor
 
     features, note = _layer(det, features)
     extractor = FeatureExtractor(model, features=features, device=device, autocast=autocast,
                                  progress=det.progress)  # refuses a name the model lacks
     if note:
-        warnings.warn(note, UserWarning, stacklevel=stacklevel)
+        warnings.warn(note, UserWarning, stacklevel=user_stacklevel())
     return extractor
 
 
@@ -234,7 +234,7 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
     from grood.evaluation import LazySet, check_groups, evaluate
 
     check_groups(ood, near, far)
-    extractor = _extractor(det, model, features, device, autocast, stacklevel=3)
+    extractor = _extractor(det, model, features, device, autocast)
 
     def lazy(loader: Iterable, name: str) -> LazySet:
         return LazySet(lambda: _loader_set(extractor, loader, name))
@@ -319,5 +319,5 @@ class ModelFrontEnd:
         features, note = _layer(cast("GROOD", self), features)
         attached = GROODAttached(model, self.as_module(checks, flags), features)
         if note:
-            warnings.warn(note, UserWarning, stacklevel=2)
+            warnings.warn(note, UserWarning, stacklevel=user_stacklevel())
         return attached

@@ -691,6 +691,35 @@ def test_logits_in_another_class_order_than_the_labels_are_named():
         GROOD().fit(x, y, logits=none_right)
 
 
+def test_warnings_point_at_the_callers_line_on_every_path():
+    """A warning names the line that called grood, whichever path led to it (each warning
+    had a fixed stack level, right for one path: through fit_batches or fit_model the logits'
+    warning named a line inside grood, through evaluate_model the evaluation's)."""
+    import warnings
+
+    from grood import evaluate, evaluate_model
+
+    x, y = clustered_features(300, 5, 12, seed=4, spread=0.3, dtype=torch.float32)
+    logits = torch.nn.functional.one_hot(y, 5).float()[:, torch.tensor([0, 2, 3, 4, 1])] * 3
+    net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(12, 5))
+    det = GROOD().fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its logits: the one it warns of below)
+        on_net = GROOD().fit_model(net, [(x, y)], features="0")
+    calls = [lambda: GROOD().fit(x, y, logits=logits),
+             lambda: GROOD().fit_batches([(x, y, logits)]),
+             lambda: GROOD().fit_model(net, [(x, y)], features="0"),
+             lambda: evaluate(det, x, {"a": x[:50]}),
+             lambda: evaluate_model(det, net, [(x,)], {"a": [(x,)]}, features="0"),
+             lambda: on_net.attach(net, features="1")]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught and {w.filename for w in caught} == {__file__}, [
+            (w.filename, str(w.message)[:60]) for w in caught]
+
+
 def test_labels_in_another_order_than_the_features_are_named():
     """Features and labels read in different orders (a shuffled loader for one of them) give
     prototypes near the overall mean and an index of a chance sample of the rows: fit warns
