@@ -233,6 +233,26 @@ def test_pytorch_ood_adapter_names_mismatched_shapes(n_labels, n_logits, match):
     assert torch.equal(module.predict(x.numpy()), det.predict(x))
 
 
+def test_pytorch_ood_adapter_names_a_bad_loader_or_parameter_up_front():
+    """A tensor given as the loader, a batch that is not (inputs, labels), and a misspelt
+    GROOD parameter are named; they failed in Python's unpacking ("too many values to
+    unpack") or at the first fit, in GROOD's constructor."""
+    x, y = clustered_features(30, 3, 5, seed=0, dtype=torch.float32)
+    det = GROODDetector(encoder=nn.Identity())
+    for loader, said in ((x, r"fit takes a loader of \(inputs, labels\) batches, got a Tensor"),
+                         (x.numpy(), "got a ndarray"),
+                         ([(x, y, y)], r"the loader's batch 0 \(numbered from 0\) must be "
+                                       r"\(inputs, labels\), got a tuple of 3"),
+                         ([(x, y), x], r"batch 1 .* got a Tensor")):
+        with pytest.raises(TypeError, match=said):
+            det.fit(loader)
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) batchsize; besides encoder, "
+                                        r"head, k, ood_prototype and precision it takes "
+                                        r"GROOD's: backend, batch_size"):
+        GROODDetector(nn.Identity(), batchsize=8)
+    assert GROODDetector(nn.Identity(), batch_size=8).fit([(x, y)]).grood.batch_size == 8
+
+
 def test_openood_reference_mode_refuses_an_index_of_its_own():
     """reference=True builds the official code's IVF index; an index given beside it was
     silently replaced."""

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +55,13 @@ except ImportError:
         def __init__(self, msg: str = "this detector needs an encoder for inputs; use "
                                       "fit_features / predict_features") -> None:
             super().__init__(msg)
+
+
+def _shape_of(batch: Any) -> str:
+    """What a batch is, for an error: its type, and the length of a tuple or list."""
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
 
 
 def _inference(fn: Any) -> AbstractContextManager:
@@ -129,6 +137,12 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                  head: Callable[[Tensor], Tensor] | None = None, k: int = 1,
                  ood_prototype: str = "mean", precision: str = "ieee",
                  **grood_kwargs: Any) -> None:
+        unknown = sorted(set(grood_kwargs) - set(GROOD().get_params()))
+        if unknown:  # (found at the first fit otherwise, in GROOD's constructor)
+            raise TypeError(f"GROODDetector got unknown parameter(s) {', '.join(unknown)}; "
+                            "besides encoder, head, k, ood_prototype and precision it takes "
+                            "GROOD's: " + ", ".join(sorted(set(GROOD().get_params()) - {
+                                "k", "ood_prototype", "precision"})))
         self.encoder = encoder
         self.head = head
         self.k = k
@@ -165,9 +179,16 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                  ) -> tuple[Tensor, Tensor]:
         """The encoder's features and the labels of the loader's rows labelled >= 0."""
         assert self.encoder is not None  # (checked by fit)
+        if isinstance(data_loader, (Tensor, np.ndarray)):
+            raise TypeError(f"fit takes a loader of (inputs, labels) batches, got a "
+                            f"{type(data_loader).__name__}: pass [(inputs, labels)], a "
+                            "DataLoader, or features to fit_features")
         feats, labels = [], []
-        for x, y in data_loader:
-            x, y = torch.as_tensor(x), torch.as_tensor(y)  # (a loader may yield NumPy arrays)
+        for number, batch in enumerate(data_loader):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"the loader's batch {number} (numbered from 0) must be "
+                                f"(inputs, labels), got {_shape_of(batch)}")
+            x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])  # (or NumPy arrays)
             known = y >= 0
             if not bool(known.any()):  # (an OOD batch, or one of 0 rows: the encoder not run)
                 continue
