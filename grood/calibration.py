@@ -11,6 +11,7 @@ settings changed, and dropped by a new ``fit``.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,13 +47,15 @@ def training_rows_clause(zero: int, n: int, k: int) -> str | None:
     return "so they score 0" if k == 1 else f"one of their k={k} neighbours"
 
 
+#: Per thread, by detector (``id``): the counts :meth:`Calibration._counting_training_rows`
+#: collects, one list per scored batch of the rows whose nearest indexed gradient is at
+#: distance 0 (indexed training rows; device tensors, read once at the end).
+_COUNTING = threading.local()
+
+
 class Calibration:
     """``calibrate`` / ``calibrate_model`` / ``is_ood`` of a fitted detector (it scores with
     ``score_samples`` / ``score_model``)."""
-
-    #: While calibrating: per scored batch, the number of rows whose nearest indexed gradient
-    #: is at distance 0 (indexed training rows; device tensors, read once at the end).
-    _exact_matches: list | None = None
 
     if TYPE_CHECKING:  # what the detector class provides
         k: int
@@ -110,19 +113,29 @@ class Calibration:
 
     @contextmanager
     def _counting_training_rows(self) -> Iterator[list[Tensor]]:
-        """Collect, while scoring, how many rows have an indexed gradient at distance 0."""
+        """Collect, while this thread scores with this detector, how many rows have an
+        indexed gradient at distance 0. Per thread: other threads scoring with the same
+        detector meanwhile (a server's workers) are not counted, and each thread's
+        calibration or evaluation keeps its own count."""
         found: list[Tensor] = []
-        self._exact_matches = found
+        counting = _COUNTING.__dict__.setdefault("by_detector", {})
+        outer = counting.get(id(self))
+        counting[id(self)] = found
         try:
             yield found
         finally:
-            del self._exact_matches  # back to the class's None
+            if outer is None:
+                del counting[id(self)]
+            else:  # (a calibration inside an evaluation, say)
+                counting[id(self)] = outer
 
     def _count_training_rows(self, dist_k: Any) -> None:
-        """While calibrating, count the rows of a scored batch whose nearest indexed gradient
-        (``dist_k``'s first column) is at distance 0 (a device sum, read at the end)."""
-        if self._exact_matches is not None:
-            self._exact_matches.append((dist_k[:, 0] == 0).sum())
+        """While this thread calibrates or evaluates, count the rows of a scored batch whose
+        nearest indexed gradient (``dist_k``'s first column) is at distance 0 (a device sum,
+        read at the end)."""
+        found = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
+        if found is not None:
+            found.append((dist_k[:, 0] == 0).sum())
 
     def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Self:
         """Set the threshold from held-out ID ``scores`` (every rank's, when sharded);

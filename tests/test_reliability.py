@@ -530,6 +530,37 @@ def test_one_detector_scores_from_many_threads(busy_thread_switching):
     assert _in_threads(work) == []
 
 
+def test_one_detector_calibrates_in_threads_while_others_score(busy_thread_switching):
+    """Threads calibrating one detector on held-out rows while others score its training rows
+    (a server recalibrating while it serves): each calibration counts the training rows its
+    own scoring met, no other thread's. The count lived on the detector: calibrations at once
+    failed ("'GROOD' object has no attribute '_exact_matches'") and counted the scoring
+    threads' rows, warning of training rows in held-out data."""
+    import warnings
+
+    x, y = clustered_features(600, 5, 12, seed=3, dtype=torch.float32)
+    held_out, _ = clustered_features(200, 5, 12, seed=13, dtype=torch.float32)
+    det = GROOD(progress=False, batch_size=16).fit(x, y)
+    want = det.calibrate(held_out, tpr=0.9).calibration_["threshold"]
+    train_scores = det.score_samples(x)
+    assert int((train_scores == 0).sum()) > 500  # (their own gradients: indexed)
+    turn = iter(range(1000))
+
+    def work():
+        calibrating = next(turn) % 2
+        for _ in range(4):
+            if calibrating:
+                det.calibrate(held_out, tpr=0.9)
+                assert det.calibration_["threshold"] == want
+            else:
+                assert torch.equal(det.score_samples(x), train_scores)
+
+    with warnings.catch_warnings(record=True) as caught:  # (every thread's)
+        warnings.simplefilter("always")
+        assert _in_threads(work) == []
+    assert [str(w.message) for w in caught] == []
+
+
 def test_fit_and_score_under_inference_mode():
     """OOD evaluation code often runs under ``torch.inference_mode()``, whose tensors have no
     version counter: fitting, scoring, predicting and the functional op work there (and a
