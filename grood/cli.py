@@ -330,7 +330,7 @@ def _size(n: int) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.evaluation import eval_layout, evaluate, id_labels_and_logits
-    from grood.io import load_features
+    from grood.io import array_names, load_features
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
@@ -377,6 +377,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     id_data = load_features(args.id)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_labels_and_logits(id_data, det.n_classes_)  # before any work
+    logit_baselines = [b for b in args.baselines if EVAL_BASELINES[b][1] == "logits"]
+    for path in ood_files if logit_baselines else ():  # before any scoring, as the ID file
+        if "logits" not in array_names(path):
+            raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
+                             f"{'scores' if len(logit_baselines) == 1 else 'score'} logits: "
+                             "the file has no 'logits' array")
     baselines = _fit_baselines(args, id_data, det.n_features_in_)
     ev = evaluate(det, id_data, {p: p for p in args.ood}, near={p: p for p in args.near},
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,

@@ -84,6 +84,28 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(*(arrays.get(k) for k in KEYS))
 
 
+def array_names(path: str | os.PathLike) -> set[str]:
+    """The names of the arrays a feature file holds, read without loading them (a ``.npy``
+    holds ``features`` alone; a ``.pt`` file is memory-mapped where its format allows); a
+    file that cannot be read gives the error :func:`load_features` gives."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return {"features"}
+        if suffix == ".npz" and zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as z:
+                return set(z.files)
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return set(f.keys())
+    except Exception:  # (named as load_features names it, below)
+        pass
+    return {k for k, v in load_features(path)._asdict().items() if v is not None}
+
+
 def _check_numpy_format(path: Path, suffix: str) -> None:
     """A clear error for a ``.npy`` without numpy's header or a ``.npz`` that is no zip archive
     (numpy would take either for a pickle and say so, which they are not meant to be)."""

@@ -728,20 +728,36 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
          "narrow.npz: the training features have 5 columns, the detector's 6"),
         (["--id", str(tmp_path / "short.npz")],
          "short.npz: 'logits' has shape (10, 3), expected (60, C)"),
+        # An OOD file without logits: named before the ID file is scored (it was named at
+        # its turn, after the ID file's scoring), whatever its format.
         (["--baselines", "msp", "--id", str(tmp_path / "train.npz"), "--ood",
-          str(tmp_path / "a.npz")], "a.npz: the MSP baseline scores logits: this set has no "
-                                    "'logits'"),
+          str(tmp_path / "a.npz")], "a.npz: --baselines msp scores logits: the file has no "
+                                    "'logits' array"),
+        (["--baselines", "msp", "energy", "--ood", str(tmp_path / "a.safetensors")],
+         "a.safetensors: --baselines msp and energy score logits: the file has no 'logits' "
+         "array"),
         (["--baselines", "mahalanobis", "--train", str(tmp_path / "ood.npz")],
          "ood.npz: --baselines mahalanobis fits one mean per class: the file needs 'labels'"),
     ]
     _write(tmp_path / "a.npz", features=ood)
+    from safetensors.torch import save_file
+
+    save_file({"features": ood.contiguous()}, str(tmp_path / "a.safetensors"))
     _write(tmp_path / "narrow.npz", features=x[:100, :5], labels=y[:100])
     _write(tmp_path / "short.npz", features=x[100:], labels=y[100:], logits=logits[:10])
-    for extra, message in refused:
-        base = ["eval", det, *([] if "--id" in extra else ["--id", str(tmp_path / "id.npz")]),
-                "--ood", str(tmp_path / "ood.npz")]
-        assert main([*base, *extra]) == 2, extra
-        assert message in capsys.readouterr().err
+    scored = []
+    real_score = GROOD.score_and_predict
+    GROOD.score_and_predict = lambda self, f: (scored.append(1), real_score(self, f))[1]
+    try:
+        for extra, message in refused:
+            base = ["eval", det, *([] if "--id" in extra else
+                                   ["--id", str(tmp_path / "id.npz")]),
+                    "--ood", str(tmp_path / "ood.npz")]
+            assert main([*base, *extra]) == 2, extra
+            assert message in capsys.readouterr().err
+    finally:
+        GROOD.score_and_predict = real_score
+    assert not scored
 
 
 def test_a_missing_input_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
