@@ -171,7 +171,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
         check_ranks_agree(self, source, x, lg)
         if n_classes is None:
-            n_classes = class_count(int(y.max()) + 1 if n else 0, n, self.distributed)
+            n_classes = class_count(*label_count(y), self.distributed)
         device = torch.device(self.device) if self.device is not None else x.device
 
         def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:

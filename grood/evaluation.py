@@ -479,6 +479,17 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
     return said
 
 
+def _repeated_rows(det: Any, recorded: Any, x: Any, prints: Any) -> int | None:
+    """How many rows of ``x`` repeat rows fingerprinted in ``recorded``
+    (:func:`grood.prototypes.fingerprint_matches`; ``prints``: ``x``'s fingerprints, or None),
+    where more than 1 % do; else None."""
+    from grood.prototypes import fingerprint_matches
+
+    hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size,
+                                   prints).sum())
+    return hits if hits * 100 > x.shape[0] else None
+
+
 def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: str,
                  prints: Any = None) -> str | None:
     """A warning where more than 1 % of an OOD set's rows repeat rows of the ID set, matched
@@ -488,12 +499,10 @@ def warn_id_rows(det: Any, name: str, features: Any, id_prints: Any, id_name: st
     metrics understate the detector by the overlap, not by anything the detector does.
     ``prints``: the set's own fingerprints, where made already."""
     from grood._checks import as_tensor
-    from grood.prototypes import fingerprint_matches
 
     x, _ = as_tensor(features, "features")
-    hits = int(fingerprint_matches(id_prints, x, det.ood_prototype_, det.batch_size,
-                                   prints).sum())
-    if hits * 100 <= x.shape[0]:
+    hits = _repeated_rows(det, id_prints, x, prints)
+    if hits is None:
         return None
     said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows of {id_name} "
             f"({hits / x.shape[0]:.1%}): they score as those in-distribution rows do, so the "
@@ -518,7 +527,7 @@ def warn_ood_fit_set(det: Any, name: str, features: Any, prints: Any = None) -> 
     import torch
 
     from grood._checks import as_tensor, batches
-    from grood.prototypes import OODFeatureMean, fingerprint_matches
+    from grood.prototypes import OODFeatureMean
 
     recorded = getattr(det, "ood_fingerprints_", None)
     # (the fitted source: ood_prototype set since applies from the next fit)
@@ -529,9 +538,8 @@ def warn_ood_fit_set(det: Any, name: str, features: Any, prints: Any = None) -> 
               "ood_features=...)), so the metrics on this set are optimistic; fit on a "
               "validation OOD set kept apart from the test sets, as OpenOOD does")
     if recorded is not None:
-        hits = int(fingerprint_matches(recorded, x, det.ood_prototype_, det.batch_size,
-                                       prints).sum())
-        if hits * 100 <= x.shape[0]:
+        hits = _repeated_rows(det, recorded, x, prints)
+        if hits is None:
             return None
         said = (f"{name}: {hits} of its {x.shape[0]} rows repeat rows the detector's OOD "
                 f"prototype was averaged from ({hits / x.shape[0]:.1%}; of those "

@@ -172,6 +172,14 @@ def as_rows(t: Tensor) -> Tensor:
     return t.flatten(1) if t.ndim > 1 else t[:, None]
 
 
+def check_loader(loader: Any, what: str, advice: str) -> None:
+    """Refuse a tensor or array given where a loader of batches belongs: iterating it gives
+    its single rows, each of which would run as a batch of its own (``what`` and ``advice``
+    frame the message)."""
+    if isinstance(loader, (Tensor, np.ndarray)):
+        raise TypeError(f"{what}, got a {type(loader).__name__}{advice}")
+
+
 def _widths(out: Extracted) -> tuple[int | None, ...]:
     """The widths of a batch's features, logits and early outputs (None: not given)."""
     return tuple(None if t is None else t.shape[1]
@@ -322,11 +330,8 @@ class FeatureExtractor:
             desc: the progress bar's label.
             limit: stop after this many samples.
         """
-        if isinstance(loader, (Tensor, np.ndarray)):
-            # Iterating an array gives its rows, each run through the model as a "batch".
-            raise TypeError(f"the loader must yield batches, got a {type(loader).__name__} "
-                            "(iterating it gives single rows): pass [(inputs,)] or "
-                            "[(inputs, labels)], or a DataLoader")
+        check_loader(loader, "the loader must yield batches", " (iterating it gives single "
+                     "rows): pass [(inputs,)] or [(inputs, labels)], or a DataLoader")
         total = None
         if limit is not None:
             total = limit

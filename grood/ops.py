@@ -58,10 +58,13 @@ def triton_unavailable_reason(op: str, device: torch.device,
             f"the tensors are on {device.type!r}: Triton kernels run on CUDA devices, and on the "
             "CPU only under the interpreter (export TRITON_INTERPRET=1 before starting Python)"
         )
-    if precision == "bf16" and device.type != "cuda":
-        from grood_kernels._dot import interpreter_bf16_error
+    if precision is not None:
+        from grood_kernels._dot import check_bf16_runs
 
-        return interpreter_bf16_error()
+        try:
+            check_bf16_runs(precision, device)
+        except RuntimeError as exc:  # (bf16 under an interpreter that computes it wrongly)
+            return str(exc)
     return None
 
 

@@ -28,14 +28,13 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from grood import persistence
 from grood._checks import check_matrix
 from grood.detector import GROOD
-from grood.extract import as_rows, eval_mode
+from grood.extract import as_rows, check_loader, eval_mode
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
     from pytorch_ood.api import FeaturesDetector as _Base
@@ -137,12 +136,13 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                  head: Callable[[Tensor], Tensor] | None = None, k: int = 1,
                  ood_prototype: str = "mean", precision: str = "ieee",
                  **grood_kwargs: Any) -> None:
-        unknown = sorted(set(grood_kwargs) - set(GROOD().get_params()))
+        known = set(GROOD().get_params())
+        unknown = sorted(set(grood_kwargs) - known)
         if unknown:  # (found at the first fit otherwise, in GROOD's constructor)
             raise TypeError(f"GROODDetector got unknown parameter(s) {', '.join(unknown)}; "
                             "besides encoder, head, k, ood_prototype and precision it takes "
-                            "GROOD's: " + ", ".join(sorted(set(GROOD().get_params()) - {
-                                "k", "ood_prototype", "precision"})))
+                            "GROOD's: " + ", ".join(sorted(known - {"k", "ood_prototype",
+                                                                     "precision"})))
         self.encoder = encoder
         self.head = head
         self.k = k
@@ -179,10 +179,8 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                  ) -> tuple[Tensor, Tensor]:
         """The encoder's features and the labels of the loader's rows labelled >= 0."""
         assert self.encoder is not None  # (checked by fit)
-        if isinstance(data_loader, (Tensor, np.ndarray)):
-            raise TypeError(f"fit takes a loader of (inputs, labels) batches, got a "
-                            f"{type(data_loader).__name__}: pass [(inputs, labels)], a "
-                            "DataLoader, or features to fit_features")
+        check_loader(data_loader, "fit takes a loader of (inputs, labels) batches",
+                     ": pass [(inputs, labels)], a DataLoader, or features to fit_features")
         feats, labels = [], []
         for number, batch in enumerate(data_loader):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
