@@ -203,6 +203,9 @@ def written_atomically(path: str | os.PathLike) -> Iterator[Path]:
     flushed to disk) when the block ends without error and removed otherwise: the file is
     never seen half written, and a failed or interrupted write leaves what was there before."""
     target = Path(os.path.realpath(path))  # write through symlinks, to what they point at
+    if not target.parent.is_dir():  # (named here: the error would name the temporary file)
+        raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} does not "
+                                "exist")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp

@@ -18,13 +18,18 @@ METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-in",
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table; floats are printed as percentages with two decimals."""
+    """A Markdown table; floats are printed as percentages with two decimals. Every row has a
+    cell per column; no rows gives the header alone."""
 
     def cell(v: object) -> str:
         return f"{100 * v:.2f}" if isinstance(v, float) else str(v)
 
     text = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in text)) for i, h in enumerate(header)]
+    for i, row in enumerate(text):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} of the table has {len(row)} cells, the header "
+                             f"{len(header)} columns ({', '.join(map(str, header))})")
+    widths = [max(len(h), *(len(r[i]) for r in text), 0) for i, h in enumerate(header)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w)
@@ -38,10 +43,15 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
     """``scores[method][dataset]`` as 1-D float64 arrays (only ``sets`` when given), or an
     error naming the method and dataset whose scores are missing, empty or not finite (a
     head with ``checks="flag"`` gives NaN for rows it could not score)."""
-    if not scores:
-        raise ValueError("no methods to plot: scores is empty")
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("no methods to plot: scores is empty" if isinstance(scores, Mapping)
+                         else "scores must map each method to its scores by dataset "
+                         f"({{method: {{dataset: scores}}}}), got a {type(scores).__name__}")
     out: dict[str, dict[str, np.ndarray]] = {}
     for method, by_set in scores.items():
+        if not isinstance(by_set, Mapping):
+            raise ValueError(f"scores[{method!r}] must map each dataset's name to its scores "
+                             f"({{dataset: scores}}), got a {type(by_set).__name__}")
         names = list(by_set) if sets is None else list(sets)
         if not names:
             raise ValueError(f"no datasets to plot for {method!r}")
@@ -50,7 +60,10 @@ def _checked(scores: Mapping[str, Mapping[str, np.ndarray]], sets: Sequence[str]
             if name not in by_set:
                 raise ValueError(f"scores[{method!r}] has no {name!r} scores; it has "
                                  f"{sorted(by_set)}")
-            values = as_score_array(by_set[name], f"scores[{method!r}][{name!r}]").reshape(-1)
+            values = as_score_array(by_set[name], f"scores[{method!r}][{name!r}]")
+            if values.ndim != 1:  # (a column [N, 1] or logits [N, C] would be drawn flattened)
+                raise ValueError(f"scores[{method!r}][{name!r}] must be 1-D, a score per "
+                                 f"sample, got shape {values.shape}")
             if values.size == 0 or not np.isfinite(values).all():
                 raise ValueError(f"scores[{method!r}][{name!r}] is empty or holds NaN or Inf; "
                                  "plot finite scores only")
@@ -65,7 +78,11 @@ def _checked_thresholds(thresholds: Mapping[str, tuple[float, float]] | None,
     for method, value in (thresholds or {}).items():
         if method not in scores:
             raise ValueError(f"a threshold for {method!r}, which has no scores")
-        t, tpr = (float(v) for v in value)
+        try:
+            t, tpr = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds[{method!r}] must be a pair of numbers (threshold, tpr)"
+                             f", e.g. (det.threshold_, 0.95), got {value!r}") from None
         if not np.isfinite(t) or not 0 < tpr <= 1:
             raise ValueError(f"thresholds[{method!r}] must be (finite threshold, tpr in (0, 1]),"
                              f" got {value!r}")
@@ -82,6 +99,20 @@ def figure_class() -> Any:
     from matplotlib.figure import Figure
 
     return Figure
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """``path`` checked before anything is drawn: a format matplotlib writes (PNG without a
+    suffix) and a folder that exists and can be written to."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from grood.persistence import save_target
+
+    formats = [f".{f}" for f in FigureCanvasBase.get_supported_filetypes()]
+    formats.sort(key=lambda f: f != ".png")  # (the example in the error)
+    save_target(path, suffixes=tuple(formats) if Path(path).suffix else None,
+                what="pictures")
+    return Path(path)
 
 
 def _grid(figure: Any, panels: int, size: tuple[float, float], per_row: int = 3
@@ -124,8 +155,12 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
             fractions of ID and OOD samples scoring below the threshold) marked on its curve.
     """
     figure = figure_class()  # a missing extra is named before any check
+    if isinstance(ood_names, str):  # (its letters would be taken for names)
+        raise ValueError(f"ood_names must be a list of dataset names, got the str "
+                         f"{ood_names!r}; write [{ood_names!r}]")
     if not ood_names:
         raise ValueError("no OOD datasets to plot: ood_names is empty")
+    path = _target(path)
     scores = _checked(scores, [id_name, *ood_names])
     thresholds = _checked_thresholds(thresholds, scores)
     fig, axes = _grid(figure, len(ood_names), (5.0, 4.6))
@@ -199,6 +234,7 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     if scale not in ("auto", "linear", "log"):
         raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
     figure = figure_class()  # a missing extra is named before any check
+    path = _target(path)
     scores = _checked(scores)
     thresholds = _checked_thresholds(thresholds, scores)
     methods = list(scores)
@@ -259,6 +295,7 @@ def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequenc
         method: the method the baselines are subtracted from, for the axis labels.
     """
     figure = figure_class()  # a missing extra is named before any check
+    path = _target(path)
     sets = list(differences)
     if not sets:
         raise ValueError("no differences to plot: differences is empty")
@@ -347,6 +384,7 @@ def plot_neighbours(examples: Sequence[Mapping[str, object]], train_images: np.n
         train_labels: the training labels, written under each neighbour when given.
     """
     figure = figure_class()  # a missing extra is named before any check
+    path = _target(path)
     if not examples:
         raise ValueError("no examples to plot: examples is empty")
     train_images = np.asarray(train_images)
@@ -359,8 +397,9 @@ def plot_neighbours(examples: Sequence[Mapping[str, object]], train_images: np.n
         if rows.shape != dists.shape or rows.size == 0:
             raise ValueError(f"example {r}: rows and distances must be equal-length lists of "
                              f"neighbours, got {rows.shape} and {dists.shape}")
-        if rows.min() < 0 or rows.max() >= len(train_images):
-            raise ValueError(f"example {r}: training row {int(rows.max())} is outside the "
+        outside = rows[(rows < 0) | (rows >= len(train_images))]
+        if outside.size:
+            raise ValueError(f"example {r}: training row {int(outside[0])} is outside the "
                              f"{len(train_images)} training images")
         panels = [(example["image"], f"{example['title']}\nscore {example['score']:.3g}")]
         for j, (row, dist) in enumerate(zip(rows.tolist(), dists.tolist(), strict=True)):

@@ -1135,6 +1135,10 @@ def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch)
     assert (tmp_path / "link.npz").is_symlink()
     with np.load(tmp_path / "real.npz") as saved:
         np.testing.assert_array_equal(saved["score"], scores)
+    # A missing folder is named with the file asked for, not the temporary file beside it.
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*gone.scores\.npz: the "
+                                                r"folder .*gone does not exist"):
+        io.save_scores(tmp_path / "gone" / "scores.npz", scores, preds)
 
 
 def test_warnings_print_as_one_line_named_by_the_command(tmp_path, capsys):

@@ -147,6 +147,54 @@ def test_plots_write_pngs_and_name_scores_they_cannot_draw(tmp_path):
         plot_histograms({"big": {"id": np.array([2**60, 2**60 + 1])}}, tmp_path / "h.png")
 
 
+def test_plots_name_malformed_arguments_before_drawing(tmp_path):
+    """A threshold given as a bare number, ood_names as one str (its letters were taken for
+    names), scores not nested by method and set, a 2-D score array (drawn flattened), an
+    image format matplotlib does not write or a missing folder (named by its temporary
+    file): each is refused by name, before anything is drawn."""
+    pytest.importorskip("matplotlib")
+    from grood.report import plot_differences, plot_histograms, plot_neighbours, plot_roc
+
+    rng = np.random.default_rng(0)
+    scores = {"GROOD": {"id": rng.normal(1, 1, 30), "far": rng.normal(-1, 1, 20)}}
+    for bad in (0.5, (0.5, 0.9, 1.0), ("high", 0.9)):
+        with pytest.raises(ValueError, match=r"thresholds\['GROOD'\] must be a pair of "
+                                             r"numbers \(threshold, tpr\)"):
+            plot_histograms(scores, tmp_path / "h.png", {"GROOD": bad})
+    with pytest.raises(ValueError, match=r"ood_names must be a list .* write \['far'\]"):
+        plot_roc(scores, "id", "far", tmp_path / "r.png")
+    with pytest.raises(ValueError, match=r"scores\['GROOD'\] must map each dataset"):
+        plot_histograms({"GROOD": scores["GROOD"]["id"]}, tmp_path / "h.png")
+    with pytest.raises(ValueError, match="scores must map each method"):
+        plot_histograms([scores["GROOD"]["id"]], tmp_path / "h.png")
+    with pytest.raises(ValueError, match=r"scores\['GROOD'\]\['id'\] must be 1-D.*\(30, 1\)"):
+        plot_roc({"GROOD": {**scores["GROOD"], "id": scores["GROOD"]["id"][:, None]}}, "id",
+                 ["far"], tmp_path / "r.png")
+    differences = {"far": {"MSP": {"auroc": (0.1, 0.0, 0.2)}}}
+    examples = [{"image": np.zeros((4, 4)), "title": "x", "score": -1.0, "rows": [0],
+                 "distances": [1.0]}]
+    draws = [lambda p: plot_roc(scores, "id", ["far"], p),
+             lambda p: plot_histograms(scores, p),
+             lambda p: plot_differences(differences, p),
+             lambda p: plot_neighbours(examples, np.zeros((2, 4, 4)), p)]
+    for draw in draws:
+        with pytest.raises(ValueError, match=r"pictures are written as \.png or .*r\.xyz'"):
+            draw(tmp_path / "r.xyz")
+        with pytest.raises(FileNotFoundError, match=r"the folder .*missing does not exist"):
+            draw(tmp_path / "missing" / "r.png")
+        assert draw(tmp_path / "r.svg").read_bytes().lstrip()[:5] == b"<?xml"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.svg"]
+
+
+def test_markdown_table_refuses_a_row_of_the_wrong_width():
+    from grood.report import markdown_table
+
+    assert markdown_table(["set", "auroc"], []) == "| set | auroc |\n|-----|-------|"
+    assert markdown_table(["set", "auroc"], [["far", 0.5]]).endswith("| far | 50.00 |")
+    with pytest.raises(ValueError, match=r"row 1 of the table has 1 cells, the header 2"):
+        markdown_table(["set", "auroc"], [["far", 0.5], ["near"]])
+
+
 def test_neighbour_picture_draws_each_sample_beside_its_training_rows(tmp_path):
     """One row per sample, as many neighbours as it has; rows outside the training images or
     lists of unequal length are named, not drawn."""
@@ -163,6 +211,8 @@ def test_neighbour_picture_draws_each_sample_beside_its_training_rows(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="training row 20 is outside the 20 training images"):
         plot_neighbours([{**examples[0], "rows": [20, 1, 2]}], train, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="training row -1 is outside the 20"):
+        plot_neighbours([{**examples[0], "rows": [19, -1, 2]}], train, tmp_path / "x.png")
     with pytest.raises(ValueError, match="equal-length lists"):
         plot_neighbours([{**examples[0], "distances": [0.5]}], train, tmp_path / "x.png")
     with pytest.raises(ValueError, match="examples is empty"):
