@@ -173,11 +173,15 @@ def as_rows(t: Tensor) -> Tensor:
 
 
 def check_loader(loader: Any, what: str, advice: str) -> None:
-    """Refuse a tensor or array given where a loader of batches belongs: iterating it gives
-    its single rows, each of which would run as a batch of its own (``what`` and ``advice``
-    frame the message)."""
+    """Refuse a tensor or array given where a loader of batches belongs (iterating it gives
+    its single rows, each of which would run as a batch of its own), or a dict (one batch:
+    iterating it gives its keys); ``what`` and ``advice`` frame the message."""
     if isinstance(loader, (Tensor, np.ndarray)):
-        raise TypeError(f"{what}, got a {type(loader).__name__}{advice}")
+        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives single "
+                        f"rows){advice}")
+    if isinstance(loader, Mapping):
+        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives its keys; "
+                        f"one batch goes in a list, [batch]){advice}")
 
 
 def _widths(out: Extracted) -> tuple[int | None, ...]:
@@ -330,8 +334,8 @@ class FeatureExtractor:
             desc: the progress bar's label.
             limit: stop after this many samples.
         """
-        check_loader(loader, "the loader must yield batches", " (iterating it gives single "
-                     "rows): pass [(inputs,)] or [(inputs, labels)], or a DataLoader")
+        check_loader(loader, "the loader must yield batches",
+                     ": pass [(inputs,)] or [(inputs, labels)], or a DataLoader")
         total = None
         if limit is not None:
             total = limit

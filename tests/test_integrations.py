@@ -112,6 +112,36 @@ def test_openood_val_source_uses_the_val_ood_loader():
                                atol=1e-6)
 
 
+def test_openood_adapter_names_a_bad_loader_dict_or_parameter_up_front():
+    """A misspelt GROOD parameter was found in setup (GROOD's TypeError), a missing 'train'
+    loader as KeyError 'train'; a tensor given to inference ran each image through the net
+    alone ("features has 1 columns"), one dict batch given as the training loader failed
+    on its keys ("got str"), and labels of the wrong shape went into label_list unchecked."""
+    net = _trained_net()
+    with pytest.raises(TypeError, match=r"GROODPostprocessor got unknown parameter\(s\) "
+                                        r"batchsize; .* it takes GROOD's: backend, batch_size"):
+        GROODPostprocessor(batchsize=64)
+    post = GROODPostprocessor()
+    with pytest.raises(ValueError, match=r"id_loader_dict\['train'\], which it lacks; "
+                                         r"id_loader_dict holds \['test', 'val'\]"):
+        post.setup(net, {"val": _loader(30, 1), "test": _loader(30, 2)}, {})
+    x, y = _images(40, 0)
+    with pytest.raises(TypeError, match=r"the loader must yield batches, got a dict "
+                                        r"\(iterating it gives its keys; one batch goes in a "
+                                        r"list, \[batch\]\)"):
+        post.setup(net, {"train": {"data": x, "label": y}}, {})
+    post.setup(net, {"train": [{"data": x, "label": y}]}, {})
+    for loader in (x, {"data": x, "label": y}):
+        with pytest.raises(TypeError, match=r"^inference takes a loader of batches, got a "
+                                            r"(Tensor|dict)"):
+            post.inference(net, loader, progress=False)
+    with pytest.raises(ValueError, match=r"batch 1 \(numbered from 0\) has labels of shape "
+                                         r"\(8, 2\) for 8 inputs"):
+        post.inference(net, [{"data": x[:8], "label": y[:8]},
+                             {"data": x[8:16], "label": torch.zeros(8, 2, dtype=torch.long)}],
+                       progress=False)
+
+
 def test_pytorch_ood_adapter_without_pytorch_ood():
     """The adapter works with pytorch-ood absent (tests/integration/ runs it against 0.4.0)."""
     net = _trained_net()

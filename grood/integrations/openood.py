@@ -34,7 +34,7 @@ import torch
 from grood._checks import is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
-from grood.extract import FeatureExtractor, split_batch
+from grood.extract import FeatureExtractor, check_loader, split_batch
 
 try:  # OpenOOD is optional (and not on PyPI): its base class when it imports
     from openood.postprocessors.base_postprocessor import BasePostprocessor as _Base
@@ -165,6 +165,13 @@ class GROODPostprocessor(_Base):
                              f"nprobe 4); {' and '.join(given)} cannot be given with it")
         from_config: dict[str, Any] = {name: args[name] for name in ("k", "batch_size")
                                        if name in args}
+        known = set(GROOD().get_params())
+        unknown = sorted(set(grood_kwargs) - known)
+        if unknown:  # (found in setup otherwise, after the postprocessor was made)
+            raise TypeError(f"GROODPostprocessor got unknown parameter(s) {', '.join(unknown)};"
+                            " besides config, ood_prototype, features, reference and "
+                            "omit_batch_t it takes GROOD's: "
+                            + ", ".join(sorted(known - {"ood_prototype"})))
         self.grood_kwargs: dict[str, Any] = {**from_config, **grood_kwargs}
         k = self.grood_kwargs.get("k", 1)
         if self.reference and (isinstance(k, bool) or k != 1):
@@ -178,6 +185,9 @@ class GROODPostprocessor(_Base):
 
     def setup(self, net: torch.nn.Module, id_loader_dict: dict, ood_loader_dict: dict) -> None:
         """Fit GROOD on ``id_loader_dict["train"]`` with the configured OOD prototype."""
+        if "train" not in id_loader_dict:
+            raise ValueError("setup fits on id_loader_dict['train'], which it lacks; "
+                             f"id_loader_dict holds {sorted(map(str, id_loader_dict))}")
         source = self.ood_prototype
         ood_loader = None
         if source == "val":
@@ -219,10 +229,17 @@ class GROODPostprocessor(_Base):
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(pred_list, conf_list, label_list)`` over a loader, as OpenOOD's evaluator reads;
         ``progress`` shows a bar over its batches (plain lines when stderr is no terminal)."""
+        check_loader(data_loader, "inference takes a loader of batches",
+                     ": pass [{'data': inputs, 'label': labels}] or a DataLoader")
         preds, confs, labels = [], [], []
-        for batch in progress_bar(data_loader, desc="grood: scoring", unit="batch",
-                                  enabled=None if progress else False):
+        for number, batch in enumerate(progress_bar(data_loader, desc="grood: scoring",
+                                                    unit="batch",
+                                                    enabled=None if progress else False)):
             x, y = split_batch(batch)
+            if y is not None and tuple(y.shape) != (x.shape[0],):  # (a label list per row)
+                raise ValueError(f"batch {number} (numbered from 0) has labels of shape "
+                                 f"{tuple(y.shape)} for {x.shape[0]} inputs; give one label "
+                                 "per input")
             if x.shape[0] == 0:  # (a batch of 0 rows adds none; the net need not take it)
                 continue
             pred, conf = self.postprocess(net, x)
