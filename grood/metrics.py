@@ -221,6 +221,12 @@ def bootstrap_difference(a: tuple[Any, Any], b: tuple[Any, Any], *, n_boot: int 
         difference.
     """
     _check_coverage(level)
+    for name, pair in (("a", a), ("b", b)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:  # (an array's rows would do)
+            what = (f"shape {tuple(pair.shape)}" if hasattr(pair, "shape")
+                    else type(pair).__name__)
+            raise ValueError(f"{name} must be one method's (id_scores, ood_scores) pair, got "
+                             f"{what}")
     sizes = [tuple(_as_scores(s, name).size for s, name in zip(pair, ("id_scores", "ood_scores"),
                                                                   strict=True))
              for pair in (a, b)]

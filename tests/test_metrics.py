@@ -371,6 +371,12 @@ def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
     with pytest.raises(ValueError, match="the two methods scored different samples: 300 ID "
                                          "and 200 OOD scores against 300 and 199"):
         bootstrap_difference(a, (b[0], b[1][:-1]), n_boot=100)
+    # One method's ID scores where its pair belongs: its first score was read as the ID
+    # scores ("id_scores must be 1-D, got shape ()").
+    for bad, said in ((a[0], r"shape \(300,\)"), ((a[0],), "tuple")):
+        with pytest.raises(ValueError, match=r"^a must be one method's \(id_scores, "
+                                             r"ood_scores\) pair, got " + said):
+            bootstrap_difference(bad, b, n_boot=100)
 
 
 def test_bootstrap_is_seeded_and_checks_its_arguments():
