@@ -154,7 +154,10 @@ WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64")
 
 def as_labels(labels: Any, name: str = "labels") -> Tensor:
     """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
-    (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold."""
+    (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold; class names
+    (strings) are refused with how to number them."""
+    if isinstance(labels, (np.ndarray, list, tuple)):
+        _check_not_names(labels, name)
     y, _ = as_tensor(labels, name)
     if y.dtype == getattr(torch, "uint64", None):  # torch reduces no uint64: read the bits
         y = y.view(torch.int64).clone()
@@ -163,6 +166,22 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
     elif y.dtype in WIDE_UNSIGNED:
         y = y.to(torch.int64)
     return y
+
+
+def _check_not_names(labels: np.ndarray | list | tuple, name: str) -> None:
+    """Refuse class names (strings, as scikit-learn's estimators take them) where class ids
+    0..C-1 belong, saying how to number them."""
+    try:
+        arr = np.asarray(labels)
+    except ValueError:  # (ragged: as_tensor names it)
+        return
+    first = arr.reshape(-1)[0] if arr.size else None
+    if arr.dtype.kind in "US" or (arr.dtype == object and isinstance(first, (str, bytes))):
+        shown = ", ".join(repr(v) for v in dict.fromkeys(arr.reshape(-1)[:50].tolist()))
+        raise TypeError(f"{name} holds class names ({shown[:80]}{'...' if len(shown) > 80 else ''}"
+                        f"), not integer class ids 0..C-1: number them, e.g. names, ids = "
+                        f"np.unique({name}, return_inverse=True) (class i is names[i]), and "
+                        f"pass ids")
 
 
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,

@@ -213,6 +213,13 @@ def _bad_fit_cases():
         ("no-columns", (x[:, :0], y), {}, ValueError, "features has zero columns"),
         ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
         ("bool-labels", (x, y > 1), {}, TypeError, "labels must hold integer class ids"),
+        # ("unsupported dtype <U5" before: scikit-learn's estimators take class names)
+        ("name-labels", (x, np.array(["cat", "dog", "heron", "mouse"])[y.numpy()]), {},
+         TypeError, r"labels holds class names \('.*', '.*', '.*', '.*'\), not integer class "
+                    r"ids 0..C-1: number them, e.g. names, ids = np.unique\(labels, "
+                    r"return_inverse=True\)"),
+        ("name-list-labels", (x, [f"c{int(v)}" for v in y]), {}, TypeError,
+         "labels holds class names"),
         ("one-hot-labels", (x, torch.nn.functional.one_hot(y).float()), {}, TypeError,
          r"got dtype float32; for one-hot or soft-target labels \[N, C\] pass their class "
          r"ids, labels.argmax\(1\)"),
