@@ -213,7 +213,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from grood import GROOD
     from grood.calibration import current_threshold
     from grood.io import load_features, save_scores
-    from grood.neighbours import neighbours_and_predict
+    from grood.neighbours import neighbours_and_predict, warn_row_order
     from grood.persistence import save_target
 
     _require_files({"detector file": args.detector, "feature file": args.features})
@@ -235,6 +235,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     preds: Any
     with prefixed_errors(args.features, only=("features",)):
         if args.neighbours:  # the scores come from the same search: -distance to the k-th
+            warn_row_order(det)
             dists, rows, preds, _ = neighbours_and_predict(det, features,
                                                            max(args.neighbours, det.k))
             scores = 0.0 - dists[:, det.k - 1]
@@ -280,9 +281,12 @@ def info_lines(info: dict) -> list[str]:
     (:func:`grood.persistence.describe`)."""
     kind = "sharded GROOD detector (manifest)" if info["sharded"] else "GROOD detector"
     writer = f", written by {info['written_by']}" if info["written_by"] else ""
-    rows = ("training rows recorded (kneighbors names them)" if info["rows_recorded"] else
-            "training rows not recorded (a format version 1 file, or an index that drops "
-            "rows): kneighbors needs a refit")
+    shuffled = (info["extractor"] or {}).get("row_order") == "shuffled"
+    rows = ("training rows not recorded (a format version 1 file, or an index that drops "
+            "rows): kneighbors needs a refit" if not info["rows_recorded"] else
+            "training rows in the order of a shuffling loader's pass (kneighbors' rows name no "
+            "sample of the dataset)" if shuffled else
+            "training rows recorded (kneighbors names them)")
     opts = {k: v for k, v in (info["index_options"] or {}).items() if v is not None}
     if "storage" not in opts:  # where the exact copy of half-precision storage is kept
         opts.pop("exact_copy", None)

@@ -57,7 +57,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     Returns:
         GROOD: ``det``, fitted.
     """
-    from grood.extract import FeatureExtractor
+    from grood.extract import FeatureExtractor, shuffles
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
@@ -94,8 +94,11 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     if ood_features is not None:
         inputs["ood_features"] = ood_features
     # The extractor reports progress (it knows the loader's length); the fit adds no bar.
+    # A shuffling loader does not repeat its order: kneighbors warns that its rows name no sample.
     det._fit_stream(training_batches, inputs, None, "fit_model()",
-                    extractor={"features": features}, bar=False)
+                    extractor={"features": features, **({"row_order": "shuffled"}
+                                                        if shuffles(train_loader) else {})},
+                    bar=False)
     if prints is not None:  # the loader's rows, where the fit saw their mean alone
         det.ood_fingerprints_ = prints
     return det
@@ -149,9 +152,10 @@ def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
     """:meth:`grood.GROOD.kneighbors` of a loader's samples, streamed through the model: CPU
     tensors ``(distances [N, n], training rows [N, n])``; the training rows number the rows
     of the loader :func:`fit_model` read, in its order."""
-    from grood.neighbours import check_within_index, neighbours_and_predict
+    from grood.neighbours import check_within_index, neighbours_and_predict, warn_row_order
 
     det._check_fitted()
+    warn_row_order(det)
     if n_neighbors is not None:  # before the model runs (on every rank alike, when sharded)
         with dist.together(det._sharded, "checking n_neighbors"):
             check_within_index(det, check_positive_int(n_neighbors, "n_neighbors"),

@@ -9,12 +9,13 @@ as in-distribution, and the training sample it lies next to).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grood._checks import ArrayLike, ArrayT, check_positive_int, compute_dtype
+from grood._checks import ArrayLike, ArrayT, check_positive_int, compute_dtype, user_stacklevel
 
 
 class Neighbours:
@@ -36,8 +37,21 @@ class Neighbours:
         on the input's device. A detector loaded from a version 1 file (saved before
         detectors recorded their indexed rows) does not know its rows and says so.
         """
+        warn_row_order(self)
         dists, rows, _, kind = neighbours_and_predict(self, features, n_neighbors)
         return kind.wrap(dists), kind.wrap(rows)
+
+
+def warn_row_order(det: Any) -> None:
+    """Warn that the training-row numbers cannot be looked up where ``fit_model`` read a
+    loader that shuffles (recorded with the detector, saved with it)."""
+    if (getattr(det, "extractor_", None) or {}).get("row_order") == "shuffled":
+        warnings.warn(
+            "this detector was fitted with fit_model on a loader that shuffles: its training-"
+            "row numbers count the rows in the order of the fit's own pass, which the loader "
+            "does not repeat, so they name no particular sample of the dataset (the scores "
+            "are unaffected); to look neighbours up in the dataset, fit on a loader that does "
+            "not shuffle (shuffle=False)", stacklevel=user_stacklevel())
 
 
 def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | None,

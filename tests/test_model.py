@@ -149,6 +149,49 @@ def test_score_model_names_the_loader_batch_an_error_comes_from():
         det.score_model(model, DataLoader(TensorDataset(images), batch_size=16))
 
 
+def test_kneighbors_warns_that_a_shuffling_fit_loaders_rows_name_no_sample(tmp_path):
+    """fit_model on a loader that shuffles numbers the training rows in that pass's order,
+    which the loader does not repeat: the neighbours' rows looked up in the dataset named
+    other images, silently. kneighbors (arrays, model, after save and load) says so; the
+    scores are those of the unshuffled fit, and an unshuffled fit gives no warning."""
+    from torch.utils.data import SubsetRandomSampler
+
+    x, y = _images()
+    model = small_cnn()
+    plain = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16),
+                              features="8")
+    torch.manual_seed(0)
+    fits = [GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16,
+                                                shuffle=True), features="8"),
+            GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16,
+                                                sampler=SubsetRandomSampler(range(60))),
+                              features="8")]
+    fits[0].save(tmp_path / "d.safetensors")
+    fits.append(GROOD.load(tmp_path / "d.safetensors"))
+    from grood.cli import info_lines
+    from grood.persistence import describe
+
+    assert "training rows in the order of a shuffling loader's pass" in "\n".join(
+        info_lines(describe(tmp_path / "d.safetensors")))
+    said = r"fitted with fit_model on a loader that shuffles: its training-row numbers"
+    test = DataLoader(TensorDataset(x[:8]), batch_size=4)
+    feats = FeatureExtractor(model, features="8")(x[:8]).features
+    for det in fits:
+        assert det.extractor_["row_order"] == "shuffled"
+        torch.testing.assert_close(det.score_model(model, test)[0],
+                                   plain.score_model(model, test)[0])
+        with pytest.warns(UserWarning, match=said) as caught:
+            det.kneighbors(feats, 2)
+        assert caught[0].filename == __file__
+        with pytest.warns(UserWarning, match=said):
+            det.kneighbors_model(model, test, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.kneighbors(feats, 2)
+        plain.kneighbors_model(model, test, 2)
+    assert "row_order" not in plain.extractor_
+
+
 def test_a_loader_that_is_an_array_and_a_bad_n_neighbors_are_named_before_the_model_runs():
     """An array given as the loader yields its rows, each run through the model as a batch of
     its own (one image [1, 8, 8] through a Conv2d expecting a batch, or a feature row of 1
