@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from grood._checks import as_labels, as_tensor, check_finite_rows, check_labels, check_matrix
+
+
+def check_loader(loader: Any, what: str, advice: str) -> None:
+    """Refuse a tensor or array given where a loader of batches belongs (iterating it gives
+    its single rows, each of which would run as a batch of its own), or a dict (one batch:
+    iterating it gives its keys); ``what`` and ``advice`` frame the message."""
+    if isinstance(loader, (Tensor, np.ndarray)):
+        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives single "
+                        f"rows){advice}")
+    if isinstance(loader, Mapping):
+        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives its "
+                        f"keys){advice}")
 
 
 def check_reiterable(batches: Any, what: str, *, factory: bool = True) -> None:
@@ -29,6 +42,9 @@ def iter_batches(batches: Any, desc: str, distributed: bool = False
     """``(features, labels or None, logits or None)`` tensors from a re-iterable or a factory
     (a batch's labels may be None where the fit needs none: the checks name them);
     ``distributed``: a rank of a distributed fit, for the message where there are none."""
+    if not callable(batches):
+        check_loader(batches, "the training data must be an iterable of (features, labels) "
+                     "batches", ": fit one array with fit(features, labels)")
     source = batches() if callable(batches) else batches
     empty = True
     for i, batch in enumerate(source):

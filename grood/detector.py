@@ -18,7 +18,7 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._batches import check_reiterable, iter_batches, label_count, peek_batch
+from grood._batches import check_loader, check_reiterable, iter_batches, label_count, peek_batch
 from grood._checks import (
     ArrayLike,
     ArrayT,
@@ -404,9 +404,8 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
                  ) -> Iterator[tuple[ArrayLike, ArrayLike]]:
     """:meth:`GROOD.score_batches`' generator (its checks run at the first ``next``)."""
     det._check_fitted()
-    if hasattr(batches, "shape"):  # one array: iterating it would score row by row
-        raise TypeError("score_batches takes an iterable of batches [B, D]; score one "
-                        "array with score_and_predict or score_samples")
+    check_loader(batches, "score_batches takes an iterable of batches [B, D]",
+                 ": score one array with score_and_predict or score_samples")
     for batch, own, number in dist.in_step(map(batch_features, batches), det.n_features_in_,
                                            det.device_, det._sharded):
         with prefixed_errors(f"batch {number} (numbered from 0)"):

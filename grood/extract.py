@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from grood._batches import check_loader
 from grood._checks import check_device, user_stacklevel
 from grood._progress import progress
 
@@ -170,18 +171,6 @@ def as_rows(t: Tensor) -> Tensor:
     """A module's output [B, ...] as rows [B, D] (D = 1 for [B]), an empty batch's too
     (``reshape(0, -1)`` has no answer for 0 rows)."""
     return t.flatten(1) if t.ndim > 1 else t[:, None]
-
-
-def check_loader(loader: Any, what: str, advice: str) -> None:
-    """Refuse a tensor or array given where a loader of batches belongs (iterating it gives
-    its single rows, each of which would run as a batch of its own), or a dict (one batch:
-    iterating it gives its keys); ``what`` and ``advice`` frame the message."""
-    if isinstance(loader, (Tensor, np.ndarray)):
-        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives single "
-                        f"rows){advice}")
-    if isinstance(loader, Mapping):
-        raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives its keys; "
-                        f"one batch goes in a list, [batch]){advice}")
 
 
 def shuffles(loader: Any) -> bool:
@@ -345,7 +334,8 @@ class FeatureExtractor:
             limit: stop after this many samples.
         """
         check_loader(loader, "the loader must yield batches",
-                     ": pass [(inputs,)] or [(inputs, labels)], or a DataLoader")
+                     ": pass [(inputs,)] or [(inputs, labels)] (one dict batch: [batch]), or "
+                     "a DataLoader")
         total = None
         if limit is not None:
             total = limit

@@ -127,8 +127,8 @@ def test_openood_adapter_names_a_bad_loader_dict_or_parameter_up_front():
         post.setup(net, {"val": _loader(30, 1), "test": _loader(30, 2)}, {})
     x, y = _images(40, 0)
     with pytest.raises(TypeError, match=r"the loader must yield batches, got a dict "
-                                        r"\(iterating it gives its keys; one batch goes in a "
-                                        r"list, \[batch\]\)"):
+                                        r"\(iterating it gives its keys\): pass .* \(one dict "
+                                        r"batch: \[batch\]\)"):
         post.setup(net, {"train": {"data": x, "label": y}}, {})
     post.setup(net, {"train": [{"data": x, "label": y}]}, {})
     for loader in (x, {"data": x, "label": y}):

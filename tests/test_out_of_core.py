@@ -69,6 +69,17 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         GROOD().fit_batches(b for b in [(x, y)])
     with pytest.raises(TypeError, match=r"must be \(features, labels\)"):
         GROOD().fit_batches([x])
+    # One array, or one batch as a dict, where the batches belong: its rows or keys were
+    # read as batches ("batch 0 must be (features, labels) ..., got Tensor").
+    for one, said in ((x, r"Tensor \(iterating it gives single rows\)"),
+                      (x.numpy(), "ndarray"),
+                      ({"features": x, "labels": y}, r"dict \(iterating it gives its keys\)")):
+        with pytest.raises(TypeError, match=r"^the training data must be an iterable of "
+                                            r"\(features, labels\) batches, got a " + said):
+            GROOD().fit_batches(one)
+    with pytest.raises(TypeError, match=r"^score_batches takes an iterable of batches \[B, D\]"
+                                        r", got a dict"):
+        next(GROOD().fit(x, y).score_batches({"features": x}))
     with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 67"):  # counted overall
         bad = x.clone()
         bad[67] = float("nan")

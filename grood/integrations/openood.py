@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from grood._batches import check_loader
 from grood._checks import is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
-from grood.extract import FeatureExtractor, check_loader, split_batch
+from grood.extract import FeatureExtractor, split_batch
 
 try:  # OpenOOD is optional (and not on PyPI): its base class when it imports
     from openood.postprocessors.base_postprocessor import BasePostprocessor as _Base
@@ -230,7 +231,8 @@ class GROODPostprocessor(_Base):
         """``(pred_list, conf_list, label_list)`` over a loader, as OpenOOD's evaluator reads;
         ``progress`` shows a bar over its batches (plain lines when stderr is no terminal)."""
         check_loader(data_loader, "inference takes a loader of batches",
-                     ": pass [{'data': inputs, 'label': labels}] or a DataLoader")
+                     ": pass [{'data': inputs, 'label': labels}] (one batch: [batch]) or a "
+                     "DataLoader")
         preds, confs, labels = [], [], []
         for number, batch in enumerate(progress_bar(data_loader, desc="grood: scoring",
                                                     unit="batch",

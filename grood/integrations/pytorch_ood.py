@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from grood import persistence
+from grood._batches import check_loader
 from grood._checks import check_matrix
 from grood.detector import GROOD
-from grood.extract import as_rows, check_loader, eval_mode
+from grood.extract import as_rows, eval_mode
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
     from pytorch_ood.api import FeaturesDetector as _Base
