@@ -756,11 +756,16 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
     def source(v: Any) -> bool:
         return isinstance(v, dict) and text(v.get("name"))
 
+    def extractor(v: Any) -> bool:  # fit_model's layer, and whether its loader shuffled
+        return v is None or (isinstance(v, dict) and set(v) <= {"features", "row_order"}
+                             and (v.get("features") is None or text(v["features"]))
+                             and v.get("row_order") in (None, "shuffled"))
+
     fields = {"params": (params, {"k": is_count, "batch_size": is_count, "precision": text,
                                   "backend": text, "index": text, "ood_prototype": source}),
               "state": (state, {"n_train": is_count, "n_classes": is_count,
                                 "n_features_in": is_count, "train_accuracy": fraction,
-                                "index": text, "dtype": text})}
+                                "index": text, "dtype": text, "extractor": extractor})}
     bad = [f"{where}.{key}={values[key]!r}" if key in values else f"{where}.{key} missing"
            for where, (values, checks) in fields.items()
            for key, ok in checks.items() if not ok(values.get(key))]

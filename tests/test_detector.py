@@ -678,6 +678,38 @@ def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
         GROOD.load(path)
 
 
+@pytest.mark.parametrize("bad", [["avgpool"], "avgpool", {"features": 3},
+                                 {"features": "fc1", "row_order": "sorted"},
+                                 {"features": None, "layer": "fc1"}])
+def test_a_damaged_saved_layer_record_is_refused(tmp_path, bad):
+    """fit_model's record (the layer read, whether the loader shuffled) that passes the
+    checksum but is not one fit_model makes is refused by load and info alike; it loaded, and
+    failed later in score_model or kneighbors ("'list' object has no attribute 'get'") or
+    named a module that was never read."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import describe, digest
+
+    x, y, _ = _data(seed=3)
+    path = tmp_path / "d.safetensors"
+    GROOD().fit(x, y).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    state["extractor"] = bad
+    meta["state"] = json.dumps(state)
+    meta["digest"] = digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    for read in (GROOD.load, describe):
+        with pytest.raises(DetectorFileError, match=r"is corrupt: invalid metadata "
+                                                    r"state\.extractor="):
+            read(path)
+
+
 def test_logits_in_another_class_order_than_the_labels_are_named():
     """Logits whose columns follow another class order (a permuted label map) would index an
     arbitrary subset of the training rows: fit warns, naming both accuracies; logits in the
