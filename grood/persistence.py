@@ -410,19 +410,37 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
                 or not training_row_numbers(tensors["indexed_rows"], state["n_train"])):
             raise DetectorFileError(f"{path}: the shards' indexed_rows do not number "
                                     f"{sum(sizes)} training rows in rank order")
-    return restore(cls, params, state, tensors, device, backend=backend)
+    return restore(cls, params, state, tensors, device, backend=backend, path=path)
+
+
+@contextmanager
+def _saved_settings(path: Path | None) -> Iterator[None]:
+    """A saved setting that builds nothing this grood takes (an option or source parameter
+    it does not know, a value its checks refuse) as the error of the file at ``path`` (None:
+    the parts came from elsewhere, the error as it is)."""
+    try:
+        yield
+    except DetectorFileError:
+        raise
+    except (TypeError, ValueError) as exc:
+        if path is None:
+            raise
+        raise DetectorFileError(f"{path}: its saved settings build no detector in this grood "
+                                f"({exc})") from exc
 
 
 def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
             tensors: dict[str, Tensor], device: Any, *,
             shard_sizes: list[int] | None = None, distributed: bool = False,
-            backend: str | None = None) -> Any:
+            backend: str | None = None, path: Path | None = None) -> Any:
     """Build a fitted detector of class ``cls`` from checked, saved parts, in one step.
 
-    ``backend``: run on this backend instead of the saved one.
+    ``backend``: run on this backend instead of the saved one. ``path``: the file the parts
+    were read from, named where its settings build nothing.
     """
     source_cfg = params["ood_prototype"]
-    source = source_from_config(source_cfg["name"], source_cfg["params"])
+    with _saved_settings(path):
+        source = source_from_config(source_cfg["name"], source_cfg["params"])
     det = cls(
         # A source with no parameters is given back by name, as it was most likely given.
         ood_prototype=source if source_cfg["params"] else source_cfg["name"],
@@ -439,8 +457,9 @@ def restore(cls: Any, params: dict[str, Any], state: dict[str, Any],
     hint = None if backend is not None else (  # None: the caller's own choice
         f"The detector was saved with backend={det.backend!r}; to run it here, load it with "
         "GROOD.load(path, backend='auto') (or 'torch')")
-    install(det, {**state, "index_options": options}, tensors, dev, source=source,
-            shard_sizes=shard_sizes, hint=hint)
+    with _saved_settings(path):
+        install(det, {**state, "index_options": options}, tensors, dev, source=source,
+                shard_sizes=shard_sizes, hint=hint)
     return det
 
 
@@ -754,7 +773,13 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
         return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
 
     def source(v: Any) -> bool:
-        return isinstance(v, dict) and text(v.get("name"))
+        return isinstance(v, dict) and text(v.get("name")) and isinstance(v.get("params"), dict)
+
+    def options(v: Any) -> bool:
+        return v is None or isinstance(v, dict)
+
+    def dtype(v: Any) -> bool:  # the training features' (scores of float64 are float64)
+        return v in ("float16", "bfloat16", "float32", "float64")
 
     def extractor(v: Any) -> bool:  # fit_model's layer, and whether its loader shuffled
         return v is None or (isinstance(v, dict) and set(v) <= {"features", "row_order"}
@@ -762,10 +787,12 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
                              and v.get("row_order") in (None, "shuffled"))
 
     fields = {"params": (params, {"k": is_count, "batch_size": is_count, "precision": text,
-                                  "backend": text, "index": text, "ood_prototype": source}),
+                                  "backend": text, "index": text, "ood_prototype": source,
+                                  "index_options": options}),
               "state": (state, {"n_train": is_count, "n_classes": is_count,
                                 "n_features_in": is_count, "train_accuracy": fraction,
-                                "index": text, "dtype": text, "extractor": extractor})}
+                                "index": text, "dtype": dtype, "extractor": extractor,
+                                "index_options": options})}
     bad = [f"{where}.{key}={values[key]!r}" if key in values else f"{where}.{key} missing"
            for where, (values, checks) in fields.items()
            for key, ok in checks.items() if not ok(values.get(key))]
@@ -791,7 +818,7 @@ def load_file(cls: Any, path: Path, *, device: Any, shard: tuple[int, int] | Non
     shard_sizes = state.get("shard_sizes")
     det = restore(cls, params, state, tensors, device,
                   shard_sizes=shard_sizes if shard is not None else None,
-                  distributed=distributed, backend=backend)
+                  distributed=distributed, backend=backend, path=path)
     sizes = shard_sizes if shard_sizes is not None else [det.index_.ntotal]
     own = sizes[shard[0] if shard is not None else 0]
     rows = det.indexed_rows_

@@ -1,6 +1,7 @@
 """The GROOD detector's contract: definitions, sign, types, errors, save/load."""
 
 import os
+import re
 import warnings
 from importlib.util import find_spec
 
@@ -708,6 +709,46 @@ def test_a_damaged_saved_layer_record_is_refused(tmp_path, bad):
         with pytest.raises(DetectorFileError, match=r"is corrupt: invalid metadata "
                                                     r"state\.extractor="):
             read(path)
+
+
+@pytest.mark.parametrize("where, key, bad, said", [
+    ("state", "index_options", [1], r"is corrupt: invalid metadata state\.index_options=\[1\]"),
+    ("params", "index_options", "x", r"invalid metadata params\.index_options='x'"),
+    ("params", "ood_prototype", {"name": "mean", "params": [1]},
+     r"invalid metadata params\.ood_prototype="),
+    ("state", "dtype", "int8", r"invalid metadata state\.dtype='int8'"),
+    ("state", "index_options", {"nprobe": 4},
+     r": its saved settings build no detector in this grood \(.*'nprobe'"),
+    ("params", "ood_prototype", {"name": "noise", "params": {"blur": 1}},
+     r": its saved settings build no detector in this grood \(.*'blur'"),
+    ("state", "index", "hnsw", r"build no detector in this grood \(unknown index kind 'hnsw'"),
+])
+def test_saved_settings_that_build_nothing_are_refused_as_the_files_error(
+        tmp_path, where, key, bad, said):
+    """Settings that pass the checksum but are ill-typed, or that this grood does not take
+    (an option, a source parameter, an index kind), are named as the file's error; they
+    failed deep inside ("argument after ** must be a mapping", "unexpected keyword
+    argument"), or loaded (features of dtype int8)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grood.persistence import digest
+
+    x, y, _ = _data(seed=3)
+    path = tmp_path / "d.safetensors"
+    GROOD().fit(x, y).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    values = json.loads(meta[where])
+    values[key] = bad
+    meta[where] = json.dumps(values)
+    meta["digest"] = digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(DetectorFileError, match=f"^{re.escape(str(path))}.*{said}"):
+        GROOD.load(path)
 
 
 def test_logits_in_another_class_order_than_the_labels_are_named():
