@@ -649,13 +649,9 @@ def test_calibrating_on_training_rows_is_named_at_every_k(index):
         det.set_params(k=1).calibrate(x[:10], tpr=np.float32(0.9))
 
 
-@pytest.mark.parametrize("bad", [{"threshold": 0.5, "tpr": 0.95, "n": 3, "k": 1, "nprobe": None},
-                                 {"threshold": -1.0, "tpr": 1.5, "n": 3, "k": 1, "nprobe": None},
-                                 {"threshold": -1.0, "tpr": 0.9, "n": 0, "k": 1, "nprobe": None},
-                                 {"threshold": -1.0, "tpr": 0.9}, [1, 2]])
-def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
-    """A calibration that passes the checksum (rewritten with a new digest) but is not one
-    calibrate() makes is refused by name, not used to flag samples."""
+def rewrite_with_digest(path, where, key, value):
+    """Set ``meta[where][key] = value`` in a saved detector and give it a matching digest: a
+    change the checksum cannot catch (another writer's defect), only the field checks."""
     import json
 
     from safetensors import safe_open
@@ -663,18 +659,28 @@ def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
 
     from grood.persistence import digest
 
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    values = json.loads(meta[where])
+    values[key] = value
+    meta[where] = json.dumps(values)
+    meta["digest"] = digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 0.5, "tpr": 0.95, "n": 3, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 1.5, "n": 3, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 0.9, "n": 0, "k": 1, "nprobe": None},
+                                 {"threshold": -1.0, "tpr": 0.9}, [1, 2]])
+def test_a_damaged_saved_threshold_is_refused(tmp_path, bad):
+    """A calibration that passes the checksum (rewritten with a new digest) but is not one
+    calibrate() makes is refused by name, not used to flag samples."""
     x, y, _ = _data(seed=3)
     val, _ = clustered_features(30, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
     path = tmp_path / "d.safetensors"
     GROOD().fit(x, y).calibrate(val).save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = json.loads(meta["state"])
-    state["calibration"] = bad
-    meta["state"] = json.dumps(state)
-    meta["digest"] = digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_with_digest(path, "state", "calibration", bad)
     with pytest.raises(ValueError, match="inconsistent: invalid calibration"):
         GROOD.load(path)
 
@@ -687,24 +693,12 @@ def test_a_damaged_saved_layer_record_is_refused(tmp_path, bad):
     checksum but is not one fit_model makes is refused by load and info alike; it loaded, and
     failed later in score_model or kneighbors ("'list' object has no attribute 'get'") or
     named a module that was never read."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from grood.persistence import describe, digest
+    from grood.persistence import describe
 
     x, y, _ = _data(seed=3)
     path = tmp_path / "d.safetensors"
     GROOD().fit(x, y).save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = json.loads(meta["state"])
-    state["extractor"] = bad
-    meta["state"] = json.dumps(state)
-    meta["digest"] = digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_with_digest(path, "state", "extractor", bad)
     for read in (GROOD.load, describe):
         with pytest.raises(DetectorFileError, match=r"is corrupt: invalid metadata "
                                                     r"state\.extractor="):
@@ -729,24 +723,10 @@ def test_saved_settings_that_build_nothing_are_refused_as_the_files_error(
     (an option, a source parameter, an index kind), are named as the file's error; they
     failed deep inside ("argument after ** must be a mapping", "unexpected keyword
     argument"), or loaded (features of dtype int8)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from grood.persistence import digest
-
     x, y, _ = _data(seed=3)
     path = tmp_path / "d.safetensors"
     GROOD().fit(x, y).save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    values = json.loads(meta[where])
-    values[key] = bad
-    meta[where] = json.dumps(values)
-    meta["digest"] = digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_with_digest(path, where, key, bad)
     with pytest.raises(DetectorFileError, match=f"^{re.escape(str(path))}.*{said}"):
         GROOD.load(path)
 
