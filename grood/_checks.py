@@ -178,10 +178,15 @@ def _check_not_names(labels: np.ndarray | list | tuple, name: str) -> None:
     first = arr.reshape(-1)[0] if arr.size else None
     if arr.dtype.kind in "US" or (arr.dtype == object and isinstance(first, (str, bytes))):
         shown = ", ".join(repr(v) for v in dict.fromkeys(arr.reshape(-1)[:50].tolist()))
-        raise TypeError(f"{name} holds class names ({shown[:80]}{'...' if len(shown) > 80 else ''}"
-                        f"), not integer class ids 0..C-1: number them, e.g. names, ids = "
-                        f"np.unique({name}, return_inverse=True) (class i is names[i]), and "
-                        f"pass ids")
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        # Ids written as text (a CSV column): np.unique would number '10' before '2'.
+        digits = arr.dtype != object and bool(np.char.isdigit(arr).all())
+        if digits:
+            raise TypeError(f"{name} holds class ids as text ({shown}): read them as numbers, "
+                            f"{name}.astype(int)")
+        raise TypeError(f"{name} holds class names ({shown}), not integer class ids 0..C-1: "
+                        f"number them, e.g. names, ids = np.unique({name}, return_inverse="
+                        "True) (class i is names[i]), and pass ids")
 
 
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,
