@@ -281,6 +281,15 @@ def test_pytorch_ood_adapter_names_a_bad_loader_or_parameter_up_front():
                                         r"GROOD's: backend, batch_size"):
         GROODDetector(nn.Identity(), batchsize=8)
     assert GROODDetector(nn.Identity(), batch_size=8).fit([(x, y)]).grood.batch_size == 8
+    # Class names as labels, as GROOD names them (torch's "can't convert np.ndarray of type
+    # numpy.str_" before); big-endian features read as GROOD reads them (refused by torch).
+    names = np.array(["ant", "bee", "cat"])[y.numpy()]
+    for fit in (lambda: det.fit([(x, names)]), lambda: det.fit_features(x, names)):
+        with pytest.raises(TypeError, match=r"labels holds class names \('.*'\), not integer"):
+            fit()
+    swapped = GROODDetector().fit_features(x.numpy().astype(">f4"), y.numpy().astype(">i8"))
+    assert torch.equal(swapped.predict_features(x.numpy().astype(">f4")),
+                       GROODDetector().fit_features(x, y).predict_features(x))
 
 
 def test_openood_reference_mode_refuses_an_index_of_its_own():

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from grood import persistence
 from grood._batches import check_loader
-from grood._checks import check_matrix
+from grood._checks import as_labels, as_tensor, check_matrix
 from grood.detector import GROOD
 from grood.extract import as_rows, eval_mode
 
@@ -187,7 +187,7 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"the loader's batch {number} (numbered from 0) must be "
                                 f"(inputs, labels), got {_shape_of(batch)}")
-            x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])  # (or NumPy arrays)
+            x, y = torch.as_tensor(batch[0]), as_labels(batch[1])  # (or NumPy arrays)
             known = y >= 0
             if not bool(known.any()):  # (an OOD batch, or one of 0 rows: the encoder not run)
                 continue
@@ -211,7 +211,8 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         ``logits`` [N, C] (or the ``head``'s logits of ``x``) decide which rows are indexed;
         without either, the nearest class prototype does.
         """
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        # (as GROOD reads them: any NumPy layout; class names refused with how to number them)
+        x, y = as_tensor(x, "features")[0], as_labels(y)
         # Shapes are checked before the unknown rows are dropped (a mask of the wrong shape
         # fails inside torch's indexing).
         check_matrix(x, "features")
@@ -248,7 +249,8 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
         """Outlier scores of features ``x`` [B, D] (larger = more OOD), on ``x``'s device; a
         batch of 0 rows gives 0 scores, as pytorch-ood's own detectors do."""
         det = self._fitted()
-        return 0.0 - det._score_and_predict(torch.as_tensor(x).detach(), allow_empty=True)[0]
+        return 0.0 - det._score_and_predict(as_tensor(x, "features")[0].detach(),
+                                            allow_empty=True)[0]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
