@@ -65,6 +65,30 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
                     f" and labels under {LABEL_KEYS[0]!r}; got {type(batch).__name__}")
 
 
+def missing_labels_hint(loader: Any) -> str:
+    """Why the loader's first batch gave no labels, for the error that says so: its labels are
+    text (class names, which :func:`split_batch` takes for a sample's names), or where
+    labels would be."""
+    batch = next(iter(loader), None)
+    key = next((k for k in LABEL_KEYS if k in batch), None) if isinstance(batch, Mapping) \
+        else None
+    if key is not None:
+        value, where = batch[key], f"under {key!r}"
+    elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+        value, where = batch[1], "as the second element"
+    else:
+        return (f"; each batch must carry them: (inputs, labels) tuples, or dicts with labels "
+                f"under {LABEL_KEYS[0]!r}")
+    values = np.asarray(value, dtype=object).reshape(-1)
+    if not (values.size and all(isinstance(v, (str, bytes)) for v in values[:50])):
+        return ""
+    shown = ", ".join(repr(v) for v in dict.fromkeys(values[:50].tolist()))
+    return (f"; the first batch holds text {where} "
+            f"({shown if len(shown) <= 60 else shown[:57] + '...'}): class names? give integer "
+            "class ids 0..C-1 (e.g. a dataset's class_to_idx), or read them as numbers where "
+            "they are ids written as text")
+
+
 def _labels_of(obj: Any) -> Tensor | None:
     if obj is None or isinstance(obj, Tensor):
         return obj

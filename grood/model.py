@@ -76,7 +76,10 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
                 "; in a distributed fit every rank's loader needs at least one batch (a "
                 "DistributedSampler gives every rank samples)" if distributing(det) else ""))
         if first[1] is None:
-            raise ValueError("the training batches carry no labels")
+            from grood.extract import missing_labels_hint
+
+            raise ValueError("the training batches carry no labels"
+                             + missing_labels_hint(train_loader))
     d = first[0].features.shape[1]
     inputs: dict[str, Any] = {}
     if "model" in source.needs:

@@ -550,10 +550,21 @@ def test_labels_as_lists_or_arrays_are_read(trained):
         GROOD().fit_model(model, [(x, [f"img{i}.png" for i in range(len(x))])], features="8")
 
 
-def test_loader_without_labels_is_refused(trained):
-    model, x, _ = trained
-    with pytest.raises(ValueError, match="carry no labels"):
-        GROOD().fit_model(model, [x], features="8")
+def test_loader_without_labels_is_refused_saying_where_they_belong(trained):
+    """Text where the labels belong (a collate that keeps class names) is named as such; the
+    refusal said only "carry no labels"."""
+    model, x, y = trained
+    for batch in (x, (x,), {"data": x}):
+        with pytest.raises(ValueError, match=r"carry no labels; each batch must carry them: "
+                                             r"\(inputs, labels\) tuples, or dicts with labels "
+                                             r"under 'label'$"):
+            GROOD().fit_model(model, [batch], features="8")
+    names = [["ant", "bee", "cat"][int(c)] for c in y]
+    for batch, where in (((x, names), "as the second element"),
+                         ({"data": x, "target": names}, "under 'target'")):
+        with pytest.raises(ValueError, match=rf"carry no labels; the first batch holds text "
+                                             rf"{where} \('ant', 'bee', 'cat'\): class names\?"):
+            GROOD().fit_model(model, [batch], features="8")
 
 
 def test_source_parameters_are_checked_and_kept_as_plain_numbers():
