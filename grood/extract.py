@@ -72,7 +72,7 @@ def missing_labels_hint(loader: Any) -> str:
     batch = next(iter(loader), None)
     key = next((k for k in LABEL_KEYS if k in batch), None) if isinstance(batch, Mapping) \
         else None
-    if key is not None:
+    if isinstance(batch, Mapping) and key is not None:
         value, where = batch[key], f"under {key!r}"
     elif isinstance(batch, (tuple, list)) and len(batch) > 1:
         value, where = batch[1], "as the second element"
