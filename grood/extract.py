@@ -79,7 +79,10 @@ def missing_labels_hint(loader: Any) -> str:
     else:
         return (f"; each batch must carry them: (inputs, labels) tuples, or dicts with labels "
                 f"under {LABEL_KEYS[0]!r}")
-    values = np.asarray(value, dtype=object).reshape(-1)
+    try:
+        values = np.asarray(value, dtype=object).reshape(-1)
+    except ValueError:  # (ragged: not text labels)
+        return ""
     if not (values.size and all(isinstance(v, (str, bytes)) for v in values[:50])):
         return ""
     shown = ", ".join(repr(v) for v in dict.fromkeys(values[:50].tolist()))
