@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -90,7 +90,12 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
             except TypeError as exc:
                 raise TypeError(f"{name} has unsupported dtype {arr.dtype}") from exc
         return t, ArrayKind(True, torch.device("cpu"))
-    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+    # A loader or generator: its batches go to the streaming methods.
+    hint = ("; batches from a loader go to the streaming methods: fit_batches / score_batches "
+            "(feature batches), fit_model / score_model / evaluate_model (a model's inputs)"
+            if hasattr(x, "__iter__") and not isinstance(x, (str, bytes, Mapping)) else "")
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got "
+                    f"{type(x).__name__}{hint}")
 
 
 def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,

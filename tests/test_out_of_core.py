@@ -89,6 +89,29 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
         GROOD().fit_batches([(x[:64], y[:64]), (x[64:, :5], y[64:])])
 
 
+def test_a_loader_given_where_an_array_belongs_is_sent_to_the_streaming_methods():
+    """A DataLoader or generator given to fit, score_samples, calibrate or evaluate was
+    refused as "must be a torch.Tensor or a numpy array" alone; the error now names the
+    methods that take batches. Other objects are refused as before."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from grood import evaluate
+
+    x, y, _ = _arrays()
+    det = GROOD().fit(x, y)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    said = (r"features must be a torch.Tensor or a numpy array, got {}; batches from a loader "
+            r"go to the streaming methods: fit_batches / score_batches \(feature batches\), "
+            r"fit_model / score_model / evaluate_model \(a model's inputs\)$")
+    for call in (lambda v: GROOD().fit(v, y), det.score_samples, det.calibrate,
+                 lambda v: evaluate(det, v, ood={"far": x})):
+        for given, kind in ((loader, "DataLoader"), ((row for row in x), "generator")):
+            with pytest.raises(TypeError, match=said.format(kind)):
+                call(given)
+    with pytest.raises(TypeError, match=r"got int$"):
+        det.score_samples(5)
+
+
 def test_fit_batches_with_ood_features_equals_fit():
     x, y, _ = _arrays()
     ood = x[:40] + 2.0
