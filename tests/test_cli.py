@@ -851,7 +851,9 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "timings.json"
     assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "takes hours" not in captured.err  # (the note on full-size interpreted runs)
     saved = json.loads(out.read_text())
     assert saved["run"]["device"] and saved["run"]["capability"] is None
     # which kernels were timed: the digest the compile report names too
@@ -874,6 +876,21 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
         row = next(line for line in text.splitlines()
                    if line.startswith(f"| triton, re-rank gate {gate} | {precision} | "))
         assert float(row.split("|")[4]) < 1e-5 and row.endswith("| 0.000 % |")
+
+
+def test_bench_at_full_size_under_the_interpreter_says_it_takes_hours(capsys, monkeypatch):
+    """Full-size shapes under TRITON_INTERPRET=1 ran for hours with nothing said past the
+    header; the run now says so on stderr first, with the ways out."""
+    pytest.importorskip("triton")
+    from grood._bench import report
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(report, "search_timing_table", lambda *args: iter(["| (timings) |"]))
+    assert main(["bench", "--device", "cpu", "--only", "search", "--skip-accuracy"]) == 0
+    captured = capsys.readouterr()
+    assert "| (timings) |" in captured.out
+    assert re.search(r"the Triton interpreter runs the full-size shapes .* which takes hours; "
+                     r"--tiny checks the report in seconds", captured.err)
 
 
 def test_kernel_sources_digest_names_the_kernel_files(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 from datetime import date
 
 import torch
@@ -91,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
           + (" | TRITON_INTERPRET=1: Triton timings are the interpreter's" if interpreted
              else ""))
     print()
+    if interpreted and not args.tiny:  # (nothing said otherwise until the first table ends)
+        print("grood bench: the Triton interpreter runs the full-size shapes (up to N = 65,536, "
+              "C = 21,841) on the CPU, which takes hours; --tiny checks the report in seconds, "
+              "and without TRITON_INTERPRET the report times the torch path alone",
+              file=sys.stderr, flush=True)
+
     def save() -> None:  # after each part: a run cut short keeps the timings taken so far
         if args.json:
             _write_json(args.json, TIMINGS, device, dev_name, triton_version, interpreted,
