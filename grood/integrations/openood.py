@@ -36,6 +36,7 @@ from grood._checks import is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
 from grood.extract import FeatureExtractor, split_batch
+from grood.integrations import check_grood_kwargs
 
 try:  # OpenOOD is optional (and not on PyPI): its base class when it imports
     from openood.postprocessors.base_postprocessor import BasePostprocessor as _Base
@@ -166,13 +167,9 @@ class GROODPostprocessor(_Base):
                              f"nprobe 4); {' and '.join(given)} cannot be given with it")
         from_config: dict[str, Any] = {name: args[name] for name in ("k", "batch_size")
                                        if name in args}
-        known = set(GROOD().get_params())
-        unknown = sorted(set(grood_kwargs) - known)
-        if unknown:  # (found in setup otherwise, after the postprocessor was made)
-            raise TypeError(f"GROODPostprocessor got unknown parameter(s) {', '.join(unknown)};"
-                            " besides config, ood_prototype, features, reference and "
-                            "omit_batch_t it takes GROOD's: "
-                            + ", ".join(sorted(known - {"ood_prototype"})))
+        check_grood_kwargs(grood_kwargs, "GROODPostprocessor", ("config", "ood_prototype",
+                                                               "features", "reference",
+                                                               "omit_batch_t"))
         self.grood_kwargs: dict[str, Any] = {**from_config, **grood_kwargs}
         k = self.grood_kwargs.get("k", 1)
         if self.reference and (isinstance(k, bool) or k != 1):

@@ -36,6 +36,7 @@ from grood._batches import check_loader
 from grood._checks import as_labels, as_tensor, check_matrix
 from grood.detector import GROOD
 from grood.extract import as_rows, eval_mode
+from grood.integrations import check_grood_kwargs
 
 try:  # pytorch-ood is optional: its classes when it imports, stand-ins otherwise
     from pytorch_ood.api import FeaturesDetector as _Base
@@ -137,13 +138,8 @@ class GROODDetector(_Base or _StandIn):  # type: ignore[misc]
                  head: Callable[[Tensor], Tensor] | None = None, k: int = 1,
                  ood_prototype: str = "mean", precision: str = "ieee",
                  **grood_kwargs: Any) -> None:
-        known = set(GROOD().get_params())
-        unknown = sorted(set(grood_kwargs) - known)
-        if unknown:  # (found at the first fit otherwise, in GROOD's constructor)
-            raise TypeError(f"GROODDetector got unknown parameter(s) {', '.join(unknown)}; "
-                            "besides encoder, head, k, ood_prototype and precision it takes "
-                            "GROOD's: " + ", ".join(sorted(known - {"k", "ood_prototype",
-                                                                     "precision"})))
+        check_grood_kwargs(grood_kwargs, "GROODDetector",
+                           ("encoder", "head", "k", "ood_prototype", "precision"))
         self.encoder = encoder
         self.head = head
         self.k = k
