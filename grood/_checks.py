@@ -173,25 +173,36 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
     return y
 
 
+def text_values(values: Any, width: int) -> tuple[np.ndarray, str] | None:
+    """``values`` (an array or sequence) as an array, and its first distinct values shown in
+    at most ``width`` characters, where they are text (strings or bytes); None otherwise
+    (numbers, or a ragged nesting)."""
+    try:
+        arr = np.asarray(values)
+    except ValueError:  # (ragged)
+        return None
+    flat = arr.reshape(-1)
+    if not (arr.dtype.kind in "US" or (arr.dtype == object and flat.size and all(
+            isinstance(v, (str, bytes)) for v in flat[:50]))):
+        return None
+    shown = ", ".join(repr(v) for v in dict.fromkeys(flat[:50].tolist()))
+    return arr, shown if len(shown) <= width else shown[:width - 3] + "..."
+
+
 def _check_not_names(labels: np.ndarray | list | tuple, name: str) -> None:
     """Refuse class names (strings, as scikit-learn's estimators take them) where class ids
     0..C-1 belong, saying how to number them."""
-    try:
-        arr = np.asarray(labels)
-    except ValueError:  # (ragged: as_tensor names it)
+    text = text_values(labels, 80)
+    if text is None:
         return
-    first = arr.reshape(-1)[0] if arr.size else None
-    if arr.dtype.kind in "US" or (arr.dtype == object and isinstance(first, (str, bytes))):
-        shown = ", ".join(repr(v) for v in dict.fromkeys(arr.reshape(-1)[:50].tolist()))
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        # Ids written as text (a CSV column): np.unique would number '10' before '2'.
-        digits = arr.dtype != object and bool(np.char.isdigit(arr).all())
-        if digits:
-            raise TypeError(f"{name} holds class ids as text ({shown}): read them as numbers, "
-                            f"{name}.astype(int)")
-        raise TypeError(f"{name} holds class names ({shown}), not integer class ids 0..C-1: "
-                        f"number them, e.g. names, ids = np.unique({name}, return_inverse="
-                        "True) (class i is names[i]), and pass ids")
+    arr, shown = text
+    # Ids written as text (a CSV column): np.unique would number '10' before '2'.
+    if arr.dtype != object and bool(np.char.isdigit(arr).all()):
+        raise TypeError(f"{name} holds class ids as text ({shown}): read them as numbers, "
+                        f"{name}.astype(int)")
+    raise TypeError(f"{name} holds class names ({shown}), not integer class ids 0..C-1: "
+                    f"number them, e.g. names, ids = np.unique({name}, return_inverse="
+                    "True) (class i is names[i]), and pass ids")
 
 
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,

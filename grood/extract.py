@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from grood._batches import check_loader
-from grood._checks import check_device, user_stacklevel
+from grood._checks import check_device, text_values, user_stacklevel
 from grood._progress import progress
 
 #: Keys of a dict batch that hold the inputs (OpenOOD's ``data``, Hugging Face's
@@ -79,15 +79,10 @@ def missing_labels_hint(loader: Any) -> str:
     else:
         return (f"; each batch must carry them: (inputs, labels) tuples, or dicts with labels "
                 f"under {LABEL_KEYS[0]!r}")
-    try:
-        values = np.asarray(value, dtype=object).reshape(-1)
-    except ValueError:  # (ragged: not text labels)
+    text = text_values(value, 60)
+    if text is None:
         return ""
-    if not (values.size and all(isinstance(v, (str, bytes)) for v in values[:50])):
-        return ""
-    shown = ", ".join(repr(v) for v in dict.fromkeys(values[:50].tolist()))
-    return (f"; the first batch holds text {where} "
-            f"({shown if len(shown) <= 60 else shown[:57] + '...'}): class names? give integer "
+    return (f"; the first batch holds text {where} ({text[1]}): class names? give integer "
             "class ids 0..C-1 (e.g. a dataset's class_to_idx), or read them as numbers where "
             "they are ids written as text")
 
