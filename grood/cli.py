@@ -281,7 +281,9 @@ def info_lines(info: dict) -> list[str]:
     (:func:`grood.persistence.describe`)."""
     kind = "sharded GROOD detector (manifest)" if info["sharded"] else "GROOD detector"
     writer = f", written by {info['written_by']}" if info["written_by"] else ""
-    shuffled = (info["extractor"] or {}).get("row_order") == "shuffled"
+    from grood.neighbours import rows_shuffled
+
+    shuffled = rows_shuffled(info["extractor"])
     rows = ("training rows not recorded (a format version 1 file, or an index that drops "
             "rows): kneighbors needs a refit" if not info["rows_recorded"] else
             "training rows in the order of a shuffling loader's pass (kneighbors' rows name no "

@@ -58,6 +58,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         GROOD: ``det``, fitted.
     """
     from grood.extract import FeatureExtractor, shuffles
+    from grood.neighbours import SHUFFLED
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
@@ -99,8 +100,8 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     # The extractor reports progress (it knows the loader's length); the fit adds no bar.
     # A shuffling loader does not repeat its order: kneighbors warns that its rows name no sample.
     det._fit_stream(training_batches, inputs, None, "fit_model()",
-                    extractor={"features": features, **({"row_order": "shuffled"}
-                                                        if shuffles(train_loader) else {})},
+                    extractor={"features": features,
+                               **(SHUFFLED if shuffles(train_loader) else {})},
                     bar=False)
     if prints is not None:  # the loader's rows, where the fit saw their mean alone
         det.ood_fingerprints_ = prints

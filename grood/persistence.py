@@ -27,13 +27,14 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._checks import check_device, check_positive_int, is_count, ordinary
+from grood._checks import FLOAT_DTYPES, check_device, check_positive_int, is_count, ordinary
 from grood._fit import FittedState
 from grood._version import __version__
 from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
 from grood.index import index_class, index_from_state
+from grood.neighbours import SHUFFLED
 from grood.prototypes import FINGERPRINT_DIMS, source_from_config
 
 _D = TypeVar("_D", bound="Placement")
@@ -779,12 +780,12 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
         return v is None or isinstance(v, dict)
 
     def dtype(v: Any) -> bool:  # the training features' (scores of float64 are float64)
-        return v in ("float16", "bfloat16", "float32", "float64")
+        return v in {str(t).removeprefix("torch.") for t in FLOAT_DTYPES}
 
     def extractor(v: Any) -> bool:  # fit_model's layer, and whether its loader shuffled
-        return v is None or (isinstance(v, dict) and set(v) <= {"features", "row_order"}
+        return v is None or (isinstance(v, dict) and set(v) <= {"features", *SHUFFLED}
                              and (v.get("features") is None or text(v["features"]))
-                             and v.get("row_order") in (None, "shuffled"))
+                             and v.get("row_order") in (None, *SHUFFLED.values()))
 
     fields = {"params": (params, {"k": is_count, "batch_size": is_count, "precision": text,
                                   "backend": text, "index": text, "ood_prototype": source,
