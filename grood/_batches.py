@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator, Mapping
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from grood._checks import as_labels, as_tensor, check_finite_rows, check_labels, check_matrix
+from grood._checks import (
+    as_labels,
+    as_tensor,
+    check_finite_rows,
+    check_labels,
+    check_matrix,
+    user_stacklevel,
+)
 
 
 def check_loader(loader: Any, what: str, advice: str) -> None:
@@ -21,6 +29,27 @@ def check_loader(loader: Any, what: str, advice: str) -> None:
     if isinstance(loader, Mapping):
         raise TypeError(f"{what}, got a {type(loader).__name__} (iterating it gives its "
                         f"keys){advice}")
+
+
+def shuffles(loader: Any) -> bool:
+    """Whether ``loader`` (a ``DataLoader``) draws a new order of its samples on each pass:
+    a ``RandomSampler`` or ``SubsetRandomSampler``, its own or under its batch sampler."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler
+
+    samplers = (getattr(loader, "sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    return any(isinstance(s, (RandomSampler, SubsetRandomSampler)) for s in samplers)
+
+
+def warn_if_shuffled(loader: Any, method: str) -> None:
+    """Warn that ``method``'s results, one per sample of a loader that shuffles, come in the
+    order of its own pass: nothing returned says which sample each belongs to."""
+    if shuffles(loader):
+        warnings.warn(
+            f"{method} reads a loader that shuffles: its results come in the order of this "
+            "pass, which the loader does not repeat, so they cannot be matched to the "
+            "dataset's samples or labels; give it a loader with shuffle=False",
+            UserWarning, stacklevel=user_stacklevel())
 
 
 def check_reiterable(batches: Any, what: str, *, factory: bool = True) -> None:

@@ -64,9 +64,10 @@ class Calibration:
 
         def score_samples(self, features: ArrayT) -> ArrayT: ...
 
-        def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,
-                        device: str | torch.device | None = None,
-                        autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]: ...
+        def _scores_in_any_order(self, model: nn.Module, loader: Iterable, *,
+                                 features: str | None = None,
+                                 device: str | torch.device | None = None,
+                                 autocast: torch.dtype | None = None) -> Tensor: ...
 
     def calibrate(self, features: ArrayLike, *, tpr: float = 0.95) -> Self:
         """Choose the threshold :meth:`is_ood` flags by, on held-out in-distribution features.
@@ -98,7 +99,8 @@ class Calibration:
         (``score_model``'s streaming and options: ``features``, ``device``, ``autocast``)."""
         level = self._checked_tpr(tpr)
         with self._counting_training_rows() as found:
-            scores = self.score_model(model, loader, **kwargs)[0]
+            # (a quantile: the order does not matter, a loader that shuffles is fine)
+            scores = self._scores_in_any_order(model, loader, **kwargs)
         return self._calibrate_on(scores, level, found)
 
     def _checked_tpr(self, tpr: Any) -> float:

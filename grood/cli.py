@@ -310,9 +310,11 @@ def info_lines(info: dict) -> list[str]:
            f", averaged from {info['ood_fingerprints']:,} rows (fingerprinted: grood eval "
            "warns on an OOD set that repeats them)"),
     ]
-    if info["extractor"]:  # fit_model's feature settings, which score_model reuses
-        lines.append("  model        fit_model read " + ", ".join(
-            f"{k} {v!r}" for k, v in sorted(info["extractor"].items()) if v is not None))
+    if "features" in (info["extractor"] or {}):  # fit_model's layer, which score_model reuses
+        layer = info["extractor"]["features"]
+        lines.append("  model        fit_model read " + (
+            f"features {layer!r}" if layer is not None else
+            "the features the model returns with return_feature_list=True"))
     cal = info["calibration"]
     lines.append(f"  threshold    {cal['threshold']:.6g}: {_accepts(cal)}" if cal
                  else "  threshold    none (grood calibrate sets one)")

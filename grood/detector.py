@@ -18,7 +18,15 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._batches import check_loader, check_reiterable, iter_batches, label_count, peek_batch
+from grood._batches import (
+    check_loader,
+    check_reiterable,
+    iter_batches,
+    label_count,
+    peek_batch,
+    shuffles,
+    warn_if_shuffled,
+)
 from grood._checks import (
     ArrayLike,
     ArrayT,
@@ -215,8 +223,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
     def _fit_stream(self, batches: Any, inputs: dict[str, Any], n_classes: int | None,
                     where: str, *, extractor: dict[str, Any] | None = None,
                     bar: bool = True) -> Self:
-        """:meth:`fit_batches` with the sources' ``inputs``; ``extractor`` is kept with the
-        fitted state; ``bar=False`` when the batches report their own progress."""
+        """:meth:`fit_batches` with the sources' ``inputs``; ``extractor`` (else
+        :func:`order_record`) kept with the fitted state; ``bar=False``: batches show progress."""
         with dist.together(distributing(self), "reading its first training batch"):
             check_reiterable(batches, "batches")
             source = self._check_params()
@@ -243,7 +251,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
         fitted, grads = fit_passes(self, source, inputs, passes, n_classes=n_classes, d=d,
                                    device=device, dtype=compute_dtype(first[0].dtype))
-        fitted.extractor = extractor
+        fitted.extractor = extractor if extractor is not None else order_record(batches)
         self._set_fitted(fitted, grads)
         return self
 
@@ -406,12 +414,22 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
     det._check_fitted()
     check_loader(batches, "score_batches takes an iterable of batches [B, D]",
                  ": score one array with score_and_predict or score_samples")
+    warn_if_shuffled(batches, "score_batches")
     for batch, own, number in dist.in_step(map(batch_features, batches), det.n_features_in_,
                                            det.device_, det._sharded):
         with prefixed_errors(f"batch {number} (numbered from 0)"):
             result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result
+
+
+def order_record(batches: Any) -> dict[str, str] | None:
+    """``fit_batches``' record (``extractor_``) of batches from a loader that shuffles, whose
+    order the training-row numbers follow and no later pass repeats (``kneighbors`` warns
+    that its rows name no sample); None for batches in a fixed order."""
+    from grood.neighbours import SHUFFLED
+
+    return dict(SHUFFLED) if shuffles(batches) else None
 
 
 def batch_features(batch: Any) -> Any:

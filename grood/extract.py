@@ -195,16 +195,6 @@ def as_rows(t: Tensor) -> Tensor:
     return t.flatten(1) if t.ndim > 1 else t[:, None]
 
 
-def shuffles(loader: Any) -> bool:
-    """Whether ``loader`` (a ``DataLoader``) draws a new order of its samples on each pass:
-    a ``RandomSampler`` or ``SubsetRandomSampler``, its own or under its batch sampler."""
-    from torch.utils.data import RandomSampler, SubsetRandomSampler
-
-    samplers = (getattr(loader, "sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    return any(isinstance(s, (RandomSampler, SubsetRandomSampler)) for s in samplers)
-
-
 def _widths(out: Extracted) -> tuple[int | None, ...]:
     """The widths of a batch's features, logits and early outputs (None: not given)."""
     return tuple(None if t is None else t.shape[1]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from grood import distributed as dist
-from grood._batches import check_reiterable
+from grood._batches import check_reiterable, warn_if_shuffled
 from grood._checks import check_finite_rows, check_positive_int, prefixed_errors, user_stacklevel
 from grood._fit import distributing
 
@@ -57,7 +57,8 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     Returns:
         GROOD: ``det``, fitted.
     """
-    from grood.extract import FeatureExtractor, shuffles
+    from grood._batches import shuffles
+    from grood.extract import FeatureExtractor
     from grood.neighbours import SHUFFLED
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
@@ -141,9 +142,20 @@ def score_model(det: GROOD, model: nn.Module, loader: Iterable, *,
                 autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Scores (higher = in-distribution) and nearest-prototype classes of a loader.
 
-    Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``.
-    ``features`` defaults to the one used by :func:`fit_model`.
+    Streams the loader through the model; returns CPU tensors ``(scores [N], preds [N])``,
+    in the loader's order (a loader that shuffles is warned of: nothing would say which
+    sample each score is). ``features`` defaults to the one used by :func:`fit_model`.
     """
+    warn_if_shuffled(loader, "score_model")
+    return scores_in_any_order(det, model, loader, features=features, device=device,
+                               autocast=autocast)
+
+
+def scores_in_any_order(det: GROOD, model: nn.Module, loader: Iterable, *,
+                        features: str | None = None, device: str | torch.device | None = None,
+                        autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`score_model` where the order of the results does not matter (calibration takes
+    a quantile of the scores): a loader that shuffles is not warned of."""
     # (a batch of 0 rows, as a collate that dropped each of its images gives, scores as 0 rows)
     return _stream(det, model, loader, lambda f: det._score_and_predict(f, allow_empty=True),
                    features=features, device=device, autocast=autocast)
@@ -160,6 +172,7 @@ def kneighbors_model(det: GROOD, model: nn.Module, loader: Iterable,
 
     det._check_fitted()
     warn_row_order(det)
+    warn_if_shuffled(loader, "kneighbors_model")
     if n_neighbors is not None:  # before the model runs (on every rank alike, when sharded)
         with dist.together(det._sharded, "checking n_neighbors"):
             check_within_index(det, check_positive_int(n_neighbors, "n_neighbors"),
@@ -293,6 +306,14 @@ class ModelFrontEnd:
         """CPU ``(scores [N], preds [N])`` of a loader (:func:`grood.model.score_model`)."""
         return score_model(cast("GROOD", self), model, loader, features=features, device=device,
                            autocast=autocast)
+
+    def _scores_in_any_order(self, model: nn.Module, loader: Iterable, *,
+                             features: str | None = None,
+                             device: str | torch.device | None = None,
+                             autocast: torch.dtype | None = None) -> Tensor:
+        """``score_model``'s scores where their order does not matter (``calibrate_model``)."""
+        return scores_in_any_order(cast("GROOD", self), model, loader, features=features,
+                                   device=device, autocast=autocast)[0]
 
     def kneighbors_model(self, model: nn.Module, loader: Iterable,
                          n_neighbors: int | None = None, *, features: str | None = None,

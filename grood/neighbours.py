@@ -42,23 +42,24 @@ class Neighbours:
         return kind.wrap(dists), kind.wrap(rows)
 
 
-#: ``fit_model``'s record (``extractor_``) of a training loader that shuffles.
+#: ``fit_model``'s and ``fit_batches``' record (``extractor_``) of a training loader that
+#: shuffles.
 SHUFFLED = {"row_order": "shuffled"}
 
 
 def rows_shuffled(extractor: dict | None) -> bool:
-    """Whether ``fit_model``'s record (a detector's ``extractor_``, a file's
+    """Whether the fit's record (a detector's ``extractor_``, a file's
     ``state.extractor``) says its loader shuffled: its row numbers name no dataset sample."""
     return (extractor or {}).get("row_order") == SHUFFLED["row_order"]
 
 
 def warn_row_order(det: Any) -> None:
-    """Warn that the training-row numbers cannot be looked up where ``fit_model`` read a
-    loader that shuffles (recorded with the detector, saved with it)."""
+    """Warn that the training-row numbers cannot be looked up where the fit read a loader that
+    shuffles (``fit_model`` or ``fit_batches``; recorded with the detector, saved with it)."""
     if rows_shuffled(getattr(det, "extractor_", None)):
         warnings.warn(
-            "this detector was fitted with fit_model on a loader that shuffles: its training-"
-            "row numbers count the rows in the order of the fit's own pass, which the loader "
+            "this detector was fitted on a loader that shuffles: its training-row numbers "
+            "count the rows in the order of the fit's own pass, which the loader "
             "does not repeat, so they name no particular sample of the dataset (the scores "
             "are unaffected); to look neighbours up in the dataset, fit on a loader that does "
             "not shuffle (shuffle=False)", stacklevel=user_stacklevel())

@@ -1451,6 +1451,22 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
     assert main(["info", str(path)]) == 0
     assert "  model        fit_model read features '1'" in capsys.readouterr().out
 
+    class Listing(torch.nn.Module):  # gives its features with return_feature_list=True
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = net[:2], net[2]
+
+        def forward(self, inputs, return_feature_list=False):
+            f = self.body(inputs)
+            return (self.head(f), [f]) if return_feature_list else self.head(f)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GROOD().fit_model(Listing(), [(x[:45], y[:45]), (x[45:], y[45:])]).save(path)
+    assert main(["info", str(path)]) == 0  # (the line ended "fit_model read ")
+    assert ("  model        fit_model read the features the model returns with "
+            "return_feature_list=True\n") in capsys.readouterr().out
+
 
 def test_score_eval_and_calibrate_take_precision_and_batch_size(tmp_path, capsys, monkeypatch):
     """--precision and --batch-size replace the saved settings for the run (a detector fitted

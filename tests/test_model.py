@@ -173,7 +173,7 @@ def test_kneighbors_warns_that_a_shuffling_fit_loaders_rows_name_no_sample(tmp_p
 
     assert "training rows in the order of a shuffling loader's pass" in "\n".join(
         info_lines(describe(tmp_path / "d.safetensors")))
-    said = r"fitted with fit_model on a loader that shuffles: its training-row numbers"
+    said = r"fitted on a loader that shuffles: its training-row numbers"
     test = DataLoader(TensorDataset(x[:8]), batch_size=4)
     feats = FeatureExtractor(model, features="8")(x[:8]).features
     for det in fits:
@@ -190,6 +190,59 @@ def test_kneighbors_warns_that_a_shuffling_fit_loaders_rows_name_no_sample(tmp_p
         plain.kneighbors(feats, 2)
         plain.kneighbors_model(model, test, 2)
     assert "row_order" not in plain.extractor_
+
+
+def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
+    """score_model, predict_model, kneighbors_model and score_batches return one result per
+    sample in the order of their own pass over the loader: of a loader that shuffles, that
+    order names no sample, and scores matched to the dataset's labels were wrong, silently.
+    Each warns, at the caller's line; calibrate_model (a quantile) and an unshuffled loader
+    do not. fit_batches on such a loader is recorded, as fit_model's is."""
+    x, y = _images()
+    model = small_cnn()
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16),
+                            features="8")
+    held_out, held_y = _images(20, seed=5)
+    torch.manual_seed(0)
+    shuffled = DataLoader(TensorDataset(held_out, held_y), batch_size=8, shuffle=True)
+    plain = DataLoader(TensorDataset(held_out, held_y), batch_size=8)
+    feats = FeatureExtractor(model, features="8")(x).features
+    said = r"reads a loader that shuffles: its results come in the order of this pass"
+    calls = {"score_model": lambda ld: det.score_model(model, ld),
+             "predict_model": lambda ld: det.predict_model(model, ld),
+             "kneighbors_model": lambda ld: det.kneighbors_model(model, ld, 2),
+             "score_batches": lambda ld: list(det.score_batches(
+                 DataLoader(TensorDataset(feats[:20]), batch_size=8,
+                            shuffle=ld is shuffled)))}
+    for name, call in calls.items():
+        with pytest.warns(UserWarning, match=said) as caught:
+            call(shuffled)
+        assert caught[0].filename == __file__, name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.calibrate_model(model, shuffled)
+    threshold = det.threshold_
+    assert threshold == det.calibrate_model(model, plain).threshold_
+    # fit_batches on feature batches that shuffle: the same record as fit_model's.
+    fitted = GROOD().fit_batches(DataLoader(TensorDataset(feats, y), batch_size=16,
+                                            shuffle=True))
+    assert fitted.extractor_ == {"row_order": "shuffled"}
+    with pytest.warns(UserWarning, match="fitted on a loader that shuffles"):
+        fitted.kneighbors(feats[:4], 2)
+    fitted.save(tmp_path / "b.safetensors")
+    from grood.cli import info_lines
+    from grood.persistence import describe
+
+    text = "\n".join(info_lines(describe(tmp_path / "b.safetensors")))
+    assert "in the order of a shuffling loader's pass" in text and "fit_model" not in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unshuffled = GROOD().fit_batches(DataLoader(TensorDataset(feats, y), batch_size=16))
+        unshuffled.kneighbors(feats[:4], 2)
+    assert not hasattr(unshuffled, "extractor_")
 
 
 def test_a_loader_that_is_an_array_and_a_bad_n_neighbors_are_named_before_the_model_runs():
