@@ -484,17 +484,10 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> Path:
     """``grood eval --plots``: the folder (made if missing), its PNG files (what
     :meth:`grood.evaluation.Evaluation.plot` writes) checked, and matplotlib imported, before
     any scoring."""
-    from grood.persistence import save_target
-    from grood.report import figure_class
+    from grood.evaluation import PLOT_FILES
+    from grood.report import plot_folder
 
-    figure_class()  # a missing extra is named now, not after the scoring
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--plots takes a folder; {folder} is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("roc.png", "histograms.png", "differences.png"):
-        save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)
-    return out
+    return plot_folder(folder, PLOT_FILES, "--plots", inputs)
 
 
 def feature_sources() -> list[str]:

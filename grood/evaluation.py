@@ -33,6 +33,9 @@ from grood._checks import prefixed_errors, user_stacklevel
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
+#: The files :meth:`Evaluation.plot` draws: ROC curves, score histograms and (with bootstrap
+#: and baselines) the paired differences.
+PLOT_FILES = ("roc.png", "histograms.png", "differences.png")
 #: Groups of OOD sets, in the table's order: the keyword of :func:`evaluate` and the label
 #: of its mean row (OpenOOD's near- and far-OOD summaries; other sets beside them form a
 #: third).
@@ -112,17 +115,17 @@ class Evaluation:
         baselines, GROOD minus each baseline with its paired interval (``differences.png``)
         into ``folder`` (made if missing), the detector's threshold marked where it has one;
         needs matplotlib (``grood[plots]``). Returns the files written."""
-        from grood.report import plot_differences, plot_histograms, plot_roc
+        from grood.report import plot_differences, plot_folder, plot_histograms, plot_roc
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
+        out = plot_folder(folder, PLOT_FILES[:3 if self.differences else 2], "plot")
         marks = (None if self.threshold is None or self.threshold_tpr is None
                  else {"GROOD": (self.threshold, self.threshold_tpr)})
         names = [label for label, members in self.layout if not members]
-        written = [plot_roc(self.scores, self.id_key, names, out / "roc.png", marks),
-                   plot_histograms(self.scores, out / "histograms.png", marks)]
+        roc, histograms, differences = (out / name for name in PLOT_FILES)
+        written = [plot_roc(self.scores, self.id_key, names, roc, marks),
+                   plot_histograms(self.scores, histograms, marks)]
         if self.differences:
-            written.append(plot_differences(self.differences, out / "differences.png"))
+            written.append(plot_differences(self.differences, differences))
         return written
 
     def openood_csv(self) -> str:

@@ -115,6 +115,32 @@ def _target(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def plot_folder(folder: str | os.PathLike, names: tuple[str, ...], what: str,
+                inputs: dict[str, Any] | None = None) -> Path:
+    """The folder a set of plots (``names``) is drawn into, made if missing, with matplotlib
+    imported and each file checked (:func:`grood.persistence.save_target`) before anything is
+    drawn or scored; ``what`` names the argument in the errors. A file, or a missing path
+    named as an image (``roc.png``), is refused: the plots would not be where it says."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from grood.persistence import save_target
+
+    figure_class()  # a missing extra is named first
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "
+                         f"{folder} is a file")
+    if not out.exists() and out.suffix.lower().lstrip(".") in \
+            FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "
+                         f"{folder} names an image file: give the folder to draw into, "
+                         f"e.g. {out.parent / out.stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)
+    return out
+
+
 def _grid(figure: Any, panels: int, size: tuple[float, float], per_row: int = 3
           ) -> tuple[Any, list[Any]]:
     """A ``figure`` (the class) of ``panels`` panels, ``per_row`` to a row; returns it and the

@@ -136,6 +136,16 @@ def test_evaluate_applies_the_threshold_and_draws_the_pictures(fitted, tmp_path)
     written = ev.plot(tmp_path / "plots")
     assert [p.name for p in written] == ["roc.png", "histograms.png", "differences.png"]
     assert all(p.stat().st_size > 0 for p in written)
+    # A file, or an image's name, where the folder belongs: refused before anything is drawn
+    # (a file gave "[Errno 17] File exists"; "roc.png" became a folder holding roc.png).
+    with pytest.raises(ValueError, match=r"^plot takes a folder \(it draws roc.png, "
+                                         r"histograms.png, differences.png there\); .*roc.png "
+                                         r"is a file$"):
+        ev.plot(written[0])
+    with pytest.raises(ValueError, match=r"names an image file: give the folder to draw into, "
+                                         r"e.g. .*/plots/new$"):
+        ev.plot(tmp_path / "plots" / "new.pdf")
+    assert not (tmp_path / "plots" / "new.pdf").exists()
 
 
 def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
