@@ -33,12 +33,14 @@ def check_loader(loader: Any, what: str, advice: str) -> None:
 
 def shuffles(loader: Any) -> bool:
     """Whether ``loader`` (a ``DataLoader``) draws a new order of its samples on each pass:
-    a ``RandomSampler`` or ``SubsetRandomSampler``, its own or under its batch sampler."""
-    from torch.utils.data import RandomSampler, SubsetRandomSampler
+    a ``RandomSampler``, ``SubsetRandomSampler`` or ``WeightedRandomSampler``, its own or
+    under its batch sampler."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
     samplers = (getattr(loader, "sampler", None),
                 getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    return any(isinstance(s, (RandomSampler, SubsetRandomSampler)) for s in samplers)
+    return any(isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
+               for s in samplers)
 
 
 def warn_if_shuffled(loader: Any, method: str) -> None:

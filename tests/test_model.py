@@ -198,6 +198,8 @@ def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
     order names no sample, and scores matched to the dataset's labels were wrong, silently.
     Each warns, at the caller's line; calibrate_model (a quantile) and an unshuffled loader
     do not. fit_batches on such a loader is recorded, as fit_model's is."""
+    from torch.utils.data import WeightedRandomSampler
+
     x, y = _images()
     model = small_cnn()
     det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16),
@@ -218,6 +220,11 @@ def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
         with pytest.warns(UserWarning, match=said) as caught:
             call(shuffled)
         assert caught[0].filename == __file__, name
+        if name == "score_model":  # samples drawn at random, with weights
+            weighted = DataLoader(TensorDataset(held_out), batch_size=8,
+                                  sampler=WeightedRandomSampler(torch.ones(20), 20))
+            with pytest.warns(UserWarning, match=said):
+                call(weighted)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             call(plain)
