@@ -121,11 +121,11 @@ def plot_folder(folder: str | os.PathLike, names: tuple[str, ...], what: str,
     imported and each file checked (:func:`grood.persistence.save_target`) before anything is
     drawn or scored; ``what`` names the argument in the errors. A file, or a missing path
     named as an image (``roc.png``), is refused: the plots would not be where it says."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     from grood.persistence import save_target
 
     figure_class()  # a missing extra is named first
+    from matplotlib.backend_bases import FigureCanvasBase
+
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "

@@ -148,6 +148,22 @@ def test_evaluate_applies_the_threshold_and_draws_the_pictures(fitted, tmp_path)
     assert not (tmp_path / "plots" / "new.pdf").exists()
 
 
+def test_plot_without_matplotlib_names_the_extra(fitted, tmp_path, monkeypatch):
+    """Without matplotlib, plot names grood's extra before it makes any folder."""
+    import sys
+
+    from grood import MissingExtraError
+
+    det, id_set, near, _, _ = fitted
+    ev = evaluate(det, id_set, {"n0": near["n0"]})
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (import matplotlib fails)
+    with pytest.raises(MissingExtraError, match=r"pip install 'grood\[plots\]'"):
+        ev.plot(tmp_path / "figures")
+    assert not (tmp_path / "figures").exists()
+
+
 def test_evaluate_reads_feature_files_and_warns_as_grood_eval(fitted, tmp_path):
     """A set may be a feature file's path; the ID set given as the training set gets grood
     eval's warning, naming it (id_name)."""
