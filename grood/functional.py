@@ -26,6 +26,7 @@ from torch import Tensor
 
 from grood._checks import (
     check_finite_rows,
+    check_labels,
     check_not_tracked,
     check_positive_int,
     compute_dtype,
@@ -377,7 +378,7 @@ def class_prototypes(
     step = max(1, PROTOTYPE_CHUNK_ELEMENTS // d if features.device.type == "cpu"
                else features.shape[0])
     for r0 in range(0, features.shape[0], step):
-        add_rows_by_class(sums, labels[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
+        _add_rows(sums, labels[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
     counts += torch.bincount(labels, minlength=num_classes)
     return PrototypeState(sums, counts)
 
@@ -390,7 +391,27 @@ def add_rows_by_class(sums: Tensor, labels: Tensor, rows: Tensor) -> None:
     in their last bits from one fit to the next. ``index_put_`` with ``accumulate=True``
     sorts the rows by class there first (the path ``index_add_`` takes under
     ``torch.use_deterministic_algorithms``), so a fit on a GPU is reproducible bit for bit.
+
+    ``sums`` [C, D] (floating point) is added to in place; ``rows`` [N, D] must have its dtype
+    and device, ``labels`` [N] integer class ids in ``[0, C)`` (an id out of range is
+    refused here: on a GPU it would stop the process in a device-side assert).
     """
+    _check_dims("sums", sums, 2)
+    _check_dims("rows", rows, 2, sums.shape[1], "sums")
+    if rows.dtype != sums.dtype:
+        raise TypeError(f"rows must have the dtype of sums ({sums.dtype}), got {rows.dtype}")
+    if rows.device != sums.device or labels.device != sums.device:
+        raise ValueError(f"sums ({sums.device}), rows ({rows.device}) and labels "
+                         f"({labels.device}) must be on one device")
+    if labels.ndim == 1 and labels.shape[0] != rows.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but rows has {rows.shape[0]}")
+    check_labels(labels, "labels", rows.shape[0], n_classes=sums.shape[0],
+                 n_classes_from="the rows of sums", allow_empty=True)
+    _add_rows(sums, labels, rows)
+
+
+def _add_rows(sums: Tensor, labels: Tensor, rows: Tensor) -> None:
+    """:func:`add_rows_by_class` without its checks (its callers checked)."""
     if sums.device.type == "cpu":
         sums.index_add_(0, labels, rows)
     else:

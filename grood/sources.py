@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grood._checks import check_fraction, check_integer, check_positive_int, check_real
+from grood._checks import (
+    check_fraction,
+    check_integer,
+    check_positive_int,
+    check_real,
+    prefixed_errors,
+)
 from grood.extract import (
     FeatureExtractor,
     check_split,
@@ -160,7 +166,8 @@ class Mixup(OODPrototypeSource):
                     e = stem(x).flatten(1).float()
                     if sums is None:
                         sums = torch.zeros((n_classes, e.shape[1]), device=ex.device)
-                    add_rows_by_class(sums, y, e)
+                    with prefixed_errors("mixup's pass over the training loader"):
+                        add_rows_by_class(sums, y, e)  # (its labels, another pass's)
                     counts += torch.bincount(y, minlength=n_classes)
                 if sums is None:
                     raise ValueError("the training loader yielded no batches with rows")

@@ -598,6 +598,42 @@ def test_class_prototypes_refuses_labels_that_are_not_class_ids():
 
 
 
+def test_add_rows_by_class_checks_what_it_is_given():
+    """The public building block passed its arguments straight to index_add_ (index_put_ on
+    a GPU): a class id out of range was torch's "index out of range in self" on the CPU and
+    a device-side assert, which ends the process's CUDA context, on a GPU; rows of another
+    dtype, "self (Double) and source (Float) must have the same scalar type". Nothing is
+    added when it refuses."""
+    x, y = clustered_features(20, 3, 4, seed=3)
+    sums = torch.zeros(3, 4, dtype=torch.float64)
+    F.add_rows_by_class(sums, y, x.double())
+    want = torch.stack([x.double()[y == c].sum(0) for c in range(3)])
+    torch.testing.assert_close(sums, want, rtol=0, atol=1e-12)
+    F.add_rows_by_class(sums, y[:0], x.double()[:0])  # no rows: nothing added
+    torch.testing.assert_close(sums, want, rtol=0, atol=1e-12)
+    before = sums.clone()
+    cases = [
+        (ValueError, r"^labels holds class id 3, out of range for 3 classes \(the rows of sums\)$",
+         (sums, torch.tensor([0, 3]), x.double()[:2])),
+        (ValueError, r"^labels must be >= 0, found -1$",
+         (sums, torch.tensor([0, -1]), x.double()[:2])),
+        (TypeError, r"^labels must hold integer class ids, got dtype float32",
+         (sums, y.float(), x.double())),
+        (ValueError, r"^labels has 2 entries but rows has 20$",
+         (sums, y[:2], x.double())),
+        (TypeError, r"^rows must have the dtype of sums \(torch.float64\), got torch.float32$",
+         (sums, y, x.float())),
+        (ValueError, r"^rows has dimension 3, expected 4 \(the dimension of sums\)$",
+         (sums, y, x.double()[:, :3])),
+        (TypeError, r"^sums must be floating point", (sums.long(), y, x.double())),
+        (ValueError, r"^sums must have 2 dimension\(s\)", (sums[0], y, x.double())),
+    ]
+    for error, message, args in cases:
+        with pytest.raises(error, match=message):
+            F.add_rows_by_class(*args)
+    assert torch.equal(sums, before)
+
+
 def test_tiles_are_cache_sized_on_the_cpu_and_large_elsewhere():
     """On the CPU the tiles keep their working set in cache (unchanged); on a GPU the torch
     path was host-bound with those tiles (an H200: 243 ms for 65,536 x 1,000 x 2,048 in ~114
