@@ -31,6 +31,17 @@ def check_loader(loader: Any, what: str, advice: str) -> None:
                         f"keys){advice}")
 
 
+def dict_batch_hint(batch: Mapping, example: str) -> str:
+    """What to say of a batch given as a dict (a dataset of dict samples, as Hugging Face
+    datasets and OpenOOD give them): its keys, and ``example`` (a format string taking
+    ``b[key]`` for its first keys) of how to give the arrays instead."""
+    keys = list(batch)
+    picks = [f"b[{k!r}]" for k in keys[:2]] + ["b[...]"] * (2 - min(2, len(keys)))
+    shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
+    return (f" (keys {shown}): pass the arrays themselves, e.g. "
+            + example.format(*picks))
+
+
 def shuffles(loader: Any) -> bool:
     """Whether ``loader`` (a ``DataLoader``) draws a new order of its samples on each pass:
     a ``RandomSampler``, ``SubsetRandomSampler`` or ``WeightedRandomSampler``, its own or
@@ -81,7 +92,9 @@ def iter_batches(batches: Any, desc: str, distributed: bool = False
     for i, batch in enumerate(source):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
             raise TypeError(f"batch {i} must be (features, labels) or (features, labels, "
-                            f"logits), got {type(batch).__name__}")
+                            f"logits), got {type(batch).__name__}" + (dict_batch_hint(
+                                batch, "lambda: (({}, {}) for b in loader)")
+                                if isinstance(batch, Mapping) else ""))
         x, _ = as_tensor(batch[0], "features")
         y = None if batch[1] is None else as_labels(batch[1])
         lg = as_tensor(batch[2], "logits")[0] if len(batch) == 3 and batch[2] is not None \

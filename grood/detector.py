@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from grood import ops
 from grood._batches import (
     check_loader,
     check_reiterable,
+    dict_batch_hint,
     iter_batches,
     label_count,
     peek_batch,
@@ -440,6 +441,9 @@ def batch_features(batch: Any) -> Any:
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 \
             and getattr(batch[0], "ndim", None) == 2:
         return batch[0]
+    if isinstance(batch, Mapping):  # (features must be an array: say how to give one)
+        raise TypeError("score_batches takes batches of features [B, D], got a dict"
+                        + dict_batch_hint(batch, "({} for b in loader)"))
     return batch
 
 

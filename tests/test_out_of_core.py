@@ -80,6 +80,26 @@ def test_fit_batches_refuses_a_generator_and_bad_batches():
     with pytest.raises(TypeError, match=r"^score_batches takes an iterable of batches \[B, D\]"
                                         r", got a dict"):
         next(GROOD().fit(x, y).score_batches({"features": x}))
+    # A loader of dict samples (Hugging Face datasets, OpenOOD) yields dict batches: named
+    # with their keys and how to give the arrays ("got dict" alone; score_batches said
+    # "features must be a torch.Tensor or a numpy array, got dict").
+    from torch.utils.data import DataLoader
+
+    samples = [{"feats": a, "label": b} for a, b in zip(x, y, strict=True)]
+    dicts = DataLoader(samples, batch_size=64)
+    with pytest.raises(TypeError, match=r"^batch 0 must be \(features, labels\) or \(features, "
+                                        r"labels, logits\), got dict \(keys 'feats', 'label'\): "
+                                        r"pass the arrays themselves, e.g. lambda: \(\(b\['feats'"
+                                        r"\], b\['label'\]\) for b in loader\)$"):
+        GROOD().fit_batches(dicts)
+    det = GROOD().fit_batches(lambda: ((b["feats"], b["label"]) for b in dicts))  # as it says
+    assert torch.equal(det.class_prototypes_, GROOD().fit(x, y).class_prototypes_)
+    with pytest.raises(TypeError, match=r"^score_batches takes batches of features \[B, D\], "
+                                        r"got a dict \(keys 'feats', 'label'\): pass the arrays "
+                                        r"themselves, e.g. \(b\['feats'\] for b in loader\)$"):
+        next(det.score_batches(dicts))
+    assert torch.equal(torch.cat([s for s, _ in det.score_batches(b["feats"] for b in dicts)]),
+                       det.score_samples(x))
     with pytest.raises(ValueError, match=r"NaN or Inf in row\(s\) 67"):  # counted overall
         bad = x.clone()
         bad[67] = float("nan")
