@@ -251,6 +251,9 @@ def check_device(device: Any) -> torch.device | None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(device, str) and device.split(":")[0].lower() == "gpu":
+            raise ValueError(f"device {device!r} is not a device name: torch calls a GPU "
+                             f"{device.lower().replace('gpu', 'cuda')!r}") from None
         raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', "
                          f"'cuda:1'): {exc}") from None
     if dev.type == "cuda":
@@ -313,7 +316,8 @@ def check_fraction(value: Any, name: str) -> float:
     """``value`` as a Python float in (0, 1], else a clear error (95, a percentage, is one)."""
     number = check_real(value, name)
     if not 0 < number <= 1:
-        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}")
+        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}" + (
+            f" (for {number:g} %, pass {number / 100:g})" if 1 < number <= 100 else ""))
     return number
 
 

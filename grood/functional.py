@@ -38,7 +38,6 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     NCPGradient,
     check_dense,
     check_has_columns,
-    check_precision,
     check_sq_norms,
     kept_per_prototypes,
     lex_sort,
@@ -47,6 +46,22 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     ncp_scale,
     pow2_scale,
 )
+
+#: Names other libraries give the precision modes (torch's
+#: ``set_float32_matmul_precision("highest")``, dtype names), for the error that refuses them.
+PRECISION_ALIASES = {"fp32": "ieee", "float32": "ieee", "float": "ieee", "highest": "ieee",
+                     "bfloat16": "bf16", "3xtf32": "tf32x3", "tf32_3x": "tf32x3"}
+
+
+def check_precision(precision: str) -> None:
+    """Raise a clear error for an unknown precision mode (as the kernels' contract does),
+    naming the mode meant where another name for one, or one in capitals, is given."""
+    if precision not in PRECISIONS:
+        key = precision.lower() if isinstance(precision, str) else ""
+        meant = key if key in PRECISIONS else PRECISION_ALIASES.get(key)
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}" + (
+            f" (for {precision!r} pass {meant!r})" if meant else ""))
+
 
 __all__ = [
     "NCP_CANDIDATES",

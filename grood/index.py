@@ -205,7 +205,11 @@ def index_kinds() -> tuple[str, ...]:
 def index_class(kind: str) -> type[GradientIndex]:
     """The class registered as ``kind``; a clear error naming the known kinds otherwise."""
     if kind not in INDEXES:
-        raise ValueError(f"index must be one of {index_kinds()}, got {kind!r}")
+        # 'ivf' or 'flat' for the faiss kinds named by their suffix
+        meant = [k for k in INDEXES if isinstance(kind, str) and kind
+                 and k.endswith(f"-{kind.lower()}")]
+        raise ValueError(f"index must be one of {index_kinds()}, got {kind!r}" + (
+            f" (for {kind!r} pass {meant[0]!r})" if len(meant) == 1 else ""))
     return INDEXES[kind]
 
 

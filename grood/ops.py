@@ -31,7 +31,11 @@ OPERATIONS = ("ncp_gradient", "knn")
 def check_backend_name(backend: str) -> None:
     """Raise a clear error for anything but ``auto``, ``torch`` or ``triton``."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        a_device = isinstance(backend, str) and backend.split(":")[0].lower() in (
+            "cpu", "cuda", "gpu")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}" + (
+            " (backend picks the implementation: torch, or the Triton kernels; where it runs "
+            "is device=...)" if a_device else ""))
 
 
 def triton_unavailable_reason(op: str, device: torch.device,

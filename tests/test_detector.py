@@ -273,6 +273,40 @@ def test_bad_parameters_are_named(param, value, match):
         GROOD(**{param: value}).fit(x, y)
 
 
+@pytest.mark.parametrize(("param", "value", "match"), [
+    ("precision", "fp32", r"got 'fp32' \(for 'fp32' pass 'ieee'\)$"),
+    ("precision", "highest", r"got 'highest' \(for 'highest' pass 'ieee'\)$"),
+    ("precision", "TF32", r"got 'TF32' \(for 'TF32' pass 'tf32'\)$"),
+    ("precision", "bfloat16", r"got 'bfloat16' \(for 'bfloat16' pass 'bf16'\)$"),
+    ("index", "ivf", r"got 'ivf' \(for 'ivf' pass 'faiss-ivf'\)$"),
+    ("index", "flat", r"got 'flat' \(for 'flat' pass 'faiss-flat'\)$"),
+    ("backend", "cuda", r"got 'cuda' \(backend picks the implementation: torch, or the Triton "
+                        r"kernels; where it runs is device=...\)$"),
+    ("device", "gpu", r"^device 'gpu' is not a device name: torch calls a GPU 'cuda'$"),
+    ("device", "GPU:1", r"^device 'GPU:1' is not a device name: torch calls a GPU 'cuda:1'$"),
+    ("precision", "fp8", r"got 'fp8'$"),  # (no hint where none is meant)
+    ("index", "hnsw", r"got 'hnsw'$"),
+    ("backend", "numpy", r"got 'numpy'$"),
+])
+def test_names_from_elsewhere_are_refused_with_the_one_meant(param, value, match):
+    """Names other libraries use (torch's matmul precision "highest", dtype names, a device
+    given as the backend, faiss' kinds without their prefix) were refused with the valid
+    names alone; the error now says which one to pass. Unrelated names get no such hint."""
+    x, y, _ = _data()
+    with pytest.raises(ValueError, match=match):
+        GROOD(**{param: value}).fit(x, y)
+
+
+def test_calibration_names_a_percentage_given_as_tpr():
+    x, y, _ = _data()
+    det = GROOD().fit(x, y)
+    with pytest.raises(ValueError, match=r"^tpr is a fraction in \(0, 1\], got 95 \(for 95 %, "
+                                         r"pass 0.95\)$"):
+        det.calibrate(x, tpr=95)
+    with pytest.raises(ValueError, match=r"got 0$"):
+        det.calibrate(x, tpr=0)
+
+
 def test_k_larger_than_index_is_refused():
     x, y, _ = _data()
     with pytest.raises(ValueError, match="k=500 but only"):
