@@ -273,7 +273,11 @@ def test_pytorch_ood_adapter_names_a_bad_loader_or_parameter_up_front():
                          (x.numpy(), "got a ndarray"),
                          ([(x, y, y)], r"the loader's batch 0 \(numbered from 0\) must be "
                                        r"\(inputs, labels\), got a tuple of 3"),
-                         ([(x, y), x], r"batch 1 .* got a Tensor")):
+                         ([(x, y), x], r"batch 1 .* got a Tensor"),
+                         ([{"pixel_values": x, "labels": y}],  # a dataset of dict samples
+                          r"got a dict \(keys 'pixel_values', 'labels'\): pass the arrays "
+                          r"themselves, e.g. \(\(b\['pixel_values'\], b\['labels'\]\) for b "
+                          r"in loader\)$")):
         with pytest.raises(TypeError, match=said):
             det.fit(loader)
     with pytest.raises(TypeError, match=r"unknown parameter\(s\) batchsize; besides encoder, "

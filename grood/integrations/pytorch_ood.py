@@ -24,7 +24,7 @@ batch norm takes from each batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from grood import persistence
-from grood._batches import check_loader
+from grood._batches import check_loader, dict_batch_hint
 from grood._checks import as_labels, as_tensor, check_matrix
 from grood.detector import GROOD
 from grood.extract import as_rows, eval_mode
@@ -62,6 +62,8 @@ def _shape_of(batch: Any) -> str:
     """What a batch is, for an error: its type, and the length of a tuple or list."""
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of {len(batch)}"
+    if isinstance(batch, Mapping):  # (a dataset of dict samples: say how to give the arrays)
+        return f"a {type(batch).__name__}" + dict_batch_hint(batch, "(({}, {}) for b in loader)")
     return f"a {type(batch).__name__}"
 
 
