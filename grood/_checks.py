@@ -223,7 +223,10 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
         raise ValueError(f"{name} is empty")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
-        raise ValueError(f"{name} must be >= 0, found {lo}")
+        marked = int((y == -1).sum()) if lo == -1 else 0  # pytorch-ood's mark of OOD rows
+        raise ValueError(f"{name} must be >= 0, found {lo}" + (
+            f" ({marked} row(s) labelled -1, as pytorch-ood marks OOD samples: keep the "
+            f"others, e.g. features[{name} >= 0] and {name}[{name} >= 0])" if marked else ""))
     if n_classes is not None and hi >= n_classes:
         raise ValueError(f"{name} holds class id {hi}, out of range for {n_classes} classes"
                          + (f" ({n_classes_from})" if n_classes_from else ""))

@@ -297,6 +297,25 @@ def test_names_from_elsewhere_are_refused_with_the_one_meant(param, value, match
         GROOD(**{param: value}).fit(x, y)
 
 
+def test_labels_of_minus_one_are_named_as_pytorch_oods_ood_mark():
+    """pytorch-ood marks OOD samples with label -1: a training set holding some was refused
+    with "must be >= 0, found -1" alone; the error counts them and says how to keep the
+    others. Other negative ids get no such hint."""
+    x, y, _ = _data()
+    marked = y.clone()
+    marked[[3, 8]] = -1
+    with pytest.raises(ValueError, match=r"^labels must be >= 0, found -1 \(2 row\(s\) labelled "
+                                         r"-1, as pytorch-ood marks OOD samples: keep the "
+                                         r"others, e.g. features\[labels >= 0\] and "
+                                         r"labels\[labels >= 0\]\)$"):
+        GROOD().fit(x, marked)
+    kept = marked >= 0
+    assert GROOD().fit(x[kept], marked[kept]).n_train_ == len(y) - 2
+    marked[3] = -2
+    with pytest.raises(ValueError, match=r"^labels must be >= 0, found -2$"):
+        GROOD().fit(x, marked)
+
+
 def test_calibration_names_a_percentage_given_as_tpr():
     x, y, _ = _data()
     det = GROOD().fit(x, y)

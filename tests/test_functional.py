@@ -615,7 +615,9 @@ def test_add_rows_by_class_checks_what_it_is_given():
     cases = [
         (ValueError, r"^labels holds class id 3, out of range for 3 classes \(the rows of sums\)$",
          (sums, torch.tensor([0, 3]), x.double()[:2])),
-        (ValueError, r"^labels must be >= 0, found -1$",
+        (ValueError, r"^labels must be >= 0, found -1 \(1 row\(s\) labelled -1, as pytorch-ood "
+                     r"marks OOD samples: keep the others, e.g. features\[labels >= 0\] and "
+                     r"labels\[labels >= 0\]\)$",
          (sums, torch.tensor([0, -1]), x.double()[:2])),
         (TypeError, r"^labels must hold integer class ids, got dtype float32",
          (sums, y.float(), x.double())),
