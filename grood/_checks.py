@@ -319,9 +319,18 @@ def check_fraction(value: Any, name: str) -> float:
     """``value`` as a Python float in (0, 1], else a clear error (95, a percentage, is one)."""
     number = check_real(value, name)
     if not 0 < number <= 1:
-        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}" + (
-            f" (for {number:g} %, pass {number / 100:g})" if 1 < number <= 100 else ""))
+        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}"
+                         + _percentage_hint(number))
     return number
+
+
+def _percentage_hint(value: Any) -> str:
+    """What to pass instead of a percentage (1 < value <= 100) given as a fraction."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f" (for {number:g} %, pass {number / 100:g})" if 1 < number <= 100 else ""
 
 
 def check_positive_real(value: Any, name: str) -> float:
@@ -404,7 +413,8 @@ def fraction_arg(text: str) -> float:
     try:
         return check_fraction(float(text), "value")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}"
+                                         + _percentage_hint(text)) from None
 
 
 def bench_device_arg(text: str) -> str:

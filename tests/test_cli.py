@@ -1375,7 +1375,8 @@ def test_calibrate_saves_a_threshold_that_score_and_eval_apply(tmp_path, capsys)
         main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "new.safetensors"),
               "--calibrate", str(tmp_path / "val.npy"), "--tpr", "95"])
     assert usage.value.code == 2
-    assert "argument --tpr: must be a fraction in (0, 1], got '95'" in capsys.readouterr().err
+    assert ("argument --tpr: must be a fraction in (0, 1], got '95' (for 95 %, pass 0.95)\n"
+            in capsys.readouterr().err)
     assert not (tmp_path / "new.safetensors").exists()
     # a usage error, not one of the feature file's (it was named as the file's before)
     with pytest.raises(SystemExit) as usage:
