@@ -422,7 +422,7 @@ def add_rows_by_class(sums: Tensor, labels: Tensor, rows: Tensor) -> None:
         raise ValueError(f"labels has {labels.shape[0]} entries but rows has {rows.shape[0]}")
     check_labels(labels, "labels", rows.shape[0], n_classes=sums.shape[0],
                  n_classes_from="the rows of sums", allow_empty=True)
-    _add_rows(sums, labels, rows)
+    _add_rows(sums, labels.to(torch.int64), rows)  # (index_add_ takes int32 / int64 ids)
 
 
 def _add_rows(sums: Tensor, labels: Tensor, rows: Tensor) -> None:

@@ -611,6 +611,9 @@ def test_add_rows_by_class_checks_what_it_is_given():
     torch.testing.assert_close(sums, want, rtol=0, atol=1e-12)
     F.add_rows_by_class(sums, y[:0], x.double()[:0])  # no rows: nothing added
     torch.testing.assert_close(sums, want, rtol=0, atol=1e-12)
+    F.add_rows_by_class(sums, y.to(torch.uint8), x.double())  # any integer ids
+    torch.testing.assert_close(sums, 2 * want, rtol=0, atol=1e-12)
+    sums -= want
     before = sums.clone()
     cases = [
         (ValueError, r"^labels holds class id 3, out of range for 3 classes \(the rows of sums\)$",
