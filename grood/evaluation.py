@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from grood._checks import prefixed_errors, user_stacklevel
+from grood.errors import NotFittedError
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
@@ -341,9 +342,15 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for est in baselines:
+        if isinstance(est, type):  # the class itself, not a fitted instance
+            raise TypeError(f"baselines takes fitted grood.baselines estimators; got the "
+                            f"class {est.__name__}: pass {est.__name__}().fit(...)")
         if not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
                             f"{type(est).__name__}")
+        if not hasattr(est, "n_features_in_"):  # (before any set is scored)
+            raise NotFittedError(f"the {type(est).__name__} baseline is not fitted yet: call "
+                                 f"fit() on the training set's {est.inputs} first")
         name = f"KNN (k={est.k})" if isinstance(est, KNN) else type(est).name
         if name in out:
             raise ValueError(f"two baselines are named {name!r}: give each once")

@@ -1,5 +1,6 @@
 """grood.evaluate: grood eval's measurements for Python, on arrays, mappings and files."""
 
+import copy
 import csv
 import io
 import warnings
@@ -212,6 +213,16 @@ def _sharded(det):
     return det
 
 
+def _not_scored(det):
+    """``det``, failing the test if anything is scored with it."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("scored before the baselines were checked")
+
+    det = copy.deepcopy(det)
+    det.score_and_predict = det.score_samples = refuse
+    return det
+
+
 @pytest.mark.parametrize(("call", "exc", "match"), [
     (lambda det, s, n: evaluate(det, s), ValueError, "give the OOD sets"),
     (lambda det, s, n: evaluate(det, s, {"n0": n["n0"]}, near=n), ValueError,
@@ -233,6 +244,12 @@ def _sharded(det):
     (lambda det, s, n: evaluate(det, s, n, bootstrap=20), ValueError, "at least 100"),
     (lambda det, s, n: evaluate(det, s, n, baselines=[object()]), TypeError,
      "fitted grood.baselines estimators"),
+    # The class given for an instance failed in "type object 'type' has no attribute 'name'";
+    # an unfitted one, after GROOD had scored the ID set.
+    (lambda det, s, n: evaluate(det, s, n, baselines=[KNN]), TypeError,
+     r"got the class KNN: pass KNN\(\).fit\(...\)$"),
+    (lambda det, s, n: evaluate(_not_scored(det), s, n, baselines=[MSP()]), NotFittedError,
+     r"^the MSP baseline is not fitted yet: call fit\(\) on the training set's logits first$"),
     (lambda det, s, n: evaluate(GROOD(), s, n), NotFittedError, "not fitted"),
     (lambda det, s, n: evaluate(_sharded(det), s, n), ValueError,
      "evaluate scores in one process, and this detector is sharded across ranks"),
