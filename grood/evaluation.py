@@ -22,14 +22,14 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from grood._checks import prefixed_errors, user_stacklevel
+from grood._checks import check_device, check_positive_int, prefixed_errors, user_stacklevel
 from grood.errors import NotFittedError
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
@@ -198,9 +198,10 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         raise ValueError("evaluate scores in one process, and this detector is sharded across "
                          "ranks: load its manifest without distributed=True for the whole "
                          "index in one process")
-    if bootstrap is not None and bootstrap < MIN_RESAMPLES:
+    if bootstrap is not None and check_positive_int(bootstrap, "bootstrap") < MIN_RESAMPLES:
         raise ValueError(f"bootstrap={bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
+    device = check_device(device)  # (a name torch does not know, before any scoring)
     sets, layout = eval_layout(ood, near, far)
     methods = _baseline_names(baselines)
     threshold = current_threshold(det, required=False)
@@ -340,6 +341,10 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     """The fitted baselines by display name (``KNN (k=50)`` with its neighbour)."""
     from grood.baselines import KNN
 
+    if hasattr(baselines, "score_samples") or isinstance(baselines, (str, Mapping)) \
+            or not isinstance(baselines, Iterable):
+        raise TypeError(f"baselines takes a list of fitted grood.baselines estimators, got "
+                        f"{type(baselines).__name__} (one estimator: baselines=[est])")
     out: dict[str, Any] = {}
     for est in baselines:
         if isinstance(est, type):  # the class itself, not a fitted instance

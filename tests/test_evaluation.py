@@ -246,6 +246,13 @@ def _not_scored(det):
      "fitted grood.baselines estimators"),
     # The class given for an instance failed in "type object 'type' has no attribute 'name'";
     # an unfitted one, after GROOD had scored the ID set.
+    (lambda det, s, n: evaluate(det, s, n, baselines=MSP().fit(s["logits"])), TypeError,
+     r"^baselines takes a list of fitted grood.baselines estimators, got MSP \(one estimator: "
+     r"baselines=\[est\]\)$"),  # ("'MSP' object is not iterable")
+    (lambda det, s, n: evaluate(det, s, n, bootstrap="1000"), ValueError,
+     r"^bootstrap must be a positive integer, got '1000'$"),  # ("'<' not supported ...")
+    (lambda det, s, n: evaluate(det, s, n, device="gpu"), ValueError,
+     "torch calls a GPU 'cuda'"),  # (ignored without baselines)
     (lambda det, s, n: evaluate(det, s, n, baselines=[KNN]), TypeError,
      r"got the class KNN: pass KNN\(\).fit\(...\)$"),
     (lambda det, s, n: evaluate(_not_scored(det), s, n, baselines=[MSP()]), NotFittedError,
