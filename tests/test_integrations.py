@@ -9,7 +9,7 @@ from conftest import DictDataset, clustered_features
 from torch import nn
 from torch.utils.data import DataLoader
 
-from grood import GROOD, ood_metrics
+from grood import GROOD, NotFittedError, ood_metrics
 from grood.integrations.openood import GROODPostprocessor
 from grood.integrations.pytorch_ood import (
     GROODDetector,
@@ -122,10 +122,14 @@ def test_openood_adapter_names_a_bad_loader_dict_or_parameter_up_front():
                                         r"batchsize; .* it takes GROOD's: backend, batch_size"):
         GROODPostprocessor(batchsize=64)
     post = GROODPostprocessor()
+    x, y = _images(40, 0)
+    for score in (lambda: post.postprocess(net, x), lambda: post.inference(net, [(x, y)])):
+        with pytest.raises(NotFittedError, match=r"^this GROODPostprocessor is not set up yet: "
+                                                 r"call setup\(net, id_loader_dict, "):
+            score()  # (a RuntimeError, unlike grood's other unfitted objects)
     with pytest.raises(ValueError, match=r"id_loader_dict\['train'\], which it lacks; "
                                          r"id_loader_dict holds \['test', 'val'\]"):
         post.setup(net, {"val": _loader(30, 1), "test": _loader(30, 2)}, {})
-    x, y = _images(40, 0)
     with pytest.raises(TypeError, match=r"the loader must yield batches, got a dict "
                                         r"\(iterating it gives its keys\): pass .* \(one dict "
                                         r"batch: \[batch\]\)"):

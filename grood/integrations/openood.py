@@ -35,6 +35,7 @@ from grood._batches import check_loader
 from grood._checks import is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
+from grood.errors import NotFittedError
 from grood.extract import FeatureExtractor, split_batch
 from grood.integrations import check_grood_kwargs
 
@@ -211,7 +212,9 @@ class GROODPostprocessor(_Base):
 
     def _extractor(self, net: torch.nn.Module) -> FeatureExtractor:
         if self.detector is None:
-            raise RuntimeError("GROODPostprocessor.setup() must run before scoring")
+            raise NotFittedError("this GROODPostprocessor is not set up yet: call setup(net, "
+                                 "id_loader_dict, ood_loader_dict) before scoring (it fits "
+                                 "GROOD on id_loader_dict['train'])")
         return FeatureExtractor(net, features=self.features, progress=False)
 
     @torch.no_grad()
