@@ -25,7 +25,6 @@ from grood._batches import (
     iter_batches,
     label_count,
     peek_batch,
-    shuffles,
     warn_if_shuffled,
 )
 from grood._checks import (
@@ -59,7 +58,13 @@ from grood.errors import NotFittedError
 from grood.functional import check_precision
 from grood.index import ExactIndex, check_index_options, check_search_result, index_class
 from grood.model import ModelFrontEnd
-from grood.neighbours import Neighbours, check_within_index, result_dtype, search_all
+from grood.neighbours import (
+    Neighbours,
+    check_within_index,
+    order_record,
+    result_dtype,
+    search_all,
+)
 from grood.persistence import Placement
 from grood.prototypes import OODPrototypeSource, resolve_source
 
@@ -252,7 +257,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
 
         fitted, grads = fit_passes(self, source, inputs, passes, n_classes=n_classes, d=d,
                                    device=device, dtype=compute_dtype(first[0].dtype))
-        fitted.extractor = extractor if extractor is not None else order_record(batches)
+        fitted.extractor = extractor if extractor is not None else order_record(batches) or None
         self._set_fitted(fitted, grads)
         return self
 
@@ -422,15 +427,6 @@ def score_stream(det: GROOD, batches: Iterable[ArrayLike]
             result = det._score_and_predict(batch, allow_empty=True)
         if own:
             yield result
-
-
-def order_record(batches: Any) -> dict[str, str] | None:
-    """``fit_batches``' record (``extractor_``) of batches from a loader that shuffles, whose
-    order the training-row numbers follow and no later pass repeats (``kneighbors`` warns
-    that its rows name no sample); None for batches in a fixed order."""
-    from grood.neighbours import SHUFFLED
-
-    return dict(SHUFFLED) if shuffles(batches) else None
 
 
 def batch_features(batch: Any) -> Any:

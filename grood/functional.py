@@ -46,6 +46,7 @@ from grood_kernels.contract import (  # shared with the kernels, re-exported her
     ncp_scale,
     pow2_scale,
 )
+from grood_kernels.contract import check_precision as _check_mode
 
 #: Names other libraries give the precision modes (torch's
 #: ``set_float32_matmul_precision("highest")``, dtype names), for the error that refuses them.
@@ -54,13 +55,15 @@ PRECISION_ALIASES = {"fp32": "ieee", "float32": "ieee", "float": "ieee", "highes
 
 
 def check_precision(precision: str) -> None:
-    """Raise a clear error for an unknown precision mode (as the kernels' contract does),
-    naming the mode meant where another name for one, or one in capitals, is given."""
-    if precision not in PRECISIONS:
+    """The kernels' contract's check of a precision mode, its error naming the mode meant
+    where another name for one, or one in capitals, is given."""
+    try:
+        _check_mode(precision)
+    except ValueError as exc:
         key = precision.lower() if isinstance(precision, str) else ""
         meant = key if key in PRECISIONS else PRECISION_ALIASES.get(key)
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}" + (
-            f" (for {precision!r} pass {meant!r})" if meant else ""))
+        raise ValueError(f"{exc}" + (f" (for {precision!r} pass {meant!r})" if meant else "")
+                         ) from None
 
 
 __all__ = [

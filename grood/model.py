@@ -57,9 +57,8 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     Returns:
         GROOD: ``det``, fitted.
     """
-    from grood._batches import shuffles
     from grood.extract import FeatureExtractor
-    from grood.neighbours import SHUFFLED
+    from grood.neighbours import order_record
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
@@ -101,8 +100,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     # The extractor reports progress (it knows the loader's length); the fit adds no bar.
     # A shuffling loader does not repeat its order: kneighbors warns that its rows name no sample.
     det._fit_stream(training_batches, inputs, None, "fit_model()",
-                    extractor={"features": features,
-                               **(SHUFFLED if shuffles(train_loader) else {})},
+                    extractor={"features": features, **order_record(train_loader)},
                     bar=False)
     if prints is not None:  # the loader's rows, where the fit saw their mean alone
         det.ood_fingerprints_ = prints

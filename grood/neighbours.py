@@ -47,6 +47,14 @@ class Neighbours:
 SHUFFLED = {"row_order": "shuffled"}
 
 
+def order_record(loader: Any) -> dict[str, str]:
+    """The fit's record of its training loader's order: :data:`SHUFFLED` for a loader that
+    shuffles (its training-row numbers then name no sample), empty otherwise."""
+    from grood._batches import shuffles
+
+    return dict(SHUFFLED) if shuffles(loader) else {}
+
+
 def rows_shuffled(extractor: dict | None) -> bool:
     """Whether the fit's record (a detector's ``extractor_``, a file's
     ``state.extractor``) says its loader shuffled: its row numbers name no dataset sample."""

@@ -101,16 +101,21 @@ def figure_class() -> Any:
     return Figure
 
 
+def _image_suffixes() -> tuple[str, ...]:
+    """The file suffixes of the image formats matplotlib writes, ``.png`` first (the example
+    in the errors)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = [f".{f}" for f in FigureCanvasBase.get_supported_filetypes()]
+    return tuple(sorted(formats, key=lambda f: f != ".png"))
+
+
 def _target(path: str | os.PathLike) -> Path:
     """``path`` checked before anything is drawn: a format matplotlib writes (PNG without a
     suffix) and a folder that exists and can be written to."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     from grood.persistence import save_target
 
-    formats = [f".{f}" for f in FigureCanvasBase.get_supported_filetypes()]
-    formats.sort(key=lambda f: f != ".png")  # (the example in the error)
-    save_target(path, suffixes=tuple(formats) if Path(path).suffix else None,
+    save_target(path, suffixes=_image_suffixes() if Path(path).suffix else None,
                 what="pictures")
     return Path(path)
 
@@ -124,14 +129,11 @@ def plot_folder(folder: str | os.PathLike, names: tuple[str, ...], what: str,
     from grood.persistence import save_target
 
     figure_class()  # a missing extra is named first
-    from matplotlib.backend_bases import FigureCanvasBase
-
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "
                          f"{folder} is a file")
-    if not out.exists() and out.suffix.lower().lstrip(".") in \
-            FigureCanvasBase.get_supported_filetypes():
+    if not out.exists() and out.suffix.lower() in _image_suffixes():
         raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "
                          f"{folder} names an image file: give the folder to draw into, "
                          f"e.g. {out.parent / out.stem}")
