@@ -42,16 +42,38 @@ def dict_batch_hint(batch: Mapping, example: str) -> str:
             + example.format(*picks))
 
 
+def _samplers(loader: Any) -> tuple[Any, Any]:
+    """``loader``'s sampler and its batch sampler's (either may be None)."""
+    return (getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+
+
+def _distributed_shuffle(sampler: Any) -> bool:
+    """Whether ``sampler`` is a ``DistributedSampler`` that permutes the samples
+    (``shuffle=True``, its default)."""
+    from torch.utils.data import DistributedSampler
+
+    return isinstance(sampler, DistributedSampler) and bool(getattr(sampler, "shuffle", False))
+
+
 def shuffles(loader: Any) -> bool:
-    """Whether ``loader`` (a ``DataLoader``) draws a new order of its samples on each pass:
-    a ``RandomSampler``, ``SubsetRandomSampler`` or ``WeightedRandomSampler``, its own or
-    under its batch sampler."""
+    """Whether ``loader`` (a ``DataLoader``) reads its samples in an order drawn at random: a
+    ``RandomSampler``, ``SubsetRandomSampler``, ``WeightedRandomSampler`` or a
+    ``DistributedSampler`` with ``shuffle=True`` (its default), its own or under its batch
+    sampler."""
     from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-    samplers = (getattr(loader, "sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None))
     return any(isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
-               for s in samplers)
+               or _distributed_shuffle(s) for s in _samplers(loader))
+
+
+def shuffle_advice(loader: Any) -> str:
+    """How to read ``loader`` in a fixed order: ``shuffle=False`` on the loader, or on its
+    ``DistributedSampler`` (whose default is to shuffle)."""
+    if any(_distributed_shuffle(s) for s in _samplers(loader)):
+        return ("give its DistributedSampler shuffle=False (its default is True; each rank "
+                "then reads the samples rank, rank + world_size, ... in order)")
+    return "give it a loader with shuffle=False"
 
 
 def warn_if_shuffled(loader: Any, method: str) -> None:
@@ -60,8 +82,8 @@ def warn_if_shuffled(loader: Any, method: str) -> None:
     if shuffles(loader):
         warnings.warn(
             f"{method} reads a loader that shuffles: its results come in the order of this "
-            "pass, which the loader does not repeat, so they cannot be matched to the "
-            "dataset's samples or labels; give it a loader with shuffle=False",
+            "pass, drawn at random, so they cannot be matched to the dataset's samples or "
+            f"labels; {shuffle_advice(loader)}",
             UserWarning, stacklevel=user_stacklevel())
 
 

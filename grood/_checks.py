@@ -211,10 +211,10 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
     an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from."""
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must hold integer class ids, got dtype "
-                        f"{str(y.dtype).removeprefix('torch.')}{_labels_hint(y, name)}")
+                        f"{str(y.dtype).removeprefix('torch.')}{labels_hint(y, name)}")
     if y.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}"
-                         f"{_labels_hint(y, name)}")
+                         f"{labels_hint(y, name)}")
     if y.shape[0] != n_rows:
         raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
     if n_rows == 0:
@@ -232,9 +232,15 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
                          + (f" ({n_classes_from})" if n_classes_from else ""))
 
 
-def _labels_hint(y: Tensor, name: str) -> str:
-    """How to make class ids of 2-D labels: a column of ids, or one-hot / soft targets (a
-    mixup loader's) [N, C]."""
+def labels_hint(y: Tensor, name: str) -> str:
+    """How to make class ids of 2-D labels (a column of ids, or one-hot / soft targets [N, C]
+    of a mixup loader), or of whole numbers stored as floats (a CSV column, a pandas frame)."""
+    if y.ndim == 1 and y.is_floating_point() and y.numel():
+        whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
+        if whole and int(y.min()) >= 0:
+            return (f"; its values are whole numbers: pass them as integers, "
+                    f"{name}.astype(np.int64) (numpy) or {name}.long() (torch)")
+        return ""
     if y.ndim != 2:
         return ""
     if y.shape[1] == 1:

@@ -30,6 +30,7 @@ from grood._checks import (
     check_not_tracked,
     check_positive_int,
     compute_dtype,
+    labels_hint,
 )
 from grood_kernels.contract import (  # shared with the kernels, re-exported here
     NCP_CANDIDATES,
@@ -364,7 +365,8 @@ def class_prototypes(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         # .to(int64) would truncate 1.7 to class 1, and read booleans as classes 0 and 1
         raise TypeError(f"labels must hold integer class ids, got "
-                        f"{str(labels.dtype).removeprefix('torch.')}")
+                        f"{str(labels.dtype).removeprefix('torch.')}"
+                        f"{labels_hint(labels, 'labels')}")
     num_classes = check_positive_int(num_classes, "num_classes")
     labels = labels.to(device=features.device, dtype=torch.int64)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):

@@ -198,7 +198,7 @@ def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
     order names no sample, and scores matched to the dataset's labels were wrong, silently.
     Each warns, at the caller's line; calibrate_model (a quantile) and an unshuffled loader
     do not. fit_batches on such a loader is recorded, as fit_model's is."""
-    from torch.utils.data import WeightedRandomSampler
+    from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
     x, y = _images()
     model = small_cnn()
@@ -225,6 +225,15 @@ def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
                                   sampler=WeightedRandomSampler(torch.ones(20), 20))
             with pytest.warns(UserWarning, match=said):
                 call(weighted)
+            # A DistributedSampler shuffles unless told not to (its default is shuffle=True).
+            ds = TensorDataset(held_out)
+            with pytest.warns(UserWarning, match="give its DistributedSampler shuffle=False"):
+                call(DataLoader(ds, batch_size=8,
+                                sampler=DistributedSampler(ds, num_replicas=2, rank=0)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                call(DataLoader(ds, batch_size=8, sampler=DistributedSampler(
+                    ds, num_replicas=2, rank=1, shuffle=False)))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             call(plain)

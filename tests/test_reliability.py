@@ -883,6 +883,25 @@ def test_unsigned_numpy_labels_are_class_ids(dtype):
             GROOD().fit(x, np.full(80, 2**64 - 1, np.uint64))
 
 
+def test_whole_number_float_labels_are_refused_with_how_to_pass_them():
+    """Class ids stored as floats (a CSV column, a pandas frame) were refused with the dtype
+    alone; where every value is a whole number >= 0 the message says how to pass them as ids.
+    Fractions, negative values and NaN get no such advice (no cast would make them ids)."""
+    from grood.functional import class_prototypes
+
+    x, y = clustered_features(40, 3, 4, seed=1, dtype=torch.float32)
+    advice = "its values are whole numbers: pass them as integers"
+    for labels in (y.numpy().astype(np.float64), y.float()):
+        with pytest.raises(TypeError, match=advice):
+            GROOD().fit(x, labels)
+        with pytest.raises(TypeError, match=advice):
+            class_prototypes(x, torch.as_tensor(labels), 3)
+    for labels in (y.double() + 0.5, y.double() - 1, torch.full((40,), float("nan"))):
+        with pytest.raises(TypeError, match="must hold integer class ids") as caught:
+            GROOD().fit(x, labels)
+        assert "whole numbers" not in str(caught.value)
+
+
 def test_flags_must_be_booleans(tmp_path):
     """progress="no" counted as true (bars shown), distributed="no" asked for a process
     group; numpy booleans are fine."""
