@@ -157,6 +157,35 @@ WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64")
                       if hasattr(torch, n))
 
 
+def _literal_tilde(path: str | os.PathLike) -> str | None:
+    """``path`` as text where it starts with a ``~`` folder that does not exist (a home
+    folder written for the shell, which Python does not expand); None otherwise."""
+    text = os.fspath(path)
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text
+    head = text.split(os.sep, 1)[0]
+    return text if head.startswith("~") and not os.path.exists(head) else None
+
+
+def path_hint(path: str | os.PathLike) -> str:
+    """Why a path given for a file may not name one: a leading ``~`` is not expanded (as
+    numpy, torch and safetensors do not expand it either), or it names a folder."""
+    text = _literal_tilde(path)
+    if text is not None:
+        return (f" ('~' is not expanded: pass os.path.expanduser({text!r}); on a command line "
+                "leave it unquoted, and not after an '=')")
+    if os.path.isdir(path):
+        return " (that is a folder: name the file in it)"
+    return ""
+
+
+def check_new_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse to make a folder under a leading ``~`` that does not exist: it would be made
+    in the working directory as a folder named ``~``, not in the home folder."""
+    if _literal_tilde(folder) is not None:
+        raise ValueError(f"{what}: {os.fspath(folder)!s} would be made in the working "
+                         f"directory, in a folder named '~'{path_hint(folder)}")
+
+
 def as_labels(labels: Any, name: str = "labels") -> Tensor:
     """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
     (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold; class names

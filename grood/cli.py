@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from grood import __version__
-from grood._checks import fraction_arg, positive_int_arg, prefixed_errors
+from grood._checks import fraction_arg, path_hint, positive_int_arg, prefixed_errors
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
 
@@ -98,7 +98,7 @@ def _require_files(files: dict[str, str | None]) -> None:
     scored."""
     for what, path in files.items():
         if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"no {what} at {path}")
+            raise FileNotFoundError(f"no {what} at {path}{path_hint(path)}")
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
+from grood._checks import check_new_folder
 from grood._progress import progress
 from grood.errors import require
 from grood.extract import FeatureExtractor
@@ -159,6 +160,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
+    check_new_folder(cfg.out, "the demo's output folder")  # before minutes of training
     # Both optional dependencies are checked before minutes of training, not after.
     require("sklearn.datasets", extra="demo", purpose="the demo's data (scikit-learn's digits)")
     require("matplotlib", extra="demo", purpose="the demo's ROC and histogram plots")

@@ -118,7 +118,7 @@ class Evaluation:
         needs matplotlib (``grood[plots]``). Returns the files written."""
         from grood.report import plot_differences, plot_folder, plot_histograms, plot_roc
 
-        out = plot_folder(folder, PLOT_FILES[:3 if self.differences else 2], "plot")
+        out = plot_folder(folder, PLOT_FILES[:3 if self.differences else 2], "plot()")
         marks = (None if self.threshold is None or self.threshold_tpr is None
                  else {"GROOD": (self.threshold, self.threshold_tpr)})
         names = [label for label, members in self.layout if not members]

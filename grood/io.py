@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from grood._checks import path_hint
+
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 KEYS = ("features", "labels", "logits")
 #: How to write a feature file, for the errors that find one lacking.
@@ -39,7 +41,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     """Read a feature file (see the module docstring for the formats)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no feature file at {path}")
+        raise FileNotFoundError(f"no feature file at {path}{path_hint(path)}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")

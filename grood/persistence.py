@@ -27,7 +27,14 @@ from torch import Tensor
 
 from grood import distributed as dist
 from grood import ops
-from grood._checks import FLOAT_DTYPES, check_device, check_positive_int, is_count, ordinary
+from grood._checks import (
+    FLOAT_DTYPES,
+    check_device,
+    check_positive_int,
+    is_count,
+    ordinary,
+    path_hint,
+)
 from grood._fit import FittedState
 from grood._version import __version__
 from grood.calibration import check_calibration
@@ -163,7 +170,8 @@ def save_target(path: str | os.PathLike, *,
         raise ValueError(f"refusing to replace {target}: it exists and is not a regular file")
     folder = target.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")
+        raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist"
+                                f"{path_hint(path)}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save to {path}: the folder {folder} is not writable")
     return target
@@ -561,7 +569,7 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"no detector file at {path}")
+        raise FileNotFoundError(f"no detector file at {path}{path_hint(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -692,7 +700,7 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
     checking every tensor and digest as loading does (one shard at a time; no index built)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no detector file at {path}")
+        raise FileNotFoundError(f"no detector file at {path}{path_hint(path)}")
     sharded = _starts_with(path, b"{")
     manifest = _read_manifest(path) if sharded else None
     listed = (_manifest_shards(path, verify=check, manifest=manifest) if sharded
@@ -744,7 +752,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, s
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"no detector file at {path}")
+        raise FileNotFoundError(f"no detector file at {path}{path_hint(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from grood._checks import check_new_folder
 from grood.errors import require
 from grood.metrics import as_score_array, roc_curve, trapezoid
 
@@ -137,6 +138,7 @@ def plot_folder(folder: str | os.PathLike, names: tuple[str, ...], what: str,
         raise ValueError(f"{what} takes a folder (it draws {', '.join(names)} there); "
                          f"{folder} names an image file: give the folder to draw into, "
                          f"e.g. {out.parent / out.stem}")
+    check_new_folder(out, what)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         save_target(out / name, suffixes=(".png",), what="plots", inputs=inputs)

@@ -139,7 +139,7 @@ def test_evaluate_applies_the_threshold_and_draws_the_pictures(fitted, tmp_path)
     assert all(p.stat().st_size > 0 for p in written)
     # A file, or an image's name, where the folder belongs: refused before anything is drawn
     # (a file gave "[Errno 17] File exists"; "roc.png" became a folder holding roc.png).
-    with pytest.raises(ValueError, match=r"^plot takes a folder \(it draws roc.png, "
+    with pytest.raises(ValueError, match=r"^plot\(\) takes a folder \(it draws roc.png, "
                                          r"histograms.png, differences.png there\); .*roc.png "
                                          r"is a file$"):
         ev.plot(written[0])

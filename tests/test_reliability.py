@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,55 @@ def test_save_names_and_folders_are_checked_first(fitted, tmp_path):
         det.save(tmp_path / "missing" / "det.safetensors")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         GROOD.load(tmp_path)
+
+
+def test_a_path_under_a_literal_tilde_is_named_not_made(fitted, tmp_path, monkeypatch, capsys):
+    """Python expands no leading '~' (numpy, torch and safetensors neither): a detector saved to
+    "~/d.safetensors" failed on "the folder <cwd>/~ does not exist", a plot folder
+    "~/plots" (or --plots=~/plots, where the shell does not expand it) was made as a folder
+    named '~' in the working directory. Each names the '~' and how to expand it; an existing
+    folder named '~' is still used as given."""
+    from grood import evaluate
+    from grood.io import load_features
+
+    det, x = fitted
+    monkeypatch.chdir(tmp_path)
+    said = r"'~' is not expanded: pass os.path.expanduser\('~/"
+    with pytest.raises(FileNotFoundError, match=said):
+        det.save("~/d.safetensors")
+    with pytest.raises(FileNotFoundError, match=said):
+        GROOD.load("~/d.safetensors")
+    with pytest.raises(FileNotFoundError, match=said):
+        load_features("~/x.npz")
+    plots = importlib.util.find_spec("matplotlib") is not None  # (grood[plots])
+    result = evaluate(det, x[:40] + 0.01, {"shifted": x[40:80] + 3.0})
+    if plots:
+        with pytest.raises(ValueError, match=r"^plot\(\): ~/plots would be made in the "
+                                             r"working directory, in a folder named '~'"):
+            result.plot("~/plots")
+    det.save("d.safetensors")
+    np.save("x.npy", x.numpy())
+    if plots:
+        assert main(["eval", "d.safetensors", "--id", "x.npy", "--ood", "x.npy",
+                     "--plots=~/plots"]) == 2
+        assert "--plots: ~/plots would be made" in capsys.readouterr().err
+    assert main(["score", "~/d.safetensors", "x.npy", "-o", "s.npy"]) == 2
+    assert "'~' is not expanded" in capsys.readouterr().err
+    from grood.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=r"^the demo's output folder: ~/demo would be made"):
+        run_demo(DemoConfig(out=Path("~/demo")))  # refused before any training
+    assert not os.path.exists("~") and not os.path.exists("s.npy")
+    # A folder given where a feature file belongs is named as one.
+    with pytest.raises(FileNotFoundError, match=r"that is a folder: name the file in it"):
+        load_features(tmp_path)
+    # A folder really named '~' is used as given.
+    os.mkdir("~")
+    det.save("~/d.safetensors")
+    assert torch.equal(GROOD.load("~/d.safetensors").score_samples(x), det.score_samples(x))
+    if plots:
+        result.plot("~/plots")
+        assert os.path.isfile("~/plots/roc.png")
 
 
 def test_cli_fit_checks_the_output_before_fitting(tmp_path, capsys):
