@@ -173,6 +173,7 @@ def test_cli_demo_without_scikit_learn_names_the_extra(tmp_path):
 
 
 def test_scikit_learn_clone_and_params():
+    pytest.importorskip("sklearn")
     from sklearn.base import clone
 
     det = GROOD(k=3, index_options={"storage": "bf16"})
@@ -220,6 +221,7 @@ def test_ood_sources_take_part_in_scikit_learn_parameters():
     the constructor checks them) and cloned. Before, ``set_params(ood_prototype__lam=...)``
     and a grid search over it failed with AttributeError, and cloning a UniformNoise source
     was refused by scikit-learn (its constructor normalises its ranges)."""
+    pytest.importorskip("sklearn")
     from sklearn.base import clone
     from sklearn.model_selection import ParameterGrid
 

@@ -71,6 +71,7 @@ def test_score_image_folder_checks_its_flags(tmp_path, flags, message):
     """A two-value mean on a grayscale image made two channels of it; --std alone was ignored
     and --mean alone failed dividing by None; --batch-size 0 failed inside torch's DataLoader.
     Refused before anything is read."""
+    pytest.importorskip("PIL")  # the example reads images with Pillow (grood[images])
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--model-def", "m.py:M",
                            "--checkpoint", "m.pt", "--detector", "d.safetensors", *flags],
                           capture_output=True, text=True, timeout=120)
