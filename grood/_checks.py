@@ -157,6 +157,19 @@ WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64")
                       if hasattr(torch, n))
 
 
+def did_you_mean(names: Any, choices: Any) -> str:
+    """`` (did you mean 'nprobe'?)`` for each of ``names`` (one, or several) close to one of
+    ``choices`` (a misspelling), or "" where none is."""
+    import difflib
+
+    names = [names] if isinstance(names, str) else list(names)
+    pairs = [(name, difflib.get_close_matches(str(name), [str(c) for c in choices], n=1,
+                                              cutoff=0.7)) for name in names]
+    close = [f"{match[0]!r} for {name!r}" if len(names) > 1 else repr(match[0])
+             for name, match in pairs if match]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _literal_tilde(path: str | os.PathLike) -> str | None:
     """``path`` as text where it starts with a ``~`` folder that does not exist (a home
     folder written for the shell, which Python does not expand); None otherwise."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
+from grood._checks import did_you_mean
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -58,8 +60,8 @@ class Parameters:
         for key, value in params.items():
             name, _, sub = key.partition("__")
             if name not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {name!r}; "
-                                 f"valid: {', '.join(valid)}")
+                raise ValueError(f"{type(self).__name__} has no parameter {name!r}"
+                                 f"{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
             if sub:
                 nested.setdefault(name, {})[sub] = value
             else:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from grood import ops
-from grood._checks import check_finite_rows, check_positive_int, user_stacklevel
+from grood._checks import check_finite_rows, check_positive_int, did_you_mean, user_stacklevel
 from grood.functional import database_sq_norms_of
 
 
@@ -79,7 +79,8 @@ class GradientIndex(ABC):
             takes = ("no index_options" if not names else f"index_options {names[0]}"
                      if len(names) == 1 else
                      f"index_options {', '.join(names[:-1])} and {names[-1]}")
-            raise ValueError(f"index={cls.kind!r} takes {takes}, not {sorted(unknown)}")
+            raise ValueError(f"index={cls.kind!r} takes {takes}, not {sorted(unknown)}"
+                             f"{did_you_mean(sorted(unknown), names)}")
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from grood._checks import as_tensor, batches, check_finite_rows, check_matrix
+from grood._checks import as_tensor, batches, check_finite_rows, check_matrix, did_you_mean
 from grood._params import init_parameters
 
 
@@ -109,7 +109,8 @@ class OODPrototypeSource(ABC):
                             "in params(), so it cannot be rebuilt with new arguments")
         unknown = sorted(set(params) - set(current))
         if unknown:
-            raise ValueError(f"{type(self).__name__} has no parameter {unknown[0]!r}; valid: "
+            raise ValueError(f"{type(self).__name__} has no parameter {unknown[0]!r}"
+                             f"{did_you_mean(unknown[0], current)}; valid: "
                              f"{', '.join(current) or 'none'}")
         self.__dict__.update(type(self)(**{**current, **params}).__dict__)
         return self

@@ -216,6 +216,19 @@ def test_estimators_are_steps_of_a_scikit_learn_pipeline():
     assert knn.score_samples(x[:5]).shape == (5,)
 
 
+def test_a_misspelt_parameter_is_matched_to_the_one_meant():
+    """set_params named a misspelt parameter and listed every valid one; the one it is close
+    to is named first (and nothing where none is close)."""
+    with pytest.raises(ValueError, match=r"^GROOD has no parameter 'precison' \(did you mean "
+                                         r"'precision'\?\); valid: ood_prototype, k,"):
+        GROOD().set_params(precison="tf32")
+    with pytest.raises(ValueError, match=r"Mixup has no parameter 'lamb' \(did you mean "
+                                         r"'lam'\?\); valid: layer, lam"):
+        GROOD(ood_prototype=Mixup(layer="layer2")).set_params(ood_prototype__lamb=0.2)
+    with pytest.raises(ValueError, match=r"^GROOD has no parameter 'xyz'; valid:"):
+        GROOD().set_params(xyz=1)
+
+
 def test_ood_sources_take_part_in_scikit_learn_parameters():
     """A source's arguments are ``ood_prototype__<name>`` parameters: listed, set (checked as
     the constructor checks them) and cloned. Before, ``set_params(ood_prototype__lam=...)``

@@ -259,6 +259,9 @@ def test_exact_index_options_are_checked():
         GROOD(index_options={"storage": "bf16", "exact_copy": "disk"}).fit(x, y)
     with pytest.raises(ValueError, match="takes index_options storage and exact_copy"):
         GROOD(index_options={"nprobe": 3}).fit(x, y)
+    # A misspelt name is matched to the option it is close to.
+    with pytest.raises(ValueError, match=r"not \['storge'\] \(did you mean 'storage'\?\)$"):
+        GROOD(index_options={"storge": "bf16"}).fit(x, y)
 
 
 @pytest.mark.parametrize("kind, options, message", [

@@ -119,7 +119,8 @@ def test_openood_adapter_names_a_bad_loader_dict_or_parameter_up_front():
     on its keys ("got str"), and labels of the wrong shape went into label_list unchecked."""
     net = _trained_net()
     with pytest.raises(TypeError, match=r"GROODPostprocessor got unknown parameter\(s\) "
-                                        r"batchsize; .* it takes GROOD's: backend, batch_size"):
+                                        r"batchsize \(did you mean 'batch_size'\?\); .* it takes "
+                                        r"GROOD's: backend, batch_size"):
         GROODPostprocessor(batchsize=64)
     post = GROODPostprocessor()
     x, y = _images(40, 0)
@@ -284,7 +285,8 @@ def test_pytorch_ood_adapter_names_a_bad_loader_or_parameter_up_front():
                           r"in loader\)$")):
         with pytest.raises(TypeError, match=said):
             det.fit(loader)
-    with pytest.raises(TypeError, match=r"unknown parameter\(s\) batchsize; besides encoder, "
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) batchsize \(did you mean "
+                                        r"'batch_size'\?\); besides encoder, "
                                         r"head, k, ood_prototype and precision it takes "
                                         r"GROOD's: backend, batch_size"):
         GROODDetector(nn.Identity(), batchsize=8)

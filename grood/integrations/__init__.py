@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from grood._checks import did_you_mean
+
 
 def check_grood_kwargs(kwargs: Iterable[str], owner: str, own: Sequence[str]) -> None:
     """Refuse, when an adapter is made, keyword arguments it would pass on to
@@ -18,6 +20,7 @@ def check_grood_kwargs(kwargs: Iterable[str], owner: str, own: Sequence[str]) ->
     known = set(GROOD._param_names())
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {', '.join(unknown)}; besides "
+        raise TypeError(f"{owner} got unknown parameter(s) {', '.join(unknown)}"
+                        f"{did_you_mean(unknown, known | set(own))}; besides "
                         f"{', '.join(own[:-1])} and {own[-1]} it takes GROOD's: "
                         + ", ".join(sorted(known - set(own))))
