@@ -360,8 +360,11 @@ class FeatureExtractor:
         # back, and yielded in order before it, so that every batch yields once, in order.
         widths: tuple[int | None, ...] | None = None
         held: list[tuple[Tensor | None, Tensor]] = []
-        with progress(total=total, desc=desc, unit="img", enabled=self.progress) as bar, \
-                eval_mode(self.model), torch.no_grad():
+        # Eval mode and no_grad hold while the model runs on a batch (_run), not across the
+        # yields: a generator left suspended (its consumer raised between two batches, and a
+        # traceback keeps it alive) would otherwise leave the caller without gradients and the
+        # model in eval mode.
+        with progress(total=total, desc=desc, unit="img", enabled=self.progress) as bar:
             for number, batch in enumerate(loader):
                 x, y = split_batch(batch)
                 if limit is not None and seen + x.shape[0] > limit:
@@ -402,7 +405,7 @@ class FeatureExtractor:
         """The model's outputs of the loader's batch ``number``, its own errors noted with
         where they happened."""
         try:
-            with self.capture() as captured:
+            with eval_mode(self.model), torch.no_grad(), self.capture() as captured:
                 return self._forward(x, captured)
         except Exception as exc:  # the model's own error, with where it happened
             if hasattr(exc, "add_note"):  # Python 3.11+

@@ -916,3 +916,34 @@ def test_features_that_are_the_logits_are_named(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GROOD().fit_model(model, loader, features="9:input")
+
+
+def test_an_error_between_batches_leaves_grad_mode_and_the_models_modes_alone():
+    """The extractor's pass held torch.no_grad() and the model's eval mode across each yield:
+    an error raised by grood between two batches (a NaN feature) left the generator suspended
+    inside both for as long as the traceback lived (a notebook keeps the last one), so the
+    caller's next training step ran without gradients, or in eval mode (dropout and batch norm
+    off, silently). They now hold only while the model runs on a batch."""
+    x, y = _images()
+    model = nn.Sequential(*small_cnn(), nn.Dropout(0.1))
+    det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16),
+                            features="8")
+    model.train()
+    bad = x.clone()
+    bad[20] = float("nan")  # the second batch's features hold a NaN row
+    kept = []
+    for call in (lambda: det.score_model(model, DataLoader(TensorDataset(bad), batch_size=16)),
+                 lambda: GROOD().fit_model(model, DataLoader(TensorDataset(bad, y),
+                                                             batch_size=16), features="8")):
+        with pytest.raises(ValueError, match="NaN") as caught:
+            call()
+        kept.append(caught)  # the traceback stays alive, as an interactive session keeps it
+        assert torch.is_grad_enabled()
+        assert all(m.training for m in model.modules())
+    # Within a pass, the model runs in eval mode without gradients, as before.
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training,
+                                                             torch.is_grad_enabled())))
+    det.score_model(model, DataLoader(TensorDataset(x), batch_size=16))
+    assert seen and set(seen) == {(False, False)}
+    assert model.training
