@@ -43,6 +43,14 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+def check_fitted(est: Any, who: str | None = None) -> None:
+    """Refuse a baseline (``est``, with its ``inputs``) that has not been fitted; ``who``
+    names it in the message (default: "this <class>")."""
+    if not hasattr(est, "n_features_in_"):
+        raise NotFittedError(f"{who or f'this {type(est).__name__}'} is not fitted yet: call "
+                             f"fit() on the training set's {est.inputs} first")
+
+
 class _Baseline(Parameters):
     inputs: ClassVar[str]
     name: ClassVar[str]
@@ -52,8 +60,8 @@ class _Baseline(Parameters):
         def score_samples(self, x: ArrayT, /) -> ArrayT: ...
 
     def _read(self, x: Any, *, fitting: bool = False) -> tuple[Tensor, Any]:
-        if not fitting and not hasattr(self, "n_features_in_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit()")
+        if not fitting:
+            check_fitted(self)
         # Where a baseline has them: numpy ints become ints; a temperature of 0 or NaN gave
         # NaN scores, one below 0 inverted them.
         for name, check in (("k", check_positive_int), ("batch_size", check_positive_int),

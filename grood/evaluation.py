@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from grood._checks import check_device, check_positive_int, prefixed_errors, user_stacklevel
-from grood.errors import NotFittedError
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
@@ -339,7 +338,7 @@ def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
 
 def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     """The fitted baselines by display name (``KNN (k=50)`` with its neighbour)."""
-    from grood.baselines import KNN
+    from grood.baselines import KNN, check_fitted
 
     if hasattr(baselines, "score_samples") or isinstance(baselines, (str, Mapping)) \
             or not isinstance(baselines, Iterable):
@@ -353,9 +352,7 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
         if not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
                             f"{type(est).__name__}")
-        if not hasattr(est, "n_features_in_"):  # (before any set is scored)
-            raise NotFittedError(f"the {type(est).__name__} baseline is not fitted yet: call "
-                                 f"fit() on the training set's {est.inputs} first")
+        check_fitted(est, f"the {type(est).__name__} baseline")  # (before any set is scored)
         name = f"KNN (k={est.k})" if isinstance(est, KNN) else type(est).name
         if name in out:
             raise ValueError(f"two baselines are named {name!r}: give each once")
