@@ -5,6 +5,9 @@
 classes. ``GROOD.attach(model, features="avgpool")`` gives a :class:`GROODAttached` whose
 ``forward(x)`` returns ``(logits, score, pred)`` from one forward pass of the model. With
 ``flags=True`` (a calibrated detector) both hold its threshold and also return ``is_ood``.
+Scores and flags carry no gradient: the head scores its features detached, so a model with the
+head attached runs with grad enabled (eager or compiled) and its logits backpropagate as the
+model's own do.
 
 Both hold everything as buffers (prototypes, the OOD prototype, the prototypes' squared norms
 relative to it, the exact index and its squared norms), so they follow ``.to(device)``,
@@ -234,6 +237,10 @@ class GROODHead(nn.Module):
                              f"got {tuple(features.shape)}")
         if not features.is_floating_point():  # the ops would blame their argument "h"
             raise TypeError(f"features must be floating point, got {features.dtype}")
+        # Scores are not trained through: tracked features (a model run with grad enabled)
+        # are scored detached, so neither a backward pass nor torch.compile, which traces one
+        # for outputs that require grad, reaches the ops (the logits' graph is untouched).
+        features = features.detach()
         grood_ops = torch.ops.grood
         wide = features.dtype == torch.float64  # float64 features are scored in float64
         finite = None

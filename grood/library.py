@@ -17,16 +17,20 @@ with a shape function, instead of tracing into Python that reads tensor values:
 
 Every op has a fake (meta) implementation, so shapes and dtypes propagate without running it,
 and none aliases or modifies its inputs. The ops are not differentiable (GROOD scores are not
-trained through). On a CUDA device ``ncp_gradient`` and ``knn`` read no tensor value on the
-host, on either backend, once the prototypes' power-of-two scale has been read (on the first
-call with a prototype set, then kept with it): the Triton kernels take it as an argument, and
-the torch implementations pick candidates with device-side minima, keyed ``topk`` or stable
-sorts instead of reading which rows tie (on the CPU, where a host read costs nothing, they
-take whichever is faster). So both can be captured in CUDA graphs; the GPU tests check it by
-running them with CUDA sync debugging set to error. ``knn`` with ``rerank_database`` on
-another device (host memory) moves the candidates' indices there, a synchronisation by
-nature. ``resolve_rows`` reads values by design (it raises, and redoes rows in float64), which
-is why the head's ``checks="flag"`` replaces it with device-side flags.
+trained through): each runs forward on tensors autograd tracks (a head in a model run with grad
+enabled), and a backward pass that reaches its outputs — or ``torch.compile`` tracing one —
+raises a ``ValueError`` naming the op and the fix (detached inputs). The head
+(:mod:`grood.head`) scores its features detached, so it runs eager and compiled either way. On
+a CUDA device ``ncp_gradient`` and ``knn`` read no tensor value on the host, on either backend,
+once the prototypes' power-of-two scale has been read (on the first call with a prototype set,
+then kept with it): the Triton kernels take it as an argument, and the torch implementations
+pick candidates with device-side minima, keyed ``topk`` or stable sorts instead of reading
+which rows tie (on the CPU, where a host read costs nothing, they take whichever is faster). So
+both can be captured in CUDA graphs; the GPU tests check it by running them with CUDA sync
+debugging set to error. ``knn`` with ``rerank_database`` on another device (host memory) moves
+the candidates' indices there, a synchronisation by nature. ``resolve_rows`` reads values by
+design (it raises, and redoes rows in float64), which is why the head's ``checks="flag"``
+replaces it with device-side flags.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ def _backend_for(backend: str, *tensors: Tensor) -> str:
     return "torch" if any(t.dtype == torch.float64 for t in tensors) else backend
 
 
+def _not_differentiable(op: torch.library.CustomOpDef, name: str) -> None:
+    """Register for ``op`` a backward that names the op and the fix (torch's own error names
+    neither): the op runs forward on tensors autograd tracks, and only a backward pass that
+    reaches its outputs (a score put in a loss) is refused."""
+    def backward(ctx: object, *grads: Tensor) -> None:
+        raise ValueError(f"torch.ops.grood.{name} is not differentiable (GROOD scores are not "
+                         "trained through), but a backward pass (or torch.compile, which traces "
+                         "one for outputs that require grad) reached its outputs: pass it "
+                         "detached inputs (h.detach()), or call it under torch.no_grad()")
+
+    op.register_autograd(backward)
+
+
 def _ncp_dtype(*tensors: Tensor) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -66,6 +83,9 @@ def ncp_gradient(h: Tensor, prototypes: Tensor, ood_prototype: Tensor,
                                                         backend=backend, precision=precision,
                                                         **kwargs)
     return grad, q_ood, pred, min_dist, lse
+
+
+_not_differentiable(ncp_gradient, "ncp_gradient")
 
 
 @ncp_gradient.register_fake
@@ -93,6 +113,9 @@ def resolve_rows(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Ten
     return g, q, p, m, s
 
 
+_not_differentiable(resolve_rows, "resolve_rows")
+
+
 @resolve_rows.register_fake
 def _(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Tensor, q_ood: Tensor,
       pred: Tensor, min_dist: Tensor, lse: Tensor) -> _NCP:
@@ -113,6 +136,9 @@ def knn(queries: Tensor, database: Tensor, k: int, precision: str = "ieee",
     backend = _backend_for(backend, queries, database,
                            *(t for t in (rerank_database,) if t is not None))
     return ops.knn(queries, database, k, backend=backend, precision=precision, **kwargs)
+
+
+_not_differentiable(knn, "knn")
 
 
 @knn.register_fake

@@ -104,6 +104,27 @@ def test_resolve_rows_refuses_nan_and_recomputes_far_rows():
     assert torch.equal(fixed[2], ref.pred)
 
 
+@pytest.mark.parametrize("tracked", ["h", "prototypes"])
+def test_ops_run_on_tracked_inputs_and_refuse_a_backward_pass_by_name(tracked):
+    """The ops are not differentiable: they run forward on tensors autograd tracks, and a
+    backward pass through their outputs raises grood's error naming the op and the fix (it was
+    torch's "no autograd formula was registered", which suggests writing one)."""
+    h, protos, p_ood = _data()
+    res = OPS.ncp_gradient(h, protos, p_ood)
+    calls = {"ncp_gradient": lambda a, b: OPS.ncp_gradient(a, b, p_ood),
+             "resolve_rows": lambda a, b: OPS.resolve_rows(a, b, p_ood, *res),
+             "knn": lambda a, b: OPS.knn(a, b, 2)}
+    for name, call in calls.items():
+        want = call(h, protos)
+        a, b = ((h.clone().requires_grad_(True), protos) if tracked == "h"
+                else (h, protos.clone().requires_grad_(True)))
+        got = call(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+        with pytest.raises(ValueError, match=rf"torch\.ops\.grood\.{name} is not "
+                                             r"differentiable .* under torch\.no_grad\(\)"):
+            got[0].sum().backward()
+
+
 @pytest.fixture(scope="module")
 def fitted():
     x, y = clustered_features(240, 4, 12, seed=5, dtype=torch.float32)
@@ -524,6 +545,25 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
                                          r"features='avgpool'") as caught:
         det.attach(net, features="body")
     assert caught[0].filename == __file__  # the caller's line
+
+
+def test_an_attached_model_runs_with_grad_enabled_eager_and_compiled(cnn):
+    """With grad enabled (a saliency map, an input-gradient attack) an attached model scores
+    its features detached: eager and compiled, its logits backpropagate as the model's own do,
+    and its scores are the detector's and carry no gradient (compiled, it failed: torch.compile
+    traced a backward pass through the ops)."""
+    net, det, images = cnn
+    attached = det.attach(net, features="avgpool")
+    want_s, want_p = det.score_model(net, [images])
+    x = images[:12].clone().requires_grad_(True)
+    (want_x,) = torch.autograd.grad(net(x)[:, 0].sum(), x)
+    for run in (attached, torch.compile(attached, fullgraph=True)):
+        logits, score, pred = run(x)
+        assert logits.requires_grad and not score.requires_grad and not pred.requires_grad
+        torch.testing.assert_close(score, want_s[:12], rtol=1e-6, atol=1e-6)
+        assert torch.equal(pred, want_p[:12])
+        (grad_x,) = torch.autograd.grad(logits[:, 0].sum(), x)
+        torch.testing.assert_close(grad_x, want_x, rtol=1e-6, atol=1e-7)
 
 
 class DictOutputNet(SmallCNN):
