@@ -203,7 +203,8 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
     """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
     (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold; class names
     (strings) are refused with how to number them."""
-    if isinstance(labels, (np.ndarray, list, tuple)):
+    if isinstance(labels, (np.ndarray, list, tuple)) or (
+            hasattr(labels, "__array__") and not isinstance(labels, Tensor)):  # (pandas)
         _check_not_names(labels, name)
     y, _ = as_tensor(labels, name)
     if y.dtype == getattr(torch, "uint64", None):  # torch reduces no uint64: read the bits
@@ -231,7 +232,7 @@ def text_values(values: Any, width: int) -> tuple[np.ndarray, str] | None:
     return arr, shown if len(shown) <= width else shown[:width - 3] + "..."
 
 
-def _check_not_names(labels: np.ndarray | list | tuple, name: str) -> None:
+def _check_not_names(labels: Any, name: str) -> None:
     """Refuse class names (strings, as scikit-learn's estimators take them) where class ids
     0..C-1 belong, saying how to number them."""
     text = text_values(labels, 80)
@@ -239,7 +240,9 @@ def _check_not_names(labels: np.ndarray | list | tuple, name: str) -> None:
         return
     arr, shown = text
     # Ids written as text (a CSV column): np.unique would number '10' before '2'.
-    if arr.dtype != object and bool(np.char.isdigit(arr).all()):
+    flat = arr.reshape(-1)
+    if (bool(np.char.isdigit(arr).all()) if arr.dtype != object  # (a pandas column: objects)
+            else all(isinstance(v, str) and v.isdigit() for v in flat)):
         raise TypeError(f"{name} holds class ids as text ({shown}): read them as numbers, "
                         f"{name}.astype(int)")
     raise TypeError(f"{name} holds class names ({shown}), not integer class ids 0..C-1: "

@@ -840,6 +840,37 @@ def test_arrays_in_any_numpy_layout_score_as_the_plain_array(tmp_path):
         GROOD().fit(x, y.numpy().astype(str))
 
 
+class _Column:
+    """An array-like of Python objects, as a pandas column of strings (or a Categorical)
+    gives to np.asarray."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self.values, dtype=object)
+
+
+def test_labels_as_text_in_an_array_like_column_are_named():
+    """A pandas column of class names or of ids as text (dtype object) gets the same advice as
+    a numpy array of strings (it was "must be a numeric array, got an array of Python
+    objects"); so does a numpy object array of ids as text (it was called class names)."""
+    x, y = clustered_features(60, 3, 5, seed=2, dtype=torch.float32)
+    names = np.array(["cat", "dog", "emu"])[y.numpy()]
+    with pytest.raises(TypeError, match=r"labels holds class names \('\w{3}', '\w{3}', '\w{3}'\), "
+                                        r"not integer class ids 0..C-1: number them, e\.g\. "
+                                        r"names, ids = np\.unique\(labels, return_inverse"):
+        GROOD().fit(x, _Column(names.tolist()))
+    ids_as_text = [str(v) for v in y.tolist()]
+    for labels in (_Column(ids_as_text), np.array(ids_as_text, dtype=object)):
+        with pytest.raises(TypeError, match=r"labels holds class ids as text \('\d', '\d', "
+                                            r"'\d'\): read them as numbers"):
+            GROOD().fit(x, labels)
+    with pytest.raises(TypeError, match="labels must be a numeric array, got an array of "
+                                        "Python objects"):
+        GROOD().fit(x, _Column(y.tolist()))
+
+
 def test_numpy_and_torch_integer_parameters(tmp_path):
     """k, batch_size and integer index options from a config or an array (numpy or 0-d torch
     integers) work like Python ints (a saved file holds JSON ints); booleans, floats and
