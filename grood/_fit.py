@@ -219,6 +219,40 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
             "features that class's rows?", UserWarning, stacklevel=user_stacklevel())
 
 
+#: The share of the indexed gradients whose norm may lie below the square root of the compute
+#: dtype's smallest normal number before the fit warns (:func:`check_gradients_resolved`).
+TINY_GRADIENT_SHARE = 0.01
+
+
+def tiny_gradient_norm(dtype: torch.dtype) -> float:
+    """The gradient norm (q_ood) below which squared distances between such gradients fall
+    under ``dtype``'s smallest normal number: 2**-63 (about 1.1e-19) in float32, 2**-511 in
+    float64."""
+    return float(torch.finfo(dtype).tiny) ** 0.5
+
+
+def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> None:
+    """Warn where many indexed gradients are too small for the compute dtype's squared
+    distances: g = q_ood * (h - p_o) / ||h - p_o||, and q_ood, the OOD prototype's softmax
+    share, falls like exp(-distance) as classes lie farther apart than they are wide. Scores
+    of samples near such gradients (squared distances below ``dtype``'s smallest normal
+    number) lose precision and then tie at 0, whatever their true order: tight, well
+    separated float32 features fall from a float64 AUROC of 0.99 to 0.5 without a sign."""
+    if total and n_tiny >= TINY_GRADIENT_SHARE * total:
+        name = str(dtype).removeprefix("torch.")
+        limit = tiny_gradient_norm(dtype)
+        fix = ("fit and score float64 features (tensor.double(), array.astype(np.float64)), "
+               "which resolve them down to q_ood of about 1e-154" if dtype != torch.float64
+               else "float64 resolves no smaller ones: GROOD's scores depend on the "
+               "features' scale, and at this one they lie below float64's range")
+        warnings.warn(
+            f"{n_tiny} of the {total} indexed training gradients ({100 * n_tiny / total:.1f} "
+            f"%) have norm q_ood below {limit:.2g} (the OOD prototype's softmax share, tiny "
+            f"where classes lie far apart for their width): squared distances between them "
+            f"fall below {name}'s range, so the scores of samples like them lose precision "
+            f"or tie at 0; {fix}", UserWarning, stacklevel=user_stacklevel())
+
+
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
                n_classes: int | None, d: int, device: torch.device,
@@ -290,6 +324,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     offset, kept = 0, []  # kept: each add_where call's mask
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
+    n_tiny = torch.zeros((), dtype=torch.int64, device=device)  # indexed, norm < the limit
+    tiny = tiny_gradient_norm(compute_dtype(dtype))
     with dist.together(det.distributed, "reading its training batches (gradient index)"):
         for xb, yb, lb in passes("grood fit: gradient index"):
             if yb is None or (lb is not None) != with_logits:  # the first pass checked the rest
@@ -299,6 +335,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
             guess = res.pred if lb is None else lb.argmax(dim=1)
             kept.append(yb == guess)
             index.add_where(res.grad, kept[-1])
+            n_tiny += (kept[-1] & (res.q_ood < tiny)).sum()
             if lb is not None:
                 proto_right += (yb == res.pred).sum()
             known = (yb >= 0) & (yb < n_classes)
@@ -322,6 +359,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         check_logits_agree(total / n, by_prototype)
     check_labels_informative(total / n if by_prototype is None else by_prototype, state.counts,
                              n)
+    check_gradients_resolved(int(reduce(n_tiny)), total, compute_dtype(dtype))
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()

@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,40 @@ def test_one_far_row_is_scored_in_float64_not_failed(fitted):
     torch.testing.assert_close(scores[2].double(), ref[2], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="even in float64"):
         det.score_samples(x[:2] + 1e15)
+
+
+def _tight_classes(sep, n=200, c=5, d=16, seed=0):
+    """Classes ``sep`` from their mean and of unit spread: q_ood falls like exp(-sep)."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64))
+    y = torch.arange(n) % c
+    return sep * dirs[y] + torch.randn(n, d, generator=gen, dtype=torch.float64), y
+
+
+def test_gradients_too_small_for_the_dtype_are_warned_of():
+    """Tight classes far apart give q_ood (the indexed gradients' norm) below 2**-63: float32
+    squared distances between such gradients underflow, and every in-distribution score tied
+    at 0 where float64 ranks them (the AUROC fell from 0.99 to 0.5, silently). The fit says
+    so, with the share and the way out; beyond float64's range too, in float64."""
+    x, y = _tight_classes(100.0, n=240)
+    (x, test), y = x.split([200, 40]), y[:200]
+    with pytest.warns(UserWarning, match=r"200 of the 200 indexed training gradients "
+                                         r"\(100\.0 %\) have norm q_ood below 1\.1e-19 .* "
+                                         r"below float32's range, .* tie at 0; fit and score "
+                                         r"float64 features"):
+        det32 = GROOD(progress=False).fit(x.float(), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float64 resolves these gradients: no warning
+        det64 = GROOD(progress=False).fit(x, y)
+    assert bool((det32.score_samples(test.float()) == 0).all())  # what the warning is about
+    s64 = det64.score_samples(test)
+    assert bool((s64 < 0).all()) and len(set(s64.tolist())) == len(s64)
+    with pytest.warns(UserWarning, match=r"have norm q_ood below 1\.5e-154 .* float64 "
+                                         r"resolves no smaller ones"):
+        GROOD(progress=False).fit(x * 1e8, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # classes near for their width: no warning
+        GROOD(progress=False).fit(_tight_classes(20.0)[0].float(), y)
 
 
 def test_float64_queries_are_scored_in_float64(fitted):
