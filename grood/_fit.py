@@ -28,7 +28,7 @@ from grood._checks import (
     ordinary,
     user_stacklevel,
 )
-from grood._gradients import GradientStep
+from grood._gradients import GradientStep, tiny_gradient_norm
 from grood.functional import PrototypeState, class_prototypes
 from grood.index import GradientIndex, make_index
 from grood.prototypes import OODPrototypeSource, PrototypeContext
@@ -222,13 +222,6 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
 #: The share of the indexed gradients whose norm may lie below the square root of the compute
 #: dtype's smallest normal number before the fit warns (:func:`check_gradients_resolved`).
 TINY_GRADIENT_SHARE = 0.01
-
-
-def tiny_gradient_norm(dtype: torch.dtype) -> float:
-    """The gradient norm (q_ood) below which squared distances between such gradients fall
-    under ``dtype``'s smallest normal number: 2**-63 (about 1.1e-19) in float32, 2**-511 in
-    float64."""
-    return float(torch.finfo(dtype).tiny) ** 0.5
 
 
 def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> None:

@@ -64,6 +64,13 @@ FLOAT32_DISTANCE_LIMIT = 2.0**16
 FLOAT64_DISTANCE_LIMIT = 2.0**44
 
 
+def tiny_gradient_norm(dtype: torch.dtype) -> float:
+    """The gradient norm (q_ood) below which squared distances between such gradients fall
+    under ``dtype``'s smallest normal number: 2**-63 (about 1.1e-19) in float32, 2**-511 in
+    float64. Scores of samples near such gradients lose precision, then tie at 0."""
+    return float(torch.finfo(dtype).tiny) ** 0.5
+
+
 def resolved_rows(res: NCPGradient, limit: float | None = None) -> Tensor:
     """Rows [N] (bool, on the device; no value is read on the host) whose results are finite
     and, for float32 results, within ``FLOAT32_DISTANCE_LIMIT`` (or within ``limit`` when

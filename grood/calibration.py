@@ -22,6 +22,7 @@ import torch
 
 from grood import distributed as dist
 from grood._checks import ArrayLike, ArrayT, check_fraction, is_count, user_stacklevel
+from grood._gradients import tiny_gradient_norm
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_at_tpr
 
@@ -45,6 +46,28 @@ def training_rows_clause(zero: int, n: int, k: int) -> str | None:
     if zero <= 0.01 * n:
         return None
     return "so they score 0" if k == 1 else f"one of their k={k} neighbours"
+
+
+#: Why a row scores 0 when its own gradient is too small for its squared distances, and
+#: what resolves it (calibration's and evaluation's warnings).
+UNRESOLVED_ZEROS = ("their gradients' norm q_ood is below the square root of the dtype's "
+                    "smallest normal number, 1.1e-19 in float32: squared distances between "
+                    "such gradients fall below its range, whatever their true order")
+UNRESOLVED_FIX = "score float64 features (fitted in float64 too where the fit warned)"
+
+
+def unresolved_share(unresolved: int, n: int) -> bool:
+    """Whether more than 1 % of ``n`` scored rows scored 0 unresolved (the warning's bar,
+    as for training rows)."""
+    return unresolved > 0.01 * n
+
+
+def zero_counts(found: list) -> Tensor:
+    """``[training rows, unresolved rows]`` among the scored rows at distance 0, summed over
+    the batches' counts (one host read of them all)."""
+    if not found:
+        return torch.zeros(2, dtype=torch.int64)
+    return torch.stack(found).sum(0).cpu()
 
 
 #: Per thread, by detector (``id``): the counts :meth:`Calibration._counting_training_rows`
@@ -131,30 +154,44 @@ class Calibration:
             else:  # (a calibration inside an evaluation, say)
                 counting[id(self)] = outer
 
-    def _count_training_rows(self, dist_k: Any) -> None:
+    def _count_training_rows(self, found: tuple[Tensor, Tensor] | None,
+                             q_ood: Tensor) -> None:
         """While this thread calibrates or evaluates, count the rows of a scored batch whose
-        nearest indexed gradient (``dist_k``'s first column) is at distance 0 (a device sum,
-        read at the end)."""
-        found = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
-        if found is not None:
-            found.append((dist_k[:, 0] == 0).sum())
+        nearest indexed gradient (``found``: the search's distances and ids, None where the
+        pass searched nothing) is at distance 0: ``[training
+        rows, unresolved rows]`` (device sums, read at the end). A distance of 0 is an indexed
+        training row's, unless the row's own gradient (norm ``q_ood``) is too small for its
+        squared distances (:func:`grood._gradients.tiny_gradient_norm`): then it may be an
+        underflow, and the row is counted as unresolved."""
+        counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
+        if counts is not None and found is not None:
+            zero = found[0][:, 0] == 0
+            small = q_ood < tiny_gradient_norm(q_ood.dtype)
+            counts.append(torch.stack(((zero & ~small).sum(), (zero & small).sum())))
 
     def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Self:
         """Set the threshold from held-out ID ``scores`` (every rank's, when sharded);
         ``found``: the scoring's counts of rows equal to indexed training rows."""
         scores = torch.from_numpy(as_score_array(scores, "scores"))
-        matches = torch.stack(found).sum() if found else torch.zeros((), dtype=torch.int64)
+        counts = zero_counts(found)
         if self._sharded:
             scores = torch.cat(dist.all_gather_rows(scores))
-            matches = dist.all_reduce(matches.reshape(1))
+            counts = dist.all_reduce(counts)
         threshold = threshold_at_tpr(scores.numpy(), tpr)
-        zero, n = int(matches.sum()), scores.numel()
+        zero, unresolved, n = int(counts[0]), int(counts[1]), scores.numel()
         if threshold >= 0:
-            raise ValueError(
-                f"{int((scores == 0).sum())} of the {n} calibration rows score 0 (their "
-                f"gradients are indexed training gradients), so a threshold accepting "
-                f"tpr={tpr:g} of them would flag every new sample: calibrate on held-out "
-                "in-distribution data, not on the training set")
+            why = ("their gradients are indexed training gradients), so a threshold accepting "
+                   f"tpr={tpr:g} of them would flag every new sample: calibrate on held-out "
+                   "in-distribution data, not on the training set" if zero >= unresolved else
+                   f"{UNRESOLVED_ZEROS}), so a threshold accepting tpr={tpr:g} of them would "
+                   f"flag every new sample: {UNRESOLVED_FIX}")
+            raise ValueError(f"{int((scores == 0).sum())} of the {n} calibration rows score 0 "
+                             f"({why}")
+        if unresolved_share(unresolved, n):
+            warnings.warn(
+                f"{unresolved} of the {n} calibration rows score 0 ({UNRESOLVED_ZEROS}): "
+                f"their order is lost, and the threshold with it; {UNRESOLVED_FIX}",
+                UserWarning, stacklevel=user_stacklevel())
         held = training_rows_clause(zero, n, self.k)
         if held is not None:
             warnings.warn(

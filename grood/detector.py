@@ -340,6 +340,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                     check_finite_rows(xb, "features", row_offset=r0)
                     res = self._grads.resolved(xb, r0)
                 found = None if k is None else search(self, res.grad, k, (r0, r1), rows)
+                self._count_training_rows(found, res.q_ood)  # while calibrating
                 bar.update(r1 - r0)
                 yield r0, r1, found, res.pred
 
@@ -353,7 +354,6 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                            ) -> tuple[Any, Any]:
         x, kind = self._read(features, allow_empty, search=True)
         dists, _, preds = search_all(self, x, self.k)
-        self._count_training_rows(dists)  # while calibrating
         return kind.wrap(0.0 - dists[:, self.k - 1]), kind.wrap(preds)  # 0.0 - x: no "-0.0"
 
     def score_samples(self, features: ArrayT) -> ArrayT:

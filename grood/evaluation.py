@@ -469,15 +469,25 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
     (``found``: the scoring's counts of rows with an indexed gradient at distance 0), as
     calibrating on them warns: such rows score as the training set does, higher than new
     samples of their distribution, which inflates the metrics (an ID set) or deflates them
-    (an OOD set)."""
-    import torch
+    (an OOD set). Also one where more than 1 % score 0 because their own gradients are too
+    small for the dtype's squared distances (``found``'s second count): they tie."""
+    from grood.calibration import (
+        UNRESOLVED_FIX,
+        UNRESOLVED_ZEROS,
+        training_rows_clause,
+        unresolved_share,
+        zero_counts,
+    )
 
-    from grood.calibration import training_rows_clause
-
-    zero = int(torch.stack(found).sum()) if found else 0  # (one read of the batches' counts)
+    zero, unresolved = zero_counts(found).tolist()
+    said_unresolved = None
+    if unresolved_share(unresolved, n):
+        said_unresolved = (f"{name}: {unresolved} of its {n} rows score 0 ({UNRESOLVED_ZEROS}): "
+                           f"they tie, and the metrics lose their order; {UNRESOLVED_FIX}")
+        warnings.warn(said_unresolved, UserWarning, stacklevel=user_stacklevel())
     held = training_rows_clause(zero, n, det.k)
     if held is None:
-        return None
+        return said_unresolved
     if det.k == 1:
         held += ", the highest score"
     what = ("is it (part of) the training set? They score higher than new in-distribution "
@@ -488,7 +498,7 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
     said = (f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
             f"gradient at distance 0, {held}): {what}")
     warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
-    return said
+    return said if said_unresolved is None else f"{said_unresolved} {said}"
 
 
 def _repeated_rows(det: Any, recorded: Any, x: Any, prints: Any) -> int | None:

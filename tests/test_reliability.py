@@ -23,7 +23,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import clustered_features
 
-from grood import GROOD, DetectorFileError, Mahalanobis, persistence
+from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood.cli import main
 
 
@@ -364,6 +364,21 @@ def test_gradients_too_small_for_the_dtype_are_warned_of():
     assert bool((det32.score_samples(test.float()) == 0).all())  # what the warning is about
     s64 = det64.score_samples(test)
     assert bool((s64 < 0).all()) and len(set(s64.tolist())) == len(s64)
+    # Calibrating and evaluating name those zeros for what they are (they were called
+    # training rows: "calibrate on held-out in-distribution data, not on the training set").
+    with pytest.raises(ValueError, match=r"40 of the 40 calibration rows score 0 \(their "
+                                         r"gradients' norm q_ood is below .* 1\.1e-19 in "
+                                         r"float32.*: score float64 features"):
+        det32.calibrate(test.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert det32.calibrate(test).threshold_ < 0  # float64 queries are resolved
+    with pytest.warns(UserWarning) as caught:
+        evaluate(det32, test.float(), {"near": 0.9 * test.float()})
+    said = [str(w.message) for w in caught]
+    for name in ("the ID set", "near"):
+        assert any(re.match(rf"{name}: 40 of its 40 rows score 0 \(their gradients' norm "
+                            r"q_ood .* they tie", m) for m in said), said
     with pytest.warns(UserWarning, match=r"have norm q_ood below 1\.5e-154 .* float64 "
                                          r"resolves no smaller ones"):
         GROOD(progress=False).fit(x * 1e8, y)
