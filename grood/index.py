@@ -180,6 +180,36 @@ def _check_keep(x: Tensor, keep: Tensor) -> None:
 #: temporary a device-to-device conversion needs).
 STORAGE_CHUNK_ROWS = 65536
 
+#: How far (relative to its norm) a row's half-precision copy may lie from the row before it
+#: counts as lost: 16 times bfloat16's rounding, 128 times float16's within its normal range.
+STORED_ROW_TOLERANCE = 2.0**-5
+
+
+def stored_rows_lost(stored: Tensor, exact: Tensor) -> Tensor:
+    """Rows [M] (bool) whose half-precision copy lies farther than
+    :data:`STORED_ROW_TOLERANCE` of their norm from them: float16 keeps its relative precision
+    only above 6.1e-5 and flushes below 6e-8, and a GROOD gradient's entries are of order
+    q_ood / sqrt(D), which tight classes take far below that."""
+    wide = exact.to(torch.float32) if exact.dtype != torch.float64 else exact
+    err = torch.linalg.vector_norm(stored.to(wide.dtype) - wide, dim=1)
+    return err > STORED_ROW_TOLERANCE * torch.linalg.vector_norm(wide, dim=1)
+
+
+def warn_lost_rows(lost: int, n: int, storage: str | None) -> None:
+    """Warn where the half-precision copy the candidate search reads has lost rows: their
+    neighbours can be missed (the exact re-rank only orders the candidates found), and the
+    scores of the queries near them are wrong."""
+    if lost:
+        warnings.warn(
+            f"index_options storage={storage!r}: {lost} of the {n} indexed gradients "
+            f"({100 * lost / n:.3g} %) lose more than {100 * STORED_ROW_TOLERANCE:.3g} % of "
+            "their norm "
+            "in that copy (float16 holds its precision only above 6.1e-5, and these "
+            "gradients' entries are smaller), and the candidate search reads it: their "
+            "neighbours can be missed and the scores near them come out wrong; use "
+            "storage='bfloat16' (float32's range at the same size) or no storage",
+            UserWarning, stacklevel=user_stacklevel())
+
 #: Index classes by ``kind``; filled by :func:`register_index`.
 INDEXES: dict[str, type[GradientIndex]] = {}
 
@@ -359,9 +389,12 @@ class ExactIndex(GradientIndex):
             # not find a half-written copy (two threads that miss together both make one).
             stored = torch.empty((self._n, self.dim), dtype=self.storage, device=self.device)
             step = STORAGE_CHUNK_ROWS
+            lost = torch.zeros((), dtype=torch.int64, device=self.device)
             for m0 in range(0, self._n, step):
-                stored[m0:m0 + step] = self._buf[m0:min(m0 + step, self._n)].to(
-                    self.device, self.storage)
+                exact = self._buf[m0:min(m0 + step, self._n)].to(self.device)
+                stored[m0:m0 + step] = exact.to(self.storage)
+                lost += stored_rows_lost(stored[m0:m0 + step], exact).sum()
+            warn_lost_rows(int(lost), self._n, self._storage_name)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
             self._stored = stored
