@@ -1071,6 +1071,19 @@ def test_calibration_digits_runs_at_small_size():
     assert all(0 <= float(v) <= 100 for v in rows[0].strip("|").split("|")[1:])
 
 
+def test_score_range_tables_at_tiny_size():
+    """bench/score_range.py --tiny: the tight-class table (float32 falls to chance where the
+    indexed gradients leave its range, and the fit says so) and the storage table."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "score_range.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in out.stdout.splitlines()
+            if r.startswith("| ")}
+    assert rows["40"][-1].strip() == "no" and rows["100"][-1].strip() == "yes"
+    assert float(rows["100"][1]) == 0.5 < float(rows["100"][2])  # float32, float64 AUROC
+    assert set(rows) >= {"float16", "bfloat16"} and "storage=" not in out.stderr
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""
