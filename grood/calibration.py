@@ -158,11 +158,11 @@ class Calibration:
                              q_ood: Tensor) -> None:
         """While this thread calibrates or evaluates, count the rows of a scored batch whose
         nearest indexed gradient (``found``: the search's distances and ids, None where the
-        pass searched nothing) is at distance 0: ``[training
-        rows, unresolved rows]`` (device sums, read at the end). A distance of 0 is an indexed
-        training row's, unless the row's own gradient (norm ``q_ood``) is too small for its
-        squared distances (:func:`grood._gradients.tiny_gradient_norm`): then it may be an
-        underflow, and the row is counted as unresolved."""
+        pass searched nothing) is at distance 0, as ``[training rows, unresolved rows]``
+        (device sums, read at the end). A distance of 0 is an indexed training row's, unless
+        the row's own gradient (norm ``q_ood``) is too small for its squared distances
+        (:func:`grood._gradients.tiny_gradient_norm`): then it may be an underflow, and the
+        row is counted as unresolved."""
         counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
         if counts is not None and found is not None:
             zero = found[0][:, 0] == 0

@@ -203,9 +203,8 @@ def warn_lost_rows(lost: int, n: int, storage: str | None) -> None:
         warnings.warn(
             f"index_options storage={storage!r}: {lost} of the {n} indexed gradients "
             f"({100 * lost / n:.3g} %) lose more than {100 * STORED_ROW_TOLERANCE:.3g} % of "
-            "their norm "
-            "in that copy (float16 holds its precision only above 6.1e-5, and these "
-            "gradients' entries are smaller), and the candidate search reads it: their "
+            "their norm in that copy (float16 holds its precision only above 6.1e-5, and "
+            "these gradients' entries are smaller), and the candidate search reads it: their "
             "neighbours can be missed and the scores near them come out wrong; use "
             "storage='bfloat16' (float32's range at the same size) or no storage",
             UserWarning, stacklevel=user_stacklevel())
@@ -391,9 +390,10 @@ class ExactIndex(GradientIndex):
             step = STORAGE_CHUNK_ROWS
             lost = torch.zeros((), dtype=torch.int64, device=self.device)
             for m0 in range(0, self._n, step):
-                exact = self._buf[m0:min(m0 + step, self._n)].to(self.device)
-                stored[m0:m0 + step] = exact.to(self.storage)
-                lost += stored_rows_lost(stored[m0:m0 + step], exact).sum()
+                rows = self._buf[m0:min(m0 + step, self._n)]
+                stored[m0:m0 + step] = rows.to(self.device, self.storage)
+                if self.storage == torch.float16:  # (bfloat16 has float32's range)
+                    lost += stored_rows_lost(stored[m0:m0 + step], rows.to(self.device)).sum()
             warn_lost_rows(int(lost), self._n, self._storage_name)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
