@@ -547,6 +547,7 @@ def test_attach_gives_logits_and_the_detectors_scores_in_one_pass(cnn):
     assert caught[0].filename == __file__  # the caller's line
 
 
+@pytest.mark.slow
 def test_an_attached_model_runs_with_grad_enabled_eager_and_compiled(cnn):
     """With grad enabled (a saliency map, an input-gradient attack) an attached model scores
     its features detached: eager and compiled, its logits backpropagate as the model's own do,
