@@ -203,8 +203,8 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
     """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
     (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold; class names
     (strings) are refused with how to number them."""
-    if isinstance(labels, (np.ndarray, list, tuple)) or (
-            hasattr(labels, "__array__") and not isinstance(labels, Tensor)):  # (pandas)
+    if isinstance(labels, (list, tuple)) or (  # numpy arrays and array-likes (pandas)
+            hasattr(labels, "__array__") and not isinstance(labels, Tensor)):
         _check_not_names(labels, name)
     y, _ = as_tensor(labels, name)
     if y.dtype == getattr(torch, "uint64", None):  # torch reduces no uint64: read the bits

@@ -318,7 +318,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
     n_tiny = torch.zeros((), dtype=torch.int64, device=device)  # indexed, norm < the limit
-    tiny = tiny_gradient_norm(compute_dtype(dtype))
+    tiny = tiny_gradient_norm(dtype)  # (dtype: the compute dtype)
     with dist.together(det.distributed, "reading its training batches (gradient index)"):
         for xb, yb, lb in passes("grood fit: gradient index"):
             if yb is None or (lb is not None) != with_logits:  # the first pass checked the rest
@@ -352,7 +352,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         check_logits_agree(total / n, by_prototype)
     check_labels_informative(total / n if by_prototype is None else by_prototype, state.counts,
                              n)
-    check_gradients_resolved(int(reduce(n_tiny)), total, compute_dtype(dtype))
+    check_gradients_resolved(int(reduce(n_tiny)), total, dtype)
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()

@@ -38,12 +38,17 @@ if TYPE_CHECKING:
 RECORD_KEYS = ("threshold", "tpr", "n", "k", "nprobe")
 
 
+#: The share of scored rows at distance 0 (training rows, or unresolved) past which
+#: calibrating and evaluating warn.
+ZERO_SHARE = 0.01
+
+
 def training_rows_clause(zero: int, n: int, k: int) -> str | None:
     """Where ``zero`` of ``n`` scored rows have an indexed gradient at distance 0 — more than
     1 %, more than exact duplicates explain — how such rows score at ``k``: ``"so they score
     0"`` (k = 1) or ``"one of their k=K neighbours"``; else None. Calibrating and ``grood eval``
     warn by it."""
-    if zero <= 0.01 * n:
+    if zero <= ZERO_SHARE * n:
         return None
     return "so they score 0" if k == 1 else f"one of their k={k} neighbours"
 
@@ -51,15 +56,15 @@ def training_rows_clause(zero: int, n: int, k: int) -> str | None:
 #: Why a row scores 0 when its own gradient is too small for its squared distances, and
 #: what resolves it (calibration's and evaluation's warnings).
 UNRESOLVED_ZEROS = ("their gradients' norm q_ood is below the square root of the dtype's "
-                    "smallest normal number, 1.1e-19 in float32: squared distances between "
-                    "such gradients fall below its range, whatever their true order")
+                    f"smallest normal number, {tiny_gradient_norm(torch.float32):.2g} in "
+                    "float32: squared distances between such gradients fall below its range, "
+                    "whatever their true order")
 UNRESOLVED_FIX = "score float64 features (fitted in float64 too where the fit warned)"
 
 
 def unresolved_share(unresolved: int, n: int) -> bool:
-    """Whether more than 1 % of ``n`` scored rows scored 0 unresolved (the warning's bar,
-    as for training rows)."""
-    return unresolved > 0.01 * n
+    """Whether more than :data:`ZERO_SHARE` of ``n`` scored rows scored 0 unresolved."""
+    return unresolved > ZERO_SHARE * n
 
 
 def zero_counts(found: list) -> Tensor:
@@ -180,13 +185,12 @@ class Calibration:
         threshold = threshold_at_tpr(scores.numpy(), tpr)
         zero, unresolved, n = int(counts[0]), int(counts[1]), scores.numel()
         if threshold >= 0:
-            why = ("their gradients are indexed training gradients), so a threshold accepting "
-                   f"tpr={tpr:g} of them would flag every new sample: calibrate on held-out "
-                   "in-distribution data, not on the training set" if zero >= unresolved else
-                   f"{UNRESOLVED_ZEROS}), so a threshold accepting tpr={tpr:g} of them would "
-                   f"flag every new sample: {UNRESOLVED_FIX}")
+            why, fix = (("their gradients are indexed training gradients", "calibrate on "
+                         "held-out in-distribution data, not on the training set")
+                        if zero >= unresolved else (UNRESOLVED_ZEROS, UNRESOLVED_FIX))
             raise ValueError(f"{int((scores == 0).sum())} of the {n} calibration rows score 0 "
-                             f"({why}")
+                             f"({why}), so a threshold accepting tpr={tpr:g} of them would "
+                             f"flag every new sample: {fix}")
         if unresolved_share(unresolved, n):
             warnings.warn(
                 f"{unresolved} of the {n} calibration rows score 0 ({UNRESOLVED_ZEROS}): "

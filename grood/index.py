@@ -190,9 +190,8 @@ def stored_rows_lost(stored: Tensor, exact: Tensor) -> Tensor:
     :data:`STORED_ROW_TOLERANCE` of their norm from them: float16 keeps its relative precision
     only above 6.1e-5 and flushes below 6e-8, and a GROOD gradient's entries are of order
     q_ood / sqrt(D), which tight classes take far below that."""
-    wide = exact.to(torch.float32) if exact.dtype != torch.float64 else exact
-    err = torch.linalg.vector_norm(stored.to(wide.dtype) - wide, dim=1)
-    return err > STORED_ROW_TOLERANCE * torch.linalg.vector_norm(wide, dim=1)
+    err = torch.linalg.vector_norm(stored.to(exact.dtype) - exact, dim=1)
+    return err > STORED_ROW_TOLERANCE * torch.linalg.vector_norm(exact, dim=1)
 
 
 def warn_lost_rows(lost: int, n: int, storage: str | None) -> None:
@@ -391,9 +390,12 @@ class ExactIndex(GradientIndex):
             lost = torch.zeros((), dtype=torch.int64, device=self.device)
             for m0 in range(0, self._n, step):
                 rows = self._buf[m0:min(m0 + step, self._n)]
-                stored[m0:m0 + step] = rows.to(self.device, self.storage)
-                if self.storage == torch.float16:  # (bfloat16 has float32's range)
-                    lost += stored_rows_lost(stored[m0:m0 + step], rows.to(self.device)).sum()
+                if self.storage != torch.float16:  # (bfloat16 has float32's range)
+                    stored[m0:m0 + step] = rows.to(self.device, self.storage)
+                    continue
+                exact = rows.to(self.device)  # (moved once, for the copy and its check)
+                stored[m0:m0 + step] = exact.to(self.storage)
+                lost += stored_rows_lost(stored[m0:m0 + step], exact).sum()
             warn_lost_rows(int(lost), self._n, self._storage_name)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
