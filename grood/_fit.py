@@ -55,6 +55,8 @@ class FittedState:
     # Fingerprints of the rows the OOD prototype was averaged from (float64 [M, 16], on the
     # CPU; :func:`grood.prototypes.fingerprint_rows`); None where the source keeps none.
     ood_fingerprints: Tensor | None = None
+    # The column names of the table fitted on (see :mod:`grood._columns`); None: none.
+    feature_names: tuple[str, ...] | None = None
 
 
 def training_arrays(features: Any, labels: Any, logits: Any, allow_empty: bool = False
@@ -248,15 +250,17 @@ def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> Non
 
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
-               n_classes: int | None, d: int, device: torch.device,
-               dtype: torch.dtype) -> tuple[FittedState, GradientStep]:
+               n_classes: int | None, d: int, device: torch.device, dtype: torch.dtype,
+               feature_names: tuple[str, ...] | None = None
+               ) -> tuple[FittedState, GradientStep]:
     """What ``det`` learns from two streamed passes over the training set.
 
     ``det`` gives the parameters (backend, precision, index, k, batch size, distributed).
 
     ``passes(desc)`` yields ``(features [B, D], labels [B], logits [B, C] or None)``
     batches on ``device``; it is called twice: class prototypes, then the gradient index.
-    Without ``n_classes`` it is the width of the first batch's logits.
+    Without ``n_classes`` it is the width of the first batch's logits. ``feature_names``:
+    the column names of the table the features came from (None: none).
     """
     backend = ops.resolve_backends(det.backend, device, dtype, det.precision)
     state, n, with_logits = None, 0, None
@@ -358,8 +362,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         index.trim()
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
-                       indexed_rows=rows,
-                       ood_fingerprints=records.get("ood_fingerprints")), grads
+                       indexed_rows=rows, ood_fingerprints=records.get("ood_fingerprints"),
+                       feature_names=feature_names), grads
 
 
 def indexed_rows(kept: list[Tensor], index: GradientIndex, n_local: int, distributed: bool,

@@ -41,6 +41,7 @@ from grood._checks import (
     prefixed_errors,
     user_stacklevel,
 )
+from grood._columns import check_feature_names, fit_feature_names, set_feature_names
 from grood._fit import (
     FittedState,
     check_inputs,
@@ -114,7 +115,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         class_prototypes_ (Tensor): [C, D]. class_counts_ (Tensor): [C] training samples.
         ood_prototype_ (Tensor): [D]. index_ (GradientIndex): the training gradients
             (an ``ExactIndex``, ``FaissFlatIndex`` or ``FaissIVFIndex`` by ``index``).
-        n_features_in_ (int), n_classes_ (int), n_train_ (int).
+        n_features_in_ (int), n_classes_ (int), n_train_ (int). feature_names_in_ (ndarray):
+            the column names of a table fitted on (a DataFrame's), checked at every score.
         train_accuracy_ (float): fraction of training samples classified correctly (by the
             given logits, or by the nearest class prototype), i.e. indexed.
         backend_ (dict): the backend used for each operation. device_, dtype_.
@@ -125,19 +127,11 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
 
-    def __init__(
-        self,
-        ood_prototype: str | OODPrototypeSource = "mean",
-        k: int = 1,
-        index: str = "exact",
-        index_options: dict[str, Any] | None = None,
-        backend: str = "auto",
-        precision: str = "ieee",
-        device: str | torch.device | None = None,
-        batch_size: int = 4096,
-        progress: bool | None = None,
-        distributed: bool = False,
-    ) -> None:
+    def __init__(self, ood_prototype: str | OODPrototypeSource = "mean", k: int = 1,
+                 index: str = "exact", index_options: dict[str, Any] | None = None,
+                 backend: str = "auto", precision: str = "ieee",
+                 device: str | torch.device | None = None, batch_size: int = 4096,
+                 progress: bool | None = None, distributed: bool = False) -> None:
         self.ood_prototype = ood_prototype
         self.k = k
         self.index = index
@@ -180,6 +174,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         with dist.together(distributing(self), "reading its training arrays"):
             source = self._check_params()  # (a rank's shard may be empty, not the union)
             x, y, lg = training_arrays(features, labels, logits, distributing(self))
+            names = fit_feature_names(features, ood_features)
             inputs = {} if ood_features is None else {"ood_features": ood_features}
             check_inputs(source, inputs, "fit()")
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
@@ -197,7 +192,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                     bar.update(r1 - r0)
 
         self._set_fitted(*fit_passes(self, source, inputs, passes, n_classes=n_classes, d=d,
-                                     device=device, dtype=compute_dtype(x.dtype)))
+                                     device=device, dtype=compute_dtype(x.dtype),
+                                     feature_names=names))
         return self
 
     def fit_batches(self, batches: Any, *, ood_features: ArrayLike | None = None,
@@ -285,6 +281,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         self.shard_sizes_ = list(fitted.shard_sizes or [fitted.index.ntotal])
         self.indexed_rows_, self.ood_fingerprints_ = fitted.indexed_rows, fitted.ood_fingerprints
         self.n_classes_, self.n_features_in_ = fitted.class_prototypes.shape
+        set_feature_names(self, fitted.feature_names)
         self.n_train_ = fitted.n_train
         self.train_accuracy_ = fitted.train_accuracy
         self.backend_ = fitted.backend
@@ -488,6 +485,8 @@ def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor,
     """``features`` as a tensor (and what to return results as), checked to fit the fitted
     ``det``. Features on a GPU that a detector in host memory scores are named once per
     detector: every batch goes to the CPU, is scored there, and comes back, silently slow."""
+    fitted = getattr(det, "feature_names_in_", None)
+    check_feature_names(None if fitted is None else tuple(fitted), features)
     x, kind = as_tensor(features, "features")
     # A rank of a distributed detector may have no rows; it still joins the searches.
     check_matrix(x, "features", n_cols=det.n_features_in_, allow_empty=allow_empty or det._sharded)

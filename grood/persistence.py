@@ -89,6 +89,8 @@ def detector_state(det: Any, *, host: bool = True
     }
     state = {
         "n_features_in": det.n_features_in_,
+        "feature_names_in": (None if getattr(det, "feature_names_in_", None) is None
+                             else [str(n) for n in det.feature_names_in_]),
         "n_classes": det.n_classes_,
         "n_train": det.n_train_,
         "train_accuracy": det.train_accuracy_,
@@ -497,7 +499,9 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
         shard_sizes=shard_sizes, extractor=state.get("extractor"),
         indexed_rows=tensors["indexed_rows"].to(dev) if "indexed_rows" in tensors else None,
         ood_fingerprints=(tensors["ood_fingerprints"].cpu() if "ood_fingerprints" in tensors
-                          else None)))
+                          else None),
+        feature_names=(None if state.get("feature_names_in") is None
+                       else tuple(state["feature_names_in"]))))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
 
@@ -790,6 +794,10 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
     def dtype(v: Any) -> bool:  # the training features' (scores of float64 are float64)
         return v in {str(t).removeprefix("torch.") for t in FLOAT_DTYPES}
 
+    def names(v: Any) -> bool:  # a table's column names, one per feature (None: an array's)
+        return v is None or (isinstance(v, list) and all(map(text, v))
+                             and len(v) == state.get("n_features_in"))
+
     def extractor(v: Any) -> bool:  # fit_model's layer, and whether its loader shuffled
         return v is None or (isinstance(v, dict) and set(v) <= {"features", *SHUFFLED}
                              and (v.get("features") is None or text(v["features"]))
@@ -801,7 +809,7 @@ def _parsed_metadata(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], 
               "state": (state, {"n_train": is_count, "n_classes": is_count,
                                 "n_features_in": is_count, "train_accuracy": fraction,
                                 "index": text, "dtype": dtype, "extractor": extractor,
-                                "index_options": options})}
+                                "index_options": options, "feature_names_in": names})}
     bad = [f"{where}.{key}={values[key]!r}" if key in values else f"{where}.{key} missing"
            for where, (values, checks) in fields.items()
            for key, ok in checks.items() if not ok(values.get(key))]

@@ -764,6 +764,8 @@ def test_a_damaged_saved_layer_record_is_refused(tmp_path, bad):
     ("params", "ood_prototype", {"name": "mean", "params": [1]},
      r"invalid metadata params\.ood_prototype="),
     ("state", "dtype", "int8", r"invalid metadata state\.dtype='int8'"),
+    ("state", "feature_names_in", ["a", "b"], r"invalid metadata state\.feature_names_in="),
+    ("state", "feature_names_in", [1] * 11, r"invalid metadata state\.feature_names_in="),
     ("state", "index_options", {"nprobe": 4},
      r": its saved settings build no detector in this grood \(.*'nprobe'"),
     ("params", "ood_prototype", {"name": "noise", "params": {"blur": 1}},

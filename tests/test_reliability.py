@@ -1112,3 +1112,71 @@ def test_metadata_fields_are_checked_when_read(fitted, tmp_path, capsys, where, 
         GROOD.load(path)
     assert main(["info", str(path)]) == 3
     assert message in capsys.readouterr().err
+
+
+class _Table:
+    """A table of named columns, as a pandas or polars DataFrame: ``columns`` in order and
+    ``__array__`` giving its values in that order (``table[names]`` selects columns)."""
+
+    def __init__(self, values, columns):
+        self.values, self.columns = np.asarray(values), list(columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __getitem__(self, names):
+        order = [self.columns.index(n) for n in names]
+        return _Table(self.values[:, order], names)
+
+
+def test_a_table_scored_with_its_columns_in_another_order_is_refused(tmp_path):
+    """A detector fitted on a table records its column names (``feature_names_in_``, as
+    scikit-learn's estimators) and, saved or not, refuses a table whose columns are other or
+    in another order: it had scored such a table's values as the fitted columns, silently.
+    Arrays beside tables are warned of; mixed-type names are refused at fit."""
+    x, y = clustered_features(300, 3, 6, seed=4, dtype=torch.float32)
+    names = ["pc1", "pc2", "pc3", "pc4", "pc5", "pc6"]
+    table = _Table(x.numpy(), names)
+    det = GROOD(progress=False).fit(table, y)
+    assert det.feature_names_in_.tolist() == names
+    assert det.feature_names_in_.dtype == object
+    plain = GROOD(progress=False).fit(x, y)
+    want = plain.score_samples(x.numpy())
+    swapped = table[["pc2", "pc1", "pc3", "pc4", "pc5", "pc6"]]
+    assert not np.array_equal(plain.score_samples(swapped.values), want)  # what it had given
+    path = tmp_path / "det.safetensors"
+    det.save(path)
+    loaded = GROOD.load(path)
+    assert loaded.feature_names_in_.tolist() == names
+    for d in (det, loaded):
+        assert np.array_equal(d.score_samples(table), want)
+        with pytest.raises(ValueError, match=r"features hold the columns the detector was "
+                                             r"fitted on in another order \(column 0 is 'pc2', "
+                                             r"was 'pc1'\): select them in that order, e\.g\. "
+                                             r"df\[det\.feature_names_in_\]"):
+            d.score_samples(swapped)
+        with pytest.raises(ValueError, match=r"features' columns are not those the detector "
+                                             r"was fitted on \(not among them: 'PC1'; "
+                                             r"missing: 'pc1'\)"):
+            d.predict(_Table(x.numpy(), ["PC1", *names[1:]]))
+        with pytest.warns(UserWarning, match=r"features have no column names, but those the "
+                                             r"detector was fitted on were named \('pc1', "
+                                             r"'pc2', 'pc3', 'pc4', 'pc5', 'pc6'\): the columns "
+                                             r"are taken in the order given"):
+            assert np.array_equal(d.score_samples(x.numpy()), want)
+    assert not hasattr(plain, "feature_names_in_")
+    with pytest.warns(UserWarning, match="features have named columns, but those the detector "
+                                         "was fitted on had none"):
+        plain.score_samples(table)
+    det.fit(x, y)  # refitted on an array: the names go
+    assert not hasattr(det, "feature_names_in_")
+    assert not hasattr(GROOD(progress=False).fit(_Table(x.numpy(), range(6)), y),
+                       "feature_names_in_")  # numbered columns, as pandas' default
+    with pytest.raises(TypeError, match=r"features' column names are of several types "
+                                        r"\(int, str\); name every column by a string"):
+        GROOD().fit(_Table(x.numpy(), ["pc1", 2, 3, 4, 5, 6]), y)
+    with pytest.raises(ValueError, match=r"ood_features hold the columns of the training "
+                                         r"features in another order \(column 0 is 'pc2', was "
+                                         r"'pc1'\): select them in that order, e\.g\. "
+                                         r"ood_features\[features\.columns\]"):
+        GROOD(ood_prototype="features").fit(table, y, ood_features=swapped)
