@@ -16,8 +16,11 @@ from torch import Tensor
 
 from grood._checks import user_stacklevel
 
-__all__ = ["check_feature_names", "feature_names", "fit_feature_names", "set_feature_names"]
+__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "fit_feature_names",
+           "set_feature_names"]
 
+#: How the warning about an array where a table was fitted begins (a ``warnings`` filter).
+NO_NAMES = r"\w+ have no column names, but those"
 #: Names listed in a message before the rest are counted.
 _SHOWN = 6
 

@@ -35,6 +35,7 @@ from grood._checks import (
     check_positive_real,
     check_real,
 )
+from grood._columns import check_feature_names, feature_names, set_feature_names
 from grood._params import Parameters
 from grood.errors import NotFittedError
 from grood.functional import class_prototypes, matmul_precision
@@ -70,12 +71,30 @@ class _Baseline(Parameters):
                 setattr(self, name, check(getattr(self, name), name))
         if hasattr(self, "backend"):  # before a fit's work, not at the first score after it
             ops.check_backend_name(self.backend)
+        if fitting:  # (names of mixed types are refused before the fit's work)
+            feature_names(x, self.inputs)
+        else:
+            self.check_columns(x)
         t, kind = as_tensor(x, self.inputs)
         check_matrix(t, self.inputs, n_cols=None if fitting else self.n_features_in_,
                      cols_from=f"this {type(self).__name__} was fitted on {self.inputs} of {{}} "
                                "columns")
         check_finite_rows(t, self.inputs)
         return t, kind
+
+    def check_columns(self, x: Any) -> None:
+        """Check the column names of ``x`` (a table's) against those fitted on, if any (see
+        :func:`grood._columns.check_feature_names`)."""
+        fitted = getattr(self, "feature_names_in_", None)
+        check_feature_names(None if fitted is None else tuple(fitted), x, self.inputs,
+                            against=f"this {type(self).__name__} was fitted on",
+                            reorder="df[est.feature_names_in_]")
+
+    def _fitted_on(self, x: Any, d: int) -> None:
+        """Record the width ``d`` of the input ``x`` fitted on, and its column names (a
+        table's; see :mod:`grood._columns`)."""
+        self.n_features_in_ = d
+        set_feature_names(self, feature_names(x, self.inputs))
 
 
 class _LogitBaseline(_Baseline):
@@ -89,7 +108,7 @@ class _LogitBaseline(_Baseline):
     def fit(self, logits: ArrayLike, labels: ArrayLike | None = None) -> Self:
         """Record the number of classes (for input checks); returns ``self``."""
         x, _ = self._read(logits, fitting=True)
-        self.n_features_in_ = x.shape[1]
+        self._fitted_on(logits, x.shape[1])
         return self
 
     def score_samples(self, logits: ArrayT) -> ArrayT:
@@ -167,7 +186,7 @@ class KNN(_Baseline):
         if not 1 <= self.k <= x.shape[0]:
             raise ValueError(f"k={self.k} needs 1 <= k <= {x.shape[0]} training samples")
         self.train_features_ = _normalise(x)
-        self.n_features_in_ = x.shape[1]
+        self._fitted_on(features, x.shape[1])
         return self
 
     def score_samples(self, features: ArrayT) -> ArrayT:
@@ -247,7 +266,7 @@ class Mahalanobis(_Baseline):
         self.whitening_ = whitening.to(dt)
         self.class_means_ = means.to(dt)
         self.whitened_means_ = ((means - center) @ whitening).to(dt)  # [C, r]
-        self.n_features_in_ = d
+        self._fitted_on(features, d)
         return self
 
     def score_samples(self, features: ArrayT) -> ArrayT:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from grood._checks import check_device, check_positive_int, prefixed_errors, user_stacklevel
+from grood._columns import NO_NAMES
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
@@ -378,11 +379,14 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
                                  f"'{est.inputs}'")
             t = as_tensor(value, est.inputs)[0]
             moved[est.inputs] = t if device is None else t.to(device)
-        if predictions is not None and callable(getattr(est, "score_and_predict", None)):
-            scores, preds = est.score_and_predict(moved[est.inputs])
-            predictions[name] = np.asarray(preds.cpu())
-        else:
-            scores = est.score_samples(moved[est.inputs])
+        est.check_columns(getattr(data, est.inputs))  # a table's names: the tensor has none
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", NO_NAMES, UserWarning)  # (checked above)
+            if predictions is not None and callable(getattr(est, "score_and_predict", None)):
+                scores, preds = est.score_and_predict(moved[est.inputs])
+                predictions[name] = np.asarray(preds.cpu())
+            else:
+                scores = est.score_samples(moved[est.inputs])
         out[name] = np.asarray(scores.cpu())
     return out
 

@@ -1180,3 +1180,46 @@ def test_a_table_scored_with_its_columns_in_another_order_is_refused(tmp_path):
                                          r"'pc1'\): select them in that order, e\.g\. "
                                          r"ood_features\[features\.columns\]"):
         GROOD(ood_prototype="features").fit(table, y, ood_features=swapped)
+
+
+def test_baselines_check_a_tables_columns_too_and_evaluate_keeps_them():
+    """The baselines record a table's column names as the detector does, and refuse another
+    order; ``evaluate`` (which moves each set to a tensor for them) checks the sets' tables
+    against them without warning of the names the tensor lost."""
+    import warnings
+
+    from grood import evaluate
+    from grood.baselines import KNN, MSP
+
+    x, y = clustered_features(300, 3, 6, seed=4, dtype=torch.float32)
+    names = [f"pc{i}" for i in range(1, 7)]
+    table = _Table(x.numpy(), names)
+    swapped = table[names[::-1]]
+    logits = _Table(np.eye(3, dtype=np.float32)[y.numpy()] * 4, ["cat", "dog", "fox"])
+    knn, msp = KNN(k=5).fit(table), MSP().fit(logits)
+    assert knn.feature_names_in_.tolist() == names
+    assert msp.feature_names_in_.tolist() == ["cat", "dog", "fox"]
+    with pytest.raises(ValueError, match=r"features hold the columns this KNN was fitted on in "
+                                         r"another order \(column 0 is 'pc6', was 'pc1'\)"):
+        knn.score_samples(swapped)
+    with pytest.raises(ValueError, match=r"logits' columns are not those this MSP was fitted "
+                                         r"on \(not among them: 'cow'; missing: 'fox'\)"):
+        msp.score_samples(_Table(logits.values, ["cat", "dog", "cow"]))
+    with pytest.warns(UserWarning, match="features have no column names, but those this KNN "
+                                         "was fitted on were named"):
+        knn.score_samples(x.numpy())
+    det = GROOD(progress=False).fit(table, y)
+    held, held_y = clustered_features(90, 3, 6, seed=5, dtype=torch.float32)
+    held_logits = _Table(np.eye(3, dtype=np.float32)[held_y.numpy()] * 4, logits.columns)
+    id_set = {"features": _Table(held.numpy(), names), "logits": held_logits}
+    ood = {"features": _Table(held.numpy()[:50] * 3, names),
+           "logits": _Table(np.full((50, 3), 1.0, dtype=np.float32), logits.columns)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev = evaluate(det, id_set, {"far": ood}, baselines=[knn, msp])
+    assert "far" in ev.results
+    with pytest.raises(ValueError, match=r"features hold the columns this KNN was fitted on in "
+                                         r"another order"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (GROOD's and the KNN's about the ID array)
+        evaluate(GROOD(progress=False).fit(x, y), {"features": held.numpy()},
+                 {"far": {"features": ood["features"][names[::-1]]}}, baselines=[knn])
