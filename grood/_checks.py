@@ -109,6 +109,8 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
             # a pooled feature map, e.g. a hook on a ResNet's avgpool
             hint = ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
                     "x.flatten(1); numpy: x.reshape(len(x), -1))")
+        elif x.ndim == 1 and n_cols is not None and x.shape[0] == n_cols:
+            hint = f"; one sample of {n_cols} {name} is a row: pass {name}.reshape(1, -1)"
         dims = "[N, C]" if name == "logits" else "[N, D]"  # a row of C class scores
         raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}{hint}")
     if x.dtype not in FLOAT_DTYPES:
@@ -121,9 +123,10 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
     if x.shape[1] == 0:
         raise ValueError(f"{name} has zero columns")
     if n_cols is not None and x.shape[1] != n_cols:
-        raise ValueError(
-            f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}"
-        )
+        # [D, N] where [N, D] was meant: a matrix of samples as columns (MATLAB, R)
+        hint = (f"; it has {n_cols} rows: are its samples its columns? Pass {name}.T"
+                if x.shape[0] == n_cols and x.shape[1] != 1 else "")
+        raise ValueError(f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}{hint}")
 
 
 def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:

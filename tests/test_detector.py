@@ -394,7 +394,14 @@ def test_no_correct_training_sample_is_refused():
 
 
 @pytest.mark.parametrize(("make", "exc", "match"), [
-    (lambda t: t[:, :5], ValueError, "has 5 columns but the detector was fitted on 11"),
+    (lambda t: t[:, :5], ValueError, "has 5 columns but the detector was fitted on 11 "
+                                     "features$"),
+    (lambda t: t[:, :11].T, ValueError, r"has 25 columns but the detector was fitted on 11 "
+                                        r"features; it has 11 rows: are its samples its "
+                                        r"columns\? Pass features\.T"),
+    (lambda t: t[3], ValueError, r"must be a 2-D array \[N, D\], got shape \(11,\); one "
+                                 r"sample of 11 features is a row: pass "
+                                 r"features\.reshape\(1, -1\)"),
     (lambda t: torch.where(torch.arange(25)[:, None] == 7, float("nan"), t), ValueError,
      r"NaN or Inf in row\(s\) 7"),
     (lambda t: t[:0], ValueError, "features is empty"),
