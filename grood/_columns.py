@@ -16,7 +16,7 @@ from torch import Tensor
 
 from grood._checks import user_stacklevel
 
-__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "fit_feature_names",
+__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "fit_feature_names", "listed",
            "set_feature_names"]
 
 #: How the warning about an array where a table was fitted begins (a ``warnings`` filter).
@@ -25,7 +25,8 @@ NO_NAMES = r"\w+ have no column names, but those"
 _SHOWN = 6
 
 
-def _listed(names: Any) -> str:
+def listed(names: Any) -> str:
+    """``names`` quoted and joined, the first few of many and a count of the rest."""
     names = [str(n) for n in names]
     more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
     return ", ".join(repr(n) for n in names[:_SHOWN]) + more
@@ -76,7 +77,7 @@ def check_feature_names(fitted: tuple[str, ...] | None, x: Any, name: str = "fea
         return
     if fitted is None or names is None:
         said = (f"have named columns, but those {against} had none" if fitted is None else
-                f"have no column names, but those {against} were named ({_listed(fitted)})")
+                f"have no column names, but those {against} were named ({listed(fitted)})")
         warnings.warn(f"{name} {said}: the columns are taken in the order given",
                       UserWarning, stacklevel=user_stacklevel())
         return
@@ -84,10 +85,10 @@ def check_feature_names(fitted: tuple[str, ...] | None, x: Any, name: str = "fea
     unseen = [n for n in names if n not in known]
     missing = [n for n in fitted if n not in given]
     if unseen or missing or len(names) != len(fitted):
-        listed = ([f"not among them: {_listed(unseen)}"] if unseen else []) + (
-            [f"missing: {_listed(missing)}"] if missing else []) or [
+        parts = ([f"not among them: {listed(unseen)}"] if unseen else []) + (
+            [f"missing: {listed(missing)}"] if missing else []) or [
             f"{len(names)} columns, {len(fitted)} there"]  # the same names, some repeated
-        raise ValueError(f"{name}' columns are not those {against} ({'; '.join(listed)})")
+        raise ValueError(f"{name}' columns are not those {against} ({'; '.join(parts)})")
     moved = next(i for i, (a, b) in enumerate(zip(names, fitted, strict=True)) if a != b)
     raise ValueError(f"{name} hold the columns {against} in another order (column {moved} is "
                      f"{names[moved]!r}, was {fitted[moved]!r}): select them in that order, "

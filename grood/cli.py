@@ -310,6 +310,11 @@ def info_lines(info: dict) -> list[str]:
            f", averaged from {info['ood_fingerprints']:,} rows (fingerprinted: grood eval "
            "warns on an OOD set that repeats them)"),
     ]
+    if info.get("feature_names_in"):  # fitted on a table: the columns scored tables must hold
+        from grood._columns import listed
+
+        lines.append(f"  columns      {listed(info['feature_names_in'])} (a table's, checked "
+                     "in every table scored)")
     if "features" in (info["extractor"] or {}):  # fit_model's layer, which score_model reuses
         layer = info["extractor"]["features"]
         lines.append("  model        fit_model read " + (

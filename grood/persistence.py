@@ -738,7 +738,7 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
                    if sharded and sizes is not None else None),
         **{key: state.get(key) for key in ("n_train", "n_classes", "n_features_in", "dtype",
                                            "train_accuracy", "index", "index_options",
-                                           "extractor", "calibration")},
+                                           "extractor", "calibration", "feature_names_in")},
         "indexed": sum(sizes) if sizes else None,
         "rows_recorded": all("indexed_rows" in shapes for *_, shapes in heads),
         # rows the OOD prototype was averaged from, fingerprinted (None: none recorded)

@@ -1148,6 +1148,11 @@ def test_a_table_scored_with_its_columns_in_another_order_is_refused(tmp_path):
     det.save(path)
     loaded = GROOD.load(path)
     assert loaded.feature_names_in_.tolist() == names
+    from grood.cli import info_lines
+    from grood.persistence import describe
+
+    assert ("  columns      'pc1', 'pc2', 'pc3', 'pc4', 'pc5', 'pc6' (a table's, checked in "
+            "every table scored)") in info_lines(describe(path))
     for d in (det, loaded):
         assert np.array_equal(d.score_samples(table), want)
         with pytest.raises(ValueError, match=r"features hold the columns the detector was "
