@@ -17,6 +17,7 @@ from grood._checks import (
     check_matrix,
     user_stacklevel,
 )
+from grood._columns import check_feature_names, feature_names
 
 
 def check_loader(loader: Any, what: str, advice: str) -> None:
@@ -106,23 +107,38 @@ def iter_batches(batches: Any, desc: str, distributed: bool = False
     """``(features, labels or None, logits or None)`` tensors from a re-iterable or a factory
     (a batch's labels may be None where the fit needs none: the checks name them);
     ``distributed``: a rank of a distributed fit, for the message where there are none."""
+    for x, y, lg, _ in named_batches(batches, desc, distributed):
+        yield x, y, lg
+
+
+def named_batches(batches: Any, desc: str, distributed: bool = False
+                  ) -> Generator[tuple[Tensor, Tensor | None, Tensor | None,
+                                   tuple[str, ...] | None], None, None]:
+    """:func:`iter_batches`' batches with the column names of their features where they are
+    tables (see :mod:`grood._columns`): every batch's are checked against the first's."""
     if not callable(batches):
         check_loader(batches, "the training data must be an iterable of (features, labels) "
                      "batches", ": fit one array with fit(features, labels)")
     source = batches() if callable(batches) else batches
-    empty = True
+    empty, first = True, None
     for i, batch in enumerate(source):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
             raise TypeError(f"batch {i} must be (features, labels) or (features, labels, "
                             f"logits), got {type(batch).__name__}" + (dict_batch_hint(
                                 batch, "lambda: (({}, {}) for b in loader)")
                                 if isinstance(batch, Mapping) else ""))
+        names = feature_names(batch[0])
+        if i == 0:
+            first = names
+        elif names != first:
+            check_feature_names(first, batch[0], f"batch {i}'s features",
+                                against="of the first batch", reorder="b[first.columns]")
         x, _ = as_tensor(batch[0], "features")
         y = None if batch[1] is None else as_labels(batch[1])
         lg = as_tensor(batch[2], "logits")[0] if len(batch) == 3 and batch[2] is not None \
             else None
         empty = False
-        yield x, y, lg
+        yield x, y, lg, names
     if empty:
         raise ValueError(f"batches yielded nothing in the {desc}; pass a list, a DataLoader "
                          "or a function returning a new iterator (a generator is used up "
@@ -133,14 +149,14 @@ def iter_batches(batches: Any, desc: str, distributed: bool = False
 
 
 def peek_batch(batches: Any, distributed: bool = False
-               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The first batch, checked, without consuming a re-iterable (``distributed``: for the
-    message where there is none)."""
-    it = iter_batches(batches, "first pass", distributed)
-    first = next(it)
+               ) -> tuple[tuple[Tensor, Tensor | None, Tensor | None], tuple[str, ...] | None]:
+    """The first batch, checked, and its features' column names (a table's; else None),
+    without consuming a re-iterable (``distributed``: for the message where there is none)."""
+    it = named_batches(batches, "first pass", distributed)
+    x, y, lg, names = next(it)
     it.close()
-    check_matrix(first[0], "features", allow_empty=True)  # an empty batch still has D columns
-    return first
+    check_matrix(x, "features", allow_empty=True)  # an empty batch still has D columns
+    return (x, y, lg), names
 
 
 def label_count(yb: Tensor | None) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from grood._checks import user_stacklevel
 
-__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "fit_feature_names", "listed",
+__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "listed", "ood_columns",
            "set_feature_names"]
 
 #: How the warning about an array where a table was fitted begins (a ``warnings`` filter).
@@ -54,10 +54,9 @@ def feature_names(x: Any, name: str = "features") -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def fit_feature_names(features: Any, ood_features: Any) -> tuple[str, ...] | None:
-    """The training features' column names (see :func:`feature_names`), after checking that
-    ``ood_features`` (when given) hold the same columns in the same order."""
-    names = feature_names(features)
+def ood_columns(names: tuple[str, ...] | None, ood_features: Any) -> tuple[str, ...] | None:
+    """``names``, the training features' column names (see :func:`feature_names`), after
+    checking that ``ood_features`` (when given) hold the same columns in the same order."""
     if ood_features is not None:
         check_feature_names(names, ood_features, "ood_features",
                             against="of the training features",

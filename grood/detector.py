@@ -41,7 +41,7 @@ from grood._checks import (
     prefixed_errors,
     user_stacklevel,
 )
-from grood._columns import check_feature_names, fit_feature_names, set_feature_names
+from grood._columns import check_feature_names, feature_names, ood_columns, set_feature_names
 from grood._fit import (
     FittedState,
     check_inputs,
@@ -174,7 +174,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         with dist.together(distributing(self), "reading its training arrays"):
             source = self._check_params()  # (a rank's shard may be empty, not the union)
             x, y, lg = training_arrays(features, labels, logits, distributing(self))
-            names = fit_feature_names(features, ood_features)
+            names = ood_columns(feature_names(features), ood_features)
             inputs = {} if ood_features is None else {"ood_features": ood_features}
             check_inputs(source, inputs, "fit()")
         (n, d), n_classes = x.shape, None if lg is None else lg.shape[1]
@@ -231,7 +231,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             check_reiterable(batches, "batches")
             source = self._check_params()
             check_inputs(source, inputs, where)
-            first = peek_batch(batches, distributing(self))
+            first, names = peek_batch(batches, distributing(self))
+            names = ood_columns(names, inputs.get("ood_features"))
         d = first[0].shape[1]
         check_ranks_agree(self, source, first[0], first[2], n_classes)
         device = torch.device(self.device) if self.device is not None else first[0].device
@@ -254,6 +255,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         fitted, grads = fit_passes(self, source, inputs, passes, n_classes=n_classes, d=d,
                                    device=device, dtype=compute_dtype(first[0].dtype))
         fitted.extractor = extractor if extractor is not None else order_record(batches) or None
+        fitted.feature_names = names
         self._set_fitted(fitted, grads)
         return self
 

@@ -1185,6 +1185,17 @@ def test_a_table_scored_with_its_columns_in_another_order_is_refused(tmp_path):
                                          r"'pc1'\): select them in that order, e\.g\. "
                                          r"ood_features\[features\.columns\]"):
         GROOD(ood_prototype="features").fit(table, y, ood_features=swapped)
+    halves = [(_Table(x[:150].numpy(), names), y[:150]), (_Table(x[150:].numpy(), names),
+                                                            y[150:])]
+    streamed = GROOD(progress=False).fit_batches(halves)  # (chunks of a table read in parts)
+    assert streamed.feature_names_in_.tolist() == names
+    assert np.array_equal(streamed.score_samples(table), want)
+    with pytest.raises(ValueError, match=r"batch 1's features hold the columns of the first "
+                                         r"batch in another order \(column 0 is 'pc2'"):
+        GROOD().fit_batches([halves[0], (halves[1][0][swapped.columns], y[150:])])
+    with pytest.raises(ValueError, match="ood_features hold the columns of the training "
+                                         "features in another order"):
+        GROOD(ood_prototype="features").fit_batches(halves, ood_features=swapped)
 
 
 def test_baselines_check_a_tables_columns_too_and_evaluate_keeps_them():
