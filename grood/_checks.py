@@ -114,10 +114,10 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
         dims = "[N, C]" if name == "logits" else "[N, D]"  # a row of C class scores
         raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}{hint}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be floating point (float16, bfloat16, float32 or float64), "
-            f"got {str(x.dtype).removeprefix('torch.')}"
-        )
+        convert = ("; convert them: x.astype(np.float32) (numpy), x.float() (torch)"
+                   if x.dtype in INT_DTYPES or x.dtype == torch.bool else "")
+        raise TypeError(f"{name} must be floating point (float16, bfloat16, float32 or float64), "
+                        f"got {str(x.dtype).removeprefix('torch.')}{convert}")
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: it has no rows")
     if x.shape[1] == 0:

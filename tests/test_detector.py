@@ -406,7 +406,9 @@ def test_no_correct_training_sample_is_refused():
      r"NaN or Inf in row\(s\) 7"),
     (lambda t: t[:0], ValueError, "features is empty"),
     (lambda t: t[:, :0], ValueError, "features has zero columns"),
-    (lambda t: t.long(), TypeError, "floating point"),
+    (lambda t: t.long(), TypeError, r"floating point \(float16, bfloat16, float32 or "
+                                    r"float64\), got int64; convert them: "
+                                    r"x\.astype\(np\.float32\) \(numpy\), x\.float\(\) \(torch\)"),
     (lambda t: [row.tolist() for row in t[:3]] + [[1.0]], ValueError,
      "features is not a rectangular array"),
 ])
