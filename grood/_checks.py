@@ -78,6 +78,12 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
                              f": {exc}") from None
         if arr.dtype == object:
             raise TypeError(f"{name} must be a numeric array, got an array of Python objects")
+        if arr.dtype.names:  # a structured (record) array: one element per row
+            fields = ", ".join(repr(f) for f in arr.dtype.names[:6])
+            raise TypeError(f"{name} is a structured array (fields {fields}"
+                            f"{', ...' if len(arr.dtype.names) > 6 else ''}): pass its fields "
+                            "as the columns of one array, numpy.lib.recfunctions."
+                            f"structured_to_unstructured({name})")
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("="))
         with warnings.catch_warnings():

@@ -411,6 +411,9 @@ def test_no_correct_training_sample_is_refused():
                                     r"x\.astype\(np\.float32\) \(numpy\), x\.float\(\) \(torch\)"),
     (lambda t: [row.tolist() for row in t[:3]] + [[1.0]], ValueError,
      "features is not a rectangular array"),
+    (lambda t: np.rec.fromarrays(t[:, :3].numpy().T, names="a,b,c"), TypeError,
+     r"features is a structured array \(fields 'a', 'b', 'c'\): pass its fields as the "
+     r"columns of one array, numpy\.lib\.recfunctions\.structured_to_unstructured\(features\)"),
 ])
 def test_bad_score_input_is_named(make, exc, match):
     x, y, test = _data()
