@@ -131,7 +131,7 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
     if n_cols is not None and x.shape[1] != n_cols:
         # [D, N] where [N, D] was meant: a matrix of samples as columns (MATLAB, R)
         hint = (f"; it has {n_cols} rows: are its samples its columns? Pass {name}.T"
-                if x.shape[0] == n_cols and x.shape[1] != 1 else "")
+                if x.shape[0] == n_cols else "")
         raise ValueError(f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}{hint}")
 
 
