@@ -159,7 +159,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         """Fit the detector on training features.
 
         Args:
-            features (Tensor | ndarray): training features, shape [N, D].
+            features (Tensor | ndarray): training features, shape [N, D] (or a DataFrame:
+                its column names are kept as ``feature_names_in_`` and checked at scoring).
             labels (Tensor | ndarray): integer class ids in ``[0, C)``, shape [N]. Without
                 logits, C is ``labels.max() + 1``; every class needs at least one sample.
             logits (Tensor | ndarray, optional): the classifier's logits, shape [N, C]; a sample
