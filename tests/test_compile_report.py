@@ -23,6 +23,19 @@ import compile_report  # noqa: E402
 import traffic_model  # noqa: E402
 
 HAS_PTXAS = compile_report._tool("ptxas-blackwell") is not None
+#: Spills ptxas leaves under triton 3.7 (torch 2.12 / 2.13's CUDA wheels), at this file's
+#: Hopper shapes: (store, load) bytes per thread, none in a K-loop (bench/RESULTS.md, "Hopper
+#: under triton 3.7.1"). Under 3.6 (the lent GPU machines') and 3.9 (CI's) nothing spills,
+#: and neither does any other kernel under 3.7.
+KNOWN_SPILLS = {(3, 7): {"_knn_candidates_kernel": (12, 8), "_ncp_epilogue_kernel": (8, 8)}}
+
+
+def expected_spills(function):
+    """The (store, load) spill bytes ``function`` compiles to under the installed triton."""
+    import triton
+
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return KNOWN_SPILLS.get(release, {}).get(function, (0, 0))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +107,8 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
         assert 0 < r["structure_fraction"] <= 1
         if HAS_PTXAS:
             assert 0 < r["registers"] <= 255
-            assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0
+            spills = r["spill_store_bytes"], r["spill_load_bytes"]
+            assert spills == expected_spills(r["function"]), (r["function"], spills)
             # ptxas kept the groups in flight: without tl.assume(D > 0) the tf32 K-loop's
             # zeroed accumulator on the no-iteration path made it serialize every wgmma.
             assert r["wgmma_serialized"] is None, r["wgmma_serialized"]
@@ -422,8 +436,8 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
 
 def test_split_gradient_step_reports_its_epilogue():
     """The split variant's Triton part (pre-pass, then the epilogue over the BLAS's results)
-    compiles without spills and is modelled as memory-bound; its GEMM runs in torch and is
-    not among the compiled launches."""
+    compiles without spills (but under triton 3.7, as known) and is modelled as memory-bound;
+    its GEMM runs in torch and is not among the compiled launches."""
     script = f"""
 import json, sys
 sys.path.insert(0, {str(BENCH)!r})
@@ -444,7 +458,9 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
     # the GEMM's results read once, the centred rows read twice and written once
     assert epi["hbm_bytes"] >= 4096 * 256 * 4 + 3 * 4096 * 512 * 4
     if HAS_PTXAS:
-        assert epi["spill_store_bytes"] == 0
+        spills = epi["spill_store_bytes"], epi["spill_load_bytes"]
+        assert spills == expected_spills("_ncp_epilogue_kernel"), spills
+        assert pre["spill_store_bytes"] == pre["spill_load_bytes"] == 0
 
 
 def test_other_gpus_walks_the_shared_memory_fallback():
