@@ -70,7 +70,7 @@ def check_feature_names(fitted: tuple[str, ...] | None, x: Any, name: str = "fea
     """Check ``x``'s column names against ``fitted`` (the names recorded at fit, None where
     there were none; ``against`` says whose they are): other names or another order raise; a
     table where an array was fitted, or the other way round, is warned of (its columns are
-    taken in the order given). ``reorder``: how to put them in order."""
+    taken in the order given). ``reorder``: how to select them in order."""
     names = feature_names(x, name)
     if names == fitted:
         return
@@ -87,7 +87,9 @@ def check_feature_names(fitted: tuple[str, ...] | None, x: Any, name: str = "fea
         parts = ([f"not among them: {listed(unseen)}"] if unseen else []) + (
             [f"missing: {listed(missing)}"] if missing else []) or [
             f"{len(names)} columns, {len(fitted)} there"]  # the same names, some repeated
-        raise ValueError(f"{name}' columns are not those {against} ({'; '.join(parts)})")
+        select = "" if missing or not unseen else f": select those, e.g. {reorder}"
+        raise ValueError(f"{name}' columns are not those {against} ({'; '.join(parts)})"
+                         f"{select}")
     moved = next(i for i, (a, b) in enumerate(zip(names, fitted, strict=True)) if a != b)
     raise ValueError(f"{name} hold the columns {against} in another order (column {moved} is "
                      f"{names[moved]!r}, was {fitted[moved]!r}): select them in that order, "

@@ -1164,6 +1164,10 @@ def test_a_table_scored_with_its_columns_in_another_order_is_refused(tmp_path):
                                              r"was fitted on \(not among them: 'PC1'; "
                                              r"missing: 'pc1'\)"):
             d.predict(_Table(x.numpy(), ["PC1", *names[1:]]))
+        with pytest.raises(ValueError, match=r"features' columns are not those the detector "
+                                             r"was fitted on \(not among them: 'label'\): "
+                                             r"select those, e\.g\. df\[det\.feature_names_in_\]"):
+            d.score_samples(_Table(np.c_[x.numpy(), y.numpy()], [*names, "label"]))
         with pytest.warns(UserWarning, match=r"features have no column names, but those the "
                                              r"detector was fitted on were named \('pc1', "
                                              r"'pc2', 'pc3', 'pc4', 'pc5', 'pc6'\): the columns "
