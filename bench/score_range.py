@@ -24,22 +24,9 @@ import warnings
 import torch
 
 import grood
-from grood._bench.common import realistic_features
+from grood._bench.common import realistic_features, tight_classes
 from grood.index import stored_rows_lost
 from grood.metrics import ood_metrics
-
-
-def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """``(train, labels, id_test, near_ood)``: classes ``sep`` from their mean, unit spread."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64))
-    y = torch.arange(n) % c
-    x = sep * dirs[y] + torch.randn(n, d, generator=gen, dtype=torch.float64)
-    yt = torch.arange(n // 2) % c
-    test = sep * dirs[yt] + torch.randn(n // 2, d, generator=gen, dtype=torch.float64)
-    near = 0.9 * sep * dirs[yt] + 1.5 * torch.randn(n // 2, d, generator=gen,
-                                                    dtype=torch.float64)
-    return x, y, test, near
 
 
 def fit_quietly(x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[grood.GROOD, bool]:

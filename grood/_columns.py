@@ -64,14 +64,16 @@ def ood_columns(names: tuple[str, ...] | None, ood_features: Any) -> tuple[str, 
     return names
 
 
-def check_feature_names(fitted: tuple[str, ...] | None, x: Any, name: str = "features", *,
+def check_feature_names(fitted: Any, x: Any, name: str = "features", *,
                         against: str = "the detector was fitted on",
                         reorder: str = "df[det.feature_names_in_]") -> None:
-    """Check ``x``'s column names against ``fitted`` (the names recorded at fit, None where
-    there were none; ``against`` says whose they are): other names or another order raise; a
-    table where an array was fitted, or the other way round, is warned of (its columns are
-    taken in the order given). ``reorder``: how to select them in order."""
+    """Check ``x``'s column names against ``fitted`` (the names recorded at fit, any sequence
+    such as ``feature_names_in_``; None where there were none; ``against`` says whose they
+    are): other names or another order raise; a table where an array was fitted, or the other
+    way round, is warned of (its columns are taken in the order given). ``reorder``: how to
+    select them in order."""
     names = feature_names(x, name)
+    fitted = None if fitted is None else tuple(fitted)
     if names == fitted:
         return
     if fitted is None or names is None:

@@ -85,8 +85,7 @@ class _Baseline(Parameters):
     def check_columns(self, x: Any) -> None:
         """Check the column names of ``x`` (a table's) against those fitted on, if any (see
         :func:`grood._columns.check_feature_names`)."""
-        fitted = getattr(self, "feature_names_in_", None)
-        check_feature_names(None if fitted is None else tuple(fitted), x, self.inputs,
+        check_feature_names(getattr(self, "feature_names_in_", None), x, self.inputs,
                             against=f"this {type(self).__name__} was fitted on",
                             reorder="df[est.feature_names_in_]")
 

@@ -488,8 +488,7 @@ def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor,
     """``features`` as a tensor (and what to return results as), checked to fit the fitted
     ``det``. Features on a GPU that a detector in host memory scores are named once per
     detector: every batch goes to the CPU, is scored there, and comes back, silently slow."""
-    fitted = getattr(det, "feature_names_in_", None)
-    check_feature_names(None if fitted is None else tuple(fitted), features)
+    check_feature_names(getattr(det, "feature_names_in_", None), features)
     x, kind = as_tensor(features, "features")
     # A rank of a distributed detector may have no rows; it still joins the searches.
     check_matrix(x, "features", n_cols=det.n_features_in_, allow_empty=allow_empty or det._sharded)

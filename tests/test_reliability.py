@@ -340,10 +340,9 @@ def test_one_far_row_is_scored_in_float64_not_failed(fitted):
 
 def _tight_classes(sep, n=200, c=5, d=16, seed=0):
     """Classes ``sep`` from their mean and of unit spread: q_ood falls like exp(-sep)."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64))
-    y = torch.arange(n) % c
-    return sep * dirs[y] + torch.randn(n, d, generator=gen, dtype=torch.float64), y
+    from grood._bench.common import tight_classes
+
+    return tight_classes(sep, n, c, d, seed)[:2]
 
 
 def test_gradients_too_small_for_the_dtype_are_warned_of():

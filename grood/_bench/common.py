@@ -61,6 +61,21 @@ def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: s
     return x.to(device), labels.to(device)
 
 
+def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[Tensor, ...]:
+    """``(train, labels, id_test, near_ood)`` in float64: ``c`` classes ``sep`` from their mean,
+    of unit spread (q_ood falls like exp(-sep)); the near-OOD rows' centres are pulled 10 %
+    towards the mean, spread 1.5. ``train`` is drawn first: the same for any later draws."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64))
+    y = torch.arange(n) % c
+    x = sep * dirs[y] + torch.randn(n, d, generator=gen, dtype=torch.float64)
+    yt = torch.arange(n // 2) % c
+    test = sep * dirs[yt] + torch.randn(n // 2, d, generator=gen, dtype=torch.float64)
+    near = 0.9 * sep * dirs[yt] + 1.5 * torch.randn(n // 2, d, generator=gen,
+                                                    dtype=torch.float64)
+    return x, y, test, near
+
+
 #: Timings of this run, one dict per timed kernel call (``--json`` writes them): ``kernel``
 #: (``ncp_gradient`` / ``knn``), ``dims`` (N, C, D or Q, M, D), ``precision`` (search rows on
 #: bf16 storage: ``bf16-storage``), ``backend`` and the median ``seconds``.
