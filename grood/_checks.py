@@ -94,7 +94,8 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
             try:
                 t = torch.from_numpy(arr)
             except TypeError as exc:
-                raise TypeError(f"{name} has unsupported dtype {arr.dtype}") from exc
+                raise TypeError(f"{name} has unsupported dtype {arr.dtype}"
+                                f"{_numpy_dtype_hint(arr.dtype)}") from exc
         return t, ArrayKind(True, torch.device("cpu"))
     # A loader or generator: its batches go to the streaming methods.
     hint = ("; batches from a loader go to the streaming methods: fit_batches / score_batches "
@@ -102,6 +103,16 @@ def as_tensor(x: Any, name: str) -> tuple[Tensor, ArrayKind]:
             if hasattr(x, "__iter__") and not isinstance(x, (str, bytes, Mapping)) else "")
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got "
                     f"{type(x).__name__}{hint}")
+
+
+def _numpy_dtype_hint(dtype: np.dtype) -> str:
+    """How to convert features of a numpy dtype torch does not take."""
+    if dtype.kind == "f":  # longdouble (float96 / float128)
+        return "; convert them: x.astype(np.float64)"
+    if dtype.kind in "US":
+        return ("; it holds text (a file read as strings?): parse the numbers, "
+                "x.astype(np.float32)")
+    return ""
 
 
 def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
@@ -121,7 +132,7 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
         raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}{hint}")
     if x.dtype not in FLOAT_DTYPES:
         convert = ("; convert them: x.astype(np.float32) (numpy), x.float() (torch)"
-                   if x.dtype in INT_DTYPES or x.dtype == torch.bool else "")
+                   if x.dtype in INT_DTYPES + WIDE_UNSIGNED or x.dtype == torch.bool else "")
         raise TypeError(f"{name} must be floating point (float16, bfloat16, float32 or float64), "
                         f"got {str(x.dtype).removeprefix('torch.')}{convert}")
     if x.shape[0] == 0 and not allow_empty:

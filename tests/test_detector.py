@@ -409,6 +409,15 @@ def test_no_correct_training_sample_is_refused():
     (lambda t: t.long(), TypeError, r"floating point \(float16, bfloat16, float32 or "
                                     r"float64\), got int64; convert them: "
                                     r"x\.astype\(np\.float32\) \(numpy\), x\.float\(\) \(torch\)"),
+    (lambda t: t.numpy().astype(np.uint16), TypeError, r"got uint16; convert them: "
+                                                        r"x\.astype\(np\.float32\)"),
+    pytest.param(lambda t: t.numpy().astype(np.longdouble), TypeError,
+                 r"unsupported dtype float(96|128); convert them: x\.astype\(np\.float64\)",
+                 marks=pytest.mark.skipif(np.dtype(np.longdouble).itemsize == 8,
+                                          reason="long double is float64 here")),
+    (lambda t: t.numpy().astype(str), TypeError, r"unsupported dtype <U\d+; it holds text "
+                                                 r"\(a file read as strings\?\): parse the "
+                                                 r"numbers, x\.astype\(np\.float32\)"),
     (lambda t: [row.tolist() for row in t[:3]] + [[1.0]], ValueError,
      "features is not a rectangular array"),
     (lambda t: np.rec.fromarrays(t[:, :3].numpy().T, names="a,b,c"), TypeError,
