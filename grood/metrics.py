@@ -49,7 +49,11 @@ def as_score_array(x: Any, name: str) -> np.ndarray:
         x = x.detach().cpu()
         x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
     arr = np.asarray(x)
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind == "b":  # flags rank nothing, and is_ood's would rank OOD above ID
+        raise TypeError(f"{name} holds booleans (is_ood's flags, or a comparison?): the "
+                        "metrics rank scores, higher = more in-distribution; pass the "
+                        "scores themselves (score_samples)")
+    if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.dtype.kind in "iu" and arr.size and (arr.max() > _EXACT_INT
                                                 or arr.min() < -_EXACT_INT):

@@ -108,6 +108,21 @@ def test_integer_scores_beyond_float64_exactness_are_refused():
             ood_metrics(bad, [0.5])
 
 
+def test_boolean_scores_are_refused():
+    """is_ood's flags (True = OOD) given as scores ranked the flagged samples as the most
+    in-distribution: an AUROC below 0.5 reported as a result."""
+    id_s, ood_s = np.linspace(0.0, 1.0, 20), np.linspace(-1.0, 0.2, 20)
+    threshold = 0.3
+    for flags in ((id_s < threshold, ood_s < threshold),
+                  (torch.from_numpy(id_s) < threshold, torch.from_numpy(ood_s) < threshold)):
+        with pytest.raises(TypeError, match=r"id_scores holds booleans \(is_ood's flags, or a "
+                                            r"comparison\?\): .* pass the scores themselves"):
+            ood_metrics(*flags)
+        with pytest.raises(TypeError, match="holds booleans"):
+            threshold_at_tpr(flags[0])
+    assert ood_metrics(id_s, ood_s)["auroc"] > 0.9
+
+
 @pytest.mark.parametrize("level", [95, 0, -0.5, 1.01, float("nan"), "0.95", True])
 def test_recall_level_outside_a_fraction_is_refused(level):
     """A percentage (95) found no threshold and reported fpr95 = 0, a perfect-looking score."""
