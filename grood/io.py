@@ -37,6 +37,16 @@ class FeatureFile(NamedTuple):
     logits: Any
 
 
+def _text_hint(path: Path, suffix: str) -> str:
+    """How to turn a text table of features into a file grood reads."""
+    if suffix not in (".csv", ".tsv", ".txt"):
+        return ""
+    delimiter = {".csv": "','", ".tsv": "'\\t'"}.get(suffix, "None")
+    return (f"; a text table converts once, e.g. np.savez({path.with_suffix('.npz').name!r}, "
+            f"features=np.loadtxt({path.name!r}, delimiter={delimiter}, dtype=np.float32)) "
+            "(skiprows=1 past a header; labels=... as integer class ids beside them)")
+
+
 def load_features(path: str | os.PathLike) -> FeatureFile:
     """Read a feature file (see the module docstring for the formats)."""
     path = Path(path)
@@ -44,7 +54,8 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         raise FileNotFoundError(f"no feature file at {path}{path_hint(path)}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}"
+                         f"{_text_hint(path, suffix)}")
     _check_numpy_format(path, suffix)
     try:
         if suffix == ".npy":
