@@ -322,12 +322,21 @@ def check_device(device: Any) -> torch.device | None:
     cannot be used here."""
     if device is None:
         return None
+    if (isinstance(device, int) and not isinstance(device, bool) and device >= 0
+            and not torch.accelerator.is_available()):
+        raise ValueError(f"device {device} is an accelerator index ('cuda:{device}' where "
+                         f"torch sees CUDA), but this torch ({torch.__version__}) sees no "
+                         "accelerator")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         if isinstance(device, str) and device.split(":")[0].lower() == "gpu":
             raise ValueError(f"device {device!r} is not a device name: torch calls a GPU "
                              f"{device.lower().replace('gpu', 'cuda')!r}") from None
+        if isinstance(device, str) and device.strip().lower() == "auto":
+            raise ValueError("device 'auto' is the command line's choice; in Python leave "
+                             "device=None (the default), which follows the device of the "
+                             "features given, or name one ('cuda', 'cpu')") from None
         raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', "
                          f"'cuda:1'): {exc}") from None
     if dev.type == "cuda":

@@ -284,6 +284,9 @@ def test_bad_parameters_are_named(param, value, match):
                         r"kernels; where it runs is device=...\)$"),
     ("device", "gpu", r"^device 'gpu' is not a device name: torch calls a GPU 'cuda'$"),
     ("device", "GPU:1", r"^device 'GPU:1' is not a device name: torch calls a GPU 'cuda:1'$"),
+    ("device", "auto", r"^device 'auto' is the command line's choice; in Python leave "
+                       r"device=None \(the default\), which follows the device of the "
+                       r"features given, or name one \('cuda', 'cpu'\)$"),
     ("precision", "fp8", r"got 'fp8'$"),  # (no hint where none is meant)
     ("index", "hnsw", r"got 'hnsw'$"),
     ("backend", "numpy", r"got 'numpy'$"),
@@ -295,6 +298,16 @@ def test_names_from_elsewhere_are_refused_with_the_one_meant(param, value, match
     x, y, _ = _data()
     with pytest.raises(ValueError, match=match):
         GROOD(**{param: value}).fit(x, y)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="an accelerator is present")
+def test_an_accelerator_index_without_an_accelerator_is_named_as_one():
+    """device=0 (torch's index of the current accelerator) was called "not a device name"."""
+    x, y, _ = _data()
+    with pytest.raises(ValueError, match=r"^device 0 is an accelerator index \('cuda:0' where "
+                                         r"torch sees CUDA\), but this torch \(.*\) sees no "
+                                         r"accelerator"):
+        GROOD(device=0).fit(x, y)
 
 
 def test_labels_of_minus_one_are_named_as_pytorch_oods_ood_mark():
