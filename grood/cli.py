@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +495,29 @@ def _plot_targets(folder: str, inputs: dict[str, str]) -> Path:
     return plot_folder(folder, PLOT_FILES, "--plots", inputs)
 
 
+def named_arg(setting: str) -> Callable[[str], str]:
+    """An argparse type for ``precision``, ``index`` or ``backend``: the name, or a usage
+    error naming the one meant where another name for it is given (``fp32`` → ``ieee``,
+    ``ivf`` → ``faiss-ivf``, a device as the backend), as the Python API's checks do."""
+
+    def check(text: str) -> str:
+        from grood.functional import check_precision
+        from grood.index import index_class
+        from grood.ops import check_backend_name
+
+        checks = {"precision": check_precision, "index": index_class,
+                  "backend": check_backend_name}
+        try:
+            checks[setting](text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{setting} ").replace(
+                "device=...", "--device")) from None
+        return text
+
+    check.__name__ = setting  # (argparse names the type in some errors)
+    return check
+
+
 def feature_sources() -> list[str]:
     """Registered OOD-prototype sources that a command line of feature files can feed (they
     need nothing, or only ``ood_features``); sources that need the model are for Python."""
@@ -511,9 +534,12 @@ def _scoring_options(parser: argparse.ArgumentParser, *, backend_help: str = "",
     from grood.ops import BACKENDS
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
+    parser.add_argument("--backend", type=named_arg("backend"), choices=BACKENDS,
+                        default=None,
                         help="run on this backend instead of the saved one" + backend_help)
-    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
+    parser.add_argument("--precision", type=named_arg("precision"), choices=PRECISIONS,
+                        default=None,
+                        help=precision_help)
     parser.add_argument("--batch-size", type=positive_int_arg, default=None,
                         help="rows per batch (default: the detector's)")
 
@@ -597,13 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ignore-logits", action="store_true",
                      help="decide which samples are correct by the nearest prototype even if "
                           "the file has logits")
-    fit.add_argument("--backend", choices=BACKENDS, default="auto",
+    fit.add_argument("--backend", type=named_arg("backend"), choices=BACKENDS,
+                     default="auto",
                      help="implementation of the hot paths (default: auto)")
     fit.add_argument("--device", default="auto", help=DEVICE_HELP)
-    fit.add_argument("--index", choices=index_kinds(), default="exact",
+    fit.add_argument("--index", type=named_arg("index"), choices=index_kinds(),
+                     default="exact",
                      help="gradient index: exact search by grood (default), by faiss, or the "
                           "reference implementation's approximate IVF search (needs faiss)")
-    fit.add_argument("--precision", choices=PRECISIONS, default="ieee",
+    fit.add_argument("--precision", type=named_arg("precision"), choices=PRECISIONS,
+                     default="ieee",
                      help="GEMM precision of the gradient step and the search; results are "
                           "re-ranked exactly in fp32 (default: ieee)")
     fit.add_argument("--index-storage", choices=["float32", "bfloat16", "float16"],

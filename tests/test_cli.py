@@ -1225,6 +1225,30 @@ def test_demo_refuses_counts_of_zero_and_a_file_as_its_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
+    (["fit", "t.npz", "-o", "d.safetensors", "--precision", "fp32"],
+     "argument --precision: must be one of ('ieee', 'tf32', 'tf32x3', 'bf16'), got 'fp32' "
+     "(for 'fp32' pass 'ieee')"),
+    (["score", "d.safetensors", "t.npz", "-o", "s.csv", "--precision", "TF32"],
+     "argument --precision: must be one of ('ieee', 'tf32', 'tf32x3', 'bf16'), got 'TF32' "
+     "(for 'TF32' pass 'tf32')"),
+    (["fit", "t.npz", "-o", "d.safetensors", "--index", "ivf"],
+     "got 'ivf' (for 'ivf' pass 'faiss-ivf')"),
+    (["eval", "d.safetensors", "--id", "t.npz", "--ood", "o.npz", "--backend", "cuda"],
+     "argument --backend: must be one of ('auto', 'torch', 'triton'), got 'cuda' (backend "
+     "picks the implementation: torch, or the Triton kernels; where it runs is --device)"),
+    (["fit", "t.npz", "-o", "d.safetensors", "--precision", "fp8"],
+     "got 'fp8'\n"),  # (no hint where none is meant)
+])
+def test_names_from_elsewhere_are_refused_on_the_command_line_with_the_one_meant(
+        argv, message, capsys):
+    """argparse's "invalid choice: 'fp32'" named the valid choices alone, where the Python
+    API names the one meant; both now say it, before any file is read."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
     (["--repeat", "0"], "--repeat: must be a positive integer"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--json", "/nonexistent-folder/t.json"], "the folder /nonexistent-folder does not exist"),
@@ -1533,4 +1557,5 @@ def test_score_eval_and_calibrate_take_precision_and_batch_size(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["score", str(det_path), str(tmp_path / "val.npy"), "-o", str(tmp_path / "t.npy"),
               "--precision", "fp8"])
-    assert "argument --precision: invalid choice: 'fp8'" in capsys.readouterr().err
+    assert ("argument --precision: must be one of ('ieee', 'tf32', 'tf32x3', 'bf16'), got "
+            "'fp8'") in capsys.readouterr().err
