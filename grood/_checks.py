@@ -223,6 +223,9 @@ def as_labels(labels: Any, name: str = "labels") -> Tensor:
     """Class ids as a tensor (a view, as :func:`as_tensor`); unsigned ids wider than uint8
     (numpy's uint16/32/64) as an int64 copy, refusing values int64 cannot hold; class names
     (strings) are refused with how to number them."""
+    if labels is None:
+        raise TypeError(f"{name} is None: the fit needs each training row's integer class "
+                        "id (it makes a prototype of every class from them)")
     if isinstance(labels, (list, tuple)) or (  # numpy arrays and array-likes (pandas)
             hasattr(labels, "__array__") and not isinstance(labels, Tensor)):
         _check_not_names(labels, name)

@@ -214,6 +214,10 @@ def _bad_fit_cases():
         ("no-columns", (x[:, :0], y), {}, ValueError, "features has zero columns"),
         ("float-labels", (x, y.float()), {}, TypeError, "labels must hold integer class ids"),
         ("bool-labels", (x, y > 1), {}, TypeError, "labels must hold integer class ids"),
+        # ("labels must be a torch.Tensor or a numpy array, got NoneType" before)
+        ("no-labels", (x, None), {}, TypeError, r"^labels is None: the fit needs each training "
+                                                r"row's integer class id \(it makes a prototype "
+                                                r"of every class from them\)$"),
         # ("unsupported dtype <U5" before: scikit-learn's estimators take class names)
         ("name-labels", (x, np.array(["cat", "dog", "heron", "mouse"])[y.numpy()]), {},
          TypeError, r"labels holds class names \('.*', '.*', '.*', '.*'\), not integer class "
