@@ -400,23 +400,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ev = evaluate(det, id_data, {p: p for p in args.ood}, near={p: p for p in args.near},
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
                   id_name=args.id, device=args.device)
-    info = ev.id_info
-    print(f"ID: {args.id} ({info['n_id']} samples)", end="")
-    if "id_accuracy" in info:
-        print(f"; nearest-prototype accuracy {100 * info['id_accuracy']:.2f} %", end="")
-    if "id_logits_accuracy" in info:
-        print(f", the logits' {100 * info['id_logits_accuracy']:.2f} %", end="")
-    if "id_accepted" in info:
-        print(f"; {100 * info['id_accepted']:.2f} % accepted at the detector's "
-              f"{_threshold_line(det)}", end="")
-    print("\n")
-    print(ev.table())
-    differences = ev.difference_table()
-    if differences is not None:
-        print("\nGROOD minus each baseline on the same samples, with its paired 95 % bootstrap "
-              "interval (above 0: GROOD higher, better but for FPR@95; an interval holding 0 "
-              "does not resolve the two):\n")
-        print(differences)
+    print(ev.summary(None if ev.threshold is None else _threshold_line(det)))
     if args.json:
         with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(ev.results, indent=2))

@@ -49,7 +49,13 @@ OPENOOD_COLUMNS = {"fpr95": "FPR@95", "auroc": "AUROC", "aupr_in": "AUPR_IN",
                    "aupr_out": "AUPR_OUT"}
 
 
-@dataclass
+#: What the differences table shows, as the lines above it say.
+DIFFERENCES_NOTE = ("GROOD minus each baseline on the same samples, with its paired 95 % "
+                    "bootstrap interval (above 0: GROOD higher, better but for FPR@95; an "
+                    "interval holding 0 does not resolve the two):")
+
+
+@dataclass(repr=False)
 class Evaluation:
     """What :func:`evaluate` measured.
 
@@ -109,6 +115,32 @@ class Evaluation:
             return None
         return markdown_table(["OOD set", "baseline", *METRIC_LABELS.values()],
                               self._diff_rows)
+
+    def summary(self, threshold_words: str | None = None) -> str:
+        """The ID set in a line, the metrics table and, with ``bootstrap`` and baselines,
+        the differences table: what ``grood eval`` prints, and what ``repr`` (a notebook's
+        display of the result) shows. ``threshold_words`` name the threshold in the ID line
+        (default: ``threshold`` and its value)."""
+        info = self.id_info
+        line = f"ID: {self.id_key.removesuffix(' (ID)')} ({info['n_id']:,} samples)"
+        if "id_accuracy" in info:
+            line += f"; nearest-prototype accuracy {100 * info['id_accuracy']:.2f} %"
+        if "id_logits_accuracy" in info:
+            line += f", the logits' {100 * info['id_logits_accuracy']:.2f} %"
+        if "id_accepted" in info and self.threshold is not None:
+            line += (f"; {100 * info['id_accepted']:.2f} % accepted at the detector's "
+                     f"{threshold_words or f'threshold {self.threshold:.6g}'}")
+        parts = [line, self.table()]
+        differences = self.difference_table()
+        if differences is not None:
+            parts += [DIFFERENCES_NOTE, differences]
+        return "\n\n".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<grood Evaluation>\n{self.summary()}"
+
+    def _repr_markdown_(self) -> str:  # (Jupyter renders the tables)
+        return self.summary()
 
     def plot(self, folder: str | os.PathLike) -> list[Path]:
         """Draw the ROC curves (``roc.png``, a panel per OOD set, a curve per method), the

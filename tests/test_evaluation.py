@@ -118,6 +118,29 @@ def test_evaluate_scores_baselines_with_intervals_and_openood_csv(fitted):
         evaluate(det, id_set, far, baselines=[msp])
 
 
+def test_an_evaluation_shows_its_tables_not_its_scores(fitted):
+    """Shown in a notebook (or printed with repr), an Evaluation dumped every score array of
+    every method and set; it now shows the ID line and the tables grood eval prints, as
+    Markdown where the notebook renders it."""
+    det, id_set, near, _far, ood_logits = fitted
+    det = copy.deepcopy(det).calibrate(id_set["features"][:30])
+    msp = MSP().fit(id_set["logits"])
+    sets = {name: {"features": x, "logits": ood_logits} for name, x in near.items()}
+    ev = evaluate(det, id_set, sets, baselines=[msp], bootstrap=100, id_name="val")
+    summary = ev.summary()
+    assert summary.startswith(f"ID: val ({len(id_set['features'])} samples); nearest-prototype "
+                              f"accuracy {100 * ev.id_info['id_accuracy']:.2f} %, the logits' ")
+    assert f"accepted at the detector's threshold {det.threshold_:.6g}\n\n" in summary
+    assert ev.table() in summary and ev.difference_table() in summary
+    assert "GROOD minus each baseline on the same samples" in summary
+    assert repr(ev) == f"<grood Evaluation>\n{summary}" and ev._repr_markdown_() == summary
+    assert "array(" not in repr(ev) and len(repr(ev)) < 4000
+    plain = evaluate(det, id_set["features"], near)  # no labels, baselines or intervals
+    assert plain.summary() == (f"ID: the ID set ({len(id_set['features'])} samples); "
+                               f"{100 * plain.id_info['id_accepted']:.2f} % accepted at the "
+                               f"detector's threshold {det.threshold_:.6g}\n\n{plain.table()}")
+
+
 def test_evaluate_applies_the_threshold_and_draws_the_pictures(fitted, tmp_path):
     """A calibrated detector's threshold gives the fraction of ID rows accepted and of each
     OOD set flagged (a column of the table); plot() draws the ROC curves, the histograms and,
