@@ -24,7 +24,7 @@ from grood import distributed as dist
 from grood._checks import ArrayLike, ArrayT, check_fraction, is_count, user_stacklevel
 from grood._gradients import tiny_gradient_norm
 from grood.errors import DetectorFileError, NotFittedError
-from grood.metrics import as_score_array, threshold_at_tpr
+from grood.metrics import as_score_array, threshold_acceptance, threshold_at_tpr
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -60,6 +60,26 @@ UNRESOLVED_ZEROS = ("their gradients' norm q_ood is below the square root of the
                     "float32: squared distances between such gradients fall below its range, "
                     "whatever their true order")
 UNRESOLVED_FIX = "score float64 features (fitted in float64 too where the fit warned)"
+
+
+#: The spread (or mean shortfall from ``tpr``), as a fraction, of a threshold's acceptance of
+#: new ID samples past which :meth:`Calibration.calibrate` warns that it was chosen on too few
+#: rows: 20 rows at tpr = 0.95 (90.5 ± 6.3 %) are too few, 40 (92.7 ± 4.0 %) not.
+ACCEPTANCE_SLACK = 0.05
+
+
+def _warn_if_few(n: int, tpr: float) -> None:
+    """Warn where a threshold chosen on ``n`` rows accepts, of new ID samples, a fraction
+    whose spread or mean shortfall from ``tpr`` exceeds :data:`ACCEPTANCE_SLACK`."""
+    mean, std = threshold_acceptance(n, tpr)
+    if max(abs(tpr - mean), std) > ACCEPTANCE_SLACK:
+        more, more_std = threshold_acceptance(1000, tpr)
+        warnings.warn(
+            f"the threshold was chosen on {n} row(s): of new in-distribution samples it "
+            f"accepts {100 * mean:.1f} ± {100 * std:.1f} % "
+            f"(grood.metrics.threshold_acceptance), not the {100 * tpr:g} % asked for; "
+            f"calibrate on more held-out rows (1,000 give {100 * more:.1f} ± "
+            f"{100 * more_std:.1f} %)", UserWarning, stacklevel=user_stacklevel())
 
 
 def unresolved_share(unresolved: int, n: int) -> bool:
@@ -204,6 +224,7 @@ class Calibration:
                 "training set? Such rows score higher than new in-distribution samples, which "
                 "raises the threshold: more of those would be flagged than tpr says",
                 UserWarning, stacklevel=user_stacklevel())
+        _warn_if_few(n, tpr)
         self.calibration_ = {"threshold": threshold, "tpr": tpr, "n": n,
                              **self._search_setting()}
         return self

@@ -12,6 +12,7 @@ from conftest import clustered_features
 from reference import grood_scores_naive
 
 from grood import GROOD, DetectorFileError, NotFittedError, __version__, ops
+from grood.metrics import threshold_acceptance
 from grood.prototypes import OODPrototypeSource, register_source
 
 
@@ -661,6 +662,28 @@ def test_reduced_precision_modes_keep_scores_and_survive_save(precision, tmp_pat
     loaded = GROOD.load(tmp_path / "d.safetensors")
     assert loaded.precision == precision
     assert torch.equal(loaded.score_samples(test), det.score_samples(test))
+
+
+def test_a_threshold_chosen_on_too_few_rows_is_warned_of():
+    """calibrate on 5 rows at tpr=0.95 took their lowest score, which accepts about 83 % of
+    new ID samples (± 14 points), without a word; the warning gives the acceptance
+    threshold_acceptance models, and enough rows get none."""
+    x, y, _ = _data(seed=3, n=120)
+    val, _ = clustered_features(200, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
+    det = GROOD().fit(x, y)
+    for n, tpr in ((5, 0.95), (20, 0.95), (1, 0.5)):
+        mean, std = threshold_acceptance(n, tpr)
+        with pytest.warns(UserWarning, match=rf"^the threshold was chosen on {n} row\(s\): of "
+                                             rf"new in-distribution samples it accepts "
+                                             rf"{100 * mean:.1f} ± {100 * std:.1f} % .*, not "
+                                             rf"the {100 * tpr:g} % asked for; calibrate on "
+                                             rf"more held-out rows \(1,000 give"):
+            det.calibrate(val[:n], tpr=tpr)
+        assert det.calibration_["n"] == n  # (chosen all the same)
+    for n in (40, 200):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            det.calibrate(val[:n])
 
 
 def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):

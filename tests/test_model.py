@@ -239,6 +239,7 @@ def test_results_per_sample_of_a_shuffling_loader_are_warned_of(tmp_path):
             call(plain)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "the threshold was chosen on 20 row")  # (few rows)
         det.calibrate_model(model, shuffled)
     threshold = det.threshold_
     assert threshold == det.calibrate_model(model, plain).threshold_
