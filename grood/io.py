@@ -42,8 +42,8 @@ def _text_hint(path: Path, suffix: str) -> str:
     if suffix not in (".csv", ".tsv", ".txt"):
         return ""
     delimiter = {".csv": "','", ".tsv": "'\\t'"}.get(suffix, "None")
-    return (f"; a text table converts once, e.g. np.savez({path.with_suffix('.npz').name!r}, "
-            f"features=np.loadtxt({path.name!r}, delimiter={delimiter}, dtype=np.float32)) "
+    return (f"; a text table converts once, e.g. np.savez({str(path.with_suffix('.npz'))!r}, "
+            f"features=np.loadtxt({str(path)!r}, delimiter={delimiter}, dtype=np.float32)) "
             "(skiprows=1 past a header; labels=... as integer class ids beside them)")
 
 
