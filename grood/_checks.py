@@ -336,6 +336,9 @@ def check_device(device: Any) -> torch.device | None:
         if isinstance(device, str) and device.split(":")[0].lower() == "gpu":
             raise ValueError(f"device {device!r} is not a device name: torch calls a GPU "
                              f"{device.lower().replace('gpu', 'cuda')!r}") from None
+        if isinstance(device, str) and device.strip().isdigit():
+            raise ValueError(f"device {device!r} is not a device name: a GPU by its index is "
+                             f"'cuda:{device.strip()}'") from None
         if isinstance(device, str) and device.strip().lower() == "auto":
             raise ValueError("device 'auto' is the command line's choice; in Python leave "
                              "device=None (the default), which follows the device of the "

@@ -289,6 +289,7 @@ def test_bad_parameters_are_named(param, value, match):
                         r"kernels; where it runs is device=...\)$"),
     ("device", "gpu", r"^device 'gpu' is not a device name: torch calls a GPU 'cuda'$"),
     ("device", "GPU:1", r"^device 'GPU:1' is not a device name: torch calls a GPU 'cuda:1'$"),
+    ("device", "1", r"^device '1' is not a device name: a GPU by its index is 'cuda:1'$"),
     ("device", "auto", r"^device 'auto' is the command line's choice; in Python leave "
                        r"device=None \(the default\), which follows the device of the "
                        r"features given, or name one \('cuda', 'cpu'\)$"),
