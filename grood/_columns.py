@@ -9,6 +9,9 @@ features, silently.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -16,11 +19,14 @@ from torch import Tensor
 
 from grood._checks import user_stacklevel
 
-__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "listed", "ood_columns",
-           "set_feature_names"]
+__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "listed", "names_checked",
+           "ood_columns", "set_feature_names"]
 
 #: How the warning about an array where a table was fitted begins (a ``warnings`` filter).
 NO_NAMES = r"\w+ have no column names, but those"
+#: Set (per thread and task) while a caller scores a tensor made from a table whose names it
+#: has checked already: the tensor has none, and is not warned of.
+_NAMES_CHECKED: ContextVar[bool] = ContextVar("grood_names_checked", default=False)
 #: Names listed in a message before the rest are counted.
 _SHOWN = 6
 
@@ -77,6 +83,8 @@ def check_feature_names(fitted: Any, x: Any, name: str = "features", *,
     if names == fitted:
         return
     if fitted is None or names is None:
+        if names is None and _NAMES_CHECKED.get():
+            return
         said = (f"have named columns, but those {against} had none" if fitted is None else
                 f"have no column names, but those {against} were named ({listed(fitted)})")
         warnings.warn(f"{name} {said}: the columns are taken in the order given",
@@ -96,6 +104,19 @@ def check_feature_names(fitted: Any, x: Any, name: str = "features", *,
     raise ValueError(f"{name} hold the columns {against} in another order (column {moved} is "
                      f"{names[moved]!r}, was {fitted[moved]!r}): select them in that order, "
                      f"e.g. {reorder}")
+
+
+@contextmanager
+def names_checked() -> Iterator[None]:
+    """Within it, an input without column names where names were fitted is not warned of: the
+    caller checked the table it came from (:func:`check_feature_names`) before making it a
+    tensor. A context variable, not a ``warnings`` filter: other threads' warnings and
+    filters are left alone."""
+    token = _NAMES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _NAMES_CHECKED.reset(token)
 
 
 def set_feature_names(det: Any, names: tuple[str, ...] | None) -> None:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from grood._checks import check_device, check_positive_int, prefixed_errors, user_stacklevel
-from grood._columns import NO_NAMES
+from grood._columns import names_checked
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
 
@@ -412,8 +412,7 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
             t = as_tensor(value, est.inputs)[0]
             moved[est.inputs] = t if device is None else t.to(device)
         est.check_columns(getattr(data, est.inputs))  # a table's names: the tensor has none
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", NO_NAMES, UserWarning)  # (checked above)
+        with names_checked():  # (checked above)
             if predictions is not None and callable(getattr(est, "score_and_predict", None)):
                 scores, preds = est.score_and_predict(moved[est.inputs])
                 predictions[name] = np.asarray(preds.cpu())

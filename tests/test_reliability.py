@@ -1242,3 +1242,53 @@ def test_baselines_check_a_tables_columns_too_and_evaluate_keeps_them():
         warnings.simplefilter("ignore")  # (GROOD's and the KNN's about the ID array)
         evaluate(GROOD(progress=False).fit(x, y), {"features": held.numpy()},
                  {"far": {"features": ood["features"][names[::-1]]}}, baselines=[knn])
+
+
+def test_evaluate_leaves_the_warnings_filters_and_other_threads_alone():
+    """``evaluate`` silenced the baselines' "no column names" warning (a table's names it had
+    checked, lost by the tensor it made) by adding a process-wide ``warnings`` filter, which
+    another thread's warning met, and whose restoring undid filters other threads set in the
+    meantime. The names are now marked checked for the calling context alone."""
+    import threading
+    import warnings
+
+    from grood import evaluate
+    from grood.baselines import KNN
+
+    x, y = clustered_features(200, 3, 6, seed=4, dtype=torch.float32)
+    names = [f"pc{i}" for i in range(1, 7)]
+    knn = KNN(k=5).fit(_Table(x.numpy(), names))
+    det = GROOD(progress=False).fit(_Table(x.numpy(), names), y)
+    held, _ = clustered_features(60, 3, 6, seed=5, dtype=torch.float32)
+    seen = []
+    score = knn.score_samples
+
+    def watched(features):
+        seen.append(list(warnings.filters))
+        return score(features)
+
+    knn.score_samples = watched
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = list(warnings.filters)
+        evaluate(det, {"features": _Table(held.numpy(), names)},
+                 {"far": {"features": _Table(held.numpy()[:30] * 3, names)}}, baselines=[knn])
+    assert seen and all(filters == before for filters in seen)
+    # Marked in one thread, not in another: there a tensor where names were fitted is warned of.
+    from grood._columns import check_feature_names, names_checked
+
+    caught = []
+
+    def other_thread():
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            check_feature_names(names, x, against="this KNN was fitted on")
+        caught.extend(str(w.message) for w in got)
+
+    with names_checked(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_feature_names(names, x)  # (checked: no warning here)
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert caught and caught[0].startswith("features have no column names, but those this KNN")
