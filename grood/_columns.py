@@ -19,11 +19,9 @@ from torch import Tensor
 
 from grood._checks import user_stacklevel
 
-__all__ = ["NO_NAMES", "check_feature_names", "feature_names", "listed", "names_checked",
-           "ood_columns", "set_feature_names"]
+__all__ = ["check_feature_names", "feature_names", "listed", "names_checked", "ood_columns",
+           "set_feature_names"]
 
-#: How the warning about an array where a table was fitted begins (a ``warnings`` filter).
-NO_NAMES = r"\w+ have no column names, but those"
 #: Set (per thread and task) while a caller scores a tensor made from a table whose names it
 #: has checked already: the tensor has none, and is not warned of.
 _NAMES_CHECKED: ContextVar[bool] = ContextVar("grood_names_checked", default=False)
