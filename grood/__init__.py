@@ -26,6 +26,7 @@ from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.model import evaluate_model
+from grood.portable import export_onnx
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
 
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "evaluate_model",
+    "export_onnx",
     "ood_metrics",
     "register_index",
     "register_source",

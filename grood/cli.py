@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -274,6 +275,45 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(info_lines(info)))
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from grood import GROOD
+    from grood.io import load_features
+    from grood.persistence import save_target
+    from grood.portable import export_onnx
+
+    _require_files({"detector file": args.detector, "feature file": args.features})
+    save_target(args.out, suffixes=(".onnx",), what="ONNX files",
+                inputs={"detector file": args.detector, "feature file": args.features})
+    det = GROOD.load(args.detector, device="cpu")
+    if args.features is not None:
+        with prefixed_errors(args.features):
+            rows = load_features(args.features).features[:EXPORT_EXAMPLE_ROWS]
+        example = torch.as_tensor(rows, dtype=torch.float32)
+    else:  # rows like the data's: the class prototypes, and the OOD prototype
+        example = torch.cat([det.class_prototypes_[:EXPORT_EXAMPLE_ROWS - 1],
+                             det.ood_prototype_[None]]).float()
+    # torch's exporter's own notices, not the command's: a deprecation inside torch, and
+    # torchvision's ops it skips registering where torchvision is not installed.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            FutureWarning)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
+                       check=not args.no_check)
+    outputs = "score, pred" + (", is_ood" if hasattr(det, "calibration_") else "")
+    checked = ("checked in ONNX Runtime on " f"{example.shape[0]} rows" if not args.no_check
+               else "not checked")
+    print(f"wrote {path}: input 'input' [{'N' if not args.static_batch else example.shape[0]}, "
+          f"{det.n_features_in_}] float32 features; outputs {outputs}; {checked}")
+    return 0
+
+
+#: The rows of ``grood export``'s example batch (the check's rows, too): enough to cover a
+#: batch's shapes, few enough that the check's search over a large index stays small.
+EXPORT_EXAMPLE_ROWS = 16
 
 
 def info_lines(info: dict) -> list[str]:
@@ -744,6 +784,27 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true",
                       help="print the description as JSON instead of text")
     info.set_defaults(func=_cmd_info)
+    export = sub.add_parser(
+        "export", help="write a saved detector as an ONNX graph (ONNX Runtime, TensorRT...)",
+        description="Write a saved detector as an ONNX file that scores features outside "
+                    "PyTorch: input 'input' [N, D] float32; outputs 'score', 'pred', and "
+                    "'is_ood' for a calibrated detector. Rows it cannot score in float32 (NaN "
+                    "or Inf features, features far out of distribution) come out as score NaN "
+                    "and pred -1. The file is checked in ONNX Runtime against the detector "
+                    "before the command ends. Needs grood[onnx].",
+        epilog=EPILOG_FILES)
+    export.add_argument("detector", help="detector file written by 'grood fit' (the exact "
+                                         "index; a faiss index cannot be exported)")
+    export.add_argument("-o", "--out", required=True, help="ONNX file to write (.onnx)")
+    export.add_argument("--features", metavar="FILE",
+                        help=f"feature file whose first {EXPORT_EXAMPLE_ROWS} rows are the "
+                             "export's example and the check's input (default: the class "
+                             "prototypes and the OOD prototype)")
+    export.add_argument("--static-batch", action="store_true",
+                        help="fix the batch size to the example's instead of any batch size")
+    export.add_argument("--no-check", action="store_true",
+                        help="write the file without running it in ONNX Runtime")
+    export.set_defaults(func=_cmd_export)
     # 'grood bench ...' is handed whole to the benchmark code (see main), which is imported
     # only then; this entry lists the command in 'grood --help'.
     sub.add_parser(

@@ -1,0 +1,343 @@
+"""GROOD in plain PyTorch operations, for runtimes outside PyTorch: ONNX.
+
+:class:`GROODHead` is made of grood's custom ops (:mod:`grood.library`), which ``torch.compile``
+and ``torch.export`` keep as single nodes — and which ONNX Runtime, TensorRT or a phone's runtime
+do not have. :class:`PortableHead` computes the same scores and classes from the standard ops
+every exporter translates (matmul, top-k, gather, exp and log in float64), with the head's
+``checks="flag"`` rule: a row with NaN or Inf features, or one float32 cannot resolve (far out
+of distribution), comes out with score NaN and pred -1 — score such rows with the detector,
+which redoes them in float64. :func:`export_onnx` writes a head, or a model with the head
+attached (:meth:`GROOD.attach`), to an ``.onnx`` file and checks it in ONNX Runtime against
+the detector's own scores before it returns.
+
+The rule is the detector's: squared distances from the matmul expansion pick the
+``NCP_CANDIDATES`` nearest prototypes and the ``k + RERANK_EXTRA`` nearest indexed gradients,
+which are then measured again from differences, so the distances that decide a score carry no
+cancellation error, whatever order a runtime sums a matmul in. Scores agree with the
+detector's to float32 rounding (tested in PyTorch against the custom-op head and the float64
+detector, and in ONNX Runtime); not bit for bit, since a runtime's matmul and reductions sum
+in their own order.
+
+Needs ``pip install grood[onnx]`` (onnx, onnxscript; onnxruntime for the check) for
+:func:`export_onnx`; :class:`PortableHead` itself is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from grood._checks import check_positive_int
+from grood._gradients import FLOAT32_DISTANCE_LIMIT
+from grood.errors import require
+from grood.head import GROODAttached, GROODHead, _check_state, _check_threshold
+from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, pow2_scale
+
+__all__ = ["PortableHead", "export_onnx"]
+
+
+class PortableHead(nn.Module):
+    """A GROOD head in standard PyTorch operations only: ``forward(features [N, D])`` returns
+    ``(score [N], pred [N])``, with a threshold also ``is_ood [N]`` — the outputs of
+    ``GROODHead(checks="flag")`` to float32 rounding. Made from a head
+    (:meth:`from_head`); computes in float32 (exp and log of the softmax in float64), whatever
+    the head's precision mode. Reads no value on the host, so it traces, exports and compiles
+    to a graph of ordinary ops. Unlike :class:`GROODHead` it keeps no device-side count of the
+    rows it cannot score: they are the NaN scores."""
+
+    centred_prototypes: Tensor
+    centred_sq_norms: Tensor
+    ood_prototype_units: Tensor
+    index_vectors: Tensor
+    index_sq_norms: Tensor
+    threshold: Tensor | None
+
+    def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
+                 *, k: int = 1, threshold: float | None = None) -> None:
+        super().__init__()
+        _check_state(class_prototypes, ood_prototype, index_vectors, None)
+        k = check_positive_int(k, "k")
+        if index_vectors.shape[0] < k:
+            raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
+        protos = class_prototypes.detach().float()
+        p_ood = ood_prototype.detach().float()
+        # The gradient step's unit: a power of two near the prototypes' magnitude (exact
+        # rescaling), taken from the prototypes alone, as the detector takes it.
+        magnitude = max(float(protos.abs().max()), float(p_ood.abs().max()))
+        self.unit = pow2_scale(magnitude)
+        p_o = p_ood / self.unit
+        centred = protos / self.unit - p_o
+        self.register_buffer("ood_prototype_units", p_o.clone())
+        self.register_buffer("centred_prototypes", centred)
+        self.register_buffer("centred_sq_norms", (centred.double() ** 2).sum(1).float())
+        vectors = index_vectors.detach().float().clone()
+        self.register_buffer("index_vectors", vectors)
+        self.register_buffer("index_sq_norms", (vectors.double() ** 2).sum(1).float())
+        if threshold is not None:
+            self.register_buffer("threshold", torch.tensor(_check_threshold(threshold),
+                                                           dtype=torch.float64))
+        else:
+            self.threshold = None
+        self.k = k
+
+    @classmethod
+    def from_head(cls, head: GROODHead) -> PortableHead:
+        """The portable twin of ``head`` (its prototypes, index, ``k`` and threshold; the
+        exact index rows, not a rounded stored copy), on the head's device."""
+        threshold = None if head.threshold is None else float(head.threshold)
+        if head.threshold is not None and head.k != head._threshold_k:
+            raise ValueError(f"the head's threshold was chosen on scores at "
+                             f"k={head._threshold_k}, and k is now {head.k}: set k back, or "
+                             "calibrate the detector at this k and make a new head")
+        return cls(head.class_prototypes, head.ood_prototype, head.index_vectors, k=head.k,
+                   threshold=threshold).to(head.class_prototypes.device).eval()
+
+    def extra_repr(self) -> str:
+        c, d = self.centred_prototypes.shape
+        threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
+        return f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}" + (
+            threshold)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
+        d = self.centred_prototypes.shape[1]
+        if features.ndim != 2 or features.shape[1] != d:
+            raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
+                             f"got {tuple(features.shape)}")
+        if not features.is_floating_point():
+            raise TypeError(f"features must be floating point, got {features.dtype}")
+        h = features.detach().float()
+        finite = torch.isfinite(h).all(1)
+        h = torch.where(finite[:, None], h, 0.0)
+        grad, q, pred, min_dist, lse = self._gradient(h)
+        # The head's checks="flag" rule (grood._gradients.resolved_rows).
+        bad = ~(finite & torch.isfinite(q) & torch.isfinite(lse) & torch.isfinite(grad.sum(1))
+                & (min_dist <= FLOAT32_DISTANCE_LIMIT) & (-lse <= FLOAT32_DISTANCE_LIMIT))
+        grad = torch.where(bad[:, None], 0.0, grad)
+        score = torch.where(bad, float("nan"), -self._kth_sq_distance(grad))
+        pred = torch.where(bad, -1, pred)
+        if self.threshold is None:
+            return score, pred
+        return score, pred, ~(score.double() >= self.threshold)  # NaN rows: flagged
+
+    def _gradient(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(grad [N, D], q_ood [N], pred [N], min_dist [N], lse [N]) of features ``h`` [N, D]:
+        :func:`grood.functional.ncp_gradient`'s rule in whole-batch operations."""
+        unit, protos = self.unit, self.centred_prototypes
+        u = h / unit - self.ood_prototype_units  # [N, D], in units `unit`
+        u_sq = (u * u).sum(1)
+        u_norm = u_sq.sqrt()
+        sq = (u_sq[:, None] - 2.0 * (u @ protos.T) + self.centred_sq_norms[None]).clamp_min(0)
+        dist = sq.sqrt() * unit  # [N, C], estimates from the expansion
+        n_cand = min(NCP_CANDIDATES, protos.shape[0])
+        cand_d, cand_i = torch.topk(dist, n_cand, dim=1, largest=False)
+        # The candidates' distances measured again from differences replace the estimates.
+        exact = (u[:, None, :] - protos[cand_i]).square().sum(2).sqrt() * unit  # [N, n_cand]
+        neg_ood = -(u_norm.double() * unit)
+        neg = -dist.double()
+        m = torch.maximum(neg_ood, neg.max(1).values)
+        rest = ((neg - m[:, None]).exp().sum(1)
+                - (-cand_d.double() - m[:, None]).exp().sum(1)).clamp_min(0)
+        total = rest + (neg_ood - m).exp() + (-exact.double() - m[:, None]).exp().sum(1)
+        lse = m + total.log()
+        q = (neg_ood - lse).exp()
+        # The nearest prototype by exact distance; among equal ones the lower class.
+        min_dist = exact.min(1).values
+        pred = torch.where(exact == min_dist[:, None], cand_i,
+                           protos.shape[0]).min(1).values
+        norm = u_norm.double()
+        scale = torch.where(norm > 0, q / torch.where(norm > 0, norm, 1.0), 0.0).float()
+        return u * scale[:, None], q.float(), pred, min_dist, lse.float()
+
+    def _kth_sq_distance(self, grad: Tensor) -> Tensor:
+        """The squared distance [N] from each gradient to its k-th nearest indexed one
+        (:func:`grood.functional.knn`'s rule: candidates from the expansion, measured again
+        from differences)."""
+        vectors = self.index_vectors
+        g_sq = (grad * grad).sum(1)
+        sq = (g_sq[:, None] - 2.0 * (grad @ vectors.T) + self.index_sq_norms[None]).clamp_min(0)
+        n_cand = min(self.k + RERANK_EXTRA, vectors.shape[0])
+        _, cand = torch.topk(sq, n_cand, dim=1, largest=False)
+        exact = (grad[:, None, :] - vectors[cand]).square().sum(2)  # [N, n_cand]
+        return torch.topk(exact, self.k, dim=1, largest=False).values[:, self.k - 1]
+
+
+def _flag_head(head: GROODHead) -> GROODHead:
+    """A shallow copy of ``head`` that scores by ``checks="flag"`` (the rule the portable head
+    follows) with a counter of its own: the head given is not changed."""
+    flagged = copy.copy(head)
+    flagged._buffers = dict(head._buffers)
+    flagged.unresolved_rows = head.unresolved_rows.clone()
+    flagged.checks = "flag"
+    return flagged
+
+
+def reference_copy(module: nn.Module) -> nn.Module:
+    """``module`` with its GROOD head scoring by ``checks="flag"`` (:func:`_flag_head`)."""
+    if isinstance(module, GROODHead):
+        return _flag_head(module)
+    if isinstance(module, GROODAttached):
+        attached: GROODAttached = copy.copy(module)
+        attached._modules = dict(module._modules)  # (a shallow copy shares the dict)
+        attached._modules["head"] = _flag_head(module.head)
+        return attached
+    return module
+
+
+def portable_copy(module: nn.Module) -> tuple[nn.Module, PortableHead]:
+    """``module`` with its GROOD head made portable, and that head: a :class:`PortableHead`
+    for a :class:`GROODHead`, and for a model the head is attached to, a copy holding the
+    portable head in its place (the model itself is shared, not changed)."""
+    if isinstance(module, PortableHead):
+        return module, module
+    if isinstance(module, GROODHead):
+        head = PortableHead.from_head(module)
+        return head, head
+    if isinstance(module, GROODAttached):
+        head = PortableHead.from_head(module.head)
+        attached = copy.copy(module)
+        attached._modules = dict(module._modules)  # (a shallow copy shares the dict)
+        attached._modules["head"] = head
+        # The exporter warns of a module in training mode: the model's layers' modes count.
+        attached.training = any(m.training for m in module.model.modules())
+        return attached, head
+    raise TypeError(f"export_onnx takes a fitted GROOD detector, its head (det.as_module()) or "
+                    f"a model with the head attached (det.attach(model)), got "
+                    f"{type(module).__name__}")
+
+
+def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, check: bool = True, opset: int | None = None,
+                external_data: bool | None = None) -> Path:
+    """Write ``module`` to the ONNX file ``path`` and return the path.
+
+    ``module``: a fitted :class:`grood.GROOD` (its head, with its threshold when calibrated),
+    a head (``det.as_module()``, ``flags=True`` for ``is_ood``) or a model with the head
+    attached (``det.attach(model, ...)``). Its GROOD scoring is exported as
+    :class:`PortableHead` computes it. ``example``: an input batch, a tensor or numpy array
+    (features for a head, given to the graph as float32; the model's input for an attached
+    model); with ``dynamic_batch`` the file takes any batch size. The input is named
+    ``input``; the outputs ``score``, ``pred`` (and ``is_ood``), after ``logits`` for an
+    attached model. ``opset``: the ONNX opset (torch's default when None).
+
+    With ``check`` (the default) the file is run in ONNX Runtime on ``example`` and its
+    outputs compared with the module's own in PyTorch: classes and flags equal, scores within
+    float32 rounding (relative 1e-4 of the largest score, NaN where the module's is NaN); a
+    file that disagrees is removed and the difference named (ValueError).
+
+    ``external_data``: write the weights (prototypes, index) to ``<path>.data`` beside the
+    graph; by default only where they pass ONNX's 2 GB limit. Either way the file (or the
+    pair, the data first) appears complete or not at all.
+    """
+    from grood.detector import GROOD
+    from grood.persistence import save_target
+
+    path = save_target(path, suffixes=(".onnx",), what="ONNX files")
+    if isinstance(example, np.ndarray):
+        example = torch.from_numpy(example)
+    if not isinstance(example, Tensor):
+        raise TypeError(f"example must be a torch.Tensor or a numpy array (an input batch), "
+                        f"got {type(example).__name__}")
+    if example.ndim == 0 or example.shape[0] == 0:
+        raise ValueError(f"example must be a batch of at least one row, got shape "
+                         f"{tuple(example.shape)}")
+    if isinstance(module, GROOD):
+        from grood.index import ExactIndex
+
+        module._check_fitted()
+        if not isinstance(module.index_, ExactIndex):
+            raise ValueError(f"export_onnx writes grood's exact index into the graph; this "
+                             f"detector's index is {module.index_.kind!r} (fit with "
+                             "index='exact' to export, or score with the detector)")
+        module = module.as_module(flags=hasattr(module, "calibration_"))
+    portable, head = portable_copy(module)
+    reference = reference_copy(module)
+    require("onnxscript", extra="onnx", purpose="export_onnx (torch.onnx's exporter)")
+    if check:
+        require("onnxruntime", extra="onnx", purpose="export_onnx's check (check=False "
+                "writes the file unchecked)")
+    if portable is head:  # features: the graph's input is float32, as the head computes
+        example = example.float()
+    names = ["score", "pred"] + (["is_ood"] if head.threshold is not None else [])
+    if portable is not head:
+        names.insert(0, "logits")
+    traced = example
+    if dynamic_batch and example.shape[0] == 1:  # torch.export fixes a batch of one
+        traced = example.expand(2, *example.shape[1:])
+    dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with torch.no_grad():
+        program = torch.onnx.export(portable, (traced,), dynamo=True, opset_version=opset,
+                                    input_names=["input"], output_names=names,
+                                    dynamic_shapes=dims, verbose=False)
+    assert program is not None  # (dynamo=True returns the program)
+    _save(program, path, external_data)
+    if check:
+        try:
+            check_onnx_file(path, reference, example, names,
+                            None if head.threshold is None else float(head.threshold))
+        except Exception:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
+            raise
+    return path
+
+
+def _save(program: Any, path: Path, external_data: bool | None) -> None:
+    """``program.save`` to ``path`` atomically: into a temporary folder beside it, then
+    renamed into place (with external data, ``<path>.data`` first, the graph naming it
+    last)."""
+    from grood.persistence import written_atomically
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        program.save(str(staged), external_data=external_data)
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            with written_atomically(path.with_name(path.name + ".data")) as out:
+                os.replace(data, out)
+        with written_atomically(path) as out:
+            os.replace(staged, out)
+
+
+def check_onnx_file(path: Path, module: nn.Module, example: Tensor, names: list[str],
+                    threshold: float | None) -> None:
+    """Run ``path`` in ONNX Runtime on ``example`` and compare its outputs with ``module``'s
+    (see :func:`export_onnx`)."""
+    onnxruntime = require("onnxruntime", extra="onnx", purpose="export_onnx's check")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example.detach().cpu().numpy()})
+    with torch.no_grad():
+        want = [t.detach().cpu().numpy() for t in module(example)]
+    for name, g, w in zip(names, got, want, strict=True):
+        if name == "score":
+            scale = float(np.nanmax(np.abs(w), initial=0.0)) or 1.0
+            same_nan = np.array_equal(np.isnan(g), np.isnan(w))
+            err = float(np.nanmax(np.abs(g - w), initial=0.0)) / scale if same_nan else np.inf
+            if not same_nan or err > 1e-4:
+                raise ValueError(f"{path}: ONNX Runtime's scores differ from the module's "
+                                 f"(relative {err:.3g}; NaN rows "
+                                 f"{'equal' if same_nan else 'differ'})")
+        elif name == "logits":
+            scale = float(np.abs(w).max(initial=0.0)) or 1.0
+            err = float(np.abs(g - w).max(initial=0.0)) / scale
+            if err > 1e-3:
+                raise ValueError(f"{path}: ONNX Runtime's logits differ from the model's "
+                                 f"(relative {err:.3g})")
+        elif not np.array_equal(g, w):
+            differ = g != w
+            if name == "is_ood":  # a score within rounding of the threshold may go either way
+                assert threshold is not None  # (is_ood comes with one)
+                score = want[names.index("score")]
+                near = np.abs(score - threshold) <= 1e-4 * (np.nanmax(np.abs(score)) or 1.0)
+                differ &= ~near
+                if not differ.any():
+                    continue
+            rows = np.flatnonzero(differ)[:5].tolist()
+            raise ValueError(f"{path}: ONNX Runtime's {name} differs from the module's in "
+                             f"rows {rows}")

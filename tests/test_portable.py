@@ -1,0 +1,206 @@
+"""GROOD in plain torch operations (PortableHead) and as an ONNX file (export_onnx)."""
+
+import sys
+import warnings
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+from conftest import clustered_features
+from test_library import SmallCNN
+
+from grood import GROOD, MissingExtraError, NotFittedError
+from grood.cli import main
+from grood.portable import PortableHead, export_onnx
+
+
+def _hard_rows(d: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows no float32 head scores: NaN, Inf, and features far out of distribution."""
+    rows = torch.rand(3, d, generator=gen)
+    rows[0, 1], rows[1, 0], rows[2] = float("nan"), float("inf"), 1e30
+    return rows
+
+
+def _detector(n_classes: int, k: int, *, n: int = 120, d: int = 11, seed: int = 0,
+              dtype: torch.dtype = torch.float32):
+    x, y = clustered_features(n, n_classes, d, seed=seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    test = torch.cat([clustered_features(30, n_classes, d, seed=seed + 2, dtype=dtype)[0],
+                      (3 * torch.rand(9, d, generator=gen)).to(dtype), x[:4]])
+    with warnings.catch_warnings():  # few rows per class in the small cases
+        warnings.simplefilter("ignore")
+        if n_classes == 1:  # the OOD prototype from OOD features (the mean needs two)
+            det = GROOD(k=k, ood_prototype="features").fit(
+                x, y, ood_features=(3 * torch.rand(20, d, generator=gen)).to(dtype))
+        else:
+            det = GROOD(k=k).fit(x, y)
+        det.calibrate(clustered_features(60, n_classes, d, seed=seed + 3, dtype=dtype)[0])
+    return det, test, gen
+
+
+@pytest.mark.parametrize(("n_classes", "k", "n"), [(1, 1, 40), (3, 2, 60), (5, 1, 120),
+                                                   (7, 4, 120), (4, 3, 12)])
+def test_portable_head_gives_the_flag_heads_scores_classes_and_flags(n_classes, k, n):
+    """Fewer classes than the re-rank's candidates, k near the index's size, rows it cannot
+    score: the portable head's outputs are the custom-op head's (checks="flag")."""
+    det, test, gen = _detector(n_classes, k, n=n)
+    test = torch.cat([test, _hard_rows(test.shape[1], gen)])
+    head = det.as_module(checks="flag", flags=True)
+    portable = PortableHead.from_head(head)
+    want, got = head(test), portable(test)
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+    assert int(got[0].isnan().sum()) == 3  # the three hard rows
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6 * float(
+        want[0].nan_to_num().abs().max()), equal_nan=True)
+    # Float64 features are scored by the portable head in float32 (the head's are in
+    # float64): the same to float32 rounding.
+    wide = portable(test.double())
+    torch.testing.assert_close(wide[0], got[0], rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_portable_head_is_as_close_to_float64_as_the_detector():
+    """Against the float64 twin (the detector fitted and scoring in float64), the portable
+    head's float32 scores are no farther than the float32 detector's own."""
+    det64, test64, _ = _detector(6, 2, n=180, d=13, seed=4, dtype=torch.float64)
+    det32, test32, _ = _detector(6, 2, n=180, d=13, seed=4, dtype=torch.float32)
+    truth = det64.score_samples(test64)
+    scale = float(truth.abs().max())
+    detector_err = float((det32.score_samples(test32).double() - truth).abs().max()) / scale
+    portable = PortableHead.from_head(det32.as_module())
+    portable_err = float((portable(test32)[0].double() - truth).abs().max()) / scale
+    assert portable_err <= max(2 * detector_err, 1e-6)
+    assert torch.equal(portable(test32)[1], det64.predict(test64))
+
+
+def test_portable_head_exports_to_a_graph_of_standard_ops():
+    """torch.export traces it (no host read stops it) into aten ops alone: no grood op."""
+    det, test, _ = _detector(5, 2)
+    portable = PortableHead.from_head(det.as_module(flags=True))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(portable, (test,), dynamic_shapes=({0: batch},))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("grood" in t for t in targets)
+    for rows in (test[:2], test):
+        for a, b in zip(program.module()(rows), portable(rows), strict=True):
+            assert torch.equal(a, b)
+
+
+def _session(path):
+    ort = pytest.importorskip("onnxruntime")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _quiet_export(*args, **kwargs):
+    with warnings.catch_warnings():  # torch's exporter's own deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        return export_onnx(*args, **kwargs)
+
+
+def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path):
+    """A calibrated detector's file: score, pred and is_ood for batches of any size, as the
+    detector gives them; rows it cannot score NaN, -1 and flagged."""
+    pytest.importorskip("onnxscript")
+    det, test, gen = _detector(5, 3)
+    test = torch.cat([test, _hard_rows(test.shape[1], gen)])
+    head = det.as_module(checks="flag")
+    path = _quiet_export(det, test[:7].double().numpy(), tmp_path / "grood.onnx")
+    assert path == tmp_path / "grood.onnx" and int(head.unresolved_rows) == 0
+    session = _session(path)
+    assert [o.name for o in session.get_outputs()] == ["score", "pred", "is_ood"]
+    assert session.get_inputs()[0].type == "tensor(float)"  # float32 whatever the example
+    for rows in (test[:1], test[5:7], test):
+        score, pred, is_ood = session.run(None, {"input": rows.numpy()})
+        assert score.shape == (rows.shape[0],) and pred.dtype == np.int64
+        ok = torch.isfinite(rows).all(1) & (rows.abs().amax(1) < 1e20)
+        want_s, want_p = det.score_and_predict(rows[ok])
+        np.testing.assert_allclose(score[ok.numpy()], want_s.numpy(), rtol=1e-5,
+                                   atol=1e-6 * float(want_s.abs().max()))
+        assert np.array_equal(pred[ok.numpy()], want_p.numpy())
+        assert np.array_equal(is_ood[ok.numpy()], det.is_ood(rows[ok]).numpy())
+        bad = ~ok.numpy()
+        assert np.isnan(score[bad]).all() and (pred[bad] == -1).all() and is_ood[bad].all()
+
+
+def test_an_exported_attached_model_gives_logits_scores_and_classes(tmp_path):
+    """A model with the head attached: one graph from images to logits, scores and classes;
+    the attached model and the model are left as they were."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    images = torch.rand(60, 1, 6, 6)
+    with warnings.catch_warnings():  # an untrained net's features
+        warnings.simplefilter("ignore")
+        det = GROOD(k=2).fit_model(net, [(images, torch.arange(60) % 3)], features="avgpool")
+    attached = det.attach(net, features="avgpool").eval()
+    head = attached.head
+    path = _quiet_export(attached, images[:8], tmp_path / "model.onnx")
+    assert attached.head is head and type(head).__name__ == "GROODHead"
+    session = _session(path)
+    assert [o.name for o in session.get_outputs()] == ["logits", "score", "pred"]
+    logits, score, pred = session.run(None, {"input": images[10:15].numpy()})
+    want = attached(images[10:15])
+    np.testing.assert_allclose(logits, want[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(score, want[1].numpy(), rtol=1e-5,
+                               atol=1e-6 * float(want[1].abs().max()))
+    assert np.array_equal(pred, want[2].numpy())
+
+
+def test_export_checks_the_file_and_removes_one_that_disagrees(tmp_path, monkeypatch):
+    """A graph whose scores are not the detector's is named and not left behind."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    det, test, _ = _detector(3, 1)
+    wrong = PortableHead._kth_sq_distance
+    monkeypatch.setattr(PortableHead, "_kth_sq_distance",
+                        lambda self, grad: wrong(self, grad) * 1.01)
+    for external in (False, True):
+        with pytest.raises(ValueError, match=r"ONNX Runtime's scores differ from the module's "
+                                             r"\(relative 0\.01; NaN rows equal\)"):
+            _quiet_export(det, test, tmp_path / "wrong.onnx", external_data=external)
+        assert not list(tmp_path.iterdir())  # neither the file, its data nor a temporary one
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path, monkeypatch):
+    det, test, _ = _detector(3, 1)
+    with pytest.raises(ValueError, match=r"ONNX files are written as \.onnx"):
+        export_onnx(det, test, tmp_path / "grood.pt")
+    with pytest.raises(TypeError, match=r"example must be a torch\.Tensor or a numpy array"):
+        export_onnx(det, test.tolist(), tmp_path / "grood.onnx")
+    with pytest.raises(ValueError, match="at least one row"):
+        export_onnx(det, test[:0], tmp_path / "grood.onnx")
+    with pytest.raises(TypeError, match="export_onnx takes a fitted GROOD detector"):
+        export_onnx(torch.nn.Linear(11, 2), test, tmp_path / "grood.onnx")
+    with pytest.raises(NotFittedError):
+        export_onnx(GROOD(), test, tmp_path / "grood.onnx")
+    if find_spec("faiss") is not None:
+        flat = GROOD(index="faiss-flat").fit(*clustered_features(60, 3, 11, dtype=torch.float32))
+        with pytest.raises(ValueError, match=r"export_onnx writes grood's exact index into the "
+                                             r"graph; this detector's index is 'faiss-flat'"):
+            export_onnx(flat, test, tmp_path / "grood.onnx")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'grood\[onnx\]'"):
+        export_onnx(det, test, tmp_path / "grood.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_grood_export_writes_a_checked_file(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    x, y = clustered_features(90, 3, 6, seed=2, dtype=torch.float32)
+    np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) == 0
+    assert main(["export", str(tmp_path / "d.safetensors"), "-o",
+                 str(tmp_path / "d.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "input 'input' [N, 6] float32 features; outputs score, pred; checked in ONNX " \
+           "Runtime on 4 rows" in out
+    score, pred = _session(tmp_path / "d.onnx").run(None, {"input": x[:9].numpy()})
+    det = GROOD.load(tmp_path / "d.safetensors")
+    want_s, want_p = det.score_and_predict(x[:9])
+    np.testing.assert_allclose(score, want_s.numpy(), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(pred, want_p.numpy())
+    assert main(["export", str(tmp_path / "d.safetensors"), "-o",
+                 str(tmp_path / "train.npz")]) == 2
+    assert "ONNX files are written as .onnx" in capsys.readouterr().err
