@@ -302,7 +302,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             FutureWarning)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
-                       check=not args.no_check)
+                       float64=not args.no_float64, check=not args.no_check)
     outputs = "score, pred" + (", is_ood" if hasattr(det, "calibration_") else "")
     checked = ("checked in ONNX Runtime on " f"{example.shape[0]} rows" if not args.no_check
                else "not checked")
@@ -802,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "prototypes and the OOD prototype)")
     export.add_argument("--static-batch", action="store_true",
                         help="fix the batch size to the example's instead of any batch size")
+    export.add_argument("--no-float64", action="store_true",
+                        help="leave float64 out of the graph (the softmax in float32), for "
+                             "runtimes without it, TensorRT among them")
     export.add_argument("--no-check", action="store_true",
                         help="write the file without running it in ONNX Runtime")
     export.set_defaults(func=_cmd_export)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from grood._checks import check_positive_int
+from grood._checks import check_flag, check_positive_int
 from grood._gradients import FLOAT32_DISTANCE_LIMIT
 from grood.errors import require
 from grood.head import GROODAttached, GROODHead, _check_state, _check_threshold
@@ -60,10 +60,11 @@ class PortableHead(nn.Module):
     threshold: Tensor | None
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
-                 *, k: int = 1, threshold: float | None = None) -> None:
+                 *, k: int = 1, threshold: float | None = None, float64: bool = True) -> None:
         super().__init__()
         _check_state(class_prototypes, ood_prototype, index_vectors, None)
         k = check_positive_int(k, "k")
+        float64 = check_flag(float64, "float64")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
         protos = class_prototypes.detach().float()
@@ -81,14 +82,18 @@ class PortableHead(nn.Module):
         self.register_buffer("index_vectors", vectors)
         self.register_buffer("index_sq_norms", (vectors.double() ** 2).sum(1).float())
         if threshold is not None:
-            self.register_buffer("threshold", torch.tensor(_check_threshold(threshold),
-                                                           dtype=torch.float64))
+            self.register_buffer("threshold", _threshold_tensor(_check_threshold(threshold),
+                                                                float64))
         else:
             self.threshold = None
         self.k = k
+        # The softmax's exp and log: float64 as the detector computes them, or float32 for a
+        # graph without float64 (TensorRT has none), which adds about one float32 rounding of
+        # the distances to q_ood.
+        self.softmax_dtype = torch.float64 if float64 else torch.float32
 
     @classmethod
-    def from_head(cls, head: GROODHead) -> PortableHead:
+    def from_head(cls, head: GROODHead, *, float64: bool = True) -> PortableHead:
         """The portable twin of ``head`` (its prototypes, index, ``k`` and threshold; the
         exact index rows, not a rounded stored copy), on the head's device."""
         threshold = None if head.threshold is None else float(head.threshold)
@@ -97,13 +102,14 @@ class PortableHead(nn.Module):
                              f"k={head._threshold_k}, and k is now {head.k}: set k back, or "
                              "calibrate the detector at this k and make a new head")
         return cls(head.class_prototypes, head.ood_prototype, head.index_vectors, k=head.k,
-                   threshold=threshold).to(head.class_prototypes.device).eval()
+                   threshold=threshold, float64=float64).to(head.class_prototypes.device).eval()
 
     def extra_repr(self) -> str:
         c, d = self.centred_prototypes.shape
         threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
-        return f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}" + (
-            threshold)
+        wide = "" if self.softmax_dtype == torch.float64 else ", float64=False"
+        return (f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}"
+                + threshold + wide)
 
     def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         d = self.centred_prototypes.shape[1]
@@ -124,7 +130,9 @@ class PortableHead(nn.Module):
         pred = torch.where(bad, -1, pred)
         if self.threshold is None:
             return score, pred
-        return score, pred, ~(score.double() >= self.threshold)  # NaN rows: flagged
+        # NaN rows: flagged. A float32 threshold is the one float32 scores compare to as they
+        # would to the float64 one (_threshold_tensor).
+        return score, pred, ~(score.to(self.threshold.dtype) >= self.threshold)
 
     def _gradient(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(grad [N, D], q_ood [N], pred [N], min_dist [N], lse [N]) of features ``h`` [N, D]:
@@ -139,19 +147,20 @@ class PortableHead(nn.Module):
         cand_d, cand_i = torch.topk(dist, n_cand, dim=1, largest=False)
         # The candidates' distances measured again from differences replace the estimates.
         exact = (u[:, None, :] - protos[cand_i]).square().sum(2).sqrt() * unit  # [N, n_cand]
-        neg_ood = -(u_norm.double() * unit)
-        neg = -dist.double()
+        sm = self.softmax_dtype
+        neg_ood = -(u_norm.to(sm) * unit)
+        neg = -dist.to(sm)
         m = torch.maximum(neg_ood, neg.max(1).values)
         rest = ((neg - m[:, None]).exp().sum(1)
-                - (-cand_d.double() - m[:, None]).exp().sum(1)).clamp_min(0)
-        total = rest + (neg_ood - m).exp() + (-exact.double() - m[:, None]).exp().sum(1)
+                - (-cand_d.to(sm) - m[:, None]).exp().sum(1)).clamp_min(0)
+        total = rest + (neg_ood - m).exp() + (-exact.to(sm) - m[:, None]).exp().sum(1)
         lse = m + total.log()
         q = (neg_ood - lse).exp()
         # The nearest prototype by exact distance; among equal ones the lower class.
         min_dist = exact.min(1).values
         pred = torch.where(exact == min_dist[:, None], cand_i,
                            protos.shape[0]).min(1).values
-        norm = u_norm.double()
+        norm = u_norm.to(sm)
         scale = torch.where(norm > 0, q / torch.where(norm > 0, norm, 1.0), 0.0).float()
         return u * scale[:, None], q.float(), pred, min_dist, lse.float()
 
@@ -190,17 +199,30 @@ def reference_copy(module: nn.Module) -> nn.Module:
     return module
 
 
-def portable_copy(module: nn.Module) -> tuple[nn.Module, PortableHead]:
+def _threshold_tensor(threshold: float, float64: bool) -> Tensor:
+    """The threshold as the head compares scores to it: float64 as chosen, or the smallest
+    float32 at or above it — float32 scores fall below that exactly when they fall below the
+    float64 threshold, so the flags are the same."""
+    if float64:
+        return torch.tensor(threshold, dtype=torch.float64)
+    t32 = np.float32(threshold)
+    if float(t32) < threshold:
+        t32 = np.nextafter(t32, np.float32(np.inf))
+    return torch.tensor(float(t32), dtype=torch.float32)
+
+
+def portable_copy(module: nn.Module, *, float64: bool = True
+                  ) -> tuple[nn.Module, PortableHead]:
     """``module`` with its GROOD head made portable, and that head: a :class:`PortableHead`
     for a :class:`GROODHead`, and for a model the head is attached to, a copy holding the
     portable head in its place (the model itself is shared, not changed)."""
     if isinstance(module, PortableHead):
         return module, module
     if isinstance(module, GROODHead):
-        head = PortableHead.from_head(module)
+        head = PortableHead.from_head(module, float64=float64)
         return head, head
     if isinstance(module, GROODAttached):
-        head = PortableHead.from_head(module.head)
+        head = PortableHead.from_head(module.head, float64=float64)
         attached = copy.copy(module)
         attached._modules = dict(module._modules)  # (a shallow copy shares the dict)
         attached._modules["head"] = head
@@ -213,8 +235,8 @@ def portable_copy(module: nn.Module) -> tuple[nn.Module, PortableHead]:
 
 
 def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLike, *,
-                dynamic_batch: bool = True, check: bool = True, opset: int | None = None,
-                external_data: bool | None = None) -> Path:
+                dynamic_batch: bool = True, float64: bool = True, check: bool = True,
+                opset: int | None = None, external_data: bool | None = None) -> Path:
     """Write ``module`` to the ONNX file ``path`` and return the path.
 
     ``module``: a fitted :class:`grood.GROOD` (its head, with its threshold when calibrated),
@@ -224,7 +246,9 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     (features for a head, given to the graph as float32; the model's input for an attached
     model); with ``dynamic_batch`` the file takes any batch size. The input is named
     ``input``; the outputs ``score``, ``pred`` (and ``is_ood``), after ``logits`` for an
-    attached model. ``opset``: the ONNX opset (torch's default when None).
+    attached model. ``float64=False`` leaves float64 out of the graph (the softmax in
+    float32, the threshold as its float32 equivalent) for runtimes without it, TensorRT among
+    them. ``opset``: the ONNX opset (torch's default when None).
 
     With ``check`` (the default) the file is run in ONNX Runtime on ``example`` and its
     outputs compared with the module's own in PyTorch: classes and flags equal, scores within
@@ -256,7 +280,7 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
                              f"detector's index is {module.index_.kind!r} (fit with "
                              "index='exact' to export, or score with the detector)")
         module = module.as_module(flags=hasattr(module, "calibration_"))
-    portable, head = portable_copy(module)
+    portable, head = portable_copy(module, float64=float64)
     reference = reference_copy(module)
     require("onnxscript", extra="onnx", purpose="export_onnx (torch.onnx's exporter)")
     if check:

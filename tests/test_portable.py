@@ -59,6 +59,33 @@ def test_portable_head_gives_the_flag_heads_scores_classes_and_flags(n_classes, 
     # float64): the same to float32 rounding.
     wide = portable(test.double())
     torch.testing.assert_close(wide[0], got[0], rtol=1e-5, atol=1e-7, equal_nan=True)
+    # Without float64 (the softmax in float32): the same classes and flags, scores as close.
+    narrow = PortableHead.from_head(head, float64=False)(test)
+    assert torch.equal(narrow[1], want[1]) and torch.equal(narrow[2], want[2])
+    torch.testing.assert_close(narrow[0], want[0], rtol=1e-5, atol=1e-6 * float(
+        want[0].nan_to_num().abs().max()), equal_nan=True)
+
+
+def test_a_float32_threshold_flags_float32_scores_as_the_float64_one_does():
+    """The float64-free head compares float32 scores with the smallest float32 at or above
+    the threshold: the same flags, at every score next to it."""
+    from grood.portable import _threshold_tensor
+
+    rng = np.random.default_rng(0)
+    thresholds = np.concatenate([-rng.random(200) * 10.0 ** rng.integers(-30, 3, 200),
+                                 np.float32([-0.5, -1e-20, -3.0]).astype(np.float64)])
+    for t in thresholds:
+        t32 = _threshold_tensor(float(t), float64=False)
+        assert t32.dtype == torch.float32 and float(t32) >= t
+        centre = np.float32(t)
+        scores = [centre]
+        for direction in (np.inf, -np.inf):
+            s = centre
+            for _ in range(3):
+                s = np.nextafter(s, np.float32(direction))
+                scores.append(s)
+        scores = torch.tensor(np.array(scores, dtype=np.float32))
+        assert torch.equal(scores < t32, scores.double() < float(t))
 
 
 def test_portable_head_is_as_close_to_float64_as_the_detector():
@@ -122,6 +149,27 @@ def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path):
         assert np.array_equal(is_ood[ok.numpy()], det.is_ood(rows[ok]).numpy())
         bad = ~ok.numpy()
         assert np.isnan(score[bad]).all() and (pred[bad] == -1).all() and is_ood[bad].all()
+
+
+def test_an_export_without_float64_holds_no_float64(tmp_path):
+    """float64=False: no float64 tensor, initializer or cast in the graph (runtimes such as
+    TensorRT have none), and the file passes the same check."""
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    det, test, _ = _detector(4, 2)
+    path = _quiet_export(det, test, tmp_path / "narrow.onnx", float64=False)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = model.graph
+    types = {v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input,
+                                                    *graph.output]}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {a.i for node in graph.node if node.op_type == "Cast" for a in node.attribute
+              if a.name == "to"}
+    assert onnx.TensorProto.FLOAT in types and onnx.TensorProto.DOUBLE not in types
+    # The default graph does compute its softmax in float64.
+    wide = onnx.load(str(_quiet_export(det, test, tmp_path / "wide.onnx")))
+    assert any(a.i == onnx.TensorProto.DOUBLE for node in wide.graph.node
+               if node.op_type == "Cast" for a in node.attribute)
 
 
 def test_an_exported_attached_model_gives_logits_scores_and_classes(tmp_path):
@@ -191,8 +239,8 @@ def test_grood_export_writes_a_checked_file(tmp_path, capsys):
     x, y = clustered_features(90, 3, 6, seed=2, dtype=torch.float32)
     np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
     assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) == 0
-    assert main(["export", str(tmp_path / "d.safetensors"), "-o",
-                 str(tmp_path / "d.onnx")]) == 0
+    assert main(["export", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "d.onnx"),
+                 "--no-float64"]) == 0
     out = capsys.readouterr().out
     assert "input 'input' [N, 6] float32 features; outputs score, pred; checked in ONNX " \
            "Runtime on 4 rows" in out
