@@ -46,11 +46,11 @@ __all__ = ["PortableHead", "export_onnx"]
 class PortableHead(nn.Module):
     """A GROOD head in standard PyTorch operations only: ``forward(features [N, D])`` returns
     ``(score [N], pred [N])``, with a threshold also ``is_ood [N]`` — the outputs of
-    ``GROODHead(checks="flag")`` to float32 rounding. Made from a head
-    (:meth:`from_head`); computes in float32 (exp and log of the softmax in float64), whatever
-    the head's precision mode. Reads no value on the host, so it traces, exports and compiles
-    to a graph of ordinary ops. Unlike :class:`GROODHead` it keeps no device-side count of the
-    rows it cannot score: they are the NaN scores."""
+    ``GROODHead(checks="flag")`` to float32 rounding. Made from a head (:meth:`from_head`);
+    computes in float32 (the softmax's exp and log in float64, or with ``float64=False`` in
+    float32 too), whatever the head's precision mode. Reads no value on the host, so it
+    traces, exports and compiles to a graph of ordinary ops. Unlike :class:`GROODHead` it
+    keeps no device-side count of the rows it cannot score: they are the NaN scores."""
 
     centred_prototypes: Tensor
     centred_sq_norms: Tensor
