@@ -97,7 +97,8 @@ run_step() {
     # in a CUDA graph on the torch backend; a one-rank NCCL group's collectives).
     torch-tests) step 60 "torch-path GPU tests" \
         "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture' \
-        tests/test_detector.py tests/test_distributed.py tests/test_neighbours.py" ;;
+        tests/test_detector.py tests/test_distributed.py tests/test_neighbours.py \
+        tests/test_portable.py" ;;
     # Where the gradient step's time goes (the K-loop alone, without the finish, the pre-pass,
     # the torch GEMM), then the launcher's tiles against every autotuning candidate (the wide
     # tile and the staged variant included).

@@ -102,6 +102,27 @@ def test_portable_head_is_as_close_to_float64_as_the_detector():
     assert torch.equal(portable(test32)[1], det64.predict(test64))
 
 
+@pytest.mark.gpu  # run by bench/gpu_check.sh's torch-path step
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_portable_head_on_the_gpu_gives_the_gpu_heads_outputs(backend):
+    """On a CUDA device (cuBLAS's matmul, the device's exp and log) the portable head still
+    gives the custom-op head's classes and flags, and its scores to float32 rounding."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    det, test, gen = _detector(9, 3, n=400, d=24, seed=7)
+    test = torch.cat([test, _hard_rows(test.shape[1], gen)]).cuda()
+    head = det.to("cuda").as_module(checks="flag", flags=True)
+    head.backend = backend
+    want = head(test)
+    for float64 in (True, False):
+        got = PortableHead.from_head(head, float64=float64)(test)
+        assert got[0].device == test.device
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6 * float(
+            want[0].nan_to_num().abs().max()), equal_nan=True)
+
+
 def test_portable_head_exports_to_a_graph_of_standard_ops():
     """torch.export traces it (no host read stops it) into aten ops alone: no grood op."""
     det, test, _ = _detector(5, 2)
