@@ -1,0 +1,99 @@
+"""GROOD exported to ONNX (grood.export_onnx) against the detector, on the CPU: throughput
+of ONNX Runtime and of the detector's torch path in the same run, the file's size and export
+time, and how far the file's scores and classes are from the detector's, with and without
+float64 in the graph.
+
+Features are the clustered post-ReLU-like ones of the other tables
+(``grood._bench.common.realistic_features``); the queries include near-OOD classes.
+
+    python bench/onnx_report.py            # C = 10 / D = 512 and C = 1000 / D = 2048
+    python bench/onnx_report.py --tiny     # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import grood
+from grood._bench.common import realistic_features
+
+
+def rows_per_second(run, queries: torch.Tensor, batch: int, repeat: int) -> tuple[float, list]:
+    """Best of ``repeat`` passes over ``queries`` in batches: rows/s and the last outputs."""
+    run(queries[:batch])  # warm-up (allocations, the runtime's first-run work)
+    best, outs = float("inf"), []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        outs = [run(queries[i:i + batch]) for i in range(0, queries.shape[0], batch)]
+        best = min(best, time.perf_counter() - start)
+    return queries.shape[0] / best, outs
+
+
+def shape_rows(n: int, c: int, d: int, n_queries: int, batch: int, repeat: int,
+               folder: str) -> list[str]:
+    import onnxruntime
+
+    x, y = realistic_features(n, c, d, seed=0, device="cpu")
+    known, _ = realistic_features(n_queries // 2, c, d, seed=1, device="cpu")
+    novel, _ = realistic_features(n_queries - n_queries // 2, c, d, seed=2, device="cpu",
+                                  novel=True)
+    queries = torch.cat([known, novel])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = grood.GROOD(progress=False).fit(x, y)
+    want_s, want_p = det.score_and_predict(queries)
+    det_speed, _ = rows_per_second(lambda q: det.score_and_predict(q), queries, batch, repeat)
+    shape = f"C = {c}, D = {d}, {det.index_.ntotal:,} indexed"
+    rows = [f"| {shape} | detector (torch) | – | – | {det_speed:,.0f} | – | – |"]
+    for float64 in (True, False):
+        path = os.path.join(folder, f"grood-{c}-{int(float64)}.onnx")
+        start = time.perf_counter()
+        with warnings.catch_warnings():  # torch's exporter's own deprecation notices
+            warnings.simplefilter("ignore", FutureWarning)
+            grood.export_onnx(det, queries[:16], path, float64=float64)
+        took = time.perf_counter() - start
+        mib = os.path.getsize(path) / 2**20
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        speed, outs = rows_per_second(
+            lambda q, s=session: s.run(None, {"input": q.numpy()}), queries, batch, repeat)
+        score = np.concatenate([o[0] for o in outs])
+        pred = np.concatenate([o[1] for o in outs])
+        err = float(np.abs(score - want_s.numpy()).max() / np.abs(want_s.numpy()).max())
+        same = float((pred == want_p.numpy()).mean())
+        rows.append(f"| {shape} | ONNX Runtime, float64={float64} | {mib:,.1f} MiB | "
+                    f"{took:.1f} s | {speed:,.0f} | {err:.2g} | {100 * same:.2f} % |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--batch", type=int, default=256, help="rows per call (default 256)")
+    parser.add_argument("--repeat", type=int, default=3, help="passes timed, best kept")
+    args = parser.parse_args()
+    import onnxruntime
+
+    shapes = ([(600, 5, 32, 200)] if args.tiny
+              else [(45_000, 10, 512, 4096), (50_000, 1000, 2048, 2048)])
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
+          f"{onnxruntime.__version__}, grood {grood.__version__}; CPU, {os.cpu_count()} "
+          f"cores; batches of {args.batch}, best of {args.repeat}\n")
+    print("| shape | scored by | file | export + check | rows/s | max score diff (of the "
+          "largest) | classes equal |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for n, c, d, n_queries in shapes:
+            print("\n".join(shape_rows(n, c, d, n_queries, args.batch, args.repeat, folder)),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
