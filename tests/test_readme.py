@@ -100,10 +100,10 @@ def test_readme_example_runs(index, block, tmp_path, monkeypatch):
     ns = _namespace()
     if "openood" in block:
         pytest.importorskip("faiss")  # the reference mode's IVF index
+        ns.update(_openood_namespace())
     if "export_onnx" in block:  # grood[onnx]: the exporter and the file's check
         pytest.importorskip("onnxscript")
         pytest.importorskip("onnxruntime")
-        ns.update(_openood_namespace())
     if "det = " not in block and "det." in block:  # continues the first example's detector
         from grood import GROOD
 
