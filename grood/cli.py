@@ -298,13 +298,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              det.ood_prototype_[None]]).float()
     # torch's exporter's own notices, not the command's: a deprecation inside torch, and
     # torchvision's ops it skips registering where torchvision is not installed.
+    # (main's catch_warnings restores the filters; the logger's level is restored here.)
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             FutureWarning)
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
-                       float64=not args.no_float64, check=not args.no_check)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
+                           float64=not args.no_float64, check=not args.no_check)
+    finally:
+        registration.setLevel(level)
     outputs = "score, pred" + (", is_ood" if hasattr(det, "calibration_") else "")
-    checked = ("checked in ONNX Runtime on " f"{example.shape[0]} rows" if not args.no_check
+    checked = (f"checked in ONNX Runtime on {example.shape[0]} rows" if not args.no_check
                else "not checked")
     print(f"wrote {path}: input 'input' [{'N' if not args.static_batch else example.shape[0]}, "
           f"{det.n_features_in_}] float32 features; outputs {outputs}; {checked}")
@@ -785,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the description as JSON instead of text")
     info.set_defaults(func=_cmd_info)
     export = sub.add_parser(
-        "export", help="write a saved detector as an ONNX graph (ONNX Runtime, TensorRT...)",
+        "export", help="write a saved detector as an ONNX graph (for ONNX Runtime and other "
+                       "runtimes)",
         description="Write a saved detector as an ONNX file that scores features outside "
                     "PyTorch: input 'input' [N, D] float32; outputs 'score', 'pred', and "
                     "'is_ood' for a calibrated detector. Rows it cannot score in float32 (NaN "

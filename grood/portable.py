@@ -282,12 +282,16 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
         module = module.as_module(flags=hasattr(module, "calibration_"))
     portable, head = portable_copy(module, float64=float64)
     reference = reference_copy(module)
+    if portable is head:  # features: the graph's input is float32, as the head computes
+        d = head.centred_prototypes.shape[1]
+        if example.ndim != 2 or example.shape[1] != d:
+            raise ValueError(f"example must be features of shape [N, {d}] (the detector's "
+                             f"dimension), got {tuple(example.shape)}")
+        example = example.float()
     require("onnxscript", extra="onnx", purpose="export_onnx (torch.onnx's exporter)")
     if check:
         require("onnxruntime", extra="onnx", purpose="export_onnx's check (check=False "
                 "writes the file unchecked)")
-    if portable is head:  # features: the graph's input is float32, as the head computes
-        example = example.float()
     names = ["score", "pred"] + (["is_ood"] if head.threshold is not None else [])
     if portable is not head:
         names.insert(0, "logits")
