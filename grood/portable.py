@@ -112,6 +112,8 @@ class PortableHead(nn.Module):
                 + threshold + wide)
 
     def forward(self, features: Tensor) -> tuple[Tensor, ...]:
+        """``(score [N], pred [N])`` for features [N, D] (float32; pred int64, -1 for a row
+        it cannot score, whose score is NaN); with a threshold also ``is_ood [N]`` (bool)."""
         d = self.centred_prototypes.shape[1]
         if features.ndim != 2 or features.shape[1] != d:
             raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
@@ -287,7 +289,8 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
         if example.ndim != 2 or example.shape[1] != d:
             raise ValueError(f"example must be features of shape [N, {d}] (the detector's "
                              f"dimension), got {tuple(example.shape)}")
-        example = example.float()
+        # (on the head's device: the graph itself holds no device)
+        example = example.to(head.centred_prototypes.device, torch.float32)
     require("onnxscript", extra="onnx", purpose="export_onnx (torch.onnx's exporter)")
     if check:
         require("onnxruntime", extra="onnx", purpose="export_onnx's check (check=False "
