@@ -216,11 +216,10 @@ class GROODHead(nn.Module):
                 f"precision={self.precision!r}, backend={self.backend!r}, checks={self.checks!r}"
                 + threshold)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
-        """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
-        in-distribution) and nearest-prototype classes (int64); with a threshold also
-        ``is_ood [N]`` (bool)."""
-        # k may be set after construction: a static check (no graph break when compiled).
+    def check_k(self) -> None:
+        """``k`` as the head can score at it: an integer within the index, and the ``k`` its
+        threshold was chosen at. ``k`` may be set after construction: a static check (no graph
+        break when compiled)."""
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
             raise ValueError(f"k must be a positive Python or numpy integer, got {self.k!r}")
         if not 1 <= self.k <= self.index_vectors.shape[0]:
@@ -230,13 +229,14 @@ class GROODHead(nn.Module):
             raise ValueError(f"the head's threshold was chosen on scores at "
                              f"k={self._threshold_k}, and k is now {self.k}: set k back, or "
                              "calibrate the detector at this k and make a new head")
+
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
+        """``(score [N], pred [N])`` for features [N, D]: the detector's scores (higher =
+        in-distribution) and nearest-prototype classes (int64); with a threshold also
+        ``is_ood [N]`` (bool)."""
+        self.check_k()
         contract.check_dense(features=features)  # (a NumPy array failed on an attribute)
-        d = self.class_prototypes.shape[1]
-        if features.ndim != 2 or features.shape[1] != d:  # static shapes: no graph break
-            raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
-                             f"got {tuple(features.shape)}")
-        if not features.is_floating_point():  # the ops would blame their argument "h"
-            raise TypeError(f"features must be floating point, got {features.dtype}")
+        check_feature_batch(features, self.class_prototypes.shape[1])
         # Scores are not trained through: tracked features (a model run with grad enabled)
         # are scored detached, so neither a backward pass nor torch.compile, which traces one
         # for outputs that require grad, reaches the ops (the logits' graph is untouched).
@@ -270,6 +270,16 @@ class GROODHead(nn.Module):
         if self.threshold is None:
             return score, pred
         return score, pred, ~(score >= self.threshold)  # NaN (unscored) rows: flagged
+
+
+def check_feature_batch(features: Tensor, d: int) -> None:
+    """A head's input: floating-point features of shape [N, d] (static checks: no graph
+    break; the ops would blame their argument "h")."""
+    if features.ndim != 2 or features.shape[1] != d:
+        raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
+                         f"got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
 
 
 def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,

@@ -37,8 +37,15 @@ from torch import Tensor, nn
 from grood._checks import check_flag, check_positive_int
 from grood._gradients import FLOAT32_DISTANCE_LIMIT
 from grood.errors import require
-from grood.head import GROODAttached, GROODHead, _check_state, _check_threshold
-from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, pow2_scale
+from grood.functional import _centred_prototypes, database_sq_norms_of
+from grood.head import (
+    GROODAttached,
+    GROODHead,
+    _check_state,
+    _check_threshold,
+    check_feature_batch,
+)
+from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, ncp_scale
 
 __all__ = ["PortableHead", "export_onnx"]
 
@@ -67,20 +74,18 @@ class PortableHead(nn.Module):
         float64 = check_flag(float64, "float64")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
-        protos = class_prototypes.detach().float()
-        p_ood = ood_prototype.detach().float()
-        # The gradient step's unit: a power of two near the prototypes' magnitude (exact
-        # rescaling), taken from the prototypes alone, as the detector takes it.
-        magnitude = max(float(protos.abs().max()), float(p_ood.abs().max()))
-        self.unit = pow2_scale(magnitude)
-        p_o = p_ood / self.unit
-        centred = protos / self.unit - p_o
-        self.register_buffer("ood_prototype_units", p_o.clone())
+        protos, p_ood = class_prototypes.detach(), ood_prototype.detach()
+        # The gradient step's unit and its float32 operands in that unit, by the torch twin's
+        # own rules (a power of two near the prototypes' magnitude: exact rescaling).
+        self.unit = ncp_scale(protos, p_ood)
+        p_o, centred, centred_sq, _ = _centred_prototypes(protos, p_ood, self.unit,
+                                                          torch.float32, False)
+        self.register_buffer("ood_prototype_units", p_o)
         self.register_buffer("centred_prototypes", centred)
-        self.register_buffer("centred_sq_norms", (centred.double() ** 2).sum(1).float())
+        self.register_buffer("centred_sq_norms", centred_sq)
         vectors = index_vectors.detach().float().clone()
         self.register_buffer("index_vectors", vectors)
-        self.register_buffer("index_sq_norms", (vectors.double() ** 2).sum(1).float())
+        self.register_buffer("index_sq_norms", database_sq_norms_of(vectors))
         if threshold is not None:
             self.register_buffer("threshold", _threshold_tensor(_check_threshold(threshold),
                                                                 float64))
@@ -96,11 +101,8 @@ class PortableHead(nn.Module):
     def from_head(cls, head: GROODHead, *, float64: bool = True) -> PortableHead:
         """The portable twin of ``head`` (its prototypes, index, ``k`` and threshold; the
         exact index rows, not a rounded stored copy), on the head's device."""
+        head.check_k()
         threshold = None if head.threshold is None else float(head.threshold)
-        if head.threshold is not None and head.k != head._threshold_k:
-            raise ValueError(f"the head's threshold was chosen on scores at "
-                             f"k={head._threshold_k}, and k is now {head.k}: set k back, or "
-                             "calibrate the detector at this k and make a new head")
         return cls(head.class_prototypes, head.ood_prototype, head.index_vectors, k=head.k,
                    threshold=threshold, float64=float64).to(head.class_prototypes.device).eval()
 
@@ -114,12 +116,7 @@ class PortableHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         """``(score [N], pred [N])`` for features [N, D] (float32; pred int64, -1 for a row
         it cannot score, whose score is NaN); with a threshold also ``is_ood [N]`` (bool)."""
-        d = self.centred_prototypes.shape[1]
-        if features.ndim != 2 or features.shape[1] != d:
-            raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
-                             f"got {tuple(features.shape)}")
-        if not features.is_floating_point():
-            raise TypeError(f"features must be floating point, got {features.dtype}")
+        check_feature_batch(features, self.centred_prototypes.shape[1])
         h = features.detach().float()
         finite = torch.isfinite(h).all(1)
         h = torch.where(finite[:, None], h, 0.0)
@@ -189,15 +186,21 @@ def _flag_head(head: GROODHead) -> GROODHead:
     return flagged
 
 
+def _with_head(attached: GROODAttached, head: nn.Module) -> GROODAttached:
+    """A shallow copy of ``attached`` scoring with ``head``: the model and everything else
+    shared, ``attached`` itself unchanged."""
+    copied = copy.copy(attached)
+    copied._modules = dict(attached._modules)  # (a shallow copy shares the dict)
+    copied._modules["head"] = head
+    return copied
+
+
 def reference_copy(module: nn.Module) -> nn.Module:
     """``module`` with its GROOD head scoring by ``checks="flag"`` (:func:`_flag_head`)."""
     if isinstance(module, GROODHead):
         return _flag_head(module)
     if isinstance(module, GROODAttached):
-        attached: GROODAttached = copy.copy(module)
-        attached._modules = dict(module._modules)  # (a shallow copy shares the dict)
-        attached._modules["head"] = _flag_head(module.head)
-        return attached
+        return _with_head(module, _flag_head(module.head))
     return module
 
 
@@ -225,9 +228,7 @@ def portable_copy(module: nn.Module, *, float64: bool = True
         return head, head
     if isinstance(module, GROODAttached):
         head = PortableHead.from_head(module.head, float64=float64)
-        attached = copy.copy(module)
-        attached._modules = dict(module._modules)  # (a shallow copy shares the dict)
-        attached._modules["head"] = head
+        attached = _with_head(module, head)
         # The exporter warns of a module in training mode: the model's layers' modes count.
         attached.training = any(m.training for m in module.model.modules())
         return attached, head
