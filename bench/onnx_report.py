@@ -1,7 +1,7 @@
 """GROOD exported to ONNX (grood.export_onnx) against the detector, on the CPU: throughput
 of ONNX Runtime and of the detector's torch path in the same run, the file's size and export
 time, and how far the file's scores and classes are from the detector's, with and without
-float64 in the graph.
+float64 in the graph; then ONNX Runtime's memory and speed by search block on a larger index.
 
 Features are the clustered post-ReLU-like ones of the other tables
 (``grood._bench.common.realistic_features``); the queries include near-OOD classes.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -73,6 +75,63 @@ def shape_rows(n: int, c: int, d: int, n_queries: int, batch: int, repeat: int,
     return rows
 
 
+# Run in a process of its own, so that its memory is the session's alone: ONNX Runtime with
+# its defaults (the CPU arena, weights prepacked for its matmul) loads the file, then scores
+# batches of random rows; resident memory (VmRSS) after the load and after the batches, the
+# peak while loading (VmHWM: ru_maxrss would count the parent's memory at the fork), and rows/s
+# (the best of 3 batches after a warm-up).
+SESSION_CHILD = r"""
+import sys, time
+import numpy as np
+import onnxruntime
+path, rows, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def resident(field="VmRSS"):
+    with open("/proc/self/status") as status:
+        return int(status.read().split(field + ":")[1].split()[0]) / 1024
+session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+loaded = resident()
+load_peak = resident("VmHWM")
+x = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+session.run(None, {"input": x})
+best = float("inf")
+for _ in range(3):
+    start = time.perf_counter()
+    session.run(None, {"input": x})
+    best = min(best, time.perf_counter() - start)
+print(loaded, load_peak, resident(), rows / best)
+"""
+
+
+def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[int],
+                      folder: str) -> list[str]:
+    """One file per search block (one block: the whole index in one matmul), the same head:
+    prototypes and an index of random gradients of norm below 1, as GROOD's are."""
+    from grood.portable import PortableHead
+
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(c, d, generator=gen)
+    vectors = torch.randn(n_indexed, d, generator=gen)
+    vectors *= torch.rand(n_indexed, 1, generator=gen) / vectors.norm(dim=1, keepdim=True)
+    rows = []
+    for block in blocks:
+        head = PortableHead(prototypes, prototypes.mean(0), vectors, search_block=block)
+        path = os.path.join(folder, f"blocks-{block}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            grood.export_onnx(head.eval(), prototypes[:16], path)
+        mib = os.path.getsize(path) / 2**20
+        out = subprocess.run([sys.executable, "-c", SESSION_CHILD, path, str(batch), str(d)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        loaded, load_peak, after, speed = (float(v) for v in out)
+        name = f"{block:,}" + (" (one block)" if block >= n_indexed else "")
+        rows.append(f"| C = {c}, D = {d}, {n_indexed:,} indexed | {name} | "
+                    f"{head.n_index_blocks} | {mib:,.0f} MiB | {load_peak:,.0f} MiB | "
+                    f"{loaded:,.0f} MiB | {after:,.0f} MiB | {after - loaded:+,.0f} MiB | "
+                    f"{speed:,.0f} |")
+        os.remove(path)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke run)")
@@ -93,6 +152,13 @@ def main() -> None:
         for n, c, d, n_queries in shapes:
             print("\n".join(shape_rows(n, c, d, n_queries, args.batch, args.repeat, folder)),
                   flush=True)
+        n_indexed, c, d, batch, blocks = ((3000, 5, 32, 64, [3000, 512]) if args.tiny else
+                                          (200_000, 100, 512, 512, [200_000, 65_536, 16_384]))
+        print(f"\nONNX Runtime's memory by search block (its defaults; batches of {batch}):\n")
+        print("| shape | search block | blocks | file | peak while loading | resident after "
+              "load | after batches | batches added | rows/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(search_block_rows(n_indexed, c, d, batch, blocks, folder)), flush=True)
 
 
 if __name__ == "__main__":

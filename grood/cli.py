@@ -16,6 +16,7 @@ from grood import __version__
 from grood._checks import fraction_arg, path_hint, positive_int_arg, prefixed_errors
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
+from grood.portable import SEARCH_BLOCK_ROWS
 
 EPILOG_FILES = (
     "Feature files: .npy (a 2-D features array), .npz / .pt / .safetensors holding "
@@ -306,7 +307,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     registration.setLevel(logging.ERROR)
     try:
         path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
-                           float64=not args.no_float64, check=not args.no_check)
+                           float64=not args.no_float64, check=not args.no_check,
+                           search_block=args.search_block)
     finally:
         registration.setLevel(level)
     outputs = "score, pred" + (", is_ood" if hasattr(det, "calibration_") else "")
@@ -814,6 +816,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "runtimes without it, TensorRT among them")
     export.add_argument("--no-check", action="store_true",
                         help="write the file without running it in ONNX Runtime")
+    export.add_argument("--search-block", type=positive_int_arg, default=SEARCH_BLOCK_ROWS,
+                        metavar="ROWS",
+                        help="indexed gradients per search block: a batch of N rows needs "
+                             "memory for about N x ROWS distances at a time (default "
+                             f"{SEARCH_BLOCK_ROWS})")
     export.set_defaults(func=_cmd_export)
     # 'grood bench ...' is handed whole to the benchmark code (see main), which is imported
     # only then; this entry lists the command in 'grood --help'.

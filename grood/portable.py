@@ -13,7 +13,9 @@ the detector's own scores before it returns.
 The rule is the detector's: squared distances from the matmul expansion pick the
 ``NCP_CANDIDATES`` nearest prototypes and the ``k + RERANK_EXTRA`` nearest indexed gradients,
 which are then measured again from differences, so the distances that decide a score carry no
-cancellation error, whatever order a runtime sums a matmul in. Scores agree with the
+cancellation error, whatever order a runtime sums a matmul in. The index is searched in blocks
+of ``search_block`` rows, each its own weight in the graph, so a batch of N rows needs memory
+for N x ``search_block`` distances at a time, not N x the index's size. Scores agree with the
 detector's to float32 rounding (tested in PyTorch against the custom-op head and the float64
 detector, and in ONNX Runtime); not bit for bit, since a runtime's matmul and reductions sum
 in their own order.
@@ -49,6 +51,13 @@ from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, ncp_scale
 
 __all__ = ["PortableHead", "export_onnx"]
 
+# Indexed gradients per search block: a batch of 256 rows makes 16 MiB of float32 distances
+# at a time (ImageNet-1k's 1.28 M gradients: 79 blocks). In ONNX Runtime on the CPU, blocks
+# of 16,384 and 65,536 rows scored 200,000 indexed gradients as fast as one block did (within
+# the run-to-run spread), and left its memory 155 and 559 MiB above the loaded file after
+# batches of 512 rows instead of 1,650 MiB (bench/RESULTS.md).
+SEARCH_BLOCK_ROWS = 1 << 14
+
 
 class PortableHead(nn.Module):
     """A GROOD head in standard PyTorch operations only: ``forward(features [N, D])`` returns
@@ -57,21 +66,27 @@ class PortableHead(nn.Module):
     computes in float32 (the softmax's exp and log in float64, or with ``float64=False`` in
     float32 too), whatever the head's precision mode. Reads no value on the host, so it
     traces, exports and compiles to a graph of ordinary ops. Unlike :class:`GROODHead` it
-    keeps no device-side count of the rows it cannot score: they are the NaN scores."""
+    keeps no device-side count of the rows it cannot score: they are the NaN scores.
+
+    The index is held and searched in blocks of ``search_block`` rows (buffers
+    ``index_block_<i>`` and ``index_sq_norms_<i>``): each block's ``k + RERANK_EXTRA`` nearest
+    by the expansion are measured again from differences, and the candidates nearest by the
+    expansion over all blocks decide, as one search over the whole index would. A batch of N
+    rows makes N x ``search_block`` distances at a time."""
 
     centred_prototypes: Tensor
     centred_sq_norms: Tensor
     ood_prototype_units: Tensor
-    index_vectors: Tensor
-    index_sq_norms: Tensor
     threshold: Tensor | None
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
-                 *, k: int = 1, threshold: float | None = None, float64: bool = True) -> None:
+                 *, k: int = 1, threshold: float | None = None, float64: bool = True,
+                 search_block: int = SEARCH_BLOCK_ROWS) -> None:
         super().__init__()
         _check_state(class_prototypes, ood_prototype, index_vectors, None)
         k = check_positive_int(k, "k")
         float64 = check_flag(float64, "float64")
+        search_block = check_positive_int(search_block, "search_block")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
         protos, p_ood = class_prototypes.detach(), ood_prototype.detach()
@@ -83,9 +98,15 @@ class PortableHead(nn.Module):
         self.register_buffer("ood_prototype_units", p_o)
         self.register_buffer("centred_prototypes", centred)
         self.register_buffer("centred_sq_norms", centred_sq)
-        vectors = index_vectors.detach().float().clone()
-        self.register_buffer("index_vectors", vectors)
-        self.register_buffer("index_sq_norms", database_sq_norms_of(vectors))
+        vectors = index_vectors.detach().float()
+        norms = database_sq_norms_of(vectors)
+        self.n_index_blocks = 0
+        for m0 in range(0, vectors.shape[0], search_block):
+            rows = slice(m0, m0 + search_block)
+            self.register_buffer(f"index_block_{self.n_index_blocks}", vectors[rows].clone())
+            self.register_buffer(f"index_sq_norms_{self.n_index_blocks}", norms[rows].clone())
+            self.n_index_blocks += 1
+        self.search_block = search_block
         if threshold is not None:
             self.register_buffer("threshold", _threshold_tensor(_check_threshold(threshold),
                                                                 float64))
@@ -98,20 +119,34 @@ class PortableHead(nn.Module):
         self.softmax_dtype = torch.float64 if float64 else torch.float32
 
     @classmethod
-    def from_head(cls, head: GROODHead, *, float64: bool = True) -> PortableHead:
+    def from_head(cls, head: GROODHead, *, float64: bool = True,
+                  search_block: int = SEARCH_BLOCK_ROWS) -> PortableHead:
         """The portable twin of ``head`` (its prototypes, index, ``k`` and threshold; the
         exact index rows, not a rounded stored copy), on the head's device."""
         head.check_k()
         threshold = None if head.threshold is None else float(head.threshold)
         return cls(head.class_prototypes, head.ood_prototype, head.index_vectors, k=head.k,
-                   threshold=threshold, float64=float64).to(head.class_prototypes.device).eval()
+                   threshold=threshold, float64=float64, search_block=search_block
+                   ).to(head.class_prototypes.device).eval()
+
+    def index_blocks(self) -> list[tuple[Tensor, Tensor]]:
+        """The index's blocks in order: ``(vectors [B, D], squared norms [B])``."""
+        return [(getattr(self, f"index_block_{i}"), getattr(self, f"index_sq_norms_{i}"))
+                for i in range(self.n_index_blocks)]
+
+    @property
+    def index_vectors(self) -> Tensor:
+        """The indexed gradients [M, D] (a copy joined from the blocks)."""
+        return torch.cat([vectors for vectors, _ in self.index_blocks()])
 
     def extra_repr(self) -> str:
         c, d = self.centred_prototypes.shape
         threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
         wide = "" if self.softmax_dtype == torch.float64 else ", float64=False"
-        return (f"classes={c}, dim={d}, indexed={self.index_vectors.shape[0]}, k={self.k}"
-                + threshold + wide)
+        indexed = sum(vectors.shape[0] for vectors, _ in self.index_blocks())
+        blocks = f", search_block={self.search_block}" if self.n_index_blocks > 1 else ""
+        return (f"classes={c}, dim={d}, indexed={indexed}, k={self.k}" + threshold + wide
+                + blocks)
 
     def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         """``(score [N], pred [N])`` for features [N, D] (float32; pred int64, -1 for a row
@@ -166,14 +201,23 @@ class PortableHead(nn.Module):
     def _kth_sq_distance(self, grad: Tensor) -> Tensor:
         """The squared distance [N] from each gradient to its k-th nearest indexed one
         (:func:`grood.functional.knn`'s rule: candidates from the expansion, measured again
-        from differences)."""
-        vectors = self.index_vectors
+        from differences), block by block."""
         g_sq = (grad * grad).sum(1)
-        sq = (g_sq[:, None] - 2.0 * (grad @ vectors.T) + self.index_sq_norms[None]).clamp_min(0)
-        n_cand = min(self.k + RERANK_EXTRA, vectors.shape[0])
-        _, cand = torch.topk(sq, n_cand, dim=1, largest=False)
-        exact = (grad[:, None, :] - vectors[cand]).square().sum(2)  # [N, n_cand]
-        return torch.topk(exact, self.k, dim=1, largest=False).values[:, self.k - 1]
+        n_cand = self.k + RERANK_EXTRA
+        estimates, exact = [], []
+        for vectors, norms in self.index_blocks():
+            sq = (g_sq[:, None] - 2.0 * (grad @ vectors.T) + norms[None]).clamp_min(0)  # [N, B]
+            est, cand = torch.topk(sq, min(n_cand, vectors.shape[0]), dim=1, largest=False)
+            estimates.append(est)
+            exact.append((grad[:, None, :] - vectors[cand]).square().sum(2))  # [N, <=n_cand]
+        if len(exact) == 1:
+            measured = exact[0]
+        else:  # the whole index's candidates: the blocks' nearest by the expansion
+            everywhere = torch.cat(estimates, 1)
+            _, chosen = torch.topk(everywhere, min(n_cand, everywhere.shape[1]), dim=1,
+                                   largest=False)
+            measured = torch.cat(exact, 1).gather(1, chosen)
+        return torch.topk(measured, self.k, dim=1, largest=False).values[:, self.k - 1]
 
 
 def _flag_head(head: GROODHead) -> GROODHead:
@@ -216,18 +260,19 @@ def _threshold_tensor(threshold: float, float64: bool) -> Tensor:
     return torch.tensor(float(t32), dtype=torch.float32)
 
 
-def portable_copy(module: nn.Module, *, float64: bool = True
-                  ) -> tuple[nn.Module, PortableHead]:
+def portable_copy(module: nn.Module, *, float64: bool = True,
+                  search_block: int = SEARCH_BLOCK_ROWS) -> tuple[nn.Module, PortableHead]:
     """``module`` with its GROOD head made portable, and that head: a :class:`PortableHead`
     for a :class:`GROODHead`, and for a model the head is attached to, a copy holding the
-    portable head in its place (the model itself is shared, not changed)."""
+    portable head in its place (the model itself is shared, not changed). A
+    :class:`PortableHead` is its own (its settings stand)."""
     if isinstance(module, PortableHead):
         return module, module
     if isinstance(module, GROODHead):
-        head = PortableHead.from_head(module, float64=float64)
+        head = PortableHead.from_head(module, float64=float64, search_block=search_block)
         return head, head
     if isinstance(module, GROODAttached):
-        head = PortableHead.from_head(module.head, float64=float64)
+        head = PortableHead.from_head(module.head, float64=float64, search_block=search_block)
         attached = _with_head(module, head)
         # The exporter warns of a module in training mode: the model's layers' modes count.
         attached.training = any(m.training for m in module.model.modules())
@@ -239,7 +284,8 @@ def portable_copy(module: nn.Module, *, float64: bool = True
 
 def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLike, *,
                 dynamic_batch: bool = True, float64: bool = True, check: bool = True,
-                opset: int | None = None, external_data: bool | None = None) -> Path:
+                opset: int | None = None, external_data: bool | None = None,
+                search_block: int = SEARCH_BLOCK_ROWS) -> Path:
     """Write ``module`` to the ONNX file ``path`` and return the path.
 
     ``module``: a fitted :class:`grood.GROOD` (its head, with its threshold when calibrated),
@@ -251,7 +297,9 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     ``input``; the outputs ``score``, ``pred`` (and ``is_ood``), after ``logits`` for an
     attached model. ``float64=False`` leaves float64 out of the graph (the softmax in
     float32, the threshold as its float32 equivalent) for runtimes without it, TensorRT among
-    them. ``opset``: the ONNX opset (torch's default when None).
+    them. ``opset``: the ONNX opset (torch's default when None). ``search_block``: indexed
+    gradients per search block (:class:`PortableHead`); a batch of N rows needs memory for
+    about N x ``search_block`` float32 distances at a time (16 MiB for N = 256 by default).
 
     With ``check`` (the default) the file is run in ONNX Runtime on ``example`` and its
     outputs compared with the module's own in PyTorch: classes and flags equal, scores within
@@ -283,7 +331,7 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
                              f"detector's index is {module.index_.kind!r} (fit with "
                              "index='exact' to export, or score with the detector)")
         module = module.as_module(flags=hasattr(module, "calibration_"))
-    portable, head = portable_copy(module, float64=float64)
+    portable, head = portable_copy(module, float64=float64, search_block=search_block)
     reference = reference_copy(module)
     if portable is head:  # features: the graph's input is float32, as the head computes
         d = head.centred_prototypes.shape[1]

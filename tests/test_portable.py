@@ -102,6 +102,31 @@ def test_portable_head_is_as_close_to_float64_as_the_detector():
     assert torch.equal(portable(test32)[1], det64.predict(test64))
 
 
+@pytest.mark.parametrize("search_block", [1, 7, 64])
+def test_a_search_block_by_block_finds_what_one_search_finds(search_block):
+    """The index held and searched in blocks of 1, 7 and 64 rows (the last block shorter):
+    the candidates nearest over all blocks are the whole index's, so the scores, classes and
+    flags are the unblocked head's and the custom-op head's."""
+    det, test, gen = _detector(5, 3, n=150)
+    test = torch.cat([test, _hard_rows(test.shape[1], gen)])
+    head = det.as_module(checks="flag", flags=True)
+    whole = PortableHead.from_head(head)
+    blocked = PortableHead.from_head(head, search_block=search_block)
+    n_indexed = head.index_vectors.shape[0]
+    assert whole.n_index_blocks == 1 and (search_block == 1 or n_indexed % search_block)
+    assert blocked.n_index_blocks == -(-n_indexed // search_block)
+    assert max(vectors.shape[0] for vectors, _ in blocked.index_blocks()) == search_block
+    assert torch.equal(blocked.index_vectors, head.index_vectors.float())
+    assert f"search_block={search_block}" in repr(blocked)
+    want, got = head(test), blocked(test)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], whole(test)[0], rtol=1e-6, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6 * float(
+        want[0].nan_to_num().abs().max()), equal_nan=True)
+    with pytest.raises(ValueError, match="search_block must be a positive integer"):
+        PortableHead.from_head(head, search_block=0)
+
+
 @pytest.mark.gpu  # run by bench/gpu_check.sh's torch-path step
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -264,10 +289,14 @@ def test_grood_export_writes_a_checked_file(tmp_path, capsys):
     np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
     assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) == 0
     assert main(["export", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "d.onnx"),
-                 "--no-float64"]) == 0
+                 "--no-float64", "--search-block", "32"]) == 0
     out = capsys.readouterr().out
     assert "input 'input' [N, 6] float32 features; outputs score, pred; checked in ONNX " \
            "Runtime on 4 rows" in out
+    # The index went into the graph as blocks of 32 rows: no weight holds more.
+    onnx = pytest.importorskip("onnx")
+    weights = onnx.load(str(tmp_path / "d.onnx")).graph.initializer
+    assert max(max(w.dims, default=1) for w in weights) == 32
     score, pred = _session(tmp_path / "d.onnx").run(None, {"input": x[:9].numpy()})
     det = GROOD.load(tmp_path / "d.safetensors")
     want_s, want_p = det.score_and_predict(x[:9])
