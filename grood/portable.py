@@ -260,19 +260,23 @@ def _threshold_tensor(threshold: float, float64: bool) -> Tensor:
     return torch.tensor(float(t32), dtype=torch.float32)
 
 
-def portable_copy(module: nn.Module, *, float64: bool = True,
-                  search_block: int = SEARCH_BLOCK_ROWS) -> tuple[nn.Module, PortableHead]:
+def portable_copy(module: nn.Module, *, float64: bool | None = None,
+                  search_block: int | None = None) -> tuple[nn.Module, PortableHead]:
     """``module`` with its GROOD head made portable, and that head: a :class:`PortableHead`
-    for a :class:`GROODHead`, and for a model the head is attached to, a copy holding the
+    for a :class:`GROODHead` (``float64`` and ``search_block`` as given, by default True and
+    :data:`SEARCH_BLOCK_ROWS`), and for a model the head is attached to, a copy holding the
     portable head in its place (the model itself is shared, not changed). A
-    :class:`PortableHead` is its own (its settings stand)."""
+    :class:`PortableHead` is its own: settings given that differ from its own are refused."""
     if isinstance(module, PortableHead):
+        _check_portable_settings(module, float64=float64, search_block=search_block)
         return module, module
+    wide = True if float64 is None else float64
+    block = SEARCH_BLOCK_ROWS if search_block is None else search_block
     if isinstance(module, GROODHead):
-        head = PortableHead.from_head(module, float64=float64, search_block=search_block)
+        head = PortableHead.from_head(module, float64=wide, search_block=block)
         return head, head
     if isinstance(module, GROODAttached):
-        head = PortableHead.from_head(module.head, float64=float64, search_block=search_block)
+        head = PortableHead.from_head(module.head, float64=wide, search_block=block)
         attached = _with_head(module, head)
         # The exporter warns of a module in training mode: the model's layers' modes count.
         attached.training = any(m.training for m in module.model.modules())
@@ -282,10 +286,22 @@ def portable_copy(module: nn.Module, *, float64: bool = True,
                     f"{type(module).__name__}")
 
 
+def _check_portable_settings(head: PortableHead, **asked: Any) -> None:
+    """Refuse settings for ``head`` that differ from those it was made with (it is exported
+    as it is)."""
+    own = {"float64": head.softmax_dtype == torch.float64, "search_block": head.search_block}
+    for name, value in asked.items():
+        if value is not None and value != own[name]:
+            raise ValueError(f"this PortableHead was made with {name}={own[name]!r} and is "
+                             f"exported as it is, not with {name}={value!r}: make it with "
+                             f"PortableHead.from_head(head, {name}={value!r}), or export "
+                             "the head or the detector")
+
+
 def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLike, *,
-                dynamic_batch: bool = True, float64: bool = True, check: bool = True,
+                dynamic_batch: bool = True, float64: bool | None = None, check: bool = True,
                 opset: int | None = None, external_data: bool | None = None,
-                search_block: int = SEARCH_BLOCK_ROWS) -> Path:
+                search_block: int | None = None) -> Path:
     """Write ``module`` to the ONNX file ``path`` and return the path.
 
     ``module``: a fitted :class:`grood.GROOD` (its head, with its threshold when calibrated),
@@ -297,9 +313,12 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     ``input``; the outputs ``score``, ``pred`` (and ``is_ood``), after ``logits`` for an
     attached model. ``float64=False`` leaves float64 out of the graph (the softmax in
     float32, the threshold as its float32 equivalent) for runtimes without it, TensorRT among
-    them. ``opset``: the ONNX opset (torch's default when None). ``search_block``: indexed
-    gradients per search block (:class:`PortableHead`); a batch of N rows needs memory for
-    about N x ``search_block`` float32 distances at a time (16 MiB for N = 256 by default).
+    them (default True). ``opset``: the ONNX opset (torch's default when None).
+    ``search_block``: indexed gradients per search block (:class:`PortableHead`; default
+    :data:`SEARCH_BLOCK_ROWS`, 16,384); a batch of N rows needs memory for about N x
+    ``search_block`` float32 distances at a time (16 MiB for N = 256 by default). A
+    :class:`PortableHead` given as ``module`` is exported with its own ``float64`` and
+    ``search_block`` (others given are refused).
 
     With ``check`` (the default) the file is run in ONNX Runtime on ``example`` and its
     outputs compared with the module's own in PyTorch: classes and flags equal, scores within

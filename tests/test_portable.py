@@ -207,15 +207,18 @@ def test_an_export_without_float64_holds_no_float64(tmp_path):
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
     det, test, _ = _detector(4, 2)
-    path = _quiet_export(det, test, tmp_path / "narrow.onnx", float64=False)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    graph = model.graph
-    types = {v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input,
-                                                    *graph.output]}
-    types |= {t.data_type for t in graph.initializer}
-    types |= {a.i for node in graph.node if node.op_type == "Cast" for a in node.attribute
-              if a.name == "to"}
-    assert onnx.TensorProto.FLOAT in types and onnx.TensorProto.DOUBLE not in types
+    # The detector asked for it, and a portable head made so, exported with its own setting.
+    narrow = PortableHead.from_head(det.as_module(), float64=False)
+    for module, kwargs in ((det, {"float64": False}), (narrow, {})):
+        path = _quiet_export(module, test, tmp_path / "narrow.onnx", **kwargs)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        graph = model.graph
+        types = {v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input,
+                                                        *graph.output]}
+        types |= {t.data_type for t in graph.initializer}
+        types |= {a.i for node in graph.node if node.op_type == "Cast" for a in node.attribute
+                  if a.name == "to"}
+        assert onnx.TensorProto.FLOAT in types and onnx.TensorProto.DOUBLE not in types
 
 
 def test_an_exported_attached_model_gives_logits_scores_and_classes(tmp_path):
@@ -270,6 +273,13 @@ def test_export_refuses_what_it_cannot_export(tmp_path, monkeypatch):
         export_onnx(det, test[:5, :10], tmp_path / "grood.onnx")
     with pytest.raises(TypeError, match="export_onnx takes a fitted GROOD detector"):
         export_onnx(torch.nn.Linear(11, 2), test, tmp_path / "grood.onnx")
+    # A portable head is exported as it was made: other settings are not silently dropped.
+    portable = PortableHead.from_head(det.as_module(), search_block=7)
+    with pytest.raises(ValueError, match=r"this PortableHead was made with search_block=7 and "
+                                         r"is exported as it is, not with search_block=5"):
+        export_onnx(portable, test, tmp_path / "grood.onnx", search_block=5)
+    with pytest.raises(ValueError, match=r"made with float64=True .* not with float64=False"):
+        export_onnx(portable, test, tmp_path / "grood.onnx", float64=False)
     with pytest.raises(NotFittedError):
         export_onnx(GROOD(), test, tmp_path / "grood.onnx")
     if find_spec("faiss") is not None:
