@@ -132,7 +132,8 @@ def test_a_search_block_by_block_finds_what_one_search_finds(search_block):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_portable_head_on_the_gpu_gives_the_gpu_heads_outputs(backend):
     """On a CUDA device (cuBLAS's matmul, the device's exp and log) the portable head still
-    gives the custom-op head's classes and flags, and its scores to float32 rounding."""
+    gives the custom-op head's classes and flags, and its scores to float32 rounding, with
+    the index in one search block or several."""
     if backend == "triton":
         pytest.importorskip("triton")
     det, test, gen = _detector(9, 3, n=400, d=24, seed=7)
@@ -140,8 +141,8 @@ def test_portable_head_on_the_gpu_gives_the_gpu_heads_outputs(backend):
     head = det.to("cuda").as_module(checks="flag", flags=True)
     head.backend = backend
     want = head(test)
-    for float64 in (True, False):
-        got = PortableHead.from_head(head, float64=float64)(test)
+    for float64, search_block in ((True, 1 << 14), (False, 1 << 14), (True, 64)):
+        got = PortableHead.from_head(head, float64=float64, search_block=search_block)(test)
         assert got[0].device == test.device
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6 * float(
