@@ -76,7 +76,8 @@ def shape_rows(n: int, c: int, d: int, n_queries: int, batch: int, repeat: int,
 
 
 # Run in a process of its own, so that its memory is the session's alone: ONNX Runtime with
-# its defaults (the CPU arena, weights prepacked for its matmul) loads the file, then scores
+# its defaults (the CPU arena, weights prepacked for its matmul; the last argument "1" turns
+# prepacking off: session.disable_prepacking) loads the file, then scores
 # batches of random rows; resident memory (VmRSS) after the load and after the batches, the
 # peak while loading (VmHWM: ru_maxrss would count the parent's memory at the fork), and rows/s
 # (the best of 3 batches after a warm-up).
@@ -84,11 +85,13 @@ SESSION_CHILD = r"""
 import sys, time
 import numpy as np
 import onnxruntime
-path, rows, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, rows, dim, unpacked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 def resident(field="VmRSS"):
     with open("/proc/self/status") as status:
         return int(status.read().split(field + ":")[1].split()[0]) / 1024
-session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+options = onnxruntime.SessionOptions()
+options.add_session_config_entry("session.disable_prepacking", unpacked)
+session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 loaded = resident()
 load_peak = resident("VmHWM")
 x = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
@@ -105,7 +108,8 @@ print(loaded, load_peak, resident(), rows / best)
 def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[int],
                       folder: str) -> list[str]:
     """One file per search block (one block: the whole index in one matmul), the same head:
-    prototypes and an index of random gradients of norm below 1, as GROOD's are."""
+    prototypes and an index of random gradients of norm below 1, as GROOD's are; the last
+    block's file also without prepacking."""
     from grood.portable import PortableHead
 
     gen = torch.Generator().manual_seed(0)
@@ -120,14 +124,16 @@ def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[i
             warnings.simplefilter("ignore", FutureWarning)
             grood.export_onnx(head.eval(), prototypes[:16], path)
         mib = os.path.getsize(path) / 2**20
-        out = subprocess.run([sys.executable, "-c", SESSION_CHILD, path, str(batch), str(d)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        loaded, load_peak, after, speed = (float(v) for v in out)
-        name = f"{block:,}" + (" (one block)" if block >= n_indexed else "")
-        rows.append(f"| C = {c}, D = {d}, {n_indexed:,} indexed | {name} | "
-                    f"{head.n_index_blocks} | {mib:,.0f} MiB | {load_peak:,.0f} MiB | "
-                    f"{loaded:,.0f} MiB | {after:,.0f} MiB | {after - loaded:+,.0f} MiB | "
-                    f"{speed:,.0f} |")
+        for unpacked in ("0", "1") if block == blocks[-1] else ("0",):
+            out = subprocess.run([sys.executable, "-c", SESSION_CHILD, path, str(batch), str(d),
+                                  unpacked], capture_output=True, text=True, check=True)
+            loaded, load_peak, after, speed = (float(v) for v in out.stdout.split())
+            name = f"{block:,}" + (" (one block)" if block >= n_indexed else "")
+            session = "prepacking off" if unpacked == "1" else "defaults"
+            rows.append(f"| C = {c}, D = {d}, {n_indexed:,} indexed | {name} | "
+                        f"{head.n_index_blocks} | {session} | {mib:,.0f} MiB | "
+                        f"{load_peak:,.0f} MiB | {loaded:,.0f} MiB | {after:,.0f} MiB | "
+                        f"{after - loaded:+,.0f} MiB | {speed:,.0f} |")
         os.remove(path)
     return rows
 
@@ -154,10 +160,10 @@ def main() -> None:
                   flush=True)
         n_indexed, c, d, batch, blocks = ((3000, 5, 32, 64, [3000, 512]) if args.tiny else
                                           (200_000, 100, 512, 512, [200_000, 65_536, 16_384]))
-        print(f"\nONNX Runtime's memory by search block (its defaults; batches of {batch}):\n")
-        print("| shape | search block | blocks | file | peak while loading | resident after "
-              "load | after batches | batches added | rows/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"\nONNX Runtime's memory by search block (batches of {batch}):\n")
+        print("| shape | search block | blocks | session | file | peak while loading | "
+              "resident after load | after batches | batches added | rows/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(search_block_rows(n_indexed, c, d, batch, blocks, folder)), flush=True)
 
 

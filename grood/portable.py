@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from grood._checks import check_flag, check_positive_int
 from grood._gradients import FLOAT32_DISTANCE_LIMIT
@@ -54,7 +55,7 @@ __all__ = ["PortableHead", "export_onnx"]
 # Indexed gradients per search block: a batch of 256 rows makes 16 MiB of float32 distances
 # at a time (ImageNet-1k's 1.28 M gradients: 79 blocks). In ONNX Runtime on the CPU, blocks
 # of 16,384 and 65,536 rows scored 200,000 indexed gradients as fast as one block did (within
-# the run-to-run spread), and left its memory 155 and 559 MiB above the loaded file after
+# the run-to-run spread), and left its memory 177 and 578 MiB above the loaded file after
 # batches of 512 rows instead of 1,650 MiB (bench/RESULTS.md).
 SEARCH_BLOCK_ROWS = 1 << 14
 
@@ -175,7 +176,7 @@ class PortableHead(nn.Module):
         u = h / unit - self.ood_prototype_units  # [N, D], in units `unit`
         u_sq = (u * u).sum(1)
         u_norm = u_sq.sqrt()
-        sq = (u_sq[:, None] - 2.0 * (u @ protos.T) + self.centred_sq_norms[None]).clamp_min(0)
+        sq = (u_sq[:, None] - 2.0 * F.linear(u, protos) + self.centred_sq_norms[None]).clamp_min(0)
         dist = sq.sqrt() * unit  # [N, C], estimates from the expansion
         n_cand = min(NCP_CANDIDATES, protos.shape[0])
         cand_d, cand_i = torch.topk(dist, n_cand, dim=1, largest=False)
@@ -206,7 +207,9 @@ class PortableHead(nn.Module):
         n_cand = self.k + RERANK_EXTRA
         estimates, exact = [], []
         for vectors, norms in self.index_blocks():
-            sq = (g_sq[:, None] - 2.0 * (grad @ vectors.T) + norms[None]).clamp_min(0)  # [N, B]
+            # [N, B]; F.linear (grad @ vectors.T) exports as Gemm(transB=1) on the stored rows:
+            # no runtime folds a transposed copy of the index into a second weight.
+            sq = (g_sq[:, None] - 2.0 * F.linear(grad, vectors) + norms[None]).clamp_min(0)
             est, cand = torch.topk(sq, min(n_cand, vectors.shape[0]), dim=1, largest=False)
             estimates.append(est)
             exact.append((grad[:, None, :] - vectors[cand]).square().sum(2))  # [N, <=n_cand]
