@@ -304,12 +304,19 @@ def test_grood_export_writes_a_checked_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "input 'input' [N, 6] float32 features; outputs score, pred; checked in ONNX " \
            "Runtime on 4 rows" in out
-    # The index went into the graph as blocks of 32 rows: no weight holds more.
-    onnx = pytest.importorskip("onnx")
-    weights = onnx.load(str(tmp_path / "d.onnx")).graph.initializer
-    assert max(max(w.dims, default=1) for w in weights) == 32
-    score, pred = _session(tmp_path / "d.onnx").run(None, {"input": x[:9].numpy()})
     det = GROOD.load(tmp_path / "d.safetensors")
+    # The index went into the graph as blocks of 32 rows: no weight holds more. Each row of
+    # the prototypes and the index is stored once (no transposed copy folded in), and the
+    # matmuls read them as stored.
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(tmp_path / "d.onnx")).graph
+    assert max(max(w.dims, default=1) for w in graph.initializer) == 32
+    matrices = [w for w in graph.initializer if len(w.dims) == 2 and 6 in w.dims]  # D = 6
+    assert sum(w.dims[0] * w.dims[1] for w in matrices) == (3 + det.index_.ntotal) * 6
+    assert all(w.dims[1] == 6 for w in matrices)
+    assert not any(node.op_type == "Transpose" and set(node.input) & {w.name for w in matrices}
+                   for node in graph.node)
+    score, pred = _session(tmp_path / "d.onnx").run(None, {"input": x[:9].numpy()})
     want_s, want_p = det.score_and_predict(x[:9])
     np.testing.assert_allclose(score, want_s.numpy(), rtol=1e-5, atol=1e-7)
     assert np.array_equal(pred, want_p.numpy())
