@@ -105,24 +105,73 @@ print(loaded, load_peak, resident(), rows / best)
 """
 
 
-def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[int],
-                      folder: str) -> list[str]:
-    """One file per search block (one block: the whole index in one matmul), the same head:
-    prototypes and an index of random gradients of norm below 1, as GROOD's are; the last
-    block's file also without prepacking."""
-    from grood.portable import PortableHead
+# A process of its own, so that its peak is the export's alone: the head of ``random_head``,
+# exported and checked (export_onnx), with the weights in the file or beside it (external
+# data); resident memory (VmRSS) with the head made, and the peak (VmHWM) at the end.
+EXPORT_CHILD = r"""
+import os, sys, time, warnings
+sys.path.insert(0, sys.argv[1])
+warnings.simplefilter("ignore")
+import grood
+from onnx_report import random_head
+def resident(field="VmRSS"):
+    with open("/proc/self/status") as status:
+        return int(status.read().split(field + ":")[1].split()[0]) / 1024
+n_indexed, c, d, external = (int(v) for v in sys.argv[2:6])
+path = sys.argv[6]
+head, prototypes = random_head(n_indexed, c, d)
+start, ready = time.perf_counter(), resident()
+grood.export_onnx(head, prototypes[:16], path, external_data=bool(external))
+print(ready, resident("VmHWM"), time.perf_counter() - start)
+"""
+
+
+def random_head(n_indexed: int, c: int, d: int, search_block: int | None = None):
+    """A portable head of random prototypes and an index of random gradients of norm below 1,
+    as GROOD's are, and its prototypes."""
+    from grood.portable import SEARCH_BLOCK_ROWS, PortableHead
 
     gen = torch.Generator().manual_seed(0)
     prototypes = torch.randn(c, d, generator=gen)
     vectors = torch.randn(n_indexed, d, generator=gen)
     vectors *= torch.rand(n_indexed, 1, generator=gen) / vectors.norm(dim=1, keepdim=True)
+    head = PortableHead(prototypes, prototypes.mean(0), vectors,
+                        search_block=search_block or SEARCH_BLOCK_ROWS)
+    return head.eval(), prototypes
+
+
+def export_memory_rows(n_indexed: int, c: int, d: int, folder: str) -> list[str]:
+    """The export's peak memory with the weights in the file and beside it."""
+    rows = []
+    for external in (0, 1):
+        path = os.path.join(folder, f"export-{external}.onnx")
+        out = subprocess.run([sys.executable, "-c", EXPORT_CHILD, os.path.dirname(__file__),
+                              str(n_indexed), str(c), str(d), str(external), path],
+                             capture_output=True, text=True, check=True)
+        ready, peak, took = (float(v) for v in out.stdout.split()[-3:])
+        index_mib = n_indexed * d * 4 / 2**20
+        where = "beside it (external_data=True)" if external else "in the file"
+        rows.append(f"| C = {c}, D = {d}, {n_indexed:,} indexed ({index_mib:,.0f} MiB) | "
+                    f"{where} | {ready:,.0f} MiB | {peak:,.0f} MiB | {peak - ready:+,.0f} MiB "
+                    f"| {took:.1f} s |")
+        for name in (path, path + ".data"):
+            if os.path.exists(name):
+                os.remove(name)
+    return rows
+
+
+def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[int],
+                      folder: str) -> list[str]:
+    """One file per search block (one block: the whole index in one matmul), the same head:
+    prototypes and an index of random gradients of norm below 1, as GROOD's are
+    (:func:`random_head`); the last block's file also without prepacking."""
     rows = []
     for block in blocks:
-        head = PortableHead(prototypes, prototypes.mean(0), vectors, search_block=block)
+        head, prototypes = random_head(n_indexed, c, d, block)
         path = os.path.join(folder, f"blocks-{block}.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            grood.export_onnx(head.eval(), prototypes[:16], path)
+            grood.export_onnx(head, prototypes[:16], path)
         mib = os.path.getsize(path) / 2**20
         for unpacked in ("0", "1") if block == blocks[-1] else ("0",):
             out = subprocess.run([sys.executable, "-c", SESSION_CHILD, path, str(batch), str(d),
@@ -165,6 +214,12 @@ def main() -> None:
               "resident after load | after batches | batches added | rows/s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(search_block_rows(n_indexed, c, d, batch, blocks, folder)), flush=True)
+        print("\nThe export's own memory (export_onnx with its check, in a process of its "
+              "own):\n")
+        print("| shape | weights | resident with the head made | peak | export added | "
+              "export + check |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(export_memory_rows(n_indexed, c, d, folder)), flush=True)
 
 
 if __name__ == "__main__":

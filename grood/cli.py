@@ -308,7 +308,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         path = export_onnx(det, example, args.out, dynamic_batch=not args.static_batch,
                            float64=not args.no_float64, check=not args.no_check,
-                           search_block=args.search_block)
+                           search_block=args.search_block,
+                           external_data=True if args.external_data else None)
     finally:
         registration.setLevel(level)
     outputs = "score, pred" + (", is_ood" if hasattr(det, "calibration_") else "")
@@ -816,6 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "runtimes without it, TensorRT among them")
     export.add_argument("--no-check", action="store_true",
                         help="write the file without running it in ONNX Runtime")
+    export.add_argument("--external-data", action="store_true",
+                        help="write the weights to OUT.data beside the file at any size (by "
+                             "default only past ONNX's 2 GB limit): the export then needs "
+                             "about half the memory")
     export.add_argument("--search-block", type=positive_int_arg, default=SEARCH_BLOCK_ROWS,
                         metavar="ROWS",
                         help="indexed gradients per search block: a batch of N rows needs "

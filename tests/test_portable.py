@@ -173,14 +173,26 @@ def _quiet_export(*args, **kwargs):
         return export_onnx(*args, **kwargs)
 
 
-def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path):
+def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path, monkeypatch):
     """A calibrated detector's file: score, pred and is_ood for batches of any size, as the
     detector gives them; rows it cannot score NaN, -1 and flagged."""
     pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
     det, test, gen = _detector(5, 3)
     test = torch.cat([test, _hard_rows(test.shape[1], gen)])
     head = det.as_module(checks="flag")
+    sessions, session_class = [], ort.InferenceSession
+
+    def recorded(path, options=None, **kwargs):
+        sessions.append(None if options is None else
+                        options.get_session_config_entry("session.disable_prepacking"))
+        return session_class(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recorded)
     path = _quiet_export(det, test[:7].double().numpy(), tmp_path / "grood.onnx")
+    monkeypatch.undo()
+    # The check held the weights once: no copy prepacked for the matmuls.
+    assert sessions == ["1"]
     assert path == tmp_path / "grood.onnx" and int(head.unresolved_rows) == 0
     session = _session(path)
     assert [o.name for o in session.get_outputs()] == ["score", "pred", "is_ood"]
@@ -300,11 +312,12 @@ def test_grood_export_writes_a_checked_file(tmp_path, capsys):
     np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
     assert main(["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "d.safetensors")]) == 0
     assert main(["export", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "d.onnx"),
-                 "--no-float64", "--search-block", "32"]) == 0
+                 "--no-float64", "--search-block", "32", "--external-data"]) == 0
     out = capsys.readouterr().out
     assert "input 'input' [N, 6] float32 features; outputs score, pred; checked in ONNX " \
            "Runtime on 4 rows" in out
     det = GROOD.load(tmp_path / "d.safetensors")
+    assert (tmp_path / "d.onnx.data").stat().st_size >= 90 * 6 * 4  # the index, beside it
     # The index went into the graph as blocks of 32 rows: no weight holds more. Each row of
     # the prototypes and the index is stored once (no transposed copy folded in), and the
     # matmuls read them as stored.
