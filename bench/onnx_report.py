@@ -75,20 +75,26 @@ def shape_rows(n: int, c: int, d: int, n_queries: int, batch: int, repeat: int,
     return rows
 
 
+# Both child processes' reading of their resident memory in MiB (VmHWM: the peak; ru_maxrss in
+# a child would count the parent's memory at the fork). The session's child imports nothing
+# else of grood or torch, so that its memory is ONNX Runtime's.
+RESIDENT = r"""
+def resident(field="VmRSS"):
+    with open("/proc/self/status") as status:
+        return int(status.read().split(field + ":")[1].split()[0]) / 1024
+"""
+
+
 # Run in a process of its own, so that its memory is the session's alone: ONNX Runtime with
 # its defaults (the CPU arena, weights prepacked for its matmul; the last argument "1" turns
 # prepacking off: session.disable_prepacking) loads the file, then scores
 # batches of random rows; resident memory (VmRSS) after the load and after the batches, the
-# peak while loading (VmHWM: ru_maxrss would count the parent's memory at the fork), and rows/s
-# (the best of 3 batches after a warm-up).
-SESSION_CHILD = r"""
+# peak while loading (VmHWM), and rows/s (the best of 3 batches after a warm-up).
+SESSION_CHILD = RESIDENT + r"""
 import sys, time
 import numpy as np
 import onnxruntime
 path, rows, dim, unpacked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-def resident(field="VmRSS"):
-    with open("/proc/self/status") as status:
-        return int(status.read().split(field + ":")[1].split()[0]) / 1024
 options = onnxruntime.SessionOptions()
 options.add_session_config_entry("session.disable_prepacking", unpacked)
 session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -108,36 +114,37 @@ print(loaded, load_peak, resident(), rows / best)
 # A process of its own, so that its peak is the export's alone: the head of ``random_head``,
 # exported and checked (export_onnx), with the weights in the file or beside it (external
 # data); resident memory (VmRSS) with the head made, and the peak (VmHWM) at the end.
-EXPORT_CHILD = r"""
+EXPORT_CHILD = RESIDENT + r"""
 import os, sys, time, warnings
 sys.path.insert(0, sys.argv[1])
 warnings.simplefilter("ignore")
 import grood
-from onnx_report import random_head
-def resident(field="VmRSS"):
-    with open("/proc/self/status") as status:
-        return int(status.read().split(field + ":")[1].split()[0]) / 1024
+from onnx_report import random_head, random_index
 n_indexed, c, d, external = (int(v) for v in sys.argv[2:6])
 path = sys.argv[6]
-head, prototypes = random_head(n_indexed, c, d)
+prototypes, vectors = random_index(n_indexed, c, d)
+head = random_head(prototypes, vectors)
 start, ready = time.perf_counter(), resident()
 grood.export_onnx(head, prototypes[:16], path, external_data=bool(external))
 print(ready, resident("VmHWM"), time.perf_counter() - start)
 """
 
 
-def random_head(n_indexed: int, c: int, d: int, search_block: int | None = None):
-    """A portable head of random prototypes and an index of random gradients of norm below 1,
-    as GROOD's are, and its prototypes."""
-    from grood.portable import SEARCH_BLOCK_ROWS, PortableHead
-
+def random_index(n_indexed: int, c: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prototypes [c, d] and an index of random gradients [n_indexed, d] of norm below
+    1, as GROOD's are."""
     gen = torch.Generator().manual_seed(0)
     prototypes = torch.randn(c, d, generator=gen)
     vectors = torch.randn(n_indexed, d, generator=gen)
     vectors *= torch.rand(n_indexed, 1, generator=gen) / vectors.norm(dim=1, keepdim=True)
-    head = PortableHead(prototypes, prototypes.mean(0), vectors,
-                        search_block=search_block or SEARCH_BLOCK_ROWS)
-    return head.eval(), prototypes
+    return prototypes, vectors
+
+
+def random_head(prototypes: torch.Tensor, vectors: torch.Tensor, **settings):
+    """The portable head of :func:`random_index`'s tensors (OOD prototype: their mean)."""
+    from grood.portable import PortableHead
+
+    return PortableHead(prototypes, prototypes.mean(0), vectors, **settings).eval()
 
 
 def export_memory_rows(n_indexed: int, c: int, d: int, folder: str) -> list[str]:
@@ -164,10 +171,11 @@ def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[i
                       folder: str) -> list[str]:
     """One file per search block (one block: the whole index in one matmul), the same head:
     prototypes and an index of random gradients of norm below 1, as GROOD's are
-    (:func:`random_head`); the last block's file also without prepacking."""
+    (:func:`random_index`); the last block's file also without prepacking."""
+    prototypes, vectors = random_index(n_indexed, c, d)
     rows = []
     for block in blocks:
-        head, prototypes = random_head(n_indexed, c, d, block)
+        head = random_head(prototypes, vectors, search_block=block)
         path = os.path.join(folder, f"blocks-{block}.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
