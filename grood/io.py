@@ -150,7 +150,8 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, preds: np.ndarray,
     ``ood`` (bool) and ``threshold`` when ``flags`` are given, ``neighbour_distance`` and
     ``neighbour_row`` [N, n] when ``neighbours`` (distances, training rows) are) or ``.csv``
     (``index,score,pred`` rows, then ``ood`` (1 = flagged) when ``flags`` are given, then
-    ``neighbour_row_1..n`` and ``neighbour_distance_1..n``). Written atomically, through
+    ``neighbour_row_1..n`` and ``neighbour_distance_1..n``; each number the shortest decimal that
+    reads back to the same value in the array's dtype). Written atomically, through
     symlinks: an interrupted write leaves no half-written file that looks complete."""
     from grood.persistence import written_atomically
 
@@ -187,8 +188,9 @@ def _write_scores(path: Path, suffix: str, scores: np.ndarray, preds: np.ndarray
             writer.writerow(["index", "score", "pred"] + (["ood"] if flags is not None else [])
                             + [f"neighbour_row_{j + 1}" for j in range(n)]
                             + [f"neighbour_distance_{j + 1}" for j in range(n)])
-            for i, (s, p) in enumerate(zip(scores.tolist(), preds.tolist(), strict=True)):
-                writer.writerow([i, repr(s), p] + ([int(flags[i])] if flags is not None else [])
-                                + (neighbours[1][i].tolist()
-                                   + [repr(v) for v in neighbours[0][i].tolist()]
+            # str of a NumPy scalar: the shortest decimal that reads back to the same value in
+            # its own dtype (0.1 for float32's 0.1, not float64's 0.10000000149011612).
+            for i, (s, p) in enumerate(zip(scores, preds.tolist(), strict=True)):
+                writer.writerow([i, str(s), p] + ([int(flags[i])] if flags is not None else [])
+                                + (neighbours[1][i].tolist() + [str(v) for v in neighbours[0][i]]
                                    if neighbours is not None else []))

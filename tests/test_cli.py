@@ -123,7 +123,7 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
     assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "s.csv")]) == 0
     rows = (tmp_path / "s.csv").read_text().splitlines()
     assert rows[0] == "index,score,pred" and len(rows) == 31
-    assert float(rows[1].split(",")[1]) == pytest.approx(float(expected[0]))
+    assert np.float32(float(rows[1].split(",")[1])) == expected[0]  # exactly, as float32
     # --neighbours: the nearest training rows beside the same scores (k = 2 > 1 neighbour).
     dist, near = GROOD.load(det_path).kneighbors(x[60:].numpy(), 3)
     for n in (1, 3):
@@ -141,7 +141,7 @@ def test_fit_score_eval_round_trip(tmp_path, capsys, suffix):
                        "neighbour_distance_1,neighbour_distance_2")
     first = rows[1].split(",")
     assert [int(v) for v in first[3:5]] == near[0, :2].tolist()
-    assert [float(v) for v in first[5:]] == dist[0, :2].tolist()
+    np.testing.assert_array_equal(np.float32([float(v) for v in first[5:]]), dist[0, :2])
     capsys.readouterr()
     assert main(["score", str(det_path), str(test), "-o", str(tmp_path / "n.npy"),
                  "--neighbours", "2"]) == 2
@@ -1172,6 +1172,35 @@ def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"cannot write .*gone.scores\.npz: the "
                                                 r"folder .*gone does not exist"):
         io.save_scores(tmp_path / "gone" / "scores.npz", scores, preds)
+
+
+def test_score_csv_writes_each_value_as_its_dtype_reads_it(tmp_path):
+    """A CSV score file wrote float32 scores and distances with their float64 repr
+    (-0.10000000149011612 for float32's -0.1): longer than the value holds, and read as the
+    wrong number by anything that keeps the text. Each value is now the shortest decimal that
+    reads back to the same value in the array's dtype; float64 keeps every digit it needs."""
+    from grood import io
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([np.float32([-0.1, -1e-20, -3.4e38, 0.0]),
+                             -rng.exponential(size=200).astype(np.float32)])
+    preds = np.arange(len(scores)) % 5
+    dist = np.float32(rng.exponential(size=(len(scores), 2)))
+    rows = np.arange(2 * len(scores)).reshape(-1, 2)
+    io.save_scores(tmp_path / "s.csv", scores, preds, neighbours=(dist, rows))
+    with open(tmp_path / "s.csv", newline="") as f:
+        table = list(csv.reader(f))[1:]
+    assert [r[1] for r in table[:4]] == ["-0.1", "-1e-20", "-3.4e+38", "0.0"]
+    read = np.float32([float(r[1]) for r in table])
+    np.testing.assert_array_equal(read, scores)  # every value reads back exactly
+    np.testing.assert_array_equal(np.float32([[float(v) for v in r[5:]] for r in table]), dist)
+    assert [[int(v) for v in r[3:5]] for r in table] == rows.tolist()
+    assert max(len(r[1]) for r in table) <= len("-1.2345678e-05")  # 9 digits at most
+    # float64 scores (float64 features) keep their full precision.
+    io.save_scores(tmp_path / "d.csv", scores.astype(np.float64) / 3, preds)
+    with open(tmp_path / "d.csv", newline="") as f:
+        read64 = np.array([float(r[1]) for r in list(csv.reader(f))[1:]])
+    np.testing.assert_array_equal(read64, scores.astype(np.float64) / 3)
 
 
 def test_warnings_print_as_one_line_named_by_the_command(tmp_path, capsys):
