@@ -111,19 +111,22 @@ print(loaded, load_peak, resident(), rows / best)
 """
 
 
-# A process of its own, so that its peak is the export's alone: the head of ``random_head``,
-# exported and checked (export_onnx), with the weights in the file or beside it (external
-# data); resident memory (VmRSS) with the head made, and the peak (VmHWM) at the end.
+# A process of its own, so that its peak is the export's alone: a GROOD head
+# (``det.as_module()``, what exporting a detector starts from) holding ``random_index``'s
+# tensors, exported and checked (export_onnx), with the weights in the file or beside it
+# (external data); resident memory (VmRSS) with the head made, and the peak (VmHWM) at the end.
 EXPORT_CHILD = RESIDENT + r"""
 import os, sys, time, warnings
 sys.path.insert(0, sys.argv[1])
 warnings.simplefilter("ignore")
 import grood
-from onnx_report import random_head, random_index
+from grood.head import GROODHead
+from onnx_report import random_index
 n_indexed, c, d, external = (int(v) for v in sys.argv[2:6])
 path = sys.argv[6]
 prototypes, vectors = random_index(n_indexed, c, d)
-head = random_head(prototypes, vectors)
+head = GROODHead(prototypes, prototypes.mean(0), vectors).eval()
+del vectors  # (the head holds its own copy, as a detector's head does)
 start, ready = time.perf_counter(), resident()
 grood.export_onnx(head, prototypes[:16], path, external_data=bool(external))
 print(ready, resident("VmHWM"), time.perf_counter() - start)

@@ -73,7 +73,10 @@ class PortableHead(nn.Module):
     ``index_block_<i>`` and ``index_sq_norms_<i>``): each block's ``k + RERANK_EXTRA`` nearest
     by the expansion are measured again from differences, and the candidates nearest by the
     expansion over all blocks decide, as one search over the whole index would. A batch of N
-    rows makes N x ``search_block`` distances at a time."""
+    rows makes N x ``search_block`` distances at a time. The blocks are copies of
+    ``index_vectors``, or with ``copy=False`` views of it where it is float32 and contiguous
+    (the head then shares its memory: :func:`export_onnx` makes its heads so, holding the
+    index once fewer)."""
 
     centred_prototypes: Tensor
     centred_sq_norms: Tensor
@@ -82,12 +85,13 @@ class PortableHead(nn.Module):
 
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, threshold: float | None = None, float64: bool = True,
-                 search_block: int = SEARCH_BLOCK_ROWS) -> None:
+                 search_block: int = SEARCH_BLOCK_ROWS, copy: bool = True) -> None:
         super().__init__()
         _check_state(class_prototypes, ood_prototype, index_vectors, None)
         k = check_positive_int(k, "k")
         float64 = check_flag(float64, "float64")
         search_block = check_positive_int(search_block, "search_block")
+        copy = check_flag(copy, "copy")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
         protos, p_ood = class_prototypes.detach(), ood_prototype.detach()
@@ -100,11 +104,15 @@ class PortableHead(nn.Module):
         self.register_buffer("centred_prototypes", centred)
         self.register_buffer("centred_sq_norms", centred_sq)
         vectors = index_vectors.detach().float()
+        if not copy:
+            vectors = vectors.contiguous()  # (its row blocks are then contiguous views)
         norms = database_sq_norms_of(vectors)
         self.n_index_blocks = 0
         for m0 in range(0, vectors.shape[0], search_block):
             rows = slice(m0, m0 + search_block)
-            self.register_buffer(f"index_block_{self.n_index_blocks}", vectors[rows].clone())
+            block = (vectors[rows].clone(memory_format=torch.contiguous_format) if copy
+                     else vectors[rows])
+            self.register_buffer(f"index_block_{self.n_index_blocks}", block)
             self.register_buffer(f"index_sq_norms_{self.n_index_blocks}", norms[rows].clone())
             self.n_index_blocks += 1
         self.search_block = search_block
@@ -121,14 +129,15 @@ class PortableHead(nn.Module):
 
     @classmethod
     def from_head(cls, head: GROODHead, *, float64: bool = True,
-                  search_block: int = SEARCH_BLOCK_ROWS) -> PortableHead:
+                  search_block: int = SEARCH_BLOCK_ROWS, copy: bool = True) -> PortableHead:
         """The portable twin of ``head`` (its prototypes, index, ``k`` and threshold; the
-        exact index rows, not a rounded stored copy), on the head's device."""
+        exact index rows, not a rounded stored copy), on the head's device; with
+        ``copy=False`` its index blocks are views of the head's."""
         head.check_k()
         threshold = None if head.threshold is None else float(head.threshold)
         return cls(head.class_prototypes, head.ood_prototype, head.index_vectors, k=head.k,
-                   threshold=threshold, float64=float64, search_block=search_block
-                   ).to(head.class_prototypes.device).eval()
+                   threshold=threshold, float64=float64, search_block=search_block,
+                   copy=copy).to(head.class_prototypes.device).eval()
 
     def index_blocks(self) -> list[tuple[Tensor, Tensor]]:
         """The index's blocks in order: ``(vectors [B, D], squared norms [B])``."""
@@ -264,11 +273,13 @@ def _threshold_tensor(threshold: float, float64: bool) -> Tensor:
 
 
 def portable_copy(module: nn.Module, *, float64: bool | None = None,
-                  search_block: int | None = None) -> tuple[nn.Module, PortableHead]:
+                  search_block: int | None = None, copy: bool = True
+                  ) -> tuple[nn.Module, PortableHead]:
     """``module`` with its GROOD head made portable, and that head: a :class:`PortableHead`
     for a :class:`GROODHead` (``float64`` and ``search_block`` as given, by default True and
-    :data:`SEARCH_BLOCK_ROWS`), and for a model the head is attached to, a copy holding the
-    portable head in its place (the model itself is shared, not changed). A
+    :data:`SEARCH_BLOCK_ROWS`; ``copy`` as :class:`PortableHead`'s), and for a model the head
+    is attached to, a copy holding the portable head in its place (the model itself is shared,
+    not changed). A
     :class:`PortableHead` is its own: settings given that differ from its own are refused."""
     if isinstance(module, PortableHead):
         _check_portable_settings(module, float64=float64, search_block=search_block)
@@ -276,10 +287,11 @@ def portable_copy(module: nn.Module, *, float64: bool | None = None,
     wide = True if float64 is None else float64
     block = SEARCH_BLOCK_ROWS if search_block is None else search_block
     if isinstance(module, GROODHead):
-        head = PortableHead.from_head(module, float64=wide, search_block=block)
+        head = PortableHead.from_head(module, float64=wide, search_block=block, copy=copy)
         return head, head
     if isinstance(module, GROODAttached):
-        head = PortableHead.from_head(module.head, float64=wide, search_block=block)
+        head = PortableHead.from_head(module.head, float64=wide, search_block=block,
+                                      copy=copy)
         attached = _with_head(module, head)
         # The exporter warns of a module in training mode: the model's layers' modes count.
         attached.training = any(m.training for m in module.model.modules())
@@ -353,7 +365,10 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
                              f"detector's index is {module.index_.kind!r} (fit with "
                              "index='exact' to export, or score with the detector)")
         module = module.as_module(flags=hasattr(module, "calibration_"))
-    portable, head = portable_copy(module, float64=float64, search_block=search_block)
+    # The portable head made here lives for the export alone: its index blocks are views of
+    # the head's (not changed by exporting), not a second copy of the index.
+    portable, head = portable_copy(module, float64=float64, search_block=search_block,
+                                   copy=False)
     reference = reference_copy(module)
     if portable is head:  # features: the graph's input is float32, as the head computes
         d = head.centred_prototypes.shape[1]
