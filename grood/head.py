@@ -85,6 +85,10 @@ class GROODHead(nn.Module):
             threshold`` (the detector's ``is_ood``; rows scored NaN by ``checks="flag"`` are
             flagged), and the threshold is a float64 buffer (``state_dict``; ``.to()`` moves
             it and keeps its dtype).
+        copy (bool): hold copies of the given tensors (default), or with ``False`` the index
+            tensors themselves (``index_vectors``, ``index_storage``; copied where made under
+            ``torch.inference_mode``): no second copy of a large index, but the head shares
+            their memory, so a state loaded into it is written into them.
 
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
@@ -108,7 +112,7 @@ class GROODHead(nn.Module):
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
                  index_storage: Tensor | None = None, checks: str = "raise",
-                 threshold: float | None = None) -> None:
+                 threshold: float | None = None, copy: bool = True) -> None:
         super().__init__()
         _check_state(class_prototypes, ood_prototype, index_vectors, index_storage)
         k = check_positive_int(k, "k")
@@ -120,6 +124,11 @@ class GROODHead(nn.Module):
             raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
         if threshold is not None:
             threshold = _check_threshold(threshold)
+        copy = check_flag(copy, "copy")
+
+        def held(t: Tensor) -> Tensor:  # (an inference tensor is copied: see below)
+            return t.detach().clone() if copy or t.is_inference() else t.detach()
+
         # Ordinary tensors even when made under torch.inference_mode (a serving script's
         # decorated main): inference tensors have no version counter, so the ops' values
         # derived from them (the squared norms' check) were remade on every call, and they
@@ -130,11 +139,11 @@ class GROODHead(nn.Module):
             self.register_buffer("ood_prototype", ood_prototype.detach().clone())
             # The same squared norms the detector's gradient step and exact index use.
             self.register_buffer("prototype_sq_norms", None)
-            self.register_buffer("index_vectors", index_vectors.detach().clone())
+            self.register_buffer("index_vectors", held(index_vectors))
             self.register_buffer("index_sq_norms", None)
             self._derive_norms()
             self.register_buffer("index_storage", None if index_storage is None
-                                 else index_storage.detach().clone())
+                                 else held(index_storage))
             # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted
             # on the device across calls; read it once per batch or epoch, reset with zero_().
             self.register_buffer("unresolved_rows",
@@ -500,10 +509,12 @@ class GROODAttached(nn.Module):
         return (logits, *self.head(as_rows(feats).float()))  # (as the extractor flattens)
 
 
-def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHead:
+def as_module(det: GROOD, checks: str = "raise", flags: bool = False, *,
+              copy: bool = True) -> GROODHead:
     """The fitted detector ``det`` as a :class:`GROODHead` on the detector's device (``checks``:
     see :data:`CHECKS`); with ``flags`` it holds the detector's calibrated threshold and also
-    returns ``is_ood``."""
+    returns ``is_ood``; with ``copy=False`` it holds the detector's index tensors themselves
+    (see :class:`GROODHead`)."""
     from grood.calibration import current_threshold
     from grood.index import ExactIndex
 
@@ -522,7 +533,7 @@ def as_module(det: GROOD, checks: str = "raise", flags: bool = False) -> GROODHe
     return GROODHead(det.class_prototypes_, det.ood_prototype_,
                      index.vectors.to(det.device_), k=det.k, precision=det.precision,
                      backend=det.backend, index_storage=storage, checks=checks,
-                     threshold=threshold)
+                     threshold=threshold, copy=copy)
 
 
 def capture_cuda_graph(module: Callable[[Tensor], tuple], example: Tensor

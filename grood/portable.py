@@ -46,6 +46,7 @@ from grood.head import (
     GROODHead,
     _check_state,
     _check_threshold,
+    as_module,
     check_feature_batch,
 )
 from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, ncp_scale
@@ -364,7 +365,8 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
             raise ValueError(f"export_onnx writes grood's exact index into the graph; this "
                              f"detector's index is {module.index_.kind!r} (fit with "
                              "index='exact' to export, or score with the detector)")
-        module = module.as_module(flags=hasattr(module, "calibration_"))
+        # A head for the export alone, holding the detector's index itself (not a copy).
+        module = as_module(module, flags=hasattr(module, "calibration_"), copy=False)
     # The portable head made here lives for the export alone: its index blocks are views of
     # the head's (not changed by exporting), not a second copy of the index.
     portable, head = portable_copy(module, float64=float64, search_block=search_block,

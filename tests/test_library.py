@@ -13,7 +13,7 @@ from conftest import clustered_features
 from torch import nn
 
 from grood import GROOD, NotFittedError, functional
-from grood.head import GROODHead, capture_cuda_graph
+from grood.head import GROODHead, as_module, capture_cuda_graph
 
 OPS = torch.ops.grood
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -220,6 +220,30 @@ def test_head_with_half_precision_index_storage():
     head = det.as_module()
     assert head.index_storage.dtype == torch.bfloat16
     assert torch.equal(head(x)[0], det.score_samples(x))
+
+
+def test_a_head_made_with_copy_false_holds_the_index_itself():
+    """A head copied the detector's index (and its stored copy), so a detector and its head
+    held it twice, as did every export. copy=False holds the tensors themselves, scoring the
+    same; an index made under inference_mode is still copied (an inference tensor cannot be
+    a head's buffer); copy must be a bool."""
+    x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
+    det = GROOD(k=2, index_options={"storage": "bfloat16"}).fit(x, y)
+    stored = det.index_._searched()
+    copied, shared = det.as_module(), as_module(det, copy=False)
+    assert shared.index_vectors.data_ptr() == det.index_.vectors.data_ptr()
+    assert shared.index_storage.data_ptr() == stored.data_ptr()
+    assert copied.index_vectors.data_ptr() != det.index_.vectors.data_ptr()
+    for a, b in zip(shared(x), copied(x), strict=True):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        vectors = det.index_.vectors.clone()
+    assert vectors.is_inference()
+    made = GROODHead(det.class_prototypes_, det.ood_prototype_, vectors, k=2, copy=False)
+    assert not made.index_vectors.is_inference()
+    assert torch.equal(made(x)[0], copied(x)[0])
+    with pytest.raises(ValueError, match="copy must be True or False"):
+        GROODHead(det.class_prototypes_, det.ood_prototype_, vectors, copy=1)
 
 
 def test_head_state_dict_round_trip_and_to(fitted):
