@@ -87,8 +87,8 @@ class GROODHead(nn.Module):
             it and keeps its dtype).
         copy (bool): hold copies of the given tensors (default), or with ``False`` the index
             tensors themselves (``index_vectors``, ``index_storage``; copied where made under
-            ``torch.inference_mode``): no second copy of a large index, but the head shares
-            their memory, so a state loaded into it is written into them.
+            ``torch.inference_mode``): no second copy of a large index, the head sharing
+            their memory (a state loaded into it is copied into tensors of its own).
 
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
@@ -160,6 +160,7 @@ class GROODHead(nn.Module):
                 self.threshold = None
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
         self._threshold_k = k  # the same, read by the forward without a host read
+        self._shares_index = not copy  # (a state loaded is then copied into its own tensors)
 
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
@@ -214,6 +215,11 @@ class GROODHead(nn.Module):
                 error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
                                   "state, saved and loaded together)")
                 return
+        if self._shares_index:  # into tensors of its own, not the index it was made from
+            for name in ("index_vectors", "index_storage"):
+                if self._buffers[name] is not None:
+                    self._buffers[name] = cast(Tensor, self._buffers[name]).clone()
+            self._shares_index = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derive_norms()  # of the buffers as loaded (rounded to the head's dtype)

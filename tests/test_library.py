@@ -226,7 +226,8 @@ def test_a_head_made_with_copy_false_holds_the_index_itself():
     """A head copied the detector's index (and its stored copy), so a detector and its head
     held it twice, as did every export. copy=False holds the tensors themselves, scoring the
     same; an index made under inference_mode is still copied (an inference tensor cannot be
-    a head's buffer); copy must be a bool."""
+    a head's buffer); copy must be a bool. A state loaded into such a head is written into
+    tensors of its own, not into the detector's index."""
     x, y = clustered_features(200, 4, 12, seed=7, dtype=torch.float32)
     det = GROOD(k=2, index_options={"storage": "bfloat16"}).fit(x, y)
     stored = det.index_._searched()
@@ -244,6 +245,17 @@ def test_a_head_made_with_copy_false_holds_the_index_itself():
     assert torch.equal(made(x)[0], copied(x)[0])
     with pytest.raises(ValueError, match="copy must be True or False"):
         GROODHead(det.class_prototypes_, det.ood_prototype_, vectors, copy=1)
+    # A state loaded into the sharing head goes into tensors of its own: the detector's index
+    # (and so its scores) stay as they were.
+    index, scores = det.index_.vectors.clone(), det.score_samples(x)
+    other = GROODHead(det.class_prototypes_, det.ood_prototype_, index.flip(0), k=2,
+                      index_storage=stored.flip(0))
+    shared.load_state_dict(other.state_dict())
+    assert torch.equal(shared.index_vectors, index.flip(0))
+    assert torch.equal(shared.index_storage, stored.flip(0))
+    assert torch.equal(det.index_.vectors, index) and torch.equal(det.index_._searched(), stored)
+    assert torch.equal(det.score_samples(x), scores)
+    assert torch.equal(shared(x)[0], other(x)[0])
 
 
 def test_head_state_dict_round_trip_and_to(fitted):
