@@ -30,7 +30,7 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -76,8 +76,8 @@ class PortableHead(nn.Module):
     expansion over all blocks decide, as one search over the whole index would. A batch of N
     rows makes N x ``search_block`` distances at a time. The blocks are copies of
     ``index_vectors``, or with ``copy=False`` views of it where it is float32 and contiguous
-    (the head then shares its memory: :func:`export_onnx` makes its heads so, holding the
-    index once fewer)."""
+    (the head then shares its memory, and a state loaded into it goes into blocks of its own:
+    :func:`export_onnx` makes its heads so, holding the index once fewer)."""
 
     centred_prototypes: Tensor
     centred_sq_norms: Tensor
@@ -117,6 +117,7 @@ class PortableHead(nn.Module):
             self.register_buffer(f"index_sq_norms_{self.n_index_blocks}", norms[rows].clone())
             self.n_index_blocks += 1
         self.search_block = search_block
+        self._shares_index = not copy  # (a state loaded is then copied into its own blocks)
         if threshold is not None:
             self.register_buffer("threshold", _threshold_tensor(_check_threshold(threshold),
                                                                 float64))
@@ -144,6 +145,17 @@ class PortableHead(nn.Module):
         """The index's blocks in order: ``(vectors [B, D], squared norms [B])``."""
         return [(getattr(self, f"index_block_{i}"), getattr(self, f"index_sq_norms_{i}"))
                 for i in range(self.n_index_blocks)]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        """A state loaded into a head holding views of an index (``copy=False``) goes into
+        blocks of its own, not into that index."""
+        if self._shares_index:
+            for i in range(self.n_index_blocks):
+                name = f"index_block_{i}"
+                self._buffers[name] = cast(Tensor, self._buffers[name]).clone()
+            self._shares_index = False
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def index_vectors(self) -> Tensor:
@@ -280,8 +292,8 @@ def portable_copy(module: nn.Module, *, float64: bool | None = None,
     for a :class:`GROODHead` (``float64`` and ``search_block`` as given, by default True and
     :data:`SEARCH_BLOCK_ROWS`; ``copy`` as :class:`PortableHead`'s), and for a model the head
     is attached to, a copy holding the portable head in its place (the model itself is shared,
-    not changed). A
-    :class:`PortableHead` is its own: settings given that differ from its own are refused."""
+    not changed). A :class:`PortableHead` is its own: settings given that differ from its own
+    are refused."""
     if isinstance(module, PortableHead):
         _check_portable_settings(module, float64=float64, search_block=search_block)
         return module, module

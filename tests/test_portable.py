@@ -156,6 +156,12 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
         assert torch.equal(made.index_vectors, source)
     with pytest.raises(ValueError, match="copy must be True or False"):
         PortableHead.from_head(head, copy="no")
+    # A state loaded into the head of views goes into blocks of its own, not the index.
+    other = PortableHead(head.class_prototypes, head.ood_prototype, source.flip(0), k=3,
+                         search_block=7, threshold=float(head.threshold))
+    shared.load_state_dict(other.state_dict())
+    assert torch.equal(shared.index_vectors, source.flip(0)) and torch.equal(source, before)
+    assert torch.equal(shared(test)[0], other(test)[0])
 
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
