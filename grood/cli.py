@@ -819,8 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the file without running it in ONNX Runtime")
     export.add_argument("--external-data", action="store_true",
                         help="write the weights to OUT.data beside the file at any size (by "
-                             "default only past ONNX's 2 GB limit): the export then needs "
-                             "about half the memory")
+                             "default only past 1.5 GiB; ONNX files end at 2 GiB)")
     export.add_argument("--search-block", type=positive_int_arg, default=SEARCH_BLOCK_ROWS,
                         metavar="ROWS",
                         help="indexed gradients per search block: a batch of N rows needs "

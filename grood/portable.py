@@ -354,8 +354,10 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     file that disagrees is removed and the difference named (ValueError).
 
     ``external_data``: write the weights (prototypes, index) to ``<path>.data`` beside the
-    graph; by default only where they pass ONNX's 2 GB limit. Either way the file (or the
-    pair, the data first) appears complete or not at all.
+    graph; by default only where they pass :data:`ONE_FILE_LIMIT` (1.5 GiB; ONNX files end at
+    2 GiB). Either way the export needs about the same memory (the file in one piece is
+    joined from the pair, streamed), and the file (or the pair, the data first) appears
+    complete or not at all.
     """
     from grood.detector import GROOD
     from grood.persistence import save_target
@@ -419,21 +421,95 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     return path
 
 
+#: Weights up to this size (1.5 GiB, the threshold of torch's exporter; ONNX's protobuf files
+#: end at 2 GiB) go into the ``.onnx`` file unless ``external_data=True``; larger ones beside it.
+ONE_FILE_LIMIT = 3 << 29
+
+
 def _save(program: Any, path: Path, external_data: bool | None) -> None:
     """``program.save`` to ``path`` atomically: into a temporary folder beside it, then
     renamed into place (with external data, ``<path>.data`` first, the graph naming it
-    last)."""
+    last). The exporter always writes the weights beside the graph (serialised into one
+    message it held them about three times more); a file in one piece is then joined from the
+    two (:func:`_join_external_data`)."""
     from grood.persistence import written_atomically
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        program.save(str(staged), external_data=external_data)
+        program.save(str(staged), external_data=True)
         data = staged.with_name(staged.name + ".data")
+        if data.exists() and not external_data and data.stat().st_size <= ONE_FILE_LIMIT:
+            joined = Path(tmp) / f"joined-{path.name}"
+            _join_external_data(staged, data, joined)
+            staged, data = joined, Path(tmp) / "none"
         if data.exists():
             with written_atomically(path.with_name(path.name + ".data")) as out:
                 os.replace(data, out)
         with written_atomically(path) as out:
             os.replace(staged, out)
+
+
+def _join_external_data(graph: Path, data: Path, out: Path) -> None:
+    """Write to ``out`` the ONNX model of ``graph`` with each weight it keeps in ``data``
+    (external data) inside it as ``raw_data``: the file a single serialisation would give,
+    streamed, so that no weight is held in memory. The graph's other fields are serialised
+    as they are; each external weight follows as an ``initializer`` entry (protobuf fields
+    may come in any order, and a message's length is known before its bytes are written)."""
+    onnx = require("onnx", extra="onnx", purpose="export_onnx")
+    tensor_proto = onnx.TensorProto
+    model = onnx.load(str(graph), load_external_data=False)
+    weights = []  # (serialised tensor without its external bytes, offset, length) in order
+    for t in model.graph.initializer:
+        if t.data_location != tensor_proto.EXTERNAL:
+            weights.append((t.SerializeToString(), 0, 0))
+            continue
+        where = {e.key: e.value for e in t.external_data}
+        if where.get("location") != data.name:
+            raise ValueError(f"{graph}: weight {t.name!r} is kept in {where.get('location')!r}, "
+                             f"not {data.name!r}")
+        header = tensor_proto()
+        header.CopyFrom(t)
+        header.ClearField("external_data")
+        header.ClearField("data_location")
+        weights.append((header.SerializeToString(), int(where.get("offset", 0)),
+                        int(where["length"])))
+    model.graph.ClearField("initializer")
+    graph_bytes = model.graph.SerializeToString()
+    model.ClearField("graph")
+
+    def tag(message: Any, field: str) -> bytes:  # a length-delimited field's key
+        return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+    graph_tag, init_tag = tag(onnx.ModelProto, "graph"), tag(onnx.GraphProto, "initializer")
+    raw_tag = tag(tensor_proto, "raw_data")
+
+    def raw_part(n: int) -> int:  # the bytes a weight's raw_data adds (none when inline)
+        return len(raw_tag) + len(_varint(n)) + n if n else 0
+
+    sizes = [len(header) + raw_part(n) for header, _, n in weights]
+    graph_size = len(graph_bytes) + sum(len(init_tag) + len(_varint(m)) + m for m in sizes)
+    with open(out, "wb") as f, open(data, "rb") as src:
+        f.write(model.SerializeToString() + graph_tag + _varint(graph_size) + graph_bytes)
+        for (header, offset, n), m in zip(weights, sizes, strict=True):
+            f.write(init_tag + _varint(m) + header + (raw_tag + _varint(n) if n else b""))
+            src.seek(offset)
+            left = n
+            while left:
+                chunk = src.read(min(left, 1 << 24))
+                if not chunk:
+                    raise ValueError(f"{data} ends before weight bytes {offset}..{offset + n}")
+                f.write(chunk)
+                left -= len(chunk)
+
+
+def _varint(n: int) -> bytes:
+    """``n`` as a protobuf varint."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def check_onnx_file(path: Path, module: nn.Module, example: Tensor, names: list[str],
