@@ -431,7 +431,7 @@ def _save(program: Any, path: Path, external_data: bool | None) -> None:
     renamed into place (with external data, ``<path>.data`` first, the graph naming it
     last). The exporter always writes the weights beside the graph (serialised into one
     message it held them about three times more); a file in one piece is then joined from the
-    two (:func:`_join_external_data`)."""
+    two (:func:`_join_external_data`; the weights take their size twice on disk meanwhile)."""
     from grood.persistence import written_atomically
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
@@ -464,9 +464,10 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
             weights.append((t.SerializeToString(), 0, 0))
             continue
         where = {e.key: e.value for e in t.external_data}
-        if where.get("location") != data.name:
-            raise ValueError(f"{graph}: weight {t.name!r} is kept in {where.get('location')!r}, "
-                             f"not {data.name!r}")
+        if where.get("location") != data.name or "length" not in where:
+            raise ValueError(f"{graph}: weight {t.name!r} is kept in {where.get('location')!r} "
+                             f"({where.get('length', 'no')} bytes), not in {data.name!r} with "
+                             "its length")
         header = tensor_proto()
         header.CopyFrom(t)
         header.ClearField("external_data")
