@@ -1,7 +1,8 @@
 """GROOD exported to ONNX (grood.export_onnx) against the detector, on the CPU: throughput
 of ONNX Runtime and of the detector's torch path in the same run, the file's size and export
 time, and how far the file's scores and classes are from the detector's, with and without
-float64 in the graph; then ONNX Runtime's memory and speed by search block on a larger index.
+float64 in the graph; then ONNX Runtime's memory and speed by search block on a larger index,
+and the export's own memory (a fitted detector, with the weights in the file and beside it).
 
 Features are the clustered post-ReLU-like ones of the other tables
 (``grood._bench.common.realistic_features``); the queries include near-OOD classes.
@@ -145,13 +146,6 @@ def random_index(n_indexed: int, c: int, d: int) -> tuple[torch.Tensor, torch.Te
     return prototypes, vectors
 
 
-def random_head(prototypes: torch.Tensor, vectors: torch.Tensor, **settings):
-    """The portable head of :func:`random_index`'s tensors (OOD prototype: their mean)."""
-    from grood.portable import PortableHead
-
-    return PortableHead(prototypes, prototypes.mean(0), vectors, **settings).eval()
-
-
 def export_memory_rows(n: int, c: int, d: int, folder: str) -> list[str]:
     """The export's peak memory with the weights in the file and beside it."""
     rows = []
@@ -176,10 +170,12 @@ def search_block_rows(n_indexed: int, c: int, d: int, batch: int, blocks: list[i
     """One file per search block (one block: the whole index in one matmul), the same head:
     prototypes and an index of random gradients of norm below 1, as GROOD's are
     (:func:`random_index`); the last block's file also without prepacking."""
+    from grood.portable import PortableHead
+
     prototypes, vectors = random_index(n_indexed, c, d)
     rows = []
-    for block in blocks:
-        head = random_head(prototypes, vectors, search_block=block)
+    for block in blocks:  # (OOD prototype: the prototypes' mean)
+        head = PortableHead(prototypes, prototypes.mean(0), vectors, search_block=block).eval()
         path = os.path.join(folder, f"blocks-{block}.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

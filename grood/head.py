@@ -160,7 +160,8 @@ class GROODHead(nn.Module):
                 self.threshold = None
         self.k, self.precision, self.backend, self.checks = k, precision, backend, checks
         self._threshold_k = k  # the same, read by the forward without a host read
-        self._shares_index = not copy  # (a state loaded is then copied into its own tensors)
+        # Buffers shared with the tensors given (copy=False), until a state is loaded.
+        self._shared_buffers = () if copy else ("index_vectors", "index_storage")
 
     def _derive_norms(self) -> None:
         """The squared norms from the head's own prototypes and index, in their compute dtype
@@ -215,11 +216,7 @@ class GROODHead(nn.Module):
                 error_msgs.append(f"{exc} (nothing was loaded: a head's buffers are one fitted "
                                   "state, saved and loaded together)")
                 return
-        if self._shares_index:  # into tensors of its own, not the index it was made from
-            for name in ("index_vectors", "index_storage"):
-                if self._buffers[name] is not None:
-                    self._buffers[name] = cast(Tensor, self._buffers[name]).clone()
-            self._shares_index = False
+        own_shared_buffers(self)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derive_norms()  # of the buffers as loaded (rounded to the head's dtype)
@@ -513,6 +510,17 @@ class GROODAttached(nn.Module):
             feats = box[0]
         logits = logits_of(logits)  # a tensor, a tuple's first, a mapping's or object's "logits"
         return (logits, *self.head(as_rows(feats).float()))  # (as the extractor flattens)
+
+
+def own_shared_buffers(head: Any) -> None:
+    """Give ``head`` (a :class:`GROODHead` or a portable head made with ``copy=False``) its
+    own copies of the buffers it shares with the tensors it was made from (its
+    ``_shared_buffers``), before a state is loaded into it: the load then writes into those
+    copies, not into the detector's index."""
+    for name in head._shared_buffers:
+        if head._buffers[name] is not None:
+            head._buffers[name] = head._buffers[name].clone()
+    head._shared_buffers = ()
 
 
 def as_module(det: GROOD, checks: str = "raise", flags: bool = False, *,

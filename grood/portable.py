@@ -30,7 +30,7 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from grood.head import (
     _check_threshold,
     as_module,
     check_feature_batch,
+    own_shared_buffers,
 )
 from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, ncp_scale
 
@@ -117,7 +118,9 @@ class PortableHead(nn.Module):
             self.register_buffer(f"index_sq_norms_{self.n_index_blocks}", norms[rows].clone())
             self.n_index_blocks += 1
         self.search_block = search_block
-        self._shares_index = not copy  # (a state loaded is then copied into its own blocks)
+        # Blocks that are views of the tensor given (copy=False), until a state is loaded.
+        self._shared_buffers = () if copy else tuple(
+            f"index_block_{i}" for i in range(self.n_index_blocks))
         if threshold is not None:
             self.register_buffer("threshold", _threshold_tensor(_check_threshold(threshold),
                                                                 float64))
@@ -150,11 +153,7 @@ class PortableHead(nn.Module):
                               *args: Any) -> None:
         """A state loaded into a head holding views of an index (``copy=False``) goes into
         blocks of its own, not into that index."""
-        if self._shares_index:
-            for i in range(self.n_index_blocks):
-                name = f"index_block_{i}"
-                self._buffers[name] = cast(Tensor, self._buffers[name]).clone()
-            self._shares_index = False
+        own_shared_buffers(self)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
@@ -441,7 +440,8 @@ def _save(program: Any, path: Path, external_data: bool | None) -> None:
         if data.exists() and not external_data and data.stat().st_size <= ONE_FILE_LIMIT:
             joined = Path(tmp) / f"joined-{path.name}"
             _join_external_data(staged, data, joined)
-            staged, data = joined, Path(tmp) / "none"
+            staged = joined
+            data.unlink()
         if data.exists():
             with written_atomically(path.with_name(path.name + ".data")) as out:
                 os.replace(data, out)
@@ -453,12 +453,21 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
     """Write to ``out`` the ONNX model of ``graph`` with each weight it keeps in ``data``
     (external data) inside it as ``raw_data``: the file a single serialisation would give,
     streamed, so that no weight is held in memory. The graph's other fields are serialised
-    as they are; each external weight follows as an ``initializer`` entry (protobuf fields
-    may come in any order, and a message's length is known before its bytes are written)."""
+    as they are, then each ``initializer`` entry in order, an external weight's bytes copied
+    from ``data`` (protobuf fields may come in any order, and each message's length is known
+    before its bytes are written)."""
     onnx = require("onnx", extra="onnx", purpose="export_onnx")
     tensor_proto = onnx.TensorProto
     model = onnx.load(str(graph), load_external_data=False)
-    weights = []  # (serialised tensor without its external bytes, offset, length) in order
+
+    def tag(message: Any, field: str) -> bytes:  # a length-delimited field's key
+        return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+    graph_tag, init_tag = tag(onnx.ModelProto, "graph"), tag(onnx.GraphProto, "initializer")
+    raw_tag = tag(tensor_proto, "raw_data")
+    # Each initializer in order: its bytes up to its weight's (the whole entry when inline),
+    # and where the weight's n bytes lie in ``data`` (none when inline).
+    weights = []
     for t in model.graph.initializer:
         if t.data_location != tensor_proto.EXTERNAL:
             weights.append((t.SerializeToString(), 0, 0))
@@ -472,27 +481,18 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
         header.CopyFrom(t)
         header.ClearField("external_data")
         header.ClearField("data_location")
-        weights.append((header.SerializeToString(), int(where.get("offset", 0)),
-                        int(where["length"])))
+        n = int(where["length"])
+        weights.append((header.SerializeToString() + raw_tag + _varint(n),
+                        int(where.get("offset", 0)), n))
     model.graph.ClearField("initializer")
     graph_bytes = model.graph.SerializeToString()
     model.ClearField("graph")
-
-    def tag(message: Any, field: str) -> bytes:  # a length-delimited field's key
-        return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
-
-    graph_tag, init_tag = tag(onnx.ModelProto, "graph"), tag(onnx.GraphProto, "initializer")
-    raw_tag = tag(tensor_proto, "raw_data")
-
-    def raw_part(n: int) -> int:  # the bytes a weight's raw_data adds (none when inline)
-        return len(raw_tag) + len(_varint(n)) + n if n else 0
-
-    sizes = [len(header) + raw_part(n) for header, _, n in weights]
+    sizes = [len(head) + n for head, _, n in weights]
     graph_size = len(graph_bytes) + sum(len(init_tag) + len(_varint(m)) + m for m in sizes)
     with open(out, "wb") as f, open(data, "rb") as src:
         f.write(model.SerializeToString() + graph_tag + _varint(graph_size) + graph_bytes)
-        for (header, offset, n), m in zip(weights, sizes, strict=True):
-            f.write(init_tag + _varint(m) + header + (raw_tag + _varint(n) if n else b""))
+        for (head, offset, n), m in zip(weights, sizes, strict=True):
+            f.write(init_tag + _varint(m) + head)
             src.seek(offset)
             left = n
             while left:
