@@ -247,6 +247,31 @@ def _spans_decades(values: np.ndarray) -> bool:
     return bool(hi > lo * 10**LOG_SCALE_DECADES)
 
 
+#: How far, in widths of the range that holds every set's 5th to 95th percentile (its bulk),
+#: a linear panel's axis reaches beyond that range on either side at most: a few far scores
+#: (Mahalanobis distances of far-OOD samples, say) would otherwise stretch the axis until
+#: every set's bulk falls in one or two bins. Normally distributed scores are never cut (the
+#: axis reaches 4.9 standard deviations from their mean).
+TAIL_REACH = 1.0
+
+
+def _linear_range(by_set: Mapping[str, np.ndarray], threshold: float | None
+                  ) -> tuple[float, float]:
+    """A linear panel's axis: from the lowest to the highest score, but on each side at most
+    :data:`TAIL_REACH` times the width of the sets' bulk (every set's 5th to 95th percentile,
+    and the threshold) beyond it; scores beyond the axis are drawn in its end bins."""
+    lo = min(float(np.min(v)) for v in by_set.values())
+    hi = max(float(np.max(v)) for v in by_set.values())
+    bulk_lo = min(float(np.percentile(v, 5)) for v in by_set.values())
+    bulk_hi = max(float(np.percentile(v, 95)) for v in by_set.values())
+    if threshold is not None:
+        bulk_lo, bulk_hi = min(bulk_lo, threshold), max(bulk_hi, threshold)
+    reach = TAIL_REACH * (bulk_hi - bulk_lo)
+    if reach > 0:  # (all of the bulk at one value: nothing to cut the tails against)
+        lo, hi = max(lo, bulk_lo - reach), min(hi, bulk_hi + reach)
+    return lo, hi
+
+
 def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
                     path: str | os.PathLike,
                     thresholds: Mapping[str, tuple[float, float]] | None = None, *,
@@ -260,7 +285,8 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
     the right; scores of 0 fall in the rightmost bin, and the legend counts them; every score
     and threshold must be <= 0, and < 0 for a threshold) or ``"auto"``: log for a method
     whose scores are all <= 0 and whose nonzero magnitudes span more than 3 decades (GROOD's
-    do), linear otherwise."""
+    do), linear otherwise. A linear axis stops short of scores far out in a tail
+    (:data:`TAIL_REACH`): they are drawn in its end bins, and the legend counts them."""
     if scale not in ("auto", "linear", "log"):
         raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
     figure = figure_class()  # a missing extra is named before any check
@@ -284,14 +310,17 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
         if logs[method]:
             _log_histograms(ax, by_set)
         else:
-            lo = min(float(np.min(v)) for v in by_set.values())
-            hi = max(float(np.max(v)) for v in by_set.values())
+            lo, hi = _linear_range(by_set, thresholds.get(method, (None,))[0])
             bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
             for color, (name, values) in zip(_colors(len(by_set)), by_set.items(),
                                              strict=True):
+                beyond = int(np.count_nonzero((values < lo) | (values > hi)))
+                label = name + (f" ({beyond} beyond the axis, in its end bins)" if beyond
+                                else "")
+                values = np.clip(values, bins[0], bins[-1])
                 ax.hist(values, bins=bins, density=True, color=color, alpha=0.25)
                 ax.hist(values, bins=bins, density=True, color=color, histtype="step",
-                        lw=1.4, label=name)
+                        lw=1.4, label=label)
             ax.set(xlabel="score (higher = in-distribution)", ylabel="density (log)")
         if method in thresholds:
             t, tpr = thresholds[method]

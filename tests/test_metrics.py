@@ -631,6 +631,55 @@ def test_histograms_of_scores_spanning_decades_use_a_log_axis_of_minus_score(tmp
     assert drawn[-1].axes[0].get_xscale() == "linear"
 
 
+def test_a_linear_histogram_axis_stops_short_of_far_tails_and_counts_what_lies_beyond(
+        tmp_path, monkeypatch):
+    """A few Mahalanobis scores of -14,000 beside a bulk between -500 and -20 stretched the
+    axis until the bulk fell in one or two of 40 bins. The axis now reaches at most one bulk
+    width (every set's 5th to 95th percentile, and the threshold) beyond the bulk; the scores
+    beyond it are drawn in its end bins and counted in the legend. Normal scores are drawn
+    whole, and a threshold out in a tail stays on the axis."""
+    pytest.importorskip("matplotlib")
+    from grood import report
+
+    drawn = recorded_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    ident = -rng.uniform(20, 120, 300)
+    ood = np.concatenate([-rng.uniform(60, 500, 690), -rng.uniform(2_000, 14_000, 10)])
+
+    def edges(ax):  # the drawn bins' left and right ends, and the legend's texts
+        bars = [p for p in ax.patches if p.get_fill()]
+        return (min(b.get_x() for b in bars), max(b.get_x() + b.get_width() for b in bars),
+                [t.get_text() for t in ax.get_legend().get_texts()])
+
+    report.plot_histograms({"Mahalanobis": {"id": ident, "ood": ood}}, tmp_path / "h.png")
+    left, right, labels = edges(drawn[-1].axes[0])
+    bulk_lo = min(np.percentile(ident, 5), np.percentile(ood, 5))
+    bulk_hi = max(np.percentile(ident, 95), np.percentile(ood, 95))
+    assert left == pytest.approx(bulk_lo - (bulk_hi - bulk_lo))
+    assert right == pytest.approx(ident.max())  # no far tail on that side
+    assert labels == ["id", "ood (10 beyond the axis, in its end bins)"]
+    heights = [p.get_height() for p in drawn[-1].axes[0].patches if p.get_fill()][40:]
+    assert heights[0] > 0  # the ten far scores, in the first bin
+
+    # A threshold far out in the tail widens the bulk, so the axis still shows it.
+    report.plot_histograms({"M": {"id": ident, "ood": ood}}, tmp_path / "h.png",
+                           {"M": (-3_000.0, 0.95)})
+    left, _, labels = edges(drawn[-1].axes[0])
+    assert left == pytest.approx(-3_000 - (bulk_hi + 3_000))
+    assert labels[1] == f"ood ({np.sum(ood < left)} beyond the axis, in its end bins)"
+
+    # Normally distributed scores, and scores all at one value, are drawn whole.
+    normal = {"id": rng.normal(12, 3, 20_000), "ood": rng.normal(4, 2, 20_000)}
+    report.plot_histograms({"Energy": normal}, tmp_path / "h.png")
+    left, right, labels = edges(drawn[-1].axes[0])
+    assert left == pytest.approx(min(v.min() for v in normal.values()))
+    assert right == pytest.approx(max(v.max() for v in normal.values()))
+    assert labels == ["id", "ood"]
+    report.plot_histograms({"MSP": {"id": np.ones(50), "ood": np.append(np.ones(40), 0.2)}},
+                           tmp_path / "h.png")
+    assert edges(drawn[-1].axes[0])[2] == ["id", "ood"]
+
+
 def test_pictures_are_written_atomically_in_the_format_their_suffix_names(tmp_path,
                                                                            monkeypatch):
     """A drawing that failed halfway left a truncated picture; now the old one stays."""
