@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from grood._bench.common import kernel_sources
+from grood.environment import kernel_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import traffic_model
 
-#: The kernels' source digest (:func:`grood._bench.common.kernel_sources`), in the header and
+#: The kernels' source digest (:func:`grood.environment.kernel_sources`), in the header and
 #: every record: GPU timings name the same digest.
 KERNEL_SOURCES = kernel_sources()
 

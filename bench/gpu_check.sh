@@ -46,7 +46,7 @@ import triton
 
 if not torch.cuda.is_available():
     sys.exit("gpu_check.sh needs a CUDA device (TINY=1 runs it on the CPU at tiny sizes)")
-from grood._bench.common import kernel_sources
+from grood.environment import kernel_sources
 
 print(f"kernels {kernel_sources()} | torch {torch.__version__} | triton {triton.__version__} | "
       f"{torch.cuda.get_device_name()}")
@@ -54,6 +54,8 @@ PY
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total \
         --format=csv 2>/dev/null || true
 fi
+# What this call runs with (versions, packages, each device's backends), for the log.
+python -m grood env || true
 log() { echo "[gpu_check] ${SECONDS}s: $*"; }
 # step LIMIT NAME COMMAND: run the shell COMMAND for at most LIMIT seconds (less where the
 # budget has less left), killing its whole process group at the limit

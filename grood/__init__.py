@@ -15,6 +15,7 @@ from grood import library  # noqa: F401  (registers the torch.ops.grood custom o
 from grood._version import __version__
 from grood.baselines import KNN, MSP, Energy, Mahalanobis
 from grood.detector import GROOD
+from grood.environment import show_versions
 from grood.errors import (
     BackendUnavailableError,
     DetectorFileError,
@@ -54,6 +55,7 @@ __all__ = [
     "ood_metrics",
     "register_index",
     "register_source",
+    "show_versions",
     "threshold_acceptance",
     "threshold_at_tpr",
 ]

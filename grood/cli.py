@@ -278,6 +278,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from grood.environment import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else format_environment(env))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -793,6 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true",
                       help="print the description as JSON instead of text")
     info.set_defaults(func=_cmd_info)
+    env = sub.add_parser("env", help="versions, packages and devices grood runs with here (for "
+                                     "a bug report)",
+                         description="Print grood's version and its kernels' digest, Python, "
+                                     "every package grood uses (or the extra that installs "
+                                     "it), and every device with the backend each operation "
+                                     "takes there by default, and why not Triton where it "
+                                     "does not. Imports no optional package.")
+    env.add_argument("--json", action="store_true", help="print it as JSON instead of text")
+    env.set_defaults(func=_cmd_env)
     export = sub.add_parser(
         "export", help="write a saved detector as an ONNX graph (for ONNX Runtime and other "
                        "runtimes)",

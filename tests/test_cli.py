@@ -860,7 +860,7 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["run"]["device"] and saved["run"]["capability"] is None
     # which kernels were timed: the digest the compile report names too
-    from grood._bench.common import kernel_sources
+    from grood.environment import kernel_sources
 
     assert saved["run"]["kernels"] == kernel_sources() != "none"
     assert text.startswith(f"grood {__version__} (kernels {kernel_sources()}) | ")
@@ -898,7 +898,7 @@ def test_bench_at_full_size_under_the_interpreter_says_it_takes_hours(capsys, mo
 
 def test_kernel_sources_digest_names_the_kernel_files(tmp_path):
     """The digest covers every kernel source file by name and content, and nothing else."""
-    from grood._bench.common import kernel_sources
+    from grood.environment import kernel_sources
 
     for name, text in (("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("notes.txt", "-")):
         (tmp_path / name).write_text(text)

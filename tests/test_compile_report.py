@@ -81,7 +81,7 @@ def test_tile_epilogue_counts_from_the_k_loop_to_the_hand_off():
 
 
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
-    from grood._bench.common import kernel_sources
+    from grood.environment import kernel_sources
 
     text, records, _ = report
     # the kernels' source digest, as the GPU report's timings name it

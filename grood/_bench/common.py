@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,23 +17,6 @@ PEAKS = {
     "H200": {"ieee": 67.0, "tf32": 494.7, "tf32x3": 494.7, "bf16": 989.4},
     "A100": {"ieee": 19.5, "tf32": 156.0, "tf32x3": 156.0, "bf16": 312.0},
 }
-
-
-def kernel_sources(root: Path | None = None) -> str:
-    """Which Triton kernels a timing or a compile report is of: the first 12 hex digits of a
-    SHA-256 over the kernel package's source files (``grood_kernels/*.py`` by name, or those
-    under ``root``), without importing it. A GPU run gets a copy of the tree without its git
-    history, so this is what ties its timings to a commit and to the compile report of the
-    same kernels. "none" where the package is not found."""
-    if root is None:
-        spec = importlib.util.find_spec("grood_kernels")
-        if spec is None or not spec.submodule_search_locations:
-            return "none"
-        root = Path(next(iter(spec.submodule_search_locations)))
-    digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
 
 
 def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: str,

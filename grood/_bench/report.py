@@ -21,7 +21,6 @@ from datetime import date
 import torch
 
 from grood import __version__
-from grood._bench.common import kernel_sources
 from grood._bench.gradient import (
     FULL_SHAPES,
     TINY_SHAPES,
@@ -31,6 +30,7 @@ from grood._bench.gradient import (
 )
 from grood._bench.search import search_accuracy_table, search_timing_table
 from grood._checks import bench_device_arg, positive_int_arg
+from grood.environment import kernel_sources
 from grood.persistence import written_atomically
 
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 def _write_json(path: str, timings: list[dict], device: str, dev_name: str,
                 triton_version: str, interpreted: bool, kernels: str) -> None:
     """The run's kernel timings (:data:`grood._bench.common.TIMINGS`) with what they ran on
-    (``kernels``: :func:`grood._bench.common.kernel_sources`)."""
+    (``kernels``: :func:`grood.environment.kernel_sources`)."""
     import json
 
     capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None

@@ -1,0 +1,105 @@
+"""``grood env`` / ``grood.show_versions()``: the versions, packages and devices a bug report
+needs, read without importing any optional package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+from types import SimpleNamespace
+
+import torch
+
+import grood
+from grood import environment as env_mod
+from grood import ops
+from grood.cli import main
+from grood.environment import environment, format_environment, kernel_sources
+
+
+def test_env_reports_the_installed_versions_and_the_cpus_backends(capsys):
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["grood"] == grood.__version__ and env["kernels"] == kernel_sources() != "none"
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    packages = {p["name"]: p for p in env["packages"]}
+    assert list(packages)[:4] == ["torch", "numpy", "safetensors", "tqdm"]
+    assert packages["torch"]["version"] == metadata.version("torch")
+    assert packages["torch"]["cuda"] == torch.version.cuda
+    assert packages["numpy"]["version"] == metadata.version("numpy")
+    assert all(p["extra"] is None for p in list(packages.values())[:4])
+    assert packages["onnxruntime"]["extra"] == "onnx"
+    cpu = env["devices"][0]
+    assert cpu["device"] == "cpu" and cpu["threads"] == torch.get_num_threads()
+    assert cpu["auto"] == ops.resolve_backends("auto", "cpu", torch.float32)
+    assert len(env["devices"]) == 1 + (torch.cuda.device_count()
+                                       if torch.cuda.is_available() else 0)
+
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"grood {grood.__version__} (kernels {kernel_sources()})\n")
+    assert f"  torch        {metadata.version('torch')}" in text
+    assert "  cpu          " in text and "backend='auto': ncp_gradient on " in text
+
+
+def test_a_missing_package_names_its_extra_and_two_of_one_module_are_named(monkeypatch):
+    """faiss-cpu and faiss-gpu install the same module (whichever came last wins): both at
+    once is named; a package not installed gives the extra that installs it."""
+    real = metadata.version
+    present = {"faiss-cpu": "1.8.0", "faiss-gpu-cu12": "1.8.0"}
+
+    def version(dist):
+        if dist in present:
+            return present[dist]
+        if dist in ("onnxruntime", "onnxruntime-gpu", "scikit-learn", "faiss-gpu-cu11",
+                    "faiss-gpu"):
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(env_mod.metadata, "version", version)
+    env = environment()
+    packages = {p["name"]: p for p in env["packages"]}
+    assert packages["faiss"]["distribution"] == "faiss-cpu"
+    assert packages["faiss"]["note"] == ("faiss-cpu and faiss-gpu-cu12 are all installed and "
+                                         "provide the same module: uninstall all but one")
+    assert packages["onnxruntime"]["version"] is None
+    text = format_environment(env)
+    assert "  onnxruntime  not installed: pip install 'grood[onnx]'\n" in text
+    assert "  scikit-learn not installed: pip install 'grood[demo]'\n" in text
+    assert "  faiss        1.8.0 (faiss-cpu); faiss-cpu and faiss-gpu-cu12 are all" in text
+
+
+def test_each_gpu_is_named_with_its_backends_and_why_not_triton(monkeypatch):
+    """(A stand-in for torch's CUDA queries: this machine may have no GPU.)"""
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    gpus = environment()["devices"][1:]
+    assert [d["device"] for d in gpus] == ["cuda:0", "cuda:1"]
+    assert gpus[0]["capability"] == "9.0" and gpus[0]["memory_gib"] == 150.0
+    assert gpus[0]["auto"] == ops.resolve_backends("auto", "cuda:0", torch.float32)
+    text = format_environment(environment())
+    assert "  cuda:1       NVIDIA H200; compute capability 9.0; 150.0 GiB\n" in text
+
+    # Without triton the GPUs run torch, and say why.
+    real_find_spec = ops.importlib.util.find_spec
+    monkeypatch.setattr(ops.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    gpu = environment()["devices"][1]
+    assert gpu["auto"] == {"ncp_gradient": "torch", "knn": "torch"}
+    assert "triton is not installed" in gpu["triton_unavailable"]
+    assert ("Triton kernels: triton is not installed (pip install 'grood[triton]')"
+            in format_environment(environment()))
+
+
+def test_show_versions_prints_the_report_and_imports_no_optional_package():
+    code = ("import sys, grood; grood.show_versions(); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('faiss', 'onnx', 'onnxscript', 'onnxruntime', 'sklearn', "
+            "'matplotlib', 'PIL', 'triton')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.startswith(f"grood {grood.__version__} (kernels ")
+    assert "\npackages\n" in out and "\ndevices" in out
+    assert out.rstrip().splitlines()[-1] == "[]"
