@@ -25,7 +25,7 @@ def test_score_image_folder_example(tmp_path):
     scored = subprocess.run([sys.executable, *next_cmd[1:]], capture_output=True, text=True,
                             timeout=300)
     assert scored.returncode == 0, scored.stderr
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert len(rows) == 18
     score = {r["file"]: float(r["score"]) for r in rows}
     digits = [v for k, v in score.items() if k.startswith("digit-")]
@@ -49,7 +49,7 @@ def test_score_image_folder_example(tmp_path):
     assert skipped.returncode == 0, skipped.stderr
     assert "scored 18 images (2 unreadable, left out: aa-broken.png, ab-broken.jpg)" in \
         skipped.stdout
-    again = list(csv.DictReader(out.open()))
+    again = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["file"] for r in again[:2]] == ["aa-broken.png", "ab-broken.jpg"]
     assert all(r["score"] == r["pred"] == r["ood_rank"] == "" for r in again[:2])
     assert {r["file"]: float(r["score"]) for r in again[2:]} == pytest.approx(score, rel=1e-5)
