@@ -22,20 +22,21 @@ import torch
 from grood._version import __version__
 
 #: What grood uses, in the order reported: a name, the distributions that provide it (the
-#: first one installed is reported) and the extra of grood that installs it (None: required).
-PACKAGES: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
-    ("torch", ("torch",), None),
-    ("numpy", ("numpy",), None),
-    ("safetensors", ("safetensors",), None),
-    ("tqdm", ("tqdm",), None),
-    ("triton", ("triton", "pytorch-triton", "triton-windows"), "triton"),
-    ("faiss", ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu"), "faiss-cpu"),
-    ("onnx", ("onnx",), "onnx"),
-    ("onnxscript", ("onnxscript",), "onnx"),
-    ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "onnx"),
-    ("scikit-learn", ("scikit-learn",), "demo"),
-    ("matplotlib", ("matplotlib",), "plots"),
-    ("pillow", ("pillow",), "images"),
+#: first one installed is reported) and the extras of grood that install it (none: required).
+PACKAGES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("torch", ("torch",), ()),
+    ("numpy", ("numpy",), ()),
+    ("safetensors", ("safetensors",), ()),
+    ("tqdm", ("tqdm",), ()),
+    ("triton", ("triton", "pytorch-triton", "triton-windows"), ("triton",)),
+    ("faiss", ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu"),
+     ("faiss-cpu", "faiss-gpu")),
+    ("onnx", ("onnx",), ("onnx",)),
+    ("onnxscript", ("onnxscript",), ("onnx",)),
+    ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), ("onnx",)),
+    ("scikit-learn", ("scikit-learn",), ("demo",)),
+    ("matplotlib", ("matplotlib",), ("plots",)),
+    ("pillow", ("pillow",), ("images",)),
 )
 
 
@@ -67,19 +68,21 @@ def _installed(distributions: tuple[str, ...]) -> list[tuple[str, str]]:
     return found
 
 
-def _package(name: str, distributions: tuple[str, ...], extra: str | None) -> dict[str, Any]:
+def _package(name: str, distributions: tuple[str, ...], extras: tuple[str, ...]
+             ) -> dict[str, Any]:
     """One package's entry: its version and distribution, or how to install it; a note where
     two of its distributions are installed at once (faiss-cpu beside faiss-gpu: one module,
     whichever was installed last)."""
     found = _installed(distributions)
-    entry: dict[str, Any] = {"name": name, "extra": extra,
+    entry: dict[str, Any] = {"name": name, "extras": list(extras),
                              "version": found[0][1] if found else None,
                              "distribution": found[0][0] if found else None}
     if name == "torch" and found:
         entry["cuda"] = torch.version.cuda  # None for a CPU build
     if len(found) > 1:
-        entry["note"] = (f"{' and '.join(d for d, _ in found)} are all installed and provide "
-                         f"the same module: uninstall all but one")
+        entry["note"] = (f"{' and '.join(d for d, _ in found)} are "
+                         f"{'both' if len(found) == 2 else 'all'} installed and provide the "
+                         f"same module: uninstall all but one")
     return entry
 
 
@@ -123,11 +126,12 @@ def _devices() -> list[dict[str, Any]]:
 def environment() -> dict[str, Any]:
     """What grood runs with here, as a JSON-able dict: ``grood`` (version), ``kernels`` (the
     kernels' source digest, as the GPU and compile reports name them), ``python``,
-    ``platform``, ``packages`` (per package: ``name``, ``version`` or None, ``distribution``,
-    ``extra`` that installs it, None for a required one, ``note`` where two distributions of
-    it are installed) and ``devices`` (per device: ``device``, ``name``, ``auto`` — the
-    backend of each operation under ``backend="auto"`` — and ``triton_unavailable``, why the
-    Triton kernels cannot run there, or None), and whether ``TRITON_INTERPRET=1`` is set."""
+    ``platform``, ``triton_interpret`` (whether ``TRITON_INTERPRET=1`` is set), ``packages``
+    (per package: ``name``, ``version`` or None, ``distribution``, the ``extras`` that install
+    it, none for a required one, and a ``note`` where two distributions of it are installed)
+    and ``devices`` (per device: ``device``, ``name``, ``auto`` — the backend of each
+    operation under ``backend="auto"`` — and ``triton_unavailable``, why the Triton kernels
+    cannot run there, or None)."""
     return {
         "grood": __version__,
         "kernels": kernel_sources(),
@@ -145,8 +149,9 @@ def format_environment(env: dict[str, Any]) -> str:
              f"python {env['python']} ({env['platform']})", "packages"]
     for p in env["packages"]:
         if p["version"] is None:
-            text = ("not installed: " + (f"pip install 'grood[{p['extra']}]'" if p["extra"]
-                                         else "required: pip install grood"))
+            text = "not installed: " + (" or ".join(f"pip install 'grood[{e}]'"
+                                                    for e in p["extras"])
+                                        or "required: pip install grood")
         else:
             text = p["version"]
             if p["distribution"] != p["name"]:

@@ -28,8 +28,8 @@ def test_env_reports_the_installed_versions_and_the_cpus_backends(capsys):
     assert packages["torch"]["version"] == metadata.version("torch")
     assert packages["torch"]["cuda"] == torch.version.cuda
     assert packages["numpy"]["version"] == metadata.version("numpy")
-    assert all(p["extra"] is None for p in list(packages.values())[:4])
-    assert packages["onnxruntime"]["extra"] == "onnx"
+    assert all(p["extras"] == [] for p in list(packages.values())[:4])
+    assert packages["onnxruntime"]["extras"] == ["onnx"]
     cpu = env["devices"][0]
     assert cpu["device"] == "cpu" and cpu["threads"] == torch.get_num_threads()
     assert cpu["auto"] == ops.resolve_backends("auto", "cpu", torch.float32)
@@ -61,13 +61,19 @@ def test_a_missing_package_names_its_extra_and_two_of_one_module_are_named(monke
     env = environment()
     packages = {p["name"]: p for p in env["packages"]}
     assert packages["faiss"]["distribution"] == "faiss-cpu"
-    assert packages["faiss"]["note"] == ("faiss-cpu and faiss-gpu-cu12 are all installed and "
+    assert packages["faiss"]["note"] == ("faiss-cpu and faiss-gpu-cu12 are both installed and "
                                          "provide the same module: uninstall all but one")
     assert packages["onnxruntime"]["version"] is None
     text = format_environment(env)
     assert "  onnxruntime  not installed: pip install 'grood[onnx]'\n" in text
     assert "  scikit-learn not installed: pip install 'grood[demo]'\n" in text
-    assert "  faiss        1.8.0 (faiss-cpu); faiss-cpu and faiss-gpu-cu12 are all" in text
+    assert "  faiss        1.8.0 (faiss-cpu); faiss-cpu and faiss-gpu-cu12 are both" in text
+    del present["faiss-cpu"], present["faiss-gpu-cu12"]
+    monkeypatch.setattr(env_mod, "_installed", lambda dists: [])  # nothing at all
+    text = format_environment(environment())
+    assert ("  faiss        not installed: pip install 'grood[faiss-cpu]' or pip install "
+            "'grood[faiss-gpu]'\n") in text
+    assert "  torch        not installed: required: pip install grood\n" in text
 
 
 def test_each_gpu_is_named_with_its_backends_and_why_not_triton(monkeypatch):
