@@ -18,6 +18,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
 from grood._checks import check_new_folder
 from grood._progress import progress
+from grood.environment import environment
 from grood.errors import require
 from grood.extract import FeatureExtractor
 from grood.metrics import mean_of_sets, paired_difference, resampled_set_metrics
@@ -248,6 +250,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
                               for label, per_base in differences.items()},
         "grood_train_accuracy": train_accuracy,
         "seconds": time.perf_counter() - start,
+        # What the figures were taken with: versions, devices, and the day.
+        "environment": environment(),
+        "date": date.today().isoformat(),
     }
     for name, text in (("results.json", json.dumps(summary, indent=2)),
                        ("results.md", table + "\n")):

@@ -43,6 +43,11 @@ def test_demo_at_reduced_size(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     results = json.loads((out / "results.json").read_text())
     assert results["sizes"]["noise (far-OOD)"] == 60
+    from datetime import date
+
+    from grood.environment import environment
+
+    assert results["environment"] == environment() and results["date"] == str(date.today())
     auroc = results["metrics"]["GROOD (mixup)"]["noise (far-OOD)"]["auroc"]
     assert 0.5 < auroc <= 1.0
 
