@@ -100,14 +100,22 @@ def _cpu_name() -> str:
 
 def _devices() -> list[dict[str, Any]]:
     """Every device torch sees, with the backend each operation gets there by default, and
-    why not Triton where it does not."""
+    why not Triton where it does not. A device torch fails to query (a driver that does not
+    match, a GPU in a bad state) is listed with torch's error: a bug report needs it most."""
     from grood import ops
 
-    cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())
-            ] if torch.cuda.is_available() else []
-    out = []
-    for dev in [torch.device("cpu"), *cuda]:
-        entry: dict[str, Any] = {"device": str(dev)}
+    try:
+        cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())
+                ] if torch.cuda.is_available() else []
+    except Exception as exc:  # any failure of the query is what the report must show
+        return [_device(torch.device("cpu"), ops), {"device": "cuda", "error": _said(exc)}]
+    return [_device(dev, ops) for dev in [torch.device("cpu"), *cuda]]
+
+
+def _device(dev: torch.device, ops: Any) -> dict[str, Any]:
+    """One device's entry (see :func:`_devices`)."""
+    entry: dict[str, Any] = {"device": str(dev)}
+    try:
         if dev.type == "cpu":
             entry["name"] = _cpu_name()
             entry["threads"] = torch.get_num_threads()
@@ -119,8 +127,15 @@ def _devices() -> list[dict[str, Any]]:
         entry["auto"] = ops.resolve_backends("auto", dev, torch.float32)
         entry["triton_unavailable"] = ops.triton_unavailable_reason("ncp_gradient", dev,
                                                                     torch.float32)
-        out.append(entry)
-    return out
+    except Exception as exc:
+        entry["error"] = _said(exc)
+    return entry
+
+
+def _said(exc: BaseException) -> str:
+    """An exception as one line: its type and its first line."""
+    first = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
 
 
 def environment() -> dict[str, Any]:
@@ -131,7 +146,8 @@ def environment() -> dict[str, Any]:
     it, none for a required one, and a ``note`` where two distributions of it are installed)
     and ``devices`` (per device: ``device``, ``name``, ``auto`` — the backend of each
     operation under ``backend="auto"`` — and ``triton_unavailable``, why the Triton kernels
-    cannot run there, or None)."""
+    cannot run there, or None; in their place ``error``, torch's, where it could not query
+    the device)."""
     return {
         "grood": __version__,
         "kernels": kernel_sources(),
@@ -165,6 +181,9 @@ def format_environment(env: dict[str, Any]) -> str:
                               "CPU under Triton's interpreter)" if env["triton_interpret"]
                               else ""))
     for d in env["devices"]:
+        if "error" in d:
+            lines.append(f"  {d['device']:<13}torch could not query it: {d['error']}")
+            continue
         about = [d["name"]]
         if "threads" in d:
             about.append(f"{d['threads']} torch threads")

@@ -100,6 +100,29 @@ def test_each_gpu_is_named_with_its_backends_and_why_not_triton(monkeypatch):
             in format_environment(environment()))
 
 
+def test_a_gpu_torch_cannot_query_is_listed_with_its_error(monkeypatch):
+    """The report a bug needs most must not fail itself on a broken driver or device."""
+    def broken(dev):
+        raise RuntimeError("CUDA error: unknown error\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    env = environment()
+    assert env["devices"][0]["device"] == "cpu" and "auto" in env["devices"][0]
+    assert env["devices"][1] == {"device": "cuda:0",
+                                 "error": "RuntimeError: CUDA error: unknown error"}
+    assert ("  cuda:0       torch could not query it: RuntimeError: CUDA error: unknown "
+            "error") in format_environment(env)
+
+    def no_count():
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "device_count", no_count)
+    assert environment()["devices"][1:] == [
+        {"device": "cuda", "error": "RuntimeError: Found no NVIDIA driver on your system"}]
+
+
 def test_show_versions_prints_the_report_and_imports_no_optional_package():
     code = ("import sys, grood; grood.show_versions(); print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('faiss', 'onnx', 'onnxscript', 'onnxruntime', 'sklearn', "
