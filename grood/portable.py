@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +460,12 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
     onnx = require("onnx", extra="onnx", purpose="export_onnx")
     tensor_proto = onnx.TensorProto
     model = onnx.load(str(graph), load_external_data=False)
+    if any(t.data_location == tensor_proto.EXTERNAL for t in _tensors_beyond_initializers(
+            model.graph)):
+        # A weight outside the graph's initializers (a Constant node's, a subgraph's) is
+        # joined by onnx itself, in memory: streamed, it would still point at ``data``.
+        onnx.save(onnx.load(str(graph)), str(out))
+        return
 
     def tag(message: Any, field: str) -> bytes:  # a length-delimited field's key
         return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
@@ -501,6 +508,22 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
                     raise ValueError(f"{data} ends before weight bytes {offset}..{offset + n}")
                 f.write(chunk)
                 left -= len(chunk)
+
+
+def _tensors_beyond_initializers(graph: Any, top: bool = True) -> Iterator[Any]:
+    """Every tensor of an ONNX ``graph`` but its own (top-level) initializers: sparse
+    initializers, node attributes' tensors, and everything in subgraphs, at any depth."""
+    if not top:
+        yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors_beyond_initializers(sub, top=False)
 
 
 def _varint(n: int) -> bytes:

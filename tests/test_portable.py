@@ -412,6 +412,51 @@ def test_a_file_in_one_piece_is_joined_from_the_graph_and_its_external_data(tmp_
     assert [t.data_location for t in kept] == [t.data_location for t in graph.graph.initializer]
 
 
+def test_a_weight_outside_the_initializers_is_joined_too(tmp_path):
+    """The streamed join copies the graph's initializers in; a weight kept externally
+    anywhere else (a Constant node's, a subgraph's: torch's exporter writes none there today)
+    still pointed at the data file, deleted after the join. Such a model is joined by onnx
+    itself."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from grood import portable
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "w")
+    const = numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "c")
+    inner = numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "i")
+    branch = helper.make_graph([helper.make_node("Identity", ["i"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 8])],
+                               initializer=[inner])
+    nodes = [helper.make_node("Constant", [], ["c"], value=const),
+             helper.make_node("Add", ["w", "c"], ["s"]),
+             helper.make_node("If", ["flag"], ["b"], then_branch=branch, else_branch=branch),
+             helper.make_node("Add", ["s", "b"], ["out"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64, 8])],
+        initializer=[weight]))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="m.onnx.data",
+                                   size_threshold=0, convert_attribute=True)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    stored = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert {t.name for t in portable._tensors_beyond_initializers(stored.graph)
+            if t.data_location == TensorProto.EXTERNAL} == {"c", "i"}
+    (tmp_path / "joined").mkdir()
+    portable._join_external_data(tmp_path / "m.onnx", tmp_path / "m.onnx.data",
+                                 tmp_path / "joined" / "m.onnx")
+    joined = onnx.load(str(tmp_path / "joined" / "m.onnx"))  # (no data file beside it)
+    tensors = [joined.graph.initializer[0], joined.graph.node[0].attribute[0].t,
+               joined.graph.node[2].attribute[0].g.initializer[0]]
+    for got, expected in zip(tensors, (weight, const, inner), strict=True):
+        assert got.data_location == TensorProto.DEFAULT
+        np.testing.assert_array_equal(numpy_helper.to_array(got),
+                                      numpy_helper.to_array(expected))
+    onnx.checker.check_model(joined)
+
+
 def test_grood_export_writes_a_checked_file(tmp_path, capsys):
     pytest.importorskip("onnxscript")
     x, y = clustered_features(90, 3, 6, seed=2, dtype=torch.float32)
