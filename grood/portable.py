@@ -456,14 +456,14 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
     streamed, so that no weight is held in memory. The graph's other fields are serialised
     as they are, then each ``initializer`` entry in order, an external weight's bytes copied
     from ``data`` (protobuf fields may come in any order, and each message's length is known
-    before its bytes are written)."""
+    before its bytes are written). A model that keeps a weight externally anywhere else (a
+    Constant node's, a subgraph's) is joined by onnx itself, in memory."""
     onnx = require("onnx", extra="onnx", purpose="export_onnx")
     tensor_proto = onnx.TensorProto
     model = onnx.load(str(graph), load_external_data=False)
     if any(t.data_location == tensor_proto.EXTERNAL for t in _tensors_beyond_initializers(
             model.graph)):
-        # A weight outside the graph's initializers (a Constant node's, a subgraph's) is
-        # joined by onnx itself, in memory: streamed, it would still point at ``data``.
+        # (streamed, such a weight would still point at ``data``, deleted after the join)
         onnx.save(onnx.load(str(graph)), str(out))
         return
 
