@@ -512,7 +512,8 @@ def _join_external_data(graph: Path, data: Path, out: Path) -> None:
 
 def _tensors_beyond_initializers(graph: Any, top: bool = True) -> Iterator[Any]:
     """Every tensor of an ONNX ``graph`` but its own (top-level) initializers: sparse
-    initializers, node attributes' tensors, and everything in subgraphs, at any depth."""
+    initializers, node attributes' tensors (sparse ones too), and everything in subgraphs,
+    at any depth."""
     if not top:
         yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -522,6 +523,9 @@ def _tensors_beyond_initializers(graph: Any, top: bool = True) -> Iterator[Any]:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+                           ) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _tensors_beyond_initializers(sub, top=False)
 
