@@ -458,6 +458,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
                   id_name=args.id, device=args.device)
     print(ev.summary(None if ev.threshold is None else _threshold_line(det)))
+    print(f"\n{_provenance_line(det)}")
     if args.json:
         with written_atomically(args.json) as tmp:
             tmp.write_text(json.dumps(ev.results, indent=2))
@@ -469,6 +470,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"\nwrote {written[0]} (ROC curves) and {written[1]} (score histograms)"
               + (f", and {written[2]} (GROOD minus each baseline)" if len(written) > 2 else ""))
     return 0
+
+
+def _provenance_line(det: Any) -> str:
+    """What ``grood eval``'s tables were taken with, for whoever reads them pasted elsewhere:
+    the detector's scoring settings, its backends and device, grood (and its kernels),
+    torch, and the day."""
+    from datetime import date
+
+    import torch
+
+    from grood.environment import kernel_sources
+    from grood.index import ExactIndex
+
+    nprobe = getattr(det.index_, "nprobe", None)
+    index = f"{det.index_.kind} index" + (f" (nprobe {nprobe})" if nprobe is not None else "")
+    backends = ", ".join(f"{op} on {backend}" for op, backend in det.backend_.items()
+                         if op != "knn" or isinstance(det.index_, ExactIndex))  # (faiss's own)
+    return (f"GROOD: OOD prototype {det.ood_source_.name!r}, k={det.k}, {index}, precision "
+            f"{det.precision}; {backends}, {det.device_} · grood {__version__} (kernels "
+            f"{kernel_sources()}), torch {torch.__version__} · {date.today().isoformat()}")
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

@@ -187,6 +187,33 @@ def test_eval_draws_roc_curves_and_histograms(tmp_path, capsys):
     assert "--plots takes a folder" in capsys.readouterr().err
 
 
+def test_eval_says_under_its_tables_what_they_were_taken_with(tmp_path, capsys):
+    """A table pasted elsewhere keeps the detector's settings, backends, device, versions and
+    day; a faiss index searches with faiss, so no knn backend is named for it."""
+    from datetime import date
+
+    from grood.environment import kernel_sources
+
+    x, y = clustered_features(60, 3, 8, seed=0, spread=0.2, dtype=torch.float32)
+    _write(tmp_path / "train.npz", features=x[:40], labels=y[:40])
+    _write(tmp_path / "test.npy", features=x[40:])
+    _write(tmp_path / "ood.npy", features=torch.rand(15, 8) * 3)
+    tail = (f", cpu · grood {__version__} (kernels {kernel_sources()}), torch "
+            f"{torch.__version__} · {date.today().isoformat()}\n")
+    for index, words in (("exact", "exact index, precision tf32; ncp_gradient on torch, knn "
+                                   "on torch"),
+                         ("faiss-ivf", "faiss-ivf index (nprobe 4), precision tf32; "
+                                       "ncp_gradient on torch")):
+        if index != "exact" and importlib.util.find_spec("faiss") is None:
+            continue
+        det = tmp_path / f"{index}.safetensors"
+        assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det), "--index", index]) == 0
+        assert main(["eval", str(det), "--id", str(tmp_path / "test.npy"), "--ood",
+                     str(tmp_path / "ood.npy"), "--precision", "tf32"]) == 0
+        out = capsys.readouterr().out
+        assert f"\n\nGROOD: OOD prototype 'mean', k=1, {words}{tail}" in out, out
+
+
 def test_fit_with_ood_features_file(tmp_path, capsys):
     x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
     _write(tmp_path / "t.npz", features=x, labels=y)
