@@ -480,16 +480,17 @@ def _provenance_line(det: Any) -> str:
 
     import torch
 
-    from grood.environment import kernel_sources
+    from grood.environment import backend_words, kernel_sources
     from grood.index import ExactIndex
 
     nprobe = getattr(det.index_, "nprobe", None)
     index = f"{det.index_.kind} index" + (f" (nprobe {nprobe})" if nprobe is not None else "")
-    backends = ", ".join(f"{op} on {backend}" for op, backend in det.backend_.items()
-                         if op != "knn" or isinstance(det.index_, ExactIndex))  # (faiss's own)
+    backends = {op: backend for op, backend in det.backend_.items()  # (faiss searches itself)
+                if op != "knn" or isinstance(det.index_, ExactIndex)}
     return (f"GROOD: OOD prototype {det.ood_source_.name!r}, k={det.k}, {index}, precision "
-            f"{det.precision}; {backends}, {det.device_} · grood {__version__} (kernels "
-            f"{kernel_sources()}), torch {torch.__version__} · {date.today().isoformat()}")
+            f"{det.precision}; {backend_words(backends)}, {det.device_} · grood {__version__} "
+            f"(kernels {kernel_sources()}), torch {torch.__version__} · "
+            f"{date.today().isoformat()}")
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

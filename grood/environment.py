@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from grood import ops
 from grood._version import __version__
 
 #: What grood uses, in the order reported: a name, the distributions that provide it (the
@@ -102,17 +103,15 @@ def _devices() -> list[dict[str, Any]]:
     """Every device torch sees, with the backend each operation gets there by default, and
     why not Triton where it does not. A device torch fails to query (a driver that does not
     match, a GPU in a bad state) is listed with torch's error: a bug report needs it most."""
-    from grood import ops
-
     try:
         cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())
                 ] if torch.cuda.is_available() else []
     except Exception as exc:  # any failure of the query is what the report must show
-        return [_device(torch.device("cpu"), ops), {"device": "cuda", "error": _said(exc)}]
-    return [_device(dev, ops) for dev in [torch.device("cpu"), *cuda]]
+        return [_device(torch.device("cpu")), {"device": "cuda", "error": _said(exc)}]
+    return [_device(dev) for dev in [torch.device("cpu"), *cuda]]
 
 
-def _device(dev: torch.device, ops: Any) -> dict[str, Any]:
+def _device(dev: torch.device) -> dict[str, Any]:
     """One device's entry (see :func:`_devices`)."""
     entry: dict[str, Any] = {"device": str(dev)}
     try:
@@ -159,6 +158,12 @@ def environment() -> dict[str, Any]:
     }
 
 
+def backend_words(backends: dict[str, str]) -> str:
+    """A mapping of operation to backend (``backend_``, :func:`grood.ops.resolve_backends`)
+    in words: ``"ncp_gradient on torch, knn on torch"``."""
+    return ", ".join(f"{op} on {backend}" for op, backend in backends.items())
+
+
 def format_environment(env: dict[str, Any]) -> str:
     """:func:`environment`'s dict as the lines ``grood env`` prints."""
     lines = [f"grood {env['grood']} (kernels {env['kernels']})",
@@ -189,9 +194,8 @@ def format_environment(env: dict[str, Any]) -> str:
             about.append(f"{d['threads']} torch threads")
         if "capability" in d:
             about += [f"compute capability {d['capability']}", f"{d['memory_gib']} GiB"]
-        ops = ", ".join(f"{op} on {backend}" for op, backend in d["auto"].items())
         lines.append(f"  {d['device']:<13}{'; '.join(about)}")
-        lines.append(f"  {'':<13}backend='auto': {ops}")
+        lines.append(f"  {'':<13}backend='auto': {backend_words(d['auto'])}")
         if d["triton_unavailable"]:
             lines.append(f"  {'':<13}Triton kernels: {d['triton_unavailable']}")
     return "\n".join(lines)

@@ -262,8 +262,8 @@ def _linear_range(by_set: Mapping[str, np.ndarray], threshold: float | None
     and the threshold) beyond it; scores beyond the axis are drawn in its end bins."""
     lo = min(float(np.min(v)) for v in by_set.values())
     hi = max(float(np.max(v)) for v in by_set.values())
-    bulk_lo = min(float(np.percentile(v, 5)) for v in by_set.values())
-    bulk_hi = max(float(np.percentile(v, 95)) for v in by_set.values())
+    bulks = np.array([np.percentile(v, [5, 95]) for v in by_set.values()])  # one pass a set
+    bulk_lo, bulk_hi = float(bulks[:, 0].min()), float(bulks[:, 1].max())
     if threshold is not None:
         bulk_lo, bulk_hi = min(bulk_lo, threshold), max(bulk_hi, threshold)
     reach = TAIL_REACH * (bulk_hi - bulk_lo)
