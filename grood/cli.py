@@ -383,6 +383,8 @@ def info_lines(info: dict) -> list[str]:
     if info["shards"]:
         lines.append(f"  shards       {len(info['shards'])}: " + ", ".join(
             f"{s['file']} ({s['gradients']:,})" for s in info["shards"]))
+    if info.get("digest"):  # (a shard's: --json lists each)
+        lines.append(f"  digest       {info['digest']} (SHA-256 of its tensors and settings)")
     lines.append("  checked      every tensor and digest, as loading checks them" if info["checked"]
                  else "  checked      header only (--check reads every tensor and verifies "
                       "the digests)")
@@ -458,10 +460,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
                   id_name=args.id, device=args.device)
     print(ev.summary(None if ev.threshold is None else _threshold_line(det)))
-    print(f"\n{_provenance_line(det)}")
-    if args.json:
+    taken_with = _provenance(det, args)
+    print(f"\n{_provenance_line(taken_with)}")
+    if args.json:  # (no feature file is named so: each has a suffix)
         with written_atomically(args.json) as tmp:
-            tmp.write_text(json.dumps(ev.results, indent=2))
+            tmp.write_text(json.dumps({**ev.results, "taken_with": taken_with}, indent=2))
     if args.csv:
         with written_atomically(args.csv) as tmp:
             tmp.write_text(ev.openood_csv())
@@ -472,25 +475,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provenance_line(det: Any) -> str:
-    """What ``grood eval``'s tables were taken with, for whoever reads them pasted elsewhere:
-    the detector's scoring settings, its backends and device, grood (and its kernels),
-    torch, and the day."""
+def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``grood eval``'s tables were taken with, for whoever reads them pasted elsewhere
+    (its last line) or reads its ``--json`` (under ``taken_with``): the detector file and its
+    digest, the ID file, the detector's scoring settings, its backends and device, the
+    bootstrap and baselines, grood (and its kernels), torch, and the day."""
     from datetime import date
 
     import torch
 
-    from grood.environment import backend_words, kernel_sources
+    from grood.environment import kernel_sources
     from grood.index import ExactIndex
+    from grood.persistence import describe
 
-    nprobe = getattr(det.index_, "nprobe", None)
-    index = f"{det.index_.kind} index" + (f" (nprobe {nprobe})" if nprobe is not None else "")
-    backends = {op: backend for op, backend in det.backend_.items()  # (faiss searches itself)
-                if op != "knn" or isinstance(det.index_, ExactIndex)}
-    return (f"GROOD: OOD prototype {det.ood_source_.name!r}, k={det.k}, {index}, precision "
-            f"{det.precision}; {backend_words(backends)}, {det.device_} · grood {__version__} "
-            f"(kernels {kernel_sources()}), torch {torch.__version__} · "
-            f"{date.today().isoformat()}")
+    info = describe(args.detector)
+    return {
+        "detector": args.detector,
+        # the SHA-256 the file records over its tensors and settings (a sharded one's: each
+        # shard's)
+        "digest": info["digest"] or [s["digest"] for s in info["shards"] or ()],
+        "id": args.id, "ood_prototype": det.ood_source_.name, "k": det.k,
+        "index": det.index_.kind, "nprobe": getattr(det.index_, "nprobe", None),
+        "precision": det.precision,
+        "backends": {op: backend for op, backend in det.backend_.items()  # (faiss searches
+                     if op != "knn" or isinstance(det.index_, ExactIndex)},  # itself)
+        "device": str(det.device_), "bootstrap": args.bootstrap,
+        "baselines": list(args.baselines),
+        **({"knn_k": args.knn_k or KNN_K} if "knn" in args.baselines else {}),
+        **({"train": args.train} if args.train is not None else {}),
+        "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
+        "date": date.today().isoformat(),
+    }
+
+
+def _provenance_line(p: dict[str, Any]) -> str:
+    """:func:`_provenance` in the line under ``grood eval``'s tables."""
+    from grood.environment import backend_words
+
+    nprobe = f" (nprobe {p['nprobe']})" if p["nprobe"] is not None else ""
+    return (f"GROOD: OOD prototype {p['ood_prototype']!r}, k={p['k']}, {p['index']} index"
+            f"{nprobe}, precision {p['precision']}; {backend_words(p['backends'])}, "
+            f"{p['device']} · grood {p['grood']} (kernels {p['kernels']}), torch {p['torch']} "
+            f"· {p['date']}")
 
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of

@@ -734,7 +734,12 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
         "file": str(path), "sharded": sharded, "checked": check,
         "format_version": int(meta["format_version"]), "written_by": meta.get("written_by"),
         "bytes": sum(f.stat().st_size for f in files),
-        "shards": ([{"file": f.name, "gradients": n} for f, n in zip(files, sizes, strict=True)]
+        # The SHA-256 a file records over its tensors and settings (equal for equal
+        # detectors saved by one grood; verified only with check): a sharded detector's
+        # under each shard.
+        "digest": None if sharded else header_meta.get("digest"),
+        "shards": ([{"file": f.name, "gradients": n, "digest": head[2].get("digest")}
+                    for f, n, head in zip(files, sizes, heads, strict=True)]
                    if sharded and sizes is not None else None),
         **{key: state.get(key) for key in ("n_train", "n_classes", "n_features_in", "dtype",
                                            "train_accuracy", "index", "index_options",

@@ -192,6 +192,8 @@ def test_eval_says_under_its_tables_what_they_were_taken_with(tmp_path, capsys):
     day; a faiss index searches with faiss, so no knn backend is named for it."""
     from datetime import date
 
+    from safetensors import safe_open
+
     from grood.environment import kernel_sources
 
     x, y = clustered_features(60, 3, 8, seed=0, spread=0.2, dtype=torch.float32)
@@ -208,10 +210,28 @@ def test_eval_says_under_its_tables_what_they_were_taken_with(tmp_path, capsys):
             continue
         det = tmp_path / f"{index}.safetensors"
         assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det), "--index", index]) == 0
+        metrics = tmp_path / f"{index}.json"
         assert main(["eval", str(det), "--id", str(tmp_path / "test.npy"), "--ood",
-                     str(tmp_path / "ood.npy"), "--precision", "tf32"]) == 0
+                     str(tmp_path / "ood.npy"), "--precision", "tf32", "--json",
+                     str(metrics), "--baselines", "knn", "--knn-k", "5", "--train",
+                     str(tmp_path / "train.npz")]) == 0
         out = capsys.readouterr().out
         assert f"\n\nGROOD: OOD prototype 'mean', k=1, {words}{tail}" in out, out
+        # The JSON says it too, and names the detector by its digest and the inputs by path.
+        saved = json.loads(metrics.read_text())
+        assert list(saved) == [str(tmp_path / "ood.npy"), "taken_with"]
+        with safe_open(str(det), framework="pt") as f:
+            digest = f.metadata()["digest"]
+        assert saved["taken_with"] == {
+            "detector": str(det), "digest": digest, "id": str(tmp_path / "test.npy"),
+            "ood_prototype": "mean", "k": 1, "index": index,
+            "nprobe": None if index == "exact" else 4, "precision": "tf32",
+            "backends": ({"ncp_gradient": "torch", "knn": "torch"} if index == "exact"
+                         else {"ncp_gradient": "torch"}),
+            "device": "cpu", "bootstrap": None, "baselines": ["knn"], "knn_k": 5,
+            "train": str(tmp_path / "train.npz"), "grood": __version__,
+            "kernels": kernel_sources(), "torch": torch.__version__,
+            "date": date.today().isoformat()}
 
 
 def test_fit_with_ood_features_file(tmp_path, capsys):
@@ -373,7 +393,8 @@ def test_eval_takes_repeated_ood_flags_and_refuses_a_set_named_twice(tmp_path, c
     table = capsys.readouterr().out
     assert f"| {tmp_path / 'a.npz'} | 7 " in table and f"| {tmp_path / 'b.npz'} | 5 " in table
     metrics = json.loads(out.read_text())
-    assert list(metrics) == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "mean of 2 sets"]
+    assert list(metrics) == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "mean of 2 sets",
+                             "taken_with"]
     # OpenOOD's summary row: each metric averaged over the sets, unweighted.
     mean_row = [line for line in table.splitlines() if line.startswith("| mean of 2 sets ")]
     assert len(mean_row) == 1
@@ -457,7 +478,9 @@ def test_eval_bootstrap_over_several_sets_resamples_the_id_set_once_for_all(tmp_
     lo, hi = diff["auroc"]
     assert cells[1][1:3] == ["KNN (k=2)", f"{100 * (mean_auroc - knn_mean):+.2f} "
                                           f"({100 * lo:+.2f} to {100 * hi:+.2f})"]
-    assert list(got) == [*sets, "mean of 2 sets"]  # the files, then their mean
+    # the files, then their mean, then what they were taken with
+    assert list(got) == [*sets, "mean of 2 sets", "taken_with"]
+    assert got["taken_with"]["bootstrap"] == 100
     mean = got["mean of 2 sets"]
     assert mean["mean_of"] == sets and mean["auroc"] == pytest.approx(mean_auroc, abs=1e-15)
     assert mean["ci95"]["auroc"] == pytest.approx(list(mean_ci["auroc"]), abs=1e-15)
@@ -515,7 +538,7 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
         assert entry["auroc"] == pytest.approx(mean, abs=1e-15)
         assert entry["ci95"]["auroc"] == pytest.approx([lo, hi], abs=1e-15)
         assert entry["n_id"] == 30 and "n_ood" not in entry
-    assert list(got) == labels  # the table's order
+    assert list(got) == [*labels, "taken_with"]  # the table's order
     # One far file: no far-OOD mean; --ood beside the groups has its own mean.
     assert main(["eval", det, "--id", "id.npz", "--near", "n0.npz", "n1.npz", "--far",
                  "f0.npz", "--ood", "f1.npz", "id.npz", "--json", "m.json"]) == 0
@@ -525,7 +548,7 @@ def test_eval_summarises_near_and_far_ood_groups_as_openood(tmp_path, capsys, mo
                       "id.npz", "OOD mean of 2 sets"]
     got = json.loads((tmp_path / "m.json").read_text())
     assert got["f0.npz"]["group"] == "far" and "group" not in got["f1.npz"]
-    assert list(got) == labels
+    assert list(got) == [*labels, "taken_with"]
     assert got["OOD mean of 2 sets"]["mean_of"] == ["f1.npz", "id.npz"]
     assert "group" not in got["OOD mean of 2 sets"]
     # A file spelled like a mean row's label would share its row and its JSON key: refused
@@ -561,7 +584,7 @@ def test_eval_writes_openood_csv(tmp_path, capsys, monkeypatch):
         table = list(csv.reader(f))
     assert table[0] == ["dataset", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
     assert [row[0] for row in table[1:]] == ["o0.npz", "o1.npz", "nearood", "o2.npz"]
-    for row, key in zip(table[1:], got, strict=True):
+    for row, key in zip(table[1:], list(got)[:-1], strict=True):  # (then "taken_with")
         m = got[key]
         assert [float(v) for v in row[1:]] == pytest.approx(
             [100 * m[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out", "id_accuracy")],
@@ -1516,9 +1539,13 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
                  "chosen on, 87.1 ± 5.9 % of new ones",  # 27 of 30: Beta(27, 4)
                  "header only"):
         assert part in text, (part, text)
+    with safe_open(str(path), framework="pt") as f:
+        digest = f.metadata()["digest"]
+    assert f"  digest       {digest} (SHA-256 of its tensors and settings)\n" in text
     assert main(["info", "--json", "--check", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["checked"] and info["n_train"] == 90 and info["indexed"] == det.index_.ntotal
+    assert info["digest"] == digest and info["shards"] is None
     assert info["calibration"] == det.calibration_ and info["k"] == 2
     # A damaged tensor: the header still reads, --check refuses it (exit 3, as score does).
     with safe_open(str(path), framework="pt") as f:

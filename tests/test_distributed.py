@@ -1,5 +1,6 @@
 """torch.distributed (gloo, CPU): a sharded fit and score equal the single-process detector."""
 
+import json
 import os
 import sys
 import warnings
@@ -180,6 +181,9 @@ def test_sharded_manifest_detects_a_damaged_shard(tmp_path, capsys):
     assert info["sharded"] and info["written_by"] == f"grood {__version__}"
     sizes = [s["gradients"] for s in info["shards"]]
     assert len(sizes) == 2 and sum(sizes) == info["indexed"] == det.index_.ntotal
+    assert info["digest"] is None  # each shard's, as the manifest lists it
+    listed = json.loads((tmp_path / "det.json").read_text())["shards"]
+    assert [s["digest"] for s in info["shards"]] == [s["digest"] for s in listed]
     assert info["rows_recorded"] and info["n_train"] == det.n_train_
     assert main(["info", str(tmp_path / "det.json")]) == 0
     assert "shards       2: det.rank0.safetensors (" in capsys.readouterr().out
