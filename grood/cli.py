@@ -262,8 +262,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     flagged = "" if flags is None else (
         f"; {int(flags.sum())} ({100 * flags.mean():.2f} %) flagged as OOD, scoring below "
         f"the detector's threshold {threshold:.6g}")
-    print(f"scored {scores.size} samples (higher = in-distribution; min {scores.min():.6g}, "
-          f"median {np.median(scores):.6g}, max {scores.max():.6g}){flagged}; wrote {args.out}")
+    print(f"scored {scores.size:,} sample{'s' if scores.size != 1 else ''} (higher = "
+          f"in-distribution; min {scores.min():.6g}, median {np.median(scores):.6g}, max "
+          f"{scores.max():.6g}){flagged}; wrote {args.out}")
     return 0
 
 

@@ -1229,6 +1229,19 @@ def test_score_files_are_written_atomically_through_links(tmp_path, monkeypatch)
         io.save_scores(tmp_path / "gone" / "scores.npz", scores, preds)
 
 
+def test_score_counts_its_rows_in_words(tmp_path, capsys):
+    """One row is "1 sample", and counts are grouped by thousands as elsewhere."""
+    x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
+    _write(tmp_path / "t.npz", features=x, labels=y)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", det]) == 0
+    for n, words in ((1, "scored 1 sample (higher"), (1200, "scored 1,200 samples (higher")):
+        _write(tmp_path / "q.npy", features=torch.rand(n, 4))
+        capsys.readouterr()
+        assert main(["score", det, str(tmp_path / "q.npy"), "-o", str(tmp_path / "s.npy")]) == 0
+        assert capsys.readouterr().out.startswith(words)
+
+
 def test_score_csv_writes_each_value_as_its_dtype_reads_it(tmp_path):
     """A CSV score file wrote float32 scores and distances with their float64 repr
     (-0.10000000149011612 for float32's -0.1): longer than the value holds, and read as the
