@@ -62,6 +62,12 @@ def triton_unavailable_reason(op: str, device: torch.device,
             f"the tensors are on {device.type!r}: Triton kernels run on CUDA devices, and on the "
             "CPU only under the interpreter (export TRITON_INTERPRET=1 before starting Python)"
         )
+    if device.type == "cuda" and torch.version.hip is not None:
+        # ROCm's torch names AMD GPUs "cuda" too. The kernels' launch configurations, shared
+        # memory sizes and dot precisions (tf32x3; tf32 outside gfx942) are NVIDIA's.
+        return (f"{device} is an AMD GPU (torch built for ROCm {torch.version.hip}): grood's "
+                "Triton kernels are built and tested for NVIDIA GPUs; the torch backend runs "
+                "there, with the same answers")
     if precision is not None:
         from grood_kernels._dot import check_bf16_runs
 

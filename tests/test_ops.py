@@ -59,6 +59,22 @@ def test_missing_triton_names_the_extra(monkeypatch):
     assert ops.resolve_backend("auto", "ncp_gradient", "cuda") == "torch"
 
 
+def test_an_amd_gpu_runs_the_torch_backend_and_says_why(monkeypatch):
+    """ROCm's torch names AMD GPUs "cuda"; the kernels' launch configurations and dot
+    precisions are NVIDIA's, so auto takes torch there and triton is refused with the reason,
+    before any kernel is compiled."""
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ops.resolve_backend("auto", "ncp_gradient", "cuda") == "triton"  # (NVIDIA's torch)
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    assert ops.resolve_backends("auto", "cuda:1", torch.float32, "tf32") == {
+        "ncp_gradient": "torch", "knn": "torch"}
+    with pytest.raises(ops.BackendUnavailableError, match=r"cannot run knn: cuda:1 is an AMD "
+                       r"GPU \(torch built for ROCm 6.4.43482\): grood's Triton kernels are "
+                       "built and tested for NVIDIA GPUs; the torch backend runs there"):
+        ops.resolve_backend("triton", "knn", "cuda:1", torch.float32, "tf32")
+
+
 def test_unknown_backend_and_operation():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.resolve_backend("cuda", "knn", "cpu")
