@@ -316,6 +316,18 @@ def labels_hint(y: Tensor, name: str) -> str:
     return f"; for one-hot or soft-target labels [N, C] pass their class ids, {name}.argmax(1)"
 
 
+def check_float64_device(dev: torch.device) -> torch.device:
+    """``dev``, where grood can compute: every step computes in float64 in part (the class
+    prototypes' sums, each row's softmax), which Apple's MPS does not support — refused by
+    name here, not by torch's cast error midway through a fit."""
+    if dev.type == "mps":
+        raise ValueError(f"device {str(dev)!r} (Apple's GPU): grood computes parts of every "
+                         "step in float64 (the class prototypes' sums, each row's softmax), "
+                         "which MPS does not support; compute on the CPU: GROOD(device='cpu') "
+                         "takes features from any device")
+    return dev
+
+
 @overload
 def check_device(device: None) -> None: ...
 @overload
@@ -355,7 +367,9 @@ def check_device(device: Any) -> torch.device | None:
     elif dev.type == "meta":
         raise ValueError(f"device {str(device)!r} holds no values (shapes only); grood "
                          "computes on 'cpu' or 'cuda'")
-    elif dev.type != "cpu":  # mps, xpu, ...: torch says whether this build can use it
+    elif dev.type == "mps":
+        check_float64_device(dev)
+    elif dev.type != "cpu":  # xpu, ...: torch says whether this build can use it
         try:
             torch.empty(0, device=dev)
         except Exception as exc:  # torch raises several types (a missing backend module too)

@@ -317,6 +317,12 @@ def test_unusable_device_is_a_one_line_error(tmp_path, capsys):
     if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         with pytest.raises(ValueError, match="'xpu' cannot be used by this torch"):
             GROOD(device="xpu").fit(x, y)
+    # Apple's GPU takes no float64, which every step computes in part: named, whether this
+    # torch has MPS or not (where it has, torch's cast error came midway through the fit).
+    for device in ("mps", torch.device("mps", 0)):
+        with pytest.raises(ValueError, match=r"\(Apple's GPU\): grood computes parts of every "
+                           r"step in float64 .* GROOD\(device='cpu'\) takes features from any"):
+            GROOD(device=device).fit(x, y)
     np.savez(tmp_path / "t.npz", features=x.numpy(), labels=y.numpy())
     assert main(["fit", str(tmp_path / "t.npz"), "-o", str(tmp_path / "d.safetensors"),
                  "--device", "cuda"]) == 2
