@@ -329,12 +329,13 @@ def check_float64_device(dev: torch.device) -> torch.device:
 
 
 @overload
-def check_device(device: None) -> None: ...
+def check_device(device: None, *, model: bool = False) -> None: ...
 @overload
-def check_device(device: str | int | torch.device) -> torch.device: ...
-def check_device(device: Any) -> torch.device | None:
+def check_device(device: str | int | torch.device, *, model: bool = False) -> torch.device: ...
+def check_device(device: Any, *, model: bool = False) -> torch.device | None:
     """``device`` as a ``torch.device`` (None stays None), or a one-line error naming why it
-    cannot be used here."""
+    cannot be used here: for GROOD's computation, or with ``model`` for running a model (which
+    may be Apple's MPS, :func:`check_float64_device`)."""
     if device is None:
         return None
     if (isinstance(device, int) and not isinstance(device, bool) and device >= 0
@@ -367,9 +368,9 @@ def check_device(device: Any) -> torch.device | None:
     elif dev.type == "meta":
         raise ValueError(f"device {str(device)!r} holds no values (shapes only); grood "
                          "computes on 'cpu' or 'cuda'")
-    elif dev.type == "mps":
+    elif dev.type == "mps" and not model:
         check_float64_device(dev)
-    elif dev.type != "cpu":  # xpu, ...: torch says whether this build can use it
+    elif dev.type != "cpu":  # mps, xpu, ...: torch says whether this build can use it
         try:
             torch.empty(0, device=dev)
         except Exception as exc:  # torch raises several types (a missing backend module too)

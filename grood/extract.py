@@ -234,7 +234,7 @@ class FeatureExtractor:
         self.model = model
         self.features = features
         self.early = early
-        self.device: torch.device = check_device(device) or model_device(model)
+        self.device: torch.device = check_device(device, model=True) or model_device(model)
         if autocast not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast must be torch.float16, torch.bfloat16 or None, got "
                              f"{autocast!r}")

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from grood import distributed as dist
 from grood._batches import check_reiterable, warn_if_shuffled
-from grood._checks import check_finite_rows, check_positive_int, prefixed_errors, user_stacklevel
+from grood._checks import (
+    check_finite_rows,
+    check_float64_device,
+    check_positive_int,
+    prefixed_errors,
+    user_stacklevel,
+)
 from grood._fit import distributing
 
 if TYPE_CHECKING:
@@ -81,6 +87,9 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
 
             raise ValueError("the training batches carry no labels"
                              + missing_labels_hint(train_loader))
+    # where GROOD computes (the model runs on the extractor's device)
+    dev = check_float64_device(torch.device(det.device) if det.device is not None
+                               else extractor.device)
     d = first[0].features.shape[1]
     inputs: dict[str, Any] = {}
     if "model" in source.needs:
@@ -88,7 +97,6 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     ood_features = prints = None
     if ood_loader is not None:
         ood_features, prints = _ood_mean(det, extractor, ood_loader, d)
-    dev = torch.device(det.device) if det.device is not None else extractor.device
 
     def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
         for out, y, _ in extractor.batches(train_loader, desc="grood fit"):
