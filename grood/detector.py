@@ -505,8 +505,8 @@ def read_features(det: GROOD, features: Any, allow_empty: bool) -> tuple[Tensor,
 def elsewhere_note(features_device: torch.device, detector_device: torch.device) -> str | None:
     """What to say when features on an accelerator are scored by a detector on the CPU (the
     other way round, features in host memory going to the detector's GPU, is the usual
-    path: nothing to say)."""
-    if features_device.type == "cpu" or detector_device.type != "cpu":
+    path: nothing to say; so is Apple's MPS, where grood cannot compute)."""
+    if features_device.type in ("cpu", "mps") or detector_device.type != "cpu":
         return None
     return (f"features are on {features_device}, the detector in host memory: every batch is "
             f"copied to the CPU and scored there, and the results copied back; move it to the "

@@ -966,6 +966,8 @@ def test_gpu_features_scored_by_a_detector_in_host_memory_are_named():
     assert elsewhere_note(torch.device("cpu"), torch.device("cuda:0")) is None
     assert elsewhere_note(torch.device("cpu"), torch.device("cpu")) is None
     assert elsewhere_note(torch.device("cuda:0"), torch.device("cuda:0")) is None
+    # Apple's GPU: the CPU is where grood computes (no float64 on MPS), nothing to move.
+    assert elsewhere_note(torch.device("mps"), torch.device("cpu")) is None
     x, y, test = _data(seed=4)
     det = GROOD().fit(x, y)
     with warnings.catch_warnings():
