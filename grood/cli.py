@@ -812,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "has them, 'group' (near or far) for --near and --far "
                                    "files, and with --baselines theirs under each file's "
                                    "'baselines'; each mean row too, by its label, its files "
-                                   "under 'mean_of'")
+                                   "under 'mean_of'; last, under 'taken_with', the detector "
+                                   "file and its digest, the ID file, the settings, versions "
+                                   "and day the tables were taken with")
     ev.add_argument("--csv", metavar="FILE",
                     help="also write the metrics as OpenOOD's evaluator tabulates them (its "
                          "ood.csv: a row per OOD file and per mean, named nearood, farood or "
