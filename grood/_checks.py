@@ -328,6 +328,12 @@ def check_float64_device(dev: torch.device) -> torch.device:
     return dev
 
 
+def compute_device(device: Any, features: torch.device) -> torch.device:
+    """Where a fit computes: the detector's ``device`` (checked by :func:`check_device`), else
+    the features' (the first batch's, a model's), checked by :func:`check_float64_device`."""
+    return check_float64_device(torch.device(device) if device is not None else features)
+
+
 @overload
 def check_device(device: None, *, model: bool = False) -> None: ...
 @overload

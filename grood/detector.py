@@ -35,9 +35,9 @@ from grood._checks import (
     check_device,
     check_finite_rows,
     check_flag,
-    check_float64_device,
     check_matrix,
     check_positive_int,
+    compute_device,
     compute_dtype,
     prefixed_errors,
     user_stacklevel,
@@ -183,8 +183,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         check_ranks_agree(self, source, x, lg)
         if n_classes is None:
             n_classes = class_count(*label_count(y), self.distributed)
-        device = check_float64_device(torch.device(self.device) if self.device is not None
-                                      else x.device)
+        device = compute_device(self.device, x.device)
 
         def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
             with progress(total=n, desc=desc, unit="rows", enabled=self.progress,
@@ -238,8 +237,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             names = ood_columns(names, inputs.get("ood_features"))
         d = first[0].shape[1]
         check_ranks_agree(self, source, first[0], first[2], n_classes)
-        device = check_float64_device(torch.device(self.device) if self.device is not None
-                                      else first[0].device)
+        device = compute_device(self.device, first[0].device)
         if n_classes is not None:
             n_classes = check_positive_int(n_classes, "n_classes")
         elif first[2] is None:  # one pass to count the classes

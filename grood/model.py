@@ -20,8 +20,8 @@ from grood import distributed as dist
 from grood._batches import check_reiterable, warn_if_shuffled
 from grood._checks import (
     check_finite_rows,
-    check_float64_device,
     check_positive_int,
+    compute_device,
     prefixed_errors,
     user_stacklevel,
 )
@@ -88,8 +88,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
             raise ValueError("the training batches carry no labels"
                              + missing_labels_hint(train_loader))
     # where GROOD computes (the model runs on the extractor's device)
-    dev = check_float64_device(torch.device(det.device) if det.device is not None
-                               else extractor.device)
+    dev = compute_device(det.device, extractor.device)
     d = first[0].features.shape[1]
     inputs: dict[str, Any] = {}
     if "model" in source.needs:
