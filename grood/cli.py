@@ -105,16 +105,22 @@ def _require_files(files: dict[str, str | None]) -> None:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
-    from grood.io import HOW_TO_WRITE, load_features
+    from grood.io import HOW_TO_WRITE, FeatureFile, TrainingFiles, load_features
     from grood.persistence import save_target
 
     # The inputs and the output are checked before any work, so a bad path fails in a second,
     # not after a fit.
-    _require_files({"feature file": args.train, "OOD feature file": args.ood_features,
+    _require_files({**{f"feature file {p}": p for p in args.train},
+                    "OOD feature file": args.ood_features,
                     "calibration feature file": args.calibrate})
+    real = [os.path.realpath(p) for p in args.train]
+    repeated = [p for i, p in enumerate(args.train) if real[i] in real[:i]]
+    if repeated:  # its rows would count twice
+        raise ValueError(f"a training file is named more than once: {', '.join(repeated)}")
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
                 else (".safetensors",),
-                inputs={"training file": args.train, "OOD feature file": args.ood_features,
+                inputs={**{f"training file {p}": p for p in args.train},
+                        "OOD feature file": args.ood_features,
                         "calibration feature file": args.calibrate})
     if args.tpr is not None and args.calibrate is None:
         raise ValueError("--tpr applies with --calibrate FILE (held-out ID features)")
@@ -124,10 +130,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--ood-features is read only with --ood-prototype features, not "
                          f"{args.ood_prototype}")
     rank, world = _init_distributed(args)
-    train = load_features(args.train)
-    if train.labels is None:
-        raise ValueError(f"{args.train} has no 'labels' array; fitting needs class labels. "
-                         f"{HOW_TO_WRITE}")
+    train: TrainingFiles | FeatureFile
+    if len(args.train) > 1:  # read batch by batch, checked file by file before any work
+        train = TrainingFiles(args.train, batch_size=args.batch_size,
+                              ignore_logits=args.ignore_logits, rank=rank, world=world)
+    else:
+        train = load_features(args.train[0])
+        if train.labels is None:
+            raise ValueError(f"{args.train[0]} has no 'labels' array; fitting needs class "
+                             f"labels. {HOW_TO_WRITE}")
     ood = load_features(args.ood_features).features if args.ood_features else None
     # Read (memory-mapped) before the fit: an unreadable file fails now, not after it.
     calibration = load_features(args.calibrate).features if args.calibrate else None
@@ -144,12 +155,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     det = GROOD(ood_prototype=prototype, k=args.k, backend=args.backend, device=args.device,
                 batch_size=args.batch_size, distributed=world > 1 or args.distributed,
                 precision=args.precision, index=args.index, index_options=index_options)
-    logits = None if args.ignore_logits else train.logits
     # An error about one of the arrays names its file.
-    with prefixed_errors(args.train, only=("features", "labels", "logits")), \
-            prefixed_errors(args.ood_features or "", only=("ood_features",)):
-        det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
-                logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
+    if isinstance(train, TrainingFiles):
+        with_logits = train.with_logits
+        with prefixed_errors(args.ood_features or "", only=("ood_features",)):
+            det.fit_batches(train, ood_features=_shard(ood, rank, world),
+                            n_classes=train.n_classes)
+    else:
+        logits = None if args.ignore_logits else train.logits
+        with_logits = logits is not None
+        with prefixed_errors(args.train[0], only=("features", "labels", "logits")), \
+                prefixed_errors(args.ood_features or "", only=("ood_features",)):
+            det.fit(_shard(train.features, rank, world), _shard(train.labels, rank, world),
+                    logits=_shard(logits, rank, world), ood_features=_shard(ood, rank, world))
     if calibration is not None:
         with prefixed_errors(args.calibrate):
             det.calibrate(_shard(calibration, rank, world),
@@ -157,10 +175,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     det.save(args.out)
     if rank:
         return 0
-    print(f"fitted on {det.n_train_} samples, {det.n_classes_} classes, dimension "
+    files = f" from {len(args.train)} files" if len(args.train) > 1 else ""
+    print(f"fitted on {det.n_train_} samples{files}, {det.n_classes_} classes, dimension "
           f"{det.n_features_in_}; indexed {sum(det.shard_sizes_)} gradients "
           f"({100 * det.train_accuracy_:.1f} % classified correctly by "
-          f"{'the nearest prototype' if logits is None else 'the logits'}); "
+          f"{'the logits' if with_logits else 'the nearest prototype'}); "
           f"backend {det.backend_}" + (f"; {world} shards" if world > 1 else "")
           + (f"; {_threshold_line(det)}" if args.calibrate else "") + f"; saved {args.out}")
     return 0
@@ -699,7 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Fit GROOD on training features (and labels, and logits if "
                                      "the file has them) and save it as .safetensors.",
                          epilog=EPILOG_FILES)
-    fit.add_argument("train", help="training feature file with 'features' and 'labels'")
+    fit.add_argument("train", nargs="+",
+                     help="training feature file with 'features' and 'labels'; several "
+                          "(e.g. shards of one extraction) are read in turn as one training "
+                          "set, their rows numbered through them in the order given")
     fit.add_argument("-o", "--out", required=True,
                      help="detector file to write (.safetensors); with --distributed, the "
                           "JSON manifest (e.g. detector.json), beside which every rank "

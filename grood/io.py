@@ -97,6 +97,90 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(*(arrays.get(k) for k in KEYS))
 
 
+class TrainingFiles:
+    """Several training feature files read as one training set, in the order given (the rows
+    ``kneighbors`` names are counted through them), for :meth:`grood.GROOD.fit_batches`: each
+    file is checked against the others before any work (its features' width and dtype, its
+    labels, logits in every file or in none), and each batch is checked as it is read, so a
+    bad row is named by its file and its row there. ``rank`` of ``world`` reads its contiguous
+    block of the rows, as a distributed fit of one file does. ``.npz`` files are read whole
+    (one at a time while batches are read; all of them are read once first, for the checks);
+    the other formats are memory-mapped."""
+
+    def __init__(self, paths: list[str], *, batch_size: int, ignore_logits: bool = False,
+                 rank: int = 0, world: int = 1) -> None:
+        from grood._checks import as_tensor, check_labels, check_matrix, prefixed_errors
+
+        self.paths, self.batch_size = paths, batch_size
+        self.rows, widths, dtypes, logits = [], [], [], []
+        self.n_classes = 0
+        for path in paths:
+            f = load_features(path)
+            if f.labels is None:
+                raise ValueError(f"{path} has no 'labels' array; fitting needs class labels. "
+                                 f"{HOW_TO_WRITE}")
+            with prefixed_errors(path):
+                x = as_tensor(f.features, "features")[0]
+                check_matrix(x, "features", allow_empty=True)
+                y = as_tensor(f.labels, "labels")[0]
+                check_labels(y, "labels", x.shape[0], allow_empty=True)
+                lg = None if ignore_logits or f.logits is None else as_tensor(f.logits,
+                                                                            "logits")[0]
+                if lg is not None:
+                    check_matrix(lg, "logits", allow_empty=True)
+                    if lg.shape[0] != x.shape[0]:
+                        raise ValueError(f"logits has {lg.shape[0]} rows but features have "
+                                         f"{x.shape[0]}")
+            self.rows.append(x.shape[0])
+            widths.append(x.shape[1])
+            dtypes.append(x.dtype)
+            logits.append(None if lg is None else lg.shape[1])
+            if y.numel():
+                self.n_classes = max(self.n_classes, int(y.max()) + 1)
+        for what, values, fix in (
+                ("features of width {}", widths, ""),
+                ("logits of width {}", logits, " (logits decide which rows are indexed: give "
+                 "them in every file or in none; --ignore-logits reads none)"),
+                ("{} features", dtypes, " (float64 features are computed in float64, the "
+                 "others in float32: convert the files to one of them)")):
+            # (float16, bfloat16 and float32 features are all computed in float32)
+            if len({v == torch.float64 if values is dtypes else v for v in values}) > 1:
+                raise ValueError("the training files differ: " + ", ".join(
+                    f"{p} has " + ("no logits" if v is None else
+                                   what.format(str(v).removeprefix("torch.")))
+                    for p, v in zip(paths, values, strict=True)) + fix)
+        if logits[0] is not None:
+            self.n_classes = logits[0]
+        self.n_features, self.with_logits = widths[0], logits[0] is not None
+        n = sum(self.rows)
+        if n == 0:
+            raise ValueError(f"the training files ({', '.join(paths)}) hold no rows")
+        self.start, self.stop = n * rank // world, n * (rank + 1) // world
+
+    def __iter__(self) -> Any:
+        """This rank's batches ``(features, labels, logits or None)``, none across two
+        files."""
+        from grood._batches import check_batch
+        from grood._checks import as_tensor, prefixed_errors
+
+        first = 0  # the file's first row in the whole set
+        for path, n in zip(self.paths, self.rows, strict=True):
+            lo, hi = max(self.start - first, 0), min(self.stop - first, n)
+            first += n
+            if lo >= hi:
+                continue
+            f = load_features(path)
+            for r0 in range(lo, hi, self.batch_size):
+                r1 = min(r0 + self.batch_size, hi)
+                xb = as_tensor(f.features[r0:r1], "features")[0]
+                yb = as_tensor(f.labels[r0:r1], "labels")[0]
+                lb = as_tensor(f.logits[r0:r1], "logits")[0] if self.with_logits else None
+                with prefixed_errors(path):  # a bad row named by its file and its row there
+                    check_batch(xb, yb, lb, self.n_features, self.n_classes, r0,
+                                self.with_logits)
+                yield xb, yb, lb
+
+
 def array_names(path: str | os.PathLike) -> set[str]:
     """The names of the arrays a feature file holds, read without loading them (a ``.npy``
     holds ``features`` alone; a ``.pt`` file is memory-mapped where its format allows); a

@@ -234,6 +234,85 @@ def test_eval_says_under_its_tables_what_they_were_taken_with(tmp_path, capsys):
             "date": date.today().isoformat()}
 
 
+def test_fit_reads_several_training_files_as_one_set(tmp_path, capsys):
+    """Shards of one extraction (any of the formats, one of them empty) fit the detector the
+    same file concatenated fits: prototypes, index, recorded rows (numbered through the files
+    in the order given) and scores; a batch never spans two files."""
+    x, y = clustered_features(150, 3, 8, seed=2, spread=0.3, dtype=torch.float32)
+    logits = torch.nn.functional.one_hot(y, 3).float() * 4
+    logits[::7] = logits[::7].roll(1, dims=1)  # rows the logits get wrong are not indexed
+    cuts = [0, 61, 61, 62, 150]  # an empty file, and a file of one row
+    names = ["a.npz", "b.npz", "c.pt", "d.safetensors"]
+    for name, r0, r1 in zip(names, cuts[:-1], cuts[1:], strict=True):
+        _write(tmp_path / name, features=x[r0:r1], labels=y[r0:r1], logits=logits[r0:r1])
+    _write(tmp_path / "all.npz", features=x, labels=y, logits=logits)
+    files = [str(tmp_path / n) for n in names]
+    for extra, by in (([], "the logits"), (["--ignore-logits"], "the nearest prototype")):
+        capsys.readouterr()
+        assert main(["fit", *files, "-o", str(tmp_path / "m.safetensors"), "--batch-size",
+                     "16", *extra]) == 0
+        assert capsys.readouterr().out.startswith(f"fitted on 150 samples from 4 files, 3 "
+                                                  f"classes, dimension 8; indexed ")
+        assert main(["fit", str(tmp_path / "all.npz"), "-o", str(tmp_path / "s.safetensors"),
+                     *extra]) == 0
+        assert f"classified correctly by {by})" in capsys.readouterr().out
+        multi, single = (GROOD.load(tmp_path / f) for f in ("m.safetensors", "s.safetensors"))
+        for name in ("class_prototypes_", "ood_prototype_", "indexed_rows_"):
+            assert torch.equal(getattr(multi, name), getattr(single, name)), name
+        assert torch.equal(multi.index_.vectors, single.index_.vectors)
+        q = x[::5] + 0.05
+        assert torch.equal(multi.score_samples(q), single.score_samples(q))
+    from grood.io import TrainingFiles
+
+    whole = TrainingFiles(files, batch_size=16)
+    batches = [b[0].shape[0] for b in whole]
+    assert batches == [16, 16, 16, 13, 1, 16, 16, 16, 16, 16, 8]  # cut at every file's end
+    # Ranks read contiguous blocks that together are every row, once, in order.
+    blocks = [torch.cat([b[0] for b in TrainingFiles(files, batch_size=16, rank=r, world=3)])
+              for r in range(3)]
+    assert [len(b) for b in blocks] == [50, 50, 50] and torch.equal(torch.cat(blocks), x)
+
+
+@pytest.mark.parametrize("second, said", [
+    ("nan", "b.npz: features contains NaN or Inf in row(s) 17"),
+    ("wide", "the training files differ: a.npz has features of width 8, b.npz has features "
+             "of width 9"),
+    ("float64", "the training files differ: a.npz has float32 features, b.npz has float64 "
+                "features (float64 features are computed in float64"),
+    ("logits", "the training files differ: a.npz has no logits, b.npz has logits of width 3 "
+               "(logits decide which rows are indexed"),
+    ("no labels", "b.npz has no 'labels' array; fitting needs class labels"),
+    ("label", "b.npz: labels must hold integer class ids, got dtype float32"),
+    ("twice", "a training file is named more than once: "),
+])
+def test_fit_of_several_files_names_the_file_at_fault(tmp_path, capsys, second, said):
+    """Checked file by file before any work, or batch by batch as read: the error names the
+    file, and a row by its number in that file."""
+    x, y = clustered_features(60, 3, 8, seed=2, dtype=torch.float32)
+    _write(tmp_path / "a.npz", features=x[:30], labels=y[:30])
+    xb, yb = x[30:].clone(), y[30:]
+    arrays = {"nan": {"features": xb.clone().index_put_((torch.tensor([17]),), torch.tensor(float("nan"))),
+                      "labels": yb},
+              "wide": {"features": torch.ones(30, 9), "labels": yb},
+              "float64": {"features": xb.double(), "labels": yb},
+              "logits": {"features": xb, "labels": yb, "logits": torch.zeros(30, 3)},
+              "no labels": {"features": xb},
+              "label": {"features": xb, "labels": yb.float()},
+              "twice": {"features": xb, "labels": yb}}[second]
+    _write(tmp_path / "b.npz", **arrays)
+    files = [str(tmp_path / "a.npz"), str(tmp_path / ("a.npz" if second == "twice" else "b.npz"))]
+    capsys.readouterr()
+    assert main(["fit", *files, "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert said.replace("a.npz", str(tmp_path / "a.npz")).replace(
+        "b.npz", str(tmp_path / "b.npz")) in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+    # float16 files beside float32 ones are computed in float32 alike.
+    _write(tmp_path / "b.npz", features=xb.half(), labels=yb)
+    assert main(["fit", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "-o",
+                 str(tmp_path / "m.safetensors")]) == 0
+
+
 def test_fit_with_ood_features_file(tmp_path, capsys):
     x, y = clustered_features(30, 2, 4, seed=1, dtype=torch.float32)
     _write(tmp_path / "t.npz", features=x, labels=y)
