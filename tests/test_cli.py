@@ -251,8 +251,8 @@ def test_fit_reads_several_training_files_as_one_set(tmp_path, capsys):
         capsys.readouterr()
         assert main(["fit", *files, "-o", str(tmp_path / "m.safetensors"), "--batch-size",
                      "16", *extra]) == 0
-        assert capsys.readouterr().out.startswith(f"fitted on 150 samples from 4 files, 3 "
-                                                  f"classes, dimension 8; indexed ")
+        assert capsys.readouterr().out.startswith("fitted on 150 samples from 4 files, 3 "
+                                                  "classes, dimension 8; indexed ")
         assert main(["fit", str(tmp_path / "all.npz"), "-o", str(tmp_path / "s.safetensors"),
                      *extra]) == 0
         assert f"classified correctly by {by})" in capsys.readouterr().out
@@ -291,8 +291,9 @@ def test_fit_of_several_files_names_the_file_at_fault(tmp_path, capsys, second, 
     x, y = clustered_features(60, 3, 8, seed=2, dtype=torch.float32)
     _write(tmp_path / "a.npz", features=x[:30], labels=y[:30])
     xb, yb = x[30:].clone(), y[30:]
-    arrays = {"nan": {"features": xb.clone().index_put_((torch.tensor([17]),), torch.tensor(float("nan"))),
-                      "labels": yb},
+    bad = xb.clone()
+    bad[17, 2] = float("nan")
+    arrays = {"nan": {"features": bad, "labels": yb},
               "wide": {"features": torch.ones(30, 9), "labels": yb},
               "float64": {"features": xb.double(), "labels": yb},
               "logits": {"features": xb, "labels": yb, "logits": torch.zeros(30, 3)},

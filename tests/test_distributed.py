@@ -597,3 +597,21 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     assert len(list(tmp_path.glob("sharded.rank*.safetensors"))) == 2
     assert GROOD.load(tmp_path / "sharded.json").calibration_ == \
         GROOD.load(tmp_path / "one.safetensors").calibration_
+    # The training file in two pieces, cut away from the ranks' boundary: each rank reads its
+    # block across them, and the detector scores and names neighbours as before.
+    cut = len(x) // 3
+    np.savez(tmp_path / "a.npz", features=x[:cut].numpy(), labels=y[:cut].numpy(),
+             logits=logits[:cut].numpy())
+    np.savez(tmp_path / "b.npz", features=x[cut:].numpy(), labels=y[cut:].numpy(),
+             logits=logits[cut:].numpy())
+    for cmd in (["fit", "--distributed", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                 "-o", str(tmp_path / "pieces.json")],
+                ["score", "--distributed", str(tmp_path / "pieces.json"),
+                 str(tmp_path / "test.npy"), "-o", str(tmp_path / "pieces.npz"),
+                 "--neighbours", "2"]):
+        out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    with np.load(tmp_path / "pieces.npz") as got, np.load(tmp_path / "sharded.npz") as want:
+        for name in ("score", "pred", "neighbour_row", "neighbour_distance"):
+            np.testing.assert_array_equal(got[name], want[name])
