@@ -100,6 +100,23 @@ def check_ranks_agree(det: Any, source: OODPrototypeSource, features: Tensor,
         dist.check_agree(dist.gather_json(fields), fields, "fit")
 
 
+def _class_sums(xb: Tensor, yb: Tensor, n_classes: int, state: PrototypeState | None
+                ) -> PrototypeState:
+    """The class sums and counts with one more batch; the first batch allocates them, and a
+    class count too large for the device (an ``n_classes`` given with a stray digit, logits
+    of another model) is named there instead of by the allocator."""
+    try:
+        return class_prototypes(xb, yb, n_classes, state=state, in_place=True)
+    except RuntimeError as exc:  # (torch.OutOfMemoryError too)
+        if state is not None or "allocate" not in str(exc):
+            raise
+        size = n_classes * xb.shape[1] * 8
+        raise ValueError(f"{n_classes:,} classes (n_classes, else the logits' width or the "
+                         f"largest label + 1): their float64 class sums ({n_classes:,} x "
+                         f"{xb.shape[1]}, {size / 2**30:,.1f} GiB) cannot be allocated on "
+                         f"{xb.device}; check the class count") from None
+
+
 def class_count(n_classes: int, n_rows: int, distributed: bool) -> int:
     """The class count from the labels (every rank's largest, when distributed), checked to
     leave no class without samples."""
@@ -275,7 +292,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                 n_classes = lb.shape[1]
             with_logits = lb is not None if with_logits is None else with_logits
             yb = check_batch(xb, yb, lb, d, n_classes, n, with_logits)
-            state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
+            state = _class_sums(xb, yb, n_classes, state)
             if lb is not None:
                 right += (lb.argmax(dim=1) == yb).sum()
             n += xb.shape[0]

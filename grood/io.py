@@ -109,11 +109,17 @@ class TrainingFiles:
 
     def __init__(self, paths: list[str], *, batch_size: int, ignore_logits: bool = False,
                  rank: int = 0, world: int = 1) -> None:
-        from grood._checks import as_tensor, check_labels, check_matrix, prefixed_errors
+        from grood._checks import (
+            as_tensor,
+            check_class_count,
+            check_labels,
+            check_matrix,
+            prefixed_errors,
+        )
 
         self.paths, self.batch_size = paths, batch_size
         self.rows, widths, dtypes, logits = [], [], [], []
-        self.n_classes = 0
+        self.n_classes, largest = 0, paths[0]  # (and the file that holds the largest label)
         for path in paths:
             f = load_features(path)
             if f.labels is None:
@@ -135,8 +141,8 @@ class TrainingFiles:
             widths.append(x.shape[1])
             dtypes.append(x.dtype)
             logits.append(None if lg is None else lg.shape[1])
-            if y.numel():
-                self.n_classes = max(self.n_classes, int(y.max()) + 1)
+            if y.numel() and int(y.max()) + 1 > self.n_classes:
+                self.n_classes, largest = int(y.max()) + 1, path
         for what, values, fix in (
                 ("features of width {}", widths, ""),
                 ("logits of width {}", logits, " (logits decide which rows are indexed: give "
@@ -155,6 +161,9 @@ class TrainingFiles:
         n = sum(self.rows)
         if n == 0:
             raise ValueError(f"the training files ({', '.join(paths)}) hold no rows")
+        if not self.with_logits:  # before anything is allocated for the classes
+            with prefixed_errors(largest):
+                check_class_count(self.n_classes - 1, n)
         self.start, self.stop = n * rank // world, n * (rank + 1) // world
 
     def __iter__(self) -> Any:

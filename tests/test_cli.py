@@ -284,6 +284,7 @@ def test_fit_reads_several_training_files_as_one_set(tmp_path, capsys):
     ("no labels", "b.npz has no 'labels' array; fitting needs class labels"),
     ("label", "b.npz: labels must hold integer class ids, got dtype float32"),
     ("twice", "a training file is named more than once: "),
+    ("huge label", "b.npz: labels holds class id 1000000000000, but there are only 60 samples"),
 ])
 def test_fit_of_several_files_names_the_file_at_fault(tmp_path, capsys, second, said):
     """Checked file by file before any work, or batch by batch as read: the error names the
@@ -299,7 +300,9 @@ def test_fit_of_several_files_names_the_file_at_fault(tmp_path, capsys, second, 
               "logits": {"features": xb, "labels": yb, "logits": torch.zeros(30, 3)},
               "no labels": {"features": xb},
               "label": {"features": xb, "labels": yb.float()},
-              "twice": {"features": xb, "labels": yb}}[second]
+              "twice": {"features": xb, "labels": yb},
+              "huge label": {"features": xb, "labels": yb.clone().index_fill_(0, torch.tensor(
+                  [4]), 10**12)}}[second]
     _write(tmp_path / "b.npz", **arrays)
     files = [str(tmp_path / "a.npz"), str(tmp_path / ("a.npz" if second == "twice" else "b.npz"))]
     capsys.readouterr()

@@ -302,6 +302,13 @@ def test_a_stray_huge_label_is_refused_before_allocating():
     y[0] = 10**12
     with pytest.raises(ValueError, match="cannot exceed the number of samples"):
         GROOD(progress=False).fit(x, y)
+    # A class count given to fit_batches (the rows are not counted before the first pass)
+    # too large to allocate sums for: named, not the allocator's error.
+    with pytest.raises(ValueError, match=r"10,000,000,000,000 classes \(n_classes, else the "
+                       r"logits' width or the largest label \+ 1\): their float64 class sums "
+                       r"\(10,000,000,000,000 x 4, 298,023.2 GiB\) cannot be allocated on "
+                       "cpu; check the class count"):
+        GROOD(progress=False).fit_batches([(x, y % 3)], n_classes=10**13)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
