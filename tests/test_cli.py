@@ -311,10 +311,10 @@ def test_fit_of_several_files_names_the_file_at_fault(tmp_path, capsys, second, 
     assert said.replace("a.npz", str(tmp_path / "a.npz")).replace(
         "b.npz", str(tmp_path / "b.npz")) in err, err
     assert not (tmp_path / "m.safetensors").exists()
-    # float16 files beside float32 ones are computed in float32 alike.
-    _write(tmp_path / "b.npz", features=xb.half(), labels=yb)
-    assert main(["fit", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "-o",
-                 str(tmp_path / "m.safetensors")]) == 0
+    if second == "float64":  # float16 beside float32 is computed in float32 alike
+        _write(tmp_path / "b.npz", features=xb.half(), labels=yb)
+        assert main(["fit", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "-o",
+                     str(tmp_path / "m.safetensors")]) == 0
 
 
 def test_fit_with_ood_features_file(tmp_path, capsys):
