@@ -79,7 +79,8 @@ def _package(name: str, distributions: tuple[str, ...], extras: tuple[str, ...]
                              "version": found[0][1] if found else None,
                              "distribution": found[0][0] if found else None}
     if name == "torch" and found:
-        entry["cuda"] = torch.version.cuda  # None for a CPU build
+        entry["cuda"] = torch.version.cuda  # None for a CPU build (and a ROCm one)
+        entry["hip"] = torch.version.hip  # ROCm's version, None elsewhere
     if len(found) > 1:
         entry["note"] = (f"{' and '.join(d for d, _ in found)} are "
                          f"{'both' if len(found) == 2 else 'all'} installed and provide the "
@@ -108,7 +109,22 @@ def _devices() -> list[dict[str, Any]]:
                 ] if torch.cuda.is_available() else []
     except Exception as exc:  # any failure of the query is what the report must show
         return [_device(torch.device("cpu")), {"device": "cuda", "error": _said(exc)}]
-    return [_device(dev) for dev in [torch.device("cpu"), *cuda]]
+    return [_device(dev) for dev in [torch.device("cpu"), *cuda]] + _apple_gpu()
+
+
+def _apple_gpu() -> list[dict[str, Any]]:
+    """Apple's GPU where this torch can use it: listed with why grood computes elsewhere."""
+    from grood._checks import check_float64_device
+
+    try:
+        if not torch.backends.mps.is_available():
+            return []
+        check_float64_device(torch.device("mps"))
+    except ValueError as exc:
+        return [{"device": "mps", "name": "Apple GPU (MPS)", "refused": str(exc)}]
+    except Exception as exc:  # (a failed query, as for a CUDA device)
+        return [{"device": "mps", "error": _said(exc)}]
+    return []
 
 
 def _device(dev: torch.device) -> dict[str, Any]:
@@ -146,7 +162,7 @@ def environment() -> dict[str, Any]:
     and ``devices`` (per device: ``device``, ``name``, ``auto`` — the backend of each
     operation under ``backend="auto"`` — and ``triton_unavailable``, why the Triton kernels
     cannot run there, or None; in their place ``error``, torch's, where it could not query
-    the device)."""
+    the device, or ``refused``, why grood does not compute on it: Apple's MPS)."""
     return {
         "grood": __version__,
         "kernels": kernel_sources(),
@@ -178,7 +194,8 @@ def format_environment(env: dict[str, Any]) -> str:
             if p["distribution"] != p["name"]:
                 text += f" ({p['distribution']})"
             if "cuda" in p:
-                text += f" (CUDA {p['cuda']})" if p["cuda"] else " (CPU build)"
+                text += (f" (CUDA {p['cuda']})" if p["cuda"] else
+                         f" (ROCm {p['hip']})" if p.get("hip") else " (CPU build)")
         if "note" in p:
             text += f"; {p['note']}"
         lines.append(f"  {p['name']:<13}{text}")
@@ -195,6 +212,9 @@ def format_environment(env: dict[str, Any]) -> str:
         if "capability" in d:
             about += [f"compute capability {d['capability']}", f"{d['memory_gib']} GiB"]
         lines.append(f"  {d['device']:<13}{'; '.join(about)}")
+        if "refused" in d:  # (a device grood does not compute on)
+            lines.append(f"  {'':<13}not used by grood: {d['refused']}")
+            continue
         lines.append(f"  {'':<13}backend='auto': {backend_words(d['auto'])}")
         if d["triton_unavailable"]:
             lines.append(f"  {'':<13}Triton kernels: {d['triton_unavailable']}")

@@ -76,6 +76,21 @@ def test_a_missing_package_names_its_extra_and_two_of_one_module_are_named(monke
     assert "  torch        not installed: required: pip install grood\n" in text
 
 
+def test_a_rocm_torch_and_apple_gpu_are_named_as_such(monkeypatch):
+    """A ROCm build of torch has no CUDA version (it said "CPU build"), and Apple's GPU is
+    listed with why grood computes elsewhere. (Stand-ins: this machine has neither.)"""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    env = environment()
+    assert env["packages"][0]["hip"] == "6.4.43482"
+    assert env["devices"][-1]["device"] == "mps"
+    text = format_environment(env)
+    assert f"  torch        {env['packages'][0]['version']} (ROCm 6.4.43482)\n" in text
+    assert ("  mps          Apple GPU (MPS)\n               not used by grood: device 'mps' "
+            "(Apple's GPU): grood computes parts of every step in float64") in text
+
+
 def test_each_gpu_is_named_with_its_backends_and_why_not_triton(monkeypatch):
     """(A stand-in for torch's CUDA queries: this machine may have no GPU.)"""
     props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150 * 2**30)
