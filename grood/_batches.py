@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -157,6 +157,15 @@ def peek_batch(batches: Any, distributed: bool = False
     it.close()
     check_matrix(x, "features", allow_empty=True)  # an empty batch still has D columns
     return (x, y, lg), names
+
+
+def batch_count(batches: Any) -> int | None:
+    """How many batches a re-iterable says it holds (a list, a DataLoader over a map-style
+    dataset), else None (a function, an iterable dataset's loader, which may not know)."""
+    try:
+        return len(batches) if isinstance(batches, Sized) and not callable(batches) else None
+    except TypeError:  # (a DataLoader over an IterableDataset without __len__)
+        return None
 
 
 def label_count(yb: Tensor | None) -> tuple[int, int]:

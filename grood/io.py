@@ -166,18 +166,27 @@ class TrainingFiles:
                 check_class_count(self.n_classes - 1, n)
         self.start, self.stop = n * rank // world, n * (rank + 1) // world
 
+    def _pieces(self) -> list[tuple[str, int, int]]:
+        """This rank's rows of each file: ``(path, first, stop)`` in the file, none empty."""
+        pieces, first = [], 0  # first: the file's first row in the whole set
+        for path, n in zip(self.paths, self.rows, strict=True):
+            lo, hi = max(self.start - first, 0), min(self.stop - first, n)
+            first += n
+            if lo < hi:
+                pieces.append((path, lo, hi))
+        return pieces
+
+    def __len__(self) -> int:
+        """This rank's batches (for the fit's progress)."""
+        return sum(-(-(hi - lo) // self.batch_size) for _, lo, hi in self._pieces())
+
     def __iter__(self) -> Any:
         """This rank's batches ``(features, labels, logits or None)``, none across two
         files."""
         from grood._batches import check_batch
         from grood._checks import as_tensor, prefixed_errors
 
-        first = 0  # the file's first row in the whole set
-        for path, n in zip(self.paths, self.rows, strict=True):
-            lo, hi = max(self.start - first, 0), min(self.stop - first, n)
-            first += n
-            if lo >= hi:
-                continue
+        for path, lo, hi in self._pieces():
             f = load_features(path)
             for r0 in range(lo, hi, self.batch_size):
                 r1 = min(r0 + self.batch_size, hi)

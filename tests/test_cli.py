@@ -267,6 +267,7 @@ def test_fit_reads_several_training_files_as_one_set(tmp_path, capsys):
     whole = TrainingFiles(files, batch_size=16)
     batches = [b[0].shape[0] for b in whole]
     assert batches == [16, 16, 16, 13, 1, 16, 16, 16, 16, 16, 8]  # cut at every file's end
+    assert len(whole) == len(batches)  # (the fit's progress counts them)
     # Ranks read contiguous blocks that together are every row, once, in order.
     blocks = [torch.cat([b[0] for b in TrainingFiles(files, batch_size=16, rank=r, world=3)])
               for r in range(3)]

@@ -443,6 +443,39 @@ def test_cli_eval_names_sets_by_path_and_fit_takes_an_index(tmp_path, capsys):
     assert str(tmp_path / "a" / "set.npy") in out and str(tmp_path / "b" / "set.npy") in out
 
 
+def test_fit_batches_progress_counts_batches_against_their_number_where_known(monkeypatch):
+    """A list or a DataLoader says how many batches it holds: the progress counts them
+    against it (an ETA); a function's iterator is counted by rows, with no total."""
+    import grood.detector
+
+    shown = []
+
+    class Recorder:
+        def __init__(self, **kw):
+            shown.append((kw["total"], kw["unit"], []))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def update(self, n):
+            shown[-1][2].append(n)
+
+    monkeypatch.setattr(grood.detector, "progress", lambda **kw: Recorder(**kw))
+    x, y = clustered_features(50, 2, 4, seed=1, dtype=torch.float32)
+    batches = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 50, 20)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
+    for source in (batches, loader):
+        shown.clear()
+        GROOD().fit_batches(source)
+        assert shown == [(3, "batches", [1, 1, 1])] * 2  # both passes
+    shown.clear()
+    GROOD().fit_batches(lambda: iter(batches))
+    assert shown == [(None, "rows", [20, 20, 10])] * 2
+
+
 def test_plain_progress_lines_off_a_terminal(capsys):
     from grood._progress import PlainProgress
 
