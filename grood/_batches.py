@@ -18,6 +18,7 @@ from grood._checks import (
     user_stacklevel,
 )
 from grood._columns import check_feature_names, feature_names
+from grood._progress import progress
 
 
 def check_loader(loader: Any, what: str, advice: str) -> None:
@@ -166,6 +167,14 @@ def batch_count(batches: Any) -> int | None:
         return len(batches) if isinstance(batches, Sized) and not callable(batches) else None
     except TypeError:  # (a DataLoader over an IterableDataset without __len__)
         return None
+
+
+def batch_progress(batches: Any, desc: str, enabled: bool | None) -> tuple[Any, bool]:
+    """A streamed pass's progress, and whether it counts batches: against their number where
+    the batches say it (:func:`batch_count`), with an estimate of the time left; else rows."""
+    total = batch_count(batches)
+    return progress(desc=desc, unit="batches" if total else "rows", total=total,
+                    enabled=enabled, unit_scale=not total), bool(total)
 
 
 def label_count(yb: Tensor | None) -> tuple[int, int]:

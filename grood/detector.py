@@ -19,7 +19,7 @@ from torch import Tensor
 from grood import distributed as dist
 from grood import ops
 from grood._batches import (
-    batch_count,
+    batch_progress,
     check_loader,
     check_reiterable,
     dict_batch_hint,
@@ -247,17 +247,13 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             n_classes = class_count(max(c for c, _ in counts), sum(r for _, r in counts),
                                     self.distributed)
 
-        # Batches that say how many they are (a list, a DataLoader) are counted against
-        # that, with an ETA; the others by rows.
-        total = batch_count(batches)
-
         def passes(desc: str) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
-            with progress(desc=desc, unit="batches" if total else "rows", total=total,
-                          enabled=self.progress and bar, unit_scale=not total) as shown:
+            shown, counted = batch_progress(batches, desc, self.progress and bar)
+            with shown:
                 for xb, yb, lb in iter_batches(batches, desc):
                     yield (xb.to(device), None if yb is None else yb.to(device),
                            None if lb is None else lb.to(device))
-                    shown.update(1 if total else xb.shape[0])
+                    shown.update(1 if counted else xb.shape[0])
 
         fitted, grads = fit_passes(self, source, inputs, passes, n_classes=n_classes, d=d,
                                    device=device, dtype=compute_dtype(first[0].dtype))

@@ -446,7 +446,7 @@ def test_cli_eval_names_sets_by_path_and_fit_takes_an_index(tmp_path, capsys):
 def test_fit_batches_progress_counts_batches_against_their_number_where_known(monkeypatch):
     """A list or a DataLoader says how many batches it holds: the progress counts them
     against it (an ETA); a function's iterator is counted by rows, with no total."""
-    import grood.detector
+    import grood._batches
 
     shown = []
 
@@ -463,7 +463,7 @@ def test_fit_batches_progress_counts_batches_against_their_number_where_known(mo
         def update(self, n):
             shown[-1][2].append(n)
 
-    monkeypatch.setattr(grood.detector, "progress", lambda **kw: Recorder(**kw))
+    monkeypatch.setattr(grood._batches, "progress", lambda **kw: Recorder(**kw))
     x, y = clustered_features(50, 2, 4, seed=1, dtype=torch.float32)
     batches = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 50, 20)]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
