@@ -94,6 +94,13 @@ def _shard(x: Any, rank: int, world: int) -> Any:
     return x[start:stop]
 
 
+def _named_twice(paths: list[str]) -> list[str]:
+    """The paths that name a file named earlier in ``paths`` (as given, or by another path to
+    it)."""
+    real = [os.path.realpath(p) for p in paths]
+    return [p for i, p in enumerate(paths) if real[i] in real[:i]]
+
+
 def _require_files(files: dict[str, str | None]) -> None:
     """Every input file named on the command line exists, checked before any work: a
     misspelt last OOD set fails in a second, not after the detector is loaded and the ID set
@@ -105,7 +112,7 @@ def _require_files(files: dict[str, str | None]) -> None:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from grood import GROOD
-    from grood.io import HOW_TO_WRITE, FeatureFile, TrainingFiles, load_features
+    from grood.io import FeatureFile, TrainingFiles, load_features, training_file
     from grood.persistence import save_target
 
     # The inputs and the output are checked before any work, so a bad path fails in a second,
@@ -113,8 +120,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     _require_files({**{f"feature file {p}": p for p in args.train},
                     "OOD feature file": args.ood_features,
                     "calibration feature file": args.calibrate})
-    real = [os.path.realpath(p) for p in args.train]
-    repeated = [p for i, p in enumerate(args.train) if real[i] in real[:i]]
+    repeated = _named_twice(args.train)
     if repeated:  # its rows would count twice
         raise ValueError(f"a training file is named more than once: {', '.join(repeated)}")
     save_target(args.out, suffixes=(".json", ".safetensors") if args.distributed
@@ -135,10 +141,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         train = TrainingFiles(args.train, batch_size=args.batch_size,
                               ignore_logits=args.ignore_logits, rank=rank, world=world)
     else:
-        train = load_features(args.train[0])
-        if train.labels is None:
-            raise ValueError(f"{args.train[0]} has no 'labels' array; fitting needs class "
-                             f"labels. {HOW_TO_WRITE}")
+        train = training_file(args.train[0])
     ood = load_features(args.ood_features).features if args.ood_features else None
     # Read (memory-mapped) before the fit: an unreadable file fails now, not after it.
     calibration = load_features(args.calibrate).features if args.calibrate else None
@@ -444,8 +447,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give the OOD feature files: --ood FILE ..., or OpenOOD's groups "
                          "--near FILE ... and --far FILE ...")
     ood_files = [*args.near, *args.far, *args.ood]  # the table's order
-    real = [os.path.realpath(p) for p in ood_files]
-    repeated = [p for i, p in enumerate(ood_files) if real[i] in real[:i]]
+    repeated = _named_twice(ood_files)
     if repeated:  # one row and one metrics entry per set
         raise ValueError("an OOD file is named more than once (by --ood, --near and --far "
                          f"together): {', '.join(repeated)}")

@@ -97,6 +97,15 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(*(arrays.get(k) for k in KEYS))
 
 
+def training_file(path: str | os.PathLike) -> FeatureFile:
+    """A feature file to fit on: :func:`load_features`, which must have found labels."""
+    f = load_features(path)
+    if f.labels is None:
+        raise ValueError(f"{path} has no 'labels' array; fitting needs class labels. "
+                         f"{HOW_TO_WRITE}")
+    return f
+
+
 class TrainingFiles:
     """Several training feature files read as one training set, in the order given (the rows
     ``kneighbors`` names are counted through them), for :meth:`grood.GROOD.fit_batches`: each
@@ -121,10 +130,7 @@ class TrainingFiles:
         self.rows, widths, dtypes, logits = [], [], [], []
         self.n_classes, largest = 0, paths[0]  # (and the file that holds the largest label)
         for path in paths:
-            f = load_features(path)
-            if f.labels is None:
-                raise ValueError(f"{path} has no 'labels' array; fitting needs class labels. "
-                                 f"{HOW_TO_WRITE}")
+            f = training_file(path)
             with prefixed_errors(path):
                 x = as_tensor(f.features, "features")[0]
                 check_matrix(x, "features", allow_empty=True)

@@ -562,6 +562,11 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "-m", "grood"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(command):
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+
     # The threshold comes from both ranks' halves of the calibration file.
     calibrate = ["--calibrate", str(tmp_path / "test.npy"), "--tpr", "0.8"]
     for cmd in (["fit", "--distributed", str(tmp_path / "train.npz"), "-o",
@@ -571,18 +576,14 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
                 ["score", "--distributed", str(tmp_path / "sharded.json"),
                  str(tmp_path / "test.npy"), "-o", str(tmp_path / "sharded.npz"),
                  "--neighbours", "2"]):
-        out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
-                             env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
+        run(torchrun + cmd)
     # The one-process reference runs with the same thread count: BLAS sums in a different
     # order with more threads, which may move a score by one float32 ulp.
     for cmd in (["fit", str(tmp_path / "train.npz"), "-o", str(tmp_path / "one.safetensors"),
                  *calibrate],
                 ["score", str(tmp_path / "one.safetensors"), str(tmp_path / "test.npy"), "-o",
                  str(tmp_path / "one.npy")]):
-        out = subprocess.run([sys.executable, "-m", "grood", *cmd], capture_output=True,
-                             text=True, timeout=300, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
+        run([sys.executable, "-m", "grood", *cmd])
     np.testing.assert_array_equal(np.load(tmp_path / "sharded.npy"),
                                   np.load(tmp_path / "one.npy"))
     # Neighbours over both shards, named by the training file's rows.
@@ -609,9 +610,7 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
                 ["score", "--distributed", str(tmp_path / "pieces.json"),
                  str(tmp_path / "test.npy"), "-o", str(tmp_path / "pieces.npz"),
                  "--neighbours", "2"]):
-        out = subprocess.run(torchrun + cmd, capture_output=True, text=True, timeout=300,
-                             env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
+        run(torchrun + cmd)
     with np.load(tmp_path / "pieces.npz") as got, np.load(tmp_path / "sharded.npz") as want:
         for name in ("score", "pred", "neighbour_row", "neighbour_distance"):
             np.testing.assert_array_equal(got[name], want[name])
