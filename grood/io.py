@@ -3,16 +3,22 @@
 A feature file holds ``features`` [N, D] and optionally ``labels`` [N] and ``logits`` [N, C]:
 
 * ``.npy``: one 2-D array, the features.
-* ``.npz``: arrays named ``features``, ``labels``, ``logits`` (loaded without pickle).
+* ``.npz``: arrays named ``features``, ``labels``, ``logits`` (loaded without pickle; those
+  stored uncompressed, as ``np.savez`` writes them, are memory-mapped).
 * ``.pt`` / ``.pth``: a tensor (the features) or a dict of tensors with those names, read with
   ``torch.load(weights_only=True)``, which refuses arbitrary objects (memory-mapped).
-* ``.safetensors``: tensors with those names.
+* ``.safetensors``: tensors with those names (memory-mapped).
+
+Memory-mapped arrays are read as they are used: a file larger than memory is scored or fitted
+on batch by batch.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,8 +67,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         if suffix == ".npy":
             arrays = {"features": np.load(path, mmap_mode="r", allow_pickle=False)}
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = _npz_arrays(path)
         elif suffix in (".pt", ".pth"):
             try:
                 obj = _torch_load(path)
@@ -112,9 +117,9 @@ class TrainingFiles:
     file is checked against the others before any work (its features' width and dtype, its
     labels, logits in every file or in none), and each batch is checked as it is read, so a
     bad row is named by its file and its row there. ``rank`` of ``world`` reads its contiguous
-    block of the rows, as a distributed fit of one file does. ``.npz`` files are read whole
-    (one at a time while batches are read; all of them are read once first, for the checks);
-    the other formats are memory-mapped."""
+    block of the rows, as a distributed fit of one file does. Files are memory-mapped where
+    their format allows (see the module docstring); a compressed ``.npz`` is read whole, one
+    file at a time."""
 
     def __init__(self, paths: list[str], *, batch_size: int, ignore_logits: bool = False,
                  rank: int = 0, world: int = 1) -> None:
@@ -241,6 +246,52 @@ def _check_numpy_format(path: Path, suffix: str) -> None:
         return
     if not ok:
         raise ValueError(f"{path} is not {what}: damaged, truncated, or another format")
+
+
+def _npz_arrays(path: Path) -> dict[str, Any]:
+    """The arrays of a ``.npz`` file: those stored uncompressed (``np.savez``) memory-mapped,
+    the others (``np.savez_compressed``) read whole, as ``np.load`` reads them."""
+    arrays = {}
+    with (np.load(path, allow_pickle=False) as z, zipfile.ZipFile(path) as archive,
+          open(path, "rb") as raw):
+        size = os.fstat(raw.fileno()).st_size
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key in z.files:
+                mapped = _mapped_member(path, archive, raw, size, info)
+                arrays[key] = z[key] if mapped is None else mapped
+    return arrays
+
+
+def _mapped_member(path: Path, archive: zipfile.ZipFile, raw: Any, size: int,
+                   info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A memory map of an uncompressed, unencrypted ``.npy`` member of a zip archive, or None
+    where it cannot be mapped (it is then read as ``np.load`` reads it, which names any damage):
+    its bytes start after the member's local header (30 bytes, its name and its extra field)
+    and the ``.npy`` header."""
+    if (info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1
+            or not info.filename.endswith(".npy")):
+        return None
+    fmt = np.lib.format
+    with archive.open(info) as member:
+        version = fmt.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                       else fmt.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(member)
+        start = member.tell()
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04" or dtype.hasobject:
+        return None
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    offset = info.header_offset + 30 + name_length + extra_length + start
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes == 0 or offset + nbytes > size or start + nbytes != info.file_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran_order else "C")
 
 
 def _torch_load(path: Path) -> Any:

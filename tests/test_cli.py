@@ -2,12 +2,14 @@
 
 import csv
 import importlib.util
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -1460,6 +1462,42 @@ def test_pt_feature_files_are_memory_mapped_and_legacy_ones_still_read(tmp_path)
     if maps.exists():
         assert str(tmp_path / "new.pt") in maps.read_text()
     assert torch.equal(load_features(tmp_path / "legacy.pt").features, x)
+
+
+def test_npz_feature_files_are_memory_mapped_where_stored_uncompressed(tmp_path):
+    """np.savez stores its arrays uncompressed (zip64 local headers): they are mapped, so a
+    .npz larger than memory is read batch by batch, with the values, dtypes, shapes and memory
+    order written; np.savez_compressed's arrays cannot be mapped and are read whole."""
+    from grood.io import load_features
+
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.standard_normal((7, 5)).astype(np.float16),
+              "labels": rng.integers(0, 3, 7),
+              "logits": np.asfortranarray(rng.standard_normal((7, 3)))}
+    np.savez(tmp_path / "stored.npz", **arrays)
+    np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+    np.savez(tmp_path / "empty.npz", features=np.zeros((0, 5), np.float32),
+             labels=np.zeros(0, np.int64))
+    read = {name: load_features(tmp_path / name) for name in ("stored.npz", "deflated.npz")}
+    for name, mapped in (("stored.npz", True), ("deflated.npz", False)):
+        for key, want in arrays.items():
+            got = getattr(read[name], key)
+            assert isinstance(got, np.memmap) == mapped, (name, key)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert np.array_equal(got, want) and got.flags.c_contiguous == (key != "logits")
+            assert not got.flags.writeable or not mapped
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path / "stored.npz") in maps.read_text()
+    empty = load_features(tmp_path / "empty.npz")
+    assert empty.features.shape == (0, 5) and empty.labels.shape == (0,)
+    # a member shorter than its header says is not mapped past its end: it is refused
+    header = io.BytesIO()
+    np.save(header, np.ones((100, 5), np.float32))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("features.npy", header.getvalue()[:-40])
+    with pytest.raises(ValueError, match=r"short\.npz: could not read the file \(EOF"):
+        load_features(tmp_path / "short.npz")
 
 
 def test_bench_tuning_tables_report_a_failing_candidate_and_go_on(capsys, monkeypatch):
