@@ -10,7 +10,8 @@ A feature file holds ``features`` [N, D] and optionally ``labels`` [N] and ``log
 * ``.safetensors``: tensors with those names (memory-mapped).
 
 Memory-mapped arrays are read as they are used: a file larger than memory is scored or fitted
-on batch by batch.
+on batch by batch. A mapped ``.npz`` member's CRC-32 is not checked (``np.load`` checks it
+as it reads a member whole), as no checksum guards the other mapped formats.
 """
 
 from __future__ import annotations
