@@ -9,6 +9,7 @@ memory holds one batch, the prototypes and the index, never the training feature
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from grood import distributed as dist
 from grood._batches import check_reiterable, warn_if_shuffled
+from grood._cache import BatchCache
 from grood._checks import (
     check_finite_rows,
     check_positive_int,
@@ -40,14 +42,15 @@ if TYPE_CHECKING:
 def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
               features: str | None = None, ood_loader: Iterable | None = None,
               device: str | torch.device | None = None,
-              autocast: torch.dtype | None = None) -> GROOD:
+              autocast: torch.dtype | None = None,
+              cache: str | os.PathLike | None = None) -> GROOD:
     """Fit ``det`` from a model and its training loader, streaming.
 
     Runs the model over ``train_loader`` twice (class prototypes, then the gradient index;
-    model-level OOD prototype sources add their own passes). A sample is indexed when the
-    model classifies it correctly. Both passes must give the same samples, in any order (a
-    loader that drops a different last batch each time is refused); use test-time
-    transforms, since augmentation would give other features each pass.
+    model-level OOD prototype sources add their own passes), or once with ``cache``. A sample
+    is indexed when the model classifies it correctly. Both passes must give the same samples,
+    in any order (a loader that drops a different last batch each time is refused); use
+    test-time transforms, since augmentation would give other features each pass.
 
     Args:
         det (GROOD): the detector to fit.
@@ -59,6 +62,12 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         ood_loader (optional): OOD batches for ``ood_prototype="features"`` (their mean
             penultimate feature is the OOD prototype; OpenOOD's ``val`` OOD set).
         device, autocast: where and in which autocast dtype the model runs.
+        cache (optional): keep the first pass's features, labels and logits for the passes
+            after it, which then read them instead of running the model: ``"host"`` keeps
+            them in host memory, a folder keeps them in files in a temporary folder made
+            inside it (removed when the fit ends, or fails). Either holds N x (D + C) values
+            of the model's output dtype (ImageNet-1k at D = 2048 in float32: 15.6 GB) and
+            gives the detector the model's two passes give.
 
     Returns:
         GROOD: ``det``, fitted.
@@ -68,10 +77,16 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
     from grood.prototypes import resolve_source
     from grood.sources import ModelContext
 
+    def model_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
+        for out, y, _ in extractor.batches(train_loader, desc="grood fit"):
+            yield out.features, y, out.logits
+
     # Rank-local work: a rank that fails here (its loader, its first batch through the model)
     # stops every rank, instead of leaving them in the fit's first collective.
     with dist.together(distributing(det), "running the model on its first training batch"):
         check_reiterable(train_loader, "train_loader", factory=False)
+        # (its folder is made by the fit's first read, inside the fit's own check)
+        kept = None if cache is None else BatchCache(model_batches, cache, show=det.progress)
         source = resolve_source(det.ood_prototype)
         extractor = FeatureExtractor(model, features=features, device=device,
                                      autocast=autocast, progress=det.progress)
@@ -98,17 +113,21 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         ood_features, prints = _ood_mean(det, extractor, ood_loader, d)
 
     def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
-        for out, y, _ in extractor.batches(train_loader, desc="grood fit"):
-            yield (out.features.to(dev), None if y is None else y.to(dev),
-                   None if out.logits is None else out.logits.to(dev))
+        for xb, yb, lb in (model_batches() if kept is None else kept()):
+            yield (xb.to(dev), None if yb is None else yb.to(dev),
+                   None if lb is None else lb.to(dev))
 
     if ood_features is not None:
         inputs["ood_features"] = ood_features
     # The extractor reports progress (it knows the loader's length); the fit adds no bar.
     # A shuffling loader does not repeat its order: kneighbors warns that its rows name no sample.
-    det._fit_stream(training_batches, inputs, None, "fit_model()",
-                    extractor={"features": features, **order_record(train_loader)},
-                    bar=False)
+    try:
+        det._fit_stream(training_batches, inputs, None, "fit_model()",
+                        extractor={"features": features, **order_record(train_loader)},
+                        bar=False)
+    finally:
+        if kept is not None:
+            kept.close()
     if prints is not None:  # the loader's rows, where the fit saw their mean alone
         det.ood_fingerprints_ = prints
     return det
@@ -299,10 +318,12 @@ class ModelFrontEnd:
 
     def fit_model(self, model: nn.Module, train_loader: Iterable, *, features: str | None = None,
                   ood_loader: Iterable | None = None, device: str | torch.device | None = None,
-                  autocast: torch.dtype | None = None) -> Self:
-        """Fit from a model and its training loader, streaming (:func:`grood.model.fit_model`)."""
+                  autocast: torch.dtype | None = None,
+                  cache: str | os.PathLike | None = None) -> Self:
+        """Fit from a model and its training loader, streaming; ``cache`` (``"host"`` or a
+        folder) runs the model once (:func:`grood.model.fit_model`)."""
         fit_model(cast("GROOD", self), model, train_loader, features=features,
-                  ood_loader=ood_loader, device=device, autocast=autocast)
+                  ood_loader=ood_loader, device=device, autocast=autocast, cache=cache)
         return self
 
     def score_model(self, model: nn.Module, loader: Iterable, *, features: str | None = None,

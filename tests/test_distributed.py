@@ -406,10 +406,10 @@ def _uneven_batches_worker(rank, world, tmp):
         attempt("loader", lambda: list(det.score_batches(failing())))
         # score_model streams a loader the same way: 2, 1 and 0 batches.
         net = _net()
-        mdet = GROOD(distributed=True).fit_model(
+        mdet = GROOD(distributed=True).fit_model(  # (each rank's batches kept its own way)
             net, [(xs, ys) for xs, ys in zip(*(torch.tensor_split(t, world)[rank].split(20)
                                                 for t in (x, y)), strict=True)],
-            features="1")
+            features="1", cache=tmp if rank == 1 else "host" if rank == 2 else None)
         loaders = {0: [(test[:9], None), (test[9:20], None)], 1: [(test[20:31], None)], 2: []}
         model_scores = mdet.score_model(net, [b for b, _ in loaders[rank]])
         # An OOD loader of 2, 1 and 0 batches (17, 6 and 0 rows): the prototype is the mean
@@ -443,6 +443,7 @@ def test_score_batches_with_uneven_batch_counts_across_ranks(tmp_path):
     want = GROOD().fit_model(net, list(zip(x.split(20), y.split(20), strict=True)),
                              features="1").score_model(net, [test[:31]])
     assert [len(g["model"][0]) for g in got] == [20, 11, 0]
+    assert not list(tmp_path.glob("grood-fit-cache-*"))  # rank 1's kept batches, removed
     for i in (0, 1):
         torch.testing.assert_close(torch.cat([g["model"][i] for g in got]), want[i],
                                    rtol=1e-6, atol=1e-7)

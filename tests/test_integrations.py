@@ -89,6 +89,27 @@ def test_openood_protocol_on_an_openood_style_net():
     assert "openood" not in sys.modules
 
 
+@pytest.mark.parametrize("given", ["argument", "config"])
+def test_openood_setup_with_a_cache_runs_the_net_over_the_training_loader_once(tmp_path,
+                                                                               given):
+    from types import SimpleNamespace
+
+    net = _trained_net()
+    rows = []
+    net.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    id_loaders, ood_loaders = {"train": _loader(120, 0)}, {"val": _loader(30, 3, ood=True)}
+    ref = GROODPostprocessor(ood_prototype="val")
+    ref.setup(net, id_loaders, ood_loaders)
+    ran, rows[:] = sum(rows), []
+    config = SimpleNamespace(postprocessor=SimpleNamespace(postprocessor_args={
+        "use_val_ood": True, **({"cache": str(tmp_path)} if given == "config" else {})}))
+    post = GROODPostprocessor(config, **({"cache": "host"} if given == "argument" else {}))
+    post.setup(net, id_loaders, ood_loaders)
+    assert sum(rows) == ran - 120 and list(tmp_path.iterdir()) == []
+    assert torch.equal(post.detector.index_.vectors, ref.detector.index_.vectors)
+    assert torch.equal(post.detector.ood_prototype_, ref.detector.ood_prototype_)
+
+
 def test_openood_inference_shows_progress_only_when_asked(monkeypatch, capsys):
     net = _trained_net()
     post = GROODPostprocessor()

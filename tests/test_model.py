@@ -490,6 +490,91 @@ def test_fit_model_refuses_a_one_pass_loader_before_running_the_model(trained):
         handle.remove()
 
 
+@pytest.mark.parametrize("where, autocast", [("host", None), ("folder", None),
+                                             ("folder", torch.bfloat16)])
+def test_fit_model_with_a_cache_runs_the_model_once_and_fits_the_same_detector(
+        trained, tmp_path, where, autocast):
+    """cache= keeps the first pass's features, labels and logits (in host memory, or in files
+    in a temporary folder removed after the fit) for the second pass, which ran the model over
+    the whole loader again; the detector is the one the two passes give, bit for bit."""
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    rows = []
+    handle = model.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    try:
+        ref = GROOD().fit_model(model, loader, features="8", autocast=autocast)
+        ran, rows[:] = sum(rows), []
+        det = GROOD().fit_model(model, loader, features="8", autocast=autocast,
+                                cache=str(tmp_path) if where == "folder" else where)
+        assert sum(rows) == ran - len(x)  # one pass over the loader fewer
+    finally:
+        handle.remove()
+    assert list(tmp_path.iterdir()) == []
+    for name in ("class_prototypes_", "class_counts_", "ood_prototype_", "indexed_rows_"):
+        assert torch.equal(getattr(det, name), getattr(ref, name)), name
+    assert torch.equal(det.index_.vectors, ref.index_.vectors)
+    test, _ = _images(30, seed=5)
+    assert torch.equal(det.score_model(model, [test])[0], ref.score_model(model, [test])[0])
+    assert det.extractor_ == ref.extractor_
+
+
+def test_fit_model_cache_is_checked_before_the_model_runs_and_removed_after_a_failure(
+        trained, tmp_path):
+    model, x, y = trained
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    (tmp_path / "a-file").write_text("")
+    try:
+        for cache, what in (("memory", "no such folder"), (tmp_path / "absent", "no such folder"),
+                            (tmp_path / "a-file", "not a folder"), (3, "int")):
+            with pytest.raises(ValueError, match=rf"cache must be 'host' \(the batches kept in "
+                                                 rf"host memory\) or a folder to keep them in, "
+                                                 rf"got .* \({what}\)"):
+                GROOD().fit_model(model, [(x, y)], features="8", cache=cache)
+        assert not calls
+    finally:
+        handle.remove()
+    # a batch refused during the first pass: the batches kept so far are removed with their
+    # folder
+    bad = x.clone()
+    bad[70] = float("nan")
+    with pytest.raises(ValueError, match=r"features contains NaN or Inf in row\(s\) 70"):
+        GROOD().fit_model(model, DataLoader(TensorDataset(bad, y), batch_size=32),
+                          features="8", cache=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_batches_kept_in_files_are_read_back_as_given_and_a_shortened_file_is_named(tmp_path):
+    from grood._cache import BatchCache
+
+    batches = [(torch.randn(3, 4, dtype=dtype), torch.arange(3), logits)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+               for logits in (None, torch.randn(3, 2))] + [
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), None)]
+    made = []
+
+    def make():
+        made.append(1)
+        return iter(batches)
+
+    kept = BatchCache(make, tmp_path, show=False)
+    next(kept())  # a peek keeps nothing: the next iteration calls make again
+    for _ in range(3):
+        got = list(kept())
+        assert len(made) == 2 and len(got) == len(batches)
+        for a, b in zip(got, batches, strict=True):
+            for u, v in zip(a, b, strict=True):
+                assert (u is None and v is None) or (
+                    u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v))
+    (folder,) = tmp_path.iterdir()
+    features = folder / "features"
+    features.write_bytes(features.read_bytes()[:-2])
+    with pytest.raises(OSError, match=r"features is shorter than the batches kept in it"):
+        list(kept())
+    kept.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mixup_refuses_a_loader_empty_on_its_second_pass(trained):
     """A loader that gave nothing on mixup's mixing pass made the origin the prototype."""
     from grood.prototypes import PrototypeContext

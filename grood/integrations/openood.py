@@ -53,7 +53,7 @@ SOURCES = ("mean", "val", "noise", "mixup")
 
 #: ``postprocessor_args`` keys grood reads.
 READ_ARGS = ("ood_prototype", "use_val_ood", "use_proto_mean", "k", "K", "batch_size",
-             "reference", "omit_batch_t", "n_noise_samples", "sampling_ratio")
+             "reference", "omit_batch_t", "n_noise_samples", "sampling_ratio", "cache")
 
 #: The official postprocessor's keys that change nothing here, and why.
 INERT_ARGS = {
@@ -131,12 +131,16 @@ class GROODPostprocessor(_Base):
             the net's ``return_feature_list`` output.
         reference (bool): reproduce the official postprocessor (see the module notes).
         omit_batch_t (bool): with ``reference``, leave out batch T's gradients as it does.
+        cache (str, optional): ``"host"`` or a folder: ``setup`` runs the net over the
+            training loader once instead of twice (:func:`grood.model.fit_model`'s
+            ``cache``; also a ``postprocessor_args`` key).
         **grood_kwargs: passed to :class:`grood.GROOD` (``k``, ``index``, ``backend``, ...).
     """
 
     def __init__(self, config: Any = None, *, ood_prototype: Any = None,
                  features: str | None = None, reference: bool | None = None,
-                 omit_batch_t: bool | None = None, **grood_kwargs: Any) -> None:
+                 omit_batch_t: bool | None = None, cache: Any = None,
+                 **grood_kwargs: Any) -> None:
         if _Base is not object:
             super().__init__(config)
         args: dict[str, Any] = {} if config is None else _config_args(config)
@@ -148,6 +152,7 @@ class GROODPostprocessor(_Base):
         #: averaged (``n_noise_samples``); ``None``: the whole loader (reference mode: 100).
         self.val_rows: int | None = args.get("n_noise_samples")
         self.features = features
+        self.cache = args.get("cache") if cache is None else cache
         self.reference = bool(args.get("reference", False) if reference is None else reference)
         self.omit_batch_t = bool(args.get("omit_batch_t", False) if omit_batch_t is None
                                  else omit_batch_t)
@@ -170,7 +175,7 @@ class GROODPostprocessor(_Base):
                                        if name in args}
         check_grood_kwargs(grood_kwargs, "GROODPostprocessor", ("config", "ood_prototype",
                                                                "features", "reference",
-                                                               "omit_batch_t"))
+                                                               "omit_batch_t", "cache"))
         self.grood_kwargs: dict[str, Any] = {**from_config, **grood_kwargs}
         k = self.grood_kwargs.get("k", 1)
         if self.reference and (isinstance(k, bool) or k != 1):
@@ -208,7 +213,7 @@ class GROODPostprocessor(_Base):
             kwargs["index_options"] = {"nprobe": 4, "loader_batches": len(train),
                                        "omit_batch_t": self.omit_batch_t}
         self.detector = GROOD(ood_prototype=source, **kwargs).fit_model(
-            net, train, features=self.features, ood_loader=ood_loader)
+            net, train, features=self.features, ood_loader=ood_loader, cache=self.cache)
 
     def _extractor(self, net: torch.nn.Module) -> FeatureExtractor:
         if self.detector is None:
