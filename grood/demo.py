@@ -189,7 +189,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     train_accuracy = 0.0
     for name, source in sources.items():
         det = GROOD(ood_prototype=source, progress=cfg.progress).fit_model(
-            net, train_loader, features="relu3")
+            net, train_loader, features="relu3", cache="host")  # (the net runs over it once)
         method = f"GROOD ({name})"
         scores[method] = {}
         for set_name, loader in loaders.items():
