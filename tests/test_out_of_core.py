@@ -302,6 +302,41 @@ def test_streaming_a_file_larger_than_the_budget_stays_under_it(tmp_path):
     index_mib = res["indexed"] * d * 4 / 2**20
     assert res["fit"] < budget_mib + index_mib, res
     assert res["score"] < budget_mib, res
+    # The command line on the same rows in two .npz shards (np.savez: mapped, not read whole):
+    # grood fit of both, grood score of one, each under the same budget.
+    x, y, logits = (np.load(tmp_path / f"{k}.npy", mmap_mode="r") for k in ("x", "y", "logits"))
+    for name, rows in (("a", slice(0, n // 3)), ("b", slice(n // 3, n))):
+        np.savez(tmp_path / f"{name}.npz", features=x[rows], labels=y[rows],
+                 logits=logits[rows])
+    del x, y, logits
+    out = subprocess.run([sys.executable, "-c", CLI_MEMORY_PROBE, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cli["indexed"] == res["indexed"] and cli["n"] == n - n // 3
+    assert cli["fit"] < budget_mib + index_mib, cli
+    assert cli["score"] < budget_mib, cli
+
+
+CLI_MEMORY_PROBE = PROBE_PRELUDE + textwrap.dedent("""
+    from grood.cli import main
+
+    folder = sys.argv[1]
+    threading.Thread(target=sample, daemon=True).start()
+    peak[0] = base = anon_mib()
+    main(["fit", f"{folder}/a.npz", f"{folder}/b.npz", "-o", f"{folder}/det.safetensors",
+          "--batch-size", "2048"])
+    fit_peak = peak[0] - base
+    gc.collect()
+    peak[0] = base = anon_mib()
+    main(["score", f"{folder}/det.safetensors", f"{folder}/b.npz", "-o", f"{folder}/s.npy",
+          "--batch-size", "2048"])
+    score_peak = peak[0] - base
+    stop[0] = True
+    print(json.dumps({"fit": fit_peak, "score": score_peak,
+                      "n": int(np.load(f"{folder}/s.npy").shape[0]),
+                      "indexed": GROOD.load(f"{folder}/det.safetensors").index_.ntotal}))
+""")
 
 
 SAVE_LOAD_PROBE = PROBE_PRELUDE + textwrap.dedent("""
