@@ -65,9 +65,10 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         cache (optional): keep the first pass's features, labels and logits for the passes
             after it, which then read them instead of running the model: ``"host"`` keeps
             them in host memory, a folder keeps them in files in a temporary folder made
-            inside it (removed when the fit ends, or fails). Either holds N x (D + C) values
-            of the model's output dtype (ImageNet-1k at D = 2048 in float32: 15.6 GB) and
-            gives the detector the model's two passes give.
+            inside it (removed when the fit ends, or fails). Either holds N x D values of
+            the model's output dtype and 16 bytes a row (labels, and the class the logits
+            pick: all the second pass reads of them; ImageNet-1k at D = 2048 in float32:
+            10.5 GB), and gives the detector the model's two passes give.
 
     Returns:
         GROOD: ``det``, fitted.
@@ -113,7 +114,7 @@ def fit_model(det: GROOD, model: nn.Module, train_loader: Iterable, *,
         ood_features, prints = _ood_mean(det, extractor, ood_loader, d)
 
     def training_batches() -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
-        for xb, yb, lb in (model_batches() if kept is None else kept()):
+        for xb, yb, lb in (model_batches() if kept is None else kept(dev)):
             yield (xb.to(dev), None if yb is None else yb.to(dev),
                    None if lb is None else lb.to(dev))
 

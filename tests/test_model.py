@@ -544,29 +544,46 @@ def test_fit_model_cache_is_checked_before_the_model_runs_and_removed_after_a_fa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_batches_kept_in_files_are_read_back_as_given_and_a_shortened_file_is_named(tmp_path):
+@pytest.mark.parametrize("where", ["host", "folder"])
+def test_kept_batches_are_given_back_as_given_with_the_logits_class_and_a_short_file_named(
+        tmp_path, where):
+    """Features and labels come back as they were given (dtype, shape, values); logits as the
+    one-hot row of the class they pick, in their dtype (8 bytes a row kept, not C values)."""
     from grood._cache import BatchCache
 
-    batches = [(torch.randn(3, 4, dtype=dtype), torch.arange(3), logits)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 4, generator=gen).to(dtype), torch.arange(3), logits)
                for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-               for logits in (None, torch.randn(3, 2))] + [
-        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), None)]
+               for logits in (None, torch.randn(3, 5, generator=gen).to(dtype))] + [
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 5)),
+        (torch.ones(2, 4), None, torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]))]  # ties
     made = []
 
     def make():
         made.append(1)
         return iter(batches)
 
-    kept = BatchCache(make, tmp_path, show=False)
+    kept = BatchCache(make, tmp_path if where == "folder" else "host", show=False)
     next(kept())  # a peek keeps nothing: the next iteration calls make again
-    for _ in range(3):
+    assert all(a is b for got, given in zip(kept(), batches, strict=True)  # (the recording)
+               for a, b in zip(got, given, strict=True))
+    for _ in range(2):
         got = list(kept())
         assert len(made) == 2 and len(got) == len(batches)
-        for a, b in zip(got, batches, strict=True):
-            for u, v in zip(a, b, strict=True):
-                assert (u is None and v is None) or (
-                    u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v))
+        for (x, y, lg), (x0, y0, lg0) in zip(got, batches, strict=True):
+            assert x.dtype == x0.dtype and torch.equal(x, x0)
+            assert (y is None and y0 is None) or torch.equal(y, y0)
+            if lg0 is None:
+                assert lg is None
+                continue
+            assert lg.dtype == lg0.dtype and lg.shape == lg0.shape
+            assert torch.equal(lg.argmax(dim=1), lg0.argmax(dim=1))
+            assert torch.equal(lg, torch.nn.functional.one_hot(lg0.argmax(dim=1),
+                                                               lg0.shape[1]).to(lg0.dtype))
+    if where == "host":
+        return
     (folder,) = tmp_path.iterdir()
+    assert (folder / "logits").stat().st_size == 8 * (4 * 3 + 2)
     features = folder / "features"
     features.write_bytes(features.read_bytes()[:-2])
     with pytest.raises(OSError, match=r"features is shorter than the batches kept in it"):
