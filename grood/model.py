@@ -4,7 +4,8 @@ feature path.
 The model runs batch by batch (:class:`grood.extract.FeatureExtractor`); its penultimate
 features and logits go to :meth:`GROOD.fit_batches` and :meth:`GROOD.score_and_predict`, so
 memory holds one batch, the prototypes and the index, never the training features (unless
-``fit_model(cache="host")`` keeps them, to run the model once). ``GROOD.fit_model`` / ``score_model`` / ``predict_model`` call these.
+``fit_model(cache="host")`` keeps them, to run the model once). ``GROOD.fit_model`` /
+``score_model`` / ``predict_model`` call these.
 """
 
 from __future__ import annotations
