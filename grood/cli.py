@@ -716,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_cmd_demo)
 
-    fit = sub.add_parser("fit", help="fit a detector on a training feature file and save it",
+    fit = sub.add_parser("fit", help="fit a detector on training feature files and save it",
                          description="Fit GROOD on training features (and labels, and logits if "
                                      "the file has them) and save it as .safetensors.",
                          epilog=EPILOG_FILES)
