@@ -253,13 +253,12 @@ def _npz_arrays(path: Path) -> dict[str, Any]:
     """The arrays of a ``.npz`` file: those stored uncompressed (``np.savez``) memory-mapped,
     the others (``np.savez_compressed``) read whole, as ``np.load`` reads them."""
     arrays = {}
-    with (np.load(path, allow_pickle=False) as z, zipfile.ZipFile(path) as archive,
-          open(path, "rb") as raw):
+    with np.load(path, allow_pickle=False) as z, open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
-        for info in archive.infolist():
+        for info in z.zip.infolist():  # (the archive np.load opened)
             key = info.filename.removesuffix(".npy")
             if key in z.files:
-                mapped = _mapped_member(path, archive, raw, size, info)
+                mapped = _mapped_member(path, z.zip, raw, size, info)
                 arrays[key] = z[key] if mapped is None else mapped
     return arrays
 
