@@ -13,7 +13,7 @@ and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 
 from grood import library  # noqa: F401  (registers the torch.ops.grood custom ops)
 from grood._version import __version__
-from grood.baselines import KNN, MSP, Energy, Mahalanobis
+from grood.baselines import GEN, KNN, MSP, Energy, Mahalanobis, MaxLogit, ReAct, ViM
 from grood.detector import GROOD
 from grood.environment import show_versions
 from grood.errors import (
@@ -32,6 +32,7 @@ from grood.prototypes import OODPrototypeSource, PrototypeContext, register_sour
 from grood.sources import Mixup, UniformNoise
 
 __all__ = [
+    "GEN",
     "GROOD",
     "KNN",
     "MSP",
@@ -41,13 +42,16 @@ __all__ = [
     "Evaluation",
     "GradientIndex",
     "Mahalanobis",
+    "MaxLogit",
     "MissingExtraError",
     "Mixup",
     "NotFittedError",
     "OODPrototypeSource",
     "PrototypeContext",
     "RankFailedError",
+    "ReAct",
     "UniformNoise",
+    "ViM",
     "__version__",
     "evaluate",
     "evaluate_model",

@@ -6,11 +6,18 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
 ``X`` is: the classifier's ``"logits"`` or its penultimate ``"features"``.
 
 * :class:`MSP` — maximum softmax probability (Hendrycks & Gimpel, ICLR 2017).
+* :class:`MaxLogit` — the largest logit (Hendrycks et al., ICML 2022).
 * :class:`Energy` — negative free energy ``T * logsumexp(logits / T)`` (Liu et al., NeurIPS 2020).
+* :class:`GEN` — generalized entropy of the top-M softmax probabilities (Liu et al., CVPR
+  2023).
 * :class:`KNN` — distance to the k-th nearest L2-normalised training feature (Sun et al.,
   ICML 2022).
 * :class:`Mahalanobis` — minimum Mahalanobis distance to the class means under one shared
   covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation).
+* :class:`ViM` — virtual-logit matching (Wang et al., CVPR 2022) and :class:`ReAct` —
+  energy of features clipped at a percentile (Sun et al., NeurIPS 2021): both read the
+  features through the classifier's last linear layer, given (``weight``, ``bias``) or
+  recovered by least squares from the training features and logits.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ class _Baseline(Parameters):
         # Where a baseline has them: numpy ints become ints; a temperature of 0 or NaN gave
         # NaN scores, one below 0 inverted them.
         for name, check in (("k", check_positive_int), ("batch_size", check_positive_int),
-                            ("temperature", check_positive_real)):
+                            ("temperature", check_positive_real), ("M", check_positive_int),
+                            ("gamma", check_positive_real)):
             if hasattr(self, name):
                 setattr(self, name, check(getattr(self, name), name))
         if hasattr(self, "backend"):  # before a fit's work, not at the first score after it
@@ -95,6 +103,12 @@ class _Baseline(Parameters):
         self.n_features_in_ = d
         set_feature_names(self, feature_names(x, self.inputs))
 
+    @property
+    def display_name(self) -> str:
+        """The name :func:`grood.evaluate` gives its rows (with what sets it apart from the
+        same method with other parameters, where there is such a thing)."""
+        return self.name
+
 
 class _LogitBaseline(_Baseline):
     """A score computed from the logits alone, with a temperature; nothing is learned."""
@@ -117,7 +131,8 @@ class _LogitBaseline(_Baseline):
         # Shifted by each row's largest logit before the temperature divides them, so large
         # logits or a small temperature cannot overflow to inf (and NaN scores).
         top = x.amax(dim=1, keepdim=True)
-        return kind.wrap(self._score((x - top) / self.temperature, top[:, 0]))
+        t = getattr(self, "temperature", 1.0)
+        return kind.wrap(self._score((x - top) / t, top[:, 0]))
 
     def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
         """The score from ``(logits - top) / T`` and each row's largest logit ``top``."""
@@ -135,6 +150,48 @@ class MSP(_LogitBaseline):
 
     def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
         return torch.softmax(shifted, dim=1).amax(dim=1)
+
+
+class MaxLogit(_LogitBaseline):
+    """The largest logit ``max(logits)`` (no parameters)."""
+
+    name = "MaxLogit"
+
+    def __init__(self) -> None:
+        pass
+
+    def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
+        return top
+
+
+class GEN(_LogitBaseline):
+    """Minus the generalized entropy of the M largest softmax probabilities,
+    ``-sum_j p_j^gamma (1 - p_j)^gamma``.
+
+    ``1 - p`` of the largest probability is summed from the other classes' terms, not
+    subtracted from 1, so a confident row keeps its term where float32's ``1 - p`` would
+    round it to 0 (and tie every such row).
+
+    Args:
+        gamma (float): the entropy's exponent (0.1 in the paper).
+        M (int): how many of the largest probabilities count (100 in the paper for
+            ImageNet-1k; every class where there are fewer).
+    """
+
+    name = "GEN"
+
+    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
+        self.gamma = gamma
+        self.M = M
+
+    def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
+        e = shifted.exp()  # the largest is exp(0) = 1
+        total = e.sum(dim=1, keepdim=True)
+        p, cols = e.topk(min(self.M, e.shape[1]), dim=1)  # sorted: the largest first
+        rest = total - p  # 1 - p, times the total
+        first = e.scatter(1, cols[:, :1], 0.0).sum(dim=1)  # the same for the largest, summed
+        rest = torch.cat((first[:, None], rest[:, 1:]), dim=1)
+        return -((p / total) ** self.gamma * (rest / total) ** self.gamma).sum(dim=1)
 
 
 class Energy(_LogitBaseline):
@@ -178,6 +235,11 @@ class KNN(_Baseline):
         self.k = k
         self.backend = backend
         self.batch_size = batch_size
+
+    @property
+    def display_name(self) -> str:
+        """``KNN (k=50)``: its neighbour sets it apart."""
+        return f"KNN (k={self.k})"
 
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None) -> Self:
         """Store the normalised training features."""
@@ -306,3 +368,220 @@ class Mahalanobis(_Baseline):
             d, i = ops.knn(z, means, 1, backend=self.backend)
             dist[r0:r1], idx[r0:r1] = d[:, 0], i[:, 0]
         return dist, idx, kind
+
+
+class _HeadBaseline(_Baseline):
+    """A score of the features read through the classifier's last linear layer: given to
+    ``fit`` (``weight`` [C, D], ``bias`` [C], an ``nn.Linear``'s), or recovered there by
+    least squares from the training features and their ``logits``, which must then be an
+    affine function of the features (the recovered layer's residual, a fraction of the
+    logits' spread, is ``head_error_``; at most 1 %)."""
+
+    inputs = "features"
+    batch_size: int
+
+    def _head(self, x: Tensor, logits: Any, weight: Any, bias: Any
+              ) -> tuple[Tensor, Tensor]:
+        """The last layer ``(weight, bias)`` in float64 on the features' device."""
+        from grood import _linear
+
+        name = type(self).__name__
+        if (weight is None) != (bias is None):
+            raise ValueError(f"{name}.fit takes the last layer's weight and bias together "
+                             "(an nn.Linear's .weight and .bias)")
+        if weight is not None:
+            if logits is not None:
+                raise ValueError(f"{name}.fit takes the training logits or the last layer's "
+                                 "weight and bias, not both")
+            self.head_error_ = None
+            return _linear.checked_head(weight, bias, x.shape[1], torch.float64, x.device)
+        if logits is None:
+            raise ValueError(
+                f"{name} reads the features through the classifier's last linear layer: pass "
+                f"it, {name}().fit(features, weight=fc.weight, bias=fc.bias), or the training "
+                f"logits, {name}().fit(features, logits=train_logits), which it is recovered "
+                "from")
+        lg = as_tensor(logits, "logits")[0]
+        check_matrix(lg, "logits")
+        if lg.shape[0] != x.shape[0]:
+            raise ValueError(f"logits has {lg.shape[0]} rows but features have {x.shape[0]}")
+        check_finite_rows(lg, "logits")
+        fit = _linear.HeadFit()
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            fit.add(x[r0:r1], lg[r0:r1].to(x.device))
+        w, b = fit.solve()
+        err = _linear.relative_residual(
+            ((x[r0:r1], lg[r0:r1].to(x.device)) for r0, r1 in batches(x.shape[0],
+                                                                      self.batch_size)), w, b)
+        if not err <= _linear.HEAD_TOLERANCE:
+            raise ValueError(
+                f"the logits are not an affine function of these features: the best affine "
+                f"fit leaves {err:.2%} of their spread (root mean square; "
+                f"{_linear.HEAD_TOLERANCE:.0%} allowed), so {name} cannot recover the last "
+                "layer from them. Give the features that layer reads (the penultimate "
+                "layer's pooled output), or pass the layer's weight and bias")
+        self.head_error_ = err
+        return w, b
+
+    def _store_head(self, w: Tensor, b: Tensor, dt: torch.dtype) -> None:
+        self.weight_, self.bias_ = w.to(dt), b.to(dt)
+
+    def score_and_predict(self, features: ArrayT) -> tuple[ArrayT, ArrayT]:
+        """The scores and the class the layer's logits pick (as OpenOOD's postprocessor
+        returns them), shape [N] each, from one pass."""
+        scores, preds, kind = self._scores(features)
+        return kind.wrap(scores), kind.wrap(preds)
+
+    def score_samples(self, features: ArrayT) -> ArrayT:
+        """One score per row of ``features`` [N, D], shape [N]; higher = in-distribution;
+        float64 when the fit or the features are float64, else float32."""
+        scores, _, kind = self._scores(features)
+        return kind.wrap(scores)
+
+    def _scores(self, features: Any) -> tuple[Tensor, Tensor, Any]:
+        x, kind = self._read(features)
+        dev = self.weight_.device
+        dt = torch.float64 if torch.float64 in (x.dtype, self.weight_.dtype) else torch.float32
+        scores = torch.empty(x.shape[0], dtype=dt, device=dev)
+        preds = torch.empty(x.shape[0], dtype=torch.int64, device=dev)
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            xb = x[r0:r1].to(device=dev, dtype=dt)
+            with matmul_precision("ieee", dev):  # fp32, whatever the program's setting
+                scores[r0:r1], preds[r0:r1] = self._score_rows(xb, dt)
+        return scores, preds, kind
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def default_vim_dim(d: int) -> int:
+    """ViM's principal dimension for features of width ``d`` when none is given: 1000 from
+    2048 on and 512 from 768 on, as ViM's own benchmark takes them, and half the width
+    below (where 512 would leave little or nothing outside the principal space)."""
+    return 1000 if d >= 2048 else 512 if d >= 768 else d // 2
+
+
+class ViM(_HeadBaseline):
+    """Virtual-logit matching: the energy of the logits minus ``alpha`` times the norm of the
+    feature's part outside the principal space of the training features.
+
+    The principal space is spanned by the ``dim`` leading eigenvectors of the training
+    features' second moments about ``origin_ = -pinv(W) b`` (the point the last layer maps
+    to zero logits); ``alpha`` = the training set's mean largest logit over its mean
+    residual norm. Fitted in float64, streamed over batches.
+
+    Args:
+        dim (int, optional): the principal space's dimension, below the feature width
+            (default: :func:`default_vim_dim`).
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``dim_``, ``origin_`` [D], ``null_space_`` [D, D - dim_] (an orthonormal
+    basis of the rest), ``alpha_``, ``weight_``, ``bias_``, ``head_error_``.
+    """
+
+    name = "ViM"
+
+    def __init__(self, dim: int | None = None, batch_size: int = 4096) -> None:
+        self.dim = dim
+        self.batch_size = batch_size
+
+    @property
+    def display_name(self) -> str:
+        """``ViM (dim=1000)``."""
+        return f"ViM (dim={self.dim_})"
+
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Fit on the training features, with their ``logits`` or the last layer's
+        ``weight`` and ``bias``; ``labels`` are not used."""
+        x, _ = self._read(features, fitting=True)
+        n, d = x.shape
+        dim = default_vim_dim(d) if self.dim is None else check_positive_int(self.dim, "dim")
+        if not 1 <= dim < d:
+            raise ValueError(f"dim={dim}: the principal space must leave part of the {d} "
+                             f"feature dimensions outside it (1 <= dim < {d})")
+        w, b = self._head(x, logits, weight, bias)
+        origin = -(torch.linalg.pinv(w) @ b)
+        moments = x.new_zeros((d, d), dtype=torch.float64)
+        for r0, r1 in batches(n, self.batch_size):
+            xc = x[r0:r1].to(torch.float64) - origin
+            moments += xc.T @ xc
+        _, evecs = torch.linalg.eigh((moments + moments.T) / 2)  # ascending
+        null = evecs[:, : d - dim]  # all but the dim leading directions
+        residual = largest = 0.0
+        for r0, r1 in batches(n, self.batch_size):
+            xb = x[r0:r1].to(torch.float64)
+            residual += float(((xb - origin) @ null).norm(dim=1).sum())
+            largest += float((xb @ w.T + b).amax(dim=1).sum())
+        if residual == 0:
+            raise ValueError(f"the training features lie inside their principal space of "
+                             f"dim={dim}: nothing is left to score by; lower dim")
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.dim_ = dim
+        self.origin_, self.null_space_ = origin.to(dt), null.to(dt).contiguous()
+        self.alpha_ = largest / residual
+        self._store_head(w, b, dt)
+        self._fitted_on(features, d)
+        return self
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        virtual = ((x - self.origin_.to(dt)) @ self.null_space_.to(dt)).norm(dim=1)
+        return torch.logsumexp(lg, dim=1) - self.alpha_ * virtual, lg.argmax(dim=1)
+
+
+class ReAct(_HeadBaseline):
+    """Rectified activations: the energy ``logsumexp`` of the logits of the features clipped
+    from above at the ``percentile``-th percentile of every entry of the training features.
+
+    The percentile is exact (a radix selection over the entries' bits, streamed, never a
+    sort or a copy of the N x D entries), interpolated as ``np.percentile`` does.
+
+    Args:
+        percentile (float): in (0, 100]; 90 in the ReAct paper.
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``clip_``, ``weight_``, ``bias_``, ``head_error_``.
+    """
+
+    name = "ReAct"
+
+    def __init__(self, percentile: float = 90.0, batch_size: int = 4096) -> None:
+        self.percentile = percentile
+        self.batch_size = batch_size
+
+    @property
+    def display_name(self) -> str:
+        """``ReAct (p90)``."""
+        return f"ReAct (p{self.percentile_:g})"
+
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Fit on the training features, with their ``logits`` or the last layer's
+        ``weight`` and ``bias``; ``labels`` are not used."""
+        from grood import _linear
+
+        x, _ = self._read(features, fitting=True)
+        try:
+            q = check_real(self.percentile, "percentile")
+        except ValueError:
+            q = -1.0
+        if not 0 < q <= 100:
+            raise ValueError(f"percentile must be a number in (0, 100], got {self.percentile!r}")
+        w, b = self._head(x, logits, weight, bias)
+        n, d = x.shape
+
+        def chunks() -> Any:
+            return (x[r0:r1] for r0, r1 in batches(n, max(1, (1 << 22) // d)))
+
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.clip_ = float(torch.tensor(_linear.percentile(chunks, n * d, q, x.dtype),
+                                        dtype=dt))
+        self.percentile_ = q
+        self._store_head(w, b, dt)
+        self._fitted_on(features, d)
+        return self
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = x.clamp(max=self.clip_) @ self.weight_.to(dt).T + self.bias_.to(dt)
+        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)

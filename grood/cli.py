@@ -429,14 +429,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    feature_baselines = [b for b in args.baselines if b in ("knn", "mahalanobis")]
+    feature_baselines = [b for b in args.baselines if EVAL_BASELINES[b][1] == "features"]
     if feature_baselines and args.train is None:
         verb = "fits" if len(feature_baselines) == 1 else "fit"
         raise ValueError(f"--baselines {' and '.join(feature_baselines)} {verb} on training "
                          "features: give the training feature file with --train")
     if args.train is not None:
         if not feature_baselines:
-            raise ValueError("--train is read only by --baselines knn / mahalanobis")
+            raise ValueError("--train is read only by --baselines "
+                             f"{', '.join(FEATURE_BASELINES[:-1])} and {FEATURE_BASELINES[-1]}")
         _require_files({"training feature file": args.train})
     if args.knn_k is not None and "knn" not in args.baselines:
         raise ValueError("--knn-k is read only by --baselines knn")
@@ -543,8 +544,14 @@ def _provenance_line(p: dict[str, Any]) -> str:
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
 #: logits are fitted on the ID file's (which records their width), the others on --train.
-EVAL_BASELINES = {"msp": ("MSP", "logits"), "energy": ("Energy", "logits"),
-                  "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features")}
+EVAL_BASELINES = {"msp": ("MSP", "logits"), "maxlogit": ("MaxLogit", "logits"),
+                  "energy": ("Energy", "logits"), "gen": ("GEN", "logits"),
+                  "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features"),
+                  "vim": ("ViM", "features"), "react": ("ReAct", "features")}
+#: Those fitted on --train.
+FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs == "features"]
+#: Those that read --train's logits (to recover the classifier's last layer from).
+HEAD_BASELINES = ("vim", "react")
 #: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
 KNN_K = 50
 
@@ -574,6 +581,8 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
                                      "the detector was fitted on")
                 if key == "knn":
                     est = cls(k=args.knn_k or KNN_K).fit(x)
+                elif key in HEAD_BASELINES:
+                    est = cls().fit(x, logits=_file_array(train, "logits", key, args.device))
                 else:
                     est = cls().fit(x, _file_array(train, "labels", key, args.device))
         out.append(est)
@@ -592,6 +601,10 @@ def _file_array(data: Any, name: str, key: str, device: str | None) -> Any:
 
     value = getattr(data, name)
     if value is None:
+        if key in HEAD_BASELINES:
+            raise ValueError(f"--baselines {key} reads the features through the classifier's "
+                             "last layer, which it recovers from the training file's logits: "
+                             "the file has no 'logits' array")
         raise ValueError(f"--baselines {key} {_MISSING[name]}")
     return as_tensor(value, name)[0].to(device)
 
@@ -847,11 +860,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
-                    help="also score these baselines on the same files: msp and energy "
-                         "(from each file's logits), knn and mahalanobis (fitted on --train; "
-                         "mahalanobis on its labels too)")
+                    help="also score these baselines on the same files: msp, maxlogit, "
+                         "energy and gen (from each file's logits), knn and mahalanobis "
+                         "(fitted on --train; mahalanobis on its labels too), vim and react "
+                         "(fitted on --train's features and logits, from which they recover "
+                         "the classifier's last layer)")
     ev.add_argument("--train", metavar="FILE",
-                    help="training feature file for --baselines knn / mahalanobis")
+                    help="training feature file for --baselines knn, mahalanobis, vim and "
+                         "react")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
                          "et al.)")

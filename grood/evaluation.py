@@ -370,8 +370,9 @@ def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
 
 
 def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
-    """The fitted baselines by display name (``KNN (k=50)`` with its neighbour)."""
-    from grood.baselines import KNN, check_fitted
+    """The fitted baselines by display name (``KNN (k=50)`` with its neighbour, ``ViM
+    (dim=1000)``, ``ReAct (p90)``)."""
+    from grood.baselines import check_fitted
 
     if hasattr(baselines, "score_samples") or isinstance(baselines, (str, Mapping)) \
             or not isinstance(baselines, Iterable):
@@ -386,7 +387,7 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
                             f"{type(est).__name__}")
         check_fitted(est, f"the {type(est).__name__} baseline")  # (before any set is scored)
-        name = f"KNN (k={est.k})" if isinstance(est, KNN) else type(est).name
+        name = getattr(est, "display_name", None) or type(est).name
         if name in out:
             raise ValueError(f"two baselines are named {name!r}: give each once")
         out[name] = est

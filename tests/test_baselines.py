@@ -1,12 +1,15 @@
 """The baselines against direct float64 computations of their definitions."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from conftest import clustered_features
 from reference import knn_naive
 
-from grood import KNN, MSP, Energy, Mahalanobis, NotFittedError
+from grood import GEN, KNN, MSP, Energy, Mahalanobis, MaxLogit, NotFittedError, ReAct, ViM
+from grood._linear import order_statistics, percentile
 
 
 @pytest.fixture
@@ -165,3 +168,170 @@ def test_an_unknown_backend_is_refused_before_the_fit_does_its_work():
     knn.backend = "gpu"
     with pytest.raises(ValueError, match="backend must be one of"):
         knn.score_samples(x)
+
+
+def test_maxlogit_is_the_largest_logit(logits):
+    s = MaxLogit().fit(logits).score_samples(logits.numpy())
+    np.testing.assert_array_equal(s, logits.amax(1).numpy())
+    assert MaxLogit().get_params() == {}
+
+
+def _gen_float64(logits, gamma, m):
+    p = torch.softmax(logits.double(), 1).sort(1).values[:, -m:]
+    return -(p ** gamma * (1 - p) ** gamma).sum(1)
+
+
+@pytest.mark.parametrize("m", [1, 3, 100])
+def test_gen_matches_its_definition(logits, m):
+    s = GEN(gamma=0.3, M=m).fit(logits).score_samples(logits)
+    torch.testing.assert_close(s.double(), _gen_float64(logits, 0.3, min(m, 7)), rtol=2e-6,
+                               atol=0)
+
+
+def test_gen_keeps_the_largest_probabilitys_term_for_confident_rows():
+    """``1 - p`` of a probability near 1 rounds to 0 in float32 (and in float64 beyond
+    ~37 nats), which drops its term and ties every confident row; summed from the other
+    classes it keeps the term: for logits (a, 0, 0), 1 - p = 2e^-a / (1 + 2e^-a)."""
+    a = torch.tensor([10.0, 30.0, 60.0, 90.0], dtype=torch.float64)
+    rows = torch.stack((a, torch.zeros(4), torch.zeros(4)), 1)
+    tail = 2 * torch.exp(-a)
+    p_top, p_other = 1 / (1 + tail), torch.exp(-a) / (1 + tail)
+    g = 0.1
+    exact = -(p_top ** g * (tail / (1 + tail)) ** g + 2 * p_other ** g * (1 - p_other) ** g)
+    for dt in (torch.float32, torch.float64):
+        s = GEN(gamma=g).fit(rows.to(dt)).score_samples(rows.to(dt))
+        torch.testing.assert_close(s.double(), exact, rtol=1e-5, atol=0)
+    assert len(set(GEN().fit(rows).score_samples(rows.float()).tolist())) == 4
+
+
+def _head_data(seed=0, n=400, d=24, c=6, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(n, d, generator=gen)) + torch.rand(d, generator=gen) + offset
+    fc = torch.nn.Linear(d, c)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(c, d, generator=gen) * 0.3)
+        fc.bias.copy_(torch.randn(c, generator=gen))
+        logits = fc(x)
+    q = torch.relu(torch.randn(37, d, generator=gen)) * 1.5 + offset
+    return x, logits, fc, q
+
+
+def _vim_float64(x, w, b, q, dim):
+    x, w, b, q = (t.detach().double() for t in (x, w, b, q))
+    u = -torch.linalg.pinv(w) @ b
+    evals, evecs = torch.linalg.eigh((x - u).T @ (x - u) / x.shape[0])
+    null = evecs[:, evals.argsort(descending=True)[dim:]]
+    alpha = (x @ w.T + b).amax(1).mean() / ((x - u) @ null).norm(dim=1).mean()
+    return torch.logsumexp(q @ w.T + b, 1) - alpha * ((q - u) @ null).norm(dim=1)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_vim_matches_its_definition_with_the_layer_given_or_recovered(offset):
+    """The last layer recovered from the training logits gives the scores the layer itself
+    gives (to float32 rounding), on features far from the origin too."""
+    x, logits, fc, q = _head_data(offset=offset)
+    ref = _vim_float64(x, fc.weight, fc.bias, q, 10)
+    given = ViM(dim=10).fit(x, weight=fc.weight, bias=fc.bias)
+    recovered = ViM(dim=10).fit(x.numpy(), logits=logits.numpy())
+    assert given.head_error_ is None and recovered.head_error_ < 1e-5
+    torch.testing.assert_close(recovered.weight_, fc.weight.detach(), rtol=0, atol=1e-4)
+    for det in (given, recovered):
+        s = det.score_samples(q)
+        assert s.dtype == torch.float32 and det.display_name == "ViM (dim=10)"
+        torch.testing.assert_close(s.double(), ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
+        scores, preds = det.score_and_predict(q.numpy())
+        np.testing.assert_array_equal(scores, s.numpy())
+        np.testing.assert_array_equal(preds, fc(q).argmax(1).numpy())
+    # float64 in, float64 out, to float64 rounding of the definition
+    s64 = ViM(dim=10).fit(x.double(), weight=fc.weight.double(), bias=fc.bias.double())
+    torch.testing.assert_close(s64.score_samples(q.double()), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_vim_default_dimension():
+    assert [ViM().fit(torch.relu(torch.randn(80, d)) + 0.1, logits=None,
+                      weight=torch.randn(3, d), bias=torch.zeros(3)).dim_
+            for d in (16, 40)] == [8, 20]
+    from grood.baselines import default_vim_dim
+
+    assert [default_vim_dim(d) for d in (512, 768, 1024, 2048, 4096)] == [256, 512, 512, 1000,
+                                                                          1000]
+
+
+@pytest.mark.parametrize("q", [90.0, 99.0, 100.0, 0.5])
+def test_react_clips_at_the_training_entries_percentile(q):
+    x, logits, fc, test = _head_data(seed=1)
+    clip = np.percentile(x.numpy(), q)
+    for det in (ReAct(percentile=q).fit(x, logits=logits),
+                ReAct(percentile=q, batch_size=7).fit(x.numpy(), weight=fc.weight.detach().numpy(),
+                                                      bias=fc.bias.detach().numpy())):
+        assert det.clip_ == float(clip) and det.display_name == f"ReAct (p{q:g})"
+        ref = torch.logsumexp(test.double().clamp(max=float(clip)) @ fc.weight.double().T
+                              + fc.bias.double(), 1)
+        torch.testing.assert_close(det.score_samples(test).double(), ref.detach(), rtol=1e-5,
+                                   atol=1e-5)
+        _, preds = det.score_and_predict(test)
+        assert torch.equal(preds, fc(test.clamp(max=float(clip))).argmax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_order_statistics_are_exact_over_chunks(dtype):
+    """The radix selection gives the sorted entries' values at any rank, over values of
+    every sign and magnitude (zeros of both signs, subnormal and huge ones)."""
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor([1e-40, 1e-30, 1.0, 1e20, 1e30])[torch.randint(0, 5, (300, 11),
+                                                                        generator=gen)]
+    x = (torch.randn(300, 11, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    x[::5, 2], x[::7, 3] = 0.0, -0.0
+    x[0, 0] = x[1, 0]  # ties
+    flat = x.double().flatten().sort().values
+
+    def chunks():
+        return (x[r:r + 23] for r in range(0, 300, 23))
+
+    ranks = [0, 1, 17, 1649, 1650, 3299, 2000]
+    assert order_statistics(chunks, ranks, dtype) == [float(flat[r]) for r in ranks]
+    for q in (0.0, 12.5, 50.0, 90.0, 99.9, 100.0):
+        assert percentile(chunks, x.numel(), q, dtype) == pytest.approx(
+            float(np.percentile(x.double().numpy(), q)), rel=1e-12, abs=0)
+
+
+def test_head_baselines_refuse_what_they_cannot_read_a_layer_from():
+    x, logits, fc, _ = _head_data()
+    w, b = fc.weight.detach(), fc.bias.detach()
+    const = x.clone()
+    const[:, 3] = 1.0
+    refused = [
+        (ViM(dim=5), {}, re.escape("pass it, ViM().fit(features, weight=fc.weight, "
+                                   "bias=fc.bias), or the training logits")),
+        (ReAct(), {"weight": w}, "weight and bias together"),
+        (ViM(dim=5), {"logits": logits, "weight": w, "bias": b}, "not both"),
+        (ViM(dim=5), {"logits": torch.tanh(logits)},
+         r"the logits are not an affine function of these features: the best affine fit "
+         r"leaves \d+\.\d+% of their spread"),
+        (ReAct(), {"logits": logits[:-1]}, "logits has 399 rows but features have 400"),
+        (ViM(dim=5), {"weight": w[:, :-1], "bias": b}, "weight has 23 columns"),
+        (ViM(dim=5), {"weight": w, "bias": b[:-1]}, "bias must be a floating-point vector of 6"),
+        (ViM(dim=5), {"weight": w, "bias": b * float("nan")}, "bias holds NaN"),
+        (ViM(dim=24), {"weight": w, "bias": b}, r"dim=24: .*1 <= dim < 24"),
+        (ViM(dim=0), {"weight": w, "bias": b}, "dim must be"),
+        (ReAct(percentile=0), {"weight": w, "bias": b},
+         r"percentile must be a number in \(0, 100\]"),
+        (ReAct(percentile=float("nan")), {"weight": w, "bias": b}, "percentile must be"),
+    ]
+    for det, kwargs, message in refused:
+        with pytest.raises(ValueError, match=message):
+            det.fit(x, **kwargs)
+        assert not hasattr(det, "n_features_in_")
+    with pytest.raises(ValueError, match=r"the training features span 23 of their 24 "
+                                         r"dimensions .*a column constant over the training"):
+        ReAct().fit(const, logits=const @ w.T + b)
+    with pytest.raises(ValueError, match="span 9 of their 24 dimensions \\(10 training rows "
+                                         "for 24 feature columns"):
+        ViM(dim=5).fit(x[:10], logits=logits[:10])
+    for det in (GEN(gamma=0), GEN(M=0), GEN(M=2.5)):
+        with pytest.raises(ValueError, match="must be"):
+            det.fit(logits)
+    with pytest.raises(NotFittedError, match="ViM is not fitted"):
+        ViM().score_samples(x)
+    with pytest.raises(ValueError, match="features has 5 columns but this ReAct was fitted"):
+        ReAct().fit(x, logits=logits).score_samples(x[:, :5])

@@ -804,6 +804,50 @@ def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, caps
         assert kept.startswith(said) and hint in kept
 
 
+def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
+    """--baselines maxlogit gen (from each file's logits) and vim react (their last layer
+    recovered from --train's features and logits): the metrics grood.baselines give by
+    hand, ViM's and ReAct's accuracy from their own predictions; a training file without
+    logits is named for what they need."""
+    from grood import GEN, MaxLogit, ReAct, ViM, ood_metrics
+
+    x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
+    means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
+    logits = x @ means.T + torch.tensor([0.5, -0.25, 0.0])  # a linear head with a bias
+    ood = x[:40] * 0.5 + 3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    ood_l = ood @ means.T + torch.tensor([0.5, -0.25, 0.0])
+    _write(tmp_path / "train.npz", features=x[:100], labels=y[:100], logits=logits[:100])
+    _write(tmp_path / "bare.npz", features=x[:100], labels=y[:100])
+    _write(tmp_path / "id.npz", features=x[100:], labels=y[100:], logits=logits[100:])
+    _write(tmp_path / "ood.npz", features=ood, logits=ood_l)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--baselines", "maxlogit", "gen", "vim",
+            "react", "--train"]
+    assert main([*argv, str(tmp_path / "train.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[3].strip() for line in lines[4:9]] == [
+        "GROOD", "MaxLogit", "GEN", "ViM (dim=3)", "ReAct (p90)"]
+    got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    id_x, id_l, labels = x[100:].numpy(), logits[100:].numpy(), y[100:].numpy()
+    train = (x[:100].numpy(), logits[:100].numpy())
+    for name, est, a, b in (
+            ("MaxLogit", MaxLogit().fit(id_l), id_l, ood_l.numpy()),
+            ("GEN", GEN().fit(id_l), id_l, ood_l.numpy()),
+            ("ViM (dim=3)", ViM().fit(train[0], logits=train[1]), id_x, ood.numpy()),
+            ("ReAct (p90)", ReAct().fit(train[0], logits=train[1]), id_x, ood.numpy())):
+        pred = est.score_and_predict(id_x)[1] if "(" in name else id_l.argmax(1)
+        assert got["baselines"][name] == {"id_accuracy": float(np.mean(pred == labels)),
+                                          **ood_metrics(est.score_samples(a),
+                                                        est.score_samples(b))}
+    assert main([*argv, str(tmp_path / "bare.npz")]) == 2
+    assert ("--baselines vim reads the features through the classifier's last layer, which it "
+            "recovers from the training file's logits: the file has no 'logits' array"
+            in capsys.readouterr().err)
+
+
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     """--baselines: each baseline's metrics, fitted as grood.baselines would be by hand, in
     the table (a row per method under each set), the JSON and the plots."""

@@ -1,0 +1,183 @@
+"""What the baselines that read features through the classifier's last layer (ViM, ReAct)
+need: that layer, given or recovered from training features and logits by least squares,
+and exact order statistics of every entry of a feature matrix, streamed (ReAct's clipping
+percentile over N x D values that need not fit in memory twice).
+
+Both stream over row batches in float64 sums, so a fit's memory is one batch and D x D
+(or 65,536-bin) accumulators, not a copy of the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from grood._checks import as_tensor, check_finite_rows, check_matrix
+
+#: Eigenvalues of the training features' scatter at or below this fraction of the largest
+#: are taken for directions the features do not span (float32 rounding of an exact linear
+#: dependence leaves ~1e-14 of it; real features' smallest variances lie far above).
+SPAN_RCOND = 1e-10
+#: The largest residual a recovered last layer may leave, as a fraction of the logits'
+#: spread about their mean (root mean square): float32 logits leave ~1e-7, bfloat16 ones
+#: (autocast) ~3e-3; features another layer than the one the logits are an affine map of
+#: leave far more.
+HEAD_TOLERANCE = 1e-2
+#: A digit of the radix selection: 16 bits, 65,536 bins a pass.
+_DIGIT = 16
+
+
+def checked_head(weight: object, bias: object, d: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """The classifier's last layer as given (``weight`` [C, D], ``bias`` [C]: an
+    ``nn.Linear``'s ``.weight`` and ``.bias``), checked against the features' width ``d`` and
+    copied in ``dtype`` onto ``device``."""
+    w = as_tensor(weight, "weight")[0]
+    check_matrix(w, "weight", n_cols=d, cols_from="the features have {} columns")
+    check_finite_rows(w, "weight")
+    b = as_tensor(bias, "bias")[0]
+    if b.ndim != 1 or b.shape[0] != w.shape[0] or not b.is_floating_point():
+        raise ValueError(f"bias must be a floating-point vector of {w.shape[0]} entries (one "
+                         f"per row of weight), got {b.dtype} of shape {tuple(b.shape)}")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("bias holds NaN or Inf entries")
+    return (w.detach().to(device=device, dtype=dtype, copy=True),
+            b.detach().to(device=device, dtype=dtype, copy=True))
+
+
+class HeadFit:
+    """Least squares ``logits ~ features @ weight.T + bias``, accumulated batch by batch in
+    float64 about the first batch's mean (so features far from the origin do not cancel)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: Tensor | None = None
+        self.xx = self.xl = self.sx = self.sl = torch.zeros(0)
+
+    def add(self, x: Tensor, logits: Tensor) -> None:
+        """Add a batch of features [B, D] and their logits [B, C]."""
+        x, lg = x.to(torch.float64), logits.to(torch.float64)
+        if self.shift is None:
+            d, c = x.shape[1], lg.shape[1]
+            self.shift = x.mean(0)
+            self.xx = x.new_zeros((d, d))
+            self.xl = x.new_zeros((d, c))
+            self.sx, self.sl = x.new_zeros(d), x.new_zeros(c)
+        xc = x - self.shift
+        self.xx += xc.T @ xc
+        self.xl += xc.T @ lg
+        self.sx += xc.sum(0)
+        self.sl += lg.sum(0)
+        self.n += x.shape[0]
+
+    def solve(self) -> tuple[Tensor, Tensor]:
+        """``(weight [C, D], bias [C])`` in float64; an error where the training features do
+        not span their space (the weights along the missing directions are then not
+        determined by the logits)."""
+        assert self.shift is not None  # (fits have rows)
+        n, d = self.n, self.xx.shape[0]
+        mean = self.sx / n  # (about the shift)
+        scatter = self.xx - n * torch.outer(mean, mean)
+        cross = self.xl - n * torch.outer(mean, self.sl / n)
+        evals, evecs = torch.linalg.eigh((scatter + scatter.T) / 2)
+        top = float(evals.max().clamp_min(0))
+        rank = int((evals > SPAN_RCOND * top).sum()) if top > 0 else 0
+        if rank < d:
+            rows = (f" ({n} training rows for {d} feature columns: a fit needs more rows "
+                    "than columns)" if n <= d else
+                    " (a column constant over the training set, or one the others determine)")
+            raise ValueError(
+                f"the training features span {rank} of their {d} dimensions{rows}: the last "
+                f"layer's weights along the other {d - rank} cannot be recovered from the "
+                "logits; pass the classifier's weight and bias to fit instead")
+        weight_t = evecs @ ((evecs.T @ cross) / evals[:, None])  # [D, C]
+        bias = self.sl / n - (mean + self.shift) @ weight_t
+        return weight_t.T.contiguous(), bias
+
+
+def relative_residual(pairs: Iterable[tuple[Tensor, Tensor]], weight: Tensor,
+                      bias: Tensor) -> float:
+    """Root mean square of ``logits - (features @ weight.T + bias)`` over the pairs
+    ``(features, logits)``, as a fraction of the logits' root mean square spread about their
+    mean (float64; the spread summed about the first batch's mean, then corrected)."""
+    sq_err = sq_spread = 0.0
+    n = 0
+    shift = total = None
+    for x, lg in pairs:
+        lg64 = lg.to(torch.float64)
+        sq_err += float(((x.to(torch.float64) @ weight.T + bias - lg64) ** 2).sum())
+        shift = lg64.mean(0) if shift is None else shift
+        centred = lg64 - shift
+        sq_spread += float((centred ** 2).sum())
+        total = centred.sum(0) if total is None else total + centred.sum(0)
+        n += x.shape[0]
+    assert total is not None  # (fits have rows)
+    spread = sq_spread - float((total ** 2).sum()) / n
+    if spread <= 0:  # every row's logits alike
+        return 0.0 if sq_err == 0 else float("inf")
+    return (sq_err / spread) ** 0.5
+
+
+def _keys(x: Tensor) -> tuple[Tensor, int]:
+    """Signed integer keys ordered as the float values of ``x`` (float64 kept, narrower types
+    as float32, whose order they share), as int64, and the keys' width in bits."""
+    if x.dtype == torch.float64:
+        i, bits = x.contiguous().view(torch.int64), 64
+    else:
+        i, bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64), 32
+    mask = (1 << (bits - 1)) - 1
+    # Negative floats order backwards in their bits: flip all but the sign bit.
+    return torch.where(i < 0, i ^ mask, i), bits
+
+
+def _from_key(key: int, bits: int) -> float:
+    """The float value of a key of :func:`_keys`."""
+    mask = (1 << (bits - 1)) - 1
+    raw = key ^ mask if key < 0 else key
+    dtype, itype = (torch.float64, torch.int64) if bits == 64 else (torch.float32, torch.int32)
+    return float(torch.tensor([raw], dtype=itype).view(dtype)[0])
+
+
+def order_statistics(chunks: Callable[[], Iterable[Tensor]], ranks: list[int],
+                     dtype: torch.dtype) -> list[float]:
+    """The values at 0-based ``ranks`` in the sorted entries of the tensors ``chunks()``
+    yields (all of them, any shape, finite, of ``dtype``), found exactly by a radix selection
+    over 16-bit digits of their bit patterns: one pass over the chunks per digit (2 for
+    float32 and narrower, 4 for float64) with a 65,536-bin histogram per rank, never a sort
+    or a copy of the whole."""
+    bits = 64 if dtype == torch.float64 else 32
+    prefixes: list[int | None] = [None] * len(ranks)  # each rank's digits found so far
+    left = list(ranks)  # each rank among the entries that share its prefix
+    for shift in range(bits - _DIGIT, -1, -_DIGIT):
+        hists: dict[int | None, Tensor] = {}
+        for chunk in chunks():
+            keys, _ = _keys(chunk.reshape(-1))
+            for prefix in dict.fromkeys(prefixes):
+                if prefix is None:  # the first digit, signed: offset to 0..65535
+                    digit = (keys >> shift) + (1 << (_DIGIT - 1))
+                else:
+                    digit = (keys[(keys >> (shift + _DIGIT)) == prefix] >> shift) & 0xFFFF
+                h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
+                hists[prefix] = hists[prefix] + h if prefix in hists else h
+        for t, prefix in enumerate(prefixes):
+            cum = hists[prefix].cumsum(0)
+            found = int(torch.searchsorted(cum, torch.tensor(left[t]), right=True))
+            left[t] -= int(cum[found - 1]) if found else 0
+            prefixes[t] = (found - (1 << (_DIGIT - 1)) if prefix is None
+                           else (prefix << _DIGIT) + found)
+    return [_from_key(p, bits) for p in prefixes if p is not None]
+
+
+def percentile(chunks: Callable[[], Iterable[Tensor]], n: int, q: float,
+               dtype: torch.dtype) -> float:
+    """The ``q``-th percentile (0-100) of the ``n`` entries of the tensors ``chunks()``
+    yields, interpolated linearly between the two order statistics around it, as
+    ``np.percentile``'s default does."""
+    pos = q / 100 * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    a, b = order_statistics(chunks, [lo, hi], dtype)
+    t = pos - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
