@@ -710,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
-                    "download), then compare GROOD with MSP, Energy, KNN and Mahalanobis on "
+                    "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KNN, "
+                    "Mahalanobis, ViM and ReAct on "
                     "near-OOD (digits 6-9) and far-OOD (noise images). Prints a table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "

@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and four baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and eight baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -20,13 +20,27 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, KNN, MSP, Energy, Mahalanobis, Mixup, UniformNoise, ood_metrics
+from grood import (
+    GEN,
+    GROOD,
+    KNN,
+    MSP,
+    Energy,
+    Mahalanobis,
+    MaxLogit,
+    Mixup,
+    ReAct,
+    UniformNoise,
+    ViM,
+    ood_metrics,
+)
 from grood._checks import check_new_folder
 from grood._progress import progress
 from grood.environment import environment
@@ -204,18 +218,22 @@ def _run_demo(cfg: DemoConfig) -> dict:
     extractor = FeatureExtractor(net, features="relu3", progress=False)
     f_train, l_train = _features_and_logits(extractor, train_loader)
     feats = {name: _features_and_logits(extractor, loader) for name, loader in loaders.items()}
-    baselines = {
-        "MSP": MSP().fit(l_train),
-        "Energy": Energy().fit(l_train),
-        f"KNN (k={cfg.knn_k})": KNN(k=cfg.knn_k).fit(f_train),
-        "Mahalanobis": Mahalanobis().fit(f_train, y_train),
-    }
+    fc = cast(nn.Linear, net.head)  # ViM's and ReAct's last layer
+    fitted = [MSP().fit(l_train), MaxLogit().fit(l_train), Energy().fit(l_train),
+              GEN().fit(l_train), KNN(k=cfg.knn_k).fit(f_train),
+              Mahalanobis().fit(f_train, y_train),
+              ViM().fit(f_train, weight=fc.weight, bias=fc.bias),
+              ReAct().fit(f_train, weight=fc.weight, bias=fc.bias)]
+    baselines = {b.display_name: b for b in fitted}
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
     for method, baseline in baselines.items():
         use_logits = baseline.inputs == "logits"
         scores[method] = {name: np.asarray(baseline.score_samples(f[1] if use_logits else f[0]))
                           for name, f in feats.items()}
-        accuracy[method] = classifier_acc
+        # each method's own prediction: the classifier's argmax but for ReAct's clipped one
+        accuracy[method] = (float((baseline.score_and_predict(feats[id_name][0])[1] == y_test)
+                                  .float().mean()) if isinstance(baseline, ReAct)
+                            else classifier_acc)
 
     results = {m: {ood: ood_metrics(s[id_name], s[ood]) for ood in ood_names}
                for m, s in scores.items()}

@@ -36,8 +36,8 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--epochs", "3", "--n-noise", "60", "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "Energy",
-                   "KNN (k=10)", "Mahalanobis"):
+    for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "MaxLogit",
+                   "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "ViM (dim=64)", "ReAct (p90)"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
     for png in ("roc.png", "score_histograms.png", "differences.png", "neighbours.png"):
