@@ -439,8 +439,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--train is read only by --baselines "
                              f"{', '.join(FEATURE_BASELINES[:-1])} and {FEATURE_BASELINES[-1]}")
         _require_files({"training feature file": args.train})
-    if args.knn_k is not None and "knn" not in args.baselines:
-        raise ValueError("--knn-k is read only by --baselines knn")
+    for option, key in (("knn_k", "knn"), ("vim_dim", "vim"), ("react_percentile", "react")):
+        if getattr(args, option) is not None and key not in args.baselines:
+            raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
+    if args.react_percentile is not None and not 0 < args.react_percentile <= 100:
+        raise ValueError(f"--react-percentile must be a number in (0, 100], got "
+                         f"{args.react_percentile:g}")
     if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
@@ -507,6 +511,7 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from grood.baselines import default_vim_dim
     from grood.environment import kernel_sources
     from grood.index import ExactIndex
     from grood.persistence import describe
@@ -525,6 +530,10 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
         "device": str(det.device_), "bootstrap": args.bootstrap,
         "baselines": list(args.baselines),
         **({"knn_k": args.knn_k or KNN_K} if "knn" in args.baselines else {}),
+        **({"vim_dim": args.vim_dim or default_vim_dim(det.n_features_in_)}
+           if "vim" in args.baselines else {}),
+        **({"react_percentile": args.react_percentile or REACT_PERCENTILE}
+           if "react" in args.baselines else {}),
         **({"train": args.train} if args.train is not None else {}),
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
         "date": date.today().isoformat(),
@@ -554,6 +563,8 @@ FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs ==
 HEAD_BASELINES = ("vim", "react")
 #: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
 KNN_K = 50
+#: The percentile ``--baselines react`` clips at unless ``--react-percentile`` says.
+REACT_PERCENTILE = 90.0
 
 
 def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> list[Any]:
@@ -582,7 +593,13 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
                 if key == "knn":
                     est = cls(k=args.knn_k or KNN_K).fit(x)
                 elif key in HEAD_BASELINES:
-                    est = cls().fit(x, logits=_file_array(train, "logits", key, args.device))
+                    if key == "vim" and args.vim_dim is not None and args.vim_dim >= n_features:
+                        raise ValueError(f"--vim-dim {args.vim_dim}: ViM's principal space "
+                                         f"must leave part of the {n_features} feature "
+                                         "dimensions outside it")
+                    est = (cls(dim=args.vim_dim) if key == "vim" else
+                           cls(percentile=args.react_percentile or REACT_PERCENTILE))
+                    est.fit(x, logits=_file_array(train, "logits", key, args.device))
                 else:
                     est = cls().fit(x, _file_array(train, "labels", key, args.device))
         out.append(est)
@@ -872,6 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
                          "et al.)")
+    ev.add_argument("--vim-dim", type=positive_int_arg, default=None, metavar="N",
+                    help="the principal space's dimension of --baselines vim (default 1000 "
+                         "for features of 2048 dimensions or more, 512 from 768, half the "
+                         "width below)")
+    ev.add_argument("--react-percentile", type=float, default=None, metavar="P",
+                    help="the percentile of the training features' entries --baselines react "
+                         f"clips at (default {REACT_PERCENTILE:g}, as Sun et al.)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "

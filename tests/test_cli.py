@@ -846,6 +846,24 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
     assert ("--baselines vim reads the features through the classifier's last layer, which it "
             "recovers from the training file's logits: the file has no 'logits' array"
             in capsys.readouterr().err)
+    # Their parameters, recorded with the tables.
+    train = str(tmp_path / "train.npz")
+    assert main([*argv, train, "--vim-dim", "2", "--react-percentile", "99.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[3].strip() for line in lines[7:9]] == ["ViM (dim=2)",
+                                                                    "ReAct (p99.5)"]
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
+    assert (taken["vim_dim"], taken["react_percentile"]) == (2, 99.5)
+    for extra, said in (
+            (["--vim-dim", "6"], "--vim-dim 6: ViM's principal space must leave part of the 6 "
+                                 "feature dimensions outside it"),
+            (["--react-percentile", "0"], "--react-percentile must be a number in (0, 100], "
+                                          "got 0"),
+            (["--knn-k", "3"], "--knn-k is read only by --baselines knn")):
+        assert main([*argv, train, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv[:-5], "msp", "--vim-dim", "3"]) == 2
+    assert "--vim-dim is read only by --baselines vim" in capsys.readouterr().err
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
