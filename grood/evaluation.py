@@ -196,7 +196,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
             ``id_accepted``).
         id_set: the in-distribution test set: a features array [N, D], a mapping with
             ``features`` and optionally ``labels`` (the nearest-prototype accuracy, checked
-            against chance) and ``logits`` (their accuracy; MSP / Energy baselines), a
+            against chance) and ``logits`` (their accuracy; the logit baselines), a
             :class:`grood.io.FeatureFile`, or the path of a feature file.
         ood: OOD sets by name, each as ``id_set``; with several, a row averages them.
         near, far: OpenOOD's near- and far-OOD groups, by name: each group's sets, then its
@@ -398,8 +398,8 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
                      predictions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each fitted baseline's scores of one set (its logits or its features), numpy arrays by
     display name; each array moved to ``device`` once however many baselines read it. With
-    ``predictions``, a baseline that predicts classes (``score_and_predict``: Mahalanobis)
-    puts its predictions there too, from the same pass."""
+    ``predictions``, a baseline that predicts classes (``score_and_predict``: Mahalanobis,
+    ViM, ReAct) puts its predictions there too, from the same pass."""
     from grood._checks import as_tensor
 
     moved: dict[str, Any] = {}
@@ -428,8 +428,10 @@ def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labe
     """Each baseline's ``id_accuracy`` on the labelled ID set (an empty dict without labels),
     from the predictions OpenOOD's postprocessor for it makes: the baseline's own where it
     predicts (``predictions``, by :func:`_baseline_scores`: Mahalanobis, the nearest class
-    mean), else the logits' (``logits_accuracy``, the ID set's ``id_logits_accuracy``: MSP,
-    Energy and KNN predict from the classifier's logits), where the set has them."""
+    mean; ViM and ReAct, the logits of their last layer, ReAct's of the clipped features),
+    else the logits' (``logits_accuracy``, the ID set's ``id_logits_accuracy``: MSP,
+    MaxLogit, Energy, GEN and KNN predict from the classifier's logits), where the set has
+    them."""
     out: dict[str, dict[str, float]] = {name: {} for name in methods}
     if labels is None:
         return out

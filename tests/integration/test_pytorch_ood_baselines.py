@@ -1,0 +1,66 @@
+"""grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
+classifier's features and logits: ViM, ReAct, MaxLogit, Energy and GEN. pytorch-ood computes
+in float32 and scores outliers higher; grood scores in-distribution samples higher. Skipped
+where pytorch-ood does not import (the main test venv); CI runs it in a second venv."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("pytorch_ood")
+
+from pytorch_ood.detector import GEN as PoodGEN
+from pytorch_ood.detector import EnergyBased, MaxLogit, ReAct, ViM
+
+import grood
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """Post-ReLU training and test features of width 48 and a 7-class last layer."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.relu(torch.randn(900, 48, generator=gen)) + 0.2 * torch.rand(48, generator=gen)
+    test = torch.relu(torch.randn(60, 48, generator=gen)) * torch.linspace(0.5, 2, 60)[:, None]
+    fc = torch.nn.Linear(48, 7)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(7, 48, generator=gen) * 0.4)
+        fc.bias.copy_(torch.randn(7, generator=gen))
+    return train, test, fc
+
+
+def test_vim_equals_pytorch_oods(layer):
+    train, test, fc = layer
+    theirs = ViM(None, d=20, w=fc.weight, b=fc.bias)
+    theirs.fit_features(train, torch.zeros(len(train), dtype=torch.long))
+    for ours in (grood.ViM(dim=20).fit(train, weight=fc.weight, bias=fc.bias),
+                 grood.ViM(dim=20).fit(train, logits=fc(train).detach())):
+        assert ours.alpha_ == pytest.approx(theirs.alpha, rel=1e-4)
+        torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_react_equals_pytorch_oods(layer):
+    train, test, fc = layer
+    theirs = ReAct(None, fc, percentile=0.9).fit_feature_maps(
+        train, torch.zeros(len(train), dtype=torch.long))
+    ours = grood.ReAct(percentile=90).fit(train, weight=fc.weight, bias=fc.bias)
+    assert ours.clip_ == theirs.threshold  # np.percentile of every entry, both
+    torch.testing.assert_close(ours.score_samples(test), -theirs.predict_feature_maps(test),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_logit_baselines_equal_pytorch_oods(layer):
+    _, test, fc = layer
+    logits = fc(test).detach()
+    torch.testing.assert_close(grood.MaxLogit().fit(logits).score_samples(logits),
+                               -MaxLogit.score(logits))
+    torch.testing.assert_close(grood.Energy().fit(logits).score_samples(logits),
+                               -EnergyBased.score(logits))
+    # pytorch-ood's GEN averages the M terms where the paper sums them, and clamps each
+    # probability to [1e-7, 1 - 1e-7] (none of these logits' reach the clamp)
+    p = logits.softmax(1)
+    assert float(p.min()) > 1e-7 and float(p.max()) < 1 - 1e-7
+    torch.testing.assert_close(grood.GEN(gamma=0.1, M=5).fit(logits).score_samples(logits),
+                               -5 * PoodGEN.score(logits, gamma=0.1, M=5), rtol=1e-5,
+                               atol=1e-6)
