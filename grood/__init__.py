@@ -13,7 +13,17 @@ and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 
 from grood import library  # noqa: F401  (registers the torch.ops.grood custom ops)
 from grood._version import __version__
-from grood.baselines import GEN, KNN, MSP, Energy, Mahalanobis, MaxLogit, ReAct, ViM
+from grood.baselines import (
+    GEN,
+    KNN,
+    MSP,
+    Energy,
+    GradNorm,
+    Mahalanobis,
+    MaxLogit,
+    ReAct,
+    ViM,
+)
 from grood.detector import GROOD
 from grood.environment import show_versions
 from grood.errors import (
@@ -40,6 +50,7 @@ __all__ = [
     "DetectorFileError",
     "Energy",
     "Evaluation",
+    "GradNorm",
     "GradientIndex",
     "Mahalanobis",
     "MaxLogit",

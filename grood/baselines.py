@@ -14,10 +14,12 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
   ICML 2022).
 * :class:`Mahalanobis` — minimum Mahalanobis distance to the class means under one shared
   covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation).
-* :class:`ViM` — virtual-logit matching (Wang et al., CVPR 2022) and :class:`ReAct` —
-  energy of features clipped at a percentile (Sun et al., NeurIPS 2021): both read the
-  features through the classifier's last linear layer, given (``weight``, ``bias``) or
-  recovered by least squares from the training features and logits.
+* :class:`ViM` — virtual-logit matching (Wang et al., CVPR 2022), :class:`ReAct` — energy
+  of features clipped at a percentile (Sun et al., NeurIPS 2021) and :class:`GradNorm` — the
+  norm of the last layer's gradient of a cross-entropy to the uniform distribution (Huang et
+  al., NeurIPS 2021; in closed form): they read the features through the classifier's last
+  linear layer, given (``weight``, ``bias``) or recovered by least squares from the training
+  features and logits.
 """
 
 from __future__ import annotations
@@ -168,9 +170,10 @@ class GEN(_LogitBaseline):
     """Minus the generalized entropy of the M largest softmax probabilities,
     ``-sum_j p_j^gamma (1 - p_j)^gamma``.
 
-    ``1 - p`` of the largest probability is summed from the other classes' terms, not
-    subtracted from 1, so a confident row keeps its term where float32's ``1 - p`` would
-    round it to 0 (and tie every such row).
+    Computed from log-probabilities, and ``1 - p`` of the largest probability as the sum of
+    the others (a log-sum-exp), not subtracted from 1: a confident row keeps its terms where
+    float32's ``1 - p`` would round to 0 and its small probabilities underflow (which would
+    tie every such row), down to logit gaps of about ``87 / gamma`` times T.
 
     Args:
         gamma (float): the entropy's exponent (0.1 in the paper).
@@ -185,13 +188,13 @@ class GEN(_LogitBaseline):
         self.M = M
 
     def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
-        e = shifted.exp()  # the largest is exp(0) = 1
-        total = e.sum(dim=1, keepdim=True)
-        p, cols = e.topk(min(self.M, e.shape[1]), dim=1)  # sorted: the largest first
-        rest = total - p  # 1 - p, times the total
-        first = e.scatter(1, cols[:, :1], 0.0).sum(dim=1)  # the same for the largest, summed
-        rest = torch.cat((first[:, None], rest[:, 1:]), dim=1)
-        return -((p / total) ** self.gamma * (rest / total) ** self.gamma).sum(dim=1)
+        lse = torch.logsumexp(shifted, dim=1, keepdim=True)
+        log_p, cols = (shifted - lse).topk(min(self.M, shifted.shape[1]), dim=1)  # largest 1st
+        # log(1 - p): of the largest, the log of the others' sum; the rest hold p <= 1/2
+        others = shifted.scatter(1, cols[:, :1], float("-inf"))
+        log_rest = torch.cat((torch.logsumexp(others, dim=1, keepdim=True) - lse,
+                              torch.log1p(-log_p[:, 1:].exp())), dim=1)
+        return -torch.exp(self.gamma * (log_p + log_rest)).sum(dim=1)
 
 
 class Energy(_LogitBaseline):
@@ -535,7 +538,8 @@ class ReAct(_HeadBaseline):
     from above at the ``percentile``-th percentile of every entry of the training features.
 
     The percentile is exact (a radix selection over the entries' bits, streamed, never a
-    sort or a copy of the N x D entries), interpolated as ``np.percentile`` does.
+    sort or a copy of the N x D entries), interpolated as ``np.percentile`` does, and kept
+    in the features' dtype (float32 unless float64), as numpy 2 gives it.
 
     Args:
         percentile (float): in (0, 100]; 90 in the ReAct paper.
@@ -585,3 +589,41 @@ class ReAct(_HeadBaseline):
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = x.clamp(max=self.clip_) @ self.weight_.to(dt).T + self.bias_.to(dt)
         return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+
+
+class GradNorm(_HeadBaseline):
+    """The L1 norm of the gradient, with respect to the last layer's weight, of the
+    cross-entropy between the softmax of ``logits / T`` and the uniform distribution (summed
+    over the classes, as GradNorm's code does), in closed form: ``||C p - 1||_1 ||h||_1 / T``
+    for the softmax ``p`` over C classes and the feature ``h`` (the gradient is the outer
+    product ``(C p - 1) h^T / T``), never a per-sample backward pass.
+
+    Args:
+        temperature (float): softmax temperature T (1 in the paper).
+        batch_size (int): rows per batch while scoring.
+
+    After ``fit``: ``weight_``, ``bias_``, ``head_error_`` (the training features are read
+    only to recover the layer from ``logits``).
+    """
+
+    name = "GradNorm"
+
+    def __init__(self, temperature: float = 1.0, batch_size: int = 4096) -> None:
+        self.temperature = temperature
+        self.batch_size = batch_size
+
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
+        features and their ``logits``; ``labels`` are not used."""
+        x, _ = self._read(features, fitting=True)
+        w, b = self._head(x, logits, weight, bias)
+        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        self._fitted_on(features, x.shape[1])
+        return self
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        p = torch.softmax(lg / self.temperature, dim=1)
+        spread = (p * lg.shape[1] - 1).abs().sum(dim=1)
+        return spread * x.abs().sum(dim=1) / self.temperature, lg.argmax(dim=1)

@@ -556,11 +556,12 @@ def _provenance_line(p: dict[str, Any]) -> str:
 EVAL_BASELINES = {"msp": ("MSP", "logits"), "maxlogit": ("MaxLogit", "logits"),
                   "energy": ("Energy", "logits"), "gen": ("GEN", "logits"),
                   "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features"),
-                  "vim": ("ViM", "features"), "react": ("ReAct", "features")}
+                  "vim": ("ViM", "features"), "react": ("ReAct", "features"),
+                  "gradnorm": ("GradNorm", "features")}
 #: Those fitted on --train.
 FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs == "features"]
 #: Those that read --train's logits (to recover the classifier's last layer from).
-HEAD_BASELINES = ("vim", "react")
+HEAD_BASELINES = ("vim", "react", "gradnorm")
 #: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
 KNN_K = 50
 #: The percentile ``--baselines react`` clips at unless ``--react-percentile`` says.
@@ -598,7 +599,8 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
                                          f"must leave part of the {n_features} feature "
                                          "dimensions outside it")
                     est = (cls(dim=args.vim_dim) if key == "vim" else
-                           cls(percentile=args.react_percentile or REACT_PERCENTILE))
+                           cls(percentile=args.react_percentile or REACT_PERCENTILE)
+                           if key == "react" else cls())
                     est.fit(x, logits=_file_array(train, "logits", key, args.device))
                 else:
                     est = cls().fit(x, _file_array(train, "labels", key, args.device))
@@ -728,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KNN, "
-                    "Mahalanobis, ViM and ReAct on "
-                    "near-OOD (digits 6-9) and far-OOD (noise images). Prints a table and "
+                    "Mahalanobis, ViM, ReAct and GradNorm on near-OOD (digits 6-9) and "
+                    "far-OOD (noise images). Prints a table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "
                     "beside their nearest training images in gradient space as PNG files.")
@@ -880,12 +882,12 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy and gen (from each file's logits), knn and mahalanobis "
-                         "(fitted on --train; mahalanobis on its labels too), vim and react "
-                         "(fitted on --train's features and logits, from which they recover "
-                         "the classifier's last layer)")
+                         "(fitted on --train; mahalanobis on its labels too), vim, react "
+                         "and gradnorm (fitted on --train's features and logits, from which "
+                         "they recover the classifier's last layer)")
     ev.add_argument("--train", metavar="FILE",
-                    help="training feature file for --baselines knn, mahalanobis, vim and "
-                         "react")
+                    help="training feature file for --baselines knn, mahalanobis, vim, "
+                         "react and gradnorm")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
                          "et al.)")

@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and eight baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and nine baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -33,6 +33,7 @@ from grood import (
     KNN,
     MSP,
     Energy,
+    GradNorm,
     Mahalanobis,
     MaxLogit,
     Mixup,
@@ -223,7 +224,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
               GEN().fit(l_train), KNN(k=cfg.knn_k).fit(f_train),
               Mahalanobis().fit(f_train, y_train),
               ViM().fit(f_train, weight=fc.weight, bias=fc.bias),
-              ReAct().fit(f_train, weight=fc.weight, bias=fc.bias)]
+              ReAct().fit(f_train, weight=fc.weight, bias=fc.bias),
+              GradNorm().fit(f_train, weight=fc.weight, bias=fc.bias)]
     baselines = {b.display_name: b for b in fitted}
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
     for method, baseline in baselines.items():

@@ -8,7 +8,18 @@ import torch
 from conftest import clustered_features
 from reference import knn_naive
 
-from grood import GEN, KNN, MSP, Energy, Mahalanobis, MaxLogit, NotFittedError, ReAct, ViM
+from grood import (
+    GEN,
+    KNN,
+    MSP,
+    Energy,
+    GradNorm,
+    Mahalanobis,
+    MaxLogit,
+    NotFittedError,
+    ReAct,
+    ViM,
+)
 from grood._linear import order_statistics, percentile
 
 
@@ -188,20 +199,24 @@ def test_gen_matches_its_definition(logits, m):
                                atol=0)
 
 
-def test_gen_keeps_the_largest_probabilitys_term_for_confident_rows():
+def test_gen_keeps_every_term_of_confident_rows():
     """``1 - p`` of a probability near 1 rounds to 0 in float32 (and in float64 beyond
-    ~37 nats), which drops its term and ties every confident row; summed from the other
-    classes it keeps the term: for logits (a, 0, 0), 1 - p = 2e^-a / (1 + 2e^-a)."""
-    a = torch.tensor([10.0, 30.0, 60.0, 90.0], dtype=torch.float64)
-    rows = torch.stack((a, torch.zeros(4), torch.zeros(4)), 1)
-    tail = 2 * torch.exp(-a)
-    p_top, p_other = 1 / (1 + tail), torch.exp(-a) / (1 + tail)
+    ~37 nats), and the small probabilities underflow (float32 beyond ~87 nats), which drops
+    their terms and ties every confident row; from log-probabilities, with the largest one's
+    ``1 - p`` summed from the others, they stay: for logits (a, 0, 0), 1 - p = 2e^-a / (1 +
+    2e^-a) and each other p = e^-a / (1 + 2e^-a)."""
+    a = torch.tensor([10.0, 30.0, 60.0, 90.0, 150.0, 400.0], dtype=torch.float64)
+    rows = torch.stack((a, torch.zeros(6), torch.zeros(6)), 1)
     g = 0.1
-    exact = -(p_top ** g * (tail / (1 + tail)) ** g + 2 * p_other ** g * (1 - p_other) ** g)
+    log_norm = torch.log1p(2 * torch.exp(-a))
+    log_top, log_rest = -log_norm, torch.log(torch.tensor(2.0)) - a - log_norm
+    log_other = -a - log_norm
+    exact = -(torch.exp(g * (log_top + log_rest))
+              + 2 * torch.exp(g * (log_other + torch.log1p(-torch.exp(log_other)))))
     for dt in (torch.float32, torch.float64):
         s = GEN(gamma=g).fit(rows.to(dt)).score_samples(rows.to(dt))
         torch.testing.assert_close(s.double(), exact, rtol=1e-5, atol=0)
-    assert len(set(GEN().fit(rows).score_samples(rows.float()).tolist())) == 4
+    assert len(set(GEN().fit(rows).score_samples(rows.float()).tolist())) == 6
 
 
 def _head_data(seed=0, n=400, d=24, c=6, offset=0.0):
@@ -260,7 +275,8 @@ def test_vim_default_dimension():
 @pytest.mark.parametrize("q", [90.0, 99.0, 100.0, 0.5])
 def test_react_clips_at_the_training_entries_percentile(q):
     x, logits, fc, test = _head_data(seed=1)
-    clip = np.percentile(x.numpy(), q)
+    # in the features' dtype, as numpy 2 gives it (numpy 1 gives float64)
+    clip = np.float32(np.percentile(x.numpy(), q))
     for det in (ReAct(percentile=q).fit(x, logits=logits),
                 ReAct(percentile=q, batch_size=7).fit(x.numpy(), weight=fc.weight.detach().numpy(),
                                                       bias=fc.bias.detach().numpy())):
@@ -271,6 +287,33 @@ def test_react_clips_at_the_training_entries_percentile(q):
                                    atol=1e-5)
         _, preds = det.score_and_predict(test)
         assert torch.equal(preds, fc(test.clamp(max=float(clip))).argmax(1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gradnorm_closed_form_equals_autograd(temperature):
+    """GradNorm's score is the L1 norm of the last layer's weight gradient of the summed
+    cross-entropy to the uniform distribution: per sample, by torch.autograd.grad, in
+    float64, against the closed form from the layer given and the layer recovered."""
+    x, logits, fc, q = _head_data(seed=2)
+    fc64 = torch.nn.Linear(24, 6).double()
+    with torch.no_grad():
+        fc64.weight.copy_(fc.weight)
+        fc64.bias.copy_(fc.bias)
+    ref = []
+    for row in q.double():
+        loss = -torch.log_softmax(fc64(row[None]) / temperature, 1).sum()
+        (grad,) = torch.autograd.grad(loss, fc64.weight)
+        ref.append(grad.abs().sum())
+    ref = torch.stack(ref)
+    for det in (GradNorm(temperature=temperature).fit(x, weight=fc.weight, bias=fc.bias),
+                GradNorm(temperature=temperature).fit(x, logits=logits)):
+        torch.testing.assert_close(det.score_samples(q).double(), ref, rtol=1e-5, atol=0)
+        assert torch.equal(det.score_and_predict(q)[1], fc(q).argmax(1))
+    s64 = GradNorm(temperature=temperature).fit(x.double(), weight=fc64.weight, bias=fc64.bias)
+    torch.testing.assert_close(s64.score_samples(q.double()), ref, rtol=1e-12, atol=0)
+    for t in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            GradNorm(temperature=t).fit(x, logits=logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -1,7 +1,8 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
-classifier's features and logits: ViM, ReAct, MaxLogit, Energy and GEN. pytorch-ood computes
-in float32 and scores outliers higher; grood scores in-distribution samples higher. Skipped
-where pytorch-ood does not import (the main test venv); CI runs it in a second venv."""
+classifier's features and logits: ViM, ReAct, GradNorm, MaxLogit, Energy and GEN.
+pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
+samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
+a second venv."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("pytorch_ood")
 
 from pytorch_ood.detector import GEN as PoodGEN
-from pytorch_ood.detector import EnergyBased, MaxLogit, ReAct, ViM
+from pytorch_ood.detector import EnergyBased, GradNorm, MaxLogit, ReAct, ViM
 
 import grood
 
@@ -45,7 +46,8 @@ def test_react_equals_pytorch_oods(layer):
     theirs = ReAct(None, fc, percentile=0.9).fit_feature_maps(
         train, torch.zeros(len(train), dtype=torch.long))
     ours = grood.ReAct(percentile=90).fit(train, weight=fc.weight, bias=fc.bias)
-    assert ours.clip_ == theirs.threshold  # np.percentile of every entry, both
+    # np.percentile of every entry, both (in the features' dtype: numpy 1 gives float64)
+    assert ours.clip_ == float(torch.tensor(theirs.threshold, dtype=torch.float32))
     torch.testing.assert_close(ours.score_samples(test), -theirs.predict_feature_maps(test),
                                rtol=1e-5, atol=1e-5)
 
@@ -64,3 +66,15 @@ def test_logit_baselines_equal_pytorch_oods(layer):
     torch.testing.assert_close(grood.GEN(gamma=0.1, M=5).fit(logits).score_samples(logits),
                                -5 * PoodGEN.score(logits, gamma=0.1, M=5), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_gradnorm_equals_pytorch_oods_per_sample_gradients(layer):
+    """pytorch-ood differentiates per sample (torch.func) a cross-entropy averaged over the
+    classes, where GradNorm's code sums it: C times its norm is grood's closed form."""
+    train, test, fc = layer
+    theirs = GradNorm(fc, param_filter=lambda name: name == "weight")
+    for t in (1.0, 2.0):
+        theirs.temperature = t
+        ours = grood.GradNorm(temperature=t).fit(train, weight=fc.weight, bias=fc.bias)
+        torch.testing.assert_close(ours.score_samples(test), -7 * theirs.predict(test),
+                                   rtol=1e-5, atol=1e-6)
