@@ -14,6 +14,7 @@ and gradient indexes (:class:`GradientIndex`, :func:`register_index`).
 from grood import library  # noqa: F401  (registers the torch.ops.grood custom ops)
 from grood._version import __version__
 from grood.baselines import (
+    ASH,
     GEN,
     KNN,
     MSP,
@@ -42,6 +43,7 @@ from grood.prototypes import OODPrototypeSource, PrototypeContext, register_sour
 from grood.sources import Mixup, UniformNoise
 
 __all__ = [
+    "ASH",
     "GEN",
     "GROOD",
     "KNN",

@@ -15,11 +15,12 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
 * :class:`Mahalanobis` — minimum Mahalanobis distance to the class means under one shared
   covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation).
 * :class:`ViM` — virtual-logit matching (Wang et al., CVPR 2022), :class:`ReAct` — energy
-  of features clipped at a percentile (Sun et al., NeurIPS 2021) and :class:`GradNorm` — the
+  of features clipped at a percentile (Sun et al., NeurIPS 2021), :class:`GradNorm` — the
   norm of the last layer's gradient of a cross-entropy to the uniform distribution (Huang et
-  al., NeurIPS 2021; in closed form): they read the features through the classifier's last
-  linear layer, given (``weight``, ``bias``) or recovered by least squares from the training
-  features and logits.
+  al., NeurIPS 2021; in closed form) and :class:`ASH` — energy of features pruned to their
+  largest entries and shaped (Djurisic et al., ICLR 2023): they read the features through
+  the classifier's last linear layer, given (``weight``, ``bias``) or recovered by least
+  squares from the training features and logits.
 """
 
 from __future__ import annotations
@@ -627,3 +628,98 @@ class GradNorm(_HeadBaseline):
         p = torch.softmax(lg / self.temperature, dim=1)
         spread = (p * lg.shape[1] - 1).abs().sum(dim=1)
         return spread * x.abs().sum(dim=1) / self.temperature, lg.argmax(dim=1)
+
+
+#: ASH's ways of shaping the entries it keeps: scaled (by exp of the sum's ratio), binarised
+#: (each set to the row's mean over the kept), or pruned alone.
+ASH_VARIANTS = ("s", "b", "p")
+
+
+class ASH(_HeadBaseline):
+    """Activation shaping: each feature row keeps its largest ``100 - percentile`` % of
+    entries (the others set to 0), shaped by ``variant``, and the energy ``logsumexp`` of the
+    logits of the result scores it.
+
+    ``"s"`` (ASH-S) multiplies the kept entries by ``exp(s1 / s2)``, the row's sum over the
+    sum of what it kept; ``"b"`` (ASH-B) sets each kept entry to ``s1 / k``; ``"p"`` (ASH-P)
+    prunes alone. A row keeps ``k = D - round(D * percentile / 100)`` entries (at least 1);
+    of entries that tie at the cut, the lower-indexed ones are kept, so the result does not
+    depend on a top-k's order. ASH is meant for non-negative (post-ReLU) features: under
+    ASH-S a row whose kept entries do not sum above 0 (an all-zero row) is left pruned,
+    where ``s1 / s2`` would make it NaN, and a row scaled beyond the features' dtype is
+    refused, naming it (float64 features reach far further).
+
+    Args:
+        percentile (float): in [0, 100); 90 for ImageNet-1k in the ASH paper.
+        variant (str): ``"s"``, ``"b"`` or ``"p"``.
+        batch_size (int): rows per batch while scoring.
+
+    After ``fit``: ``weight_``, ``bias_``, ``head_error_`` (the training features are read
+    only to recover the layer from ``logits``).
+    """
+
+    name = "ASH"
+
+    def __init__(self, percentile: float = 90.0, variant: str = "s",
+                 batch_size: int = 4096) -> None:
+        self.percentile = percentile
+        self.variant = variant
+        self.batch_size = batch_size
+
+    @property
+    def display_name(self) -> str:
+        """``ASH-S (p90)``: its variant and percentile (the ones it scores with now)."""
+        return f"ASH-{self.variant.upper()} (p{self._checked_percentile():g})"
+
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
+        features and their ``logits``; ``labels`` are not used."""
+        x, _ = self._read(features, fitting=True)
+        self._checked_percentile()
+        w, b = self._head(x, logits, weight, bias)
+        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        self._fitted_on(features, x.shape[1])
+        return self
+
+    def _checked_percentile(self) -> float:
+        """``percentile`` as a float, after checking it and ``variant``."""
+        try:
+            q = check_real(self.percentile, "percentile")
+        except ValueError:
+            q = -1.0
+        if not 0 <= q < 100:
+            raise ValueError(f"percentile must be a number in [0, 100), got {self.percentile!r}")
+        if self.variant not in ASH_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, ASH_VARIANTS))} "
+                             f"(ASH-S, ASH-B, ASH-P), got {self.variant!r}")
+        return q
+
+    def shape(self, x: Tensor) -> Tensor:
+        """The rows of ``x`` [N, D] as ASH shapes them (a new tensor)."""
+        d = x.shape[1]
+        k = max(1, d - round(d * self._checked_percentile() / 100))
+        # the k largest of each row, ties to the lower index: a stable sort, descending
+        cols = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+        total = x.sum(dim=1, keepdim=True)
+        if self.variant == "b":
+            return torch.zeros_like(x).scatter_(1, cols, (total / k).expand(-1, k))
+        kept = torch.zeros_like(x).scatter_(1, cols, x.gather(1, cols))
+        if self.variant == "p":
+            return kept
+        s2 = kept.sum(dim=1, keepdim=True)
+        scale = torch.where(s2 > 0, torch.exp(total / s2.where(s2 > 0, 1.0)), 1.0)
+        shaped = kept * scale
+        bad = ~torch.isfinite(shaped).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0].tolist()
+            raise ValueError(
+                f"ASH-S scales row(s) {rows[:10]} by exp(s1 / s2) = "
+                f"{float(scale[rows[0], 0]):.3g} beyond {x.dtype}'s range (their largest "
+                f"{100 - self._checked_percentile():g} % of entries hold a small part of their "
+                "sum): lower percentile, or give float64 features")
+        return shaped
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
+        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)

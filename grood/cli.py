@@ -439,12 +439,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--train is read only by --baselines "
                              f"{', '.join(FEATURE_BASELINES[:-1])} and {FEATURE_BASELINES[-1]}")
         _require_files({"training feature file": args.train})
-    for option, key in (("knn_k", "knn"), ("vim_dim", "vim"), ("react_percentile", "react")):
+    for option, key in (("knn_k", "knn"), ("vim_dim", "vim"), ("react_percentile", "react"),
+                        ("ash_percentile", "ash")):
         if getattr(args, option) is not None and key not in args.baselines:
             raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
     if args.react_percentile is not None and not 0 < args.react_percentile <= 100:
         raise ValueError(f"--react-percentile must be a number in (0, 100], got "
                          f"{args.react_percentile:g}")
+    if args.ash_percentile is not None and not 0 <= args.ash_percentile < 100:
+        raise ValueError(f"--ash-percentile must be a number in [0, 100), got "
+                         f"{args.ash_percentile:g}")
     if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
@@ -534,6 +538,8 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
            if "vim" in args.baselines else {}),
         **({"react_percentile": args.react_percentile or REACT_PERCENTILE}
            if "react" in args.baselines else {}),
+        **({"ash_percentile": ASH_PERCENTILE if args.ash_percentile is None
+            else args.ash_percentile} if "ash" in args.baselines else {}),
         **({"train": args.train} if args.train is not None else {}),
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
         "date": date.today().isoformat(),
@@ -557,15 +563,17 @@ EVAL_BASELINES = {"msp": ("MSP", "logits"), "maxlogit": ("MaxLogit", "logits"),
                   "energy": ("Energy", "logits"), "gen": ("GEN", "logits"),
                   "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features"),
                   "vim": ("ViM", "features"), "react": ("ReAct", "features"),
-                  "gradnorm": ("GradNorm", "features")}
+                  "gradnorm": ("GradNorm", "features"), "ash": ("ASH", "features")}
 #: Those fitted on --train.
 FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs == "features"]
 #: Those that read --train's logits (to recover the classifier's last layer from).
-HEAD_BASELINES = ("vim", "react", "gradnorm")
+HEAD_BASELINES = ("vim", "react", "gradnorm", "ash")
 #: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
 KNN_K = 50
 #: The percentile ``--baselines react`` clips at unless ``--react-percentile`` says.
 REACT_PERCENTILE = 90.0
+#: The percentile of each row ``--baselines ash`` prunes unless ``--ash-percentile`` says.
+ASH_PERCENTILE = 90.0
 
 
 def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> list[Any]:
@@ -600,7 +608,9 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
                                          "dimensions outside it")
                     est = (cls(dim=args.vim_dim) if key == "vim" else
                            cls(percentile=args.react_percentile or REACT_PERCENTILE)
-                           if key == "react" else cls())
+                           if key == "react" else
+                           cls(percentile=ASH_PERCENTILE if args.ash_percentile is None
+                               else args.ash_percentile) if key == "ash" else cls())
                     est.fit(x, logits=_file_array(train, "logits", key, args.device))
                 else:
                     est = cls().fit(x, _file_array(train, "labels", key, args.device))
@@ -730,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KNN, "
-                    "Mahalanobis, ViM, ReAct and GradNorm on near-OOD (digits 6-9) and "
+                    "Mahalanobis, ViM, ReAct, GradNorm and ASH on near-OOD (digits 6-9) and "
                     "far-OOD (noise images). Prints a table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "
@@ -882,12 +892,12 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy and gen (from each file's logits), knn and mahalanobis "
-                         "(fitted on --train; mahalanobis on its labels too), vim, react "
-                         "and gradnorm (fitted on --train's features and logits, from which "
-                         "they recover the classifier's last layer)")
+                         "(fitted on --train; mahalanobis on its labels too), vim, react, "
+                         "gradnorm and ash (ASH-S; fitted on --train's features and logits, "
+                         "from which they recover the classifier's last layer)")
     ev.add_argument("--train", metavar="FILE",
                     help="training feature file for --baselines knn, mahalanobis, vim, "
-                         "react and gradnorm")
+                         "react, gradnorm and ash")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
                          "et al.)")
@@ -898,6 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--react-percentile", type=float, default=None, metavar="P",
                     help="the percentile of the training features' entries --baselines react "
                          f"clips at (default {REACT_PERCENTILE:g}, as Sun et al.)")
+    ev.add_argument("--ash-percentile", type=float, default=None, metavar="P",
+                    help="the percentile of each feature row --baselines ash prunes below "
+                         f"(ASH-S; default {ASH_PERCENTILE:g}, as Djurisic et al. on ImageNet)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "

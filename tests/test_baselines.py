@@ -9,6 +9,7 @@ from conftest import clustered_features
 from reference import knn_naive
 
 from grood import (
+    ASH,
     GEN,
     KNN,
     MSP,
@@ -314,6 +315,58 @@ def test_gradnorm_closed_form_equals_autograd(temperature):
     for t in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             GradNorm(temperature=t).fit(x, logits=logits)
+
+
+def _ash_float64(x, percentile, variant):
+    """ASH as its paper's code shapes a batch of features (top-k of each row), in float64."""
+    x = x.double().clone()
+    n = x.shape[1]
+    k = n - int(np.round(n * percentile / 100.0))
+    s1 = x.sum(1)
+    v, i = torch.topk(x, k, dim=1)
+    if variant == "b":
+        return torch.zeros_like(x).scatter_(1, i, (s1 / k)[:, None].expand(v.shape))
+    kept = torch.zeros_like(x).scatter_(1, i, v)
+    return kept if variant == "p" else kept * torch.exp(s1 / kept.sum(1))[:, None]
+
+
+@pytest.mark.parametrize("variant", ["s", "b", "p"])
+@pytest.mark.parametrize("percentile", [90.0, 65.0, 0.0])
+def test_ash_matches_its_definition(variant, percentile):
+    x, logits, fc, q = _head_data(seed=3)
+    q = q + 0.01 * torch.rand(q.shape, generator=torch.Generator().manual_seed(5))  # no ties
+    w, b = fc.weight.detach().double(), fc.bias.detach().double()
+    lg = _ash_float64(q, percentile, variant) @ w.T + b
+    for det in (ASH(percentile, variant).fit(x, weight=fc.weight, bias=fc.bias),
+                ASH(percentile, variant).fit(x.numpy(), logits=logits.numpy())):
+        s, pred = det.score_and_predict(q)
+        torch.testing.assert_close(s.double(), torch.logsumexp(lg, 1), rtol=2e-5, atol=2e-5)
+        assert torch.equal(pred, lg.argmax(1))
+        assert det.display_name == f"ASH-{variant.upper()} (p{percentile:g})"
+
+
+def test_ash_ties_all_zero_rows_and_overflow():
+    """Ties at the cut keep the lower-indexed entries (a top-k's order would decide which
+    get ASH-B's fill); an all-zero row scores the bias's energy under ASH-S, where s1 / s2
+    gave NaN; a scale beyond float32 is refused, naming the row, and float64 reaches it."""
+    w, b = torch.eye(4), torch.zeros(4)
+    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    shaped = ASH(50.0, "b").fit(torch.rand(8, 4), weight=w, bias=b).shape(tied)
+    assert shaped.tolist() == [[2.0, 2.0, 0.0, 0.0]]
+    ash = ASH(90.0, "s").fit(torch.rand(8, 4), weight=w, bias=b)
+    zero = ash.score_samples(torch.zeros(2, 4))
+    torch.testing.assert_close(zero, torch.full((2,), float(np.log(4.0))))
+    wide = torch.zeros(1, 400)
+    wide[0, 0], wide[0, 1:] = 1.0, 1.0  # a sum 400 times the one entry kept: exp(400)
+    big = ASH(99.9, "s").fit(torch.rand(8, 400), weight=torch.ones(1, 400),
+                             bias=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"ASH-S scales row\(s\) \[0\] by exp\(s1 / s2\)"):
+        big.score_samples(wide)
+    assert torch.isfinite(big.score_samples(wide.double())).all()
+    for kwargs, message in (({"percentile": 100}, r"percentile must be a number in \[0, 100\)"),
+                            ({"variant": "S"}, "variant must be one of 's', 'b', 'p'")):
+        with pytest.raises(ValueError, match=message):
+            ASH(**kwargs).fit(torch.rand(8, 4), weight=w, bias=b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -38,7 +38,7 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     text = capsys.readouterr().out
     for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "MaxLogit",
                    "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "ViM (dim=64)", "ReAct (p90)",
-                   "GradNorm"):
+                   "GradNorm", "ASH-S (p65)"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
     for png in ("roc.png", "score_histograms.png", "differences.png", "neighbours.png"):
@@ -806,11 +806,11 @@ def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, caps
 
 
 def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
-    """--baselines maxlogit gen (from each file's logits) and vim react gradnorm (their last
+    """--baselines maxlogit gen (from each file's logits) and vim react gradnorm ash (their last
     layer recovered from --train's features and logits): the metrics grood.baselines give by
     hand, the last-layer ones' accuracy from their own predictions; a training file without
     logits is named for what they need."""
-    from grood import GEN, GradNorm, MaxLogit, ReAct, ViM, ood_metrics
+    from grood import ASH, GEN, GradNorm, MaxLogit, ReAct, ViM, ood_metrics
 
     x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
     means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
@@ -826,11 +826,11 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
     capsys.readouterr()
     argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
             "--json", str(tmp_path / "m.json"), "--baselines", "maxlogit", "gen", "vim",
-            "react", "gradnorm", "--train"]
+            "react", "gradnorm", "ash", "--train"]
     assert main([*argv, str(tmp_path / "train.npz")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[3].strip() for line in lines[4:10]] == [
-        "GROOD", "MaxLogit", "GEN", "ViM (dim=3)", "ReAct (p90)", "GradNorm"]
+    assert [line.split("|")[3].strip() for line in lines[4:11]] == [
+        "GROOD", "MaxLogit", "GEN", "ViM (dim=3)", "ReAct (p90)", "GradNorm", "ASH-S (p90)"]
     got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
     id_x, id_l, labels = x[100:].numpy(), logits[100:].numpy(), y[100:].numpy()
     train = (x[:100].numpy(), logits[:100].numpy())
@@ -839,7 +839,8 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             ("GEN", GEN().fit(id_l), id_l, ood_l.numpy()),
             ("ViM (dim=3)", ViM().fit(train[0], logits=train[1]), id_x, ood.numpy()),
             ("ReAct (p90)", ReAct().fit(train[0], logits=train[1]), id_x, ood.numpy()),
-            ("GradNorm", GradNorm().fit(train[0], logits=train[1]), id_x, ood.numpy())):
+            ("GradNorm", GradNorm().fit(train[0], logits=train[1]), id_x, ood.numpy()),
+            ("ASH-S (p90)", ASH().fit(train[0], logits=train[1]), id_x, ood.numpy())):
         own = hasattr(est, "score_and_predict")
         pred = est.score_and_predict(id_x)[1] if own else id_l.argmax(1)
         assert got["baselines"][name] == {"id_accuracy": float(np.mean(pred == labels)),
@@ -851,21 +852,25 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             in capsys.readouterr().err)
     # Their parameters, recorded with the tables.
     train = str(tmp_path / "train.npz")
-    assert main([*argv, train, "--vim-dim", "2", "--react-percentile", "99.5"]) == 0
+    assert main([*argv, train, "--vim-dim", "2", "--react-percentile", "99.5",
+                 "--ash-percentile", "50"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[3].strip() for line in lines[7:9]] == ["ViM (dim=2)",
-                                                                    "ReAct (p99.5)"]
+    assert [line.split("|")[3].strip() for line in lines[7:11]] == [
+        "ViM (dim=2)", "ReAct (p99.5)", "GradNorm", "ASH-S (p50)"]
     taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
-    assert (taken["vim_dim"], taken["react_percentile"]) == (2, 99.5)
+    assert (taken["vim_dim"], taken["react_percentile"], taken["ash_percentile"]) == (
+        2, 99.5, 50.0)
     for extra, said in (
             (["--vim-dim", "6"], "--vim-dim 6: ViM's principal space must leave part of the 6 "
                                  "feature dimensions outside it"),
             (["--react-percentile", "0"], "--react-percentile must be a number in (0, 100], "
                                           "got 0"),
+            (["--ash-percentile", "100"], "--ash-percentile must be a number in [0, 100), "
+                                          "got 100"),
             (["--knn-k", "3"], "--knn-k is read only by --baselines knn")):
         assert main([*argv, train, *extra]) == 2
         assert said in capsys.readouterr().err
-    assert main([*argv[:-6], "msp", "--vim-dim", "3"]) == 2
+    assert main([*argv[:-7], "msp", "--vim-dim", "3"]) == 2
     assert "--vim-dim is read only by --baselines vim" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
-classifier's features and logits: ViM, ReAct, GradNorm, MaxLogit, Energy and GEN.
+classifier's features and logits: ViM, ReAct, GradNorm, ASH, MaxLogit, Energy and GEN.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("pytorch_ood")
 
+from pytorch_ood.detector import ASH, EnergyBased, GradNorm, MaxLogit, ReAct, ViM
 from pytorch_ood.detector import GEN as PoodGEN
-from pytorch_ood.detector import EnergyBased, GradNorm, MaxLogit, ReAct, ViM
 
 import grood
 
@@ -78,3 +78,15 @@ def test_gradnorm_equals_pytorch_oods_per_sample_gradients(layer):
         ours = grood.GradNorm(temperature=t).fit(train, weight=fc.weight, bias=fc.bias)
         torch.testing.assert_close(ours.score_samples(test), -7 * theirs.predict(test),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["s", "b", "p"])
+def test_ash_equals_pytorch_oods(layer, variant):
+    """On feature maps of 48 x 1 x 1 (pooled features), pruned at the 90th percentile."""
+    train, test, fc = layer
+    theirs = ASH(None, lambda maps: fc(maps.flatten(1)), variant=f"ash-{variant}",
+                 percentile=0.9)
+    ours = grood.ASH(percentile=90, variant=variant).fit(train, weight=fc.weight, bias=fc.bias)
+    torch.testing.assert_close(ours.score_samples(test),
+                               -theirs.predict_feature_maps(test[:, :, None, None]),
+                               rtol=1e-5, atol=1e-5)
