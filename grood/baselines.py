@@ -427,6 +427,21 @@ class _HeadBaseline(_Baseline):
         self.head_error_ = err
         return w, b
 
+    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
+        features and their ``logits`` (the features are read only for that); ``labels`` are
+        not used."""
+        x, _ = self._read(features, fitting=True)
+        self._check_params()
+        w, b = self._head(x, logits, weight, bias)
+        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        self._fitted_on(features, x.shape[1])
+        return self
+
+    def _check_params(self) -> None:
+        """Check the parameters ``_read`` does not, before a fit's work."""
+
     def _store_head(self, w: Tensor, b: Tensor, dt: torch.dtype) -> None:
         self.weight_, self.bias_ = w.to(dt), b.to(dt)
 
@@ -613,16 +628,6 @@ class GradNorm(_HeadBaseline):
         self.temperature = temperature
         self.batch_size = batch_size
 
-    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
-            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
-        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
-        features and their ``logits``; ``labels`` are not used."""
-        x, _ = self._read(features, fitting=True)
-        w, b = self._head(x, logits, weight, bias)
-        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        self._fitted_on(features, x.shape[1])
-        return self
-
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
         p = torch.softmax(lg / self.temperature, dim=1)
@@ -671,16 +676,8 @@ class ASH(_HeadBaseline):
         """``ASH-S (p90)``: its variant and percentile (the ones it scores with now)."""
         return f"ASH-{self.variant.upper()} (p{self._checked_percentile():g})"
 
-    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
-            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
-        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
-        features and their ``logits``; ``labels`` are not used."""
-        x, _ = self._read(features, fitting=True)
+    def _check_params(self) -> None:
         self._checked_percentile()
-        w, b = self._head(x, logits, weight, bias)
-        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        self._fitted_on(features, x.shape[1])
-        return self
 
     def _checked_percentile(self) -> float:
         """``percentile`` as a float, after checking it and ``variant``."""

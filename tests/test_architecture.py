@@ -182,6 +182,11 @@ def test_scikit_learn_clone_and_params():
     assert copy is not det and copy.get_params() == det.get_params()
     assert copy.index_options is not det.index_options  # cloned, not shared
     assert clone(KNN(k=5)).k == 5 and clone(Mahalanobis(rcond=1e-6)).rcond == 1e-6
+    from grood import ASH, GEN, MaxLogit, ViM
+
+    assert clone(ViM(dim=5)).dim == 5 and clone(ASH(variant="b")).variant == "b"
+    assert clone(GEN(M=3)).get_params() == {"gamma": 0.1, "M": 3} and repr(MaxLogit()) == (
+        "MaxLogit()")
     assert det.set_params(k=7, batch_size=11) is det and (det.k, det.batch_size) == (7, 11)
     with pytest.raises(ValueError, match="has no parameter 'kk'"):
         det.set_params(kk=1)
@@ -211,8 +216,11 @@ def test_estimators_are_steps_of_a_scikit_learn_pipeline():
     np.testing.assert_array_equal(pipe.score_samples(x[:20]), alone.score_samples(z[:20]))
     np.testing.assert_array_equal(pipe.predict(x[:20]), alone.predict(z[:20]))
     # Labels are required where fit's second argument has no default.
-    assert [get_tags(c()).target_tags.required for c in (GROOD, Mahalanobis, KNN, MSP)] == [
-        True, True, False, False]
+    from grood import ASH, ViM
+
+    assert [get_tags(c()).target_tags.required
+            for c in (GROOD, Mahalanobis, KNN, MSP, ViM, ASH)] == [True, True, False, False,
+                                                                   False, False]
     knn = make_pipeline(StandardScaler(), KNN(k=2)).fit(x)
     assert knn.score_samples(x[:5]).shape == (5,)
 
