@@ -4,14 +4,18 @@ A feature file holds ``features`` [N, D] and optionally ``labels`` [N] and ``log
 
 * ``.npy``: one 2-D array, the features.
 * ``.npz``: arrays named ``features``, ``labels``, ``logits`` (loaded without pickle; those
-  stored uncompressed, as ``np.savez`` writes them, are memory-mapped).
+  stored uncompressed, as ``np.savez`` writes them, are memory-mapped; compressed ones of
+  more than 64 MiB, as ``np.savez_compressed`` writes them, are decompressed once into an
+  unlinked temporary file, under ``TMPDIR``, and memory-mapped there; smaller ones, or any
+  where that file cannot be written, are read whole).
 * ``.pt`` / ``.pth``: a tensor (the features) or a dict of tensors with those names, read with
   ``torch.load(weights_only=True)``, which refuses arbitrary objects (memory-mapped).
 * ``.safetensors``: tensors with those names (memory-mapped).
 
 Memory-mapped arrays are read as they are used: a file larger than memory is scored or fitted
 on batch by batch. A mapped ``.npz`` member's CRC-32 is not checked (``np.load`` checks it
-as it reads a member whole), as no checksum guards the other mapped formats.
+as it reads a member whole, and so does the decompression into a temporary file), as no
+checksum guards the other mapped formats.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import csv
 import math
 import os
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +35,9 @@ import torch
 from grood._checks import path_hint
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+#: A compressed ``.npz`` member larger than this (decompressed) is decompressed into a
+#: temporary file and memory-mapped, not read into the process's memory.
+SPILL_BYTES = 64 << 20
 KEYS = ("features", "labels", "logits")
 #: How to write a feature file, for the errors that find one lacking.
 HOW_TO_WRITE = ("A feature file names its arrays: np.savez(path, features=X, labels=y) (logits "
@@ -119,8 +127,9 @@ class TrainingFiles:
     labels, logits in every file or in none), and each batch is checked as it is read, so a
     bad row is named by its file and its row there. ``rank`` of ``world`` reads its contiguous
     block of the rows, as a distributed fit of one file does. Files are memory-mapped where
-    their format allows (see the module docstring); a compressed ``.npz`` is read whole, one
-    file at a time."""
+    their format allows (see the module docstring; a compressed ``.npz`` member of more than
+    64 MiB through a temporary file, decompressed at each read of the file: for the checks
+    and once per pass), one file at a time."""
 
     def __init__(self, paths: list[str], *, batch_size: int, ignore_logits: bool = False,
                  rank: int = 0, world: int = 1) -> None:
@@ -251,7 +260,8 @@ def _check_numpy_format(path: Path, suffix: str) -> None:
 
 def _npz_arrays(path: Path) -> dict[str, Any]:
     """The arrays of a ``.npz`` file: those stored uncompressed (``np.savez``) memory-mapped,
-    the others (``np.savez_compressed``) read whole, as ``np.load`` reads them."""
+    large compressed ones (``np.savez_compressed``) decompressed into a temporary file and
+    mapped there, the others read whole, as ``np.load`` reads them."""
     arrays = {}
     with np.load(path, allow_pickle=False) as z, open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
@@ -259,8 +269,51 @@ def _npz_arrays(path: Path) -> dict[str, Any]:
             key = info.filename.removesuffix(".npy")
             if key in z.files:
                 mapped = _mapped_member(path, z.zip, raw, size, info)
+                if mapped is None:
+                    mapped = _spilled_member(z.zip, info)
                 arrays[key] = z[key] if mapped is None else mapped
     return arrays
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """The ``.npy`` header of a member stream (shape, Fortran order, dtype), read up to its
+    data; None for a format version or dtype grood does not map."""
+    fmt = np.lib.format
+    version = fmt.read_magic(member)
+    if version not in ((1, 0), (2, 0)):
+        return None
+    read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                   else fmt.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(member)
+    return None if dtype.hasobject else (shape, fortran_order, dtype)
+
+
+def _spilled_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A compressed ``.npy`` member of more than :data:`SPILL_BYTES`, decompressed into an
+    unlinked temporary file (removed when the map is) and memory-mapped there, so the page
+    cache holds it and not the process; its CRC-32 is checked as the stream ends. None where
+    it is small, unusual, or the file cannot be written (no room: it is then read whole)."""
+    if (info.compress_type == zipfile.ZIP_STORED or info.flag_bits & 0x1
+            or info.file_size <= SPILL_BYTES or not info.filename.endswith(".npy")):
+        return None
+    try:
+        with archive.open(info) as member, tempfile.TemporaryFile(prefix="grood-npz-") as tmp:
+            header = _npy_header(member)
+            if header is None:
+                return None
+            shape, fortran_order, dtype = header
+            nbytes = dtype.itemsize * math.prod(shape)
+            copied = 0
+            while chunk := member.read(1 << 20):
+                tmp.write(chunk)
+                copied += len(chunk)
+            if nbytes == 0 or copied != nbytes:  # (np.load's whole read names the damage)
+                return None
+            tmp.flush()
+            return np.memmap(tmp, dtype=dtype, mode="r", shape=shape,
+                             order="F" if fortran_order else "C")
+    except OSError:  # no room for it under TMPDIR, or none writable
+        return None
 
 
 def _mapped_member(path: Path, archive: zipfile.ZipFile, raw: Any, size: int,
@@ -272,18 +325,15 @@ def _mapped_member(path: Path, archive: zipfile.ZipFile, raw: Any, size: int,
     if (info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1
             or not info.filename.endswith(".npy")):
         return None
-    fmt = np.lib.format
     with archive.open(info) as member:
-        version = fmt.read_magic(member)
-        if version not in ((1, 0), (2, 0)):
+        header = _npy_header(member)
+        if header is None:
             return None
-        read_header = (fmt.read_array_header_1_0 if version == (1, 0)
-                       else fmt.read_array_header_2_0)
-        shape, fortran_order, dtype = read_header(member)
+        shape, fortran_order, dtype = header
         start = member.tell()
     raw.seek(info.header_offset)
     local = raw.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04" or dtype.hasobject:
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
         return None
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     offset = info.header_offset + 30 + name_length + extra_length + start

@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
@@ -1568,6 +1569,58 @@ def test_npz_feature_files_are_memory_mapped_where_stored_uncompressed(tmp_path)
         archive.writestr("features.npy", header.getvalue()[:-40])
     with pytest.raises(ValueError, match=r"short\.npz: could not read the file \(EOF"):
         load_features(tmp_path / "short.npz")
+
+
+def test_large_compressed_npz_members_are_decompressed_to_a_mapped_temporary_file(
+        tmp_path, monkeypatch):
+    """np.savez_compressed's members above grood.io.SPILL_BYTES are decompressed once into
+    an unlinked temporary file (under TMPDIR) and mapped there, with the values, dtypes,
+    shapes and memory order written; the smaller ones are read whole, and so is a member
+    where the temporary file cannot be written; a damaged one is named by its CRC-32."""
+    import tempfile
+
+    import grood.io
+    from grood.io import load_features
+
+    rng = np.random.default_rng(1)
+    arrays = {"features": rng.standard_normal((300, 40)).astype(np.float32),
+              "labels": rng.integers(0, 3, 300),
+              "logits": np.asfortranarray(rng.standard_normal((300, 3)))}
+    np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+    monkeypatch.setattr(grood.io, "SPILL_BYTES", 5_000)  # features and logits, not labels
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spill))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR read again)
+    read = load_features(tmp_path / "deflated.npz")
+    for key, want in arrays.items():
+        got = getattr(read, key)
+        assert isinstance(got, np.memmap) == (key != "labels"), key
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want) and got.flags.c_contiguous == (key != "logits")
+    assert list(spill.iterdir()) == []  # unlinked: gone with the maps
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(spill) in maps.read_text()
+    del read, got
+    # No room (or no folder) for the temporary file: read whole, as before.
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    whole = load_features(tmp_path / "deflated.npz")
+    assert not isinstance(whole.features, np.memmap)
+    assert np.array_equal(whole.features, arrays["features"])
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    # A flipped bit in the deflated features: the decompression's CRC-32 check names it.
+    raw = bytearray((tmp_path / "deflated.npz").read_bytes())
+    with zipfile.ZipFile(tmp_path / "deflated.npz") as archive:
+        info = archive.getinfo("features.npy")
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:
+                                                    info.header_offset + 30])
+    data = info.header_offset + 30 + name_len + extra_len
+    raw[data + info.compress_size // 2] ^= 0x10
+    (tmp_path / "damaged.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"damaged\.npz: could not read the file"):
+        load_features(tmp_path / "damaged.npz")
 
 
 def test_bench_tuning_tables_report_a_failing_candidate_and_go_on(capsys, monkeypatch):
