@@ -13,7 +13,9 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
 * :class:`KNN` — distance to the k-th nearest L2-normalised training feature (Sun et al.,
   ICML 2022).
 * :class:`Mahalanobis` — minimum Mahalanobis distance to the class means under one shared
-  covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation).
+  covariance (Lee et al., NeurIPS 2018; features of one layer, without input perturbation),
+  and :class:`RMD`, that distance relative to the training features' overall Gaussian's (Ren
+  et al., 2021).
 * :class:`ViM` — virtual-logit matching (Wang et al., CVPR 2022), :class:`ReAct` — energy
   of features clipped at a percentile (Sun et al., NeurIPS 2021), :class:`GradNorm` — the
   norm of the last layer's gradient of a cross-entropy to the uniform distribution (Huang et
@@ -331,8 +333,19 @@ class Mahalanobis(_Baseline):
         self.whitening_ = whitening.to(dt)
         self.class_means_ = means.to(dt)
         self.whitened_means_ = ((means - center) @ whitening).to(dt)  # [C, r]
+        self._fit_background((scatter - n * torch.outer(center - shift, center - shift)) / n,
+                             rcond, dt)
         self._fitted_on(features, d)
         return self
+
+    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype) -> None:
+        """What a subclass keeps of the training features' overall covariance ``cov`` (about
+        their mean, float64)."""
+
+    def _background(self, centred: Tensor) -> Tensor | None:
+        """What a subclass subtracts from each row's distance, from the rows centred on the
+        training mean; None: nothing."""
+        return None
 
     def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]; float64
@@ -369,9 +382,31 @@ class Mahalanobis(_Baseline):
             # CPUs), as grood's own GEMMs in ieee mode.
             with matmul_precision("ieee", dev):
                 z = (xb - center) @ whitening
+                offset = self._background(xb - center)
             d, i = ops.knn(z, means, 1, backend=self.backend)
-            dist[r0:r1], idx[r0:r1] = d[:, 0], i[:, 0]
+            dist[r0:r1] = d[:, 0] if offset is None else d[:, 0] - offset
+            idx[r0:r1] = i[:, 0]
         return dist, idx, kind
+
+
+class RMD(Mahalanobis):
+    """Relative Mahalanobis distance: the smallest squared Mahalanobis distance to a class
+    mean (one shared covariance, as :class:`Mahalanobis`) minus the squared Mahalanobis
+    distance to the training features' overall mean under their overall covariance (the
+    "background" Gaussian), negated; ``predict`` is the nearest class mean, as
+    :class:`Mahalanobis`'s. Arguments as :class:`Mahalanobis`'s (``rcond`` for both
+    covariances). After ``fit``: also ``background_whitening_`` [D, r0].
+    """
+
+    name = "RMD"
+
+    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype) -> None:
+        evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+        keep = evals > rcond * evals.max().clamp_min(0)
+        self.background_whitening_ = (evecs[:, keep] / evals[keep].sqrt()).to(dt)
+
+    def _background(self, centred: Tensor) -> Tensor | None:
+        return (centred @ self.background_whitening_.to(centred.dtype)).square().sum(dim=1)
 
 
 class _HeadBaseline(_Baseline):

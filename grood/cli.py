@@ -562,6 +562,7 @@ def _provenance_line(p: dict[str, Any]) -> str:
 EVAL_BASELINES = {"msp": ("MSP", "logits"), "maxlogit": ("MaxLogit", "logits"),
                   "energy": ("Energy", "logits"), "gen": ("GEN", "logits"),
                   "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features"),
+                  "rmd": ("RMD", "features"),
                   "vim": ("ViM", "features"), "react": ("ReAct", "features"),
                   "gradnorm": ("GradNorm", "features"), "ash": ("ASH", "features")}
 #: Those fitted on --train.
@@ -740,8 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KNN, "
-                    "Mahalanobis, ViM, ReAct, GradNorm and ASH on near-OOD (digits 6-9) and "
-                    "far-OOD (noise images). Prints a table and "
+                    "Mahalanobis, RMD, ViM, ReAct, GradNorm and ASH on near-OOD (digits 6-9) "
+                    "and far-OOD (noise images). Prints a table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "
                     "beside their nearest training images in gradient space as PNG files.")
@@ -891,12 +892,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(EVAL_BASELINES), metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
-                         "energy and gen (from each file's logits), knn and mahalanobis "
-                         "(fitted on --train; mahalanobis on its labels too), vim, react, "
-                         "gradnorm and ash (ASH-S; fitted on --train's features and logits, "
-                         "from which they recover the classifier's last layer)")
+                         "energy and gen (from each file's logits), knn, mahalanobis and rmd "
+                         "(fitted on --train; mahalanobis and rmd on its labels too), vim, "
+                         "react, gradnorm and ash (ASH-S; fitted on --train's features and "
+                         "logits, from which they recover the classifier's last layer)")
     ev.add_argument("--train", metavar="FILE",
-                    help="training feature file for --baselines knn, mahalanobis, vim, "
+                    help="training feature file for --baselines knn, mahalanobis, rmd, vim, "
                          "react, gradnorm and ash")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "

@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and ten baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and eleven baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -33,6 +33,7 @@ from grood import (
     GROOD,
     KNN,
     MSP,
+    RMD,
     Energy,
     GradNorm,
     Mahalanobis,
@@ -223,7 +224,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     fc = cast(nn.Linear, net.head)  # ViM's and ReAct's last layer
     fitted = [MSP().fit(l_train), MaxLogit().fit(l_train), Energy().fit(l_train),
               GEN().fit(l_train), KNN(k=cfg.knn_k).fit(f_train),
-              Mahalanobis().fit(f_train, y_train),
+              Mahalanobis().fit(f_train, y_train), RMD().fit(f_train, y_train),
               ViM().fit(f_train, weight=fc.weight, bias=fc.bias),
               ReAct().fit(f_train, weight=fc.weight, bias=fc.bias),
               GradNorm().fit(f_train, weight=fc.weight, bias=fc.bias),

@@ -13,6 +13,7 @@ from grood import (
     GEN,
     KNN,
     MSP,
+    RMD,
     Energy,
     GradNorm,
     Mahalanobis,
@@ -111,6 +112,28 @@ def test_mahalanobis_matches_pinv_definition(offset):
     both = maha.score_and_predict(q + offset)
     assert torch.equal(both[0], s) and torch.equal(both[1], torch.from_numpy(pred))
     assert len(set(pred.tolist())) > 1  # (the queries are spread over the classes)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_rmd_is_the_mahalanobis_distance_relative_to_the_training_gaussians(offset):
+    """Minus (the smallest squared class distance, shared covariance, minus the squared
+    distance to the overall mean under the overall covariance), by pseudo-inverses; its
+    classes are Mahalanobis's."""
+    x, y = clustered_features(120, 4, 6, seed=3)
+    q, _ = clustered_features(17, 4, 6, seed=4, spread=1.5)
+    rmd = RMD().fit(x + offset, y)
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    centred = x - means[y]
+    precision = torch.linalg.pinv(centred.T @ centred / 120, hermitian=True)
+    diffs = q[:, None, :] - means[None]
+    md = torch.einsum("ncd,de,nce->nc", diffs, precision, diffs)
+    mu = x.mean(0)
+    whole = torch.linalg.pinv((x - mu).T @ (x - mu) / 120, hermitian=True)
+    md0 = torch.einsum("nd,de,ne->n", q - mu, whole, q - mu)
+    s, pred = rmd.score_and_predict(q + offset)
+    torch.testing.assert_close(s, -(md.min(1).values - md0), rtol=1e-7, atol=1e-6)
+    assert torch.equal(pred, Mahalanobis().fit(x + offset, y).predict(q + offset))
+    assert float(s.max() - s.min()) > 1.0  # (the queries differ in score)
 
 
 def test_feature_baselines_score_float64_features_in_float64():

@@ -38,7 +38,8 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "MaxLogit",
-                   "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "ViM (dim=64)", "ReAct (p90)",
+                   "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "RMD", "ViM (dim=64)",
+                   "ReAct (p90)",
                    "GradNorm", "ASH-S (p65)"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
@@ -807,11 +808,12 @@ def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, caps
 
 
 def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
-    """--baselines maxlogit gen (from each file's logits) and vim react gradnorm ash (their last
-    layer recovered from --train's features and logits): the metrics grood.baselines give by
-    hand, the last-layer ones' accuracy from their own predictions; a training file without
-    logits is named for what they need."""
-    from grood import ASH, GEN, GradNorm, MaxLogit, ReAct, ViM, ood_metrics
+    """--baselines maxlogit gen (from each file's logits), vim react gradnorm ash (their last
+    layer recovered from --train's features and logits) and rmd (--train's features and
+    labels): the metrics grood.baselines give by hand, the accuracy of those that predict
+    from their own predictions; a training file without logits is named for what they
+    need."""
+    from grood import ASH, GEN, RMD, GradNorm, MaxLogit, ReAct, ViM, ood_metrics
 
     x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
     means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
@@ -827,11 +829,12 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
     capsys.readouterr()
     argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
             "--json", str(tmp_path / "m.json"), "--baselines", "maxlogit", "gen", "vim",
-            "react", "gradnorm", "ash", "--train"]
+            "react", "gradnorm", "ash", "rmd", "--train"]
     assert main([*argv, str(tmp_path / "train.npz")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[3].strip() for line in lines[4:11]] == [
-        "GROOD", "MaxLogit", "GEN", "ViM (dim=3)", "ReAct (p90)", "GradNorm", "ASH-S (p90)"]
+    assert [line.split("|")[3].strip() for line in lines[4:12]] == [
+        "GROOD", "MaxLogit", "GEN", "ViM (dim=3)", "ReAct (p90)", "GradNorm", "ASH-S (p90)",
+        "RMD"]
     got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
     id_x, id_l, labels = x[100:].numpy(), logits[100:].numpy(), y[100:].numpy()
     train = (x[:100].numpy(), logits[:100].numpy())
@@ -841,7 +844,8 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             ("ViM (dim=3)", ViM().fit(train[0], logits=train[1]), id_x, ood.numpy()),
             ("ReAct (p90)", ReAct().fit(train[0], logits=train[1]), id_x, ood.numpy()),
             ("GradNorm", GradNorm().fit(train[0], logits=train[1]), id_x, ood.numpy()),
-            ("ASH-S (p90)", ASH().fit(train[0], logits=train[1]), id_x, ood.numpy())):
+            ("ASH-S (p90)", ASH().fit(train[0], logits=train[1]), id_x, ood.numpy()),
+            ("RMD", RMD().fit(train[0], y[:100].numpy()), id_x, ood.numpy())):
         own = hasattr(est, "score_and_predict")
         pred = est.score_and_predict(id_x)[1] if own else id_l.argmax(1)
         assert got["baselines"][name] == {"id_accuracy": float(np.mean(pred == labels)),
@@ -871,7 +875,7 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             (["--knn-k", "3"], "--knn-k is read only by --baselines knn")):
         assert main([*argv, train, *extra]) == 2
         assert said in capsys.readouterr().err
-    assert main([*argv[:-7], "msp", "--vim-dim", "3"]) == 2
+    assert main([*argv[:-8], "msp", "--vim-dim", "3"]) == 2
     assert "--vim-dim is read only by --baselines vim" in capsys.readouterr().err
 
 

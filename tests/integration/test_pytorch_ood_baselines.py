@@ -1,5 +1,5 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
-classifier's features and logits: ViM, ReAct, GradNorm, ASH, MaxLogit, Energy and GEN.
+classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy and GEN.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("pytorch_ood")
 
-from pytorch_ood.detector import ASH, EnergyBased, GradNorm, MaxLogit, ReAct, ViM
+from pytorch_ood.detector import ASH, RMD, EnergyBased, GradNorm, MaxLogit, ReAct, ViM
 from pytorch_ood.detector import GEN as PoodGEN
 
 import grood
@@ -90,3 +90,16 @@ def test_ash_equals_pytorch_oods(layer, variant):
     torch.testing.assert_close(ours.score_samples(test),
                                -theirs.predict_feature_maps(test[:, :, None, None]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rmd_equals_pytorch_oods(layer):
+    """pytorch-ood's covariances are sums of outer products (not divided by the N rows,
+    with a 1e-6 ridge), so its relative distances are grood's over N."""
+    train, test, fc = layer
+    labels = fc(train).argmax(1)
+    assert len(labels.unique()) == 7
+    theirs = RMD(None).fit_features(train, labels)
+    ours = grood.RMD().fit(train, labels)
+    torch.testing.assert_close(ours.score_samples(test),
+                               -len(train) * theirs.predict_features(test), rtol=1e-4,
+                               atol=1e-3)
