@@ -420,8 +420,10 @@ class _HeadBaseline(_Baseline):
     batch_size: int
 
     def _head(self, x: Tensor, logits: Any, weight: Any, bias: Any
-              ) -> tuple[Tensor, Tensor]:
-        """The last layer ``(weight, bias)`` in float64 on the features' device."""
+              ) -> tuple[Tensor, Tensor, float | None]:
+        """The last layer ``(weight, bias)`` in float64 on the features' device, and the
+        residual it leaves of the logits it was recovered from (None: given). Nothing is
+        stored: a fit that fails after it leaves the estimator as it was."""
         from grood import _linear
 
         name = type(self).__name__
@@ -432,8 +434,8 @@ class _HeadBaseline(_Baseline):
             if logits is not None:
                 raise ValueError(f"{name}.fit takes the training logits or the last layer's "
                                  "weight and bias, not both")
-            self.head_error_ = None
-            return _linear.checked_head(weight, bias, x.shape[1], torch.float64, x.device)
+            w, b = _linear.checked_head(weight, bias, x.shape[1], torch.float64, x.device)
+            return w, b, None
         if logits is None:
             raise ValueError(
                 f"{name} reads the features through the classifier's last linear layer: pass "
@@ -459,8 +461,7 @@ class _HeadBaseline(_Baseline):
                 f"{_linear.HEAD_TOLERANCE:.0%} allowed), so {name} cannot recover the last "
                 "layer from them. Give the features that layer reads (the penultimate "
                 "layer's pooled output), or pass the layer's weight and bias")
-        self.head_error_ = err
-        return w, b
+        return w, b, err
 
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
             logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
@@ -469,15 +470,16 @@ class _HeadBaseline(_Baseline):
         not used."""
         x, _ = self._read(features, fitting=True)
         self._check_params()
-        w, b = self._head(x, logits, weight, bias)
-        self._store_head(w, b, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        head = self._head(x, logits, weight, bias)
+        self._store_head(head, torch.float64 if x.dtype == torch.float64 else torch.float32)
         self._fitted_on(features, x.shape[1])
         return self
 
     def _check_params(self) -> None:
         """Check the parameters ``_read`` does not, before a fit's work."""
 
-    def _store_head(self, w: Tensor, b: Tensor, dt: torch.dtype) -> None:
+    def _store_head(self, head: tuple[Tensor, Tensor, float | None], dt: torch.dtype) -> None:
+        w, b, self.head_error_ = head
         self.weight_, self.bias_ = w.to(dt), b.to(dt)
 
     def score_and_predict(self, features: ArrayT) -> tuple[ArrayT, ArrayT]:
@@ -554,7 +556,8 @@ class ViM(_HeadBaseline):
         if not 1 <= dim < d:
             raise ValueError(f"dim={dim}: the principal space must leave part of the {d} "
                              f"feature dimensions outside it (1 <= dim < {d})")
-        w, b = self._head(x, logits, weight, bias)
+        head = self._head(x, logits, weight, bias)
+        w, b = head[:2]
         origin = -(torch.linalg.pinv(w) @ b)
         moments = x.new_zeros((d, d), dtype=torch.float64)
         for r0, r1 in batches(n, self.batch_size):
@@ -562,19 +565,21 @@ class ViM(_HeadBaseline):
             moments += xc.T @ xc
         _, evecs = torch.linalg.eigh((moments + moments.T) / 2)  # ascending
         null = evecs[:, : d - dim]  # all but the dim leading directions
-        residual = largest = 0.0
+        residual = whole = largest = 0.0
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
             residual += float(((xb - origin) @ null).norm(dim=1).sum())
+            whole += float((xb - origin).norm(dim=1).sum())
             largest += float((xb @ w.T + b).amax(dim=1).sum())
-        if residual == 0:
+        if not residual > 1e-9 * whole:  # (float64 rounding leaves ~1e-15 of it)
             raise ValueError(f"the training features lie inside their principal space of "
-                             f"dim={dim}: nothing is left to score by; lower dim")
+                             f"dim={dim} (all but {residual / whole:.1e} of their norm): "
+                             "nothing is left to score by; lower dim")
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.dim_ = dim
         self.origin_, self.null_space_ = origin.to(dt), null.to(dt).contiguous()
         self.alpha_ = largest / residual
-        self._store_head(w, b, dt)
+        self._store_head(head, dt)
         self._fitted_on(features, d)
         return self
 
@@ -623,7 +628,7 @@ class ReAct(_HeadBaseline):
             q = -1.0
         if not 0 < q <= 100:
             raise ValueError(f"percentile must be a number in (0, 100], got {self.percentile!r}")
-        w, b = self._head(x, logits, weight, bias)
+        head = self._head(x, logits, weight, bias)
         n, d = x.shape
 
         def chunks() -> Any:
@@ -633,7 +638,7 @@ class ReAct(_HeadBaseline):
         self.clip_ = float(torch.tensor(_linear.percentile(chunks, n * d, q, x.dtype),
                                         dtype=dt))
         self.percentile_ = q
-        self._store_head(w, b, dt)
+        self._store_head(head, dt)
         self._fitted_on(features, d)
         return self
 

@@ -452,5 +452,17 @@ def test_head_baselines_refuse_what_they_cannot_read_a_layer_from():
             det.fit(logits)
     with pytest.raises(NotFittedError, match="ViM is not fitted"):
         ViM().score_samples(x)
+    # Features with nothing outside the principal space (3 of 24 columns vary, dim=5), and
+    # a refit that fails (there, or earlier) leaves the fitted estimator as it was.
+    flat = torch.zeros_like(x)
+    flat[:, :3] = x[:, :3]
+    vim = ViM(dim=5).fit(x, logits=logits)
+    error, scores = vim.head_error_, vim.score_samples(x[:5])
+    for kwargs, message in (({"logits": torch.tanh(logits)}, "not an affine function"),
+                            ({"weight": w, "bias": b}, "lie inside their principal space of "
+                                                       "dim=5")):
+        with pytest.raises(ValueError, match=message):
+            vim.fit(flat if "weight" in kwargs else x, **kwargs)
+        assert vim.head_error_ == error and torch.equal(vim.score_samples(x[:5]), scores)
     with pytest.raises(ValueError, match="features has 5 columns but this ReAct was fitted"):
         ReAct().fit(x, logits=logits).score_samples(x[:, :5])
