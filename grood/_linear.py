@@ -91,7 +91,8 @@ class HeadFit:
             raise ValueError(
                 f"the training features span {rank} of their {d} dimensions{rows}: the last "
                 f"layer's weights along the other {d - rank} cannot be recovered from the "
-                "logits; pass the classifier's weight and bias to fit instead")
+                "logits; pass the classifier's weight and bias to fit instead (grood eval: "
+                "--head FILE)")
         weight_t = evecs @ ((evecs.T @ cross) / evals[:, None])  # [D, C]
         bias = self.sl / n - (mean + self.shift) @ weight_t
         return weight_t.T.contiguous(), bias

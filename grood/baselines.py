@@ -460,7 +460,8 @@ class _HeadBaseline(_Baseline):
                 f"fit leaves {err:.2%} of their spread (root mean square; "
                 f"{_linear.HEAD_TOLERANCE:.0%} allowed), so {name} cannot recover the last "
                 "layer from them. Give the features that layer reads (the penultimate "
-                "layer's pooled output), or pass the layer's weight and bias")
+                "layer's pooled output), or pass the layer's weight and bias (grood eval: "
+                "--head FILE)")
         return w, b, err
 
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,

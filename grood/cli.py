@@ -443,6 +443,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         ("ash_percentile", "ash")):
         if getattr(args, option) is not None and key not in args.baselines:
             raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
+    if args.head is not None:
+        if not set(args.baselines) & set(HEAD_BASELINES):
+            raise ValueError("--head is read only by --baselines "
+                             f"{', '.join(HEAD_BASELINES[:-1])} and {HEAD_BASELINES[-1]}")
+        _require_files({"last-layer file": args.head})
     if args.react_percentile is not None and not 0 < args.react_percentile <= 100:
         raise ValueError(f"--react-percentile must be a number in (0, 100], got "
                          f"{args.react_percentile:g}")
@@ -466,7 +471,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _require_files({"feature file": path})
     inputs = {"detector file": args.detector, "ID feature file": args.id,
               **{f"OOD feature file {p}": p for p in ood_files},
-              **({"training feature file": args.train} if args.train is not None else {})}
+              **({"training feature file": args.train} if args.train is not None else {}),
+              **({"last-layer file": args.head} if args.head is not None else {})}
     if args.json:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     if args.csv:
@@ -541,6 +547,7 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
         **({"ash_percentile": ASH_PERCENTILE if args.ash_percentile is None
             else args.ash_percentile} if "ash" in args.baselines else {}),
         **({"train": args.train} if args.train is not None else {}),
+        **({"head": args.head} if args.head is not None else {}),
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
         "date": date.today().isoformat(),
     }
@@ -581,10 +588,19 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
     """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
     ID file's), on the command's device; the training features of the width the detector's
     (``n_features``) were."""
+    import torch
+
     import grood.baselines
-    from grood.io import load_features
+    from grood._linear import checked_head
+    from grood.io import load_features, load_head
 
     train = load_features(args.train) if args.train is not None else None
+    head = None
+    if args.head is not None:  # checked against the detector's width before any fit
+        with prefixed_errors(args.head):
+            weight, bias = checked_head(*load_head(args.head), n_features, torch.float64,
+                                        torch.device(args.device or "cpu"))
+        head = {"weight": weight, "bias": bias}
     out = []
     for key in args.baselines:
         cls_name, inputs = EVAL_BASELINES[key]
@@ -612,7 +628,8 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
                            if key == "react" else
                            cls(percentile=ASH_PERCENTILE if args.ash_percentile is None
                                else args.ash_percentile) if key == "ash" else cls())
-                    est.fit(x, logits=_file_array(train, "logits", key, args.device))
+                    est.fit(x, **(head or {"logits": _file_array(train, "logits", key,
+                                                                 args.device)}))
                 else:
                     est = cls().fit(x, _file_array(train, "labels", key, args.device))
         out.append(est)
@@ -634,7 +651,7 @@ def _file_array(data: Any, name: str, key: str, device: str | None) -> Any:
         if key in HEAD_BASELINES:
             raise ValueError(f"--baselines {key} reads the features through the classifier's "
                              "last layer, which it recovers from the training file's logits: "
-                             "the file has no 'logits' array")
+                             "the file has no 'logits' array (or give the layer: --head FILE)")
         raise ValueError(f"--baselines {key} {_MISSING[name]}")
     return as_tensor(value, name)[0].to(device)
 
@@ -899,6 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train", metavar="FILE",
                     help="training feature file for --baselines knn, mahalanobis, rmd, vim, "
                          "react, gradnorm and ash")
+    ev.add_argument("--head", metavar="FILE",
+                    help="the classifier's last linear layer for --baselines vim, react, "
+                         "gradnorm and ash, instead of recovering it from --train's logits: a "
+                         ".pt, .safetensors or .npz file holding 'weight' [C, D] and 'bias' "
+                         "[C] (torch.save({'weight': fc.weight, 'bias': fc.bias}, FILE))")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
                          "et al.)")

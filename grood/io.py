@@ -65,8 +65,42 @@ def _text_hint(path: Path, suffix: str) -> str:
 def load_features(path: str | os.PathLike) -> FeatureFile:
     """Read a feature file (see the module docstring for the formats)."""
     path = Path(path)
+    arrays = _arrays(path, "feature file")
+    if "features" not in arrays:
+        raise ValueError(f"{path} has no 'features' array; it holds {sorted(arrays)}. "
+                         f"{HOW_TO_WRITE}")
+    for key in KEYS:
+        value = arrays.get(key)
+        if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):
+            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not an array")
+    return FeatureFile(*(arrays.get(k) for k in KEYS))
+
+
+def load_head(path: str | os.PathLike) -> tuple[Any, Any]:
+    """A classifier's last linear layer from a file of the same formats holding ``weight``
+    [C, D] and ``bias`` [C] (``torch.save({"weight": fc.weight, "bias": fc.bias}, path)``,
+    or ``np.savez(path, weight=W, bias=b)``): ``(weight, bias)``, checked by the baseline
+    that reads them."""
+    path = Path(path)
+    arrays = _arrays(path, "last-layer file")
+    missing = [k for k in ("weight", "bias") if k not in arrays]
+    if missing:
+        raise ValueError(
+            f"{path} has no {' or '.join(repr(k) for k in missing)} array; it holds "
+            f"{sorted(arrays)}. A last-layer file names them: torch.save({{'weight': "
+            "fc.weight, 'bias': fc.bias}, path) or np.savez(path, weight=W, bias=b)")
+    for key in ("weight", "bias"):
+        if not isinstance(arrays[key], (np.ndarray, torch.Tensor)):
+            raise ValueError(f"{path}: {key!r} is a {type(arrays[key]).__name__}, not an "
+                             "array")
+    return arrays["weight"], arrays["bias"]
+
+
+def _arrays(path: Path, what: str) -> dict[str, Any]:
+    """The arrays of a file in one of :data:`SUFFIXES`' formats, by name (a ``.npy`` or a
+    bare tensor's as ``features``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no feature file at {path}{path_hint(path)}")
+        raise FileNotFoundError(f"no {what} at {path}{path_hint(path)}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}"
@@ -101,14 +135,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         raise ValueError(f"{path}: could not read the file ({exc})") from exc
     except Exception as exc:
         raise ValueError(f"{path}: could not read the file ({exc})") from exc
-    if "features" not in arrays:
-        raise ValueError(f"{path} has no 'features' array; it holds {sorted(arrays)}. "
-                         f"{HOW_TO_WRITE}")
-    for key in KEYS:
-        value = arrays.get(key)
-        if value is not None and not isinstance(value, (np.ndarray, torch.Tensor)):
-            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not an array")
-    return FeatureFile(*(arrays.get(k) for k in KEYS))
+    return arrays
 
 
 def training_file(path: str | os.PathLike) -> FeatureFile:

@@ -877,6 +877,30 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
         assert said in capsys.readouterr().err
     assert main([*argv[:-8], "msp", "--vim-dim", "3"]) == 2
     assert "--vim-dim is read only by --baselines vim" in capsys.readouterr().err
+    # The layer itself (--head), where the training file has no logits: the same metrics.
+    metrics = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    torch.save({"weight": means, "bias": torch.tensor([0.5, -0.25, 0.0])}, tmp_path / "fc.pt")
+    torch.save({"weight": means[:, :5], "bias": torch.zeros(3)}, tmp_path / "narrow.pt")
+    bare = str(tmp_path / "bare.npz")
+    assert main([*argv, bare, "--head", str(tmp_path / "fc.pt"), "--vim-dim", "2",
+                 "--react-percentile", "99.5", "--ash-percentile", "50"]) == 0
+    capsys.readouterr()
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["taken_with"]["head"] == str(tmp_path / "fc.pt")
+    for name in ("ViM (dim=2)", "ReAct (p99.5)", "GradNorm", "ASH-S (p50)"):
+        for key, value in metrics["baselines"][name].items():
+            assert got[str(tmp_path / "ood.npz")]["baselines"][name][key] == pytest.approx(
+                value, abs=1e-6), (name, key)
+    for extra, said in (
+            (["--head", str(tmp_path / "narrow.pt")],
+             "narrow.pt: weight has 5 columns but the features have 6 columns"),
+            (["--head", str(tmp_path / "bare.npz")],
+             "bare.npz has no 'weight' or 'bias' array; it holds ['features', 'labels']")):
+        assert main([*argv, bare, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv[:-8], "msp", "--head", str(tmp_path / "fc.pt")]) == 2
+    assert ("--head is read only by --baselines vim, react, gradnorm and ash"
+            in capsys.readouterr().err)
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
