@@ -761,3 +761,65 @@ class ASH(_HeadBaseline):
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
         return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+
+
+#: The baselines by the names ``grood eval --baselines`` and :func:`fit_baselines` give
+#: them: name -> (class, what it scores).
+BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
+    "msp": (MSP, "logits"), "maxlogit": (MaxLogit, "logits"), "energy": (Energy, "logits"),
+    "gen": (GEN, "logits"), "knn": (KNN, "features"), "mahalanobis": (Mahalanobis, "features"),
+    "rmd": (RMD, "features"), "vim": (ViM, "features"), "react": (ReAct, "features"),
+    "gradnorm": (GradNorm, "features"), "ash": (ASH, "features")}
+
+
+def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logits: Any = None,
+                  weight: Any = None, bias: Any = None,
+                  options: dict[str, dict[str, Any]] | None = None) -> list[_Baseline]:
+    """The baselines ``names`` (as :data:`BY_NAME` and ``grood eval --baselines`` name them),
+    fitted on one training set, in that order, for :func:`grood.evaluate`'s ``baselines``:
+    those of logits on ``logits``, KNN on ``features``, Mahalanobis and RMD on ``features``
+    and ``labels``, and the last-layer ones (ViM, ReAct, GradNorm, ASH) on ``features``
+    with the layer's ``weight`` and ``bias`` or, without them, ``logits`` to recover it
+    from. ``options``: constructor arguments by name (``{"knn": {"k": 50}}``). What a
+    baseline needs and was not given is named before any is fitted."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    options = dict(options or {})
+    unknown = [n for n in [*names, *options] if n not in BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}; the names are "
+                         f"{', '.join(BY_NAME)}")
+    stray = [n for n in options if n not in names]
+    if stray:
+        raise ValueError(f"options for {stray[0]!r}, which is not among the baselines asked "
+                         "for")
+    given = {"features": features, "labels": labels, "logits": logits}
+    head = {"weight": weight, "bias": bias} if weight is not None or bias is not None else None
+    plans = []
+    for name in names:
+        cls, inputs = BY_NAME[name]
+        needs: tuple[str, ...]
+        if cls in (Mahalanobis, RMD):
+            needs = ("features", "labels")
+        elif issubclass(cls, _HeadBaseline):
+            needs = ("features",) if head is not None else ("features", "logits")
+        else:
+            needs = (inputs,)
+        missing = [k for k in needs if given[k] is None]
+        if missing:
+            raise ValueError(f"the {name} baseline is fitted on {' and '.join(needs)}: give "
+                             f"{' and '.join(missing)}"
+                             + (" (or the last layer's weight and bias)"
+                                if "logits" in missing and inputs == "features" else ""))
+        plans.append((name, cls, needs))
+    out = []
+    for name, cls, needs in plans:
+        est: Any = cls(**options.get(name, {}))
+        if cls in (Mahalanobis, RMD):
+            out.append(est.fit(features, labels))
+        elif issubclass(cls, _HeadBaseline):
+            out.append(est.fit(features, **(head or {"logits": logits})))
+        else:
+            out.append(est.fit(given[needs[0]]))
+    return out

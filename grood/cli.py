@@ -14,6 +14,7 @@ from typing import Any
 
 from grood import __version__
 from grood._checks import fraction_arg, path_hint, positive_int_arg, prefixed_errors
+from grood.baselines import BY_NAME
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
 from grood.portable import SEARCH_BLOCK_ROWS
@@ -566,12 +567,7 @@ def _provenance_line(p: dict[str, Any]) -> str:
 
 #: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
 #: logits are fitted on the ID file's (which records their width), the others on --train.
-EVAL_BASELINES = {"msp": ("MSP", "logits"), "maxlogit": ("MaxLogit", "logits"),
-                  "energy": ("Energy", "logits"), "gen": ("GEN", "logits"),
-                  "knn": ("KNN", "features"), "mahalanobis": ("Mahalanobis", "features"),
-                  "rmd": ("RMD", "features"),
-                  "vim": ("ViM", "features"), "react": ("ReAct", "features"),
-                  "gradnorm": ("GradNorm", "features"), "ash": ("ASH", "features")}
+EVAL_BASELINES = {name: (cls.__name__, inputs) for name, (cls, inputs) in BY_NAME.items()}
 #: Those fitted on --train.
 FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs == "features"]
 #: Those that read --train's logits (to recover the classifier's last layer from).

@@ -466,3 +466,40 @@ def test_head_baselines_refuse_what_they_cannot_read_a_layer_from():
         assert vim.head_error_ == error and torch.equal(vim.score_samples(x[:5]), scores)
     with pytest.raises(ValueError, match="features has 5 columns but this ReAct was fitted"):
         ReAct().fit(x, logits=logits).score_samples(x[:, :5])
+
+
+def test_fit_baselines_fits_each_by_its_name_as_by_hand():
+    """grood.baselines.fit_baselines: every baseline grood eval names, fitted on one training
+    set as by hand (the last-layer ones from logits, or from the layer given), in the order
+    asked; what one needs and was not given is named before any is fitted."""
+    from grood.baselines import BY_NAME, fit_baselines
+
+    x, logits, fc, q = _head_data(seed=6)
+    labels = torch.arange(len(x)) % 6
+    fitted = fit_baselines(list(BY_NAME), features=x, labels=labels, logits=logits,
+                           options={"knn": {"k": 3}, "vim": {"dim": 8}})
+    by_hand = [MSP().fit(logits), MaxLogit().fit(logits), Energy().fit(logits),
+               GEN().fit(logits), KNN(k=3).fit(x), Mahalanobis().fit(x, labels),
+               RMD().fit(x, labels), ViM(dim=8).fit(x, logits=logits),
+               ReAct().fit(x, logits=logits), GradNorm().fit(x, logits=logits),
+               ASH().fit(x, logits=logits)]
+    test_logits = fc(q).detach()
+    for ours, ref in zip(fitted, by_hand, strict=True):
+        assert type(ours) is type(ref) and ours.get_params() == ref.get_params()
+        data = test_logits if ref.inputs == "logits" else q
+        assert torch.equal(ours.score_samples(data), ref.score_samples(data))
+    given = fit_baselines("vim", features=x, weight=fc.weight, bias=fc.bias)
+    assert len(given) == 1 and given[0].head_error_ is None
+    for kwargs, message in (
+            ({"names": ["knn", "vim"], "features": x},
+             r"the vim baseline is fitted on features and logits: give logits \(or the last "
+             r"layer's weight and bias\)"),
+            ({"names": ["msp"], "features": x}, "the msp baseline is fitted on logits: give "
+                                                "logits"),
+            ({"names": ["rmd"], "features": x}, "fitted on features and labels: give labels"),
+            ({"names": ["vit"], "features": x}, "unknown baseline 'vit'; the names are msp, "),
+            ({"names": ["knn"], "features": x, "options": {"vim": {"dim": 3}}},
+             "options for 'vim', which is not among the baselines asked for")):
+        names = kwargs.pop("names")
+        with pytest.raises(ValueError, match=message):
+            fit_baselines(names, **kwargs)
