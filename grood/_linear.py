@@ -97,6 +97,16 @@ class HeadFit:
         bias = self.sl / n - (mean + self.shift) @ weight_t
         return weight_t.T.contiguous(), bias
 
+    def moments_about(self, point: Tensor) -> Tensor:
+        """The features' second moments about ``point`` [D], summed over the rows, float64:
+        the scatter about their mean plus the rows' count times the mean's offset from
+        ``point`` squared (no pass over the rows)."""
+        assert self.shift is not None  # (fits have rows)
+        mean = self.sx / self.n  # (about the shift)
+        offset = mean + self.shift - point
+        return (self.xx - self.n * torch.outer(mean, mean)
+                + self.n * torch.outer(offset, offset))
+
 
 def relative_residual(pairs: Iterable[tuple[Tensor, Tensor]], weight: Tensor,
                       bias: Tensor) -> float:
@@ -121,16 +131,16 @@ def relative_residual(pairs: Iterable[tuple[Tensor, Tensor]], weight: Tensor,
     return (sq_err / spread) ** 0.5
 
 
-def _keys(x: Tensor) -> tuple[Tensor, int]:
+def _keys(x: Tensor) -> Tensor:
     """Signed integer keys ordered as the float values of ``x`` (float64 kept, narrower types
-    as float32, whose order they share), as int64, and the keys' width in bits."""
+    as float32, whose order they share), as int64."""
     if x.dtype == torch.float64:
         i, bits = x.contiguous().view(torch.int64), 64
     else:
         i, bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64), 32
     mask = (1 << (bits - 1)) - 1
     # Negative floats order backwards in their bits: flip all but the sign bit.
-    return torch.where(i < 0, i ^ mask, i), bits
+    return torch.where(i < 0, i ^ mask, i)
 
 
 def _from_key(key: int, bits: int) -> float:
@@ -154,7 +164,7 @@ def order_statistics(chunks: Callable[[], Iterable[Tensor]], ranks: list[int],
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
         hists: dict[int | None, Tensor] = {}
         for chunk in chunks():
-            keys, _ = _keys(chunk.reshape(-1))
+            keys = _keys(chunk.reshape(-1))
             for prefix in dict.fromkeys(prefixes):
                 if prefix is None:  # the first digit, signed: offset to 0..65535
                     digit = (keys >> shift) + (1 << (_DIGIT - 1))

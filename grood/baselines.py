@@ -46,6 +46,7 @@ from grood._checks import (
     check_positive_int,
     check_positive_real,
     check_real,
+    compute_dtype,
 )
 from grood._columns import check_feature_names, feature_names, set_feature_names
 from grood._params import Parameters
@@ -409,6 +410,20 @@ class RMD(Mahalanobis):
         return (centred @ self.background_whitening_.to(centred.dtype)).square().sum(dim=1)
 
 
+def checked_percentile(value: Any, *, upper_closed: bool) -> float:
+    """``percentile`` as a float in (0, 100] (``upper_closed``) or [0, 100), else a clear
+    error."""
+    try:
+        q = check_real(value, "percentile")
+    except ValueError:
+        q = -1.0
+    inside = 0 < q <= 100 if upper_closed else 0 <= q < 100
+    if not inside:
+        raise ValueError(f"percentile must be a number in "
+                         f"{'(0, 100]' if upper_closed else '[0, 100)'}, got {value!r}")
+    return q
+
+
 class _HeadBaseline(_Baseline):
     """A score of the features read through the classifier's last linear layer: given to
     ``fit`` (``weight`` [C, D], ``bias`` [C], an ``nn.Linear``'s), or recovered there by
@@ -420,9 +435,10 @@ class _HeadBaseline(_Baseline):
     batch_size: int
 
     def _head(self, x: Tensor, logits: Any, weight: Any, bias: Any
-              ) -> tuple[Tensor, Tensor, float | None]:
-        """The last layer ``(weight, bias)`` in float64 on the features' device, and the
-        residual it leaves of the logits it was recovered from (None: given). Nothing is
+              ) -> tuple[Tensor, Tensor, float | None, Any]:
+        """The last layer ``(weight, bias)`` in float64 on the features' device, the
+        residual it leaves of the logits it was recovered from and the least squares
+        (:class:`grood._linear.HeadFit`) it was recovered by (both None: given). Nothing is
         stored: a fit that fails after it leaves the estimator as it was."""
         from grood import _linear
 
@@ -435,7 +451,7 @@ class _HeadBaseline(_Baseline):
                 raise ValueError(f"{name}.fit takes the training logits or the last layer's "
                                  "weight and bias, not both")
             w, b = _linear.checked_head(weight, bias, x.shape[1], torch.float64, x.device)
-            return w, b, None
+            return w, b, None, None
         if logits is None:
             raise ValueError(
                 f"{name} reads the features through the classifier's last linear layer: pass "
@@ -462,26 +478,36 @@ class _HeadBaseline(_Baseline):
                 "layer from them. Give the features that layer reads (the penultimate "
                 "layer's pooled output), or pass the layer's weight and bias (grood eval: "
                 "--head FILE)")
-        return w, b, err
+        return w, b, err, fit
 
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
             logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
-        """Take the last layer's ``weight`` and ``bias``, or recover them from the training
-        features and their ``logits`` (the features are read only for that); ``labels`` are
-        not used."""
+        """Fit on the training features, with their ``logits`` (the last layer is recovered
+        from them) or the last layer's ``weight`` and ``bias``; ``labels`` are not used. A
+        fit that fails leaves the estimator as it was."""
         x, _ = self._read(features, fitting=True)
-        self._check_params()
-        head = self._head(x, logits, weight, bias)
-        self._store_head(head, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        checked = self._checked_params(x.shape[1])
+        w, b, err, least_squares = self._head(x, logits, weight, bias)
+        dt = compute_dtype(x.dtype)
+        fitted = self._fit_more(x, w, b, dt, checked, least_squares)
+        self.weight_, self.bias_, self.head_error_ = w.to(dt), b.to(dt), err
+        for name, value in fitted.items():
+            setattr(self, name, value)
         self._fitted_on(features, x.shape[1])
         return self
 
-    def _check_params(self) -> None:
-        """Check the parameters ``_read`` does not, before a fit's work."""
+    def _checked_params(self, d: int) -> Any:
+        """The parameters ``_read`` does not check, checked before a fit's work (for
+        features of width ``d``), as :meth:`_fit_more` takes them."""
+        return None
 
-    def _store_head(self, head: tuple[Tensor, Tensor, float | None], dt: torch.dtype) -> None:
-        w, b, self.head_error_ = head
-        self.weight_, self.bias_ = w.to(dt), b.to(dt)
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, checked: Any,
+                  least_squares: Any) -> dict[str, Any]:
+        """What a baseline learns beyond the layer ``w``, ``b`` (float64) from the training
+        features ``x``, by attribute name, in ``dt``: set only once the whole fit is done.
+        ``least_squares``: the layer's recovery (:class:`grood._linear.HeadFit`, with the
+        features' second moments), or None where the layer was given."""
+        return {}
 
     def score_and_predict(self, features: ArrayT) -> tuple[ArrayT, ArrayT]:
         """The scores and the class the layer's logits pick (as OpenOOD's postprocessor
@@ -537,6 +563,10 @@ class ViM(_HeadBaseline):
     """
 
     name = "ViM"
+    dim_: int  # set by fit (through _fit_more)
+    origin_: Tensor
+    null_space_: Tensor
+    alpha_: float
 
     def __init__(self, dim: int | None = None, batch_size: int = 4096) -> None:
         self.dim = dim
@@ -547,42 +577,39 @@ class ViM(_HeadBaseline):
         """``ViM (dim=1000)``."""
         return f"ViM (dim={self.dim_})"
 
-    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
-            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
-        """Fit on the training features, with their ``logits`` or the last layer's
-        ``weight`` and ``bias``; ``labels`` are not used."""
-        x, _ = self._read(features, fitting=True)
-        n, d = x.shape
+    def _checked_params(self, d: int) -> int:
         dim = default_vim_dim(d) if self.dim is None else check_positive_int(self.dim, "dim")
         if not 1 <= dim < d:
             raise ValueError(f"dim={dim}: the principal space must leave part of the {d} "
                              f"feature dimensions outside it (1 <= dim < {d})")
-        head = self._head(x, logits, weight, bias)
-        w, b = head[:2]
+        return dim
+
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, dim: int,
+                  least_squares: Any) -> dict[str, Any]:
+        n, d = x.shape
         origin = -(torch.linalg.pinv(w) @ b)
-        moments = x.new_zeros((d, d), dtype=torch.float64)
-        for r0, r1 in batches(n, self.batch_size):
-            xc = x[r0:r1].to(torch.float64) - origin
-            moments += xc.T @ xc
+        if least_squares is not None:  # (its sums hold them: no pass over the rows)
+            moments = least_squares.moments_about(origin)
+        else:
+            moments = x.new_zeros((d, d), dtype=torch.float64)
+            for r0, r1 in batches(n, self.batch_size):
+                xc = x[r0:r1].to(torch.float64) - origin
+                moments += xc.T @ xc
         _, evecs = torch.linalg.eigh((moments + moments.T) / 2)  # ascending
         null = evecs[:, : d - dim]  # all but the dim leading directions
         residual = whole = largest = 0.0
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
-            residual += float(((xb - origin) @ null).norm(dim=1).sum())
-            whole += float((xb - origin).norm(dim=1).sum())
+            xc = xb - origin
+            residual += float((xc @ null).norm(dim=1).sum())
+            whole += float(xc.norm(dim=1).sum())
             largest += float((xb @ w.T + b).amax(dim=1).sum())
         if not residual > 1e-9 * whole:  # (float64 rounding leaves ~1e-15 of it)
             raise ValueError(f"the training features lie inside their principal space of "
                              f"dim={dim} (all but {residual / whole:.1e} of their norm): "
                              "nothing is left to score by; lower dim")
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.dim_ = dim
-        self.origin_, self.null_space_ = origin.to(dt), null.to(dt).contiguous()
-        self.alpha_ = largest / residual
-        self._store_head(head, dt)
-        self._fitted_on(features, d)
-        return self
+        return {"dim_": dim, "origin_": origin.to(dt), "null_space_": null.to(dt).contiguous(),
+                "alpha_": largest / residual}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
@@ -606,6 +633,8 @@ class ReAct(_HeadBaseline):
     """
 
     name = "ReAct"
+    clip_: float  # set by fit (through _fit_more)
+    percentile_: float
 
     def __init__(self, percentile: float = 90.0, batch_size: int = 4096) -> None:
         self.percentile = percentile
@@ -616,32 +645,20 @@ class ReAct(_HeadBaseline):
         """``ReAct (p90)``."""
         return f"ReAct (p{self.percentile_:g})"
 
-    def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
-            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
-        """Fit on the training features, with their ``logits`` or the last layer's
-        ``weight`` and ``bias``; ``labels`` are not used."""
+    def _checked_params(self, d: int) -> float:
+        return checked_percentile(self.percentile, upper_closed=True)
+
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, q: float,
+                  least_squares: Any) -> dict[str, Any]:
         from grood import _linear
 
-        x, _ = self._read(features, fitting=True)
-        try:
-            q = check_real(self.percentile, "percentile")
-        except ValueError:
-            q = -1.0
-        if not 0 < q <= 100:
-            raise ValueError(f"percentile must be a number in (0, 100], got {self.percentile!r}")
-        head = self._head(x, logits, weight, bias)
         n, d = x.shape
 
         def chunks() -> Any:
             return (x[r0:r1] for r0, r1 in batches(n, max(1, (1 << 22) // d)))
 
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.clip_ = float(torch.tensor(_linear.percentile(chunks, n * d, q, x.dtype),
-                                        dtype=dt))
-        self.percentile_ = q
-        self._store_head(head, dt)
-        self._fitted_on(features, d)
-        return self
+        clip = _linear.percentile(chunks, n * d, q, x.dtype)
+        return {"clip_": float(torch.tensor(clip, dtype=dt)), "percentile_": q}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = x.clamp(max=self.clip_) @ self.weight_.to(dt).T + self.bias_.to(dt)
@@ -717,17 +734,12 @@ class ASH(_HeadBaseline):
         """``ASH-S (p90)``: its variant and percentile (the ones it scores with now)."""
         return f"ASH-{self.variant.upper()} (p{self._checked_percentile():g})"
 
-    def _check_params(self) -> None:
-        self._checked_percentile()
+    def _checked_params(self, d: int) -> float:
+        return self._checked_percentile()
 
     def _checked_percentile(self) -> float:
         """``percentile`` as a float, after checking it and ``variant``."""
-        try:
-            q = check_real(self.percentile, "percentile")
-        except ValueError:
-            q = -1.0
-        if not 0 <= q < 100:
-            raise ValueError(f"percentile must be a number in [0, 100), got {self.percentile!r}")
+        q = checked_percentile(self.percentile, upper_closed=False)
         if self.variant not in ASH_VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, ASH_VARIANTS))} "
                              f"(ASH-S, ASH-B, ASH-P), got {self.variant!r}")
@@ -770,6 +782,8 @@ BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
     "gen": (GEN, "logits"), "knn": (KNN, "features"), "mahalanobis": (Mahalanobis, "features"),
     "rmd": (RMD, "features"), "vim": (ViM, "features"), "react": (ReAct, "features"),
     "gradnorm": (GradNorm, "features"), "ash": (ASH, "features")}
+#: The names of those that read the features through the classifier's last layer.
+LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
 
 
 def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logits: Any = None,
@@ -802,7 +816,7 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
         needs: tuple[str, ...]
         if cls in (Mahalanobis, RMD):
             needs = ("features", "labels")
-        elif issubclass(cls, _HeadBaseline):
+        elif name in LAST_LAYER_NAMES:
             needs = ("features",) if head is not None else ("features", "logits")
         else:
             needs = (inputs,)
@@ -818,7 +832,7 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
         est: Any = cls(**options.get(name, {}))
         if cls in (Mahalanobis, RMD):
             out.append(est.fit(features, labels))
-        elif issubclass(cls, _HeadBaseline):
+        elif name in LAST_LAYER_NAMES:
             out.append(est.fit(features, **(head or {"logits": logits})))
         else:
             out.append(est.fit(given[needs[0]]))

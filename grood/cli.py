@@ -14,7 +14,7 @@ from typing import Any
 
 from grood import __version__
 from grood._checks import fraction_arg, path_hint, positive_int_arg, prefixed_errors
-from grood.baselines import BY_NAME
+from grood.baselines import ASH, BY_NAME, KNN, LAST_LAYER_NAMES, ReAct
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
 from grood.portable import SEARCH_BLOCK_ROWS
@@ -430,7 +430,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    feature_baselines = [b for b in args.baselines if EVAL_BASELINES[b][1] == "features"]
+    feature_baselines = [b for b in args.baselines if BY_NAME[b][1] == "features"]
     if feature_baselines and args.train is None:
         verb = "fits" if len(feature_baselines) == 1 else "fit"
         raise ValueError(f"--baselines {' and '.join(feature_baselines)} {verb} on training "
@@ -440,8 +440,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--train is read only by --baselines "
                              f"{', '.join(FEATURE_BASELINES[:-1])} and {FEATURE_BASELINES[-1]}")
         _require_files({"training feature file": args.train})
-    for option, key in (("knn_k", "knn"), ("vim_dim", "vim"), ("react_percentile", "react"),
-                        ("ash_percentile", "ash")):
+    for option, (key, _) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None and key not in args.baselines:
             raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
     if args.head is not None:
@@ -487,7 +486,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     id_data = load_features(args.id)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_labels_and_logits(id_data, det.n_classes_)  # before any work
-    logit_baselines = [b for b in args.baselines if EVAL_BASELINES[b][1] == "logits"]
+    logit_baselines = [b for b in args.baselines if BY_NAME[b][1] == "logits"]
     for path in ood_files if logit_baselines else ():  # before any scoring, as the ID file
         if "logits" not in array_names(path):
             raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
@@ -528,6 +527,7 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
     from grood.persistence import describe
 
     info = describe(args.detector)
+    estimators = _unfitted_baselines(args)
     return {
         "detector": args.detector,
         # the SHA-256 the file records over its tensors and settings (a sharded one's: each
@@ -540,13 +540,11 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
                      if op != "knn" or isinstance(det.index_, ExactIndex)},  # itself)
         "device": str(det.device_), "bootstrap": args.bootstrap,
         "baselines": list(args.baselines),
-        **({"knn_k": args.knn_k or KNN_K} if "knn" in args.baselines else {}),
-        **({"vim_dim": args.vim_dim or default_vim_dim(det.n_features_in_)}
-           if "vim" in args.baselines else {}),
-        **({"react_percentile": args.react_percentile or REACT_PERCENTILE}
-           if "react" in args.baselines else {}),
-        **({"ash_percentile": ASH_PERCENTILE if args.ash_percentile is None
-            else args.ash_percentile} if "ash" in args.baselines else {}),
+        # the parameters the options set, as the baselines take them (their defaults else;
+        # ViM's dim, None, is the width's default)
+        **{option: default_vim_dim(det.n_features_in_) if value is None else value
+           for option, (key, param) in BASELINE_OPTIONS.items() if key in estimators
+           for value in [getattr(estimators[key], param)]},
         **({"train": args.train} if args.train is not None else {}),
         **({"head": args.head} if args.head is not None else {}),
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
@@ -565,28 +563,34 @@ def _provenance_line(p: dict[str, Any]) -> str:
             f"· {p['date']}")
 
 
-#: ``grood eval --baselines``: name -> (class in grood.baselines, what it scores). Those of
-#: logits are fitted on the ID file's (which records their width), the others on --train.
-EVAL_BASELINES = {name: (cls.__name__, inputs) for name, (cls, inputs) in BY_NAME.items()}
-#: Those fitted on --train.
-FEATURE_BASELINES = [k for k, (_, inputs) in EVAL_BASELINES.items() if inputs == "features"]
-#: Those that read --train's logits (to recover the classifier's last layer from).
-HEAD_BASELINES = ("vim", "react", "gradnorm", "ash")
-#: The neighbour ``--baselines knn`` scores by unless ``--knn-k`` says.
-KNN_K = 50
-#: The percentile ``--baselines react`` clips at unless ``--react-percentile`` says.
-REACT_PERCENTILE = 90.0
-#: The percentile of each row ``--baselines ash`` prunes unless ``--ash-percentile`` says.
-ASH_PERCENTILE = 90.0
+#: ``grood eval --baselines`` takes grood.baselines.BY_NAME's names. Those of logits are
+#: fitted on the ID file's (which records their width), the others on --train.
+FEATURE_BASELINES = [k for k, (_, inputs) in BY_NAME.items() if inputs == "features"]
+#: Those that read --train's logits (to recover the classifier's last layer from), or --head.
+HEAD_BASELINES = list(LAST_LAYER_NAMES)
+#: ``grood eval``'s options for one baseline's parameter: option -> (baseline, parameter).
+BASELINE_OPTIONS = {"knn_k": ("knn", "k"), "vim_dim": ("vim", "dim"),
+                    "react_percentile": ("react", "percentile"),
+                    "ash_percentile": ("ash", "percentile")}
+
+
+def _unfitted_baselines(args: argparse.Namespace) -> dict[str, Any]:
+    """``--baselines``' estimators by name, unfitted, with the parameters the options set
+    (the baselines' own defaults otherwise)."""
+    given: dict[str, dict[str, Any]] = {}
+    for option, (key, param) in BASELINE_OPTIONS.items():
+        if getattr(args, option) is not None:
+            given.setdefault(key, {})[param] = getattr(args, option)
+    return {key: BY_NAME[key][0](**given.get(key, {})) for key in args.baselines}
 
 
 def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> list[Any]:
     """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
     ID file's), on the command's device; the training features of the width the detector's
-    (``n_features``) were."""
+    (``n_features``) were. Each array is read and moved to the device once, however many
+    baselines fit on it."""
     import torch
 
-    import grood.baselines
     from grood._linear import checked_head
     from grood.io import load_features, load_head
 
@@ -597,39 +601,37 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
             weight, bias = checked_head(*load_head(args.head), n_features, torch.float64,
                                         torch.device(args.device or "cpu"))
         head = {"weight": weight, "bias": bias}
-    out = []
-    for key in args.baselines:
-        cls_name, inputs = EVAL_BASELINES[key]
-        cls = getattr(grood.baselines, cls_name)
-        if inputs == "logits":
+    moved: dict[tuple[str, str], Any] = {}
+
+    def array(file: str, data: Any, name: str, key: str) -> Any:
+        if (file, name) not in moved:
+            moved[file, name] = _file_array(data, name, key, args.device)
+        return moved[file, name]
+
+    estimators = _unfitted_baselines(args)
+    for key, est in estimators.items():
+        if BY_NAME[key][1] == "logits":
             with prefixed_errors(args.id):
-                est = cls().fit(_file_array(id_data, "logits", key, args.device))
-        else:
-            assert train is not None  # (checked by _cmd_eval)
-            with prefixed_errors(args.train):
-                x = _file_array(train, "features", key, args.device)
-                if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
-                    raise ValueError(f"the training features have {x.shape[1]} columns, the "
-                                     f"detector's {n_features}: --train is not the features "
-                                     "the detector was fitted on")
-                if key == "knn":
-                    est = cls(k=args.knn_k or KNN_K).fit(x)
-                elif key in HEAD_BASELINES:
-                    if key == "vim" and args.vim_dim is not None and args.vim_dim >= n_features:
-                        raise ValueError(f"--vim-dim {args.vim_dim}: ViM's principal space "
-                                         f"must leave part of the {n_features} feature "
-                                         "dimensions outside it")
-                    est = (cls(dim=args.vim_dim) if key == "vim" else
-                           cls(percentile=args.react_percentile or REACT_PERCENTILE)
-                           if key == "react" else
-                           cls(percentile=ASH_PERCENTILE if args.ash_percentile is None
-                               else args.ash_percentile) if key == "ash" else cls())
-                    est.fit(x, **(head or {"logits": _file_array(train, "logits", key,
-                                                                 args.device)}))
-                else:
-                    est = cls().fit(x, _file_array(train, "labels", key, args.device))
-        out.append(est)
-    return out
+                est.fit(array("id", id_data, "logits", key))
+            continue
+        assert train is not None  # (checked by _cmd_eval)
+        with prefixed_errors(args.train):
+            x = array("train", train, "features", key)
+            if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
+                raise ValueError(f"the training features have {x.shape[1]} columns, the "
+                                 f"detector's {n_features}: --train is not the features the "
+                                 "detector was fitted on")
+            if key == "knn":
+                est.fit(x)
+            elif key in HEAD_BASELINES:
+                if key == "vim" and args.vim_dim is not None and args.vim_dim >= n_features:
+                    raise ValueError(f"--vim-dim {args.vim_dim}: ViM's principal space must "
+                                     f"leave part of the {n_features} feature dimensions "
+                                     "outside it")
+                est.fit(x, **(head or {"logits": array("train", train, "logits", key)}))
+            else:
+                est.fit(x, array("train", train, "labels", key))
+    return list(estimators.values())
 
 
 #: What a baseline that lacks a feature file's array does with it, by array.
@@ -903,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "ID file's nearest-prototype accuracy), with --baselines a method "
                          "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
-                    choices=list(EVAL_BASELINES), metavar="NAME",
+                    choices=list(BY_NAME), metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy and gen (from each file's logits), knn, mahalanobis and rmd "
                          "(fitted on --train; mahalanobis and rmd on its labels too), vim, "
@@ -918,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ".pt, .safetensors or .npz file holding 'weight' [C, D] and 'bias' "
                          "[C] (torch.save({'weight': fc.weight, 'bias': fc.bias}, FILE))")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
-                    help=f"the neighbour --baselines knn scores by (default {KNN_K}, as Sun "
+                    help=f"the neighbour --baselines knn scores by (default {KNN().k}, as Sun "
                          "et al.)")
     ev.add_argument("--vim-dim", type=positive_int_arg, default=None, metavar="N",
                     help="the principal space's dimension of --baselines vim (default 1000 "
@@ -926,10 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "width below)")
     ev.add_argument("--react-percentile", type=float, default=None, metavar="P",
                     help="the percentile of the training features' entries --baselines react "
-                         f"clips at (default {REACT_PERCENTILE:g}, as Sun et al.)")
+                         f"clips at (default {ReAct().percentile:g}, as Sun et al.)")
     ev.add_argument("--ash-percentile", type=float, default=None, metavar="P",
                     help="the percentile of each feature row --baselines ash prunes below "
-                         f"(ASH-S; default {ASH_PERCENTILE:g}, as Djurisic et al. on ImageNet)")
+                         f"(ASH-S; default {ASH().percentile:g}, as Djurisic et al. on ImageNet)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "
