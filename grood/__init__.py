@@ -15,10 +15,15 @@ from grood import library  # noqa: F401  (registers the torch.ops.grood custom o
 from grood._version import __version__
 from grood.baselines import (
     ASH,
+    DICE,
+    FDBD,
     GEN,
+    KLM,
     KNN,
     MSP,
     RMD,
+    SCALE,
+    SHE,
     Energy,
     GradNorm,
     Mahalanobis,
@@ -45,11 +50,16 @@ from grood.sources import Mixup, UniformNoise
 
 __all__ = [
     "ASH",
+    "DICE",
+    "FDBD",
     "GEN",
     "GROOD",
+    "KLM",
     "KNN",
     "MSP",
     "RMD",
+    "SCALE",
+    "SHE",
     "BackendUnavailableError",
     "DetectorFileError",
     "Energy",

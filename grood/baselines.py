@@ -20,9 +20,19 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
   of features clipped at a percentile (Sun et al., NeurIPS 2021), :class:`GradNorm` — the
   norm of the last layer's gradient of a cross-entropy to the uniform distribution (Huang et
   al., NeurIPS 2021; in closed form) and :class:`ASH` — energy of features pruned to their
-  largest entries and shaped (Djurisic et al., ICLR 2023): they read the features through
-  the classifier's last linear layer, given (``weight``, ``bias``) or recovered by least
-  squares from the training features and logits.
+  largest entries and shaped (Djurisic et al., ICLR 2023), :class:`SHE` — inner product
+  with the predicted class's mean correctly classified training feature (Zhang et al., ICLR
+  2023), :class:`DICE` — energy through the last layer's weights of largest contribution
+  (Sun & Li, ECCV 2022), :class:`FDBD` — mean distance to the decision boundaries (Liu &
+  Qin, ICML 2024) and :class:`SCALE` — energy of features scaled as ASH-S scales them, unpruned
+  (Xu et al., ICLR 2024): they read the features through the classifier's last linear
+  layer, given (``weight``, ``bias``) or recovered by least squares from the training
+  features and logits.
+* :class:`KLM` — KL divergence of the softmax from the nearest class-typical softmax
+  learned on training logits (Hendrycks et al., ICML 2022).
+
+``fit_reads`` says what each one's ``fit`` learns from; :func:`fit_baselines` fits several
+by name on one training set.
 """
 
 from __future__ import annotations
@@ -68,6 +78,11 @@ def check_fitted(est: Any, who: str | None = None) -> None:
 class _Baseline(Parameters):
     inputs: ClassVar[str]
     name: ClassVar[str]
+    #: What ``fit`` learns from, beyond the width of the ``inputs`` it will score: the
+    #: training set's ``"features"``, ``"labels"`` or ``"logits"``, and ``"head"``: the
+    #: classifier's last layer (its ``weight`` and ``bias``, or the training logits it is
+    #: recovered from). Empty: nothing is learned (any logits of the right width fit).
+    fit_reads: ClassVar[tuple[str, ...]] = ()
     n_features_in_: int  # set by fit
 
     if TYPE_CHECKING:  # each baseline's own
@@ -215,6 +230,83 @@ class Energy(_LogitBaseline):
         return top + self.temperature * torch.logsumexp(shifted, dim=1)
 
 
+class KLM(_Baseline):
+    """KL matching: the negated smallest KL divergence ``KL(p || d_k)`` of a row's softmax
+    ``p`` from the typical softmaxes ``d_k``, each the mean softmax of the training rows the
+    classifier predicts as class ``k`` (Hendrycks et al., ICML 2022; labels are not used).
+
+    The typical softmaxes are kept as logarithms, averaged in log space in float64, so a
+    class whose probability underflows in every row still has a finite ``log d_k``; classes
+    no training row is predicted as have none. The nearest one is found by a matrix product
+    (``KL = sum p log p - p . log d_k`` for every k) and its divergence then summed term by
+    term, ``sum p (log p - log d_k)``, where the two sums above would cancel.
+
+    Fitting holds a C x C float64 array (8 MB at C = 1,000; 3.8 GB at C = 21,841), and the
+    K x C templates are kept in the logits' dtype (float32 unless float64).
+
+    Args:
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``log_templates_`` [K, C] (``log d_k``), ``template_classes_`` [K] (the
+    class each belongs to).
+    """
+
+    inputs = "logits"
+    fit_reads = ("logits",)
+    name = "KLM"
+    log_templates_: Tensor  # set by fit
+    template_classes_: Tensor
+
+    def __init__(self, batch_size: int = 4096) -> None:
+        self.batch_size = batch_size
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike | None = None) -> Self:
+        """Fit the typical softmaxes on the training (or validation) ``logits`` [N, C];
+        ``labels`` are not used (the classes are those predicted)."""
+        x, _ = self._read(logits, fitting=True)
+        n, c = x.shape
+        sums = torch.full((c, c), float("-inf"), dtype=torch.float64, device=x.device)
+        counts = torch.zeros(c, dtype=torch.int64, device=x.device)
+        for r0, r1 in batches(n, self.batch_size):
+            lp = torch.log_softmax(x[r0:r1].to(torch.float64), dim=1)
+            classes, rows = torch.unique(lp.argmax(dim=1), return_inverse=True)
+            # log of each predicted class's sum of probabilities: its rows' logsumexp
+            top = torch.full((len(classes), c), float("-inf"), dtype=torch.float64,
+                             device=x.device).scatter_reduce_(0, rows[:, None].expand(-1, c),
+                                                              lp, "amax")
+            part = torch.zeros_like(top).index_add_(0, rows, torch.exp(lp - top[rows]))
+            sums[classes] = torch.logaddexp(sums[classes], top + torch.log(part))
+            counts.index_add_(0, classes, torch.bincount(rows, minlength=len(classes)))
+        present = (counts > 0).nonzero()[:, 0]
+        dt = compute_dtype(x.dtype)
+        self.log_templates_ = (sums[present]
+                               - torch.log(counts[present].to(torch.float64))[:, None]).to(dt)
+        self.template_classes_ = present
+        self._fitted_on(logits, c)
+        return self
+
+    def score_samples(self, logits: ArrayT) -> ArrayT:
+        """One score per row of ``logits`` [N, C], shape [N]: ``-min_k KL(p || d_k)``,
+        at most 0; higher = in-distribution."""
+        x, kind = self._read(logits)
+        dev = self.log_templates_.device
+        dt = torch.float64 if torch.float64 in (x.dtype, self.log_templates_.dtype) \
+            else torch.float32
+        log_d = self.log_templates_.to(dt)
+        scores = torch.empty(x.shape[0], dtype=dt, device=dev)
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            lp = torch.log_softmax(x[r0:r1].to(device=dev, dtype=dt), dim=1)
+            p = lp.exp()
+            # 0 log 0 = 0: a probability that underflows to 0 (its log can be -inf, where
+            # a logit lies ~1e38 below the largest) adds nothing
+            p_log_p = torch.where(p > 0, p * lp, 0.0)
+            with matmul_precision("ieee", dev):  # fp32, whatever the program's setting
+                nearest = (p_log_p.sum(dim=1, keepdim=True) - p @ log_d.T).argmin(dim=1)
+            kl = torch.where(p > 0, p * (lp - log_d[nearest]), 0.0).sum(dim=1)
+            scores[r0:r1] = 0.0 - kl.clamp_min(0)  # (KL >= 0, rounding aside; no -0.0)
+        return kind.wrap(scores)
+
+
 def _normalise(x: Tensor) -> Tensor:
     """Rows divided by their L2 norms (zero rows stay zero), at any magnitude: each row is
     first scaled by the power of two that brings its largest entry into [0.5, 1), which is
@@ -236,6 +328,7 @@ class KNN(_Baseline):
     """
 
     inputs = "features"
+    fit_reads = ("features",)
     name = "KNN"
 
     def __init__(self, k: int = 50, backend: str = "auto", batch_size: int = 4096) -> None:
@@ -286,6 +379,7 @@ class Mahalanobis(_Baseline):
     """
 
     inputs = "features"
+    fit_reads = ("features", "labels")
     name = "Mahalanobis"
 
     def __init__(self, rcond: float = 1e-10, backend: str = "auto",
@@ -432,6 +526,7 @@ class _HeadBaseline(_Baseline):
     logits' spread, is ``head_error_``; at most 1 %)."""
 
     inputs = "features"
+    fit_reads: ClassVar[tuple[str, ...]] = ("features", "head")
     batch_size: int
 
     def _head(self, x: Tensor, logits: Any, weight: Any, bias: Any
@@ -483,10 +578,11 @@ class _HeadBaseline(_Baseline):
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None, *,
             logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
         """Fit on the training features, with their ``logits`` (the last layer is recovered
-        from them) or the last layer's ``weight`` and ``bias``; ``labels`` are not used. A
-        fit that fails leaves the estimator as it was."""
+        from them) or the last layer's ``weight`` and ``bias``; ``labels`` are used by those
+        whose ``fit_reads`` name them (SHE). A fit that fails leaves the estimator as it
+        was."""
         x, _ = self._read(features, fitting=True)
-        checked = self._checked_params(x.shape[1])
+        checked = self._checked_params(x, labels)
         w, b, err, least_squares = self._head(x, logits, weight, bias)
         dt = compute_dtype(x.dtype)
         fitted = self._fit_more(x, w, b, dt, checked, least_squares)
@@ -496,9 +592,10 @@ class _HeadBaseline(_Baseline):
         self._fitted_on(features, x.shape[1])
         return self
 
-    def _checked_params(self, d: int) -> Any:
-        """The parameters ``_read`` does not check, checked before a fit's work (for
-        features of width ``d``), as :meth:`_fit_more` takes them."""
+    def _checked_params(self, x: Tensor, labels: Any) -> Any:
+        """The parameters ``_read`` does not check (and the ``labels``, where they are
+        read), checked before a fit's work on the features ``x``, as :meth:`_fit_more`
+        takes them."""
         return None
 
     def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, checked: Any,
@@ -577,7 +674,8 @@ class ViM(_HeadBaseline):
         """``ViM (dim=1000)``."""
         return f"ViM (dim={self.dim_})"
 
-    def _checked_params(self, d: int) -> int:
+    def _checked_params(self, x: Tensor, labels: Any) -> int:
+        d = x.shape[1]
         dim = default_vim_dim(d) if self.dim is None else check_positive_int(self.dim, "dim")
         if not 1 <= dim < d:
             raise ValueError(f"dim={dim}: the principal space must leave part of the {d} "
@@ -617,7 +715,29 @@ class ViM(_HeadBaseline):
         return torch.logsumexp(lg, dim=1) - self.alpha_ * virtual, lg.argmax(dim=1)
 
 
-class ReAct(_HeadBaseline):
+class _PercentileBaseline(_HeadBaseline):
+    """A last-layer baseline with one ``percentile`` parameter, in [0, 100) (or (0, 100]
+    where ``upper_closed``), which its display name shows: the one fitted with
+    (``percentile_``) where the fit learns from it, else the one it scores with now."""
+
+    percentile: float
+    upper_closed: ClassVar[bool] = False
+
+    @property
+    def display_name(self) -> str:
+        """``ReAct (p90)``."""
+        q = getattr(self, "percentile_", None)
+        return f"{self.name} (p{self._checked_percentile() if q is None else q:g})"
+
+    def _checked_params(self, x: Tensor, labels: Any) -> float:
+        return self._checked_percentile()
+
+    def _checked_percentile(self) -> float:
+        """``percentile`` as a float, checked."""
+        return checked_percentile(self.percentile, upper_closed=self.upper_closed)
+
+
+class ReAct(_PercentileBaseline):
     """Rectified activations: the energy ``logsumexp`` of the logits of the features clipped
     from above at the ``percentile``-th percentile of every entry of the training features.
 
@@ -633,20 +753,13 @@ class ReAct(_HeadBaseline):
     """
 
     name = "ReAct"
+    upper_closed = True
     clip_: float  # set by fit (through _fit_more)
     percentile_: float
 
     def __init__(self, percentile: float = 90.0, batch_size: int = 4096) -> None:
         self.percentile = percentile
         self.batch_size = batch_size
-
-    @property
-    def display_name(self) -> str:
-        """``ReAct (p90)``."""
-        return f"ReAct (p{self.percentile_:g})"
-
-    def _checked_params(self, d: int) -> float:
-        return checked_percentile(self.percentile, upper_closed=True)
 
     def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, q: float,
                   least_squares: Any) -> dict[str, Any]:
@@ -693,12 +806,31 @@ class GradNorm(_HeadBaseline):
         return spread * x.abs().sum(dim=1) / self.temperature, lg.argmax(dim=1)
 
 
+def _exp_scaled(values: Tensor, total: Tensor, kept: Tensor, who: str, q: float) -> Tensor:
+    """``values`` [N, D] times ``exp(total / kept)`` row by row, as ASH-S and SCALE scale
+    them (``total`` [N, 1]: each feature row's sum, ``kept`` [N, 1]: the sum of its largest
+    ``100 - q`` % of entries); a row whose ``kept`` is not above 0 (all zero) is left as it
+    is, where the ratio would make it NaN, and a row scaled beyond the dtype's range is
+    refused, naming it (``who``: the method)."""
+    scale = torch.where(kept > 0, torch.exp(total / kept.where(kept > 0, 1.0)), 1.0)
+    shaped = values * scale
+    bad = ~torch.isfinite(shaped).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"{who} scales row(s) {rows[:10]} by exp(s1 / s2) = "
+            f"{float(scale[rows[0], 0]):.3g} beyond {values.dtype}'s range (their largest "
+            f"{100 - q:g} % of entries hold a small part of their sum): lower percentile, or "
+            "give float64 features")
+    return shaped
+
+
 #: ASH's ways of shaping the entries it keeps: scaled (by exp of the sum's ratio), binarised
 #: (each set to the row's mean over the kept), or pruned alone.
 ASH_VARIANTS = ("s", "b", "p")
 
 
-class ASH(_HeadBaseline):
+class ASH(_PercentileBaseline):
     """Activation shaping: each feature row keeps its largest ``100 - percentile`` % of
     entries (the others set to 0), shaped by ``variant``, and the energy ``logsumexp`` of the
     logits of the result scores it.
@@ -734,12 +866,9 @@ class ASH(_HeadBaseline):
         """``ASH-S (p90)``: its variant and percentile (the ones it scores with now)."""
         return f"ASH-{self.variant.upper()} (p{self._checked_percentile():g})"
 
-    def _checked_params(self, d: int) -> float:
-        return self._checked_percentile()
-
     def _checked_percentile(self) -> float:
         """``percentile`` as a float, after checking it and ``variant``."""
-        q = checked_percentile(self.percentile, upper_closed=False)
+        q = super()._checked_percentile()
         if self.variant not in ASH_VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, ASH_VARIANTS))} "
                              f"(ASH-S, ASH-B, ASH-P), got {self.variant!r}")
@@ -757,18 +886,238 @@ class ASH(_HeadBaseline):
         kept = torch.zeros_like(x).scatter_(1, cols, x.gather(1, cols))
         if self.variant == "p":
             return kept
-        s2 = kept.sum(dim=1, keepdim=True)
-        scale = torch.where(s2 > 0, torch.exp(total / s2.where(s2 > 0, 1.0)), 1.0)
-        shaped = kept * scale
-        bad = ~torch.isfinite(shaped).all(dim=1)
-        if bool(bad.any()):
-            rows = bad.nonzero()[:, 0].tolist()
-            raise ValueError(
-                f"ASH-S scales row(s) {rows[:10]} by exp(s1 / s2) = "
-                f"{float(scale[rows[0], 0]):.3g} beyond {x.dtype}'s range (their largest "
-                f"{100 - self._checked_percentile():g} % of entries hold a small part of their "
-                "sum): lower percentile, or give float64 features")
-        return shaped
+        return _exp_scaled(kept, total, kept.sum(dim=1, keepdim=True), "ASH-S",
+                          self._checked_percentile())
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
+        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+
+
+def _feature_mean(x: Tensor, least_squares: Any, batch_size: int) -> Tensor:
+    """The training features' mean [D] in float64: from the layer's least squares where it
+    was recovered (its sums hold it), else summed over the rows."""
+    if least_squares is not None:
+        return least_squares.sx / least_squares.n + least_squares.shift
+    total = x.new_zeros(x.shape[1], dtype=torch.float64)
+    for r0, r1 in batches(x.shape[0], batch_size):
+        total += x[r0:r1].to(torch.float64).sum(dim=0)
+    return total / x.shape[0]
+
+
+class SHE(_HeadBaseline):
+    """Simplified Hopfield energy: the inner product of a feature row with the stored
+    pattern of the class the last layer predicts for it, each pattern the mean of the
+    training features of that class the layer classifies correctly (Zhang et al., ICLR
+    2023). Every class needs such a row.
+
+    Args:
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``patterns_`` [C, D], ``weight_``, ``bias_``, ``head_error_``.
+    """
+
+    name = "SHE"
+    fit_reads = ("features", "labels", "head")
+    patterns_: Tensor  # set by fit (through _fit_more)
+
+    def __init__(self, batch_size: int = 4096) -> None:
+        self.batch_size = batch_size
+
+    def fit(self, features: ArrayLike, labels: ArrayLike, *,  # type: ignore[override]
+            logits: ArrayLike | None = None, weight: Any = None, bias: Any = None) -> Self:
+        """Fit the patterns on the training features and ``labels`` (required), with the
+        training ``logits`` (the last layer is recovered from them) or the layer's
+        ``weight`` and ``bias``. A fit that fails leaves the estimator as it was."""
+        return super().fit(features, labels, logits=logits, weight=weight, bias=bias)
+
+    def _checked_params(self, x: Tensor, labels: Any) -> Tensor:
+        if labels is None:
+            raise TypeError("SHE.fit needs the training labels: its patterns are the mean "
+                            "features of each class's correctly classified rows")
+        y = as_labels(labels)
+        check_labels(y, "labels", x.shape[0])
+        return y.to(x.device)
+
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, y: Tensor,
+                  least_squares: Any) -> dict[str, Any]:
+        c, d = w.shape
+        top = int(y.max())
+        if top >= c:
+            raise ValueError(f"labels hold class id {top}, but the last layer has {c} classes")
+        sums = x.new_zeros((c, d), dtype=torch.float64)
+        counts = torch.zeros(c, dtype=torch.int64, device=x.device)
+        wd, bd = w.to(dt), b.to(dt)
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            xb, yb = x[r0:r1].to(dt), y[r0:r1]
+            with matmul_precision("ieee", x.device):  # as scoring predicts them
+                right = (xb @ wd.T + bd).argmax(dim=1) == yb
+            sums.index_add_(0, yb[right], xb[right].to(torch.float64))
+            counts += torch.bincount(yb[right], minlength=c)
+        empty = (counts == 0).nonzero()[:, 0].tolist()
+        if empty:
+            raise ValueError(f"class(es) {empty[:10]}{' ...' if len(empty) > 10 else ''} have "
+                             "no training row the last layer classifies correctly, so SHE has "
+                             "no pattern to store for them")
+        return {"patterns_": (sums / counts[:, None]).to(dt)}
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        pred = (x @ self.weight_.to(dt).T + self.bias_.to(dt)).argmax(dim=1)
+        return (x * self.patterns_.to(dt)[pred]).sum(dim=1), pred
+
+
+class DICE(_PercentileBaseline):
+    """Directed sparsification: the energy ``logsumexp`` of the logits of a last layer that
+    keeps only the weights whose contribution on the training set (the weight times the
+    mean training feature it multiplies) is above the ``percentile``-th percentile of all
+    C x D contributions (Sun & Li, ECCV 2022). Contributions and their percentile (exact,
+    interpolated as ``np.percentile``) are computed in float64.
+
+    Args:
+        percentile (float): in [0, 100): the share of weights dropped (90, as OpenOOD's
+            configuration).
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``masked_weight_`` [C, D], ``threshold_``, ``mean_`` [D], ``weight_``,
+    ``bias_``, ``head_error_``.
+    """
+
+    name = "DICE"
+    masked_weight_: Tensor  # set by fit (through _fit_more)
+    percentile_: float
+
+    def __init__(self, percentile: float = 90.0, batch_size: int = 4096) -> None:
+        self.percentile = percentile
+        self.batch_size = batch_size
+
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, q: float,
+                  least_squares: Any) -> dict[str, Any]:
+        from grood import _linear
+
+        mean = _feature_mean(x, least_squares, self.batch_size)
+        contribution = w * mean
+        rows = max(1, (1 << 22) // contribution.shape[1])
+        threshold = _linear.percentile(lambda: contribution.split(rows), contribution.numel(),
+                                       q, torch.float64)
+        masked = torch.where(contribution > threshold, w, 0.0)
+        return {"masked_weight_": masked.to(dt), "threshold_": threshold,
+                "mean_": mean.to(dt), "percentile_": q}
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = x @ self.masked_weight_.to(dt).T + self.bias_.to(dt)
+        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+
+
+#: fDBD's normalisers: the feature's distance to the training features' mean (the paper's)
+#: or to the origin (its norm; OpenOOD's alternative).
+FDBD_NORMALIZERS = ("mean", "origin")
+
+
+class FDBD(_HeadBaseline):
+    """Fast decision-boundary distance: the mean, over the classes ``c`` other than the
+    predicted ``k``, of the feature's distance to the last layer's boundary between them,
+    ``(l_k - l_c) / ||w_k - w_c||``, divided by the feature's distance to the training
+    features' mean (``normalizer="mean"``, Liu & Qin, ICML 2024) or by its norm
+    (``"origin"``). The C x C weight-row distances are computed once, in float64, exactly
+    where the Gram form would cancel; a feature within rounding of the point it is measured
+    from is taken at ``floor_`` from it, ``eps`` times the training features' root mean
+    square norm (so scores stay finite).
+
+    Args:
+        normalizer (str): ``"mean"`` or ``"origin"``.
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``boundary_norms_`` [C, C] (``||w_k - w_c||``, 1 on the diagonal),
+    ``centre_`` [D], ``floor_``, ``weight_``, ``bias_``, ``head_error_``.
+    """
+
+    name = "fDBD"
+    boundary_norms_: Tensor  # set by fit (through _fit_more)
+    centre_: Tensor
+    floor_: float
+
+    def __init__(self, normalizer: str = "mean", batch_size: int = 4096) -> None:
+        self.normalizer = normalizer
+        self.batch_size = batch_size
+
+    def _checked_params(self, x: Tensor, labels: Any) -> str:
+        if self.normalizer not in FDBD_NORMALIZERS:
+            raise ValueError(f"normalizer must be one of "
+                             f"{', '.join(map(repr, FDBD_NORMALIZERS))}, got "
+                             f"{self.normalizer!r}")
+        return str(self.normalizer)
+
+    def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, normalizer: str,
+                  least_squares: Any) -> dict[str, Any]:
+        c = w.shape[0]
+        if c < 2:
+            raise ValueError("fDBD measures distances to the boundaries between classes: the "
+                             "last layer has 1 class")
+        w = w.to(dt).to(torch.float64)  # the weights the scores read
+        sq = (w * w).sum(dim=1)
+        norms = torch.empty((c, c), dtype=dt, device=w.device)
+        for r0, r1 in batches(c, max(1, (1 << 22) // c)):  # row blocks: C x C float64 is big
+            scale = sq[r0:r1, None] + sq[None, :]
+            d2 = (scale - 2 * (w[r0:r1] @ w.T)).clamp_min(0)
+            diagonal = (torch.arange(r1 - r0), torch.arange(r0, r1))
+            d2[diagonal] = 1.0  # (no boundary; its gap is 0)
+            close = d2 <= 1e-6 * scale
+            close[diagonal] = False
+            # Where rows are close the Gram form loses their difference: recompute exactly.
+            for i, j in close.nonzero().tolist():
+                d2[i, j] = ((w[r0 + i] - w[j]) ** 2).sum()
+                if d2[i, j] == 0:
+                    raise ValueError(f"classes {r0 + i} and {j} have the same weights in the "
+                                     "last layer: there is no boundary between them to "
+                                     "measure a distance to")
+            norms[r0:r1] = d2.sqrt()
+        total = x.new_zeros(x.shape[1], dtype=torch.float64)
+        squares = 0.0
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            xb = x[r0:r1].to(torch.float64)
+            total += xb.sum(dim=0)
+            squares += float((xb * xb).sum())
+        centre = total / x.shape[0] if normalizer == "mean" else torch.zeros_like(total)
+        floor = max(torch.finfo(dt).eps * (squares / x.shape[0]) ** 0.5, torch.finfo(dt).tiny)
+        return {"boundary_norms_": norms.to(dt), "centre_": centre.to(dt), "floor_": floor}
+
+    def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        top, pred = lg.max(dim=1)
+        distances = ((top[:, None] - lg) / self.boundary_norms_.to(dt)[pred]).sum(dim=1)
+        spread = (x - self.centre_.to(dt)).norm(dim=1).clamp_min(self.floor_)
+        return distances / ((lg.shape[1] - 1) * spread), pred
+
+
+class SCALE(_PercentileBaseline):
+    """Activation scaling: the energy ``logsumexp`` of the logits of each feature row
+    multiplied, whole, by ``exp(s1 / s2)``, its sum over the sum of its largest
+    ``100 - percentile`` % of entries (Xu et al., ICLR 2024): ASH-S's scale without its
+    pruning. As there, a row of ``k = D - round(D * percentile / 100)`` entries (at least
+    1) whose largest do not sum above 0 is left unscaled, and a row scaled beyond the
+    features' dtype is refused.
+
+    Args:
+        percentile (float): in [0, 100); 85, as OpenOOD's configuration.
+        batch_size (int): rows per batch while scoring.
+
+    After ``fit``: ``weight_``, ``bias_``, ``head_error_`` (the training features are read
+    only to recover the layer from ``logits``).
+    """
+
+    name = "SCALE"
+
+    def __init__(self, percentile: float = 85.0, batch_size: int = 4096) -> None:
+        self.percentile = percentile
+        self.batch_size = batch_size
+
+    def shape(self, x: Tensor) -> Tensor:
+        """The rows of ``x`` [N, D] as SCALE scales them (a new tensor)."""
+        q = self._checked_percentile()
+        d = x.shape[1]
+        k = max(1, d - round(d * q / 100))
+        kept = torch.topk(x, k, dim=1).values.sum(dim=1, keepdim=True)
+        return _exp_scaled(x, x.sum(dim=1, keepdim=True), kept, "SCALE", q)
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
@@ -779,23 +1128,36 @@ class ASH(_HeadBaseline):
 #: them: name -> (class, what it scores).
 BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
     "msp": (MSP, "logits"), "maxlogit": (MaxLogit, "logits"), "energy": (Energy, "logits"),
-    "gen": (GEN, "logits"), "knn": (KNN, "features"), "mahalanobis": (Mahalanobis, "features"),
-    "rmd": (RMD, "features"), "vim": (ViM, "features"), "react": (ReAct, "features"),
-    "gradnorm": (GradNorm, "features"), "ash": (ASH, "features")}
+    "gen": (GEN, "logits"), "klm": (KLM, "logits"), "knn": (KNN, "features"),
+    "mahalanobis": (Mahalanobis, "features"), "rmd": (RMD, "features"), "vim": (ViM, "features"),
+    "react": (ReAct, "features"), "gradnorm": (GradNorm, "features"), "ash": (ASH, "features"),
+    "she": (SHE, "features"), "dice": (DICE, "features"), "fdbd": (FDBD, "features"),
+    "scale": (SCALE, "features")}
 #: The names of those that read the features through the classifier's last layer.
 LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
+
+
+def fitting_inputs(cls: type[_Baseline], *, head_given: bool) -> tuple[str, ...]:
+    """The training arrays ``cls.fit`` is given (by :func:`fit_baselines` and ``grood
+    eval``): its ``fit_reads``, the layer as the training ``logits`` unless ``head_given``,
+    and for those that learn nothing the logits whose width they record."""
+    reads = cls.fit_reads or (cls.inputs,)
+    return tuple(dict.fromkeys(r for read in reads for r in (
+        () if read == "head" and head_given else ("logits",) if read == "head" else (read,))))
 
 
 def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logits: Any = None,
                   weight: Any = None, bias: Any = None,
                   options: dict[str, dict[str, Any]] | None = None) -> list[_Baseline]:
     """The baselines ``names`` (as :data:`BY_NAME` and ``grood eval --baselines`` name them),
-    fitted on one training set, in that order, for :func:`grood.evaluate`'s ``baselines``:
-    those of logits on ``logits``, KNN on ``features``, Mahalanobis and RMD on ``features``
-    and ``labels``, and the last-layer ones (ViM, ReAct, GradNorm, ASH) on ``features``
-    with the layer's ``weight`` and ``bias`` or, without them, ``logits`` to recover it
-    from. ``options``: constructor arguments by name (``{"knn": {"k": 50}}``). What a
-    baseline needs and was not given is named before any is fitted."""
+    fitted on one training set, in that order, for :func:`grood.evaluate`'s ``baselines``,
+    each on what its ``fit_reads`` name: those of logits on ``logits`` (KLM learns from
+    them), KNN on ``features``, Mahalanobis and RMD on ``features`` and ``labels``, and the
+    last-layer ones (ViM, ReAct, GradNorm, ASH, SHE, DICE, fDBD, SCALE) on ``features``
+    (SHE with ``labels``) and the layer's ``weight`` and ``bias`` or, without them,
+    ``logits`` to recover it from. ``options``: constructor arguments by name (``{"knn":
+    {"k": 50}}``). What a baseline needs and was not given is named before any is
+    fitted."""
     if isinstance(names, str):
         names = [names]
     names = list(names)
@@ -810,30 +1172,21 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
                          "for")
     given = {"features": features, "labels": labels, "logits": logits}
     head = {"weight": weight, "bias": bias} if weight is not None or bias is not None else None
-    plans = []
     for name in names:
-        cls, inputs = BY_NAME[name]
-        needs: tuple[str, ...]
-        if cls in (Mahalanobis, RMD):
-            needs = ("features", "labels")
-        elif name in LAST_LAYER_NAMES:
-            needs = ("features",) if head is not None else ("features", "logits")
-        else:
-            needs = (inputs,)
+        cls = BY_NAME[name][0]
+        needs = fitting_inputs(cls, head_given=head is not None)
         missing = [k for k in needs if given[k] is None]
         if missing:
             raise ValueError(f"the {name} baseline is fitted on {' and '.join(needs)}: give "
                              f"{' and '.join(missing)}"
                              + (" (or the last layer's weight and bias)"
-                                if "logits" in missing and inputs == "features" else ""))
-        plans.append((name, cls, needs))
+                                if "logits" in missing and "head" in cls.fit_reads else ""))
     out = []
-    for name, cls, needs in plans:
-        est: Any = cls(**options.get(name, {}))
-        if cls in (Mahalanobis, RMD):
-            out.append(est.fit(features, labels))
-        elif name in LAST_LAYER_NAMES:
-            out.append(est.fit(features, **(head or {"logits": logits})))
-        else:
-            out.append(est.fit(given[needs[0]]))
+    for name in names:
+        est: Any = BY_NAME[name][0](**options.get(name, {}))
+        reads = est.fit_reads
+        first = features if "features" in reads else logits
+        more = [labels] if "labels" in reads else []
+        out.append(est.fit(first, *more,
+                           **((head or {"logits": logits}) if "head" in reads else {})))
     return out

@@ -14,7 +14,16 @@ from typing import Any
 
 from grood import __version__
 from grood._checks import fraction_arg, path_hint, positive_int_arg, prefixed_errors
-from grood.baselines import ASH, BY_NAME, KNN, LAST_LAYER_NAMES, ReAct
+from grood.baselines import (
+    ASH,
+    BY_NAME,
+    DICE,
+    KNN,
+    LAST_LAYER_NAMES,
+    SCALE,
+    ReAct,
+    fitting_inputs,
+)
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
 from grood.portable import SEARCH_BLOCK_ROWS
@@ -430,15 +439,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    feature_baselines = [b for b in args.baselines if BY_NAME[b][1] == "features"]
-    if feature_baselines and args.train is None:
-        verb = "fits" if len(feature_baselines) == 1 else "fit"
-        raise ValueError(f"--baselines {' and '.join(feature_baselines)} {verb} on training "
-                         "features: give the training feature file with --train")
+    trained = [b for b in args.baselines if b in TRAINED_BASELINES]
+    if trained and args.train is None:
+        verb = "fits" if len(trained) == 1 else "fit"
+        raise ValueError(f"--baselines {' and '.join(trained)} {verb} on a training set: give "
+                         "the training feature file with --train")
     if args.train is not None:
-        if not feature_baselines:
+        if not trained:
             raise ValueError("--train is read only by --baselines "
-                             f"{', '.join(FEATURE_BASELINES[:-1])} and {FEATURE_BASELINES[-1]}")
+                             f"{', '.join(TRAINED_BASELINES[:-1])} and {TRAINED_BASELINES[-1]}")
         _require_files({"training feature file": args.train})
     for option, (key, _) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None and key not in args.baselines:
@@ -448,12 +457,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--head is read only by --baselines "
                              f"{', '.join(HEAD_BASELINES[:-1])} and {HEAD_BASELINES[-1]}")
         _require_files({"last-layer file": args.head})
-    if args.react_percentile is not None and not 0 < args.react_percentile <= 100:
-        raise ValueError(f"--react-percentile must be a number in (0, 100], got "
-                         f"{args.react_percentile:g}")
-    if args.ash_percentile is not None and not 0 <= args.ash_percentile < 100:
-        raise ValueError(f"--ash-percentile must be a number in [0, 100), got "
-                         f"{args.ash_percentile:g}")
+    for option, (key, param) in BASELINE_OPTIONS.items():
+        value, upper = getattr(args, option), getattr(BY_NAME[key][0], "upper_closed", False)
+        if param == "percentile" and value is not None and not (
+                0 < value <= 100 if upper else 0 <= value < 100):
+            raise ValueError(f"--{option.replace('_', '-')} must be a number in "
+                             f"{'(0, 100]' if upper else '[0, 100)'}, got {value:g}")
     if args.bootstrap is not None and args.bootstrap < MIN_RESAMPLES:
         raise ValueError(f"--bootstrap {args.bootstrap}: a percentile interval needs at least "
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
@@ -563,15 +572,18 @@ def _provenance_line(p: dict[str, Any]) -> str:
             f"· {p['date']}")
 
 
-#: ``grood eval --baselines`` takes grood.baselines.BY_NAME's names. Those of logits are
-#: fitted on the ID file's (which records their width), the others on --train.
-FEATURE_BASELINES = [k for k, (_, inputs) in BY_NAME.items() if inputs == "features"]
+#: ``grood eval --baselines`` takes grood.baselines.BY_NAME's names. Those that learn from a
+#: training set (``fit_reads``) are fitted on --train, the others on the ID file's logits
+#: (whose width they record).
+TRAINED_BASELINES = [k for k, (cls, _) in BY_NAME.items() if cls.fit_reads]
 #: Those that read --train's logits (to recover the classifier's last layer from), or --head.
 HEAD_BASELINES = list(LAST_LAYER_NAMES)
 #: ``grood eval``'s options for one baseline's parameter: option -> (baseline, parameter).
 BASELINE_OPTIONS = {"knn_k": ("knn", "k"), "vim_dim": ("vim", "dim"),
                     "react_percentile": ("react", "percentile"),
-                    "ash_percentile": ("ash", "percentile")}
+                    "ash_percentile": ("ash", "percentile"),
+                    "dice_percentile": ("dice", "percentile"),
+                    "scale_percentile": ("scale", "percentile")}
 
 
 def _unfitted_baselines(args: argparse.Namespace) -> dict[str, Any]:
@@ -610,27 +622,26 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
 
     estimators = _unfitted_baselines(args)
     for key, est in estimators.items():
-        if BY_NAME[key][1] == "logits":
+        reads = fitting_inputs(type(est), head_given=head is not None)
+        if not est.fit_reads:  # (nothing learned: the width of the ID file's logits)
             with prefixed_errors(args.id):
                 est.fit(array("id", id_data, "logits", key))
             continue
         assert train is not None  # (checked by _cmd_eval)
         with prefixed_errors(args.train):
-            x = array("train", train, "features", key)
-            if x.ndim == 2 and x.shape[1] != n_features:  # (else the fit names the shape)
+            arrays = [array("train", train, name, key) for name in reads]
+            x = arrays[0]
+            if "features" in reads and x.ndim == 2 and x.shape[1] != n_features:
                 raise ValueError(f"the training features have {x.shape[1]} columns, the "
                                  f"detector's {n_features}: --train is not the features the "
-                                 "detector was fitted on")
-            if key == "knn":
-                est.fit(x)
-            elif key in HEAD_BASELINES:
-                if key == "vim" and args.vim_dim is not None and args.vim_dim >= n_features:
-                    raise ValueError(f"--vim-dim {args.vim_dim}: ViM's principal space must "
-                                     f"leave part of the {n_features} feature dimensions "
-                                     "outside it")
-                est.fit(x, **(head or {"logits": array("train", train, "logits", key)}))
-            else:
-                est.fit(x, array("train", train, "labels", key))
+                                 "detector was fitted on")  # (else the fit names the shape)
+            if key == "vim" and args.vim_dim is not None and args.vim_dim >= n_features:
+                raise ValueError(f"--vim-dim {args.vim_dim}: ViM's principal space must leave "
+                                 f"part of the {n_features} feature dimensions outside it")
+            given = dict(zip(reads, arrays, strict=True))
+            est.fit(x, *([given["labels"]] if "labels" in reads else []),
+                    **({} if "head" not in est.fit_reads else head
+                       or {"logits": given["logits"]}))
     return list(estimators.values())
 
 
@@ -646,7 +657,7 @@ def _file_array(data: Any, name: str, key: str, device: str | None) -> Any:
 
     value = getattr(data, name)
     if value is None:
-        if key in HEAD_BASELINES:
+        if key in HEAD_BASELINES and name == "logits":
             raise ValueError(f"--baselines {key} reads the features through the classifier's "
                              "last layer, which it recovers from the training file's logits: "
                              "the file has no 'logits' array (or give the layer: --head FILE)")
@@ -755,9 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
-                    "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KNN, "
-                    "Mahalanobis, RMD, ViM, ReAct, GradNorm and ASH on near-OOD (digits 6-9) "
-                    "and far-OOD (noise images). Prints a table and "
+                    "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KLM, "
+                    "KNN, Mahalanobis, RMD, ViM, ReAct, GradNorm, ASH, SHE, DICE, fDBD and "
+                    "SCALE on near-OOD (digits 6-9) and far-OOD (noise images). Prints a "
+                    "table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "
                     "beside their nearest training images in gradient space as PNG files.")
@@ -907,18 +919,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
                     choices=list(BY_NAME), metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
-                         "energy and gen (from each file's logits), knn, mahalanobis and rmd "
-                         "(fitted on --train; mahalanobis and rmd on its labels too), vim, "
-                         "react, gradnorm and ash (ASH-S; fitted on --train's features and "
-                         "logits, from which they recover the classifier's last layer)")
+                         "energy, gen and klm (from each file's logits; klm fitted on "
+                         "--train's), knn, mahalanobis and rmd (fitted on --train; mahalanobis "
+                         "and rmd on its labels too), vim, react, gradnorm, ash (ASH-S), she, "
+                         "dice, fdbd and scale (fitted on --train's features and logits, from "
+                         "which they recover the classifier's last layer; she on its labels "
+                         "too)")
     ev.add_argument("--train", metavar="FILE",
-                    help="training feature file for --baselines knn, mahalanobis, rmd, vim, "
-                         "react, gradnorm and ash")
+                    help="training feature file for --baselines "
+                         f"{', '.join(TRAINED_BASELINES[:-1])} and {TRAINED_BASELINES[-1]}")
     ev.add_argument("--head", metavar="FILE",
-                    help="the classifier's last linear layer for --baselines vim, react, "
-                         "gradnorm and ash, instead of recovering it from --train's logits: a "
-                         ".pt, .safetensors or .npz file holding 'weight' [C, D] and 'bias' "
-                         "[C] (torch.save({'weight': fc.weight, 'bias': fc.bias}, FILE))")
+                    help="the classifier's last linear layer for --baselines "
+                         f"{', '.join(HEAD_BASELINES[:-1])} and {HEAD_BASELINES[-1]}, instead "
+                         "of recovering it from --train's logits: a .pt, .safetensors or .npz "
+                         "file holding 'weight' [C, D] and 'bias' [C] (torch.save({'weight': "
+                         "fc.weight, 'bias': fc.bias}, FILE))")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN().k}, as Sun "
                          "et al.)")
@@ -932,6 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ash-percentile", type=float, default=None, metavar="P",
                     help="the percentile of each feature row --baselines ash prunes below "
                          f"(ASH-S; default {ASH().percentile:g}, as Djurisic et al. on ImageNet)")
+    ev.add_argument("--dice-percentile", type=float, default=None, metavar="P",
+                    help="the percentile of the last layer's weight contributions below which "
+                         f"--baselines dice drops weights (default {DICE().percentile:g}, as "
+                         "OpenOOD)")
+    ev.add_argument("--scale-percentile", type=float, default=None, metavar="P",
+                    help="the percentile of each feature row above which --baselines scale "
+                         "sums the entries its scale divides by (default "
+                         f"{SCALE().percentile:g}, as OpenOOD)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "

@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and eleven baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and sixteen baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -29,11 +29,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from grood import (
     ASH,
+    DICE,
+    FDBD,
     GEN,
     GROOD,
+    KLM,
     KNN,
     MSP,
     RMD,
+    SCALE,
+    SHE,
     Energy,
     GradNorm,
     Mahalanobis,
@@ -230,17 +235,22 @@ def _run_demo(cfg: DemoConfig) -> dict:
               GradNorm().fit(f_train, weight=fc.weight, bias=fc.bias),
               # at its code's default percentile: the paper's 90 (ImageNet, D = 2048) leaves
               # 13 of this layer's 128 entries (AUROC 60 / 71 on seed 0)
-              ASH(percentile=65).fit(f_train, weight=fc.weight, bias=fc.bias)]
+              ASH(percentile=65).fit(f_train, weight=fc.weight, bias=fc.bias),
+              KLM().fit(l_train), SHE().fit(f_train, y_train, weight=fc.weight, bias=fc.bias),
+              DICE().fit(f_train, weight=fc.weight, bias=fc.bias),
+              FDBD().fit(f_train, weight=fc.weight, bias=fc.bias),
+              SCALE().fit(f_train, weight=fc.weight, bias=fc.bias)]
     baselines = {b.display_name: b for b in fitted}
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
     for method, baseline in baselines.items():
         use_logits = baseline.inputs == "logits"
         scores[method] = {name: np.asarray(baseline.score_samples(f[1] if use_logits else f[0]))
                           for name, f in feats.items()}
-        # each method's own prediction: the classifier's argmax but for ReAct's and ASH's
-        # (of the clipped or shaped features)
+        # each method's own prediction: the classifier's argmax but for ReAct's, ASH's,
+        # DICE's and SCALE's (of the clipped, shaped or scaled features, or sparse weights)
         accuracy[method] = (float((baseline.score_and_predict(feats[id_name][0])[1] == y_test)
-                                  .float().mean()) if isinstance(baseline, (ReAct, ASH))
+                                  .float().mean())
+                            if isinstance(baseline, (ReAct, ASH, DICE, SCALE))
                             else classifier_acc)
 
     results = {m: {ood: ood_metrics(s[id_name], s[ood]) for ood in ood_names}

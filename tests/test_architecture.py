@@ -216,11 +216,11 @@ def test_estimators_are_steps_of_a_scikit_learn_pipeline():
     np.testing.assert_array_equal(pipe.score_samples(x[:20]), alone.score_samples(z[:20]))
     np.testing.assert_array_equal(pipe.predict(x[:20]), alone.predict(z[:20]))
     # Labels are required where fit's second argument has no default.
-    from grood import ASH, ViM
+    from grood import ASH, KLM, SHE, ViM
 
     assert [get_tags(c()).target_tags.required
-            for c in (GROOD, Mahalanobis, KNN, MSP, ViM, ASH)] == [True, True, False, False,
-                                                                   False, False]
+            for c in (GROOD, Mahalanobis, KNN, MSP, ViM, ASH, SHE, KLM)] == [
+        True, True, False, False, False, False, True, False]
     knn = make_pipeline(StandardScaler(), KNN(k=2)).fit(x)
     assert knn.score_samples(x[:5]).shape == (5,)
 

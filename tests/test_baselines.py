@@ -10,10 +10,15 @@ from reference import knn_naive
 
 from grood import (
     ASH,
+    DICE,
+    FDBD,
     GEN,
+    KLM,
     KNN,
     MSP,
     RMD,
+    SCALE,
+    SHE,
     Energy,
     GradNorm,
     Mahalanobis,
@@ -474,15 +479,18 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
     asked; what one needs and was not given is named before any is fitted."""
     from grood.baselines import BY_NAME, fit_baselines
 
-    x, logits, fc, q = _head_data(seed=6)
-    labels = torch.arange(len(x)) % 6
+    x, logits, fc, q = _head_data(seed=8)  # (every class predicted)
+    labels = logits.argmax(1)
+    labels[::7] = (labels[::7] + 1) % 6  # (rows SHE leaves out of its patterns)
     fitted = fit_baselines(list(BY_NAME), features=x, labels=labels, logits=logits,
                            options={"knn": {"k": 3}, "vim": {"dim": 8}})
     by_hand = [MSP().fit(logits), MaxLogit().fit(logits), Energy().fit(logits),
-               GEN().fit(logits), KNN(k=3).fit(x), Mahalanobis().fit(x, labels),
-               RMD().fit(x, labels), ViM(dim=8).fit(x, logits=logits),
-               ReAct().fit(x, logits=logits), GradNorm().fit(x, logits=logits),
-               ASH().fit(x, logits=logits)]
+               GEN().fit(logits), KLM().fit(logits), KNN(k=3).fit(x),
+               Mahalanobis().fit(x, labels), RMD().fit(x, labels),
+               ViM(dim=8).fit(x, logits=logits), ReAct().fit(x, logits=logits),
+               GradNorm().fit(x, logits=logits), ASH().fit(x, logits=logits),
+               SHE().fit(x, labels, logits=logits), DICE().fit(x, logits=logits),
+               FDBD().fit(x, logits=logits), SCALE().fit(x, logits=logits)]
     test_logits = fc(q).detach()
     for ours, ref in zip(fitted, by_hand, strict=True):
         assert type(ours) is type(ref) and ours.get_params() == ref.get_params()
@@ -497,9 +505,208 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
             ({"names": ["msp"], "features": x}, "the msp baseline is fitted on logits: give "
                                                 "logits"),
             ({"names": ["rmd"], "features": x}, "fitted on features and labels: give labels"),
+            ({"names": ["she"], "features": x, "weight": fc.weight, "bias": fc.bias},
+             "the she baseline is fitted on features and labels: give labels"),
+            ({"names": ["klm"], "features": x}, "the klm baseline is fitted on logits: give "
+                                                "logits$"),
             ({"names": ["vit"], "features": x}, "unknown baseline 'vit'; the names are msp, "),
             ({"names": ["knn"], "features": x, "options": {"vim": {"dim": 3}}},
              "options for 'vim', which is not among the baselines asked for")):
         names = kwargs.pop("names")
         with pytest.raises(ValueError, match=message):
             fit_baselines(names, **kwargs)
+
+
+def _klm_float64(train_logits, logits):
+    p = torch.softmax(train_logits.double(), 1)
+    pred = p.argmax(1)
+    templates = torch.stack([p[pred == k].mean(0) for k in pred.unique()])
+    q = torch.softmax(logits.double(), 1)
+    kl = (q[:, None, :] * (q[:, None, :].log() - templates[None].log())).sum(-1)
+    return -kl.min(1).values
+
+
+def test_klm_is_the_smallest_divergence_from_the_predicted_classes_typical_softmax():
+    """KLM against its definition in float64 (OpenOOD's and the paper's: the nearest of the
+    typical softmaxes), with one class no training row is predicted as (no template), on
+    float32 and float64 logits; labels are not read."""
+    gen = torch.Generator().manual_seed(11)
+    train = torch.randn(203, 7, generator=gen) * 2
+    train[:, 6] -= 8.0  # (class 6 predicted by no row)
+    test = torch.randn(41, 7, generator=gen) * 3
+    klm = KLM(batch_size=50).fit(train, labels=np.full(203, -5))
+    assert klm.template_classes_.tolist() == [0, 1, 2, 3, 4, 5]
+    torch.testing.assert_close(klm.score_samples(test).double(), _klm_float64(train, test),
+                               rtol=1e-5, atol=2e-6)
+    assert klm.score_samples(test.double()).dtype == torch.float64
+    torch.testing.assert_close(KLM().fit(train.double()).score_samples(test.double()),
+                               _klm_float64(train, test), rtol=1e-12, atol=1e-13)
+    assert float(klm.score_samples(test).max()) <= 0.0
+    assert not torch.signbit(KLM().fit(test[:1]).score_samples(test[:1])).any()  # (no -0.0)
+    # Logits ~1e38 apart: a log-probability of -inf (0 log 0 taken as 0, not NaN).
+    far = torch.tensor([[3e38, -3e38, 0.0], [1.0, 2.0, 3.0]])
+    assert torch.isfinite(KLM().fit(far).score_samples(far)).all()
+    # A training row's own softmax, where it is the only one predicted as its class: 0.
+    one = torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0, 8.0, 0]])
+    assert float(KLM().fit(one).score_samples(one[:1])[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_klm_templates_stay_finite_where_a_probability_underflows():
+    """A class whose probability underflows in every training row (logit gaps of 2000): the
+    mean softmax would hold 0 there, its log -inf, and every divergence from it inf or NaN;
+    kept in log space it is finite, and so are the scores, however confident the rows."""
+    train = torch.tensor([[2000.0, 0.0, 1.0], [1990.0, 3.0, 0.0], [0.0, 50.0, 1.0]])
+    klm = KLM().fit(train)
+    assert torch.isfinite(klm.log_templates_).all()
+    test = torch.tensor([[0.0, 0.0, 3000.0], [2000.0, 0.0, 1.0], [1.0, 2.0, 3.0]])
+    scores = klm.score_samples(test)
+    assert torch.isfinite(scores).all() and scores[1] == 0.0
+    # The third row against the second class's template (softmax of [0, 50, 1], exactly):
+    q = torch.softmax(test[2].double(), 0)
+    d = torch.log_softmax(train[2].double(), 0)
+    assert float(scores[2]) == pytest.approx(-float((q * (q.log() - d)).sum()), rel=1e-5)
+
+
+def test_she_is_the_inner_product_with_the_predicted_classes_correct_mean():
+    x, logits, fc, q = _head_data(seed=28, n=300, c=4)  # (every class predicted)
+    y = logits.argmax(1)
+    y[::5] = (y[::5] + 1) % 4  # misclassified rows: left out of the patterns
+    w, b = fc.weight.detach().double(), fc.bias.detach().double()
+    xd = x.double()
+    right = (xd @ w.T + b).argmax(1) == y
+    patterns = torch.stack([xd[right & (y == k)].mean(0) for k in range(4)])
+    expected = (q.double() * patterns[(q.double() @ w.T + b).argmax(1)]).sum(1)
+    for she in (SHE().fit(x, y, weight=fc.weight, bias=fc.bias),
+                SHE(batch_size=64).fit(x.numpy(), y.numpy(), logits=logits.numpy())):
+        torch.testing.assert_close(torch.as_tensor(she.score_samples(q.numpy())).double(),
+                                   expected, rtol=1e-5, atol=1e-5)
+    she = SHE().fit(x, y, weight=fc.weight, bias=fc.bias)
+    _, pred = she.score_and_predict(q)
+    assert torch.equal(pred, (q.double() @ w.T + b).argmax(1))
+    torch.testing.assert_close(she.patterns_.double(), patterns, rtol=1e-6, atol=1e-6)
+    # Labels are needed, in range, and every class needs a correctly classified row; a
+    # refit that fails leaves the fitted one as it was.
+    scores = she.score_samples(q)
+    bad = y.clone()
+    bad[(y == 2) & right] = 3  # no correctly classified row of class 2 left
+    for labels, message in ((None, "SHE.fit needs the training labels"),
+                            (y[:-1], "labels has 299 entries but features have 300 rows"),
+                            (y + 4, "labels hold class id 7, but the last layer has 4 classes"),
+                            (bad, r"class\(es\) \[2\] have no training row the last layer "
+                                  "classifies correctly")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            she.fit(x, labels, weight=fc.weight, bias=fc.bias)
+        assert torch.equal(she.score_samples(q), scores)
+
+
+@pytest.mark.parametrize("percentile", [90.0, 33.3, 0.0])
+def test_dice_keeps_the_weights_above_the_contributions_percentile(percentile):
+    x, logits, fc, q = _head_data(seed=13, offset=0.5)
+    w, b = fc.weight.detach().double(), fc.bias.detach().double()
+    contribution = (w * x.double().mean(0)).numpy()
+    threshold = np.percentile(contribution, percentile)
+    masked = torch.where(torch.from_numpy(contribution > threshold), w, 0.0)
+    expected = torch.logsumexp(q.double() @ masked.T + b, 1)
+    dice = DICE(percentile=percentile).fit(x, weight=fc.weight, bias=fc.bias)
+    assert dice.threshold_ == pytest.approx(threshold, rel=1e-12, abs=1e-15)
+    assert int((dice.masked_weight_ != 0).sum()) == int((contribution > threshold).sum())
+    torch.testing.assert_close(dice.score_samples(q).double(), expected, rtol=1e-5, atol=1e-5)
+    recovered = DICE(percentile=percentile).fit(x, logits=logits)  # (mean from its sums)
+    torch.testing.assert_close(recovered.score_samples(q.double()), expected, rtol=1e-6,
+                               atol=1e-6)
+    assert dice.display_name == f"DICE (p{percentile:g})"
+    for p in (100, -1, float("nan")):
+        with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
+            DICE(percentile=p).fit(x, logits=logits)
+
+
+def _fdbd_float64(x, w, b, q, centre):
+    w, b, q = (t.detach().double() for t in (w, b, q))
+    lg = q @ w.T + b
+    top, k = lg.max(1)
+    norms = (w[k][:, None, :] - w[None]).norm(dim=-1)
+    norms[torch.arange(len(q)), k] = 1.0
+    spread = (q - centre.double()).norm(dim=1)
+    return ((top[:, None] - lg) / norms).sum(1) / (w.shape[0] - 1) / spread
+
+
+def test_fdbd_is_the_mean_boundary_distance_over_the_normaliser():
+    x, logits, fc, q = _head_data(seed=14, offset=2.0)
+    mean = x.double().mean(0)
+    for normalizer, centre in (("mean", mean), ("origin", torch.zeros_like(mean))):
+        expected = _fdbd_float64(x, fc.weight, fc.bias, q, centre)
+        for det in (FDBD(normalizer=normalizer).fit(x, weight=fc.weight, bias=fc.bias),
+                    FDBD(normalizer=normalizer).fit(x.double(), logits=logits.double())):
+            got = det.score_samples(q).double()
+            torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
+    with pytest.raises(ValueError, match="normalizer must be one of 'mean', 'origin'"):
+        FDBD(normalizer="norm").fit(x, logits=logits)
+
+
+def test_fdbd_measures_close_weight_rows_exactly_and_refuses_equal_ones():
+    """Two classes whose weight rows differ by 1e-9 of their norm: the Gram form
+    ||a||^2 + ||b||^2 - 2ab cancels every digit of the distance (the score came out 0 or
+    inf); it is recomputed from the difference. Equal rows are refused, naming the classes;
+    a feature at the training mean scores finite."""
+    gen = torch.Generator().manual_seed(15)
+    w = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    w[2] = w[1]
+    w[2, 0] += 1e-9 * float(w[1].norm())
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    x = torch.randn(50, 10, generator=gen, dtype=torch.float64)
+    det = FDBD().fit(x, weight=w, bias=b)
+    assert float(det.boundary_norms_[1, 2]) == pytest.approx(float(abs(w[2, 0] - w[1, 0])),
+                                                             rel=1e-6)
+    q = torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(det.score_samples(q), _fdbd_float64(x, w, b, q, x.mean(0)),
+                               rtol=1e-9, atol=0)
+    assert torch.isfinite(det.score_samples(x.mean(0, keepdim=True))).all()
+    # A zero feature measured from the origin: at floor_ (eps times the training rows' RMS
+    # norm) from it, so finite, where the distance 0 gave inf.
+    origin = FDBD(normalizer="origin").fit(x.float(), weight=w.float(), bias=b.float())
+    assert origin.floor_ == pytest.approx(
+        torch.finfo(torch.float32).eps * float(x.norm(dim=1).square().mean().sqrt()))
+    assert torch.isfinite(origin.score_samples(torch.zeros(1, 10))).all()
+    # Weights of norm ~5e4 (scaled exactly, by 2^14): a row's distance to itself (no
+    # boundary) is not taken for a pair of close rows.
+    big = FDBD().fit(x, weight=w * 2.0**14, bias=b * 2.0**14)
+    torch.testing.assert_close(big.score_samples(q), det.score_samples(q), rtol=1e-9, atol=0)
+    w[2] = w[1]
+    with pytest.raises(ValueError, match="classes 1 and 2 have the same weights"):
+        FDBD().fit(x, weight=w, bias=b)
+    with pytest.raises(ValueError, match="the last layer has 1 class"):
+        FDBD().fit(x, weight=w[:1], bias=b[:1])
+
+
+@pytest.mark.parametrize("percentile", [85.0, 50.0, 0.0])
+def test_scale_scales_whole_rows_by_ash_s_factor(percentile):
+    x, _, fc, q = _head_data(seed=16)
+    w, b = fc.weight.detach().double(), fc.bias.detach().double()
+    qd = q.double()
+    k = max(1, qd.shape[1] - round(qd.shape[1] * percentile / 100))
+    top = qd.sort(1, descending=True).values[:, :k].sum(1)
+    expected = torch.logsumexp((qd * torch.exp(qd.sum(1) / top)[:, None]) @ w.T + b, 1)
+    det = SCALE(percentile=percentile).fit(x, weight=fc.weight, bias=fc.bias)
+    torch.testing.assert_close(det.score_samples(q).double(), expected, rtol=1e-5, atol=1e-5)
+    assert det.display_name == f"SCALE (p{percentile:g})"
+    if percentile == 0.0:  # every entry kept: ASH-S's scale and nothing pruned
+        ash = ASH(percentile=0.0).fit(x, weight=fc.weight, bias=fc.bias)
+        torch.testing.assert_close(det.score_samples(q), ash.score_samples(q))
+    # An all-zero row is left as it is.
+    zero = det.score_samples(torch.zeros(1, q.shape[1]))
+    assert float(zero[0]) == pytest.approx(float(torch.logsumexp(b, 0)), rel=1e-6)
+
+
+def test_scale_refuses_a_row_scaled_past_its_dtype():
+    """exp(s1 / s2) is at most exp(D / k): past float32 with one entry kept of 200 equal
+    ones (exp(200)); that row is named, and float64 features score it."""
+    gen = torch.Generator().manual_seed(17)
+    w, b = torch.randn(3, 200, generator=gen) * 1e-3, torch.zeros(3)
+    det = SCALE(percentile=99.9).fit(torch.rand(30, 200, generator=gen), weight=w, bias=b)
+    rows = torch.rand(3, 200, generator=gen) * 0.01
+    rows[:, 0] = 5.0  # (its largest entry holds most of a row's sum: exp(1.2) or so)
+    rows[2] = 1.0
+    with pytest.raises(ValueError, match=r"SCALE scales row\(s\) \[2\] by exp\(s1 / s2\) = "
+                                         r"inf beyond torch.float32's range"):
+        det.score_samples(rows)
+    assert torch.isfinite(det.score_samples(rows.double())).all()

@@ -807,6 +807,29 @@ def test_eval_warns_where_the_id_labels_are_no_better_than_chance(tmp_path, caps
         assert kept.startswith(said) and hint in kept
 
 
+def _last_layer_files(tmp_path, *, seed, ood_seed, post_relu=False):
+    """Feature files of a 3-class classifier whose last layer is linear with a bias (rows
+    160, width 6): train.npz (100 rows with labels and logits), bare.npz (no logits),
+    unlabelled.npz (no labels), id.npz (the other 60) and ood.npz (40, with logits), and a
+    detector fitted on train.npz. Returns the features, labels, logits, the layer's weight,
+    the OOD features and logits, and the detector's path."""
+    x, y = clustered_features(160, 3, 6, seed=seed, spread=0.6, dtype=torch.float32)
+    noise = 3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(ood_seed))
+    ood = x[:40] * 0.5 + noise
+    if post_relu:
+        x, ood = x.abs(), ood.abs()
+    means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
+    logits, ood_l = (v @ means.T + torch.tensor([0.5, -0.25, 0.0]) for v in (x, ood))
+    _write(tmp_path / "train.npz", features=x[:100], labels=y[:100], logits=logits[:100])
+    _write(tmp_path / "bare.npz", features=x[:100], labels=y[:100])
+    _write(tmp_path / "unlabelled.npz", features=x[:100], logits=logits[:100])
+    _write(tmp_path / "id.npz", features=x[100:], labels=y[100:], logits=logits[100:])
+    _write(tmp_path / "ood.npz", features=ood, logits=ood_l)
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    return x, y, logits, means, ood, ood_l, det
+
+
 def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
     """--baselines maxlogit gen (from each file's logits), vim react gradnorm ash (their last
     layer recovered from --train's features and logits) and rmd (--train's features and
@@ -815,17 +838,7 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
     need."""
     from grood import ASH, GEN, RMD, GradNorm, MaxLogit, ReAct, ViM, ood_metrics
 
-    x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
-    means = torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)])
-    logits = x @ means.T + torch.tensor([0.5, -0.25, 0.0])  # a linear head with a bias
-    ood = x[:40] * 0.5 + 3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
-    ood_l = ood @ means.T + torch.tensor([0.5, -0.25, 0.0])
-    _write(tmp_path / "train.npz", features=x[:100], labels=y[:100], logits=logits[:100])
-    _write(tmp_path / "bare.npz", features=x[:100], labels=y[:100])
-    _write(tmp_path / "id.npz", features=x[100:], labels=y[100:], logits=logits[100:])
-    _write(tmp_path / "ood.npz", features=ood, logits=ood_l)
-    det = str(tmp_path / "d.safetensors")
-    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    x, y, logits, means, ood, ood_l, det = _last_layer_files(tmp_path, seed=3, ood_seed=1)
     capsys.readouterr()
     argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
             "--json", str(tmp_path / "m.json"), "--baselines", "maxlogit", "gen", "vim",
@@ -899,8 +912,57 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
         assert main([*argv, bare, *extra]) == 2
         assert said in capsys.readouterr().err
     assert main([*argv[:-8], "msp", "--head", str(tmp_path / "fc.pt")]) == 2
-    assert ("--head is read only by --baselines vim, react, gradnorm and ash"
+    assert ("--head is read only by --baselines vim, react, gradnorm, ash, she, dice, fdbd and "
+            "scale"
             in capsys.readouterr().err)
+
+
+def test_eval_fits_klm_she_dice_fdbd_and_scale_on_the_training_file(tmp_path, capsys):
+    """--baselines klm she dice fdbd scale: each fitted on --train (KLM on its logits, not
+    the ID file's, which would fit it on the test set; SHE on its labels too), their metrics
+    those grood.baselines give by hand, their percentiles recorded; a training file without
+    labels or logits is named for what they need."""
+    from grood import DICE, FDBD, KLM, SCALE, SHE, ood_metrics
+
+    # (post-ReLU features, as SCALE expects)
+    x, y, logits, _, ood, ood_l, det = _last_layer_files(tmp_path, seed=4, ood_seed=2,
+                                                         post_relu=True)
+    capsys.readouterr()
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--baselines", "klm", "she", "dice", "fdbd",
+            "scale", "--dice-percentile", "70", "--scale-percentile", "60", "--train"]
+    assert main([*argv, str(tmp_path / "train.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[3].strip() for line in lines[4:10]] == [
+        "GROOD", "KLM", "SHE", "DICE (p70)", "fDBD", "SCALE (p60)"]
+    out = json.loads((tmp_path / "m.json").read_text())
+    got = out[str(tmp_path / "ood.npz")]
+    assert (out["taken_with"]["dice_percentile"], out["taken_with"]["scale_percentile"]) == (
+        70.0, 60.0)
+    tx, tl, ty = x[:100].numpy(), logits[:100].numpy(), y[:100].numpy()
+    id_x, id_l = x[100:].numpy(), logits[100:].numpy()
+    for name, est, a, b in (
+            ("KLM", KLM().fit(tl), id_l, ood_l.numpy()),
+            ("SHE", SHE().fit(tx, ty, logits=tl), id_x, ood.numpy()),
+            ("DICE (p70)", DICE(percentile=70).fit(tx, logits=tl), id_x, ood.numpy()),
+            ("fDBD", FDBD().fit(tx, logits=tl), id_x, ood.numpy()),
+            ("SCALE (p60)", SCALE(percentile=60).fit(tx, logits=tl), id_x, ood.numpy())):
+        expected = ood_metrics(est.score_samples(a), est.score_samples(b))
+        for key, value in expected.items():
+            assert got["baselines"][name][key] == value, (name, key)
+    on_id = KLM().fit(id_l)  # (what fitting on the ID file would have scored)
+    assert not np.array_equal(on_id.score_samples(id_l), KLM().fit(tl).score_samples(id_l))
+    for args, said in (
+            ([*argv, str(tmp_path / "unlabelled.npz")],
+             "unlabelled.npz: --baselines she fits one mean per class: the file needs "
+             "'labels'"),
+            ([*argv[:-5], "--dice-percentile", "100", "--train", str(tmp_path / "train.npz")],
+             "--dice-percentile must be a number in [0, 100), got 100")):
+        assert main(args) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv[:-10], "klm"]) == 2
+    assert ("--baselines klm fits on a training set: give the training feature file with "
+            "--train" in capsys.readouterr().err)
 
 
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
@@ -963,7 +1025,7 @@ def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     assert f"| {100 * delta:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f}) |" in text
     # What each baseline needs is named, before any scoring where it can be.
     refused = [
-        (["--baselines", "knn"], "--baselines knn fits on training features: give the "
+        (["--baselines", "knn"], "--baselines knn fits on a training set: give the "
                                  "training feature file with --train"),
         (["--train", str(tmp_path / "train.npz")], "--train is read only by --baselines"),
         (["--knn-k", "3", "--baselines", "msp"], "--knn-k is read only by --baselines knn"),

@@ -1,5 +1,6 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
-classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy and GEN.
+classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy, GEN,
+KLM, SHE, DICE, fDBD and SCALE.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -11,7 +12,20 @@ import torch
 
 pytest.importorskip("pytorch_ood")
 
-from pytorch_ood.detector import ASH, RMD, EnergyBased, GradNorm, MaxLogit, ReAct, ViM
+from pytorch_ood.detector import (
+    ASH,
+    DICE,
+    RMD,
+    SCALE,
+    SHE,
+    EnergyBased,
+    GradNorm,
+    KLMatching,
+    MaxLogit,
+    ReAct,
+    ViM,
+    fDBD,
+)
 from pytorch_ood.detector import GEN as PoodGEN
 
 import grood
@@ -103,3 +117,57 @@ def test_rmd_equals_pytorch_oods(layer):
     torch.testing.assert_close(ours.score_samples(test),
                                -len(train) * theirs.predict_features(test), rtol=1e-4,
                                atol=1e-3)
+
+
+def test_klm_equals_pytorch_oods(layer):
+    """Both take the nearest of the typical softmaxes (pytorch-ood with log 0 replaced by
+    the lowest float; none of these underflows)."""
+    train, test, fc = layer
+    train_logits, test_logits = fc(train).detach(), fc(test).detach() * 1.5
+    theirs = KLMatching(None).fit_logits(train_logits)
+    ours = grood.KLM().fit(train_logits)
+    assert len(theirs.dists) == len(ours.template_classes_) == 7
+    torch.testing.assert_close(ours.score_samples(test_logits),
+                               -theirs.predict_logits(test_logits), rtol=1e-4, atol=1e-6)
+
+
+def test_she_equals_pytorch_oods(layer):
+    train, test, fc = layer
+    labels = fc(train).argmax(1)
+    labels[::9] = (labels[::9] + 1) % 7  # (misclassified rows, which both leave out)
+    theirs = SHE(None, fc).fit_features(train, labels)
+    for ours in (grood.SHE().fit(train, labels, weight=fc.weight, bias=fc.bias),
+                 grood.SHE().fit(train, labels, logits=fc(train).detach())):
+        torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_dice_equals_pytorch_oods(layer):
+    """pytorch-ood's p is the fraction dropped (grood's percentile / 100)."""
+    train, test, fc = layer
+    theirs = DICE(None, fc.weight, fc.bias, p=0.9).fit_features(
+        train, torch.zeros(len(train), dtype=torch.long))
+    ours = grood.DICE(percentile=90).fit(train, weight=fc.weight, bias=fc.bias)
+    assert ours.threshold_ == pytest.approx(theirs.threshold, rel=1e-5)
+    assert torch.equal(ours.masked_weight_ != 0, theirs.masked_w != 0)
+    torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fdbd_equals_pytorch_oods(layer):
+    train, test, fc = layer
+    theirs = fDBD(None, fc).fit_features(train)
+    ours = grood.FDBD().fit(train, weight=fc.weight, bias=fc.bias)
+    torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_scale_equals_pytorch_oods(layer):
+    """On feature maps of 48 x 1 x 1 (pooled features); pytorch-ood's percentile is a
+    fraction."""
+    train, test, fc = layer
+    theirs = SCALE(None, lambda maps: fc(maps.flatten(1)), percentile=0.85)
+    ours = grood.SCALE(percentile=85).fit(train, weight=fc.weight, bias=fc.bias)
+    torch.testing.assert_close(ours.score_samples(test),
+                               -theirs.predict_feature_maps(test[:, :, None, None]),
+                               rtol=1e-5, atol=1e-5)
