@@ -794,6 +794,7 @@ class GradNorm(_HeadBaseline):
     """
 
     name = "GradNorm"
+    fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, temperature: float = 1.0, batch_size: int = 4096) -> None:
         self.temperature = temperature
@@ -854,6 +855,7 @@ class ASH(_PercentileBaseline):
     """
 
     name = "ASH"
+    fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, percentile: float = 90.0, variant: str = "s",
                  batch_size: int = 4096) -> None:
@@ -1106,6 +1108,7 @@ class SCALE(_PercentileBaseline):
     """
 
     name = "SCALE"
+    fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, percentile: float = 85.0, batch_size: int = 4096) -> None:
         self.percentile = percentile
@@ -1137,13 +1140,21 @@ BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
 LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
 
 
+def learned_from(cls: type[_Baseline], *, head_given: bool) -> tuple[str, ...]:
+    """The training arrays ``cls.fit`` learns from: its ``fit_reads``, with the last layer
+    (``"head"``) as the training features and logits it is recovered from unless
+    ``head_given``. Empty: any array of the right width fits it."""
+    out: list[str] = []
+    for read in cls.fit_reads:
+        out += ([] if head_given else ["features", "logits"]) if read == "head" else [read]
+    return tuple(dict.fromkeys(out))
+
+
 def fitting_inputs(cls: type[_Baseline], *, head_given: bool) -> tuple[str, ...]:
-    """The training arrays ``cls.fit`` is given (by :func:`fit_baselines` and ``grood
-    eval``): its ``fit_reads``, the layer as the training ``logits`` unless ``head_given``,
-    and for those that learn nothing the logits whose width they record."""
-    reads = cls.fit_reads or (cls.inputs,)
-    return tuple(dict.fromkeys(r for read in reads for r in (
-        () if read == "head" and head_given else ("logits",) if read == "head" else (read,))))
+    """The arrays ``cls.fit`` is given (by :func:`fit_baselines`): what it learns from
+    (:func:`learned_from`), or where that is nothing, the ``inputs`` whose width it
+    records."""
+    return learned_from(cls, head_given=head_given) or (cls.inputs,)
 
 
 def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logits: Any = None,
@@ -1185,8 +1196,7 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
     for name in names:
         est: Any = BY_NAME[name][0](**options.get(name, {}))
         reads = est.fit_reads
-        first = features if "features" in reads else logits
         more = [labels] if "labels" in reads else []
-        out.append(est.fit(first, *more,
+        out.append(est.fit(given[est.inputs], *more,
                            **((head or {"logits": logits}) if "head" in reads else {})))
     return out

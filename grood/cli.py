@@ -22,7 +22,7 @@ from grood.baselines import (
     LAST_LAYER_NAMES,
     SCALE,
     ReAct,
-    fitting_inputs,
+    learned_from,
 )
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
@@ -439,15 +439,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    trained = [b for b in args.baselines if b in TRAINED_BASELINES]
+    readers = _train_readers(head_given=args.head is not None)
+    trained = [b for b in args.baselines if b in readers]
     if trained and args.train is None:
         verb = "fits" if len(trained) == 1 else "fit"
         raise ValueError(f"--baselines {' and '.join(trained)} {verb} on a training set: give "
                          "the training feature file with --train")
     if args.train is not None:
         if not trained:
-            raise ValueError("--train is read only by --baselines "
-                             f"{', '.join(TRAINED_BASELINES[:-1])} and {TRAINED_BASELINES[-1]}")
+            raise ValueError(f"--train is read only by --baselines {', '.join(readers[:-1])} "
+                             f"and {readers[-1]}"
+                             + (" (given --head)" if args.head is not None else ""))
         _require_files({"training feature file": args.train})
     for option, (key, _) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None and key not in args.baselines:
@@ -572,10 +574,14 @@ def _provenance_line(p: dict[str, Any]) -> str:
             f"· {p['date']}")
 
 
-#: ``grood eval --baselines`` takes grood.baselines.BY_NAME's names. Those that learn from a
-#: training set (``fit_reads``) are fitted on --train, the others on the ID file's logits
-#: (whose width they record).
-TRAINED_BASELINES = [k for k, (cls, _) in BY_NAME.items() if cls.fit_reads]
+def _train_readers(*, head_given: bool) -> list[str]:
+    """``grood eval --baselines`` takes grood.baselines.BY_NAME's names: those that learn
+    from a training set (:func:`grood.baselines.learned_from`; GradNorm, ASH and SCALE
+    only where they recover the layer, without --head) are fitted on --train, the others
+    on the ID file's logits or features (whose width they record)."""
+    return [k for k, (cls, _) in BY_NAME.items() if learned_from(cls, head_given=head_given)]
+
+
 #: Those that read --train's logits (to recover the classifier's last layer from), or --head.
 HEAD_BASELINES = list(LAST_LAYER_NAMES)
 #: ``grood eval``'s options for one baseline's parameter: option -> (baseline, parameter).
@@ -622,10 +628,11 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
 
     estimators = _unfitted_baselines(args)
     for key, est in estimators.items():
-        reads = fitting_inputs(type(est), head_given=head is not None)
-        if not est.fit_reads:  # (nothing learned: the width of the ID file's logits)
+        reads = learned_from(type(est), head_given=head is not None)
+        if not reads:  # (nothing learned: the width of the ID file's logits or features)
             with prefixed_errors(args.id):
-                est.fit(array("id", id_data, "logits", key))
+                est.fit(array("id", id_data, est.inputs, key),
+                        **((head or {}) if "head" in est.fit_reads else {}))
             continue
         assert train is not None  # (checked by _cmd_eval)
         with prefixed_errors(args.train):
@@ -925,9 +932,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "dice, fdbd and scale (fitted on --train's features and logits, from "
                          "which they recover the classifier's last layer; she on its labels "
                          "too)")
+    readers = _train_readers(head_given=False)
+    layer_only = [k for k in readers if k not in _train_readers(head_given=True)]
     ev.add_argument("--train", metavar="FILE",
                     help="training feature file for --baselines "
-                         f"{', '.join(TRAINED_BASELINES[:-1])} and {TRAINED_BASELINES[-1]}")
+                         f"{', '.join(readers[:-1])} and {readers[-1]} (of them "
+                         f"{', '.join(layer_only[:-1])} and {layer_only[-1]} only to recover "
+                         "the last layer from: not with --head)")
     ev.add_argument("--head", metavar="FILE",
                     help="the classifier's last linear layer for --baselines "
                          f"{', '.join(HEAD_BASELINES[:-1])} and {HEAD_BASELINES[-1]}, instead "

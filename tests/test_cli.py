@@ -917,6 +917,34 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_eval_scores_layer_only_baselines_with_head_and_no_training_file(tmp_path, capsys):
+    """--baselines gradnorm ash scale --head FILE: given the layer they learn nothing from a
+    training set, so they need no --train (it was refused without one); the same metrics as
+    by hand. --train beside them alone is named as read by nothing."""
+    from grood import ASH, SCALE, GradNorm, ood_metrics
+
+    x, _, _, means, ood, _, det = _last_layer_files(tmp_path, seed=5, ood_seed=3,
+                                                    post_relu=True)
+    capsys.readouterr()
+    bias = torch.tensor([0.5, -0.25, 0.0])
+    torch.save({"weight": means, "bias": bias}, tmp_path / "fc.pt")
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--baselines", "gradnorm", "ash", "scale",
+            "--head", str(tmp_path / "fc.pt")]
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    for name, est in (("GradNorm", GradNorm()), ("ASH-S (p90)", ASH()),
+                      ("SCALE (p85)", SCALE())):
+        est.fit(x[100:].numpy(), weight=means, bias=bias)
+        expected = ood_metrics(est.score_samples(x[100:].numpy()),
+                               est.score_samples(ood.numpy()))
+        for key, value in expected.items():
+            assert got["baselines"][name][key] == pytest.approx(value, abs=1e-12), (name, key)
+    assert main([*argv, "--train", str(tmp_path / "train.npz")]) == 2
+    assert ("--train is read only by --baselines klm, knn, mahalanobis, rmd, vim, react, she, "
+            "dice and fdbd (given --head)" in capsys.readouterr().err)
+
+
 def test_eval_fits_klm_she_dice_fdbd_and_scale_on_the_training_file(tmp_path, capsys):
     """--baselines klm she dice fdbd scale: each fitted on --train (KLM on its logits, not
     the ID file's, which would fit it on the test set; SHE on its labels too), their metrics
