@@ -28,6 +28,7 @@ from grood.baselines import (
     GradNorm,
     Mahalanobis,
     MaxLogit,
+    NNGuide,
     ReAct,
     ViM,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "MaxLogit",
     "MissingExtraError",
     "Mixup",
+    "NNGuide",
     "NotFittedError",
     "OODPrototypeSource",
     "PrototypeContext",

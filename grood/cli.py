@@ -21,6 +21,7 @@ from grood.baselines import (
     KNN,
     LAST_LAYER_NAMES,
     SCALE,
+    NNGuide,
     ReAct,
     learned_from,
 )
@@ -589,7 +590,9 @@ BASELINE_OPTIONS = {"knn_k": ("knn", "k"), "vim_dim": ("vim", "dim"),
                     "react_percentile": ("react", "percentile"),
                     "ash_percentile": ("ash", "percentile"),
                     "dice_percentile": ("dice", "percentile"),
-                    "scale_percentile": ("scale", "percentile")}
+                    "scale_percentile": ("scale", "percentile"),
+                    "nnguide_k": ("nnguide", "k"),
+                    "nnguide_bank": ("nnguide", "bank_fraction")}
 
 
 def _unfitted_baselines(args: argparse.Namespace) -> dict[str, Any]:
@@ -774,9 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small CNN on real digits and compare GROOD with baselines",
         description="Train a small CNN on scikit-learn's bundled handwritten digits 0-5 (no "
                     "download), then compare GROOD with MSP, MaxLogit, Energy, GEN, KLM, "
-                    "KNN, Mahalanobis, RMD, ViM, ReAct, GradNorm, ASH, SHE, DICE, fDBD and "
-                    "SCALE on near-OOD (digits 6-9) and far-OOD (noise images). Prints a "
-                    "table and "
+                    "KNN, Mahalanobis, RMD, ViM, ReAct, GradNorm, ASH, SHE, DICE, fDBD, "
+                    "SCALE and NNGuide on near-OOD (digits 6-9) and far-OOD (noise images). "
+                    "Prints a table and "
                     "writes ROC curves, score histograms, GROOD (mean) minus each baseline "
                     "with paired bootstrap intervals, and each set's extreme-scoring images "
                     "beside their nearest training images in gradient space as PNG files.")
@@ -787,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-noise", type=positive_int_arg, default=500,
                       help="number of far-OOD noise images (default: %(default)s)")
     demo.add_argument("--knn-k", type=positive_int_arg, default=10,
-                      help="neighbour used by the KNN baseline (default: %(default)s)")
+                      help="neighbour used by the KNN baseline, and how many NNGuide "
+                           "averages (default: %(default)s)")
     demo.add_argument("--seeds", type=positive_int_arg, default=1,
                       help="run this many seeds from --seed on and print mean ± std "
                            "(default: %(default)s)")
@@ -929,9 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "energy, gen and klm (from each file's logits; klm fitted on "
                          "--train's), knn, mahalanobis and rmd (fitted on --train; mahalanobis "
                          "and rmd on its labels too), vim, react, gradnorm, ash (ASH-S), she, "
-                         "dice, fdbd and scale (fitted on --train's features and logits, from "
-                         "which they recover the classifier's last layer; she on its labels "
-                         "too)")
+                         "dice, fdbd, scale and nnguide (fitted on --train's features and "
+                         "logits, from which they recover the classifier's last layer; she on "
+                         "its labels too)")
     readers = _train_readers(head_given=False)
     layer_only = [k for k in readers if k not in _train_readers(head_given=True)]
     ev.add_argument("--train", metavar="FILE",
@@ -966,6 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the percentile of each feature row above which --baselines scale "
                          "sums the entries its scale divides by (default "
                          f"{SCALE().percentile:g}, as OpenOOD)")
+    ev.add_argument("--nnguide-k", type=positive_int_arg, default=None, metavar="K",
+                    help="how many of the largest inner products with its bank --baselines "
+                         f"nnguide averages (default {NNGuide().k}, as OpenOOD)")
+    ev.add_argument("--nnguide-bank", type=fraction_arg, default=None, metavar="F",
+                    help="the share of --train's rows in --baselines nnguide's bank, drawn "
+                         f"seeded (default {NNGuide().bank_fraction:g}: all; OpenOOD takes "
+                         "0.01 of ImageNet-1k's)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "

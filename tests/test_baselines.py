@@ -23,6 +23,7 @@ from grood import (
     GradNorm,
     Mahalanobis,
     MaxLogit,
+    NNGuide,
     NotFittedError,
     ReAct,
     ViM,
@@ -490,7 +491,8 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
                ViM(dim=8).fit(x, logits=logits), ReAct().fit(x, logits=logits),
                GradNorm().fit(x, logits=logits), ASH().fit(x, logits=logits),
                SHE().fit(x, labels, logits=logits), DICE().fit(x, logits=logits),
-               FDBD().fit(x, logits=logits), SCALE().fit(x, logits=logits)]
+               FDBD().fit(x, logits=logits), SCALE().fit(x, logits=logits),
+               NNGuide().fit(x, logits=logits)]
     test_logits = fc(q).detach()
     for ours, ref in zip(fitted, by_hand, strict=True):
         assert type(ours) is type(ref) and ours.get_params() == ref.get_params()
@@ -592,8 +594,8 @@ def test_she_is_the_inner_product_with_the_predicted_classes_correct_mean():
     for labels, message in ((None, "SHE.fit needs the training labels"),
                             (y[:-1], "labels has 299 entries but features have 300 rows"),
                             (y + 4, "labels hold class id 7, but the last layer has 4 classes"),
-                            (bad, r"class\(es\) \[2\] have no training row the last layer "
-                                  "classifies correctly")):
+                            (bad, r"1 class\(es\), \[2\], have no training row the last "
+                                  "layer classifies correctly")):
         with pytest.raises((ValueError, TypeError), match=message):
             she.fit(x, labels, weight=fc.weight, bias=fc.bias)
         assert torch.equal(she.score_samples(q), scores)
@@ -710,3 +712,52 @@ def test_scale_refuses_a_row_scaled_past_its_dtype():
                                          r"inf beyond torch.float32's range"):
         det.score_samples(rows)
     assert torch.isfinite(det.score_samples(rows.double())).all()
+
+
+def _nnguide_float64(bank_x, w, b, q, k):
+    bank_x, w, b, q = (t.detach().double() for t in (bank_x, w, b, q))
+    bank = bank_x / bank_x.norm(dim=1, keepdim=True) * torch.logsumexp(bank_x @ w.T + b, 1)[:, None]
+    inner = (q / q.norm(dim=1, keepdim=True)) @ bank.T
+    return inner.topk(k, dim=1).values.mean(1) * torch.logsumexp(q @ w.T + b, 1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_nnguide_is_the_energy_guided_by_the_nearest_scaled_training_features(
+        fraction, monkeypatch):
+    """NNGuide against its definition in float64, with the whole training set as its bank
+    or a seeded draw of 30 % of it, searched in blocks of bank rows (forced small here: the
+    k largest merged across them)."""
+    import grood.baselines as baselines
+
+    x, logits, fc, q = _head_data(seed=18)
+    rows = torch.arange(len(x)) if fraction == 1.0 else torch.randperm(
+        len(x), generator=torch.Generator().manual_seed(7))[:120].sort().values
+    expected = _nnguide_float64(x[rows], fc.weight, fc.bias, q, 5)
+    monkeypatch.setattr(baselines, "GUIDANCE_ENTRIES", 37 * 8)  # blocks of 8 bank rows
+    for det in (NNGuide(k=5, bank_fraction=fraction, seed=7).fit(x, weight=fc.weight,
+                                                                 bias=fc.bias),
+                NNGuide(k=5, bank_fraction=fraction, seed=7, batch_size=64).fit(
+                    x.double(), logits=logits.double())):
+        assert det.bank_.shape == (len(rows), 24)
+        torch.testing.assert_close(det.score_samples(q).double(), expected, rtol=2e-5,
+                                   atol=2e-5)
+    assert det.display_name == "NNGuide (k=5)"
+
+
+def test_nnguide_refuses_a_bank_smaller_than_k_and_bad_parameters():
+    x, _, fc, q = _head_data(seed=19, n=50)
+    head = {"weight": fc.weight, "bias": fc.bias}
+    for det, message in (
+            (NNGuide(k=10, bank_fraction=0.1), r"the bank holds 5 training row\(s\) "
+                                               r"\(bank_fraction=0.1 of 50\), fewer than k=10"),
+            (NNGuide(bank_fraction=0), r"bank_fraction is a fraction in \(0, 1\], got 0"),
+            (NNGuide(bank_fraction=50), "bank_fraction is a fraction"),
+            (NNGuide(k=0), "k must be"),
+            (NNGuide(k=5, seed=1.5), "seed must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            det.fit(x, **head)
+        assert not hasattr(det, "n_features_in_")
+    det = NNGuide(k=50).fit(x, **head)
+    det.k = 51
+    with pytest.raises(ValueError, match="k=51 is more than the 50 rows of the bank fitted"):
+        det.score_samples(q)

@@ -912,8 +912,8 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
         assert main([*argv, bare, *extra]) == 2
         assert said in capsys.readouterr().err
     assert main([*argv[:-8], "msp", "--head", str(tmp_path / "fc.pt")]) == 2
-    assert ("--head is read only by --baselines vim, react, gradnorm, ash, she, dice, fdbd and "
-            "scale"
+    assert ("--head is read only by --baselines vim, react, gradnorm, ash, she, dice, fdbd, "
+            "scale and nnguide"
             in capsys.readouterr().err)
 
 
@@ -942,31 +942,33 @@ def test_eval_scores_layer_only_baselines_with_head_and_no_training_file(tmp_pat
             assert got["baselines"][name][key] == pytest.approx(value, abs=1e-12), (name, key)
     assert main([*argv, "--train", str(tmp_path / "train.npz")]) == 2
     assert ("--train is read only by --baselines klm, knn, mahalanobis, rmd, vim, react, she, "
-            "dice and fdbd (given --head)" in capsys.readouterr().err)
+            "dice, fdbd and nnguide (given --head)" in capsys.readouterr().err)
 
 
-def test_eval_fits_klm_she_dice_fdbd_and_scale_on_the_training_file(tmp_path, capsys):
-    """--baselines klm she dice fdbd scale: each fitted on --train (KLM on its logits, not
-    the ID file's, which would fit it on the test set; SHE on its labels too), their metrics
-    those grood.baselines give by hand, their percentiles recorded; a training file without
-    labels or logits is named for what they need."""
-    from grood import DICE, FDBD, KLM, SCALE, SHE, ood_metrics
+def test_eval_fits_klm_she_dice_fdbd_scale_nnguide_on_the_training_file(tmp_path, capsys):
+    """--baselines klm she dice fdbd scale nnguide: each fitted on --train (KLM on its
+    logits, not the ID file's, which would fit it on the test set; SHE on its labels too),
+    their metrics those grood.baselines give by hand, their parameters recorded; a training
+    file without labels or logits is named for what they need."""
+    from grood import DICE, FDBD, KLM, SCALE, SHE, NNGuide, ood_metrics
 
     # (post-ReLU features, as SCALE expects)
     x, y, logits, _, ood, ood_l, det = _last_layer_files(tmp_path, seed=4, ood_seed=2,
                                                          post_relu=True)
     capsys.readouterr()
-    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
-            "--json", str(tmp_path / "m.json"), "--baselines", "klm", "she", "dice", "fdbd",
-            "scale", "--dice-percentile", "70", "--scale-percentile", "60", "--train"]
+    base = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--baselines"]
+    options = ["--dice-percentile", "70", "--scale-percentile", "60", "--nnguide-k", "5",
+               "--nnguide-bank", "0.5"]
+    argv = [*base, "klm", "she", "dice", "fdbd", "scale", "nnguide", *options, "--train"]
     assert main([*argv, str(tmp_path / "train.npz")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[3].strip() for line in lines[4:10]] == [
-        "GROOD", "KLM", "SHE", "DICE (p70)", "fDBD", "SCALE (p60)"]
+    assert [line.split("|")[3].strip() for line in lines[4:11]] == [
+        "GROOD", "KLM", "SHE", "DICE (p70)", "fDBD", "SCALE (p60)", "NNGuide (k=5)"]
     out = json.loads((tmp_path / "m.json").read_text())
     got = out[str(tmp_path / "ood.npz")]
-    assert (out["taken_with"]["dice_percentile"], out["taken_with"]["scale_percentile"]) == (
-        70.0, 60.0)
+    assert [out["taken_with"][k] for k in ("dice_percentile", "scale_percentile", "nnguide_k",
+                                           "nnguide_bank")] == [70.0, 60.0, 5, 0.5]
     tx, tl, ty = x[:100].numpy(), logits[:100].numpy(), y[:100].numpy()
     id_x, id_l = x[100:].numpy(), logits[100:].numpy()
     for name, est, a, b in (
@@ -974,7 +976,9 @@ def test_eval_fits_klm_she_dice_fdbd_and_scale_on_the_training_file(tmp_path, ca
             ("SHE", SHE().fit(tx, ty, logits=tl), id_x, ood.numpy()),
             ("DICE (p70)", DICE(percentile=70).fit(tx, logits=tl), id_x, ood.numpy()),
             ("fDBD", FDBD().fit(tx, logits=tl), id_x, ood.numpy()),
-            ("SCALE (p60)", SCALE(percentile=60).fit(tx, logits=tl), id_x, ood.numpy())):
+            ("SCALE (p60)", SCALE(percentile=60).fit(tx, logits=tl), id_x, ood.numpy()),
+            ("NNGuide (k=5)", NNGuide(k=5, bank_fraction=0.5).fit(tx, logits=tl), id_x,
+             ood.numpy())):
         expected = ood_metrics(est.score_samples(a), est.score_samples(b))
         for key, value in expected.items():
             assert got["baselines"][name][key] == value, (name, key)
@@ -984,11 +988,15 @@ def test_eval_fits_klm_she_dice_fdbd_and_scale_on_the_training_file(tmp_path, ca
             ([*argv, str(tmp_path / "unlabelled.npz")],
              "unlabelled.npz: --baselines she fits one mean per class: the file needs "
              "'labels'"),
-            ([*argv[:-5], "--dice-percentile", "100", "--train", str(tmp_path / "train.npz")],
-             "--dice-percentile must be a number in [0, 100), got 100")):
+            ([*base, "dice", "--dice-percentile", "100", "--train",
+              str(tmp_path / "train.npz")],
+             "--dice-percentile must be a number in [0, 100), got 100"),
+            ([*base, "nnguide", "--nnguide-k", "60", "--nnguide-bank", "0.5", "--train",
+              str(tmp_path / "train.npz")],
+             "the bank holds 50 training row(s) (bank_fraction=0.5 of 100), fewer than k=60")):
         assert main(args) == 2
         assert said in capsys.readouterr().err
-    assert main([*argv[:-10], "klm"]) == 2
+    assert main([*base, "klm"]) == 2
     assert ("--baselines klm fits on a training set: give the training feature file with "
             "--train" in capsys.readouterr().err)
 

@@ -1,6 +1,6 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
 classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy, GEN,
-KLM, SHE, DICE, fDBD and SCALE.
+KLM, SHE, DICE, fDBD, SCALE and NNGuide.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -22,6 +22,7 @@ from pytorch_ood.detector import (
     GradNorm,
     KLMatching,
     MaxLogit,
+    NNGuide,
     ReAct,
     ViM,
     fDBD,
@@ -170,4 +171,14 @@ def test_scale_equals_pytorch_oods(layer):
     ours = grood.SCALE(percentile=85).fit(train, weight=fc.weight, bias=fc.bias)
     torch.testing.assert_close(ours.score_samples(test),
                                -theirs.predict_feature_maps(test[:, :, None, None]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_nnguide_equals_pytorch_oods(layer):
+    """Both with the whole training set as the bank."""
+    train, test, fc = layer
+    theirs = NNGuide(None, fc, k=10).fit_features(train, torch.zeros(len(train),
+                                                                      dtype=torch.long))
+    ours = grood.NNGuide(k=10).fit(train, weight=fc.weight, bias=fc.bias)
+    torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
                                rtol=1e-5, atol=1e-5)
