@@ -975,8 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"nnguide averages (default {NNGuide().k}, as OpenOOD)")
     ev.add_argument("--nnguide-bank", type=fraction_arg, default=None, metavar="F",
                     help="the share of --train's rows in --baselines nnguide's bank, drawn "
-                         f"seeded (default {NNGuide().bank_fraction:g}: all; OpenOOD takes "
-                         "0.01 of ImageNet-1k's)")
+                         f"seeded (default {NNGuide().bank_fraction:g}, as OpenOOD)")
     ev.add_argument("--bootstrap", type=positive_int_arg, default=None, metavar="N",
                     help="also give each metric's 95 %% percentile-bootstrap interval over N "
                          "resamples of the ID and OOD scores (at least 100; 1000 is usual; "

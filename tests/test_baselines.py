@@ -484,7 +484,7 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
     labels = logits.argmax(1)
     labels[::7] = (labels[::7] + 1) % 6  # (rows SHE leaves out of its patterns)
     fitted = fit_baselines(list(BY_NAME), features=x, labels=labels, logits=logits,
-                           options={"knn": {"k": 3}, "vim": {"dim": 8}})
+                           options={"knn": {"k": 3}, "vim": {"dim": 8}, "nnguide": {"k": 3}})
     by_hand = [MSP().fit(logits), MaxLogit().fit(logits), Energy().fit(logits),
                GEN().fit(logits), KLM().fit(logits), KNN(k=3).fit(x),
                Mahalanobis().fit(x, labels), RMD().fit(x, labels),
@@ -492,7 +492,7 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
                GradNorm().fit(x, logits=logits), ASH().fit(x, logits=logits),
                SHE().fit(x, labels, logits=logits), DICE().fit(x, logits=logits),
                FDBD().fit(x, logits=logits), SCALE().fit(x, logits=logits),
-               NNGuide().fit(x, logits=logits)]
+               NNGuide(k=3).fit(x, logits=logits)]  # (a bank of 1 % of 400 rows)
     test_logits = fc(q).detach()
     for ours, ref in zip(fitted, by_hand, strict=True):
         assert type(ours) is type(ref) and ours.get_params() == ref.get_params()
@@ -742,6 +742,8 @@ def test_nnguide_is_the_energy_guided_by_the_nearest_scaled_training_features(
         torch.testing.assert_close(det.score_samples(q).double(), expected, rtol=2e-5,
                                    atol=2e-5)
     assert det.display_name == "NNGuide (k=5)"
+    # By default, as OpenOOD: a bank of 1 % of the training rows, k=100 (so here, k=3).
+    assert NNGuide(k=3).fit(x, weight=fc.weight, bias=fc.bias).bank_.shape == (4, 24)
 
 
 def test_nnguide_refuses_a_bank_smaller_than_k_and_bad_parameters():
@@ -757,7 +759,7 @@ def test_nnguide_refuses_a_bank_smaller_than_k_and_bad_parameters():
         with pytest.raises(ValueError, match=message):
             det.fit(x, **head)
         assert not hasattr(det, "n_features_in_")
-    det = NNGuide(k=50).fit(x, **head)
+    det = NNGuide(k=50, bank_fraction=1.0).fit(x, **head)
     det.k = 51
     with pytest.raises(ValueError, match="k=51 is more than the 50 rows of the bank fitted"):
         det.score_samples(q)

@@ -179,6 +179,6 @@ def test_nnguide_equals_pytorch_oods(layer):
     train, test, fc = layer
     theirs = NNGuide(None, fc, k=10).fit_features(train, torch.zeros(len(train),
                                                                       dtype=torch.long))
-    ours = grood.NNGuide(k=10).fit(train, weight=fc.weight, bias=fc.bias)
+    ours = grood.NNGuide(k=10, bank_fraction=1.0).fit(train, weight=fc.weight, bias=fc.bias)
     torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
                                rtol=1e-5, atol=1e-5)
