@@ -440,6 +440,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
+    # "all": every baseline, in grood.baselines.BY_NAME's order (each name once)
+    args.baselines = list(dict.fromkeys(
+        name for b in args.baselines for name in (BY_NAME if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
     trained = [b for b in args.baselines if b in readers]
     if trained and args.train is None:
@@ -928,14 +931,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "ID file's nearest-prototype accuracy), with --baselines a method "
                          "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
-                    choices=list(BY_NAME), metavar="NAME",
+                    choices=[*BY_NAME, "all"], metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy, gen and klm (from each file's logits; klm fitted on "
                          "--train's), knn, mahalanobis and rmd (fitted on --train; mahalanobis "
                          "and rmd on its labels too), vim, react, gradnorm, ash (ASH-S), she, "
                          "dice, fdbd, scale and nnguide (fitted on --train's features and "
                          "logits, from which they recover the classifier's last layer; she on "
-                         "its labels too)")
+                         "its labels too), or all of them: all")
     readers = _train_readers(head_given=False)
     layer_only = [k for k in readers if k not in _train_readers(head_given=True)]
     ev.add_argument("--train", metavar="FILE",

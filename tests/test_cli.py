@@ -917,6 +917,29 @@ def test_eval_scores_the_logit_and_last_layer_baselines(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_eval_baselines_all_scores_every_baseline_once(tmp_path, capsys):
+    """--baselines all: a row for every baseline grood.baselines names, in its order, each
+    once (with a name repeated beside it), with the same metrics as when named alone."""
+    from grood.baselines import BY_NAME
+
+    *_, det = _last_layer_files(tmp_path, seed=6, ood_seed=4, post_relu=True)
+    capsys.readouterr()
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+            "--json", str(tmp_path / "m.json"), "--train", str(tmp_path / "train.npz"),
+            "--baselines"]
+    assert main([*argv, "msp", "all", "--knn-k", "3", "--nnguide-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["taken_with"]["baselines"] == list(BY_NAME)
+    rows = [line.split("|")[3].strip() for line in lines[5:5 + len(BY_NAME)]]
+    names = list(got[str(tmp_path / "ood.npz")]["baselines"])
+    assert rows == names and len(names) == len(BY_NAME) == 17
+    assert main([*argv, "fdbd"]) == 0
+    alone = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "ood.npz")]
+    assert (alone["baselines"]["fDBD"]
+            == got[str(tmp_path / "ood.npz")]["baselines"]["fDBD"])
+
+
 def test_eval_scores_layer_only_baselines_with_head_and_no_training_file(tmp_path, capsys):
     """--baselines gradnorm ash scale --head FILE: given the layer they learn nothing from a
     training set, so they need no --train (it was refused without one); the same metrics as
