@@ -636,6 +636,16 @@ class _HeadBaseline(_Baseline):
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def _logits(self, x: Tensor, dt: torch.dtype, weight: Tensor | None = None) -> Tensor:
+        """The last layer's logits of the rows ``x`` in ``dt`` (through ``weight`` in place
+        of the layer's, where given: DICE's sparse one)."""
+        return x @ (self.weight_ if weight is None else weight).to(dt).T + self.bias_.to(dt)
+
+
+def _energy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The energy ``logsumexp`` of each row of ``logits`` and the class it picks."""
+    return torch.logsumexp(logits, dim=1), logits.argmax(dim=1)
+
 
 def default_vim_dim(d: int) -> int:
     """ViM's principal dimension for features of width ``d`` when none is given: 1000 from
@@ -713,9 +723,9 @@ class ViM(_HeadBaseline):
                 "alpha_": largest / residual}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        energy, pred = _energy(self._logits(x, dt))
         virtual = ((x - self.origin_.to(dt)) @ self.null_space_.to(dt)).norm(dim=1)
-        return torch.logsumexp(lg, dim=1) - self.alpha_ * virtual, lg.argmax(dim=1)
+        return energy - self.alpha_ * virtual, pred
 
 
 class _PercentileBaseline(_HeadBaseline):
@@ -777,8 +787,7 @@ class ReAct(_PercentileBaseline):
         return {"clip_": float(torch.tensor(clip, dtype=dt)), "percentile_": q}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = x.clamp(max=self.clip_) @ self.weight_.to(dt).T + self.bias_.to(dt)
-        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+        return _energy(self._logits(x.clamp(max=self.clip_), dt))
 
 
 class GradNorm(_HeadBaseline):
@@ -804,7 +813,7 @@ class GradNorm(_HeadBaseline):
         self.batch_size = batch_size
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        lg = self._logits(x, dt)
         p = torch.softmax(lg / self.temperature, dim=1)
         spread = (p * lg.shape[1] - 1).abs().sum(dim=1)
         return spread * x.abs().sum(dim=1) / self.temperature, lg.argmax(dim=1)
@@ -895,19 +904,26 @@ class ASH(_PercentileBaseline):
                           self._checked_percentile())
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
-        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+        return _energy(self._logits(self.shape(x), dt))
 
 
-def _feature_mean(x: Tensor, least_squares: Any, batch_size: int) -> Tensor:
-    """The training features' mean [D] in float64: from the layer's least squares where it
-    was recovered (its sums hold it), else summed over the rows."""
+def _feature_moments(x: Tensor, least_squares: Any, batch_size: int) -> tuple[Tensor, float]:
+    """The training features' mean [D] and mean squared row norm, in float64: from the
+    layer's least squares where it was recovered (its sums about its shift hold them),
+    else summed over the rows in one pass."""
+    n = x.shape[0]
     if least_squares is not None:
-        return least_squares.sx / least_squares.n + least_squares.shift
+        fit = least_squares  # sums of xc = x - shift: sx = sum xc, xx = sum xc xc^T
+        shift = fit.shift
+        squares = float(fit.xx.trace() + 2 * shift @ fit.sx + n * shift @ shift)
+        return fit.sx / n + shift, squares / n
     total = x.new_zeros(x.shape[1], dtype=torch.float64)
-    for r0, r1 in batches(x.shape[0], batch_size):
-        total += x[r0:r1].to(torch.float64).sum(dim=0)
-    return total / x.shape[0]
+    squares = 0.0
+    for r0, r1 in batches(n, batch_size):
+        xb = x[r0:r1].to(torch.float64)
+        total += xb.sum(dim=0)
+        squares += float((xb * xb).sum())
+    return total / n, squares / n
 
 
 class SHE(_HeadBaseline):
@@ -968,7 +984,7 @@ class SHE(_HeadBaseline):
         return {"patterns_": (sums / counts[:, None]).to(dt)}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        pred = (x @ self.weight_.to(dt).T + self.bias_.to(dt)).argmax(dim=1)
+        pred = self._logits(x, dt).argmax(dim=1)
         return (x * self.patterns_.to(dt)[pred]).sum(dim=1), pred
 
 
@@ -1000,7 +1016,7 @@ class DICE(_PercentileBaseline):
                   least_squares: Any) -> dict[str, Any]:
         from grood import _linear
 
-        mean = _feature_mean(x, least_squares, self.batch_size)
+        mean, _ = _feature_moments(x, least_squares, self.batch_size)
         contribution = w * mean
         rows = max(1, (1 << 22) // contribution.shape[1])
         threshold = _linear.percentile(lambda: contribution.split(rows), contribution.numel(),
@@ -1010,8 +1026,7 @@ class DICE(_PercentileBaseline):
                 "mean_": mean.to(dt), "percentile_": q}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = x @ self.masked_weight_.to(dt).T + self.bias_.to(dt)
-        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+        return _energy(self._logits(x, dt, self.masked_weight_))
 
 
 #: fDBD's normalisers: the feature's distance to the training features' mean (the paper's)
@@ -1077,18 +1092,13 @@ class FDBD(_HeadBaseline):
                                      "last layer: there is no boundary between them to "
                                      "measure a distance to")
             norms[r0:r1] = d2.sqrt()
-        total = x.new_zeros(x.shape[1], dtype=torch.float64)
-        squares = 0.0
-        for r0, r1 in batches(x.shape[0], self.batch_size):
-            xb = x[r0:r1].to(torch.float64)
-            total += xb.sum(dim=0)
-            squares += float((xb * xb).sum())
-        centre = total / x.shape[0] if normalizer == "mean" else torch.zeros_like(total)
-        floor = max(torch.finfo(dt).eps * (squares / x.shape[0]) ** 0.5, torch.finfo(dt).tiny)
+        mean, mean_square = _feature_moments(x, least_squares, self.batch_size)
+        centre = mean if normalizer == "mean" else torch.zeros_like(mean)
+        floor = max(torch.finfo(dt).eps * mean_square ** 0.5, torch.finfo(dt).tiny)
         return {"boundary_norms_": norms.to(dt), "centre_": centre.to(dt), "floor_": floor}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        lg = self._logits(x, dt)
         top, pred = lg.max(dim=1)
         distances = ((top[:, None] - lg) / self.boundary_norms_.to(dt)[pred]).sum(dim=1)
         spread = (x - self.centre_.to(dt)).norm(dim=1).clamp_min(self.floor_)
@@ -1127,8 +1137,7 @@ class SCALE(_PercentileBaseline):
         return _exp_scaled(x, x.sum(dim=1, keepdim=True), kept, "SCALE", q)
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        lg = self.shape(x) @ self.weight_.to(dt).T + self.bias_.to(dt)
-        return torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+        return _energy(self._logits(self.shape(x), dt))
 
 
 #: The most entries of one block of NNGuide's inner products (rows scored x bank rows).
@@ -1197,7 +1206,7 @@ class NNGuide(_HeadBaseline):
         if self.k > self.bank_.shape[0]:  # (k raised after the fit)
             raise ValueError(f"k={self.k} is more than the {self.bank_.shape[0]} rows of the "
                              "bank fitted: lower k, or fit again")
-        lg = x @ self.weight_.to(dt).T + self.bias_.to(dt)
+        energy, pred = _energy(self._logits(x, dt))
         z = _normalise(x)
         top = z.new_empty((x.shape[0], 0))
         block = max(self.k, GUIDANCE_ENTRIES // max(1, x.shape[0]))  # bank rows per product
@@ -1205,7 +1214,7 @@ class NNGuide(_HeadBaseline):
             inner = z @ self.bank_[r0:r1].to(dt).T
             merged = torch.cat([top, inner], dim=1)
             top = merged.topk(min(self.k, merged.shape[1]), dim=1).values
-        return top.mean(dim=1) * torch.logsumexp(lg, dim=1), lg.argmax(dim=1)
+        return top.mean(dim=1) * energy, pred
 
 
 #: The baselines by the names ``grood eval --baselines`` and :func:`fit_baselines` give
