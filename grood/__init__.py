@@ -45,6 +45,7 @@ from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.model import evaluate_model
+from grood.model_baselines import ODIN
 from grood.portable import export_onnx
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
@@ -58,6 +59,7 @@ __all__ = [
     "KLM",
     "KNN",
     "MSP",
+    "ODIN",
     "RMD",
     "SCALE",
     "SHE",

@@ -33,7 +33,8 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
   learned on training logits (Hendrycks et al., ICML 2022).
 
 ``fit_reads`` says what each one's ``fit`` learns from; :func:`fit_baselines` fits several
-by name on one training set.
+by name on one training set. ODIN, which scores the model's inputs rather than features or
+logits, is :class:`grood.model_baselines.ODIN`.
 """
 
 from __future__ import annotations

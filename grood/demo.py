@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and seventeen baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and eighteen baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -6,7 +6,8 @@ stratified training split; the held-out test split of digits 0-5 is the ID test 
 6-9 are near-OOD (same kind of image, unseen classes) and uniform-noise images are far-OOD.
 GROOD is fitted from the model itself (``fit_model``) with each OOD prototype source — the
 paper's ``mixup`` synthetic samples, blurred-noise images (``noise``) and the mean of the class
-prototypes (``mean``); the baselines use the same model's penultimate features and logits.
+prototypes (``mean``); the baselines use the same model's penultimate features and logits,
+and ODIN the model and its images.
 GROOD (mean) minus each baseline is given with its paired bootstrap interval, per OOD set and
 over both.
 """
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from grood import (
     KLM,
     KNN,
     MSP,
+    ODIN,
     RMD,
     SCALE,
     SHE,
@@ -244,9 +246,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
               # k as KNN's, over every training image (OpenOOD's 1 % of them would be 8)
               NNGuide(k=cfg.knn_k, bank_fraction=1.0).fit(f_train, weight=fc.weight,
                                                           bias=fc.bias)]
-    baselines = {b.display_name: b for b in fitted}
+    odin = ODIN(progress=cfg.progress)  # (nothing to fit: it runs the network on the images)
+    methods: list[Any] = [*fitted, odin]
+    baselines = {b.display_name: b for b in methods}
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
     for method, baseline in baselines.items():
+        if baseline is odin:  # its own prediction: the classifier's of the moved images
+            per_set = {name: odin.score_model(net, loader) for name, loader in loaders.items()}
+            scores[method] = {name: s.numpy() for name, (s, _) in per_set.items()}
+            accuracy[method] = float((per_set[id_name][1] == y_test).float().mean())
+            continue
         use_logits = baseline.inputs == "logits"
         scores[method] = {name: np.asarray(baseline.score_samples(f[1] if use_logits else f[0]))
                           for name, f in feats.items()}

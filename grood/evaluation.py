@@ -33,6 +33,7 @@ from grood._checks import check_device, check_positive_int, prefixed_errors, use
 from grood._columns import names_checked
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
+from grood.model_baselines import MODEL_INPUTS, scores_inputs
 
 #: The files :meth:`Evaluation.plot` draws: ROC curves, score histograms and (with bootstrap
 #: and baselines) the paired differences.
@@ -235,7 +236,12 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                          f"{MIN_RESAMPLES} resamples (1000 is usual)")
     device = check_device(device)  # (a name torch does not know, before any scoring)
     sets, layout = eval_layout(ood, near, far)
-    methods = _baseline_names(baselines)
+    methods = baseline_names(baselines)
+    by_model = [name for name, est in methods.items() if est.inputs == MODEL_INPUTS]
+    if by_model and not isinstance(id_set, LazySet):
+        raise ValueError(f"the {by_model[0]} baseline scores the model's inputs, which a set "
+                         "of features does not hold: give it to grood.evaluate_model, which "
+                         "runs each loader through the model")
     threshold = current_threshold(det, required=False)
     with prefixed_errors(id_name):  # before any scoring
         id_data = as_eval_set(id_set, id_name)
@@ -369,9 +375,9 @@ def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
     return sets, layout
 
 
-def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
+def baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     """The fitted baselines by display name (``KNN (k=50)`` with its neighbour, ``ViM
-    (dim=1000)``, ``ReAct (p90)``)."""
+    (dim=1000)``, ``ReAct (p90)``), and those that score the model's inputs (ODIN)."""
     from grood.baselines import check_fitted
 
     if hasattr(baselines, "score_samples") or isinstance(baselines, (str, Mapping)) \
@@ -382,11 +388,15 @@ def _baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     for est in baselines:
         if isinstance(est, type):  # the class itself, not a fitted instance
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got the "
-                            f"class {est.__name__}: pass {est.__name__}().fit(...)")
-        if not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
+                            f"class {est.__name__}: pass {est.__name__}()"
+                            + ("" if scores_inputs(est) else ".fit(...)"))
+        if scores_inputs(est):  # (ODIN: nothing to fit; evaluate_model runs it)
+            pass
+        elif not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
                             f"{type(est).__name__}")
-        check_fitted(est, f"the {type(est).__name__} baseline")  # (before any set is scored)
+        else:
+            check_fitted(est, f"the {type(est).__name__} baseline")  # (before any scoring)
         name = getattr(est, "display_name", None) or type(est).name
         if name in out:
             raise ValueError(f"two baselines are named {name!r}: give each once")
@@ -405,6 +415,16 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
     moved: dict[str, Any] = {}
     out = {}
     for name, est in methods.items():
+        if est.inputs == MODEL_INPUTS:  # scored as the loader ran through the model
+            got = (data.scores or {}).get(name)
+            if got is None:  # (a set not read by evaluate_model)
+                raise ValueError(f"the {name} baseline scores the model's inputs, and this set "
+                                 "was not read through the model")
+            scores, preds = got
+            if predictions is not None:
+                predictions[name] = np.asarray(preds)
+            out[name] = np.asarray(scores)
+            continue
         if est.inputs not in moved:
             value = getattr(data, est.inputs)
             if value is None:

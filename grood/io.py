@@ -50,6 +50,9 @@ class FeatureFile(NamedTuple):
     features: Any
     labels: Any
     logits: Any
+    #: A set :func:`grood.evaluate_model` read through the model: the scores and predictions
+    #: of the baselines that score the model's inputs (ODIN), by display name.
+    scores: dict[str, tuple[Any, Any]] | None = None
 
 
 def _text_hint(path: Path, suffix: str) -> str:

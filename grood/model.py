@@ -276,15 +276,20 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
 
     ``ood``, ``near`` and ``far`` give loaders by name (OpenOOD's ``ood_loader_dict["near"]``
     and ``["far"]`` as they are); ``baselines`` (fitted :mod:`grood.baselines` estimators)
-    score each set's logits or features.
+    score each set's logits or features, and :class:`grood.ODIN` each batch's inputs through
+    the model as the batch passes (under ``autocast`` too).
     """
-    from grood.evaluation import LazySet, check_groups, evaluate
+    from grood.evaluation import LazySet, baseline_names, check_groups, evaluate
+    from grood.model_baselines import scores_inputs
 
     check_groups(ood, near, far)
     extractor = _extractor(det, model, features, device, autocast)
+    by_model = {n: est for n, est in baseline_names(baselines).items() if scores_inputs(est)}
+    for est in by_model.values():
+        est._checked()  # (before any loader runs)
 
     def lazy(loader: Iterable, name: str) -> LazySet:
-        return LazySet(lambda: _loader_set(extractor, loader, name))
+        return LazySet(lambda: _loader_set(extractor, loader, name, by_model))
 
     def each(sets: Mapping[str, Iterable] | None) -> dict[str, LazySet] | None:
         return None if sets is None else {n: lazy(v, n) for n, v in sets.items()}
@@ -294,23 +299,31 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
                     id_name="the ID loader")
 
 
-def _loader_set(extractor: FeatureExtractor, loader: Iterable, name: str) -> FeatureFile:
+def _loader_set(extractor: FeatureExtractor, loader: Iterable, name: str,
+                by_model: dict[str, Any]) -> FeatureFile:
     """A loader's features, labels and logits through the model, on the CPU (labels and
-    logits None where a batch lacks them)."""
+    logits None where a batch lacks them), and the scores and predictions of the baselines
+    ``by_model`` (display name: estimator) that score each batch's inputs."""
     from grood.io import FeatureFile
 
     feats, labels, logits = [], [], []
-    for out, y, _ in extractor.batches(loader, desc=f"grood evaluate: {name}"):
+    scored: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in by_model}
+    for out, y, x in extractor.batches(loader, desc=f"grood evaluate: {name}"):
         feats.append(out.features.cpu())
         labels.append(None if y is None else y.cpu())
         logits.append(None if out.logits is None else out.logits.cpu())
+        for method, est in by_model.items():
+            s, p = est.score_inputs(extractor.model, x, autocast=extractor.autocast)
+            scored[method].append((s.cpu(), p.cpu()))
     if not feats:
         raise ValueError("the loader yielded no batches")
 
     def joined(parts: list[Tensor | None]) -> Tensor | None:
         return None if any(p is None for p in parts) else torch.cat(cast(list[Tensor], parts))
 
-    return FeatureFile(torch.cat(feats), joined(labels), joined(logits))
+    return FeatureFile(torch.cat(feats), joined(labels), joined(logits),
+                       {m: (torch.cat([s for s, _ in v]), torch.cat([p for _, p in v]))
+                        for m, v in scored.items()} or None)
 
 
 class ModelFrontEnd:

@@ -1,6 +1,6 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
 classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy, GEN,
-KLM, SHE, DICE, fDBD, SCALE and NNGuide.
+KLM, SHE, DICE, fDBD, SCALE and NNGuide, and ODIN through a small image model.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -15,6 +15,7 @@ pytest.importorskip("pytorch_ood")
 from pytorch_ood.detector import (
     ASH,
     DICE,
+    ODIN,
     RMD,
     SCALE,
     SHE,
@@ -182,3 +183,18 @@ def test_nnguide_equals_pytorch_oods(layer):
     ours = grood.NNGuide(k=10, bank_fraction=1.0).fit(train, weight=fc.weight, bias=fc.bias)
     torch.testing.assert_close(ours.score_samples(test), -theirs.predict_features(test),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_odin_equals_pytorch_oods():
+    # a smooth image model (no input element with a gradient of exactly 0, which the
+    # two count alike anyway: both take its sign, 0), per-channel std, three settings
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(6 * 5 * 5, 10)).eval()
+    x = torch.rand(24, 3, 7, 7)
+    std = [0.229, 0.224, 0.225]
+    for t, eps in ((1000.0, 0.0014), (10.0, 0.01), (1.0, 0.05)):
+        theirs = ODIN(net, eps=eps, temperature=t, norm_std=std).predict(x)
+        ours, _ = grood.ODIN(temperature=t, noise=eps, input_std=std).score_inputs(net, x)
+        torch.testing.assert_close(ours, -theirs, rtol=2e-6, atol=0)
