@@ -1231,6 +1231,13 @@ BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
 LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
 
 
+def odin_refused(what: str) -> str:
+    """Why ``what`` (feature files, training arrays) cannot give ODIN its inputs: it needs
+    the model's (:class:`grood.model_baselines.ODIN`)."""
+    return (f"ODIN scores the model's inputs, which {what} do not hold: use grood.ODIN in "
+            "Python, alone (score_model) or beside GROOD in grood.evaluate_model")
+
+
 def learned_from(cls: type[_Baseline], *, head_given: bool) -> tuple[str, ...]:
     """The training arrays ``cls.fit`` learns from: its ``fit_reads``, with the last layer
     (``"head"``) as the training features and logits it is recovered from unless
@@ -1265,6 +1272,8 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
     names = list(names)
     options = dict(options or {})
     unknown = [n for n in [*names, *options] if n not in BY_NAME]
+    if unknown and str(unknown[0]).lower() == "odin":
+        raise ValueError(odin_refused("training arrays"))
     if unknown:
         raise ValueError(f"unknown baseline {unknown[0]!r}; the names are "
                          f"{', '.join(BY_NAME)}")

@@ -24,6 +24,7 @@ from grood.baselines import (
     NNGuide,
     ReAct,
     learned_from,
+    odin_refused,
 )
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
@@ -711,6 +712,14 @@ def named_arg(setting: str) -> Callable[[str], str]:
     return check
 
 
+def baseline_arg(text: str) -> str:
+    """An argparse type for ``--baselines``: the name (argparse checks it against the names),
+    or a usage error for ODIN, which feature files cannot feed."""
+    if text.lower() == "odin":
+        raise argparse.ArgumentTypeError(odin_refused("feature files"))
+    return text
+
+
 def feature_sources() -> list[str]:
     """Registered OOD-prototype sources that a command line of feature files can feed (they
     need nothing, or only ``ood_features``); sources that need the model are for Python."""
@@ -931,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "ID file's nearest-prototype accuracy), with --baselines a method "
                          "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
-                    choices=[*BY_NAME, "all"], metavar="NAME",
+                    type=baseline_arg, choices=[*BY_NAME, "all"], metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy, gen and klm (from each file's logits; klm fitted on "
                          "--train's), knn, mahalanobis and rmd (fitted on --train; mahalanobis "

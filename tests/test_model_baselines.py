@@ -192,3 +192,18 @@ def test_evaluate_on_features_refuses_odin_naming_evaluate_model():
         evaluate(det, torch.randn(10, 4), {"x": torch.randn(10, 4)}, baselines=[ODIN()])
     with pytest.raises(TypeError, match=r"got the class ODIN: pass ODIN\(\)$"):
         evaluate(det, torch.randn(10, 4), {"x": torch.randn(10, 4)}, baselines=[ODIN])
+
+
+def test_feature_level_front_ends_name_where_odin_runs(tmp_path, capsys):
+    from grood.baselines import fit_baselines
+    from grood.cli import main
+
+    with pytest.raises(ValueError, match="ODIN scores the model's inputs, which training "
+                                         r"arrays do not hold: use grood\.ODIN"):
+        fit_baselines(["energy", "odin"], logits=torch.randn(5, 3))
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "det.safetensors", "--id", "id.npz", "--ood", "o.npz",
+              "--baselines", "energy", "ODIN"])
+    assert stop.value.code == 2
+    assert ("ODIN scores the model's inputs, which feature files do not hold: use grood.ODIN"
+            in capsys.readouterr().err)
