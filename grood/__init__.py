@@ -45,7 +45,7 @@ from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
 from grood.metrics import ood_metrics, threshold_acceptance, threshold_at_tpr
 from grood.model import evaluate_model
-from grood.model_baselines import ODIN
+from grood.model_baselines import ODIN, RankFeat
 from grood.portable import export_onnx
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
@@ -78,6 +78,7 @@ __all__ = [
     "OODPrototypeSource",
     "PrototypeContext",
     "RankFailedError",
+    "RankFeat",
     "ReAct",
     "UniformNoise",
     "ViM",

@@ -33,8 +33,8 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
   learned on training logits (Hendrycks et al., ICML 2022).
 
 ``fit_reads`` says what each one's ``fit`` learns from; :func:`fit_baselines` fits several
-by name on one training set. ODIN, which scores the model's inputs rather than features or
-logits, is :class:`grood.model_baselines.ODIN`.
+by name on one training set. ODIN and RankFeat, which score the model's inputs rather than
+features or logits, are in :mod:`grood.model_baselines`.
 """
 
 from __future__ import annotations
@@ -1231,10 +1231,16 @@ BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
 LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
 
 
-def odin_refused(what: str) -> str:
-    """Why ``what`` (feature files, training arrays) cannot give ODIN its inputs: it needs
-    the model's (:class:`grood.model_baselines.ODIN`)."""
-    return (f"ODIN scores the model's inputs, which {what} do not hold: use grood.ODIN in "
+#: The baselines that score the model's inputs (:mod:`grood.model_baselines`), by the name
+#: ``grood eval --baselines`` would give them: not among :data:`BY_NAME`'s.
+INPUT_BASELINES = {"odin": "ODIN", "rankfeat": "RankFeat"}
+
+
+def input_baseline_refused(name: str, what: str) -> str:
+    """Why ``what`` (feature files, training arrays) cannot feed the baseline ``name`` (a key
+    of :data:`INPUT_BASELINES`): it needs the model's inputs."""
+    cls = INPUT_BASELINES[name.lower()]
+    return (f"{cls} scores the model's inputs, which {what} do not hold: use grood.{cls} in "
             "Python, alone (score_model) or beside GROOD in grood.evaluate_model")
 
 
@@ -1272,8 +1278,8 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
     names = list(names)
     options = dict(options or {})
     unknown = [n for n in [*names, *options] if n not in BY_NAME]
-    if unknown and str(unknown[0]).lower() == "odin":
-        raise ValueError(odin_refused("training arrays"))
+    if unknown and str(unknown[0]).lower() in INPUT_BASELINES:
+        raise ValueError(input_baseline_refused(str(unknown[0]), "training arrays"))
     if unknown:
         raise ValueError(f"unknown baseline {unknown[0]!r}; the names are "
                          f"{', '.join(BY_NAME)}")

@@ -18,13 +18,14 @@ from grood.baselines import (
     ASH,
     BY_NAME,
     DICE,
+    INPUT_BASELINES,
     KNN,
     LAST_LAYER_NAMES,
     SCALE,
     NNGuide,
     ReAct,
+    input_baseline_refused,
     learned_from,
-    odin_refused,
 )
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
@@ -714,9 +715,9 @@ def named_arg(setting: str) -> Callable[[str], str]:
 
 def baseline_arg(text: str) -> str:
     """An argparse type for ``--baselines``: the name (argparse checks it against the names),
-    or a usage error for ODIN, which feature files cannot feed."""
-    if text.lower() == "odin":
-        raise argparse.ArgumentTypeError(odin_refused("feature files"))
+    or a usage error for ODIN and RankFeat, which feature files cannot feed."""
+    if text.lower() in INPUT_BASELINES:
+        raise argparse.ArgumentTypeError(input_baseline_refused(text, "feature files"))
     return text
 
 

@@ -1,4 +1,4 @@
-"""``grood demo``: GROOD (three OOD prototype sources) and eighteen baselines on real digits.
+"""``grood demo``: GROOD (three OOD prototype sources) and nineteen baselines on real digits.
 
 The data is scikit-learn's bundled copy of the UCI optical digits (1,797 images of 8x8 pixels;
 no download). A small CNN is trained on digits 0-5 (the in-distribution classes) from a
@@ -7,7 +7,7 @@ stratified training split; the held-out test split of digits 0-5 is the ID test 
 GROOD is fitted from the model itself (``fit_model``) with each OOD prototype source — the
 paper's ``mixup`` synthetic samples, blurred-noise images (``noise``) and the mean of the class
 prototypes (``mean``); the baselines use the same model's penultimate features and logits,
-and ODIN the model and its images.
+and ODIN and RankFeat the model and its images.
 GROOD (mean) minus each baseline is given with its paired bootstrap interval, per OOD set and
 over both.
 """
@@ -47,6 +47,7 @@ from grood import (
     MaxLogit,
     Mixup,
     NNGuide,
+    RankFeat,
     ReAct,
     UniformNoise,
     ViM,
@@ -58,6 +59,7 @@ from grood.environment import environment
 from grood.errors import require
 from grood.extract import FeatureExtractor
 from grood.metrics import mean_of_sets, paired_difference, resampled_set_metrics
+from grood.model_baselines import scores_inputs
 from grood.persistence import written_atomically
 from grood.prototypes import OODPrototypeSource
 from grood.report import (
@@ -246,13 +248,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
               # k as KNN's, over every training image (OpenOOD's 1 % of them would be 8)
               NNGuide(k=cfg.knn_k, bank_fraction=1.0).fit(f_train, weight=fc.weight,
                                                           bias=fc.bias)]
-    odin = ODIN(progress=cfg.progress)  # (nothing to fit: it runs the network on the images)
-    methods: list[Any] = [*fitted, odin]
+    # Nothing to fit: they run the network on the images (RankFeat on the last feature map,
+    # 64 channels by 4 x 4 positions, as the paper's single block).
+    methods: list[Any] = [*fitted, ODIN(progress=cfg.progress),
+                          RankFeat(layers="pool", progress=cfg.progress)]
     baselines = {b.display_name: b for b in methods}
     classifier_acc = float((feats[id_name][1].argmax(1) == y_test).float().mean())
     for method, baseline in baselines.items():
-        if baseline is odin:  # its own prediction: the classifier's of the moved images
-            per_set = {name: odin.score_model(net, loader) for name, loader in loaders.items()}
+        if scores_inputs(baseline):  # its own prediction: of the moved images or changed map
+            per_set = {name: baseline.score_model(net, loader)
+                       for name, loader in loaders.items()}
             scores[method] = {name: s.numpy() for name, (s, _) in per_set.items()}
             accuracy[method] = float((per_set[id_name][1] == y_test).float().mean())
             continue

@@ -276,8 +276,8 @@ def evaluate_model(det: GROOD, model: nn.Module, id_loader: Iterable,
 
     ``ood``, ``near`` and ``far`` give loaders by name (OpenOOD's ``ood_loader_dict["near"]``
     and ``["far"]`` as they are); ``baselines`` (fitted :mod:`grood.baselines` estimators)
-    score each set's logits or features, and :class:`grood.ODIN` each batch's inputs through
-    the model as the batch passes (under ``autocast`` too).
+    score each set's logits or features, and :class:`grood.ODIN` and :class:`grood.RankFeat`
+    each batch's inputs through the model as the batch passes (under ``autocast`` too).
     """
     from grood.evaluation import LazySet, baseline_names, check_groups, evaluate
     from grood.model_baselines import scores_inputs

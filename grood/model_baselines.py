@@ -1,15 +1,19 @@
-"""Baselines that read the model's inputs rather than a set of features: :class:`ODIN`.
+"""Baselines that read the model's inputs rather than a set of features: :class:`ODIN`
+and :class:`RankFeat`.
 
 ODIN (Liang et al., ICLR 2018) moves each input a small step against the gradient of its
-own cross-entropy before the model scores it, so it needs the model and the inputs: it is
-scored by :meth:`ODIN.score_model` over a loader, :meth:`ODIN.score_inputs` on one batch, or
-beside GROOD by :func:`grood.evaluate_model` (``baselines=[ODIN()]``), which runs it on each
-loader's batches as they pass through the model. A feature file holds no inputs to move, so
-:func:`grood.evaluate` and ``grood eval`` cannot score it.
+own cross-entropy before the model scores it; RankFeat (Song et al., NeurIPS 2022) removes
+the largest singular component of an intermediate feature map and runs the rest of the
+model on what is left. Both need the model and the inputs: each is scored by
+``score_model`` over a loader, ``score_inputs`` on one batch, or beside GROOD by
+:func:`grood.evaluate_model` (``baselines=[ODIN(), RankFeat()]``), which runs them on each
+loader's batches as they pass through the model. A feature file holds no inputs, so
+:func:`grood.evaluate` and ``grood eval`` cannot score them.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence, Sized
 from contextlib import nullcontext
 from typing import Any, ClassVar
@@ -21,7 +25,14 @@ from grood._batches import check_loader, warn_if_shuffled
 from grood._checks import check_device, check_positive_real, check_real
 from grood._params import Parameters
 from grood._progress import progress
-from grood.extract import eval_mode, logits_of, model_device, split_batch
+from grood.extract import (
+    check_split,
+    eval_mode,
+    logits_of,
+    model_device,
+    split_batch,
+    split_model,
+)
 
 #: The ``inputs`` of a baseline scored from the model's inputs (by the model).
 MODEL_INPUTS = "inputs"
@@ -33,7 +44,76 @@ def scores_inputs(est: Any) -> bool:
     return getattr(est, "inputs", None) == MODEL_INPUTS
 
 
-class ODIN(Parameters):
+class _InputBaseline(Parameters):
+    """A baseline scored through the model on its inputs (``score_inputs``, one batch), with
+    nothing learned; ``score_model`` runs it over a loader."""
+
+    name: ClassVar[str]
+    inputs: ClassVar[str] = MODEL_INPUTS
+    fit_reads: ClassVar[tuple[str, ...]] = ()  # (nothing is learned)
+    progress: bool | None
+
+    def _checked(self) -> Any:
+        """The parameters, checked before any batch runs."""
+        raise NotImplementedError
+
+    def score_inputs(self, model: nn.Module, x: Tensor, *,
+                     autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Scores [B] (float32; float64 from a float64 model; higher = ID) and predictions
+        [B] of one batch of inputs (on the model's device)."""
+        checked = self._checked()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.name} scores a batch of inputs given as a tensor, got "
+                            f"{type(x).__name__}")
+        if x.ndim == 0:
+            raise ValueError("the inputs must be a batch [B, ...], got a 0-d tensor")
+        if x.shape[0] == 0:  # (many models cannot run on 0 rows)
+            return (torch.empty(0, device=x.device),
+                    torch.empty(0, dtype=torch.long, device=x.device))
+        with eval_mode(model):
+            return self._score_batch(model, x, checked, autocast)
+
+    def _score_batch(self, model: nn.Module, x: Tensor, checked: Any,
+                     autocast: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """:meth:`score_inputs` of a batch of at least one row, the model in eval mode."""
+        raise NotImplementedError
+
+    def score_model(self, model: nn.Module, loader: Iterable, *,
+                    device: str | torch.device | None = None,
+                    autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """CPU ``(scores [N], preds [N])`` of a loader's samples, in its order (a loader that
+        shuffles is warned of, as :meth:`grood.GROOD.score_model` warns).
+
+        Args:
+            model (nn.Module): the classifier (its forward returns the logits, as
+                :func:`grood.extract.logits_of` reads them).
+            loader: batches as :meth:`grood.GROOD.score_model` takes them.
+            device: where the inputs go (default: the model's).
+            autocast (torch.dtype, optional): run the model under ``torch.autocast``.
+        """
+        self._checked()  # (before the first batch)
+        check_loader(loader, "score_model takes a loader of batches",
+                     ": pass [(inputs,)] or a DataLoader")
+        warn_if_shuffled(loader, "score_model")
+        dev = check_device(device, model=True) or model_device(model)
+        dataset = getattr(loader, "dataset", None)
+        total = len(dataset) if isinstance(dataset, Sized) else None
+        scores, preds = [], []
+        with progress(total=total, desc=f"grood: {self.name}", unit="img",
+                      enabled=self.progress) as bar:
+            for batch in loader:
+                x = split_batch(batch)[0].to(dev)
+                s, p = self.score_inputs(model, x, autocast=autocast)
+                scores.append(s.cpu())
+                preds.append(p.cpu())
+                bar.update(x.shape[0])
+        if not scores:
+            raise ValueError("the loader yielded no batches")
+        return torch.cat(scores), torch.cat(preds)
+
+
+
+class ODIN(_InputBaseline):
     """ODIN: the largest softmax probability at temperature T of the input moved one step
     against the sign of the gradient of its cross-entropy with the class the model predicts,
     ``max softmax(f(x~) / T)`` with ``x~ = x - noise * sign(grad_x CE(f(x) / T, argmax f(x)))
@@ -58,9 +138,7 @@ class ODIN(Parameters):
             a terminal).
     """
 
-    name: ClassVar[str] = "ODIN"
-    inputs: ClassVar[str] = MODEL_INPUTS
-    fit_reads: ClassVar[tuple[str, ...]] = ()  # (nothing is learned)
+    name = "ODIN"
 
     def __init__(self, temperature: float = 1000.0, noise: float = 0.0014,
                  input_std: float | Sequence[float] | None = None,
@@ -120,20 +198,14 @@ class ODIN(Parameters):
             step = step / torch.tensor(std, dtype=step.dtype, device=step.device).view(shape)
         return (x.detach() - noise * step).to(x.dtype)
 
-    def score_inputs(self, model: nn.Module, x: Tensor, *,
-                     autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """Scores [B] (float32; float64 from a float64 model; higher = ID) and predictions [B]
-        of one batch of inputs (on the model's device): the model's classes of the moved
-        inputs, as OpenOOD's ODIN gives them."""
-        t, noise, std = self._checked()
-        x = _checked_inputs(x, std)
-        if x.shape[0] == 0:  # (many models cannot run on 0 rows)
-            return (torch.empty(0, device=x.device),
-                    torch.empty(0, dtype=torch.long, device=x.device))
-        with eval_mode(model):
-            moved = self._perturb(model, x, t, noise, std, autocast)
-            with torch.no_grad():
-                z = _logits(model, moved, autocast, x.shape[0])
+    def _score_batch(self, model: nn.Module, x: Tensor, checked: Any,
+                     autocast: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """The largest probability at T of the moved inputs and their classes (as OpenOOD's
+        ODIN predicts)."""
+        t, noise, std = checked
+        moved = self._perturb(model, _checked_inputs(x, std), t, noise, std, autocast)
+        with torch.no_grad():
+            z = _logits(model, moved, autocast, x.shape[0])
         dtype = z.dtype  # float32, or a float64 model's float64
         z = z.double() / t
         top, pred = z.max(1)
@@ -141,45 +213,123 @@ class ODIN(Parameters):
         # differ from 1 / C in their fourth or fifth digit
         return torch.exp(top - torch.logsumexp(z, 1)).to(dtype), pred
 
-    def score_model(self, model: nn.Module, loader: Iterable, *,
-                    device: str | torch.device | None = None,
-                    autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """CPU ``(scores [N], preds [N])`` of a loader's samples, in its order (a loader that
-        shuffles is warned of, as :meth:`grood.GROOD.score_model` warns).
 
-        Args:
-            model (nn.Module): the classifier (its forward returns the logits, as
-                :func:`grood.extract.logits_of` reads them).
-            loader: batches as :meth:`grood.GROOD.score_model` takes them.
-            device: where the inputs go (default: the model's).
-            autocast (torch.dtype, optional): run the model under ``torch.autocast``.
-        """
-        self._checked()  # (before the first batch)
-        check_loader(loader, "score_model takes a loader of batches",
-                     ": pass [(inputs,)] or a DataLoader")
-        warn_if_shuffled(loader, "score_model")
-        dev = check_device(device, model=True) or model_device(model)
-        dataset = getattr(loader, "dataset", None)
-        total = len(dataset) if isinstance(dataset, Sized) else None
-        scores, preds = [], []
-        with progress(total=total, desc="grood: ODIN", unit="img",
-                      enabled=self.progress) as bar:
-            for batch in loader:
-                x = split_batch(batch)[0].to(dev)
-                s, p = self.score_inputs(model, x, autocast=autocast)
-                scores.append(s.cpu())
-                preds.append(p.cpu())
-                bar.update(x.shape[0])
-        if not scores:
-            raise ValueError("the loader yielded no batches")
-        return torch.cat(scores), torch.cat(preds)
+class RankFeat(_InputBaseline):
+    """RankFeat: the energy ``T * logsumexp(z / T)`` of the logits ``z`` the model gives when
+    each sample's feature map after ``layers`` (a matrix per sample: channels by positions,
+    [C, H * W]) has its largest singular component ``s1 u1 v1^T`` removed before the rest of
+    the model runs; with several layers, of the mean of their logits (the fusion the paper
+    and OpenOOD use for a ResNet's "layer3" and "layer4"). Higher = more in-distribution.
+
+    Nothing is learned. Each batch runs the model once per layer (the part up to the layer,
+    the removal, the rest). The model is split after each layer by its top-level children,
+    as :class:`grood.Mixup` splits it (torchvision's ResNets: ``"layer3"``, ``"layer4"``),
+    checked once per model on the first batch it scores (the parts in turn must give the
+    model's logits), or by ``splits``. The singular value decomposition runs in float32
+    (float64 for a float64 model; under autocast too). The predictions are the fused logits'
+    classes, as OpenOOD's.
+
+    Args:
+        layers (str | sequence of str): the top-level children after which the feature map
+            is taken (default ``("layer3", "layer4")``, OpenOOD's for ResNets; ``"layer4"``
+            alone is the paper's single-block RankFeat).
+        splits (sequence of (stem, tail), optional): for a model whose top-level children do
+            not run in order, one pair per layer with ``tail(stem(x)) == model(x)``; then
+            ``layers`` only names them.
+        temperature (float): the energy's T (1 in the paper and OpenOOD).
+        progress (bool, optional): :meth:`score_model`'s progress bar over batches (None: on
+            a terminal).
+    """
+
+    name = "RankFeat"
+
+    def __init__(self, layers: str | Sequence[str] = ("layer3", "layer4"),
+                 splits: Sequence[tuple[Any, Any]] | None = None, temperature: float = 1.0,
+                 progress: bool | None = None) -> None:
+        self.layers = layers
+        self.splits = splits
+        self.temperature = temperature
+        self.progress = progress
+
+    @property
+    def display_name(self) -> str:
+        """The name :func:`grood.evaluate_model` gives its rows."""
+        return f"RankFeat ({'+'.join(map(str, self._layer_names()))})"
+
+    def _layer_names(self) -> tuple[Any, ...]:
+        return (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+
+    def _checked(self) -> tuple[tuple[str, ...], float]:
+        layers = self._layer_names()
+        if not layers or not all(isinstance(n, str) and n for n in layers):
+            raise TypeError(f"layers must name one or more modules (str), got {self.layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers names a module twice: {list(layers)}")
+        if self.splits is not None:
+            splits = list(self.splits)
+            if len(splits) != len(layers) or not all(
+                    isinstance(p, (tuple, list)) and len(p) == 2 and all(map(callable, p))
+                    for p in splits):
+                raise TypeError(f"splits must be one (stem, tail) pair of modules (or "
+                                f"functions) per layer ({len(layers)}), got {self.splits!r}")
+        return layers, check_positive_real(self.temperature, "temperature")
+
+    def _parts(self, model: nn.Module, x: Tensor, layers: tuple[str, ...]
+               ) -> list[tuple[Any, Any]]:
+        """The (stem, tail) pair of each layer, checked on ``x`` the first time ``model``
+        comes (and kept for it)."""
+        kept = self.__dict__.get("_parts_of")
+        if kept is not None and kept[0]() is model:
+            return kept[1]
+        pairs = ([tuple(p) for p in self.splits] if self.splits is not None
+                 else [split_model(model, name) for name in layers])
+        for stem, tail in pairs:
+            check_split(model, stem, tail, x)
+        self.__dict__["_parts_of"] = (weakref.ref(model), pairs)
+        return pairs
+
+    def _score_batch(self, model: nn.Module, x: Tensor, checked: Any,
+                     autocast: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """The energy of the fused logits and their classes."""
+        layers, t = checked
+        ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else nullcontext()
+        with torch.no_grad():
+            pairs = self._parts(model, x, layers)
+            fused: Tensor | None = None
+            for name, (stem, tail) in zip(layers, pairs, strict=True):
+                with ctx:
+                    z = _checked_logits(tail(without_rank1(stem(x), name)), x.shape[0],
+                                        f"the rest of the model after {name!r}")
+                fused = z if fused is None else fused + z
+        assert fused is not None  # (one layer at least)
+        dtype = fused.dtype
+        lg = fused.double() / len(pairs)
+        return (t * torch.logsumexp(lg / t, 1)).to(dtype), lg.argmax(1)
+
+
+def without_rank1(fmap: Any, name: str = "the layer") -> Tensor:
+    """Each sample's feature map ``fmap`` [B, C, ...] as a [C, prod(...)] matrix less its
+    largest singular component ``s1 u1 v1^T``, in ``fmap``'s shape and dtype (the
+    decomposition in float32, or float64 for float64)."""
+    if not isinstance(fmap, Tensor) or fmap.ndim < 3:
+        got = f"of shape {tuple(fmap.shape)}" if isinstance(fmap, Tensor) else \
+            f"a {type(fmap).__name__}"
+        raise ValueError(f"RankFeat removes the largest singular component of a feature map (a "
+                         f"matrix per sample: [B, C, H, W] or [B, N, D]); the model's output "
+                         f"after {name!r} is {got}")
+    _check_finite_rows(fmap, f"the feature map after {name!r}")
+    m = fmap.reshape(fmap.shape[0], fmap.shape[1], -1)
+    work = m if m.dtype == torch.float64 else m.float()
+    u, sv, vh = torch.linalg.svd(work, full_matrices=False)
+    work = work - (u[:, :, :1] * sv[:, None, :1]) @ vh[:, :1, :]
+    return work.to(fmap.dtype).reshape(fmap.shape)
 
 
 def _checked_inputs(x: Any, std: tuple[float, ...] | None) -> Tensor:
     """A batch of inputs, as a floating tensor whose channels (dimension 1) match
     ``input_std``."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"ODIN scores a batch of inputs given as a tensor, got "
+        raise TypeError(f"ODIN moves a batch of inputs given as a tensor, got "
                         f"{type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"ODIN moves the inputs along their gradient, so they must be floating "
@@ -195,21 +345,31 @@ def _checked_inputs(x: Any, std: tuple[float, ...] | None) -> Tensor:
 
 
 def _logits(model: nn.Module, x: Tensor, autocast: torch.dtype | None, rows: int) -> Tensor:
-    """The model's logits of ``x`` [rows, C], checked: read from its output and finite (a
-    non-finite logit would make every later number NaN)."""
+    """The model's logits of ``x`` [rows, C], checked (:func:`_checked_logits`)."""
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else nullcontext()
     with ctx:
-        z = logits_of(model(x))
+        return _checked_logits(model(x), rows, "the model's output")
+
+
+def _checked_logits(output: Any, rows: int, what: str) -> Tensor:
+    """The logits [rows, C] in ``output`` (as :func:`grood.extract.logits_of` reads them), in
+    float32 (float64 kept), checked finite: a non-finite logit would make every later number
+    NaN."""
+    z = logits_of(output)
     if z is None or z.ndim != 2 or z.shape[0] != rows:
-        raise ValueError(f"ODIN needs the model's logits [{rows}, C] of a batch of {rows} "
-                         f"input(s); its output gave "
+        raise ValueError(f"the baseline needs the model's logits [{rows}, C] of a batch of "
+                         f"{rows} input(s); {what} gave "
                          f"{'none' if z is None else f'shape {tuple(z.shape)}'}")
     z = z.float() if z.dtype != torch.float64 else z
-    bad = ~torch.isfinite(z.detach()).all(1)
-    if bool(bad.any()):
-        rows_bad = bad.nonzero()[:, 0]
-        raise ValueError(f"the model's logits of {len(rows_bad)} input(s) of the batch are NaN "
-                         f"or infinite (rows {rows_bad[:5].tolist()}"
-                         f"{', ...' if len(rows_bad) > 5 else ''}): ODIN cannot score them")
+    _check_finite_rows(z.detach(), "the model's logits")
     return z
 
+
+def _check_finite_rows(t: Tensor, what: str) -> None:
+    """Refuse ``t`` [B, ...] where a row holds NaN or inf, naming the rows."""
+    bad = ~torch.isfinite(t).flatten(1).all(1)
+    if bool(bad.any()):
+        rows_bad = bad.nonzero()[:, 0]
+        raise ValueError(f"{what} of {len(rows_bad)} input(s) of the batch are NaN or infinite "
+                         f"(rows {rows_bad[:5].tolist()}{', ...' if len(rows_bad) > 5 else ''}"
+                         "): they cannot be scored")

@@ -41,7 +41,7 @@ def test_demo_at_reduced_size(tmp_path, capsys):
                    "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "RMD", "ViM (dim=64)",
                    "ReAct (p90)",
                    "GradNorm", "ASH-S (p65)", "KLM", "SHE", "DICE (p90)", "fDBD", "SCALE (p85)",
-                   "NNGuide (k=10)", "ODIN (T=1000, eps=0.0014)"):
+                   "NNGuide (k=10)", "ODIN (T=1000, eps=0.0014)", "RankFeat (pool)"):
         assert f"| {method}" in text
     assert "near AUROC" in text and "far FPR@95" in text
     for png in ("roc.png", "score_histograms.png", "differences.png", "neighbours.png"):

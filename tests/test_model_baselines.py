@@ -1,7 +1,8 @@
-"""ODIN, the baseline that scores the model's inputs: against a float64 row-by-row
-computation of its definition, alone and beside GROOD in evaluate_model."""
+"""ODIN and RankFeat, the baselines that score the model's inputs: against float64
+row-by-row computations of their definitions, alone and beside GROOD in evaluate_model."""
 
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, MSP, ODIN, evaluate, evaluate_model
+from grood import GROOD, MSP, ODIN, RankFeat, evaluate, evaluate_model
 
 
 def smooth_net(channels=3, n_classes=5, dtype=torch.float64, seed=0):
@@ -201,9 +202,146 @@ def test_feature_level_front_ends_name_where_odin_runs(tmp_path, capsys):
     with pytest.raises(ValueError, match="ODIN scores the model's inputs, which training "
                                          r"arrays do not hold: use grood\.ODIN"):
         fit_baselines(["energy", "odin"], logits=torch.randn(5, 3))
-    with pytest.raises(SystemExit) as stop:
-        main(["eval", "det.safetensors", "--id", "id.npz", "--ood", "o.npz",
-              "--baselines", "energy", "ODIN"])
-    assert stop.value.code == 2
-    assert ("ODIN scores the model's inputs, which feature files do not hold: use grood.ODIN"
-            in capsys.readouterr().err)
+    for name, cls in (("ODIN", "ODIN"), ("rankfeat", "RankFeat")):
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", "det.safetensors", "--id", "id.npz", "--ood", "o.npz",
+                  "--baselines", "energy", name])
+        assert stop.value.code == 2
+        assert (f"{cls} scores the model's inputs, which feature files do not hold: use "
+                f"grood.{cls}" in capsys.readouterr().err)
+
+
+def test_under_autocast_the_scores_stay_near_float32s():
+    net = smooth_net(dtype=torch.float32)
+    x = torch.rand(6, 3, 5, 6)
+    odin = ODIN(temperature=10.0, noise=0.01)
+    full, _ = odin.score_inputs(net, x)
+    half, _ = odin.score_inputs(net, x, autocast=torch.bfloat16)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=0)  # bfloat16's logits: 3 digits
+    assert not torch.equal(half, full)  # (it ran under autocast)
+
+
+def blocks_net(dtype=torch.float64, seed=0, n_classes=4):
+    """Top-level children that run in order (split like a torchvision ResNet's)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict([
+        ("stem", nn.Conv2d(3, 5, 3, padding=1)), ("act", nn.Tanh()),
+        ("layer3", nn.Sequential(nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())),
+        ("layer4", nn.Sequential(nn.Conv2d(6, 7, 3, stride=2), nn.ReLU())),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(7, n_classes))])).to(dtype)
+
+
+def rankfeat_twin(net, x, layers, temperature):
+    """RankFeat of each row on its own, in float64 with numpy's SVD: the children up to each
+    layer, the map as a [C, H*W] matrix less s1 u1 v1^T, the rest; mean logits; energy."""
+    children = list(net.double().eval().named_children())
+    scores, preds = [], []
+    with torch.no_grad():
+        for row in x.double():
+            fused = 0
+            for layer in layers:
+                a = row[None]
+                cut = [n for n, _ in children].index(layer) + 1
+                for _, m in children[:cut]:
+                    a = m(a)
+                mat = a[0].reshape(a.shape[1], -1).numpy()
+                u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+                a = torch.from_numpy(mat - sv[0] * np.outer(u[:, 0], vt[0])).reshape(a.shape)
+                for _, m in children[cut:]:
+                    a = m(a)
+                fused = fused + a[0].numpy()
+            z = fused / len(layers)
+            scores.append(temperature * np.logaddexp.reduce(z / temperature))
+            preds.append(int(z.argmax()))
+    return np.array(scores), np.array(preds)
+
+
+def test_rankfeat_matches_its_definition_row_by_row_in_float64():
+    x = torch.rand(5, 3, 7, 6, dtype=torch.float64)  # odd sizes: 4 x 3 positions at layer4
+    for layers, t in ((("layer3", "layer4"), 1.0), ("layer4", 1.0), (["layer3"], 2.5)):
+        net = blocks_net()
+        net.layer3[1].running_var.uniform_(0.5, 2.0)
+        scores, preds = RankFeat(layers=layers, temperature=t).score_inputs(net, x)
+        want, want_pred = rankfeat_twin(net, x, [layers] if isinstance(layers, str) else layers,
+                                        t)
+        assert scores.dtype == torch.float64
+        np.testing.assert_allclose(scores.numpy(), want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(preds.numpy(), want_pred)
+    # the removal changes the scores (the model's own energy is not RankFeat's)
+    with torch.no_grad():
+        own = torch.logsumexp(blocks_net().eval()(x), 1)
+    assert not torch.allclose(own, RankFeat().score_inputs(blocks_net(), x)[0])
+
+
+def test_rankfeat_splits_once_per_model_or_as_given(monkeypatch):
+    import grood.model_baselines as mb
+
+    checked = []
+    real = mb.check_split
+    monkeypatch.setattr(mb, "check_split", lambda *a: checked.append(1) or real(*a))
+    net, x = blocks_net(torch.float32), torch.rand(4, 3, 6, 6)
+    rf = RankFeat()
+    first = rf.score_inputs(net, x)[0]
+    rf.score_inputs(net, x)
+    assert len(checked) == 2  # (two layers, on the first batch only)
+    rf.score_inputs(blocks_net(torch.float32, seed=1), x)  # another model: checked again
+    assert len(checked) == 4
+    from grood.extract import split_model
+
+    given = RankFeat(splits=[split_model(net, "layer3"), split_model(net, "layer4")])
+    torch.testing.assert_close(given.score_inputs(net, x)[0], first, rtol=0, atol=0)
+
+
+def test_rankfeat_clear_errors():
+    net, x = blocks_net(torch.float32), torch.rand(4, 3, 6, 6)
+    with pytest.raises(ValueError, match="cannot split the model at 'layer9'"):
+        RankFeat(layers="layer9").score_inputs(net, x)
+    with pytest.raises(ValueError, match=r"a feature map \(a matrix per sample.*after 'fc' is "
+                                         r"of shape \(4, 4\)"):
+        RankFeat(layers="fc").score_inputs(net, x)
+    with pytest.raises(TypeError, match=r"one \(stem, tail\) pair of modules .* per layer \(2\)"):
+        RankFeat(splits=[(net.stem, net.fc)]).score_inputs(net, x)
+    with pytest.raises(ValueError, match="names a module twice"):
+        RankFeat(layers=["layer4", "layer4"]).score_inputs(net, x)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        RankFeat(temperature=-1).score_inputs(net, x)
+    bad = x.clone()
+    bad[1] = float("inf")
+    with pytest.raises(ValueError, match=r"feature map after 'layer3' of 1 input\(s\) of the "
+                                         r"batch are NaN or infinite \(rows \[1\]\)"):
+        RankFeat().score_inputs(net, bad)
+
+    class Shuffled(nn.Module):  # children that do not run in their order
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Linear(6, 3)
+            self.a = nn.Conv2d(3, 6, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="cannot be split into stem and tail"):
+        RankFeat(layers="a").score_inputs(Shuffled(), x)
+
+
+def test_evaluate_model_scores_rankfeat_beside_odin():
+    net = blocks_net(torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.rand(40, 3, 6, 6, generator=gen), torch.arange(40) % 4
+    train = DataLoader(TensorDataset(x, y), batch_size=16)
+    far = DataLoader(TensorDataset(torch.rand(20, 3, 6, 6, generator=gen) * 3), batch_size=8)
+    det = GROOD().fit_model(net, train, features="flatten")
+    rf, odin = RankFeat(), ODIN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev = evaluate_model(det, net, train, {"far": far}, baselines=[rf, odin])
+    assert ev.baselines == ["RankFeat (layer3+layer4)", "ODIN (T=1000, eps=0.0014)"]
+    for est in (rf, odin):
+        got = ev.scores[est.display_name]
+        np.testing.assert_allclose(got["far"], est.score_model(net, far)[0].numpy(), rtol=1e-6)
+        want, pred = est.score_model(net, train)
+        np.testing.assert_allclose(got["the ID loader (ID)"], want.numpy(), rtol=1e-6)
+        assert ev.results["far"]["baselines"][est.display_name]["id_accuracy"] == \
+            pytest.approx(float((pred == y).float().mean()))

@@ -1,6 +1,6 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
 classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy, GEN,
-KLM, SHE, DICE, fDBD, SCALE and NNGuide, and ODIN through a small image model.
+KLM, SHE, DICE, fDBD, SCALE and NNGuide, and ODIN and RankFeat through a small image model.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -24,6 +24,7 @@ from pytorch_ood.detector import (
     KLMatching,
     MaxLogit,
     NNGuide,
+    RankFeat,
     ReAct,
     ViM,
     fDBD,
@@ -198,3 +199,23 @@ def test_odin_equals_pytorch_oods():
         theirs = ODIN(net, eps=eps, temperature=t, norm_std=std).predict(x)
         ours, _ = grood.ODIN(temperature=t, noise=eps, input_std=std).score_inputs(net, x)
         torch.testing.assert_close(ours, -theirs, rtol=2e-6, atol=0)
+
+
+def test_rankfeat_equals_pytorch_oods():
+    from collections import OrderedDict
+
+    from grood.extract import split_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(OrderedDict([
+        ("stem", torch.nn.Conv2d(3, 8, 3)), ("bn", torch.nn.BatchNorm2d(8)),
+        ("act", torch.nn.ReLU()), ("layer4", torch.nn.Conv2d(8, 16, 3)),
+        ("pool", torch.nn.AdaptiveAvgPool2d(1)), ("flat", torch.nn.Flatten()),
+        ("fc", torch.nn.Linear(16, 10))])).eval()
+    x = torch.rand(24, 3, 9, 8)
+    stem, tail = split_model(net, "layer4")
+    theirs = RankFeat(backbone=stem, head=tail).predict(x)
+    ours, _ = grood.RankFeat(layers="layer4").score_inputs(net, x)
+    torch.testing.assert_close(ours, -theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # (and the removal matters here)
+        assert not torch.allclose(ours, torch.logsumexp(net(x), 1), rtol=1e-3)
