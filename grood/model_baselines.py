@@ -39,8 +39,8 @@ MODEL_INPUTS = "inputs"
 
 
 def scores_inputs(est: Any) -> bool:
-    """Whether ``est`` is a baseline that scores the model's inputs (:class:`ODIN`), which
-    only :func:`grood.evaluate_model` can run beside GROOD."""
+    """Whether ``est`` is a baseline that scores the model's inputs (:class:`ODIN`,
+    :class:`RankFeat`), which only :func:`grood.evaluate_model` can run beside GROOD."""
     return getattr(est, "inputs", None) == MODEL_INPUTS
 
 
@@ -110,7 +110,6 @@ class _InputBaseline(Parameters):
         if not scores:
             raise ValueError("the loader yielded no batches")
         return torch.cat(scores), torch.cat(preds)
-
 
 
 class ODIN(_InputBaseline):
@@ -277,15 +276,15 @@ class RankFeat(_InputBaseline):
     def _parts(self, model: nn.Module, x: Tensor, layers: tuple[str, ...]
                ) -> list[tuple[Any, Any]]:
         """The (stem, tail) pair of each layer, checked on ``x`` the first time ``model``
-        comes (and kept for it)."""
+        comes with these ``layers`` and ``splits`` (and kept for them)."""
         kept = self.__dict__.get("_parts_of")
-        if kept is not None and kept[0]() is model:
+        if kept is not None and kept[0]() is model and kept[2] == (layers, id(self.splits)):
             return kept[1]
         pairs = ([tuple(p) for p in self.splits] if self.splits is not None
                  else [split_model(model, name) for name in layers])
         for stem, tail in pairs:
             check_split(model, stem, tail, x)
-        self.__dict__["_parts_of"] = (weakref.ref(model), pairs)
+        self.__dict__["_parts_of"] = (weakref.ref(model), pairs, (layers, id(self.splits)))
         return pairs
 
     def _score_batch(self, model: nn.Module, x: Tensor, checked: Any,

@@ -288,6 +288,12 @@ def test_rankfeat_splits_once_per_model_or_as_given(monkeypatch):
     assert len(checked) == 2  # (two layers, on the first batch only)
     rf.score_inputs(blocks_net(torch.float32, seed=1), x)  # another model: checked again
     assert len(checked) == 4
+    rf.score_inputs(net, x)  # (the first again: one model's parts are kept)
+    assert len(checked) == 6
+    rf.set_params(layers="layer4")  # other layers, the same model: split and checked again
+    one_layer = rf.score_inputs(net, x)[0]
+    assert len(checked) == 7
+    torch.testing.assert_close(one_layer, RankFeat(layers="layer4").score_inputs(net, x)[0])
     from grood.extract import split_model
 
     given = RankFeat(splits=[split_model(net, "layer3"), split_model(net, "layer4")])
