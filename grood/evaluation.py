@@ -33,7 +33,7 @@ from grood._checks import check_device, check_positive_int, prefixed_errors, use
 from grood._columns import names_checked
 from grood.io import KEYS, FeatureFile, load_features
 from grood.metrics import MIN_RESAMPLES
-from grood.model_baselines import MODEL_INPUTS, scores_inputs
+from grood.model_baselines import scores_inputs
 
 #: The files :meth:`Evaluation.plot` draws: ROC curves, score histograms and (with bootstrap
 #: and baselines) the paired differences.
@@ -237,7 +237,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
     device = check_device(device)  # (a name torch does not know, before any scoring)
     sets, layout = eval_layout(ood, near, far)
     methods = baseline_names(baselines)
-    by_model = [name for name, est in methods.items() if est.inputs == MODEL_INPUTS]
+    by_model = [name for name, est in methods.items() if scores_inputs(est)]
     if by_model and not isinstance(id_set, LazySet):
         raise ValueError(f"the {by_model[0]} baseline scores the model's inputs, which a set "
                          "of features does not hold: give it to grood.evaluate_model, which "
@@ -377,7 +377,8 @@ def eval_layout(ood: Mapping[str, Any] | None, near: Mapping[str, Any] | None,
 
 def baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     """The fitted baselines by display name (``KNN (k=50)`` with its neighbour, ``ViM
-    (dim=1000)``, ``ReAct (p90)``), and those that score the model's inputs (ODIN)."""
+    (dim=1000)``, ``ReAct (p90)``), and those that score the model's inputs (ODIN,
+    RankFeat)."""
     from grood.baselines import check_fitted
 
     if hasattr(baselines, "score_samples") or isinstance(baselines, (str, Mapping)) \
@@ -390,12 +391,10 @@ def baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
             raise TypeError(f"baselines takes fitted grood.baselines estimators; got the "
                             f"class {est.__name__}: pass {est.__name__}()"
                             + ("" if scores_inputs(est) else ".fit(...)"))
-        if scores_inputs(est):  # (ODIN: nothing to fit; evaluate_model runs it)
-            pass
-        elif not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
-            raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
-                            f"{type(est).__name__}")
-        else:
+        if not scores_inputs(est):  # (ODIN, RankFeat: nothing to fit; evaluate_model runs them)
+            if not (hasattr(est, "inputs") and hasattr(est, "score_samples")):
+                raise TypeError(f"baselines takes fitted grood.baselines estimators; got "
+                                f"{type(est).__name__}")
             check_fitted(est, f"the {type(est).__name__} baseline")  # (before any scoring)
         name = getattr(est, "display_name", None) or type(est).name
         if name in out:
@@ -415,7 +414,7 @@ def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
     moved: dict[str, Any] = {}
     out = {}
     for name, est in methods.items():
-        if est.inputs == MODEL_INPUTS:  # scored as the loader ran through the model
+        if scores_inputs(est):  # scored as the loader ran through the model
             got = (data.scores or {}).get(name)
             if got is None:  # (a set not read by evaluate_model)
                 raise ValueError(f"the {name} baseline scores the model's inputs, and this set "

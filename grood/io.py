@@ -51,7 +51,7 @@ class FeatureFile(NamedTuple):
     labels: Any
     logits: Any
     #: A set :func:`grood.evaluate_model` read through the model: the scores and predictions
-    #: of the baselines that score the model's inputs (ODIN), by display name.
+    #: of the baselines that score the model's inputs (ODIN, RankFeat), by display name.
     scores: dict[str, tuple[Any, Any]] | None = None
 
 
