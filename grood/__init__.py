@@ -30,6 +30,7 @@ from grood.baselines import (
     MaxLogit,
     NNGuide,
     ReAct,
+    TempScale,
     ViM,
 )
 from grood.detector import GROOD
@@ -80,6 +81,7 @@ __all__ = [
     "RankFailedError",
     "RankFeat",
     "ReAct",
+    "TempScale",
     "UniformNoise",
     "ViM",
     "__version__",

@@ -30,7 +30,8 @@ and return the input's type (numpy in, numpy out; torch in, torch out). ``inputs
   features through the classifier's last linear layer, given (``weight``, ``bias``) or
   recovered by least squares from the training features and logits.
 * :class:`KLM` — KL divergence of the softmax from the nearest class-typical softmax
-  learned on training logits (Hendrycks et al., ICML 2022).
+  learned on training logits (Hendrycks et al., ICML 2022), and :class:`TempScale` — MSP at
+  the temperature fitted to held-out logits and labels (Guo et al., ICML 2017).
 
 ``fit_reads`` says what each one's ``fit`` learns from; :func:`fit_baselines` fits several
 by name on one training set. ODIN and RankFeat, which score the model's inputs rather than
@@ -232,6 +233,100 @@ class Energy(_LogitBaseline):
     def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
         # T * logsumexp(x / T) = top + T * logsumexp((x - top) / T)
         return top + self.temperature * torch.logsumexp(shifted, dim=1)
+
+
+class TempScale(_Baseline):
+    """Temperature scaling: the maximum softmax probability ``max softmax(logits / T)`` at the
+    temperature T that minimises the labels' negative log-likelihood on held-out logits
+    (Guo et al., ICML 2017; OpenOOD fits it on the ID validation set).
+
+    The fit is exact: the likelihood is convex in ``1 / T``, whose optimum is found by
+    safeguarded Newton steps in float64 (bracketed, then to a relative 1e-12), not by a
+    fixed number of gradient steps. Logits whose labels fare no better than the uniform
+    distribution (no positive T is best) and logits whose every label already holds the
+    largest logit (the likelihood only grows as T falls to 0: no finite optimum, which
+    fitting on the model's own training rows often gives) are refused, naming why.
+
+    Args:
+        batch_size (int): rows per batch while fitting and scoring.
+
+    After ``fit``: ``temperature_`` (T), ``nll_`` (the mean negative log-likelihood there).
+    """
+
+    inputs = "logits"
+    fit_reads = ("logits", "labels")
+    name = "TempScale"
+    temperature_: float  # set by fit
+    nll_: float
+
+    def __init__(self, batch_size: int = 4096) -> None:
+        self.batch_size = batch_size
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike) -> Self:
+        """Fit T on held-out ``logits`` [N, C] and their ``labels`` [N]."""
+        x, _ = self._read(logits, fitting=True)
+        y = as_labels(labels)
+        check_labels(y, "labels", x.shape[0], n_classes=x.shape[1],
+                     n_classes_from="the logits' columns")
+        y = y.to(device=x.device, dtype=torch.int64)
+
+        def slope(beta: float) -> tuple[float, float]:
+            """d/dbeta and d2/dbeta2 of the mean NLL at 1 / T = beta, in float64."""
+            d1 = d2 = 0.0
+            for r0, r1 in batches(x.shape[0], self.batch_size):
+                z = x[r0:r1].to(torch.float64)
+                p = torch.softmax(beta * z, dim=1)
+                mean = (p * z).sum(1)
+                d1 += float((mean - z.gather(1, y[r0:r1, None])[:, 0]).sum())
+                d2 += float((p * (z - mean[:, None]) ** 2).sum())
+            return d1 / x.shape[0], d2 / x.shape[0]
+
+        if slope(0.0)[0] >= 0:
+            raise ValueError("the labels fare no better under these logits than under the "
+                             "uniform distribution (no positive temperature improves their "
+                             "likelihood): are the logits' columns in the labels' class order?")
+        z_max = x.amax(dim=1)
+        if bool((x.gather(1, y[:, None])[:, 0] == z_max).all()):
+            raise ValueError("every row's label holds its largest logit, so the labels' "
+                             "likelihood only grows as the temperature falls to 0 (no finite "
+                             "optimum): fit on held-out logits (a validation set), as "
+                             "temperature scaling is meant, not on rows the model was "
+                             "trained on")
+        lo, hi = 0.0, 1.0
+        while slope(hi)[0] < 0:  # bracket the root of the slope (it exists: see above)
+            lo, hi = hi, hi * 2
+            if hi > 1e300:  # (a root beyond float64: the check above all but rules it out)
+                raise ValueError("the labels' likelihood keeps growing as the temperature "
+                                 "falls towards 0: no finite optimum in float64")
+        beta = hi
+        for _ in range(200):
+            d1, d2 = slope(beta)
+            if d1 < 0:
+                lo = beta
+            else:
+                hi = beta
+            step = beta - d1 / d2 if d2 > 0 else (lo + hi) / 2
+            nxt = step if lo < step < hi else (lo + hi) / 2  # Newton, else bisection
+            if abs(nxt - beta) <= 1e-12 * beta or hi - lo <= 1e-12 * hi:
+                beta = nxt
+                break
+            beta = nxt
+        self.temperature_ = 1.0 / beta
+        nll = 0.0
+        for r0, r1 in batches(x.shape[0], self.batch_size):
+            lz = torch.log_softmax(beta * x[r0:r1].to(torch.float64), dim=1)
+            nll -= float(lz.gather(1, y[r0:r1, None]).sum())
+        self.nll_ = nll / x.shape[0]
+        self._fitted_on(logits, x.shape[1])
+        return self
+
+    def score_samples(self, logits: ArrayT) -> ArrayT:
+        """One score per row of ``logits`` [N, C], shape [N]: ``max softmax(logits / T)``;
+        higher = in-distribution."""
+        x, kind = self._read(logits)
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        shifted = (x - x.amax(dim=1, keepdim=True)) / self.temperature_
+        return kind.wrap(torch.softmax(shifted, dim=1).amax(dim=1))
 
 
 class KLM(_Baseline):
@@ -1231,17 +1326,25 @@ BY_NAME: dict[str, tuple[type[_Baseline], str]] = {
 LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls, _HeadBaseline))
 
 
-#: The baselines that score the model's inputs (:mod:`grood.model_baselines`), by the name
-#: ``grood eval --baselines`` would give them: not among :data:`BY_NAME`'s.
-INPUT_BASELINES = {"odin": "ODIN", "rankfeat": "RankFeat"}
+#: Baselines :data:`BY_NAME` leaves out, by the name ``grood eval --baselines`` would give
+#: them, and why a training set cannot feed them: ODIN and RankFeat score the model's
+#: inputs (:mod:`grood.model_baselines`), TempScale is fitted on held-out logits.
+NOT_BY_NAME = {
+    "odin": "ODIN scores the model's inputs, which {what} do not hold: use grood.ODIN in "
+            "Python, alone (score_model) or beside GROOD in grood.evaluate_model",
+    "rankfeat": "RankFeat scores the model's inputs, which {what} do not hold: use "
+                "grood.RankFeat in Python, alone (score_model) or beside GROOD in "
+                "grood.evaluate_model",
+    "tempscale": "TempScale's temperature is fitted on held-out logits and labels (a "
+                 "validation set), not on the rows the model was trained on: fit "
+                 "grood.TempScale().fit(val_logits, val_labels) in Python and give it to "
+                 "grood.evaluate"}
 
 
-def input_baseline_refused(name: str, what: str) -> str:
+def not_by_name(name: str, what: str) -> str:
     """Why ``what`` (feature files, training arrays) cannot feed the baseline ``name`` (a key
-    of :data:`INPUT_BASELINES`): it needs the model's inputs."""
-    cls = INPUT_BASELINES[name.lower()]
-    return (f"{cls} scores the model's inputs, which {what} do not hold: use grood.{cls} in "
-            "Python, alone (score_model) or beside GROOD in grood.evaluate_model")
+    of :data:`NOT_BY_NAME`)."""
+    return NOT_BY_NAME[name.lower()].format(what=what)
 
 
 def learned_from(cls: type[_Baseline], *, head_given: bool) -> tuple[str, ...]:
@@ -1278,8 +1381,8 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
     names = list(names)
     options = dict(options or {})
     unknown = [n for n in [*names, *options] if n not in BY_NAME]
-    if unknown and str(unknown[0]).lower() in INPUT_BASELINES:
-        raise ValueError(input_baseline_refused(str(unknown[0]), "training arrays"))
+    if unknown and str(unknown[0]).lower() in NOT_BY_NAME:
+        raise ValueError(not_by_name(str(unknown[0]), "training arrays"))
     if unknown:
         raise ValueError(f"unknown baseline {unknown[0]!r}; the names are "
                          f"{', '.join(BY_NAME)}")

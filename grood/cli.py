@@ -18,14 +18,14 @@ from grood.baselines import (
     ASH,
     BY_NAME,
     DICE,
-    INPUT_BASELINES,
     KNN,
     LAST_LAYER_NAMES,
+    NOT_BY_NAME,
     SCALE,
     NNGuide,
     ReAct,
-    input_baseline_refused,
     learned_from,
+    not_by_name,
 )
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
@@ -715,9 +715,9 @@ def named_arg(setting: str) -> Callable[[str], str]:
 
 def baseline_arg(text: str) -> str:
     """An argparse type for ``--baselines``: the name (argparse checks it against the names),
-    or a usage error for ODIN and RankFeat, which feature files cannot feed."""
-    if text.lower() in INPUT_BASELINES:
-        raise argparse.ArgumentTypeError(input_baseline_refused(text, "feature files"))
+    or a usage error for those it leaves out (ODIN, RankFeat, TempScale), saying why."""
+    if text.lower() in NOT_BY_NAME:
+        raise argparse.ArgumentTypeError(not_by_name(text, "feature files"))
     return text
 
 

@@ -26,6 +26,7 @@ from grood import (
     NNGuide,
     NotFittedError,
     ReAct,
+    TempScale,
     ViM,
 )
 from grood._linear import order_statistics, percentile
@@ -763,3 +764,52 @@ def test_nnguide_refuses_a_bank_smaller_than_k_and_bad_parameters():
     det.k = 51
     with pytest.raises(ValueError, match="k=51 is more than the 50 rows of the bank fitted"):
         det.score_samples(q)
+
+
+def _held_out(n=301, c=7, seed=0, noise=1.0):
+    """Logits whose labels are the argmax of a noisier copy: some rows are wrong."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
+    y = (z + noise * 3 * torch.randn(n, c, generator=gen, dtype=torch.float64)).argmax(1)
+    return z, y
+
+
+def _nll(z, y, t):
+    return float(-torch.log_softmax(z / t, 1).gather(1, y[:, None]).mean())
+
+
+def test_tempscale_finds_the_temperature_of_least_nll():
+    z, y = _held_out()
+    est = TempScale(batch_size=64).fit(z, y)  # (several batches)
+    t = est.temperature_
+    beta = torch.tensor(1 / t, dtype=torch.float64, requires_grad=True)
+    loss = -torch.log_softmax(z * beta, 1).gather(1, y[:, None]).mean()
+    (g,) = torch.autograd.grad(loss, beta)
+    assert abs(float(g)) < 1e-10  # the likelihood's slope is 0 there
+    assert est.nll_ == pytest.approx(_nll(z, y, t), rel=1e-12)
+    assert all(_nll(z, y, t * f) > est.nll_ for f in (0.999, 1.001))
+    # a dense grid on log T agrees to the grid's spacing
+    grid = np.exp(np.linspace(np.log(t) - 0.01, np.log(t) + 0.01, 2001))
+    best = grid[int(np.argmin([_nll(z, y, g_) for g_ in grid]))]
+    assert best == pytest.approx(t, rel=2e-5)
+    # the scores: MSP at that temperature, float32 from float32
+    np.testing.assert_allclose(est.score_samples(z).numpy(),
+                               MSP(temperature=t).fit(z).score_samples(z).numpy(), rtol=1e-12)
+    assert est.score_samples(z.float()).dtype == torch.float32
+    # confident logits with noisy labels: a temperature above 1 (it softens them)
+    assert TempScale().fit(z * 10, y).temperature_ > 1
+
+
+def test_tempscale_refuses_logits_without_a_finite_positive_optimum():
+    z, _ = _held_out()
+    with pytest.raises(ValueError, match=r"every row's label holds its largest logit.*fit on "
+                                         r"held-out logits"):
+        TempScale().fit(z, z.argmax(1))
+    with pytest.raises(ValueError, match="no better under these logits than under the "
+                                         "uniform distribution"):
+        TempScale().fit(z, z.argmin(1))
+    with pytest.raises(ValueError, match=r"class id 7, out of range for 7 classes \(the "
+                                         r"logits' columns\)"):
+        TempScale().fit(z, torch.full((len(z),), 7))
+    with pytest.raises(NotFittedError):
+        TempScale().score_samples(z)

@@ -202,13 +202,17 @@ def test_feature_level_front_ends_name_where_odin_runs(tmp_path, capsys):
     with pytest.raises(ValueError, match="ODIN scores the model's inputs, which training "
                                          r"arrays do not hold: use grood\.ODIN"):
         fit_baselines(["energy", "odin"], logits=torch.randn(5, 3))
-    for name, cls in (("ODIN", "ODIN"), ("rankfeat", "RankFeat")):
+    for name, says in (("ODIN", "ODIN scores the model's inputs, which feature files do not "
+                                "hold: use grood.ODIN"),
+                       ("rankfeat", "RankFeat scores the model's inputs, which feature files "
+                                    "do not hold: use grood.RankFeat"),
+                       ("tempscale", "TempScale's temperature is fitted on held-out logits "
+                                     "and labels")):
         with pytest.raises(SystemExit) as stop:
             main(["eval", "det.safetensors", "--id", "id.npz", "--ood", "o.npz",
                   "--baselines", "energy", name])
         assert stop.value.code == 2
-        assert (f"{cls} scores the model's inputs, which feature files do not hold: use "
-                f"grood.{cls}" in capsys.readouterr().err)
+        assert says in capsys.readouterr().err
 
 
 def test_under_autocast_the_scores_stay_near_float32s():

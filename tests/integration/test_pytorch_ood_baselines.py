@@ -1,6 +1,7 @@
 """grood's baselines against pytorch-ood's (0.4.0) implementations of the same methods, on one
 classifier's features and logits: ViM, ReAct, GradNorm, ASH, RMD, MaxLogit, Energy, GEN,
-KLM, SHE, DICE, fDBD, SCALE and NNGuide, and ODIN and RankFeat through a small image model.
+KLM, SHE, DICE, fDBD, SCALE, NNGuide and TempScale, and ODIN and RankFeat through a small
+image model.
 pytorch-ood computes in float32 and scores outliers higher; grood scores in-distribution
 samples higher. Skipped where pytorch-ood does not import (the main test venv); CI runs it in
 a second venv."""
@@ -26,6 +27,7 @@ from pytorch_ood.detector import (
     NNGuide,
     RankFeat,
     ReAct,
+    TemperatureScaling,
     ViM,
     fDBD,
 )
@@ -219,3 +221,24 @@ def test_rankfeat_equals_pytorch_oods():
     torch.testing.assert_close(ours, -theirs, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # (and the removal matters here)
         assert not torch.allclose(ours, torch.logsumexp(net(x), 1), rtol=1e-3)
+
+
+def test_tempscale_scores_as_pytorch_oods_and_fits_its_optimum():
+    # pytorch-ood fits T by 50 L-BFGS steps of lr 0.01 from T = 1, which stop short of the
+    # optimum here (T = 1.17 where it lies at 1.96); grood's T has the least NLL, and at the
+    # same T the two score alike
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 7, generator=gen) * 3
+    y = (z + 3 * torch.randn(500, 7, generator=gen)).argmax(1)
+    theirs = TemperatureScaling(None).fit_logits(z, y)
+    ours = grood.TempScale().fit(z, y)
+
+    def nll(t):
+        return float(torch.nn.functional.cross_entropy(z.double() / float(t), y))
+
+    assert ours.nll_ == pytest.approx(nll(ours.temperature_), rel=1e-9)
+    assert ours.nll_ < nll(theirs.t) - 1e-3
+    with torch.no_grad():
+        theirs.t.fill_(ours.temperature_)
+    torch.testing.assert_close(ours.score_samples(z), -theirs.predict_logits(z), rtol=1e-5,
+                               atol=1e-7)
