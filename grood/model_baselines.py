@@ -150,7 +150,8 @@ class ODIN(_InputBaseline):
     @property
     def display_name(self) -> str:
         """The name :func:`grood.evaluate_model` gives its rows."""
-        return f"ODIN (T={self.temperature:g}, eps={self.noise:g})"
+        t, noise, _ = self._checked()  # (a temperature that is no number: its own error)
+        return f"ODIN (T={t:g}, eps={noise:g})"
 
     def _checked(self) -> tuple[float, float, tuple[float, ...] | None]:
         """The parameters, checked (a NaN step or a 0 temperature would give NaN scores)."""
@@ -176,7 +177,8 @@ class ODIN(_InputBaseline):
         t, noise, std = self._checked()
         x = _checked_inputs(x, std)
         with eval_mode(model):
-            return self._perturb(model, x, t, noise, std, autocast)
+            moved = self._perturb(model, x, t, noise, std, autocast)
+        return moved.clone() if moved is x else moved
 
     def _perturb(self, model: nn.Module, x: Tensor, t: float, noise: float,
                  std: tuple[float, ...] | None, autocast: torch.dtype | None) -> Tensor:

@@ -95,6 +95,8 @@ def test_runs_inside_inference_mode_and_leaves_unmoved_what_the_model_ignores():
     odin = ODIN(noise=0.1)
     moved = odin.perturb(net, x)
     assert torch.equal(moved[:, 5:], x[:, 5:]) and not torch.equal(moved[:, :5], x[:, :5])
+    still = ODIN(noise=0.0).perturb(net, x)  # no step: a copy all the same
+    assert torch.equal(still, x) and still.data_ptr() != x.data_ptr()
     with torch.inference_mode():
         inside, _ = odin.score_inputs(net, x.clone())
     assert torch.equal(inside, odin.score_inputs(net, x)[0])
@@ -317,6 +319,9 @@ def test_rankfeat_clear_errors():
         RankFeat(layers=["layer4", "layer4"]).score_inputs(net, x)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         RankFeat(temperature=-1).score_inputs(net, x)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 'hot'"):
+        evaluate(GROOD().fit(torch.randn(30, 4), torch.arange(30) % 3), torch.randn(9, 4),
+                 baselines=[ODIN(temperature="hot")])  # (its name, before anything runs)
     bad = x.clone()
     bad[1] = float("inf")
     with pytest.raises(ValueError, match=r"feature map after 'layer3' of 1 input\(s\) of the "
