@@ -321,7 +321,7 @@ def test_rankfeat_clear_errors():
         RankFeat(temperature=-1).score_inputs(net, x)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 'hot'"):
         evaluate(GROOD().fit(torch.randn(30, 4), torch.arange(30) % 3), torch.randn(9, 4),
-                 baselines=[ODIN(temperature="hot")])  # (its name, before anything runs)
+                 {"o": torch.randn(9, 4)}, baselines=[ODIN(temperature="hot")])  # (its name)
     bad = x.clone()
     bad[1] = float("inf")
     with pytest.raises(ValueError, match=r"feature map after 'layer3' of 1 input\(s\) of the "
