@@ -275,6 +275,11 @@ class RankFeat(_InputBaseline):
                                 f"functions) per layer ({len(layers)}), got {self.splits!r}")
         return layers, check_positive_real(self.temperature, "temperature")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The parameters, without the parts kept for the last model (a weak reference to
+        it, which does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_parts_of"}
+
     def _parts(self, model: nn.Module, x: Tensor, layers: tuple[str, ...]
                ) -> list[tuple[Any, Any]]:
         """The (stem, tail) pair of each layer, checked on ``x`` the first time ``model``

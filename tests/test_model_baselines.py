@@ -304,6 +304,10 @@ def test_rankfeat_splits_once_per_model_or_as_given(monkeypatch):
 
     given = RankFeat(splits=[split_model(net, "layer3"), split_model(net, "layer4")])
     torch.testing.assert_close(given.score_inputs(net, x)[0], first, rtol=0, atol=0)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(rf))  # (after scoring: what it keeps does not travel)
+    assert again.get_params() == rf.get_params() and "_parts_of" not in vars(again)
 
 
 def test_rankfeat_clear_errors():
