@@ -1,8 +1,8 @@
 """GROOD on torchvision's own models (made from their constructors, no download): a
 VisionTransformer, whose penultimate feature is the class token it selects by slicing (read as
 ``heads.head:input``), and a ResNet (``avgpool``), through fit_model, score_model and
-attach(). Skipped where torchvision does not import (beside the CPU build of torch); CI runs it
-in the integration venv (.ci/run)."""
+attach(), and RankFeat at a ResNet's last two blocks. Skipped where torchvision does not
+import (beside the CPU build of torch); CI runs it in the integration venv (.ci/run)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,29 @@ def test_torchvision_models_fit_score_and_attach(kind):
         logits = model(x)
     scores, preds = check_fit_model_equals_fit(det, model, [x], feats, y, logits)
     check_attach(det, model, features, x, logits, scores, preds)
+
+
+def test_rankfeat_at_a_resnets_last_two_blocks_is_openoods_fusion():
+    """grood.RankFeat() splits torchvision's resnet18 at layer3 and layer4 by its children and
+    gives the energy and class of the mean logits OpenOOD's RankFeat computes from the
+    model's parts."""
+    from grood import RankFeat
+
+    torch.manual_seed(0)
+    net = models.resnet18(num_classes=10).eval()
+    x, _ = _images(n=6, size=64)
+
+    def without_rank1(f):
+        b, c, h, w = f.shape
+        u, s, v = torch.linalg.svd(f.view(b, c, h * w), full_matrices=False)
+        return (f.view(b, c, h * w) - s[:, :1, None] * u[:, :, :1] @ v[:, :1, :]).view(f.shape)
+
+    def head(f):
+        return net.fc(torch.flatten(net.avgpool(f), 1))
+
+    with torch.no_grad():
+        f3 = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+        fused = (head(without_rank1(net.layer4(f3))) + head(net.layer4(without_rank1(f3)))) / 2
+    scores, preds = RankFeat().score_inputs(net, x)
+    torch.testing.assert_close(scores, torch.logsumexp(fused, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(preds, fused.argmax(1))
