@@ -157,8 +157,11 @@ class _LogitBaseline(_Baseline):
         # Shifted by each row's largest logit before the temperature divides them, so large
         # logits or a small temperature cannot overflow to inf (and NaN scores).
         top = x.amax(dim=1, keepdim=True)
-        t = getattr(self, "temperature", 1.0)
-        return kind.wrap(self._score((x - top) / t, top[:, 0]))
+        return kind.wrap(self._score((x - top) / self._temperature(), top[:, 0]))
+
+    def _temperature(self) -> float:
+        """The temperature the logits are divided by (1 for those without one)."""
+        return getattr(self, "temperature", 1.0)
 
     def _score(self, shifted: Tensor, top: Tensor) -> Tensor:
         """The score from ``(logits - top) / T`` and each row's largest logit ``top``."""
@@ -235,7 +238,7 @@ class Energy(_LogitBaseline):
         return top + self.temperature * torch.logsumexp(shifted, dim=1)
 
 
-class TempScale(_Baseline):
+class TempScale(_LogitBaseline):
     """Temperature scaling: the maximum softmax probability ``max softmax(logits / T)`` at the
     temperature T that minimises the labels' negative log-likelihood on held-out logits
     (Guo et al., ICML 2017; OpenOOD fits it on the ID validation set).
@@ -248,12 +251,11 @@ class TempScale(_Baseline):
     fitting on the model's own training rows often gives) are refused, naming why.
 
     Args:
-        batch_size (int): rows per batch while fitting and scoring.
+        batch_size (int): rows per batch while fitting.
 
     After ``fit``: ``temperature_`` (T), ``nll_`` (the mean negative log-likelihood there).
     """
 
-    inputs = "logits"
     fit_reads = ("logits", "labels")
     name = "TempScale"
     temperature_: float  # set by fit
@@ -262,7 +264,7 @@ class TempScale(_Baseline):
     def __init__(self, batch_size: int = 4096) -> None:
         self.batch_size = batch_size
 
-    def fit(self, logits: ArrayLike, labels: ArrayLike) -> Self:
+    def fit(self, logits: ArrayLike, labels: ArrayLike) -> Self:  # type: ignore[override]
         """Fit T on held-out ``logits`` [N, C] and their ``labels`` [N]."""
         x, _ = self._read(logits, fitting=True)
         y = as_labels(labels)
@@ -320,13 +322,10 @@ class TempScale(_Baseline):
         self._fitted_on(logits, x.shape[1])
         return self
 
-    def score_samples(self, logits: ArrayT) -> ArrayT:
-        """One score per row of ``logits`` [N, C], shape [N]: ``max softmax(logits / T)``;
-        higher = in-distribution."""
-        x, kind = self._read(logits)
-        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        shifted = (x - x.amax(dim=1, keepdim=True)) / self.temperature_
-        return kind.wrap(torch.softmax(shifted, dim=1).amax(dim=1))
+    def _temperature(self) -> float:
+        return self.temperature_
+
+    _score = MSP._score  # (MSP's, at the fitted temperature)
 
 
 class KLM(_Baseline):
@@ -1329,12 +1328,10 @@ LAST_LAYER_NAMES = tuple(n for n, (cls, _) in BY_NAME.items() if issubclass(cls,
 #: Baselines :data:`BY_NAME` leaves out, by the name ``grood eval --baselines`` would give
 #: them, and why a training set cannot feed them: ODIN and RankFeat score the model's
 #: inputs (:mod:`grood.model_baselines`), TempScale is fitted on held-out logits.
+_THROUGH_MODEL = ("{cls} scores the model's inputs, which {{what}} do not hold: use grood.{cls} "
+                  "in Python, alone (score_model) or beside GROOD in grood.evaluate_model")
 NOT_BY_NAME = {
-    "odin": "ODIN scores the model's inputs, which {what} do not hold: use grood.ODIN in "
-            "Python, alone (score_model) or beside GROOD in grood.evaluate_model",
-    "rankfeat": "RankFeat scores the model's inputs, which {what} do not hold: use "
-                "grood.RankFeat in Python, alone (score_model) or beside GROOD in "
-                "grood.evaluate_model",
+    **{cls.lower(): _THROUGH_MODEL.format(cls=cls) for cls in ("ODIN", "RankFeat")},
     "tempscale": "TempScale's temperature is fitted on held-out logits and labels (a "
                  "validation set), not on the rows the model was trained on: fit "
                  "grood.TempScale().fit(val_logits, val_labels) in Python and give it to "

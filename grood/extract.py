@@ -182,6 +182,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.train(training)
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` on ``device``'s type with ``dtype``, or nothing where it is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a stateless model)."""
     for t in (*model.parameters(), *model.buffers()):
@@ -287,8 +292,7 @@ class FeatureExtractor:
 
     def _forward(self, x: Tensor, captured: dict[str, list[Tensor]]) -> Extracted:
         x = x.to(self.device)
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
-               else nullcontext())
+        ctx = autocast_context(self.device, self.autocast)
         with ctx:
             if self.features is None:
                 try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Sequence, Sized
-from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +25,7 @@ from grood._checks import check_device, check_positive_real, check_real
 from grood._params import Parameters
 from grood._progress import progress
 from grood.extract import (
+    autocast_context,
     check_split,
     eval_mode,
     logits_of,
@@ -298,7 +298,7 @@ class RankFeat(_InputBaseline):
                      autocast: torch.dtype | None) -> tuple[Tensor, Tensor]:
         """The energy of the fused logits and their classes."""
         layers, t = checked
-        ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else nullcontext()
+        ctx = autocast_context(x.device, autocast)
         with torch.no_grad():
             pairs = self._parts(model, x, layers)
             fused: Tensor | None = None
@@ -352,8 +352,7 @@ def _checked_inputs(x: Any, std: tuple[float, ...] | None) -> Tensor:
 
 def _logits(model: nn.Module, x: Tensor, autocast: torch.dtype | None, rows: int) -> Tensor:
     """The model's logits of ``x`` [rows, C], checked (:func:`_checked_logits`)."""
-    ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else nullcontext()
-    with ctx:
+    with autocast_context(x.device, autocast):
         return _checked_logits(model(x), rows, "the model's output")
 
 
