@@ -50,6 +50,7 @@ from grood.model_baselines import ODIN, RankFeat
 from grood.portable import export_onnx
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
 from grood.sources import Mixup, UniformNoise
+from grood.tuning import Tuning, tune
 
 __all__ = [
     "ASH",
@@ -82,6 +83,7 @@ __all__ = [
     "RankFeat",
     "ReAct",
     "TempScale",
+    "Tuning",
     "UniformNoise",
     "ViM",
     "__version__",
@@ -94,4 +96,5 @@ __all__ = [
     "show_versions",
     "threshold_acceptance",
     "threshold_at_tpr",
+    "tune",
 ]

@@ -88,6 +88,10 @@ class _Baseline(Parameters):
     #: classifier's last layer (its ``weight`` and ``bias``, or the training logits it is
     #: recovered from). Empty: nothing is learned (any logits of the right width fit).
     fit_reads: ClassVar[tuple[str, ...]] = ()
+    #: The parameters it applies when scoring: set after ``fit``, the scores are those of a
+    #: fit with them (:func:`grood.tune` fits once for the points of a grid that differ in
+    #: these alone). The others take effect at the next ``fit``.
+    score_params: ClassVar[tuple[str, ...]] = ()
     n_features_in_: int  # set by fit
 
     if TYPE_CHECKING:  # each baseline's own
@@ -140,6 +144,7 @@ class _LogitBaseline(_Baseline):
     """A score computed from the logits alone, with a temperature; nothing is learned."""
 
     inputs = "logits"
+    score_params: ClassVar[tuple[str, ...]] = ("temperature",)
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
@@ -185,6 +190,7 @@ class MaxLogit(_LogitBaseline):
     """The largest logit ``max(logits)`` (no parameters)."""
 
     name = "MaxLogit"
+    score_params = ()
 
     def __init__(self) -> None:
         pass
@@ -209,6 +215,7 @@ class GEN(_LogitBaseline):
     """
 
     name = "GEN"
+    score_params = ("gamma", "M")
 
     def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
         self.gamma = gamma
@@ -258,6 +265,7 @@ class TempScale(_LogitBaseline):
 
     fit_reads = ("logits", "labels")
     name = "TempScale"
+    score_params = ()  # (its temperature is fitted)
     temperature_: float  # set by fit
     nll_: float
 
@@ -428,6 +436,7 @@ class KNN(_Baseline):
     inputs = "features"
     fit_reads = ("features",)
     name = "KNN"
+    score_params = ("k",)
 
     def __init__(self, k: int = 50, backend: str = "auto", batch_size: int = 4096) -> None:
         self.k = k
@@ -901,6 +910,7 @@ class GradNorm(_HeadBaseline):
     """
 
     name = "GradNorm"
+    score_params = ("temperature",)
     fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, temperature: float = 1.0, batch_size: int = 4096) -> None:
@@ -962,6 +972,7 @@ class ASH(_PercentileBaseline):
     """
 
     name = "ASH"
+    score_params = ("percentile", "variant")
     fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, percentile: float = 90.0, variant: str = "s",
@@ -1217,6 +1228,7 @@ class SCALE(_PercentileBaseline):
     """
 
     name = "SCALE"
+    score_params = ("percentile",)
     fit_reads = ("head",)  # (the features only for the layer's recovery, and their width)
 
     def __init__(self, percentile: float = 85.0, batch_size: int = 4096) -> None:
@@ -1259,6 +1271,7 @@ class NNGuide(_HeadBaseline):
     """
 
     name = "NNGuide"
+    score_params = ("k",)
     bank_: Tensor  # set by fit (through _fit_more)
 
     def __init__(self, k: int = 100, bank_fraction: float = 0.01, seed: int = 0,
@@ -1387,22 +1400,39 @@ def fit_baselines(names: Any, *, features: Any = None, labels: Any = None, logit
     if stray:
         raise ValueError(f"options for {stray[0]!r}, which is not among the baselines asked "
                          "for")
+    arrays = {"features": features, "labels": labels, "logits": logits, "weight": weight,
+              "bias": bias}
+    for name in names:
+        check_fitting_inputs(BY_NAME[name][0], f"the {name} baseline", **arrays)
+    return [fit_baseline(BY_NAME[name][0](**options.get(name, {})), **arrays)
+            for name in names]
+
+
+def check_fitting_inputs(cls: type[_Baseline], who: str, *, features: Any = None,
+                         labels: Any = None, logits: Any = None, weight: Any = None,
+                         bias: Any = None) -> None:
+    """Refuse, naming ``who``, a training set that lacks what ``cls.fit`` is given
+    (:func:`fitting_inputs`: the last layer is the ``weight`` and ``bias`` where given, else
+    recovered from ``logits``)."""
     given = {"features": features, "labels": labels, "logits": logits}
+    needs = fitting_inputs(cls, head_given=weight is not None or bias is not None)
+    missing = [k for k in needs if given[k] is None]
+    if missing:
+        raise ValueError(f"{who} is fitted on {' and '.join(needs)}: give "
+                         f"{' and '.join(missing)}"
+                         + (" (or the last layer's weight and bias)"
+                            if "logits" in missing and "head" in cls.fit_reads else ""))
+
+
+def fit_baseline(est: _Baseline, *, features: Any = None, labels: Any = None,
+                 logits: Any = None, weight: Any = None, bias: Any = None) -> _Baseline:
+    """``est`` fitted on one training set, each array given to ``fit`` where its
+    ``fit_reads`` name it (as :func:`fit_baselines` fits them; check the arrays first with
+    :func:`check_fitting_inputs`); returns ``est``."""
+    given = {"features": features, "labels": labels, "logits": logits}
+    reads = est.fit_reads
     head = {"weight": weight, "bias": bias} if weight is not None or bias is not None else None
-    for name in names:
-        cls = BY_NAME[name][0]
-        needs = fitting_inputs(cls, head_given=head is not None)
-        missing = [k for k in needs if given[k] is None]
-        if missing:
-            raise ValueError(f"the {name} baseline is fitted on {' and '.join(needs)}: give "
-                             f"{' and '.join(missing)}"
-                             + (" (or the last layer's weight and bias)"
-                                if "logits" in missing and "head" in cls.fit_reads else ""))
-    out = []
-    for name in names:
-        est: Any = BY_NAME[name][0](**options.get(name, {}))
-        reads = est.fit_reads
-        more = [labels] if "labels" in reads else []
-        out.append(est.fit(given[est.inputs], *more,
-                           **((head or {"logits": logits}) if "head" in reads else {})))
-    return out
+    more = [labels] if "labels" in reads else []
+    fit: Any = est.fit  # type: ignore[attr-defined]  # (each baseline's own)
+    return fit(given[est.inputs], *more,
+               **((head or {"logits": logits}) if "head" in reads else {}))

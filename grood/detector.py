@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -107,11 +107,10 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         batch_size (int): rows processed at a time; bounds working memory when scoring.
         progress (bool, optional): show progress bars; by default only on a terminal.
 
-    Changed after ``fit`` (``set_params`` or assignment), ``k``, ``batch_size``,
-    ``precision``, ``backend``, ``progress`` and an index's search options (IVF ``nprobe``)
-    apply from the next score on; the others (the OOD prototype, the index kind and its
-    build options, the device, ``distributed``) from the next ``fit``, and a saved detector
-    keeps what it was fitted with.
+    Changed after ``fit`` (``set_params``, assignment), ``k`` (``score_params``: it scores as a
+    fit with it), ``batch_size``, ``precision``, ``backend``, ``progress`` and IVF's ``nprobe``
+    apply at the next score; the rest (OOD prototype, index and build options, device,
+    ``distributed``) at the next ``fit``; a saved detector keeps what it was fitted with.
 
     Attributes (after ``fit``):
         class_prototypes_ (Tensor): [C, D]. class_counts_ (Tensor): [C] training samples.
@@ -128,6 +127,8 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
             averaged (float64 [M, 16], CPU; see :func:`grood.evaluate`), or None.
         threshold_ (float), calibration_ (dict): after :meth:`calibrate` (``is_ood``).
     """
+
+    score_params: ClassVar[tuple[str, ...]] = ("k",)  # (:func:`grood.tune` need not refit)
 
     def __init__(self, ood_prototype: str | OODPrototypeSource = "mean", k: int = 1,
                  index: str = "exact", index_options: dict[str, Any] | None = None,

@@ -252,7 +252,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         id_prints = fingerprint_rows(as_tensor(id_data.features, "features")[0],
                                      det.batch_size)  # 128 bytes a row, for warn_id_rows
         id_preds: dict[str, Any] = {}
-        id_base = _baseline_scores(methods, id_data, device, predictions=id_preds)
+        id_base = baseline_scores(methods, id_data, device, predictions=id_preds)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
@@ -283,7 +283,7 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                 warn_training_rows(det, name, found, len(ood_scores), ood=True),
                 warn_ood_fit_set(det, name, data.features, prints),
                 warn_id_rows(det, name, data.features, id_prints, id_name, prints)) if note]
-            ood_base = _baseline_scores(methods, data, device)
+            ood_base = baseline_scores(methods, data, device)
             del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
         # the sample counts the metrics came from, as the table's n column
@@ -403,7 +403,7 @@ def baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-def _baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
+def baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
                      predictions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each fitted baseline's scores of one set (its logits or its features), numpy arrays by
     display name; each array moved to ``device`` once however many baselines read it. With
@@ -446,7 +446,7 @@ def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labe
                       logits_accuracy: float | None) -> dict[str, dict[str, float]]:
     """Each baseline's ``id_accuracy`` on the labelled ID set (an empty dict without labels),
     from the predictions OpenOOD's postprocessor for it makes: the baseline's own where it
-    predicts (``predictions``, by :func:`_baseline_scores`: Mahalanobis, the nearest class
+    predicts (``predictions``, by :func:`baseline_scores`: Mahalanobis, the nearest class
     mean; ViM and ReAct, the logits of their last layer, ReAct's of the clipped features),
     else the logits' (``logits_accuracy``, the ID set's ``id_logits_accuracy``: MSP,
     MaxLogit, Energy, GEN and KNN predict from the classifier's logits), where the set has
