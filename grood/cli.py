@@ -713,6 +713,102 @@ def named_arg(setting: str) -> Callable[[str], str]:
     return check
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from grood import GROOD
+    from grood.io import load_features, load_head
+    from grood.persistence import save_target, written_atomically
+    from grood.tuning import tune
+
+    grid: dict[str, list[Any]] = {}
+    for name, values in args.grid:
+        if name in grid:
+            raise ValueError(f"--grid names {name} twice: give all its values in one, "
+                             f"--grid {name}=A,B,C")
+        grid[name] = values
+    cls = GROOD if args.method == "grood" else BY_NAME[args.method][0]
+    if args.out is not None and cls is not GROOD:
+        raise ValueError(f"--out saves the chosen GROOD detector; {args.method} has no "
+                         "detector file (its chosen parameters are printed and in --json)")
+    if args.head is not None and "head" not in getattr(cls, "fit_reads", ()):
+        raise ValueError("--head is read only by the last-layer baselines, "
+                         f"{', '.join(LAST_LAYER_NAMES)}")
+    repeated = _named_twice(args.ood_val)
+    if repeated:
+        raise ValueError(f"an OOD validation file is named more than once: "
+                         f"{', '.join(repeated)}")
+    inputs = {"training feature file": args.train, "ID validation file": args.id_val,
+              **{f"OOD validation file {p}": p for p in args.ood_val},
+              "last-layer file": args.head}
+    _require_files(inputs)
+    given = {k: v for k, v in inputs.items() if v is not None}
+    if args.plot is not None:
+        from grood.report import figure_class
+
+        if not any(len(values) > 1 for values in grid.values()):
+            raise ValueError("--plot draws the metric against a parameter the grid gives "
+                             "several values; each of these has one")
+
+        figure_class()  # (a missing matplotlib is named before any work)
+    outputs = ((args.json, None, "results"), (args.plot, (".png",), "plots"),
+               (args.out, (".safetensors",), "detector files"))
+    for path, suffixes, what in outputs:
+        if path is not None:
+            save_target(path, suffixes=suffixes, what=what, inputs=given)
+    if len({os.path.realpath(p) for p, _, _ in outputs if p is not None}) < sum(
+            p is not None for p, _, _ in outputs):
+        raise ValueError("--json, --plot and --out name the same file: give each its own")
+    fit_params = {}
+    if args.head is not None:
+        with prefixed_errors(args.head):
+            weight, bias = load_head(args.head)
+        fit_params = {"weight": weight, "bias": bias}
+    with prefixed_errors(args.train):
+        train = load_features(args.train)
+    found = tune(cls(), grid, train=train, id_val=args.id_val,
+                 ood_val={p: p for p in args.ood_val}, metric=args.metric,
+                 fit_params=fit_params)
+    print(f"{found.summary()}\n\n{found.table()}")
+    if args.json:
+        means = found.means()
+        with written_atomically(args.json) as tmp:
+            tmp.write_text(json.dumps({
+                "method": args.method, "metric": found.metric, "best_index": found.best_index,
+                "best_params": found.best_params, "best_score": found.best_score,
+                "fits": found.fits, "train": args.train, "id_val": args.id_val,
+                "points": [{"params": p, "metrics": r, "mean": m} for p, r, m in
+                           zip(found.points, found.results, means, strict=True)]}, indent=2))
+    if args.plot is not None:
+        print(f"\nwrote {found.plot(args.plot)} (the {found.metric} of each point against "
+              f"{found.varied[0]})")
+    if args.out is not None:
+        found.best_estimator.save(args.out)
+        print(f"\nsaved the detector fitted with {found.best_params} to {args.out}")
+    return 0
+
+
+def grid_arg(text: str) -> tuple[str, list[Any]]:
+    """An argparse type for ``--grid NAME=V1,V2,...``: the name and its values, each an int,
+    a float, ``none``, ``true`` / ``false`` or else a string."""
+    name, sep, rest = text.partition("=")
+    values = rest.split(",")
+    if not sep or not name.strip() or not all(v.strip() for v in values):
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE,VALUE,... (k=1,5,10), got {text!r}")
+
+    def value(v: str) -> Any:
+        v = v.strip()
+        words = {"none": None, "true": True, "false": False}
+        if v.lower() in words:
+            return words[v.lower()]
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    return name.strip(), [value(v) for v in values]
+
+
 def baseline_arg(text: str) -> str:
     """An argparse type for ``--baselines``: the name (argparse checks it against the names),
     or a usage error for those it leaves out (ODIN, RankFeat, TempScale), saying why."""
@@ -999,6 +1095,46 @@ def build_parser() -> argparse.ArgumentParser:
                          "baseline with its paired interval")
     _scoring_options(ev)
     ev.set_defaults(func=_cmd_eval)
+    tn = sub.add_parser(
+        "tune", help="choose GROOD's or a baseline's parameters on validation feature files",
+        description="Fit GROOD or a baseline at every point of a grid on the training file, "
+                    "score the ID and OOD validation files with each, and print each point's "
+                    "metric, the best (its mean over the OOD files) starred: OpenOOD's "
+                    "parameter search. Points that differ only in what the method applies "
+                    "when scoring (GROOD's and knn's k, a temperature, a percentile of ash "
+                    "or scale) share one fit. Keep the validation files apart from the test "
+                    "files the results are reported on.",
+        epilog=EPILOG_FILES)
+    tn.add_argument("method", type=baseline_arg, choices=["grood", *BY_NAME], metavar="METHOD",
+                    help=f"grood, or a baseline: {', '.join(BY_NAME)}")
+    tn.add_argument("--grid", type=grid_arg, action="append", required=True,
+                    metavar="NAME=V1,V2,...",
+                    help="a parameter and the values to try, as the Python class names it "
+                         "(k=1,2,5,10; percentile=85,90,95; variant=s,b); may be repeated: "
+                         "every combination is a point")
+    tn.add_argument("--train", required=True, metavar="FILE",
+                    help="training feature file (grood: features and labels, with logits "
+                         "where the classifier decides what is indexed; a baseline: what it "
+                         "fits on)")
+    tn.add_argument("--id-val", required=True, metavar="FILE", help="ID validation file")
+    tn.add_argument("--ood-val", nargs="+", action="extend", required=True, metavar="FILE",
+                    help="OOD validation file(s); with several, the metric's mean over them "
+                         "chooses")
+    tn.add_argument("--metric", choices=["auroc", "fpr95", "aupr_in", "aupr_out"],
+                    default="auroc", help="what chooses (fpr95: the lowest; default auroc)")
+    tn.add_argument("--head", metavar="FILE",
+                    help="the last layer for the last-layer baselines ('weight' and 'bias'), "
+                         "as 'grood eval --head' takes it, instead of recovering it from "
+                         "--train's logits")
+    tn.add_argument("--json", metavar="FILE",
+                    help="also write every point's parameters and metrics per OOD file")
+    tn.add_argument("--plot", metavar="FILE",
+                    help="also draw the metric against the first parameter that varies "
+                         "(PNG; needs matplotlib, grood[plots])")
+    tn.add_argument("-o", "--out", metavar="FILE",
+                    help="grood: save the detector fitted with the chosen parameters "
+                         "(.safetensors)")
+    tn.set_defaults(func=_cmd_tune)
     info = sub.add_parser("info", help="what a saved detector file holds",
                           description="Describe a detector file (or a sharded detector's "
                                       "manifest): format version and writer, training set, "

@@ -104,14 +104,26 @@ class Tuning:
             rows = [["as given", *r] for r in rows]
         return markdown_table(header, rows)
 
+    @property
+    def varied(self) -> list[str]:
+        """The parameters that take more than one value over the grid's points."""
+        return [k for k in dict.fromkeys(k for p in self.points for k in p)
+                if len({repr(p.get(k)) for p in self.points}) > 1]
+
     def summary(self) -> str:
         """One line: the best point, its metric and how it was chosen."""
+        from grood.report import METRIC_LABELS
+
         words = "highest" if HIGHER_IS_BETTER[self.metric] else "lowest"
         params = ", ".join(f"{k}={_shown(v)}" for k, v in self.best_params.items())
-        return (f"{self.name}: {params or 'its parameters as given'} has the {words} mean "
-                f"{self.metric} over {len(self.sets)} OOD validation set(s), "
-                f"{100 * self.best_score:.2f} % ({len(self.points)} point(s), {self.fits} "
-                "fit(s))")
+        n = len(self.sets)
+        where = ("on the OOD validation set" if n == 1 else
+                 f"mean over the {n} OOD validation sets")
+        points = len(self.points)
+        return (f"{self.name}: {params or 'its parameters as given'} has the {words} "
+                f"{METRIC_LABELS[self.metric]} {where}, {100 * self.best_score:.2f} % "
+                f"({points} point{'s' * (points != 1)}, {self.fits} "
+                f"fit{'s' * (self.fits != 1)})")
 
     def __repr__(self) -> str:
         return f"{self.summary()}\n\n{self.table()}"
@@ -128,8 +140,7 @@ class Tuning:
         from grood.report import METRIC_LABELS, _colors, _save, _target, figure_class
 
         figure = figure_class()
-        varied = [k for k in dict.fromkeys(k for p in self.points for k in p)
-                  if len({repr(p.get(k)) for p in self.points}) > 1]
+        varied = self.varied
         if param is None:
             if not varied:
                 raise ValueError("every point of the grid has the same parameters: there is "

@@ -2053,3 +2053,85 @@ def test_score_eval_and_calibrate_take_precision_and_batch_size(tmp_path, capsys
               "--precision", "fp8"])
     assert ("argument --precision: must be one of ('ieee', 'tf32', 'tf32x3', 'bf16'), got "
             "'fp8'") in capsys.readouterr().err
+
+
+def test_tune_chooses_on_validation_files_and_saves_the_chosen_detector(tmp_path, capsys):
+    from grood import KNN, ood_metrics
+
+    x, y, logits, means, ood, _, _ = _last_layer_files(tmp_path, seed=0, ood_seed=1)
+    files = ["--train", str(tmp_path / "train.npz"), "--id-val", str(tmp_path / "id.npz"),
+             "--ood-val", str(tmp_path / "ood.npz")]
+    out, js, png = (str(tmp_path / n) for n in ("best.safetensors", "r.json", "k.png"))
+    capsys.readouterr()
+    argv = ["tune", "grood", "--grid", "k=1,3,7", *files, "--json", js, "-o", out]
+    if find_spec("matplotlib"):
+        argv += ["--plot", png]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    result = json.loads(Path(js).read_text())
+    assert result["fits"] == 1 and [p["params"] for p in result["points"]] == [
+        {"k": 1}, {"k": 3}, {"k": 7}]
+    best = result["best_params"]["k"]
+    det = GROOD.load(out)
+    assert det.k == best and f"saved the detector fitted with {{'k': {best}}}" in text
+    want = GROOD(k=best).fit(x[:100], y[:100], logits=logits[:100])
+    assert ood_metrics(want.score_samples(x[100:]), want.score_samples(ood)) == \
+        result["points"][result["best_index"]]["metrics"][str(tmp_path / "ood.npz")]
+    assert "| k " in text and " *" in text
+    if find_spec("matplotlib"):
+        assert Path(png).read_bytes()[:4] == b"\x89PNG" and "against k" in text
+    # a baseline, its grid over two parameters; fpr95 chooses the lowest
+    assert main(["tune", "knn", "--grid", "k=1,5", "--grid", "backend=torch", *files,
+                 "--metric", "fpr95"]) == 0
+    text = capsys.readouterr().out
+    fpr = [ood_metrics(KNN(k=k).fit(x[:100]).score_samples(x[100:]),
+                       KNN(k=k).fit(x[:100]).score_samples(ood))["fpr95"] for k in (1, 5)]
+    assert f"k={(1, 5)[int(np.argmin(fpr))]}, backend=torch has the lowest FPR@95" in text
+    # the last layer from --head, in place of --train's logits
+    head = tmp_path / "head.npz"
+    np.savez(head, weight=means.numpy(), bias=np.array([0.5, -0.25, 0.0], np.float32))
+    assert main(["tune", "react", "--grid", "percentile=80,90", "--train",
+                 str(tmp_path / "bare.npz"), "--id-val", str(tmp_path / "id.npz"),
+                 "--ood-val", str(tmp_path / "ood.npz"), "--head", str(head)]) == 0
+    assert "ReAct: percentile=" in capsys.readouterr().out
+
+
+def test_tune_refuses_bad_grids_and_options_before_any_fit(tmp_path, capsys, monkeypatch):
+    _last_layer_files(tmp_path, seed=0, ood_seed=1)
+    files = ["--train", str(tmp_path / "train.npz"), "--id-val", str(tmp_path / "id.npz"),
+             "--ood-val", str(tmp_path / "ood.npz")]
+    capsys.readouterr()
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted")
+
+    monkeypatch.setattr(GROOD, "fit", no_fit)
+    for argv, said, code in (
+            (["tune", "grood", "--grid", "k", *files], "--grid: takes NAME=VALUE,VALUE", 2),
+            (["tune", "grood", "--grid", "k=1,", *files], "--grid: takes NAME=VALUE", 2),
+            (["tune", "odin", "--grid", "noise=0", *files], "ODIN scores the model's inputs",
+             2),
+            (["tune", "grood", "--grid", "k=1", "--grid", "k=2", *files],
+             "--grid names k twice", 2),
+            (["tune", "grood", "--grid", "kk=1,2", *files], "has no parameter 'kk'", 2),
+            (["tune", "msp", "--grid", "temperature=1,2", *files, "-o",
+              str(tmp_path / "m.safetensors")], "msp has no detector file", 2),
+            (["tune", "knn", "--grid", "k=1,2", *files, "--head", str(tmp_path / "id.npz")],
+             "--head is read only by the last-layer baselines", 2),
+            (["tune", "grood", "--grid", "k=1,2", *files, "--json",
+              str(tmp_path / "id.npz")], "is the ID validation file this command reads", 2),
+            (["tune", "grood", "--grid", "k=1", *files, "--plot", str(tmp_path / "k.png")],
+             "each of these has one", 2),
+            (["tune", "grood", "--grid", "k=1", "--train", str(tmp_path / "nope.npz"),
+              *files[2:]], "no training feature file at", 2)):
+        try:
+            rc = main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            rc = exit_.code
+        assert rc == code, argv
+        assert said in capsys.readouterr().err, argv
+    from grood.cli import grid_arg
+
+    assert grid_arg("variant=s,b") == ("variant", ["s", "b"])
+    assert grid_arg(" k = 1, 2 ") == ("k", [1, 2])
+    assert grid_arg("t=1e3,0.5,none,True") == ("t", [1000.0, 0.5, None, True])
