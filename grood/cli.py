@@ -732,13 +732,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.head is not None and "head" not in getattr(cls, "fit_reads", ()):
         raise ValueError("--head is read only by the last-layer baselines, "
                          f"{', '.join(LAST_LAYER_NAMES)}")
+    if args.ood_features is not None and cls is not GROOD:
+        raise ValueError("--ood-features is read only by grood (--grid "
+                         "ood_prototype=features)")
     repeated = _named_twice(args.ood_val)
     if repeated:
         raise ValueError(f"an OOD validation file is named more than once: "
                          f"{', '.join(repeated)}")
     inputs = {"training feature file": args.train, "ID validation file": args.id_val,
               **{f"OOD validation file {p}": p for p in args.ood_val},
-              "last-layer file": args.head}
+              "last-layer file": args.head, "OOD feature file": args.ood_features}
     _require_files(inputs)
     given = {k: v for k, v in inputs.items() if v is not None}
     if args.plot is not None:
@@ -762,6 +765,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         with prefixed_errors(args.head):
             weight, bias = load_head(args.head)
         fit_params = {"weight": weight, "bias": bias}
+    if args.ood_features is not None:
+        with prefixed_errors(args.ood_features):
+            fit_params = {"ood_features": load_features(args.ood_features).features}
     with prefixed_errors(args.train):
         train = load_features(args.train)
     found = tune(cls(), grid, train=train, id_val=args.id_val,
@@ -1126,6 +1132,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the last layer for the last-layer baselines ('weight' and 'bias'), "
                          "as 'grood eval --head' takes it, instead of recovering it from "
                          "--train's logits")
+    tn.add_argument("--ood-features", metavar="FILE",
+                    help="grood: OOD features for the points of --grid "
+                         "ood_prototype=mean,features that read them (as 'grood fit "
+                         "--ood-features')")
     tn.add_argument("--json", metavar="FILE",
                     help="also write every point's parameters and metrics per OOD file")
     tn.add_argument("--plot", metavar="FILE",

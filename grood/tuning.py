@@ -300,8 +300,11 @@ def _fit(kind: str, est: Any, train: FeatureFile | None, fit_params: dict[str, A
     from grood.baselines import fit_baseline
 
     if kind == "grood":
+        from grood.prototypes import resolve_source
+
+        needs = resolve_source(est.ood_prototype).needs  # (ood_features: where it reads them)
         est.fit(train.features, train.labels, logits=train.logits,  # type: ignore[union-attr]
-                **fit_params)
+                **{k: v for k, v in fit_params.items() if k in needs})
     elif kind == "baseline":
         fit_baseline(est, features=train.features, labels=train.labels,  # type: ignore[union-attr]
                      logits=train.logits, **fit_params)  # type: ignore[union-attr]
@@ -372,11 +375,14 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
             baseline: what its ``fit`` reads). Not for ODIN and RankFeat.
         metric (str): ``auroc`` (default, as OpenOOD chooses), ``fpr95`` (lowest is best),
             ``aupr_in`` or ``aupr_out``.
-        fit_params (dict, optional): more arguments of every fit: GROOD's ``ood_features``,
-            a last-layer baseline's ``weight`` and ``bias``.
+        fit_params (dict, optional): more arguments of the fits: GROOD's ``ood_features``
+            (given to the points whose ``ood_prototype`` reads them: a grid may compare
+            ``"features"`` with ``"mean"``), a last-layer baseline's ``weight`` and
+            ``bias``.
         model (nn.Module, optional): the classifier, for ODIN and RankFeat.
-        device: where a baseline's validation arrays are moved before scoring, or ODIN's and
-            RankFeat's inputs (default: as given; the model's).
+        device: where a baseline's validation arrays are moved before scoring, as
+            :func:`grood.evaluate` moves them, or ODIN's and RankFeat's inputs (default: as
+            given; the model's). GROOD computes where its own ``device`` says.
         progress (bool, optional): a progress bar over the points (None: on a terminal).
 
     Returns:

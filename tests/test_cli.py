@@ -2078,6 +2078,10 @@ def test_tune_chooses_on_validation_files_and_saves_the_chosen_detector(tmp_path
     assert ood_metrics(want.score_samples(x[100:]), want.score_samples(ood)) == \
         result["points"][result["best_index"]]["metrics"][str(tmp_path / "ood.npz")]
     assert "| k " in text and " *" in text
+    # the OOD features for the points whose prototype reads them
+    assert main(["tune", "grood", "--grid", "ood_prototype=mean,features", *files,
+                 "--ood-features", str(tmp_path / "ood.npz")]) == 0
+    assert "(2 points, 2 fits)" in capsys.readouterr().out
     if find_spec("matplotlib"):
         assert Path(png).read_bytes()[:4] == b"\x89PNG" and "against k" in text
     # a baseline, its grid over two parameters; fpr95 chooses the lowest
@@ -2118,6 +2122,8 @@ def test_tune_refuses_bad_grids_and_options_before_any_fit(tmp_path, capsys, mon
               str(tmp_path / "m.safetensors")], "msp has no detector file", 2),
             (["tune", "knn", "--grid", "k=1,2", *files, "--head", str(tmp_path / "id.npz")],
              "--head is read only by the last-layer baselines", 2),
+            (["tune", "knn", "--grid", "k=1,2", *files, "--ood-features",
+              str(tmp_path / "ood.npz")], "--ood-features is read only by grood", 2),
             (["tune", "grood", "--grid", "k=1,2", *files, "--json",
               str(tmp_path / "id.npz")], "is the ID validation file this command reads", 2),
             (["tune", "grood", "--grid", "k=1", *files, "--plot", str(tmp_path / "k.png")],

@@ -119,6 +119,15 @@ def test_grood_k_grid_fits_once_and_scores_as_separate_fits(sets, monkeypatch):
              id_val=sets["id"], ood_val=sets["ood"], progress=False)
     assert calls == [1, 1] and t.fits == 2
     assert t.best_estimator.batch_size == t.best_params["batch_size"]
+    # OOD features given to the points whose prototype reads them
+    ood_x = sets["ood"]["near"]["features"][:20]
+    t = tune(GROOD(), {"ood_prototype": ["mean", "features"]}, train=tr, id_val=sets["id"],
+             ood_val=sets["ood"], fit_params={"ood_features": ood_x}, progress=False)
+    assert t.fits == 2
+    det = fit(GROOD(ood_prototype="features"), tr["features"], tr["labels"],
+              logits=tr["logits"], ood_features=ood_x)
+    assert t.results[1] == {name: direct(det, sets, name) for name in ("near", "far")}
+    assert t.results[0] != t.results[1]
 
 
 #: For each estimator whose score_params are declared: its fit's other arguments, and two
