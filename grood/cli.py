@@ -775,14 +775,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                  fit_params=fit_params)
     print(f"{found.summary()}\n\n{found.table()}")
     if args.json:
-        means = found.means()
         with written_atomically(args.json) as tmp:
-            tmp.write_text(json.dumps({
-                "method": args.method, "metric": found.metric, "best_index": found.best_index,
-                "best_params": found.best_params, "best_score": found.best_score,
-                "fits": found.fits, "train": args.train, "id_val": args.id_val,
-                "points": [{"params": p, "metrics": r, "mean": m} for p, r, m in
-                           zip(found.points, found.results, means, strict=True)]}, indent=2))
+            tmp.write_text(json.dumps({**found.as_dict(), "train": args.train,
+                                       "id_val": args.id_val}, indent=2))
     if args.plot is not None:
         print(f"\nwrote {found.plot(args.plot)} (the {found.metric} of each point against "
               f"{found.varied[0]})")

@@ -125,6 +125,15 @@ class Tuning:
                 f"({points} point{'s' * (points != 1)}, {self.fits} "
                 f"fit{'s' * (self.fits != 1)})")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The search as plain data (for JSON): the metric, the best point, the fits, and
+        each point's parameters, metrics by OOD set and mean."""
+        return {"method": self.name, "metric": self.metric, "best_index": self.best_index,
+                "best_params": self.best_params, "best_score": self.best_score,
+                "fits": self.fits,
+                "points": [{"params": dict(p), "metrics": r, "mean": m} for p, r, m in
+                           zip(self.points, self.results, self.means(), strict=True)]}
+
     def __repr__(self) -> str:
         return f"{self.summary()}\n\n{self.table()}"
 

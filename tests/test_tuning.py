@@ -2,6 +2,8 @@
 kept, points differing only in score_params sharing one fit, and bad grids and sets refused
 before any fit."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -203,6 +205,9 @@ def test_metric_direction_ties_and_the_table(sets):
     star_rows = [row for row in table.splitlines() if row.rstrip(" |").endswith("*")]
     assert len(star_rows) == 1 and f"{100 * fpr[t.best_index]:.2f} *" in star_rows[0]
     assert "lowest" in t.summary() and "KNN" in repr(t)
+    plain = json.loads(json.dumps(t.as_dict()))
+    assert plain["best_params"] == t.best_params and plain["method"] == "KNN"
+    assert [p["mean"] for p in plain["points"]] == fpr
     # one OOD set, given alone; logits alone for a logit baseline
     lone = tune(GEN(), {"gamma": [0.1, 1.0]}, train={"logits": tr["logits"]},
                 id_val={"logits": sets["id"]["logits"]},
