@@ -101,6 +101,8 @@ def test_readme_example_runs(index, block, tmp_path, monkeypatch):
     if "openood" in block:
         pytest.importorskip("faiss")  # the reference mode's IVF index
         ns.update(_openood_namespace())
+    if ".plot(" in block:  # grood[plots]
+        pytest.importorskip("matplotlib")
     if "export_onnx" in block:  # grood[onnx]: the exporter and the file's check
         pytest.importorskip("onnxscript")
         pytest.importorskip("onnxruntime")
