@@ -12,6 +12,7 @@ mean ± std over seeds, and the parameters chosen per seed. Needs scikit-learn
 (``grood[demo]``):
 
     python bench/tuning_digits.py --seeds 5      # prints Markdown tables
+    python bench/tuning_digits.py --seeds 5 --plot tuning.png   # and seed 0's searches
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import grood
 from grood import ASH, DICE, GEN, GROOD, KNN, ODIN, SCALE, NNGuide, ReAct, ood_metrics, tune
 from grood.demo import DemoConfig, load_digit_sets, train_classifier
 from grood.extract import FeatureExtractor
+from grood.tuning import plot_searches
 
 #: Each method: its default estimator (as the demo runs it) and its grid (OpenOOD v1.5's
 #: sweeps where it has one, scaled to 750 training images of 128 features and 6 classes).
@@ -49,9 +51,11 @@ METHODS: dict[str, tuple[Any, dict[str, list[Any]]]] = {
 }
 
 
-def one_seed(seed: int, epochs: int) -> dict[str, dict[str, Any]]:
+def one_seed(seed: int, epochs: int, searches: list[Any] | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Each method's test AUROCs at its defaults and at the parameters tuned on the
-    validation sets, for one seed."""
+    validation sets, for one seed; each search (:class:`grood.Tuning`) appended to
+    ``searches`` where given."""
     cfg = DemoConfig(out=Path("."), seed=seed, epochs=epochs, progress=False)
     torch.manual_seed(seed)
     sets = load_digit_sets(cfg)
@@ -88,6 +92,8 @@ def one_seed(seed: int, epochs: int) -> dict[str, dict[str, Any]]:
             kwargs["fit_params"] = head
         found = tune(default, grid, id_val=data["id_val"],
                      ood_val={n: data[n] for n in val_ood}, progress=False, **kwargs)
+        if searches is not None:
+            searches.append(found)
         # the default as the demo runs it: a search of one point, the parameters as given
         base = tune(default, {}, id_val=data["id_test"],
                     ood_val={n: data[n] for n in test_ood}, progress=False, **kwargs)
@@ -117,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0.. (default: 5)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="CNN training epochs (default: 30, the demo's)")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="also draw every method's search on seed 0, a panel each, to "
+                             "FILE (PNG; needs matplotlib)")
     args = parser.parse_args(argv)
-    runs = [one_seed(s, args.epochs) for s in range(args.seeds)]
+    searches: list[Any] = []
+    runs = [one_seed(s, args.epochs, searches if s == 0 else None)
+            for s in range(args.seeds)]
+    if args.plot is not None:
+        print(f"wrote {plot_searches(searches, args.plot)}\n")
     print(f"grood {grood.__version__}, torch {torch.__version__}, Python "
           f"{platform.python_version()}, CPU, {date.today()}; seeds 0..{args.seeds - 1}; "
           "test AUROC (%), mean ± std over seeds\n")

@@ -146,19 +146,25 @@ class Tuning:
         starred; numeric values on a log axis where they are positive and span two decades
         or more, others (strings, None) evenly spaced. Returns ``path`` (PNG without a
         suffix)."""
-        from grood.report import METRIC_LABELS, _colors, _save, _target, figure_class
+        return plot_searches([self], path, params=[param])
 
-        figure = figure_class()
+    def _param(self, param: str | None) -> str:
+        """``param``, checked, or the first parameter that varies."""
         varied = self.varied
         if param is None:
             if not varied:
-                raise ValueError("every point of the grid has the same parameters: there is "
-                                 "nothing to draw a metric against")
-            param = varied[0]
-        elif param not in varied:
+                raise ValueError(f"{self.name}: every point of the grid has the same "
+                                 "parameters: there is nothing to draw a metric against")
+            return varied[0]
+        if param not in varied:
             raise ValueError(f"param={param!r} takes more than one value in no point of the "
                              f"grid; those that do: {', '.join(varied) or 'none'}")
-        target = _target(path)
+        return param
+
+    def _draw(self, ax: Any, param: str) -> None:
+        """The search on the axes ``ax``, against ``param`` (see :meth:`plot`)."""
+        from grood.report import METRIC_LABELS, _colors
+
         values = list(dict.fromkeys(repr(p.get(param)) for p in self.points))
         raw: dict[str, Any] = {repr(p.get(param)): p.get(param) for p in self.points}
         numeric = all(isinstance(raw[v], (int, float)) and not isinstance(raw[v], bool)
@@ -171,16 +177,15 @@ class Tuning:
         for i, p in enumerate(self.points):
             rest = ", ".join(f"{k}={_shown(v)}" for k, v in p.items() if k != param)
             lines.setdefault(rest, []).append((where[repr(p.get(param))], means[i], i))
-        fig = figure(figsize=(6.4, 4.2))
-        ax = fig.subplots()
+        best = None
         for (rest, pts), color in zip(lines.items(), _colors(len(lines)), strict=True):
             pts.sort(key=lambda t: t[0])
             ax.plot([t[0] for t in pts], [100 * t[1] for t in pts], "o-", color=color,
                     label=rest or None)
-            for x, y, i in pts:
-                if i == self.best_index:
-                    ax.plot([x], [100 * y], "*", color=color, markersize=16,
-                            markeredgecolor="black", label="best")
+            best = next(((x, y, color) for x, y, i in pts if i == self.best_index), best)
+        if best is not None:  # (last: the legend lists the lines first)
+            ax.plot([best[0]], [100 * best[1]], "*", color=best[2], markersize=16,
+                    markeredgecolor="black", label="best", zorder=3)
         if log:
             ax.set_xscale("log")
         if not numeric:
@@ -189,11 +194,34 @@ class Tuning:
         sets = self.sets
         ax.set_ylabel(f"{METRIC_LABELS[self.metric]} (%)"
                       + (f", mean of {len(sets)} OOD sets" if len(sets) > 1 else ""))
-        ax.set_title(f"{self.name}: {METRIC_LABELS[self.metric]} on the validation sets")
+        ax.set_title(f"{self.name}: {METRIC_LABELS[self.metric]} on the validation sets",
+                     fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return _save(fig, target)
+        ax.legend(fontsize=7)
+
+
+def plot_searches(searches: Sequence[Tuning], path: str | os.PathLike, *,
+                  params: Sequence[str | None] | None = None) -> Path:
+    """Draw several searches (:func:`tune`'s results), a panel each, three to a row, each
+    as :meth:`Tuning.plot` draws one (``params``: the parameter of each panel, None for its
+    first that varies). Returns ``path`` (PNG without a suffix)."""
+    from grood.report import _grid, _save, _target, figure_class
+
+    searches = list(searches)
+    if not searches or not all(isinstance(t, Tuning) for t in searches):
+        raise TypeError("plot_searches takes a list of grood.tune results (Tuning)")
+    params = list(params) if params is not None else [None] * len(searches)
+    if len(params) != len(searches):
+        raise ValueError(f"params names {len(params)} parameter(s) for {len(searches)} "
+                         "search(es): give one for each (None: its first that varies)")
+    figure = figure_class()
+    chosen = [t._param(p) for t, p in zip(searches, params, strict=True)]
+    target = _target(path)
+    fig, axes = _grid(figure, len(searches), (6.4, 4.2))
+    for t, ax, param in zip(searches, axes, chosen, strict=True):
+        t._draw(ax, param)
+    fig.tight_layout()
+    return _save(fig, target)
 
 
 def _shown(value: Any) -> str:

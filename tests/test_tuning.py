@@ -29,7 +29,7 @@ from grood import (
     tune,
 )
 from grood.baselines import BY_NAME, fit_baseline
-from grood.tuning import grid_points
+from grood.tuning import grid_points, plot_searches
 
 C, D = 4, 6
 
@@ -303,8 +303,16 @@ def test_plot(sets, tmp_path):
         t.plot(tmp_path / "k.png", param="k")
     one = tune(KNN(), {"k": [3]}, train=sets["train"], id_val=sets["id"], ood_val=sets["ood"],
                progress=False)
-    with pytest.raises(ValueError, match="nothing to draw"):
+    with pytest.raises(ValueError, match=r"KNN: every point .* nothing to draw"):
         one.plot(tmp_path / "one.png")
+    knn = tune(KNN(), {"k": [1, 3]}, train=sets["train"], id_val=sets["id"],
+               ood_val=sets["ood"], progress=False)
+    both = plot_searches([t, knn], tmp_path / "both.png", params=["variant", None])
+    assert both.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"params names 1 parameter\(s\) for 2 search"):
+        plot_searches([t, knn], tmp_path / "x.png", params=["variant"])
+    with pytest.raises(TypeError, match=r"takes a list of grood\.tune results"):
+        plot_searches([t, "knn"], tmp_path / "x.png")
 
 
 def test_exported():
