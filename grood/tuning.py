@@ -118,7 +118,7 @@ class Tuning:
         params = ", ".join(f"{k}={_shown(v)}" for k, v in self.best_params.items())
         n = len(self.sets)
         where = ("on the OOD validation set" if n == 1 else
-                 f"mean over the {n} OOD validation sets")
+                 f"averaged over the {n} OOD validation sets")
         points = len(self.points)
         return (f"{self.name}: {params or 'its parameters as given'} has the {words} "
                 f"{METRIC_LABELS[self.metric]} {where}, {100 * self.best_score:.2f} % "
