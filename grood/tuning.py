@@ -239,7 +239,8 @@ def check_metric(metric: Any) -> str:
 def grid_points(grid: Any) -> list[dict[str, Any]]:
     """The points of ``grid``: a mapping of parameter names to the values to try (every
     combination, the last name varying fastest), or a list of such mappings (their points
-    one after another). ``{}`` is one point: the estimator's own parameters."""
+    one after another). ``{}`` is one point: the estimator's own parameters. numpy scalars
+    (``np.arange(1, 6)``'s) become Python numbers."""
     grids = [grid] if isinstance(grid, Mapping) else grid
     if isinstance(grids, (str, bytes)) or not isinstance(grids, Iterable):
         raise TypeError(f"grid takes a mapping of parameter names to lists of values (or a "
@@ -261,7 +262,7 @@ def grid_points(grid: Any) -> list[dict[str, Any]]:
             if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
                 raise TypeError(f"grid[{name!r}] takes a list of the values to try, got "
                                 f"{v!r} (one value: [{v!r}])")
-            v = list(v)
+            v = [x.item() if isinstance(x, np.generic) else x for x in v]  # (np.arange)
             if not v:
                 raise ValueError(f"grid[{name!r}] is empty: give at least one value to try")
             values.append(v)

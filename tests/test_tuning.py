@@ -67,6 +67,9 @@ def test_grid_points_in_order_and_bad_grids_refused():
         {"k": 1, "t": "a"}, {"k": 1, "t": "b"}, {"k": 2, "t": "a"}, {"k": 2, "t": "b"}]
     assert grid_points([{"k": [1]}, {"t": (3, 4)}]) == [{"k": 1}, {"t": 3}, {"t": 4}]
     assert grid_points({}) == [{}]
+    points = grid_points({"k": np.arange(1, 3), "t": np.array([0.5])})
+    assert points == [{"k": 1, "t": 0.5}, {"k": 2, "t": 0.5}]
+    assert type(points[0]["k"]) is int and type(points[0]["t"]) is float  # (JSON writes them)
     with pytest.raises(TypeError, match=r"grid\['k'\] takes a list .* \(one value: \[5\]\)"):
         grid_points({"k": 5})
     with pytest.raises(TypeError, match=r"grid\['variant'\] takes a list"):
