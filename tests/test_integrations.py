@@ -334,3 +334,59 @@ def test_openood_reference_mode_refuses_an_index_of_its_own():
     post = GROODPostprocessor(reference=True)  # the official rule counts the loader's batches
     with pytest.raises(ValueError, match="needs a training loader with a length"):
         post.setup(_trained_net(), {"train": (b for b in _loader(30, 0))}, {})
+
+
+def _aps_config(sweep, aps=True, **args):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(postprocessor=SimpleNamespace(
+        postprocessor_args=args, APS_mode=aps, postprocessor_sweep=sweep))
+
+
+def test_openood_automatic_parameter_search_sets_k_without_a_refit():
+    """OpenOOD's evaluator, with APS_mode, calls set_hyperparam with each combination of
+    postprocessor_sweep's values (keys in order) after setup, scores its val loaders with
+    each, and sets the best: k applies at the next score, the index fitted once."""
+    net = _trained_net()
+    id_loaders = {"train": _loader(120, 0), "val": _loader(30, 1), "test": _loader(60, 2)}
+    ood_loaders = {"val": _loader(30, 3, ood=True)}
+    sweep = {"pre_layer_indx_list": [2], "lam_list": [0.5], "k_list": [1, 4, 9]}
+    post = GROODPostprocessor(_aps_config(sweep, use_proto_mean=True))
+    assert post.APS_mode and not post.hyperparam_search_done and post.args_dict == sweep
+    post.setup(net, id_loaders, ood_loaders)
+    fitted = post.detector
+    confs = []
+    for combination in ([2, 0.5, 1], [2, 0.5, 4], [2, 0.5, 9]):  # OpenOOD's order
+        post.set_hyperparam(combination)
+        assert post.get_hyperparam() == combination and post.detector is fitted
+        _, id_conf, _ = post.inference(net, id_loaders["val"], progress=False)
+        confs.append(id_conf)
+        other = GROODPostprocessor(k=combination[2])  # set up with that k from the start
+        other.setup(net, id_loaders, ood_loaders)
+        np.testing.assert_array_equal(id_conf, other.inference(net, id_loaders["val"],
+                                                               progress=False)[1])
+    assert not np.array_equal(confs[0], confs[2])  # (k changes the scores)
+    # without APS_mode the sweep is only kept, as OpenOOD's other postprocessors keep it
+    quiet = GROODPostprocessor(_aps_config({"lam_list": [0.5, 0.9]}, aps=False))
+    assert not quiet.APS_mode and quiet.hyperparam_search_done
+
+
+@pytest.mark.parametrize(("sweep", "kwargs", "said"), [
+    ({"lam_list": [0.5]}, {}, "give k's values once, as k_list"),
+    ({"k_list": [1, 2], "K_list": [3]}, {}, r"\(got k_list, K_list\)"),
+    ({"k_list": [1, 2], "lam_list": [0.5, 0.9]}, {}, "would search lam_list, which GROOD fixes"),
+    ({"k_list": [1, 0]}, {}, "postprocessor_sweep k_list must be a positive integer"),
+    ({"k_list": []}, {}, "k_list is empty"),
+    ({"k_list": [1, 3]}, {"reference": True}, r"a sweep of k_list=\[1, 3\] has nothing to"),
+])
+def test_openood_automatic_parameter_search_refuses_what_it_cannot_search(sweep, kwargs, said):
+    with pytest.raises(ValueError, match=said):
+        GROODPostprocessor(_aps_config(sweep), **kwargs)
+
+
+def test_openood_set_hyperparam_takes_one_value_per_sweep_key():
+    post = GROODPostprocessor(_aps_config({"k_list": [1, 2]}))
+    with pytest.raises(ValueError, match=r"one value per postprocessor_sweep key \(k_list\)"):
+        post.set_hyperparam([1, 2])
+    post.set_hyperparam([2])  # before setup: the fit takes it
+    assert post.get_hyperparam() == [2] and post.grood_kwargs["k"] == 2

@@ -18,6 +18,11 @@ official code reads ``k`` but searches one neighbour, so a ``k`` other than 1 is
 there). ``omit_batch_t=True`` also leaves out
 the gradients of batch T, as the official code does (a defect there: off unless asked for).
 
+With ``APS_mode`` in the config, OpenOOD's evaluator searches ``postprocessor_sweep`` after
+``setup`` (``set_hyperparam`` / ``get_hyperparam``, chosen by AUROC on its ``val`` loaders):
+here over ``k`` (``k_list``), which GROOD applies at scoring without a refit; a sweep that
+varies anything the fit fixes is refused (:func:`grood.tune` searches those, a fit per point).
+
 ``postprocessor_args`` may hold the official postprocessor's keys (its config can be passed as
 it is): the ones grood follows are read, the ones that change nothing here are accepted, and a
 switch for a variant grood does not implement, or a key neither knows, is refused by name —
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from grood._batches import check_loader
-from grood._checks import is_count
+from grood._checks import check_positive_int, is_count
 from grood._progress import progress as progress_bar
 from grood.detector import GROOD
 from grood.errors import NotFittedError
@@ -77,6 +82,50 @@ VARIANT_ARGS = {
     "no_gradients": "the distance to the OOD prototype as the score",
     "use_grad_norm": "the gradient norm as the score",
 }
+
+
+#: ``postprocessor_sweep`` keys that name GROOD's ``k``: the one parameter OpenOOD's automatic
+#: parameter search (``APS_mode``) can vary, since it runs after ``setup`` (the fit) and
+#: GROOD applies ``k`` at scoring.
+SWEEP_K = ("k_list", "K_list", "k", "K")
+
+
+def _config_sweep(config: Any, reference: bool) -> tuple[bool, dict[str, list[Any]]]:
+    """``(APS_mode, postprocessor_sweep)`` of an OpenOOD config, checked where the search is
+    on: a sweep of ``k`` (which OpenOOD's evaluator searches after ``setup``), any other key
+    holding one value (nothing to search; the official config's are read by its
+    ``setup``)."""
+    post = getattr(config, "postprocessor", None)
+    aps = bool(getattr(post, "APS_mode", False))
+    raw = getattr(post, "postprocessor_sweep", None)
+    try:
+        sweep = {str(name): list(values) for name, values in dict(raw or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"postprocessor_sweep must map names to lists of values, got "
+                         f"{raw!r}") from exc
+    if not aps:
+        return False, sweep
+    ks = [name for name in sweep if name in SWEEP_K]
+    if len(ks) != 1:
+        raise ValueError("APS_mode searches postprocessor_sweep after setup, and GROOD applies "
+                         "only k there without a fit: give k's values once, as k_list"
+                         + (f" (got {', '.join(ks)})" if ks else ""))
+    varied = [name for name, values in sweep.items() if name not in SWEEP_K and len(values) != 1]
+    if varied:
+        raise ValueError(f"APS_mode would search {', '.join(varied)}, which GROOD fixes at "
+                         "setup (the fit) while OpenOOD searches after it: give each one value "
+                         "(postprocessor_args sets it), or search them with grood.tune, a fit "
+                         "per point")
+    values = sweep[ks[0]]
+    if not values:
+        raise ValueError(f"postprocessor_sweep {ks[0]} is empty: give the k values to search")
+    for value in values:
+        check_positive_int(value, f"postprocessor_sweep {ks[0]}")
+    if reference and values != [1]:
+        raise ValueError(f"reference=True scores by the nearest gradient, as the official "
+                         f"postprocessor does: a sweep of {ks[0]}={values} has nothing to "
+                         "search (drop reference=True to search k)")
+    return True, sweep
 
 
 def _config_args(config: Any) -> dict[str, Any]:
@@ -183,8 +232,12 @@ class GROODPostprocessor(_Base):
                              f"the nearest indexed gradient: it reads k but searches 1 "
                              f"neighbour; got k={k!r} (leave k out or set it to 1, or drop "
                              "reference=True to score by the k-th neighbour)")
-        self.APS_mode = False  # no hyper-parameter search
-        self.hyperparam_search_done = True
+        # OpenOOD's automatic parameter search (its evaluator calls set_hyperparam with each
+        # combination of args_dict's values after setup): over k alone.
+        aps, self.args_dict = (False, {}) if config is None else _config_sweep(
+            config, self.reference)
+        self.APS_mode = aps
+        self.hyperparam_search_done = not aps
         self.detector: GROOD | None = None
 
     def setup(self, net: torch.nn.Module, id_loader_dict: dict, ood_loader_dict: dict) -> None:
@@ -214,6 +267,27 @@ class GROODPostprocessor(_Base):
                                        "omit_batch_t": self.omit_batch_t}
         self.detector = GROOD(ood_prototype=source, **kwargs).fit_model(
             net, train, features=self.features, ood_loader=ood_loader, cache=self.cache)
+
+    def set_hyperparam(self, hyperparam: list[Any]) -> None:
+        """Take one combination of ``postprocessor_sweep``'s values, in its keys' order, as
+        OpenOOD's automatic parameter search passes them: ``k`` applies from the next score
+        (no refit); the other keys hold one value each, checked at construction."""
+        values = list(hyperparam)
+        if len(values) != len(self.args_dict):
+            raise ValueError(f"set_hyperparam takes one value per postprocessor_sweep key "
+                             f"({', '.join(self.args_dict) or 'none'}), got {values!r}")
+        for name, value in zip(self.args_dict, values, strict=True):
+            if name in SWEEP_K:
+                k = check_positive_int(value, name)
+                self.grood_kwargs["k"] = k
+                if self.detector is not None:
+                    self.detector.k = k
+
+    def get_hyperparam(self) -> list[Any]:
+        """The values :meth:`set_hyperparam` takes, as they stand (``k``: the detector's)."""
+        k = self.detector.k if self.detector is not None else self.grood_kwargs.get("k", 1)
+        return [k if name in SWEEP_K else values[0]
+                for name, values in self.args_dict.items()]
 
     def _extractor(self, net: torch.nn.Module) -> FeatureExtractor:
         if self.detector is None:
