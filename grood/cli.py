@@ -748,9 +748,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from grood.report import figure_class
 
         if not any(len(values) > 1 for values in grid.values()):
-            raise ValueError("--plot draws the metric against a parameter the grid gives "
-                             "several values; each of these has one")
-
+            raise ValueError("--plot draws the metric against a parameter that takes several "
+                             "values, and every --grid here gives one")
         figure_class()  # (a missing matplotlib is named before any work)
     outputs = ((args.json, None, "results"), (args.plot, (".png",), "plots"),
                (args.out, (".safetensors",), "detector files"))
@@ -759,7 +758,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             save_target(path, suffixes=suffixes, what=what, inputs=given)
     if len({os.path.realpath(p) for p, _, _ in outputs if p is not None}) < sum(
             p is not None for p, _, _ in outputs):
-        raise ValueError("--json, --plot and --out name the same file: give each its own")
+        raise ValueError("two of --json, --plot and --out name the same file: give each its "
+                         "own")
     fit_params = {}
     if args.head is not None:
         with prefixed_errors(args.head):
@@ -779,8 +779,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps({**found.as_dict(), "train": args.train,
                                        "id_val": args.id_val}, indent=2))
     if args.plot is not None:
-        print(f"\nwrote {found.plot(args.plot)} (the {found.metric} of each point against "
-              f"{found.varied[0]})")
+        from grood.report import METRIC_LABELS
+
+        print(f"\nwrote {found.plot(args.plot)} (the {METRIC_LABELS[found.metric]} of each "
+              f"point against {found.varied[0]})")
     if args.out is not None:
         found.best_estimator.save(args.out)
         print(f"\nsaved the detector fitted with {found.best_params} to {args.out}")

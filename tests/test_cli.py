@@ -2126,8 +2126,11 @@ def test_tune_refuses_bad_grids_and_options_before_any_fit(tmp_path, capsys, mon
               str(tmp_path / "ood.npz")], "--ood-features is read only by grood", 2),
             (["tune", "grood", "--grid", "k=1,2", *files, "--json",
               str(tmp_path / "id.npz")], "is the ID validation file this command reads", 2),
+            (["tune", "grood", "--grid", "k=1,2", *files, "--json",
+              str(tmp_path / "o.safetensors"), "-o", str(tmp_path / "o.safetensors")],
+             "two of --json, --plot and --out name the same file", 2),
             (["tune", "grood", "--grid", "k=1", *files, "--plot", str(tmp_path / "k.png")],
-             "each of these has one", 2),
+             "every --grid here gives one", 2),
             (["tune", "grood", "--grid", "k=1", "--train", str(tmp_path / "nope.npz"),
               *files[2:]], "no training feature file at", 2)):
         try:
