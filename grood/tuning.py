@@ -433,8 +433,9 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
     kind = _kind(estimator)
     metric = check_metric(metric)
     points = grid_points(grid)
+    probe = _copy(estimator, {})
     for p in points:  # unknown names, before any work (values are checked where they apply)
-        _copy(estimator, p)
+        probe.set_params(**p)
     fit_params = dict(fit_params or {})
     device = check_device(device, model=kind == "inputs")
     who = type(estimator).__name__
@@ -485,11 +486,11 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
                     results[i] = _measure(kind, est, id_set, ood_sets, model, device)
                 mean = float(np.mean([m[metric] for m in results[i].values()]))  # type: ignore[union-attr]
                 if best is None or sign * mean > sign * best[1]:
-                    best = (i, mean, (est, dict(points[i])))
+                    best = (i, mean, est)
                 bar.update(1)
     assert best is not None  # (a grid has at least one point)
-    index, _, (fitted, params) = best
-    fitted.set_params(**params)  # (its group may have gone on to other score_params)
+    index, _, fitted = best
+    fitted.set_params(**points[index])  # (its group may have gone on to other score_params)
     return Tuning(metric, points, results, index, fitted, fits,  # type: ignore[arg-type]
                   who)
 
