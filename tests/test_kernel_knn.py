@@ -376,8 +376,9 @@ def _poison_empty(monkeypatch):
 def test_a_database_copied_to_bf16_in_chunks_searches_as_bf16_storage(k, precision,
                                                                        monkeypatch):
     """The per-call bf16 copy, cast and searched chunk by chunk (4 chunks, the last shorter;
-    the copy's buffer reused): the same neighbours and exact distances, bit for bit, as the
-    same rows stored in bf16 with the fp32 rows for the re-rank, and float64's; ties across
+    the copy's buffer reused): the same neighbours and exact distances (bit for bit under the
+    interpreter, to ulps compiled) as the same rows stored in bf16 with the fp32 rows for the
+    re-rank, and float64's; ties across
     chunks go to the lower index; the caller's database is untouched. In bf16 mode (the
     launcher copies there) and in ``ieee`` with the copy made to happen (its GEMM then exact
     on the bf16 rows); k = 40 merges in torch."""
@@ -393,7 +394,11 @@ def test_a_database_copied_to_bf16_in_chunks_searches_as_bf16_storage(k, precisi
     dist, idx = knn(queries, db, k, precision=precision)
     want_d, want_i = knn(queries, db.to(torch.bfloat16), k, precision=precision,
                          rerank_database=db)
-    assert torch.equal(idx, want_i) and torch.equal(dist, want_d)
+    assert torch.equal(idx, want_i)
+    # Bit for bit under the interpreter; compiled, a chunk's tiles (fitted to its 76 rows) lay
+    # the exact re-rank's row sums out otherwise than the whole database's (ulps, H200).
+    tol = {"rtol": 1e-6, "atol": 0} if ON_GPU else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(dist, want_d, **tol)
     ref_d, ref_i = knn_naive(queries.cpu(), db.cpu(), k)
     assert torch.equal(idx.cpu(), ref_i)
     torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-5, atol=1e-6)

@@ -325,10 +325,16 @@ def test_half_precision_head_derives_its_norms_from_its_own_buffers(backend, dty
     were inf (every row unresolvable in float32: NaN with checks="flag"), bfloat16 ones were
     the unconverted prototypes' norms, rounded. The head derives them again in float32 from
     its converted buffers, and again after loading a float32 state."""
+    dev = "cpu"
     if backend == "triton":
         pytest.importorskip("triton")
+        if not INTERPRETER:  # compiled Triton runs on CUDA tensors only
+            if not torch.cuda.is_available():
+                pytest.skip("compiled Triton needs a CUDA device")
+            dev = "cuda"
     x, y = clustered_features(120, 4, 64, seed=1, dtype=torch.float32)
-    det = GROOD(k=2, backend=backend).fit(100 * x, y)
+    x, y = x.to(dev), y.to(dev)
+    det = GROOD(k=2, backend=backend, device=dev).fit(100 * x, y)
     head = det.as_module(checks="flag").to(dtype)
     assert head.prototype_sq_norms.dtype == head.index_sq_norms.dtype == torch.float32
     torch.testing.assert_close(head.prototype_sq_norms.double(),
@@ -341,7 +347,7 @@ def test_half_precision_head_derives_its_norms_from_its_own_buffers(backend, dty
     assert torch.equal(pred, want_p)
     torch.testing.assert_close(score, want_s, rtol=1e-4, atol=1e-6)
     fresh = GROODHead(torch.zeros(4, 64), torch.zeros(64), torch.zeros_like(det.index_.vectors),
-                      k=2, backend=backend, checks="flag").to(dtype)
+                      k=2, backend=backend, checks="flag").to(device=dev, dtype=dtype)
     fresh.load_state_dict(det.as_module().state_dict())
     assert torch.equal(fresh.prototype_sq_norms, head.prototype_sq_norms)
     assert torch.equal(fresh(test)[0], score)
