@@ -75,8 +75,8 @@ step() {
 }
 
 # Compiling the kernels' variants dominates the tests: with pytest-xdist (on the lent machines'
-# image) 12 processes compile side by side on its 16 cores (8 took 94 s on the H200 machine,
-# before the bf16 and tf32 variants' tests at every shape were added: hence 180 s);
+# image) 12 processes compile side by side on its 16 cores (on the H200 machine 8 took 94 s on
+# 2026-11-29; 12 took 172 s on 2026-12-04, with the variants' tests at every shape: hence 220 s);
 # the compiled kernels stay in triton's cache for the report after them.
 parallel=()
 if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then parallel=(-n 12); fi
@@ -91,7 +91,7 @@ roofline=(python bench/roofline.py bench/compile_report.json "$out/roofline_meas
 pipeline="python bench/pipeline.py ${pipe[*]} --quiet"
 run_step() {
     case $1 in
-    tests) step 180 "kernel, custom-op and head tests (compiled Triton)" \
+    tests) step 220 "kernel, custom-op and head tests (compiled Triton)" \
         "python -m pytest -q --maxfail=10 -p no:cacheprovider ${parallel[*]} \
         tests/test_kernel_ncp_gradient.py tests/test_library.py tests/test_kernel_knn.py \
         --deselect '$torch_capture'" ;;

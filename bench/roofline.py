@@ -181,7 +181,7 @@ def plot(records: list[dict], path: Path, archs: list[str] | None = None,
         ax.set_xlabel("MMA FLOPs per HBM byte (model)")
         ax.set_ylabel("TFLOP/s allowed by the modelled bound")
         ax.set_title(f"{arch} ({roof['device']}, roofs {roof['source']}; L2 "
-                     f"{roof['l2_tbs']} TB/s assumed)", fontsize=10)
+                     f"{roof['l2_tbs']} TB/s {roof['l2_source']})", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     kernels = sorted({p["function"] for p in drawn})
     modes = sorted({p["mode"] for p in drawn} - {None},

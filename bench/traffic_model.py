@@ -29,15 +29,15 @@ import torch
 
 from grood._bench.common import PEAKS
 
-#: Roofs per target. sm_90a: H200 figures measured on the device (dense GEMM and device copy);
-#: the L2 bandwidth is an assumption (12 TB/s SM<->L2 aggregate, the commonly quoted H100 SXM
-#: figure; ``grood bench --only anatomy`` measures a streaming kernel's L2 and HBM read
-#: bandwidth on the device, to replace it). sm_100a: B200 datasheet figures, not measured; its
-#: L2 bandwidth is assumed.
+#: Roofs per target. sm_90a: H200 figures measured on the device (dense GEMM and device copy;
+#: the L2 bandwidth by ``grood bench --only anatomy`` on 2026-12-04: a streaming kernel
+#: re-reading a 16 MB buffer 200 times, 8 programs per SM, 16.7 TB/s; 12 TB/s was assumed
+#: before). sm_100a: B200 datasheet figures, not measured; its L2 bandwidth is assumed.
 ROOFS = {
     "sm_90a": {"device": "H200", "sms": 132, "tflops": {"ieee": 50.0, "tf32": 406.0,
                                                           "tf32x3": 406.0 / 3, "bf16": 765.0},
-               "hbm_tbs": 4.13, "l2_tbs": 12.0, "l2_bytes": 50e6, "source": "measured",
+               "hbm_tbs": 4.13, "l2_tbs": 16.7, "l2_source": "measured", "l2_bytes": 50e6,
+               "source": "measured",
                # the datasheet's dense tensor-core peak (grood._bench.common.PEAKS, 989 bf16
                # TFLOP/s at 1,830 MHz): the rate the compile report's issue / MMA ratio counts
                # HGMMA at; tf32x3 at a third, as above
@@ -48,7 +48,8 @@ ROOFS = {
                "clock_ghz": 1.83},
     "sm_100a": {"device": "B200", "sms": 148, "tflops": {"ieee": 80.0, "tf32": 1100.0,
                                                            "tf32x3": 1100.0 / 3, "bf16": 2250.0},
-                "hbm_tbs": 8.0, "l2_tbs": 20.0, "l2_bytes": 126e6, "source": "datasheet"},
+                "hbm_tbs": 8.0, "l2_tbs": 20.0, "l2_source": "assumed", "l2_bytes": 126e6,
+                "source": "datasheet"},
 }
 
 
@@ -65,7 +66,7 @@ def describe_roofs() -> str:
         out.append(f"- {arch} model roofs ({r['device']}, {r['source']}; {r['sms']} SMs): "
                    f"fp32 FMA {t['ieee']:.0f}, tf32 {t['tf32']:.0f}, tf32x3 {t['tf32x3']:.0f}, "
                    f"bf16 {t['bf16']:.0f} TFLOP/s; HBM {r['hbm_tbs']} TB/s; L2 {r['l2_tbs']} "
-                   f"TB/s (assumed); L2 residency budget {l2_budget(arch) / 1e6:.0f} MB"
+                   f"TB/s ({r['l2_source']}); L2 residency budget {l2_budget(arch) / 1e6:.0f} MB"
                    + ("" if "mma_peak_tflops" not in r else
                       "; K-loop issue against the dense tensor-core peak (tf32 "
                       f"{r['mma_peak_tflops']['tf32']:.0f}, bf16 "

@@ -150,8 +150,8 @@ def rerank_and_write(
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
     is the gradient's rows, holding ``u``, scaled in place at the end.
 
-    Without ``RERANK_GATE`` every candidate is re-ranked (the launcher's choice in ``ieee``
-    where the prototypes stay in L2, so their rows cost no HBM traffic). With it, the
+    Without ``RERANK_GATE`` every candidate is re-ranked (the launcher's choice where the
+    prototypes stay in L2, so their rows cost no HBM traffic). With it, the
     GEMM-nearest candidate is re-ranked in every row (``ALWAYS_EXACT``), together with
     ``||u||^2``, and each other one is gathered and re-ranked only where its GEMM squared
     distance, less the GEMM's error bound (:func:`gemm_error_sq`), is not above the exact one found:

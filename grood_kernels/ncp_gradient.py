@@ -35,7 +35,9 @@ class-group kernel on the device. Another candidate, the staged variant (``ieee`
 into the gradient's rows, so the K-loop hands both operands to ``tl.dot`` as loaded; the finish
 reads ``u`` back from those rows and scales them in place. A third, the split variant
 (:func:`split_config`, :mod:`grood_kernels._split`), runs the GEMM of those rows in torch
-(cuBLAS on a GPU) chunk by chunk and everything after it in one Triton epilogue per chunk.
+(cuBLAS on a GPU) chunk by chunk and everything after it in one Triton epilogue per chunk;
+the launcher takes it in ``ieee`` on a GPU, where the BLAS's fp32 GEMM is far ahead of
+Triton's FMA dot (:func:`launch_config`).
 """
 
 from __future__ import annotations
@@ -99,16 +101,15 @@ L2_BUDGET = 24 << 20
 def rerank_gate(c: int, d: int, precision: str) -> bool:
     """Whether the finish gates its exact re-rank (the GEMM-nearest candidate in every row,
     the others only where the GEMM's error bound lets them be nearer; see
-    :func:`grood_kernels._ncp_finish.rerank_and_write`): in the tensor-core modes at every
-    shape, and in ``ieee`` where the fp32 prototypes exceed ``L2_BUDGET`` (C = 21,841 at
-    D = 1,024). The tensor-core modes are L2-bound at ImageNet-1k, where re-ranking all 4
-    candidates put 4 gathered rows per feature row through L2 (bf16: 2.15 of 10.24 GB); the
-    rows left out keep their GEMM terms in the log-sum-exp, as the other C - 4 classes do
-    (``bench/candidates.py``: ``q_ood`` 2.48e-5 to 2.57e-5 off float64 in tf32 where the
-    softmax is hard, predictions unchanged). ``ieee`` is compute-bound there, and the
-    ungated finish keeps fewer registers (under triton 3.6 the gated one costs its fifth CTA
-    per SM at CIFAR-10)."""
-    return precision != "ieee" or c * d * 4 > L2_BUDGET
+    :func:`grood_kernels._ncp_finish.rerank_and_write`): where the fp32 prototypes exceed
+    ``L2_BUDGET`` (C = 21,841 at D = 1,024), so that their rows would come from HBM, in every
+    mode. Below it the gate saves only L2 traffic and costs a pass over D (in a tile of 128
+    rows one row tied within the GEMM's error runs the second pass): on an H200 (2026-12-04,
+    triton 3.6) the launcher with the gate took 1.64x the time of re-ranking all 4 at
+    ImageNet-1k in tf32 (6.06 / 3.71 ms) and bf16 (5.79 / 3.55 ms), 1.88x and 1.73x at
+    CIFAR-100, with ``q_ood`` as near float64 either way (hard softmax, tf32: 2.47e-5 gated,
+    2.43e-5 not)."""
+    return c * d * 4 > L2_BUDGET
 
 
 #: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
@@ -133,7 +134,18 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
     at one time within ``L2_BUDGET`` (each row tile is then read from HBM once), each a whole
     number of class blocks. On Hopper under triton before :data:`WGMMA_CLASS_LOOP_FROM`, tf32
     programs that loop over class blocks take the staged variant.
+
+    ``ieee`` on a GPU, where the prototypes stay within ``L2_BUDGET``: the split variant
+    (:func:`split_config`; the BLAS's fp32 GEMM, then the fused epilogue), since Triton's FMA
+    dot runs far below it: on an H200 (2026-12-04, triton 3.6) 5.4x faster than the FMA
+    kernel at ImageNet-1k (7.13 against 38.58 ms), 2.4x at CIFAR-100, 1.15x at CIFAR-10. Past
+    the budget (C = 21,841) its row chunks of 3,072 rows leave the epilogue a grid smaller than
+    the device (not measured there), so the class-group kernel stays.
     """
+    if precision == "ieee" and major > 0 and c * d * 4 <= L2_BUDGET:
+        split = split_config(c, d, precision)
+        if split is not None:
+            return split
     if precision == "ieee":
         tiles, ctas = (32, 64, 32, 4, 3), 3
     else:
@@ -706,9 +718,10 @@ def ncp_gradient(
     ``h`` is read in place through its strides and centred on the OOD prototype inside the
     kernel. The prototypes' GEMM operand is prepared once and kept while the caller keeps the
     same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
-    per class group 24 bytes of partial results per row. Variants ``GROOD_AUTOTUNE=1`` may
-    pick add 4 bytes per row (staged, split), a bf16 copy of the centred rows in bf16, and for
-    the split variant a buffer of GEMM results of at most 256 MiB.
+    per class group 24 bytes of partial results per row. The split variant (``ieee`` on a GPU
+    where the prototypes fit L2, :func:`launch_config`) and those ``GROOD_AUTOTUNE=1`` may pick
+    add 4 bytes per row (staged, split), a bf16 copy of the centred rows in bf16, and for the
+    split variant a buffer of GEMM results of at most 256 MiB.
     """
     check_precision(precision)
     check_dense(h=h, prototypes=prototypes, ood_prototype=ood_prototype,

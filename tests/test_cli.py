@@ -1237,7 +1237,7 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
     # The hard-softmax table has the launcher's re-rank gate the other way round beside it.
-    for gate, precision in (("on", "ieee"), ("off", "tf32")):
+    for gate, precision in (("on", "ieee"), ("on", "tf32")):
         row = next(line for line in text.splitlines()
                    if line.startswith(f"| triton, re-rank gate {gate} | {precision} | "))
         assert float(row.split("|")[4]) < 1e-5 and row.endswith("| 0.000 % |")
@@ -1286,7 +1286,7 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
     for name, n, c, d in (("tiny-10", 96, 10, 40), ("tiny-100", 64, 100, 24)):
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} | tf32 |")]
         assert "(launcher)" in rows[0] and "| 1.00x | 0.0e+00 | 0.0000 |" in rows[0]
-        assert "(launcher, re-rank gate off)" in rows[1]  # tf32 gates: every candidate here
+        assert "(launcher, re-rank gate on)" in rows[1]  # ungated here: the gate the other way
         ieee = [line for line in text.splitlines() if line.startswith(f"| {name} | ieee |")]
         assert "(launcher, re-rank gate on)" in ieee[1]
         distinct = set(kernel.candidate_configs(n, c, d, "tf32", 4))
@@ -1295,6 +1295,33 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         for row in rows:  # every candidate agrees with the launcher's results
             cells = [cell.strip() for cell in row.split("|")]
             assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+
+
+def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
+    """The anatomy's and configs table's constexpr overrides apply to every epilogue launch of
+    the split variant (one per chunk of rows), not only to the last chunk's."""
+    pytest.importorskip("triton")
+    from grood._bench import configs
+    from grood._bench.gradient import hard_softmax_features
+    from grood_kernels import _split
+    from grood_kernels import ncp_gradient as kernel_module
+    from grood_kernels._launch import KernelLaunch
+    from grood_kernels._prepare import prepare_prototypes
+    from grood_kernels.contract import ncp_scale
+
+    monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 32 * 30)  # chunks of 32 rows
+    seen: list = []
+    monkeypatch.setattr(configs, "run", seen.append)
+    h, protos = hard_softmax_features(100, 30, 24, seed=2, device="cpu")
+    p_ood = protos.mean(0)
+    prep = prepare_prototypes(protos, p_ood, "ieee", ncp_scale(protos, p_ood))
+    cfg = kernel_module.split_config(30, 24, "ieee")
+    configs.launch_step(h, protos, prep, configs.step_buffers(100, 24, "cpu"), "ieee", cfg,
+                        rerank_gate=1)
+    gates = [launch.constexprs["RERANK_GATE"] for launch in seen
+             if isinstance(launch, KernelLaunch)
+             and launch.fn is kernel_module._ncp_epilogue_kernel]
+    assert gates == [1, 1, 1, 1]
 
 
 def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():

@@ -143,8 +143,10 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
         missing = set(override) - set(last.constexprs)
         if missing:
             raise ValueError(f"{last.fn.__name__} takes no {', '.join(sorted(missing))}")
-        last = last._replace(constexprs={**last.constexprs, **override})
-    for launch in (*plan[:-1], last):
+        # every launch of it (the split variant runs its epilogue once per chunk of rows)
+        plan = tuple(p._replace(constexprs={**p.constexprs, **override})
+                     if isinstance(p, KernelLaunch) and p.fn is last.fn else p for p in plan)
+    for launch in plan:
         run(launch)
 
 
