@@ -1279,6 +1279,7 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
     """``grood bench --only configs``: the launcher's tiles first, then each distinct autotuning
     candidate, with its time and its agreement with the launcher's results."""
     pytest.importorskip("triton")
+    from grood._bench.configs import config_runs
     from grood_kernels import ncp_gradient as kernel
 
     assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs"]) == 0
@@ -1289,12 +1290,35 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert "(launcher, re-rank gate on)" in rows[1]  # ungated here: the gate the other way
         ieee = [line for line in text.splitlines() if line.startswith(f"| {name} | ieee |")]
         assert "(launcher, re-rank gate on)" in ieee[1]
-        distinct = set(kernel.candidate_configs(n, c, d, "tf32", 4))
-        assert len(rows) == 1 + len(distinct | {kernel.launch_config(n, c, d, "tf32")})
+        cands = kernel.candidate_configs(n, c, d, "tf32", 4)
+        assert cands[0] == kernel.launch_config(n, c, d, "tf32")
+        assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 3 + len(set(cands[1:]))
+        assert "(launcher, the finish's loops not pipelined)" in rows[2]
         assert sum("single read" in row for row in rows) == (c <= 16)
         for row in rows:  # every candidate agrees with the launcher's results
             cells = [cell.strip() for cell in row.split("|")]
             assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+
+
+def test_bench_configs_table_flips_what_a_gpu_run_left_open():
+    """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way and its
+    finish unpipelined, and the wide staged tile both ways; in ieee (the split variant) the
+    gate only, which its epilogue takes on every chunk."""
+    pytest.importorskip("triton")
+    from grood._bench.configs import config_runs
+    from grood_kernels import ncp_gradient as kernel
+
+    dims = (65536, 1000, 2048)
+    runs = config_runs(kernel.candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
+    labels = [label for _, label, _ in runs]
+    assert labels[:3] == [" (launcher)", " (launcher, re-rank gate on)",
+                          " (launcher, the finish's loops not pipelined)"]
+    wide = [(cfg, over) for cfg, label, over in runs if label.startswith(" (wide tile")]
+    assert [over for _, over in wide] == [{}, {"rerank_gate": 1}]
+    assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)
+    runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
+    assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]
+    assert not any("finish" in over for _, _, over in runs)
 
 
 def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):

@@ -19,7 +19,7 @@ import torch
 
 from grood._bench.common import median_time, realistic_features
 from grood_kernels import ncp_gradient as kernel
-from grood_kernels._launch import KernelLaunch, run, sm_count, target_major
+from grood_kernels._launch import KernelLaunch, LaunchConfig, run, sm_count, target_major
 from grood_kernels._prepare import PreparedPrototypes, prepare_prototypes
 from grood_kernels.contract import ncp_scale
 
@@ -83,25 +83,15 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
                                          target_major(h.device))
-        base = cands[0]  # the launcher's
-        gated = kernel.rerank_gate(c, d, precision)
-        runs = [(base, " (launcher)", None),
-                (base, f" (launcher, re-rank gate {'off' if gated else 'on'})", int(not gated)),
-                *((cfg, "", None) for cfg in cands[1:])]
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
-        for cfg, label, gate in runs:
+        for cfg, label, override in config_runs(cands, c, d, precision):
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
-            label = label or (" (wide tile, staged)" if cfg.block_cols > 128 else
-                              " (single read: all of D in registers)" if cfg.single_read else
-                              " (staged: u centred by a pre-pass)" if cfg.staged else
-                              " (split: torch GEMM over row chunks, Triton epilogue)"
-                              if cfg.split else "")
             row = (f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                    f"{label} | {cfg.n_split} | ")
             outs = p.outputs()
             try:
                 t = median_time(partial(launch_step, h, protos, p.prep, outs, precision, cfg,
-                                        rerank_gate=gate), device, repeat)
+                                        **override), device, repeat)
             except Exception as exc:  # a candidate that fails here must not end the table
                 if ref is None:
                     raise
@@ -113,6 +103,33 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             pred_diff = float((outs[2] != ref[2]).double().mean())
             yield (row + f"{1e3 * t:.3f} | {base_ms / t:.2f}x | {q_diff:.1e} | "
                    f"{pred_diff:.4f} |")
+
+
+def config_runs(cands, c: int, d: int, precision: str
+                ) -> list[tuple[LaunchConfig, str, dict[str, int]]]:
+    """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
+    overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
+    other way and, where its finish's loops are pipelined, with them plain; then every other
+    candidate, the wide staged tile with its gate the other way too (the choices a GPU run
+    leaves open: on an H200 the wide tile was the fastest with the gate on, 2026-12-04)."""
+    base = cands[0]
+    gated = kernel.rerank_gate(c, d, precision)
+    flip = f"re-rank gate {'off' if gated else 'on'}"
+    runs: list[tuple[LaunchConfig, str, dict[str, int]]] = [
+        (base, " (launcher)", {}),
+        (base, f" (launcher, {flip})", {"rerank_gate": int(not gated)})]
+    if (not (base.split or base.single_read)
+            and kernel.finish_stages(precision, base.block_cols) > 1):
+        runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
+    for cfg in cands[1:]:
+        label = (" (wide tile, staged)" if cfg.block_cols > 128 else
+                 " (single read: all of D in registers)" if cfg.single_read else
+                 " (staged: u centred by a pre-pass)" if cfg.staged else
+                 " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split else "")
+        runs.append((cfg, label, {}))
+        if cfg.block_cols > 128:
+            runs.append((cfg, f" (wide tile, staged, {flip})", {"rerank_gate": int(not gated)}))
+    return runs
 
 
 def failed(exc: Exception) -> str:
