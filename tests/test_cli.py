@@ -1229,6 +1229,9 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     kinds = {(t["kernel"], t["precision"], t["backend"]) for t in saved["timings"]}
     assert ("ncp_gradient", "tf32", "triton") in kinds and ("knn", "bf16-storage", "torch") in kinds
     assert all(t["seconds"] > 0 for t in saved["timings"])
+    # the baselines' times too, not only the ratios the table prints
+    assert {("ncp_gradient", "tf32", "torch closed form"),
+            ("ncp_gradient", "tf32", "torch GEMM alone")} <= kinds
     assert "| triton | ieee |" in text and "| torch | bf16 |" in text
     assert "| tiny-100 | 64 | 100 | 24 | triton | tf32 |" in text
     assert "## Nearest-neighbour search" in text and "| triton | tf32 | float32 | " in text

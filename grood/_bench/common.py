@@ -58,7 +58,8 @@ def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[Tensor
 
 #: Timings of this run, one dict per timed kernel call (``--json`` writes them): ``kernel``
 #: (``ncp_gradient`` / ``knn``), ``dims`` (N, C, D or Q, M, D), ``precision`` (search rows on
-#: bf16 storage: ``bf16-storage``), ``backend`` and the median ``seconds``.
+#: bf16 storage: ``bf16-storage``), ``backend`` (``torch``, ``triton``, and for the gradient
+#: step's baselines ``torch closed form`` and ``torch GEMM alone``) and the median ``seconds``.
 TIMINGS: list[dict] = []
 
 

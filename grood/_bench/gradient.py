@@ -210,6 +210,9 @@ def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[s
         t_ref, t_gemm = interleaved_median_times(
             [partial(torch_closed_form, h, protos, p_ood, precision),
              partial(torch_gemm, h, protos, precision)], device, repeat)
+        # the baselines' own times (the table gives them as ratios)
+        record_timing("ncp_gradient", (n, c, d), precision, "torch closed form", t_ref)
+        record_timing("ncp_gradient", (n, c, d), precision, "torch GEMM alone", t_gemm)
         for backend in backends:
             if backend == "triton" and precision == "bf16" and device != "cuda":
                 continue  # the interpreter's bf16 dot is not the hardware's
