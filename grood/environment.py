@@ -139,7 +139,9 @@ def _device(dev: torch.device) -> dict[str, Any]:
             entry["name"] = props.name
             entry["capability"] = f"{props.major}.{props.minor}"
             entry["memory_gib"] = round(props.total_memory / 2**30, 1)
-        entry["auto"] = ops.resolve_backends("auto", dev, torch.float32)
+        entry["auto"] = ops.resolve_backends("auto", dev, torch.float32, "ieee")
+        # the tensor-core modes where they differ (on a GPU the search in ieee runs on torch)
+        entry["auto_tensor_cores"] = ops.resolve_backends("auto", dev, torch.float32, "tf32")
         entry["triton_unavailable"] = ops.triton_unavailable_reason("ncp_gradient", dev,
                                                                     torch.float32)
     except Exception as exc:
@@ -216,6 +218,9 @@ def format_environment(env: dict[str, Any]) -> str:
             lines.append(f"  {'':<13}not used by grood: {d['refused']}")
             continue
         lines.append(f"  {'':<13}backend='auto': {backend_words(d['auto'])}")
+        if d.get("auto_tensor_cores", d["auto"]) != d["auto"]:
+            lines.append(f"  {'':<13}  (precision='ieee'; in tf32, tf32x3 and bf16: "
+                         f"{backend_words(d['auto_tensor_cores'])})")
         if d["triton_unavailable"]:
             lines.append(f"  {'':<13}Triton kernels: {d['triton_unavailable']}")
     return "\n".join(lines)

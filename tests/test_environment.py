@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from importlib import metadata
+from importlib.util import find_spec
 from types import SimpleNamespace
 
 import torch
@@ -103,6 +104,11 @@ def test_each_gpu_is_named_with_its_backends_and_why_not_triton(monkeypatch):
     assert gpus[0]["auto"] == ops.resolve_backends("auto", "cuda:0", torch.float32)
     text = format_environment(environment())
     assert "  cuda:1       NVIDIA H200; compute capability 9.0; 150.0 GiB\n" in text
+    if find_spec("triton"):  # the search in ieee runs on torch; the tensor-core modes' not
+        assert gpus[0]["auto"] == {"ncp_gradient": "triton", "knn": "torch"}
+        assert ("backend='auto': ncp_gradient on triton, knn on torch\n"
+                "                 (precision='ieee'; in tf32, tf32x3 and bf16: "
+                "ncp_gradient on triton, knn on triton)") in text
 
     # Without triton the GPUs run torch, and say why.
     real_find_spec = ops.importlib.util.find_spec

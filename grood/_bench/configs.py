@@ -105,7 +105,7 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                    f"{pred_diff:.4f} |")
 
 
-def config_runs(cands, c: int, d: int, precision: str
+def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                 ) -> list[tuple[LaunchConfig, str, dict[str, int]]]:
     """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
     overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
