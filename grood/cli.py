@@ -30,6 +30,7 @@ from grood.baselines import (
 from grood.errors import DetectorFileError, MissingExtraError
 from grood.metrics import MIN_RESAMPLES
 from grood.portable import SEARCH_BLOCK_ROWS
+from grood.tuning import HIGHER_IS_BETTER
 
 EPILOG_FILES = (
     "Feature files: .npy (a 2-D features array), .npz / .pt / .safetensors holding "
@@ -1123,8 +1124,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--ood-val", nargs="+", action="extend", required=True, metavar="FILE",
                     help="OOD validation file(s); with several, the metric's mean over them "
                          "chooses")
-    tn.add_argument("--metric", choices=["auroc", "fpr95", "aupr_in", "aupr_out"],
-                    default="auroc", help="what chooses (fpr95: the lowest; default auroc)")
+    tn.add_argument("--metric", choices=list(HIGHER_IS_BETTER), default="auroc",
+                    help="what chooses (fpr95: the lowest; default auroc)")
     tn.add_argument("--head", metavar="FILE",
                     help="the last layer for the last-layer baselines ('weight' and 'bias'), "
                          "as 'grood eval --head' takes it, instead of recovering it from "

@@ -79,7 +79,7 @@ class Tuning:
         """Each point's ``metric`` (by default the one chosen by) averaged over the OOD
         validation sets, in the grid's order."""
         metric = check_metric(self.metric if metric is None else metric)
-        return [float(np.mean([m[metric] for m in r.values()])) for r in self.results]
+        return [_mean(r, metric) for r in self.results]
 
     def table(self) -> str:
         """A Markdown table: a row per point (its parameters, each OOD set's metric and
@@ -137,8 +137,7 @@ class Tuning:
     def __repr__(self) -> str:
         return f"{self.summary()}\n\n{self.table()}"
 
-    def _repr_markdown_(self) -> str:  # (Jupyter renders the table)
-        return f"{self.summary()}\n\n{self.table()}"
+    _repr_markdown_ = __repr__  # (Jupyter renders the table)
 
     def plot(self, path: str | os.PathLike, *, param: str | None = None) -> Path:
         """Draw the mean metric against one parameter (``param``; by default the first that
@@ -222,6 +221,11 @@ def plot_searches(searches: Sequence[Tuning], path: str | os.PathLike, *,
         t._draw(ax, param)
     fig.tight_layout()
     return _save(fig, target)
+
+
+def _mean(result: Mapping[str, Mapping[str, float]], metric: str) -> float:
+    """One point's ``metric`` averaged over its OOD validation sets."""
+    return float(np.mean([m[metric] for m in result.values()]))
 
 
 def _shown(value: Any) -> str:
@@ -484,7 +488,7 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
                 with prefixed_errors(f"at {_point_words(points[i])}"):
                     est.set_params(**points[i])
                     results[i] = _measure(kind, est, id_set, ood_sets, model, device)
-                mean = float(np.mean([m[metric] for m in results[i].values()]))  # type: ignore[union-attr]
+                mean = _mean(results[i], metric)  # type: ignore[arg-type]
                 if best is None or sign * mean > sign * best[1]:
                     best = (i, mean, est)
                 bar.update(1)
@@ -510,9 +514,7 @@ def _measure(kind: str, est: Any, id_set: Any, ood_sets: Mapping[str, Any], mode
         with prefixed_errors(name):
             if kind == "inputs":
                 return est.score_model(model, data, device=device)[0].numpy()
-            if kind == "grood":
-                if data.features is None:
-                    raise ValueError("GROOD scores features: this set has none")
+            if kind == "grood":  # (tune refused sets without features before any fit)
                 return np.asarray(est.score_samples(data.features))
             from grood.evaluation import baseline_scores
 
