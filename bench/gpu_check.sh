@@ -4,14 +4,14 @@
 # and head into $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside
 # the compile report's model in $OUT/roofline_measured.png (bench/roofline.py, where
 # matplotlib imports); the gradient step's launch configurations side by side in
-# $OUT/gpu_configs.md (the launcher's choice against every autotuning candidate, the wide tile
-# and the staged variant included; ieee, tf32, bf16; ImageNet-1k, CIFAR-10/100 shapes); the
-# device's L2 and HBM read bandwidth (the compile report's model assumes the first) and the
-# gradient step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
-# $OUT/gpu_anatomy.md; the search's timings into $OUT/gpu_search.md; the torch path's GPU
-# tests; the whole ImageNet-1k fit + score pipeline (bench/pipeline.py) in tf32, then with
-# bf16 index storage, into $OUT/pipeline.md. Eight files in all with a log of the whole call
-# (the device tool's limit).
+# $OUT/gpu_configs.md (the launcher's choice against every autotuning candidate, the wide
+# tile, the staged variant and the finish launched apart included; ieee, tf32, bf16;
+# ImageNet-1k, CIFAR-10/100 shapes); the device's L2 and HBM read bandwidth (the compile
+# report's model assumes the first) and the gradient step taken apart (its stages timed
+# apart, bench/gpu_report.py --only anatomy) into $OUT/gpu_anatomy.md; the search's timings
+# into $OUT/gpu_search.md; the torch path's GPU tests; the whole ImageNet-1k fit + score
+# pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into $OUT/pipeline.md.
+# Eight files in all with a log of the whole call (the device tool's limit).
 # STEPS picks some of the steps and their order (names: tests torch-tests anatomy configs
 # report roofline search pipeline pipeline-bf16), e.g. STEPS="anatomy configs" for a short
 # second call; by default all of them, the issue's own numbers (tests, report) first.
@@ -107,7 +107,7 @@ run_step() {
     anatomy) step 110 "gradient step taken apart (stages timed apart)" \
         "python bench/gpu_report.py ${size[*]} --only anatomy --repeat ${REPEAT:-3} \
         | tee '$out/gpu_anatomy.md'" ;;
-    configs) step 170 "gradient-step launch configurations (the launcher's and each candidate)" \
+    configs) step 300 "gradient-step launch configurations (the launcher's and each candidate)" \
         "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
         | tee '$out/gpu_configs.md'" ;;
     report) step 200 "report: accuracy and timings of the gradient step, the head in compiled programs" \

@@ -206,6 +206,13 @@ def _ncp_class_groups(launch, precision, arch, ctas):
     if p_passes > 1:
         notes.append(f"prepared prototypes streamed from HBM once per wave ({p_passes} waves)")
     part = groups * n * (4 * (2 + n_cand) + 4 * n_cand)
+    if not launch.constexprs.get("FINISH", 1):  # the finish is a launch of its own
+        hbm += part
+        l2 += part
+        minimum = h_bytes + op_bytes * p_passes
+        notes.append("partials only (the finish runs after it); HBM "
+                     f"{hbm / minimum:.2f}x the minimum (h once, prototypes once per wave)")
+        return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
     rerank = _rerank_rows(launch)
     l2 += 2 * part + 2 * h_bytes + rerank * n * d * ep
     hbm += part
@@ -352,7 +359,45 @@ def _ncp_epilogue(launch, precision, arch, ctas):
                   launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
 
 
+def _ncp_finish(launch, precision, arch, ctas):
+    """The gradient step's finish as a launch of its own (after the class-group kernel with
+    ``FINISH=0``): per row, the class groups' partials read once; the row (``h``, or with
+    ``STAGED`` the centred fp32 rows in the gradient's, scaled in place) read twice, the second
+    time from L2 where the resident programs' tiles, read and written, fit the L2 budget (the
+    launcher sizes the grid so: ``grood_kernels._ncp_finish.finish_programs``); the re-ranked
+    candidates' raw prototype rows gathered (:func:`_rerank_rows` per feature row; from L2
+    where the prototypes fit the budget); the gradient and the results written. Its
+    arithmetic (3 FMA-pipe operations per gathered element) runs on the CUDA cores;
+    memory-bound by design."""
+    h, protos, part_f, part_i = (launch.args[i] for i in (0, 1, 3, 4))
+    n, c, d = launch.args[12], launch.args[13], launch.args[14]
+    bn, n_cand = launch.constexprs["BLOCK_N"], launch.constexprs["N_CAND"]
+    row_e = 4 if launch.constexprs["STAGED"] else _esize(h)
+    ep = _esize(protos)
+    budget = l2_budget(arch)
+    conc = ROOFS[arch]["sms"] * ctas
+    part = part_f.numel() * _esize(part_f) + part_i.numel() * _esize(part_i)
+    rerank = _rerank_rows(launch)
+    gathered = rerank * n * d * ep
+    resident = min(launch.grid[0], conc) * bn * d * (row_e + 4) <= budget
+    out = n * d * 4 + n * (4 * 4 + 8)
+    hbm = part + n * d * row_e * (1 if resident else 2) + out
+    hbm += gathered if c * d * ep > budget else c * d * ep
+    l2 = part + 2 * n * d * row_e + gathered + out
+    flops = 3.0 * n * (rerank + 1) * d
+    notes = [f"finish apart: {launch.grid[0]} programs over {-(-n // bn)} row tiles",
+             "row tiles re-read from L2" if resident else
+             "row tiles of the resident programs exceed the L2 budget: rows read twice",
+             f"{rerank} exact row(s) gathered per feature row (up to {n_cand} where classes "
+             "tie within the GEMM's error); memory-bound by design"]
+    tiles = -(-n // bn)
+    # programs that loop over row tiles all work to the end: no partial last wave
+    waves = launch.grid[0] / conc if launch.grid[0] >= tiles else 1.0
+    return finish(flops, flops, hbm, l2, "ieee", arch, waves, notes)
+
+
 MODELS = {
+    "_ncp_finish_kernel": _ncp_finish,
     "_centre_rows_kernel": _centre_rows,
     "_ncp_epilogue_kernel": _ncp_epilogue,
     "_ncp_gradient_kernel": _ncp_class_groups,

@@ -72,6 +72,10 @@ class LaunchConfig(NamedTuple):
         split (bool): the gradient step's variant whose GEMM runs in torch (cuBLAS on a GPU)
             over chunks of those rows, each followed by a Triton epilogue over its results
             (the tiles then describe the epilogue).
+        finish_apart (bool): the class-group kernel writes its partial results only, and a
+            launch of its own over small row tiles merges them, re-ranks and writes the
+            gradient (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`), instead of the
+            last program of each row block.
     """
 
     block_rows: int
@@ -84,6 +88,7 @@ class LaunchConfig(NamedTuple):
     single_read: bool = False
     staged: bool = False
     split: bool = False
+    finish_apart: bool = False
 
 
 def fit_tile(block: int, size: int) -> int:

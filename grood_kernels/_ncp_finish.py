@@ -1,5 +1,7 @@
 """Device functions of the gradient-step kernel: the centred feature tile, and the finish of a
-row tile (merge of the class groups' partials, exact re-rank, results and gradient)."""
+row tile (merge of the class groups' partials, exact re-rank, results and gradient), which the
+class-group kernel's last program of a row block runs, or :func:`_ncp_finish_kernel` as a
+launch of its own over small row tiles."""
 
 import triton
 import triton.language as tl
@@ -128,6 +130,56 @@ def finish_rows(
                      inv_scale, stride_hn, stride_hd, stride_pc, stride_pd, stride_gn,
                      stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE,
                      RERANK_GATE)
+
+
+@triton.jit
+def _ncp_finish_kernel(
+    # pointers: inputs (h, or u in the gradient's rows when STAGED), the prototypes, the OOD
+    # prototype, the class groups' partial results
+    h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+    # pointers: outputs, ||u||^2 (STAGED), ||P_c||^2
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
+    # sizes and scalars
+    N, C, D, scale, inv_scale, n_groups,
+    # strides
+    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
+    STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
+    RERANK_GATE: tl.constexpr,
+):
+    """The finish as a launch of its own (``LaunchConfig.finish_apart``): each program takes
+    ``BLOCK_N``-row tiles in turn (tile ``pid``, then every ``num_programs``-th after it),
+    merges the class groups' partials that the class-group kernel wrote (launched with
+    ``FINISH=0``), re-ranks the candidates exactly and writes the results and the gradient
+    (:func:`finish_rows`). The launcher runs as many programs as keep their row tiles, read
+    and written, within the L2 budget (:func:`finish_programs`), so a tile's second pass (the
+    gradient's, after the re-rank's) reads it from L2 and ``h`` comes from HBM once. In the
+    class-group kernel the finish falls to one program per row block of 128 rows, which runs
+    it alone on its SM while the tensor cores wait."""
+    for t in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # t * BLOCK_N < N
+        mask_n = offs_n < N
+        finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+                    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
+                    offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
+                    stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
+                    BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE, RERANK_GATE)
+
+
+#: The separate finish's tile: rows, feature columns per step, warps, pipelining stages of its
+#: loops over D.
+FINISH_TILE = (8, 256, 4, 2)
+
+
+def finish_programs(n: int, d: int, l2_budget: int, n_sm: int) -> int:
+    """Programs of the separate finish: as many as keep their row tiles (8 rows of ``d``
+    fp32 read, and as many written) within half of ``l2_budget`` (the other half for the
+    prototype rows the re-rank gathers and the partials streaming through), at least one per
+    SM and at most one per row tile."""
+    rows = FINISH_TILE[0]
+    tiles = -(-n // rows)
+    return max(1, min(tiles, max(n_sm, l2_budget // 2 // (2 * rows * d * 4))))
 
 
 @triton.jit

@@ -37,7 +37,10 @@ reads ``u`` back from those rows and scales them in place. A third, the split va
 (:func:`split_config`, :mod:`grood_kernels._split`), runs the GEMM of those rows in torch
 (cuBLAS on a GPU) chunk by chunk and everything after it in one Triton epilogue per chunk;
 the launcher takes it in ``ieee`` on a GPU, where the BLAS's fp32 GEMM is far ahead of
-Triton's FMA dot (:func:`launch_config`).
+Triton's FMA dot (:func:`launch_config`). With ``finish_apart`` the class-group kernel only
+writes its partials and the finish runs as a launch of its own over 16-row tiles
+(:func:`grood_kernels._ncp_finish._ncp_finish_kernel`): every SM then finishes rows at once,
+where otherwise one program per 128-row block finishes them alone on its SM.
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ from grood_kernels._launch import (
     triton_version,
 )
 from grood_kernels._ncp_finish import (
+    FINISH_TILE,
+    _ncp_finish_kernel,
     add_exact_sq,
     distances,
+    finish_programs,
     finish_rows,
     load_u,
     row_results,
@@ -293,15 +299,21 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
     (the tuner checks the others' results against it): the tile list fitted to it (small
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
-    split variants where they apply."""
+    split variants where they apply, and in the tensor-core modes the launcher's, the wide
+    tile's and the staged variant's class-group kernels with the finish apart."""
     fitted: list[LaunchConfig | None] = [
         launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
-    fitted.append(wide_config(n, c, d, precision, h_bytes, n_sm))
+    wide = wide_config(n, c, d, precision, h_bytes, n_sm)
+    fitted.append(wide)
     fitted.append(single_read_config(c, d, precision))
-    fitted.append(staged_config(n, c, d, precision, h_bytes, n_sm))
+    staged = staged_config(n, c, d, precision, h_bytes, n_sm)
+    fitted.append(staged)
     fitted.append(split_config(c, d, precision))
+    if precision != "ieee":  # (in ieee the FMA K-loop, or the BLAS's, sets the pace)
+        fitted += [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
+                   if cfg is not None and not (cfg.split or cfg.single_read)]
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
@@ -521,7 +533,8 @@ def _ncp_single_read_kernel(
 def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precision: str,
           cfg: LaunchConfig) -> tuple[KernelLaunch | TorchCall, ...]:
     """The launches for one configuration, in order (also compiled, unlaunched, by the compile
-    report): the gradient-step kernel, after the staged variant's pre-pass."""
+    report): the gradient-step kernel, after the staged variant's pre-pass, before the
+    separate finish (``finish_apart``)."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = h.shape
     c = prototypes.shape[0]
@@ -562,6 +575,24 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
     if prep.operand.shape[0] % cfg.block_cols:  # its tiles are loaded without masks
         raise ValueError(f"a {cfg.block_cols}-class tile passes the prepared operand's "
                          f"{prep.operand.shape[0]} padded rows")
+    gate = int(rerank_gate(c, d, precision))
+    stages = finish_stages(precision, cfg.block_cols)
+    usq_arg = u_sq if cfg.staged else psq  # unread unless staged
+    after: tuple[KernelLaunch, ...] = ()
+    if cfg.finish_apart:
+        bn, bd, warps, f_stages = FINISH_TILE
+        after = (KernelLaunch(
+            _ncp_finish_kernel,
+            (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS),),
+            (h, prototypes, prep.p_o, part_f, part_i,  # (STAGED: u from the gradient's rows)
+             grad, q_ood, pred, min_dist, lse, usq_arg, psq,
+             n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0), h.stride(1),
+             prototypes.stride(0), prototypes.stride(1), grad.stride(0), grad.stride(1)),
+            {"BLOCK_N": bn, "BLOCK_D": fit_tile(bd, d), "N_CAND": NCP_CANDIDATES,
+             "STAGED": int(cfg.staged), "FINISH_STAGES": f_stages,
+             "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate},
+            warps, 1),)
+        stages, counters = 0, part_i  # no program of the class-group kernel finishes
     return (*pre, KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
         (rows, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
@@ -569,13 +600,12 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, per_group,
          rows.stride(0), rows.stride(1), prep.operand.stride(0), prototypes.stride(0),
          prototypes.stride(1), grad.stride(0), grad.stride(1),
-         u_sq if cfg.staged else psq),  # unread unless staged
+         usq_arg),
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
-         "STAGED": int(cfg.staged), "FINISH": finish_stages(precision, cfg.block_cols),
-         "RERANK_GATE": int(rerank_gate(c, d, precision)),
+         "STAGED": int(cfg.staged), "FINISH": stages, "RERANK_GATE": gate,
          "ONE_BLOCK": int(one_block(c, cfg, precision))},
-        cfg.num_warps, cfg.num_stages))
+        cfg.num_warps, cfg.num_stages), *after)
 
 
 def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, outputs,
@@ -620,7 +650,7 @@ class Scratch(NamedTuple):
 
     part_f: torch.Tensor | None  # partial results per (class group, row): m, sum, 4 distances
     part_i: torch.Tensor | None  # and the 4 candidate ids
-    counters: torch.Tensor | None  # arrivals per row block
+    counters: torch.Tensor | None  # arrivals per row block (none with the finish apart)
     u_sq: torch.Tensor | None  # ||u||^2 per row (staged and split variants)
     op_rows: torch.Tensor | None  # bf16 rows of u (staged and split variants in bf16)
     dots: torch.Tensor | None  # the split variant's fp32 [rows, C] GEMM results, per chunk
@@ -641,11 +671,12 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
         dots = torch.empty((split_rows(n, c, cfg.block_rows), c), dtype=torch.float32,
                            device=device)
         return Scratch(None, None, None, u_sq, op_rows, dots)
+    counters = (None if cfg.finish_apart else
+                torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device))
     return Scratch(
         torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
         torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-        torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device),
-        u_sq, op_rows, None)
+        counters, u_sq, op_rows, None)
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,

@@ -1317,8 +1317,12 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     assert labels[:3] == [" (launcher)", " (launcher, re-rank gate on)",
                           " (launcher, the finish's loops not pipelined)"]
     wide = [(cfg, over) for cfg, label, over in runs if label.startswith(" (wide tile")]
-    assert [over for _, over in wide] == [{}, {"rerank_gate": 1}]
+    assert [over for _, over in wide] == [{}, {"rerank_gate": 1}, {}]
     assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)
+    assert wide[2][0] == wide[0][0]._replace(finish_apart=True)
+    apart = [label for cfg, label, _ in runs if cfg.finish_apart]
+    assert apart == [" (launcher, finish apart)", " (wide tile, staged, finish apart)",
+                     " (staged: u centred by a pre-pass, finish apart)"]
     runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
     assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]
     assert not any("finish" in over for _, _, over in runs)
@@ -1349,6 +1353,33 @@ def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
              if isinstance(launch, KernelLaunch)
              and launch.fn is kernel_module._ncp_epilogue_kernel]
     assert gates == [1, 1, 1, 1]
+
+
+def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
+    """With the finish apart, the re-rank's gate reaches the finish kernel (the class-group
+    kernel's own finish stays off), ONE_BLOCK the class-group kernel; an override of the
+    class-group kernel's finish is refused, not turned into a second finish."""
+    pytest.importorskip("triton")
+    from grood._bench import configs
+    from grood._bench.gradient import hard_softmax_features
+    from grood_kernels import ncp_gradient as kernel_module
+    from grood_kernels._launch import KernelLaunch
+    from grood_kernels._prepare import prepare_prototypes
+    from grood_kernels.contract import ncp_scale
+
+    seen: list = []
+    monkeypatch.setattr(configs, "run", seen.append)
+    h, protos = hard_softmax_features(40, 30, 24, seed=2, device="cpu")
+    p_ood = protos.mean(0)
+    prep = prepare_prototypes(protos, p_ood, "tf32", ncp_scale(protos, p_ood))
+    cfg = kernel_module.LaunchConfig(16, 16, 16, 4, 2, 2, finish_apart=True)
+    outs = configs.step_buffers(40, 24, "cpu")
+    configs.launch_step(h, protos, prep, outs, "tf32", cfg, rerank_gate=1, one_block=1)
+    main, fin = (launch for launch in seen if isinstance(launch, KernelLaunch))
+    assert fin.fn is kernel_module._ncp_finish_kernel and fin.constexprs["RERANK_GATE"] == 1
+    assert main.constexprs["FINISH"] == 0 and main.constexprs["ONE_BLOCK"] == 1
+    with pytest.raises(ValueError, match="finishes in a launch of its own"):
+        configs.launch_step(h, protos, prep, outs, "tf32", cfg, finish=1)
 
 
 def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():

@@ -412,8 +412,11 @@ sys.path.insert(0, {str(BENCH)!r})
 import compile_report
 from grood_kernels import ncp_gradient
 every = ncp_gradient.compile_launches(4096, 256, 512, "tf32", configs="all")
-launches = [l for i, l in enumerate(every) if l.constexprs.get("STAGED")
-            or ("BF16_ROWS" in l.constexprs and every[i + 1].constexprs.get("STAGED"))]
+def staged_main(launch):  # (with its finish inside: the finish-apart plans are tested below)
+    return launch.fn.__name__ == "_ncp_gradient_kernel" and bool(
+        launch.constexprs["STAGED"] and launch.constexprs["FINISH"])
+launches = [l for i, l in enumerate(every) if staged_main(l)
+            or ("BF16_ROWS" in l.constexprs and staged_main(every[i + 1]))]
 records = [compile_report._record("ncp_gradient", "t", (4096, 256, 512), "tf32", "sm_90a",
                                   i, l, None) for i, l in enumerate(launches)]
 print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
@@ -461,6 +464,40 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
         spills = epi["spill_store_bytes"], epi["spill_load_bytes"]
         assert spills == expected_spills("_ncp_epilogue_kernel"), spills
         assert pre["spill_store_bytes"] == pre["spill_load_bytes"] == 0
+
+
+def test_finish_apart_compiles_spill_free_and_reads_h_from_hbm_once():
+    """The finish as a launch of its own (an autotuning candidate) after the class-group
+    kernel with ``FINISH=0``: at ImageNet-1k in tf32 the kernel writes partials only, the
+    finish compiles without spills for sm_90a and is modelled memory-bound, its grid keeping
+    the row tiles in L2 (h from HBM once in each launch, the gradient written once)."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(BENCH)!r})
+import compile_report
+from grood_kernels import ncp_gradient
+dims = (65536, 1000, 2048)
+every = ncp_gradient.compile_launches(*dims, "tf32", configs="all", major=9)
+i = [l.fn.__name__ for l in every].index("_ncp_finish_kernel")
+records = [compile_report._record("ncp_gradient", "t", dims, "tf32", "sm_90a", j, every[j],
+                                  None) for j in (i - 1, i)]
+print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    main, fin = json.loads(proc.stdout)
+    assert main["function"] == "_ncp_gradient_kernel" and main["mma"] == "wgmma"
+    assert "partials only" in main["model_notes"]
+    n, d, groups = 65536, 2048, main["grid"] // 512
+    h, partials = n * d * 4, groups * n * 40
+    assert main["hbm_bytes"] < 1.05 * (h + partials)  # h once, the prototypes, the partials
+    assert fin["function"] == "_ncp_finish_kernel" and fin["mma"] == "none"
+    assert fin["binding_roof"] == "hbm" and "re-read from L2" in fin["model_notes"]
+    # partials and h read once, the gradient written once (the prototypes stay in L2)
+    assert 2 * h < fin["hbm_bytes"] < 2.05 * h + partials
+    if HAS_PTXAS:
+        assert fin["spill_store_bytes"] == fin["spill_load_bytes"] == 0
+        assert main["spill_store_bytes"] == 0 and main["wgmma_pendings"] >= 1
 
 
 def test_other_gpus_walks_the_shared_memory_fallback():

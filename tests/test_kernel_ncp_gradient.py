@@ -468,17 +468,23 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
 
 
 def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
-    """Make the launcher use 16-class blocks in ``groups`` class groups ("class-groups") or
-    the single-read variant ("single-read"); "launcher" leaves its own configuration."""
+    """Make the launcher use 16-class blocks in ``groups`` class groups ("class-groups"; with
+    the finish as a launch of its own over 8-row tiles, in 3 programs that loop over them:
+    "finish-apart") or the single-read variant ("single-read"); "launcher" leaves its own
+    configuration."""
+    if blocks == "finish-apart":
+        monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
     configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
                                                                            groups),
+               "finish-apart": lambda *a, **kw: kernel_module.LaunchConfig(
+                   16, 16, 16, 4, 2, groups, finish_apart=True),
                "single-read": lambda n, c, d, *a, **kw:
                kernel_module.single_read_config(c, d, "bf16")}
     if blocks in configs:
         monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
 
 
-@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "single-read"])
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "finish-apart", "single-read"])
 def test_many_duplicated_prototypes_predict_the_lowest_id(monkeypatch, blocks):
     """Twenty copies of the nearest prototype (more than the candidates re-ranked), in one
     class block, spread over two of five 16-class blocks merged across class groups, or in
@@ -768,7 +774,7 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
     class blocks (C = 21,841, where it spills)."""
     for precision in ("tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
-        wide = [cfg for cfg in cands if cfg.block_cols == 256]
+        wide = [cfg for cfg in cands if cfg.block_cols == 256 and not cfg.finish_apart]
         assert len(wide) == 1 and wide[0].staged and wide[0].n_split == 4
         assert kernel_module.wide_config(65536, 21841, 1024, precision, 4) is None
         assert kernel_module.wide_config(65536, 100, 512, precision, 4) is None
@@ -776,6 +782,63 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
         assert kernel_module.wide_config(65536, 1000, 2048, precision, 4) is None
         assert all(cfg.block_cols <= 128
                    for cfg in kernel_module.candidate_configs(65536, 1000, 2048, precision, 4))
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
+@pytest.mark.parametrize("precision", MODES)
+@pytest.mark.parametrize("staged_rows", [False, True], ids=["h", "staged"])
+def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
+                                           poisoned_outputs):
+    """The class-group kernel writes its partials only (``FINISH=0``) and the finish runs as a
+    launch of its own: 3 programs looping over 8-row tiles (the kernel's 16-row blocks and
+    the last tile cut short by N), several class groups (16-class blocks), h read through its
+    strides or, staged, u from the gradient's rows; every output against the twin, outputs
+    and scratch poisoned first."""
+    seen = []
+    real_run = kernel_module.run
+
+    def run(launch):
+        seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
+        real_run(launch)
+
+    monkeypatch.setattr(kernel_module, "run", run)
+    monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+    monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: kernel_module.LaunchConfig(
+        16, 16, 16, 4, 2, min(3, -(-c // 16)), staged=staged_rows, finish_apart=True))
+    h, protos, p_ood = _problem(n, c, d)
+    h = h.T.contiguous().T
+    if staged_rows and precision not in kernel_module.PREPASS_PRECISIONS:
+        pytest.skip("no pre-pass in this mode")
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
+    names = [name for name, _, _ in seen]
+    assert names[-2:] == ["_ncp_gradient_kernel", "_ncp_finish_kernel"]
+    assert seen[-2][1]["FINISH"] == 0 and seen[-1][2] == (3,)
+    assert seen[-1][1]["STAGED"] == int(staged_rows)
+
+
+def test_finish_apart_is_offered_in_the_tensor_core_modes():
+    """Autotuning candidates in the tensor-core modes (never the launcher's own choice): the
+    launcher's class-group kernel, the wide tile and the staged variant, each with the finish
+    apart; its grid keeps the programs' row tiles within half the L2 budget, one program per
+    SM at least, one per row tile at most."""
+    from grood_kernels._ncp_finish import finish_programs
+
+    for precision in ("tf32", "bf16"):
+        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4, major=9)
+        apart = [cfg for cfg in cands if cfg.finish_apart]
+        assert not cands[0].finish_apart
+        assert apart == [cfg._replace(finish_apart=True) for cfg in (
+            cands[0], kernel_module.wide_config(65536, 1000, 2048, precision, 4),
+            kernel_module.staged_config(65536, 1000, 2048, precision, 4))]
+    # not in ieee, where the K-loop (FMA, or the BLAS's on a GPU) sets the pace
+    for major in (0, 9):
+        assert not any(cfg.finish_apart for cfg in kernel_module.candidate_configs(
+            65536, 1000, 2048, "ieee", 4, major=major))
+    budget = kernel_module.L2_BUDGET
+    assert finish_programs(65536, 512, budget, 132) == budget // 2 // (2 * 8 * 512 * 4)
+    assert finish_programs(65536, 2048, budget, 132) == 132  # at least one per SM
+    assert finish_programs(20, 512, budget, 132) == 3  # one per 8-row tile
 
 
 @pytest.fixture
@@ -853,8 +916,8 @@ NON_FINITE_ROWS = {1: (2, float("nan")), 4: (0, float("inf")), 6: (None, -float(
 # NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
 @pytest.mark.parametrize("c", [40, 3], ids=["C40", "C3-fewer-than-the-candidates"])
-@pytest.mark.parametrize("variant", ["launcher", "class-groups", "single-read", "staged",
-                                     "split"])
+@pytest.mark.parametrize("variant", ["launcher", "class-groups", "finish-apart", "single-read",
+                                     "staged", "split"])
 def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, c, request,
                                                                      monkeypatch,
                                                                      poisoned_outputs):
@@ -957,7 +1020,7 @@ GATE_PRECISIONS = ["ieee", pytest.param("tf32", marks=pytest.mark.skipif(
     ON_GPU, reason="tf32 hardware: the tied group may fall past the 4 candidates here"))]
 
 
-@pytest.mark.parametrize("blocks", ["launcher", "class-groups"])
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "finish-apart"])
 @pytest.mark.parametrize("precision", GATE_PRECISIONS)
 def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, precision):
     """Only the GEMM-nearest candidate is re-ranked in every row; the others where the GEMM's

@@ -110,8 +110,9 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
     overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
     other way and, where its finish's loops are pipelined, with them plain; then every other
-    candidate, the wide staged tile with its gate the other way too (the choices a GPU run
-    leaves open: on an H200 the wide tile was the fastest with the gate on, 2026-12-04)."""
+    candidate (the finish-apart ones among them), the wide staged tile with its gate the other
+    way too (the choices a GPU run leaves open: on an H200 the wide tile was the fastest with
+    the gate on, 2026-12-04)."""
     base = cands[0]
     gated = kernel.rerank_gate(c, d, precision)
     flip = f"re-rank gate {'off' if gated else 'on'}"
@@ -126,8 +127,12 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                  " (single read: all of D in registers)" if cfg.single_read else
                  " (staged: u centred by a pre-pass)" if cfg.staged else
                  " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split else "")
+        if cfg.finish_apart:
+            label = (f"{label[:-1]}, finish apart)" if label else
+                     " (launcher, finish apart)" if cfg == base._replace(finish_apart=True)
+                     else " (finish apart)")
         runs.append((cfg, label, {}))
-        if cfg.block_cols > 128:
+        if cfg.block_cols > 128 and not cfg.finish_apart:
             runs.append((cfg, f" (wide tile, staged, {flip})", {"rerank_gate": int(not gated)}))
     return runs
 
@@ -155,14 +160,22 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
     last = plan[-1]
     override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block}
     override = {key: value for key, value in override.items() if value is not None}
+    if finish is not None and cfg.finish_apart:
+        raise ValueError("FINISH is the class-group kernel's own finish; this configuration "
+                         "finishes in a launch of its own")
     if override:
-        assert isinstance(last, KernelLaunch)  # (the step's own kernel comes last)
-        missing = set(override) - set(last.constexprs)
+        assert isinstance(last, KernelLaunch)  # (the step's own kernels come last)
+        steps = {p.fn for p in plan[-2 if cfg.finish_apart else -1:]}
+        taken = {key for p in plan if isinstance(p, KernelLaunch) and p.fn in steps
+                 for key in p.constexprs}
+        missing = set(override) - taken
         if missing:
             raise ValueError(f"{last.fn.__name__} takes no {', '.join(sorted(missing))}")
-        # every launch of it (the split variant runs its epilogue once per chunk of rows)
-        plan = tuple(p._replace(constexprs={**p.constexprs, **override})
-                     if isinstance(p, KernelLaunch) and p.fn is last.fn else p for p in plan)
+        # every launch of them that takes it (the split variant runs its epilogue once per
+        # chunk of rows; with the finish apart, its kernel takes the re-rank's gate)
+        plan = tuple(p._replace(constexprs={**p.constexprs, **{
+            key: value for key, value in override.items() if key in p.constexprs}})
+            if isinstance(p, KernelLaunch) and p.fn in steps else p for p in plan)
     for launch in plan:
         run(launch)
 
