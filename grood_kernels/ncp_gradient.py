@@ -284,14 +284,26 @@ def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     return cfg._replace(staged=True)
 
 
-def split_config(c: int, d: int, precision: str) -> LaunchConfig | None:
+def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 64, 64, 4)
+                 ) -> LaunchConfig | None:
     """The split variant (:mod:`grood_kernels._split`: pre-pass, ``torch.mm`` over row
-    chunks, a Triton epilogue per chunk) where its mode applies; the tiles are the
-    epilogue's: 32 rows x 64 classes, 64-wide D-steps in the re-rank, 4 warps (spill-free for
-    sm_90a under triton 3.6 and 3.9, where 128 classes spill)."""
+    chunks, a Triton epilogue per chunk) where its mode applies; ``tiles`` are the
+    epilogue's (rows, classes, D-step of the re-rank, warps): by default 32 x 64, 64-wide
+    D-steps, 4 warps, the configuration an H200 timed (2026-12-04). For sm_90a it spills 12 B
+    outside its loops at C = 100 and 1,000 now that the re-rank is not gated there (168
+    registers, 3 CTAs/SM; 128 classes spill more); :data:`SPLIT_EPILOGUE_TILES` do not."""
     if precision not in PREPASS_PRECISIONS:
         return None
-    return LaunchConfig(32, fit_tile(64, c), fit_tile(64, d), 4, 2, split=True)
+    rows, cols, step, warps = tiles
+    return LaunchConfig(rows, fit_tile(cols, c), fit_tile(step, d), warps, 2, split=True)
+
+
+#: The split variant's other epilogue tiles, autotuning candidates in ``ieee`` (where the
+#: launcher takes the split variant on a GPU): spill-free for sm_90a (triton 3.9) at every
+#: report shape, where the launcher's spills 12 B: 32 x 32 with 32-wide D-steps on 4 warps
+#: (126 registers, 4 CTAs/SM at C = 1,000), and the launcher's tiles on 8 warps (128
+#: registers, 2 CTAs/SM). Not timed on a GPU yet.
+SPLIT_EPILOGUE_TILES = ((32, 32, 32, 4), (32, 64, 64, 8))
 
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
@@ -299,7 +311,8 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
     (the tuner checks the others' results against it): the tile list fitted to it (small
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
-    split variants where they apply, and in the tensor-core modes the launcher's, the wide
+    split variants where they apply (in ``ieee`` the split variant with each of
+    :data:`SPLIT_EPILOGUE_TILES` too), and in the tensor-core modes the launcher's, the wide
     tile's and the staged variant's class-group kernels with the finish apart."""
     fitted: list[LaunchConfig | None] = [
         launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
@@ -311,6 +324,8 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     staged = staged_config(n, c, d, precision, h_bytes, n_sm)
     fitted.append(staged)
     fitted.append(split_config(c, d, precision))
+    if precision == "ieee":
+        fitted += [split_config(c, d, precision, tiles) for tiles in SPLIT_EPILOGUE_TILES]
     if precision != "ieee":  # (in ieee the FMA K-loop, or the BLAS's, sets the pace)
         fitted += [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
                    if cfg is not None and not (cfg.split or cfg.single_read)]

@@ -861,6 +861,24 @@ def centred_variant(request):
     return request.param
 
 
+@pytest.mark.parametrize("tiles", kernel_module.SPLIT_EPILOGUE_TILES,
+                         ids=[f"{c}x{s}-w{w}" for _, c, s, w in kernel_module.SPLIT_EPILOGUE_TILES])
+@pytest.mark.parametrize(("n", "c", "d"), [(33, 70, 33), (7, 130, 70)],
+                         ids=["N33-C70-D33", "N7-C130-D70"])
+def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeypatch,
+                                                         poisoned_outputs):
+    """The split variant's other epilogue tiles (ieee's autotuning candidates) over chunks
+    of 32 rows: every output against the twin, outputs and scratch poisoned first."""
+    from grood_kernels import _split
+
+    monkeypatch.setattr(kernel_module, "launch_config", lambda n_, c_, d_, precision, **kw:
+                        kernel_module.split_config(c_, d_, precision, tiles))
+    monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
+    h, protos, p_ood = _problem(n, c, d)
+    res = ncp_gradient(h, protos, p_ood, precision="ieee")
+    _assert_matches_twin(res, h, protos, p_ood)
+
+
 def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     """A candidate in ieee, tf32 and bf16 (never the launcher's own choice); tf32x3, which no
     BLAS runs as the kernels do, refuses it. Its buffer of GEMM results stays within its
@@ -869,7 +887,11 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
 
     for precision in ("ieee", "tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
-        assert [cfg.split for cfg in cands].count(True) == 1 and not cands[0].split
+        splits = [cfg for cfg in cands if cfg.split]
+        assert len(splits) == (3 if precision == "ieee" else 1) and not cands[0].split
+        # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8
+        assert [(cfg.block_cols, cfg.block_d, cfg.num_warps) for cfg in splits[1:]] == (
+            [(32, 32, 4), (64, 64, 8)] if precision == "ieee" else [])
     assert kernel_module.split_config(1000, 2048, "tf32x3") is None
     h, protos, _ = _problem(8, 3, 16)
     cfg = kernel_module.split_config(3, 16, "tf32")
@@ -1195,7 +1217,10 @@ def test_ieee_on_a_gpu_takes_the_split_variant_where_the_prototypes_fit_l2():
              in kernel_module.compile_launches(65536, 1000, 2048, "ieee", major=9)]
     assert names == ["_centre_rows_kernel", "_ncp_epilogue_kernel"]
     cands = kernel_module.candidate_configs(65536, 1000, 2048, "ieee", 4, major=9)
-    assert cands[0].split and sum(cfg.split for cfg in cands) == 1  # the fused tiles stay on
+    # the fused tiles stay on, beside the split variant's other epilogue tiles
+    assert cands[0].split and sum(cfg.split for cfg in cands) == 1 + len(
+        kernel_module.SPLIT_EPILOGUE_TILES)
+    assert any(not cfg.split for cfg in cands)
 
 
 def test_gemm_error_bound_is_the_one_measured():
