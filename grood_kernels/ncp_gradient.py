@@ -38,7 +38,7 @@ reads ``u`` back from those rows and scales them in place. A third, the split va
 (cuBLAS on a GPU) chunk by chunk and everything after it in one Triton epilogue per chunk;
 the launcher takes it in ``ieee`` on a GPU, where the BLAS's fp32 GEMM is far ahead of
 Triton's FMA dot (:func:`launch_config`). With ``finish_apart`` the class-group kernel only
-writes its partials and the finish runs as a launch of its own over 16-row tiles
+writes its partials and the finish runs as a launch of its own over 8-row tiles
 (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`): every SM then finishes rows at once,
 where otherwise one program per 128-row block finishes them alone on its SM.
 """
@@ -326,7 +326,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     fitted.append(split_config(c, d, precision))
     if precision == "ieee":
         fitted += [split_config(c, d, precision, tiles) for tiles in SPLIT_EPILOGUE_TILES]
-    if precision != "ieee":  # (in ieee the FMA K-loop, or the BLAS's, sets the pace)
+    else:  # the finish apart (in ieee the FMA K-loop, or the BLAS's, sets the pace)
         fitted += [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
                    if cfg is not None and not (cfg.split or cfg.single_read)]
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]

@@ -1301,6 +1301,13 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         for row in rows:  # every candidate agrees with the launcher's results
             cells = [cell.strip() for cell in row.split("|")]
             assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+        # after the table, the fastest of them, one line per shape and mode
+        (best,) = [re.fullmatch(rf"- {name} tf32: (.*), ([0-9.]+) ms, [0-9.]+x as fast as "
+                                r"the launcher", line) for line in text.splitlines()
+                   if line.startswith(f"- {name} tf32: ")]
+        timed = [(float(row.split("|")[5]), row.split("|")[3].strip()) for row in rows]
+        assert best is not None and float(best[2]) == min(timed)[0]
+        assert (float(best[2]), best[1]) in timed
 
 
 def test_bench_configs_table_flips_what_a_gpu_run_left_open():

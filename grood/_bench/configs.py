@@ -75,10 +75,13 @@ def tuning_problems(device: str, shapes, precisions) -> Iterator[TuningProblem]:
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                  repeat: int = 3) -> Iterator[str]:
     """Markdown rows: every candidate configuration of the gradient step, timed (needs
-    triton: this module is imported only where the Triton kernels can run)."""
+    triton: this module is imported only where the Triton kernels can run); after the table,
+    per shape and mode the fastest run whose results agree with the launcher's (as the
+    autotuner judges agreement), the evidence for changing the launcher's choice."""
     yield ("| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
            "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |")
     yield "|---|---|---|---|---|---|---|---|"
+    fastest: dict[tuple[str, str], tuple[float, float, str]] = {}
     for p in tuning_problems(device, shapes, precisions):
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
@@ -103,6 +106,18 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
             pred_diff = float((outs[2] != ref[2]).double().mean())
             yield (row + f"{1e3 * t:.3f} | {base_ms / t:.2f}x | {q_diff:.1e} | "
                    f"{pred_diff:.4f} |")
+            best = fastest.get((name, precision))
+            if (best is None or t < best[0]) and kernel._agree((ref[1], ref[2]),
+                                                               (outs[1], outs[2])):
+                fastest[(name, precision)] = (t, base_ms, f"{tiles} / {cfg.num_warps} / "
+                                              f"{cfg.num_stages}{label}")
+    if fastest:
+        yield ""
+        yield "Fastest configuration per shape and mode whose results agree with the launcher's:"
+        yield ""
+        for (name, precision), (t, base_ms, desc) in fastest.items():
+            yield (f"- {name} {precision}: {desc}, {1e3 * t:.3f} ms, {base_ms / t:.2f}x as fast "
+                   "as the launcher")
 
 
 def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
