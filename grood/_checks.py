@@ -147,12 +147,15 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
 
 
 def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:
-    """Raise naming the rows of ``x`` that hold NaN or Inf.
+    """Raise naming the rows of ``x`` (its entries along dimension 0: a vector's elements, a
+    matrix's rows, a batch's samples [B, ...]) that hold NaN or Inf.
 
     A row with a NaN or an Inf has a non-finite sum (no addition leads back from them), so
     the rows' sums are checked first: one read of ``x`` and no [N, D] temporary (``isfinite``
     of the whole matrix costs ~60x more on the CPU). Only rows whose sum is not finite, which
     includes finite rows whose sum overflows, are then checked element by element."""
+    if x.ndim > 2:
+        x = x.reshape(x.shape[0], -1)
     if x.ndim == 2 and x.is_floating_point():
         suspect = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
         if suspect.numel() == 0:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from grood._batches import check_loader, warn_if_shuffled
-from grood._checks import check_device, check_positive_real, check_real
+from grood._checks import check_device, check_finite_rows, check_positive_real, check_real
 from grood._params import Parameters
 from grood._progress import progress
 from grood.extract import (
@@ -323,7 +323,7 @@ def without_rank1(fmap: Any, name: str = "the layer") -> Tensor:
         raise ValueError(f"RankFeat removes the largest singular component of a feature map (a "
                          f"matrix per sample: [B, C, H, W] or [B, N, D]); the model's output "
                          f"after {name!r} is {got}")
-    _check_finite_rows(fmap, f"the feature map after {name!r}")
+    check_finite_rows(fmap, f"the feature map after {name!r}")
     m = fmap.reshape(fmap.shape[0], fmap.shape[1], -1)
     work = m if m.dtype == torch.float64 else m.float()
     u, sv, vh = torch.linalg.svd(work, full_matrices=False)
@@ -366,15 +366,7 @@ def _checked_logits(output: Any, rows: int, what: str) -> Tensor:
                          f"{rows} input(s); {what} gave "
                          f"{'none' if z is None else f'shape {tuple(z.shape)}'}")
     z = z.float() if z.dtype != torch.float64 else z
-    _check_finite_rows(z.detach(), "the model's logits")
+    check_finite_rows(z.detach(), "the model's logits")
     return z
 
 
-def _check_finite_rows(t: Tensor, what: str) -> None:
-    """Refuse ``t`` [B, ...] where a row holds NaN or inf, naming the rows."""
-    bad = ~torch.isfinite(t).flatten(1).all(1)
-    if bool(bad.any()):
-        rows_bad = bad.nonzero()[:, 0]
-        raise ValueError(f"{what} of {len(rows_bad)} input(s) of the batch are NaN or infinite "
-                         f"(rows {rows_bad[:5].tolist()}{', ...' if len(rows_bad) > 5 else ''}"
-                         "): they cannot be scored")

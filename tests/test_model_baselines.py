@@ -123,8 +123,8 @@ def test_clear_errors():
             z = x.flatten(1)[:, :3] * 1.0
             return torch.where(torch.arange(len(x))[:, None] == 2, float("nan"), z)
 
-    with pytest.raises(ValueError, match=r"logits of 1 input\(s\) of the batch are NaN or "
-                                         r"infinite \(rows \[2\]\)"):
+    with pytest.raises(ValueError, match=r"the model's logits contains NaN or Inf in "
+                                         r"row\(s\) 2$"):
         ODIN().score_inputs(NaNRows(), x)
 
     class Features(nn.Module):  # an output that is no [B, C] of logits
@@ -328,8 +328,8 @@ def test_rankfeat_clear_errors():
                  {"o": torch.randn(9, 4)}, baselines=[ODIN(temperature="hot")])  # (its name)
     bad = x.clone()
     bad[1] = float("inf")
-    with pytest.raises(ValueError, match=r"feature map after 'layer3' of 1 input\(s\) of the "
-                                         r"batch are NaN or infinite \(rows \[1\]\)"):
+    with pytest.raises(ValueError, match=r"feature map after 'layer3' contains NaN or Inf in "
+                                         r"row\(s\) 1$"):
         RankFeat().score_inputs(net, bad)
 
     class Shuffled(nn.Module):  # children that do not run in their order

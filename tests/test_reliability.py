@@ -1122,6 +1122,14 @@ def test_finite_row_check_finds_every_non_finite_row_and_only_those(dtype):
     vector[2] = float("nan")
     with pytest.raises(ValueError, match=r"row\(s\) 2"):
         check_finite_rows(vector, "ood_prototype")
+    # a batch of feature maps [B, C, H, W]: its samples are the rows
+    maps = torch.rand(4, 3, 2, 2).to(dtype)
+    check_finite_rows(maps, "the feature map")
+    maps[3, 2, 1, 0] = float("inf")
+    maps[1, 0, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"the feature map contains NaN or Inf in row\(s\) "
+                                         r"1, 3$"):
+        check_finite_rows(maps, "the feature map")
 
 
 @pytest.mark.parametrize(("where", "key", "value", "shown"), [
