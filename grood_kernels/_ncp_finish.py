@@ -19,27 +19,32 @@ def _wide(offs_d):
 
 @triton.jit
 def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd, inv_scale,
-           STAGED: tl.constexpr = 0, SPARE_ROWS: tl.constexpr = 0):
+           STAGED: tl.constexpr = 0, SPARE_ROWS: tl.constexpr = 0, EVEN_D: tl.constexpr = 0):
     """The centred feature tile ``u = h / scale - p_o`` [rows, BLOCK_D] in fp32; 0 outside.
     With ``STAGED`` the pointer holds ``u`` already (the staged variant's pre-pass wrote it):
     the tile is loaded as it is, with nothing between the load and its use. With
     ``SPARE_ROWS`` (the GEMM's K-loop, whose rows past N feed only partial results that are
     never stored) rows past N load row 0 instead of zeros: the load needs no row mask and
     nothing selects between it and the MMA (the select cost the tf32 K-loop 16 % of its
-    instructions and 17 registers)."""
+    instructions and 17 registers). With ``SPARE_ROWS`` and ``EVEN_D`` (D a whole number of
+    ``BLOCK_D`` steps) no load has a mask."""
     if SPARE_ROWS:
         rows = tl.where(mask_n, offs_n, 0)
         mask = mask_d[None, :]
     else:
         rows = offs_n
         mask = mask_n[:, None] & mask_d[None, :]
-    if STAGED:
-        u = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
-                    other=0.0)
+    ptrs = h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd
+    if SPARE_ROWS and EVEN_D:
+        if STAGED:
+            u = tl.load(ptrs)
+        else:
+            u = tl.load(ptrs).to(tl.float32) * inv_scale - tl.load(pood_ptr + offs_d)[None, :]
+    elif STAGED:
+        u = tl.load(ptrs, mask=mask, other=0.0)
     else:
         p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        x = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
-                    other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         u = x * inv_scale - p_o[None, :]  # 0 past D: both loads give 0 there
         if not SPARE_ROWS:
             u = tl.where(mask, u, 0.0)
@@ -98,12 +103,13 @@ def finish_rows(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr,
+    RERANK_GATE: tl.constexpr, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
 ):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
     at the end) and ``||u||^2`` comes from the pre-pass. ``FINISH_STAGES``: software-pipelining
-    stages of the two loops over D (1: none)."""
+    stages of the two loops over D (1: none). ``LEAN`` and ``EVEN_D``: see
+    :func:`rerank_and_write`."""
     if STAGED:  # u in fp32, in the gradient's rows
         h_ptr, stride_hn, stride_hd = grad_ptr, stride_gn, stride_gd
     W: tl.constexpr = 2 + N_CAND
@@ -129,7 +135,7 @@ def finish_rows(
                      usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale,
                      inv_scale, stride_hn, stride_hd, stride_pc, stride_pd, stride_gn,
                      stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE,
-                     RERANK_GATE)
+                     RERANK_GATE, LEAN, EVEN_D)
 
 
 @triton.jit
@@ -146,7 +152,7 @@ def _ncp_finish_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr,
+    RERANK_GATE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """The finish as a launch of its own (``LaunchConfig.finish_apart``): each program takes
     ``BLOCK_N``-row tiles in turn (tile ``pid``, then every ``num_programs``-th after it),
@@ -164,22 +170,24 @@ def _ncp_finish_kernel(
                     grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                    BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE, RERANK_GATE)
+                    BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE, RERANK_GATE,
+                    LEAN=1, EVEN_D=EVEN_D)
 
 
 #: The separate finish's tile: rows, feature columns per step, warps, pipelining stages of its
 #: loops over D.
-FINISH_TILE = (8, 256, 4, 2)
+FINISH_TILE = (8, 128, 4, 2)
 
 
 def finish_programs(n: int, d: int, l2_budget: int, n_sm: int) -> int:
-    """Programs of the separate finish: as many as keep their row tiles (8 rows of ``d``
-    fp32 read, and as many written) within half of ``l2_budget`` (the other half for the
-    prototype rows the re-rank gathers and the partials streaming through), at least one per
-    SM and at most one per row tile."""
+    """Programs of the separate finish: whole waves of ``n_sm`` (as many programs on every SM)
+    as keep their row tiles (8 rows of ``d`` fp32 read, and as many written) within
+    ``l2_budget`` (the rest of the L2 holds the prototype rows the re-rank gathers and the
+    partials streaming through), at least one per SM and at most one per row tile."""
     rows = FINISH_TILE[0]
     tiles = -(-n // rows)
-    return max(1, min(tiles, max(n_sm, l2_budget // 2 // (2 * rows * d * 4))))
+    waves = max(1, l2_budget // (2 * rows * d * 4) // n_sm)
+    return max(1, min(tiles, waves * n_sm))
 
 
 @triton.jit
@@ -196,7 +204,7 @@ def rerank_and_write(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr,
+    RERANK_GATE: tl.constexpr, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
 ):
     """From a row tile's merged softmax terms and candidates: the candidates' exact distances
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
@@ -210,25 +218,36 @@ def rerank_and_write(
     elsewhere it provably is not the nearest, so the prediction and ``min_dist`` are those of
     re-ranking every candidate, and its term keeps its GEMM estimate in the sum, as every
     class past the candidates does. Rows whose classes tie within the GEMM's error re-rank
-    them all; where no row of the tile does, the second pass over D is skipped."""
+    them all; where no row of the tile does, the second pass over D is skipped.
+
+    ``LEAN`` (the finish launched apart): the exact distances by :func:`exact_sq_lean`, and
+    the gradient's pass without a select after its loads; ``EVEN_D``: D is a whole number of
+    ``BLOCK_D`` steps, so no load or store needs a column mask."""
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     slots = tl.arange(0, N_CAND)
     valid = cand_i >= 0
     # ||u||^2 and the exact squared distances of every candidate, or with the gate of the
     # nearest one, from differences in fp32.
     FIRST_PASS: tl.constexpr = N_CAND - RERANK_GATE * (N_CAND - ALWAYS_EXACT)
-    u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
-    for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
-        offs_d = d0 + arange_d
-        mask_d = offs_d < D
-        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale, STAGED)
-        if STAGED == 0:
-            u_sq += tl.sum(u * u, axis=1)
-        exact_sq = add_exact_sq(exact_sq, u, cand_i, valid, proto_ptr, pood_ptr, mask_n,
-                                offs_d, mask_d, stride_pc, stride_pd, inv_scale, N_CAND, 0,
-                                FIRST_PASS, 0)
+    if LEAN:
+        u_sq, exact_sq = exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i,
+                                       valid & (slots[None, :] < FIRST_PASS), offs_n, mask_n,
+                                       D, stride_hn, stride_hd, stride_pc, stride_pd,
+                                       inv_scale, BLOCK_N, BLOCK_D, N_CAND, STAGED,
+                                       FINISH_STAGES, STAGED == 0, EVEN_D)
+    else:
+        u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
+            offs_d = d0 + arange_d
+            mask_d = offs_d < D
+            u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                       inv_scale, STAGED)
+            if STAGED == 0:
+                u_sq += tl.sum(u * u, axis=1)
+            exact_sq = add_exact_sq(exact_sq, u, cand_i, valid, proto_ptr, pood_ptr, mask_n,
+                                    offs_d, mask_d, stride_pc, stride_pd, inv_scale, N_CAND, 0,
+                                    FIRST_PASS, 0)
     if STAGED:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
     if N_CAND <= FIRST_PASS:  # every candidate re-ranked
@@ -243,7 +262,13 @@ def rerank_and_write(
         low = (g * g - gemm_error_sq(u_sq, p_sq, D, DOT_MODE)) * (1.0 - 2.0 * k / (1.0 - k))
         gate = valid & (slots[None, :] >= ALWAYS_EXACT) & (low <= best_sq[:, None]) \
             & mask_n[:, None]
-        if tl.max(tl.max(gate.to(tl.int32), axis=1), axis=0) > 0:
+        if LEAN:
+            if tl.max(tl.max(gate.to(tl.int32), axis=1), axis=0) > 0:
+                exact_sq += exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i, gate, offs_n,
+                                          mask_n, D, stride_hn, stride_hd, stride_pc,
+                                          stride_pd, inv_scale, BLOCK_N, BLOCK_D, N_CAND,
+                                          STAGED, FINISH_STAGES, 0, EVEN_D)[1]
+        elif tl.max(tl.max(gate.to(tl.int32), axis=1), axis=0) > 0:
             for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
                 offs_d = d0 + arange_d
                 mask_d = offs_d < D
@@ -259,10 +284,79 @@ def rerank_and_write(
     for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
         offs_d = d0 + arange_d
         mask_d = offs_d < D
+        # LEAN: rows past N load row 0 and are not stored, so nothing selects after the load
         u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
-                    inv_scale, STAGED)
+                   inv_scale, STAGED, SPARE_ROWS=LEAN, EVEN_D=EVEN_D)
         tl.store(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                 u * g_scale[:, None], mask=mask_n[:, None] & mask_d[None, :])
+                 u * g_scale[:, None],
+                 mask=mask_n[:, None] if EVEN_D else mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i, take, offs_n, mask_n, D,
+                  stride_hn, stride_hd, stride_pc, stride_pd, inv_scale,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
+                  STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, WITH_USQ: tl.constexpr,
+                  EVEN_D: tl.constexpr):
+    """One pass over D: ``(||u||^2 [rows] (0 unless WITH_USQ), the squared distances from
+    fp32 differences [rows, N_CAND] of the candidates ``cand_i`` where ``take`` is set, 0
+    elsewhere)``, in 3 operations per gathered element: each candidate's prototype row is
+    picked out of the row's list once, before the loop (:func:`add_exact_sq` does it every
+    step), its squares are summed per element over the D-steps and across the row once after
+    the loop (not in every step), and no load needs a row mask or a select after it: rows past
+    N load row 0, slots not taken (empty candidates among them) load prototype row 0, and the
+    final selects drop what they add. With ``EVEN_D`` no load needs a column mask either;
+    otherwise ``u`` and the prototype rows load 0 past D."""
+    tl.static_assert(N_CAND == 4, "the lean re-rank holds one accumulator per candidate")
+    slots = tl.arange(0, N_CAND)
+    live = take & mask_n[:, None]
+    pick = tl.where(live, cand_i, 0)
+    row0 = tl.sum(tl.where(slots[None, :] == 0, pick, 0), axis=1).to(tl.int64) * stride_pc
+    row1 = tl.sum(tl.where(slots[None, :] == 1, pick, 0), axis=1).to(tl.int64) * stride_pc
+    row2 = tl.sum(tl.where(slots[None, :] == 2, pick, 0), axis=1).to(tl.int64) * stride_pc
+    row3 = tl.sum(tl.where(slots[None, :] == 3, pick, 0), axis=1).to(tl.int64) * stride_pc
+    arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    u_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=FINISH_STAGES):
+        offs_d = d0 + arange_d
+        mask_d = offs_d < D
+        u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
+                   inv_scale, STAGED, SPARE_ROWS=1, EVEN_D=EVEN_D)
+        if WITH_USQ:
+            u_acc += u * u
+        if EVEN_D:
+            p_o = tl.load(pood_ptr + offs_d)
+            cols = offs_d[None, :] * stride_pd
+            t0 = tl.load(proto_ptr + row0[:, None] + cols).to(tl.float32)
+            t1 = tl.load(proto_ptr + row1[:, None] + cols).to(tl.float32)
+            t2 = tl.load(proto_ptr + row2[:, None] + cols).to(tl.float32)
+            t3 = tl.load(proto_ptr + row3[:, None] + cols).to(tl.float32)
+        else:
+            p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
+            cols = offs_d[None, :] * stride_pd
+            m = mask_d[None, :]
+            t0 = tl.load(proto_ptr + row0[:, None] + cols, mask=m, other=0.0).to(tl.float32)
+            t1 = tl.load(proto_ptr + row1[:, None] + cols, mask=m, other=0.0).to(tl.float32)
+            t2 = tl.load(proto_ptr + row2[:, None] + cols, mask=m, other=0.0).to(tl.float32)
+            t3 = tl.load(proto_ptr + row3[:, None] + cols, mask=m, other=0.0).to(tl.float32)
+        d_0 = u - (t0 * inv_scale - p_o[None, :])
+        d_1 = u - (t1 * inv_scale - p_o[None, :])
+        d_2 = u - (t2 * inv_scale - p_o[None, :])
+        d_3 = u - (t3 * inv_scale - p_o[None, :])
+        acc0 += d_0 * d_0
+        acc1 += d_1 * d_1
+        acc2 += d_2 * d_2
+        acc3 += d_3 * d_3
+    sq = tl.where(slots[None, :] == 0, tl.sum(acc0, axis=1)[:, None],
+                  tl.where(slots[None, :] == 1, tl.sum(acc1, axis=1)[:, None],
+                           tl.where(slots[None, :] == 2, tl.sum(acc2, axis=1)[:, None],
+                                    tl.sum(acc3, axis=1)[:, None])))
+    # rows past N (row 0's values) as the other passes leave them: ||u||^2 0
+    return tl.where(mask_n, tl.sum(u_acc, axis=1), 0.0), tl.where(live, sq, 0.0)
 
 
 @triton.jit

@@ -605,7 +605,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
              prototypes.stride(0), prototypes.stride(1), grad.stride(0), grad.stride(1)),
             {"BLOCK_N": bn, "BLOCK_D": fit_tile(bd, d), "N_CAND": NCP_CANDIDATES,
              "STAGED": int(cfg.staged), "FINISH_STAGES": f_stages,
-             "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate},
+             "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate,
+             "EVEN_D": int(d % fit_tile(bd, d) == 0)},
             warps, 1),)
         stages, counters = 0, part_i  # no program of the class-group kernel finishes
     return (*pre, KernelLaunch(

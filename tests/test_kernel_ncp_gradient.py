@@ -784,7 +784,13 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
                    for cfg in kernel_module.candidate_configs(65536, 1000, 2048, precision, 4))
 
 
-@pytest.mark.parametrize(("n", "c", "d"), SHAPES, ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES])
+#: Shapes whose D is a whole number of the separate finish's D-steps (64 and 2 x 128): its
+#: loads and stores then take no column mask (``EVEN_D``).
+EVEN_D_SHAPES = [(37, 40, 64), (20, 70, 256)]
+
+
+@pytest.mark.parametrize(("n", "c", "d"), SHAPES + EVEN_D_SHAPES,
+                         ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES + EVEN_D_SHAPES])
 @pytest.mark.parametrize("precision", MODES)
 @pytest.mark.parametrize("staged_rows", [False, True], ids=["h", "staged"])
 def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
@@ -792,8 +798,8 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
     """The class-group kernel writes its partials only (``FINISH=0``) and the finish runs as a
     launch of its own: 3 programs looping over 8-row tiles (the kernel's 16-row blocks and
     the last tile cut short by N), several class groups (16-class blocks), h read through its
-    strides or, staged, u from the gradient's rows; every output against the twin, outputs
-    and scratch poisoned first."""
+    strides or, staged, u from the gradient's rows, D masked or a whole number of steps;
+    every output against the twin, outputs and scratch poisoned first."""
     seen = []
     real_run = kernel_module.run
 
@@ -815,13 +821,14 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
     assert names[-2:] == ["_ncp_gradient_kernel", "_ncp_finish_kernel"]
     assert seen[-2][1]["FINISH"] == 0 and seen[-1][2] == (3,)
     assert seen[-1][1]["STAGED"] == int(staged_rows)
+    assert seen[-1][1]["EVEN_D"] == int((n, c, d) in EVEN_D_SHAPES)
 
 
 def test_finish_apart_is_offered_in_the_tensor_core_modes():
     """Autotuning candidates in the tensor-core modes (never the launcher's own choice): the
     launcher's class-group kernel, the wide tile and the staged variant, each with the finish
-    apart; its grid keeps the programs' row tiles within half the L2 budget, one program per
-    SM at least, one per row tile at most."""
+    apart; its grid is whole waves of programs whose row tiles stay within the L2 budget, one
+    program per SM at least, one per row tile at most."""
     from grood_kernels._ncp_finish import finish_programs
 
     for precision in ("tf32", "bf16"):
@@ -836,8 +843,10 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes():
         assert not any(cfg.finish_apart for cfg in kernel_module.candidate_configs(
             65536, 1000, 2048, "ieee", 4, major=major))
     budget = kernel_module.L2_BUDGET
-    assert finish_programs(65536, 512, budget, 132) == budget // 2 // (2 * 8 * 512 * 4)
+    assert finish_programs(65536, 512, budget, 132) == 660  # 5 per SM: 21 MB of row tiles
+    assert finish_programs(65536, 1024, budget, 132) == 264
     assert finish_programs(65536, 2048, budget, 132) == 132  # at least one per SM
+    assert finish_programs(65536, 8192, budget, 132) == 132
     assert finish_programs(20, 512, budget, 132) == 3  # one per 8-row tile
 
 
