@@ -34,17 +34,19 @@ def load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd
     else:
         rows = offs_n
         mask = mask_n[:, None] & mask_d[None, :]
-    ptrs = h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd
     if SPARE_ROWS and EVEN_D:
+        ptrs = h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd
         if STAGED:
             u = tl.load(ptrs)
         else:
             u = tl.load(ptrs).to(tl.float32) * inv_scale - tl.load(pood_ptr + offs_d)[None, :]
     elif STAGED:
-        u = tl.load(ptrs, mask=mask, other=0.0)
+        u = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
+                    other=0.0)
     else:
         p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(h_ptr + rows[:, None] * stride_hn + _wide(offs_d) * stride_hd, mask=mask,
+                    other=0.0).to(tl.float32)
         u = x * inv_scale - p_o[None, :]  # 0 past D: both loads give 0 there
         if not SPARE_ROWS:
             u = tl.where(mask, u, 0.0)
