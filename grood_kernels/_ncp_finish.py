@@ -160,9 +160,10 @@ def _ncp_finish_kernel(
     ``BLOCK_N``-row tiles in turn (tile ``pid``, then every ``num_programs``-th after it),
     merges the class groups' partials that the class-group kernel wrote (launched with
     ``FINISH=0``), re-ranks the candidates exactly and writes the results and the gradient
-    (:func:`finish_rows`). The launcher runs as many programs as keep their row tiles, read
-    and written, within the L2 budget (:func:`finish_programs`), so a tile's second pass (the
-    gradient's, after the re-rank's) reads it from L2 and ``h`` comes from HBM once. In the
+    (:func:`finish_rows`, its passes over D lean: ``LEAN``). The launcher runs whole waves
+    of programs whose row tiles, read and written, stay within the L2 budget
+    (:func:`finish_programs`), so a tile's second pass (the gradient's, after the re-rank's)
+    reads it from L2 and ``h`` comes from HBM once. In the
     class-group kernel the finish falls to one program per row block of 128 rows, which runs
     it alone on its SM while the tensor cores wait."""
     for t in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
