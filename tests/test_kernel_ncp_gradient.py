@@ -813,8 +813,6 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
         16, 16, 16, 4, 2, min(3, -(-c // 16)), staged=staged_rows, finish_apart=True))
     h, protos, p_ood = _problem(n, c, d)
     h = h.T.contiguous().T
-    if staged_rows and precision not in kernel_module.PREPASS_PRECISIONS:
-        pytest.skip("no pre-pass in this mode")
     res = ncp_gradient(h, protos, p_ood, precision=precision)
     _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
     names = [name for name, _, _ in seen]
