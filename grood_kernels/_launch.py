@@ -76,6 +76,9 @@ class LaunchConfig(NamedTuple):
             launch of its own over small row tiles merges them, re-ranks and writes the
             gradient (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`), instead of the
             last program of each row block.
+        finish_waves (int): with ``finish_apart``, at least this many programs per SM for
+            the finish (0: as many as keep their row tiles in L2,
+            :func:`grood_kernels._ncp_finish.finish_programs`).
     """
 
     block_rows: int
@@ -89,6 +92,7 @@ class LaunchConfig(NamedTuple):
     staged: bool = False
     split: bool = False
     finish_apart: bool = False
+    finish_waves: int = 0
 
 
 def fit_tile(block: int, size: int) -> int:

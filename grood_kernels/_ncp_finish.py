@@ -182,15 +182,22 @@ def _ncp_finish_kernel(
 FINISH_TILE = (8, 128, 4, 2)
 
 
-def finish_programs(n: int, d: int, l2_budget: int, n_sm: int) -> int:
+def finish_programs(n: int, d: int, l2_budget: int, n_sm: int, min_waves: int = 1) -> int:
     """Programs of the separate finish: whole waves of ``n_sm`` (as many programs on every SM)
     as keep their row tiles (8 rows of ``d`` fp32 read, and as many written) within
     ``l2_budget`` (the rest of the L2 holds the prototype rows the re-rank gathers and the
-    partials streaming through), at least one per SM and at most one per row tile."""
+    partials streaming through), at least ``min_waves`` per SM and at most one per row
+    tile."""
     rows = FINISH_TILE[0]
     tiles = -(-n // rows)
-    waves = max(1, l2_budget // (2 * rows * d * 4) // n_sm)
+    waves = max(min_waves, l2_budget // (2 * rows * d * 4) // n_sm)
     return max(1, min(tiles, waves * n_sm))
+
+
+#: Programs per SM the finish kernel's registers allow on Hopper (151 of them at ImageNet-1k:
+#: 3 CTAs of 4 warps, sm_90a): the autotuning candidate that fills them, its row tiles then
+#: past the L2 budget where D is large (``LaunchConfig.finish_waves``).
+FINISH_OCCUPANCY = 3
 
 
 @triton.jit

@@ -67,6 +67,7 @@ from grood_kernels._launch import (
     triton_version,
 )
 from grood_kernels._ncp_finish import (
+    FINISH_OCCUPANCY,
     FINISH_TILE,
     _ncp_finish_kernel,
     add_exact_sq,
@@ -313,7 +314,9 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
     split variants where they apply (in ``ieee`` the split variant with each of
     :data:`SPLIT_EPILOGUE_TILES` too), and in the tensor-core modes the launcher's, the wide
-    tile's and the staged variant's class-group kernels with the finish apart."""
+    tile's and the staged variant's class-group kernels with the finish apart (the
+    launcher's also with the finish's programs filling the SMs, where the L2 rule leaves
+    fewer)."""
     fitted: list[LaunchConfig | None] = [
         launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
@@ -327,8 +330,14 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     if precision == "ieee":
         fitted += [split_config(c, d, precision, tiles) for tiles in SPLIT_EPILOGUE_TILES]
     else:  # the finish apart (in ieee the FMA K-loop, or the BLAS's, sets the pace)
-        fitted += [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
-                   if cfg is not None and not (cfg.split or cfg.single_read)]
+        apart = [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
+                 if cfg is not None and not (cfg.split or cfg.single_read)]
+        sms = n_sm or DEFAULT_SMS
+        if apart and (finish_programs(n, d, L2_BUDGET, sms)
+                      < finish_programs(n, d, L2_BUDGET, sms, FINISH_OCCUPANCY)):
+            # the launcher's tiles with the finish's programs filling the SMs instead
+            apart.insert(1, apart[0]._replace(finish_waves=FINISH_OCCUPANCY))
+        fitted += apart
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
@@ -598,7 +607,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         bn, bd, warps, f_stages = FINISH_TILE
         after = (KernelLaunch(
             _ncp_finish_kernel,
-            (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS),),
+            (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
+                             max(1, cfg.finish_waves)),),
             (h, prototypes, prep.p_o, part_f, part_i,  # (STAGED: u from the gradient's rows)
              grad, q_ood, pred, min_dist, lse, usq_arg, psq,
              n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0), h.stride(1),

@@ -1328,7 +1328,9 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)
     assert wide[2][0] == wide[0][0]._replace(finish_apart=True)
     apart = [label for cfg, label, _ in runs if cfg.finish_apart]
-    assert apart == [" (launcher, finish apart)", " (wide tile, staged, finish apart)",
+    assert apart == [" (launcher, finish apart)",
+                     " (launcher, finish apart, 3 finish programs per SM)",
+                     " (wide tile, staged, finish apart)",
                      " (staged: u centred by a pre-pass, finish apart)"]
     runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
     assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]

@@ -826,16 +826,27 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes():
     """Autotuning candidates in the tensor-core modes (never the launcher's own choice): the
     launcher's class-group kernel, the wide tile and the staged variant, each with the finish
     apart; its grid is whole waves of programs whose row tiles stay within the L2 budget, one
-    program per SM at least, one per row tile at most."""
+    program per SM at least, one per row tile at most; the launcher's tiles also with 3
+    finish programs per SM (what its registers allow) where that rule leaves fewer."""
     from grood_kernels._ncp_finish import finish_programs
 
     for precision in ("tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4, major=9)
         apart = [cfg for cfg in cands if cfg.finish_apart]
         assert not cands[0].finish_apart
-        assert apart == [cfg._replace(finish_apart=True) for cfg in (
-            cands[0], kernel_module.wide_config(65536, 1000, 2048, precision, 4),
-            kernel_module.staged_config(65536, 1000, 2048, precision, 4))]
+        launcher = cands[0]._replace(finish_apart=True)
+        assert apart == [launcher, launcher._replace(finish_waves=3)] + [
+            cfg._replace(finish_apart=True) for cfg in (
+                kernel_module.wide_config(65536, 1000, 2048, precision, 4),
+                kernel_module.staged_config(65536, 1000, 2048, precision, 4))]
+        # the finish's grid: one program per SM by the L2 rule at D = 2,048, or 3 per SM
+        grids = [launch.grid for launch in kernel_module.compile_launches(
+            65536, 1000, 2048, precision, configs="all", major=9)
+            if launch.fn.__name__ == "_ncp_finish_kernel"]
+        assert grids == [(132,), (396,), (132,), (132,)]
+    # where the L2 rule already gives the SMs 3 programs or more, no second grid is offered
+    assert not any(cfg.finish_waves for cfg in kernel_module.candidate_configs(
+        65536, 100, 512, "tf32", 4, major=9))
     # not in ieee, where the K-loop (FMA, or the BLAS's on a GPU) sets the pace
     for major in (0, 9):
         assert not any(cfg.finish_apart for cfg in kernel_module.candidate_configs(
@@ -846,6 +857,9 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes():
     assert finish_programs(65536, 2048, budget, 132) == 132  # at least one per SM
     assert finish_programs(65536, 8192, budget, 132) == 132
     assert finish_programs(20, 512, budget, 132) == 3  # one per 8-row tile
+    assert finish_programs(65536, 2048, budget, 132, min_waves=3) == 396
+    assert finish_programs(65536, 512, budget, 132, min_waves=3) == 660
+    assert finish_programs(20, 512, budget, 132, min_waves=3) == 3
 
 
 @pytest.fixture

@@ -143,9 +143,12 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                  " (staged: u centred by a pre-pass)" if cfg.staged else
                  " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split else "")
         if cfg.finish_apart:
-            label = (f"{label[:-1]}, finish apart)" if label else
-                     " (launcher, finish apart)" if cfg == base._replace(finish_apart=True)
-                     else " (finish apart)")
+            waves = (f", {cfg.finish_waves} finish programs per SM" if cfg.finish_waves
+                     else "")
+            label = (f"{label[:-1]}, finish apart{waves})" if label else
+                     f" (launcher, finish apart{waves})"
+                     if cfg._replace(finish_waves=0) == base._replace(finish_apart=True)
+                     else f" (finish apart{waves})")
         runs.append((cfg, label, {}))
         if cfg.block_cols > 128 and not cfg.finish_apart:
             runs.append((cfg, f" (wide tile, staged, {flip})", {"rerank_gate": int(not gated)}))
