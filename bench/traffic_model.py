@@ -379,18 +379,18 @@ def _ncp_finish(launch, precision, arch, ctas):
     part = part_f.numel() * _esize(part_f) + part_i.numel() * _esize(part_i)
     rerank = _rerank_rows(launch)
     gathered = rerank * n * d * ep
+    tiles = -(-n // bn)
     resident = min(launch.grid[0], conc) * bn * d * (row_e + 4) <= budget
     out = n * d * 4 + n * (4 * 4 + 8)
     hbm = part + n * d * row_e * (1 if resident else 2) + out
     hbm += gathered if c * d * ep > budget else c * d * ep
     l2 = part + 2 * n * d * row_e + gathered + out
     flops = 3.0 * n * (rerank + 1) * d
-    notes = [f"finish apart: {launch.grid[0]} programs over {-(-n // bn)} row tiles",
+    notes = [f"finish apart: {launch.grid[0]} programs over {tiles} row tiles",
              "row tiles re-read from L2" if resident else
              "row tiles of the resident programs exceed the L2 budget: rows read twice",
              f"{rerank} exact row(s) gathered per feature row (up to {n_cand} where classes "
              "tie within the GEMM's error); memory-bound by design"]
-    tiles = -(-n // bn)
     # programs that loop over row tiles all work to the end: no partial last wave
     waves = launch.grid[0] / conc if launch.grid[0] >= tiles else 1.0
     return finish(flops, flops, hbm, l2, "ieee", arch, waves, notes)

@@ -186,11 +186,11 @@ def finish_programs(n: int, d: int, l2_budget: int, n_sm: int, min_waves: int = 
     """Programs of the separate finish: whole waves of ``n_sm`` (as many programs on every SM)
     as keep their row tiles (8 rows of ``d`` fp32 read, and as many written) within
     ``l2_budget`` (the rest of the L2 holds the prototype rows the re-rank gathers and the
-    partials streaming through), at least ``min_waves`` per SM and at most one per row
-    tile."""
+    partials streaming through), at least ``min_waves`` per SM (and one) and at most one per
+    row tile."""
     rows = FINISH_TILE[0]
     tiles = -(-n // rows)
-    waves = max(min_waves, l2_budget // (2 * rows * d * 4) // n_sm)
+    waves = max(1, min_waves, l2_budget // (2 * rows * d * 4) // n_sm)
     return max(1, min(tiles, waves * n_sm))
 
 
@@ -303,6 +303,22 @@ def rerank_and_write(
 
 
 @triton.jit
+def _slot_row(pick, slots, r: tl.constexpr, stride_pc):
+    """Offsets of the prototype rows in slot ``r`` of the rows' candidate lists ``pick``."""
+    return tl.sum(tl.where(slots[None, :] == r, pick, 0), axis=1).to(tl.int64) * stride_pc
+
+
+@triton.jit
+def _row_part(proto_ptr, row, cols, mask_d, EVEN_D: tl.constexpr):
+    """The prototype rows at offsets ``row`` over the columns ``cols`` in fp32 (0 past D
+    unless ``EVEN_D``, where no column is past D)."""
+    ptrs = proto_ptr + row[:, None] + cols
+    if EVEN_D:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i, take, offs_n, mask_n, D,
                   stride_hn, stride_hd, stride_pc, stride_pd, inv_scale,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
@@ -321,10 +337,10 @@ def exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i, take, offs_n, mask_n, D,
     slots = tl.arange(0, N_CAND)
     live = take & mask_n[:, None]
     pick = tl.where(live, cand_i, 0)
-    row0 = tl.sum(tl.where(slots[None, :] == 0, pick, 0), axis=1).to(tl.int64) * stride_pc
-    row1 = tl.sum(tl.where(slots[None, :] == 1, pick, 0), axis=1).to(tl.int64) * stride_pc
-    row2 = tl.sum(tl.where(slots[None, :] == 2, pick, 0), axis=1).to(tl.int64) * stride_pc
-    row3 = tl.sum(tl.where(slots[None, :] == 3, pick, 0), axis=1).to(tl.int64) * stride_pc
+    row0 = _slot_row(pick, slots, 0, stride_pc)
+    row1 = _slot_row(pick, slots, 1, stride_pc)
+    row2 = _slot_row(pick, slots, 2, stride_pc)
+    row3 = _slot_row(pick, slots, 3, stride_pc)
     arange_d = tl.arange(0, BLOCK_D).to(tl.int64)
     u_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -339,24 +355,14 @@ def exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i, take, offs_n, mask_n, D,
         if WITH_USQ:
             u_acc += u * u
         if EVEN_D:
-            p_o = tl.load(pood_ptr + offs_d)
-            cols = offs_d[None, :] * stride_pd
-            t0 = tl.load(proto_ptr + row0[:, None] + cols).to(tl.float32)
-            t1 = tl.load(proto_ptr + row1[:, None] + cols).to(tl.float32)
-            t2 = tl.load(proto_ptr + row2[:, None] + cols).to(tl.float32)
-            t3 = tl.load(proto_ptr + row3[:, None] + cols).to(tl.float32)
+            p_o = tl.load(pood_ptr + offs_d)[None, :]
         else:
-            p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)
-            cols = offs_d[None, :] * stride_pd
-            m = mask_d[None, :]
-            t0 = tl.load(proto_ptr + row0[:, None] + cols, mask=m, other=0.0).to(tl.float32)
-            t1 = tl.load(proto_ptr + row1[:, None] + cols, mask=m, other=0.0).to(tl.float32)
-            t2 = tl.load(proto_ptr + row2[:, None] + cols, mask=m, other=0.0).to(tl.float32)
-            t3 = tl.load(proto_ptr + row3[:, None] + cols, mask=m, other=0.0).to(tl.float32)
-        d_0 = u - (t0 * inv_scale - p_o[None, :])
-        d_1 = u - (t1 * inv_scale - p_o[None, :])
-        d_2 = u - (t2 * inv_scale - p_o[None, :])
-        d_3 = u - (t3 * inv_scale - p_o[None, :])
+            p_o = tl.load(pood_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+        cols = offs_d[None, :] * stride_pd
+        d_0 = u - (_row_part(proto_ptr, row0, cols, mask_d, EVEN_D) * inv_scale - p_o)
+        d_1 = u - (_row_part(proto_ptr, row1, cols, mask_d, EVEN_D) * inv_scale - p_o)
+        d_2 = u - (_row_part(proto_ptr, row2, cols, mask_d, EVEN_D) * inv_scale - p_o)
+        d_3 = u - (_row_part(proto_ptr, row3, cols, mask_d, EVEN_D) * inv_scale - p_o)
         acc0 += d_0 * d_0
         acc1 += d_1 * d_1
         acc2 += d_2 * d_2

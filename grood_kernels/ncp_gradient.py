@@ -608,7 +608,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         after = (KernelLaunch(
             _ncp_finish_kernel,
             (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
-                             max(1, cfg.finish_waves)),),
+                             cfg.finish_waves),),
             (h, prototypes, prep.p_o, part_f, part_i,  # (STAGED: u from the gradient's rows)
              grad, q_ood, pred, min_dist, lse, usq_arg, psq,
              n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0), h.stride(1),

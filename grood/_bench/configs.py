@@ -142,13 +142,11 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                  " (single read: all of D in registers)" if cfg.single_read else
                  " (staged: u centred by a pre-pass)" if cfg.staged else
                  " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split else "")
-        if cfg.finish_apart:
+        if cfg.finish_apart:  # (the launcher's tiles, or the wide or staged ones)
             waves = (f", {cfg.finish_waves} finish programs per SM" if cfg.finish_waves
                      else "")
             label = (f"{label[:-1]}, finish apart{waves})" if label else
-                     f" (launcher, finish apart{waves})"
-                     if cfg._replace(finish_waves=0) == base._replace(finish_apart=True)
-                     else f" (finish apart{waves})")
+                     f" (launcher, finish apart{waves})")
         runs.append((cfg, label, {}))
         if cfg.block_cols > 128 and not cfg.finish_apart:
             runs.append((cfg, f" (wide tile, staged, {flip})", {"rerank_gate": int(not gated)}))
