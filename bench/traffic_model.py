@@ -337,14 +337,22 @@ def _ncp_epilogue(launch, precision, arch, ctas):
     once, the centred rows (the gradient's, written by the pre-pass) read twice (exact re-rank,
     gradient) and written once scaled, the re-ranked candidates' raw prototype rows gathered
     (:func:`_rerank_rows` per feature row; from L2 where the prototypes fit the budget, else
-    from HBM). The GEMM before it runs in the BLAS
+    from HBM). With ``FINISH=0`` (the finish apart) it reads the results and ``||u||^2`` and
+    writes the rows' partials only: the finish kernel after the chunks does the rest. The
+    GEMM before it runs in the BLAS
     (cuBLAS on a GPU) and is not modelled: it reads the rows and the prototypes and writes the
     results this kernel reads."""
     dots, protos = launch.args[0], launch.args[1]
-    r, c, d = launch.args[10], launch.args[12], launch.args[13]
+    r, c, d = launch.args[12], launch.args[14], launch.args[15]
     n_cand = launch.constexprs["N_CAND"]
     ep = _esize(protos)
-    results = r * c * _esize(dots)
+    results = r * dots.shape[1] * _esize(dots)  # (C padded to whole class blocks)
+    notes = ["split variant: the GEMM runs in the BLAS before this kernel (not modelled)"]
+    if not launch.constexprs.get("FINISH", 1):
+        hbm = results + r * 4 + r * (2 + 2 * n_cand) * 4
+        notes.append("finish apart: the rows' partials written; memory-bound by design")
+        return finish(8.0 * r * c, 8.0 * r * c, hbm, hbm, "ieee", arch,
+                      launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
     rerank = _rerank_rows(launch)
     gathered = rerank * r * d * ep
     rows = 3 * r * d * 4
@@ -352,9 +360,8 @@ def _ncp_epilogue(launch, precision, arch, ctas):
     hbm = results + rows + out + (gathered if c * d * ep > l2_budget(arch) else c * d * ep)
     l2 = results + rows + out + gathered
     flops = 3.0 * r * rerank * d + 8.0 * r * c
-    notes = ["split variant: the GEMM runs in the BLAS before this kernel (not modelled)",
-             f"{rerank} exact row(s) gathered per feature row (up to {n_cand} where classes "
-             "tie within the GEMM's error); memory-bound by design"]
+    notes.append(f"{rerank} exact row(s) gathered per feature row (up to {n_cand} where "
+                 "classes tie within the GEMM's error); memory-bound by design")
     return finish(flops, flops, hbm, l2, "ieee", arch,
                   launch.grid[0] / (ROOFS[arch]["sms"] * ctas), notes)
 

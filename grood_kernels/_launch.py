@@ -72,10 +72,11 @@ class LaunchConfig(NamedTuple):
         split (bool): the gradient step's variant whose GEMM runs in torch (cuBLAS on a GPU)
             over chunks of those rows, each followed by a Triton epilogue over its results
             (the tiles then describe the epilogue).
-        finish_apart (bool): the class-group kernel writes its partial results only, and a
-            launch of its own over small row tiles merges them, re-ranks and writes the
-            gradient (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`), instead of the
-            last program of each row block.
+        finish_apart (bool): the class-group kernel (or the split variant's epilogue)
+            writes its partial results only, and a launch of its own over small row tiles
+            merges them, re-ranks and writes the gradient
+            (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`), instead of the last
+            program of each row block (the epilogue's program).
         finish_waves (int): with ``finish_apart``, at least this many programs per SM for
             the finish (0: as many as keep their row tiles in L2,
             :func:`grood_kernels._ncp_finish.finish_programs`).

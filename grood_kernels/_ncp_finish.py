@@ -94,6 +94,21 @@ def gemm_error_sq(u_sq, p_sq, D, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def store_partials(part_f_ptr, part_i_ptr, row, mask_n, m, acc, cand_d, cand_i,
+                   N_CAND: tl.constexpr):
+    """Write one class group's partial result for a row tile at the partials' rows ``row``
+    (``group * N + offs_n``): ``[m, acc, cand_d...]`` in fp32 and ``cand_i`` in int32 (empty
+    slots -1), as :func:`finish_rows` reads them."""
+    W: tl.constexpr = 2 + N_CAND
+    slots = tl.arange(0, N_CAND)
+    tl.store(part_f_ptr + row * W, m, mask=mask_n)
+    tl.store(part_f_ptr + row * W + 1, acc, mask=mask_n)
+    tl.store(part_f_ptr + row[:, None] * W + 2 + slots[None, :], cand_d, mask=mask_n[:, None])
+    tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], tl.maximum(cand_i, -1),
+             mask=mask_n[:, None])
+
+
+@triton.jit
 def finish_rows(
     # pointers: inputs, the groups' partial results, outputs, ||u||^2 (STAGED), ||P_c||^2
     h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,

@@ -9,7 +9,9 @@ those rows by the prepared prototypes into an fp32 [rows, C] buffer, and
 the 4 nearest candidates, their exact distances from fp32 differences, ``q_ood``, ``pred``,
 ``min_dist``, ``lse`` and the gradient (the rows of ``u`` scaled in place). The same
 computation as the fused kernel, the GEMM's summation order aside; the buffer is bounded by
-:data:`SPLIT_BUFFER_ELEMENTS` (row chunks), so extra memory stays fixed at any N.
+:data:`SPLIT_BUFFER_ELEMENTS` (row chunks), so extra memory stays fixed at any N. With the
+finish apart the epilogue stops after its class loop and writes partial results, and the
+finish kernel re-ranks and writes every row after the last chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._ncp_finish import distances, rerank_and_write
+from grood_kernels._ncp_finish import distances, rerank_and_write, store_partials
 from grood_kernels._topk import insert_nearest
 from grood_kernels.contract import matmul_precision
 
@@ -27,8 +29,16 @@ from grood_kernels.contract import matmul_precision
 SPLIT_BUFFER_ELEMENTS = 1 << 26
 
 
+def padded_classes(c: int, block_cols: int) -> int:
+    """Columns of the buffer of GEMM results: C padded to whole ``block_cols`` blocks (the
+    GEMM writes the first C of each row, the rest hold zeros; the epilogue's tiles load whole
+    blocks)."""
+    return triton.cdiv(c, block_cols) * block_cols
+
+
 def split_rows(n: int, c: int, block_rows: int) -> int:
-    """Rows per chunk: as many whole row blocks as keep the buffer within its bound."""
+    """Rows per chunk: as many whole row blocks as keep the buffer (``c`` columns) within
+    its bound."""
     per = max(block_rows, (SPLIT_BUFFER_ELEMENTS // max(c, 1)) // block_rows * block_rows)
     return min(per, triton.cdiv(n, block_rows) * block_rows)
 
@@ -52,12 +62,14 @@ def split_gemm(rows: torch.Tensor, operand: torch.Tensor, out: torch.Tensor,
 def _block_distances(dots_ptr, psq_ptr, local, mask_n, c0, C, stride_dn, u_sq, scale,
                      BLOCK_C: tl.constexpr):
     """Distances of the chunk's rows ``local`` to classes ``c0 .. c0 + BLOCK_C`` from the
-    GEMM's results (+inf past C)."""
+    GEMM's results (+inf past C). The results' rows are padded to whole class blocks
+    (:func:`padded_classes`), so the tile loads with a row mask only: whole 16-byte vectors,
+    and a layout that keeps each row within one warp. Past C the padding holds zeros and the
+    shift ``||P||^2 / 2`` is +inf, a distance of +inf (:func:`distances`)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
     dots = tl.load(dots_ptr + local[:, None] * stride_dn + offs_c[None, :],
-                   mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-    p_sq = tl.load(psq_ptr + offs_c, mask=mask_c, other=float("inf"))
+                   mask=mask_n[:, None], other=0.0)
+    p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
     return distances(dots - 0.5 * p_sq[None, :], u_sq, scale)
 
 
@@ -65,8 +77,8 @@ def _block_distances(dots_ptr, psq_ptr, local, mask_n, c0, C, stride_dn, u_sq, s
 def _ncp_epilogue_kernel(
     # pointers: the chunk's GEMM results, prototypes, OOD prototype, ||P||^2, ||u||^2
     dots_ptr, proto_ptr, pood_ptr, psq_ptr, usq_ptr,
-    # pointers: outputs (the gradient's rows hold u on entry)
-    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr,
+    # pointers: outputs (the gradient's rows hold u on entry), or with FINISH=0 the partials
+    grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, part_f_ptr, part_i_ptr,
     # the chunk: its rows and first row; sizes and scalars
     R, row0, C, D, scale, inv_scale,
     # strides
@@ -74,12 +86,16 @@ def _ncp_epilogue_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr,
+    RERANK_GATE: tl.constexpr, FINISH: tl.constexpr = 1,
 ):
     """One row block of a chunk: the class blocks of its GEMM results with a running max /
     sum-exp and the N_CAND nearest candidates (as the fused kernel's class loop, the first
     block seeding), then the exact re-rank, the results and the gradient. Its loops are
-    software-pipelined over ``FINISH_STAGES`` (the next block's loads in flight)."""
+    software-pipelined over ``FINISH_STAGES`` (the next block's loads in flight). With
+    ``FINISH=0`` (``LaunchConfig.finish_apart``) it stops after the class loop and writes the
+    rows' running max, sum and candidates as the one class group's partial result, laid out as
+    the class-group kernel's, for :func:`grood_kernels._ncp_finish._ncp_finish_kernel` to
+    re-rank and finish over all rows once the chunks are done."""
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = local < R
@@ -100,8 +116,11 @@ def _ncp_epilogue_kernel(
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(-dist - m_new[:, None]), axis=1)
         m = m_new
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
-    rerank_and_write(grad_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr,
-                     lse_ptr, usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D,
-                     scale, inv_scale, stride_gn, stride_gd, stride_pc, stride_pd, stride_gn,
-                     stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1, FINISH_STAGES, DOT_MODE,
-                     RERANK_GATE)
+    if FINISH:
+        rerank_and_write(grad_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr,
+                         lse_ptr, usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C,
+                         D, scale, inv_scale, stride_gn, stride_gd, stride_pc, stride_pd,
+                         stride_gn, stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1, FINISH_STAGES,
+                         DOT_MODE, RERANK_GATE)
+    else:
+        store_partials(part_f_ptr, part_i_ptr, offs_n, mask_n, m, acc, cand_d, cand_i, N_CAND)

@@ -40,7 +40,9 @@ the launcher takes it in ``ieee`` on a GPU, where the BLAS's fp32 GEMM is far ah
 Triton's FMA dot (:func:`launch_config`). With ``finish_apart`` the class-group kernel only
 writes its partials and the finish runs as a launch of its own over 8-row tiles
 (:func:`grood_kernels._ncp_finish._ncp_finish_kernel`): every SM then finishes rows at once,
-where otherwise one program per 128-row block finishes them alone on its SM.
+where otherwise one program per 128-row block finishes them alone on its SM. The split
+variant takes it too: its epilogues run the class loop only, and one finish launch follows
+the chunks.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from grood_kernels._ncp_finish import (
     finish_rows,
     load_u,
     row_results,
+    store_partials,
     store_row_results,
 )
 from grood_kernels._prepare import (
@@ -85,7 +88,7 @@ from grood_kernels._prepare import (
     operand_dtype,
     prepare_prototypes,
 )
-from grood_kernels._split import _ncp_epilogue_kernel, split_gemm, split_rows
+from grood_kernels._split import _ncp_epilogue_kernel, padded_classes, split_gemm, split_rows
 from grood_kernels._topk import first_nearest, insert_nearest
 from grood_kernels._tuning import autotune_enabled, tune
 from grood_kernels.contract import (
@@ -290,9 +293,10 @@ def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 6
     """The split variant (:mod:`grood_kernels._split`: pre-pass, ``torch.mm`` over row
     chunks, a Triton epilogue per chunk) where its mode applies; ``tiles`` are the
     epilogue's (rows, classes, D-step of the re-rank, warps): by default 32 x 64, 64-wide
-    D-steps, 4 warps, the configuration an H200 timed (2026-12-04). For sm_90a it spills 12 B
-    outside its loops at C = 100 and 1,000 now that the re-rank is not gated there (168
-    registers, 3 CTAs/SM; 128 classes spill more); :data:`SPLIT_EPILOGUE_TILES` do not."""
+    D-steps, 4 warps, the configuration an H200 timed (2026-12-04). For sm_90a it compiles
+    without spills (190 registers, 2 CTAs/SM, as triton 3.6 compiled the timed kernel; with
+    the GEMM's results in unpadded rows, triton 3.9 held it to 168 registers and spilled 12
+    B); for sm_100a it spills 12 B outside its loops at C = 100 and 1,000."""
     if precision not in PREPASS_PRECISIONS:
         return None
     rows, cols, step, warps = tiles
@@ -300,10 +304,10 @@ def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 6
 
 
 #: The split variant's other epilogue tiles, autotuning candidates in ``ieee`` (where the
-#: launcher takes the split variant on a GPU): spill-free for sm_90a (triton 3.9) at every
-#: report shape, where the launcher's spills 12 B: 32 x 32 with 32-wide D-steps on 4 warps
-#: (126 registers, 4 CTAs/SM at C = 1,000), and the launcher's tiles on 8 warps (128
-#: registers, 2 CTAs/SM). Not timed on a GPU yet.
+#: launcher takes the split variant on a GPU): spill-free for sm_90a and sm_100a (triton 3.9)
+#: at every report shape: 32 x 32 with 32-wide D-steps on 4 warps (126 registers, 4 CTAs/SM
+#: at C = 1,000), and the launcher's tiles on 8 warps (128 registers, 2 CTAs/SM). Not timed
+#: on a GPU yet.
 SPLIT_EPILOGUE_TILES = ((32, 32, 32, 4), (32, 64, 64, 8))
 
 
@@ -316,7 +320,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     :data:`SPLIT_EPILOGUE_TILES` too), and in the tensor-core modes the launcher's, the wide
     tile's and the staged variant's class-group kernels with the finish apart (the
     launcher's also with the finish's programs filling the SMs, where the L2 rule leaves
-    fewer)."""
+    fewer); last, in every mode the split variant has, its epilogue with the finish apart."""
     fitted: list[LaunchConfig | None] = [
         launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
@@ -326,7 +330,8 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     fitted.append(single_read_config(c, d, precision))
     staged = staged_config(n, c, d, precision, h_bytes, n_sm)
     fitted.append(staged)
-    fitted.append(split_config(c, d, precision))
+    split = split_config(c, d, precision)
+    fitted.append(split)
     if precision == "ieee":
         fitted += [split_config(c, d, precision, tiles) for tiles in SPLIT_EPILOGUE_TILES]
     else:  # the finish apart (in ieee the FMA K-loop, or the BLAS's, sets the pace)
@@ -338,6 +343,8 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
             # the launcher's tiles with the finish's programs filling the SMs instead
             apart.insert(1, apart[0]._replace(finish_waves=FINISH_OCCUPANCY))
         fitted += apart
+    if split is not None:  # its epilogue's class loop only, the finish over every row after
+        fitted.append(split._replace(finish_apart=True))
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
@@ -485,14 +492,8 @@ def _ncp_gradient_kernel(
             cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C,
                                             FLAT_GATE=FLAT_GATE)
 
-    # Partial result of this group: [m, acc, cand_d...] (fp32) and cand_i (int32) per row.
-    W: tl.constexpr = 2 + N_CAND
-    row = group * N + offs_n
-    tl.store(part_f_ptr + row * W, m, mask=mask_n)
-    tl.store(part_f_ptr + row * W + 1, acc, mask=mask_n)
-    tl.store(part_f_ptr + row[:, None] * W + 2 + slots[None, :], cand_d, mask=mask_n[:, None])
-    tl.store(part_i_ptr + row[:, None] * N_CAND + slots[None, :], tl.maximum(cand_i, -1),
-             mask=mask_n[:, None])
+    store_partials(part_f_ptr, part_i_ptr, group * N + offs_n, mask_n, m, acc, cand_d, cand_i,
+                   N_CAND)
     if FINISH:
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
@@ -595,7 +596,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows)}, warps, 1),)
     if cfg.split:
         return (*pre, *_split_steps(rows, prototypes, prep, psq, u_sq, dots, outputs,
-                                    precision, cfg))
+                                    precision, cfg, part_f, part_i))
     if prep.operand.shape[0] % cfg.block_cols:  # its tiles are loaded without masks
         raise ValueError(f"a {cfg.block_cols}-class tile passes the prepared operand's "
                          f"{prep.operand.shape[0]} padded rows")
@@ -604,20 +605,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
     usq_arg = u_sq if cfg.staged else psq  # unread unless staged
     after: tuple[KernelLaunch, ...] = ()
     if cfg.finish_apart:
-        bn, bd, warps, f_stages = FINISH_TILE
-        after = (KernelLaunch(
-            _ncp_finish_kernel,
-            (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
-                             cfg.finish_waves),),
-            (h, prototypes, prep.p_o, part_f, part_i,  # (STAGED: u from the gradient's rows)
-             grad, q_ood, pred, min_dist, lse, usq_arg, psq,
-             n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0), h.stride(1),
-             prototypes.stride(0), prototypes.stride(1), grad.stride(0), grad.stride(1)),
-            {"BLOCK_N": bn, "BLOCK_D": fit_tile(bd, d), "N_CAND": NCP_CANDIDATES,
-             "STAGED": int(cfg.staged), "FINISH_STAGES": f_stages,
-             "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate,
-             "EVEN_D": int(d % fit_tile(bd, d) == 0)},
-            warps, 1),)
+        after = (_finish_launch(h, prototypes, prep, psq, usq_arg, part_f, part_i, outputs,
+                                precision, cfg, gate),)
         stages, counters = 0, part_i  # no program of the class-group kernel finishes
     return (*pre, KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
@@ -634,29 +623,65 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         cfg.num_warps, cfg.num_stages), *after)
 
 
+def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f, part_i,
+                   outputs, precision: str, cfg: LaunchConfig, gate: int) -> KernelLaunch:
+    """The finish as a launch of its own (``finish_apart``) over every row, after the
+    kernels that wrote ``cfg.n_split`` class groups' partials; with the staged and split
+    variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg``."""
+    grad, q_ood, pred, min_dist, lse = outputs
+    n, d = grad.shape
+    bn, bd, warps, f_stages = FINISH_TILE
+    staged = cfg.staged or cfg.split
+    return KernelLaunch(
+        _ncp_finish_kernel,
+        (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
+                         cfg.finish_waves),),
+        (h, prototypes, prep.p_o, part_f, part_i,  # (STAGED: u from the gradient's rows)
+         grad, q_ood, pred, min_dist, lse, usq_arg, psq,
+         n, prototypes.shape[0], d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0),
+         h.stride(1), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
+         grad.stride(1)),
+        {"BLOCK_N": bn, "BLOCK_D": fit_tile(bd, d), "N_CAND": NCP_CANDIDATES,
+         "STAGED": int(staged), "FINISH_STAGES": f_stages,
+         "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate,
+         "EVEN_D": int(d % fit_tile(bd, d) == 0)},
+        warps, 1)
+
+
 def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, outputs,
-                 precision: str, cfg: LaunchConfig) -> tuple[TorchCall | KernelLaunch, ...]:
+                 precision: str, cfg: LaunchConfig, part_f=None, part_i=None
+                 ) -> tuple[TorchCall | KernelLaunch, ...]:
     """The split variant after its pre-pass: per chunk of rows, the GEMM of the centred rows
-    by the prepared prototypes in torch, then the epilogue kernel over its results."""
+    by the prepared prototypes in torch, then the epilogue kernel over its results; with the
+    finish apart the epilogues write partials (``part_f``, ``part_i``) and one finish launch
+    over every row follows the chunks."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     c = prototypes.shape[0]
     chunk = dots.shape[0]
     operand = prep.operand[:c, :d]  # the padding holds zeros; the BLAS needs none
+    gate = int(rerank_gate(c, d, precision))
+    apart = int(cfg.finish_apart)
+    # (with the finish apart the epilogues' result pointers go unused: the finish writes them)
+    parts = (part_f, part_i) if apart else (psq, psq)  # unread unless FINISH=0
     steps: list[TorchCall | KernelLaunch] = []
     for r0 in range(0, n, chunk):
         r = min(chunk, n - r0)
-        steps.append(TorchCall(split_gemm, (rows[r0:r0 + r], operand, dots[:r], precision)))
+        steps.append(TorchCall(split_gemm, (rows[r0:r0 + r], operand, dots[:r, :c],
+                                            precision)))
         steps.append(KernelLaunch(
             _ncp_epilogue_kernel, (triton.cdiv(r, cfg.block_rows),),
-            (dots, prototypes, prep.p_o, psq, u_sq, grad, q_ood, pred, min_dist, lse,
+            (dots, prototypes, prep.p_o, psq, u_sq, grad, q_ood, pred, min_dist, lse, *parts,
              r, r0, c, d, prep.scale, 1.0 / prep.scale,
              dots.stride(0), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
              grad.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision],
-             "RERANK_GATE": int(rerank_gate(c, d, precision))},
+             "RERANK_GATE": gate, "FINISH": 1 - apart},
             cfg.num_warps, cfg.num_stages))
+    if apart:
+        steps.append(_finish_launch(grad, prototypes, prep, psq, u_sq, part_f, part_i,
+                                    outputs, precision, cfg, gate))
     return tuple(steps)
 
 
@@ -679,7 +704,7 @@ class Scratch(NamedTuple):
     counters: torch.Tensor | None  # arrivals per row block (none with the finish apart)
     u_sq: torch.Tensor | None  # ||u||^2 per row (staged and split variants)
     op_rows: torch.Tensor | None  # bf16 rows of u (staged and split variants in bf16)
-    dots: torch.Tensor | None  # the split variant's fp32 [rows, C] GEMM results, per chunk
+    dots: torch.Tensor | None  # the split variant's fp32 GEMM results [rows, C padded], per chunk
 
 
 def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
@@ -694,15 +719,20 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
     op_rows = (torch.empty((n, d), dtype=torch.bfloat16, device=device)
                if centred and precision == "bf16" else None)
     if cfg.split:
-        dots = torch.empty((split_rows(n, c, cfg.block_rows), c), dtype=torch.float32,
+        cols = padded_classes(c, cfg.block_cols)
+        dots = torch.empty((split_rows(n, cols, cfg.block_rows), cols), dtype=torch.float32,
                            device=device)
-        return Scratch(None, None, None, u_sq, op_rows, dots)
+        dots[:, c:].zero_()  # the padding: the GEMM writes the first C columns of a row
+        if not cfg.finish_apart:
+            return Scratch(None, None, None, u_sq, op_rows, dots)
+    else:
+        dots = None
     counters = (None if cfg.finish_apart else
                 torch.zeros(triton.cdiv(n, cfg.block_rows), dtype=torch.int32, device=device))
     return Scratch(
         torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
         torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-        counters, u_sq, op_rows, None)
+        counters, u_sq, op_rows, dots)
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
@@ -723,7 +753,7 @@ def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.floa
                                    dt=operand_dtype(precision)), meta(c), meta(d), 1.0)
     def scratch(cfg):  # the split variant as one chunk: its epilogue's facts for all N rows
         s = _scratch(n, c, d, cfg, precision, "meta")
-        return s._replace(dots=meta(n, c)) if cfg.split else s
+        return s._replace(dots=meta(n, padded_classes(c, cfg.block_cols))) if cfg.split else s
 
     return [launch for cfg in cfgs
             for launch in _plan(meta(n, d, dt=dtype), meta(c, d, dt=dtype), prep, meta(c),

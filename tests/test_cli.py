@@ -1331,10 +1331,13 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     assert apart == [" (launcher, finish apart)",
                      " (launcher, finish apart, 3 finish programs per SM)",
                      " (wide tile, staged, finish apart)",
-                     " (staged: u centred by a pre-pass, finish apart)"]
+                     " (staged: u centred by a pre-pass, finish apart)",
+                     " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
     runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
     assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]
     assert not any("finish" in over for _, _, over in runs)
+    assert [label for cfg, label, _ in runs if cfg.finish_apart] == [
+        " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
 
 
 def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
@@ -1362,6 +1365,10 @@ def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
              if isinstance(launch, KernelLaunch)
              and launch.fn is kernel_module._ncp_epilogue_kernel]
     assert gates == [1, 1, 1, 1]
+    # the epilogue's FINISH is not the class-group kernel's: no partials to stop at
+    with pytest.raises(ValueError, match="split variant, whose epilogue finishes"):
+        configs.launch_step(h, protos, prep, configs.step_buffers(100, 24, "cpu"), "ieee", cfg,
+                            0)
 
 
 def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
@@ -1453,6 +1460,24 @@ def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
     assert [cells[1].split(":")[0].strip() for cells in roofs] == ["L2", "HBM", "HBM"]
     assert all(float(cells[3]) > 0 and float(cells[4]) >= 0 for cells in roofs)
     assert text.index("| L2:") < text.index("| tiny-100 |")
+
+
+def test_bench_anatomy_of_the_split_launcher_leaves_out_the_finish_stages(monkeypatch):
+    """Where the launcher is the split variant (``ieee`` on a GPU) the anatomy has no kernel
+    without its finish, nor with its finish's loops plain: every stage it lists runs."""
+    pytest.importorskip("triton")
+    from grood._bench import anatomy
+    from grood._bench.configs import TINY_CONFIG_SHAPES
+    from grood_kernels import ncp_gradient as kernel_module
+
+    monkeypatch.setattr(kernel_module, "launch_config", lambda n, c, d, precision, **kw:
+                        kernel_module.split_config(c, d, precision))
+    text = "\n".join(anatomy.anatomy_table("cpu", TINY_CONFIG_SHAPES[:1], ["ieee"], repeat=1))
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| tiny")]
+    stages = [cells[3].strip() for cells in rows]
+    assert stages[-1] == "whole step (launcher)" and "failed" not in text
+    assert not any("finish" in stage for stage in stages)
+    assert "whole step, split variant (torch GEMM, Triton epilogue)" in stages
 
 
 def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):

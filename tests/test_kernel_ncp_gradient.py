@@ -824,10 +824,11 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
 
 def test_finish_apart_is_offered_in_the_tensor_core_modes():
     """Autotuning candidates in the tensor-core modes (never the launcher's own choice): the
-    launcher's class-group kernel, the wide tile and the staged variant, each with the finish
-    apart; its grid is whole waves of programs whose row tiles stay within the L2 budget, one
-    program per SM at least, one per row tile at most; the launcher's tiles also with 3
-    finish programs per SM (what its registers allow) where that rule leaves fewer."""
+    launcher's class-group kernel, the wide tile, the staged and the split variants, each
+    with the finish apart; its grid is whole waves of programs whose row tiles stay within
+    the L2 budget, one program per SM at least, one per row tile at most; the launcher's
+    tiles also with 3 finish programs per SM (what its registers allow) where that rule
+    leaves fewer. In ieee only the split variant's epilogue takes it."""
     from grood_kernels._ncp_finish import finish_programs
 
     for precision in ("tf32", "bf16"):
@@ -838,19 +839,25 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes():
         assert apart == [launcher, launcher._replace(finish_waves=3)] + [
             cfg._replace(finish_apart=True) for cfg in (
                 kernel_module.wide_config(65536, 1000, 2048, precision, 4),
-                kernel_module.staged_config(65536, 1000, 2048, precision, 4))]
+                kernel_module.staged_config(65536, 1000, 2048, precision, 4),
+                kernel_module.split_config(1000, 2048, precision))]
         # the finish's grid: one program per SM by the L2 rule at D = 2,048, or 3 per SM
         grids = [launch.grid for launch in kernel_module.compile_launches(
             65536, 1000, 2048, precision, configs="all", major=9)
             if launch.fn.__name__ == "_ncp_finish_kernel"]
-        assert grids == [(132,), (396,), (132,), (132,)]
+        assert grids == [(132,), (396,), (132,), (132,), (132,)]
     # where the L2 rule already gives the SMs 3 programs or more, no second grid is offered
     assert not any(cfg.finish_waves for cfg in kernel_module.candidate_configs(
         65536, 100, 512, "tf32", 4, major=9))
-    # not in ieee, where the K-loop (FMA, or the BLAS's on a GPU) sets the pace
+    # in ieee (the K-loop, FMA or the BLAS's on a GPU, sets the pace) the split variant only,
+    # and tf32x3 (no split variant) has the class-group kernels'
     for major in (0, 9):
-        assert not any(cfg.finish_apart for cfg in kernel_module.candidate_configs(
-            65536, 1000, 2048, "ieee", 4, major=major))
+        apart = [cfg for cfg in kernel_module.candidate_configs(
+            65536, 1000, 2048, "ieee", 4, major=major) if cfg.finish_apart]
+        assert apart == [kernel_module.split_config(1000, 2048, "ieee")._replace(
+            finish_apart=True)]
+    assert not any(cfg.split for cfg in kernel_module.candidate_configs(
+        65536, 1000, 2048, "tf32x3", 4, major=9))
     budget = kernel_module.L2_BUDGET
     assert finish_programs(65536, 512, budget, 132) == 660  # 5 per SM: 21 MB of row tiles
     assert finish_programs(65536, 1024, budget, 132) == 264
@@ -900,6 +907,44 @@ def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeyp
     _assert_matches_twin(res, h, protos, p_ood)
 
 
+@pytest.mark.parametrize(("n", "c", "d"), [(1, 1, 1), (33, 70, 33), (7, 130, 70),
+                                     *EVEN_D_SHAPES],
+                         ids=["N1-C1-D1", "N33-C70-D33", "N7-C130-D70",
+                              *[f"N{n}-C{c}-D{d}" for n, c, d in EVEN_D_SHAPES]])
+@pytest.mark.parametrize("precision", ["ieee", "tf32",
+                                       pytest.param("bf16", marks=NEEDS_BF16)])
+def test_split_variant_with_finish_apart_matches_float64_twin(n, c, d, precision, monkeypatch,
+                                                              poisoned_outputs):
+    """The split variant's epilogue with the finish apart: over chunks of 32 rows it runs the
+    class loop only and writes partials (``FINISH=0``), then one finish launch (3 programs
+    over 8-row tiles) re-ranks every row from ``u`` in the gradient's rows; every output
+    against the twin, outputs and scratch poisoned first."""
+    from grood_kernels import _split
+
+    seen = []
+    real_run = kernel_module.run
+
+    def run(launch):
+        if isinstance(launch, kernel_module.KernelLaunch):  # (not the torch GEMM)
+            seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
+        real_run(launch)
+
+    monkeypatch.setattr(kernel_module, "run", run)
+    monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+    monkeypatch.setattr(kernel_module, "launch_config", lambda n_, c_, d_, precision_, **kw:
+                        kernel_module.split_config(c_, d_, precision_)._replace(
+                            finish_apart=True))
+    monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
+    h, protos, p_ood = _problem(n, c, d)
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
+    epilogues = [ce for name, ce, _ in seen if name == "_ncp_epilogue_kernel"]
+    assert len(epilogues) == -(-n // 32) and all(ce["FINISH"] == 0 for ce in epilogues)
+    assert seen[-1][0] == "_ncp_finish_kernel" and seen[-1][2] == (3,)
+    assert seen[-1][1]["STAGED"] == 1
+    assert seen[-1][1]["EVEN_D"] == int((n, c, d) in EVEN_D_SHAPES)
+
+
 def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     """A candidate in ieee, tf32 and bf16 (never the launcher's own choice); tf32x3, which no
     BLAS runs as the kernels do, refuses it. Its buffer of GEMM results stays within its
@@ -909,10 +954,12 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     for precision in ("ieee", "tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
         splits = [cfg for cfg in cands if cfg.split]
-        assert len(splits) == (3 if precision == "ieee" else 1) and not cands[0].split
-        # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8
-        assert [(cfg.block_cols, cfg.block_d, cfg.num_warps) for cfg in splits[1:]] == (
+        assert len(splits) == (4 if precision == "ieee" else 2) and not cands[0].split
+        # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8;
+        # last, the launcher's tiles with the finish apart
+        assert [(cfg.block_cols, cfg.block_d, cfg.num_warps) for cfg in splits[1:-1]] == (
             [(32, 32, 4), (64, 64, 8)] if precision == "ieee" else [])
+        assert splits[-1] == splits[0]._replace(finish_apart=True)
     assert kernel_module.split_config(1000, 2048, "tf32x3") is None
     h, protos, _ = _problem(8, 3, 16)
     cfg = kernel_module.split_config(3, 16, "tf32")
@@ -921,6 +968,11 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     rows = _split.split_rows(65536, 21841, 32)
     assert rows % 32 == 0 and 0 < rows * 21841 <= _split.SPLIT_BUFFER_ELEMENTS
     assert _split.split_rows(100, 10, 32) == 128  # one chunk of whole row blocks
+    # the buffer's rows padded to whole class blocks, the padding zeros (the epilogue's
+    # tiles load whole blocks with no column mask)
+    cfg = kernel_module.split_config(70, 33, "ieee")
+    dots = kernel_module._scratch(100, 70, 33, cfg, "ieee", "cpu").dots
+    assert cfg.block_cols == 64 and dots.shape[1] == 128 and not dots[:, 70:].any()
 
 
 def test_autotune_leaves_out_a_configuration_that_fails_on_the_device(tmp_path, monkeypatch):
@@ -1238,8 +1290,9 @@ def test_ieee_on_a_gpu_takes_the_split_variant_where_the_prototypes_fit_l2():
              in kernel_module.compile_launches(65536, 1000, 2048, "ieee", major=9)]
     assert names == ["_centre_rows_kernel", "_ncp_epilogue_kernel"]
     cands = kernel_module.candidate_configs(65536, 1000, 2048, "ieee", 4, major=9)
-    # the fused tiles stay on, beside the split variant's other epilogue tiles
-    assert cands[0].split and sum(cfg.split for cfg in cands) == 1 + len(
+    # the fused tiles stay on, beside the split variant's other epilogue tiles and its
+    # epilogue with the finish apart
+    assert cands[0].split and sum(cfg.split for cfg in cands) == 2 + len(
         kernel_module.SPLIT_EPILOGUE_TILES)
     assert any(not cfg.split for cfg in cands)
 

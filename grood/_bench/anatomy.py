@@ -12,7 +12,9 @@ and so again with the first tile's candidates by insertion where the launcher ta
 ``first_nearest`` (``ONE_BLOCK=0``: what that shorter tile epilogue saves);
 the whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them
 in the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
-epilogue) and the launcher's. The differences between rows are the stages' costs.
+epilogue) and the launcher's. Where the launcher is the split variant (``ieee`` on a GPU) the
+two ``FINISH`` stages are left out: its epilogue finishes its rows itself. The differences
+between rows are the stages' costs.
 """
 
 from __future__ import annotations
@@ -164,14 +166,17 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                                             best, True)), True),
                 ("staged pre-pass alone (u and its norms written)",
                  partial(run, pre), False)]
-        stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
-                       partial(launch_step, h, protos, prep, outs, precision, cfg, 0), True))
-        if kernel.one_block(c, cfg, precision) and one_block_target(target_major(h.device)):
+        if not cfg.split:  # (the split variant's epilogue has no partials to stop at)
+            stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
+                           partial(launch_step, h, protos, prep, outs, precision, cfg, 0),
+                           True))
+        if (not cfg.split and kernel.one_block(c, cfg, precision)
+                and one_block_target(target_major(h.device))):
             stages.append(("kernel without the finish, first tile's top-4 by insertion "
                            "(ONE_BLOCK off)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0,
                                    one_block=0), True))
-        if kernel.finish_stages(precision, cfg.block_cols) > 1:
+        if not cfg.split and kernel.finish_stages(precision, cfg.block_cols) > 1:
             stages.append(("whole step, the finish's loops not pipelined",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 1),
                            True))

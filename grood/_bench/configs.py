@@ -176,9 +176,10 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
     last = plan[-1]
     override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block}
     override = {key: value for key, value in override.items() if value is not None}
-    if finish is not None and cfg.finish_apart:
+    if finish is not None and (cfg.finish_apart or cfg.split):
         raise ValueError("FINISH is the class-group kernel's own finish; this configuration "
-                         "finishes in a launch of its own")
+                         + ("finishes in a launch of its own" if cfg.finish_apart else
+                            "is the split variant, whose epilogue finishes its rows itself"))
     if override:
         assert isinstance(last, KernelLaunch)  # (the step's own kernels come last)
         steps = {p.fn for p in plan[-2 if cfg.finish_apart else -1:]}
