@@ -21,8 +21,10 @@
 # with whatever the steps produced. The lent machines' image has everything grood needs
 # except faiss: carry faiss-cpu's wheel (as the device README describes, on PYTHONPATH) for the
 # report's faiss row; without it the report says faiss is not installed. REPEAT sets the timed
-# runs per entry (default 3). Each step's start time and end status (seconds since the script
-# began) are printed with a "[gpu_check]" prefix.
+# runs per entry (default 3); CONFIGS_MATCH (a regular expression) limits the configs step to
+# the launcher's row and the rows whose label it matches, e.g. CONFIGS_MATCH="finish apart".
+# Each step's start time and end status (seconds since the script began) are printed with a
+# "[gpu_check]" prefix.
 #
 #   TINY=1 bash bench/gpu_check.sh    # the same steps at tiny sizes on the CPU (interpreter)
 set -uo pipefail
@@ -30,6 +32,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export CONFIGS_MATCH="${CONFIGS_MATCH:-}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget="${BUDGET:-560}"
 if [[ "${TINY:-0}" == 1 ]]; then
@@ -109,7 +112,7 @@ run_step() {
         | tee '$out/gpu_anatomy.md'" ;;
     configs) step 300 "gradient-step launch configurations (the launcher's and each candidate)" \
         "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
-        | tee '$out/gpu_configs.md'" ;;
+        ${CONFIGS_MATCH:+--configs-match \"\$CONFIGS_MATCH\"} | tee '$out/gpu_configs.md'" ;;
     report) step 200 "report: accuracy and timings of the gradient step, the head in compiled programs" \
         "python bench/gpu_report.py ${size[*]} --only gradient --only head --repeat ${REPEAT:-3} \
         --json '$out/gpu_report.json' | tee '$out/gpu_report.md'" ;;

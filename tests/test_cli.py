@@ -1310,6 +1310,27 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert (float(best[2]), best[1]) in timed
 
 
+def test_bench_configs_table_times_only_the_rows_asked_for(capsys):
+    """``--configs-match``: per shape and mode the launcher's own row (the reference) and the
+    rows whose label matches, nothing else; a pattern that is no regular expression is
+    refused by the parser."""
+    pytest.importorskip("triton")
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs",
+                 "--configs-match", "finish apart"]) == 0
+    text = capsys.readouterr().out
+    for name in ("tiny-10", "tiny-100"):
+        for precision in ("ieee", "tf32"):
+            rows = [line for line in text.splitlines()
+                    if line.startswith(f"| {name} | {precision} |")]
+            assert "(launcher)" in rows[0] and "| 1.00x |" in rows[0]
+            assert len(rows) > 1 and all("finish apart" in row for row in rows[1:])
+            assert all("re-rank gate" not in row for row in rows)
+    with pytest.raises(SystemExit):
+        main(["bench", "--tiny", "--device", "cpu", "--only", "configs",
+              "--configs-match", "finish (apart"])
+    assert "not a regular expression" in capsys.readouterr().err
+
+
 def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way and its
     finish unpipelined, and the wide staged tile both ways; in ieee (the split variant) the

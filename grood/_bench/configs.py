@@ -11,6 +11,7 @@ once (warm-up, not timed).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from functools import partial
 from typing import NamedTuple
@@ -73,11 +74,13 @@ def tuning_problems(device: str, shapes, precisions) -> Iterator[TuningProblem]:
 
 
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
-                 repeat: int = 3) -> Iterator[str]:
+                 repeat: int = 3, match: re.Pattern | None = None) -> Iterator[str]:
     """Markdown rows: every candidate configuration of the gradient step, timed (needs
     triton: this module is imported only where the Triton kernels can run); after the table,
     per shape and mode the fastest run whose results agree with the launcher's (as the
-    autotuner judges agreement), the evidence for changing the launcher's choice."""
+    autotuner judges agreement), the evidence for changing the launcher's choice. With
+    ``match``, only the runs whose label it finds (:func:`config_runs`) besides the
+    launcher's own, which runs first as the reference."""
     yield ("| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
            "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |")
     yield "|---|---|---|---|---|---|---|---|"
@@ -87,7 +90,9 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
                                          target_major(h.device))
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
-        for cfg, label, override in config_runs(cands, c, d, precision):
+        for i, (cfg, label, override) in enumerate(config_runs(cands, c, d, precision)):
+            if i and match is not None and not match.search(label):
+                continue
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
             row = (f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"
                    f"{label} | {cfg.n_split} | ")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 from datetime import date
 
@@ -54,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nearest-neighbour search, or (only when asked) the gradient "
                              "step's launch configurations side by side and its stages "
                              "timed apart")
+    parser.add_argument("--configs-match", default=None, metavar="REGEX", type=_regex_arg,
+                        help="in the launch configurations' table, time only the rows whose "
+                             "label matches this regular expression, e.g. 'finish apart' "
+                             "(the launcher's own row always runs first, as the reference "
+                             "the others are compared with)")
+
+
+def _regex_arg(text: str) -> re.Pattern:
+    """``--configs-match``: a regular expression, refused with argparse's message if it
+    does not compile."""
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({exc}): {text!r}") from None
 
 
 #: The report's parts, in the order they run; all but "configs" by default.
@@ -150,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
             from grood._bench.configs import CONFIG_SHAPES, TINY_CONFIG_SHAPES, config_table
 
             _emit(config_table(device, TINY_CONFIG_SHAPES if args.tiny
-                                         else CONFIG_SHAPES, repeat=args.repeat))
+                                         else CONFIG_SHAPES, repeat=args.repeat,
+                               match=args.configs_match))
             print("\nThe launcher's configuration first, then the same with its exact "
                   "re-rank's gate the other way (off: every candidate re-ranked; on: the "
                   "GEMM-nearest, the others where the GEMM's error lets them be nearer), then "
