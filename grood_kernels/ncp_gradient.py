@@ -662,8 +662,9 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
     operand = prep.operand[:c, :d]  # the padding holds zeros; the BLAS needs none
     gate = int(rerank_gate(c, d, precision))
     apart = int(cfg.finish_apart)
-    # (with the finish apart the epilogues' result pointers go unused: the finish writes them)
-    parts = (part_f, part_i) if apart else (psq, psq)  # unread unless FINISH=0
+    # the partials' pointers are written only with the finish apart (FINISH=0), and the
+    # results' then only by the finish kernel
+    parts = (part_f, part_i) if apart else (psq, psq)
     steps: list[TorchCall | KernelLaunch] = []
     for r0 in range(0, n, chunk):
         r = min(chunk, n - r0)
