@@ -166,17 +166,18 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                                             best, True)), True),
                 ("staged pre-pass alone (u and its norms written)",
                  partial(run, pre), False)]
-        if not cfg.split:  # (the split variant's epilogue has no partials to stop at)
+        fused = not cfg.split  # (the split variant's epilogue has no partials to stop at)
+        if fused:
             stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0),
                            True))
-        if (not cfg.split and kernel.one_block(c, cfg, precision)
+        if (fused and kernel.one_block(c, cfg, precision)
                 and one_block_target(target_major(h.device))):
             stages.append(("kernel without the finish, first tile's top-4 by insertion "
                            "(ONE_BLOCK off)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0,
                                    one_block=0), True))
-        if not cfg.split and kernel.finish_stages(precision, cfg.block_cols) > 1:
+        if fused and kernel.finish_stages(precision, cfg.block_cols) > 1:
             stages.append(("whole step, the finish's loops not pipelined",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 1),
                            True))
