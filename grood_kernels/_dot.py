@@ -25,6 +25,15 @@ def to_bf16(x):
 
 
 @triton.jit
+def round_tf32(x):
+    """fp32 values rounded to the nearest TF32 value (10 mantissa bits; ties away from zero,
+    as ``cvt.rna.tf32.f32``). Tensor cores read a TF32 operand's top 19 bits, truncating:
+    every product then errs the same way, and over D terms of one sign the errors add up
+    instead of cancelling. Rounded first, they are unbiased."""
+    return ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot_t(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b.T`` for ``a`` [M, K] and ``b`` [N, K] (rows of both operands along K)."""
     if DOT_MODE == 3:

@@ -25,7 +25,8 @@ class PreparedPrototypes(NamedTuple):
     """The GEMM operand made from the prototypes, once per (prototypes, p_o, mode, scale)."""
 
     operand: torch.Tensor  # [C_pad, D_pad] fp32 or bf16: (p_c - p_o) / scale, zero-padded;
-    #                        tf32x3: [C_pad, 4 D_pad], per feature (hi, lo, hi, lo)
+    #                        tf32: rounded to nearest TF32; tf32x3: [C_pad, 4 D_pad], per
+    #                        feature (hi, lo, hi, lo)
     sq_norms: torch.Tensor  # [C] fp32, ||p_c / scale - p_o / scale||^2
     p_o: torch.Tensor  # [D] fp32, p_o / scale
     scale: float
@@ -66,10 +67,19 @@ def _prepare(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: s
             quad = operand[r0:r1].view(r1 - r0, d_pad, 4)
             quad[:, :d, 0] = quad[:, :d, 2] = hi
             quad[:, :d, 1] = quad[:, :d, 3] = centred - hi
+        elif precision == "tf32":  # rounded to nearest (the MMA would truncate)
+            operand[r0:r1, :d] = tf32_nearest(centred)
         else:
             operand[r0:r1, :d] = centred
         sq[r0:r1] = (centred * centred).sum(1)
     return PreparedPrototypes(operand, sq, p_o, scale)
+
+
+def tf32_nearest(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to the nearest TF32 value (10 mantissa bits, ties away from zero,
+    as :func:`grood_kernels._dot.round_tf32` in the kernels and ``cvt.rna.tf32.f32``): tensor
+    cores truncate a TF32 operand, and truncated products all err one way."""
+    return ((x.contiguous().view(torch.int32) + 4096) & -8192).view(torch.float32)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -1298,9 +1298,15 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 3 + len(set(cands[1:]))
         assert "(launcher, the finish's loops not pipelined)" in rows[2]
         assert sum("single read" in row for row in rows) == (c <= 16)
-        for row in rows:  # every candidate agrees with the launcher's results
+        # every candidate agrees with the launcher's results: in ieee to fp32 rounding; in
+        # tf32 within the autotuner's agreement (kernel._agree), as the operands' TF32
+        # rounding differs (the launcher rounds its centred tile, the staged rows reach the
+        # MMA truncated, the split variant's BLAS takes them in fp32 here) and the gate
+        # leaves GEMM terms in the sum
+        for row in rows + ieee:
             cells = [cell.strip() for cell in row.split("|")]
-            assert float(cells[-3]) < 1e-5 and float(cells[-2]) == 0.0
+            assert float(cells[-3]) < (1e-3 if "| tf32 |" in row else 1e-5)
+            assert float(cells[-2]) == 0.0
         # after the table, the fastest of them, one line per shape and mode
         (best,) = [re.fullmatch(rf"- {name} tf32: (.*), ([0-9.]+) ms, [0-9.]+x as fast as "
                                 r"the launcher", line) for line in text.splitlines()
