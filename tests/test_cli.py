@@ -1244,6 +1244,13 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
         row = next(line for line in text.splitlines()
                    if line.startswith(f"| triton, re-rank gate {gate} | {precision} | "))
         assert float(row.split("|")[4]) < 1e-5 and row.endswith("| 0.000 % |")
+    # Then clustered features at ImageNet-1k's C and D (here tiny): every mode of each backend.
+    table = text.split("Clustered post-ReLU features at ImageNet-1k's C and D")[1]
+    table = table.split("\n\n", 2)[1].splitlines()
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:]}
+    assert {("triton", "ieee"), ("triton", "tf32"), ("torch", "bf16"),
+            ("torch closed form", "tf32")} <= set(cells)
+    assert float(cells[("triton", "ieee")].split("|")[4]) < 1e-5
 
 
 def test_bench_at_full_size_under_the_interpreter_says_it_takes_hours(capsys, monkeypatch):

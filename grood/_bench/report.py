@@ -26,6 +26,7 @@ from grood._bench.gradient import (
     FULL_SHAPES,
     TINY_SHAPES,
     accuracy_table,
+    clustered_table,
     hard_softmax_table,
     timing_table,
 )
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
                 _emit(accuracy_table(device, backend, args.tiny))
                 print()
             _emit(hard_softmax_table(device, backends, args.tiny))
+            print()
+            _emit(clustered_table(device, backends, args.tiny))
             print()
         shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
         _emit(timing_table(device, backends, shapes, args.repeat))
