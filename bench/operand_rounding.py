@@ -35,7 +35,9 @@ N_CAND = 4  # the kernels' candidates re-ranked exactly
 def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
     """fp32 values truncated to TF32's 10 mantissa bits: what tensor cores read of an fp32
     operand (``tests/conftest.py`` emulates them so)."""
-    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    from grood_kernels._prepare import tf32_truncated
+
+    return tf32_truncated(x.float())
 
 
 def tf32_rounded(x: torch.Tensor) -> torch.Tensor:
@@ -123,15 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=2048)
     args = parser.parse_args(argv)
-    from grood._bench.common import realistic_features
+    from grood._bench.common import clustered_problem
     from grood._bench.gradient import hard_softmax_features
 
     n, c, d = args.rows, args.classes, args.dim
     hard_h, hard_p = hard_softmax_features(max(2000, n), c, d, seed=1, device="cpu")
-    real_p = realistic_features(c, c, d, seed=4, device="cpu")[0]
     sets = [("hard softmax", hard_h[:n], hard_p),
-            ("clustered post-ReLU", realistic_features(n, c, d, seed=3, device="cpu")[0],
-             real_p)]
+            ("clustered post-ReLU", *clustered_problem(n, c, d, "cpu"))]
     print(f"The GEMM's operands rounded each way (emulated), N = {n}, C = {c}, D = {d}; "
           "errors against float64:\n")
     print("| data | ||h|| / ||u|| median, max | precision | GEMM operands | "

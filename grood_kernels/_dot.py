@@ -34,14 +34,19 @@ def round_tf32(x):
 
 
 @triton.jit
-def dot_t(a, b, acc, DOT_MODE: tl.constexpr):
-    """``acc + a @ b.T`` for ``a`` [M, K] and ``b`` [N, K] (rows of both operands along K)."""
+def dot_t(a, b, acc, DOT_MODE: tl.constexpr, ROUND_A: tl.constexpr = 0):
+    """``acc + a @ b.T`` for ``a`` [M, K] and ``b`` [N, K] (rows of both operands along K).
+    With ``ROUND_A`` a tf32 dot's ``a`` (fp32, in registers) is rounded to TF32 first
+    (:func:`round_tf32`), as bf16's operands are rounded; without it the MMA truncates it (an
+    operand loaded straight for the MMA, or one prepared rounded)."""
     if DOT_MODE == 3:
         acc = tl.dot(to_bf16(a), tl.trans(to_bf16(b)), acc)
     elif DOT_MODE == 2:
         acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
                      input_precision="tf32x3")
     elif DOT_MODE == 1:
+        if ROUND_A:
+            a = round_tf32(a.to(tl.float32))
         acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="tf32")
     else:
         acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")

@@ -63,7 +63,7 @@ def _prepare(prototypes: torch.Tensor, ood_prototype: torch.Tensor, precision: s
         centred = prototypes[r0:r0 + 4096].to(torch.float32) / scale - p_o
         r1 = r0 + centred.shape[0]
         if split:  # tf32x3: per feature (hi, lo, hi, lo); hi exact in tf32, lo the rest
-            hi = (centred.view(torch.int32) & -8192).view(torch.float32)
+            hi = tf32_truncated(centred)
             quad = operand[r0:r1].view(r1 - r0, d_pad, 4)
             quad[:, :d, 0] = quad[:, :d, 2] = hi
             quad[:, :d, 1] = quad[:, :d, 3] = centred - hi
@@ -80,6 +80,12 @@ def tf32_nearest(x: torch.Tensor) -> torch.Tensor:
     as :func:`grood_kernels._dot.round_tf32` in the kernels and ``cvt.rna.tf32.f32``): tensor
     cores truncate a TF32 operand, and truncated products all err one way."""
     return ((x.contiguous().view(torch.int32) + 4096) & -8192).view(torch.float32)
+
+
+def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` with its low 13 mantissa bits dropped: what tensor cores read of an fp32
+    operand of a TF32 MMA (and tf32x3's ``hi`` part)."""
+    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
 
 
 def _cdiv(a: int, b: int) -> int:

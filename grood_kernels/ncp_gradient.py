@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._centre import CENTRE_TILE, _centre_rows_kernel
-from grood_kernels._dot import check_bf16_runs, dot_t, round_tf32
+from grood_kernels._dot import check_bf16_runs, dot_t
 from grood_kernels._launch import (
     DEFAULT_SMS,
     KernelLaunch,
@@ -411,12 +411,8 @@ def _class_block_dots(
             p4 = tl.load(op_ptr + offs_c[:, None] * stride_oc + 4 * d0
                          + tl.arange(0, 4 * BLOCK_D)[None, :])
             dots = dot_t(a, p4, dots, 1)
-        elif DOT_MODE == 1 and not STAGED:
-            # rounded to TF32, not truncated by the MMA (grood_kernels._dot.round_tf32); the
-            # staged rows go to the MMA as loaded, truncated
-            dots = dot_t(round_tf32(u), p, dots, DOT_MODE)
-        else:
-            dots = dot_t(u, p, dots, DOT_MODE)
+        else:  # (the tile centred here rounded to TF32; the staged rows go as loaded)
+            dots = dot_t(u, p, dots, DOT_MODE, ROUND_A=1 - STAGED)
     p_sq = tl.load(psq_ptr + offs_c, mask=offs_c < C, other=float("inf"))
     if WITH_SQ:
         u_sq = tl.sum(sq, axis=1)
@@ -541,10 +537,7 @@ def _ncp_single_read_kernel(
     # The prepared operand is zero-padded to whole tiles of 64 columns; D_PAD may pass them.
     p = tl.load(op_ptr + offs_c[:, None] * stride_oc + offs_d[None, :], mask=mask_d[None, :],
                 other=0.0)
-    a = u
-    if DOT_MODE == 1:  # rounded, not truncated by the MMA (grood_kernels._dot.round_tf32)
-        a = round_tf32(u)
-    dots = dot_t(a, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), DOT_MODE) \
+    dots = dot_t(u, p, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), DOT_MODE, ROUND_A=1) \
         - 0.5 * p_sq[None, :]
     dist = distances(dots, u_sq, scale)
     cand_d, cand_i, nearest = first_nearest(dist, 0, BLOCK_N, N_CAND, BLOCK_C)

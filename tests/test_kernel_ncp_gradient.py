@@ -60,6 +60,22 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(kernel_module.torch, "empty", empty)
 
 
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """The Triton launches the launcher runs, as ``(kernel name, constexprs, grid)`` in order
+    (not the split variant's torch GEMM), recorded while they run."""
+    seen = []
+    real_run = kernel_module.run
+
+    def run(launch):
+        if isinstance(launch, kernel_module.KernelLaunch):
+            seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
+        real_run(launch)
+
+    monkeypatch.setattr(kernel_module, "run", run)
+    return seen
+
+
 def _assert_matches_twin(res, h, protos, p_ood, rtol=1e-5):
     """Every output finite and equal to the float64 twin's within fp32 rounding (``rtol``:
     wider for tf32 and bf16, whose GEMM terms remain for the prototypes past the exactly
@@ -795,20 +811,13 @@ EVEN_D_SHAPES = [(37, 40, 64), (20, 70, 256)]
 @pytest.mark.parametrize("precision", MODES)
 @pytest.mark.parametrize("staged_rows", [False, True], ids=["h", "staged"])
 def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
-                                           poisoned_outputs):
+                                           poisoned_outputs, kernel_launches):
     """The class-group kernel writes its partials only (``FINISH=0``) and the finish runs as a
     launch of its own: 3 programs looping over 8-row tiles (the kernel's 16-row blocks and
     the last tile cut short by N), several class groups (16-class blocks), h read through its
     strides or, staged, u from the gradient's rows, D masked or a whole number of steps;
     every output against the twin, outputs and scratch poisoned first."""
-    seen = []
-    real_run = kernel_module.run
-
-    def run(launch):
-        seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
-        real_run(launch)
-
-    monkeypatch.setattr(kernel_module, "run", run)
+    seen = kernel_launches
     monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
     monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: kernel_module.LaunchConfig(
         16, 16, 16, 4, 2, min(3, -(-c // 16)), staged=staged_rows, finish_apart=True))
@@ -915,22 +924,15 @@ def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeyp
 @pytest.mark.parametrize("precision", ["ieee", "tf32",
                                        pytest.param("bf16", marks=NEEDS_BF16)])
 def test_split_variant_with_finish_apart_matches_float64_twin(n, c, d, precision, monkeypatch,
-                                                              poisoned_outputs):
+                                                              poisoned_outputs,
+                                                              kernel_launches):
     """The split variant's epilogue with the finish apart: over chunks of 32 rows it runs the
     class loop only and writes partials (``FINISH=0``), then one finish launch (3 programs
     over 8-row tiles) re-ranks every row from ``u`` in the gradient's rows; every output
     against the twin, outputs and scratch poisoned first."""
     from grood_kernels import _split
 
-    seen = []
-    real_run = kernel_module.run
-
-    def run(launch):
-        if isinstance(launch, kernel_module.KernelLaunch):  # (not the torch GEMM)
-            seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
-        real_run(launch)
-
-    monkeypatch.setattr(kernel_module, "run", run)
+    seen = kernel_launches
     monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
     monkeypatch.setattr(kernel_module, "launch_config", lambda n_, c_, d_, precision_, **kw:
                         kernel_module.split_config(c_, d_, precision_)._replace(

@@ -41,6 +41,14 @@ def realistic_features(n: int, n_classes: int, dim: int, *, seed: int, device: s
     return x.to(device), labels.to(device)
 
 
+def clustered_problem(n: int, c: int, d: int, device: str) -> tuple[Tensor, Tensor]:
+    """``(h, prototypes)``: ``n`` rows of :func:`realistic_features` (seed 3) and ``c``
+    prototypes drawn the same way (seed 4): the gradient step's timing table's data, the launch
+    configurations' and the clustered accuracy table's."""
+    h = realistic_features(n, c, d, seed=3, device=device)[0]
+    return h, realistic_features(c, c, d, seed=4, device=device)[0]
+
+
 def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[Tensor, ...]:
     """``(train, labels, id_test, near_ood)`` in float64: ``c`` classes ``sep`` from their mean,
     of unit spread (q_ood falls like exp(-sep)); the near-OOD rows' centres are pulled 10 %

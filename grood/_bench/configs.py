@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from grood._bench.common import median_time, realistic_features
+from grood._bench.common import clustered_problem, median_time
 from grood_kernels import ncp_gradient as kernel
 from grood_kernels._launch import KernelLaunch, LaunchConfig, run, sm_count, target_major
 from grood_kernels._prepare import PreparedPrototypes, prepare_prototypes
@@ -62,8 +62,7 @@ def tuning_problems(device: str, shapes, precisions) -> Iterator[TuningProblem]:
     prepared per precision (bf16 only on a GPU: the interpreter's bf16 dot is not the
     hardware's)."""
     for name, n, c, d in shapes:
-        h, _ = realistic_features(n, c, d, seed=3, device=device)
-        protos, _ = realistic_features(c, c, d, seed=4, device=device)
+        h, protos = clustered_problem(n, c, d, device)
         p_ood = protos.mean(0)
         for precision in precisions:
             if precision == "bf16" and device != "cuda":

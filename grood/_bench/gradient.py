@@ -21,6 +21,7 @@ from torch import Tensor
 from grood import functional, ood_metrics, ops
 from grood._bench.common import (
     PRECISIONS,
+    clustered_problem,
     device_peaks,
     interleaved_median_times,
     median_time,
@@ -154,8 +155,7 @@ def clustered_table(device: str, backends: list[str], tiny: bool) -> list[str]:
     candidates hold enough of the softmax for TF32's operand rounding to show: truncated, it
     put tf32's q_ood 4.1e-3 off float64 there (emulated, 2026-12-04)."""
     n, c, d = (64, 100, 64) if tiny else (2000, 1000, 2048)
-    h = realistic_features(n, c, d, seed=3, device=device)[0]
-    protos = realistic_features(c, c, d, seed=4, device=device)[0]
+    h, protos = clustered_problem(n, c, d, device)
     p_ood = protos.double().mean(0).float()
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     return [f"Clustered post-ReLU features at ImageNet-1k's C and D (N = {n}, C = {c}, "
@@ -220,8 +220,7 @@ def timing_table(device: str, backends: list[str], shapes, repeat: int) -> Itera
 def _time_shape(name: str, n: int, c: int, d: int, device: str, backends: list[str],
                 repeat: int) -> list[str]:
     peaks = device_peaks(device)
-    h, _ = realistic_features(n, c, d, seed=3, device=device)
-    protos, _ = realistic_features(c, c, d, seed=4, device=device)
+    h, protos = clustered_problem(n, c, d, device)
     p_ood = protos.mean(0)
     n_auto = min(n, 64)
     t_auto = median_time(partial(autograd_reference, h[:n_auto], protos, p_ood), device, 1)
