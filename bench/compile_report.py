@@ -138,7 +138,7 @@ def compile_launch(launch, arch: str) -> dict:
            "wgmma_a": wgmma_a_operand(ttgir),
            "registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
            "cubin": None, "sass_counts": {}, "hot_loop": None, "tile_epilogue": None,
-           "assembler": None}
+           "own_finish": None, "assembler": None}
     ptxas = _tool("ptxas-blackwell")
     if ptxas is None:
         rec["assembler"] = "ptxas-blackwell not found in this triton: TTGIR facts only"
@@ -161,6 +161,10 @@ def compile_launch(launch, arch: str) -> dict:
             rec["sass_counts"] = sass_counts(sass)
             rec["hot_loop"] = hot_loop(sass)
             rec["tile_epilogue"] = tile_epilogue(sass)
+            if launch.fn.__name__ == "_ncp_gradient_kernel" and launch.constexprs["FINISH"]:
+                d, block_d = launch.args[15], launch.constexprs["BLOCK_D"]
+                rec["own_finish"] = own_finish(sass, launch.args[18], -(-d // block_d),
+                                               bool(launch.constexprs["RERANK_GATE"]))
             # What runs: the waits ptxas left in the K-loops (TTGIR's are only asked for).
             if rec["hot_loop"] is not None and rec["hot_loop"]["gsb_waits"] is not None:
                 rec["wgmma_pendings"] = rec["hot_loop"]["gsb_waits"]
@@ -317,15 +321,54 @@ def tile_epilogue(sass: str) -> int | None:
     K-loop or without an atomic (the search, the single-read and split variants). A static
     count: a fresh candidate list runs all of its insertion rounds, so every instruction
     counted runs."""
-    code, loops, found = _k_loops(sass)
-    if found is None:
-        return None
-    end = max(lp[1] for lp in found[0])
-    atomic = min((a for a, op, _, _ in code if a > end and op in ("ATOMG", "ATOM", "RED")),
-                 default=None)
+    code, loops, end, atomic = _hand_off(sass)
     if atomic is None or any(end < lp[1] and lp[0] < atomic for lp in loops):
         return None
     return sum(1 for a, *_ in code if end < a < atomic)
+
+
+def _hand_off(sass: str):
+    """``(code, loops, end, atomic)``: the SASS parsed (:func:`_k_loops`), the address where
+    the last K-loop ends and that of the first ``ATOM`` / ``RED`` after it (the gradient
+    step's arrival counter), None for either where there is none."""
+    code, loops, found = _k_loops(sass)
+    if found is None:
+        return code, loops, None, None
+    end = max(lp[1] for lp in found[0])
+    atomic = min((a for a, op, _, _ in code if a > end and op in ("ATOMG", "ATOM", "RED")),
+                 default=None)
+    return code, loops, end, atomic
+
+
+def own_finish(sass: str, groups: int, d_steps: int, gated: bool) -> int | None:
+    """The SASS instructions per warp of the finish that the last program of a row block
+    runs (the gradient step's code after its arrival counter's atomic), loops counted by their
+    trips: the merge of the class groups' partials (the loop with ``MUFU``, its
+    exponentials; none where one group is specialised away) ``groups`` times, every other
+    loop (the passes over D) ``d_steps`` times, except, where the re-rank is ``gated``, its
+    second pass (the second of those loops without a global store: run only in a tile whose
+    candidates tie within the GEMM's error), and the code outside them once. None without a
+    K-loop, without the atomic (the search, the single-read and split variants, the finish
+    apart), or where those loops nest."""
+    code, loops, _, atomic = _hand_off(sass)
+    if atomic is None:
+        return None
+    after = [lp for lp in loops if lp[0] > atomic and lp[1] > lp[0]]  # (not the exit's trap)
+    if any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for lp in after for o in after):
+        return None
+    total = sum(1 for a, *_ in code if a > atomic)
+    passes = 0
+    for lp in sorted(after):
+        body = [op for a, op, _, _ in code if lp[0] <= a <= lp[1]]
+        if "MUFU" in body:
+            trips = groups
+        elif not any(op.startswith("ST") for op in body):  # a re-rank pass
+            passes += 1
+            trips = 0 if gated and passes == 2 else d_steps
+        else:  # the gradient's pass
+            trips = d_steps
+        total += len(body) * (trips - 1)
+    return total
 
 
 #: Hopper tensor-core multiply-adds per SM per cycle, dense, by operand type (an H100 SXM's
@@ -445,12 +488,14 @@ def _record(kernel, label, dims, precision, arch, index, launch, dump):
         "wgmma_serialized": facts["wgmma_serialized"], "wgmma_a": facts["wgmma_a"],
         "sass": facts["sass_counts"], "hot_loop": facts["hot_loop"],
         "issue_ratio": issue_ratio(facts["hot_loop"]), "tile_epilogue": facts["tile_epilogue"],
+        "own_finish": facts["own_finish"],
         "grid": grid, "waves": round(grid / (n_sm * ctas), 2), "assembler": facts["assembler"],
         "kernels": KERNEL_SOURCES,
     }
     rec.update(traffic_model.model(kernel, launch, dims, precision, arch, ctas,
                                    issue_ratio=rec["issue_ratio"],
-                                   tile_epilogue=rec["tile_epilogue"]))
+                                   tile_epilogue=rec["tile_epilogue"],
+                                   own_finish=rec["own_finish"]))
     return rec
 
 
@@ -483,8 +528,8 @@ def markdown(records: list[dict]) -> str:
     lines = [
         "| kernel | mode | shape | arch | function | tiles | warps/stages | regs | spills st/ld "
         "| smem | CTAs/SM (limit) | MMA (A from) | pendings | K-step issue / MMA "
-        "| tile epilogue | grid | waves |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tile epilogue | own finish | grid | waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         tiles = ",".join(str(v) for v in r["block"].values())
@@ -503,7 +548,8 @@ def markdown(records: list[dict]) -> str:
             f"{_kb(r['smem_bytes'])} | {r['ctas_per_sm']} ({r['ctas_limit']}) | {r['mma']}"
             f"{'' if r.get('wgmma_a') is None else ' (' + r['wgmma_a'] + ')'} | "
             f"{_pendings(r)} | {_ratio(r.get('issue_ratio'))} | "
-            f"{r.get('tile_epilogue') or '–'} | {r['grid']} | {r['waves']} |")
+            f"{r.get('tile_epilogue') or '–'} | {r.get('own_finish') or '–'} | {r['grid']} | "
+            f"{r['waves']} |")
     reasons = sorted({r["wgmma_serialized"] for r in records if r.get("wgmma_serialized")})
     if reasons:
         lines += ["", "Serialized by ptxas (its \"Potential Performance Loss\" note; every "
@@ -511,8 +557,9 @@ def markdown(records: list[dict]) -> str:
     lines += [
         "",
         "| kernel | mode | shape | arch | GFLOP | HBM | L2 | compute ms | HBM ms | L2 ms "
-        "| K-loop issue ms | binding | best fraction of compute roof | tile epilogue ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K-loop issue ms | binding | best fraction of compute roof | tile epilogue ms "
+        "| own finish ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in records:
@@ -526,7 +573,8 @@ def markdown(records: list[dict]) -> str:
             f"{r['flops'] / 1e9:.1f} | {_bytes(r['hbm_bytes'])} | {_bytes(r['l2_bytes'])} | "
             f"{b['compute']:.3f} | {b['hbm']:.3f} | {b['l2']:.3f} | "
             f"{_ratio(b.get('issue'), 3)} | {r['binding_roof']} | "
-            f"{100 * r['structure_fraction']:.0f} % | {_ratio(r.get('epilogue_ms'), 3)} |")
+            f"{100 * r['structure_fraction']:.0f} % | {_ratio(r.get('epilogue_ms'), 3)} | "
+            f"{_ratio(r.get('finish_ms'), 3)} |")
     return "\n".join(lines)
 
 
@@ -534,9 +582,10 @@ JSON_KEYS = ("kernel", "function", "precision", "shape", "dims", "arch", "config
              "num_warps", "num_stages", "registers", "spill_store_bytes", "spill_load_bytes",
              "smem_bytes", "ctas_per_sm", "ctas_limit", "mma", "wgmma_pendings",
              "wgmma_pendings_ttgir", "wgmma_serialized", "wgmma_a", "issue_ratio",
-             "tile_epilogue", "sass", "hot_loop", "grid",
+             "tile_epilogue", "own_finish", "sass", "hot_loop", "grid",
              "waves", "flops", "hbm_bytes", "l2_bytes", "bound_ms", "binding_roof",
-             "structure_fraction", "epilogue_ms", "model_notes", "assembler", "kernels")
+             "structure_fraction", "epilogue_ms", "finish_ms", "model_notes", "assembler",
+             "kernels")
 
 
 def header() -> str:

@@ -140,16 +140,37 @@ def epilogue_ms(tile_epilogue: int | None, launch, arch: str) -> float | None:
     return round(programs * tile_epilogue * launch.num_warps / 4 / (clock * 1e9) * 1e3, 4)
 
 
+def finish_ms(own_finish: int | None, launch, arch: str) -> float | None:
+    """The time the gradient step's own finish needs to issue (the compile report's count of
+    SASS instructions per warp that the last program of a row block runs after the hand-off,
+    loops counted by their trips), at one instruction per cycle on each of the SM's 4
+    schedulers, over the row blocks each SM finishes: ``ceil(row blocks / SMs) x count x
+    warps / 4`` cycles at the target's clock. A floor, not a bound the binding roof takes:
+    that program runs it alone on its SM (one CTA per SM in the tensor-core modes) while the
+    tensor cores wait, and its loads wait on L2 (the H200 took about 1.67 ms for it in tf32
+    at ImageNet-1k, 2026-12-04, where this floor is 0.24 ms for triton 3.6's code). None
+    without a count or a clock (sm_100a)."""
+    clock = ROOFS[arch].get("clock_ghz")
+    if own_finish is None or clock is None:
+        return None
+    row_blocks = math.prod(launch.grid) // launch.args[18]  # (programs: row blocks x groups)
+    per_sm = math.ceil(row_blocks / ROOFS[arch]["sms"])
+    return round(per_sm * own_finish * launch.num_warps / 4 / (clock * 1e9) * 1e3, 4)
+
+
 def model(kernel: str, launch, dims, precision: str, arch: str, ctas: int,
-          issue_ratio: float | None = None, tile_epilogue: int | None = None) -> dict:
+          issue_ratio: float | None = None, tile_epilogue: int | None = None,
+          own_finish: int | None = None) -> dict:
     """The model of one launch; dispatched on the kernel function's name. ``issue_ratio`` (the
     compile report's, where it has one) adds the K-loop's issue bound, ``tile_epilogue`` the
-    epilogue's issue estimate (:func:`epilogue_ms`)."""
+    epilogue's issue estimate (:func:`epilogue_ms`), ``own_finish`` the gradient step's
+    finish's (:func:`finish_ms`)."""
     fn = MODELS.get(launch.fn.__name__)
     if fn is None:
         raise KeyError(f"no traffic model for {launch.fn.__name__}")
     rec = with_issue_bound(fn(launch, precision, arch, ctas), issue_ratio, precision, arch)
-    return {**rec, "epilogue_ms": epilogue_ms(tile_epilogue, launch, arch)}
+    return {**rec, "epilogue_ms": epilogue_ms(tile_epilogue, launch, arch),
+            "finish_ms": finish_ms(own_finish, launch, arch)}
 
 
 def _rerank_rows(launch) -> int:

@@ -122,6 +122,22 @@ def rerank_gate(c: int, d: int, precision: str) -> bool:
     return c * d * 4 > L2_BUDGET
 
 
+def lean_finish(precision: str, gate: int) -> bool:
+    """Whether the class-group kernel's own finish (the last program of a row block) runs
+    its passes over D lean (:func:`grood_kernels._ncp_finish.exact_sq_lean`: each candidate's
+    prototype row picked once per tile, squares summed per element and across the row once
+    after the loop, no select after a load), as the separate finish does: in tf32 and bf16
+    where every candidate is re-ranked (no ``gate``). Compiled for sm_90a at ImageNet-1k
+    (128 x 128 tiles, 8 warps) the finish's SASS instructions per warp and row block fall
+    from 58,900 to 28,200 in tf32 (triton 3.6: 55,500 to 31,500; bf16 alike), within the
+    registers the K-loop leaves (235 -> 255, no spills, one CTA per SM before and after) and
+    with the same wgmma groups in flight; that program runs the finish alone on its SM while
+    the tensor cores wait (the finish took about 1.67 of the tf32 step's 3.71 ms on an H200,
+    2026-12-04). Not in tf32x3 (at C = 10 its kernel would lose its second CTA per SM), nor
+    where the gate is on (C = 21,841: there the counts went both ways)."""
+    return precision in ("tf32", "bf16") and not gate
+
+
 #: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
 #: registers (the wgmma's A operand) so that, inside the class loop, ptxas serializes every
 #: wgmma of the kernel (its note C7513, "non wgmma instructions defining input registers of a
@@ -439,14 +455,16 @@ def _ncp_gradient_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
     FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False, RERANK_GATE: tl.constexpr = 0,
-    ONE_BLOCK: tl.constexpr = 0,
+    ONE_BLOCK: tl.constexpr = 0, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
     # stages leave free; see finish_stages). 0 (measurement only, ``grood bench --only
     # anatomy``): the partials are written and no program finishes the rows, so the finish's
     # share can be taken apart. ONE_BLOCK: every class group is one class block (the launcher
-    # knows; ``blocks_per_group`` is then 1).
+    # knows; ``blocks_per_group`` is then 1). LEAN: the finish's passes over D as the separate
+    # finish runs them (see lean_finish); EVEN_D: D a whole number of K-steps (no column masks
+    # in those passes).
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -503,7 +521,8 @@ def _ncp_gradient_kernel(
                         grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE, RERANK_GATE)
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE, RERANK_GATE,
+                        LEAN, EVEN_D)
 
 
 @triton.jit
@@ -602,12 +621,13 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
                          f"{prep.operand.shape[0]} padded rows")
     gate = int(rerank_gate(c, d, precision))
     stages = finish_stages(precision, cfg.block_cols)
+    lean = int(lean_finish(precision, gate))
     usq_arg = u_sq if cfg.staged else psq  # unread unless staged
     after: tuple[KernelLaunch, ...] = ()
     if cfg.finish_apart:
         after = (_finish_launch(h, prototypes, prep, psq, usq_arg, part_f, part_i, outputs,
                                 precision, cfg, gate),)
-        stages, counters = 0, part_i  # no program of the class-group kernel finishes
+        stages, counters, lean = 0, part_i, 0  # no program of the class-group kernel finishes
     return (*pre, KernelLaunch(
         _ncp_gradient_kernel, (triton.cdiv(n, cfg.block_rows) * cfg.n_split,),
         (rows, prep.operand, prototypes, prep.p_o, psq, part_f, part_i, counters,
@@ -619,7 +639,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": stages, "RERANK_GATE": gate,
-         "ONE_BLOCK": int(one_block(c, cfg, precision))},
+         "ONE_BLOCK": int(one_block(c, cfg, precision)), "LEAN": lean,
+         "EVEN_D": int(bool(lean) and d % cfg.block_d == 0)},
         cfg.num_warps, cfg.num_stages), *after)
 
 

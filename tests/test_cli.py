@@ -1302,8 +1302,9 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert "(launcher, re-rank gate on)" in ieee[1]
         cands = kernel.candidate_configs(n, c, d, "tf32", 4)
         assert cands[0] == kernel.launch_config(n, c, d, "tf32")
-        assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 3 + len(set(cands[1:]))
+        assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 4 + len(set(cands[1:]))
         assert "(launcher, the finish's loops not pipelined)" in rows[2]
+        assert "(launcher, the finish's passes plain: per-step gathers and sums)" in rows[3]
         assert sum("single read" in row for row in rows) == (c <= 16)
         # every candidate agrees with the launcher's results: in ieee to fp32 rounding; in
         # tf32 within the autotuner's agreement (kernel._agree), as the operands' TF32
@@ -1345,9 +1346,10 @@ def test_bench_configs_table_times_only_the_rows_asked_for(capsys):
 
 
 def test_bench_configs_table_flips_what_a_gpu_run_left_open():
-    """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way and its
-    finish unpipelined, and the wide staged tile both ways; in ieee (the split variant) the
-    gate only, which its epilogue takes on every chunk."""
+    """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way, its
+    finish unpipelined and its finish's passes plain (as an H200 timed it), and the wide
+    staged tile both ways; in ieee (the split variant) the gate only, which its epilogue
+    takes on every chunk; where the gate is on (C = 21,841) the finish is plain already."""
     pytest.importorskip("triton")
     from grood._bench.configs import config_runs
     from grood_kernels import ncp_gradient as kernel
@@ -1355,8 +1357,11 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     dims = (65536, 1000, 2048)
     runs = config_runs(kernel.candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
     labels = [label for _, label, _ in runs]
-    assert labels[:3] == [" (launcher)", " (launcher, re-rank gate on)",
-                          " (launcher, the finish's loops not pipelined)"]
+    assert labels[:4] == [" (launcher)", " (launcher, re-rank gate on)",
+                          " (launcher, the finish's loops not pipelined)",
+                          " (launcher, the finish's passes plain: per-step gathers and sums)"]
+    assert [over for _, _, over in runs[:4]] == [{}, {"rerank_gate": 1}, {"finish": 1},
+                                                 {"lean": 0}]
     wide = [(cfg, over) for cfg, label, over in runs if label.startswith(" (wide tile")]
     assert [over for _, over in wide] == [{}, {"rerank_gate": 1}, {}]
     assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)
@@ -1369,9 +1374,12 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
                      " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
     runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
     assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]
-    assert not any("finish" in over for _, _, over in runs)
+    assert not any("finish" in over or "lean" in over for _, _, over in runs)
     assert [label for cfg, label, _ in runs if cfg.finish_apart] == [
         " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
+    big = (65536, 21841, 1024)
+    runs = config_runs(kernel.candidate_configs(*big, "tf32", 4, major=9), *big[1:], "tf32")
+    assert not any("lean" in over for _, _, over in runs)
 
 
 def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
@@ -1403,6 +1411,9 @@ def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
     with pytest.raises(ValueError, match="split variant, whose epilogue finishes"):
         configs.launch_step(h, protos, prep, configs.step_buffers(100, 24, "cpu"), "ieee", cfg,
                             0)
+    with pytest.raises(ValueError, match="split variant, whose epilogue finishes"):
+        configs.launch_step(h, protos, prep, configs.step_buffers(100, 24, "cpu"), "ieee", cfg,
+                            lean=1)
 
 
 def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
@@ -1430,6 +1441,8 @@ def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
     assert main.constexprs["FINISH"] == 0 and main.constexprs["ONE_BLOCK"] == 1
     with pytest.raises(ValueError, match="finishes in a launch of its own"):
         configs.launch_step(h, protos, prep, outs, "tf32", cfg, finish=1)
+    with pytest.raises(ValueError, match="LEAN is the class-group kernel's own finish"):
+        configs.launch_step(h, protos, prep, outs, "tf32", cfg, lean=0)
 
 
 def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():

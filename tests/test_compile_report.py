@@ -76,8 +76,53 @@ def test_tile_epilogue_counts_from_the_k_loop_to_the_hand_off():
            "spill_store_bytes": 0, "spill_load_bytes": 0, "smem_bytes": 0, "ctas_per_sm": 1,
            "ctas_limit": "registers", "mma": "wgmma", "wgmma_pendings": 1, "grid": 1,
            "waves": 1, "config": 0, "model_total": False, "issue_ratio": 0.5}
-    assert "| 0.50 | 2799 | 1 | 1 |" in compile_report.markdown([{**row, "tile_epilogue": 2799}])
-    assert "| 0.50 | – | 1 | 1 |" in compile_report.markdown([row])
+    assert "| 0.50 | 2799 | – | 1 | 1 |" in compile_report.markdown(
+        [{**row, "tile_epilogue": 2799}])
+    assert "| 0.50 | – | – | 1 | 1 |" in compile_report.markdown([row])
+    assert "| 0.50 | – | 58921 | 1 | 1 |" in compile_report.markdown(
+        [{**row, "own_finish": 58921}])
+
+
+#: The finish after a K-loop and its hand-off, as SASS lays it out: the merge of the groups'
+#: partials (exponentials: MUFU), a re-rank pass over D (loads, no store), a gated second
+#: pass, the gradient's pass (stores), the exit's trap.
+FINISH_SASS = """
+        /*0000*/                   HGMMA.64x128x8.F32.TF32 R24, gdesc[UR4], R24 ;
+        /*0010*/               @P0 BRA 0x0 ;
+        /*0020*/                   ATOMG.E.ADD.STRONG.GPU PT, R5, [R6.64], R7 ;
+        /*0030*/                   LDG.E R8, [R2.64] ;
+        /*0040*/                   MUFU.EX2 R9, R8 ;
+        /*0050*/               @P1 BRA 0x30 ;
+        /*0060*/                   LDG.E R10, [R2.64] ;
+        /*0070*/                   FFMA R11, R10, R10, R11 ;
+        /*0080*/               @P2 BRA 0x60 ;
+        /*0090*/                   LDG.E R12, [R2.64] ;
+        /*00a0*/                   FADD R13, R12, -R10 ;
+        /*00b0*/                   FFMA R14, R13, R13, R14 ;
+        /*00c0*/               @P3 BRA 0x90 ;
+        /*00d0*/                   FMUL R15, R10, R11 ;
+        /*00e0*/                   LDG.E R16, [R2.64] ;
+        /*00f0*/                   STG.E [R4.64], R15 ;
+        /*0100*/               @P4 BRA 0xe0 ;
+        /*0110*/                   EXIT ;
+        /*0120*/                   BRA 0x120 ;
+    """
+
+
+def test_own_finish_counts_its_loops_by_their_trips():
+    """After the hand-off: the merge loop (3 instructions) once per class group, the passes
+    over D (3, 4 and 3 instructions) once per D-step, the gated second pass (4) not at all
+    where the re-rank is gated, the rest (the FMUL, EXIT and the trap) once; none without the
+    atomic or where the loops nest."""
+    plain = 3 * 8 + 3 * 64 + 4 * 64 + 3 * 64 + 3
+    assert compile_report.own_finish(FINISH_SASS, 8, 64, False) == plain
+    assert compile_report.own_finish(FINISH_SASS, 8, 64, True) == plain - 4 * 64
+    assert compile_report.own_finish(FINISH_SASS, 1, 16, False) == 3 + 3 * 16 + 4 * 16 + 3 * 16 + 3
+    assert compile_report.own_finish(FINISH_SASS.replace("ATOMG.E.ADD.STRONG.GPU", "STG.E"),
+                                     8, 64, False) is None
+    nested = FINISH_SASS.replace("/*0100*/               @P4 BRA 0xe0 ;",
+                                 "/*0100*/               @P4 BRA 0x30 ;")
+    assert compile_report.own_finish(nested, 8, 64, False) is None
 
 
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
@@ -118,6 +163,8 @@ def test_every_kernel_has_a_record_with_the_documented_keys(report):
             # one class block per program at these shapes: its epilogue counted
             if r["function"] == "_ncp_gradient_kernel":
                 assert r["tile_epilogue"] > 0
+                # its own finish, loops by their trips, and the floor of its issue time
+                assert r["own_finish"] > r["tile_epilogue"] and r["finish_ms"] > 0
 
 
 def test_k_loop_spills_are_told_from_spills_outside_it():
@@ -302,25 +349,34 @@ def test_issue_bound_joins_the_model_with_the_k_loop_ratio():
     assert "issue" not in b200["bound_ms"]
 
 
-def test_tile_epilogue_time_is_an_estimate_beside_the_bounds():
-    """The tile epilogue's instructions per warp, issued one per cycle on each of 4 schedulers
-    over the programs an SM runs, at the target's clock: an estimate beside the bounds that
-    moves no bound; none without a count or on sm_100a (no clock)."""
+#: The issue estimates beside the model's bounds: (the count the model takes, its estimate,
+#: the programs each SM issues it for at ImageNet-1k on 132 SMs).
+ESTIMATES = [("tile_epilogue", "epilogue_ms", 32),  # every program: 4,096
+             ("own_finish", "finish_ms", 4)]  # the last of each row block's 8: 512
+
+
+@pytest.mark.parametrize(("count", "estimate", "per_sm"), ESTIMATES, ids=["epilogue", "finish"])
+def test_issue_estimates_sit_beside_the_bounds(count, estimate, per_sm):
+    """The tile epilogue's and the own finish's instructions per warp, issued one per cycle on
+    each of 4 schedulers over the programs an SM runs them in, at the target's clock: an
+    estimate beside the bounds that moves none of them; none without a count or on sm_100a
+    (no clock)."""
     from grood_kernels import ncp_gradient
 
     dims = (65536, 1000, 2048)
     (launch,) = ncp_gradient.compile_launches(*dims, "tf32", major=9)
+    assert launch.grid == (512 * 8,) and launch.args[18] == 8
     plain = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_90a", 1)
     timed = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_90a", 1,
-                                tile_epilogue=2799)
-    # 4,096 programs on 132 SMs: 32 each; 8 warps on 4 schedulers; 1.83 GHz
-    assert timed["epilogue_ms"] == pytest.approx(32 * 2799 * 2 / 1.83e9 * 1e3, abs=1e-4)
-    assert plain["epilogue_ms"] is None
-    assert {k: v for k, v in timed.items() if k != "epilogue_ms"} == {
-        k: v for k, v in plain.items() if k != "epilogue_ms"}
+                                **{count: 2799})
+    # 8 warps on 4 schedulers; 1.83 GHz
+    assert timed[estimate] == pytest.approx(per_sm * 2799 * 2 / 1.83e9 * 1e3, abs=1e-4)
+    assert plain[estimate] is None
+    assert {k: v for k, v in timed.items() if k != estimate} == {
+        k: v for k, v in plain.items() if k != estimate}
     b200 = traffic_model.model("ncp_gradient", launch, dims, "tf32", "sm_100a", 1,
-                               tile_epilogue=2799)
-    assert b200["epilogue_ms"] is None
+                               **{count: 2799})
+    assert b200[estimate] is None
 
 
 def test_gradient_model_reads_h_once_at_imagenet_shape():

@@ -806,10 +806,29 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills():
 EVEN_D_SHAPES = [(37, 40, 64), (20, 70, 256)]
 
 
-@pytest.mark.parametrize(("n", "c", "d"), SHAPES + EVEN_D_SHAPES,
-                         ids=[f"N{n}-C{c}-D{d}" for n, c, d in SHAPES + EVEN_D_SHAPES])
-@pytest.mark.parametrize("precision", MODES)
-@pytest.mark.parametrize("staged_rows", [False, True], ids=["h", "staged"])
+def finish_cases(test):
+    """The finish tests' cases: every odd shape and the whole-step ones, in each mode, from h
+    or from the staged rows."""
+    for mark in (pytest.mark.parametrize("staged_rows", [False, True], ids=["h", "staged"]),
+                 pytest.mark.parametrize("precision", MODES),
+                 pytest.mark.parametrize(("n", "c", "d"), SHAPES + EVEN_D_SHAPES, ids=[
+                     f"N{n}-C{c}-D{d}" for n, c, d in SHAPES + EVEN_D_SHAPES])):
+        test = mark(test)
+    return test
+
+
+def _small_tiles_step(n, c, d, precision, monkeypatch, **cfg):
+    """The step over 16-row, 16-class tiles with 16-wide K-steps and up to 3 class groups
+    (``cfg``: the variant), on column-major h, checked against the float64 twin."""
+    monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: kernel_module.LaunchConfig(
+        16, 16, 16, 4, 2, min(3, -(-c // 16)), **cfg))
+    h, protos, p_ood = _problem(n, c, d)
+    h = h.T.contiguous().T
+    res = ncp_gradient(h, protos, p_ood, precision=precision)
+    _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
+
+
+@finish_cases
 def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
                                            poisoned_outputs, kernel_launches):
     """The class-group kernel writes its partials only (``FINISH=0``) and the finish runs as a
@@ -819,17 +838,56 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
     every output against the twin, outputs and scratch poisoned first."""
     seen = kernel_launches
     monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
-    monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: kernel_module.LaunchConfig(
-        16, 16, 16, 4, 2, min(3, -(-c // 16)), staged=staged_rows, finish_apart=True))
-    h, protos, p_ood = _problem(n, c, d)
-    h = h.T.contiguous().T
-    res = ncp_gradient(h, protos, p_ood, precision=precision)
-    _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
+    _small_tiles_step(n, c, d, precision, monkeypatch, staged=staged_rows, finish_apart=True)
     names = [name for name, _, _ in seen]
     assert names[-2:] == ["_ncp_gradient_kernel", "_ncp_finish_kernel"]
     assert seen[-2][1]["FINISH"] == 0 and seen[-1][2] == (3,)
     assert seen[-1][1]["STAGED"] == int(staged_rows)
     assert seen[-1][1]["EVEN_D"] == int((n, c, d) in EVEN_D_SHAPES)
+
+
+@finish_cases
+def test_lean_own_finish_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
+                                              poisoned_outputs, kernel_launches):
+    """The class-group kernel's own finish with its passes over D lean (``LEAN``, the
+    launcher's choice in tf32 and bf16; forced here in ieee too, whose tolerance is fp32's):
+    the last program of each 16-row block merges several class groups' partials, re-ranks
+    its rows (past N: row 0 loaded, nothing stored) and writes them, from h through its
+    strides or, staged, from the gradient's rows; D masked, or a whole number of K-steps
+    (``EVEN_D``: no column masks); outputs and scratch poisoned first."""
+    seen = kernel_launches
+    monkeypatch.setattr(kernel_module, "lean_finish", lambda *a: True)
+    _small_tiles_step(n, c, d, precision, monkeypatch, staged=staged_rows)
+    name, constexprs, grid = seen[-1]
+    assert name == "_ncp_gradient_kernel" and constexprs["FINISH"] > 0
+    assert grid == (-(-n // 16) * min(3, -(-c // 16)),)  # row blocks x class groups
+    assert constexprs["LEAN"] == 1 and constexprs["STAGED"] == int(staged_rows)
+    assert constexprs["EVEN_D"] == int(d % 16 == 0) == int((n, c, d) in EVEN_D_SHAPES)
+
+
+def test_own_finish_is_lean_in_tf32_and_bf16_where_every_candidate_is_re_ranked():
+    """The launcher's class-group kernel runs its own finish lean in tf32 and bf16 at the
+    shapes whose prototypes fit L2 (EVEN_D there: D a whole number of K-steps), plain where
+    the re-rank is gated (C = 21,841), in tf32x3, in ieee's FMA kernel, and not at all with
+    the finish apart."""
+    for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
+        for precision in contract.PRECISIONS:
+            for major in (0, 9):
+                launch = kernel_module.compile_launches(65536, c, d, precision,
+                                                        major=major)[-1]
+                if launch.fn is not kernel_module._ncp_gradient_kernel:
+                    continue  # (ieee's split variant on a GPU)
+                want = int(precision in ("tf32", "bf16") and c != 21841)
+                assert launch.constexprs["LEAN"] == want, (c, d, precision, major)
+                assert launch.constexprs["EVEN_D"] == want
+                assert kernel_module.lean_finish(
+                    precision, kernel_module.rerank_gate(c, d, precision)) == bool(want)
+    own = [(launch.constexprs["FINISH"], launch.constexprs["LEAN"])
+           for launch in kernel_module.compile_launches(65536, 1000, 2048, "tf32",
+                                                        configs="all", major=9)
+           if launch.fn is kernel_module._ncp_gradient_kernel]
+    assert {lean for finish, lean in own if finish} == {1}  # every candidate finishing itself
+    assert {lean for finish, lean in own if not finish} == {0}  # the finish apart
 
 
 def test_finish_apart_is_offered_in_the_tensor_core_modes():

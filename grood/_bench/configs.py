@@ -128,7 +128,9 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                 ) -> list[tuple[LaunchConfig, str, dict[str, int]]]:
     """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
     overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
-    other way and, where its finish's loops are pipelined, with them plain; then every other
+    other way, where its finish's loops are pipelined with them not, and where its finish's
+    passes are lean (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as
+    they were when an H200 timed the launcher (2026-12-04); then every other
     candidate (the finish-apart ones among them), the wide staged tile with its gate the other
     way too (the choices a GPU run leaves open: on an H200 the wide tile was the fastest with
     the gate on, 2026-12-04)."""
@@ -138,9 +140,12 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     runs: list[tuple[LaunchConfig, str, dict[str, int]]] = [
         (base, " (launcher)", {}),
         (base, f" (launcher, {flip})", {"rerank_gate": int(not gated)})]
-    if (not (base.split or base.single_read)
-            and kernel.finish_stages(precision, base.block_cols) > 1):
+    own_finish = not (base.split or base.single_read or base.finish_apart)
+    if own_finish and kernel.finish_stages(precision, base.block_cols) > 1:
         runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
+    if own_finish and kernel.lean_finish(precision, gated):
+        runs.append((base, " (launcher, the finish's passes plain: per-step gathers and sums)",
+                     {"lean": 0}))
     for cfg in cands[1:]:
         label = (" (wide tile, staged)" if cfg.block_cols > 128 else
                  " (single read: all of D in registers)" if cfg.single_read else
@@ -163,13 +168,15 @@ def failed(exc: Exception) -> str:
 
 
 def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None = None, *,
-                rerank_gate: int | None = None, one_block: int | None = None) -> None:
+                rerank_gate: int | None = None, one_block: int | None = None,
+                lean: int | None = None) -> None:
     """One gradient step in configuration ``cfg`` with fresh scratch, as the launcher makes it
     (the arrival counters start at zero); ``finish`` overrides the kernel's ``FINISH`` (0: no
     finish; 1: its loops not pipelined), for the anatomy's measurements, ``rerank_gate`` its
     exact re-rank's ``RERANK_GATE`` (0: every candidate re-ranked; 1: gated) and ``one_block``
     its ``ONE_BLOCK`` (0: the first tile's candidates by insertion; 1 only where each program
-    holds one class block)."""
+    holds one class block) and ``lean`` its own finish's ``LEAN`` (0: the passes over D
+    plain; 1: lean, with ``EVEN_D`` where D is a whole number of K-steps)."""
     (n, d), c = h.shape, protos.shape[0]
     if one_block and kernel.blocks_per_group(c, cfg) != 1:
         raise ValueError(f"ONE_BLOCK needs one class block per program; this configuration's "
@@ -178,10 +185,14 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
                         kernel._scratch(n, c, d, cfg, precision, h.device), outs, precision,
                         cfg)
     last = plan[-1]
-    override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block}
+    override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block,
+                "LEAN": lean}
+    if lean is not None:
+        override["EVEN_D"] = int(bool(lean) and d % cfg.block_d == 0)
     override = {key: value for key, value in override.items() if value is not None}
-    if finish is not None and (cfg.finish_apart or cfg.split):
-        raise ValueError("FINISH is the class-group kernel's own finish; this configuration "
+    if (finish is not None or lean is not None) and (cfg.finish_apart or cfg.split):
+        name = "FINISH" if finish is not None else "LEAN"
+        raise ValueError(f"{name} is the class-group kernel's own finish; this configuration "
                          + ("finishes in a launch of its own" if cfg.finish_apart else
                             "is the split variant, whose epilogue finishes its rows itself"))
     if override:
