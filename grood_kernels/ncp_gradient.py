@@ -122,20 +122,23 @@ def rerank_gate(c: int, d: int, precision: str) -> bool:
     return c * d * 4 > L2_BUDGET
 
 
-def lean_finish(precision: str, gate: int) -> bool:
+def lean_finish(precision: str, gate: int, block_cols: int) -> bool:
     """Whether the class-group kernel's own finish (the last program of a row block) runs
     its passes over D lean (:func:`grood_kernels._ncp_finish.exact_sq_lean`: each candidate's
     prototype row picked once per tile, squares summed per element and across the row once
-    after the loop, no select after a load), as the separate finish does: in tf32 and bf16
-    where every candidate is re-ranked (no ``gate``). Compiled for sm_90a at ImageNet-1k
+    after the loop, no select after a load), as the separate finish does: in the tensor-core
+    modes where every candidate is re-ranked (no ``gate``). Compiled for sm_90a at ImageNet-1k
     (128 x 128 tiles, 8 warps) the finish's SASS instructions per warp and row block fall
-    from 58,900 to 28,200 in tf32 (triton 3.6: 55,500 to 31,500; bf16 alike), within the
-    registers the K-loop leaves (235 -> 255, no spills, one CTA per SM before and after) and
-    with the same wgmma groups in flight; that program runs the finish alone on its SM while
-    the tensor cores wait (the finish took about 1.67 of the tf32 step's 3.71 ms on an H200,
-    2026-12-04). Not in tf32x3 (at C = 10 its kernel would lose its second CTA per SM), nor
-    where the gate is on (C = 21,841: there the counts went both ways)."""
-    return precision in ("tf32", "bf16") and not gate
+    from 58,900 to 28,200 in tf32 (triton 3.6: 55,500 to 31,500; bf16 alike; tf32x3 47,100 to
+    40,600, under 3.6 50,600 to 30,300), within the registers the K-loop leaves (tf32 235 ->
+    255, no spills, one CTA per SM before and after) and with the same wgmma groups in flight;
+    that program runs the finish alone on its SM while the tensor cores wait (the finish took
+    about 1.67 of the tf32 step's 3.71 ms on an H200, 2026-12-04). Not in tf32x3 on 16-class
+    tiles (C <= 16), where its kernel would lose its second CTA per SM (126 -> 144 registers),
+    nor where the gate is on (C = 21,841: there the counts went both ways)."""
+    if gate or precision not in ("tf32", "tf32x3", "bf16"):
+        return False
+    return precision != "tf32x3" or block_cols > 16
 
 
 #: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
@@ -621,7 +624,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
                          f"{prep.operand.shape[0]} padded rows")
     gate = int(rerank_gate(c, d, precision))
     stages = finish_stages(precision, cfg.block_cols)
-    lean = int(lean_finish(precision, gate))
+    lean = int(lean_finish(precision, gate, cfg.block_cols))
     usq_arg = u_sq if cfg.staged else psq  # unread unless staged
     after: tuple[KernelLaunch, ...] = ()
     if cfg.finish_apart:

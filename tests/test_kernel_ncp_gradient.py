@@ -865,11 +865,11 @@ def test_lean_own_finish_matches_float64_twin(n, c, d, precision, staged_rows, m
     assert constexprs["EVEN_D"] == int(d % 16 == 0) == int((n, c, d) in EVEN_D_SHAPES)
 
 
-def test_own_finish_is_lean_in_tf32_and_bf16_where_every_candidate_is_re_ranked():
-    """The launcher's class-group kernel runs its own finish lean in tf32 and bf16 at the
-    shapes whose prototypes fit L2 (EVEN_D there: D a whole number of K-steps), plain where
-    the re-rank is gated (C = 21,841), in tf32x3, in ieee's FMA kernel, and not at all with
-    the finish apart."""
+def test_own_finish_is_lean_in_the_tensor_core_modes_where_every_candidate_is_re_ranked():
+    """The launcher's class-group kernel runs its own finish lean in tf32, bf16 and (past
+    16-class tiles) tf32x3 at the shapes whose prototypes fit L2 (EVEN_D there: D a whole
+    number of K-steps), plain where the re-rank is gated (C = 21,841), in tf32x3 at C = 10
+    (its second CTA per SM), in ieee's FMA kernel, and not at all with the finish apart."""
     for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
         for precision in contract.PRECISIONS:
             for major in (0, 9):
@@ -877,11 +877,13 @@ def test_own_finish_is_lean_in_tf32_and_bf16_where_every_candidate_is_re_ranked(
                                                         major=major)[-1]
                 if launch.fn is not kernel_module._ncp_gradient_kernel:
                     continue  # (ieee's split variant on a GPU)
-                want = int(precision in ("tf32", "bf16") and c != 21841)
+                want = int(c != 21841 and (precision in ("tf32", "bf16")
+                                           or (precision == "tf32x3" and c > 16)))
                 assert launch.constexprs["LEAN"] == want, (c, d, precision, major)
                 assert launch.constexprs["EVEN_D"] == want
                 assert kernel_module.lean_finish(
-                    precision, kernel_module.rerank_gate(c, d, precision)) == bool(want)
+                    precision, kernel_module.rerank_gate(c, d, precision),
+                    launch.constexprs["BLOCK_C"]) == bool(want)
     own = [(launch.constexprs["FINISH"], launch.constexprs["LEAN"])
            for launch in kernel_module.compile_launches(65536, 1000, 2048, "tf32",
                                                         configs="all", major=9)

@@ -143,7 +143,7 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     own_finish = not (base.split or base.single_read or base.finish_apart)
     if own_finish and kernel.finish_stages(precision, base.block_cols) > 1:
         runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
-    if own_finish and kernel.lean_finish(precision, gated):
+    if own_finish and kernel.lean_finish(precision, gated, base.block_cols):
         runs.append((base, " (launcher, the finish's passes plain: per-step gathers and sums)",
                      {"lean": 0}))
     for cfg in cands[1:]:
