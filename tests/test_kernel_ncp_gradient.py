@@ -486,13 +486,17 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
 
 def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
     """Make the launcher use 16-class blocks in ``groups`` class groups ("class-groups"; with
-    the finish as a launch of its own over 8-row tiles, in 3 programs that loop over them:
-    "finish-apart") or the single-read variant ("single-read"); "launcher" leaves its own
-    configuration."""
+    the own finish's passes lean in every mode: "lean-finish"; with the finish as a launch of
+    its own over 8-row tiles, in 3 programs that loop over them: "finish-apart") or the
+    single-read variant ("single-read"); "launcher" leaves its own configuration."""
     if blocks == "finish-apart":
         monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+    if blocks == "lean-finish":
+        monkeypatch.setattr(kernel_module, "lean_finish", lambda *a: True)
     configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
                                                                            groups),
+               "lean-finish": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
+                                                                          groups),
                "finish-apart": lambda *a, **kw: kernel_module.LaunchConfig(
                    16, 16, 16, 4, 2, groups, finish_apart=True),
                "single-read": lambda n, c, d, *a, **kw:
@@ -501,7 +505,8 @@ def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
         monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
 
 
-@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "finish-apart", "single-read"])
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "lean-finish", "finish-apart",
+                                    "single-read"])
 def test_many_duplicated_prototypes_predict_the_lowest_id(monkeypatch, blocks):
     """Twenty copies of the nearest prototype (more than the candidates re-ranked), in one
     class block, spread over two of five 16-class blocks merged across class groups, or in
@@ -1065,17 +1070,18 @@ def test_autotune_leaves_out_a_configuration_that_fails_on_the_device(tmp_path, 
         _tuning.tune(launch, ("ncp", "bf16", 1024), 4096, 1000, cfgs[1:], "cuda")
 
 
-#: Rows with no answer in fp32: a NaN, a +inf, a whole row of -inf, finite values whose
-#: squared distance to p_o overflows fp32 (in the prototypes' units).
-NON_FINITE_ROWS = {1: (2, float("nan")), 4: (0, float("inf")), 6: (None, -float("inf")),
-                   9: (None, 3e19)}
+#: Rows with no answer in fp32: a NaN (in row 0 too, which the lean passes load for the rows
+#: past N and drop), a +inf, a whole row of -inf, finite values whose squared distance to p_o
+#: overflows fp32 (in the prototypes' units).
+NON_FINITE_ROWS = {0: (5, float("nan")), 1: (2, float("nan")), 4: (0, float("inf")),
+                   6: (None, -float("inf")), 9: (None, 3e19)}
 
 
 # NaN and Inf inputs: the interpreter's numpy warns on the arithmetic they meet (expected here).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
 @pytest.mark.parametrize("c", [40, 3], ids=["C40", "C3-fewer-than-the-candidates"])
-@pytest.mark.parametrize("variant", ["launcher", "class-groups", "finish-apart", "single-read",
-                                     "staged", "split"])
+@pytest.mark.parametrize("variant", ["launcher", "class-groups", "lean-finish", "finish-apart",
+                                     "single-read", "staged", "split"])
 def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, c, request,
                                                                      monkeypatch,
                                                                      poisoned_outputs):
@@ -1232,7 +1238,7 @@ GATE_PRECISIONS = ["ieee", pytest.param("tf32", marks=pytest.mark.skipif(
 TIE_SPREAD = {"ieee": 1.0, "tf32": 8.0}
 
 
-@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "finish-apart"])
+@pytest.mark.parametrize("blocks", ["launcher", "class-groups", "lean-finish", "finish-apart"])
 @pytest.mark.parametrize("precision", GATE_PRECISIONS)
 def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, precision):
     """Only the GEMM-nearest candidate is re-ranked in every row; the others where the GEMM's
