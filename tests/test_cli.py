@@ -1499,6 +1499,8 @@ def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
     assert any(s.startswith("kernel without the finish") for s in stages)
     # the tile epilogue the other way: tiny-100 in tf32 holds one class block per program
     assert "kernel without the finish, first tile's top-4 by insertion (ONE_BLOCK off)" in stages
+    # the launcher's lean finish the other way (the kernel as an H200 timed it)
+    assert "whole step, the finish's passes plain (per-step gathers and sums)" in stages
     assert rows[-1].split("|")[5].strip() == "1.00"
     assert all(float(row.split("|")[4]) > 0 for row in rows)
     # First the memory roofs the model divides by, each measured with its bytes and time.

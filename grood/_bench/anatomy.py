@@ -9,12 +9,13 @@ class block of every program, row maxima written), with the feature tile centred
 and, as the staged variant loads it, from the pre-pass's rows; that pre-pass alone; the whole
 kernel without its finish (K-loop, softmax, candidates, partial results written: ``FINISH=0``),
 and so again with the first tile's candidates by insertion where the launcher takes them by
-``first_nearest`` (``ONE_BLOCK=0``: what that shorter tile epilogue saves);
-the whole step with the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them
-in the tensor-core modes); the whole step, staged, split (the GEMM in torch, then a Triton
-epilogue) and the launcher's. Where the launcher is the split variant (``ieee`` on a GPU) the
-two ``FINISH`` stages are left out: its epilogue finishes its rows itself. The differences
-between rows are the stages' costs.
+``first_nearest`` (``ONE_BLOCK=0``: what that shorter tile epilogue saves); the whole step with
+the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them in the tensor-core
+modes) and with its passes over D plain (``LEAN=0``, where the launcher runs them lean:
+:func:`grood_kernels.ncp_gradient.lean_finish`); the whole step, staged, split (the GEMM in
+torch, then a Triton epilogue) and the launcher's. Where the launcher is the split variant
+(``ieee`` on a GPU) the ``FINISH`` and ``LEAN`` stages are left out: its epilogue finishes its
+rows itself. The differences between rows are the stages' costs.
 """
 
 from __future__ import annotations
@@ -181,6 +182,11 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
             stages.append(("whole step, the finish's loops not pipelined",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 1),
                            True))
+        if fused and kernel.lean_finish(precision, kernel.rerank_gate(c, d, precision),
+                                        cfg.block_cols):
+            stages.append(("whole step, the finish's passes plain (per-step gathers and sums)",
+                           partial(launch_step, h, protos, prep, outs, precision, cfg,
+                                   lean=0), True))
         if staged_cfg is not None:
             stages.append(("whole step, staged variant",
                            partial(launch_step, h, protos, prep, outs, precision, staged_cfg),
