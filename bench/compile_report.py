@@ -164,7 +164,7 @@ def compile_launch(launch, arch: str) -> dict:
             if launch.fn.__name__ == "_ncp_gradient_kernel" and launch.constexprs["FINISH"]:
                 d, block_d = launch.args[15], launch.constexprs["BLOCK_D"]
                 rec["own_finish"] = own_finish(sass, launch.args[18], -(-d // block_d),
-                                               bool(launch.constexprs["RERANK_GATE"]))
+                                               bool(launch.constexprs["RERANK_GATE"]), ptx)
             # What runs: the waits ptxas left in the K-loops (TTGIR's are only asked for).
             if rec["hot_loop"] is not None and rec["hot_loop"]["gsb_waits"] is not None:
                 rec["wgmma_pendings"] = rec["hot_loop"]["gsb_waits"]
@@ -340,35 +340,77 @@ def _hand_off(sass: str):
     return code, loops, end, atomic
 
 
-def own_finish(sass: str, groups: int, d_steps: int, gated: bool) -> int | None:
+def own_finish(sass: str, groups: int, d_steps: int, gated: bool, ptx: str | None = None
+               ) -> int | None:
     """The SASS instructions per warp of the finish that the last program of a row block
     runs (the gradient step's code after its arrival counter's atomic), loops counted by their
     trips: the merge of the class groups' partials (the loop with ``MUFU``, its
     exponentials; none where one group is specialised away) ``groups`` times, every other
     loop (the passes over D) ``d_steps`` times, except, where the re-rank is ``gated``, its
     second pass (the second of those loops without a global store: run only in a tile whose
-    candidates tie within the GEMM's error), and the code outside them once. None without a
-    K-loop, without the atomic (the search, the single-read and split variants, the finish
-    apart), or where those loops nest."""
+    candidates tie within the GEMM's error), and the code outside them once. With the
+    kernel's ``ptx``, a loop that ptxas unrolled (its global loads and stores a multiple of
+    the PTX loop's: :func:`_unrolled`) runs that many times fewer. None without a K-loop,
+    without the atomic (the search, the single-read and split variants, the finish apart), or
+    where those loops nest."""
     code, loops, _, atomic = _hand_off(sass)
     if atomic is None:
         return None
-    after = [lp for lp in loops if lp[0] > atomic and lp[1] > lp[0]]  # (not the exit's trap)
+    after = sorted(lp for lp in loops if lp[0] > atomic and lp[1] > lp[0])  # (not the trap)
     if any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for lp in after for o in after):
         return None
+    bodies = [[op for a, op, _, _ in code if lp[0] <= a <= lp[1]] for lp in after]
+    unroll = _unrolled(bodies, ptx)
     total = sum(1 for a, *_ in code if a > atomic)
     passes = 0
-    for lp in sorted(after):
-        body = [op for a, op, _, _ in code if lp[0] <= a <= lp[1]]
+    for body, times in zip(bodies, unroll, strict=True):
         if "MUFU" in body:
             trips = groups
-        elif not any(op.startswith("ST") for op in body):  # a re-rank pass
+        elif "STG" not in body:  # a re-rank pass
             passes += 1
             trips = 0 if gated and passes == 2 else d_steps
         else:  # the gradient's pass
             trips = d_steps
-        total += len(body) * (trips - 1)
+        total += len(body) * (-(-trips // times) - 1)
     return total
+
+
+#: Global memory instructions: SASS opcodes, and PTX instructions (the same accesses).
+SASS_MEMORY_OPS = ("LDG", "STG", "LDGSTS")
+PTX_MEMORY = re.compile(r"\b(?:ld\.global|st\.global|cp\.async\.c[ag])")
+
+
+def _unrolled(bodies: list[list[str]], ptx: str | None) -> list[int]:
+    """How many trips of the source loop each SASS loop body after the hand-off runs (ptxas
+    unrolls loops whose loads and stores need no masks): its global loads and stores over
+    those of the PTX loop in the same place (the loops after the PTX's atomic, innermost, in
+    order). 1 for every loop without the PTX, where its loops do not line up with the SASS's,
+    or where a ratio is not a whole number."""
+    ones = [1] * len(bodies)
+    if ptx is None:
+        return ones
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"\s*(\$L__BB\d+_\d+):", line))}
+    atom = next((i for i, line in enumerate(lines) if re.search(r"^\s*(@%p\d+\s+)?atom\.", line)),
+                None)
+    if atom is None:
+        return ones
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line))
+             and atom < labels.get(m.group(1), -1) < i]
+    inner = sorted(lp for lp in loops
+                   if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops))
+    if len(inner) != len(bodies):
+        return ones
+    factors = []
+    for body, (first, last) in zip(bodies, inner, strict=True):
+        sass_mem = sum(1 for op in body if op in SASS_MEMORY_OPS)
+        ptx_mem = sum(1 for line in lines[first:last + 1] if PTX_MEMORY.search(line))
+        if not ptx_mem or sass_mem % ptx_mem:
+            return ones
+        factors.append(max(1, sass_mem // ptx_mem))
+    return factors
 
 
 #: Hopper tensor-core multiply-adds per SM per cycle, dense, by operand type (an H100 SXM's

@@ -130,7 +130,7 @@ def lean_finish(precision: str, gate: int, block_cols: int) -> bool:
     modes where every candidate is re-ranked (no ``gate``). Compiled for sm_90a at ImageNet-1k
     (128 x 128 tiles, 8 warps) the finish's SASS instructions per warp and row block fall
     from 58,900 to 28,200 in tf32 (triton 3.6: 55,500 to 31,500; bf16 alike; tf32x3 47,100 to
-    40,600, under 3.6 50,600 to 30,300), within the registers the K-loop leaves (tf32 235 ->
+    26,600, under 3.6 50,600 to 30,300), within the registers the K-loop leaves (tf32 235 ->
     255, no spills, one CTA per SM before and after) and with the same wgmma groups in flight;
     that program runs the finish alone on its SM while the tensor cores wait (the finish took
     about 1.67 of the tf32 step's 3.71 ms on an H200, 2026-12-04). Not in tf32x3 on 16-class

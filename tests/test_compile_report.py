@@ -125,6 +125,45 @@ def test_own_finish_counts_its_loops_by_their_trips():
     assert compile_report.own_finish(nested, 8, 64, False) is None
 
 
+#: FINISH_SASS's loops as the PTX has them, before ptxas: one load (and the gradient's store)
+#: per trip.
+FINISH_PTX = """
+    atom.global.acq_rel.gpu.add.u32 %r1, [%rd1], 1;
+$L__BB0_2:
+    ld.global.cg.b32 %r2, [%rd2];
+    ex2.approx.f32 %f1, %f2;
+    @%p1 bra $L__BB0_2;
+$L__BB0_3:
+    ld.global.b32 %r3, [%rd3];
+    @%p2 bra $L__BB0_3;
+$L__BB0_4:
+    cp.async.ca.shared.global [%r4], [%rd4], 16;
+    @%p3 bra $L__BB0_4;
+$L__BB0_5:
+    ld.global.b32 %r5, [%rd5];
+    st.global.b32 [%rd6], %r5;
+    @%p4 bra $L__BB0_5;
+    ret;
+"""
+
+
+def test_own_finish_counts_a_loop_ptxas_unrolled_by_the_trips_it_runs():
+    """A SASS loop holding twice the PTX loop's loads and stores (ptxas unrolled it twice)
+    runs half the trips; the PTX that agrees changes nothing; PTX whose loops do not line up
+    with the SASS's is not used."""
+    plain = 3 * 8 + 3 * 64 + 4 * 64 + 3 * 64 + 3
+    assert compile_report.own_finish(FINISH_SASS, 8, 64, False, FINISH_PTX) == plain
+    unrolled = FINISH_SASS.replace(
+        "/*00f0*/                   STG.E [R4.64], R15 ;\n",
+        "/*00f0*/                   STG.E [R4.64], R15 ;\n"
+        "        /*00f8*/                   LDG.E R17, [R2.64] ;\n"
+        "        /*00fc*/                   STG.E [R4.64], R17 ;\n")
+    assert compile_report.own_finish(unrolled, 8, 64, False) == plain + 2 * 64
+    assert compile_report.own_finish(unrolled, 8, 64, False, FINISH_PTX) == plain + 2 * 64 - 5 * 32
+    fewer = FINISH_PTX.replace("$L__BB0_3:", "").replace("@%p2 bra $L__BB0_3;", "")
+    assert compile_report.own_finish(unrolled, 8, 64, False, fewer) == plain + 2 * 64
+
+
 def test_every_kernel_has_a_record_with_the_documented_keys(report):
     from grood.environment import kernel_sources
 
