@@ -855,7 +855,8 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
 def test_lean_own_finish_matches_float64_twin(n, c, d, precision, staged_rows, monkeypatch,
                                               poisoned_outputs, kernel_launches):
     """The class-group kernel's own finish with its passes over D lean (``LEAN``, the
-    launcher's choice in tf32 and bf16; forced here in ieee too, whose tolerance is fp32's):
+    launcher's choice in the tensor-core modes; forced here in ieee too, whose tolerance is
+    fp32's):
     the last program of each 16-row block merges several class groups' partials, re-ranks
     its rows (past N: row 0 loaded, nothing stored) and writes them, from h through its
     strides or, staged, from the gradient's rows; D masked, or a whole number of K-steps
