@@ -1302,9 +1302,10 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert "(launcher, re-rank gate on)" in ieee[1]
         cands = kernel.candidate_configs(n, c, d, "tf32", 4)
         assert cands[0] == kernel.launch_config(n, c, d, "tf32")
-        assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 4 + len(set(cands[1:]))
+        assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 5 + len(set(cands[1:]))
         assert "(launcher, the finish's loops not pipelined)" in rows[2]
-        assert "(launcher, the finish's passes plain: per-step gathers and sums)" in rows[3]
+        assert "(launcher, the finish's loops 3 stages deep)" in rows[3]
+        assert "(launcher, the finish's passes plain: per-step gathers and sums)" in rows[4]
         assert sum("single read" in row for row in rows) == (c <= 16)
         # every candidate agrees with the launcher's results: in ieee to fp32 rounding; in
         # tf32 within the autotuner's agreement (kernel._agree), as the operands' TF32
@@ -1347,8 +1348,8 @@ def test_bench_configs_table_times_only_the_rows_asked_for(capsys):
 
 def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way, its
-    finish unpipelined and its finish's passes plain (as an H200 timed it), and the wide
-    staged tile both ways; in ieee (the split variant) the gate only, which its epilogue
+    finish unpipelined or 3 stages deep and its passes plain (as an H200 timed it), and the
+    wide staged tile both ways; in ieee (the split variant) the gate only, which its epilogue
     takes on every chunk; where the gate is on (C = 21,841) the finish is plain already."""
     pytest.importorskip("triton")
     from grood._bench.configs import config_runs
@@ -1357,11 +1358,12 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     dims = (65536, 1000, 2048)
     runs = config_runs(kernel.candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
     labels = [label for _, label, _ in runs]
-    assert labels[:4] == [" (launcher)", " (launcher, re-rank gate on)",
+    assert labels[:5] == [" (launcher)", " (launcher, re-rank gate on)",
                           " (launcher, the finish's loops not pipelined)",
+                          " (launcher, the finish's loops 3 stages deep)",
                           " (launcher, the finish's passes plain: per-step gathers and sums)"]
-    assert [over for _, _, over in runs[:4]] == [{}, {"rerank_gate": 1}, {"finish": 1},
-                                                 {"lean": 0}]
+    assert [over for _, _, over in runs[:5]] == [{}, {"rerank_gate": 1}, {"finish": 1},
+                                                 {"finish": 3}, {"lean": 0}]
     wide = [(cfg, over) for cfg, label, over in runs if label.startswith(" (wide tile")]
     assert [over for _, over in wide] == [{}, {"rerank_gate": 1}, {}]
     assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)

@@ -595,6 +595,36 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
         assert main["spill_store_bytes"] == 0 and main["wgmma_pendings"] >= 1
 
 
+def test_lean_own_finish_compiles_spill_free_with_its_loads_up_to_two_steps_ahead():
+    """The launcher's class-group kernel at ImageNet-1k in tf32 (its own finish lean), and
+    the same with the finish's loops 3 stages deep (the configurations table's row): for
+    sm_90a no spills, one CTA per SM, a wgmma group in flight, the finish counted, the deeper
+    prefetch within the 227 KB of shared memory a Hopper block may take."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(BENCH)!r})
+import compile_report
+from grood_kernels import ncp_gradient
+dims = (65536, 1000, 2048)
+(launch,) = ncp_gradient.compile_launches(*dims, "tf32", major=9)
+deep = launch._replace(constexprs={{**launch.constexprs, "FINISH": 3}})
+records = [compile_report._record("ncp_gradient", "t", dims, "tf32", "sm_90a", 0, x, None)
+           for x in (launch, deep)]
+print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in records]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    lean, deep = json.loads(proc.stdout)
+    for r in (lean, deep):
+        assert r["function"] == "_ncp_gradient_kernel" and r["mma"] == "wgmma"
+        assert r["smem_bytes"] <= 227 * 1024
+        if HAS_PTXAS:
+            assert r["spill_store_bytes"] == r["spill_load_bytes"] == 0
+            assert r["ctas_per_sm"] == 1 and r["wgmma_pendings"] >= 1
+            assert r["own_finish"] > 0 and r["finish_ms"] > 0
+    assert deep["smem_bytes"] > lean["smem_bytes"]  # a second step's loads in flight
+
+
 def test_other_gpus_walks_the_shared_memory_fallback():
     """bench/other_gpus.py compiles a launch for a smaller GPU and reports the pipelining
     stages it falls back to (the tf32 gradient step's 4-stage tile does not fit sm_86's 99 KB

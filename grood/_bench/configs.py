@@ -128,9 +128,12 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                 ) -> list[tuple[LaunchConfig, str, dict[str, int]]]:
     """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
     overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
-    other way, where its finish's loops are pipelined with them not, and where its finish's
-    passes are lean (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as
-    they were when an H200 timed the launcher (2026-12-04); then every other
+    other way, where its finish's loops are pipelined with them not and with their loads two
+    D-steps ahead instead of one (the finish waits on latency: on an H200 it took about 7x
+    the time its instructions need to issue, bench/RESULTS.md 2026-12-05; 160 KB of shared
+    memory at every report shape, no spills, sm_90a), and where its finish's passes are lean
+    (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as they were when an
+    H200 timed the launcher (2026-12-04); then every other
     candidate (the finish-apart ones among them), the wide staged tile with its gate the other
     way too (the choices a GPU run leaves open: on an H200 the wide tile was the fastest with
     the gate on, 2026-12-04)."""
@@ -143,6 +146,7 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     own_finish = not (base.split or base.single_read or base.finish_apart)
     if own_finish and kernel.finish_stages(precision, base.block_cols) > 1:
         runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
+        runs.append((base, " (launcher, the finish's loops 3 stages deep)", {"finish": 3}))
     if own_finish and kernel.lean_finish(precision, gated, base.block_cols):
         runs.append((base, " (launcher, the finish's passes plain: per-step gathers and sums)",
                      {"lean": 0}))
