@@ -131,7 +131,7 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     other way, where its finish's loops are pipelined with them not and with their loads two
     D-steps ahead instead of one (the finish waits on latency: on an H200 it took about 7x
     the time its instructions need to issue, bench/RESULTS.md 2026-12-05; 160 KB of shared
-    memory at every report shape, no spills, sm_90a), and where its finish's passes are lean
+    memory at this table's shapes, no spills, sm_90a), and where its finish's passes are lean
     (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as they were when an
     H200 timed the launcher (2026-12-04); then every other
     candidate (the finish-apart ones among them), the wide staged tile with its gate the other
