@@ -299,8 +299,7 @@ def _k_loops(sass: str):
         target = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
         if op == "BRA" and target and int(target.group(1), 16) <= addr:
             loops.add((int(target.group(1), 16), addr))
-    inner = [lp for lp in loops
-             if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    inner = _innermost(loops)
     for ops, share in ((MMA_OPS, 0.0), (FMA_OPS, 0.5)):
         counts = {lp: _count(code, lp, ops) for lp in inner}
         most = max(counts.values(), default=0)
@@ -308,6 +307,12 @@ def _k_loops(sass: str):
         if k_loops:
             return code, loops, (k_loops, ops)
     return code, loops, None
+
+
+def _innermost(loops) -> list[tuple[int, int]]:
+    """The loops (address or line ranges) that hold no other, in order."""
+    return sorted(lp for lp in loops
+                  if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops))
 
 
 def tile_epilogue(sass: str) -> int | None:
@@ -357,7 +362,7 @@ def own_finish(sass: str, groups: int, d_steps: int, gated: bool, ptx: str | Non
     if atomic is None:
         return None
     after = sorted(lp for lp in loops if lp[0] > atomic and lp[1] > lp[0])  # (not the trap)
-    if any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for lp in after for o in after):
+    if _innermost(after) != after:
         return None
     bodies = [[op for a, op, _, _ in code if lp[0] <= a <= lp[1]] for lp in after]
     unroll = _unrolled(bodies, ptx)
@@ -399,8 +404,7 @@ def _unrolled(bodies: list[list[str]], ptx: str | None) -> list[int]:
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line))
              and atom < labels.get(m.group(1), -1) < i]
-    inner = sorted(lp for lp in loops
-                   if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops))
+    inner = _innermost(loops)
     if len(inner) != len(bodies):
         return ones
     factors = []

@@ -141,6 +141,12 @@ def lean_finish(precision: str, gate: int, block_cols: int) -> bool:
     return precision != "tf32x3" or block_cols > 16
 
 
+def finish_flags(lean: int, d: int, block_d: int) -> dict[str, int]:
+    """The class-group kernel's ``LEAN`` and ``EVEN_D`` (D a whole number of its K-steps,
+    taken by the lean passes only: the plain ones keep their column masks, as timed)."""
+    return {"LEAN": lean, "EVEN_D": int(bool(lean) and d % block_d == 0)}
+
+
 #: Triton releases before this one compile a tf32 K-loop that centres its feature tile in
 #: registers (the wgmma's A operand) so that, inside the class loop, ptxas serializes every
 #: wgmma of the kernel (its note C7513, "non wgmma instructions defining input registers of a
@@ -642,8 +648,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": stages, "RERANK_GATE": gate,
-         "ONE_BLOCK": int(one_block(c, cfg, precision)), "LEAN": lean,
-         "EVEN_D": int(bool(lean) and d % cfg.block_d == 0)},
+         "ONE_BLOCK": int(one_block(c, cfg, precision)),
+         **finish_flags(lean, d, cfg.block_d)},
         cfg.num_warps, cfg.num_stages), *after)
 
 
@@ -655,6 +661,7 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     bn, bd, warps, f_stages = FINISH_TILE
+    bd = fit_tile(bd, d)
     staged = cfg.staged or cfg.split
     return KernelLaunch(
         _ncp_finish_kernel,
@@ -665,10 +672,9 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
          n, prototypes.shape[0], d, prep.scale, 1.0 / prep.scale, cfg.n_split, h.stride(0),
          h.stride(1), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
          grad.stride(1)),
-        {"BLOCK_N": bn, "BLOCK_D": fit_tile(bd, d), "N_CAND": NCP_CANDIDATES,
+        {"BLOCK_N": bn, "BLOCK_D": bd, "N_CAND": NCP_CANDIDATES,
          "STAGED": int(staged), "FINISH_STAGES": f_stages,
-         "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate,
-         "EVEN_D": int(d % fit_tile(bd, d) == 0)},
+         "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate, "EVEN_D": int(d % bd == 0)},
         warps, 1)
 
 

@@ -190,9 +190,7 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
                         cfg)
     last = plan[-1]
     override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block,
-                "LEAN": lean}
-    if lean is not None:
-        override["EVEN_D"] = int(bool(lean) and d % cfg.block_d == 0)
+                **(kernel.finish_flags(lean, d, cfg.block_d) if lean is not None else {})}
     override = {key: value for key, value in override.items() if value is not None}
     if (finish is not None or lean is not None) and (cfg.finish_apart or cfg.split):
         name = "FINISH" if finish is not None else "LEAN"
