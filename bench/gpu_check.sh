@@ -5,7 +5,8 @@
 # the compile report's model in $OUT/roofline_measured.png (bench/roofline.py, where
 # matplotlib imports); the gradient step's launch configurations side by side in
 # $OUT/gpu_configs.md (the launcher's choice against every autotuning candidate, the wide
-# tile, the staged variant and the finish launched apart included; ieee, tf32, bf16;
+# tile, the staged variant and the finish launched apart included, and at CIFAR-10 the
+# kernel without a GEMM against the GEMM kernels' configuration; ieee, tf32, bf16;
 # ImageNet-1k, CIFAR-10/100 shapes); the device's L2 and HBM read bandwidth (the compile
 # report's model assumes the first) and the gradient step taken apart (its stages timed
 # apart, bench/gpu_report.py --only anatomy) into $OUT/gpu_anatomy.md; the search's timings

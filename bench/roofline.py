@@ -39,7 +39,8 @@ KERNEL_MARKERS = {"_ncp_gradient_kernel": ("o", "gradient step"),
                   "_knn_candidates_kernel": ("s", "search"),
                   "_merge_rerank_kernel": ("^", "search merge + re-rank"),
                   "_centre_rows_kernel": ("v", "gradient step, staged pre-pass"),
-                  "_ncp_epilogue_kernel": ("P", "gradient step, split epilogue")}
+                  "_ncp_epilogue_kernel": ("P", "gradient step, split epilogue"),
+                  "_ncp_exact_kernel": ("X", "gradient step, no GEMM (C <= 16)")}
 #: Kernel functions whose launch does not depend on the precision mode.
 MODE_FREE = {"_merge_rerank_kernel"}
 #: Short shape labels drawn beside the points.

@@ -279,6 +279,35 @@ def _ncp_single_read(launch, precision, arch, ctas):
     return finish(flops, 2.0 * n * c * d, hbm, l2, precision, arch, waves, notes)
 
 
+def _ncp_exact(launch, precision, arch, ctas):
+    """The gradient step without a GEMM (:mod:`grood_kernels._ncp_exact`): each program reads
+    its row tile once per block of classes (the distances; ``||u||^2`` with the first) and once
+    more for the gradient, and the prototypes' rows of every block; two FMA-pipe operations
+    (a difference, a fused multiply-add: 4 FLOP at the FMA roof) per row, class and element,
+    padding included, in every mode. Where the row tiles of the programs resident at one time
+    fit the L2 budget the re-reads hit L2; otherwise the model takes them from HBM."""
+    h, protos = launch.args[0], launch.args[1]
+    n, c, d = launch.args[8], launch.args[9], launch.args[10]
+    bn, bc = launch.constexprs["BLOCK_N"], launch.constexprs["BLOCK_C"]
+    eh, ep = _esize(h), _esize(protos)
+    n_rb, n_cb = math.ceil(n / bn), math.ceil(c / bc)
+    conc = ROOFS[arch]["sms"] * ctas
+    waves = n_rb / conc
+    flops = 4.0 * n_rb * bn * n_cb * bc * d
+    h_bytes, p_bytes = n * d * eh, c * d * ep
+    out = n * d * 4 + n * (4 * 4 + 8)
+    passes = n_cb + 1
+    resident = bn * d * eh * min(conc, n_rb) <= l2_budget(arch)
+    hbm = h_bytes * (1 if resident else passes) + p_bytes + out
+    l2 = passes * h_bytes + n_rb * n_cb * bc * d * ep + out
+    minimum = h_bytes + n * d * 4 + p_bytes
+    notes = ["no GEMM: every class by fp32 differences on the FMA pipe, in every mode",
+             f"row tiles read {passes}x (" + ("from L2 after the first" if resident
+                                              else "from HBM: past the L2 budget") + ")",
+             f"HBM {hbm / minimum:.2f}x the minimum (h once, grad once, prototypes once)"]
+    return finish(flops, 4.0 * n * c * d, hbm, l2, "ieee", arch, waves, notes)
+
+
 def _knn_grouped(launch, precision, arch, ctas):
     """Exact search: program (query block, database split) streams its split; programs run in
     groups of GROUP_Q query blocks x every split, query block fastest.
@@ -430,6 +459,7 @@ MODELS = {
     "_ncp_epilogue_kernel": _ncp_epilogue,
     "_ncp_gradient_kernel": _ncp_class_groups,
     "_ncp_single_read_kernel": _ncp_single_read,
+    "_ncp_exact_kernel": _ncp_exact,
     "_knn_candidates_kernel": _knn_grouped,
     "_merge_rerank_kernel": _knn_merge,
 }

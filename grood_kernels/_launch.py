@@ -80,6 +80,9 @@ class LaunchConfig(NamedTuple):
         finish_waves (int): with ``finish_apart``, at least this many programs per SM for
             the finish (0: as many as keep their row tiles in L2,
             :func:`grood_kernels._ncp_finish.finish_programs`).
+        exact (bool): the gradient step without a GEMM: every class's distance from fp32
+            differences (:mod:`grood_kernels._ncp_exact`; ``block_cols`` is then its block of
+            classes, ``block_d`` its D-step).
     """
 
     block_rows: int
@@ -94,6 +97,7 @@ class LaunchConfig(NamedTuple):
     split: bool = False
     finish_apart: bool = False
     finish_waves: int = 0
+    exact: bool = False
 
 
 def fit_tile(block: int, size: int) -> int:

@@ -68,6 +68,7 @@ from grood_kernels._launch import (
     target_major,
     triton_version,
 )
+from grood_kernels._ncp_exact import EXACT_CANDIDATE_MAX_C, _ncp_exact_kernel, exact_config
 from grood_kernels._ncp_finish import (
     FINISH_OCCUPANCY,
     FINISH_TILE,
@@ -158,9 +159,19 @@ WGMMA_CLASS_LOOP_FROM = (3, 7)
 
 
 def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
-                  n_sm: int | None = None, major: int = 0) -> LaunchConfig:
+                  n_sm: int | None = None, major: int = 0, exact: bool = True
+                  ) -> LaunchConfig:
     """One known-good launch configuration for this shape, on a GPU of compute capability
     ``major``.x (0: the interpreter).
+
+    On a GPU, up to :data:`grood_kernels._ncp_exact.EXACT_MAX_C` classes (CIFAR-10), the
+    kernel without a GEMM (:func:`grood_kernels._ncp_exact.exact_config`; not with
+    ``exact=False``, which gives the GEMM kernels' configuration): every class's distance from
+    fp32 differences, so every mode gives the same results, as near float64 as ``ieee``'s
+    re-ranked candidates. Compiled for sm_90a at CIFAR-10 (N = 65,536, D = 512) its
+    instructions issue in about 0.07 ms, as long as its HBM traffic takes (``h`` read once,
+    the gradient written), where an H200 timed the GEMM kernels at 0.57-1.21 ms
+    (2026-12-04; ``bench/RESULTS.md``); not yet timed itself.
 
     Tensor-core modes: 128-row x 128-class tiles on two warpgroups (8 warps), 32-wide K-steps,
     4 stages (128 KB of shared memory in tf32; ``tf32x3``: 16-wide K-steps of 4 x 16 operand
@@ -177,6 +188,9 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
     the budget (C = 21,841) its row chunks of 3,072 rows leave the epilogue a grid smaller than
     the device (not measured there), so the class-group kernel stays.
     """
+    small = exact_config(c, d) if major > 0 and exact else None
+    if small is not None:
+        return small
     if precision == "ieee" and major > 0 and c * d * 4 <= L2_BUDGET:
         split = split_config(c, d, precision)
         if split is not None:
@@ -339,7 +353,11 @@ SPLIT_EPILOGUE_TILES = ((32, 32, 32, 4), (32, 64, 64, 8))
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
                       n_sm: int | None = None, major: int = 0) -> list[LaunchConfig]:
     """Every distinct autotuning candidate at this shape, the launcher's configuration first
-    (the tuner checks the others' results against it): the tile list fitted to it (small
+    (the tuner checks the others' results against it), then the GEMM kernels' launcher
+    configuration and the kernel without a GEMM (up to
+    :data:`grood_kernels._ncp_exact.EXACT_CANDIDATE_MAX_C` classes; up to 16 one of the two is
+    the launcher's):
+    the tile list fitted to it (small
     shapes shrink several tiles to the same one), the wide tile, the single-read, staged and
     split variants where they apply (in ``ieee`` the split variant with each of
     :data:`SPLIT_EPILOGUE_TILES` too), and in the tensor-core modes the launcher's, the wide
@@ -348,6 +366,9 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     fewer); last, in every mode the split variant has, its epilogue with the finish apart."""
     fitted: list[LaunchConfig | None] = [
         launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major)]
+    gemm = launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major,
+                         exact=False)
+    fitted += [gemm, exact_config(c, d, every_c=c <= EXACT_CANDIDATE_MAX_C)]
     fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
     wide = wide_config(n, c, d, precision, h_bytes, n_sm)
@@ -360,7 +381,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     if precision == "ieee":
         fitted += [split_config(c, d, precision, tiles) for tiles in SPLIT_EPILOGUE_TILES]
     else:  # the finish apart (in ieee the FMA K-loop, or the BLAS's, sets the pace)
-        apart = [cfg._replace(finish_apart=True) for cfg in (fitted[0], wide, staged)
+        apart = [cfg._replace(finish_apart=True) for cfg in (gemm, wide, staged)
                  if cfg is not None and not (cfg.split or cfg.single_read)]
         sms = n_sm or DEFAULT_SMS
         if apart and (finish_programs(n, d, L2_BUDGET, sms)
@@ -591,6 +612,16 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = h.shape
     c = prototypes.shape[0]
+    if cfg.exact:
+        return (KernelLaunch(
+            _ncp_exact_kernel, (triton.cdiv(n, cfg.block_rows),),
+            (h, prototypes, prep.p_o, grad, q_ood, pred, min_dist, lse,
+             n, c, d, prep.scale, 1.0 / prep.scale,
+             h.stride(0), h.stride(1), prototypes.stride(0), prototypes.stride(1),
+             grad.stride(0), grad.stride(1)),
+            {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
+             "STAGES": cfg.num_stages, "EVEN_D": int(d % cfg.block_d == 0)},
+            cfg.num_warps, cfg.num_stages),)
     if cfg.single_read:
         return (KernelLaunch(
             _ncp_single_read_kernel, (triton.cdiv(n, cfg.block_rows),),
@@ -742,8 +773,8 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
     """Partial results per (class group, row) and one arrival counter per row block (the
     class-group kernel); ``||u||^2`` per row and, in bf16, the bf16 rows of ``u`` (staged and
     split variants); the split variant's chunk of GEMM results; nothing for the single-read
-    variant."""
-    if cfg.single_read:
+    variant or the exact kernel."""
+    if cfg.single_read or cfg.exact:
         return ()
     centred = cfg.staged or cfg.split
     u_sq = torch.empty(n, dtype=torch.float32, device=device) if centred else None
@@ -767,17 +798,19 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
-                     configs: str = "launcher", major: int = 0) -> list[KernelLaunch]:
+                     configs: str = "launcher", major: int = 0,
+                     exact: bool = True) -> list[KernelLaunch]:
     """The Triton launches :func:`ncp_gradient` makes at this shape on a GPU of compute
     capability ``major``.x (0: none named), on ``meta`` tensors (for the compile report);
-    ``configs="all"`` adds every autotuning candidate."""
+    ``configs="all"`` adds every autotuning candidate; ``exact=False``: the GEMM kernels'
+    launcher configuration where the launcher would take the kernel without a GEMM."""
     def meta(*shape, dt=torch.float32):
         return torch.empty(shape, dtype=dt, device="meta")
 
     outs = (meta(n, d), meta(n), meta(n, dt=torch.int64), meta(n), meta(n))
     size = torch.empty((), dtype=dtype).element_size()
     cfgs = (candidate_configs(n, c, d, precision, size, major=major) if configs == "all"
-            else [launch_config(n, c, d, precision, h_bytes=size, major=major)])
+            else [launch_config(n, c, d, precision, h_bytes=size, major=major, exact=exact)])
     prep = PreparedPrototypes(meta(triton.cdiv(c, PAD_ROWS) * PAD_ROWS,
                                    (4 if precision == "tf32x3" else 1)
                                    * triton.cdiv(d, PAD_COLS) * PAD_COLS,

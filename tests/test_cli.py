@@ -1382,6 +1382,17 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open():
     big = (65536, 21841, 1024)
     runs = config_runs(kernel.candidate_configs(*big, "tf32", 4, major=9), *big[1:], "tf32")
     assert not any("lean" in over for _, _, over in runs)
+    # CIFAR-10 on a GPU: the launcher is the kernel without a GEMM (no gate, no finish to
+    # override), the GEMM kernels' launcher configuration right after it, named
+    small = (65536, 10, 512)
+    for precision, gemm in (("tf32", " (GEMM launcher)"),
+                            ("ieee", " (split: torch GEMM over row chunks, Triton epilogue, "
+                                     "the GEMM launcher's)")):
+        runs = config_runs(kernel.candidate_configs(*small, precision, 4, major=9),
+                           *small[1:], precision)
+        assert runs[0][0].exact and runs[0][1:] == (" (launcher)", {})
+        assert runs[1][1:] == (gemm, {}) and not runs[1][0].exact
+        assert not any(cfg.exact for cfg, _, _ in runs[1:])
 
 
 def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):

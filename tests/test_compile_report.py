@@ -625,6 +625,36 @@ print(json.dumps([{{k: r.get(k) for k in compile_report.JSON_KEYS}} for r in rec
     assert deep["smem_bytes"] > lean["smem_bytes"]  # a second step's loads in flight
 
 
+def test_exact_kernel_compiles_spill_free_its_d_step_mostly_fma():
+    """The launcher's kernel at CIFAR-10 on a GPU (no GEMM: every class by fp32 differences)
+    compiles for sm_90a without spills, four programs per SM, no MMA; its D-step issues at
+    most 1.5x the 128 FMA-pipe instructions per thread it needs (a difference and a fused
+    multiply-add for each of 32 rows x 16 classes x 16 columns over 128 threads); modelled
+    HBM-bound (``h`` read, the gradient written), with no candidate, re-rank or finish."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(BENCH)!r})
+import compile_report
+from grood_kernels import ncp_gradient
+dims = (65536, 10, 512)
+(launch,) = ncp_gradient.compile_launches(*dims, "tf32", major=9)
+r = compile_report._record("ncp_gradient", "t", dims, "tf32", "sm_90a", 0, launch, None)
+print(json.dumps({{k: r.get(k) for k in compile_report.JSON_KEYS}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    r = json.loads(proc.stdout)
+    assert r["function"] == "_ncp_exact_kernel" and r["mma"] == "none"
+    assert r["binding_roof"] == "hbm" and "no GEMM" in r["model_notes"]
+    n, d = 65536, 512
+    assert 2 * n * d * 4 < r["hbm_bytes"] < 3.05 * n * d * 4  # h (once or twice), the gradient
+    assert r["own_finish"] is None and r["tile_epilogue"] is None
+    if HAS_PTXAS:
+        assert r["spill_store_bytes"] == r["spill_load_bytes"] == 0
+        assert r["ctas_per_sm"] == 4
+        assert 128 <= r["hot_loop"]["step_instructions"] <= 192
+
+
 def test_other_gpus_walks_the_shared_memory_fallback():
     """bench/other_gpus.py compiles a launch for a smaller GPU and reports the pipelining
     stages it falls back to (the tf32 gradient step's 4-stage tile does not fit sm_86's 99 KB

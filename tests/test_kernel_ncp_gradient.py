@@ -22,6 +22,7 @@ from grood import GROOD, functional
 from grood_kernels import _launch, contract
 from grood_kernels import ncp_gradient as kernel_module
 from grood_kernels._dot import round_tf32
+from grood_kernels._ncp_exact import EXACT_MAX_C, exact_config
 from grood_kernels._ncp_finish import gemm_error_sq
 from grood_kernels._topk import first_nearest, insert_nearest
 from grood_kernels.ncp_gradient import ncp_gradient
@@ -117,7 +118,9 @@ def test_half_precision_inputs(dtype):
     assert torch.equal(res.pred.cpu(), pred)
 
 
-def test_gradient_equals_autograd():
+@pytest.mark.parametrize("blocks", ["launcher", "exact"])
+def test_gradient_equals_autograd(monkeypatch, blocks):
+    _force_blocks(monkeypatch, blocks)
     h, protos, p_ood = _problem(6, 4, 9, seed=2)
     res = ncp_gradient(h, protos, p_ood)
     for i in range(6):
@@ -487,8 +490,9 @@ def test_class_groups_merge_like_one_pass(monkeypatch, poisoned_outputs):
 def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
     """Make the launcher use 16-class blocks in ``groups`` class groups ("class-groups"; with
     the own finish's passes lean in every mode: "lean-finish"; with the finish as a launch of
-    its own over 8-row tiles, in 3 programs that loop over them: "finish-apart") or the
-    single-read variant ("single-read"); "launcher" leaves its own configuration."""
+    its own over 8-row tiles, in 3 programs that loop over them: "finish-apart"), the
+    single-read variant ("single-read") or the kernel without a GEMM at any C, looping over
+    16-class blocks past 16 ("exact"); "launcher" leaves its own configuration."""
     if blocks == "finish-apart":
         monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
     if blocks == "lean-finish":
@@ -500,13 +504,14 @@ def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
                "finish-apart": lambda *a, **kw: kernel_module.LaunchConfig(
                    16, 16, 16, 4, 2, groups, finish_apart=True),
                "single-read": lambda n, c, d, *a, **kw:
-               kernel_module.single_read_config(c, d, "bf16")}
+               kernel_module.single_read_config(c, d, "bf16"),
+               "exact": lambda n, c, d, *a, **kw: exact_config(c, d, every_c=True)}
     if blocks in configs:
         monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
 
 
 @pytest.mark.parametrize("blocks", ["launcher", "class-groups", "lean-finish", "finish-apart",
-                                    "single-read"])
+                                    "single-read", "exact"])
 def test_many_duplicated_prototypes_predict_the_lowest_id(monkeypatch, blocks):
     """Twenty copies of the nearest prototype (more than the candidates re-ranked), in one
     class block, spread over two of five 16-class blocks merged across class groups, or in
@@ -648,12 +653,43 @@ def test_single_read_variant_matches_float64_twin(n, c, d, precision, single_rea
     _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL[precision])
 
 
+# (N, C, D) for the kernel without a GEMM: one row, one class, C under and at its 16-class
+# block and past it (blocks looped, ties across them), D one, not a whole number of its
+# 16-wide D-steps, and a whole number of them (no column masks).
+EXACT_SHAPES = [(1, 1, 1), (1, 5, 7), (37, 10, 40), (70, 16, 33), (64, 16, 32), (33, 40, 19),
+                (5, 3, 129)]
+
+
+@pytest.mark.parametrize(("n", "c", "d"), EXACT_SHAPES,
+                         ids=[f"N{n}-C{c}-D{d}" for n, c, d in EXACT_SHAPES])
+def test_exact_kernel_matches_float64_twin_alike_in_every_mode(n, c, d, monkeypatch,
+                                                              poisoned_outputs):
+    """The kernel without a GEMM (the launcher's on a GPU up to 16 classes; here at any C)
+    gives every output within fp32 rounding of the float64 twin (ieee's tolerance) in every
+    mode, bit for bit the same results in each: no mode changes its arithmetic."""
+    _force_blocks(monkeypatch, "exact")
+    h, protos, p_ood = _problem(n, c, d)
+    h = h.T.contiguous().T  # read through its strides
+    first = None
+    for precision in ("ieee", "tf32", "tf32x3"):
+        res = ncp_gradient(h, protos, p_ood, precision=precision)
+        _assert_matches_twin(res, h, protos, p_ood, rtol=TWIN_RTOL["ieee"])
+        first = first or res
+        for a, b in zip(first, res, strict=True):
+            assert torch.equal(a, b), precision
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30], ids=["1e-30", "1e30"])
-def test_single_read_variant_ties_and_magnitudes(scale, single_read):
-    """Duplicated prototypes tie exactly (the lower class id wins) and huge or tiny magnitudes
-    work in the shared power-of-two units, as in the class-group kernel."""
-    h, protos, p_ood = _problem(40, 12, 24, seed=3)
+@pytest.mark.parametrize("blocks", ["single-read", "exact"])
+def test_small_c_variants_ties_magnitudes_and_half_precision_rows(blocks, scale, monkeypatch):
+    """In the single-read variant and the kernel without a GEMM, duplicated prototypes tie
+    exactly (the lower class id wins; in the exact kernel within a 16-class block and across
+    two), huge or tiny magnitudes work in the shared power-of-two units, as in the
+    class-group kernel, and float16 rows are read as they are."""
+    _force_blocks(monkeypatch, blocks)
+    h, protos, p_ood = _problem(40, 30, 24, seed=3)
     protos[5] = protos[2]
+    protos[21] = protos[2]  # a tie in the next block too
     h[:8] = protos[2]  # rows on the duplicated prototype
     h, protos, p_ood = h * scale, protos * scale, p_ood * scale
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
@@ -661,6 +697,46 @@ def test_single_read_variant_ties_and_magnitudes(scale, single_read):
     assert torch.equal(res.pred, ref.pred) and bool((res.pred[:8] == 2).all())
     torch.testing.assert_close(res.q_ood.double(), ref.q_ood, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(res.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)  # unit-free
+    half = (h / scale).half()
+    res = ncp_gradient(half, protos / scale, p_ood / scale)
+    _assert_matches_twin(res, half.float(), protos / scale, p_ood / scale)
+
+
+def test_launcher_takes_the_exact_kernel_on_a_gpu_up_to_16_classes():
+    """On a GPU (any compute capability) up to EXACT_MAX_C classes, in every mode, the
+    launcher runs the kernel without a GEMM; past it, under the interpreter (whose tests keep
+    the GEMM kernels at small C) and with ``exact=False`` the GEMM kernels' configuration.
+    The autotuning candidates hold both, the GEMM launcher's right after the launcher's, and
+    the finish-apart candidates come from the GEMM launcher's tiles; up to 128 classes the
+    kernel without a GEMM stays a candidate (looping over its 16-class blocks)."""
+    launch_config = kernel_module.launch_config
+    for precision in contract.PRECISIONS:
+        for major in (8, 9, 10):
+            for c in (1, 10, EXACT_MAX_C):
+                cfg = launch_config(65536, c, 512, precision, major=major)
+                assert cfg.exact and cfg == exact_config(c, 512), (precision, major, c)
+                assert not launch_config(65536, c, 512, precision, major=major,
+                                         exact=False).exact
+            assert not launch_config(65536, EXACT_MAX_C + 1, 512, precision, major=major).exact
+        assert not launch_config(65536, 10, 512, precision, major=0).exact
+    assert exact_config(EXACT_MAX_C + 1, 512) is None
+    assert exact_config(40, 19, every_c=True).block_cols == 16
+    for major in (0, 9):
+        cands = kernel_module.candidate_configs(65536, 10, 512, "tf32", 4, major=major)
+        assert sum(cfg.exact for cfg in cands) == 1 and cands[0].exact == bool(major)
+        gemm = launch_config(65536, 10, 512, "tf32", major=major, exact=False)
+        assert cands[int(bool(major))] == gemm
+        assert gemm._replace(finish_apart=True) in cands
+    # past 16 classes a candidate up to 128 (CIFAR-100: its class loop), not the launcher's
+    cands = kernel_module.candidate_configs(65536, 100, 512, "tf32", 4, major=9)
+    assert not cands[0].exact and [cfg for cfg in cands if cfg.exact] == [
+        exact_config(100, 512, every_c=True)]
+    assert not any(cfg.exact for cfg in kernel_module.candidate_configs(
+        65536, 1000, 2048, "tf32", 4, major=9))
+    (launch,) = kernel_module.compile_launches(65536, 10, 512, "bf16", major=9)
+    assert launch.fn.__name__ == "_ncp_exact_kernel"
+    assert launch.constexprs == {"BLOCK_N": 32, "BLOCK_C": 16, "BLOCK_D": 16, "STAGES": 3,
+                                 "EVEN_D": 1}
 
 
 def test_single_read_variant_is_offered_where_it_compiles_spill_free():
@@ -1082,7 +1158,7 @@ NON_FINITE_ROWS = {0: (5, float("nan")), 1: (2, float("nan")), 4: (0, float("inf
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.*")
 @pytest.mark.parametrize("c", [40, 3], ids=["C40", "C3-fewer-than-the-candidates"])
 @pytest.mark.parametrize("variant", ["launcher", "class-groups", "lean-finish", "finish-apart",
-                                     "single-read", "staged", "split"])
+                                     "single-read", "exact", "staged", "split"])
 def test_rows_with_nan_or_inf_give_nan_and_no_class_on_both_backends(variant, c, request,
                                                                      monkeypatch,
                                                                      poisoned_outputs):
@@ -1405,8 +1481,8 @@ def test_ieee_on_a_gpu_takes_the_split_variant_where_the_prototypes_fit_l2():
     launches are the pre-pass and one epilogue per chunk (the GEMM runs in torch)."""
     launch_config = kernel_module.launch_config
     for c, d in ((10, 512), (100, 512), (1000, 2048)):
-        for major in (8, 9, 10):
-            cfg = launch_config(65536, c, d, "ieee", major=major)
+        for major in (8, 9, 10):  # (at C = 10 the GEMM kernels' configuration: exact=False)
+            cfg = launch_config(65536, c, d, "ieee", major=major, exact=c > EXACT_MAX_C)
             assert cfg == kernel_module.split_config(c, d, "ieee"), (c, d, major)
         assert not launch_config(65536, c, d, "ieee", major=0).split
         for precision in ("tf32", "tf32x3", "bf16"):

@@ -52,7 +52,7 @@ from grood_kernels import ncp_gradient
 out = []
 for dims in ((256, 10, 64), (256, 300, 64)):
     for mode in ("tf32", "bf16"):
-        for launch in ncp_gradient.compile_launches(*dims, mode, major=9):
+        for launch in ncp_gradient.compile_launches(*dims, mode, major=9, exact=False):
             facts = compile_report.compile_launch(launch, "sm_90a")
             out.append({"dims": dims, "mode": mode, "function": launch.fn.__name__,
                         **{k: facts[k] for k in ("mma", "wgmma_pendings", "wgmma_serialized",

@@ -124,26 +124,32 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
                    "as the launcher")
 
 
+#: The configurations table's label of the kernel without a GEMM.
+EXACT_LABEL = " (exact: every class by fp32 differences, no GEMM)"
+
+
 def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                 ) -> list[tuple[LaunchConfig, str, dict[str, int]]]:
     """The configurations table's runs, as (configuration, label, :func:`launch_step`'s
     overrides): the launcher's (``cands[0]``) as it is, with its exact re-rank's gate the
-    other way, where its finish's loops are pipelined with them not and with their loads two
-    D-steps ahead instead of one (the finish waits on latency: on an H200 it took about 7x
-    the time its instructions need to issue, bench/RESULTS.md 2026-12-05; 160 KB of shared
-    memory at this table's shapes, no spills, sm_90a), and where its finish's passes are lean
+    other way (not the exact kernel's: it has no candidates), where its finish's loops are
+    pipelined with them not and with their loads two D-steps ahead instead of one (the
+    finish waits on latency: on an H200 it took about 7x the time its instructions need to
+    issue, bench/RESULTS.md 2026-12-05; 160 KB of shared memory at this table's shapes, no
+    spills, sm_90a), and where its finish's passes are lean
     (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as they were when an
-    H200 timed the launcher (2026-12-04); then every other
-    candidate (the finish-apart ones among them), the wide staged tile with its gate the other
-    way too (the choices a GPU run leaves open: on an H200 the wide tile was the fastest with
-    the gate on, 2026-12-04)."""
+    H200 timed the launcher (2026-12-04); then every other candidate (the finish-apart ones
+    among them; where the launcher is the exact kernel, the GEMM kernels' launcher
+    configuration first), the wide staged tile with its gate the other way too (the choices
+    a GPU run leaves open: on an H200 the wide tile was the fastest with the gate on,
+    2026-12-04)."""
     base = cands[0]
     gated = kernel.rerank_gate(c, d, precision)
     flip = f"re-rank gate {'off' if gated else 'on'}"
-    runs: list[tuple[LaunchConfig, str, dict[str, int]]] = [
-        (base, " (launcher)", {}),
-        (base, f" (launcher, {flip})", {"rerank_gate": int(not gated)})]
-    own_finish = not (base.split or base.single_read or base.finish_apart)
+    runs: list[tuple[LaunchConfig, str, dict[str, int]]] = [(base, " (launcher)", {})]
+    if not base.exact:  # (no candidates, no re-rank)
+        runs.append((base, f" (launcher, {flip})", {"rerank_gate": int(not gated)}))
+    own_finish = not (base.split or base.single_read or base.finish_apart or base.exact)
     if own_finish and kernel.finish_stages(precision, base.block_cols) > 1:
         runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
         runs.append((base, " (launcher, the finish's loops 3 stages deep)", {"finish": 3}))
@@ -151,7 +157,8 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
         runs.append((base, " (launcher, the finish's passes plain: per-step gathers and sums)",
                      {"lean": 0}))
     for cfg in cands[1:]:
-        label = (" (wide tile, staged)" if cfg.block_cols > 128 else
+        label = (EXACT_LABEL if cfg.exact else
+                 " (wide tile, staged)" if cfg.block_cols > 128 else
                  " (single read: all of D in registers)" if cfg.single_read else
                  " (staged: u centred by a pre-pass)" if cfg.staged else
                  " (split: torch GEMM over row chunks, Triton epilogue)" if cfg.split else "")
@@ -160,6 +167,8 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
                      else "")
             label = (f"{label[:-1]}, finish apart{waves})" if label else
                      f" (launcher, finish apart{waves})")
+        if base.exact and cfg == cands[1]:  # the GEMM kernels' launcher configuration
+            label = f"{label[:-1]}, the GEMM launcher's)" if label else " (GEMM launcher)"
         runs.append((cfg, label, {}))
         if cfg.block_cols > 128 and not cfg.finish_apart:
             runs.append((cfg, f" (wide tile, staged, {flip})", {"rerank_gate": int(not gated)}))
