@@ -666,10 +666,14 @@ def test_exact_kernel_matches_float64_twin_alike_in_every_mode(n, c, d, monkeypa
                                                               poisoned_outputs):
     """The kernel without a GEMM (the launcher's on a GPU up to 16 classes; here at any C)
     gives every output within fp32 rounding of the float64 twin (ieee's tolerance) in every
-    mode, bit for bit the same results in each: no mode changes its arithmetic."""
+    mode, bit for bit the same results in each (no mode changes its arithmetic); features and
+    prototypes read through their strides."""
     _force_blocks(monkeypatch, "exact")
     h, protos, p_ood = _problem(n, c, d)
-    h = h.T.contiguous().T  # read through its strides
+    h = h.T.contiguous().T  # read through its strides, as the prototypes below
+    wide = torch.zeros(c, 2 * d, device=DEVICE)
+    wide[:, ::2] = protos
+    protos = wide[:, ::2]
     first = None
     for precision in ("ieee", "tf32", "tf32x3"):
         res = ncp_gradient(h, protos, p_ood, precision=precision)
