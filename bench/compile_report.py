@@ -55,9 +55,9 @@ NCP_SHAPES = [("CIFAR-10", 65536, 10, 512), ("CIFAR-100", 65536, 100, 512),
               ("ImageNet-1k", 65536, 1000, 2048), ("C=21841", 65536, 21841, 1024)]
 #: (label, Q, M, D) for exact search.
 KNN_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
-#: One small shape per kernel, for the test suite.
-#: The tests' shapes (``--shapes small``): the gradient step past 16 classes, so that the
-#: launcher's GEMM kernel compiles (up to 16 a GPU takes the kernel without a GEMM).
+#: One small shape per kernel, for the test suite (``--shapes small``): the gradient step
+#: past 16 classes, so that the launcher's GEMM kernel compiles (up to 16 a GPU takes the
+#: kernel without a GEMM).
 SMALL = {"ncp_gradient": [("small", 256, 20, 64)], "knn": [("small", 256, 4096, 64)]}
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
 

@@ -14,9 +14,9 @@ from grood_kernels._launch import LaunchConfig, fit_tile
 from grood_kernels._ncp_finish import _wide, load_u
 from grood_kernels._topk import clamp_sq
 
-#: Largest class count the launcher gives this kernel: one block of 16 classes, so each row
-#: tile is read once for its distances and once more (from L2 where it stays there) for its
-#: gradient.
+#: The kernel's block of classes, and the largest class count the launcher gives it: one
+#: block, so each row tile is read once for its distances and once more (from L2 where it
+#: stays there) for its gradient.
 EXACT_MAX_C = 16
 
 #: Largest class count at which the autotuning candidates (``GROOD_AUTOTUNE=1``, the
@@ -41,8 +41,7 @@ def exact_config(c: int, d: int, *, every_c: bool = False) -> LaunchConfig | Non
     if c > EXACT_MAX_C and not every_c:
         return None
     rows, step, warps, stages = EXACT_TILE
-    return LaunchConfig(rows, fit_tile(EXACT_MAX_C, min(c, EXACT_MAX_C)), fit_tile(step, d),
-                        warps, stages, exact=True)
+    return LaunchConfig(rows, EXACT_MAX_C, fit_tile(step, d), warps, stages, exact=True)
 
 
 @triton.jit
