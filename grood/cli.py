@@ -24,6 +24,7 @@ from grood.baselines import (
     SCALE,
     NNGuide,
     ReAct,
+    TempScale,
     learned_from,
     not_by_name,
 )
@@ -443,9 +444,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    # "all": every baseline, in grood.baselines.BY_NAME's order (each name once)
+    # "all": every baseline, in EVAL_BY_NAME's order (each name once); TempScale with
+    # --held-out (it fits on nothing else)
+    every = [k for k in EVAL_BY_NAME if k not in HELD_OUT or args.held_out is not None]
     args.baselines = list(dict.fromkeys(
-        name for b in args.baselines for name in (BY_NAME if b == "all" else (b,))))
+        name for b in args.baselines for name in (every if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
     trained = [b for b in args.baselines if b in readers]
     if trained and args.train is None:
@@ -458,6 +461,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              f"and {readers[-1]}"
                              + (" (given --head)" if args.head is not None else ""))
         _require_files({"training feature file": args.train})
+    held = [b for b in args.baselines if b in HELD_OUT]
+    if held and args.held_out is None:
+        raise ValueError(f"--baselines {held[0]} fits its temperature on held-out logits and "
+                         "labels (a validation set, not the rows the model was trained on): "
+                         "give their file with --held-out")
+    if args.held_out is not None:
+        if not held:
+            raise ValueError(f"--held-out is read only by --baselines {', '.join(HELD_OUT)}")
+        _require_files({"held-out file": args.held_out})
     for option, (key, _) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None and key not in args.baselines:
             raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
@@ -490,7 +502,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     inputs = {"detector file": args.detector, "ID feature file": args.id,
               **{f"OOD feature file {p}": p for p in ood_files},
               **({"training feature file": args.train} if args.train is not None else {}),
-              **({"last-layer file": args.head} if args.head is not None else {})}
+              **({"last-layer file": args.head} if args.head is not None else {}),
+              **({"held-out file": args.held_out} if args.held_out is not None else {})}
     if args.json:
         save_target(args.json, suffixes=None, what="metrics", inputs=inputs)
     if args.csv:
@@ -504,18 +517,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     id_data = load_features(args.id)
     with prefixed_errors(args.id):  # several feature files: an error says which one
         id_labels_and_logits(id_data, det.n_classes_)  # before any work
-    logit_baselines = [b for b in args.baselines if BY_NAME[b][1] == "logits"]
+    logit_baselines = [b for b in args.baselines if EVAL_BY_NAME[b][1] == "logits"]
     for path in ood_files if logit_baselines else ():  # before any scoring, as the ID file
         if "logits" not in array_names(path):
             raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
                              f"{'scores' if len(logit_baselines) == 1 else 'score'} logits: "
                              "the file has no 'logits' array")
-    baselines = _fit_baselines(args, id_data, det.n_features_in_)
+    baselines = _fit_baselines(args, id_data, det.n_features_in_, det.n_classes_)
     ev = evaluate(det, id_data, {p: p for p in args.ood}, near={p: p for p in args.near},
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
                   id_name=args.id, device=args.device)
     print(ev.summary(None if ev.threshold is None else _threshold_line(det)))
-    taken_with = _provenance(det, args)
+    taken_with = _provenance(det, args, baselines)
     print(f"\n{_provenance_line(taken_with)}")
     if args.json:  # (no feature file is named so: each has a suffix)
         with written_atomically(args.json) as tmp:
@@ -530,11 +543,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _provenance(det: Any, args: argparse.Namespace, baselines: Sequence[Any]
+                ) -> dict[str, Any]:
     """What ``grood eval``'s tables were taken with, for whoever reads them pasted elsewhere
     (its last line) or reads its ``--json`` (under ``taken_with``): the detector file and its
     digest, the ID file, the detector's scoring settings, its backends and device, the
-    bootstrap and baselines, grood (and its kernels), torch, and the day."""
+    bootstrap and baselines (of the fitted ``baselines``, TempScale's temperature), grood (and
+    its kernels), torch, and the day."""
     from datetime import date
 
     import torch
@@ -565,6 +580,9 @@ def _provenance(det: Any, args: argparse.Namespace) -> dict[str, Any]:
            for value in [getattr(estimators[key], param)]},
         **({"train": args.train} if args.train is not None else {}),
         **({"head": args.head} if args.head is not None else {}),
+        **({"held_out": args.held_out} if args.held_out is not None else {}),
+        **{f"{key}_temperature": b.temperature_
+           for key, b in zip(args.baselines, baselines, strict=True) if isinstance(b, TempScale)},
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
         "date": date.today().isoformat(),
     }
@@ -591,6 +609,11 @@ def _train_readers(*, head_given: bool) -> list[str]:
 
 #: Those that read --train's logits (to recover the classifier's last layer from), or --head.
 HEAD_BASELINES = list(LAST_LAYER_NAMES)
+#: ``grood eval --baselines``' baselines beyond grood.baselines.BY_NAME, fitted on a file of
+#: their own: TempScale on --held-out's logits and labels (a validation set).
+HELD_OUT: dict[str, tuple[type[Any], str]] = {"tempscale": (TempScale, "logits")}
+#: Every name ``grood eval --baselines`` takes, in its tables' order.
+EVAL_BY_NAME = {**BY_NAME, **HELD_OUT}
 #: ``grood eval``'s options for one baseline's parameter: option -> (baseline, parameter).
 BASELINE_OPTIONS = {"knn_k": ("knn", "k"), "vim_dim": ("vim", "dim"),
                     "react_percentile": ("react", "percentile"),
@@ -608,18 +631,20 @@ def _unfitted_baselines(args: argparse.Namespace) -> dict[str, Any]:
     for option, (key, param) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None:
             given.setdefault(key, {})[param] = getattr(args, option)
-    return {key: BY_NAME[key][0](**given.get(key, {})) for key in args.baselines}
+    return {key: EVAL_BY_NAME[key][0](**given.get(key, {})) for key in args.baselines}
 
 
-def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> list[Any]:
+def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
+                   n_classes: int) -> list[Any]:
     """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
-    ID file's), on the command's device; the training features of the width the detector's
+    ID file's, TempScale on --held-out's logits and labels, of the detector's ``n_classes``
+    columns), on the command's device; the training features of the width the detector's
     (``n_features``) were. Each array is read and moved to the device once, however many
     baselines fit on it."""
     import torch
 
     from grood._linear import checked_head
-    from grood.io import load_features, load_head
+    from grood.io import FeatureFile, load_features, load_head, load_held_out
 
     train = load_features(args.train) if args.train is not None else None
     head = None
@@ -637,6 +662,17 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int) -> l
 
     estimators = _unfitted_baselines(args)
     for key, est in estimators.items():
+        if key in HELD_OUT:
+            with prefixed_errors(args.held_out):
+                logits, labels = load_held_out(args.held_out)
+                held = FeatureFile(None, labels, logits)
+                z, y = (array("held-out", held, name, key) for name in ("logits", "labels"))
+                if z.ndim == 2 and z.shape[1] != n_classes:
+                    raise ValueError(f"the held-out logits have {z.shape[1]} columns, the "
+                                     f"detector's classes are {n_classes}: --held-out is "
+                                     "not a validation set of the same classifier")
+                est.fit(z, y)
+            continue
         reads = learned_from(type(est), head_given=head is not None)
         if not reads:  # (nothing learned: the width of the ID file's logits or features)
             with prefixed_errors(args.id):
@@ -815,10 +851,21 @@ def grid_arg(text: str) -> tuple[str, list[Any]]:
 
 def baseline_arg(text: str) -> str:
     """An argparse type for ``--baselines``: the name (argparse checks it against the names),
-    or a usage error for those it leaves out (ODIN, RankFeat, TempScale), saying why."""
-    if text.lower() in NOT_BY_NAME:
+    or a usage error for those feature files cannot feed (ODIN, RankFeat), saying why."""
+    if text.lower() in NOT_BY_NAME and text.lower() not in HELD_OUT:
         raise argparse.ArgumentTypeError(not_by_name(text, "feature files"))
     return text
+
+
+def tune_method_arg(text: str) -> str:
+    """An argparse type for ``grood tune METHOD``: as :func:`baseline_arg`, TempScale refused
+    too (no grid sets anything of it: its temperature is fitted)."""
+    if text.lower() in HELD_OUT:
+        raise argparse.ArgumentTypeError(
+            "TempScale has nothing to tune: its temperature is fitted on held-out logits and "
+            "labels; score it beside GROOD with grood eval --baselines tempscale --held-out "
+            "FILE")
+    return baseline_arg(text)
 
 
 def feature_sources() -> list[str]:
@@ -1042,14 +1089,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "ID file's nearest-prototype accuracy), with --baselines a method "
                          "column and a row per method")
     ev.add_argument("--baselines", nargs="+", action="extend", default=[],
-                    type=baseline_arg, choices=[*BY_NAME, "all"], metavar="NAME",
+                    type=baseline_arg, choices=[*EVAL_BY_NAME, "all"], metavar="NAME",
                     help="also score these baselines on the same files: msp, maxlogit, "
                          "energy, gen and klm (from each file's logits; klm fitted on "
                          "--train's), knn, mahalanobis and rmd (fitted on --train; mahalanobis "
                          "and rmd on its labels too), vim, react, gradnorm, ash (ASH-S), she, "
                          "dice, fdbd, scale and nnguide (fitted on --train's features and "
                          "logits, from which they recover the classifier's last layer; she on "
-                         "its labels too), or all of them: all")
+                         "its labels too), tempscale (its temperature fitted on --held-out's "
+                         "logits and labels), or all of them: all (tempscale with --held-out)")
     readers = _train_readers(head_given=False)
     layer_only = [k for k in readers if k not in _train_readers(head_given=True)]
     ev.add_argument("--train", metavar="FILE",
@@ -1063,6 +1111,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "of recovering it from --train's logits: a .pt, .safetensors or .npz "
                          "file holding 'weight' [C, D] and 'bias' [C] (torch.save({'weight': "
                          "fc.weight, 'bias': fc.bias}, FILE))")
+    ev.add_argument("--held-out", metavar="FILE",
+                    help="held-out logits and labels (an ID validation set's, never the test "
+                         "set's nor the training rows') for --baselines tempscale: a feature "
+                         "file holding 'logits' [N, C] and 'labels' [N], or a file of those two "
+                         "alone (np.savez(FILE, logits=Z, labels=y))")
     ev.add_argument("--knn-k", type=positive_int_arg, default=None,
                     help=f"the neighbour --baselines knn scores by (default {KNN().k}, as Sun "
                          "et al.)")
@@ -1109,7 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "or scale) share one fit. Keep the validation files apart from the test "
                     "files the results are reported on.",
         epilog=EPILOG_FILES)
-    tn.add_argument("method", type=baseline_arg, choices=["grood", *BY_NAME], metavar="METHOD",
+    tn.add_argument("method", type=tune_method_arg, choices=["grood", *BY_NAME],
+                    metavar="METHOD",
                     help=f"grood, or a baseline: {', '.join(BY_NAME)}")
     tn.add_argument("--grid", type=grid_arg, action="append", required=True,
                     metavar="NAME=V1,V2,...",

@@ -84,19 +84,36 @@ def load_head(path: str | os.PathLike) -> tuple[Any, Any]:
     [C, D] and ``bias`` [C] (``torch.save({"weight": fc.weight, "bias": fc.bias}, path)``,
     or ``np.savez(path, weight=W, bias=b)``): ``(weight, bias)``, checked by the baseline
     that reads them."""
+    return _named_arrays(path, ("weight", "bias"), "last-layer file",
+                         "torch.save({'weight': fc.weight, 'bias': fc.bias}, path) or "
+                         "np.savez(path, weight=W, bias=b)")
+
+
+def load_held_out(path: str | os.PathLike) -> tuple[Any, Any]:
+    """A held-out set's ``logits`` [N, C] and ``labels`` [N] (a validation set's, for
+    :class:`grood.TempScale`) from a file of the same formats: a feature file that holds both
+    serves, and so does one that holds nothing else. ``(logits, labels)``, checked by the
+    baseline that reads them."""
+    return _named_arrays(path, ("logits", "labels"), "held-out file",
+                         "np.savez(path, logits=Z, labels=y), or a feature file with both")
+
+
+def _named_arrays(path: str | os.PathLike, names: tuple[str, ...], what: str,
+                  how: str) -> tuple[Any, ...]:
+    """The arrays ``names`` of a file (:data:`SUFFIXES`' formats), each refused by name where
+    it is missing (``how`` says how such a file is written) or is no array."""
     path = Path(path)
-    arrays = _arrays(path, "last-layer file")
-    missing = [k for k in ("weight", "bias") if k not in arrays]
+    arrays = _arrays(path, what)
+    missing = [k for k in names if k not in arrays]
     if missing:
         raise ValueError(
             f"{path} has no {' or '.join(repr(k) for k in missing)} array; it holds "
-            f"{sorted(arrays)}. A last-layer file names them: torch.save({{'weight': "
-            "fc.weight, 'bias': fc.bias}, path) or np.savez(path, weight=W, bias=b)")
-    for key in ("weight", "bias"):
+            f"{sorted(arrays)}. A {what} names them: {how}")
+    for key in names:
         if not isinstance(arrays[key], (np.ndarray, torch.Tensor)):
             raise ValueError(f"{path}: {key!r} is a {type(arrays[key]).__name__}, not an "
                              "array")
-    return arrays["weight"], arrays["bias"]
+    return tuple(arrays[k] for k in names)
 
 
 def _arrays(path: Path, what: str) -> dict[str, Any]:

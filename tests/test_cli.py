@@ -941,6 +941,74 @@ def test_eval_baselines_all_scores_every_baseline_once(tmp_path, capsys):
             == got[str(tmp_path / "ood.npz")]["baselines"]["fDBD"])
 
 
+def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
+    """--baselines tempscale --held-out FILE: the temperature fitted on that file's logits and
+    labels (a feature file with both, or a file of those two alone), the metrics
+    grood.TempScale gives by hand, the file and the temperature recorded with the tables;
+    `all` takes it with --held-out. Without the file, a file with the wrong arrays or width,
+    or logits no temperature is best for, it is refused by name; `grood tune` refuses it."""
+    from grood import TempScale, ood_metrics
+    from grood.baselines import BY_NAME
+
+    _, y, logits, _, _, ood_l, det = _last_layer_files(tmp_path, seed=4, ood_seed=2)
+    capsys.readouterr()
+    noise = 2 * torch.randn(100, 3, generator=torch.Generator().manual_seed(9))
+    val_l, val_y = logits[:100] + noise, y[:100]
+    val = tmp_path / "val.npz"
+    _write(val, logits=val_l, labels=val_y)  # no features: not needed
+    _write(tmp_path / "val_features.npz", features=torch.ones(100, 6), logits=val_l,
+           labels=val_y)
+    id_l, labels = logits[100:].numpy(), y[100:].numpy()
+    est = TempScale().fit(val_l.numpy(), val_y.numpy())
+    assert 0 < est.temperature_ != 1  # (a fit that moved it)
+    want = {"id_accuracy": float(np.mean(id_l.argmax(1) == labels)),
+            **ood_metrics(est.score_samples(id_l), est.score_samples(ood_l.numpy()))}
+    ood = str(tmp_path / "ood.npz")
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", ood,
+            "--json", str(tmp_path / "m.json"), "--baselines", "msp", "tempscale"]
+    for held in (val, tmp_path / "val_features.npz"):
+        assert main([*argv, "--held-out", str(held)]) == 0
+        rows = [line.split("|")[3].strip() for line in capsys.readouterr().out.splitlines()[4:7]]
+        assert rows == ["GROOD", "MSP", "TempScale"]
+        got = json.loads((tmp_path / "m.json").read_text())
+        assert got[ood]["baselines"]["TempScale"] == pytest.approx(want, abs=1e-12)
+        assert got["taken_with"]["held_out"] == str(held)
+        assert got["taken_with"]["tempscale_temperature"] == pytest.approx(est.temperature_,
+                                                                           rel=1e-9)
+    # `all` with --held-out: every baseline, TempScale last; without it, as before.
+    assert main([*argv[:-2], "all", "--held-out", str(val), "--train",
+                 str(tmp_path / "train.npz"), "--knn-k", "3", "--nnguide-k", "1"]) == 0
+    capsys.readouterr()
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
+    assert taken["baselines"] == [*BY_NAME, "tempscale"]
+    _write(tmp_path / "wide.npz", logits=torch.randn(20, 4), labels=torch.arange(20) % 4)
+    _write(tmp_path / "fitted.npz", logits=logits[:100], labels=logits[:100].argmax(1))
+    for extra, said in (
+            ([], "--baselines tempscale fits its temperature on held-out logits and labels (a "
+                 "validation set, not the rows the model was trained on): give their file "
+                 "with --held-out"),
+            (["--held-out", ood], "ood.npz has no 'labels' array; it holds ['features', "
+                                  "'logits']. A held-out file names them: np.savez(path, "
+                                  "logits=Z, labels=y), or a feature file with both"),
+            (["--held-out", str(tmp_path / "wide.npz")],
+             "wide.npz: the held-out logits have 4 columns, the detector's classes are 3: "
+             "--held-out is not a validation set of the same classifier"),
+            (["--held-out", str(tmp_path / "fitted.npz")],
+             "fitted.npz: every row's label holds its largest logit"),
+            (["--held-out", str(tmp_path / "missing.npz")], "no held-out file at")):
+        assert main([*argv, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv[:-1], "--held-out", str(val)]) == 2
+    assert "--held-out is read only by --baselines tempscale" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["tune", "tempscale", "--grid", "batch_size=1,2", "--train", "t.npz",
+              "--id-val", "v.npz", "--ood-val", "o.npz"])
+    assert stop.value.code == 2
+    assert ("TempScale has nothing to tune: its temperature is fitted on held-out logits and "
+            "labels; score it beside GROOD with grood eval --baselines tempscale --held-out "
+            "FILE" in capsys.readouterr().err)
+
+
 def test_eval_scores_layer_only_baselines_with_head_and_no_training_file(tmp_path, capsys):
     """--baselines gradnorm ash scale --head FILE: given the layer they learn nothing from a
     training set, so they need no --train (it was refused without one); the same metrics as

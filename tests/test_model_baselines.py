@@ -207,9 +207,7 @@ def test_feature_level_front_ends_name_where_odin_runs(tmp_path, capsys):
     for name, says in (("ODIN", "ODIN scores the model's inputs, which feature files do not "
                                 "hold: use grood.ODIN"),
                        ("rankfeat", "RankFeat scores the model's inputs, which feature files "
-                                    "do not hold: use grood.RankFeat"),
-                       ("tempscale", "TempScale's temperature is fitted on held-out logits "
-                                     "and labels")):
+                                    "do not hold: use grood.RankFeat")):
         with pytest.raises(SystemExit) as stop:
             main(["eval", "det.safetensors", "--id", "id.npz", "--ood", "o.npz",
                   "--baselines", "energy", name])
