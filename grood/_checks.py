@@ -277,9 +277,11 @@ def _check_not_names(labels: Any, name: str) -> None:
 
 
 def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = None,
-                 n_classes_from: str = "", allow_empty: bool = False) -> None:
+                 n_classes_from: str = "", allow_empty: bool = False,
+                 rows_of: str = "features") -> None:
     """Check that ``y`` is a vector of ``n_rows`` non-negative integer class ids (none, for
-    an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from."""
+    an empty batch, when allowed); ``n_classes_from`` says where ``n_classes`` came from,
+    ``rows_of`` what has the ``n_rows`` rows."""
     if y.dtype == torch.bool or y.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must hold integer class ids, got dtype "
                         f"{str(y.dtype).removeprefix('torch.')}{labels_hint(y, name)}")
@@ -287,7 +289,7 @@ def check_labels(y: Tensor, name: str, n_rows: int, *, n_classes: int | None = N
         raise ValueError(f"{name} must be a 1-D array, got shape {tuple(y.shape)}"
                          f"{labels_hint(y, name)}")
     if y.shape[0] != n_rows:
-        raise ValueError(f"{name} has {y.shape[0]} entries but features have {n_rows} rows")
+        raise ValueError(f"{name} has {y.shape[0]} entries but {rows_of} have {n_rows} rows")
     if n_rows == 0:
         if allow_empty:
             return

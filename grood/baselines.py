@@ -277,7 +277,7 @@ class TempScale(_LogitBaseline):
         x, _ = self._read(logits, fitting=True)
         y = as_labels(labels)
         check_labels(y, "labels", x.shape[0], n_classes=x.shape[1],
-                     n_classes_from="the logits' columns")
+                     n_classes_from="the logits' columns", rows_of="the logits")
         y = y.to(device=x.device, dtype=torch.int64)
 
         def slope(beta: float) -> tuple[float, float]:

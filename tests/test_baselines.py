@@ -811,5 +811,8 @@ def test_tempscale_refuses_logits_without_a_finite_positive_optimum():
     with pytest.raises(ValueError, match=r"class id 7, out of range for 7 classes \(the "
                                          r"logits' columns\)"):
         TempScale().fit(z, torch.full((len(z),), 7))
+    with pytest.raises(ValueError, match=f"labels has 3 entries but the logits have {len(z)} "
+                                         "rows$"):
+        TempScale().fit(z, z.argmin(1)[:3])
     with pytest.raises(NotFittedError):
         TempScale().score_samples(z)
