@@ -4,7 +4,8 @@ of feeding the tensor cores, on the CPU.
 Tensor cores read an fp32 operand of a TF32 GEMM by its top 19 bits: truncated, so on
 features of one sign every product errs the same way and the errors add up over D. The
 kernels now round the prepared prototypes and the feature tile they centre in registers to
-the nearest TF32 value first; the staged variant's rows still reach the MMA as loaded. A
+the nearest TF32 value first, and so does the staged variant's pre-pass with the rows it
+writes (they reached the MMA truncated before 2026-12-05: the "staged" row below). A
 third way would run the GEMM on raw ``h`` (``u . P_c = (h . P_c) / scale - p_o . P_c``, the
 per-class term once in fp32), handing ``h`` to the tensor cores as loaded with no pre-pass
 and no centring; its rounding grows by about ``||h|| / ||u||``.
@@ -59,7 +60,8 @@ VARIANTS = [
      tf32_truncated),
     ("tf32", "centred in registers, both rounded (launcher)", "u", tf32_rounded,
      tf32_rounded),
-    ("tf32", "centred rows as loaded (staged)", "u", tf32_truncated, tf32_rounded),
+    ("tf32", "centred rows as loaded, truncated (staged, before its rows were rounded)", "u",
+     tf32_truncated, tf32_rounded),
     ("tf32", "raw h as loaded, cross term", "h", tf32_truncated, tf32_rounded),
     ("bf16", "centred", "u", bf16, bf16),
     ("bf16", "raw h, cross term", "h", bf16, bf16),

@@ -3,13 +3,17 @@
 For the staged variant of :mod:`grood_kernels.ncp_gradient` (``LaunchConfig.staged``) this
 writes ``u = h / scale - p_o`` into the gradient's rows and ``||u||^2`` per row, once, so the
 gradient step's K-loop hands its A operand to ``tl.dot`` as loaded (in bf16 from bf16 rows of
-``u`` written here too); the finish reads ``u`` back and scales the rows in place. One read of
-``h`` and one write per element: memory-bound by design.
+``u`` written here too; in tf32 the rows rounded to the nearest TF32 value, the rounding the
+kernel gives a tile it centres in registers, since the MMA would truncate them); the finish
+reads ``u`` back (in tf32 it centres ``h`` again: the rounded rows are the A operand's only)
+and writes the gradient over the rows. One read of ``h`` and one write per element:
+memory-bound by design.
 """
 
 import triton
 import triton.language as tl
 
+from grood_kernels._dot import round_tf32
 from grood_kernels._ncp_finish import load_u
 
 
@@ -19,11 +23,13 @@ def _centre_rows_kernel(
     N, D, inv_scale,
     stride_hn, stride_hd, stride_un, stride_ud, stride_on,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_ROWS: tl.constexpr,
+    ROUND_TF32: tl.constexpr = 0,
 ):
     """The staged variant's pre-pass: ``u = h / scale - p_o`` into the gradient's rows (which
     the finish scales in place) and ``||u||^2`` per row; one read of ``h``, one write. With
     ``BF16_ROWS`` also ``u`` rounded to bf16 into ``op_ptr`` (the bf16 GEMM's A operand, the
-    rounding the kernel's cast would make)."""
+    rounding the kernel's cast would make). With ``ROUND_TF32`` the rows hold ``u`` rounded
+    to the nearest TF32 value (the tf32 GEMM's A operand; ``||u||^2`` is the unrounded rows')."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -36,8 +42,8 @@ def _centre_rows_kernel(
                    inv_scale)
         u_sq += tl.sum(u * u, axis=1)
         mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud, u,
-                 mask=mask)
+        tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud,
+                 round_tf32(u) if ROUND_TF32 else u, mask=mask)
         if BF16_ROWS:
             tl.store(op_ptr + offs_n[:, None] * stride_on + offs_d[None, :],
                      u.to(tl.bfloat16), mask=mask)

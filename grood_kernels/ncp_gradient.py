@@ -293,13 +293,25 @@ def single_read_config(c: int, d: int, precision: str) -> LaunchConfig | None:
 PREPASS_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
+def rounded_rows(cfg: LaunchConfig, precision: str) -> bool:
+    """Whether the staged pre-pass writes ``u`` rounded to the nearest TF32 value (tf32's
+    staged variant): the MMA would truncate the rows it loads, and truncated A operands put
+    ``q_ood`` some 20x further from float64 on clustered post-ReLU features (2.1e-3 against
+    1.0e-4 relative at ImageNet-1k's C and D; ``bench/operand_rounding.py``). The kernel then
+    takes the A operand the launcher's K-loop makes in registers, and its finish centres
+    ``h`` again, since the rounded rows are no ``u`` to re-rank or scale. Not the split
+    variant's rows, which the BLAS converts itself."""
+    return cfg.staged and not cfg.split and precision == "tf32"
+
+
 def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
                   n_sm: int | None = None) -> LaunchConfig | None:
     """The staged variant of the launcher's configuration, where it applies: a pre-pass
-    writes ``u = h / scale - p_o`` and ``||u||^2`` into the gradient's rows, and the kernel's
-    K-loop loads both GEMM operands straight into the MMA (the centring otherwise sits between
-    the feature tile's load and ``tl.dot``). Costs one more write and read of [N, D] fp32, and
-    in bf16 a [N, D] bf16 copy of ``u`` (the A operand as the MMA takes it)."""
+    writes ``u = h / scale - p_o`` (in tf32 rounded to TF32: :func:`rounded_rows`) and
+    ``||u||^2`` into the gradient's rows, and the kernel's K-loop loads both GEMM operands
+    straight into the MMA (the centring otherwise sits between the feature tile's load and
+    ``tl.dot``). Costs one more write and read of [N, D] fp32, and in bf16 a [N, D] bf16 copy
+    of ``u`` (the A operand as the MMA takes it)."""
     if precision not in PREPASS_PRECISIONS:
         return None
     # The kernel's A operand is then the fp32 rows: the class groups are sized for 4 bytes.
@@ -481,11 +493,15 @@ def _ncp_gradient_kernel(
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
     # the pre-pass's ||u||^2 per row (STAGED; unread otherwise)
     usq_ptr,
+    # the features h and their strides, for the finish where the staged rows hold u rounded
+    # (ROUNDED_ROWS; unread otherwise)
+    raw_ptr, stride_rn, stride_rd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
     FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False, RERANK_GATE: tl.constexpr = 0,
     ONE_BLOCK: tl.constexpr = 0, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
+    ROUNDED_ROWS: tl.constexpr = 0,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
@@ -494,7 +510,8 @@ def _ncp_gradient_kernel(
     # share can be taken apart. ONE_BLOCK: every class group is one class block (the launcher
     # knows; ``blocks_per_group`` is then 1). LEAN: the finish's passes over D as the separate
     # finish runs them (see lean_finish); EVEN_D: D a whole number of K-steps (no column masks
-    # in those passes).
+    # in those passes). ROUNDED_ROWS (with STAGED): the staged rows hold u rounded to TF32, the
+    # MMA's A operand only; the finish centres h (``raw_ptr``) itself, as without STAGED.
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -547,12 +564,15 @@ def _ncp_gradient_kernel(
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == n_groups - 1:
             tl.debug_barrier()
-            finish_rows(h_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
+            x_ptr, stride_xn, stride_xd = h_ptr, stride_hn, stride_hd
+            if ROUNDED_ROWS:
+                x_ptr, stride_xn, stride_xd = raw_ptr, stride_rn, stride_rd
+            finish_rows(x_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
                         grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
-                        stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH, DOT_MODE, RERANK_GATE,
-                        LEAN, EVEN_D)
+                        stride_xn, stride_xd, stride_pc, stride_pd, stride_gn, stride_gd,
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED * (1 - ROUNDED_ROWS), FINISH,
+                        DOT_MODE, RERANK_GATE, LEAN, EVEN_D)
 
 
 @triton.jit
@@ -652,7 +672,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             _centre_rows_kernel, (triton.cdiv(n, bn),),
             (h, prep.p_o, grad, u_sq, rows, n, d, 1.0 / prep.scale, h.stride(0), h.stride(1),
              grad.stride(0), grad.stride(1), rows.stride(0)),
-            {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows)}, warps, 1),)
+            {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows),
+             "ROUND_TF32": int(rounded_rows(cfg, precision))}, warps, 1),)
     if cfg.split:
         return (*pre, *_split_steps(rows, prototypes, prep, psq, u_sq, dots, outputs,
                                     precision, cfg, part_f, part_i))
@@ -675,11 +696,12 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          n, c, d, prep.scale, 1.0 / prep.scale, cfg.n_split, per_group,
          rows.stride(0), rows.stride(1), prep.operand.stride(0), prototypes.stride(0),
          prototypes.stride(1), grad.stride(0), grad.stride(1),
-         usq_arg),
+         usq_arg, h, h.stride(0), h.stride(1)),
         {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": stages, "RERANK_GATE": gate,
          "ONE_BLOCK": int(one_block(c, cfg, precision)),
+         "ROUNDED_ROWS": int(rounded_rows(cfg, precision)),
          **finish_flags(lean, d, cfg.block_d)},
         cfg.num_warps, cfg.num_stages), *after)
 
@@ -688,12 +710,13 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
                    outputs, precision: str, cfg: LaunchConfig, gate: int) -> KernelLaunch:
     """The finish as a launch of its own (``finish_apart``) over every row, after the
     kernels that wrote ``cfg.n_split`` class groups' partials; with the staged and split
-    variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg``."""
+    variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg`` (but where
+    those rows hold ``u`` rounded, :func:`rounded_rows`: from ``h``, as without them)."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     bn, bd, warps, f_stages = FINISH_TILE
     bd = fit_tile(bd, d)
-    staged = cfg.staged or cfg.split
+    staged = (cfg.staged or cfg.split) and not rounded_rows(cfg, precision)
     return KernelLaunch(
         _ncp_finish_kernel,
         (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,

@@ -927,7 +927,8 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
     names = [name for name, _, _ in seen]
     assert names[-2:] == ["_ncp_gradient_kernel", "_ncp_finish_kernel"]
     assert seen[-2][1]["FINISH"] == 0 and seen[-1][2] == (3,)
-    assert seen[-1][1]["STAGED"] == int(staged_rows)
+    # (tf32's staged rows hold u rounded for the MMA: the finish reads h)
+    assert seen[-1][1]["STAGED"] == int(staged_rows and precision != "tf32")
     assert seen[-1][1]["EVEN_D"] == int((n, c, d) in EVEN_D_SHAPES)
 
 
@@ -948,6 +949,7 @@ def test_lean_own_finish_matches_float64_twin(n, c, d, precision, staged_rows, m
     assert name == "_ncp_gradient_kernel" and constexprs["FINISH"] > 0
     assert grid == (-(-n // 16) * min(3, -(-c // 16)),)  # row blocks x class groups
     assert constexprs["LEAN"] == 1 and constexprs["STAGED"] == int(staged_rows)
+    assert constexprs["ROUNDED_ROWS"] == int(staged_rows and precision == "tf32")
     assert constexprs["EVEN_D"] == int(d % 16 == 0) == int((n, c, d) in EVEN_D_SHAPES)
 
 
@@ -1275,20 +1277,33 @@ def test_tf32_operands_are_rounded_to_nearest_not_truncated():
                        centred)
 
 
-def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(tensor_core_tf32):
+@pytest.mark.parametrize("variant", ["launcher", "staged", "staged, finish apart"])
+def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(variant, tensor_core_tf32,
+                                                                      monkeypatch):
     """Clustered post-ReLU features (all of one sign), TF32 computed as tensor cores do: with
     both operands truncated (the MMA's own reading) q_ood erred by 9.6e-5 relative here; the
-    kernels round them to nearest first."""
+    kernels round them to nearest first: the launcher's K-loop the tile it centres, the staged
+    pre-pass the rows it writes (which the MMA read truncated: 7.1e-5), whose finish then
+    centres h again, in the kernel or apart."""
     from grood._bench.common import realistic_features
 
     h = realistic_features(64, 40, 128, seed=3, device="cpu")[0]
     protos = realistic_features(40, 40, 128, seed=4, device="cpu")[0]
     p_ood = protos.double().mean(0).float()
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
+    launcher = ncp_gradient(h, protos, p_ood, precision="tf32")
+    if variant != "launcher":
+        real = kernel_module.launch_config
+        monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: real(
+            *a, **kw)._replace(staged=True, finish_apart=variant.endswith("apart")))
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
     err = float(((res.q_ood.double() - ref.q_ood) / ref.q_ood).abs().max())
     assert err < 5e-5, err
     assert torch.equal(res.pred, ref.pred)
+    # the launcher's GEMM: its results but for the order ||u||^2 is summed in (truncated
+    # rows were 4e-5 away)
+    torch.testing.assert_close(res.q_ood, launcher.q_ood, rtol=5e-6, atol=0)
+    torch.testing.assert_close(res.grad, launcher.grad, rtol=5e-6, atol=1e-9)
 
 
 def near_ties_problem(n=30, c=40, d=24, seed=5, spread=1.0):
