@@ -181,17 +181,19 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
     number of class blocks. On Hopper under triton before :data:`WGMMA_CLASS_LOOP_FROM`, tf32
     programs that loop over class blocks take the staged variant.
 
-    ``ieee`` on a GPU, where the prototypes stay within ``L2_BUDGET``: the split variant
-    (:func:`split_config`; the BLAS's fp32 GEMM, then the fused epilogue), since Triton's FMA
-    dot runs far below it: on an H200 (2026-12-04, triton 3.6) 5.4x faster than the FMA
-    kernel at ImageNet-1k (7.13 against 38.58 ms), 2.4x at CIFAR-100, 1.15x at CIFAR-10. Past
-    the budget (C = 21,841) its row chunks of 3,072 rows leave the epilogue a grid smaller than
-    the device (not measured there), so the class-group kernel stays.
+    ``ieee`` on a GPU: the split variant (:func:`split_config`; the BLAS's fp32 GEMM, then
+    the fused epilogue), since Triton's FMA dot runs far below it: on an H200 (2026-12-04,
+    triton 3.6) 5.4x faster than the FMA kernel at ImageNet-1k (7.13 against 38.58 ms), 2.4x
+    at CIFAR-100, 1.15x at CIFAR-10. At C = 21,841 (D = 1,024) that H200 took 401.6 ms for
+    the FMA kernel, 92.4 ms for torch's fp32 closed form and 56 ms for cuBLAS's fp32 GEMM
+    alone, the split variant's GEMM; its epilogue, at about 0.74 ms per 65.5 M distances at
+    ImageNet-1k, would add some 16-22 ms for the 1.43 G there (its chunks of 3,072 rows fill
+    96 of the 132 SMs). Not yet timed at that shape: the report's main table times it.
     """
     small = exact_config(c, d) if major > 0 and exact else None
     if small is not None:
         return small
-    if precision == "ieee" and major > 0 and c * d * 4 <= L2_BUDGET:
+    if precision == "ieee" and major > 0:
         split = split_config(c, d, precision)
         if split is not None:
             return split
@@ -892,8 +894,8 @@ def ncp_gradient(
     ``h`` is read in place through its strides and centred on the OOD prototype inside the
     kernel. The prototypes' GEMM operand is prepared once and kept while the caller keeps the
     same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
-    per class group 24 bytes of partial results per row. The split variant (``ieee`` on a GPU
-    where the prototypes fit L2, :func:`launch_config`) and those ``GROOD_AUTOTUNE=1`` may pick
+    per class group 24 bytes of partial results per row. The split variant (``ieee`` on a GPU,
+    :func:`launch_config`) and those ``GROOD_AUTOTUNE=1`` may pick
     add 4 bytes per row (staged, split), a bf16 copy of the centred rows in bf16, and for the
     split variant a buffer of GEMM results of at most 256 MiB.
     """

@@ -1493,20 +1493,25 @@ def test_the_re_rank_is_gated_where_the_prototypes_pass_l2(precision):
         assert kernel_module.rerank_gate(c, d, precision) == bool(want)
 
 
-def test_ieee_on_a_gpu_takes_the_split_variant_where_the_prototypes_fit_l2():
+def test_ieee_on_a_gpu_takes_the_split_variant():
     """``ieee`` on a GPU runs the GEMM in the BLAS (the split variant: 5.4x faster than the
-    FMA kernel at ImageNet-1k on an H200) where the prototypes fit L2; past it (C = 21,841),
-    under the interpreter and in the tensor-core modes the fused kernel stays. The planned
-    launches are the pre-pass and one epilogue per chunk (the GEMM runs in torch)."""
+    FMA kernel at ImageNet-1k on an H200), also where the prototypes pass L2 (C = 21,841: the
+    FMA kernel took 401.6 ms there, cuBLAS's GEMM alone 56 ms); under the interpreter and in
+    the tensor-core modes the fused kernel stays. The planned launches are the pre-pass and
+    one epilogue per chunk (the GEMM runs in torch), the re-rank gated past L2."""
     launch_config = kernel_module.launch_config
-    for c, d in ((10, 512), (100, 512), (1000, 2048)):
+    for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
         for major in (8, 9, 10):  # (at C = 10 the GEMM kernels' configuration: exact=False)
             cfg = launch_config(65536, c, d, "ieee", major=major, exact=c > EXACT_MAX_C)
             assert cfg == kernel_module.split_config(c, d, "ieee"), (c, d, major)
         assert not launch_config(65536, c, d, "ieee", major=0).split
         for precision in ("tf32", "tf32x3", "bf16"):
             assert not launch_config(65536, c, d, precision, major=9).split
-    assert not launch_config(65536, 21841, 1024, "ieee", major=9).split
+    big = kernel_module.compile_launches(65536, 21841, 1024, "ieee", major=9)
+    assert [launch.fn.__name__ for launch in big] == ["_centre_rows_kernel",
+                                                      "_ncp_epilogue_kernel"]
+    assert big[-1].constexprs["RERANK_GATE"] == 1
+    assert kernel_module.candidate_configs(65536, 21841, 1024, "ieee", 4, major=9)[0].split
     names = [launch.fn.__name__ for launch
              in kernel_module.compile_launches(65536, 1000, 2048, "ieee", major=9)]
     assert names == ["_centre_rows_kernel", "_ncp_epilogue_kernel"]
