@@ -187,8 +187,8 @@ def launch_config(n: int, c: int, d: int, precision: str, *, h_bytes: int = 4,
     at CIFAR-100, 1.15x at CIFAR-10. At C = 21,841 (D = 1,024) that H200 took 401.6 ms for
     the FMA kernel, 92.4 ms for torch's fp32 closed form and 56 ms for cuBLAS's fp32 GEMM
     alone, the split variant's GEMM; its epilogue, at about 0.74 ms per 65.5 M distances at
-    ImageNet-1k, would add some 16-22 ms for the 1.43 G there (its chunks of 3,072 rows fill
-    96 of the 132 SMs). Not yet timed at that shape: the report's main table times it.
+    ImageNet-1k, would add some 16-22 ms for the 1.43 G there (its chunks of 3,040 rows give
+    95 programs to 132 SMs). Not yet timed at that shape: the report's main table times it.
     """
     small = exact_config(c, d) if major > 0 and exact else None
     if small is not None:
