@@ -499,6 +499,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     eval_layout(groups["ood"], groups["near"], groups["far"])  # a path named like a mean row
     for path in ood_files:
         _require_files({"feature file": path})
+    if args.held_out is not None:  # a temperature fitted on the rows it is judged on
+        for what, path in (("the ID test file (--id)", args.id),
+                           *(("an OOD file", p) for p in ood_files),
+                           ("the training file (--train)", args.train)):
+            if path is not None and _named_twice([path, args.held_out]):
+                raise ValueError(f"--held-out {args.held_out} is {what}: TempScale's "
+                                 "temperature is fitted on held-out ID rows (a validation "
+                                 "set), apart from the test sets and the training rows")
     inputs = {"detector file": args.detector, "ID feature file": args.id,
               **{f"OOD feature file {p}": p for p in ood_files},
               **({"training feature file": args.train} if args.train is not None else {}),

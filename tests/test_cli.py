@@ -982,20 +982,29 @@ def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
     taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
     assert taken["baselines"] == [*BY_NAME, "tempscale"]
     _write(tmp_path / "wide.npz", logits=torch.randn(20, 4), labels=torch.arange(20) % 4)
+    shutil.copy(ood, tmp_path / "bare_ood.npz")  # (no labels)
     _write(tmp_path / "fitted.npz", logits=logits[:100], labels=logits[:100].argmax(1))
     for extra, said in (
             ([], "--baselines tempscale fits its temperature on held-out logits and labels (a "
                  "validation set, not the rows the model was trained on): give their file "
                  "with --held-out"),
-            (["--held-out", ood], "ood.npz has no 'labels' array; it holds ['features', "
-                                  "'logits']. A held-out file names them: np.savez(path, "
-                                  "logits=Z, labels=y), or a feature file with both"),
+            (["--held-out", str(tmp_path / "bare_ood.npz")],
+             "bare_ood.npz has no 'labels' array; it holds ['features', 'logits']. A held-out "
+             "file names them: np.savez(path, logits=Z, labels=y), or a feature file with "
+             "both"),
             (["--held-out", str(tmp_path / "wide.npz")],
              "wide.npz: the held-out logits have 4 columns, the detector's classes are 3: "
              "--held-out is not a validation set of the same classifier"),
             (["--held-out", str(tmp_path / "fitted.npz")],
              "fitted.npz: every row's label holds its largest logit"),
-            (["--held-out", str(tmp_path / "missing.npz")], "no held-out file at")):
+            (["--held-out", str(tmp_path / "missing.npz")], "no held-out file at"),
+            (["--held-out", str(tmp_path / "id.npz")],
+             "id.npz is the ID test file (--id): TempScale's temperature is fitted on held-out "
+             "ID rows (a validation set), apart from the test sets and the training rows"),
+            (["--held-out", ood], "ood.npz is an OOD file"),
+            (["--held-out", str(tmp_path / "train.npz"), "--train",
+              str(tmp_path / "train.npz"), "--baselines", "knn"],
+             "train.npz is the training file (--train)")):
         assert main([*argv, *extra]) == 2
         assert said in capsys.readouterr().err
     assert main([*argv[:-1], "--held-out", str(val)]) == 2
