@@ -568,7 +568,7 @@ def _provenance(det: Any, args: argparse.Namespace, baselines: Sequence[Any]
     from grood.persistence import describe
 
     info = describe(args.detector)
-    estimators = _unfitted_baselines(args)
+    estimators = dict(zip(args.baselines, baselines, strict=True))
     return {
         "detector": args.detector,
         # the SHA-256 the file records over its tensors and settings (a sharded one's: each
@@ -589,8 +589,8 @@ def _provenance(det: Any, args: argparse.Namespace, baselines: Sequence[Any]
         **({"train": args.train} if args.train is not None else {}),
         **({"head": args.head} if args.head is not None else {}),
         **({"held_out": args.held_out} if args.held_out is not None else {}),
-        **{f"{key}_temperature": b.temperature_
-           for key, b in zip(args.baselines, baselines, strict=True) if isinstance(b, TempScale)},
+        **{f"{key}_temperature": b.temperature_ for key, b in estimators.items()
+           if isinstance(b, TempScale)},
         "grood": __version__, "kernels": kernel_sources(), "torch": torch.__version__,
         "date": date.today().isoformat(),
     }

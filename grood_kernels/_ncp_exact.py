@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._launch import LaunchConfig, fit_tile
-from grood_kernels._ncp_finish import _wide, load_u
+from grood_kernels._ncp_finish import _wide, answered, load_u, store_row_results
 from grood_kernels._topk import clamp_sq
 
 #: The kernel's block of classes, and the largest class count the launcher gives it: one
@@ -143,15 +143,8 @@ def _ncp_exact_kernel(
     d_ood = u_norm * scale
     m_all = tl.maximum(m, -d_ood)
     lse = m_all + tl.log(acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all))
-    q = tl.exp(-d_ood - lse)
-    g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
-    ok = u_sq < float("inf")  # NaN or Inf in the row: no answer
-    nan = float("nan")
-    tl.store(q_ptr + offs_n, tl.where(ok, q, nan), mask=mask_n)
-    tl.store(lse_ptr + offs_n, tl.where(ok, lse, nan), mask=mask_n)
-    tl.store(mind_ptr + offs_n, tl.where(ok, best, nan), mask=mask_n)
-    tl.store(pred_ptr + offs_n, tl.where(ok, pred, -1).to(tl.int64), mask=mask_n)
-    g_scale = tl.where(ok, g_scale, nan)
+    q, lse, best, pred, g_scale = answered(u_sq, u_norm, d_ood, lse, best, pred)
+    store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         offs_d = d0 + arange_d
         mask_d = offs_d < D

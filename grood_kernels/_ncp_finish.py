@@ -449,10 +449,17 @@ def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C,
     top = tl.maximum(lse_rest, lse_exact)
     lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
+    return answered(u_sq, u_norm, d_ood, lse, best, pred)
+
+
+@triton.jit
+def answered(u_sq, u_norm, d_ood, lse, best, pred):
+    """A row tile's ``(q_ood, lse, min_dist, pred, gradient scale q_ood / ||u||)`` from its
+    log-sum-exp, OOD distance and nearest class. A row with NaN or Inf (or a norm beyond
+    fp32) has no answer: NaN results and no class (-1), whatever the comparisons and maxima
+    before made of its NaNs and infs."""
     q = tl.exp(-d_ood - lse)
     g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
-    # A row with NaN or Inf (or a norm beyond fp32) has no answer: NaN results and no class
-    # (-1), whatever the comparisons and maxima above made of its NaNs and infs.
     ok = u_sq < float("inf")
     nan = float("nan")
     return (tl.where(ok, q, nan), tl.where(ok, lse, nan), tl.where(ok, best, nan),
