@@ -122,11 +122,13 @@ def finish_rows(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
     RERANK_GATE: tl.constexpr, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
+    USQ_GIVEN: tl.constexpr = 0,
 ):
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
-    at the end) and ``||u||^2`` comes from the pre-pass. ``FINISH_STAGES``: software-pipelining
-    stages of the two loops over D (1: none). ``LEAN`` and ``EVEN_D``: see
+    at the end) and ``||u||^2`` comes from the pre-pass, as it does with ``USQ_GIVEN`` alone
+    (the staged rows hold ``u`` rounded; the row pointer is ``h``). ``FINISH_STAGES``:
+    software-pipelining stages of the two loops over D (1: none). ``LEAN`` and ``EVEN_D``: see
     :func:`rerank_and_write`."""
     if STAGED:  # u in fp32, in the gradient's rows
         h_ptr, stride_hn, stride_hd = grad_ptr, stride_gn, stride_gd
@@ -153,7 +155,7 @@ def finish_rows(
                      usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C, D, scale,
                      inv_scale, stride_hn, stride_hd, stride_pc, stride_pd, stride_gn,
                      stride_gd, BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE,
-                     RERANK_GATE, LEAN, EVEN_D)
+                     RERANK_GATE, LEAN, EVEN_D, USQ_GIVEN)
 
 
 @triton.jit
@@ -170,7 +172,7 @@ def _ncp_finish_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr, EVEN_D: tl.constexpr,
+    RERANK_GATE: tl.constexpr, EVEN_D: tl.constexpr, USQ_GIVEN: tl.constexpr = 0,
 ):
     """The finish as a launch of its own (``LaunchConfig.finish_apart``): each program takes
     ``BLOCK_N``-row tiles in turn (tile ``pid``, then every ``num_programs``-th after it),
@@ -190,7 +192,7 @@ def _ncp_finish_kernel(
                     offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                     stride_hn, stride_hd, stride_pc, stride_pd, stride_gn, stride_gd,
                     BLOCK_N, BLOCK_D, N_CAND, STAGED, FINISH_STAGES, DOT_MODE, RERANK_GATE,
-                    LEAN=1, EVEN_D=EVEN_D)
+                    LEAN=1, EVEN_D=EVEN_D, USQ_GIVEN=USQ_GIVEN)
 
 
 #: The separate finish's tile: rows, feature columns per step, warps, pipelining stages of its
@@ -231,10 +233,13 @@ def rerank_and_write(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CAND: tl.constexpr,
     STAGED: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
     RERANK_GATE: tl.constexpr, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
+    USQ_GIVEN: tl.constexpr = 0,
 ):
     """From a row tile's merged softmax terms and candidates: the candidates' exact distances
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
-    is the gradient's rows, holding ``u``, scaled in place at the end.
+    is the gradient's rows, holding ``u``, scaled in place at the end. ``||u||^2`` comes
+    from ``usq_ptr`` with ``STAGED`` or ``USQ_GIVEN`` (the pre-pass's, where the staged rows
+    hold ``u`` rounded and the row pointer is ``h``); otherwise it is summed here.
 
     Without ``RERANK_GATE`` every candidate is re-ranked (the launcher's choice where the
     prototypes stay in L2, so their rows cost no HBM traffic). With it, the
@@ -255,12 +260,13 @@ def rerank_and_write(
     # ||u||^2 and the exact squared distances of every candidate, or with the gate of the
     # nearest one, from differences in fp32.
     FIRST_PASS: tl.constexpr = N_CAND - RERANK_GATE * (N_CAND - ALWAYS_EXACT)
+    SUM_USQ: tl.constexpr = (STAGED + USQ_GIVEN) == 0
     if LEAN:
         u_sq, exact_sq = exact_sq_lean(h_ptr, proto_ptr, pood_ptr, cand_i,
                                        valid & (slots[None, :] < FIRST_PASS), offs_n, mask_n,
                                        D, stride_hn, stride_hd, stride_pc, stride_pd,
                                        inv_scale, BLOCK_N, BLOCK_D, N_CAND, STAGED,
-                                       FINISH_STAGES, STAGED == 0, EVEN_D)
+                                       FINISH_STAGES, SUM_USQ, EVEN_D)
     else:
         u_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         exact_sq = tl.zeros([BLOCK_N, N_CAND], dtype=tl.float32)
@@ -269,12 +275,12 @@ def rerank_and_write(
             mask_d = offs_d < D
             u = load_u(h_ptr, pood_ptr, offs_n, mask_n, stride_hn, offs_d, mask_d, stride_hd,
                        inv_scale, STAGED)
-            if STAGED == 0:
+            if SUM_USQ:
                 u_sq += tl.sum(u * u, axis=1)
             exact_sq = add_exact_sq(exact_sq, u, cand_i, valid, proto_ptr, pood_ptr, mask_n,
                                     offs_d, mask_d, stride_pc, stride_pd, inv_scale, N_CAND, 0,
                                     FIRST_PASS, 0)
-    if STAGED:
+    if not SUM_USQ:
         u_sq = tl.load(usq_ptr + offs_n, mask=mask_n, other=0.0)
     if N_CAND <= FIRST_PASS:  # every candidate re-ranked
         taken = valid

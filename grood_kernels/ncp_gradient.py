@@ -513,7 +513,8 @@ def _ncp_gradient_kernel(
     # knows; ``blocks_per_group`` is then 1). LEAN: the finish's passes over D as the separate
     # finish runs them (see lean_finish); EVEN_D: D a whole number of K-steps (no column masks
     # in those passes). ROUNDED_ROWS (with STAGED): the staged rows hold u rounded to TF32, the
-    # MMA's A operand only; the finish centres h (``raw_ptr``) itself, as without STAGED.
+    # MMA's A operand only; the finish centres h (``raw_ptr``) itself, as without STAGED, and
+    # reads the pre-pass's ||u||^2 (of the unrounded rows), as with it.
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -574,7 +575,7 @@ def _ncp_gradient_kernel(
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_xn, stride_xd, stride_pc, stride_pd, stride_gn, stride_gd,
                         BLOCK_N, BLOCK_D, N_CAND, STAGED * (1 - ROUNDED_ROWS), FINISH,
-                        DOT_MODE, RERANK_GATE, LEAN, EVEN_D)
+                        DOT_MODE, RERANK_GATE, LEAN, EVEN_D, ROUNDED_ROWS)
 
 
 @triton.jit
@@ -712,13 +713,14 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
                    outputs, precision: str, cfg: LaunchConfig, gate: int) -> KernelLaunch:
     """The finish as a launch of its own (``finish_apart``) over every row, after the
     kernels that wrote ``cfg.n_split`` class groups' partials; with the staged and split
-    variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg`` (but where
-    those rows hold ``u`` rounded, :func:`rounded_rows`: from ``h``, as without them)."""
+    variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg`` (where
+    those rows hold ``u`` rounded, :func:`rounded_rows`, ``u`` from ``h``, as without them)."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     bn, bd, warps, f_stages = FINISH_TILE
     bd = fit_tile(bd, d)
-    staged = (cfg.staged or cfg.split) and not rounded_rows(cfg, precision)
+    rounded = rounded_rows(cfg, precision)
+    staged = (cfg.staged or cfg.split) and not rounded
     return KernelLaunch(
         _ncp_finish_kernel,
         (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
@@ -730,7 +732,8 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
          grad.stride(1)),
         {"BLOCK_N": bn, "BLOCK_D": bd, "N_CAND": NCP_CANDIDATES,
          "STAGED": int(staged), "FINISH_STAGES": f_stages,
-         "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate, "EVEN_D": int(d % bd == 0)},
+         "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate, "EVEN_D": int(d % bd == 0),
+         "USQ_GIVEN": int(rounded)},
         warps, 1)
 
 

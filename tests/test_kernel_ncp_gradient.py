@@ -1306,6 +1306,40 @@ def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(variant, t
     torch.testing.assert_close(res.grad, launcher.grad, rtol=5e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["own finish", "finish apart"])
+def test_staged_rows_keep_one_squared_norm_in_every_precision(apart, monkeypatch):
+    """The staged variant's ``||u||^2`` is the pre-pass's, in the K-loop's distances and in
+    the finish's results alike, whether the rows hold ``u`` (ieee) or ``u`` rounded to TF32
+    (tf32, whose finish centres ``h`` again): a change to the pre-pass's norms moves ``q_ood``
+    the same way in both (the tf32 finish summed its own norms, and moved it a sixth as
+    much)."""
+    from grood._bench.common import realistic_features
+
+    h = realistic_features(64, 40, 128, seed=3, device="cpu")[0]
+    protos = realistic_features(40, 40, 128, seed=4, device="cpu")[0]
+    p_ood = protos.double().mean(0).float()
+    real_config, real_run = kernel_module.launch_config, kernel_module.run
+    monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: real_config(
+        *a, **kw)._replace(staged=True, finish_apart=apart))
+
+    def moved(precision):
+        base = ncp_gradient(h, protos, p_ood, precision=precision).q_ood
+
+        def run(launch):
+            real_run(launch)
+            if getattr(launch, "fn", None) is kernel_module._centre_rows_kernel:
+                launch.args[3].mul_(1.01)  # the pre-pass's ||u||^2
+        monkeypatch.setattr(kernel_module, "run", run)
+        try:
+            return ncp_gradient(h, protos, p_ood, precision=precision).q_ood / base - 1
+        finally:
+            monkeypatch.setattr(kernel_module, "run", real_run)
+
+    ieee, tf32 = moved("ieee"), moved("tf32")
+    assert float(ieee.abs().max()) > 0.01
+    torch.testing.assert_close(tf32, ieee, rtol=1e-3, atol=1e-6)
+
+
 def near_ties_problem(n=30, c=40, d=24, seed=5, spread=1.0):
     """Rows equally far (to 1e-6 of the distance) from 2, 3 or 4 prototypes, the first a
     little nearer, with the OOD prototype far away: the centred vectors' norms (about 50)
