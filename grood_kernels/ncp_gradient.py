@@ -296,14 +296,14 @@ PREPASS_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def rounded_rows(cfg: LaunchConfig, precision: str) -> bool:
-    """Whether the staged pre-pass writes ``u`` rounded to the nearest TF32 value (tf32's
-    staged variant): the MMA would truncate the rows it loads, and truncated A operands put
-    ``q_ood`` some 20x further from float64 on clustered post-ReLU features (2.1e-3 against
-    1.0e-4 relative at ImageNet-1k's C and D; ``bench/operand_rounding.py``). The kernel then
-    takes the A operand the launcher's K-loop makes in registers, and its finish centres
-    ``h`` again, since the rounded rows are no ``u`` to re-rank or scale. Not the split
-    variant's rows, which the BLAS converts itself."""
-    return cfg.staged and not cfg.split and precision == "tf32"
+    """Whether the pre-pass writes ``u`` rounded to the nearest TF32 value (tf32's staged
+    and split variants): the MMA would truncate the rows it loads, and truncated A operands
+    put ``q_ood`` some 20x further from float64 on clustered post-ReLU features (2.1e-3
+    against 1.0e-4 relative at ImageNet-1k's C and D; ``bench/operand_rounding.py``). The
+    kernel then takes the A operand the launcher's K-loop makes in registers, the BLAS (split)
+    operands whose TF32 conversion is exact however it converts, and the finish centres ``h``
+    again, since the rounded rows are no ``u`` to re-rank or scale."""
+    return (cfg.staged or cfg.split) and precision == "tf32"
 
 
 def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
@@ -349,7 +349,9 @@ def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 6
     D-steps, 4 warps, the configuration an H200 timed (2026-12-04). For sm_90a it compiles
     without spills (190 registers, 2 CTAs/SM, as triton 3.6 compiled the timed kernel; with
     the GEMM's results in unpadded rows, triton 3.9 held it to 168 registers and spilled 12
-    B); for sm_100a it spills 12 B outside its loops at C = 100 and 1,000."""
+    B); for sm_100a it spills 12 B outside its loops at C = 100 and 1,000. In tf32, whose
+    finish centres ``h`` (:func:`rounded_rows`), it holds 246-248 registers for sm_90a (still
+    2 CTAs/SM, no spills) and spills only for sm_100a at C = 21,841 (24 B, triton 3.9)."""
     if precision not in PREPASS_PRECISIONS:
         return None
     rows, cols, step, warps = tiles
@@ -678,7 +680,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             {"BLOCK_N": bn, "BLOCK_D": bd, "BF16_ROWS": int(bf16_rows),
              "ROUND_TF32": int(rounded_rows(cfg, precision))}, warps, 1),)
     if cfg.split:
-        return (*pre, *_split_steps(rows, prototypes, prep, psq, u_sq, dots, outputs,
+        return (*pre, *_split_steps(h, rows, prototypes, prep, psq, u_sq, dots, outputs,
                                     precision, cfg, part_f, part_i))
     if prep.operand.shape[0] % cfg.block_cols:  # its tiles are loaded without masks
         raise ValueError(f"a {cfg.block_cols}-class tile passes the prepared operand's "
@@ -737,13 +739,14 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
         warps, 1)
 
 
-def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, outputs,
+def _split_steps(h, rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, outputs,
                  precision: str, cfg: LaunchConfig, part_f=None, part_i=None
                  ) -> tuple[TorchCall | KernelLaunch, ...]:
     """The split variant after its pre-pass: per chunk of rows, the GEMM of the centred rows
     by the prepared prototypes in torch, then the epilogue kernel over its results; with the
     finish apart the epilogues write partials (``part_f``, ``part_i``) and one finish launch
-    over every row follows the chunks."""
+    over every row follows the chunks. Where the rows hold ``u`` rounded
+    (:func:`rounded_rows`) the finish reads ``h``."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     c = prototypes.shape[0]
@@ -764,13 +767,14 @@ def _split_steps(rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots, ou
             (dots, prototypes, prep.p_o, psq, u_sq, grad, q_ood, pred, min_dist, lse, *parts,
              r, r0, c, d, prep.scale, 1.0 / prep.scale,
              dots.stride(0), prototypes.stride(0), prototypes.stride(1), grad.stride(0),
-             grad.stride(1)),
+             grad.stride(1), h, h.stride(0), h.stride(1)),
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision],
-             "RERANK_GATE": gate, "FINISH": 1 - apart},
+             "RERANK_GATE": gate, "FINISH": 1 - apart,
+             "ROUNDED_ROWS": int(rounded_rows(cfg, precision))},
             cfg.num_warps, cfg.num_stages))
     if apart:
-        steps.append(_finish_launch(grad, prototypes, prep, psq, u_sq, part_f, part_i,
+        steps.append(_finish_launch(h, prototypes, prep, psq, u_sq, part_f, part_i,
                                     outputs, precision, cfg, gate))
     return tuple(steps)
 

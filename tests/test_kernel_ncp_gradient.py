@@ -1092,7 +1092,9 @@ def test_split_variant_with_finish_apart_matches_float64_twin(n, c, d, precision
     epilogues = [ce for name, ce, _ in seen if name == "_ncp_epilogue_kernel"]
     assert len(epilogues) == -(-n // 32) and all(ce["FINISH"] == 0 for ce in epilogues)
     assert seen[-1][0] == "_ncp_finish_kernel" and seen[-1][2] == (3,)
-    assert seen[-1][1]["STAGED"] == 1
+    # (tf32's rows hold u rounded for the BLAS: the finish reads h, and the pre-pass's norms)
+    assert seen[-1][1]["STAGED"] == int(precision != "tf32")
+    assert seen[-1][1]["USQ_GIVEN"] == int(precision == "tf32")
     assert seen[-1][1]["EVEN_D"] == int((n, c, d) in EVEN_D_SHAPES)
 
 
@@ -1277,14 +1279,17 @@ def test_tf32_operands_are_rounded_to_nearest_not_truncated():
                        centred)
 
 
-@pytest.mark.parametrize("variant", ["launcher", "staged", "staged, finish apart"])
+@pytest.mark.parametrize("variant", ["launcher", "staged", "staged, finish apart", "split",
+                                     "split, finish apart"])
 def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(variant, tensor_core_tf32,
                                                                       monkeypatch):
     """Clustered post-ReLU features (all of one sign), TF32 computed as tensor cores do: with
     both operands truncated (the MMA's own reading) q_ood erred by 9.6e-5 relative here; the
     kernels round them to nearest first: the launcher's K-loop the tile it centres, the staged
     pre-pass the rows it writes (which the MMA read truncated: 7.1e-5), whose finish then
-    centres h again, in the kernel or apart."""
+    centres h again, in the kernel or apart. The split variant's rows are rounded so too
+    (the BLAS's GEMM here reads its operands as tensor cores do, truncated: 7.1e-5 before),
+    so its results do not depend on how the BLAS converts them."""
     from grood._bench.common import realistic_features
 
     h = realistic_features(64, 40, 128, seed=3, device="cpu")[0]
@@ -1292,10 +1297,23 @@ def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(variant, t
     p_ood = protos.double().mean(0).float()
     ref = functional.ncp_gradient(h.double(), protos.double(), p_ood.double())
     launcher = ncp_gradient(h, protos, p_ood, precision="tf32")
-    if variant != "launcher":
+    apart = variant.endswith("apart")
+    if variant.startswith("staged"):
         real = kernel_module.launch_config
         monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: real(
-            *a, **kw)._replace(staged=True, finish_apart=variant.endswith("apart")))
+            *a, **kw)._replace(staged=True, finish_apart=apart))
+    elif variant.startswith("split"):
+        real_gemm = kernel_module.split_gemm
+
+        def tensor_core_gemm(rows, operand, out, precision):
+            if precision == "tf32":  # the top 19 bits of each fp32 operand
+                rows, operand = ((x.view(torch.int32) & -8192).view(torch.float32)
+                                 for x in (rows, operand))
+            real_gemm(rows, operand, out, precision)
+        monkeypatch.setattr(kernel_module, "split_gemm", tensor_core_gemm)
+        monkeypatch.setattr(kernel_module, "launch_config", lambda n, c, d, precision, **kw:
+                            kernel_module.split_config(c, d, precision)._replace(
+                                finish_apart=apart))
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
     err = float(((res.q_ood.double() - ref.q_ood) / ref.q_ood).abs().max())
     assert err < 5e-5, err
