@@ -369,13 +369,14 @@ def _knn_merge(launch, precision, arch, ctas):
 
 def _centre_rows(launch, precision, arch, ctas):
     """The gradient step's staged pre-pass: ``h`` read once, ``u`` written once into the
-    gradient's rows (fp32) and, in bf16, once more as bf16 rows, ``||u||^2`` per row. Its
-    arithmetic (3 FMA-pipe operations per element) runs on the CUDA cores; memory-bound by
-    design. The kernel after it reads those rows as its A operand."""
+    gradient's rows (fp32; in bf16 as bf16 rows, in the first half of each gradient row's
+    bytes), ``||u||^2`` per row. Its arithmetic (3 FMA-pipe operations per element) runs on
+    the CUDA cores; memory-bound by design. The kernel after it reads those rows as its A
+    operand."""
     h, u, op = launch.args[0], launch.args[2], launch.args[4]
     n, d = launch.args[5], launch.args[6]
     bf16_rows = launch.constexprs["BF16_ROWS"]
-    hbm = n * d * (_esize(h) + _esize(u) + (_esize(op) if bf16_rows else 0)) + n * 4
+    hbm = n * d * (_esize(h) + _esize(op if bf16_rows else u)) + n * 4
     flops = 3.0 * n * d
     notes = ["centred rows for the staged gradient step; memory-bound by design"]
     return finish(flops, flops, hbm, hbm, "ieee", arch,

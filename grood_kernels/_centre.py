@@ -2,12 +2,12 @@
 
 For the staged variant of :mod:`grood_kernels.ncp_gradient` (``LaunchConfig.staged``) this
 writes ``u = h / scale - p_o`` into the gradient's rows and ``||u||^2`` per row, once, so the
-gradient step's K-loop hands its A operand to ``tl.dot`` as loaded (in bf16 from bf16 rows of
-``u`` written here too; in tf32 the rows rounded to the nearest TF32 value, the rounding the
-kernel gives a tile it centres in registers, since the MMA would truncate them); the finish
-reads ``u`` back (in tf32 it centres ``h`` again: the rounded rows are the A operand's only)
-and writes the gradient over the rows. One read of ``h`` and one write per element:
-memory-bound by design.
+gradient step's K-loop hands its A operand to ``tl.dot`` as loaded (in bf16 ``u`` in bf16, in
+the first half of each gradient row's bytes; in tf32 the rows rounded to the nearest TF32
+value, the rounding the kernel gives a tile it centres in registers, since the MMA would
+truncate them); the finish reads ``u`` back (in tf32 and bf16 it centres ``h`` again: the
+rows hold the A operand only) and writes the gradient over the rows. One read of ``h`` and one
+write per element: memory-bound by design.
 """
 
 import triton
@@ -27,9 +27,11 @@ def _centre_rows_kernel(
 ):
     """The staged variant's pre-pass: ``u = h / scale - p_o`` into the gradient's rows (which
     the finish scales in place) and ``||u||^2`` per row; one read of ``h``, one write. With
-    ``BF16_ROWS`` also ``u`` rounded to bf16 into ``op_ptr`` (the bf16 GEMM's A operand, the
-    rounding the kernel's cast would make). With ``ROUND_TF32`` the rows hold ``u`` rounded
-    to the nearest TF32 value (the tf32 GEMM's A operand; ``||u||^2`` is the unrounded rows')."""
+    ``BF16_ROWS`` instead ``u`` rounded to bf16 into ``op_ptr`` only (the bf16 GEMM's A
+    operand, the rounding the kernel's cast would make; the launcher points it at the first
+    half of each gradient row's bytes). With ``ROUND_TF32`` the rows hold ``u`` rounded to the
+    nearest TF32 value (the tf32 GEMM's A operand). ``||u||^2`` is always the unrounded
+    rows'."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -42,11 +44,12 @@ def _centre_rows_kernel(
                    inv_scale)
         u_sq += tl.sum(u * u, axis=1)
         mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud,
-                 round_tf32(u) if ROUND_TF32 else u, mask=mask)
         if BF16_ROWS:
             tl.store(op_ptr + offs_n[:, None] * stride_on + offs_d[None, :],
                      u.to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(u_ptr + offs_n[:, None] * stride_un + offs_d[None, :] * stride_ud,
+                     round_tf32(u) if ROUND_TF32 else u, mask=mask)
     tl.store(usq_ptr + offs_n, u_sq, mask=mask_n)
 
 

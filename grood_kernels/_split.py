@@ -3,13 +3,14 @@
 Where the fused kernel's K-loop falls short of the vendor GEMM (on an H200 the tf32 step ran at
 11 % of the tensor-core peak), the step can be split at the one place where a matrix must
 exist: the staged pre-pass writes ``u = h / scale - p_o`` and ``||u||^2`` into the gradient's
-rows (in bf16 also bf16 rows of ``u``; in tf32 the rows rounded to the nearest TF32 value, as
-the prepared prototypes are, so the BLAS's conversion of them is exact whether it rounds or
-truncates, and the finish centres ``h`` again), ``torch.mm`` (cuBLAS on a GPU) multiplies a
+rows (in bf16 the rows of ``u`` in bf16, in the first half of each row's bytes; in tf32 the
+rows rounded to the nearest TF32 value, as the prepared prototypes are, so the BLAS's
+conversion of them is exact whether it rounds or truncates; in both the finish centres ``h``
+again), ``torch.mm`` (cuBLAS on a GPU) multiplies a
 chunk of those rows by the prepared prototypes into an fp32 [rows, C] buffer, and
 :func:`_ncp_epilogue_kernel` turns each chunk into results: distances, the online softmax,
 the 4 nearest candidates, their exact distances from fp32 differences, ``q_ood``, ``pred``,
-``min_dist``, ``lse`` and the gradient (the rows of ``u`` scaled in place). The same
+``min_dist``, ``lse`` and the gradient (written over the rows). The same
 computation as the fused kernel, the GEMM's summation order aside; the buffer is bounded by
 :data:`SPLIT_BUFFER_ELEMENTS` (row chunks), so extra memory stays fixed at any N. With the
 finish apart the epilogue stops after its class loop and writes partial results, and the
@@ -85,13 +86,13 @@ def _ncp_epilogue_kernel(
     R, row0, C, D, scale, inv_scale,
     # strides
     stride_dn, stride_pc, stride_pd, stride_gn, stride_gd,
-    # the features h and their strides, for the finish where the gradient's rows hold u
-    # rounded (ROUNDED_ROWS; unread otherwise)
+    # the features h and their strides, for the finish where the gradient's rows hold the
+    # GEMM's operand only (OPERAND_ROWS; unread otherwise)
     h_ptr, stride_hn, stride_hd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, FINISH_STAGES: tl.constexpr, DOT_MODE: tl.constexpr,
-    RERANK_GATE: tl.constexpr, FINISH: tl.constexpr = 1, ROUNDED_ROWS: tl.constexpr = 0,
+    RERANK_GATE: tl.constexpr, FINISH: tl.constexpr = 1, OPERAND_ROWS: tl.constexpr = 0,
 ):
     """One row block of a chunk: the class blocks of its GEMM results with a running max /
     sum-exp and the N_CAND nearest candidates (as the fused kernel's class loop, the first
@@ -100,9 +101,9 @@ def _ncp_epilogue_kernel(
     ``FINISH=0`` (``LaunchConfig.finish_apart``) it stops after the class loop and writes the
     rows' running max, sum and candidates as the one class group's partial result, laid out as
     the class-group kernel's, for :func:`grood_kernels._ncp_finish._ncp_finish_kernel` to
-    re-rank and finish over all rows once the chunks are done. With ``ROUNDED_ROWS`` (tf32)
-    the gradient's rows hold ``u`` rounded to TF32, the GEMM's operand only: the finish
-    centres ``h`` again and takes the pre-pass's ``||u||^2``."""
+    re-rank and finish over all rows once the chunks are done. With ``OPERAND_ROWS`` (tf32,
+    bf16) the gradient's rows hold the GEMM's operand only (``u`` rounded to TF32, or in
+    bf16): the finish centres ``h`` again and takes the pre-pass's ``||u||^2``."""
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = local < R
@@ -125,12 +126,12 @@ def _ncp_epilogue_kernel(
         cand_d, cand_i = insert_nearest(dist, cand_d, cand_i, c0, N_CAND, BLOCK_C)
     if FINISH:
         x_ptr, stride_xn, stride_xd = grad_ptr, stride_gn, stride_gd
-        if ROUNDED_ROWS:
+        if OPERAND_ROWS:
             x_ptr, stride_xn, stride_xd = h_ptr, stride_hn, stride_hd
         rerank_and_write(x_ptr, proto_ptr, pood_ptr, grad_ptr, q_ptr, pred_ptr, mind_ptr,
                          lse_ptr, usq_ptr, psq_ptr, m, acc, cand_d, cand_i, offs_n, mask_n, C,
                          D, scale, inv_scale, stride_xn, stride_xd, stride_pc, stride_pd,
-                         stride_gn, stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1 - ROUNDED_ROWS,
-                         FINISH_STAGES, DOT_MODE, RERANK_GATE, USQ_GIVEN=ROUNDED_ROWS)
+                         stride_gn, stride_gd, BLOCK_N, BLOCK_D, N_CAND, 1 - OPERAND_ROWS,
+                         FINISH_STAGES, DOT_MODE, RERANK_GATE, USQ_GIVEN=OPERAND_ROWS)
     else:
         store_partials(part_f_ptr, part_i_ptr, offs_n, mask_n, m, acc, cand_d, cand_i, N_CAND)

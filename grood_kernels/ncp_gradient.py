@@ -306,14 +306,27 @@ def rounded_rows(cfg: LaunchConfig, precision: str) -> bool:
     return (cfg.staged or cfg.split) and precision == "tf32"
 
 
+def operand_rows(cfg: LaunchConfig, precision: str) -> bool:
+    """Whether the pre-pass leaves the gradient's rows holding the GEMM's A operand only, not
+    ``u``: in tf32 ``u`` rounded to TF32 (:func:`rounded_rows`), in bf16 ``u`` in bf16, in the
+    first half of each row's bytes (no [N, D] copy beside the gradient: 256 MiB at
+    ImageNet-1k's D = 2,048 and N = 65,536). The finish then centres ``h`` again for the
+    exact re-rank and the gradient, with the pre-pass's ``||u||^2``, and writes each row's
+    gradient over its operand once every program that reads the row has read it (the last
+    class group of a row block, the chunk's epilogue after its GEMM, or the finish launched
+    after them all). Staged and split variants in tf32 and bf16; ``ieee``'s rows hold ``u``."""
+    return (cfg.staged or cfg.split) and precision in ("tf32", "bf16")
+
+
 def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
                   n_sm: int | None = None) -> LaunchConfig | None:
     """The staged variant of the launcher's configuration, where it applies: a pre-pass
     writes ``u = h / scale - p_o`` (in tf32 rounded to TF32: :func:`rounded_rows`) and
     ``||u||^2`` into the gradient's rows, and the kernel's K-loop loads both GEMM operands
     straight into the MMA (the centring otherwise sits between the feature tile's load and
-    ``tl.dot``). Costs one more write and read of [N, D] fp32, and in bf16 a [N, D] bf16 copy
-    of ``u`` (the A operand as the MMA takes it)."""
+    ``tl.dot``). Costs one more write and read of the [N, D] rows (in bf16 of bf16 rows of
+    ``u``, the A operand as the MMA takes it, held in the gradient's rows:
+    :func:`operand_rows`)."""
     if precision not in PREPASS_PRECISIONS:
         return None
     # The kernel's A operand is then the fp32 rows: the class groups are sized for 4 bytes.
@@ -497,15 +510,15 @@ def _ncp_gradient_kernel(
     stride_hn, stride_hd, stride_oc, stride_pc, stride_pd, stride_gn, stride_gd,
     # the pre-pass's ||u||^2 per row (STAGED; unread otherwise)
     usq_ptr,
-    # the features h and their strides, for the finish where the staged rows hold u rounded
-    # (ROUNDED_ROWS; unread otherwise)
+    # the features h and their strides, for the finish where the staged rows hold the GEMM's
+    # operand only (OPERAND_ROWS; unread otherwise)
     raw_ptr, stride_rn, stride_rd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     N_CAND: tl.constexpr, DOT_MODE: tl.constexpr, STAGED: tl.constexpr,
     FINISH: tl.constexpr, FLAT_GATE: tl.constexpr = False, RERANK_GATE: tl.constexpr = 0,
     ONE_BLOCK: tl.constexpr = 0, LEAN: tl.constexpr = 0, EVEN_D: tl.constexpr = 0,
-    ROUNDED_ROWS: tl.constexpr = 0,
+    OPERAND_ROWS: tl.constexpr = 0,
 ):
     # FINISH: the software-pipelining stages of the finish's loops over D (1: plain loads; 2:
     # each step's loads issued during the one before, in the shared memory the K-loop's
@@ -514,9 +527,10 @@ def _ncp_gradient_kernel(
     # share can be taken apart. ONE_BLOCK: every class group is one class block (the launcher
     # knows; ``blocks_per_group`` is then 1). LEAN: the finish's passes over D as the separate
     # finish runs them (see lean_finish); EVEN_D: D a whole number of K-steps (no column masks
-    # in those passes). ROUNDED_ROWS (with STAGED): the staged rows hold u rounded to TF32, the
-    # MMA's A operand only; the finish centres h (``raw_ptr``) itself, as without STAGED, and
-    # reads the pre-pass's ||u||^2 (of the unrounded rows), as with it.
+    # in those passes). OPERAND_ROWS (with STAGED): the staged rows hold the MMA's A operand
+    # only (u rounded to TF32, or in bf16 within the gradient's rows: operand_rows); the finish
+    # centres h (``raw_ptr``) itself, as without STAGED, and reads the pre-pass's ||u||^2 (of
+    # the unrounded rows), as with it.
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_groups
     group = pid % n_groups
@@ -526,11 +540,19 @@ def _ncp_gradient_kernel(
     n_cb = tl.cdiv(C, BLOCK_C)
     cb0 = group * blocks_per_group
     cb1 = tl.minimum(cb0 + blocks_per_group, n_cb)
+    # The rows the K-loop loads: its rows past N load row 0 (load_u's SPARE_ROWS), but bf16
+    # rows in the gradient's (OPERAND_ROWS) may hold a finished row's fp32 gradient by then,
+    # bytes that are no bf16 values: there they load the tile's first row, which no other
+    # program writes before this one is done with it.
+    ld_n, ld_mask = offs_n, mask_n
+    if OPERAND_ROWS and DOT_MODE == 3:
+        ld_n = tl.where(mask_n, offs_n, pid_n * BLOCK_N)
+        ld_mask = ld_n < N
 
     # First class block of the group: also ||u||^2 (the pre-pass's, STAGED); seeds the
     # running max / sum-exp.
     c0 = cb0 * BLOCK_C
-    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0, C, D,
+    dots, u_sq = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, ld_n, ld_mask, c0, C, D,
                                    inv_scale,
                                    stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D,
                                    DOT_MODE, STAGED == 0, STAGED)
@@ -552,7 +574,7 @@ def _ncp_gradient_kernel(
                                         FLAT_GATE=FLAT_GATE)
         for cb in range(cb0 + 1, cb1):
             c0 = cb * BLOCK_C
-            dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, c0,
+            dots, _ = _class_block_dots(h_ptr, op_ptr, pood_ptr, psq_ptr, ld_n, ld_mask, c0,
                                         C, D, inv_scale, stride_hn, stride_hd, stride_oc,
                                         BLOCK_N, BLOCK_C, BLOCK_D, DOT_MODE, False, STAGED)
             dist = distances(dots, u_sq, scale)
@@ -570,14 +592,14 @@ def _ncp_gradient_kernel(
         if arrived == n_groups - 1:
             tl.debug_barrier()
             x_ptr, stride_xn, stride_xd = h_ptr, stride_hn, stride_hd
-            if ROUNDED_ROWS:
+            if OPERAND_ROWS:
                 x_ptr, stride_xn, stride_xd = raw_ptr, stride_rn, stride_rd
             finish_rows(x_ptr, proto_ptr, pood_ptr, part_f_ptr, part_i_ptr,
                         grad_ptr, q_ptr, pred_ptr, mind_ptr, lse_ptr, usq_ptr, psq_ptr,
                         offs_n, mask_n, N, C, D, scale, inv_scale, n_groups,
                         stride_xn, stride_xd, stride_pc, stride_pd, stride_gn, stride_gd,
-                        BLOCK_N, BLOCK_D, N_CAND, STAGED * (1 - ROUNDED_ROWS), FINISH,
-                        DOT_MODE, RERANK_GATE, LEAN, EVEN_D, ROUNDED_ROWS)
+                        BLOCK_N, BLOCK_D, N_CAND, STAGED * (1 - OPERAND_ROWS), FINISH,
+                        DOT_MODE, RERANK_GATE, LEAN, EVEN_D, OPERAND_ROWS)
 
 
 @triton.jit
@@ -657,7 +679,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "D_PAD": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision]},
             cfg.num_warps, cfg.num_stages),)
-    part_f, part_i, counters, u_sq, op_rows, dots = scratch
+    part_f, part_i, counters, u_sq, dots = scratch
     n_cb = triton.cdiv(c, cfg.block_cols)
     per_group = blocks_per_group(c, cfg)
     if not cfg.split and (cfg.n_split - 1) * per_group >= n_cb:
@@ -672,7 +694,8 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
                              f"{', '.join(PREPASS_PRECISIONS)}, not {precision}")
         bn, bd, warps = CENTRE_TILE
         bf16_rows = precision == "bf16"  # the A operand in bf16, as the MMA takes it
-        rows = op_rows if bf16_rows else grad
+        # (in the first half of each gradient row's bytes: operand_rows)
+        rows = grad.view(torch.bfloat16)[:, :d] if bf16_rows else grad
         pre = (KernelLaunch(
             _centre_rows_kernel, (triton.cdiv(n, bn),),
             (h, prep.p_o, grad, u_sq, rows, n, d, 1.0 / prep.scale, h.stride(0), h.stride(1),
@@ -706,7 +729,7 @@ def _plan(h, prototypes, prep: PreparedPrototypes, psq, scratch, outputs, precis
          "N_CAND": NCP_CANDIDATES, "DOT_MODE": DOT_MODES[precision],
          "STAGED": int(cfg.staged), "FINISH": stages, "RERANK_GATE": gate,
          "ONE_BLOCK": int(one_block(c, cfg, precision)),
-         "ROUNDED_ROWS": int(rounded_rows(cfg, precision)),
+         "OPERAND_ROWS": int(operand_rows(cfg, precision)),
          **finish_flags(lean, d, cfg.block_d)},
         cfg.num_warps, cfg.num_stages), *after)
 
@@ -716,13 +739,14 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
     """The finish as a launch of its own (``finish_apart``) over every row, after the
     kernels that wrote ``cfg.n_split`` class groups' partials; with the staged and split
     variants it reads ``u`` from the gradient's rows and ``||u||^2`` from ``usq_arg`` (where
-    those rows hold ``u`` rounded, :func:`rounded_rows`, ``u`` from ``h``, as without them)."""
+    those rows hold the GEMM's operand only, :func:`operand_rows`, ``u`` from ``h``, as
+    without them)."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     bn, bd, warps, f_stages = FINISH_TILE
     bd = fit_tile(bd, d)
-    rounded = rounded_rows(cfg, precision)
-    staged = (cfg.staged or cfg.split) and not rounded
+    from_h = operand_rows(cfg, precision)
+    staged = (cfg.staged or cfg.split) and not from_h
     return KernelLaunch(
         _ncp_finish_kernel,
         (finish_programs(n, d, L2_BUDGET, sm_count(h.device) or DEFAULT_SMS,
@@ -735,7 +759,7 @@ def _finish_launch(h, prototypes, prep: PreparedPrototypes, psq, usq_arg, part_f
         {"BLOCK_N": bn, "BLOCK_D": bd, "N_CAND": NCP_CANDIDATES,
          "STAGED": int(staged), "FINISH_STAGES": f_stages,
          "DOT_MODE": DOT_MODES[precision], "RERANK_GATE": gate, "EVEN_D": int(d % bd == 0),
-         "USQ_GIVEN": int(rounded)},
+         "USQ_GIVEN": int(from_h)},
         warps, 1)
 
 
@@ -745,8 +769,8 @@ def _split_steps(h, rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots,
     """The split variant after its pre-pass: per chunk of rows, the GEMM of the centred rows
     by the prepared prototypes in torch, then the epilogue kernel over its results; with the
     finish apart the epilogues write partials (``part_f``, ``part_i``) and one finish launch
-    over every row follows the chunks. Where the rows hold ``u`` rounded
-    (:func:`rounded_rows`) the finish reads ``h``."""
+    over every row follows the chunks. Where the rows hold the GEMM's operand only
+    (:func:`operand_rows`) the finish reads ``h``."""
     grad, q_ood, pred, min_dist, lse = outputs
     n, d = grad.shape
     c = prototypes.shape[0]
@@ -771,7 +795,7 @@ def _split_steps(h, rows, prototypes, prep: PreparedPrototypes, psq, u_sq, dots,
             {"BLOCK_N": cfg.block_rows, "BLOCK_C": cfg.block_cols, "BLOCK_D": cfg.block_d,
              "N_CAND": NCP_CANDIDATES, "FINISH_STAGES": 2, "DOT_MODE": DOT_MODES[precision],
              "RERANK_GATE": gate, "FINISH": 1 - apart,
-             "ROUNDED_ROWS": int(rounded_rows(cfg, precision))},
+             "OPERAND_ROWS": int(operand_rows(cfg, precision))},
             cfg.num_warps, cfg.num_stages))
     if apart:
         steps.append(_finish_launch(h, prototypes, prep, psq, u_sq, part_f, part_i,
@@ -797,28 +821,25 @@ class Scratch(NamedTuple):
     part_i: torch.Tensor | None  # and the 4 candidate ids
     counters: torch.Tensor | None  # arrivals per row block (none with the finish apart)
     u_sq: torch.Tensor | None  # ||u||^2 per row (staged and split variants)
-    op_rows: torch.Tensor | None  # bf16 rows of u (staged and split variants in bf16)
     dots: torch.Tensor | None  # the split variant's fp32 GEMM results [rows, C padded], per chunk
 
 
 def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
     """Partial results per (class group, row) and one arrival counter per row block (the
-    class-group kernel); ``||u||^2`` per row and, in bf16, the bf16 rows of ``u`` (staged and
-    split variants); the split variant's chunk of GEMM results; nothing for the single-read
-    variant or the exact kernel."""
+    class-group kernel); ``||u||^2`` per row (staged and split variants; their rows of ``u``
+    live in the gradient's, in bf16 too: :func:`operand_rows`); the split variant's chunk of
+    GEMM results; nothing for the single-read variant or the exact kernel."""
     if cfg.single_read or cfg.exact:
         return ()
     centred = cfg.staged or cfg.split
     u_sq = torch.empty(n, dtype=torch.float32, device=device) if centred else None
-    op_rows = (torch.empty((n, d), dtype=torch.bfloat16, device=device)
-               if centred and precision == "bf16" else None)
     if cfg.split:
         cols = padded_classes(c, cfg.block_cols)
         dots = torch.empty((split_rows(n, cols, cfg.block_rows), cols), dtype=torch.float32,
                            device=device)
         dots[:, c:].zero_()  # the padding: the GEMM writes the first C columns of a row
         if not cfg.finish_apart:
-            return Scratch(None, None, None, u_sq, op_rows, dots)
+            return Scratch(None, None, None, u_sq, dots)
     else:
         dots = None
     counters = (None if cfg.finish_apart else
@@ -826,7 +847,7 @@ def _scratch(n: int, c: int, d: int, cfg: LaunchConfig, precision: str, device):
     return Scratch(
         torch.empty((cfg.n_split, n, 2 + NCP_CANDIDATES), dtype=torch.float32, device=device),
         torch.empty((cfg.n_split, n, NCP_CANDIDATES), dtype=torch.int32, device=device),
-        counters, u_sq, op_rows, dots)
+        counters, u_sq, dots)
 
 
 def compile_launches(n: int, c: int, d: int, precision: str, *, dtype=torch.float32,
