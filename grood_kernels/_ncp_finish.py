@@ -128,7 +128,7 @@ def finish_rows(
     """Merge the groups' partials of one row tile, re-rank exactly, write the results. With
     ``STAGED`` the gradient's rows hold ``u`` (the pre-pass wrote it; they are scaled in place
     at the end) and ``||u||^2`` comes from the pre-pass, as it does with ``USQ_GIVEN`` alone
-    (the staged rows hold ``u`` rounded; the row pointer is ``h``). ``FINISH_STAGES``:
+    (the staged rows hold the GEMM's operand only; the row pointer is ``h``). ``FINISH_STAGES``:
     software-pipelining stages of the two loops over D (1: none). ``LEAN`` and ``EVEN_D``: see
     :func:`rerank_and_write`."""
     if STAGED:  # u in fp32, in the gradient's rows
@@ -240,7 +240,8 @@ def rerank_and_write(
     (from fp32 differences), the results and the gradient. With ``STAGED`` the row pointer
     is the gradient's rows, holding ``u``, scaled in place at the end. ``||u||^2`` comes
     from ``usq_ptr`` with ``STAGED`` or ``USQ_GIVEN`` (the pre-pass's, where the staged rows
-    hold ``u`` rounded and the row pointer is ``h``); otherwise it is summed here.
+    hold the GEMM's operand only, ``u`` rounded to TF32 or in bf16, and the row pointer is
+    ``h``); otherwise it is summed here.
 
     Without ``RERANK_GATE`` every candidate is re-ranked (the launcher's choice where the
     prototypes stay in L2, so their rows cost no HBM traffic). With it, the

@@ -924,8 +924,8 @@ def ncp_gradient(
     same prototype tensors (:func:`prepare_prototypes`). Extra device memory: that operand, and
     per class group 24 bytes of partial results per row. The split variant (``ieee`` on a GPU,
     :func:`launch_config`) and those ``GROOD_AUTOTUNE=1`` may pick
-    add 4 bytes per row (staged, split), a bf16 copy of the centred rows in bf16, and for the
-    split variant a buffer of GEMM results of at most 256 MiB.
+    add 4 bytes per row (staged, split; their centred rows live in the gradient's), and for
+    the split variant a buffer of GEMM results of at most 256 MiB.
     """
     check_precision(precision)
     check_dense(h=h, prototypes=prototypes, ood_prototype=ood_prototype,
