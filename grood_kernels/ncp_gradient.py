@@ -362,9 +362,10 @@ def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 6
     D-steps, 4 warps, the configuration an H200 timed (2026-12-04). For sm_90a it compiles
     without spills (190 registers, 2 CTAs/SM, as triton 3.6 compiled the timed kernel; with
     the GEMM's results in unpadded rows, triton 3.9 held it to 168 registers and spilled 12
-    B); for sm_100a it spills 12 B outside its loops at C = 100 and 1,000. In tf32, whose
-    finish centres ``h`` (:func:`rounded_rows`), it holds 246-248 registers for sm_90a (still
-    2 CTAs/SM, no spills) and spills only for sm_100a at C = 21,841 (24 B, triton 3.9)."""
+    B); for sm_100a it spills 12 B outside its loops at C = 100 and 1,000. In tf32 and bf16,
+    whose finish centres ``h`` (:func:`operand_rows`), it holds 246-248 registers for sm_90a
+    (still 2 CTAs/SM, no spills) and spills only for sm_100a at C = 21,841 (24 B, triton
+    3.9)."""
     if precision not in PREPASS_PRECISIONS:
         return None
     rows, cols, step, warps = tiles
@@ -374,9 +375,12 @@ def split_config(c: int, d: int, precision: str, tiles: tuple[int, ...] = (32, 6
 #: The split variant's other epilogue tiles, autotuning candidates in ``ieee`` (where the
 #: launcher takes the split variant on a GPU): spill-free for sm_90a and sm_100a (triton 3.9)
 #: at every report shape: 32 x 32 with 32-wide D-steps on 4 warps (126 registers, 4 CTAs/SM
-#: at C = 1,000), and the launcher's tiles on 8 warps (128 registers, 2 CTAs/SM). Not timed
-#: on a GPU yet.
-SPLIT_EPILOGUE_TILES = ((32, 32, 32, 4), (32, 64, 64, 8))
+#: at C = 1,000), the launcher's tiles on 8 warps (128 registers, 2 CTAs/SM), and 16 rows of
+#: the launcher's tile on 4 warps (116-128 registers under 3.9, 106-110 under 3.6; 4 CTAs/SM):
+#: twice the programs per chunk of rows, where the buffer's bound makes the chunks short
+#: (C = 21,841: 191 programs of 16 rows per chunk for an H100's 132 SMs, against 95 of 32).
+#: Not timed on a GPU yet.
+SPLIT_EPILOGUE_TILES = ((32, 32, 32, 4), (32, 64, 64, 8), (16, 64, 64, 4))
 
 
 def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,

@@ -1073,7 +1073,8 @@ def centred_variant(request):
 
 
 @pytest.mark.parametrize("tiles", kernel_module.SPLIT_EPILOGUE_TILES,
-                         ids=[f"{c}x{s}-w{w}" for _, c, s, w in kernel_module.SPLIT_EPILOGUE_TILES])
+                         ids=[f"{r}x{c}x{s}-w{w}"
+                              for r, c, s, w in kernel_module.SPLIT_EPILOGUE_TILES])
 @pytest.mark.parametrize(("n", "c", "d"), [(33, 70, 33), (7, 130, 70)],
                          ids=["N33-C70-D33", "N7-C130-D70"])
 def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeypatch,
@@ -1133,11 +1134,12 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     for precision in ("ieee", "tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
         splits = [cfg for cfg in cands if cfg.split]
-        assert len(splits) == (4 if precision == "ieee" else 2) and not cands[0].split
-        # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8;
-        # last, the launcher's tiles with the finish apart
-        assert [(cfg.block_cols, cfg.block_d, cfg.num_warps) for cfg in splits[1:-1]] == (
-            [(32, 32, 4), (64, 64, 8)] if precision == "ieee" else [])
+        assert len(splits) == (5 if precision == "ieee" else 2) and not cands[0].split
+        # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8,
+        # 16 x 64 on 4; last, the launcher's tiles with the finish apart
+        assert [(cfg.block_rows, cfg.block_cols, cfg.block_d, cfg.num_warps)
+                for cfg in splits[1:-1]] == (
+            [(32, 32, 32, 4), (32, 64, 64, 8), (16, 64, 64, 4)] if precision == "ieee" else [])
         assert splits[-1] == splits[0]._replace(finish_apart=True)
     assert kernel_module.split_config(1000, 2048, "tf32x3") is None
     h, protos, _ = _problem(8, 3, 16)
@@ -1146,6 +1148,9 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
         kernel_module._plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
     rows = _split.split_rows(65536, 21841, 32)
     assert rows % 32 == 0 and 0 < rows * 21841 <= _split.SPLIT_BUFFER_ELEMENTS
+    # (16-row tiles: twice the epilogue's programs per chunk where the bound keeps it short)
+    assert _split.split_rows(65536, 21888, 16) // 16 == 191 > 132 > 95 == _split.split_rows(
+        65536, 21888, 32) // 32
     assert _split.split_rows(100, 10, 32) == 128  # one chunk of whole row blocks
     # the buffer's rows padded to whole class blocks, the padding zeros (the epilogue's
     # tiles load whole blocks with no column mask)
