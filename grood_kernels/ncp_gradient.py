@@ -296,14 +296,13 @@ PREPASS_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def rounded_rows(cfg: LaunchConfig, precision: str) -> bool:
-    """Whether the pre-pass writes ``u`` rounded to the nearest TF32 value (tf32's staged
-    and split variants): the MMA would truncate the rows it loads, and truncated A operands
+    """Whether the pre-pass writes ``u`` rounded to the nearest TF32 value: tf32's
+    :func:`operand_rows`. The MMA would truncate the rows it loads, and truncated A operands
     put ``q_ood`` some 20x further from float64 on clustered post-ReLU features (2.1e-3
     against 1.0e-4 relative at ImageNet-1k's C and D; ``bench/operand_rounding.py``). The
-    kernel then takes the A operand the launcher's K-loop makes in registers, the BLAS (split)
-    operands whose TF32 conversion is exact however it converts, and the finish centres ``h``
-    again, since the rounded rows are no ``u`` to re-rank or scale."""
-    return (cfg.staged or cfg.split) and precision == "tf32"
+    kernel then takes the A operand the launcher's K-loop makes in registers, and the BLAS
+    (split) operands whose TF32 conversion is exact however it converts."""
+    return operand_rows(cfg, precision) and precision == "tf32"
 
 
 def operand_rows(cfg: LaunchConfig, precision: str) -> bool:
