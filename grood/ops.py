@@ -49,8 +49,12 @@ def triton_unavailable_reason(op: str, device: torch.device,
         return f"this version of grood has no Triton kernel for {op!r}"
     supported = grood_kernels.KERNELS[op]
     if dtype is not None and str(dtype).removeprefix("torch.") not in supported:
-        return (f"the {op} kernel takes {', '.join(supported)} inputs, not "
-                f"{str(dtype).removeprefix('torch.')}")
+        name = str(dtype).removeprefix("torch.")
+        return (f"the {op} kernel takes {', '.join(supported)} inputs, not {name}" + (
+            " (backend='auto' runs float64 in PyTorch, in float64; for the kernels cast to "
+            "float32: x.float() (torch), x.astype(np.float32) (numpy; a Python list is "
+            "float64)"
+            if dtype == torch.float64 else ""))
     try:
         found = importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or deliberately blocked installation

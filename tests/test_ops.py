@@ -66,6 +66,13 @@ def test_unsupported_dtype_names_the_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ops.BackendUnavailableError, match="takes float16, bfloat16, float32"):
         ops.resolve_backend("triton", "ncp_gradient", "cpu", torch.float64)
+    # float64 (a Python list's dtype): what to do instead
+    with pytest.raises(ops.BackendUnavailableError,
+                       match=r"not float64 \(backend='auto' runs float64 in PyTorch.*"
+                             r"x\.float\(\)"):
+        ops.resolve_backend("triton", "ncp_gradient", "cpu", torch.float64)
+    with pytest.raises(ops.BackendUnavailableError, match=r"inputs, not int32$"):
+        ops.resolve_backend("triton", "ncp_gradient", "cpu", torch.int32)
 
 
 def test_missing_triton_names_the_extra(monkeypatch):
