@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared call for a GPU machine. Its steps, in their default order: the kernel and
-# custom-op/head tests with compiled Triton (not the interpreter); the report's gradient step
-# and head into $OUT/gpu_report.md, its timings as JSON in $OUT/gpu_report.json, drawn beside
-# the compile report's model in $OUT/roofline_measured.png (bench/roofline.py, where
-# matplotlib imports); the gradient step's launch configurations side by side in
+# custom-op/head tests with compiled Triton (not the interpreter); the tuning tables' kernels
+# compiled in WARM_JOBS processes side by side (default 12; triton's cache keeps them for the
+# steps after it, whose tables then time without compiling one kernel after another); the
+# report's gradient step and head into $OUT/gpu_report.md, its timings as JSON in
+# $OUT/gpu_report.json, drawn beside the compile report's model in
+# $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports); the gradient step's launch configurations side by side in
 # $OUT/gpu_configs.md (the launcher's choice against every autotuning candidate, the wide
 # tile, the staged variant and the finish launched apart included, and at CIFAR-10 the
 # kernel without a GEMM against the GEMM kernels' configuration; ieee, tf32, bf16;
@@ -13,8 +15,8 @@
 # into $OUT/gpu_search.md; the torch path's GPU tests; the whole ImageNet-1k fit + score
 # pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into $OUT/pipeline.md.
 # Eight files in all with a log of the whole call (the device tool's limit).
-# STEPS picks some of the steps and their order (names: tests torch-tests anatomy configs
-# report roofline search pipeline pipeline-bf16), e.g. STEPS="anatomy configs" for a short
+# STEPS picks some of the steps and their order (names: tests warm torch-tests anatomy configs
+# report roofline search pipeline pipeline-bf16), e.g. STEPS="warm anatomy configs" for a short
 # second call; by default all of them, the issue's own numbers (tests, report) first.
 #
 # Every step has its own time limit and a failing step does not stop the ones after it (its
@@ -87,7 +89,11 @@ if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then paralle
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
 # The steps, run in the order STEPS names them (default below: what the gradient-step issue
 # is judged by first, since a lease's 15 minutes, its start included, fit about one full call).
-steps="${STEPS:-tests report roofline configs anatomy search torch-tests pipeline pipeline-bf16}"
+steps="${STEPS:-tests warm report roofline configs anatomy search torch-tests pipeline pipeline-bf16}"
+# The warm step's processes (each compiles every WARM_JOBS-th entry of the configurations'
+# and stages' tables, at their shapes, which are the report's too; 2 on the CPU).
+warm_jobs="${WARM_JOBS:-12}"
+[[ "${TINY:-0}" == 1 ]] && warm_jobs=2
 # The timings beside the compile report's model (needs matplotlib; otherwise draw it later with
 # the same command from the returned gpu_report.json).
 roofline=(python bench/roofline.py bench/compile_report.json "$out/roofline_measured.png"
@@ -105,6 +111,12 @@ run_step() {
         "python -m pytest -q -p no:cacheprovider -m gpu tests/test_functional.py '$torch_capture' \
         tests/test_detector.py tests/test_distributed.py tests/test_neighbours.py \
         tests/test_portable.py" ;;
+    # On the H200 (2026-12-04) the configs step reached CIFAR-10 in 170 s, nearly all of it
+    # compiling one configuration after the other on one core; the warm step compiles them
+    # on WARM_JOBS cores at once (each process runs a shard of the tables once, untimed).
+    warm) step 150 "compile the tuning tables' kernels (${warm_jobs} processes side by side)" \
+        "python bench/gpu_report.py ${size[*]} --only configs --only anatomy --warm $warm_jobs \
+        ${CONFIGS_MATCH:+--configs-match \"\$CONFIGS_MATCH\"}" ;;
     # Where the gradient step's time goes (the K-loop alone, without the finish, the pre-pass,
     # the torch GEMM), then the launcher's tiles against every autotuning candidate (the wide
     # tile and the staged variant included).
@@ -135,7 +147,7 @@ run_step() {
     pipeline) step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'" ;;
     pipeline-bf16) step 70 "pipeline, bf16 with bf16 index storage" \
         "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'" ;;
-    *) log "unknown step: $1 (steps: tests torch-tests anatomy configs report roofline search" \
+    *) log "unknown step: $1 (steps: tests warm torch-tests anatomy configs report roofline search" \
            "pipeline pipeline-bf16)" ;;
     esac
 }

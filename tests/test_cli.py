@@ -1601,6 +1601,44 @@ def test_bench_anatomy_times_each_stage_of_the_gradient_step(capsys):
     assert text.index("| L2:") < text.index("| tiny-100 |")
 
 
+def test_bench_shards_split_the_tuning_tables_between_processes(monkeypatch, capsys):
+    """``--shard k/n`` runs every n-th entry of the configurations' and the stages' tables
+    from the k-th (counted over the whole table, after ``--configs-match``): n shards run
+    each entry once between them. ``--warm N`` runs N such processes and prints no table;
+    a shard that is not K/N with 0 <= K < N is refused."""
+    pytest.importorskip("triton")
+    from grood._bench import anatomy, configs
+    from grood._bench.configs import TINY_CONFIG_SHAPES
+
+    launched = []
+    monkeypatch.setattr(configs, "launch_step", lambda *a, **kw: launched.append(a[5]))
+    monkeypatch.setattr(anatomy, "launch_step", lambda *a, **kw: launched.append(a[5]))
+    monkeypatch.setattr(anatomy, "run", lambda launch: None)
+
+    def entries(table, **kw):
+        return [row.split("|")[1:4] for row in table(**kw) if row.startswith("| tiny")]
+
+    for table, args in ((configs.config_table, dict(precisions=("ieee", "tf32"))),
+                        (anatomy.anatomy_table, dict(precisions=("ieee", "tf32")))):
+        whole = entries(table, device="cpu", shapes=TINY_CONFIG_SHAPES, repeat=1, **args)
+        for n in (2, 3):
+            shards = [entries(table, device="cpu", shapes=TINY_CONFIG_SHAPES, repeat=1,
+                              shard=(k, n), **args) for k in range(n)]
+            assert sorted(tuple(e) for shard in shards for e in shard) == sorted(
+                map(tuple, whole))
+            assert all(0 < len(shard) < len(whole) for shard in shards)
+    assert launched  # (the kernels' launches were recorded, not run)
+    assert main(["bench", "--tiny", "--device", "cpu", "--only", "configs", "--warm", "2",
+                 "--configs-match", "no such row"]) == 0
+    out = capsys.readouterr().out
+    assert "warm 0/2 (configs): exit 0" in out and "warm 1/2 (configs): exit 0" in out
+    assert "| tiny" not in out
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit):
+            main(["bench", "--only", "configs", f"--shard={bad}"])
+        assert "expected K/N with 0 <= K < N" in capsys.readouterr().err
+
+
 def test_bench_anatomy_of_the_split_launcher_leaves_out_the_finish_stages(monkeypatch):
     """Where the launcher is the split variant (``ieee`` on a GPU) the anatomy has no kernel
     without its finish, nor with its finish's loops plain: every stage it lists runs."""

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from grood._bench.common import interleaved_median_times
-from grood._bench.configs import failed, launch_step, tuning_problems
+from grood._bench.configs import failed, in_shard, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
 from grood_kernels import ncp_gradient as kernel
 from grood_kernels._launch import (
@@ -134,11 +134,15 @@ def memory_roofs_table(device: str, tiny: bool, repeat: int = 3) -> Iterator[str
         yield f"| {label} | {nbytes / 1e9:.3g} GB | {1e3 * t:.3f} | {nbytes / t / 1e12:.2f} |"
 
 
-def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[str]:
+def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
+                  shard: tuple[int, int] | None = None) -> Iterator[str]:
     """Markdown rows: the stages of the gradient step at the launcher's configuration (needs
-    triton; imported only where the Triton kernels can run)."""
+    triton; imported only where the Triton kernels can run). With ``shard`` ``(k, n)``, only
+    every n-th stage of the table from the k-th (:func:`grood._bench.configs.in_shard`; the
+    shares then against the last one run), as :func:`grood._bench.configs.config_table`."""
     yield "| shape | precision | stage | ms | share of the whole step | GEMM TFLOP/s |"
     yield "|---|---|---|---|---|---|"
+    entry = 0  # the table's stages, counted for ``shard``
     for p in tuning_problems(device, shapes, precisions):
         (n, c, d), precision, h, protos, prep = p.dims, p.precision, p.h, p.protos, p.prep
         scale = prep.scale
@@ -198,13 +202,16 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3) -> Iterator[
                            True))
         stages.append(("whole step (launcher)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg), True))
+        mine = [in_shard(entry + i, shard) for i in range(len(stages))]
+        entry += len(stages)
+        stages = [stage for stage, keep in zip(stages, mine, strict=True) if keep]
         working = []
         for i, stage in enumerate(stages):  # compile each first: a failure ends no table
             try:
                 stage[1]()
             except Exception as exc:
-                if i == len(stages) - 1:  # the launcher's whole step, the shares' reference
-                    raise
+                if i == len(stages) - 1 and shard is None:
+                    raise  # the launcher's whole step: the shares' reference
                 yield f"| {p.name} | {precision} | {stage[0]} | {failed(exc)} | – | – |"
                 continue
             working.append(stage)

@@ -72,18 +72,29 @@ def tuning_problems(device: str, shapes, precisions) -> Iterator[TuningProblem]:
                                 sm_count(h.device))
 
 
+def in_shard(index: int, shard: tuple[int, int] | None) -> bool:
+    """Whether the table entry ``index`` (counted over the whole table) is in ``shard``
+    ``(k, n)``: every n-th entry from the k-th; every entry without one."""
+    return shard is None or index % shard[1] == shard[0]
+
+
 def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
-                 repeat: int = 3, match: re.Pattern | None = None) -> Iterator[str]:
+                 repeat: int = 3, match: re.Pattern | None = None,
+                 shard: tuple[int, int] | None = None) -> Iterator[str]:
     """Markdown rows: every candidate configuration of the gradient step, timed (needs
     triton: this module is imported only where the Triton kernels can run); after the table,
     per shape and mode the fastest run whose results agree with the launcher's (as the
     autotuner judges agreement), the evidence for changing the launcher's choice. With
     ``match``, only the runs whose label it finds (:func:`config_runs`) besides the
-    launcher's own, which runs first as the reference."""
+    launcher's own, which runs first as the reference. With ``shard`` ``(k, n)``, only every
+    n-th run of the table from the k-th (:func:`in_shard`; the first one run per shape and
+    mode is the reference): n processes then compile the table's kernels side by side into
+    triton's cache, for a run of the whole table after them (``--shard``)."""
     yield ("| shape | precision | tiles (rows, classes, K) / warps / stages | class groups | "
            "ms | launcher ms / this | max rel diff q_ood vs launcher | pred differs |")
     yield "|---|---|---|---|---|---|---|---|"
     fastest: dict[tuple[str, str], tuple[float, float, str]] = {}
+    entry = -1  # the table's runs, counted for ``shard``
     for p in tuning_problems(device, shapes, precisions):
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
         cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
@@ -91,6 +102,9 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
         for i, (cfg, label, override) in enumerate(config_runs(cands, c, d, precision)):
             if i and match is not None and not match.search(label):
+                continue
+            entry += 1
+            if not in_shard(entry, shard):
                 continue
             tiles = f"{cfg.block_rows}, {cfg.block_cols}, {cfg.block_d}"
             row = (f"| {name} | {precision} | {tiles} / {cfg.num_warps} / {cfg.num_stages}"

@@ -61,6 +61,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "label matches this regular expression, e.g. 'finish apart' "
                              "(the launcher's own row always runs first, as the reference "
                              "the others are compared with)")
+    parser.add_argument("--warm", default=None, metavar="N", type=positive_int_arg,
+                        help="only compile: run the asked tuning tables (--only configs, "
+                             "--only anatomy; both by default) once in N processes side by "
+                             "side, each a --shard of them, and print no table, so that the "
+                             "tables run after it find their kernels in triton's cache")
+    parser.add_argument("--shard", default=None, metavar="K/N", type=_shard_arg,
+                        help="in the launch configurations' and the stages' tables, run only "
+                             "every N-th entry from the K-th (0 <= K < N): N processes, one "
+                             "per K, compile the tables' kernels side by side into triton's "
+                             "cache, so a run of the whole tables after them times without "
+                             "compiling (bench/gpu_check.sh's warm step)")
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    """``--shard K/N``: ``(K, N)`` with 0 <= K < N, refused with argparse's message
+    otherwise."""
+    k, _, n = text.partition("/")
+    try:
+        shard = int(k), int(n)
+    except ValueError:
+        shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, e.g. 0/4; got {text!r}")
+    return shard
 
 
 def _regex_arg(text: str) -> re.Pattern:
@@ -84,8 +108,51 @@ def _emit(lines) -> None:
         print(line, flush=True)
 
 
+def warm(args: argparse.Namespace) -> int:
+    """``--warm N``: the asked tuning tables (configs, anatomy) run once in N processes of
+    ``python -m grood bench``, the k-th with ``--shard k/N --repeat 1``, side by side, so
+    their kernels compile on N CPU cores into triton's cache at once instead of one after
+    another while the tables run; the processes' output is dropped, and each one's exit
+    status and time are printed (with the end of its output where it failed). Returns the
+    number of processes that failed."""
+    import subprocess
+    import tempfile
+    import time
+
+    n = args.warm
+    parts = [p for p in (args.only or TUNING_SECTIONS) if p in TUNING_SECTIONS]
+    if not parts:
+        print("grood bench --warm: nothing to compile (it warms --only configs and --only "
+              "anatomy)", file=sys.stderr)
+        return 1
+    common = [arg for part in parts for arg in ("--only", part)] + ["--repeat", "1"]
+    common += ["--tiny"] * args.tiny + (["--device", args.device] if args.device else [])
+    if args.configs_match is not None:
+        common += ["--configs-match", args.configs_match.pattern]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="grood-warm-") as tmp:
+        procs = []
+        for k in range(n):
+            log = open(os.path.join(tmp, f"{k}.log"), "w+")  # (closed below)
+            cmd = [sys.executable, "-m", "grood", "bench", *common, "--shard", f"{k}/{n}"]
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        failures = 0
+        for k, (proc, log) in enumerate(procs):
+            rc = proc.wait()
+            print(f"warm {k}/{n} ({' '.join(parts)}): exit {rc} after "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            if rc:
+                failures += 1
+                log.seek(0)
+                print("".join(log.readlines()[-15:]), flush=True)
+            log.close()
+    return failures
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the report (Markdown) for parsed ``args``."""
+    if args.warm:
+        return min(warm(args), 1)
     from grood import ops
     from grood._bench.common import TIMINGS
 
@@ -169,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
             _emit(config_table(device, TINY_CONFIG_SHAPES if args.tiny
                                          else CONFIG_SHAPES, repeat=args.repeat,
-                               match=args.configs_match))
+                               match=args.configs_match, shard=args.shard))
             print("\nThe launcher's configuration first, then the same with its exact "
                   "re-rank's gate the other way (off: every candidate re-ranked; on: the "
                   "GEMM-nearest, the others where the GEMM's error lets them be nearer), then "
@@ -193,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
                   "assumes (L2 12 TB/s) or took from an earlier H200 run (HBM copy 4.13 TB/s).\n")
             # ImageNet-1k alone: each stage is a kernel of its own to compile on the device.
             _emit(anatomy_table(device, TINY_CONFIG_SHAPES if args.tiny else CONFIG_SHAPES[:1],
-                                CONFIG_PRECISIONS, repeat=args.repeat))
+                                CONFIG_PRECISIONS, repeat=args.repeat, shard=args.shard))
             print("\nEach stage is a kernel that stops there, at the launcher's tiles (the "
                   "staged rows at the staged variant's), timed in turns with the others on the "
                   "same inputs; 'share' is against the whole step (launcher). The torch GEMM "
