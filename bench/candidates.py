@@ -11,10 +11,13 @@ costs in accuracy and what it saves in bytes, so the choice can be made on numbe
 
 The reduced-precision GEMM is emulated, since the CPU has no tensor cores:
 
-- ``tf32``: both operands truncated to TF32 (10 explicit mantissa bits, toward zero: what the
-  tensor cores do with fp32 data not already rounded), the products summed exactly and the sum
+- ``tf32``: both operands rounded to the nearest TF32 value (10 explicit mantissa bits, ties
+  away from zero), as the kernels hand them to the MMA (``grood_kernels._prepare.tf32_nearest``,
+  ``grood_kernels._dot.round_tf32``; the tensor cores would truncate fp32 data not already
+  rounded: mode ``tf32-truncated`` emulates that), the products summed exactly and the sum
   rounded to fp32. Real hardware also truncates partial sums (about 2e-5 in ``q_ood`` on an
-  H200 where this model gave 1.4e-5: ``bench/RESULTS.md``), so its errors are somewhat larger.
+  H200 where this model gave 1.4e-5 with truncated operands: ``bench/RESULTS.md``), so its
+  errors are somewhat larger.
 - ``tf32x3``: each operand split as the kernels split it, ``x = hi + lo`` with ``hi``
   truncated to TF32 and ``lo = x - hi`` (exact in fp32) truncated again by the tensor cores;
   the three products ``hi.hi + hi.lo + lo.hi`` summed exactly, the sum rounded to fp32.
@@ -44,10 +47,18 @@ COUNTS = (1, 2, 3, 4, 8)
 MODES = ("ieee", "tf32", "tf32x3", "bf16")
 
 
+def truncated_tf32(x: Tensor) -> Tensor:
+    """``x`` (float32) with its low 13 mantissa bits dropped (sign, exponent and 10 mantissa
+    bits kept), in float64: what the tensor cores read of an fp32 operand."""
+    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+
+
 def rounded(x: Tensor, mode: str) -> Tensor:
     """``x`` (float32) as the GEMM's operand in ``mode``, returned in float64."""
-    if mode == "tf32":  # keep the sign, the exponent and 10 mantissa bits
-        bits = x.contiguous().view(torch.int32) & ~0x1FFF
+    if mode == "tf32-truncated":
+        return truncated_tf32(x)
+    if mode == "tf32":  # 10 mantissa bits, to nearest with ties away from zero
+        bits = (x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
         return bits.view(torch.float32).double()
     if mode == "bf16":
         return x.bfloat16().double()
@@ -55,10 +66,10 @@ def rounded(x: Tensor, mode: str) -> Tensor:
 
 
 def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` (float32) as tf32x3's two operands, in float64: ``hi`` (TF32-truncated) and
-    ``lo = x - hi`` TF32-truncated, as the tensor cores take it."""
-    hi = rounded(x, "tf32")
-    return hi, rounded((x.double() - hi).float(), "tf32")
+    """``x`` (float32) as tf32x3's two operands, in float64: ``hi`` (TF32-truncated, as the
+    kernels split it) and ``lo = x - hi`` TF32-truncated, as the tensor cores take it."""
+    hi = truncated_tf32(x)
+    return hi, truncated_tf32((x.double() - hi).float())
 
 
 def emulated_dots(u: Tensor, centred: Tensor, mode: str) -> Tensor:
@@ -91,10 +102,13 @@ def step(u: Tensor, centred: Tensor, gemm: Tensor, n_cand: int
     return u.double() * (q / d_ood)[:, None], q, pred
 
 
-#: Relative error of one GEMM operand in each mode: TF32 truncation keeps 10 of fp32's 23
-#: mantissa bits (< 2**-10), bf16 rounding to nearest 7 (half a unit in the 7th bit: <= 2**-8),
-#: tf32x3's hi + lo split (lo truncated to TF32 in its turn) 2**-19.
-OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -10, "tf32x3": 2.0 ** -19, "bf16": 2.0 ** -8}
+#: Relative error of one GEMM operand in each mode: TF32 rounding to nearest keeps 10 of
+#: fp32's 23 mantissa bits (half a unit in the 10th bit: <= 2**-11; truncation, 2**-10),
+#: bf16 rounding to nearest 7 (half a unit in the 7th bit: <= 2**-8), tf32x3's hi + lo split
+#: (lo truncated to TF32 in its turn) 2**-19. ``tf32-truncated``: TF32 operands as the tensor
+#: cores read unrounded fp32 (the kernels before they rounded them).
+OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0 ** -11, "tf32x3": 2.0 ** -19, "bf16": 2.0 ** -8,
+                 "tf32-truncated": 2.0 ** -10}
 
 
 def accumulated_terms(mode: str, d: int) -> int:
@@ -103,13 +117,14 @@ def accumulated_terms(mode: str, d: int) -> int:
     return 4 * d if mode == "tf32x3" else d
 
 
-def gemm_error_bound(u: Tensor, centred: Tensor, mode: str) -> Tensor:
+def gemm_error_bound(u: Tensor, centred: Tensor, mode: str, r: float | None = None) -> Tensor:
     """A bound [N, C] on |GEMM squared distance - exact squared distance|: operand rounding
     (2r + r^2 of sum |u_k P_k| <= |u| |P|, twice in the distance), fp32 accumulation over D
     terms of the dot and of both squared norms (gamma_D = D u / (1 - D u) with u = 2**-23,
     not 2**-24: tensor cores truncate their partial sums), and the
-    three fp32 roundings of ``|u|^2 + |P|^2 - 2 u.P``."""
-    r, d = OPERAND_ERROR[mode], accumulated_terms(mode, u.shape[1])
+    three fp32 roundings of ``|u|^2 + |P|^2 - 2 u.P``. ``r``: another operand error than
+    ``mode``'s."""
+    r, d = OPERAND_ERROR[mode] if r is None else r, accumulated_terms(mode, u.shape[1])
     gamma = d * 2.0 ** -23 / (1 - d * 2.0 ** -23)
     un = u.double().norm(dim=1)[:, None]
     pn = centred.double().norm(dim=1)[None]
@@ -236,6 +251,63 @@ def errors_table(name: str, h: Tensor, protos: Tensor) -> list[str]:
             *gated_rows, ""]
 
 
+def fine_grained(n: int, c: int, d: int, *, seed: int, sub: float, groups: int = 1000
+                 ) -> tuple[Tensor, Tensor]:
+    """``(h, prototypes)``: ``c`` classes in ``groups`` groups (a class hierarchy's leaves:
+    breeds of one animal) whose prototypes scatter by ``sub`` around their group's
+    post-ReLU-like centre (:func:`grood._bench.common.realistic_features`' centres), and ``n``
+    rows scattered by ``sub`` around their class's prototype: a row's nearest classes are its
+    group's, their distances close together where ``sub`` is small."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.relu(torch.randn(groups, d, generator=gen)) * 2.0
+    protos = torch.relu(centres[torch.arange(c) % groups] + sub * torch.randn(c, d, generator=gen))
+    labels = torch.randint(0, c, (n,), generator=gen)
+    return torch.relu(protos[labels] + sub * torch.randn(n, d, generator=gen)), protos
+
+
+#: The gate table's rows: (label, the GEMM's operand rounding, the bound's operand term).
+GATE_ROWS = (("tf32, bound 2**-10 (before)", "tf32", 2.0 ** -10),
+             ("tf32, bound 2**-11", "tf32", 2.0 ** -11),
+             ("tf32 truncated, bound 2**-10", "tf32-truncated", 2.0 ** -10),
+             ("bf16, bound 2**-8", "bf16", 2.0 ** -8))
+
+
+def gate_table(dims: tuple[int, int, int], subs: tuple[float, ...], tile: int = 128
+               ) -> list[str]:
+    """How often the gate opens (the kernels' ``ALWAYS_EXACT`` = 1) on :func:`fine_grained`
+    classes at ``dims`` for each scatter ``sub``: rows that gather more than their
+    GEMM-nearest prototype, and tiles of ``tile`` rows (the launcher's at C = 21,841) that run
+    the second pass over D, for each of :data:`GATE_ROWS`: TF32 operands rounded to nearest
+    (the kernels') under the bound's operand term before (2**-10, a truncated operand's) and
+    after (2**-11), operands truncated (as the MMA reads unrounded fp32), and bf16."""
+    n, c, d = dims
+    lines = [f"Gate on fine-grained classes (N = {n:,}, C = {c:,}, D = {d:,}; 1,000 groups, "
+             f"prototypes and rows scattered by `sub` within them; tiles of {tile} rows):", "",
+             "| sub | squared gap from the nearest to the 2nd, median (/ `||u||^2`) | "
+             "operands, bound | rows gathering > 1 | tiles running the second pass | "
+             "rows gathered per row | pred differing from float64 |",
+             "|---|---|---|---|---|---|---|"]
+    for sub in subs:
+        h, protos = fine_grained(n, c, d, seed=5, sub=sub)
+        p_ood = protos.double().mean(0).float()
+        u, centred = h.float() - p_ood, protos.float() - p_ood
+        _, _, pred_ref, dist = reference(h, protos, p_ood)
+        two = dist.topk(2, dim=1, largest=False).values.square()
+        gap = float(((two[:, 1] - two[:, 0]) / u.double().square().sum(1)).median())
+        del dist
+        for label, mode, r in GATE_ROWS:
+            gemm = emulated_distances(u, centred, mode)
+            _, _, pred, gathered = gated_step(u, centred, gemm,
+                                              gemm_error_bound(u, centred, mode, r), always=1)
+            more = gathered > 1
+            tiles = more[:n - n % tile].view(-1, tile).any(1)
+            lines.append(
+                f"| {sub} | {gap:.2e} | {label} | {100 * float(more.double().mean()):.2f} % | "
+                f"{int(tiles.sum())} / {tiles.numel()} | {float(gathered.double().mean()):.3f}"
+                f" | {int((pred != pred_ref).sum())} |")
+    return [*lines, ""]
+
+
 def hbm_table(dims: tuple[int, int, int]) -> list[str]:
     """The traffic model's HBM bytes of the launcher's gradient step at ``dims`` (sm_90a) for
     each number of prototype rows the re-rank gathers per feature row (1: the kernels where
@@ -297,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     out += errors_table(f"Near ties (2, 3 or 4 prototypes within 1e-5 of each other; "
                         f"{100 * held:.1f} % of the rows nearest the tied ones), clustered "
                         "prototypes", tied, protos)
+    out += gate_table((256, 2000, 64) if args.tiny else (4096, 21841, 1024),
+                      (0.05, 0.06, 0.07, 0.08, 0.1, 0.2))
     out += hbm_table((65536, 21841, 1024))
     out += hbm_table((65536, 1000, 2048))
     text = "\n".join(out)

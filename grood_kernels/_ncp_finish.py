@@ -70,17 +70,17 @@ ALWAYS_EXACT = tl.constexpr(1)
 def gemm_error_sq(u_sq, p_sq, D, DOT_MODE: tl.constexpr):
     """A bound on |GEMM squared distance - exact squared distance| (units of ``scale``
     squared), per row and candidate: ``u_sq`` [rows] and the candidates' ``||P_c||^2``
-    [rows, slots]. Operand rounding (relative ``r`` per operand: ieee 0, tf32 2**-10 (a
-    truncated operand's bound: every tf32 operand the kernels hand the MMA or the BLAS is
-    rounded to nearest, erring by half that; the bound is kept wide enough for either),
-    tf32x3 2**-19 (its hi/lo split), bf16 2**-8 (rounded to nearest: half a unit in the
-    last of its 8 significant bits); ``2r + r^2`` of ``sum |u_k P_k|
+    [rows, slots]. Operand rounding (relative ``r`` per operand: ieee 0, tf32 2**-11 (every
+    tf32 operand the kernels hand the MMA or the BLAS is rounded to the nearest TF32 value:
+    half a unit in the last of its 11 significant bits; a truncated one would err by up to
+    2**-10), tf32x3 2**-19 (its hi/lo split), bf16 2**-8 (rounded to nearest: half a unit in
+    the last of its 8 significant bits); ``2r + r^2`` of ``sum |u_k P_k|
     <= |u| |P|``, twice in the distance), fp32 accumulation over the K terms of the dot and of
     both squared norms (``gamma = K 2**-23 / (1 - K 2**-23)``: tensor cores truncate partial
     sums, so one bit more than rounding), and the three fp32 roundings of ``|u|^2 + |P|^2 -
     2 u.P``."""
     if DOT_MODE == 1:
-        r = 0.0009765625  # 2**-10
+        r = 0.00048828125  # 2**-11
     elif DOT_MODE == 2:
         r = 1.9073486328125e-06  # 2**-19
     elif DOT_MODE == 3:

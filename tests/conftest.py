@@ -138,8 +138,9 @@ def emulate_tensor_core_tf32(setattr_) -> bool:
     """Make Triton's interpreter compute ``tl.dot``'s ``tf32`` and ``tf32x3`` as tensor cores
     do, through ``setattr_(obj, name, value)`` (``monkeypatch.setattr`` in a test); it
     computes both in fp32. TF32 keeps 10 of fp32's 23 mantissa bits (the MMA reads fp32
-    operands and drops the low 13: truncation, within the 2**-10 the kernels' error bound
-    counts); tf32x3 splits each operand into ``hi`` (truncated) and ``lo = x - hi``
+    operands and drops the low 13: truncation; the kernels hand it operands already rounded
+    to the nearest TF32 value, which it reads exactly, and their error bound counts that
+    rounding's 2**-11); tf32x3 splits each operand into ``hi`` (truncated) and ``lo = x - hi``
     (truncated in its turn) and sums ``hi.lo + lo.hi + hi.hi`` in fp32. Returns whether the
     interpreter's internals allowed it."""
     import numpy as np

@@ -677,17 +677,24 @@ def test_other_gpus_walks_the_shared_memory_fallback():
 
 
 def test_candidates_report_measures_what_each_count_buys(tmp_path):
-    """bench/candidates.py: TF32 operands keep 10 mantissa bits (truncated), tf32x3's split
-    another 10 (truncated), bf16 rounds to nearest; near-tie rows are equally far (to 1e-5)
-    from 2-4 prototypes, the first nearest; with as many candidates as the widest tie no
-    prediction changes, with one some do, and the gate of the kernels gets every one right
-    re-ranking only the tied; the HBM model's bytes grow with the rows gathered, from 1.17x
-    (one, the gate shut) to 1.67x (all four; tf32, C = 21,841)."""
+    """bench/candidates.py: TF32 operands keep 10 mantissa bits (rounded to nearest, ties
+    away from zero, as the kernels round them; ``tf32-truncated`` as the MMA reads unrounded
+    fp32), tf32x3's split another 10 (truncated), bf16 rounds to nearest; near-tie rows are
+    equally far (to 1e-5) from 2-4 prototypes, the first nearest; with as many candidates as
+    the widest tie no prediction changes, with one some do, and the gate of the kernels gets
+    every one right re-ranking only the tied; the HBM model's bytes grow with the rows
+    gathered, from 1.17x (one, the gate shut) to 1.67x (all four; tf32, C = 21,841); the
+    fine-grained classes' gate table is in the report."""
     import candidates
 
-    x = torch.tensor([1 + 2 ** -10 + 2 ** -12, -3.0, 1 + 2 ** -7 + 2 ** -8 + 2 ** -12])
-    assert candidates.rounded(x, "tf32").tolist() == [1 + 2 ** -10, -3.0, 1 + 2 ** -7 + 2 ** -8]
-    assert candidates.rounded(x, "bf16").tolist() == [1.0, -3.0, 1 + 2 ** -6]
+    x = torch.tensor([1 + 2 ** -10 + 2 ** -12, -3.0, 1 + 2 ** -7 + 2 ** -8 + 2 ** -12,
+                      -(1 + 2 ** -11), 1 + 2 ** -11 + 2 ** -12])
+    assert candidates.rounded(x, "tf32").tolist() == [
+        1 + 2 ** -10, -3.0, 1 + 2 ** -7 + 2 ** -8, -(1 + 2 ** -10), 1 + 2 ** -10]
+    assert candidates.rounded(x, "tf32-truncated").tolist() == [
+        1 + 2 ** -10, -3.0, 1 + 2 ** -7 + 2 ** -8, -1.0, 1.0]
+    assert candidates.rounded(x[:3], "bf16").tolist() == [1.0, -3.0, 1 + 2 ** -6]
+    assert candidates.OPERAND_ERROR["tf32"] == 2 ** -11
     # tf32x3: hi truncated to TF32, the rest in lo, itself truncated to TF32 by the MMA
     hi, lo = candidates.split_tf32(torch.tensor([1 + 2 ** -10 + 2 ** -12, 1 + 2 ** -12 + 2 ** -23]))
     assert hi.tolist() == [1 + 2 ** -10, 1.0] and lo.tolist() == [2 ** -12, 2 ** -12]
@@ -715,7 +722,7 @@ def test_candidates_report_measures_what_each_count_buys(tmp_path):
     assert "(1.17x)" in tf32[1] and "(1.34x)" in tf32[2] and "(1.67x)" in tf32[4]
     out = tmp_path / "c.md"
     assert candidates.main(["--tiny", "--out", str(out)]) == 0
-    assert "Near ties" in out.read_text()
+    assert "Near ties" in out.read_text() and "Gate on fine-grained classes" in out.read_text()
 
 
 def test_search_model_charges_the_bf16_copy_before_the_kernel():
