@@ -5,13 +5,14 @@
 # steps after it, whose tables then time without compiling one kernel after another); the
 # report's gradient step and head into $OUT/gpu_report.md, its timings as JSON in
 # $OUT/gpu_report.json, drawn beside the compile report's model in
-# $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports); the gradient step's launch configurations side by side in
-# $OUT/gpu_configs.md (the launcher's choice against every autotuning candidate, the wide
-# tile, the staged variant and the finish launched apart included, and at CIFAR-10 the
-# kernel without a GEMM against the GEMM kernels' configuration; ieee, tf32, bf16;
-# ImageNet-1k, CIFAR-10/100 shapes); the device's L2 and HBM read bandwidth (the compile
-# report's model assumes the first) and the gradient step taken apart (its stages timed
-# apart, bench/gpu_report.py --only anatomy) into $OUT/gpu_anatomy.md; the search's timings
+# $OUT/roofline_measured.png (bench/roofline.py, where matplotlib imports); the gradient
+# step's launch configurations side by side in $OUT/gpu_configs.md (the launcher's choice
+# against every autotuning candidate, the wide tile, the staged variant and the finish
+# launched apart included, and at CIFAR-10 the kernel without a GEMM against the GEMM
+# kernels' configuration; ieee, tf32, bf16; ImageNet-1k, CIFAR-10/100 shapes); the device's
+# L2 and HBM read bandwidth (the compile report's model assumes the first) and the gradient
+# step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
+# $OUT/gpu_anatomy.md; the search's timings
 # into $OUT/gpu_search.md; the torch path's GPU tests; the whole ImageNet-1k fit + score
 # pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into $OUT/pipeline.md.
 # Eight files in all with a log of the whole call (the device tool's limit).
@@ -89,7 +90,8 @@ if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then paralle
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
 # The steps, run in the order STEPS names them (default below: what the gradient-step issue
 # is judged by first, since a lease's 15 minutes, its start included, fit about one full call).
-steps="${STEPS:-tests warm report roofline configs anatomy search torch-tests pipeline pipeline-bf16}"
+steps="${STEPS:-tests warm report roofline configs anatomy search torch-tests pipeline \
+pipeline-bf16}"
 # The warm step's processes (each compiles every WARM_JOBS-th entry of the configurations'
 # and stages' tables, at their shapes, which are the report's too; 2 on the CPU).
 warm_jobs="${WARM_JOBS:-12}"
@@ -147,8 +149,8 @@ run_step() {
     pipeline) step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'" ;;
     pipeline-bf16) step 70 "pipeline, bf16 with bf16 index storage" \
         "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'" ;;
-    *) log "unknown step: $1 (steps: tests warm torch-tests anatomy configs report roofline search" \
-           "pipeline pipeline-bf16)" ;;
+    *) log "unknown step: $1 (steps: tests warm torch-tests anatomy configs report roofline" \
+           "search pipeline pipeline-bf16)" ;;
     esac
 }
 for name in $steps; do run_step "$name"; done

@@ -1628,6 +1628,10 @@ def test_bench_shards_split_the_tuning_tables_between_processes(monkeypatch, cap
                 map(tuple, whole))
             assert all(0 < len(shard) < len(whole) for shard in shards)
     assert launched  # (the kernels' launches were recorded, not run)
+    for k in (0, 1):  # the memory roofs (3 GiB of buffers on a GPU) in the first shard alone
+        assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only",
+                     "anatomy", f"--shard={k}/2"]) == 0
+        assert ("| L2:" in capsys.readouterr().out) == (k == 0)
     assert main(["bench", "--tiny", "--device", "cpu", "--only", "configs", "--warm", "2",
                  "--configs-match", "no such row"]) == 0
     out = capsys.readouterr().out

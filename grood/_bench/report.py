@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
                 TINY_CONFIG_SHAPES,
             )
 
-            _emit(memory_roofs_table(device, args.tiny, repeat=args.repeat))
+            if args.shard is None or args.shard[0] == 0:  # (its 3 GiB once, not per shard)
+                _emit(memory_roofs_table(device, args.tiny, repeat=args.repeat))
             print("\nRead bandwidth of a plain streaming kernel (8 programs per SM, 2048 "
                   "fp32 per load), and a device copy: the roofs the compile report's model "
                   "assumes (L2 12 TB/s) or took from an earlier H200 run (HBM copy 4.13 TB/s).\n")
