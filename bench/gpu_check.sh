@@ -12,13 +12,15 @@
 # kernels' configuration; ieee, tf32, bf16; ImageNet-1k, CIFAR-10/100 shapes); the device's
 # L2 and HBM read bandwidth (the compile report's model assumes the first) and the gradient
 # step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
-# $OUT/gpu_anatomy.md; the search's timings
+# $OUT/gpu_anatomy.md, and after it the torch backend's step operator by operator
+# (--only torch-path); the search's timings
 # into $OUT/gpu_search.md; the torch path's GPU tests; the whole ImageNet-1k fit + score
 # pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into $OUT/pipeline.md.
 # Eight files in all with a log of the whole call (the device tool's limit).
-# STEPS picks some of the steps and their order (names: tests warm torch-tests anatomy configs
-# report roofline search pipeline pipeline-bf16), e.g. STEPS="warm anatomy configs" for a short
-# second call; by default all of them, the issue's own numbers (tests, report) first.
+# STEPS picks some of the steps and their order (names: tests warm torch-tests anatomy
+# torch-path configs report roofline search pipeline pipeline-bf16), e.g. STEPS="warm anatomy
+# configs" for a short second call; by default all of them, the issue's own numbers (tests,
+# report) first.
 #
 # Every step has its own time limit and a failing step does not stop the ones after it (its
 # status is printed and logged), so one call always ends inside BUDGET seconds (default 560)
@@ -90,8 +92,8 @@ if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then paralle
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
 # The steps, run in the order STEPS names them (default below: what the gradient-step issue
 # is judged by first, since a lease's 15 minutes, its start included, fit about one full call).
-steps="${STEPS:-tests warm report roofline configs anatomy search torch-tests pipeline \
-pipeline-bf16}"
+steps="${STEPS:-tests warm report roofline configs anatomy torch-path search torch-tests \
+pipeline pipeline-bf16}"
 # The warm step's processes (each compiles every WARM_JOBS-th entry of the configurations'
 # and stages' tables, at their shapes, which are the report's too; 2 on the CPU).
 warm_jobs="${WARM_JOBS:-12}"
@@ -125,6 +127,11 @@ run_step() {
     anatomy) step 110 "gradient step taken apart (stages timed apart)" \
         "python bench/gpu_report.py ${size[*]} --only anatomy --repeat ${REPEAT:-3} \
         | tee '$out/gpu_anatomy.md'" ;;
+    # The torch backend (what auto runs without the kernels) operator by operator: on the H200
+    # it took 5.7x the plain closed form's time at ImageNet-1k in tf32 (2026-12-04).
+    torch-path) step 40 "torch backend's gradient step, operator by operator" \
+        "python bench/gpu_report.py ${size[*]} --only torch-path --repeat ${REPEAT:-3} \
+        | tee -a '$out/gpu_anatomy.md'" ;;
     configs) step 300 "gradient-step launch configurations (the launcher's and each candidate)" \
         "python bench/gpu_report.py ${size[*]} --only configs --repeat ${REPEAT:-3} \
         ${CONFIGS_MATCH:+--configs-match \"\$CONFIGS_MATCH\"} | tee '$out/gpu_configs.md'" ;;
@@ -149,8 +156,8 @@ run_step() {
     pipeline) step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'" ;;
     pipeline-bf16) step 70 "pipeline, bf16 with bf16 index storage" \
         "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'" ;;
-    *) log "unknown step: $1 (steps: tests warm torch-tests anatomy configs report roofline" \
-           "search pipeline pipeline-bf16)" ;;
+    *) log "unknown step: $1 (steps: tests warm torch-tests anatomy torch-path configs report" \
+           "roofline search pipeline pipeline-bf16)" ;;
     esac
 }
 for name in $steps; do run_step "$name"; done

@@ -1643,6 +1643,32 @@ def test_bench_shards_split_the_tuning_tables_between_processes(monkeypatch, cap
         assert "expected K/N with 0 <= K < N" in capsys.readouterr().err
 
 
+def test_bench_torch_path_takes_the_torch_backend_apart_by_operator(capsys):
+    """``grood bench --only torch-path``: the torch backend's step and the closed form timed,
+    then the step's top-level operators (each counted once: an operator's own sub-operators
+    are not listed beside it), the rest summed, and all of them; on the CPU by host time."""
+    from grood._bench.torch_path import profiled_ops
+
+    x = torch.randn(64, 32)
+    ops = profiled_ops(lambda: torch.linalg.vector_norm(x @ x.T, dim=1).sum(), "cpu")
+    names = [op[0] for op in ops]
+    assert names.count("aten::linalg_vector_norm") == 1 and "aten::matmul" in names
+    assert "aten::mm" not in names  # (inside aten::matmul)
+    assert all(calls >= 1 and host >= 0 and dev == 0 for _, calls, host, dev in ops)
+    assert [op[2] for op in ops] == sorted((op[2] for op in ops), reverse=True)
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only",
+                 "torch-path"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| tiny-100 | ieee |")]
+    whats = [cells[2].strip() for cells in rows]
+    assert whats[:2] == ["whole step, timed", "torch closed form, timed"]
+    assert whats[-1] == "all operators of the profiled call"
+    assert any(what.startswith("aten::addmm") for what in whats)  # the distance GEMM
+    assert whats[-2].endswith("other operators") and len(rows) == 2 + 12 + 2
+    total = [float(cells[5]) for cells in rows[2:-1]]
+    assert sum(total) == pytest.approx(float(rows[-1][5]), abs=0.01)
+
+
 def test_bench_anatomy_of_the_split_launcher_leaves_out_the_finish_stages(monkeypatch):
     """Where the launcher is the split variant (``ieee`` on a GPU) the anatomy has no kernel
     without its finish, nor with its finish's loops plain: every stage it lists runs."""

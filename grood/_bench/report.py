@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run these parts, in the report's order (repeatable): the "
                              "gradient step, the GROOD head in a compiled program, the "
                              "nearest-neighbour search, or (only when asked) the gradient "
-                             "step's launch configurations side by side and its stages "
-                             "timed apart")
+                             "step's launch configurations side by side, its stages timed "
+                             "apart, and the torch backend's step operator by operator")
     parser.add_argument("--configs-match", default=None, metavar="REGEX", type=_regex_arg,
                         help="in the launch configurations' table, time only the rows whose "
                              "label matches this regular expression, e.g. 'finish apart' "
@@ -96,10 +96,13 @@ def _regex_arg(text: str) -> re.Pattern:
         raise argparse.ArgumentTypeError(f"not a regular expression ({exc}): {text!r}") from None
 
 
-#: The report's parts, in the order they run; all but "configs" by default.
-SECTIONS = ("gradient", "head", "search", "configs", "anatomy")
-#: Parts run only when asked for (``--only``): measurements for tuning the kernels.
-TUNING_SECTIONS = ("configs", "anatomy")
+#: The report's parts, in the order they run; all but the tuning ones by default.
+SECTIONS = ("gradient", "head", "search", "configs", "anatomy", "torch-path")
+#: Parts run only when asked for (``--only``): measurements for tuning the kernels (and the
+#: torch backend's operators).
+TUNING_SECTIONS = ("configs", "anatomy", "torch-path")
+#: The tuning parts ``--warm`` compiles.
+WARM_SECTIONS = ("configs", "anatomy")
 
 
 def _emit(lines) -> None:
@@ -120,7 +123,7 @@ def warm(args: argparse.Namespace) -> int:
     import time
 
     n = args.warm
-    parts = [p for p in (args.only or TUNING_SECTIONS) if p in TUNING_SECTIONS]
+    parts = [p for p in (args.only or WARM_SECTIONS) if p in WARM_SECTIONS]
     if not parts:
         print("grood bench --warm: nothing to compile (it warms --only configs and --only "
               "anatomy)", file=sys.stderr)
@@ -266,6 +269,23 @@ def run(args: argparse.Namespace) -> int:
                   "staged rows at the staged variant's), timed in turns with the others on the "
                   "same inputs; 'share' is against the whole step (launcher). The torch GEMM "
                   "is the floor a fused step approaches where the GEMM dominates.")
+    if "torch-path" in parts:
+        from grood._bench.torch_path import (
+            TINY_TORCH_PATH_SHAPES,
+            TORCH_PATH_SHAPES,
+            torch_path_table,
+        )
+
+        print("\n## The torch backend's gradient step, operator by operator\n")
+        _emit(torch_path_table(device, TINY_TORCH_PATH_SHAPES if args.tiny
+                               else TORCH_PATH_SHAPES, ("ieee", "tf32", "bf16")
+                               if device == "cuda" else ("ieee",), repeat=args.repeat))
+        print("\nThe torch backend (grood.functional.ncp_gradient: what backend='auto' runs "
+              "where the Triton kernels cannot) and the plain torch closed form timed in "
+              "turns; then one call of the step profiled (torch.profiler), its top-level "
+              "operators grouped by name: host time, and the device time of the kernels they "
+              "launched (on a GPU), as shares of the timed step. Device time well below the "
+              "step's means the device waited on the host.")
     save()
     return 0
 
