@@ -202,9 +202,8 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
                            True))
         stages.append(("whole step (launcher)",
                        partial(launch_step, h, protos, prep, outs, precision, cfg), True))
-        mine = [in_shard(entry + i, shard) for i in range(len(stages))]
-        entry += len(stages)
-        stages = [stage for stage, keep in zip(stages, mine, strict=True) if keep]
+        stages, entry = ([stage for i, stage in enumerate(stages) if in_shard(entry + i, shard)],
+                         entry + len(stages))
         working = []
         for i, stage in enumerate(stages):  # compile each first: a failure ends no table
             try:

@@ -255,9 +255,10 @@ def run(args: argparse.Namespace) -> int:
                 CONFIG_PRECISIONS,
                 CONFIG_SHAPES,
                 TINY_CONFIG_SHAPES,
+                in_shard,
             )
 
-            if args.shard is None or args.shard[0] == 0:  # (its 3 GiB once, not per shard)
+            if in_shard(0, args.shard):  # (its 3 GiB of buffers in one shard, not in each)
                 _emit(memory_roofs_table(device, args.tiny, repeat=args.repeat))
             print("\nRead bandwidth of a plain streaming kernel (8 programs per SM, 2048 "
                   "fp32 per load), and a device copy: the roofs the compile report's model "
