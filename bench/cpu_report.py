@@ -16,6 +16,12 @@ output and the GEMM) against the issue's targets say how much room is left.
     python bench/cpu_report.py            # default shapes (about a minute on 2 cores)
     python bench/cpu_report.py --small    # quick check
     python bench/cpu_report.py --stages   # and the gradient step's stages
+    python bench/cpu_report.py --class-blocks   # only: the class block's width at large C
+
+``--class-blocks`` times the gradient step at large C (5,000 to 21,841 classes) with its
+default class block (``functional.gradient_class_block``) against other widths, the former
+default of one block up to 16,384 classes among them, interleaved; each width's outputs must
+equal the default's bit for bit (every output compared with ``torch.equal``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ import torch
 from grood import __version__, functional
 from grood._bench.common import interleaved_median_times
 from grood._checks import positive_int_arg
-from grood.functional import NCP_CANDIDATES, gradient_tile_rows
+from grood.functional import NCP_CANDIDATES, gradient_class_block, gradient_tile_rows
+
+#: (N, C, D) of the ``--class-blocks`` table (``--small``: one quick shape).
+CLASS_BLOCK_SHAPES = [(4096, 5000, 1024), (4096, 10000, 1024), (2048, 21841, 512),
+                      (2048, 21841, 1024), (2048, 21841, 2048)]
+#: The former default: every class in one block up to 16,384 (still the default off the CPU).
+FORMER_CLASS_BLOCK = 1 << 14
+#: Other widths timed against the default (those below C).
+CLASS_BLOCK_WIDTHS = [4096, 2048, 512]
 
 
 def _check_ncp(h, protos, p_ood) -> float:
@@ -50,9 +64,15 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small shapes, quick")
     parser.add_argument("--repeat", type=positive_int_arg, default=5,
                         help="rounds; each calls the op and both baselines once (default 5)")
+    parser.add_argument("--class-blocks", action="store_true",
+                        help="only the class block's width at large C (its own table)")
     parser.add_argument("--stages", action="store_true",
                         help="also time the gradient step's stages alone (second table)")
     args = parser.parse_args()
+    if args.class_blocks:
+        _class_blocks_table([(256, 3000, 64)] if args.small else CLASS_BLOCK_SHAPES,
+                            args.repeat)
+        return
     gen = torch.Generator().manual_seed(0)
     if args.small:
         ncp_shapes = [(512, 10, 64), (512, 100, 128)]
@@ -174,6 +194,41 @@ def _stages_table(shapes: list[tuple[int, int, int]], repeat: int) -> None:
         total = sum(st.values())
         print(f"| N={n} C={c} D={d} | {cells} | {total:.1f} | {t[0] - total:.1f} | "
               f"{st['first write'] + st['GEMM']:.1f} | {total - st['re-rank']:.1f} |")
+
+
+def _class_blocks_table(shapes: list[tuple[int, int, int]], repeat: int) -> None:
+    """Print the gradient step at each shape with its default class block and with each of
+    the former default and of ``CLASS_BLOCK_WIDTHS`` (blocks as the op cuts them: full width,
+    then the rest), timed in turn; a width whose outputs differ from the default's in any bit
+    raises."""
+    from grood._bench.common import clustered_problem
+
+    print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} "
+          f"| {torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
+          f"{repeat} rounds, widths interleaved; clustered float32 features, ieee\n")
+    print("| shape | class block | blocks | ms | this / default |")
+    print("|---|---|---|---|---|")
+    for n, c, d in shapes:
+        h, protos = clustered_problem(n, c, d, "cpu")
+        p_ood = protos.mean(0)
+        default = gradient_class_block("cpu", c)
+        former = min(c, FORMER_CLASS_BLOCK)
+        widths = list(dict.fromkeys([default, former] + [w for w in CLASS_BLOCK_WIDTHS
+                                                         if w < c]))
+        fns = [partial(functional.ncp_gradient, h, protos, p_ood, block_classes=w)
+               for w in widths]
+        first = fns[0]()
+        for w, fn in zip(widths[1:], fns[1:], strict=True):
+            other = fn()
+            if not all(torch.equal(a, b) for a, b in zip(first, other, strict=True)):
+                raise AssertionError(f"N={n} C={c} D={d}: class blocks of {w} change the "
+                                     f"outputs against {default}")
+        times = interleaved_median_times(fns, "cpu", repeat)
+        for i, (w, t) in enumerate(zip(widths, times, strict=True)):
+            label = f"{w} (default)" if i == 0 else (f"{w} (former default)" if w == former
+                                                     else str(w))
+            print(f"| N={n} C={c} D={d} | {label} | {-(-c // w)} | {1e3 * t:.1f} | "
+                  f"{t / times[0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,17 @@ ROW_TILE_ELEMENTS = 1 << 22
 # to its GPU work. On an H200 the CPU-sized tiles made the torch gradient step host-bound
 # (243 ms for 65,536 x 1,000 x 2,048: ~114 tiles of ~60 launches).
 DEVICE_TILE_ELEMENTS = 1 << 24
+# Prototypes per class block of the gradient step by default: off the CPU every class up to
+# this many in one block (one GEMM and one pass of each element-wise op per row tile) ...
+DEVICE_CLASS_BLOCK = 1 << 14
+# ... on the CPU at most this many, wider class sets split into even blocks. A block of
+# 16,384 floors the row tile at MIN_TILE_ROWS with a [rows, block] distance tile and its
+# float64 softmax terms far past the caches (256 x 16,384: 16 + 32 MiB): at C = 21,841 the
+# step took 32-36 % longer than with blocks of 1,024 at D = 1,024 and 2,048 (2 threads; at
+# D = 512 -2 to +28 %, run to run), 12-26 % at C = 5,000 and 10,000; blocks of 512 to 2,048 came
+# within 10 % of each other, and the outputs were identical bit for bit (bench/RESULTS.md,
+# "The CPU's class blocks").
+CPU_CLASS_BLOCK = 1 << 10
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
@@ -193,7 +204,9 @@ def ncp_gradient(
             another prototype set) are refused, checked once per tensor (ValueError).
         block_rows (int, optional): rows per tile; by default sized to ``ROW_TILE_ELEMENTS``
             and ``TILE_ELEMENTS`` on the CPU, to ``DEVICE_TILE_ELEMENTS`` elsewhere.
-        block_classes (int, optional): prototypes per tile; by default ``min(C, 16384)``.
+        block_classes (int, optional): prototypes per tile; by default
+            :func:`gradient_class_block` (all C up to 16,384 off the CPU; on the CPU even
+            blocks of at most 1,024).
 
     Returns:
         NCPGradient: ``grad`` [N, D], ``q_ood`` [N], ``pred`` [N], ``min_dist`` [N], ``lse`` [N].
@@ -225,7 +238,7 @@ def ncp_gradient(
                                            ood_prototype.dtype))
     if dt == torch.float64:
         precision = "ieee"
-    bc = block_classes or min(c, 1 << 14)
+    bc = block_classes or gradient_class_block(h.device.type, c)
     bn = block_rows or gradient_tile_rows(h.device.type, bc, d)
     n_cand = min(NCP_CANDIDATES, c)
 
@@ -436,6 +449,17 @@ def _add_rows(sums: Tensor, labels: Tensor, rows: Tensor) -> None:
         sums.index_add_(0, labels, rows)
     else:
         sums.index_put_((labels,), rows, accumulate=True)
+
+
+def gradient_class_block(device_type: str, c: int) -> int:
+    """Prototypes per class block of :func:`ncp_gradient` by default, for C classes: up to
+    ``DEVICE_CLASS_BLOCK`` off the CPU, and on the CPU the width of ``ceil(C /
+    CPU_CLASS_BLOCK)`` even blocks (no narrow last block: 1,100 classes are two blocks of 550,
+    not 1,024 and 76)."""
+    if device_type != "cpu":
+        return min(c, DEVICE_CLASS_BLOCK)
+    blocks = -(-c // CPU_CLASS_BLOCK)  # ceil(C / CPU_CLASS_BLOCK)
+    return -(-c // blocks) if blocks else 1
 
 
 def gradient_tile_rows(device_type: str, block_classes: int, d: int) -> int:

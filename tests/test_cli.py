@@ -1789,6 +1789,22 @@ def test_cpu_report_stages_table():
         assert all(float(c) == float(c) for c in cells[1:])  # numbers, none NaN
 
 
+def test_cpu_report_class_blocks_table():
+    """--class-blocks --small: one shape, the default class block first, then the former
+    default (every class in one block) and the narrower widths, each with its block count
+    and its time against the default's (the script checks every width's outputs bit for
+    bit against the default's first)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_report.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--class-blocks",
+                          "--repeat", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| N=")]
+    assert [r[1:3] for r in rows] == [["1000 (default)", "3"], ["3000 (former default)", "1"],
+                                      ["2048", "2"], ["512", "6"]]
+    assert rows[0][4] == "1.00" and all(float(r[3]) > 0 for r in rows)
+    assert "| ncp_gradient |" not in out  # only this table
+
+
 def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     """An output named like an input (directly or through a link) is refused before any
     work, for every command; output names are checked before scoring; an upper-case .NPY is
