@@ -220,11 +220,21 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
     that class's rows, say): GROOD then cannot tell that class from OOD, and its samples
     score as OOD as the OOD samples, without a sign. Coinciding: nearer than
     :data:`COINCIDENT_PROTOTYPES` times the distance between the nearest two class prototypes
-    (one class: its prototype's norm)."""
+    (one class: its prototype's norm).
+
+    The distance from the OOD prototype's nearest class to the class nearest that one bounds
+    the nearest two's distance from above: where the OOD prototype lies farther than the
+    threshold on that bound, it lies farther than on the nearest two's too, and the C x C
+    distances are not computed (``torch.pdist`` over 21,841 prototypes of 512 features took
+    19 s on 2 CPU cores, half of the fit). They are where the bound does not settle it."""
     p64, o64 = protos.double(), p_ood.double()
     to_ood = (p64 - o64).norm(dim=1)
     nearest = int(to_ood.argmin())
     if protos.shape[0] > 1:
+        beside_nearest = (p64 - p64[nearest]).norm(dim=1)
+        beside_nearest[nearest] = float("inf")
+        if float(to_ood[nearest]) > COINCIDENT_PROTOTYPES * float(beside_nearest.min()):
+            return
         scale = float(torch.pdist(p64).min())
         beside = f"the nearest two class prototypes lie {scale:.3g} apart"
     else:
