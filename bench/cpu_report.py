@@ -197,10 +197,10 @@ def _stages_table(shapes: list[tuple[int, int, int]], repeat: int) -> None:
 
 
 def _class_blocks_table(shapes: list[tuple[int, int, int]], repeat: int) -> None:
-    """Print the gradient step at each shape with its default class block and with each of
-    the former default and of ``CLASS_BLOCK_WIDTHS`` (blocks as the op cuts them: full width,
-    then the rest), timed in turn; a width whose outputs differ from the default's in any bit
-    raises."""
+    """Print the gradient step at each shape with its default class block, the former
+    default (``FORMER_CLASS_BLOCK``) and each of ``CLASS_BLOCK_WIDTHS`` below C (blocks as
+    the op cuts them: full width, then the rest), timed in turn; a width whose outputs differ
+    from the default's in any bit raises."""
     from grood._bench.common import clustered_problem
 
     print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} "

@@ -107,9 +107,9 @@ DEVICE_CLASS_BLOCK = 1 << 14
 # 16,384 floors the row tile at MIN_TILE_ROWS with a [rows, block] distance tile and its
 # float64 softmax terms far past the caches (256 x 16,384: 16 + 32 MiB): at C = 21,841 the
 # step took 32-36 % longer than with blocks of 1,024 at D = 1,024 and 2,048 (2 threads; at
-# D = 512 -2 to +28 %, run to run), 12-26 % at C = 5,000 and 10,000; blocks of 512 to 2,048 came
-# within 10 % of each other, and the outputs were identical bit for bit (bench/RESULTS.md,
-# "The CPU's class blocks").
+# D = 512 -2 to +28 %, run to run), 12-26 % longer at C = 5,000 and 10,000; blocks of 512
+# to 2,048 came within 10 % of each other, and the outputs were identical bit for bit
+# (bench/RESULTS.md, "The CPU's class blocks").
 CPU_CLASS_BLOCK = 1 << 10
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
