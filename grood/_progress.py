@@ -24,11 +24,12 @@ class PlainProgress:
     """The part of tqdm's interface grood uses, writing a plain line now and then."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None,
-                 desc: str = "", unit: str = "it", every_s: float = PLAIN_EVERY_S) -> None:
+                 desc: str = "", unit: str = "it", every_s: float | None = None) -> None:
         self.iterable = iterable
         if total is None and isinstance(iterable, Sized):
             total = len(iterable)
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.total, self.desc, self.unit = total, desc, unit
+        self.every_s = PLAIN_EVERY_S if every_s is None else every_s  # (read at each bar)
         self.n = 0
         self.postfix = ""
         self.start = self.last = time.monotonic()

@@ -652,6 +652,7 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
     import torch
 
     from grood._linear import checked_head
+    from grood._progress import progress
     from grood.io import FeatureFile, load_features, load_head, load_held_out
 
     train = load_features(args.train) if args.train is not None else None
@@ -668,8 +669,7 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
             moved[file, name] = _file_array(data, name, key, args.device)
         return moved[file, name]
 
-    estimators = _unfitted_baselines(args)
-    for key, est in estimators.items():
+    def fit_one(key: str, est: Any) -> None:
         if key in HELD_OUT:
             with prefixed_errors(args.held_out):
                 logits, labels = load_held_out(args.held_out)
@@ -680,13 +680,13 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
                                      f"detector's classes are {n_classes}: --held-out is "
                                      "not a validation set of the same classifier")
                 est.fit(z, y)
-            continue
+            return
         reads = learned_from(type(est), head_given=head is not None)
         if not reads:  # (nothing learned: the width of the ID file's logits or features)
             with prefixed_errors(args.id):
                 est.fit(array("id", id_data, est.inputs, key),
                         **((head or {}) if "head" in est.fit_reads else {}))
-            continue
+            return
         assert train is not None  # (checked by _cmd_eval)
         with prefixed_errors(args.train):
             arrays = [array("train", train, name, key) for name in reads]
@@ -702,6 +702,15 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
             est.fit(x, *([given["labels"]] if "labels" in reads else []),
                     **({} if "head" not in est.fit_reads else head
                        or {"logits": given["logits"]}))
+
+    estimators = _unfitted_baselines(args)
+    # At ImageNet scale each fit takes seconds to minutes: counted as they finish.
+    with progress(total=len(estimators), desc="grood eval: fitting baselines",
+                  unit="baselines", enabled=None if estimators else False) as bar:
+        for key, est in estimators.items():
+            bar.set_postfix(baseline=type(est).__name__)
+            fit_one(key, est)
+            bar.update(1)
     return list(estimators.values())
 
 

@@ -252,7 +252,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
         id_prints = fingerprint_rows(as_tensor(id_data.features, "features")[0],
                                      det.batch_size)  # 128 bytes a row, for warn_id_rows
         id_preds: dict[str, Any] = {}
-        id_base = baseline_scores(methods, id_data, device, predictions=id_preds)
+        id_base = baseline_scores(methods, id_data, device, predictions=id_preds,
+                                  set_name=id_name, progress=det.progress)
         del id_data  # one set's rows in memory at a time (evaluate_model's are on the CPU)
     # What the ID set alone gives, beside every row's metrics (as OpenOOD's ACC column
     # repeats on every row): its size, accuracies and fraction accepted.
@@ -283,7 +284,8 @@ def evaluate(det: Any, id_set: Any, ood: Mapping[str, Any] | None = None, *,
                 warn_training_rows(det, name, found, len(ood_scores), ood=True),
                 warn_ood_fit_set(det, name, data.features, prints),
                 warn_id_rows(det, name, data.features, id_prints, id_name, prints)) if note]
-            ood_base = baseline_scores(methods, data, device)
+            ood_base = baseline_scores(methods, data, device, set_name=name,
+                                       progress=det.progress)
             del data  # before the next set is read
         scores["GROOD"][name] = ood_scores
         # the sample counts the metrics came from, as the table's n column
@@ -404,42 +406,58 @@ def baseline_names(baselines: Sequence[Any]) -> dict[str, Any]:
 
 
 def baseline_scores(methods: dict[str, Any], data: FeatureFile, device: Any, *,
-                     predictions: dict[str, Any] | None = None) -> dict[str, Any]:
+                     predictions: dict[str, Any] | None = None, set_name: str = "",
+                     progress: bool | None = False) -> dict[str, Any]:
     """Each fitted baseline's scores of one set (its logits or its features), numpy arrays by
     display name; each array moved to ``device`` once however many baselines read it. With
     ``predictions``, a baseline that predicts classes (``score_and_predict``: Mahalanobis,
-    ViM, ReAct) puts its predictions there too, from the same pass."""
-    from grood._checks import as_tensor
+    ViM, ReAct) puts its predictions there too, from the same pass. ``progress`` (as the
+    detector's): the baselines counted as they finish, naming the set and the baseline (at
+    ImageNet scale each takes seconds to minutes)."""
+    from grood._progress import progress as progress_bar
 
     moved: dict[str, Any] = {}
     out = {}
-    for name, est in methods.items():
-        if scores_inputs(est):  # scored as the loader ran through the model
-            got = (data.scores or {}).get(name)
-            if got is None:  # (a set not read by evaluate_model)
-                raise ValueError(f"the {name} baseline scores the model's inputs, and this set "
-                                 "was not read through the model")
-            scores, preds = got
-            if predictions is not None:
-                predictions[name] = np.asarray(preds)
-            out[name] = np.asarray(scores)
-            continue
-        if est.inputs not in moved:
-            value = getattr(data, est.inputs)
-            if value is None:
-                raise ValueError(f"the {name} baseline scores {est.inputs}: this set has no "
-                                 f"'{est.inputs}'")
-            t = as_tensor(value, est.inputs)[0]
-            moved[est.inputs] = t if device is None else t.to(device)
-        est.check_columns(getattr(data, est.inputs))  # a table's names: the tensor has none
-        with names_checked():  # (checked above)
-            if predictions is not None and callable(getattr(est, "score_and_predict", None)):
-                scores, preds = est.score_and_predict(moved[est.inputs])
-                predictions[name] = np.asarray(preds.cpu())
-            else:
-                scores = est.score_samples(moved[est.inputs])
-        out[name] = np.asarray(scores.cpu())
+    bar = progress_bar(total=len(methods), desc=f"baselines on {set_name}".strip(),
+                       unit="baselines", enabled=progress if methods else False)
+    with bar:
+        for name, est in methods.items():
+            bar.set_postfix(baseline=name)
+            out[name] = _baseline_scores(name, est, data, device, moved, predictions)
+            bar.update(1)
     return out
+
+
+def _baseline_scores(name: str, est: Any, data: FeatureFile, device: Any,
+                     moved: dict[str, Any], predictions: dict[str, Any] | None) -> Any:
+    """One baseline's scores of one set, for :func:`baseline_scores` (``moved``: the set's
+    arrays already on ``device``, by name)."""
+    from grood._checks import as_tensor
+
+    if scores_inputs(est):  # scored as the loader ran through the model
+        got = (data.scores or {}).get(name)
+        if got is None:  # (a set not read by evaluate_model)
+            raise ValueError(f"the {name} baseline scores the model's inputs, and this set "
+                             "was not read through the model")
+        scores, preds = got
+        if predictions is not None:
+            predictions[name] = np.asarray(preds)
+        return np.asarray(scores)
+    if est.inputs not in moved:
+        value = getattr(data, est.inputs)
+        if value is None:
+            raise ValueError(f"the {name} baseline scores {est.inputs}: this set has no "
+                             f"'{est.inputs}'")
+        t = as_tensor(value, est.inputs)[0]
+        moved[est.inputs] = t if device is None else t.to(device)
+    est.check_columns(getattr(data, est.inputs))  # a table's names: the tensor has none
+    with names_checked():  # (checked above)
+        if predictions is not None and callable(getattr(est, "score_and_predict", None)):
+            scores, preds = est.score_and_predict(moved[est.inputs])
+            predictions[name] = np.asarray(preds.cpu())
+        else:
+            scores = est.score_samples(moved[est.inputs])
+    return np.asarray(scores.cpu())
 
 
 def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labels: Any,

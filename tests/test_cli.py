@@ -1102,6 +1102,41 @@ def test_eval_fits_klm_she_dice_fdbd_scale_nnguide_on_the_training_file(tmp_path
             "--train" in capsys.readouterr().err)
 
 
+def test_eval_counts_the_baselines_it_fits_and_scores(tmp_path, capsys, monkeypatch):
+    """At ImageNet scale each baseline's fit and its scoring of each set take seconds to
+    minutes: grood eval counts them as they finish, naming the baseline (and the set), as
+    periodic plain lines off a terminal (here every line: PLAIN_EVERY_S = 0); with no
+    baselines nothing is said of them."""
+    import grood._progress
+
+    monkeypatch.setattr(grood._progress, "PLAIN_EVERY_S", 0.0)
+    x, y = clustered_features(160, 3, 6, seed=3, spread=0.6, dtype=torch.float32)
+    logits = x @ torch.stack([x[:100][y[:100] == c].mean(0) for c in range(3)]).T
+    _write(tmp_path / "train.npz", features=x[:100], labels=y[:100], logits=logits[:100])
+    _write(tmp_path / "id.npz", features=x[100:], labels=y[100:], logits=logits[100:])
+    det = str(tmp_path / "d.safetensors")
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", det]) == 0
+    capsys.readouterr()
+    ood = 3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    _write(tmp_path / "ood.npz", features=ood, logits=ood @ logits.new_ones(6, 3))
+    argv = ["eval", det, "--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz")]
+    assert main([*argv, "--baselines", "msp", "knn", "--train",
+                 str(tmp_path / "train.npz")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "baselines" in line]
+    fits = [line for line in err if line.startswith("grood eval: fitting baselines: ")]
+    assert [line.split(": ", 2)[2].split(", ")[0] for line in fits] == [
+        "at 1/2 baselines (50 %)", "at 2/2 baselines (100 %)", "done 2/2 baselines (100 %)"]
+    assert fits[0].endswith("baseline=MSP") and fits[1].endswith("baseline=KNN")
+    for name in ("id", "ood"):
+        scored = [line for line in err
+                  if line.startswith(f"baselines on {tmp_path / name}.npz: ")]
+        assert len(scored) == 3 and scored[0].endswith("baseline=MSP")
+        assert scored[1].endswith("baseline=KNN (k=50)") and " done 2/2 " in scored[2]
+    assert main(argv) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith(("grood eval: fitting baselines", "baselines on"))]
+
+
 def test_eval_scores_baselines_on_the_same_files(tmp_path, capsys):
     """--baselines: each baseline's metrics, fitted as grood.baselines would be by hand, in
     the table (a row per method under each set), the JSON and the plots."""
