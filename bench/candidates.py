@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from grood_kernels._prepare import tf32_nearest, tf32_truncated
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COUNTS = (1, 2, 3, 4, 8)
@@ -50,7 +52,7 @@ MODES = ("ieee", "tf32", "tf32x3", "bf16")
 def truncated_tf32(x: Tensor) -> Tensor:
     """``x`` (float32) with its low 13 mantissa bits dropped (sign, exponent and 10 mantissa
     bits kept), in float64: what the tensor cores read of an fp32 operand."""
-    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+    return tf32_truncated(x).double()
 
 
 def rounded(x: Tensor, mode: str) -> Tensor:
@@ -58,8 +60,7 @@ def rounded(x: Tensor, mode: str) -> Tensor:
     if mode == "tf32-truncated":
         return truncated_tf32(x)
     if mode == "tf32":  # 10 mantissa bits, to nearest with ties away from zero
-        bits = (x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
-        return bits.view(torch.float32).double()
+        return tf32_nearest(x).double()
     if mode == "bf16":
         return x.bfloat16().double()
     return x.double()

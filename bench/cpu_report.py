@@ -34,7 +34,7 @@ from functools import partial
 import torch
 
 from grood import __version__, functional
-from grood._bench.common import interleaved_median_times
+from grood._bench.common import clustered_problem, interleaved_median_times
 from grood._checks import positive_int_arg
 from grood.functional import NCP_CANDIDATES, gradient_class_block, gradient_tile_rows
 
@@ -201,8 +201,6 @@ def _class_blocks_table(shapes: list[tuple[int, int, int]], repeat: int) -> None
     default (``FORMER_CLASS_BLOCK``) and each of ``CLASS_BLOCK_WIDTHS`` below C (blocks as
     the op cuts them: full width, then the rest), timed in turn; a width whose outputs differ
     from the default's in any bit raises."""
-    from grood._bench.common import clustered_problem
-
     print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} "
           f"| {torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
           f"{repeat} rounds, widths interleaved; clustered float32 features, ieee\n")

@@ -46,17 +46,20 @@ def torch_path_table(device: str, shapes, precisions, repeat: int = 3) -> Iterat
             yield f"{head} whole step, timed | 1 | {1e3 * t_step:.3f} | – | – | 1.00 |"
             yield (f"{head} torch closed form, timed | 1 | {1e3 * t_closed:.3f} | – | – | "
                    f"{t_closed / t_step:.2f} |")
-            shown = ops[:TOP_OPS]
-            if ops[TOP_OPS:]:
-                rest = ops[TOP_OPS:]
-                shown.append((f"{len(rest)} other operators", sum(o[1] for o in rest),
-                              sum(o[2] for o in rest), sum(o[3] for o in rest)))
-            total = ("all operators of the profiled call", sum(o[1] for o in ops),
-                     sum(o[2] for o in ops), sum(o[3] for o in ops))
-            for op, calls, host, dev in [*shown, total]:
+            rest = ops[TOP_OPS:]
+            rows = (ops[:TOP_OPS] + ([_summed(f"{len(rest)} other operators", rest)] if rest
+                                     else []) + [_summed("all operators of the profiled call",
+                                                         ops)])
+            for op, calls, host, dev in rows:
                 yield (f"{head} {op} | {calls} | – | {1e3 * host:.3f} | "
                        f"{f'{1e3 * dev:.3f}' if on_gpu else '–'} | "
                        f"{(dev if on_gpu else host) / t_step:.2f} |")
+
+
+def _summed(label: str, ops: list[tuple[str, int, float, float]]
+            ) -> tuple[str, int, float, float]:
+    """``ops``' calls, host and device seconds summed, as one row named ``label``."""
+    return (label, sum(o[1] for o in ops), sum(o[2] for o in ops), sum(o[3] for o in ops))
 
 
 def profiled_ops(fn, device: str) -> list[tuple[str, int, float, float]]:
