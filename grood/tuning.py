@@ -472,6 +472,10 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
     score_params = tuple(getattr(estimator, "score_params", ()))
     groups = [[i] for i in range(len(points))] if kind == "inputs" else \
         _fit_groups(points, score_params)
+    # A point that leaves a score parameter out scores at the estimator's value, not at the
+    # one the point before it in its fit group set.
+    given = {name: value for name, value in estimator.get_params(deep=False).items()
+             if name in score_params}
     results: list[dict[str, dict[str, float]] | None] = [None] * len(points)
     best: tuple[int, float, Any] | None = None  # (index, mean metric, fitted estimator)
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
@@ -486,7 +490,7 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
                     fits += 1
             for i in group:
                 with prefixed_errors(f"at {_point_words(points[i])}"):
-                    est.set_params(**points[i])
+                    est.set_params(**{**given, **points[i]})
                     results[i] = _measure(kind, est, id_set, ood_sets, model, device)
                 mean = _mean(results[i], metric)  # type: ignore[arg-type]
                 if best is None or sign * mean > sign * best[1]:
@@ -494,7 +498,7 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
                 bar.update(1)
     assert best is not None  # (a grid has at least one point)
     index, _, fitted = best
-    fitted.set_params(**points[index])  # (its group may have gone on to other score_params)
+    fitted.set_params(**{**given, **points[index]})  # (its group went on to other points)
     return Tuning(metric, points, results, index, fitted, fits,  # type: ignore[arg-type]
                   who)
 

@@ -173,6 +173,38 @@ def test_score_params_set_after_fit_score_as_a_fit_with_them(cls, sets):
             sets["id"][inputs]), fresh.score_samples(sets["id"][inputs])), name
 
 
+@pytest.mark.parametrize("cls", list(SCORE_PARAM_CASES), ids=lambda c: c.__name__)
+def test_a_point_without_a_score_param_scores_at_the_estimators_value(cls, sets):
+    """A point that leaves a score parameter out (a grid given as a list of mappings) is
+    scored at the estimator's own value, not at the one the point before it in its fit
+    group set; and the best estimator, where that point wins, keeps that value."""
+    fixed, cases = SCORE_PARAM_CASES[cls]
+    tr, inputs = sets["train"], getattr(cls, "inputs", "features")
+    given = {name: a for name, (a, _) in cases.items()}
+    other = {name: [b] for name, (_, b) in cases.items()}
+    t = tune(cls(**fixed, **given), [other, {}], train=tr, id_val=sets["id"],
+             ood_val=sets["ood"], progress=False)
+    assert t.fits == 1
+    want = _fitted(cls, {**fixed, **given}, tr)
+    assert t.results[1] == {name: direct(want, sets, name) for name in ("near", "far")}
+    assert t.results[0] != t.results[1]
+    # the best estimator: order the values so that the point without them wins, first
+    def mean_auroc(values):
+        est = _fitted(cls, {**fixed, **values}, tr)
+        return np.mean([direct(est, sets, name)["auroc"] for name in ("near", "far")])
+
+    b_values = {name: b for name, (_, b) in cases.items()}
+    if mean_auroc(b_values) > mean_auroc(given):
+        given, b_values = b_values, given
+    t = tune(cls(**fixed, **given), [{}, {name: [v] for name, v in b_values.items()}],
+             train=tr, id_val=sets["id"], ood_val=sets["ood"], progress=False)
+    assert t.best_index == 0
+    best = t.best_estimator
+    assert {name: getattr(best, name) for name in cases} == given
+    assert torch.equal(best.score_samples(sets["id"][inputs]),
+                       _fitted(cls, {**fixed, **given}, tr).score_samples(sets["id"][inputs]))
+
+
 def test_every_declared_score_param_is_covered():
     declared = {cls for cls, _ in BY_NAME.values() if cls.score_params} | {GROOD}
     assert declared == set(SCORE_PARAM_CASES)
