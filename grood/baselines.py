@@ -40,6 +40,7 @@ features or logits, are in :mod:`grood.model_baselines`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -459,17 +460,23 @@ class KNN(_Baseline):
 
     def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the Euclidean distance to the k-th nearest training feature, shape [N]."""
+        return self._scores_by_k(features, (self.k,))[self.k]
+
+    def _scores_by_k(self, features: ArrayT, ks: Sequence[int]) -> dict[int, ArrayT]:
+        """The scores at each of ``ks`` from one search at the largest (what :func:`grood.tune`
+        shares between points that differ in ``k`` alone), as ``score_samples`` at each."""
         x, kind = self._read(features)
-        n_train = self.train_features_.shape[0]
-        if self.k > n_train:  # the search would pad with inf: every score -inf
-            raise ValueError(f"k={self.k} but {n_train} training features were stored; "
+        n_train, k_max = self.train_features_.shape[0], max(ks)
+        if k_max > n_train:  # the search would pad with inf: every score -inf
+            raise ValueError(f"k={k_max} but {n_train} training features were stored; "
                              "lower k (or refit)")
         q = _normalise(x).to(self.train_features_.device)
-        out = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        out = {k: torch.empty(q.shape[0], dtype=q.dtype, device=q.device) for k in ks}
         for r0, r1 in batches(q.shape[0], self.batch_size):
-            dist, _ = ops.knn(q[r0:r1], self.train_features_, self.k, backend=self.backend)
-            out[r0:r1] = 0.0 - dist[:, self.k - 1].sqrt()  # 0.0 - x: no "-0.0"
-        return kind.wrap(out)
+            dist, _ = ops.knn(q[r0:r1], self.train_features_, k_max, backend=self.backend)
+            for k, scores in out.items():
+                scores[r0:r1] = 0.0 - dist[:, k - 1].sqrt()  # 0.0 - x: no "-0.0"
+        return {k: kind.wrap(scores) for k, scores in out.items()}
 
 
 class Mahalanobis(_Baseline):

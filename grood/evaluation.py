@@ -432,8 +432,6 @@ def _baseline_scores(name: str, est: Any, data: FeatureFile, device: Any,
                      moved: dict[str, Any], predictions: dict[str, Any] | None) -> Any:
     """One baseline's scores of one set, for :func:`baseline_scores` (``moved``: the set's
     arrays already on ``device``, by name)."""
-    from grood._checks import as_tensor
-
     if scores_inputs(est):  # scored as the loader ran through the model
         got = (data.scores or {}).get(name)
         if got is None:  # (a set not read by evaluate_model)
@@ -443,6 +441,24 @@ def _baseline_scores(name: str, est: Any, data: FeatureFile, device: Any,
         if predictions is not None:
             predictions[name] = np.asarray(preds)
         return np.asarray(scores)
+    x = baseline_input(name, est, data, device, moved)
+    with names_checked():  # (checked by baseline_input)
+        if predictions is not None and callable(getattr(est, "score_and_predict", None)):
+            scores, preds = est.score_and_predict(x)
+            predictions[name] = np.asarray(preds.cpu())
+        else:
+            scores = est.score_samples(x)
+    return np.asarray(scores.cpu())
+
+
+def baseline_input(name: str, est: Any, data: FeatureFile, device: Any,
+                   moved: dict[str, Any]) -> Any:
+    """What the baseline ``est`` (named ``name``) scores of one set, its features or logits,
+    as a tensor on ``device``, moved once per set (``moved``: the set's arrays already there,
+    by name); a table's column names checked against the fitted ones. Score it inside
+    :func:`grood._columns.names_checked`."""
+    from grood._checks import as_tensor
+
     if est.inputs not in moved:
         value = getattr(data, est.inputs)
         if value is None:
@@ -451,13 +467,7 @@ def _baseline_scores(name: str, est: Any, data: FeatureFile, device: Any,
         t = as_tensor(value, est.inputs)[0]
         moved[est.inputs] = t if device is None else t.to(device)
     est.check_columns(getattr(data, est.inputs))  # a table's names: the tensor has none
-    with names_checked():  # (checked above)
-        if predictions is not None and callable(getattr(est, "score_and_predict", None)):
-            scores, preds = est.score_and_predict(moved[est.inputs])
-            predictions[name] = np.asarray(preds.cpu())
-        else:
-            scores = est.score_samples(moved[est.inputs])
-    return np.asarray(scores.cpu())
+    return moved[est.inputs]
 
 
 def baseline_accuracy(methods: dict[str, Any], predictions: dict[str, Any], labels: Any,

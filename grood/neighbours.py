@@ -10,6 +10,7 @@ as in-distribution, and the training sample it lies next to).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -88,6 +89,22 @@ def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | Non
     dists, rows, preds = search_all(det, x, k, rows=True)
     assert rows is not None  # (asked for)
     return dists, rows, preds, kind
+
+
+def scores_by_k(det: Any, features: ArrayLike, ks: Sequence[int]) -> dict[int, Any] | None:
+    """The scores at each of ``ks`` from one search at the largest (what :func:`grood.tune`
+    shares between points that differ in ``k`` alone): ``-distances[:, k - 1]``, as
+    :meth:`Neighbours.kneighbors` and the scores relate; numpy in, numpy out, else tensors on
+    the input's device. None for an approximate index (IVF), whose search at the largest k
+    refuses rows it found fewer neighbours for than that k, which a smaller k does not need."""
+    det._check_fitted()
+    if det.index_.approximate:
+        return None
+    x, kind = det._read(features, search=True, uses_k=False)
+    k_max = max(check_positive_int(k, "k") for k in ks)
+    check_within_index(det, k_max, "k")
+    dists, _, _ = search_all(det, x, k_max)
+    return {k: kind.wrap(0.0 - dists[:, k - 1]) for k in ks}  # 0.0 - x: no "-0.0"
 
 
 def result_dtype(det: Any, dtype: torch.dtype) -> torch.dtype:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from grood._checks import check_device, prefixed_errors
+from grood._columns import names_checked
 from grood._progress import progress as progress_bar
 from grood.io import KEYS, FeatureFile
 
@@ -488,10 +489,13 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
                 if kind != "inputs":
                     _fit(kind, est, train_set, fit_params)
                     fits += 1
+            shared = _scores_by_k(kind, est, [{**given, **points[i]} for i in group],
+                                  id_set, ood_sets, device) if score_params == ("k",) else None
             for i in group:
                 with prefixed_errors(f"at {_point_words(points[i])}"):
                     est.set_params(**{**given, **points[i]})
-                    results[i] = _measure(kind, est, id_set, ood_sets, model, device)
+                    results[i] = _measure(kind, est, id_set, ood_sets, model, device) \
+                        if shared is None else _metrics(shared[est.k], ood_sets)
                 mean = _mean(results[i], metric)  # type: ignore[arg-type]
                 if best is None or sign * mean > sign * best[1]:
                     best = (i, mean, est)
@@ -506,6 +510,50 @@ def tune(estimator: Any, grid: Any, *, id_val: Any, ood_val: Any, train: Any = N
 def _point_words(point: Mapping[str, Any]) -> str:
     """``k=5, temperature=1000``: a point, as errors name it."""
     return ", ".join(f"{k}={v!r}" for k, v in point.items()) or "the parameters as given"
+
+
+def _scores_by_k(kind: str, est: Any, points: list[dict[str, Any]], id_set: Any,
+                 ood_sets: Mapping[str, Any], device: Any
+                 ) -> dict[int, list[np.ndarray]] | None:
+    """The scores of each set (``id_val``, then each OOD set) at each ``k`` of a fit group's
+    ``points`` (they differ in ``k`` alone), from one search per set at the largest: GROOD's
+    exact and faiss-flat indexes and KNN find the k nearest as a prefix of the largest k's
+    (the scores are ``-distances[:, k - 1]``; ``kneighbors`` relates them so). None where
+    that is not so (an IVF index, an estimator without such a search), where the group has
+    one ``k``, or where the search fails: each point is then scored on its own, and an error
+    names the first point it belongs to."""
+    from grood.detector import GROOD
+    from grood.evaluation import baseline_input
+    from grood.neighbours import scores_by_k
+
+    ks = list(dict.fromkeys(p["k"] for p in points))
+    if len(ks) < 2 or not (isinstance(est, GROOD) or hasattr(est, "_scores_by_k")):
+        return None
+    out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    try:
+        for data in (id_set, *ood_sets.values()):
+            if kind == "grood":
+                got = scores_by_k(est, data.features, ks)
+                if got is None:
+                    return None
+            else:
+                x = baseline_input(est.display_name, est, data, device, {})
+                with names_checked():
+                    got = est._scores_by_k(x, ks)
+            for k in ks:
+                out[k].append(np.asarray(got[k].cpu() if hasattr(got[k], "cpu") else got[k]))
+    except Exception:  # (the same error comes again, from the first point it concerns)
+        return None
+    return out
+
+
+def _metrics(scores: list[np.ndarray], ood_sets: Mapping[str, Any]
+             ) -> dict[str, dict[str, float]]:
+    """Each OOD set's metrics against the ID set from :func:`_scores_by_k`'s scores of one
+    ``k`` (the ID set's first, then the OOD sets' in order)."""
+    from grood.metrics import ood_metrics
+
+    return {name: ood_metrics(scores[0], s) for name, s in zip(ood_sets, scores[1:], strict=True)}
 
 
 def _measure(kind: str, est: Any, id_set: Any, ood_sets: Mapping[str, Any], model: Any,

@@ -1840,6 +1840,20 @@ def test_cpu_report_class_blocks_table():
     assert "| ncp_gradient |" not in out  # only this table
 
 
+def test_tune_search_table():
+    """bench/tune_search.py --small: GROOD's and KNN's grids of k, each timed with the shared
+    search and with each point on its own (the script checks both give the same metrics
+    first), one fit each."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "tune_search.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--repeat", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| GROOD", "| KNN"))]
+    assert [r[:2] for r in rows] == [["GROOD", "1, 2, 5, 10, 20, 50"],
+                                     ["KNN", "50, 100, 200, 500, 1000"]]
+    assert all(float(r[2].removesuffix(" s")) > 0 and r[5] == "1" for r in rows)
+
+
 def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     """An output named like an input (directly or through a link) is refused before any
     work, for every command; output names are checked before scoring; an upper-case .NPY is

@@ -327,6 +327,57 @@ def test_an_error_names_its_point(sets):
              progress=False)
 
 
+def test_k_points_share_one_search_per_set(sets, monkeypatch):
+    """Points that differ in k alone are scored from one search per set at the largest k
+    (GROOD's exact index, KNN): the same metrics as each k's own scores, a third of the
+    searches for three values of k."""
+    import grood.index
+
+    searched = []
+    search, knn = grood.index.ExactIndex.search, grood.ops.knn
+    monkeypatch.setattr(grood.index.ExactIndex, "search",
+                        lambda self, q, k=1: searched.append(k) or search(self, q, k))
+    monkeypatch.setattr(grood.ops, "knn",
+                        lambda q, db, k=1, **kw: searched.append(k) or knn(q, db, k, **kw))
+    tr = sets["train"]
+    for est, ks in ((GROOD(), [2, 1, 5]), (KNN(), [3, 1, 12])):
+        searched.clear()
+        t = tune(est, {"k": ks}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
+                 progress=False)
+        assert searched == [max(ks)] * 3  # the ID set and the two OOD sets, once each
+        for point, result in zip(t.points, t.results, strict=True):
+            fitted = _fitted(type(est), point, tr)
+            assert result == {name: direct(fitted, sets, name) for name in ("near", "far")}
+        searched.clear()  # one k (and a fit per point): each point searched on its own
+        tune(est, {"k": ks[:1]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
+             progress=False)
+        assert searched == [ks[0]] * 3
+    # an error comes from the first point it concerns, as without the shared search
+    with pytest.raises(ValueError, match=r"^at k=500: id_val: k=500 but the index holds"):
+        tune(GROOD(), {"k": [1, 500]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
+             progress=False)
+
+
+def test_ivf_k_points_each_search_their_own(sets, monkeypatch):
+    """An IVF search at the largest k refuses rows it found fewer than that k for, which a
+    smaller k does not need: each point of an IVF detector searches on its own."""
+    pytest.importorskip("faiss")
+    import grood.index
+
+    searched = []
+    search = grood.index.FaissIVFIndex.search
+    monkeypatch.setattr(grood.index.FaissIVFIndex, "search",
+                        lambda self, q, k=1: searched.append(k) or search(self, q, k))
+    tr = sets["train"]
+    est = GROOD(index="faiss-ivf", index_options={"nlist": 2, "nprobe": 2})
+    t = tune(est, {"k": [1, 3]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
+             progress=False)
+    assert searched == [1, 1, 1, 3, 3, 3]
+    for point, result in zip(t.points, t.results, strict=True):
+        fitted = _fitted(GROOD, {**est.get_params(), **point}, tr)
+        assert result == {name: direct(fitted, sets, name) for name in ("near", "far")}
+
+
 def test_plot(sets, tmp_path):
     pytest.importorskip("matplotlib")
     t = tune(ASH(), {"percentile": [50.0, 90.0], "variant": ["s", "b"]}, train=sets["train"],
