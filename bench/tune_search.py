@@ -9,10 +9,12 @@ runs' metrics must be equal, every point and every set, before anything is timed
 Data: :func:`grood._bench.common.realistic_features` (clustered post-ReLU-like rows), a
 training set, an ID validation set of the same classes, and a near-OOD set (new classes
 midway between two known ones) and a far one (uniform noise of the same scale). GROOD's
-grid is the range a user would search; KNN's is OpenOOD v1.5's sweep of its ``K``.
+grid is the range a user would search; KNN's is OpenOOD v1.5's sweep of its ``K``; NNGuide
+reads the features through a nearest-class-mean layer (given, not recovered).
 
     python bench/tune_search.py            # 20,000 x 512, C = 100, 3 x 5,000 val rows
     python bench/tune_search.py --small    # a quick check
+    python bench/tune_search.py --only KNN # one estimator
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from typing import Any
 import torch
 
 import grood
-from grood import GROOD, KNN, tune
+from grood import GROOD, KNN, NNGuide, tune
 from grood._bench.common import interleaved_median_times, realistic_features
 from grood._checks import positive_int_arg
 
-#: Each estimator and its grid of ``k``.
+#: Each estimator and its grid of ``k`` (NNGuide: a bank of a tenth of the training rows).
 GRIDS: list[tuple[str, Any, list[int]]] = [
     ("GROOD", GROOD(), [1, 2, 5, 10, 20, 50]),
     ("KNN", KNN(), [50, 100, 200, 500, 1000]),
+    ("NNGuide", NNGuide(bank_fraction=0.1), [1, 10, 100, 1000]),
 ]
 
 
@@ -44,8 +47,10 @@ def problem(n: int, c: int, d: int, n_val: int) -> dict[str, Any]:
     near = realistic_features(n_val, c, d, seed=2, device="cpu", novel=True)[0]
     gen = torch.Generator().manual_seed(5)
     far = torch.rand(n_val, d, generator=gen) * float(x.mean()) * 2
+    means = torch.stack([x[y == c].mean(0) for c in range(c)])
+    head = {"weight": means, "bias": -0.5 * (means * means).sum(1)}  # nearest class mean
     return {"train": {"features": x, "labels": y}, "id_val": val,
-            "ood_val": {"near": near, "far": far}}
+            "ood_val": {"near": near, "far": far}, "head": head}
 
 
 def run(est: Any, grid: list[int], sets: dict[str, Any], shared: bool) -> grood.Tuning:
@@ -56,7 +61,9 @@ def run(est: Any, grid: list[int], sets: dict[str, Any], shared: bool) -> grood.
     if not shared:
         tuning._scores_by_k = lambda *args, **kwargs: None  # type: ignore[assignment]
     try:
-        return tune(est, {"k": grid}, progress=False, **sets)
+        return tune(est, {"k": grid}, progress=False, train=sets["train"],
+                    id_val=sets["id_val"], ood_val=sets["ood_val"],
+                    fit_params=sets["head"] if isinstance(est, NNGuide) else None)
     finally:
         tuning._scores_by_k = before  # type: ignore[assignment]
 
@@ -66,6 +73,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small shapes, quick")
     parser.add_argument("--repeat", type=positive_int_arg, default=3,
                         help="timed runs of each (median)")
+    parser.add_argument("--only", choices=[name for name, _, _ in GRIDS], action="append",
+                        help="only this estimator (repeatable)")
     args = parser.parse_args()
     n, c, d, n_val = (3000, 20, 64, 500) if args.small else (20000, 100, 512, 5000)
     sets = problem(n, c, d, n_val)
@@ -77,7 +86,10 @@ def main() -> None:
           "| fits | best k |")
     print("|---|---|---|---|---|---|---|")
     for name, est, grid in GRIDS:
-        grid = [k for k in grid if k <= n // 2]
+        if args.only and name not in args.only:
+            continue
+        rows = n // 10 if isinstance(est, NNGuide) else n // 2  # (the bank: a tenth)
+        grid = [k for k in grid if k <= rows]
         a, b = run(est, grid, sets, True), run(est, grid, sets, False)
         if a.results != b.results or a.best_params != b.best_params:
             raise SystemExit(f"{name}: the shared search's metrics differ from each point's")

@@ -732,16 +732,22 @@ class _HeadBaseline(_Baseline):
         scores, _, kind = self._scores(features)
         return kind.wrap(scores)
 
-    def _scores(self, features: Any) -> tuple[Tensor, Tensor, Any]:
+    def _scores(self, features: Any, rows: Any = None, n: int | None = None
+                ) -> tuple[Tensor, Tensor, Any]:
+        """``(scores, preds, kind)`` of every row of ``features``: ``rows(x, dt)`` (by default
+        :meth:`_score_rows`) gives each batch's scores, [B] or [n, B] for ``n`` of them, and
+        classes [B] (``x`` on the layer's device, in ``dt``: float64 where the fit or the
+        features are); ``kind``, what to return them as."""
         x, kind = self._read(features)
         dev = self.weight_.device
         dt = torch.float64 if torch.float64 in (x.dtype, self.weight_.dtype) else torch.float32
-        scores = torch.empty(x.shape[0], dtype=dt, device=dev)
+        shape = (x.shape[0],) if n is None else (n, x.shape[0])
+        scores = torch.empty(shape, dtype=dt, device=dev)
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev, dtype=dt)
             with matmul_precision("ieee", dev):  # fp32, whatever the program's setting
-                scores[r0:r1], preds[r0:r1] = self._score_rows(xb, dt)
+                scores[..., r0:r1], preds[r0:r1] = (rows or self._score_rows)(xb, dt)
         return scores, preds, kind
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -1318,18 +1324,37 @@ class NNGuide(_HeadBaseline):
         return {"bank_": bank}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self.k > self.bank_.shape[0]:  # (k raised after the fit)
-            raise ValueError(f"k={self.k} is more than the {self.bank_.shape[0]} rows of the "
+        energy, pred, top = self._guidance(x, dt, self.k)
+        return top.mean(dim=1) * energy, pred
+
+    def _scores_by_k(self, features: ArrayT, ks: Sequence[int]) -> dict[int, ArrayT]:
+        """The scores at each of ``ks`` from one pass over the bank keeping the largest k's
+        inner products (what :func:`grood.tune` shares between points that differ in ``k``
+        alone), as ``score_samples`` at each."""
+        k_max = max(ks)
+
+        def rows(x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+            energy, pred, top = self._guidance(x, dt, k_max)
+            return torch.stack([top[:, :k].mean(dim=1) * energy for k in ks]), pred
+
+        scores, _, kind = self._scores(features, rows, len(ks))
+        return {k: kind.wrap(scores[j]) for j, k in enumerate(ks)}
+
+    def _guidance(self, x: Tensor, dt: torch.dtype, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The energy of each row of ``x``, its class, and its ``k`` largest inner products
+        with the bank [rows, k], largest first."""
+        if k > self.bank_.shape[0]:  # (k raised after the fit)
+            raise ValueError(f"k={k} is more than the {self.bank_.shape[0]} rows of the "
                              "bank fitted: lower k, or fit again")
         energy, pred = _energy(self._logits(x, dt))
         z = _normalise(x)
         top = z.new_empty((x.shape[0], 0))
-        block = max(self.k, GUIDANCE_ENTRIES // max(1, x.shape[0]))  # bank rows per product
+        block = max(1, GUIDANCE_ENTRIES // max(1, x.shape[0]))  # bank rows per product
         for r0, r1 in batches(self.bank_.shape[0], block):
             inner = z @ self.bank_[r0:r1].to(dt).T
             merged = torch.cat([top, inner], dim=1)
-            top = merged.topk(min(self.k, merged.shape[1]), dim=1).values
-        return top.mean(dim=1) * energy, pred
+            top = merged.topk(min(k, merged.shape[1]), dim=1).values
+        return energy, pred, top
 
 
 #: The baselines by the names ``grood eval --baselines`` and :func:`fit_baselines` give

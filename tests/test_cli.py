@@ -1841,16 +1841,17 @@ def test_cpu_report_class_blocks_table():
 
 
 def test_tune_search_table():
-    """bench/tune_search.py --small: GROOD's and KNN's grids of k, each timed with the shared
-    search and with each point on its own (the script checks both give the same metrics
-    first), one fit each."""
+    """bench/tune_search.py --small: GROOD's, KNN's and NNGuide's grids of k, each timed
+    with the shared search and with each point on its own (the script checks both give the
+    same metrics first), one fit each."""
     script = Path(__file__).resolve().parents[1] / "bench" / "tune_search.py"
     out = subprocess.run([sys.executable, str(script), "--small", "--repeat", "1"],
                          capture_output=True, text=True, check=True).stdout
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith(("| GROOD", "| KNN"))]
+            if line.startswith(("| GROOD", "| KNN", "| NNGuide"))]
     assert [r[:2] for r in rows] == [["GROOD", "1, 2, 5, 10, 20, 50"],
-                                     ["KNN", "50, 100, 200, 500, 1000"]]
+                                     ["KNN", "50, 100, 200, 500, 1000"],
+                                     ["NNGuide", "1, 10, 100"]]
     assert all(float(r[2].removesuffix(" s")) > 0 and r[5] == "1" for r in rows)
 
 

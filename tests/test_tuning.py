@@ -329,24 +329,27 @@ def test_an_error_names_its_point(sets):
 
 def test_k_points_share_one_search_per_set(sets, monkeypatch):
     """Points that differ in k alone are scored from one search per set at the largest k
-    (GROOD's exact index, KNN): the same metrics as each k's own scores, a third of the
-    searches for three values of k."""
+    (GROOD's exact index, KNN, NNGuide's bank): the same metrics as each k's own scores, a
+    third of the searches for three values of k."""
     import grood.index
 
     searched = []
-    search, knn = grood.index.ExactIndex.search, grood.ops.knn
+    search, knn, guidance = grood.index.ExactIndex.search, grood.ops.knn, NNGuide._guidance
     monkeypatch.setattr(grood.index.ExactIndex, "search",
                         lambda self, q, k=1: searched.append(k) or search(self, q, k))
     monkeypatch.setattr(grood.ops, "knn",
                         lambda q, db, k=1, **kw: searched.append(k) or knn(q, db, k, **kw))
+    monkeypatch.setattr(NNGuide, "_guidance",
+                        lambda self, x, dt, k: searched.append(k) or guidance(self, x, dt, k))
     tr = sets["train"]
-    for est, ks in ((GROOD(), [2, 1, 5]), (KNN(), [3, 1, 12])):
+    for est, ks in ((GROOD(), [2, 1, 5]), (KNN(), [3, 1, 12]),
+                    (NNGuide(bank_fraction=1.0), [7, 1, 30])):
         searched.clear()
         t = tune(est, {"k": ks}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
                  progress=False)
         assert searched == [max(ks)] * 3  # the ID set and the two OOD sets, once each
         for point, result in zip(t.points, t.results, strict=True):
-            fitted = _fitted(type(est), point, tr)
+            fitted = _fitted(type(est), {**est.get_params(), **point}, tr)
             assert result == {name: direct(fitted, sets, name) for name in ("near", "far")}
         searched.clear()  # one k (and a fit per point): each point searched on its own
         tune(est, {"k": ks[:1]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
