@@ -17,6 +17,7 @@ output and the GEMM) against the issue's targets say how much room is left.
     python bench/cpu_report.py --small    # quick check
     python bench/cpu_report.py --stages   # and the gradient step's stages
     python bench/cpu_report.py --class-blocks   # only: the class block's width at large C
+    python bench/cpu_report.py --search-k       # only: the exact search at k = 1 ... 1,000
 
 ``--class-blocks`` times the gradient step at large C (5,000 to 21,841 classes) with its
 default class block (``functional.gradient_class_block``) against other widths, the former
@@ -34,13 +35,16 @@ from functools import partial
 import torch
 
 from grood import __version__, functional
-from grood._bench.common import clustered_problem, interleaved_median_times
+from grood._bench.common import clustered_problem, interleaved_median_times, realistic_features
 from grood._checks import positive_int_arg
 from grood.functional import NCP_CANDIDATES, gradient_class_block, gradient_tile_rows
 
 #: (N, C, D) of the ``--class-blocks`` table (``--small``: one quick shape).
 CLASS_BLOCK_SHAPES = [(4096, 5000, 1024), (4096, 10000, 1024), (2048, 21841, 512),
                       (2048, 21841, 1024), (2048, 21841, 2048)]
+#: (Q, M, D) and the k of the ``--search-k`` table (``--small``: Q = 128, M = 2,000, D = 64).
+SEARCH_K_SHAPE = (2048, 20000, 512)
+SEARCH_K = [1, 10, 50, 200, 1000]
 #: The former default: every class in one block up to 16,384 (still the default off the CPU).
 FORMER_CLASS_BLOCK = 1 << 14
 #: Other widths timed against the default (those below C).
@@ -68,10 +72,15 @@ def main() -> None:
                         help="only the class block's width at large C (its own table)")
     parser.add_argument("--stages", action="store_true",
                         help="also time the gradient step's stages alone (second table)")
+    parser.add_argument("--search-k", action="store_true",
+                        help="only the exact search at k from 1 to 1,000 (its own table)")
     args = parser.parse_args()
     if args.class_blocks:
         _class_blocks_table([(256, 3000, 64)] if args.small else CLASS_BLOCK_SHAPES,
                             args.repeat)
+        return
+    if args.search_k:
+        _search_k_table((128, 2000, 64) if args.small else SEARCH_K_SHAPE, args.repeat)
         return
     gen = torch.Generator().manual_seed(0)
     if args.small:
@@ -100,6 +109,28 @@ def main() -> None:
              queries, db, f"recall@1 vs fp64 {_check_knn(queries, db):.3f}")
     if args.stages:
         _stages_table(ncp_shapes, args.repeat)
+
+
+def _search_k_table(shape: tuple[int, int, int], repeat: int) -> None:
+    """The exact search's rows (as the main table's) at each of ``SEARCH_K``, on L2-normalised
+    clustered rows (KNN's features), each checked first: its k-th distances against a float64
+    search's, for 64 queries."""
+    q, m, d = shape
+    db = torch.nn.functional.normalize(realistic_features(m, 100, d, seed=0, device="cpu")[0])
+    queries = torch.nn.functional.normalize(
+        realistic_features(q, 100, d, seed=1, device="cpu")[0])
+    print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} | "
+          f"{torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
+          f"{repeat} rounds, op and baselines interleaved\n")
+    print("| op | shape | ms | GFLOP/s | torch.mm same FLOPs (ms) | op / mm | one pass x*2 (ms) "
+          "| op / pass | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k in (k for k in SEARCH_K if k <= m):
+        got = functional.knn(queries[:64], db, k)[0][:, k - 1].double()
+        want = functional.knn(queries[:64].double(), db.double(), k)[0][:, k - 1]
+        err = float(((got - want).abs() / want.abs().clamp_min(1e-30)).max())
+        _row(repeat, f"knn k={k} | Q={q} M={m} D={d}", partial(functional.knn, queries, db, k),
+             queries, db, f"k-th distance max rel err vs fp64 {err:.1e}")
 
 
 def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: str) -> None:

@@ -1840,6 +1840,19 @@ def test_cpu_report_class_blocks_table():
     assert "| ncp_gradient |" not in out  # only this table
 
 
+def test_cpu_report_search_k_table():
+    """--search-k --small: the exact search at each k up to 1,000, each row checked against
+    a float64 search and timed against the GEMM of the same FLOPs."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_report.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--search-k",
+                          "--repeat", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| knn k=")]
+    assert [r[0] for r in rows] == [f"knn k={k}" for k in (1, 10, 50, 200, 1000)]
+    assert all(float(r[-1].rsplit(" ", 1)[1]) < 1e-5 for r in rows)
+    assert "| ncp_gradient |" not in out  # only this table
+
+
 def test_tune_search_table():
     """bench/tune_search.py --small: GROOD's, KNN's and NNGuide's grids of k, each timed
     with the shared search and with each point on its own (the script checks both give the

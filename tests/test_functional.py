@@ -505,6 +505,50 @@ def test_knn_pads_like_faiss_when_database_is_smaller_than_k():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-keys", "fp64-sort"])
+def test_knn_many_candidates_over_many_blocks_in_lex_order(dtype):
+    """k in the hundreds over many database blocks (float32: merged on the CPU as packed
+    keys; float64: sorted): every row's k nearest in (distance, row) order, exactly as a
+    brute-force scan sorts them, on small-integer data (exact GEMM distances, many ties,
+    duplicate rows); a query with NaN finds nothing, a row with Inf is never found, and a
+    database smaller than the candidates pads with -1 at inf."""
+    gen = torch.Generator().manual_seed(5)
+    db = torch.randint(-2, 3, (700, 5), generator=gen).to(dtype)
+    db[::9] = db[1]
+    db[4, 2] = float("inf")
+    queries = torch.randint(-2, 3, (33, 5), generator=gen).to(dtype)
+    queries[7, 0] = float("nan")
+    for k, block in ((300, 37), (650, 64), (1, 5)):
+        dist, idx = F.knn(queries, db, k, block_size=block)
+        brute = ((queries[:, None] - db[None]) ** 2).sum(2)
+        brute = torch.nan_to_num(brute, nan=float("inf"))
+        order = torch.sort(brute, dim=1, stable=True)
+        want_d, want_i = order.values[:, :k], order.indices[:, :k]
+        ok = torch.ones(33, dtype=torch.bool)
+        ok[7] = False
+        assert torch.equal(idx[ok], want_i[ok]) and torch.equal(dist[ok], want_d[ok])
+        assert (idx[7] == -1).all() and torch.isinf(dist[7]).all()
+        assert not (idx == 4).any()
+    dist, idx = F.knn(queries[:3], db[:6], 6, block_size=2)  # 10 candidates of 6 rows
+    assert (idx[:, 5] == -1).all() and torch.isinf(dist[:, 5]).all()  # (row 4 is not found)
+    assert torch.isfinite(dist[:, :5]).all() and not (idx == 4).any()
+
+
+def test_packed_keys_decode_to_distances_and_rows():
+    """``_column_keys`` with explicit rows and ``_from_keys``: finite values and rows come
+    back exactly, non-finite distances as inf (row kept), an unfilled key (+inf) as row -1
+    at inf; ordered by (value, row), -0.0 with 0.0."""
+    d = torch.tensor([[3.5, 0.0, -0.0, float("inf"), float("nan"), 1e-30, 2.0]])
+    rows = torch.tensor([[9, 2, 1, 7, 3, (1 << 29) - 1, 0]])
+    keys = F._column_keys(d, rows)
+    keys = torch.cat([keys, torch.full((1, 1), float("inf"), dtype=torch.float64)], 1)
+    vals, got = F._from_keys(torch.sort(keys, dim=1).values)
+    assert got.tolist() == [[1, 2, (1 << 29) - 1, 0, 9, 3, 7, -1]]
+    tiny = float(torch.tensor(1e-30))  # (its float32 value)
+    assert vals.tolist() == [[0.0, 0.0, tiny, 2.0, 3.5, float("inf"), float("inf"),
+                              float("inf")]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-keys", "fp64-sort"])
 def test_off_cpu_picker_orders_ties_by_column(dtype):
     """The picker knn uses off the CPU reads nothing on the host and still takes equal
     entries lowest column first (a stable sort's first n), with inf and NaN last."""
