@@ -103,8 +103,12 @@ def scores_by_k(det: Any, features: ArrayLike, ks: Sequence[int]) -> dict[int, A
     x, kind = det._read(features, search=True, uses_k=False)
     k_max = max(check_positive_int(k, "k") for k in ks)
     check_within_index(det, k_max, "k")
-    dists, _, _ = search_all(det, x, k_max)
-    return {k: kind.wrap(0.0 - dists[:, k - 1]) for k in ks}  # 0.0 - x: no "-0.0"
+    dt = result_dtype(det, x.dtype)
+    out = {k: torch.empty(x.shape[0], dtype=dt, device=det.device_) for k in ks}
+    for r0, r1, (d, _), _ in det._passes(x, k=k_max):  # no [N, k_max] tensor kept
+        for k, scores in out.items():
+            scores[r0:r1] = 0.0 - d[:, k - 1]  # 0.0 - x: no "-0.0"
+    return {k: kind.wrap(scores) for k, scores in out.items()}
 
 
 def result_dtype(det: Any, dtype: torch.dtype) -> torch.dtype:
