@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from grood._checks import check_device, prefixed_errors
+from grood._checks import check_device, check_positive_int, prefixed_errors
 from grood._columns import names_checked
 from grood._progress import progress as progress_bar
 from grood.io import KEYS, FeatureFile
@@ -518,19 +518,23 @@ def _scores_by_k(kind: str, est: Any, points: list[dict[str, Any]], id_set: Any,
     """The scores of each set (``id_val``, then each OOD set) at each ``k`` of a fit group's
     ``points`` (they differ in ``k`` alone), from one search per set at the largest: GROOD's
     exact and faiss-flat indexes and KNN find the k nearest as a prefix of the largest k's
-    (the scores are ``-distances[:, k - 1]``; ``kneighbors`` relates them so). None where
-    that is not so (an IVF index, an estimator without such a search), where the group has
-    one ``k``, or where the search fails: each point is then scored on its own, and an error
-    names the first point it belongs to."""
+    (the scores are ``-distances[:, k - 1]``; ``kneighbors`` relates them so), and NNGuide
+    the k largest inner products with its bank. None where that is not so (an IVF index, an
+    estimator without such a search), where the group has one ``k``, or where the search
+    fails (a ``k`` it refuses among them): each point is then scored on its own, and an
+    error names the first point it belongs to."""
     from grood.detector import GROOD
     from grood.evaluation import baseline_input
     from grood.neighbours import scores_by_k
 
-    ks = list(dict.fromkeys(p["k"] for p in points))
-    if len(ks) < 2 or not (isinstance(est, GROOD) or hasattr(est, "_scores_by_k")):
+    if not (isinstance(est, GROOD) or hasattr(est, "_scores_by_k")):
         return None
-    out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
     try:
+        # (every point's k checked: a refused one, 2.0 among 2 and 3, is refused by its point)
+        ks = list(dict.fromkeys(check_positive_int(p["k"], "k") for p in points))
+        if len(ks) < 2:
+            return None
+        out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         for data in (id_set, *ood_sets.values()):
             if kind == "grood":
                 got = scores_by_k(est, data.features, ks)

@@ -359,6 +359,10 @@ def test_k_points_share_one_search_per_set(sets, monkeypatch):
     with pytest.raises(ValueError, match=r"^at k=500: id_val: k=500 but the index holds"):
         tune(GROOD(), {"k": [1, 500]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
              progress=False)
+    for est in (GROOD(), KNN()):  # a k refused alone is refused beside values it equals
+        with pytest.raises(ValueError, match=r"^at k=2.0: .*k must be a positive integer"):
+            tune(est, {"k": [2, 3, 2.0]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
+                 progress=False)
 
 
 def test_ivf_k_points_each_search_their_own(sets, monkeypatch):
