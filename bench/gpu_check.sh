@@ -14,11 +14,12 @@
 # step taken apart (its stages timed apart, bench/gpu_report.py --only anatomy) into
 # $OUT/gpu_anatomy.md, and after it the torch backend's step operator by operator
 # (--only torch-path); the search's timings
-# into $OUT/gpu_search.md; the torch path's GPU tests; the whole ImageNet-1k fit + score
+# into $OUT/gpu_search.md, and after them the search at k up to 1,000 (--only search-k: KNN's
+# sweeps, GROOD at a large k; torch and Triton, ieee and tf32); the torch path's GPU tests; the whole ImageNet-1k fit + score
 # pipeline (bench/pipeline.py) in tf32, then with bf16 index storage, into $OUT/pipeline.md.
 # Eight files in all with a log of the whole call (the device tool's limit).
 # STEPS picks some of the steps and their order (names: tests warm torch-tests anatomy
-# torch-path configs report roofline search pipeline pipeline-bf16), e.g. STEPS="warm anatomy
+# torch-path configs report roofline search search-k pipeline pipeline-bf16), e.g. STEPS="warm anatomy
 # configs" for a short second call; by default all of them, the issue's own numbers (tests,
 # report) first.
 #
@@ -92,8 +93,8 @@ if [[ "${TINY:-0}" != 1 ]] && python -c "import xdist" 2>/dev/null; then paralle
 torch_capture="tests/test_library.py::test_flag_head_captures_in_a_cuda_graph[torch]"
 # The steps, run in the order STEPS names them (default below: what the gradient-step issue
 # is judged by first, since a lease's 15 minutes, its start included, fit about one full call).
-steps="${STEPS:-tests warm report roofline configs anatomy torch-path search torch-tests \
-pipeline pipeline-bf16}"
+steps="${STEPS:-tests warm report roofline configs anatomy torch-path search search-k \
+torch-tests pipeline pipeline-bf16}"
 # The warm step's processes (each compiles every WARM_JOBS-th entry of the configurations'
 # and stages' tables, at their shapes, which are the report's too; 2 on the CPU).
 warm_jobs="${WARM_JOBS:-12}"
@@ -153,11 +154,16 @@ run_step() {
     search) step 150 "report: nearest-neighbour search" \
         "python bench/gpu_report.py ${size[*]} --only search --repeat ${REPEAT:-3} \
         | tee '$out/gpu_search.md'" ;;
+    # The search for many neighbours (k = 1 to 1,000), each backend and precision against its
+    # own k = 1: on the CPU k = 1,000 took 5.3x the GEMM (2026-12-05).
+    search-k) step 90 "report: nearest-neighbour search at k up to 1,000" \
+        "python bench/gpu_report.py ${size[*]} --only search-k --repeat ${REPEAT:-3} \
+        | tee -a '$out/gpu_search.md'" ;;
     pipeline) step 70 "pipeline, tf32" "$pipeline --precision tf32 | tee -a '$out/pipeline.md'" ;;
     pipeline-bf16) step 70 "pipeline, bf16 with bf16 index storage" \
         "$pipeline --precision bf16 --index-storage bfloat16 | tee -a '$out/pipeline.md'" ;;
     *) log "unknown step: $1 (steps: tests warm torch-tests anatomy torch-path configs report" \
-           "roofline search pipeline pipeline-bf16)" ;;
+           "roofline search search-k pipeline pipeline-bf16)" ;;
     esac
 }
 for name in $steps; do run_step "$name"; done

@@ -1348,6 +1348,7 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     assert "| tiny-100 | 64 | 100 | 24 | triton | tf32 |" in text
     assert "## Nearest-neighbour search" in text and "| triton | tf32 | float32 | " in text
     assert "faiss" in text
+    assert "for many neighbours" not in text  # (--only search-k: when asked)
     # The accuracy rows carry real numbers, not placeholders.
     row = next(line for line in text.splitlines() if line.startswith("| triton | ieee | "))
     assert float(row.split("|")[4]) < 1e-5  # q_ood max relative error
@@ -1363,6 +1364,23 @@ def test_bench_report_runs_at_tiny_size(capsys, tmp_path):
     assert {("triton", "ieee"), ("triton", "tf32"), ("torch", "bf16"),
             ("torch closed form", "tf32")} <= set(cells)
     assert float(cells[("triton", "ieee")].split("|")[4]) < 1e-5
+
+
+def test_bench_search_k_times_each_k_against_k_one(capsys):
+    """--only search-k: every backend and precision at each k (up to a quarter of the
+    database), each checked against a float64 search and timed against its own k = 1."""
+    pytest.importorskip("triton")
+    assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only",
+                 "search-k"]) == 0
+    text = capsys.readouterr().out
+    assert "## Nearest-neighbour search for many neighbours" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| tiny |")]
+    assert {(r[4], r[5], r[6]) for r in rows} == {
+        (b, p, k) for b in ("triton", "torch") for p in ("ieee", "tf32") for k in ("1", "50")}
+    assert all(float(r[-1]) < 1e-5 and float(r[7]) > 0 for r in rows)
+    assert all(r[9] == "1.00x" for r in rows if r[6] == "1")
+    assert "## Gradient step" not in text  # only this part
 
 
 def test_bench_at_full_size_under_the_interpreter_says_it_takes_hours(capsys, monkeypatch):

@@ -30,7 +30,7 @@ from grood._bench.gradient import (
     hard_softmax_table,
     timing_table,
 )
-from grood._bench.search import search_accuracy_table, search_timing_table
+from grood._bench.search import search_accuracy_table, search_k_table, search_timing_table
 from grood._checks import bench_device_arg, positive_int_arg
 from grood.environment import kernel_sources
 from grood.persistence import written_atomically
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gradient step, the GROOD head in a compiled program, the "
                              "nearest-neighbour search, or (only when asked) the gradient "
                              "step's launch configurations side by side, its stages timed "
-                             "apart, and the torch backend's step operator by operator")
+                             "apart, the torch backend's step operator by operator, and the "
+                             "search at k up to 1,000")
     parser.add_argument("--configs-match", default=None, metavar="REGEX", type=_regex_arg,
                         help="in the launch configurations' table, time only the rows whose "
                              "label matches this regular expression, e.g. 'finish apart' "
@@ -97,10 +98,10 @@ def _regex_arg(text: str) -> re.Pattern:
 
 
 #: The report's parts, in the order they run; all but the tuning ones by default.
-SECTIONS = ("gradient", "head", "search", "configs", "anatomy", "torch-path")
+SECTIONS = ("gradient", "head", "search", "configs", "anatomy", "torch-path", "search-k")
 #: Parts run only when asked for (``--only``): measurements for tuning the kernels (and the
-#: torch backend's operators).
-TUNING_SECTIONS = ("configs", "anatomy", "torch-path")
+#: torch backend's operators, and the search for many neighbours).
+TUNING_SECTIONS = ("configs", "anatomy", "torch-path", "search-k")
 #: The tuning parts ``--warm`` compiles.
 WARM_SECTIONS = ("configs", "anatomy")
 
@@ -229,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
         print("\nTFLOP/s counts 2·Q·M·D. 'vs torch GEMM+min': chunked GEMM and running minimum "
               "in the same precision (on bf16 storage for bf16-storage rows), same device, same "
               "run. recall@1 is measured on the first 100 queries against float64 brute force.")
+        save()
+    if "search-k" in parts:
+        print("\n## Nearest-neighbour search for many neighbours\n")
+        _emit(search_k_table(device, backends, args.tiny, args.repeat))
+        print("\nL2-normalised clustered rows (as KNN searches them); 'vs k = 1': against the "
+              "same backend and precision at k = 1, same run.")
         save()
     if "configs" in parts:
         print("## Gradient step: launch configurations\n")

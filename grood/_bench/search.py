@@ -30,6 +30,13 @@ from grood.index import ExactIndex
 
 FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
 TINY_SEARCH_SHAPES = [("tiny", 40, 700, 24)]
+#: ``--only search-k``: the search for many neighbours (KNN's sweeps: OpenOOD's K up to
+#: 1,000; GROOD at a large k), on L2-normalised rows as KNN searches them.
+SEARCH_K_SHAPES = [("CIFAR-10 KNN", 10000, 50000, 512), ("ImageNet subset", 4096, 200000, 2048)]
+TINY_SEARCH_K_SHAPES = [("tiny", 16, 300, 16)]
+SEARCH_KS = (1, 50, 200, 1000)
+#: Precisions of ``--only search-k`` (the default, and the tensor cores' fastest exact one).
+SEARCH_K_PRECISIONS = ("ieee", "tf32")
 
 
 def torch_gemm_min(queries: Tensor, database: Tensor, precision: str,
@@ -191,6 +198,37 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
         notes.append(_faiss_rate(device, d, tiny))
     yield ""
     yield from notes
+
+
+def search_k_table(device: str, backends: list[str], tiny: bool,
+                   repeat: int) -> Iterator[str]:
+    """The exact search at each of :data:`SEARCH_KS` (those up to a quarter of the database) per
+    backend and precision, against the same search at k = 1; each row checked first: its
+    k-th distances against a float64 search's, on 64 queries."""
+    yield ("| shape | Q | M | D | backend | precision | k | s | queries/s | vs k = 1 | k-th "
+           "distance max rel err vs fp64 |")
+    yield "|---|---|---|---|---|---|---|---|---|---|---|"
+    for name, q, m, d in (TINY_SEARCH_K_SHAPES if tiny else SEARCH_K_SHAPES):
+        db = torch.nn.functional.normalize(realistic_features(m, 100, d, seed=0,
+                                                              device=device)[0])
+        queries = torch.nn.functional.normalize(realistic_features(q, 100, d, seed=1,
+                                                                   device=device)[0])
+        ks = [k for k in SEARCH_KS if k <= m // 4]
+        want = functional.knn(queries[:64].double(), db.double(), max(ks))[0]
+        for precision in SEARCH_K_PRECISIONS:
+            for backend in backends:
+                op = ops.get_op("knn", backend)
+                t_one = None
+                for k in ks:
+                    got = op(queries[:64], db, k, precision=precision)[0][:, k - 1].double()
+                    ref = want[:, k - 1]
+                    err = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+                    t = median_time(partial(op, queries, db, k, precision=precision), device,
+                                    repeat)
+                    t_one = t if t_one is None else t_one
+                    yield (f"| {name} | {q} | {m} | {d} | {backend} | {precision} | {k} | "
+                           f"{t:.4f} | {q / t:,.0f} | {t / t_one:.2f}x | {err:.1e} |")
+        del db, queries
 
 
 def _search_variants(backends: list[str], precision: str, storage: torch.dtype, n_q: int):
