@@ -91,12 +91,14 @@ def neighbours_and_predict(det: Any, features: ArrayLike, n_neighbors: int | Non
     return dists, rows, preds, kind
 
 
-def scores_by_k(det: Any, features: ArrayLike, ks: Sequence[int]) -> dict[int, Any] | None:
+def scores_by_k(det: Any, features: ArrayLike, ks: Sequence[int]
+                ) -> tuple[dict[int, Any], Any] | None:
     """The scores at each of ``ks`` from one search at the largest (what :func:`grood.tune`
-    shares between points that differ in ``k`` alone): ``-distances[:, k - 1]``, as
-    :meth:`Neighbours.kneighbors` and the scores relate; numpy in, numpy out, else tensors on
-    the input's device. None for an approximate index (IVF), whose search at the largest k
-    refuses rows it found fewer neighbours for than that k, which a smaller k does not need."""
+    and OpenOOD's parameter search share between values of ``k``): ``-distances[:, k - 1]``,
+    as :meth:`Neighbours.kneighbors` and the scores relate; with the predictions, which no k
+    changes. Numpy in, numpy out, else tensors on the input's device. None for an approximate
+    index (IVF), whose search at the largest k refuses rows it found fewer neighbours for
+    than that k, which a smaller k does not need."""
     det._check_fitted()
     if det.index_.approximate:
         return None
@@ -105,10 +107,12 @@ def scores_by_k(det: Any, features: ArrayLike, ks: Sequence[int]) -> dict[int, A
     check_within_index(det, k_max, "k")
     dt = result_dtype(det, x.dtype)
     out = {k: torch.empty(x.shape[0], dtype=dt, device=det.device_) for k in ks}
-    for r0, r1, (d, _), _ in det._passes(x, k=k_max):  # no [N, k_max] tensor kept
+    preds = torch.empty(x.shape[0], dtype=torch.int64, device=det.device_)
+    for r0, r1, (d, _), p in det._passes(x, k=k_max):  # no [N, k_max] tensor kept
+        preds[r0:r1] = p
         for k, scores in out.items():
             scores[r0:r1] = 0.0 - d[:, k - 1]  # 0.0 - x: no "-0.0"
-    return {k: kind.wrap(scores) for k, scores in out.items()}
+    return {k: kind.wrap(scores) for k, scores in out.items()}, kind.wrap(preds)
 
 
 def result_dtype(det: Any, dtype: torch.dtype) -> torch.dtype:

@@ -537,9 +537,10 @@ def _scores_by_k(kind: str, est: Any, points: list[dict[str, Any]], id_set: Any,
         out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         for data in (id_set, *ood_sets.values()):
             if kind == "grood":
-                got = scores_by_k(est, data.features, ks)
-                if got is None:
+                by_k = scores_by_k(est, data.features, ks)
+                if by_k is None:
                     return None
+                got = by_k[0]
             else:
                 x = baseline_input(est.display_name, est, data, device, {})
                 with names_checked():

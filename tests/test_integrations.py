@@ -371,6 +371,41 @@ def test_openood_automatic_parameter_search_sets_k_without_a_refit():
     assert not quiet.APS_mode and quiet.hyperparam_search_done
 
 
+@pytest.mark.parametrize("index", ["exact", "faiss-ivf"])
+def test_openood_parameter_search_runs_each_val_loader_once(index):
+    """During OpenOOD's parameter search each val loader goes through the net once and is
+    searched once at the sweep's largest k; every k's (pred, conf, label) lists equal those
+    of a postprocessor scoring at that k. After the search (hyperparam_search_done) every
+    call scores anew. An IVF index scores each call on its own."""
+    if index == "faiss-ivf":
+        pytest.importorskip("faiss")
+    net = _trained_net()
+    passes = []
+    net.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    id_loaders = {"train": _loader(120, 0), "val": _loader(30, 1)}
+    ood_loaders = {"val": _loader(30, 3, ood=True)}
+    kwargs = {"index": index} if index == "exact" else {
+        "index": index, "index_options": {"nlist": 2, "nprobe": 2}}
+    post = GROODPostprocessor(_aps_config({"k_list": [1, 4, 9]}, use_proto_mean=True),
+                              **kwargs)
+    post.setup(net, id_loaders, ood_loaders)
+    for k in (1, 4, 9):
+        post.set_hyperparam([k])
+        passes.clear()
+        got = [post.inference(net, loader, progress=False)
+               for loader in (id_loaders["val"], ood_loaders["val"])]
+        assert sum(passes) == (60 if k == 1 or index != "exact" else 0)
+        other = GROODPostprocessor(k=k, **kwargs)
+        other.setup(net, id_loaders, ood_loaders)
+        for lists, loader in zip(got, (id_loaders["val"], ood_loaders["val"]), strict=True):
+            for a, b in zip(lists, other.inference(net, loader, progress=False), strict=True):
+                np.testing.assert_array_equal(a, b)
+    post.hyperparam_search_done = True  # (as OpenOOD's evaluator sets it)
+    passes.clear()
+    post.inference(net, id_loaders["val"], progress=False)
+    assert sum(passes) == 30 and not post._swept
+
+
 @pytest.mark.parametrize(("sweep", "kwargs", "said"), [
     ({"lam_list": [0.5]}, {}, "give k's values once, as k_list"),
     ({"k_list": [1, 2], "K_list": [3]}, {}, r"\(got k_list, K_list\)"),

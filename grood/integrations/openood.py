@@ -31,6 +31,7 @@ never silently ignored, which would score with another method than the config as
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -239,6 +240,10 @@ class GROODPostprocessor(_Base):
         self.APS_mode = aps
         self.hyperparam_search_done = not aps
         self.detector: GROOD | None = None
+        # While OpenOOD searches k: each val loader's scores at every k of the sweep, from
+        # one pass of the net and one search at the largest k (id of the loader -> the
+        # loader, its classes, its scores by k, its labels).
+        self._swept: dict[int, tuple[Any, np.ndarray, dict[int, np.ndarray], np.ndarray]] = {}
 
     def setup(self, net: torch.nn.Module, id_loader_dict: dict, ood_loader_dict: dict) -> None:
         """Fit GROOD on ``id_loader_dict["train"]`` with the configured OOD prototype."""
@@ -255,6 +260,7 @@ class GROODPostprocessor(_Base):
             rows = self.val_rows or rows
             if rows is not None:
                 ood_loader = _first_batches(ood_loader, rows)
+        self._swept.clear()  # (scores of another fit)
         kwargs = dict(self.grood_kwargs)
         train = id_loader_dict["train"]
         if self.reference:
@@ -308,11 +314,74 @@ class GROODPostprocessor(_Base):
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(pred_list, conf_list, label_list)`` over a loader, as OpenOOD's evaluator reads;
-        ``progress`` shows a bar over its batches (plain lines when stderr is no terminal)."""
+        ``progress`` shows a bar over its batches (plain lines when stderr is no terminal).
+
+        While OpenOOD's automatic parameter search runs (``APS_mode``, until its evaluator
+        sets ``hyperparam_search_done``), a loader is run through the net once and its rows
+        searched once, at the sweep's largest k: the scores at every k of the sweep are kept
+        and each later call with that loader returns those at the k set (the same scores as
+        scoring at that k; an IVF index, whose search at the largest k may refuse rows a
+        smaller k does not, scores each call on its own)."""
         check_loader(data_loader, "inference takes a loader of batches",
                      ": pass [{'data': inputs, 'label': labels}] (one batch: [batch]) or a "
                      "DataLoader")
+        ks = self._searched_ks()
+        if ks is None:
+            self._swept.clear()  # (the search is over)
+        elif id(data_loader) in self._swept or self._sweep(net, data_loader, progress, ks):
+            assert self.detector is not None  # (_searched_ks: set up)
+            _, swept_preds, by_k, swept_labels = self._swept[id(data_loader)]
+            return swept_preds.copy(), by_k[self.detector.k].copy(), swept_labels.copy()
         preds, confs, labels = [], [], []
+        for x, y in self._batches(data_loader, progress):
+            pred, conf = self.postprocess(net, x)
+            preds.append(pred.cpu())
+            confs.append(conf.cpu())
+            labels.append(y)
+        return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(),
+                torch.cat(labels).numpy().astype(int))
+
+    def _searched_ks(self) -> list[int] | None:
+        """The sweep's values of k while OpenOOD's parameter search runs over two or more of
+        them with this postprocessor set up at one of them (and an index searched exactly),
+        else None."""
+        if (not self.APS_mode or self.hyperparam_search_done or self.detector is None
+                or self.detector.index_.approximate):
+            return None
+        ks = [int(v) for name, values in self.args_dict.items() if name in SWEEP_K
+              for v in values]  # (checked by _config_sweep)
+        return ks if len(set(ks)) > 1 and self.detector.k in ks else None
+
+    @torch.no_grad()
+    def _sweep(self, net: torch.nn.Module, data_loader: Any, progress: bool,
+               ks: list[int]) -> bool:
+        """Score ``data_loader`` at every k of ``ks`` in one pass into ``_swept``; False
+        where the detector's index cannot (IVF)."""
+        from grood.neighbours import scores_by_k
+
+        extractor = self._extractor(net)
+        preds: list[torch.Tensor] = []
+        confs: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+        labels: list[torch.Tensor] = []
+        for x, y in self._batches(data_loader, progress):
+            got = scores_by_k(self.detector, extractor(x).features, ks)
+            if got is None:
+                return False
+            for k, conf in got[0].items():
+                confs[k].append(conf.cpu())
+            preds.append(got[1].cpu())
+            labels.append(y)
+        self._swept[id(data_loader)] = (
+            data_loader, torch.cat(preds).numpy().astype(int),
+            {k: torch.cat(c).numpy() for k, c in confs.items()},
+            torch.cat(labels).numpy().astype(int))
+        return True
+
+    @staticmethod
+    def _batches(data_loader: Any, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches with rows, as ``(inputs, labels)``: labels -1 where a batch
+        has none; a batch whose labels are not one per input refused."""
+        found = False
         for number, batch in enumerate(progress_bar(data_loader, desc="grood: scoring",
                                                     unit="batch",
                                                     enabled=None if progress else False)):
@@ -323,14 +392,10 @@ class GROODPostprocessor(_Base):
                                  "per input")
             if x.shape[0] == 0:  # (a batch of 0 rows adds none; the net need not take it)
                 continue
-            pred, conf = self.postprocess(net, x)
-            preds.append(pred.cpu())
-            confs.append(conf.cpu())
-            labels.append(torch.full((x.shape[0],), -1) if y is None else y.cpu())
-        if not preds:
+            found = True
+            yield x, torch.full((x.shape[0],), -1) if y is None else y.cpu()
+        if not found:
             raise ValueError("the data loader yielded no batches with rows")
-        return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(),
-                torch.cat(labels).numpy().astype(int))
 
 
 def _first_batches(loader: Any, rows: int) -> list:
