@@ -404,6 +404,15 @@ def test_openood_parameter_search_runs_each_val_loader_once(index):
     passes.clear()
     post.inference(net, id_loaders["val"], progress=False)
     assert sum(passes) == 30 and not post._swept
+    # a k beyond the index is refused at its own turn, as without the shared search
+    post = GROODPostprocessor(_aps_config({"k_list": [1, 5000]}, use_proto_mean=True),
+                              **kwargs)
+    post.setup(net, id_loaders, ood_loaders)
+    post.set_hyperparam([1])
+    post.inference(net, id_loaders["val"], progress=False)
+    post.set_hyperparam([5000])
+    with pytest.raises(ValueError, match="k=5000 but the index holds only"):
+        post.inference(net, id_loaders["val"], progress=False)
 
 
 @pytest.mark.parametrize(("sweep", "kwargs", "said"), [

@@ -343,13 +343,15 @@ class GROODPostprocessor(_Base):
 
     def _searched_ks(self) -> list[int] | None:
         """The sweep's values of k while OpenOOD's parameter search runs over two or more of
-        them with this postprocessor set up at one of them (and an index searched exactly),
-        else None."""
+        them with this postprocessor set up at one of them (with an index searched exactly
+        that holds the largest), else None."""
         if (not self.APS_mode or self.hyperparam_search_done or self.detector is None
                 or self.detector.index_.approximate):
             return None
         ks = [int(v) for name, values in self.args_dict.items() if name in SWEEP_K
               for v in values]  # (checked by _config_sweep)
+        if max(ks) > sum(self.detector.shard_sizes_):  # (refused when its turn comes)
+            return None
         return ks if len(set(ks)) > 1 and self.detector.k in ks else None
 
     @torch.no_grad()
