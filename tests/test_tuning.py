@@ -365,6 +365,31 @@ def test_k_points_share_one_search_per_set(sets, monkeypatch):
                  progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_scores_by_k_equal_each_k_scored_alone(dtype):
+    """The shared search's scores at every k, up to 1,000 over many database blocks, are
+    those each k's own scoring gives, bit for bit (GROOD, KNN, NNGuide)."""
+    from grood.neighbours import scores_by_k
+
+    x, y = clustered_features(3000, 20, 32, seed=7, spread=0.8, dtype=dtype)
+    q = clustered_features(700, 20, 32, seed=8, spread=1.0, dtype=dtype)[0]
+    means = torch.stack([x[y == c].mean(0) for c in range(20)])
+    ks = [1, 10, 300, 1000, 3]
+    det = GROOD(batch_size=256).fit(x, y)
+    got, preds = scores_by_k(det, q, ks)
+    assert torch.equal(preds, det.predict(q))
+    knn = KNN(batch_size=256).fit(x)
+    knn_got = knn._scores_by_k(q, ks)
+    guide = NNGuide(bank_fraction=0.5, batch_size=256).fit(x, weight=means,
+                                                           bias=-0.5 * (means**2).sum(1))
+    guide_got = guide._scores_by_k(q, ks)
+    for k in ks:
+        det.k, knn.k, guide.k = k, k, k
+        assert torch.equal(got[k], det.score_samples(q)), k
+        assert torch.equal(knn_got[k], knn.score_samples(q)), k
+        assert torch.equal(guide_got[k], guide.score_samples(q)), k
+
+
 def test_ivf_k_points_each_search_their_own(sets, monkeypatch):
     """An IVF search at the largest k refuses rows it found fewer than that k for, which a
     smaller k does not need: each point of an IVF detector searches on its own."""
