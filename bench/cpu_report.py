@@ -35,7 +35,8 @@ from functools import partial
 import torch
 
 from grood import __version__, functional
-from grood._bench.common import clustered_problem, interleaved_median_times, realistic_features
+from grood._bench.common import clustered_problem, interleaved_median_times
+from grood._bench.search import kth_distance_error, normalised_rows
 from grood._checks import positive_int_arg
 from grood.functional import NCP_CANDIDATES, gradient_class_block, gradient_tile_rows
 
@@ -89,12 +90,8 @@ def main() -> None:
     else:
         ncp_shapes = [(16384, 10, 512), (16384, 100, 512), (4096, 1000, 2048)]
         knn_shapes = [(1024, 50000, 512), (256, 100000, 2048)]
-    print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} | "
-          f"{torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
-          f"{args.repeat} rounds, op and baselines interleaved\n")
-    print("| op | shape | ms | GFLOP/s | torch.mm same FLOPs (ms) | op / mm | one pass x*2 (ms) "
-          "| op / pass | check |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    _header(args.repeat, "op and baselines interleaved")
+    _table_head()
     for n, c, d in ncp_shapes:
         h = torch.rand(n, d, generator=gen)
         protos = torch.rand(c, d, generator=gen)
@@ -116,21 +113,29 @@ def _search_k_table(shape: tuple[int, int, int], repeat: int) -> None:
     clustered rows (KNN's features), each checked first: its k-th distances against a float64
     search's, for 64 queries."""
     q, m, d = shape
-    db = torch.nn.functional.normalize(realistic_features(m, 100, d, seed=0, device="cpu")[0])
-    queries = torch.nn.functional.normalize(
-        realistic_features(q, 100, d, seed=1, device="cpu")[0])
+    queries, db = normalised_rows(q, m, d, "cpu")
+    _header(repeat, "op and baselines interleaved")
+    _table_head()
+    ks = [k for k in SEARCH_K if k <= m]
+    want = functional.knn(queries[:64].double(), db.double(), max(ks))[0]
+    for k in ks:
+        err = kth_distance_error(functional.knn(queries[:64], db, k)[0], want, k)
+        _row(repeat, f"knn k={k} | Q={q} M={m} D={d}", partial(functional.knn, queries, db, k),
+             queries, db, f"k-th distance max rel err vs fp64 {err:.1e}")
+
+
+def _header(repeat: int, how: str) -> None:
+    """The report's first line: versions, machine, date, and how its medians were taken."""
     print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} | "
           f"{torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
-          f"{repeat} rounds, op and baselines interleaved\n")
+          f"{repeat} rounds, {how}\n")
+
+
+def _table_head() -> None:
+    """The head of the ops' table, whose rows :func:`_row` prints."""
     print("| op | shape | ms | GFLOP/s | torch.mm same FLOPs (ms) | op / mm | one pass x*2 (ms) "
           "| op / pass | check |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for k in (k for k in SEARCH_K if k <= m):
-        got = functional.knn(queries[:64], db, k)[0][:, k - 1].double()
-        want = functional.knn(queries[:64].double(), db.double(), k)[0][:, k - 1]
-        err = float(((got - want).abs() / want.abs().clamp_min(1e-30)).max())
-        _row(repeat, f"knn k={k} | Q={q} M={m} D={d}", partial(functional.knn, queries, db, k),
-             queries, db, f"k-th distance max rel err vs fp64 {err:.1e}")
 
 
 def _row(repeat: int, label: str, op, a: torch.Tensor, b: torch.Tensor, check: str) -> None:
@@ -232,9 +237,7 @@ def _class_blocks_table(shapes: list[tuple[int, int, int]], repeat: int) -> None
     default (``FORMER_CLASS_BLOCK``) and each of ``CLASS_BLOCK_WIDTHS`` below C (blocks as
     the op cuts them: full width, then the rest), timed in turn; a width whose outputs differ
     from the default's in any bit raises."""
-    print(f"grood {__version__} | torch {torch.__version__} | {platform.processor() or 'cpu'} "
-          f"| {torch.get_num_threads()} threads | {date.today().isoformat()} | medians of "
-          f"{repeat} rounds, widths interleaved; clustered float32 features, ieee\n")
+    _header(repeat, "widths interleaved; clustered float32 features, ieee")
     print("| shape | class block | blocks | ms | this / default |")
     print("|---|---|---|---|---|")
     for n, c, d in shapes:

@@ -554,8 +554,8 @@ def _scores_by_k(kind: str, est: Any, points: list[dict[str, Any]], id_set: Any,
 
 def _metrics(scores: list[np.ndarray], ood_sets: Mapping[str, Any]
              ) -> dict[str, dict[str, float]]:
-    """Each OOD set's metrics against the ID set from :func:`_scores_by_k`'s scores of one
-    ``k`` (the ID set's first, then the OOD sets' in order)."""
+    """Each OOD set's metrics against the ID set, from each set's scores (the ID set's first,
+    then the OOD sets' in order)."""
     from grood.metrics import ood_metrics
 
     return {name: ood_metrics(scores[0], s) for name, s in zip(ood_sets, scores[1:], strict=True)}
@@ -565,7 +565,6 @@ def _measure(kind: str, est: Any, id_set: Any, ood_sets: Mapping[str, Any], mode
              device: Any) -> dict[str, dict[str, float]]:
     """Score the validation sets with ``est`` (fitted, at a point): each OOD set's metrics
     against the ID set."""
-    from grood.metrics import ood_metrics
 
     def scores(data: Any, name: str) -> np.ndarray:
         with prefixed_errors(name):
@@ -577,5 +576,5 @@ def _measure(kind: str, est: Any, id_set: Any, ood_sets: Mapping[str, Any], mode
 
             return baseline_scores({est.display_name: est}, data, device)[est.display_name]
 
-    id_scores = scores(id_set, "id_val")
-    return {name: ood_metrics(id_scores, scores(data, name)) for name, data in ood_sets.items()}
+    return _metrics([scores(id_set, "id_val"),
+                     *(scores(data, name) for name, data in ood_sets.items())], ood_sets)

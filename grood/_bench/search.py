@@ -209,10 +209,7 @@ def search_k_table(device: str, backends: list[str], tiny: bool,
            "distance max rel err vs fp64 |")
     yield "|---|---|---|---|---|---|---|---|---|---|---|"
     for name, q, m, d in (TINY_SEARCH_K_SHAPES if tiny else SEARCH_K_SHAPES):
-        db = torch.nn.functional.normalize(realistic_features(m, 100, d, seed=0,
-                                                              device=device)[0])
-        queries = torch.nn.functional.normalize(realistic_features(q, 100, d, seed=1,
-                                                                   device=device)[0])
+        queries, db = normalised_rows(q, m, d, device)
         ks = [k for k in SEARCH_KS if k <= m // 4]
         want = functional.knn(queries[:64].double(), db.double(), max(ks))[0]
         for precision in SEARCH_K_PRECISIONS:
@@ -220,15 +217,29 @@ def search_k_table(device: str, backends: list[str], tiny: bool,
                 op = ops.get_op("knn", backend)
                 t_one = None
                 for k in ks:
-                    got = op(queries[:64], db, k, precision=precision)[0][:, k - 1].double()
-                    ref = want[:, k - 1]
-                    err = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+                    err = kth_distance_error(op(queries[:64], db, k, precision=precision)[0],
+                                             want, k)
                     t = median_time(partial(op, queries, db, k, precision=precision), device,
                                     repeat)
                     t_one = t if t_one is None else t_one
                     yield (f"| {name} | {q} | {m} | {d} | {backend} | {precision} | {k} | "
                            f"{t:.4f} | {q / t:,.0f} | {t / t_one:.2f}x | {err:.1e} |")
         del db, queries
+
+
+def normalised_rows(q: int, m: int, d: int, device: str) -> tuple[Tensor, Tensor]:
+    """``(queries [q, d], database [m, d])``: L2-normalised :func:`realistic_features` (seeds
+    1 and 0), as KNN searches its features."""
+    db = realistic_features(m, 100, d, seed=0, device=device)[0]
+    queries = realistic_features(q, 100, d, seed=1, device=device)[0]
+    return torch.nn.functional.normalize(queries), torch.nn.functional.normalize(db)
+
+
+def kth_distance_error(got: Tensor, want: Tensor, k: int) -> float:
+    """Largest relative error of the k-th distances ``got[:, k - 1]`` against a float64
+    search's ``want`` (at k or more neighbours, the same queries)."""
+    ref = want[:, k - 1]
+    return float(((got[:, k - 1].double() - ref).abs() / ref.abs().clamp_min(1e-30)).max())
 
 
 def _search_variants(backends: list[str], precision: str, storage: torch.dtype, n_q: int):

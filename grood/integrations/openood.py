@@ -44,6 +44,7 @@ from grood.detector import GROOD
 from grood.errors import NotFittedError
 from grood.extract import FeatureExtractor, split_batch
 from grood.integrations import check_grood_kwargs
+from grood.neighbours import check_within_index, scores_by_k
 
 try:  # OpenOOD is optional (and not on PyPI): its base class when it imports
     from openood.postprocessors.base_postprocessor import BasePostprocessor as _Base
@@ -350,7 +351,9 @@ class GROODPostprocessor(_Base):
             return None
         ks = [int(v) for name, values in self.args_dict.items() if name in SWEEP_K
               for v in values]  # (checked by _config_sweep)
-        if max(ks) > sum(self.detector.shard_sizes_):  # (refused when its turn comes)
+        try:
+            check_within_index(self.detector, max(ks), "k")
+        except ValueError:  # (refused when its turn comes)
             return None
         return ks if len(set(ks)) > 1 and self.detector.k in ks else None
 
@@ -359,8 +362,6 @@ class GROODPostprocessor(_Base):
                ks: list[int]) -> bool:
         """Score ``data_loader`` at every k of ``ks`` in one pass into ``_swept``; False
         where the detector's index cannot (IVF)."""
-        from grood.neighbours import scores_by_k
-
         extractor = self._extractor(net)
         preds: list[torch.Tensor] = []
         confs: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
