@@ -340,9 +340,11 @@ def plot_histograms(scores: Mapping[str, Mapping[str, np.ndarray]],
 def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
                      path: str | os.PathLike, *, method: str = "GROOD") -> Path:
     """``method``'s metrics minus each baseline's with their paired intervals, as a forest
-    plot: a panel per metric, a row per OOD set (top to bottom as given), per baseline a
-    marker at the difference and a bar over its interval, and a line at 0 (an interval that
-    crosses it does not resolve the two methods).
+    plot: a panel per metric side by side, each OOD set a block of rows (top to bottom as
+    given) headed by its name, a row per baseline named on the left, on it a marker at the
+    difference and a bar over its interval, and a line at 0. The colour says what the
+    interval resolves: blue, ``method`` better (clear of 0 on its side); red diamonds, the
+    baseline better; grey open circles, not resolved (the interval includes 0).
 
     Args:
         differences: ``differences[set][baseline][metric] = (difference, low, high)``, as
@@ -383,28 +385,56 @@ def plot_differences(differences: Mapping[str, Mapping[str, Mapping[str, Sequenc
                                      "finite (difference, low, high) with low <= high, got "
                                      f"{entry[metric]!r}")
                 values[i, j, m] = v
-    fig, axes = _grid(figure, len(metrics), (5.4, 1.2 + 0.3 * len(sets) * len(baselines)),
-                      per_row=2)
-    colors = _colors(len(baselines) + 1)[1:]  # the baselines' colours in plot_roc
-    step = 0.8 / len(baselines)
+    fig, axes, rows = _forest_axes(figure, sets, baselines, len(metrics))
+    kinds = [(f"{method} better (interval clear of 0)", "tab:blue", "o"),
+             ("baseline better (interval clear of 0)", "tab:red", "D"),
+             ("not resolved (interval includes 0)", "0.55", "o")]
+    present = np.zeros(len(kinds), dtype=bool)
     for m, (ax, metric) in enumerate(zip(axes, metrics, strict=True)):
-        for j, (color, base) in enumerate(zip(colors, baselines, strict=True)):
-            y = -np.arange(len(sets)) - (j - (len(baselines) - 1) / 2) * step
-            d, lo, hi = (100 * values[:, j, m, c] for c in range(3))
-            ax.hlines(y, lo, hi, color=color, lw=1.8)
-            ax.plot(d, y, "o", color=color, ms=5, label=base)
+        d, lo, hi = (100 * values[:, :, m, c] for c in range(3))
+        better, worse = (hi < 0, lo > 0) if metric == "fpr95" else (lo > 0, hi < 0)
+        for k, (mask, (label, color, marker)) in enumerate(
+                zip((better, worse, ~(better | worse)), kinds, strict=True)):
+            present[k] |= bool(mask.any())
+            ax.hlines(rows[mask], lo[mask], hi[mask], color=color, lw=1.6)
+            ax.plot(d[mask], rows[mask], marker, ls="none", color=color, ms=5,
+                    mfc=color if k < 2 else "white", label=label)
         ax.axvline(0, color="0.3", lw=0.9, ls="--")
-        for i in range(1, len(sets)):  # between one set's bars and the next's
-            ax.axhline(-i + 0.5, color="0.85", lw=0.8)
+        ax.grid(axis="x", color="0.9", lw=0.6)
         side = "left" if metric == "fpr95" else "right"
-        ax.set(yticks=-np.arange(len(sets)), yticklabels=sets, ylim=(-len(sets) + 0.5, 0.5),
-               xlabel=f"{method} minus baseline (points)",
-               title=f"{METRIC_LABELS[metric]} ({side} of 0: {method} better)")
+        ax.set(title=METRIC_LABELS[metric],
+               xlabel=f"{method} minus baseline (points)\n{side} of 0: {method} better")
     fig.tight_layout()
     # One legend for all panels, above them (in a panel it would cover the bars).
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(baselines),
-               bbox_to_anchor=(0.5, 1.0), fontsize=9, title="baseline", title_fontsize=9)
-    return _save(fig, path, bbox_inches="tight")  # the legend and long set names included
+    handles, labels = axes[0].get_legend_handles_labels()
+    keep = [k for k in range(len(kinds)) if present[k]]
+    fig.legend([handles[k] for k in keep], [labels[k] for k in keep], loc="lower center",
+               ncol=len(keep), bbox_to_anchor=(0.5, 1.0), fontsize=9)
+    return _save(fig, path, bbox_inches="tight")  # the legend and long names included
+
+
+def _forest_axes(figure: Any, sets: Sequence[str], baselines: Sequence[str], panels: int
+                 ) -> tuple[Any, list[Any], np.ndarray]:
+    """The figure of :func:`plot_differences`: ``panels`` panels side by side sharing one
+    vertical axis, on which each set is a block of rows top to bottom as given, its name (in
+    bold) above a row per baseline (named), the blocks apart by a line. Returns the figure,
+    the panels and the rows' heights [sets, baselines]."""
+    rows = np.empty((len(sets), len(baselines)))
+    for i in range(len(sets)):
+        rows[i] = -i * (len(baselines) + 1.6) - 1 - np.arange(len(baselines))
+    fig = figure(figsize=(3.6 * panels, 1.5 + 0.22 * -rows[-1, -1]))
+    axes = list(fig.subplots(1, panels, sharey=True, squeeze=False)[0])
+    axes[0].set(yticks=rows.ravel(), ylim=(rows[-1, -1] - 0.8, 0.8))
+    axes[0].set_yticklabels(list(baselines) * len(sets))
+    for i, name in enumerate(sets):  # where a tick label would be, in bold
+        axes[0].annotate(name, xy=(0, rows[i, 0] + 1), xycoords=("axes fraction", "data"),
+                         xytext=(-4, 0), textcoords="offset points", ha="right",
+                         va="center", fontweight="bold")
+    for ax in axes:
+        ax.tick_params(axis="y", length=0)
+        for i in range(1, len(sets)):  # between one set's block and the next
+            ax.axhline(rows[i - 1, -1] - 0.8, color="0.75", lw=0.8)
+    return fig, axes, rows
 
 
 def _log_histograms(ax: Any, by_set: Mapping[str, np.ndarray]) -> None:

@@ -519,9 +519,11 @@ def test_plots_mark_a_decision_threshold(tmp_path, monkeypatch):
 
 
 def test_differences_are_drawn_as_a_forest_plot(tmp_path, monkeypatch):
-    """plot_differences: a panel per metric, per baseline a marker at each set's difference
-    and a bar over its interval, in points, the sets top to bottom as given, a line at 0;
-    ragged or malformed input is refused by name."""
+    """plot_differences: a panel per metric side by side, each set a block of rows (top to
+    bottom as given) headed by its name in bold, every baseline named on its own row (not a
+    colour to look up: past ten baselines the colours repeated), a marker at the difference
+    and a bar over its interval, in points, coloured by what the interval resolves (FPR@95's
+    better side the left); ragged or malformed input is refused by name."""
     pytest.importorskip("matplotlib")
     from grood import report
 
@@ -529,22 +531,44 @@ def test_differences_are_drawn_as_a_forest_plot(tmp_path, monkeypatch):
     differences = {
         "near": {"KNN": {"auroc": (0.02, -0.01, 0.05), "fpr95": (-0.1, -0.2, 0.0)},
                  "MSP": {"auroc": (0.10, 0.06, 0.13), "fpr95": (-0.3, -0.4, -0.2)}},
-        "far": {"KNN": {"auroc": (0.01, 0.0, 0.02), "fpr95": (0.0, -0.05, 0.05)},
+        "far": {"KNN": {"auroc": (-0.01, -0.03, -0.005), "fpr95": (0.1, 0.05, 0.15)},
                 "MSP": {"auroc": (0.20, 0.15, 0.25), "fpr95": (-0.5, -0.6, -0.4)}},
     }
     path = report.plot_differences(differences, tmp_path / "d.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
-    axes = drawn[0].axes
-    assert [ax.get_title() for ax in axes] == ["AUROC (right of 0: GROOD better)",
-                                               "FPR@95 (left of 0: GROOD better)"]
-    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["near", "far"]
-    assert axes[1].get_xlabel() == "GROOD minus baseline (points)"
-    markers = [ln for ln in axes[0].lines if ln.get_marker() == "o"]
-    assert [ln.get_label() for ln in markers] == ["KNN", "MSP"]
-    np.testing.assert_allclose(markers[1].get_xdata(), [10.0, 20.0])
-    bars = axes[0].collections[1].get_segments()  # MSP's intervals
+    fig = drawn[0]
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["AUROC", "FPR@95"]
+    assert axes[1].get_xlabel() == "GROOD minus baseline (points)\nleft of 0: GROOD better"
+    assert axes[0].get_xlabel().endswith("right of 0: GROOD better")
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["KNN", "MSP", "KNN", "MSP"]
+    rows = axes[0].get_yticks()
+    heads = [(t.get_text(), t.xy[1], t.get_fontweight()) for t in axes[0].texts]
+    assert [h[0] for h in heads] == ["near", "far"] and {h[2] for h in heads} == {"bold"}
+    assert heads[0][1] > rows[0] > rows[1] > heads[1][1] > rows[2] > rows[3]
+    assert axes[1].get_shared_y_axes().joined(axes[0], axes[1])
+
+    def drawn_as(ax, kind):
+        line = next(ln for ln in ax.lines if ln.get_label().startswith(kind))
+        return list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+
+    auroc_better = drawn_as(axes[0], "GROOD better")
+    np.testing.assert_allclose(auroc_better, [(10.0, rows[1]), (20.0, rows[3])])
+    np.testing.assert_allclose(drawn_as(axes[0], "baseline better"), [(-1.0, rows[2])])
+    np.testing.assert_allclose(drawn_as(axes[0], "not resolved"), [(2.0, rows[0])])
+    np.testing.assert_allclose(drawn_as(axes[1], "GROOD better"),
+                               [(-30.0, rows[1]), (-50.0, rows[3])])
+    np.testing.assert_allclose(drawn_as(axes[1], "baseline better"), [(10.0, rows[2])])
+    np.testing.assert_allclose(drawn_as(axes[1], "not resolved"), [(-10.0, rows[0])])
+    bars = axes[0].collections[0].get_segments()  # the intervals GROOD wins
     np.testing.assert_allclose([seg[:, 0] for seg in bars], [[6.0, 13.0], [15.0, 25.0]])
-    assert bars[0][0, 1] > bars[1][0, 1]  # near above far, as given
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "GROOD better (interval clear of 0)", "baseline better (interval clear of 0)",
+        "not resolved (interval includes 0)"]
+    report.plot_differences({"near": differences["near"]}, tmp_path / "one.png")
+    assert [t.get_text() for t in drawn[1].legends[0].get_texts()] == [
+        "GROOD better (interval clear of 0)", "not resolved (interval includes 0)"]
     for bad, message in (
             ({}, "differences is empty"),
             ({"near": differences["near"], "far": {"KNN": differences["far"]["KNN"]}},
