@@ -170,6 +170,11 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i) if n <= 20 else cmap(i / (n - 1)) for i in range(n)]
 
 
+#: Legend entries (methods and their marked thresholds) :func:`plot_roc` keeps inside a
+#: panel, in its lower right corner where ROC curves leave room.
+ROC_LEGEND_INSIDE = 8
+
+
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
              ood_names: Sequence[str], path: str | os.PathLike,
              thresholds: Mapping[str, tuple[float, float]] | None = None) -> Path:
@@ -193,12 +198,20 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
     path = _target(path)
     scores = _checked(scores, [id_name, *ood_names])
     thresholds = _checked_thresholds(thresholds, scores)
-    fig, axes = _grid(figure, len(ood_names), (5.0, 4.6))
+    # Beyond ROC_LEGEND_INSIDE entries the legend goes beside each panel (inside, it covered
+    # the curves and the title), and the curves' styles alternate so that neighbouring
+    # colours of a long list stay apart.
+    entries = len(scores) + len(thresholds)
+    beside = entries > ROC_LEGEND_INSIDE
+    fig, axes = _grid(figure, len(ood_names),
+                      (8.0, max(4.6, 1.2 + 0.17 * entries)) if beside else (5.0, 4.6))
     colors = _colors(len(scores))
+    styles = ["-", "--", "-.", ":"] if len(scores) > 10 else ["-"]
     for ax, ood in zip(axes, ood_names, strict=True):
-        for color, (method, by_set) in zip(colors, scores.items(), strict=True):
+        for i, (color, (method, by_set)) in enumerate(zip(colors, scores.items(),
+                                                          strict=True)):
             fpr, tpr = roc_curve(by_set[id_name], by_set[ood])
-            line, = ax.plot(fpr, tpr, lw=1.6, color=color,
+            line, = ax.plot(fpr, tpr, lw=1.6, color=color, ls=styles[i % len(styles)],
                             label=f"{method} ({100 * trapezoid(tpr, fpr):.1f})")
             if method in thresholds:
                 t, kept = thresholds[method]
@@ -209,9 +222,11 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str,
         ax.axhline(0.95, color="0.8", lw=0.8, ls=":")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (ID flagged as OOD)",
                ylabel="true positive rate (OOD detected)", title=f"{id_name} vs {ood}")
-        ax.legend(loc="lower right", fontsize=8, title="method (AUROC %)", title_fontsize=8)
+        ax.legend(fontsize=8, title="method (AUROC %)", title_fontsize=8,
+                  **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if beside
+                     else {"loc": "lower right"}))
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, bbox_inches="tight")
 
 
 def _save(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:

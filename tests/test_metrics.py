@@ -1,6 +1,7 @@
 """grood.metrics against scikit-learn, on data with many ties."""
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -582,7 +583,7 @@ def test_differences_are_drawn_as_a_forest_plot(tmp_path, monkeypatch):
 
 def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
     """Past matplotlib's 10-colour cycle an 11th dataset took the ID set's colour; a long
-    legend goes beside the panel rather than over the histograms."""
+    legend goes beside the panel rather than over the histograms or the ROC curves."""
     pytest.importorskip("matplotlib")
     from matplotlib.colors import to_rgba
 
@@ -600,6 +601,17 @@ def test_every_dataset_and_method_gets_its_own_colour(tmp_path, monkeypatch):
     assert len({to_rgba(ln.get_color()) for ln in curves}) == len(methods)
     legend = drawn[0].axes[0].get_legend()
     assert legend.get_bbox_to_anchor().x0 > drawn[0].axes[0].get_window_extent().x1
+    # ROC curves of many methods: the legend beside the panel (inside, 22 entries covered
+    # the curves and the panel's title), neighbouring curves apart by their style too.
+    roc = drawn[1].axes[0]
+    assert roc.get_legend().get_bbox_to_anchor().x0 > roc.get_window_extent().x1
+    assert all(a.get_linestyle() != b.get_linestyle() for a, b in pairwise(curves))
+    report.plot_roc({f"method{i}": sets for i in range(3)}, "set0", ["set1"],
+                    tmp_path / "r3.png")
+    few = drawn[2].axes[0]
+    assert few.get_legend().get_window_extent().x1 <= few.get_window_extent().x1 + 1
+    assert {ln.get_linestyle() for ln in few.lines if ln.get_label().startswith("method")} \
+        == {"-"}
     assert all(len(set(map(to_rgba, report._colors(n)))) == n for n in (1, 10, 11, 20, 21, 40))
     assert report._colors(3) == ["C0", "C1", "C2"]  # the default cycle where it suffices
 
