@@ -1886,6 +1886,20 @@ def test_tune_search_table():
     assert all(float(r[2].removesuffix(" s")) > 0 and r[5] == "1" for r in rows)
 
 
+def test_bootstrap_speed_table():
+    """bench/bootstrap_speed.py --small: grood's resamples against ood_metrics and
+    scikit-learn on the same draws (the script checks their metrics agree first), for
+    distinct and tied scores."""
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parents[1] / "bench" / "bootstrap_speed.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--repeat", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| small")]
+    assert [r[1] for r in rows] == ["distinct", "rounded to 0.01"]
+    assert all(float(r[c].removesuffix(" ms")) > 0 for r in rows for c in (2, 3, 5))
+
+
 def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
     """An output named like an input (directly or through a link) is refused before any
     work, for every command; output names are checked before scoring; an upper-case .NPY is

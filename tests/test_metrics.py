@@ -348,21 +348,45 @@ def test_bootstrap_intervals_cover_the_true_fpr95_on_small_sets():
 
 
 def test_resamples_as_counts_equal_the_resampled_arrays_bit_for_bit():
-    """The bootstrap scores each resample from the scores sorted once, weighted by how often
-    each sample was drawn: on tied and untied scores, sets of 1 to 40 rows, the metrics equal
-    ood_metrics of the resampled arrays exactly."""
+    """The bootstrap scores each resample from the scores sorted once, counting each run of
+    equal scores the draws fill: on tied and untied scores, sets of 1 to 40 rows, the metrics
+    equal ood_metrics of the resampled arrays exactly, resample after resample of one sorted
+    set (whose work rows each resample reuses), and the set's own ROC curve, taken first,
+    stays as it was."""
     from grood.metrics import _Ranked
 
     rng = np.random.default_rng(5)
-    for trial in range(120):
+    for trial in range(60):
         n_id, n_ood = (int(v) for v in rng.integers(1, 40, 2))
         a = rng.integers(0, 5, n_id).astype(float) if trial % 2 else rng.normal(size=n_id)
         b = rng.integers(0, 5, n_ood).astype(float) if trial % 3 else rng.normal(size=n_ood)
-        i, o = rng.integers(0, n_id, n_id), rng.integers(0, n_ood, n_ood)
-        counts = np.r_[np.bincount(i, minlength=n_id), np.bincount(o, minlength=n_ood)]
-        for level in (0.95, 0.5):
-            assert (_Ranked(a, b).metrics(counts.astype(np.float64), level)
-                    == ood_metrics(a[i], b[o], recall_level=level)), trial
+        ranked = _Ranked(a, b)
+        fpr, tpr = ranked.roc(*ranked.counts())[:2]
+        kept = fpr.copy(), tpr.copy()
+        for _ in range(4):
+            i, o = rng.integers(0, n_id, n_id), rng.integers(0, n_ood, n_ood)
+            for level in (0.95, 0.5):
+                assert (ranked.metrics(*ranked.counts(i, o), level)
+                        == ood_metrics(a[i], b[o], recall_level=level)), trial
+        np.testing.assert_array_equal(fpr, kept[0])
+        np.testing.assert_array_equal(tpr, kept[1])
+        np.testing.assert_array_equal(np.c_[fpr, tpr], np.c_[roc_curve(a, b)])
+
+
+def test_resampled_sets_equal_the_resampled_arrays_bit_for_bit():
+    """resampled_set_metrics of one ID set against several OOD sets: each resample's metrics
+    equal ood_metrics of the arrays its draws pick (the ID draws shared by every set, then
+    each set's, from one generator), bit for bit."""
+    rng = np.random.default_rng(8)
+    ids = np.round(rng.normal(1, 1, 300), 1)
+    sets = [rng.normal(0, 1, 120), np.round(rng.normal(0.5, 1, 80), 1)]
+    out = resampled_set_metrics(ids, sets, n_boot=100, seed=3)
+    draw = np.random.default_rng(3)
+    for b in range(100):
+        i = draw.integers(0, ids.size, ids.size)
+        for j, ood in enumerate(sets):
+            o = draw.integers(0, ood.size, ood.size)
+            assert {k: v[b] for k, v in out[j].items()} == ood_metrics(ids[i], ood[o]), (b, j)
 
 
 def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
