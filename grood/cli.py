@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -642,6 +643,23 @@ def _unfitted_baselines(args: argparse.Namespace) -> dict[str, Any]:
     return {key: EVAL_BY_NAME[key][0](**given.get(key, {})) for key in args.baselines}
 
 
+def _fit_error(key: str, exc: Exception) -> Exception:
+    """``exc`` from fitting ``--baselines key``, the baseline named (``--baselines all``
+    fits many) and, where the message names one of its parameters, the options that set
+    them (the message speaks of ``k``, the command line of ``--knn-k``)."""
+    text = str(exc)
+    if type(exc) not in (ValueError, TypeError):
+        return exc
+    if f"--baselines {key}" not in text:
+        text = f"--baselines {key}: {text}"
+    options = [(f"--{option.replace('_', '-')}", param)
+               for option, (k, param) in BASELINE_OPTIONS.items() if k == key]
+    if any(re.search(rf"(?<![-\w]){param}\b", text) for _, param in options) and \
+            not any(option in text for option, _ in options):
+        text += " (options: " + ", ".join(f"{o} sets {param}" for o, param in options) + ")"
+    return type(exc)(text)
+
+
 def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
                    n_classes: int) -> list[Any]:
     """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
@@ -709,7 +727,13 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
                   unit="baselines", enabled=None if estimators else False) as bar:
         for key, est in estimators.items():
             bar.set_postfix(baseline=type(est).__name__)
-            fit_one(key, est)
+            try:
+                fit_one(key, est)
+            except (ValueError, TypeError) as exc:
+                named = _fit_error(key, exc)
+                if named is exc:
+                    raise
+                raise named from exc
             bar.update(1)
     return list(estimators.values())
 

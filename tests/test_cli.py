@@ -1102,6 +1102,42 @@ def test_eval_fits_klm_she_dice_fdbd_scale_nnguide_on_the_training_file(tmp_path
             "--train" in capsys.readouterr().err)
 
 
+def test_eval_names_the_baseline_a_fit_refuses_and_its_options(tmp_path, capsys):
+    """A baseline's fit refusing its parameters under grood eval names the baseline (with
+    --baselines all, one of eighteen) and the options that set the parameters its message
+    speaks of; a refusal that names no parameter gets no options."""
+    x, y = clustered_features(200, 4, 8, seed=3, dtype=torch.float32)
+    means = torch.stack([x[:120][y[:120] == c].mean(0) for c in range(4)])
+    logits = x[:120] @ means.T - 0.5 * (means * means).sum(1)  # nearest class mean
+    _write(tmp_path / "train.npz", features=x[:120], labels=y[:120], logits=logits)
+    _write(tmp_path / "test.npz", features=x[120:160])
+    _write(tmp_path / "ood.npz", features=x[160:] + 3.0)
+    det = tmp_path / "det.safetensors"
+    assert main(["fit", str(tmp_path / "train.npz"), "-o", str(det)]) == 0
+    capsys.readouterr()
+    base = ["eval", str(det), "--id", str(tmp_path / "test.npz"), "--ood",
+            str(tmp_path / "ood.npz"), "--train", str(tmp_path / "train.npz"), "--baselines"]
+    for args, said in (
+            (["knn", "--knn-k", "500"],
+             "--baselines knn: " + str(tmp_path / "train.npz") + ": k=500 needs 1 <= k <= 120 "
+             "training samples (options: --knn-k sets k)"),
+            (["knn", "nnguide", "--nnguide-k", "5"],
+             "--baselines nnguide: " + str(tmp_path / "train.npz") + ": the bank holds 1 "
+             "training row(s) (bank_fraction=0.01 of 120), fewer than k=5: raise "
+             "bank_fraction or lower k (options: --nnguide-k sets k, --nnguide-bank sets "
+             "bank_fraction)"),
+            (["vim", "--vim-dim", "8"], "--baselines vim: " + str(tmp_path / "train.npz")
+             + ": --vim-dim 8: ViM's principal space must leave part of the 8 feature "
+             "dimensions outside it\n")):
+        assert main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert said in err, err
+    _write(tmp_path / "train.npz", features=x[:120], logits=logits)
+    assert main([*base, "she"]) == 2
+    err = capsys.readouterr().err
+    assert "--baselines she fits one mean per class" in err and "options" not in err
+
+
 def test_eval_counts_the_baselines_it_fits_and_scores(tmp_path, capsys, monkeypatch):
     """At ImageNet scale each baseline's fit and its scoring of each set take seconds to
     minutes: grood eval counts them as they finish, naming the baseline (and the set), as
