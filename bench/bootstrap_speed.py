@@ -3,7 +3,9 @@
 by run of equal scores) against the same resamples scored as arrays, by
 :func:`grood.ood_metrics` (one sort per resample) and, where it is installed, by
 scikit-learn (``roc_auc_score``, ``roc_curve`` and two ``precision_recall_curve`` areas per
-resample: what a bootstrap is otherwise written with).
+resample: what a bootstrap is otherwise written with). Then six methods' resamples
+(:func:`grood.metrics.resampled_methods`, as ``grood eval --bootstrap`` runs GROOD and its
+baselines) in one thread against one per CPU.
 
 Every resample draws the same indices in the three (the generator of
 ``resampled_set_metrics``, seeded alike), and their metrics are checked first: grood's equal
@@ -27,7 +29,14 @@ import numpy as np
 import grood
 from grood._bench.common import interleaved_median_times
 from grood._checks import positive_int_arg
-from grood.metrics import MIN_RESAMPLES, ood_metrics, resampled_set_metrics
+from grood.metrics import (
+    MIN_RESAMPLES,
+    THREADED_SCORES,
+    cpus_available,
+    ood_metrics,
+    resampled_methods,
+    resampled_set_metrics,
+)
 
 #: (label, ID scores, OOD scores): the README's figure, then OpenOOD v1.5's ImageNet-1k ID
 #: test set against SSB-hard (near-OOD, its largest) and CIFAR-10's test set against CIFAR-100.
@@ -120,6 +129,34 @@ def main() -> None:
             print(f"| {label}: {n_id:,} x {n_ood:,} | {'rounded to 0.01' if ties else 'distinct'}"
                   f" | {times[0]:.2f} ms | {times[1]:.2f} ms | {times[1] / times[0]:.1f}x "
                   f"| {skl} |")
+
+    threads_table(shapes, args.resamples, args.repeat)
+
+
+def threads_table(shapes: list[tuple[str, int, int]], n_boot: int, repeat: int) -> None:
+    """Six methods' resamples (``resampled_methods``, as ``grood eval --bootstrap`` runs
+    them for GROOD and five baselines) one after another against side by side in threads,
+    and what the default chooses; the values checked equal first."""
+    workers = cpus_available()
+    print(f"\nsix methods on the same samples (`resampled_methods`), {n_boot} resamples each, "
+          f"one thread against {workers} (this process's CPUs); the default takes threads "
+          f"where a set holds {THREADED_SCORES:,} scores or more\n")
+    print("| ID x OOD scores | one thread | threads | ratio | default |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(2)
+    for label, n_id, n_ood in shapes:
+        methods = {f"m{i}": (rng.normal(1.0, 1.0, n_id), [rng.normal(0.0, 1.0, n_ood)])
+                   for i in range(6)}
+        one, many = (resampled_methods(methods, n_boot=n_boot, workers=w) for w in (1, workers))
+        if any(not np.array_equal(a[k], b[k]) for m in methods
+               for a, b in zip(one[m], many[m], strict=True) for k in a):
+            raise SystemExit(f"{label}: the threads' resamples differ from one thread's")
+        t_one, t_many = interleaved_median_times(
+            [partial(resampled_methods, methods, n_boot=n_boot, workers=w)
+             for w in (1, workers)], "cpu", repeat)
+        default = "threads" if n_id + n_ood >= THREADED_SCORES else "one thread"
+        print(f"| {label}: {n_id:,} x {n_ood:,} | {t_one:.2f} s | {t_many:.2f} s "
+              f"| {t_one / t_many:.2f}x | {default} |")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from grood._progress import progress
 from grood.environment import environment
 from grood.errors import require
 from grood.extract import FeatureExtractor
-from grood.metrics import mean_of_sets, paired_difference, resampled_set_metrics
+from grood.metrics import mean_of_sets, paired_difference, resampled_methods
 from grood.model_baselines import scores_inputs
 from grood.persistence import written_atomically
 from grood.prototypes import OODPrototypeSource
@@ -326,11 +326,10 @@ def paired_differences(scores: dict[str, dict[str, np.ndarray]],
     seed 0; the ID set drawn once per resample for both sets), as
     :func:`grood.report.plot_differences` draws them."""
     labels = [_short(o) for o in ood_names] + [f"mean of {len(ood_names)} sets"]
-    resampled = {}
-    for method in (COMPARED, *baselines):
-        per = resampled_set_metrics(scores[method][id_name],
-                                    [scores[method][o] for o in ood_names], n_boot=RESAMPLES)
-        resampled[method] = [*per, mean_of_sets(per)]
+    every = resampled_methods({method: (scores[method][id_name],
+                                        [scores[method][o] for o in ood_names])
+                               for method in (COMPARED, *baselines)}, n_boot=RESAMPLES)
+    resampled = {method: [*per, mean_of_sets(per)] for method, per in every.items()}
     point = {method: [results[method][o] for o in ood_names] for method in resampled}
     for per_set in point.values():
         per_set.append(mean_of_sets(per_set))

@@ -686,10 +686,10 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
     what each baseline's entry on each row carries of it (:func:`baseline_accuracy`). A row per
     method under each file and under each mean over a group of files, the metrics averaged
     unweighted, as OpenOOD summarises them. Each method is resampled once for every file together
-    (:func:`grood.metrics.resampled_set_metrics`, the ID scores drawn once per resample for
-    all), so a mean's interval holds the ID set's shared error, and two methods' resamples,
-    drawn alike, pair."""
-    from grood.metrics import mean_of_sets, percentile_intervals, resampled_set_metrics
+    (:func:`grood.metrics.resampled_methods`, the ID scores drawn once per resample for
+    all; the methods side by side in threads), so a mean's interval holds the ID set's shared
+    error, and two methods' resamples, drawn alike, pair."""
+    from grood.metrics import mean_of_sets, percentile_intervals, resampled_methods
     from grood.report import METRIC_LABELS
 
     paths, methods = list(results), list(scores)
@@ -707,10 +707,11 @@ def _eval_rows(results: dict[str, dict[str, Any]], scores: dict[str, dict[str, A
                     [{k: per_set[p][k] for k in averaged} for p in members])
     resampled: dict[str, dict[str, Any]] = {}
     if n_boot is not None:
+        every = resampled_methods(
+            {name: (scores[name][id_key], [scores[name][k] for k in paths]) for name in methods},
+            n_boot=n_boot, progress=None)
         for name in methods:
-            per = resampled_set_metrics(scores[name][id_key], [scores[name][k] for k in paths],
-                                        n_boot=n_boot, progress=None)
-            resampled[name] = dict(zip(paths, per, strict=True))
+            resampled[name] = dict(zip(paths, every[name], strict=True))
             for label, members in layout:
                 if members:
                     resampled[name][label] = mean_of_sets(

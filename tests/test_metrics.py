@@ -389,6 +389,69 @@ def test_resampled_sets_equal_the_resampled_arrays_bit_for_bit():
             assert {k: v[b] for k, v in out[j].items()} == ood_metrics(ids[i], ood[o]), (b, j)
 
 
+def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
+    """resampled_methods: each method's resamples equal resampled_set_metrics' of its scores,
+    bit for bit, whatever the number of threads (one, two, one per method; the default one
+    per CPU this process may use, where the sets are long enough to gain, else one); one
+    progress bar counts every method's resamples; a bad method is named before any
+    resample, and an empty mapping is refused."""
+    import concurrent.futures
+
+    import grood.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    methods = {f"m{i}": (np.round(rng.normal(1, 1, 200), i), [rng.normal(0, 1, 90),
+                                                              rng.normal(0.5, 1, 60)])
+               for i in range(4)}
+    alone = {name: resampled_set_metrics(ids, oods, n_boot=150, seed=7)
+             for name, (ids, oods) in methods.items()}
+    for workers in (1, 2, 4, None):
+        got = metrics.resampled_methods(methods, n_boot=150, seed=7, workers=workers)
+        assert list(got) == list(methods)
+        for name in methods:
+            for a, b in zip(got[name], alone[name], strict=True):
+                assert a.keys() == b.keys()
+                assert all(np.array_equal(a[k], b[k]) for k in a), (workers, name)
+    counted = []
+
+    class Bar:
+        def __init__(self, total):
+            counted.append(total)
+
+        def update(self, n=1):
+            counted.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    pools = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(metrics, "cpus_available", lambda: 3)
+    metrics.resampled_methods(methods, n_boot=100)  # 290 and 260 scores a set: one thread
+    monkeypatch.setattr(metrics, "THREADED_SCORES", 275)
+    metrics.resampled_methods(methods, n_boot=100)  # (on average 275 a set: threads)
+    assert pools == [3]
+    monkeypatch.setattr("grood._progress.progress", lambda **kw: Bar(kw["total"]))
+    metrics.resampled_methods(methods, n_boot=100, workers=3, progress=True)
+    assert counted[0] == 400 and sum(counted[1:]) == 400
+    bad = {**methods, "m9": (methods["m0"][0], [np.r_[1.0, np.nan]])}
+    with pytest.raises(ValueError, match=r"^m9: ood_scores contains NaN or Inf at position\(s\) 1"):
+        metrics.resampled_methods(bad, n_boot=100)
+    with pytest.raises(ValueError, match="got an empty dict"):
+        metrics.resampled_methods({}, n_boot=100)
+    with pytest.raises(ValueError, match="n_boot=50 resamples"):
+        metrics.resampled_methods(methods, n_boot=50)
+
+
 def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
     """Method a scores 300 ID and 200 OOD samples (Gaussians one sd apart); b is a plus noise
     of one sd (AUROC 0.69 against 0.76 in expectation), m a plus noise of 0.5 sd (0.74), c a
