@@ -302,7 +302,7 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     Returns:
         dict: by method, per OOD set, each metric's [n_boot] values by metric.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from grood._progress import progress as progress_bar
 
@@ -322,10 +322,12 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
         sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
         workers = cpus_available() if sum(sizes) >= THREADED_SCORES * len(sizes) else 1
     workers = min(len(checked), workers)
-    lock = threading.Lock()
+    lock, stop = threading.Lock(), threading.Event()
     with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resample",
                       enabled=progress) as bar:
         def advance() -> None:
+            if stop.is_set():  # another method failed, or the caller was interrupted
+                raise _Stopped
             with lock:
                 bar.update(1)
 
@@ -334,11 +336,27 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
             return _resampled(sets[0], sets[1], n_boot, seed, recall_level, advance)
 
         if workers == 1:
-            out = [one(sets) for sets in checked.values()]
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                out = list(pool.map(one, checked.values()))
+            return {name: one(sets) for name, sets in checked.items()}
+        pool = ThreadPoolExecutor(workers)
+        try:
+            futures = [pool.submit(one, sets) for sets in checked.values()]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and not f.cancelled()
+                      and f.exception() is not None
+                      and not isinstance(f.exception(), _Stopped)]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            out = [f.result() for f in futures]
+        except BaseException:  # (Ctrl-C too) the other methods stop within a resample
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return dict(zip(checked, out, strict=True))
+
+
+class _Stopped(Exception):
+    """A method's resamples stopped because another's failed (:func:`resampled_methods`)."""
 
 
 def cpus_available() -> int:

@@ -452,6 +452,46 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
         metrics.resampled_methods(methods, n_boot=50)
 
 
+def test_a_method_that_fails_stops_the_others(monkeypatch):
+    """resampled_methods in threads: a method whose resamples fail raises its error, and the
+    methods running beside it stop within a resample rather than run to the end (an
+    interrupted grood eval --bootstrap would otherwise wait for every method)."""
+    import grood.metrics as metrics
+
+    rng = np.random.default_rng(6)
+    methods = {f"m{i}": (rng.normal(1, 1, 200 + i), [rng.normal(0, 1, 50)]) for i in range(4)}
+    counts = metrics._Ranked.counts
+    calls = {"m1": 0}
+
+    def failing(self, *draws):
+        if self.id_run.size == 201:  # m1's
+            calls["m1"] += 1
+            if calls["m1"] == 5:
+                raise ValueError("m1 broke")
+        return counts(self, *draws)
+
+    monkeypatch.setattr(metrics._Ranked, "counts", failing)
+    done = []
+
+    class Bar:
+        def __init__(self, **kw):
+            pass
+
+        def update(self, n=1):
+            done.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr("grood._progress.progress", Bar)
+    with pytest.raises(ValueError, match="m1 broke"):
+        metrics.resampled_methods(methods, n_boot=20000, workers=2)
+    assert sum(done) < 20000  # m0 (beside m1) stopped early; m2 and m3 never ran
+
+
 def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
     """Method a scores 300 ID and 200 OOD samples (Gaussians one sd apart); b is a plus noise
     of one sd (AUROC 0.69 against 0.76 in expectation), m a plus noise of 0.5 sd (0.74), c a
