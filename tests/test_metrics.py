@@ -389,6 +389,33 @@ def test_resampled_sets_equal_the_resampled_arrays_bit_for_bit():
             assert {k: v[b] for k, v in out[j].items()} == ood_metrics(ids[i], ood[o]), (b, j)
 
 
+class CountingBar:
+    """Stands in for grood's progress bar: the totals it was made with, its updates."""
+
+    def __init__(self):
+        self.totals, self.updates = [], []
+
+    @classmethod
+    def installed(cls, monkeypatch):
+        bar = cls()
+
+        def make(**kw):
+            bar.totals.append(kw.get("total"))
+            return bar
+
+        monkeypatch.setattr("grood._progress.progress", make)
+        return bar
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
     """resampled_methods: each method's resamples equal resampled_set_metrics' of its scores,
     bit for bit, whatever the number of threads (one, two, one per method; the default one
@@ -412,21 +439,6 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
             for a, b in zip(got[name], alone[name], strict=True):
                 assert a.keys() == b.keys()
                 assert all(np.array_equal(a[k], b[k]) for k in a), (workers, name)
-    counted = []
-
-    class Bar:
-        def __init__(self, total):
-            counted.append(total)
-
-        def update(self, n=1):
-            counted.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
     pools = []
 
     class Pool(concurrent.futures.ThreadPoolExecutor):
@@ -440,9 +452,9 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
     monkeypatch.setattr(metrics, "THREADED_SCORES", 275)
     metrics.resampled_methods(methods, n_boot=100)  # (on average 275 a set: threads)
     assert pools == [3]
-    monkeypatch.setattr("grood._progress.progress", lambda **kw: Bar(kw["total"]))
+    bar = CountingBar.installed(monkeypatch)
     metrics.resampled_methods(methods, n_boot=100, workers=3, progress=True)
-    assert counted[0] == 400 and sum(counted[1:]) == 400
+    assert bar.totals == [400] and sum(bar.updates) == 400
     bad = {**methods, "m9": (methods["m0"][0], [np.r_[1.0, np.nan]])}
     with pytest.raises(ValueError, match=r"^m9: ood_scores contains NaN or Inf at position\(s\) 1"):
         metrics.resampled_methods(bad, n_boot=100)
@@ -471,25 +483,10 @@ def test_a_method_that_fails_stops_the_others(monkeypatch):
         return counts(self, *draws)
 
     monkeypatch.setattr(metrics._Ranked, "counts", failing)
-    done = []
-
-    class Bar:
-        def __init__(self, **kw):
-            pass
-
-        def update(self, n=1):
-            done.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    monkeypatch.setattr("grood._progress.progress", Bar)
+    bar = CountingBar.installed(monkeypatch)
     with pytest.raises(ValueError, match="m1 broke"):
         metrics.resampled_methods(methods, n_boot=20000, workers=2)
-    assert sum(done) < 20000  # m0 (beside m1) stopped early; m2 and m3 never ran
+    assert sum(bar.updates) < 20000  # m0 (beside m1) stopped early; m2 and m3 never ran
 
 
 def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
