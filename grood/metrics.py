@@ -234,15 +234,18 @@ def bootstrap_difference(a: tuple[Any, Any], b: tuple[Any, Any], *, n_boot: int 
                     else type(pair).__name__)
             raise ValueError(f"{name} must be one method's (id_scores, ood_scores) pair, got "
                              f"{what}")
-    sizes = [tuple(_as_scores(s, name).size for s, name in zip(pair, ("id_scores", "ood_scores"),
-                                                                  strict=True))
-             for pair in (a, b)]
+    sizes = []
+    for name, pair in (("a", a), ("b", b)):
+        with prefixed_errors(name):  # (which method's scores are bad)
+            sizes.append(tuple(_as_scores(s, what).size for s, what in
+                               zip(pair, ("id_scores", "ood_scores"), strict=True)))
     if sizes[0] != sizes[1]:
         raise ValueError(f"the two methods scored different samples: {sizes[0][0]} ID and "
                          f"{sizes[0][1]} OOD scores against {sizes[1][0]} and {sizes[1][1]}; "
                          "the paired bootstrap needs each method's scores of the same rows")
-    ra, rb = (resampled_metrics(*pair, n_boot=n_boot, seed=seed, recall_level=recall_level,
-                                progress=progress) for pair in (a, b))
+    both = resampled_methods({"a": (a[0], [a[1]]), "b": (b[0], [b[1]])}, n_boot=n_boot,
+                             seed=seed, recall_level=recall_level, progress=progress)
+    ra, rb = both["a"][0], both["b"][0]
     return percentile_intervals({key: ra[key] - rb[key] for key in ra}, level)
 
 

@@ -518,6 +518,8 @@ def test_paired_bootstrap_resolves_a_better_method_and_not_an_equal_one():
         with pytest.raises(ValueError, match=r"^a must be one method's \(id_scores, "
                                              r"ood_scores\) pair, got " + said):
             bootstrap_difference(bad, b, n_boot=100)
+    with pytest.raises(ValueError, match=r"^b: ood_scores contains NaN or Inf at position"):
+        bootstrap_difference(a, (b[0], np.r_[b[1][:-1], np.inf]), n_boot=100)
 
 
 def test_bootstrap_is_seeded_and_checks_its_arguments():
