@@ -287,6 +287,11 @@ def resampled_set_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...],
 #: work between numpy's calls, which holds the interpreter's lock, outweighs what the threads
 #: share (2 threads on 2 cores: 0.81x at 5,000 scores, 1.16x at 20,000, 1.57x at 50,000).
 THREADED_SCORES = 20000
+#: Threads :func:`resampled_methods` takes by default at most: each holds its method's
+#: sorted sets and their work rows (128 bytes per score: 40 MB for OpenOOD's
+#: ImageNet-1k ID set against its five OOD sets), and the Python between numpy's calls runs
+#: one thread at a time however many there are.
+MAX_THREADS = 8
 
 
 def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ...]]], *,
@@ -296,9 +301,10 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     """:func:`resampled_set_metrics` of several methods' scores of the same samples, by name
     ``{method: (id_scores, [ood_scores, ...])}``: each method's resamples drawn alike (so
     they pair, as :func:`paired_difference` needs), the methods side by side in ``workers``
-    threads (default: one per CPU this process may run on, at most one per method, where the
-    sets are large enough to gain (:data:`THREADED_SCORES`), else one; numpy's element-wise
-    work runs outside Python's lock), one progress bar over all. The values
+    threads (default: one per CPU this process may run on, at most one per method and
+    :data:`MAX_THREADS`, where the sets are large enough to gain (:data:`THREADED_SCORES`),
+    else one; numpy's element-wise work runs outside Python's lock), one progress bar over
+    all. The values
     equal those of :func:`resampled_set_metrics` called for each method; every method's scores
     are checked, and a bad one named by its method, before any resample.
 
@@ -323,7 +329,8 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     n_boot, seed = check_positive_int(n_boot, "n_boot"), check_integer(seed, "seed")
     if workers is None:  # threads where each resample's arrays are long enough to gain
         sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
-        workers = cpus_available() if sum(sizes) >= THREADED_SCORES * len(sizes) else 1
+        workers = (min(cpus_available(), MAX_THREADS)
+                   if sum(sizes) >= THREADED_SCORES * len(sizes) else 1)
     workers = min(len(checked), workers)
     lock, stop = threading.Lock(), threading.Event()
     with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resample",
