@@ -271,6 +271,8 @@ def resampled_set_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...],
     ``seed``: with one set, the draws of :func:`resampled_metrics`; with several, each set's
     resamples follow the same distribution as alone but are other draws. The draws depend
     only on ``seed`` and the sizes, so two methods' resamples of the same sets pair up.
+    Several sets are scored side by side in threads where they are long enough to gain
+    (:data:`THREADED_SCORES`), each resample's draws made first, in the same order.
 
     Returns:
         list: per OOD set, each metric's [n_boot] values by metric.
@@ -278,8 +280,9 @@ def resampled_set_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...],
     from grood._progress import progress as progress_bar
 
     id_s, oods, n_boot, seed = _checked_sets(id_scores, ood_sets, n_boot, seed, recall_level)
+    threads = _threads([id_s.size + o.size for o in oods], None, len(oods))
     with progress_bar(total=n_boot, desc="bootstrap", unit="resample", enabled=progress) as bar:
-        return _resampled(id_s, oods, n_boot, seed, recall_level, bar.update)
+        return _resampled(id_s, oods, n_boot, seed, recall_level, bar.update, threads)
 
 
 #: Scores (ID and OOD together) a set's resample must hold, on average over the sets, for
@@ -327,11 +330,14 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
         with prefixed_errors(str(name)):
             checked[name] = _checked_sets(id_scores, ood_sets, n_boot, seed, recall_level)
     n_boot, seed = check_positive_int(n_boot, "n_boot"), check_integer(seed, "seed")
-    if workers is None:  # threads where each resample's arrays are long enough to gain
-        sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
-        workers = (min(cpus_available(), MAX_THREADS)
-                   if sum(sizes) >= THREADED_SCORES * len(sizes) else 1)
-    workers = min(len(checked), workers)
+    sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
+    if len(checked) == 1:  # one method: its sets side by side
+        (name, (id_s, oods, _, _)), = checked.items()
+        with progress_bar(total=n_boot, desc="bootstrap", unit="resample",
+                          enabled=progress) as bar:
+            return {name: _resampled(id_s, oods, n_boot, seed, recall_level, bar.update,
+                                     _threads(sizes, workers, len(oods)))}
+    workers = _threads(sizes, workers, len(checked))
     lock, stop = threading.Lock(), threading.Event()
     with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resample",
                       enabled=progress) as bar:
@@ -369,6 +375,16 @@ class _Stopped(Exception):
     """A method's resamples stopped because another's failed (:func:`resampled_methods`)."""
 
 
+def _threads(sizes: list[int], workers: int | None, tasks: int) -> int:
+    """Threads for ``tasks`` side by side over sets of ``sizes`` scores: ``workers`` where
+    given, else one per CPU (at most :data:`MAX_THREADS`) where the sets hold
+    :data:`THREADED_SCORES` scores on average, else one; never more than the tasks."""
+    if workers is None:
+        workers = (min(cpus_available(), MAX_THREADS)
+                   if sum(sizes) >= THREADED_SCORES * len(sizes) else 1)
+    return max(1, min(tasks, workers))
+
+
 def cpus_available() -> int:
     """The CPUs this process may run on (its affinity where the system reports it)."""
     try:
@@ -398,20 +414,34 @@ def _checked_sets(id_scores: Any, ood_sets: Any, n_boot: Any, seed: Any, recall_
 
 
 def _resampled(id_s: np.ndarray, oods: list[np.ndarray], n_boot: int, seed: int,
-               recall_level: float, advance: Callable[[], object]
+               recall_level: float, advance: Callable[[], object], threads: int = 1
                ) -> list[dict[str, np.ndarray]]:
     """The resamples of :func:`resampled_set_metrics` (arguments checked), ``advance`` called
-    after each."""
+    after each; the sets of a resample scored in ``threads`` threads (its draws made first,
+    in the order one thread makes them: the ID set's, then each OOD set's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ranked = [_Ranked(id_s, ood_s) for ood_s in oods]
     rng = np.random.default_rng(seed)
     values: list[dict[str, list[float]]] = [{} for _ in oods]
-    for _ in range(n_boot):
-        id_draws = rng.integers(0, id_s.size, id_s.size)
-        for ood_s, rank, out in zip(oods, ranked, values, strict=True):
-            runs = rank.counts(id_draws, rng.integers(0, ood_s.size, ood_s.size))
-            for key, value in rank.metrics(*runs, recall_level).items():
-                out.setdefault(key, []).append(value)
-        advance()
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        for _ in range(n_boot):
+            id_draws = rng.integers(0, id_s.size, id_s.size)
+            draws = [rng.integers(0, ood_s.size, ood_s.size) for ood_s in oods]
+
+            def scored(j: int, id_draws: np.ndarray = id_draws,
+                       draws: list[np.ndarray] = draws) -> dict[str, float]:
+                return ranked[j].metrics(*ranked[j].counts(id_draws, draws[j]), recall_level)
+
+            for out, got in zip(values, (pool.map if pool else map)(scored, range(len(oods))),
+                                strict=True):
+                for key, value in got.items():
+                    out.setdefault(key, []).append(value)
+            advance()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return [{key: np.array(v) for key, v in out.items()} for out in values]
 
 

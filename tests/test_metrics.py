@@ -419,9 +419,10 @@ class CountingBar:
 def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
     """resampled_methods: each method's resamples equal resampled_set_metrics' of its scores,
     bit for bit, whatever the number of threads (one, two, one per method; the default one
-    per CPU this process may use, where the sets are long enough to gain, else one); one
-    progress bar counts every method's resamples; a bad method is named before any
-    resample, and an empty mapping is refused."""
+    per CPU this process may use, where the sets are long enough to gain, else one; one
+    method's sets side by side, in resampled_set_metrics too); one progress bar counts every
+    method's resamples; a bad method is named before any resample, and an empty mapping is
+    refused."""
     import concurrent.futures
 
     import grood.metrics as metrics
@@ -452,6 +453,13 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
     monkeypatch.setattr(metrics, "THREADED_SCORES", 275)
     metrics.resampled_methods(methods, n_boot=100)  # (on average 275 a set: threads)
     assert pools == [3]
+    # One method: its two sets side by side, each resample's draws made first, in order.
+    ids, oods = methods["m1"]
+    for one in (metrics.resampled_set_metrics(ids, oods, n_boot=150, seed=7),
+                metrics.resampled_methods({"m1": (ids, oods)}, n_boot=150, seed=7)["m1"]):
+        for a, b in zip(one, alone["m1"], strict=True):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert pools == [3, 2, 2]
     bar = CountingBar.installed(monkeypatch)
     metrics.resampled_methods(methods, n_boot=100, workers=3, progress=True)
     assert bar.totals == [400] and sum(bar.updates) == 400
