@@ -306,10 +306,11 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     they pair, as :func:`paired_difference` needs), the methods side by side in ``workers``
     threads (default: one per CPU this process may run on, at most one per method and
     :data:`MAX_THREADS`, where the sets are large enough to gain (:data:`THREADED_SCORES`),
-    else one; numpy's element-wise work runs outside Python's lock), one progress bar over
-    all. The values
-    equal those of :func:`resampled_set_metrics` called for each method; every method's scores
-    are checked, and a bad one named by its method, before any resample.
+    else one; numpy's element-wise work runs outside Python's lock; a single method's sets
+    side by side instead), one progress bar over all. The values equal those of
+    :func:`resampled_set_metrics` called for each method; every method's scores are
+    checked, and a bad one named by its method, before any resample. A method that fails
+    (or an interrupt) stops the others within a resample.
 
     Returns:
         dict: by method, per OOD set, each metric's [n_boot] values by metric.
