@@ -157,6 +157,39 @@ def threads_table(shapes: list[tuple[str, int, int]], n_boot: int, repeat: int) 
         default = "threads" if n_id + n_ood >= THREADED_SCORES else "one thread"
         print(f"| {label}: {n_id:,} x {n_ood:,} | {t_one:.2f} s | {t_many:.2f} s "
               f"| {t_one / t_many:.2f}x | {default} |")
+    sets_table(shapes, n_boot, repeat, workers)
+
+
+#: One method against several OOD sets, of about the sizes of OpenOOD v1.5's ImageNet-1k
+#: benchmark (its ID test set against SSB-hard, NINCO, iNaturalist, Textures and
+#: OpenImage-O) and its CIFAR-10 one (against CIFAR-100, TinyImageNet, MNIST, SVHN, Textures
+#: and Places365); the metrics' cost depends on the sizes alone.
+SET_SHAPES = [("ImageNet-1k, five OOD sets", 45000, [49000, 5879, 10000, 5160, 17632]),
+              ("CIFAR-10, six OOD sets", 9000, [9000, 7793, 70000, 26032, 5640, 35195])]
+
+
+def sets_table(shapes: list[tuple[str, int, int]], n_boot: int, repeat: int,
+               workers: int) -> None:
+    """One method's OOD sets (``resampled_methods`` of one method, as ``grood eval
+    --bootstrap`` runs GROOD alone) scored one after another against side by side."""
+    print(f"\none method, several OOD sets, {n_boot} resamples, one thread against {workers}\n")
+    print("| ID x OOD sets | one thread | threads | ratio | default |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(3)
+    cases = ([("small", shapes[0][1], [shapes[0][2]] * 3)] if shapes[0][0] == "small"
+             else SET_SHAPES)
+    for label, n_id, sizes in cases:
+        one = {"m": (rng.normal(1.0, 1.0, n_id), [rng.normal(0.0, 1.0, n) for n in sizes])}
+        a, b = (resampled_methods(one, n_boot=n_boot, workers=w)["m"] for w in (1, workers))
+        if any(not np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x):
+            raise SystemExit(f"{label}: the threads' resamples differ from one thread's")
+        t_one, t_many = interleaved_median_times(
+            [partial(resampled_methods, one, n_boot=n_boot, workers=w) for w in (1, workers)],
+            "cpu", repeat)
+        mean = sum(n_id + n for n in sizes) / len(sizes)
+        default = "threads" if mean >= THREADED_SCORES else "one thread"
+        print(f"| {label}: {n_id:,} x {', '.join(f'{n:,}' for n in sizes)} | {t_one:.2f} s "
+              f"| {t_many:.2f} s | {t_one / t_many:.2f}x | {default} |")
 
 
 if __name__ == "__main__":

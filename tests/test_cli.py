@@ -1925,8 +1925,8 @@ def test_tune_search_table():
 def test_bootstrap_speed_table():
     """bench/bootstrap_speed.py --small: grood's resamples against ood_metrics and
     scikit-learn on the same draws (the script checks their metrics agree first), for
-    distinct and tied scores; then six methods in one thread and in threads (checked equal
-    first), with the default's choice."""
+    distinct and tied scores; then six methods, and one method's three sets, in one thread
+    and in threads (checked equal first), with the default's choice."""
     pytest.importorskip("sklearn")
     script = Path(__file__).resolve().parents[1] / "bench" / "bootstrap_speed.py"
     out = subprocess.run([sys.executable, str(script), "--small", "--repeat", "1"],
@@ -1935,7 +1935,8 @@ def test_bootstrap_speed_table():
             if line.startswith("| small")]
     assert [r[1] for r in rows[:2]] == ["distinct", "rounded to 0.01"]
     assert all(float(r[c].removesuffix(" ms")) > 0 for r in rows[:2] for c in (2, 3, 5))
-    assert len(rows) == 3 and rows[2][-1] == "one thread"  # six methods, threads or not
+    assert len(rows) == 4 and rows[2][-1] == "one thread"  # six methods, threads or not
+    assert rows[3][0] == "small: 2,000 x 500, 500, 500"  # one method, three sets
 
 
 def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
