@@ -281,7 +281,7 @@ def resampled_set_metrics(id_scores: Any, ood_sets: list[Any] | tuple[Any, ...],
 
     id_s, oods, n_boot, seed = _checked_sets(id_scores, ood_sets, n_boot, seed, recall_level)
     threads = _threads([id_s.size + o.size for o in oods], None, len(oods))
-    with progress_bar(total=n_boot, desc="bootstrap", unit="resample", enabled=progress) as bar:
+    with progress_bar(total=n_boot, desc="bootstrap", unit="resamples", enabled=progress) as bar:
         return _resampled(id_s, oods, n_boot, seed, recall_level, bar.update, threads)
 
 
@@ -334,13 +334,13 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
     if len(checked) == 1:  # one method: its sets side by side
         (name, (id_s, oods, _, _)), = checked.items()
-        with progress_bar(total=n_boot, desc="bootstrap", unit="resample",
+        with progress_bar(total=n_boot, desc="bootstrap", unit="resamples",
                           enabled=progress) as bar:
             return {name: _resampled(id_s, oods, n_boot, seed, recall_level, bar.update,
                                      _threads(sizes, workers, len(oods)))}
     workers = _threads(sizes, workers, len(checked))
     lock, stop = threading.Lock(), threading.Event()
-    with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resample",
+    with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resamples",
                       enabled=progress) as bar:
         def advance() -> None:
             if stop.is_set():  # another method failed, or the caller was interrupted
