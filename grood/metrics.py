@@ -327,9 +327,14 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     if workers is not None:
         workers = check_positive_int(workers, "workers")
     checked = {}
-    for name, (id_scores, ood_sets) in methods.items():
+    for name, pair in methods.items():
         with prefixed_errors(str(name)):
-            checked[name] = _checked_sets(id_scores, ood_sets, n_boot, seed, recall_level)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError("each method's entry is its (id_scores, [ood_scores, ...]), "
+                                 f"got {type(pair).__name__}"
+                                 + (f" of {len(pair)}" if isinstance(pair, (tuple, list))
+                                    else ""))
+            checked[name] = _checked_sets(*pair, n_boot, seed, recall_level)
     n_boot, seed = check_positive_int(n_boot, "n_boot"), check_integer(seed, "seed")
     sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
     if len(checked) == 1:  # one method: its sets side by side

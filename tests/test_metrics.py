@@ -468,6 +468,9 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
         metrics.resampled_methods(bad, n_boot=100)
     with pytest.raises(ValueError, match="got an empty dict"):
         metrics.resampled_methods({}, n_boot=100)
+    with pytest.raises(ValueError, match=r"^m0: each method's entry is its \(id_scores, "
+                                         r"\[ood_scores, \.\.\.\]\), got tuple of 3"):
+        metrics.resampled_methods({"m0": (*methods["m0"], None)}, n_boot=100)
     with pytest.raises(ValueError, match="n_boot=50 resamples"):
         metrics.resampled_methods(methods, n_boot=50)
 
