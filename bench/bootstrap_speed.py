@@ -5,7 +5,7 @@ by run of equal scores) against the same resamples scored as arrays, by
 scikit-learn (``roc_auc_score``, ``roc_curve`` and two ``precision_recall_curve`` areas per
 resample: what a bootstrap is otherwise written with). Then six methods' resamples
 (:func:`grood.metrics.resampled_methods`, as ``grood eval --bootstrap`` runs GROOD and its
-baselines) in one thread against one per CPU.
+baselines) in one thread against torch's thread count (`grood.metrics.cpu_threads`).
 
 Every resample draws the same indices in the three (the generator of
 ``resampled_set_metrics``, seeded alike), and their metrics are checked first: grood's equal
@@ -32,7 +32,7 @@ from grood._checks import positive_int_arg
 from grood.metrics import (
     MIN_RESAMPLES,
     THREADED_SCORES,
-    cpus_available,
+    cpu_threads,
     ood_metrics,
     resampled_methods,
     resampled_set_metrics,
@@ -137,9 +137,9 @@ def threads_table(shapes: list[tuple[str, int, int]], n_boot: int, repeat: int) 
     """Six methods' resamples (``resampled_methods``, as ``grood eval --bootstrap`` runs
     them for GROOD and five baselines) one after another against side by side in threads,
     and what the default chooses; the values checked equal first."""
-    workers = cpus_available()
+    workers = cpu_threads()
     print(f"\nsix methods on the same samples (`resampled_methods`), {n_boot} resamples each, "
-          f"one thread against {workers} (this process's CPUs); the default takes threads "
+          f"one thread against {workers} (torch's threads); the default takes threads "
           f"where a set holds {THREADED_SCORES:,} scores or more\n")
     print("| ID x OOD scores | one thread | threads | ratio | default |")
     print("|---|---|---|---|---|")

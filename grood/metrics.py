@@ -29,7 +29,6 @@ and their percentiles (:func:`percentile_intervals`, :func:`paired_difference`).
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -304,7 +303,7 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
     """:func:`resampled_set_metrics` of several methods' scores of the same samples, by name
     ``{method: (id_scores, [ood_scores, ...])}``: each method's resamples drawn alike (so
     they pair, as :func:`paired_difference` needs), the methods side by side in ``workers``
-    threads (default: one per CPU this process may run on, at most one per method and
+    threads (default: :func:`cpu_threads`, torch's thread count, at most one per method and
     :data:`MAX_THREADS`, where the sets are large enough to gain (:data:`THREADED_SCORES`),
     else one; numpy's element-wise work runs outside Python's lock; a single method's sets
     side by side instead), one progress bar over all. The values equal those of
@@ -383,20 +382,19 @@ class _Stopped(Exception):
 
 def _threads(sizes: list[int], workers: int | None, tasks: int) -> int:
     """Threads for ``tasks`` side by side over sets of ``sizes`` scores: ``workers`` where
-    given, else one per CPU (at most :data:`MAX_THREADS`) where the sets hold
+    given, else :func:`cpu_threads` (at most :data:`MAX_THREADS`) where the sets hold
     :data:`THREADED_SCORES` scores on average, else one; never more than the tasks."""
     if workers is None:
-        workers = (min(cpus_available(), MAX_THREADS)
+        workers = (min(cpu_threads(), MAX_THREADS)
                    if sum(sizes) >= THREADED_SCORES * len(sizes) else 1)
     return max(1, min(tasks, workers))
 
 
-def cpus_available() -> int:
-    """The CPUs this process may run on (its affinity where the system reports it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on every system)
-        return os.cpu_count() or 1
+def cpu_threads() -> int:
+    """The threads grood's CPU work may take: torch's (``torch.get_num_threads()``, which
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` set; by default the machine's cores), so
+    that one setting bounds the bootstrap's threads as it does the scoring's."""
+    return max(1, torch.get_num_threads())
 
 
 def _checked_sets(id_scores: Any, ood_sets: Any, n_boot: Any, seed: Any, recall_level: Any

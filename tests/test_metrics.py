@@ -448,7 +448,7 @@ def test_several_methods_resample_in_threads_as_each_alone(monkeypatch):
             super().__init__(workers)
 
     monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
-    monkeypatch.setattr(metrics, "cpus_available", lambda: 3)
+    monkeypatch.setattr(metrics, "cpu_threads", lambda: 3)
     metrics.resampled_methods(methods, n_boot=100)  # 290 and 260 scores a set: one thread
     monkeypatch.setattr(metrics, "THREADED_SCORES", 275)
     metrics.resampled_methods(methods, n_boot=100)  # (on average 275 a set: threads)
