@@ -85,21 +85,11 @@ def trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _pr_area(tps: np.ndarray, fps: np.ndarray) -> float:
-    """The PR area from the true and false positives at each distinct threshold."""
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    # The curve starts at (recall 0, precision 1), as scikit-learn's does.
-    recall = np.r_[0.0, recall]
-    precision = np.r_[1.0, precision]
-    return trapezoid(precision, recall)
-
-
 def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
     """ROC curve with OOD as positive: ``(fpr, tpr)`` over every distinct threshold."""
     id_s, ood_s = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
     ranked = _Ranked(id_s, ood_s)
-    return ranked.roc(*ranked.counts())[:2]
+    return ranked.roc(*ranked.counts())
 
 
 def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
@@ -334,15 +324,10 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
                                  + (f" of {len(pair)}" if isinstance(pair, (tuple, list))
                                     else ""))
             checked[name] = _checked_sets(*pair, n_boot, seed, recall_level)
-    n_boot, seed = check_positive_int(n_boot, "n_boot"), check_integer(seed, "seed")
+    n_boot, seed = next(iter(checked.values()))[2:]  # (checked alike for every method)
     sizes = [id_s.size + o.size for id_s, oods, _, _ in checked.values() for o in oods]
-    if len(checked) == 1:  # one method: its sets side by side
-        (name, (id_s, oods, _, _)), = checked.items()
-        with progress_bar(total=n_boot, desc="bootstrap", unit="resamples",
-                          enabled=progress) as bar:
-            return {name: _resampled(id_s, oods, n_boot, seed, recall_level, bar.update,
-                                     _threads(sizes, workers, len(oods)))}
-    workers = _threads(sizes, workers, len(checked))
+    workers, set_threads = ((1, _threads(sizes, workers, len(sizes))) if len(checked) == 1
+                            else (_threads(sizes, workers, len(checked)), 1))
     lock, stop = threading.Lock(), threading.Event()
     with progress_bar(total=n_boot * len(checked), desc="bootstrap", unit="resamples",
                       enabled=progress) as bar:
@@ -353,8 +338,9 @@ def resampled_methods(methods: Mapping[str, tuple[Any, list[Any] | tuple[Any, ..
                 bar.update(1)
 
         def one(sets: tuple[np.ndarray, list[np.ndarray], int, int]
-                ) -> list[dict[str, np.ndarray]]:
-            return _resampled(sets[0], sets[1], n_boot, seed, recall_level, advance)
+                ) -> list[dict[str, np.ndarray]]:  # (one method alone: its sets side by side)
+            return _resampled(sets[0], sets[1], n_boot, seed, recall_level, advance,
+                              set_threads)
 
         if workers == 1:
             return {name: one(sets) for name, sets in checked.items()}
@@ -552,16 +538,15 @@ class _Ranked:
                           np.empty((10, self.n_runs + 1)))
         return self._work
 
-    def roc(self, id_runs: np.ndarray, ood_runs: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(fpr, tpr, tps, fps)``: the ROC curve (OOD positive, lowest scores first) of the
-        samples :meth:`counts` gives by run, and the counts it comes from (arrays of their
-        own)."""
-        fpr, tpr, tps, fps = self._curves(id_runs, ood_runs)[:4]
-        return fpr.copy(), tpr.copy(), tps.copy(), fps.copy()
+    def roc(self, id_runs: np.ndarray, ood_runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(fpr, tpr)``: the ROC curve (OOD positive, lowest scores first) of the samples
+        :meth:`counts` gives by run (arrays of their own)."""
+        fpr, tpr = self._curves(id_runs, ood_runs)[:2]
+        return fpr.copy(), tpr.copy()
 
     def _curves(self, id_runs: np.ndarray, ood_runs: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The ROC curve and its counts as :meth:`roc` gives them, then the ID and the OOD
+        """The ROC curve ``(fpr, tpr)``, the OOD and ID samples at or below each threshold
+        present, lowest first (``tps``, ``fps``: AUPR-out's curve), then the ID and the OOD
         samples at or above each threshold present, highest first (AUPR-in's curve): views
         of the work rows, valid until the next call. Counts are whole numbers below 2**53, so
         every sum and difference of them is exact in float64."""
@@ -598,7 +583,9 @@ class _Ranked:
         return float(np.sum(step))
 
     def _pr_area(self, tps: np.ndarray, fps: np.ndarray) -> float:
-        """:func:`_pr_area` in the work rows (the cumulative counts' rows, free by then)."""
+        """The area under the precision-recall curve of the true and false positives at each
+        threshold present, the curve starting at (recall 0, precision 1) as scikit-learn's
+        does; in the work rows (the cumulative counts' rows, free by then)."""
         floats = self._buffers()[1]
         k = tps.size
         recall, precision = floats[0, :k + 1], floats[1, :k + 1]

@@ -329,8 +329,10 @@ class GROODPostprocessor(_Base):
         ks = self._searched_ks()
         if ks is None:
             self._swept.clear()  # (the search is over)
-        elif id(data_loader) in self._swept or self._sweep(net, data_loader, progress, ks):
+        else:
             assert self.detector is not None  # (_searched_ks: set up)
+            if id(data_loader) not in self._swept:
+                self._sweep(net, data_loader, progress, ks)
             _, swept_preds, by_k, swept_labels = self._swept[id(data_loader)]
             return swept_preds.copy(), by_k[self.detector.k].copy(), swept_labels.copy()
         preds, confs, labels = [], [], []
@@ -359,17 +361,16 @@ class GROODPostprocessor(_Base):
 
     @torch.no_grad()
     def _sweep(self, net: torch.nn.Module, data_loader: Any, progress: bool,
-               ks: list[int]) -> bool:
-        """Score ``data_loader`` at every k of ``ks`` in one pass into ``_swept``; False
-        where the detector's index cannot (IVF)."""
+               ks: list[int]) -> None:
+        """Score ``data_loader`` at every k of ``ks`` in one pass into ``_swept`` (an exact
+        index: :meth:`_searched_ks` leaves IVF out)."""
         extractor = self._extractor(net)
         preds: list[torch.Tensor] = []
         confs: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
         labels: list[torch.Tensor] = []
         for x, y in self._batches(data_loader, progress):
             got = scores_by_k(self.detector, extractor(x).features, ks)
-            if got is None:
-                return False
+            assert got is not None  # (no approximate index here)
             for k, conf in got[0].items():
                 confs[k].append(conf.cpu())
             preds.append(got[1].cpu())
@@ -378,7 +379,6 @@ class GROODPostprocessor(_Base):
             data_loader, torch.cat(preds).numpy().astype(int),
             {k: torch.cat(c).numpy() for k, c in confs.items()},
             torch.cat(labels).numpy().astype(int))
-        return True
 
     @staticmethod
     def _batches(data_loader: Any, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
