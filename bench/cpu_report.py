@@ -18,6 +18,7 @@ output and the GEMM) against the issue's targets say how much room is left.
     python bench/cpu_report.py --stages   # and the gradient step's stages
     python bench/cpu_report.py --class-blocks   # only: the class block's width at large C
     python bench/cpu_report.py --search-k       # only: the exact search at k = 1 ... 1,000
+    python bench/cpu_report.py --search-pick    # only: the search's candidate pick, A/B
 
 ``--class-blocks`` times the gradient step at large C (5,000 to 21,841 classes) with its
 default class block (``functional.gradient_class_block``) against other widths, the former
@@ -46,6 +47,12 @@ CLASS_BLOCK_SHAPES = [(4096, 5000, 1024), (4096, 10000, 1024), (2048, 21841, 512
 #: (Q, M, D) and the k of the ``--search-k`` table (``--small``: Q = 128, M = 2,000, D = 64).
 SEARCH_K_SHAPE = (2048, 20000, 512)
 SEARCH_K = [1, 10, 50, 200, 1000]
+#: (Q, M, D, k) of the ``--search-pick`` table: OpenOOD's KNN (k = 50) and GROOD's 1-NN on
+#: ResNet-18 and ResNet-50 widths, a narrow index (D = 64, where picking costs as much as the
+#: GEMM), few queries (wide database tiles) and k = 200 (kept whole at 4,096-row tiles).
+SEARCH_PICK_SHAPES = [(2048, 20000, 512, 1), (2048, 20000, 512, 10), (2048, 20000, 512, 50),
+                      (2048, 20000, 512, 200), (2048, 20000, 2048, 1), (8192, 20000, 64, 1),
+                      (8192, 20000, 64, 50), (256, 100000, 512, 1)]
 #: The former default: every class in one block up to 16,384 (still the default off the CPU).
 FORMER_CLASS_BLOCK = 1 << 14
 #: Other widths timed against the default (those below C).
@@ -75,6 +82,9 @@ def main() -> None:
                         help="also time the gradient step's stages alone (second table)")
     parser.add_argument("--search-k", action="store_true",
                         help="only the exact search at k from 1 to 1,000 (its own table)")
+    parser.add_argument("--search-pick", action="store_true",
+                        help="only the exact search with its candidates picked from group "
+                             "minima against from whole tiles (its own table)")
     args = parser.parse_args()
     if args.class_blocks:
         _class_blocks_table([(256, 3000, 64)] if args.small else CLASS_BLOCK_SHAPES,
@@ -82,6 +92,10 @@ def main() -> None:
         return
     if args.search_k:
         _search_k_table((128, 2000, 64) if args.small else SEARCH_K_SHAPE, args.repeat)
+        return
+    if args.search_pick:
+        _search_pick_table([(64, 6000, 32, 1), (64, 6000, 32, 20)] if args.small
+                           else SEARCH_PICK_SHAPES, args.repeat)
         return
     gen = torch.Generator().manual_seed(0)
     if args.small:
@@ -122,6 +136,46 @@ def _search_k_table(shape: tuple[int, int, int], repeat: int) -> None:
         err = kth_distance_error(functional.knn(queries[:64], db, k)[0], want, k)
         _row(repeat, f"knn k={k} | Q={q} M={m} D={d}", partial(functional.knn, queries, db, k),
              queries, db, f"k-th distance max rel err vs fp64 {err:.1e}")
+
+
+def _search_pick_table(shapes: list[tuple[int, int, int, int]], repeat: int) -> None:
+    """``functional.knn`` on the CPU with each database tile's candidates picked as it does
+    (``topk_lowest_index`` narrowing wide tiles by group minima first) against ``torch.topk``
+    over every whole tile (the former pick), interleaved, with the GEMM of the same FLOPs; on
+    L2-normalised clustered rows. Both outputs must be equal bit for bit."""
+    _header(repeat, "the two picks and the GEMM interleaved")
+    print("| shape | k | database rows per tile | narrowed | whole tiles (ms) | narrowed (ms) "
+          "| whole / narrowed | torch.mm same FLOPs (ms) | narrowed / mm |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, m, d, k in shapes:
+        queries, db = normalised_rows(q, m, d, "cpu")
+        width = functional.search_tile("cpu", q)[1]
+        n_cand = k + functional.RERANK_EXTRA
+
+        whole = partial(_knn_whole_tiles, queries, db, k)
+        narrowed = partial(functional.knn, queries, db, k)
+        for a, b in zip(whole(), narrowed(), strict=True):
+            if not torch.equal(a, b):
+                raise SystemExit(f"Q={q} M={m} D={d} k={k}: the narrowed pick's neighbours "
+                                 "differ from the whole tiles'")
+        t_whole, t_narrow, t_mm = interleaved_median_times(
+            [whole, narrowed, partial(torch.mm, queries, db.T)], "cpu", repeat)
+        used = "yes" if functional._group_size((q, min(width, m)), n_cand) else "no"
+        print(f"| Q={q} M={m} D={d} | {k} | {min(width, m):,} | {used} | {1e3 * t_whole:.1f} "
+              f"| {1e3 * t_narrow:.1f} | {t_whole / t_narrow:.2f}x | {1e3 * t_mm:.1f} "
+              f"| {t_narrow / t_mm:.2f} |")
+
+
+def _knn_whole_tiles(queries: torch.Tensor, db: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``functional.knn`` with every tile's candidates picked by ``torch.topk`` over the whole
+    tile (no tile is wide enough to be narrowed by group minima)."""
+    kept = functional._GROUPED_WIDTH
+    functional._GROUPED_WIDTH = 1 << 62
+    try:
+        return functional.knn(queries, db, k)
+    finally:
+        functional._GROUPED_WIDTH = kept
 
 
 def _header(repeat: int, how: str) -> None:

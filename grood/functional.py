@@ -111,6 +111,8 @@ DEVICE_CLASS_BLOCK = 1 << 14
 # to 2,048 came within 10 % of each other, and the outputs were identical bit for bit
 # (bench/RESULTS.md, "The CPU's class blocks").
 CPU_CLASS_BLOCK = 1 << 10
+# Elements squared at a time by database_sq_norms_of (1 MiB of float32: cache-resident).
+NORM_CHUNK_ELEMENTS = 1 << 18
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
@@ -124,6 +126,12 @@ _KEYED_WIDTH = (16, 384)
 _MIN_ROUNDS_WIDTH = (24, 160)
 # Low bits of a float32 value widened to float64 that are always zero: the column goes there.
 _KEY_BITS = 29
+# On the CPU, topk_lowest_index narrows tiles at least this wide by group minima first, when
+# the chosen groups hold at most a quarter of the tile; a group is every (columns / 8)-th column
+# up to 4,096 columns and every (columns / 16)-th beyond (timed in bench/RESULTS.md, "The CPU
+# search's candidates narrowed by group minima").
+_GROUPED_WIDTH = 2048
+_GROUP_SIZES = ((4096, 8), (None, 16))
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -495,7 +503,64 @@ def topk_lowest_index(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
     indices, taking the lowest columns among entries equal to the n-th smallest (``torch.topk``
     breaks such ties arbitrarily). A row needs that only when its (n+1)-th smallest equals its
     n-th; only those rows are redone, so the common case costs one ``torch.topk`` and no
-    tile-sized temporary. Equal entries inside the n may come in any column order."""
+    tile-sized temporary. Equal entries inside the n may come in any column order.
+
+    On the CPU a wide tile (M >= 2,048 with n small next to M) is first narrowed to the groups
+    of columns holding the n smallest group minima (:func:`_grouped_smallest`): the same
+    entries, for one vectorised minimum over the tile instead of ``torch.topk`` over all of
+    it."""
+    if dist.device.type == "cpu" and _group_size(dist.shape, n):
+        return _grouped_smallest(dist, n)
+    return _smallest_tie_lowest(dist, n)
+
+
+def _group_size(shape: tuple[int, ...] | torch.Size, n: int) -> int:
+    """Columns per group of :func:`_grouped_smallest` for a tile of ``shape`` [R, M] and ``n``
+    entries per row, or 0 where the tile is kept whole (narrow, or n too large: the chosen
+    groups would hold more than a quarter of it)."""
+    rows, width = shape
+    if rows == 0 or width < _GROUPED_WIDTH:
+        return 0
+    size = next(per for below, per in _GROUP_SIZES if below is None or width <= below)
+    return size if 4 * n * size <= width else 0
+
+
+def _grouped_smallest(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """:func:`topk_lowest_index` of a wide tile [R, M], read whole only once.
+
+    The first ``g * s`` columns form ``g = M // s`` groups of ``s`` (group j: columns j,
+    j + g, j + 2 g, ..., so one ``amin`` over the tile viewed [R, s, g] is an element-wise
+    minimum of s contiguous rows). Each of a row's n smallest entries, in (value, column)
+    order, lies in one of the n groups with the smallest minima or in the last ``M - g s``
+    columns: a group left out has n chosen groups below it, each holding an entry below every
+    entry of its own. Only those groups and the tail (``n s + M - g s`` columns, in ascending
+    column order) go to ``torch.topk``. Where that choice is not unique (the n-th and
+    (n+1)-th smallest group minima equal) or a group's minimum is NaN, the row is redone on
+    the whole tile."""
+    rows, width = dist.shape
+    per = _group_size(dist.shape, n)
+    groups = width // per
+    dist = dist.contiguous()
+    body = dist[:, : per * groups].view(rows, per, groups)
+    mins = body.amin(1)  # [R, g]
+    edge, chosen = torch.topk(mins, n + 1, dim=1, largest=False)
+    chosen = chosen[:, :n].sort(1).values  # ascending, so the narrowed columns are too
+    narrow = body.gather(2, chosen[:, None, :].expand(rows, per, n)).reshape(rows, per * n)
+    if width > per * groups:
+        narrow = torch.cat([narrow, dist[:, per * groups:]], 1)
+    vals, pos = _smallest_tie_lowest(narrow, n)
+    cols = torch.where(pos < per * n, (pos // n) * groups + chosen.gather(1, pos % n),
+                       pos + (groups - n) * per)
+    # (a NaN minimum makes its row's sum NaN; so do +inf and -inf minima: redone, harmlessly)
+    redo = ((edge[:, n] == edge[:, n - 1]) | mins.sum(1).isnan()).nonzero()[:, 0]
+    if redo.numel():
+        whole_d, whole_c = _smallest_tie_lowest(dist[redo], n)
+        vals, cols = vals.index_put((redo,), whole_d), cols.index_put((redo,), whole_c)
+    return vals, cols
+
+
+def _smallest_tie_lowest(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """:func:`topk_lowest_index` by one ``torch.topk`` over the whole tile."""
     extra = min(n + 1, dist.shape[1])
     vals, cols = torch.topk(dist, extra, dim=1, largest=False)
     if extra == n:
@@ -706,6 +771,9 @@ def knn(
     # the same candidates in the same order as sorting them, at a fraction of the cost when
     # they are many (k in the hundreds).
     keyed = dev.type == "cpu" and dt == torch.float32 and n_db <= 1 << _KEY_BITS
+    # One distance tile's memory for every tile: on the CPU a fresh 16 MiB tile is mapped and
+    # faulted in afresh each time (a quarter of the tile's time at D = 64).
+    work = torch.empty(min(bq, n_q) * min(bm, n_db), dtype=dt, device=dev)
     for q0 in range(0, n_q, bq):
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
@@ -724,7 +792,8 @@ def knn(
                 blk = blk.bfloat16().to(dt)
             with matmul_precision(precision, dev):
                 dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
-                                   alpha=-2.0)
+                                   alpha=-2.0, out=work[: (q1 - q0) * (m1 - m0)].view(
+                                       q1 - q0, m1 - m0))
             dist = dist.add_(q_sq[:, None]).clamp_min_(0)  # [bq, bm]
             blk_d, blk_i = pick(dist, min(n_cand, m1 - m0))
             if best_key is not None:
@@ -782,11 +851,22 @@ def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:
 
 def database_sq_norms_of(database: Tensor, dtype: torch.dtype | None = None, *,
                          block_size: int = 65536) -> Tensor:
-    """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over row blocks."""
+    """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over row blocks of at
+    most ``block_size`` rows and ``NORM_CHUNK_ELEMENTS`` elements, squared in one reused
+    buffer (a fresh [block, D] temporary per block was mapped and faulted in each time: 8x as
+    long on the CPU at 100,000 x 512). A block holds two rows or more (unless the database is
+    one row), so each row is summed alone in one order: the sums do not depend on the
+    blocks (a lone row of 32,768 or more elements would be split between threads)."""
     block_size = check_positive_int(block_size, "block_size")
     dt = dtype or compute_dtype(database.dtype)
-    out = torch.empty(database.shape[0], dtype=dt, device=database.device)
-    for m0 in range(0, database.shape[0], block_size):
-        blk = database[m0:m0 + block_size].to(dt)
-        out[m0:m0 + block_size] = (blk * blk).sum(1)
+    m, d = database.shape
+    out = torch.empty(m, dtype=dt, device=database.device)
+    rows = max(2, min(block_size, NORM_CHUNK_ELEMENTS // max(d, 1)))
+    buf = torch.empty(min(rows + 1, m) * d, dtype=dt, device=database.device)
+    m0 = 0
+    while m0 < m:
+        m1 = m if m - m0 <= rows + 1 else m0 + rows  # no lone last row
+        sq = buf[: (m1 - m0) * d].view(m1 - m0, d).copy_(database[m0:m1])
+        torch.sum(sq.mul_(sq), 1, out=out[m0:m1])
+        m0 = m1
     return out

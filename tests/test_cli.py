@@ -1907,6 +1907,20 @@ def test_cpu_report_search_k_table():
     assert "| ncp_gradient |" not in out  # only this table
 
 
+def test_cpu_report_search_pick_table():
+    """--search-pick --small: the search with wide tiles narrowed by group minima against
+    whole-tile picking (the script checks both return the same neighbours first), each
+    timed against the GEMM of the same FLOPs."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_report.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--search-pick",
+                          "--repeat", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| Q=64 M=6000 D=32")]
+    assert [(r[1], r[2], r[3]) for r in rows] == [("1", "6,000", "yes"), ("20", "6,000", "yes")]
+    assert all(float(r[6].removesuffix("x")) > 0 for r in rows)
+    assert "| knn k=" not in out and "| ncp_gradient |" not in out  # only this table
+
+
 def test_tune_search_table():
     """bench/tune_search.py --small: GROOD's, KNN's and NNGuide's grids of k, each timed
     with the shared search and with each point on its own (the script checks both give the

@@ -1,5 +1,7 @@
 """grood.functional against plain float64 loops and torch.autograd."""
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import clustered_features
@@ -333,6 +335,93 @@ def test_topk_picker_takes_lowest_columns_among_ties(width, dtype):
     assert torch.equal(cols.sort(1).values, want.sort(1).values)
     assert torch.equal(vals, d.gather(1, cols))
     assert bool((vals[:, 1:] >= vals[:, :-1]).all())
+
+
+def _wide_tile(kind: str, rows: int, width: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A tile of distances wide enough to be narrowed by group minima, of one ``kind``."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.rand(rows, width, generator=gen, dtype=dtype)
+    if kind == "half-integers":  # exact ties everywhere, group minima equal at the edge
+        d = torch.randint(0, 40, (rows, width), generator=gen).to(dtype) / 2
+    elif kind == "repeated columns":  # a database with duplicate rows
+        d = d[:, : width // 7 + 1].repeat(1, 7)[:, :width]
+    elif kind == "nan columns":  # a database row with NaN poisons its group in every row
+        d[:, torch.randint(0, width, (3,), generator=gen)] = float("nan")
+    elif kind == "nan and inf rows":
+        d[0], d[1, ::3], d[2] = float("nan"), float("inf"), float("inf")
+    elif kind == "zeros of both signs":
+        d[:, ::5], d[:, 2::5] = -0.0, 0.0
+    elif kind == "ascending":  # every minimum in the last columns (the tail)
+        d = torch.arange(width, 0, -1, dtype=dtype).repeat(rows, 1)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["random", "half-integers", "repeated columns", "nan columns",
+                                  "nan and inf rows", "zeros of both signs", "ascending"])
+@pytest.mark.parametrize(("width", "n"), [(2048, 1), (4096, 5), (4099, 54), (6001, 14),
+                                          (16390, 104)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_wide_tiles_narrowed_by_group_minima_pick_what_whole_tiles_do(kind, width, n, dtype):
+    """On the CPU topk_lowest_index narrows a wide tile to the groups of columns with the n
+    smallest minima (and the columns past the last whole group) before torch.topk: the same
+    n values, in ascending order, and the same columns as a topk over the whole tile with its
+    ties resolved to the lowest columns, for ties at the groups' edge, NaN and Inf entries,
+    signed zeros and minima in the tail."""
+    d = _wide_tile(kind, 9, width, dtype, seed=width + n)
+    assert F._group_size(d.shape, n)  # the narrowing applies to every case here
+    kept = d.clone()
+    vals, cols = F.topk_lowest_index(d, n)
+    want_v, want_c = F._smallest_tie_lowest(d, n)
+    same = partial(torch.testing.assert_close, equal_nan=True, rtol=0, atol=0)
+    same(d, kept)
+    same(vals, want_v)
+    # Equal entries inside the n may come in either column order: compare in (value, column).
+    assert torch.equal(F.lex_sort(vals, cols)[1], F.lex_sort(want_v, want_c)[1])
+    same(d.gather(1, cols), vals)
+
+
+def test_tiles_too_narrow_or_n_too_large_are_not_narrowed():
+    """Narrowing needs a tile of 2,048 columns or more and the chosen groups within a quarter
+    of it; no rows, no narrowing."""
+    assert F._group_size((4, 2047), 1) == 0
+    assert F._group_size((4, 2048), 64) == 8 and F._group_size((4, 2048), 65) == 0
+    assert F._group_size((4, 4097), 64) == 16 and F._group_size((4, 4097), 65) == 0
+    assert F._group_size((0, 8192), 1) == 0
+
+
+@pytest.mark.parametrize("d", [5, 513, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_database_sq_norms_do_not_depend_on_blocks_or_layout(d, dtype):
+    """Every row's squared norm is summed alone in one order: the same values for any
+    block_size (a lone last row of 40,000 elements was split between threads before), and
+    for the same rows stored column-major; equal to float64 sums to rounding."""
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(7, d, generator=gen) * 3).to(dtype)
+    want = F.database_sq_norms_of(x)
+    for block in (1, 2, 3, 6, 65536):
+        assert torch.equal(F.database_sq_norms_of(x, block_size=block), want)
+    column_major = x.T.contiguous().T
+    assert torch.equal(F.database_sq_norms_of(column_major), want)
+    exact = (x.double() ** 2).sum(1)
+    torch.testing.assert_close(F.database_sq_norms_of(x, torch.float64), exact, rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_knn_on_wide_tiles_matches_whole_tile_picking(monkeypatch):
+    """knn on the CPU with few queries (database tiles of all 5,000 rows) returns what it did
+    picking from whole tiles, duplicate rows and exact ties included."""
+    gen = torch.Generator().manual_seed(11)
+    db = torch.randint(-2, 3, (5000, 6), generator=gen).float()  # many duplicates
+    db[4000:] = torch.randn(1000, 6, generator=gen)
+    queries = torch.cat([torch.randint(-2, 3, (6, 6), generator=gen).float(),
+                         torch.randn(6, 6, generator=gen)])
+    for k in (1, 7, 60):
+        got = F.knn(queries, db, k)
+        monkeypatch.setattr(F, "_GROUPED_WIDTH", 1 << 62)
+        want = F.knn(queries, db, k)
+        monkeypatch.undo()
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_ncp_gradient_does_not_modify_inputs():
