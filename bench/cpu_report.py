@@ -49,10 +49,11 @@ SEARCH_K_SHAPE = (2048, 20000, 512)
 SEARCH_K = [1, 10, 50, 200, 1000]
 #: (Q, M, D, k) of the ``--search-pick`` table: OpenOOD's KNN (k = 50) and GROOD's 1-NN on
 #: ResNet-18 and ResNet-50 widths, a narrow index (D = 64, where picking costs as much as the
-#: GEMM), few queries (wide database tiles) and k = 200 (kept whole at 4,096-row tiles).
+#: GEMM), few queries (wide database tiles) and k = 200 (kept whole at 4,096-row tiles, in
+#: groups of 8 at 8,192).
 SEARCH_PICK_SHAPES = [(2048, 20000, 512, 1), (2048, 20000, 512, 10), (2048, 20000, 512, 50),
                       (2048, 20000, 512, 200), (2048, 20000, 2048, 1), (8192, 20000, 64, 1),
-                      (8192, 20000, 64, 50), (256, 100000, 512, 1)]
+                      (8192, 20000, 64, 50), (256, 100000, 512, 1), (512, 40000, 512, 200)]
 #: The former default: every class in one block up to 16,384 (still the default off the CPU).
 FORMER_CLASS_BLOCK = 1 << 14
 #: Other widths timed against the default (those below C).

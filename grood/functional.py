@@ -127,11 +127,11 @@ _MIN_ROUNDS_WIDTH = (24, 160)
 # Low bits of a float32 value widened to float64 that are always zero: the column goes there.
 _KEY_BITS = 29
 # On the CPU, topk_lowest_index narrows tiles at least this wide by group minima first, when
-# the chosen groups hold at most a quarter of the tile; a group is every (columns / 8)-th column
-# up to 4,096 columns and every (columns / 16)-th beyond (timed in bench/RESULTS.md, "The CPU
-# search's candidates narrowed by group minima").
+# the chosen groups hold at most a quarter of the tile; groups of 8 columns up to 4,096
+# columns, of 16 beyond (of 8 where 16 would hold more than the quarter). Timed in
+# bench/RESULTS.md, "The CPU search: wide tiles narrowed by group minima".
 _GROUPED_WIDTH = 2048
-_GROUP_SIZES = ((4096, 8), (None, 16))
+_WIDE_GROUPS = 4096
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -521,8 +521,8 @@ def _group_size(shape: tuple[int, ...] | torch.Size, n: int) -> int:
     rows, width = shape
     if rows == 0 or width < _GROUPED_WIDTH:
         return 0
-    size = next(per for below, per in _GROUP_SIZES if below is None or width <= below)
-    return size if 4 * n * size <= width else 0
+    sizes = (8,) if width <= _WIDE_GROUPS else (16, 8)
+    return next((size for size in sizes if 4 * n * size <= width), 0)
 
 
 def _grouped_smallest(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -359,7 +359,7 @@ def _wide_tile(kind: str, rows: int, width: int, dtype: torch.dtype, seed: int) 
 @pytest.mark.parametrize("kind", ["random", "half-integers", "repeated columns", "nan columns",
                                   "nan and inf rows", "zeros of both signs", "ascending"])
 @pytest.mark.parametrize(("width", "n"), [(2048, 1), (4096, 5), (4099, 54), (6001, 14),
-                                          (16390, 104)])
+                                          (16390, 104), (8195, 204)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_wide_tiles_narrowed_by_group_minima_pick_what_whole_tiles_do(kind, width, n, dtype):
     """On the CPU topk_lowest_index narrows a wide tile to the groups of columns with the n
@@ -382,10 +382,12 @@ def test_wide_tiles_narrowed_by_group_minima_pick_what_whole_tiles_do(kind, widt
 
 def test_tiles_too_narrow_or_n_too_large_are_not_narrowed():
     """Narrowing needs a tile of 2,048 columns or more and the chosen groups within a quarter
-    of it; no rows, no narrowing."""
+    of it (groups of 16 past 4,096 columns, of 8 where 16 would not fit); no rows, no
+    narrowing."""
     assert F._group_size((4, 2047), 1) == 0
     assert F._group_size((4, 2048), 64) == 8 and F._group_size((4, 2048), 65) == 0
-    assert F._group_size((4, 4097), 64) == 16 and F._group_size((4, 4097), 65) == 0
+    assert F._group_size((4, 4097), 64) == 16 and F._group_size((4, 4097), 65) == 8
+    assert F._group_size((4, 4097), 128) == 8 and F._group_size((4, 4097), 129) == 0
     assert F._group_size((0, 8192), 1) == 0
 
 
