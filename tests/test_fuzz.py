@@ -109,6 +109,25 @@ def test_knn_matches_brute_force(n_q, n_db, d, k, exponent, duplicates, seed):
 
 
 @FAST
+@given(st.integers(1, 6), st.integers(2048, 9000), st.integers(1, 70), st.integers(1, 60),
+       st.sampled_from([-20, -5, 0, 5, 20]), st.sampled_from([torch.float32, torch.float64]),
+       st.integers(0, 2**16))
+def test_knn_on_wide_tiles_matches_brute_force(n_q, n_db, k, levels, exponent, dtype, seed):
+    """Database tiles of 2,048 rows or more, narrowed by group minima before the pick: the
+    neighbours of a float64 brute force, ties (few distinct values, duplicate rows) to the
+    lower index. Points on an integer grid times a power of two: every distance is exact in
+    both dtypes, so every tie is a true one."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 2.0 ** exponent
+    db = torch.randint(0, levels, (n_db, 3), generator=gen).to(dtype) * scale
+    queries = torch.randint(0, levels, (n_q, 3), generator=gen).to(dtype) * scale
+    dist, idx = functional.knn(queries, db, k)
+    ref_d, ref_i = knn_naive(queries, db, k)
+    assert torch.equal(idx, ref_i)
+    assert torch.equal(dist.double(), ref_d)
+
+
+@FAST
 @given(st.integers(1, 20), st.integers(1, 30), st.integers(1, 9), st.sampled_from(EXPONENTS),
        st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
 def test_ncp_gradient_matches_loop_c_may_exceed_n(n, c, d, exponent, dtype, seed):
