@@ -851,17 +851,21 @@ def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:
 
 def database_sq_norms_of(database: Tensor, dtype: torch.dtype | None = None, *,
                          block_size: int = 65536) -> Tensor:
-    """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over row blocks of at
-    most ``block_size`` rows and ``NORM_CHUNK_ELEMENTS`` elements, squared in one reused
-    buffer (a fresh [block, D] temporary per block was mapped and faulted in each time: 8x as
-    long on the CPU at 100,000 x 512). A block holds two rows or more (unless the database is
-    one row), so each row is summed alone in one order: the sums do not depend on the
-    blocks (a lone row of 32,768 or more elements would be split between threads)."""
+    """``||x||^2`` of every row of ``database`` [M, D] -> [M], streamed over blocks of
+    ``block_size`` rows, squared in one reused buffer. On the CPU a block also holds at most
+    ``NORM_CHUNK_ELEMENTS`` elements (a fresh [block, D] temporary per block was mapped and
+    faulted in each time: 8x as long at 100,000 x 512); off it the blocks stay large, as each
+    costs launches. A block holds two rows or more (one where the database is one row), and
+    the last one no lone row, so on the CPU each row is summed alone in one order: the sums
+    do not depend on the blocks (a lone row of 32,768 elements or more would be split between
+    threads) nor on the array's layout."""
     block_size = check_positive_int(block_size, "block_size")
     dt = dtype or compute_dtype(database.dtype)
     m, d = database.shape
     out = torch.empty(m, dtype=dt, device=database.device)
-    rows = max(2, min(block_size, NORM_CHUNK_ELEMENTS // max(d, 1)))
+    if database.device.type == "cpu":
+        block_size = min(block_size, NORM_CHUNK_ELEMENTS // max(d, 1))
+    rows = max(2, block_size)
     buf = torch.empty(min(rows + 1, m) * d, dtype=dt, device=database.device)
     m0 = 0
     while m0 < m:
