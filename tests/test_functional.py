@@ -378,6 +378,34 @@ def test_wide_tiles_narrowed_by_group_minima_pick_what_whole_tiles_do(kind, widt
     # Equal entries inside the n may come in either column order: compare in (value, column).
     assert torch.equal(F.lex_sort(vals, cols)[1], F.lex_sort(want_v, want_c)[1])
     same(d.gather(1, cols), vals)
+    _same_entries(F._smallest(d, n, ordered=False), (want_v, want_c))
+
+
+def _same_entries(got: tuple[torch.Tensor, torch.Tensor],
+                  want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The same entries per row in any order: values (NaN equal to NaN) and, for every value
+    that is not NaN, the same columns (which NaN entries a row of NaN gives is arbitrary)."""
+    got_v, got_c = F.lex_sort(*got)
+    want_v, want_c = F.lex_sort(*want)
+    torch.testing.assert_close(got_v, want_v, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(got_c[~want_v.isnan()], want_c[~want_v.isnan()])
+
+
+@pytest.mark.parametrize("kind", ["random", "half-integers", "repeated columns", "nan columns",
+                                  "nan and inf rows", "zeros of both signs", "ascending"])
+@pytest.mark.parametrize(("width", "n"), [(7, 1), (9, 8), (300, 5), (1500, 60)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_unordered_pick_takes_the_ordered_picks_entries(kind, width, n, dtype):
+    """The search's pick in no order (``torch.topk`` unsorted, the n-th smallest found as the
+    largest of n + 1) takes the entries the ascending pick does, ties at the n-th to the
+    lowest columns, on tiles too narrow to be narrowed by groups (the wide ones: above)."""
+    d = _wide_tile(kind, 9, width, dtype, seed=width * n)
+    kept = d.clone()
+    got = F._smallest(d, n, ordered=False)
+    want = F.topk_lowest_index(d, n)
+    torch.testing.assert_close(d, kept, equal_nan=True, rtol=0, atol=0)
+    _same_entries(got, want)
+    torch.testing.assert_close(d.gather(1, got[1]), got[0], equal_nan=True, rtol=0, atol=0)
 
 
 def test_tiles_too_narrow_or_n_too_large_are_not_narrowed():
