@@ -19,6 +19,7 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -707,6 +708,28 @@ def _merge_topk(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k:
     return cand_d[:, :k], cand_i[:, :k]
 
 
+def _merge_unordered(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tensor, k: int
+                     ) -> tuple[Tensor, Tensor]:
+    """:func:`_merge_topk`'s k entries in no order, by an unsorted ``torch.topk`` (on the CPU
+    5-7x faster than sorting both lists at k = 50 to 1,000). The k-th smallest is the
+    largest of the k + 1 picked; a row where it appears twice is sorted whole instead (ties
+    there go to the lower index, a missing candidate last). Reads on the host which rows
+    tie: the CPU's merge."""
+    dist, idx = torch.cat([best_d, new_d], 1), torch.cat([best_i, new_i], 1)
+    if dist.shape[1] <= k:
+        return dist, idx
+    vals, pos = torch.topk(dist, k + 1, dim=1, largest=False, sorted=False)
+    out = vals.argmax(1, keepdim=True)  # NaN above all, as topk orders it
+    crowded = ((vals == vals.gather(1, out)).sum(1) > 1).nonzero()[:, 0]
+    vals = vals.scatter(1, out, vals[:, k:])[:, :k]
+    ids = idx.gather(1, pos.scatter(1, out, pos[:, k:])[:, :k])
+    if crowded.numel():
+        whole_d, whole_i = lex_sort(dist[crowded], idx[crowded])
+        vals = vals.index_put((crowded,), whole_d[:, :k])
+        ids = ids.index_put((crowded,), whole_i[:, :k])
+    return vals, ids
+
+
 def knn(
     queries: Tensor,
     database: Tensor,
@@ -785,8 +808,7 @@ def knn(
                          f"got {tuple(database_sq_norms.shape)}")
     # Off the CPU nothing is read on the host (a synchronisation per tile), except the
     # candidates' indices when the re-rank rows live on another device.
-    # Candidates are kept in no order until the re-rank sorts them: unsorted topk on the CPU.
-    pick = partial(_smallest, ordered=False) if dev.type == "cpu" else _smallest_in_order
+    pick, merge = _search_steps(dev.type)
     # On the CPU float32 candidates are merged as float64 keys (value, row) by one topk:
     # the same candidates as sorting them, at a fraction of the cost when they are many (k in
     # the hundreds).
@@ -820,7 +842,7 @@ def knn(
                 best_key = torch.topk(torch.cat([best_key, _column_keys(blk_d, blk_i + m0)], 1),
                                       n_cand, dim=1, largest=False, sorted=False).values
             else:
-                best_d, best_i = _merge_topk(best_d, best_i, blk_d, blk_i + m0, n_cand)
+                best_d, best_i = merge(best_d, best_i, blk_d, blk_i + m0, n_cand)
         if best_key is not None:
             best_d, best_i = _from_keys(best_key)
         # Re-rank the candidates by their directly computed distance; a missing candidate
@@ -834,6 +856,17 @@ def knn(
         exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i
+
+
+def _search_steps(device_type: str) -> tuple[Callable[[Tensor, int], tuple[Tensor, Tensor]],
+                                             Callable[..., tuple[Tensor, Tensor]]]:
+    """:func:`knn`'s per-tile candidate pick and its merge of two candidate lists. On the CPU
+    the candidates are kept in no order until the re-rank sorts them (unsorted ``topk``),
+    and which rows tie is read on the host; off it nothing is read on the host (a
+    synchronisation per tile): the sync-free picker and a sort."""
+    if device_type == "cpu":
+        return partial(_smallest, ordered=False), _merge_unordered
+    return _smallest_in_order, _merge_topk
 
 
 def _from_keys(keys: Tensor) -> tuple[Tensor, Tensor]:

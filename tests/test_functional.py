@@ -438,6 +438,33 @@ def test_database_sq_norms_do_not_depend_on_blocks_or_layout(d, dtype):
     torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["random", "half-integers", "padding", "nan"])
+@pytest.mark.parametrize(("k", "n_new"), [(1, 1), (5, 3), (54, 54), (200, 17), (30, 40)])
+def test_unordered_merge_keeps_the_sorted_merges_candidates(kind, k, n_new):
+    """The CPU search's merge (unsorted topk, tied rows sorted whole) keeps the candidates the
+    sorting merge does: by distance, then the lower index, a missing one (-1, at inf) last."""
+    gen = torch.Generator().manual_seed(k * 100 + n_new)
+    rows = 12
+
+    def dists(n: int) -> torch.Tensor:
+        if kind == "random":
+            return torch.rand(rows, n, generator=gen, dtype=torch.float64)
+        return torch.randint(0, 6, (rows, n), generator=gen).double() / 2
+
+    best_d, new_d = dists(k), dists(n_new)
+    best_i = torch.stack([torch.randperm(1000, generator=gen)[:k] for _ in range(rows)])
+    new_i = torch.stack([torch.randperm(1000, generator=gen)[:n_new] for _ in range(rows)])
+    new_i += 1000
+    if kind == "padding":  # slots not yet filled, and candidates at inf
+        best_d[:, k // 2:], best_i[:, k // 2:] = float("inf"), -1
+        new_d[:, :1] = float("inf")
+    if kind == "nan":
+        new_d[0], best_d[1, :1] = float("nan"), float("nan")
+    got = F._merge_unordered(best_d, best_i, new_d, new_i, k)
+    want = F._merge_topk(best_d, best_i, new_d, new_i, k)
+    _same_entries(got, want)
+
+
 def test_knn_on_wide_tiles_matches_whole_tile_picking(monkeypatch):
     """knn on the CPU with few queries (database tiles of all 5,000 rows) returns what it did
     picking from whole tiles, duplicate rows and exact ties included."""
@@ -690,13 +717,15 @@ def test_off_cpu_picker_orders_ties_by_column(dtype):
                          ids=[f"Q{q}-M{m}-D{d}-k{k}" for q, m, d, k in KNN_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_knn_with_the_off_cpu_picker_matches(monkeypatch, q, m, d, k, dtype):
-    """knn with the sync-free picker it uses off the CPU (forced here on the CPU) returns what
-    the CPU picker does, ties and padding included."""
+    """knn with the sync-free picker and the sorting merge it uses off the CPU (forced here on
+    the CPU) returns what the CPU's unordered pick and merge do, ties and padding included."""
     gen = torch.Generator().manual_seed(q + m)
     db = torch.randint(-2, 3, (m, d), generator=gen).to(dtype)  # duplicate rows, exact ties
     queries = torch.randint(-2, 3, (q, d), generator=gen).to(dtype)
     want = F.knn(queries, db, k, block_size=4)
-    monkeypatch.setattr(F, "topk_lowest_index", F._smallest_in_order)
+    assert F._search_steps("cpu")[1] is F._merge_unordered
+    monkeypatch.setattr(F, "_search_steps", lambda device_type: (F._smallest_in_order,
+                                                                  F._merge_topk))
     got = F.knn(queries, db, k, block_size=4)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
