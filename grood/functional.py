@@ -912,6 +912,7 @@ def database_sq_norms_of(database: Tensor, dtype: torch.dtype | None = None, *,
     the last one no lone row, so on the CPU each row is summed alone in one order: the sums
     do not depend on the blocks (a lone row of 32,768 elements or more would be split between
     threads) nor on the array's layout."""
+    _check_dims("database", database, 2)
     block_size = check_positive_int(block_size, "block_size")
     dt = dtype or compute_dtype(database.dtype)
     m, d = database.shape

@@ -436,6 +436,10 @@ def test_database_sq_norms_do_not_depend_on_blocks_or_layout(d, dtype):
     torch.testing.assert_close(F.database_sq_norms_of(x, torch.float64), exact, rtol=1e-12,
                                atol=0)
     torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match=r"database must have 2 dimension\(s\), got shape"):
+        F.database_sq_norms_of(x[0])
+    with pytest.raises(TypeError, match="database must be floating point"):
+        F.database_sq_norms_of(x.int())
 
 
 @pytest.mark.parametrize("kind", ["random", "half-integers", "padding", "nan"])
