@@ -816,6 +816,12 @@ def knn(
     # One distance tile's memory for every tile: on the CPU a fresh 16 MiB tile is mapped and
     # faulted in afresh each time (a quarter of the tile's time at D = 64).
     work = torch.empty(min(bq, n_q) * min(bm, n_db), dtype=dt, device=dev)
+    # Likewise the database tile where it is converted (each query tile converts it again).
+    tile_rows = (min(bm, n_db), database.shape[1])
+    blk_buf = torch.empty(tile_rows if database.dtype != dt or precision == "bf16" else (0, 0),
+                          dtype=dt, device=dev)
+    half_buf = torch.empty(tile_rows if precision == "bf16" else (0, 0), dtype=torch.bfloat16,
+                           device=dev)
     for q0 in range(0, n_q, bq):
         q1 = min(q0 + bq, n_q)
         q = queries[q0:q1].to(dt)  # [bq, D]
@@ -829,9 +835,11 @@ def knn(
             best_i = torch.full((q1 - q0, n_cand), -1, dtype=torch.int64, device=dev)
         for m0 in range(0, n_db, bm):
             m1 = min(m0 + bm, n_db)
-            blk = database[m0:m1].to(dt)
-            if precision == "bf16":
-                blk = blk.bfloat16().to(dt)
+            blk = database[m0:m1]
+            if blk.dtype != dt:  # half-precision storage, or float64 queries
+                blk = blk_buf[: m1 - m0].copy_(blk)
+            if precision == "bf16":  # the operand rounded to bfloat16 values
+                blk = blk_buf[: m1 - m0].copy_(half_buf[: m1 - m0].copy_(blk))
             with matmul_precision(precision, dev):
                 dist = torch.addmm(database_sq_norms[None, m0:m1].to(dt), gemm_q, blk.T,
                                    alpha=-2.0, out=work[: (q1 - q0) * (m1 - m0)].view(
