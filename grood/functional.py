@@ -518,8 +518,9 @@ def _smallest(dist: Tensor, n: int, ordered: bool) -> tuple[Tensor, Tensor]:
     """:func:`topk_lowest_index`, its n entries per row in ascending order or, where
     ``ordered`` is False, in any order (``torch.topk`` unsorted: half the time at n = 1,004
     of 4,096 on the CPU)."""
-    if dist.device.type == "cpu" and _group_size(dist.shape, n):
-        return _grouped_smallest(dist, n, ordered)
+    per = _group_size(dist.shape, n) if dist.device.type == "cpu" else 0
+    if per:
+        return _grouped_smallest(dist, n, ordered, per)
     return _smallest_tie_lowest(dist, n, ordered)
 
 
@@ -534,20 +535,21 @@ def _group_size(shape: tuple[int, ...] | torch.Size, n: int) -> int:
     return next((size for size in sizes if 4 * n * size <= width), 0)
 
 
-def _grouped_smallest(dist: Tensor, n: int, ordered: bool = True) -> tuple[Tensor, Tensor]:
-    """:func:`topk_lowest_index` of a wide tile [R, M], read whole only once.
+def _grouped_smallest(dist: Tensor, n: int, ordered: bool, per: int
+                      ) -> tuple[Tensor, Tensor]:
+    """:func:`_smallest` of a wide tile [R, M], read whole only once, in groups of ``per``
+    columns (:func:`_group_size`).
 
-    The first ``g * s`` columns form ``g = M // s`` groups of ``s`` (group j: columns j,
-    j + g, j + 2 g, ..., so one ``amin`` over the tile viewed [R, s, g] is an element-wise
-    minimum of s contiguous rows). Each of a row's n smallest entries, in (value, column)
-    order, lies in one of the n groups with the smallest minima or in the last ``M - g s``
-    columns: a group left out has n chosen groups below it, each holding an entry below every
-    entry of its own. Only those groups and the tail (``n s + M - g s`` columns, in ascending
-    column order) go to ``torch.topk``. Where that choice is not unique (the n-th and
-    (n+1)-th smallest group minima equal) or a group's minimum is NaN, the row is redone on
-    the whole tile."""
+    The first ``g * s`` columns (s = ``per``) form ``g = M // s`` groups of ``s`` (group j:
+    columns j, j + g, j + 2 g, ..., so one ``amin`` over the tile viewed [R, s, g] is an
+    element-wise minimum of s contiguous rows). Each of a row's n smallest entries, in
+    (value, column) order, lies in one of the n groups with the smallest minima or in the
+    last ``M - g s`` columns: a group left out has n chosen groups below it, each holding an
+    entry below every entry of its own. Only those groups and the tail (``n s + M - g s``
+    columns, in ascending column order) go to ``torch.topk``. Where that choice is not unique
+    (the n-th and (n+1)-th smallest group minima equal) or a group's minimum is NaN, the row
+    is redone on the whole tile."""
     rows, width = dist.shape
-    per = _group_size(dist.shape, n)
     groups = width // per
     dist = dist.contiguous()
     body = dist[:, : per * groups].view(rows, per, groups)
@@ -580,13 +582,7 @@ def _smallest_tie_lowest(dist: Tensor, n: int, ordered: bool = True
         crowded = (vals[:, n] == vals[:, n - 1]).nonzero()[:, 0]
         vals, cols = vals[:, :n], cols[:, :n]
     else:
-        # The (n+1)-th smallest is the largest of the n+1 (NaN above all, as topk orders it):
-        # a row ties at its n-th when that value is there twice. It moves out, the last in.
-        out = vals.argmax(1, keepdim=True)
-        kth = vals.gather(1, out)
-        crowded = ((vals == kth).sum(1) > 1).nonzero()[:, 0]
-        vals = vals.scatter(1, out, vals[:, n:])[:, :n]
-        cols = cols.scatter(1, out, cols[:, n:])[:, :n]
+        vals, cols, kth, crowded = _without_largest(vals, cols, n)
     if crowded.numel():
         sub, kth = dist[crowded], kth[crowded]
         below, at = sub < kth, sub == kth
@@ -597,6 +593,19 @@ def _smallest_tie_lowest(dist: Tensor, n: int, ordered: bool = True
         cols = cols.index_put((crowded,), fixed)
         vals = vals.index_put((crowded,), fixed_d)
     return vals, cols
+
+
+def _without_largest(vals: Tensor, pos: Tensor, n: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of the n + 1 smallest entries of each row, unsorted (``vals`` [R, n + 1] and where
+    they are, ``pos``): the n smallest and their positions (the largest swapped out for the
+    last), the (n+1)-th smallest value [R, 1] (the largest; NaN above all, as ``torch.topk``
+    orders it) and the rows where it appears twice, which tie at their n-th."""
+    out = vals.argmax(1, keepdim=True)
+    kth = vals.gather(1, out)
+    crowded = ((vals == kth).sum(1) > 1).nonzero()[:, 0]
+    return (vals.scatter(1, out, vals[:, n:])[:, :n], pos.scatter(1, out, pos[:, n:])[:, :n],
+            kth, crowded)
 
 
 def _centred_prototypes(prototypes: Tensor, ood_prototype: Tensor, sc: float,
@@ -719,10 +728,8 @@ def _merge_unordered(best_d: Tensor, best_i: Tensor, new_d: Tensor, new_i: Tenso
     if dist.shape[1] <= k:
         return dist, idx
     vals, pos = torch.topk(dist, k + 1, dim=1, largest=False, sorted=False)
-    out = vals.argmax(1, keepdim=True)  # NaN above all, as topk orders it
-    crowded = ((vals == vals.gather(1, out)).sum(1) > 1).nonzero()[:, 0]
-    vals = vals.scatter(1, out, vals[:, k:])[:, :k]
-    ids = idx.gather(1, pos.scatter(1, out, pos[:, k:])[:, :k])
+    vals, pos, _, crowded = _without_largest(vals, pos, k)
+    ids = idx.gather(1, pos)
     if crowded.numel():
         whole_d, whole_i = lex_sort(dist[crowded], idx[crowded])
         vals = vals.index_put((crowded,), whole_d[:, :k])
