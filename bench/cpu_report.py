@@ -226,7 +226,7 @@ def _stage_fns(h: torch.Tensor, protos: torch.Tensor, p_ood: torch.Tensor) -> li
             for g, (a, b) in zip(gemm, tiles, strict=True)]
     m = [-x.amin(1).double() for x in dist]
     cand = [functional._nearest(x, min(NCP_CANDIDATES, c))[1] for x in dist]
-    buf = torch.empty((min(bn, n), d))
+    buf = functional._rerank_scratch(h.device, min(bn, n), min(NCP_CANDIDATES, c), d, h.dtype)
     scale = torch.rand(n)
     work = torch.empty((n, d))
 
@@ -257,7 +257,7 @@ def _stage_fns(h: torch.Tensor, protos: torch.Tensor, p_ood: torch.Tensor) -> li
 
     def rerank():
         for ci, (a, b) in zip(cand, tiles, strict=True):
-            functional._exact_candidate_distances(centred, ci, u[a:b], buf[: b - a])
+            functional._exact_candidate_distances(centred, ci, u[a:b], buf)
 
     def scale_stage():  # in the op in place; here into a buffer of the output's size
         for a, b in tiles:

@@ -115,6 +115,11 @@ DEVICE_CLASS_BLOCK = 1 << 14
 CPU_CLASS_BLOCK = 1 << 10
 # Elements squared at a time by database_sq_norms_of (1 MiB of float32: cache-resident).
 NORM_CHUNK_ELEMENTS = 1 << 18
+# Bytes of the gradient step's re-rank scratch on the CPU: rows x candidates x D differences
+# at a time, so the gathered prototype rows stay in cache between the gather, the subtraction
+# and the norm (2 MiB: 31 % faster than one slot over the whole row tile at C = 10, D = 512;
+# bench/RESULTS.md, "The gradient step's re-rank in cache-sized chunks").
+RERANK_CHUNK_BYTES = 1 << 21
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
@@ -271,7 +276,7 @@ def ncp_gradient(
     lse = torch.empty(n, dtype=dt, device=h.device)
 
     sm = torch.float64  # the softmax's dtype (see below)
-    diff_buf = torch.empty((min(bn, n), d), dtype=dt, device=h.device)  # re-rank scratch
+    diff_buf = _rerank_scratch(h.device, min(bn, n), n_cand, d, dt)
     for r0 in range(0, n, bn):
         r1 = min(r0 + bn, n)
         # u lives in the gradient's output rows: they are scaled in place at the end, so the
@@ -315,7 +320,7 @@ def ncp_gradient(
                 torch.sub(m_new.neg()[:, None], dist).exp_().sum(1))
             m = m_new
         # Exact distances of the candidates replace their GEMM estimates in the sum.
-        exact = _exact_candidate_distances(centred, cand_i, u, diff_buf[: r1 - r0])
+        exact = _exact_candidate_distances(centred, cand_i, u, diff_buf)
         if sc != 1.0:
             exact.mul_(sc)
         rest = (acc - torch.sub(m.neg()[:, None], cand_d).exp_().sum(1)).clamp_min_(0)
@@ -337,15 +342,45 @@ def ncp_gradient(
     return NCPGradient(grad, q_ood, pred, min_dist, lse)
 
 
+def _rerank_scratch(device: torch.device, rows: int, k: int, d: int,
+                    dtype: torch.dtype) -> Tensor:
+    """The re-rank's scratch for :func:`_exact_candidate_distances`: on the CPU the
+    differences of as many rows' ``k`` candidates as fit ``RERANK_CHUNK_BYTES`` (at least one
+    row), elsewhere one candidate slot of a whole row tile, [rows, D]."""
+    if device.type == "cpu":
+        rows = min(rows, _chunk_rows(k * d * torch.empty((), dtype=dtype).element_size())) * k
+    return torch.empty((rows, d), dtype=dtype, device=device)
+
+
+def _chunk_rows(per_row: int) -> int:
+    """Rows whose candidates' differences (``per_row`` bytes each) fit
+    ``RERANK_CHUNK_BYTES``: at least one."""
+    return max(1, RERANK_CHUNK_BYTES // max(per_row, 1))
+
+
 def _exact_candidate_distances(centred: Tensor, cand_i: Tensor, u: Tensor,
-                               diff: Tensor) -> Tensor:
-    """``||u - centred[cand_i]||`` [rows, k] from fp32 differences, one candidate slot at a
-    time through ``diff`` (a [rows, D] scratch) so the difference stays in cache (``p - u`` is
-    exactly ``-(u - p)`` in IEEE arithmetic: the same norm)."""
-    exact = torch.empty(cand_i.shape, dtype=u.dtype, device=u.device)
-    for j in range(cand_i.shape[1]):
-        torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
-        torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
+                               scratch: Tensor) -> Tensor:
+    """``||u - centred[cand_i]||`` [rows, k] from differences in ``u``'s dtype (``p - u`` is
+    exactly ``-(u - p)`` in IEEE arithmetic: the same norm), through ``scratch`` from
+    :func:`_rerank_scratch`. On the CPU every candidate of a chunk of rows at once, so the
+    chunk's differences stay in cache from the gather to the norm and each row tile takes
+    three operators per chunk; elsewhere one candidate slot over the whole tile at a time.
+    Each distance is one row's norm either way: the same values."""
+    rows, k = cand_i.shape
+    exact = torch.empty((rows, k), dtype=u.dtype, device=u.device)
+    if u.device.type != "cpu":
+        diff = scratch[:rows]
+        for j in range(k):
+            torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
+            torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
+        return exact
+    flat = cand_i.reshape(-1)
+    step = scratch.shape[0] // k
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        diff = torch.index_select(centred, 0, flat[r0 * k: r1 * k], out=scratch[: (r1 - r0) * k])
+        grouped = diff.view(r1 - r0, k, -1).sub_(u[r0:r1, None, :])
+        torch.linalg.vector_norm(grouped, dim=2, out=exact[r0:r1])
     return exact
 
 
@@ -898,8 +933,10 @@ def _from_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
 
 def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:
     """``||q - exact_rows[rows]||^2`` [bq, n] of each query row and its ``n`` candidates'
-    rows, one candidate slot at a time (the rows may live on another device, or in another
-    dtype: then each slot's rows are copied over)."""
+    rows: on the CPU every candidate of a chunk of query rows at once where one row's
+    candidates fit ``RERANK_CHUNK_BYTES``, otherwise one candidate slot at a time (the rows
+    may live on another device, or in another dtype: then each slot's rows are copied
+    over)."""
     if exact_rows.device != q.device or exact_rows.dtype != q.dtype:
         rows = rows.to(exact_rows.device)
         exact = torch.empty(rows.shape, dtype=q.dtype, device=q.device)
@@ -908,7 +945,23 @@ def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:
             exact[:, j] = (diff * diff).sum(1)
         return exact
     # Into one reused buffer: x - q is exactly -(q - x), the same squares.
-    by_slot = torch.empty((rows.shape[1], rows.shape[0]), dtype=q.dtype, device=q.device)
+    bq, n = rows.shape
+    per_row = n * q.shape[1] * q.element_size()
+    if q.device.type == "cpu" and per_row <= RERANK_CHUNK_BYTES:
+        # Every candidate of a chunk of query rows at once (see _exact_candidate_distances):
+        # each distance is one row's sum either way, the same values.
+        step = min(bq, _chunk_rows(per_row))
+        exact = torch.empty((bq, n), dtype=q.dtype, device=q.device)
+        scratch = torch.empty((step * n, q.shape[1]), dtype=q.dtype, device=q.device)
+        flat = rows.reshape(-1)
+        for r0 in range(0, bq, step):
+            r1 = min(r0 + step, bq)
+            diff = torch.index_select(exact_rows, 0, flat[r0 * n: r1 * n],
+                                      out=scratch[: (r1 - r0) * n])
+            diff.view(r1 - r0, n, -1).sub_(q[r0:r1, None, :]).square_()
+            torch.sum(diff.view(r1 - r0, n, -1), 2, out=exact[r0:r1])
+        return exact
+    by_slot = torch.empty((n, bq), dtype=q.dtype, device=q.device)
     buf = torch.empty_like(q, memory_format=torch.contiguous_format)
     slots = rows.T.contiguous()
     for j in range(slots.shape[0]):

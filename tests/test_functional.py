@@ -442,6 +442,69 @@ def test_database_sq_norms_do_not_depend_on_blocks_or_layout(d, dtype):
         F.database_sq_norms_of(x.int())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(("rows", "k", "d", "budget"),
+                         [(1, 1, 1, 4), (37, 4, 13, 1 << 9), (37, 4, 13, 1 << 21),
+                          (9, 3, 300, 1), (64, 4, 2048, 1 << 16)])
+def test_rerank_chunks_hold_their_budget_and_give_each_rows_norm(monkeypatch, dtype, rows, k,
+                                                                 d, budget):
+    """The gradient step's CPU re-rank: its scratch holds as many rows' candidates as fit
+    RERANK_CHUNK_BYTES (at least one row), and every distance is that row's norm of its own
+    difference, bit for bit, however the chunks fall (a last chunk short, one row a chunk,
+    one chunk for the tile)."""
+    monkeypatch.setattr(F, "RERANK_CHUNK_BYTES", budget)
+    gen = torch.Generator().manual_seed(rows * k + d)
+    centred = torch.randn(11, d, generator=gen, dtype=dtype) * 5
+    u = torch.randn(rows, d, generator=gen, dtype=dtype) * 5
+    cand = torch.randint(0, 11, (rows, k), generator=gen)
+    scratch = F._rerank_scratch(u.device, rows, k, d, dtype)
+    per_row = k * d * scratch.element_size()
+    assert scratch.shape[0] % k == 0 and scratch.shape[1] == d
+    assert scratch.shape[0] // k == min(rows, max(1, budget // per_row))
+    got = F._exact_candidate_distances(centred, cand, u, scratch)
+    want = torch.stack([torch.linalg.vector_norm(centred[cand[:, j]] - u, dim=1)
+                        for j in range(k)], 1)
+    assert got.shape == (rows, k) and torch.equal(got, want)
+    exact = ((centred.double()[cand] - u.double()[:, None]) ** 2).sum(2).sqrt()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5 if dtype == torch.float32
+                               else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 12, 1 << 21])
+def test_ncp_gradient_does_not_depend_on_the_rerank_chunks(monkeypatch, budget):
+    """The step's results are the same bit for bit whatever the re-rank's chunk budget."""
+    gen = torch.Generator().manual_seed(3)
+    h, protos = torch.randn(301, 40, generator=gen), torch.randn(13, 40, generator=gen)
+    p_ood = protos.mean(0)
+    want = F.ncp_gradient(h, protos, p_ood, block_rows=128)
+    monkeypatch.setattr(F, "RERANK_CHUNK_BYTES", budget)
+    got = F.ncp_gradient(h, protos, p_ood, block_rows=128)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(("bq", "n", "d"), [(1, 1, 1), (29, 5, 31), (7, 204, 130)])
+def test_search_rerank_chunked_or_by_slot_gives_the_same_distances(monkeypatch, dtype, bq, n,
+                                                                   d):
+    """knn's exact re-rank on the CPU by chunks of query rows (every candidate at once) or one
+    candidate slot at a time (a row's candidates past RERANK_CHUNK_BYTES): the same squared
+    distances bit for bit, each the sum of its own row's squared differences."""
+    gen = torch.Generator().manual_seed(bq * n + d)
+    db = torch.randn(300, d, generator=gen, dtype=dtype)
+    q = torch.randn(bq, d, generator=gen, dtype=dtype)
+    rows = torch.randint(0, 300, (bq, n), generator=gen)
+    results = []
+    for budget in (0, n * d * q.element_size(), 3 * n * d * q.element_size(), 1 << 30):
+        monkeypatch.setattr(F, "RERANK_CHUNK_BYTES", budget)
+        results.append(F._rerank_distances(q, db, rows))
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+    want = ((db.double()[rows] - q.double()[:, None]) ** 2).sum(2)
+    torch.testing.assert_close(results[0].double(), want,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["random", "half-integers", "padding", "nan"])
 @pytest.mark.parametrize(("k", "n_new"), [(1, 1), (5, 3), (54, 54), (200, 17), (30, 40)])
 def test_unordered_merge_keeps_the_sorted_merges_candidates(kind, k, n_new):
