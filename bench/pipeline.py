@@ -10,9 +10,9 @@ post-ReLU penultimate layer), made on the device before timing starts. Stages, i
 gradient pass over the training rows (each row indexed when its nearest class prototype is its
 label), the index build (row norms), then scoring: the gradient step of the queries and the
 exact 1-NN search. Each stage is timed with the device synchronised and reports its peak extra
-memory. The first call of each kernel at each batch shape (Triton's JIT compilation) is made
-before the timed stages and reported on its own rows. At ``--check`` (default when the
-training set is at most 200,000 rows) the staged scores are compared with
+memory. The first call of each op at each batch shape (Triton's JIT compilation, where the op
+runs on Triton) is made before the timed stages and reported on its own rows. At ``--check``
+(default when the training set is at most 200,000 rows) the staged scores are compared with
 ``GROOD(...).fit(...).score_samples(...)`` on the same data.
 """
 
@@ -80,6 +80,14 @@ class Stage:
         return False
 
 
+def _warm_up(backend: str, op: str, device: str, precision: str) -> str:
+    """What a warm-up row holds for ``op``: Triton's compilation, or on the torch backend
+    (nothing to compile) one untimed call at each batch shape."""
+    if ops.resolve_backend(backend, op, device, torch.float32, precision) == "triton":
+        return "triton: JIT compilation"
+    return "torch: nothing compiled, one untimed call per batch shape"
+
+
 def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, backend: str,
                  precision: str, batch: int, progress: bool,
                  storage: torch.dtype = torch.float32) -> tuple[list, torch.Tensor, tuple]:
@@ -104,7 +112,8 @@ def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, bac
 
     # The first call at each batch shape compiles the Triton kernel (seconds): made here, on
     # its own row, so the timed stages measure the steady state.
-    with Stage("warm-up: first calls of the gradient step", device, rows):
+    grad_warm = _warm_up(backend, "ncp_gradient", device, precision)
+    with Stage(f"warm-up: first calls of the gradient step ({grad_warm})", device, rows):
         for n in sorted(set(shapes(n_train) + shapes(n_query))):
             ops.ncp_gradient(x[:n], protos, p_ood, backend=backend, precision=precision)
     with Stage("fit: gradient pass", device, rows):
@@ -126,7 +135,8 @@ def run_pipeline(n_train: int, n_query: int, c: int, d: int, *, device: str, bac
         qg = torch.cat([ops.ncp_gradient(q[r0:r0 + batch], protos, p_ood, backend=backend,
                                          precision=precision).grad
                         for r0 in bar(range(0, n_query, batch), "query gradients")])
-    with Stage("warm-up: first calls of the search", device, rows):
+    knn_warm = _warm_up(backend, "knn", device, precision)
+    with Stage(f"warm-up: first calls of the search ({knn_warm})", device, rows):
         for n in shapes(n_query):
             ops.knn(qg[:n], searched, 1, backend=backend, precision=precision,
                     database_sq_norms=sq, **extra)
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     for stage, ms, mib in rows:
         n = n_query if stage.startswith("score") else n_train
         if stage.startswith("warm-up"):
-            print(f"| {stage} (JIT compilation; not in the totals) | {ms:,.1f} | | {mib:,.0f} |")
+            print(f"| {stage[:-1]}; not in the totals) | {ms:,.1f} | | {mib:,.0f} |")
             continue
         total[stage.split(":")[0]] += ms
         print(f"| {stage} | {ms:,.1f} | {n / ms * 1e3:,.0f} | {mib:,.0f} |")

@@ -1787,6 +1787,11 @@ def test_bench_pipeline_runs_every_stage_and_checks_itself(capsys):
         assert f"| {stage} |" in out or f"| fit: {stage} |" in out or f"| score: {stage} |" in out
     diff = float(out.split("check: max |score - GROOD.score_samples| = ")[1].split()[0])
     assert diff < 1e-6
+    # The torch backend compiles nothing: its warm-up rows say what they hold.
+    assert "JIT" not in out
+    for op in ("gradient step", "search"):
+        assert (f"| warm-up: first calls of the {op} (torch: nothing compiled, one untimed "
+                "call per batch shape; not in the totals) |") in out
 
 
 def test_fit_with_half_precision_index_storage(tmp_path, capsys):
