@@ -139,6 +139,11 @@ _KEY_BITS = 29
 # bench/RESULTS.md, "The CPU search: wide tiles narrowed by group minima".
 _GROUPED_WIDTH = 2048
 _WIDE_GROUPS = 4096
+# Off the CPU, whether the search's float32 tiles are narrowed the same way, without a host
+# read (:func:`_grouped_in_order`), before their candidates are picked. The same candidates;
+# not taken before a GPU has timed it against the whole tile's packed keys
+# (``bench/gpu_report.py --only search`` times both).
+DEVICE_NARROWED_PICK = False
 
 class PrototypeState(NamedTuple):
     """Running per-class sums and counts, fed batch by batch by :func:`class_prototypes`.
@@ -713,9 +718,42 @@ def _smallest_in_order(dist: Tensor, n: int) -> tuple[Tensor, Tensor]:
     the CPU, where :func:`topk_lowest_index`'s host read of the tied rows would be a
     synchronisation per tile."""
     if dist.dtype == torch.float32 and dist.shape[1] < 1 << _KEY_BITS:
+        per = _group_size(dist.shape, n) if DEVICE_NARROWED_PICK else 0
+        if per:
+            return _grouped_in_order(dist, n, per)
         cols = torch.topk(_column_keys(dist), n, dim=1, largest=False).indices
     else:
         cols = torch.sort(dist, dim=1, stable=True).indices[:, :n]
+    return dist.gather(1, cols), cols
+
+
+def _grouped_in_order(dist: Tensor, n: int, per: int) -> tuple[Tensor, Tensor]:
+    """:func:`_smallest_in_order` of a wide float32 tile [R, M] narrowed by group minima as
+    :func:`_grouped_smallest` does, with nothing read on the host: each group (``per``
+    strided columns, :func:`_group_size`) is ranked by its minimum and the lowest column
+    holding it (``torch.min`` over a dimension returns the first), packed as one key, so the n
+    groups of smallest keys hold the row's n smallest entries in (value, column) order with
+    no tie to redo: a group left out has n chosen groups below it, each holding an entry
+    below every entry of its own in that order. Only those groups and the last ``M - g s``
+    columns go to the final ``torch.topk``. Reads the tile about three times (a copy with
+    non-finite entries as the largest float32, and its group minima) where the whole tile's
+    packed keys write and read twice its float64 size."""
+    rows, width = dist.shape
+    groups = width // per
+    big = torch.finfo(torch.float32).max
+    safe = torch.nan_to_num(dist, nan=big, posinf=big, neginf=big)
+    mins, first = safe[:, : per * groups].view(rows, per, groups).min(1)  # [R, g]
+    group_ids = torch.arange(groups, device=dist.device)
+    chosen = torch.topk(_column_keys(mins, first * groups + group_ids), n, dim=1,
+                        largest=False).indices  # [R, n]
+    steps = torch.arange(per, device=dist.device)[None, :, None] * groups
+    cols = (chosen[:, None, :] + steps).reshape(rows, per * n)
+    if width > per * groups:
+        tail = torch.arange(per * groups, width, device=dist.device)
+        cols = torch.cat([cols, tail.expand(rows, -1)], 1)
+    picked = torch.topk(_column_keys(safe.gather(1, cols), cols), n, dim=1,
+                        largest=False).indices
+    cols = cols.gather(1, picked)
     return dist.gather(1, cols), cols
 
 

@@ -1419,6 +1419,31 @@ def test_bench_search_k_times_each_k_against_k_one(capsys):
     assert "## Gradient step" not in text  # only this part
 
 
+def test_search_table_times_the_narrowed_pick_with_the_flag_set(monkeypatch):
+    """The GPU report's search table times the torch search a second time with its tiles
+    narrowed (off the CPU): a row of its own, labelled, run with
+    functional.DEVICE_NARROWED_PICK set and the flag set back after (here on the CPU, where
+    the variant is forced in)."""
+    from grood import functional
+    from grood._bench import search
+
+    seen = []
+    real = functional.knn
+
+    def knn(*args, **kwargs):
+        seen.append(functional.DEVICE_NARROWED_PICK)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "knn", knn)
+    monkeypatch.setattr(search, "_search_variants", lambda backends, *rest: iter(
+        [("torch", {}), ("torch", {"narrowed_pick": True})]))
+    rows = [line for line in search.search_timing_table("cpu", ["torch"], True, 1)
+            if line.startswith("| tiny")]
+    narrowed = [r for r in rows if "tiles narrowed by group minima (sync-free)" in r]
+    assert rows and len(narrowed) == len(rows) // 2
+    assert True in seen and False in seen and functional.DEVICE_NARROWED_PICK is False
+
+
 def test_bench_at_full_size_under_the_interpreter_says_it_takes_hours(capsys, monkeypatch):
     """Full-size shapes under TRITON_INTERPRET=1 ran for hours with nothing said past the
     header; the run now says so on stderr first, with the ways out."""

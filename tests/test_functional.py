@@ -381,6 +381,29 @@ def test_wide_tiles_narrowed_by_group_minima_pick_what_whole_tiles_do(kind, widt
     _same_entries(F._smallest(d, n, ordered=False), (want_v, want_c))
 
 
+@pytest.mark.parametrize("kind", ["random", "half-integers", "repeated columns", "nan columns",
+                                  "nan and inf rows", "zeros of both signs", "ascending"])
+@pytest.mark.parametrize(("width", "n"), [(2048, 1), (4096, 5), (4099, 54), (6001, 14),
+                                          (16390, 104), (8195, 204)])
+def test_sync_free_narrowing_picks_what_the_whole_tiles_keys_do(monkeypatch, kind, width, n):
+    """Off the CPU (DEVICE_NARROWED_PICK) a wide float32 tile is narrowed to the groups whose
+    (minimum, lowest column at it) keys are smallest, with no host read and no row redone:
+    the same n values and columns, in the same (value, column) order, as torch.topk over the
+    whole tile's packed keys, for ties at the groups' edge, NaN and Inf entries, signed
+    zeros and minima in the tail; the tile is left as it was."""
+    d = _wide_tile(kind, 9, width, torch.float32, seed=width + n)
+    per = F._group_size(d.shape, n)
+    assert per  # the narrowing applies to every case here
+    kept = d.clone()
+    want_v, want_c = F._smallest_in_order(d, n)  # the flag off: the whole tile's keys
+    monkeypatch.setattr(F, "DEVICE_NARROWED_PICK", True)
+    got_v, got_c = F._smallest_in_order(d, n)
+    assert torch.equal(got_c, want_c)
+    torch.testing.assert_close(got_v, want_v, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(d, kept, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(F._grouped_in_order(d, n, per)[1], want_c)
+
+
 def _same_entries(got: tuple[torch.Tensor, torch.Tensor],
                   want: tuple[torch.Tensor, torch.Tensor]) -> None:
     """The same entries per row in any order: values (NaN equal to NaN) and, for every value
@@ -798,11 +821,38 @@ def test_knn_with_the_off_cpu_picker_matches(monkeypatch, q, m, d, k, dtype):
     assert torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("k", [1, 7, 60])
+def test_knn_with_the_sync_free_narrowing_matches(monkeypatch, k):
+    """knn through the off-CPU picker with its tiles narrowed by group minima (forced here on
+    the CPU; tiles of all 5,000 rows, duplicate rows and exact ties) returns what the CPU's
+    pick and merge do."""
+    gen = torch.Generator().manual_seed(12)
+    db = torch.randint(-2, 3, (5000, 6), generator=gen).float()
+    db[4000:] = torch.randn(1000, 6, generator=gen)
+    db[17] = float("nan")
+    queries = torch.cat([torch.randint(-2, 3, (6, 6), generator=gen).float(),
+                         torch.randn(6, 6, generator=gen)])
+    want = F.knn(queries, db, k)
+    monkeypatch.setattr(F, "_search_steps", lambda device_type: (F._smallest_in_order,
+                                                                  F._merge_topk))
+    monkeypatch.setattr(F, "DEVICE_NARROWED_PICK", True)
+    narrowed = []
+    real = F._grouped_in_order
+    monkeypatch.setattr(F, "_grouped_in_order", lambda *a: narrowed.append(1) or real(*a))
+    got = F.knn(queries, db, k)
+    assert narrowed  # the narrowing ran
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_knn_on_cuda_is_sync_free_and_matches_the_cpu():
+@pytest.mark.parametrize("narrowed", [False, True], ids=["whole tiles", "narrowed"])
+def test_knn_on_cuda_is_sync_free_and_matches_the_cpu(monkeypatch, narrowed):
     """The torch knn on a CUDA device reads nothing on the host (CUDA sync debugging set to
-    error) and returns the CPU's neighbours, duplicates and padding included."""
+    error) and returns the CPU's neighbours, duplicates and padding included; also with its
+    tiles (all 3,000 rows) narrowed by group minima (DEVICE_NARROWED_PICK)."""
+    monkeypatch.setattr(F, "DEVICE_NARROWED_PICK", narrowed)
+    block = None if narrowed else 512
     gen = torch.Generator().manual_seed(5)
     db = torch.randint(-2, 3, (3000, 16), generator=gen).float()
     queries = torch.randint(-2, 3, (50, 16), generator=gen).float()
@@ -811,11 +861,11 @@ def test_knn_on_cuda_is_sync_free_and_matches_the_cpu():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = F.knn(q_dev, db_dev, 5, database_sq_norms=norms, block_size=512)
+        got = F.knn(q_dev, db_dev, 5, database_sq_norms=norms, block_size=block)
         pad = F.knn(q_dev, db_dev[:3], 5, database_sq_norms=norms[:3])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = F.knn(queries, db, 5, block_size=512)
+    want = F.knn(queries, db, 5, block_size=block)
     assert torch.equal(got[1].cpu(), want[1])
     assert torch.equal(got[0].cpu(), want[0])
     assert torch.equal(pad[1].cpu(), F.knn(queries, db[:3], 5)[1])

@@ -437,10 +437,18 @@ def test_when_bf16_mode_copies_the_database():
 
     from grood._bench.search import _search_variants  # the GPU report times both
 
-    assert list(_search_variants(["torch", "triton"], "bf16", torch.float32, many)) == [
+    assert list(_search_variants(["torch", "triton"], "bf16", torch.float32, many, "cuda")) == [
         ("torch", {}), ("triton", {}), ("triton", {"cast_database": False})]
-    assert len(list(_search_variants(["triton"], "bf16", torch.float32, many - 1))) == 1
-    assert len(list(_search_variants(["triton"], "bf16", torch.bfloat16, many))) == 1
+    # The torch search narrowed by group minima beside it, off the CPU (the CPU's search
+    # narrows its own way) in ieee (auto's search there) and tf32 on an fp32 database.
+    assert list(_search_variants(["torch"], "ieee", torch.float32, many, "cuda")) == [
+        ("torch", {}), ("torch", {"narrowed_pick": True})]
+    assert list(_search_variants(["torch"], "tf32", torch.float32, 8, "cuda"))[1] == (
+        "torch", {"narrowed_pick": True})
+    assert len(list(_search_variants(["torch"], "ieee", torch.float32, many, "cpu"))) == 1
+    assert len(list(_search_variants(["torch"], "bf16", torch.bfloat16, many, "cuda"))) == 1
+    assert len(list(_search_variants(["triton"], "bf16", torch.float32, many - 1, "cuda"))) == 1
+    assert len(list(_search_variants(["triton"], "bf16", torch.bfloat16, many, "cuda"))) == 1
 
     queries, db = _data(3, 5, 4, seed=6)
     for precision, rows in (("tf32", db), ("bf16", db.to(torch.bfloat16))):

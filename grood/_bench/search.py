@@ -9,9 +9,9 @@ device, and faiss-cpu's exact flat search on a smaller database, compared per TF
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -167,25 +167,32 @@ def search_timing_table(device: str, backends: list[str], tiny: bool,
                 data = db if storage == torch.float32 else db.to(storage)
                 t_ref = median_time(partial(torch_gemm_min, queries, data, precision), device,
                                     repeat)
-                for backend, variant in _search_variants(backends, precision, storage, q):
+                for backend, variant in _search_variants(backends, precision, storage, q,
+                                                         device):
                     if backend == "triton" and precision == "bf16" and device != "cuda":
                         continue
                     # bf16 storage: candidates from the bf16 rows, re-ranked on the fp32 ones.
                     extra = {} if storage == torch.float32 else {"rerank_database": db}
+                    variant = dict(variant)
+                    narrowed = variant.pop("narrowed_pick", False)
                     extra.update(variant)
                     op = ops.get_op("knn", backend)
-                    call = partial(op, queries, data, 1, precision=precision, **extra)
+                    call = _narrowing(narrowed, partial(op, queries, data, 1,
+                                                        precision=precision, **extra))
                     t = median_time(call, device, repeat)
-                    if not variant:  # the launcher's own choice: the one the model is drawn for
+                    if not variant and not narrowed:  # the launcher's own choice
                         record_timing("knn", (q, m, d), precision if storage == torch.float32
                                       else f"{precision}-storage", backend, t)
                     mem = peak_extra_mib(call, device)
-                    _, idx = op(queries[:n_check], data, 1, precision=precision, **extra)
+                    _, idx = _narrowing(narrowed, partial(op, queries[:n_check], data, 1,
+                                                          precision=precision, **extra))()
                     recall = float((idx[:, 0] == ref_i).double().mean())
                     recall32 = float((idx[:, 0] == ref32_i).double().mean())
                     peak = (f"{100 * flops / t / 1e12 / peaks[precision]:.1f}" if peaks
                             else "n/a")
                     label = str(storage)[6:] + (", tiles cast in the K-loop" if variant else "")
+                    if narrowed:
+                        label += ", tiles narrowed by group minima (sync-free)"
                     yield (
                         f"| {name} | {q} | {m} | {d} | {backend} | {precision} | "
                         f"{label} | {t:.4f} | {q / t:,.0f} | "
@@ -242,17 +249,37 @@ def kth_distance_error(got: Tensor, want: Tensor, k: int) -> float:
     return float(((got[:, k - 1].double() - ref).abs() / ref.abs().clamp_min(1e-30)).max())
 
 
-def _search_variants(backends: list[str], precision: str, storage: torch.dtype, n_q: int):
+def _search_variants(backends: list[str], precision: str, storage: torch.dtype, n_q: int,
+                     device: str):
     """(backend, extra keyword arguments) to time: each backend as its launcher chooses, and
     where the Triton search copies an fp32 database to bf16 per call, also the same search
-    casting each tile in the K-loop instead (``cast_database=False``), for the comparison."""
+    casting each tile in the K-loop instead (``cast_database=False``), for the comparison;
+    off the CPU, in ``ieee`` (the search ``auto`` runs on torch there) and ``tf32`` on an
+    fp32 database, the torch search also with its tiles narrowed by group minima
+    (``narrowed_pick``: ``functional.DEVICE_NARROWED_PICK`` set while it runs)."""
     for backend in backends:
         yield backend, {}
+        if backend == "torch" and device != "cpu" and precision in ("ieee", "tf32") \
+                and storage == torch.float32:
+            yield backend, {"narrowed_pick": True}
         if backend == "triton":
             from grood_kernels.knn import casts_database  # the Triton backend is installed
 
             if casts_database(n_q, precision, storage):
                 yield backend, {"cast_database": False}
+
+
+def _narrowing(on: bool, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` with ``functional.DEVICE_NARROWED_PICK`` set to ``on`` while it runs (and set
+    back after)."""
+    def run() -> Any:
+        was = functional.DEVICE_NARROWED_PICK
+        functional.DEVICE_NARROWED_PICK = on
+        try:
+            return call()
+        finally:
+            functional.DEVICE_NARROWED_PICK = was
+    return run
 
 
 def _exact_reference(queries: Tensor, database: Tensor, chunk: int = 65536) -> Tensor:
