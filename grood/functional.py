@@ -117,8 +117,9 @@ CPU_CLASS_BLOCK = 1 << 10
 NORM_CHUNK_ELEMENTS = 1 << 18
 # Bytes of the gradient step's re-rank scratch on the CPU: rows x candidates x D differences
 # at a time, so the gathered prototype rows stay in cache between the gather, the subtraction
-# and the norm (2 MiB: 31 % faster than one slot over the whole row tile at C = 10, D = 512;
-# bench/RESULTS.md, "The gradient step's re-rank in cache-sized chunks").
+# and the norm (2 MiB: the re-rank 1.3-1.6x faster than one slot over the whole row tile;
+# bench/RESULTS.md, "The exact re-rank on the CPU in cache-sized chunks"). The search's
+# re-rank takes its chunks the same way.
 RERANK_CHUNK_BYTES = 1 << 21
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
@@ -736,8 +737,8 @@ def _grouped_in_order(dist: Tensor, n: int, per: int) -> tuple[Tensor, Tensor]:
     no tie to redo: a group left out has n chosen groups below it, each holding an entry
     below every entry of its own in that order. Only those groups and the last ``M - g s``
     columns go to the final ``torch.topk``. Reads the tile about three times (a copy with
-    non-finite entries as the largest float32, and its group minima) where the whole tile's
-    packed keys write and read twice its float64 size."""
+    non-finite entries as the largest float32, and its group minima) where building the whole
+    tile's packed keys moves 13 times its float32 size before ``torch.topk`` reads them."""
     rows, width = dist.shape
     groups = width // per
     big = torch.finfo(torch.float32).max
