@@ -150,8 +150,8 @@ def _search_pick_table(shapes: list[tuple[int, int, int, int]], repeat: int) -> 
     print("|---|---|---|---|---|---|---|---|---|")
     for q, m, d, k in shapes:
         queries, db = normalised_rows(q, m, d, "cpu")
-        width = functional.search_tile("cpu", q)[1]
         n_cand = k + functional.RERANK_EXTRA
+        rows, width = functional.search_tile("cpu", q, n_cand)
 
         whole = partial(_knn_whole_tiles, queries, db, k)
         narrowed = partial(functional.knn, queries, db, k)
@@ -161,7 +161,7 @@ def _search_pick_table(shapes: list[tuple[int, int, int, int]], repeat: int) -> 
                                  "differ from the whole tiles'")
         t_whole, t_narrow, t_mm = interleaved_median_times(
             [whole, narrowed, partial(torch.mm, queries, db.T)], "cpu", repeat)
-        used = "yes" if functional._group_size((q, min(width, m)), n_cand) else "no"
+        used = "yes" if functional._group_size((rows, min(width, m)), n_cand) else "no"
         print(f"| Q={q} M={m} D={d} | {k} | {min(width, m):,} | {used} | {1e3 * t_whole:.1f} "
               f"| {1e3 * t_narrow:.1f} | {t_whole / t_narrow:.2f}x | {1e3 * t_mm:.1f} "
               f"| {t_narrow / t_mm:.2f} |")

@@ -123,6 +123,12 @@ NORM_CHUNK_ELEMENTS = 1 << 18
 RERANK_CHUNK_BYTES = 1 << 21
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
+# The CPU search's widest database tile, and its fewest queries a tile, for many candidates
+# (search_tile): at k = 200 to 1,000 over 100,000 x 512 rows 1.2-1.4x faster than tiles of
+# 4,096 rows (1.4-1.8x at D = 64), the same neighbours (bench/RESULTS.md, "The CPU search's
+# tiles widened for many neighbours").
+WIDE_SEARCH_TILE = 1 << 15
+MIN_SEARCH_QUERIES = 128
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
 PROTOTYPE_CHUNK_ELEMENTS = 1 << 19
 # Fewest rows per tile when the class block is wide: every row tile re-reads the block.
@@ -525,12 +531,22 @@ def gradient_tile_rows(device_type: str, block_classes: int, d: int) -> int:
     return max(1, min(DEVICE_TILE_ELEMENTS // block_classes, DEVICE_TILE_ELEMENTS // d))
 
 
-def search_tile(device_type: str, n_queries: int) -> tuple[int, int]:
-    """(queries, database rows) per tile of :func:`knn` by default: ``TILE_ELEMENTS`` on the
-    CPU, ``DEVICE_TILE_ELEMENTS`` elsewhere."""
+def search_tile(device_type: str, n_queries: int, n_cand: int = 1) -> tuple[int, int]:
+    """(queries, database rows) per tile of :func:`knn` by default, keeping ``n_cand``
+    candidates per query: ``TILE_ELEMENTS`` on the CPU, ``DEVICE_TILE_ELEMENTS`` elsewhere.
+    On the CPU a tile is made wider (and as much shorter) where its candidates are many: to the
+    first power of two of database rows at least ``32 n_cand`` (where the narrowing by group
+    minima applies, :func:`_group_size`), up to ``WIDE_SEARCH_TILE``, so fewer candidate lists
+    are merged per query and the pick reads each tile once; no fewer than
+    ``MIN_SEARCH_QUERIES`` queries a tile."""
     if device_type == "cpu":
         bq = min(n_queries, 1024)
-        return bq, max(256, TILE_ELEMENTS // bq)
+        bm = max(256, TILE_ELEMENTS // bq)
+        wide = min(WIDE_SEARCH_TILE, 1 << max(0, (32 * n_cand - 1).bit_length()))
+        if wide > bm:
+            bm = wide
+            bq = min(n_queries, max(MIN_SEARCH_QUERIES, TILE_ELEMENTS // bm))
+        return bq, bm
     bq = min(n_queries, DEVICE_QUERY_ROWS)
     return bq, max(256, DEVICE_TILE_ELEMENTS // bq)
 
@@ -847,7 +863,8 @@ def knn(
             computed from when ``database`` is a rounded copy (e.g. bf16 storage of an fp32
             index); it may live on another device (host memory). Default: ``database``.
         block_size (int, optional): database rows per tile; by default sized to
-            ``TILE_ELEMENTS`` on the CPU and ``DEVICE_TILE_ELEMENTS`` elsewhere.
+            ``TILE_ELEMENTS`` on the CPU (wider, with fewer queries a tile, for many
+            neighbours: :func:`search_tile`) and ``DEVICE_TILE_ELEMENTS`` elsewhere.
 
     Returns:
         tuple[Tensor, Tensor]: ``(D, I)``: squared distances [Q, k] (ascending) and int64
@@ -880,7 +897,8 @@ def knn(
     if n_q == 0 or n_db == 0:
         return out_d, out_i
     n_cand = k + RERANK_EXTRA  # candidates kept per query, re-ranked exactly at the end
-    bq, bm = search_tile(dev.type, n_q)
+    # (a tile widened for many candidates holds fewer queries: not where block_size is given)
+    bq, bm = search_tile(dev.type, n_q, n_cand if block_size is None else 1)
     bm = block_size or bm
     if database_sq_norms is None:
         database_sq_norms = database_sq_norms_of(exact_rows, dt, block_size=bm).to(dev)

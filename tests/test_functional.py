@@ -948,6 +948,48 @@ def test_add_rows_by_class_checks_what_it_is_given():
     assert torch.equal(sums, before)
 
 
+@pytest.mark.parametrize(("n_q", "n_cand", "tile"),
+                         [(10000, 5, (1024, 4096)), (10000, 128, (1024, 4096)),
+                          (10000, 129, (512, 8192)), (10000, 204, (512, 8192)),
+                          (10000, 504, (256, 16384)), (10000, 1004, (128, 32768)),
+                          (10000, 5000, (128, 32768)), (300, 204, (300, 13981)),
+                          (300, 304, (256, 16384)), (100, 1004, (100, 41943))])
+def test_cpu_search_tiles_widen_for_many_candidates(n_q, n_cand, tile):
+    """On the CPU a search for many neighbours takes tiles wide enough for the narrowing by
+    group minima (at least 32 database rows per candidate, a power of two, at most
+    WIDE_SEARCH_TILE), with as many fewer queries (at least MIN_SEARCH_QUERIES); few
+    candidates, or tiles already wide, keep the default."""
+    bq, bm = F.search_tile("cpu", n_q, n_cand)
+    assert (bq, bm) == tile
+    assert bq * bm <= max(F.TILE_ELEMENTS, F.MIN_SEARCH_QUERIES * F.WIDE_SEARCH_TILE)
+    if n_cand <= 1024:
+        assert F._group_size((bq, bm), n_cand)  # the wide tile is narrowed
+
+
+@pytest.mark.parametrize("k", [1, 130, 300])
+def test_knn_with_wide_tiles_for_many_neighbours_matches(monkeypatch, k):
+    """The CPU search's wider tiles for many neighbours give the neighbours and distances
+    of the default tiles bit for bit (duplicate rows and exact ties included); a block_size
+    given keeps the default number of queries a tile."""
+    gen = torch.Generator().manual_seed(k)
+    db = torch.randint(-3, 4, (20000, 8), generator=gen).float()
+    db[15000:] = torch.randn(5000, 8, generator=gen)
+    queries = torch.cat([torch.randint(-3, 4, (600, 8), generator=gen).float(),
+                         torch.randn(500, 8, generator=gen)])
+    tiles = []
+    real = F.search_tile
+    monkeypatch.setattr(F, "search_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    got = F.knn(queries, db, k)
+    assert tiles[-1] == {1: (1024, 4096), 130: (512, 8192), 300: (256, 16384)}[k]
+    monkeypatch.setattr(F, "WIDE_SEARCH_TILE", 0)  # the default tiles at every k
+    want = F.knn(queries, db, k)
+    assert tiles[-1] == (1024, 4096)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    monkeypatch.setattr(F, "WIDE_SEARCH_TILE", 1 << 15)
+    F.knn(queries, db, k, block_size=100)
+    assert tiles[-1] == (1024, 4096)
+
+
 def test_tiles_are_cache_sized_on_the_cpu_and_large_elsewhere():
     """On the CPU the tiles keep their working set in cache (unchanged); on a GPU the torch
     path was host-bound with those tiles (an H200: 243 ms for 65,536 x 1,000 x 2,048 in ~114
@@ -958,6 +1000,7 @@ def test_tiles_are_cache_sized_on_the_cpu_and_large_elsewhere():
     assert F.gradient_tile_rows("cuda", 16384, 1024) == 1024
     assert F.search_tile("cpu", 10000) == (1024, 4096)
     assert F.search_tile("cuda", 10000) == (4096, 4096)
+    assert F.search_tile("cuda", 10000, 1004) == (4096, 4096)
     assert F.search_tile("cuda", 7) == (7, F.DEVICE_TILE_ELEMENTS // 7)
     for device_type in ("cpu", "cuda"):  # every tile at least one row, whatever the width
         assert F.gradient_tile_rows(device_type, 1 << 14, 1 << 26) == 1
