@@ -118,15 +118,15 @@ NORM_CHUNK_ELEMENTS = 1 << 18
 # Bytes of the gradient step's re-rank scratch on the CPU: rows x candidates x D differences
 # at a time, so the gathered prototype rows stay in cache between the gather, the subtraction
 # and the norm (2 MiB: the re-rank 1.3-1.6x faster than one slot over the whole row tile;
-# bench/RESULTS.md, "The exact re-rank on the CPU in cache-sized chunks"). The search's
+# bench/RESULTS.md, "The CPU's exact re-rank in cache-sized chunks"). The search's
 # re-rank takes its chunks the same way.
 RERANK_CHUNK_BYTES = 1 << 21
 # Queries per tile of the search off the CPU (the database tile follows from the budget).
 DEVICE_QUERY_ROWS = 4096
 # The CPU search's widest database tile, and its fewest queries a tile, for many candidates
-# (search_tile): at k = 200 to 1,000 over 100,000 x 512 rows 1.2-1.4x faster than tiles of
-# 4,096 rows (1.4-1.8x at D = 64), the same neighbours (bench/RESULTS.md, "The CPU search's
-# tiles widened for many neighbours").
+# (search_tile): at k = 200 to 1,000 over 100,000 x 512 rows 1.15-1.48x faster than tiles
+# of 4,096 rows (1.44-1.73x at D = 64), the same neighbours (bench/RESULTS.md, "the CPU
+# search's tiles widened for many neighbours").
 WIDE_SEARCH_TILE = 1 << 15
 MIN_SEARCH_QUERIES = 128
 # Elements of a batch widened to float64 at a time by class_prototypes on the CPU (4 MiB).
