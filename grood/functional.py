@@ -897,8 +897,12 @@ def knn(
     if n_q == 0 or n_db == 0:
         return out_d, out_i
     n_cand = k + RERANK_EXTRA  # candidates kept per query, re-ranked exactly at the end
-    # (a tile widened for many candidates holds fewer queries: not where block_size is given)
-    bq, bm = search_tile(dev.type, n_q, n_cand if block_size is None else 1)
+    # Database tiles converted to the compute dtype (half-precision storage, float64 queries,
+    # bf16 rounding) go through a buffer of a tile's rows: those tiles are not widened for
+    # many candidates (a buffer 8x larger), nor where block_size is given (a widened tile
+    # holds fewer queries).
+    converts = database.dtype != dt or precision == "bf16"
+    bq, bm = search_tile(dev.type, n_q, 1 if converts or block_size is not None else n_cand)
     bm = block_size or bm
     if database_sq_norms is None:
         database_sq_norms = database_sq_norms_of(exact_rows, dt, block_size=bm).to(dev)
@@ -917,8 +921,7 @@ def knn(
     work = torch.empty(min(bq, n_q) * min(bm, n_db), dtype=dt, device=dev)
     # Likewise the database tile where it is converted (each query tile converts it again).
     tile_rows = (min(bm, n_db), database.shape[1])
-    blk_buf = torch.empty(tile_rows if database.dtype != dt or precision == "bf16" else (0, 0),
-                          dtype=dt, device=dev)
+    blk_buf = torch.empty(tile_rows if converts else (0, 0), dtype=dt, device=dev)
     half_buf = torch.empty(tile_rows if precision == "bf16" else (0, 0), dtype=torch.bfloat16,
                            device=dev)
     for q0 in range(0, n_q, bq):

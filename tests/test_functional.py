@@ -966,16 +966,19 @@ def test_cpu_search_tiles_widen_for_many_candidates(n_q, n_cand, tile):
         assert F._group_size((bq, bm), n_cand)  # the wide tile is narrowed
 
 
-@pytest.mark.parametrize("k", [1, 130, 300])
-def test_knn_with_wide_tiles_for_many_neighbours_matches(monkeypatch, k):
+@pytest.mark.parametrize(("k", "dtype"), [(1, torch.float32), (130, torch.float32),
+                                          (300, torch.float32), (130, torch.float64)],
+                         ids=["k1-fp32", "k130-fp32", "k300-fp32", "k130-fp64"])
+def test_knn_with_wide_tiles_for_many_neighbours_matches(monkeypatch, k, dtype):
     """The CPU search's wider tiles for many neighbours give the neighbours and distances
     of the default tiles bit for bit (duplicate rows and exact ties included); a block_size
-    given keeps the default number of queries a tile."""
+    given keeps the default number of queries a tile, and so does a database converted tile
+    by tile (half-precision storage, bf16 rounding: its buffer would grow with the tile)."""
     gen = torch.Generator().manual_seed(k)
-    db = torch.randint(-3, 4, (20000, 8), generator=gen).float()
-    db[15000:] = torch.randn(5000, 8, generator=gen)
-    queries = torch.cat([torch.randint(-3, 4, (600, 8), generator=gen).float(),
-                         torch.randn(500, 8, generator=gen)])
+    db = torch.randint(-3, 4, (20000, 8), generator=gen).to(dtype)
+    db[15000:] = torch.randn(5000, 8, generator=gen, dtype=dtype)
+    queries = torch.cat([torch.randint(-3, 4, (600, 8), generator=gen).to(dtype),
+                         torch.randn(500, 8, generator=gen, dtype=dtype)])
     tiles = []
     real = F.search_tile
     monkeypatch.setattr(F, "search_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
@@ -985,9 +988,15 @@ def test_knn_with_wide_tiles_for_many_neighbours_matches(monkeypatch, k):
     want = F.knn(queries, db, k)
     assert tiles[-1] == (1024, 4096)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    if k != 130:
+        return
     monkeypatch.setattr(F, "WIDE_SEARCH_TILE", 1 << 15)
-    F.knn(queries, db, k, block_size=100)
+    F.knn(queries[:1024], db, k, block_size=5000)
     assert tiles[-1] == (1024, 4096)
+    F.knn(queries[:1024], db.to(torch.bfloat16), k, rerank_database=db)
+    assert tiles[-1] == (1024, 4096)
+    F.knn(queries[:1024], db, k, precision="bf16")  # (float64 is computed in ieee: no rounding)
+    assert tiles[-1] == ((1024, 4096) if dtype == torch.float32 else (512, 8192))
 
 
 def test_tiles_are_cache_sized_on_the_cpu_and_large_elsewhere():
