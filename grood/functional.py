@@ -19,7 +19,7 @@ the OOD distance itself, and centring removes most of the cancellation that make
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -360,14 +360,23 @@ def _rerank_scratch(device: torch.device, rows: int, k: int, d: int,
     differences of as many rows' ``k`` candidates as fit ``RERANK_CHUNK_BYTES`` (at least one
     row), elsewhere one candidate slot of a whole row tile, [rows, D]."""
     if device.type == "cpu":
-        rows = min(rows, _chunk_rows(k * d * torch.empty((), dtype=dtype).element_size())) * k
+        rows = min(rows, max(1, RERANK_CHUNK_BYTES // max(k * d * dtype.itemsize, 1))) * k
     return torch.empty((rows, d), dtype=dtype, device=device)
 
 
-def _chunk_rows(per_row: int) -> int:
-    """Rows whose candidates' differences (``per_row`` bytes each) fit
-    ``RERANK_CHUNK_BYTES``: at least one."""
-    return max(1, RERANK_CHUNK_BYTES // max(per_row, 1))
+def _candidate_differences(table: Tensor, ids: Tensor, x: Tensor, scratch: Tensor
+                           ) -> Iterator[tuple[int, int, Tensor]]:
+    """``(r0, r1, table[ids[r0:r1]] - x[r0:r1, None])`` [r1 - r0, k, D] for chunks of the rows
+    of ``ids`` [rows, k], each chunk gathered into ``scratch`` (a whole number of rows' k
+    candidates, :func:`_rerank_scratch`) and subtracted there, so it stays in cache for the
+    reduction the caller writes before the next chunk."""
+    rows, k = ids.shape
+    flat = ids.reshape(-1)
+    step = scratch.shape[0] // k
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        diff = torch.index_select(table, 0, flat[r0 * k: r1 * k], out=scratch[: (r1 - r0) * k])
+        yield r0, r1, diff.view(r1 - r0, k, -1).sub_(x[r0:r1, None, :])
 
 
 def _exact_candidate_distances(centred: Tensor, cand_i: Tensor, u: Tensor,
@@ -386,13 +395,8 @@ def _exact_candidate_distances(centred: Tensor, cand_i: Tensor, u: Tensor,
             torch.index_select(centred, 0, cand_i[:, j], out=diff).sub_(u)
             torch.linalg.vector_norm(diff, dim=1, out=exact[:, j])
         return exact
-    flat = cand_i.reshape(-1)
-    step = scratch.shape[0] // k
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        diff = torch.index_select(centred, 0, flat[r0 * k: r1 * k], out=scratch[: (r1 - r0) * k])
-        grouped = diff.view(r1 - r0, k, -1).sub_(u[r0:r1, None, :])
-        torch.linalg.vector_norm(grouped, dim=2, out=exact[r0:r1])
+    for r0, r1, diff in _candidate_differences(centred, cand_i, u, scratch):
+        torch.linalg.vector_norm(diff, dim=2, out=exact[r0:r1])
     return exact
 
 
@@ -1010,16 +1014,10 @@ def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:
     if q.device.type == "cpu" and per_row <= RERANK_CHUNK_BYTES:
         # Every candidate of a chunk of query rows at once (see _exact_candidate_distances):
         # each distance is one row's sum either way, the same values.
-        step = min(bq, _chunk_rows(per_row))
         exact = torch.empty((bq, n), dtype=q.dtype, device=q.device)
-        scratch = torch.empty((step * n, q.shape[1]), dtype=q.dtype, device=q.device)
-        flat = rows.reshape(-1)
-        for r0 in range(0, bq, step):
-            r1 = min(r0 + step, bq)
-            diff = torch.index_select(exact_rows, 0, flat[r0 * n: r1 * n],
-                                      out=scratch[: (r1 - r0) * n])
-            diff.view(r1 - r0, n, -1).sub_(q[r0:r1, None, :]).square_()
-            torch.sum(diff.view(r1 - r0, n, -1), 2, out=exact[r0:r1])
+        scratch = _rerank_scratch(q.device, bq, n, q.shape[1], q.dtype)
+        for r0, r1, diff in _candidate_differences(exact_rows, rows, q, scratch):
+            torch.sum(diff.square_(), 2, out=exact[r0:r1])
         return exact
     by_slot = torch.empty((n, bq), dtype=q.dtype, device=q.device)
     buf = torch.empty_like(q, memory_format=torch.contiguous_format)
