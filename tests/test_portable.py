@@ -135,11 +135,11 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
     copy's, and the index is left as it was. A float64 or strided index is copied once, to
     float32 rows."""
     det, test, _ = _detector(5, 3, n=150)
-    head = det.as_module(checks="flag", flags=True)
+    head = det.as_module(checks="flag", flags=True)  # 150 rows: 4 search blocks of 40
     source, before = head.index_vectors, head.index_vectors.clone()
     at = source.untyped_storage().data_ptr()
-    copied = PortableHead.from_head(head, search_block=7)
-    shared = PortableHead.from_head(head, search_block=7, copy=False)
+    copied = PortableHead.from_head(head, search_block=40)
+    shared = PortableHead.from_head(head, search_block=40, copy=False)
     assert shared.n_index_blocks == copied.n_index_blocks > 1
     assert all(v.untyped_storage().data_ptr() == at for v, _ in shared.index_blocks())
     assert not any(v.untyped_storage().data_ptr() == at for v, _ in copied.index_blocks())
@@ -150,7 +150,7 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
     assert not strided.is_contiguous()
     for odd in (source.double(), strided):
         made = PortableHead(head.class_prototypes, head.ood_prototype, odd, k=3,
-                            search_block=7, copy=False)
+                            search_block=40, copy=False)
         assert all(v.is_contiguous() and v.dtype == torch.float32
                    for v, _ in made.index_blocks())
         assert torch.equal(made.index_vectors, source)
@@ -158,7 +158,7 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
         PortableHead.from_head(head, copy="no")
     # A state loaded into the head of views goes into blocks of its own, not the index.
     other = PortableHead(head.class_prototypes, head.ood_prototype, source.flip(0), k=3,
-                         search_block=7, threshold=float(head.threshold))
+                         search_block=40, threshold=float(head.threshold))
     shared.load_state_dict(other.state_dict())
     assert torch.equal(shared.index_vectors, source.flip(0)) and torch.equal(source, before)
     assert torch.equal(shared(test)[0], other(test)[0])
@@ -172,10 +172,10 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
         return export(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", recorded)
-    _quiet_export(head, test[:5], tmp_path / "head.onnx", search_block=7)
+    _quiet_export(head, test[:5], tmp_path / "head.onnx", search_block=40)
     # A detector's export searches the detector's own index: no copy in the head it makes.
     scores = det.score_samples(test)
-    _quiet_export(det, test[:5], tmp_path / "det.onnx", search_block=7)
+    _quiet_export(det, test[:5], tmp_path / "det.onnx", search_block=40)
     [portable, of_det] = exported
     assert portable.n_index_blocks == of_det.n_index_blocks == shared.n_index_blocks
     assert all(v.untyped_storage().data_ptr() == at for v, _ in portable.index_blocks())
