@@ -918,7 +918,7 @@ def knn(
     pick, merge = _search_steps(dev.type)
     # On the CPU float32 candidates are merged as float64 keys (value, row) by one topk:
     # the same candidates as sorting them, at a fraction of the cost when they are many (k in
-    # the hundreds).
+    # the hundreds); the re-ranked ones are sorted as such keys too.
     keyed = dev.type == "cpu" and dt == torch.float32 and n_db <= 1 << _KEY_BITS
     # One distance tile's memory for every tile: on the CPU a fresh 16 MiB tile is mapped and
     # faulted in afresh each time (a quarter of the tile's time at D = 64).
@@ -966,8 +966,11 @@ def knn(
         # The kernel's rule: a candidate needs a finite GEMM distance (not one of an Inf or NaN
         # in a query or a row, or of a squared norm beyond the dtype) and a finite exact one.
         found &= (best_d < float("inf")) & (exact < float("inf"))
-        exact = torch.where(found, exact, float("inf"))
-        exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
+        if keyed:
+            exact, best_i = _sorted_by_keys(exact, best_i, found)
+        else:
+            exact = torch.where(found, exact, float("inf"))
+            exact, best_i = lex_sort(exact, torch.where(found, best_i, -1))
         out_d[q0:q1], out_i[q0:q1] = exact[:, :k], best_i[:, :k]
     return out_d, out_i
 
@@ -983,16 +986,28 @@ def _search_steps(device_type: str) -> tuple[Callable[[Tensor, int], tuple[Tenso
     return _smallest_in_order, _merge_topk
 
 
-def _from_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+def _from_keys(keys: Tensor, largest_is_inf: bool = True) -> tuple[Tensor, Tensor]:
     """``(distances, rows)`` of float64 keys made by :func:`_column_keys`: a key still +inf
     (no candidate) is row -1 at inf, and the largest finite float32 (what a non-finite
-    distance became) is inf again."""
+    distance became) is inf again, unless ``largest_is_inf`` is False (keys of finite
+    distances only)."""
     mask = (1 << _KEY_BITS) - 1
     bits = keys.view(torch.int64)
     missing = keys == float("inf")
     vals = (bits & ~mask).view(torch.float64).to(torch.float32)
-    vals = vals.masked_fill_(missing | (vals == torch.finfo(torch.float32).max), float("inf"))
+    at_inf = missing | (vals == torch.finfo(torch.float32).max) if largest_is_inf else missing
+    vals = vals.masked_fill_(at_inf, float("inf"))
     return vals, torch.where(missing, -1, bits & mask)
+
+
+def _sorted_by_keys(dist: Tensor, rows: Tensor, found: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`lex_sort` of float32 candidates [R, n] (``found``: a finite distance to a row
+    below 2**_KEY_BITS; the others missing, inf and -1, last) by one sort of float64
+    (distance, row) keys instead of two sorts and four gathers: 1.5-1.8x as fast on the
+    CPU, the same order (the keys are distinct, and order as the pairs do)."""
+    keys = torch.where(found, _column_keys(dist, rows.clamp_min(0)), float("inf"))
+    # (every found distance is finite: the largest finite float32 among them stays itself)
+    return _from_keys(torch.sort(keys, 1).values, largest_is_inf=False)
 
 
 def _rerank_distances(q: Tensor, exact_rows: Tensor, rows: Tensor) -> Tensor:

@@ -784,6 +784,28 @@ def test_packed_keys_decode_to_distances_and_rows():
                               float("inf")]]
 
 
+def test_re_ranked_candidates_sorted_by_keys_as_lex_sort_orders_them():
+    """On the CPU knn sorts its re-ranked float32 candidates as packed (distance, row) keys:
+    the order lex_sort gives (distance, then row; missing candidates, inf and -1, last), the
+    distances back bit for bit, the largest finite float32 and 0 among them, the highest row
+    a key holds."""
+    from grood_kernels.contract import lex_sort
+
+    gen = torch.Generator().manual_seed(3)
+    dist = torch.randint(0, 6, (40, 57), generator=gen).float() / 4  # many ties
+    rows = torch.randint(0, 1 << 29, (40, 57), generator=gen)
+    dist[:, 5] = torch.finfo(torch.float32).max
+    rows[:, 6] = (1 << 29) - 1
+    found = torch.rand(40, 57, generator=gen) > 0.2
+    found[3] = False  # a query with no candidate
+    want_d, want_i = lex_sort(torch.where(found, dist, float("inf")),
+                              torch.where(found, rows, -1))
+    got_d, got_i = F._sorted_by_keys(dist, torch.where(found, rows, -1), found)
+    assert torch.equal(got_i, want_i) and torch.equal(got_d, want_d)
+    assert got_d.dtype == torch.float32 and (got_i[3] == -1).all()
+    assert (got_d == torch.finfo(torch.float32).max).sum() == found[:, 5].sum()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-keys", "fp64-sort"])
 def test_off_cpu_picker_orders_ties_by_column(dtype):
     """The picker knn uses off the CPU reads nothing on the host and still takes equal
