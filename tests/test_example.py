@@ -67,27 +67,35 @@ def test_score_image_folder_example(tmp_path):
     (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
     (["--size", "-3"], "--size: expected an integer >= 1, got -3"),
 ])
-def test_score_image_folder_checks_its_flags(tmp_path, flags, message):
+def test_score_image_folder_checks_its_flags(tmp_path, flags, message, capsys):
     """A two-value mean on a grayscale image made two channels of it; --std alone was ignored
     and --mean alone failed dividing by None; --batch-size 0 failed inside torch's DataLoader.
-    Refused before anything is read."""
+    Refused before anything is read (in this process: the script's own run is above)."""
     pytest.importorskip("PIL")  # the example reads images with Pillow (grood[images])
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--model-def", "m.py:M",
-                           "--checkpoint", "m.pt", "--detector", "d.safetensors", *flags],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
+    with pytest.raises(SystemExit) as exc:
+        _example().main([str(tmp_path), "--model-def", "m.py:M", "--checkpoint", "m.pt",
+                         "--detector", "d.safetensors", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err, err
+
+
+def _example():
+    """The example script as a module (it runs nothing on import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_image_folder", SCRIPT)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
 
 
 def test_an_unreadable_image_is_named(tmp_path):
     """A truncated JPEG failed with Pillow's "Truncated File Read", naming no file."""
-    import importlib.util
 
     import numpy as np
 
     Image = pytest.importorskip("PIL.Image")
-    spec = importlib.util.spec_from_file_location("score_image_folder", SCRIPT)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _example()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 90).save(tmp_path / "a.jpg")
     whole = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "b.jpg").write_bytes(whole[:len(whole) // 2])
