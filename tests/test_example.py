@@ -91,7 +91,6 @@ def _example():
 
 def test_an_unreadable_image_is_named(tmp_path):
     """A truncated JPEG failed with Pillow's "Truncated File Read", naming no file."""
-
     import numpy as np
 
     Image = pytest.importorskip("PIL.Image")
