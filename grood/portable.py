@@ -211,8 +211,11 @@ class PortableHead(nn.Module):
         rest = ((neg - m[:, None]).exp().sum(1)
                 - (-cand_d.to(sm) - m[:, None]).exp().sum(1)).clamp_min(0)
         total = rest + (neg_ood - m).exp() + (-exact.to(sm) - m[:, None]).exp().sum(1)
-        lse = m + total.log()
-        q = (neg_ood - lse).exp()
+        log_total = total.log()
+        lse = m + log_total
+        # exp(neg_ood - lse) with the difference of the two large terms taken first: lse,
+        # rounded at the size of the distances, would carry its rounding into q (float32)
+        q = ((neg_ood - m) - log_total).exp()
         # The nearest prototype by exact distance; among equal ones the lower class.
         min_dist = exact.min(1).values
         pred = torch.where(exact == min_dist[:, None], cand_i,

@@ -142,8 +142,11 @@ def _ncp_exact_kernel(
     u_norm = tl.sqrt(u_sq)
     d_ood = u_norm * scale
     m_all = tl.maximum(m, -d_ood)
-    lse = m_all + tl.log(acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all))
-    q, lse, best, pred, g_scale = answered(u_sq, u_norm, d_ood, lse, best, pred)
+    log_sum = tl.log(acc * tl.exp(m - m_all) + tl.exp(-d_ood - m_all))
+    lse = m_all + log_sum
+    # q_ood = exp(-(d_ood + lse)) with d_ood + m_all taken first: see row_results
+    q = tl.exp(-((d_ood + m_all) + log_sum))
+    q, lse, best, pred, g_scale = answered(u_sq, u_norm, q, lse, best, pred)
     store_row_results(q_ptr, lse_ptr, mind_ptr, pred_ptr, offs_n, mask_n, q, lse, best, pred)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         offs_d = d0 + arange_d

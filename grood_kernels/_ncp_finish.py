@@ -456,17 +456,26 @@ def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C,
     lse_rest = tl.where(rest > 0, m_all + tl.log(tl.maximum(rest, 1e-38)), float("-inf"))
     top = tl.maximum(lse_rest, lse_exact)
     lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
+    # q_ood = exp(-(d_ood + lse)), with d_ood + lse summed part by part: each part's shift
+    # taken from d_ood first (fp32 numbers of one size, so the difference adds no rounding),
+    # then its log. From lse, rounded at the size of the distances, q_ood would carry an ulp
+    # of lse (1.2e-4 at distances of 1,000) however near 1 it is.
+    t_exact = tl.where(s_exact > 0, (d_ood - shift) + tl.log(tl.maximum(s_exact, 1e-38)),
+                       float("-inf"))
+    t_rest = tl.where(rest > 0, (d_ood + m_all) + tl.log(tl.maximum(rest, 1e-38)),
+                      float("-inf"))
+    t_top = tl.maximum(t_rest, t_exact)
+    q = tl.exp(-t_top - tl.log(tl.exp(t_rest - t_top) + tl.exp(t_exact - t_top)))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
-    return answered(u_sq, u_norm, d_ood, lse, best, pred)
+    return answered(u_sq, u_norm, q, lse, best, pred)
 
 
 @triton.jit
-def answered(u_sq, u_norm, d_ood, lse, best, pred):
+def answered(u_sq, u_norm, q, lse, best, pred):
     """A row tile's ``(q_ood, lse, min_dist, pred, gradient scale q_ood / ||u||)`` from its
-    log-sum-exp, OOD distance and nearest class. A row with NaN or Inf (or a norm beyond
-    fp32) has no answer: NaN results and no class (-1), whatever the comparisons and maxima
-    before made of its NaNs and infs."""
-    q = tl.exp(-d_ood - lse)
+    OOD share, log-sum-exp and nearest class. A row with NaN or Inf (or a norm beyond fp32)
+    has no answer: NaN results and no class (-1), whatever the comparisons and maxima before
+    made of its NaNs and infs."""
     g_scale = tl.where(u_norm > 0, q / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
     ok = u_sq < float("inf")
     nan = float("nan")

@@ -572,6 +572,43 @@ def test_hard_softmax_matches_float64():
     assert torch.equal(res.pred.cpu(), ref.pred)
 
 
+def far_ood_rows_problem(n=40, d=8, seed=0):
+    """Rows 1,200-1,400 from the OOD prototype along one direction, the three prototypes 8,
+    10 and 12 behind it on that line (a little off it): each class 8-12 units further than
+    the OOD prototype, ``q_ood`` about 1 - 4e-4. A log-sum-exp near -1,300 has a float32 ulp
+    of 1.2e-4."""
+    gen = torch.Generator().manual_seed(seed)
+    side = torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64),
+                                         dim=0)
+    off = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    off -= (off @ side)[:, None] * side
+    gaps = torch.tensor([8.0, 10.0, 12.0], dtype=torch.float64)
+    protos = -gaps[:, None] * side + 0.5 * off
+    p_ood = torch.zeros(d, dtype=torch.float64)
+    reach = 1200.0 + 200.0 * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    h = reach * side + 3.0 * (noise - (noise @ side)[:, None] * side)
+    return h, protos, p_ood
+
+
+@pytest.mark.parametrize("blocks", ["launcher", "finish-apart", "exact"])
+def test_q_ood_near_one_at_large_distances_matches_float64(monkeypatch, blocks):
+    """``q_ood = exp(-d_ood - lse)`` taken from a float32 ``lse`` of -1,400 carries that
+    ulp, 1.2e-4, into ``q_ood`` however near 1 it is (5e-5 relative where ``q_ood`` is
+    0.9993); from the OOD distance less each part's shift first, ``q_ood`` is as near float64
+    as the distances allow: within (1 - q_ood) of their rounding."""
+    _force_blocks(monkeypatch, blocks, groups=1)
+    h, protos, p_ood = far_ood_rows_problem()
+    ref = functional.ncp_gradient(h, protos, p_ood)
+    assert float(ref.q_ood.min()) > 0.5 and float(ref.q_ood.max()) < 1 - 1e-5
+    assert float(ref.lse.max()) < -1000
+    res = ncp_gradient(h.float().to(DEVICE), protos.float().to(DEVICE),
+                       p_ood.float().to(DEVICE))
+    err = (res.q_ood.double().cpu() - ref.q_ood).abs() / ref.q_ood
+    assert float(err.max()) < 2e-6, float(err.max())
+    torch.testing.assert_close(res.lse.double().cpu(), ref.lse, rtol=1e-6, atol=0)
+
+
 def test_prepared_prototypes_are_kept_and_refreshed_after_in_place_changes():
     from grood_kernels._prepare import prepare_prototypes
 

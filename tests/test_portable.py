@@ -10,7 +10,7 @@ import torch
 from conftest import clustered_features
 from test_library import SmallCNN
 
-from grood import GROOD, MissingExtraError, NotFittedError
+from grood import GROOD, MissingExtraError, NotFittedError, functional
 from grood.cli import main
 from grood.portable import PortableHead, export_onnx
 
@@ -64,6 +64,23 @@ def test_portable_head_gives_the_flag_heads_scores_classes_and_flags(n_classes, 
     assert torch.equal(narrow[1], want[1]) and torch.equal(narrow[2], want[2])
     torch.testing.assert_close(narrow[0], want[0], rtol=1e-5, atol=1e-6 * float(
         want[0].nan_to_num().abs().max()), equal_nan=True)
+
+
+@pytest.mark.parametrize("float64", [True, False])
+def test_q_ood_near_one_at_large_distances_in_either_softmax_dtype(float64):
+    """Rows 1,200-1,400 from the OOD prototype, every class 8-12 units further: ``q_ood``
+    about 1 - 4e-4 under a log-sum-exp near -1,300. Without float64 the softmax is float32,
+    whose lse carries an ulp of 1.2e-4; ``q_ood`` is taken from the OOD term less the running
+    maximum first, so it keeps float64's (2.3e-5 relative off before)."""
+    from test_kernel_ncp_gradient import far_ood_rows_problem
+
+    h, protos, p_ood = far_ood_rows_problem()
+    rows = protos.repeat(2, 1).float()  # each class's rows are its prototype
+    det = GROOD(ood_prototype="features").fit(rows, torch.arange(3).repeat(2),
+                                              ood_features=p_ood[None].float())
+    q = PortableHead.from_head(det.as_module(), float64=float64)._gradient(h.float())[1]
+    ref = functional.ncp_gradient(h, protos, p_ood).q_ood
+    assert float(((q.double() - ref).abs() / ref).max()) < 2e-6
 
 
 def test_a_float32_threshold_flags_float32_scores_as_the_float64_one_does():
