@@ -448,26 +448,29 @@ def row_results(m, acc, cand_d, cand_i, exact_sq, taken, u_sq, scale, C,
     rest = tl.maximum(rest, 0.0)
     best = tl.min(exact, axis=1)
     shift = tl.where(best < float("inf"), best, 0.0)  # rows past N have no candidates
-    # log of a zero sum is -inf; the argument is kept positive so nothing divides by zero.
+    # A zero sum's log is -inf (the selects below); the argument is kept positive so nothing
+    # divides by zero. The rest is empty when the candidates were all of the sum.
     s_exact = tl.sum(tl.exp(-exact + shift[:, None]), axis=1)
-    lse_exact = tl.where(s_exact > 0, -shift + tl.log(tl.maximum(s_exact, 1e-38)),
-                         float("-inf"))
-    # -inf when the candidates were all of the sum
-    lse_rest = tl.where(rest > 0, m_all + tl.log(tl.maximum(rest, 1e-38)), float("-inf"))
-    top = tl.maximum(lse_rest, lse_exact)
-    lse = top + tl.log(tl.exp(lse_rest - top) + tl.exp(lse_exact - top))
+    log_exact = tl.log(tl.maximum(s_exact, 1e-38))
+    log_rest = tl.log(tl.maximum(rest, 1e-38))
+    lse = _log_add_exp(tl.where(rest > 0, m_all + log_rest, float("-inf")),
+                       tl.where(s_exact > 0, -shift + log_exact, float("-inf")))
     # q_ood = exp(-(d_ood + lse)), with d_ood + lse summed part by part: each part's shift
     # taken from d_ood first (fp32 numbers of one size, so the difference adds no rounding),
     # then its log. From lse, rounded at the size of the distances, q_ood would carry an ulp
     # of lse (1.2e-4 at distances of 1,000) however near 1 it is.
-    t_exact = tl.where(s_exact > 0, (d_ood - shift) + tl.log(tl.maximum(s_exact, 1e-38)),
-                       float("-inf"))
-    t_rest = tl.where(rest > 0, (d_ood + m_all) + tl.log(tl.maximum(rest, 1e-38)),
-                      float("-inf"))
-    t_top = tl.maximum(t_rest, t_exact)
-    q = tl.exp(-t_top - tl.log(tl.exp(t_rest - t_top) + tl.exp(t_exact - t_top)))
+    q = tl.exp(-_log_add_exp(tl.where(rest > 0, (d_ood + m_all) + log_rest, float("-inf")),
+                             tl.where(s_exact > 0, (d_ood - shift) + log_exact,
+                                      float("-inf"))))
     pred = tl.min(tl.where(exact == best[:, None], cand_i, C), axis=1)  # lowest index on ties
     return answered(u_sq, u_norm, q, lse, best, pred)
+
+
+@triton.jit
+def _log_add_exp(a, b):
+    """``log(exp(a) + exp(b))`` from the larger term (NaN where both are -inf)."""
+    top = tl.maximum(a, b)
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
 
 
 @triton.jit

@@ -491,18 +491,12 @@ def test_without_memory_for_the_bf16_copy_the_search_casts_in_the_kernel(monkeyp
 
 def _expansion_error_bound(queries, db, precision):
     """A bound on |expansion's squared distance - exact| for each query against any row
-    (float64 [Q]), as the kernels' ``gemm_error_sq`` makes it: operand rounding ``r`` per
-    mode (tf32 2**-10: the search kernel's operands reach the MMA as loaded, truncated), fp32
-    accumulation over D terms (``gamma``), three roundings of the sum; with the database's
-    largest norm for every row's."""
-    r = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-19, "bf16": 2.0**-8}[precision]
-    terms = queries.shape[1] * (4 if precision == "tf32x3" else 1) * 2.0**-23
-    gamma = terms / (1.0 - terms)
-    q_norm = queries.double().norm(dim=1)
-    x_norm = db.double().norm(dim=1).max()
-    cross, total = q_norm * x_norm, q_norm**2 + x_norm**2
-    return (2.0 * ((2.0 * r + r * r) + gamma * (1.0 + r) ** 2) * cross + gamma * total
-            + 3.0 * 2.0**-24 * (total + 2.0 * cross))
+    (float64 [Q]): the gradient step's (``bench/candidates.py``'s ``gemm_error_bound``, the
+    kernels' ``gemm_error_sq``) with the search's operands, in tf32 as loaded, truncated."""
+    from test_kernel_ncp_gradient import _candidates
+
+    mode = "tf32-truncated" if precision == "tf32" else precision
+    return _candidates().gemm_error_bound(queries, db, mode).amax(1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
