@@ -32,10 +32,29 @@ from grood.metrics import (
 
 
 @pytest.mark.slow
-def test_demo_at_reduced_size(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--epochs", "3", "--n-noise", "60", "--quiet"])
+def test_demo_over_several_seeds_is_deterministic_and_writes_its_tables_and_pictures(
+        tmp_path, capsys):
+    """The demo at a reduced size (one epoch, 20 noise images), three runs in all: seeds 0
+    and 1 (their mean ± std table, a folder each, other metrics), then seed 0 alone again,
+    from another state of torch's global generator: its table of every method, its pictures,
+    its results file, and the metrics of the first seed 0, exactly."""
+    rc = main(["demo", "--out", str(tmp_path / "seeds"), "--epochs", "1", "--n-noise", "20",
+               "--seeds", "2", "--quiet"])
     assert rc == 0
+    text = capsys.readouterr().out
+    assert "seeds 0..1" in text and "| GROOD" in text and " ± " in text
+    seeds = [json.loads((tmp_path / "seeds" / f"seed{s}" / "results.json").read_text())
+             for s in (0, 1)]
+    assert (tmp_path / "seeds" / "seed1" / "roc.png").is_file()
+    assert seeds[0]["metrics"] != seeds[1]["metrics"]
+    # Seed 0 again, one run: the run seeds the global generator for itself and gives the
+    # caller's state back.
+    torch.manual_seed(1234)
+    torch.rand(7)
+    state = torch.random.get_rng_state()
+    out = tmp_path / "again"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--n-noise", "20", "--quiet"]) == 0
+    assert torch.equal(torch.random.get_rng_state(), state)
     text = capsys.readouterr().out
     for method in ("GROOD (mixup)", "GROOD (noise)", "GROOD (mean)", "MSP", "MaxLogit",
                    "Energy", "GEN", "KNN (k=10)", "Mahalanobis", "RMD", "ViM (dim=64)",
@@ -48,7 +67,8 @@ def test_demo_at_reduced_size(tmp_path, capsys):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     results = json.loads((out / "results.json").read_text())
-    assert results["sizes"]["noise (far-OOD)"] == 60
+    assert results["metrics"] == seeds[0]["metrics"]
+    assert results["sizes"]["noise (far-OOD)"] == 20
     from datetime import date
 
     from grood.environment import environment
@@ -56,29 +76,6 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     assert results["environment"] == environment() and results["date"] == str(date.today())
     auroc = results["metrics"]["GROOD (mixup)"]["noise (far-OOD)"]["auroc"]
     assert 0.5 < auroc <= 1.0
-
-
-@pytest.mark.slow
-def test_demo_over_several_seeds_is_deterministic(tmp_path, capsys):
-    from grood.demo import DemoConfig, run_demo
-
-    rc = main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-noise", "20", "--seeds",
-               "2", "--quiet"])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "seeds 0..1" in text and "| GROOD" in text and " ± " in text
-    assert (tmp_path / "seed0" / "roc.png").is_file() and (tmp_path / "seed1" / "roc.png").is_file()
-    seeds = [json.loads((tmp_path / f"seed{s}" / "results.json").read_text())["metrics"]
-             for s in (0, 1)]
-    assert seeds[0] != seeds[1]
-    # Seed 0 again, from another state of torch's global generator: the same metrics. The run
-    # seeds the global generator for itself and gives the caller's state back.
-    torch.manual_seed(1234)
-    torch.rand(7)
-    state = torch.random.get_rng_state()
-    again = run_demo(DemoConfig(out=tmp_path / "again", epochs=1, n_noise=20, progress=False))
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert again["metrics"] == seeds[0]
 
 
 def test_demo_training_leaves_the_callers_global_generator_alone():
