@@ -223,9 +223,10 @@ def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
 
 
 #: Triton releases before this one compile a tensor-core (tcgen05) accumulator's row
-#: reductions on Blackwell with register spills at the tiles Hopper takes (triton 3.6:
-#: kilobytes per thread for a 128 x 256 fp32 accumulator; 3.9: none; 3.7 and 3.8 not
-#: checked): kernels pick smaller Blackwell tiles there (:func:`blackwell_small_tiles`).
+#: reductions on Blackwell with register spills at the tiles Hopper takes (the search's
+#: 128 x 256 fp32 accumulator, sm_100a: 8,036 bytes per thread under triton 3.6, 8,112 under
+#: 3.7.1, 7,308 under 3.8.0; none under 3.9): kernels pick smaller Blackwell tiles there
+#: (:func:`blackwell_small_tiles`).
 TCGEN05_SPILL_FREE_FROM = (3, 9)
 
 

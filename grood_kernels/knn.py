@@ -78,8 +78,12 @@ MAX_FUSED_KEEP = 36
 
 #: Tensor-core tiles for Blackwell under triton before 3.9 (``blackwell_small_tiles``), where
 #: the tiles above spill (triton 3.6, sm_100a: 8,036 bytes per thread at tf32's 128 x 256,
-#: 320 at bf16's 128 x 128 x 64 on an fp32 database, 72 at tf32x3's 64 x 128): the largest
-#: checked that compile without a spill there. Key: precision, or ``"bf16-storage"``.
+#: 320 at bf16's 128 x 128 x 64 on an fp32 database, 72 at tf32x3's 64 x 128; 3.7.1 and
+#: 3.8.0 alike): the largest checked that compile without a spill under 3.6 and 3.7.1. Under
+#: 3.8.0 the tf32 and bf16-storage tiles spill 8 bytes stored and 4 reloaded per thread, none
+#: in or around the K-loop (one store before the loops, one store and reload in a loop after
+#: the K-loop); the spill-free tiles there (128 x 64 in tf32, 16-wide K-steps with a
+#: bf16-stored database) are not taken untimed. Key: precision, or ``"bf16-storage"``.
 #: Values: block_q, block_m, block_d, warps, stages, CTAs/SM.
 BLACKWELL_SMALL_TILES = {
     "tf32": (128, 128, 16, 4, 4, 2),

@@ -334,18 +334,24 @@ def staged_config(n: int, c: int, d: int, precision: str, h_bytes: int,
 
 #: A tensor-core tile twice as wide in classes (each row tile's re-reads halved), in the staged
 #: variant (A and B from shared memory, as in a plain GEMM). It compiles without spills for
-#: sm_90a under triton 3.6 and 3.9 where a program holds one class block (the class loop's
-#: running state then needs no registers), so it is a candidate only there; centred in
+#: sm_90a under triton 3.6, 3.7.1 and 3.9 where a program holds one class block (the class
+#: loop's running state then needs no registers), so it is a candidate only there; centred in
 #: registers instead, it spills under triton 3.6.
 WIDE_TILE = (128, 256, 32, 8, 3)
+#: Triton releases under which :data:`WIDE_TILE` spills even there, so it is no candidate:
+#: 3.8.0 (torch 2.14's) for sm_90a, 68-124 bytes per thread stored and reloaded inside the
+#: tile epilogue's loops (ImageNet-1k and a 256-class problem, tf32, with the finish and
+#: apart).
+WIDE_TILE_SPILLS_UNDER = ((3, 8),)
 
 
 def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
                 n_sm: int | None = None) -> LaunchConfig | None:
     """The staged 256-class tile where every class group is one block of it and C needs more
-    than 128 classes (tf32 and bf16; None otherwise). Its class groups are sized for the
-    staged rows' 4 bytes per element."""
-    if precision not in ("tf32", "bf16") or c <= 128:
+    than 128 classes (tf32 and bf16, not under :data:`WIDE_TILE_SPILLS_UNDER`; None
+    otherwise). Its class groups are sized for the staged rows' 4 bytes per element."""
+    if (precision not in ("tf32", "bf16") or c <= 128
+            or triton_version() in WIDE_TILE_SPILLS_UNDER):
         return None
     cfg = _tuned_config(WIDE_TILE, n, c, d, 4, precision, n_sm)
     if cfg.n_split != triton.cdiv(c, cfg.block_cols):

@@ -219,3 +219,27 @@ class DictDataset(Dataset):
 
     def __getitem__(self, i):
         return {"data": self.x[i], "label": self.y[i]}
+
+
+#: Spills ptxas leaves where a triton release compiles a kernel with any, at the compile
+#: report's shapes and the launchers' configurations: ``{(major, minor): {(arch, function,
+#: precision): (store, load)}}``, bytes per thread, none in or around a K-loop (bench/RESULTS.md:
+#: "Hopper under triton 3.7.1", and triton 3.8.0 in the fourteenth session's section). Under
+#: 3.6 (the lent GPU machines') and 3.9 (CI's) nothing spills. Triton 3.7's split epilogue,
+#: 8 B / 8 B there on 2026-12-03, compiles without a spill since dd27765 (2026-12-04).
+KNOWN_SPILLS = {
+    (3, 7): {("sm_90a", "_knn_candidates_kernel", "tf32"): (12, 8),
+             ("sm_90a", "_knn_candidates_kernel", "bf16-storage"): (12, 8)},
+    (3, 8): {("sm_100a", "_knn_candidates_kernel", "tf32"): (8, 4),
+             ("sm_100a", "_knn_candidates_kernel", "bf16-storage"): (8, 4)},
+}
+
+
+def expected_spills(function: str, arch: str = "sm_90a", precision: str = "tf32"
+                    ) -> tuple[int, int]:
+    """The (store, load) spill bytes per thread ``function`` compiles to for ``arch`` in
+    ``precision`` under the installed triton (:data:`KNOWN_SPILLS`)."""
+    import triton
+
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return KNOWN_SPILLS.get(release, {}).get((arch, function, precision), (0, 0))
