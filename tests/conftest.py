@@ -221,12 +221,13 @@ class DictDataset(Dataset):
         return {"data": self.x[i], "label": self.y[i]}
 
 
-#: Spills ptxas leaves where a triton release compiles a kernel with any, at the compile
-#: report's shapes and the launchers' configurations: ``{(major, minor): {(arch, function,
-#: precision): (store, load)}}``, bytes per thread, none in or around a K-loop (bench/RESULTS.md:
-#: "Hopper under triton 3.7.1", and triton 3.8.0 in the fourteenth session's section). Under
-#: 3.6 (the lent GPU machines') and 3.9 (CI's) nothing spills. Triton 3.7's split epilogue,
-#: 8 B / 8 B there on 2026-12-03, compiles without a spill since dd27765 (2026-12-04).
+#: Spills ptxas leaves where a triton release compiles a kernel with any, at the shapes the
+#: tests compile (the compile report's small ones, the variants' own): ``{(major, minor):
+#: {(arch, function, precision): (store, load)}}``, bytes per thread, none in a K-loop
+#: (bench/RESULTS.md: "Hopper under triton 3.7.1", and "Triton 3.8.0", which lists the
+#: full-size shapes' too). Under 3.6 (the lent GPU machines') and 3.9 (CI's) nothing spills
+#: there. Triton 3.7's split epilogue, 8 B / 8 B there on 2026-12-03, compiles without a
+#: spill since dd27765 (2026-12-04).
 KNOWN_SPILLS = {
     (3, 7): {("sm_90a", "_knn_candidates_kernel", "tf32"): (12, 8),
              ("sm_90a", "_knn_candidates_kernel", "bf16-storage"): (12, 8)},
