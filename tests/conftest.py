@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 
 def _patch_the_language_once_per_launch():
-    """Triton's interpreter (3.6 and 3.9, the versions CI runs) patches ``triton.language``
+    """Triton's interpreter (3.6 to 3.9: CI runs 3.6 and 3.9) patches ``triton.language``
     for each launch and then again for every call of a ``@triton.jit`` helper inside it:
     ``inspect.getmembers`` over ``tl``, ``tl.tensor`` and ``tl.math``, about 1 ms a call. The
     second pass finds every builtin patched already and sets the rest to what they are, but the
@@ -51,7 +51,7 @@ _patch_the_language_once_per_launch()
 
 def _interpreter_builder(*methods: str):
     """``(InterpreterBuilder, TensorHandle)`` of Triton's interpreter where the builder has
-    ``methods`` (as in triton 3.6 and 3.9), else ``(None, None)``."""
+    ``methods`` (as in triton 3.6 to 3.9), else ``(None, None)``."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -71,7 +71,7 @@ def _bf16_as_the_hardware_computes_it() -> bool:
     exactly, accumulating in fp32. Here the interpreter does the same: fp32 -> bf16 casts
     round to nearest even (NaN stays NaN, overflow goes to Inf), bf16 -> fp32 widens the bits,
     and a dot widens bf16 operands to fp32 before its fp32 matmul (their products are exact
-    in fp32). Returns whether it is in place (the interpreter's internals as in triton 3.6 and
+    in fp32). Returns whether it is in place (the interpreter's internals as in triton 3.6 to
     3.9); bf16 kernel tests that need it skip otherwise."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
