@@ -1772,11 +1772,13 @@ def test_bench_torch_path_takes_the_torch_backend_apart_by_operator(capsys):
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| tiny-100 | ieee |")]
     whats = [cells[2].strip() for cells in rows]
-    assert whats[:2] == ["whole step, timed", "torch closed form, timed"]
+    assert whats[:3] == ["whole step, timed",
+                         "whole step in 1 row tile(s) of 64 (default: 1 of 64), timed",
+                         "torch closed form, timed"]
     assert whats[-1] == "all operators of the profiled call"
     assert any(what.startswith("aten::addmm") for what in whats)  # the distance GEMM
-    assert whats[-2].endswith("other operators") and len(rows) == 2 + 12 + 2
-    total = [float(cells[5]) for cells in rows[2:-1]]
+    assert whats[-2].endswith("other operators") and len(rows) == 3 + 12 + 2
+    total = [float(cells[5]) for cells in rows[3:-1]]
     assert sum(total) == pytest.approx(float(rows[-1][5]), abs=0.01)
 
 

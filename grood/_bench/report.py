@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
                                else TORCH_PATH_SHAPES, ("ieee", "tf32", "bf16")
                                if device == "cuda" else ("ieee",), repeat=args.repeat))
         print("\nThe torch backend (grood.functional.ncp_gradient: what backend='auto' runs "
-              "where the Triton kernels cannot) and the plain torch closed form timed in "
+              "where the Triton kernels cannot), the same with row tiles 4 times the "
+              "default's, and the plain torch closed form timed in "
               "turns; then one call of the step profiled (torch.profiler), its top-level "
               "operators grouped by name: host time, and the device time of the kernels they "
               "launched (on a GPU), as shares of the timed step. Device time well below the "
