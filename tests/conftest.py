@@ -240,7 +240,6 @@ def expected_spills(function: str, arch: str = "sm_90a", precision: str = "tf32"
                     ) -> tuple[int, int]:
     """The (store, load) spill bytes per thread ``function`` compiles to for ``arch`` in
     ``precision`` under the installed triton (:data:`KNOWN_SPILLS`)."""
-    import triton
+    from grood_kernels._launch import triton_version
 
-    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    return KNOWN_SPILLS.get(release, {}).get((arch, function, precision), (0, 0))
+    return KNOWN_SPILLS.get(triton_version(), {}).get((arch, function, precision), (0, 0))
