@@ -30,7 +30,7 @@ PACKAGES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("safetensors", ("safetensors",), ()),
     ("tqdm", ("tqdm",), ()),
     ("triton", ("triton", "pytorch-triton", "triton-windows"), ("triton",)),
-    ("faiss", ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu"),
+    ("faiss", ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11"),
      ("faiss-cpu", "faiss-gpu")),
     ("onnx", ("onnx",), ("onnx",)),
     ("onnxscript", ("onnxscript",), ("onnx",)),

@@ -459,14 +459,35 @@ def import_faiss() -> Any:
     return faiss
 
 
+def faiss_gpu_refusal(faiss: Any) -> str | None:
+    """Why the imported ``faiss`` module cannot search on a GPU, and what to do, or None where
+    it can: a CPU build (faiss-cpu), or a GPU build that sees no GPU."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return ("the installed faiss is a CPU build (faiss-cpu): for GPU search install "
+                "grood[faiss-gpu] in its place (pip uninstall faiss-cpu first: both install "
+                "the module faiss)")
+    if faiss.get_num_gpus() < 1:
+        return ("the installed faiss, a GPU build, sees no GPU (faiss.get_num_gpus() is 0: "
+                "its CUDA runtime does not work with this driver, or CUDA_VISIBLE_DEVICES "
+                "hides the GPUs from it)")
+    return None
+
+
 def _to_gpu_if_possible(faiss: Any, index: Any, device: torch.device) -> tuple[Any, Any]:
-    """Move a faiss index to ``device`` when it is CUDA and faiss was built with GPU support.
+    """Move a faiss index to ``device`` when it is CUDA and faiss can search there; where it
+    cannot (:func:`faiss_gpu_refusal`) the index stays in host memory and a warning says so:
+    each search then takes the CPU's time, where grood's exact index would run on the GPU.
 
     Returns ``(index, gpu_resources)``; the caller keeps the resources alive with the index.
     """
-    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+    if device.type != "cuda":
         return index, None
-    if faiss.get_num_gpus() < 1:
+    refusal = faiss_gpu_refusal(faiss)
+    if refusal is not None:
+        warnings.warn(f"this faiss index of a detector on {device} searches on the CPU, in "
+                      f"host memory, each query's gradient copied there: {refusal}; or use "
+                      "index='exact', grood's own exact search, which runs on the GPU",
+                      stacklevel=2)
         return index, None
     resources = faiss.StandardGpuResources()
     # "cuda" is the current device, where torch puts the detector's tensors (each rank's own

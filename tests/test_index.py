@@ -136,6 +136,55 @@ def test_faiss_gpu_index_goes_to_the_current_device_for_plain_cuda(monkeypatch):
     assert _to_gpu_if_possible(FakeGpuFaiss, "index", torch.device("cpu")) == ("index", None)
 
 
+def test_a_faiss_index_that_cannot_go_to_the_gpu_says_so(monkeypatch):
+    """A detector on a GPU whose faiss is a CPU build, or a GPU build that sees no GPU (a
+    CUDA runtime the driver refuses), searches in host memory: said, with the way out, not
+    left for the user to find in the timings. Nothing is said for a detector in host memory
+    or where faiss takes the index to the GPU. (Stand-ins: this machine may have no GPU.)"""
+    from grood.index import _to_gpu_if_possible, faiss_gpu_refusal
+
+    class CpuFaiss:  # faiss-cpu: no GPU classes at all
+        pass
+
+    class BlindGpuFaiss:
+        StandardGpuResources = object
+
+        @staticmethod
+        def get_num_gpus():
+            return 0
+
+    class GpuFaiss(BlindGpuFaiss):
+        @staticmethod
+        def get_num_gpus():
+            return 1
+
+        @staticmethod
+        def index_cpu_to_gpu(resources, gpu, index):
+            return "gpu " + index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.warns(UserWarning, match=r"this faiss index of a detector on cuda:1 searches "
+                      r"on the CPU, in host memory.*a CPU build \(faiss-cpu\): for GPU search "
+                      r"install grood\[faiss-gpu\] in its place.*or use index='exact'"):
+        assert _to_gpu_if_possible(CpuFaiss, "index", torch.device("cuda:1")) == ("index", None)
+    with pytest.warns(UserWarning, match=r"on cuda searches on the CPU.*a GPU build, sees no "
+                                         r"GPU \(faiss.get_num_gpus\(\) is 0"):
+        assert _to_gpu_if_possible(BlindGpuFaiss, "index", torch.device("cuda")) == (
+            "index", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _to_gpu_if_possible(CpuFaiss, "index", torch.device("cpu")) == ("index", None)
+        assert _to_gpu_if_possible(GpuFaiss, "index", torch.device("cuda"))[0] == "gpu index"
+    assert faiss_gpu_refusal(GpuFaiss) is None
+    real = pytest.importorskip("faiss")
+    if faiss_gpu_refusal(real) is not None:  # this machine's faiss, through a real index
+        from grood.index import FaissFlatIndex
+
+        with pytest.warns(UserWarning, match="searches on the CPU, in host memory"):
+            index = FaissFlatIndex(4, device="cuda")
+        assert "IndexFlatL2" in repr(index) and "Gpu" not in repr(index)
+
+
 faiss = pytest.importorskip("faiss")
 
 

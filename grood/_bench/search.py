@@ -26,7 +26,7 @@ from grood._bench.common import (
     record_timing,
     synchronize,
 )
-from grood.index import ExactIndex
+from grood.index import ExactIndex, faiss_gpu_refusal
 
 FULL_SEARCH_SHAPES = [("ImageNet-1k", 10000, 1281167, 2048), ("CIFAR", 10000, 50000, 512)]
 TINY_SEARCH_SHAPES = [("tiny", 40, 700, 24)]
@@ -118,13 +118,13 @@ def _faiss_rate(device: str, d: int, tiny: bool) -> str:
 
 
 def _faiss_gpu_row(queries: Tensor, db: Tensor, ref_i: Tensor, repeat: int) -> str | None:
-    """faiss-gpu's exact flat search on the same data, when the installed faiss has GPU
-    support (None otherwise)."""
+    """faiss-gpu's exact flat search on the same data, when the installed faiss can search on
+    the GPU (None otherwise: a CPU build, or a GPU build that sees no GPU)."""
     try:
         import faiss
     except ImportError:
         return None
-    if not hasattr(faiss, "StandardGpuResources") or queries.device.type != "cuda":
+    if queries.device.type != "cuda" or faiss_gpu_refusal(faiss) is not None:
         return None
     res = faiss.StandardGpuResources()
     index = faiss.GpuIndexFlatL2(res, db.shape[1])
