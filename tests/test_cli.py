@@ -1533,7 +1533,7 @@ def test_bench_configs_table_times_only_the_rows_asked_for(capsys):
     assert "not a regular expression" in capsys.readouterr().err
 
 
-def test_bench_configs_table_flips_what_a_gpu_run_left_open(monkeypatch):
+def test_bench_configs_table_flips_what_a_gpu_run_left_open(wide_tile_offered):
     """At ImageNet-1k on Hopper the table runs the launcher with its gate the other way, its
     finish unpipelined or 3 stages deep and its passes plain (as an H200 timed it), and the
     wide staged tile both ways; in ieee (the split variant) the gate only, which its epilogue
@@ -1542,7 +1542,6 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open(monkeypatch):
     from grood._bench.configs import config_runs
     from grood_kernels import ncp_gradient as kernel
 
-    monkeypatch.setattr(kernel, "triton_version", lambda: (3, 9))  # the wide tile offered
     dims = (65536, 1000, 2048)
     runs = config_runs(kernel.candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
     labels = [label for _, label, _ in runs]

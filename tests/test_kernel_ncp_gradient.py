@@ -1050,7 +1050,7 @@ def test_own_finish_is_lean_in_the_tensor_core_modes_where_every_candidate_is_re
     assert {lean for finish, lean in own if not finish} == {0}  # the finish apart
 
 
-def test_finish_apart_is_offered_in_the_tensor_core_modes(monkeypatch):
+def test_finish_apart_is_offered_in_the_tensor_core_modes(wide_tile_offered):
     """Autotuning candidates in the tensor-core modes (never the launcher's own choice): the
     launcher's class-group kernel, the wide tile, the staged and the split variants, each
     with the finish apart; its grid is whole waves of programs whose row tiles stay within
@@ -1058,8 +1058,6 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes(monkeypatch):
     tiles also with 3 finish programs per SM (what its registers allow) where that rule
     leaves fewer. In ieee only the split variant's epilogue takes it."""
     from grood_kernels._ncp_finish import finish_programs
-
-    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 9))  # the wide tile offered
 
     for precision in ("tf32", "bf16"):
         cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4, major=9)
@@ -1551,7 +1549,7 @@ def test_first_tile_candidates_equal_insertion_into_empty_ones():
     assert torch.equal(d[~dist.isinf().all(1)][:, 0], order.values[~dist.isinf().all(1)][:, 0])
 
 
-def test_first_tile_candidates_where_a_program_holds_one_class_block(monkeypatch):
+def test_first_tile_candidates_where_a_program_holds_one_class_block(wide_tile_offered):
     """``ONE_BLOCK`` (first_nearest) in the tensor-core modes where each program holds one
     class block of up to 128 classes (ImageNet-1k and below), not in ieee, not where programs
     loop over class blocks (C = 21,841), not on the 256-class tile (it spills there), and
@@ -1563,7 +1561,6 @@ def test_first_tile_candidates_where_a_program_holds_one_class_block(monkeypatch
             assert launch.constexprs["ONE_BLOCK"] == want, (precision, c)
             assert _launch.for_target(launch, 9).constexprs["ONE_BLOCK"] == want
             assert _launch.for_target(launch, 10).constexprs["ONE_BLOCK"] == 0
-    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 9))  # the wide tile offered
     for precision in ("tf32", "bf16"):
         wide = kernel_module.wide_config(65536, 1000, 2048, precision, 4)
         assert kernel_module.blocks_per_group(1000, wide) == 1
