@@ -1,8 +1,11 @@
 """Triton kernels for GROOD's hot paths.
 
-One kernel per module, each with its launcher; every kernel has a same-name, same-signature
-pure-PyTorch twin in :mod:`grood.functional`. This package imports ``triton`` only inside the
-kernel modules, so listing what it provides (``KERNELS``) is free. ``grood`` reaches the
+One public module per operation (``ncp_gradient``, ``knn``), holding its launcher and the
+``compile_launches`` the compile report reads; its kernels (at most one a module besides the
+device helpers they call), launch configurations and launch plan live in the private modules
+beside it. Every launcher has a same-name, same-signature pure-PyTorch twin in
+:mod:`grood.functional`. This package imports ``triton`` only inside the kernel modules, so
+listing what it provides (``KERNELS``) is free. ``grood`` reaches the
 kernels only through :mod:`grood.ops`, and shares their constants, result type and tie order
 through the triton-free :mod:`grood_kernels.contract`. This package never imports ``grood``.
 """

@@ -206,7 +206,7 @@ def for_target(launch: KernelLaunch, major: int) -> KernelLaunch:
     """``launch`` as compiled for a GPU of compute capability ``major``.x: kernels that take
     ``FLAT_GATE`` get it on from sm_100 (tcgen05; see :func:`grood_kernels._topk.any_row`),
     off before; ``ONE_BLOCK`` (the gradient step's first-tile candidates, see
-    :func:`grood_kernels.ncp_gradient.one_block`) is turned off from sm_100, where the tile's
+    :func:`grood_kernels._ncp_configs.one_block`) is turned off from sm_100, where the tile's
     epilogue reads a tensor-memory accumulator and one reduction a round saves 50-130 of
     ~3,500 instructions while lengthening some K-loops (sm_100a, triton 3.9: bf16
     ImageNet-1k's K-step 166 -> 185 instructions). :func:`run` applies it for the device,

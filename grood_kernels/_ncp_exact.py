@@ -4,7 +4,7 @@ are the same in every precision mode and need no candidates, gather or re-rank. 
 ``2 N C D`` fused multiply-adds on the CUDA cores (per feature element and class the scaled
 difference, and its square added), which at CIFAR-10's 10 classes is less than the GEMM
 kernels' tiles, epilogue and finish cost; past :data:`EXACT_MAX_C` the tensor cores win, and
-the launcher (:func:`grood_kernels.ncp_gradient.launch_config`) takes this kernel only up to
+the launcher (:func:`grood_kernels._ncp_configs.launch_config`) takes this kernel only up to
 it."""
 
 import triton

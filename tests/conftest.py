@@ -247,9 +247,9 @@ def expected_spills(function: str, arch: str = "sm_90a", precision: str = "tf32"
 
 @pytest.fixture
 def wide_tile_offered(monkeypatch):
-    """The gradient-step launcher sees triton 3.9, a release where the staged 256-class tile
-    (``WIDE_TILE``) is an autotuning candidate (it is none under ``WIDE_TILE_SPILLS_UNDER``),
-    so tests of that candidate run under any installed triton."""
-    from grood_kernels import ncp_gradient
+    """The gradient step's autotuning candidates see triton 3.9, a release where the staged
+    256-class tile (``WIDE_TILE``) is one (it is none under ``WIDE_TILE_SPILLS_UNDER``), so
+    tests of that candidate run under any installed triton."""
+    from grood_kernels import _ncp_candidates
 
-    monkeypatch.setattr(ncp_gradient, "triton_version", lambda: (3, 9))
+    monkeypatch.setattr(_ncp_candidates, "triton_version", lambda: (3, 9))

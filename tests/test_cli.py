@@ -1477,7 +1477,8 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
     candidate, with its time and its agreement with the launcher's results."""
     pytest.importorskip("triton")
     from grood._bench.configs import config_runs
-    from grood_kernels import ncp_gradient as kernel
+    from grood_kernels._ncp_candidates import candidate_configs
+    from grood_kernels._ncp_configs import launch_config
 
     assert main(["bench", "--tiny", "--device", "cpu", "--repeat", "1", "--only", "configs"]) == 0
     text = capsys.readouterr().out
@@ -1487,15 +1488,15 @@ def test_bench_configs_table_times_every_candidate_against_the_launcher(capsys):
         assert "(launcher, re-rank gate on)" in rows[1]  # ungated here: the gate the other way
         ieee = [line for line in text.splitlines() if line.startswith(f"| {name} | ieee |")]
         assert "(launcher, re-rank gate on)" in ieee[1]
-        cands = kernel.candidate_configs(n, c, d, "tf32", 4)
-        assert cands[0] == kernel.launch_config(n, c, d, "tf32")
+        cands = candidate_configs(n, c, d, "tf32", 4)
+        assert cands[0] == launch_config(n, c, d, "tf32")
         assert len(rows) == len(config_runs(cands, c, d, "tf32")) == 5 + len(set(cands[1:]))
         assert "(launcher, the finish's loops not pipelined)" in rows[2]
         assert "(launcher, the finish's loops 3 stages deep)" in rows[3]
         assert "(launcher, the finish's passes plain: per-step gathers and sums)" in rows[4]
         assert sum("single read" in row for row in rows) == (c <= 16)
         # every candidate agrees with the launcher's results: in ieee to fp32 rounding; in
-        # tf32 within the autotuner's agreement (kernel._agree), as the operands' TF32
+        # tf32 within the autotuner's agreement (ncp_gradient._agree), as the operands' TF32
         # rounding differs (the launcher rounds its centred tile, the staged rows reach the
         # MMA truncated, the split variant's BLAS takes them in fp32 here) and the gate
         # leaves GEMM terms in the sum
@@ -1540,10 +1541,10 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open(wide_tile_offered):
     takes on every chunk; where the gate is on (C = 21,841) the finish is plain already."""
     pytest.importorskip("triton")
     from grood._bench.configs import config_runs
-    from grood_kernels import ncp_gradient as kernel
+    from grood_kernels._ncp_candidates import candidate_configs, wide_config
 
     dims = (65536, 1000, 2048)
-    runs = config_runs(kernel.candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
+    runs = config_runs(candidate_configs(*dims, "tf32", 4, major=9), *dims[1:], "tf32")
     labels = [label for _, label, _ in runs]
     assert labels[:5] == [" (launcher)", " (launcher, re-rank gate on)",
                           " (launcher, the finish's loops not pipelined)",
@@ -1553,7 +1554,7 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open(wide_tile_offered):
                                                  {"finish": 3}, {"lean": 0}]
     wide = [(cfg, over) for cfg, label, over in runs if label.startswith(" (wide tile")]
     assert [over for _, over in wide] == [{}, {"rerank_gate": 1}, {}]
-    assert wide[0][0] == wide[1][0] == kernel.wide_config(*dims, "tf32", 4)
+    assert wide[0][0] == wide[1][0] == wide_config(*dims, "tf32", 4)
     assert wide[2][0] == wide[0][0]._replace(finish_apart=True)
     apart = [label for cfg, label, _ in runs if cfg.finish_apart]
     assert apart == [" (launcher, finish apart)",
@@ -1561,13 +1562,13 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open(wide_tile_offered):
                      " (wide tile, staged, finish apart)",
                      " (staged: u centred by a pre-pass, finish apart)",
                      " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
-    runs = config_runs(kernel.candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
+    runs = config_runs(candidate_configs(*dims, "ieee", 4, major=9), *dims[1:], "ieee")
     assert runs[0][0].split and [over for _, _, over in runs[:2]] == [{}, {"rerank_gate": 1}]
     assert not any("finish" in over or "lean" in over for _, _, over in runs)
     assert [label for cfg, label, _ in runs if cfg.finish_apart] == [
         " (split: torch GEMM over row chunks, Triton epilogue, finish apart)"]
     big = (65536, 21841, 1024)
-    runs = config_runs(kernel.candidate_configs(*big, "tf32", 4, major=9), *big[1:], "tf32")
+    runs = config_runs(candidate_configs(*big, "tf32", 4, major=9), *big[1:], "tf32")
     assert not any("lean" in over for _, _, over in runs)
     # CIFAR-10 on a GPU: the launcher is the kernel without a GEMM (no gate, no finish to
     # override), the GEMM kernels' launcher configuration right after it, named
@@ -1575,7 +1576,7 @@ def test_bench_configs_table_flips_what_a_gpu_run_left_open(wide_tile_offered):
     for precision, gemm in (("tf32", " (GEMM launcher)"),
                             ("ieee", " (split: torch GEMM over row chunks, Triton epilogue, "
                                      "the GEMM launcher's)")):
-        runs = config_runs(kernel.candidate_configs(*small, precision, 4, major=9),
+        runs = config_runs(candidate_configs(*small, precision, 4, major=9),
                            *small[1:], precision)
         assert runs[0][0].exact and runs[0][1:] == (" (launcher)", {})
         assert runs[1][1:] == (gemm, {}) and not runs[1][0].exact
@@ -1589,8 +1590,8 @@ def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
     from grood._bench import configs
     from grood._bench.gradient import hard_softmax_features
     from grood_kernels import _split
-    from grood_kernels import ncp_gradient as kernel_module
     from grood_kernels._launch import KernelLaunch
+    from grood_kernels._ncp_configs import split_config
     from grood_kernels._prepare import prepare_prototypes
     from grood_kernels.contract import ncp_scale
 
@@ -1600,12 +1601,12 @@ def test_bench_overrides_reach_every_chunk_of_the_split_variant(monkeypatch):
     h, protos = hard_softmax_features(100, 30, 24, seed=2, device="cpu")
     p_ood = protos.mean(0)
     prep = prepare_prototypes(protos, p_ood, "ieee", ncp_scale(protos, p_ood))
-    cfg = kernel_module.split_config(30, 24, "ieee")
+    cfg = split_config(30, 24, "ieee")
     configs.launch_step(h, protos, prep, configs.step_buffers(100, 24, "cpu"), "ieee", cfg,
                         rerank_gate=1)
     gates = [launch.constexprs["RERANK_GATE"] for launch in seen
              if isinstance(launch, KernelLaunch)
-             and launch.fn is kernel_module._ncp_epilogue_kernel]
+             and launch.fn is _split._ncp_epilogue_kernel]
     assert gates == [1, 1, 1, 1]
     # the epilogue's FINISH is not the class-group kernel's: no partials to stop at
     with pytest.raises(ValueError, match="split variant, whose epilogue finishes"):
@@ -1623,8 +1624,8 @@ def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
     pytest.importorskip("triton")
     from grood._bench import configs
     from grood._bench.gradient import hard_softmax_features
-    from grood_kernels import ncp_gradient as kernel_module
-    from grood_kernels._launch import KernelLaunch
+    from grood_kernels._launch import KernelLaunch, LaunchConfig
+    from grood_kernels._ncp_finish import _ncp_finish_kernel
     from grood_kernels._prepare import prepare_prototypes
     from grood_kernels.contract import ncp_scale
 
@@ -1633,11 +1634,11 @@ def test_bench_overrides_reach_the_finish_launched_apart(monkeypatch):
     h, protos = hard_softmax_features(40, 30, 24, seed=2, device="cpu")
     p_ood = protos.mean(0)
     prep = prepare_prototypes(protos, p_ood, "tf32", ncp_scale(protos, p_ood))
-    cfg = kernel_module.LaunchConfig(16, 16, 16, 4, 2, 2, finish_apart=True)
+    cfg = LaunchConfig(16, 16, 16, 4, 2, 2, finish_apart=True)
     outs = configs.step_buffers(40, 24, "cpu")
     configs.launch_step(h, protos, prep, outs, "tf32", cfg, rerank_gate=1, one_block=1)
     main, fin = (launch for launch in seen if isinstance(launch, KernelLaunch))
-    assert fin.fn is kernel_module._ncp_finish_kernel and fin.constexprs["RERANK_GATE"] == 1
+    assert fin.fn is _ncp_finish_kernel and fin.constexprs["RERANK_GATE"] == 1
     assert main.constexprs["FINISH"] == 0 and main.constexprs["ONE_BLOCK"] == 1
     with pytest.raises(ValueError, match="finishes in a launch of its own"):
         configs.launch_step(h, protos, prep, outs, "tf32", cfg, finish=1)
@@ -1653,7 +1654,8 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
     pytest.importorskip("triton")
     from grood._bench.configs import step_outputs
     from grood._bench.gradient import hard_softmax_features
-    from grood_kernels.ncp_gradient import ncp_gradient, rerank_gate
+    from grood_kernels._ncp_configs import rerank_gate
+    from grood_kernels.ncp_gradient import ncp_gradient
 
     h, protos = hard_softmax_features(40, 30, 24, seed=2, device="cpu")
     p_ood = protos.mean(0)
@@ -1667,10 +1669,10 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
         torch.testing.assert_close(flipped[1], res.q_ood, rtol=1e-5, atol=0)
     # The single-read variant has no gate to flip: said so, not ignored.
     from grood._bench.configs import launch_step, step_buffers
-    from grood_kernels import ncp_gradient as kernel_module
+    from grood_kernels._launch import LaunchConfig
+    from grood_kernels._ncp_single_read import single_read_config
     from grood_kernels._prepare import prepare_prototypes
     from grood_kernels.contract import ncp_scale
-    from grood_kernels.ncp_gradient import single_read_config
 
     few = protos[:10]
     cfg = single_read_config(10, 24, "tf32")
@@ -1680,7 +1682,7 @@ def test_bench_step_outputs_are_the_ops_with_the_re_rank_gate_either_way():
     with pytest.raises(ValueError, match="_ncp_single_read_kernel takes no RERANK_GATE"):
         launch_step(h, few, prep, outs, "tf32", cfg, rerank_gate=0)
     # ONE_BLOCK only where a program holds one class block: on elsewhere would drop classes.
-    looping = kernel_module.LaunchConfig(16, 16, 16, 4, 2, 1)  # 30 classes: 2 blocks a program
+    looping = LaunchConfig(16, 16, 16, 4, 2, 1)  # 30 classes: 2 blocks a program
     prep = prepare_prototypes(protos, p_ood, "tf32", ncp_scale(protos, p_ood))
     with pytest.raises(ValueError, match="ONE_BLOCK needs one class block per program"):
         launch_step(h, protos, prep, outs, "tf32", looping, one_block=1)
@@ -1787,10 +1789,10 @@ def test_bench_anatomy_of_the_split_launcher_leaves_out_the_finish_stages(monkey
     pytest.importorskip("triton")
     from grood._bench import anatomy
     from grood._bench.configs import TINY_CONFIG_SHAPES
-    from grood_kernels import ncp_gradient as kernel_module
+    from grood_kernels import _ncp_configs
 
-    monkeypatch.setattr(kernel_module, "launch_config", lambda n, c, d, precision, **kw:
-                        kernel_module.split_config(c, d, precision))
+    monkeypatch.setattr(_ncp_configs, "launch_config", lambda n, c, d, precision, **kw:
+                        _ncp_configs.split_config(c, d, precision))
     text = "\n".join(anatomy.anatomy_table("cpu", TINY_CONFIG_SHAPES[:1], ["ieee"], repeat=1))
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| tiny")]
     stages = [cells[3].strip() for cells in rows]

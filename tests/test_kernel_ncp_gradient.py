@@ -19,7 +19,15 @@ import triton
 import triton.language as tl
 
 from grood import GROOD, functional
-from grood_kernels import _launch, contract
+from grood_kernels import (
+    _launch,
+    _ncp_candidates,
+    _ncp_configs,
+    _ncp_kernel,
+    _ncp_plan,
+    _ncp_single_read,
+    contract,
+)
 from grood_kernels import ncp_gradient as kernel_module
 from grood_kernels._dot import round_tf32
 from grood_kernels._ncp_exact import EXACT_MAX_C, exact_config
@@ -69,7 +77,7 @@ def kernel_launches(monkeypatch):
     real_run = kernel_module.run
 
     def run(launch):
-        if isinstance(launch, kernel_module.KernelLaunch):
+        if isinstance(launch, _launch.KernelLaunch):
             seen.append((launch.fn.__name__, dict(launch.constexprs), launch.grid))
         real_run(launch)
 
@@ -384,9 +392,9 @@ def test_launches_fall_back_to_fewer_stages_where_shared_memory_is_smaller(poiso
     prep = kernel_module.prepare_prototypes(protos, p_ood, "ieee", 1.0)
     outs = tuple(torch.full_like(t, float("nan")) if t.is_floating_point() else
                  torch.full_like(t, -7) for t in expected)
-    plan = kernel_module._plan(h, protos, prep, prep.sq_norms,
-                               kernel_module._scratch(33, 70, 33, cfg, "ieee", h.device),
-                               outs, "ieee", cfg)
+    plan = _ncp_plan.plan(h, protos, prep, prep.sq_norms,
+                          _ncp_plan.allocate_scratch(33, 70, 33, cfg, "ieee", h.device),
+                          outs, "ieee", cfg)
     launches = [x for x in plan if isinstance(x, _launch.KernelLaunch)]
     assert launches and all(x.num_stages >= 2 for x in launches)
     small = [x._replace(fn=_SmallSharedMemory(x.fn, 1)) for x in launches]
@@ -474,8 +482,9 @@ def test_detector_on_the_triton_backend_matches_torch():
 
 def test_kernel_and_twin_share_the_contract():
     # One definition each, imported by both sides (grood_kernels.contract).
-    for name in ("NCP_CANDIDATES", "DOT_MODES", "NCPGradient", "ncp_scale"):
-        assert getattr(kernel_module, name) is getattr(contract, name)
+    for module, name in ((_ncp_plan, "NCP_CANDIDATES"), (_ncp_plan, "DOT_MODES"),
+                         (kernel_module, "NCPGradient"), (kernel_module, "ncp_scale")):
+        assert getattr(module, name) is getattr(contract, name)
     for name in ("NCP_CANDIDATES", "PRECISIONS", "NCPGradient", "ncp_scale", "pow2_scale",
                  "lex_sort"):
         assert getattr(functional, name) is getattr(contract, name)
@@ -519,9 +528,9 @@ def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
     single-read variant ("single-read") or the kernel without a GEMM at any C, looping over
     16-class blocks past 16 ("exact"); "launcher" leaves its own configuration."""
     if blocks == "finish-apart":
-        monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+        monkeypatch.setattr(_ncp_plan, "finish_programs", lambda *a: 3)
     if blocks == "lean-finish":
-        monkeypatch.setattr(kernel_module, "lean_finish", lambda *a: True)
+        monkeypatch.setattr(_ncp_plan, "lean_finish", lambda *a: True)
     configs = {"class-groups": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
                                                                            groups),
                "lean-finish": lambda *a, **kw: kernel_module.LaunchConfig(16, 16, 16, 4, 2,
@@ -529,7 +538,7 @@ def _force_blocks(monkeypatch, blocks: str, groups: int = 3) -> None:
                "finish-apart": lambda *a, **kw: kernel_module.LaunchConfig(
                    16, 16, 16, 4, 2, groups, finish_apart=True),
                "single-read": lambda n, c, d, *a, **kw:
-               kernel_module.single_read_config(c, d, "bf16"),
+               _ncp_single_read.single_read_config(c, d, "bf16"),
                "exact": lambda n, c, d, *a, **kw: exact_config(c, d, every_c=True)}
     if blocks in configs:
         monkeypatch.setattr(kernel_module, "launch_config", configs[blocks])
@@ -699,7 +708,7 @@ SINGLE_READ_SHAPES = [(1, 1, 1), (1, 5, 7), (13, 3, 129), (33, 16, 33), (65, 10,
 def single_read(monkeypatch):
     """Make the launcher run the single-read variant (an autotuning candidate) at any shape."""
     def config(n, c, d, precision, **kw):
-        return kernel_module.single_read_config(c, d, "bf16")
+        return _ncp_single_read.single_read_config(c, d, "bf16")
 
     monkeypatch.setattr(kernel_module, "launch_config", config)
 
@@ -788,18 +797,18 @@ def test_launcher_takes_the_exact_kernel_on_a_gpu_up_to_16_classes():
     assert exact_config(EXACT_MAX_C + 1, 512) is None
     assert exact_config(40, 19, every_c=True).block_cols == 16
     for major in (0, 9):
-        cands = kernel_module.candidate_configs(65536, 10, 512, "tf32", 4, major=major)
+        cands = _ncp_candidates.candidate_configs(65536, 10, 512, "tf32", 4, major=major)
         assert sum(cfg.exact for cfg in cands) == 1 and cands[0].exact == bool(major)
         gemm = launch_config(65536, 10, 512, "tf32", major=major, exact=False)
         assert cands[int(bool(major))] == gemm
         assert gemm._replace(finish_apart=True) in cands
     # past 16 classes a candidate up to 128 (CIFAR-100: its class loop), not the launcher's
-    cands = kernel_module.candidate_configs(65536, 100, 512, "tf32", 4, major=9)
+    cands = _ncp_candidates.candidate_configs(65536, 100, 512, "tf32", 4, major=9)
     assert not cands[0].exact and [cfg for cfg in cands if cfg.exact] == [
         exact_config(100, 512, every_c=True)]
-    assert not any(cfg.exact for cfg in kernel_module.candidate_configs(
+    assert not any(cfg.exact for cfg in _ncp_candidates.candidate_configs(
         65536, 1000, 2048, "tf32", 4, major=9))
-    (launch,) = kernel_module.compile_launches(65536, 10, 512, "bf16", major=9)
+    (launch,) = _ncp_plan.compile_launches(65536, 10, 512, "bf16", major=9)
     assert launch.fn.__name__ == "_ncp_exact_kernel"
     assert launch.constexprs == {"BLOCK_N": 32, "BLOCK_C": 16, "BLOCK_D": 16, "STAGES": 3,
                                  "EVEN_D": 1}
@@ -808,15 +817,15 @@ def test_launcher_takes_the_exact_kernel_on_a_gpu_up_to_16_classes():
 def test_single_read_variant_is_offered_where_it_compiles_spill_free():
     """Only where the compile report found it spill-free: D <= 512, C <= 16 in tf32, C <= 128
     in bf16; never in ieee or tf32x3. The autotuning candidates include it there."""
-    cfg = kernel_module.single_read_config(100, 512, "bf16")
+    cfg = _ncp_single_read.single_read_config(100, 512, "bf16")
     assert cfg.single_read and (cfg.block_rows, cfg.block_cols, cfg.block_d) == (16, 128, 512)
-    assert kernel_module.single_read_config(10, 40, "tf32").block_d == 64
+    assert _ncp_single_read.single_read_config(10, 40, "tf32").block_d == 64
     for c, d, precision in [(17, 64, "tf32"), (129, 64, "bf16"), (10, 513, "bf16"),
                             (10, 64, "ieee"), (10, 64, "tf32x3")]:
-        assert kernel_module.single_read_config(c, d, precision) is None
-    cands = kernel_module.candidate_configs(4096, 10, 512, "tf32", 4)
+        assert _ncp_single_read.single_read_config(c, d, precision) is None
+    cands = _ncp_candidates.candidate_configs(4096, 10, 512, "tf32", 4)
     assert sum(cfg.single_read for cfg in cands) == 1
-    assert not any(cfg.single_read for cfg in kernel_module.candidate_configs(
+    assert not any(cfg.single_read for cfg in _ncp_candidates.candidate_configs(
         4096, 1000, 2048, "tf32", 4))
 
 
@@ -869,15 +878,15 @@ def test_staged_variant_is_offered_where_a_reaches_the_dot_as_loaded():
     as loaded; the launcher's own choice is not staged; tf32x3 (split in registers) refuses
     it."""
     for precision in ("ieee", "tf32", "bf16"):
-        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
-        staged = kernel_module.staged_config(65536, 1000, 2048, precision, 4)
+        cands = _ncp_candidates.candidate_configs(65536, 1000, 2048, precision, 4)
+        staged = _ncp_configs.staged_config(65536, 1000, 2048, precision, 4)
         assert staged in cands and staged.block_cols == cands[0].block_cols
         assert not kernel_module.launch_config(65536, 1000, 2048, precision).staged
-    assert kernel_module.staged_config(65536, 1000, 2048, "tf32x3", 4) is None
+    assert _ncp_configs.staged_config(65536, 1000, 2048, "tf32x3", 4) is None
     h, protos, _ = _problem(8, 3, 16)
     cfg = kernel_module.launch_config(8, 3, 16, "tf32x3")._replace(staged=True)
     with pytest.raises(ValueError, match="staged variant takes"):
-        kernel_module._plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
+        _ncp_plan.plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
 
 
 def test_hopper_under_triton_3_6_takes_the_staged_variant_where_a_program_loops_over_classes(
@@ -887,17 +896,17 @@ def test_hopper_under_triton_3_6_takes_the_staged_variant_where_a_program_loops_
     it): the Hopper launcher then takes the staged variant, where a program holds more than
     one class block, and only there."""
     launch_config = kernel_module.launch_config
-    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 6))
+    monkeypatch.setattr(_ncp_configs, "triton_version", lambda: (3, 6))
     assert launch_config(65536, 21841, 1024, "tf32", major=9).staged  # 3 groups of 57 blocks
-    assert launch_config(65536, 21841, 1024, "tf32", major=9) == kernel_module.staged_config(
+    assert launch_config(65536, 21841, 1024, "tf32", major=9) == _ncp_configs.staged_config(
         65536, 21841, 1024, "tf32", 4)
     assert not launch_config(65536, 1000, 2048, "tf32", major=9).staged  # 1 block a program
     assert not launch_config(65536, 21841, 1024, "tf32", major=10).staged  # tcgen05
     assert not launch_config(65536, 21841, 1024, "tf32", major=0).staged  # the interpreter
     for precision in ("ieee", "tf32x3", "bf16"):  # pipelined there, or no staged variant
         assert not launch_config(65536, 21841, 1024, precision, major=9).staged
-    assert kernel_module.candidate_configs(65536, 21841, 1024, "tf32", 4, major=9)[0].staged
-    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 7))
+    assert _ncp_candidates.candidate_configs(65536, 21841, 1024, "tf32", 4, major=9)[0].staged
+    monkeypatch.setattr(_ncp_configs, "triton_version", lambda: (3, 7))
     assert not launch_config(65536, 21841, 1024, "tf32", major=9).staged
 
 
@@ -938,22 +947,22 @@ def test_wide_class_tile_is_offered_only_where_it_compiles_without_spills(monkey
     class blocks (C = 21,841, where it spills), not under triton 3.8 (where it spills in its
     epilogue's loops, sm_90a: ``WIDE_TILE_SPILLS_UNDER``)."""
     for release in ((3, 6), (3, 7), (3, 8), (3, 9), (3, 10)):
-        monkeypatch.setattr(kernel_module, "triton_version", lambda release=release: release)
-        offered = kernel_module.wide_config(65536, 1000, 2048, "tf32", 4) is not None
+        monkeypatch.setattr(_ncp_candidates, "triton_version", lambda release=release: release)
+        offered = _ncp_candidates.wide_config(65536, 1000, 2048, "tf32", 4) is not None
         assert offered == (release != (3, 8)), release
-        assert offered == any(cfg.block_cols == 256 for cfg in kernel_module.candidate_configs(
+        assert offered == any(cfg.block_cols == 256 for cfg in _ncp_candidates.candidate_configs(
             65536, 1000, 2048, "tf32", 4, major=9))
-    monkeypatch.setattr(kernel_module, "triton_version", lambda: (3, 9))
+    monkeypatch.setattr(_ncp_candidates, "triton_version", lambda: (3, 9))
     for precision in ("tf32", "bf16"):
-        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
+        cands = _ncp_candidates.candidate_configs(65536, 1000, 2048, precision, 4)
         wide = [cfg for cfg in cands if cfg.block_cols == 256 and not cfg.finish_apart]
         assert len(wide) == 1 and wide[0].staged and wide[0].n_split == 4
-        assert kernel_module.wide_config(65536, 21841, 1024, precision, 4) is None
-        assert kernel_module.wide_config(65536, 100, 512, precision, 4) is None
+        assert _ncp_candidates.wide_config(65536, 21841, 1024, precision, 4) is None
+        assert _ncp_candidates.wide_config(65536, 100, 512, precision, 4) is None
     for precision in ("ieee", "tf32x3"):
-        assert kernel_module.wide_config(65536, 1000, 2048, precision, 4) is None
+        assert _ncp_candidates.wide_config(65536, 1000, 2048, precision, 4) is None
         assert all(cfg.block_cols <= 128
-                   for cfg in kernel_module.candidate_configs(65536, 1000, 2048, precision, 4))
+                   for cfg in _ncp_candidates.candidate_configs(65536, 1000, 2048, precision, 4))
 
 
 #: Shapes whose D is a whole number of the separate finish's D-steps (64 and 2 x 128): its
@@ -992,7 +1001,7 @@ def test_finish_apart_matches_float64_twin(n, c, d, precision, staged_rows, monk
     strides or, staged, u from the gradient's rows, D masked or a whole number of steps;
     every output against the twin, outputs and scratch poisoned first."""
     seen = kernel_launches
-    monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+    monkeypatch.setattr(_ncp_plan, "finish_programs", lambda *a: 3)
     _small_tiles_step(n, c, d, precision, monkeypatch, staged=staged_rows, finish_apart=True)
     names = [name for name, _, _ in seen]
     assert names[-2:] == ["_ncp_gradient_kernel", "_ncp_finish_kernel"]
@@ -1013,7 +1022,7 @@ def test_lean_own_finish_matches_float64_twin(n, c, d, precision, staged_rows, m
     strides or, staged, from the gradient's rows; D masked, or a whole number of K-steps
     (``EVEN_D``: no column masks); outputs and scratch poisoned first."""
     seen = kernel_launches
-    monkeypatch.setattr(kernel_module, "lean_finish", lambda *a: True)
+    monkeypatch.setattr(_ncp_plan, "lean_finish", lambda *a: True)
     _small_tiles_step(n, c, d, precision, monkeypatch, staged=staged_rows)
     name, constexprs, grid = seen[-1]
     assert name == "_ncp_gradient_kernel" and constexprs["FINISH"] > 0
@@ -1031,21 +1040,21 @@ def test_own_finish_is_lean_in_the_tensor_core_modes_where_every_candidate_is_re
     for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
         for precision in contract.PRECISIONS:
             for major in (0, 9):
-                launch = kernel_module.compile_launches(65536, c, d, precision,
-                                                        major=major)[-1]
-                if launch.fn is not kernel_module._ncp_gradient_kernel:
+                launch = _ncp_plan.compile_launches(65536, c, d, precision,
+                                                    major=major)[-1]
+                if launch.fn is not _ncp_kernel._ncp_gradient_kernel:
                     continue  # (ieee's split variant on a GPU)
                 want = int(c != 21841 and (precision in ("tf32", "bf16")
                                            or (precision == "tf32x3" and c > 16)))
                 assert launch.constexprs["LEAN"] == want, (c, d, precision, major)
                 assert launch.constexprs["EVEN_D"] == want
-                assert kernel_module.lean_finish(
-                    precision, kernel_module.rerank_gate(c, d, precision),
+                assert _ncp_configs.lean_finish(
+                    precision, _ncp_configs.rerank_gate(c, d, precision),
                     launch.constexprs["BLOCK_C"]) == bool(want)
     own = [(launch.constexprs["FINISH"], launch.constexprs["LEAN"])
-           for launch in kernel_module.compile_launches(65536, 1000, 2048, "tf32",
-                                                        configs="all", major=9)
-           if launch.fn is kernel_module._ncp_gradient_kernel]
+           for launch in _ncp_plan.compile_launches(65536, 1000, 2048, "tf32",
+                                                    configs="all", major=9)
+           if launch.fn is _ncp_kernel._ncp_gradient_kernel]
     assert {lean for finish, lean in own if finish} == {1}  # every candidate finishing itself
     assert {lean for finish, lean in own if not finish} == {0}  # the finish apart
 
@@ -1060,33 +1069,33 @@ def test_finish_apart_is_offered_in_the_tensor_core_modes(wide_tile_offered):
     from grood_kernels._ncp_finish import finish_programs
 
     for precision in ("tf32", "bf16"):
-        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4, major=9)
+        cands = _ncp_candidates.candidate_configs(65536, 1000, 2048, precision, 4, major=9)
         apart = [cfg for cfg in cands if cfg.finish_apart]
         assert not cands[0].finish_apart
         launcher = cands[0]._replace(finish_apart=True)
         assert apart == [launcher, launcher._replace(finish_waves=3)] + [
             cfg._replace(finish_apart=True) for cfg in (
-                kernel_module.wide_config(65536, 1000, 2048, precision, 4),
-                kernel_module.staged_config(65536, 1000, 2048, precision, 4),
-                kernel_module.split_config(1000, 2048, precision))]
+                _ncp_candidates.wide_config(65536, 1000, 2048, precision, 4),
+                _ncp_configs.staged_config(65536, 1000, 2048, precision, 4),
+                _ncp_configs.split_config(1000, 2048, precision))]
         # the finish's grid: one program per SM by the L2 rule at D = 2,048, or 3 per SM
-        grids = [launch.grid for launch in kernel_module.compile_launches(
+        grids = [launch.grid for launch in _ncp_plan.compile_launches(
             65536, 1000, 2048, precision, configs="all", major=9)
             if launch.fn.__name__ == "_ncp_finish_kernel"]
         assert grids == [(132,), (396,), (132,), (132,), (132,)]
     # where the L2 rule already gives the SMs 3 programs or more, no second grid is offered
-    assert not any(cfg.finish_waves for cfg in kernel_module.candidate_configs(
+    assert not any(cfg.finish_waves for cfg in _ncp_candidates.candidate_configs(
         65536, 100, 512, "tf32", 4, major=9))
     # in ieee (the K-loop, FMA or the BLAS's on a GPU, sets the pace) the split variant only,
     # and tf32x3 (no split variant) has the class-group kernels'
     for major in (0, 9):
-        apart = [cfg for cfg in kernel_module.candidate_configs(
+        apart = [cfg for cfg in _ncp_candidates.candidate_configs(
             65536, 1000, 2048, "ieee", 4, major=major) if cfg.finish_apart]
-        assert apart == [kernel_module.split_config(1000, 2048, "ieee")._replace(
+        assert apart == [_ncp_configs.split_config(1000, 2048, "ieee")._replace(
             finish_apart=True)]
-    assert not any(cfg.split for cfg in kernel_module.candidate_configs(
+    assert not any(cfg.split for cfg in _ncp_candidates.candidate_configs(
         65536, 1000, 2048, "tf32x3", 4, major=9))
-    budget = kernel_module.L2_BUDGET
+    budget = _ncp_configs.L2_BUDGET
     assert finish_programs(65536, 512, budget, 132) == 660  # 5 per SM: 21 MB of row tiles
     assert finish_programs(65536, 1024, budget, 132) == 264
     assert finish_programs(65536, 2048, budget, 132) == 132  # at least one per SM
@@ -1104,8 +1113,8 @@ def split(monkeypatch):
     from grood_kernels import _split
 
     monkeypatch.setattr(kernel_module, "launch_config",
-                        lambda n, c, d, precision, **kw: kernel_module.split_config(c, d,
-                                                                                    precision))
+                        lambda n, c, d, precision, **kw: _ncp_configs.split_config(c, d,
+                                                                                   precision))
     monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
 
 
@@ -1117,9 +1126,9 @@ def centred_variant(request):
     return request.param
 
 
-@pytest.mark.parametrize("tiles", kernel_module.SPLIT_EPILOGUE_TILES,
+@pytest.mark.parametrize("tiles", _ncp_candidates.SPLIT_EPILOGUE_TILES,
                          ids=[f"{r}x{c}x{s}-w{w}"
-                              for r, c, s, w in kernel_module.SPLIT_EPILOGUE_TILES])
+                              for r, c, s, w in _ncp_candidates.SPLIT_EPILOGUE_TILES])
 @pytest.mark.parametrize(("n", "c", "d"), [(33, 70, 33), (7, 130, 70)],
                          ids=["N33-C70-D33", "N7-C130-D70"])
 def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeypatch,
@@ -1129,7 +1138,7 @@ def test_split_variant_epilogue_tiles_match_float64_twin(n, c, d, tiles, monkeyp
     from grood_kernels import _split
 
     monkeypatch.setattr(kernel_module, "launch_config", lambda n_, c_, d_, precision, **kw:
-                        kernel_module.split_config(c_, d_, precision, tiles))
+                        _ncp_configs.split_config(c_, d_, precision, tiles))
     monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
     h, protos, p_ood = _problem(n, c, d)
     res = ncp_gradient(h, protos, p_ood, precision="ieee")
@@ -1152,9 +1161,9 @@ def test_split_variant_with_finish_apart_matches_float64_twin(n, c, d, precision
     from grood_kernels import _split
 
     seen = kernel_launches
-    monkeypatch.setattr(kernel_module, "finish_programs", lambda *a: 3)
+    monkeypatch.setattr(_ncp_plan, "finish_programs", lambda *a: 3)
     monkeypatch.setattr(kernel_module, "launch_config", lambda n_, c_, d_, precision_, **kw:
-                        kernel_module.split_config(c_, d_, precision_)._replace(
+                        _ncp_configs.split_config(c_, d_, precision_)._replace(
                             finish_apart=True))
     monkeypatch.setattr(_split, "SPLIT_BUFFER_ELEMENTS", 1)
     h, protos, p_ood = _problem(n, c, d)
@@ -1177,7 +1186,7 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     from grood_kernels import _split
 
     for precision in ("ieee", "tf32", "bf16"):
-        cands = kernel_module.candidate_configs(65536, 1000, 2048, precision, 4)
+        cands = _ncp_candidates.candidate_configs(65536, 1000, 2048, precision, 4)
         splits = [cfg for cfg in cands if cfg.split]
         assert len(splits) == (5 if precision == "ieee" else 2) and not cands[0].split
         # in ieee also the spill-free epilogue tiles: 32 x 32 on 4 warps, 32 x 64 on 8,
@@ -1186,11 +1195,11 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
                 for cfg in splits[1:-1]] == (
             [(32, 32, 32, 4), (32, 64, 64, 8), (16, 64, 64, 4)] if precision == "ieee" else [])
         assert splits[-1] == splits[0]._replace(finish_apart=True)
-    assert kernel_module.split_config(1000, 2048, "tf32x3") is None
+    assert _ncp_configs.split_config(1000, 2048, "tf32x3") is None
     h, protos, _ = _problem(8, 3, 16)
-    cfg = kernel_module.split_config(3, 16, "tf32")
+    cfg = _ncp_configs.split_config(3, 16, "tf32")
     with pytest.raises(ValueError, match="split variant takes"):
-        kernel_module._plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
+        _ncp_plan.plan(h, protos, None, None, (None,) * 5, (h,) * 5, "tf32x3", cfg)
     rows = _split.split_rows(65536, 21841, 32)
     assert rows % 32 == 0 and 0 < rows * 21841 <= _split.SPLIT_BUFFER_ELEMENTS
     # (16-row tiles: twice the epilogue's programs per chunk where the bound keeps it short)
@@ -1199,8 +1208,8 @@ def test_split_variant_is_offered_in_the_modes_the_blas_runs():
     assert _split.split_rows(100, 10, 32) == 128  # one chunk of whole row blocks
     # the buffer's rows padded to whole class blocks, the padding zeros (the epilogue's
     # tiles load whole blocks with no column mask)
-    cfg = kernel_module.split_config(70, 33, "ieee")
-    dots = kernel_module._scratch(100, 70, 33, cfg, "ieee", "cpu").dots
+    cfg = _ncp_configs.split_config(70, 33, "ieee")
+    dots = _ncp_plan.allocate_scratch(100, 70, 33, cfg, "ieee", "cpu").dots
     assert cfg.block_cols == 64 and dots.shape[1] == 128 and not dots[:, 70:].any()
 
 
@@ -1213,7 +1222,7 @@ def test_autotune_leaves_out_a_configuration_that_fails_on_the_device(tmp_path, 
     monkeypatch.setattr(_tuning.torch.cuda, "get_device_name", lambda device=None: "TestGPU")
     monkeypatch.setattr(_tuning, "_tuned", {})
     cfgs = [kernel_module.LaunchConfig(128, 128, 32, 8, 4, 1),
-            kernel_module.split_config(1000, 2048, "bf16"),
+            _ncp_configs.split_config(1000, 2048, "bf16"),
             kernel_module.LaunchConfig(64, 128, 32, 4, 4, 1)]
 
     def launch(cfg):
@@ -1302,7 +1311,7 @@ def test_class_groups_without_classes_are_refused(monkeypatch):
     monkeypatch.undo()
     for c in (1, 3, 17, 130, 1000, 21841):
         for precision in contract.PRECISIONS:
-            for cfg in kernel_module.candidate_configs(65536, c, 512, precision, 4):
+            for cfg in _ncp_candidates.candidate_configs(65536, c, 512, precision, 4):
                 n_cb = -(-c // cfg.block_cols)
                 assert (cfg.n_split - 1) * -(-n_cb // cfg.n_split) < n_cb
 
@@ -1379,16 +1388,16 @@ def test_tf32_rounding_keeps_q_ood_near_float64_on_clustered_features(variant, t
         monkeypatch.setattr(kernel_module, "launch_config", lambda *a, **kw: real(
             *a, **kw)._replace(staged=True, finish_apart=apart))
     elif variant.startswith("split"):
-        real_gemm = kernel_module.split_gemm
+        real_gemm = _ncp_plan.split_gemm
 
         def tensor_core_gemm(rows, operand, out, precision):
             if precision == "tf32":  # the top 19 bits of each fp32 operand
                 rows, operand = ((x.view(torch.int32) & -8192).view(torch.float32)
                                  for x in (rows, operand))
             real_gemm(rows, operand, out, precision)
-        monkeypatch.setattr(kernel_module, "split_gemm", tensor_core_gemm)
+        monkeypatch.setattr(_ncp_plan, "split_gemm", tensor_core_gemm)
         monkeypatch.setattr(kernel_module, "launch_config", lambda n, c, d, precision, **kw:
-                            kernel_module.split_config(c, d, precision)._replace(
+                            _ncp_configs.split_config(c, d, precision)._replace(
                                 finish_apart=apart))
     res = ncp_gradient(h, protos, p_ood, precision="tf32")
     err = float(((res.q_ood.double() - ref.q_ood) / ref.q_ood).abs().max())
@@ -1421,7 +1430,7 @@ def test_staged_rows_keep_one_squared_norm_in_every_precision(apart, monkeypatch
 
         def run(launch):
             real_run(launch)
-            if getattr(launch, "fn", None) is kernel_module._centre_rows_kernel:
+            if getattr(launch, "fn", None) is _ncp_plan._centre_rows_kernel:
                 launch.args[3].mul_(1.01)  # the pre-pass's ||u||^2
         monkeypatch.setattr(kernel_module, "run", run)
         try:
@@ -1471,7 +1480,7 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
     min_dist are the float64 twin's (on the same fp32 rows). (The launcher gates in the
     tensor-core modes, and in ieee where the prototypes pass L2; here it is made to always.)"""
     _force_blocks(monkeypatch, blocks)
-    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d, precision: True)
+    monkeypatch.setattr(_ncp_plan, "rerank_gate", lambda c, d, precision: True)
     h, protos, p_ood = (t.float().double()
                         for t in near_ties_problem(spread=TIE_SPREAD[precision]))
     ref = functional.ncp_gradient(h, protos, p_ood)
@@ -1488,7 +1497,7 @@ def test_near_ties_past_the_gemm_resolution_are_re_ranked(monkeypatch, blocks, p
 def test_near_ties_in_the_centred_variants(centred_variant, precision, monkeypatch):
     """The staged and the split variants' re-rank (the split one after a torch GEMM) open the
     same gate."""
-    monkeypatch.setattr(kernel_module, "rerank_gate", lambda c, d, precision: True)
+    monkeypatch.setattr(_ncp_plan, "rerank_gate", lambda c, d, precision: True)
     h, protos, p_ood = (t.float().double()
                         for t in near_ties_problem(seed=6, spread=TIE_SPREAD[precision]))
     ref = functional.ncp_gradient(h, protos, p_ood)
@@ -1556,15 +1565,15 @@ def test_first_tile_candidates_where_a_program_holds_one_class_block(wide_tile_o
     turned off for sm_100 and later (tcgen05) by the launch's target."""
     for precision in ("ieee", "tf32", "tf32x3", "bf16"):
         for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
-            launch = kernel_module.compile_launches(65536, c, d, precision)[-1]
+            launch = _ncp_plan.compile_launches(65536, c, d, precision)[-1]
             want = int(precision != "ieee" and c < 21841)
             assert launch.constexprs["ONE_BLOCK"] == want, (precision, c)
             assert _launch.for_target(launch, 9).constexprs["ONE_BLOCK"] == want
             assert _launch.for_target(launch, 10).constexprs["ONE_BLOCK"] == 0
     for precision in ("tf32", "bf16"):
-        wide = kernel_module.wide_config(65536, 1000, 2048, precision, 4)
-        assert kernel_module.blocks_per_group(1000, wide) == 1
-        assert not kernel_module.one_block(1000, wide, precision)
+        wide = _ncp_candidates.wide_config(65536, 1000, 2048, precision, 4)
+        assert _ncp_configs.blocks_per_group(1000, wide) == 1
+        assert not _ncp_configs.one_block(1000, wide, precision)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
@@ -1578,10 +1587,10 @@ def test_first_tile_candidates_give_the_same_results_bit_for_bit(monkeypatch, pr
     for h, protos, p_ood in problems:
         c, d = protos.shape
         cfg = kernel_module.launch_config(h.shape[0], c, d, precision)
-        assert kernel_module.blocks_per_group(c, cfg) == 1
+        assert _ncp_configs.blocks_per_group(c, cfg) == 1
         outs = []
         for on in (True, False):
-            monkeypatch.setattr(kernel_module, "one_block", lambda *a, on=on: on)
+            monkeypatch.setattr(_ncp_plan, "one_block", lambda *a, on=on: on)
             outs.append(ncp_gradient(h, protos, p_ood, precision=precision))
         for a, b in zip(*outs, strict=True):
             assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
@@ -1615,10 +1624,10 @@ def test_the_re_rank_is_gated_where_the_prototypes_pass_l2(precision):
     traffic only and its second pass over D cost time (an H200 ran the tensor-core launcher
     1.6-1.9x faster without it, as near float64)."""
     for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
-        launch = kernel_module.compile_launches(65536, c, d, precision)[-1]
+        launch = _ncp_plan.compile_launches(65536, c, d, precision)[-1]
         want = int(c == 21841)
         assert launch.constexprs["RERANK_GATE"] == want, (c, d)
-        assert kernel_module.rerank_gate(c, d, precision) == bool(want)
+        assert _ncp_configs.rerank_gate(c, d, precision) == bool(want)
 
 
 def test_ieee_on_a_gpu_takes_the_split_variant():
@@ -1631,23 +1640,23 @@ def test_ieee_on_a_gpu_takes_the_split_variant():
     for c, d in ((10, 512), (100, 512), (1000, 2048), (21841, 1024)):
         for major in (8, 9, 10):  # (at C = 10 the GEMM kernels' configuration: exact=False)
             cfg = launch_config(65536, c, d, "ieee", major=major, exact=c > EXACT_MAX_C)
-            assert cfg == kernel_module.split_config(c, d, "ieee"), (c, d, major)
+            assert cfg == _ncp_configs.split_config(c, d, "ieee"), (c, d, major)
         assert not launch_config(65536, c, d, "ieee", major=0).split
         for precision in ("tf32", "tf32x3", "bf16"):
             assert not launch_config(65536, c, d, precision, major=9).split
-    big = kernel_module.compile_launches(65536, 21841, 1024, "ieee", major=9)
+    big = _ncp_plan.compile_launches(65536, 21841, 1024, "ieee", major=9)
     assert [launch.fn.__name__ for launch in big] == ["_centre_rows_kernel",
                                                       "_ncp_epilogue_kernel"]
     assert big[-1].constexprs["RERANK_GATE"] == 1
-    assert kernel_module.candidate_configs(65536, 21841, 1024, "ieee", 4, major=9)[0].split
+    assert _ncp_candidates.candidate_configs(65536, 21841, 1024, "ieee", 4, major=9)[0].split
     names = [launch.fn.__name__ for launch
-             in kernel_module.compile_launches(65536, 1000, 2048, "ieee", major=9)]
+             in _ncp_plan.compile_launches(65536, 1000, 2048, "ieee", major=9)]
     assert names == ["_centre_rows_kernel", "_ncp_epilogue_kernel"]
-    cands = kernel_module.candidate_configs(65536, 1000, 2048, "ieee", 4, major=9)
+    cands = _ncp_candidates.candidate_configs(65536, 1000, 2048, "ieee", 4, major=9)
     # the fused tiles stay on, beside the split variant's other epilogue tiles and its
     # epilogue with the finish apart
     assert cands[0].split and sum(cfg.split for cfg in cands) == 2 + len(
-        kernel_module.SPLIT_EPILOGUE_TILES)
+        _ncp_candidates.SPLIT_EPILOGUE_TILES)
     assert any(not cfg.split for cfg in cands)
 
 

@@ -12,7 +12,7 @@ and so again with the first tile's candidates by insertion where the launcher ta
 ``first_nearest`` (``ONE_BLOCK=0``: what that shorter tile epilogue saves); the whole step with
 the finish's loops not pipelined (``FINISH=1``; the launcher pipelines them in the tensor-core
 modes) and with its passes over D plain (``LEAN=0``, where the launcher runs them lean:
-:func:`grood_kernels.ncp_gradient.lean_finish`); the whole step, staged, split (the GEMM in
+:func:`grood_kernels._ncp_configs.lean_finish`); the whole step, staged, split (the GEMM in
 torch, then a Triton epilogue) and the launcher's. Where the launcher is the split variant
 (``ieee`` on a GPU) the ``FINISH`` and ``LEAN`` stages are left out: its epilogue finishes its
 rows itself. The differences between rows are the stages' costs.
@@ -30,7 +30,7 @@ import triton.language as tl
 from grood._bench.common import interleaved_median_times
 from grood._bench.configs import failed, in_shard, launch_step, tuning_problems
 from grood._bench.gradient import torch_gemm
-from grood_kernels import ncp_gradient as kernel
+from grood_kernels import _ncp_configs, _ncp_kernel, _ncp_plan
 from grood_kernels._launch import (
     KernelLaunch,
     one_block_target,
@@ -61,7 +61,7 @@ def _kloop_kernel(
     cb1 = tl.minimum(cb0 + blocks_per_group, tl.cdiv(C, BLOCK_C))
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     for cb in range(cb0, cb1):
-        dots, _ = kernel._class_block_dots(
+        dots, _ = _ncp_kernel._class_block_dots(
             h_ptr, op_ptr, pood_ptr, psq_ptr, offs_n, mask_n, cb * BLOCK_C, C, D, inv_scale,
             stride_hn, stride_hd, stride_oc, BLOCK_N, BLOCK_C, BLOCK_D, DOT_MODE, False, STAGED)
         best = tl.maximum(best, tl.max(dots, axis=1))
@@ -146,8 +146,8 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
     for p in tuning_problems(device, shapes, precisions):
         (n, c, d), precision, h, protos, prep = p.dims, p.precision, p.h, p.protos, p.prep
         scale = prep.scale
-        cfg = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
-                                   n_sm=p.n_sm, major=target_major(h.device))
+        cfg = _ncp_configs.launch_config(n, c, d, precision, h_bytes=h.element_size(),
+                                         n_sm=p.n_sm, major=target_major(h.device))
         outs = p.outputs()
         p_ood = p.p_ood
         stages: list[tuple[str, Callable[[], object], bool]] = [
@@ -158,11 +158,11 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
         stages.append(("K-loop alone, feature tile centred in registers (launcher)",
                        partial(run, _kloop_launch(h, prep, n, c, d, precision, cfg, best,
                                                   False)), True))
-        staged_cfg = kernel.staged_config(n, c, d, precision, h.element_size(), p.n_sm)
+        staged_cfg = _ncp_configs.staged_config(n, c, d, precision, h.element_size(), p.n_sm)
         if staged_cfg is not None:
-            pre = kernel._plan(h, protos, prep, prep.sq_norms,
-                               kernel._scratch(n, c, d, staged_cfg, precision, h.device),
-                               outs, precision, staged_cfg)[0]
+            scratch = _ncp_plan.allocate_scratch(n, c, d, staged_cfg, precision, h.device)
+            pre = _ncp_plan.plan(h, protos, prep, prep.sq_norms, scratch, outs, precision,
+                                 staged_cfg)[0]
             run(pre)  # the pre-pass's rows, for the staged K-loop alone
             rows = pre.args[4]
             stages += [
@@ -176,18 +176,18 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
             stages.append(("kernel without the finish (K-loop, softmax, top-4, partials)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0),
                            True))
-        if (fused and kernel.one_block(c, cfg, precision)
+        if (fused and _ncp_configs.one_block(c, cfg, precision)
                 and one_block_target(target_major(h.device))):
             stages.append(("kernel without the finish, first tile's top-4 by insertion "
                            "(ONE_BLOCK off)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 0,
                                    one_block=0), True))
-        if fused and kernel.finish_stages(precision, cfg.block_cols) > 1:
+        if fused and _ncp_configs.finish_stages(precision, cfg.block_cols) > 1:
             stages.append(("whole step, the finish's loops not pipelined",
                            partial(launch_step, h, protos, prep, outs, precision, cfg, 1),
                            True))
-        if fused and kernel.lean_finish(precision, kernel.rerank_gate(c, d, precision),
-                                        cfg.block_cols):
+        if fused and _ncp_configs.lean_finish(
+                precision, _ncp_configs.rerank_gate(c, d, precision), cfg.block_cols):
             stages.append(("whole step, the finish's passes plain (per-step gathers and sums)",
                            partial(launch_step, h, protos, prep, outs, precision, cfg,
                                    lean=0), True))
@@ -195,7 +195,7 @@ def anatomy_table(device: str, shapes, precisions, repeat: int = 3,
             stages.append(("whole step, staged variant",
                            partial(launch_step, h, protos, prep, outs, precision, staged_cfg),
                            True))
-        split_cfg = kernel.split_config(c, d, precision)
+        split_cfg = _ncp_configs.split_config(c, d, precision)
         if split_cfg is not None:
             stages.append(("whole step, split variant (torch GEMM, Triton epilogue)",
                            partial(launch_step, h, protos, prep, outs, precision, split_cfg),

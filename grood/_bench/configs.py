@@ -2,7 +2,7 @@
 
 For each shape and tensor-core mode it runs the Triton gradient step with the configuration
 the launcher picks, the same with its exact re-rank's gate the other way
-(:func:`grood_kernels.ncp_gradient.rerank_gate`), and every autotuning candidate (what
+(:func:`grood_kernels._ncp_configs.rerank_gate`), and every autotuning candidate (what
 ``GROOD_AUTOTUNE=1`` chooses from), on the same inputs: time, and the largest difference from
 the launcher's results, so a candidate is judged on speed and agreement together. This is the
 evidence for changing the launcher's heuristic on a device; each configuration is compiled
@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from grood._bench.common import clustered_problem, median_time
+from grood_kernels import _ncp_candidates, _ncp_configs, _ncp_plan
 from grood_kernels import ncp_gradient as kernel
 from grood_kernels._launch import KernelLaunch, LaunchConfig, run, sm_count, target_major
 from grood_kernels._prepare import PreparedPrototypes, prepare_prototypes
@@ -97,8 +98,8 @@ def config_table(device: str, shapes, precisions=CONFIG_PRECISIONS,
     entry = -1  # the table's runs, counted for ``shard``
     for p in tuning_problems(device, shapes, precisions):
         name, n, c, d, precision, h, protos = p.name, *p.dims, p.precision, p.h, p.protos
-        cands = kernel.candidate_configs(n, c, d, precision, h.element_size(), p.n_sm,
-                                         target_major(h.device))
+        cands = _ncp_candidates.candidate_configs(n, c, d, precision, h.element_size(),
+                                                  p.n_sm, target_major(h.device))
         ref, base_ms = None, 0.0  # (the launcher's, timed first)
         for i, (cfg, label, override) in enumerate(config_runs(cands, c, d, precision)):
             if i and match is not None and not match.search(label):
@@ -151,23 +152,23 @@ def config_runs(cands: list[LaunchConfig], c: int, d: int, precision: str
     finish waits on latency: on an H200 it took about 7x the time its instructions need to
     issue, bench/RESULTS.md 2026-12-05; 160 KB of shared memory at this table's shapes, no
     spills, sm_90a), and where its finish's passes are lean
-    (:func:`grood_kernels.ncp_gradient.lean_finish`) with them plain, as they were when an
+    (:func:`grood_kernels._ncp_configs.lean_finish`) with them plain, as they were when an
     H200 timed the launcher (2026-12-04); then every other candidate (the finish-apart ones
     among them; where the launcher is the exact kernel, the GEMM kernels' launcher
     configuration first), the wide staged tile with its gate the other way too (the choices
     a GPU run leaves open: on an H200 the wide tile was the fastest with the gate on,
     2026-12-04)."""
     base = cands[0]
-    gated = kernel.rerank_gate(c, d, precision)
+    gated = _ncp_configs.rerank_gate(c, d, precision)
     flip = f"re-rank gate {'off' if gated else 'on'}"
     runs: list[tuple[LaunchConfig, str, dict[str, int]]] = [(base, " (launcher)", {})]
     if not base.exact:  # (no candidates, no re-rank)
         runs.append((base, f" (launcher, {flip})", {"rerank_gate": int(not gated)}))
     own_finish = not (base.split or base.single_read or base.finish_apart or base.exact)
-    if own_finish and kernel.finish_stages(precision, base.block_cols) > 1:
+    if own_finish and _ncp_configs.finish_stages(precision, base.block_cols) > 1:
         runs.append((base, " (launcher, the finish's loops not pipelined)", {"finish": 1}))
         runs.append((base, " (launcher, the finish's loops 3 stages deep)", {"finish": 3}))
-    if own_finish and kernel.lean_finish(precision, gated, base.block_cols):
+    if own_finish and _ncp_configs.lean_finish(precision, gated, base.block_cols):
         runs.append((base, " (launcher, the finish's passes plain: per-step gathers and sums)",
                      {"lean": 0}))
     for cfg in cands[1:]:
@@ -205,15 +206,14 @@ def launch_step(h, protos, prep, outs, precision: str, cfg, finish: int | None =
     holds one class block) and ``lean`` its own finish's ``LEAN`` (0: the passes over D
     plain; 1: lean, with ``EVEN_D`` where D is a whole number of K-steps)."""
     (n, d), c = h.shape, protos.shape[0]
-    if one_block and kernel.blocks_per_group(c, cfg) != 1:
+    if one_block and _ncp_configs.blocks_per_group(c, cfg) != 1:
         raise ValueError(f"ONE_BLOCK needs one class block per program; this configuration's "
-                         f"programs hold {kernel.blocks_per_group(c, cfg)}")
-    plan = kernel._plan(h, protos, prep, prep.sq_norms,
-                        kernel._scratch(n, c, d, cfg, precision, h.device), outs, precision,
-                        cfg)
+                         f"programs hold {_ncp_configs.blocks_per_group(c, cfg)}")
+    scratch = _ncp_plan.allocate_scratch(n, c, d, cfg, precision, h.device)
+    plan = _ncp_plan.plan(h, protos, prep, prep.sq_norms, scratch, outs, precision, cfg)
     last = plan[-1]
     override = {"FINISH": finish, "RERANK_GATE": rerank_gate, "ONE_BLOCK": one_block,
-                **(kernel.finish_flags(lean, d, cfg.block_d) if lean is not None else {})}
+                **(_ncp_configs.finish_flags(lean, d, cfg.block_d) if lean is not None else {})}
     override = {key: value for key, value in override.items() if value is not None}
     if (finish is not None or lean is not None) and (cfg.finish_apart or cfg.split):
         name = "FINISH" if finish is not None else "LEAN"
@@ -243,8 +243,8 @@ def step_outputs(h, protos, p_ood, precision: str, *, rerank_gate: int | None = 
     configuration, with ``rerank_gate`` as :func:`launch_step` takes it."""
     (n, d), c = h.shape, protos.shape[0]
     prep = prepare_prototypes(protos, p_ood, precision, ncp_scale(protos, p_ood))
-    cfg = kernel.launch_config(n, c, d, precision, h_bytes=h.element_size(),
-                               n_sm=sm_count(h.device), major=target_major(h.device))
+    cfg = _ncp_configs.launch_config(n, c, d, precision, h_bytes=h.element_size(),
+                                     n_sm=sm_count(h.device), major=target_major(h.device))
     outs = step_buffers(n, d, h.device)
     launch_step(h, protos, prep, outs, precision, cfg, rerank_gate=rerank_gate)
     return outs

@@ -188,10 +188,10 @@ def _mode_rows(h: Tensor, protos: Tensor, p_ood: Tensor, ref, device: str,
 
 def _flipped_gate_row(h: Tensor, protos: Tensor, p_ood: Tensor, precision: str, ref) -> str:
     """The hard-softmax row of the Triton step in the launcher's configuration with its exact
-    re-rank's gate (:func:`grood_kernels.ncp_gradient.rerank_gate`) the other way: what the
+    re-rank's gate (:func:`grood_kernels._ncp_configs.rerank_gate`) the other way: what the
     candidates the gate leaves out weigh in each mode."""
     from grood._bench.configs import step_outputs
-    from grood_kernels.ncp_gradient import rerank_gate
+    from grood_kernels._ncp_configs import rerank_gate
 
     gated = rerank_gate(protos.shape[0], protos.shape[1], precision)
     grad, q, pred = step_outputs(h, protos, p_ood, precision, rerank_gate=int(not gated))[:3]
