@@ -477,8 +477,8 @@ def precisions_of(kernel: str) -> list[str]:
 
 def launches(kernel: str, dims, precision: str, configs: str, arch: str = "sm_90a"):
     """The launches ``kernel``'s launcher makes at ``dims`` for a GPU of ``arch`` (the search
-    picks its tiles per target: :data:`grood_kernels.knn.BLACKWELL_SMALL_TILES`; the gradient
-    step its variant: :data:`grood_kernels._ncp_configs.WGMMA_CLASS_LOOP_FROM`)."""
+    picks its tiles per target: :data:`grood_kernels._knn_configs.BLACKWELL_SMALL_TILES`; the
+    gradient step its variant: :data:`grood_kernels._ncp_configs.WGMMA_CLASS_LOOP_FROM`)."""
     import importlib
 
     module = importlib.import_module(f"grood_kernels.{kernel}")

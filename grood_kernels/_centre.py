@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._dot import round_tf32
-from grood_kernels._ncp_finish import load_u
+from grood_kernels._ncp_rows import load_u
 
 
 @triton.jit

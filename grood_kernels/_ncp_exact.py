@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from grood_kernels._launch import LaunchConfig, fit_tile
-from grood_kernels._ncp_finish import _wide, answered, load_u, store_row_results
+from grood_kernels._ncp_rows import _wide, answered, load_u, store_row_results
 from grood_kernels._topk import clamp_sq
 
 #: The kernel's block of classes, and the largest class count the launcher gives it: one

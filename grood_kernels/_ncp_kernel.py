@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from grood_kernels._dot import dot_t
-from grood_kernels._ncp_finish import distances, finish_rows, load_u, store_partials
+from grood_kernels._ncp_finish import finish_rows
+from grood_kernels._ncp_rows import distances, load_u, store_partials
 from grood_kernels._topk import first_nearest, insert_nearest
 
 
@@ -52,7 +53,7 @@ def _class_block_dots(
     from the pre-pass's rows and passed on as loaded.
     """
     offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-    arange_d = tl.arange(0, BLOCK_D)  # int32: see _ncp_finish._wide
+    arange_d = tl.arange(0, BLOCK_D)  # int32: see _ncp_rows._wide
     dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     # ||u||^2 summed per element over the K-steps and across the row once after the loop: a
     # row sum in every K-step cost the tf32 K-loop 31 of its 206 instructions (shuffles).

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from grood import GROOD, functional
-from grood_kernels import _launch, contract
+from grood_kernels import _knn_configs, _launch, contract
 from grood_kernels import knn as kernel_module
 from grood_kernels._topk import clamp_sq
 from grood_kernels.knn import knn
@@ -186,14 +186,14 @@ def lexicographic_knn(queries, db, k):
 
 def _small_tiles(monkeypatch, group_q=2):
     """Force small tiles, several query groups (the last one partial) and database splits."""
-    real = kernel_module.launch_config
+    real = _knn_configs.launch_config
 
     def small(n_q, n_db, d, precision, **kw):
         cfg = real(n_q, n_db, d, precision, **kw)
         return cfg._replace(block_rows=16, block_cols=16, block_d=16, num_warps=4,
                             group_rows=group_q, n_split=max(1, min(7, n_db // 64)))
 
-    monkeypatch.setattr(kernel_module, "launch_config", small)
+    monkeypatch.setattr(_knn_configs, "launch_config", small)
 
 
 PRECISIONS = ["ieee", "tf32", "tf32x3", pytest.param("bf16", marks=NEEDS_BF16)]
@@ -229,7 +229,7 @@ def test_gated_insertion_runs_fewer_rounds(monkeypatch):
     _, idx = knn(queries, db, 1, insert_rounds=rounds)
     _, ref_i = knn_naive(queries.cpu(), db.cpu(), 1)
     assert torch.equal(idx.cpu(), ref_i)
-    cfg = kernel_module.launch_config(40, 1160, 16, "ieee")
+    cfg = _knn_configs.launch_config(40, 1160, 16, "ieee")
     tiles = -(-1160 // (cfg.n_split * 16)) * cfg.n_split
     ungated = -(-40 // 16) * tiles * 8  # every tile of every program runs N_CAND = 8 rounds
     assert 0 < int(rounds) < ungated / 2
@@ -337,13 +337,13 @@ def test_blackwell_takes_smaller_tiles_under_older_triton(monkeypatch):
     (not on Hopper, not in ieee, not under triton 3.9); the results are the same, bit for bit
     (neighbours and exact distances), with the flat gate on as on sm_100."""
     def cfg(precision, major, x_bytes=4):
-        c = kernel_module.launch_config(4096, 1 << 20, 512, precision, x_bytes=x_bytes,
-                                        major=major)
+        c = _knn_configs.launch_config(4096, 1 << 20, 512, precision, x_bytes=x_bytes,
+                                       major=major)
         return (c.block_rows, c.block_cols, c.block_d, c.num_warps, c.num_stages)
 
     hopper = {p: cfg(p, 9) for p in ("ieee", "tf32", "tf32x3", "bf16")}
     monkeypatch.setattr(_launch, "triton_version", lambda: (3, 6))
-    small = kernel_module.BLACKWELL_SMALL_TILES
+    small = _knn_configs.BLACKWELL_SMALL_TILES
     for precision in ("tf32", "tf32x3", "bf16"):
         assert cfg(precision, 10) == small[precision][:5] != hopper[precision]
         assert cfg(precision, 9) == hopper[precision]
@@ -385,8 +385,8 @@ def test_a_database_copied_to_bf16_in_chunks_searches_as_bf16_storage(k, precisi
     _poison_empty(monkeypatch)
     monkeypatch.setattr(kernel_module, "casts_database",
                         lambda n_q, precision, x_dtype: x_dtype != torch.bfloat16)
-    monkeypatch.setattr(kernel_module, "CAST_CHUNK_BYTES", 100 * 40 * 2)
-    assert kernel_module.cast_chunks(301, 40) == [(0, 76), (76, 152), (152, 228), (228, 301)]
+    monkeypatch.setattr(_knn_configs, "CAST_CHUNK_BYTES", 100 * 40 * 2)
+    assert _knn_configs.cast_chunks(301, 40) == [(0, 76), (76, 152), (152, 228), (228, 301)]
     queries, db = _data(30, 301, 40, seed=12)
     db[150] = db[299] = db[17]  # one row three times, in three chunks
     queries[3] = db[17]
@@ -411,18 +411,18 @@ def test_when_bf16_mode_copies_the_database():
     the chunks cover the rows in order within CAST_CHUNK_BYTES; the compile report's launches
     follow it (two chunks of bf16 rows at ImageNet-1k's 1.28 M x 2,048, one fp32 launch with
     fewer queries); ``cast_database=True`` is refused where there is nothing to copy."""
-    rule = kernel_module.casts_database
-    many = kernel_module.CAST_MIN_QUERIES
+    rule = _knn_configs.casts_database
+    many = _knn_configs.CAST_MIN_QUERIES
     assert rule(many, "bf16", torch.float32) and rule(many, "bf16", torch.float16)
     assert not rule(many - 1, "bf16", torch.float32)
     assert not rule(many, "bf16", torch.bfloat16)
     assert not any(rule(many, p, torch.float32) for p in ("ieee", "tf32", "tf32x3"))
     for n_db, d in ((1281167, 2048), (50000, 512), (1, 1)):
-        chunks = kernel_module.cast_chunks(n_db, d)
+        chunks = _knn_configs.cast_chunks(n_db, d)
         assert chunks[0][0] == 0 and chunks[-1][1] == n_db
         assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
-        assert all((r1 - r0) * d * 2 <= kernel_module.CAST_CHUNK_BYTES for r0, r1 in chunks)
-    assert len(kernel_module.cast_chunks(1281167, 2048)) == 2
+        assert all((r1 - r0) * d * 2 <= _knn_configs.CAST_CHUNK_BYTES for r0, r1 in chunks)
+    assert len(_knn_configs.cast_chunks(1281167, 2048)) == 2
 
     searches = kernel_module.compile_launches(10000, 1281167, 2048, "bf16")[:-1]
     assert [s.args[1].dtype for s in searches] == [torch.bfloat16] * 2

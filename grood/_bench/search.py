@@ -263,7 +263,7 @@ def _search_variants(backends: list[str], precision: str, storage: torch.dtype, 
                 and storage == torch.float32:
             yield backend, {"narrowed_pick": True}
         if backend == "triton":
-            from grood_kernels.knn import casts_database  # the Triton backend is installed
+            from grood_kernels._knn_configs import casts_database  # the Triton backend is installed
 
             if casts_database(n_q, precision, storage):
                 yield backend, {"cast_database": False}
