@@ -4,11 +4,15 @@ tqdm draws nothing when stderr is not a terminal (logs, CI, ``nohup``), so a lon
 demo would print nothing for minutes. :func:`progress` returns a tqdm bar on a terminal or in
 a Jupyter kernel (``tqdm.auto``'s widget there; a kernel's stderr is no terminal) and,
 elsewhere, a :class:`PlainProgress` that writes one plain line to stderr every
-``PLAIN_EVERY_S`` seconds of a long operation (short ones stay silent).
+``PLAIN_EVERY_S`` seconds of a long operation (short ones stay silent). With progress off it
+returns a silent :class:`PlainProgress`, not a disabled tqdm bar: tqdm starts its monitor
+thread with its first instance, a disabled one too, and the thread then wakes every 10 s for
+the rest of the process.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sized
@@ -21,7 +25,8 @@ PLAIN_EVERY_S = 15.0
 
 
 class PlainProgress:
-    """The part of tqdm's interface grood uses, writing a plain line now and then."""
+    """The part of tqdm's interface grood uses, writing a plain line now and then (never,
+    with ``every_s=math.inf``: a silent counter)."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None,
                  desc: str = "", unit: str = "it", every_s: float | None = None) -> None:
@@ -85,7 +90,7 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     """A progress bar: ``enabled=False`` none, ``True`` always tqdm, ``None`` tqdm on a
     terminal or in a Jupyter kernel and periodic plain lines otherwise."""
     if enabled is False:
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=True, **tqdm_kwargs)
+        return PlainProgress(iterable, total=total, desc=desc, unit=unit, every_s=math.inf)
     if enabled is None and not sys.stderr.isatty() and not _in_jupyter_kernel():
         return PlainProgress(iterable, total=total, desc=desc, unit=unit)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, **tqdm_kwargs)

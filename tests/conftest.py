@@ -7,7 +7,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+import tqdm
 from torch.utils.data import Dataset
+
+# No tqdm monitor thread in the test processes: it starts with the first tqdm bar (the tests
+# that draw one) and wakes every 10 s for the rest of the process, and a warning it gives
+# there would land in whichever test is recording every warning at the time.
+tqdm.tqdm.monitor_interval = 0
 
 
 def _patch_the_language_once_per_launch():

@@ -509,6 +509,32 @@ def test_progress_is_a_bar_in_a_jupyter_kernel_and_plain_lines_in_logs(monkeypat
     assert isinstance(progress(total=3, desc="fit"), PlainProgress)
 
 
+def test_progress_off_starts_no_thread():
+    """``progress=False`` shows nothing and leaves nothing running: a disabled tqdm bar
+    started tqdm's monitor thread, which then woke every 10 s for the rest of the process
+    (and could warn from there, into whatever the program was recording)."""
+    import subprocess
+
+    code = ("import threading, torch, grood\n"
+            "y = torch.arange(200) % 4\n"
+            "x = (torch.randn(200, 8, generator=torch.Generator().manual_seed(0))\n"
+            "     + 3 * torch.nn.functional.one_hot(y, 8))\n"
+            "det = grood.GROOD(progress=False).fit(x, y)\n"
+            "det.score_samples(x)\n"
+            "grood.metrics.resampled_set_metrics(det.score_samples(x),\n"
+            "                                    [det.score_samples(x + 5)], n_boot=100,\n"
+            "                                    progress=False)\n"
+            "print(sorted(type(t).__name__ for t in threading.enumerate()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "['_MainThread']", out.stdout
+    assert out.stderr == ""
+    from grood._progress import PlainProgress, progress
+
+    bar = progress(range(3), total=3, desc="fit", enabled=False)
+    assert isinstance(bar, PlainProgress) and list(bar) == [0, 1, 2]
+
+
 # Property-based: any edit of a manifest, any save target.
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
