@@ -127,8 +127,8 @@ def cast_chunks(n_db: int, d: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n_db)) for r0 in range(0, n_db, rows)]
 
 
-def planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes: int,
-            n_sm: int | None = None, major: int = 9) -> tuple[LaunchConfig, int]:
+def _planned(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_bytes: int,
+             n_sm: int | None = None, major: int = 9) -> tuple[LaunchConfig, int]:
     """The launch configuration with its database split realised in whole tiles, and the
     rows per split (the last split may be shorter; none is empty)."""
     cfg = launch_config(n_q, n_db, d, precision, q_bytes=q_bytes, x_bytes=x_bytes, n_sm=n_sm,
@@ -142,5 +142,5 @@ def launch_plans(n_q: int, n_db: int, d: int, precision: str, q_bytes: int, x_by
     """``(start, stop, cfg, rows_per_split)`` of each search launch: one over the whole
     database, or with ``cast`` one per chunk of its bf16 copy (:func:`cast_chunks`)."""
     chunks = cast_chunks(n_db, d) if cast else [(0, n_db)]
-    return [(r0, r1, *planned(n_q, r1 - r0, d, precision, q_bytes, 2 if cast else x_bytes,
-                              n_sm, major)) for r0, r1 in chunks]
+    return [(r0, r1, *_planned(n_q, r1 - r0, d, precision, q_bytes, 2 if cast else x_bytes,
+                               n_sm, major)) for r0, r1 in chunks]

@@ -64,7 +64,7 @@ def wide_config(n: int, c: int, d: int, precision: str, h_bytes: int,
     if (precision not in ("tf32", "bf16") or c <= 128
             or triton_version() in WIDE_TILE_SPILLS_UNDER):
         return None
-    cfg = tuned_config(WIDE_TILE, n, c, d, 4, precision, n_sm)
+    cfg = _tuned_config(WIDE_TILE, n, c, d, 4, precision, n_sm)
     if cfg.n_split != triton.cdiv(c, cfg.block_cols):
         return None
     return cfg._replace(staged=True)
@@ -100,7 +100,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     gemm = launch_config(n, c, d, precision, h_bytes=h_bytes, n_sm=n_sm, major=major,
                          exact=False)
     fitted += [gemm, exact_config(c, d, every_c=c <= EXACT_CANDIDATE_MAX_C)]
-    fitted += [tuned_config(t, n, c, d, h_bytes, precision, n_sm)
+    fitted += [_tuned_config(t, n, c, d, h_bytes, precision, n_sm)
                for t in tune_configs(precision)]
     wide = wide_config(n, c, d, precision, h_bytes, n_sm)
     fitted.append(wide)
@@ -125,7 +125,7 @@ def candidate_configs(n: int, c: int, d: int, precision: str, h_bytes: int,
     return [cfg for i, cfg in enumerate(fitted) if cfg is not None and cfg not in fitted[:i]]
 
 
-def tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
+def _tuned_config(t: tuple[int, ...], n: int, c: int, d: int, h_bytes: int, precision: str,
                   n_sm: int | None = None) -> LaunchConfig:
     """``t`` (BLOCK_N, BLOCK_C, BLOCK_D, warps, stages), a tile of the autotuning list, fitted to
     the shape (:func:`grood_kernels._ncp_configs.fit_config`); in tf32x3 with 16-wide K-steps."""
