@@ -141,7 +141,7 @@ def gated_step(u: Tensor, centred: Tensor, gemm: Tensor, bound: Tensor, n_cand: 
     re-ranked unconditionally; each later one only where its GEMM squared distance, less the
     error bound, is not above the best exact one of those (computed in fp32, so both sides
     carry a ``gamma_D`` margin), all later ones gated at once, as the kernels do
-    (``grood_kernels._ncp_finish.rerank_and_write``, ``always`` = ``ALWAYS_EXACT`` = 1). A
+    (``grood_kernels._ncp_rerank.rerank_and_write``, ``always`` = ``ALWAYS_EXACT`` = 1). A
     skipped candidate provably cannot be the nearest, so ``pred`` and ``min_dist`` are those
     of :func:`step` with ``n_cand``; its term keeps its GEMM estimate in the log-sum-exp.
     ``terms``: the products per dot behind the margin (:func:`accumulated_terms`; default D).

@@ -177,8 +177,8 @@ def _rerank_rows(launch) -> int:
     """Prototype rows the gradient step's re-rank gathers per feature row: every candidate's
     where the launch does not gate it (no ``RERANK_GATE``); where it does and no classes tie
     within the GEMM's error bound, the GEMM-nearest candidate's (the others only where that
-    bound lets them be nearer; see ``grood_kernels._ncp_finish.rerank_and_write``)."""
-    from grood_kernels._ncp_finish import ALWAYS_EXACT
+    bound lets them be nearer; see ``grood_kernels._ncp_rerank.rerank_and_write``)."""
+    from grood_kernels._ncp_rerank import ALWAYS_EXACT
 
     n_cand = launch.constexprs["N_CAND"]
     if not launch.constexprs.get("RERANK_GATE"):

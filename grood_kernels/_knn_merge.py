@@ -12,8 +12,8 @@ split. One program of this kernel takes ``BLOCK_Q`` queries and
 3. writes the k best by (exact distance, id), ``inf`` / ``-1`` where fewer exist.
 
 No [Q, N_KEEP, D] gather is ever made, and nothing returns to the host in between. The same
-computation in PyTorch is ``grood_kernels.knn._merge_and_rerank_torch`` (used when the exact
-rows live in host memory).
+computation in PyTorch is :func:`merge_and_rerank_torch` (used when the exact rows live in
+host memory, or for a ``k`` past ``MAX_FUSED_KEEP - RERANK_EXTRA``).
 """
 
 import torch
@@ -22,7 +22,11 @@ import triton.language as tl
 
 from grood_kernels._launch import KernelLaunch, fit_tile, run
 from grood_kernels._topk import merge_candidates, pop_nearest
+from grood_kernels.contract import RERANK_EXTRA, lex_order
 
+#: Largest ``k + RERANK_EXTRA`` the fused merge-and-re-rank kernel takes (it unrolls one
+#: gather per kept candidate); larger k, and exact rows held in host memory, merge in torch.
+MAX_FUSED_KEEP = 36
 #: Candidate entries per query read per merge step (a power of two).
 W_CHUNK = 64
 #: Queries per program.
@@ -112,3 +116,24 @@ def merge_and_rerank(queries: torch.Tensor, exact_rows: torch.Tensor, cand_d: to
     distance and ranking them by their exact distance to ``queries`` [Q, D] in ``exact_rows``
     [M, D] (on the queries' device)."""
     run(merge_plan(queries, exact_rows, cand_d, cand_i, k, n_keep, out_d, out_i))
+
+
+def merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):
+    """Best ``k + RERANK_EXTRA`` split candidates by (distance, index), their exact fp32
+    distances, and the k nearest by (exact distance, index): the fused kernel's computation
+    (:func:`merge_and_rerank`) in torch, for exact rows in host memory or large k."""
+    n_keep = min(k + RERANK_EXTRA, cand_d.shape[1])
+    order = lex_order(cand_d, cand_i)[:, :n_keep]
+    idx = cand_i.gather(1, order)  # [Q, n_keep]
+    for r0 in range(0, idx.shape[0], chunk):
+        sel = idx[r0:r0 + chunk]
+        rows = exact_rows[sel.clamp_min(0).to(exact_rows.device)].to(queries.device,
+                                                                      torch.float32)
+        diff = queries[r0:r0 + chunk, None, :].to(torch.float32) - rows  # [chunk, n_keep, D]
+        exact = torch.where(sel >= 0, (diff * diff).sum(2), float("inf"))
+        best = lex_order(exact, sel)[:, :k]
+        kk = best.shape[1]
+        out_d[r0:r0 + chunk, :kk] = exact.gather(1, best)
+        out_i[r0:r0 + chunk, :kk] = torch.where(exact.gather(1, best) < float("inf"),
+                                                sel.gather(1, best), -1)
+    return out_d, out_i

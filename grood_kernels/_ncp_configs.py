@@ -26,7 +26,7 @@ L2_BUDGET = 24 << 20
 def rerank_gate(c: int, d: int, precision: str) -> bool:
     """Whether the finish gates its exact re-rank (the GEMM-nearest candidate in every row,
     the others only where the GEMM's error bound lets them be nearer; see
-    :func:`grood_kernels._ncp_finish.rerank_and_write`): where the fp32 prototypes exceed
+    :func:`grood_kernels._ncp_rerank.rerank_and_write`): where the fp32 prototypes exceed
     ``L2_BUDGET`` (C = 21,841 at D = 1,024), so that their rows would come from HBM, in every
     mode. Below it the gate saves only L2 traffic and costs a pass over D (in a tile of 128
     rows one row tied within the GEMM's error runs the second pass): on an H200 (2026-12-04,
@@ -39,7 +39,7 @@ def rerank_gate(c: int, d: int, precision: str) -> bool:
 
 def lean_finish(precision: str, gate: int, block_cols: int) -> bool:
     """Whether the class-group kernel's own finish (the last program of a row block) runs
-    its passes over D lean (:func:`grood_kernels._ncp_finish.exact_sq_lean`: each candidate's
+    its passes over D lean (:func:`grood_kernels._ncp_rerank.exact_sq_lean`: each candidate's
     prototype row picked once per tile, squares summed per element and across the row once
     after the loop, no select after a load), as the separate finish does: in the tensor-core
     modes where every candidate is re-ranked (no ``gate``). Compiled for sm_90a at ImageNet-1k

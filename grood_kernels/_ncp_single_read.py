@@ -14,7 +14,7 @@ import triton.language as tl
 
 from grood_kernels._dot import dot_t
 from grood_kernels._launch import LaunchConfig
-from grood_kernels._ncp_finish import add_exact_sq
+from grood_kernels._ncp_rerank import add_exact_sq
 from grood_kernels._ncp_rows import distances, load_u, row_results, store_row_results
 from grood_kernels._topk import first_nearest
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grood_kernels._ncp_finish import rerank_and_write
+from grood_kernels._ncp_rerank import rerank_and_write
 from grood_kernels._ncp_rows import distances, store_partials
 from grood_kernels._topk import insert_nearest
 from grood_kernels.contract import matmul_precision

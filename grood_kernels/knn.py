@@ -36,7 +36,12 @@ import triton.language as tl
 
 from grood_kernels._dot import check_bf16_runs, dot_t
 from grood_kernels._knn_configs import castable, casts_database, launch_plans
-from grood_kernels._knn_merge import merge_and_rerank, merge_plan
+from grood_kernels._knn_merge import (
+    MAX_FUSED_KEEP,
+    merge_and_rerank,
+    merge_and_rerank_torch,
+    merge_plan,
+)
 from grood_kernels._launch import (
     KernelLaunch,
     LaunchConfig,
@@ -53,12 +58,7 @@ from grood_kernels.contract import (
     check_has_columns,
     check_positive_int,
     check_precision,
-    lex_order,
 )
-
-#: Largest ``k + RERANK_EXTRA`` the fused merge-and-re-rank kernel takes (it unrolls one
-#: gather per kept candidate); larger k, and exact rows held in host memory, merge in torch.
-MAX_FUSED_KEEP = 36
 
 
 @triton.jit
@@ -314,25 +314,4 @@ def knn(
     if exact_rows.device == dev and n_keep <= MAX_FUSED_KEEP:
         merge_and_rerank(queries, exact_rows, cand_d, cand_i, k, n_keep, out_d, out_i)
         return out_d, out_i
-    return _merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i.long(), k, out_d, out_i)
-
-
-def _merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i, k, out_d, out_i, chunk=4096):
-    """Best ``k + RERANK_EXTRA`` split candidates by (distance, index), their exact fp32
-    distances, and the k nearest by (exact distance, index): the fused kernel's computation
-    (:mod:`grood_kernels._knn_merge`) in torch, for exact rows in host memory or large k."""
-    n_keep = min(k + RERANK_EXTRA, cand_d.shape[1])
-    order = lex_order(cand_d, cand_i)[:, :n_keep]
-    idx = cand_i.gather(1, order)  # [Q, n_keep]
-    for r0 in range(0, idx.shape[0], chunk):
-        sel = idx[r0:r0 + chunk]
-        rows = exact_rows[sel.clamp_min(0).to(exact_rows.device)].to(queries.device,
-                                                                      torch.float32)
-        diff = queries[r0:r0 + chunk, None, :].to(torch.float32) - rows  # [chunk, n_keep, D]
-        exact = torch.where(sel >= 0, (diff * diff).sum(2), float("inf"))
-        best = lex_order(exact, sel)[:, :k]
-        kk = best.shape[1]
-        out_d[r0:r0 + chunk, :kk] = exact.gather(1, best)
-        out_i[r0:r0 + chunk, :kk] = torch.where(exact.gather(1, best) < float("inf"),
-                                                sel.gather(1, best), -1)
-    return out_d, out_i
+    return merge_and_rerank_torch(queries, exact_rows, cand_d, cand_i.long(), k, out_d, out_i)

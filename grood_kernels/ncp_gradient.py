@@ -45,7 +45,8 @@ where otherwise one program per 128-row block finishes them alone on its SM. The
 takes it too: its epilogues run the class loop only, and one finish launch follows the chunks.
 
 Where each part lives: the class-group kernel in :mod:`grood_kernels._ncp_kernel`, the finish
-in :mod:`grood_kernels._ncp_finish`, the kernel without a GEMM (up to 16 classes) in
+in :mod:`grood_kernels._ncp_finish` (its exact re-rank, results and gradient in
+:mod:`grood_kernels._ncp_rerank`), the kernel without a GEMM (up to 16 classes) in
 :mod:`grood_kernels._ncp_exact`; the launcher's configuration per shape and GPU in
 :mod:`grood_kernels._ncp_configs`, the autotuning candidates in
 :mod:`grood_kernels._ncp_candidates`; the launches one configuration makes, in order, in

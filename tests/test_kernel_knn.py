@@ -149,7 +149,10 @@ def test_launcher_checks():
     with pytest.raises(ValueError, match="database_sq_norms must have shape"):
         knn(queries, db, database_sq_norms=torch.ones(2, device=DEVICE))
     assert kernel_module.RERANK_EXTRA is contract.RERANK_EXTRA is functional.RERANK_EXTRA
-    assert kernel_module.lex_order is contract.lex_order
+    from grood_kernels import _knn_merge  # the torch merge for host rows and large k
+
+    assert _knn_merge.lex_order is contract.lex_order
+    assert _knn_merge.RERANK_EXTRA is contract.RERANK_EXTRA
 
 
 def test_recall_on_real_grood_gradients():
@@ -248,8 +251,7 @@ def test_fused_merge_equals_the_torch_merge(k):
     """The fused merge-and-re-rank kernel against the same computation in torch, on candidate
     lists shaped as the search leaves them (disjoint ascending id ranges per split, empty
     slots, exact ties across splits), wider than one merge chunk."""
-    from grood_kernels._knn_merge import merge_and_rerank
-    from grood_kernels.knn import _merge_and_rerank_torch
+    from grood_kernels._knn_merge import merge_and_rerank, merge_and_rerank_torch
 
     gen = torch.Generator().manual_seed(k)
     db = torch.randint(-2, 3, (600, 12), generator=gen).float()
@@ -271,7 +273,7 @@ def test_fused_merge_equals_the_torch_merge(k):
     out_d = torch.full((37, k), float("nan"), device=DEVICE)
     out_i = torch.full((37, k), -7, dtype=torch.int64, device=DEVICE)
     merge_and_rerank(queries, db, cand_d, cand_i, k, k + 4, out_d, out_i)
-    ref_d, ref_i = _merge_and_rerank_torch(queries, db, cand_d, cand_i.long(), k,
+    ref_d, ref_i = merge_and_rerank_torch(queries, db, cand_d, cand_i.long(), k,
                                            torch.empty_like(out_d), torch.empty_like(out_i))
     assert torch.equal(out_i, ref_i)
     assert torch.equal(out_d, ref_d)  # integer data: every order of summation is exact

@@ -31,7 +31,7 @@ from grood_kernels import (
 from grood_kernels import ncp_gradient as kernel_module
 from grood_kernels._dot import round_tf32
 from grood_kernels._ncp_exact import EXACT_MAX_C, exact_config
-from grood_kernels._ncp_finish import gemm_error_sq
+from grood_kernels._ncp_rerank import gemm_error_sq
 from grood_kernels._topk import first_nearest, insert_nearest
 from grood_kernels.ncp_gradient import ncp_gradient
 

@@ -821,14 +821,14 @@ def test_kept_values_are_dropped_quietly_while_the_interpreter_shuts_down(monkey
     callable" at the end of a script."""
     import gc
 
-    from grood_kernels import contract
+    from grood_kernels import _derived, contract
 
     protos, p_ood = torch.randn(3, 4), torch.randn(4)
     contract.ncp_scale(protos, p_ood)
     raised = []
     monkeypatch.setattr(sys, "unraisablehook", raised.append)
     for name in ("_kept", "_kept_lock", "_drop_kept"):
-        monkeypatch.setattr(contract, name, None)
+        monkeypatch.setattr(_derived, name, None)
     del protos
     gc.collect()
     assert not raised
