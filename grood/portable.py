@@ -27,9 +27,12 @@ Needs ``pip install grood[onnx]`` (onnx, onnxscript; onnxruntime for the check) 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -407,7 +410,7 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     if dynamic_batch and example.shape[0] == 1:  # torch.export fixes a batch of one
         traced = example.expand(2, *example.shape[1:])
     dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with torch.no_grad():
+    with torch.no_grad(), _exporter_quiet():
         program = torch.onnx.export(portable, (traced,), dynamo=True, opset_version=opset,
                                     input_names=["input"], output_names=names,
                                     dynamic_shapes=dims, verbose=False)
@@ -422,6 +425,39 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
             path.with_name(path.name + ".data").unlink(missing_ok=True)
             raise
     return path
+
+
+#: What torch's exporter says on every export that asks nothing of the caller: a deprecation
+#: inside torch itself (torch 2.13's ``torch.export`` copies its own tree specs), and one line
+#: per torchvision operator it would register where torchvision is not installed (grood's
+#: graphs use none). Each: (the logger or warning category, the message's start).
+_EXPORTER_NOISE_LOGGER = "torch.onnx._internal.exporter._registration"
+_EXPORTER_NOISE_LOG = "torchvision is not installed"
+_EXPORTER_NOISE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+@contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Silence the exporter's messages that ask nothing of the caller (above); every other
+    warning and log record of the export passes as it is."""
+    logger = logging.getLogger(_EXPORTER_NOISE_LOGGER)
+    drop = _DropRecords(_EXPORTER_NOISE_LOG)
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _EXPORTER_NOISE_WARNING, FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 #: Weights up to this size (1.5 GiB, the threshold of torch's exporter; ONNX's protobuf files

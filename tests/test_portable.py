@@ -244,9 +244,39 @@ def _session(path):
 
 
 def _quiet_export(*args, **kwargs):
-    with warnings.catch_warnings():  # torch's exporter's own deprecation notices
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():  # (none is expected: the test below says which are dropped)
+        warnings.simplefilter("error")
         return export_onnx(*args, **kwargs)
+
+
+def test_an_export_says_nothing_that_asks_nothing_of_the_caller(tmp_path):
+    """In a fresh process, an export printed four log lines (one per torchvision operator
+    torch's exporter would register, where torchvision is not installed) and a FutureWarning
+    from inside torch (its tree specs copied by ``torch.export``); neither asked anything of
+    the caller. Both are dropped during the export alone: no filter of either is left after
+    it, and other warnings pass."""
+    import subprocess
+
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    code = f"""
+import logging, warnings, torch
+from grood import GROOD, export_onnx
+noisy = "torch.onnx._internal.exporter._registration"  # (torch's module that logs it)
+x = torch.randn(60, 6) + 4 * torch.nn.functional.one_hot(torch.arange(60) % 3, 6)
+det = GROOD(progress=False).fit(x, torch.arange(60) % 3)
+export_onnx(det, x[:5], {str(tmp_path / "det.onnx")!r})
+assert not any(f[1] is not None and "LeafSpec" in f[1].pattern for f in warnings.filters)
+assert not logging.getLogger(noisy).filters
+logging.getLogger(noisy).warning("torchvision is not installed: passes")
+warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated: passes", FutureWarning)
+"""
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("torchvision is not installed") == 1, out.stderr
+    assert out.stderr.count("LeafSpec") == 1, out.stderr
+    assert "passes" in out.stderr and out.stderr.count("Warning") == 1, out.stderr
 
 
 def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path, monkeypatch):
