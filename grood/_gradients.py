@@ -71,18 +71,17 @@ def tiny_gradient_norm(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny) ** 0.5
 
 
-def resolved_rows(res: NCPGradient, limit: float | None = None) -> Tensor:
+def resolved_rows(res: NCPGradient) -> Tensor:
     """Rows [N] (bool, on the device; no value is read on the host) whose results are finite
-    and, for float32 results, within ``FLOAT32_DISTANCE_LIMIT`` (or within ``limit`` when
-    given). Non-finite features give non-finite results, so they are never resolved."""
+    and within the distance their dtype's softmax resolves (``FLOAT32_DISTANCE_LIMIT`` for
+    float32 results, ``FLOAT64_DISTANCE_LIMIT`` for float64 ones). Non-finite features give
+    non-finite results, so they are never resolved."""
     # A gradient row has norm <= 1, so its sum cannot overflow: it is finite exactly when
     # every entry is (one reduction instead of an [N, D] isfinite).
     ok = torch.isfinite(res.q_ood) & torch.isfinite(res.lse) & torch.isfinite(res.grad.sum(1))
-    if limit is None and res.lse.dtype != torch.float64:
-        limit = FLOAT32_DISTANCE_LIMIT
-    if limit is not None:
-        ok &= (res.min_dist <= limit) & (-res.lse <= limit)
-    return ok
+    limit = (FLOAT64_DISTANCE_LIMIT if res.lse.dtype == torch.float64
+             else FLOAT32_DISTANCE_LIMIT)
+    return ok & (res.min_dist <= limit) & (-res.lse <= limit)
 
 
 def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor,
@@ -93,14 +92,20 @@ def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor
     distances are huge: the softmax of negative distances is not scale-invariant, and float32
     cannot resolve distance differences below its resolution at that magnitude. Such a row is
     far out of distribution, not an error: it alone is redone in float64 (on every backend),
-    and its float64 results replace the float32 ones.
+    and its float64 results replace the float32 ones. Rows beyond ``FLOAT64_DISTANCE_LIMIT``
+    are refused (ValueError naming the first), float64 features' rows among them: there the
+    distances' rounding exceeds the differences the softmax turns on, so ``q_ood``, the class
+    and the score would come from rounding alone.
     """
     ok = resolved_rows(res)
     if bool(ok.all()):
         return res
     bad = (~ok).nonzero()[:, 0]
-    r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
-    good64 = resolved_rows(r64, FLOAT64_DISTANCE_LIMIT)
+    if res.lse.dtype == torch.float64:  # computed in float64 already: nothing to redo
+        r64 = NCPGradient(*(field[bad] for field in res))
+    else:
+        r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
+    good64 = resolved_rows(r64)
     if not bool(good64.all()):
         row = int(bad[int((~good64).nonzero()[0])]) + offset
         raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) "

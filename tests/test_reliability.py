@@ -351,6 +351,36 @@ def test_one_far_row_is_scored_in_float64_not_failed(fitted):
         det.score_samples(x[:2] + 1e15)
 
 
+def test_float64_rows_beyond_what_float64_resolves_are_refused_as_float32_ones_are(fitted):
+    """float64 features farther than float64's softmax resolves were scored from rounding
+    alone, without a word, where the same rows in float32 were refused (3 classes, a row at
+    1e20 along the diagonal: q_ood 1.0 where the exact softmax gives 0.2494, since the
+    distances' differences stay bounded by the prototypes' spread; another class; a score
+    17x too low). Now both
+    are refused alike, by the detector, the op and the flagging head; rows within the limit
+    score as before."""
+    from grood import functional
+    from grood._gradients import FLOAT64_DISTANCE_LIMIT
+
+    det, x = fitted
+    d = x.shape[1]
+    diag = torch.ones(1, d, dtype=torch.float64) / d**0.5  # unit length
+    near = diag * FLOAT64_DISTANCE_LIMIT / 4  # within the limit: scored
+    far = diag * FLOAT64_DISTANCE_LIMIT * 4**5
+    assert bool(torch.isfinite(det.score_samples(torch.cat([x[:3].double(), near]))).all())
+    for rows in (far, far.float()):
+        with pytest.raises(ValueError, match=r"row 1 .* even in float64"):
+            det.score_samples(torch.cat([x[:1].to(rows.dtype), rows]))
+    protos, p_ood = det.class_prototypes_.double(), det.ood_prototype_.double()
+    res = functional.ncp_gradient(far, protos, p_ood)
+    with pytest.raises(ValueError, match="even in float64"):
+        torch.ops.grood.resolve_rows(far, protos, p_ood, *res)
+    head = det.as_module(checks="flag")
+    score, pred = head(torch.cat([x[:2].double(), far]))
+    assert bool(torch.isfinite(score[:2]).all()) and bool(score[2].isnan()) and int(pred[2]) == -1
+    assert int(head.unresolved_rows) == 1
+
+
 def _tight_classes(sep, n=200, c=5, d=16, seed=0):
     """Classes ``sep`` from their mean and of unit spread: q_ood falls like exp(-sep)."""
     from grood._bench.common import tight_classes
