@@ -56,7 +56,9 @@ class GradientStep:
 
 
 # Largest feature-to-prototype distance the float32 softmax resolves: at 2**16 a float32
-# distance is accurate to 2**-8, so exp(-distance) terms carry errors under 0.4 %.
+# distance is accurate to about 2**-8, and q_ood = exp(-d_ood - lse) carries two such errors:
+# up to 0.6 % relative at distances of 6e4 (measured against float64 on C = 10, 100 and 1,000
+# classes; about 1e-7 times the distance: 1e-4 at 1e3, 1e-3 at 1e4).
 FLOAT32_DISTANCE_LIMIT = 2.0**16
 
 
