@@ -109,8 +109,9 @@ def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor
         r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
     good64 = resolved_rows(r64)
     if not bool(good64.all()):
-        row = int(bad[int((~good64).nonzero()[0])]) + offset
-        raise ValueError(f"features in row {row} (values up to {float(xb.abs().max()):.3g}) "
+        first = int(bad[int((~good64).nonzero()[0])])
+        row, top = first + offset, float(xb[first].abs().max())
+        raise ValueError(f"features in row {row} (values up to {top:.3g}) "
                          f"lie farther than {FLOAT64_DISTANCE_LIMIT:.3g} from the prototypes, "
                          "beyond what the softmax of distances resolves even in float64; "
                          "rescale them (GROOD's scores depend on the scale)")

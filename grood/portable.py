@@ -427,16 +427,19 @@ def export_onnx(module: Any, example: Tensor | np.ndarray, path: str | os.PathLi
     return path
 
 
-#: What torch's exporter says on every export that asks nothing of the caller: a deprecation
-#: inside torch itself (torch 2.13's ``torch.export`` copies its own tree specs), and one line
+#: What torch's exporter says on every export that asks nothing of the caller: one log line
 #: per torchvision operator it would register where torchvision is not installed (grood's
-#: graphs use none). Each: (the logger or warning category, the message's start).
+#: graphs use none), by that logger and the message's start, and a deprecation inside torch
+#: itself (torch 2.13's ``torch.export`` copies its own tree specs), by its FutureWarning's
+#: message.
 _EXPORTER_NOISE_LOGGER = "torch.onnx._internal.exporter._registration"
 _EXPORTER_NOISE_LOG = "torchvision is not installed"
 _EXPORTER_NOISE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 class _DropRecords(logging.Filter):
+    """Drops the log records whose message starts with ``start``."""
+
     def __init__(self, start: str) -> None:
         super().__init__()
         self.start = start

@@ -369,8 +369,9 @@ def test_float64_rows_beyond_what_float64_resolves_are_refused_as_float32_ones_a
     far = diag * FLOAT64_DISTANCE_LIMIT * 4**5
     assert bool(torch.isfinite(det.score_samples(torch.cat([x[:3].double(), near]))).all())
     for rows in (far, far.float()):
-        with pytest.raises(ValueError, match=r"row 1 .* even in float64"):
-            det.score_samples(torch.cat([x[:1].to(rows.dtype), rows]))
+        top = re.escape(f"{float(rows.abs().max()):.3g}")  # the row's, not a farther one's
+        with pytest.raises(ValueError, match=rf"row 1 \(values up to {top}\) .* even in float64"):
+            det.score_samples(torch.cat([x[:1].to(rows.dtype), rows, rows * 100]))
     protos, p_ood = det.class_prototypes_.double(), det.ood_prototype_.double()
     res = functional.ncp_gradient(far, protos, p_ood)
     with pytest.raises(ValueError, match="even in float64"):
