@@ -101,7 +101,8 @@ def _(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, precision: str = "ie
 @torch.library.custom_op("grood::resolve_rows", mutates_args=())
 def resolve_rows(h: Tensor, prototypes: Tensor, ood_prototype: Tensor, grad: Tensor,
                  q_ood: Tensor, pred: Tensor, min_dist: Tensor, lse: Tensor) -> _NCP:
-    """Refuse non-finite feature rows; redo in float64 the rows float32 cannot resolve."""
+    """Refuse non-finite feature rows and rows beyond what float64 resolves (float64 results
+    included); redo in float64 the rows float32 cannot resolve."""
     from grood._gradients import resolve_far_rows
 
     check_finite_rows(h, "features")
