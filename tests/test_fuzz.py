@@ -2,7 +2,8 @@
 
 Property-based (hypothesis) over shapes, dtypes, magnitudes from 1e-30 to 1e30, NaN/Inf,
 duplicated rows, a single class, C > N and strided layouts, for the functional ops, the
-kernels (interpreter), the index, the detector and saved files.
+kernels (interpreter), the index, the detector and saved files; rows at any distance up to
+1e40 against a softmax in 60-digit arithmetic.
 """
 
 import json
@@ -314,3 +315,59 @@ def test_scores_are_bitwise_reproducible():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     numpy_run = GROOD(batch_size=64, progress=False).fit(x.numpy(), y.numpy())
     np.testing.assert_array_equal(numpy_run.score_samples(q.numpy()), runs[0].numpy())
+
+
+def _exact_softmax(h, protos, p_ood):
+    """``(q_ood, the nearest class, the gap between the two nearest classes' distances)`` of
+    one row in 60-digit arithmetic from the float values given: the reference no float64
+    implementation can be for rows far out, where the distances' rounding exceeds their
+    differences."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    rows = [*protos.double().tolist(), p_ood.double().tolist()]
+    x = [mpmath.mpf(v) for v in h.double().tolist()]
+    dist = [mpmath.sqrt(sum((a - mpmath.mpf(b)) ** 2 for a, b in zip(x, r, strict=True)))
+            for r in rows]
+    top = min(dist)
+    total = sum(mpmath.exp(top - s) for s in dist)
+    classes = sorted(range(len(rows) - 1), key=lambda j: dist[j])
+    gap = dist[classes[1]] - dist[classes[0]] if len(classes) > 1 else mpmath.inf
+    return float(mpmath.exp(top - dist[-1]) / total), classes[0], float(gap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.floats(0, 40),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
+def test_far_rows_match_an_exact_softmax_or_are_refused(c, d, log_t, dtype, seed):
+    """A row at any distance from the prototypes (up to 1e40), through the detector's path
+    (the gradient step, then its far-row check and float64 redo): q_ood and the class of a
+    softmax computed in 60 digits from the same values, within the dtype's distance
+    resolution (about 1e-7 of the distance in float32, 1e-16 in float64), or the far-row
+    error. float64 rows past what float64 resolves were scored from rounding alone."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = (torch.randn(c, d, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    p_ood = protos.double().mean(0).to(dtype)
+    direction = torch.randn(d, generator=gen, dtype=torch.float64)
+    t = 10.0**log_t
+    h = (p_ood.double() + t * direction / direction.norm()).to(dtype)[None]
+    assume(bool(torch.isfinite(h).all()))
+    ops = torch.ops.grood
+    res = ops.ncp_gradient(h, protos, p_ood, "ieee", None, "torch")
+    dist = float((h.double() - p_ood.double()).norm())
+    try:
+        _, q, pred, _, _ = ops.resolve_rows(h, protos, p_ood, *res)
+    except ValueError as exc:
+        assert "even in float64" in str(exc)
+        assert dist > 2.0**44 / 2  # refused only past what float64 resolves
+        return
+    assert dist < 2.0**44 * 2  # and past it, nothing is returned
+    want_q, want_pred, gap = _exact_softmax(h[0], protos, p_ood)
+    # float32 rows past 2**16 are redone in float64 (the detector's rule), their results
+    # returned in float32 (rounded: 6e-8)
+    resolution = 2e-16 if dtype == torch.float64 or dist > 2.0**16 else 1.2e-7
+    tol = (1e-9 if dtype == torch.float64 else 1.2e-7) + 8 * resolution * (dist + 8)
+    if want_q > 1e-30:
+        assert abs(float(q[0]) - want_q) <= tol * want_q, (float(q[0]), want_q, tol)
+    if gap > tol:
+        assert int(pred[0]) == want_pred
