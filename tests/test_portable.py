@@ -189,10 +189,10 @@ def test_an_export_searches_views_of_the_heads_index_not_a_copy(tmp_path, monkey
         return export(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", recorded)
-    _quiet_export(head, test[:5], tmp_path / "head.onnx", search_block=40)
+    _strict_export(head, test[:5], tmp_path / "head.onnx", search_block=40)
     # A detector's export searches the detector's own index: no copy in the head it makes.
     scores = det.score_samples(test)
-    _quiet_export(det, test[:5], tmp_path / "det.onnx", search_block=40)
+    _strict_export(det, test[:5], tmp_path / "det.onnx", search_block=40)
     [portable, of_det] = exported
     assert portable.n_index_blocks == of_det.n_index_blocks == shared.n_index_blocks
     assert all(v.untyped_storage().data_ptr() == at for v, _ in portable.index_blocks())
@@ -243,8 +243,8 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _quiet_export(*args, **kwargs):
-    with warnings.catch_warnings():  # (none is expected: the test below says which are dropped)
+def _strict_export(*args, **kwargs):
+    with warnings.catch_warnings():  # an export warns of nothing (see the test below)
         warnings.simplefilter("error")
         return export_onnx(*args, **kwargs)
 
@@ -296,7 +296,7 @@ def test_an_exported_detector_scores_any_batch_in_onnx_runtime(tmp_path, monkeyp
         return session_class(path, options, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", recorded)
-    path = _quiet_export(det, test[:7].double().numpy(), tmp_path / "grood.onnx")
+    path = _strict_export(det, test[:7].double().numpy(), tmp_path / "grood.onnx")
     monkeypatch.undo()
     # The check held the weights once: no copy prepacked for the matmuls.
     assert sessions == ["1"]
@@ -330,7 +330,7 @@ def test_an_export_without_float64_holds_no_float64(tmp_path):
     # The detector asked for it, and a portable head made so, exported with its own setting.
     narrow = PortableHead.from_head(det.as_module(), float64=False)
     for module, kwargs in ((det, {"float64": False}), (narrow, {})):
-        path = _quiet_export(module, test, tmp_path / "narrow.onnx", **kwargs)
+        path = _strict_export(module, test, tmp_path / "narrow.onnx", **kwargs)
         model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
         graph = model.graph
         types = {v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input,
@@ -353,7 +353,7 @@ def test_an_exported_attached_model_gives_logits_scores_and_classes(tmp_path):
         det = GROOD(k=2).fit_model(net, [(images, torch.arange(60) % 3)], features="avgpool")
     attached = det.attach(net, features="avgpool").eval()
     head = attached.head
-    path = _quiet_export(attached, images[:8], tmp_path / "model.onnx")
+    path = _strict_export(attached, images[:8], tmp_path / "model.onnx")
     assert attached.head is head and type(head).__name__ == "GROODHead"
     session = _session(path)
     assert [o.name for o in session.get_outputs()] == ["logits", "score", "pred"]
@@ -376,7 +376,7 @@ def test_export_checks_the_file_and_removes_one_that_disagrees(tmp_path, monkeyp
     for external in (False, True):
         with pytest.raises(ValueError, match=r"ONNX Runtime's scores differ from the module's "
                                              r"\(relative 0\.01; NaN rows equal\)"):
-            _quiet_export(det, test, tmp_path / "wrong.onnx", external_data=external)
+            _strict_export(det, test, tmp_path / "wrong.onnx", external_data=external)
         assert not list(tmp_path.iterdir())  # neither the file, its data nor a temporary one
 
 
@@ -426,8 +426,8 @@ def test_a_file_in_one_piece_is_joined_from_the_graph_and_its_external_data(tmp_
     from grood import portable
 
     det, test, _ = _detector(5, 2, n=150)
-    one = _quiet_export(det, test[:4], tmp_path / "one.onnx", search_block=16)
-    pair = _quiet_export(det, test[:4], tmp_path / "pair.onnx", search_block=16,
+    one = _strict_export(det, test[:4], tmp_path / "one.onnx", search_block=16)
+    pair = _strict_export(det, test[:4], tmp_path / "pair.onnx", search_block=16,
                          external_data=True)
     assert not (tmp_path / "one.onnx.data").exists() and (tmp_path / "pair.onnx.data").exists()
     joined, loaded = onnx.load(str(one)), onnx.load(str(pair))
@@ -452,7 +452,7 @@ def test_a_file_in_one_piece_is_joined_from_the_graph_and_its_external_data(tmp_
                                          r"in 'other\.data'"):
         portable._join_external_data(pair, tmp_path / "other.data", tmp_path / "bad.onnx")
     monkeypatch.setattr(portable, "ONE_FILE_LIMIT", 100)
-    big = _quiet_export(det, test[:4], tmp_path / "big.onnx", search_block=16)
+    big = _strict_export(det, test[:4], tmp_path / "big.onnx", search_block=16)
     assert (tmp_path / "big.onnx.data").stat().st_size == (tmp_path / "pair.onnx.data"
                                                            ).stat().st_size
     kept = onnx.load(str(big), load_external_data=False).graph.initializer

@@ -356,9 +356,8 @@ def test_float64_rows_beyond_what_float64_resolves_are_refused_as_float32_ones_a
     alone, without a word, where the same rows in float32 were refused (3 classes, a row at
     1e20 along the diagonal: q_ood 1.0 where the exact softmax gives 0.2494, since the
     distances' differences stay bounded by the prototypes' spread; another class; a score
-    17x too low). Now both
-    are refused alike, by the detector, the op and the flagging head; rows within the limit
-    score as before."""
+    17x too low). Now both are refused alike, by the detector, the op and the flagging head;
+    rows within the limit score as before."""
     from grood import functional
     from grood._gradients import FLOAT64_DISTANCE_LIMIT
 
