@@ -1891,6 +1891,21 @@ def test_score_range_tables_at_tiny_size():
     assert set(rows) >= {"float16", "bfloat16"} and "storage=" not in out.stderr
 
 
+def test_far_rows_tables_at_tiny_size():
+    """bench/far_rows.py --tiny: a row far along the diagonal scored as the exact softmax
+    scores it, in either dtype, until the detector refuses it; float32's error near 2**16
+    below 1 %."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "far_rows.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in out.splitlines() if r.startswith("| ") and not r.startswith("| t ")}
+    exact_q, exact_class, f64, f32 = rows["1e+05"]
+    assert f64 == f32 == f"{exact_q}, {exact_class}"
+    assert rows["1e+20"][2:] == ["refused", "refused"]
+    assert 0 < float(rows["6e+04"][0].split()[0]) < 1e-2
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from reference import grood_scores_naive, knn_naive, ncp_naive
 
 from grood import GROOD, functional
+from grood._bench.common import exact_softmax
 from grood.index import ExactIndex
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -317,25 +318,6 @@ def test_scores_are_bitwise_reproducible():
     np.testing.assert_array_equal(numpy_run.score_samples(q.numpy()), runs[0].numpy())
 
 
-def _exact_softmax(h, protos, p_ood):
-    """``(q_ood, the nearest class, the gap between the two nearest classes' distances)`` of
-    one row in 60-digit arithmetic from the float values given: the reference no float64
-    implementation can be for rows far out, where the distances' rounding exceeds their
-    differences."""
-    import mpmath
-
-    mpmath.mp.dps = 60
-    rows = [*protos.double().tolist(), p_ood.double().tolist()]
-    x = [mpmath.mpf(v) for v in h.double().tolist()]
-    dist = [mpmath.sqrt(sum((a - mpmath.mpf(b)) ** 2 for a, b in zip(x, r, strict=True)))
-            for r in rows]
-    top = min(dist)
-    total = sum(mpmath.exp(top - s) for s in dist)
-    classes = sorted(range(len(rows) - 1), key=lambda j: dist[j])
-    gap = dist[classes[1]] - dist[classes[0]] if len(classes) > 1 else mpmath.inf
-    return float(mpmath.exp(top - dist[-1]) / total), classes[0], float(gap)
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 6), st.floats(0, 40),
        st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
@@ -362,7 +344,7 @@ def test_far_rows_match_an_exact_softmax_or_are_refused(c, d, log_t, dtype, seed
         assert dist > 2.0**44 / 2  # refused only past what float64 resolves
         return
     assert dist < 2.0**44 * 2  # and past it, nothing is returned
-    want_q, want_pred, gap = _exact_softmax(h[0], protos, p_ood)
+    want_q, want_pred, gap = exact_softmax(h[0], protos, p_ood)
     # float32 rows past 2**16 are redone in float64 (the detector's rule), their results
     # returned in float32 (rounded: 6e-8)
     resolution = 2e-16 if dtype == torch.float64 or dist > 2.0**16 else 1.2e-7

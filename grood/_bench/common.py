@@ -71,6 +71,26 @@ def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[Tensor
 TIMINGS: list[dict] = []
 
 
+def exact_softmax(h: Tensor, protos: Tensor, p_ood: Tensor) -> tuple[float, int, float]:
+    """``(q_ood, the nearest class, the gap between the two nearest classes' distances)`` of
+    one row [D] in 60-digit arithmetic (mpmath, a dependency of torch's), from the float
+    values given (prototypes [C, D], OOD prototype [D]): the reference no float64
+    implementation can be for rows far out, where the distances' rounding exceeds their
+    differences."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        rows = [*protos.double().tolist(), p_ood.double().tolist()]
+        x = [mpmath.mpf(v) for v in h.double().tolist()]
+        dist = [mpmath.sqrt(sum((a - mpmath.mpf(b)) ** 2 for a, b in zip(x, r, strict=True)))
+                for r in rows]
+        top = min(dist)
+        total = sum(mpmath.exp(top - s) for s in dist)
+        classes = sorted(range(len(rows) - 1), key=lambda j: dist[j])
+        gap = dist[classes[1]] - dist[classes[0]] if len(classes) > 1 else mpmath.inf
+        return float(mpmath.exp(top - dist[-1]) / total), classes[0], float(gap)
+
+
 def record_timing(kernel: str, dims: tuple[int, ...], precision: str, backend: str,
                   seconds: float) -> None:
     """Keep one timing for the machine-readable report."""
