@@ -6,6 +6,8 @@ large for the float32 softmax to resolve (such rows are far out of distribution,
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 from torch import Tensor
 
@@ -104,20 +106,24 @@ def resolve_far_rows(res: NCPGradient, xb: Tensor, protos: Tensor, p_ood: Tensor
         return res
     bad = (~ok).nonzero()[:, 0]
     if res.lse.dtype == torch.float64:  # computed in float64 already: nothing to redo
-        r64 = NCPGradient(*(field[bad] for field in res))
-    else:
-        r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
+        _refuse_far_row(xb, int(bad[0]), offset)
+    r64 = functional.ncp_gradient(xb[bad].double(), protos.double(), p_ood.double())
     good64 = resolved_rows(r64)
     if not bool(good64.all()):
-        first = int(bad[int((~good64).nonzero()[0])])
-        row, top = first + offset, float(xb[first].abs().max())
-        raise ValueError(f"features in row {row} (values up to {top:.3g}) "
-                         f"lie farther than {FLOAT64_DISTANCE_LIMIT:.3g} from the prototypes, "
-                         "beyond what the softmax of distances resolves even in float64; "
-                         "rescale them (GROOD's scores depend on the scale)")
+        _refuse_far_row(xb, int(bad[int((~good64).nonzero()[0])]), offset)
     fields = []
     for mine, fixed in zip(res, r64, strict=True):
         out = mine.clone()
         out[bad] = fixed.to(mine.dtype)
         fields.append(out)
     return NCPGradient(*fields)
+
+
+def _refuse_far_row(xb: Tensor, first: int, offset: int) -> NoReturn:
+    """Raise the error naming row ``first`` of ``xb`` (numbered from ``offset``), which lies
+    beyond what float64's softmax of distances resolves."""
+    top = float(xb[first].abs().max())
+    raise ValueError(f"features in row {first + offset} (values up to {top:.3g}) "
+                     f"lie farther than {FLOAT64_DISTANCE_LIMIT:.3g} from the prototypes, "
+                     "beyond what the softmax of distances resolves even in float64; "
+                     "rescale them (GROOD's scores depend on the scale)")

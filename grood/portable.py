@@ -437,23 +437,15 @@ _EXPORTER_NOISE_LOG = "torchvision is not installed"
 _EXPORTER_NOISE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
-class _DropRecords(logging.Filter):
-    """Drops the log records whose message starts with ``start``."""
-
-    def __init__(self, start: str) -> None:
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
-
-
 @contextmanager
 def _exporter_quiet() -> Iterator[None]:
     """Silence the exporter's messages that ask nothing of the caller (above); every other
     warning and log record of the export passes as it is."""
     logger = logging.getLogger(_EXPORTER_NOISE_LOGGER)
-    drop = _DropRecords(_EXPORTER_NOISE_LOG)
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_EXPORTER_NOISE_LOG)
+
     logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
