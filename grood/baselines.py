@@ -450,11 +450,19 @@ class KNN(_Baseline):
         return f"KNN (k={self.k})"
 
     def fit(self, features: ArrayLike, labels: ArrayLike | None = None) -> Self:
-        """Store the normalised training features."""
+        """Store the normalised training features, less their mean (``centre_``).
+
+        Distances do not change when queries and training rows are moved by the same vector,
+        but the search's candidates do: it picks them by ``||q||^2 + ||x||^2 - 2 q.x``, whose
+        rounding grows with the rows' norms, and normalised rows that all point nearly the same
+        way (features sharing an offset far above their spread) lie far closer together than
+        that rounding: uncentred, their float32 scores were mostly noise."""
         x, _ = self._read(features, fitting=True)
         if not 1 <= self.k <= x.shape[0]:
             raise ValueError(f"k={self.k} needs 1 <= k <= {x.shape[0]} training samples")
-        self.train_features_ = _normalise(x)
+        normalised = _normalise(x)
+        self.centre_ = normalised.mean(0)
+        self.train_features_ = normalised.sub_(self.centre_)
         self._fitted_on(features, x.shape[1])
         return self
 
@@ -470,7 +478,7 @@ class KNN(_Baseline):
         if k_max > n_train:  # the search would pad with inf: every score -inf
             raise ValueError(f"k={k_max} but {n_train} training features were stored; "
                              "lower k (or refit)")
-        q = _normalise(x).to(self.train_features_.device)
+        q = _normalise(x).to(self.train_features_.device).sub_(self.centre_)
         out = {k: torch.empty(q.shape[0], dtype=q.dtype, device=q.device) for k in ks}
         for r0, r1 in batches(q.shape[0], self.batch_size):
             dist, _ = ops.knn(q[r0:r1], self.train_features_, k_max, backend=self.backend)
