@@ -126,6 +126,10 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
             # a pooled feature map, e.g. a hook on a ResNet's avgpool
             hint = ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
                     "x.flatten(1); numpy: x.reshape(len(x), -1))")
+        elif x.ndim > 2 and name in ("features", "ood_features"):
+            hint = ("; GROOD reads one vector per sample: pool the other axes (a CNN's feature "
+                    "map [N, C, H, W]: x.mean((2, 3)), as its average pool does; a ViT's "
+                    "tokens [N, T, D]: the class token, x[:, 0])")
         elif x.ndim == 1 and n_cols is not None and x.shape[0] == n_cols:
             hint = f"; one sample of {n_cols} {name} is a row: pass {name}.reshape(1, -1)"
         dims = "[N, C]" if name == "logits" else "[N, D]"  # a row of C class scores

@@ -421,6 +421,9 @@ def test_no_correct_training_sample_is_refused():
     (lambda t: t[3], ValueError, r"must be a 2-D array \[N, D\], got shape \(11,\); one "
                                  r"sample of 11 features is a row: pass "
                                  r"features\.reshape\(1, -1\)"),
+    (lambda t: t[:, :8].reshape(25, 2, 2, 2), ValueError,
+     r"got shape \(25, 2, 2, 2\); GROOD reads one vector per sample: pool the other axes "
+     r"\(a CNN's feature map \[N, C, H, W\]: x\.mean\(\(2, 3\)\)"),
     (lambda t: torch.where(torch.arange(25)[:, None] == 7, float("nan"), t), ValueError,
      r"NaN or Inf in row\(s\) 7"),
     (lambda t: t[:0], ValueError, "features is empty"),
