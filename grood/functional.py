@@ -849,8 +849,10 @@ def knn(
     ``||q - x||^2`` and the best k kept, so returned distances carry no cancellation error and
     near-ties are ordered right. Among equal distances the lower database index comes first.
     The expansion can still pick the wrong candidates when every vector shares an offset far
-    larger than their spread: centre such data first (GROOD's gradients have norm <= 1 and
-    need no centring).
+    larger than their spread: centre such data first. GROOD's gradients share one only where
+    the OOD prototype lies far outside the training features for their width (README,
+    Numerics); on the features of a trained network nearest neighbours lie about 1,000
+    times farther apart than the expansion's rounding.
 
     Args:
         queries (Tensor): query vectors, shape [Q, D].
