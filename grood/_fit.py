@@ -275,6 +275,51 @@ def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> Non
             f"or tie at 0; {fix}", UserWarning, stacklevel=user_stacklevel())
 
 
+#: Indexed gradients the fit searches for as themselves, evenly spaced over the index, and
+#: the share of them the search may fail to find before the fit warns
+#: (:func:`check_search_resolves`).
+RESOLUTION_PROBES = 64
+UNRESOLVED_SHARE = 0.1
+
+
+def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
+                          device: torch.device) -> None:
+    """Warn where the search cannot tell the indexed gradients apart. It picks candidates by
+    ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the gradients' norms; where they
+    all point nearly the same way (an OOD prototype far outside the training features for
+    their width) they lie closer together than that rounding, the search returns other rows
+    than the nearest, and the scores follow them without a sign (README, Numerics). Searching
+    for indexed gradients as themselves shows it: a search that resolves them finds each at
+    distance 0 (or an exact copy of it). On a trained network's features none is missed."""
+    n = index.ntotal
+    if n < 2:
+        return
+    ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+    probes = index.vectors_at(ids)
+    if probes is None:  # (a kind that cannot give its rows back cheaply)
+        return
+    dists, found = index.search(probes, 1)
+    missed = int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
+    if missed < UNRESOLVED_SHARE * ids.numel():
+        return
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float64:
+        fix = ("float64 resolves them no better here: is the OOD prototype meant to lie that "
+               "far from the training features?")
+    else:
+        fix = ("fit and score float64 features (tensor.double(), array.astype(np.float64)), "
+               "whose search resolves them")
+        if precision != "ieee" and device.type == "cuda":  # (the CPU's GEMMs are fp32)
+            fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
+    warnings.warn(
+        f"searched for as themselves, {missed} of {ids.numel()} sampled indexed training "
+        f"gradients were not found (another, farther row came back): the gradients lie closer "
+        f"together than the {name} search's rounding resolves next to their norms, so scores "
+        "come from other neighbours than the nearest. They all point nearly the same way, as "
+        "where the OOD prototype lies far outside the training features for their width; "
+        f"{fix}", UserWarning, stacklevel=user_stacklevel())
+
+
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                passes: Callable[[str], Iterable[tuple[Tensor, Tensor | None, Tensor | None]]], *,
                n_classes: int | None, d: int, device: torch.device, dtype: torch.dtype,
@@ -387,6 +432,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()
+    check_search_resolves(index, dtype, det.precision, device)
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
                        indexed_rows=rows, ood_fingerprints=records.get("ood_fingerprints"),

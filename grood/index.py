@@ -140,6 +140,13 @@ class GradientIndex(ABC):
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index, for saving (no pickled objects)."""
 
+    def vectors_at(self, ids: Tensor) -> Tensor | None:
+        """The indexed vectors ``ids`` [m] (int64), as [m, D] copies, for the fit's check
+        that a search finds indexed vectors as themselves (``grood._fit``'s
+        ``check_search_resolves``); None where this kind cannot give them back cheaply (the
+        check is then skipped)."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The ``index_options`` this index was built with (JSON values), saved with a
         detector so that loading rebuilds this index whatever ``index_options`` says by then."""
@@ -358,6 +365,14 @@ class ExactIndex(GradientIndex):
         added = torch.index_select(x, 0, rows, out=self._room(rows.numel()))
         check_finite_rows(added, "index vectors", row_offset=self._n)  # before they count
         self._appended(rows.numel())
+
+    def vectors_at(self, ids: Tensor) -> Tensor | None:
+        """The exact vectors ``ids`` [m], as [m, D] copies; None where a half-precision copy
+        is searched (searching it at the fit would make that copy there, not at the first
+        search, and move its warnings with it)."""
+        if self.storage is not None:
+            return None
+        return self.vectors[ids.to(self.exact_device)]
 
     def _room(self, n: int) -> Tensor:
         """The buffer rows the next ``n`` vectors go to (growing it when they do not fit)."""
@@ -590,6 +605,14 @@ class FaissFlatIndex(_FaissIndex):
         """The indexed vectors, shape [ntotal, D] (a copy)."""
         cpu = _to_cpu(self.faiss, self.index)
         return torch.from_numpy(cpu.reconstruct_n(0, cpu.ntotal)).reshape(-1, self.dim)
+
+    def vectors_at(self, ids: Tensor) -> Tensor | None:
+        """The vectors ``ids`` [m], as [m, D] copies, from an index in host memory (None from
+        one on a GPU: faiss would copy the whole index back first)."""
+        if type(self.index).__name__.startswith("Gpu"):
+            return None
+        return torch.from_numpy(np.stack([self.index.reconstruct(int(i)) for i in ids.tolist()])
+                                ).reshape(-1, self.dim)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the index (for saving)."""

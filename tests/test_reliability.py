@@ -1402,3 +1402,47 @@ def test_evaluate_leaves_the_warnings_filters_and_other_threads_alone():
         thread.start()
         thread.join()
     assert caught and caught[0].startswith("features have no column names, but those this KNN")
+
+
+def _far_prototype_data(ratio: float):
+    """Features of 4 classes whose spread is 1/ratio of the whole's scale, and OOD features
+    (for ``ood_prototype="features"``) about 20 times the scale away: every gradient then
+    points nearly the same way from the OOD prototype."""
+    gen = np.random.default_rng(0)
+    means = gen.normal(size=(4, 16)) * 3
+    y = gen.integers(0, 4, 600)
+    x = ((means[y] + gen.normal(size=(600, 16))) / ratio).astype(np.float32)
+    test = (np.concatenate([means[gen.integers(0, 4, 60)] + gen.normal(size=(60, 16)),
+                            gen.normal(size=(60, 16)) * 4]) / ratio).astype(np.float32)
+    return x, y, np.full((20, 16), 5.0, dtype=np.float32), test
+
+
+def test_a_search_that_cannot_tell_the_gradients_apart_is_warned_of_at_the_fit():
+    """An OOD prototype far outside the training features for their width leaves every
+    gradient pointing nearly the same way, closer together than the float32 search's
+    expansion resolves: it returned other neighbours than the nearest, and scores 16 % of
+    their spread off (rank correlation 0.77 with float64's, AUROC 0.93 against 1.00) came
+    without a word. The fit searches some indexed gradients for themselves and warns when it
+    misses them; float64, which resolves them, and features of ordinary spread fit quietly."""
+    x, y, ood, test = _far_prototype_data(1e4)
+    with pytest.warns(UserWarning, match=r"searched for as themselves, (\d+) of 64 sampled "
+                                         r"indexed training gradients were not found .* fit "
+                                         r"and score float64 features") as record:
+        det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    missed = int(re.search(r"themselves, (\d+) of", str(record[0].message)).group(1))
+    assert missed >= 7
+    # What it warns of: the float32 scores stray from float64's on the same inputs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = GROOD(ood_prototype="features").fit(x.astype(np.float64), y,
+                                                   ood_features=ood.astype(np.float64))
+        want = wide.score_samples(test.astype(np.float64))
+        got = det.score_samples(test).astype(np.float64)
+        assert np.abs(got - want).max() > 0.05 * np.ptp(want)
+        # Ordinary spread (1/180 of the distance): found, and scored as float64 scores.
+        x, y, ood, test = _far_prototype_data(100)
+        near = GROOD(ood_prototype="features").fit(x, y, ood_features=ood).score_samples(test)
+        wide = GROOD(ood_prototype="features").fit(x.astype(np.float64), y,
+                                                   ood_features=ood.astype(np.float64))
+        want = wide.score_samples(test.astype(np.float64))
+        assert np.abs(near - want).max() < 1e-3 * np.ptp(want)
