@@ -432,7 +432,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()
-    check_search_resolves(index, dtype, det.precision, device)
+    with dist.together(det.distributed, "searching its index for some of its rows"):
+        check_search_resolves(index, dtype, det.precision, device)
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
                        indexed_rows=rows, ood_fingerprints=records.get("ood_fingerprints"),
