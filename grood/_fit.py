@@ -248,6 +248,10 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
             "features that class's rows?", UserWarning, stacklevel=user_stacklevel())
 
 
+#: What the fit's resolution warnings advise for float32 (or half-precision) features.
+FLOAT64_ADVICE = ("fit and score float64 features (tensor.double(), "
+                  "array.astype(np.float64))")
+
 #: The share of the indexed gradients whose norm may lie below the square root of the compute
 #: dtype's smallest normal number before the fit warns (:func:`check_gradients_resolved`).
 TINY_GRADIENT_SHARE = 0.01
@@ -263,8 +267,8 @@ def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> Non
     if total and n_tiny >= TINY_GRADIENT_SHARE * total:
         name = str(dtype).removeprefix("torch.")
         limit = tiny_gradient_norm(dtype)
-        fix = ("fit and score float64 features (tensor.double(), array.astype(np.float64)), "
-               "which resolve them down to q_ood of about 1e-154" if dtype != torch.float64
+        fix = (f"{FLOAT64_ADVICE}, which resolve them down to q_ood of about 1e-154"
+               if dtype != torch.float64
                else "float64 resolves no smaller ones: GROOD's scores depend on the "
                "features' scale, and at this one they lie below float64's range")
         warnings.warn(
@@ -307,8 +311,7 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         fix = ("float64 resolves them no better here: is the OOD prototype meant to lie that "
                "far from the training features?")
     else:
-        fix = ("fit and score float64 features (tensor.double(), array.astype(np.float64)), "
-               "whose search resolves them")
+        fix = f"{FLOAT64_ADVICE}, whose search resolves them"
         if precision != "ieee" and device.type == "cuda":  # (the CPU's GEMMs are fp32)
             fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
     warnings.warn(

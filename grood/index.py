@@ -511,9 +511,14 @@ def _to_gpu_if_possible(faiss: Any, index: Any, device: torch.device) -> tuple[A
     return faiss.index_cpu_to_gpu(resources, gpu, index), resources
 
 
+def _on_gpu(index: Any) -> bool:
+    """Whether a faiss index lives on a GPU (faiss' GPU classes are named ``Gpu...``)."""
+    return type(index).__name__.startswith("Gpu")
+
+
 def _to_cpu(faiss: Any, index: Any) -> Any:
     return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and \
-        type(index).__name__.startswith("Gpu") else index
+        _on_gpu(index) else index
 
 
 def _as_float32_rows(x: Tensor) -> np.ndarray:
@@ -609,7 +614,7 @@ class FaissFlatIndex(_FaissIndex):
     def vectors_at(self, ids: Tensor) -> Tensor | None:
         """The vectors ``ids`` [m], as [m, D] copies, from an index in host memory (None from
         one on a GPU: faiss would copy the whole index back first)."""
-        if type(self.index).__name__.startswith("Gpu"):
+        if _on_gpu(self.index):
             return None
         return torch.from_numpy(np.stack([self.index.reconstruct(int(i)) for i in ids.tolist()])
                                 ).reshape(-1, self.dim)
