@@ -30,7 +30,7 @@ from grood._checks import (
 )
 from grood._gradients import GradientStep, tiny_gradient_norm
 from grood.functional import PrototypeState, class_prototypes
-from grood.index import GradientIndex, make_index
+from grood.index import STORAGE_CHUNK_ROWS, ExactIndex, GradientIndex, make_index
 from grood.prototypes import OODPrototypeSource, PrototypeContext
 
 
@@ -284,27 +284,44 @@ def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> Non
 #: (:func:`check_search_resolves`).
 RESOLUTION_PROBES = 64
 UNRESOLVED_SHARE = 0.1
+#: The spread of the indexed gradients about their mean, relative to their norm, in units of
+#: the compute dtype's machine epsilon, below which the fit warns that the gradient step's
+#: own rounding blurs them (:func:`check_gradients_spread`): in float32 about 4.8e-4, where
+#: scores stray by some 1 % of their spread from float64's on the same inputs.
+SPREAD_LIMIT_EPS = 4000
 
 
 def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
-                          device: torch.device) -> None:
-    """Warn where the search cannot tell the indexed gradients apart. It picks candidates by
-    ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the gradients' norms; where they
-    all point nearly the same way (an OOD prototype far outside the training features for
-    their width) they lie closer together than that rounding, the search returns other rows
-    than the nearest, and the scores follow them without a sign (README, Numerics). Searching
-    for indexed gradients as themselves shows it: a search that resolves them finds each at
-    distance 0 (or an exact copy of it). On a trained network's features none is missed."""
+                          device: torch.device, may_centre: bool = True) -> None:
+    """Centre the index, or warn, where the search cannot tell the indexed gradients apart.
+    It picks candidates by ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the
+    gradients' norms; where they all point nearly the same way (an OOD prototype far outside
+    the training features for their width) they lie closer together than that rounding, the
+    search returns other rows than the nearest, and the scores follow them without a sign
+    (README, Numerics). Searching for indexed gradients as themselves shows it: a search that
+    resolves them finds each (or an exact copy of it). On a trained network's features none
+    is missed. Where 10 % or more are, the same search of them less the gradients' mean,
+    which such gradients lie close to, is tried on the rows shifted a block at a time (the
+    index unchanged), and where it misses fewer than 10 % an exact index is held so
+    (``ExactIndex.centre_on``; ``may_centre``: not a shard of a multi-rank fit, whose shards
+    must join into one index); otherwise it warns. Where the search resolves them,
+    :func:`check_gradients_spread` checks the gradients' own rounding."""
     n = index.ntotal
-    if n < 2:
+    if n < 2 or index.centre is not None:  # (a centred index was checked when centred)
         return
     ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
-    probes = index.vectors_at(ids)
-    if probes is None:  # (a kind that cannot give its rows back cheaply)
+    missed = missed_as_themselves(index, ids)
+    if missed is None:  # (a kind that cannot give its rows back cheaply)
         return
-    dists, found = index.search(probes, 1)
-    missed = int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
+    if (missed >= UNRESOLVED_SHARE * ids.numel() and may_centre
+            and isinstance(index, ExactIndex)):
+        mean = index.vectors_mean()
+        centred = missed_less(index, ids, mean)
+        if centred < UNRESOLVED_SHARE * ids.numel():
+            index.centre_on(mean)
+            missed = centred
     if missed < UNRESOLVED_SHARE * ids.numel():
+        check_gradients_spread(index, ids, dtype)
         return
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float64:
@@ -321,6 +338,64 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         "come from other neighbours than the nearest. They all point nearly the same way, as "
         "where the OOD prototype lies far outside the training features for their width; "
         f"{fix}", UserWarning, stacklevel=user_stacklevel())
+
+
+def check_gradients_spread(index: GradientIndex, ids: Tensor, dtype: torch.dtype) -> None:
+    """Warn where the indexed gradients ``ids`` (as queries would be: held plus any centre)
+    spread about their mean by less than ``SPREAD_LIMIT_EPS`` times ``dtype``'s epsilon of
+    their norm: a search may resolve them (held less their mean), but the gradient step rounds
+    each by about 1e-6 of its norm in float32, a sizeable part of the distances between
+    them, and the scores carry it (max 1 % of their spread from float64's at a spread of
+    4e-4, 6 % at 4e-5, 80 % at 4e-6)."""
+    held = index.vectors_at(ids)
+    if held is None or held.shape[0] < 2:
+        return
+    rows = held.double() + (0.0 if index.centre is None else index.centre.double())
+    size = float(rows.square().sum(1).mean().sqrt())
+    spread = float((rows - rows.mean(0)).square().sum(1).mean().sqrt())
+    if not size or spread >= SPREAD_LIMIT_EPS * torch.finfo(dtype).eps * size:
+        return
+    if dtype == torch.float64:
+        fix = ("float64 resolves them no better: is the OOD prototype meant to lie that far "
+               "from the training features?")
+    else:
+        fix = f"{FLOAT64_ADVICE}, which resolve them"
+    name = str(dtype).removeprefix("torch.")
+    warnings.warn(
+        f"the indexed training gradients spread about their mean by {spread / size:.2g} of "
+        f"their norm ({ids.numel()} sampled): {name}'s rounding of each gradient is a "
+        "sizeable part of the distances between them, so their scores carry it. They all "
+        "point nearly the same way, as where the OOD prototype lies far outside the training "
+        f"features for their width; {fix}", UserWarning, stacklevel=user_stacklevel())
+
+
+def missed_as_themselves(index: GradientIndex, ids: Tensor) -> int | None:
+    """How many of the indexed vectors ``ids`` [m] a search for them as themselves misses
+    (another row comes back, at a distance above 0), for an index not held less a centre;
+    None where the kind cannot give its vectors back."""
+    held = index.vectors_at(ids)
+    if held is None:
+        return None
+    dists, found = index.search(held, 1)
+    return int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
+
+
+def missed_less(index: ExactIndex, ids: Tensor, centre: Tensor) -> int:
+    """:func:`missed_as_themselves` with the index and the queries less ``centre``: the
+    index's own search, run on its rows shifted a block at a time (the index itself
+    unchanged). Shifted alike, each query is its row exactly, at distance 0."""
+    search = ops.get_op("knn", index.backend)
+    queries = index.vectors[ids.to(index.exact_device)].to(index.device) - centre
+    best_d = torch.full((queries.shape[0],), float("inf"), dtype=queries.dtype,
+                        device=index.device)
+    best_i = torch.full_like(best_d, -1, dtype=torch.int64)
+    for m0 in range(0, index.ntotal, STORAGE_CHUNK_ROWS):
+        rows = index.vectors[m0:m0 + STORAGE_CHUNK_ROWS].to(index.device) - centre
+        d, i = search(queries, rows, 1, precision=index.precision)
+        nearer = d[:, 0] < best_d  # (ties: the earlier block's lower row)
+        best_d = torch.where(nearer, d[:, 0], best_d)
+        best_i = torch.where(nearer, i[:, 0] + m0, best_i)
+    return int(((best_i.cpu() != ids) & (best_d.cpu() > 0)).sum())
 
 
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
@@ -436,7 +511,8 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     if index.ntotal:
         index.trim()
     with dist.together(det.distributed, "searching its index for some of its rows"):
-        check_search_resolves(index, dtype, det.precision, device)
+        check_search_resolves(index, dtype, det.precision, device,
+                              may_centre=not det.distributed)
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
                        indexed_rows=rows, ood_fingerprints=records.get("ood_fingerprints"),

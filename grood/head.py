@@ -71,7 +71,8 @@ class GROODHead(nn.Module):
 
     Args:
         class_prototypes (Tensor): [C, D]. ood_prototype (Tensor): [D].
-        index_vectors (Tensor): the indexed training gradients [M, D] (exact rows).
+        index_vectors (Tensor): the indexed training gradients [M, D] (exact rows), as the
+            index holds them: less ``index_centre`` where that is given.
         k (int): score by the k-th nearest indexed gradient.
         precision (str): GEMM precision of both ops (see :mod:`grood.functional`).
         backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`grood.ops`).
@@ -89,6 +90,8 @@ class GROODHead(nn.Module):
             tensors themselves (``index_vectors``, ``index_storage``; copied where made under
             ``torch.inference_mode``): no second copy of a large index, the head sharing
             their memory (a state loaded into it is copied into tensors of its own).
+        index_centre (Tensor, optional): [D], the vector an index centred on its mean holds
+            its rows less (``ExactIndex.centre``): the gradients are searched less it too.
 
     The buffers are one fitted state (the squared norms are derived from the prototypes and
     the index): replace them together, through ``load_state_dict`` or a new head, never one
@@ -105,6 +108,7 @@ class GROODHead(nn.Module):
     index_vectors: Tensor
     index_sq_norms: Tensor
     index_storage: Tensor | None
+    index_centre: Tensor | None
     unresolved_rows: Tensor
     threshold: Tensor | None
     threshold_k: Tensor
@@ -112,9 +116,11 @@ class GROODHead(nn.Module):
     def __init__(self, class_prototypes: Tensor, ood_prototype: Tensor, index_vectors: Tensor,
                  *, k: int = 1, precision: str = "ieee", backend: str = "auto",
                  index_storage: Tensor | None = None, checks: str = "raise",
-                 threshold: float | None = None, copy: bool = True) -> None:
+                 threshold: float | None = None, copy: bool = True,
+                 index_centre: Tensor | None = None) -> None:
         super().__init__()
-        _check_state(class_prototypes, ood_prototype, index_vectors, index_storage)
+        _check_state(class_prototypes, ood_prototype, index_vectors, index_storage,
+                     index_centre)
         k = check_positive_int(k, "k")
         if index_vectors.shape[0] < k:
             raise ValueError(f"k={k} but the index holds {index_vectors.shape[0]} vectors")
@@ -144,6 +150,12 @@ class GROODHead(nn.Module):
             self._derive_norms()
             self.register_buffer("index_storage", None if index_storage is None
                                  else held(index_storage))
+            # Without a centre, no buffer (as the threshold): torch.export miscounts the
+            # graph's buffer inputs past a second buffer that is None.
+            if index_centre is not None:
+                self.register_buffer("index_centre", index_centre.detach().clone())
+            else:
+                self.index_centre = None
             # Rows scored NaN by checks="flag" (not resolvable in the compute dtype), counted
             # on the device across calls; read it once per batch or epoch, reset with zero_().
             self.register_buffer("unresolved_rows",
@@ -199,7 +211,7 @@ class GROODHead(nn.Module):
         for name, buf in self._buffers.items():
             if name in self._non_persistent_buffers_set or (
                     buf is None and prefix + name not in state_dict):
-                continue  # a counter; an index without a stored copy
+                continue  # a counter; an index without a stored copy or a centre
             t = state_dict.get(prefix + name, buf)
             if buf is None or not isinstance(t, Tensor) or t.shape != buf.shape:
                 break  # missing, extra or misshapen entries: torch's own errors name them
@@ -207,7 +219,8 @@ class GROODHead(nn.Module):
         else:
             try:
                 _check_state(state["class_prototypes"], state["ood_prototype"],
-                             state["index_vectors"], state.get("index_storage"))
+                             state["index_vectors"], state.get("index_storage"),
+                             state.get("index_centre"))
                 _check_derived(state)
                 if "threshold" in state:
                     _check_threshold(state["threshold"])
@@ -271,7 +284,8 @@ class GROODHead(nn.Module):
             bad = ~(finite & resolved_rows(NCPGradient(*res)))
             res = (torch.where(bad[:, None], 0.0, res[0]), *res[1:])
         stored = self.index_storage is not None and not wide
-        dist, _ = grood_ops.knn(res[0], self.index_storage if stored else self.index_vectors,
+        queries = res[0] if self.index_centre is None else res[0] - self.index_centre
+        dist, _ = grood_ops.knn(queries, self.index_storage if stored else self.index_vectors,
                                 self.k, self.precision, None if wide else self.index_sq_norms,
                                 self.index_vectors if stored else None, self.backend)
         score, pred = 0.0 - dist[:, self.k - 1], res[2]
@@ -295,7 +309,7 @@ def check_feature_batch(features: Tensor, d: int) -> None:
 
 
 def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
-                 storage: Tensor | None) -> None:
+                 storage: Tensor | None, centre: Tensor | None = None) -> None:
     """A head's tensors: one fitted state of matching shapes and finite values, checked once
     (the forward reads no values of them)."""
     check_matrix(protos, "class_prototypes")
@@ -311,8 +325,13 @@ def _check_state(protos: Tensor, p_ood: Tensor, vectors: Tensor,
                                 or not storage.is_floating_point()):
         raise ValueError(f"index_storage must be a floating-point copy of index_vectors, shape "
                          f"{tuple(vectors.shape)}; got {storage.dtype} {tuple(storage.shape)}")
+    if centre is not None and (centre.shape != (d,) or not centre.is_floating_point()):
+        raise ValueError(f"index_centre must be a floating-point vector [{d}] (the "
+                         f"prototypes' dimension), got {centre.dtype} of shape "
+                         f"{tuple(centre.shape)}")
     for name, t in (("class_prototypes", protos), ("ood_prototype", p_ood[None]),
-                    ("index_vectors", vectors)):
+                    ("index_vectors", vectors),
+                    *((("index_centre", centre[None]),) if centre is not None else ())):
         check_finite_rows(t, name)
     if storage is not None:
         # A rounded copy: within half-precision rounding of the exact vectors (bf16's 2**-8
@@ -547,7 +566,9 @@ def as_module(det: GROOD, checks: str = "raise", flags: bool = False, *,
     return GROODHead(det.class_prototypes_, det.ood_prototype_,
                      index.vectors.to(det.device_), k=det.k, precision=det.precision,
                      backend=det.backend, index_storage=storage, checks=checks,
-                     threshold=threshold, copy=copy)
+                     threshold=threshold, copy=copy,
+                     index_centre=None if index.centre is None else index.centre.to(
+                         det.device_))
 
 
 def capture_cuda_graph(module: Callable[[Tensor], tuple], example: Tensor

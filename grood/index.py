@@ -63,6 +63,9 @@ class GradientIndex(ABC):
     #: ``add`` / ``add_where`` calls (numbered from 0) whose rows the index left out on
     #: purpose; a detector names its indexed training rows by the calls it made and this.
     omitted_calls: tuple[int, ...] = ()
+    #: A vector [D] the index holds its vectors shifted by and shifts each search's queries
+    #: by (distances unchanged); None: none (:meth:`ExactIndex.centre_on`).
+    centre: Tensor | None = None
     dim: int
 
     #: Whether :meth:`check_options` makes an empty one-dimensional index on the CPU to check
@@ -141,10 +144,10 @@ class GradientIndex(ABC):
         """Tensors that define the index, for saving (no pickled objects)."""
 
     def vectors_at(self, ids: Tensor) -> Tensor | None:
-        """The indexed vectors ``ids`` [m] (int64), as [m, D] copies, for the fit's check
-        that a search finds indexed vectors as themselves (``grood._fit``'s
-        ``check_search_resolves``); None where this kind cannot give them back cheaply (the
-        check is then skipped)."""
+        """The indexed vectors ``ids`` [m] (int64) as the index holds them (less
+        :attr:`centre` where one is set), as [m, D] copies, for the fit's check that a search
+        finds indexed vectors as themselves (``grood._fit``'s ``check_search_resolves``);
+        None where this kind cannot give them back cheaply (the check is then skipped)."""
         return None
 
     def options(self) -> dict[str, Any]:
@@ -349,7 +352,10 @@ class ExactIndex(GradientIndex):
     def add(self, x: Tensor) -> None:
         """Append vectors ``x`` of shape [n, D] (copied into the index)."""
         self._check_rows(x)
-        self._room(x.shape[0])[...] = x.to(device=self.exact_device, dtype=self.dtype)
+        room = self._room(x.shape[0])
+        room[...] = x.to(device=self.exact_device, dtype=self.dtype)
+        if self.centre is not None:
+            room.sub_(self.centre)
         self._appended(x.shape[0])
 
     def add_where(self, x: Tensor, keep: Tensor) -> None:
@@ -364,15 +370,63 @@ class ExactIndex(GradientIndex):
         rows = keep.nonzero().squeeze(1)
         added = torch.index_select(x, 0, rows, out=self._room(rows.numel()))
         check_finite_rows(added, "index vectors", row_offset=self._n)  # before they count
+        if self.centre is not None:
+            added.sub_(self.centre)
         self._appended(rows.numel())
 
     def vectors_at(self, ids: Tensor) -> Tensor | None:
-        """The exact vectors ``ids`` [m], as [m, D] copies; None where a half-precision copy
-        is searched (searching it at the fit would make that copy there, not at the first
-        search, and move its warnings with it)."""
+        """The exact vectors ``ids`` [m] as held (less :attr:`centre` where one is set), as
+        [m, D] copies; None where a half-precision copy is searched (searching it at the fit
+        would make that copy there, not at the first search, and move its warnings with
+        it)."""
         if self.storage is not None:
             return None
         return self.vectors[ids.to(self.exact_device)]
+
+    def vectors_mean(self) -> Tensor:
+        """The mean of the vectors as held [D], summed in float64 over blocks (no float64 copy
+        of them all), rounded to the index's dtype."""
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.exact_device)
+        for m0 in range(0, self._n, STORAGE_CHUNK_ROWS):
+            total += self.vectors[m0:m0 + STORAGE_CHUNK_ROWS].sum(0, dtype=torch.float64)
+        return (total / max(self._n, 1)).to(self.dtype)
+
+    def centre_on(self, centre: Tensor) -> None:
+        """Hold the vectors less ``centre`` [D] (e.g. :meth:`vectors_mean`), and take it from
+        each search's queries too.
+
+        Distances do not change, but the rounding of the candidate GEMM's expansion
+        ``||q||^2 + ||x||^2 - 2 q.x``, which grows with the squared norms, then grows with
+        the vectors' distance from ``centre`` instead: where they all point nearly the same
+        way (README, Numerics) the search, held less their mean, tells apart rows that lie
+        closer together than the rounding at their norms. Where most vectors are tiny and a
+        few large, as the gradients of a trained network, it would do the opposite: a fit
+        centres an index only where its check finds the search unresolved and centring
+        resolves it (``grood._fit.check_search_resolves``). Each vector is rounded once
+        more, to within a rounding of its distance from ``centre``. Rows added later are
+        shifted as they come; the shift is saved with the index. Not with a half-precision
+        ``storage`` copy, nor twice (ValueError)."""
+        if self.storage is not None:
+            raise ValueError("centre_on() shifts the vectors the search reads; this index "
+                             f"searches a {self._storage_name} copy of them")
+        if self.centre is not None:
+            raise ValueError("this index is already held less a centre (drop_centre() first)")
+        if tuple(centre.shape) != (self.dim,) or not bool(torch.isfinite(centre).all()):
+            raise ValueError(f"centre must be a finite vector [{self.dim}], got "
+                             f"{tuple(centre.shape)}")
+        with torch.inference_mode(False):  # (as the buffer: see reserve)
+            self.centre = centre.to(self.device, self.dtype).clone()
+            self.vectors.sub_(self.centre)
+        self._sq_norms = None
+
+    def drop_centre(self) -> None:
+        """Hold the vectors unshifted again (each within a rounding of what was added)."""
+        if self.centre is None:
+            return
+        with torch.inference_mode(False):
+            self.vectors.add_(self.centre)
+        self.centre = None
+        self._sq_norms = None
 
     def _room(self, n: int) -> Tensor:
         """The buffer rows the next ``n`` vectors go to (growing it when they do not fit)."""
@@ -428,11 +482,17 @@ class ExactIndex(GradientIndex):
         extra = {} if self.storage is None else {"rerank_database": self.vectors}
         if queries.dtype == torch.float64 and self.dtype != torch.float64:
             # float64 queries are searched in float64 (by the torch implementation).
-            return ops.get_op("knn", "torch")(queries.to(self.device), searched, k,
+            queries = queries.to(self.device)
+            if self.centre is not None:
+                queries = queries - self.centre
+            return ops.get_op("knn", "torch")(queries, searched, k,
                                               database_sq_norms=self._sq_norms.double(), **extra)
         impl = ops.get_op("knn", self.backend)
-        return impl(queries.to(device=self.device, dtype=self.dtype), searched, k,
-                    precision=self.precision, database_sq_norms=self._sq_norms, **extra)
+        queries = queries.to(device=self.device, dtype=self.dtype)
+        if self.centre is not None:
+            queries = queries - self.centre
+        return impl(queries, searched, k, precision=self.precision,
+                    database_sq_norms=self._sq_norms, **extra)
 
     def __repr__(self) -> str:
         storage = "" if self.storage is None else (
@@ -440,11 +500,16 @@ class ExactIndex(GradientIndex):
             f"{self.exact_device}")
         return (f"ExactIndex({self.ntotal} vectors of dimension {self.dim}, "
                 f"{str(self.dtype).removeprefix('torch.')}, on {self.device}, backend "
-                f"{self.backend}, precision {self.precision}{storage})")
+                f"{self.backend}, precision {self.precision}{storage}"
+                f"{'' if self.centre is None else ', held less their mean'})")
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors that define the index (for saving)."""
-        return {"vectors": self.vectors.contiguous()}
+        """Tensors that define the index (for saving): the vectors as held, and the
+        :attr:`centre` where one is set."""
+        state = {"vectors": self.vectors.contiguous()}
+        if self.centre is not None:
+            state["centre"] = self.centre
+        return state
 
     def options(self) -> dict[str, Any]:
         return {"storage": self._storage_name, "exact_copy": self.exact_copy}
@@ -454,9 +519,18 @@ class ExactIndex(GradientIndex):
                         backend: str = "torch", precision: str = "ieee",
                         options: dict[str, Any] | None = None, **_: Any) -> ExactIndex:
         """Rebuild an index saved by :meth:`state_dict`."""
-        vectors = state["vectors"]
+        vectors, centre = state["vectors"], state.get("centre")
         index = cls(vectors.shape[1], dtype=vectors.dtype, device=device, backend=backend,
                     precision=precision, **(options or {}))
+        if centre is not None:
+            if (tuple(centre.shape) != (vectors.shape[1],) or centre.dtype != vectors.dtype
+                    or index.storage is not None or not bool(torch.isfinite(centre).all())):
+                name = str(vectors.dtype).removeprefix("torch.")
+                raise ValueError(f"the index's centre must be a finite {name} vector "
+                                 f"[{vectors.shape[1]}] of an index without a storage copy; got "
+                                 f"{str(centre.dtype).removeprefix('torch.')} "
+                                 f"{list(centre.shape)}")
+            index.centre = centre.to(index.device)
         index._buf = vectors.to(index.exact_device)
         index._n = vectors.shape[0]
         return index
@@ -620,8 +694,12 @@ class FaissFlatIndex(_FaissIndex):
                                 ).reshape(-1, self.dim)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors that define the index (for saving)."""
-        return {"vectors": self.vectors.contiguous()}
+        """Tensors that define the index (for saving): the vectors as held, and the
+        :attr:`centre` where one is set."""
+        state = {"vectors": self.vectors.contiguous()}
+        if self.centre is not None:
+            state["centre"] = self.centre
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",

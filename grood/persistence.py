@@ -382,6 +382,9 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
         raise DetectorFileError(f"the shards of {path} hold {kind!r} indexes, which cannot be "
                                 "joined in one process")
     sizes = state["shard_sizes"]
+    if "index.centre" in tensors:  # (a multi-rank fit centres none; each its own otherwise)
+        raise DetectorFileError(f"the shards of {path} hold indexes held less a centre, which "
+                                "cannot be joined in one process")
     if "index.vectors" not in tensors:
         raise DetectorFileError(f"{shards[0]} holds no index vectors to join "
                                 f"(tensors {sorted(tensors)})")
@@ -406,9 +409,11 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
                 or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
             raise DetectorFileError(f"{path}: shard {shard.name} comes from another "
                                     f"detector than {shards[0].name}")
-        if st["index"] != kind:
-            raise DetectorFileError(f"the shards of {path} hold {sorted({kind, st['index']})} "
-                                    "indexes, which cannot be joined in one process")
+        if st["index"] != kind or "index.centre" in ts:
+            held = "indexes held less a centre" if st["index"] == kind else (
+                f"{sorted({kind, st['index']})} indexes")
+            raise DetectorFileError(f"the shards of {path} hold {held}, which cannot be "
+                                    "joined in one process")
         if ts["index.vectors"] is not rows:  # read elsewhere: not the rows of its record
             raise wrong_rows(shard, ts["index.vectors"], sizes[r])
         row_numbers.append(ts.get("indexed_rows"))

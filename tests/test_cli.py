@@ -1906,6 +1906,22 @@ def test_far_rows_tables_at_tiny_size():
     assert 0 < float(rows["6e+04"][0].split()[0]) < 1e-2
 
 
+def test_far_prototype_table_at_tiny_size():
+    """bench/far_prototype.py --tiny: features of ordinary spread fit as built; 18,570 times
+    farther from the OOD prototype than wide, the fit holds the index less its mean, which
+    finds every sampled gradient, scores as a float64 search of the same gradients does, and
+    warns of the gradients' spread."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "far_prototype.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| ") and r[2].isdigit()]
+    near, far = rows
+    assert near[1:3] == ["0", "no (0)"] and near[-1] == "-"
+    assert int(far[1]) >= 7 and far[2] == "yes (0)" and far[-1] == "spread"
+    assert float(far[4]) > 0.5 and float(far[5]) == float(far[6]) < 0.05
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""

@@ -557,3 +557,69 @@ def test_a_threshold_holds_for_the_nprobe_it_was_chosen_with():
         det.is_ood(val)
     det.set_params(index_options={"nlist": 6, "nprobe": 2})
     assert det.is_ood(val).float().mean() <= 0.05
+
+
+def test_an_index_held_less_its_mean_searches_as_before_and_resolves_a_tight_cluster():
+    """Held less its mean, an exact index returns the same neighbours at the same distances
+    (to rounding) on ordinary vectors, takes later rows shifted as they come, and saves the
+    shift with its rows; on vectors that all lie in one tight cluster far from the origin
+    (closer together than the expansion's rounding at their norms) it finds what the
+    uncentred search misses."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=gen)
+    q = torch.randn(40, 12, generator=gen)
+    index = ExactIndex(12)
+    index.add(x[:250])
+    want = index.search(q, 3)
+    index.centre_on(index.vectors_mean())
+    assert index.centre is not None
+    torch.testing.assert_close(index.centre, x[:250].double().mean(0).float())
+    got = index.search(q, 3)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    index.add_where(x[250:], torch.arange(50) % 2 == 0)
+    index.add(x[250:255])
+    d, i = index.search(x[250:260:2], 1)
+    assert i[:, 0].tolist() == list(range(250, 255)) and d.abs().max() < 1e-10
+    again = ExactIndex.from_state_dict(index.state_dict())
+    assert torch.equal(again.centre, index.centre)
+    assert torch.equal(again.search(q, 3)[1], index.search(q, 3)[1])
+    index.drop_centre()
+    assert index.centre is None and "centre" not in index.state_dict()
+    torch.testing.assert_close(index.vectors[:250], x[:250], rtol=0, atol=1e-6)
+
+    # A tight cluster: rows 1e-7 of their norm apart.
+    far = torch.full((1, 12), 3.0) + torch.randn(200, 12, generator=gen) * 3e-7
+    tight = ExactIndex(12)
+    tight.add(far)
+    truth = knn_naive(far.double(), far.double(), 2)[1][:, 1]  # each row's nearest other
+    probe = far + (far[truth] - far) * 0.25  # a quarter of the way to that neighbour
+    uncentred = tight.search(probe, 1)[1][:, 0]
+    tight.centre_on(tight.vectors_mean())
+    centred = tight.search(probe, 1)[1][:, 0]
+    assert (uncentred == torch.arange(200)).float().mean() < 0.5
+    assert (centred == torch.arange(200)).float().mean() > 0.95
+
+
+def test_an_index_centre_that_does_not_fit_is_refused():
+    index = ExactIndex(4)
+    index.add(torch.randn(10, 4))
+    index.centre_on(index.vectors_mean())
+    with pytest.raises(ValueError, match="already held less a centre"):
+        index.centre_on(torch.zeros(4))
+    state = index.state_dict()
+    for centre in (torch.zeros(3), torch.zeros(4, dtype=torch.float64),
+                   torch.tensor([0.0, float("nan"), 0.0, 0.0])):
+        with pytest.raises(ValueError, match="the index's centre must be a finite float32 "
+                                             "vector \\[4\\]"):
+            ExactIndex.from_state_dict({**state, "centre": centre})
+    with pytest.raises(ValueError, match="the index's centre"):
+        ExactIndex.from_state_dict(state, options={"storage": "bfloat16"})
+    half = ExactIndex(4, storage="bfloat16")
+    half.add(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="searches a bfloat16 copy"):
+        half.centre_on(half.vectors_mean())
+    index.drop_centre()
+    for centre in (torch.zeros(3), torch.tensor([0.0, float("inf"), 0.0, 0.0])):
+        with pytest.raises(ValueError, match=r"centre must be a finite vector \[4\]"):
+            index.centre_on(centre)

@@ -24,7 +24,11 @@ import torch.multiprocessing as mp
 from conftest import clustered_features
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
+from grood._bench.common import far_prototype_data
+from grood._fit import check_search_resolves
 from grood.cli import main
+from grood.index import ExactIndex
+from grood.portable import PortableHead
 
 
 def _shard_worker(rank, world, tmp):
@@ -1404,45 +1408,95 @@ def test_evaluate_leaves_the_warnings_filters_and_other_threads_alone():
     assert caught and caught[0].startswith("features have no column names, but those this KNN")
 
 
-def _far_prototype_data(ratio: float):
-    """Features of 4 classes whose spread is 1/ratio of the whole's scale, and OOD features
-    (for ``ood_prototype="features"``) about 20 times the scale away: every gradient then
-    points nearly the same way from the OOD prototype."""
-    gen = np.random.default_rng(0)
-    means = gen.normal(size=(4, 16)) * 3
-    y = gen.integers(0, 4, 600)
-    x = ((means[y] + gen.normal(size=(600, 16))) / ratio).astype(np.float32)
-    test = (np.concatenate([means[gen.integers(0, 4, 60)] + gen.normal(size=(60, 16)),
-                            gen.normal(size=(60, 16)) * 4]) / ratio).astype(np.float32)
-    return x, y, np.full((20, 16), 5.0, dtype=np.float32), test
+def _float32_and_float64_scores(x, y, ood, test, **params):
+    """A float32 detector, its scores of ``test`` as float64, and float64's on the same
+    inputs (fitted with every warning an error)."""
+    det = GROOD(ood_prototype="features", **params).fit(x, y, ood_features=ood)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = GROOD(ood_prototype="features", **params).fit(
+            x.astype(np.float64), y, ood_features=ood.astype(np.float64))
+        assert wide.index_.centre is None
+        return det, det.score_samples(test).astype(np.float64), wide.score_samples(
+            test.astype(np.float64))
 
 
-def test_a_search_that_cannot_tell_the_gradients_apart_is_warned_of_at_the_fit():
+def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp_path):
     """An OOD prototype far outside the training features for their width leaves every
     gradient pointing nearly the same way, closer together than the float32 search's
-    expansion resolves: it returned other neighbours than the nearest, and scores 16 % of
-    their spread off (rank correlation 0.77 with float64's, AUROC 0.93 against 1.00) came
-    without a word. The fit searches some indexed gradients for themselves and warns when it
-    misses them; float64, which resolves them, and features of ordinary spread fit quietly."""
-    x, y, ood, test = _far_prototype_data(1e4)
+    expansion resolves next to their norms: it returned other neighbours than the nearest,
+    and scores 14 % of their spread off float64's came with a warning only. The fit finds it
+    by searching indexed gradients for themselves and holds the index less the gradients'
+    mean, where the search tells them apart: scores within 0.2 % of float64's, without a
+    warning, and so after saving and loading, from a GROOD head and from its portable twin."""
+    x, y, ood, test = far_prototype_data(3e3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det, got, want = _float32_and_float64_scores(x, y, ood, test)
+    assert det.index_.centre is not None and "held less their mean" in repr(det.index_)
+    assert np.abs(got - want).max() < 5e-3 * np.ptp(want)
+    det.save(tmp_path / "far.safetensors")
+    loaded = GROOD.load(tmp_path / "far.safetensors")
+    assert torch.equal(loaded.index_.centre, det.index_.centre)
+    np.testing.assert_array_equal(loaded.score_samples(test), got.astype(np.float32))
+    head = det.as_module()
+    np.testing.assert_array_equal(head(torch.as_tensor(test))[0].numpy(),
+                                  got.astype(np.float32))
+    portable = PortableHead.from_head(head)(torch.as_tensor(test))[0].double().numpy()
+    assert np.abs(portable - want).max() < 5e-3 * np.ptp(want)
+    # What the same index searched uncentred gave.
+    det.index_.drop_centre()
+    assert np.abs(det.score_samples(test) - want).max() > 0.05 * np.ptp(want)
+
+
+def test_gradients_whose_spread_float32_rounds_past_are_warned_of_at_the_fit():
+    """Farther still (distance 180,000 times the features' spread), the centred search
+    resolves the indexed gradients, but the gradient step's own float32 rounding is a sizeable
+    part of the distances between them (they spread about their mean by 4e-5 of their norm):
+    scores 6 % of their spread off float64's. The fit says so; float64 fits quietly."""
+    x, y, ood, test = far_prototype_data(1e5)
+    with pytest.warns(UserWarning, match=r"gradients spread about their mean by 4\.\de-05 of "
+                                         r"their norm \(64 sampled\): float32's rounding .* "
+                                         r"fit and score float64 features"):
+        _, got, want = _float32_and_float64_scores(x, y, ood, test)
+    assert np.abs(got - want).max() > 0.02 * np.ptp(want)
+
+
+def test_a_search_that_centring_does_not_resolve_is_warned_of_at_the_fit():
+    """Two tight classes on either side of the (mean) OOD prototype: the gradients point
+    two ways, each nearly the same, and their mean lies between them, so a search less it
+    misses them too: the fit leaves the index as built and warns (scores 17 % of their
+    spread off float64's)."""
+    gen = np.random.default_rng(0)
+    y = gen.integers(0, 2, 600)
+    side = np.where(y == 0, 5.0, -5.0)
+    x = (side[:, None] * np.eye(16)[0] + gen.normal(size=(600, 16)) * 1e-4).astype(np.float32)
+    test = (np.eye(16)[0] * 5 * gen.choice([-1, 1], 100)[:, None]
+            + gen.normal(size=(100, 16)) * 2e-4).astype(np.float32)
     with pytest.warns(UserWarning, match=r"searched for as themselves, (\d+) of 64 sampled "
                                          r"indexed training gradients were not found .* fit "
                                          r"and score float64 features") as record:
-        det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
-    missed = int(re.search(r"themselves, (\d+) of", str(record[0].message)).group(1))
-    assert missed >= 7
-    # What it warns of: the float32 scores stray from float64's on the same inputs.
+        det = GROOD().fit(x, y)
+    assert int(re.search(r"themselves, (\d+) of", str(record[0].message)).group(1)) >= 7
+    assert det.index_.centre is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        wide = GROOD(ood_prototype="features").fit(x.astype(np.float64), y,
-                                                   ood_features=ood.astype(np.float64))
-        want = wide.score_samples(test.astype(np.float64))
-        got = det.score_samples(test).astype(np.float64)
-        assert np.abs(got - want).max() > 0.05 * np.ptp(want)
-        # Ordinary spread (1/180 of the distance): found, and scored as float64 scores.
-        x, y, ood, test = _far_prototype_data(100)
-        near = GROOD(ood_prototype="features").fit(x, y, ood_features=ood).score_samples(test)
-        wide = GROOD(ood_prototype="features").fit(x.astype(np.float64), y,
-                                                   ood_features=ood.astype(np.float64))
-        want = wide.score_samples(test.astype(np.float64))
-        assert np.abs(near - want).max() < 1e-3 * np.ptp(want)
+        want = GROOD().fit(x.astype(np.float64), y).score_samples(test.astype(np.float64))
+    assert np.abs(det.score_samples(test) - want).max() > 0.05 * np.ptp(want)
+
+
+def test_the_shard_of_a_multi_rank_fit_is_warned_of_not_centred():
+    """A shard's index stays as it was (the shards of a multi-rank detector join into one
+    index): the fit's check warns instead."""
+    x, y, ood, _ = far_prototype_data(3e3)
+    det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    index = ExactIndex(16)
+    index.add(det.index_.vectors + det.index_.centre)
+    with pytest.warns(UserWarning, match="searched for as themselves"):
+        check_search_resolves(index, torch.float32, "ieee", torch.device("cpu"),
+                              may_centre=False)
+    assert index.centre is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_search_resolves(index, torch.float32, "ieee", torch.device("cpu"))
+    assert index.centre is not None

@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,21 @@ def tight_classes(sep: float, n: int, c: int, d: int, seed: int) -> tuple[Tensor
     near = 0.9 * sep * dirs[yt] + 1.5 * torch.randn(n // 2, d, generator=gen,
                                                     dtype=torch.float64)
     return x, y, test, near
+
+
+def far_prototype_data(ratio: float) -> tuple[np.ndarray, ...]:
+    """``(train, labels, ood, test)`` in float32 (D = 16): 4 classes at 1/``ratio`` of their
+    scale, OOD features (for ``ood_prototype="features"``) about 20 times the scale away (the
+    features' RMS spread is 1/(1.86 ``ratio``) of their distance from them), and test rows,
+    half like the classes and half wider: every gradient then points nearly the same way
+    from the OOD prototype."""
+    gen = np.random.default_rng(0)
+    means = gen.normal(size=(4, 16)) * 3
+    y = gen.integers(0, 4, 600)
+    x = ((means[y] + gen.normal(size=(600, 16))) / ratio).astype(np.float32)
+    test = (np.concatenate([means[gen.integers(0, 4, 60)] + gen.normal(size=(60, 16)),
+                            gen.normal(size=(60, 16)) * 4]) / ratio).astype(np.float32)
+    return x, y, np.full((20, 16), 5.0, dtype=np.float32), test
 
 
 #: Timings of this run, one dict per timed kernel call (``--json`` writes them): ``kernel``
