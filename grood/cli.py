@@ -398,7 +398,8 @@ def info_lines(info: dict) -> list[str]:
         f"{info['n_features_in']:,}-d {info['dtype']} features; "
         f"{100 * info['train_accuracy']:.2f} % classified correctly",
         f"  index        {info['index']}{f' ({options})' if options else ''}, "
-        f"{'?' if info['indexed'] is None else format(info['indexed'], ',')} gradients; {rows}",
+        f"{'?' if info['indexed'] is None else format(info['indexed'], ',')} gradients"
+        f"{', held less their mean' if info.get('index_centred') else ''}; {rows}",
         f"  scoring      k = {info['k']}, precision {info['precision']}, backend "
         f"{info['backend']}, batch size {info['batch_size']}",
         f"  OOD          prototype {source.get('name')!r}{f' ({settings})' if settings else ''}"

@@ -751,6 +751,8 @@ def describe(path: str | os.PathLike, *, check: bool = False) -> dict[str, Any]:
                                            "extractor", "calibration", "feature_names_in")},
         "indexed": sum(sizes) if sizes else None,
         "rows_recorded": all("indexed_rows" in shapes for *_, shapes in heads),
+        # the exact index held less its gradients' mean (the fit's check: README, Numerics)
+        "index_centred": any("index.centre" in shapes for *_, shapes in heads),
         # rows the OOD prototype was averaged from, fingerprinted (None: none recorded)
         "ood_fingerprints": shapes.get("ood_fingerprints", [None])[0],
         **{key: params.get(key) for key in ("k", "precision", "backend", "batch_size",

@@ -2504,6 +2504,7 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
     assert main(["info", "--json", "--check", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["checked"] and info["n_train"] == 90 and info["indexed"] == det.index_.ntotal
+    assert info["index_centred"] is False
     assert info["digest"] == digest and info["shards"] is None
     assert info["calibration"] == det.calibration_ and info["k"] == 2
     # A damaged tensor: the header still reads, --check refuses it (exit 3, as score does).

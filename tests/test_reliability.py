@@ -1421,7 +1421,7 @@ def _float32_and_float64_scores(x, y, ood, test, **params):
             test.astype(np.float64))
 
 
-def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp_path):
+def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp_path, capsys):
     """An OOD prototype far outside the training features for their width leaves every
     gradient pointing nearly the same way, closer together than the float32 search's
     expansion resolves next to their norms: it returned other neighbours than the nearest,
@@ -1436,6 +1436,9 @@ def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp
     assert det.index_.centre is not None and "held less their mean" in repr(det.index_)
     assert np.abs(got - want).max() < 5e-3 * np.ptp(want)
     det.save(tmp_path / "far.safetensors")
+    assert persistence.describe(tmp_path / "far.safetensors")["index_centred"]
+    assert main(["info", str(tmp_path / "far.safetensors")]) == 0
+    assert f"{det.index_.ntotal} gradients, held less their mean;" in capsys.readouterr().out
     loaded = GROOD.load(tmp_path / "far.safetensors")
     assert torch.equal(loaded.index_.centre, det.index_.centre)
     np.testing.assert_array_equal(loaded.score_samples(test), got.astype(np.float32))
