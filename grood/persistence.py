@@ -48,8 +48,14 @@ _D = TypeVar("_D", bound="Placement")
 
 FILE_FORMAT = "grood.GROOD"
 FILE_FORMAT_VERSION = 2
+#: The version of a file whose exact index is held less a centre (``index.centre``: the fit's
+#: check, README Numerics): version 2's layout plus that tensor, written only then, so that
+#: a grood that reads no centre refuses the file rather than search its index unshifted.
+CENTRED_FORMAT_VERSION = 3
 #: Versions this grood reads: version 1 files hold no ``indexed_rows``.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: Versions of the shard manifests this grood reads (a sharded index holds no centre).
+MANIFEST_VERSIONS = (1, 2)
 SHARDED_FORMAT = "grood.GROOD.sharded"
 #: What files and manifests record as their writer (files before format version 2's
 #: ``written_by`` do not say).
@@ -58,6 +64,9 @@ WRITER = f"grood {__version__}"
 READS = (f"this grood ({__version__}) reads versions "
          f"{', '.join(str(v) for v in READABLE_VERSIONS)}: read it with the grood that wrote "
          "it, or a newer one")
+READS_MANIFESTS = (f"this grood ({__version__}) reads manifest versions "
+                   f"{', '.join(str(v) for v in MANIFEST_VERSIONS)}: read it with the grood "
+                   "that wrote it, or a newer one")
 TENSOR_NAMES = ("class_prototypes", "class_counts", "ood_prototype")
 #: Tensors a file may hold besides those and ``index.*``.
 OPTIONAL_TENSORS = ("indexed_rows", "ood_fingerprints")
@@ -237,7 +246,8 @@ def save_file(det: Any, path: Path, *, shard: tuple[int, int] | None = None) -> 
         state["shard"] = {"rank": shard[0], "world": shard[1]}
     meta = {
         "format": FILE_FORMAT,
-        "format_version": str(FILE_FORMAT_VERSION),
+        "format_version": str(CENTRED_FORMAT_VERSION if "index.centre" in tensors
+                              else FILE_FORMAT_VERSION),
         "written_by": WRITER,
         "params": json.dumps(params, sort_keys=True),
         "state": json.dumps(state, sort_keys=True),
@@ -340,9 +350,9 @@ def _manifest_shards(path: Path, verify: bool = True, manifest: Any = None, *,
             raise TypeError("a shard's digest is not a string")
     except (KeyError, TypeError, AttributeError) as exc:
         raise DetectorFileError(f"{path} is not a valid grood shard manifest: {exc}") from exc
-    if manifest.get("format_version") not in READABLE_VERSIONS:
+    if manifest.get("format_version") not in MANIFEST_VERSIONS:
         raise DetectorFileError(f"{path} has manifest version {manifest.get('format_version')}"
-                                f"{_writer(manifest)}; {READS}")
+                                f"{_writer(manifest)}; {READS_MANIFESTS}")
     world = manifest.get("world_size")
     if not shards:
         raise DetectorFileError(f"{path} lists no shards")
@@ -607,6 +617,12 @@ def read_file(path: Path, *, shard: tuple[int, int] | None = None,
         raise DetectorFileError(f"{path} does not match the digest in {listed[1]}")
     if stored != computed:
         raise DetectorFileError(f"{path} is corrupt: its checksum does not match its contents")
+    if ("index.centre" in names) != (version >= CENTRED_FORMAT_VERSION):
+        raise DetectorFileError(
+            f"{path} is inconsistent: format version {version} "
+            + ("holds no index.centre (a version 3 file's index is held less one)"
+               if version >= CENTRED_FORMAT_VERSION else
+               f"holds an index.centre (only version {CENTRED_FORMAT_VERSION} files do)"))
     params, state = _parsed_metadata(path, meta)
 
     c, d = state["n_classes"], state["n_features_in"]

@@ -2517,10 +2517,10 @@ def test_info_describes_a_detector_file_and_checks_it_on_request(tmp_path, capsy
     assert main(["info", "--check", str(path)]) == 3
     assert "is corrupt: its checksum does not match" in capsys.readouterr().err
     # A file of a newer format: refused, naming its writer.
-    meta.update(format_version="3", written_by="grood 7.1.0")
+    meta.update(format_version="4", written_by="grood 7.1.0")
     save_file(tensors, str(path), metadata=meta)
     assert main(["info", str(path)]) == 3
-    assert "format version 3 (written by grood 7.1.0)" in capsys.readouterr().err
+    assert "format version 4 (written by grood 7.1.0)" in capsys.readouterr().err
     # A format version 1 file names no writer and no training rows.
     assert main(["info", str(Path(__file__).parent / "data" / "detector_v1.safetensors")]) == 0
     text = capsys.readouterr().out

@@ -595,7 +595,7 @@ def test_future_format_version_is_refused(saved):
     meta.update(format_version="99", written_by="grood 9.0.0")
     save_file(tensors, str(saved), metadata=meta)
     with pytest.raises(ValueError, match=r"format version 99 \(written by grood 9\.0\.0\); "
-                                         r"this grood \(.+\) reads versions 1, 2: read it with "
+                                         r"this grood \(.+\) reads versions 1, 2, 3: read it with "
                                          "the grood that wrote it, or a newer one"):
         GROOD.load(saved)
     del meta["written_by"]  # one that does not say (as format version 1 files do not)

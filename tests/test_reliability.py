@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import clustered_features
+from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data
@@ -93,7 +93,8 @@ def test_edited_manifests_are_refused(sharded, tmp_path, edit):
         match = "is not a valid grood shard manifest: 'file'"
     elif edit == "newer version":
         manifest.update(format_version=3, written_by="grood 9.0.0")
-        match = r"manifest version 3 \(written by grood 9\.0\.0\); this grood"
+        match = (r"manifest version 3 \(written by grood 9\.0\.0\); this grood \(.+\) reads "
+                 r"manifest versions 1, 2:")
     elif edit == "not json":
         manifest_path.write_text("{" + json.dumps(manifest)[:40])
         with pytest.raises(ValueError, match="is not a grood detector file"):
@@ -1436,7 +1437,8 @@ def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp
     assert det.index_.centre is not None and "held less their mean" in repr(det.index_)
     assert np.abs(got - want).max() < 5e-3 * np.ptp(want)
     det.save(tmp_path / "far.safetensors")
-    assert persistence.describe(tmp_path / "far.safetensors")["index_centred"]
+    described = persistence.describe(tmp_path / "far.safetensors")
+    assert described["index_centred"] and described["format_version"] == 3
     assert main(["info", str(tmp_path / "far.safetensors")]) == 0
     assert f"{det.index_.ntotal} gradients, held less their mean;" in capsys.readouterr().out
     loaded = GROOD.load(tmp_path / "far.safetensors")
@@ -1503,3 +1505,37 @@ def test_the_shard_of_a_multi_rank_fit_is_warned_of_not_centred():
         warnings.simplefilter("error")
         check_search_resolves(index, torch.float32, "ieee", torch.device("cpu"))
     assert index.centre is not None
+
+
+def test_a_file_whose_index_is_held_less_a_centre_is_version_3_and_refused_where_unread(
+        tmp_path, monkeypatch):
+    """Written as format version 3 (version 2 plus index.centre), so that a grood reading
+    only versions 1 and 2 refuses it instead of searching its index unshifted; a file whose
+    version and centre disagree is refused as inconsistent."""
+    x, y, ood, _ = far_prototype_data(3e3)
+    det = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+    path = tmp_path / "far.safetensors"
+    det.save(path)
+    with monkeypatch.context() as patched:  # a grood that reads versions 1 and 2
+        patched.setattr(persistence, "READABLE_VERSIONS", (1, 2))
+        with pytest.raises(DetectorFileError, match=r"format version 3 \(written by grood "):
+            GROOD.load(path)
+    plain = GROOD(progress=False).fit(x * 3e3, y)
+    plain.save(tmp_path / "plain.safetensors")
+    assert persistence.describe(tmp_path / "plain.safetensors")["format_version"] == 2
+
+    def as_version_2(meta, tensors):
+        meta["format_version"] = "2"
+
+    rewrite_detector_file(path, as_version_2)
+    with pytest.raises(DetectorFileError, match=r"is inconsistent: format version 2 holds an "
+                                                r"index\.centre \(only version 3 files do\)"):
+        GROOD.load(path)
+
+    def without_centre(meta, tensors):
+        meta["format_version"] = "3"
+
+    rewrite_detector_file(tmp_path / "plain.safetensors", without_centre)
+    with pytest.raises(DetectorFileError, match=r"is inconsistent: format version 3 holds no "
+                                                r"index\.centre"):
+        GROOD.load(tmp_path / "plain.safetensors")
