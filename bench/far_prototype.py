@@ -10,7 +10,12 @@ error against float64's on the same float32-rounded inputs, as a share of float6
 spread: as fitted, with the index searched uncentred, and with a float64 search of the same
 float32 query and indexed gradients (what float32 gradients allow at best).
 
-    python bench/far_prototype.py          # the table (seconds on a CPU)
+A second table emulates the check's self-search with the candidate GEMM of each precision
+mode (operands rounded as tensor cores read them: TF32 truncated to 10 mantissa bits, bf16
+rounded to nearest; products and sums in float64; 5 candidates re-ranked exactly), as built
+and less the gradients' mean, on the same data and on ordinary clustered features.
+
+    python bench/far_prototype.py          # both tables (under a minute on a CPU)
     python bench/far_prototype.py --tiny   # two ratios
 """
 
@@ -26,7 +31,7 @@ import torch
 
 import grood
 from grood import GROOD, functional
-from grood._bench.common import far_prototype_data
+from grood._bench.common import far_prototype_data, realistic_features
 from grood._fit import missed_as_themselves, missed_less
 
 
@@ -67,6 +72,33 @@ def row(ratio: float) -> str:
             f"{fitted:.2g} | {at_best:.2g} | {said} |")
 
 
+def emulated_misses(vectors: torch.Tensor, mode: str) -> int:
+    """The check's self-search of 64 evenly spaced ``vectors`` with ``mode``'s candidate GEMM
+    emulated: how many come back as another row at a distance above 0."""
+    from grood_kernels._prepare import tf32_truncated
+
+    ids = torch.linspace(0, len(vectors) - 1, 64).round().long().unique()
+    q = vectors[ids]
+    rounded = {"ieee": lambda t: t, "tf32": tf32_truncated,
+               "bf16": lambda t: t.bfloat16()}[mode]
+    dots = rounded(q).double() @ rounded(vectors).double().T
+    est = ((q * q).sum(1).double()[:, None] + (vectors * vectors).sum(1).double()[None]
+           - 2 * dots).float().clamp_min(0)
+    cand = torch.topk(est, min(5, len(vectors)), largest=False).indices
+    exact = (q[:, None, :] - vectors[cand]).square().sum(2)
+    found = cand.gather(1, exact.argmin(1, keepdim=True))[:, 0]
+    return int(((found != ids) & (exact.min(1).values > 0)).sum())
+
+
+def modes_row(name: str, vectors: torch.Tensor) -> str:
+    """One row of the second table: misses as built and less the mean, per mode."""
+    centre = vectors.double().mean(0).float()
+    built = " / ".join(str(emulated_misses(vectors, m)) for m in ("ieee", "tf32", "bf16"))
+    less = " / ".join(str(emulated_misses(vectors - centre, m))
+                      for m in ("ieee", "tf32", "bf16"))
+    return f"| {name} | {built} | {less} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="two ratios (a smoke run)")
@@ -81,6 +113,23 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for ratio in ratios:
         print(row(ratio), flush=True)
+    print("\nThe self-search with each mode's candidate GEMM emulated: missed of 64\n")
+    print("| features | missed as built: ieee / tf32 / bf16 | missed less the mean: ieee / "
+          "tf32 / bf16 |")
+    print("|---|---|---|")
+    warnings.simplefilter("ignore")  # (the fits' own warnings: the first table has them)
+    for ratio in ratios:
+        x, y, ood, _ = far_prototype_data(ratio)
+        det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+        held = det.index_.vectors + (0.0 if det.index_.centre is None else det.index_.centre)
+        spread = np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean())
+        distance = float(np.linalg.norm(x.astype(np.float64).mean(0) - ood[0]))
+        print(modes_row(f"distance / spread {distance / spread:,.0f}", held), flush=True)
+    n, c, d = (2000, 20, 64) if args.tiny else (20000, 100, 512)
+    x, y = realistic_features(n, c, d, seed=0, device="cpu")
+    det = GROOD().fit(x.float(), y)
+    print(modes_row(f"clustered post-ReLU features, {n:,} x {d}, {c} classes",
+                    det.index_.vectors), flush=True)
 
 
 if __name__ == "__main__":
