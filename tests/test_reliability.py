@@ -1452,6 +1452,11 @@ def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp
     # What the same index searched uncentred gave.
     det.index_.drop_centre()
     assert np.abs(det.score_samples(test) - want).max() > 0.05 * np.ptp(want)
+    # Ordinary spread (1/186 of the distance): found as built, scored as float64 scores.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        near, got, want = _float32_and_float64_scores(*far_prototype_data(100))
+    assert near.index_.centre is None and np.abs(got - want).max() < 1e-3 * np.ptp(want)
 
 
 def test_gradients_whose_spread_float32_rounds_past_are_warned_of_at_the_fit():
