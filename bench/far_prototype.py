@@ -32,7 +32,8 @@ import torch
 import grood
 from grood import GROOD, functional
 from grood._bench.common import far_prototype_data, realistic_features
-from grood._fit import missed_as_themselves, missed_less
+from grood._fit import missed_as_themselves, missed_less_centre
+from grood.index import spread_share
 
 
 def row(ratio: float) -> str:
@@ -56,16 +57,14 @@ def row(ratio: float) -> str:
     fitted = np.abs(det.score_samples(test) - want).max() / span
     # The gradients as queries would be (held plus any centre), in float32 and float64.
     held = index.vectors + (index.centre if centred else 0.0)
-    rows = held.double()
-    rel = float((rows - rows.mean(0)).square().sum(1).mean().sqrt()
-                / rows.square().sum(1).mean().sqrt())
+    rel = spread_share(held)
     grads = functional.ncp_gradient(torch.as_tensor(test), det.class_prototypes_,
                                     det.ood_prototype_).grad
     best, _ = functional.knn(grads.double(), held.double(), 1)
     at_best = np.abs(-best[:, 0].numpy() - want).max() / span
     index.drop_centre()  # (each row within a rounding of the fit's)
     missed = missed_as_themselves(index, ids)
-    less_mean = missed_less(index, ids, index.vectors_mean())
+    less_mean = missed_less_centre(index, ids, index.vectors_mean())
     uncentred = np.abs(det.score_samples(test) - want).max() / span
     kept = f"{'yes' if centred else 'no'} ({less_mean})"
     return (f"| {distance / spread:,.0f} | {missed} | {kept} | {rel:.2g} | {uncentred:.2g} | "

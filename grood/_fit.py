@@ -30,7 +30,13 @@ from grood._checks import (
 )
 from grood._gradients import GradientStep, tiny_gradient_norm
 from grood.functional import PrototypeState, class_prototypes
-from grood.index import STORAGE_CHUNK_ROWS, ExactIndex, GradientIndex, make_index
+from grood.index import (
+    STORAGE_CHUNK_ROWS,
+    ExactIndex,
+    GradientIndex,
+    make_index,
+    spread_share,
+)
 from grood.prototypes import OODPrototypeSource, PrototypeContext
 
 
@@ -316,7 +322,7 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     if (missed >= UNRESOLVED_SHARE * ids.numel() and may_centre
             and isinstance(index, ExactIndex)):
         mean = index.vectors_mean()
-        centred = missed_less(index, ids, mean)
+        centred = missed_less_centre(index, ids, mean)
         if centred < UNRESOLVED_SHARE * ids.numel():
             index.centre_on(mean)
             missed = centred
@@ -350,10 +356,8 @@ def check_gradients_spread(index: GradientIndex, ids: Tensor, dtype: torch.dtype
     held = index.vectors_at(ids)
     if held is None or held.shape[0] < 2:
         return
-    rows = held.double() + (0.0 if index.centre is None else index.centre.double())
-    size = float(rows.square().sum(1).mean().sqrt())
-    spread = float((rows - rows.mean(0)).square().sum(1).mean().sqrt())
-    if not size or spread >= SPREAD_LIMIT_EPS * torch.finfo(dtype).eps * size:
+    share = spread_share(held, index.centre)
+    if share >= SPREAD_LIMIT_EPS * torch.finfo(dtype).eps:
         return
     if dtype == torch.float64:
         fix = ("float64 resolves them no better: is the OOD prototype meant to lie that far "
@@ -362,7 +366,7 @@ def check_gradients_spread(index: GradientIndex, ids: Tensor, dtype: torch.dtype
         fix = f"{FLOAT64_ADVICE}, which resolve them"
     name = str(dtype).removeprefix("torch.")
     warnings.warn(
-        f"the indexed training gradients spread about their mean by {spread / size:.2g} of "
+        f"the indexed training gradients spread about their mean by {share:.2g} of "
         f"their norm ({ids.numel()} sampled): {name}'s rounding of each gradient is a "
         "sizeable part of the distances between them, so their scores carry it. They all "
         "point nearly the same way, as where the OOD prototype lies far outside the training "
@@ -380,7 +384,7 @@ def missed_as_themselves(index: GradientIndex, ids: Tensor) -> int | None:
     return int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
 
 
-def missed_less(index: ExactIndex, ids: Tensor, centre: Tensor) -> int:
+def missed_less_centre(index: ExactIndex, ids: Tensor, centre: Tensor) -> int:
     """:func:`missed_as_themselves` with the index and the queries less ``centre``: the
     index's own search, run on its rows shifted a block at a time (the index itself
     unchanged). Shifted alike, each query is its row exactly, at distance 0."""

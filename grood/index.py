@@ -195,6 +195,16 @@ STORAGE_CHUNK_ROWS = 65536
 STORED_ROW_TOLERANCE = 2.0**-5
 
 
+def spread_share(rows: Tensor, centre: Tensor | None = None) -> float:
+    """The RMS distance of ``rows`` [m, D] (plus ``centre``, where given: an index's rows as
+    its queries would be) from their mean, over their RMS norm, in float64: near 1 for the
+    gradients of a trained network, small where they all point nearly the same way; 1 for
+    rows that are all 0."""
+    x = rows.double() + (0.0 if centre is None else centre.double())
+    size = float(x.square().sum(1).mean().sqrt())
+    return float((x - x.mean(0)).square().sum(1).mean().sqrt()) / size if size else 1.0
+
+
 def stored_rows_lost(stored: Tensor, exact: Tensor) -> Tensor:
     """Rows [M] (bool) whose half-precision copy lies farther than
     :data:`STORED_ROW_TOLERANCE` of their norm from them: float16 keeps its relative precision

@@ -54,6 +54,7 @@ from grood.head import (
     check_feature_batch,
     own_shared_buffers,
 )
+from grood.index import spread_share
 from grood_kernels.contract import NCP_CANDIDATES, RERANK_EXTRA, ncp_scale
 
 __all__ = ["PortableHead", "export_onnx"]
@@ -608,14 +609,11 @@ def score_tolerance(head: PortableHead) -> float:
     norms, and float32's rounding of each is a larger part of the distances between them)."""
     blocks = [vectors for vectors, _ in head.index_blocks()]
     step = max(1, sum(b.shape[0] for b in blocks) // SPREAD_SAMPLE_ROWS)
-    rows = torch.cat([b[::step] for b in blocks]).double()  # (no copy of the whole index)
-    if head.index_centre is not None:
-        rows = rows + head.index_centre.double()
-    size = float(rows.square().sum(1).mean().sqrt())
-    spread = float((rows - rows.mean(0)).square().sum(1).mean().sqrt())
-    if not spread:
+    rows = torch.cat([b[::step] for b in blocks])  # (no copy of the whole index)
+    share = spread_share(rows, head.index_centre)
+    if not share:
         return SCORE_TOLERANCE
-    per_spread = SCORE_TOLERANCE_PER_SPREAD * torch.finfo(torch.float32).eps * size / spread
+    per_spread = SCORE_TOLERANCE_PER_SPREAD * torch.finfo(torch.float32).eps / share
     return max(SCORE_TOLERANCE, per_spread)
 
 
