@@ -36,12 +36,17 @@ from grood._fit import missed_as_themselves, missed_less_centre
 from grood.index import spread_share
 
 
+def distance_over_spread(x: np.ndarray, ood: np.ndarray) -> float:
+    """The features' distance from the OOD prototype over their RMS spread about their mean."""
+    x64 = x.astype(np.float64)
+    spread = np.sqrt(((x64 - x64.mean(0)) ** 2).sum(1).mean())
+    return float(np.linalg.norm(x64.mean(0) - ood.astype(np.float64).mean(0))) / spread
+
+
 def row(ratio: float) -> str:
     """One table row."""
     x, y, ood, test = far_prototype_data(ratio)
     x64 = x.astype(np.float64)
-    spread = np.sqrt(((x64 - x64.mean(0)) ** 2).sum(1).mean())
-    distance = float(np.linalg.norm(x64.mean(0) - ood[0]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
@@ -63,12 +68,13 @@ def row(ratio: float) -> str:
     best, _ = functional.knn(grads.double(), held.double(), 1)
     at_best = np.abs(-best[:, 0].numpy() - want).max() / span
     index.drop_centre()  # (each row within a rounding of the fit's)
-    missed = missed_as_themselves(index, ids)
-    less_mean = missed_less_centre(index, ids, index.vectors_mean())
+    rows = index.vectors_at(ids)
+    missed = missed_as_themselves(index, ids, rows)
+    less_mean = missed_less_centre(index, ids, rows, index.vectors_mean())
     uncentred = np.abs(det.score_samples(test) - want).max() / span
     kept = f"{'yes' if centred else 'no'} ({less_mean})"
-    return (f"| {distance / spread:,.0f} | {missed} | {kept} | {rel:.2g} | {uncentred:.2g} | "
-            f"{fitted:.2g} | {at_best:.2g} | {said} |")
+    return (f"| {distance_over_spread(x, ood):,.0f} | {missed} | {kept} | {rel:.2g} | "
+            f"{uncentred:.2g} | {fitted:.2g} | {at_best:.2g} | {said} |")
 
 
 def emulated_misses(vectors: torch.Tensor, mode: str) -> int:
@@ -121,9 +127,8 @@ def main() -> None:
         x, y, ood, _ = far_prototype_data(ratio)
         det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
         held = det.index_.vectors + (0.0 if det.index_.centre is None else det.index_.centre)
-        spread = np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean())
-        distance = float(np.linalg.norm(x.astype(np.float64).mean(0) - ood[0]))
-        print(modes_row(f"distance / spread {distance / spread:,.0f}", held), flush=True)
+        print(modes_row(f"distance / spread {distance_over_spread(x, ood):,.0f}", held),
+              flush=True)
     n, c, d = (2000, 20, 64) if args.tiny else (20000, 100, 512)
     x, y = realistic_features(n, c, d, seed=0, device="cpu")
     det = GROOD().fit(x.float(), y)

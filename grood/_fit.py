@@ -316,18 +316,19 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     if n < 2 or index.centre is not None:  # (a centred index was checked when centred)
         return
     ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
-    missed = missed_as_themselves(index, ids)
-    if missed is None:  # (a kind that cannot give its rows back cheaply)
+    held = index.vectors_at(ids)
+    if held is None:  # (a kind that cannot give its rows back cheaply)
         return
+    missed = missed_as_themselves(index, ids, held)
     if (missed >= UNRESOLVED_SHARE * ids.numel() and may_centre
             and isinstance(index, ExactIndex)):
         mean = index.vectors_mean()
-        centred = missed_less_centre(index, ids, mean)
+        centred = missed_less_centre(index, ids, held, mean)
         if centred < UNRESOLVED_SHARE * ids.numel():
             index.centre_on(mean)
             missed = centred
     if missed < UNRESOLVED_SHARE * ids.numel():
-        check_gradients_spread(index, ids, dtype)
+        check_gradients_spread(held, dtype)  # (read before any centring: as queries are)
         return
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float64:
@@ -346,17 +347,16 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         f"{fix}", UserWarning, stacklevel=user_stacklevel())
 
 
-def check_gradients_spread(index: GradientIndex, ids: Tensor, dtype: torch.dtype) -> None:
-    """Warn where the indexed gradients ``ids`` (as queries would be: held plus any centre)
-    spread about their mean by less than ``SPREAD_LIMIT_EPS`` times ``dtype``'s epsilon of
-    their norm: a search may resolve them (held less their mean), but the gradient step rounds
-    each by about 1e-6 of its norm in float32, a sizeable part of the distances between
-    them, and the scores carry it (max 1 % of their spread from float64's at a spread of
-    4e-4, 6 % at 4e-5, 80 % at 4e-6)."""
-    held = index.vectors_at(ids)
-    if held is None or held.shape[0] < 2:
+def check_gradients_spread(rows: Tensor, dtype: torch.dtype) -> None:
+    """Warn where sampled indexed gradients (``rows`` [m, D], unshifted, as queries are) spread
+    about their mean by less than ``SPREAD_LIMIT_EPS`` times ``dtype``'s epsilon of their
+    norm: a search may resolve them (held less their mean), but the gradient step rounds each
+    by about 1e-6 of its norm in float32, a sizeable part of the distances between them, and
+    the scores carry it (max 1 % of their spread from float64's at a spread of 4e-4, 6 % at
+    4e-5, 80 % at 4e-6)."""
+    if rows.shape[0] < 2:
         return
-    share = spread_share(held, index.centre)
+    share = spread_share(rows)
     if share >= SPREAD_LIMIT_EPS * torch.finfo(dtype).eps:
         return
     if dtype == torch.float64:
@@ -367,29 +367,26 @@ def check_gradients_spread(index: GradientIndex, ids: Tensor, dtype: torch.dtype
     name = str(dtype).removeprefix("torch.")
     warnings.warn(
         f"the indexed training gradients spread about their mean by {share:.2g} of "
-        f"their norm ({ids.numel()} sampled): {name}'s rounding of each gradient is a "
+        f"their norm ({rows.shape[0]} sampled): {name}'s rounding of each gradient is a "
         "sizeable part of the distances between them, so their scores carry it. They all "
         "point nearly the same way, as where the OOD prototype lies far outside the training "
         f"features for their width; {fix}", UserWarning, stacklevel=user_stacklevel())
 
 
-def missed_as_themselves(index: GradientIndex, ids: Tensor) -> int | None:
-    """How many of the indexed vectors ``ids`` [m] a search for them as themselves misses
-    (another row comes back, at a distance above 0), for an index not held less a centre;
-    None where the kind cannot give its vectors back."""
-    held = index.vectors_at(ids)
-    if held is None:
-        return None
+def missed_as_themselves(index: GradientIndex, ids: Tensor, held: Tensor) -> int:
+    """How many of the indexed vectors ``ids`` [m] (rows ``held``: ``index.vectors_at(ids)``)
+    a search for them as themselves misses (another row comes back, at a distance above 0),
+    for an index not held less a centre."""
     dists, found = index.search(held, 1)
     return int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
 
 
-def missed_less_centre(index: ExactIndex, ids: Tensor, centre: Tensor) -> int:
+def missed_less_centre(index: ExactIndex, ids: Tensor, held: Tensor, centre: Tensor) -> int:
     """:func:`missed_as_themselves` with the index and the queries less ``centre``: the
     index's own search, run on its rows shifted a block at a time (the index itself
     unchanged). Shifted alike, each query is its row exactly, at distance 0."""
     search = ops.get_op("knn", index.backend)
-    queries = index.vectors[ids.to(index.exact_device)].to(index.device) - centre
+    queries = held.to(index.device) - centre
     best_d = torch.full((queries.shape[0],), float("inf"), dtype=queries.dtype,
                         device=index.device)
     best_i = torch.full_like(best_d, -1, dtype=torch.int64)

@@ -490,19 +490,16 @@ class ExactIndex(GradientIndex):
         if self._sq_norms is None:
             self._sq_norms = database_sq_norms_of(self.vectors).to(self.device)
         extra = {} if self.storage is None else {"rerank_database": self.vectors}
-        if queries.dtype == torch.float64 and self.dtype != torch.float64:
-            # float64 queries are searched in float64 (by the torch implementation).
-            queries = queries.to(self.device)
-            if self.centre is not None:
-                queries = queries - self.centre
-            return ops.get_op("knn", "torch")(queries, searched, k,
-                                              database_sq_norms=self._sq_norms.double(), **extra)
-        impl = ops.get_op("knn", self.backend)
-        queries = queries.to(device=self.device, dtype=self.dtype)
+        # float64 queries are searched in float64 (by the torch implementation).
+        wide = queries.dtype == torch.float64 and self.dtype != torch.float64
+        queries = queries.to(device=self.device, dtype=torch.float64 if wide else self.dtype)
         if self.centre is not None:
             queries = queries - self.centre
-        return impl(queries, searched, k, precision=self.precision,
-                    database_sq_norms=self._sq_norms, **extra)
+        if wide:
+            return ops.get_op("knn", "torch")(queries, searched, k,
+                                              database_sq_norms=self._sq_norms.double(), **extra)
+        return ops.get_op("knn", self.backend)(queries, searched, k, precision=self.precision,
+                                               database_sq_norms=self._sq_norms, **extra)
 
     def __repr__(self) -> str:
         storage = "" if self.storage is None else (
@@ -704,12 +701,8 @@ class FaissFlatIndex(_FaissIndex):
                                 ).reshape(-1, self.dim)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors that define the index (for saving): the vectors as held, and the
-        :attr:`centre` where one is set."""
-        state = {"vectors": self.vectors.contiguous()}
-        if self.centre is not None:
-            state["centre"] = self.centre
-        return state
+        """Tensors that define the index (for saving)."""
+        return {"vectors": self.vectors.contiguous()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, device: torch.device | str = "cpu",
