@@ -319,13 +319,16 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     held = index.vectors_at(ids)
     if held is None:  # (a kind that cannot give its rows back cheaply)
         return
-    missed = missed_as_themselves(index, ids, held)
-    if (missed >= UNRESOLVED_SHARE * ids.numel() and may_centre
-            and isinstance(index, ExactIndex)):
-        mean = index.vectors_mean()
-        centred = missed_less_centre(index, ids, held, mean)
+    exact = index if isinstance(index, ExactIndex) else None
+    storage = None if exact is None or exact.storage is None else exact._storage_name
+    # (a half-precision copy is not made here: its first search makes it, and warns of it)
+    missed = (missed_as_themselves(index, ids, held) if exact is None or storage is None
+              else missed_in_blocks(exact, ids, held))
+    if missed >= UNRESOLVED_SHARE * ids.numel() and may_centre and exact is not None:
+        mean = exact.vectors_mean()
+        centred = missed_in_blocks(exact, ids, held, mean)
         if centred < UNRESOLVED_SHARE * ids.numel():
-            index.centre_on(mean)
+            exact.centre_on(mean)
             missed = centred
     if missed < UNRESOLVED_SHARE * ids.numel():
         check_gradients_spread(held, dtype)  # (read before any centring: as queries are)
@@ -338,10 +341,17 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         fix = f"{FLOAT64_ADVICE}, whose search resolves them"
         if precision != "ieee" and device.type == "cuda":  # (the CPU's GEMMs are fp32)
             fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
+    rounding = (f"the {name} search's rounding" if storage is None else
+                f"the search's rounding on the index's {storage} copy")
+    if storage is not None:  # (the copy rounds each row by its precision of the row's norm)
+        fix = ("fit with index_options storage='bfloat16', whose range holds gradients this "
+               "small, or without storage" if exact is not None and exact.storage ==
+               torch.float16 else f"fit without index_options storage (the {storage} copy "
+               f"rounds each gradient by 2**-9 of its norm)") + "; that fit checks its search again"
     warnings.warn(
         f"searched for as themselves, {missed} of {ids.numel()} sampled indexed training "
         f"gradients were not found (another, farther row came back): the gradients lie closer "
-        f"together than the {name} search's rounding resolves next to their norms, so scores "
+        f"together than {rounding} resolves next to their norms, so scores "
         "come from other neighbours than the nearest. They all point nearly the same way, as "
         "where the OOD prototype lies far outside the training features for their width; "
         f"{fix}", UserWarning, stacklevel=user_stacklevel())
@@ -381,18 +391,29 @@ def missed_as_themselves(index: GradientIndex, ids: Tensor, held: Tensor) -> int
     return int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
 
 
-def missed_less_centre(index: ExactIndex, ids: Tensor, held: Tensor, centre: Tensor) -> int:
-    """:func:`missed_as_themselves` with the index and the queries less ``centre``: the
-    index's own search, run on its rows shifted a block at a time (the index itself
-    unchanged). Shifted alike, each query is its row exactly, at distance 0."""
+def missed_in_blocks(index: ExactIndex, ids: Tensor, held: Tensor,
+                     centre: Tensor | None = None) -> int:
+    """:func:`missed_as_themselves` by the index's own search run on its rows a block at a
+    time, the index itself unchanged: with the rows and the queries less ``centre`` where one
+    is given (shifted alike, each query is its row exactly, at distance 0), and where the
+    index searches a half-precision ``storage`` copy, on each block rounded so, its
+    candidates re-ranked on the exact rows, as the index's search does (without making its
+    copy)."""
     search = ops.get_op("knn", index.backend)
-    queries = held.to(index.device) - centre
+    queries = held.to(index.device)
+    if centre is not None:
+        centre = centre.to(index.device)
+        queries = queries - centre
     best_d = torch.full((queries.shape[0],), float("inf"), dtype=queries.dtype,
                         device=index.device)
     best_i = torch.full_like(best_d, -1, dtype=torch.int64)
     for m0 in range(0, index.ntotal, STORAGE_CHUNK_ROWS):
-        rows = index.vectors[m0:m0 + STORAGE_CHUNK_ROWS].to(index.device) - centre
-        d, i = search(queries, rows, 1, precision=index.precision)
+        rows = index.vectors[m0:m0 + STORAGE_CHUNK_ROWS].to(index.device)
+        if centre is not None:
+            rows = rows - centre
+        extra = {} if index.storage is None else {"rerank_database": rows}
+        searched = rows if index.storage is None else rows.to(index.storage)
+        d, i = search(queries, searched, 1, precision=index.precision, **extra)
         nearer = d[:, 0] < best_d  # (ties: the earlier block's lower row)
         best_d = torch.where(nearer, d[:, 0], best_d)
         best_i = torch.where(nearer, i[:, 0] + m0, best_i)

@@ -365,7 +365,7 @@ class ExactIndex(GradientIndex):
         room = self._room(x.shape[0])
         room[...] = x.to(device=self.exact_device, dtype=self.dtype)
         if self.centre is not None:
-            room.sub_(self.centre)
+            room.sub_(self._held_centre())
         self._appended(x.shape[0])
 
     def add_where(self, x: Tensor, keep: Tensor) -> None:
@@ -381,16 +381,12 @@ class ExactIndex(GradientIndex):
         added = torch.index_select(x, 0, rows, out=self._room(rows.numel()))
         check_finite_rows(added, "index vectors", row_offset=self._n)  # before they count
         if self.centre is not None:
-            added.sub_(self.centre)
+            added.sub_(self._held_centre())
         self._appended(rows.numel())
 
     def vectors_at(self, ids: Tensor) -> Tensor | None:
         """The exact vectors ``ids`` [m] as held (less :attr:`centre` where one is set), as
-        [m, D] copies; None where a half-precision copy is searched (searching it at the fit
-        would make that copy there, not at the first search, and move its warnings with
-        it)."""
-        if self.storage is not None:
-            return None
+        [m, D] copies (where a half-precision copy is searched, of the exact rows)."""
         return self.vectors[ids.to(self.exact_device)]
 
     def vectors_mean(self) -> Tensor:
@@ -414,11 +410,9 @@ class ExactIndex(GradientIndex):
         centres an index only where its check finds the search unresolved and centring
         resolves it (``grood._fit.check_search_resolves``). Each vector is rounded once
         more, to within a rounding of its distance from ``centre``. Rows added later are
-        shifted as they come; the shift is saved with the index. Not with a half-precision
-        ``storage`` copy, nor twice (ValueError)."""
-        if self.storage is not None:
-            raise ValueError("centre_on() shifts the vectors the search reads; this index "
-                             f"searches a {self._storage_name} copy of them")
+        shifted as they come; the shift is saved with the index. A half-precision ``storage``
+        copy is made anew from the shifted rows, so it rounds each by its precision of the
+        row's distance from ``centre``, not of its norm. Not twice (ValueError)."""
         if self.centre is not None:
             raise ValueError("this index is already held less a centre (drop_centre() first)")
         if tuple(centre.shape) != (self.dim,) or not bool(torch.isfinite(centre).all()):
@@ -426,17 +420,23 @@ class ExactIndex(GradientIndex):
                              f"{tuple(centre.shape)}")
         with torch.inference_mode(False):  # (as the buffer: see reserve)
             self.centre = centre.to(self.device, self.dtype).clone()
-            self.vectors.sub_(self.centre)
-        self._sq_norms = None
+            self.vectors.sub_(self._held_centre())
+        self._sq_norms = self._stored = None
 
     def drop_centre(self) -> None:
         """Hold the vectors unshifted again (each within a rounding of what was added)."""
         if self.centre is None:
             return
         with torch.inference_mode(False):
-            self.vectors.add_(self.centre)
+            self.vectors.add_(self._held_centre())
         self.centre = None
-        self._sq_norms = None
+        self._sq_norms = self._stored = None
+
+    def _held_centre(self) -> Tensor:
+        """:attr:`centre` where the exact vectors live (host memory for ``exact_copy="host"``;
+        queries take it on the search device)."""
+        assert self.centre is not None
+        return self.centre.to(self.exact_device)
 
     def _room(self, n: int) -> Tensor:
         """The buffer rows the next ``n`` vectors go to (growing it when they do not fit)."""
@@ -531,10 +531,10 @@ class ExactIndex(GradientIndex):
                     precision=precision, **(options or {}))
         if centre is not None:
             if (tuple(centre.shape) != (vectors.shape[1],) or centre.dtype != vectors.dtype
-                    or index.storage is not None or not bool(torch.isfinite(centre).all())):
+                    or not bool(torch.isfinite(centre).all())):
                 name = str(vectors.dtype).removeprefix("torch.")
                 raise ValueError(f"the index's centre must be a finite {name} vector "
-                                 f"[{vectors.shape[1]}] of an index without a storage copy; got "
+                                 f"[{vectors.shape[1]}]; got "
                                  f"{str(centre.dtype).removeprefix('torch.')} "
                                  f"{list(centre.shape)}")
             index.centre = centre.to(index.device)

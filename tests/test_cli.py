@@ -1910,13 +1910,20 @@ def test_far_prototype_table_at_tiny_size():
     """bench/far_prototype.py --tiny: features of ordinary spread fit as built; 18,570 times
     farther from the OOD prototype than wide, the fit holds the index less its mean, which
     finds every sampled gradient, scores as a float64 search of the same gradients does, and
-    warns of the gradients' spread."""
+    warns of the gradients' spread. With a bf16 copy searched, the fit holds the index less
+    its mean at 186 (scores off by more than their spread before); a float16 copy is warned
+    of."""
     script = Path(__file__).resolve().parents[1] / "bench" / "far_prototype.py"
     out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
                          text=True, check=True).stdout
     rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
             if r.startswith("| ") and r[2].isdigit()]
-    near, far = rows
+    near, far = (r for r in rows if len(r) == 8)
+    stored = {(r[0], r[1]): r[2:] for r in rows if len(r) == 7}
+    bf16 = stored[("186", "bfloat16")]
+    assert int(bf16[0]) >= 7 and bf16[1] == "yes (0)" and bf16[-1] == "-"
+    assert float(bf16[2]) > 0.5 and float(bf16[3]) < 0.01
+    assert stored[("186", "float16")][-1] == "search, lost rows"
     assert near[1:3] == ["0", "no (0)"] and near[-1] == "-"
     assert int(far[1]) >= 7 and far[2] == "yes (0)" and far[-1] == "spread"
     assert float(far[4]) > 0.5 and float(far[5]) == float(far[6]) < 0.05

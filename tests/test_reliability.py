@@ -1459,6 +1459,45 @@ def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp
     assert near.index_.centre is None and np.abs(got - want).max() < 1e-3 * np.ptp(want)
 
 
+def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(
+        tmp_path):
+    """A bf16 copy of the index rounds each gradient by 2**-9 of its norm: with an OOD
+    prototype 186 times the features' spread away (where the float32 index resolves them)
+    its search returned other neighbours, and scores 140 % of their spread off float64's
+    came without a word (the fit did not check such an index). The fit checks it on blocks
+    of the rows rounded as the copy holds them, without making the copy, and holds the index
+    less the gradients' mean, whose copy resolves them: within 1 % of float64's, after
+    loading too. A float16 copy, whose range loses such gradients less their mean, is
+    warned of."""
+    x, y, ood, test = far_prototype_data(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = GROOD(ood_prototype="features").fit(
+            x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
+            test.astype(np.float64))
+        det = GROOD(ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
+            x, y, ood_features=ood)
+        assert det.index_._stored is None  # (made by the first search, as before)
+        got = det.score_samples(test).astype(np.float64)
+    assert det.index_.centre is not None and det.index_.storage == torch.bfloat16
+    assert np.abs(got - want).max() < 1e-2 * np.ptp(want)
+    det.save(tmp_path / "half.safetensors")
+    loaded = GROOD.load(tmp_path / "half.safetensors")
+    assert loaded.index_.storage == torch.bfloat16 and loaded.index_.centre is not None
+    np.testing.assert_array_equal(loaded.score_samples(test), got.astype(np.float32))
+    np.testing.assert_array_equal(det.as_module()(torch.as_tensor(test))[0].numpy(),
+                                  got.astype(np.float32))
+    det.index_.drop_centre()  # what the copy of the unshifted rows gave
+    assert np.abs(det.score_samples(test) - want).max() > 0.5 * np.ptp(want)
+    with pytest.warns(UserWarning, match=r"searched for as themselves, \d+ of 64 .* than the "
+                                         r"search's rounding on the index's float16 copy .* "
+                                         r"fit with index_options storage='bfloat16', "
+                                         r"whose range .* or without storage; that fit "
+                                         r"checks its search again"):
+        GROOD(ood_prototype="features", index_options={"storage": "float16"}).fit(
+            x, y, ood_features=ood)
+
+
 def test_gradients_whose_spread_float32_rounds_past_are_warned_of_at_the_fit():
     """Farther still (distance 180,000 times the features' spread), the centred search
     resolves the indexed gradients, but the gradient step's own float32 rounding is a sizeable
@@ -1489,6 +1528,12 @@ def test_a_search_that_centring_does_not_resolve_is_warned_of_at_the_fit():
         det = GROOD().fit(x, y)
     assert int(re.search(r"themselves, (\d+) of", str(record[0].message)).group(1)) >= 7
     assert det.index_.centre is None
+    with pytest.warns(UserWarning, match=r"searched for as themselves, \d+ of 64 .* the "
+                                         r"search's rounding on the index's bfloat16 copy "
+                                         r".* fit without index_options storage \(the "
+                                         r"bfloat16 copy rounds each gradient by 2\*\*-9"):
+        half = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
+    assert half.index_.centre is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         want = GROOD().fit(x.astype(np.float64), y).score_samples(test.astype(np.float64))
