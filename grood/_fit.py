@@ -298,7 +298,7 @@ SPREAD_LIMIT_EPS = 4000
 
 
 def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
-                          device: torch.device, may_centre: bool = True) -> None:
+                          device: torch.device, distributed: bool = False) -> None:
     """Centre the index, or warn, where the search cannot tell the indexed gradients apart.
     It picks candidates by ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the
     gradients' norms; where they all point nearly the same way (an OOD prototype far outside
@@ -309,29 +309,46 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     is missed. Where 10 % or more are, the same search of them less the gradients' mean,
     which such gradients lie close to, is tried on the rows shifted a block at a time (the
     index unchanged), and where it misses fewer than 10 % an exact index is held so
-    (``ExactIndex.centre_on``; ``may_centre``: not a shard of a multi-rank fit, whose shards
-    must join into one index); otherwise it warns. Where the search resolves them,
-    :func:`check_gradients_spread` checks the gradients' own rounding."""
-    n = index.ntotal
-    if n < 2 or index.centre is not None:  # (a centred index was checked when centred)
+    (``ExactIndex.centre_on``); otherwise it warns. Where the search resolves them,
+    :func:`check_gradients_spread` checks the gradients' own rounding. ``distributed``: each
+    rank checks its own shard and the counts, the mean and the sampled rows are reduced over
+    the ranks, so that every rank decides alike and every shard is held less the same centre
+    (the shards join into one index)."""
+    if index.centre is not None:  # (a centred index was checked when centred)
         return
-    ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
-    held = index.vectors_at(ids)
-    if held is None:  # (a kind that cannot give its rows back cheaply)
+    step = "searching its index for some of its rows"
+    with dist.together(distributed, step):
+        n = index.ntotal
+        ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+        held = index.vectors_at(ids)
+        if held is None:  # (a kind that cannot give its rows back cheaply)
+            return
+        exact = index if isinstance(index, ExactIndex) else None
+        storage = None if exact is None or exact.storage is None else exact._storage_name
+        # (a half-precision copy is not made here: its first search makes it, and warns of it)
+        missed = 0 if n == 0 else (
+            missed_as_themselves(index, ids, held) if exact is None or storage is None
+            else missed_in_blocks(exact, ids, held))
+    counts = torch.tensor([missed, ids.numel()], dtype=torch.float64)
+    missed, probes = (int(v) for v in (dist.all_reduce(counts) if distributed else counts))
+    if probes == 0:
         return
-    exact = index if isinstance(index, ExactIndex) else None
-    storage = None if exact is None or exact.storage is None else exact._storage_name
-    # (a half-precision copy is not made here: its first search makes it, and warns of it)
-    missed = (missed_as_themselves(index, ids, held) if exact is None or storage is None
-              else missed_in_blocks(exact, ids, held))
-    if missed >= UNRESOLVED_SHARE * ids.numel() and may_centre and exact is not None:
-        mean = exact.vectors_mean()
-        centred = missed_in_blocks(exact, ids, held, mean)
-        if centred < UNRESOLVED_SHARE * ids.numel():
-            exact.centre_on(mean)
+    if exact is not None and missed >= UNRESOLVED_SHARE * probes:
+        mean = exact.vectors_mean(dist.all_reduce if distributed else None)
+        if distributed:  # (the same bits on every rank, whatever each summed in: their max)
+            mean = dist.all_reduce(mean, "max")
+        with dist.together(distributed, step):
+            centred = missed_in_blocks(exact, ids, held, mean) if n else 0
+        if distributed:
+            centred = int(dist.all_reduce(torch.tensor([centred]))[0])
+        if centred < UNRESOLVED_SHARE * probes:
+            with dist.together(distributed, step):
+                exact.centre_on(mean)
             missed = centred
-    if missed < UNRESOLVED_SHARE * ids.numel():
-        check_gradients_spread(held, dtype)  # (read before any centring: as queries are)
+    if distributed:  # (read before any centring: as queries are)
+        held = torch.cat(dist.all_gather_rows(held.to(device)))
+    if missed < UNRESOLVED_SHARE * probes:
+        check_gradients_spread(held, dtype)
         return
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float64:
@@ -349,7 +366,7 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
                torch.float16 else f"fit without index_options storage (the {storage} copy "
                f"rounds each gradient by 2**-9 of its norm)") + "; that fit checks its search again"
     warnings.warn(
-        f"searched for as themselves, {missed} of {ids.numel()} sampled indexed training "
+        f"searched for as themselves, {missed} of {probes} sampled indexed training "
         f"gradients were not found (another, farther row came back): the gradients lie closer "
         f"together than {rounding} resolves next to their norms, so scores "
         "come from other neighbours than the nearest. They all point nearly the same way, as "
@@ -532,9 +549,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()
-    with dist.together(det.distributed, "searching its index for some of its rows"):
-        check_search_resolves(index, dtype, det.precision, device,
-                              may_centre=not det.distributed)
+    check_search_resolves(index, dtype, det.precision, device, distributed=det.distributed)
     return FittedState(protos, state.counts, p_ood, source, index, backend, device,
                        n_train=n, train_accuracy=total / n, shard_sizes=shard_sizes,
                        indexed_rows=rows, ood_fingerprints=records.get("ood_fingerprints"),

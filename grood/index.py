@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -389,13 +389,17 @@ class ExactIndex(GradientIndex):
         [m, D] copies (where a half-precision copy is searched, of the exact rows)."""
         return self.vectors[ids.to(self.exact_device)]
 
-    def vectors_mean(self) -> Tensor:
+    def vectors_mean(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The mean of the vectors as held [D], summed in float64 over blocks (no float64 copy
-        of them all), rounded to the index's dtype."""
-        total = torch.zeros(self.dim, dtype=torch.float64, device=self.exact_device)
+        of them all), rounded to the index's dtype. ``reduce``: sums a float64 tensor over the
+        shards of a sharded index (an all-reduce), for the mean of them all."""
+        total = torch.zeros(self.dim + 1, dtype=torch.float64, device=self.exact_device)
         for m0 in range(0, self._n, STORAGE_CHUNK_ROWS):
-            total += self.vectors[m0:m0 + STORAGE_CHUNK_ROWS].sum(0, dtype=torch.float64)
-        return (total / max(self._n, 1)).to(self.dtype)
+            total[:-1] += self.vectors[m0:m0 + STORAGE_CHUNK_ROWS].sum(0, dtype=torch.float64)
+        total[-1] = self._n
+        if reduce is not None:
+            total = reduce(total)
+        return (total[:-1] / total[-1].clamp_min(1)).to(self.dtype)
 
     def centre_on(self, centre: Tensor) -> None:
         """Hold the vectors less ``centre`` [D] (e.g. :meth:`vectors_mean`), and take it from

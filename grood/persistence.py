@@ -54,7 +54,8 @@ FILE_FORMAT_VERSION = 2
 CENTRED_FORMAT_VERSION = 3
 #: Versions this grood reads: version 1 files hold no ``indexed_rows``.
 READABLE_VERSIONS = (1, 2, 3)
-#: Versions of the shard manifests this grood reads (a sharded index holds no centre).
+#: Versions of the shard manifests this grood reads (shards held less a centre are files
+#: of version 3, which a grood reading no centre refuses).
 MANIFEST_VERSIONS = (1, 2)
 SHARDED_FORMAT = "grood.GROOD.sharded"
 #: What files and manifests record as their writer (files before format version 2's
@@ -392,9 +393,7 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
         raise DetectorFileError(f"the shards of {path} hold {kind!r} indexes, which cannot be "
                                 "joined in one process")
     sizes = state["shard_sizes"]
-    if "index.centre" in tensors:  # (a multi-rank fit centres none; each its own otherwise)
-        raise DetectorFileError(f"the shards of {path} hold indexes held less a centre, which "
-                                "cannot be joined in one process")
+    centre = tensors.get("index.centre")  # (a multi-rank fit holds every shard less one)
     if "index.vectors" not in tensors:
         raise DetectorFileError(f"{shards[0]} holds no index vectors to join "
                                 f"(tensors {sorted(tensors)})")
@@ -419,11 +418,14 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
                 or not torch.equal(ts["ood_prototype"], tensors["ood_prototype"])):
             raise DetectorFileError(f"{path}: shard {shard.name} comes from another "
                                     f"detector than {shards[0].name}")
-        if st["index"] != kind or "index.centre" in ts:
-            held = "indexes held less a centre" if st["index"] == kind else (
-                f"{sorted({kind, st['index']})} indexes")
-            raise DetectorFileError(f"the shards of {path} hold {held}, which cannot be "
-                                    "joined in one process")
+        if st["index"] != kind:
+            raise DetectorFileError(f"the shards of {path} hold {sorted({kind, st['index']})} "
+                                    "indexes, which cannot be joined in one process")
+        other = ts.get("index.centre")
+        if (other is None) != (centre is None) or (
+                centre is not None and not torch.equal(other, centre)):
+            raise DetectorFileError(f"{path}: shard {shard.name} holds its index less another "
+                                    f"centre than {shards[0].name}, so they cannot be joined")
         if ts["index.vectors"] is not rows:  # read elsewhere: not the rows of its record
             raise wrong_rows(shard, ts["index.vectors"], sizes[r])
         row_numbers.append(ts.get("indexed_rows"))

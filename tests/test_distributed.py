@@ -538,6 +538,78 @@ def test_a_rank_with_an_empty_shard_joins_the_fit(tmp_path):
                        single.score_samples(test))
 
 
+def _far_worker(rank, world, tmp):
+    from grood._bench.common import far_prototype_data
+
+    with _process_group(rank, world, tmp):
+        x, y, ood, test = (torch.as_tensor(a) for a in far_prototype_data(3e3))
+        part = lambda t: torch.tensor_split(t, world)[rank]  # noqa: E731
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = GROOD(distributed=True, ood_prototype="features", progress=False).fit(
+                part(x), part(y), ood_features=part(ood))
+            # Rank 1 indexes nothing: it still takes part in the check and is held less the
+            # same centre.
+            mine = slice(None) if rank == 0 else slice(0, 0)
+            lone = GROOD(distributed=True, ood_prototype="features", progress=False).fit(
+                x[mine], y[mine], ood_features=ood[mine])
+        det.save(f"{tmp}/det.json")
+        torch.save({"centre": det.index_.centre, "lone": lone.index_.centre,
+                    "scores": det.score_samples(test), "lone_scores": lone.score_samples(test),
+                    "warned": [str(w.message) for w in caught],
+                    "loaded": GROOD.load(f"{tmp}/det.json", distributed=True).score_samples(
+                        test)}, f"{tmp}/rank{rank}.pt")
+
+
+def test_the_shards_of_a_multi_rank_fit_are_held_less_one_centre_where_that_resolves_them(
+        tmp_path):
+    """An OOD prototype far outside the training features: a multi-rank fit checks each
+    rank's shard, reduces the counts and the gradients' mean over the ranks, and holds every
+    shard less that one mean (before, it could only warn, the shards having to join): scores
+    as the single-process detector's to float32 rounding, on every rank alike, loaded as
+    shards and joined into one process (whose index is held less the same centre)."""
+    from grood._bench.common import far_prototype_data
+
+    mp.spawn(_far_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    x, y, ood, test = far_prototype_data(3e3)
+    single = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    want = torch.as_tensor(single.score_samples(test))
+    assert single.index_.centre is not None
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for res in got:
+        assert res["warned"] == []
+        assert torch.equal(res["centre"], got[0]["centre"])
+        torch.testing.assert_close(res["centre"], single.index_.centre, rtol=1e-6, atol=0)
+        assert torch.equal(res["lone"], single.index_.centre)  # (rank 0's rows: all of them)
+        assert torch.equal(res["scores"], got[0]["scores"])
+        assert torch.equal(res["loaded"], res["scores"])
+        torch.testing.assert_close(res["scores"], want, rtol=1e-5, atol=1e-6 * float(
+            want.max() - want.min()))
+        assert torch.equal(res["lone_scores"], want)
+    joined = GROOD.load(tmp_path / "det.json")
+    assert torch.equal(joined.index_.centre, got[0]["centre"])
+    assert np.array_equal(joined.score_samples(test), got[0]["scores"].numpy())
+    assert describe(tmp_path / "det.json")["index_centred"]
+    # Shards held less different centres (another writer's defect, with consistent digests)
+    # are refused by the join.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shard = tmp_path / "det.rank1.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["index.centre"] = tensors["index.centre"] * (1 + 2 ** -20)
+    meta["digest"] = persistence.digest(tensors, meta)
+    save_file(tensors, str(shard), metadata=meta)
+    manifest = json.loads((tmp_path / "det.json").read_text())
+    manifest["shards"][1].update(sha256=persistence.file_sha256(shard), digest=meta["digest"])
+    (tmp_path / "det.json").write_text(json.dumps(manifest))
+    with pytest.raises(persistence.DetectorFileError, match=r"shard det\.rank1\.safetensors "
+                                                            r"holds its index less another "
+                                                            r"centre than det\.rank0"):
+        GROOD.load(tmp_path / "det.json")
+
+
 def test_distributed_without_a_process_group_is_refused():
     x, y, *_ = _data()
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):

@@ -25,9 +25,7 @@ from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data
-from grood._fit import check_search_resolves
 from grood.cli import main
-from grood.index import ExactIndex
 from grood.portable import PortableHead
 
 
@@ -1538,23 +1536,6 @@ def test_a_search_that_centring_does_not_resolve_is_warned_of_at_the_fit():
         warnings.simplefilter("error")
         want = GROOD().fit(x.astype(np.float64), y).score_samples(test.astype(np.float64))
     assert np.abs(det.score_samples(test) - want).max() > 0.05 * np.ptp(want)
-
-
-def test_the_shard_of_a_multi_rank_fit_is_warned_of_not_centred():
-    """A shard's index stays as it was (the shards of a multi-rank detector join into one
-    index): the fit's check warns instead."""
-    x, y, ood, _ = far_prototype_data(3e3)
-    det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
-    index = ExactIndex(16)
-    index.add(det.index_.vectors + det.index_.centre)
-    with pytest.warns(UserWarning, match="searched for as themselves"):
-        check_search_resolves(index, torch.float32, "ieee", torch.device("cpu"),
-                              may_centre=False)
-    assert index.centre is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_search_resolves(index, torch.float32, "ieee", torch.device("cpu"))
-    assert index.centre is not None
 
 
 def test_a_file_whose_index_is_held_less_a_centre_is_version_3_and_refused_where_unread(
