@@ -422,8 +422,9 @@ def _join_shards(cls: Any, path: Path, listed: list[_Shard], *, device: Any,
             raise DetectorFileError(f"the shards of {path} hold {sorted({kind, st['index']})} "
                                     "indexes, which cannot be joined in one process")
         other = ts.get("index.centre")
-        if (other is None) != (centre is None) or (
-                centre is not None and not torch.equal(other, centre)):
+        same = (other is None if centre is None
+                else other is not None and torch.equal(other, centre))
+        if not same:
             raise DetectorFileError(f"{path}: shard {shard.name} holds its index less another "
                                     f"centre than {shards[0].name}, so they cannot be joined")
         if ts["index.vectors"] is not rows:  # read elsewhere: not the rows of its record
