@@ -257,23 +257,31 @@ def check_ood_prototype_apart(protos: Tensor, p_ood: Tensor, source: str) -> Non
 #: What the fit's resolution warnings advise for float32 (or half-precision) features.
 FLOAT64_ADVICE = ("fit and score float64 features (tensor.double(), "
                   "array.astype(np.float64))")
+#: What they advise where the index holds float32 gradients whatever the features' dtype.
+FAISS_ADVICE = ("a faiss index holds and searches float32 gradients whatever the features' "
+                "dtype; grood's exact index (index='exact') holds them in the features' dtype")
 
 #: The share of the indexed gradients whose norm may lie below the square root of the compute
 #: dtype's smallest normal number before the fit warns (:func:`check_gradients_resolved`).
 TINY_GRADIENT_SHARE = 0.01
 
 
-def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype) -> None:
+def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype,
+                             held: torch.dtype | None = None) -> None:
     """Warn where many indexed gradients are too small for the compute dtype's squared
     distances: g = q_ood * (h - p_o) / ||h - p_o||, and q_ood, the OOD prototype's softmax
     share, falls like exp(-distance) as classes lie farther apart than they are wide. Scores
     of samples near such gradients (squared distances below ``dtype``'s smallest normal
     number) lose precision and then tie at 0, whatever their true order: tight, well
-    separated float32 features fall from a float64 AUROC of 0.99 to 0.5 without a sign."""
+    separated float32 features fall from a float64 AUROC of 0.99 to 0.5 without a sign.
+    ``held``: the dtype the index holds the gradients in whatever ``dtype`` (a faiss
+    index's float32; ``n_tiny`` counted against it), or None."""
     if total and n_tiny >= TINY_GRADIENT_SHARE * total:
-        name = str(dtype).removeprefix("torch.")
-        limit = tiny_gradient_norm(dtype)
-        fix = (f"{FLOAT64_ADVICE}, which resolve them down to q_ood of about 1e-154"
+        name = str(held or dtype).removeprefix("torch.")
+        limit = tiny_gradient_norm(held or dtype)
+        fix = (f"{FLOAT64_ADVICE} with index='exact', which resolve them down to q_ood of about "
+               f"1e-154 ({FAISS_ADVICE})" if held is not None
+               else f"{FLOAT64_ADVICE}, which resolve them down to q_ood of about 1e-154"
                if dtype != torch.float64
                else "float64 resolves no smaller ones: GROOD's scores depend on the "
                "features' scale, and at this one they lie below float64's range")
@@ -350,8 +358,11 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     if missed < UNRESOLVED_SHARE * probes:
         check_gradients_spread(held, dtype)
         return
-    name = str(dtype).removeprefix("torch.")
-    if dtype == torch.float64:
+    name = str(index.holds_dtype or dtype).removeprefix("torch.")
+    if index.holds_dtype is not None:
+        fix = (f"fit with index='exact', which the fit holds less the gradients' mean where "
+               f"that resolves them ({FAISS_ADVICE})")
+    elif dtype == torch.float64:
         fix = ("float64 resolves them no better here: is the OOD prototype meant to lie that "
                "far from the training features?")
     else:
@@ -380,7 +391,9 @@ def check_gradients_spread(rows: Tensor, dtype: torch.dtype) -> None:
     norm: a search may resolve them (held less their mean), but the gradient step rounds each
     by about 1e-6 of its norm in float32, a sizeable part of the distances between them, and
     the scores carry it (max 1 % of their spread from float64's at a spread of 4e-4, 6 % at
-    4e-5, 80 % at 4e-6)."""
+    4e-5, 80 % at 4e-6). (An index holding them rounded once more, a faiss index's float32
+    copy of float64 gradients, adds far less: 8e-6 of the score spread at a spread of 1.2e-4,
+    D = 256.)"""
     if rows.shape[0] < 2:
         return
     share = spread_share(rows)
@@ -511,7 +524,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
     n_tiny = torch.zeros((), dtype=torch.int64, device=device)  # indexed, norm < the limit
-    tiny = tiny_gradient_norm(dtype)  # (dtype: the compute dtype)
+    tiny = tiny_gradient_norm(index.holds_dtype or dtype)  # (dtype: the compute dtype)
     with dist.together(det.distributed, "reading its training batches (gradient index)"):
         for xb, yb, lb in passes("grood fit: gradient index"):
             if yb is None or (lb is not None) != with_logits:  # the first pass checked the rest
@@ -545,7 +558,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         check_logits_agree(total / n, by_prototype)
     check_labels_informative(total / n if by_prototype is None else by_prototype, state.counts,
                              n)
-    check_gradients_resolved(int(reduce(n_tiny)), total, dtype)
+    check_gradients_resolved(int(reduce(n_tiny)), total, dtype, index.holds_dtype)
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:
         index.trim()

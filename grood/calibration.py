@@ -59,7 +59,8 @@ UNRESOLVED_ZEROS = ("their gradients' norm q_ood is below the square root of the
                     f"smallest normal number, {tiny_gradient_norm(torch.float32):.2g} in "
                     "float32: squared distances between such gradients fall below its range, "
                     "whatever their true order")
-UNRESOLVED_FIX = "score float64 features (fitted in float64 too where the fit warned)"
+UNRESOLVED_FIX = ("score float64 features (fitted in float64 too where the fit warned; with "
+                  "index='exact': a faiss index holds float32 gradients)")
 
 
 #: The spread (or mean shortfall from ``tpr``), as a fraction, of a threshold's acceptance of
@@ -191,7 +192,8 @@ class Calibration:
         counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
         if counts is not None and found is not None:
             zero = found[0][:, 0] == 0
-            small = q_ood < tiny_gradient_norm(q_ood.dtype)
+            # (float64 rows' gradients held as float32 ones by a faiss index underflow so)
+            small = q_ood < tiny_gradient_norm(self.index_.holds_dtype or q_ood.dtype)
             counts.append(torch.stack(((zero & ~small).sum(), (zero & small).sum())))
 
     def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Self:

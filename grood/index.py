@@ -66,6 +66,9 @@ class GradientIndex(ABC):
     #: A vector [D] the index holds its vectors shifted by and shifts each search's queries
     #: by (distances unchanged); None: none (:meth:`ExactIndex.centre_on`).
     centre: Tensor | None = None
+    #: The dtype this kind holds and searches its vectors in whatever the detector's (faiss:
+    #: float32); None: the detector's own.
+    holds_dtype: ClassVar[torch.dtype | None] = None
     dim: int
 
     #: Whether :meth:`check_options` makes an empty one-dimensional index on the CPU to check
@@ -214,18 +217,23 @@ def stored_rows_lost(stored: Tensor, exact: Tensor) -> Tensor:
     return err > STORED_ROW_TOLERANCE * torch.linalg.vector_norm(exact, dim=1)
 
 
-def warn_lost_rows(lost: int, n: int, storage: str | None) -> None:
-    """Warn where the half-precision copy the candidate search reads has lost rows: their
+def warn_lost_rows(lost: int, n: int, storage: str | None,
+                   exact: torch.dtype = torch.float32) -> None:
+    """Warn where the lower-precision copy the candidate search reads has lost rows: their
     neighbours can be missed (the exact re-rank only orders the candidates found), and the
-    scores of the queries near them are wrong."""
+    scores of the queries near them are wrong. ``exact``: the dtype of the exact rows."""
     if lost:
+        held = STORAGE_DTYPES[storage] if storage is not None else torch.float16
+        fix = ("storage='bfloat16' (float32's range at the same size) or no storage"
+               if exact != torch.float64 else "no storage (a float64 index's gradients this "
+               "small lie below the range of every narrower dtype)")
         warnings.warn(
             f"index_options storage={storage!r}: {lost} of the {n} indexed gradients "
             f"({100 * lost / n:.3g} %) lose more than {100 * STORED_ROW_TOLERANCE:.3g} % of "
-            "their norm in that copy (float16 holds its precision only above 6.1e-5, and "
-            "these gradients' entries are smaller), and the candidate search reads it: their "
-            "neighbours can be missed and the scores near them come out wrong; use "
-            "storage='bfloat16' (float32's range at the same size) or no storage",
+            f"their norm in that copy ({str(held).removeprefix('torch.')} holds its precision "
+            f"only above {torch.finfo(held).tiny:.2g}, and these gradients' entries are "
+            "smaller), and the candidate search reads it: their neighbours can be missed and "
+            f"the scores near them come out wrong; use {fix}",
             UserWarning, stacklevel=user_stacklevel())
 
 #: Index classes by ``kind``; filled by :func:`register_index`.
@@ -471,15 +479,18 @@ class ExactIndex(GradientIndex):
             stored = torch.empty((self._n, self.dim), dtype=self.storage, device=self.device)
             step = STORAGE_CHUNK_ROWS
             lost = torch.zeros((), dtype=torch.int64, device=self.device)
+            # Only a copy of a narrower range than the rows' can lose them (bfloat16 has
+            # float32's range; float16 has less, and every copy less than float64's).
+            narrower = torch.finfo(self.storage).tiny > torch.finfo(self.dtype).tiny
             for m0 in range(0, self._n, step):
                 rows = self._buf[m0:min(m0 + step, self._n)]
-                if self.storage != torch.float16:  # (bfloat16 has float32's range)
+                if not narrower:
                     stored[m0:m0 + step] = rows.to(self.device, self.storage)
                     continue
                 exact = rows.to(self.device)  # (moved once, for the copy and its check)
                 stored[m0:m0 + step] = exact.to(self.storage)
                 lost += stored_rows_lost(stored[m0:m0 + step], exact).sum()
-            warn_lost_rows(int(lost), self._n, self._storage_name)
+            warn_lost_rows(int(lost), self._n, self._storage_name, self.dtype)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
             self._stored = stored
@@ -614,6 +625,7 @@ class _FaissIndex(GradientIndex):
     """Shared parts of the faiss-backed indexes (float32 vectors, like faiss)."""
 
     check_by_creating = True
+    holds_dtype = torch.float32
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.faiss = import_faiss()

@@ -41,8 +41,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from grood._checks import check_flag, check_positive_int
-from grood._gradients import FLOAT32_DISTANCE_LIMIT
+from grood._checks import check_flag, check_positive_int, user_stacklevel
+from grood._fit import SPREAD_LIMIT_EPS, TINY_GRADIENT_SHARE
+from grood._gradients import FLOAT32_DISTANCE_LIMIT, tiny_gradient_norm
 from grood.errors import require
 from grood.functional import _centred_prototypes, database_sq_norms_of
 from grood.head import (
@@ -112,6 +113,7 @@ class PortableHead(nn.Module):
         self.register_buffer("ood_prototype_units", p_o)
         self.register_buffer("centred_prototypes", centred)
         self.register_buffer("centred_sq_norms", centred_sq)
+        check_float32_resolves(index_vectors.detach(), index_centre)
         vectors = index_vectors.detach().float()
         if not copy:
             vectors = vectors.contiguous()  # (its row blocks are then contiguous views)
@@ -261,6 +263,38 @@ class PortableHead(nn.Module):
                                    largest=False)
             measured = torch.cat(exact, 1).gather(1, chosen)
         return torch.topk(measured, self.k, dim=1, largest=False).values[:, self.k - 1]
+
+
+def check_float32_resolves(index_vectors: Tensor, centre: Tensor | None) -> None:
+    """Warn where a float64 index's gradients (``index_vectors`` [M, D], held less
+    ``centre`` where given) lie beyond what a :class:`PortableHead`'s float32 resolves, by the
+    fit's own limits for float32 features: norms (q_ood) below float32's 2**-63, where squared
+    distances between them underflow and scores tie at 0, or a spread about their mean below
+    ``SPREAD_LIMIT_EPS`` float32 epsilons of their norm, where float32's rounding of each is a
+    sizeable part of the distances between them. Reads at most ``SPREAD_SAMPLE_ROWS`` evenly
+    spaced rows. (A float32 detector's fit has warned of both already.)"""
+    if index_vectors.dtype != torch.float64 or index_vectors.shape[0] == 0:
+        return
+    rows = index_vectors[::max(1, index_vectors.shape[0] // SPREAD_SAMPLE_ROWS)]
+    rows = rows + (0.0 if centre is None else centre.to(rows))
+    tiny = float((torch.linalg.vector_norm(rows, dim=1)
+                  < tiny_gradient_norm(torch.float32)).double().mean())
+    share = spread_share(rows)
+    if tiny >= TINY_GRADIENT_SHARE:
+        why = (f"{100 * tiny:.3g} % of the detector's float64 indexed gradients (sampled) "
+               f"have norm q_ood below {tiny_gradient_norm(torch.float32):.2g}, where squared "
+               "distances between them fall below float32's range: their scores lose "
+               "precision or tie at 0")
+    elif share < SPREAD_LIMIT_EPS * torch.finfo(torch.float32).eps:
+        why = (f"the detector's float64 indexed gradients spread about their mean by "
+               f"{share:.2g} of their norm: float32's rounding of each is a sizeable part of "
+               "the distances between them, and its scores carry it (some 1 % of their "
+               "spread at 4e-4)")
+    else:
+        return
+    warnings.warn(f"this portable head computes in float32, and {why}; the detector and its "
+                  "GROODHead (as_module()) score them in float64", UserWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _flag_head(head: GROODHead) -> GROODHead:

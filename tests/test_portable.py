@@ -120,6 +120,39 @@ def test_portable_head_is_as_close_to_float64_as_the_detector():
     assert torch.equal(portable(test32)[1], det64.predict(test64))
 
 
+def test_a_float64_detectors_gradients_float32_does_not_resolve_are_warned_of():
+    """A portable head computes in float32: made from a float64 detector whose gradients
+    float32 does not resolve, it scored every row of tight classes far apart 0 (their norm
+    below 2**-63), or strayed where the gradients spread little about their mean (an OOD
+    prototype far outside the features), without a word. It says so; an ordinary float64
+    detector's head and a float32 detector's (whose fit warned) say nothing."""
+    from test_reliability import _tight_classes
+
+    x, y = _tight_classes(100.0, n=240)
+    (x, test), y = x.split([200, 40]), y[:200]
+    head = GROOD(progress=False).fit(x, y).as_module()
+    with pytest.warns(UserWarning, match=r"this portable head computes in float32, and 100 % "
+                                         r"of the detector's float64 indexed gradients "
+                                         r"\(sampled\) have norm q_ood below 1\.1e-19, .* tie "
+                                         r"at 0; the detector and its GROODHead"):
+        portable = PortableHead.from_head(head)
+    assert bool((portable(test.float())[0] == 0).all()) and bool((head(test)[0] < 0).all())
+    far, labels, ood, _ = far_prototype_data(1e5)
+    det = GROOD(ood_prototype="features", progress=False).fit(
+        far.astype(np.float64), labels, ood_features=ood.astype(np.float64))
+    with pytest.warns(UserWarning, match=r"computes in float32, and the detector's float64 "
+                                         r"indexed gradients spread about their mean by "
+                                         r"4\.\de-05 of their norm"):
+        PortableHead.from_head(det.as_module())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PortableHead.from_head(_detector(3, 1, dtype=torch.float64)[0].as_module())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the fit's own warning)
+            det32 = GROOD(progress=False).fit(x.float(), y)
+        PortableHead.from_head(det32.as_module())
+
+
 @pytest.mark.parametrize("search_block", [1, 7, 64])
 def test_a_search_block_by_block_finds_what_one_search_finds(search_block):
     """The index held and searched in blocks of 1, 7 and 64 rows (the last block shorter):

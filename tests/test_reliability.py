@@ -432,6 +432,59 @@ def test_gradients_too_small_for_the_dtype_are_warned_of():
         GROOD(progress=False).fit(_tight_classes(20.0)[0].float(), y)
 
 
+def test_float64_gradients_held_in_a_narrower_dtype_are_checked_against_its_range():
+    """A faiss index holds float32 gradients whatever the features' dtype, and an exact index
+    may search a lower-precision copy of float64 ones: tight classes far apart, whose q_ood
+    float64 resolves and float32 does not, scored 0 through faiss (every score) or came from
+    lost copies (scores 15 times off through a float32 copy), without a word. The fit's range
+    check counts against the dtype the index holds them in and names the exact index; a copy
+    that loses rows of a float64 index says so when it is made, and calibration names the
+    zeros for what they are."""
+    x, y = _tight_classes(100.0, n=240)
+    (x, test), y = x.split([200, 40]), y[:200]
+    want = GROOD(progress=False).fit(x, y).score_samples(test)
+    for storage, n_lost in (("float32", r"\d+"), ("bfloat16", r"\d+"), ("float16", "200")):
+        det = GROOD(progress=False, index_options={"storage": storage}).fit(x, y)
+        with pytest.warns(UserWarning, match=rf"storage='{storage}': {n_lost} of the 200 "
+                                             r"indexed gradients .* their norm in that copy "
+                                             r"\(\w+ holds its precision only above .* use no "
+                                             r"storage \(a float64 index's"):
+            got = det.score_samples(test)
+        assert not torch.equal(got, want)  # (what the warning is about)
+    pytest.importorskip("faiss")
+    with pytest.warns(UserWarning, match=r"200 of the 200 indexed training gradients "
+                                         r"\(100\.0 %\) have norm q_ood below 1\.1e-19 .* "
+                                         r"below float32's range, .* with index='exact'.*\(a "
+                                         r"faiss index holds and searches float32 gradients"):
+        det = GROOD(index="faiss-flat", progress=False).fit(x, y)
+    assert bool((det.score_samples(test) == 0).all())
+    with pytest.raises(ValueError, match=r"40 of the 40 calibration rows score 0 \(their "
+                                         r"gradients' norm q_ood is below .* with "
+                                         r"index='exact'"):
+        det.calibrate(test)
+
+
+def test_a_faiss_search_that_cannot_tell_the_gradients_apart_names_the_exact_index(
+        monkeypatch):
+    """A faiss index is not centred (it holds float32 gradients of its own): where its
+    search misses the sampled gradients the fit names grood's exact index, which it centres,
+    not float64 features, which faiss would round to float32 again."""
+    pytest.importorskip("faiss")
+    import grood._fit
+
+    x, y, ood, _ = far_prototype_data(3e3)
+    monkeypatch.setattr(grood._fit, "missed_as_themselves", lambda index, ids, held: len(ids))
+    for dtype in (np.float32, np.float64):
+        with pytest.warns(UserWarning, match=r"searched for as themselves, 64 of 64 .* the "
+                                             r"float32 search's rounding .* fit with "
+                                             r"index='exact', which the fit holds less the "
+                                             r"gradients' mean") as caught:
+            det = GROOD(index="faiss-flat", ood_prototype="features", progress=False).fit(
+                x.astype(dtype), y, ood_features=ood.astype(dtype))
+        assert not any("float64 resolves them no better" in str(w.message) for w in caught)
+        assert det.index_.centre is None
+
+
 def test_float64_queries_are_scored_in_float64(fitted):
     det, x = fitted
     s64 = det.score_samples(x.double())
