@@ -7,6 +7,7 @@ training set and sets the :class:`FittedState` this returns; detector files
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -313,8 +314,10 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     the training features for their width) they lie closer together than that rounding, the
     search returns other rows than the nearest, and the scores follow them without a sign
     (README, Numerics). Searching for indexed gradients as themselves shows it: a search that
-    resolves them finds each (or an exact copy of it). On a trained network's features none
-    is missed. Where 10 % or more are, the same search of them less the gradients' mean,
+    resolves them finds each (or an exact copy of it); an exact index that searches a
+    half-precision ``storage`` copy is searched on blocks of its rows rounded so, without
+    making the copy (:func:`missed_in_blocks`). On a trained network's features none is
+    missed. Where 10 % or more are, the same search of them less the gradients' mean,
     which such gradients lie close to, is tried on the rows shifted a block at a time (the
     index unchanged), and where it misses fewer than 10 % an exact index is held so
     (``ExactIndex.centre_on``); otherwise it warns. Where the search resolves them,
@@ -371,11 +374,12 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
             fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
     rounding = (f"the {name} search's rounding" if storage is None else
                 f"the search's rounding on the index's {storage} copy")
-    if storage is not None:  # (the copy rounds each row by its precision of the row's norm)
+    if exact is not None and exact.storage is not None:  # (a copy rounds a row by its norm)
+        bits = round(math.log2(torch.finfo(exact.storage).eps / 2))
         fix = ("fit with index_options storage='bfloat16', whose range holds gradients this "
-               "small, or without storage" if exact is not None and exact.storage ==
-               torch.float16 else f"fit without index_options storage (the {storage} copy "
-               f"rounds each gradient by 2**-9 of its norm)") + "; that fit checks its search again"
+               "small, or without storage" if exact.storage == torch.float16 else
+               f"fit without index_options storage (the {storage} copy rounds each gradient "
+               f"by up to 2**{bits} of its norm)") + "; that fit checks its search again"
     warnings.warn(
         f"searched for as themselves, {missed} of {probes} sampled indexed training "
         f"gradients were not found (another, farther row came back): the gradients lie closer "

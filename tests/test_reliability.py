@@ -1512,7 +1512,7 @@ def test_a_search_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(tmp
 
 def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_at_the_fit(
         tmp_path):
-    """A bf16 copy of the index rounds each gradient by 2**-9 of its norm: with an OOD
+    """A bf16 copy of the index rounds each gradient by up to 2**-8 of its norm: with an OOD
     prototype 186 times the features' spread away (where the float32 index resolves them)
     its search returned other neighbours, and scores 140 % of their spread off float64's
     came without a word (the fit did not check such an index). The fit checks it on blocks
@@ -1582,7 +1582,7 @@ def test_a_search_that_centring_does_not_resolve_is_warned_of_at_the_fit():
     with pytest.warns(UserWarning, match=r"searched for as themselves, \d+ of 64 .* the "
                                          r"search's rounding on the index's bfloat16 copy "
                                          r".* fit without index_options storage \(the "
-                                         r"bfloat16 copy rounds each gradient by 2\*\*-9"):
+                                         r"bfloat16 copy rounds each gradient by up to 2\*\*-8"):
         half = GROOD(index_options={"storage": "bfloat16"}).fit(x, y)
     assert half.index_.centre is None
     with warnings.catch_warnings():
