@@ -553,8 +553,13 @@ def _far_worker(rank, world, tmp):
             mine = slice(None) if rank == 0 else slice(0, 0)
             lone = GROOD(distributed=True, ood_prototype="features", progress=False).fit(
                 x[mine], y[mine], ood_features=ood[mine])
+            # A bf16 copy is checked on each rank's blocks and held less the same mean.
+            half = GROOD(distributed=True, ood_prototype="features", progress=False,
+                         index_options={"storage": "bfloat16"}).fit(
+                part(x), part(y), ood_features=part(ood))
         det.save(f"{tmp}/det.json")
         torch.save({"centre": det.index_.centre, "lone": lone.index_.centre,
+                    "half": half.index_.centre, "half_scores": half.score_samples(test),
                     "scores": det.score_samples(test), "lone_scores": lone.score_samples(test),
                     "warned": [str(w.message) for w in caught],
                     "loaded": GROOD.load(f"{tmp}/det.json", distributed=True).score_samples(
@@ -586,6 +591,9 @@ def test_the_shards_of_a_multi_rank_fit_are_held_less_one_centre_where_that_reso
         torch.testing.assert_close(res["scores"], want, rtol=1e-5, atol=1e-6 * float(
             want.max() - want.min()))
         assert torch.equal(res["lone_scores"], want)
+        assert torch.equal(res["half"], res["centre"])
+        torch.testing.assert_close(res["half_scores"], res["scores"], rtol=1e-5, atol=1e-6 * float(
+            want.max() - want.min()))
     joined = GROOD.load(tmp_path / "det.json")
     assert torch.equal(joined.index_.centre, got[0]["centre"])
     assert np.array_equal(joined.score_samples(test), got[0]["scores"].numpy())
