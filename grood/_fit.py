@@ -307,7 +307,8 @@ SPREAD_LIMIT_EPS = 4000
 
 
 def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
-                          device: torch.device, distributed: bool = False) -> None:
+                          device: torch.device, distributed: bool = False,
+                          spread: bool = True) -> None:
     """Centre the index, or warn, where the search cannot tell the indexed gradients apart.
     It picks candidates by ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the
     gradients' norms; where they all point nearly the same way (an OOD prototype far outside
@@ -324,7 +325,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     :func:`check_gradients_spread` checks the gradients' own rounding. ``distributed``: each
     rank checks its own shard and the counts, the mean and the sampled rows are reduced over
     the ranks, so that every rank decides alike and every shard is held less the same centre
-    (the shards join into one index)."""
+    (the shards join into one index). ``spread``: check the gradients' spread too (the fit:
+    a later check of another precision does not repeat it)."""
     if index.centre is not None:  # (a centred index was checked when centred)
         return
     step = "searching its index for some of its rows"
@@ -359,8 +361,41 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     if distributed:  # (read before any centring: as queries are)
         held = torch.cat(dist.all_gather_rows(held.to(device)))
     if missed < UNRESOLVED_SHARE * probes:
-        check_gradients_spread(held, dtype)
+        if spread:
+            check_gradients_spread(held, dtype)
         return
+    warn_unresolved(index, missed, probes, dtype, precision, device)
+
+
+def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
+                       device: torch.device, sharded: bool) -> None:
+    """The fit's check of the search (:func:`check_search_resolves`) for an exact index whose
+    search precision changed after the fit or load (``set_params(precision=...)``): a search
+    the fit found resolved in ``ieee`` can miss in ``bf16`` (from a distance/spread of 56 on
+    the far-prototype data, scores 130 % of their spread off at 186). An index not yet held
+    less a centre is checked as at the fit, and centred where that resolves it (not the
+    shard of a multi-rank detector: that would take the other ranks, which need not be
+    scoring); otherwise its search is checked as it is held, and warned of."""
+    if not isinstance(index, ExactIndex) or index.ntotal < 2:
+        return
+    if index.centre is None and not sharded:
+        check_search_resolves(index, dtype, precision, device, spread=False)
+        return
+    n = index.ntotal
+    ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+    held = index.vectors_at(ids)
+    assert held is not None  # (an exact index gives its rows back)
+    missed = missed_in_blocks(index, ids, held)  # (rows and queries as held: one frame)
+    if missed >= UNRESOLVED_SHARE * ids.numel():
+        warn_unresolved(index, missed, ids.numel(), dtype, precision, device)
+
+
+def warn_unresolved(index: GradientIndex, missed: int, probes: int, dtype: torch.dtype,
+                    precision: str, device: torch.device) -> None:
+    """Warn that ``missed`` of ``probes`` indexed gradients searched for as themselves were
+    not found (:func:`check_search_resolves`), with the way out for ``index``."""
+    exact = index if isinstance(index, ExactIndex) else None
+    storage = None if exact is None or exact.storage is None else exact._storage_name
     name = str(index.holds_dtype or dtype).removeprefix("torch.")
     if index.holds_dtype is not None:
         fix = (f"fit with index='exact', which the fit holds less the gradients' mean where "
@@ -370,7 +405,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
                "far from the training features?")
     else:
         fix = f"{FLOAT64_ADVICE}, whose search resolves them"
-        if precision != "ieee" and device.type == "cuda":  # (the CPU's GEMMs are fp32)
+        # (bf16 operands are rounded on every device; tf32 applies on CUDA only)
+        if precision == "bf16" or (precision != "ieee" and device.type == "cuda"):
             fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
     rounding = (f"the {name} search's rounding" if storage is None else
                 f"the search's rounding on the index's {storage} copy")

@@ -48,6 +48,7 @@ from grood._fit import (
     FittedState,
     check_inputs,
     check_ranks_agree,
+    check_search_again,
     class_count,
     distributing,
     fit_passes,
@@ -532,7 +533,8 @@ def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
     check_score_time_params(det)
     if uses_k:
         check_within_index(det, det.k, "k")
-    if det.precision != det._grads.precision:
+    searched_anew = det.precision != det._grads.precision
+    if searched_anew:
         det._grads.precision = det.precision
         if isinstance(det.index_, ExactIndex):
             det.index_.precision = det.precision
@@ -547,3 +549,5 @@ def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
         if isinstance(det.index_, ExactIndex):
             det.index_.backend = resolved["knn"]
         det.backend_, det._backend_asked = resolved, asked
+    if searched_anew:  # (the fit checked the search in the precision it was fitted in)
+        check_search_again(det.index_, det.dtype_, det.precision, det.device_, det._sharded)

@@ -382,7 +382,10 @@ def test_precision_set_after_fit_is_checked_and_used(monkeypatch):
         seen.append(det.index_.precision), real(q, det.index_.vectors, k))[1])
     det.precision = "bf16"
     det.score_samples(test)
-    assert det._grads.precision == "bf16" and seen == ["bf16"]
+    # The search's check in the new precision (as the fit's), then the scores' search.
+    assert det._grads.precision == "bf16" and seen == ["bf16", "bf16"]
+    det.score_samples(test)  # (checked once)
+    assert seen == ["bf16"] * 3
 
 
 def test_backend_set_after_fit_is_checked_and_used(monkeypatch):

@@ -25,7 +25,9 @@ from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data
+from grood._fit import check_search_again
 from grood.cli import main
+from grood.index import ExactIndex
 from grood.portable import PortableHead
 
 
@@ -1460,6 +1462,14 @@ def test_evaluate_leaves_the_warnings_filters_and_other_threads_alone():
     assert caught and caught[0].startswith("features have no column names, but those this KNN")
 
 
+def _float64_scores(x, y, ood, test):
+    """float64's scores of ``test`` on the same (float32-rounded) inputs, without an index
+    copy (a fit with OOD features)."""
+    return GROOD(ood_prototype="features").fit(
+        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
+        test.astype(np.float64))
+
+
 def _float32_and_float64_scores(x, y, ood, test, **params):
     """A float32 detector, its scores of ``test`` as float64, and float64's on the same
     inputs (fitted with every warning an error)."""
@@ -1523,9 +1533,7 @@ def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_a
     x, y, ood, test = far_prototype_data(100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        want = GROOD(ood_prototype="features").fit(
-            x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
-            test.astype(np.float64))
+        want = _float64_scores(x, y, ood, test)
         det = GROOD(ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
             x, y, ood_features=ood)
         assert det.index_._stored is None  # (made by the first search, as before)
@@ -1547,6 +1555,39 @@ def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_a
                                          r"checks its search again"):
         GROOD(ood_prototype="features", index_options={"storage": "float16"}).fit(
             x, y, ood_features=ood)
+
+
+def test_a_search_precision_set_after_the_fit_is_checked_again():
+    """The fit checks its search in the precision it is fitted in: at distance/spread 186 the
+    ieee search resolves the gradients, a bf16 one does not, and a detector fitted in ieee and
+    then set to precision='bf16' scored 130 % of the score spread off float64's without a
+    word. The first search in the new precision checks it again, and holds the index less
+    the gradients' mean as a fit in bf16 would; a detector already held so is checked as it
+    is held; a shard of a multi-rank detector (whose other ranks need not be scoring) is
+    warned of, not centred."""
+    x, y, ood, test = far_prototype_data(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = _float64_scores(x, y, ood, test)
+        det = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+        assert det.index_.centre is None
+        det.set_params(precision="bf16")
+        got = det.score_samples(test)
+        assert det.index_.centre is not None
+        assert np.abs(got - want).max() < 1e-2 * np.ptp(want)
+        # Held less the mean already (at the fit, in ieee): checked as held, quietly.
+        far = GROOD(ood_prototype="features", progress=False).fit(*far_prototype_data(3e3)[:2],
+                                                                  ood_features=ood)
+        centre = far.index_.centre.clone()
+        far.set_params(precision="bf16").score_samples(test)
+        assert torch.equal(far.index_.centre, centre)
+    held = det.index_.vectors + det.index_.centre
+    shard = ExactIndex(16, precision="bf16")
+    shard.add(held)
+    with pytest.warns(UserWarning, match=r"searched for as themselves, \d+ of 64 .* or "
+                                         r"precision='ieee' \(the bf16 GEMM rounds more\)"):
+        check_search_again(shard, torch.float32, "bf16", torch.device("cpu"), sharded=True)
+    assert shard.centre is None
 
 
 def test_gradients_whose_spread_float32_rounds_past_are_warned_of_at_the_fit():
