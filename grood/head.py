@@ -560,6 +560,7 @@ def as_module(det: GROOD, checks: str = "raise", flags: bool = False, *,
     if det._sharded:
         raise ValueError("as_module() needs the whole index in one process; this detector is "
                          "sharded across ranks (load it without distributed=True)")
+    det._apply_score_params()  # (k, and a precision set since the fit: its search checked)
     # Checked for the search it was chosen for; an uncalibrated detector says how to get one.
     threshold = current_threshold(det) if check_flag(flags, "flags") else None
     storage = index._searched() if index.storage is not None else None

@@ -1581,6 +1581,11 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
         centre = far.index_.centre.clone()
         far.set_params(precision="bf16").score_samples(test)
         assert torch.equal(far.index_.centre, centre)
+        # A head made in the new precision (before any score) is made of the checked index.
+        again = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+        head = again.set_params(precision="bf16").as_module()
+        assert again.index_.centre is not None and torch.equal(head.index_centre,
+                                                               again.index_.centre)
     held = det.index_.vectors + det.index_.centre
     shard = ExactIndex(16, precision="bf16")
     shard.add(held)
