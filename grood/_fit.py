@@ -308,7 +308,7 @@ SPREAD_LIMIT_EPS = 4000
 
 def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
                           device: torch.device, distributed: bool = False,
-                          spread: bool = True) -> None:
+                          spread: bool = True, in_place: bool = True) -> None:
     """Centre the index, or warn, where the search cannot tell the indexed gradients apart.
     It picks candidates by ``||q||^2 + ||x||^2 - 2 q.x``, whose rounding grows with the
     gradients' norms; where they all point nearly the same way (an OOD prototype far outside
@@ -326,7 +326,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     rank checks its own shard and the counts, the mean and the sampled rows are reduced over
     the ranks, so that every rank decides alike and every shard is held less the same centre
     (the shards join into one index). ``spread``: check the gradients' spread too (the fit:
-    a later check of another precision does not repeat it)."""
+    a later check of another precision does not repeat it); ``in_place``: centre the index's
+    rows where they are (the fit) or in new memory (``ExactIndex.centre_on``)."""
     if index.centre is not None:  # (a centred index was checked when centred)
         return
     step = "searching its index for some of its rows"
@@ -356,7 +357,7 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
             centred = int(dist.all_reduce(torch.tensor([centred]))[0])
         if centred < UNRESOLVED_SHARE * probes:
             with dist.together(distributed, step):
-                exact.centre_on(mean)
+                exact.centre_on(mean, in_place)
             missed = centred
     if distributed:  # (read before any centring: as queries are)
         held = torch.cat(dist.all_gather_rows(held.to(device)))
@@ -378,8 +379,8 @@ def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
     scoring); otherwise its search is checked as it is held, and warned of."""
     if not isinstance(index, ExactIndex) or index.ntotal < 2:
         return
-    if index.centre is None and not sharded:
-        check_search_resolves(index, dtype, precision, device, spread=False)
+    if index.centre is None and not sharded:  # (a head made with copy=False may hold the rows)
+        check_search_resolves(index, dtype, precision, device, spread=False, in_place=False)
         return
     n = index.ntotal
     ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()

@@ -409,7 +409,7 @@ class ExactIndex(GradientIndex):
             total = reduce(total)
         return (total[:-1] / total[-1].clamp_min(1)).to(self.dtype)
 
-    def centre_on(self, centre: Tensor) -> None:
+    def centre_on(self, centre: Tensor, in_place: bool = True) -> None:
         """Hold the vectors less ``centre`` [D] (e.g. :meth:`vectors_mean`), and take it from
         each search's queries too.
 
@@ -424,7 +424,9 @@ class ExactIndex(GradientIndex):
         more, to within a rounding of its distance from ``centre``. Rows added later are
         shifted as they come; the shift is saved with the index. A half-precision ``storage``
         copy is made anew from the shifted rows, so it rounds each by its precision of the
-        row's distance from ``centre``, not of its norm. Not twice (ValueError)."""
+        row's distance from ``centre``, not of its norm. Not twice (ValueError). ``in_place``:
+        shift the vectors where they are (no second copy), or into new memory, leaving any
+        tensor that shares them (a head made with ``copy=False``) as it was."""
         if self.centre is not None:
             raise ValueError("this index is already held less a centre (drop_centre() first)")
         if tuple(centre.shape) != (self.dim,) or not bool(torch.isfinite(centre).all()):
@@ -432,7 +434,10 @@ class ExactIndex(GradientIndex):
                              f"{tuple(centre.shape)}")
         with torch.inference_mode(False):  # (as the buffer: see reserve)
             self.centre = centre.to(self.device, self.dtype).clone()
-            self.vectors.sub_(self._held_centre())
+            if in_place:
+                self.vectors.sub_(self._held_centre())
+            else:
+                self._buf = self.vectors - self._held_centre()
         self._sq_norms = self._stored = None
 
     def drop_centre(self) -> None:

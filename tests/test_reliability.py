@@ -27,6 +27,7 @@ from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data
 from grood._fit import check_search_again
 from grood.cli import main
+from grood.head import as_module
 from grood.index import ExactIndex
 from grood.portable import PortableHead
 
@@ -1581,9 +1582,13 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
         centre = far.index_.centre.clone()
         far.set_params(precision="bf16").score_samples(test)
         assert torch.equal(far.index_.centre, centre)
-        # A head made in the new precision (before any score) is made of the checked index.
+        # A head made in the new precision (before any score) is made of the checked index;
+        # one made before, holding the index's rows themselves, is left as it was.
         again = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+        shared = as_module(again, copy=False)
+        before = shared(torch.as_tensor(test))[0]
         head = again.set_params(precision="bf16").as_module()
+        assert torch.equal(shared(torch.as_tensor(test))[0], before)
         assert again.index_.centre is not None and torch.equal(head.index_centre,
                                                                again.index_.centre)
     held = det.index_.vectors + det.index_.centre
