@@ -16,7 +16,9 @@ rounded to nearest; products and sums in float64; 5 candidates re-ranked exactly
 and less the gradients' mean, on the same data and on ordinary clustered features.
 
 A third gives the fit with a half-precision copy of the index searched (``index_options``
-``storage``), checked on blocks of the rows rounded as the copy holds them.
+``storage``), checked on blocks of the rows rounded as the copy holds them; a fourth, a
+detector fitted in ``ieee`` and then scored in ``bf16`` (its search checked again at the
+first search in it) beside one fitted in ``bf16``.
 
     python bench/far_prototype.py          # the tables (under a minute on a CPU)
     python bench/far_prototype.py --tiny   # two ratios
@@ -113,6 +115,32 @@ def storage_row(ratio: float, storage: str) -> str:
             f"{said} |")
 
 
+def precision_row(ratio: float) -> str:
+    """One row of the fourth table: fitted in ``ieee`` and scored in ``bf16`` after
+    ``set_params`` (its search checked again at the first search in it), against a fit in
+    ``bf16``: each one's largest score error against float64's, as a share of its spread."""
+    x, y, ood, test = far_prototype_data(ratio)
+    want = GROOD(ood_prototype="features").fit(
+        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
+        test.astype(np.float64))
+    span = np.ptp(want)
+    det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    fitted = det.index_.centre is not None
+    ieee = np.abs(det.score_samples(test) - want).max() / span
+    det.set_params(precision="bf16")
+    after = np.abs(det.score_samples(test) - want).max() / span
+    centred = det.index_.centre is not None
+    uncentred = after
+    if centred and not fitted:  # what the search in bf16 gave unchecked
+        det.index_.drop_centre()
+        uncentred = np.abs(det.score_samples(test) - want).max() / span
+    wide = GROOD(ood_prototype="features", precision="bf16").fit(x, y, ood_features=ood)
+    in_bf16 = np.abs(wide.score_samples(test) - want).max() / span
+    return (f"| {distance_over_spread(x, ood):,.0f} | {ieee:.2g} | {'yes' if fitted else 'no'} "
+            f"| {uncentred:.2g} | {after:.2g} | {'yes' if centred else 'no'} | "
+            f"{in_bf16:.2g} | {'yes' if wide.index_.centre is not None else 'no'} |")
+
+
 def emulated_misses(vectors: torch.Tensor, mode: str) -> int:
     """The check's self-search of 64 evenly spaced ``vectors`` with ``mode``'s candidate GEMM
     emulated: how many come back as another row at a distance above 0."""
@@ -178,6 +206,14 @@ def main() -> None:
     for ratio in ([1e1, 1e2] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3, 1e4]):
         for storage in ("bfloat16", "float16"):
             print(storage_row(ratio, storage), flush=True)
+    print("\nFitted in ieee, then set to precision='bf16' (the search checked again), and "
+          "fitted in bf16\n")
+    print("| distance / spread | error in ieee | centred at the fit | error in bf16, unchecked "
+          "| error in bf16 after set_params | centred then | error, fitted in bf16 | centred "
+          "at that fit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for ratio in ([3e1, 1e2] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3]):
+        print(precision_row(ratio), flush=True)
 
 
 if __name__ == "__main__":

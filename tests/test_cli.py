@@ -1918,12 +1918,19 @@ def test_far_prototype_table_at_tiny_size():
                          text=True, check=True).stdout
     rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
             if r.startswith("| ") and r[2].isdigit()]
-    near, far = (r for r in rows if len(r) == 8)
+    near, far = (r for r in rows if len(r) == 8 and r[2] not in ("no", "yes"))
     stored = {(r[0], r[1]): r[2:] for r in rows if len(r) == 7}
     bf16 = stored[("186", "bfloat16")]
     assert int(bf16[0]) >= 7 and bf16[1] == "yes (0)" and bf16[-1] == "-"
     assert float(bf16[2]) > 0.5 and float(bf16[3]) < 0.01
     assert stored[("186", "float16")][-1] == "search, lost rows"
+    # Fitted in ieee and set to bf16: unchecked, the bf16 search is off by more than the
+    # scores' spread at 186; checked again, it is centred and scores as a fit in bf16.
+    precision = {r[0]: r[1:] for r in rows if len(r) == 8 and r[2] in ("no", "yes")}
+    ieee, fitted, unchecked, after, centred, in_bf16, _ = precision["186"]
+    assert fitted == "no" and float(ieee) < 1e-3
+    assert centred == "yes" and float(unchecked) > 0.5
+    assert float(after) == float(in_bf16) < 0.01
     assert near[1:3] == ["0", "no (0)"] and near[-1] == "-"
     assert int(far[1]) >= 7 and far[2] == "yes (0)" and far[-1] == "spread"
     assert float(far[4]) > 0.5 and float(far[5]) == float(far[6]) < 0.05
