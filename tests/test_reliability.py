@@ -439,7 +439,7 @@ def test_float64_gradients_held_in_a_narrower_dtype_are_checked_against_its_rang
     """A faiss index holds float32 gradients whatever the features' dtype, and an exact index
     may search a lower-precision copy of float64 ones: tight classes far apart, whose q_ood
     float64 resolves and float32 does not, scored 0 through faiss (every score) or came from
-    lost copies (scores 15 times off through a float32 copy), without a word. The fit's range
+    lost copies (scores 16 times off through a float32 copy), without a word. The fit's range
     check counts against the dtype the index holds them in and names the exact index; a copy
     that loses rows of a float64 index says so when it is made, and calibration names the
     zeros for what they are."""
