@@ -36,8 +36,12 @@ import torch
 
 import grood
 from grood import GROOD, functional
-from grood._bench.common import far_prototype_data, realistic_features
-from grood._fit import missed_as_themselves, missed_in_blocks
+from grood._bench.common import (
+    far_prototype_data,
+    far_prototype_float64_scores,
+    realistic_features,
+)
+from grood._fit import missed_as_themselves, missed_in_blocks, probe_ids
 from grood.index import spread_share
 
 
@@ -48,21 +52,29 @@ def distance_over_spread(x: np.ndarray, ood: np.ndarray) -> float:
     return float(np.linalg.norm(x64.mean(0) - ood.astype(np.float64).mean(0))) / spread
 
 
+def said(caught: list[warnings.WarningMessage]) -> str:
+    """The warnings ``caught`` by kind: the copy's lost rows, the search unresolved, the
+    gradients' spread (others by their start), or ``-``."""
+    def kind(message: str) -> str:
+        if "indexed gradients" in message and "storage=" in message:
+            return "lost rows"
+        if "as themselves" in message:
+            return "search"
+        return "spread" if "spread about" in message else message[:40]
+
+    return ", ".join(kind(str(w.message)) for w in caught) or "-"
+
+
 def row(ratio: float) -> str:
     """One table row."""
     x, y, ood, test = far_prototype_data(ratio)
-    x64 = x.astype(np.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
-    said = ", ".join("spread" if "spread about" in str(w.message) else "search"
-                     if "as themselves" in str(w.message) else str(w.message)[:40]
-                     for w in caught) or "-"
-    wide = GROOD(ood_prototype="features").fit(x64, y, ood_features=ood.astype(np.float64))
-    want = wide.score_samples(test.astype(np.float64))
+    want = far_prototype_float64_scores(x, y, ood, test)
     span = np.ptp(want)
     index = det.index_
-    ids = torch.linspace(0, index.ntotal - 1, 64).round().long().unique()
+    ids = probe_ids(index.ntotal)
     centred = index.centre is not None
     fitted = np.abs(det.score_samples(test) - want).max() / span
     # The gradients as queries would be (held plus any centre), in float32 and float64.
@@ -79,7 +91,7 @@ def row(ratio: float) -> str:
     uncentred = np.abs(det.score_samples(test) - want).max() / span
     kept = f"{'yes' if centred else 'no'} ({less_mean})"
     return (f"| {distance_over_spread(x, ood):,.0f} | {missed} | {kept} | {rel:.2g} | "
-            f"{uncentred:.2g} | {fitted:.2g} | {at_best:.2g} | {said} |")
+            f"{uncentred:.2g} | {fitted:.2g} | {at_best:.2g} | {said(caught)} |")
 
 
 def storage_row(ratio: float, storage: str) -> str:
@@ -87,23 +99,17 @@ def storage_row(ratio: float, storage: str) -> str:
     index, what its check saw, and its scores' largest error against float64's (share of
     float64's score spread) as fitted and with the copy of the unshifted rows."""
     x, y, ood, test = far_prototype_data(ratio)
-    want = GROOD(ood_prototype="features").fit(
-        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
-        test.astype(np.float64))
+    want = far_prototype_float64_scores(x, y, ood, test)
     span = np.ptp(want)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         det = GROOD(ood_prototype="features", index_options={"storage": storage}).fit(
             x, y, ood_features=ood)
         fitted = np.abs(det.score_samples(test) - want).max() / span
-    said = ", ".join("lost rows" if "indexed gradients" in str(w.message) and "storage=" in
-                     str(w.message) else "search" if "as themselves" in str(w.message)
-                     else "spread" if "spread about" in str(w.message)
-                     else str(w.message)[:40] for w in caught) or "-"
     index = det.index_
     centred = index.centre is not None
     index.drop_centre()
-    ids = torch.linspace(0, index.ntotal - 1, 64).round().long().unique()
+    ids = probe_ids(index.ntotal)
     rows = index.vectors_at(ids)
     missed = missed_in_blocks(index, ids, rows)
     less_mean = missed_in_blocks(index, ids, rows, index.vectors_mean())
@@ -112,7 +118,7 @@ def storage_row(ratio: float, storage: str) -> str:
         uncentred = np.abs(det.score_samples(test) - want).max() / span
     return (f"| {distance_over_spread(x, ood):,.0f} | {storage} | {missed} | "
             f"{'yes' if centred else 'no'} ({less_mean}) | {uncentred:.2g} | {fitted:.2g} | "
-            f"{said} |")
+            f"{said(caught)} |")
 
 
 def precision_row(ratio: float) -> str:
@@ -120,9 +126,7 @@ def precision_row(ratio: float) -> str:
     ``set_params`` (its search checked again at the first search in it), against a fit in
     ``bf16``: each one's largest score error against float64's, as a share of its spread."""
     x, y, ood, test = far_prototype_data(ratio)
-    want = GROOD(ood_prototype="features").fit(
-        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
-        test.astype(np.float64))
+    want = far_prototype_float64_scores(x, y, ood, test)
     span = np.ptp(want)
     det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
     fitted = det.index_.centre is not None
@@ -146,7 +150,7 @@ def emulated_misses(vectors: torch.Tensor, mode: str) -> int:
     emulated: how many come back as another row at a distance above 0."""
     from grood_kernels._prepare import tf32_truncated
 
-    ids = torch.linspace(0, len(vectors) - 1, 64).round().long().unique()
+    ids = probe_ids(len(vectors))
     q = vectors[ids]
     rounded = {"ieee": lambda t: t, "tf32": tf32_truncated,
                "bf16": lambda t: t.bfloat16()}[mode]

@@ -306,6 +306,19 @@ UNRESOLVED_SHARE = 0.1
 SPREAD_LIMIT_EPS = 4000
 
 
+def probe_ids(n: int) -> Tensor:
+    """The ``RESOLUTION_PROBES`` (at most ``n``) indexed rows the check searches for as
+    themselves, evenly spaced over an index of ``n`` rows (int64)."""
+    return torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+
+
+def spread_limit(dtype: torch.dtype) -> float:
+    """The gradients' spread about their mean, relative to their norm, below which
+    ``dtype``'s rounding of each is a sizeable part of the distances between them
+    (``SPREAD_LIMIT_EPS`` epsilons: :func:`check_gradients_spread`)."""
+    return SPREAD_LIMIT_EPS * torch.finfo(dtype).eps
+
+
 def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: str,
                           device: torch.device, distributed: bool = False,
                           spread: bool = True, in_place: bool = True) -> None:
@@ -333,15 +346,14 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     step = "searching its index for some of its rows"
     with dist.together(distributed, step):
         n = index.ntotal
-        ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+        ids = probe_ids(n)
         held = index.vectors_at(ids)
         if held is None:  # (a kind that cannot give its rows back cheaply)
             return
         exact = index if isinstance(index, ExactIndex) else None
-        storage = None if exact is None or exact.storage is None else exact._storage_name
         # (a half-precision copy is not made here: its first search makes it, and warns of it)
         missed = 0 if n == 0 else (
-            missed_as_themselves(index, ids, held) if exact is None or storage is None
+            missed_as_themselves(index, ids, held) if exact is None or exact.storage is None
             else missed_in_blocks(exact, ids, held))
     counts = torch.tensor([missed, ids.numel()], dtype=torch.float64)
     missed, probes = (int(v) for v in (dist.all_reduce(counts) if distributed else counts))
@@ -382,8 +394,7 @@ def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
     if index.centre is None and not sharded:  # (a head made with copy=False may hold the rows)
         check_search_resolves(index, dtype, precision, device, spread=False, in_place=False)
         return
-    n = index.ntotal
-    ids = torch.linspace(0, n - 1, min(RESOLUTION_PROBES, n)).round().long().unique()
+    ids = probe_ids(index.ntotal)
     held = index.vectors_at(ids)
     assert held is not None  # (an exact index gives its rows back)
     missed = missed_in_blocks(index, ids, held)  # (rows and queries as held: one frame)
@@ -395,10 +406,18 @@ def warn_unresolved(index: GradientIndex, missed: int, probes: int, dtype: torch
                     precision: str, device: torch.device) -> None:
     """Warn that ``missed`` of ``probes`` indexed gradients searched for as themselves were
     not found (:func:`check_search_resolves`), with the way out for ``index``."""
-    exact = index if isinstance(index, ExactIndex) else None
-    storage = None if exact is None or exact.storage is None else exact._storage_name
     name = str(index.holds_dtype or dtype).removeprefix("torch.")
-    if index.holds_dtype is not None:
+    rounding = f"the {name} search's rounding"
+    if isinstance(index, ExactIndex) and index.storage is not None:
+        # (a copy rounds each row by its precision of the row's norm)
+        rounding = f"the search's rounding on the index's {index._storage_name} copy"
+        bits = round(math.log2(torch.finfo(index.storage).eps / 2))
+        fix = ("fit with index_options storage='bfloat16', whose range holds gradients this "
+               "small, or without storage" if index.storage == torch.float16 else
+               f"fit without index_options storage (the {index._storage_name} copy rounds "
+               f"each gradient by up to 2**{bits} of its norm)") + (
+            "; that fit checks its search again")
+    elif index.holds_dtype is not None:
         fix = (f"fit with index='exact', which the fit holds less the gradients' mean where "
                f"that resolves them ({FAISS_ADVICE})")
     elif dtype == torch.float64:
@@ -409,14 +428,6 @@ def warn_unresolved(index: GradientIndex, missed: int, probes: int, dtype: torch
         # (bf16 operands are rounded on every device; tf32 applies on CUDA only)
         if precision == "bf16" or (precision != "ieee" and device.type == "cuda"):
             fix += f", or precision='ieee' (the {precision} GEMM rounds more)"
-    rounding = (f"the {name} search's rounding" if storage is None else
-                f"the search's rounding on the index's {storage} copy")
-    if exact is not None and exact.storage is not None:  # (a copy rounds a row by its norm)
-        bits = round(math.log2(torch.finfo(exact.storage).eps / 2))
-        fix = ("fit with index_options storage='bfloat16', whose range holds gradients this "
-               "small, or without storage" if exact.storage == torch.float16 else
-               f"fit without index_options storage (the {storage} copy rounds each gradient "
-               f"by up to 2**{bits} of its norm)") + "; that fit checks its search again"
     warnings.warn(
         f"searched for as themselves, {missed} of {probes} sampled indexed training "
         f"gradients were not found (another, farther row came back): the gradients lie closer "
@@ -438,7 +449,7 @@ def check_gradients_spread(rows: Tensor, dtype: torch.dtype) -> None:
     if rows.shape[0] < 2:
         return
     share = spread_share(rows)
-    if share >= SPREAD_LIMIT_EPS * torch.finfo(dtype).eps:
+    if share >= spread_limit(dtype):
         return
     if dtype == torch.float64:
         fix = ("float64 resolves them no better: is the OOD prototype meant to lie that far "
@@ -482,9 +493,11 @@ def missed_in_blocks(index: ExactIndex, ids: Tensor, held: Tensor,
         rows = index.vectors[m0:m0 + STORAGE_CHUNK_ROWS].to(index.device)
         if centre is not None:
             rows = rows - centre
-        extra = {} if index.storage is None else {"rerank_database": rows}
-        searched = rows if index.storage is None else rows.to(index.storage)
-        d, i = search(queries, searched, 1, precision=index.precision, **extra)
+        if index.storage is None:
+            d, i = search(queries, rows, 1, precision=index.precision)
+        else:  # (the copy's rounding picks the candidates, the exact rows rank them)
+            d, i = search(queries, rows.to(index.storage), 1, precision=index.precision,
+                          rerank_database=rows)
         nearer = d[:, 0] < best_d  # (ties: the earlier block's lower row)
         best_d = torch.where(nearer, d[:, 0], best_d)
         best_i = torch.where(nearer, i[:, 0] + m0, best_i)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from grood._checks import check_flag, check_positive_int, user_stacklevel
-from grood._fit import SPREAD_LIMIT_EPS, TINY_GRADIENT_SHARE
+from grood._fit import TINY_GRADIENT_SHARE, spread_limit
 from grood._gradients import FLOAT32_DISTANCE_LIMIT, tiny_gradient_norm
 from grood.errors import require
 from grood.functional import _centred_prototypes, database_sq_norms_of
@@ -270,12 +270,12 @@ def check_float32_resolves(index_vectors: Tensor, centre: Tensor | None) -> None
     ``centre`` where given) lie beyond what a :class:`PortableHead`'s float32 resolves, by the
     fit's own limits for float32 features: norms (q_ood) below float32's 2**-63, where squared
     distances between them underflow and scores tie at 0, or a spread about their mean below
-    ``SPREAD_LIMIT_EPS`` float32 epsilons of their norm, where float32's rounding of each is a
-    sizeable part of the distances between them. Reads at most ``SPREAD_SAMPLE_ROWS`` evenly
-    spaced rows. (A float32 detector's fit has warned of both already.)"""
+    ``spread_limit(float32)`` of their norm, where float32's rounding of each is a sizeable
+    part of the distances between them. Reads at most ``SPREAD_SAMPLE_ROWS`` evenly spaced
+    rows. (A float32 detector's fit has warned of both already.)"""
     if index_vectors.dtype != torch.float64 or index_vectors.shape[0] == 0:
         return
-    rows = index_vectors[::max(1, index_vectors.shape[0] // SPREAD_SAMPLE_ROWS)]
+    rows = sampled_rows([index_vectors])
     rows = rows + (0.0 if centre is None else centre.to(rows))
     tiny = float((torch.linalg.vector_norm(rows, dim=1)
                   < tiny_gradient_norm(torch.float32)).double().mean())
@@ -285,7 +285,7 @@ def check_float32_resolves(index_vectors: Tensor, centre: Tensor | None) -> None
                f"have norm q_ood below {tiny_gradient_norm(torch.float32):.2g}, where squared "
                "distances between them fall below float32's range: their scores lose "
                "precision or tie at 0")
-    elif share < SPREAD_LIMIT_EPS * torch.finfo(torch.float32).eps:
+    elif share < spread_limit(torch.float32):
         why = (f"the detector's float64 indexed gradients spread about their mean by "
                f"{share:.2g} of their norm: float32's rounding of each is a sizeable part of "
                "the distances between them, and its scores carry it (some 1 % of their "
@@ -635,15 +635,20 @@ SCORE_TOLERANCE_PER_SPREAD = 200
 SPREAD_SAMPLE_ROWS = 65536
 
 
+def sampled_rows(blocks: list[Tensor]) -> Tensor:
+    """At most about ``SPREAD_SAMPLE_ROWS`` evenly spaced rows of the index held in
+    ``blocks`` (in order), without a copy of the whole index."""
+    step = max(1, sum(b.shape[0] for b in blocks) // SPREAD_SAMPLE_ROWS)
+    return torch.cat([b[::step] for b in blocks])
+
+
 def score_tolerance(head: PortableHead) -> float:
     """How far, relative to the largest score, two float32 computations of ``head``'s scores
     may differ: ``SCORE_TOLERANCE``, or ``SCORE_TOLERANCE_PER_SPREAD`` float32 epsilons over
     the indexed gradients' spread about their mean relative to their norm where that is
     more (gradients that all point nearly the same way lie close together next to their
     norms, and float32's rounding of each is a larger part of the distances between them)."""
-    blocks = [vectors for vectors, _ in head.index_blocks()]
-    step = max(1, sum(b.shape[0] for b in blocks) // SPREAD_SAMPLE_ROWS)
-    rows = torch.cat([b[::step] for b in blocks])  # (no copy of the whole index)
+    rows = sampled_rows([vectors for vectors, _ in head.index_blocks()])
     share = spread_share(rows, head.index_centre)
     if not share:
         return SCORE_TOLERANCE

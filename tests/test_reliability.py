@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
-from grood._bench.common import far_prototype_data
+from grood._bench.common import far_prototype_data, far_prototype_float64_scores
 from grood._fit import check_search_again
 from grood.cli import main
 from grood.head import as_module
@@ -1463,14 +1463,6 @@ def test_evaluate_leaves_the_warnings_filters_and_other_threads_alone():
     assert caught and caught[0].startswith("features have no column names, but those this KNN")
 
 
-def _float64_scores(x, y, ood, test):
-    """float64's scores of ``test`` on the same (float32-rounded) inputs, without an index
-    copy (a fit with OOD features)."""
-    return GROOD(ood_prototype="features").fit(
-        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
-        test.astype(np.float64))
-
-
 def _float32_and_float64_scores(x, y, ood, test, **params):
     """A float32 detector, its scores of ``test`` as float64, and float64's on the same
     inputs (fitted with every warning an error)."""
@@ -1534,7 +1526,7 @@ def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_a
     x, y, ood, test = far_prototype_data(100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        want = _float64_scores(x, y, ood, test)
+        want = far_prototype_float64_scores(x, y, ood, test)
         det = GROOD(ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
             x, y, ood_features=ood)
         assert det.index_._stored is None  # (made by the first search, as before)
@@ -1569,7 +1561,7 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
     x, y, ood, test = far_prototype_data(100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        want = _float64_scores(x, y, ood, test)
+        want = far_prototype_float64_scores(x, y, ood, test)
         det = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
         assert det.index_.centre is None
         det.set_params(precision="bf16")

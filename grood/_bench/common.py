@@ -80,6 +80,18 @@ def far_prototype_data(ratio: float) -> tuple[np.ndarray, ...]:
     return x, y, np.full((20, 16), 5.0, dtype=np.float32), test
 
 
+def far_prototype_float64_scores(x: np.ndarray, y: np.ndarray, ood: np.ndarray,
+                                 test: np.ndarray) -> np.ndarray:
+    """float64's scores of ``test`` by a detector fitted on the same (float32-rounded) inputs
+    of :func:`far_prototype_data` (the OOD prototype from ``ood``; no index copy): the
+    reference the far-prototype tables and tests hold float32 to."""
+    from grood import GROOD
+
+    return GROOD(ood_prototype="features").fit(
+        x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
+        test.astype(np.float64))
+
+
 #: Timings of this run, one dict per timed kernel call (``--json`` writes them): ``kernel``
 #: (``ncp_gradient`` / ``knn``), ``dims`` (N, C, D or Q, M, D), ``precision`` (search rows on
 #: bf16 storage: ``bf16-storage``), ``backend`` (``torch``, ``triton``, and for the gradient
