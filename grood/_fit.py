@@ -380,19 +380,35 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     warn_unresolved(index, missed, probes, dtype, precision, device)
 
 
+def rounds_past_fp32(precision: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a search in ``precision`` on ``device`` rounds its operands past the features'
+    own arithmetic: ``bf16`` on every device (its operands are rounded to bfloat16 values
+    everywhere, the CPU's emulation included), ``tf32`` on a CUDA device for features below
+    float64 (elsewhere, and for float64 everywhere, it computes in the features' dtype). Where
+    it does, a fit's check of the search in another place (a CPU for a GPU) or in another
+    precision tells nothing of it (:func:`check_search_again`)."""
+    return precision == "bf16" or (precision == "tf32" and device.type == "cuda"
+                                   and dtype != torch.float64)
+
+
 def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
-                       device: torch.device, sharded: bool) -> None:
+                       device: torch.device, sharded: bool, in_place: bool = False) -> None:
     """The fit's check of the search (:func:`check_search_resolves`) for an exact index whose
-    search precision changed after the fit or load (``set_params(precision=...)``): a search
-    the fit found resolved in ``ieee`` can miss in ``bf16`` (from a distance/spread of 56 on
-    the far-prototype data, scores 130 % of their spread off at 186). An index not yet held
-    less a centre is checked as at the fit, and centred where that resolves it (not the
+    search precision changed after the fit or load (``set_params(precision=...)``), or that a
+    load or move brings to a device whose search rounds more than the fit's did
+    (:func:`rounds_past_fp32`: fitted on a CPU in ``tf32``, then searched on a GPU): a
+    search the fit found resolved in ``ieee`` can miss in ``bf16`` (from a distance/spread of
+    56 on the far-prototype data, scores 130 % of their spread off at 186). An index not yet
+    held less a centre is checked as at the fit, and centred where that resolves it (not the
     shard of a multi-rank detector: that would take the other ranks, which need not be
-    scoring); otherwise its search is checked as it is held, and warned of."""
+    scoring); otherwise its search is checked as it is held, and warned of. ``in_place``:
+    centre the index's rows where they are (an index just loaded or moved, which nothing else
+    holds) or in new memory (a head made with ``copy=False`` may hold them)."""
     if not isinstance(index, ExactIndex) or index.ntotal < 2:
         return
-    if index.centre is None and not sharded:  # (a head made with copy=False may hold the rows)
-        check_search_resolves(index, dtype, precision, device, spread=False, in_place=False)
+    if index.centre is None and not sharded:
+        check_search_resolves(index, dtype, precision, device, spread=False,
+                              in_place=in_place)
         return
     ids = probe_ids(index.ntotal)
     held = index.vectors_at(ids)

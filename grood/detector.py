@@ -7,10 +7,8 @@ a fitted detector is :mod:`grood._gradients`.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -308,6 +306,9 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
     def _apply_score_params(self) -> None:
         apply_score_time_params(self)
 
+    def _check_score_params(self) -> None:
+        check_score_time_params(self)
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):
             raise NotFittedError("this GROOD detector is not fitted yet: call fit() or "
@@ -372,30 +373,6 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         for r0, r1, _, p in self._passes(x, k=None):
             preds[r0:r1] = p
         return kind.wrap(preds)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted detector to a ``.safetensors`` file, atomically: tensors, JSON
-        metadata and a SHA-256 digest, no pickle. A distributed detector: one shard file per
-        rank and a JSON manifest at ``path`` (see :mod:`grood.persistence`)."""
-        from grood import persistence
-
-        self._check_fitted()
-        persistence.save(self, Path(path))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-             distributed: bool = False, backend: str | None = None) -> Self:
-        """Read a detector written by :meth:`save` onto ``device`` (default: CPU), everything
-        checked before use and nothing in the file executed. A manifest loads with
-        ``distributed=True`` on as many ranks as saved it, or whole into one process (indexes
-        joined in rank order). ``backend`` replaces the saved one (``"auto"`` or ``"torch"`` to
-        score on a CPU a detector fitted with ``backend="triton"`` on a GPU). Raises
-        :class:`grood.errors.DetectorFileError` for a bad file."""
-        from grood import persistence
-
-        return persistence.load(cls, Path(path), device=check_device(device),
-                                distributed=check_flag(distributed, "distributed"),
-                                backend=backend)
 
 
 #: Why ``kneighbors`` cannot name a detector's neighbours.

@@ -30,18 +30,19 @@ from grood import ops
 from grood._checks import (
     FLOAT_DTYPES,
     check_device,
+    check_flag,
     check_positive_int,
     is_count,
     ordinary,
     path_hint,
 )
-from grood._fit import FittedState
+from grood._fit import FittedState, check_search_again, rounds_past_fp32
 from grood._version import __version__
 from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
 from grood.index import index_class, index_from_state
-from grood.neighbours import SHUFFLED
+from grood.neighbours import SHUFFLED, check_within_index
 from grood.prototypes import FINGERPRINT_DIMS, source_from_config
 
 _D = TypeVar("_D", bound="Placement")
@@ -522,18 +523,58 @@ def install(det: Any, state: dict[str, Any], tensors: dict[str, Tensor], dev: to
                        else tuple(state["feature_names_in"]))))
     if state.get("calibration") is not None:
         det.calibration_ = state["calibration"]
+    if rounds_past_fp32(det.precision, dev, det.dtype_):
+        # (the file does not say where, or in which precision, the fit checked its search: a
+        # CPU's tf32 computes in fp32, and a precision set after the fit is checked at the
+        # first search, which a save may come before)
+        check_search_again(det.index_, det.dtype_, det.precision, dev, det._sharded,
+                           in_place=True)
 
 
 class Placement:
-    """``to(device)`` of a fitted detector (a base of :class:`grood.GROOD`)."""
+    """``save``, ``load`` and ``to(device)`` of a fitted detector (a base of
+    :class:`grood.GROOD`)."""
 
     if TYPE_CHECKING:  # what the detector class provides
+        k: int
         precision: str
         backend: str
         device_: torch.device
         _sharded: bool
 
         def _check_fitted(self) -> None: ...
+
+        def _check_score_params(self) -> None: ...
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted detector to a ``.safetensors`` file, atomically: tensors, JSON
+        metadata and a SHA-256 digest, no pickle. A distributed detector: one shard file per
+        rank and a JSON manifest at ``path`` (see :mod:`grood.persistence`). The parameters it
+        scores with are checked first, as a score checks them (``k`` within the index, a known
+        ``precision``): a file that could not be scored with is not written. A precision set
+        since the fit is saved as set, and the load checks its search (see ``load``)."""
+        self._check_fitted()
+        with dist.together(self._sharded, "checking the parameters it is saved with"):
+            self._check_score_params()
+            check_within_index(self, self.k, "k")
+        save(self, Path(path))
+
+    @classmethod
+    def load(cls: type[_D], path: str | os.PathLike, *,
+             device: str | torch.device | None = None, distributed: bool = False,
+             backend: str | None = None) -> _D:
+        """Read a detector written by :meth:`save` onto ``device`` (default: CPU), everything
+        checked before use and nothing in the file executed. A manifest loads with
+        ``distributed=True`` on as many ranks as saved it, or whole into one process (indexes
+        joined in rank order). ``backend`` replaces the saved one (``"auto"`` or ``"torch"`` to
+        score on a CPU a detector fitted with ``backend="triton"`` on a GPU). Where the search
+        on ``device`` rounds past the features' own arithmetic (``bf16`` anywhere, ``tf32`` on
+        a GPU), the fit's check of it is run again (the file says neither where nor in which
+        precision the fit ran it): the index is held less the gradients' mean where that
+        resolves it, as a fit there would hold it. Raises
+        :class:`grood.errors.DetectorFileError` for a bad file."""
+        return load(cls, Path(path), device=check_device(device),
+                    distributed=check_flag(distributed, "distributed"), backend=backend)
 
     def to(self: _D, device: str | torch.device) -> _D:
         """Move the fitted detector to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a

@@ -25,7 +25,7 @@ from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data, far_prototype_float64_scores
-from grood._fit import check_search_again
+from grood._fit import check_search_again, rounds_past_fp32
 from grood.cli import main
 from grood.head import as_module
 from grood.index import ExactIndex
@@ -1550,6 +1550,16 @@ def test_a_half_precision_copy_that_cannot_tell_the_gradients_apart_is_centred_a
             x, y, ood_features=ood)
 
 
+def _fitted_far_in_ieee() -> tuple[GROOD, np.ndarray]:
+    """A detector fitted in ieee on the far-prototype data at distance/spread 186, where its
+    search resolves the gradients uncentred (a bf16 one does not), and float64's scores of
+    the data's test rows."""
+    x, y, ood, test = far_prototype_data(100)
+    det = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+    assert det.index_.centre is None
+    return det, far_prototype_float64_scores(x, y, ood, test)
+
+
 def test_a_search_precision_set_after_the_fit_is_checked_again():
     """The fit checks its search in the precision it is fitted in: at distance/spread 186 the
     ieee search resolves the gradients, a bf16 one does not, and a detector fitted in ieee and
@@ -1561,9 +1571,7 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
     x, y, ood, test = far_prototype_data(100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        want = far_prototype_float64_scores(x, y, ood, test)
-        det = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
-        assert det.index_.centre is None
+        det, want = _fitted_far_in_ieee()
         det.set_params(precision="bf16")
         got = det.score_samples(test)
         assert det.index_.centre is not None
@@ -1590,6 +1598,56 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
                                          r"precision='ieee' \(the bf16 GEMM rounds more\)"):
         check_search_again(shard, torch.float32, "bf16", torch.device("cpu"), sharded=True)
     assert shard.centre is None
+
+
+def test_a_precision_set_after_the_fit_and_saved_is_checked_at_the_load(tmp_path):
+    """Set to precision='bf16' after an ieee fit and saved before any score, a detector was
+    written with its search unchecked in bf16, and loaded so: at distance/spread 186 its
+    scores strayed by 173 % of their spread from float64's, without a word. A load now checks
+    the search wherever it rounds past the features' own arithmetic (bf16 anywhere, tf32 on a
+    GPU), the file saying neither where nor in which precision the fit checked it: the file
+    loads held less the gradients' mean, as a fit in bf16 holds it. The save leaves the
+    detector as it was."""
+    x, y, ood, test = far_prototype_data(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det, want = _fitted_far_in_ieee()
+        det.set_params(precision="bf16").save(tmp_path / "bf16.safetensors")
+        assert det.index_.centre is None
+        loaded = GROOD.load(tmp_path / "bf16.safetensors")
+        assert loaded.index_.centre is not None
+        assert np.abs(loaded.score_samples(test) - want).max() < 1e-2 * np.ptp(want)
+        fitted = GROOD(ood_prototype="features", precision="bf16", progress=False).fit(
+            x, y, ood_features=ood)
+        assert torch.equal(loaded.index_.centre, fitted.index_.centre)
+        # In ieee nothing rounds past the features' arithmetic: loaded as saved.
+        plain = GROOD(ood_prototype="features", progress=False).fit(x, y, ood_features=ood)
+        plain.save(tmp_path / "ieee.safetensors")
+        assert GROOD.load(tmp_path / "ieee.safetensors").index_.centre is None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert rounds_past_fp32("bf16", cpu, torch.float32) and rounds_past_fp32("bf16", cpu,
+                                                                             torch.float64)
+    assert rounds_past_fp32("tf32", cuda, torch.float32)
+    assert not rounds_past_fp32("tf32", cpu, torch.float32)
+    assert not rounds_past_fp32("tf32", cuda, torch.float64)
+    assert not any(rounds_past_fp32(p, cuda, torch.float32) for p in ("ieee", "tf32x3"))
+
+
+def test_a_save_refuses_parameters_its_file_could_not_be_scored_with(tmp_path):
+    """A ``k`` past the index was saved, and the file then refused at every load as
+    "inconsistent", as if damaged; an unknown precision was saved and loaded, and refused at
+    the first score. A save checks them as a score does and writes nothing."""
+    x, y = clustered_features(300, 3, 8, seed=4, dtype=torch.float32)
+    det = GROOD(progress=False).fit(x, y)
+    target = tmp_path / "det.safetensors"
+    with pytest.raises(ValueError, match=r"k=100000 but the index holds only \d+ training "
+                                         r"gradients; lower k"):
+        det.set_params(k=100_000).save(target)
+    with pytest.raises(ValueError, match=r"precision must be one of .* got 'fp16'"):
+        det.set_params(k=1, precision="fp16").save(target)
+    assert not target.exists()
+    det.set_params(precision="ieee").save(target)
+    assert torch.equal(GROOD.load(target).score_samples(x), det.score_samples(x))
 
 
 def test_gradients_whose_spread_float32_rounds_past_are_warned_of_at_the_fit():
