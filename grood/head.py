@@ -48,7 +48,7 @@ from grood._checks import (
     compute_dtype,
     user_stacklevel,
 )
-from grood._fit import UNRESOLVED_SHARE, probe_ids
+from grood._fit import UNRESOLVED_SHARE, probe_ids, rounds_past_fp32
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
@@ -189,8 +189,8 @@ class GROODHead(nn.Module):
         converted prototypes and index (converted norms would be norms of the unconverted
         ones, and half-precision ones overflow). The converted buffers are ordinary tensors
         even under ``torch.inference_mode`` (see the constructor), made so without a copy.
-        An index narrowed to another dtype is checked as its search reads it
-        (:func:`check_narrowed_index`)."""
+        An index narrowed to another dtype, or moved to where its precision rounds more, is
+        checked as its search reads it (:func:`check_converted_index`)."""
         threshold = self.threshold
         before = (self.index_vectors, self.index_centre)  # (references: the check's queries)
         with torch.inference_mode(False):
@@ -200,7 +200,7 @@ class GROODHead(nn.Module):
                 # The device follows; the value stays as chosen.
                 self.threshold = threshold.to(converted.device, torch.float64)
         self._derive_norms()
-        check_narrowed_index(self, *before)
+        check_converted_index(self, *before)
         return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
@@ -547,23 +547,27 @@ def own_shared_buffers(head: Any) -> None:
     head._shared_buffers = ()
 
 
-def check_narrowed_index(head: GROODHead, rows: Tensor, centre: Tensor | None) -> None:
-    """Warn where a conversion of ``head`` (``.half()``, ``.bfloat16()``, ``.float()`` of a
-    float64 head; a model the head is attached to, converted whole) narrowed its index from
-    ``rows`` [M, D] (as held, less ``centre``) so far that its search no longer finds the
-    indexed gradients: sampled gradients (``centre`` added back) are searched for as the
-    forward searches a feature's gradient, less the converted centre, among the converted
-    rows. float16 flushes gradients below its range (tight classes, whose q_ood is tiny), a
-    half-precision row or centre rounds by up to 2**-11 or 2**-8 of its norm (an OOD prototype
-    far from the training features, whose gradients all point nearly the same way), and the
-    scores then come from other neighbours: on such data a float16 head scored 6.5 to
-    1.6e6 times the score spread off the detector, a bfloat16 one up to 14 times."""
+def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None) -> None:
+    """Warn where a conversion of ``head`` left its search unable to find the indexed
+    gradients: a narrower dtype (``.half()``, ``.bfloat16()``, ``.float()`` of a float64 head;
+    a model the head is attached to, converted whole), or a move to a device where its
+    precision rounds more (``tf32`` onto a GPU: on the CPU it computes in fp32). Sampled
+    gradients of the index as it was (``rows`` [M, D], held less ``centre``; the centre added
+    back) are searched for as the forward searches a feature's gradient, less the converted
+    centre, among the converted rows. float16 flushes gradients below its range (tight
+    classes, whose q_ood is tiny), a half-precision row or centre rounds by up to 2**-11 or
+    2**-8 of its norm (an OOD prototype far from the training features, whose gradients all
+    point nearly the same way), and the scores then come from other neighbours: on such data a
+    float16 head scored 6.5 to 1.6e6 times the score spread off the detector, a bfloat16 one up
+    to 14 times."""
     held = head.index_vectors
-    if (held.dtype == rows.dtype or held.device.type == "meta"
-            or torch.finfo(held.dtype).eps <= torch.finfo(rows.dtype).eps):
+    dt = torch.float64 if held.dtype == torch.float64 else torch.float32
+    narrowed = torch.finfo(held.dtype).eps > torch.finfo(rows.dtype).eps
+    to_tf32 = (rounds_past_fp32(head.precision, held.device, dt)
+               and not rounds_past_fp32(head.precision, rows.device, rows.dtype))
+    if held.device.type == "meta" or not (narrowed or to_tf32):
         return
     ids = probe_ids(held.shape[0]).to(held.device)
-    dt = torch.float64 if held.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         gradients = rows[ids.to(rows.device)].to(held.device, torch.float64)
         if centre is not None:
@@ -578,18 +582,28 @@ def check_narrowed_index(head: GROODHead, rows: Tensor, centre: Tensor | None) -
         found = found[:, 0]
         # (another row with the same gradient is as near: not a miss)
         missed = int((rows[found.to(rows.device)] != rows[ids.to(rows.device)]).any(1).sum())
-    if missed >= UNRESOLVED_SHARE * ids.numel():
-        name, was = (str(t).removeprefix("torch.") for t in (held.dtype, rows.dtype))
-        fix = ("head.double(), and score float64 features" if rows.dtype == torch.float64
-               else f"head.float() after converting the model: it scores {name} features")
-        warnings.warn(
-            f"converted to {name}, the head's index no longer resolves its gradients: "
-            f"searched for as the forward searches, {missed} of {ids.numel()} sampled indexed "
-            f"gradients were not found, so its scores come from other neighbours than the "
-            f"{was} head's ({name} rounds each gradient by its precision of the norm, and "
-            "float16 flushes those below its range: where the OOD prototype lies far outside "
-            f"the training features for their width, or the classes are tight); keep the head "
-            f"in {was} ({fix})", UserWarning, stacklevel=user_stacklevel())
+    if missed < UNRESOLVED_SHARE * ids.numel():
+        return
+    name, was = (str(t).removeprefix("torch.") for t in (held.dtype, rows.dtype))
+    if narrowed:
+        what = f"converted to {name}"
+        why = (f"{name} rounds each gradient by its precision of the norm, and float16 "
+               "flushes those below its range")
+        fix = f"keep the head in {was} (" + (
+            "head.double(), and score float64 features)" if rows.dtype == torch.float64
+            else f"head.float() after converting the model: it scores {name} features)")
+    else:
+        what = f"moved to {held.device}"
+        why = "its tf32 GEMM rounds each operand by up to 2**-11 of its norm there"
+        fix = ("make the head there from the detector moved there (det.to(device).as_module(), "
+               "which checks its search and holds the index less the gradients' mean where "
+               "that resolves them), or use precision='ieee'")
+    warnings.warn(
+        f"{what}, the head's index no longer resolves its gradients: searched for as the "
+        f"forward searches, {missed} of {ids.numel()} sampled indexed gradients were not "
+        f"found, so its scores come from other neighbours than before ({why}: where the OOD "
+        f"prototype lies far outside the training features for their width, or the classes "
+        f"are tight); {fix}", UserWarning, stacklevel=user_stacklevel())
 
 
 def as_module(det: GROOD, checks: str = "raise", flags: bool = False, *,

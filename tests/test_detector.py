@@ -1112,7 +1112,8 @@ def test_a_detector_fitted_in_tf32_on_a_cpu_is_checked_again_on_the_gpu(tmp_path
     """On a CPU tf32 computes in fp32, so a fit there in tf32 checks its search in fp32: at
     distance/spread 186 it resolves the far-prototype gradients, where a GPU's tf32 GEMM
     (emulated: 60 of 64 missed) does not. Moved to the GPU, or loaded there, the search is
-    checked again in tf32, and the index held less the gradients' mean."""
+    checked again in tf32, and the index held less the gradients' mean; a head made on the
+    CPU and moved to the GPU is warned of."""
     from grood._bench.common import far_prototype_data, far_prototype_float64_scores
 
     x, y, ood, test = far_prototype_data(100)
@@ -1120,6 +1121,10 @@ def test_a_detector_fitted_in_tf32_on_a_cpu_is_checked_again_on_the_gpu(tmp_path
     det = GROOD(ood_prototype="features", precision="tf32", progress=False).fit(
         x, y, ood_features=ood)
     assert det.index_.centre is None
+    head = det.as_module()
+    with pytest.warns(UserWarning, match=r"moved to cuda:0, the head's index no longer "
+                                         r"resolves .* make the head there from the detector"):
+        head.cuda()
     det.save(tmp_path / "det.safetensors")
     for there in (GROOD.load(tmp_path / "det.safetensors", device="cuda"), det.to("cuda")):
         assert there.index_.centre is not None
