@@ -50,6 +50,7 @@ from grood._checks import (
 )
 from grood._fit import UNRESOLVED_SHARE, probe_ids, rounds_past_fp32
 from grood._gradients import centred_sq_norms, resolved_rows
+from grood.errors import BackendUnavailableError
 from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.ops import check_backend_name
@@ -576,9 +577,12 @@ def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None) 
         if head.index_centre is not None:
             queries = queries - head.index_centre
         stored = head.index_storage is not None
-        _, found = torch.ops.grood.knn(
-            queries, head.index_storage if stored else held, 1, head.precision,
-            head.index_sq_norms, held if stored else None, head.backend)
+        try:
+            _, found = torch.ops.grood.knn(
+                queries, head.index_storage if stored else held, 1, head.precision,
+                head.index_sq_norms, held if stored else None, head.backend)
+        except BackendUnavailableError:  # (its backend cannot search here: its forward says so)
+            return
         found = found[:, 0]
         # (another row with the same gradient is as near: not a miss)
         missed = int((rows[found.to(rows.device)] != rows[ids.to(rows.device)]).any(1).sum())
