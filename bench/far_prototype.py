@@ -18,7 +18,9 @@ and less the gradients' mean, on the same data and on ordinary clustered feature
 A third gives the fit with a half-precision copy of the index searched (``index_options``
 ``storage``), checked on blocks of the rows rounded as the copy holds them; a fourth, a
 detector fitted in ``ieee`` and then scored in ``bf16`` (its search checked again at the
-first search in it) beside one fitted in ``bf16``.
+first search in it) beside one fitted in ``bf16``; a fifth, the detector as a head converted
+to float16 and bfloat16 (the conversion checks the head's search); a sixth, a detector set
+to ``bf16`` after an ``ieee`` fit, saved before any score and loaded (the load checks it).
 
     python bench/far_prototype.py          # the tables (under a minute on a CPU)
     python bench/far_prototype.py --tiny   # two ratios
@@ -29,7 +31,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import tempfile
 import warnings
+from unittest import mock
 
 import numpy as np
 import torch
@@ -145,6 +149,50 @@ def precision_row(ratio: float) -> str:
             f"{in_bf16:.2g} | {'yes' if wide.index_.centre is not None else 'no'} |")
 
 
+def head_row(ratio: float) -> str:
+    """One row of the fifth table: the detector fitted in ``ieee`` as a head converted to
+    float16 and to bfloat16 (``head.half()``, ``head.bfloat16()``; features in the same
+    dtype), each head's largest score error against the float32 detector's (share of the
+    detector's score spread) and whether the conversion warned."""
+    x, y, ood, test = far_prototype_data(ratio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fit's own: the first table has them)
+        det = GROOD(ood_prototype="features").fit(x, y, ood_features=ood)
+    want = det.score_samples(torch.as_tensor(test)).double()
+    span = float(want.max() - want.min())
+    cells = [f"{distance_over_spread(x, ood):,.0f}", "yes" if det.index_.centre is not None
+             else "no"]
+    for dt in (torch.float16, torch.bfloat16):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head = det.as_module().to(dt)
+        got = head(torch.as_tensor(test).to(dt))[0].double()
+        warned = any("head's index no longer" in str(w.message) for w in caught)
+        cells += [f"{float((got - want).abs().max()) / span:.2g}", "yes" if warned else "no"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def load_row(ratio: float, folder: str) -> str:
+    """One row of the sixth table: fitted in ``ieee``, set to ``bf16`` and saved before any
+    score, then loaded (the load checks the bf16 search): the loaded detector's largest score
+    error against float64's (share of its spread) loaded without the check (as before) and
+    with it, and whether the load centred the index."""
+    x, y, ood, test = far_prototype_data(ratio)
+    want = far_prototype_float64_scores(x, y, ood, test)
+    span = np.ptp(want)
+    path = f"{folder}/far-{ratio:g}.safetensors"
+    GROOD(ood_prototype="features").fit(x, y, ood_features=ood).set_params(
+        precision="bf16").save(path)
+    det = GROOD.load(path)
+    checked = np.abs(det.score_samples(test) - want).max() / span
+    centred = det.index_.centre is not None
+    with mock.patch("grood.persistence.check_search_again"):  # (a load as before: unchecked)
+        saved = GROOD.load(path)
+    unchecked = np.abs(saved.score_samples(test) - want).max() / span
+    return (f"| {distance_over_spread(x, ood):,.0f} | {unchecked:.2g} | {checked:.2g} | "
+            f"{'yes' if centred else 'no'} |")
+
+
 def emulated_misses(vectors: torch.Tensor, mode: str) -> int:
     """The check's self-search of 64 evenly spaced ``vectors`` with ``mode``'s candidate GEMM
     emulated: how many come back as another row at a distance above 0."""
@@ -218,6 +266,21 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for ratio in ([3e1, 1e2] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3]):
         print(precision_row(ratio), flush=True)
+    print("\nThe detector as a head converted to float16 and bfloat16 (features in the same "
+          "dtype): error against the float32 detector\n")
+    print("| distance / spread | index centred | float16 head | warned | bfloat16 head | "
+          "warned |")
+    print("|---|---|---|---|---|---|")
+    for ratio in ([1e1, 1e3] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3, 3e3]):
+        print(head_row(ratio), flush=True)
+    print("\nFitted in ieee, set to precision='bf16' and saved before any score, then loaded "
+          "(the load checks the bf16 search)\n")
+    print("| distance / spread | error, loaded unchecked | error, loaded and checked | "
+          "centred at the load |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for ratio in ([1e2] if args.tiny else [3e1, 1e2, 3e2]):
+            print(load_row(ratio, folder), flush=True)
 
 
 if __name__ == "__main__":

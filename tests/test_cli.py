@@ -1912,7 +1912,8 @@ def test_far_prototype_table_at_tiny_size():
     finds every sampled gradient, scores as a float64 search of the same gradients does, and
     warns of the gradients' spread. With a bf16 copy searched, the fit holds the index less
     its mean at 186 (scores off by more than their spread before); a float16 copy is warned
-    of."""
+    of. Heads converted to half precision are warned of where they are off; a detector set to
+    bf16 and saved is checked at the load."""
     script = Path(__file__).resolve().parents[1] / "bench" / "far_prototype.py"
     out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
                          text=True, check=True).stdout
@@ -1941,6 +1942,18 @@ def test_far_prototype_table_at_tiny_size():
     built, less = modes["distance / spread 18,570"]
     assert int(built.split(" / ")[1]) >= 7 and less.split(" / ")[:2] == ["0", "0"]
     assert list(modes.values())[-1] == ["0 / 0 / 0", "0 / 0 / 0"]
+    # Heads converted to half precision: float16 far off and warned of at 18; bfloat16 close
+    # and quiet there, far off and warned of at 1,857 (a centred index: its centre rounded).
+    heads = {r[0]: r[1:] for r in rows if len(r) == 6}
+    centred, f16, f16_warned, b16, b16_warned = heads["18"]
+    assert centred == "no" and float(f16) > 1 and f16_warned == "yes"
+    assert float(b16) < 0.01 and b16_warned == "no"
+    centred, f16, f16_warned, b16, b16_warned = heads["1,857"]
+    assert centred == "yes" and f16_warned == b16_warned == "yes" and float(b16) > 0.5
+    # Set to bf16 and saved before any score: unchecked the load was off by more than the
+    # spread; checked, it is centred and scores as a fit in bf16.
+    unchecked, checked, centred = next(r[1:] for r in rows if len(r) == 4 and r[0] == "186")
+    assert float(unchecked) > 0.5 and float(checked) < 0.01 and centred == "yes"
 
 
 def test_cpu_report_stages_table():

@@ -1603,7 +1603,7 @@ def test_a_search_precision_set_after_the_fit_is_checked_again():
 def test_a_precision_set_after_the_fit_and_saved_is_checked_at_the_load(tmp_path):
     """Set to precision='bf16' after an ieee fit and saved before any score, a detector was
     written with its search unchecked in bf16, and loaded so: at distance/spread 186 its
-    scores strayed by 173 % of their spread from float64's, without a word. A load now checks
+    scores strayed by 130 % of their spread from float64's, without a word. A load now checks
     the search wherever it rounds past the features' own arithmetic (bf16 anywhere, tf32 on a
     GPU), the file saying neither where nor in which precision the fit checked it: the file
     loads held less the gradients' mean, as a fit in bf16 holds it. The save leaves the
