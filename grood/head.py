@@ -236,9 +236,14 @@ class GROODHead(nn.Module):
                                   "state, saved and loaded together)")
                 return
         own_shared_buffers(self)
+        told = (len(missing_keys), len(error_msgs))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derive_norms()  # of the buffers as loaded (rounded to the head's dtype)
+        if "index_vectors" in state and told == (len(missing_keys), len(error_msgs)):
+            # (a wider state's rows, narrowed into the head's dtype)
+            check_converted_index(self, state["index_vectors"], state.get("index_centre"),
+                                  loaded=True)
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
@@ -548,10 +553,12 @@ def own_shared_buffers(head: Any) -> None:
     head._shared_buffers = ()
 
 
-def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None) -> None:
+def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None, *,
+                          loaded: bool = False) -> None:
     """Warn where a conversion of ``head`` left its search unable to find the indexed
     gradients: a narrower dtype (``.half()``, ``.bfloat16()``, ``.float()`` of a float64 head;
-    a model the head is attached to, converted whole), or a move to a device where its
+    a model the head is attached to, converted whole; with ``loaded``, a wider state loaded
+    into its buffers by ``load_state_dict``), or a move to a device where its
     precision rounds more (``tf32`` onto a GPU: on the CPU it computes in fp32). Sampled
     gradients of the index as it was (``rows`` [M, D], held less ``centre``; the centre added
     back) are searched for as the forward searches a feature's gradient, less the converted
@@ -590,12 +597,14 @@ def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None) 
         return
     name, was = (str(t).removeprefix("torch.") for t in (held.dtype, rows.dtype))
     if narrowed:
-        what = f"converted to {name}"
+        what = f"loaded into {name} buffers" if loaded else f"converted to {name}"
         why = (f"{name} rounds each gradient by its precision of the norm, and float16 "
                "flushes those below its range")
-        fix = f"keep the head in {was} (" + (
-            "head.double(), and score float64 features)" if rows.dtype == torch.float64
-            else f"head.float() after converting the model: it scores {name} features)")
+        wide = rows.dtype == torch.float64
+        when = (" before load_state_dict" if loaded else "" if wide
+                else " after converting the model")
+        fix = (f"keep the head in {was} (head.{'double' if wide else 'float'}(){when}" + (
+            ", and score float64 features)" if wide else f": it scores {name} features)"))
     else:
         what = f"moved to {held.device}"
         why = "its tf32 GEMM rounds each operand by up to 2**-11 of its norm there"

@@ -1655,7 +1655,8 @@ def test_a_head_converted_to_a_narrower_dtype_is_checked_as_its_search_reads_it(
     whole) narrows the head's index and centre: on far-prototype data float16 flushed the
     gradients below its range and scored 6.5 times (distance/spread 19) to 1.6e6 times the
     score spread off the detector, bfloat16 up to 14 times; on tight classes float16 13 times;
-    a float64 head narrowed by ``.float()`` alike. The conversion now searches sampled
+    a float64 head narrowed by ``.float()`` (or its state loaded into a float32 head) alike.
+    The conversion now searches sampled
     gradients as the forward does and warns, naming the way out; ordinary features convert
     quietly (the conversion's own rounding: scores within 0.2 % of the spread in float16,
     2 % in bfloat16)."""
@@ -1677,6 +1678,12 @@ def test_a_head_converted_to_a_narrower_dtype_is_checked_as_its_search_reads_it(
     with pytest.warns(UserWarning, match=r"converted to float32, .* keep the head in float64 "
                                          r"\(head.double\(\), and score float64 features"):
         wide.as_module().float()
+    narrow = GROOD(ood_prototype="features", progress=False).fit(
+        *far_prototype_data(100)[:2], ood_features=ood)
+    assert narrow.index_.centre is None and wide.index_.centre is None  # (buffers alike)
+    with pytest.warns(UserWarning, match=r"loaded into float32 buffers, .* \(head.double\(\) "
+                                         r"before load_state_dict, and score float64"):
+        narrow.as_module().load_state_dict(wide.as_module().state_dict())
     tight, labels = _tight_classes(40, 2000, d=32)
     with pytest.warns(UserWarning, match="converted to float16, the head's index no longer"):
         GROOD(progress=False).fit(tight.float(), labels).as_module().half()
