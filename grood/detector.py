@@ -307,7 +307,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
         apply_score_time_params(self)
 
     def _check_score_params(self) -> None:
-        check_score_time_params(self)
+        check_score_time_params(self, uses_k=True)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):
@@ -492,14 +492,17 @@ def elsewhere_note(features_device: torch.device, detector_device: torch.device)
             f"'{features_device}')) or fit it there to score where the features are")
 
 
-def check_score_time_params(det: GROOD) -> None:
+def check_score_time_params(det: GROOD, *, uses_k: bool = False) -> None:
     """Check the parameters a detector also applies at every score (``fit`` checks them too);
-    numpy / torch integers and numpy bools are kept as Python ones."""
+    numpy / torch integers and numpy bools are kept as Python ones. ``uses_k``: ``k`` must
+    lie within the fitted detector's index too."""
     for name in ("k", "batch_size"):
         setattr(det, name, check_positive_int(getattr(det, name), name))
     det.progress = check_flag(det.progress, "progress", allow_none=True)
     check_precision(det.precision)
     ops.check_backend_name(det.backend)
+    if uses_k:
+        check_within_index(det, det.k, "k")
 
 
 def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
@@ -507,9 +510,7 @@ def apply_score_time_params(det: GROOD, *, uses_k: bool = True) -> None:
     changed after fit or load: see the class) and bring its gradient step and index up to
     date with them; ``uses_k``: ``k`` must lie within the index (not for ``predict``, nor for
     ``kneighbors`` with its own ``n_neighbors``)."""
-    check_score_time_params(det)
-    if uses_k:
-        check_within_index(det, det.k, "k")
+    check_score_time_params(det, uses_k=uses_k)
     searched_anew = det.precision != det._grads.precision
     if searched_anew:
         det._grads.precision = det.precision

@@ -569,15 +569,15 @@ def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None, 
     float16 head scored 6.5 to 1.6e6 times the score spread off the detector, a bfloat16 one up
     to 14 times."""
     held = head.index_vectors
-    dt = torch.float64 if held.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(held.dtype)
     narrowed = torch.finfo(held.dtype).eps > torch.finfo(rows.dtype).eps
     to_tf32 = (rounds_past_fp32(head.precision, held.device, dt)
                and not rounds_past_fp32(head.precision, rows.device, rows.dtype))
     if held.device.type == "meta" or not (narrowed or to_tf32):
         return
-    ids = probe_ids(held.shape[0]).to(held.device)
+    ids = probe_ids(held.shape[0]).to(rows.device)
     with torch.no_grad():
-        gradients = rows[ids.to(rows.device)].to(held.device, torch.float64)
+        gradients = rows[ids].to(held.device, torch.float64)
         if centre is not None:
             gradients += centre.to(held.device, torch.float64)
         queries = gradients.to(dt)  # (the gradient step's output, then less the centre)
@@ -592,7 +592,7 @@ def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None, 
             return
         found = found[:, 0]
         # (another row with the same gradient is as near: not a miss)
-        missed = int((rows[found.to(rows.device)] != rows[ids.to(rows.device)]).any(1).sum())
+        missed = int((rows[found.to(rows.device)] != rows[ids]).any(1).sum())
     if missed < UNRESOLVED_SHARE * ids.numel():
         return
     name, was = (str(t).removeprefix("torch.") for t in (held.dtype, rows.dtype))

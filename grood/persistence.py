@@ -42,7 +42,7 @@ from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
 from grood.index import index_class, index_from_state
-from grood.neighbours import SHUFFLED, check_within_index
+from grood.neighbours import SHUFFLED
 from grood.prototypes import FINGERPRINT_DIMS, source_from_config
 
 _D = TypeVar("_D", bound="Placement")
@@ -536,7 +536,6 @@ class Placement:
     :class:`grood.GROOD`)."""
 
     if TYPE_CHECKING:  # what the detector class provides
-        k: int
         precision: str
         backend: str
         device_: torch.device
@@ -556,7 +555,6 @@ class Placement:
         self._check_fitted()
         with dist.together(self._sharded, "checking the parameters it is saved with"):
             self._check_score_params()
-            check_within_index(self, self.k, "k")
         save(self, Path(path))
 
     @classmethod
