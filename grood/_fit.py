@@ -351,7 +351,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         if held is None:  # (a kind that cannot give its rows back cheaply)
             return
         exact = index if isinstance(index, ExactIndex) else None
-        # (a half-precision copy is not made here: its first search makes it, and warns of it)
+        # (a half-precision copy is not made here: its first search makes it, and warns of it;
+        # warn_unresolved does, where the copy loses rows to its range)
         missed = 0 if n == 0 else (
             missed_as_themselves(index, ids, held) if exact is None or exact.storage is None
             else missed_in_blocks(exact, ids, held))
@@ -421,7 +422,13 @@ def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
 def warn_unresolved(index: GradientIndex, missed: int, probes: int, dtype: torch.dtype,
                     precision: str, device: torch.device) -> None:
     """Warn that ``missed`` of ``probes`` indexed gradients searched for as themselves were
-    not found (:func:`check_search_resolves`), with the way out for ``index``."""
+    not found (:func:`check_search_resolves`), with the way out for ``index``. Not where the
+    half-precision copy the search reads loses as large a share of the rows to its range
+    (tight classes' tiny gradients in float16): that copy has warned of them, naming the
+    cause and the way out, when it was made (here, if no search had made it yet)."""
+    if isinstance(index, ExactIndex) and \
+            index.copy_lost_rows() >= UNRESOLVED_SHARE * index.ntotal:
+        return
     name = str(index.holds_dtype or dtype).removeprefix("torch.")
     rounding = f"the {name} search's rounding"
     if isinstance(index, ExactIndex) and index.storage is not None:

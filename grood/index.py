@@ -330,6 +330,7 @@ class ExactIndex(GradientIndex):
         self._n = 0
         self._sq_norms: Tensor | None = None  # ||x||^2 per vector, cached for searches
         self._stored: Tensor | None = None  # the half-precision copy searched, when asked
+        self._stored_lost = 0  # rows that copy lost (stored_rows_lost), counted as it was made
 
     @property
     def ntotal(self) -> int:
@@ -496,10 +497,20 @@ class ExactIndex(GradientIndex):
                 stored[m0:m0 + step] = exact.to(self.storage)
                 lost += stored_rows_lost(stored[m0:m0 + step], exact).sum()
             warn_lost_rows(int(lost), self._n, self._storage_name, self.dtype)
+            self._stored_lost = int(lost)
             if self.exact_device.type == "cpu" and self.device.type == "cuda":
                 self._buf = self.vectors.pin_memory()  # fast row gathers for the re-rank
             self._stored = stored
         return stored
+
+    def copy_lost_rows(self) -> int:
+        """How many rows the half-precision copy that the search reads has lost to its range
+        (:func:`stored_rows_lost`): the copy is made, and warns of them, where no search has
+        made it yet. 0 without ``storage``."""
+        if self.storage is None:
+            return 0
+        self._searched()
+        return self._stored_lost
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Exact k-NN: ``(D, I)``, squared L2 distances [Q, k] and int64 indices [Q, k]."""
