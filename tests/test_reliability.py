@@ -1778,3 +1778,33 @@ def test_a_file_whose_index_is_held_less_a_centre_is_version_3_and_refused_where
     with pytest.raises(DetectorFileError, match=r"is inconsistent: format version 3 holds no "
                                                 r"index\.centre"):
         GROOD.load(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_float32_scores_of_features_sharing_a_large_offset_are_as_exact_as_the_features(offset):
+    """Features sharing an offset far above their spread hold their differences in the bits
+    below it: at 1e5 a float32 feature resolves 1/128 where the classes spread by 1. GROOD's
+    float32 scores then differ from float64's of the same float32 inputs by what moving each
+    input one unit in its last place does to float64's (measured at offsets 1e3 to 1e6: 0.7
+    to 1.1 times it, 2e-5 to 2e-2 of the scores' spread; prototypes 2 units off gave 3 to
+    3.7 times it): the class sums are
+    taken in float64, and a row less its OOD prototype, both near the offset, is exact in
+    float32. A float32 sum, or a subtraction that rounds, would add its own error on top."""
+    gen = np.random.default_rng(0)
+    means = gen.normal(size=(10, 64)) * 2
+    y = gen.integers(0, 10, 2000)
+    x = ((means[y] + gen.normal(size=(2000, 64))) + offset).astype(np.float32)
+    test = (np.concatenate([means[gen.integers(0, 10, 200)] + gen.normal(size=(200, 64)),
+                            3 * gen.normal(size=(200, 64))]) + offset).astype(np.float32)
+
+    def scores(train, rows):
+        return GROOD(progress=False).fit(train, y).score_samples(rows).astype(np.float64)
+
+    want = scores(x.astype(np.float64), test.astype(np.float64))
+    ulp = float(np.spacing(np.float32(offset)))
+    moved = scores(x + ulp * gen.choice([-1.0, 1.0], x.shape),
+                   test + ulp * gen.choice([-1.0, 1.0], test.shape))
+    inputs = np.abs(moved - want).max()
+    own = np.abs(scores(x, test) - want).max()
+    assert inputs > 1e-5 * np.ptp(want)  # (the offset's rounding is what is measured)
+    assert own < 2 * inputs
