@@ -378,6 +378,9 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         if spread:
             check_gradients_spread(held, dtype)
         return
+    if exact is not None and exact.storage is not None:
+        with dist.together(distributed, "making its index's half-precision copy"):
+            exact.copy_lost_rows()  # (warn_unresolved reads it: made here, every rank at once)
     warn_unresolved(index, missed, probes, dtype, precision, device)
 
 

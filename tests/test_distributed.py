@@ -339,6 +339,22 @@ def _failing_rank_worker(rank, world, tmp):
         persistence.load_file = load_file
         again = GROOD.load(f"{tmp}/ok.json", distributed=True)
         assert torch.equal(again.score_samples(tr), det.score_samples(tr))
+        # Gradients a float16 copy loses to its range: the fit's check makes the copy, and
+        # rank 1 cannot (out of memory on its device, say).
+        from grood._bench.common import far_prototype_data
+
+        fx, fy, fo, _ = (torch.as_tensor(a) for a in far_prototype_data(100))
+        searched = ExactIndex._searched
+        if rank == 1:
+            ExactIndex._searched = lambda self: (_ for _ in ()).throw(
+                RuntimeError("out of memory"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (rank 0's copy warns of its lost rows)
+            attempt("fit copy", lambda: GROOD(
+                distributed=True, ood_prototype="features",
+                index_options={"storage": "float16"}).fit(part(fx), part(fy),
+                                                          ood_features=part(fo)))
+        ExactIndex._searched = searched
         torch.save({"seen": seen, "scores": det.score_samples(tr), "detail": detail},
                    f"{tmp}/rank{rank}.pt")
 
@@ -364,7 +380,9 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
             "search raises": (1, "RuntimeError", "index down", "searching the neighbours"),
             "search shape": (0, "ValueError", "shape", "searching the neighbours"),
             "save": (1, "ValueError", "taken.rank1.safetensors: it exists", "writing its shard"),
-            "load": (1, "RuntimeError", "out of memory", "loading its shard")}
+            "load": (1, "RuntimeError", "out of memory", "loading its shard"),
+            "fit copy": (1, "RuntimeError", "out of memory",
+                         "making its index's half-precision copy")}
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (bad, kind, text, step) in want.items():
         own, other = results[bad]["seen"][name], results[1 - bad]["seen"][name]
@@ -557,11 +575,19 @@ def _far_worker(rank, world, tmp):
             half = GROOD(distributed=True, ood_prototype="features", progress=False,
                          index_options={"storage": "bfloat16"}).fit(
                 part(x), part(y), ood_features=part(ood))
+        # A float16 copy loses these gradients to its range: each rank makes its copy at the
+        # fit, together, and warns of its lost rows, once.
+        with warnings.catch_warnings(record=True) as lossy:
+            warnings.simplefilter("always")
+            GROOD(distributed=True, ood_prototype="features", progress=False,
+                  index_options={"storage": "float16"}).fit(
+                part(x), part(y), ood_features=part(ood))
         det.save(f"{tmp}/det.json")
         torch.save({"centre": det.index_.centre, "lone": lone.index_.centre,
                     "half": half.index_.centre, "half_scores": half.score_samples(test),
                     "scores": det.score_samples(test), "lone_scores": lone.score_samples(test),
                     "warned": [str(w.message) for w in caught],
+                    "lossy": [str(w.message) for w in lossy],
                     "loaded": GROOD.load(f"{tmp}/det.json", distributed=True).score_samples(
                         test)}, f"{tmp}/rank{rank}.pt")
 
@@ -583,6 +609,7 @@ def test_the_shards_of_a_multi_rank_fit_are_held_less_one_centre_where_that_reso
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for res in got:
         assert res["warned"] == []
+        assert len(res["lossy"]) == 1 and "storage='float16': 300 of the 300 " in res["lossy"][0]
         assert torch.equal(res["centre"], got[0]["centre"])
         torch.testing.assert_close(res["centre"], single.index_.centre, rtol=1e-6, atol=0)
         assert torch.equal(res["lone"], single.index_.centre)  # (rank 0's rows: all of them)
