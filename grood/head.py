@@ -294,10 +294,14 @@ class GROODHead(nn.Module):
             assert finite is not None  # (found above)
             bad = ~(finite & resolved_rows(NCPGradient(*res)))
             res = (torch.where(bad[:, None], 0.0, res[0]), *res[1:])
-        stored = self.index_storage is not None and not wide
+        # The detector's search: candidates from the half-precision copy, where there is one
+        # (float64 features too), re-ranked on the exact rows, with the exact rows' norms.
+        stored = self.index_storage is not None
+        norms = self.index_sq_norms if not wide else (
+            self.index_sq_norms.double() if stored else None)
         queries = res[0] if self.index_centre is None else res[0] - self.index_centre
         dist, _ = grood_ops.knn(queries, self.index_storage if stored else self.index_vectors,
-                                self.k, self.precision, None if wide else self.index_sq_norms,
+                                self.k, self.precision, norms,
                                 self.index_vectors if stored else None, self.backend)
         score, pred = 0.0 - dist[:, self.k - 1], res[2]
         if bad is not None:

@@ -222,6 +222,29 @@ def test_head_with_half_precision_index_storage():
     assert torch.equal(head(x)[0], det.score_samples(x))
 
 
+@pytest.mark.parametrize("fitted_in", [np.float32, np.float64])
+def test_a_head_searches_float64_features_as_the_detector_does_through_its_stored_copy(
+        fitted_in):
+    """float64 features, an index searched through a bfloat16 copy: the detector takes the
+    candidates from the copy and re-ranks them on the exact rows; the head searched the
+    exact rows whole. Where the copy's candidates leave out a nearer row (an OOD prototype
+    far outside the features: the copy rounds each gradient by 2**-8 of its norm), their
+    scores differed, by up to 0.2 % of the spread, where the head is the detector's bit for
+    bit. The head now searches as the detector does."""
+    from grood._bench.common import far_prototype_data
+
+    x, y, ood, test = far_prototype_data(100)
+    det = GROOD(k=3, ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
+        x.astype(fitted_in), y, ood_features=ood.astype(fitted_in))
+    assert det.index_.centre is not None  # (the fit held it less the gradients' mean)
+    wide = torch.as_tensor(test, dtype=torch.float64)
+    exact = GROOD(k=3, ood_prototype="features").fit(
+        x.astype(fitted_in), y, ood_features=ood.astype(fitted_in)).score_samples(wide)
+    want = det.score_samples(wide)
+    assert not torch.equal(want, exact)  # (the copy's candidates matter here)
+    assert torch.equal(det.as_module()(wide)[0], want)
+
+
 def test_a_head_made_with_copy_false_holds_the_index_itself():
     """A head copied the detector's index (and its stored copy), so a detector and its head
     held it twice, as did every export. copy=False holds the tensors themselves, scoring the
