@@ -1956,6 +1956,19 @@ def test_far_prototype_table_at_tiny_size():
     assert float(unchecked) > 0.5 and float(checked) < 0.01 and centred == "yes"
 
 
+def test_offset_scores_table_at_tiny_size():
+    """bench/offset_scores.py --tiny: at each offset float32's own error is a positive share
+    of the scores' spread, and under twice what moving the inputs one unit does."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "offset_scores.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| 1e")]
+    assert [r[:2] for r in rows] == [["1e+03", "torch"], ["1e+05", "torch"]]
+    for _, _, _, own, inputs, ratio in rows:
+        assert 0 < float(own) < 2 * float(inputs) and float(ratio) < 2
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""

@@ -1787,9 +1787,9 @@ def test_float32_scores_of_features_sharing_a_large_offset_are_as_exact_as_the_f
     """Features sharing an offset far above their spread hold their differences in the bits
     below it: at 1e5 a float32 feature resolves 1/128 where the classes spread by 1. GROOD's
     float32 scores then differ from float64's of the same float32 inputs by what moving each
-    input one unit in its last place does to float64's (measured at offsets 1e3 to 1e6: 0.7
-    to 1.1 times it, 2e-5 to 2e-2 of the scores' spread; here prototypes 2 units off give
-    2.5 to 3.1 times it): the class sums are
+    input one unit in its last place does to float64's (bench/offset_scores.py, offsets 1e3
+    to 1e6: 0.9 to 1.2 times it, 2e-5 to 2e-2 of the scores' spread; here prototypes 2 units
+    off give 2.5 to 3.1 times it): the class sums are
     taken in float64, and a row less its OOD prototype, both near the offset, is exact in
     float32 (in the Triton kernels too). A float32 sum, or a subtraction that rounds, would
     add its own error on top."""
