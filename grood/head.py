@@ -53,6 +53,7 @@ from grood._gradients import centred_sq_norms, resolved_rows
 from grood.errors import BackendUnavailableError
 from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
+from grood.index import searched_count
 from grood.ops import check_backend_name
 from grood_kernels import contract
 from grood_kernels.contract import pinning_kept_values, sq_norms_mismatch
@@ -301,8 +302,10 @@ class GROODHead(nn.Module):
             self.index_sq_norms.double() if stored else None)
         queries = res[0] if self.index_centre is None else res[0] - self.index_centre
         dist, _ = grood_ops.knn(queries, self.index_storage if stored else self.index_vectors,
-                                self.k, self.precision, norms,
-                                self.index_vectors if stored else None, self.backend)
+                                searched_count(self.k, self.index_vectors.shape[0], stored,
+                                               self.index_centre is not None),
+                                self.precision, norms, self.index_vectors if stored else None,
+                                self.backend)
         score, pred = 0.0 - dist[:, self.k - 1], res[2]
         if bad is not None:
             self.unresolved_rows.add_(bad.sum())

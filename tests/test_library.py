@@ -228,12 +228,12 @@ def test_a_head_searches_float64_features_as_the_detector_does_through_its_store
     """float64 features, an index searched through a bfloat16 copy: the detector takes the
     candidates from the copy and re-ranks them on the exact rows; the head searched the
     exact rows whole. Where the copy's candidates leave out a nearer row (an OOD prototype
-    far outside the features: the copy rounds each gradient by 2**-8 of its norm), their
-    scores differed, by up to 0.2 % of the spread, where the head is the detector's bit for
-    bit. The head now searches as the detector does."""
+    far outside the features: the copy rounds each gradient by 2**-8 of its distance from
+    their mean), their scores differed, by up to 0.2 % of the spread, where the head is the
+    detector's bit for bit. The head now searches as the detector does."""
     from grood._bench.common import far_prototype_data
 
-    x, y, ood, test = far_prototype_data(100)
+    x, y, ood, test = far_prototype_data(30)
     det = GROOD(k=3, ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
         x.astype(fitted_in), y, ood_features=ood.astype(fitted_in))
     assert det.index_.centre is not None  # (the fit held it less the gradients' mean)
