@@ -551,7 +551,8 @@ class ExactIndex(GradientIndex):
             d, i = ops.get_op("knn", self.backend)(queries, searched, n,
                                                    precision=self.precision,
                                                    database_sq_norms=self._sq_norms, **extra)
-        return (d, i) if n == k else (d[:, :k], i[:, :k])
+        # (contiguous: a shard's results travel between ranks)
+        return (d, i) if n == k else (d[:, :k].contiguous(), i[:, :k].contiguous())
 
     def __repr__(self) -> str:
         storage = "" if self.storage is None else (
