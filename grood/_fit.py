@@ -384,23 +384,12 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     warn_unresolved(index, missed, probes, dtype, precision, device)
 
 
-def rounds_past_fp32(precision: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a search in ``precision`` on ``device`` rounds its operands past the features'
-    own arithmetic: ``bf16`` on every device (its operands are rounded to bfloat16 values
-    everywhere, the CPU's emulation included), ``tf32`` on a CUDA device for features below
-    float64 (elsewhere, and for float64 everywhere, it computes in the features' dtype). Where
-    it does, a fit's check of the search in another place (a CPU for a GPU) or in another
-    precision tells nothing of it (:func:`check_search_again`)."""
-    return precision == "bf16" or (precision == "tf32" and device.type == "cuda"
-                                   and dtype != torch.float64)
-
-
 def check_search_again(index: GradientIndex, dtype: torch.dtype, precision: str,
                        device: torch.device, sharded: bool, in_place: bool = False) -> None:
     """The fit's check of the search (:func:`check_search_resolves`) for an exact index whose
     search precision changed after the fit or load (``set_params(precision=...)``), or that a
     load or move brings to a device whose search rounds more than the fit's did
-    (:func:`rounds_past_fp32`: fitted on a CPU in ``tf32``, then searched on a GPU): a
+    (``grood.index.rounds_past_fp32``: fitted on a CPU in ``tf32``, then searched on a GPU): a
     search the fit found resolved in ``ieee`` can miss in ``bf16`` (from a distance/spread of
     56 on the far-prototype data, scores 130 % of their spread off at 186). An index not yet
     held less a centre is checked as at the fit, and centred where that resolves it (not the

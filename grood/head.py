@@ -48,12 +48,12 @@ from grood._checks import (
     compute_dtype,
     user_stacklevel,
 )
-from grood._fit import UNRESOLVED_SHARE, probe_ids, rounds_past_fp32
+from grood._fit import UNRESOLVED_SHARE, probe_ids
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.errors import BackendUnavailableError
 from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
-from grood.index import searched_count
+from grood.index import rounds_past_fp32, searched_count
 from grood.ops import check_backend_name
 from grood_kernels import contract
 from grood_kernels.contract import pinning_kept_values, sq_norms_mismatch
@@ -300,12 +300,17 @@ class GROODHead(nn.Module):
         stored = self.index_storage is not None
         norms = self.index_sq_norms if not wide else (
             self.index_sq_norms.double() if stored else None)
+        # float64 features of a narrower index are searched in float64 (only a copy rounds)
+        held = self.index_vectors
+        exact = wide and held.dtype != torch.float64
+        rounded = stored or (not exact and rounds_past_fp32(self.precision, held.device,
+                                                           held.dtype))
         queries = res[0] if self.index_centre is None else res[0] - self.index_centre
-        dist, _ = grood_ops.knn(queries, self.index_storage if stored else self.index_vectors,
-                                searched_count(self.k, self.index_vectors.shape[0], stored,
+        dist, _ = grood_ops.knn(queries, self.index_storage if stored else held,
+                                searched_count(self.k, held.shape[0], rounded,
                                                self.index_centre is not None),
-                                self.precision, norms, self.index_vectors if stored else None,
-                                self.backend)
+                                "ieee" if exact else self.precision, norms,
+                                held if stored else None, self.backend)
         score, pred = 0.0 - dist[:, self.k - 1], res[2]
         if bad is not None:
             self.unresolved_rows.add_(bad.sum())

@@ -236,21 +236,35 @@ def warn_lost_rows(lost: int, n: int, storage: str | None,
             f"the scores near them come out wrong; use {fix}",
             UserWarning, stacklevel=user_stacklevel())
 
-#: More neighbours searched for in a half-precision copy of rows held less their mean (whose
+#: More neighbours asked of a candidate search that rounds rows held less their mean (whose
 #: re-ranked first ``k`` are kept): see :func:`searched_count`.
-CENTRED_COPY_EXTRA = 12
+CENTRED_EXTRA = 12
 
 
-def searched_count(k: int, n: int, stored: bool, centred: bool) -> int:
+def rounds_past_fp32(precision: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a search in ``precision`` on ``device`` rounds its operands past the features'
+    own arithmetic: ``bf16`` on every device (its operands are rounded to bfloat16 values
+    everywhere, the CPU's emulation included), ``tf32`` on a CUDA device for features below
+    float64 (elsewhere, and for float64 everywhere, it computes in the features' dtype). Where
+    it does, a fit's check of the search in another place (a CPU for a GPU) or in another
+    precision tells nothing of it (``grood._fit.check_search_again``), and a search of rows
+    held less their mean asks for more candidates (:func:`searched_count`)."""
+    return precision == "bf16" or (precision == "tf32" and device.type == "cuda"
+                                   and dtype != torch.float64)
+
+
+def searched_count(k: int, n: int, rounded: bool, centred: bool) -> int:
     """How many neighbours a search for ``k`` asks of ``n`` indexed rows. Rows held less their
     mean are gradients that point nearly the same way (an OOD prototype far outside the
-    features), and a half-precision copy rounds each by its precision of its distance from
-    the mean, about their spacing: the ``k + RERANK_EXTRA`` candidates it gives the exact
-    re-rank then leave out nearer rows (far data at distance/spread 186, k = 3: scores 0.08 %
-    of their spread off float64's, where a search of the exact rows is 0.004 % off; 0.7 %
-    against 0.1 % at 1,857). ``CENTRED_COPY_EXTRA`` more candidates, the nearest ``k`` of
-    them kept after the re-rank, find them: the exact rows' accuracy at both."""
-    return min(k + CENTRED_COPY_EXTRA, n) if stored and centred else k
+    features), and a candidate search that rounds them (a half-precision copy, or a bf16 or
+    GPU tf32 GEMM: ``rounded``) rounds each by its precision of its distance from the mean,
+    about their spacing: the ``k + RERANK_EXTRA`` candidates it gives the exact re-rank then
+    leave out nearer rows (far data at distance/spread 186, k = 3, bfloat16 copy: scores
+    0.08 % of their spread off float64's, where a search of the exact rows is 0.004 % off;
+    0.7 % against 0.1 % at 1,857; the bf16 GEMM alike). ``CENTRED_EXTRA`` more candidates,
+    the nearest ``k`` of them kept after the re-rank, find them: the exact rows' accuracy at
+    both."""
+    return min(k + CENTRED_EXTRA, n) if rounded and centred else k
 
 
 #: Index classes by ``kind``; filled by :func:`register_index`.
@@ -543,7 +557,10 @@ class ExactIndex(GradientIndex):
         queries = queries.to(device=self.device, dtype=torch.float64 if wide else self.dtype)
         if self.centre is not None:
             queries = queries - self.centre
-        n = searched_count(k, self._n, self.storage is not None, self.centre is not None)
+        # (float64 queries of a narrower index are searched in float64: only a copy rounds)
+        rounded = self.storage is not None or (
+            not wide and rounds_past_fp32(self.precision, self.device, self.dtype))
+        n = searched_count(k, self._n, rounded, self.centre is not None)
         if wide:
             d, i = ops.get_op("knn", "torch")(queries, searched, n,
                                               database_sq_norms=self._sq_norms.double(), **extra)

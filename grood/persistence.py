@@ -36,12 +36,12 @@ from grood._checks import (
     ordinary,
     path_hint,
 )
-from grood._fit import FittedState, check_search_again, rounds_past_fp32
+from grood._fit import FittedState, check_search_again
 from grood._version import __version__
 from grood.calibration import check_calibration
 from grood.errors import BackendUnavailableError, DetectorFileError
 from grood.functional import check_precision
-from grood.index import index_class, index_from_state
+from grood.index import index_class, index_from_state, rounds_past_fp32
 from grood.neighbours import SHUFFLED
 from grood.prototypes import FINGERPRINT_DIMS, source_from_config
 

@@ -25,10 +25,10 @@ from conftest import clustered_features, rewrite_detector_file
 
 from grood import GROOD, DetectorFileError, Mahalanobis, evaluate, persistence
 from grood._bench.common import far_prototype_data, far_prototype_float64_scores
-from grood._fit import check_search_again, rounds_past_fp32
+from grood._fit import check_search_again
 from grood.cli import main
 from grood.head import as_module
-from grood.index import ExactIndex
+from grood.index import ExactIndex, rounds_past_fp32
 from grood.portable import PortableHead
 
 
@@ -1817,24 +1817,27 @@ def test_float32_scores_of_features_sharing_a_large_offset_are_as_exact_as_the_f
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_centred_half_precision_copy_is_searched_as_exactly_as_the_rows(k):
+@pytest.mark.parametrize("rounded", ["bfloat16 copy", "bf16 GEMM"])
+def test_a_centred_index_searched_in_half_precision_is_as_exact_as_the_rows(rounded, k):
     """Gradients held less their mean (an OOD prototype far outside the features) lie about
-    their bf16 copy's rounding apart, and the copy's k + 4 candidates left out nearer rows:
-    at distance/spread 557 scores 0.5-0.6 % of their spread off float64's where a search of
-    the exact rows is 0.008-0.07 % off. More candidates from the copy, re-ranked on the exact
-    rows (the first k kept), score as the exact rows do; its head alike."""
+    the rounding of a bfloat16 copy, or of the bf16 GEMM's operands, apart, and the search's
+    k + 4 candidates left out nearer rows: at distance/spread 557 scores 0.5-0.6 % of their
+    spread off float64's where a search of the exact rows is 0.008-0.07 % off. More
+    candidates, re-ranked on the exact rows (the first k kept), score as the exact rows do;
+    its head and kneighbors alike."""
     x, y, ood, test = far_prototype_data(300)
     want = GROOD(k=k, ood_prototype="features").fit(
         x.astype(np.float64), y, ood_features=ood.astype(np.float64)).score_samples(
         test.astype(np.float64))
     rows = GROOD(k=k, ood_prototype="features").fit(x, y, ood_features=ood)
-    copy = GROOD(k=k, ood_prototype="features", index_options={"storage": "bfloat16"}).fit(
-        x, y, ood_features=ood)
-    assert copy.index_.centre is not None and copy.index_.storage == torch.bfloat16
+    how = ({"index_options": {"storage": "bfloat16"}} if rounded == "bfloat16 copy"
+           else {"precision": "bf16"})
+    half = GROOD(k=k, ood_prototype="features", **how).fit(x, y, ood_features=ood)
+    assert half.index_.centre is not None
     spread = np.ptp(want)
     exact = np.abs(rows.score_samples(test) - want).max()
-    got = copy.score_samples(test)
+    got = half.score_samples(test)
     assert np.abs(got - want).max() < max(2 * exact, 1e-4 * spread)
-    assert np.array_equal(copy.as_module()(torch.as_tensor(test))[0].numpy(), got)
-    d, i = copy.kneighbors(test, k)
+    assert np.array_equal(half.as_module()(torch.as_tensor(test))[0].numpy(), got)
+    d, i = half.kneighbors(test, k)
     assert np.array_equal(-np.asarray(d)[:, k - 1], got) and np.asarray(i).shape[1] == k
