@@ -19,44 +19,17 @@ import argparse
 import datetime
 import os
 import platform
-import warnings
 
 import numpy as np
 import torch
 
 import grood
-
-
-def data(offset: float, n: int, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """``(train, labels, test)``: 10 classes (D = 64, spread 1, means 2 apart) plus ``offset``
-    in float32; half the test rows like the classes, half noise of spread 3."""
-    gen = np.random.default_rng(seed)
-    means = gen.normal(size=(10, 64)) * 2
-    y = gen.integers(0, 10, n)
-    x = ((means[y] + gen.normal(size=(n, 64))) + offset).astype(np.float32)
-    m = n // 10
-    test = (np.concatenate([means[gen.integers(0, 10, m)] + gen.normal(size=(m, 64)),
-                            3 * gen.normal(size=(m, 64))]) + offset).astype(np.float32)
-    return x, y, test
-
-
-def scores(train: np.ndarray, y: np.ndarray, rows: np.ndarray, backend: str) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        det = grood.GROOD(progress=False, backend=backend)
-        return det.fit(train, y).score_samples(rows).astype(np.float64)
+from grood._bench.common import offset_errors
 
 
 def row(offset: float, n: int, backend: str) -> str:
-    x, y, test = data(offset, n)
-    want = scores(x.astype(np.float64), y, test.astype(np.float64), "torch")
+    own, inputs = offset_errors(offset, n, backend)
     ulp = float(np.spacing(np.float32(offset)))
-    gen = np.random.default_rng(1)
-    moved = scores(x + ulp * gen.choice([-1.0, 1.0], x.shape), y,
-                   test + ulp * gen.choice([-1.0, 1.0], test.shape), "torch")
-    spread = float(np.ptp(want))
-    own = float(np.abs(scores(x, y, test, backend) - want).max()) / spread
-    inputs = float(np.abs(moved - want).max()) / spread
     return (f"| {offset:.0e} | {backend} | {ulp:.3g} | {own:.2e} | {inputs:.2e} | "
             f"{own / inputs:.2f} |")
 

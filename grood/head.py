@@ -246,6 +246,26 @@ class GROODHead(nn.Module):
             check_converted_index(self, state["index_vectors"], state.get("index_centre"),
                                   loaded=True)
 
+    def _search(self, gradients: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest indexed gradients ``(distances, ids)`` of ``gradients`` [N, D]
+        (unshifted), searched as the detector's exact index searches them: less its centre,
+        candidates from the half-precision copy where there is one (float64 gradients too),
+        re-ranked on the exact rows with their norms; float64 gradients of a narrower index in
+        float64, in ieee; more candidates where the rows are centred and the search rounds
+        them (:func:`grood.index.searched_count`)."""
+        held, stored = self.index_vectors, self.index_storage is not None
+        wide = gradients.dtype == torch.float64 and held.dtype != torch.float64
+        precision = "ieee" if wide else self.precision
+        queries = gradients if self.index_centre is None else gradients - self.index_centre
+        n = searched_count(k, held.shape[0], stored=stored,
+                           centred=self.index_centre is not None, precision=precision,
+                           device=held.device, dtype=held.dtype)
+        dist, ids = torch.ops.grood.knn(
+            queries, self.index_storage if stored else held, n, precision,
+            self.index_sq_norms.double() if wide else self.index_sq_norms,
+            held if stored else None, self.backend)
+        return dist, ids
+
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
         threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
@@ -295,22 +315,7 @@ class GROODHead(nn.Module):
             assert finite is not None  # (found above)
             bad = ~(finite & resolved_rows(NCPGradient(*res)))
             res = (torch.where(bad[:, None], 0.0, res[0]), *res[1:])
-        # The detector's search: candidates from the half-precision copy, where there is one
-        # (float64 features too), re-ranked on the exact rows, with the exact rows' norms.
-        stored = self.index_storage is not None
-        norms = self.index_sq_norms if not wide else (
-            self.index_sq_norms.double() if stored else None)
-        # float64 features of a narrower index are searched in float64 (only a copy rounds)
-        held = self.index_vectors
-        exact = wide and held.dtype != torch.float64
-        rounded = stored or (not exact and rounds_past_fp32(self.precision, held.device,
-                                                           held.dtype))
-        queries = res[0] if self.index_centre is None else res[0] - self.index_centre
-        dist, _ = grood_ops.knn(queries, self.index_storage if stored else held,
-                                searched_count(self.k, held.shape[0], rounded,
-                                               self.index_centre is not None),
-                                "ieee" if exact else self.precision, norms,
-                                held if stored else None, self.backend)
+        dist, _ = self._search(res[0], self.k)
         score, pred = 0.0 - dist[:, self.k - 1], res[2]
         if bad is not None:
             self.unresolved_rows.add_(bad.sum())
@@ -592,14 +597,8 @@ def check_converted_index(head: GROODHead, rows: Tensor, centre: Tensor | None, 
         gradients = rows[ids].to(held.device, torch.float64)
         if centre is not None:
             gradients += centre.to(held.device, torch.float64)
-        queries = gradients.to(dt)  # (the gradient step's output, then less the centre)
-        if head.index_centre is not None:
-            queries = queries - head.index_centre
-        stored = head.index_storage is not None
-        try:
-            _, found = torch.ops.grood.knn(
-                queries, head.index_storage if stored else held, 1, head.precision,
-                head.index_sq_norms, held if stored else None, head.backend)
+        try:  # (as the gradient step gives them, in the compute dtype)
+            _, found = head._search(gradients.to(dt), 1)
         except BackendUnavailableError:  # (its backend cannot search here: its forward says so)
             return
         found = found[:, 0]

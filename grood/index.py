@@ -253,17 +253,20 @@ def rounds_past_fp32(precision: str, device: torch.device, dtype: torch.dtype) -
                                    and dtype != torch.float64)
 
 
-def searched_count(k: int, n: int, rounded: bool, centred: bool) -> int:
-    """How many neighbours a search for ``k`` asks of ``n`` indexed rows. Rows held less their
-    mean are gradients that point nearly the same way (an OOD prototype far outside the
-    features), and a candidate search that rounds them (a half-precision copy, or a bf16 or
-    GPU tf32 GEMM: ``rounded``) rounds each by its precision of its distance from the mean,
-    about their spacing: the ``k + RERANK_EXTRA`` candidates it gives the exact re-rank then
-    leave out nearer rows (far data at distance/spread 186, k = 3, bfloat16 copy: scores
-    0.08 % of their spread off float64's, where a search of the exact rows is 0.004 % off;
-    0.7 % against 0.1 % at 1,857; the bf16 GEMM alike). ``CENTRED_EXTRA`` more candidates,
-    the nearest ``k`` of them kept after the re-rank, find them: the exact rows' accuracy at
-    both."""
+def searched_count(k: int, n: int, *, stored: bool, centred: bool, precision: str,
+                   device: torch.device, dtype: torch.dtype) -> int:
+    """How many neighbours a search for ``k`` asks of ``n`` indexed rows (of ``dtype``, on
+    ``device``, searched in ``precision``; ``stored``: through a half-precision copy). Rows
+    held less their mean are gradients that point nearly the same way (an OOD prototype far
+    outside the features), and a candidate search that rounds them (a half-precision copy, or
+    a GEMM that :func:`rounds_past_fp32`) rounds each by its precision of its distance from
+    the mean, about their spacing: the ``k + RERANK_EXTRA`` candidates it gives the exact
+    re-rank then leave out nearer rows (far data at distance/spread 186, k = 3, bfloat16 copy:
+    scores 0.08 % of their spread off float64's, where a search of the exact rows is 0.004 %
+    off; 0.7 % against 0.1 % at 1,857; the bf16 GEMM alike). ``CENTRED_EXTRA`` more
+    candidates, the nearest ``k`` of them kept after the re-rank, find them: the exact rows'
+    accuracy at both."""
+    rounded = stored or rounds_past_fp32(precision, device, dtype)
     return min(k + CENTRED_EXTRA, n) if rounded and centred else k
 
 
@@ -557,10 +560,11 @@ class ExactIndex(GradientIndex):
         queries = queries.to(device=self.device, dtype=torch.float64 if wide else self.dtype)
         if self.centre is not None:
             queries = queries - self.centre
-        # (float64 queries of a narrower index are searched in float64: only a copy rounds)
-        rounded = self.storage is not None or (
-            not wide and rounds_past_fp32(self.precision, self.device, self.dtype))
-        n = searched_count(k, self._n, rounded, self.centre is not None)
+        # (float64 queries of a narrower index are searched in float64, in ieee)
+        n = searched_count(k, self._n, stored=self.storage is not None,
+                           centred=self.centre is not None,
+                           precision="ieee" if wide else self.precision, device=self.device,
+                           dtype=self.dtype)
         if wide:
             d, i = ops.get_op("knn", "torch")(queries, searched, n,
                                               database_sq_norms=self._sq_norms.double(), **extra)

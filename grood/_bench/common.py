@@ -99,6 +99,45 @@ def far_prototype_float64_scores(x: np.ndarray, y: np.ndarray, ood: np.ndarray,
 TIMINGS: list[dict] = []
 
 
+def offset_data(offset: float, n: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``(train, labels, test)``: ``n`` rows of 10 classes (D = 64, spread 1, means 2 apart)
+    plus ``offset``, in float32; ``n // 5`` test rows, half like the classes, half noise of
+    spread 3."""
+    gen = np.random.default_rng(seed)
+    means = gen.normal(size=(10, 64)) * 2
+    y = gen.integers(0, 10, n)
+    x = ((means[y] + gen.normal(size=(n, 64))) + offset).astype(np.float32)
+    m = n // 10
+    test = (np.concatenate([means[gen.integers(0, 10, m)] + gen.normal(size=(m, 64)),
+                            3 * gen.normal(size=(m, 64))]) + offset).astype(np.float32)
+    return x, y, test
+
+
+def offset_errors(offset: float, n: int, backend: str) -> tuple[float, float]:
+    """On :func:`offset_data`, over the float64 scores' spread: the largest difference of
+    float32's scores (on ``backend``) from float64's of the same float32 inputs, and the
+    largest change of float64's when every input moves one unit in its last place."""
+    import warnings
+
+    from grood import GROOD
+
+    def scores(train: np.ndarray, rows: np.ndarray, backend: str) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            det = GROOD(progress=False, backend=backend).fit(train, y)
+            return det.score_samples(rows).astype(np.float64)
+
+    x, y, test = offset_data(offset, n)
+    want = scores(x.astype(np.float64), test.astype(np.float64), "torch")
+    ulp = float(np.spacing(np.float32(offset)))
+    gen = np.random.default_rng(1)
+    moved = scores(x + ulp * gen.choice([-1.0, 1.0], x.shape),
+                   test + ulp * gen.choice([-1.0, 1.0], test.shape), "torch")
+    spread = float(np.ptp(want))
+    own = float(np.abs(scores(x, test, backend) - want).max()) / spread
+    return own, float(np.abs(moved - want).max()) / spread
+
+
 def exact_softmax(h: Tensor, protos: Tensor, p_ood: Tensor) -> tuple[float, int, float]:
     """``(q_ood, the nearest class, the gap between the two nearest classes' distances)`` of
     one row [D] in 60-digit arithmetic (mpmath, a dependency of torch's), from the float
