@@ -97,15 +97,69 @@ class HeadFit:
         bias = self.sl / n - (mean + self.shift) @ weight_t
         return weight_t.T.contiguous(), bias
 
-    def moments_about(self, point: Tensor) -> Tensor:
-        """The features' second moments about ``point`` [D], summed over the rows, float64:
-        the scatter about their mean plus the rows' count times the mean's offset from
-        ``point`` squared (no pass over the rows)."""
+    def scatter(self) -> tuple[Tensor, Tensor]:
+        """The features' mean [D] and their scatter about it [D, D] (the sum of the rows'
+        outer products less their mean), float64, from the sums (no pass over the rows)."""
         assert self.shift is not None  # (fits have rows)
         mean = self.sx / self.n  # (about the shift)
-        offset = mean + self.shift - point
-        return (self.xx - self.n * torch.outer(mean, mean)
-                + self.n * torch.outer(offset, offset))
+        return mean + self.shift, self.xx - self.n * torch.outer(mean, mean)
+
+
+def scatter(chunks: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """The mean [D] and the scatter about it [D, D] (float64) of the rows of ``chunks``
+    (feature batches [B, D], at least one row), summed about the first batch's mean as
+    :class:`HeadFit` sums them, so rows far from the origin do not cancel."""
+    n, shift, xx, sx = 0, None, torch.zeros(0), torch.zeros(0)
+    for x in chunks:
+        x = x.to(torch.float64)
+        if shift is None:
+            shift, xx, sx = x.mean(0), x.new_zeros((x.shape[1],) * 2), x.new_zeros(x.shape[1])
+        xc = x - shift
+        xx += xc.T @ xc
+        sx += xc.sum(0)
+        n += x.shape[0]
+    assert shift is not None  # (fits have rows)
+    mean = sx / n
+    return mean + shift, xx - n * torch.outer(mean, mean)
+
+
+def held_in(*tensors: Tensor) -> torch.dtype:
+    """``torch.float32`` where every entry of ``tensors`` (float64 copies) is a float32
+    value (a layer stored in float32, or narrower), else ``torch.float64``: the precision
+    the values were held in, which bounds what their rounding can determine."""
+    return (torch.float32 if all(torch.equal(t, t.to(torch.float32).to(t.dtype))
+                                 for t in tensors) else torch.float64)
+
+
+def least_moments_null(scatter: Tensor, offset: Tensor, n: int, dim: int) -> Tensor:
+    """An orthonormal basis [D, D - dim] of the directions outside the ``dim`` (>= 1)
+    leading eigenvectors of the second moments about a point: ``scatter`` [D, D] about the
+    rows' mean plus ``n`` times the outer square of ``offset`` [D], the mean less the point
+    (float64).
+
+    Formed whole, a point far from the rows (``n |offset|^2`` beyond 1e5 times the scatter's
+    trace) would leave the scatter's eigenvalues to the rounding of the offset's (float64
+    keeps ~1e-16 of the largest); there the offset's direction, the leading one, is split
+    off exactly (a reflection onto the first axis) and the rest solved on the scatter alone,
+    less its coupling to that direction (second order in scatter over offset: below 1e-10
+    of the scatter there)."""
+    d_all = scatter.shape[0]
+    scatter = (scatter + scatter.T) / 2
+    rho = n * float(offset @ offset)
+    if not rho > 1e5 * float(scatter.trace()):
+        _, evecs = torch.linalg.eigh(scatter + n * torch.outer(offset, offset))  # ascending
+        return evecs[:, : d_all - dim]
+    u = offset / offset.norm()
+    v = u.clone()
+    v[0] += 1.0 if float(u[0]) >= 0 else -1.0
+    reflect = torch.eye(d_all, dtype=u.dtype, device=u.device) - 2 * torch.outer(v, v) / (v @ v)
+    s = reflect @ scatter @ reflect  # the first axis is offset's direction
+    a, c, rest = rho + s[0, 0], s[1:, 0], s[1:, 1:]
+    evals, evecs = torch.linalg.eigh(rest - torch.outer(c, c) / a)
+    evals, evecs = evals[: d_all - dim], evecs[:, : d_all - dim]
+    along = (c @ evecs) / (evals - a)  # each direction's small part along the offset
+    basis = reflect[:, :1] * along + reflect[:, 1:] @ evecs
+    return torch.linalg.qr(basis).Q
 
 
 def relative_residual(pairs: Iterable[tuple[Tensor, Tensor]], weight: Tensor,

@@ -772,6 +772,13 @@ def _energy(logits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.logsumexp(logits, dim=1), logits.argmax(dim=1)
 
 
+#: ViM refuses a last layer whose origin ``-pinv(W) b`` lies farther than this many times the
+#: training features' spread (root mean square about their mean) from their mean: float64's
+#: rounding of the offset, ~1e-16 of it, would reach 1e-10 of the spread, and the residual
+#: check (1e-9 of it) could no longer tell rounding from what is left to score by.
+VIM_FAR_ORIGIN = 1e6
+
+
 def default_vim_dim(d: int) -> int:
     """ViM's principal dimension for features of width ``d`` when none is given: 1000 from
     2048 on and 512 from 768 on, as ViM's own benchmark takes them, and half the width
@@ -794,13 +801,15 @@ class ViM(_HeadBaseline):
         batch_size (int): rows per batch while fitting and scoring.
 
     After ``fit``: ``dim_``, ``origin_`` [D], ``null_space_`` [D, D - dim_] (an orthonormal
-    basis of the rest), ``alpha_``, ``weight_``, ``bias_``, ``head_error_``.
+    basis of the rest), ``null_origin_`` (``origin_ @ null_space_``, from float64),
+    ``alpha_``, ``weight_``, ``bias_``, ``head_error_``.
     """
 
     name = "ViM"
     dim_: int  # set by fit (through _fit_more)
     origin_: Tensor
     null_space_: Tensor
+    null_origin_: Tensor
     alpha_: float
 
     def __init__(self, dim: int | None = None, batch_size: int = 4096) -> None:
@@ -822,34 +831,51 @@ class ViM(_HeadBaseline):
 
     def _fit_more(self, x: Tensor, w: Tensor, b: Tensor, dt: torch.dtype, dim: int,
                   least_squares: Any) -> dict[str, Any]:
-        n, d = x.shape
-        origin = -(torch.linalg.pinv(w) @ b)
+        from grood import _linear
+
+        n = x.shape[0]
+        # Singular values below the layer's own rounding are no part of it: where its rows
+        # sum to (almost) nothing along the bias, the origin is where its logits are all
+        # equal, which the softmax cannot tell from zero, not a point its rounding placed.
+        eps = torch.finfo(_linear.held_in(w, b)).eps
+        origin = -(torch.linalg.pinv(w, rtol=max(w.shape) * eps) @ b)
         if least_squares is not None:  # (its sums hold them: no pass over the rows)
-            moments = least_squares.moments_about(origin)
+            mean, scatter = least_squares.scatter()
         else:
-            moments = x.new_zeros((d, d), dtype=torch.float64)
-            for r0, r1 in batches(n, self.batch_size):
-                xc = x[r0:r1].to(torch.float64) - origin
-                moments += xc.T @ xc
-        _, evecs = torch.linalg.eigh((moments + moments.T) / 2)  # ascending
-        null = evecs[:, : d - dim]  # all but the dim leading directions
+            mean, scatter = _linear.scatter(x[r0:r1] for r0, r1 in batches(n, self.batch_size))
+        offset = mean - origin
+        spread = (float(scatter.trace().clamp_min(0)) / n) ** 0.5
+        if float(offset.norm()) > VIM_FAR_ORIGIN * spread > 0:
+            sv = torch.linalg.svdvals(w)
+            raise ValueError(
+                f"the last layer's origin -pinv(W) b, where its logits are zero, lies "
+                f"{float(offset.norm()):.3g} from the training features' mean, "
+                f"{float(offset.norm()) / spread:.2g} times their spread (root mean square): "
+                "too far for ViM's principal space about it to be told from rounding. A "
+                "combination of the logits all but constant over the features and far from "
+                f"zero puts it there (the weight's singular values run {float(sv[0]):.3g} to "
+                f"{float(sv[-1]):.3g}): check that the layer is the classifier's last, as "
+                "an nn.Linear holds it (weight [C, D], bias [C]), or its raw logits")
+        null = _linear.least_moments_null(scatter, offset, n, dim)
+        null_origin = origin @ null
         residual = whole = largest = 0.0
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
-            xc = xb - origin
-            residual += float((xc @ null).norm(dim=1).sum())
-            whole += float(xc.norm(dim=1).sum())
+            residual += float((xb @ null - null_origin).norm(dim=1).sum())
+            whole += float((xb - mean).norm(dim=1).sum())
             largest += float((xb @ w.T + b).amax(dim=1).sum())
         if not residual > 1e-9 * whole:  # (float64 rounding leaves ~1e-15 of it)
             raise ValueError(f"the training features lie inside their principal space of "
-                             f"dim={dim} (all but {residual / whole:.1e} of their norm): "
-                             "nothing is left to score by; lower dim")
+                             f"dim={dim} (all but {residual / max(whole, 1e-300):.1e} of their "
+                             "spread about their mean): nothing is left to score by; lower dim")
         return {"dim_": dim, "origin_": origin.to(dt), "null_space_": null.to(dt).contiguous(),
-                "alpha_": largest / residual}
+                "null_origin_": null_origin.to(dt), "alpha_": largest / residual}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         energy, pred = _energy(self._logits(x, dt))
-        virtual = ((x - self.origin_.to(dt)) @ self.null_space_.to(dt)).norm(dim=1)
+        # (x - origin) @ null as x @ null less the origin's part: an origin far from the
+        # features would take their digits with it in float32
+        virtual = (x @ self.null_space_.to(dt) - self.null_origin_.to(dt)).norm(dim=1)
         return energy - self.alpha_ * virtual, pred
 
 

@@ -308,6 +308,106 @@ def test_vim_matches_its_definition_with_the_layer_given_or_recovered(offset):
     torch.testing.assert_close(s64.score_samples(q.double()), ref, rtol=1e-9, atol=1e-9)
 
 
+def _vim_far_origin(ratio, n=400, d=12, c=4, dim=4, seed=0):
+    """Features whose ViM origin lies ``ratio`` times their spread away, with the exact
+    scores known: the features vary along the axes of an orthonormal basis ``v`` with
+    spreads falling from 3 to 0.1 (exactly whitened); the layer's weakest row (singular
+    value ``2 / ratio``, the others 2) lies along ``v``'s first axis and its bias puts the
+    origin there, ``ratio`` spreads away, with logits of the features' own size. The
+    moments about it have ``v``'s axes for eigenvectors, and the null space is the last
+    d - dim. Returns the training features, the layer (float64), queries and their exact
+    scores."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    sigma = torch.logspace(np.log10(3), -1, d, dtype=torch.float64)
+    rms = float(sigma.square().sum()) ** 0.5
+    rows = torch.cat([v[:, :1], torch.linalg.qr(torch.randn(d, c - 1, generator=gen,
+                                                              dtype=torch.float64)).Q], 1)
+    rows = rows - v[:, :1] * (v[:, :1].T @ rows) * torch.tensor([0.0] + [1.0] * (c - 1),
+                                                                    dtype=torch.float64)
+    w = (torch.linalg.qr(rows).Q * torch.tensor([2 / ratio / rms] + [2.0] * (c - 1),
+                                                 dtype=torch.float64)).T
+    origin = v[:, 0] * ratio * rms
+    b = -(w @ origin)
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x = (torch.linalg.qr(z - z.mean(0)).Q * n ** 0.5 * sigma) @ v.T  # mean 0, covariance exact
+    q = torch.cat([torch.randn(30, d, generator=gen, dtype=torch.float64) * sigma,
+                   torch.randn(10, d, generator=gen, dtype=torch.float64)]) @ v.T
+    null = v[:, dim:]  # v[:, 0] (the origin's way, and the widest) and the next dim - 1
+    alpha = (x @ w.T + b).amax(1).mean() / (x @ null).norm(dim=1).mean()
+    exact = torch.logsumexp(q @ w.T + b, 1) - alpha * (q @ null).norm(dim=1)
+    return x, w, b, q, exact
+
+
+@pytest.mark.parametrize("ratio", [1e3, 1e5])
+def test_vim_is_exact_with_its_origin_far_from_the_features(ratio):
+    """An origin -pinv(W) b 1e3 and 1e5 times the features' spread from them: moments formed
+    about it left the features' own eigenvalues to the rounding of the origin's offset (its
+    square, 1e10 times theirs at 1e5), and float32 scoring of x - origin lost the features'
+    digits to the origin's; float64 is now exact to 1e-9 of the score spread, the layer given
+    or recovered from the logits, and float32 to float32's rounding."""
+    x, w, b, q, exact = _vim_far_origin(ratio)
+    spread = float(exact.max() - exact.min())
+    for given in (True, False):
+        layer = {"weight": w, "bias": b} if given else {"logits": x @ w.T + b}
+        vim = ViM(dim=4).fit(x, **layer)
+        err = float((vim.score_samples(q) - exact).abs().max()) / spread
+        assert err < 1e-9, (given, err)
+    # float32 features and layer against float64 arithmetic on the same float32 values
+    x32, q32, w32, b32 = x.float(), q.float(), w.float(), b.float()
+    exact32 = ViM(dim=4).fit(x32.double(), weight=w32.double(), bias=b32.double()
+                             ).score_samples(q32.double())
+    s = ViM(dim=4).fit(x32, weight=w32, bias=b32).score_samples(q32)
+    assert s.dtype == torch.float32
+    assert float((s.double() - exact32).abs().max()) / spread < 1e-5
+
+
+def test_vim_takes_singular_values_below_the_layers_rounding_for_zero():
+    """A float32 layer whose rows sum to nothing along a bias that does not (a classifier
+    trained long with weight decay on its weights but not its bias leaves its rows' sum at
+    float32's rounding): its origin was where that rounding put it, far away (4e6 times the
+    features' largest norm here) and different for each rounding of the same layer; it is now the
+    point where the logits are all equal, the same whether the layer is given in float32 or
+    as a float64 copy, and float32 scores agree with float64 ones."""
+    x, _, fc, q = _head_data(d=24, c=6)
+    w = fc.weight.detach().double()
+    w = (w - w.mean(0)).float()  # rows summing to float32's rounding of zero
+    b = fc.bias.detach().float() + 1.0
+    assert float(w.double().sum(0).norm()) < 1e-6 * float(w.norm())
+    # the float64 pseudo-inverse of the float32 layer takes the rounding for a direction
+    far = float((torch.linalg.pinv(w.double()) @ b.double()).norm())
+    assert far > 1e6 * float(x.norm(dim=1).max())
+    vims = [ViM(dim=10).fit(x.to(dt), weight=w.to(dt), bias=b.to(dt))
+            for dt in (torch.float32, torch.float64)]
+    for vim in vims:
+        at_origin = w.double() @ vim.origin_.double() + b.double()
+        assert float(vim.origin_.norm()) < 10 * float(x.norm(dim=1).max())
+        assert float(at_origin.max() - at_origin.min()) < 1e-5 * float(at_origin.abs().max())
+    torch.testing.assert_close(vims[0].origin_.double(), vims[1].origin_, rtol=0,
+                               atol=1e-5 * float(vims[1].origin_.norm()))
+    s32, s64 = vims[0].score_samples(q), vims[1].score_samples(q.double())
+    spread = float(s64.max() - s64.min())
+    assert float((s32.double() - s64).abs().max()) / spread < 1e-5
+    # a float64 layer keeps its small singular values (nothing rounded them): its origin
+    # -pinv(W) b as before
+    exact = w.double() + 1e-6 * torch.randn(w.shape, dtype=torch.float64,
+                                            generator=torch.Generator().manual_seed(1))
+    vim = ViM(dim=10).fit(x.double(), weight=exact, bias=b.double())
+    torch.testing.assert_close(vim.origin_, -(torch.linalg.pinv(exact) @ b.double()))
+
+
+def test_vim_refuses_an_origin_too_far_to_resolve():
+    """A float64 layer singular to 1e-14 along a bias that is not: its origin lies ~1e12
+    times the features' spread away, where the residual is rounding; it was refused as
+    features lying 'inside their principal space' (wrongly: at dim=1 too, with 'lower dim'
+    for advice) or, with a little less, scored by rounding."""
+    x, w, b, _, _ = _vim_far_origin(1e12)
+    with pytest.raises(ValueError, match=r"origin -pinv\(W\) b, where its logits are zero, "
+                                         r"lies .* 1e\+12 times their spread .* singular "
+                                         r"values run 2 to 4\.53e-13\)"):
+        ViM(dim=1).fit(x, weight=w, bias=b)
+
+
 def test_vim_default_dimension():
     assert [ViM().fit(torch.relu(torch.randn(80, d)) + 0.1, logits=None,
                       weight=torch.randn(3, d), bias=torch.zeros(3)).dim_
