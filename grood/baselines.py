@@ -551,18 +551,20 @@ class Mahalanobis(_Baseline):
         self.class_means_ = means.to(dt)
         self.whitened_means_ = ((means - center) @ whitening).to(dt)  # [C, r]
         self._fit_background((scatter - n * torch.outer(center - shift, center - shift)) / n,
-                             rcond, dt)
+                             rcond, dt, whitening, (means - center) @ whitening)
         self._fitted_on(features, d)
         return self
 
-    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype) -> None:
+    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype, whitening: Tensor,
+                        whitened_means: Tensor) -> None:
         """What a subclass keeps of the training features' overall covariance ``cov`` (about
-        their mean, float64)."""
+        their mean), with the class covariance's ``whitening`` [D, r] and the class means
+        centred on the overall mean and whitened [C, r] (all float64)."""
 
-    def _background(self, centred: Tensor) -> Tensor | None:
-        """What a subclass subtracts from each row's distance, from the rows centred on the
-        training mean; None: nothing."""
-        return None
+    def _distance(self, centred: Tensor, nearest: Tensor, idx: Tensor) -> Tensor:
+        """Each row's distance, from the rows centred on the training mean, their smallest
+        squared whitened distance to a class mean ``nearest`` and that class ``idx``."""
+        return nearest
 
     def score_samples(self, features: ArrayT) -> ArrayT:
         """Minus the smallest squared Mahalanobis distance to a class mean, shape [N]; float64
@@ -598,10 +600,9 @@ class Mahalanobis(_Baseline):
             # fp32 whatever the program's float32 matmul setting (TF32 on CUDA, bf16 on some
             # CPUs), as grood's own GEMMs in ieee mode.
             with matmul_precision("ieee", dev):
-                z = (xb - center) @ whitening
-                offset = self._background(xb - center)
-            d, i = ops.knn(z, means, 1, backend=self.backend)
-            dist[r0:r1] = d[:, 0] if offset is None else d[:, 0] - offset
+                centred = xb - center
+                d, i = ops.knn(centred @ whitening, means, 1, backend=self.backend)
+                dist[r0:r1] = self._distance(centred, d[:, 0], i[:, 0])
             idx[r0:r1] = i[:, 0]
         return dist, idx, kind
 
@@ -612,18 +613,50 @@ class RMD(Mahalanobis):
     distance to the training features' overall mean under their overall covariance (the
     "background" Gaussian), negated; ``predict`` is the nearest class mean, as
     :class:`Mahalanobis`'s. Arguments as :class:`Mahalanobis`'s (``rcond`` for both
-    covariances). After ``fit``: also ``background_whitening_`` [D, r0].
+    covariances).
+
+    The two distances share their largest terms (directions of small variance weigh in both),
+    so their difference is not taken from the two: for ``z`` the row less the training mean,
+    the nearest class's ``(z - m)' P (z - m) - z' Q z`` (``P``, ``Q`` the two covariances'
+    pseudo-inverses, ``m`` the class mean less the training mean) is ``z' (P - Q) z - 2 z' P m
+    + m' P m``, with ``P - Q`` (of rank about the number of classes) formed in float64 at the
+    fit: float32 keeps the digits the difference has.
+
+    After ``fit``: also ``background_whitening_`` [D, r0] (``Q``'s), ``contrast_`` [D, k] and
+    ``contrast_sign_`` [k] (``P - Q`` as ``contrast_ diag(contrast_sign_) contrast_'``: its
+    eigenvectors scaled by the square roots of its eigenvalues' sizes, and their signs),
+    ``class_directions_`` [D, C] (``P m`` of each class) and ``class_offsets_`` [C] (``m' P
+    m``).
     """
 
     name = "RMD"
 
-    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype) -> None:
+    def _fit_background(self, cov: Tensor, rcond: float, dt: torch.dtype, whitening: Tensor,
+                        whitened_means: Tensor) -> None:
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
         keep = evals > rcond * evals.max().clamp_min(0)
-        self.background_whitening_ = (evecs[:, keep] / evals[keep].sqrt()).to(dt)
+        background = evecs[:, keep] / evals[keep].sqrt()
+        self.background_whitening_ = background.to(dt)
+        class_precision = whitening @ whitening.T
+        background_precision = background @ background.T
+        contrast = class_precision - background_precision
+        sizes, axes = torch.linalg.eigh((contrast + contrast.T) / 2)
+        # what is left below the two terms' rounding is rounding (float64: ~1e-16 of them)
+        cut = contrast.shape[0] * torch.finfo(torch.float64).eps * max(
+            float(torch.linalg.eigvalsh(class_precision)[-1]),
+            float(torch.linalg.eigvalsh(background_precision)[-1]))
+        kept = sizes.abs() > cut
+        self.contrast_ = (axes[:, kept] * sizes[kept].abs().sqrt()).to(dt).contiguous()
+        self.contrast_sign_ = sizes[kept].sign().to(dt)
+        self.class_directions_ = (whitening @ whitened_means.T).to(dt).contiguous()
+        self.class_offsets_ = whitened_means.square().sum(dim=1).to(dt)
 
-    def _background(self, centred: Tensor) -> Tensor | None:
-        return (centred @ self.background_whitening_.to(centred.dtype)).square().sum(dim=1)
+    def _distance(self, centred: Tensor, nearest: Tensor, idx: Tensor) -> Tensor:
+        dt = centred.dtype
+        quadratic = ((centred @ self.contrast_.to(dt)).square()
+                     * self.contrast_sign_.to(dt)).sum(dim=1)
+        linear = (centred * self.class_directions_.to(dt).T[idx]).sum(dim=1)
+        return quadratic - 2 * linear + self.class_offsets_.to(dt)[idx]
 
 
 def checked_percentile(value: Any, *, upper_closed: bool) -> float:

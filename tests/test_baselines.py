@@ -158,6 +158,33 @@ def test_rmd_is_the_mahalanobis_distance_relative_to_the_training_gaussians(offs
     assert float(s.max() - s.min()) > 1.0  # (the queries differ in score)
 
 
+def test_rmd_in_float32_keeps_the_digits_its_difference_has():
+    """RMD's two distances share their largest terms: on ReLU features of the digits, rows
+    far outside them have both near 1e6 and their difference near 5e3. Taken from the two
+    in float32, the scores were 7.9e-5 of their spread off float64's, 500 times what
+    moving every input by one float32 ulp does to float64's; from the quadratic form of
+    the two precisions' difference, under 10 times it (4.7)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits, y = datasets.load_digits(return_X_y=True)
+    gen = np.random.default_rng(0)
+    x = np.maximum(digits @ (gen.normal(size=(64, 48)) / 8), 0).astype(np.float32)
+    q = np.r_[x[1200:], (np.abs(gen.normal(size=(100, 48))) * x.std() + x.mean()
+                         ).astype(np.float32)]
+    x, y = x[:1200], y[:1200]
+    exact = RMD().fit(x.astype(np.float64), y).score_samples(q.astype(np.float64))
+    spread = exact.max() - exact.min()
+
+    def ulp(a):
+        return a.astype(np.float64) + gen.choice([-1, 1], a.shape) * np.spacing(a)
+
+    moved = np.abs(RMD().fit(ulp(x), y).score_samples(ulp(q)) - exact).max() / spread
+    rmd = RMD().fit(x, y)
+    err = np.abs(rmd.score_samples(q) - exact).max() / spread
+    assert err < 10 * moved, (err, moved)
+    # (its classes are still Mahalanobis's)
+    np.testing.assert_array_equal(rmd.predict(q), Mahalanobis().fit(x, y).predict(q))
+
+
 def test_feature_baselines_score_float64_features_in_float64():
     """A Mahalanobis fitted on float32 rounded float64 features to float32 and returned
     float32 scores (GROOD and KNN return float64 for float64 input)."""
