@@ -4,7 +4,9 @@ Four classes of features (D = 16) whose RMS spread is a small fraction of their 
 an OOD prototype given as features (``ood_prototype="features"``): every gradient then points
 nearly the same way. For each distance/spread ratio the table gives what the fit's check saw
 (indexed gradients searched for as themselves and missed, of 64, with the index as built and
-held less the gradients' mean), whether it kept the index so, the gradients' spread about
+held less the gradients' mean; how many sampled rows lie nearer their nearest other row than
+ten times the full-precision expansion's error bound, ``grood._fit.crowded_probes``), whether
+it kept the index so, the gradients' spread about
 their mean relative to their norm, the warning it gave, and the float32 scores' largest
 error against float64's on the same float32-rounded inputs, as a share of float64's score
 spread: as fitted, with the index searched uncentred, and with a float64 search of the same
@@ -23,7 +25,7 @@ to float16 and bfloat16 (the conversion checks the head's search); a sixth, a de
 to ``bf16`` after an ``ieee`` fit, saved before any score and loaded (the load checks it).
 
     python bench/far_prototype.py          # the tables (under a minute on a CPU)
-    python bench/far_prototype.py --tiny   # two ratios
+    python bench/far_prototype.py --tiny   # a few ratios
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from grood._bench.common import (
     far_prototype_float64_scores,
     realistic_features,
 )
-from grood._fit import missed_as_themselves, missed_in_blocks, probe_ids
+from grood._fit import crowded_probes, missed_as_themselves, missed_in_blocks, probe_ids
 from grood.index import spread_share
 
 
@@ -91,11 +93,13 @@ def row(ratio: float) -> str:
     index.drop_centre()  # (each row within a rounding of the fit's)
     rows = index.vectors_at(ids)
     missed = missed_as_themselves(index, ids, rows)
+    crowded, measured = crowded_probes(index, ids, rows, torch.float32)
     less_mean = missed_in_blocks(index, ids, rows, index.vectors_mean())
     uncentred = np.abs(det.score_samples(test) - want).max() / span
     kept = f"{'yes' if centred else 'no'} ({less_mean})"
-    return (f"| {distance_over_spread(x, ood):,.0f} | {missed} | {kept} | {rel:.2g} | "
-            f"{uncentred:.2g} | {fitted:.2g} | {at_best:.2g} | {said(caught)} |")
+    return (f"| {distance_over_spread(x, ood):,.0f} | {missed} | {crowded} of {measured} | "
+            f"{kept} | {rel:.2g} | {uncentred:.2g} | {fitted:.2g} | {at_best:.2g} | "
+            f"{said(caught)} |")
 
 
 def storage_row(ratio: float, storage: str) -> str:
@@ -224,16 +228,17 @@ def modes_row(name: str, vectors: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="two ratios (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="a few ratios (a smoke run)")
     args = parser.parse_args()
-    ratios = [1e2, 1e4] if args.tiny else [1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6]
+    ratios = [1e1, 1e2, 1e4] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6]
     print(f"grood {grood.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
           f"{datetime.date.today()}\n")
-    print("| distance / spread | missed of 64 as built | held less the mean (missed so) | "
-          "gradients' spread / norm | error uncentred | error as fitted | error, float64 "
-          "search | fit's warning (spread: the gradients'; search: unresolved) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| distance / spread | missed of 64 as built | crowded as built | held less the "
+          "mean (missed so) | gradients' spread / norm | error uncentred | error as fitted | "
+          "error, float64 search | fit's warning (spread: the gradients'; search: "
+          "unresolved) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for ratio in ratios:
         print(row(ratio), flush=True)
     print("\nThe self-search with each mode's candidate GEMM emulated: missed of 64\n")
@@ -266,7 +271,7 @@ def main() -> None:
           "| error in bf16 after set_params | centred then | error, fitted in bf16 | centred "
           "at that fit |")
     print("|---|---|---|---|---|---|---|---|")
-    for ratio in ([3e1, 1e2] if args.tiny else [1e1, 3e1, 1e2, 3e2, 1e3]):
+    for ratio in ([1e1, 1.5e1] if args.tiny else [1e1, 1.5e1, 3e1, 1e2, 3e2, 1e3]):
         print(precision_row(ratio), flush=True)
     print("\nThe detector as a head converted to float16 and bfloat16: error against the "
           "float32 detector on the same features, rounded to the head's dtype\n")
@@ -281,7 +286,7 @@ def main() -> None:
           "centred at the load |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        for ratio in ([1e2] if args.tiny else [3e1, 1e2, 3e2]):
+        for ratio in ([1.5e1] if args.tiny else [1e1, 1.5e1, 3e1, 1e2]):
             print(load_row(ratio, folder), flush=True)
 
 

@@ -299,6 +299,13 @@ def check_gradients_resolved(n_tiny: int, total: int, dtype: torch.dtype,
 #: (:func:`check_search_resolves`).
 RESOLUTION_PROBES = 64
 UNRESOLVED_SHARE = 0.1
+#: The full-precision expansion's error bound (:func:`expansion_error_bound`) as a share of a
+#: sampled row's distance to its nearest other row, from which, for half the sampled rows or
+#: more, the fit takes an exact index's search for crowded (its candidates picked from rows
+#: that the expansion's rounding may misorder) and holds it less the gradients' mean where
+#: that clears it (:func:`check_search_resolves`). On a trained network's gradients the median
+#: share is 7.6e-4; the far-prototype features reach 0.1 at a distance/spread of 56.
+CROWDED_SHARE = 0.1
 #: The spread of the indexed gradients about their mean, relative to their norm, in units of
 #: the compute dtype's machine epsilon, below which the fit warns that the gradient step's
 #: own rounding blurs them (:func:`check_gradients_spread`): in float32 about 4.8e-4, where
@@ -356,22 +363,28 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         missed = 0 if n == 0 else (
             missed_as_themselves(index, ids, held) if exact is None or exact.storage is None
             else missed_in_blocks(exact, ids, held))
-    counts = torch.tensor([missed, ids.numel()], dtype=torch.float64)
-    missed, probes = (int(v) for v in (dist.all_reduce(counts) if distributed else counts))
+        crowding = [0, 0] if exact is None or n < 2 else crowded_probes(exact, ids, held, dtype)
+    counts = torch.tensor([missed, ids.numel(), *crowding], dtype=torch.float64)
+    missed, probes, crowded, measured = (
+        int(v) for v in (dist.all_reduce(counts) if distributed else counts))
     if probes == 0:
         return
-    if exact is not None and missed >= UNRESOLVED_SHARE * probes:
+    unresolved = missed >= UNRESOLVED_SHARE * probes
+    if exact is not None and (unresolved or 2 * crowded >= measured > 0):
         mean = exact.vectors_mean(dist.all_reduce if distributed else None)
         if distributed:  # (the same bits on every rank, whatever each summed in: their max)
             mean = dist.all_reduce(mean, "max")
         with dist.together(distributed, step):
-            centred = missed_in_blocks(exact, ids, held, mean) if n else 0
+            centred = [missed_in_blocks(exact, ids, held, mean) if n else 0,
+                       *(crowded_probes(exact, ids, held, dtype, mean) if n > 1 else [0, 0])]
         if distributed:
-            centred = int(dist.all_reduce(torch.tensor([centred]))[0])
-        if centred < UNRESOLVED_SHARE * probes:
+            centred = [int(v) for v in dist.all_reduce(torch.tensor(centred))]
+        # (where only crowded, held less the mean if that clears it)
+        if centred[0] < UNRESOLVED_SHARE * probes and (unresolved
+                                                       or 2 * centred[1] < centred[2]):
             with dist.together(distributed, step):
                 exact.centre_on(mean, in_place)
-            missed = centred
+            missed = centred[0]
     if distributed:  # (read before any centring: as queries are)
         held = torch.cat(dist.all_gather_rows(held.to(device)))
     if missed < UNRESOLVED_SHARE * probes:
@@ -496,12 +509,21 @@ def missed_in_blocks(index: ExactIndex, ids: Tensor, held: Tensor,
     index searches a half-precision ``storage`` copy, on each block rounded so, its
     candidates re-ranked on the exact rows, as the index's search does (without making its
     copy)."""
+    best_d, best_i = searched_in_blocks(index, held, 1, centre)
+    return int(((best_i[:, 0].cpu() != ids) & (best_d[:, 0].cpu() > 0)).sum())
+
+
+def searched_in_blocks(index: ExactIndex, held: Tensor, k: int,
+                       centre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest rows of the queries ``held`` [m, D] by the index's own search run on
+    its rows a block at a time, as :func:`missed_in_blocks` runs it: ``(distances, rows)``
+    [m, k], exact distances (those the search's re-rank computes), ties to the lower row."""
     search = ops.get_op("knn", index.backend)
     queries = held.to(index.device)
     if centre is not None:
         centre = centre.to(index.device)
         queries = queries - centre
-    best_d = torch.full((queries.shape[0],), float("inf"), dtype=queries.dtype,
+    best_d = torch.full((queries.shape[0], k), float("inf"), dtype=queries.dtype,
                         device=index.device)
     best_i = torch.full_like(best_d, -1, dtype=torch.int64)
     for m0 in range(0, index.ntotal, STORAGE_CHUNK_ROWS):
@@ -509,14 +531,53 @@ def missed_in_blocks(index: ExactIndex, ids: Tensor, held: Tensor,
         if centre is not None:
             rows = rows - centre
         if index.storage is None:
-            d, i = search(queries, rows, 1, precision=index.precision)
+            d, i = search(queries, rows, k, precision=index.precision)
         else:  # (the copy's rounding picks the candidates, the exact rows rank them)
-            d, i = search(queries, rows.to(index.storage), 1, precision=index.precision,
+            d, i = search(queries, rows.to(index.storage), k, precision=index.precision,
                           rerank_database=rows)
-        nearer = d[:, 0] < best_d  # (ties: the earlier block's lower row)
-        best_d = torch.where(nearer, d[:, 0], best_d)
-        best_i = torch.where(nearer, i[:, 0] + m0, best_i)
-    return int(((best_i.cpu() != ids) & (best_d.cpu() > 0)).sum())
+        d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.where(i >= 0, i + m0, -1)], 1)
+        i = i.where(i >= 0, torch.iinfo(torch.int64).max)  # (none: after every row)
+        by_row = torch.sort(i, dim=1, stable=True).indices  # (ties: the lower row)
+        order = by_row.gather(1, torch.sort(d.gather(1, by_row), dim=1, stable=True).indices)
+        best_d, best_i = d.gather(1, order)[:, :k], i.gather(1, order)[:, :k]
+        best_i = best_i.where(best_i != torch.iinfo(torch.int64).max, -1)
+    return best_d, best_i
+
+
+def expansion_error_bound(a_sq: Tensor, b_sq: Tensor, d: int, dtype: torch.dtype) -> Tensor:
+    """A bound on the error of the search's expansion ``||a||^2 + ||b||^2 - 2 a.b`` for rows
+    of squared norms ``a_sq`` and ``b_sq`` (float64) in ``dtype`` at full precision (``ieee``;
+    the kernels' gate, ``grood_kernels._ncp_rerank.gemm_error_sq``, with no operand
+    rounding): the accumulation over the ``d`` terms of the dot and of both norms, one bit
+    more than rounding, and the three roundings of the sum."""
+    unit = torch.finfo(dtype).eps  # (2**-23 in float32: one bit more than rounding)
+    gamma = d * unit / (1.0 - d * unit)
+    cross = (a_sq * b_sq).sqrt()
+    total = a_sq + b_sq
+    return 2.0 * gamma * cross + gamma * total + 1.5 * unit * (total + 2.0 * cross)
+
+
+def crowded_probes(index: ExactIndex, ids: Tensor, held: Tensor, dtype: torch.dtype,
+                   centre: Tensor | None = None) -> list[int]:
+    """Of the sampled indexed rows ``ids`` (``held``: their rows), how many have their nearest
+    other row (found by the index's own search, :func:`searched_in_blocks`, less ``centre``
+    where given, with its exact distance) closer than ``1 / CROWDED_SHARE`` times the ieee
+    expansion's error bound for the two (:func:`expansion_error_bound`, of the rows less
+    ``centre``), and how many rows were measured (those with another row at a distance
+    above 0): ``[crowded, measured]``."""
+    d, i = searched_in_blocks(index, held, 2, centre)
+    first_is_self = i[:, 0].cpu() == ids
+    other = torch.where(first_is_self, i[:, 1].cpu(), i[:, 0].cpu())
+    gap = torch.where(first_is_self, d[:, 1].cpu(), d[:, 0].cpu()).double()
+    measured = (other >= 0) & (gap > 0) & torch.isfinite(gap)
+    if not bool(measured.any()):
+        return [0, 0]
+    b = index.vectors_at(other[measured])
+    assert b is not None  # (an exact index gives its rows back)
+    shift = 0.0 if centre is None else centre.cpu().double()
+    a, b = held.cpu().double()[measured] - shift, b.cpu().double() - shift
+    bound = expansion_error_bound(a.square().sum(1), b.square().sum(1), index.dim, dtype)
+    return [int((bound >= CROWDED_SHARE * gap[measured]).sum()), int(measured.sum())]
 
 
 def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
