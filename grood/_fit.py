@@ -341,7 +341,11 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
     missed. Where 10 % or more are, the same search of them less the gradients' mean,
     which such gradients lie close to, is tried on the rows shifted a block at a time (the
     index unchanged), and where it misses fewer than 10 % an exact index is held so
-    (``ExactIndex.centre_on``); otherwise it warns. Where the search resolves them,
+    (``ExactIndex.centre_on``); otherwise it warns. A search that finds them can still give
+    a query between rows its candidates by rounding, where the rows lie within ten times the
+    expansion's error bound of each other (:func:`crowded_probes`): where half the sampled
+    rows or more do, an exact index is held less the mean too if that leaves fewer than half
+    so (no warning where it does not). Where the search resolves them,
     :func:`check_gradients_spread` checks the gradients' own rounding. ``distributed``: each
     rank checks its own shard and the counts, the mean and the sampled rows are reduced over
     the ranks, so that every rank decides alike and every shard is held less the same centre
@@ -363,7 +367,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         missed = 0 if n == 0 else (
             missed_as_themselves(index, ids, held) if exact is None or exact.storage is None
             else missed_in_blocks(exact, ids, held))
-        crowding = [0, 0] if exact is None or n < 2 else crowded_probes(exact, ids, held, dtype)
+        crowding = ([0, 0] if exact is None or n < 2
+                    else crowded_probes(exact, ids, held, exact.dtype))
     counts = torch.tensor([missed, ids.numel(), *crowding], dtype=torch.float64)
     missed, probes, crowded, measured = (
         int(v) for v in (dist.all_reduce(counts) if distributed else counts))
@@ -376,7 +381,8 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
             mean = dist.all_reduce(mean, "max")
         with dist.together(distributed, step):
             centred = [missed_in_blocks(exact, ids, held, mean) if n else 0,
-                       *(crowded_probes(exact, ids, held, dtype, mean) if n > 1 else [0, 0])]
+                       *(crowded_probes(exact, ids, held, exact.dtype, mean) if n > 1
+                         else [0, 0])]
         if distributed:
             centred = [int(v) for v in dist.all_reduce(torch.tensor(centred))]
         # (where only crowded, held less the mean if that clears it)

@@ -1527,7 +1527,8 @@ def test_a_search_whose_rows_lie_within_its_rounding_is_centred_though_it_finds_
     GEMM's rounding, and the Triton search, rounding otherwise than the CPU's BLAS, scored
     the far-prototype test rows 0.24 % of their spread off float64's (torch's 0.008 %). The
     fit counts such crowded rows and holds the index less the gradients' mean where half or
-    more are (none then): both backends score within 0.015 %. Ordinary features' gradients
+    more are (none then): both backends score within 0.03 % (Triton 0.014 % under triton
+    3.9's interpreter, 0.022 % under 3.6's). Ordinary features' gradients
     are not crowded (none of 64; their median bound is 9e-5 of the distance)."""
     x, y, ood, test = far_prototype_data(300)
     want = far_prototype_float64_scores(x, y, ood, test)
@@ -1546,7 +1547,7 @@ def test_a_search_whose_rows_lie_within_its_rounding_is_centred_though_it_finds_
     index.centre_on(index.vectors_mean())
     for backend in ("torch", "triton"):
         got = det.set_params(backend=backend).score_samples(test)
-        assert np.abs(got - want).max() < 1.5e-4 * np.ptp(want), backend
+        assert np.abs(got - want).max() < 3e-4 * np.ptp(want), backend
     ordinary = GROOD(progress=False).fit(*clustered_features(3000, 10, 64, seed=1, spread=0.3,
                                                              dtype=torch.float32))
     ids = probe_ids(ordinary.index_.ntotal)
