@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from grood._fit import expansion_error_bound
 from grood_kernels._prepare import tf32_nearest, tf32_truncated
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,13 +126,10 @@ def gemm_error_bound(u: Tensor, centred: Tensor, mode: str, r: float | None = No
     not 2**-24: tensor cores truncate their partial sums), and the
     three fp32 roundings of ``|u|^2 + |P|^2 - 2 u.P``. ``r``: another operand error than
     ``mode``'s."""
-    r, d = OPERAND_ERROR[mode] if r is None else r, accumulated_terms(mode, u.shape[1])
-    gamma = d * 2.0 ** -23 / (1 - d * 2.0 ** -23)
-    un = u.double().norm(dim=1)[:, None]
-    pn = centred.double().norm(dim=1)[None]
-    cross = un * pn
-    return (2 * ((2 * r + r * r) + gamma * (1 + r) ** 2) * cross + gamma * (un ** 2 + pn ** 2)
-            + 3 * 2.0 ** -24 * (un ** 2 + pn ** 2 + 2 * cross))
+    r = OPERAND_ERROR[mode] if r is None else r
+    return expansion_error_bound(u.double().norm(dim=1)[:, None],
+                                 centred.double().norm(dim=1)[None],
+                                 accumulated_terms(mode, u.shape[1]), r)
 
 
 def gated_step(u: Tensor, centred: Tensor, gemm: Tensor, bound: Tensor, n_cand: int = 4,

@@ -380,12 +380,13 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         if distributed:  # (the same bits on every rank, whatever each summed in: their max)
             mean = dist.all_reduce(mean, "max")
         with dist.together(distributed, step):
-            centred = [missed_in_blocks(exact, ids, held, mean) if n else 0,
-                       *(crowded_probes(exact, ids, held, exact.dtype, mean) if n > 1
-                         else [0, 0])]
+            centred = [missed_in_blocks(exact, ids, held, mean) if n else 0]
+            # (where only crowded, held less the mean if that clears it: counted again so)
+            if not unresolved:
+                centred += crowded_probes(exact, ids, held, exact.dtype, mean) if n > 1 \
+                    else [0, 0]
         if distributed:
             centred = [int(v) for v in dist.all_reduce(torch.tensor(centred))]
-        # (where only crowded, held less the mean if that clears it)
         if centred[0] < UNRESOLVED_SHARE * probes and (unresolved
                                                        or 2 * centred[1] < centred[2]):
             with dist.together(distributed, step):
@@ -550,17 +551,20 @@ def searched_in_blocks(index: ExactIndex, held: Tensor, k: int,
     return best_d, best_i
 
 
-def expansion_error_bound(a_sq: Tensor, b_sq: Tensor, d: int, dtype: torch.dtype) -> Tensor:
+def expansion_error_bound(a_norm: Tensor, b_norm: Tensor, terms: int, r: float = 0.0,
+                          unit: float = 2.0 ** -23) -> Tensor:
     """A bound on the error of the search's expansion ``||a||^2 + ||b||^2 - 2 a.b`` for rows
-    of squared norms ``a_sq`` and ``b_sq`` (float64) in ``dtype`` at full precision (``ieee``;
-    the kernels' gate, ``grood_kernels._ncp_rerank.gemm_error_sq``, with no operand
-    rounding): the accumulation over the ``d`` terms of the dot and of both norms, one bit
-    more than rounding, and the three roundings of the sum."""
-    unit = torch.finfo(dtype).eps  # (2**-23 in float32: one bit more than rounding)
-    gamma = d * unit / (1.0 - d * unit)
-    cross = (a_sq * b_sq).sqrt()
-    total = a_sq + b_sq
-    return 2.0 * gamma * cross + gamma * total + 1.5 * unit * (total + 2.0 * cross)
+    of norms ``a_norm`` and ``b_norm`` (float64, broadcast together), the host twin of the
+    kernels' gate (``grood_kernels._ncp_rerank.gemm_error_sq``): operand rounding ``r`` (2r +
+    r^2 of ``sum |a_k b_k| <= |a| |b|``, twice in the distance; 0 in ``ieee``), accumulation
+    over the ``terms`` products of the dot and of both squared norms (``gamma = terms unit /
+    (1 - terms unit)``, ``unit`` one bit more than rounding: 2**-23 for float32, as tensor
+    cores truncate their partial sums), and the three roundings of the sum."""
+    gamma = terms * unit / (1 - terms * unit)
+    cross = a_norm * b_norm
+    total = a_norm ** 2 + b_norm ** 2
+    return (2 * ((2 * r + r * r) + gamma * (1 + r) ** 2) * cross + gamma * total
+            + 1.5 * unit * (total + 2 * cross))
 
 
 def crowded_probes(index: ExactIndex, ids: Tensor, held: Tensor, dtype: torch.dtype,
@@ -582,7 +586,8 @@ def crowded_probes(index: ExactIndex, ids: Tensor, held: Tensor, dtype: torch.dt
     assert b is not None  # (an exact index gives its rows back)
     shift = 0.0 if centre is None else centre.cpu().double()
     a, b = held.cpu().double()[measured] - shift, b.cpu().double() - shift
-    bound = expansion_error_bound(a.square().sum(1), b.square().sum(1), index.dim, dtype)
+    bound = expansion_error_bound(a.norm(dim=1), b.norm(dim=1), index.dim,
+                                  unit=torch.finfo(dtype).eps)
     return [int((bound >= CROWDED_SHARE * gap[measured]).sum()), int(measured.sum())]
 
 

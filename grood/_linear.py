@@ -47,30 +47,55 @@ def checked_head(weight: object, bias: object, d: int, dtype: torch.dtype,
             b.detach().to(device=device, dtype=dtype, copy=True))
 
 
-class HeadFit:
-    """Least squares ``logits ~ features @ weight.T + bias``, accumulated batch by batch in
-    float64 about the first batch's mean (so features far from the origin do not cancel)."""
+class Scatter:
+    """The rows' count, mean and scatter, accumulated batch by batch in float64 about the
+    first batch's mean (so features far from the origin do not cancel): ``shift`` (that
+    mean), ``sx`` (the rows less it, summed) and ``xx`` (their outer products, summed)."""
 
     def __init__(self) -> None:
         self.n = 0
         self.shift: Tensor | None = None
-        self.xx = self.xl = self.sx = self.sl = torch.zeros(0)
+        self.xx = self.sx = torch.zeros(0)
+
+    def add_rows(self, x: Tensor) -> Tensor:
+        """Add a batch of rows [B, D]; returns them less the shift, in float64."""
+        x = x.to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.xx = x.new_zeros((x.shape[1],) * 2)
+            self.sx = x.new_zeros(x.shape[1])
+        xc = x - self.shift
+        self.xx += xc.T @ xc
+        self.sx += xc.sum(0)
+        self.n += x.shape[0]
+        return xc
+
+    def scatter(self) -> tuple[Tensor, Tensor]:
+        """The rows' mean [D] and their scatter about it [D, D] (the sum of the rows' outer
+        products less their mean), float64, from the sums (no pass over the rows)."""
+        assert self.shift is not None  # (fits have rows)
+        mean = self.sx / self.n  # (about the shift)
+        return mean + self.shift, self.xx - self.n * torch.outer(mean, mean)
+
+
+class HeadFit(Scatter):
+    """Least squares ``logits ~ features @ weight.T + bias``, accumulated batch by batch in
+    float64 about the first batch's mean (the features' :class:`Scatter`, and their cross
+    products with the logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xl = self.sl = torch.zeros(0)
 
     def add(self, x: Tensor, logits: Tensor) -> None:
         """Add a batch of features [B, D] and their logits [B, C]."""
-        x, lg = x.to(torch.float64), logits.to(torch.float64)
+        lg = logits.to(torch.float64)
         if self.shift is None:
-            d, c = x.shape[1], lg.shape[1]
-            self.shift = x.mean(0)
-            self.xx = x.new_zeros((d, d))
-            self.xl = x.new_zeros((d, c))
-            self.sx, self.sl = x.new_zeros(d), x.new_zeros(c)
-        xc = x - self.shift
-        self.xx += xc.T @ xc
+            self.xl = lg.new_zeros((x.shape[1], lg.shape[1]))
+            self.sl = lg.new_zeros(lg.shape[1])
+        xc = self.add_rows(x)
         self.xl += xc.T @ lg
-        self.sx += xc.sum(0)
         self.sl += lg.sum(0)
-        self.n += x.shape[0]
 
     def solve(self) -> tuple[Tensor, Tensor]:
         """``(weight [C, D], bias [C])`` in float64; an error where the training features do
@@ -97,30 +122,14 @@ class HeadFit:
         bias = self.sl / n - (mean + self.shift) @ weight_t
         return weight_t.T.contiguous(), bias
 
-    def scatter(self) -> tuple[Tensor, Tensor]:
-        """The features' mean [D] and their scatter about it [D, D] (the sum of the rows'
-        outer products less their mean), float64, from the sums (no pass over the rows)."""
-        assert self.shift is not None  # (fits have rows)
-        mean = self.sx / self.n  # (about the shift)
-        return mean + self.shift, self.xx - self.n * torch.outer(mean, mean)
-
 
 def scatter(chunks: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """The mean [D] and the scatter about it [D, D] (float64) of the rows of ``chunks``
-    (feature batches [B, D], at least one row), summed about the first batch's mean as
-    :class:`HeadFit` sums them, so rows far from the origin do not cancel."""
-    n, shift, xx, sx = 0, None, torch.zeros(0), torch.zeros(0)
+    (batches [B, D], at least one row), as :class:`Scatter` sums them."""
+    acc = Scatter()
     for x in chunks:
-        x = x.to(torch.float64)
-        if shift is None:
-            shift, xx, sx = x.mean(0), x.new_zeros((x.shape[1],) * 2), x.new_zeros(x.shape[1])
-        xc = x - shift
-        xx += xc.T @ xc
-        sx += xc.sum(0)
-        n += x.shape[0]
-    assert shift is not None  # (fits have rows)
-    mean = sx / n
-    return mean + shift, xx - n * torch.outer(mean, mean)
+        acc.add_rows(x)
+    return acc.scatter()
 
 
 def held_in(*tensors: Tensor) -> torch.dtype:

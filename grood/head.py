@@ -264,7 +264,7 @@ class GROODHead(nn.Module):
             queries, self.index_storage if stored else held, n, precision,
             self.index_sq_norms.double() if wide else self.index_sq_norms,
             held if stored else None, self.backend)
-        return dist, ids
+        return dist[:, :k], ids[:, :k]
 
     def extra_repr(self) -> str:
         c, d = self.class_prototypes.shape
