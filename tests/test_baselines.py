@@ -1,5 +1,6 @@
 """The baselines against direct float64 computations of their definitions."""
 
+import math
 import re
 
 import numpy as np
@@ -491,6 +492,19 @@ def test_gradnorm_closed_form_equals_autograd(temperature):
             GradNorm(temperature=t).fit(x, logits=logits)
 
 
+@pytest.mark.parametrize("temperature", [1e2, 1e3, 1e4])
+def test_gradnorm_float32_at_high_temperature(temperature):
+    """At a high temperature the softmax is nearly uniform and ``C p - 1`` cancels in
+    float32 (7.1e-4 of the scores' spread off at T = 1e4, 1.7e-5 at 1e2); from ``expm1``,
+    float32 scores stay within 2e-6 of float64's on the same float32 layer and features."""
+    x, _, fc, q = _head_data(seed=2)
+    w, b = fc.weight.detach(), fc.bias.detach()
+    p = torch.softmax((q.double() @ w.double().T + b.double()) / temperature, 1)
+    want = (p * 6 - 1).abs().sum(1) * q.double().abs().sum(1) / temperature
+    got = GradNorm(temperature=temperature).fit(x, weight=w, bias=b).score_samples(q)
+    assert float((got.double() - want).abs().max()) <= 2e-6 * float(want.std())
+
+
 def _ash_float64(x, percentile, variant):
     """ASH as its paper's code shapes a batch of features (top-k of each row), in float64."""
     x = x.double().clone()
@@ -665,11 +679,15 @@ def test_fit_baselines_fits_each_by_its_name_as_by_hand():
 
 
 def _klm_float64(train_logits, logits):
-    p = torch.softmax(train_logits.double(), 1)
-    pred = p.argmax(1)
-    templates = torch.stack([p[pred == k].mean(0) for k in pred.unique()])
-    q = torch.softmax(logits.double(), 1)
-    kl = (q[:, None, :] * (q[:, None, :].log() - templates[None].log())).sum(-1)
+    """KLM's definition in float64, the typical softmaxes' logs as logsumexps of the rows'
+    log-probabilities (a probability underflowing in every row of a class keeps its log)."""
+    lp = torch.log_softmax(train_logits.double(), 1)
+    pred = lp.argmax(1)
+    log_d = torch.stack([torch.logsumexp(lp[pred == k], 0) - math.log(int((pred == k).sum()))
+                         for k in pred.unique()])
+    lq = torch.log_softmax(logits.double(), 1)
+    q = lq.exp()[:, None, :]
+    kl = torch.where(q > 0, q * (lq[:, None, :] - log_d[None]), 0.0).sum(-1)
     return -kl.min(1).values
 
 
@@ -689,13 +707,36 @@ def test_klm_is_the_smallest_divergence_from_the_predicted_classes_typical_softm
     torch.testing.assert_close(KLM().fit(train.double()).score_samples(test.double()),
                                _klm_float64(train, test), rtol=1e-12, atol=1e-13)
     assert float(klm.score_samples(test).max()) <= 0.0
-    assert not torch.signbit(KLM().fit(test[:1]).score_samples(test[:1])).any()  # (no -0.0)
+    # A training row's own template: its divergence is the templates' rounding (kept in
+    # float32), and an exact 0 (a uniform softmax) scores +0.0, not -0.0.
+    assert float(KLM().fit(test[:1]).score_samples(test[:1])[0]) == pytest.approx(0.0,
+                                                                                 abs=1e-12)
+    flat = KLM().fit(torch.full((1, 5), 3.0)).score_samples(torch.zeros(2, 5))
+    assert flat.tolist() == [0.0, 0.0] and not torch.signbit(flat).any()
     # Logits ~1e38 apart: a log-probability of -inf (0 log 0 taken as 0, not NaN).
     far = torch.tensor([[3e38, -3e38, 0.0], [1.0, 2.0, 3.0]])
     assert torch.isfinite(KLM().fit(far).score_samples(far)).all()
     # A training row's own softmax, where it is the only one predicted as its class: 0.
     one = torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0, 8.0, 0]])
     assert float(KLM().fit(one).score_samples(one[:1])[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 1e2])
+def test_klm_float32_scores_as_float64_at_any_logit_scale(scale):
+    """Float32 logits of small spread (raw cosine similarities, say): every softmax nearly
+    uniform, ``log p`` and ``log d_k`` near ``-log C``, where float32 holds 2.4e-7 of them;
+    the divergences are far smaller. Scored as float64 scores the same logits, to 2e-6 of
+    the scores' spread at every scale (before: 39 times the spread at 1e-4, 4.5e-3 of it at
+    1e-2)."""
+    gen = torch.Generator().manual_seed(3)
+    means = torch.randn(12, 12, generator=gen) * 3
+    labels = torch.randint(0, 12, (2000,), generator=gen)
+    train = ((means[labels] + torch.randn(2000, 12, generator=gen)) * scale).float()
+    test = (torch.randn(500, 12, generator=gen) * 2 * scale).float()
+    want = _klm_float64(train, test)
+    got = KLM(batch_size=128).fit(train).score_samples(test)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) <= 2e-6 * float(want.std())
 
 
 def test_klm_templates_stay_finite_where_a_probability_underflows():
