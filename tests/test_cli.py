@@ -1974,6 +1974,22 @@ def test_offset_scores_table_at_tiny_size():
         assert 0 < float(own) < 2 * float(inputs) and float(ratio) < 2
 
 
+def test_logit_scale_table_at_tiny_size():
+    """bench/logit_scale.py --tiny: KLM's float32 scores within a few times their own
+    rounding of float64's at logit spreads 1e-3 to 1e3, GradNorm's at temperatures to 1e4
+    (where ``p - 1/C`` had cancelled: 1e7 and 1e4 times)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "logit_scale.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    klm = next(r for r in out.splitlines() if r.startswith("| klm |"))
+    ratios = [float(c.split("/")[1].strip().rstrip("x")) for c in klm.strip("|").split("|")[1:]]
+    assert len(ratios) == 3 and max(ratios) < 20
+    temps = [[c.strip() for c in r.strip("|").split("|")] for r in out.splitlines()
+             if re.match(r"\| 1(e\+0\d|00|0000)? \|", r)]
+    assert [t[0] for t in temps] == ["1", "100", "10000"]
+    assert all(float(t[1]) < 1e-5 and float(t[2].rstrip("x")) < 100 for t in temps)
+
+
 def test_cpu_report_stages_table():
     """--stages prints one row per gradient-step shape: the op, both baselines, every stage,
     their sum, the op's remainder and the two partial sums, all numbers."""

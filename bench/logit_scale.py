@@ -1,0 +1,106 @@
+"""Logits of any scale: how exact float32's baseline scores are.
+
+Logits of small spread (raw cosine similarities, a heavily regularised head, a high
+temperature) make every softmax nearly uniform: ``p`` sits near ``1/C`` and ``log p`` near
+``-log C``, where float32 holds far fewer digits than the scores differ in; logits of large
+spread make it one-hot. One table per run: the baselines ``fit_baselines`` names, fitted and
+scored in float32 and, on the same float32 values, in float64, on ReLU features whose last
+layer's logits are scaled from a spread of about 1.5e-3 to 1.5e3 (the features and the bias
+scaled together). Each cell: the largest float32 error over the float64 scores' spread, and
+that error over the float64 scores' own float32 rounding (the most a float32 score can be
+right by; "-" where that rounding is 0). A second table: GradNorm at temperatures 1 to 1e4.
+
+    python bench/logit_scale.py            # every baseline, 3,000 training rows
+    python bench/logit_scale.py --tiny     # a smoke run: KLM and GradNorm, three scales
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import warnings
+
+import numpy as np
+import torch
+
+import grood
+from grood.baselines import BY_NAME, GradNorm, fit_baselines
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """ReLU features of 10 classes (D = 64), their labels, a last layer that classifies
+    them (unit class-mean directions, halved) and test rows (half near the classes, half
+    noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    means = torch.randn(10, 64, generator=gen, dtype=torch.float64) * 2
+    x = torch.relu(means[y] + torch.randn(n, 64, generator=gen, dtype=torch.float64))
+    w = means / means.norm(dim=1, keepdim=True) * 0.5
+    b = torch.randn(10, generator=gen, dtype=torch.float64) * 0.1
+    m = n // 10
+    near = means[torch.randint(0, 10, (m,), generator=gen)]
+    q = torch.relu(torch.cat([near + torch.randn(m, 64, generator=gen, dtype=torch.float64),
+                              torch.randn(m, 64, generator=gen, dtype=torch.float64) * 2]))
+    return x, y, w, b, q
+
+
+def errors(s32: torch.Tensor, s64: torch.Tensor) -> tuple[float, float]:
+    """The float32 scores' largest error over the float64 scores' spread, and over their
+    own float32 rounding (nan where that is 0)."""
+    err = float((s32.double() - s64).abs().max())
+    own = float((s64.float().double() - s64).abs().max())
+    return err / float(s64.std()), err / own if own > 0 else float("nan")
+
+
+def cell(name: str, scale: float, x, y, w, b, q) -> str:
+    xs, qs, bs = (x * scale).float(), (q * scale).float(), (b * scale).float()
+    ws = w.float()
+    logits = xs.double() @ ws.double().T + bs.double()
+    opts = {name: {"bank_fraction": 0.2}} if name == "nnguide" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (e32,) = fit_baselines([name], features=xs, labels=y, logits=logits.float(), weight=ws,
+                               bias=bs, options=opts)
+        (e64,) = fit_baselines([name], features=xs.double(), labels=y,
+                               logits=logits.float().double(), weight=ws.double(),
+                               bias=bs.double(), options=opts)
+    test = qs if BY_NAME[name][1] == "features" else \
+        (qs.double() @ ws.double().T + bs.double()).float()
+    spread, ratio = errors(e32.score_samples(test), e64.score_samples(test.double()))
+    return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke run: KLM and GradNorm at three scales")
+    args = parser.parse_args()
+    x, y, w, b, q = data(600 if args.tiny else 3000)
+    names = ["klm", "gradnorm"] if args.tiny else list(BY_NAME)
+    scales = (1e-3, 1.0, 1e3) if args.tiny else (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
+    print(f"grood {grood.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"Python {platform.python_version()}, {platform.machine()}, "
+          f"{datetime.date.today()}\n")
+    spreads = [float(((x * s) @ w.T + b * s).std()) for s in scales]
+    print(f"{len(x):,} training rows, {len(q):,} test rows; float32 error / float64 "
+          "spread, and / the float64 scores' own float32 rounding:\n")
+    print("| baseline | " + " | ".join(f"logit spread {s:.2g}" for s in spreads) + " |")
+    print("|---" * (len(scales) + 1) + "|")
+    for name in names:
+        cells = [cell(name, s, x, y, w, b, q) for s in scales]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    temps = (1.0, 1e2, 1e4) if args.tiny else (1.0, 1e1, 1e2, 1e3, 1e4)
+    print("\nGradNorm at a temperature (logit spread 1.5):\n")
+    print("| T | float32 error / spread | / own rounding |")
+    print("|---|---|---|")
+    xs, qs, ws, bs = x.float(), q.float(), w.float(), b.float()
+    for t in temps:
+        e32 = GradNorm(temperature=t).fit(xs, weight=ws, bias=bs)
+        e64 = GradNorm(temperature=t).fit(xs.double(), weight=ws.double(), bias=bs.double())
+        spread, ratio = errors(e32.score_samples(qs), e64.score_samples(qs.double()))
+        print(f"| {t:g} | {spread:.1e} | {ratio:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
