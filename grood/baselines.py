@@ -1050,8 +1050,8 @@ class GradNorm(_HeadBaseline):
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         lg = self._logits(x, dt)
-        # ||C p - 1||_1 = 2 sum (1 - C p)^+, the entries below 1/C, each from expm1: exact
-        # where p is nearly uniform (as C p - 1 is not), and 0 where p is one-hot
+        # ||C p - 1||_1 = 2 sum (1 - C p)^+ (the entries sum to 0), those below 1/C, each
+        # from expm1: exact where p is nearly uniform, where C p - 1 cancels
         spread = 2 * (_uniform_excess(lg / self.temperature) * -lg.shape[1]).clamp_min(0).sum(1)
         return spread * x.abs().sum(dim=1) / self.temperature, lg.argmax(dim=1)
 
