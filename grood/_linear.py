@@ -86,10 +86,15 @@ class HeadFit(Scatter):
     def __init__(self) -> None:
         super().__init__()
         self.xl = self.sl = torch.zeros(0)
+        #: The precision the logits were held in (:func:`held_in`, batch by batch): the
+        #: recovered layer's values are known no better.
+        self.held = torch.float32
 
     def add(self, x: Tensor, logits: Tensor) -> None:
         """Add a batch of features [B, D] and their logits [B, C]."""
         lg = logits.to(torch.float64)
+        if self.held == torch.float32 and logits.dtype == torch.float64:
+            self.held = held_in(lg)
         if self.shift is None:
             self.xl = lg.new_zeros((x.shape[1], lg.shape[1]))
             self.sl = lg.new_zeros(lg.shape[1])

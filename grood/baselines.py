@@ -920,7 +920,9 @@ class ViM(_HeadBaseline):
         # Singular values below the layer's own rounding are no part of it: where its rows
         # sum to (almost) nothing along the bias, the origin is where its logits are all
         # equal, which the softmax cannot tell from zero, not a point its rounding placed.
-        eps = torch.finfo(_linear.held_in(w, b)).eps
+        # A layer recovered from logits is known to the precision they were held in.
+        held = _linear.held_in(w, b) if least_squares is None else least_squares.held
+        eps = torch.finfo(held).eps
         origin = -(torch.linalg.pinv(w, rtol=max(w.shape) * eps) @ b)
         if least_squares is not None:  # (its sums hold them: no pass over the rows)
             mean, scatter = least_squares.scatter()

@@ -396,7 +396,8 @@ def test_vim_takes_singular_values_below_the_layers_rounding_for_zero():
     float32's rounding): its origin was where that rounding put it, far away (4e6 times the
     features' largest norm here) and different for each rounding of the same layer; it is now the
     point where the logits are all equal, the same whether the layer is given in float32 or
-    as a float64 copy, and float32 scores agree with float64 ones."""
+    as a float64 copy or recovered from its float32 logits, and float32 scores agree with
+    float64 ones."""
     x, _, fc, q = _head_data(d=24, c=6)
     w = fc.weight.detach().double()
     w = (w - w.mean(0)).float()  # rows summing to float32's rounding of zero
@@ -416,6 +417,14 @@ def test_vim_takes_singular_values_below_the_layers_rounding_for_zero():
     s32, s64 = vims[0].score_samples(q), vims[1].score_samples(q.double())
     spread = float(s64.max() - s64.min())
     assert float((s32.double() - s64).abs().max()) / spread < 1e-5
+    # recovered from the float32 logits that layer gives (known to their precision), as
+    # given; it had been refused, the recovered rows' sum at the logits' rounding putting
+    # the origin 6e6 spreads away
+    recovered = ViM(dim=10).fit(x, logits=x @ w.T + b)
+    assert recovered.head_error_ < 1e-6
+    torch.testing.assert_close(recovered.origin_, vims[0].origin_, rtol=0,
+                               atol=1e-5 * float(vims[1].origin_.norm()))
+    assert float((recovered.score_samples(q).double() - s64).abs().max()) / spread < 1e-5
     # a float64 layer keeps its small singular values (nothing rounded them): its origin
     # -pinv(W) b as before
     exact = w.double() + 1e-6 * torch.randn(w.shape, dtype=torch.float64,
