@@ -363,15 +363,17 @@ class KLM(_Baseline):
         batch_size (int): rows per batch while fitting and scoring.
 
     After ``fit``: ``template_logits_`` [K, C] (``log d_k`` less its largest entry, in the
-    logits' dtype), ``template_offsets_`` [K] (float64: ``mean(w_k) - log(mean(exp(w_k)))``
-    of those logits ``w_k``), ``template_classes_`` [K] (the class each belongs to);
-    ``log_templates_`` is ``log d_k`` [K, C] in float64.
+    logits' dtype), ``template_lse_`` [K] (float64: the logsumexp of those logits ``w_k``),
+    ``template_offsets_`` [K] (float64: ``mean(w_k) - log(mean(exp(w_k)))``),
+    ``template_classes_`` [K] (the class each belongs to); ``log_templates_`` is ``log d_k``
+    [K, C] in float64.
     """
 
     inputs = "logits"
     fit_reads = ("logits",)
     name = "KLM"
     template_logits_: Tensor  # set by fit
+    template_lse_: Tensor
     template_offsets_: Tensor
     template_classes_: Tensor
 
@@ -407,7 +409,8 @@ class KLM(_Baseline):
         w = (log_d - log_d.amax(dim=1, keepdim=True)).clamp_min(-torch.finfo(dt).max)
         self.template_logits_ = w.to(dt)
         w64 = self.template_logits_.to(torch.float64)
-        self.template_offsets_ = w64.mean(dim=1) - (torch.logsumexp(w64, dim=1) - math.log(c))
+        self.template_lse_ = torch.logsumexp(w64, dim=1)
+        self.template_offsets_ = w64.mean(dim=1) - (self.template_lse_ - math.log(c))
         self.template_classes_ = present
         self._fitted_on(logits, c)
         return self
@@ -421,7 +424,7 @@ class KLM(_Baseline):
         dt = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
         w_dt, offsets = w.to(dt), self.template_offsets_.to(device=dev, dtype=dt)
         r = min(KLM_CANDIDATES, w.shape[0])
-        lse = torch.logsumexp(w.to(torch.float64), dim=1)
+        lse = self.template_lse_.to(dev)
         scores = torch.empty(x.shape[0], dtype=dt, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev)
