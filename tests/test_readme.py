@@ -129,3 +129,15 @@ def test_contents_lists_every_section_with_its_anchor():
     links = re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", contents)
     anchors = [re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads]
     assert links == list(zip(heads, anchors, strict=True))
+
+
+def test_results_contents_lists_every_section_with_its_anchor():
+    """bench/RESULTS.md opens with a list linking each of its ``##`` sections, in order, by
+    GitHub's anchor for its title."""
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, flags=re.M)
+    start = text.index("Contents, ")
+    contents = text[start:text.index("\n## ", start)]
+    links = re.findall(r"^- \[(.+)\]\(#([^)]+)\)$", contents, flags=re.M)
+    anchors = [re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads]
+    assert links == list(zip(heads, anchors, strict=True))
