@@ -1,4 +1,4 @@
-"""Logits of any scale: how exact float32's baseline scores are.
+"""Logits and features of any scale: how exact float32's baseline scores are.
 
 Logits of small spread (raw cosine similarities, a heavily regularised head, a high
 temperature) make every softmax nearly uniform: ``p`` sits near ``1/C`` and ``log p`` near
@@ -9,9 +9,14 @@ layer's logits are scaled from a spread of about 1.5e-3 to 1.5e3 (the features a
 scaled together). Each cell: the largest float32 error over the float64 scores' spread, and
 that error over the float64 scores' own float32 rounding (the most a float32 score can be
 right by; "-" where that rounding is 0). A second table: GradNorm at temperatures 1 to 1e4.
+A third: the baselines that read the features, on features scaled from 1e-30 to 1e20 with
+the last layer divided by the scale (the logits unchanged), where float32 squares of the
+entries leave its range below about 1e-19 and above about 1e19 ("refused": the rows were
+refused, naming them, as scores float32 cannot hold).
 
     python bench/logit_scale.py            # every baseline, 3,000 training rows
-    python bench/logit_scale.py --tiny     # a smoke run: KLM and GradNorm, three scales
+    python bench/logit_scale.py --tiny     # a smoke run: KLM and GradNorm, three scales;
+                                           # ViM, SHE and fDBD at three feature scales
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 import grood
 from grood.baselines import BY_NAME, GradNorm, fit_baselines
+from grood.errors import RowsRefusedError
 
 
 def data(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -71,6 +77,26 @@ def cell(name: str, scale: float, x, y, w, b, q) -> str:
     return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
 
 
+def feature_cell(name: str, scale: float, x, y, w, b, q) -> str:
+    """One cell of the feature-scale table: features times ``scale``, the layer's weight
+    over it."""
+    xs, qs, ws, bs = (x * scale).float(), (q * scale).float(), (w / scale).float(), b.float()
+    opts = {name: {"bank_fraction": 0.2}} if name == "nnguide" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (e32,) = fit_baselines([name], features=xs, labels=y, weight=ws, bias=bs, options=opts)
+        (e64,) = fit_baselines([name], features=xs.double(), labels=y, weight=ws.double(),
+                               bias=bs.double(), options=opts)
+        try:
+            s32 = e32.score_samples(qs)
+        except RowsRefusedError:
+            return "refused"
+    if not bool(torch.isfinite(s32).all()):
+        return "non-finite"
+    spread, ratio = errors(s32, e64.score_samples(qs.double()))
+    return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
@@ -100,6 +126,16 @@ def main() -> None:
         e64 = GradNorm(temperature=t).fit(xs.double(), weight=ws.double(), bias=bs.double())
         spread, ratio = errors(e32.score_samples(qs), e64.score_samples(qs.double()))
         print(f"| {t:g} | {spread:.1e} | {ratio:.0f}x |")
+    feature_scales = (1e-30, 1.0, 1e20) if args.tiny else \
+        (1e-30, 1e-25, 1e-21, 1e-19, 1e-10, 1.0, 1e10, 1e19, 1e20)
+    readers = ["vim", "she", "fdbd"] if args.tiny else \
+        [n for n in BY_NAME if BY_NAME[n][1] == "features"]
+    print("\nFeatures times a scale, the last layer's weight over it (logits unchanged):\n")
+    print("| baseline | " + " | ".join(f"features x {s:g}" for s in feature_scales) + " |")
+    print("|---" * (len(feature_scales) + 1) + "|")
+    for name in readers:
+        cells = [feature_cell(name, s, x, y, w, b, q) for s in feature_scales]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

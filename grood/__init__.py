@@ -41,6 +41,7 @@ from grood.errors import (
     MissingExtraError,
     NotFittedError,
     RankFailedError,
+    RowsRefusedError,
 )
 from grood.evaluation import Evaluation, evaluate
 from grood.index import GradientIndex, register_index
@@ -82,6 +83,7 @@ __all__ = [
     "RankFailedError",
     "RankFeat",
     "ReAct",
+    "RowsRefusedError",
     "TempScale",
     "Tuning",
     "UniformNoise",

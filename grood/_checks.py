@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grood.errors import RowsRefusedError
 from grood_kernels.contract import check_dense, check_positive_int, integer_value
 
 #: What the public API takes and gives back for arrays: a torch tensor or a numpy array (the
@@ -173,9 +174,23 @@ def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:
     if bool(finite.all()):
         return
     bad = (~finite).nonzero().flatten()
-    shown = ", ".join(str(int(i) + row_offset) for i in bad[:5])
-    more = f" (first 5 of {bad.numel()})" if bad.numel() > 5 else ""
-    raise ValueError(f"{name} contains NaN or Inf in row(s) {shown}{more}")
+    count = bad.numel()
+
+    def text(rows: list[int]) -> str:
+        more = f" (first 5 of {count})" if count > 5 else ""
+        return f"{name} contains NaN or Inf in row(s) {', '.join(map(str, rows))}{more}"
+
+    raise RowsRefusedError([int(i) + row_offset for i in bad[:5]], text)
+
+
+@contextmanager
+def rows_from(offset: int) -> Iterator[None]:
+    """Rows refused inside (:class:`grood.errors.RowsRefusedError`), numbered from 0 in a
+    batch, renumbered from ``offset``, the batch's first row in the whole input."""
+    try:
+        yield
+    except RowsRefusedError as err:
+        raise err.renumbered(offset) from None
 
 
 #: Unsigned label dtypes wider than uint8, which many torch operations do not take: labels in
@@ -564,8 +579,9 @@ def user_stacklevel() -> int:
 
 @contextmanager
 def prefixed_errors(prefix: str, only: tuple[str, ...] | None = None) -> Iterator[None]:
-    """Prefix the message of a ValueError / TypeError raised inside with ``prefix`` (which
-    file, which batch); subclasses (``DetectorFileError``, ...) and messages that already
+    """Prefix the message of a ValueError / TypeError (or ``RowsRefusedError``) raised inside
+    with ``prefix`` (which file, which batch); other subclasses (``DetectorFileError``, ...)
+    and messages that already
     start with it pass unchanged. ``only``: the names of the arrays ``prefix`` holds, where
     other inputs are checked in the same block: only messages about one of them (starting
     with its name) are prefixed."""
@@ -573,7 +589,10 @@ def prefixed_errors(prefix: str, only: tuple[str, ...] | None = None) -> Iterato
         yield
     except (ValueError, TypeError) as exc:
         text = str(exc)
-        if type(exc) not in (ValueError, TypeError) or text.startswith(prefix) or (
-                only is not None and not text.startswith(tuple(f"{n} " for n in only))):
+        if type(exc) not in (ValueError, TypeError, RowsRefusedError) or \
+                text.startswith(prefix) or (only is not None and not text.startswith(
+                    tuple(f"{n} " for n in only))):
             raise
+        if isinstance(exc, RowsRefusedError):  # (its type and rows kept)
+            raise exc.prefixed(prefix) from exc
         raise type(exc)(f"{prefix}: {exc}") from exc

@@ -64,10 +64,11 @@ from grood._checks import (
     check_positive_real,
     check_real,
     compute_dtype,
+    rows_from,
 )
 from grood._columns import check_feature_names, feature_names, set_feature_names
 from grood._params import Parameters
-from grood.errors import NotFittedError
+from grood.errors import NotFittedError, RowsRefusedError
 from grood.functional import class_prototypes, matmul_precision
 
 if TYPE_CHECKING:
@@ -840,7 +841,7 @@ class _HeadBaseline(_Baseline):
         preds = torch.empty(x.shape[0], dtype=torch.int64, device=dev)
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev, dtype=dt)
-            with matmul_precision("ieee", dev):  # fp32, whatever the program's setting
+            with rows_from(r0), matmul_precision("ieee", dev):  # fp32, whatever the setting
                 scores[..., r0:r1], preds[r0:r1] = (rows or self._score_rows)(xb, dt)
         return scores, preds, kind
 
@@ -851,6 +852,31 @@ class _HeadBaseline(_Baseline):
         """The last layer's logits of the rows ``x`` in ``dt`` (through ``weight`` in place
         of the layer's, where given: DICE's sparse one)."""
         return x @ (self.weight_ if weight is None else weight).to(dt).T + self.bias_.to(dt)
+
+
+def _redone(values: Tensor, width: int) -> Tensor:
+    """Where a sum of ``width`` products (``values`` [N], float32 or float64) may have lost
+    digits to its dtype's range: not finite (a product past its largest value), or no
+    larger than what ``width`` products each below its smallest normal number could take
+    from a sum of that dtype's precision. The row numbers [R]."""
+    info = torch.finfo(values.dtype)
+    floor = width * info.tiny / info.eps
+    return (~torch.isfinite(values) | (values.abs() <= floor)).nonzero()[:, 0]
+
+
+def _norms(rows: Tensor) -> Tensor:
+    """The Euclidean norm of each of ``rows`` [N, D], in their dtype. Float32 squares of
+    entries past about 1e19 overflow and below about 1e-19 underflow (float64's past 1e154
+    and below 1e-154), though the norms stay in its range: the rows whose norm that may have
+    touched (:func:`_redone`) are taken again scaled by the power of two that brings their
+    largest entry into [0.5, 1) (exact, as :func:`_normalise` scales them)."""
+    norms = rows.norm(dim=1)
+    redo = _redone(norms * norms, rows.shape[1])
+    if redo.numel():
+        part = rows[redo]
+        _, exponent = torch.frexp(part.abs().amax(dim=1))
+        norms[redo] = torch.ldexp(torch.ldexp(part, -exponent[:, None]).norm(dim=1), exponent)
+    return norms
 
 
 def _energy(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -963,8 +989,8 @@ class ViM(_HeadBaseline):
         energy, pred = _energy(self._logits(x, dt))
         # (x - origin) @ null as x @ null less the origin's part: an origin far from the
         # features would take their digits with it in float32
-        virtual = (x @ self.null_space_.to(dt) - self.null_origin_.to(dt)).norm(dim=1)
-        return energy - self.alpha_ * virtual, pred
+        residual = x @ self.null_space_.to(dt) - self.null_origin_.to(dt)
+        return energy - self.alpha_ * _norms(residual), pred
 
 
 class _PercentileBaseline(_HeadBaseline):
@@ -1072,11 +1098,15 @@ def _exp_scaled(values: Tensor, total: Tensor, kept: Tensor, who: str, q: float)
     bad = ~torch.isfinite(shaped).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero()[:, 0].tolist()
-        raise ValueError(
-            f"{who} scales row(s) {rows[:10]} by exp(s1 / s2) = "
-            f"{float(scale[rows[0], 0]):.3g} beyond {values.dtype}'s range (their largest "
-            f"{100 - q:g} % of entries hold a small part of their sum): lower percentile, or "
-            "give float64 features")
+        factor, top = float(scale[rows[0], 0]), float(values[rows[0]].abs().max())
+        why = (f"their largest {100 - q:g} % of entries hold a small part of their sum): "
+               "lower percentile, or give float64 features"
+               if top * 1e3 <= torch.finfo(values.dtype).max else
+               f"an entry of {top:.3g}, near the dtype's largest value): give float64 "
+               "features")
+        raise RowsRefusedError(rows, lambda named: (
+            f"{who} scales row(s) {named[:10]} by exp(s1 / s2) = {factor:.3g} beyond "
+            f"{values.dtype}'s range ({why}"))
     return shaped
 
 
@@ -1228,7 +1258,43 @@ class SHE(_HeadBaseline):
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         pred = self._logits(x, dt).argmax(dim=1)
-        return (x * self.patterns_.to(dt)[pred]).sum(dim=1), pred
+        scores = (x * self.patterns_.to(dt)[pred]).sum(dim=1)
+        # The score goes with the square of the features' scale: float32 rows far from unit
+        # scale are summed again in float64, and refused where float32 cannot hold them.
+        if dt != torch.float64:
+            redo = _redone(scores, x.shape[1])
+            if redo.numel():
+                patterns = self.patterns_.to(torch.float64)[pred[redo]]
+                exact = (x[redo].to(torch.float64) * patterns).sum(dim=1)
+                _check_she_range(exact, x[redo], patterns, redo, dt)
+                scores[redo] = exact.to(dt)
+        return scores, pred
+
+
+def _check_she_range(scores: Tensor, x: Tensor, patterns: Tensor, rows: Tensor,
+                     dt: torch.dtype) -> None:
+    """Refuse the ``rows`` [R] (of a batch) whose SHE score (``scores`` [R], float64, of
+    their features ``x`` and ``patterns``) ``dt`` cannot hold: past its largest value, or
+    below its normal range where every term of the inner product is (it would keep few of
+    their digits or none)."""
+    info = torch.finfo(dt)
+    size = scores.abs()
+    over = size > info.max
+    small = ((size < info.tiny) & (size > 0)).nonzero()[:, 0]
+    under = torch.zeros_like(over)
+    if small.numel():  # (a small sum of larger terms is held as well as any)
+        under[small] = (x[small].abs().to(torch.float64) * patterns[small].abs()).sum(1) \
+            < info.tiny
+    bad = (over | under).nonzero()[:, 0]
+    if not bad.numel():
+        return
+    value, past = float(scores[bad[0]]), bool(over[bad[0]])
+    where = (f"past {dt}'s largest value, {info.max:.3g}" if past
+             else f"below {dt}'s normal range, {info.tiny:.3g}, where it keeps few digits")
+    raise RowsRefusedError(rows[bad].tolist(), lambda named: (
+        f"SHE's scores of row(s) {named[:10]} (the feature's inner product with its class "
+        f"pattern, {value:.3g} for the first) lie {where}: they go with the square of the "
+        "features' scale; give float64 features, or features rescaled"))
 
 
 class DICE(_PercentileBaseline):
@@ -1344,7 +1410,7 @@ class FDBD(_HeadBaseline):
         lg = self._logits(x, dt)
         top, pred = lg.max(dim=1)
         distances = ((top[:, None] - lg) / self.boundary_norms_.to(dt)[pred]).sum(dim=1)
-        spread = (x - self.centre_.to(dt)).norm(dim=1).clamp_min(self.floor_)
+        spread = _norms(x - self.centre_.to(dt)).clamp_min(self.floor_)
         return distances / ((lg.shape[1] - 1) * spread), pred
 
 

@@ -6,6 +6,7 @@ Each subclasses the built-in exception callers would catch without knowing grood
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "MissingExtraError",
     "NotFittedError",
     "RankFailedError",
+    "RowsRefusedError",
 ]
 
 
@@ -46,6 +48,31 @@ class RankFailedError(ValueError, RuntimeError):
                  errors: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.ranks, self.step, self.errors = list(ranks or []), step, dict(errors or {})
+
+
+class RowsRefusedError(ValueError):
+    """Rows of the input that are refused: NaN or Inf in them, or (scoring) a score or a
+    step of it past the dtype's range. The message names them and why.
+
+    Attributes:
+        rows (list[int]): the rows the message names (the first few, lowest first), in the
+            array given (not in the batches it was scored in), or, where the message names a
+            loader's batch, in that batch.
+    """
+
+    def __init__(self, rows: list[int], text: Callable[[list[int]], str]) -> None:
+        super().__init__(text(rows))
+        self.rows, self._text = rows, text
+
+    def renumbered(self, offset: int) -> RowsRefusedError:
+        """The same refusal with the rows numbered from ``offset`` on (a batch's rows, from
+        its place in the whole input)."""
+        return RowsRefusedError([offset + r for r in self.rows], self._text)
+
+    def prefixed(self, prefix: str) -> RowsRefusedError:
+        """The same refusal, its message after ``prefix`` (which file, which batch)."""
+        text = self._text
+        return RowsRefusedError(self.rows, lambda rows: f"{prefix}: {text(rows)}")
 
 
 class MissingExtraError(ImportError):

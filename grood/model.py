@@ -146,7 +146,7 @@ def _ood_mean(det: GROOD, extractor: FeatureExtractor, loader: Iterable, d: int
         torch.zeros((0, d)))]
     with dist.together(det.distributed, "reading its OOD loader"):
         for out, _, _ in extractor.batches(loader, desc="grood fit: OOD features"):
-            check_finite_rows(out.features, "OOD features")
+            check_finite_rows(out.features, "OOD features", row_offset=count)
             if out.features.shape[1] != d:  # e.g. a flattened conv map of other-sized images
                 raise ValueError(f"the OOD loader gives features of width "
                                  f"{out.features.shape[1]}, the training loader {d}")
@@ -313,7 +313,9 @@ def _loader_set(extractor: FeatureExtractor, loader: Iterable, name: str,
         labels.append(None if y is None else y.cpu())
         logits.append(None if out.logits is None else out.logits.cpu())
         for method, est in by_model.items():
-            s, p = est.score_inputs(extractor.model, x, autocast=extractor.autocast)
+            with prefixed_errors(f"{method} on {name}'s batch {len(feats) - 1} "
+                                 "(numbered from 0)"):
+                s, p = est.score_inputs(extractor.model, x, autocast=extractor.autocast)
             scored[method].append((s.cpu(), p.cpu()))
     if not feats:
         raise ValueError("the loader yielded no batches")

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from grood._batches import check_loader, warn_if_shuffled
-from grood._checks import check_device, check_finite_rows, check_positive_real, check_real
+from grood._checks import (
+    check_device,
+    check_finite_rows,
+    check_positive_real,
+    check_real,
+    prefixed_errors,
+)
 from grood._params import Parameters
 from grood._progress import progress
 from grood.extract import (
@@ -101,9 +107,10 @@ class _InputBaseline(Parameters):
         scores, preds = [], []
         with progress(total=total, desc=f"grood: {self.name}", unit="img",
                       enabled=self.progress) as bar:
-            for batch in loader:
+            for number, batch in enumerate(loader):
                 x = split_batch(batch)[0].to(dev)
-                s, p = self.score_inputs(model, x, autocast=autocast)
+                with prefixed_errors(f"the loader's batch {number} (numbered from 0)"):
+                    s, p = self.score_inputs(model, x, autocast=autocast)
                 scores.append(s.cpu())
                 preds.append(p.cpu())
                 bar.update(x.shape[0])

@@ -27,6 +27,7 @@ from grood import (
     NNGuide,
     NotFittedError,
     ReAct,
+    RowsRefusedError,
     TempScale,
     ViM,
 )
@@ -1010,3 +1011,82 @@ def test_tempscale_refuses_logits_without_a_finite_positive_optimum():
         TempScale().fit(z, z.argmin(1)[:3])
     with pytest.raises(NotFittedError):
         TempScale().score_samples(z)
+
+
+def _scaled_head_data(scale, seed=41):
+    """Post-ReLU-like features of 6 classes times ``scale`` and a last layer divided by it
+    (logits as at scale 1), float32: train, labels, weight, bias, test."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(6, 32, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 6, (1500,), generator=gen)
+    train = torch.relu(means[labels] + torch.randn(1500, 32, generator=gen, dtype=torch.float64))
+    test = torch.cat([torch.relu(means[torch.randint(0, 6, (100,), generator=gen)]
+                                 + torch.randn(100, 32, generator=gen, dtype=torch.float64)),
+                      torch.randn(100, 32, generator=gen, dtype=torch.float64).abs() * 2])
+    weight, bias = means / 4 / scale, -(means * means).sum(1) / 8
+    return ((train * scale).float(), labels, weight.float(), bias.float(),
+            (test * scale).float())
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e20])
+@pytest.mark.parametrize("method", [ViM, FDBD])
+def test_norms_of_features_far_from_unit_scale_are_taken_in_float64(method, scale):
+    """ViM's residual norm and fDBD's distance to the mean square the features' entries:
+    float32 squares overflow past about 1e19 and underflow below about 1e-19, where the norms
+    themselves and the scores are well inside float32. Scored as float64 scores the same
+    rounded inputs, to 1e-6 of the scores' spread at every scale (before: ViM 0.2 of it at
+    1e-25 and non-finite at 1e20, fDBD 9e6 times it at 1e-25 and all of it at 1e20)."""
+    train, _, weight, bias, test = _scaled_head_data(scale)
+    want = method().fit(train.double(), weight=weight.double(), bias=bias.double()) \
+        .score_samples(test.double())
+    got = method().fit(train, weight=weight, bias=bias).score_samples(test)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    assert float((got.double() - want).abs().max()) <= 1e-6 * float(want.max() - want.min())
+
+
+@pytest.mark.parametrize(("scale", "where"), [(1e-25, "below torch.float32's normal range"),
+                                              (1e20, "past torch.float32's largest value")])
+def test_she_refuses_float32_scores_past_float32s_range(scale, where):
+    """SHE's score, a feature's inner product with a mean of features, goes with the square
+    of their scale: features of 1e-25 score about 1e-50, below float32's smallest normal
+    number, and of 1e20 about 1e41, past its largest (before: zeros and denormals with no
+    digits left, or inf, unsaid). The rows are refused with the way out; float64 features
+    score them, as the inner product in float64."""
+    train, labels, weight, bias, test = _scaled_head_data(scale)
+    she = SHE(batch_size=64).fit(train, labels, weight=weight, bias=bias)
+    with pytest.raises(ValueError, match=rf"SHE's scores of row\(s\) \[0, 1, .* lie {where}.* "
+                                         r"give float64 features"):
+        she.score_samples(test)
+    x = test.double()
+    she64 = SHE().fit(train.double(), labels, weight=weight.double(), bias=bias.double())
+    pred = (x @ weight.double().T + bias.double()).argmax(1)
+    want = (x * she64.patterns_[pred]).sum(1)
+    assert torch.allclose(she64.score_samples(x), want, rtol=1e-12, atol=0)
+
+
+def test_she_scores_small_sums_of_ordinary_terms():
+    """A score below float32's normal range because its terms cancel (features of either
+    sign) is not refused: float32 holds it to a far smaller part of its terms than their
+    own rounding."""
+    w, b = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]), torch.zeros(2)
+    train = torch.tensor([[2.0, 1, 3], [2, 3, 1], [-1, -2, -3], [-3, -2, -1]])
+    she = SHE().fit(train, torch.tensor([0, 0, 1, 1]), weight=w, bias=b)  # [2, 2, 2], -[2, 2, 2]
+    rows = torch.tensor([[1.0, -1.0, 1e-39], [4.0, 0.0, 1e-3]])
+    want = (rows.double() * 2).sum(1).float()
+    assert float(want[0]) != 0 and torch.equal(she.score_samples(rows), want)
+
+
+def test_a_refused_row_is_named_by_its_place_in_the_input_not_its_batch():
+    """ASH-S refuses a row it scales past float32; scored in batches of 4, the eighth row
+    was named as row 3, its place in its batch."""
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(3, 16, generator=gen), torch.zeros(3)
+    ash = ASH(percentile=90, batch_size=4).fit(torch.rand(50, 16, generator=gen), weight=w,
+                                               bias=b)
+    rows = torch.rand(10, 16, generator=gen)
+    rows[7, 2] = 3e38
+    with pytest.raises(RowsRefusedError, match=r"ASH-S scales row\(s\) \[7\] by exp\(s1 / s2\)"
+                                               r" = .* \(an entry of 3e\+38, near the dtype's "
+                                               r"largest value\): give float64 features") as caught:
+        ash.score_samples(rows)
+    assert caught.value.rows == [7]

@@ -1977,7 +1977,8 @@ def test_offset_scores_table_at_tiny_size():
 def test_logit_scale_table_at_tiny_size():
     """bench/logit_scale.py --tiny: KLM's float32 scores within a few times their own
     rounding of float64's at logit spreads 1e-3 to 1e3, GradNorm's at temperatures to 1e4
-    (where ``p - 1/C`` had cancelled: 1e7 and 1e4 times)."""
+    (where ``p - 1/C`` had cancelled: 1e7 and 1e4 times); ViM's and fDBD's at feature scales
+    1e-30 to 1e20, where SHE refuses the rows it cannot score."""
     script = Path(__file__).resolve().parents[1] / "bench" / "logit_scale.py"
     out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
                          text=True, check=True).stdout
@@ -1988,6 +1989,15 @@ def test_logit_scale_table_at_tiny_size():
              if re.match(r"\| 1(e\+0\d|00|0000)? \|", r)]
     assert [t[0] for t in temps] == ["1", "100", "10000"]
     assert all(float(t[1]) < 1e-5 and float(t[2].rstrip("x")) < 100 for t in temps)
+    # features of 1e-30 and 1e20, the layer over the scale: ViM's and fDBD's norms squared
+    # out of float32's range (0.2 of the spread off, and non-finite); SHE's score is outside it
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+            for r in out.split("logits unchanged")[1].splitlines() if r.startswith("| ")}
+    assert rows["she"] == ["refused", rows["she"][1], "refused"]
+    for name in ("vim", "fdbd", "she"):
+        ratios = [float(c.split("/")[1].strip().rstrip("x")) for c in rows[name]
+                  if c != "refused"]
+        assert ratios and max(ratios) < 20, name
 
 
 def test_cpu_report_stages_table():

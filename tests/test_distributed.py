@@ -363,9 +363,10 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
     mp.spawn(_failing_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     x, y, _, test, _ = _data()
     # case: (failing rank, its error type, text in its message, the step others name)
-    want = {"fit nan": (1, "ValueError", "NaN or Inf", "(class prototypes)"),
+    want = {"fit nan": (1, "RowsRefusedError", "NaN or Inf", "(class prototypes)"),
             "fit loader": (1, "OSError", "disk read failed", "(gradient index)"),
-            "fit ood features": (1, "ValueError", "ood_features", "averaging its ood_features"),
+            "fit ood features": (1, "RowsRefusedError", "ood_features",
+                                 "averaging its ood_features"),
             "fit labels": (1, "ValueError", "label", "reading its training arrays"),
             "fit model": (1, "RuntimeError", "cannot be multiplied",
                           "running the model on its first training batch"),
@@ -373,9 +374,9 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
                                "may have 0 rows", "reading its first training batch"),
             "fit model no batches": (1, "ValueError", "every rank's loader needs at least one",
                                      "running the model on its first training batch"),
-            "score nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
+            "score nan": (1, "RowsRefusedError", "row(s) 11", "its rows 8 to 15"),
             "score width": (0, "ValueError", "12", "reading its features"),
-            "kneighbors nan": (1, "ValueError", "row(s) 11", "its rows 8 to 15"),
+            "kneighbors nan": (1, "RowsRefusedError", "row(s) 11", "its rows 8 to 15"),
             "calibrate tpr": (1, "ValueError", "tpr", "checking tpr"),
             "search raises": (1, "RuntimeError", "index down", "searching the neighbours"),
             "search shape": (0, "ValueError", "shape", "searching the neighbours"),
@@ -392,7 +393,7 @@ def test_a_rank_that_fails_stops_every_rank_with_its_error(tmp_path):
         assert own[1] in other[1], (name, other)  # the failed rank's message, whole
     assert results[0]["detail"] == [
         [1], "computing the gradients of its rows 8 to 15",
-        {1: "ValueError: features contains NaN or Inf in row(s) 11"}]
+        {1: "RowsRefusedError: features contains NaN or Inf in row(s) 11"}]
     single = GROOD(batch_size=8).fit(x, y).score_samples(test)
     assert torch.equal(torch.cat([r["scores"] for r in results]), single)
 
@@ -512,7 +513,7 @@ def test_one_rank_of_a_device_process_group_scores_as_one_process(tmp_path):
         torch.testing.assert_close(got[name], scores.cpu(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["dists"], dists.cpu(), rtol=1e-6, atol=1e-7)
     assert torch.equal(got["preds"], preds.cpu()) and torch.equal(got["rows"], rows.cpu())
-    assert got["seen"]["nan"] == ("ValueError", "features contains NaN or Inf in row(s) 3")
+    assert got["seen"]["nan"] == ("RowsRefusedError", "features contains NaN or Inf in row(s) 3")
 
 
 def _empty_shard_worker(rank, world, tmp):

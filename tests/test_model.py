@@ -10,7 +10,7 @@ from conftest import DictDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, Mixup, UniformNoise, evaluate_model
+from grood import GROOD, Mixup, RowsRefusedError, UniformNoise, evaluate_model
 from grood.extract import FeatureExtractor, check_split, split_model
 from grood.sources import gaussian_blur
 
@@ -144,9 +144,11 @@ def test_score_model_names_the_loader_batch_an_error_comes_from():
     det = GROOD().fit_model(model, DataLoader(TensorDataset(x, y), batch_size=16), features="8")
     images = x.clone()
     images[37] = float("inf")
-    with pytest.raises(ValueError, match=r"^the loader's batch 2 \(numbered from 0\): features "
-                                         r"contains NaN or Inf in row\(s\) 5$"):
+    with pytest.raises(RowsRefusedError, match=r"^the loader's batch 2 \(numbered from 0\): "
+                                               r"features contains NaN or Inf in row\(s\) 5$"
+                       ) as caught:
         det.score_model(model, DataLoader(TensorDataset(images), batch_size=16))
+    assert caught.value.rows == [5]
 
 
 def test_kneighbors_warns_that_a_shuffling_fit_loaders_rows_name_no_sample(tmp_path):

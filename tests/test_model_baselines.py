@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, MSP, ODIN, RankFeat, evaluate, evaluate_model
+from grood import GROOD, MSP, ODIN, RankFeat, RowsRefusedError, evaluate, evaluate_model
 
 
 def smooth_net(channels=3, n_classes=5, dtype=torch.float64, seed=0):
@@ -149,6 +149,20 @@ def test_score_model_streams_a_loader_in_its_order_and_takes_empty_batches():
         odin.score_model(net, DataLoader(TensorDataset(x), batch_size=4, shuffle=True))
     with pytest.raises(ValueError, match="yielded no batches"):
         odin.score_model(net, [])
+
+
+def test_score_model_names_the_loader_batch_and_row_a_refusal_comes_from():
+    """A sample whose logits hold NaN is named by its loader batch and its row there, as
+    GROOD's score_model names them (the row alone, 2, named the third sample of some
+    batch)."""
+    net = smooth_net(dtype=torch.float32)
+    x = torch.rand(12, 3, 5, 6)
+    x[10, 1, 2, 3] = float("nan")
+    with pytest.raises(RowsRefusedError, match=r"^the loader's batch 2 \(numbered from 0\): "
+                                               r"the model's logits contains NaN or Inf in "
+                                               r"row\(s\) 2$") as caught:
+        ODIN(progress=False).score_model(net, DataLoader(TensorDataset(x), batch_size=4))
+    assert caught.value.rows == [2]
 
 
 def _digits_like(n, seed, shift=0.0):
