@@ -579,12 +579,11 @@ def user_stacklevel() -> int:
 
 @contextmanager
 def prefixed_errors(prefix: str, only: tuple[str, ...] | None = None) -> Iterator[None]:
-    """Prefix the message of a ValueError / TypeError (or ``RowsRefusedError``) raised inside
-    with ``prefix`` (which file, which batch); other subclasses (``DetectorFileError``, ...)
-    and messages that already
-    start with it pass unchanged. ``only``: the names of the arrays ``prefix`` holds, where
-    other inputs are checked in the same block: only messages about one of them (starting
-    with its name) are prefixed."""
+    """Prefix the message of a ValueError / TypeError (or ``RowsRefusedError``, its type and
+    rows kept) raised inside with ``prefix`` (which file, which batch); other subclasses
+    (``DetectorFileError``, ...) and messages that already start with it pass unchanged.
+    ``only``: the names of the arrays ``prefix`` holds, where other inputs are checked in the
+    same block: only messages about one of them (starting with its name) are prefixed."""
     try:
         yield
     except (ValueError, TypeError) as exc:

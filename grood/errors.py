@@ -64,6 +64,10 @@ class RowsRefusedError(ValueError):
         super().__init__(text(rows))
         self.rows, self._text = rows, text
 
+    def __reduce__(self) -> tuple[type[RowsRefusedError], tuple[list[int], _Said]]:
+        """Pickled (to another process) with its message as said."""
+        return RowsRefusedError, (self.rows, _Said(str(self)))
+
     def renumbered(self, offset: int) -> RowsRefusedError:
         """The same refusal with the rows numbered from ``offset`` on (a batch's rows, from
         its place in the whole input)."""
@@ -73,6 +77,16 @@ class RowsRefusedError(ValueError):
         """The same refusal, its message after ``prefix`` (which file, which batch)."""
         text = self._text
         return RowsRefusedError(self.rows, lambda rows: f"{prefix}: {text(rows)}")
+
+
+class _Said:
+    """A refusal's message as it was said, whatever the rows (what pickling keeps)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, rows: list[int]) -> str:
+        return self.message
 
 
 class MissingExtraError(ImportError):

@@ -1,6 +1,7 @@
 """The baselines against direct float64 computations of their definitions."""
 
 import math
+import pickle
 import re
 
 import numpy as np
@@ -1078,7 +1079,7 @@ def test_she_scores_small_sums_of_ordinary_terms():
 
 def test_a_refused_row_is_named_by_its_place_in_the_input_not_its_batch():
     """ASH-S refuses a row it scales past float32; scored in batches of 4, the eighth row
-    was named as row 3, its place in its batch."""
+    was named as row 3, its place in its batch. The error pickles, its message as said."""
     gen = torch.Generator().manual_seed(5)
     w, b = torch.randn(3, 16, generator=gen), torch.zeros(3)
     ash = ASH(percentile=90, batch_size=4).fit(torch.rand(50, 16, generator=gen), weight=w,
@@ -1090,3 +1091,6 @@ def test_a_refused_row_is_named_by_its_place_in_the_input_not_its_batch():
                                                r"largest value\): give float64 features") as caught:
         ash.score_samples(rows)
     assert caught.value.rows == [7]
+    back = pickle.loads(pickle.dumps(caught.value))  # (as a worker process hands it back)
+    assert type(back) is RowsRefusedError and back.rows == [7]
+    assert str(back) == str(caught.value)

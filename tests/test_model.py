@@ -712,6 +712,19 @@ def test_ood_loader_that_is_empty_or_of_another_width_is_refused(trained):
                                                   ood_loader=[x[:, :, ::2, ::2]])
 
 
+def test_ood_loader_rows_with_nan_are_named_in_the_loaders_order(trained):
+    """An OOD sample whose features hold Inf is named by its place in the OOD loader: the
+    seventeenth (row 16) was named as row 4, its place in the second batch of twelve."""
+    model, x, y = trained
+    ood = torch.rand(20, 1, 8, 8)
+    ood[16] = float("inf")
+    with pytest.raises(RowsRefusedError, match=r"OOD features contains NaN or Inf in "
+                                               r"row\(s\) 16$") as caught:
+        GROOD(ood_prototype="features").fit_model(model, [(x, y)], features="8",
+                                                  ood_loader=[ood[:12], ood[12:]])
+    assert caught.value.rows == [16]
+
+
 def test_labels_as_lists_or_arrays_are_read(trained):
     """A collate_fn giving labels as a list or NumPy array: they were taken for no labels
     (tuples) or failed on ``.to`` (dicts)."""
