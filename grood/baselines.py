@@ -979,9 +979,12 @@ class ViM(_HeadBaseline):
             whole += float((xb - mean).norm(dim=1).sum())
             largest += float((xb @ w.T + b).amax(dim=1).sum())
         if not residual > 1e-9 * whole:  # (float64 rounding leaves ~1e-15 of it)
+            few = (f" ({n} training rows span at most {n - 1} directions about their mean: "
+                   f"dim must stay below that, or give more rows)" if n - 1 <= dim else "")
             raise ValueError(f"the training features lie inside their principal space of "
                              f"dim={dim} (all but {residual / max(whole, 1e-300):.1e} of their "
-                             "spread about their mean): nothing is left to score by; lower dim")
+                             f"spread about their mean): nothing is left to score by; lower "
+                             f"dim{few}")
         return {"dim_": dim, "origin_": origin.to(dt), "null_space_": null.to(dt).contiguous(),
                 "null_origin_": null_origin.to(dt), "alpha_": largest / residual}
 

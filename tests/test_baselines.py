@@ -623,6 +623,10 @@ def test_head_baselines_refuse_what_they_cannot_read_a_layer_from():
     with pytest.raises(ValueError, match="span 9 of their 24 dimensions \\(10 training rows "
                                          "for 24 feature columns"):
         ViM(dim=5).fit(x[:10], logits=logits[:10])
+    with pytest.raises(ValueError, match=r"principal space of dim=12 .* lower dim \(10 "
+                                         r"training rows span at most 9 directions about "
+                                         r"their mean: dim must stay below that"):
+        ViM(dim=12).fit(x[:10], weight=w, bias=b)  # (the layer given: no recovery to refuse)
     for det in (GEN(gamma=0), GEN(M=0), GEN(M=2.5)):
         with pytest.raises(ValueError, match="must be"):
             det.fit(logits)
