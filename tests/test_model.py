@@ -714,7 +714,7 @@ def test_ood_loader_that_is_empty_or_of_another_width_is_refused(trained):
 
 def test_ood_loader_rows_with_nan_are_named_in_the_loaders_order(trained):
     """An OOD sample whose features hold Inf is named by its place in the OOD loader: the
-    seventeenth (row 16) was named as row 4, its place in the second batch of twelve."""
+    seventeenth (row 16) was named as row 4, its place in the batch after a first of twelve."""
     model, x, y = trained
     ood = torch.rand(20, 1, 8, 8)
     ood[16] = float("inf")
