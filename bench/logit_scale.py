@@ -59,42 +59,46 @@ def errors(s32: torch.Tensor, s64: torch.Tensor) -> tuple[float, float]:
     return err / float(s64.std()), err / own if own > 0 else float("nan")
 
 
-def cell(name: str, scale: float, x, y, w, b, q) -> str:
-    xs, qs, bs = (x * scale).float(), (q * scale).float(), (b * scale).float()
-    ws = w.float()
-    logits = xs.double() @ ws.double().T + bs.double()
+def fitted(name: str, y, xs, ws, bs, logits=None):
+    """``name`` fitted on the float32 features ``xs`` (and ``logits``) with the layer
+    ``ws``, ``bs``, and on the same values in float64: ``(float32 one, float64 one)``."""
     opts = {name: {"bank_fraction": 0.2}} if name == "nnguide" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (e32,) = fit_baselines([name], features=xs, labels=y, logits=logits.float(), weight=ws,
-                               bias=bs, options=opts)
-        (e64,) = fit_baselines([name], features=xs.double(), labels=y,
-                               logits=logits.float().double(), weight=ws.double(),
-                               bias=bs.double(), options=opts)
+        return tuple(fit_baselines([name], features=xs.to(dt), labels=y, weight=ws.to(dt),
+                                   bias=bs.to(dt), options=opts,
+                                   logits=None if logits is None else logits.to(dt))[0]
+                     for dt in (torch.float32, torch.float64))
+
+
+def said(s32: torch.Tensor, s64: torch.Tensor) -> str:
+    """A cell: :func:`errors` of the float32 scores ``s32`` against ``s64``."""
+    spread, ratio = errors(s32, s64)
+    return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
+
+
+def cell(name: str, scale: float, x, y, w, b, q) -> str:
+    xs, qs, bs = (x * scale).float(), (q * scale).float(), (b * scale).float()
+    ws = w.float()
+    logits = (xs.double() @ ws.double().T + bs.double()).float()
+    e32, e64 = fitted(name, y, xs, ws, bs, logits)
     test = qs if BY_NAME[name][1] == "features" else \
         (qs.double() @ ws.double().T + bs.double()).float()
-    spread, ratio = errors(e32.score_samples(test), e64.score_samples(test.double()))
-    return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
+    return said(e32.score_samples(test), e64.score_samples(test.double()))
 
 
 def feature_cell(name: str, scale: float, x, y, w, b, q) -> str:
     """One cell of the feature-scale table: features times ``scale``, the layer's weight
     over it."""
     xs, qs, ws, bs = (x * scale).float(), (q * scale).float(), (w / scale).float(), b.float()
-    opts = {name: {"bank_fraction": 0.2}} if name == "nnguide" else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (e32,) = fit_baselines([name], features=xs, labels=y, weight=ws, bias=bs, options=opts)
-        (e64,) = fit_baselines([name], features=xs.double(), labels=y, weight=ws.double(),
-                               bias=bs.double(), options=opts)
-        try:
-            s32 = e32.score_samples(qs)
-        except RowsRefusedError:
-            return "refused"
+    e32, e64 = fitted(name, y, xs, ws, bs)
+    try:
+        s32 = e32.score_samples(qs)
+    except RowsRefusedError:
+        return "refused"
     if not bool(torch.isfinite(s32).all()):
         return "non-finite"
-    spread, ratio = errors(s32, e64.score_samples(qs.double()))
-    return f"{spread:.0e} / {'-' if ratio != ratio else f'{ratio:.0f}x'}"
+    return said(s32, e64.score_samples(qs.double()))
 
 
 def main() -> None:

@@ -1102,14 +1102,15 @@ def _exp_scaled(values: Tensor, total: Tensor, kept: Tensor, who: str, q: float)
     if bool(bad.any()):
         rows = bad.nonzero()[:, 0].tolist()
         factor, top = float(scale[rows[0], 0]), float(values[rows[0]].abs().max())
-        why = (f"their largest {100 - q:g} % of entries hold a small part of their sum): "
-               "lower percentile, or give float64 features"
-               if top * 1e3 <= torch.finfo(values.dtype).max else
-               f"an entry of {top:.3g}, near the dtype's largest value): give float64 "
-               "features")
+        if top * 1e3 <= torch.finfo(values.dtype).max:  # (the factor took it there)
+            why = f"their largest {100 - q:g} % of entries hold a small part of their sum"
+            fix = "lower percentile, or give float64 features"
+        else:
+            why, fix = f"an entry of {top:.3g}, near the dtype's largest value", \
+                "give float64 features"
         raise RowsRefusedError(rows, lambda named: (
             f"{who} scales row(s) {named[:10]} by exp(s1 / s2) = {factor:.3g} beyond "
-            f"{values.dtype}'s range ({why}"))
+            f"{values.dtype}'s range ({why}): {fix}"))
     return shaped
 
 
@@ -1267,17 +1268,18 @@ class SHE(_HeadBaseline):
         if dt != torch.float64:
             redo = _redone(scores, x.shape[1])
             if redo.numel():
+                rows = x[redo].to(torch.float64)
                 patterns = self.patterns_.to(torch.float64)[pred[redo]]
-                exact = (x[redo].to(torch.float64) * patterns).sum(dim=1)
-                _check_she_range(exact, x[redo], patterns, redo, dt)
+                exact = (rows * patterns).sum(dim=1)
+                _check_she_range(exact, rows, patterns, redo, dt)
                 scores[redo] = exact.to(dt)
         return scores, pred
 
 
 def _check_she_range(scores: Tensor, x: Tensor, patterns: Tensor, rows: Tensor,
                      dt: torch.dtype) -> None:
-    """Refuse the ``rows`` [R] (of a batch) whose SHE score (``scores`` [R], float64, of
-    their features ``x`` and ``patterns``) ``dt`` cannot hold: past its largest value, or
+    """Refuse the ``rows`` [R] (of a batch) whose SHE score (``scores`` [R] of their features
+    ``x`` and ``patterns``, all float64) ``dt`` cannot hold: past its largest value, or
     below its normal range where every term of the inner product is (it would keep few of
     their digits or none)."""
     info = torch.finfo(dt)
@@ -1286,8 +1288,7 @@ def _check_she_range(scores: Tensor, x: Tensor, patterns: Tensor, rows: Tensor,
     small = ((size < info.tiny) & (size > 0)).nonzero()[:, 0]
     under = torch.zeros_like(over)
     if small.numel():  # (a small sum of larger terms is held as well as any)
-        under[small] = (x[small].abs().to(torch.float64) * patterns[small].abs()).sum(1) \
-            < info.tiny
+        under[small] = (x[small].abs() * patterns[small].abs()).sum(1) < info.tiny
     bad = (over | under).nonzero()[:, 0]
     if not bad.numel():
         return

@@ -308,13 +308,13 @@ def _loader_set(extractor: FeatureExtractor, loader: Iterable, name: str,
 
     feats, labels, logits = [], [], []
     scored: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in by_model}
-    for out, y, x in extractor.batches(loader, desc=f"grood evaluate: {name}"):
+    for number, (out, y, x) in enumerate(extractor.batches(loader,
+                                                            desc=f"grood evaluate: {name}")):
         feats.append(out.features.cpu())
         labels.append(None if y is None else y.cpu())
         logits.append(None if out.logits is None else out.logits.cpu())
         for method, est in by_model.items():
-            with prefixed_errors(f"{method} on {name}'s batch {len(feats) - 1} "
-                                 "(numbered from 0)"):
+            with prefixed_errors(f"{method} on {name}'s batch {number} (numbered from 0)"):
                 s, p = est.score_inputs(extractor.model, x, autocast=extractor.autocast)
             scored[method].append((s.cpu(), p.cpu()))
     if not feats:
