@@ -41,6 +41,7 @@ features or logits, are in :mod:`grood.model_baselines`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,6 +66,7 @@ from grood._checks import (
     check_real,
     compute_dtype,
     rows_from,
+    user_stacklevel,
 )
 from grood._columns import check_feature_names, feature_names, set_feature_names
 from grood._params import Parameters
@@ -1052,11 +1054,29 @@ class ReAct(_PercentileBaseline):
         def chunks() -> Any:
             return (x[r0:r1] for r0, r1 in batches(n, max(1, (1 << 22) // d)))
 
-        clip = _linear.percentile(chunks, n * d, q, x.dtype)
-        return {"clip_": float(torch.tensor(clip, dtype=dt)), "percentile_": q}
+        clip = float(torch.tensor(_linear.percentile(chunks, n * d, q, x.dtype), dtype=dt))
+        _warn_if_clipped_whole(chunks, n * d, clip, q)
+        return {"clip_": clip, "percentile_": q}
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
         return _energy(self._logits(x.clamp(max=self.clip_), dt))
+
+
+def _warn_if_clipped_whole(chunks: Any, entries: int, clip: float, q: float) -> None:
+    """Warn where ReAct's ``clip`` (the ``q``-th percentile of the ``entries`` training
+    feature entries ``chunks()`` yields) is their smallest value: every training row is then
+    clipped to one vector, the same score for them all (on ReLU features, a percentile no
+    larger than their share of zeros)."""
+    if min(float(c.min()) for c in chunks()) < clip:
+        return
+    held = sum(int((c <= clip).sum()) for c in chunks())
+    warnings.warn(
+        f"ReAct's clip, the {q:g}th percentile of the training features' entries, is "
+        f"{clip:g}, their smallest value ({held / entries:.1%} of the entries hold it): "
+        "every training row is clipped to the same vector, so all of them score alike, and "
+        f"a row scores apart only by its entries below {clip:g}. A percentile above that "
+        "share clips only the largest entries (90 in the ReAct paper)", UserWarning,
+        stacklevel=user_stacklevel())
 
 
 class GradNorm(_HeadBaseline):

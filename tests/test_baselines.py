@@ -3,6 +3,7 @@
 import math
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -464,9 +465,13 @@ def test_react_clips_at_the_training_entries_percentile(q):
     # entries (numpy 1 gives the float64 value; numpy 2.0 to 2.3 interpolate in float32, a few
     # ulps off: 1.8242313 for 1.824232 at q = 90 here)
     clip = np.float32(np.percentile(x.double().numpy(), q))
-    for det in (ReAct(percentile=q).fit(x, logits=logits),
-                ReAct(percentile=q, batch_size=7).fit(x.numpy(), weight=fc.weight.detach().numpy(),
-                                                      bias=fc.bias.detach().numpy())):
+    # (at q = 0.5 the clip is the smallest entry, which ~2 % hold: warned of, as tested below)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if q < 1 else "error")
+        fitted = (ReAct(percentile=q).fit(x, logits=logits),
+                  ReAct(percentile=q, batch_size=7).fit(
+                      x.numpy(), weight=fc.weight.detach().numpy(), bias=fc.bias.detach().numpy()))
+    for det in fitted:
         assert det.clip_ == float(clip) and det.display_name == f"ReAct (p{q:g})"
         ref = torch.logsumexp(test.double().clamp(max=float(clip)) @ fc.weight.double().T
                               + fc.bias.double(), 1)
@@ -474,6 +479,29 @@ def test_react_clips_at_the_training_entries_percentile(q):
                                    atol=1e-5)
         _, preds = det.score_and_predict(test)
         assert torch.equal(preds, fc(test.clamp(max=float(clip))).argmax(1))
+
+
+def test_react_warns_where_its_clip_is_the_smallest_entry():
+    """A percentile no larger than the share of the training features' smallest entry (ReLU
+    features' zeros) puts ReAct's clip there: every training row clips to one vector and
+    scores alike. That fit warns, naming the share; one clipping above it does not."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.relu(torch.randn(300, 16, generator=gen))  # about half the entries are 0
+    w, b = torch.randn(5, 16, generator=gen), torch.randn(5, generator=gen)
+    share = float((x == 0).double().mean())
+    with pytest.warns(UserWarning, match=rf"ReAct's clip, the 40th percentile of the training "
+                                         rf"features' entries, is 0, their smallest value "
+                                         rf"\({100 * share:.1f}% of the entries hold it\): "
+                                         rf"every training row is clipped to the same vector"):
+        det = ReAct(percentile=40).fit(x, weight=w, bias=b)
+    assert det.clip_ == 0.0 and det.score_samples(x).unique().numel() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = ReAct(percentile=60).fit(x, weight=w, bias=b)
+    assert det.clip_ > 0 and det.score_samples(x).unique().numel() > 100
+    with pytest.warns(UserWarning, match=r"the 50th percentile .* is 2\.5, their smallest "
+                                         r"value \(100\.0% of the entries"):
+        ReAct(percentile=50).fit(torch.full((10, 16), 2.5), weight=w, bias=b)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
