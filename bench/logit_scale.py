@@ -12,11 +12,14 @@ right by; "-" where that rounding is 0). A second table: GradNorm at temperature
 A third: the baselines that read the features, on features scaled from 1e-30 to 1e20 with
 the last layer divided by the scale (the logits unchanged), where float32 squares of the
 entries leave its range below about 1e-19 and above about 1e19 ("refused": the rows were
-refused, naming them, as scores float32 cannot hold).
+refused, naming them, as scores float32 cannot hold). A fourth: the baselines with a
+percentile (ReAct, ASH-S, SCALE, DICE) from p40 to p99 ("warned": ReAct's clip is the
+training entries' smallest value, so every training row scores alike).
 
     python bench/logit_scale.py            # every baseline, 3,000 training rows
     python bench/logit_scale.py --tiny     # a smoke run: KLM and GradNorm, three scales;
-                                           # ViM, SHE and fDBD at three feature scales
+                                           # ViM, SHE and fDBD at three feature scales;
+                                           # ReAct, ASH and SCALE at p40 and p99
 """
 
 from __future__ import annotations
@@ -101,6 +104,20 @@ def feature_cell(name: str, scale: float, x, y, w, b, q) -> str:
     return said(s32, e64.score_samples(qs.double()))
 
 
+def percentile_cell(name: str, q: float, x, y, w, b, test) -> str:
+    """One cell of the percentile table: ``name`` at percentile ``q``, fitted and scored in
+    float32 and on the same values in float64 ("warned" where the fit warned)."""
+    opts = {name: {"percentile": q}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e32, e64 = (fit_baselines([name], features=x.to(dt), labels=y, weight=w.to(dt),
+                                  bias=b.to(dt), options=opts)[0]
+                    for dt in (torch.float32, torch.float64))
+    if caught:
+        return "warned"
+    return said(e32.score_samples(test), e64.score_samples(test.double()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
@@ -139,6 +156,15 @@ def main() -> None:
     print("|---" * (len(feature_scales) + 1) + "|")
     for name in readers:
         cells = [feature_cell(name, s, x, y, w, b, q) for s in feature_scales]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    percentiles = (40.0, 99.0) if args.tiny else (40.0, 65.0, 85.0, 90.0, 95.0, 99.0)
+    shapers = ["react", "ash", "scale"] if args.tiny else ["react", "ash", "scale", "dice"]
+    print("\nThe baselines with a percentile (ReLU features, half their entries 0):\n")
+    print("| baseline | " + " | ".join(f"p{p:g}" for p in percentiles) + " |")
+    print("|---" * (len(percentiles) + 1) + "|")
+    xs, qs, ws, bs = x.float(), q.float(), w.float(), b.float()
+    for name in shapers:
+        cells = [percentile_cell(name, p, xs, y, ws, bs, qs) for p in percentiles]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -1978,7 +1978,9 @@ def test_logit_scale_table_at_tiny_size():
     """bench/logit_scale.py --tiny: KLM's float32 scores within a few times their own
     rounding of float64's at logit spreads 1e-3 to 1e3, GradNorm's at temperatures to 1e4
     (where ``p - 1/C`` had cancelled: 1e7 and 1e4 times); ViM's and fDBD's at feature scales
-    1e-30 to 1e20, where SHE refuses the rows it cannot score."""
+    1e-30 to 1e20, where SHE refuses the rows it cannot score; ReAct warned of at p40 of
+    ReLU features, half of whose entries are 0, and ASH-S's and SCALE's at p99 within a few
+    times their own rounding (263 and 76 times it before their sums were taken again)."""
     script = Path(__file__).resolve().parents[1] / "bench" / "logit_scale.py"
     out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
                          text=True, check=True).stdout
@@ -1998,6 +2000,11 @@ def test_logit_scale_table_at_tiny_size():
         ratios = [float(c.split("/")[1].strip().rstrip("x")) for c in rows[name]
                   if c != "refused"]
         assert ratios and max(ratios) < 20, name
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+            for r in out.split("with a percentile")[1].splitlines() if r.startswith("| ")}
+    assert rows["react"][0] == "warned" and len(rows["react"]) == 2
+    for name in ("ash", "scale"):
+        assert float(rows[name][1].split("/")[1].strip().rstrip("x")) < 20, name
 
 
 def test_cpu_report_stages_table():
