@@ -951,6 +951,29 @@ def test_ash_s_and_scale_keep_float32s_digits_at_a_large_ratio():
         assert float(off.max()) <= 4 * 2.0 ** -24, det.display_name
 
 
+def test_ash_s_and_scale_sum_every_row_in_float64_off_the_cpu(monkeypatch):
+    """Off the CPU every row's sums are taken in float64 (no host read to choose rows): the
+    shaped entries within 2 half-ulps of float64's at every ratio, and the same scores as
+    where only the large ratios' rows are summed so, to the float32 GEMM's rounding."""
+    import grood.baselines as baselines
+
+    gen = torch.Generator().manual_seed(22)
+    x = (torch.relu(torch.randn(100, 256, generator=gen, dtype=torch.float64) + 0.3) ** 2
+         ).float()
+    w, b = torch.randn(10, 256, generator=gen) * 0.02, torch.zeros(10)
+    for det in (ASH(90.0, "s"), SCALE(85.0), ASH(99.0, "s")):
+        det.fit(x[:10], weight=w, bias=b)
+        chosen = det.score_samples(x)
+        with monkeypatch.context() as m:
+            m.setattr(baselines, "_sums_in_float64", lambda rows: True)
+            got, every = det.shape(x).double(), det.score_samples(x)
+        exact = det.shape(x.double())
+        nonzero = exact != 0
+        off = (got - exact).abs()[nonzero] / exact.abs()[nonzero]
+        assert float(off.max()) <= 2 * 2.0 ** -24, det.display_name
+        torch.testing.assert_close(every, chosen, rtol=1e-5, atol=0)
+
+
 def test_scale_refuses_a_row_scaled_past_its_dtype():
     """exp(s1 / s2) is at most exp(D / k): past float32 with one entry kept of 200 equal
     ones (exp(200)); that row is named, and float64 features score it."""
