@@ -132,11 +132,47 @@ def logits_of(output: Any) -> Tensor | None:
 INPUT_SUFFIX = ":input"
 
 
+#: The attribute through which each wrapper holds the model it wraps, the first part of
+#: every module name it lists: torch.compile's ``OptimizedModule`` (``_orig_mod``),
+#: ``DataParallel`` and ``DistributedDataParallel`` (``module``).
+WRAPPER_ATTRIBUTES = ("_orig_mod", "module")
+
+
+def wrapper_path(model: nn.Module | None) -> list[str]:
+    """The attributes leading from ``model`` through the wrappers around it to the model
+    they wrap (``["_orig_mod", "module"]`` for ``torch.compile(nn.DataParallel(net))``; none
+    for a model not wrapped)."""
+    path: list[str] = []
+    while model is not None:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            step = "module"
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            step = "_orig_mod"
+        else:
+            break
+        path.append(step)
+        model = getattr(model, step)
+    return path
+
+
+def bare_name(name: str) -> str:
+    """A module name less the wrappers' parts it begins with (``"_orig_mod.avgpool"`` and
+    ``"module.avgpool"`` are ``"avgpool"``), as the wrapped model itself names it."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in WRAPPER_ATTRIBUTES:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
 def check_module_name(names: dict[str, nn.Module], name: Any, role: str) -> tuple[str, bool]:
     """``(module name, whether its input is meant)`` for ``name`` (a module name, or one with
-    :data:`INPUT_SUFFIX`), or an error: a name not in ``names`` (a model's ``named_modules()``)
-    lists them, and suggests the one name ending in ``.name`` (the model wrapped by
-    torch.compile's ``_orig_mod``, DataParallel's ``module`` or another container)."""
+    :data:`INPUT_SUFFIX`), or an error. A model wrapped by torch.compile, DataParallel or
+    DistributedDataParallel is read through its wrappers: ``"avgpool"`` is its
+    ``"_orig_mod.avgpool"`` (a detector fitted on the bare model scores the compiled one),
+    and a wrapped name reads the bare model (``"module.avgpool"`` fitted on DataParallel). A
+    name not in ``names`` (a model's ``named_modules()``) otherwise lists them, and suggests
+    the one name ending in ``.name`` (the model in another container)."""
     if not isinstance(name, str):
         raise TypeError(f"{role} must be a module name (e.g. 'avgpool', as in "
                         f"model.named_modules()), got {name!r}")
@@ -147,6 +183,9 @@ def check_module_name(names: dict[str, nn.Module], name: Any, role: str) -> tupl
         module, takes_input = name[: -len(INPUT_SUFFIX)], True
         if module in names:
             return module, True
+    wrapped = ".".join([*wrapper_path(names.get("")), bare_name(module)])
+    if wrapped in names:
+        return wrapped, takes_input
     near = [n for n in names if n.endswith("." + module)]
     hint = (f" (did you mean {near[0] + (INPUT_SUFFIX if takes_input else '')!r}? the model "
             "is wrapped)" if len(near) == 1 else "")

@@ -250,12 +250,14 @@ def _layer(det: GROOD, features: str | None) -> tuple[str | None, str | None]:
     """The module whose output ``det`` reads (``features``, by default the one
     :func:`fit_model` read), and what to warn of where another is named (to be warned once
     the model is known to have it)."""
+    from grood.extract import bare_name
+
     fitted_on = getattr(det, "extractor_", {}).get("features")
     if features is None:
         return fitted_on, None
-    if fitted_on is not None and features != fitted_on:
+    if fitted_on is not None and bare_name(features) != bare_name(fitted_on):
         # Another layer of the same width would be scored against the wrong prototypes and
-        # index without any error; a renamed module (a wrapped model) is legitimate.
+        # index without any error; the same one named through a wrapper is that layer.
         return features, (f"the detector reads features={features!r} here, but was fitted on "
                           f"features={fitted_on!r}; scores are only meaningful for the same "
                           "layer")

@@ -136,6 +136,41 @@ def test_eval_mode_is_restored_and_unknown_modules_named():
         GROOD().fit(torch.rand(6, 16), torch.arange(6) % 2).attach(wrapped, features="8")
 
 
+def test_wrapped_models_are_read_through_their_wrappers():
+    """A detector fitted on a model scores it compiled (torch.compile's ``_orig_mod``) or in
+    DataParallel (``module``), and one fitted on a wrapped model scores the bare one, on the
+    same layer, named either way, without the warning about another layer (these were
+    errors: "features='8' is not a module of the model (did you mean '_orig_mod.8'?")."""
+    from grood.extract import bare_name, wrapper_path
+
+    x, y = _images()
+    model = small_cnn().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    with warnings.catch_warnings():  # (an untrained model: its logits are near chance)
+        warnings.simplefilter("ignore")
+        det = GROOD().fit_model(model, loader, features="8")
+        fitted = {name: GROOD().fit_model(nn.DataParallel(model), loader, features=name)
+                  for name in ("8", "module.8")}
+    scores = det.score_model(model, loader)[0]
+    compiled = torch.compile(model, backend="eager")
+    both = torch.compile(nn.DataParallel(model), backend="eager")
+    assert wrapper_path(model) == [] and wrapper_path(both) == ["_orig_mod", "module"]
+    assert bare_name("_orig_mod.module.8") == "8" and bare_name("module") == "module"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for wrapped in (compiled, nn.DataParallel(model), both):
+            torch.testing.assert_close(det.score_model(wrapped, loader)[0], scores)
+        torch.testing.assert_close(det.score_model(compiled, loader, features="_orig_mod.8")[0],
+                                   scores)
+        for name, on_wrapped in fitted.items():
+            assert on_wrapped.extractor_["features"] == name
+            torch.testing.assert_close(on_wrapped.score_model(model, loader)[0], scores)
+            torch.testing.assert_close(on_wrapped.score_model(compiled, loader)[0], scores)
+    with pytest.warns(UserWarning, match="reads features='_orig_mod.7' here, but was fitted on "
+                                         "features='8'"):
+        det.score_model(compiled, loader, features="_orig_mod.7")
+
+
 def test_score_model_names_the_loader_batch_an_error_comes_from():
     """Features the model gives with NaN or Inf are named by the loader's batch and the row in
     it (row numbers alone were ambiguous over a loader)."""
