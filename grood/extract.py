@@ -176,6 +176,10 @@ def check_module_name(names: dict[str, nn.Module], name: Any, role: str) -> tupl
     if not isinstance(name, str):
         raise TypeError(f"{role} must be a module name (e.g. 'avgpool', as in "
                         f"model.named_modules()), got {name!r}")
+    if isinstance(names.get(""), torch.jit.ScriptModule):
+        raise ValueError(f"{role}={name!r} names a module of a TorchScript model, whose "
+                         "modules take no hooks to read it by: give the model before "
+                         "torch.jit.script (or torch.jit.trace)")
     if name in names:
         return name, False
     module, takes_input = name, False

@@ -171,6 +171,25 @@ def test_wrapped_models_are_read_through_their_wrappers():
         det.score_model(compiled, loader, features="_orig_mod.7")
 
 
+def test_a_torchscript_model_is_refused_by_name():
+    """A scripted or traced model's modules take no forward hooks: reading a named layer of
+    one was torch's RuntimeError from deep in the extractor; now a ValueError names the
+    layer and the way out, for fitting, scoring and attach() alike."""
+    x, y = _images(12)
+    model = small_cnn().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = GROOD().fit_model(model, [(x, y)], features="8")
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, x[:2])):
+        message = (r"features='8' names a module of a TorchScript model, whose modules take "
+                   r"no hooks to read it by: give the model before torch.jit.script")
+        for call in (lambda m: det.score_model(m, [(x, y)]),
+                     lambda m: GROOD().fit_model(m, [(x, y)], features="8"),
+                     lambda m: det.attach(m, features="8")):
+            with pytest.raises(ValueError, match=message):
+                call(scripted)
+
+
 def test_score_model_names_the_loader_batch_an_error_comes_from():
     """Features the model gives with NaN or Inf are named by the loader's batch and the row in
     it (row numbers alone were ambiguous over a loader)."""
