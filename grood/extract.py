@@ -126,6 +126,28 @@ def logits_of(output: Any) -> Tensor | None:
                     "or object with 'logits'")
 
 
+def without_unit_dims(logits: Tensor) -> Tensor:
+    """Logits [B, C, 1, ...] (a convolutional classifier's [B, C, 1, 1]) as [B, C]; others
+    as they are."""
+    if logits.ndim > 2 and all(size == 1 for size in logits.shape[2:]):
+        return logits.reshape(logits.shape[0], logits.shape[1])
+    return logits
+
+
+def class_logits(logits: Tensor, rows: int) -> Tensor:
+    """A batch of ``rows`` inputs' logits as [rows, C] (:func:`without_unit_dims`); any
+    other shape is an error naming it, where leaving the logits out would index the samples
+    their nearest prototype gets right instead of those the model gets right."""
+    logits = without_unit_dims(logits)
+    if logits.ndim != 2 or logits.shape[0] != rows:
+        raise ValueError(
+            f"the model's logits have shape {tuple(logits.shape)} for a batch of {rows} "
+            f"input(s); grood reads one row of class logits per input, [{rows}, C] (a "
+            f"convolutional classifier's [{rows}, C, 1, 1] is taken so): wrap the model so "
+            "that its forward returns them")
+    return logits
+
+
 #: Appended to a module's name, its input rather than its output: ``"heads.head:input"`` is
 #: what a ViT's classifier receives (the class token, selected in ``forward`` by slicing, which
 #: no module outputs).
@@ -361,7 +383,8 @@ class FeatureExtractor:
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else as_rows(t).float()
 
-        logits = logits if isinstance(logits, Tensor) and logits.ndim == 2 else None
+        if logits is not None:
+            logits = class_logits(logits, x.shape[0])
         return Extracted(as_rows(feats).float(), flat(logits), flat(early))
 
     def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:

@@ -38,6 +38,7 @@ from grood.extract import (
     model_device,
     split_batch,
     split_model,
+    without_unit_dims,
 )
 
 #: The ``inputs`` of a baseline scored from the model's inputs (by the model).
@@ -368,6 +369,7 @@ def _checked_logits(output: Any, rows: int, what: str) -> Tensor:
     float32 (float64 kept), checked finite: a non-finite logit would make every later number
     NaN."""
     z = logits_of(output)
+    z = None if z is None else without_unit_dims(z)
     if z is None or z.ndim != 2 or z.shape[0] != rows:
         raise ValueError(f"the baseline needs the model's logits [{rows}, C] of a batch of "
                          f"{rows} input(s); {what} gave "

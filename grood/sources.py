@@ -34,6 +34,7 @@ from grood.extract import (
     logits_of,
     split_batch,
     split_model,
+    without_unit_dims,
 )
 from grood.functional import add_rows_by_class
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
@@ -131,6 +132,7 @@ class Mixup(OODPrototypeSource):
             return 0
         e = stem(x)
         logits = logits_of(tail(e.clone()))  # the tail may change its input in place
+        logits = None if logits is None else without_unit_dims(logits)
         if logits is None or logits.ndim != 2:
             raise ValueError("Mixup needs the model's logits [B, C] (to pick each sample's "
                              "second most likely class); the tail returned "

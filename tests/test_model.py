@@ -10,7 +10,7 @@ from conftest import DictDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, Mixup, RowsRefusedError, UniformNoise, evaluate_model
+from grood import GROOD, ODIN, Mixup, RowsRefusedError, UniformNoise, evaluate_model
 from grood.extract import FeatureExtractor, check_split, split_model
 from grood.sources import gaussian_blur
 
@@ -169,6 +169,54 @@ def test_wrapped_models_are_read_through_their_wrappers():
     with pytest.warns(UserWarning, match="reads features='_orig_mod.7' here, but was fitted on "
                                          "features='8'"):
         det.score_model(compiled, loader, features="_orig_mod.7")
+
+
+def test_logits_of_other_shapes_are_read_or_refused_never_left_out():
+    """A convolutional classifier's logits [B, C, 1, 1] are read as [B, C]; logits of any
+    other shape ([B, T, C], [B]) are refused, naming it. Both were left out without a word,
+    so the fit indexed the rows their nearest prototype gets right, not those the model
+    gets right."""
+    x, y = _images()
+
+    class Convolutional(nn.Module):  # a 1 x 1 convolution for its classifier
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.body, self.pool = nn.Conv2d(1, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Conv2d(6, 3, 1)
+
+        def forward(self, images):
+            return self.head(self.pool(torch.relu(self.body(images))))
+
+    class Reshaped(Convolutional):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, images):
+            return super().forward(images).reshape(self.shape(images.shape[0]))
+
+    model = Convolutional().eval()
+    with torch.no_grad():
+        feats = model.pool(torch.relu(model.body(x))).flatten(1)
+        logits = model(x).flatten(1)
+    assert 0 < int((logits.argmax(1) == y).sum()) < len(y)  # (the logits decide what is kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = GROOD().fit_model(model, [(x, y)], features="pool")
+        ref = GROOD().fit(feats, y, logits=logits)
+    assert torch.equal(det.indexed_rows_, ref.indexed_rows_)
+    torch.testing.assert_close(det.score_model(model, [(x, y)])[0], ref.score_samples(feats))
+    flat = nn.Sequential(model, nn.Flatten())  # ODIN reads them as [B, C] too
+    torch.testing.assert_close(ODIN().score_model(model, [(x, y)])[0],
+                               ODIN().score_model(flat, [(x, y)])[0])
+    # (the first forward is the fit's probe of one input)
+    for shape, shown in ((lambda b: (b, 1, 3), r"\(1, 1, 3\)"), (lambda b: (b * 3,),
+                                                                   r"\(3,\)")):
+        with pytest.raises(ValueError, match=rf"the model's logits have shape {shown} for a "
+                                             r"batch of 1 input\(s\); grood reads one row "
+                                             r"of class logits per input, \[1, C\]"):
+            GROOD().fit_model(Reshaped(shape).eval(), [(x, y)], features="pool")
 
 
 def test_a_torchscript_model_is_refused_by_name():
