@@ -18,6 +18,7 @@ output object (Hugging Face's ``ModelOutput``): see :func:`logits_of`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -327,6 +328,7 @@ class FeatureExtractor:
                          if name is not None and not (role == "early" and isinstance(name, int))}
         self._modules = names
         self._logits_checked = False  # _check_not_logits runs on the first batch only
+        self._feature_shape: tuple[int, ...] | None = None  # the last batch's, as read
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, list[Tensor]]]:
@@ -379,6 +381,7 @@ class FeatureExtractor:
         feats = self.output_of(captured, "features")
         early = self.output_of(captured, "early")
         assert feats is not None  # (captured above, or named and checked by output_of)
+        self._feature_shape = tuple(feats.shape)
 
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else as_rows(t).float()
@@ -493,8 +496,19 @@ class FeatureExtractor:
 
     def _check_not_logits(self, out: Extracted) -> None:
         """Warn when the features read are the model's logits (``features="fc"`` for the
-        classifier itself): GROOD's prototypes and gradients are meant for the penultimate
-        feature, and nothing else would say so."""
+        classifier itself), or a map or a sequence flattened (``"layer4"``'s [B, 2048, 7, 7]
+        read as 100,352 columns, a transformer block's every token): GROOD's prototypes and
+        gradients are meant for the penultimate feature, and nothing else would say so."""
+        shape = self._feature_shape
+        if shape is not None and len(shape) > 2 and math.prod(shape[2:]) > 1:
+            shown = ", ".join(map(str, shape[1:]))
+            warnings.warn(
+                f"features={self.features!r} gives a [B, {shown}] output each batch, read "
+                f"flattened as {math.prod(shape[1:]):,} columns: GROOD works on the "
+                "penultimate feature, one vector per input (a map pooled: 'avgpool'; what the "
+                "classifier receives: 'fc:input', 'head:input'), and memory grows with the "
+                "columns (the index holds a row of them per training input)",
+                UserWarning, stacklevel=user_stacklevel())
         if (out.logits is not None and out.features.shape == out.logits.shape
                 and torch.equal(out.features, out.logits)):
             hint = (f" (e.g. '{self.features}:input' when {self.features!r} is the classifier)"

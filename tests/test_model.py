@@ -219,6 +219,24 @@ def test_logits_of_other_shapes_are_read_or_refused_never_left_out():
             GROOD().fit_model(Reshaped(shape).eval(), [(x, y)], features="pool")
 
 
+def test_a_map_or_sequence_read_flattened_is_warned_of():
+    """Naming a module whose output is a map ("layer4"'s [B, 2048, 7, 7]) or a sequence of
+    tokens reads it flattened (100,352 columns there) without a word, though GROOD is meant
+    for one vector per input and the index holds a row of those columns per training input:
+    the first batch warns; a pooled [B, 8, 1, 1] does not."""
+    x, y = _images(12)
+    model = small_cnn().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = GROOD().fit_model(model, [(x, y)], features="2")  # a max-pooled 4 x 4 x 4 map
+        pooled = GROOD().fit_model(model, [(x, y)], features="5")
+    said = [str(w.message) for w in caught if "read flattened" in str(w.message)]
+    assert det.n_features_in_ == 64 and pooled.n_features_in_ == 8
+    assert said and all(m.startswith("features='2' gives a [B, 4, 4, 4] output each batch, "
+                                      "read flattened as 64 columns: GROOD works on the "
+                                      "penultimate feature") for m in said)
+
+
 def test_a_torchscript_model_is_refused_by_name():
     """A scripted or traced model's modules take no forward hooks: reading a named layer of
     one was torch's RuntimeError from deep in the extractor; now a ValueError names the
