@@ -502,8 +502,10 @@ class FeatureExtractor:
         shape = self._feature_shape
         if shape is not None and len(shape) > 2 and math.prod(shape[2:]) > 1:
             shown = ", ".join(map(str, shape[1:]))
+            which = (f"features={self.features!r}" if isinstance(self.features, str) else
+                     "the last feature of the model's feature list")
             warnings.warn(
-                f"features={self.features!r} gives a [B, {shown}] output each batch, read "
+                f"{which} gives a [B, {shown}] output each batch, read "
                 f"flattened as {math.prod(shape[1:]):,} columns: GROOD works on the "
                 "penultimate feature, one vector per input (a map pooled: 'avgpool'; what the "
                 "classifier receives: 'fc:input', 'head:input'), and memory grows with the "
