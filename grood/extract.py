@@ -287,7 +287,9 @@ class FeatureExtractor:
 
     Args:
         model (nn.Module): the classifier; its forward returns logits, or
-            ``(logits, feature_list)`` when called with ``return_feature_list=True``.
+            ``(logits, feature_list)`` when called with ``return_feature_list=True``. A model
+            wrapped by torch.compile, DataParallel or DistributedDataParallel is run as the
+            model they wrap (eagerly, on one device), its modules named either way.
         features (str, optional): name of the module whose output is the penultimate feature
             (as in ``model.named_modules()``, e.g. ``"avgpool"``). Without it the model must
             accept ``return_feature_list=True``; its last feature is used.
@@ -302,6 +304,11 @@ class FeatureExtractor:
     def __init__(self, model: nn.Module, *, features: str | None = None,
                  early: str | int | None = None, device: str | torch.device | None = None,
                  autocast: torch.dtype | None = None, progress: bool | None = None) -> None:
+        # Run as the model they wrap: a compiled forward that has run runs past hooks added
+        # since (the named module then never reports), and DataParallel's replicas would each
+        # call them; the batches go to one device anyway.
+        for step in wrapper_path(model):
+            model = getattr(model, step)
         self.model = model
         self.features = features
         self.early = early
@@ -542,9 +549,14 @@ def split_model(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
     """Split a model whose top-level children run in order into ``(stem, tail)`` after ``at``.
 
     ``stem(x)`` is the output of child ``at``; ``tail(h)`` runs the remaining children (with a
-    flatten before the first ``nn.Linear`` on a >2-D input). Check the split with
-    :func:`check_split`, which :class:`~grood.sources.Mixup` does before using it.
+    flatten before the first ``nn.Linear`` on a >2-D input). A model wrapped by
+    torch.compile, DataParallel or DistributedDataParallel is split as the model they wrap
+    (its children run uncompiled, on one device). Check the split with :func:`check_split`,
+    which :class:`~grood.sources.Mixup` does before using it.
     """
+    for step in wrapper_path(model):
+        model = getattr(model, step)
+    at = bare_name(at)
     children = list(model.named_children())
     names = [n for n, _ in children]
     if at not in names:

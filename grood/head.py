@@ -51,7 +51,13 @@ from grood._checks import (
 from grood._fit import UNRESOLVED_SHARE, probe_ids
 from grood._gradients import centred_sq_norms, resolved_rows
 from grood.errors import BackendUnavailableError
-from grood.extract import as_rows, check_module_name, copy_of_feature, logits_of
+from grood.extract import (
+    as_rows,
+    check_module_name,
+    copy_of_feature,
+    logits_of,
+    wrapper_path,
+)
 from grood.functional import NCPGradient, check_precision, database_sq_norms_of
 from grood.index import rounds_past_fp32, searched_count
 from grood.ops import check_backend_name
@@ -526,6 +532,11 @@ class GROODAttached(nn.Module):
         if features is None:
             self.model = model
             return
+        if "_orig_mod" in wrapper_path(model):  # (its traced forward runs past any copy)
+            raise ValueError("attach() reads the features through a copy of their module, "
+                             "which a model compiled before attaching runs past: attach the "
+                             "model itself and compile the attached one, "
+                             "torch.compile(det.attach(model))")
         module, takes_input = check_module_name(dict(model.named_modules()), features,
                                                 "features")
         if not module:

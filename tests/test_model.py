@@ -140,7 +140,10 @@ def test_wrapped_models_are_read_through_their_wrappers():
     """A detector fitted on a model scores it compiled (torch.compile's ``_orig_mod``) or in
     DataParallel (``module``), and one fitted on a wrapped model scores the bare one, on the
     same layer, named either way, without the warning about another layer (these were
-    errors: "features='8' is not a module of the model (did you mean '_orig_mod.8'?")."""
+    errors: "features='8' is not a module of the model (did you mean '_orig_mod.8'?"). The
+    model they wrap is run, eagerly: a compiled model that has run before the detector's
+    hooks were added runs past them ("ran 0 times"), so its scores are the bare model's,
+    bit for bit."""
     from grood.extract import bare_name, wrapper_path
 
     x, y = _images()
@@ -154,18 +157,26 @@ def test_wrapped_models_are_read_through_their_wrappers():
     scores = det.score_model(model, loader)[0]
     compiled = torch.compile(model, backend="eager")
     both = torch.compile(nn.DataParallel(model), backend="eager")
+    with torch.no_grad():  # (the user's own inference first: compiled without any hook)
+        compiled(x[:16]), both(x[:16])
     assert wrapper_path(model) == [] and wrapper_path(both) == ["_orig_mod", "module"]
     assert bare_name("_orig_mod.module.8") == "8" and bare_name("module") == "module"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for wrapped in (compiled, nn.DataParallel(model), both):
-            torch.testing.assert_close(det.score_model(wrapped, loader)[0], scores)
-        torch.testing.assert_close(det.score_model(compiled, loader, features="_orig_mod.8")[0],
-                                   scores)
+            assert torch.equal(det.score_model(wrapped, loader)[0], scores)
+        assert torch.equal(det.score_model(compiled, loader, features="_orig_mod.8")[0],
+                           scores)
         for name, on_wrapped in fitted.items():
             assert on_wrapped.extractor_["features"] == name
-            torch.testing.assert_close(on_wrapped.score_model(model, loader)[0], scores)
-            torch.testing.assert_close(on_wrapped.score_model(compiled, loader)[0], scores)
+            assert torch.equal(on_wrapped.score_model(model, loader)[0], scores)
+            assert torch.equal(on_wrapped.score_model(compiled, loader)[0], scores)
+    # The Mixup source splits the model they wrap (its children run uncompiled there).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = [GROOD(ood_prototype=Mixup(layer=layer)).fit_model(m, loader, features="8")
+                 for m, layer in ((model, "4"), (compiled, "4"), (both, "_orig_mod.module.4"))]
+    assert all(torch.equal(d.ood_prototype_, mixed[0].ood_prototype_) for d in mixed[1:])
     with pytest.warns(UserWarning, match="reads features='_orig_mod.7' here, but was fitted on "
                                          "features='8'"):
         det.score_model(compiled, loader, features="_orig_mod.7")
