@@ -594,6 +594,8 @@ def check_split(model: nn.Module, stem: nn.Module, tail: nn.Module, probe: Tenso
     if not isinstance(full, Tensor) or not isinstance(parts, Tensor):
         raise ValueError("the model's output holds no logits to check a split against (see "
                          "grood.extract.logits_of)")
+    # (a forward that flattens [B, C, 1, 1] logits its children leave so splits as well)
+    full, parts = without_unit_dims(full), without_unit_dims(parts)
     # (NaN where the model gives NaN agrees: a probe row of non-finite inputs is the caller's
     # to name, not a reason to call the split wrong)
     if parts.shape != full.shape or not torch.allclose(parts, full, rtol=1e-4, atol=1e-5,

@@ -10,7 +10,15 @@ from conftest import DictDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from grood import GROOD, ODIN, Mixup, RowsRefusedError, UniformNoise, evaluate_model
+from grood import (
+    GROOD,
+    ODIN,
+    Mixup,
+    RankFeat,
+    RowsRefusedError,
+    UniformNoise,
+    evaluate_model,
+)
 from grood.extract import FeatureExtractor, check_split, split_model
 from grood.sources import gaussian_blur
 
@@ -193,11 +201,11 @@ def test_logits_of_other_shapes_are_read_or_refused_never_left_out():
         def __init__(self):
             super().__init__()
             torch.manual_seed(1)
-            self.body, self.pool = nn.Conv2d(1, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Conv2d(6, 3, 1)
+            self.body, self.act = nn.Conv2d(1, 6, 3, padding=1), nn.ReLU()
+            self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 3, 1)
 
         def forward(self, images):
-            return self.head(self.pool(torch.relu(self.body(images))))
+            return self.head(self.pool(self.act(self.body(images))))
 
     class Reshaped(Convolutional):
         def __init__(self, shape):
@@ -218,9 +226,18 @@ def test_logits_of_other_shapes_are_read_or_refused_never_left_out():
         ref = GROOD().fit(feats, y, logits=logits)
     assert torch.equal(det.indexed_rows_, ref.indexed_rows_)
     torch.testing.assert_close(det.score_model(model, [(x, y)])[0], ref.score_samples(feats))
-    flat = nn.Sequential(model, nn.Flatten())  # ODIN reads them as [B, C] too
+    # ODIN, RankFeat and the Mixup source read them as [B, C] too (they were refused there)
+    flat = Reshaped(lambda b: (b, 3)).eval()
+    flat.load_state_dict(model.state_dict())
     torch.testing.assert_close(ODIN().score_model(model, [(x, y)])[0],
                                ODIN().score_model(flat, [(x, y)])[0])
+    assert torch.equal(RankFeat(layers="act").score_model(model, [(x, y)])[0],
+                       RankFeat(layers="act").score_model(flat, [(x, y)])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = [GROOD(ood_prototype=Mixup(layer="act")).fit_model(m, [(x, y)], features="pool")
+                 for m in (model, flat)]
+    assert torch.equal(mixed[0].ood_prototype_, mixed[1].ood_prototype_)
     # (the first forward is the fit's probe of one input)
     for shape, shown in ((lambda b: (b, 1, 3), r"\(1, 1, 3\)"), (lambda b: (b * 3,),
                                                                    r"\(3,\)")):
