@@ -847,6 +847,7 @@ def test_ood_loader_feeds_the_features_source(trained):
                  {"part": torch.cat([feats[:5], feats[:5] + 1])})
 
 
+@pytest.mark.filterwarnings("ignore:features='2' gives a:UserWarning")  # (a map, on purpose)
 def test_ood_loader_that_is_empty_or_of_another_width_is_refused(trained):
     """An OOD loader that yielded nothing made the origin the OOD prototype, silently; one
     whose flattened feature map had another width failed inside torch's broadcasting."""
