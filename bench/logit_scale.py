@@ -62,16 +62,20 @@ def errors(s32: torch.Tensor, s64: torch.Tensor) -> tuple[float, float]:
     return err / float(s64.std()), err / own if own > 0 else float("nan")
 
 
-def fitted(name: str, y, xs, ws, bs, logits=None):
+def fitted(name: str, y, xs, ws, bs, logits=None, options=None, warned=None):
     """``name`` fitted on the float32 features ``xs`` (and ``logits``) with the layer
-    ``ws``, ``bs``, and on the same values in float64: ``(float32 one, float64 one)``."""
-    opts = {name: {"bank_fraction": 0.2}} if name == "nnguide" else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tuple(fit_baselines([name], features=xs.to(dt), labels=y, weight=ws.to(dt),
-                                   bias=bs.to(dt), options=opts,
+    ``ws``, ``bs``, and on the same values in float64: ``(float32 one, float64 one)``.
+    ``options``: its constructor's arguments; ``warned``: a list the fits' warnings go to."""
+    opts = options or ({"bank_fraction": 0.2} if name == "nnguide" else {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pair = tuple(fit_baselines([name], features=xs.to(dt), labels=y, weight=ws.to(dt),
+                                   bias=bs.to(dt), options={name: opts} if opts else None,
                                    logits=None if logits is None else logits.to(dt))[0]
                      for dt in (torch.float32, torch.float64))
+    if warned is not None:
+        warned.extend(caught)
+    return pair
 
 
 def said(s32: torch.Tensor, s64: torch.Tensor) -> str:
@@ -107,13 +111,9 @@ def feature_cell(name: str, scale: float, x, y, w, b, q) -> str:
 def percentile_cell(name: str, q: float, x, y, w, b, test) -> str:
     """One cell of the percentile table: ``name`` at percentile ``q``, fitted and scored in
     float32 and on the same values in float64 ("warned" where the fit warned)."""
-    opts = {name: {"percentile": q}}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        e32, e64 = (fit_baselines([name], features=x.to(dt), labels=y, weight=w.to(dt),
-                                  bias=b.to(dt), options=opts)[0]
-                    for dt in (torch.float32, torch.float64))
-    if caught:
+    warned: list = []
+    e32, e64 = fitted(name, y, x, w, b, options={"percentile": q}, warned=warned)
+    if warned:
         return "warned"
     return said(e32.score_samples(test), e64.score_samples(test.double()))
 

@@ -475,10 +475,15 @@ def _normalise(x: Tensor) -> Tensor:
     first scaled by the power of two that brings its largest entry into [0.5, 1), which is
     exact, so the norm neither overflows (rows above ~1e19 in float32) nor underflows (below
     ~1e-19) and rows of ordinary magnitude get the same bits as without it."""
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _, exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True))
-    x = torch.ldexp(x, -exponent)
+    x, _ = _unit_scaled(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _unit_scaled(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows`` [N, D] each scaled by the power of two that brings its largest entry into
+    [0.5, 1) (exact), and that power's exponent [N, 1] (``ldexp`` by it undoes the scale)."""
+    _, exponent = torch.frexp(rows.abs().amax(dim=1, keepdim=True))
+    return torch.ldexp(rows, -exponent), exponent
 
 
 class KNN(_Baseline):
@@ -870,14 +875,13 @@ def _norms(rows: Tensor) -> Tensor:
     """The Euclidean norm of each of ``rows`` [N, D], in their dtype. Float32 squares of
     entries past about 1e19 overflow and below about 1e-19 underflow (float64's past 1e154
     and below 1e-154), though the norms stay in its range: the rows whose norm that may have
-    touched (:func:`_redone`) are taken again scaled by the power of two that brings their
-    largest entry into [0.5, 1) (exact, as :func:`_normalise` scales them)."""
+    touched (:func:`_redone`) are taken again at unit scale (:func:`_unit_scaled`, exact, as
+    :func:`_normalise` scales them)."""
     norms = rows.norm(dim=1)
     redo = _redone(norms * norms, rows.shape[1])
     if redo.numel():
-        part = rows[redo]
-        _, exponent = torch.frexp(part.abs().amax(dim=1))
-        norms[redo] = torch.ldexp(torch.ldexp(part, -exponent[:, None]).norm(dim=1), exponent)
+        scaled, exponent = _unit_scaled(rows[redo])
+        norms[redo] = torch.ldexp(scaled.norm(dim=1), exponent[:, 0])
     return norms
 
 
@@ -1130,20 +1134,16 @@ def _ratio(rows: Tensor, kept: Tensor) -> Tensor:
     CPU, where a float64 sum of float32 entries costs 20 times a float32 one, in the rows'
     dtype, and again in float64 for the float32 rows whose ratio passes
     :data:`RATIO_RESUMMED` or whose sums left float32's range."""
-    if _sums_in_float64(rows):
-        total = rows.sum(dim=1, keepdim=True, dtype=torch.float64)
-        part = kept.sum(dim=1, keepdim=True, dtype=torch.float64)
-        return (total / part.where(part > 0, 1.0)).where(part > 0, 0.0)
-    total = rows.sum(dim=1, keepdim=True).double()
-    part = kept.sum(dim=1, keepdim=True).double()
-    ratio = total / part.where(part > 0, 1.0)
-    again = ~(ratio.abs() <= RATIO_RESUMMED) | ~torch.isfinite(part)
-    if rows.dtype != torch.float64 and bool(again.any()):
-        at = again.nonzero()[:, 0]
-        part[at] = kept[at].sum(dim=1, keepdim=True, dtype=torch.float64)
-        ratio[at] = rows[at].sum(dim=1, keepdim=True, dtype=torch.float64) / \
-            part[at].where(part[at] > 0, 1.0)
-    return ratio.where(part > 0, 0.0)
+    wide = torch.float64 if _sums_in_float64(rows) else None
+    total, part = (t.sum(dim=1, keepdim=True, dtype=wide).double() for t in (rows, kept))
+    if wide is None and rows.dtype != torch.float64:
+        again = ~((total / part.where(part > 0, 1.0)).abs() <= RATIO_RESUMMED) | \
+            ~torch.isfinite(part)
+        if bool(again.any()):
+            at = again.nonzero()[:, 0]
+            total[at] = rows[at].sum(dim=1, keepdim=True, dtype=torch.float64)
+            part[at] = kept[at].sum(dim=1, keepdim=True, dtype=torch.float64)
+    return (total / part.where(part > 0, 1.0)).where(part > 0, 0.0)
 
 
 def _exp_scaled(values: Tensor, whole: Tensor, kept: Tensor, who: str, q: float) -> Tensor:

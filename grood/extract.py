@@ -127,19 +127,20 @@ def logits_of(output: Any) -> Tensor | None:
                     "or object with 'logits'")
 
 
-def without_unit_dims(logits: Tensor) -> Tensor:
-    """Logits [B, C, 1, ...] (a convolutional classifier's [B, C, 1, 1]) as [B, C]; others
-    as they are."""
-    if logits.ndim > 2 and all(size == 1 for size in logits.shape[2:]):
+def flat_logits_of(output: Any) -> Tensor | None:
+    """:func:`logits_of`, with a convolutional classifier's [B, C, 1, ...] logits (trailing
+    dimensions of size 1) read as [B, C]; logits of other shapes as they are."""
+    logits = logits_of(output)
+    if logits is not None and logits.ndim > 2 and all(s == 1 for s in logits.shape[2:]):
         return logits.reshape(logits.shape[0], logits.shape[1])
     return logits
 
 
 def class_logits(logits: Tensor, rows: int) -> Tensor:
-    """A batch of ``rows`` inputs' logits as [rows, C] (:func:`without_unit_dims`); any
-    other shape is an error naming it, where leaving the logits out would index the samples
-    their nearest prototype gets right instead of those the model gets right."""
-    logits = without_unit_dims(logits)
+    """A batch of ``rows`` inputs' logits (as :func:`flat_logits_of` reads them), checked to
+    be [rows, C]; any other shape is an error naming it, where leaving the logits out would
+    index the samples their nearest prototype gets right instead of those the model gets
+    right."""
     if logits.ndim != 2 or logits.shape[0] != rows:
         raise ValueError(
             f"the model's logits have shape {tuple(logits.shape)} for a batch of {rows} "
@@ -177,6 +178,14 @@ def wrapper_path(model: nn.Module | None) -> list[str]:
         path.append(step)
         model = getattr(model, step)
     return path
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers :func:`wrapper_path` goes through (``model`` itself
+    where there are none)."""
+    for step in wrapper_path(model):
+        model = getattr(model, step)
+    return model
 
 
 def bare_name(name: str) -> str:
@@ -307,8 +316,7 @@ class FeatureExtractor:
         # Run as the model they wrap: a compiled forward that has run runs past hooks added
         # since (the named module then never reports), and DataParallel's replicas would each
         # call them; the batches go to one device anyway.
-        for step in wrapper_path(model):
-            model = getattr(model, step)
+        model = unwrapped(model)
         self.model = model
         self.features = features
         self.early = early
@@ -379,12 +387,12 @@ class FeatureExtractor:
                 if not feature_list:
                     raise ValueError("the model's forward returned an empty feature list: "
                                      "name the penultimate module with features=...")
-                logits = logits_of(logits)
+                logits = flat_logits_of(logits)
                 captured.setdefault("features", [feature_list[-1]])
                 if isinstance(self.early, int):
                     captured["early"] = [feature_list[self.early]]
             else:
-                logits = logits_of(self.model(x))
+                logits = flat_logits_of(self.model(x))
         feats = self.output_of(captured, "features")
         early = self.output_of(captured, "early")
         assert feats is not None  # (captured above, or named and checked by output_of)
@@ -554,9 +562,7 @@ def split_model(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
     (its children run uncompiled, on one device). Check the split with :func:`check_split`,
     which :class:`~grood.sources.Mixup` does before using it.
     """
-    for step in wrapper_path(model):
-        model = getattr(model, step)
-    at = bare_name(at)
+    model, at = unwrapped(model), bare_name(at)
     children = list(model.named_children())
     names = [n for n, _ in children]
     if at not in names:
@@ -586,16 +592,15 @@ def check_split(model: nn.Module, stem: nn.Module, tail: nn.Module, probe: Tenso
              "(running them in order does not reproduce its output{}); pass split=(stem, "
              "tail) with tail(stem(x)) == model(x)")
     with eval_mode(model):
-        full = logits_of(model(probe))
+        # (a forward that flattens [B, C, 1, 1] logits its children leave splits as well)
+        full = flat_logits_of(model(probe))
         try:
-            parts = logits_of(tail(stem(probe)))
+            parts = flat_logits_of(tail(stem(probe)))
         except (RuntimeError, ValueError, TypeError) as exc:  # (children out of order)
             raise ValueError(wrong.format(f": {type(exc).__name__}: {exc}")) from exc
     if not isinstance(full, Tensor) or not isinstance(parts, Tensor):
         raise ValueError("the model's output holds no logits to check a split against (see "
                          "grood.extract.logits_of)")
-    # (a forward that flattens [B, C, 1, 1] logits its children leave so splits as well)
-    full, parts = without_unit_dims(full), without_unit_dims(parts)
     # (NaN where the model gives NaN agrees: a probe row of non-finite inputs is the caller's
     # to name, not a reason to call the split wrong)
     if parts.shape != full.shape or not torch.allclose(parts, full, rtol=1e-4, atol=1e-5,

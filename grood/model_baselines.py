@@ -34,11 +34,10 @@ from grood.extract import (
     autocast_context,
     check_split,
     eval_mode,
-    logits_of,
+    flat_logits_of,
     model_device,
     split_batch,
     split_model,
-    without_unit_dims,
 )
 
 #: The ``inputs`` of a baseline scored from the model's inputs (by the model).
@@ -365,11 +364,10 @@ def _logits(model: nn.Module, x: Tensor, autocast: torch.dtype | None, rows: int
 
 
 def _checked_logits(output: Any, rows: int, what: str) -> Tensor:
-    """The logits [rows, C] in ``output`` (as :func:`grood.extract.logits_of` reads them), in
+    """The logits [rows, C] in ``output`` (as :func:`grood.extract.flat_logits_of` reads them), in
     float32 (float64 kept), checked finite: a non-finite logit would make every later number
     NaN."""
-    z = logits_of(output)
-    z = None if z is None else without_unit_dims(z)
+    z = flat_logits_of(output)
     if z is None or z.ndim != 2 or z.shape[0] != rows:
         raise ValueError(f"the baseline needs the model's logits [{rows}, C] of a batch of "
                          f"{rows} input(s); {what} gave "

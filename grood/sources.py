@@ -31,10 +31,9 @@ from grood.extract import (
     FeatureExtractor,
     check_split,
     eval_mode,
-    logits_of,
+    flat_logits_of,
     split_batch,
     split_model,
-    without_unit_dims,
 )
 from grood.functional import add_rows_by_class
 from grood.prototypes import OODPrototypeSource, PrototypeContext, register_source
@@ -131,8 +130,7 @@ class Mixup(OODPrototypeSource):
         if x.shape[0] == 0:  # (an empty batch: nothing to mix; the model need not take 0 rows)
             return 0
         e = stem(x)
-        logits = logits_of(tail(e.clone()))  # the tail may change its input in place
-        logits = None if logits is None else without_unit_dims(logits)
+        logits = flat_logits_of(tail(e.clone()))  # the tail may change its input in place
         if logits is None or logits.ndim != 2:
             raise ValueError("Mixup needs the model's logits [B, C] (to pick each sample's "
                              "second most likely class); the tail returned "
