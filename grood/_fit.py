@@ -217,6 +217,18 @@ def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> Non
             UserWarning, stacklevel=user_stacklevel())
 
 
+def warn_narrowed(row: int) -> None:
+    """Warn that a float64 batch (its first row ``row``) of a fit whose first batch is
+    float32 (or narrower) is computed in float32: the detector takes the first batch's compute
+    dtype, so a stream of mixed dtypes would otherwise lose the later batches' digits without a
+    word."""
+    warnings.warn(
+        f"the training batch at row {row:,} is float64 and the first batch is not: the "
+        "detector computes in float32, the first batch's precision, and rounds the float64 "
+        "batches to it; give every batch in float64 (e.g. x.double()) for a float64 detector, "
+        "or in float32 to silence this", UserWarning, stacklevel=user_stacklevel())
+
+
 #: How near a class prototype (relative to the distance between the nearest two class
 #: prototypes) the OOD prototype may lie before the fit warns that it coincides with it.
 COINCIDENT_PROTOTYPES = 1e-3
@@ -607,6 +619,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     """
     backend = ops.resolve_backends(det.backend, device, dtype, det.precision)
     state, n, with_logits = None, 0, None
+    narrowed: int | None = None  # the first row of a float64 batch in a float32 fit
     right = torch.zeros((), dtype=torch.int64, device=device)  # rows the logits get right
     # Each pass is rank-local work: a rank that fails in it stops every rank.
     with dist.together(det.distributed, "reading its training batches (class prototypes)"):
@@ -618,12 +631,16 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
                 n_classes = lb.shape[1]
             with_logits = lb is not None if with_logits is None else with_logits
             yb = check_batch(xb, yb, lb, d, n_classes, n, with_logits)
+            if narrowed is None and compute_dtype(xb.dtype) != dtype and dtype != torch.float64:
+                narrowed = n
             state = _class_sums(xb, yb, n_classes, state)
             if lb is not None:
                 right += (lb.argmax(dim=1) == yb).sum()
             n += xb.shape[0]
         if state is None:
             raise ValueError("the training data is empty")
+    if narrowed is not None:
+        warn_narrowed(narrowed)
     assert n_classes is not None and with_logits is not None  # (set by the first batch)
     n_local, counts_local = n, state.counts.clone()  # to compare the second pass with
     reduce = dist.all_reduce if det.distributed else (lambda t: t)

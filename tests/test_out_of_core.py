@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -209,6 +210,28 @@ def test_fit_batches_takes_empty_batches_and_refuses_mixed_logits():
         GROOD().fit_batches([(x, y)], n_classes=3)
     with pytest.raises(ValueError, match=r"out of range for 3 classes \(the logits' columns\)"):
         GROOD().fit_batches([(x, y, logits[:, :3])])
+
+
+def test_a_float64_batch_after_a_float32_one_is_named():
+    """The detector computes in the first batch's precision: float64 batches after a float32
+    first batch are rounded to float32, which a stream of numpy batches (float64 by default)
+    beside tensors gives without meaning to. The fit says so, once, naming the row; batches
+    the fit takes without loss (float32 or half after float64, one dtype throughout) pass
+    without a word."""
+    x, y, _ = _arrays()
+    x64 = x.double()
+    with pytest.warns(UserWarning, match=r"training batch at row 128 is float64 and the first "
+                      r"batch is not: the detector computes in float32") as caught:
+        det = GROOD().fit_batches([(x[:64], y[:64]), (x[64:128], y[64:128]),
+                                   (x64[128:].numpy(), y[128:]), (x64[:0], y[:0])])
+    assert det.class_prototypes_.dtype == torch.float32
+    assert sum("is float64" in str(w.message) for w in caught) == 1
+    for batches in ([(x64[:150], y[:150]), (x[150:], y[150:]), (x[:0].half(), y[:0])],
+                    [(x[:150], y[:150]), (x[150:], y[150:])],
+                    [(x64[:150], y[:150]), (x64[150:], y[150:])]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            GROOD().fit_batches(batches)
 
 
 def test_memmap_input_equals_in_memory(tmp_path):
