@@ -446,9 +446,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    # "all": every baseline, in EVAL_BY_NAME's order (each name once); TempScale with
-    # --held-out (it fits on nothing else)
-    every = [k for k in EVAL_BY_NAME if k not in HELD_OUT or args.held_out is not None]
+    every = _all_baselines(args) if "all" in args.baselines else []
     args.baselines = list(dict.fromkeys(
         name for b in args.baselines for name in (every if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
@@ -607,6 +605,41 @@ def _provenance_line(p: dict[str, Any]) -> str:
             f"{nprobe}, precision {p['precision']}; {backend_words(p['backends'])}, "
             f"{p['device']} · grood {p['grood']} (kernels {p['kernels']}), torch {p['torch']} "
             f"· {p['date']}")
+
+
+def _all_baselines(args: argparse.Namespace) -> list[str]:
+    """``--baselines all``: every baseline the given files let be fitted and scored, in
+    EVAL_BY_NAME's order. Those left out (TempScale without --held-out, those that learn from
+    a training set without --train or from arrays it lacks, those of logits where a test file
+    has none) are named in one warning, with what each needs."""
+    from grood.io import array_names
+
+    def arrays(path: str | None) -> set[str] | None:  # (a missing file is refused later)
+        return array_names(path) if path is not None and os.path.isfile(path) else None
+
+    tests = [args.id, *args.near, *args.far, *args.ood]
+    no_logits = [p for p in tests if "logits" not in (arrays(p) or {"logits"})]
+    train = arrays(args.train)
+    kept: list[str] = []
+    left_out: dict[str, list[str]] = {}  # why -> the names
+    for key, (cls, scores) in EVAL_BY_NAME.items():
+        reads = () if key in HELD_OUT else learned_from(cls, head_given=args.head is not None)
+        lacks = [r for r in reads if train is not None and r not in train]
+        why = ("fit on held-out logits and labels: give --held-out FILE"
+               if key in HELD_OUT and args.held_out is None else
+               f"score logits, which {no_logits[0]} lacks" if scores == "logits" and no_logits
+               else "fit on a training set: give --train FILE" if reads and args.train is None
+               else f"fit on the training file's {' and '.join(lacks)}, which it lacks"
+               if lacks else None)
+        if why is None:
+            kept.append(key)
+        else:
+            left_out.setdefault(why, []).append(key)
+    if left_out:
+        warnings.warn("--baselines all leaves out " + "; ".join(
+            f"{', '.join(names)} (they {why})" for why, names in left_out.items()),
+            UserWarning, stacklevel=2)
+    return kept
 
 
 def _train_readers(*, head_given: bool) -> list[str]:
@@ -1139,7 +1172,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "dice, fdbd, scale and nnguide (fitted on --train's features and "
                          "logits, from which they recover the classifier's last layer; she on "
                          "its labels too), tempscale (its temperature fitted on --held-out's "
-                         "logits and labels), or all of them: all (tempscale with --held-out)")
+                         "logits and labels), or all of them: all (those the files allow: "
+                         "tempscale with --held-out, those fitted on --train with it, those "
+                         "of logits where every test file has them; a warning names the rest)")
     readers = _train_readers(head_given=False)
     layer_only = [k for k in readers if k not in _train_readers(head_given=True)]
     ev.add_argument("--train", metavar="FILE",

@@ -937,6 +937,45 @@ def test_eval_baselines_all_scores_every_baseline_once(tmp_path, capsys):
             == got[str(tmp_path / "ood.npz")]["baselines"]["fDBD"])
 
 
+def test_eval_baselines_all_takes_those_the_files_allow(tmp_path, capsys):
+    """--baselines all without --train, or with files that lack logits or labels, scores the
+    baselines those files allow (it refused the whole command, naming a training set or
+    logits) and names those it leaves out, with what each needs, in one warning; a baseline
+    named beside it is still refused for what it lacks."""
+    from grood.baselines import BY_NAME, learned_from
+
+    *_, ood, _, det = _last_layer_files(tmp_path, seed=6, ood_seed=4)
+    _write(tmp_path / "ood_bare.npz", features=ood)
+    capsys.readouterr()
+    id_, ood_, bare = (str(tmp_path / f) for f in ("id.npz", "ood.npz", "ood_bare.npz"))
+    argv = ["eval", det, "--id", id_, "--json", str(tmp_path / "m.json"), "--baselines", "all"]
+    of_logits = [k for k, (_, inputs) in BY_NAME.items() if inputs == "logits"]
+    untrained = [k for k, (cls, _) in BY_NAME.items() if not learned_from(cls, head_given=False)]
+    assert main([*argv, "--ood", ood_]) == 0  # no --train: those of each file's logits
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]["baselines"]
+    assert taken == untrained and set(taken) <= set(of_logits) and len(taken) == 4
+    err = capsys.readouterr().err
+    assert "--baselines all leaves out klm, knn, mahalanobis" in err
+    assert "(they fit on a training set: give --train FILE); tempscale (they fit on " \
+        "held-out logits and labels: give --held-out FILE)" in err
+    # An OOD file without logits: those of logits left out, those of features fitted.
+    train = [*("--train", str(tmp_path / "train.npz")), "--knn-k", "3", "--nnguide-k", "1"]
+    assert main([*argv, "--ood", ood_, bare, *train]) == 0
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]["baselines"]
+    assert taken == [k for k in BY_NAME if k not in of_logits]
+    assert f"{', '.join(of_logits)} (they score logits, which {bare} lacks)" \
+        in capsys.readouterr().err
+    # A training file without labels: those that fit on them left out.
+    train[1] = str(tmp_path / "unlabelled.npz")
+    assert main([*argv, "--ood", ood_, *train]) == 0
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]["baselines"]
+    assert "mahalanobis" not in taken and "knn" in taken and "vim" in taken
+    assert "mahalanobis, rmd, she (they fit on the training file's labels, which it lacks)" \
+        in capsys.readouterr().err
+    assert main([*argv, "msp", "--ood", bare]) == 2
+    assert "msp scores logits: the file has no 'logits' array" in capsys.readouterr().err
+
+
 def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
     """--baselines tempscale --held-out FILE: the temperature fitted on that file's logits and
     labels (a feature file with both, or a file of those two alone), the metrics
