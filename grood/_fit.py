@@ -376,11 +376,9 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         exact = index if isinstance(index, ExactIndex) else None
         # (a half-precision copy is not made here: its first search makes it, and warns of it;
         # warn_unresolved does, where the copy loses rows to its range)
-        missed = 0 if n == 0 else (
-            missed_as_themselves(index, ids, held) if exact is None or exact.storage is None
-            else missed_in_blocks(exact, ids, held))
-        crowding = ([0, 0] if exact is None or n < 2
-                    else crowded_probes(exact, ids, held, exact.dtype))
+        missed, crowding = (0, [0, 0]) if n == 0 else (
+            (missed_as_themselves(index, ids, held), [0, 0]) if exact is None
+            else probed(exact, ids, held))
     counts = torch.tensor([missed, ids.numel(), *crowding], dtype=torch.float64)
     missed, probes, crowded, measured = (
         int(v) for v in (dist.all_reduce(counts) if distributed else counts))
@@ -392,11 +390,10 @@ def check_search_resolves(index: GradientIndex, dtype: torch.dtype, precision: s
         if distributed:  # (the same bits on every rank, whatever each summed in: their max)
             mean = dist.all_reduce(mean, "max")
         with dist.together(distributed, step):
-            centred = [missed_in_blocks(exact, ids, held, mean) if n else 0]
             # (where only crowded, held less the mean if that clears it: counted again so)
-            if not unresolved:
-                centred += crowded_probes(exact, ids, held, exact.dtype, mean) if n > 1 \
-                    else [0, 0]
+            centred_missed, centred_crowding = probed(exact, ids, held, mean) if n \
+                else (0, [0, 0])
+            centred = [centred_missed, *([] if unresolved else centred_crowding)]
         if distributed:
             centred = [int(v) for v in dist.all_reduce(torch.tensor(centred))]
         if centred[0] < UNRESOLVED_SHARE * probes and (unresolved
@@ -516,7 +513,23 @@ def missed_as_themselves(index: GradientIndex, ids: Tensor, held: Tensor) -> int
     """How many of the indexed vectors ``ids`` [m] (rows ``held``: ``index.vectors_at(ids)``)
     a search for them as themselves misses (another row comes back, at a distance above 0),
     for an index not held less a centre."""
-    dists, found = index.search(held, 1)
+    return missed_of(ids, *index.search(held, 1))
+
+
+def probed(index: ExactIndex, ids: Tensor, held: Tensor, centre: Tensor | None = None
+           ) -> tuple[int, list[int]]:
+    """:func:`missed_in_blocks` and :func:`crowded_probes` (``[0, 0]`` in an index of one
+    row) from one search of the index's rows for their two nearest: one read of the index
+    where each would take its own."""
+    found = searched_in_blocks(index, held, min(2, index.ntotal), centre)
+    return (missed_of(ids, *found),
+            [0, 0] if index.ntotal < 2 else crowded_probes(index, ids, held, index.dtype,
+                                                           centre, found))
+
+
+def missed_of(ids: Tensor, dists: Tensor, found: Tensor) -> int:
+    """How many of the searches for the indexed rows ``ids`` as themselves found another
+    row first (``found[:, 0]``), at a distance above 0 (an exact copy of a row is found)."""
     return int(((found[:, 0].cpu() != ids) & (dists[:, 0].cpu() > 0)).sum())
 
 
@@ -528,8 +541,7 @@ def missed_in_blocks(index: ExactIndex, ids: Tensor, held: Tensor,
     index searches a half-precision ``storage`` copy, on each block rounded so, its
     candidates re-ranked on the exact rows, as the index's search does (without making its
     copy)."""
-    best_d, best_i = searched_in_blocks(index, held, 1, centre)
-    return int(((best_i[:, 0].cpu() != ids) & (best_d[:, 0].cpu() > 0)).sum())
+    return missed_of(ids, *searched_in_blocks(index, held, 1, centre))
 
 
 def searched_in_blocks(index: ExactIndex, held: Tensor, k: int,
@@ -580,14 +592,16 @@ def expansion_error_bound(a_norm: Tensor, b_norm: Tensor, terms: int, r: float =
 
 
 def crowded_probes(index: ExactIndex, ids: Tensor, held: Tensor, dtype: torch.dtype,
-                   centre: Tensor | None = None) -> list[int]:
+                   centre: Tensor | None = None,
+                   found: tuple[Tensor, Tensor] | None = None) -> list[int]:
     """Of the sampled indexed rows ``ids`` (``held``: their rows), how many have their nearest
     other row (found by the index's own search, :func:`searched_in_blocks`, less ``centre``
     where given, with its exact distance) closer than ``1 / CROWDED_SHARE`` times the ieee
     expansion's error bound for the two (:func:`expansion_error_bound`, of the rows less
     ``centre``), and how many rows were measured (those with another row at a distance
-    above 0): ``[crowded, measured]``."""
-    d, i = searched_in_blocks(index, held, 2, centre)
+    above 0): ``[crowded, measured]``. ``found``: that search's ``(distances, rows)`` [m, 2],
+    where already made."""
+    d, i = found if found is not None else searched_in_blocks(index, held, 2, centre)
     first_is_self = i[:, 0].cpu() == ids
     other = torch.where(first_is_self, i[:, 1].cpu(), i[:, 0].cpu())
     gap = torch.where(first_is_self, d[:, 1].cpu(), d[:, 0].cpu()).double()
