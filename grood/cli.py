@@ -625,19 +625,19 @@ def _all_baselines(args: argparse.Namespace) -> list[str]:
     for key, (cls, scores) in EVAL_BY_NAME.items():
         reads = () if key in HELD_OUT else learned_from(cls, head_given=args.head is not None)
         lacks = [r for r in reads if train is not None and r not in train]
-        why = ("fit on held-out logits and labels: give --held-out FILE"
+        why = ("no held-out logits and labels to fit on: give --held-out FILE"
                if key in HELD_OUT and args.held_out is None else
-               f"score logits, which {no_logits[0]} lacks" if scores == "logits" and no_logits
-               else "fit on a training set: give --train FILE" if reads and args.train is None
-               else f"fit on the training file's {' and '.join(lacks)}, which it lacks"
-               if lacks else None)
+               f"no logits in {no_logits[0]}" if scores == "logits" and no_logits
+               else "no training set to fit on: give --train FILE"
+               if reads and args.train is None
+               else f"no {' and '.join(lacks)} in the training file" if lacks else None)
         if why is None:
             kept.append(key)
         else:
             left_out.setdefault(why, []).append(key)
     if left_out:
         warnings.warn("--baselines all leaves out " + "; ".join(
-            f"{', '.join(names)} (they {why})" for why, names in left_out.items()),
+            f"{', '.join(names)} ({why})" for why, names in left_out.items()),
             UserWarning, stacklevel=2)
     return kept
 

@@ -956,21 +956,21 @@ def test_eval_baselines_all_takes_those_the_files_allow(tmp_path, capsys):
     assert taken == untrained and set(taken) <= set(of_logits) and len(taken) == 4
     err = capsys.readouterr().err
     assert "--baselines all leaves out klm, knn, mahalanobis" in err
-    assert "(they fit on a training set: give --train FILE); tempscale (they fit on " \
-        "held-out logits and labels: give --held-out FILE)" in err
+    assert "(no training set to fit on: give --train FILE); tempscale (no held-out logits " \
+        "and labels to fit on: give --held-out FILE)" in err
     # An OOD file without logits: those of logits left out, those of features fitted.
     train = [*("--train", str(tmp_path / "train.npz")), "--knn-k", "3", "--nnguide-k", "1"]
     assert main([*argv, "--ood", ood_, bare, *train]) == 0
     taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]["baselines"]
     assert taken == [k for k in BY_NAME if k not in of_logits]
-    assert f"{', '.join(of_logits)} (they score logits, which {bare} lacks)" \
+    assert f"{', '.join(of_logits)} (no logits in {bare})" \
         in capsys.readouterr().err
     # A training file without labels: those that fit on them left out.
     train[1] = str(tmp_path / "unlabelled.npz")
     assert main([*argv, "--ood", ood_, *train]) == 0
     taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]["baselines"]
     assert "mahalanobis" not in taken and "knn" in taken and "vim" in taken
-    assert "mahalanobis, rmd, she (they fit on the training file's labels, which it lacks)" \
+    assert "mahalanobis, rmd, she (no labels in the training file)" \
         in capsys.readouterr().err
     assert main([*argv, "msp", "--ood", bare]) == 2
     assert "msp scores logits: the file has no 'logits' array" in capsys.readouterr().err
