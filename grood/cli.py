@@ -446,9 +446,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    every = _all_baselines(args) if "all" in args.baselines else []
+    every = _all_baselines(args) if "all" in args.baselines else None
     args.baselines = list(dict.fromkeys(
-        name for b in args.baselines for name in (every if b == "all" else (b,))))
+        name for b in args.baselines for name in ((every or []) if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
     trained = [b for b in args.baselines if b in readers]
     if trained and args.train is None:
@@ -472,7 +472,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _require_files({"held-out file": args.held_out})
     for option, (key, _) in BASELINE_OPTIONS.items():
         if getattr(args, option) is not None and key not in args.baselines:
-            raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}")
+            raise ValueError(f"--{option.replace('_', '-')} is read only by --baselines {key}"
+                             + ("" if every is None else ", which --baselines all leaves out "
+                                "here (the warning above says why)"))
     if args.head is not None:
         if not set(args.baselines) & set(HEAD_BASELINES):
             raise ValueError("--head is read only by --baselines "

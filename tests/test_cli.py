@@ -974,6 +974,9 @@ def test_eval_baselines_all_takes_those_the_files_allow(tmp_path, capsys):
         in capsys.readouterr().err
     assert main([*argv, "msp", "--ood", bare]) == 2
     assert "msp scores logits: the file has no 'logits' array" in capsys.readouterr().err
+    assert main([*argv, "--ood", ood_, "--knn-k", "3"]) == 2
+    assert ("--knn-k is read only by --baselines knn, which --baselines all leaves out here"
+            in capsys.readouterr().err)
 
 
 def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
