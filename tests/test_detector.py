@@ -11,6 +11,7 @@ import torch
 from conftest import clustered_features
 from reference import grood_scores_naive
 
+import grood._fit
 from grood import GROOD, DetectorFileError, NotFittedError, __version__, ops
 from grood.metrics import threshold_acceptance
 from grood.prototypes import OODPrototypeSource, register_source
@@ -380,6 +381,9 @@ def test_precision_set_after_fit_is_checked_and_used(monkeypatch):
     real = ops.get_op("knn", "torch")
     monkeypatch.setattr(det.index_, "search", lambda q, k: (
         seen.append(det.index_.precision), real(q, det.index_.vectors, k))[1])
+    blocks = grood._fit.searched_in_blocks  # (the check's search)
+    monkeypatch.setattr(grood._fit, "searched_in_blocks", lambda index, *a: (
+        seen.append(index.precision), blocks(index, *a))[1])
     det.precision = "bf16"
     det.score_samples(test)
     # The search's check in the new precision (as the fit's), then the scores' search.

@@ -347,17 +347,16 @@ def test_k_points_share_one_search_per_set(sets, monkeypatch):
         searched.clear()
         t = tune(est, {"k": ks}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
                  progress=False)
-        # The ID set and the two OOD sets, once each (after the fit's own search of GROOD's
-        # index for some of its rows, at k = 1: grood._fit.check_search_resolves).
-        fit_search = [1] * isinstance(est, GROOD)
-        assert searched == fit_search + [max(ks)] * 3
+        # The ID set and the two OOD sets, once each (the fit's own search of GROOD's index
+        # for some of its rows, grood._fit.check_search_resolves, runs on blocks of its rows).
+        assert searched == [max(ks)] * 3
         for point, result in zip(t.points, t.results, strict=True):
             fitted = _fitted(type(est), {**est.get_params(), **point}, tr)
             assert result == {name: direct(fitted, sets, name) for name in ("near", "far")}
         searched.clear()  # one k (and a fit per point): each point searched on its own
         tune(est, {"k": ks[:1]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
              progress=False)
-        assert searched == fit_search + [ks[0]] * 3
+        assert searched == [ks[0]] * 3
     # an error comes from the first point it concerns, as without the shared search
     with pytest.raises(ValueError, match=r"^at k=500: id_val: k=500 but the index holds"):
         tune(GROOD(), {"k": [1, 500]}, train=tr, id_val=sets["id"], ood_val=sets["ood"],
