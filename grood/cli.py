@@ -251,7 +251,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from grood import GROOD
-    from grood.calibration import current_threshold
+    from grood.calibration import current_threshold, zero_counts
     from grood.io import load_features, save_scores
     from grood.neighbours import neighbours_and_predict, warn_row_order
     from grood.persistence import save_target
@@ -273,7 +273,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     neighbours: tuple[Any, Any] | None = None
     scores: Any  # tensors, or arrays as the features were; numpy arrays below
     preds: Any
-    with prefixed_errors(args.features, only=("features",)):
+    with prefixed_errors(args.features, only=("features",)), \
+            det._counting_training_rows() as found:
         if args.neighbours:  # the scores come from the same search: -distance to the k-th
             warn_row_order(det)
             dists, rows, preds, _ = neighbours_and_predict(det, features,
@@ -285,15 +286,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
     # As numpy arrays (the neighbours come as tensors on the detector's device).
     results = [np.asarray(r.cpu() if hasattr(r, "cpu") else r)
                for r in (scores, preds, *(neighbours or ()))]
+    zeros = zero_counts(found)  # [training rows, unresolved rows] at distance 0
     if world > 1:
         import torch
 
-        from grood.distributed import all_gather_rows
+        from grood.distributed import all_gather_rows, all_reduce
 
         results = [torch.cat(all_gather_rows(torch.from_numpy(r))).numpy() for r in results]
+        zeros = all_reduce(zeros)
         if rank:
             return 0
     scores, preds, *rest = results
+    zero, unresolved = zeros.tolist()
+    _warn_zeros(args.features, zero, unresolved, scores.size, det.k)
     flags = None if threshold is None else scores < threshold
     save_scores(args.out, scores, preds, flags, threshold,
                 neighbours=(rest[0], rest[1]) if rest else None)
@@ -304,6 +309,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
           f"in-distribution; min {scores.min():.6g}, median {np.median(scores):.6g}, max "
           f"{scores.max():.6g}){flagged}; wrote {args.out}")
     return 0
+
+
+def _warn_zeros(path: str, zero: int, unresolved: int, n: int, k: int) -> None:
+    """``grood score``'s warnings where more than 1 % of a file's ``n`` rows have an indexed
+    gradient at distance 0, as calibrating and ``grood eval`` warn: ``zero`` rows equal to
+    indexed training rows (they score as the training set does, above new samples of their
+    distribution: a file of training rows scored as new ones), ``unresolved`` rows whose own
+    gradients are too small for the dtype's squared distances (they tie)."""
+    from grood.calibration import (
+        UNRESOLVED_FIX,
+        UNRESOLVED_ZEROS,
+        training_rows_clause,
+        unresolved_share,
+    )
+
+    if unresolved_share(unresolved, n):
+        warnings.warn(f"{path}: {unresolved} of its {n} rows score 0 ({UNRESOLVED_ZEROS}): "
+                      f"they tie; {UNRESOLVED_FIX}", UserWarning, stacklevel=2)
+    held = training_rows_clause(zero, n, k)
+    if held is not None:
+        warnings.warn(f"{path}: {zero} of its {n} rows equal indexed training rows (an "
+                      f"indexed gradient at distance 0, {held}{', the highest' * (k == 1)}): "
+                      "they score as the training set does, higher than new samples of their "
+                      "distribution would; is it (part of) the training set?", UserWarning,
+                      stacklevel=2)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

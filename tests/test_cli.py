@@ -2227,6 +2227,36 @@ def test_score_counts_its_rows_in_words(tmp_path, capsys):
         assert capsys.readouterr().out.startswith(words)
 
 
+def test_score_names_a_file_of_training_rows(tmp_path, capsys):
+    """A file whose rows are the training rows scores them as the training set scores (an
+    indexed gradient at distance 0: 0 at k = 1, the highest), above new samples of their
+    distribution: `grood score` said nothing (calibrating and `grood eval` warn). It warns
+    where more than 1 % of the rows do, with or without --neighbours, and not for new rows."""
+    x, y = clustered_features(200, 4, 6, seed=2, dtype=torch.float32)
+    _write(tmp_path / "t.npz", features=x, labels=y)
+    det, out = str(tmp_path / "d.safetensors"), str(tmp_path / "s.npz")
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", det]) == 0
+    new, _ = clustered_features(200, 4, 6, seed=2, dtype=torch.float32, spread=1.1)
+    _write(tmp_path / "half.npy", features=torch.cat([x[:100], new[100:]]))
+    _write(tmp_path / "new.npy", features=new)
+    indexed = int((GROOD.load(det).indexed_rows_ < 100).sum())  # (the rows classified right)
+    assert 90 < indexed < 100
+    for extra in ([], ["--neighbours", "2"]):
+        capsys.readouterr()
+        assert main(["score", det, str(tmp_path / "half.npy"), "-o", out, *extra]) == 0
+        err = capsys.readouterr().err
+        assert (f"half.npy: {indexed} of its 200 rows equal indexed training rows (an indexed "
+                "gradient at distance 0, so they score 0, the highest): they score as the "
+                "training set does" in err), err
+        assert main(["score", det, str(tmp_path / "new.npy"), "-o", out, *extra]) == 0
+        assert "training rows" not in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "t.npz"), "-o", det, "-k", "3"]) == 0
+    assert main(["score", det, str(tmp_path / "half.npy"), "-o", out]) == 0
+    assert "(an indexed gradient at distance 0, one of their k=3 neighbours): " \
+        in capsys.readouterr().err
+
+
 def test_score_csv_writes_each_value_as_its_dtype_reads_it(tmp_path):
     """A CSV score file wrote float32 scores and distances with their float64 repr
     (-0.10000000149011612 for float32's -0.1): longer than the value holds, and read as the
