@@ -1933,6 +1933,17 @@ def test_score_range_tables_at_tiny_size():
     assert set(rows) >= {"float16", "bfloat16"} and "storage=" not in out.stderr
 
 
+def test_fit_check_table_at_tiny_size():
+    """bench/fit_check.py --tiny: the fit's one-search check and the two searches it made
+    before give the same counts (the script refuses to time them otherwise), on every row."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "fit_check.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True)
+    rows = [r.split("|")[1:-1] for r in out.stdout.splitlines() if r.startswith("| 3,000")]
+    assert len(rows) == 1 and rows[0][2].strip() == "0 / 0"
+    assert all(float(rows[0][i].strip()) > 0 for i in (3, 4))
+
+
 def test_far_rows_tables_at_tiny_size():
     """bench/far_rows.py --tiny: a row far along the diagonal scored as the exact softmax
     scores it, in either dtype, until the detector refuses it; float32's error near 2**16
