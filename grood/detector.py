@@ -212,6 +212,9 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                 Both passes must give the same rows, in any order: a second pass with other
                 row or per-class label counts (drop_last with shuffling, resampling) is
                 refused. Augmented batches are not detected: pass test-time transforms.
+                The detector computes in the first batch's precision (float64, else
+                float32): float64 batches after a float32 first one are rounded to it, with
+                a warning.
             ood_features (optional): for ``ood_prototype="features"``.
             n_classes (int, optional): the number of classes; by default the logits' width,
                 or one more than the largest label of the first pass.
