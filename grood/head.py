@@ -31,6 +31,7 @@ detector); a distributed detector's sharded index cannot be held by one module.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -336,8 +337,18 @@ def check_feature_batch(features: Tensor, d: int) -> None:
     """A head's input: floating-point features of shape [N, d] (static checks: no graph
     break; the ops would blame their argument "h")."""
     if features.ndim != 2 or features.shape[1] != d:
+        shape = tuple(features.shape)
+        hint = ("; one sample is a row: features.reshape(1, -1)" if shape == (d,) else
+                "; flatten it: features.flatten(1)" if len(shape) > 2
+                and math.prod(shape[1:]) == d else
+                "; a map per sample: pool it as the fit's features were, e.g. "
+                "features.mean(dim=(2, 3))" if len(shape) == 4 and shape[1] == d else
+                "; a token sequence: take the token the fit's features were, e.g. the class "
+                "token features[:, 0]" if len(shape) == 3 and shape[2] == d else
+                "; are its samples its columns? features.T"
+                if len(shape) == 2 and shape[0] == d else "")
         raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
-                         f"got {tuple(features.shape)}")
+                         f"got {shape}{hint}")
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
 

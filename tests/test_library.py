@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 
 import numpy as np
@@ -179,6 +180,20 @@ def test_head_names_features_of_the_wrong_shape(fitted):
     for bad in (test[:, :-1], test.reshape(-1), test[:, :, None]):
         with pytest.raises(ValueError, match=rf"features must have shape \[N, {d}\]"):
             head(bad)
+    # Each shape a caller's own code gives by mistake gets the way out, as the detector's
+    # methods give it (they said the shape alone).
+    row, n = test[0], test.shape[0]
+    for bad, hint in ((row, "one sample is a row: features.reshape(1, -1)"),
+                      (test[:, :, None], "flatten it: features.flatten(1)"),
+                      (test[:, None, :].expand(n, 5, d), "a token sequence: take the token "
+                       "the fit's features were, e.g. the class token features[:, 0]"),
+                      (test[:, :, None, None].expand(n, d, 3, 3), "a map per sample: pool "
+                       "it as the fit's features were, e.g. features.mean(dim=(2, 3))"),
+                      (test.new_zeros(d, d + 1), "are its samples its columns? features.T")):
+        with pytest.raises(ValueError, match=re.escape(f"; {hint}")):
+            head(bad)
+    with pytest.raises(ValueError, match=r"got \(\d+, \d+\)$"):
+        head(test[:, :-1])  # (another width: no hint)
     with pytest.raises(TypeError, match=r"features must be floating point, got torch\.int64"):
         head(test.long())  # the op named its own argument, "h"
     with pytest.raises(TypeError, match=r"features must be a torch\.Tensor, got ndarray"):
