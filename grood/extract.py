@@ -284,11 +284,14 @@ def _widths(out: Extracted) -> tuple[int | None, ...]:
 @dataclass
 class Extracted:
     """One batch of extraction: ``features`` [B, D] and, when available, ``logits`` [B, C]
-    and ``early`` [B, E] (the intermediate layer), all flattened."""
+    and ``early`` [B, E] (the intermediate layer), all flattened; ``feature_shape``: the
+    features' shape as the model gave them, before flattening (None for an empty batch,
+    which does not run the model)."""
 
     features: Tensor
     logits: Tensor | None
     early: Tensor | None
+    feature_shape: tuple[int, ...] | None = None
 
 
 class FeatureExtractor:
@@ -343,7 +346,6 @@ class FeatureExtractor:
                          if name is not None and not (role == "early" and isinstance(name, int))}
         self._modules = names
         self._logits_checked = False  # _check_not_logits runs on the first batch only
-        self._feature_shape: tuple[int, ...] | None = None  # the last batch's, as read
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, list[Tensor]]]:
@@ -396,14 +398,13 @@ class FeatureExtractor:
         feats = self.output_of(captured, "features")
         early = self.output_of(captured, "early")
         assert feats is not None  # (captured above, or named and checked by output_of)
-        self._feature_shape = tuple(feats.shape)
 
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else as_rows(t).float()
 
         if logits is not None:
             logits = class_logits(logits, x.shape[0])
-        return Extracted(as_rows(feats).float(), flat(logits), flat(early))
+        return Extracted(as_rows(feats).float(), flat(logits), flat(early), tuple(feats.shape))
 
     def output_of(self, captured: dict[str, list[Tensor]], role: str) -> Tensor | None:
         """The one output of the ``role`` (``"features"`` / ``"early"``) module in
@@ -514,7 +515,7 @@ class FeatureExtractor:
         classifier itself), or a map or a sequence flattened (``"layer4"``'s [B, 2048, 7, 7]
         read as 100,352 columns, a transformer block's every token): GROOD's prototypes and
         gradients are meant for the penultimate feature, and nothing else would say so."""
-        shape = self._feature_shape
+        shape = out.feature_shape
         if shape is not None and len(shape) > 2 and math.prod(shape[2:]) > 1:
             shown = ", ".join(map(str, shape[1:]))
             which = (f"features={self.features!r}" if isinstance(self.features, str) else
