@@ -122,19 +122,9 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
     """Check that ``x`` is a floating-point matrix ``[N, D]``, non-empty unless allowed, with
     ``n_cols`` columns when given (``cols_from`` says where that number comes from)."""
     if x.ndim != 2:
-        hint = ""
-        if x.ndim > 2 and all(size == 1 for size in x.shape[2:]):
-            # a pooled feature map, e.g. a hook on a ResNet's avgpool
-            hint = ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
-                    "x.flatten(1); numpy: x.reshape(len(x), -1))")
-        elif x.ndim > 2 and name in ("features", "ood_features"):
-            hint = ("; GROOD reads one vector per sample: pool the other axes (a CNN's feature "
-                    "map [N, C, H, W]: x.mean((2, 3)), as its average pool does; a ViT's "
-                    "tokens [N, T, D]: the class token, x[:, 0])")
-        elif x.ndim == 1 and n_cols is not None and x.shape[0] == n_cols:
-            hint = f"; one sample of {n_cols} {name} is a row: pass {name}.reshape(1, -1)"
         dims = "[N, C]" if name == "logits" else "[N, D]"  # a row of C class scores
-        raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}{hint}")
+        raise ValueError(f"{name} must be a 2-D array {dims}, got shape {tuple(x.shape)}"
+                         f"{shape_hint(tuple(x.shape), name, n_cols)}")
     if x.dtype not in FLOAT_DTYPES:
         convert = ("; convert them: x.astype(np.float32) (numpy), x.float() (torch)"
                    if x.dtype in INT_DTYPES + WIDE_UNSIGNED or x.dtype == torch.bool else "")
@@ -145,10 +135,29 @@ def check_matrix(x: Tensor, name: str, *, n_cols: int | None = None,
     if x.shape[1] == 0:
         raise ValueError(f"{name} has zero columns")
     if n_cols is not None and x.shape[1] != n_cols:
+        raise ValueError(f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}"
+                         f"{shape_hint(tuple(x.shape), name, n_cols)}")
+
+
+def shape_hint(shape: tuple[int, ...], name: str, n_cols: int | None) -> str:
+    """The way out for an array ``name`` of ``shape`` where [N, ``n_cols``] was wanted (the
+    columns unknown: None), as a clause to append to the error ("" where none is known): a
+    pooled map [N, D, 1, ...] flattened, a map or tokens pooled, one sample made a row, a
+    matrix of samples as columns transposed."""
+    if len(shape) > 2 and all(size == 1 for size in shape[2:]):
+        # a pooled feature map, e.g. a hook on a ResNet's avgpool
+        return ("; a pooled feature map [N, D, 1, ...]: flatten it to [N, D] (torch: "
+                "x.flatten(1); numpy: x.reshape(len(x), -1))")
+    if len(shape) > 2 and name in ("features", "ood_features"):
+        return ("; GROOD reads one vector per sample: pool the other axes (a CNN's feature "
+                "map [N, C, H, W]: x.mean((2, 3)), as its average pool does; a ViT's "
+                "tokens [N, T, D]: the class token, x[:, 0])")
+    if len(shape) == 1 and n_cols is not None and shape[0] == n_cols:
+        return f"; one sample of {n_cols} {name} is a row: pass {name}.reshape(1, -1)"
+    if len(shape) == 2 and n_cols is not None and shape[1] != n_cols and shape[0] == n_cols:
         # [D, N] where [N, D] was meant: a matrix of samples as columns (MATLAB, R)
-        hint = (f"; it has {n_cols} rows: are its samples its columns? Pass {name}.T"
-                if x.shape[0] == n_cols else "")
-        raise ValueError(f"{name} has {x.shape[1]} columns but {cols_from.format(n_cols)}{hint}")
+        return f"; it has {n_cols} rows: are its samples its columns? Pass {name}.T"
+    return ""
 
 
 def check_finite_rows(x: Tensor, name: str, *, row_offset: int = 0) -> None:

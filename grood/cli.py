@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -252,6 +253,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from grood import GROOD
     from grood.calibration import current_threshold, zero_counts
+    from grood.evaluation import warn_training_rows
     from grood.io import load_features, save_scores
     from grood.neighbours import neighbours_and_predict, warn_row_order
     from grood.persistence import save_target
@@ -297,8 +299,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if rank:
             return 0
     scores, preds, *rest = results
-    zero, unresolved = zeros.tolist()
-    _warn_zeros(args.features, zero, unresolved, scores.size, det.k)
+    warn_training_rows(det, args.features, [zeros], scores.size, ood=None)
     flags = None if threshold is None else scores < threshold
     save_scores(args.out, scores, preds, flags, threshold,
                 neighbours=(rest[0], rest[1]) if rest else None)
@@ -309,31 +310,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
           f"in-distribution; min {scores.min():.6g}, median {np.median(scores):.6g}, max "
           f"{scores.max():.6g}){flagged}; wrote {args.out}")
     return 0
-
-
-def _warn_zeros(path: str, zero: int, unresolved: int, n: int, k: int) -> None:
-    """``grood score``'s warnings where more than 1 % of a file's ``n`` rows have an indexed
-    gradient at distance 0, as calibrating and ``grood eval`` warn: ``zero`` rows equal to
-    indexed training rows (they score as the training set does, above new samples of their
-    distribution: a file of training rows scored as new ones), ``unresolved`` rows whose own
-    gradients are too small for the dtype's squared distances (they tie)."""
-    from grood.calibration import (
-        UNRESOLVED_FIX,
-        UNRESOLVED_ZEROS,
-        training_rows_clause,
-        unresolved_share,
-    )
-
-    if unresolved_share(unresolved, n):
-        warnings.warn(f"{path}: {unresolved} of its {n} rows score 0 ({UNRESOLVED_ZEROS}): "
-                      f"they tie; {UNRESOLVED_FIX}", UserWarning, stacklevel=2)
-    held = training_rows_clause(zero, n, k)
-    if held is not None:
-        warnings.warn(f"{path}: {zero} of its {n} rows equal indexed training rows (an "
-                      f"indexed gradient at distance 0, {held}{', the highest' * (k == 1)}): "
-                      "they score as the training set does, higher than new samples of their "
-                      "distribution would; is it (part of) the training set?", UserWarning,
-                      stacklevel=2)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -476,7 +452,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grood.persistence import save_target, written_atomically
 
     _require_files({"detector file": args.detector, "feature file": args.id})
-    every = _all_baselines(args) if "all" in args.baselines else None
+    arrays_in = functools.cache(array_names)  # (read once: --baselines all asks first)
+    every = _all_baselines(args, arrays_in) if "all" in args.baselines else None
     args.baselines = list(dict.fromkeys(
         name for b in args.baselines for name in ((every or []) if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
@@ -559,7 +536,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         id_labels_and_logits(id_data, det.n_classes_)  # before any work
     logit_baselines = [b for b in args.baselines if EVAL_BY_NAME[b][1] == "logits"]
     for path in ood_files if logit_baselines else ():  # before any scoring, as the ID file
-        if "logits" not in array_names(path):
+        if "logits" not in arrays_in(path):
             raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
                              f"{'scores' if len(logit_baselines) == 1 else 'score'} logits: "
                              "the file has no 'logits' array")
@@ -639,15 +616,15 @@ def _provenance_line(p: dict[str, Any]) -> str:
             f"· {p['date']}")
 
 
-def _all_baselines(args: argparse.Namespace) -> list[str]:
+def _all_baselines(args: argparse.Namespace, arrays_in: Callable[[str], set[str]]
+                   ) -> list[str]:
     """``--baselines all``: every baseline the given files let be fitted and scored, in
     EVAL_BY_NAME's order. Those left out (TempScale without --held-out, those that learn from
     a training set without --train or from arrays it lacks, those of logits where a test file
-    has none) are named in one warning, with what each needs."""
-    from grood.io import array_names
-
+    has none) are named in one warning, with what each needs. ``arrays_in``: the names of
+    the arrays a file holds (:func:`grood.io.array_names`)."""
     def arrays(path: str | None) -> set[str] | None:  # (a missing file is refused later)
-        return array_names(path) if path is not None and os.path.isfile(path) else None
+        return arrays_in(path) if path is not None and os.path.isfile(path) else None
 
     tests = [args.id, *args.near, *args.far, *args.ood]
     no_logits = [p for p in tests if "logits" not in (arrays(p) or {"logits"})]

@@ -548,14 +548,15 @@ def warn_id_accuracy(det: Any, name: str, labels: Any, id_info: dict[str, Any]
     return said
 
 
-def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
+def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool | None
                        ) -> str | None:
     """A warning where more than 1 % of a set's ``n`` rows equal indexed training rows
     (``found``: the scoring's counts of rows with an indexed gradient at distance 0), as
     calibrating on them warns: such rows score as the training set does, higher than new
     samples of their distribution, which inflates the metrics (an ID set) or deflates them
-    (an OOD set). Also one where more than 1 % score 0 because their own gradients are too
-    small for the dtype's squared distances (``found``'s second count): they tie."""
+    (an OOD set); ``ood=None``: scores alone (``grood score``), no metrics. Also one where
+    more than 1 % score 0 because their own gradients are too small for the dtype's squared
+    distances (``found``'s second count): they tie."""
     from grood.calibration import (
         UNRESOLVED_FIX,
         UNRESOLVED_ZEROS,
@@ -567,15 +568,18 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool
     zero, unresolved = zero_counts(found).tolist()
     said_unresolved = None
     if unresolved_share(unresolved, n):
+        lost = "" if ood is None else ", and the metrics lose their order"
         said_unresolved = (f"{name}: {unresolved} of its {n} rows score 0 ({UNRESOLVED_ZEROS}): "
-                           f"they tie, and the metrics lose their order; {UNRESOLVED_FIX}")
+                           f"they tie{lost}; {UNRESOLVED_FIX}")
         warnings.warn(said_unresolved, UserWarning, stacklevel=user_stacklevel())
     held = training_rows_clause(zero, n, det.k)
     if held is None:
         return said_unresolved
     if det.k == 1:
         held += ", the highest score"
-    what = ("is it (part of) the training set? They score higher than new in-distribution "
+    what = ("they score as the training set does, higher than new samples of their "
+            "distribution would; is it (part of) the training set?" if ood is None else
+            "is it (part of) the training set? They score higher than new in-distribution "
             "samples would, so the metrics overstate the detector: evaluate on held-out data"
             if not ood else
             "they score as training samples do, so the metrics understate the detector on "

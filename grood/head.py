@@ -31,7 +31,6 @@ detector); a distributed detector's sharded index cannot be held by one module.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -47,6 +46,7 @@ from grood._checks import (
     check_matrix,
     check_positive_int,
     compute_dtype,
+    shape_hint,
     user_stacklevel,
 )
 from grood._fit import UNRESOLVED_SHARE, probe_ids
@@ -338,17 +338,8 @@ def check_feature_batch(features: Tensor, d: int) -> None:
     break; the ops would blame their argument "h")."""
     if features.ndim != 2 or features.shape[1] != d:
         shape = tuple(features.shape)
-        hint = ("; one sample is a row: features.reshape(1, -1)" if shape == (d,) else
-                "; flatten it: features.flatten(1)" if len(shape) > 2
-                and math.prod(shape[1:]) == d else
-                "; a map per sample: pool it as the fit's features were, e.g. "
-                "features.mean(dim=(2, 3))" if len(shape) == 4 and shape[1] == d else
-                "; a token sequence: take the token the fit's features were, e.g. the class "
-                "token features[:, 0]" if len(shape) == 3 and shape[2] == d else
-                "; are its samples its columns? features.T"
-                if len(shape) == 2 and shape[0] == d else "")
         raise ValueError(f"features must have shape [N, {d}] (the detector's dimension), "
-                         f"got {shape}{hint}")
+                         f"got {shape}{shape_hint(shape, 'features', d)}")
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
 

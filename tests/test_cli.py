@@ -2257,7 +2257,7 @@ def test_score_names_a_file_of_training_rows(tmp_path, capsys):
         assert main(["score", det, str(tmp_path / "half.npy"), "-o", out, *extra]) == 0
         err = capsys.readouterr().err
         assert (f"half.npy: {indexed} of its 200 rows equal indexed training rows (an indexed "
-                "gradient at distance 0, so they score 0, the highest): they score as the "
+                "gradient at distance 0, so they score 0, the highest score): they score as the "
                 "training set does" in err), err
         assert main(["score", det, str(tmp_path / "new.npy"), "-o", out, *extra]) == 0
         assert "training rows" not in capsys.readouterr().err

@@ -180,16 +180,17 @@ def test_head_names_features_of_the_wrong_shape(fitted):
     for bad in (test[:, :-1], test.reshape(-1), test[:, :, None]):
         with pytest.raises(ValueError, match=rf"features must have shape \[N, {d}\]"):
             head(bad)
-    # Each shape a caller's own code gives by mistake gets the way out, as the detector's
-    # methods give it (they said the shape alone).
+    # Each shape a caller's own code gives by mistake gets the way out the detector's
+    # methods give (grood._checks.shape_hint; the head said the shape alone).
     row, n = test[0], test.shape[0]
-    for bad, hint in ((row, "one sample is a row: features.reshape(1, -1)"),
-                      (test[:, :, None], "flatten it: features.flatten(1)"),
-                      (test[:, None, :].expand(n, 5, d), "a token sequence: take the token "
-                       "the fit's features were, e.g. the class token features[:, 0]"),
-                      (test[:, :, None, None].expand(n, d, 3, 3), "a map per sample: pool "
-                       "it as the fit's features were, e.g. features.mean(dim=(2, 3))"),
-                      (test.new_zeros(d, d + 1), "are its samples its columns? features.T")):
+    pool = "GROOD reads one vector per sample: pool the other axes"
+    for bad, hint in ((row, f"one sample of {d} features is a row: pass "
+                            "features.reshape(1, -1)"),
+                      (test[:, :, None], "a pooled feature map [N, D, 1, ...]: flatten it"),
+                      (test[:, None, :].expand(n, 5, d), pool),
+                      (test[:, :, None, None].expand(n, d, 3, 3), pool),
+                      (test.new_zeros(d, d + 1), f"it has {d} rows: are its samples its "
+                                                 "columns? Pass features.T")):
         with pytest.raises(ValueError, match=re.escape(f"; {hint}")):
             head(bad)
     with pytest.raises(ValueError, match=r"got \(\d+, \d+\)$"):
