@@ -75,6 +75,31 @@ def tiny_gradient_norm(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny) ** 0.5
 
 
+#: How far a row's gradient computed in a wider dtype may lie from the same row's gradient
+#: computed in ``dtype`` (an indexed one), relative to its norm ``q_ood``, in units of
+#: ``dtype``'s epsilon times ``1 + d_ood + |lse|`` (``q_ood = exp(-d_ood - lse)`` carries the
+#: rounding of both). float64 gradients of float32 training rows against the float32 fit's
+#: lay at most 0.96 units away (C = 3 to 100, D = 2 to 2,048, the digits, features sharing an
+#: offset of 1e5); new samples at least 695 units from their nearest indexed gradient (a
+#: 2-D set; over 3,000 at D >= 8).
+ROUNDING_UNITS = 8.0
+
+
+def rounding_distance(res: NCPGradient, dtype: torch.dtype) -> Tensor:
+    """Squared distances [N] (in ``res``'s dtype) within which each row's gradient equals
+    an indexed gradient computed in ``dtype`` from the same features: 0 where ``dtype`` is as
+    wide as the rows' (their gradients are then computed alike, and equal ones are at
+    distance 0), else ``ROUNDING_UNITS`` of ``dtype``'s rounding (float64 features scored
+    by a float32 detector); 0 where ``q_ood`` is 0."""
+    q = res.q_ood
+    eps = torch.finfo(dtype).eps
+    if eps <= torch.finfo(q.dtype).eps:
+        return torch.zeros_like(q)
+    spread = 1 + (torch.log(q) + res.lse).abs() + res.lse.abs()  # 1 + d_ood + |lse|
+    tol = ROUNDING_UNITS * eps * q * spread
+    return torch.where(q > 0, tol * tol, torch.zeros_like(q))
+
+
 def resolved_rows(res: NCPGradient) -> Tensor:
     """Rows [N] (bool, on the device; no value is read on the host) whose results are finite
     and within the distance their dtype's softmax resolves (``FLOAT32_DISTANCE_LIMIT`` for

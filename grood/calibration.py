@@ -22,7 +22,7 @@ import torch
 
 from grood import distributed as dist
 from grood._checks import ArrayLike, ArrayT, check_fraction, is_count, user_stacklevel
-from grood._gradients import tiny_gradient_norm
+from grood._gradients import rounding_distance, tiny_gradient_norm
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_acceptance, threshold_at_tpr
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
     from typing_extensions import Self
 
+    from grood.functional import NCPGradient
     from grood.index import GradientIndex
 
 #: What ``calibration_`` records.
@@ -109,6 +110,7 @@ class Calibration:
     if TYPE_CHECKING:  # what the detector class provides
         k: int
         index_: GradientIndex
+        class_prototypes_: Tensor
         _sharded: bool
 
         def score_samples(self, features: ArrayT) -> ArrayT: ...
@@ -181,19 +183,23 @@ class Calibration:
                 counting[id(self)] = outer
 
     def _count_training_rows(self, found: tuple[Tensor, Tensor] | None,
-                             q_ood: Tensor) -> None:
-        """While this thread calibrates or evaluates, count the rows of a scored batch whose
-        nearest indexed gradient (``found``: the search's distances and ids, None where the
-        pass searched nothing) is at distance 0, as ``[training rows, unresolved rows]``
-        (device sums, read at the end). A distance of 0 is an indexed training row's, unless
-        the row's own gradient (norm ``q_ood``) is too small for its squared distances
+                             res: NCPGradient) -> None:
+        """While this thread calibrates or evaluates, count the rows of a scored batch (its
+        gradient step's results ``res``) whose nearest indexed gradient (``found``: the
+        search's distances and ids, None where the pass searched nothing) is at distance 0,
+        as ``[training rows, unresolved rows]`` (device sums, read at the end). At distance
+        0 to the detector's rounding: float64 rows scored by a float32 detector lie within
+        :func:`grood._gradients.rounding_distance` of their own float32 gradients. A
+        distance of 0 is an indexed training row's, unless the row's own gradient (norm
+        ``q_ood``) is too small for its squared distances
         (:func:`grood._gradients.tiny_gradient_norm`): then it may be an underflow, and the
         row is counted as unresolved."""
         counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
         if counts is not None and found is not None:
-            zero = found[0][:, 0] == 0
+            q_ood, held = res.q_ood, self.index_.holds_dtype
+            zero = found[0][:, 0] <= rounding_distance(res, held or self.class_prototypes_.dtype)
             # (float64 rows' gradients held as float32 ones by a faiss index underflow so)
-            small = q_ood < tiny_gradient_norm(self.index_.holds_dtype or q_ood.dtype)
+            small = q_ood < tiny_gradient_norm(held or q_ood.dtype)
             counts.append(torch.stack(((zero & ~small).sum(), (zero & small).sum())))
 
     def _calibrate_on(self, scores: Any, tpr: float, found: list) -> Self:
@@ -206,13 +212,19 @@ class Calibration:
             counts = dist.all_reduce(counts)
         threshold = threshold_at_tpr(scores.numpy(), tpr)
         zero, unresolved, n = int(counts[0]), int(counts[1]), scores.numel()
-        if threshold >= 0:
+        # With k = 1, rows at distance 0 up to rounding (float64 rows of a float32 detector's
+        # training set) score within rounding of 0, not at it: a threshold chosen among them
+        # is refused as one of 0 is.
+        rounded = threshold < 0 and self.k == 1 and zero + unresolved >= tpr * n
+        if threshold >= 0 or rounded:
             why, fix = (("their gradients are indexed training gradients", "calibrate on "
                          "held-out in-distribution data, not on the training set")
                         if zero >= unresolved else (UNRESOLVED_ZEROS, UNRESOLVED_FIX))
-            raise ValueError(f"{int((scores == 0).sum())} of the {n} calibration rows score 0 "
-                             f"({why}), so a threshold accepting tpr={tpr:g} of them would "
-                             f"flag every new sample: {fix}")
+            said = (f"{zero + unresolved} of the {n} calibration rows score 0 up to rounding"
+                    if rounded else f"{int((scores == 0).sum())} of the {n} calibration rows "
+                    "score 0")
+            raise ValueError(f"{said} ({why}), so a threshold accepting tpr={tpr:g} of them "
+                             f"would flag every new sample: {fix}")
         if unresolved_share(unresolved, n):
             warnings.warn(
                 f"{unresolved} of the {n} calibration rows score 0 ({UNRESOLVED_ZEROS}): "
@@ -222,9 +234,10 @@ class Calibration:
         if held is not None:
             warnings.warn(
                 f"{zero} of the {n} calibration rows equal indexed training rows (an indexed "
-                f"gradient at distance 0, {held}): is part of the calibration set from the "
-                "training set? Such rows score higher than new in-distribution samples, which "
-                "raises the threshold: more of those would be flagged than tpr says",
+                f"gradient at distance 0 up to rounding, {held}): is part of the calibration "
+                "set from the training set? Such rows score higher than new in-distribution "
+                "samples, which raises the threshold: more of those would be flagged than tpr "
+                "says",
                 UserWarning, stacklevel=user_stacklevel())
         _warn_if_few(n, tpr)
         self.calibration_ = {"threshold": threshold, "tpr": tpr, "n": n,

@@ -348,7 +348,7 @@ class GROOD(Parameters, ModelFrontEnd, Calibration, Neighbours, Placement):
                     check_finite_rows(xb, "features", row_offset=r0)
                     res = self._grads.resolved(xb, r0)
                 found = None if k is None else search(self, res.grad, k, (r0, r1), rows)
-                self._count_training_rows(found, res.q_ood)  # while calibrating
+                self._count_training_rows(found, res)  # while calibrating
                 bar.update(r1 - r0)
                 yield r0, r1, found, res.pred
 

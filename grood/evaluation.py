@@ -585,7 +585,7 @@ def warn_training_rows(det: Any, name: str, found: list, n: int, *, ood: bool | 
             "they score as training samples do, so the metrics understate the detector on "
             "this set: does it hold training images?")
     said = (f"{name}: {zero} of its {n} rows equal indexed training rows (an indexed "
-            f"gradient at distance 0, {held}): {what}")
+            f"gradient at distance 0 up to rounding, {held}): {what}")
     warnings.warn(said, UserWarning, stacklevel=user_stacklevel())
     return said if said_unresolved is None else f"{said_unresolved} {said}"
 

@@ -718,7 +718,8 @@ def test_eval_warns_where_a_file_holds_training_rows(tmp_path, capsys):
     indexed = GROOD.load(det).index_.ntotal  # the training rows behind the index
     assert indexed > 0.01 * 60
     said = (f"grood eval: warning: {train}: {indexed} of its 60 rows equal indexed training "
-            "rows (an indexed gradient at distance 0, so they score 0, the highest score): ")
+            "rows (an indexed gradient at distance 0 up to rounding, so they score 0, the "
+            "highest score): ")
     assert said + "is it (part of) the training set?" in err
     assert said + "they score as training samples do" in err
 
@@ -2257,14 +2258,22 @@ def test_score_names_a_file_of_training_rows(tmp_path, capsys):
         assert main(["score", det, str(tmp_path / "half.npy"), "-o", out, *extra]) == 0
         err = capsys.readouterr().err
         assert (f"half.npy: {indexed} of its 200 rows equal indexed training rows (an indexed "
-                "gradient at distance 0, so they score 0, the highest score): they score as the "
-                "training set does" in err), err
+                "gradient at distance 0 up to rounding, so they score 0, the highest score): "
+                "they score as the training set does" in err), err
         assert main(["score", det, str(tmp_path / "new.npy"), "-o", out, *extra]) == 0
         assert "training rows" not in capsys.readouterr().err
+    # The same rows in float64 (scored in float64, ~1e-15 from their float32 gradients).
+    _write(tmp_path / "wide.npy", features=torch.cat([x[:100], new[100:]]).double())
+    _write(tmp_path / "new64.npy", features=new.double())
+    capsys.readouterr()
+    assert main(["score", det, str(tmp_path / "wide.npy"), "-o", out]) == 0
+    assert f"wide.npy: {indexed} of its 200 rows equal indexed" in capsys.readouterr().err
+    assert main(["score", det, str(tmp_path / "new64.npy"), "-o", out]) == 0
+    assert "training rows" not in capsys.readouterr().err
     capsys.readouterr()
     assert main(["fit", str(tmp_path / "t.npz"), "-o", det, "-k", "3"]) == 0
     assert main(["score", det, str(tmp_path / "half.npy"), "-o", out]) == 0
-    assert "(an indexed gradient at distance 0, one of their k=3 neighbours): " \
+    assert "(an indexed gradient at distance 0 up to rounding, one of their k=3 neighbours): " \
         in capsys.readouterr().err
 
 

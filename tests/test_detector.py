@@ -12,7 +12,7 @@ from conftest import clustered_features
 from reference import grood_scores_naive
 
 import grood._fit
-from grood import GROOD, DetectorFileError, NotFittedError, __version__, ops
+from grood import GROOD, DetectorFileError, NotFittedError, __version__, evaluate, ops
 from grood.metrics import threshold_acceptance
 from grood.prototypes import OODPrototypeSource, register_source
 
@@ -734,8 +734,9 @@ def test_calibrate_chooses_the_threshold_is_ood_flags_by(tmp_path):
     with pytest.raises(ValueError, match=r"score 0 \(their gradients are indexed training"):
         det.calibrate(x)
     with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows equal indexed "
-                                         r"training rows \(an indexed gradient at distance 0, "
-                                         r"so they score 0\).*part of the calibration set from "
+                                         r"training rows \(an indexed gradient at distance 0 "
+                                         r"up to rounding, so they score 0\).*part of the "
+                                         r"calibration set from "
                                          r"the training set.*raises the threshold"):
         det.calibrate(torch.cat([val, x[:10]]), tpr=0.9)
     det.fit(x, y)
@@ -758,8 +759,8 @@ def test_calibrating_on_training_rows_is_named_at_every_k(index):
     mixed = torch.cat([val, x[:10]])
     assert bool((det.score_samples(mixed) < 0).all())  # no score of 0 to go by
     with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows equal indexed training "
-                                         r"rows \(an indexed gradient at distance 0, one of "
-                                         r"their k=3 neighbours\)"):
+                                         r"rows \(an indexed gradient at distance 0 up to "
+                                         r"rounding, one of their k=3 neighbours\)"):
         det.calibrate(mixed, tpr=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -772,6 +773,72 @@ def test_calibrating_on_training_rows_is_named_at_every_k(index):
     with pytest.raises(ValueError, match=r"10 of the 10 calibration rows score 0 .* accepting "
                                          r"tpr=0\.9 of them would flag every new sample"):
         det.set_params(k=1).calibrate(x[:10], tpr=np.float32(0.9))
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss-flat", "faiss-ivf"])
+def test_float64_training_rows_are_named_by_a_float32_detector(index):
+    """float64 features are scored in float64 by a float32 detector: its training rows, given
+    as float64 (numpy's default dtype), have gradients ~1e-15 from their float32 indexed ones,
+    not at 0, so calibrating on them (or evaluating) went unnamed and chose a threshold of
+    -4e-15 instead of being refused. They are counted now, to the detector's rounding; held-out
+    float64 rows are not."""
+    if index != "exact":
+        pytest.importorskip("faiss")
+    x, y, _ = _data(seed=3, n=120)
+    val, _ = clustered_features(60, 4, 11, seed=50, spread=0.5, dtype=torch.float32)
+    options = {"nlist": 4, "nprobe": 4} if index == "faiss-ivf" else None
+    det = GROOD(index=index, index_options=options).fit(x, y)
+    wide = x.double()
+    assert bool((det.score_samples(wide[:10]) < 0).all())  # not 0: computed in float64
+    with pytest.warns(UserWarning, match=r"10 of the 70 calibration rows equal indexed training "
+                                         r"rows \(an indexed gradient at distance 0 up to "
+                                         r"rounding, so they score 0\)"):
+        det.calibrate(torch.cat([val.double(), wide[:10]]), tpr=0.9)
+    with pytest.raises(ValueError, match=r"10 of the 10 calibration rows score 0 up to "
+                                         r"rounding \(their gradients are indexed training"):
+        det.calibrate(wide[:10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.calibrate(val.double(), tpr=0.9)
+    ev_warned = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(det, val.double(), ood={"train": wide[:60].numpy()})
+        ev_warned = [str(w.message) for w in caught if "equal indexed training" in str(w.message)]
+    assert len(ev_warned) == 1 and ev_warned[0].startswith("train: "), ev_warned
+
+
+@pytest.mark.parametrize("sep,offset,dim", [(3.0, 0.0, 16), (30.0, 0.0, 8), (3.0, 1e5, 64),
+                                            (3.0, 0.0, 2)])
+def test_rounding_distance_holds_a_rows_own_gradient_and_no_new_ones(sep, offset, dim):
+    """A float32 training row's float64 gradient lies within rounding_distance of the float32
+    one the fit indexed (measured up to 0.96 units of ROUNDING_UNITS = 8); new rows' nearest
+    indexed gradients lie far beyond it (695 units at the closest, on a 2-D set)."""
+    from grood._gradients import ROUNDING_UNITS, rounding_distance
+
+    gen = torch.Generator().manual_seed(dim)
+    n_classes = 3 if dim <= 8 else 6
+    centres = sep * torch.randn((n_classes, dim), generator=gen, dtype=torch.float64)
+    y = torch.arange(300) % n_classes
+
+    def draw():
+        noise = torch.randn((300, dim), generator=gen, dtype=torch.float64)
+        return (centres[y] + noise + offset).float()
+
+    x, new = draw(), draw()
+    det = GROOD().fit(x, y)
+    for rows, own in ((x, True), (new, False)):
+        res = det._grads.resolved(rows.double(), 0)
+        tol = rounding_distance(res, torch.float32)
+        assert torch.equal(rounding_distance(res, torch.float64), torch.zeros_like(tol))
+        dists, found = det.kneighbors(rows.double(), 1)
+        if own:
+            mine = found[:, 0] == torch.arange(300)
+            assert int(mine.sum()) > 100
+            assert bool((dists[mine, 0] <= tol[mine]).all())
+            assert bool((dists[mine, 0] <= tol[mine] / (ROUNDING_UNITS / 2) ** 2).all())
+        else:
+            assert bool((dists[:, 0] > 50 ** 2 * tol).all())
 
 
 def rewrite_with_digest(path, where, key, value):
