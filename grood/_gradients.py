@@ -78,10 +78,13 @@ def tiny_gradient_norm(dtype: torch.dtype) -> float:
 #: How far a row's gradient computed in a wider dtype may lie from the same row's gradient
 #: computed in ``dtype`` (an indexed one), relative to its norm ``q_ood``, in units of
 #: ``dtype``'s epsilon times ``1 + d_ood + |lse|`` (``q_ood = exp(-d_ood - lse)`` carries the
-#: rounding of both). float64 gradients of float32 training rows against the float32 fit's
-#: lay at most 0.96 units away (C = 3 to 100, D = 2 to 2,048, the digits, features sharing an
-#: offset of 1e5); new samples at least 695 units from their nearest indexed gradient (a
-#: 2-D set; over 3,000 at D >= 8).
+#: rounding of both), plus, where its entries reach ``dtype``'s subnormal range, their
+#: spacing there over D entries. ``bench/rounding_distance.py``: float64 gradients of float32
+#: training rows lie at most 1.08 units from the float32 ones the fit indexed (C = 3 to 100,
+#: D = 2 to 2,048, the digits, features sharing an offset of 1e5, five draws of each), new
+#: rows at least 1,060 units from their nearest indexed gradient (a 2-D set; 2,650 at D = 8,
+#: 39,800 and more from D = 16); rows whose float32 gradients are subnormal apart
+#: (:func:`subnormal_rows`).
 ROUNDING_UNITS = 8.0
 
 
@@ -92,12 +95,27 @@ def rounding_distance(res: NCPGradient, dtype: torch.dtype) -> Tensor:
     distance 0), else ``ROUNDING_UNITS`` of ``dtype``'s rounding (float64 features scored
     by a float32 detector); 0 where ``q_ood`` is 0."""
     q = res.q_ood
-    eps = torch.finfo(dtype).eps
-    if eps <= torch.finfo(q.dtype).eps:
+    info = torch.finfo(dtype)
+    if info.eps <= torch.finfo(q.dtype).eps:
         return torch.zeros_like(q)
     spread = 1 + (torch.log(q) + res.lse).abs() + res.lse.abs()  # 1 + d_ood + |lse|
-    tol = ROUNDING_UNITS * eps * q * spread
+    subnormal = res.grad.shape[1] ** 0.5 * info.tiny * info.eps  # (the spacing over D)
+    tol = ROUNDING_UNITS * (info.eps * q * spread + subnormal)
     return torch.where(q > 0, tol * tol, torch.zeros_like(q))
+
+
+def subnormal_rows(res: NCPGradient, dtype: torch.dtype) -> Tensor:
+    """Rows [N] (bool) of a dtype wider than ``dtype`` whose gradients, computed in
+    ``dtype``, reach its subnormal range (``q_ood`` below ``sqrt(D)`` times its smallest
+    normal number): there ``dtype`` rounds them by more than their differences from other
+    such rows, so one within :func:`rounding_distance` of an indexed gradient cannot be told
+    from its own, and none is counted as a training row (a fit in ``dtype`` warned of such
+    gradients). None (all False) where ``dtype`` is as wide as the rows'."""
+    q = res.q_ood
+    info = torch.finfo(dtype)
+    if info.eps <= torch.finfo(q.dtype).eps:
+        return torch.zeros_like(q, dtype=torch.bool)
+    return q < res.grad.shape[1] ** 0.5 * info.tiny
 
 
 def resolved_rows(res: NCPGradient) -> Tensor:

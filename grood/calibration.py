@@ -22,7 +22,7 @@ import torch
 
 from grood import distributed as dist
 from grood._checks import ArrayLike, ArrayT, check_fraction, is_count, user_stacklevel
-from grood._gradients import rounding_distance, tiny_gradient_norm
+from grood._gradients import rounding_distance, subnormal_rows, tiny_gradient_norm
 from grood.errors import DetectorFileError, NotFittedError
 from grood.metrics import as_score_array, threshold_acceptance, threshold_at_tpr
 
@@ -189,7 +189,9 @@ class Calibration:
         search's distances and ids, None where the pass searched nothing) is at distance 0,
         as ``[training rows, unresolved rows]`` (device sums, read at the end). At distance
         0 to the detector's rounding: float64 rows scored by a float32 detector lie within
-        :func:`grood._gradients.rounding_distance` of their own float32 gradients. A
+        :func:`grood._gradients.rounding_distance` of their own float32 gradients (those
+        whose float32 gradients are subnormal, :func:`grood._gradients.subnormal_rows`, lie
+        as near other such rows, and are not counted). A
         distance of 0 is an indexed training row's, unless the row's own gradient (norm
         ``q_ood``) is too small for its squared distances
         (:func:`grood._gradients.tiny_gradient_norm`): then it may be an underflow, and the
@@ -197,7 +199,9 @@ class Calibration:
         counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
         if counts is not None and found is not None:
             q_ood, held = res.q_ood, self.index_.holds_dtype
-            zero = found[0][:, 0] <= rounding_distance(res, held or self.class_prototypes_.dtype)
+            indexed = held or self.class_prototypes_.dtype  # (what the gradients were held in)
+            zero = (found[0][:, 0] <= rounding_distance(res, indexed)) & ~subnormal_rows(
+                res, indexed)
             # (float64 rows' gradients held as float32 ones by a faiss index underflow so)
             small = q_ood < tiny_gradient_norm(held or q_ood.dtype)
             counts.append(torch.stack(((zero & ~small).sum(), (zero & small).sum())))

@@ -454,6 +454,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _require_files({"detector file": args.detector, "feature file": args.id})
     arrays_in = functools.cache(array_names)  # (read once: --baselines all asks first)
     every = _all_baselines(args, arrays_in) if "all" in args.baselines else None
+    named = {b for b in args.baselines if b != "all"}
     args.baselines = list(dict.fromkeys(
         name for b in args.baselines for name in ((every or []) if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
@@ -540,7 +541,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
                              f"{'scores' if len(logit_baselines) == 1 else 'score'} logits: "
                              "the file has no 'logits' array")
-    baselines = _fit_baselines(args, id_data, det.n_features_in_, det.n_classes_)
+    # Those --baselines all brought in (neither named nor given an option) may refuse the
+    # files: left out, with why, as those the files lack the arrays for.
+    asked = named | {
+        key for option, (key, _) in BASELINE_OPTIONS.items()
+        if getattr(args, option) is not None}
+    fitted = _fit_baselines(args, id_data, det.n_features_in_, det.n_classes_,
+                            optional=set(every or ()) - asked)
+    args.baselines, baselines = list(fitted), list(fitted.values())
     ev = evaluate(det, id_data, {p: p for p in args.ood}, near={p: p for p in args.near},
                   far={p: p for p in args.far}, baselines=baselines, bootstrap=args.bootstrap,
                   id_name=args.id, device=args.device)
@@ -704,12 +712,16 @@ def _fit_error(key: str, exc: Exception) -> Exception:
 
 
 def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
-                   n_classes: int) -> list[Any]:
+                   n_classes: int, *, optional: set[str]) -> dict[str, Any]:
     """``grood eval --baselines``: each one fitted before any scoring (those of logits on the
     ID file's, TempScale on --held-out's logits and labels, of the detector's ``n_classes``
     columns), on the command's device; the training features of the width the detector's
     (``n_features``) were. Each array is read and moved to the device once, however many
-    baselines fit on it."""
+    baselines fit on it. Those that learn nothing or fit on --held-out first, those that
+    learn from --train (seconds to minutes each at ImageNet scale) after them: a refusal
+    comes before the long fits. A baseline in ``optional`` (brought in by ``--baselines
+    all``) whose fit refuses the files is left out, with its error as a warning; any other's
+    error ends the command. Returns the fitted ones by name, in the tables' order."""
     import torch
 
     from grood._linear import checked_head
@@ -765,20 +777,28 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
                        or {"logits": given["logits"]}))
 
     estimators = _unfitted_baselines(args)
+    order = sorted(estimators, key=lambda key: key not in HELD_OUT and bool(
+        learned_from(type(estimators[key]), head_given=head is not None)))  # (stable)
+    left_out: list[str] = []
     # At ImageNet scale each fit takes seconds to minutes: counted as they finish.
     with progress(total=len(estimators), desc="grood eval: fitting baselines",
                   unit="baselines", enabled=None if estimators else False) as bar:
-        for key, est in estimators.items():
-            bar.set_postfix(baseline=type(est).__name__)
+        for key in order:
+            bar.set_postfix(baseline=type(estimators[key]).__name__)
             try:
-                fit_one(key, est)
+                fit_one(key, estimators[key])
             except (ValueError, TypeError) as exc:
                 named = _fit_error(key, exc)
                 if named is exc:
                     raise
-                raise named from exc
+                if key not in optional:
+                    raise named from exc
+                left_out.append(key)
+                warnings.warn(f"--baselines all leaves out {key}, which refuses the files: "
+                              f"{str(named).removeprefix(f'--baselines {key}: ')}",
+                              UserWarning, stacklevel=2)
             bar.update(1)
-    return list(estimators.values())
+    return {key: est for key, est in estimators.items() if key not in left_out}
 
 
 #: What a baseline that lacks a feature file's array does with it, by array.

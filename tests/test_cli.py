@@ -1046,6 +1046,25 @@ def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
              "train.npz is the training file (--train)")):
         assert main([*argv, *extra]) == 2
         assert said in capsys.readouterr().err
+    # `all` leaves out a baseline whose fit refuses the files (it ended the whole command
+    # after every other fit), saying why; named, or given an option, it still ends it, and
+    # its refusal comes before the fits on the training set.
+    every = [*argv[:-2], "all", "--held-out", str(tmp_path / "fitted.npz"), "--train",
+             str(tmp_path / "train.npz"), "--nnguide-k", "1"]
+    assert main(every) == 0
+    err = capsys.readouterr().err
+    assert (f"--baselines all leaves out tempscale, which refuses the files: {tmp_path}"
+            "/fitted.npz: every row's label holds its largest logit") in err
+    taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
+    assert taken["baselines"] == list(BY_NAME) and "tempscale_temperature" not in taken
+    knn_too = ["--knn-k", "1000"]  # (it refuses too, later: it fits on the training set)
+    assert main([*every[:len(argv) - 1], "tempscale", *every[len(argv) - 1:], *knn_too]) == 2
+    err = capsys.readouterr().err
+    assert f"--baselines tempscale: {tmp_path}/fitted.npz: every row's label holds" in err
+    assert "knn" not in err
+    assert main([*every[:-2], "--nnguide-k", "1000"]) == 2  # (an option: asked for)
+    assert f"--baselines nnguide: {tmp_path}/train.npz: the bank holds" \
+        in capsys.readouterr().err
     assert main([*argv[:-1], "--held-out", str(val)]) == 2
     assert "--held-out is read only by --baselines tempscale" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
@@ -1943,6 +1962,20 @@ def test_fit_check_table_at_tiny_size():
     rows = [r.split("|")[1:-1] for r in out.stdout.splitlines() if r.startswith("| 3,000")]
     assert len(rows) == 1 and rows[0][2].strip() == "0 / 0"
     assert all(float(rows[0][i].strip()) > 0 for i in (3, 4))
+
+
+def test_rounding_distance_table_at_tiny_size():
+    """bench/rounding_distance.py --tiny: every own row within the bound (8 units), no new
+    row within it, on every set."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "rounding_distance.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--seeds", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| Gaussian")]
+    assert len(rows) == 4
+    for row in rows:
+        assert int(row[4].replace(",", "")) > 0 and float(row[5]) < 8 < float(row[8])
+        assert row[9] == "0"
 
 
 def test_far_rows_tables_at_tiny_size():

@@ -812,9 +812,10 @@ def test_float64_training_rows_are_named_by_a_float32_detector(index):
                                             (3.0, 0.0, 2)])
 def test_rounding_distance_holds_a_rows_own_gradient_and_no_new_ones(sep, offset, dim):
     """A float32 training row's float64 gradient lies within rounding_distance of the float32
-    one the fit indexed (measured up to 0.96 units of ROUNDING_UNITS = 8); new rows' nearest
-    indexed gradients lie far beyond it (695 units at the closest, on a 2-D set)."""
-    from grood._gradients import ROUNDING_UNITS, rounding_distance
+    one the fit indexed (measured up to 1.08 units of ROUNDING_UNITS = 8); new rows' nearest
+    indexed gradients lie far beyond it (1,060 units at the closest, on a 2-D set). Rows
+    whose float32 gradients are subnormal (far classes, sep=30) are apart: not counted."""
+    from grood._gradients import ROUNDING_UNITS, rounding_distance, subnormal_rows
 
     gen = torch.Generator().manual_seed(dim)
     n_classes = 3 if dim <= 8 else 6
@@ -826,19 +827,23 @@ def test_rounding_distance_holds_a_rows_own_gradient_and_no_new_ones(sep, offset
         return (centres[y] + noise + offset).float()
 
     x, new = draw(), draw()
-    det = GROOD().fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (sep=30: the fit warns of its tiny gradients)
+        det = GROOD().fit(x, y)
     for rows, own in ((x, True), (new, False)):
         res = det._grads.resolved(rows.double(), 0)
         tol = rounding_distance(res, torch.float32)
-        assert torch.equal(rounding_distance(res, torch.float64), torch.zeros_like(tol))
+        for wide in (rounding_distance(res, torch.float64), subnormal_rows(res, torch.float64)):
+            assert not bool(wide.any())
+        sub = subnormal_rows(res, torch.float32)
+        assert sep == 30.0 or not bool(sub.any())
         dists, found = det.kneighbors(rows.double(), 1)
         if own:
-            mine = found[:, 0] == torch.arange(300)
-            assert int(mine.sum()) > 100
-            assert bool((dists[mine, 0] <= tol[mine]).all())
+            mine = (found[:, 0] == torch.arange(300)) & ~sub
+            assert int(mine.sum()) > 50
             assert bool((dists[mine, 0] <= tol[mine] / (ROUNDING_UNITS / 2) ** 2).all())
         else:
-            assert bool((dists[:, 0] > 50 ** 2 * tol).all())
+            assert bool((dists[~sub, 0] > 50 ** 2 * tol[~sub]).all())
 
 
 def rewrite_with_digest(path, where, key, value):
