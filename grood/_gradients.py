@@ -110,7 +110,7 @@ def subnormal_rows(res: NCPGradient, dtype: torch.dtype) -> Tensor:
     normal number): there ``dtype`` rounds them by more than their differences from other
     such rows, so one within :func:`rounding_distance` of an indexed gradient cannot be told
     from its own, and none is counted as a training row (a fit in ``dtype`` warned of such
-    gradients). None (all False) where ``dtype`` is as wide as the rows'."""
+    gradients). All False where ``dtype`` is as wide as the rows'."""
     q = res.q_ood
     info = torch.finfo(dtype)
     if info.eps <= torch.finfo(q.dtype).eps:

@@ -191,11 +191,10 @@ class Calibration:
         0 to the detector's rounding: float64 rows scored by a float32 detector lie within
         :func:`grood._gradients.rounding_distance` of their own float32 gradients (those
         whose float32 gradients are subnormal, :func:`grood._gradients.subnormal_rows`, lie
-        as near other such rows, and are not counted). A
-        distance of 0 is an indexed training row's, unless the row's own gradient (norm
-        ``q_ood``) is too small for its squared distances
-        (:func:`grood._gradients.tiny_gradient_norm`): then it may be an underflow, and the
-        row is counted as unresolved."""
+        as near other such rows, and are not counted). A distance of 0 is an indexed
+        training row's, unless the row's own gradient (norm ``q_ood``) is too small for its
+        squared distances (:func:`grood._gradients.tiny_gradient_norm`): then it may be an
+        underflow, and the row is counted as unresolved."""
         counts = _COUNTING.__dict__.get("by_detector", {}).get(id(self))
         if counts is not None and found is not None:
             q_ood, held = res.q_ood, self.index_.holds_dtype
