@@ -88,6 +88,16 @@ def tiny_gradient_norm(dtype: torch.dtype) -> float:
 ROUNDING_UNITS = 8.0
 
 
+def _narrower(res: NCPGradient, dtype: torch.dtype) -> tuple[torch.finfo, float] | None:
+    """``dtype``'s ``finfo`` and the gradient norm below which its entries reach its subnormal
+    range (``sqrt(D)`` times its smallest normal number), where ``dtype`` is narrower than
+    ``res``'s rows; None where it is as wide."""
+    info = torch.finfo(dtype)
+    if info.eps <= torch.finfo(res.q_ood.dtype).eps:
+        return None
+    return info, res.grad.shape[1] ** 0.5 * info.tiny
+
+
 def rounding_distance(res: NCPGradient, dtype: torch.dtype) -> Tensor:
     """Squared distances [N] (in ``res``'s dtype) within which each row's gradient equals
     an indexed gradient computed in ``dtype`` from the same features: 0 where ``dtype`` is as
@@ -95,12 +105,12 @@ def rounding_distance(res: NCPGradient, dtype: torch.dtype) -> Tensor:
     distance 0), else ``ROUNDING_UNITS`` of ``dtype``'s rounding (float64 features scored
     by a float32 detector); 0 where ``q_ood`` is 0."""
     q = res.q_ood
-    info = torch.finfo(dtype)
-    if info.eps <= torch.finfo(q.dtype).eps:
+    narrower = _narrower(res, dtype)
+    if narrower is None:
         return torch.zeros_like(q)
+    info, subnormal = narrower
     spread = 1 + (torch.log(q) + res.lse).abs() + res.lse.abs()  # 1 + d_ood + |lse|
-    subnormal = res.grad.shape[1] ** 0.5 * info.tiny * info.eps  # (the spacing over D)
-    tol = ROUNDING_UNITS * (info.eps * q * spread + subnormal)
+    tol = ROUNDING_UNITS * (info.eps * q * spread + subnormal * info.eps)  # (+ the spacing)
     return torch.where(q > 0, tol * tol, torch.zeros_like(q))
 
 
@@ -111,11 +121,10 @@ def subnormal_rows(res: NCPGradient, dtype: torch.dtype) -> Tensor:
     such rows, so one within :func:`rounding_distance` of an indexed gradient cannot be told
     from its own, and none is counted as a training row (a fit in ``dtype`` warned of such
     gradients). All False where ``dtype`` is as wide as the rows'."""
-    q = res.q_ood
-    info = torch.finfo(dtype)
-    if info.eps <= torch.finfo(q.dtype).eps:
-        return torch.zeros_like(q, dtype=torch.bool)
-    return q < res.grad.shape[1] ** 0.5 * info.tiny
+    narrower = _narrower(res, dtype)
+    if narrower is None:
+        return torch.zeros_like(res.q_ood, dtype=torch.bool)
+    return res.q_ood < narrower[1]
 
 
 def resolved_rows(res: NCPGradient) -> Tensor:

@@ -454,7 +454,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _require_files({"detector file": args.detector, "feature file": args.id})
     arrays_in = functools.cache(array_names)  # (read once: --baselines all asks first)
     every = _all_baselines(args, arrays_in) if "all" in args.baselines else None
-    named = {b for b in args.baselines if b != "all"}
+    # Those named, or given an option: any refusal of theirs ends the command (one that
+    # `all` alone brought in is left out, with why, as those the files lack arrays for).
+    asked = {b for b in args.baselines if b != "all"} | {
+        key for option, (key, _) in BASELINE_OPTIONS.items()
+        if getattr(args, option) is not None}
     args.baselines = list(dict.fromkeys(
         name for b in args.baselines for name in ((every or []) if b == "all" else (b,))))
     readers = _train_readers(head_given=args.head is not None)
@@ -541,11 +545,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: --baselines {' and '.join(logit_baselines)} "
                              f"{'scores' if len(logit_baselines) == 1 else 'score'} logits: "
                              "the file has no 'logits' array")
-    # Those --baselines all brought in (neither named nor given an option) may refuse the
-    # files: left out, with why, as those the files lack the arrays for.
-    asked = named | {
-        key for option, (key, _) in BASELINE_OPTIONS.items()
-        if getattr(args, option) is not None}
     fitted = _fit_baselines(args, id_data, det.n_features_in_, det.n_classes_,
                             optional=set(every or ()) - asked)
     args.baselines, baselines = list(fitted), list(fitted.values())
