@@ -217,6 +217,50 @@ def check_labels_informative(by_prototype: float, counts: Tensor, n: int) -> Non
             UserWarning, stacklevel=user_stacklevel())
 
 
+#: How many classes without an indexed row :func:`check_classes_indexed` names by number.
+NAMED_CLASSES = 10
+
+
+def check_classes_indexed(indexed: Tensor, counts: Tensor, protos: Tensor,
+                          with_logits: bool) -> None:
+    """Warn where a class has training rows but no indexed gradient (``indexed`` [C], each
+    class's indexed rows; ``counts`` [C], its training rows): none of its rows was classified
+    as it (by the logits, or by the nearest class prototype without them), so its samples
+    are scored as OOD samples are, by their distance to other classes' gradients only (a
+    class the logits never predict fell from an AUROC of 0.98 to 0.59 against Gaussian OOD
+    rows, the other classes' staying at 0.96), without a sign. Without logits, each named class's
+    nearest other prototype is named too (a class whose prototype coincides with another's,
+    rows of one class under two labels, is never nearest: ties go to the first)."""
+    empty = ((indexed == 0) & (counts > 0)).nonzero()[:, 0].tolist()
+    if not empty:
+        return
+    named, one = empty[:NAMED_CLASSES], len(empty) == 1
+    more = f" and {len(empty) - len(named):,} more" if len(empty) > len(named) else ""
+    which = (f"class {named[0]} holds" if one else f"classes {', '.join(map(str, named))}"
+             f"{more} ({len(empty):,} of {counts.numel():,} classes) hold")
+    their = "its" if one else "their"
+    if with_logits:
+        why = f"the logits classify none of {their} rows as {their} class"
+        fix = ("are the logits' columns in the labels' class order, and does the model "
+               f"predict {'this class' if one else 'these classes'}?")
+    else:
+        p64 = protos.double()
+        nearest = []
+        for c in named:
+            apart = (p64 - p64[c]).norm(dim=1)
+            apart[c] = float("inf")
+            other = int(apart.argmin())
+            nearest.append(f"class {c}: class {other}'s, {float(apart[other]):.3g} away")
+        why = (f"none of {their} rows lies nearest {their} own class prototype (the nearest "
+               f"other prototype of {'; '.join(nearest)})")
+        fix = (f"are {'this class' if one else 'these classes'}'s rows another class's under a "
+               "second label, or the labels in another order than the features?")
+    warnings.warn(
+        f"{which} {int(counts[empty].sum()):,} training rows but no indexed gradient: {why}, "
+        f"so {their} samples are scored as OOD samples are, by their distance to other "
+        f"classes' gradients only; {fix}", UserWarning, stacklevel=user_stacklevel())
+
+
 def warn_narrowed(row: int) -> None:
     """Warn that a float64 batch (its first row ``row``) of a fit whose first batch is
     float32 (or narrower) is computed in float32: the detector takes the first batch's compute
@@ -695,6 +739,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
     offset, kept = 0, []  # kept: each add_where call's mask
     seen = torch.zeros(n_classes + 1, dtype=torch.int64, device=device)  # [0]: out of range
     proto_right = torch.zeros((), dtype=torch.int64, device=device)  # by nearest prototype
+    per_class = torch.zeros(n_classes, dtype=torch.int64, device=device)  # indexed, by class
     n_tiny = torch.zeros((), dtype=torch.int64, device=device)  # indexed, norm < the limit
     tiny = tiny_gradient_norm(index.holds_dtype or dtype)  # (dtype: the compute dtype)
     with dist.together(det.distributed, "reading its training batches (gradient index)"):
@@ -706,6 +751,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
             guess = res.pred if lb is None else lb.argmax(dim=1)
             kept.append(yb == guess)
             index.add_where(res.grad, kept[-1])
+            per_class += torch.bincount(yb[kept[-1]].long(), minlength=n_classes)
             n_tiny += (kept[-1] & (res.q_ood < tiny)).sum()
             if lb is not None:
                 proto_right += (yb == res.pred).sum()
@@ -730,6 +776,7 @@ def fit_passes(det: Any, source: OODPrototypeSource, inputs: dict[str, Any],
         check_logits_agree(total / n, by_prototype)
     check_labels_informative(total / n if by_prototype is None else by_prototype, state.counts,
                              n)
+    check_classes_indexed(reduce(per_class), state.counts, protos, with_logits)
     check_gradients_resolved(int(reduce(n_tiny)), total, dtype, index.holds_dtype)
     rows = indexed_rows(kept, index, n_local, det.distributed, device)
     if index.ntotal:

@@ -1035,6 +1035,61 @@ def test_an_ood_prototype_on_a_class_prototype_is_named():
         GROOD().fit(x, y)
 
 
+def test_a_class_without_an_indexed_row_is_named():
+    """A class none of whose training rows is classified as it (by the logits; by the nearest
+    prototype without them) has no indexed gradient: its samples are scored by their distance
+    to other classes' gradients, as OOD samples are (here its held-out rows against noise:
+    AUROC 0.37, where the fit that indexes it gives 0.77). Fit warns, naming the
+    class and its rows, without logits the nearest other prototype (a second label on one
+    class's rows: 0 away), and the first ten of many such classes; a fit that indexes every
+    class does not warn."""
+    import warnings
+
+    from grood import ood_metrics
+
+    x, y = clustered_features(1200, 4, 8, seed=1, spread=0.5, dtype=torch.float64)
+    noise = x.mean(0) + x.std() * torch.randn(300, 8, generator=torch.Generator().manual_seed(5),
+                                              dtype=torch.float64)
+    protos = torch.stack([x[:900][y[:900] == c].mean(0) for c in range(4)])
+    logits = -torch.cdist(x, protos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = GROOD(k=1).fit(x[:900], y[:900], logits=logits[:900])
+        GROOD(k=1).fit(x[:900], y[:900])
+    never = logits.clone()
+    never[:, 3] = -1e9  # a model that never predicts class 3
+    n3 = int((y[:900] == 3).sum())
+    with pytest.warns(UserWarning, match=(
+            rf"^class 3 holds {n3} training rows but no indexed gradient: the logits classify "
+            r"none of its rows as its class, so its samples are scored as OOD samples are, by "
+            r"their distance to other classes' gradients only; are the logits' columns in the "
+            r"labels' class order, and does the model predict this class\?$")):
+        det = GROOD(k=1).fit(x[:900], y[:900], logits=never[:900])
+    held = y[900:] == 3
+    auroc = {name: ood_metrics(d.score_samples(x[900:][held]), d.score_samples(noise))["auroc"]
+             for name, d in (("whole", whole), ("without class 3", det))}
+    assert auroc["whole"] > 0.7 and auroc["without class 3"] < 0.5, auroc  # (0.77, 0.37)
+    # Without logits: one class's rows under a second label as well (class 4).
+    twice = torch.cat([x[:900], x[:900][y[:900] == 0]])
+    labels = torch.cat([y[:900], torch.full((int((y[:900] == 0).sum()),), 4)])
+    with pytest.warns(UserWarning, match=(
+            r"^class 4 holds \d+ training rows but no indexed gradient: none of its rows lies "
+            r"nearest its own class prototype \(the nearest other prototype of class 4: class "
+            r"0's, 0 away\), so its samples .* are this class's rows another class's under a "
+            r"second label")):
+        again = GROOD(k=1).fit(twice, labels)
+    assert int(again.indexed_rows_.max()) < 900  # (class 0's copies: never nearest)
+    # Many such classes: the first ten named, and how many more.
+    x, y = clustered_features(900, 15, 8, seed=2, spread=0.5, dtype=torch.float64)
+    logits = -torch.cdist(x, torch.stack([x[y == c].mean(0) for c in range(15)]))
+    logits[:, 3:] = -1e9  # a model that predicts classes 0, 1 and 2 only
+    with pytest.warns(UserWarning, match=(
+            r"^classes 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and 2 more \(12 of 15 classes\) hold "
+            rf"{int((y >= 3).sum())} training rows but no indexed gradient: the logits "
+            r"classify none of their rows as their class, so their samples")):
+        GROOD(k=1).fit(x, y, logits=logits)
+
+
 def test_the_ood_prototype_check_skips_the_pairwise_distances_where_a_bound_settles_it(
         monkeypatch):
     """The coincidence check compares the OOD prototype's distance to its nearest class with

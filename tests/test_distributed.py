@@ -522,15 +522,19 @@ def _empty_shard_worker(rank, world, tmp):
     with _process_group(rank, world, tmp):
         x, y, logits, test, ood = _data()
         mine = slice(None) if rank == 0 else slice(0, 0)
-        det = GROOD(distributed=True, ood_prototype="features").fit(
-            x[mine], y[mine], logits=logits[mine], ood_features=ood[: 0 if rank == 0 else None])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = GROOD(distributed=True, ood_prototype="features").fit(
+                x[mine], y[mine], logits=logits[mine],
+                ood_features=ood[: 0 if rank == 0 else None])
         det.save(f"{tmp}/det.json")
         seen, attempt = _recorder()
         attempt("no rows anywhere", lambda: GROOD(distributed=True).fit(x[:0], y[:0]))
         attempt("no OOD rows anywhere", lambda: GROOD(
             distributed=True, ood_prototype="features").fit(x[mine], y[mine],
                                                             ood_features=ood[:0]))
-        torch.save({"scores": det.score_samples(test), "sizes": det.shard_sizes_,
+        torch.save({"warned": [str(w.message) for w in caught],
+                    "scores": det.score_samples(test), "sizes": det.shard_sizes_,
                     "neighbours": det.kneighbors(test, 2), "seen": seen,
                     "loaded": GROOD.load(f"{tmp}/det.json", distributed=True).score_samples(
                         test)}, f"{tmp}/rank{rank}.pt")
@@ -539,9 +543,13 @@ def _empty_shard_worker(rank, world, tmp):
 def test_a_rank_with_an_empty_shard_joins_the_fit(tmp_path):
     mp.spawn(_empty_shard_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     x, y, logits, test, ood = _data()
-    single = GROOD(ood_prototype="features").fit(x, y, logits=logits, ood_features=ood)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        single = GROOD(ood_prototype="features").fit(x, y, logits=logits, ood_features=ood)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
+        # (every rank warns as one process does: the rank without rows of nothing its own)
+        assert got["warned"] == [str(w.message) for w in caught]
         assert got["sizes"] == [single.index_.ntotal, 0]
         assert torch.equal(got["scores"], single.score_samples(test))
         assert torch.equal(got["loaded"], got["scores"])
