@@ -782,8 +782,9 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
     # At ImageNet scale each fit takes seconds to minutes: counted as they finish.
     with progress(total=len(estimators), desc="grood eval: fitting baselines",
                   unit="baselines", enabled=None if estimators else False) as bar:
-        for key in order:
-            bar.set_postfix(baseline=type(estimators[key]).__name__)
+        for key in order:  # (a left-out one is counted as done, and named as left out)
+            bar.set_postfix(baseline=type(estimators[key]).__name__,
+                            **({"left_out": "+".join(left_out)} if left_out else {}))
             try:
                 fit_one(key, estimators[key])
             except (ValueError, TypeError) as exc:
@@ -797,6 +798,8 @@ def _fit_baselines(args: argparse.Namespace, id_data: Any, n_features: int,
                               f"{str(named).removeprefix(f'--baselines {key}: ')}",
                               UserWarning, stacklevel=2)
             bar.update(1)
+        if left_out:  # (the last line: how many were fitted, and which were left out)
+            bar.set_postfix(fitted=len(estimators) - len(left_out), left_out="+".join(left_out))
     return {key: est for key, est in estimators.items() if key not in left_out}
 
 

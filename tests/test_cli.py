@@ -980,7 +980,7 @@ def test_eval_baselines_all_takes_those_the_files_allow(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
-def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
+def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys, monkeypatch):
     """--baselines tempscale --held-out FILE: the temperature fitted on that file's logits and
     labels (a feature file with both, or a file of those two alone), the metrics
     grood.TempScale gives by hand, the file and the temperature recorded with the tables;
@@ -1051,10 +1051,20 @@ def test_eval_scores_tempscale_fitted_on_the_held_out_file(tmp_path, capsys):
     # its refusal comes before the fits on the training set.
     every = [*argv[:-2], "all", "--held-out", str(tmp_path / "fitted.npz"), "--train",
              str(tmp_path / "train.npz"), "--nnguide-k", "1"]
+    import grood._progress
+
+    monkeypatch.setattr(grood._progress, "PLAIN_EVERY_S", 0.0)  # (every progress line)
     assert main(every) == 0
     err = capsys.readouterr().err
     assert (f"--baselines all leaves out tempscale, which refuses the files: {tmp_path}"
             "/fitted.npz: every row's label holds its largest logit") in err
+    done = [re.fullmatch(r"grood eval: fitting baselines: done (\d+)/(\d+) baselines "
+                         r"\(100 %\), \d+ s, fitted=(\d+), left_out=tempscale", line)
+            for line in err.splitlines() if "fitting baselines: done" in line]
+    assert len(done) == 1 and done[0] is not None  # (counted as done, named as left out)
+    n_done, n_all, n_fitted = map(int, done[0].groups())
+    assert n_done == n_all == n_fitted + 1 > 2
+    monkeypatch.setattr(grood._progress, "PLAIN_EVERY_S", 15.0)
     taken = json.loads((tmp_path / "m.json").read_text())["taken_with"]
     assert taken["baselines"] == list(BY_NAME) and "tempscale_temperature" not in taken
     knn_too = ["--knn-k", "1000"]  # (it refuses too, later: it fits on the training set)
