@@ -548,6 +548,12 @@ class KNN(_Baseline):
         return {k: kind.wrap(scores) for k, scores in out.items()}
 
 
+#: How many units of float64's rounding of the features' largest size each coordinate of a
+#: class mean may be off (:class:`Mahalanobis`): within-class covariance eigenvalues below
+#: ``D`` times that squared are rounding.
+MEAN_ROUNDING_UNITS = 8.0
+
+
 class Mahalanobis(_Baseline):
     """Minimum Mahalanobis distance to the class means with one shared (tied) covariance.
 
@@ -586,33 +592,56 @@ class Mahalanobis(_Baseline):
         n, d = x.shape
         n_classes = int(y.max()) + 1
         check_class_count(n_classes - 1, n)  # before the [C, D] sums are allocated
-        state = shift = None
+        state, peak = None, 0.0
+        # Second moments about a row of each row's own class (the first one read): about the
+        # origin or one point for all, the within-class digits cancel where the classes lie
+        # far apart for their spread (2.7e-5 relative off float64 at 1e10 : 1 in variance;
+        # identical rows in a class gave a covariance of rounding, whitened to -inf scores).
+        shifts = torch.zeros((n_classes, d), dtype=torch.float64, device=x.device)
+        shifted = torch.zeros(n_classes, dtype=torch.bool, device=x.device)
         scatter = torch.zeros((d, d), dtype=torch.float64, device=x.device)
         for r0, r1 in batches(n, self.batch_size):
-            xb = x[r0:r1].to(torch.float64)
-            state = class_prototypes(xb, y[r0:r1], n_classes, state=state, in_place=True)
-            # Second moments about the first batch's mean: about the origin, features whose
-            # offset dwarfs their spread (1e6 : 1) would cancel most digits below.
-            shift = xb.mean(0) if shift is None else shift
-            scatter += (xb - shift).T @ (xb - shift)
-        assert state is not None and shift is not None  # (x has rows: fit checked it)
+            xb, yb = x[r0:r1].to(torch.float64), y[r0:r1]
+            state = class_prototypes(xb, yb, n_classes, state=state, in_place=True)
+            first = torch.full((n_classes,), r1 - r0, dtype=torch.int64, device=x.device)
+            first.scatter_reduce_(0, yb, torch.arange(r1 - r0, device=x.device), "amin")
+            new = ~shifted & (first < r1 - r0)
+            shifts[new] = xb[first[new]]
+            shifted |= new
+            zb = xb - shifts[yb]
+            scatter += zb.T @ zb
+            peak = max(peak, float(xb.abs().max()))
+        assert state is not None  # (x has rows: fit checked it)
         means = state.prototypes(torch.float64)
         counts = state.counts.to(torch.float64)
-        cov = (scatter - ((means - shift).T * counts) @ (means - shift)) / n
+        cov = (scatter - ((means - shifts).T * counts) @ (means - shifts)) / n
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
-        keep = evals > rcond * evals.max().clamp_min(0)
+        # Below the rounding of the class means (a few units of the features' largest size
+        # in each of the d coordinates), an eigenvalue is rounding, not variance.
+        floor = d * (MEAN_ROUNDING_UNITS * torch.finfo(torch.float64).eps * peak) ** 2
+        keep = evals > max(rcond * float(evals.max()), floor)
         if not bool(keep.any()):
-            raise ValueError("the features have zero within-class variance")
+            raise ValueError(
+                "the features have zero within-class variance" + ("" if float(evals.max()) <= 0
+                else f" up to rounding (the within-class covariance's largest eigenvalue, "
+                     f"{float(evals.max()):.3g}, is the rounding of features of size "
+                     f"{peak:.3g})"))
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         whitening = evecs[:, keep] / evals[keep].sqrt()  # [D, r]
+        if not bool(torch.isfinite(whitening.to(dt)).all()):
+            raise ValueError(
+                f"the within-class covariance has eigenvalues down to "
+                f"{float(evals[keep].min()):.3g}, too small for float32's whitening (it "
+                "would scale them by more than float32 holds): fit on float64 features "
+                "(x.double()), or raise rcond")
         # Whiten around the overall mean, so float32 scoring does not cancel large offsets.
         center = state.sums.sum(0) / n
         self.center_ = center.to(dt)
         self.whitening_ = whitening.to(dt)
         self.class_means_ = means.to(dt)
         self.whitened_means_ = ((means - center) @ whitening).to(dt)  # [C, r]
-        self._fit_background((scatter - n * torch.outer(center - shift, center - shift)) / n,
-                             rcond, dt, whitening, (means - center) @ whitening)
+        between = ((means - center).T * counts) @ (means - center) / n
+        self._fit_background(cov + between, rcond, dt, whitening, (means - center) @ whitening)
         self._fitted_on(features, d)
         return self
 
@@ -849,7 +878,9 @@ class _HeadBaseline(_Baseline):
         for r0, r1 in batches(x.shape[0], self.batch_size):
             xb = x[r0:r1].to(device=dev, dtype=dt)
             with rows_from(r0), matmul_precision("ieee", dev):  # fp32, whatever the setting
-                scores[..., r0:r1], preds[r0:r1] = (rows or self._score_rows)(xb, dt)
+                got, preds[r0:r1] = (rows or self._score_rows)(xb, dt)
+                check_scores_finite(got, self.name)
+                scores[..., r0:r1] = got
         return scores, preds, kind
 
     def _score_rows(self, x: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -859,6 +890,25 @@ class _HeadBaseline(_Baseline):
         """The last layer's logits of the rows ``x`` in ``dt`` (through ``weight`` in place
         of the layer's, where given: DICE's sparse one)."""
         return x @ (self.weight_ if weight is None else weight).to(dt).T + self.bias_.to(dt)
+
+
+def check_scores_finite(scores: Tensor, who: str) -> None:
+    """Refuse, naming them, the rows whose score (``scores`` [B], or [n, B] for ``n``
+    settings) is not finite, though their features are: a step of the score (the logits of
+    features shaped or scaled, a norm, a quotient) left the dtype's range at the features'
+    size, and an inf or NaN would rank the row first or last without a sign. ``who``: the
+    method."""
+    bad = ~torch.isfinite(scores).reshape(-1, scores.shape[-1]).all(dim=0)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero()[:, 0].tolist()
+    first = scores.reshape(-1, scores.shape[-1])[:, rows[0]]
+    value = float(first[~torch.isfinite(first)][0])
+    fix = ("give float64 features, or features rescaled" if scores.dtype != torch.float64
+           else "give features rescaled")
+    raise RowsRefusedError(rows, lambda named: (
+        f"{who}'s scores of row(s) {named[:10]} are not finite ({value} for the first): a "
+        f"step of the score left {scores.dtype}'s range at these features' size; {fix}"))
 
 
 def _redone(values: Tensor, width: int) -> Tensor:
@@ -978,12 +1028,20 @@ class ViM(_HeadBaseline):
                 "an nn.Linear holds it (weight [C, D], bias [C]), or its raw logits")
         null = _linear.least_moments_null(scatter, offset, n, dim)
         null_origin = origin @ null
-        residual = whole = largest = 0.0
+        residual = whole = size = largest = 0.0
         for r0, r1 in batches(n, self.batch_size):
             xb = x[r0:r1].to(torch.float64)
             residual += float((xb @ null - null_origin).norm(dim=1).sum())
             whole += float((xb - mean).norm(dim=1).sum())
+            size += float(xb.norm(dim=1).sum())
             largest += float((xb @ w.T + b).amax(dim=1).sum())
+        # One row, or one row repeated (up to the rounding of their mean): no spread to find a
+        # space in, and the residual left is rounding.
+        if not whole > 8 * torch.finfo(torch.float64).eps * size:
+            rows = "one training feature row" if n == 1 else \
+                f"{n} copies of one training feature row"
+            raise ValueError(f"ViM was given {rows}: its principal space about their mean "
+                             "needs rows that differ")
         if not residual > 1e-9 * whole:  # (float64 rounding leaves ~1e-15 of it)
             few = (f" ({n} training rows span at most {n - 1} directions about their mean: "
                    f"dim must stay below that, or give more rows)" if n - 1 <= dim else "")

@@ -140,6 +140,65 @@ def test_mahalanobis_matches_pinv_definition(offset):
     assert len(set(pred.tolist())) > 1  # (the queries are spread over the classes)
 
 
+def test_mahalanobis_keeps_its_digits_where_classes_lie_far_apart_for_their_spread():
+    """Second moments about one point for every class cancel the within-class digits where
+    the classes lie far apart for their spread: at 1e10 : 1 in variance the float64 scores
+    were 1.2e-5 of their largest off the two-pass covariance's; about a row of each class,
+    8.3e-11 (what whitening the search's operands leaves). RMD's background is that
+    covariance plus the class means' scatter (1.3e-5 before, 3.2e-6 now)."""
+    gen = torch.Generator().manual_seed(0)
+    centres = 10 * torch.randn(10, 32, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (5000,), generator=gen)
+    x = centres[y] + 1e-4 * torch.randn(5000, 32, generator=gen, dtype=torch.float64)
+    q = centres[torch.arange(500) % 10] + 1.5e-4 * torch.randn(500, 32, generator=gen,
+                                                               dtype=torch.float64)
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    centred = x - means[y]  # (two passes: the covariance without cancellation)
+    evals, evecs = torch.linalg.eigh(centred.T @ centred / 5000)
+    whitening = evecs / evals.sqrt()
+    exact = -((q @ whitening)[:, None] - (means @ whitening)[None]).square().sum(-1).amin(1)
+    s = Mahalanobis().fit(x, y).score_samples(q)
+    assert float((s - exact).abs().max() / exact.abs().max()) < 1e-9
+    mu = x.mean(0)
+    evals, evecs = torch.linalg.eigh((x - mu).T @ (x - mu) / 5000)
+    kept = evals > 1e-10 * evals.max()  # (rcond: the within-class directions drop out here)
+    background = ((q - mu) @ (evecs[:, kept] / evals[kept].sqrt())).square().sum(1)
+    s = RMD().fit(x, y).score_samples(q)
+    assert float((s - (exact + background)).abs().max() / exact.abs().max()) < 1e-5
+
+
+def test_mahalanobis_refuses_a_covariance_of_rounding_or_beyond_float32():
+    """Identical rows within each class have no within-class variance; where their class
+    means round (float64 rows whose sums are inexact), the covariance was rounding, and
+    whitening it gave scores of -inf (float32 rows of 1e-31) or of noise. Both are refused
+    as zero within-class variance, as exactly zero ones were. Float32 features whose kept
+    eigenvalues (rcond=1e-20 here) need a whitening beyond float32's range scored -inf: that
+    is refused, naming float64 and rcond."""
+    row = torch.tensor([[0.1, 0.7, 1 / 3]], dtype=torch.float64)
+    rows = torch.cat([row.expand(3, 3), 3 * row.expand(4, 3)])
+    tiny = torch.tensor([[3.4108196981e-32, 2.8674021779e-31, 7.7291494819e-31, 1.7492703057e-31],
+                         [7.5536984865e-31, 6.0825061808e-31, 1.9872714714e-31,
+                          4.3341553468e-31]]).float()
+    for x, y in ((rows, torch.tensor([0, 0, 0, 1, 1, 1, 1])),
+                 (tiny[[0, 1, 0]], torch.tensor([0, 1, 0])),
+                 (tiny[[0, 1, 0]].double(), torch.tensor([0, 1, 0]))):
+        for cls in (Mahalanobis, RMD):
+            with pytest.raises(ValueError, match="the features have zero within-class "
+                                                 "variance"):
+                cls().fit(x, y)
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([1e-33] * 4 + [1e-41], dtype=torch.float64)
+    x = (torch.rand(40, 5, generator=gen, dtype=torch.float64) * sizes).float()
+    y = torch.arange(40) % 3
+    assert bool(torch.isfinite(Mahalanobis().fit(x, y).score_samples(x)).all())
+    with pytest.raises(ValueError, match=r"eigenvalues down to [0-9.e-]+, too small for "
+                                         r"float32's whitening .* fit on float64 features "
+                                         r"\(x\.double\(\)\), or raise rcond"):
+        Mahalanobis(rcond=1e-20).fit(x, y)
+    s = Mahalanobis(rcond=1e-20).fit(x.double(), y).score_samples(x.double())
+    assert bool(torch.isfinite(s).all())
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e6])
 def test_rmd_is_the_mahalanobis_distance_relative_to_the_training_gaussians(offset):
     """Minus (the smallest squared class distance, shared covariance, minus the squared
@@ -1172,3 +1231,54 @@ def test_a_refused_row_is_named_by_its_place_in_the_input_not_its_batch():
     back = pickle.loads(pickle.dumps(caught.value))  # (as a worker process hands it back)
     assert type(back) is RowsRefusedError and back.rows == [7]
     assert str(back) == str(caught.value)
+
+
+def test_head_baselines_refuse_rows_whose_score_leaves_the_dtypes_range():
+    """Finite features whose score does not fit the dtype: ASH-S's and SCALE's logits of
+    float32 rows of 3e33 shaped through a layer of weights near 1e3, fDBD's quotient for a
+    row at the mean of all-zero training features (the floor, float32's smallest normal
+    number, under a boundary distance of 707). Each scored inf or -inf without a sign, which
+    ranks the row first or last; each is refused, naming the rows, as SHE's are."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 7, generator=gen, dtype=torch.float64) * 1e30).float()
+    weight = (2e3 * torch.randn(2, 7, generator=gen, dtype=torch.float64)).float()
+    bias = (5e2 * torch.randn(2, generator=gen, dtype=torch.float64)).float()
+    far = (torch.rand(7, 7, generator=gen, dtype=torch.float64) * 3e33).float()
+    for est in (ASH(), SCALE()):
+        est.fit(x, weight=weight, bias=bias)
+        assert bool(torch.isfinite(est.score_samples(x)).all())
+        with pytest.raises(RowsRefusedError, match=(
+                rf"^{est.name}'s scores of row\(s\) \[\d+(, \d+)*\] are not finite \(-?inf for "
+                r"the first\): a step of the score left torch\.float32's range at these "
+                r"features' size; give float64 features, or features rescaled$")) as refused:
+            est.score_samples(far)
+        s = est.fit(x.double(), weight=weight.double(), bias=bias.double()).score_samples(
+            far.double())
+        assert refused.value.rows == (~torch.isfinite(s.float())).nonzero()[:, 0].tolist()
+    zeros = torch.zeros(3, 2)
+    fdbd = FDBD().fit(zeros, weight=torch.tensor([[1e-3, 0.0], [0.0, 1e-3]]),
+                      bias=torch.tensor([1.0, 0.0]))
+    assert bool(torch.isfinite(fdbd.score_samples(torch.ones(2, 2))).all())
+    with pytest.raises(RowsRefusedError, match=r"^fDBD's scores of row\(s\) \[1\] are not "
+                                               r"finite \(inf for the first\)"):
+        fdbd.score_samples(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+
+
+def test_vim_refuses_one_training_row_or_copies_of_one():
+    """One training row, or copies of one, have no spread about their mean: the principal
+    space was found in rounding and alpha, the training logits over a residual of rounding,
+    took the scores to -inf (float32 rows of 1e30) or to noise; refused, saying so."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    row = torch.tensor([[0.1, 0.7, 1 / 3, 0.9]], dtype=torch.float64)
+    for x, said in ((row, "one training feature row"),
+                    (row.expand(5, 4), "5 copies of one training feature row"),
+                    ((1e30 * row).float(), "one training feature row"),
+                    (row.expand(5, 4).float(), "5 copies of one training feature row")):
+        with pytest.raises(ValueError, match=f"^ViM was given {said}: its principal space "
+                                             "about their mean needs rows that differ$"):
+            ViM(dim=2).fit(x, weight=weight.to(x.dtype), bias=bias.to(x.dtype))
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    assert bool(torch.isfinite(ViM(dim=2).fit(x, weight=weight, bias=bias).score_samples(
+        x)).all())
