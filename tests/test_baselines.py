@@ -140,31 +140,37 @@ def test_mahalanobis_matches_pinv_definition(offset):
     assert len(set(pred.tolist())) > 1  # (the queries are spread over the classes)
 
 
-def test_mahalanobis_keeps_its_digits_where_classes_lie_far_apart_for_their_spread():
+def test_mahalanobis_and_rmd_keep_their_digits_where_classes_lie_far_apart_for_their_spread():
     """Second moments about one point for every class cancel the within-class digits where
     the classes lie far apart for their spread: at 1e10 : 1 in variance the float64 scores
     were 1.2e-5 of their largest off the two-pass covariance's; about a row of each class,
-    8.3e-11 (what whitening the search's operands leaves). RMD's background is that
-    covariance plus the class means' scatter (1.3e-5 before, 3.2e-6 now)."""
+    8.3e-11 (what whitening the search's operands leaves). RMD's class term was taken from
+    the row less the training mean, whose three parts cancel in proportion to that ratio
+    (float64: 1.3e-5 at 1e10 : 1; float32: 2.8e-3 at 1e4 : 1); from the row less its class
+    mean, 9e-11 and 4e-6 (bench/class_spread.py)."""
     gen = torch.Generator().manual_seed(0)
     centres = 10 * torch.randn(10, 32, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 10, (5000,), generator=gen)
-    x = centres[y] + 1e-4 * torch.randn(5000, 32, generator=gen, dtype=torch.float64)
-    q = centres[torch.arange(500) % 10] + 1.5e-4 * torch.randn(500, 32, generator=gen,
-                                                               dtype=torch.float64)
-    means = torch.stack([x[y == c].mean(0) for c in range(10)])
-    centred = x - means[y]  # (two passes: the covariance without cancellation)
-    evals, evecs = torch.linalg.eigh(centred.T @ centred / 5000)
-    whitening = evecs / evals.sqrt()
-    exact = -((q @ whitening)[:, None] - (means @ whitening)[None]).square().sum(-1).amin(1)
-    s = Mahalanobis().fit(x, y).score_samples(q)
-    assert float((s - exact).abs().max() / exact.abs().max()) < 1e-9
-    mu = x.mean(0)
-    evals, evecs = torch.linalg.eigh((x - mu).T @ (x - mu) / 5000)
-    kept = evals > 1e-10 * evals.max()  # (rcond: the within-class directions drop out here)
-    background = ((q - mu) @ (evecs[:, kept] / evals[kept].sqrt())).square().sum(1)
-    s = RMD().fit(x, y).score_samples(q)
-    assert float((s - (exact + background)).abs().max() / exact.abs().max()) < 1e-5
+
+    def whitening(cov):
+        evals, evecs = torch.linalg.eigh(cov)
+        kept = evals > 1e-10 * evals.max()  # (rcond: within-class directions drop out of Q)
+        return evecs[:, kept] / evals[kept].sqrt()
+
+    for noise, dtype, bound in ((1e-4, torch.float64, 1e-9), (0.1, torch.float32, 1e-4)):
+        y = torch.randint(0, 10, (5000,), generator=gen)
+        x = centres[y] + noise * torch.randn(5000, 32, generator=gen, dtype=torch.float64)
+        q = centres[torch.arange(500) % 10] + 1.5 * noise * torch.randn(
+            500, 32, generator=gen, dtype=torch.float64)
+        means = torch.stack([x[y == c].mean(0) for c in range(10)])
+        centred = x - means[y]  # (two passes: the covariance without cancellation)
+        w = whitening(centred.T @ centred / 5000)
+        exact = -((q @ w)[:, None] - (means @ w)[None]).square().sum(-1).amin(1)
+        mu = x.mean(0)
+        background = ((q - mu) @ whitening((x - mu).T @ (x - mu) / 5000)).square().sum(1)
+        for est, want in ((Mahalanobis(), exact), (RMD(), exact + background)):
+            s = est.fit(x.to(dtype), y).score_samples(q.to(dtype)).double()
+            err = float((s - want).abs().max() / want.abs().max())
+            assert err < bound, (type(est).__name__, dtype, err)
 
 
 def test_mahalanobis_refuses_a_covariance_of_rounding_or_beyond_float32():

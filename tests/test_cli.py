@@ -1988,6 +1988,23 @@ def test_rounding_distance_table_at_tiny_size():
         assert row[9] == "0"
 
 
+def test_class_spread_table_at_tiny_size():
+    """bench/class_spread.py --tiny: Mahalanobis within 1e-9 of the two-pass float64 scores
+    in float64 up to 1e10 : 1 between / within variance, RMD within 1e-8 (its background
+    covariance's small eigenvalues are found to about 1e-9 where they are kept), and both
+    within 1e-3 in float32 up to 1e6 : 1."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "class_spread.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [[float(c) for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| 1e+")]
+    assert [r[0] for r in rows] == [1e2, 1e6, 1e10]
+    for ratio, maha64, maha32, rmd64, rmd32 in rows:
+        assert maha64 < 1e-9 and rmd64 < 1e-8, (ratio, maha64, rmd64)
+        if ratio <= 1e6:
+            assert maha32 < 1e-3 and rmd32 < 1e-3, (ratio, maha32, rmd32)
+
+
 def test_far_rows_tables_at_tiny_size():
     """bench/far_rows.py --tiny: a row far along the diagonal scored as the exact softmax
     scores it, in either dtype, until the detector refuses it; float32's error near 2**16
