@@ -595,7 +595,7 @@ class Mahalanobis(_Baseline):
         state, peak = None, 0.0
         # Second moments about a row of each row's own class (the first one read): about the
         # origin or one point for all, the within-class digits cancel where the classes lie
-        # far apart for their spread (2.7e-5 relative off float64 at 1e10 : 1 in variance;
+        # far apart for their spread (1.2e-5 of the largest float64 score at 1e10 : 1 in variance;
         # identical rows in a class gave a covariance of rounding, whitened to -inf scores).
         shifts = torch.zeros((n_classes, d), dtype=torch.float64, device=x.device)
         shifted = torch.zeros(n_classes, dtype=torch.bool, device=x.device)
@@ -629,11 +629,13 @@ class Mahalanobis(_Baseline):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         whitening = evecs[:, keep] / evals[keep].sqrt()  # [D, r]
         if not bool(torch.isfinite(whitening.to(dt)).all()):
+            name = str(dt).removeprefix("torch.")
             raise ValueError(
                 f"the within-class covariance has eigenvalues down to "
-                f"{float(evals[keep].min()):.3g}, too small for float32's whitening (it "
-                "would scale them by more than float32 holds): fit on float64 features "
-                "(x.double()), or raise rcond")
+                f"{float(evals[keep].min()):.3g}, too small for {name}'s whitening (it "
+                f"would scale them by more than {name} holds): "
+                + ("fit on float64 features (x.double()), or raise rcond"
+                   if dt != torch.float64 else "rescale the features, or raise rcond"))
         # Whiten around the overall mean, so float32 scoring does not cancel large offsets.
         center = state.sums.sum(0) / n
         self.center_ = center.to(dt)
