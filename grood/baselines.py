@@ -592,7 +592,8 @@ class Mahalanobis(_Baseline):
         n, d = x.shape
         n_classes = int(y.max()) + 1
         check_class_count(n_classes - 1, n)  # before the [C, D] sums are allocated
-        state, peak = None, 0.0
+        state = None
+        peak = torch.zeros((), dtype=torch.float64, device=x.device)  # (read once, at the end)
         # Second moments about a row of each row's own class (the first one read): about the
         # origin or one point for all, the within-class digits cancel where the classes lie
         # far apart for their spread (1.2e-5 of the largest float64 score at 1e10 : 1 in variance;
@@ -610,22 +611,23 @@ class Mahalanobis(_Baseline):
             shifted |= new
             zb = xb - shifts[yb]
             scatter += zb.T @ zb
-            peak = max(peak, float(xb.abs().max()))
+            peak = torch.maximum(peak, xb.abs().max())
         assert state is not None  # (x has rows: fit checked it)
+        size = float(peak)
         means = state.prototypes(torch.float64)
         counts = state.counts.to(torch.float64)
         cov = (scatter - ((means - shifts).T * counts) @ (means - shifts)) / n
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
         # Below the rounding of the class means (a few units of the features' largest size
         # in each of the d coordinates), an eigenvalue is rounding, not variance.
-        floor = d * (MEAN_ROUNDING_UNITS * torch.finfo(torch.float64).eps * peak) ** 2
+        floor = d * (MEAN_ROUNDING_UNITS * torch.finfo(torch.float64).eps * size) ** 2
         keep = evals > max(rcond * float(evals.max()), floor)
         if not bool(keep.any()):
             raise ValueError(
                 "the features have zero within-class variance" + ("" if float(evals.max()) <= 0
                 else f" up to rounding (the within-class covariance's largest eigenvalue, "
                      f"{float(evals.max()):.3g}, is the rounding of features of size "
-                     f"{peak:.3g})"))
+                     f"{size:.3g})"))
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         whitening = evecs[:, keep] / evals[keep].sqrt()  # [D, r]
         if not bool(torch.isfinite(whitening.to(dt)).all()):
