@@ -433,9 +433,75 @@ def test_export_checks_the_file_and_removes_one_that_disagrees(tmp_path, monkeyp
                         lambda self, grad: wrong(self, grad) * 1.01)
     for external in (False, True):
         with pytest.raises(ValueError, match=r"ONNX Runtime's scores differ from the module's "
-                                             r"\(relative 0\.01, beyond 0\.0001; NaN rows equal\)"):
+                                             r"\(relative 0\.01 in row \d+, beyond 0\.0001 "
+                                             r"and its float32 rounding \d\.\d+e-0[5-9]\)"):
             _strict_export(det, test, tmp_path / "wrong.onnx", external_data=external)
         assert not list(tmp_path.iterdir())  # neither the file, its data nor a temporary one
+
+
+def _far_rows_example(x: torch.Tensor, dists: list[float], seed: int = 0) -> torch.Tensor:
+    """Training rows moved ``dists`` units each in a random direction, float32."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(len(dists), x.shape[1], generator=gen, dtype=torch.float64)
+    moved = x[: len(dists)].double() + dirs / dirs.norm(dim=1, keepdim=True) * torch.tensor(
+        dists, dtype=torch.float64)[:, None]
+    return moved.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_export_checks_rows_far_out_of_distribution_at_their_own_rounding(tmp_path, dtype):
+    """Rows 1 to 1e5 units from training features about 1 wide: float32's softmax of
+    distances carries some 1e-7 of a row's distance into its q_ood (the float32 detector's own
+    scores as much), and beyond 2**16 the graph leaves a row NaN, which a float64 head scores.
+    The check refused both files (relative 0.00117 beyond 1e-4 at 1e4; NaN rows differ at
+    1e5); it allows each row its own rounding, and the file gives the head's scores so."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    x, y = clustered_features(300, 5, 16, seed=0, dtype=dtype)
+    det = GROOD(progress=False).fit(x, y)
+    dists = [1.0, 30.0, 1e3, 1e4, 2e4, 4e4, 6e4, 1e5, 1e6]
+    example = torch.cat([_far_rows_example(x, dists), x[:5].float()])
+    path = _strict_export(det, example, tmp_path / "far.onnx")
+    score, pred = _session(path).run(None, {"input": example.numpy()})
+    want, want_pred = det.as_module(checks="flag")(example)
+    beyond = np.array([d > 2**16 for d in dists] + [False] * 5)
+    assert np.array_equal(np.isnan(score), beyond)
+    assert bool(want[torch.from_numpy(beyond)].isnan().all()) == (dtype == torch.float32)
+    # (off by more than 1e-4 of the largest score; about 1e-7 of 4e4 units in q_ood)
+    rel = np.nanmax(np.abs(score - want.numpy())) / np.nanmax(np.abs(want.numpy()))
+    assert 1e-4 < rel < 1e-2
+    assert np.array_equal(pred[~beyond], want_pred.numpy()[~beyond])
+
+
+def test_an_export_check_still_refuses_wrong_scores_classes_and_flags_at_any_distance(
+        tmp_path, monkeypatch):
+    """Row by row margins leave no room for a wrong graph: scores 30 % off at rows 1e4 and 2e4
+    units out (where float32 rounding moved them by up to 0.5 %), another class, a NaN where
+    float32 resolves the row, a score where it does not."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    x, y = clustered_features(300, 5, 16, seed=0)
+    det = GROOD(progress=False).fit(x, y)
+    example = torch.cat([_far_rows_example(x, [1e4, 2e4, 1e5]), x[:3].float()])
+    forward = PortableHead.forward
+    edits = {
+        "off": (lambda s, p: (torch.where(torch.arange(len(s)) < 2, s * 1.3, s), p),
+                r"scores differ from the module's \(relative 0\.\d+ in row [01], beyond"),
+        "class": (lambda s, p: (s, (p + 1) % 5), r"pred differs from the module's in rows "
+                                                r"\[0, 1, 3, 4, 5\]"),
+        "nan": (lambda s, p: (torch.where(torch.arange(len(s)) == 4, float("nan"), s), p),
+                r"scores are NaN in rows \[4\], which the module scores and float32 "
+                r"resolves"),
+        "scored": (lambda s, p: (s.nan_to_num(-1.0), p),
+                   r"ONNX Runtime scores rows \[2\], which the module leaves NaN or float32 "
+                   r"does not resolve \(its distances beyond 65536\)"),
+    }
+    for name, (edit, message) in edits.items():
+        monkeypatch.setattr(PortableHead, "forward",
+                            lambda self, f, edit=edit: edit(*forward(self, f)))
+        with pytest.raises(ValueError, match=message):
+            _strict_export(det, example, tmp_path / f"{name}.onnx")
+        assert not list(tmp_path.iterdir())
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path, monkeypatch):
