@@ -773,12 +773,12 @@ def float32_margins(head: nn.Module, features: Tensor, score: Tensor) -> Float32
     counts as near as another where their distances from the row differ by
     ``ROUNDING_UNITS`` epsilons of the larger plus ``e``.
 
-    Measured, in units of one epsilon each: ONNX Runtime's and PyTorch's scores of rows 1 to
-    63,000 units from the training features at most 0.60 apart (C = 3 to 1,000, D = 2 to 256,
-    float32 and float64 detectors, the softmax in float64 and in float32); a float32
-    :class:`PortableHead` against the custom-op head on 9,000 hostile sets (values 1e-30 to
-    1e30, offsets 100 times their spread, half-precision fits, D = 1 to 9): every score
-    within these margins."""
+    Measured, in units of one epsilon each (``bench/export_margins.py``): ONNX Runtime's
+    and PyTorch's scores of rows 1 to 63,000 units from the training features at most 0.90
+    apart (C = 3 to 1,000, D = 2 to 256, float32 and float64 detectors, the softmax in
+    float64 and in float32); a float32 :class:`PortableHead` against the custom-op head on
+    9,000 hostile sets (values 1e-30 to 1e30, offsets 100 times their spread, half-precision
+    fits, D = 1 to 9): every score within these margins."""
     h = features.double()
     finite = torch.isfinite(h).all(1)
     h = torch.where(finite[:, None], h, 0.0)

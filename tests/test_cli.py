@@ -2005,6 +2005,23 @@ def test_class_spread_table_at_tiny_size():
             assert maha32 < 1e-3 and rmd32 < 1e-3, (ratio, maha32, rmd32)
 
 
+def test_export_margins_table_at_tiny_size():
+    """bench/export_margins.py --tiny: ONNX Runtime's scores of rows 1 to 63,000 units out lie
+    within a unit of the head's (the check allows 8), and more than 1e-4 of the largest score
+    off it (the flat tolerance the check used alone, which refused these files)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    script = Path(__file__).resolve().parents[1] / "bench" / "export_margins.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| 200,")]
+    assert len(rows) == 4
+    for row in rows:
+        units, relative = (float(v) for v in row[3].split(","))
+        assert units < 1 and relative > 1e-4, row
+
+
 def test_far_rows_tables_at_tiny_size():
     """bench/far_rows.py --tiny: a row far along the diagonal scored as the exact softmax
     scores it, in either dtype, until the detector refuses it; float32's error near 2**16
