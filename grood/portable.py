@@ -640,7 +640,8 @@ SCORE_TOLERANCE = 1e-4
 SCORE_TOLERANCE_PER_SPREAD = 200
 #: Relative distance from ``FLOAT32_DISTANCE_LIMIT`` within which a row may or may not be
 #: resolved in float32 (its distances there are rounded by about 1e-7 of them; the softmax's
-#: log-sum-exp from them by a few times that).
+#: log-sum-exp from them by a few times that), beside the row's own float32 rounding
+#: (:func:`float32_margins`).
 LIMIT_ROUNDING = 1e-5
 #: Indexed gradients :func:`score_tolerance` reads at most (evenly spaced).
 SPREAD_SAMPLE_ROWS = 65536
@@ -800,7 +801,8 @@ def float32_margins(head: nn.Module, features: Tensor, score: Tensor) -> Float32
     allow += 2 * expansion_error_bound(torch.linalg.vector_norm(held, dim=1).nan_to_num(0.0),
                                        torch.tensor(top, dtype=torch.float64), h.shape[1])
     far = torch.maximum(res.min_dist, -res.lse).nan_to_num(float("inf"))
-    near_limit = (far - FLOAT32_DISTANCE_LIMIT).abs() <= LIMIT_ROUNDING * FLOAT32_DISTANCE_LIMIT
+    near_limit = ((far - FLOAT32_DISTANCE_LIMIT).abs()
+                  <= LIMIT_ROUNDING * FLOAT32_DISTANCE_LIMIT + ROUNDING_UNITS * rounded)
 
     def as_near(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.stack([a, b], 1)).to(protos.device).clamp(0, len(protos) - 1)
