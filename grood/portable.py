@@ -743,17 +743,13 @@ def _prototypes_of(head: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _index_reach(head: nn.Module) -> tuple[float, Tensor | None]:
-    """The largest norm of ``head``'s indexed gradients as its index holds them, and the centre
-    it holds them less (None without one), reading the index block by block."""
+    """The largest norm of ``head``'s indexed gradients as its index holds them, from the
+    squared norms the head keeps, and the centre it holds them less (None without one)."""
     if isinstance(head, PortableHead):
         top = max(float(norms.max()) for _, norms in head.index_blocks()) ** 0.5
         return top, head.index_centre
     assert isinstance(head, GROODHead)  # (export_onnx checks these and attached models)
-    vectors = head.index_vectors
-    top = max(float(torch.linalg.vector_norm(vectors[m0:m0 + SEARCH_BLOCK_ROWS].float(),
-                                             dim=1).max())
-              for m0 in range(0, vectors.shape[0], SEARCH_BLOCK_ROWS))
-    return top, head.index_centre
+    return float(head.index_sq_norms.max()) ** 0.5, head.index_centre
 
 
 def float32_margins(head: nn.Module, features: Tensor, score: Tensor) -> Float32Margins:
